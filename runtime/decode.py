@@ -1,0 +1,344 @@
+"""The decode loop: prefill -> (candidates -> verify -> accept -> update KV)*.
+
+Reads top to bottom like the paper. One loop serves Medusa (greedy or typical acceptance)
+and plain autoregressive decoding, over any :class:`runtime.backend.Backend`. numpy only.
+
+Conventions: the *root* of each tree is the backbone's own next token. It is final as soon
+as it is chosen (the backbone chose it), so it is emitted at once; a verification step then
+emits the accepted candidates below it plus the next root.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from runtime.backend import Backend
+from runtime.errors import ContextLengthError, MedusaError
+from runtime.tree import PAD, Tree
+
+DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
+DEFAULT_DELTA = 0.3  # typical acceptance: entropy-scaled threshold
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update", "other")
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy (lossless); > 0: typical acceptance
+    epsilon: float = DEFAULT_EPSILON
+    delta: float = DEFAULT_DELTA
+    medusa: bool = True  # False: plain autoregressive decoding through the same backend
+    seed: int | None = None
+    eos_token_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise MedusaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise MedusaError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.epsilon <= 1 and self.delta >= 0):
+            raise MedusaError(f"typical acceptance needs 0 < epsilon <= 1 and delta >= 0, got {self.epsilon}, {self.delta}")
+
+
+@dataclass
+class DecodeStats:
+    steps: int = 0  # verification (or plain) forwards after the prefill
+    new_tokens: int = 0
+    accept_hist: dict[int, int] = field(default_factory=dict)  # tokens emitted per step -> count
+    times: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    total_s: float = 0.0
+    finish_reason: str = ""  # "eos", "length", "stop_string", "context"
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per verification step (the paper's acceleration rate); 1.0 for plain decoding."""
+        n = sum(self.accept_hist.values())
+        return sum(k * v for k, v in self.accept_hist.items()) / n if n else 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return self.total_s - self.times["prefill"]
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens after the first over the decode time (prefill excluded, as usual for decoding speed)."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "accept_hist": {str(k): v for k, v in sorted(self.accept_hist.items())},
+            "mean_accepted": self.mean_accepted,
+            "tokens_per_s": self.tokens_per_s,
+            "times": dict(self.times),
+            "total_s": self.total_s,
+            "finish_reason": self.finish_reason,
+        }
+
+
+# ---------------------------------------------------------------------------- choosing tokens
+
+
+def _log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def select_root(logits: np.ndarray, cfg: DecodeConfig, rng: np.random.Generator) -> int:
+    """The backbone's next token: argmax, or a sample at ``temperature``."""
+    if cfg.temperature < GREEDY_BELOW:
+        return int(np.argmax(logits))
+    p = np.exp(_log_softmax(logits, cfg.temperature))
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def head_topk(head_logits: np.ndarray, topk: Sequence[int]) -> list[np.ndarray]:
+    """Per head h, its top ``topk[h]`` tokens, best first. ``head_logits``: [K, V]."""
+    out = []
+    for h, k in enumerate(topk):
+        row = head_logits[h]
+        idx = np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(len(row))
+        out.append(idx[np.argsort(-row[idx], kind="stable")])
+    return out
+
+
+def tree_candidates(root: int, head_logits: np.ndarray, tree: Tree) -> np.ndarray:
+    """Token of every tree node: the root, then rank ``node_rank`` of head ``node_head``."""
+    tops = head_topk(head_logits, tree.topk)
+    tokens = np.empty(tree.num_nodes, dtype=np.int64)
+    tokens[0] = root
+    for h, top in enumerate(tops):
+        sel = tree.node_head == h
+        tokens[sel] = top[tree.node_rank[sel]]
+    return tokens
+
+
+# ---------------------------------------------------------------------------- acceptance
+
+
+def accept_greedy(tokens: np.ndarray, logits: np.ndarray, tree: Tree) -> np.ndarray:
+    """Nodes of the longest path whose every token is the backbone's argmax at its parent.
+
+    Lossless: each accepted token is exactly what plain greedy decoding would emit next.
+    """
+    best = np.argmax(logits, axis=-1)  # [N]
+    ok = np.zeros(tree.num_nodes, dtype=bool)
+    ok[0] = True
+    ok[1:] = tokens[1:] == best[tree.parent[1:]]
+    return _longest_accepted_path(ok, tree, score=None)
+
+
+def accept_typical(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: DecodeConfig) -> np.ndarray:
+    """Typical acceptance (Medusa paper, Sec. 3.3.1).
+
+    A candidate is accepted when its probability under the backbone (at ``temperature``)
+    at its parent exceeds ``min(epsilon, delta * exp(-H))``, H the entropy there. Among
+    the longest accepted paths, the one with the highest log-probability wins.
+    """
+    parents = tree.parent[1:]
+    logp = _log_softmax(logits, cfg.temperature)  # [N, V]
+    p = np.exp(logp)
+    entropy = -(p * np.where(p > 0, logp, 0.0)).sum(-1)  # [N]
+    cand_logp = logp[parents, tokens[1:]]
+    threshold = np.minimum(cfg.epsilon, cfg.delta * np.exp(-entropy[parents]))
+    ok = np.ones(tree.num_nodes, dtype=bool)
+    ok[1:] = np.exp(cand_logp) > threshold
+    score = np.zeros(tree.num_nodes)
+    score[1:] = cand_logp
+    return _longest_accepted_path(ok, tree, score=score)
+
+
+def _longest_accepted_path(ok: np.ndarray, tree: Tree, score: np.ndarray | None) -> np.ndarray:
+    """Rows of retrieve_indices: accept while ``ok``; longest wins, ties by summed ``score``."""
+    ri = tree.retrieve_indices
+    valid = ri != PAD
+    safe = np.where(valid, ri, 0)  # PAD is never used as an index
+    row_ok = ok[safe] & valid
+    lengths = np.cumprod(row_ok, axis=1).sum(axis=1)  # accepted nodes per row, root included
+    best = lengths.max()
+    rows = np.flatnonzero(lengths == best)
+    if score is not None and len(rows) > 1:
+        totals = (score[safe[rows, :best]]).sum(axis=1)
+        row = rows[int(np.argmax(totals))]
+    else:
+        row = rows[0]
+    return ri[row, :best]
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StepEvent:
+    """Tokens emitted by one stage (prefill or a step); the streaming unit."""
+
+    tokens: list[int]
+    stats: DecodeStats
+
+
+class _Clock:
+    def __init__(self, times: dict[str, float]):
+        self.times = times
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[phase] += now - self.t
+        self.t = now
+
+
+def decode_steps(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    cfg: DecodeConfig,
+    tree: Tree | None = None,
+    decode_text: Callable[[list[int]], str] | None = None,
+) -> Iterator[StepEvent]:
+    """Yield the tokens of each step as they are accepted; the last event's stats are final."""
+    prompt = np.asarray(prompt_ids, dtype=np.int64)
+    _check_fits(backend, prompt, cfg)
+    if cfg.medusa and tree is None:
+        raise MedusaError("Medusa decoding needs a tree (or pass medusa=False)")
+    if cfg.medusa and tree.depth > backend.spec.num_medusa_heads:
+        raise MedusaError(
+            f"tree {tree.name!r} has depth {tree.depth} but the model has {backend.spec.num_medusa_heads} Medusa heads"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    stats = DecodeStats()
+    out: list[int] = []
+    clock = _Clock(stats.times)
+    start = clock.t
+    backend.reset()
+
+    # prefill: the prompt under a causal mask; its last logits give the first root
+    n = len(prompt)
+    logits = backend.forward(prompt, np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
+    backend.commit(np.arange(n))
+    root = select_root(logits[-1], cfg, rng)
+    heads = backend.head_logits(n - 1) if cfg.medusa else None
+    clock.lap("prefill")
+    emitted = [root]
+
+    while True:
+        done = _emit(out, emitted, cfg, stats, decode_text)
+        clock.lap("other")
+        stats.total_s = clock.t - start
+        yield StepEvent(list(emitted), stats)
+        if done:
+            return
+        room = backend.max_context - backend.cache_len
+        if room < 1:
+            stats.finish_reason = "context"
+            return
+        if cfg.medusa and room >= tree.num_nodes:
+            emitted, root, heads = _medusa_step(backend, root, heads, tree, cfg, rng, clock)
+        else:
+            emitted, root = _plain_step(backend, root, cfg, rng, clock)
+            if cfg.medusa:  # a plain step near the context end: keep the heads' input fresh
+                heads = backend.head_logits(0)
+                clock.lap("heads")
+        stats.steps += 1
+        stats.accept_hist[len(emitted)] = stats.accept_hist.get(len(emitted), 0) + 1
+
+
+def _medusa_step(backend, root, heads, tree, cfg, rng, clock):
+    # candidates: the root plus each head's top-k, laid out as the tree
+    tokens = tree_candidates(root, heads, tree)
+    clock.lap("candidates")
+    # verify: every node in one forward; position = cache length + depth
+    logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
+    clock.lap("engine")
+    # accept: the longest path the backbone agrees with
+    if cfg.temperature < GREEDY_BELOW:
+        path = accept_greedy(tokens, logits, tree)
+    else:
+        path = accept_typical(tokens, logits, tree, cfg)
+    new_root = select_root(logits[path[-1]], cfg, rng)
+    clock.lap("acceptance")
+    # update KV: keep only the accepted path's entries
+    backend.commit(path)
+    clock.lap("kv_update")
+    # next candidates come from the heads at the last accepted node
+    heads = backend.head_logits(int(path[-1]))
+    clock.lap("heads")
+    return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, heads
+
+
+def _plain_step(backend, root, cfg, rng, clock):
+    pos = backend.cache_len
+    logits = backend.forward(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))
+    clock.lap("engine")
+    new_root = select_root(logits[0], cfg, rng)
+    clock.lap("acceptance")
+    backend.commit(np.array([0]))
+    clock.lap("kv_update")
+    return [new_root], new_root
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    stats: DecodeStats
+
+
+def decode(backend: Backend, prompt_ids, cfg: DecodeConfig, tree: Tree | None = None, decode_text=None) -> DecodeResult:
+    """Run :func:`decode_steps` to the end: all new tokens and the statistics."""
+    tokens: list[int] = []
+    stats = DecodeStats()
+    for event in decode_steps(backend, prompt_ids, cfg, tree, decode_text):
+        tokens.extend(event.tokens)
+        stats = event.stats
+    return DecodeResult(tokens, stats)
+
+
+def _check_fits(backend: Backend, prompt: np.ndarray, cfg: DecodeConfig) -> None:
+    if prompt.ndim != 1 or len(prompt) == 0:
+        raise MedusaError("the prompt must be a non-empty list of token ids")
+    if prompt.min() < 0 or prompt.max() >= backend.spec.vocab_size:
+        raise MedusaError(f"prompt token ids must lie in [0, {backend.spec.vocab_size}); got {prompt.min()}..{prompt.max()}")
+    if len(prompt) >= backend.max_context:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt)} tokens but the context holds {backend.max_context}: "
+            "shorten the prompt (at least one token must fit after it)"
+        )
+
+
+def _emit(out: list[int], emitted: list[int], cfg: DecodeConfig, stats: DecodeStats, decode_text) -> bool:
+    """Append ``emitted`` to ``out`` (in place, trimming it); True when decoding must stop."""
+    for i, tok in enumerate(emitted):
+        out.append(tok)
+        if tok in cfg.eos_token_ids:
+            stats.finish_reason = "eos"
+        elif len(out) >= cfg.max_new_tokens:
+            stats.finish_reason = "length"
+        else:
+            continue
+        del emitted[i + 1 :]
+        break
+    if cfg.stop_strings and decode_text is not None and not stats.finish_reason:
+        cut = _stop_string_cut(out, emitted, cfg.stop_strings, decode_text)
+        if cut is not None:
+            drop = len(out) - cut
+            del out[cut:]
+            del emitted[len(emitted) - drop :]
+            stats.finish_reason = "stop_string"
+    stats.new_tokens = len(out)
+    return bool(stats.finish_reason)
+
+
+def _stop_string_cut(out, emitted, stops, decode_text) -> int | None:
+    """Smallest token count (within the new tokens) whose text contains a stop string."""
+    if not any(s in decode_text(out) for s in stops):
+        return None
+    for cut in range(len(out) - len(emitted) + 1, len(out) + 1):
+        if any(s in decode_text(out[:cut]) for s in stops):
+            return cut
+    return len(out)

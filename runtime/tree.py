@@ -1,0 +1,196 @@
+"""Medusa trees: validation and the buffers one verification step needs (numpy only).
+
+A tree is a set of *paths*. The path ``(i, j)`` is the candidate made of rank ``i`` of
+head 1 followed by rank ``j`` of head 2, hung below the root (the backbone's own next
+token). Every path is one node of the tree; node 0 is the root.
+
+Node order is the official Medusa one (``generate_medusa_buffers``): the root, then the
+paths sorted by length and, within one length, lexicographically. The attention mask,
+position ids and the set of retrieve rows therefore equal the official buffers.
+
+Two things differ from the official code on purpose:
+
+* each head gets its own top-k (``Tree.topk[h]`` = largest rank the tree uses at depth
+  h+1, plus one) instead of a global ``TOPK = 10``;
+* ``retrieve_indices`` is padded with ``PAD = -1`` and comes with ``path_lengths``;
+  ``-1`` is never used as an index (numpy would read it as "the last node").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from runtime.errors import TreeError
+
+PAD = -1
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Buffers of one tree. ``N`` = number of paths + 1 (the root)."""
+
+    name: str
+    paths: tuple[tuple[int, ...], ...]  # sorted, official order (node i+1 <-> paths[i])
+    attn_mask: np.ndarray  # bool [N, N]: node sees the root, its ancestors and itself
+    position_ids: np.ndarray  # int64 [N]: depth, root 0
+    retrieve_indices: np.ndarray  # int64 [P, D+1]: one row per leaf path, PAD-padded
+    path_lengths: np.ndarray  # int64 [P]: real (non-PAD) entries of each retrieve row
+    parent: np.ndarray  # int64 [N]: parent node, -1 for the root
+    node_head: np.ndarray  # int64 [N]: head (0-based) whose candidate the node carries, -1 root
+    node_rank: np.ndarray  # int64 [N]: rank within that head's top-k, -1 root
+    topk: tuple[int, ...] = field(default=())  # per head: how many ranks the tree reads
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.position_ids)
+
+    @property
+    def depth(self) -> int:
+        """Number of heads the tree needs (longest path)."""
+        return len(self.topk)
+
+    def __repr__(self) -> str:  # arrays make the dataclass repr unreadable
+        return f"Tree({self.name!r}, nodes={self.num_nodes}, depth={self.depth}, topk={self.topk})"
+
+
+def validate_paths(paths: object, num_heads: int | None = None, name: str = "tree") -> list[tuple[int, ...]]:
+    """Check a list of paths and return them as tuples; raise TreeError naming the bad path."""
+    if not isinstance(paths, (list, tuple)) or not paths:
+        raise TreeError(f"{name}: expected a non-empty list of paths such as [[0], [0, 0], [1]], got {paths!r:.80}")
+    seen: set[tuple[int, ...]] = set()
+    out: list[tuple[int, ...]] = []
+    for raw in paths:
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise TreeError(f"{name}: path {raw!r} is not a non-empty list of ranks")
+        for r in raw:
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+                raise TreeError(f"{name}: path {list(raw)} has a rank that is not an integer: {r!r}")
+            if r < 0:
+                raise TreeError(f"{name}: path {list(raw)} has a negative rank {r}")
+        p = tuple(int(r) for r in raw)
+        if p in seen:
+            raise TreeError(f"{name}: path {list(p)} appears more than once")
+        seen.add(p)
+        out.append(p)
+    depth = max(len(p) for p in out)
+    present_depths = {len(p) for p in out}
+    for d in range(1, depth + 1):
+        if d not in present_depths:
+            raise TreeError(f"{name}: no path of depth {d}, but paths go to depth {depth} (gap in depth)")
+    for p in out:
+        for k in range(1, len(p)):
+            if p[:k] not in seen:
+                raise TreeError(
+                    f"{name}: path {list(p)} has no parent: its prefix {list(p[:k])} is missing "
+                    "(a tree must be prefix-closed)"
+                )
+    if num_heads is not None and depth > num_heads:
+        longest = max(out, key=len)
+        raise TreeError(
+            f"{name}: path {list(longest)} has depth {depth} and needs {depth} Medusa heads, "
+            f"but the model has {num_heads}"
+        )
+    return out
+
+
+def build_tree(paths: Iterable[Sequence[int]], name: str = "tree", num_heads: int | None = None) -> Tree:
+    """Validate ``paths`` and build every buffer a verification step needs."""
+    checked = validate_paths(list(paths) if not isinstance(paths, (list, tuple)) else paths, num_heads, name)
+    ordered = sorted(checked, key=lambda p: (len(p), p))
+    n = len(ordered) + 1
+    index = {p: i + 1 for i, p in enumerate(ordered)}
+    index[()] = 0
+
+    parent = np.full(n, -1, dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int64)
+    head = np.full(n, -1, dtype=np.int64)
+    rank = np.full(n, -1, dtype=np.int64)
+    mask = np.zeros((n, n), dtype=bool)
+    mask[:, 0] = True
+    mask[0, 0] = True
+    for p, i in index.items():
+        if not p:
+            continue
+        parent[i] = index[p[:-1]]
+        depth[i] = len(p)
+        head[i] = len(p) - 1
+        rank[i] = p[-1]
+        for k in range(1, len(p) + 1):  # ancestors and itself
+            mask[i, index[p[:k]]] = True
+
+    # One retrieve row per leaf (a path that prefixes no other path), root first.
+    has_child = np.zeros(n, dtype=bool)
+    has_child[parent[parent >= 0]] = True
+    leaves = [p for p in ordered if not has_child[index[p]]]
+    max_depth = int(depth.max())
+    retrieve = np.full((len(leaves), max_depth + 1), PAD, dtype=np.int64)
+    lengths = np.zeros(len(leaves), dtype=np.int64)
+    for row, p in enumerate(leaves):
+        nodes = [0] + [index[p[:k]] for k in range(1, len(p) + 1)]
+        retrieve[row, : len(nodes)] = nodes
+        lengths[row] = len(nodes)
+
+    topk = tuple(int(rank[head == h].max()) + 1 for h in range(max_depth))
+    return Tree(
+        name=name,
+        paths=tuple(ordered),
+        attn_mask=mask,
+        position_ids=depth,
+        retrieve_indices=retrieve,
+        path_lengths=lengths,
+        parent=parent,
+        node_head=head,
+        node_rank=rank,
+        topk=topk,
+    )
+
+
+def chain(depth: int) -> list[list[int]]:
+    """The chain ``[[0], [0, 0], ...]``: only the top-1 of each head (vLLM-style Medusa)."""
+    return [[0] * d for d in range(1, depth + 1)]
+
+
+def load_tree(spec: str | Path | Sequence[Sequence[int]] | Tree, num_heads: int | None = None) -> Tree:
+    """A tree from a name in ``tree_configs/``, a JSON file path, or a list of paths.
+
+    ``num_heads`` (the model's head count) rejects trees deeper than the model can fill.
+    """
+    if isinstance(spec, Tree):
+        if num_heads is not None:
+            validate_paths([list(p) for p in spec.paths], num_heads, spec.name)
+        return spec
+    if isinstance(spec, (list, tuple)):
+        return build_tree(spec, name="custom", num_heads=num_heads)
+    import tree_configs
+
+    text = str(spec)
+    path = Path(text)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise TreeError(f"tree file {path} does not exist")
+        name, paths = _read_tree_file(path)
+    elif text in tree_configs.available():
+        name, paths = _read_tree_file(tree_configs.path_of(text))
+    else:
+        raise TreeError(
+            f"unknown tree {text!r}: give a name from tree_configs ({', '.join(tree_configs.available())}), "
+            "a JSON file, or a list of paths"
+        )
+    return build_tree(paths, name=name, num_heads=num_heads)
+
+
+def _read_tree_file(path: Path) -> tuple[str, object]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise TreeError(f"tree file {path} is not valid JSON: {e}") from None
+    if isinstance(data, list):
+        return Path(path).stem, data
+    if not isinstance(data, dict) or "paths" not in data:
+        raise TreeError(f"tree file {path} must hold {{'name': ..., 'paths': [[0], [0, 0], ...]}}")
+    return str(data.get("name", Path(path).stem)), data["paths"]
