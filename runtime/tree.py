@@ -81,7 +81,11 @@ def validate_paths(paths: object, num_heads: int | None = None, name: str = "tre
     present_depths = {len(p) for p in out}
     for d in range(1, depth + 1):
         if d not in present_depths:
-            raise TreeError(f"{name}: no path of depth {d}, but paths go to depth {depth} (gap in depth)")
+            # name the first path that jumps over the missing depth
+            offender = min((p for p in out if len(p) > d), key=lambda p: (len(p), p))
+            raise TreeError(
+                f"{name}: path {list(offender)} has depth {len(offender)}, but no path has depth {d} (gap in depth)"
+            )
     for p in out:
         for k in range(1, len(p)):
             if p[:k] not in seen:

@@ -1,0 +1,95 @@
+"""Shared fixtures: the repo root, the shared data folder, tiny random Llama models.
+
+Other test files may append fixtures here; keep each one small and documented.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"  # README: tests find it at ../shared/data
+
+# The tests import the packages from this checkout, installed or not.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (read-only): MT-Bench, the official trees, Alpaca."""
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.fail(f"shared data folder {SHARED_DATA} is missing (see the project README: tests read ../shared/data)")
+    return SHARED_DATA
+
+
+TINY_LLAMA = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA, like the real backbones
+    max_position_embeddings=256,
+    # A large init spreads the logits: greedy outputs vary (no single repeated token) and
+    # argmax near-ties, which float rounding could flip, are rare.
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    """A random LlamaForCausalLM (float32, eval) from TINY_LLAMA + ``overrides``; seeded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(1)  # tiny models gain nothing from threads; the test machine is shared
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    config.architectures = ["LlamaForCausalLM"]
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None  # tests opt into EOS explicitly
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """Factory: ``tiny_llama(seed, **config_overrides)`` -> cached random tiny Llama."""
+    cache: dict = {}
+
+    def factory(seed: int = 0, **overrides):
+        key = (seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = make_tiny_llama(seed, **overrides)
+        return cache[key]
+
+    return factory
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens: int) -> list[int]:
+    """Hugging Face ``generate(do_sample=False)``: the reference every lossless decode must equal."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, ids.shape[1]:].tolist()
