@@ -77,7 +77,15 @@ class MedusaHeads(nn.Module):
                     proj.weight.data.copy_(lm_head.weight.data)
                 layers.append(proj)
             heads.append(nn.Sequential(*layers))
-        self.heads = nn.ModuleList(heads)
+        # Heads are this module's own children "0", "1", ...: state-dict keys are the official
+        # Medusa-1 keys, and stay consistent with named_parameters() inside a parent module.
+        for i, head in enumerate(heads):
+            self.add_module(str(i), head)
+
+    @property
+    def heads(self) -> list[nn.Sequential]:
+        """The K heads, in order: each ``num_layers`` ResBlocks (+ its own projection)."""
+        return [self._modules[str(i)] for i in range(self.config.num_heads)]
 
     def blocks(self, hidden: torch.Tensor) -> torch.Tensor:
         """Residual blocks only (no vocabulary projection): [..., H] -> [..., K, H]."""
@@ -91,13 +99,6 @@ class MedusaHeads(nn.Module):
             # One projection for all K heads: the lm_head weight is read once.
             return lm_head(self.blocks(hidden))
         return torch.stack([h(hidden) for h in self.heads], dim=-2)
-
-    # state-dict keys match the official Medusa-1 checkpoint, without a prefix
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        return self.heads.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        return self.heads.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -144,12 +145,27 @@ def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> He
 def _read_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            if k.startswith(prefix):
-                out[k[len(prefix):]] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                if k.startswith(prefix):
+                    out[k[len(prefix):]] = f.get_tensor(k)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read as a safetensors file ({e})") from None
     return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -197,7 +213,7 @@ def load_heads(
         elif (p / "medusa_lm_head.pt").is_file():
             p = p / "medusa_lm_head.pt"
         elif (p / "config.json").is_file():
-            cfg = json.loads((p / "config.json").read_text())
+            cfg = _read_json(p / "config.json")
             if "medusa_num_heads" not in cfg:
                 raise CheckpointError(
                     f"{p}: a model folder without Medusa heads (config.json has no 'medusa_num_heads'); "
@@ -217,7 +233,7 @@ def load_heads(
             sd = _read_safetensors(p)
             layout = "medusa-trt" if p.name == HEADS_WEIGHTS else "medusa1-safetensors"
             if p.name == HEADS_WEIGHTS and (p.parent / HEADS_CONFIG).is_file():
-                meta = json.loads((p.parent / HEADS_CONFIG).read_text()).get("meta", {})
+                meta = _read_json(p.parent / HEADS_CONFIG).get("meta", {})
         elif p.suffix in (".pt", ".bin", ".pth"):
             sd = _read_pickle(p)
             layout = "medusa1-pt"
