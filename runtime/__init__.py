@@ -12,3 +12,4 @@ from runtime.errors import (  # noqa: F401
     MedusaError,
     TreeError,
 )
+from runtime.api import Generation, MedusaGenerator, load  # noqa: F401,E402

@@ -100,13 +100,18 @@ def select_root(logits: np.ndarray, cfg: DecodeConfig, rng: np.random.Generator)
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
-def head_topk(head_logits: np.ndarray, topk: Sequence[int]) -> list[np.ndarray]:
-    """Per head h, its top ``topk[h]`` tokens, best first. ``head_logits``: [K, V]."""
-    out = []
+def head_topk(head_logits: np.ndarray, topk: Sequence[int]) -> np.ndarray:
+    """Top ``topk[h]`` tokens of each head h, best first, in a [len(topk), max(topk)] array
+    (entries past ``topk[h]`` are unused). ``head_logits``: [K, V]. argmax where one rank
+    is enough, else a partial sort: never a full sort of the vocabulary."""
+    out = np.zeros((len(topk), max(topk)), dtype=np.int64)
     for h, k in enumerate(topk):
         row = head_logits[h]
+        if k == 1:
+            out[h, 0] = np.argmax(row)
+            continue
         idx = np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(len(row))
-        out.append(idx[np.argsort(-row[idx], kind="stable")])
+        out[h, :k] = idx[np.argsort(-row[idx], kind="stable")]
     return out
 
 
@@ -115,9 +120,7 @@ def tree_candidates(root: int, head_logits: np.ndarray, tree: Tree) -> np.ndarra
     tops = head_topk(head_logits, tree.topk)
     tokens = np.empty(tree.num_nodes, dtype=np.int64)
     tokens[0] = root
-    for h, top in enumerate(tops):
-        sel = tree.node_head == h
-        tokens[sel] = top[tree.node_rank[sel]]
+    tokens[1:] = tops[tree.node_head[1:], tree.node_rank[1:]]
     return tokens
 
 

@@ -1,0 +1,146 @@
+"""``runtime.load(artifact)`` and the generator object users call in production.
+
+    import runtime
+    gen = runtime.load("artifacts/smollm2-135m-medusa")
+    out = gen.generate([{"role": "user", "content": "Name three rivers."}], max_new_tokens=128)
+    print(out.text, out.stats.mean_accepted, out.stats.tokens_per_s)
+    for piece in gen.stream("Once upon a time"):
+        print(piece.text, end="", flush=True)
+
+One loaded generator holds one KV cache. Concurrent callers are serialized by a lock
+(each call runs whole, one after the other), so they never see each other's cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from runtime.artifact import ArtifactConfig, read_artifact
+from runtime.backend import Backend
+from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DecodeConfig, DecodeStats, decode_steps
+from runtime.errors import MedusaError
+from runtime.tokenizer import StreamDecoder, Tokenizer
+from runtime.tree import Tree, load_tree
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    stats: DecodeStats
+
+
+@dataclass
+class TextChunk:
+    """One streamed piece: the text and tokens accepted by one step; ``stats`` so far."""
+
+    text: str
+    tokens: list[int]
+    stats: DecodeStats
+
+
+def make_backend(folder: Path, config: ArtifactConfig, backend: str, device: str, threads: int | None,
+                 max_context: int | None) -> Backend:
+    if backend == "auto":
+        backend = "tensorrt" if config.provenance.get("engine") and _has_tensorrt() else "onnxruntime"
+    if backend == "onnxruntime":
+        from runtime.onnxrt import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(folder, config, device=device, threads=threads, max_context=max_context)
+    if backend == "tensorrt":
+        from runtime.trt_backend import TensorRTBackend
+
+        return TensorRTBackend.from_artifact(folder, config, max_context=max_context)
+    raise MedusaError(f"unknown backend {backend!r}: use auto, onnxruntime or tensorrt")
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+class MedusaGenerator:
+    def __init__(self, folder: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
+                 max_context: int | None = None, tree: str | Sequence | Tree | None = None):
+        self.folder = Path(folder)
+        self.config = read_artifact(self.folder)
+        self.tokenizer = Tokenizer(self.folder)
+        self.backend = make_backend(self.folder, self.config, backend, device, threads, max_context)
+        self.default_tree = self._tree(tree if tree is not None else (self.config.default_tree_paths or self.config.default_tree))
+        self._lock = threading.Lock()
+
+    @property
+    def spec(self):
+        return self.config.model
+
+    def _tree(self, tree) -> Tree:
+        if tree is None:
+            return self.default_tree
+        t = load_tree(tree, num_heads=self.spec.num_medusa_heads)
+        if isinstance(tree, (list, tuple)) and tree == self.config.default_tree_paths:
+            object.__setattr__(t, "name", self.config.default_tree)
+        return t
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A prompt string (encoded as is), chat messages (chat template applied) or token ids."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif len(prompt) and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.apply_chat_template(list(prompt))
+        elif all(isinstance(t, int) or hasattr(t, "__index__") for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise MedusaError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
+        if not ids:
+            raise MedusaError("the prompt is empty")
+        return ids
+
+    def _config(self, max_new_tokens, temperature, epsilon, delta, medusa, seed, stop) -> DecodeConfig:
+        return DecodeConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, epsilon=epsilon, delta=delta, medusa=medusa,
+            seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids), stop_strings=tuple([stop] if isinstance(stop, str) else stop),
+        )
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
+               epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None, stop: Sequence[str] | str = (),
+               seed: int | None = None, medusa: bool = True) -> Iterator[TextChunk]:
+        """Yield text as it is accepted (one chunk per step). Holds the lock while iterating."""
+        ids = self.encode(prompt)
+        cfg = self._config(max_new_tokens, temperature, epsilon, delta, medusa, seed, stop)
+        t = self._tree(tree) if medusa else None
+        text = StreamDecoder(self.tokenizer)
+        with self._lock:
+            for event in decode_steps(self.backend, ids, cfg, t, decode_text=self.tokenizer.decode):
+                yield TextChunk(text.push(event.tokens), event.tokens, event.stats)
+        tail = text.flush()
+        if tail:
+            yield TextChunk(tail, [], event.stats)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
+                 epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None,
+                 stop: Sequence[str] | str = (), seed: int | None = None, medusa: bool = True) -> Generation:
+        """Decode a whole answer: text, tokens and statistics."""
+        tokens: list[int] = []
+        stats = DecodeStats()
+        n_prompt = len(self.encode(prompt))
+        for chunk in self.stream(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa):
+            tokens.extend(chunk.tokens)
+            stats = chunk.stats
+        return Generation(self.tokenizer.decode(tokens), tokens, n_prompt, stats)
+
+
+def load(artifact_dir: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
+         max_context: int | None = None, tree=None) -> MedusaGenerator:
+    """Load an artifact folder written by ``medusa-export``.
+
+    backend: ``auto`` (TensorRT when the artifact has an engine and tensorrt is installed,
+    else ONNX Runtime), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
+    """
+    return MedusaGenerator(artifact_dir, backend=backend, device=device, threads=threads, max_context=max_context, tree=tree)

@@ -1,0 +1,151 @@
+"""``medusa-run``: generate text, benchmark Medusa against plain decoding, profile step cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON
+from runtime.errors import MedusaError
+
+EPILOG = """examples:
+  medusa-run generate artifacts/smollm2-135m-medusa "Name three rivers in Europe." --stats
+  medusa-run bench artifacts/smollm2-135m-medusa --prompts ../shared/data/mt_bench_question.jsonl \\
+      --limit 10 --tree smollm2_selected cpu_8 --peer hf --json bench.json --plot bench.png
+  medusa-run profile artifacts/smollm2-135m-medusa      # writes latency_profile.json into the artifact
+"""
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact folder written by medusa-export")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device (default: CUDA if available)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the model's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="medusa-run", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="prompt in, text out", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_args(g)
+    g.add_argument("prompt", help="the user message (chat template applied), or raw text with --raw")
+    g.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless); > 0 = typical acceptance")
+    g.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="typical acceptance hard threshold")
+    g.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="typical acceptance entropy-scaled threshold")
+    g.add_argument("--tree", default=None, help="tree name from tree_configs or a JSON file (default: the artifact's)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding (the baseline)")
+    g.add_argument("--stream", action="store_true", help="print text as it is accepted")
+    g.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
+
+    b = sub.add_parser("bench", help="plain vs Medusa on the same engine and prompts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_args(b)
+    b.add_argument("--prompts", required=True, help="MT-Bench-style JSONL (first turns are used)")
+    b.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--tree", nargs="+", default=[], help="one or several trees to compare (default: the artifact's)")
+    b.add_argument("--peer", choices=["hf"], default=None, help="also run Hugging Face generate on the same prompts")
+    b.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
+    b.add_argument("--json", default=None, help="write all results to this JSON file")
+    b.add_argument("--plot", default=None, help="write the histogram and per-step time split to this PNG")
+    b.add_argument("--quiet", action="store_true", help="no per-prompt table, no progress bar")
+
+    pr = sub.add_parser("profile", help="cost of verifying N tokens vs one plain step",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_args(pr)
+    pr.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    pr.add_argument("--cached", type=int, default=256, help="tokens in the cache while measuring")
+    pr.add_argument("--repeats", type=int, default=7)
+    pr.add_argument("-o", "--output", default=None, help="output JSON (default: ARTIFACT/latency_profile.json)")
+    return ap
+
+
+def _load(args):
+    import runtime
+
+    return runtime.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
+                        max_context=args.max_context)
+
+
+def cmd_generate(args) -> None:
+    gen = _load(args)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, epsilon=args.epsilon, delta=args.delta,
+              tree=args.tree, stop=args.stop, seed=args.seed, medusa=not args.no_medusa)
+    if args.stream:
+        stats = None
+        for chunk in gen.stream(prompt, **kw):
+            print(chunk.text, end="", flush=True)
+            stats = chunk.stats
+        print()
+    else:
+        out = gen.generate(prompt, **kw)
+        print(out.text)
+        stats = out.stats
+    if args.stats and stats is not None:
+        s = stats
+        tree = "plain" if args.no_medusa else (args.tree or gen.default_tree.name)
+        print(f"[{tree}] {s.new_tokens} tokens in {s.steps} steps, mean accepted {s.mean_accepted:.2f}, "
+              f"{s.tokens_per_s:.1f} tok/s (decode), finish: {s.finish_reason}", file=sys.stderr)
+        print("accepted-length histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.accept_hist.items())), file=sys.stderr)
+        print("time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in s.times.items()), file=sys.stderr)
+
+
+def cmd_bench(args) -> None:
+    from runtime.bench import format_report, load_prompts, plot_bench, run_bench
+
+    prompts = load_prompts(args.prompts, args.limit)
+    gen = _load(args)
+    res = run_bench(gen, prompts, args.tree, args.max_new_tokens, peer=args.peer, peer_model=args.peer_model,
+                    threads=args.threads, progress=not args.quiet)
+    res["command"] = "medusa-run " + " ".join(sys.argv[1:]) if sys.argv and "medusa-run" in sys.argv[0] else None
+    print(format_report(res, per_prompt=not args.quiet))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_bench(res, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def cmd_profile(args) -> None:
+    from runtime.profile import PROFILE_FILE, profile_tree_sizes, write_profile
+
+    gen = _load(args)
+
+    def show(n, ms):
+        print(f"  N={n:>3}: {ms:8.2f} ms", flush=True)
+
+    print(f"verifying N new tokens over {args.cached} cached tokens ({type(gen.backend).__name__}, threads {args.threads}):")
+    prof = profile_tree_sizes(gen.backend, args.sizes, cached=args.cached, repeats=args.repeats, progress=show)
+    prof["backend"] = type(gen.backend).__name__
+    prof["threads"] = args.threads
+    print("relative to N=1: " + ", ".join(f"{n}: {c:.2f}x" for n, c in prof["relative_cost"].items()))
+    out = write_profile(prof, args.output or Path(args.artifact) / PROFILE_FILE)
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile}[args.command](args)
+    except MedusaError as e:
+        print(f"medusa-run: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("medusa-run: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Latency profile: the cost of verifying N new tokens against one plain step (N = 1).
+
+This is the step-time model the tree selection uses (``medusa-train select-tree``): a
+tree of N nodes pays ``relative_cost[N]`` plain steps per verification.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from runtime.backend import Backend
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+PROFILE_FILE = "latency_profile.json"
+
+
+def profile_tree_sizes(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, cached: int = 256,
+                       repeats: int = 7, warmup: int = 2, progress=None) -> dict:
+    """Median time of one forward of N new tokens over ``cached`` cached tokens, per N."""
+    if cached + max(sizes) > backend.max_context:
+        cached = backend.max_context - max(sizes)
+    rng = np.random.default_rng(0)
+    vocab = backend.spec.vocab_size
+    backend.reset()
+    prompt = rng.integers(0, vocab, cached)
+    backend.forward(prompt, np.arange(cached), np.tril(np.ones((cached, cached), dtype=bool)))
+    backend.commit(np.arange(cached))
+    ms: dict[int, float] = {}
+    for n in sizes:
+        tokens = rng.integers(0, vocab, n)
+        mask = np.tril(np.ones((n, n), dtype=bool))
+        times = []
+        for r in range(warmup + repeats):
+            t = time.perf_counter()
+            backend.forward(tokens, cached + np.arange(n), mask)  # staged only: the cache stays at `cached`
+            if r >= warmup:
+                times.append(time.perf_counter() - t)
+        ms[n] = float(np.median(times) * 1000)
+        if progress:
+            progress(n, ms[n])
+    base = ms[min(sizes)]
+    return {
+        "cached_tokens": cached,
+        "repeats": repeats,
+        "ms": {str(n): round(v, 3) for n, v in ms.items()},
+        "relative_cost": {str(n): round(v / base, 4) for n, v in ms.items()},
+    }
+
+
+def write_profile(profile: dict, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(profile, indent=2) + "\n")
+    tmp.replace(path)
+    return path

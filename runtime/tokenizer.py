@@ -1,0 +1,87 @@
+"""A torch-free tokenizer for artifact folders: `tokenizers` plus the chat template (jinja2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from runtime.errors import ArtifactError, MedusaError
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer as _Tok
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: tokenizer.json is missing")
+        self._tok = _Tok.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        template_path = folder / "chat_template.jinja"
+        self.chat_template = template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
+        self._template = None
+
+    def _special(self, key: str) -> str | None:
+        v = self.config.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render ``messages`` with the model's chat template and encode the result."""
+        if not self.chat_template:
+            raise MedusaError("this model has no chat template: pass a prompt string or token ids instead of messages")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise MedusaError(f"chat messages must be dicts with 'role' and 'content', got {m!r:.80}")
+        if self._template is None:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise MedusaError(f"chat template: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        text = self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._special("bos_token") or "",
+            eos_token=self._special("eos_token") or "",
+        )
+        return self.encode(text)
+
+
+class StreamDecoder:
+    """Turns a growing token list into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = 0
+
+    def push(self, tokens: Sequence[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[self.sent :]
+        self.sent = len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.tokens)
+        delta = text[self.sent :]
+        self.sent = len(text)
+        return delta
