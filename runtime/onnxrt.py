@@ -78,6 +78,7 @@ class OnnxRuntimeBackend(GraphBackend):
         threads: int | None = None,
         max_context: int | None = None,
         io_binding: bool = True,
+        heads_int8: bool = True,
     ):
         ort = _ort()
         self.folder = Path(folder)
@@ -93,7 +94,10 @@ class OnnxRuntimeBackend(GraphBackend):
         opts.log_severity_level = 3
         self.threads = threads
         self.backbone = ort.InferenceSession(str(self.folder / config.backbone.file), opts, providers=self.providers)
-        self.heads = ort.InferenceSession(str(self.folder / config.heads.file), opts, providers=self.providers)
+        # int8 heads (proposals only, so the output cannot change) on the CPU when exported
+        heads = config.heads_int8 if (heads_int8 and config.heads_int8 and self.on_cpu) else config.heads
+        self.heads_file = heads.file
+        self.heads = ort.InferenceSession(str(self.folder / heads.file), opts, providers=self.providers)
         dtype = _NP_DTYPES[config.dtype]
         super().__init__(config.model, max_context=max_context, cache_dtype=dtype)
         self._dtype = dtype
