@@ -1,0 +1,454 @@
+"""The TensorRT build plan: optimization profiles for the artifact's two graphs (pure Python).
+
+One plan drives every way of building an engine (``trtexec``, Polygraphy, the Python API
+builder in :mod:`exporter.trt_build`) and the runtime (:mod:`runtime.trt_backend`), so the
+three tools and the backend never disagree on a shape. No ``tensorrt`` import here.
+
+A TensorRT profile gives every dynamic input a min/opt/max shape; kernels are tuned at
+*opt* and valid for the whole box. The backbone (``model.onnx``) has three named axes,
+and every input's shape is written in terms of them, so the couplings of the graph
+contract hold by construction::
+
+    input_ids, position_ids          [batch, new_tokens]
+    tree_mask                        [batch, new_tokens, new_tokens]   follows new_tokens
+    past_key_values.{i}.key|value    [batch, past_sequence, kv_heads, head_dim]
+
+Profiles (one execution context each at run time):
+
+    0 prefill  new_tokens 1..max_prompt       past_sequence 0..max_context-max_prompt
+    1 verify   new_tokens 1..max_tree_nodes   past_sequence 1..max_context-max_tree_nodes
+               (opt new_tokens = the tree's node count)
+    2 decode   new_tokens 1                   past_sequence 1..max_context-1
+
+In each profile ``max past + max new <= max_context``. A plain (one-token) step near the
+end of the context has a cache longer than ``max_context - max_tree_nodes``; the verify
+profile cannot take it without breaking that bound, hence the small ``decode`` profile,
+which also gives plain greedy decoding (the speed baseline) kernels tuned for one token.
+
+**The empty cache.** The first prefill has no cache: ``past_sequence = 0``. The graph
+contract makes the whole cache visible to every new token (there is no mask over the
+cache), so a 1-token dummy entry cannot be hidden by the mask: it would take part in
+every softmax and change the logits. The prefill profile therefore uses ``min
+past_sequence = 0``. TensorRT's API allows it (``IOptimizationProfile::setDimensions``
+requires ``0 <= min``; empty tensors are supported) as long as every tensor address is
+non-null, which the runtime guarantees (past tensors point into the preallocated cache).
+If a TensorRT version rejects it at build time, the way out is a graph-contract change
+(a cache-validity input), not a runtime trick; docs/tensorrt.md says so.
+
+``heads.onnx`` has one dynamic axis: ``hidden_states [batch, hidden]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runtime.artifact import ArtifactConfig
+from runtime.errors import MedusaError
+
+PLAN_FILE = "trt_plan.json"
+PLAN_FORMAT_VERSION = 1
+BACKBONE_ENGINE = "model.engine"
+HEADS_ENGINE = "heads.engine"
+TIMING_CACHE = "timing.cache"
+SUPPORTED_DTYPES = ("float32", "float16")
+DEFAULT_MAX_TREE_NODES = 64  # the official Medusa trees have 63 candidates + the root
+DEFAULT_MAX_PROMPT = 512
+
+BATCH, NEW, PAST = "batch", "new_tokens", "past_sequence"
+PREFILL, VERIFY, DECODE = "prefill", "verify", "decode"
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+class PlanError(MedusaError):
+    """The limits asked for do not fit the artifact, or a plan/engine file is inconsistent."""
+
+
+# ---------------------------------------------------------------------------- limits
+
+
+@dataclass
+class Limits:
+    """What the user asks of the engine. ``None``: derived from the artifact."""
+
+    max_batch: int = 1
+    max_context: int | None = None  # None: the artifact's model.max_context
+    max_prompt: int | None = None  # prefill chunk (longer prompts take several calls); None: min(512, max_context // 2)
+    opt_prompt: int = 128  # typical prompt chunk (prefill opt)
+    max_tree_nodes: int | None = None  # None: max(tree nodes, min(64, max_context - 1))
+    tree: str | None = None  # tree whose size is the verify opt; None: the artifact's default tree
+    opt_context: int = 256  # typical cache length (verify/decode opt)
+    workspace_mib: int = 4096  # builder workspace memory pool
+    tf32: bool = False  # let TensorRT run float32 matmuls in TF32 (off: float32 stays float32)
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def __iter__(self):
+        yield from (self.min, self.opt, self.max)
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+
+@dataclass
+class Profile:
+    """One optimization profile: a min/opt/max range per named axis."""
+
+    name: str
+    axes: dict[str, Range]
+
+    def contains(self, past: int, new: int, batch: int = 1) -> bool:
+        return self.axes[PAST].contains(past) and self.axes[NEW].contains(new) and self.axes[BATCH].contains(batch)
+
+
+@dataclass
+class Graph:
+    """One ONNX file, its engine, its inputs (as axis names or fixed ints) and its profiles."""
+
+    onnx: str
+    engine: str
+    inputs: dict[str, list]  # name -> dims, each an axis name or an int
+    profiles: list[Profile]
+
+    def shapes(self, profile: Profile) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """``{input: (min_shape, opt_shape, max_shape)}`` for ``profile``, in graph input order."""
+        out = {}
+        for name, dims in self.inputs.items():
+            out[name] = tuple(
+                tuple(getattr(profile.axes[d], which) if isinstance(d, str) else d for d in dims)
+                for which in ("min", "opt", "max")
+            )
+        return out
+
+    def profile_index(self, name: str) -> int:
+        for i, p in enumerate(self.profiles):
+            if p.name == name:
+                return i
+        raise PlanError(f"{self.onnx}: no profile named {name!r} (profiles: {[p.name for p in self.profiles]})")
+
+
+@dataclass
+class BuildPlan:
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    num_medusa_heads: int
+    max_batch: int
+    max_context: int
+    tree: str
+    tree_nodes: int
+    backbone: Graph
+    heads: Graph
+    timing_cache: str = TIMING_CACHE
+    workspace_mib: int = Limits.workspace_mib
+    tf32: bool = Limits.tf32
+    empty_cache: str = "past_sequence min 0 in the prefill profile (the cache is always visible: no dummy entry)"
+    format_version: int = PLAN_FORMAT_VERSION
+
+    # -- derived sizes -------------------------------------------------------------
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The largest new-token count any backbone profile takes (output buffer rows)."""
+        return max(p.axes[NEW].max for p in self.backbone.profiles)
+
+    @property
+    def past_names(self) -> list[str]:
+        return [n for n in self.backbone.inputs if _PAST.match(n)]
+
+    def profile(self, name: str) -> Profile:
+        return self.backbone.profiles[self.backbone.profile_index(name)]
+
+    # -- checks --------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Every invariant the engine and the runtime rely on; PlanError naming the first broken one."""
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise PlanError(f"plan dtype {self.dtype!r} is not one of {SUPPORTED_DTYPES}")
+        for graph in (self.backbone, self.heads):
+            if not graph.profiles:
+                raise PlanError(f"{graph.onnx}: the plan has no optimization profile")
+            for p in graph.profiles:
+                for axis, r in p.axes.items():
+                    if not (0 <= r.min <= r.opt <= r.max):
+                        raise PlanError(f"{graph.onnx} profile {p.name!r}: axis {axis} needs 0 <= min <= opt <= max, got {tuple(r)}")
+                for name, dims in graph.inputs.items():
+                    for d in dims:
+                        if isinstance(d, str) and d not in p.axes:
+                            raise PlanError(f"{graph.onnx} profile {p.name!r}: input {name} uses axis {d!r}, which has no range")
+        for p in self.backbone.profiles:
+            past, new, batch = p.axes[PAST], p.axes[NEW], p.axes[BATCH]
+            if new.min < 1:
+                raise PlanError(f"profile {p.name!r}: new_tokens min must be >= 1, got {new.min}")
+            if past.max + new.max > self.max_context:
+                raise PlanError(
+                    f"profile {p.name!r}: max past_sequence {past.max} + max new_tokens {new.max} = "
+                    f"{past.max + new.max} exceeds max_context {self.max_context}"
+                )
+            if batch.max > self.max_batch:
+                raise PlanError(f"profile {p.name!r}: batch max {batch.max} exceeds max_batch {self.max_batch}")
+        # every call the decode loop makes must fit some profile: the first prefill (past 0),
+        # a tree step, and a one-token step with the cache one short of full
+        if not any(p.axes[PAST].min == 0 for p in self.backbone.profiles):
+            raise PlanError("no backbone profile accepts an empty cache (past_sequence 0): the first prefill cannot run")
+        if not any(p.contains(self.max_context - 1, 1) for p in self.backbone.profiles):
+            raise PlanError(f"no backbone profile takes 1 new token on a cache of {self.max_context - 1}: the context end is unreachable")
+        if not any(p.axes[NEW].max >= self.tree_nodes for p in self.backbone.profiles):
+            raise PlanError(f"no backbone profile takes the tree's {self.tree_nodes} nodes")
+
+    # -- files ---------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / PLAN_FILE
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "BuildPlan":
+        def graph(g: dict) -> Graph:
+            profiles = [Profile(p["name"], {a: Range(**r) for a, r in p["axes"].items()}) for p in g["profiles"]]
+            return Graph(onnx=g["onnx"], engine=g["engine"], inputs={k: list(v) for k, v in g["inputs"].items()}, profiles=profiles)
+
+        fields = {k: v for k, v in raw.items() if k not in ("backbone", "heads")}
+        plan = cls(backbone=graph(raw["backbone"]), heads=graph(raw["heads"]), **fields)
+        plan.check()
+        return plan
+
+
+def read_plan(folder: str | Path) -> BuildPlan:
+    """The plan an engine in ``folder`` was built with; PlanError naming the file when unusable."""
+    path = Path(folder) / PLAN_FILE
+    if not path.is_file():
+        raise PlanError(
+            f"{folder} has no {PLAN_FILE}: build an engine first (medusa-export build-engine {folder}, "
+            f"or medusa-export trtexec {folder} and run the script it writes)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path} is not valid JSON: {e}") from None
+    if raw.get("format_version") != PLAN_FORMAT_VERSION:
+        raise PlanError(
+            f"{path}: plan format_version {raw.get('format_version')!r}, this version reads {PLAN_FORMAT_VERSION}; "
+            "rebuild the engine with this version of medusa-export"
+        )
+    try:
+        return BuildPlan.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise PlanError(f"{path}: malformed plan ({e})") from None
+
+
+# ---------------------------------------------------------------------------- making a plan
+
+
+def backbone_input_dims(name: str, cfg: ArtifactConfig) -> list:
+    """Dims of one ``model.onnx`` input in axis names (graph contract, exporter/step.py)."""
+    m = cfg.model
+    if name in ("input_ids", "position_ids"):
+        return [BATCH, NEW]
+    if name == "tree_mask":
+        return [BATCH, NEW, NEW]
+    if _PAST.match(name):
+        return [BATCH, PAST, m.num_kv_heads, m.head_dim]
+    raise PlanError(f"{cfg.backbone.file}: input {name!r} is not part of the graph contract (docs/graph_contract.md)")
+
+
+def _contract_inputs(cfg: ArtifactConfig) -> list[str]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(cfg.model.num_layers) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", "tree_mask", *past]
+
+
+def check_dynamic_axes(cfg: ArtifactConfig, graph: Graph) -> None:
+    """Cross-check the plan's axes with the artifact's named dynamic axes, when it records them.
+
+    The artifact names each tensor's dynamic axes (``{"tree_mask": ["batch", "new", "new"]}``).
+    One artifact name used for two different plan axes (say the cache length and the
+    new-token count) means the exported graph assumes they are equal: refused here, not
+    at run time. Two names for one plan axis only make the graph more general: accepted.
+    """
+    spec = cfg.backbone if graph.onnx == cfg.backbone.file else cfg.heads
+    seen: dict[str, tuple[str, str]] = {}  # artifact axis name -> (plan axis, first input using it)
+    for name, names in (spec.dynamic_axes or {}).items():
+        if name not in graph.inputs:
+            continue  # outputs: their axes follow from the inputs'
+        dims = graph.inputs[name]
+        dynamic = [d for d in dims if isinstance(d, str)]
+        if len(names) == len(dims):  # names for every dim: keep those of the dynamic ones
+            names = [n for n, d in zip(names, dims) if isinstance(d, str)]
+        if len(names) != len(dynamic):
+            raise PlanError(
+                f"{spec.file}: input {name} has dynamic axes {list(names)} in medusa_config.json, "
+                f"expected {len(dynamic)} ({', '.join(dynamic)})"
+            )
+        for art, axis in zip(names, dynamic):
+            first_axis, first_input = seen.setdefault(art, (axis, name))
+            if first_axis != axis:
+                raise PlanError(
+                    f"{spec.file}: dynamic axis {art!r} is {axis} in input {name} but {first_axis} in input "
+                    f"{first_input}: the graph ties two axes the graph contract keeps independent"
+                )
+
+
+def resolve_tree(cfg: ArtifactConfig, tree: str | None = None):
+    """The tree the verify profile is tuned for: ``tree`` (a name or JSON file) or the artifact's default."""
+    from runtime.tree import build_tree, load_tree
+
+    heads = cfg.model.num_medusa_heads or None
+    if tree is not None:
+        return load_tree(tree, num_heads=heads)
+    if cfg.default_tree_paths:
+        return build_tree(cfg.default_tree_paths, name=cfg.default_tree, num_heads=heads)
+    return load_tree(cfg.default_tree, num_heads=heads)
+
+
+def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
+    """The build plan for ``cfg`` under ``limits``; PlanError naming the limit that does not fit."""
+    lim = limits or Limits()
+    m = cfg.model
+    if cfg.dtype not in SUPPORTED_DTYPES:
+        raise PlanError(f"artifact dtype {cfg.dtype!r}: TensorRT plans support {', '.join(SUPPORTED_DTYPES)}")
+    if list(cfg.backbone.inputs) != _contract_inputs(cfg):
+        raise PlanError(
+            f"{cfg.backbone.file}: inputs {cfg.backbone.inputs[:4]}... do not follow the graph contract "
+            f"(expected input_ids, position_ids, tree_mask, then past_key_values.{{i}}.key|value for {m.num_layers} layers)"
+        )
+    if list(cfg.heads.inputs) != ["hidden_states"]:
+        raise PlanError(f"{cfg.heads.file}: inputs {cfg.heads.inputs}, expected ['hidden_states']")
+    _positive("max_batch", lim.max_batch)
+    _positive("opt_prompt", lim.opt_prompt)
+    _positive("opt_context", lim.opt_context)
+    _positive("workspace_mib", lim.workspace_mib)
+
+    ctx = m.max_context if lim.max_context is None else lim.max_context
+    if not 2 <= ctx <= m.max_context:
+        raise PlanError(f"max_context must lie in [2, {m.max_context}] (the artifact's context), got {ctx}")
+    max_prompt = min(DEFAULT_MAX_PROMPT, max(1, ctx // 2)) if lim.max_prompt is None else lim.max_prompt
+    if not 1 <= max_prompt <= ctx - 1:
+        raise PlanError(f"max_prompt must lie in [1, max_context - 1 = {ctx - 1}], got {max_prompt}")
+    t = resolve_tree(cfg, lim.tree)
+    tree_name, nodes = t.name, t.num_nodes
+    max_tree = lim.max_tree_nodes
+    if max_tree is None:  # room for the official 64-node trees, within the context
+        max_tree = max(nodes, min(DEFAULT_MAX_TREE_NODES, ctx - 1))
+    if max_tree < nodes:
+        raise PlanError(f"max_tree_nodes {max_tree} is smaller than tree {tree_name!r} ({nodes} nodes with the root)")
+    if max_tree > ctx - 1:
+        raise PlanError(
+            f"max_tree_nodes {max_tree} leaves no room for the cache: it must be at most max_context - 1 = {ctx - 1}"
+        )
+
+    batch = Range(1, 1, lim.max_batch)
+
+    def typical(hi: int) -> Range:  # a cache of 1..hi tokens, tuned at the typical length
+        return Range(1, min(lim.opt_context, hi), hi)
+
+    profiles = [
+        Profile(PREFILL, {BATCH: batch, NEW: Range(1, min(lim.opt_prompt, max_prompt), max_prompt), PAST: Range(0, 0, ctx - max_prompt)}),
+        Profile(VERIFY, {BATCH: batch, NEW: Range(1, nodes, max_tree), PAST: typical(ctx - max_tree)}),
+        Profile(DECODE, {BATCH: batch, NEW: Range(1, 1, 1), PAST: typical(ctx - 1)}),
+    ]
+    backbone = Graph(
+        onnx=cfg.backbone.file,
+        engine=BACKBONE_ENGINE,
+        inputs={name: backbone_input_dims(name, cfg) for name in cfg.backbone.inputs},
+        profiles=profiles,
+    )
+    heads = Graph(
+        onnx=cfg.heads.file,
+        engine=HEADS_ENGINE,
+        inputs={"hidden_states": [BATCH, m.hidden_size]},
+        profiles=[Profile("heads", {BATCH: batch})],
+    )
+    check_dynamic_axes(cfg, backbone)
+    check_dynamic_axes(cfg, heads)
+    plan = BuildPlan(
+        dtype=cfg.dtype,
+        num_layers=m.num_layers,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        hidden_size=m.hidden_size,
+        vocab_size=m.vocab_size,
+        num_medusa_heads=m.num_medusa_heads,
+        max_batch=lim.max_batch,
+        max_context=ctx,
+        tree=tree_name,
+        tree_nodes=nodes,
+        backbone=backbone,
+        heads=heads,
+        workspace_mib=lim.workspace_mib,
+        tf32=lim.tf32,
+    )
+    plan.check()
+    return plan
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise PlanError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One engine call of a forward: tokens [start, start + size) on profile ``profile``."""
+
+    start: int
+    size: int
+    profile: int
+
+
+def route(plan: BuildPlan, past: int, n: int) -> list[Chunk]:
+    """Engine calls that run ``n`` new tokens on a cache of ``past`` (``past + n <= max_context``).
+
+    One call when one profile holds (past, n); the smallest such profile wins (kernels tuned
+    for fewer tokens). Otherwise the tokens are split *remainder first* into chunks of one
+    profile's maximum: the last chunk then ends at ``past + n <= max_context``, so every
+    chunk's cache length stays within that profile's ``max_context - max new`` bound.
+    """
+    if n < 1:
+        raise PlanError(f"a forward needs at least 1 new token, got {n}")
+    if past < 0 or past + n > plan.max_context:
+        raise PlanError(f"{past} cached + {n} new tokens exceed the engine's max_context {plan.max_context}")
+    by_size = sorted(range(len(plan.backbone.profiles)), key=lambda i: plan.backbone.profiles[i].axes[NEW].max)
+    single = _fits(plan, by_size, past, n)
+    if single is not None:
+        return [Chunk(0, n, single)]
+    for i in reversed(by_size):  # the biggest chunks first: fewest engine calls
+        step = plan.backbone.profiles[i].axes[NEW].max
+        first = n % step or step
+        sizes = [first] + [step] * ((n - first) // step)
+        chunks, start = [], 0
+        for size in sizes:
+            p = _fits(plan, by_size, past + start, size)
+            if p is None:
+                break
+            chunks.append(Chunk(start, size, p))
+            start += size
+        else:
+            return chunks
+    raise PlanError(f"no split of {n} new tokens on a cache of {past} fits the engine's profiles")
+
+
+def _fits(plan: BuildPlan, order: list[int], past: int, n: int) -> int | None:
+    for i in order:
+        if plan.backbone.profiles[i].contains(past, n):
+            return i
+    return None

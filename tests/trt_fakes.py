@@ -1,0 +1,165 @@
+"""Fakes shared by the TensorRT tests: artifact configs (no export needed) and a numpy engine.
+
+``ToyEngine`` follows the graph contract (exporter/step.py) with a few attention layers in
+numpy: the cache is always visible, ``tree_mask`` rules among the new tokens, ``present``
+holds only the new entries. ``ReferenceBackend`` runs it over the runtime's host
+``KVCache`` (the established GraphBackend semantics); ``ToyStagedBackend`` runs it
+through the TensorRT backend's orchestration with numpy "device" buffers laid out by
+the real buffer planner, and refuses any call outside the engine's profiles as TensorRT
+would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from exporter.trt_plan import BuildPlan
+from runtime.artifact import ArtifactConfig, GraphSpec, ModelSpec
+from runtime.backend import GraphBackend
+from runtime.trt_backend import StagedEngineBackend, plan_buffers
+
+
+def fake_config(
+    layers=2, kv_heads=1, head_dim=8, hidden=16, vocab=64, max_context=64, heads=4, dtype="float32",
+    tree="cpu_8", tree_paths=None, attention_heads=None, dynamic_axes=None,
+) -> ArtifactConfig:  # fmt: skip
+    spec = ModelSpec(
+        architecture="LlamaForCausalLM", num_layers=layers, num_attention_heads=attention_heads or 2 * kv_heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=hidden, vocab_size=vocab, max_context=max_context,
+        eos_token_ids=[], num_medusa_heads=heads, medusa_num_layers=1,
+    )  # fmt: skip
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    if dynamic_axes is None:
+        dynamic_axes = {"input_ids": ["batch", "new"], "position_ids": ["batch", "new"], "tree_mask": ["batch", "new", "new"]}
+        dynamic_axes.update({p: ["batch", "past"] for p in past})
+    backbone = GraphSpec("model.onnx", ["input_ids", "position_ids", "tree_mask", *past], ["logits", "hidden_states", *present], dynamic_axes)
+    heads_graph = GraphSpec("heads.onnx", ["hidden_states"], ["medusa_logits"], {"hidden_states": ["batch"]})
+    return ArtifactConfig(model=spec, backbone=backbone, heads=heads_graph, dtype=dtype, default_tree=tree,
+                          default_tree_paths=tree_paths or [])  # fmt: skip
+
+
+def smollm2_config(max_context=8192, dtype="float16") -> ArtifactConfig:
+    """SmolLM2-135M-Instruct's shapes: 30 layers, 3 KV heads of 64, hidden 576, vocab 49152."""
+    return fake_config(layers=30, kv_heads=3, head_dim=64, hidden=576, vocab=49152, max_context=max_context,
+                       heads=4, dtype=dtype, attention_heads=9)  # fmt: skip
+
+
+def write_fake_artifact(folder: Path, cfg: ArtifactConfig) -> Path:
+    """An artifact folder that read_artifact accepts (placeholder graph files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.write(folder)
+    for name in (cfg.backbone.file, cfg.heads.file):
+        (folder / name).write_bytes(b"placeholder, not an ONNX file")
+    (folder / "tokenizer.json").write_text(json.dumps({}))
+    return folder
+
+
+# ---------------------------------------------------------------------------- numpy engine
+
+
+class ToyEngine:
+    """A small causal LM that follows the graph contract, in float64 numpy."""
+
+    def __init__(self, layers=2, kv_heads=1, head_dim=8, hidden=16, vocab=64, heads=3, seed=0):
+        rng = np.random.default_rng(seed)
+        self.L, self.kv, self.hd, self.H, self.V = layers, kv_heads, head_dim, hidden, vocab
+        d = kv_heads * head_dim
+        self.emb = rng.normal(size=(vocab, hidden))
+        self.wq, self.wk, self.wv = (rng.normal(size=(layers, hidden, d)) / np.sqrt(hidden) for _ in range(3))
+        self.wo = rng.normal(size=(layers, d, hidden)) / np.sqrt(d)
+        self.lm = rng.normal(size=(hidden, vocab))
+        self.heads = rng.normal(size=(heads, hidden, vocab))
+
+    def step(self, ids, pos, mask, past_k, past_v):
+        """ids, pos [n]; mask [n, n]; past_k[l] [p, kv, hd] -> logits [n, V], hidden [n, H], presents."""
+        n = len(ids)
+        x = self.emb[ids] + np.sin(np.outer(pos, np.arange(1, self.H + 1) * 0.1))
+        pk, pv = [], []
+        for l in range(self.L):
+            q, k, v = ((x @ w[l]).reshape(n, self.kv, self.hd) for w in (self.wq, self.wk, self.wv))
+            keys = np.concatenate([past_k[l], k])
+            vals = np.concatenate([past_v[l], v])
+            scores = np.einsum("nhd,mhd->hnm", q, keys) / np.sqrt(self.hd)
+            visible = np.concatenate([np.ones((n, len(past_k[l])), dtype=bool), mask], axis=1)
+            scores = np.where(visible[None], scores, -np.inf)
+            w = np.exp(scores - scores.max(-1, keepdims=True))
+            w /= w.sum(-1, keepdims=True)
+            x = x + np.einsum("hnm,mhd->nhd", w, vals).reshape(n, -1) @ self.wo[l]
+            pk.append(k)
+            pv.append(v)
+        hidden = np.tanh(x)
+        return hidden @ self.lm, hidden, pk, pv
+
+    def medusa(self, hidden_row):
+        return np.einsum("h,khv->kv", hidden_row, self.heads)
+
+
+class ReferenceBackend(GraphBackend):
+    """The toy engine over the runtime's host KVCache: the semantics every backend must match."""
+
+    def __init__(self, engine: ToyEngine, spec: ModelSpec, max_context: int):
+        self.engine = engine
+        super().__init__(spec, max_context=max_context, cache_dtype=np.float64)
+
+    def _run_backbone(self, input_ids, position_ids, tree_mask, past):
+        pk = [p[0] for p in past[0::2]]
+        pv = [p[0] for p in past[1::2]]
+        logits, hidden, k, v = self.engine.step(input_ids[0], position_ids[0], tree_mask[0], pk, pv)
+        presents = []
+        for a, b in zip(k, v):
+            presents += [a[None], b[None]]
+        return logits[None], hidden[None], presents
+
+    def _run_heads(self, hidden):
+        return self.engine.medusa(hidden[0])[None]
+
+
+class ToyStagedBackend(StagedEngineBackend):
+    """The TensorRT backend's orchestration on numpy buffers shaped by ``plan_buffers``."""
+
+    def __init__(self, engine: ToyEngine, spec: ModelSpec, plan: BuildPlan, capacity: int | None = None):
+        cap = capacity or plan.max_context
+        super().__init__(spec, plan, cap)
+        self.engine = engine
+        self.layout = plan_buffers(plan, cap)
+        self.buf = {name: np.full(b.shape, np.nan) if b.dtype.startswith("float") else np.zeros(b.shape, b.dtype)
+                    for name, b in self.layout.buffers.items()}  # fmt: skip
+        self.calls: list[tuple[int, int, int]] = []  # (profile, past, n) of every engine call
+        self.kinds: list[str] = []
+
+    def forward(self, input_ids, position_ids, tree_mask):
+        from runtime.trt_backend import schedule_forward
+
+        self.kinds.append(schedule_forward(self.plan, self.length, np.asarray(tree_mask, dtype=bool)).kind)
+        return super().forward(input_ids, position_ids, tree_mask)
+
+    def _call(self, profile, past, ids, pos, mask):
+        n = len(ids)
+        if not self.plan.backbone.profiles[profile].contains(past, n):
+            raise AssertionError(f"TensorRT would refuse: profile {profile} does not take past={past}, new={n}")
+        self.calls.append((profile, past, n))
+        b = self.buf
+        pk = [b["cache_k"][l, :past] for l in range(self.plan.num_layers)]
+        pv = [b["cache_v"][l, :past] for l in range(self.plan.num_layers)]
+        logits, hidden, k, v = self.engine.step(ids, pos, mask, pk, pv)
+        b["logits"][:n], b["hidden_states"][:n] = logits, hidden
+        for l in range(self.plan.num_layers):
+            b["stage_k"][l, :n], b["stage_v"][l, :n] = k[l], v[l]
+
+    def _copy(self, dst, dst_row, src, src_row, count):
+        for kv in ("k", "v"):
+            self.buf[f"{dst}_{kv}"][:, dst_row : dst_row + count] = self.buf[f"{src}_{kv}"][:, src_row : src_row + count].copy()
+
+    def _logits(self, n):
+        return self.buf["logits"][:n].copy()
+
+    def _store_hidden(self, n, offset):
+        self.buf["hidden_store"][offset : offset + n] = self.buf["hidden_states"][:n]
+
+    def _run_heads(self, row, stored):
+        source = self.buf["hidden_store"] if stored else self.buf["hidden_states"]
+        return self.engine.medusa(source[row])
