@@ -418,26 +418,27 @@ class Chunk:
 def route(plan: BuildPlan, past: int, n: int) -> list[Chunk]:
     """Engine calls that run ``n`` new tokens on a cache of ``past`` (``past + n <= max_context``).
 
-    One call when one profile holds (past, n); the smallest such profile wins (kernels tuned
-    for fewer tokens). Otherwise the tokens are split *remainder first* into chunks of one
-    profile's maximum: the last chunk then ends at ``past + n <= max_context``, so every
-    chunk's cache length stays within that profile's ``max_context - max new`` bound.
+    One call when a profile holds (past, n): the one tuned nearest to ``n`` (smallest
+    ``|opt - n|``, then the smallest maximum). Otherwise the tokens are split *remainder
+    first* into chunks of one profile's maximum: the last chunk then ends at
+    ``past + n <= max_context``, so every chunk's cache stays within that profile's
+    ``max_context - max new`` bound.
     """
     if n < 1:
         raise PlanError(f"a forward needs at least 1 new token, got {n}")
     if past < 0 or past + n > plan.max_context:
         raise PlanError(f"{past} cached + {n} new tokens exceed the engine's max_context {plan.max_context}")
-    by_size = sorted(range(len(plan.backbone.profiles)), key=lambda i: plan.backbone.profiles[i].axes[NEW].max)
-    single = _fits(plan, by_size, past, n)
+    single = _fits(plan, past, n)
     if single is not None:
         return [Chunk(0, n, single)]
-    for i in reversed(by_size):  # the biggest chunks first: fewest engine calls
-        step = plan.backbone.profiles[i].axes[NEW].max
+    profiles = plan.backbone.profiles
+    for i in sorted(range(len(profiles)), key=lambda i: -profiles[i].axes[NEW].max):  # fewest calls first
+        step = profiles[i].axes[NEW].max
         first = n % step or step
         sizes = [first] + [step] * ((n - first) // step)
         chunks, start = [], 0
         for size in sizes:
-            p = _fits(plan, by_size, past + start, size)
+            p = _fits(plan, past + start, size)
             if p is None:
                 break
             chunks.append(Chunk(start, size, p))
@@ -447,8 +448,9 @@ def route(plan: BuildPlan, past: int, n: int) -> list[Chunk]:
     raise PlanError(f"no split of {n} new tokens on a cache of {past} fits the engine's profiles")
 
 
-def _fits(plan: BuildPlan, order: list[int], past: int, n: int) -> int | None:
-    for i in order:
-        if plan.backbone.profiles[i].contains(past, n):
-            return i
-    return None
+def _fits(plan: BuildPlan, past: int, n: int) -> int | None:
+    fitting = [i for i, p in enumerate(plan.backbone.profiles) if p.contains(past, n)]
+    if not fitting:
+        return None
+    axes = [plan.backbone.profiles[i].axes[NEW] for i in fitting]
+    return min(zip(fitting, axes), key=lambda f: (abs(f[1].opt - n), f[1].max, f[0]))[0]

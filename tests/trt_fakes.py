@@ -134,8 +134,9 @@ class ToyStagedBackend(StagedEngineBackend):
     def forward(self, input_ids, position_ids, tree_mask):
         from runtime.trt_backend import schedule_forward
 
+        logits = super().forward(input_ids, position_ids, tree_mask)
         self.kinds.append(schedule_forward(self.plan, self.length, np.asarray(tree_mask, dtype=bool)).kind)
-        return super().forward(input_ids, position_ids, tree_mask)
+        return logits
 
     def _call(self, profile, past, ids, pos, mask):
         n = len(ids)

@@ -1,0 +1,323 @@
+"""The TensorRT backend without TensorRT: buffer sizes, KV compaction, scheduling, engine
+checks, the orchestration on a numpy engine, and the error when tensorrt is missing."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+from trt_fakes import ReferenceBackend, ToyEngine, ToyStagedBackend, fake_config, smollm2_config, write_fake_artifact
+
+from exporter.trt_plan import Limits, make_plan
+from runtime.decode import DecodeConfig, decode
+from runtime.errors import ArtifactError, BackendUnavailableError, MedusaError
+from runtime.tree import build_tree, load_tree
+from runtime import trt_backend
+from runtime.trt_backend import (
+    ALIGN,
+    EngineDescription,
+    TensorRTBackend,
+    aligned_rows,
+    check_engine,
+    compaction_runs,
+    expected_description,
+    plan_buffers,
+    require_tensorrt,
+    schedule_forward,
+    tree_parents,
+)
+
+# ---------------------------------------------------------------------------- buffers
+
+
+@pytest.mark.parametrize("rows, row_bytes", [(2048, 384), (513, 384), (7, 320), (100, 240), (5, 14), (1, 256), (3, 1024)])
+def test_aligned_rows(rows, row_bytes):
+    got = aligned_rows(rows, row_bytes)
+    assert got >= rows and (got * row_bytes) % ALIGN == 0
+    # the smallest such count: one step less is either too few rows or misaligned
+    assert all((r * row_bytes) % ALIGN for r in range(rows, got))
+
+
+def test_smollm2_buffer_sizes():
+    plan = make_plan(smollm2_config(), Limits(max_context=2048))
+    layout = plan_buffers(plan)
+    b = layout.buffers
+    fp16 = 2
+    assert b["cache_k"].shape == (30, 2048, 3, 64) and b["cache_k"].nbytes == 30 * 2048 * 3 * 64 * fp16
+    # staging: the largest forward (a 512-token prompt chunk) + 1 row, padded so each layer
+    # starts on 256 bytes (a row is 3 * 64 * 2 = 384 bytes: rows come in pairs)
+    assert b["stage_v"].shape == (30, 514, 3, 64)
+    assert b["logits"].shape == (512, 49152) and b["logits"].nbytes == 512 * 49152 * fp16
+    assert b["tree_mask"].shape == (512 * 512,) and b["tree_mask"].dtype == "bool"
+    assert b["input_ids"].dtype == "int64" and b["input_ids"].shape == (512,)
+    assert b["heads_out"].shape == (1, 4, 49152)
+    assert b["hidden_store"].shape == (2048, 576)
+    kv_bytes = 2 * 30 * (2048 + 514) * 3 * 64 * fp16
+    assert layout.total_bytes == kv_bytes + sum(x.nbytes for k, x in b.items() if k[:5] not in ("cache", "stage"))
+
+
+@pytest.mark.parametrize("kv_heads, head_dim, dtype, ctx", [(3, 64, "float16", 999), (1, 20, "float32", 77), (5, 24, "float16", 100), (2, 8, "float32", 64)])
+def test_every_layer_of_cache_and_staging_starts_aligned(kv_heads, head_dim, dtype, ctx):
+    cfg = fake_config(kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, max_context=ctx)
+    plan = make_plan(cfg, Limits(max_prompt=ctx // 3))
+    itemsize = 2 if dtype == "float16" else 4
+    for name in ("cache_k", "cache_v", "stage_k", "stage_v"):
+        layers, rows, kv, hd = plan_buffers(plan).buffers[name].shape
+        assert (rows * kv * hd * itemsize) % ALIGN == 0, name
+    assert plan_buffers(plan).buffers["cache_k"].shape[1] >= ctx
+
+
+def test_buffer_capacity_bounds():
+    plan = make_plan(fake_config(), Limits())
+    assert plan_buffers(plan, capacity=20).capacity == 20
+    with pytest.raises(MedusaError, match=r"cache capacity must lie in \[2, 64\]"):
+        plan_buffers(plan, capacity=65)
+
+
+# ---------------------------------------------------------------------------- compaction
+
+
+def test_a_chain_is_one_copy():
+    assert compaction_runs([0, 1, 2, 3]) == [(0, 0, 4)]
+    assert compaction_runs(list(range(512))) == [(0, 0, 512)]
+
+
+def test_a_tree_path_copies_each_contiguous_run():
+    # nodes 0, 1 are adjacent, then the path jumps to 4 and 9
+    assert compaction_runs([0, 1, 4, 9]) == [(0, 0, 2), (4, 2, 1), (9, 3, 1)]
+    assert compaction_runs([0, 3, 4, 5]) == [(0, 0, 1), (3, 1, 3)]
+    assert compaction_runs([]) == []
+
+
+def test_compaction_with_resident_rows_and_a_stage_offset():
+    # chunked prefill: tokens 0..5 already cached in place, 6..9 staged from row 0
+    assert compaction_runs(range(10), resident=6) == [(0, 6, 4)]
+    # node-by-node forwards keep token j at stage row 1 + j
+    assert compaction_runs([0, 2, 3], stage_base=1) == [(1, 0, 1), (3, 1, 2)]
+    with pytest.raises(MedusaError, match="already cached at offset 4; it cannot move to 3"):
+        compaction_runs([0, 1, 2, 4], resident=6)
+
+
+@pytest.mark.parametrize("keep", [[1, 0], [0, 0], [-1, 2]])
+def test_compaction_refuses_unordered_keep(keep):
+    with pytest.raises(MedusaError, match="distinct, non-negative and increasing"):
+        compaction_runs(keep)
+
+
+def test_compaction_moves_exactly_the_kept_rows():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        keep = np.sort(rng.choice(n, size=int(rng.integers(0, n + 1)), replace=False))
+        stage, cache = rng.normal(size=(n, 3)), np.zeros((n, 3))
+        for src, dst, count in compaction_runs(keep):
+            cache[dst : dst + count] = stage[src : src + count]
+        np.testing.assert_array_equal(cache[: len(keep)], stage[keep])
+        runs = compaction_runs(keep)
+        assert len(runs) == 1 + int(np.sum(np.diff(keep) != 1)) if len(keep) else runs == []
+
+
+# ---------------------------------------------------------------------------- scheduling
+
+
+@pytest.mark.parametrize("name", ["cpu_8", "mc_sim_7b_63", "chain_4"])
+def test_tree_parents_of_medusa_trees(name):
+    tree = load_tree(name)
+    np.testing.assert_array_equal(tree_parents(tree.attn_mask), tree.parent)
+
+
+def test_tree_parents_of_causal_forest_and_bad_masks():
+    np.testing.assert_array_equal(tree_parents(np.tril(np.ones((4, 4), dtype=bool))), [-1, 0, 1, 2])
+    two_children = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=bool)
+    np.testing.assert_array_equal(tree_parents(two_children), [-1, 0, 0])
+    forest = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=bool)
+    np.testing.assert_array_equal(tree_parents(forest), [-1, -1, 0])
+    with pytest.raises(MedusaError, match="row 0 must see itself and only earlier tokens, sees \\[0, 1, 2\\]"):
+        tree_parents(np.ones((3, 3), dtype=bool))
+    gap = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=bool)  # 2 sees 0 and 1, but 1 does not see 0
+    with pytest.raises(MedusaError, match="row 2 is not its parent row 1 plus itself"):
+        tree_parents(gap)
+
+
+def test_schedule_kinds():
+    plan = make_plan(fake_config(max_context=64), Limits(max_prompt=16, max_tree_nodes=12))
+    tree = load_tree("cpu_8")
+    assert schedule_forward(plan, 0, np.tril(np.ones((10, 10), dtype=bool))).kind == "single"
+    assert schedule_forward(plan, 20, tree.attn_mask).kind == "single"
+    long = schedule_forward(plan, 0, np.tril(np.ones((40, 40), dtype=bool)))
+    assert long.kind == "chunked" and [c.size for c in long.chunks] == [8, 16, 16]
+    tail = schedule_forward(plan, 64 - 9, tree.attn_mask)  # verify reaches only past <= 52
+    assert tail.kind == "nodes"
+    np.testing.assert_array_equal(tail.parents, tree.parent)
+    # 17 nodes, the root then 16 siblings: chunks [root] + [siblings] are exact (all see the root)
+    wide = build_tree([[i] for i in range(16)], name="wide")
+    assert [c.size for c in schedule_forward(plan, 10, wide.attn_mask).chunks] == [1, 16]
+    # 18 nodes: chunks [2] + [16] would hide sibling 1 from the others: no exact split
+    wider = build_tree([[i] for i in range(17)], name="wider")
+    with pytest.raises(MedusaError, match="18 tokens whose mask is not causal exceeds the engine's largest profile"):
+        schedule_forward(plan, 10, wider.attn_mask)
+
+
+# ---------------------------------------------------------------------------- engine checks
+
+
+def test_an_engine_built_from_the_plan_passes():
+    plan = make_plan(smollm2_config(), Limits(max_context=2048))
+    for which in ("backbone", "heads"):
+        check_engine(expected_description(plan, which), plan, which, f"{which}.engine")
+
+
+def test_engine_differences_are_all_listed():
+    plan = make_plan(smollm2_config(), Limits(max_context=2048))
+    desc = expected_description(plan)
+    desc.tensors = [t for t in desc.tensors if t.name != "present.3.value"]
+    mask = desc.tensor("tree_mask")
+    mask.dtype = "INT64"
+    past = desc.tensor("past_key_values.0.key")
+    past.profiles[1] = ((1, 1, 3, 64), (1, 256, 3, 64), (1, 2048, 3, 64))
+    with pytest.raises(ArtifactError) as err:
+        check_engine(desc, plan, "backbone", "model.engine")
+    text = str(err.value)
+    assert "model.engine was not built from this trt_plan.json (3 difference(s)" in text
+    assert "no output tensor present.3.value" in text
+    assert "tree_mask: input INT64, expected input BOOL" in text
+    assert "past_key_values.0.key profile 1: min/opt/max" in text and "(1, 1984, 3, 64)" in text
+
+
+def test_engine_with_other_profiles_or_vocab():
+    plan = make_plan(smollm2_config(), Limits(max_context=2048))
+    desc = expected_description(plan)
+    desc.num_profiles = 2
+    desc.tensor("logits").shape = (-1, -1, 32000)
+    with pytest.raises(ArtifactError, match=r"2 optimization profiles, the plan has 3[\s\S]*logits: shape \(-1, -1, 32000\)"):
+        check_engine(desc, plan, "backbone", "model.engine")
+    heads = expected_description(plan, "heads")
+    assert [t.name for t in heads.tensors] == ["hidden_states", "medusa_logits"]
+    assert heads.tensor("medusa_logits").shape == (-1, 4, 49152)
+    assert EngineDescription([], 1).tensor("x") is None
+
+
+# ---------------------------------------------------------------------------- orchestration
+
+
+def _pair(max_context=48, max_prompt=12, max_tree_nodes=12, tree="cpu_8", seed=0, dtype="float32"):
+    cfg = fake_config(max_context=max_context, tree=tree, dtype=dtype)
+    plan = make_plan(cfg, Limits(max_prompt=max_prompt, max_tree_nodes=max_tree_nodes))
+    engine = ToyEngine(layers=2, kv_heads=1, head_dim=8, hidden=16, vocab=64, heads=4, seed=seed)
+    return ReferenceBackend(engine, cfg.model, max_context), ToyStagedBackend(engine, cfg.model, plan), plan
+
+
+def _same_cache(ref: ReferenceBackend, staged: ToyStagedBackend):
+    n = ref.cache_len
+    assert staged.cache_len == n
+    np.testing.assert_allclose(staged.buf["cache_k"][:, :n], ref.cache.keys[:, 0, :n], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(staged.buf["cache_v"][:, :n], ref.cache.values[:, 0, :n], rtol=1e-6, atol=1e-6)
+
+
+def _step(ref, staged, ids, pos, mask, keep, head_index):
+    a, b = ref.forward(ids, pos, mask), staged.forward(ids, pos, mask)
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(staged.head_logits(head_index), ref.head_logits(head_index), rtol=1e-6, atol=1e-6)
+    ref.commit(keep)
+    staged.commit(keep)
+    _same_cache(ref, staged)
+
+
+def test_prefill_then_tree_steps_match_the_host_cache_reference():
+    ref, staged, plan = _pair()
+    rng = np.random.default_rng(1)
+    tree = load_tree("cpu_8")
+    n = 10
+    _step(ref, staged, rng.integers(0, 64, n), np.arange(n), np.tril(np.ones((n, n), dtype=bool)), np.arange(n), n - 1)
+    # accepted paths: a chain prefix (one run), a jump (several runs), the root alone
+    for path in ([0, 1, 4], [0, 2, 5], [0], [0, 1, 4, 7, 8]):
+        pos = staged.cache_len + tree.position_ids
+        _step(ref, staged, rng.integers(0, 64, tree.num_nodes), pos, tree.attn_mask, np.array(path), path[-1])
+    assert staged.kinds == ["single"] * 5
+    assert [plan.backbone.profiles[p].name for p, _, _ in staged.calls] == ["prefill"] + ["verify"] * 4
+
+
+def test_a_long_prompt_runs_in_chunks_and_matches():
+    ref, staged, plan = _pair()
+    n = 30  # > max_prompt 12: chunks of 6, 12, 12
+    ids = np.random.default_rng(2).integers(0, 64, n)
+    _step(ref, staged, ids, np.arange(n), np.tril(np.ones((n, n), dtype=bool)), np.arange(n), 17)
+    assert staged.kinds == ["chunked"] and [c[1:] for c in staged.calls] == [(0, 6), (6, 12), (18, 12)]
+
+
+def test_tree_steps_at_the_end_of_the_context_run_node_by_node_and_match():
+    ref, staged, plan = _pair()
+    rng = np.random.default_rng(3)
+    tree = load_tree("cpu_8")
+    n = 45 - tree.num_nodes + 1  # cache of 37: the verify profile reaches 48 - 12 = 36 only
+    _step(ref, staged, rng.integers(0, 64, n), np.arange(n), np.tril(np.ones((n, n), dtype=bool)), np.arange(n), 0)
+    ids = rng.integers(0, 64, tree.num_nodes)
+    _step(ref, staged, ids, staged.cache_len + tree.position_ids, tree.attn_mask, np.array([0, 2, 5]), 5)
+    assert staged.kinds[-1] == "nodes"
+    assert all(plan.backbone.profiles[p].name == "decode" for p, _, _ in staged.calls[-tree.num_nodes :])
+
+
+def test_greedy_decoding_to_the_end_of_the_context_matches_and_is_lossless():
+    ref, staged, _ = _pair(max_context=48)
+    tree = load_tree("cpu_8", num_heads=4)
+    prompt = list(np.random.default_rng(4).integers(0, 64, 20))  # > max_prompt: chunked
+    cfg = DecodeConfig(max_new_tokens=100, temperature=0.0)
+    want = decode(ref, prompt, cfg, tree)
+    got = decode(staged, prompt, cfg, tree)
+    assert got.tokens == want.tokens and got.stats.finish_reason == "context"
+    plain = decode(staged, prompt, DecodeConfig(max_new_tokens=100, medusa=False), tree)
+    assert plain.tokens == got.tokens  # Medusa greedy == plain greedy
+    assert {"chunked", "single", "nodes"} <= set(staged.kinds)  # every schedule took part
+
+
+def test_backend_errors():
+    _, staged, _ = _pair()
+    with pytest.raises(RuntimeError, match="commit\\(\\) without a forward"):
+        staged.commit([0])
+    with pytest.raises(RuntimeError, match="head_logits\\(\\) before any forward"):
+        staged.head_logits(0)
+    with pytest.raises(MedusaError, match=r"tree_mask \(2, 2\); expected \[n\], \[n\], \[n, n\]"):
+        staged.forward([1, 2, 3], [0, 1, 2], np.ones((2, 2), dtype=bool))
+    with pytest.raises(MedusaError, match="exceed the cache capacity of 48 tokens"):
+        staged.forward(np.zeros(49, dtype=np.int64), np.arange(49), np.tril(np.ones((49, 49), dtype=bool)))
+    staged.forward([1, 2], [0, 1], np.tril(np.ones((2, 2), dtype=bool)))
+    with pytest.raises(MedusaError, match=r"indices must lie in \[0, 2\)"):
+        staged.commit([0, 2])
+    with pytest.raises(MedusaError, match=r"head_logits\(5\): the last forward had 2 tokens"):
+        staged.head_logits(5)
+    staged.commit([0, 1])
+    staged.reset()
+    assert staged.cache_len == 0
+
+
+# ---------------------------------------------------------------------------- without tensorrt
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+
+
+def test_backend_without_tensorrt_gives_one_clear_error(tmp_path, no_tensorrt):
+    folder = write_fake_artifact(tmp_path / "art", fake_config())
+    with pytest.raises(BackendUnavailableError) as err:
+        TensorRTBackend.from_artifact(folder)
+    msg = str(err.value)
+    assert msg.startswith("TensorRT is not installed") and "pip install tensorrt" in msg and "\n" not in msg
+
+
+def test_old_tensorrt_and_missing_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
+    with pytest.raises(BackendUnavailableError, match="TensorRT 8.6.1 is too old: medusa-trt needs >= 10.0"):
+        require_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.8.0.43"))
+    assert require_tensorrt().__version__ == "10.8.0.43"
+    monkeypatch.setattr(trt_backend, "cuda_device_count", lambda: 0)
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU is visible"):
+        TensorRTBackend.from_artifact("anywhere")
+
+
+def test_cuda_device_count_is_a_number():
+    assert trt_backend.cuda_device_count() >= 0  # 0 on machines without an NVIDIA driver
