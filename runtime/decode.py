@@ -232,6 +232,8 @@ def decode_steps(
 
     while True:
         done = _emit(out, emitted, cfg, stats, decode_text)
+        if stats.steps:  # a step, not the prefill: count the tokens it emitted (after any stop trims them)
+            stats.accept_hist[len(emitted)] = stats.accept_hist.get(len(emitted), 0) + 1
         clock.lap("other")
         stats.total_s = clock.t - start
         yield StepEvent(list(emitted), stats)
@@ -249,7 +251,6 @@ def decode_steps(
                 heads = backend.head_logits(0)
                 clock.lap("heads")
         stats.steps += 1
-        stats.accept_hist[len(emitted)] = stats.accept_hist.get(len(emitted), 0) + 1
 
 
 def _medusa_step(backend, root, heads, tree, cfg, rng, clock):
@@ -326,9 +327,10 @@ def _emit(out: list[int], emitted: list[int], cfg: DecodeConfig, stats: DecodeSt
             continue
         del emitted[i + 1 :]
         break
-    if cfg.stop_strings and decode_text is not None and not stats.finish_reason:
+    if cfg.stop_strings and decode_text is not None:
+        # A stop string that ends before an EOS (or the length cut) in the same step wins.
         cut = _stop_string_cut(out, emitted, cfg.stop_strings, decode_text)
-        if cut is not None:
+        if cut is not None and (not stats.finish_reason or cut < len(out)):
             drop = len(out) - cut
             del out[cut:]
             del emitted[len(emitted) - drop :]
