@@ -1,0 +1,40 @@
+"""The runtime is torch-free: importing it (in a fresh interpreter) loads no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+RUNTIME_MODULES = ["runtime", "runtime.decode", "runtime.tree", "runtime.backend", "runtime.artifact", "tree_configs"]
+HEAVY = ["torch", "transformers", "onnxruntime", "tensorrt"]
+
+
+def _imported_after(modules: list[str], repo_root) -> dict:
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        "from runtime.tree import load_tree\n"
+        "load_tree('mc_sim_7b_63')\n"  # building buffers is numpy only, too
+        f"print(json.dumps({{h: h in sys.modules for h in {HEAVY!r}}}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_runtime_imports_no_torch(repo_root):
+    loaded = _imported_after(RUNTIME_MODULES, repo_root)
+    assert not any(loaded.values()), f"importing the runtime loaded {[h for h, v in loaded.items() if v]}"
+
+
+def test_the_probe_detects_torch(repo_root):
+    """The check above can fail: importing the PyTorch backend does load torch."""
+    pytest.importorskip("torch")
+    assert _imported_after(["runtime.torch_backend"], repo_root)["torch"] is False  # torch is lazy here too
+    assert _imported_after(["exporter.heads"], repo_root)["torch"] is True
