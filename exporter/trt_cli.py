@@ -1,0 +1,445 @@
+"""``medusa-export trtexec`` and ``medusa-export build-engine``: TensorRT recipes from one plan.
+
+``trtexec ARTIFACT`` writes, next to the artifact's ONNX files:
+
+    trt_plan.json         the plan (profiles, engine names); the TensorRT backend reads it
+    trtexec.sh            the exact trtexec commands that build model.engine and heads.engine
+    polygraphy_check.sh   polygraphy run --onnxrt --trt, one comparison per profile
+    trt_check_data.py     the Polygraphy data loaders those comparisons feed
+
+and prints the profiles and the commands. ``build-engine ARTIFACT`` builds the same engines
+through the TensorRT Python API (:mod:`exporter.trt_build`).
+
+The command builders are pure functions of the plan, and :func:`parse_trtexec` /
+:func:`parse_polygraphy` read a command line back (as trtexec and Polygraphy read it),
+so tests check the commands against the plan without either tool installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporter.trt_plan import (
+    DECODE,
+    NEW,
+    PAST,
+    PLAN_FILE,
+    PREFILL,
+    VERIFY,
+    BuildPlan,
+    Graph,
+    Limits,
+    PlanError,
+    make_plan,
+    resolve_tree,
+)
+from runtime.errors import MedusaError
+
+TRTEXEC_SCRIPT = "trtexec.sh"
+POLYGRAPHY_SCRIPT = "polygraphy_check.sh"
+DATA_SCRIPT = "trt_check_data.py"
+# Polygraphy tolerances per artifact dtype: starting points, the decisive check is greedy equality
+TOLERANCES = {"float32": (1e-3, 1e-3), "float16": (1e-1, 5e-2)}
+
+Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def _graph(plan: BuildPlan, which: str) -> Graph:
+    if which not in ("backbone", "heads"):
+        raise PlanError(f"unknown graph {which!r}: use backbone or heads")
+    return plan.backbone if which == "backbone" else plan.heads
+
+
+def _path(root: str | Path, name: str) -> str:
+    return str(Path(root) / name)
+
+
+# ---------------------------------------------------------------------------- trtexec
+
+
+def _trtexec_shapes(shapes: Shapes, which: int) -> str:
+    # trtexec: name:AxBxC pairs joined by commas (it splits a pair on the last ':')
+    return ",".join(f"{name}:{'x'.join(str(d) for d in s[which])}" for name, s in shapes.items())
+
+
+def trtexec_command(plan: BuildPlan, which: str = "backbone", root: str | Path = ".", trtexec: str = "trtexec") -> list[str]:
+    """The trtexec command that builds ``which`` (backbone or heads) under ``plan``.
+
+    Several profiles use trtexec's ``--profile=i`` followed *immediately* by that profile's
+    ``--minShapes/--optShapes/--maxShapes`` (TensorRT >= 10.0; repeated shape flags without
+    ``--profile`` are refused). ``--stronglyTyped`` makes TensorRT 10 take every precision
+    from the ONNX file; TensorRT 11 is always strongly typed and accepts the flag as a no-op.
+    """
+    graph = _graph(plan, which)
+    cmd = [trtexec, f"--onnx={_path(root, graph.onnx)}", f"--saveEngine={_path(root, graph.engine)}", "--stronglyTyped"]
+    for i, profile in enumerate(graph.profiles):
+        shapes = graph.shapes(profile)
+        cmd += [
+            f"--profile={i}",
+            f"--minShapes={_trtexec_shapes(shapes, 0)}",
+            f"--optShapes={_trtexec_shapes(shapes, 1)}",
+            f"--maxShapes={_trtexec_shapes(shapes, 2)}",
+        ]
+    cmd += [f"--timingCacheFile={_path(root, plan.timing_cache)}", f"--memPoolSize=workspace:{plan.workspace_mib}M"]
+    if not plan.tf32:
+        cmd.append("--noTF32")  # trtexec enables TF32 by default; Polygraphy and our builder do not
+    cmd.append("--skipInference")
+    return cmd
+
+
+@dataclass
+class TrtexecCommand:
+    onnx: str = ""
+    save_engine: str = ""
+    profiles: list[Shapes] = field(default_factory=list)
+    timing_cache: str = ""
+    mem_pool: dict[str, str] = field(default_factory=dict)
+    flags: set[str] = field(default_factory=set)
+
+
+def _shape_list(text: str, sep: str) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for pair in text.split(","):
+        name, _, dims = pair.rpartition(":")
+        if not name:
+            raise PlanError(f"shape spec {pair!r} has no tensor name")
+        out[name] = tuple(int(d) for d in dims.split(sep))
+    return out
+
+
+def parse_trtexec(command: str | list[str]) -> TrtexecCommand:
+    """Read a trtexec command line the way trtexec does (``--profile`` blocks included)."""
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    parsed = TrtexecCommand()
+    args = [(a.partition("=")[0], a.partition("=")[2]) for a in argv[1:]]
+    i = 0
+    while i < len(args):
+        key, value = args[i]
+        if key == "--profile":
+            index = int(value)
+            if index != len(parsed.profiles):
+                raise PlanError(f"--profile={index} out of order: expected --profile={len(parsed.profiles)}")
+            block = dict(args[i + 1 : i + 4])
+            if sorted(k for k, _ in args[i + 1 : i + 4]) != ["--maxShapes", "--minShapes", "--optShapes"]:
+                raise PlanError(f"--profile={index} must be followed directly by --minShapes, --optShapes and --maxShapes")
+            mins, opts, maxs = (_shape_list(block[k], "x") for k in ("--minShapes", "--optShapes", "--maxShapes"))
+            if not (mins.keys() == opts.keys() == maxs.keys()):
+                raise PlanError(f"--profile={index}: min/opt/max shapes name different tensors")
+            parsed.profiles.append({n: (mins[n], opts[n], maxs[n]) for n in mins})
+            i += 4
+            continue
+        if key in ("--minShapes", "--optShapes", "--maxShapes"):
+            raise PlanError(f"{key} outside a --profile block (trtexec refuses several profiles without --profile)")
+        if key == "--onnx":
+            parsed.onnx = value
+        elif key == "--saveEngine":
+            parsed.save_engine = value
+        elif key == "--timingCacheFile":
+            parsed.timing_cache = value
+        elif key == "--memPoolSize":
+            parsed.mem_pool.update(p.split(":", 1) for p in value.split(","))
+        elif value:
+            raise PlanError(f"unexpected trtexec option {key}={value}")
+        else:
+            parsed.flags.add(key)
+        i += 1
+    return parsed
+
+
+# ---------------------------------------------------------------------------- polygraphy
+
+
+def _polygraphy_shapes(shapes: Shapes, which: int) -> list[str]:
+    return [f"{name}:[{','.join(str(d) for d in s[which])}]" for name, s in shapes.items()]
+
+
+def polygraphy_command(
+    plan: BuildPlan, which: str = "backbone", profile: str | None = None, root: str | Path = "."
+) -> list[str]:
+    """``polygraphy run --onnxrt --trt`` comparing ONNX Runtime and TensorRT on one profile.
+
+    Every profile of the graph is declared (repeated ``--trt-*-shapes``, one set per profile,
+    so the engine equals the trtexec one); ``--optimization-profile`` picks the one the
+    data loader ``trt_check_data.py:load_<profile>`` feeds.
+    """
+    graph = _graph(plan, which)
+    name = profile or graph.profiles[0].name
+    index = graph.profile_index(name)
+    atol, rtol = TOLERANCES[plan.dtype]
+    cmd = ["polygraphy", "run", _path(root, graph.onnx), "--onnxrt", "--trt", "--strongly-typed"]
+    for p in graph.profiles:  # Polygraphy pairs the n-th min, opt and max sets into profile n
+        shapes = graph.shapes(p)
+        cmd += ["--trt-min-shapes", *_polygraphy_shapes(shapes, 0)]
+        cmd += ["--trt-opt-shapes", *_polygraphy_shapes(shapes, 1)]
+        cmd += ["--trt-max-shapes", *_polygraphy_shapes(shapes, 2)]
+    cache = _path(root, plan.timing_cache)
+    cmd += [
+        "--optimization-profile", str(index),
+        "--data-loader-script", f"{_path(root, DATA_SCRIPT)}:load_{name}",
+        "--load-timing-cache", cache,
+        "--save-timing-cache", cache,
+        "--pool-limit", f"workspace:{plan.workspace_mib}M",
+    ]  # fmt: skip
+    if plan.tf32:
+        cmd.append("--tf32")
+    cmd += ["--atol", f"{atol:g}", "--rtol", f"{rtol:g}"]
+    return cmd
+
+
+@dataclass
+class PolygraphyCommand:
+    model: str = ""
+    runners: list[str] = field(default_factory=list)
+    profiles: list[Shapes] = field(default_factory=list)
+    options: dict[str, list[str]] = field(default_factory=dict)
+    flags: set[str] = field(default_factory=set)
+
+
+_POLY_RUNNERS = ("--onnxrt", "--trt")
+_POLY_FLAGS = ("--strongly-typed", "--tf32")
+
+
+def parse_polygraphy(command: str | list[str]) -> PolygraphyCommand:
+    """Read a ``polygraphy run`` command: profiles pair the n-th min/opt/max shape sets."""
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    if argv[:2] != ["polygraphy", "run"] or len(argv) < 3:
+        raise PlanError(f"not a 'polygraphy run MODEL ...' command: {argv[:3]}")
+    parsed = PolygraphyCommand(model=argv[2])
+    shape_sets: dict[str, list[dict[str, tuple[int, ...]]]] = {"min": [], "opt": [], "max": []}
+    i = 3
+    while i < len(argv):
+        key = argv[i]
+        values = []
+        i += 1
+        while i < len(argv) and not argv[i].startswith("--"):
+            values.append(argv[i])
+            i += 1
+        if key in _POLY_RUNNERS:
+            parsed.runners.append(key[2:])
+        elif key in _POLY_FLAGS:
+            parsed.flags.add(key)
+        elif key in ("--trt-min-shapes", "--trt-opt-shapes", "--trt-max-shapes"):
+            sets = {}
+            for v in values:
+                tensor, _, dims = v.rpartition(":")
+                sets[tensor] = tuple(int(d) for d in dims.strip("[]").split(",") if d != "")
+            shape_sets[key[len("--trt-") :].split("-")[0]].append(sets)
+        elif values:
+            parsed.options.setdefault(key, []).extend(values)
+        else:
+            raise PlanError(f"polygraphy option {key} without a value")
+    if not len(shape_sets["min"]) == len(shape_sets["opt"]) == len(shape_sets["max"]):
+        raise PlanError("polygraphy command: unequal numbers of --trt-min/opt/max-shapes sets")
+    for mins, opts, maxs in zip(shape_sets["min"], shape_sets["opt"], shape_sets["max"]):
+        if not (mins.keys() == opts.keys() == maxs.keys()):
+            raise PlanError("polygraphy command: min/opt/max shape sets of one profile name different tensors")
+        parsed.profiles.append({n: (mins[n], opts[n], maxs[n]) for n in mins})
+    return parsed
+
+
+# ---------------------------------------------------------------------------- data loaders
+
+
+_DATA_TEMPLATE = '''"""Polygraphy data loaders for {backbone} and {heads}, written by medusa-export trtexec.
+
+One function per TensorRT profile of trt_plan.json; every feed's shapes lie inside that
+profile. The cache is random (both runners get the same feed). numpy only.
+"""
+
+import numpy as np
+
+DTYPE = np.{dtype}
+LAYERS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB = {layers}, {kv_heads}, {head_dim}, {hidden}, {vocab}
+PREFILL_TOKENS = {prefill_tokens}  # prefill opt new_tokens, on an empty cache
+VERIFY_PAST, DECODE_PAST = {verify_past}, {decode_past}  # opt past_sequence of verify / decode
+TREE = {tree!r}
+TREE_MASK = {tree_mask}  # [nodes, nodes], root first
+TREE_DEPTH = {tree_depth}
+
+
+def _feed(rng, past, mask, positions):
+    n = len(positions)
+    feed = {{
+        "input_ids": rng.integers(0, VOCAB, size=(1, n), dtype=np.int64),
+        "position_ids": np.asarray(positions, dtype=np.int64)[None],
+        "tree_mask": np.asarray(mask, dtype=bool)[None],
+    }}
+    for i in range(LAYERS):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{{i}}.{{kv}}"] = rng.standard_normal((1, past, KV_HEADS, HEAD_DIM)).astype(DTYPE)
+    return feed
+
+
+def load_{prefill}():
+    n = PREFILL_TOKENS
+    yield _feed(np.random.default_rng(0), 0, np.tril(np.ones((n, n), dtype=bool)), np.arange(n))
+
+
+def load_{verify}():
+    yield _feed(np.random.default_rng(1), VERIFY_PAST, TREE_MASK, VERIFY_PAST + np.asarray(TREE_DEPTH))
+
+
+def load_{decode}():
+    yield _feed(np.random.default_rng(2), DECODE_PAST, [[True]], [DECODE_PAST])
+
+
+def load_heads():
+    yield {{"hidden_states": np.random.default_rng(3).standard_normal((1, HIDDEN)).astype(DTYPE)}}
+'''
+
+
+def data_loader_script(plan: BuildPlan, tree) -> str:
+    """The text of ``trt_check_data.py`` for ``plan``; ``tree``: the runtime Tree of the verify opt."""
+    if tree.num_nodes != plan.tree_nodes:
+        raise PlanError(f"tree {tree.name!r} has {tree.num_nodes} nodes but the plan was made for {plan.tree_nodes}")
+    return _DATA_TEMPLATE.format(
+        backbone=plan.backbone.onnx,
+        heads=plan.heads.onnx,
+        dtype=plan.dtype,
+        layers=plan.num_layers,
+        kv_heads=plan.num_kv_heads,
+        head_dim=plan.head_dim,
+        hidden=plan.hidden_size,
+        vocab=plan.vocab_size,
+        prefill_tokens=plan.profile(PREFILL).axes[NEW].opt,
+        verify_past=plan.profile(VERIFY).axes[PAST].opt,
+        decode_past=plan.profile(DECODE).axes[PAST].opt,
+        tree=tree.name,
+        tree_mask=json.dumps(tree.attn_mask.astype(int).tolist()),
+        tree_depth=json.dumps(tree.position_ids.tolist()),
+        prefill=PREFILL,
+        verify=VERIFY,
+        decode=DECODE,
+    )
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def profile_table(plan: BuildPlan) -> str:
+    """The backbone and heads profiles as a Markdown table (printed, and used in docs)."""
+    rows = ["| graph | profile | batch | new_tokens (min/opt/max) | past_sequence (min/opt/max) |", "| --- | --- | --- | --- | --- |"]
+    for graph in (plan.backbone, plan.heads):
+        for i, p in enumerate(graph.profiles):
+            cells = ["/".join(map(str, p.axes[a])) if a in p.axes else "-" for a in ("batch", NEW, PAST)]
+            rows.append(f"| {graph.onnx} | {i} {p.name} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def script_text(commands: list[list[str]], header: str) -> str:
+    lines = ["#!/usr/bin/env bash", f"# {header}", "# Written by medusa-export from trt_plan.json; run from anywhere.",
+             "set -euo pipefail", 'cd "$(dirname "$0")"']  # fmt: skip
+    return "\n".join(lines + [shlex.join(c) for c in commands]) + "\n"
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _limits_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    d = Limits()
+    p = argparse.ArgumentParser(prog=f"medusa-export {prog}", description=description)
+    p.add_argument("artifact", help="artifact folder written by medusa-export (holds medusa_config.json)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest batch the engine takes (default %(default)s)")
+    p.add_argument("--max-context", type=int, default=d.max_context, help="cache + new tokens (default: the artifact's context)")
+    p.add_argument("--max-prompt", type=int, default=d.max_prompt, help="prefill chunk; longer prompts take several engine calls (default: min(512, max_context // 2))")
+    p.add_argument("--opt-prompt", type=int, default=d.opt_prompt, help="typical prompt chunk, the prefill opt (default %(default)s)")
+    p.add_argument("--max-tree-nodes", type=int, default=d.max_tree_nodes, help="largest tree, root included (default: max(64, the tree's size))")
+    p.add_argument("--tree", default=d.tree, help="tree whose size is the verify opt (default: the artifact's default tree)")
+    p.add_argument("--opt-context", type=int, default=d.opt_context, help="typical cache length, the verify/decode opt (default %(default)s)")
+    p.add_argument("--workspace-mib", type=int, default=d.workspace_mib, help="builder workspace pool in MiB (default %(default)s)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (faster, ~1e-3 relative error)")
+    return p
+
+
+def _limits(args) -> Limits:
+    return Limits(
+        max_batch=args.max_batch, max_context=args.max_context, max_prompt=args.max_prompt, opt_prompt=args.opt_prompt,
+        max_tree_nodes=args.max_tree_nodes, tree=args.tree, opt_context=args.opt_context,
+        workspace_mib=args.workspace_mib, tf32=args.tf32,
+    )  # fmt: skip
+
+
+def _load(args):
+    from runtime.artifact import read_artifact
+
+    cfg = read_artifact(args.artifact)
+    return cfg, make_plan(cfg, _limits(args))
+
+
+def write_recipes(folder: str | Path, plan: BuildPlan, tree, script: str | Path | None = None, trtexec: str = "trtexec") -> dict[str, Path]:
+    """Write the plan, trtexec.sh, polygraphy_check.sh and trt_check_data.py; return their paths."""
+    folder = Path(folder)
+    build = [trtexec_command(plan, "backbone", trtexec=trtexec), trtexec_command(plan, "heads", trtexec=trtexec)]
+    checks = [polygraphy_command(plan, "backbone", p.name) for p in plan.backbone.profiles]
+    checks.append(polygraphy_command(plan, "heads"))
+    paths = {
+        "plan": plan.write(folder),
+        "trtexec": Path(script) if script else folder / TRTEXEC_SCRIPT,
+        "polygraphy": folder / POLYGRAPHY_SCRIPT,
+        "data": folder / DATA_SCRIPT,
+    }
+    paths["trtexec"].write_text(script_text(build, "Build the TensorRT engines (TensorRT >= 10.0)."))
+    paths["polygraphy"].write_text(script_text(checks, "Compare TensorRT with ONNX Runtime on every profile."))
+    paths["data"].write_text(data_loader_script(plan, tree))
+    for key in ("trtexec", "polygraphy"):
+        paths[key].chmod(0o755)
+    return paths
+
+
+def _cmd_trtexec(argv: list[str]) -> int:
+    p = _limits_parser("trtexec", "Print and write the trtexec / polygraphy commands for an artifact.")
+    p.add_argument("--write", metavar="FILE", help=f"where to write the trtexec script (default ARTIFACT/{TRTEXEC_SCRIPT})")
+    p.add_argument("--trtexec", default="trtexec", help="trtexec executable (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
+    args = p.parse_args(argv)
+    cfg, plan = _load(args)
+    tree = resolve_tree(cfg, args.tree)
+    paths = write_recipes(args.artifact, plan, tree, script=args.write, trtexec=args.trtexec)
+    print(plan.to_json() if args.json else profile_table(plan))
+    print(f"\n# build the engines (also in {paths['trtexec']}):")
+    for which in ("backbone", "heads"):
+        print(shlex.join(trtexec_command(plan, which, root=args.artifact, trtexec=args.trtexec)))
+    print(f"\n# compare TensorRT with ONNX Runtime (also in {paths['polygraphy']}):")
+    for p_ in plan.backbone.profiles:
+        print(shlex.join(polygraphy_command(plan, "backbone", p_.name, root=args.artifact)))
+    print(shlex.join(polygraphy_command(plan, "heads", root=args.artifact)))
+    print(f"\nwrote {paths['plan']}, {paths['trtexec']}, {paths['polygraphy']}, {paths['data']}")
+    return 0
+
+
+def _cmd_build(argv: list[str]) -> int:
+    p = _limits_parser("build-engine", "Build the TensorRT engines of an artifact with the TensorRT Python API.")
+    p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    args = p.parse_args(argv)
+    from exporter.trt_build import build_engines
+
+    cfg, plan = _load(args)
+    paths = build_engines(args.artifact, plan, cfg, verbose=args.verbose)
+    print(profile_table(plan))
+    print("built " + ", ".join(str(x) for x in paths))
+    return 0
+
+
+COMMANDS = {"trtexec": _cmd_trtexec, "build-engine": _cmd_build}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``argv[0]`` is the subcommand (``trtexec`` or ``build-engine``), as exporter/cli.py passes it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: medusa-export {{{','.join(COMMANDS)}}} ARTIFACT [options]", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except MedusaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""trtexec / polygraphy recipes: command lines parsed back and checked against the plan,
+the Polygraphy data loaders, and ``medusa-export trtexec|build-engine`` end to end."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from trt_fakes import fake_config, smollm2_config, write_fake_artifact
+
+from exporter import trt_cli
+from exporter.trt_cli import (
+    DATA_SCRIPT,
+    POLYGRAPHY_SCRIPT,
+    TRTEXEC_SCRIPT,
+    data_loader_script,
+    parse_polygraphy,
+    parse_trtexec,
+    polygraphy_command,
+    profile_table,
+    trtexec_command,
+)
+from exporter.trt_plan import NEW, PAST, PLAN_FILE, Limits, PlanError, make_plan, read_plan, resolve_tree
+
+
+def _shapes(graph):
+    return [graph.shapes(p) for p in graph.profiles]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    cfg = smollm2_config()
+    return cfg, make_plan(cfg, Limits(max_context=2048))
+
+
+# ---------------------------------------------------------------------------- trtexec
+
+
+@pytest.mark.parametrize("which", ["backbone", "heads"])
+def test_trtexec_command_matches_the_plan(smol, which):
+    _, plan = smol
+    graph = plan.backbone if which == "backbone" else plan.heads
+    cmd = trtexec_command(plan, which, root="/art dir")
+    parsed = parse_trtexec(shlex.join(cmd))  # through a shell line and back
+    assert parsed.onnx == f"/art dir/{graph.onnx}" and parsed.save_engine == f"/art dir/{graph.engine}"
+    assert parsed.profiles == _shapes(graph)
+    assert parsed.timing_cache == "/art dir/timing.cache"
+    assert parsed.mem_pool == {"workspace": "4096M"}
+    assert parsed.flags == {"--stronglyTyped", "--noTF32", "--skipInference"}
+    assert "--fp16" not in cmd  # precision comes from the ONNX file (strongly typed)
+
+
+def test_trtexec_profile_blocks_follow_trtexecs_rules(smol):
+    _, plan = smol
+    cmd = trtexec_command(plan)
+    starts = [i for i, a in enumerate(cmd) if a.startswith("--profile=")]
+    assert [cmd[i] for i in starts] == ["--profile=0", "--profile=1", "--profile=2"]
+    for i in starts:  # trtexec reads the three shape flags right behind --profile
+        assert [a.split("=")[0] for a in cmd[i + 1 : i + 4]] == ["--minShapes", "--optShapes", "--maxShapes"]
+    verify = parse_trtexec(cmd).profiles[1]
+    assert verify["tree_mask"] == ((1, 1, 1), (1, 9, 9), (1, 64, 64))
+    assert verify["past_key_values.0.key"] == ((1, 1, 3, 64), (1, 256, 3, 64), (1, 1984, 3, 64))
+    spec = next(a for a in cmd if a.startswith("--minShapes="))
+    assert "past_key_values.0.key:1x0x3x64" in spec  # the empty cache of the first prefill
+    tf32 = make_plan(smollm2_config(), Limits(max_context=2048, tf32=True, workspace_mib=512))
+    parsed = parse_trtexec(trtexec_command(tf32))
+    assert "--noTF32" not in parsed.flags and parsed.mem_pool == {"workspace": "512M"}
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("trtexec --onnx=m.onnx --minShapes=a:1 --optShapes=a:1 --maxShapes=a:1", "outside a --profile block"),
+        ("trtexec --profile=1 --minShapes=a:1 --optShapes=a:1 --maxShapes=a:1", "--profile=1 out of order"),
+        ("trtexec --profile=0 --minShapes=a:1 --maxShapes=a:1 --onnx=m.onnx", "followed directly by --minShapes"),
+        ("trtexec --profile=0 --minShapes=a:1 --optShapes=b:1 --maxShapes=a:1", "name different tensors"),
+        ("trtexec --fp16=yes", "unexpected trtexec option --fp16=yes"),
+    ],
+)
+def test_parse_trtexec_refuses_what_trtexec_refuses(line, match):
+    with pytest.raises(PlanError, match=match):
+        parse_trtexec(line)
+
+
+# ---------------------------------------------------------------------------- polygraphy
+
+
+@pytest.mark.parametrize("profile, index", [("prefill", 0), ("verify", 1), ("decode", 2)])
+def test_polygraphy_command_matches_the_plan(smol, profile, index):
+    _, plan = smol
+    parsed = parse_polygraphy(shlex.join(polygraphy_command(plan, "backbone", profile, root="art")))
+    assert parsed.model == "art/model.onnx" and parsed.runners == ["onnxrt", "trt"]
+    assert parsed.profiles == _shapes(plan.backbone)  # every profile declared, as in the engine
+    assert parsed.options["--optimization-profile"] == [str(index)]
+    assert parsed.options["--data-loader-script"] == [f"art/{DATA_SCRIPT}:load_{profile}"]
+    assert parsed.options["--load-timing-cache"] == parsed.options["--save-timing-cache"] == ["art/timing.cache"]
+    assert parsed.options["--pool-limit"] == ["workspace:4096M"]
+    assert parsed.options["--atol"] == ["0.1"] and parsed.options["--rtol"] == ["0.05"]  # float16 artifact
+    assert parsed.flags == {"--strongly-typed"}
+
+
+def test_polygraphy_heads_command(smol):
+    _, plan = smol
+    parsed = parse_polygraphy(polygraphy_command(plan, "heads"))
+    assert parsed.model == "heads.onnx"
+    assert parsed.profiles == [{"hidden_states": ((1, 576), (1, 576), (1, 576))}]
+    assert parsed.options["--data-loader-script"] == [f"{DATA_SCRIPT}:load_heads"]
+    with pytest.raises(PlanError, match="no profile named 'verify'"):
+        polygraphy_command(plan, "heads", "verify")
+
+
+def test_polygraphys_own_parser_reads_the_same_profiles(smol, tmp_path):
+    """``polygraphy run ... --gen-script`` parses the command with Polygraphy itself (no TensorRT needed)."""
+    pytest.importorskip("polygraphy")
+    exe = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
+    if exe is None:
+        pytest.skip("the polygraphy command is not on PATH")
+    _, plan = smol
+    out = tmp_path / "gen.py"
+    cmd = polygraphy_command(plan, "backbone", "verify", root=tmp_path) + ["--gen-script", str(out)]
+    subprocess.run([exe, *cmd[1:]], check=True, capture_output=True, timeout=60)
+    script = out.read_text()
+    block = re.search(r"^profiles = (\[.*?^\])", script, re.S | re.M).group(1)
+    from polygraphy.backend.trt import Profile
+
+    profiles = eval(block, {"Profile": Profile})  # noqa: S307  (Polygraphy's own generated code)
+    got = [{name: tuple(tuple(s) for s in shapes) for name, shapes in p.items()} for p in profiles]
+    assert got == _shapes(plan.backbone)
+    assert "TrtRunner(deserialize_engine, optimization_profile=1)" in script
+    assert f"name='load_verify'" in script and "strongly_typed=True" in script
+    assert "memory_pool_limits={trt.MemoryPoolType.WORKSPACE: 4294967296}" in script
+
+
+# ---------------------------------------------------------------------------- data loaders
+
+
+def _load_module(path: Path):
+    spec = importlib.util.spec_from_file_location("trt_check_data_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_data_loaders_feed_shapes_inside_their_profiles(tmp_path, dtype):
+    cfg = fake_config(layers=3, kv_heads=2, head_dim=4, hidden=8, vocab=50, max_context=128, dtype=dtype)
+    plan = make_plan(cfg, Limits(max_prompt=32, opt_prompt=20, opt_context=40))
+    tree = resolve_tree(cfg)
+    path = tmp_path / DATA_SCRIPT
+    path.write_text(data_loader_script(plan, tree))
+    data = _load_module(path)
+    for index, profile in enumerate(plan.backbone.profiles):
+        (feed,) = list(getattr(data, f"load_{profile.name}")())
+        assert list(feed) == list(plan.backbone.inputs)
+        n = feed["input_ids"].shape[1]
+        past = feed["past_key_values.0.key"].shape[1]
+        assert (n, past) == (profile.axes[NEW].opt, profile.axes[PAST].opt)  # the shapes TensorRT tuned for
+        for name, (lo, _, hi) in plan.backbone.shapes(profile).items():
+            assert all(a <= d <= b for a, d, b in zip(lo, feed[name].shape, hi)), (profile.name, name)
+        assert feed["input_ids"].dtype == np.int64 and feed["input_ids"].max() < 50
+        assert feed["tree_mask"].dtype == np.bool_
+        assert feed["past_key_values.2.value"].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(feed["position_ids"][0], past + np.arange(n) if profile.name != "verify" else past + tree.position_ids)
+    (verify,) = list(data.load_verify())
+    np.testing.assert_array_equal(verify["tree_mask"][0], tree.attn_mask)
+    (heads,) = list(data.load_heads())
+    assert heads["hidden_states"].shape == (1, 8) and heads["hidden_states"].dtype == np.dtype(dtype)
+    with pytest.raises(PlanError, match="has 5 nodes but the plan was made for 9"):
+        data_loader_script(plan, resolve_tree(cfg, "chain_4"))
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_profile_table(smol):
+    _, plan = smol
+    table = profile_table(plan)
+    assert "| model.onnx | 1 verify | 1/1/1 | 1/9/64 | 1/256/1984 |" in table
+    assert "| heads.onnx | 0 heads | 1/1/1 | - | - |" in table
+
+
+def test_cli_trtexec_writes_and_prints_the_recipes(tmp_path, capsys):
+    folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
+    assert trt_cli.main(["trtexec", str(folder), "--max-prompt", "64", "--opt-context", "100"]) == 0
+    out = capsys.readouterr().out
+    plan = read_plan(folder)
+    assert plan.profile("prefill").axes[NEW].max == 64 and plan.profile("verify").axes[PAST].opt == 100
+    script = (folder / TRTEXEC_SCRIPT).read_text().splitlines()
+    assert script[0] == "#!/usr/bin/env bash" and 'cd "$(dirname "$0")"' in script
+    build = [parse_trtexec(line) for line in script if line.startswith("trtexec ")]
+    assert [b.save_engine for b in build] == ["model.engine", "heads.engine"]
+    assert build[0].profiles == _shapes(plan.backbone) and build[1].profiles == _shapes(plan.heads)
+    checks = [parse_polygraphy(line) for line in (folder / POLYGRAPHY_SCRIPT).read_text().splitlines() if line.startswith("polygraphy ")]
+    assert [c.options["--data-loader-script"][0].split(":")[-1] for c in checks] == ["load_prefill", "load_verify", "load_decode", "load_heads"]
+    ast.parse((folder / DATA_SCRIPT).read_text())
+    # the printed commands name the artifact folder
+    printed = [line for line in out.splitlines() if line.startswith("trtexec ")]
+    assert parse_trtexec(printed[0]).onnx == str(folder / "model.onnx")
+    assert "| model.onnx | 0 prefill | 1/1/1 | 1/64/64 | 0/0/192 |" in out
+    assert (folder / TRTEXEC_SCRIPT).stat().st_mode & 0o111
+
+
+def test_cli_trtexec_write_elsewhere_and_json(tmp_path, capsys):
+    folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
+    target = tmp_path / "build.sh"
+    assert trt_cli.main(["trtexec", str(folder), "--write", str(target), "--json", "--trtexec", "/opt/trt/bin/trtexec"]) == 0
+    out = capsys.readouterr().out
+    assert '"format_version": 1' in out and (folder / PLAN_FILE).is_file()
+    assert target.read_text().count("/opt/trt/bin/trtexec --onnx=model.onnx") == 1
+    assert not (folder / TRTEXEC_SCRIPT).exists()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--max-context", "999"], r"max_context must lie in \[2, 256\].*got 999"),
+        (["--max-tree-nodes", "4"], r"max_tree_nodes 4 is smaller than tree 'cpu_8'"),
+        (["--tree", "nope"], r"unknown tree 'nope'"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, args, match):
+    folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
+    assert trt_cli.main(["trtexec", str(folder), *args]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err) and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_cli_missing_artifact_and_usage(tmp_path, capsys):
+    assert trt_cli.main(["trtexec", str(tmp_path / "nothing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert trt_cli.main(["frobnicate"]) == 2
+    assert "usage: medusa-export {trtexec,build-engine}" in capsys.readouterr().err
+
+
+def test_cli_build_engine_without_tensorrt(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
+    assert trt_cli.main(["build-engine", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: TensorRT is not installed") and err.count("\n") == 1
