@@ -321,3 +321,48 @@ def test_old_tensorrt_and_missing_gpu(monkeypatch):
 
 def test_cuda_device_count_is_a_number():
     assert trt_backend.cuda_device_count() >= 0  # 0 on machines without an NVIDIA driver
+
+
+# ---------------------------------------------------------------------------- a real exported graph
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_llama):
+    """A tiny random Llama + fresh heads exported by the project's exporter (about 10 s)."""
+    export = pytest.importorskip("exporter.export")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from exporter.heads import fresh_heads
+    from runtime.artifact import read_artifact
+
+    model = tiny_llama(seed=3, max_position_embeddings=96)
+    heads = fresh_heads(4, model.config.hidden_size, model.config.vocab_size, lm_head=model.lm_head)
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
+    folder = tmp_path_factory.mktemp("trt") / "artifact"
+    export.export_artifact(model, heads, folder, export.ExportOptions(tree="cpu_8", validate=False), tokenizer=tok)
+    return folder, read_artifact(folder)
+
+
+def test_orchestration_on_the_exported_graph_matches_the_onnxruntime_backend(exported):
+    """The staged backend, its engine calls confined to the plan's profiles, on the real
+    model.onnx: same tokens as the project's ONNX Runtime backend, chunked prefill and
+    node-by-node tree steps at the context end included; Medusa greedy == plain greedy."""
+    from runtime.onnxrt import OnnxRuntimeBackend
+    from trt_fakes import OrtEngine
+
+    folder, cfg = exported
+    plan = make_plan(cfg, Limits(max_prompt=16, opt_prompt=8, max_tree_nodes=20, opt_context=32))
+    staged = ToyStagedBackend(OrtEngine(folder, cfg), cfg.model, plan)
+    reference = OnnxRuntimeBackend(folder, cfg, device="cpu", threads=1)
+    tree = load_tree("cpu_8", num_heads=4)
+    prompt = list(np.random.default_rng(5).integers(3, 128, 37))  # > max_prompt: chunks 5 + 16 + 16
+    cfg_greedy = DecodeConfig(max_new_tokens=200, temperature=0.0)
+    want = decode(reference, prompt, cfg_greedy, tree)
+    got = decode(staged, prompt, cfg_greedy, tree)
+    # the cache fills up (96 positions); the last token needs no cache entry
+    assert got.tokens == want.tokens and got.stats.finish_reason == "context" and len(got.tokens) == 96 - 37 + 1
+    assert decode(staged, prompt, DecodeConfig(max_new_tokens=200, medusa=False), tree).tokens == got.tokens
+    assert {"chunked", "single", "nodes"} <= set(staged.kinds)
+    assert {plan.backbone.profiles[p].name for p, _, _ in staged.calls} == {"prefill", "verify", "decode"}

@@ -164,3 +164,28 @@ class ToyStagedBackend(StagedEngineBackend):
     def _run_heads(self, row, stored):
         source = self.buf["hidden_store"] if stored else self.buf["hidden_states"]
         return self.engine.medusa(source[row])
+
+
+class OrtEngine:
+    """An exported artifact's two graphs in ONNX Runtime, behind ToyEngine's interface."""
+
+    def __init__(self, folder, config: ArtifactConfig):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.dtype = np.float32 if config.dtype == "float32" else np.float16
+        self.backbone = ort.InferenceSession(str(Path(folder) / config.backbone.file), opts, providers=["CPUExecutionProvider"])
+        self.heads = ort.InferenceSession(str(Path(folder) / config.heads.file), opts, providers=["CPUExecutionProvider"])
+        self.layers = config.model.num_layers
+
+    def step(self, ids, pos, mask, past_k, past_v):
+        feed = {"input_ids": ids[None].astype(np.int64), "position_ids": pos[None].astype(np.int64), "tree_mask": mask[None]}
+        for i in range(self.layers):
+            feed[f"past_key_values.{i}.key"] = np.ascontiguousarray(past_k[i][None], dtype=self.dtype)
+            feed[f"past_key_values.{i}.value"] = np.ascontiguousarray(past_v[i][None], dtype=self.dtype)
+        logits, hidden, *presents = self.backbone.run(None, feed)
+        return logits[0], hidden[0], [p[0] for p in presents[0::2]], [p[0] for p in presents[1::2]]
+
+    def medusa(self, hidden_row):
+        return self.heads.run(None, {"hidden_states": hidden_row[None].astype(self.dtype)})[0][0]
