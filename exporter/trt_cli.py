@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except MedusaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"medusa-export: error: {e}", file=sys.stderr)
         return 1
 
 

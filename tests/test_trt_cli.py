@@ -230,7 +230,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, args, match
     folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
     assert trt_cli.main(["trtexec", str(folder), *args]) == 1
     err = capsys.readouterr().err
-    assert re.search(match, err) and err.startswith("error: ") and "Traceback" not in err
+    assert re.search(match, err) and err.startswith("medusa-export: error: ") and "Traceback" not in err
 
 
 def test_cli_missing_artifact_and_usage(tmp_path, capsys):
@@ -245,4 +245,4 @@ def test_cli_build_engine_without_tensorrt(tmp_path, capsys, monkeypatch):
     folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
     assert trt_cli.main(["build-engine", str(folder)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: TensorRT is not installed") and err.count("\n") == 1
+    assert err.startswith("medusa-export: error: TensorRT is not installed") and err.count("\n") == 1
