@@ -1,0 +1,236 @@
+"""Self-distillation: the backbone answers Alpaca prompts; its answers become the heads' data.
+
+Medusa heads learn to predict what the *backbone* will say, so the best training data is
+the backbone's own output (Medusa paper, Sec. 3.2.3). Greedy answers (temperature 0)
+match greedy Medusa decoding best.
+
+Output: one JSON record a line (``.jsonl``), in prompt order::
+
+    {"id": "alpaca-00042", "messages": [{"role": "user", ...}], "prompt_ids": [...],
+     "response_ids": [...], "response_text": "...", "finish": "eos" | "length",
+     "model": "smollm2-135m", "temperature": 0.0}
+
+Resume: every finished batch is appended to ``OUT.partial`` (flush + fsync); a restart
+skips the ids already there (a torn last line from a kill is dropped). The final file is
+written to ``OUT.tmp`` and renamed to ``OUT``, so ``OUT`` is either absent or complete.
+MT-Bench is evaluation data and is never accepted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from runtime.errors import MedusaError
+
+ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_5000.json"
+
+
+@dataclass
+class DistillConfig:
+    model: str = "smollm2-135m"
+    prompts: Path = ALPACA
+    out: Path = Path("runs/distill/smollm2_alpaca.jsonl")
+    num_prompts: int = 1000
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    batch_size: int = 16
+    seed: int = 0
+    threads: int | None = None
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def load_prompts(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """(id, user text) pairs from an Alpaca-style JSON list: instruction (+ blank line + input)."""
+    path = Path(path)
+    if "mt_bench" in path.name.lower():
+        raise MedusaError(f"{path}: MT-Bench is the evaluation set and must never be used to train heads")
+    if not path.is_file():
+        raise MedusaError(f"prompt file {path} does not exist (expected an Alpaca-style JSON list)")
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MedusaError(f"prompt file {path} is not valid JSON: {e}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r for r in rows):
+        raise MedusaError(f"prompt file {path}: expected a list of objects with 'instruction' (and optional 'input')")
+    out = []
+    for i, r in enumerate(rows[:limit] if limit else rows):
+        text = r["instruction"].strip()
+        if r.get("input", "").strip():
+            text += "\n\n" + r["input"].strip()
+        out.append((f"alpaca-{i:05d}", text))
+    return out
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def read_partial(path: Path) -> list[dict]:
+    """Records already in ``path``; a torn last line (killed mid-write) is cut off the file."""
+    if not path.exists():
+        return []
+    records, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # torn write: everything from here is dropped
+            if not line.endswith(b"\n"):
+                break
+            records.append(rec)
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return records
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a finished distillation file (``.jsonl``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedusaError(f"distilled data {path} does not exist (run `medusa-train distill` first)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MedusaError(f"{path}: line {n} is not valid JSON ({e})") from None
+            missing = {"id", "prompt_ids", "response_ids"} - rec.keys()
+            if missing:
+                raise MedusaError(f"{path}: line {n} lacks {sorted(missing)} (not a medusa-train distill file)")
+            out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def chat_prompt_ids(tokenizer, user_text: str) -> list[int]:
+    msgs = [{"role": "user", "content": user_text}]
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def generate_batch(model, prompt_ids: list[list[int]], pad_id: int, eos_ids: list[int], cfg: DistillConfig):
+    """Left-padded batched generation; per prompt (response ids incl. a final EOS, finish reason)."""
+    import torch
+
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at the same column
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    sample = cfg.temperature > 0
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+            temperature=cfg.temperature if sample else None, top_p=None, top_k=None,
+            pad_token_id=pad_id, eos_token_id=eos_ids,
+        )
+    results = []
+    for row in out[:, width:].tolist():
+        resp, finish = [], "length"
+        for t in row:
+            resp.append(t)
+            if t in eos_ids:
+                finish = "eos"
+                break
+        results.append((resp, finish))
+    return results
+
+
+def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | None = None,
+            backbone=None) -> list[dict]:
+    """Run (or resume) a distillation; returns the final records. ``backbone``: (model, tokenizer) to reuse."""
+    import torch
+    from tqdm import tqdm
+
+    from exporter.models import load_backbone
+
+    if cfg.num_prompts < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
+        raise MedusaError("num_prompts, max_new_tokens and batch_size must be at least 1")
+    if cfg.temperature < 0:
+        raise MedusaError(f"temperature must be >= 0, got {cfg.temperature}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    if len(prompts) < cfg.num_prompts:
+        raise MedusaError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than the {cfg.num_prompts} asked for")
+    model, tok = backbone if backbone is not None else load_backbone(cfg.model)[:2]
+    eos_ids = _eos_ids(model, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    done = {r["id"]: r for r in read_partial(partial)}
+    for r in done.values():
+        if (r.get("model"), r.get("temperature"), r.get("max_new_tokens")) != (cfg.model, cfg.temperature, cfg.max_new_tokens):
+            raise MedusaError(
+                f"{partial} was started with model={r.get('model')!r}, temperature={r.get('temperature')}, "
+                f"max_new_tokens={r.get('max_new_tokens')}; this run asks for model={cfg.model!r}, "
+                f"temperature={cfg.temperature}, max_new_tokens={cfg.max_new_tokens}: delete it or use the same options"
+            )
+    todo = [(pid, text, chat_prompt_ids(tok, text)) for pid, text in prompts if pid not in done]
+    # batches in prompt order: a run stopped early holds a prefix of the prompts, so rerunning
+    # with --num-prompts set to what is done finishes at once (generation length, not prompt
+    # length, dominates the cost, so sorting by prompt length would buy little)
+    batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    bar = tqdm(total=len(prompts), initial=len(done), desc="distill", unit="prompt", dynamic_ncols=True)
+    for b, batch in enumerate(batches):
+        results = generate_batch(model, [p for _, _, p in batch], pad_id, eos_ids, cfg)
+        records = [
+            {"id": pid, "messages": [{"role": "user", "content": text}], "prompt_ids": p, "response_ids": resp,
+             "response_text": tok.decode(resp, skip_special_tokens=True), "finish": finish,
+             "model": cfg.model, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
+            for (pid, text, p), (resp, finish) in zip(batch, results)
+        ]
+        _append(partial, records)
+        done.update({r["id"]: r for r in records})
+        bar.update(len(records))
+        if on_batch is not None:
+            on_batch(b, records)
+    bar.close()
+    final = [done[pid] for pid, _ in prompts]
+    write_atomic(out, final)
+    partial.unlink()
+    return final
+
+
+def _eos_ids(model, tok) -> list[int]:
+    gen = getattr(model, "generation_config", None)
+    eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else tok.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise MedusaError("the tokenizer and generation config name no EOS token: cannot tell where answers end")
+    return ids
