@@ -28,7 +28,6 @@ from exporter.trt_plan import (
     DECODE,
     NEW,
     PAST,
-    PLAN_FILE,
     PREFILL,
     VERIFY,
     BuildPlan,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.trt_plan import DECODE, NEW, PAST, BuildPlan, Graph, PlanError, read_plan, route
+from exporter.trt_plan import DECODE, BuildPlan, Graph, PlanError, read_plan, route
 from runtime.artifact import ArtifactConfig, ModelSpec
 from runtime.backend import Backend
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
