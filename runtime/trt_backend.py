@@ -217,10 +217,14 @@ class Buffer:
 
 @dataclass
 class BufferPlan:
+    """The backend's device memory: one arena, each buffer at a 256-byte aligned offset."""
+
     buffers: dict[str, Buffer]
     capacity: int  # cache positions the runtime uses
     stage_rows: int  # staged rows: a forward's new tokens, plus one (node-by-node forwards)
     scratch: int  # TensorRT activation memory shared by the execution contexts
+    offsets: dict[str, int] = field(default_factory=dict)  # byte offset of each buffer in the arena
+    arena_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -254,7 +258,11 @@ def plan_buffers(plan: BuildPlan, capacity: int | None = None, backbone: EngineD
         Buffer("heads_out", (1, plan.num_medusa_heads, plan.vocab_size), act),
     ]
     scratch = max(backbone.device_memory if backbone else 0, heads.device_memory if heads else 0)
-    return BufferPlan({x.name: x for x in b}, capacity=cap, stage_rows=stage_rows, scratch=scratch)
+    offsets, end = {}, 0
+    for x in b:  # one arena: alignment does not depend on the allocator
+        offsets[x.name] = end
+        end += -(-x.nbytes // ALIGN) * ALIGN
+    return BufferPlan({x.name: x for x in b}, cap, stage_rows, scratch, offsets, end)
 
 
 # ---------------------------------------------------------------------------- KV compaction
@@ -509,7 +517,9 @@ class TensorRTBackend(StagedEngineBackend):
     """Run ``model.engine`` / ``heads.engine`` of an artifact on one GPU (batch 1)."""
 
     @classmethod
-    def from_artifact(cls, folder: str | Path, config: ArtifactConfig | None = None, max_context: int | None = None):
+    def from_artifact(cls, folder: str | Path, config: ArtifactConfig | None = None, max_context: int | None = None,
+                      device: str = "cuda"):  # fmt: skip
+        """The backend for an artifact folder with a built engine; ``device``: a torch device (``cuda:1``)."""
         trt = require_tensorrt()
         require_gpu()
         torch = require_cuda_torch()
@@ -526,9 +536,9 @@ class TensorRTBackend(StagedEngineBackend):
                     f"or run {folder / 'trtexec.sh'}"
                 )
         cap = plan.max_context if max_context is None else min(max_context, plan.max_context)
-        return cls(trt, torch, folder, config.model, plan, cap)
+        return cls(trt, torch, folder, config.model, plan, cap, device)
 
-    def __init__(self, trt, torch, folder: Path, spec: ModelSpec, plan: BuildPlan, capacity: int):
+    def __init__(self, trt, torch, folder: Path, spec: ModelSpec, plan: BuildPlan, capacity: int, device: str = "cuda"):
         super().__init__(spec, plan, capacity)
         self.trt, self.torch = trt, torch
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -539,19 +549,26 @@ class TensorRTBackend(StagedEngineBackend):
         check_engine(desc, plan, "backbone", folder / plan.backbone.engine)
         check_engine(heads_desc, plan, "heads", folder / plan.heads.engine)
         self.layout = plan_buffers(plan, capacity, desc, heads_desc)
-        dev = torch.device("cuda")
-        self.buf = {
-            b.name: torch.empty(b.shape, dtype=getattr(torch, _TORCH_DTYPES.get(b.dtype, b.dtype)), device=dev)
-            for b in self.layout.buffers.values()
-        }
+        dev = self.device = torch.device(device)
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # TensorRT runs on the current device
+        # one allocation, every buffer at a 256-byte aligned offset from an aligned base
+        self.arena = torch.empty(self.layout.arena_bytes + ALIGN, dtype=torch.uint8, device=dev)
+        base = -self.arena.data_ptr() % ALIGN
+        self.buf = {}
+        for b in self.layout.buffers.values():
+            start = base + self.layout.offsets[b.name]
+            raw = self.arena[start : start + b.nbytes]
+            self.buf[b.name] = raw.view(getattr(torch, _TORCH_DTYPES.get(b.dtype, b.dtype))).view(b.shape)
         self.scratch = torch.empty(max(self.layout.scratch, 1), dtype=torch.uint8, device=dev)
         self.stream = torch.cuda.Stream()
         self.contexts = [self._context(self.engine, i) for i in range(desc.num_profiles)]
         self.heads_context = self._context(self.heads_engine, 0)
         self._bind_addresses()
-        host = torch.empty(self.layout.buffers["logits"].shape, dtype=self.buf["logits"].dtype, pin_memory=True)
+        pinned = dev.type == "cuda"  # page-locked host buffers: asynchronous device-to-host copies
+        host = torch.empty(self.layout.buffers["logits"].shape, dtype=self.buf["logits"].dtype, pin_memory=pinned)
         self._host_logits = host
-        self._host_heads = torch.empty(self.layout.buffers["heads_out"].shape, dtype=host.dtype, pin_memory=True)
+        self._host_heads = torch.empty(self.layout.buffers["heads_out"].shape, dtype=host.dtype, pin_memory=pinned)
         self.stream.synchronize()
 
     def _load(self, path: Path):

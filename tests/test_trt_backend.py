@@ -69,6 +69,14 @@ def test_every_layer_of_cache_and_staging_starts_aligned(kv_heads, head_dim, dty
     assert plan_buffers(plan).buffers["cache_k"].shape[1] >= ctx
 
 
+def test_buffers_sit_at_aligned_non_overlapping_offsets_of_one_arena():
+    layout = plan_buffers(make_plan(smollm2_config(dtype="float32"), Limits(max_context=1000, max_prompt=100)))
+    spans = sorted((layout.offsets[n], layout.offsets[n] + b.nbytes) for n, b in layout.buffers.items())
+    assert all(start % ALIGN == 0 for start, _ in spans)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    assert spans[-1][1] <= layout.arena_bytes < spans[-1][1] + ALIGN
+
+
 def test_buffer_capacity_bounds():
     plan = make_plan(fake_config(), Limits())
     assert plan_buffers(plan, capacity=20).capacity == 20
@@ -366,3 +374,77 @@ def test_orchestration_on_the_exported_graph_matches_the_onnxruntime_backend(exp
     assert decode(staged, prompt, DecodeConfig(max_new_tokens=200, medusa=False), tree).tokens == got.tokens
     assert {"chunked", "single", "nodes"} <= set(staged.kinds)
     assert {plan.backbone.profiles[p].name for p, _, _ in staged.calls} == {"prefill", "verify", "decode"}
+
+
+# ---------------------------------------------------------------------------- the TensorRT glue
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch CPU tensors stand in for CUDA ones: a no-op stream, a 'visible' GPU."""
+    import contextlib
+
+    import torch
+
+    class Stream:
+        cuda_stream = 0
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(trt_backend, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+def test_tensorrt_glue_on_a_stand_in_runtime_matches_the_reference(tmp_path, monkeypatch, fake_gpu):
+    """TensorRTBackend itself (addresses, shapes, profiles, copies) against a stand-in
+    ``tensorrt`` that runs the numpy engine on the tensors at the bound addresses."""
+    from trt_fakes import fake_tensorrt_runtime, write_fake_engines
+
+    cfg = fake_config(max_context=48)
+    plan = make_plan(cfg, Limits(max_prompt=12, max_tree_nodes=12))
+    folder = write_fake_artifact(tmp_path / "art", cfg)
+    write_fake_engines(folder, plan)
+    engine = ToyEngine(layers=2, kv_heads=1, head_dim=8, hidden=16, vocab=64, heads=4, seed=0)
+    log: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt_runtime(plan, engine, log))
+    backend = TensorRTBackend.from_artifact(folder, device="cpu")
+    ref = ReferenceBackend(engine, cfg.model, 48)
+    tree = load_tree("cpu_8", num_heads=4)
+    prompt = list(np.random.default_rng(4).integers(0, 64, 20))
+    greedy = DecodeConfig(max_new_tokens=100, temperature=0.0)
+    want = decode(ref, prompt, greedy, tree)
+    got = decode(backend, prompt, greedy, tree)
+    assert got.tokens == want.tokens and got.stats.finish_reason == "context"
+    n = backend.cache_len
+    np.testing.assert_allclose(backend.buf["cache_k"][:, :n].numpy(), ref.cache.keys[:, 0, :n], rtol=1e-5, atol=1e-5)
+    profiles = {(which, p) for which, p, _ in log["calls"]}
+    assert profiles == {("backbone", 0), ("backbone", 1), ("backbone", 2), ("heads", 0)}
+    first = log["calls"][0][2]  # the first prefill chunk: an empty cache
+    assert first["past_key_values.0.key"] == (1, 0, 1, 8) and first["tree_mask"] == (1, 8, 8)
+
+
+def test_tensorrt_glue_refuses_a_corrupt_or_foreign_engine(tmp_path, monkeypatch, fake_gpu):
+    from trt_fakes import fake_tensorrt_runtime, write_fake_engines
+
+    cfg = fake_config(max_context=48)
+    plan = make_plan(cfg, Limits(max_prompt=12, max_tree_nodes=12))
+    folder = write_fake_artifact(tmp_path / "art", cfg)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt_runtime(plan, ToyEngine(), {}))
+    with pytest.raises(MedusaError, match="has no trt_plan.json: build an engine first"):
+        TensorRTBackend.from_artifact(folder, device="cpu")
+    write_fake_engines(folder, plan)
+    (folder / "heads.engine").unlink()
+    with pytest.raises(ArtifactError, match="heads.engine is missing: build it with `medusa-export build-engine"):
+        TensorRTBackend.from_artifact(folder, device="cpu")
+    write_fake_engines(folder, plan)
+    (folder / "model.engine").write_text('{"which": "corrupt"}')
+    with pytest.raises(ArtifactError, match="could not load this engine"):
+        TensorRTBackend.from_artifact(folder, device="cpu")
+    other = make_plan(cfg, Limits(max_prompt=10, max_tree_nodes=12))  # the engine was built from another plan
+    write_fake_engines(folder, plan)
+    other.write(folder)
+    with pytest.raises(ArtifactError, match="model.engine was not built from this trt_plan.json"):
+        TensorRTBackend.from_artifact(folder, device="cpu")

@@ -189,3 +189,120 @@ class OrtEngine:
 
     def medusa(self, hidden_row):
         return self.heads.run(None, {"hidden_states": hidden_row[None].astype(self.dtype)})[0][0]
+
+
+# ---------------------------------------------------------------------------- a TensorRT runtime stand-in
+
+
+def fake_tensorrt_runtime(plan: BuildPlan, engine: ToyEngine, log: dict):
+    """A ``tensorrt`` module whose engines run ``engine`` through raw tensor addresses.
+
+    It enforces what TensorRT enforces at run time: every input shape inside the context's
+    active profile, every address set, 256-byte aligned, and reads/writes the tensors as
+    contiguous arrays at those addresses (host memory here: torch CPU tensors).
+    """
+    import ctypes
+    import types
+
+    from runtime.trt_backend import ALIGN, TRT_DTYPES, expected_description
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.8.0.43"
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="user")
+
+    def view(ptr, shape, dtype):
+        count = int(np.prod(shape, dtype=np.int64))
+        buf = (ctypes.c_char * max(1, count * np.dtype(dtype).itemsize)).from_address(ptr)
+        return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+    class Context:
+        def __init__(self, eng):
+            self.eng, self.addr, self.shapes, self.profile, self.memory = eng, {}, {}, None, None
+
+        def set_device_memory(self, ptr, size):
+            assert size >= self.eng.device_memory_size_v2
+            self.memory = ptr
+
+        def set_optimization_profile_async(self, index, stream):
+            self.profile = index
+
+        def set_tensor_address(self, name, ptr):
+            assert ptr % ALIGN == 0, f"{name}: address not {ALIGN}-byte aligned"
+            self.addr[name] = ptr
+            return name in self.eng.io
+
+        def set_input_shape(self, name, shape):
+            lo, _, hi = self.eng.io[name].profiles[self.profile]
+            if not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+                raise RuntimeError(f"{name}: shape {tuple(shape)} outside profile {self.profile} [{lo}, {hi}]")
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def execute_async_v3(self, stream):
+            assert self.memory is not None and set(self.addr) == set(self.eng.io)
+            log.setdefault("calls", []).append((self.eng.which, self.profile, dict(self.shapes)))
+            dt = {t.name: TRT_DTYPES[t.dtype][0] for t in self.eng.io.values()}
+            get = lambda name: view(self.addr[name], self.shapes[name], dt[name])  # noqa: E731
+            if self.eng.which == "heads":
+                out = engine.medusa(get("hidden_states")[0])
+                view(self.addr["medusa_logits"], (1, *out.shape), dt["medusa_logits"])[:] = out
+                return True
+            ids, pos, mask = get("input_ids")[0], get("position_ids")[0], get("tree_mask")[0]
+            n = len(ids)
+            pk = [get(f"past_key_values.{i}.key")[0] for i in range(plan.num_layers)]
+            pv = [get(f"past_key_values.{i}.value")[0] for i in range(plan.num_layers)]
+            logits, hidden, k, v = engine.step(ids, pos, mask, pk, pv)
+            view(self.addr["logits"], (1, n, plan.vocab_size), dt["logits"])[:] = logits
+            view(self.addr["hidden_states"], (1, n, plan.hidden_size), dt["hidden_states"])[:] = hidden
+            for i in range(plan.num_layers):
+                for name, x in ((f"present.{i}.key", k[i]), (f"present.{i}.value", v[i])):
+                    view(self.addr[name], (1, n, plan.num_kv_heads, plan.head_dim), dt[name])[:] = x
+            return True
+
+    class Engine:
+        def __init__(self, which):
+            self.which = which
+            desc = expected_description(plan, which)
+            self.io = {t.name: t for t in desc.tensors}
+            self.names = [t.name for t in desc.tensors]
+            self.num_optimization_profiles = desc.num_profiles
+            self.device_memory_size_v2 = 4096
+
+        num_io_tensors = property(lambda self: len(self.names))
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return self.io[name].mode
+
+        def get_tensor_dtype(self, name):
+            return types.SimpleNamespace(name=self.io[name].dtype)
+
+        def get_tensor_shape(self, name):
+            return self.io[name].shape
+
+        def get_tensor_profile_shape(self, name, p):
+            return self.io[name].profiles[p]
+
+        def create_execution_context(self, strategy):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            which = json.loads(data)["which"]
+            return None if which == "corrupt" else Engine(which)
+
+    trt.Runtime = Runtime
+    return trt
+
+
+def write_fake_engines(folder: Path, plan: BuildPlan) -> None:
+    plan.write(folder)
+    (folder / plan.backbone.engine).write_text(json.dumps({"which": "backbone"}))
+    (folder / plan.heads.engine).write_text(json.dumps({"which": "heads"}))
