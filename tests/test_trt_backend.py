@@ -448,3 +448,13 @@ def test_tensorrt_glue_refuses_a_corrupt_or_foreign_engine(tmp_path, monkeypatch
     other.write(folder)
     with pytest.raises(ArtifactError, match="model.engine was not built from this trt_plan.json"):
         TensorRTBackend.from_artifact(folder, device="cpu")
+
+
+def test_importing_the_tensorrt_modules_loads_nothing_heavy(repo_root):
+    import subprocess
+
+    code = ("import sys, runtime.trt_backend, exporter.trt_plan, exporter.trt_cli, exporter.trt_build\n"
+            "print([m for m in ('torch', 'tensorrt', 'onnxruntime', 'transformers') if m in sys.modules])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
