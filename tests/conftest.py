@@ -93,3 +93,32 @@ def hf_greedy(model, prompt_ids, max_new_tokens: int) -> list[int]:
             pad_token_id=0,
         )
     return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_export():
+    """Factory: ``tiny_export(out_dir, seed)`` exports a tiny random Llama whose vocabulary is the
+    real SmolLM2 tokenizer's (so chat templates, stop strings and streaming text are real) with
+    4 random (not identity) Medusa heads. Returns {artifact, model, heads, num_heads}."""
+
+    def factory(out_dir: Path, seed: int = 0, num_heads: int = 4, initializer_range: float = 0.3):
+        import torch
+
+        from exporter.export import ExportOptions, export_artifact
+        from exporter.heads import fresh_heads
+        from exporter.models import resolve_model
+        from transformers import AutoTokenizer
+
+        folder = resolve_model("smollm2-135m")  # tokenizer only (converted once per machine)
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        model = make_tiny_llama(seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+                                initializer_range=initializer_range)
+        heads = fresh_heads(num_heads, model.config.hidden_size, model.config.vocab_size)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 100)
+            for p in heads.parameters():
+                p.data.normal_(0.0, 0.02)
+        export_artifact(model, heads, out_dir, ExportOptions(validate=False), tokenizer=tok)
+        return {"artifact": Path(out_dir), "model": model, "heads": heads, "num_heads": num_heads}
+
+    return factory

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up, export the embedded SmolLM2-135M-Instruct with the
+# shipped Medusa heads to artifacts/smollm2-135m-medusa, generate with Medusa on ONNX Runtime,
+# and benchmark Medusa against plain decoding on a few MT-Bench prompts.
+#   bash scripts/main.sh                 # everything
+#   BENCH_LIMIT=80 bash scripts/main.sh  # the full MT-Bench first turns (~30 min on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ART=artifacts/smollm2-135m-medusa
+if [ ! -f "$ART/medusa_config.json" ]; then
+  medusa-export smollm2-135m -o "$ART"
+fi
+medusa-run generate "$ART" "Explain in three sentences why the sky is blue." --threads 2 --stats
+medusa-run bench "$ART" --prompts ../shared/data/mt_bench_question.jsonl --limit "${BENCH_LIMIT:-5}" \
+  --threads 2 --json "$ART/bench.json" --plot "$ART/bench.png"

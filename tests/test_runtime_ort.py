@@ -1,0 +1,219 @@
+"""ONNX Runtime backend and runtime.load(): lossless, reproducible, streaming, stops, errors.
+
+A tiny random Llama (real SmolLM2 tokenizer, so chat templates and stop strings are real)
+is exported once per module with the real exporter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import runtime  # noqa: E402
+from runtime.errors import ArtifactError, ContextLengthError, MedusaError  # noqa: E402
+
+PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_export):
+    # a small init makes the tiny model's text repetitive enough for the heads to be right
+    # often, so the lossless tests see many multi-token steps
+    return tiny_export(tmp_path_factory.mktemp("art") / "tiny", seed=3, initializer_range=0.15)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny):
+    return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+
+
+def _hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "chain_3", "cpu_8", [[0]]])
+def test_greedy_medusa_equals_plain_and_hf(gen, tiny, tree):
+    multi = 0  # steps that accepted candidates: without them this test would prove little
+    for text in PROMPTS:
+        ids = gen.encode([{"role": "user", "content": text}])
+        plain = gen.generate(ids, max_new_tokens=40, medusa=False)
+        med = gen.generate(ids, max_new_tokens=40, tree=tree)
+        assert med.tokens == plain.tokens
+        ref = _hf_greedy(tiny["model"], ids, 40)
+        assert plain.tokens == ref[: len(plain.tokens)]
+        assert med.stats.steps <= plain.stats.steps
+        multi += sum(v for k, v in med.stats.accept_hist.items() if k > 1)
+    assert multi > 0
+
+
+def test_onnxruntime_matches_torch_reference_backend(gen, tiny):
+    from runtime.decode import DecodeConfig, decode
+    from runtime.torch_backend import TorchBackend
+    from runtime.tree import load_tree
+
+    ref_backend = TorchBackend(tiny["model"], tiny["heads"])
+    tree = load_tree("mc_sim_7b_63")
+    ids = gen.encode(PROMPTS[0])
+    cfg = DecodeConfig(max_new_tokens=32, eos_token_ids=())
+    a = decode(gen.backend, ids, cfg, tree)
+    b = decode(ref_backend, ids, cfg, tree)
+    assert a.tokens == b.tokens
+    assert a.stats.accept_hist == b.stats.accept_hist
+    # the head proposals agree too (float heads graph vs torch heads)
+    assert np.argmax(gen.backend.head_logits(0), -1).shape == (tiny["num_heads"],)
+
+
+def test_no_torch_on_the_onnxruntime_path(tiny):
+    code = (
+        "import sys, runtime\n"
+        f"g = runtime.load({str(tiny['artifact'])!r}, backend='onnxruntime', threads=1)\n"
+        "g.generate('Hi', max_new_tokens=4)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_typical_acceptance_reproducible_under_seed(gen):
+    kw = dict(max_new_tokens=24, temperature=0.8, seed=11, tree="cpu_8")
+    a = gen.generate(PROMPTS[1], **kw)
+    b = gen.generate(PROMPTS[1], **kw)
+    c = gen.generate(PROMPTS[1], **{**kw, "seed": 12})
+    assert a.tokens == b.tokens
+    assert a.stats.accept_hist == b.stats.accept_hist
+    assert len(a.tokens) == 24 or a.stats.finish_reason == "eos"
+    assert c.tokens != a.tokens  # another seed samples another text (24 tokens at T=0.8)
+
+
+def test_streaming_equals_non_streaming(gen):
+    for tree in ("cpu_8", "chain_2"):
+        whole = gen.generate(PROMPTS[2], max_new_tokens=30, tree=tree)
+        chunks = list(gen.stream(PROMPTS[2], max_new_tokens=30, tree=tree))
+        assert [t for c in chunks for t in c.tokens] == whole.tokens
+        assert "".join(c.text for c in chunks) == whole.text
+        assert len(chunks) == whole.stats.steps + 1  # the prefill's token, then one chunk per step
+
+
+def test_stop_strings(gen):
+    full = gen.generate(PROMPTS[0], max_new_tokens=40, medusa=False)
+    # a stop string taken from the middle of the real output
+    stop = gen.tokenizer.decode(full.tokens[18:21]).strip()
+    assert stop, full.text
+    out = gen.generate(PROMPTS[0], max_new_tokens=40, stop=[stop])
+    assert out.stats.finish_reason == "stop_string"
+    assert stop in out.text
+    assert out.tokens == full.tokens[: len(out.tokens)]
+    # the last token completes the stop string: without it, the text does not contain it
+    assert stop not in gen.tokenizer.decode(out.tokens[:-1])
+
+
+def test_context_limit(tiny):
+    small = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, max_context=48)
+    ids = small.encode("one two three four five six seven eight nine ten " * 2)
+    assert len(ids) < 48
+    out = small.generate(ids, max_new_tokens=200, tree="mc_sim_7b_63")
+    plain = small.generate(ids, max_new_tokens=200, medusa=False)
+    assert out.stats.finish_reason == "context"
+    assert out.tokens == plain.tokens  # lossless up to the end of the context
+    assert len(ids) + len(out.tokens) == 48 + 1  # the last token needs no cache slot
+    too_long = list(range(5, 5 + 60))
+    with pytest.raises(ContextLengthError, match="60 tokens but the context holds 48"):
+        small.generate(too_long, max_new_tokens=4)
+
+
+def test_concurrent_callers_do_not_corrupt_each_other(gen):
+    import threading
+
+    expected = {p: gen.generate(p, max_new_tokens=20).tokens for p in PROMPTS}
+    results, errors = {}, []
+
+    def work(p):
+        try:
+            results[p] = gen.generate(p, max_new_tokens=20).tokens
+        except Exception as e:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in PROMPTS * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == expected
+
+
+def test_bad_prompts(gen):
+    with pytest.raises(MedusaError, match="empty"):
+        gen.generate("", max_new_tokens=4)
+    with pytest.raises(MedusaError, match="role"):
+        gen.generate([{"content": "no role"}], max_new_tokens=4)
+    with pytest.raises(MedusaError, match="token ids must lie"):
+        gen.generate([10**9], max_new_tokens=4)
+    with pytest.raises(MedusaError, match="unknown tree"):
+        gen.generate("hi", tree="no_such_tree")
+
+
+@pytest.mark.parametrize("damage", ["config", "model", "tokenizer", "version", "json"])
+def test_broken_artifacts_give_clear_errors(tiny, tmp_path, damage):
+    art = tmp_path / "a"
+    shutil.copytree(tiny["artifact"], art)
+    cfg = art / "medusa_config.json"
+    if damage == "config":
+        cfg.unlink()
+        match = "medusa_config.json is missing"
+    elif damage == "model":
+        (art / "model.onnx").unlink()
+        match = "model.onnx is missing"
+    elif damage == "tokenizer":
+        (art / "tokenizer.json").unlink()
+        match = "tokenizer.json is missing"
+    elif damage == "version":
+        raw = json.loads(cfg.read_text())
+        raw["format_version"] = 999
+        cfg.write_text(json.dumps(raw))
+        match = "incompatible exporter"
+    else:
+        cfg.write_text("{not json")
+        match = "not valid JSON"
+    with pytest.raises(ArtifactError, match=match):
+        runtime.load(art)
+    with pytest.raises(ArtifactError):
+        runtime.load(tmp_path / "nowhere")
+
+
+def test_cli_generate_bench_profile(tiny, tmp_path, shared_data):
+    from runtime.cli import main
+
+    art = str(tiny["artifact"])
+    assert main(["generate", art, "Say hello.", "--max-new-tokens", "8", "--stats", "--threads", "1"]) == 0
+    assert main(["generate", art, "Say hello.", "--max-new-tokens", "8", "--stream", "--no-medusa"]) == 0
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", art, "--prompts", str(shared_data / "mt_bench_question.jsonl"), "--limit", "2",
+               "--max-new-tokens", "16", "--tree", "cpu_8", "chain_2", "--threads", "1", "--json", str(js),
+               "--plot", str(png), "--quiet"])
+    assert rc == 0
+    res = json.loads(js.read_text())
+    for key in ("prompts", "identical", "ar_tokens_per_s", "medusa_tokens_per_s", "speedup", "mean_accepted",
+                "overhead_fraction"):
+        assert key in res, key
+    assert res["prompts"] == 2 and res["identical"] == 2
+    assert set(res["trees"]) == {"cpu_8", "chain_2"}
+    assert res["speedup"] == pytest.approx(res["medusa_tokens_per_s"] / res["ar_tokens_per_s"])
+    assert 0 <= res["overhead_fraction"] < 1
+    assert png.stat().st_size > 10_000
+    prof = tmp_path / "p.json"
+    assert main(["profile", art, "--sizes", "1", "4", "--cached", "16", "--repeats", "2", "-o", str(prof)]) == 0
+    p = json.loads(prof.read_text())
+    assert p["relative_cost"]["1"] == 1.0 and set(p["ms"]) == {"1", "4"}
+    assert main(["generate", str(tmp_path / "missing"), "x"]) == 1
