@@ -48,7 +48,7 @@ class TextChunk:
 def make_backend(folder: Path, config: ArtifactConfig, backend: str, device: str, threads: int | None,
                  max_context: int | None) -> Backend:
     if backend == "auto":
-        backend = "tensorrt" if config.provenance.get("engine") and _has_tensorrt() else "onnxruntime"
+        backend = "tensorrt" if _has_engines(folder) and _has_tensorrt() else "onnxruntime"
     if backend == "onnxruntime":
         from runtime.onnxrt import OnnxRuntimeBackend
 
@@ -58,6 +58,19 @@ def make_backend(folder: Path, config: ArtifactConfig, backend: str, device: str
 
         return TensorRTBackend.from_artifact(folder, config, max_context=max_context)
     raise MedusaError(f"unknown backend {backend!r}: use auto, onnxruntime or tensorrt")
+
+
+def _has_engines(folder: Path) -> bool:
+    """Engines built by ``medusa-export build-engine`` or by the written trtexec.sh."""
+    from exporter.trt_plan import PLAN_FILE, PlanError, read_plan
+
+    if not (folder / PLAN_FILE).is_file():
+        return False
+    try:
+        plan = read_plan(folder)
+    except PlanError:
+        return False
+    return all((folder / g.engine).is_file() for g in (plan.backbone, plan.heads))
 
 
 def _has_tensorrt() -> bool:
