@@ -125,3 +125,250 @@ def test_distill_refuses_mt_bench_and_mismatched_resume(tmp_path, prompts_file):
     cfg.temperature = 0.7
     with pytest.raises(MedusaError, match="temperature"):
         distill(cfg, backbone=(model, tok))
+
+
+# ---------------------------------------------------------------------------- targets and loss
+
+
+def test_head_label_offset_only_assistant_tokens():
+    from training.data import IGNORE, head_labels, next_token_labels
+
+    tokens = np.arange(10, 20)
+    assistant = np.arange(10) >= 5  # prompt 0..4, response 5..9
+    lab = head_labels(tokens, assistant, np.arange(10), num_heads=3)
+    for t in range(10):
+        for k in range(3):
+            target = t + k + 2  # head k at t predicts t+k+2 (the backbone predicts t+1)
+            want = tokens[target] if 5 <= target < 10 else IGNORE
+            assert lab[t, k] == want, (t, k)
+    assert lab[3, 0] == 15 and lab[2, 0] == IGNORE and lab[2, 1] == 15 and lab[7, 0] == 19 and lab[8, 0] == IGNORE
+    nt = next_token_labels(tokens, assistant)
+    assert nt[4] == 15 and nt[3] == IGNORE and nt[9] == IGNORE
+
+
+def test_loss_is_sum_of_0_8_power_k_weighted_head_ce():
+    import torch.nn.functional as F
+
+    from training.data import IGNORE
+    from training.medusa1 import medusa_loss, projected_loss
+
+    torch.manual_seed(0)
+    N, K, H, V = 12, 4, 8, 20
+    blocks = torch.randn(N, K, H)
+    W = torch.randn(V, H)
+    labels = torch.randint(0, V, (N, K))
+    labels[:3, 2] = IGNORE
+    labels[:, 3] = IGNORE  # a head with no target contributes 0
+    loss, per_head = medusa_loss(blocks @ W.T, labels)
+    ce = [F.cross_entropy((blocks[:, k] @ W.T)[labels[:, k] != IGNORE], labels[labels[:, k] != IGNORE, k]) for k in range(3)]
+    assert torch.allclose(per_head[:3], torch.stack(ce))
+    assert per_head[3] == 0
+    assert torch.allclose(loss, ce[0] + 0.8 * ce[1] + 0.64 * ce[2])
+    loss2, _ = projected_loss(blocks, labels, W)
+    assert torch.allclose(loss, loss2, atol=1e-5)
+    # restricted training vocabulary: the softmax runs over the given rows only
+    used = torch.unique(labels[labels != IGNORE])
+    vmap = torch.full((V,), -1, dtype=torch.long)
+    vmap[used] = torch.arange(len(used))
+    loss3, ph3 = projected_loss(blocks, labels, W[used], vmap)
+    sel = labels[:, 0] != IGNORE
+    assert torch.allclose(ph3[0], F.cross_entropy(blocks[sel, 0] @ W[used].T, vmap[labels[sel, 0]]))
+    assert loss3 < loss  # fewer competitors, smaller CE
+
+
+# ---------------------------------------------------------------------------- hidden-state cache
+
+
+def _records(n: int, seed: int = 0, resp_len: int = 24):
+    """Synthetic 'distilled' records: each response counts up by 3 (a learnable pattern)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        prompt = [1] + rng.integers(3, VOCAB, 4 + i % 5).tolist() + [1]
+        start = int(rng.integers(3, VOCAB))
+        resp = [3 + (start - 3 + 3 * j) % (VOCAB - 3) for j in range(resp_len)]
+        out.append({"id": f"r{i:04d}", "prompt_ids": prompt, "response_ids": resp, "model": "tiny", "temperature": 0.0})
+    return out
+
+
+@pytest.mark.parametrize("dtype,atol", [(np.float32, 1e-5), (np.float16, 2e-2)])
+def test_hidden_cache_equals_backbone_step_hidden_states(tmp_path, dtype, atol):
+    from exporter.step import BackboneStep, kv_names
+    from training.data import build_examples, split_examples
+    from training.medusa1 import build_cache, cached_positions, load_split
+
+    model = tiny_llama()
+    examples = split_examples(build_examples(_records(40)))
+    build_cache(model, examples, tmp_path / "cache", dtype=dtype, batch_size=3)
+    step = BackboneStep(model).eval()
+    L = model.config.num_hidden_layers
+    kv = model.config.num_key_value_heads
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    for split in ("train", "heldout"):
+        cached = load_split(tmp_path / "cache", split, num_heads=3)
+        row = 0
+        for e in examples[split]:
+            n = len(e.tokens)
+            past = [torch.zeros(1, 0, kv, hd) for _ in kv_names(L)[0]]
+            with torch.inference_mode():
+                _, hidden, *_ = step(torch.from_numpy(e.tokens)[None], torch.arange(n)[None],
+                                     torch.tril(torch.ones(n, n, dtype=torch.bool))[None], *past)
+            a, b = cached_positions(e)
+            np.testing.assert_allclose(np.asarray(cached.hidden[row:row + b - a], dtype=np.float32),
+                                       hidden[0, a:b].numpy(), atol=atol, rtol=1e-2)
+            row += b - a
+        assert row == cached.hidden.shape[0]
+
+
+# ---------------------------------------------------------------------------- Medusa-1
+
+
+def test_medusa1_run_beats_fresh_heads(tmp_path):
+    from exporter.heads import load_heads
+    from training.distill import write_atomic
+    from training.medusa1 import Medusa1Config, train_medusa1
+
+    model = tiny_llama()
+    data = tmp_path / "d.jsonl"
+    write_atomic(data, _records(160))
+    cfg = Medusa1Config(model="tiny", data=data, out=tmp_path / "heads", num_heads=3, lr=1e-2, epochs=4,
+                        batch_tokens=128, train_vocab="full")
+    summary = train_medusa1(cfg, backbone=(model, None, tmp_path))
+    assert summary["heldout_examples"] > 0 and summary["steps"] > 0
+    for k in range(3):
+        assert summary["heldout_top1"][k] > summary["heldout_top1_untrained"][k] + 0.2, summary
+    heads = load_heads(tmp_path / "heads", hidden_size=32, vocab_size=VOCAB)
+    assert heads.config.num_heads == 3 and heads.config.meta["heldout_top1"] == summary["heldout_top1"]
+    assert len(summary["history"]) == 4  # accuracy after each epoch
+
+
+# ---------------------------------------------------------------------------- Medusa-2
+
+
+def test_medusa2_combined_loss_has_both_terms():
+    import torch.nn.functional as F
+
+    from exporter.heads import fresh_heads
+    from training.data import IGNORE, build_examples
+    from training.medusa2 import combined_loss, make_batch
+
+    model = tiny_llama()
+    original = tiny_llama()  # same seed: identical weights
+    heads = fresh_heads(3, 32, VOCAB)
+    ids, lm, hl = make_batch(build_examples(_records(3)), 3)
+    loss, parts = combined_loss(model, heads, ids, lm, hl, 0.5, "kl", original)
+    assert abs(parts["backbone"].item()) < 1e-5  # KL of the model to itself
+    assert torch.allclose(loss, parts["backbone"] + 0.5 * parts["heads"])
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(0.5)
+    loss, parts = combined_loss(model, heads, ids, lm, hl, 0.5, "kl", original)
+    assert parts["backbone"].item() > 1e-4 and parts["heads"].item() > 0
+    loss_ce, parts_ce = combined_loss(model, heads, ids, lm, hl, 0.0, "ce")
+    logits = model(input_ids=ids).logits
+    m = lm != IGNORE
+    assert torch.allclose(loss_ce, F.cross_entropy(logits[m], lm[m]), atol=1e-5)
+
+
+def test_medusa2_warmup_trains_heads_only(tmp_path):
+    from training.data import build_examples, split_examples
+    from training.medusa2 import Medusa2Config, train_medusa2
+
+    examples = split_examples(build_examples(_records(40)))
+
+    def run(steps, warmup):
+        model = tiny_llama()
+        cfg = Medusa2Config(model="tiny", out=tmp_path / f"m2_{steps}_{warmup}", num_heads=3, steps=steps,
+                            warmup_steps=warmup, batch_size=2, lr_backbone=1e-3, lr_heads=1e-2)
+        summary = train_medusa2(cfg, backbone=(model, None, tmp_path), examples=examples)
+        return model, summary
+
+    before = tiny_llama().state_dict()
+    model, summary = run(steps=3, warmup=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "warm-up must leave the backbone untouched"
+    from exporter.heads import load_heads
+
+    heads = load_heads(tmp_path / "m2_3_3" / "heads", hidden_size=32, vocab_size=VOCAB)
+    assert any(v.abs().sum() > 0 for v in heads.state_dict().values()), "the heads must have trained"
+    model, _ = run(steps=4, warmup=2)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "after warm-up the backbone trains"
+    assert (tmp_path / "m2_4_2" / "backbone" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------- tree selection
+
+
+def test_tree_is_a_chain_when_only_rank_0_is_ever_right():
+    from training.select_tree import select
+
+    acc = np.zeros((4, 10))
+    acc[:, 0] = [0.6, 0.4, 0.3, 0.2]
+    flat = {1: 1.0, 64: 1.0}  # verification is free: take every useful node
+    chosen = select(acc, flat)
+    assert chosen["paths"] == [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]
+    want = 1 + 0.6 + 0.6 * 0.4 + 0.6 * 0.4 * 0.3 + 0.6 * 0.4 * 0.3 * 0.2
+    assert chosen["predicted_accepted_length"] == pytest.approx(want)
+
+
+def test_tree_widens_when_ranks_spread_and_shrinks_when_verification_costs():
+    from training.select_tree import select
+
+    acc = np.zeros((3, 10))
+    acc[0, :5] = [0.3, 0.15, 0.1, 0.08, 0.05]
+    acc[1, :5] = [0.2, 0.1, 0.08, 0.05, 0.04]
+    acc[2, :5] = [0.15, 0.08, 0.05, 0.04, 0.03]
+    flat = select(acc, {1: 1.0, 64: 1.0}, max_nodes=20)
+    assert len(flat["paths"]) == 20
+    assert {p[0] for p in flat["paths"] if len(p) == 1} >= {0, 1, 2, 3}  # several ranks of head 1
+    steep = select(acc, {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.8, 16: 2.8, 64: 8.0}, max_nodes=20)
+    assert 1 <= len(steep["paths"]) < 20
+    # the objective picked is the best over all sizes
+    assert steep["predicted_speedup_vs_plain"] == pytest.approx(max(s["speedup"] for s in steep["by_size"]), abs=1e-4)
+
+
+def test_written_tree_loads_in_the_runtime(tmp_path):
+    from runtime.tree import load_tree
+    from training.select_tree import select, write_tree
+
+    acc = np.zeros((2, 10))
+    acc[0, :3] = [0.5, 0.2, 0.1]
+    acc[1, :3] = [0.4, 0.2, 0.1]
+    prof = {"backend": "test", "relative_cost": {"1": 1.0, "8": 1.2, "64": 3.0}}
+    chosen = select(acc, {1: 1.0, 8: 1.2, 64: 3.0})
+    path = write_tree(tmp_path, "t", chosen, acc, prof, source="test")
+    doc = json.loads(path.read_text())
+    assert {"name", "paths", "source", "description", "predicted_accepted_length", "cost_profile"} <= doc.keys()
+    tree = load_tree(path, num_heads=2)
+    assert tree.num_nodes == len(chosen["paths"]) + 1
+
+
+def test_cost_profile_is_read_and_interpolated(tmp_path):
+    from training.select_tree import interpolate_cost, read_profile
+
+    p = tmp_path / "prof.json"
+    p.write_text(json.dumps({"backend": "onnxruntime-cpu", "relative_cost": {"1": 1.0, "4": 1.6, "8": 2.0}}))
+    backend, prof = read_profile(p)
+    assert backend == "onnxruntime-cpu"
+    assert interpolate_cost(prof, 6) == pytest.approx(1.8)
+    assert interpolate_cost(prof, 12) == pytest.approx(2.4)  # extrapolated from the last two sizes
+    p.write_text(json.dumps({"backend": "x"}))
+    with pytest.raises(MedusaError, match="relative_cost"):
+        read_profile(p)
+
+
+def test_measured_cost_profile_grows_with_tokens():
+    from training.select_tree import measure_cost_profile
+
+    prof = measure_cost_profile(tiny_llama(), sizes=(1, 64), past=16, repeats=3)
+    assert prof["relative_cost"]["1"] == 1.0 and prof["relative_cost"]["64"] > 1.0
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_user_error_exits_1_with_one_message(tmp_path, capsys):
+    from training.cli import main
+
+    rc = main(["medusa1", "--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("medusa-train: error:") and "Traceback" not in err
+    assert "no_model" in err

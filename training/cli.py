@@ -1,0 +1,143 @@
+"""``medusa-train``: distill, medusa1, medusa2, select-tree.
+
+Every subcommand takes ``--model`` (``smollm2-135m`` or a local Hugging Face folder).
+A :class:`runtime.errors.MedusaError` prints its message and exits 1 with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runtime.errors import MedusaError
+
+
+def _distill(a) -> None:
+    from training.distill import DistillConfig, distill
+
+    cfg = DistillConfig(model=a.model, prompts=Path(a.prompts), out=Path(a.out), num_prompts=a.num_prompts,
+                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size,
+                        seed=a.seed, threads=a.threads)
+    records = distill(cfg)
+    eos = sum(r["finish"] == "eos" for r in records)
+    tokens = sum(len(r["response_ids"]) for r in records)
+    print(f"wrote {len(records)} records ({tokens} response tokens, {eos} ended with EOS) to {cfg.out}")
+
+
+def _medusa1(a) -> None:
+    from training.medusa1 import Medusa1Config, train_medusa1
+
+    cfg = Medusa1Config(model=a.model, data=Path(a.data), out=Path(a.out), cache=Path(a.cache) if a.cache else None,
+                        num_heads=a.num_heads, num_layers=a.num_layers, shared_lm_head=not a.own_lm_head,
+                        lr=a.lr, epochs=a.epochs, batch_tokens=a.batch_tokens, max_steps=a.max_steps,
+                        max_train_tokens=a.max_train_tokens, seed=a.seed, threads=a.threads)
+    train_medusa1(cfg)
+
+
+def _medusa2(a) -> None:
+    from training.medusa2 import Medusa2Config, train_medusa2
+
+    cfg = Medusa2Config(model=a.model, data=Path(a.data), out=Path(a.out), heads=a.heads, num_heads=a.num_heads,
+                        num_layers=a.num_layers, backbone_loss=a.backbone_loss, head_weight=a.head_weight,
+                        lr_backbone=a.lr_backbone, lr_heads=a.lr_heads, warmup_steps=a.warmup_steps,
+                        steps=a.steps, batch_size=a.batch_size, max_len=a.max_len, seed=a.seed, threads=a.threads)
+    train_medusa2(cfg)
+
+
+def _select_tree(a) -> None:
+    from training.select_tree import SelectConfig, select_tree
+
+    cfg = SelectConfig(model=a.model, heads=a.heads, data=Path(a.data), cache=Path(a.cache) if a.cache else None,
+                       name=a.name, out_dir=Path(a.out_dir), profile=Path(a.profile) if a.profile else None,
+                       max_nodes=a.max_nodes, max_rank=a.max_rank, threads=a.threads)
+    select_tree(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.distill import ALPACA, DistillConfig
+    from training.medusa1 import Medusa1Config
+    from training.medusa2 import Medusa2Config
+    from training.select_tree import SelectConfig
+
+    p = argparse.ArgumentParser(prog="medusa-train", description="Train Medusa heads by self-distillation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, default_model="smollm2-135m"):
+        sp.add_argument("--model", default=default_model, help="smollm2-135m or a local Hugging Face folder")
+        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        sp.add_argument("--seed", type=int, default=0)
+
+    d = DistillConfig()
+    sp = sub.add_parser("distill", help="the backbone answers Alpaca prompts (self-distillation data)")
+    common(sp)
+    sp.add_argument("--prompts", default=str(ALPACA), help="Alpaca-style JSON list (never MT-Bench)")
+    sp.add_argument("--out", default=str(d.out), help="output .jsonl (resumes from OUT.partial)")
+    sp.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    sp.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    sp.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    sp.add_argument("--batch-size", type=int, default=d.batch_size)
+    sp.set_defaults(func=_distill)
+
+    m = Medusa1Config()
+    sp = sub.add_parser("medusa1", help="train heads on a frozen backbone (cached hidden states)")
+    common(sp)
+    sp.add_argument("--data", required=True, help="distilled .jsonl from `medusa-train distill`")
+    sp.add_argument("--out", required=True, help="output folder (medusa_heads.safetensors + .json)")
+    sp.add_argument("--cache", default=None, help="hidden-state cache folder (default: <data>.hidden/)")
+    sp.add_argument("--num-heads", type=int, default=m.num_heads)
+    sp.add_argument("--num-layers", type=int, default=m.num_layers, help="residual blocks per head")
+    sp.add_argument("--own-lm-head", action="store_true", help="each head gets its own vocabulary projection")
+    sp.add_argument("--lr", type=float, default=m.lr)
+    sp.add_argument("--epochs", type=int, default=m.epochs)
+    sp.add_argument("--batch-tokens", type=int, default=m.batch_tokens, help="positions per step")
+    sp.add_argument("--max-steps", type=int, default=m.max_steps, help="stop after this many steps (0: no limit)")
+    sp.add_argument("--max-train-tokens", type=int, default=m.max_train_tokens, help="cap on cached train positions (0: all)")
+    sp.set_defaults(func=_medusa1)
+
+    m2 = Medusa2Config()
+    sp = sub.add_parser("medusa2", help="train backbone and heads jointly")
+    common(sp)
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", required=True, help="output folder: backbone/ (HF) + heads/ (medusa-trt)")
+    sp.add_argument("--heads", default=None, help="start from these heads (e.g. Medusa-1 heads)")
+    sp.add_argument("--num-heads", type=int, default=m2.num_heads)
+    sp.add_argument("--num-layers", type=int, default=m2.num_layers)
+    sp.add_argument("--backbone-loss", choices=("kl", "ce", "auto"), default=m2.backbone_loss,
+                    help="kl to the original model, ce on the data; auto: kl for self-distilled data")
+    sp.add_argument("--head-weight", type=float, default=m2.head_weight, help="lambda on the head losses")
+    sp.add_argument("--lr-backbone", type=float, default=m2.lr_backbone)
+    sp.add_argument("--lr-heads", type=float, default=m2.lr_heads)
+    sp.add_argument("--warmup-steps", type=int, default=m2.warmup_steps, help="steps where only the heads train")
+    sp.add_argument("--steps", type=int, default=m2.steps)
+    sp.add_argument("--batch-size", type=int, default=m2.batch_size)
+    sp.add_argument("--max-len", type=int, default=m2.max_len)
+    sp.set_defaults(func=_medusa2)
+
+    s = SelectConfig()
+    sp = sub.add_parser("select-tree", help="choose the tree for measured head accuracies and step costs")
+    common(sp)
+    sp.add_argument("--heads", required=True, help="trained heads folder")
+    sp.add_argument("--data", required=True, help="distilled .jsonl (its calibration split is used)")
+    sp.add_argument("--cache", default=None, help="hidden-state cache folder (default: <data>.hidden/)")
+    sp.add_argument("--name", default=s.name)
+    sp.add_argument("--out-dir", default=str(s.out_dir))
+    sp.add_argument("--profile", default=None, help="cost profile JSON (medusa-run profile); default: measure with PyTorch")
+    sp.add_argument("--max-nodes", type=int, default=s.max_nodes)
+    sp.add_argument("--max-rank", type=int, default=s.max_rank)
+    sp.set_defaults(func=_select_tree)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MedusaError as e:
+        print(f"medusa-train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

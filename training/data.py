@@ -1,0 +1,88 @@
+"""Training examples from distilled records, deterministic splits, and the heads' targets.
+
+An example is ``prompt_ids + response_ids`` with ``assistant[t] = True`` on the response
+tokens: every loss in this package is taken only where the *target* is an assistant token.
+
+Targets (the paper's offsets): at position ``t`` the backbone predicts token ``t+1``;
+Medusa head ``k`` (0-based) predicts token ``t+k+2``.
+
+Splits are by record id (a hash, not the file order), so adding records never moves an
+old one to another split: ``train``, ``heldout`` (accuracy reports) and ``calib``
+(tree selection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE = -100  # torch's cross_entropy ignore_index
+SPLITS = ("train", "heldout", "calib")
+HELDOUT_PERCENT = 5
+CALIB_PERCENT = 5
+
+
+@dataclass
+class Example:
+    id: str
+    tokens: np.ndarray  # int64 [L]: prompt then response
+    response_start: int  # first assistant token
+
+    @property
+    def assistant(self) -> np.ndarray:
+        mask = np.zeros(len(self.tokens), dtype=bool)
+        mask[self.response_start:] = True
+        return mask
+
+
+def split_of(record_id: str, heldout_percent: int = HELDOUT_PERCENT, calib_percent: int = CALIB_PERCENT) -> str:
+    """``train`` / ``heldout`` / ``calib`` from a hash of the id (stable across runs and files)."""
+    bucket = int(hashlib.sha1(record_id.encode()).hexdigest()[:8], 16) % 100
+    if bucket < heldout_percent:
+        return "heldout"
+    if bucket < heldout_percent + calib_percent:
+        return "calib"
+    return "train"
+
+
+def build_examples(records: list[dict], max_len: int | None = None) -> list[Example]:
+    """Examples from distilled records; ``max_len`` truncates the response end."""
+    out = []
+    for r in records:
+        if not r["response_ids"]:
+            continue
+        tokens = np.asarray(list(r["prompt_ids"]) + list(r["response_ids"]), dtype=np.int64)
+        if max_len is not None:
+            tokens = tokens[:max_len]
+        start = len(r["prompt_ids"])
+        if start >= len(tokens):
+            continue
+        out.append(Example(r["id"], tokens, start))
+    return out
+
+
+def split_examples(examples: list[Example]) -> dict[str, list[Example]]:
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for e in examples:
+        out[split_of(e.id)].append(e)
+    return out
+
+
+def head_labels(tokens: np.ndarray, assistant: np.ndarray, positions: np.ndarray, num_heads: int) -> np.ndarray:
+    """Labels [len(positions), num_heads]: head k at position t -> tokens[t+k+2], IGNORE
+    where that index is past the end or not an assistant token."""
+    positions = np.asarray(positions, dtype=np.int64)
+    target = positions[:, None] + np.arange(num_heads)[None, :] + 2  # [P, K]
+    inside = target < len(tokens)
+    safe = np.where(inside, target, 0)
+    ok = inside & assistant[safe]
+    return np.where(ok, tokens[safe], IGNORE)
+
+
+def next_token_labels(tokens: np.ndarray, assistant: np.ndarray) -> np.ndarray:
+    """Labels [L]: position t -> tokens[t+1] where that is an assistant token, else IGNORE."""
+    labels = np.full(len(tokens), IGNORE, dtype=np.int64)
+    labels[:-1] = np.where(assistant[1:], tokens[1:], IGNORE)
+    return labels

@@ -1,0 +1,351 @@
+"""Medusa-1: train the heads on a frozen backbone, from cached last hidden states.
+
+The backbone is frozen, so its final-normed last hidden states (exactly BackboneStep's
+``hidden_states`` output, the heads' input) are computed once and cached to disk as a
+float16 ``.npy`` memmap per split, with an index. Training then costs the heads alone.
+
+Loss (Medusa paper, Eq. 1): ``sum_k 0.8**k * CE_k``, head k (0-based) at position t
+predicting token t+k+2, only where that token is an assistant token.
+
+Cost note: with the shared ``lm_head`` every position costs a [K, H] x [H, V] projection
+(V = 49,152 for SmolLM2). ``train_vocab="data"`` takes the softmax over the tokens that
+occur in the training responses only (a sampled-softmax-style shortcut, ~5x cheaper on
+SmolLM2); accuracy is always measured over the *full* vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from runtime.errors import MedusaError
+from training.data import IGNORE, SPLITS, Example, build_examples, head_labels, split_examples
+
+HEAD_DECAY = 0.8  # weight of head k is 0.8**k (Medusa paper)
+MAX_CACHED_HEADS = 8  # the cache keeps enough prompt positions for up to 8 heads
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Medusa1Config:
+    model: str = "smollm2-135m"
+    data: Path = Path("runs/distill/smollm2_alpaca.jsonl")
+    out: Path = Path("runs/medusa1")
+    cache: Path | None = None  # default: <data>.hidden/
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = True
+    lr: float = 1e-3
+    epochs: int = 1
+    batch_tokens: int = 256  # positions per step
+    max_steps: int = 0  # 0: no limit
+    max_train_tokens: int = 0  # 0: every cached train position
+    train_vocab: str = "data"  # "data": softmax over the training targets' tokens; "full"
+    max_len: int = 384
+    seed: int = 0
+    threads: int | None = None
+
+
+# ---------------------------------------------------------------------------- hidden states
+
+
+def last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final-normed last hidden states [B, L, H] of a causal forward (BackboneStep's output)."""
+    with torch.inference_mode():
+        return model.model(input_ids=input_ids).last_hidden_state
+
+
+def cached_positions(e: Example) -> tuple[int, int]:
+    """[first, last) positions whose hidden state some head (up to MAX_CACHED_HEADS) can use."""
+    first = max(0, e.response_start - 1 - MAX_CACHED_HEADS)
+    return first, max(first, len(e.tokens) - 2)  # head 0 at t needs t+2 < L
+
+
+def _fingerprint(model_folder: str, data: Path, max_len: int) -> str:
+    st = Path(data).stat()
+    return hashlib.sha1(f"{model_folder}|{Path(data).resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_len}".encode()).hexdigest()
+
+
+def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerprint: str = "",
+                dtype=np.float16, batch_size: int = 8) -> Path:
+    """Write ``hidden_<split>.npy`` + ``index_<split>.npz`` per split, then ``cache.json`` last."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "cache.json"
+    if marker.exists():
+        marker.unlink()  # an interrupted rebuild must not look complete
+    hidden_size = model.config.hidden_size
+    total = sum(cached_positions(e)[1] - cached_positions(e)[0] for s in SPLITS for e in examples[s])
+    bar = tqdm(total=total, desc="hidden-state cache", unit="tok", dynamic_ncols=True)
+    for split in SPLITS:
+        exs = examples[split]
+        spans = [cached_positions(e) for e in exs]
+        rows = sum(b - a for a, b in spans)
+        mm = np.lib.format.open_memmap(folder / f"hidden_{split}.npy", mode="w+", dtype=dtype, shape=(rows, hidden_size))
+        starts = np.cumsum([0] + [b - a for a, b in spans])[:-1]
+        order = sorted(range(len(exs)), key=lambda i: len(exs[i].tokens))  # similar lengths share a batch
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            width = max(len(exs[j].tokens) for j in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            for r, j in enumerate(idx):  # right padding: causal attention never sees it
+                ids[r, :len(exs[j].tokens)] = torch.from_numpy(exs[j].tokens)
+            h = last_hidden(model, ids).float().numpy()
+            for r, j in enumerate(idx):
+                a, b = spans[j]
+                mm[starts[j]:starts[j] + b - a] = h[r, a:b]
+                bar.update(b - a)
+        mm.flush()
+        del mm
+        np.savez(folder / f"index_{split}.npz",
+                 ids=np.array([e.id for e in exs]),
+                 tokens=np.concatenate([e.tokens for e in exs]) if exs else np.zeros(0, np.int64),
+                 token_starts=np.cumsum([0] + [len(e.tokens) for e in exs]),
+                 response_start=np.array([e.response_start for e in exs], dtype=np.int64),
+                 first_pos=np.array([a for a, _ in spans], dtype=np.int64),
+                 row_starts=np.append(starts, rows).astype(np.int64))
+    bar.close()
+    marker.write_text(json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint, "hidden_size": hidden_size,
+                                  "dtype": np.dtype(dtype).name,
+                                  "splits": {s: len(examples[s]) for s in SPLITS}}, indent=1))
+    return folder
+
+
+def cache_is_valid(folder: Path, fingerprint: str) -> bool:
+    marker = Path(folder) / "cache.json"
+    if not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return False
+    return meta.get("format") == CACHE_FORMAT and meta.get("fingerprint") == fingerprint and all(
+        (Path(folder) / f"{kind}_{s}.{ext}").is_file() for s in SPLITS for kind, ext in (("hidden", "npy"), ("index", "npz"))
+    )
+
+
+@dataclass
+class CachedSplit:
+    hidden: np.ndarray  # [R, H] memmap
+    labels: np.ndarray  # int64 [R, K]
+    num_examples: int
+
+
+def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
+    """Hidden rows of one split and the heads' labels for each row."""
+    if num_heads > MAX_CACHED_HEADS:
+        raise MedusaError(f"at most {MAX_CACHED_HEADS} heads can be trained from the cache, got {num_heads}")
+    folder = Path(folder)
+    hidden = np.load(folder / f"hidden_{split}.npy", mmap_mode="r")
+    ix = np.load(folder / f"index_{split}.npz")
+    labels = np.full((hidden.shape[0], num_heads), IGNORE, dtype=np.int64)
+    ts, rs = ix["token_starts"], ix["row_starts"]
+    for e in range(len(ix["ids"])):
+        tokens = ix["tokens"][ts[e]:ts[e + 1]]
+        assistant = np.arange(len(tokens)) >= ix["response_start"][e]
+        positions = ix["first_pos"][e] + np.arange(rs[e + 1] - rs[e])
+        labels[rs[e]:rs[e + 1]] = head_labels(tokens, assistant, positions, num_heads)
+    return CachedSplit(hidden, labels, len(ix["ids"]))
+
+
+def prepare_cache(model, model_folder: str, data: Path, cache: Path | None, max_len: int) -> Path:
+    """The cache folder for ``data``, built if missing or stale."""
+    from training.distill import read_records
+
+    folder = Path(cache) if cache else Path(str(data) + ".hidden")
+    fp = _fingerprint(str(model_folder), data, max_len)
+    if cache_is_valid(folder, fp):
+        print(f"[medusa-train] reusing hidden-state cache {folder}")
+        return folder
+    examples = split_examples(build_examples(read_records(data), max_len=max_len))
+    if not examples["train"]:
+        raise MedusaError(f"{data}: no training examples (every record is empty or in a held-out split)")
+    print(f"[medusa-train] caching last hidden states: " + ", ".join(f"{s} {len(v)}" for s, v in examples.items()))
+    return build_cache(model, examples, folder, fingerprint=fp)
+
+
+# ---------------------------------------------------------------------------- loss and accuracy
+
+
+def head_weights(num_heads: int) -> torch.Tensor:
+    return HEAD_DECAY ** torch.arange(num_heads, dtype=torch.float32)
+
+
+def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_k 0.8**k * CE_k`` and the per-head CE [K]. ``head_logits`` [N, K, V], ``labels`` [N, K]."""
+    K = head_logits.shape[-2]
+    per_head = torch.stack([
+        F.cross_entropy(head_logits[:, k], labels[:, k], ignore_index=IGNORE) if (labels[:, k] != IGNORE).any()
+        else head_logits.new_zeros(()) for k in range(K)
+    ])
+    return (head_weights(K) * per_head).sum(), per_head.detach()
+
+
+def projected_loss(blocks_out: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                   vocab_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Medusa loss with a shared projection, computing logits only where labels exist.
+
+    ``blocks_out`` [N, K, H]; ``weight`` [V', H] (the lm_head rows of the training vocabulary);
+    ``vocab_map`` maps a token id to its row in ``weight`` (None: identity, V' = V).
+    """
+    K = blocks_out.shape[1]
+    losses = []
+    for k in range(K):
+        sel = labels[:, k] != IGNORE
+        if not sel.any():
+            losses.append(blocks_out.new_zeros(()))
+            continue
+        target = labels[sel, k] if vocab_map is None else vocab_map[labels[sel, k]]
+        losses.append(F.cross_entropy(blocks_out[sel, k] @ weight.T, target))
+    per_head = torch.stack(losses)
+    return (head_weights(K) * per_head).sum(), per_head.detach()
+
+
+def rank_accuracy(heads, lm_head, split: CachedSplit, max_rank: int = 10, chunk: int = 512) -> np.ndarray:
+    """acc[k][r] = share of positions where rank r of head k is the target (full vocabulary)."""
+    K = split.labels.shape[1]
+    hits = np.zeros((K, max_rank))
+    counts = np.zeros(K)
+    with torch.inference_mode():
+        for i in range(0, len(split.labels), chunk):
+            lab = torch.from_numpy(split.labels[i:i + chunk])
+            h = torch.from_numpy(np.asarray(split.hidden[i:i + chunk], dtype=np.float32))
+            logits = heads(h, lm_head) if heads.config.shared_lm_head else heads(h)  # [n, K, V]
+            top = logits.topk(max_rank, dim=-1).indices  # [n, K, R]
+            valid = lab != IGNORE
+            match = (top == lab.unsqueeze(-1)) & valid.unsqueeze(-1)
+            hits += match.sum(0).numpy()
+            counts += valid.sum(0).numpy()
+    return hits / np.maximum(counts, 1)[:, None]
+
+
+def accuracy_table(acc: np.ndarray) -> str:
+    """Per-head top-1 / top-5 from rank accuracies acc[k][r]."""
+    return format_accuracy(acc[:, 0], acc[:, :5].sum(1))
+
+
+def format_accuracy(top1, top5) -> str:
+    lines = ["head  top-1  top-5"]
+    for k, (a, b) in enumerate(zip(top1, top5)):
+        lines.append(f"{k + 1:>4}  {a:.3f}  {b:.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
+    """Train heads on the cached hidden states; save them to ``cfg.out``; return the summary."""
+    from tqdm import tqdm
+
+    from exporter.heads import fresh_heads, save_heads
+    from exporter.models import load_backbone
+
+    if cfg.num_heads < 1 or cfg.num_layers < 1 or cfg.epochs < 1 or cfg.batch_tokens < 1:
+        raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
+    if cfg.train_vocab not in ("data", "full"):
+        raise MedusaError(f"train_vocab must be 'data' or 'full', got {cfg.train_vocab!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cache = prepare_cache(model, str(folder), Path(cfg.data), cfg.cache, cfg.max_len)
+    cache_s = time.time() - t0
+    train = load_split(cache, "train", cfg.num_heads)
+    heldout = load_split(cache, "heldout", cfg.num_heads)
+    rows = np.flatnonzero((train.labels != IGNORE).any(1))
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.max_train_tokens and len(rows) > cfg.max_train_tokens:
+        rows = np.sort(rng.choice(rows, cfg.max_train_tokens, replace=False))
+    lm_head = model.lm_head
+    H, V = model.config.hidden_size, model.config.vocab_size
+    heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, cfg.shared_lm_head, lm_head=lm_head).train()
+
+    weight, vocab_map = lm_head.weight.detach(), None
+    if cfg.shared_lm_head and cfg.train_vocab == "data":
+        used = np.unique(train.labels[train.labels != IGNORE])
+        vocab_map = torch.full((V,), -1, dtype=torch.long)
+        vocab_map[torch.from_numpy(used)] = torch.arange(len(used))
+        weight = weight[torch.from_numpy(used)].contiguous()
+    opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_tokens)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warm = max(1, total_steps // 20)
+    # linear warm-up then cosine decay (the official Medusa schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    history = []
+    acc0 = rank_accuracy(heads.eval(), lm_head, heldout)
+    print(f"held-out accuracy before training ({heldout.num_examples} examples):\n{accuracy_table(acc0)}")
+    step, t_train = 0, time.time()
+    bar = tqdm(total=total_steps, desc="medusa1", unit="step", dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        heads.train()
+        perm = rng.permutation(rows)
+        for i in range(0, len(perm), cfg.batch_tokens):
+            if step >= total_steps:
+                break
+            idx = np.sort(perm[i:i + cfg.batch_tokens])
+            h = torch.from_numpy(np.asarray(train.hidden[idx], dtype=np.float32))
+            lab = torch.from_numpy(train.labels[idx])
+            if cfg.shared_lm_head:
+                loss, per_head = projected_loss(heads.blocks(h), lab, weight, vocab_map)
+            else:
+                loss, per_head = medusa_loss(heads(h), lab)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", h1=f"{per_head[0].item():.2f}")
+            bar.update(1)
+        acc = rank_accuracy(heads.eval(), lm_head, heldout)
+        history.append({"epoch": epoch + 1, "step": step, "top1": acc[:, 0].round(4).tolist(),
+                        "top5": acc[:, :5].sum(1).round(4).tolist()})
+        tqdm.write(f"epoch {epoch + 1}: held-out accuracy\n{accuracy_table(acc)}")
+        if step >= total_steps:
+            break
+    bar.close()
+    train_s = time.time() - t_train
+    summary = {
+        "method": "medusa-1 (frozen backbone, cached hidden states)",
+        "backbone": cfg.model,
+        "data": str(cfg.data),
+        "train_examples": train.num_examples,
+        "heldout_examples": heldout.num_examples,
+        "train_positions_used": int(len(rows)),
+        "steps": step,
+        "epochs": cfg.epochs,
+        "batch_tokens": cfg.batch_tokens,
+        "lr": cfg.lr,
+        "train_vocab": cfg.train_vocab if cfg.shared_lm_head else "full",
+        "train_vocab_size": int(weight.shape[0]),
+        "loss": "sum_k 0.8^k CE_k (head k: token t+k+2, assistant tokens only)",
+        "heldout_top1": acc[:, 0].round(4).tolist(),
+        "heldout_top5": acc[:, :5].sum(1).round(4).tolist(),
+        "heldout_top1_untrained": acc0[:, 0].round(4).tolist(),
+        "history": history,
+        "cache_seconds": round(cache_s, 1),
+        "train_seconds": round(train_s, 1),
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "config": {k: str(v) for k, v in asdict(cfg).items()},
+    }
+    save_heads(heads.eval(), cfg.out, meta=summary)
+    print(f"saved heads to {cfg.out} ({step} steps, {train_s:.0f} s)")
+    return summary

@@ -1,0 +1,210 @@
+"""Tree selection: the tree that maximizes expected accepted tokens per unit of step time.
+
+Inputs:
+
+* ``acc[k][r]``: probability that rank r of head k is the right token, measured on the
+  calibration split (never MT-Bench) from the cached hidden states;
+* a cost profile ``{"backend": ..., "relative_cost": {"1": 1.0, "2": ..., "64": ...}}``:
+  the time of verifying N tokens relative to 1 (``medusa-run profile`` writes it; without
+  one, :func:`measure_cost_profile` measures it with the PyTorch reference backend).
+
+Construction (Medusa paper, Sec. 3.3.2 / appendix): a node ``(r1, ..., rd)`` is right
+with probability ``prod_i acc[i-1][r_i]`` (heads assumed independent); the expected
+accepted length of a tree is ``1 + sum over nodes`` of that product (the 1 is the root,
+the backbone's own token). Adding nodes greedily by that value gives the best tree of
+each size (a child never beats its parent, so the greedy set is prefix-closed). Among
+those nested trees, the chosen one maximizes ``expected length / cost(nodes + 1)``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import MedusaError
+
+
+@dataclass
+class SelectConfig:
+    model: str = "smollm2-135m"
+    heads: str = "exporter/shipped_heads/smollm2-135m"
+    data: Path = Path("runs/distill/smollm2_alpaca.jsonl")
+    cache: Path | None = None
+    name: str = "smollm2_selected"
+    out_dir: Path = Path("tree_configs")
+    profile: Path | None = None
+    max_nodes: int = 64  # tree nodes, root excluded
+    max_rank: int = 10
+    threads: int | None = None
+
+
+# ---------------------------------------------------------------------------- the builder
+
+
+def greedy_trees(acc: np.ndarray, max_nodes: int) -> list[tuple[tuple[int, ...], float]]:
+    """Nodes in the greedy order with their path probability: the best tree of size n is the first n."""
+    acc = np.asarray(acc, dtype=np.float64)
+    K, R = acc.shape
+    heap = [(-acc[0, r], (r,)) for r in range(R) if acc[0, r] > 0]
+    heapq.heapify(heap)
+    order: list[tuple[tuple[int, ...], float]] = []
+    while heap and len(order) < max_nodes:
+        neg, path = heapq.heappop(heap)
+        order.append((path, -neg))
+        if len(path) < K:  # its children become candidates
+            for r in range(R):
+                v = -neg * acc[len(path), r]
+                if v > 0:
+                    heapq.heappush(heap, (-v, path + (r,)))
+    return order
+
+
+def interpolate_cost(profile: dict[int, float], n: int) -> float:
+    """Relative cost of verifying n tokens, linear between measured sizes (and beyond the last two)."""
+    xs = sorted(profile)
+    if n <= xs[0]:
+        return profile[xs[0]]
+    if n >= xs[-1]:
+        if len(xs) == 1:
+            return profile[xs[-1]]
+        a, b = xs[-2], xs[-1]
+        return profile[b] + (profile[b] - profile[a]) / (b - a) * (n - b)
+    return float(np.interp(n, xs, [profile[x] for x in xs]))
+
+
+def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64) -> dict:
+    """The chosen tree: paths, predicted accepted length, cost and the speed objective per size."""
+    order = greedy_trees(acc, max_nodes)
+    if not order:
+        raise MedusaError("every head accuracy is 0: no tree can accept anything (train the heads first)")
+    cum = 1.0 + np.cumsum([v for _, v in order])  # expected accepted length with the first n nodes
+    costs = np.array([interpolate_cost(profile, n + 1) for n in range(1, len(order) + 1)])
+    speed = cum / (costs / interpolate_cost(profile, 1))
+    best = int(np.argmax(speed))
+    paths = [list(p) for p, _ in order[: best + 1]]
+    return {
+        "paths": paths,
+        "predicted_accepted_length": float(cum[best]),
+        "relative_step_cost": float(costs[best] / interpolate_cost(profile, 1)),
+        "predicted_speedup_vs_plain": float(speed[best]),
+        "by_size": [{"nodes": n + 1, "accepted": round(float(cum[n]), 4), "speedup": round(float(speed[n]), 4)}
+                    for n in range(len(order))],
+    }
+
+
+# ---------------------------------------------------------------------------- cost profile
+
+
+def read_profile(path: Path) -> tuple[str, dict[int, float]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MedusaError(f"cost profile {path} cannot be read: {e}") from None
+    rc = data.get("relative_cost") if isinstance(data, dict) else None
+    if not isinstance(rc, dict) or not rc:
+        raise MedusaError(f"cost profile {path}: expected {{'backend': ..., 'relative_cost': {{'1': 1.0, ...}}}}")
+    try:
+        prof = {int(k): float(v) for k, v in rc.items()}
+    except (TypeError, ValueError):
+        raise MedusaError(f"cost profile {path}: relative_cost keys must be token counts and values numbers") from None
+    if any(v <= 0 for v in prof.values()):
+        raise MedusaError(f"cost profile {path}: relative costs must be positive")
+    return str(data.get("backend", "unknown")), prof
+
+
+def measure_cost_profile(model, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64), past: int = 256, repeats: int = 5) -> dict:
+    """Relative cost of verifying N tokens with ``past`` cached, PyTorch reference backend (median)."""
+    from runtime.torch_backend import TorchBackend
+
+    backend = TorchBackend(model, max_context=past + max(sizes) + 1)
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    prompt = rng.integers(0, vocab, past)
+    backend.reset()
+    backend.forward(prompt, np.arange(past), np.tril(np.ones((past, past), dtype=bool)))
+    backend.commit(np.arange(past))
+    medians = {}
+    for n in sizes:
+        tokens = rng.integers(0, vocab, n)
+        mask = np.tril(np.ones((n, n), dtype=bool))
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            t = time.perf_counter()
+            backend.forward(tokens, past + np.arange(n), mask)  # not committed: the cache stays at `past`
+            times.append(time.perf_counter() - t)
+        medians[n] = float(np.median(times[1:]))
+    base = medians[min(sizes)]
+    return {"backend": "torch-reference (measured by medusa-train select-tree)", "past": past,
+            "seconds": {str(n): round(s, 6) for n, s in medians.items()},
+            "relative_cost": {str(n): round(s / base, 4) for n, s in medians.items()}}
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def calibration_accuracy(model, model_folder, heads, data: Path, cache: Path | None, max_rank: int) -> np.ndarray:
+    """acc[k][r] on the calibration split (hidden-state cache shared with medusa1)."""
+    from training.medusa1 import Medusa1Config, load_split, prepare_cache, rank_accuracy
+
+    folder = prepare_cache(model, str(model_folder), Path(data), cache, Medusa1Config.max_len)
+    calib = load_split(folder, "calib", heads.config.num_heads)
+    if not (calib.labels != -100).any():
+        raise MedusaError(f"{data}: the calibration split is empty; distill more prompts")
+    return rank_accuracy(heads, model.lm_head, calib, max_rank=max_rank)
+
+
+def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile: dict, source: str) -> Path:
+    from runtime.tree import load_tree
+
+    out = Path(out_dir) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "name": name,
+        "paths": chosen["paths"],
+        "source": source,
+        "description": (f"greedy tree for measured head accuracies: {len(chosen['paths'])} nodes, maximizes expected "
+                        f"accepted tokens / relative step cost on {profile['backend']}"),
+        "predicted_accepted_length": round(chosen["predicted_accepted_length"], 4),
+        "predicted_speedup_vs_plain": round(chosen["predicted_speedup_vs_plain"], 4),
+        "relative_step_cost": round(chosen["relative_step_cost"], 4),
+        "calibration_accuracy": {"top1": acc[:, 0].round(4).tolist(), "rank_accuracy": acc.round(4).tolist()},
+        "cost_profile": profile,
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(out)
+    load_tree(out)  # the runtime must read what we wrote
+    return out
+
+
+def select_tree(cfg: SelectConfig, backbone=None) -> dict:
+    import torch
+
+    from exporter.heads import load_heads
+    from exporter.models import load_backbone
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
+    heads = load_heads(cfg.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+    acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank)
+    if cfg.profile:
+        backend, prof = read_profile(cfg.profile)
+        profile = {"backend": backend, "relative_cost": {str(k): v for k, v in sorted(prof.items())}, "file": str(cfg.profile)}
+    else:
+        print("[medusa-train] no cost profile given: measuring the PyTorch reference backend (256 cached tokens)")
+        profile = measure_cost_profile(model)
+        prof = {int(k): v for k, v in profile["relative_cost"].items()}
+    chosen = select(acc, prof, cfg.max_nodes)
+    out = write_tree(cfg.out_dir, cfg.name, chosen, acc, profile,
+                     source=f"medusa-train select-tree --heads {cfg.heads} --data {cfg.data}")
+    print(f"calibration top-1 per head: {acc[:, 0].round(3).tolist()}")
+    print(f"chose {len(chosen['paths'])} nodes: predicted accepted length {chosen['predicted_accepted_length']:.3f}, "
+          f"relative step cost {chosen['relative_step_cost']:.2f}, predicted speedup {chosen['predicted_speedup_vs_plain']:.2f}x")
+    print(f"wrote {out}")
+    return {**chosen, "file": str(out), "accuracy": acc}
