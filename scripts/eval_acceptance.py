@@ -1,0 +1,103 @@
+"""Mean accepted tokens per step on MT-Bench first turns (greedy), PyTorch reference backend.
+
+    python scripts/eval_acceptance.py --heads exporter/shipped_heads/smollm2-135m \
+        --tree tree_configs/smollm2_selected.json --limit 80 --out runs/eval/mt_bench.json
+
+Each first-turn question goes through the model's chat template; decoding is greedy
+(lossless: the output equals plain greedy decoding), ``--max-new-tokens`` 256. The number
+reported is the paper's acceleration rate: tokens emitted per verification step, pooled
+over all prompts (sum of tokens / sum of steps); the per-prompt mean is reported too.
+MT-Bench is evaluation data only: nothing here trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_question.jsonl"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--heads", default=str(ROOT / "exporter" / "shipped_heads" / "smollm2-135m"))
+    p.add_argument("--tree", default=str(ROOT / "tree_configs" / "smollm2_selected.json"))
+    p.add_argument("--questions", default=str(MT_BENCH))
+    p.add_argument("--limit", type=int, default=80, help="first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--time-budget-s", type=float, default=0, help="stop starting new prompts after this (0: none)")
+    p.add_argument("--check-lossless", type=int, default=0, help="also decode the first N prompts plainly and compare")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="write per-prompt results as JSON")
+    a = p.parse_args(argv)
+
+    import numpy as np
+
+    from exporter.heads import load_heads
+    from exporter.models import load_backbone
+    from runtime.decode import DecodeConfig, decode
+    from runtime.errors import MedusaError
+    from runtime.torch_backend import TorchBackend
+    from runtime.tree import load_tree
+    from training.distill import chat_prompt_ids
+
+    try:
+        model, tok, _ = load_backbone(a.model)
+        heads = load_heads(a.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+        tree = load_tree(a.tree, num_heads=heads.config.num_heads)
+        backend = TorchBackend(model, heads, threads=a.threads)
+        questions = [json.loads(line) for line in Path(a.questions).read_text().splitlines() if line.strip()][: a.limit]
+    except MedusaError as e:
+        print(f"eval_acceptance: error: {e}", file=sys.stderr)
+        return 1
+    cfg = DecodeConfig(max_new_tokens=a.max_new_tokens, temperature=0.0, eos_token_ids=backend.spec.eos_token_ids)
+    rows, t0 = [], time.time()
+    for i, q in enumerate(questions):
+        if a.time_budget_s and time.time() - t0 > a.time_budget_s:
+            print(f"time budget reached after {i} prompts")
+            break
+        ids = chat_prompt_ids(tok, q["turns"][0])
+        res = decode(backend, ids, cfg, tree)
+        s = res.stats
+        row = {"question_id": q["question_id"], "category": q["category"], "prompt_tokens": len(ids),
+               "new_tokens": s.new_tokens, "steps": s.steps, "mean_accepted": s.mean_accepted,
+               "accept_hist": {str(k): v for k, v in sorted(s.accept_hist.items())},
+               "tokens_per_s": s.tokens_per_s, "finish": s.finish_reason}
+        if i < a.check_lossless:
+            plain = decode(backend, ids, DecodeConfig(max_new_tokens=a.max_new_tokens, medusa=False,
+                                                      eos_token_ids=backend.spec.eos_token_ids))
+            row["lossless"] = plain.tokens == res.tokens
+        rows.append(row)
+        steps = sum(r["steps"] for r in rows)
+        emitted = sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rows)
+        print(f"[{i + 1}/{len(questions)}] q{q['question_id']} {q['category']:<10} tokens {s.new_tokens:>3} "
+              f"steps {s.steps:>3} accepted/step {s.mean_accepted:.2f} | pooled {emitted / max(steps, 1):.3f}"
+              + (f" lossless={row['lossless']}" if "lossless" in row else ""), flush=True)
+    steps = sum(r["steps"] for r in rows)
+    emitted = sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rows)
+    summary = {
+        "prompts": len(rows),
+        "mean_accepted_pooled": emitted / max(steps, 1),
+        "mean_accepted_per_prompt": float(np.mean([r["mean_accepted"] for r in rows])) if rows else 0.0,
+        "tree": tree.name, "tree_nodes": tree.num_nodes, "heads": a.heads, "model": a.model,
+        "max_new_tokens": a.max_new_tokens, "backend": "torch-reference", "seconds": round(time.time() - t0, 1),
+        "lossless_checked": sum("lossless" in r for r in rows),
+        "lossless_ok": sum(bool(r.get("lossless")) for r in rows),
+        "command": "python scripts/eval_acceptance.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    print(json.dumps(summary, indent=1))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"summary": summary, "prompts": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
