@@ -112,6 +112,23 @@ def test_distill_batched_matches_unbatched_greedy(tmp_path, prompts_file):
     assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
 
 
+def test_generate_batch_matches_hf_generate():
+    """The early-exit batched loop gives HF generate's greedy answers, EOS included."""
+    from training.distill import DistillConfig, generate_batch
+
+    model, tok = tiny_llama(), CharTokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in ("a", "hello there", "xyz q")]
+    got = generate_batch(model, prompts, 0, [EOS], DistillConfig(max_new_tokens=12))
+    for p, (resp, finish) in zip(prompts, got):
+        with torch.inference_mode():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=EOS,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        if EOS in ref:
+            ref = ref[:ref.index(EOS) + 1]
+        assert resp == ref
+        assert finish == ("eos" if resp[-1] == EOS else "length")
+
+
 def test_distill_refuses_mt_bench_and_mismatched_resume(tmp_path, prompts_file):
     from training.distill import distill, load_prompts
 

@@ -140,32 +140,52 @@ def chat_prompt_ids(tokenizer, user_text: str) -> list[int]:
 
 
 def generate_batch(model, prompt_ids: list[list[int]], pad_id: int, eos_ids: list[int], cfg: DistillConfig):
-    """Left-padded batched generation; per prompt (response ids incl. a final EOS, finish reason)."""
-    import torch
+    """Left-padded batched generation; per prompt (response ids incl. a final EOS, finish reason).
 
+    A finished answer leaves the batch at once (its rows are dropped from the KV cache), so
+    a batch costs its answers' lengths, not max_new_tokens times the batch size.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    n = len(prompt_ids)
     width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at the same column
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    sample = cfg.temperature > 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    alive = torch.arange(n)  # original row of each row still generating
+    responses: list[list[int]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    eos = torch.tensor(eos_ids)
     with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-            temperature=cfg.temperature if sample else None, top_p=None, top_k=None,
-            pad_token_id=pad_id, eos_token_id=eos_ids,
-        )
-    results = []
-    for row in out[:, width:].tolist():
-        resp, finish = [], "length"
-        for t in row:
-            resp.append(t)
-            if t in eos_ids:
-                finish = "eos"
+        for _ in range(cfg.max_new_tokens):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                        logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            if cfg.temperature > 0:
+                nxt = torch.multinomial(torch.softmax(logits / cfg.temperature, -1), 1)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            for r, t in zip(alive.tolist(), nxt.tolist()):
+                responses[r].append(t)
+            done = torch.isin(nxt, eos)
+            for r in alive[done].tolist():
+                finish[r] = "eos"
+            keep = torch.nonzero(~done).flatten()
+            if len(keep) == 0:
                 break
-        results.append((resp, finish))
-    return results
+            if len(keep) < len(alive):  # drop finished answers from the batch and its cache
+                for layer in cache.layers:
+                    layer.batch_select_indices(keep)
+                alive, nxt, mask, pos = alive[keep], nxt[keep], mask[keep], pos[keep]
+            ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones(len(keep), 1, dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
+    return [(responses[i], finish[i]) for i in range(n)]
 
 
 def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | None = None,
