@@ -385,7 +385,11 @@ def test_measured_cost_profile_grows_with_tokens():
 
 def test_cli_user_error_exits_1_with_one_message(tmp_path, capsys):
     from training.cli import main
+    from training.distill import write_atomic
 
+    rc = main(["medusa1", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    assert rc == 1 and "missing.jsonl does not exist" in capsys.readouterr().err
+    write_atomic(tmp_path / "d.jsonl", _records(2))
     rc = main(["medusa1", "--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("medusa-train: error:") and "Traceback" not in err

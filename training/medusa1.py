@@ -256,6 +256,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
     if cfg.train_vocab not in ("data", "full"):
         raise MedusaError(f"train_vocab must be 'data' or 'full', got {cfg.train_vocab!r}")
+    if not Path(cfg.data).is_file():
+        raise MedusaError(f"distilled data {cfg.data} does not exist (run `medusa-train distill` first)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
