@@ -303,6 +303,7 @@ def test_medusa2_warmup_trains_heads_only(tmp_path):
     before = tiny_llama().state_dict()
     model, summary = run(steps=3, warmup=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "warm-up must leave the backbone untouched"
+    assert summary["greedy_identical_share"] == 1.0 and summary["drift_prompts"] > 0  # untouched: same answers
     from exporter.heads import load_heads
 
     heads = load_heads(tmp_path / "m2_3_3" / "heads", hidden_size=32, vocab_size=VOCAB)
