@@ -9,6 +9,7 @@ The reference below is a line-by-line numpy transcription of FasterDecoding/Medu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -316,3 +317,21 @@ def test_tree_configs_json_in_wheel(tmp_path, repo_root):
     assert len(shipped) >= 18
     assert shipped <= names, f"missing from the wheel: {sorted(shipped - names)}"
     assert {"runtime/tree.py", "runtime/decode.py", "exporter/heads.py", "tree_configs/__init__.py"} <= names
+
+    # installed from the wheel (no checkout on the path), trees load by name
+    target = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code = (
+        "import tree_configs, runtime.tree as t; "
+        "print(tree_configs.__file__); print(len(tree_configs.available())); print(t.load_tree('cpu_8').num_nodes)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(target)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    where, count, nodes = proc.stdout.split()
+    assert where.startswith(str(target)) and int(count) == len(shipped) and int(nodes) == 9
