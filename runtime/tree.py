@@ -174,12 +174,12 @@ def load_tree(spec: str | Path | Sequence[Sequence[int]] | Tree, num_heads: int 
 
     text = str(spec)
     path = Path(text)
-    if path.suffix == ".json" or path.exists():
+    if isinstance(spec, str) and text in tree_configs.available():  # a shipped name wins over a stray file
+        name, paths = _read_tree_file(tree_configs.path_of(text))
+    elif path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise TreeError(f"tree file {path} does not exist")
         name, paths = _read_tree_file(path)
-    elif text in tree_configs.available():
-        name, paths = _read_tree_file(tree_configs.path_of(text))
     else:
         raise TreeError(
             f"unknown tree {text!r}: give a name from tree_configs ({', '.join(tree_configs.available())}), "
