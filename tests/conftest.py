@@ -122,3 +122,24 @@ def tiny_export():
         return {"artifact": Path(out_dir), "model": model, "heads": heads, "num_heads": num_heads}
 
     return factory
+
+
+def make_wordlevel_tokenizer(vocab_size: int = 128):
+    """A fast tokenizer over the words ``t0 .. t{vocab_size-1}`` (t0 unk, t1 bos, t2 eos) with
+    a chat template: ``save_pretrained`` writes tokenizer.json, tokenizer_config.json and
+    chat_template.jinja like a real one. No file or network access."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def wordlevel_tokenizer():
+    """A 128-word fast tokenizer for tiny random models (see make_wordlevel_tokenizer)."""
+    return make_wordlevel_tokenizer(128)

@@ -1,0 +1,207 @@
+"""``medusa-export``: a Hugging Face model + Medusa heads -> an ONNX artifact folder.
+
+Also dispatches ``medusa-export trtexec ...`` and ``medusa-export build-engine ...`` to
+:mod:`exporter.trt_cli` (TensorRT recipes for an artifact that already exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+from runtime.errors import MedusaError
+
+SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
+
+DESCRIPTION = """\
+Export a Llama-family causal LM (Llama, Mistral, Qwen2; the embedded default
+smollm2-135m is a Llama) with its Medusa heads into an artifact folder that ONNX
+Runtime runs and that TensorRT (trtexec or the builder API) turns into engines.
+
+The folder holds:
+  model.onnx   backbone step, one graph for prefill, decode and tree verification
+               in : input_ids int64 [batch, new_tokens], position_ids int64 [batch, new_tokens],
+                    tree_mask bool [batch, new_tokens, new_tokens] (True = may attend; the
+                    cache is always visible), past_key_values.{i}.key|value
+                    [batch, past_sequence, kv_heads, head_dim]
+               out: logits [batch, new_tokens, vocab], hidden_states [batch, new_tokens, hidden],
+                    present.{i}.key|value [batch, new_tokens, kv_heads, head_dim] (new entries only)
+  heads.onnx   Medusa heads on one hidden state: hidden_states [batch, hidden]
+               -> medusa_logits [batch, heads, vocab]
+  tokenizer.json, tokenizer_config.json, chat_template.jinja, medusa_config.json
+
+Dynamic axes are named batch, new_tokens and past_sequence: these are the axes of a
+TensorRT optimization profile. Precision is baked into the ONNX file (--dtype float16;
+TensorRT 11 has no --fp16 builder flag). The mask is boolean: no -3.4e38 constants
+that overflow in fp16. Details: docs/graph_contract.md.
+
+Every export is validated (ONNX Runtime against PyTorch) before the folder appears;
+a failed or interrupted export leaves nothing behind.
+"""
+
+EPILOG = """\
+examples:
+  medusa-export smollm2-135m -o artifacts/smollm2                  (shipped heads)
+  medusa-export smollm2-135m --fresh-heads 4 -o /tmp/demo          (untrained heads, a demo)
+  medusa-export ./Qwen2-0.5B --heads ./medusa_lm_head.safetensors -o out --dtype float16
+  medusa-export trtexec out        TensorRT plan + trtexec commands for an artifact
+  medusa-export build-engine out   build the TensorRT engines with the Python API
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medusa-export",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="local Hugging Face model folder (config.json + *.safetensors), or smollm2-135m")
+    heads = p.add_mutually_exclusive_group()
+    heads.add_argument("--heads", metavar="HEADS",
+                       help="Medusa heads: a medusa-trt folder (medusa_heads.safetensors), a Medusa-1 "
+                            "medusa_lm_head.pt/.safetensors, or a Medusa-2 model folder. Default for "
+                            "smollm2-135m: the heads shipped with medusa-trt")
+    heads.add_argument("--fresh-heads", metavar="K", type=int,
+                       help="K untrained identity heads (each predicts what the backbone would): tests and demos")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="artifact folder to create")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="precision of weights, logits, hidden states and the KV cache in the graphs "
+                        "(input_ids/position_ids stay int64, tree_mask bool); default float32")
+    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset, 17-20 (default 18)")
+    p.add_argument("--external-data-threshold-mb", type=float, default=1024.0, metavar="N",
+                   help="store a graph's weights in <file>.onnx.data when they exceed N MB "
+                        "(protobuf cannot hold more than 2 GB; default 1024)")
+    p.add_argument("--tree", metavar="NAME",
+                   help="default tree recorded for the runtime (a name in tree_configs or a JSON file); "
+                        "default cpu_8, or chain_K with fewer than 4 heads")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="longest context the runtime sizes its KV cache for (default: the model's "
+                        "max_position_embeddings)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the ONNX Runtime vs PyTorch check (not recommended)")
+    return p
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _default_heads(model_arg: str) -> Path:
+    from exporter.models import DEFAULT_MODEL
+
+    if model_arg == DEFAULT_MODEL:
+        shipped = SHIPPED_HEADS / DEFAULT_MODEL
+        if shipped.is_dir() and any(shipped.iterdir()):
+            return shipped
+        raise MedusaError(
+            f"no Medusa heads given, and the heads shipped for {DEFAULT_MODEL} are not installed "
+            f"({shipped} is missing): pass --heads PATH, or --fresh-heads K for untrained heads"
+        )
+    raise MedusaError(
+        f"no Medusa heads given for {model_arg}: pass --heads PATH (a medusa-trt heads folder, "
+        "medusa_lm_head.pt/.safetensors, or a Medusa-2 model folder), or --fresh-heads K for untrained heads"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-tensor 'Loading weights' bar: our step lines report progress."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    from exporter.export import ExportOptions, check_options, check_out_dir, export_artifact, progress
+    from exporter.heads import fresh_heads, load_heads
+    from exporter.models import load_backbone
+
+    options = ExportOptions(
+        dtype=args.dtype,
+        opset=args.opset,
+        external_data_threshold_mb=args.external_data_threshold_mb,
+        tree=args.tree,
+        max_context=args.max_context,
+        force=args.force,
+        validate=not args.no_validate,
+        source_model=args.model,
+    )
+    check_options(options)
+    out = Path(args.output).expanduser().absolute()
+    check_out_dir(out, args.force)  # before minutes of work
+    if args.fresh_heads is not None and args.fresh_heads < 1:
+        raise MedusaError(f"--fresh-heads needs at least 1 head, got {args.fresh_heads}")
+    heads_path = None if args.fresh_heads is not None else (args.heads or _default_heads(args.model))
+
+    dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
+    with progress(_log, f"loading {args.model} ({args.dtype})"), _quiet_transformers():
+        try:
+            model, tokenizer, folder = load_backbone(args.model, dtype=args.dtype)
+        except MedusaError:
+            raise
+        except (OSError, ValueError) as e:  # a folder transformers cannot read: the user's to fix
+            raise MedusaError(f"cannot load the model {args.model}: {e}") from None
+    options.source_model = str(folder) if str(folder) == args.model else f"{args.model} ({folder})"
+    c = model.config
+    with progress(_log, "loading the Medusa heads" if heads_path else f"creating {args.fresh_heads} fresh heads"):
+        if heads_path is not None:
+            heads = load_heads(heads_path, hidden_size=c.hidden_size, vocab_size=c.vocab_size, dtype=dtype)
+        else:
+            heads = fresh_heads(args.fresh_heads, c.hidden_size, c.vocab_size).to(dtype)
+            heads.config.meta = {"layout": "fresh-identity", "source": f"--fresh-heads {args.fresh_heads}"}
+    return export_artifact(model, heads, out, options, tokenizer=tokenizer, log=_log)
+
+
+def _summary(out: Path, seconds: float) -> str:
+    import json
+
+    cfg = json.loads((out / "medusa_config.json").read_text())
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    lines = [f"artifact written to {out} in {seconds:.1f} s"]
+    lines += [f"  {p.name:<24} {p.stat().st_size / 2**20:9.1f} MiB" for p in files]
+    val = cfg["provenance"].get("validation", {})
+    if val.get("passed"):
+        lines.append("  validation: passed; max|diff| " + ", ".join(f"{k} {v:g}" for k, v in val["max_abs_diff"].items()))
+    else:
+        lines.append("  validation: skipped (--no-validate)")
+    lines.append(f"  default tree {cfg['default_tree']}, dtype {cfg['dtype']}, opset {cfg['opset']}; next: "
+                 f"medusa-export trtexec {out}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("trtexec", "build-engine"):
+        from exporter.trt_cli import main as trt_main
+
+        return trt_main(argv)
+    args = build_parser().parse_args(argv)
+    t = time.perf_counter()
+    try:
+        out = run(args)
+    except MedusaError as e:
+        print(f"medusa-export: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("medusa-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(_summary(out, time.perf_counter() - t))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,557 @@
+"""Export a backbone and its Medusa heads into a self-describing artifact folder.
+
+    artifact/
+      model.onnx (+ model.onnx.data)   exporter.step.BackboneStep (docs/graph_contract.md)
+      heads.onnx (+ heads.onnx.data)   exporter.step.HeadsStep
+      tokenizer.json, tokenizer_config.json, chat_template.jinja
+      medusa_config.json               runtime.artifact.ArtifactConfig
+
+:func:`export_artifact` writes everything into a hidden temporary folder next to
+``out_dir``, validates it there (ONNX Runtime against PyTorch, :mod:`exporter.validate`)
+and moves it into place with one ``os.replace`` at the very end: a failed or interrupted
+export leaves nothing half-written, and an existing artifact is replaced only with
+``force=True``.
+
+Exporter choice: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``).
+Both exporters give a graph that is correct for every shape on torch 2.13 /
+transformers 5.24 when traced with more than one new token and a non-empty cache, but
+
+* the dynamo exporter took 247 s for SmolLM2-135M on the 2-core CPU machine against
+  28-40 s for TorchScript (the slow test and every user pay that on each export);
+* the dynamo graph carries the additive-mask constant ``finfo(float32).min`` (-3.4e38,
+  which does not exist in fp16), while the TorchScript graph (with :func:`tracing_patches`)
+  keeps the boolean mask up to one ``Where(mask, scores, -inf)`` per layer inside
+  attention (-inf is exact in fp16);
+* transformers' SDPA glue computes ``is_causal = q_length > 1 and ...`` in Python, a
+  symbolic bool under dynamo (its own TODO says the exporter must cope); the tracer
+  evaluates it once for the example shape, which is what we want with a mask given.
+
+The TorchScript exporter supports opsets up to 20; TensorRT 10's ONNX parser takes 17-21,
+so the accepted range here is 17-20 (default 18).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from runtime.artifact import ArtifactConfig, GraphSpec
+from runtime.errors import ArtifactError, MedusaError
+
+BACKBONE_FILE = "model.onnx"
+HEADS_FILE = "heads.onnx"
+MIN_OPSET, MAX_OPSET = 17, 20  # TensorRT 10 parser: 17-21; TorchScript exporter: <= 20
+DEFAULT_OPSET = 18
+DEFAULT_EXTERNAL_DATA_THRESHOLD_MB = 1024.0
+# protobuf cannot hold a file past 2 GiB, and the TorchScript exporter stores a transposed
+# copy of a tied lm_head: thresholds above this act as this
+MAX_EXTERNAL_DATA_THRESHOLD_MB = 1536.0
+DEFAULT_TREE = "cpu_8"
+EXPORTER = "torchscript"
+# Example shapes the graphs are traced with. new_tokens > 1 and past_sequence > 0: with one
+# new token transformers' SDPA glue takes a decode-only GQA shortcut (pack_gqa) that would
+# be baked into the graph, and an empty past traces a different cache-concatenation path.
+TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 5, 3
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "float32"  # float32 | float16: logits, hidden states and the KV cache in the graphs
+    opset: int = DEFAULT_OPSET
+    # a graph whose weights exceed this many MB is saved with its tensors in ``<file>.data``
+    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB
+    tree: str | None = None  # default tree recorded in the artifact; None: cpu_8, or chain_K for K < 4 heads
+    max_context: int | None = None  # cap on the context the runtime sizes its cache for
+    force: bool = False  # replace an existing out_dir
+    validate: bool = True  # ONNX Runtime vs PyTorch before the artifact is moved into place
+    source_model: str | None = None  # provenance: what the user named (folder or smollm2-135m)
+    validation_trees: tuple[str, ...] = ("mc_sim_7b_63", "chain_3")
+    validation_threads: int | None = None  # cap torch/ORT threads while validating (None: as they are)
+
+
+# ---------------------------------------------------------------------------- I/O names
+
+
+def backbone_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Input names, output names and named dynamic axes of ``model.onnx``.
+
+    ``dynamic_axes[name]`` names the *leading* dimensions of the tensor, which are exactly
+    its dynamic ones; the trailing dimensions are fixed by the model (medusa_config.json).
+    """
+    from exporter.step import kv_names
+
+    past, present = kv_names(num_layers)
+    inputs = ["input_ids", "position_ids", "tree_mask", *past]
+    outputs = ["logits", "hidden_states", *present]
+    axes = {
+        "input_ids": ["batch", "new_tokens"],
+        "position_ids": ["batch", "new_tokens"],
+        "tree_mask": ["batch", "new_tokens", "new_tokens"],
+        **{name: ["batch", "past_sequence"] for name in past},
+        "logits": ["batch", "new_tokens"],
+        "hidden_states": ["batch", "new_tokens"],
+        **{name: ["batch", "new_tokens"] for name in present},
+    }
+    return inputs, outputs, axes
+
+
+def heads_io() -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Input names, output names and named dynamic axes of ``heads.onnx``."""
+    return ["hidden_states"], ["medusa_logits"], {"hidden_states": ["batch"], "medusa_logits": ["batch"]}
+
+
+def _torch_axes(axes: dict[str, list[str]]) -> dict[str, dict[int, str]]:
+    return {name: dict(enumerate(names)) for name, names in axes.items()}
+
+
+# ---------------------------------------------------------------------------- patches
+
+
+@contextlib.contextmanager
+def tracing_patches(model) -> Iterator[None]:
+    """What tracing needs, restored on exit (the eager behaviour of step.py is untouched).
+
+    * the model runs in eval mode with SDPA attention (the implementation BackboneStep's
+      4-D boolean mask is written for);
+    * transformers' ``use_gqa_in_sdpa`` answers False, so grouped-query attention is
+      traced as an explicit ``repeat_kv`` (Expand + Reshape, which every ONNX consumer
+      runs) instead of ``scaled_dot_product_attention(enable_gqa=True)``;
+      ``TRANSFORMERS_SDPA_FORCE_GQA`` is ignored for the same reason;
+    * ``torch.nn.functional.scaled_dot_product_attention`` is replaced by
+      :func:`_traceable_sdpa`, the same math written with ops whose dtype follows the
+      model: the TorchScript symbolic for SDPA builds its boolean-mask constants (0 and
+      -inf) in float32 whatever the model's dtype, so an fp16 export came out with every
+      attention in float32 and every ``o_proj`` weight promoted to float32;
+    * gradients are off and the TorchScript tracer's warnings (shape-to-int conversions
+      that are expected here) are silenced.
+    """
+    import torch
+    from transformers.integrations import sdpa_attention
+
+    config = getattr(model, "config", None)
+    configs = [] if config is None else [config, *[getattr(config, k, None) for k in getattr(config, "sub_configs", {}) or {}]]
+    saved_impl = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
+    saved_training = model.training
+    saved_gqa = sdpa_attention.use_gqa_in_sdpa
+    saved_sdpa = torch.nn.functional.scaled_dot_product_attention
+    saved_env = os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+    try:
+        for c, _ in saved_impl:
+            c._attn_implementation = "sdpa"
+        model.eval()
+        sdpa_attention.use_gqa_in_sdpa = lambda *a, **k: False
+        torch.nn.functional.scaled_dot_product_attention = _traceable_sdpa(saved_sdpa)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = saved_gqa
+        torch.nn.functional.scaled_dot_product_attention = saved_sdpa
+        for c, impl in saved_impl:
+            c._attn_implementation = impl
+        model.train(saved_training)
+        if saved_env is not None:
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = saved_env
+
+
+def _traceable_sdpa(original):
+    """SDPA with a boolean mask as ``MatMul -> Where(mask, scores, -inf) -> Softmax -> MatMul``.
+
+    q and k are each scaled by sqrt(scale) before the product (as torch's math kernel
+    does, to keep fp16 scores in range); masking and softmax run in float32 and the
+    probabilities are cast back to the model's dtype, so an fp16 graph keeps its matmuls
+    and weights in fp16 and its only special constant is -inf (exact in fp16; no
+    ``finfo.min``). Every row sees at least itself, so no row is all -inf. Calls this does
+    not cover (no mask, a float mask, causal, dropout, enable_gqa) go to ``original``.
+    """
+    import math
+
+    import torch
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if attn_mask is None or attn_mask.dtype != torch.bool or is_causal or dropout_p or enable_gqa:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa)
+        s = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
+        scores = torch.matmul(query * s, key.transpose(-2, -1) * s)
+        if scores.dtype != torch.float32:
+            scores = scores.to(torch.float32)
+        scores = torch.where(attn_mask, scores, torch.tensor(float("-inf"), dtype=torch.float32))
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        return torch.matmul(probs, value)
+
+    return sdpa
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def progress(log: Log | None, what: str) -> Iterator[None]:
+    """``[medusa-export] what ...`` then ``... done (12.3 s)`` (or ``failed``)."""
+    if log is None:
+        yield
+        return
+    log(f"[medusa-export] {what} ...")
+    t = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        log(f"[medusa-export] {what}: failed after {time.perf_counter() - t:.1f} s")
+        raise
+    log(f"[medusa-export] {what}: done ({time.perf_counter() - t:.1f} s)")
+
+
+# ---------------------------------------------------------------------------- tracing
+
+
+def example_inputs(model, batch: int = TRACE_BATCH, past: int = TRACE_PAST, new: int = TRACE_NEW, seed: int = 0):
+    """Inputs of BackboneStep with ``past`` cached and ``new`` new tokens (causal mask)."""
+    import torch
+
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, c.vocab_size, (batch, new), generator=g)
+    pos = (past + torch.arange(new)).expand(batch, new).contiguous()
+    mask = torch.tril(torch.ones(new, new, dtype=torch.bool)).expand(batch, new, new).contiguous()
+    cache = [torch.randn(batch, past, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2 * c.num_hidden_layers)]
+    return (ids, pos, mask, *cache)
+
+
+def _trace(module, args, path: Path, inputs, outputs, axes, opset: int) -> None:
+    import torch
+
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=_torch_axes(axes),
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
+    )
+
+
+def _weights_bytes(module) -> int:
+    """Bytes of the distinct tensors (tied weights once) a module's graph will hold."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _finalize(scratch: Path, final: Path, weights_bytes: int, threshold_bytes: float, log: Log | None) -> dict:
+    """Move a traced graph into place; with its tensors in ``<final>.data`` when the weights
+    exceed the threshold (or when the tracer already had to split them, past 2 GiB)."""
+    import onnx
+
+    split_by_tracer = any(p.name != scratch.name for p in scratch.parent.iterdir())
+    threshold_bytes = min(threshold_bytes, MAX_EXTERNAL_DATA_THRESHOLD_MB * 2**20)
+    external = split_by_tracer or weights_bytes > threshold_bytes
+    if not external:
+        os.replace(scratch, final)
+    else:
+        model = onnx.load(str(scratch), load_external_data=True)
+        onnx.save_model(
+            model,
+            str(final),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=final.name + ".data",
+            size_threshold=1024,
+        )
+        del model
+    onnx.checker.check_model(str(final))
+    files = {final.name: final.stat().st_size}
+    data = final.with_name(final.name + ".data")
+    if data.exists():
+        files[data.name] = data.stat().st_size
+    if log:
+        sizes = ", ".join(f"{n} {s / 2**20:.1f} MiB" for n, s in files.items())
+        log(f"[medusa-export]   wrote {sizes}" + (" (external data)" if external else ""))
+    return files
+
+
+def export_backbone(model, path: Path, opset: int = DEFAULT_OPSET,
+                    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB, log: Log | None = None) -> dict:
+    """Trace BackboneStep(model) into ``path`` (+ ``path.data``); returns {file: bytes}."""
+    from exporter.step import BackboneStep
+
+    path = Path(path)
+    inputs, outputs, axes = backbone_io(model.config.num_hidden_layers)
+    scratch = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
+    try:
+        with tracing_patches(model):
+            step = BackboneStep(model).eval()
+            with progress(log, f"tracing the backbone ({model.config.num_hidden_layers} layers, opset {opset})"):
+                _trace(step, example_inputs(model), scratch / path.name, inputs, outputs, axes, opset)
+        with progress(log, f"saving {path.name}"):
+            return _finalize(scratch / path.name, path, _weights_bytes(model), external_data_threshold_mb * 2**20, log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_heads(heads, lm_head, path: Path, opset: int = DEFAULT_OPSET,
+                 external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB, log: Log | None = None) -> dict:
+    """Trace HeadsStep(heads, lm_head) into ``path`` (+ ``path.data``); returns {file: bytes}."""
+    import torch
+
+    from exporter.step import HeadsStep
+
+    path = Path(path)
+    inputs, outputs, axes = heads_io()
+    dtype = lm_head.weight.dtype
+    hidden = torch.randn(TRACE_BATCH, heads.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    scratch = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
+    try:
+        step = HeadsStep(heads, lm_head).eval()
+        with tracing_patches(step):
+            with progress(log, f"tracing the Medusa heads ({heads.config.num_heads} heads)"):
+                _trace(step, (hidden,), scratch / path.name, inputs, outputs, axes, opset)
+        with progress(log, f"saving {path.name}"):
+            return _finalize(scratch / path.name, path, _weights_bytes(step), external_data_threshold_mb * 2**20, log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- artifact
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("medusa-trt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "safetensors", "tokenizers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def check_options(options: ExportOptions) -> None:
+    if options.dtype not in ("float32", "float16"):
+        raise MedusaError(f"unsupported dtype {options.dtype!r}: use float32 or float16")
+    if not (MIN_OPSET <= options.opset <= MAX_OPSET):
+        raise MedusaError(
+            f"opset {options.opset} is not supported: use {MIN_OPSET}-{MAX_OPSET} (TensorRT 10's ONNX parser reads "
+            f"17-21; the TorchScript exporter writes up to {MAX_OPSET})"
+        )
+    if options.external_data_threshold_mb < 0:
+        raise MedusaError("--external-data-threshold-mb must be >= 0")
+    if options.max_context is not None and options.max_context < 1:
+        raise MedusaError(f"--max-context must be at least 1, got {options.max_context}")
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise ArtifactError(f"{out_dir} already exists; pass --force (force=True) to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArtifactError(f"{out_dir} exists and is not a folder; remove it or choose another output folder")
+    if out_dir.parent.exists() and not out_dir.parent.is_dir():
+        raise ArtifactError(f"cannot write {out_dir}: {out_dir.parent} is not a folder")
+
+
+def resolve_tree(options: ExportOptions, num_heads: int):
+    """The artifact's default tree: ``options.tree``, else cpu_8 (chain_K when K < 4 heads)."""
+    from runtime.tree import load_tree
+
+    name = options.tree
+    if name is None:
+        name = DEFAULT_TREE if num_heads >= load_tree(DEFAULT_TREE).depth else f"chain_{max(1, min(num_heads, 5))}"
+    return load_tree(name, num_heads=num_heads if num_heads > 0 else None)
+
+
+def sliding_window(config) -> int | None:
+    """The sliding window transformers' DynamicCache applies to this config, or None.
+
+    BackboneStep builds ``DynamicCache(config=...)``; a sliding-window layer keeps only the
+    last ``window - 1`` positions, so ``present`` (and with it the graph) is right only while
+    ``past_sequence + new_tokens <= window - 1``. The exporter caps ``max_context`` there.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    windows = [layer.sliding_window for layer in DynamicCache(config=config).layers
+               if isinstance(layer, DynamicSlidingWindowLayer)]
+    return min(windows) if windows else None
+
+
+def _cast(module, dtype):
+    """``module`` in ``dtype``: itself when it already is, else a converted copy (the caller's
+    model is never changed)."""
+    p = next(module.parameters(), None)
+    if p is None or p.dtype == dtype:
+        return module
+    return copy.deepcopy(module).to(dtype)
+
+
+def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | None = None, *,
+                    tokenizer=None, log: Log | None = None) -> Path:
+    """Export ``model`` (a Llama-family *ForCausalLM) and ``heads`` (MedusaHeads) into ``out_dir``.
+
+    ``tokenizer`` is saved into the artifact (loaded from ``options.source_model`` when
+    not given). Returns ``out_dir``. Nothing exists at ``out_dir`` unless everything,
+    validation included, succeeded.
+    """
+    import torch
+
+    from exporter.validate import validate_artifact
+    from runtime.artifact import read_artifact
+    from runtime.torch_backend import spec_from_hf
+
+    from exporter.models import SUPPORTED_ARCHITECTURES
+
+    options = options or ExportOptions()
+    check_options(options)
+    if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+        raise MedusaError(
+            f"{type(model).__name__} is not supported; medusa-trt exports {', '.join(SUPPORTED_ARCHITECTURES)} "
+            "(the Llama family)"
+        )
+    out_dir = Path(out_dir).expanduser().absolute()
+    check_out_dir(out_dir, options.force)
+    if heads.config.hidden_size != model.config.hidden_size or heads.config.vocab_size != model.config.vocab_size:
+        raise MedusaError(
+            f"Medusa heads (hidden {heads.config.hidden_size}, vocabulary {heads.config.vocab_size}) do not fit the "
+            f"backbone (hidden {model.config.hidden_size}, vocabulary {model.config.vocab_size})"
+        )
+    tree = resolve_tree(options, heads.config.num_heads)
+    spec = spec_from_hf(model, heads)
+    if options.max_context is not None:
+        if options.max_context > spec.max_context:
+            raise MedusaError(
+                f"--max-context {options.max_context} exceeds the model's max_position_embeddings {spec.max_context}"
+            )
+        spec.max_context = options.max_context
+    window = sliding_window(model.config)
+    if window is not None and spec.max_context > window - 1:
+        if options.max_context is not None:
+            raise MedusaError(
+                f"--max-context {options.max_context} exceeds what this model's sliding-window cache holds "
+                f"({window - 1} tokens: sliding_window {window}); use --max-context {window - 1} or less"
+            )
+        if log:
+            log(f"[medusa-export] sliding_window {window}: max_context capped at {window - 1} tokens "
+                f"(the graph contract has no sliding-window mask)")
+        spec.max_context = window - 1
+    if tokenizer is None:
+        if options.source_model is None:
+            raise MedusaError("export_artifact needs the tokenizer (or options.source_model to load it from)")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(options.source_model))
+
+    dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
+    model = _cast(model, dtype)
+    heads = _cast(heads, dtype)
+
+    started = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        files = {}
+        files.update(export_backbone(model, tmp / BACKBONE_FILE, options.opset, options.external_data_threshold_mb, log))
+        files.update(export_heads(heads, model.lm_head, tmp / HEADS_FILE, options.opset, options.external_data_threshold_mb, log))
+        with progress(log, "saving the tokenizer and medusa_config.json"):
+            tokenizer.save_pretrained(str(tmp))
+            if not (tmp / "tokenizer.json").is_file():
+                raise ArtifactError(
+                    "the tokenizer has no fast (tokenizer.json) form; the torch-free runtime needs tokenizer.json"
+                )
+            b_in, b_out, b_axes = backbone_io(spec.num_layers)
+            h_in, h_out, h_axes = heads_io()
+            opts = {k: v for k, v in asdict(options).items() if k not in ("force",)}
+            opts["validation_trees"] = list(options.validation_trees)
+            config = ArtifactConfig(
+                model=spec,
+                backbone=GraphSpec(BACKBONE_FILE, b_in, b_out, b_axes),
+                heads=GraphSpec(HEADS_FILE, h_in, h_out, h_axes),
+                dtype=options.dtype,
+                opset=options.opset,
+                default_tree=tree.name,
+                default_tree_paths=[list(p) for p in tree.paths],
+                provenance={
+                    "source_model": str(options.source_model) if options.source_model else getattr(
+                        model.config, "_name_or_path", None),
+                    "heads": {
+                        "num_heads": heads.config.num_heads,
+                        "num_layers": heads.config.num_layers,
+                        "shared_lm_head": heads.config.shared_lm_head,
+                        "layout": heads.config.meta.get("layout"),
+                        "source": heads.config.meta.get("source"),
+                        "meta": heads.config.meta,
+                    },
+                    "exporter": f"torch.onnx.export(dynamo=False) [{EXPORTER}]",
+                    "export_options": opts,
+                    "versions": _versions(),
+                    "files": files,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
+            config.write(tmp)
+            read_artifact(tmp)  # the runtime must accept what was written
+        if options.validate:
+            with progress(log, "validating ONNX Runtime against PyTorch"):
+                report = validate_artifact(tmp, model, heads, trees=options.validation_trees, log=log,
+                                           threads=options.validation_threads)
+            config.provenance["validation"] = report.summary()
+        else:
+            config.provenance["validation"] = {"skipped": True}
+        config.provenance["export_seconds"] = round(time.perf_counter() - started, 1)
+        config.write(tmp)
+        _public(tmp)
+        with progress(log, f"moving the artifact into place at {out_dir}"):
+            _move_into_place(tmp, out_dir, options.force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _public(folder: Path) -> None:
+    """mkdtemp makes 0700 folders (and onnx 0600 data files): give the artifact the
+    permissions of anything else the user creates (umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for p in folder.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    if not force:  # appeared while exporting
+        raise ArtifactError(f"{out_dir} appeared while exporting; pass --force to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    try:
+        os.replace(out_dir, old / "artifact")
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            os.replace(old / "artifact", out_dir)  # put the previous artifact back
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,287 @@
+"""Validate an exported artifact: ONNX Runtime against the PyTorch graph-contract modules.
+
+Every output of ``model.onnx`` (logits, hidden_states, every ``present.{i}.key|value``)
+and of ``heads.onnx`` (medusa_logits) is compared with what :class:`exporter.step.BackboneStep`
+and :class:`exporter.step.HeadsStep` compute eagerly on the same inputs, for batch 1 and 2:
+
+* ``prefill``   empty cache, 8 new tokens, causal mask;
+* ``decode``    the prefill's cache, one new token (a plain autoregressive step);
+* ``tree NAME`` the prefill's cache and the tree's nodes (``mc_sim_7b_63``: 64 nodes,
+  ``chain_3``: 4 nodes), the tree's attention mask and position ids;
+* ``tree NAME, empty cache``  the same tree with nothing cached;
+* ``heads``     the Medusa heads on the prefill's and the decode step's last hidden state.
+
+The cache handed to every step is PyTorch's, so each comparison measures one step's error.
+float32: a tensor passes when ``max|onnx - torch| <= atol + rtol * max|torch|`` (see
+:data:`TOLERANCES`). float16: both fp16 runs are compared with the truth they approximate,
+the same fp16 weights and inputs computed in float32; ONNX Runtime passes when its
+distance from that is within the float16 tolerance or at most :data:`FP16_FACTOR` times
+PyTorch fp16's own distance (on 30-layer SmolLM2 fed random tokens, fp16 rounding alone
+moves logits by ~1, which no fixed tolerance separates from a broken graph). The top-1 token of the backbone's logits must agree at every position;
+a disagreement is tolerated only where PyTorch's own top two logits are within the
+tolerance of each other (a tie that no backend can be expected to break the same way).
+Each comparison is logged PASS/FAIL with its max abs difference; all failures are raised
+together as one :class:`runtime.errors.ValidationError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from runtime.errors import ValidationError
+
+# (atol, rtol): a tensor passes when max|diff| <= atol + rtol * max|reference|.
+TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2)}
+# float16: ONNX Runtime may be this many times as far from the float32 result as PyTorch fp16 is
+FP16_FACTOR = 2.0
+DEFAULT_TREES = ("mc_sim_7b_63", "chain_3")
+_NP = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class Check:
+    case: str
+    output: str
+    max_abs: float
+    tol: float
+    passed: bool
+    detail: str = ""
+
+    def line(self) -> str:
+        if self.output.startswith("top-1"):
+            gap = f" (PyTorch logit gap at a disagreement {self.max_abs:.3g}, tol {self.tol:.3g})" if self.max_abs else ""
+            return f"{'PASS' if self.passed else 'FAIL'}  {self.case:<34} {self.output:<28} {self.detail}{gap}"
+        extra = f"  {self.detail}" if self.detail else ""
+        return (f"{'PASS' if self.passed else 'FAIL'}  {self.case:<34} {self.output:<28} "
+                f"max|diff| {self.max_abs:.3g} (tol {self.tol:.3g}){extra}")
+
+    def __str__(self) -> str:
+        return f"{self.case}: {self.output} max|diff| {self.max_abs:.3g} > tol {self.tol:.3g}{'; ' + self.detail if self.detail else ''}"
+
+
+@dataclass
+class ValidationReport:
+    dtype: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def max_abs(self) -> dict[str, float]:
+        """Largest difference per output family (logits, hidden_states, present, medusa_logits)."""
+        out: dict[str, float] = {}
+        for c in self.checks:
+            if c.output.startswith("top-1"):
+                continue
+            key = "present" if c.output.startswith("present") else c.output
+            out[key] = max(out.get(key, 0.0), c.max_abs)
+        return out
+
+    def summary(self) -> dict:
+        return {
+            "passed": self.ok,
+            "checks": len(self.checks),
+            "failures": [str(c) for c in self.failures],
+            "max_abs_diff": {k: float(f"{v:.3g}") for k, v in self.max_abs().items()},
+            "tolerance": dict(zip(("atol", "rtol"), TOLERANCES[self.dtype])),
+        }
+
+
+def _session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # no busy-waiting worker threads: validation shares the machine with PyTorch
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _tol(ref: np.ndarray, dtype: str) -> float:
+    atol, rtol = TOLERANCES[dtype]
+    return atol + rtol * (float(np.abs(ref).max()) if ref.size else 0.0)
+
+
+def _diff(got: np.ndarray, ref: np.ndarray) -> float:
+    if got.shape != ref.shape:
+        return float("inf")
+    if not ref.size:
+        return 0.0
+    d = np.abs(got.astype(np.float32) - ref.astype(np.float32))
+    return float(np.nan_to_num(d, nan=np.inf).max())
+
+
+def validate_artifact(
+    folder: str | Path,
+    model,
+    heads,
+    *,
+    trees: Sequence[str] = DEFAULT_TREES,
+    batches: Sequence[int] = (1, 2),
+    prompt_len: int = 8,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    verbose: bool = False,
+    raise_on_failure: bool = True,
+    threads: int | None = None,
+) -> ValidationReport:
+    """Compare the artifact in ``folder`` with ``model`` / ``heads`` run eagerly.
+
+    ``model`` and ``heads`` are the exported modules (cast to the artifact's dtype when
+    they are not). Logs one line per comparison (present tensors: one line per case for
+    all layers, naming the worst, unless ``verbose``). Raises ValidationError listing every
+    failure unless ``raise_on_failure`` is False. ``threads`` caps PyTorch's and ONNX
+    Runtime's threads for the duration (on a shared or oversubscribed machine 1 is much
+    faster than OpenMP's spinning workers).
+    """
+    import torch
+
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _validate(folder, model, heads, trees=trees, batches=batches, prompt_len=prompt_len, seed=seed,
+                         log=log, verbose=verbose, raise_on_failure=raise_on_failure, threads=threads)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, verbose, raise_on_failure,
+              threads) -> ValidationReport:
+    import copy
+
+    import torch
+
+    from exporter.export import _cast
+    from exporter.step import BackboneStep, HeadsStep
+    from runtime.artifact import read_artifact
+    from runtime.tree import load_tree
+
+    folder = Path(folder)
+    config = read_artifact(folder)
+    dtype = config.dtype
+    tdtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    model = _cast(model, tdtype).eval()
+    heads = _cast(heads, tdtype).eval()
+    step = BackboneStep(model).eval()
+    heads_step = HeadsStep(heads, model.lm_head).eval()
+    fp16 = dtype == "float16"
+    if fp16:  # the same (fp16-rounded) weights computed in float32: the truth both fp16 runs approximate
+        model32 = copy.deepcopy(model).float()
+        step32 = BackboneStep(model32).eval()
+        heads_step32 = HeadsStep(copy.deepcopy(heads).float(), model32.lm_head).eval()
+    backbone = _session(folder / config.backbone.file, threads)
+    heads_sess = _session(folder / config.heads.file, threads)
+    b_in, b_out = config.backbone.inputs, config.backbone.outputs
+    spec = config.model
+    npdt = _NP[dtype]
+    report = ValidationReport(dtype)
+    say = log or (lambda s: None)
+
+    def add(check: Check, quiet: bool = False) -> None:
+        report.checks.append(check)
+        if not quiet or not check.passed:
+            say("[medusa-export]   " + check.line())
+
+    def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, ref32: np.ndarray | None) -> Check:
+        """float32: ONNX vs PyTorch. float16: ONNX fp16 vs the float32 truth, allowed up to
+        FP16_FACTOR times PyTorch fp16's own distance from it (or the plain tolerance)."""
+        if ref32 is None:
+            d, tol = _diff(got, ref), _tol(ref, dtype)
+            return Check(case, name, d, tol, d <= tol)
+        d, d_torch = _diff(got, ref32), _diff(ref, ref32)
+        tol = max(_tol(ref32, dtype), FP16_FACTOR * d_torch)
+        return Check(case, name, d, tol, d <= tol, f"vs float32; PyTorch fp16 {d_torch:.3g}")
+
+    def torch_run(fn, args: list[np.ndarray], to32: bool = False) -> list[np.ndarray]:
+        tensors = [torch.from_numpy(a.astype(np.float32) if to32 and a.dtype == np.float16 else a) for a in args]
+        with torch.inference_mode():
+            out = fn(*tensors)
+        return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
+
+    def run_backbone(case: str, ids, pos, mask, past) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        ref = torch_run(step, [ids, pos, mask, *past])
+        ref32 = torch_run(step32, [ids, pos, mask, *past], to32=True) if fp16 else [None] * len(ref)
+        got = backbone.run(None, dict(zip(b_in, [ids, pos, mask, *past])))
+        # logits and hidden states: one line each
+        checks = [compare(case, name, g, r, r32) for name, g, r, r32 in zip(b_out[:2], got[:2], ref[:2], ref32[:2])]
+        for c in checks:
+            add(c)
+        # presents: every tensor checked, one summary line per case (all lines when verbose)
+        presents = []
+        for name, g, r, r32 in zip(b_out[2:], got[2:], ref[2:], ref32[2:]):
+            presents.append(compare(case, name, g, r, r32))
+            add(presents[-1], quiet=not verbose)
+        if presents and not verbose:
+            worst = max(presents, key=lambda c: c.max_abs / max(c.tol, 1e-30))
+            bad = sum(not c.passed for c in presents)
+            label = f"present.* ({len(presents)} tensors)"
+            say(f"[medusa-export]   {'FAIL' if bad else 'PASS'}  {case:<34} {label:<28} "
+                f"max|diff| {max(c.max_abs for c in presents):.3g} (closest to tol: {worst.output}, "
+                f"{worst.max_abs:.3g} vs {worst.tol:.3g})")
+        # top-1 of the verified logits (float16: against the float32 truth, within the logits' tolerance)
+        r = (ref32[0] if fp16 else ref[0]).astype(np.float32)
+        g = got[0].astype(np.float32)
+        if r.shape == g.shape and r.size:
+            rt, gt = r.argmax(-1), g.argmax(-1)
+            differ = rt != gt
+            ref_best = np.take_along_axis(r, rt[..., None], -1)[..., 0]
+            ref_at_got = np.take_along_axis(r, gt[..., None], -1)[..., 0]
+            gap = ref_best - ref_at_got
+            tol = checks[0].tol  # the logits' tolerance
+            real = differ & (gap > tol)
+            ties = int((differ & ~real).sum())
+            total = rt.size
+            detail = f"{total - int(differ.sum())}/{total} positions agree" + (f", {ties} near-ties" if ties else "")
+            add(Check(case, "top-1(logits)", float(gap.max()) if differ.any() else 0.0, tol, not real.any(), detail))
+        return got, ref
+
+    def run_heads(case: str, hidden: np.ndarray) -> None:
+        ref = torch_run(heads_step, [hidden])[0]
+        ref32 = torch_run(heads_step32, [hidden], to32=True)[0] if fp16 else None
+        (got,) = heads_sess.run(None, {config.heads.inputs[0]: hidden})
+        add(compare(case, config.heads.outputs[0], got, ref, ref32))
+
+    rng = np.random.default_rng(seed)
+    kv_shape = (spec.num_kv_heads, spec.head_dim)
+    for b in batches:
+        empty = [np.zeros((b, 0, *kv_shape), dtype=npdt) for _ in range(2 * spec.num_layers)]
+        n = prompt_len
+        ids = rng.integers(0, spec.vocab_size, (b, n), dtype=np.int64)
+        pos = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
+        mask = np.broadcast_to(np.tril(np.ones((n, n), dtype=bool)), (b, n, n)).copy()
+        _, ref = run_backbone(f"prefill b={b} new={n}", ids, pos, mask, empty)
+        cache = [np.ascontiguousarray(p) for p in ref[2:]]
+        run_heads(f"heads b={b} (after prefill)", np.ascontiguousarray(ref[1][:, -1]))
+
+        nxt = ref[0][:, -1].astype(np.float32).argmax(-1).astype(np.int64)[:, None]
+        _, ref = run_backbone(f"decode b={b} past={n} new=1", nxt, np.full((b, 1), n, dtype=np.int64),
+                              np.ones((b, 1, 1), dtype=bool), cache)
+        run_heads(f"heads b={b} (after decode)", np.ascontiguousarray(ref[1][:, -1]))
+
+        for name in trees:
+            tree = load_tree(name)
+            m = tree.num_nodes
+            t_ids = rng.integers(0, spec.vocab_size, (b, m), dtype=np.int64)
+            t_mask = np.broadcast_to(tree.attn_mask, (b, m, m)).copy()
+            for past, past_len, label in ((cache, n, f"past={n}"), (empty, 0, "empty cache")):
+                t_pos = np.broadcast_to(past_len + tree.position_ids.astype(np.int64), (b, m)).copy()
+                run_backbone(f"tree {name} b={b} {label}", t_ids, t_pos, t_mask, past)
+
+    if report.ok:
+        mx = ", ".join(f"{k} {v:.3g}" for k, v in report.max_abs().items())
+        say(f"[medusa-export]   validation passed: {len(report.checks)} comparisons; max|diff| {mx}")
+    elif raise_on_failure:
+        raise ValidationError(report.failures)
+    return report

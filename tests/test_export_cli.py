@@ -1,0 +1,204 @@
+"""``medusa-export`` command line: a run on a tiny model folder, --help, and user errors
+(exit 1, one paragraph on stderr, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter import cli
+from exporter.heads import fresh_heads, save_heads
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, wordlevel_tokenizer) -> Path:
+    """A tiny random Llama saved as a Hugging Face folder (config, safetensors, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    model.save_pretrained(str(folder))
+    wordlevel_tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *phrases):
+    assert code == 1
+    assert "Traceback" not in err
+    assert "medusa-export: error:" in err
+    before, text = err.split("medusa-export: error:", 1)
+    # progress lines (if any) come first; the error is the last thing printed, one paragraph
+    assert all(line.startswith("[medusa-export]") for line in before.splitlines()), before
+    text = text.strip()
+    assert text and "\n\n" not in text
+    for p in phrases:
+        assert p in text, (p, text)
+
+
+def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    code, stdout, stderr = run_cli([model_folder, "--fresh-heads", "2", "-o", out, "--max-context", "128"], capsys)
+    assert code == 0, stderr
+    for step in ("loading", "tracing the backbone", "saving model.onnx", "tracing the Medusa heads",
+                 "validating ONNX Runtime against PyTorch", "validation passed"):
+        assert step in stderr, step
+    assert "done (" in stderr  # a step line with elapsed seconds
+    assert f"artifact written to {out}" in stdout and "model.onnx" in stdout and "validation: passed" in stdout
+    cfg = json.loads((out / "medusa_config.json").read_text())
+    assert cfg["model"]["max_context"] == 128 and cfg["model"]["num_medusa_heads"] == 2
+    assert cfg["default_tree"] == "chain_2"
+    assert cfg["provenance"]["heads"]["layout"] == "fresh-identity"
+    assert cfg["provenance"]["source_model"] == str(model_folder)
+
+
+def test_export_with_saved_heads_fp16_no_validate(model_folder, tmp_path, capsys):
+    heads = fresh_heads(4, 32, 128, num_layers=1)
+    save_heads(heads, tmp_path / "heads", meta={"trained_on": "nothing"})
+    out = tmp_path / "artifact"
+    code, stdout, stderr = run_cli([model_folder, "--heads", tmp_path / "heads", "-o", out, "--dtype", "float16",
+                                    "--tree", "cpu_4", "--no-validate", "--opset", "17",
+                                    "--external-data-threshold-mb", "0"], capsys)
+    assert code == 0, stderr
+    assert "validating" not in stderr and "validation: skipped" in stdout
+    cfg = json.loads((out / "medusa_config.json").read_text())
+    assert cfg["dtype"] == "float16" and cfg["opset"] == 17 and cfg["default_tree"] == "cpu_4"
+    assert cfg["provenance"]["heads"]["layout"] == "medusa-trt"
+    assert cfg["provenance"]["heads"]["meta"]["trained_on"] == "nothing"
+    assert cfg["provenance"]["validation"] == {"skipped": True}
+    assert (out / "model.onnx.data").is_file() and (out / "heads.onnx.data").is_file()
+
+
+def test_existing_output_needs_force(model_folder, tmp_path, capsys):
+    out = tmp_path / "artifact"
+    out.mkdir()
+    code, _, err = run_cli([model_folder, "--fresh-heads", "1", "-o", out], capsys)
+    assert_user_error(code, err, "already exists", "--force")
+    code, _, err = run_cli([model_folder, "--fresh-heads", "1", "-o", out, "--force", "--no-validate"], capsys)
+    assert code == 0, err
+    assert (out / "model.onnx").is_file()
+
+
+def test_no_such_model_folder(tmp_path, capsys):
+    code, _, err = run_cli([tmp_path / "nope", "--fresh-heads", "2", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "not found", "smollm2-135m")
+    assert not (tmp_path / "out").exists()
+
+
+def test_heads_that_do_not_match(model_folder, tmp_path, capsys):
+    save_heads(fresh_heads(2, 16, 128), tmp_path / "small-heads")
+    code, _, err = run_cli([model_folder, "--heads", tmp_path / "small-heads", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "do not fit the backbone", "16", "32")
+    code, _, err = run_cli([model_folder, "--heads", tmp_path / "missing", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    code, _, err = run_cli([folder, "--fresh-heads", "2", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "GPT2LMHeadModel", "not supported", "LlamaForCausalLM")
+
+
+def test_folder_without_weights(tmp_path, model_folder, capsys):
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text((model_folder / "config.json").read_text())
+    code, _, err = run_cli([folder, "--fresh-heads", "2", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "cannot load the model")
+
+
+def test_missing_heads_and_bad_options(model_folder, tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli([model_folder, "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "no Medusa heads given", "--heads", "--fresh-heads")
+    monkeypatch.setattr(cli, "SHIPPED_HEADS", tmp_path / "no-shipped-heads")
+    code, _, err = run_cli(["smollm2-135m", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "shipped", "--fresh-heads")
+    code, _, err = run_cli([model_folder, "--fresh-heads", "2", "-o", tmp_path / "out", "--opset", "21"], capsys)
+    assert_user_error(code, err, "opset 21", "17-20")
+    code, _, err = run_cli([model_folder, "--fresh-heads", "2", "-o", tmp_path / "out", "--tree", "cpu_8"], capsys)
+    assert_user_error(code, err, "needs 4 Medusa heads")
+    code, _, err = run_cli([model_folder, "--fresh-heads", "0", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "at least 1 head")
+    with pytest.raises(SystemExit) as e:  # argparse: usage error, exit 2
+        cli.main([str(model_folder), "--heads", "x", "--fresh-heads", "2", "-o", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_trt_subcommands_are_dispatched(monkeypatch):
+    import types
+
+    seen = []
+    fake = types.ModuleType("exporter.trt_cli")
+    fake.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "exporter.trt_cli", fake)
+    assert cli.main(["trtexec", "some/artifact"]) == 7
+    assert cli.main(["build-engine", "x", "--flag"]) == 7
+    assert seen == [["trtexec", "some/artifact"], ["build-engine", "x", "--flag"]]
+
+
+def test_help_in_a_subprocess():
+    exe = Path(sys.executable).parent / "medusa-export"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "exporter.cli"]
+    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    for phrase in ("MODEL", "--heads", "--fresh-heads", "--dtype", "--opset", "--external-data-threshold-mb",
+                   "--tree", "--max-context", "--force", "--no-validate", "tree_mask", "past_key_values",
+                   "present", "new_tokens", "past_sequence", "trtexec"):
+        assert phrase in r.stdout, phrase
+
+
+def _polygraphy(*args, cwd):
+    exe = Path(sys.executable).parent / "polygraphy"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "polygraphy.tools._main"]
+    r = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "PASSED" in r.stdout + r.stderr
+    return r.stdout + r.stderr
+
+
+def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
+    """docs/graph_contract.md: ORT (no graph optimizations) vs ORT (all), and ORT vs PyTorch,
+    through scripts/polygraphy_data_loader.py, on CPU."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "artifact"
+    assert cli.main([str(model_folder), "--fresh-heads", "4", "-o", str(out), "--no-validate"]) == 0
+    capsys.readouterr()
+    loader = root / "scripts" / "polygraphy_data_loader.py"
+    ref = tmp_path / "ort_ref.json"
+    _polygraphy("run", out / "model.onnx", "--onnxrt", "--graph-optimization-level", "ORT_DISABLE_ALL",
+                "--data-loader-script", loader, "--save-outputs", ref, cwd=root)
+    log = _polygraphy("run", out / "model.onnx", "--onnxrt", "--data-loader-script", loader, "--load-outputs", ref,
+                      "--atol", "1e-3", "--rtol", "1e-3", cwd=root)
+    assert "Passed: 4/4 iterations" in log
+    # the heads graph gets its own feeds
+    log = _polygraphy("run", out / "heads.onnx", "--onnxrt", "--data-loader-script", loader, cwd=root)
+    assert "medusa_logits" in log
+    # PyTorch as the reference backend
+    torch_ref = tmp_path / "torch_ref.json"
+    r = subprocess.run([sys.executable, str(loader), "--torch-outputs", str(torch_ref), str(out), str(model_folder)],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = _polygraphy("run", out / "model.onnx", "--onnxrt", "--data-loader-script", loader, "--load-outputs",
+                      torch_ref, "--atol", "1e-3", "--rtol", "1e-3", cwd=root)
+    assert "vs. pytorch" in log and "Passed: 4/4 iterations" in log
