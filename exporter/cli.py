@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest context the runtime sizes its KV cache for (default: the model's "
                         "max_position_embeddings)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-heads-int8", action="store_true",
+                   help="do not write heads_int8.onnx (int8 heads for ONNX Runtime on the CPU; the heads only "
+                        "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
     return p
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> Path:
         max_context=args.max_context,
         force=args.force,
         validate=not args.no_validate,
+        heads_int8=not args.no_heads_int8,
         source_model=args.model,
     )
     check_options(options)

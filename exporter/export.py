@@ -78,6 +78,9 @@ class ExportOptions:
     validate: bool = True  # ONNX Runtime vs PyTorch before the artifact is moved into place
     source_model: str | None = None  # provenance: what the user named (folder or smollm2-135m)
     validation_trees: tuple[str, ...] = ("mc_sim_7b_63", "chain_3")
+    # also write heads_int8.onnx (ONNX Runtime dynamic quantization) for CPU runs: the heads
+    # only propose candidates, so this cannot change the output (exporter/quantize.py)
+    heads_int8: bool = True
     validation_threads: int | None = None  # cap torch/ORT threads while validating (None: as they are)
 
 
@@ -508,6 +511,10 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 },
             )
+            if options.heads_int8 and options.dtype == "float32":
+                from exporter.quantize import quantize_heads
+
+                quantize_heads(tmp, config)
             config.write(tmp)
             read_artifact(tmp)  # the runtime must accept what was written
         if options.validate:

@@ -21,7 +21,11 @@ INT8_FILE = "heads_int8.onnx"
 
 def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig:
     """Write ``heads_int8.onnx`` next to ``heads.onnx`` and record it in ``config``."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing" noise
 
     folder = Path(folder)
     src = folder / config.heads.file

@@ -389,3 +389,26 @@ def test_unsupported_model_class_is_a_user_error(tmp_path, wordlevel_tokenizer):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=128)).eval()
     with pytest.raises(MedusaError, match="GPT2LMHeadModel is not supported"):
         export_artifact(model, fresh_heads(2, 32, 128), tmp_path / "a", tokenizer=wordlevel_tokenizer)
+
+
+def test_int8_heads_graph_proposes_like_the_float_heads(tmp_path, tiny_export):
+    """heads_int8.onnx is written for float32 artifacts and picked by ONNX Runtime on the CPU;
+    its top-1 proposals agree with the float heads on (almost) every hidden state."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import runtime
+    from runtime.artifact import read_artifact
+
+    art = tiny_export(tmp_path / "a", seed=5)["artifact"]
+    cfg = read_artifact(art)
+    assert cfg.heads_int8 is not None and (art / cfg.heads_int8.file).is_file()
+    assert (art / cfg.heads_int8.file).stat().st_size < 0.5 * (art / cfg.heads.file).stat().st_size
+    f32 = ort.InferenceSession(str(art / cfg.heads.file), providers=["CPUExecutionProvider"])
+    i8 = ort.InferenceSession(str(art / cfg.heads_int8.file), providers=["CPUExecutionProvider"])
+    hidden = np.random.default_rng(0).standard_normal((64, cfg.model.hidden_size)).astype(np.float32)
+    a = f32.run(None, {"hidden_states": hidden})[0].argmax(-1)
+    b = i8.run(None, {"hidden_states": hidden})[0].argmax(-1)
+    assert (a == b).mean() > 0.9
+    gen = runtime.load(art, backend="onnxruntime", threads=1)
+    assert gen.backend.heads_file == cfg.heads_int8.file
