@@ -81,6 +81,9 @@ def measure(folder: Path, runs: int = 30, past: int = 128, threads: int | None =
     out["decode_ms"] = _median_ms(lambda: backbone.run(None, decode), runs)
     one = {h_in: rng.standard_normal((1, spec.hidden_size)).astype(dt)}
     out["heads_one_node_ms"] = _median_ms(lambda: heads.run(None, one), runs)
+    if cfg.heads_int8 is not None:  # what ONNX Runtime on the CPU runs by default
+        heads8 = _session(folder / cfg.heads_int8.file, threads)
+        out["heads_int8_one_node_ms"] = _median_ms(lambda: heads8.run(None, one), runs)
     out["trees"] = {}
     for name in trees:
         tree = load_tree(name)
@@ -108,6 +111,9 @@ def table(r: dict) -> str:
         f"| plain decode step (model.onnx, 1 new token) | {d:.2f} | 1.00x |",
         f"| heads, this layout (heads.onnx on 1 node) | {h:.2f} | {h / d:.2f}x |",
     ]
+    if "heads_int8_one_node_ms" in r:
+        h8 = r["heads_int8_one_node_ms"]
+        lines.append(f"| heads, this layout, int8 weights (heads_int8.onnx on 1 node; the CPU default) | {h8:.2f} | {h8 / d:.2f}x |")
     for name, t in r["trees"].items():
         lines.append(f"| heads on all {t['nodes']} nodes of {name} (official layout) | {t['heads_every_node_ms']:.2f} | "
                      f"{t['heads_every_node_ms'] / d:.2f}x |")
