@@ -116,7 +116,9 @@ def _peer_model_path(gen, explicit: str | None) -> str:
     if explicit:
         return explicit
     prov = gen.config.provenance
-    path = prov.get("source_model_path") or prov.get("source_model")
+    path = prov.get("source_model_path") or prov.get("source_model") or ""
+    if path.endswith(")") and " (" in path:  # medusa-export records "NAME (resolved folder)"
+        path = path[path.index(" (") + 2 : -1]
     if path == "smollm2-135m":
         from exporter.models import resolve_model
 

@@ -217,3 +217,22 @@ def test_cli_generate_bench_profile(tiny, tmp_path, shared_data):
     p = json.loads(prof.read_text())
     assert p["relative_cost"]["1"] == 1.0 and set(p["ms"]) == {"1", "4"}
     assert main(["generate", str(tmp_path / "missing"), "x"]) == 1
+
+
+def test_bench_with_hf_peer(tiny, tmp_path, shared_data):
+    """--peer hf runs Hugging Face generate on the same prompts, in the same run."""
+    from runtime.bench import format_report, load_prompts, run_bench
+
+    folder = tmp_path / "hf"
+    tiny["model"].save_pretrained(folder)
+    gen = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    prompts = load_prompts(shared_data / "mt_bench_question.jsonl", limit=2)
+    res = run_bench(gen, prompts, ["chain_2"], max_new_tokens=12, peer="hf", peer_model=str(folder), threads=1,
+                    progress=False)
+    assert res["peer_tokens_per_s"] > 0
+    assert res["ar_vs_peer"] == pytest.approx(res["ar_tokens_per_s"] / res["peer_tokens_per_s"])
+    # HF generate stops at the same EOS and decodes greedily: its tokens equal the plain decode's
+    assert res["peer_identical_to_plain"] == 2
+    assert "peer hf" in format_report(res)
+    with pytest.raises(MedusaError, match="--peer-model"):
+        run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, peer="hf", progress=False)
