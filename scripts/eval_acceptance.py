@@ -24,19 +24,38 @@ sys.path.insert(0, str(ROOT))
 MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_question.jsonl"
 
 
+def order_questions(questions: list[dict], order: str) -> list[dict]:
+    """File order, or round-robin over categories (1st of each category, then 2nd, ...)."""
+    if order == "file":
+        return list(questions)
+    cats: dict[str, list[dict]] = {}
+    for q in questions:
+        cats.setdefault(q["category"], []).append(q)
+    out = []
+    for i in range(max(len(v) for v in cats.values())):
+        out.extend(v[i] for v in cats.values() if i < len(v))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--heads", default=str(ROOT / "exporter" / "shipped_heads" / "smollm2-135m"))
     p.add_argument("--tree", default=str(ROOT / "tree_configs" / "smollm2_selected.json"))
     p.add_argument("--questions", default=str(MT_BENCH))
-    p.add_argument("--limit", type=int, default=80, help="first N questions")
+    p.add_argument("--limit", type=int, default=80, help="first N questions (in --order)")
+    p.add_argument("--order", choices=("file", "interleave"), default="interleave",
+                   help="interleave: round-robin over the 8 categories, so a partial run covers all of them")
+    p.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th question from i (parallel runs)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--time-budget-s", type=float, default=0, help="stop starting new prompts after this (0: none)")
     p.add_argument("--check-lossless", type=int, default=0, help="also decode the first N prompts plainly and compare")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="write per-prompt results as JSON")
+    p.add_argument("--merge", nargs="+", default=None, help="pool the --out files of parallel shards and print the summary")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge(a.merge)
 
     import numpy as np
 
@@ -53,7 +72,10 @@ def main(argv=None) -> int:
         heads = load_heads(a.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
         tree = load_tree(a.tree, num_heads=heads.config.num_heads)
         backend = TorchBackend(model, heads, threads=a.threads)
-        questions = [json.loads(line) for line in Path(a.questions).read_text().splitlines() if line.strip()][: a.limit]
+        questions = [json.loads(line) for line in Path(a.questions).read_text().splitlines() if line.strip()]
+        questions = order_questions(questions, a.order)[: a.limit]
+        shard, shards = (int(x) for x in a.shard.split("/"))
+        questions = questions[shard::shards]
     except MedusaError as e:
         print(f"eval_acceptance: error: {e}", file=sys.stderr)
         return 1
@@ -96,6 +118,36 @@ def main(argv=None) -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"summary": summary, "prompts": rows}, indent=1) + "\n")
+    return 0
+
+
+def merge(files: list[str]) -> int:
+    rows, parts = [], []
+    for f in files:
+        doc = json.loads(Path(f).read_text())
+        rows.extend(doc["prompts"])
+        parts.append(doc["summary"])
+    steps = sum(r["steps"] for r in rows)
+    emitted = sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rows)
+    hist: dict[str, int] = {}
+    for r in rows:
+        for k, v in r["accept_hist"].items():
+            hist[k] = hist.get(k, 0) + v
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    summary = {
+        "prompts": len(rows),
+        "mean_accepted_pooled": emitted / max(steps, 1),
+        "mean_accepted_per_prompt": sum(r["mean_accepted"] for r in rows) / max(len(rows), 1),
+        "accept_hist": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "by_category": {c: round(sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rs)
+                                 / max(sum(r["steps"] for r in rs), 1), 3) for c, rs in sorted(by_cat.items())},
+        "lossless_checked": sum("lossless" in r for r in rows),
+        "lossless_ok": sum(bool(r.get("lossless")) for r in rows),
+        "shards": [p["command"] for p in parts],
+    }
+    print(json.dumps(summary, indent=1))
     return 0
 
 
