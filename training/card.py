@@ -46,8 +46,8 @@ assistant-token targets; {meta['steps']} steps ({meta['epochs']} epochs) of {met
 positions ({meta['train_positions_used']} train positions), AdamW lr {meta['lr']}, linear warm-up
 + cosine decay; training softmax over the {meta['train_vocab_size']} tokens that occur as targets
 (`--train-vocab {meta['train_vocab']}`); accuracy is measured over the full vocabulary.
-Time: hidden-state cache {meta['cache_seconds']:.0f} s (built once; reused when 0), training
-{meta['train_seconds']:.0f} s. Machine: {machine}.
+Time: training {meta['train_seconds']:.0f} s; loading or building the hidden-state cache in this run
+{meta['cache_seconds']:.0f} s (a few seconds: the cache was reused). Machine: {machine}.
 
 ## Held-out accuracy (full vocabulary)
 | head | top-1 | top-5 | top-1 untrained |
