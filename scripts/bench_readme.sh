@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 ART=artifacts/smollm2-135m-medusa
 OUT=docs/results
 mkdir -p "$OUT"
-LIMIT=${1:-10}
+LIMIT=${1:-8}
 PEER_LIMIT=${2:-3}
 [ -f "$ART/medusa_config.json" ] || medusa-export smollm2-135m -o "$ART" --tree smollm2_ort_cpu
 medusa-run profile "$ART" --threads 2 -o "$OUT/latency_profile.json"
 medusa-run bench "$ART" --prompts ../shared/data/mt_bench_question.jsonl --limit "$LIMIT" --threads 2 \
-  --tree smollm2_ort_cpu smollm2_selected cpu_4 chain_2 --json "$OUT/bench.json" --plot "$OUT/bench.png" | tee "$OUT/bench.txt"
+  --tree smollm2_ort_cpu smollm2_selected --json "$OUT/bench.json" --plot "$OUT/bench.png" | tee "$OUT/bench.txt"
 medusa-run bench "$ART" --prompts ../shared/data/mt_bench_question.jsonl --limit "$PEER_LIMIT" --threads 2 \
   --tree smollm2_ort_cpu --peer hf --json "$OUT/bench_peer.json" | tee "$OUT/bench_peer.txt"
