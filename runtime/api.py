@@ -23,7 +23,7 @@ from runtime.backend import Backend
 from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DecodeConfig, DecodeStats, decode_steps
 from runtime.errors import MedusaError
 from runtime.tokenizer import StreamDecoder, Tokenizer
-from runtime.tree import Tree, load_tree
+from runtime.tree import Tree, build_tree, load_tree
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -86,20 +86,22 @@ class MedusaGenerator:
         self.config = read_artifact(self.folder)
         self.tokenizer = Tokenizer(self.folder)
         self.backend = make_backend(self.folder, self.config, backend, device, threads, max_context)
-        self.default_tree = self._tree(tree if tree is not None else (self.config.default_tree_paths or self.config.default_tree))
+        self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)
         self._lock = threading.Lock()
 
     @property
     def spec(self):
         return self.config.model
 
+    def _artifact_tree(self) -> Tree:
+        """The tree recorded at export (its paths are stored, so it loads even if renamed)."""
+        if self.config.default_tree_paths:
+            return build_tree(self.config.default_tree_paths, name=self.config.default_tree,
+                              num_heads=self.spec.num_medusa_heads)
+        return load_tree(self.config.default_tree, num_heads=self.spec.num_medusa_heads)
+
     def _tree(self, tree) -> Tree:
-        if tree is None:
-            return self.default_tree
-        t = load_tree(tree, num_heads=self.spec.num_medusa_heads)
-        if isinstance(tree, (list, tuple)) and tree == self.config.default_tree_paths:
-            object.__setattr__(t, "name", self.config.default_tree)
-        return t
+        return self.default_tree if tree is None else load_tree(tree, num_heads=self.spec.num_medusa_heads)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt string (encoded as is), chat messages (chat template applied) or token ids."""

@@ -164,11 +164,15 @@ class OnnxRuntimeBackend(GraphBackend):
         return logits
 
 
+_EMPTY = np.zeros(8, dtype=np.uint8)  # a valid address for zero-size tensors (never read)
+
+
 def _bind(bind, name: str, arr: np.ndarray) -> np.ndarray:
-    """Bind a C-contiguous host array by pointer (no copy; strided arrays, e.g. batch > 1
-    cache prefixes, are copied). Returns the array whose memory is bound: keep it alive."""
-    if not arr.flags.c_contiguous or arr.size == 0:
-        arr = np.ascontiguousarray(arr) if arr.size else np.empty(arr.shape, dtype=arr.dtype)
-    ptr = arr.ctypes.data if arr.size else np.empty(1, dtype=arr.dtype).ctypes.data
+    """Bind a host array by pointer, without a copy when it is C-contiguous (strided arrays,
+    e.g. batch > 1 cache prefixes, are copied). Returns the array whose memory is bound:
+    the caller keeps it alive until the run ends."""
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    ptr = arr.ctypes.data if arr.size else _EMPTY.ctypes.data
     bind(name, "cpu", 0, arr.dtype, list(arr.shape), ptr)
     return arr
