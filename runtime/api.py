@@ -117,22 +117,25 @@ class MedusaGenerator:
             raise MedusaError("the prompt is empty")
         return ids
 
-    def _config(self, max_new_tokens, temperature, epsilon, delta, medusa, seed, stop) -> DecodeConfig:
-        return DecodeConfig(
+    def _events(self, prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa):
+        """(prompt ids, the decode loop's events): the one path under stream() and generate()."""
+        ids = self.encode(prompt)
+        cfg = DecodeConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, epsilon=epsilon, delta=delta, medusa=medusa,
-            seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids), stop_strings=tuple([stop] if isinstance(stop, str) else stop),
+            seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids),
+            stop_strings=tuple([stop] if isinstance(stop, str) else stop),
         )
+        t = self._tree(tree) if medusa else None
+        return ids, decode_steps(self.backend, ids, cfg, t, decode_text=self.tokenizer.decode)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None, stop: Sequence[str] | str = (),
                seed: int | None = None, medusa: bool = True) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Holds the lock while iterating."""
-        ids = self.encode(prompt)
-        cfg = self._config(max_new_tokens, temperature, epsilon, delta, medusa, seed, stop)
-        t = self._tree(tree) if medusa else None
+        _, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa)
         text = StreamDecoder(self.tokenizer)
         with self._lock:
-            for event in decode_steps(self.backend, ids, cfg, t, decode_text=self.tokenizer.decode):
+            for event in events:
                 yield TextChunk(text.push(event.tokens), event.tokens, event.stats)
         tail = text.flush()
         if tail:
@@ -141,14 +144,15 @@ class MedusaGenerator:
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None,
                  stop: Sequence[str] | str = (), seed: int | None = None, medusa: bool = True) -> Generation:
-        """Decode a whole answer: text, tokens and statistics."""
+        """Decode a whole answer: text, tokens and statistics (text decoded once, at the end)."""
+        ids, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa)
         tokens: list[int] = []
         stats = DecodeStats()
-        n_prompt = len(self.encode(prompt))
-        for chunk in self.stream(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa):
-            tokens.extend(chunk.tokens)
-            stats = chunk.stats
-        return Generation(self.tokenizer.decode(tokens), tokens, n_prompt, stats)
+        with self._lock:
+            for event in events:
+                tokens.extend(event.tokens)
+                stats = event.stats
+        return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats)
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
