@@ -51,6 +51,19 @@ def choose_providers(device: str = "auto") -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
+def _options(ort, threads: int | None, spin: bool):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 class _Outputs:
     """Host buffers for one graph's outputs, grown to the largest step seen (then reused)."""
 
@@ -85,29 +98,16 @@ class OnnxRuntimeBackend(GraphBackend):
         self.config = config
         self.providers = choose_providers(device)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
         self.threads = threads
-        self.backbone = ort.InferenceSession(str(self.folder / config.backbone.file), opts, providers=self.providers)
+        self.backbone = ort.InferenceSession(str(self.folder / config.backbone.file), _options(ort, threads, spin=True),
+                                             providers=self.providers)
         # int8 heads (proposals only, so the output cannot change) on the CPU when exported
         heads = config.heads_int8 if (heads_int8 and config.heads_int8 and self.on_cpu) else config.heads
         self.heads_file = heads.file
         # The heads session must not spin-wait after its call: on a small CPU its idle spinning
         # threads steal the cores the next backbone call needs (measured on 2 cores: a plain
         # step after a heads call took 82 ms instead of 47 ms). The backbone keeps spinning.
-        heads_opts = ort.SessionOptions()
-        heads_opts.graph_optimization_level = opts.graph_optimization_level
-        heads_opts.execution_mode = opts.execution_mode
-        heads_opts.log_severity_level = 3
-        if threads:
-            heads_opts.intra_op_num_threads = threads
-            heads_opts.inter_op_num_threads = 1
-        heads_opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        heads_opts = _options(ort, threads, spin=False)
         self.heads = ort.InferenceSession(str(self.folder / heads.file), heads_opts, providers=self.providers)
         dtype = _NP_DTYPES[config.dtype]
         super().__init__(config.model, max_context=max_context, cache_dtype=dtype)
