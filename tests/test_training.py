@@ -129,6 +129,57 @@ def test_generate_batch_matches_hf_generate():
         assert finish == ("eos" if resp[-1] == EOS else "length")
 
 
+def test_distill_extends_a_finished_file_without_redoing_it(tmp_path, prompts_file):
+    from training.distill import distill, read_records
+
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file)
+    cfg.num_prompts = 4
+    first = distill(cfg, backbone=(model, tok))
+    cfg.num_prompts = 10
+    generated = []
+    records = distill(cfg, on_batch=lambda b, recs: generated.extend(r["id"] for r in recs), backbone=(model, tok))
+    assert generated == [f"alpaca-{i:05d}" for i in range(4, 10)]
+    assert records[:4] == first and read_records(cfg.out) == records
+
+
+def test_states_kept_by_distill_replace_the_backbone_pass(tmp_path, prompts_file, monkeypatch):
+    """The hidden states kept during batched, left-padded generation equal a fresh causal
+    forward over prompt + answer, and the cache copies them instead of running the backbone."""
+    import training.medusa1 as m1
+    from training.data import build_examples, split_examples
+    from training.distill import distill, states_dir
+
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file)
+    cfg.max_new_tokens = 9
+    records = distill(cfg, backbone=(model, tok))
+    folder = states_dir(cfg.out)
+    assert sorted(f.name for f in folder.iterdir()) == [f"{r['id']}.npz" for r in records]
+    examples = split_examples(build_examples(records))
+    calls = []
+    real = m1.last_hidden
+    monkeypatch.setattr(m1, "last_hidden", lambda mdl, ids: calls.append(ids.shape) or real(mdl, ids))
+
+    m1.build_cache(model, examples, tmp_path / "ref", dtype=np.float32, batch_size=3)
+    assert calls, "the reference cache runs the backbone"
+    calls.clear()
+    m1.build_cache(model, examples, tmp_path / "kept", batch_size=3, states=folder, model_name="tiny")
+    assert calls == [], "every example had kept states: the backbone must not run"
+    (folder / f"{records[0]['id']}.npz").unlink()  # one missing: only that one is recomputed
+    m1.build_cache(model, examples, tmp_path / "mixed", batch_size=3, states=folder, model_name="tiny")
+    assert [s[0] for s in calls] == [1]
+    calls.clear()
+    m1.build_cache(model, examples, tmp_path / "other", batch_size=3, states=folder, model_name="another-model")
+    assert sum(s[0] for s in calls) == sum(len(v) for v in examples.values()), "another model's states are unused"
+    for split in ("train", "heldout", "calib"):
+        ref = np.asarray(m1.load_split(tmp_path / "ref", split, 2).hidden, dtype=np.float32)
+        for name in ("kept", "mixed"):
+            got = np.asarray(m1.load_split(tmp_path / name, split, 2).hidden, dtype=np.float32)
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, atol=2e-2, rtol=1e-2)
+
+
 def test_distill_refuses_mt_bench_and_mismatched_resume(tmp_path, prompts_file):
     from training.distill import distill, load_prompts
 

@@ -22,6 +22,13 @@ IGNORE = -100  # torch's cross_entropy ignore_index
 SPLITS = ("train", "heldout", "calib")
 HELDOUT_PERCENT = 5
 CALIB_PERCENT = 5
+MAX_CACHED_HEADS = 8  # hidden states are kept for enough prompt positions to train up to 8 heads
+
+
+def first_cached_position(response_start: int) -> int:
+    """First position whose hidden state a head (up to MAX_CACHED_HEADS) can use: head k at t
+    predicts t+k+2, so only the last MAX_CACHED_HEADS + 1 prompt positions reach an answer token."""
+    return max(0, response_start - 1 - MAX_CACHED_HEADS)
 
 
 @dataclass

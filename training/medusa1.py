@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import MedusaError
-from training.data import IGNORE, SPLITS, Example, build_examples, head_labels, split_examples
+from training.data import (IGNORE, MAX_CACHED_HEADS, SPLITS, Example, build_examples, first_cached_position,
+                           head_labels, split_examples)
 
 HEAD_DECAY = 0.8  # weight of head k is 0.8**k (Medusa paper)
-MAX_CACHED_HEADS = 8  # the cache keeps enough prompt positions for up to 8 heads
 CACHE_FORMAT = 1
 
 
@@ -66,7 +66,7 @@ def last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def cached_positions(e: Example) -> tuple[int, int]:
     """[first, last) positions whose hidden state some head (up to MAX_CACHED_HEADS) can use."""
-    first = max(0, e.response_start - 1 - MAX_CACHED_HEADS)
+    first = first_cached_position(e.response_start)
     return first, max(first, len(e.tokens) - 2)  # head 0 at t needs t+2 < L
 
 
@@ -75,9 +75,32 @@ def _fingerprint(model_folder: str, data: Path, max_len: int) -> str:
     return hashlib.sha1(f"{model_folder}|{Path(data).resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_len}".encode()).hexdigest()
 
 
+def _kept_states(states: Path | None, model_name: str | None, e: Example, span: tuple[int, int]):
+    """Rows [a, b) of ``e`` from the states distillation kept, or None (absent, other model, too short)."""
+    if states is None or model_name is None:
+        return None
+    f = Path(states) / f"{e.id}.npz"
+    if not f.is_file():
+        return None
+    try:
+        with np.load(f) as z:
+            first, model, hidden = int(z["first"]), str(z["model"]), z["hidden"]
+    except Exception:  # torn or foreign file: recompute
+        return None
+    a, b = span
+    if model != model_name or first > a or first + len(hidden) < b:
+        return None
+    return hidden[a - first:b - first]
+
+
 def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerprint: str = "",
-                dtype=np.float16, batch_size: int = 8) -> Path:
-    """Write ``hidden_<split>.npy`` + ``index_<split>.npz`` per split, then ``cache.json`` last."""
+                dtype=np.float16, batch_size: int = 8, states: Path | None = None,
+                model_name: str | None = None) -> Path:
+    """Write ``hidden_<split>.npy`` + ``index_<split>.npz`` per split, then ``cache.json`` last.
+
+    ``states``: the folder where distillation kept hidden states (``OUT.states``); an example
+    found there (made by ``model_name``) is copied, the rest run through the backbone.
+    """
     from tqdm import tqdm
 
     folder = Path(folder)
@@ -94,7 +117,15 @@ def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerp
         rows = sum(b - a for a, b in spans)
         mm = np.lib.format.open_memmap(folder / f"hidden_{split}.npy", mode="w+", dtype=dtype, shape=(rows, hidden_size))
         starts = np.cumsum([0] + [b - a for a, b in spans])[:-1]
-        order = sorted(range(len(exs)), key=lambda i: len(exs[i].tokens))  # similar lengths share a batch
+        todo = []
+        for j, e in enumerate(exs):
+            kept = _kept_states(states, model_name, e, spans[j])
+            if kept is None:
+                todo.append(j)
+            else:
+                mm[starts[j]:starts[j] + len(kept)] = kept
+                bar.update(len(kept))
+        order = sorted(todo, key=lambda i: len(exs[i].tokens))  # similar lengths share a batch
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             width = max(len(exs[j].tokens) for j in idx)
@@ -159,9 +190,11 @@ def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
     return CachedSplit(hidden, labels, len(ix["ids"]))
 
 
-def prepare_cache(model, model_folder: str, data: Path, cache: Path | None, max_len: int) -> Path:
-    """The cache folder for ``data``, built if missing or stale."""
-    from training.distill import read_records
+def prepare_cache(model, model_folder: str, data: Path, cache: Path | None, max_len: int,
+                  model_name: str | None = None) -> Path:
+    """The cache folder for ``data``, built if missing or stale (from the hidden states that
+    distillation kept, where ``model_name`` made them)."""
+    from training.distill import read_records, states_dir
 
     folder = Path(cache) if cache else Path(str(data) + ".hidden")
     fp = _fingerprint(str(model_folder), data, max_len)
@@ -172,7 +205,7 @@ def prepare_cache(model, model_folder: str, data: Path, cache: Path | None, max_
     if not examples["train"]:
         raise MedusaError(f"{data}: no training examples (every record is empty or in a held-out split)")
     print(f"[medusa-train] caching last hidden states: " + ", ".join(f"{s} {len(v)}" for s, v in examples.items()))
-    return build_cache(model, examples, folder, fingerprint=fp)
+    return build_cache(model, examples, folder, fingerprint=fp, states=states_dir(data), model_name=model_name)
 
 
 # ---------------------------------------------------------------------------- loss and accuracy
@@ -265,7 +298,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
     for p in model.parameters():
         p.requires_grad_(False)
-    cache = prepare_cache(model, str(folder), Path(cfg.data), cfg.cache, cfg.max_len)
+    cache = prepare_cache(model, str(folder), Path(cfg.data), cfg.cache, cfg.max_len, model_name=cfg.model)
     cache_s = time.time() - t0
     train = load_split(cache, "train", cfg.num_heads)
     heldout = load_split(cache, "heldout", cfg.num_heads)

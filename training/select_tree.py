@@ -153,11 +153,13 @@ def measure_cost_profile(model, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64), past: in
 # ---------------------------------------------------------------------------- command
 
 
-def calibration_accuracy(model, model_folder, heads, data: Path, cache: Path | None, max_rank: int) -> np.ndarray:
+def calibration_accuracy(model, model_folder, heads, data: Path, cache: Path | None, max_rank: int,
+                         model_name: str | None = None) -> np.ndarray:
     """acc[k][r] on the calibration split (hidden-state cache shared with medusa1)."""
     from training.medusa1 import Medusa1Config, load_split, prepare_cache, rank_accuracy
 
-    folder = prepare_cache(model, str(model_folder), Path(data), cache, Medusa1Config.max_len)
+    folder = prepare_cache(model, str(model_folder), Path(data), cache, Medusa1Config.max_len,
+                           model_name=model_name)
     calib = load_split(folder, "calib", heads.config.num_heads)
     if not (calib.labels != -100).any():
         raise MedusaError(f"{data}: the calibration split is empty; distill more prompts")
@@ -198,7 +200,7 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         torch.set_num_threads(cfg.threads)
     model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
     heads = load_heads(cfg.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
-    acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank)
+    acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank, model_name=cfg.model)
     if cfg.profile:
         backend, prof = read_profile(cfg.profile)
         profile = {"backend": backend, "relative_cost": {str(k): v for k, v in sorted(prof.items())}, "file": str(cfg.profile)}
