@@ -123,13 +123,15 @@ def cmd_profile(args) -> None:
     gen = _load(args)
 
     def show(n, ms):
-        print(f"  N={n:>3}: {ms:8.2f} ms", flush=True)
+        label = f"N={n:>3}" if n != "heads" else "heads"
+        print(f"  {label}: {ms:8.2f} ms", flush=True)
 
     print(f"verifying N new tokens over {args.cached} cached tokens ({type(gen.backend).__name__}, threads {args.threads}):")
     prof = profile_tree_sizes(gen.backend, args.sizes, cached=args.cached, repeats=args.repeats, progress=show)
     prof["backend"] = type(gen.backend).__name__
     prof["threads"] = args.threads
-    print("relative to N=1: " + ", ".join(f"{n}: {c:.2f}x" for n, c in prof["relative_cost"].items()))
+    print("relative to N=1: " + ", ".join(f"{n}: {c:.2f}x" for n, c in prof["relative_cost"].items())
+          + f"; heads call {prof['heads_relative_cost']:.2f}x")
     out = write_profile(prof, args.output or Path(args.artifact) / PROFILE_FILE)
     print(f"wrote {out}")
 

@@ -1,7 +1,8 @@
 """Latency profile: the cost of verifying N new tokens against one plain step (N = 1).
 
 This is the step-time model the tree selection uses (``medusa-train select-tree``): a
-tree of N nodes pays ``relative_cost[N]`` plain steps per verification.
+tree of N nodes pays ``relative_cost[N]`` plain steps per verification, plus
+``heads_relative_cost`` for the one Medusa-heads call of each step.
 """
 
 from __future__ import annotations
@@ -44,11 +45,23 @@ def profile_tree_sizes(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, c
         if progress:
             progress(n, ms[n])
     base = ms[min(sizes)]
+    backend.forward(rng.integers(0, vocab, 1), np.array([cached]), np.ones((1, 1), dtype=bool))
+    times = []
+    for r in range(warmup + repeats):  # the heads' call of a Medusa step (one position)
+        t = time.perf_counter()
+        backend.head_logits(0)
+        if r >= warmup:
+            times.append(time.perf_counter() - t)
+    heads_ms = float(np.median(times) * 1000)
+    if progress:
+        progress("heads", heads_ms)
     return {
         "cached_tokens": cached,
         "repeats": repeats,
         "ms": {str(n): round(v, 3) for n, v in ms.items()},
         "relative_cost": {str(n): round(v / base, 4) for n, v in ms.items()},
+        "heads_ms": round(heads_ms, 3),
+        "heads_relative_cost": round(heads_ms / base, 4),
     }
 
 

@@ -216,6 +216,7 @@ def test_cli_generate_bench_profile(tiny, tmp_path, shared_data):
     assert main(["profile", art, "--sizes", "1", "4", "--cached", "16", "--repeats", "2", "-o", str(prof)]) == 0
     p = json.loads(prof.read_text())
     assert p["relative_cost"]["1"] == 1.0 and set(p["ms"]) == {"1", "4"}
+    assert p["heads_ms"] > 0 and p["heads_relative_cost"] == pytest.approx(p["heads_ms"] / p["ms"]["1"], rel=1e-2)
     assert main(["generate", str(tmp_path / "missing"), "x"]) == 1
 
 

@@ -395,6 +395,26 @@ def test_tree_widens_when_ranks_spread_and_shrinks_when_verification_costs():
     assert steep["predicted_speedup_vs_plain"] == pytest.approx(max(s["speedup"] for s in steep["by_size"]), abs=1e-4)
 
 
+def test_heads_cost_enters_the_step_time():
+    """A costly heads call makes every Medusa step dearer: the predicted speedup drops by
+    exactly that share, and a tree that gains too little is no longer worth it."""
+    from training.select_tree import select
+
+    acc = np.zeros((2, 4))
+    acc[0, :2] = [0.3, 0.1]
+    acc[1, :2] = [0.2, 0.05]
+    prof = {1: 1.0, 2: 1.0, 4: 1.2, 8: 1.5}
+    free = select(acc, prof, max_nodes=6)
+    paid = select(acc, prof, max_nodes=6, heads_cost=0.2)
+    n = len(paid["paths"])
+    assert paid["relative_step_cost"] == pytest.approx(np.interp(n + 1, [1, 2, 4, 8], [1.0, 1.0, 1.2, 1.5]) + 0.2)
+    assert paid["predicted_speedup_vs_plain"] == pytest.approx(paid["predicted_accepted_length"] / paid["relative_step_cost"])
+    assert paid["predicted_speedup_vs_plain"] < free["predicted_speedup_vs_plain"]
+    assert select(acc, prof, max_nodes=6, heads_cost=0.0)["by_size"] == free["by_size"]
+    with pytest.raises(MedusaError, match="heads cost"):
+        select(acc, prof, heads_cost=-0.1)
+
+
 def test_written_tree_loads_in_the_runtime(tmp_path):
     from runtime.tree import load_tree
     from training.select_tree import select, write_tree

@@ -51,7 +51,8 @@ def _select_tree(a) -> None:
 
     cfg = SelectConfig(model=a.model, heads=a.heads, data=Path(a.data), cache=Path(a.cache) if a.cache else None,
                        name=a.name, out_dir=Path(a.out_dir), profile=Path(a.profile) if a.profile else None,
-                       max_nodes=a.max_nodes, max_rank=a.max_rank, threads=a.threads)
+                       max_nodes=a.max_nodes, max_rank=a.max_rank, heads_cost=a.heads_cost,
+                       threads=a.threads)
     select_tree(cfg)
 
 
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", default=None, help="cost profile JSON (medusa-run profile); default: measure with PyTorch")
     sp.add_argument("--max-nodes", type=int, default=s.max_nodes)
     sp.add_argument("--max-rank", type=int, default=s.max_rank)
+    sp.add_argument("--heads-cost", type=float, default=None,
+                    help="the heads call per step relative to a plain step (default: the profile's heads_relative_cost)")
     sp.set_defaults(func=_select_tree)
     return p
 

@@ -13,7 +13,9 @@ with probability ``prod_i acc[i-1][r_i]`` (heads assumed independent); the expec
 accepted length of a tree is ``1 + sum over nodes`` of that product (the 1 is the root,
 the backbone's own token). Adding nodes greedily by that value gives the best tree of
 each size (a child never beats its parent, so the greedy set is prefix-closed). Among
-those nested trees, the chosen one maximizes ``expected length / cost(nodes + 1)``.
+those nested trees, the chosen one maximizes ``expected length / step cost``, where a
+Medusa step costs ``cost(nodes + 1) + heads_cost`` (the heads' call; the profile's
+``heads_relative_cost``) and a plain step ``cost(1)``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class SelectConfig:
     profile: Path | None = None
     max_nodes: int = 64  # tree nodes, root excluded
     max_rank: int = 10
+    heads_cost: float | None = None  # heads call / plain step; None: the profile's heads_relative_cost (else 0)
     threads: int | None = None
 
 
@@ -77,20 +80,26 @@ def interpolate_cost(profile: dict[int, float], n: int) -> float:
     return float(np.interp(n, xs, [profile[x] for x in xs]))
 
 
-def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64) -> dict:
-    """The chosen tree: paths, predicted accepted length, cost and the speed objective per size."""
+def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, heads_cost: float = 0.0) -> dict:
+    """The chosen tree: paths, predicted accepted length, cost and the speed objective per size.
+
+    ``heads_cost``: the heads' call per step, relative to a plain step (``cost(1)``)."""
+    if heads_cost < 0:
+        raise MedusaError(f"heads cost must be >= 0, got {heads_cost}")
     order = greedy_trees(acc, max_nodes)
     if not order:
         raise MedusaError("every head accuracy is 0: no tree can accept anything (train the heads first)")
     cum = 1.0 + np.cumsum([v for _, v in order])  # expected accepted length with the first n nodes
-    costs = np.array([interpolate_cost(profile, n + 1) for n in range(1, len(order) + 1)])
-    speed = cum / (costs / interpolate_cost(profile, 1))
+    base = interpolate_cost(profile, 1)
+    costs = np.array([interpolate_cost(profile, n + 1) + heads_cost * base for n in range(1, len(order) + 1)])
+    speed = cum / (costs / base)
     best = int(np.argmax(speed))
     paths = [list(p) for p, _ in order[: best + 1]]
     return {
         "paths": paths,
         "predicted_accepted_length": float(cum[best]),
-        "relative_step_cost": float(costs[best] / interpolate_cost(profile, 1)),
+        "relative_step_cost": float(costs[best] / base),
+        "heads_relative_cost": float(heads_cost),
         "predicted_speedup_vs_plain": float(speed[best]),
         "by_size": [{"nodes": n + 1, "accepted": round(float(cum[n]), 4), "speedup": round(float(speed[n]), 4)}
                     for n in range(len(order))],
@@ -115,6 +124,12 @@ def read_profile(path: Path) -> tuple[str, dict[int, float]]:
     if any(v <= 0 for v in prof.values()):
         raise MedusaError(f"cost profile {path}: relative costs must be positive")
     return str(data.get("backend", "unknown")), prof
+
+
+def profile_heads_cost(path: Path) -> float | None:
+    """The profile's ``heads_relative_cost`` (``medusa-run profile`` measures it), or None."""
+    v = json.loads(Path(path).read_text()).get("heads_relative_cost")
+    return None if v is None else float(v)
 
 
 def measure_cost_profile(model, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64), past: int = 256, repeats: int = 7) -> dict:
@@ -201,14 +216,21 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
     model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
     heads = load_heads(cfg.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
     acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank, model_name=cfg.model)
+    heads_cost = cfg.heads_cost
     if cfg.profile:
         backend, prof = read_profile(cfg.profile)
         profile = {"backend": backend, "relative_cost": {str(k): v for k, v in sorted(prof.items())}, "file": str(cfg.profile)}
+        if heads_cost is None:
+            heads_cost = profile_heads_cost(cfg.profile)
     else:
         print("[medusa-train] no cost profile given: measuring the PyTorch reference backend (256 cached tokens)")
         profile = measure_cost_profile(model)
         prof = {int(k): v for k, v in profile["relative_cost"].items()}
-    chosen = select(acc, prof, cfg.max_nodes)
+    if heads_cost is None:
+        print("[medusa-train] the heads' call is not in the cost profile (--heads-cost): counted as free")
+        heads_cost = 0.0
+    profile["heads_relative_cost"] = heads_cost
+    chosen = select(acc, prof, cfg.max_nodes, heads_cost=heads_cost)
     out = write_tree(cfg.out_dir, cfg.name, chosen, acc, profile,
                      source=f"medusa-train select-tree --heads {cfg.heads} --data {cfg.data}")
     print(f"calibration top-1 per head: {acc[:, 0].round(3).tolist()}")
