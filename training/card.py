@@ -16,9 +16,9 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     cfg = json.loads(cfg_path.read_text())
     meta = cfg["meta"]
     records = [json.loads(line) for line in Path(data).read_text().splitlines() if line.strip()]
-    temps = sorted({r["temperature"] for r in records})
+    temps = sorted({r.get("temperature", "unknown") for r in records}, key=str)
     tokens = sum(len(r["response_ids"]) for r in records)
-    eos = sum(r["finish"] == "eos" for r in records)
+    eos = sum(r.get("finish") == "eos" for r in records)
     size = (heads_dir / "medusa_heads.safetensors").stat().st_size
     rows = "\n".join(
         f"| {k + 1} | {a:.3f} | {b:.3f} | {c:.3f} |"
@@ -26,6 +26,10 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     )
     hist = "\n".join(f"| {h['epoch']} | {h['step']} | " + " / ".join(f"{x:.3f}" for x in h["top1"]) + " |"
                      for h in meta["history"])
+    cache_s = meta["cache_seconds"]
+    cache_note = (f"the hidden-state cache was reused ({cache_s:.0f} s to load)" if cache_s < 60 else
+                  f"building the hidden-state cache took {cache_s:.0f} s (from the states distillation kept, "
+                  "the backbone re-run only where they were missing)")
     text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
 
 {cfg['num_heads']} heads, {cfg['num_layers']} residual block each, sharing the backbone's `lm_head`
@@ -35,7 +39,7 @@ backbone's own next token. Layout: medusa-trt (`exporter.heads.load_heads`).
 ## Data
 Self-distilled: SmolLM2-135M-Instruct answered the first {len(records)} prompts of
 `../shared/data/alpaca_5000.json` (instruction + input, chat template) with temperature
-{", ".join(str(t) for t in temps)} (greedy), at most {records[0]['max_new_tokens']} new tokens:
+{", ".join(str(t) for t in temps)}{" (greedy)" if temps == [0.0] else ""}, at most {records[0].get('max_new_tokens', '?')} new tokens:
 {tokens} response tokens, {eos} answers ended with EOS, {len(records) - eos} hit the length limit.
 Splits by a hash of the record id: {meta['train_examples']} train, {meta['heldout_examples']} held-out
 (the accuracy below), the rest calibration (tree selection). MT-Bench was not used.
@@ -46,8 +50,7 @@ assistant-token targets; {meta['steps']} steps ({meta['epochs']} epochs) of {met
 positions ({meta['train_positions_used']} train positions), AdamW lr {meta['lr']}, linear warm-up
 + cosine decay; training softmax over the {meta['train_vocab_size']} tokens that occur as targets
 (`--train-vocab {meta['train_vocab']}`); accuracy is measured over the full vocabulary.
-Time: training {meta['train_seconds']:.0f} s; loading or building the hidden-state cache in this run
-{meta['cache_seconds']:.0f} s (a few seconds: the cache was reused). Machine: {machine}.
+Time: training {meta['train_seconds']:.0f} s; {cache_note}. Machine: {machine}.
 
 ## Held-out accuracy (full vocabulary)
 | head | top-1 | top-5 | top-1 untrained |
