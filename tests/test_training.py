@@ -141,6 +141,10 @@ def test_distill_extends_a_finished_file_without_redoing_it(tmp_path, prompts_fi
     records = distill(cfg, on_batch=lambda b, recs: generated.extend(r["id"] for r in recs), backbone=(model, tok))
     assert generated == [f"alpaca-{i:05d}" for i in range(4, 10)]
     assert records[:4] == first and read_records(cfg.out) == records
+    cfg.num_prompts = 3  # fewer than the file holds: nothing is redone, nothing dropped
+    generated.clear()
+    assert distill(cfg, on_batch=lambda b, recs: generated.extend(recs), backbone=(model, tok)) == records
+    assert generated == [] and read_records(cfg.out) == records
 
 
 def test_states_kept_by_distill_replace_the_backbone_pass(tmp_path, prompts_file, monkeypatch):
