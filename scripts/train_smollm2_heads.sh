@@ -2,7 +2,7 @@
 # Train the shipped SmolLM2-135M heads end to end, install them and select the trees:
 # self-distillation -> Medusa-1 -> exporter/shipped_heads/smollm2-135m (+ CARD.md) ->
 # tree_configs/smollm2_selected.json (PyTorch reference cost) and smollm2_ort_cpu.json
-# (ONNX Runtime cost profile, heads call included).
+# (ONNX Runtime cost profile, heads call included) and smollm2_flat64.json (flat cost, GPU-like).
 #   bash scripts/train_smollm2_heads.sh                       # 4,096 prompts, 2 epochs
 #   NUM_PROMPTS=5000 EPOCHS=3 bash scripts/train_smollm2_heads.sh
 # Every step resumes or reuses what a previous run left (distillation: OUT.partial and a
@@ -36,3 +36,6 @@ PY
 medusa-train select-tree --heads "$HEADS" --data "$DATA" --name smollm2_selected --out-dir tree_configs --threads "$T"
 medusa-train select-tree --heads "$HEADS" --data "$DATA" --name smollm2_ort_cpu --out-dir tree_configs \
   --profile "$PROFILE" --threads "$T"
+# the same heads where verifying up to 64 tokens costs one step (a GPU): a 64-node tree
+medusa-train select-tree --heads "$HEADS" --data "$DATA" --name smollm2_flat64 --out-dir tree_configs \
+  --profile scripts/flat_cost_profile.json --threads "$T"

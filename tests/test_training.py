@@ -170,6 +170,8 @@ def test_states_kept_by_distill_replace_the_backbone_pass(tmp_path, prompts_file
     calls.clear()
     m1.build_cache(model, examples, tmp_path / "kept", batch_size=3, states=folder, model_name="tiny")
     assert calls == [], "every example had kept states: the backbone must not run"
+    meta = json.loads((tmp_path / "kept" / "cache.json").read_text())
+    assert (meta["from_states"], meta["computed"]) == (sum(len(v) for v in examples.values()), 0)
     (folder / f"{records[0]['id']}.npz").unlink()  # one missing: only that one is recomputed
     m1.build_cache(model, examples, tmp_path / "mixed", batch_size=3, states=folder, model_name="tiny")
     assert [s[0] for s in calls] == [1]

@@ -27,9 +27,14 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     hist = "\n".join(f"| {h['epoch']} | {h['step']} | " + " / ".join(f"{x:.3f}" for x in h["top1"]) + " |"
                      for h in meta["history"])
     cache_s = meta["cache_seconds"]
-    cache_note = (f"the hidden-state cache was reused ({cache_s:.0f} s to load)" if cache_s < 60 else
-                  f"building the hidden-state cache took {cache_s:.0f} s (from the states distillation kept, "
-                  "the backbone re-run only where they were missing)")
+    if not meta.get("cache_built", True):
+        cache_note = f"the hidden-state cache of an earlier run was reused ({cache_s:.0f} s with loading the model)"
+    elif meta.get("cache_examples_from_states") is not None:
+        cache_note = (f"building the hidden-state cache took {cache_s:.0f} s with loading the model "
+                      f"({meta['cache_examples_from_states']} answers copied from the states distillation kept, "
+                      f"{meta['cache_examples_computed']} run through the backbone)")
+    else:
+        cache_note = f"loading or building the hidden-state cache took {cache_s:.0f} s"
     text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
 
 {cfg['num_heads']} heads, {cfg['num_layers']} residual block each, sharing the backbone's `lm_head`

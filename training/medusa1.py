@@ -111,6 +111,7 @@ def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerp
     hidden_size = model.config.hidden_size
     total = sum(cached_positions(e)[1] - cached_positions(e)[0] for s in SPLITS for e in examples[s])
     bar = tqdm(total=total, desc="hidden-state cache", unit="tok", dynamic_ncols=True)
+    counts = {"from_states": 0, "computed": 0}  # examples copied from distillation's states / run now
     for split in SPLITS:
         exs = examples[split]
         spans = [cached_positions(e) for e in exs]
@@ -125,6 +126,8 @@ def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerp
             else:
                 mm[starts[j]:starts[j] + len(kept)] = kept
                 bar.update(len(kept))
+        counts["from_states"] += len(exs) - len(todo)
+        counts["computed"] += len(todo)
         order = sorted(todo, key=lambda i: len(exs[i].tokens))  # similar lengths share a batch
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
@@ -148,7 +151,7 @@ def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerp
                  row_starts=np.append(starts, rows).astype(np.int64))
     bar.close()
     marker.write_text(json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint, "hidden_size": hidden_size,
-                                  "dtype": np.dtype(dtype).name,
+                                  "dtype": np.dtype(dtype).name, "built_unix": time.time(), **counts,
                                   "splits": {s: len(examples[s]) for s in SPLITS}}, indent=1))
     return folder
 
@@ -300,6 +303,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         p.requires_grad_(False)
     cache = prepare_cache(model, str(folder), Path(cfg.data), cfg.cache, cfg.max_len, model_name=cfg.model)
     cache_s = time.time() - t0
+    cache_meta = json.loads((Path(cache) / "cache.json").read_text())
     train = load_split(cache, "train", cfg.num_heads)
     heldout = load_split(cache, "heldout", cfg.num_heads)
     rows = np.flatnonzero((train.labels != IGNORE).any(1))
@@ -377,6 +381,9 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         "heldout_top1_untrained": acc0[:, 0].round(4).tolist(),
         "history": history,
         "cache_seconds": round(cache_s, 1),
+        "cache_built": cache_meta.get("built_unix", 0) >= t0,
+        "cache_examples_from_states": cache_meta.get("from_states"),
+        "cache_examples_computed": cache_meta.get("computed"),
         "train_seconds": round(train_s, 1),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "config": {k: str(v) for k, v in asdict(cfg).items()},
