@@ -1,0 +1,50 @@
+"""Held-out top-1 / top-5 of several head sets on the same records (the hidden-state cache's split).
+
+    python scripts/compare_heads.py runs/old_heads exporter/shipped_heads/smollm2-135m \
+        --cache runs/distill/smollm2_alpaca.jsonl.hidden
+
+The cache is what `medusa-train medusa1` built for its data; heads that were trained on other
+data are compared fairly only when none of the cache's held-out records was in their training
+split (splits are by a hash of the record id, so growing the data never moves a record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("heads", nargs="+", help="heads folders")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--cache", default="runs/distill/smollm2_alpaca.jsonl.hidden")
+    p.add_argument("--split", default="heldout", choices=("heldout", "calib"))
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from exporter.heads import load_heads
+    from exporter.models import load_backbone
+    from training.medusa1 import load_split, rank_accuracy
+
+    torch.set_num_threads(a.threads)
+    model = load_backbone(a.model)[0]
+    loaded = [load_heads(h, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size) for h in a.heads]
+    split = load_split(Path(a.cache), a.split, max(h.config.num_heads for h in loaded))
+    print(f"{a.split}: {split.num_examples} records of {a.cache}")
+    for path, heads in zip(a.heads, loaded):
+        k = heads.config.num_heads
+        sub = type(split)(split.hidden, split.labels[:, :k], split.num_examples)
+        acc = rank_accuracy(heads.eval(), model.lm_head, sub)
+        print(f"{path}: top-1 " + " / ".join(f"{x:.3f}" for x in acc[:, 0])
+              + "   top-5 " + " / ".join(f"{x:.3f}" for x in acc[:, :5].sum(1)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
