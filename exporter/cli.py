@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.errors import MedusaError
+from runtime.errors import MedusaError, run_cli
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
 
@@ -195,16 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return trt_main(argv)
     args = build_parser().parse_args(argv)
     t = time.perf_counter()
-    try:
-        out = run(args)
-    except MedusaError as e:
-        print(f"medusa-export: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("medusa-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(_summary(out, time.perf_counter() - t))
-    return 0
+    return run_cli("medusa-export", lambda: print(_summary(run(args), time.perf_counter() - t)),
+                   interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from exporter.trt_plan import (
     make_plan,
     resolve_tree,
 )
-from runtime.errors import MedusaError
+from runtime.errors import run_cli
 
 TRTEXEC_SCRIPT = "trtexec.sh"
 POLYGRAPHY_SCRIPT = "polygraphy_check.sh"
@@ -433,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: medusa-export {{{','.join(COMMANDS)}}} ARTIFACT [options]", file=sys.stderr)
         return 2
-    try:
-        return COMMANDS[argv[0]](argv[1:])
-    except MedusaError as e:
-        print(f"medusa-export: error: {e}", file=sys.stderr)
-        return 1
+    return run_cli("medusa-export", lambda: COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

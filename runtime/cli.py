@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON
-from runtime.errors import MedusaError
+from runtime.errors import run_cli
 
 EPILOG = """examples:
   medusa-run generate artifacts/smollm2-135m-medusa "Name three rivers in Europe." --stats
@@ -138,15 +138,8 @@ def cmd_profile(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile}[args.command](args)
-    except MedusaError as e:
-        print(f"medusa-run: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("medusa-run: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    command = {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile}[args.command]
+    return run_cli("medusa-run", lambda: command(args), interrupted="interrupted")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,29 @@
 """One family of exceptions for mistakes a user can fix.
 
 Command-line entry points catch :class:`MedusaError`, print its message and exit 1 with
-no traceback. Anything else escaping is a bug in medusa-trt and keeps its traceback.
+no traceback (:func:`run_cli`). Anything else escaping is a bug in medusa-trt and keeps
+its traceback.
 """
+
+import sys
+from typing import Callable
+
+
+def run_cli(prog: str, command: Callable[[], "int | None"], interrupted: "str | None" = None) -> int:
+    """Exit code of one command-line call: ``command()``'s int (0 for None); 1 with
+    ``prog: error: ...`` on a :class:`MedusaError`; 130 with ``prog: <interrupted>`` on
+    Ctrl-C where ``interrupted`` is given (else the interrupt propagates)."""
+    try:
+        code = command()
+    except MedusaError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 class MedusaError(Exception):

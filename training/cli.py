@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from runtime.errors import MedusaError
+from runtime.errors import run_cli
 
 
 def _distill(a) -> None:
@@ -138,12 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except MedusaError as e:
-        print(f"medusa-train: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli("medusa-train", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,20 @@ def save_states(folder: Path, record_id: str, model: str, first: int, hidden) ->
     os.replace(tmp, folder / f"{record_id}.npz")
 
 
+def load_states(folder: Path, record_id: str):
+    """(first, model, hidden) that :func:`save_states` wrote, or None (absent, torn or foreign)."""
+    import numpy as np
+
+    f = Path(folder) / f"{record_id}.npz"
+    if not f.is_file():
+        return None
+    try:
+        with np.load(f) as z:
+            return int(z["first"]), str(z["model"]), z["hidden"]
+    except Exception:  # torn or foreign file: the caller recomputes
+        return None
+
+
 # ---------------------------------------------------------------------------- prompts
 
 

@@ -77,16 +77,12 @@ def _fingerprint(model_folder: str, data: Path, max_len: int) -> str:
 
 def _kept_states(states: Path | None, model_name: str | None, e: Example, span: tuple[int, int]):
     """Rows [a, b) of ``e`` from the states distillation kept, or None (absent, other model, too short)."""
-    if states is None or model_name is None:
+    from training.distill import load_states
+
+    kept = load_states(states, e.id) if states is not None and model_name is not None else None
+    if kept is None:
         return None
-    f = Path(states) / f"{e.id}.npz"
-    if not f.is_file():
-        return None
-    try:
-        with np.load(f) as z:
-            first, model, hidden = int(z["first"]), str(z["model"]), z["hidden"]
-    except Exception:  # torn or foreign file: recompute
-        return None
+    first, model, hidden = kept
     a, b = span
     if model != model_name or first > a or first + len(hidden) < b:
         return None

@@ -110,6 +110,13 @@ def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, head
 
 
 def read_profile(path: Path) -> tuple[str, dict[int, float]]:
+    """(backend, relative cost per token count) of a cost profile file."""
+    backend, prof, _ = read_profile_with_heads(path)
+    return backend, prof
+
+
+def read_profile_with_heads(path: Path) -> tuple[str, dict[int, float], float | None]:
+    """:func:`read_profile` plus the profile's ``heads_relative_cost`` (None where it has none)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -119,17 +126,13 @@ def read_profile(path: Path) -> tuple[str, dict[int, float]]:
         raise MedusaError(f"cost profile {path}: expected {{'backend': ..., 'relative_cost': {{'1': 1.0, ...}}}}")
     try:
         prof = {int(k): float(v) for k, v in rc.items()}
+        heads = data.get("heads_relative_cost")
+        heads = None if heads is None else float(heads)
     except (TypeError, ValueError):
         raise MedusaError(f"cost profile {path}: relative_cost keys must be token counts and values numbers") from None
     if any(v <= 0 for v in prof.values()):
         raise MedusaError(f"cost profile {path}: relative costs must be positive")
-    return str(data.get("backend", "unknown")), prof
-
-
-def profile_heads_cost(path: Path) -> float | None:
-    """The profile's ``heads_relative_cost`` (``medusa-run profile`` measures it), or None."""
-    v = json.loads(Path(path).read_text()).get("heads_relative_cost")
-    return None if v is None else float(v)
+    return str(data.get("backend", "unknown")), prof, heads
 
 
 def measure_cost_profile(model, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64), past: int = 256, repeats: int = 7) -> dict:
@@ -218,10 +221,10 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
     acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank, model_name=cfg.model)
     heads_cost = cfg.heads_cost
     if cfg.profile:
-        backend, prof = read_profile(cfg.profile)
+        backend, prof, profiled_heads = read_profile_with_heads(cfg.profile)
         profile = {"backend": backend, "relative_cost": {str(k): v for k, v in sorted(prof.items())}, "file": str(cfg.profile)}
         if heads_cost is None:
-            heads_cost = profile_heads_cost(cfg.profile)
+            heads_cost = profiled_heads
     else:
         print("[medusa-train] no cost profile given: measuring the PyTorch reference backend (256 cached tokens)")
         profile = measure_cost_profile(model)
