@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,6 +252,74 @@ def test_loss_is_sum_of_0_8_power_k_weighted_head_ce():
     assert loss3 < loss  # fewer competitors, smaller CE
 
 
+def test_soft_targets_loss_is_the_cross_entropy_against_the_teacher_distribution():
+    import torch.nn.functional as F
+
+    from training.data import IGNORE
+    from training.medusa1 import projected_loss
+
+    torch.manual_seed(1)
+    N, K, H, V = 10, 3, 8, 20
+    blocks, W = torch.randn(N, K, H), torch.randn(V, H)
+    labels = torch.randint(0, V, (N, K))
+    labels[:2, 1] = IGNORE
+    teacher_h = torch.randn(N, K, H)
+    hard, _ = projected_loss(blocks, labels, W)
+    # no cached teacher anywhere: the one-hot loss
+    none, _ = projected_loss(blocks, labels, W, teacher=(teacher_h, torch.zeros(N, K, dtype=torch.bool)))
+    assert torch.allclose(none, hard)
+    # a teacher sure of the label: the one-hot loss again
+    sure = 1e3 * W[labels.clamp(min=0)] / W[labels.clamp(min=0)].norm(dim=-1, keepdim=True) ** 2
+    sure_loss, _ = projected_loss(blocks, labels, W, teacher=(sure, torch.ones(N, K, dtype=torch.bool)))
+    assert torch.allclose(sure_loss, hard, atol=1e-4)
+    # a real distribution where the mask is set, the label elsewhere
+    mask = torch.rand(N, K) < 0.6
+    loss, per_head = projected_loss(blocks, labels, W, teacher=(teacher_h, mask))
+    for k in range(K):
+        sel = labels[:, k] != IGNORE
+        logp = F.log_softmax(blocks[sel, k] @ W.T, -1)
+        p = F.softmax(teacher_h[sel, k] @ W.T, -1)
+        m = mask[sel, k]
+        want = torch.where(m, -(p * logp).sum(-1), -logp.gather(1, labels[sel, k, None].clamp(min=0))[:, 0]).mean()
+        assert torch.allclose(per_head[k], want, atol=1e-5)
+    assert torch.allclose(loss, per_head[0] + 0.8 * per_head[1] + 0.64 * per_head[2])
+
+
+def test_teacher_rows_hold_the_backbones_prediction_of_each_heads_token(tmp_path):
+    """Head k at position t targets token t+k+2; its teacher row is the hidden state at t+k+1
+    (the backbone's prediction of that token), in the same example, or masked."""
+    from training.data import IGNORE, build_examples, split_examples
+    from training.medusa1 import build_cache, cached_positions, load_split, teacher_rows
+
+    model = tiny_llama()
+    rng = np.random.default_rng(0)
+    records = [{"id": f"g{i}", "prompt_ids": [1] + rng.integers(3, VOCAB, 5 + i % 4).tolist(),
+                "response_ids": rng.integers(3, VOCAB, 10 + i % 7).tolist()} for i in range(12)]
+    examples = split_examples(build_examples(records))
+    build_cache(model, examples, tmp_path / "c", dtype=np.float32, batch_size=4)
+    K = 3
+    split = load_split(tmp_path / "c", "train", num_heads=K)
+    rows, mask = teacher_rows(split, np.arange(len(split.labels)))
+    assert not mask[split.labels == IGNORE].any()
+    assert mask.sum() > 0.7 * (split.labels != IGNORE).sum()  # only an example's last rows miss
+    checked, r0 = 0, 0
+    for e in examples["train"]:
+        with torch.inference_mode():
+            fresh = model.model(input_ids=torch.from_numpy(e.tokens)[None]).last_hidden_state[0].numpy()
+        a, b = cached_positions(e)
+        for r in range(r0, r0 + b - a):
+            t = a + r - r0
+            for k in range(K):
+                if mask[r, k]:
+                    np.testing.assert_allclose(split.hidden[rows[r, k]], fresh[t + k + 1], atol=1e-4)
+                    assert split.labels[r, k] == e.tokens[t + k + 2]
+                    checked += 1
+                else:  # the label is ignored, or position t+k+1 is not cached for this example
+                    assert split.labels[r, k] == IGNORE or t + k + 1 >= b
+        r0 += b - a
+    assert checked > 50
+
+
 # ---------------------------------------------------------------------------- hidden-state cache
 
 
@@ -323,6 +392,40 @@ def test_medusa1_run_beats_fresh_heads(tmp_path):
     for k in range(3):  # the card's table is the run's held-out accuracy
         assert f"| {k + 1} | {summary['heldout_top1'][k]:.3f} | {summary['heldout_top5'][k]:.3f} |" in card
     assert card.count("| 4 | ") >= 1 and "--train-vocab full" in card
+
+
+def test_medusa1_soft_targets_run_learns_the_backbones_distribution(tmp_path):
+    """Trained with --soft-targets, the heads' cross-entropy against the backbone's own
+    distribution for their tokens falls on the held-out split (what the option teaches)."""
+    from exporter.heads import fresh_heads, load_heads
+    from training.distill import write_atomic
+    from training.medusa1 import Medusa1Config, load_split, projected_loss, teacher_rows, train_medusa1
+
+    model = tiny_llama()
+    with torch.no_grad():  # a confident backbone: a random one is near uniform, which a residual head cannot copy
+        model.model.norm.weight.mul_(6.0)
+    data = tmp_path / "d.jsonl"
+    write_atomic(data, _records(160))
+    cfg = Medusa1Config(model="tiny", data=data, out=tmp_path / "heads", num_heads=2, lr=1e-2, epochs=3,
+                        batch_tokens=128, soft_targets=True, train_vocab="full")
+    summary = train_medusa1(cfg, backbone=(model, None, tmp_path))
+    assert "backbone's distribution" in summary["loss"] and summary["config"]["soft_targets"] == "True"
+
+    held = load_split(Path(str(data) + ".hidden"), "heldout", num_heads=2)
+    idx = np.arange(len(held.labels))
+    rows, mask = teacher_rows(held, idx)
+    h = torch.from_numpy(np.asarray(held.hidden[idx], dtype=np.float32))
+    teacher = (torch.from_numpy(np.asarray(held.hidden[rows.ravel()], dtype=np.float32)).reshape(*rows.shape, -1),
+               torch.from_numpy(mask))
+    labels, W = torch.from_numpy(held.labels), model.lm_head.weight.detach()
+    with torch.inference_mode():
+        before, _ = projected_loss(fresh_heads(2, 32, VOCAB, lm_head=model.lm_head).blocks(h), labels, W, teacher=teacher)
+        after, _ = projected_loss(load_heads(tmp_path / "heads", hidden_size=32, vocab_size=VOCAB).blocks(h),
+                                  labels, W, teacher=teacher)
+    assert after < before - 0.1, (before, after)
+    with pytest.raises(MedusaError, match="shared lm_head"):
+        train_medusa1(Medusa1Config(model="tiny", data=data, out=tmp_path / "h2", shared_lm_head=False,
+                                    soft_targets=True), backbone=(model, None, tmp_path))
 
 
 # ---------------------------------------------------------------------------- Medusa-2

@@ -32,7 +32,7 @@ def _medusa1(a) -> None:
                         num_heads=a.num_heads, num_layers=a.num_layers, shared_lm_head=not a.own_lm_head,
                         lr=a.lr, epochs=a.epochs, batch_tokens=a.batch_tokens, max_steps=a.max_steps,
                         max_train_tokens=a.max_train_tokens, train_vocab=a.train_vocab, seed=a.seed,
-                        threads=a.threads)
+                        threads=a.threads, soft_targets=a.soft_targets)
     train_medusa1(cfg)
 
 
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--train-vocab", choices=("data", "full"), default=m.train_vocab,
                     help="softmax over the training targets' tokens (data, ~5x cheaper on SmolLM2) or the full "
                          "vocabulary; accuracy is always measured on the full vocabulary")
+    sp.add_argument("--soft-targets", action="store_true",
+                    help="head k learns the backbone's own distribution for its token (self-distillation KL, "
+                         "from the cached hidden states) instead of the one-hot token")
     sp.set_defaults(func=_medusa1)
 
     m2 = Medusa2Config()

@@ -50,6 +50,7 @@ class Medusa1Config:
     max_steps: int = 0  # 0: no limit
     max_train_tokens: int = 0  # 0: every cached train position
     train_vocab: str = "data"  # "data": softmax over the training targets' tokens; "full"
+    soft_targets: bool = False  # head k learns the backbone's distribution for its token (KL), not its argmax
     max_len: int = 384
     seed: int = 0
     threads: int | None = None
@@ -170,6 +171,7 @@ class CachedSplit:
     hidden: np.ndarray  # [R, H] memmap
     labels: np.ndarray  # int64 [R, K]
     num_examples: int
+    row_end: np.ndarray | None = None  # int64 [R]: one past the last row of the row's example
 
 
 def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
@@ -180,13 +182,28 @@ def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
     hidden = np.load(folder / f"hidden_{split}.npy", mmap_mode="r")
     ix = np.load(folder / f"index_{split}.npz")
     labels = np.full((hidden.shape[0], num_heads), IGNORE, dtype=np.int64)
+    row_end = np.zeros(hidden.shape[0], dtype=np.int64)
     ts, rs = ix["token_starts"], ix["row_starts"]
     for e in range(len(ix["ids"])):
         tokens = ix["tokens"][ts[e]:ts[e + 1]]
         assistant = np.arange(len(tokens)) >= ix["response_start"][e]
         positions = ix["first_pos"][e] + np.arange(rs[e + 1] - rs[e])
         labels[rs[e]:rs[e + 1]] = head_labels(tokens, assistant, positions, num_heads)
-    return CachedSplit(hidden, labels, len(ix["ids"]))
+        row_end[rs[e]:rs[e + 1]] = rs[e + 1]
+    return CachedSplit(hidden, labels, len(ix["ids"]), row_end)
+
+
+def teacher_rows(split: CachedSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the backbone's own distribution for head k's target is cached.
+
+    Head k at row r (position t) predicts token t+k+2; the backbone predicts that token from
+    position t+k+1, i.e. row r+k+1 of the same example. Returns rows [n, K] and a mask [n, K]
+    (False where the label is ignored or the row lies past the example's cached span).
+    """
+    K = split.labels.shape[1]
+    rows = idx[:, None] + np.arange(1, K + 1)[None, :]
+    ok = (rows < split.row_end[idx][:, None]) & (split.labels[idx] != IGNORE)
+    return np.where(ok, rows, idx[:, None]), ok
 
 
 def prepare_cache(model, model_folder: str, data: Path, cache: Path | None, max_len: int,
@@ -225,11 +242,15 @@ def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 def projected_loss(blocks_out: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                   vocab_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   vocab_map: torch.Tensor | None = None, teacher: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Medusa loss with a shared projection, computing logits only where labels exist.
 
     ``blocks_out`` [N, K, H]; ``weight`` [V', H] (the lm_head rows of the training vocabulary);
     ``vocab_map`` maps a token id to its row in ``weight`` (None: identity, V' = V).
+    ``teacher``: (hidden [N, K, H], mask [N, K]): where the mask is set, head k's target is the
+    distribution ``softmax(teacher_hidden @ weight.T)`` (soft cross-entropy, i.e. KL up to a
+    constant) instead of the one-hot label; elsewhere the label.
     """
     K = blocks_out.shape[1]
     losses = []
@@ -239,7 +260,16 @@ def projected_loss(blocks_out: torch.Tensor, labels: torch.Tensor, weight: torch
             losses.append(blocks_out.new_zeros(()))
             continue
         target = labels[sel, k] if vocab_map is None else vocab_map[labels[sel, k]]
-        losses.append(F.cross_entropy(blocks_out[sel, k] @ weight.T, target))
+        logits = blocks_out[sel, k] @ weight.T
+        if teacher is None:
+            losses.append(F.cross_entropy(logits, target))
+            continue
+        soft = teacher[1][sel, k]
+        logp = F.log_softmax(logits, dim=-1)
+        with torch.no_grad():
+            p = F.softmax(teacher[0][sel, k][soft] @ weight.T, dim=-1)
+        per_pos = torch.cat([-(p * logp[soft]).sum(-1), F.nll_loss(logp[~soft], target[~soft], reduction="none")])
+        losses.append(per_pos.mean())
     per_head = torch.stack(losses)
     return (head_weights(K) * per_head).sum(), per_head.detach()
 
@@ -288,6 +318,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
     if cfg.train_vocab not in ("data", "full"):
         raise MedusaError(f"train_vocab must be 'data' or 'full', got {cfg.train_vocab!r}")
+    if cfg.soft_targets and not cfg.shared_lm_head:
+        raise MedusaError("soft targets need the shared lm_head (the backbone's distribution is lm_head(hidden))")
     if not Path(cfg.data).is_file():
         raise MedusaError(f"distilled data {cfg.data} does not exist (run `medusa-train distill` first)")
     if cfg.threads:
@@ -340,7 +372,12 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
             h = torch.from_numpy(np.asarray(train.hidden[idx], dtype=np.float32))
             lab = torch.from_numpy(train.labels[idx])
             if cfg.shared_lm_head:
-                loss, per_head = projected_loss(heads.blocks(h), lab, weight, vocab_map)
+                teacher = None
+                if cfg.soft_targets:
+                    trows, tmask = teacher_rows(train, idx)
+                    th = np.asarray(train.hidden[trows.ravel()], dtype=np.float32).reshape(*trows.shape, -1)
+                    teacher = (torch.from_numpy(th), torch.from_numpy(tmask))
+                loss, per_head = projected_loss(heads.blocks(h), lab, weight, vocab_map, teacher)
             else:
                 loss, per_head = medusa_loss(heads(h), lab)
             opt.zero_grad(set_to_none=True)
@@ -371,7 +408,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         "lr": cfg.lr,
         "train_vocab": cfg.train_vocab if cfg.shared_lm_head else "full",
         "train_vocab_size": int(weight.shape[0]),
-        "loss": "sum_k 0.8^k CE_k (head k: token t+k+2, assistant tokens only)",
+        "loss": "sum_k 0.8^k CE_k (head k: token t+k+2, assistant tokens only)"
+                + ("; target = the backbone's distribution for that token where cached (soft CE)" if cfg.soft_targets else ""),
         "heldout_top1": acc[:, 0].round(4).tolist(),
         "heldout_top5": acc[:, :5].sum(1).round(4).tolist(),
         "heldout_top1_untrained": acc0[:, 0].round(4).tolist(),
