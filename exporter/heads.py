@@ -261,13 +261,17 @@ def load_heads(
     return heads.to(dtype).eval()
 
 
-def save_heads(heads: MedusaHeads, folder: str | Path, meta: dict | None = None) -> Path:
-    """Write ``medusa_heads.safetensors`` + ``medusa_heads.json`` into ``folder``."""
+def save_heads(heads: MedusaHeads, folder: str | Path, meta: dict | None = None,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``medusa_heads.safetensors`` + ``medusa_heads.json`` into ``folder``.
+
+    ``dtype=torch.float16`` halves the file (the shipped heads; :func:`load_heads` upcasts).
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in heads.state_dict().items()}
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in heads.state_dict().items()}
     save_file(sd, str(folder / HEADS_WEIGHTS), metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
     cfg = asdict(heads.config)
     cfg["meta"] = {**heads.config.meta, **(meta or {})}

@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("heads", nargs="+", help="heads folders")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--cache", default="runs/distill/smollm2_alpaca.jsonl.hidden")
-    p.add_argument("--split", default="heldout", choices=("heldout", "calib"))
+    p.add_argument("--split", default="heldout", choices=("heldout", "calib", "train"))
+    p.add_argument("--max-rows", type=int, default=0, help="only the split's first rows (0: all)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
 
@@ -36,10 +37,11 @@ def main(argv=None) -> int:
     model = load_backbone(a.model)[0]
     loaded = [load_heads(h, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size) for h in a.heads]
     split = load_split(Path(a.cache), a.split, max(h.config.num_heads for h in loaded))
-    print(f"{a.split}: {split.num_examples} records of {a.cache}")
+    rows = len(split.labels) if not a.max_rows else min(a.max_rows, len(split.labels))
+    print(f"{a.split}: {split.num_examples} records of {a.cache}, {rows} of {len(split.labels)} rows")
     for path, heads in zip(a.heads, loaded):
         k = heads.config.num_heads
-        sub = type(split)(split.hidden, split.labels[:, :k], split.num_examples)
+        sub = type(split)(split.hidden[:rows], split.labels[:rows, :k], split.num_examples)
         acc = rank_accuracy(heads.eval(), model.lm_head, sub)
         print(f"{path}: top-1 " + " / ".join(f"{x:.3f}" for x in acc[:, 0])
               + "   top-5 " + " / ".join(f"{x:.3f}" for x in acc[:, :5].sum(1)))

@@ -240,6 +240,25 @@ def test_save_load_round_trip_with_meta(tmp_path, shared, lm_head):
     _check_loaded(back, sd, 3, 2, lm_head=lm_head if shared else None)
 
 
+def test_float16_file_is_half_the_size_and_loads_as_float32(tmp_path):
+    sd = official_state_dict(num_heads=3, num_layers=2, proj=False)
+    heads = MedusaHeads(heads_config_from_state_dict(sd, "test"))
+    heads.config.vocab_size = V
+    heads.load_state_dict(sd)
+    save_heads(heads, tmp_path / "f32")
+    save_heads(heads, tmp_path / "f16", dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "f16" / HEADS_WEIGHTS), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    s32, s16 = ((tmp_path / d / HEADS_WEIGHTS).stat().st_size for d in ("f32", "f16"))
+    assert s16 < s32
+    back = load_heads(tmp_path / "f16", hidden_size=H, vocab_size=V)
+    for k, v in back.state_dict().items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, sd[k].to(torch.float16).float())
+
+
 def test_dtype_on_load(tmp_path):
     torch.save(official_state_dict(2), tmp_path / "medusa_lm_head.pt")
     heads = load_heads(tmp_path, hidden_size=H, vocab_size=V, dtype=torch.float16)

@@ -389,6 +389,7 @@ def test_medusa1_run_beats_fresh_heads(tmp_path):
 
     card = write_card(tmp_path / "heads", data, command="medusa-train medusa1 ...", machine="test box").read_text()
     assert "160 prompts" in card and "test box" in card and "medusa-train medusa1 ..." in card
+    assert "1 residual block each" in card and "float32; loaded as float32" in card
     for k in range(3):  # the card's table is the run's held-out accuracy
         assert f"| {k + 1} | {summary['heldout_top1'][k]:.3f} | {summary['heldout_top5'][k]:.3f} |" in card
     assert card.count("| 4 | ") >= 1 and "--train-vocab full" in card

@@ -19,7 +19,15 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     temps = sorted({r.get("temperature", "unknown") for r in records}, key=str)
     tokens = sum(len(r["response_ids"]) for r in records)
     eos = sum(r.get("finish") == "eos" for r in records)
-    size = (heads_dir / "medusa_heads.safetensors").stat().st_size
+    weights = heads_dir / "medusa_heads.safetensors"
+    size = weights.stat().st_size
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        dtypes = sorted({str(f.get_slice(k).get_dtype()).lower() for k in f.keys()})
+    dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+    dtype_text = "/".join(dtype.get(d, d) for d in dtypes)
+    blocks = "residual block" if cfg["num_layers"] == 1 else "residual blocks"
     rows = "\n".join(
         f"| {k + 1} | {a:.3f} | {b:.3f} | {c:.3f} |"
         for k, (a, b, c) in enumerate(zip(meta["heldout_top1"], meta["heldout_top5"], meta["heldout_top1_untrained"]))
@@ -37,8 +45,8 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
         cache_note = f"loading or building the hidden-state cache took {cache_s:.0f} s"
     text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
 
-{cfg['num_heads']} heads, {cfg['num_layers']} residual block each, sharing the backbone's `lm_head`
-({size / 1e6:.1f} MB, float32). Head k (1-based) predicts the token k positions after the
+{cfg['num_heads']} heads, {cfg['num_layers']} {blocks} each, sharing the backbone's `lm_head`
+({size / 1e6:.1f} MB, {dtype_text}; loaded as float32). Head k (1-based) predicts the token k positions after the
 backbone's own next token. Layout: medusa-trt (`exporter.heads.load_heads`).
 
 ## Data
