@@ -477,6 +477,19 @@ def test_medusa2_warmup_trains_heads_only(tmp_path):
 
     heads = load_heads(tmp_path / "m2_3_3" / "heads", hidden_size=32, vocab_size=VOCAB)
     assert any(v.abs().sum() > 0 for v in heads.state_dict().values()), "the heads must have trained"
+    # fresh start heads are the identity blocks: the start accuracy is lm_head's, the run's own meta only
+    assert summary["start_heads"] == "fresh" and len(summary["heldout_top1_start"]) == 3
+    assert heads.config.meta["method"].startswith("medusa-2")
+    # started from Medusa-1 heads: their meta (epochs, history) does not leak into the new heads' meta
+    from exporter.heads import fresh_heads, save_heads
+
+    save_heads(fresh_heads(3, 32, VOCAB), tmp_path / "m1", meta={"method": "medusa-1", "history": [1], "epochs": 9})
+    cfg = Medusa2Config(model="tiny", out=tmp_path / "m2_from_m1", heads=str(tmp_path / "m1"), num_heads=3, steps=1,
+                        warmup_steps=1, batch_size=2)
+    s2 = train_medusa2(cfg, backbone=(tiny_llama(), None, tmp_path), examples=examples)
+    meta = load_heads(tmp_path / "m2_from_m1" / "heads", hidden_size=32, vocab_size=VOCAB).config.meta
+    assert s2["start_heads_method"] == "medusa-1" and meta["start_heads"] == str(tmp_path / "m1")
+    assert "history" not in meta and "epochs" not in meta and meta["method"].startswith("medusa-2")
     model, _ = run(steps=4, warmup=2)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "after warm-up the backbone trains"
     assert (tmp_path / "m2_4_2" / "backbone" / "config.json").is_file()

@@ -156,6 +156,12 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
             raise MedusaError(f"{cfg.heads} holds {heads.config.num_heads} heads; --num-heads says {cfg.num_heads}")
     else:
         heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, lm_head=model.lm_head)
+    start_method = heads.config.meta.get("method")
+    heads.config.meta = {}  # the saved heads describe this run, not the run that made the start heads
+    acc_start = (heads_accuracy(model.eval(), heads.eval(), examples["heldout"], cfg.num_heads)
+                 if examples["heldout"] else np.zeros((cfg.num_heads, 2)))
+    print(f"held-out accuracy before Medusa-2 ({len(examples['heldout'])} examples):")
+    print(format_accuracy(acc_start[:, 0], acc_start[:, 1]))
     model.train()
     heads.train()
     for p in model.parameters():
@@ -211,6 +217,10 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         "lr_heads": cfg.lr_heads,
         "heldout_top1": acc[:, 0].round(4).tolist(),
         "heldout_top5": acc[:, 1].round(4).tolist(),
+        "heldout_top1_start": acc_start[:, 0].round(4).tolist(),
+        "heldout_top5_start": acc_start[:, 1].round(4).tolist(),
+        "start_heads": str(cfg.heads) if cfg.heads else "fresh",
+        "start_heads_method": start_method,
         "greedy_identical_share": drift,
         "drift_prompts": len(prompts),
         "drift_tokens": cfg.drift_tokens,
