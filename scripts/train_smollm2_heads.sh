@@ -31,10 +31,10 @@ import torch
 from exporter.heads import load_heads, save_heads
 from training.card import write_card
 run, heads, data, n, e, l, t = sys.argv[1:]
-meta = json.loads((Path(run) / "medusa_heads.json").read_text())["meta"]
-trained = load_heads(run, vocab_size=49152)
-trained.config.meta = {}
-save_heads(trained, heads, meta=meta, dtype=torch.float16)
+cfg = json.loads((Path(run) / "medusa_heads.json").read_text())
+trained = load_heads(run, vocab_size=cfg["vocab_size"])
+trained.config.meta = {}  # load_heads adds layout/source; keep the run's meta only
+save_heads(trained, heads, meta=cfg["meta"], dtype=torch.float16)
 size = (Path(heads) / "medusa_heads.safetensors").stat().st_size
 assert size <= 10e6, f"{heads}: {size / 1e6:.1f} MB, more than the repo's 10 MB for heads"
 write_card(Path(heads), Path(data), command=f"NUM_PROMPTS={n} EPOCHS={e} LAYERS={l} THREADS={t} bash scripts/train_smollm2_heads.sh",
