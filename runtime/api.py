@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
-from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DecodeConfig, DecodeStats, decode_steps
+from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_PREFILL_CHUNK, DecodeConfig, DecodeStats, decode_steps
 from runtime.errors import MedusaError
 from runtime.tokenizer import StreamDecoder, Tokenizer
 from runtime.tree import Tree, build_tree, load_tree
@@ -81,7 +81,11 @@ def _has_tensorrt() -> bool:
 
 class MedusaGenerator:
     def __init__(self, folder: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-                 max_context: int | None = None, tree: str | Sequence | Tree | None = None):
+                 max_context: int | None = None, tree: str | Sequence | Tree | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        if prefill_chunk < 0:
+            raise MedusaError(f"prefill_chunk must be >= 0 (0: the whole prompt in one call), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.folder = Path(folder)
         self.config = read_artifact(self.folder)
         self.tokenizer = Tokenizer(self.folder)
@@ -123,7 +127,7 @@ class MedusaGenerator:
         cfg = DecodeConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, epsilon=epsilon, delta=delta, medusa=medusa,
             seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids),
-            stop_strings=tuple([stop] if isinstance(stop, str) else stop),
+            stop_strings=tuple([stop] if isinstance(stop, str) else stop), prefill_chunk=self.prefill_chunk,
         )
         t = self._tree(tree) if medusa else None
         return ids, decode_steps(self.backend, ids, cfg, t, decode_text=self.tokenizer.decode)
@@ -156,10 +160,13 @@ class MedusaGenerator:
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-         max_context: int | None = None, tree=None) -> MedusaGenerator:
+         max_context: int | None = None, tree=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> MedusaGenerator:
     """Load an artifact folder written by ``medusa-export``.
 
     backend: ``auto`` (TensorRT when the artifact has an engine and tensorrt is installed,
     else ONNX Runtime), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
+    prefill_chunk: prompt tokens per prefill call (0: the whole prompt at once); bounds the
+    prefill's memory for long prompts.
     """
-    return MedusaGenerator(artifact_dir, backend=backend, device=device, threads=threads, max_context=max_context, tree=tree)
+    return MedusaGenerator(artifact_dir, backend=backend, device=device, threads=threads, max_context=max_context,
+                           tree=tree, prefill_chunk=prefill_chunk)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON
+from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_PREFILL_CHUNK
 from runtime.errors import run_cli
 
 EPILOG = """examples:
@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device (default: CUDA if available)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the model's)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens per prefill call (0: the whole prompt in one call)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +75,7 @@ def _load(args):
     import runtime
 
     return runtime.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
-                        max_context=args.max_context)
+                        max_context=args.max_context, prefill_chunk=args.prefill_chunk)
 
 
 def cmd_generate(args) -> None:

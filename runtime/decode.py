@@ -23,6 +23,7 @@ from runtime.tree import PAD, Tree
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
 DEFAULT_DELTA = 0.3  # typical acceptance: entropy-scaled threshold
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill call (the TensorRT plan's default prefill profile max)
 PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update", "other")
 
 
@@ -36,8 +37,14 @@ class DecodeConfig:
     seed: int | None = None
     eos_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
+    # prefill in calls of at most this many prompt tokens (0: the whole prompt in one call).
+    # Bounds the prefill's logits ([chunk, vocab]) and attention scores ([chunk, cache + chunk])
+    # however long the prompt; the output is the same up to floating-point rounding.
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     def __post_init__(self):
+        if self.prefill_chunk < 0:
+            raise MedusaError(f"prefill_chunk must be >= 0 (0: the whole prompt in one call), got {self.prefill_chunk}")
         if self.max_new_tokens < 1:
             raise MedusaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -221,12 +228,16 @@ def decode_steps(
     start = clock.t
     backend.reset()
 
-    # prefill: the prompt under a causal mask; its last logits give the first root
+    # prefill: the prompt under a causal mask, in chunks (each sees the cache of the earlier
+    # ones); the last chunk's last logits give the first root
     n = len(prompt)
-    logits = backend.forward(prompt, np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
-    backend.commit(np.arange(n))
+    chunk = cfg.prefill_chunk or n
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        logits = backend.forward(prompt[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)))
+        backend.commit(np.arange(m))
     root = select_root(logits[-1], cfg, rng)
-    heads = backend.head_logits(n - 1) if cfg.medusa else None
+    heads = backend.head_logits(m - 1) if cfg.medusa else None
     clock.lap("prefill")
     emitted = [root]
 

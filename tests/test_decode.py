@@ -526,6 +526,55 @@ def test_backend_is_reset_between_calls(reference):
     assert decode(backend, prompt, DecodeConfig(max_new_tokens=20), tree).tokens == first == ref[:20]
 
 
+class RecordingBackend(Backend):
+    """A real backend that records each forward's positions and mask (to see how prefill is split)."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.spec, self.calls = inner, inner.spec, []
+
+    cache_len = property(lambda self: self.inner.cache_len)
+    max_context = property(lambda self: self.inner.max_context)
+
+    def reset(self):
+        self.inner.reset()
+
+    def forward(self, input_ids, position_ids, tree_mask):
+        self.calls.append((np.asarray(position_ids).copy(), np.asarray(tree_mask).copy(), self.inner.cache_len))
+        return self.inner.forward(input_ids, position_ids, tree_mask)
+
+    def commit(self, keep):
+        self.inner.commit(keep)
+
+    def head_logits(self, index):
+        return self.inner.head_logits(index)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 22, 23, 0])
+@pytest.mark.parametrize("medusa", [True, False], ids=["medusa", "plain"])
+def test_chunked_prefill_is_lossless_and_bounded(chunk, medusa, tiny_llama):
+    """A 23-token prompt in chunks of ``chunk`` (0: one call): each call holds at most ``chunk``
+    tokens at consecutive positions under a causal mask over a cache of the earlier chunks,
+    and the output equals Hugging Face greedy whatever the split."""
+    model = tiny_llama(0)
+    prompt = prompt_for(0, length=23)
+    ref = hf_greedy(model, prompt, 20)
+    backend = RecordingBackend(torch_backend(model))
+    cfg = DecodeConfig(max_new_tokens=20, medusa=medusa, prefill_chunk=chunk)
+    res = decode(backend, prompt, cfg, load_tree("mc_sim_7b_63") if medusa else None)
+    assert res.tokens == ref
+    size = chunk or len(prompt)
+    n_prefill = -(-len(prompt) // size)
+    prefill, steps = backend.calls[:n_prefill], backend.calls[n_prefill:]
+    assert len(steps) == res.stats.steps
+    starts = list(range(0, len(prompt), size))
+    for (pos, mask, cached), s in zip(prefill, starts):
+        m = min(size, len(prompt) - s)
+        assert cached == s
+        assert pos.tolist() == list(range(s, s + m))
+        assert (mask == np.tril(np.ones((m, m), dtype=bool))).all()
+    assert steps[0][2] == len(prompt)  # the first step sees the whole prompt in the cache
+
+
 # ---------------------------------------------------------------------------- user errors
 
 
@@ -544,5 +593,7 @@ def test_user_errors(tiny_llama):
         DecodeConfig(max_new_tokens=0)
     with pytest.raises(MedusaError, match=r"temperature must be >= 0, got -1"):
         DecodeConfig(temperature=-1)
+    with pytest.raises(MedusaError, match=r"prefill_chunk must be >= 0 \(0: the whole prompt in one call\), got -2"):
+        DecodeConfig(prefill_chunk=-2)
     with pytest.raises(MedusaError, match=r"epsilon"):
         DecodeConfig(epsilon=0)

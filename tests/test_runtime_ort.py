@@ -55,6 +55,20 @@ def test_greedy_medusa_equals_plain_and_hf(gen, tiny, tree):
     assert multi > 0
 
 
+def test_chunked_prefill_on_onnxruntime(gen, tiny):
+    """Prefill in 4-token calls gives the tokens of the one-call prefill, Medusa and plain."""
+    chunked = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, prefill_chunk=4)
+    whole = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, prefill_chunk=0)
+    ids = gen.encode([{"role": "user", "content": PROMPTS[1]}])
+    assert len(ids) > 8
+    for medusa in (True, False):
+        a = chunked.generate(ids, max_new_tokens=24, medusa=medusa)
+        b = whole.generate(ids, max_new_tokens=24, medusa=medusa)
+        assert a.tokens == b.tokens == gen.generate(ids, max_new_tokens=24, medusa=medusa).tokens
+    with pytest.raises(MedusaError, match=r"prefill_chunk must be >= 0"):
+        runtime.load(tiny["artifact"], backend="onnxruntime", prefill_chunk=-1)
+
+
 def test_onnxruntime_matches_torch_reference_backend(gen, tiny):
     from runtime.decode import DecodeConfig, decode
     from runtime.torch_backend import TorchBackend

@@ -1,0 +1,132 @@
+"""How head accuracy grows with the number of distilled answers (and with epochs).
+
+    python scripts/learning_curve.py --sizes 560 1120 2245 --extra 1120:4 \
+        --reference exporter/shipped_heads/smollm2-135m --out runs/learning_curve
+
+Each run trains Medusa-1 heads (the shipped recipe: `--num-layers`, `--epochs`, `--lr` below)
+on the first N training answers of `--data` (file order), keeping every held-out and calibration
+record, so that every run is measured on the same held-out answers (splits are by a hash of the
+record id). Hidden states come from the distillation's kept states (symlinked), so a subset costs
+the training alone. `--extra N:E` adds a run on N answers for E epochs (more passes over the same
+data: is the recipe under-trained, or short of data?). `--reference` adds finished heads (their
+json's meta gives their answer count). The table and a log-linear fit of head-1 top-1 against
+log2(answers) go to stdout and `<out>/learning_curve.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def subset(data: Path, n_train: int, out: Path) -> tuple[Path, int]:
+    """Write held-out + calibration records and the first ``n_train`` training records of ``data``."""
+    from training.data import split_of
+    from training.distill import states_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"answers_{n_train}.jsonl"
+    kept, n = [], 0
+    with open(data, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if split_of(rec["id"]) != "train":
+                kept.append(line)
+            elif n < n_train and rec["response_ids"]:
+                kept.append(line)
+                n += 1
+    if not path.exists() or path.read_text(encoding="utf-8") != "".join(kept):
+        path.write_text("".join(kept), encoding="utf-8")
+    link = states_dir(path)
+    if not link.exists():
+        link.symlink_to(states_dir(Path(data)).resolve(), target_is_directory=True)
+    return path, n
+
+
+def train(path: Path, out: Path, epochs: int, a) -> dict:
+    cmd = [sys.executable, "-m", "training.cli", "medusa1", "--model", a.model, "--data", str(path),
+           "--out", str(out), "--num-layers", str(a.num_layers), "--epochs", str(epochs), "--lr", str(a.lr),
+           "--threads", str(a.threads), "--seed", str(a.seed)]
+    meta_file = out / "medusa_heads.json"
+    if meta_file.exists() and not a.force:
+        print(f"[learning-curve] reusing {out}")
+    else:
+        print("[learning-curve] " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return json.loads(meta_file.read_text())["meta"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="runs/distill/smollm2_alpaca.jsonl")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sizes", type=int, nargs="+", default=[560, 1120, 2245])
+    p.add_argument("--extra", nargs="*", default=[], help="N:EPOCHS runs")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.0015)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", nargs="*", default=[], help="finished heads folders to add to the table")
+    p.add_argument("--out", default="runs/learning_curve")
+    p.add_argument("--force", action="store_true", help="retrain runs whose heads already exist")
+    a = p.parse_args(argv)
+
+    out = ROOT / a.out
+    runs = [(n, a.epochs) for n in a.sizes] + [tuple(int(x) for x in e.split(":")) for e in a.extra]
+    rows = []
+    for n, epochs in runs:
+        path, got = subset(ROOT / a.data, n, out)
+        t0 = time.time()
+        meta = train(path, out / f"heads_{n}_e{epochs}", epochs, a)
+        rows.append({"answers": meta["train_examples"], "epochs": meta["epochs"], "steps": meta["steps"],
+                     "positions": meta["train_positions_used"], "heldout_examples": meta["heldout_examples"],
+                     "top1": meta["heldout_top1"], "top5": meta["heldout_top5"],
+                     "train_seconds": meta["train_seconds"], "source": str((out / f"heads_{n}_e{epochs}").relative_to(ROOT))})
+        print(f"[learning-curve] {got} answers, {epochs} epochs: head-1 top-1 {meta['heldout_top1'][0]:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    for ref in a.reference:
+        meta = json.loads((Path(ref) / "medusa_heads.json").read_text())["meta"]
+        rows.append({"answers": meta["train_examples"], "epochs": meta["epochs"], "steps": meta["steps"],
+                     "positions": meta["train_positions_used"], "heldout_examples": meta["heldout_examples"],
+                     "top1": meta["heldout_top1"], "top5": meta["heldout_top5"],
+                     "train_seconds": meta["train_seconds"], "source": ref})
+    if len({r["heldout_examples"] for r in rows}) > 1:
+        print("[learning-curve] warning: runs were measured on different held-out sets", file=sys.stderr)
+
+    rows.sort(key=lambda r: (r["answers"], r["epochs"]))
+    print("\nanswers  epochs  steps   positions  head top-1 (1/2/3/4)        head-1 top-5")
+    for r in rows:
+        print(f"{r['answers']:>7}  {r['epochs']:>6}  {r['steps']:>5}  {r['positions']:>10}  "
+              + " / ".join(f"{x:.3f}" for x in r["top1"]) + f"   {r['top5'][0]:.3f}")
+
+    # head-1 top-1 = a + b * log2(answers), over the runs at the base epoch count
+    base = [r for r in rows if r["epochs"] == a.epochs]
+    fit = None
+    if len({r["answers"] for r in base}) >= 2:
+        xs = [math.log2(r["answers"]) for r in base]
+        ys = [r["top1"][0] for r in base]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        c = my - b * mx
+        fit = {"intercept": c, "per_doubling": b}
+        print(f"\nfit ({a.epochs} epochs): head-1 top-1 = {c:.3f} + {b:.4f} * log2(answers)")
+        if b > 0:
+            for target in (0.45, 0.56):
+                need = 2 ** ((target - c) / b)
+                print(f"  head-1 top-1 {target:.2f} would need about {need:,.0f} answers "
+                      f"({need / max(r['answers'] for r in base):.0f}x the largest run)")
+    (out / "learning_curve.json").write_text(json.dumps({"rows": rows, "fit": fit}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
