@@ -526,6 +526,21 @@ def test_tree_widens_when_ranks_spread_and_shrinks_when_verification_costs():
     assert steep["predicted_speedup_vs_plain"] == pytest.approx(max(s["speedup"] for s in steep["by_size"]), abs=1e-4)
 
 
+def test_acceptance_bound_is_the_complete_tree():
+    """The bound equals the greedy builder's expected length once every node of every rank is
+    in the tree (3 + 9 nodes for 2 heads x 3 ranks), and no smaller tree exceeds it."""
+    from training.select_tree import acceptance_bound, select
+
+    acc = np.array([[0.5, 0.2, 0.1], [0.3, 0.25, 0.05]])
+    full = select(acc, {1: 1.0, 64: 1.0}, max_nodes=100)
+    assert len(full["paths"]) == 12
+    assert full["predicted_accepted_length"] == pytest.approx(acceptance_bound(acc))
+    assert acceptance_bound(acc) == pytest.approx(1 + 0.8 + 0.8 * 0.6)
+    assert full["acceptance_bound"] == pytest.approx(acceptance_bound(acc))
+    assert all(s["accepted"] <= acceptance_bound(acc) + 1e-9 for s in full["by_size"])
+    assert select(acc, {1: 1.0, 2: 1.5, 64: 20.0})["acceptance_bound"] == pytest.approx(acceptance_bound(acc))
+
+
 def test_heads_cost_enters_the_step_time():
     """A costly heads call makes every Medusa step dearer: the predicted speedup drops by
     exactly that share, and a tree that gains too little is no longer worth it."""
@@ -558,6 +573,7 @@ def test_written_tree_loads_in_the_runtime(tmp_path):
     path = write_tree(tmp_path, "t", chosen, acc, prof, source="test")
     doc = json.loads(path.read_text())
     assert {"name", "paths", "source", "description", "predicted_accepted_length", "cost_profile"} <= doc.keys()
+    assert doc["acceptance_bound_any_tree"] == pytest.approx(1 + 0.8 + 0.8 * 0.7, abs=1e-4)
     tree = load_tree(path, num_heads=2)
     assert tree.num_nodes == len(chosen["paths"]) + 1
 

@@ -67,6 +67,14 @@ def greedy_trees(acc: np.ndarray, max_nodes: int) -> list[tuple[tuple[int, ...],
     return order
 
 
+def acceptance_bound(acc: np.ndarray) -> float:
+    """Expected accepted length of the *complete* tree (every rank of every head up to depth K):
+    no tree over these ranks accepts more under the same model. It is ``1 + sum_d prod_{k<d} top_R(k)``
+    with ``top_R(k) = sum_r acc[k][r]``: what the heads allow whatever the step cost."""
+    acc = np.asarray(acc, dtype=np.float64)
+    return float(1.0 + np.cumprod(acc.sum(1)).sum())
+
+
 def interpolate_cost(profile: dict[int, float], n: int) -> float:
     """Relative cost of verifying n tokens, linear between measured sizes (and beyond the last two)."""
     xs = sorted(profile)
@@ -101,6 +109,7 @@ def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, head
         "relative_step_cost": float(costs[best] / base),
         "heads_relative_cost": float(heads_cost),
         "predicted_speedup_vs_plain": float(speed[best]),
+        "acceptance_bound": acceptance_bound(acc),
         "by_size": [{"nodes": n + 1, "accepted": round(float(cum[n]), 4), "speedup": round(float(speed[n]), 4)}
                     for n in range(len(order))],
     }
@@ -198,6 +207,7 @@ def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile:
         "predicted_accepted_length": round(chosen["predicted_accepted_length"], 4),
         "predicted_speedup_vs_plain": round(chosen["predicted_speedup_vs_plain"], 4),
         "relative_step_cost": round(chosen["relative_step_cost"], 4),
+        "acceptance_bound_any_tree": round(chosen["acceptance_bound"], 4),
         "calibration_accuracy": {"top1": acc[:, 0].round(4).tolist(), "rank_accuracy": acc.round(4).tolist()},
         "cost_profile": profile,
     }
@@ -239,5 +249,7 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
     print(f"calibration top-1 per head: {acc[:, 0].round(3).tolist()}")
     print(f"chose {len(chosen['paths'])} nodes: predicted accepted length {chosen['predicted_accepted_length']:.3f}, "
           f"relative step cost {chosen['relative_step_cost']:.2f}, predicted speedup {chosen['predicted_speedup_vs_plain']:.2f}x")
+    print(f"no tree over the top-{cfg.max_rank} ranks of these heads can expect more than "
+          f"{chosen['acceptance_bound']:.3f} accepted tokens per step (the complete tree)")
     print(f"wrote {out}")
     return {**chosen, "file": str(out), "accuracy": acc}
