@@ -20,7 +20,9 @@ from typing import Iterator, Sequence
 
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
-from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_PREFILL_CHUNK, DecodeConfig, DecodeStats, decode_steps
+from runtime.decode import (
+    DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_PREFILL_CHUNK, DecodeConfig, DecodeStats, check_prefill_chunk, decode_steps,
+)
 from runtime.errors import MedusaError
 from runtime.tokenizer import StreamDecoder, Tokenizer
 from runtime.tree import Tree, build_tree, load_tree
@@ -83,9 +85,7 @@ class MedusaGenerator:
     def __init__(self, folder: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
                  max_context: int | None = None, tree: str | Sequence | Tree | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
-        if prefill_chunk < 0:
-            raise MedusaError(f"prefill_chunk must be >= 0 (0: the whole prompt in one call), got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)  # before loading: a bad value fails fast
         self.folder = Path(folder)
         self.config = read_artifact(self.folder)
         self.tokenizer = Tokenizer(self.folder)

@@ -10,6 +10,7 @@ emits the accepted candidates below it plus the next root.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -43,14 +44,23 @@ class DecodeConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     def __post_init__(self):
-        if self.prefill_chunk < 0:
-            raise MedusaError(f"prefill_chunk must be >= 0 (0: the whole prompt in one call), got {self.prefill_chunk}")
+        self.prefill_chunk = check_prefill_chunk(self.prefill_chunk)
         if self.max_new_tokens < 1:
             raise MedusaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise MedusaError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.epsilon <= 1 and self.delta >= 0):
             raise MedusaError(f"typical acceptance needs 0 < epsilon <= 1 and delta >= 0, got {self.epsilon}, {self.delta}")
+
+
+def check_prefill_chunk(chunk) -> int:
+    try:
+        value = operator.index(chunk)  # ints and numpy integers; not floats
+    except TypeError:
+        value = -1
+    if value < 0:
+        raise MedusaError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt in one call), got {chunk!r}")
+    return value
 
 
 @dataclass

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference", nargs="*", default=[], help="finished heads folders to add to the table")
     p.add_argument("--out", default="runs/learning_curve")
     p.add_argument("--force", action="store_true", help="retrain runs whose heads already exist")
+    p.add_argument("--plot", default=None, help="write head top-1 against answers to this PNG")
     a = p.parse_args(argv)
 
     out = ROOT / a.out
@@ -125,7 +126,37 @@ def main(argv=None) -> int:
                 print(f"  head-1 top-1 {target:.2f} would need about {need:,.0f} answers "
                       f"({need / max(r['answers'] for r in base):.0f}x the largest run)")
     (out / "learning_curve.json").write_text(json.dumps({"rows": rows, "fit": fit}, indent=1))
+    if a.plot:
+        plot(rows, a.epochs, fit, a.plot)
     return 0
+
+
+def plot(rows, epochs, fit, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    base = [r for r in rows if r["epochs"] == epochs]
+    for k in range(len(base[0]["top1"])):
+        line, = ax.plot([r["answers"] for r in base], [r["top1"][k] for r in base], "o-", label=f"head {k + 1}")
+        other = [r for r in rows if r["epochs"] != epochs]
+        ax.plot([r["answers"] for r in other], [r["top1"][k] for r in other], "x", color=line.get_color(), ms=9)
+    if fit:
+        xs = [min(r["answers"] for r in base), 20 * max(r["answers"] for r in base)]
+        ax.plot(xs, [fit["intercept"] + fit["per_doubling"] * math.log2(x) for x in xs], ":", color="gray",
+                label="head 1: log-linear fit")
+    ax.axhline(0.56, color="k", lw=0.8, ls="--")
+    ax.text(xs[0] if fit else base[0]["answers"], 0.565, "official Vicuna-7B head 1 (0.56)", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("self-distilled answers (training split)")
+    ax.set_ylabel("held-out top-1")
+    ax.set_title(f"Medusa-1 heads on SmolLM2-135M ({epochs} epochs; x: other epoch counts)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -593,7 +593,9 @@ def test_user_errors(tiny_llama):
         DecodeConfig(max_new_tokens=0)
     with pytest.raises(MedusaError, match=r"temperature must be >= 0, got -1"):
         DecodeConfig(temperature=-1)
-    with pytest.raises(MedusaError, match=r"prefill_chunk must be >= 0 \(0: the whole prompt in one call\), got -2"):
+    with pytest.raises(MedusaError, match=r"prefill_chunk must be an integer >= 0 \(0: the whole prompt in one call\), got -2"):
         DecodeConfig(prefill_chunk=-2)
+    with pytest.raises(MedusaError, match=r"prefill_chunk must be an integer >= 0 .*got 1.5"):
+        DecodeConfig(prefill_chunk=1.5)
     with pytest.raises(MedusaError, match=r"epsilon"):
         DecodeConfig(epsilon=0)

@@ -65,7 +65,7 @@ def test_chunked_prefill_on_onnxruntime(gen, tiny):
         a = chunked.generate(ids, max_new_tokens=24, medusa=medusa)
         b = whole.generate(ids, max_new_tokens=24, medusa=medusa)
         assert a.tokens == b.tokens == gen.generate(ids, max_new_tokens=24, medusa=medusa).tokens
-    with pytest.raises(MedusaError, match=r"prefill_chunk must be >= 0"):
+    with pytest.raises(MedusaError, match=r"prefill_chunk must be an integer >= 0"):
         runtime.load(tiny["artifact"], backend="onnxruntime", prefill_chunk=-1)
 
 
