@@ -19,6 +19,15 @@ Layouts read by :func:`load_heads`:
 
 The head count and layer count come from the weights, never from a config (official
 Medusa-1 configs say 2 heads for checkpoints that hold 5).
+
+**Draft vocabulary** (medusa-trt layout only, optional): a sorted list of token ids
+(tensor ``draft_vocab``) the heads may propose. The heads then project onto those rows of the
+vocabulary only and give every other token the lowest finite logit, so the output keeps its
+``[..., K, V]`` shape (the graph contract is unchanged) while the projection costs
+``V' / V`` of the full one. Medusa-1 training with ``--train-vocab data`` sets it to the tokens
+its softmax covered: a token that never was a target was never pushed down by the loss, and
+without the restriction such tokens take the top rank where they are almost never right
+(the idea of a reduced draft vocabulary is EAGLE-3's and FR-Spec's).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from runtime.errors import CheckpointError
 HEADS_WEIGHTS = "medusa_heads.safetensors"
 HEADS_CONFIG = "medusa_heads.json"
 FORMAT_VERSION = 1
+DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 @dataclass
@@ -45,6 +55,7 @@ class HeadsConfig:
     hidden_size: int
     vocab_size: int
     shared_lm_head: bool = True  # True: heads reuse the backbone's lm_head
+    draft_vocab_size: int = 0  # > 0: the heads propose only these many tokens (the draft_vocab buffer)
     meta: dict = field(default_factory=dict)  # provenance: training data, steps, accuracy
 
 
@@ -81,6 +92,34 @@ class MedusaHeads(nn.Module):
         # Medusa-1 keys, and stay consistent with named_parameters() inside a parent module.
         for i, head in enumerate(heads):
             self.add_module(str(i), head)
+        self.register_buffer(DRAFT_VOCAB_KEY, None)
+        if config.draft_vocab_size:
+            self.set_draft_vocab(torch.arange(config.draft_vocab_size))  # a placeholder until loaded
+
+    def set_draft_vocab(self, token_ids) -> None:
+        """Restrict proposals to ``token_ids`` (None: the whole vocabulary). See the module doc."""
+        if token_ids is None:
+            self.draft_vocab = None
+            self.config.draft_vocab_size = 0
+            return
+        ids = torch.as_tensor(token_ids).to(torch.long).flatten()
+        V = self.config.vocab_size
+        if ids.numel() == 0:
+            raise CheckpointError("draft vocabulary: empty (pass None for the whole vocabulary)")
+        if ids.min() < 0 or (V > 0 and ids.max() >= V):
+            raise CheckpointError(f"draft vocabulary: token ids must lie in [0, {V}), got {ids.min().item()}..{ids.max().item()}")
+        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise CheckpointError("draft vocabulary: token ids must be sorted and distinct")
+        self.draft_vocab = ids
+        self.config.draft_vocab_size = int(ids.numel())
+
+    def _draft_logits(self, blocks_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Project onto the draft rows only; every other token gets the lowest finite logit."""
+        sub = blocks_out @ weight.index_select(0, self.draft_vocab).t()
+        if bias is not None:
+            sub = sub + bias.index_select(0, self.draft_vocab)
+        out = sub.new_full((*sub.shape[:-1], weight.shape[0]), torch.finfo(sub.dtype).min)
+        return out.scatter(-1, self.draft_vocab.expand(*sub.shape[:-1], -1), sub)
 
     @property
     def heads(self) -> list[nn.Sequential]:
@@ -97,7 +136,12 @@ class MedusaHeads(nn.Module):
             if lm_head is None:
                 raise ValueError("these Medusa heads share the backbone's lm_head: pass it")
             # One projection for all K heads: the lm_head weight is read once.
+            if self.draft_vocab is not None:
+                return self._draft_logits(self.blocks(hidden), lm_head.weight, getattr(lm_head, "bias", None))
             return lm_head(self.blocks(hidden))
+        if self.draft_vocab is not None:
+            n = self.config.num_layers
+            return torch.stack([self._draft_logits(h[:n](hidden), h[n].weight, None) for h in self.heads], dim=-2)
         return torch.stack([h(hidden) for h in self.heads], dim=-2)
 
 
@@ -239,6 +283,9 @@ def load_heads(
             layout = "medusa1-pt"
         else:
             raise CheckpointError(f"{p}: unknown head checkpoint type {p.suffix!r} (expected .safetensors or .pt)")
+    draft = sd.pop(DRAFT_VOCAB_KEY, None)
+    if draft is not None and (draft.dim() != 1 or draft.dtype.is_floating_point):
+        raise CheckpointError(f"{p}: '{DRAFT_VOCAB_KEY}' must be a 1-D integer tensor, got {draft.dtype} {tuple(draft.shape)}")
     cfg = heads_config_from_state_dict(sd, str(p))
     if cfg.shared_lm_head:
         if vocab_size is None:
@@ -258,6 +305,11 @@ def load_heads(
     cfg.meta = {**meta, "layout": layout, "source": str(Path(path))}
     heads = MedusaHeads(cfg)
     heads.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
+    if draft is not None:
+        try:
+            heads.set_draft_vocab(draft)
+        except CheckpointError as e:
+            raise CheckpointError(f"{p}: {e}") from None
     return heads.to(dtype).eval()
 
 
@@ -271,7 +323,8 @@ def save_heads(heads: MedusaHeads, folder: str | Path, meta: dict | None = None,
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in heads.state_dict().items()}
+    sd = {k: v.detach().contiguous() if k == DRAFT_VOCAB_KEY else v.detach().to(dtype).contiguous()
+          for k, v in heads.state_dict().items()}
     save_file(sd, str(folder / HEADS_WEIGHTS), metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
     cfg = asdict(heads.config)
     cfg["meta"] = {**heads.config.meta, **(meta or {})}

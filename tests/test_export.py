@@ -412,3 +412,40 @@ def test_int8_heads_graph_proposes_like_the_float_heads(tmp_path, tiny_export):
     assert (a == b).mean() > 0.9
     gen = runtime.load(art, backend="onnxruntime", threads=1)
     assert gen.backend.heads_file == cfg.heads_int8.file
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "own-projection"])
+def test_draft_vocab_heads_export(tmp_path, wordlevel_tokenizer, shared):
+    """Heads with a draft vocabulary export and validate; heads.onnx holds only the draft rows
+    of the projection (no vocabulary-sized weight is left after constant folding), proposes
+    only draft tokens, and greedy Medusa through the runtime still equals plain decoding."""
+    import onnxruntime as ort
+
+    import runtime
+
+    model = tiny_model("llama", seed=6)
+    draft = sorted(np.random.default_rng(0).choice(TINY["vocab_size"], 40, replace=False).tolist())
+    weights = {}
+    for name, ids in (("full", None), ("draft", draft)):
+        heads = random_heads(model, 3, shared=shared)
+        heads.set_draft_vocab(ids)
+        logs: list[str] = []
+        export_artifact(model, heads, tmp_path / name, ExportOptions(), tokenizer=wordlevel_tokenizer, log=logs.append)
+        assert any("validation passed" in s for s in logs)
+        g = onnx.load(str(tmp_path / name / "heads.onnx")).graph
+        weights[name] = [tuple(i.dims) for i in g.initializer if len(i.dims) == 2]
+    V, H, n_proj = TINY["vocab_size"], TINY["hidden_size"], 1 if shared else 3
+    assert sum(V in d for d in weights["full"]) == n_proj
+    assert not any(V in d for d in weights["draft"])
+    assert sorted(d for d in weights["draft"] if len(draft) in d) == [(H, len(draft))] * n_proj
+    sess = ort.InferenceSession(str(tmp_path / "draft" / "heads.onnx"), providers=["CPUExecutionProvider"])
+    hidden = np.random.default_rng(1).standard_normal((8, TINY["hidden_size"])).astype(np.float32)
+    logits = sess.run(None, {"hidden_states": hidden})[0]
+    assert logits.shape == (8, 3, TINY["vocab_size"])
+    assert set(logits.argmax(-1).flatten().tolist()) <= set(draft)
+    outside = np.setdiff1d(np.arange(TINY["vocab_size"]), draft)
+    assert (logits[..., outside] == np.finfo(np.float32).min).all()
+    gen = runtime.load(tmp_path / "draft", backend="onnxruntime", threads=1)
+    prompt = [1, 5, 9, 14, 30, 7]
+    med = gen.generate(prompt, max_new_tokens=24, tree="chain_3")
+    assert med.tokens == gen.generate(prompt, max_new_tokens=24, medusa=False).tokens

@@ -354,3 +354,65 @@ def test_corrupt_json_is_a_checkpoint_error(tmp_path):
 
 def test_checkpoint_error_is_a_medusa_error():
     assert issubclass(CheckpointError, MedusaError)
+
+
+# ---------------------------------------------------------------------------- draft vocabulary
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "own-projection"])
+def test_draft_vocab_restricts_proposals_and_round_trips(tmp_path, shared, lm_head):
+    """Inside the draft vocabulary the logits are the full projection's; outside, the lowest
+    finite value (never proposed); the float16 file keeps the ids exact, the json their count."""
+    sd = official_state_dict(num_heads=3, num_layers=2, proj=not shared)
+    heads = MedusaHeads(heads_config_from_state_dict(sd, "test"))
+    heads.config.vocab_size = V
+    heads.load_state_dict(sd)
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(3))
+    full = heads(x, lm_head) if shared else heads(x)
+    draft = [0, 3, 4, 17, 38, 39]
+    heads.set_draft_vocab(draft)
+    out = heads(x, lm_head) if shared else heads(x)
+    assert out.shape == full.shape == (5, 3, V)
+    torch.testing.assert_close(out[..., draft], full[..., draft])
+    outside = [t for t in range(V) if t not in draft]
+    assert (out[..., outside] == torch.finfo(out.dtype).min).all()
+    assert set(out.argmax(-1).flatten().tolist()) <= set(draft)
+
+    save_heads(heads, tmp_path / "d", dtype=torch.float16)
+    assert json.loads((tmp_path / "d" / HEADS_CONFIG).read_text())["draft_vocab_size"] == len(draft)
+    back = load_heads(tmp_path / "d", hidden_size=H, vocab_size=V)
+    assert back.draft_vocab.tolist() == draft and back.config.draft_vocab_size == len(draft)
+    again = back(x, lm_head) if shared else back(x)
+    assert (again.argmax(-1) == out.argmax(-1)).float().mean() > 0.9  # float16 weights
+    back.set_draft_vocab(None)
+    assert back.config.draft_vocab_size == 0 and "draft_vocab" not in back.state_dict()
+    torch.testing.assert_close(back(x, lm_head) if shared else back(x), full, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([], "empty"),
+    ([3, 2, 5], "sorted and distinct"),
+    ([1, 1, 2], "sorted and distinct"),
+    ([0, V], rf"must lie in \[0, {V}\), got 0..{V}"),
+    ([-1, 4], r"must lie in"),
+])
+def test_bad_draft_vocab_is_a_checkpoint_error(tmp_path, ids, match):
+    heads = fresh_heads(2, H, V)
+    with pytest.raises(CheckpointError, match=match):
+        heads.set_draft_vocab(ids)
+    # the same ids written into a file are refused on load, naming the file
+    sd = {k: v for k, v in official_state_dict(num_heads=2, proj=False).items()}
+    sd["draft_vocab"] = torch.tensor(ids, dtype=torch.long)
+    (tmp_path / "h").mkdir()
+    save_file(sd, str(tmp_path / "h" / HEADS_WEIGHTS))
+    with pytest.raises(CheckpointError, match=match):
+        load_heads(tmp_path / "h", hidden_size=H, vocab_size=V)
+
+
+def test_float_draft_vocab_in_a_file_is_refused(tmp_path):
+    sd = official_state_dict(num_heads=2, proj=False)
+    sd["draft_vocab"] = torch.tensor([1.0, 2.0])
+    (tmp_path / "h").mkdir()
+    save_file(sd, str(tmp_path / "h" / HEADS_WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"'draft_vocab' must be a 1-D integer tensor"):
+        load_heads(tmp_path / "h", hidden_size=H, vocab_size=V)

@@ -429,6 +429,45 @@ def test_medusa1_soft_targets_run_learns_the_backbones_distribution(tmp_path):
                                     soft_targets=True), backbone=(model, None, tmp_path))
 
 
+def test_medusa1_data_vocab_heads_propose_only_trained_tokens(tmp_path):
+    """With --train-vocab data the saved heads carry the training targets' tokens as their draft
+    vocabulary (and propose nothing else); --no-draft-vocab leaves them unrestricted; Medusa-2
+    started from such heads drops the restriction (its loss is over the full vocabulary)."""
+    from exporter.heads import load_heads
+    from training.distill import write_atomic
+    from training.medusa1 import Medusa1Config, load_split, train_medusa1
+
+    model = tiny_llama()
+    data = tmp_path / "d.jsonl"
+    write_atomic(data, _records(60))
+    base = dict(model="tiny", data=data, num_heads=2, lr=1e-2, epochs=1, batch_tokens=128, max_steps=3)
+    summary = train_medusa1(Medusa1Config(out=tmp_path / "dv", **base), backbone=(model, None, tmp_path))
+    train = load_split(Path(str(data) + ".hidden"), "train", num_heads=2)
+    used = np.unique(train.labels[train.labels != -100])
+    assert 0 < len(used) < VOCAB and summary["draft_vocab_size"] == len(used) == summary["train_vocab_size"]
+    heads = load_heads(tmp_path / "dv", hidden_size=32, vocab_size=VOCAB)
+    assert heads.draft_vocab.tolist() == used.tolist()
+    with torch.inference_mode():
+        top = heads(torch.randn(64, 32), model.lm_head).topk(3, dim=-1).indices
+    assert np.isin(top.numpy(), used).all()
+    from training.card import write_card
+
+    card = write_card(tmp_path / "dv", data, command="medusa-train medusa1 ...", machine="test box").read_text()
+    assert f"propose only the {len(used)} tokens of the training softmax" in card
+
+    summary = train_medusa1(Medusa1Config(out=tmp_path / "any", draft_vocab=False, **base), backbone=(model, None, tmp_path))
+    assert summary["draft_vocab_size"] == 0
+    assert load_heads(tmp_path / "any", hidden_size=32, vocab_size=VOCAB).draft_vocab is None
+
+    from training.data import build_examples, split_examples
+    from training.medusa2 import Medusa2Config, train_medusa2
+
+    cfg = Medusa2Config(model="tiny", out=tmp_path / "m2", heads=str(tmp_path / "dv"), num_heads=2, steps=1,
+                        warmup_steps=1, batch_size=2)
+    train_medusa2(cfg, backbone=(tiny_llama(), None, tmp_path), examples=split_examples(build_examples(_records(40))))
+    assert load_heads(tmp_path / "m2" / "heads", hidden_size=32, vocab_size=VOCAB).draft_vocab is None
+
+
 # ---------------------------------------------------------------------------- Medusa-2
 
 

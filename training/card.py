@@ -43,6 +43,17 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
                       f"{meta['cache_examples_computed']} run through the backbone)")
     else:
         cache_note = f"loading or building the hidden-state cache took {cache_s:.0f} s"
+    draft = ""
+    if cfg.get("draft_vocab_size"):
+        draft = (f"\nThe heads propose only the {cfg['draft_vocab_size']} tokens of the training softmax (their draft "
+                 "vocabulary, `exporter.heads`): a token that never was a target is never a candidate.")
+        added = meta.get("draft_vocab_added")
+        if added:
+            fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+            draft += (f" It was added after training (`{added['command']}`); held-out top-1 without it "
+                      f"{fmt(added['heldout_top1_any_token'])}, with it {fmt(added['heldout_top1_draft'])} (top-5 "
+                      f"{fmt(added['heldout_top5_any_token'])} -> {fmt(added['heldout_top5_draft'])}). The per-epoch "
+                      "values below were measured during training, without it.")
     text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
 
 {cfg['num_heads']} heads, {cfg['num_layers']} {blocks} each, sharing the backbone's `lm_head`
@@ -64,8 +75,8 @@ positions ({meta['train_positions_used']} train positions), AdamW lr {meta['lr']
 + cosine decay; training softmax over the {meta['train_vocab_size']} tokens that occur as targets
 (`--train-vocab {meta['train_vocab']}`); accuracy is measured over the full vocabulary.
 Time: training {meta['train_seconds']:.0f} s; {cache_note}. Machine: {machine}.
-
-## Held-out accuracy (full vocabulary)
+{draft}
+## Held-out accuracy (ranked over the full vocabulary)
 | head | top-1 | top-5 | top-1 untrained |
 | --- | --- | --- | --- |
 {rows}

@@ -51,6 +51,9 @@ class Medusa1Config:
     max_train_tokens: int = 0  # 0: every cached train position
     train_vocab: str = "data"  # "data": softmax over the training targets' tokens; "full"
     soft_targets: bool = False  # head k learns the backbone's distribution for its token (KL), not its argmax
+    # with train_vocab "data": the heads propose only the tokens the training softmax covered
+    # (exporter.heads' draft vocabulary); the others were never pushed down by the loss
+    draft_vocab: bool = True
     max_len: int = 384
     seed: int = 0
     threads: int | None = None
@@ -348,6 +351,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         vocab_map = torch.full((V,), -1, dtype=torch.long)
         vocab_map[torch.from_numpy(used)] = torch.arange(len(used))
         weight = weight[torch.from_numpy(used)].contiguous()
+        if cfg.draft_vocab:
+            heads.set_draft_vocab(torch.from_numpy(used))
     opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_tokens)
     total_steps = steps_per_epoch * cfg.epochs
@@ -408,6 +413,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         "lr": cfg.lr,
         "train_vocab": cfg.train_vocab if cfg.shared_lm_head else "full",
         "train_vocab_size": int(weight.shape[0]),
+        "draft_vocab_size": heads.config.draft_vocab_size,  # 0: the heads may propose any token
         "loss": "sum_k 0.8^k CE_k (head k: token t+k+2, assistant tokens only)"
                 + ("; target = the backbone's distribution for that token where cached (soft CE)" if cfg.soft_targets else ""),
         "heldout_top1": acc[:, 0].round(4).tolist(),

@@ -156,6 +156,11 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
             raise MedusaError(f"{cfg.heads} holds {heads.config.num_heads} heads; --num-heads says {cfg.num_heads}")
     else:
         heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, lm_head=model.lm_head)
+    if heads.config.draft_vocab_size:
+        # Medusa-2's head loss is over the full vocabulary (and tunes the backbone under it): no restriction
+        print(f"[medusa-train] the start heads' draft vocabulary ({heads.config.draft_vocab_size} tokens) is dropped: "
+              "Medusa-2 trains the heads over the full vocabulary")
+        heads.set_draft_vocab(None)
     start_method = heads.config.meta.get("method")
     heads.config.meta = {}  # the saved heads describe this run, not the run that made the start heads
     acc_start = (heads_accuracy(model.eval(), heads.eval(), examples["heldout"], cfg.num_heads)

@@ -1,0 +1,95 @@
+"""Give trained heads the draft vocabulary their training softmax covered (in place).
+
+    python scripts/add_draft_vocab.py exporter/shipped_heads/smollm2-135m \
+        --cache runs/distill/smollm2_alpaca.jsonl.hidden
+
+For heads trained with `medusa-train medusa1 --train-vocab data` before the draft vocabulary
+existed (`medusa-train medusa1` now sets it itself): the draft vocabulary is the set of tokens
+that occur as a target in the cache's training split, exactly the rows of the training softmax
+(`train_vocab_size` in the heads' meta must match). The weights are unchanged. Held-out accuracy
+is measured without and with the restriction; the heads' meta then holds the restricted
+accuracy (`heldout_top1/5`) and both measurements (`draft_vocab_added`). Rewrite CARD.md
+afterwards (`training.card.write_card`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("heads")
+    p.add_argument("--cache", default="runs/distill/smollm2_alpaca.jsonl.hidden")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from exporter.heads import HEADS_CONFIG, load_heads, save_heads
+    from exporter.models import load_backbone
+    from runtime.errors import MedusaError
+    from training.data import IGNORE
+    from training.medusa1 import load_split, rank_accuracy
+
+    torch.set_num_threads(a.threads)
+    model = load_backbone(a.model)[0]
+    heads = load_heads(a.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+    meta = heads.config.meta
+    if heads.config.draft_vocab_size:
+        raise MedusaError(f"{a.heads} already has a draft vocabulary ({heads.config.draft_vocab_size} tokens)")
+    K = heads.config.num_heads
+    train = load_split(Path(a.cache), "train", K)
+    used = np.unique(train.labels[train.labels != IGNORE])
+    if meta.get("train_vocab") != "data" or meta.get("train_vocab_size") != len(used):
+        raise MedusaError(f"{a.heads}: trained with train_vocab={meta.get('train_vocab')!r} over "
+                          f"{meta.get('train_vocab_size')} tokens, but the cache's training targets are {len(used)} tokens: "
+                          "not the data these heads were trained on")
+    held = load_split(Path(a.cache), "heldout", K)
+    before = rank_accuracy(heads, model.lm_head, held, max_rank=5)
+    heads.set_draft_vocab(torch.from_numpy(used))
+    after = rank_accuracy(heads, model.lm_head, held, max_rank=5)
+    fmt = lambda acc: " / ".join(f"{x:.3f}" for x in acc)  # noqa: E731
+    print(f"held-out top-1 ({held.num_examples} records): any token {fmt(before[:, 0])}; "
+          f"draft vocabulary ({len(used)} tokens) {fmt(after[:, 0])}")
+    print(f"held-out top-5: any token {fmt(before.sum(1))}; draft vocabulary {fmt(after.sum(1))}")
+
+    dtype = {json.dumps(str(v.dtype)) for k, v in _tensors(Path(a.heads)).items() if k != "draft_vocab"}
+    meta = {k: v for k, v in meta.items() if k not in ("layout", "source")}
+    meta.update({
+        "heldout_top1": after[:, 0].round(4).tolist(),
+        "heldout_top5": after.sum(1).round(4).tolist(),
+        "draft_vocab_size": len(used),
+        "draft_vocab_added": {
+            "command": "python scripts/add_draft_vocab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "heldout_top1_any_token": before[:, 0].round(4).tolist(),
+            "heldout_top5_any_token": before.sum(1).round(4).tolist(),
+            "heldout_top1_draft": after[:, 0].round(4).tolist(),
+            "heldout_top5_draft": after.sum(1).round(4).tolist(),
+        },
+    })
+    heads.config.meta = {}
+    save_dtype = torch.float16 if dtype == {'"torch.float16"'} else torch.float32
+    save_heads(heads, a.heads, meta=meta, dtype=save_dtype)
+    cfg = json.loads((Path(a.heads) / HEADS_CONFIG).read_text())
+    print(f"wrote {a.heads} ({save_dtype}, draft vocabulary {cfg['draft_vocab_size']} tokens)")
+    return 0
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from exporter.heads import HEADS_WEIGHTS
+
+    return load_file(str(folder / HEADS_WEIGHTS))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
