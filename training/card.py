@@ -24,7 +24,7 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
-        dtypes = sorted({str(f.get_slice(k).get_dtype()).lower() for k in f.keys()})
+        dtypes = sorted({str(f.get_slice(k).get_dtype()).lower() for k in f.keys() if k != "draft_vocab"})
     dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
     dtype_text = "/".join(dtype.get(d, d) for d in dtypes)
     blocks = "residual block" if cfg["num_layers"] == 1 else "residual blocks"
@@ -54,6 +54,7 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
                       f"{fmt(added['heldout_top1_any_token'])}, with it {fmt(added['heldout_top1_draft'])} (top-5 "
                       f"{fmt(added['heldout_top5_any_token'])} -> {fmt(added['heldout_top5_draft'])}). The per-epoch "
                       "values below were measured during training, without it.")
+        draft += "\n"
     text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
 
 {cfg['num_heads']} heads, {cfg['num_layers']} {blocks} each, sharing the backbone's `lm_head`
