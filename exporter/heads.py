@@ -94,7 +94,8 @@ class MedusaHeads(nn.Module):
             self.add_module(str(i), head)
         self.register_buffer(DRAFT_VOCAB_KEY, None)
         if config.draft_vocab_size:
-            self.set_draft_vocab(torch.arange(config.draft_vocab_size))  # a placeholder until loaded
+            raise ValueError("a draft vocabulary is data, not configuration: build the heads with draft_vocab_size=0, "
+                             "then call set_draft_vocab(token_ids) (load_heads does)")
 
     def set_draft_vocab(self, token_ids) -> None:
         """Restrict proposals to ``token_ids`` (None: the whole vocabulary). See the module doc."""
@@ -110,7 +111,8 @@ class MedusaHeads(nn.Module):
             raise CheckpointError(f"draft vocabulary: token ids must lie in [0, {V}), got {ids.min().item()}..{ids.max().item()}")
         if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
             raise CheckpointError("draft vocabulary: token ids must be sorted and distinct")
-        self.draft_vocab = ids
+        param = next(self.parameters(), None)
+        self.draft_vocab = ids if param is None else ids.to(param.device)
         self.config.draft_vocab_size = int(ids.numel())
 
     def _draft_logits(self, blocks_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

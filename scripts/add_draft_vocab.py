@@ -61,7 +61,7 @@ def main(argv=None) -> int:
           f"draft vocabulary ({len(used)} tokens) {fmt(after[:, 0])}")
     print(f"held-out top-5: any token {fmt(before.sum(1))}; draft vocabulary {fmt(after.sum(1))}")
 
-    dtype = {json.dumps(str(v.dtype)) for k, v in _tensors(Path(a.heads)).items() if k != "draft_vocab"}
+    dtypes = {v.dtype for k, v in _tensors(Path(a.heads)).items() if k != "draft_vocab"}
     meta = {k: v for k, v in meta.items() if k not in ("layout", "source")}
     meta.update({
         "heldout_top1": after[:, 0].round(4).tolist(),
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         },
     })
     heads.config.meta = {}
-    save_dtype = torch.float16 if dtype == {'"torch.float16"'} else torch.float32
+    save_dtype = torch.float16 if dtypes == {torch.float16} else torch.float32  # as the file was
     save_heads(heads, a.heads, meta=meta, dtype=save_dtype)
     cfg = json.loads((Path(a.heads) / HEADS_CONFIG).read_text())
     print(f"wrote {a.heads} ({save_dtype}, draft vocabulary {cfg['draft_vocab_size']} tokens)")

@@ -5,7 +5,8 @@
 # (ONNX Runtime cost profile, heads call included) and smollm2_flat64.json (flat cost, GPU-like).
 #   bash scripts/train_smollm2_heads.sh                       # 5,000 prompts, 2 epochs, 2 blocks a head
 #   NUM_PROMPTS=3584 EPOCHS=2 LAYERS=1 bash scripts/train_smollm2_heads.sh
-# The heads are installed as float16 (load_heads upcasts): 4 heads x 2 blocks = 5.3 MB.
+# The heads are installed as float16 (load_heads upcasts) with their draft vocabulary (int64
+# token ids): 4 heads x 2 blocks = 5.4 MB.
 # Every step resumes or reuses what a previous run left (distillation: OUT.partial and a
 # finished OUT is extended; Medusa-1: the hidden-state cache).
 set -euo pipefail

@@ -445,7 +445,51 @@ def test_draft_vocab_heads_export(tmp_path, wordlevel_tokenizer, shared):
     assert set(logits.argmax(-1).flatten().tolist()) <= set(draft)
     outside = np.setdiff1d(np.arange(TINY["vocab_size"]), draft)
     assert (logits[..., outside] == np.finfo(np.float32).min).all()
+    # validation compares the draft logits with a real tolerance and checks the filler exactly
+    report = validate_artifact(tmp_path / "draft", model, heads, trees=("chain_3",), batches=(1,))
+    draft_checks = [c for c in report.checks if c.output == "medusa_logits[draft]"]
+    filler_checks = [c for c in report.checks if c.output == "medusa_logits[other tokens]"]
+    assert len(draft_checks) == len(filler_checks) == 2 and all(c.passed and c.tol < 1 for c in draft_checks)
+    assert all(c.passed for c in filler_checks) and "medusa_logits" in report.summary()["max_abs_diff"]
+    import copy
+
+    bad = copy.deepcopy(heads)
+    with torch.no_grad():
+        bad.heads[0][0].linear.weight.add_(0.05)
+    with pytest.raises(ValidationError) as info:
+        validate_artifact(tmp_path / "draft", model, bad, trees=("chain_3",), batches=(1,))
+    assert {f.output for f in info.value.failures} == {"medusa_logits[draft]"}
     gen = runtime.load(tmp_path / "draft", backend="onnxruntime", threads=1)
     prompt = [1, 5, 9, 14, 30, 7]
     med = gen.generate(prompt, max_new_tokens=24, tree="chain_3")
     assert med.tokens == gen.generate(prompt, max_new_tokens=24, medusa=False).tokens
+
+
+def test_draft_vocab_heads_fp16_export(tmp_path, wordlevel_tokenizer):
+    """float16: the filler is float16's lowest finite value (-65504), the draft logits are
+    validated against the float32 truth with a real tolerance, and a perturbed head fails."""
+    import copy
+
+    import onnxruntime as ort
+
+    model = tiny_model("llama", seed=7)
+    heads = random_heads(model, 2)
+    draft = list(range(0, TINY["vocab_size"], 3))
+    heads.set_draft_vocab(draft)
+    out = tmp_path / "fp16"
+    export_artifact(model, heads, out, ExportOptions(dtype="float16"), tokenizer=wordlevel_tokenizer)
+    sess = ort.InferenceSession(str(out / "heads.onnx"), providers=["CPUExecutionProvider"])
+    hidden = np.random.default_rng(2).standard_normal((4, TINY["hidden_size"])).astype(np.float16)
+    logits = sess.run(None, {"hidden_states": hidden})[0]
+    assert logits.dtype == np.float16
+    outside = np.setdiff1d(np.arange(TINY["vocab_size"]), draft)
+    assert (logits[..., outside] == np.float16(-65504)).all() and np.isfinite(logits).all()
+    report = validate_artifact(out, model, heads, trees=("chain_3",), batches=(1,))
+    checks = [c for c in report.checks if c.output == "medusa_logits[draft]"]
+    assert checks and all(c.passed and c.tol < 1 for c in checks)
+    bad = copy.deepcopy(heads)
+    with torch.no_grad():
+        bad.heads[1][0].linear.bias.add_(0.5)
+    with pytest.raises(ValidationError) as info:
+        validate_artifact(out, model, bad, trees=("chain_3",), batches=(1,))
+    assert {f.output for f in info.value.failures} == {"medusa_logits[draft]"}

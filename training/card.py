@@ -47,13 +47,14 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     if cfg.get("draft_vocab_size"):
         draft = (f"\nThe heads propose only the {cfg['draft_vocab_size']} tokens of the training softmax (their draft "
                  "vocabulary, `exporter.heads`): a token that never was a target is never a candidate.")
+        draft += " The held-out accuracy below is theirs with it."
         added = meta.get("draft_vocab_added")
         if added:
             fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
             draft += (f" It was added after training (`{added['command']}`); held-out top-1 without it "
                       f"{fmt(added['heldout_top1_any_token'])}, with it {fmt(added['heldout_top1_draft'])} (top-5 "
-                      f"{fmt(added['heldout_top5_any_token'])} -> {fmt(added['heldout_top5_draft'])}). The per-epoch "
-                      "values below were measured during training, without it.")
+                      f"{fmt(added['heldout_top5_any_token'])} -> {fmt(added['heldout_top5_draft'])}); the per-epoch "
+                      "values further below were measured during training, without it.")
         draft += "\n"
     text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
 
@@ -74,7 +75,7 @@ Medusa-1 (frozen backbone) on cached last hidden states: loss sum_k 0.8^k CE_k o
 assistant-token targets; {meta['steps']} steps ({meta['epochs']} epochs) of {meta['batch_tokens']}
 positions ({meta['train_positions_used']} train positions), AdamW lr {meta['lr']}, linear warm-up
 + cosine decay; training softmax over the {meta['train_vocab_size']} tokens that occur as targets
-(`--train-vocab {meta['train_vocab']}`); accuracy is measured over the full vocabulary.
+(`--train-vocab {meta['train_vocab']}`); accuracy is ranked over the full vocabulary.
 Time: training {meta['train_seconds']:.0f} s; {cache_note}. Machine: {machine}.
 {draft}
 ## Held-out accuracy (ranked over the full vocabulary)

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-train-tokens", type=int, default=m.max_train_tokens, help="cap on cached train positions (0: all)")
     sp.add_argument("--train-vocab", choices=("data", "full"), default=m.train_vocab,
                     help="softmax over the training targets' tokens (data, ~3x cheaper on SmolLM2) or the full "
-                         "vocabulary; accuracy is always measured over the full vocabulary")
+                         "vocabulary; accuracy is always ranked over the full vocabulary")
     sp.add_argument("--no-draft-vocab", action="store_true",
                     help="with --train-vocab data, let the heads propose any token (default: only the tokens "
                          "the training softmax covered, which the loss has ranked)")

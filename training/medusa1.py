@@ -278,7 +278,8 @@ def projected_loss(blocks_out: torch.Tensor, labels: torch.Tensor, weight: torch
 
 
 def rank_accuracy(heads, lm_head, split: CachedSplit, max_rank: int = 10, chunk: int = 512) -> np.ndarray:
-    """acc[k][r] = share of positions where rank r of head k is the target (full vocabulary)."""
+    """acc[k][r] = share of positions where rank r of head k is the target, ranked over the full
+    vocabulary (heads with a draft vocabulary never rank a token outside it)."""
     K = split.labels.shape[1]
     hits = np.zeros((K, max_rank))
     counts = np.zeros(K)
