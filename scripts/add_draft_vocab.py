@@ -30,14 +30,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
 
-    import numpy as np
     import torch
+    from safetensors import safe_open
 
-    from exporter.heads import HEADS_CONFIG, load_heads, save_heads
+    from exporter.heads import DRAFT_VOCAB_KEY, HEADS_CONFIG, HEADS_WEIGHTS, load_heads, save_heads
     from exporter.models import load_backbone
     from runtime.errors import MedusaError
-    from training.data import IGNORE
-    from training.medusa1 import load_split, rank_accuracy
+    from training.medusa1 import accuracy_any_and_draft, load_split, target_vocab
 
     torch.set_num_threads(a.threads)
     model = load_backbone(a.model)[0]
@@ -47,21 +46,20 @@ def main(argv=None) -> int:
         raise MedusaError(f"{a.heads} already has a draft vocabulary ({heads.config.draft_vocab_size} tokens)")
     K = heads.config.num_heads
     train = load_split(Path(a.cache), "train", K)
-    used = np.unique(train.labels[train.labels != IGNORE])
+    used = target_vocab(train)
     if meta.get("train_vocab") != "data" or meta.get("train_vocab_size") != len(used):
         raise MedusaError(f"{a.heads}: trained with train_vocab={meta.get('train_vocab')!r} over "
                           f"{meta.get('train_vocab_size')} tokens, but the cache's training targets are {len(used)} tokens: "
                           "not the data these heads were trained on")
     held = load_split(Path(a.cache), "heldout", K)
-    before = rank_accuracy(heads, model.lm_head, held, max_rank=5)
-    heads.set_draft_vocab(torch.from_numpy(used))
-    after = rank_accuracy(heads, model.lm_head, held, max_rank=5)
+    before, after = accuracy_any_and_draft(heads, model.lm_head, held, used)
     fmt = lambda acc: " / ".join(f"{x:.3f}" for x in acc)  # noqa: E731
     print(f"held-out top-1 ({held.num_examples} records): any token {fmt(before[:, 0])}; "
           f"draft vocabulary ({len(used)} tokens) {fmt(after[:, 0])}")
     print(f"held-out top-5: any token {fmt(before.sum(1))}; draft vocabulary {fmt(after.sum(1))}")
 
-    dtypes = {v.dtype for k, v in _tensors(Path(a.heads)).items() if k != "draft_vocab"}
+    with safe_open(str(Path(a.heads) / HEADS_WEIGHTS), framework="pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys() if k != DRAFT_VOCAB_KEY}
     meta = {k: v for k, v in meta.items() if k not in ("layout", "source")}
     meta.update({
         "heldout_top1": after[:, 0].round(4).tolist(),
@@ -76,19 +74,11 @@ def main(argv=None) -> int:
         },
     })
     heads.config.meta = {}
-    save_dtype = torch.float16 if dtypes == {torch.float16} else torch.float32  # as the file was
+    save_dtype = torch.float16 if dtypes == {"F16"} else torch.float32  # as the file was
     save_heads(heads, a.heads, meta=meta, dtype=save_dtype)
     cfg = json.loads((Path(a.heads) / HEADS_CONFIG).read_text())
     print(f"wrote {a.heads} ({save_dtype}, draft vocabulary {cfg['draft_vocab_size']} tokens)")
     return 0
-
-
-def _tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    from exporter.heads import HEADS_WEIGHTS
-
-    return load_file(str(folder / HEADS_WEIGHTS))
 
 
 if __name__ == "__main__":

@@ -150,13 +150,11 @@ def main(argv=None) -> int:
 
 def evaluate(rows, a) -> None:
     """top1/top5 (draft vocabulary) and top1_any/top5_any (any token) of each row's heads."""
-    import numpy as np
     import torch
 
     from exporter.heads import load_heads
     from exporter.models import load_backbone
-    from training.data import IGNORE
-    from training.medusa1 import load_split, rank_accuracy
+    from training.medusa1 import accuracy_any_and_draft, load_split, target_vocab
 
     torch.set_num_threads(a.threads)
     model = load_backbone(a.model)[0]
@@ -165,11 +163,8 @@ def evaluate(rows, a) -> None:
         K = heads.config.num_heads
         train = load_split(Path(r["cache"]), "train", K)
         held = load_split(Path(r["cache"]), "heldout", K)
-        heads.set_draft_vocab(None)
-        any_ = rank_accuracy(heads, model.lm_head, held, max_rank=5)
-        used = np.unique(train.labels[train.labels != IGNORE])
-        heads.set_draft_vocab(torch.from_numpy(used))
-        draft = rank_accuracy(heads, model.lm_head, held, max_rank=5)
+        used = target_vocab(train)
+        any_, draft = accuracy_any_and_draft(heads, model.lm_head, held, used)
         r.update({"draft_vocab": int(len(used)), "top1_any": any_[:, 0].round(4).tolist(),
                   "top5_any": any_.sum(1).round(4).tolist(), "top1": draft[:, 0].round(4).tolist(),
                   "top5": draft.sum(1).round(4).tolist()})

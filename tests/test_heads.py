@@ -416,3 +416,28 @@ def test_float_draft_vocab_in_a_file_is_refused(tmp_path):
     save_file(sd, str(tmp_path / "h" / HEADS_WEIGHTS))
     with pytest.raises(CheckpointError, match=r"'draft_vocab' must be a 1-D integer tensor"):
         load_heads(tmp_path / "h", hidden_size=H, vocab_size=V)
+
+
+def test_draft_rows_cache_follows_weight_and_vocab_changes(lm_head):
+    """The gathered draft rows are reused between inference calls, but an in-place change of
+    the projection or a new draft vocabulary is seen at once (same result as the full projection)."""
+    heads = fresh_heads(2, H, V, lm_head=lm_head)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(5))
+
+    def check(draft):
+        with torch.inference_mode():
+            out = heads(x, lm_head)
+        full = lm_head(heads.blocks(x)).detach()
+        torch.testing.assert_close(out[..., draft], full[..., draft])
+
+    heads.set_draft_vocab([1, 2, 30])
+    check([1, 2, 30])
+    check([1, 2, 30])  # from the cache
+    with torch.no_grad():
+        lm_head.weight.mul_(-2.0)
+    check([1, 2, 30])
+    heads.set_draft_vocab([0, 7, 8, 39])
+    check([0, 7, 8, 39])
+    out = heads(x, lm_head)  # autograd path: no cache, gradients reach the projection
+    out[..., [0, 7]].sum().backward()
+    assert lm_head.weight.grad is not None and lm_head.weight.grad[[0, 7]].abs().sum() > 0

@@ -23,8 +23,10 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     size = weights.stat().st_size
     from safetensors import safe_open
 
+    from exporter.heads import DRAFT_VOCAB_KEY
+
     with safe_open(str(weights), framework="pt") as f:
-        dtypes = sorted({str(f.get_slice(k).get_dtype()).lower() for k in f.keys() if k != "draft_vocab"})
+        dtypes = sorted({str(f.get_slice(k).get_dtype()).lower() for k in f.keys() if k != DRAFT_VOCAB_KEY})
     dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
     dtype_text = "/".join(dtype.get(d, d) for d in dtypes)
     blocks = "residual block" if cfg["num_layers"] == 1 else "residual blocks"

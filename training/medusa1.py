@@ -296,6 +296,21 @@ def rank_accuracy(heads, lm_head, split: CachedSplit, max_rank: int = 10, chunk:
     return hits / np.maximum(counts, 1)[:, None]
 
 
+def target_vocab(split: CachedSplit) -> np.ndarray:
+    """Sorted token ids that occur as a head target in ``split``: the rows of the
+    ``--train-vocab data`` softmax, and the heads' draft vocabulary."""
+    return np.unique(split.labels[split.labels != IGNORE])
+
+
+def accuracy_any_and_draft(heads, lm_head, split: CachedSplit, vocab: np.ndarray, max_rank: int = 5):
+    """(acc proposing any token, acc with draft vocabulary ``vocab``) on ``split``; the heads
+    keep ``vocab`` as their draft vocabulary afterwards."""
+    heads.set_draft_vocab(None)
+    any_token = rank_accuracy(heads, lm_head, split, max_rank=max_rank)
+    heads.set_draft_vocab(torch.from_numpy(vocab))
+    return any_token, rank_accuracy(heads, lm_head, split, max_rank=max_rank)
+
+
 def accuracy_table(acc: np.ndarray) -> str:
     """Per-head top-1 / top-5 from rank accuracies acc[k][r]."""
     return format_accuracy(acc[:, 0], acc[:, :5].sum(1))
@@ -348,7 +363,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
 
     weight, vocab_map = lm_head.weight.detach(), None
     if cfg.shared_lm_head and cfg.train_vocab == "data":
-        used = np.unique(train.labels[train.labels != IGNORE])
+        used = target_vocab(train)
         vocab_map = torch.full((V,), -1, dtype=torch.long)
         vocab_map[torch.from_numpy(used)] = torch.arange(len(used))
         weight = weight[torch.from_numpy(used)].contiguous()
