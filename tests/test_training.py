@@ -450,6 +450,16 @@ def test_medusa1_data_vocab_heads_propose_only_trained_tokens(tmp_path):
     with torch.inference_mode():
         top = heads(torch.randn(64, 32), model.lm_head).topk(3, dim=-1).indices
     assert np.isin(top.numpy(), used).all()
+    from training.medusa1 import accuracy_any_and_draft, rank_accuracy, target_vocab
+
+    assert target_vocab(train).tolist() == used.tolist()
+    held = load_split(Path(str(data) + ".hidden"), "heldout", num_heads=2)
+    any_acc, draft_acc = accuracy_any_and_draft(heads, model.lm_head, held, used)
+    assert heads.draft_vocab.tolist() == used.tolist()  # left restricted
+    np.testing.assert_allclose(draft_acc, rank_accuracy(heads, model.lm_head, held, max_rank=5))
+    free = load_heads(tmp_path / "dv", hidden_size=32, vocab_size=VOCAB)
+    free.set_draft_vocab(None)
+    np.testing.assert_allclose(any_acc, rank_accuracy(free, model.lm_head, held, max_rank=5))
     from training.card import write_card
 
     card = write_card(tmp_path / "dv", data, command="medusa-train medusa1 ...", machine="test box").read_text()
