@@ -69,9 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--fresh-heads", metavar="K", type=int,
                        help="K untrained identity heads (each predicts what the backbone would): tests and demos")
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="artifact folder to create")
+    p.add_argument("--graph", choices=("fused", "portable"), default="fused",
+                   help="fused: ONNX Runtime's fused kernels (GroupQueryAttention with the tree mask, fused "
+                        "norms and projections) and a KV cache updated in place, for ONNX Runtime; portable: "
+                        "standard ONNX ops only, for TensorRT (trtexec / build-engine). Default fused")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None,
+                   help="backbone weights: fp32 (default), fp16, or int8 / int4 weight-only (ONNX Runtime "
+                        "MatMulNBits, fused graph only; Medusa stays lossless against plain decoding on the same "
+                        "quantized graph)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="precision of weights, logits, hidden states and the KV cache in the graphs "
-                        "(input_ids/position_ids stay int64, tree_mask bool); default float32")
+                   help="float dtype of weights, logits, hidden states and the KV cache (--precision fp16 is "
+                        "the same as --dtype float16); default float32")
     p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset, 17-20 (default 18)")
     p.add_argument("--external-data-threshold-mb", type=float, default=1024.0, metavar="N",
                    help="store a graph's weights in <file>.onnx.data when they exceed N MB "
@@ -135,6 +143,8 @@ def run(args: argparse.Namespace) -> Path:
 
     options = ExportOptions(
         dtype=args.dtype,
+        graph=args.graph,
+        precision=args.precision,
         opset=args.opset,
         external_data_threshold_mb=args.external_data_threshold_mb,
         tree=args.tree,
@@ -151,10 +161,10 @@ def run(args: argparse.Namespace) -> Path:
         raise MedusaError(f"--fresh-heads needs at least 1 head, got {args.fresh_heads}")
     heads_path = None if args.fresh_heads is not None else (args.heads or _default_heads(args.model))
 
-    dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
-    with progress(_log, f"loading {args.model} ({args.dtype})"), _quiet_transformers():
+    dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
+    with progress(_log, f"loading {args.model} ({options.dtype})"), _quiet_transformers():
         try:
-            model, tokenizer, folder = load_backbone(args.model, dtype=args.dtype)
+            model, tokenizer, folder = load_backbone(args.model, dtype=options.dtype)
         except MedusaError:
             raise
         except (OSError, ValueError) as e:  # a folder transformers cannot read: the user's to fix
@@ -182,8 +192,10 @@ def _summary(out: Path, seconds: float) -> str:
         lines.append("  validation: passed; max|diff| " + ", ".join(f"{k} {v:g}" for k, v in val["max_abs_diff"].items()))
     else:
         lines.append("  validation: skipped (--no-validate)")
-    lines.append(f"  default tree {cfg['default_tree']}, dtype {cfg['dtype']}, opset {cfg['opset']}; next: "
-                 f"medusa-export trtexec {out}")
+    flavour = cfg.get("flavour", "portable")
+    nxt = f"medusa-run generate {out} PROMPT" if flavour == "fused" else f"medusa-export trtexec {out}"
+    lines.append(f"  {flavour} graph, precision {cfg.get('precision', 'fp32')}, default tree {cfg['default_tree']}, "
+                 f"opset {cfg['opset']}; next: {nxt}")
     return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from exporter.fused import FUSED_OPSET
 from runtime.artifact import ArtifactConfig, GraphSpec
 from runtime.errors import ArtifactError, MedusaError
 
@@ -66,9 +67,21 @@ TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 5, 3
 Log = Callable[[str], None]
 
 
+GRAPHS = ("fused", "portable")
+DEFAULT_GRAPH = "fused"
+# --precision -> the graphs' float dtype (weights of int8 / int4 are MatMulNBits blocks;
+# activations, logits and the cache stay float32)
+PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
+
+
 @dataclass
 class ExportOptions:
     dtype: str = "float32"  # float32 | float16: logits, hidden states and the KV cache in the graphs
+    # "fused": ONNX Runtime's fused kernels with an in-place cache (exporter/fused.py);
+    # "portable": the traced standard-ONNX graph TensorRT's parser takes (exporter/step.py)
+    graph: str = DEFAULT_GRAPH
+    # fp32 | fp16 | int8 | int4 (weight-only MatMulNBits, fused graph only); None: from dtype
+    precision: str | None = None
     opset: int = DEFAULT_OPSET
     # a graph whose weights exceed this many MB is saved with its tensors in ``<file>.data``
     external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB
@@ -313,6 +326,25 @@ def export_backbone(model, path: Path, opset: int = DEFAULT_OPSET,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def export_fused_backbone(model, path: Path, dtype: str, max_positions: int,
+                          external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB,
+                          log: Log | None = None) -> dict:
+    """Write the fused graph (exporter/fused.py) of ``model`` at ``path``; returns {file: bytes}."""
+    from exporter.fused import build_fused_backbone, save_model
+
+    path = Path(path)
+    with progress(log, f"writing the fused backbone ({model.config.num_hidden_layers} layers, {dtype})"):
+        proto = build_fused_backbone(model, dtype=dtype, max_positions=max_positions)
+    with progress(log, f"saving {path.name}"):
+        files = save_model(proto, path, external_data_threshold_mb)
+        del proto
+        # not onnx.checker: it rejects ONNX Runtime's SimplifiedLayerNormalization (registered by ORT in the
+        # default domain); loading the graph in ONNX Runtime is the check that matters, and validation does it
+    if log:
+        log("[medusa-export]   wrote " + ", ".join(f"{n} {s / 2**20:.1f} MiB" for n, s in files.items()))
+    return files
+
+
 def export_heads(heads, lm_head, path: Path, opset: int = DEFAULT_OPSET,
                  external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB, log: Log | None = None) -> dict:
     """Trace HeadsStep(heads, lm_head) into ``path`` (+ ``path.data``); returns {file: bytes}."""
@@ -351,9 +383,30 @@ def _versions() -> dict:
     return out
 
 
+def resolve_precision(options: ExportOptions) -> str:
+    """The precision the options ask for (``precision``, else the one ``dtype`` implies)."""
+    if options.precision is None:
+        return {"float32": "fp32", "float16": "fp16"}.get(options.dtype, options.dtype)
+    return options.precision
+
+
 def check_options(options: ExportOptions) -> None:
     if options.dtype not in ("float32", "float16"):
         raise MedusaError(f"unsupported dtype {options.dtype!r}: use float32 or float16")
+    if options.graph not in GRAPHS:
+        raise MedusaError(f"unknown graph flavour {options.graph!r}: use {' or '.join(GRAPHS)}")
+    precision = resolve_precision(options)
+    if precision not in PRECISION_DTYPE:
+        raise MedusaError(f"unsupported precision {precision!r}: use {', '.join(PRECISION_DTYPE)}")
+    if options.precision is not None and options.dtype != "float32" and PRECISION_DTYPE[precision] != options.dtype:
+        raise MedusaError(f"--dtype {options.dtype} contradicts --precision {precision}: give one of them")
+    if precision in ("int8", "int4") and options.graph != "fused":
+        raise MedusaError(
+            f"--precision {precision} quantizes the fused graph's MatMuls (ONNX Runtime MatMulNBits); the portable "
+            "graph is for TensorRT, which quantizes at engine build: use --graph fused, or fp32/fp16"
+        )
+    options.precision = precision
+    options.dtype = PRECISION_DTYPE[precision]
     if not (MIN_OPSET <= options.opset <= MAX_OPSET):
         raise MedusaError(
             f"opset {options.opset} is not supported: use {MIN_OPSET}-{MAX_OPSET} (TensorRT 10's ONNX parser reads "
@@ -473,7 +526,12 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         files = {}
-        files.update(export_backbone(model, tmp / BACKBONE_FILE, options.opset, options.external_data_threshold_mb, log))
+        if options.graph == "fused":
+            files.update(export_fused_backbone(model, tmp / BACKBONE_FILE, options.dtype, spec.max_context,
+                                               options.external_data_threshold_mb, log))
+        else:
+            files.update(export_backbone(model, tmp / BACKBONE_FILE, options.opset, options.external_data_threshold_mb,
+                                         log))
         files.update(export_heads(heads, model.lm_head, tmp / HEADS_FILE, options.opset, options.external_data_threshold_mb, log))
         with progress(log, "saving the tokenizer and medusa_config.json"):
             tokenizer.save_pretrained(str(tmp))
@@ -481,7 +539,12 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 raise ArtifactError(
                     "the tokenizer has no fast (tokenizer.json) form; the torch-free runtime needs tokenizer.json"
                 )
-            b_in, b_out, b_axes = backbone_io(spec.num_layers)
+            if options.graph == "fused":
+                from exporter.fused import fused_io
+
+                b_in, b_out, b_axes = fused_io(spec.num_layers)
+            else:
+                b_in, b_out, b_axes = backbone_io(spec.num_layers)
             h_in, h_out, h_axes = heads_io()
             opts = {k: v for k, v in asdict(options).items() if k not in ("force",)}
             opts["validation_trees"] = list(options.validation_trees)
@@ -490,7 +553,9 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 backbone=GraphSpec(BACKBONE_FILE, b_in, b_out, b_axes),
                 heads=GraphSpec(HEADS_FILE, h_in, h_out, h_axes),
                 dtype=options.dtype,
-                opset=options.opset,
+                opset=options.opset if options.graph == "portable" else FUSED_OPSET,
+                flavour=options.graph,
+                precision="fp16" if options.dtype == "float16" else "fp32",  # quantized below, after validation
                 default_tree=tree.name,
                 default_tree_paths=[list(p) for p in tree.paths],
                 provenance={
@@ -504,7 +569,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                         "source": heads.config.meta.get("source"),
                         "meta": heads.config.meta,
                     },
-                    "exporter": f"torch.onnx.export(dynamo=False) [{EXPORTER}]",
+                    "exporter": (f"torch.onnx.export(dynamo=False) [{EXPORTER}]" if options.graph == "portable"
+                                 else "exporter.fused (onnx.helper from the Hugging Face weights)"),
                     "export_options": opts,
                     "versions": _versions(),
                     "files": files,
@@ -524,6 +590,15 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             config.provenance["validation"] = report.summary()
         else:
             config.provenance["validation"] = {"skipped": True}
+        if options.precision in ("int8", "int4"):
+            from exporter.quantize import quantize_backbone
+
+            bits = 8 if options.precision == "int8" else 4
+            with progress(log, f"quantizing {BACKBONE_FILE} to {options.precision} (MatMulNBits, weight-only)"):
+                config.provenance["quantization"] = quantize_backbone(
+                    tmp, config, bits, options.external_data_threshold_mb, check=options.validate, log=log)
+            config.precision = options.precision
+            config.provenance["files"].update(config.provenance["quantization"].pop("files"))
         config.provenance["export_seconds"] = round(time.perf_counter() - started, 1)
         config.write(tmp)
         _public(tmp)

@@ -33,3 +33,89 @@ def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig
     config.heads_int8 = GraphSpec(INT8_FILE, list(config.heads.inputs), list(config.heads.outputs),
                                   dict(config.heads.dynamic_axes))
     return config
+
+
+def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
+                      external_data_threshold_mb: float = 1024.0, *, block_size: int = 32, check: bool = True,
+                      log=None) -> dict:
+    """Replace the fused ``model.onnx``'s weight MatMuls by ONNX Runtime ``MatMulNBits``
+    (``bits`` = 4 or 8, symmetric blocks of ``block_size`` along the input dimension;
+    weight-only: activations, logits and the KV cache stay in float).
+
+    ``accuracy_level=4`` lets the CPU kernels compute with int8 activations (per row and
+    block), as onnxruntime-genai's builder does for CPU int4: every row of a step is
+    computed alone, so a tree node and the plain step at the same position still get the
+    same logits, and Medusa stays lossless against plain decoding over *this* graph.
+
+    Returns provenance: bits, block size, which MatMuls, the files written and (``check``)
+    how far the quantized graph's logits moved from the float graph's on a random prompt.
+    """
+    import os
+
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    from exporter.fused import save_model
+
+    folder = Path(folder)
+    path = folder / config.backbone.file
+    model = onnx.load(str(path))
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
+                                        bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                     algo_config=algo, bits=bits)
+    quantizer.process()
+    quantized = quantizer.model.model
+    done = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+    float_copy = None
+    if check:
+        float_copy = folder / (".float-" + path.name)
+        os.replace(path, float_copy)
+        data = path.with_name(path.name + ".data")
+        if data.exists():
+            os.replace(data, float_copy.with_name(path.name + ".data"))  # the float graph's tensors, by its name
+    try:
+        files = save_model(quantized, path, external_data_threshold_mb)
+        onnx.checker.check_model(str(path))
+        info = {"bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": 4,
+                "op": "com.microsoft.MatMulNBits", "matmuls_quantized": done, "matmuls": len(matmuls), "files": files}
+        if float_copy is not None:
+            info["check"] = _compare_logits(float_copy, path, config)
+            if log:
+                c = info["check"]
+                log(f"[medusa-export]   int{bits} vs float graph on a random {c['tokens']}-token prompt: top-1 "
+                    f"agrees at {c['top1_agree']:.1%} of positions, max|logits diff| {c['max_abs_logits']:.3g}")
+        return info
+    finally:
+        if float_copy is not None:
+            for p in (float_copy, float_copy.with_name(path.name + ".data")):
+                if p.exists():
+                    p.unlink()
+
+
+def _compare_logits(float_path: Path, quant_path: Path, config: ArtifactConfig, tokens: int = 32) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    from runtime.onnxrt import run_fused_contract
+
+    spec = config.model
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, spec.vocab_size, (1, tokens), dtype=np.int64)
+    pos = np.arange(tokens, dtype=np.int64)[None]
+    mask = np.tril(np.ones((tokens, tokens), dtype=bool))[None]
+    past = [np.zeros((1, 0, spec.num_kv_heads, spec.head_dim), np.float32) for _ in range(2 * spec.num_layers)]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    out = []
+    for p in (float_path, quant_path):
+        sess = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+        out.append(run_fused_contract(sess, ids, pos, mask, past)[0][0])
+        del sess
+    ref, got = out
+    return {"tokens": tokens, "top1_agree": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+            "max_abs_logits": float(np.abs(ref - got).max())}

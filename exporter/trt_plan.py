@@ -321,6 +321,11 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
     """The build plan for ``cfg`` under ``limits``; PlanError naming the limit that does not fit."""
     lim = limits or Limits()
     m = cfg.model
+    if cfg.flavour != "portable":
+        raise PlanError(
+            f"this artifact holds the {cfg.flavour} graph (ONNX Runtime's com.microsoft fused ops), which TensorRT's "
+            "ONNX parser does not take: re-export it for TensorRT with medusa-export ... --graph portable"
+        )
     if cfg.dtype not in SUPPORTED_DTYPES:
         raise PlanError(f"artifact dtype {cfg.dtype!r}: TensorRT plans support {', '.join(SUPPORTED_DTYPES)}")
     if list(cfg.backbone.inputs) != _contract_inputs(cfg):

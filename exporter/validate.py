@@ -166,6 +166,7 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
     from exporter.export import _cast
     from exporter.step import BackboneStep, HeadsStep
     from runtime.artifact import read_artifact
+    from runtime.onnxrt import run_fused_contract
     from runtime.tree import load_tree
 
     folder = Path(folder)
@@ -213,7 +214,10 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
     def run_backbone(case: str, ids, pos, mask, past) -> tuple[list[np.ndarray], list[np.ndarray]]:
         ref = torch_run(step, [ids, pos, mask, *past])
         ref32 = torch_run(step32, [ids, pos, mask, *past], to32=True) if fp16 else [None] * len(ref)
-        got = backbone.run(None, dict(zip(b_in, [ids, pos, mask, *past])))
+        if config.flavour == "fused":  # the same tensors, through the fused graph's cache layout
+            got = run_fused_contract(backbone, ids, pos, mask, past)
+        else:
+            got = backbone.run(None, dict(zip(b_in, [ids, pos, mask, *past])))
         # logits and hidden states: one line each
         checks = [compare(case, name, g, r, r32) for name, g, r, r32 in zip(b_out[:2], got[:2], ref[:2], ref32[:2])]
         for c in checks:
@@ -289,7 +293,12 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
             m = tree.num_nodes
             t_ids = rng.integers(0, spec.vocab_size, (b, m), dtype=np.int64)
             t_mask = np.broadcast_to(tree.attn_mask, (b, m, m)).copy()
-            for past, past_len, label in ((cache, n, f"past={n}"), (empty, 0, "empty cache")):
+            cases = [(cache, n, f"past={n}"), (empty, 0, "empty cache")]
+            if config.flavour == "fused" and tree.depth + 1 < m:
+                # GroupQueryAttention's first-prompt path (empty cache) rotates by 0..n-1 and ignores
+                # position_ids: the fused runtime always prefills first and refuses a tree on an empty cache
+                cases = cases[:1]
+            for past, past_len, label in cases:
                 t_pos = np.broadcast_to(past_len + tree.position_ids.astype(np.int64), (b, m)).copy()
                 run_backbone(f"tree {name} b={b} {label}", t_ids, t_pos, t_mask, past)
 

@@ -50,12 +50,22 @@ class TextChunk:
 def make_backend(folder: Path, config: ArtifactConfig, backend: str, device: str, threads: int | None,
                  max_context: int | None) -> Backend:
     if backend == "auto":
-        backend = "tensorrt" if _has_engines(folder) and _has_tensorrt() else "onnxruntime"
+        fused = config.flavour == "fused"
+        backend = "tensorrt" if not fused and _has_engines(folder) and _has_tensorrt() else "onnxruntime"
     if backend == "onnxruntime":
+        if config.flavour == "fused":
+            from runtime.onnxrt import FusedOnnxRuntimeBackend
+
+            return FusedOnnxRuntimeBackend(folder, config, device=device, threads=threads, max_context=max_context)
         from runtime.onnxrt import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(folder, config, device=device, threads=threads, max_context=max_context)
     if backend == "tensorrt":
+        if config.flavour != "portable":
+            raise MedusaError(
+                f"{folder} holds the {config.flavour} graph (ONNX Runtime's com.microsoft fused ops), which TensorRT's "
+                "ONNX parser does not take: export with --graph portable for TensorRT, or use backend='onnxruntime'"
+            )
         from runtime.trt_backend import TensorRTBackend
 
         return TensorRTBackend.from_artifact(folder, config, max_context=max_context)

@@ -20,7 +20,18 @@ from runtime.errors import ArtifactError
 
 CONFIG_FILE = "medusa_config.json"
 FORMAT = "medusa-trt-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# format_version 1 (before graph flavours) is read as a portable float artifact
+READABLE_VERSIONS = (1, 2)
+FLAVOURS = ("fused", "portable")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def fused_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the fused ``model.onnx`` (exporter/fused.py), in graph order."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", "tree_mask", "cache_lengths", *past], ["logits", "hidden_states", *present]
 
 
 @dataclass
@@ -62,6 +73,12 @@ class ArtifactConfig:
     # builds from the float `heads` graph.
     heads_int8: GraphSpec | None = None
     dtype: str = "float32"  # dtype of logits, hidden states and the KV cache in the graphs
+    # which graph model.onnx is (docs/graph_contract.md): "fused" (ONNX Runtime's fused kernels,
+    # in-place cache; exporter/fused.py) or "portable" (standard ONNX ops only, what TensorRT
+    # parses; exporter/step.py traced). The runtime chooses its code path from this alone.
+    flavour: str = "portable"
+    # the backbone's weights: fp32 / fp16, or int8 / int4 weight-only (MatMulNBits, fused only)
+    precision: str = "fp32"
     opset: int = 18
     default_tree: str = "cpu_8"
     default_tree_paths: list[list[int]] = field(default_factory=list)
@@ -93,7 +110,7 @@ def read_artifact(folder: str | Path) -> ArtifactConfig:
     if raw.get("format") != FORMAT:
         raise ArtifactError(f"{cfg_path}: format {raw.get('format')!r} is not {FORMAT!r}")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{cfg_path}: written by an incompatible exporter (format_version {version}, this runtime reads "
             f"{FORMAT_VERSION}); re-export with this version of medusa-export"
@@ -108,6 +125,10 @@ def read_artifact(folder: str | Path) -> ArtifactConfig:
         )
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{cfg_path}: malformed config ({e})") from None
+    if cfg.flavour not in FLAVOURS:
+        raise ArtifactError(f"{cfg_path}: unknown graph flavour {cfg.flavour!r} (this runtime reads {', '.join(FLAVOURS)})")
+    if cfg.precision not in PRECISIONS:
+        raise ArtifactError(f"{cfg_path}: unknown precision {cfg.precision!r} (this runtime reads {', '.join(PRECISIONS)})")
     for graph in (cfg.backbone, cfg.heads, *([cfg.heads_int8] if cfg.heads_int8 else [])):
         if not (folder / graph.file).is_file():
             raise ArtifactError(f"{folder}: {graph.file} is missing (the artifact is incomplete; re-run medusa-export)")

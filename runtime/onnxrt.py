@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import ArtifactConfig
-from runtime.backend import GraphBackend
-from runtime.errors import BackendUnavailableError, MedusaError
+from runtime.backend import Backend, GraphBackend
+from runtime.errors import BackendUnavailableError, ContextLengthError, MedusaError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -176,3 +176,155 @@ def _bind(bind, name: str, arr: np.ndarray) -> np.ndarray:
     ptr = arr.ctypes.data if arr.size else _EMPTY.ctypes.data
     bind(name, "cpu", 0, arr.dtype, list(arr.shape), ptr)
     return arr
+
+
+# ---------------------------------------------------------------------------- fused flavour
+
+
+class FusedOnnxRuntimeBackend(Backend):
+    """The ``fused`` graph (exporter/fused.py) with its KV cache updated in place.
+
+    The cache is one preallocated buffer ``[layers, 2, 1, kv_heads, capacity, head_dim]``
+    whose per-layer slices are bound once as both ``past_key_values.*`` and ``present.*``:
+    GroupQueryAttention writes the new tokens' entries at ``cache_len ..`` directly into it,
+    so a step copies no cache and allocates nothing. ``commit(keep)`` then moves the
+    accepted nodes' entries down to ``cache_len, cache_len + 1, ...`` (a few rows per layer,
+    one numpy operation for all layers; nothing at all for a prefill, a plain step or a
+    chain prefix, which are already in place). Rejected entries are simply overwritten by
+    the next step: the graph reads only ``cache_lengths`` entries plus the new ones.
+    """
+
+    def __init__(self, folder: str | Path, config: ArtifactConfig, device: str = "auto", threads: int | None = None,
+                 max_context: int | None = None, heads_int8: bool = True):
+        ort = _ort()
+        self.folder = Path(folder)
+        self.config = config
+        self.spec = config.model
+        self.providers = choose_providers(device if device != "auto" else "cpu")
+        if self.providers[0] != "CPUExecutionProvider":
+            raise BackendUnavailableError(
+                "the fused graph's in-place cache runs on the CPU provider here (use device='cpu', or a portable "
+                "artifact with TensorRT on a GPU)"
+            )
+        self.threads = threads
+        self.backbone = ort.InferenceSession(str(self.folder / config.backbone.file), _options(ort, threads, spin=True),
+                                             providers=self.providers)
+        heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
+        self.heads_file = heads.file
+        self.heads = ort.InferenceSession(str(self.folder / heads.file), _options(ort, threads, spin=False),
+                                          providers=self.providers)
+        self._dtype = _NP_DTYPES[config.dtype]
+        spec = self.spec
+        self.capacity = min(max_context or spec.max_context, spec.max_context)
+        self._check_io()
+        # [layers, key|value, batch, kv_heads, capacity, head_dim]; np.zeros maps untouched
+        # pages lazily, so a long capacity costs memory only as far as it is used
+        self.kv = np.zeros((spec.num_layers, 2, 1, spec.num_kv_heads, self.capacity, spec.head_dim), self._dtype)
+        self.length = 0
+        self._staged = 0
+        self._io = self.backbone.io_binding()
+        for i in range(spec.num_layers):
+            for j, kv in enumerate(("key", "value")):
+                buf = self.kv[i, j]
+                self._io.bind_input(f"past_key_values.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+                self._io.bind_output(f"present.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+        self._lengths = np.zeros(1, dtype=np.int64)
+        self._outputs = _Outputs()
+        self._out_shapes = {"logits": (1, 0, spec.vocab_size), "hidden_states": (1, 0, spec.hidden_size)}
+        self._out_dtypes = {name: self._dtype for name in self._out_shapes}
+        self._hidden: np.ndarray | None = None
+        self._bound: list[np.ndarray] = []
+
+    def _check_io(self) -> None:
+        from runtime.artifact import fused_io_names
+
+        want_in, want_out = fused_io_names(self.spec.num_layers)
+        got_in = [i.name for i in self.backbone.get_inputs()]
+        got_out = [o.name for o in self.backbone.get_outputs()]
+        if got_in != want_in or got_out != want_out:
+            raise MedusaError(
+                f"{self.folder / self.config.backbone.file}: graph I/O does not match the fused contract "
+                f"(inputs {got_in[:5]}..., expected {want_in[:5]}...)"
+            )
+
+    @property
+    def cache_len(self) -> int:
+        return self.length
+
+    @property
+    def max_context(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.length = 0
+        self._staged = 0
+        self._hidden = None
+
+    def forward(self, input_ids, position_ids, tree_mask):
+        n = len(input_ids)
+        if self.length + n > self.capacity:
+            raise ContextLengthError(
+                f"{self.length} cached + {n} new tokens exceed the cache capacity of {self.capacity} tokens"
+            )
+        if self.length == 0 and not np.array_equal(position_ids, np.arange(n)):
+            # GroupQueryAttention's first-prompt path rotates by 0..n-1 whatever position_ids say
+            raise MedusaError("the fused graph's first call on an empty cache must be a prefill at positions 0..n-1")
+        io = self._io
+        self._lengths[0] = self.length
+        bound = [
+            _bind(io.bind_input, "input_ids", np.asarray(input_ids, dtype=np.int64)[None]),
+            _bind(io.bind_input, "position_ids", np.asarray(position_ids, dtype=np.int64)[None]),
+            _bind(io.bind_input, "tree_mask", np.asarray(tree_mask, dtype=bool)[None]),
+            _bind(io.bind_input, "cache_lengths", self._lengths),
+        ]
+        outs = self._outputs.views(self._out_shapes, self._out_dtypes, n, grow_to=max(64, n))
+        for name, arr in outs.items():
+            bound.append(_bind(io.bind_output, name, arr))
+        self._bound = bound  # kept alive until the next call
+        self.backbone.run_with_iobinding(io)
+        self._staged = n
+        self._hidden = outs["hidden_states"][0]
+        return outs["logits"][0]
+
+    def commit(self, keep):
+        keep = np.asarray(keep, dtype=np.int64)
+        if not self._staged:
+            raise RuntimeError("commit() without a forward() to commit")
+        a = len(keep)
+        if self.length + a > self.capacity:
+            raise ContextLengthError(f"{self.length} cached + {a} tokens exceed the cache capacity of {self.capacity}")
+        moved = np.flatnonzero(keep != np.arange(a))
+        if len(moved):  # accepted tree nodes that are not already in place
+            src = self.length + keep[moved]
+            dst = self.length + moved
+            self.kv[:, :, :, :, dst] = self.kv[:, :, :, :, src]
+        self.length += a
+        self._staged = 0
+
+    def head_logits(self, index):
+        if self._hidden is None:
+            raise RuntimeError("head_logits() before any forward()")
+        hidden = np.ascontiguousarray(self._hidden[index: index + 1]).astype(self._dtype, copy=False)
+        (logits,) = self.heads.run(None, {"hidden_states": hidden})
+        return logits[0]
+
+
+def run_fused_contract(session, input_ids, position_ids, tree_mask, past: list) -> list[np.ndarray]:
+    """Run a fused graph on the portable contract's tensors (used by export validation):
+    ``past`` sequence-major ``[batch, past, kv_heads, head_dim]`` per tensor in, the new
+    entries alone out, so both flavours are compared with one reference.
+
+    One sequence per call: ONNX Runtime's GroupQueryAttention takes several new tokens over
+    a cache at batch 1 only, so batch rows run one after the other and are stacked.
+    """
+    names = [i.name for i in session.get_inputs()][4:]
+    rows = []
+    for b in range(input_ids.shape[0]):
+        p = past[0].shape[1]
+        feed = {"input_ids": input_ids[b:b + 1], "position_ids": position_ids[b:b + 1],
+                "tree_mask": tree_mask[b:b + 1], "cache_lengths": np.full(1, p, dtype=np.int64)}
+        feed.update({name: np.ascontiguousarray(t[b:b + 1].transpose(0, 2, 1, 3)) for name, t in zip(names, past)})
+        logits, hidden, *presents = session.run(None, feed)
+        n = input_ids.shape[1]
+        rows.append([logits, hidden, *[t[:, :, p:p + n].transpose(0, 2, 1, 3) for t in presents]])
+    return [np.ascontiguousarray(np.concatenate(parts, axis=0)) for parts in zip(*rows)]

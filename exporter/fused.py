@@ -1,0 +1,322 @@
+"""The fused backbone graph: ONNX Runtime's fused kernels, the tree mask, an in-place KV cache.
+
+Written straight from the Hugging Face weights (no tracing) with ``onnx.helper``: one
+node per fused operation, so ONNX Runtime runs a few hundred kernels a step instead of the
+several thousand small ops a trace of the eager model gives (SmolLM2-135M: 7,975 nodes
+traced, ~250 here). Per layer:
+
+    SkipSimplifiedLayerNormalization  residual add + RMSNorm in one kernel
+    MatMul [hidden, (q + 2 kv) heads x head_dim]   Q, K, V in one projection (+ bias: Qwen2)
+    GroupQueryAttention               rotary (``do_rotary``, following ``position_ids``),
+                                      grouped KV heads, the cache written in place, the
+                                      tree mask as ``attention_bias``
+    MatMul o_proj
+    SkipSimplifiedLayerNormalization
+    MatMul [hidden, 2 x intermediate] gate and up in one projection, then Split,
+                                      Sigmoid, Mul, Mul (SiLU(gate) * up), MatMul down
+
+This is the ``fused`` flavour of the graph contract (docs/graph_contract.md). Its inputs
+mean what they mean in the ``portable`` flavour (:mod:`exporter.step`, traced), plus one:
+
+    input_ids       int64 [batch, new_tokens]
+    position_ids    int64 [batch, new_tokens]       cache length + depth in the tree
+    tree_mask       bool  [batch, new_tokens, new_tokens]
+    cache_lengths   int64 [batch]                   valid entries in each sequence's cache
+    past_key_values.{i}.key|value  [batch, kv_heads, cache_capacity, head_dim]
+
+and its cache is the whole preallocated buffer, head-major (BNSH, GroupQueryAttention's
+layout). ``present.{i}.key|value`` is the same buffer: bound to the same memory (the
+runtime does this), GroupQueryAttention writes the new tokens' entries at positions
+``cache_lengths .. cache_lengths + new_tokens - 1`` in place and copies nothing else. Not
+bound so (plain ``session.run``), the past is read as ``cache_lengths`` long and
+``present`` is returned as past + new (what validation does).
+
+The tree mask becomes an additive bias inside the graph, once for all layers: a new token
+sees every cached entry of its sequence and, among the new tokens, those ``tree_mask``
+allows (GroupQueryAttention's own causal mask is implied: a tree's ancestors come first).
+
+Only standard ONNX and ``com.microsoft`` ops that ONNX Runtime's CPU and CUDA providers
+implement; TensorRT's parser does not take the ``com.microsoft`` domain, so TensorRT keeps
+the portable flavour.
+
+Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (sliding window as
+GroupQueryAttention's ``local_window_size``), ``Qwen2ForCausalLM`` (Q/K/V bias), with
+any rotary scaling transformers computes (the cos/sin tables come from the model's own
+rotary module). Everything else raises :class:`FusedGraphError` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.artifact import fused_io_names
+from runtime.errors import MedusaError
+
+MS_DOMAIN = "com.microsoft"
+FUSED_OPSET = 21
+
+
+class FusedGraphError(MedusaError):
+    """The model has a feature the fused graph does not implement."""
+
+
+def fused_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Input names, output names and named dynamic axes of the fused ``model.onnx``.
+
+    As in the portable flavour, ``dynamic_axes[name]`` lists a tensor's dynamic dimensions;
+    here the cache tensors' first three dimensions are named (``kv_heads`` is fixed by the
+    model): ``past_capacity`` is the bound buffer's length (the runtime binds its whole
+    preallocated cache, and the same buffer as ``present``).
+    """
+    inputs, outputs = fused_io_names(num_layers)
+    past, present = inputs[4:], outputs[2:]
+    axes = {
+        "input_ids": ["batch", "new_tokens"],
+        "position_ids": ["batch", "new_tokens"],
+        "tree_mask": ["batch", "new_tokens", "new_tokens"],
+        "cache_lengths": ["batch"],
+        **{name: ["batch", "kv_heads", "past_capacity"] for name in past},
+        "logits": ["batch", "new_tokens"],
+        "hidden_states": ["batch", "new_tokens"],
+        **{name: ["batch", "kv_heads", "present_capacity"] for name in present},
+    }
+    return inputs, outputs, axes
+
+
+def _np(t, dtype) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy().astype(dtype)
+
+
+def _check_supported(model) -> None:
+    c = model.config
+    name = type(model).__name__
+    from exporter.models import SUPPORTED_ARCHITECTURES
+
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise FusedGraphError(f"{name} has no fused graph; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    act = getattr(c, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise FusedGraphError(f"hidden_act {act!r}: the fused graph implements SiLU MLPs only (use --graph portable)")
+    rope = getattr(c, "rope_scaling", None) or {}
+    if (rope.get("rope_type") or rope.get("type")) == "dynamic":
+        raise FusedGraphError("dynamic NTK rotary scaling changes with the sequence length: use --graph portable")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    partial = getattr(c, "partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise FusedGraphError(f"partial_rotary_factor {partial}: the fused graph rotates whole heads (use --graph portable)")
+    if head_dim % 16:
+        raise FusedGraphError(f"head_dim {head_dim}: ONNX Runtime's GroupQueryAttention needs a multiple of 16 "
+                              "(use --graph portable)")
+
+
+def _rotary_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches ``[max_positions, head_dim / 2]`` from the model's own rotary module
+    (whatever scaling it applies, attention_scaling included)."""
+    import torch
+
+    rot = model.model.rotary_emb
+    pos = torch.arange(max_positions, dtype=torch.int64)[None]
+    x = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rot(x, pos)
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+
+
+def sliding_window_size(config) -> int:
+    """GroupQueryAttention's ``local_window_size`` for this config (-1: none)."""
+    window = getattr(config, "sliding_window", None)
+    use = getattr(config, "use_sliding_window", True)
+    if window is None or not use:
+        return -1
+    return int(window)
+
+
+class _Graph:
+    def __init__(self, dtype):
+        from onnx import helper
+
+        self.h = helper
+        self.nodes = []
+        self.inits = []
+        self.dtype = dtype
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        return self.init(name, np.asarray(values, dtype=dtype))
+
+    def op(self, op_type: str, inputs, outputs=1, domain: str = "", name: str | None = None, **attrs):
+        name = name or self.name(op_type)
+        if isinstance(outputs, int):
+            outputs = [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(self.h.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain or None,
+                                           **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def build_fused_backbone(model, dtype: str = "float32", max_positions: int | None = None):
+    """The fused ``model.onnx`` of a Llama-family *ForCausalLM, as an ``onnx.ModelProto``.
+
+    ``dtype``: float32 or float16 (weights, activations, cache, logits). ``max_positions``
+    sizes the rotary tables (the artifact's max_context; default max_position_embeddings).
+    """
+    import onnx
+    from onnx import TensorProto
+
+    _check_supported(model)
+    c = model.config
+    npdt = {"float32": np.float32, "float16": np.float16}[dtype]
+    tdt = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+    L = c.num_hidden_layers
+    H = c.hidden_size
+    nq = c.num_attention_heads
+    nkv = getattr(c, "num_key_value_heads", None) or nq
+    D = getattr(c, "head_dim", None) or H // nq
+    V = c.vocab_size
+    eps = float(c.rms_norm_eps)
+    max_positions = int(max_positions or c.max_position_embeddings)
+    window = sliding_window_size(c)
+    inputs, outputs, _ = fused_io(L)
+    g = _Graph(npdt)
+    sd = model.state_dict()
+    h = g.h
+
+    # ---- shared inputs derived once: GroupQueryAttention's lengths and the tree bias
+    one = g.const("const/one", [1])
+    zero = g.const("const/zero", [0])
+    shape_ids = g.op("Shape", ["input_ids"], name="shape_ids")
+    n_new = g.op("Gather", [shape_ids, one], name="n_new", axis=0)  # [1] int64
+    seqlens = g.op("Sub", [g.op("Add", ["cache_lengths", n_new]), one])  # [B] = cache + new - 1
+    seqlens_k = g.op("Cast", [seqlens], name="seqlens_k", to=TensorProto.INT32)
+    total = g.op("Add", [g.op("ReduceMax", ["cache_lengths"], keepdims=1), n_new])  # [1]
+    total_len = g.op("Cast", [g.op("Squeeze", [total, zero])], name="total_sequence_length", to=TensorProto.INT32)
+    # attention_bias [B, 1, new, total]: column j of sequence b is cache entry j (j < cache_b),
+    # else new token j - cache_b, visible where tree_mask says so
+    cols = g.op("Range", [g.op("Squeeze", [zero, zero]), g.op("Squeeze", [total, zero]), g.op("Squeeze", [one, zero])])
+    lens3 = g.op("Unsqueeze", ["cache_lengths", g.const("const/axes12", [1, 2])])  # [B, 1, 1]
+    rel = g.op("Sub", [cols, lens3])  # [B, 1, T]
+    is_past = g.op("Less", [rel, zero])
+    n_minus_1 = g.op("Sub", [n_new, one])
+    idx = g.op("Max", [g.op("Min", [rel, n_minus_1]), zero])  # clamp to [0, new-1]
+    bnt = g.op("Concat", [g.op("Gather", [shape_ids, zero], axis=0), n_new, total], axis=0)  # [B, new, T]
+    idx = g.op("Expand", [idx, bnt])
+    in_tree = g.op("GatherElements", ["tree_mask", idx], axis=2)  # [B, new, T]
+    in_range = g.op("Less", [rel, n_new])
+    visible = g.op("Or", [is_past, g.op("And", [in_tree, in_range])])
+    lowest = float(np.finfo(npdt).min)
+    bias = g.op("Where", [visible, g.init("const/bias_zero", np.zeros((), npdt)),
+                          g.init("const/bias_masked", np.array(lowest, npdt))])
+    attention_bias = g.op("Unsqueeze", [bias, one], name="attention_bias")
+
+    cos, sin = _rotary_tables(model, max_positions)
+    g.init("cos_cache", cos.astype(npdt))
+    g.init("sin_cache", sin.astype(npdt))
+
+    # ---- embeddings
+    embed = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"], npdt))
+    x = g.op("Gather", [embed, "input_ids"], name="embed", axis=0)
+    residual = None
+    hidden = None
+
+    def norm(inp, weight_key: str, res):
+        """(normed, new residual): RMSNorm(inp + res) and inp + res (just inp for the first)."""
+        w = g.init(weight_key, _np(sd[weight_key], npdt))
+        if res is None:
+            return g.op("SimplifiedLayerNormalization", [inp, w], name=weight_key + "/norm", axis=-1, epsilon=eps,
+                        stash_type=1), inp
+        outs = g.op("SkipSimplifiedLayerNormalization", [inp, res, w],
+                    [f"{weight_key}/normed", "", "", f"{weight_key}/residual"], domain=MS_DOMAIN,
+                    name=weight_key + "/skipnorm", epsilon=eps)
+        return outs[0], outs[3]
+
+    def linear(inp, prefix: str, keys: list[str], out_name: str):
+        """One MatMul over the concatenated output rows of ``keys`` (+ their biases)."""
+        w = np.concatenate([_np(sd[f"{k}.weight"], npdt) for k in keys], axis=0).T
+        y = g.op("MatMul", [inp, g.init(f"{prefix}.weight_t", w)], name=f"{prefix}/matmul")
+        biases = [sd.get(f"{k}.bias") for k in keys]
+        if any(b is not None for b in biases):
+            b = np.concatenate([_np(bb, npdt) if bb is not None else np.zeros(sd[f"{k}.weight"].shape[0], npdt)
+                                for bb, k in zip(biases, keys)])
+            y = g.op("Add", [y, g.init(f"{prefix}.bias", b)], name=f"{prefix}/bias")
+        return y
+
+    for i in range(L):
+        p = f"model.layers.{i}"
+        xn, residual = norm(x, f"{p}.input_layernorm.weight", residual)
+        qkv = linear(xn, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{n}_proj" for n in "qkv"], "qkv")
+        attn = g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", inputs[4 + 2 * i], inputs[5 + 2 * i], seqlens_k, total_len, "cos_cache", "sin_cache",
+             "position_ids", attention_bias],
+            [f"{p}/attn", outputs[2 + 2 * i], outputs[3 + 2 * i]],
+            domain=MS_DOMAIN, name=f"{p}/gqa", num_heads=nq, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
+            local_window_size=window, scale=float(getattr(model.model.layers[i].self_attn, "scaling", D ** -0.5)),
+        )[0]
+        x = linear(attn, f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"], "o")
+        xn, residual = norm(x, f"{p}.post_attention_layernorm.weight", residual)
+        gu = linear(xn, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], "gu")
+        inter = sd[f"{p}.mlp.gate_proj.weight"].shape[0]
+        gate, up = g.op("Split", [gu, g.const(f"{p}.mlp.split", [inter, inter])], 2, name=f"{p}/mlp/split", axis=-1)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], name=f"{p}/mlp/swiglu")
+        x = linear(act, f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"], "down")
+
+    w = g.init("model.norm.weight", _np(sd["model.norm.weight"], npdt))
+    g.nodes.append(h.make_node("SkipSimplifiedLayerNormalization", [x, residual, w], ["hidden_states"],
+                               name="model.norm/skipnorm", domain=MS_DOMAIN, epsilon=eps))
+    lm = _np(sd["lm_head.weight"], npdt).T
+    g.nodes.append(h.make_node("MatMul", ["hidden_states", g.init("lm_head.weight_t", lm)], ["logits"],
+                               name="lm_head/matmul"))
+
+    kv_in = [nkv, "cache_capacity"]
+    graph_inputs = [
+        h.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "new_tokens"]),
+        h.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "new_tokens"]),
+        h.make_tensor_value_info("tree_mask", TensorProto.BOOL, ["batch", "new_tokens", "new_tokens"]),
+        h.make_tensor_value_info("cache_lengths", TensorProto.INT64, ["batch"]),
+        *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "past_capacity", D]) for n in inputs[4:]],
+    ]
+    graph_outputs = [
+        h.make_tensor_value_info("logits", tdt, ["batch", "new_tokens", V]),
+        h.make_tensor_value_info("hidden_states", tdt, ["batch", "new_tokens", H]),
+        *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "present_capacity", D]) for n in outputs[2:]],
+    ]
+    graph = h.make_graph(g.nodes, "medusa_trt_fused_backbone", graph_inputs, graph_outputs, g.inits)
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", FUSED_OPSET), h.make_opsetid(MS_DOMAIN, 1)],
+                         producer_name="medusa-trt", ir_version=10)
+    proto.doc_string = f"medusa-trt fused backbone ({type(model).__name__}, {dtype})"
+    return proto
+
+
+def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) -> dict:
+    """Save ``proto`` at ``path``, its tensors in ``<path>.data`` when they exceed the
+    threshold (protobuf cannot hold 2 GiB); returns {file: bytes}."""
+    import onnx
+
+    path = Path(path)
+    weights = sum(t.ByteSize() for t in proto.graph.initializer)
+    external = weights > min(external_data_threshold_mb, 1536.0) * 2**20
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        os.remove(data)
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    files = {path.name: path.stat().st_size}
+    if data.exists():
+        files[data.name] = data.stat().st_size
+    return files
