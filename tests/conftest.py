@@ -38,6 +38,7 @@ TINY_LLAMA = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,  # GQA, like the real backbones
+    head_dim=16,  # ONNX Runtime's GroupQueryAttention (the fused graph) takes multiples of 16
     max_position_embeddings=256,
     # A large init spreads the logits: greedy outputs vary (no single repeated token) and
     # argmax near-ties, which float rounding could flip, are rare.
@@ -101,7 +102,8 @@ def tiny_export():
     real SmolLM2 tokenizer's (so chat templates, stop strings and streaming text are real) with
     4 random (not identity) Medusa heads. Returns {artifact, model, heads, num_heads}."""
 
-    def factory(out_dir: Path, seed: int = 0, num_heads: int = 4, initializer_range: float = 0.3):
+    def factory(out_dir: Path, seed: int = 0, num_heads: int = 4, initializer_range: float = 0.3,
+                graph: str = "fused", precision: str | None = None):
         import torch
 
         from exporter.export import ExportOptions, export_artifact
@@ -118,7 +120,8 @@ def tiny_export():
             torch.manual_seed(seed + 100)
             for p in heads.parameters():
                 p.data.normal_(0.0, 0.02)
-        export_artifact(model, heads, out_dir, ExportOptions(validate=False), tokenizer=tok)
+        export_artifact(model, heads, out_dir, ExportOptions(validate=False, graph=graph, precision=precision),
+                        tokenizer=tok)
         return {"artifact": Path(out_dir), "model": model, "heads": heads, "num_heads": num_heads}
 
     return factory

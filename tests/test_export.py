@@ -74,7 +74,7 @@ def exported(tmp_path_factory, wordlevel_tokenizer):
             heads = random_heads(model, k, layers, shared)
             logs: list[str] = []
             out = tmp_path_factory.mktemp(f"export-{arch}") / "artifact"
-            export_artifact(model, heads, out, ExportOptions(), tokenizer=wordlevel_tokenizer, log=logs.append)
+            export_artifact(model, heads, out, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer, log=logs.append)
             cache[arch] = {"out": out, "model": model, "heads": heads, "log": logs}
         return cache[arch]
 
@@ -240,7 +240,7 @@ def test_fp16_export(tmp_path, wordlevel_tokenizer):
     heads = random_heads(model, 2)
     out = tmp_path / "fp16"
     logs: list[str] = []
-    export_artifact(model, heads, out, ExportOptions(dtype="float16"), tokenizer=wordlevel_tokenizer, log=logs.append)
+    export_artifact(model, heads, out, ExportOptions(graph="portable", dtype="float16"), tokenizer=wordlevel_tokenizer, log=logs.append)
     assert any("validation passed" in s for s in logs)
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not converted
     T = onnx.TensorProto
@@ -270,7 +270,7 @@ def test_external_data_with_a_low_threshold(tmp_path, wordlevel_tokenizer):
     model = tiny_model("qwen2", seed=5)
     heads = random_heads(model, 2)
     out = tmp_path / "ext"
-    export_artifact(model, heads, out, ExportOptions(external_data_threshold_mb=0.01),
+    export_artifact(model, heads, out, ExportOptions(graph="portable", external_data_threshold_mb=0.01),
                     tokenizer=wordlevel_tokenizer)
     for f in ("model.onnx", "heads.onnx"):
         data = out / (f + ".data")
@@ -292,9 +292,9 @@ def test_existing_folder_is_refused_without_force(exported, wordlevel_tokenizer,
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="already exists"):
-        export_artifact(e["model"], e["heads"], out, ExportOptions(validate=False), tokenizer=wordlevel_tokenizer)
+        export_artifact(e["model"], e["heads"], out, ExportOptions(graph="portable", validate=False), tokenizer=wordlevel_tokenizer)
     assert (out / "keep.txt").read_text() == "mine"
-    export_artifact(e["model"], e["heads"], out, ExportOptions(validate=False, force=True), tokenizer=wordlevel_tokenizer)
+    export_artifact(e["model"], e["heads"], out, ExportOptions(graph="portable", validate=False, force=True), tokenizer=wordlevel_tokenizer)
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp or backup folders left
 
@@ -310,7 +310,7 @@ def test_failed_validation_leaves_nothing(exported, wordlevel_tokenizer, tmp_pat
     monkeypatch.setattr(exporter.validate, "validate_artifact", broken)
     out = tmp_path / "art"
     with pytest.raises(ValidationError, match="logits"):
-        export_artifact(e["model"], e["heads"], out, ExportOptions(), tokenizer=wordlevel_tokenizer)
+        export_artifact(e["model"], e["heads"], out, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -328,7 +328,7 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported, 
 
     monkeypatch.setattr(exporter.export, "export_heads", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_artifact(e["model"], e["heads"], out, ExportOptions(force=True), tokenizer=wordlevel_tokenizer)
+        export_artifact(e["model"], e["heads"], out, ExportOptions(graph="portable", force=True), tokenizer=wordlevel_tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
@@ -353,15 +353,15 @@ def test_validation_catches_a_graph_that_differs(exported, tmp_path):
 
 def test_bad_options_are_user_errors(exported, wordlevel_tokenizer, tmp_path):
     e = exported("llama")
-    for opts, msg in ((ExportOptions(opset=13), "opset 13"), (ExportOptions(dtype="bfloat16"), "bfloat16"),
-                      (ExportOptions(tree="cpu_8"), "needs 4 Medusa heads"),
-                      (ExportOptions(max_context=10**6), "max_position_embeddings")):
+    for opts, msg in ((ExportOptions(graph="portable", opset=13), "opset 13"), (ExportOptions(graph="portable", dtype="bfloat16"), "bfloat16"),
+                      (ExportOptions(graph="portable", tree="cpu_8"), "needs 4 Medusa heads"),
+                      (ExportOptions(graph="portable", max_context=10**6), "max_position_embeddings")):
         with pytest.raises(MedusaError, match=msg):
             export_artifact(e["model"], e["heads"], tmp_path / "x", opts, tokenizer=wordlevel_tokenizer)
     assert list(tmp_path.iterdir()) == []
     wrong = fresh_heads(2, 16, 128)
     with pytest.raises(MedusaError, match="do not fit"):
-        export_artifact(e["model"], wrong, tmp_path / "x", ExportOptions(), tokenizer=wordlevel_tokenizer)
+        export_artifact(e["model"], wrong, tmp_path / "x", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
 
 
 def test_sliding_window_caps_max_context(tmp_path, wordlevel_tokenizer):
@@ -375,12 +375,12 @@ def test_sliding_window_caps_max_context(tmp_path, wordlevel_tokenizer):
     model = MistralForCausalLM(config).eval()
     heads = random_heads(model, 2)
     logs: list[str] = []
-    out = export_artifact(model, heads, tmp_path / "a", ExportOptions(validate=False), tokenizer=wordlevel_tokenizer,
+    out = export_artifact(model, heads, tmp_path / "a", ExportOptions(graph="portable", validate=False), tokenizer=wordlevel_tokenizer,
                           log=logs.append)
     assert read_artifact(out).model.max_context == 31
     assert any("sliding_window 32" in s for s in logs)
     with pytest.raises(MedusaError, match="sliding-window"):
-        export_artifact(model, heads, tmp_path / "b", ExportOptions(max_context=100), tokenizer=wordlevel_tokenizer)
+        export_artifact(model, heads, tmp_path / "b", ExportOptions(graph="portable", max_context=100), tokenizer=wordlevel_tokenizer)
 
 
 def test_unsupported_model_class_is_a_user_error(tmp_path, wordlevel_tokenizer):
@@ -388,7 +388,7 @@ def test_unsupported_model_class_is_a_user_error(tmp_path, wordlevel_tokenizer):
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=128)).eval()
     with pytest.raises(MedusaError, match="GPT2LMHeadModel is not supported"):
-        export_artifact(model, fresh_heads(2, 32, 128), tmp_path / "a", tokenizer=wordlevel_tokenizer)
+        export_artifact(model, fresh_heads(2, 32, 128), tmp_path / "a", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
 
 
 def test_int8_heads_graph_proposes_like_the_float_heads(tmp_path, tiny_export):
@@ -430,7 +430,7 @@ def test_draft_vocab_heads_export(tmp_path, wordlevel_tokenizer, shared):
         heads = random_heads(model, 3, shared=shared)
         heads.set_draft_vocab(ids)
         logs: list[str] = []
-        export_artifact(model, heads, tmp_path / name, ExportOptions(), tokenizer=wordlevel_tokenizer, log=logs.append)
+        export_artifact(model, heads, tmp_path / name, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer, log=logs.append)
         assert any("validation passed" in s for s in logs)
         g = onnx.load(str(tmp_path / name / "heads.onnx")).graph
         weights[name] = [tuple(i.dims) for i in g.initializer if len(i.dims) == 2]
@@ -477,7 +477,7 @@ def test_draft_vocab_heads_fp16_export(tmp_path, wordlevel_tokenizer):
     draft = list(range(0, TINY["vocab_size"], 3))
     heads.set_draft_vocab(draft)
     out = tmp_path / "fp16"
-    export_artifact(model, heads, out, ExportOptions(dtype="float16"), tokenizer=wordlevel_tokenizer)
+    export_artifact(model, heads, out, ExportOptions(graph="portable", dtype="float16"), tokenizer=wordlevel_tokenizer)
     sess = ort.InferenceSession(str(out / "heads.onnx"), providers=["CPUExecutionProvider"])
     hidden = np.random.default_rng(2).standard_normal((4, TINY["hidden_size"])).astype(np.float16)
     logits = sess.run(None, {"hidden_states": hidden})[0]

@@ -23,7 +23,7 @@ def model_folder(tmp_path_factory, wordlevel_tokenizer) -> Path:
     torch.set_num_threads(1)
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+                         bos_token_id=1, eos_token_id=2, initializer_range=0.3, head_dim=16)
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -56,7 +56,7 @@ def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
     out = tmp_path / "artifact"
     code, stdout, stderr = run_cli([model_folder, "--fresh-heads", "2", "-o", out, "--max-context", "128"], capsys)
     assert code == 0, stderr
-    for step in ("loading", "tracing the backbone", "saving model.onnx", "tracing the Medusa heads",
+    for step in ("loading", "writing the fused backbone", "saving model.onnx", "tracing the Medusa heads",
                  "validating ONNX Runtime against PyTorch", "validation passed"):
         assert step in stderr, step
     assert "done (" in stderr  # a step line with elapsed seconds
@@ -64,6 +64,7 @@ def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
     cfg = json.loads((out / "medusa_config.json").read_text())
     assert cfg["model"]["max_context"] == 128 and cfg["model"]["num_medusa_heads"] == 2
     assert cfg["default_tree"] == "chain_2"
+    assert (cfg["flavour"], cfg["precision"]) == ("fused", "fp32")  # the defaults
     assert cfg["provenance"]["heads"]["layout"] == "fresh-identity"
     assert cfg["provenance"]["source_model"] == str(model_folder)
 
@@ -73,7 +74,7 @@ def test_export_with_saved_heads_fp16_no_validate(model_folder, tmp_path, capsys
     save_heads(heads, tmp_path / "heads", meta={"trained_on": "nothing"})
     out = tmp_path / "artifact"
     code, stdout, stderr = run_cli([model_folder, "--heads", tmp_path / "heads", "-o", out, "--dtype", "float16",
-                                    "--tree", "cpu_4", "--no-validate", "--opset", "17",
+                                    "--tree", "cpu_4", "--no-validate", "--opset", "17", "--graph", "portable",
                                     "--external-data-threshold-mb", "0"], capsys)
     assert code == 0, stderr
     assert "validating" not in stderr and "validation: skipped" in stdout
@@ -182,7 +183,7 @@ def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
     through scripts/polygraphy_data_loader.py, on CPU."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "artifact"
-    assert cli.main([str(model_folder), "--fresh-heads", "4", "-o", str(out), "--no-validate"]) == 0
+    assert cli.main([str(model_folder), "--fresh-heads", "4", "-o", str(out), "--no-validate", "--graph", "portable"]) == 0
     capsys.readouterr()
     loader = root / "scripts" / "polygraphy_data_loader.py"
     ref = tmp_path / "ort_ref.json"

@@ -349,7 +349,7 @@ def exported(tmp_path_factory, tiny_llama):
     vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
     folder = tmp_path_factory.mktemp("trt") / "artifact"
-    export.export_artifact(model, heads, folder, export.ExportOptions(tree="cpu_8", validate=False), tokenizer=tok)
+    export.export_artifact(model, heads, folder, export.ExportOptions(tree="cpu_8", validate=False, graph="portable"), tokenizer=tok)
     return folder, read_artifact(folder)
 
 
