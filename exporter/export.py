@@ -428,13 +428,24 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def resolve_tree(options: ExportOptions, num_heads: int):
-    """The artifact's default tree: ``options.tree``, else cpu_8 (chain_K when K < 4 heads)."""
+    """The artifact's default tree: ``options.tree``, else cpu_8 (chain_K when K < 4 heads);
+    chains only for int8 / int4 graphs (their int8 activations keep greedy Medusa exact with
+    chains only: runtime.onnxrt.row_invariant_rows); chain_1 by default there."""
     from runtime.tree import load_tree
 
+    quantized = resolve_precision(options) in ("int8", "int4")
     name = options.tree
+    if name is None and quantized:
+        name = "chain_1"
     if name is None:
         name = DEFAULT_TREE if num_heads >= load_tree(DEFAULT_TREE).depth else f"chain_{max(1, min(num_heads, 5))}"
-    return load_tree(name, num_heads=num_heads if num_heads > 0 else None)
+    tree = load_tree(name, num_heads=num_heads if num_heads > 0 else None)
+    if quantized and not tree.is_chain:
+        raise MedusaError(
+            f"tree {tree.name!r} branches; {resolve_precision(options)} graphs compute with int8 activations, where "
+            "greedy Medusa is exactly lossless with chain trees only: pass --tree chain_1 .. chain_5 (or none)"
+        )
+    return tree
 
 
 def sliding_window(config) -> int | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from runtime.artifact import ArtifactConfig, GraphSpec
 
 INT8_FILE = "heads_int8.onnx"
+DEFAULT_ACCURACY_LEVEL = 4
 
 
 def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig:
@@ -37,22 +38,24 @@ def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig
 
 def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
                       external_data_threshold_mb: float = 1024.0, *, block_size: int = 32, check: bool = True,
-                      log=None) -> dict:
+                      accuracy_level: int | None = None, log=None) -> dict:
     """Replace the fused ``model.onnx``'s weight MatMuls by ONNX Runtime ``MatMulNBits``
     (``bits`` = 4 or 8, symmetric blocks of ``block_size`` along the input dimension;
     weight-only: activations, logits and the KV cache stay in float).
 
-    ``accuracy_level=4`` lets the CPU kernels compute with int8 activations (per row and
-    block), as onnxruntime-genai's builder does for CPU int4: every row of a step is
-    computed alone, so a tree node and the plain step at the same position still get the
-    same logits, and Medusa stays lossless against plain decoding over *this* graph.
+    ``accuracy_level=4`` (the default, as onnxruntime-genai's builder does for CPU int4) lets
+    the CPU kernels compute with int8 activations quantized per row and block: several times
+    faster than float compute once a step has more than one row (``accuracy_level=1``
+    dequantizes every weight matrix per multi-row call: a 4-node tree step cost 3x a plain
+    step on SmolLM2). Such graphs are run with at least two rows a call
+    (:func:`runtime.onnxrt.row_invariant_rows`), which keeps Medusa exactly lossless against
+    plain decoding over *this* graph. ``MEDUSA_TRT_ACCURACY_LEVEL`` overrides the level.
 
     Returns provenance: bits, block size, which MatMuls, the files written and (``check``)
     how far the quantized graph's logits moved from the float graph's on a random prompt.
     """
     import os
 
-    import numpy as np
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     from onnxruntime.quantization.quant_utils import QuantFormat
@@ -63,10 +66,12 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
     path = folder / config.backbone.file
     model = onnx.load(str(path))
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
+    if accuracy_level is None:
+        accuracy_level = int(os.environ.get("MEDUSA_TRT_ACCURACY_LEVEL", DEFAULT_ACCURACY_LEVEL))
+    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                                         quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
                                         bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4,
+    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                                      algo_config=algo, bits=bits)
     quantizer.process()
     quantized = quantizer.model.model
@@ -79,9 +84,8 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
         if data.exists():
             os.replace(data, float_copy.with_name(path.name + ".data"))  # the float graph's tensors, by its name
     try:
-        files = save_model(quantized, path, external_data_threshold_mb)
-        onnx.checker.check_model(str(path))
-        info = {"bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": 4,
+        files = save_model(quantized, path, external_data_threshold_mb)  # ONNX Runtime loading it is the check
+        info = {"bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": accuracy_level,
                 "op": "com.microsoft.MatMulNBits", "matmuls_quantized": done, "matmuls": len(matmuls), "files": files}
         if float_copy is not None:
             info["check"] = _compare_logits(float_copy, path, config)

@@ -47,6 +47,11 @@ class Backend(ABC):
     def max_context(self) -> int:
         return self.spec.max_context
 
+    # False where a tree's sibling layout changes the last bits of its nodes' attention enough
+    # to change greedy tokens (graphs with int8 activations: runtime.onnxrt.row_invariant_rows);
+    # greedy Medusa then takes chain trees only, which such graphs compute exactly as plain steps
+    exact_branching: bool = True
+
 
 class KVCache:
     """Preallocated sequence-major cache: per layer ``[batch, max_context, kv_heads, head_dim]``.

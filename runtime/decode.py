@@ -231,6 +231,11 @@ def decode_steps(
         raise MedusaError(
             f"tree {tree.name!r} has depth {tree.depth} but the model has {backend.spec.num_medusa_heads} Medusa heads"
         )
+    if cfg.medusa and not tree.is_chain and cfg.temperature < GREEDY_BELOW and not backend.exact_branching:
+        raise MedusaError(
+            f"tree {tree.name!r} branches, and this engine computes with int8 activations (an int8/int4 artifact), "
+            "where greedy Medusa is exactly lossless with chain trees only: use chain_1 .. chain_5"
+        )
     rng = np.random.default_rng(cfg.seed)
     stats = DecodeStats()
     out: list[int] = []

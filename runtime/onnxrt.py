@@ -234,6 +234,8 @@ class FusedOnnxRuntimeBackend(Backend):
         self._out_dtypes = {name: self._dtype for name in self._out_shapes}
         self._hidden: np.ndarray | None = None
         self._bound: list[np.ndarray] = []
+        self.min_rows = row_invariant_rows(config)
+        self.exact_branching = self.min_rows == 1
 
     def _check_io(self) -> None:
         from runtime.artifact import fused_io_names
@@ -269,6 +271,19 @@ class FusedOnnxRuntimeBackend(Backend):
         if self.length == 0 and not np.array_equal(position_ids, np.arange(n)):
             # GroupQueryAttention's first-prompt path rotates by 0..n-1 whatever position_ids say
             raise MedusaError("the fused graph's first call on an empty cache must be a prefill at positions 0..n-1")
+        rows = n
+        if n < self.min_rows and self.length + self.min_rows <= self.capacity:
+            # one-row steps take the multi-row kernels too (see row_invariant_rows): pad with copies of the
+            # last token that nothing sees (the mask) and nothing keeps (commit indexes the first n rows)
+            rows = self.min_rows
+            pad = rows - n
+            input_ids = np.r_[np.asarray(input_ids, dtype=np.int64), np.repeat(np.asarray(input_ids)[-1:], pad)]
+            step = 1 if self.length == 0 else 0  # a prefill keeps positions 0..rows-1
+            position_ids = np.r_[np.asarray(position_ids, dtype=np.int64),
+                                 np.asarray(position_ids)[-1] + step * np.arange(1, pad + 1)]
+            mask = np.eye(rows, dtype=bool)
+            mask[:n, :n] = tree_mask
+            tree_mask = mask
         io = self._io
         self._lengths[0] = self.length
         bound = [
@@ -277,14 +292,14 @@ class FusedOnnxRuntimeBackend(Backend):
             _bind(io.bind_input, "tree_mask", np.asarray(tree_mask, dtype=bool)[None]),
             _bind(io.bind_input, "cache_lengths", self._lengths),
         ]
-        outs = self._outputs.views(self._out_shapes, self._out_dtypes, n, grow_to=max(64, n))
+        outs = self._outputs.views(self._out_shapes, self._out_dtypes, rows, grow_to=max(64, rows))
         for name, arr in outs.items():
             bound.append(_bind(io.bind_output, name, arr))
         self._bound = bound  # kept alive until the next call
         self.backbone.run_with_iobinding(io)
         self._staged = n
-        self._hidden = outs["hidden_states"][0]
-        return outs["logits"][0]
+        self._hidden = outs["hidden_states"][0, :n]
+        return outs["logits"][0, :n]
 
     def commit(self, keep):
         keep = np.asarray(keep, dtype=np.int64)
@@ -307,6 +322,23 @@ class FusedOnnxRuntimeBackend(Backend):
         hidden = np.ascontiguousarray(self._hidden[index: index + 1]).astype(self._dtype, copy=False)
         (logits,) = self.heads.run(None, {"hidden_states": hidden})
         return logits[0]
+
+
+def row_invariant_rows(config: ArtifactConfig) -> int:
+    """Fewest rows every backbone call of this artifact runs with, so that outputs do not
+    depend on how tokens are grouped into calls.
+
+    On weights quantized with int8 activations (MatMulNBits ``accuracy_level`` 4) a one-token
+    step and a row of a multi-token step differ in the last bit of attention (a one-row
+    kernel path), and the dynamic activation quantization of the next MatMul amplifies that
+    to tenths of a logit, so greedy Medusa would drift from plain decoding. Rows of calls
+    with two or more rows are bit-identical whatever the other rows hold (tested), so such
+    graphs run every one-token step as two rows: plain decoding, prefill and tree
+    verification then compute every position the same way, and Medusa is exactly lossless.
+    Float graphs (and ``accuracy_level`` 1) need no padding: 1.
+    """
+    quant = (config.provenance or {}).get("quantization") or {}
+    return 2 if config.precision in ("int8", "int4") and quant.get("accuracy_level", 4) >= 2 else 1
 
 
 def run_fused_contract(session, input_ids, position_ids, tree_mask, past: list) -> list[np.ndarray]:

@@ -54,6 +54,11 @@ class Tree:
         """Number of heads the tree needs (longest path)."""
         return len(self.topk)
 
+    @property
+    def is_chain(self) -> bool:
+        """One node per depth: every node's ancestors are the nodes just before it."""
+        return self.num_nodes == self.depth + 1
+
     def __repr__(self) -> str:  # arrays make the dataclass repr unreadable
         return f"Tree({self.name!r}, nodes={self.num_nodes}, depth={self.depth}, topk={self.topk})"
 
