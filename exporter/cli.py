@@ -15,6 +15,9 @@ from pathlib import Path
 from runtime.errors import MedusaError, run_cli
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
+# default trees for the embedded model with its shipped heads (medusa-train select-tree on the fused graph's profile)
+SHIPPED_TREE = "smollm2_ort_cpu"
+SHIPPED_TREE_QUANTIZED = "chain_1"
 
 DESCRIPTION = """\
 Export a Llama-family causal LM (Llama, Mistral, Qwen2; the embedded default
@@ -85,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store a graph's weights in <file>.onnx.data when they exceed N MB "
                         "(protobuf cannot hold more than 2 GB; default 1024)")
     p.add_argument("--tree", metavar="NAME",
-                   help="default tree recorded for the runtime (a name in tree_configs or a JSON file); "
-                        "default cpu_8, or chain_K with fewer than 4 heads")
+                   help="default tree recorded for the runtime (a name in tree_configs or a JSON file); default: "
+                        f"{SHIPPED_TREE} for smollm2-135m with its shipped heads ({SHIPPED_TREE_QUANTIZED} at int8/int4), "
+                        "else cpu_8, or chain_K with fewer than 4 heads (int8/int4: chain_1)")
     p.add_argument("--max-context", type=int, metavar="N",
                    help="longest context the runtime sizes its KV cache for (default: the model's "
                         "max_position_embeddings)")
@@ -137,6 +141,7 @@ def _quiet_transformers():
 def run(args: argparse.Namespace) -> Path:
     import torch
 
+    from exporter.models import DEFAULT_MODEL
     from exporter.export import ExportOptions, check_options, check_out_dir, export_artifact, progress
     from exporter.heads import fresh_heads, load_heads
     from exporter.models import load_backbone
@@ -155,6 +160,9 @@ def run(args: argparse.Namespace) -> Path:
         source_model=args.model,
     )
     check_options(options)
+    if options.tree is None and args.model == DEFAULT_MODEL and args.heads is None and args.fresh_heads is None:
+        # the shipped heads' tree, selected for them on this engine's cost profile (quantized graphs take chains)
+        options.tree = SHIPPED_TREE_QUANTIZED if options.precision in ("int8", "int4") else SHIPPED_TREE
     out = Path(args.output).expanduser().absolute()
     check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and args.fresh_heads < 1:

@@ -3,7 +3,7 @@
 Written straight from the Hugging Face weights (no tracing) with ``onnx.helper``: one
 node per fused operation, so ONNX Runtime runs a few hundred kernels a step instead of the
 several thousand small ops a trace of the eager model gives (SmolLM2-135M: 7,975 nodes
-traced, ~250 here). Per layer:
+traced, 361 here). Per layer:
 
     SkipSimplifiedLayerNormalization  residual add + RMSNorm in one kernel
     MatMul [hidden, (q + 2 kv) heads x head_dim]   Q, K, V in one projection (+ bias: Qwen2)

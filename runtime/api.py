@@ -131,11 +131,13 @@ class MedusaGenerator:
             raise MedusaError("the prompt is empty")
         return ids
 
-    def _events(self, prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa):
+    def _events(self, prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
+                acceptance="exact", top_k=0, top_p=1.0):
         """(prompt ids, the decode loop's events): the one path under stream() and generate()."""
         ids = self.encode(prompt)
         cfg = DecodeConfig(
-            max_new_tokens=max_new_tokens, temperature=temperature, epsilon=epsilon, delta=delta, medusa=medusa,
+            max_new_tokens=max_new_tokens, temperature=temperature, acceptance=acceptance, top_k=top_k, top_p=top_p,
+            epsilon=epsilon, delta=delta, medusa=medusa,
             seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids),
             stop_strings=tuple([stop] if isinstance(stop, str) else stop), prefill_chunk=self.prefill_chunk,
         )
@@ -144,9 +146,11 @@ class MedusaGenerator:
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None, stop: Sequence[str] | str = (),
-               seed: int | None = None, medusa: bool = True) -> Iterator[TextChunk]:
+               seed: int | None = None, medusa: bool = True, acceptance: str = "exact", top_k: int = 0,
+               top_p: float = 1.0) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Holds the lock while iterating."""
-        _, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa)
+        _, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
+                                 acceptance, top_k, top_p)
         text = StreamDecoder(self.tokenizer)
         with self._lock:
             for event in events:
@@ -157,9 +161,19 @@ class MedusaGenerator:
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None,
-                 stop: Sequence[str] | str = (), seed: int | None = None, medusa: bool = True) -> Generation:
-        """Decode a whole answer: text, tokens and statistics (text decoded once, at the end)."""
-        ids, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa)
+                 stop: Sequence[str] | str = (), seed: int | None = None, medusa: bool = True,
+                 acceptance: str = "exact", top_k: int = 0, top_p: float = 1.0) -> Generation:
+        """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
+
+        ``temperature`` 0 decodes greedily (Medusa's output equals plain greedy decoding's).
+        Above 0 it samples from the backbone's distribution at that temperature (after
+        ``top_k`` / ``top_p`` cuts): ``acceptance="exact"`` (the default) verifies the tree by
+        speculative sampling, so the tokens follow exactly the law plain sampling gives;
+        ``"typical"`` is Medusa's typical acceptance (``epsilon``, ``delta``): accepts more,
+        but the output no longer follows the backbone's distribution.
+        """
+        ids, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
+                                   acceptance, top_k, top_p)
         tokens: list[int] = []
         stats = DecodeStats()
         with self._lock:

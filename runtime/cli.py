@@ -38,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the user message (chat template applied), or raw text with --raw")
     g.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless); > 0 = typical acceptance")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (lossless); > 0 = sampling (see --acceptance)")
+    g.add_argument("--acceptance", choices=("exact", "typical"), default="exact",
+                   help="sampling: exact = tree speculative sampling, the backbone's own distribution; "
+                        "typical = Medusa's typical acceptance (accepts more, lossy)")
+    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep (1 = all)")
     g.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="typical acceptance hard threshold")
     g.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="typical acceptance entropy-scaled threshold")
     g.add_argument("--tree", default=None, help="tree name from tree_configs or a JSON file (default: the artifact's)")
@@ -82,7 +88,8 @@ def cmd_generate(args) -> None:
     gen = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, epsilon=args.epsilon, delta=args.delta,
-              tree=args.tree, stop=args.stop, seed=args.seed, medusa=not args.no_medusa)
+              tree=args.tree, stop=args.stop, seed=args.seed, medusa=not args.no_medusa, acceptance=args.acceptance,
+              top_k=args.top_k, top_p=args.top_p)
     if args.stream:
         stats = None
         for chunk in gen.stream(prompt, **kw):

@@ -1,7 +1,8 @@
 """The decode loop: prefill -> (candidates -> verify -> accept -> update KV)*.
 
-Reads top to bottom like the paper. One loop serves Medusa (greedy or typical acceptance)
-and plain autoregressive decoding, over any :class:`runtime.backend.Backend`. numpy only.
+Reads top to bottom like the paper. One loop serves Medusa (greedy, exact tree sampling or
+typical acceptance) and plain autoregressive decoding, over any
+:class:`runtime.backend.Backend`. numpy only.
 
 Conventions: the *root* of each tree is the backbone's own next token. It is final as soon
 as it is chosen (the backbone chose it), so it is emitted at once; a verification step then
@@ -28,10 +29,19 @@ DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill call (the TensorRT plan
 PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update", "other")
 
 
+ACCEPTANCES = ("exact", "typical")
+
+
 @dataclass
 class DecodeConfig:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy (lossless); > 0: typical acceptance
+    temperature: float = 0.0  # 0: greedy (lossless); > 0: sampling
+    # how a sampled step accepts tree candidates: "exact" (tree speculative sampling: the tokens
+    # follow the backbone's distribution, see accept_exact) or "typical" (Medusa's typical
+    # acceptance: faster, lossy). Greedy ignores it.
+    acceptance: str = "exact"
+    top_k: int = 0  # sampling: keep the k likeliest tokens (0: all)
+    top_p: float = 1.0  # sampling: keep the smallest set of likeliest tokens with this much probability
     epsilon: float = DEFAULT_EPSILON
     delta: float = DEFAULT_DELTA
     medusa: bool = True  # False: plain autoregressive decoding through the same backend
@@ -51,6 +61,12 @@ class DecodeConfig:
             raise MedusaError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.epsilon <= 1 and self.delta >= 0):
             raise MedusaError(f"typical acceptance needs 0 < epsilon <= 1 and delta >= 0, got {self.epsilon}, {self.delta}")
+        if self.acceptance not in ACCEPTANCES:
+            raise MedusaError(f"acceptance must be one of {', '.join(ACCEPTANCES)}, got {self.acceptance!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise MedusaError(f"top_k must be an integer >= 0 (0: no top-k cut), got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise MedusaError(f"top_p must lie in (0, 1], got {self.top_p!r}")
 
 
 def check_prefill_chunk(chunk) -> int:
@@ -109,12 +125,37 @@ def _log_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def target_probs(logits: np.ndarray, cfg: DecodeConfig) -> np.ndarray:
+    """The distribution plain sampling draws from (float64, sums to 1): softmax at
+    ``temperature``, then the ``top_k`` / ``top_p`` cuts, renormalised."""
+    p = np.exp(_log_softmax(logits, cfg.temperature))
+    if cfg.top_k and cfg.top_k < len(p):
+        cut = np.partition(p, -cfg.top_k)[-cfg.top_k]
+        p = np.where(p >= cut, p, 0.0)
+        if np.count_nonzero(p) > cfg.top_k:  # ties at the cut: keep the first top_k by index, deterministically
+            keep = np.argsort(-p, kind="stable")[: cfg.top_k]
+            q = np.zeros_like(p)
+            q[keep] = p[keep]
+            p = q
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        mass = np.cumsum(p[order]) / p.sum()
+        drop = order[np.searchsorted(mass, cfg.top_p) + 1:]  # keep through the token that reaches top_p
+        p[drop] = 0.0
+    return p / p.sum()
+
+
+def sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from ``p`` (non-negative, any positive sum) with one uniform from ``rng``."""
+    c = np.cumsum(p)
+    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+
+
 def select_root(logits: np.ndarray, cfg: DecodeConfig, rng: np.random.Generator) -> int:
-    """The backbone's next token: argmax, or a sample at ``temperature``."""
+    """The backbone's next token: argmax, or a sample from :func:`target_probs`."""
     if cfg.temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
-    p = np.exp(_log_softmax(logits, cfg.temperature))
-    return int(rng.choice(len(p), p=p / p.sum()))
+    return sample(target_probs(logits, cfg), rng)
 
 
 def head_topk(head_logits: np.ndarray, topk: Sequence[int]) -> np.ndarray:
@@ -174,6 +215,54 @@ def accept_typical(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: Deco
     score = np.zeros(tree.num_nodes)
     score[1:] = cand_logp
     return _longest_accepted_path(ok, tree, score=score)
+
+
+def accept_exact(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: DecodeConfig,
+                 rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Tree speculative sampling: (accepted nodes, the next token), distributed exactly as
+    plain sampling from the backbone (:func:`target_probs`) would produce them.
+
+    The drafts are deterministic (each head's top-k), so each candidate is treated as a
+    draft drawn from a point mass ``q = 1{x = candidate}``; SpecInfer's multi-step
+    speculative sampling (and EAGLE's ``evaluate_posterior``) with that ``q``:
+
+    at node ``v`` (the root first) let ``r = p_v``, the target distribution the backbone
+    gives after ``v``'s path. For each child ``c`` of ``v`` in the tree's order, with token
+    ``x_c``: accept ``c`` with probability ``r(x_c)`` (= min(1, r/q) at ``x_c``); if accepted,
+    move to ``c`` and repeat there. Else set ``r(x_c) = 0``, renormalise, try the next child.
+    If every child is rejected (or ``v`` is a leaf), the next token is drawn from ``r``.
+
+    Why the output follows ``p_v``: trying child ``c`` with the normalised residual ``r`` is
+    one step of the decomposition "draw ``y ~ r``" = "with probability ``r(x_c)`` output
+    ``x_c``, else draw from ``r`` conditioned on ``y != x_c``" (``r(x) / (1 - r(x_c))`` for
+    ``x != x_c``, exactly the zeroed and renormalised residual). Chaining the
+    decompositions over the siblings (distinct tokens) shows that the token emitted after
+    ``v`` (an accepted child's token, or the final residual draw) is distributed as
+    ``p_v`` whatever the candidates are. An accepted child's token is then followed by a
+    token drawn, by the same argument, from ``p_c``: the backbone's distribution after
+    ``v``'s path + ``x_c``, which is what plain sampling would condition on. By induction
+    over the depth, every emitted sequence has the probability plain sampling gives it,
+    with ``temperature``, ``top_k`` and ``top_p`` applied the same way in both. The root is
+    drawn from the same law, so the step as a whole is exact. Every draw uses ``rng``: a
+    seed reproduces a run.
+    """
+    path = [0]
+    node = 0
+    while True:
+        r = target_probs(logits[node], cfg)
+        for c in np.flatnonzero(tree.parent == node):  # children in the tree's order (by rank)
+            x = tokens[c]
+            if rng.random() < r[x]:
+                path.append(int(c))
+                node = int(c)
+                break
+            r[x] = 0.0
+            total = r.sum()
+            if total <= 0:  # r put all its mass on rejected tokens: impossible (r(x) = 1 is always accepted)
+                raise AssertionError("exact acceptance: empty residual")
+            r /= total
+        else:
+            return np.asarray(path, dtype=np.int64), sample(r, rng)
 
 
 def _longest_accepted_path(ok: np.ndarray, tree: Tree, score: np.ndarray | None) -> np.ndarray:
@@ -286,12 +375,15 @@ def _medusa_step(backend, root, heads, tree, cfg, rng, clock):
     # verify: every node in one forward; position = cache length + depth
     logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
     clock.lap("engine")
-    # accept: the longest path the backbone agrees with
+    # accept: the longest path the backbone agrees with (greedy), or the exact tree sampling walk
     if cfg.temperature < GREEDY_BELOW:
         path = accept_greedy(tokens, logits, tree)
+        new_root = select_root(logits[path[-1]], cfg, rng)
+    elif cfg.acceptance == "exact":
+        path, new_root = accept_exact(tokens, logits, tree, cfg, rng)
     else:
         path = accept_typical(tokens, logits, tree, cfg)
-    new_root = select_root(logits[path[-1]], cfg, rng)
+        new_root = select_root(logits[path[-1]], cfg, rng)
     clock.lap("acceptance")
     # update KV: keep only the accepted path's entries
     backend.commit(path)

@@ -50,10 +50,11 @@ def _medusa2(a) -> None:
 def _select_tree(a) -> None:
     from training.select_tree import SelectConfig, select_tree
 
-    cfg = SelectConfig(model=a.model, heads=a.heads, data=Path(a.data), cache=Path(a.cache) if a.cache else None,
+    cfg = SelectConfig(model=a.model, heads=a.heads, data=Path(a.data) if a.data else None,
+                       cache=Path(a.cache) if a.cache else None,
                        name=a.name, out_dir=Path(a.out_dir), profile=Path(a.profile) if a.profile else None,
                        max_nodes=a.max_nodes, max_rank=a.max_rank, heads_cost=a.heads_cost,
-                       threads=a.threads)
+                       threads=a.threads, accuracy_from=Path(a.accuracy_from) if a.accuracy_from else None)
     select_tree(cfg)
 
 
@@ -129,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = SelectConfig()
     sp = sub.add_parser("select-tree", help="choose the tree for measured head accuracies and step costs")
     common(sp)
-    sp.add_argument("--heads", required=True, help="trained heads folder")
-    sp.add_argument("--data", required=True, help="distilled .jsonl (its calibration split is used)")
+    sp.add_argument("--heads", default=s.heads, help="trained heads folder (default: %(default)s)")
+    source = sp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="distilled .jsonl (its calibration split is used)")
+    source.add_argument("--accuracy-from", metavar="TREE_JSON",
+                        help="reuse the calibration rank accuracies a tree file recorded when it was selected "
+                             "(for the same heads): reselect for a new engine's --profile without the distillation data")
     sp.add_argument("--cache", default=None, help="hidden-state cache folder (default: <data>.hidden/)")
     sp.add_argument("--name", default=s.name)
     sp.add_argument("--out-dir", default=str(s.out_dir))

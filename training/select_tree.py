@@ -35,7 +35,7 @@ from runtime.errors import MedusaError
 class SelectConfig:
     model: str = "smollm2-135m"
     heads: str = "exporter/shipped_heads/smollm2-135m"
-    data: Path = Path("runs/distill/smollm2_alpaca.jsonl")
+    data: Path | None = Path("runs/distill/smollm2_alpaca.jsonl")
     cache: Path | None = None
     name: str = "smollm2_selected"
     out_dir: Path = Path("tree_configs")
@@ -44,6 +44,8 @@ class SelectConfig:
     max_rank: int = 10
     heads_cost: float | None = None  # heads call / plain step; None: the profile's heads_relative_cost (else 0)
     threads: int | None = None
+    # a tree file whose recorded calibration accuracies are reused instead of measuring them on `data`
+    accuracy_from: Path | None = None
 
 
 # ---------------------------------------------------------------------------- the builder
@@ -218,17 +220,41 @@ def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile:
     return out
 
 
+def recorded_accuracy(tree_file: Path) -> tuple[np.ndarray, str]:
+    """(acc[k][r], where it was measured) from a tree file that ``select-tree`` wrote."""
+    try:
+        doc = json.loads(Path(tree_file).read_text())
+        acc = np.asarray(doc["calibration_accuracy"]["rank_accuracy"], dtype=np.float64)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise MedusaError(f"{tree_file}: no recorded calibration accuracy to reuse "
+                          f"(a tree file written by medusa-train select-tree has one): {e}") from None
+    if acc.ndim != 2 or not acc.size or (acc < 0).any() or (acc > 1).any():
+        raise MedusaError(f"{tree_file}: calibration_accuracy.rank_accuracy must be a [heads, ranks] table of probabilities")
+    return acc, str(doc.get("source", tree_file))
+
+
 def select_tree(cfg: SelectConfig, backbone=None) -> dict:
-    import torch
+    if cfg.accuracy_from is not None:
+        if cfg.profile is None:
+            raise MedusaError("--accuracy-from needs --profile (the engine's cost profile from medusa-run profile)")
+        acc, measured = recorded_accuracy(cfg.accuracy_from)
+        acc = acc[:, : cfg.max_rank]
+        source = f"medusa-train select-tree --accuracy-from {cfg.accuracy_from} (accuracies of: {measured})"
+        model = None
+    else:
+        import torch
 
-    from exporter.heads import load_heads
-    from exporter.models import load_backbone
+        from exporter.heads import load_heads
+        from exporter.models import load_backbone
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
-    heads = load_heads(cfg.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
-    acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank, model_name=cfg.model)
+        if cfg.data is None:
+            raise MedusaError("select-tree needs --data (distilled answers) or --accuracy-from TREE_JSON")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
+        heads = load_heads(cfg.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+        acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank, model_name=cfg.model)
+        source = f"medusa-train select-tree --heads {cfg.heads} --data {cfg.data}"
     heads_cost = cfg.heads_cost
     if cfg.profile:
         backend, prof, profiled_heads = read_profile_with_heads(cfg.profile)
@@ -244,8 +270,7 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         heads_cost = 0.0
     profile["heads_relative_cost"] = heads_cost
     chosen = select(acc, prof, cfg.max_nodes, heads_cost=heads_cost)
-    out = write_tree(cfg.out_dir, cfg.name, chosen, acc, profile,
-                     source=f"medusa-train select-tree --heads {cfg.heads} --data {cfg.data}")
+    out = write_tree(cfg.out_dir, cfg.name, chosen, acc, profile, source=source)
     print(f"calibration top-1 per head: {acc[:, 0].round(3).tolist()}")
     print(f"chose {len(chosen['paths'])} nodes: predicted accepted length {chosen['predicted_accepted_length']:.3f}, "
           f"relative step cost {chosen['relative_step_cost']:.2f}, predicted speedup {chosen['predicted_speedup_vs_plain']:.2f}x")

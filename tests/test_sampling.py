@@ -1,0 +1,269 @@
+"""Sampling at temperature > 0: exact tree speculative sampling keeps the backbone's law.
+
+The distribution tests run the real decode loop (``runtime.decode.decode``) over a small
+numpy language model whose next-token logits are a fixed pseudo-random function of the
+whole prefix, so the exact law of the first three sampled tokens can be enumerated
+(``VOCAB ** 3`` sequences) and every sampler is compared with it by a chi-square
+goodness-of-fit test (cells with an expected count below 5 pooled), at significance
+``ALPHA``. ``N`` samples are enough that moving 2% of the probability of any first token
+to another is detected (``test_the_test_detects_a_two_percent_shift``), and typical
+acceptance, which is lossy, is detected by the same test. Every sample uses its own seed,
+so the tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from runtime.artifact import ModelSpec
+from runtime.backend import Backend
+from runtime.decode import DecodeConfig, accept_exact, decode, target_probs
+from runtime.errors import MedusaError
+from runtime.tree import build_tree
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+VOCAB = 5
+N = 12_000
+ALPHA = 1e-3
+PROMPT = [1, 3]
+TREES = {
+    "chain": build_tree([[0], [0, 0]], name="chain"),
+    "branching": build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0]], name="branching"),
+}
+
+
+class TableModel(Backend):
+    """A language model as a table: next-token logits = a fixed random function of the prefix.
+
+    ``forward`` reads each new token's prefix from the committed tokens and the tree mask,
+    so it computes exactly what a real backbone would for any tree. Heads: ``fixed``
+    (arbitrary fixed preferences), ``oracle`` (the model's own greedy continuation from the
+    node, rank 0 = the likeliest), ``bad`` (the least likely tokens first).
+    """
+
+    def __init__(self, heads: str = "fixed", num_heads: int = 2, seed: int = 0, scale: float = 1.5):
+        self.spec = ModelSpec("table", 1, 1, 1, 16, 16, VOCAB, 64, num_medusa_heads=num_heads)
+        self.seed, self.scale, self.mode, self.num_heads = seed, scale, heads, num_heads
+        self.tokens: list[int] = []
+        self._rows: list[tuple[int, ...]] = []
+        self._new: list[int] = []
+        self._fixed = np.random.default_rng(seed + 1).standard_normal((num_heads, VOCAB))
+
+    def logits_of(self, prefix) -> np.ndarray:
+        key = hash((self.seed, *map(int, prefix))) % 2**32  # ints and tuples hash the same in every process
+        return np.random.default_rng(key).standard_normal(VOCAB) * self.scale
+
+    @property
+    def cache_len(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def forward(self, input_ids, position_ids, tree_mask):
+        ids = [int(t) for t in input_ids]
+        self._new = ids
+        self._rows = [tuple(self.tokens) + tuple(ids[j] for j in range(len(ids)) if tree_mask[i, j])
+                      for i in range(len(ids))]
+        return np.stack([self.logits_of(r) for r in self._rows])
+
+    def commit(self, keep) -> None:
+        self.tokens += [self._new[int(k)] for k in keep]
+
+    def head_logits(self, index):
+        if self.mode == "fixed":
+            return self._fixed.copy()
+        # head k proposes for the token k+2 after the node: follow the greedy continuation
+        prefix = list(self._rows[index])
+        prefix.append(int(np.argmax(self.logits_of(prefix))))  # the root's likeliest (the node's next token)
+        out = np.zeros((self.num_heads, VOCAB))
+        for k in range(self.num_heads):
+            z = self.logits_of(prefix)
+            out[k] = z if self.mode == "oracle" else -z
+            prefix.append(int(np.argmax(z)))
+        return out
+
+
+def exact_law(model: TableModel, cfg: DecodeConfig, length: int = 3) -> dict[tuple[int, ...], float]:
+    """P(first ``length`` tokens) under plain sampling: enumerated, no sampling."""
+    law = {}
+    for seq in itertools.product(range(VOCAB), repeat=length):
+        p = 1.0
+        for i in range(length):
+            p *= target_probs(model.logits_of(PROMPT + list(seq[:i])), cfg)[seq[i]]
+        law[seq] = p
+    return law
+
+
+def draw(model: TableModel, cfg_kw: dict, tree, n: int = N) -> list[tuple[int, ...]]:
+    out = []
+    for seed in range(n):
+        cfg = DecodeConfig(max_new_tokens=3, seed=seed, **cfg_kw)
+        out.append(tuple(decode(model, PROMPT, cfg, tree).tokens))
+    return out
+
+
+def gof_pvalue(samples: list[tuple[int, ...]], law: dict[tuple[int, ...], float]) -> float:
+    """Chi-square goodness of fit of ``samples`` to ``law`` (cells expected < 5 pooled)."""
+    n = len(samples)
+    counts: dict[tuple[int, ...], int] = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    assert set(counts) <= set(law), "a sampled sequence has probability 0"
+    obs, exp, rare_o, rare_e = [], [], 0, 0.0
+    for seq, p in law.items():
+        if n * p >= 5:
+            obs.append(counts.get(seq, 0))
+            exp.append(n * p)
+        else:
+            rare_o += counts.get(seq, 0)
+            rare_e += n * p
+    if rare_e > 0:
+        obs.append(rare_o)
+        exp.append(rare_e)
+    exp = np.asarray(exp) * (n / sum(exp))  # exact total (pooling rounding)
+    return float(scipy_stats.chisquare(obs, exp).pvalue)
+
+
+@pytest.fixture(scope="module")
+def plain_law():
+    return {t: exact_law(TableModel(), DecodeConfig(temperature=t)) for t in (0.7, 1.0)}
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_plain_sampling_follows_the_law(plain_law, temperature):
+    """The harness itself: plain sampling through the decode loop fits the enumerated law."""
+    samples = draw(TableModel(), dict(temperature=temperature, medusa=False), None)
+    assert gof_pvalue(samples, plain_law[temperature]) > ALPHA
+
+
+@pytest.mark.parametrize("heads", ["fixed", "oracle", "bad"])
+@pytest.mark.parametrize("tree", ["chain", "branching"])
+def test_exact_medusa_sampling_follows_the_law(plain_law, heads, tree):
+    model = TableModel(heads=heads)
+    samples = draw(model, dict(temperature=1.0, acceptance="exact"), TREES[tree])
+    assert gof_pvalue(samples, plain_law[1.0]) > ALPHA
+
+
+def test_exact_sampling_at_another_temperature_with_top_k_and_top_p():
+    cfg = dict(temperature=0.7, top_k=4, top_p=0.9)
+    law = exact_law(TableModel(), DecodeConfig(**cfg))
+    samples = draw(TableModel(heads="oracle"), dict(acceptance="exact", **cfg), TREES["branching"], n=8000)
+    assert gof_pvalue(samples, law) > ALPHA
+    # the cuts really cut: some sequences have probability 0 and are never drawn
+    assert min(law.values()) == 0.0 and all(law[s] > 0 for s in set(samples))
+
+
+def test_typical_acceptance_is_detected(plain_law):
+    """Typical acceptance (lossy by design) fails the same test: the test has teeth."""
+    samples = draw(TableModel(heads="oracle"), dict(temperature=1.0, acceptance="typical"), TREES["branching"])
+    assert gof_pvalue(samples, plain_law[1.0]) < 1e-6
+
+
+def test_the_test_detects_a_two_percent_shift(plain_law):
+    """Exact samples against a law with 2% of one first token's probability moved to another."""
+    law = dict(plain_law[1.0])
+    first = np.zeros(VOCAB)
+    for seq, p in law.items():
+        first[seq[0]] += p
+    a, b = int(np.argmax(first)), int(np.argmin(first))
+    shifted = {}
+    for seq, p in law.items():  # scale the conditional law of sequences starting with a / b
+        if seq[0] == a:
+            p *= (first[a] - 0.02) / first[a]
+        elif seq[0] == b:
+            p *= (first[b] + 0.02) / first[b]
+        shifted[seq] = p
+    samples = draw(TableModel(heads="oracle"), dict(temperature=1.0, acceptance="exact"), TREES["branching"])
+    assert gof_pvalue(samples, law) > ALPHA
+    assert gof_pvalue(samples, shifted) < ALPHA
+
+
+def test_exact_accepts_more_than_one_token_with_good_heads():
+    """With oracle heads steps accept about two tokens; with the least likely candidates far fewer."""
+    def mean_accepted(heads):
+        model, total, steps = TableModel(heads=heads), 0, 0
+        for seed in range(200):
+            r = decode(model, PROMPT, DecodeConfig(max_new_tokens=12, temperature=0.7, seed=seed), TREES["branching"])
+            total += sum(k * v for k, v in r.stats.accept_hist.items())
+            steps += sum(r.stats.accept_hist.values())
+        return total / steps
+
+    good, bad = mean_accepted("oracle"), mean_accepted("bad")
+    assert good > 1.8 and bad < 1.4 and good - bad > 0.5
+
+
+def test_walk_by_hand():
+    """accept_exact on a hand-made step: a certain child is accepted, an impossible one never."""
+    tree = build_tree([[0], [1]])
+    tokens = np.array([0, 2, 3])
+    logits = np.full((3, VOCAB), -1e9)
+    logits[0, 2] = 0.0  # after the root: token 2 with probability 1
+    logits[1, 4] = 0.0  # after child 1: token 4 with probability 1
+    cfg = DecodeConfig(temperature=1.0)
+    path, nxt = accept_exact(tokens, logits, tree, cfg, np.random.default_rng(0))
+    assert path.tolist() == [0, 1] and nxt == 4
+    logits[0] = -1e9
+    logits[0, 1] = 0.0  # now only token 1 (no candidate) can follow the root
+    path, nxt = accept_exact(tokens, logits, tree, cfg, np.random.default_rng(0))
+    assert path.tolist() == [0] and nxt == 1
+
+
+def test_seeds_reproduce_and_differ():
+    model = TableModel(heads="fixed")
+    run = lambda seed: decode(model, PROMPT, DecodeConfig(max_new_tokens=20, temperature=1.0, seed=seed),
+                              TREES["branching"]).tokens
+    assert run(7) == run(7)
+    assert len({tuple(run(s)) for s in range(5)}) > 1
+
+
+def test_bad_sampling_options_are_user_errors():
+    for kw, msg in ((dict(acceptance="fast"), "acceptance"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
+                    (dict(top_p=1.5), "top_p"), (dict(top_k=2.5), "top_k")):
+        with pytest.raises(MedusaError, match=msg):
+            DecodeConfig(temperature=1.0, **kw)
+
+
+def test_greedy_is_unchanged_by_the_sampling_options():
+    model = TableModel(heads="oracle")
+    plain = decode(model, PROMPT, DecodeConfig(max_new_tokens=15, medusa=False), None).tokens
+    for acceptance in ("exact", "typical"):
+        cfg = DecodeConfig(max_new_tokens=15, acceptance=acceptance, top_k=2, top_p=0.5)
+        assert decode(model, PROMPT, cfg, TREES["branching"]).tokens == plain
+
+
+def test_exact_sampling_on_an_exported_graph_reproduces(tiny_export, tmp_path):
+    """Through the fused ONNX graph and runtime.load: a seed reproduces, seeds differ, and the
+    first sampled token's frequencies match the backbone's own distribution."""
+    import runtime
+
+    art = tiny_export(tmp_path / "art", seed=2)["artifact"]
+    gen = runtime.load(art, threads=1)
+    ids = [5, 17, 42, 99]
+    a = gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=3)
+    assert a.tokens == gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=3).tokens
+    assert len({tuple(gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=s).tokens) for s in range(4)}) > 1
+    assert a.stats.steps > 0 and sum(a.stats.accept_hist.values()) == a.stats.steps
+    # the first two tokens against the backbone's law (the second is drawn by the exact walk
+    # inside a Medusa step); top_k=8 keeps the law small enough to enumerate
+    cfg = DecodeConfig(temperature=1.0, top_k=8)
+    first = target_probs(_last_logits(gen.backend, ids), cfg)
+    law = {}
+    for x1 in np.flatnonzero(first):
+        second = target_probs(_last_logits(gen.backend, ids + [int(x1)]), cfg)
+        for x2 in np.flatnonzero(second):
+            law[(int(x1), int(x2))] = float(first[x1] * second[x2])
+    samples = [tuple(gen.generate(ids, max_new_tokens=2, temperature=1.0, top_k=8, seed=s).tokens)
+               for s in range(2000)]
+    assert gof_pvalue(samples, law) > ALPHA
+
+
+def _last_logits(backend, ids) -> np.ndarray:
+    backend.reset()
+    n = len(ids)
+    logits = backend.forward(np.array(ids), np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
+    return np.array(logits[-1])
