@@ -108,6 +108,7 @@ def _compare_logits(float_path: Path, quant_path: Path, config: ArtifactConfig, 
     from runtime.onnxrt import run_fused_contract
 
     spec = config.model
+    tokens = min(tokens, spec.max_context)  # the fused graph's rotary tables hold max_context rows
     rng = np.random.default_rng(0)
     ids = rng.integers(0, spec.vocab_size, (1, tokens), dtype=np.int64)
     pos = np.arange(tokens, dtype=np.int64)[None]

@@ -273,6 +273,11 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
 
     rng = np.random.default_rng(seed)
     kv_shape = (spec.num_kv_heads, spec.head_dim)
+    # the fused graph holds cos/sin rows (and a sliding window) for max_context cache entries: a call
+    # past that is one the runtime never makes, and GroupQueryAttention refuses it (INVALID_ARGUMENT)
+    limit = spec.max_context if config.flavour == "fused" else None
+    if limit is not None:
+        prompt_len = max(1, min(prompt_len, limit - 1))
     for b in batches:
         empty = [np.zeros((b, 0, *kv_shape), dtype=npdt) for _ in range(2 * spec.num_layers)]
         n = prompt_len
@@ -299,6 +304,10 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
                 # position_ids: the fused runtime always prefills first and refuses a tree on an empty cache
                 cases = cases[:1]
             for past, past_len, label in cases:
+                if limit is not None and past_len + m > limit:
+                    say(f"[medusa-export]   SKIP  tree {name} b={b} {label}: {past_len + m} tokens exceed "
+                        f"max_context {limit}")
+                    continue
                 t_pos = np.broadcast_to(past_len + tree.position_ids.astype(np.int64), (b, m)).copy()
                 run_backbone(f"tree {name} b={b} {label}", t_ids, t_pos, t_mask, past)
 

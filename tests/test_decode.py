@@ -308,31 +308,30 @@ def test_defaults_are_the_papers():
 # ---------------------------------------------------------------------------- typical, end to end
 
 
+@pytest.mark.parametrize("acceptance", ["exact", "typical"])
 @pytest.mark.parametrize("heads", ["fresh", "oracle"])
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "cpu_8"])
-def test_temperature_to_zero_gives_the_greedy_output(heads, tree, reference, monkeypatch):
+def test_temperature_to_zero_gives_the_greedy_output(heads, tree, acceptance, reference, monkeypatch):
     model, prompt, ref = reference(0, {})
     backend = torch_backend(model)
     if heads == "oracle":
         backend = ScriptedHeads(backend, prompt + ref, "oracle")
-    calls = {"typical": 0, "greedy": 0}
-    real_typical, real_greedy = decode_mod.accept_typical, decode_mod.accept_greedy
+    calls = {"exact": 0, "typical": 0, "greedy": 0}
+    spied = {name: getattr(decode_mod, f"accept_{name}") for name in calls}
 
-    def typical(*a, **kw):
-        calls["typical"] += 1
-        return real_typical(*a, **kw)
+    def spy(name):
+        def call(*a, **kw):
+            calls[name] += 1
+            return spied[name](*a, **kw)
+        return call
 
-    def greedy(*a, **kw):
-        calls["greedy"] += 1
-        return real_greedy(*a, **kw)
-
-    monkeypatch.setattr(decode_mod, "accept_typical", typical)
-    monkeypatch.setattr(decode_mod, "accept_greedy", greedy)
-    cfg = DecodeConfig(max_new_tokens=NEW, temperature=1e-4, seed=0)
+    for name in calls:
+        monkeypatch.setattr(decode_mod, f"accept_{name}", spy(name))
+    cfg = DecodeConfig(max_new_tokens=NEW, temperature=1e-4, seed=0, acceptance=acceptance)
     assert cfg.temperature > GREEDY_BELOW  # the sampling path, not the greedy shortcut
     res = decode(backend, prompt, cfg, load_tree(tree))
     assert res.tokens == ref[:NEW]
-    assert calls["typical"] == res.stats.steps > 0 and calls["greedy"] == 0
+    assert calls[acceptance] == res.stats.steps > 0 and sum(calls.values()) == calls[acceptance]
     if heads == "oracle":
         assert res.stats.mean_accepted > 2
 
