@@ -2,8 +2,10 @@
 
 For every prompt (MT-Bench format: first turn, chat template) it runs plain greedy
 decoding and Medusa greedy decoding with each tree, on the same loaded engine and the same
-``max_new_tokens``, and optionally a peer (Hugging Face ``generate``) in the same run.
-Speeds are end-to-end (prefill + decode) tokens per second, the same clock for everyone.
+``max_new_tokens``, and optionally a peer in the same run, interleaved prompt by prompt:
+Hugging Face ``generate`` (``hf``) or onnxruntime-genai (``ortgenai``, plain and with its own
+n-gram speculation; runtime/peers.py). Speeds are end-to-end (prefill + decode) tokens per
+second, the same clock for everyone.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class RunResult:
     steps: int = 0
     times: dict = field(default_factory=dict)
     accept_hist: dict = field(default_factory=dict)
+    drafts: dict = field(default_factory=dict)  # a speculating peer's draft counters (proposed, accepted)
 
     @property
     def tokens_per_s(self) -> float:
@@ -93,9 +96,11 @@ class HFPeer:
     def __init__(self, model_path: str, threads: int | None):
         try:
             import torch
+            import transformers
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise MedusaError("--peer hf needs torch and transformers installed") from None
+        self.version = f"transformers {transformers.__version__}"
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
@@ -112,7 +117,11 @@ class HFPeer:
         return RunResult(out[0, len(ids):].tolist(), seconds)
 
 
+PEERS = ("hf", "ortgenai")
+
+
 def _peer_model_path(gen, explicit: str | None) -> str:
+    """The Hugging Face folder a peer loads: ``--peer-model``, else the artifact's recorded source."""
     if explicit:
         return explicit
     prov = gen.config.provenance
@@ -124,7 +133,7 @@ def _peer_model_path(gen, explicit: str | None) -> str:
 
         path = str(resolve_model(path))
     if not path or not Path(path).is_dir():
-        raise MedusaError("--peer hf: the artifact does not record a local source model folder; pass --peer-model DIR")
+        raise MedusaError("--peer: the artifact does not record a local source model folder; pass --peer-model DIR")
     return path
 
 
@@ -136,16 +145,26 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
     names = [t.name for t in trees]
     if len(set(names)) != len(names):
         raise MedusaError(f"--tree: trees must have distinct names, got {names}")
+    if peer not in (None, *PEERS):
+        raise MedusaError(f"unknown peer {peer!r}: the supported peers are {', '.join(PEERS)}")
     hf = HFPeer(_peer_model_path(gen, peer_model), threads) if peer == "hf" else None
-    if peer not in (None, "hf"):
-        raise MedusaError(f"unknown peer {peer!r}: the supported peer is 'hf'")
-    # warm up the engine (first-call allocations) outside the measurement
+    og = None
+    if peer == "ortgenai":
+        from runtime.peers import OrtGenaiPeer, peer_model_dir
+
+        og = OrtGenaiPeer(peer_model_dir(gen, peer_model), threads)
+    # warm up the engines (first-call allocations) outside the measurement
     warm = gen.encode([{"role": "user", "content": "Hello"}])
     gen.generate(warm, max_new_tokens=8, medusa=False)
     gen.generate(warm, max_new_tokens=8, tree=trees[0])
+    if og is not None:
+        og.run(warm, 8)
+        if not og.ngram_unavailable:
+            og.run(warm, 8, ngram=True)
 
     per_prompt = []
-    bar = tqdm(total=len(prompts) * (1 + len(trees) + (hf is not None)), desc="bench", unit="run",
+    peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
+    bar = tqdm(total=len(prompts) * (1 + len(trees) + peer_runs), desc="bench", unit="run",
                disable=not progress, file=sys.stderr)
     for p in prompts:
         ids = gen.encode([{"role": "user", "content": p.text}])
@@ -168,11 +187,32 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
         if hf is not None:
             pr = hf.run(ids, max_new_tokens)
             bar.update()
-            row["peer"] = {"tokens": len(pr.tokens), "seconds": pr.seconds, "tokens_per_s": pr.tokens_per_s,
-                           "identical_to_plain": pr.tokens == ar.tokens}
+            row["peer"] = _peer_row(pr, ar)
+        if og is not None:  # interleaved with ours prompt by prompt: a change in machine load hits both alike
+            pr = og.run(ids, max_new_tokens)
+            bar.update()
+            row["peer"] = _peer_row(pr, ar)
+            if not og.ngram_unavailable:
+                ng = og.run(ids, max_new_tokens, ngram=True)
+                bar.update()
+                row["peer_ngram"] = {**_peer_row(ng, ar), "identical_to_peer": ng.tokens == pr.tokens, **ng.drafts}
         per_prompt.append(row)
     bar.close()
-    return summarize(gen, per_prompt, trees, max_new_tokens, peer, threads)
+    res = summarize(gen, per_prompt, trees, max_new_tokens, peer, threads)
+    if peer:
+        res["peer_version"] = (hf or og).version
+    if og is not None:
+        _summarize_ortgenai(res, og, per_prompt)
+    return res
+
+
+def _peer_row(pr: RunResult, ar: RunResult) -> dict:
+    """A peer's run on one prompt, checked against our plain decode of the same prompt ids."""
+    same = pr.tokens == ar.tokens
+    first = None if same else next((i for i, (a, b) in enumerate(zip(ar.tokens, pr.tokens)) if a != b),
+                                   min(len(ar.tokens), len(pr.tokens)))
+    return {"tokens": len(pr.tokens), "seconds": pr.seconds, "tokens_per_s": pr.tokens_per_s,
+            "identical_to_plain": same, "first_difference": first}
 
 
 def _tree_summary(per_prompt, tree, ar_tps) -> dict:
@@ -232,32 +272,78 @@ def summarize(gen, per_prompt, trees, max_new_tokens, peer, threads) -> dict:
         "per_prompt": per_prompt,
     }
     if peer:
-        p_tokens = sum(r["peer"]["tokens"] for r in per_prompt)
-        p_s = sum(r["peer"]["seconds"] for r in per_prompt)
+        p_tps = _tokens_per_s([r["peer"] for r in per_prompt])
         out["peer"] = peer
-        out["peer_tokens_per_s"] = p_tokens / p_s if p_s else 0.0
-        out["ar_vs_peer"] = ar_tps / out["peer_tokens_per_s"] if out["peer_tokens_per_s"] else 0.0
-        out["peer_identical_to_plain"] = sum(r["peer"]["identical_to_plain"] for r in per_prompt)
+        out["peer_tokens_per_s"] = p_tps
+        out["plain_vs_peer"] = _ratio(ar_tps, p_tps)
+        out["medusa_vs_peer"] = _ratio(main["medusa_tokens_per_s"], p_tps)
+        for t in tree_rows.values():
+            t["medusa_vs_peer"] = _ratio(t["medusa_tokens_per_s"], p_tps)
+        out["peer_identical"] = sum(r["peer"]["identical_to_plain"] for r in per_prompt)
+        out["peer_divergences"] = [{"id": r["id"], "position": r["peer"]["first_difference"]}
+                                   for r in per_prompt if not r["peer"]["identical_to_plain"]]
+        # the names of the first peer summaries, still read by earlier scripts and tests
+        out["ar_vs_peer"] = out["plain_vs_peer"]
+        out["peer_identical_to_plain"] = out["peer_identical"]
     return out
+
+
+def _tokens_per_s(rows: list[dict]) -> float:
+    """All tokens over all seconds (as ``ar_tokens_per_s``): long answers weigh by their length."""
+    seconds = sum(r["seconds"] for r in rows)
+    return sum(r["tokens"] for r in rows) / seconds if seconds else 0.0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _summarize_ortgenai(res: dict, og, per_prompt: list[dict]) -> None:
+    """onnxruntime-genai's graph and its n-gram run (or why there is none) into ``res``."""
+    res["peer_model"] = str(og.model_dir)
+    if og.ngram_unavailable:
+        res.update(peer_ngram_tokens_per_s=None, peer_ngram_unavailable=og.ngram_unavailable,
+                   medusa_vs_peer_ngram=None)
+        for t in res["trees"].values():
+            t["medusa_vs_peer_ngram"] = None
+        return
+    from runtime.peers import MAX_DRAFT_TOKENS, NGRAM_SIZE
+
+    rows = [r["peer_ngram"] for r in per_prompt]
+    n_tps = _tokens_per_s(rows)
+    proposed = sum(r.get("draft_tokens_proposed", 0) for r in rows)
+    res.update(
+        peer_ngram_tokens_per_s=n_tps,
+        peer_ngram_options={"ngram_size": NGRAM_SIZE, "max_draft_tokens": MAX_DRAFT_TOKENS},
+        peer_ngram_speedup=_ratio(n_tps, res["peer_tokens_per_s"]),
+        medusa_vs_peer_ngram=_ratio(res["medusa_tokens_per_s"], n_tps),
+        # lossless speculation: its tokens must equal the peer's plain ones
+        peer_ngram_identical_to_peer=sum(r["identical_to_peer"] for r in rows),
+        peer_ngram_drafts_accepted=_ratio(sum(r.get("draft_tokens_accepted", 0) for r in rows), proposed),
+    )
+    for t in res["trees"].values():
+        t["medusa_vs_peer_ngram"] = _ratio(t["medusa_tokens_per_s"], n_tps)
 
 
 def format_report(res: dict, per_prompt: bool = True) -> str:
     lines = []
     if per_prompt:
         names = list(res["trees"])
-        head = f"{'id':>5} {'category':<11} {'plain tok/s':>11} " + " ".join(f"{n[:18]:>18}" for n in names) + "  identical"
+        peers = [k for k in ("peer", "peer_ngram") if res.get(f"{k}_tokens_per_s") is not None]
+        peer_heads = {"peer": f"{res.get('peer')} tok/s", "peer_ngram": "n-gram tok/s"}
+        head = (f"{'id':>5} {'category':<11} {'plain tok/s':>11} " + " ".join(f"{n[:18]:>18}" for n in names)
+                + "".join(f" {peer_heads[k][:14]:>14}" for k in peers) + "  identical")
         lines += [head, "-" * len(head)]
         for r in res["per_prompt"]:
             cells = " ".join(f"{r['trees'][n]['tokens_per_s']:6.1f} x{r['trees'][n]['speedup']:4.2f} a{r['trees'][n]['mean_accepted']:.2f}".rjust(18) for n in names)
+            cells += "".join(f" {r[k]['tokens_per_s']:14.1f}" for k in peers)
             same = "".join("=" if r["trees"][n]["identical"] else "≠" for n in names)
+            same += "".join("=" if r[k]["identical_to_plain"] else "≠" for k in peers)
             lines.append(f"{r['id']:>5} {r['category'][:11]:<11} {r['ar']['tokens_per_s']:11.1f} {cells}  {same}")
         lines.append("")
     lines.append(f"{res['prompts']} prompts, max_new_tokens {res['max_new_tokens']}, backend {res['backend']} "
                  f"{res.get('providers') or ''} threads {res['threads']}")
     lines.append(f"plain decoding: {res['ar_tokens_per_s']:.2f} tok/s ({res['ar_step_ms']:.1f} ms/token)")
-    if "peer_tokens_per_s" in res:
-        lines.append(f"peer {res['peer']}: {res['peer_tokens_per_s']:.2f} tok/s -> plain on this engine is "
-                     f"{res['ar_vs_peer']:.2f}x the peer; peer tokens identical to plain on {res['peer_identical_to_plain']}/{res['prompts']}")
     head = (f"{'tree':<18} {'nodes':>5} {'tok/s':>7} {'speedup':>7} {'accepted':>8} {'identical':>9} "
             f"{'engine':>7} {'heads':>6} {'cand':>5} {'accept':>6} {'kv':>5} {'other':>5} {'outside':>7}")
     lines += ["", head, "-" * len(head)]
@@ -276,7 +362,37 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
             gap = "n/a" if d.get("top2_gap") is None else f"{d['top2_gap']:.2e}"
             tie = " (near-tie)" if d.get("top2_gap") is not None and d["top2_gap"] < 1e-4 else ""
             lines.append(f"  prompt {d['id']}: first difference at token {d['position']}, top-2 logit gap {gap}{tie}")
+    if res.get("peer"):
+        lines += ["", *_peer_report(res)]
     return "\n".join(lines)
+
+
+def _peer_report(res: dict) -> list[str]:
+    """The peer section: its speeds, ours against them, and whether its tokens equal ours."""
+    n = res["prompts"]
+    lines = [f"peer {res['peer']} ({res['peer_version']}), same prompt ids, same clock"
+             + (f", graph {res['peer_model']}" if res.get("peer_model") else "") + ":"]
+    if not res["threads"]:
+        lines.append("  (no --threads: each library chose its thread count; pass --threads for a like-for-like run)")
+    diverged = "".join(f"; prompt {d['id']} first differs at token {d['position']}" for d in res["peer_divergences"])
+    lines.append(f"  peer plain      {res['peer_tokens_per_s']:8.2f} tok/s; its tokens equal our plain decode's on "
+                 f"{res['peer_identical']}/{n} prompts{diverged}")
+    if "peer_ngram_tokens_per_s" in res:
+        if res["peer_ngram_tokens_per_s"] is None:
+            lines.append(f"  peer n-gram     not run: {res['peer_ngram_unavailable']}")
+        else:
+            o = res["peer_ngram_options"]
+            accepted = res["peer_ngram_drafts_accepted"]
+            lines.append(f"  peer n-gram     {res['peer_ngram_tokens_per_s']:8.2f} tok/s = "
+                         f"{res['peer_ngram_speedup']:.2f}x its plain (ngram_size {o['ngram_size']}, max_draft_tokens {o['max_draft_tokens']}"
+                         + (f", {100 * accepted:.0f}% of drafted tokens accepted" if accepted is not None else "")
+                         + f"); tokens equal its plain on {res['peer_ngram_identical_to_peer']}/{n}")
+    lines.append(f"  our plain       {res['ar_tokens_per_s']:8.2f} tok/s = {res['plain_vs_peer']:.2f}x peer plain")
+    for t in res["trees"].values():
+        vs_ngram = t.get("medusa_vs_peer_ngram")
+        lines.append(f"  our Medusa      {t['medusa_tokens_per_s']:8.2f} tok/s = {t['medusa_vs_peer']:.2f}x peer plain"
+                     + (f", {vs_ngram:.2f}x peer n-gram" if vs_ngram is not None else "") + f" (tree {t['tree']})")
+    return lines
 
 
 def plot_bench(res: dict, path: str | Path) -> Path:
@@ -286,7 +402,9 @@ def plot_bench(res: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     trees = list(res["trees"].values())
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    peer = bool(res.get("peer"))
+    fig, axes = plt.subplots(1, 3 if peer else 2, figsize=(18 if peer else 12, 4.5))
+    ax1, ax2 = axes[:2]
     width = 0.8 / len(trees)
     max_len = max(int(k) for t in trees for k in t["accept_hist"]) if trees else 1
     for i, t in enumerate(trees):
@@ -311,6 +429,15 @@ def plot_bench(res: dict, path: str | Path) -> Path:
     ax2.set_ylabel("ms per step (plain: per token)")
     ax2.set_title("Time per step")
     ax2.legend(fontsize=8)
+    if peer:  # throughput beside the peer's, on the same prompts and clock
+        bars = [("plain", res["ar_tokens_per_s"], "C0")] + [(t["tree"], t["medusa_tokens_per_s"], "C0") for t in trees]
+        bars.append((f"{res['peer']} plain", res["peer_tokens_per_s"], "C1"))
+        if res.get("peer_ngram_tokens_per_s") is not None:
+            bars.append((f"{res['peer']} n-gram", res["peer_ngram_tokens_per_s"], "C1"))
+        axes[2].bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+        axes[2].set_ylabel("tokens/s (prefill + decode)")
+        axes[2].set_title(f"Throughput vs {res['peer_version']}")
+        axes[2].tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(f"medusa-run bench: {res['prompts']} prompts, {res['max_new_tokens']} new tokens, {res['backend']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,6 +18,23 @@ from runtime.backend import Backend
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PROFILE_FILE = "latency_profile.json"
+
+
+def round_robin_ms(call: Callable[[int], object], sizes: Sequence[int], repeats: int, warmup: int,
+                   rng: np.random.Generator) -> dict[int, float]:
+    """Median milliseconds of ``call(n)`` per size n, after ``warmup`` untimed rounds.
+
+    Round-robin, shuffled each round: load from other processes spreads over every size
+    instead of skewing whichever size it happened to coincide with (N = 1 is every ratio's base).
+    """
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    for r in range(warmup + repeats):
+        for n in rng.permutation(list(sizes)):
+            t = time.perf_counter()
+            call(int(n))
+            if r >= warmup:
+                samples[int(n)].append(time.perf_counter() - t)
+    return {n: float(np.median(samples[n]) * 1000) for n in sizes}
 
 
 def profile_tree_sizes(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, cached: int = 256,
@@ -33,19 +50,10 @@ def profile_tree_sizes(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, c
     backend.commit(np.arange(cached))
     inputs = {n: (rng.integers(0, vocab, n), cached + np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
               for n in sizes}
-    samples: dict[int, list[float]] = {n: [] for n in sizes}
-    # round-robin, shuffled each round: load from other processes spreads over every size
-    # instead of skewing whichever size it happened to coincide with (N = 1 is every ratio's base)
-    for r in range(warmup + repeats):
-        for n in rng.permutation(list(sizes)):
-            t = time.perf_counter()
-            backend.forward(*inputs[int(n)])  # staged only: the cache stays at `cached`
-            if r >= warmup:
-                samples[int(n)].append(time.perf_counter() - t)
-    ms: dict[int, float] = {}
-    for n in sizes:
-        ms[n] = float(np.median(samples[n]) * 1000)
-        if progress:
+    # staged only: the cache stays at `cached`
+    ms = round_robin_ms(lambda n: backend.forward(*inputs[n]), sizes, repeats, warmup, rng)
+    if progress:
+        for n in sizes:
             progress(n, ms[n])
     base = ms[min(sizes)]
     times = []
@@ -68,6 +76,20 @@ def profile_tree_sizes(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, c
         "heads_ms": round(heads_ms, 3),
         "heads_relative_cost": round(heads_ms / base, 4),
     }
+
+
+def format_peer_table(profile: dict) -> str:
+    """Our step cost beside a peer's (``profile["peer"]``, runtime/peers.py), N by N."""
+    peer = profile["peer"]
+    head = f"{'N':>4} {'ours ms':>9} {'x N=1':>6}  {peer['name'] + ' ms':>12} {'x N=1':>6}  {'ours/peer':>9}"
+    lines = [head, "-" * len(head)]
+    for n, ms in profile["ms"].items():
+        pm = peer["ms"][n]
+        lines.append(f"{n:>4} {ms:9.2f} {profile['relative_cost'][n]:6.2f}  {pm:12.2f} "
+                     f"{peer['relative_cost'][n]:6.2f}  {ms / pm:9.2f}")
+    if peer["cached_tokens"] != profile["cached_tokens"]:
+        lines.append(f"(the peer's cache held {peer['cached_tokens']} tokens, ours {profile['cached_tokens']})")
+    return "\n".join(lines)
 
 
 def write_profile(profile: dict, path: str | Path) -> Path:

@@ -1,0 +1,196 @@
+"""``--peer ortgenai``: onnxruntime-genai built from the artifact's source model, in the same run.
+
+A tiny random Llama (head_dim 16) is saved as a Hugging Face folder and exported; the
+peer graph is built from that folder by onnxruntime-genai's real model builder (a few
+seconds, offline) into a cache under the test's temporary folder. onnxruntime-genai comes
+with the dev extra (``pip install -e .[dev]``), so these tests run, and fail, in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import runtime
+from runtime.errors import MedusaError
+
+# Prompt texts (wordlevel vocabulary) that encode to ids not ending in the pad id 0:
+# onnxruntime-genai takes trailing pad tokens of a prompt for right padding. "t8 t6 t4"
+# reaches EOS (id 2) before MAX_NEW, so the EOS accounting is exercised too.
+TEXTS = ["t36 t47 t58 t69", "t8 t6 t4", "t64 t65 t66", "t5 t9 t7 t33 t81 t90"]
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, wordlevel_tokenizer):
+    """{hf, artifact, prompts, cache, built}: the peer graph built once for the whole module."""
+    import torch
+
+    from conftest import make_tiny_llama
+    from exporter.export import ExportOptions, export_artifact
+    from exporter.heads import fresh_heads
+    from runtime.peers import build_peer_model
+
+    root = tmp_path_factory.mktemp("peers")
+    hf, art, cache = root / "tiny-llama", root / "artifact", root / "cache"
+    model = make_tiny_llama(0)
+    model.save_pretrained(str(hf))
+    wordlevel_tokenizer.save_pretrained(str(hf))
+    heads = fresh_heads(2, model.config.hidden_size, model.config.vocab_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(100)
+        for p in heads.parameters():
+            p.data.normal_(0.0, 0.02)
+    # the provenance records the plain folder path, which the peer resolves by itself
+    export_artifact(model, heads, art, ExportOptions(validate=False, source_model=str(hf)),
+                    tokenizer=wordlevel_tokenizer)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": i, "category": "tiny", "turns": [t]}) + "\n"
+                               for i, t in enumerate(TEXTS)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDUSA_TRT_CACHE", str(cache))
+        logs: list[str] = []
+        built = build_peer_model(hf, "fp32", log=logs.append)
+        assert any("building" in line for line in logs), logs
+        yield {"hf": hf, "artifact": art, "prompts": prompts, "cache": cache, "built": built}
+
+
+def test_peer_graph_is_built_once_and_reused(setup):
+    from runtime.peers import GENAI_CONFIG, _cache_key, build_peer_model
+
+    built = setup["built"]
+    assert built.parent == setup["cache"] / "ortgenai"
+    assert (built / "model.onnx").is_file() and (built / "builder.log").is_file()
+    assert not (built / "builder_cache").exists()
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary folder left behind
+    stamp = (built / GENAI_CONFIG).stat().st_mtime_ns
+    logs: list[str] = []
+    assert build_peer_model(setup["hf"], "fp32", log=logs.append) == built
+    assert logs == [] and (built / GENAI_CONFIG).stat().st_mtime_ns == stamp
+    # another precision or another onnxruntime-genai is another graph
+    keys = {_cache_key(setup["hf"], p, v) for p, v in [("fp32", "0.18.0"), ("int4", "0.18.0"), ("fp32", "0.19")]}
+    assert len(keys) == 3
+
+
+def test_bench_ortgenai_plain_and_ngram(setup, capsys, tmp_path):
+    from runtime.bench import format_report, load_prompts, plot_bench, run_bench
+
+    gen = runtime.load(setup["artifact"], threads=1)
+    prompts = load_prompts(setup["prompts"])
+    res = run_bench(gen, prompts, ["chain_2", "chain_1"], max_new_tokens=MAX_NEW, peer="ortgenai", threads=1,
+                    progress=False)
+    assert "building" not in capsys.readouterr().err  # the module's build is reused
+    n = len(TEXTS)
+    rows = res["per_prompt"]
+    assert any(r["ar"]["tokens"] < MAX_NEW for r in rows)  # one decode ended on EOS (counted by both)
+    for r in rows:
+        assert r["peer"]["tokens"] == r["ar"]["tokens"] and r["peer"]["identical_to_plain"], r
+        assert r["peer"]["first_difference"] is None
+        assert r["peer_ngram"]["identical_to_peer"] and r["peer_ngram"]["draft_tokens_proposed"] >= 0
+    assert res["peer"] == "ortgenai" and res["peer_version"].startswith("onnxruntime-genai 0.")
+    assert res["peer_identical"] == n and res["peer_divergences"] == []
+    assert res["peer_ngram_identical_to_peer"] == n
+    assert res["peer_tokens_per_s"] > 0 and res["peer_ngram_tokens_per_s"] > 0
+    assert res["plain_vs_peer"] == pytest.approx(res["ar_tokens_per_s"] / res["peer_tokens_per_s"])
+    assert res["medusa_vs_peer"] == pytest.approx(res["medusa_tokens_per_s"] / res["peer_tokens_per_s"])
+    assert res["medusa_vs_peer_ngram"] == pytest.approx(res["medusa_tokens_per_s"] / res["peer_ngram_tokens_per_s"])
+    for t in res["trees"].values():
+        assert t["medusa_vs_peer"] == pytest.approx(t["medusa_tokens_per_s"] / res["peer_tokens_per_s"])
+        assert t["medusa_vs_peer_ngram"] == pytest.approx(t["medusa_tokens_per_s"] / res["peer_ngram_tokens_per_s"])
+    assert res["trees"]["chain_2"]["medusa_vs_peer"] == res["medusa_vs_peer"]  # the first tree is the headline
+    assert res["peer_ngram_options"] == {"ngram_size": 3, "max_draft_tokens": 4}
+    drafts = res["peer_ngram_drafts_accepted"]
+    assert drafts is None or 0 <= drafts <= 1
+    report = format_report(res)
+    for phrase in ("peer ortgenai (onnxruntime-genai", "peer plain", "peer n-gram", f"on {n}/{n} prompts",
+                   "x peer n-gram (tree chain_2)"):
+        assert phrase in report, (phrase, report)
+    json.dumps(res)  # the CLI writes it as JSON
+    png = plot_bench(res, tmp_path / "bench.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_peer_row_records_the_first_difference():
+    from runtime.bench import RunResult, _peer_row
+
+    ours = RunResult([5, 6, 7, 8], 1.0)
+    assert _peer_row(RunResult([5, 6, 7, 8], 0.5), ours)["first_difference"] is None
+    row = _peer_row(RunResult([5, 6, 9, 8], 0.5), ours)
+    assert row["first_difference"] == 2 and not row["identical_to_plain"] and row["tokens_per_s"] == 8.0
+    assert _peer_row(RunResult([5, 6], 0.5), ours)["first_difference"] == 2  # stopped early
+
+
+def test_cli_profile_with_peer(setup, tmp_path, capsys, monkeypatch):
+    from runtime.cli import main
+
+    monkeypatch.setenv("MEDUSA_TRT_CACHE", str(setup["cache"]))
+    out = tmp_path / "prof.json"
+    rc = main(["profile", str(setup["artifact"]), "--sizes", "1", "4", "--cached", "16", "--repeats", "2",
+               "--threads", "1", "--peer", "ortgenai", "-o", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    assert "building" not in stderr
+    prof = json.loads(out.read_text())
+    peer = prof["peer"]
+    assert peer["name"] == "ortgenai" and peer["model"] == str(setup["built"])
+    assert peer["version"].startswith("onnxruntime-genai 0.")
+    assert set(peer["ms"]) == {"1", "4"} and all(v > 0 for v in peer["ms"].values())
+    assert peer["relative_cost"]["1"] == 1.0
+    # (ms are rounded to the microsecond, coarse for a tiny model's ~0.03 ms steps)
+    assert peer["relative_cost"]["4"] == pytest.approx(peer["ms"]["4"] / peer["ms"]["1"], rel=0.1)
+    assert peer["cached_tokens"] == prof["cached_tokens"] == 16
+    table = stdout[stdout.index("ortgenai ms"):]
+    assert len([line for line in table.splitlines() if line.split()[:1] in (["1"], ["4"])]) == 2, stdout
+
+
+def test_missing_package_is_one_line(setup, monkeypatch, capsys):
+    from runtime.bench import load_prompts, run_bench
+    from runtime.cli import main
+    from runtime.peers import MISSING
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import fails as if not installed
+    gen = runtime.load(setup["artifact"], threads=1)
+    with pytest.raises(MedusaError) as e:
+        run_bench(gen, load_prompts(setup["prompts"]), [], max_new_tokens=4, peer="ortgenai", progress=False)
+    assert str(e.value) == MISSING == "--peer ortgenai needs onnxruntime-genai: pip install -e .[peers]"
+    for argv in (["bench", str(setup["artifact"]), "--prompts", str(setup["prompts"]), "--peer", "ortgenai", "--quiet"],
+                 ["profile", str(setup["artifact"]), "--peer", "ortgenai"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.strip() == f"medusa-run: error: {MISSING}", err
+
+
+def test_precision_without_a_builder_graph_is_one_line():
+    from runtime.peers import builder_precision
+
+    assert [builder_precision(p) for p in ("fp32", "int8", "int4")] == ["fp32", "int8", "int4"]
+    with pytest.raises(MedusaError) as e:
+        builder_precision("fp16")
+    assert "\n" not in str(e.value) and "no fp16 graph for the CPU" in str(e.value)
+
+
+def test_failed_build_shows_the_builder_log_and_caches_nothing(setup, tmp_path, monkeypatch):
+    from runtime.peers import build_peer_model
+
+    monkeypatch.setenv("MEDUSA_TRT_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    for f in setup["hf"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(MedusaError, match="model builder failed") as e:
+        build_peer_model(bad, "fp32", log=lambda _: None)
+    assert "not currently supported" in str(e.value)  # the builder's own words, from its log
+    left = sorted(p.name for p in (tmp_path / "cache" / "ortgenai").iterdir())
+    assert len(left) == 1 and left[0].endswith(".failed.log")  # the log stays; no model folder, no temporary one
+
+
+def test_runtime_imports_neither_torch_nor_genai(repo_root):
+    code = ("import sys, runtime.bench, runtime.peers, runtime.profile, runtime.cli; "
+            "print(sorted(m for m in ('torch', 'onnxruntime_genai', 'exporter', 'training') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
