@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="first N prompts only")
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--tree", nargs="+", default=[], help="one or several trees to compare (default: the artifact's)")
-    b.add_argument("--peer", choices=["hf"], default=None, help="also run Hugging Face generate on the same prompts")
+    b.add_argument("--peer", choices=["hf", "ortgenai"], default=None,
+                   help="also run a peer on the same prompts, interleaved: hf = Hugging Face generate; ortgenai = "
+                        "onnxruntime-genai plain and with its n-gram speculation (pip install -e .[peers])")
     b.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
     b.add_argument("--json", default=None, help="write all results to this JSON file")
     b.add_argument("--plot", default=None, help="write the histogram and per-step time split to this PNG")
@@ -73,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     pr.add_argument("--cached", type=int, default=256, help="tokens in the cache while measuring")
     pr.add_argument("--repeats", type=int, default=7)
+    pr.add_argument("--peer", choices=["ortgenai"], default=None,
+                    help="also profile onnxruntime-genai's graph of the artifact's source model "
+                         "(pip install -e .[peers])")
+    pr.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
     pr.add_argument("-o", "--output", default=None, help="output JSON (default: ARTIFACT/latency_profile.json)")
     return ap
 
@@ -127,9 +133,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    from runtime.profile import PROFILE_FILE, profile_tree_sizes, write_profile
+    from runtime.profile import PROFILE_FILE, format_peer_table, profile_tree_sizes, write_profile
 
     gen = _load(args)
+    peer_dir = None
+    if args.peer:  # built (or found) before our profile, so that a user error stops the run at once
+        from runtime.peers import peer_model_dir, profile_peer_sizes
+
+        peer_dir = peer_model_dir(gen, args.peer_model)
 
     def show(n, ms):
         label = f"N={n:>3}" if n != "heads" else "heads"
@@ -141,6 +152,11 @@ def cmd_profile(args) -> None:
     prof["threads"] = args.threads
     print("relative to N=1: " + ", ".join(f"{n}: {c:.2f}x" for n, c in prof["relative_cost"].items())
           + f"; heads call {prof['heads_relative_cost']:.2f}x")
+    if peer_dir is not None:
+        print(f"{args.peer}: the same over {prof['cached_tokens']} cached tokens ({peer_dir}):", flush=True)
+        prof["peer"] = profile_peer_sizes(peer_dir, args.sizes, cached=prof["cached_tokens"], repeats=args.repeats,
+                                          threads=args.threads)
+        print(format_peer_table(prof))
     out = write_profile(prof, args.output or Path(args.artifact) / PROFILE_FILE)
     print(f"wrote {out}")
 
