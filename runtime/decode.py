@@ -20,12 +20,14 @@ import numpy as np
 
 from runtime.backend import Backend
 from runtime.errors import ContextLengthError, MedusaError
-from runtime.tree import PAD, Tree
+from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup
+from runtime.tree import PAD, Tree, graft_chain
 
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
 DEFAULT_DELTA = 0.3  # typical acceptance: entropy-scaled threshold
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill call (the TensorRT plan's default prefill profile max)
+DEFAULT_LOOKUP = 3  # context-lookup draft tokens per Medusa step (0: off)
 PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update", "other")
 
 
@@ -45,6 +47,10 @@ class DecodeConfig:
     epsilon: float = DEFAULT_EPSILON
     delta: float = DEFAULT_DELTA
     medusa: bool = True  # False: plain autoregressive decoding through the same backend
+    # context lookup: each Medusa step also drafts up to this many tokens copied from where the
+    # context's latest n-gram (n <= lookup_ngram) occurred before, as one more branch (0: off)
+    lookup: int = DEFAULT_LOOKUP
+    lookup_ngram: int = DEFAULT_MAX_NGRAM
     seed: int | None = None
     eos_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
@@ -67,6 +73,10 @@ class DecodeConfig:
             raise MedusaError(f"top_k must be an integer >= 0 (0: no top-k cut), got {self.top_k!r}")
         if not (0 < self.top_p <= 1):
             raise MedusaError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        for name in ("lookup", "lookup_ngram"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "lookup" else 1):
+                raise MedusaError(f"{name} must be an integer >= {0 if name == 'lookup' else 1}, got {v!r}")
 
 
 def check_prefill_chunk(chunk) -> int:
@@ -87,6 +97,8 @@ class DecodeStats:
     times: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     total_s: float = 0.0
     finish_reason: str = ""  # "eos", "length", "stop_string", "context"
+    lookup_steps: int = 0  # Medusa steps whose tree carried context-lookup drafts
+    lookup_accepted: int = 0  # accepted tokens that only the lookup drafted
 
     @property
     def mean_accepted(self) -> float:
@@ -113,6 +125,8 @@ class DecodeStats:
             "times": dict(self.times),
             "total_s": self.total_s,
             "finish_reason": self.finish_reason,
+            "lookup_steps": self.lookup_steps,
+            "lookup_accepted": self.lookup_accepted,
         }
 
 
@@ -327,6 +341,7 @@ def decode_steps(
         )
     rng = np.random.default_rng(cfg.seed)
     stats = DecodeStats()
+    lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram) if cfg.medusa and cfg.lookup else None
     out: list[int] = []
     clock = _Clock(stats.times)
     start = clock.t
@@ -347,6 +362,8 @@ def decode_steps(
 
     while True:
         done = _emit(out, emitted, cfg, stats, decode_text)
+        if lookup is not None:
+            lookup.extend(emitted)
         if stats.steps:  # a step, not the prefill: count the tokens it emitted (after any stop trims them)
             stats.accept_hist[len(emitted)] = stats.accept_hist.get(len(emitted), 0) + 1
         clock.lap("other")
@@ -359,7 +376,7 @@ def decode_steps(
             stats.finish_reason = "context"
             return
         if cfg.medusa and room >= tree.num_nodes:
-            emitted, root, heads = _medusa_step(backend, root, heads, tree, cfg, rng, clock)
+            emitted, root, heads = _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup, stats)
         else:
             emitted, root = _plain_step(backend, root, cfg, rng, clock)
             if cfg.medusa:  # a plain step near the context end: keep the heads' input fresh
@@ -368,9 +385,19 @@ def decode_steps(
         stats.steps += 1
 
 
-def _medusa_step(backend, root, heads, tree, cfg, rng, clock):
+def _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup=None, stats=None):
     # candidates: the root plus each head's top-k, laid out as the tree
     tokens = tree_candidates(root, heads, tree)
+    base = tree.num_nodes
+    if lookup is not None:  # plus the context's own continuation, as one more branch
+        drafts = lookup.propose(cfg.lookup)
+        if drafts:
+            # engines exact only for chains keep a chain under greedy decoding (see Backend.exact_branching)
+            branching = backend.exact_branching or cfg.temperature >= GREEDY_BELOW
+            grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=branching)
+            if added and backend.max_context - backend.cache_len >= grafted.num_nodes:
+                tree, tokens = grafted, grafted_tokens
+                stats.lookup_steps += 1
     clock.lap("candidates")
     # verify: every node in one forward; position = cache length + depth
     logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
@@ -385,6 +412,8 @@ def _medusa_step(backend, root, heads, tree, cfg, rng, clock):
         path = accept_typical(tokens, logits, tree, cfg)
         new_root = select_root(logits[path[-1]], cfg, rng)
     clock.lap("acceptance")
+    if tree.num_nodes > base:  # accepted tokens that only the lookup drafted
+        stats.lookup_accepted += int(np.count_nonzero(path >= base))
     # update KV: keep only the accepted path's entries
     backend.commit(path)
     clock.lap("kv_update")

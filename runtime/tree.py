@@ -57,7 +57,7 @@ class Tree:
     @property
     def is_chain(self) -> bool:
         """One node per depth: every node's ancestors are the nodes just before it."""
-        return self.num_nodes == self.depth + 1
+        return self.num_nodes == int(self.position_ids.max()) + 1
 
     def __repr__(self) -> str:  # arrays make the dataclass repr unreadable
         return f"Tree({self.name!r}, nodes={self.num_nodes}, depth={self.depth}, topk={self.topk})"
@@ -157,6 +157,69 @@ def build_tree(paths: Iterable[Sequence[int]], name: str = "tree", num_heads: in
         node_rank=rank,
         topk=topk,
     )
+
+
+def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) -> tuple[Tree, np.ndarray, int]:
+    """``tree`` with a chain of draft tokens (the tokens after the root, e.g. from context
+    lookup) merged in: the chain follows existing nodes while their tokens agree, then
+    hangs the rest below the last one as new nodes (so no node gets two children with the
+    same token: siblings stay distinct, as exact sampling needs). Returns
+    ``(tree, tokens, nodes added)``; the new nodes come last (parents before children), so
+    the tree's own nodes keep their indices.
+
+    ``branching=False`` (engines where only chain trees are exact, a chain ``tree``): the
+    result stays a chain: where the drafts leave the tree's chain, the tree's nodes below
+    that point are dropped and the drafts continue instead.
+    """
+    parent = [int(p) for p in tree.parent]
+    toks = [int(t) for t in tokens]
+    head = [int(h) for h in tree.node_head]
+    rank = [int(r) for r in tree.node_rank]
+    node, added = 0, 0
+    for j, t in enumerate(int(d) for d in drafts):
+        child = next((c for c in range(1, len(parent)) if parent[c] == node and toks[c] == t), None)
+        if child is not None:
+            node = child
+            continue
+        if not branching:  # cut the chain below `node`, then continue with the drafts
+            keep = [i for i in range(len(parent)) if i <= node]  # a chain's nodes are in depth order
+            parent, toks, head, rank = parent[: len(keep)], toks[: len(keep)], head[: len(keep)], rank[: len(keep)]
+        parent.append(node)
+        toks.append(t)
+        head.append(-1)
+        rank.append(-1)
+        node = len(parent) - 1
+        added += 1
+    if not added and len(parent) == tree.num_nodes:
+        return tree, np.asarray(toks, dtype=np.int64), 0
+    return _tree_from_parents(f"{tree.name}+lookup", parent, head, rank, tree.topk), np.asarray(toks, dtype=np.int64), added
+
+
+def _tree_from_parents(name: str, parent: list[int], head: list[int], rank: list[int], topk: tuple[int, ...]) -> Tree:
+    """The buffers of a tree given as a parent list (parents before children)."""
+    n = len(parent)
+    par = np.asarray(parent, dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int64)
+    mask = np.zeros((n, n), dtype=bool)
+    mask[0, 0] = True
+    for i in range(1, n):
+        depth[i] = depth[par[i]] + 1
+        mask[i] = mask[par[i]]
+        mask[i, i] = True
+    has_child = np.zeros(n, dtype=bool)
+    has_child[par[par >= 0]] = True
+    leaves = [i for i in range(n) if not has_child[i]]
+    retrieve = np.full((len(leaves), int(depth.max()) + 1), PAD, dtype=np.int64)
+    lengths = np.zeros(len(leaves), dtype=np.int64)
+    for row, leaf in enumerate(leaves):
+        nodes = [leaf]
+        while nodes[-1] != 0:
+            nodes.append(int(par[nodes[-1]]))
+        retrieve[row, : len(nodes)] = nodes[::-1]
+        lengths[row] = len(nodes)
+    return Tree(name=name, paths=(), attn_mask=mask, position_ids=depth, retrieve_indices=retrieve,
+                path_lengths=lengths, parent=par, node_head=np.asarray(head, dtype=np.int64),
+                node_rank=np.asarray(rank, dtype=np.int64), topk=topk)
 
 
 def chain(depth: int) -> list[list[int]]:

@@ -175,11 +175,14 @@ def test_oracle_tree_accepts_full_depth(tree, reference):
 def test_always_wrong_heads_stay_lossless(seed, overrides, tree, reference):
     model, prompt, ref = reference(seed, overrides)
     backend = ScriptedHeads(torch_backend(model), prompt + ref, "wrong")
-    res = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW), load_tree(tree))
+    # the heads alone (no context lookup, whose drafts can be right)
+    res = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW, lookup=0), load_tree(tree))
     assert res.tokens == ref[:NEW]
     assert res.stats.accept_hist == {1: NEW - 1}
     assert res.stats.mean_accepted == 1.0
     assert backend.head_calls == NEW  # prefill + every step: the heads ran, and were rejected
+    with_lookup = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW), load_tree(tree))
+    assert with_lookup.tokens == ref[:NEW]  # lossless with lookup drafts too
 
 
 def test_candidates_follow_the_tree():

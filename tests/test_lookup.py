@@ -1,0 +1,169 @@
+"""Context lookup: the n-gram index on hand-made contexts, grafting its drafts into a tree,
+and decoding with it (lossless greedy, exact sampling, drafts actually accepted)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.decode import DecodeConfig, accept_greedy, decode
+from runtime.lookup import NgramLookup
+from runtime.tree import PAD, build_tree, graft_chain, load_tree
+
+
+def test_no_match_proposes_nothing():
+    assert NgramLookup([1, 2, 3, 4, 5]).propose(4) == []
+    assert NgramLookup([]).propose(4) == [] and NgramLookup([7]).propose(4) == []
+    assert NgramLookup([1, 2, 1]).propose(0) == []
+
+
+def test_longest_suffix_wins_over_a_more_recent_shorter_one():
+    # suffix (8, 9) occurred at 0-1 (followed by 5, 6); the 1-gram (9) occurred more recently at 4 (followed by 7)
+    lk = NgramLookup([8, 9, 5, 6, 9, 7, 8, 9])
+    assert lk.propose(2) == [5, 6]
+
+
+def test_most_recent_earlier_occurrence_of_the_same_ngram():
+    lk = NgramLookup([1, 2, 3, 1, 2, 4, 0, 1, 2])
+    assert lk.propose(3) == [4, 0, 1]  # the latest earlier (1, 2) is at 3-4
+
+
+def test_match_at_the_end_of_the_context_gives_a_short_draft():
+    lk = NgramLookup([5, 6, 5, 6])  # (5, 6) at 0-1 is followed by 5, 6: the continuation runs into the suffix
+    assert lk.propose(4) == [5, 6]
+    lk = NgramLookup([3, 4, 3])  # (3) at 0 followed by 4, 3 (up to the end)
+    assert lk.propose(5) == [4, 3]
+
+
+def test_extend_is_incremental():
+    lk = NgramLookup([1, 2, 3], max_ngram=2)
+    assert lk.propose(2) == []
+    lk.extend([9, 1, 2])
+    assert lk.propose(2) == [3, 9]
+    lk.extend([7])
+    assert lk.propose(2) == []
+    with pytest.raises(ValueError):
+        NgramLookup(max_ngram=0)
+
+
+def test_graft_merges_then_branches():
+    tree = build_tree([[0], [1], [0, 0]])  # root, a(0), b(1), a0(2)
+    tokens = np.array([10, 11, 12, 13])
+    # the drafts agree with node [0] (11) and [0, 0] (13), then continue: 2 new nodes below [0, 0]
+    g, toks, added = graft_chain(tree, tokens, [11, 13, 14, 15])
+    assert added == 2 and g.num_nodes == 6
+    assert toks.tolist() == [10, 11, 12, 13, 14, 15]
+    assert g.parent.tolist() == [-1, 0, 0, 1, 3, 4]
+    assert g.position_ids.tolist() == [0, 1, 1, 2, 3, 4]
+    assert g.attn_mask[5].tolist() == [True, True, False, True, True, True]
+    rows = {tuple(int(x) for x in r if x != PAD) for r in g.retrieve_indices}
+    assert rows == {(0, 2), (0, 1, 3, 4, 5)}
+    # drafts that leave the tree at once: a new branch below the root, siblings stay distinct
+    g, toks, added = graft_chain(tree, tokens, [20, 21])
+    assert added == 2 and g.parent.tolist()[-2:] == [0, 4] and len(set(toks[g.parent == 0])) == 3
+    # nothing new: the same tree object
+    same, toks, added = graft_chain(tree, tokens, [12])
+    assert same is tree and added == 0
+
+
+def test_graft_keeps_a_chain_when_branching_is_not_exact():
+    tree = load_tree("chain_3")
+    tokens = np.array([10, 11, 12, 13])
+    g, toks, added = graft_chain(tree, tokens, [11, 30, 31], branching=False)
+    assert g.is_chain and toks.tolist() == [10, 11, 30, 31] and added == 2
+    g, toks, _ = graft_chain(tree, tokens, [11, 12, 13, 14, 15], branching=False)
+    assert g.is_chain and toks.tolist() == [10, 11, 12, 13, 14, 15]
+
+
+def test_greedy_acceptance_on_a_grafted_tree():
+    tree = build_tree([[0], [1]])
+    g, toks, _ = graft_chain(tree, np.array([1, 2, 3]), [4, 5])  # lookup branch 1 -> 4 -> 5
+    logits = np.zeros((g.num_nodes, 8))
+    logits[0, 4] = logits[3, 5] = logits[4, 6] = 1.0  # the backbone agrees with the lookup branch
+    assert accept_greedy(toks, logits, g).tolist() == [0, 3, 4]
+
+
+class Repeating:
+    """A backend over a deterministic 'model' that copies its context: the next token is the
+    token after the previous occurrence of the current token (else a fixed function of it),
+    so context lookup drafts right and the heads (always wrong) never do."""
+
+    def __init__(self, vocab: int = 32):
+        from runtime.artifact import ModelSpec
+
+        self.spec = ModelSpec("toy", 1, 1, 1, 16, 16, vocab, 512, num_medusa_heads=3)
+        self.exact_branching = True
+        self.tokens: list[int] = []
+
+    @property
+    def cache_len(self):
+        return len(self.tokens)
+
+    @property
+    def max_context(self):
+        return self.spec.max_context
+
+    def reset(self):
+        self.tokens = []
+
+    def next_of(self, prefix):
+        last = prefix[-1]
+        for i in range(len(prefix) - 2, -1, -1):
+            if prefix[i] == last:
+                return prefix[i + 1]
+        return (last * 7 + 3) % self.spec.vocab_size
+
+    def forward(self, ids, pos, mask):
+        ids = [int(t) for t in ids]
+        self._new = ids
+        rows = [self.tokens + [ids[j] for j in range(len(ids)) if mask[i, j]] for i in range(len(ids))]
+        self._rows = rows
+        out = np.zeros((len(ids), self.spec.vocab_size))
+        for i, r in enumerate(rows):
+            out[i, self.next_of(r)] = 50.0  # p ~ 1: sampling at temperature 1 follows it too
+        return out
+
+    def commit(self, keep):
+        self.tokens += [self._new[int(k)] for k in keep]
+
+    def head_logits(self, index):
+        out = np.zeros((3, self.spec.vocab_size))
+        out[:, 0] = 9.0  # always token 0, which the toy model never produces after a prompt without 0
+        return out
+
+
+def test_lookup_drafts_are_accepted_and_greedy_stays_lossless():
+    backend = Repeating()
+    prompt = [5, 9, 3, 11, 7, 5, 9]
+    tree = load_tree("cpu_4")
+    plain = decode(backend, prompt, DecodeConfig(max_new_tokens=40, medusa=False), None)
+    off = decode(backend, prompt, DecodeConfig(max_new_tokens=40, lookup=0), tree)
+    on = decode(backend, prompt, DecodeConfig(max_new_tokens=40, lookup=4), tree)
+    assert on.tokens == off.tokens == plain.tokens
+    assert off.stats.mean_accepted == 1.0 and off.stats.lookup_steps == 0
+    assert on.stats.mean_accepted > 2.5 and on.stats.lookup_accepted > 20 and on.stats.lookup_steps > 0
+    assert on.stats.steps < off.stats.steps / 2
+
+
+def test_lookup_with_exact_sampling_and_near_the_context_end():
+    backend = Repeating()
+    backend.spec.max_context = 30
+    prompt = [5, 9, 3, 11, 7, 5, 9]
+    tree = load_tree("cpu_4")
+    plain = decode(backend, prompt, DecodeConfig(max_new_tokens=100, medusa=False), None)
+    on = decode(backend, prompt, DecodeConfig(max_new_tokens=100, lookup=5), tree)
+    assert on.tokens == plain.tokens and on.stats.finish_reason == "context"
+    # exact sampling over lookup branches: the toy model's next token has probability ~1, so the
+    # sample is its greedy answer, reached through accepted lookup drafts
+    backend.spec.max_context = 512
+    greedy = decode(backend, prompt, DecodeConfig(max_new_tokens=40, medusa=False), None).tokens
+    s = decode(backend, prompt, DecodeConfig(max_new_tokens=40, temperature=1.0, seed=0, lookup=4), tree)
+    assert s.tokens == greedy and s.stats.lookup_accepted > 20
+
+
+def test_bad_lookup_options():
+    from runtime.errors import MedusaError
+
+    for kw in (dict(lookup=-1), dict(lookup=2.0), dict(lookup_ngram=0), dict(lookup=True)):
+        with pytest.raises(MedusaError, match="lookup"):
+            DecodeConfig(**kw)
