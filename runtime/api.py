@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
 from runtime.decode import (
-    DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_PREFILL_CHUNK, DecodeConfig, DecodeStats, check_prefill_chunk, decode_steps,
+    DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK, DecodeConfig, DecodeStats, check_prefill_chunk, decode_steps,
 )
 from runtime.errors import MedusaError
 from runtime.tokenizer import StreamDecoder, Tokenizer
@@ -132,12 +132,12 @@ class MedusaGenerator:
         return ids
 
     def _events(self, prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
-                acceptance="exact", top_k=0, top_p=1.0):
+                acceptance="exact", top_k=0, top_p=1.0, lookup=DEFAULT_LOOKUP):
         """(prompt ids, the decode loop's events): the one path under stream() and generate()."""
         ids = self.encode(prompt)
         cfg = DecodeConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, acceptance=acceptance, top_k=top_k, top_p=top_p,
-            epsilon=epsilon, delta=delta, medusa=medusa,
+            epsilon=epsilon, delta=delta, medusa=medusa, lookup=lookup,
             seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids),
             stop_strings=tuple([stop] if isinstance(stop, str) else stop), prefill_chunk=self.prefill_chunk,
         )
@@ -147,10 +147,10 @@ class MedusaGenerator:
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None, stop: Sequence[str] | str = (),
                seed: int | None = None, medusa: bool = True, acceptance: str = "exact", top_k: int = 0,
-               top_p: float = 1.0) -> Iterator[TextChunk]:
+               top_p: float = 1.0, lookup: int = DEFAULT_LOOKUP) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Holds the lock while iterating."""
         _, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
-                                 acceptance, top_k, top_p)
+                                 acceptance, top_k, top_p, lookup)
         text = StreamDecoder(self.tokenizer)
         with self._lock:
             for event in events:
@@ -162,7 +162,8 @@ class MedusaGenerator:
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None,
                  stop: Sequence[str] | str = (), seed: int | None = None, medusa: bool = True,
-                 acceptance: str = "exact", top_k: int = 0, top_p: float = 1.0) -> Generation:
+                 acceptance: str = "exact", top_k: int = 0, top_p: float = 1.0,
+                 lookup: int = DEFAULT_LOOKUP) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
         ``temperature`` 0 decodes greedily (Medusa's output equals plain greedy decoding's).
@@ -171,9 +172,13 @@ class MedusaGenerator:
         speculative sampling, so the tokens follow exactly the law plain sampling gives;
         ``"typical"`` is Medusa's typical acceptance (``epsilon``, ``delta``): accepts more,
         but the output no longer follows the backbone's distribution.
+
+        ``lookup``: draft tokens per Medusa step copied from the context (where its latest
+        n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless
+        like every draft: the backbone verifies it.
         """
         ids, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
-                                   acceptance, top_k, top_p)
+                                   acceptance, top_k, top_p, lookup)
         tokens: list[int] = []
         stats = DecodeStats()
         with self._lock:

@@ -59,6 +59,7 @@ class RunResult:
     steps: int = 0
     times: dict = field(default_factory=dict)
     accept_hist: dict = field(default_factory=dict)
+    lookup_accepted: int = 0
     drafts: dict = field(default_factory=dict)  # a speculating peer's draft counters (proposed, accepted)
 
     @property
@@ -66,12 +67,27 @@ class RunResult:
         return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _run(gen, ids, max_new_tokens, medusa, tree=None) -> RunResult:
+def _run(gen, ids, max_new_tokens, medusa, tree=None, **kw) -> RunResult:
     t = time.perf_counter()
-    out = gen.generate(ids, max_new_tokens=max_new_tokens, medusa=medusa, tree=tree)
+    out = gen.generate(ids, max_new_tokens=max_new_tokens, medusa=medusa, tree=tree, **kw)
     seconds = time.perf_counter() - t
     s = out.stats
-    return RunResult(out.tokens, seconds, s.steps, dict(s.times), dict(s.accept_hist))
+    return RunResult(out.tokens, seconds, s.steps, dict(s.times), dict(s.accept_hist),
+                     lookup_accepted=s.lookup_accepted)
+
+
+@dataclass
+class Variant:
+    """One Medusa configuration the bench compares: a tree and a context-lookup setting."""
+
+    tree: object
+    lookup: int
+    name: str
+
+
+def make_variants(trees: list, lookups: list[int]) -> list[Variant]:
+    """Every tree with every lookup setting; named by the tree alone when there is one setting."""
+    return [Variant(t, lk, t.name if len(lookups) == 1 else f"{t.name} lookup={lk}") for t in trees for lk in lookups]
 
 
 def _divergence(gen, ids, ref: list[int], other: list[int]) -> dict | None:
@@ -138,13 +154,26 @@ def _peer_model_path(gen, explicit: str | None) -> str:
 
 
 def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256, peer: str | None = None,
-              peer_model: str | None = None, threads: int | None = None, progress: bool = True) -> dict:
+              peer_model: str | None = None, threads: int | None = None, progress: bool = True,
+              lookups: list[int] | None = None, sampling: list[float] | None = None, seed: int = 0) -> dict:
+    """Plain vs Medusa (each tree x each ``lookups`` setting) per prompt, interleaved; with
+    ``sampling`` temperatures also plain sampling vs exact vs typical Medusa sampling
+    (the first variant's tree and lookup, seeds ``seed + prompt index``)."""
     from tqdm import tqdm
+
+    from runtime.decode import DEFAULT_LOOKUP
 
     trees = [gen._tree(t) for t in trees] or [gen.default_tree]
     names = [t.name for t in trees]
     if len(set(names)) != len(names):
         raise MedusaError(f"--tree: trees must have distinct names, got {names}")
+    lookups = list(lookups) if lookups else [DEFAULT_LOOKUP]
+    if len(set(lookups)) != len(lookups) or any(lk < 0 for lk in lookups):
+        raise MedusaError(f"--lookup: distinct integers >= 0, got {lookups}")
+    sampling = list(sampling or [])
+    if any(not (t > 0) or t != t for t in sampling):
+        raise MedusaError(f"--sampling: temperatures must be > 0, got {sampling}")
+    variants = make_variants(trees, lookups)
     if peer not in (None, *PEERS):
         raise MedusaError(f"unknown peer {peer!r}: the supported peers are {', '.join(PEERS)}")
     hf = HFPeer(_peer_model_path(gen, peer_model), threads) if peer == "hf" else None
@@ -156,7 +185,7 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
     # warm up the engines (first-call allocations) outside the measurement
     warm = gen.encode([{"role": "user", "content": "Hello"}])
     gen.generate(warm, max_new_tokens=8, medusa=False)
-    gen.generate(warm, max_new_tokens=8, tree=trees[0])
+    gen.generate(warm, max_new_tokens=8, tree=trees[0], lookup=variants[0].lookup)
     if og is not None:
         og.run(warm, 8)
         if not og.ngram_unavailable:
@@ -164,26 +193,40 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
 
     per_prompt = []
     peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
-    bar = tqdm(total=len(prompts) * (1 + len(trees) + peer_runs), desc="bench", unit="run",
+    bar = tqdm(total=len(prompts) * (1 + len(variants) + peer_runs + 3 * len(sampling)), desc="bench", unit="run",
                disable=not progress, file=sys.stderr)
-    for p in prompts:
+    for i, p in enumerate(prompts):
         ids = gen.encode([{"role": "user", "content": p.text}])
         row = {"id": p.id, "category": p.category, "prompt_tokens": len(ids)}
         ar = _run(gen, ids, max_new_tokens, medusa=False)
         bar.update()
         row["ar"] = {"tokens": len(ar.tokens), "seconds": ar.seconds, "tokens_per_s": ar.tokens_per_s}
         row["trees"] = {}
-        for tree in trees:
-            md = _run(gen, ids, max_new_tokens, medusa=True, tree=tree)
+        for v in variants:
+            md = _run(gen, ids, max_new_tokens, medusa=True, tree=v.tree, lookup=v.lookup)
             bar.update()
-            row["trees"][tree.name] = {
+            row["trees"][v.name] = {
                 "tokens": len(md.tokens), "seconds": md.seconds, "tokens_per_s": md.tokens_per_s,
                 "speedup": md.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else 0.0,
                 "steps": md.steps, "times": md.times, "accept_hist": md.accept_hist,
                 "mean_accepted": sum(k * v for k, v in md.accept_hist.items()) / max(1, sum(md.accept_hist.values())),
                 "identical": md.tokens == ar.tokens,
                 "divergence": None if md.tokens == ar.tokens else _divergence(gen, ids, ar.tokens, md.tokens),
+                "lookup_accepted": md.lookup_accepted,
             }
+        if sampling:
+            row["sampling"] = {}
+        for temp in sampling:  # same seed for the three: a fair draw, not the same tokens
+            kw = dict(temperature=temp, seed=seed + i)
+            runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw),
+                    "exact": _run(gen, ids, max_new_tokens, medusa=True, tree=variants[0].tree,
+                                  lookup=variants[0].lookup, acceptance="exact", **kw),
+                    "typical": _run(gen, ids, max_new_tokens, medusa=True, tree=variants[0].tree,
+                                    lookup=variants[0].lookup, acceptance="typical", **kw)}
+            bar.update(3)
+            row["sampling"][str(temp)] = {
+                k: {"tokens": len(r.tokens), "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
+                    "accept_hist": r.accept_hist} for k, r in runs.items()}
         if hf is not None:
             pr = hf.run(ids, max_new_tokens)
             bar.update()
@@ -198,7 +241,9 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
                 row["peer_ngram"] = {**_peer_row(ng, ar), "identical_to_peer": ng.tokens == pr.tokens, **ng.drafts}
         per_prompt.append(row)
     bar.close()
-    res = summarize(gen, per_prompt, trees, max_new_tokens, peer, threads)
+    res = summarize(gen, per_prompt, variants, max_new_tokens, peer, threads)
+    if sampling:
+        res["sampling"] = _summarize_sampling(per_prompt, sampling, res, variants[0].name)
     if peer:
         res["peer_version"] = (hf or og).version
     if og is not None:
@@ -215,8 +260,55 @@ def _peer_row(pr: RunResult, ar: RunResult) -> dict:
             "identical_to_plain": same, "first_difference": first}
 
 
-def _tree_summary(per_prompt, tree, ar_tps) -> dict:
-    rows = [r["trees"][tree.name] for r in per_prompt]
+def _hist_mean(hist: dict) -> float:
+    return sum(int(k) * v for k, v in hist.items()) / max(1, sum(hist.values()))
+
+
+def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
+    """Per temperature: plain sampling vs exact and typical Medusa sampling (tokens/s over
+    all prompts, speedup over plain sampling, accepted tokens per step), and greedy's
+    speedup from the same run for reference."""
+    out = {}
+    for temp in temps:
+        rows = [r["sampling"][str(temp)] for r in per_prompt]
+        plain = _tokens_per_s([r["plain"] for r in rows])
+        entry = {"plain_tokens_per_s": plain, "greedy_speedup": res["trees"][variant_name]["speedup"],
+                 "tree": variant_name}
+        for k in ("exact", "typical"):
+            tps = _tokens_per_s([r[k] for r in rows])
+            hist: dict[str, int] = {}
+            for r in rows:
+                for a, c in r[k]["accept_hist"].items():
+                    hist[str(a)] = hist.get(str(a), 0) + c
+            entry[f"{k}_tokens_per_s"] = tps
+            entry[f"{k}_speedup"] = _ratio(tps, plain)
+            entry[f"{k}_mean_accepted"] = _hist_mean(hist)
+        out[str(temp)] = entry
+    return out
+
+
+def _by_category(per_prompt, names) -> dict:
+    """Plain and each variant's tokens/s, speedup and accepted length per prompt category."""
+    cats: dict[str, list] = {}
+    for r in per_prompt:
+        cats.setdefault(r["category"] or "-", []).append(r)
+    out = {}
+    for cat, rows in cats.items():
+        plain = _tokens_per_s([r["ar"] for r in rows])
+        entry = {"prompts": len(rows), "plain_tokens_per_s": plain}
+        for n in names:
+            vs = [r["trees"][n] for r in rows]
+            tps = _tokens_per_s(vs)
+            steps = sum(v["steps"] for v in vs)
+            entry[n] = {"tokens_per_s": tps, "speedup": _ratio(tps, plain),
+                        "mean_accepted": (sum(v["tokens"] for v in vs) - len(vs)) / steps if steps else 0.0}
+        out[cat] = entry
+    return out
+
+
+def _tree_summary(per_prompt, variant, ar_tps) -> dict:
+    tree = variant.tree
+    rows = [r["trees"][variant.name] for r in per_prompt]
     tokens = sum(r["tokens"] for r in rows)
     seconds = sum(r["seconds"] for r in rows)
     steps = sum(r["steps"] for r in rows)
@@ -232,7 +324,8 @@ def _tree_summary(per_prompt, tree, ar_tps) -> dict:
     near_ties = [r["divergence"] for r in rows if r["divergence"] and r["divergence"].get("top2_gap") is not None
                  and r["divergence"]["top2_gap"] < 1e-4]
     return {
-        "tree": tree.name, "nodes": tree.num_nodes, "paths": [list(p) for p in tree.paths],
+        "tree": variant.name, "nodes": tree.num_nodes, "paths": [list(p) for p in tree.paths],
+        "lookup": variant.lookup, "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
         "medusa_tokens_per_s": tps, "speedup": tps / ar_tps if ar_tps else 0.0,
         "median_prompt_speedup": statistics.median(r["speedup"] for r in rows),
         "mean_accepted": sum(k * v for k, v in hist.items()) / max(1, sum(hist.values())),
@@ -245,12 +338,12 @@ def _tree_summary(per_prompt, tree, ar_tps) -> dict:
     }
 
 
-def summarize(gen, per_prompt, trees, max_new_tokens, peer, threads) -> dict:
+def summarize(gen, per_prompt, variants, max_new_tokens, peer, threads) -> dict:
     ar_tokens = sum(r["ar"]["tokens"] for r in per_prompt)
     ar_s = sum(r["ar"]["seconds"] for r in per_prompt)
     ar_tps = ar_tokens / ar_s if ar_s else 0.0
-    tree_rows = {t.name: _tree_summary(per_prompt, t, ar_tps) for t in trees}
-    main = tree_rows[trees[0].name]
+    tree_rows = {v.name: _tree_summary(per_prompt, v, ar_tps) for v in variants}
+    main = tree_rows[variants[0].name]
     backend = gen.backend
     out = {
         "date": time.strftime("%Y-%m-%d"),
@@ -269,6 +362,7 @@ def summarize(gen, per_prompt, trees, max_new_tokens, peer, threads) -> dict:
         "overhead_fraction": main["overhead_fraction"],
         "ar_step_ms": 1000 * ar_s / max(1, ar_tokens),
         "trees": tree_rows,
+        "by_category": _by_category(per_prompt, list(tree_rows)),
         "per_prompt": per_prompt,
     }
     if peer:
@@ -344,18 +438,35 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
     lines.append(f"{res['prompts']} prompts, max_new_tokens {res['max_new_tokens']}, backend {res['backend']} "
                  f"{res.get('providers') or ''} threads {res['threads']}")
     lines.append(f"plain decoding: {res['ar_tokens_per_s']:.2f} tok/s ({res['ar_step_ms']:.1f} ms/token)")
-    head = (f"{'tree':<18} {'nodes':>5} {'tok/s':>7} {'speedup':>7} {'accepted':>8} {'identical':>9} "
+    w = max(18, *(len(n) for n in res["trees"]))
+    head = (f"{'tree':<{w}} {'nodes':>5} {'tok/s':>7} {'speedup':>7} {'accepted':>8} {'identical':>9} "
             f"{'engine':>7} {'heads':>6} {'cand':>5} {'accept':>6} {'kv':>5} {'other':>5} {'outside':>7}")
     lines += ["", head, "-" * len(head)]
     for t in res["trees"].values():
         ms = t["step_ms"]
         lines.append(
-            f"{t['tree'][:18]:<18} {t['nodes']:>5} {t['medusa_tokens_per_s']:7.2f} {t['speedup']:6.2f}x "
+            f"{t['tree']:<{w}} {t['nodes']:>5} {t['medusa_tokens_per_s']:7.2f} {t['speedup']:6.2f}x "
             f"{t['mean_accepted']:8.2f} {t['identical']:>4}/{res['prompts']:<4} {ms['engine']:6.1f}m {ms['heads']:5.1f}m "
             f"{ms['candidates']:4.1f}m {ms['acceptance']:5.1f}m {ms['kv_update']:4.1f}m {ms['other']:4.1f}m "
             f"{100 * t['overhead_fraction']:6.1f}%"
         )
     lines.append("(per-step times in ms; 'outside' = time outside engine calls / Medusa decode time)")
+    cats = res.get("by_category") or {}
+    if len(cats) > 1:
+        names = list(res["trees"])
+        head = f"{'category':<11} {'n':>3} {'plain':>7} " + " ".join(f"{n[:22]:>22}" for n in names)
+        lines += ["", "by category (tok/s, speedup, accepted):", head, "-" * len(head)]
+        for cat, e in cats.items():
+            cells = " ".join(f"{e[n]['tokens_per_s']:6.1f} x{e[n]['speedup'] or 0:4.2f} a{e[n]['mean_accepted']:.2f}".rjust(22)
+                             for n in names)
+            lines.append(f"{cat[:11]:<11} {e['prompts']:>3} {e['plain_tokens_per_s']:7.1f} {cells}")
+    for temp, e in (res.get("sampling") or {}).items():
+        lines.append("")
+        lines.append(f"sampling at temperature {temp} (tree {e['tree']}; greedy speedup in this run {e['greedy_speedup']:.2f}x):")
+        lines.append(f"  plain sampling  {e['plain_tokens_per_s']:8.2f} tok/s")
+        for k, what in (("exact", "exact (the backbone's distribution)"), ("typical", "typical acceptance (lossy)")):
+            lines.append(f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
+                         f"{e[k + '_mean_accepted']:.2f} accepted/step  [{what}]")
     for t in res["trees"].values():
         lines.append(f"accepted-length histogram {t['tree']}: {t['accept_hist']}")
         for d in t["divergences"]:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_PREFILL_CHUNK
+from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK
 from runtime.errors import run_cli
 
 EPILOG = """examples:
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "typical = Medusa's typical acceptance (accepts more, lossy)")
     g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep (1 = all)")
+    g.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
+                   help="context-lookup draft tokens per Medusa step (0 = off)")
     g.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="typical acceptance hard threshold")
     g.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="typical acceptance entropy-scaled threshold")
     g.add_argument("--tree", default=None, help="tree name from tree_configs or a JSON file (default: the artifact's)")
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="first N prompts only")
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--tree", nargs="+", default=[], help="one or several trees to compare (default: the artifact's)")
+    b.add_argument("--lookup", type=int, nargs="+", default=None, metavar="N",
+                   help="context-lookup draft tokens per step, one or several settings to compare (0 = off; "
+                        f"default {DEFAULT_LOOKUP})")
+    b.add_argument("--sampling", type=float, nargs="+", default=None, metavar="T",
+                   help="also compare plain sampling, exact and typical Medusa sampling at these temperatures")
     b.add_argument("--peer", choices=["hf", "ortgenai"], default=None,
                    help="also run a peer on the same prompts, interleaved: hf = Hugging Face generate; ortgenai = "
                         "onnxruntime-genai plain and with its n-gram speculation (pip install -e .[peers])")
@@ -95,7 +102,7 @@ def cmd_generate(args) -> None:
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, epsilon=args.epsilon, delta=args.delta,
               tree=args.tree, stop=args.stop, seed=args.seed, medusa=not args.no_medusa, acceptance=args.acceptance,
-              top_k=args.top_k, top_p=args.top_p)
+              top_k=args.top_k, top_p=args.top_p, lookup=args.lookup)
     if args.stream:
         stats = None
         for chunk in gen.stream(prompt, **kw):
@@ -121,7 +128,7 @@ def cmd_bench(args) -> None:
     prompts = load_prompts(args.prompts, args.limit)
     gen = _load(args)
     res = run_bench(gen, prompts, args.tree, args.max_new_tokens, peer=args.peer, peer_model=args.peer_model,
-                    threads=args.threads, progress=not args.quiet)
+                    threads=args.threads, progress=not args.quiet, lookups=args.lookup, sampling=args.sampling)
     res["command"] = "medusa-run " + " ".join(sys.argv[1:]) if sys.argv and "medusa-run" in sys.argv[0] else None
     print(format_report(res, per_prompt=not args.quiet))
     if args.json:
