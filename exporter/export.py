@@ -37,6 +37,7 @@ import copy
 import datetime as _dt
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -46,8 +47,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from exporter.fused import FUSED_OPSET
-from runtime.artifact import ArtifactConfig, GraphSpec
-from runtime.errors import ArtifactError, MedusaError
+from runtime.artifact import ArtifactConfig, GraphSpec, record_checksums
+from runtime.errors import ArtifactError, CheckpointError, MedusaError, MedusaWarning, sigterm_as_interrupt
 
 BACKBONE_FILE = "model.onnx"
 HEADS_FILE = "heads.onnx"
@@ -391,6 +392,17 @@ def resolve_precision(options: ExportOptions) -> str:
 
 
 def check_options(options: ExportOptions) -> None:
+    from runtime import checks
+
+    # types and finiteness first (runtime/checks.py): the comparisons below then hold
+    checks.integer("--opset", options.opset)
+    options.external_data_threshold_mb = checks.real("--external-data-threshold-mb", options.external_data_threshold_mb,
+                                                     0)
+    checks.integer("--max-context", options.max_context, 1, optional=True, rule=">= 1")
+    checks.flag("force", options.force)
+    checks.flag("validate", options.validate)
+    checks.flag("heads_int8", options.heads_int8)
+    checks.integer("validation_threads", options.validation_threads, 1, checks.MAX_THREADS, optional=True)
     if options.dtype not in ("float32", "float16"):
         raise MedusaError(f"unsupported dtype {options.dtype!r}: use float32 or float16")
     if options.graph not in GRAPHS:
@@ -427,10 +439,12 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise ArtifactError(f"cannot write {out_dir}: {out_dir.parent} is not a folder")
 
 
-def resolve_tree(options: ExportOptions, num_heads: int):
+def resolve_tree(options: ExportOptions, num_heads: int, vocab_size: int | None = None):
     """The artifact's default tree: ``options.tree``, else cpu_8 (chain_K when K < 4 heads);
     chains only for int8 / int4 graphs (their int8 activations keep greedy Medusa exact with
-    chains only: runtime.onnxrt.row_invariant_rows); chain_1 by default there."""
+    chains only: runtime.onnxrt.row_invariant_rows); chain_1 by default there. Checked as the
+    runtime checks a tree argument (ranks within ``vocab_size``)."""
+    from runtime import checks
     from runtime.tree import load_tree
 
     quantized = resolve_precision(options) in ("int8", "int4")
@@ -439,7 +453,7 @@ def resolve_tree(options: ExportOptions, num_heads: int):
         name = "chain_1"
     if name is None:
         name = DEFAULT_TREE if num_heads >= load_tree(DEFAULT_TREE).depth else f"chain_{max(1, min(num_heads, 5))}"
-    tree = load_tree(name, num_heads=num_heads if num_heads > 0 else None)
+    tree = checks.tree(name, num_heads if num_heads > 0 else None, vocab_size)
     if quantized and not tree.is_chain:
         raise MedusaError(
             f"tree {tree.name!r} branches; {resolve_precision(options)} graphs compute with int8 activations, where "
@@ -497,12 +511,14 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         )
     out_dir = Path(out_dir).expanduser().absolute()
     check_out_dir(out_dir, options.force)
+    check_finite(heads, "the Medusa heads", CheckpointError)  # before minutes of tracing (and the quantizer's assert)
+    check_finite(model, "the backbone", MedusaError)
     if heads.config.hidden_size != model.config.hidden_size or heads.config.vocab_size != model.config.vocab_size:
         raise MedusaError(
             f"Medusa heads (hidden {heads.config.hidden_size}, vocabulary {heads.config.vocab_size}) do not fit the "
             f"backbone (hidden {model.config.hidden_size}, vocabulary {model.config.vocab_size})"
         )
-    tree = resolve_tree(options, heads.config.num_heads)
+    tree = resolve_tree(options, heads.config.num_heads, model.config.vocab_size)
     spec = spec_from_hf(model, heads)
     if options.max_context is not None:
         if options.max_context > spec.max_context:
@@ -534,8 +550,15 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir, log)
+    # SIGTERM (a scheduler's kill, `timeout`) raises like Ctrl-C from here on, so the finally below
+    # removes the partial folder; every temporary file (the quantizer's too) lives inside it
+    scope = contextlib.ExitStack()
+    scope.enter_context(sigterm_as_interrupt())
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        _claim_partial(tmp)
+        scope.enter_context(_temporaries_in(tmp / TEMPORARIES))
         files = {}
         if options.graph == "fused":
             files.update(export_fused_backbone(model, tmp / BACKBONE_FILE, options.dtype, spec.max_context,
@@ -606,11 +629,18 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
             bits = 8 if options.precision == "int8" else 4
             with progress(log, f"quantizing {BACKBONE_FILE} to {options.precision} (MatMulNBits, weight-only)"):
+                from exporter.quantize import CHECK_TEXT
+
+                check_ids = tokenizer.encode(CHECK_TEXT) if hasattr(tokenizer, "encode") else None
                 config.provenance["quantization"] = quantize_backbone(
-                    tmp, config, bits, options.external_data_threshold_mb, check=options.validate, log=log)
+                    tmp, config, bits, options.external_data_threshold_mb, check=options.validate, check_ids=check_ids,
+                    log=log)
             config.precision = options.precision
             config.provenance["files"].update(config.provenance["quantization"].pop("files"))
         config.provenance["export_seconds"] = round(time.perf_counter() - started, 1)
+        _release_partial(tmp)
+        # size and sha256 of every file: runtime.load checks sizes, load(verify=True) the checksums
+        config.provenance["checksums"] = record_checksums(tmp)
         config.write(tmp)
         _public(tmp)
         with progress(log, f"moving the artifact into place at {out_dir}"):
@@ -618,7 +648,91 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        scope.close()
     return out_dir
+
+
+def check_finite(module, what: str, error=MedusaError) -> None:
+    """Every weight of ``module`` finite: NaN or infinity would export a graph that proposes or
+    decodes garbage (and trips ONNX Runtime's int8 quantizer with a bare assert)."""
+    import torch
+
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise error(f"{what}: tensor {name} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}: the "
+                        "checkpoint is damaged or its training diverged; use another checkpoint")
+
+
+# ---------------------------------------------------------------------------- interrupted exports
+
+OWNER_FILE = ".owner"  # inside a .NAME.partial-* folder: "<pid> <host>" of the export writing it
+TEMPORARIES = ".tmp"  # inside it: tempfile's folder while exporting (ONNX Runtime's quantizer writes there)
+STALE_UNOWNED_S = 60.0  # a partial folder without an owner file this old is no export's
+
+
+def _claim_partial(tmp: Path) -> None:
+    (tmp / OWNER_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    (tmp / TEMPORARIES).mkdir()
+
+
+def _release_partial(tmp: Path) -> None:
+    """The partial folder's bookkeeping out, before it becomes the artifact."""
+    shutil.rmtree(tmp / TEMPORARIES, ignore_errors=True)
+    (tmp / OWNER_FILE).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _temporaries_in(folder: Path) -> Iterator[None]:
+    """tempfile's default folder is ``folder`` within the block (restored after): temporary
+    files of the libraries the export calls are removed with the partial folder, even after a
+    SIGKILL (by the next export's :func:`remove_stale_partials`). Process-wide while it lasts."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether the export that made ``folder`` may still be running."""
+    try:
+        pid, host = (folder / OWNER_FILE).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):  # no owner file (yet, or an older exporter's): alive while fresh
+        try:
+            return time.time() - folder.stat().st_mtime < STALE_UNOWNED_S
+        except OSError:
+            return False
+    if host != socket.gethostname():
+        return True  # another machine's export on a shared folder: not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path, log: Log | None = None) -> list[Path]:
+    """Remove the ``.NAME.partial-*`` folders next to ``out_dir`` that a killed export (SIGKILL,
+    a crash, a power cut) left: those whose export process is gone. Says so for each."""
+    removed = []
+    prefix = f".{out_dir.name}.partial-"
+    for p in sorted(out_dir.parent.iterdir()) if out_dir.parent.is_dir() else []:
+        if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink() or _owner_alive(p):
+            continue
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(p, ignore_errors=True)
+        msg = f"removed {p}, left by an interrupted export ({size / 2**20:.1f} MiB)"
+        if log:
+            log(f"[medusa-export] {msg}")
+        else:
+            warnings.warn(msg, MedusaWarning, stacklevel=3)
+        removed.append(p)
+    return removed
 
 
 def _public(folder: Path) -> None:
