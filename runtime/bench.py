@@ -32,8 +32,10 @@ class Prompt:
     text: str
 
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    """MT-Bench-style JSONL (``question_id``, ``category``, ``turns``): first turns."""
+def load_prompts(path: str | Path, limit: int | None = None, per_category: int | None = None) -> list[Prompt]:
+    """MT-Bench-style JSONL (``question_id``, ``category``, ``turns``): first turns.
+
+    ``per_category``: the first N prompts of each category (in file order), before ``limit``."""
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"prompt file {path} does not exist")
@@ -49,6 +51,16 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
         out.append(Prompt(str(rec.get("question_id", n)), str(rec.get("category", "")), text))
     if not out:
         raise MedusaError(f"{path} holds no prompts")
+    if per_category is not None:
+        if per_category < 1:
+            raise MedusaError(f"--per-category must be at least 1, got {per_category}")
+        seen: dict[str, int] = {}
+        picked = []
+        for p in out:
+            seen[p.category] = seen.get(p.category, 0) + 1
+            if seen[p.category] <= per_category:
+                picked.append(p)
+        out = picked
     return out[:limit] if limit else out
 
 

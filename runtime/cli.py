@@ -55,12 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding (the baseline)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
+    g.add_argument("--verify", action="store_true",
+                   help="also check every artifact file's sha256 against the export's record (sizes are always "
+                        "checked; ~0.5 s for SmolLM2-135M)")
 
     b = sub.add_parser("bench", help="plain vs Medusa on the same engine and prompts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _engine_args(b)
     b.add_argument("--prompts", required=True, help="MT-Bench-style JSONL (first turns are used)")
     b.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    b.add_argument("--per-category", type=int, default=None, metavar="N",
+                   help="the first N prompts of each category (MT-Bench: 8 categories), before --limit")
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--tree", nargs="+", default=[], help="one or several trees to compare (default: the artifact's)")
     b.add_argument("--lookup", type=int, nargs="+", default=None, metavar="N",
@@ -94,7 +99,8 @@ def _load(args):
     import runtime
 
     return runtime.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
-                        max_context=args.max_context, prefill_chunk=args.prefill_chunk)
+                        max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+                        verify=getattr(args, "verify", False))
 
 
 def cmd_generate(args) -> None:
@@ -125,7 +131,7 @@ def cmd_generate(args) -> None:
 def cmd_bench(args) -> None:
     from runtime.bench import format_report, load_prompts, plot_bench, run_bench
 
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.per_category)
     gen = _load(args)
     res = run_bench(gen, prompts, args.tree, args.max_new_tokens, peer=args.peer, peer_model=args.peer_model,
                     threads=args.threads, progress=not args.quiet, lookups=args.lookup, sampling=args.sampling)
