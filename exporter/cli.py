@@ -18,6 +18,7 @@ SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
 # default trees for the embedded model with its shipped heads (medusa-train select-tree on the fused graph's profile)
 SHIPPED_TREE = "smollm2_ort_cpu"
 SHIPPED_TREE_QUANTIZED = "chain_1"
+MAX_FRESH_HEADS = 64  # a tree is at most this deep in practice (5); more heads only cost memory
 
 DESCRIPTION = """\
 Export a Llama-family causal LM (Llama, Mistral, Qwen2; the embedded default
@@ -165,8 +166,8 @@ def run(args: argparse.Namespace) -> Path:
         options.tree = SHIPPED_TREE_QUANTIZED if options.precision in ("int8", "int4") else SHIPPED_TREE
     out = Path(args.output).expanduser().absolute()
     check_out_dir(out, args.force)  # before minutes of work
-    if args.fresh_heads is not None and args.fresh_heads < 1:
-        raise MedusaError(f"--fresh-heads needs at least 1 head, got {args.fresh_heads}")
+    if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:
+        raise MedusaError(f"--fresh-heads needs at least 1 head and at most {MAX_FRESH_HEADS}, got {args.fresh_heads}")
     heads_path = None if args.fresh_heads is not None else (args.heads or _default_heads(args.model))
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]

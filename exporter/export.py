@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from exporter.fused import FUSED_OPSET
-from runtime.artifact import ArtifactConfig, GraphSpec, record_checksums
+from runtime.artifact import ArtifactConfig, GraphSpec, config_digest, record_checksums
 from runtime.errors import ArtifactError, CheckpointError, MedusaError, MedusaWarning, sigterm_as_interrupt
 
 BACKBONE_FILE = "model.onnx"
@@ -641,6 +641,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         _release_partial(tmp)
         # size and sha256 of every file: runtime.load checks sizes, load(verify=True) the checksums
         config.provenance["checksums"] = record_checksums(tmp)
+        config.provenance["config_sha256"] = config_digest(config)
         config.write(tmp)
         _public(tmp)
         with progress(log, f"moving the artifact into place at {out_dir}"):

@@ -185,6 +185,10 @@ def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> He
         proj = sorted(j for j, kinds in layers.items() if kinds == {"weight"})
         if blocks != list(range(len(blocks))) or not blocks:
             raise CheckpointError(f"{source}: head {i} has residual blocks {blocks}, expected 0..n-1")
+        for j in blocks:
+            if "linear.bias" not in layers[j]:
+                raise CheckpointError(f"{source}: tensor {i}.{j}.linear.bias is missing (every residual block holds "
+                                      f"{i}.{j}.linear.weight and {i}.{j}.linear.bias): the checkpoint is incomplete")
         if proj and proj != [len(blocks)]:
             raise CheckpointError(f"{source}: head {i} has a projection at layer {proj}, expected {len(blocks)}")
         layouts.add((len(blocks), bool(proj)))
@@ -303,6 +307,10 @@ def load_heads(
     if draft is not None and (draft.dim() != 1 or draft.dtype.is_floating_point):
         raise CheckpointError(f"{p}: '{DRAFT_VOCAB_KEY}' must be a 1-D integer tensor, got {draft.dtype} {tuple(draft.shape)}")
     cfg = heads_config_from_state_dict(sd, str(p))
+    for key, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{p}: tensor {key} holds NaN or infinite values: the checkpoint is damaged or its "
+                                  "training diverged; use another checkpoint")
     if cfg.shared_lm_head:
         if vocab_size is None:
             raise CheckpointError(f"{p}: heads share the backbone's lm_head; the backbone's vocabulary size is needed")

@@ -8,8 +8,10 @@ from runtime.errors import (  # noqa: F401
     ArtifactError,
     BackendUnavailableError,
     CheckpointError,
+    ConfigError,
     ContextLengthError,
     MedusaError,
+    MedusaWarning,
     TreeError,
 )
 from runtime.api import Generation, MedusaGenerator, load  # noqa: F401,E402

@@ -7,25 +7,43 @@
     for piece in gen.stream("Once upon a time"):
         print(piece.text, end="", flush=True)
 
-One loaded generator holds one KV cache. Concurrent callers are serialized by a lock
-(each call runs whole, one after the other), so they never see each other's cache.
+Concurrency contract. One loaded generator holds one KV cache and one lock. ``generate``
+holds the lock for its whole call; a ``stream`` holds it only while it computes a step, never
+while its consumer handles a chunk, so a half-read or slow stream never blocks another call.
+A call that finds the cache holding another stream's sequence first saves that sequence
+(a copy of the used part of the cache, or on backends that cannot copy it, its tokens to
+re-run) and puts its own back, so every call sees only its own sequence: greedy outputs
+are the tokens it gives when run alone, and a seeded sampled call draws the same tokens.
+Calls from several threads are therefore safe and serialized step by step (one engine, no
+parallel speed-up: load one generator per thread for that); one stream must be read by one
+consumer at a time. A stream that is dropped before its end holds no lock and nothing in
+the generator: its saved copy goes with it when it is closed or garbage-collected. Arguments
+are checked when ``stream`` is called, before the first chunk is asked for.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+import numpy as np
 
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
 from runtime.decode import (
     DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK, DecodeConfig, DecodeStats, check_prefill_chunk, decode_steps,
 )
-from runtime.errors import MedusaError
+from runtime import checks
+from runtime.errors import ArtifactError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError
 from runtime.tokenizer import StreamDecoder, Tokenizer
-from runtime.tree import Tree, build_tree, load_tree
+from runtime.tree import Tree, build_tree
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -91,17 +109,60 @@ def _has_tensorrt() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+class _Claim:
+    """One call's sequence in the generator's single KV cache (the module's concurrency contract).
+
+    Between two steps of the decode loop the cache holds ``ids`` + every emitted token but
+    the last (the next step's root is not cached yet). ``saved``: the copy taken when
+    another call displaced this one; ``done``: finished, failed or dropped (never saved).
+    """
+
+    __slots__ = ("ids", "emitted", "saved", "done", "__weakref__")
+
+    def __init__(self, ids: list[int]):
+        self.ids = list(ids)
+        self.emitted: list[int] = []
+        self.saved = None
+        self.done = False
+
+    @property
+    def cached(self) -> list[int]:
+        return self.ids + self.emitted[:-1]
+
+
+class _Replay:
+    """A saved sequence for backends that cannot copy their cache: its tokens, re-run on restore."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+
+
 class MedusaGenerator:
     def __init__(self, folder: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
                  max_context: int | None = None, tree: str | Sequence | Tree | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
-        self.prefill_chunk = check_prefill_chunk(prefill_chunk)  # before loading: a bad value fails fast
-        self.folder = Path(folder)
-        self.config = read_artifact(self.folder)
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False):
+        # every argument before loading: a bad value fails fast, in one line (runtime/checks.py)
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
+        self.folder = checks.folder("artifact folder", folder)
+        backend = checks.choice("backend", backend, BACKENDS)
+        device = checks.choice("device", device, DEVICES)
+        threads = checks.threads(threads)
+        max_context = checks.max_context(max_context)
+        self.config = read_artifact(self.folder, verify=checks.flag("verify", verify))
         self.tokenizer = Tokenizer(self.folder)
+        tokens = self.tokenizer.vocab_size
+        if tokens > self.spec.vocab_size:
+            raise ArtifactError(f"{self.folder}: tokenizer.json holds {tokens} tokens but the model's vocabulary is "
+                                f"{self.spec.vocab_size}: the tokenizer is not this model's (swapped?); re-export")
+        if max_context is not None and max_context > self.spec.max_context:
+            warnings.warn(f"max_context {max_context} exceeds the artifact's context of {self.spec.max_context} "
+                          f"tokens: the cache holds {self.spec.max_context}", MedusaWarning, stacklevel=3)
         self.backend = make_backend(self.folder, self.config, backend, device, threads, max_context)
-        self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)
         self._lock = threading.Lock()
+        self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
+        self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)
+        if self.default_tree.num_nodes >= self.backend.max_context:
+            self._warn_tree_too_big(self.default_tree, self.backend.max_context - 1, stacklevel=3)
 
     @property
     def spec(self):
@@ -109,54 +170,132 @@ class MedusaGenerator:
 
     def _artifact_tree(self) -> Tree:
         """The tree recorded at export (its paths are stored, so it loads even if renamed)."""
-        if self.config.default_tree_paths:
-            return build_tree(self.config.default_tree_paths, name=self.config.default_tree,
-                              num_heads=self.spec.num_medusa_heads)
-        return load_tree(self.config.default_tree, num_heads=self.spec.num_medusa_heads)
+        try:
+            if self.config.default_tree_paths:
+                paths = checks.tree_paths(self.config.default_tree_paths, self.spec.vocab_size, self.config.default_tree)
+                return build_tree(paths, name=self.config.default_tree, num_heads=self.spec.num_medusa_heads)
+            return self._tree(self.config.default_tree)
+        except TreeError as e:
+            raise ArtifactError(f"{self.folder / 'medusa_config.json'}: the default tree does not fit: {e}") from None
 
     def _tree(self, tree) -> Tree:
-        return self.default_tree if tree is None else load_tree(tree, num_heads=self.spec.num_medusa_heads)
+        """A tree argument (a name, a JSON file, a list of paths or a Tree), checked against this
+        model: its ranks against the vocabulary and its depth against the Medusa heads."""
+        if tree is None:
+            return self.default_tree
+        return checks.tree(tree, self.spec.num_medusa_heads, self.spec.vocab_size)
+
+    @staticmethod
+    def _warn_tree_too_big(tree: Tree, room: int, stacklevel: int) -> None:
+        warnings.warn(
+            f"tree {tree.name!r} has {tree.num_nodes} nodes but at most {room} fit in the context after the prompt: "
+            "every step decodes plain (one token a step, no Medusa speed-up); use a smaller tree or a longer context",
+            MedusaWarning, stacklevel=stacklevel + 1)
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt string (encoded as is), chat messages (chat template applied) or token ids."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        elif len(prompt) and all(isinstance(m, dict) for m in prompt):
-            ids = self.tokenizer.apply_chat_template(list(prompt))
-        elif all(isinstance(t, int) or hasattr(t, "__index__") for t in prompt):
-            ids = [int(t) for t in prompt]
+        kind, value = checks.prompt(prompt, self.spec.vocab_size)
+        if kind == "text":
+            ids = self.tokenizer.encode(value)
+        elif kind == "chat":
+            ids = self.tokenizer.apply_chat_template(value)
         else:
-            raise MedusaError("prompt must be a string, a list of chat messages ({'role', 'content'}) or token ids")
+            ids = value
         if not ids:
-            raise MedusaError("the prompt is empty")
+            raise ConfigError("the prompt is empty (it encodes to no tokens)")
         return ids
 
     def _events(self, prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
                 acceptance="exact", top_k=0, top_p=1.0, lookup=DEFAULT_LOOKUP):
-        """(prompt ids, the decode loop's events): the one path under stream() and generate()."""
+        """(prompt ids, the decode loop's events): the one path under stream() and generate().
+        Every argument is checked here, at the call (the events run nothing until asked)."""
         ids = self.encode(prompt)
         cfg = DecodeConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, acceptance=acceptance, top_k=top_k, top_p=top_p,
             epsilon=epsilon, delta=delta, medusa=medusa, lookup=lookup,
             seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids),
-            stop_strings=tuple([stop] if isinstance(stop, str) else stop), prefill_chunk=self.prefill_chunk,
+            stop_strings=stop, prefill_chunk=self.prefill_chunk,
         )
-        t = self._tree(tree) if medusa else None
+        t = self._tree(tree) if cfg.medusa else None
+        room = self.backend.max_context - len(ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.backend.max_context}: "
+                "shorten the prompt (at least one token must fit after it)"
+            )
+        if t is not None and t.num_nodes > room:
+            self._warn_tree_too_big(t, room, stacklevel=3)
         return ids, decode_steps(self.backend, ids, cfg, t, decode_text=self.tokenizer.decode)
+
+    def _take_cache(self, claim: _Claim) -> None:
+        """Under the lock: make the backend's cache hold ``claim``'s sequence. The call that
+        holds it now is saved first (unless it is done), then ``claim``'s saved copy is put
+        back; a claim that has not started needs nothing (the decode loop resets the cache)."""
+        holder = self._holder() if self._holder is not None else None
+        if holder is claim:
+            if claim.emitted and self.backend.cache_len != len(claim.cached):
+                # the backend was driven directly (gen.backend) since this claim's last step
+                self._put_back(_Replay(claim.cached))
+            return
+        if holder is not None and not holder.done and holder.emitted:
+            holder.saved = self.backend.snapshot() or _Replay(holder.cached)
+        self._holder = weakref.ref(claim)
+        if claim.saved is not None:
+            saved, claim.saved = claim.saved, None
+            self._put_back(saved)
+
+    def _put_back(self, saved) -> None:
+        backend = self.backend
+        if not isinstance(saved, _Replay):
+            backend.restore(saved)
+            return
+        # re-run the tokens as a (chunked) prefill: the cache the decode loop left, up to rounding
+        tokens = np.asarray(saved.tokens, dtype=np.int64)
+        backend.reset()
+        n = len(tokens)
+        chunk = self.prefill_chunk or n
+        for s in range(0, n, chunk):
+            m = min(chunk, n - s)
+            backend.forward(tokens[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)))
+            backend.commit(np.arange(m))
+
+    def _steps(self, claim: _Claim, events):
+        """The decode loop's events, one step at a time under the lock (the stream's path)."""
+        try:
+            while True:
+                with self._lock:
+                    self._take_cache(claim)
+                    try:
+                        event = next(events, None)
+                    except BaseException:
+                        claim.done = True
+                        raise
+                    if event is None:
+                        claim.done = True
+                        return
+                    claim.emitted.extend(event.tokens)
+                yield event  # the lock is free while the consumer handles the chunk
+        finally:  # finished, failed, closed or collected: nothing of it is kept
+            claim.done = True
+            claim.saved = None
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None, stop: Sequence[str] | str = (),
                seed: int | None = None, medusa: bool = True, acceptance: str = "exact", top_k: int = 0,
                top_p: float = 1.0, lookup: int = DEFAULT_LOOKUP) -> Iterator[TextChunk]:
-        """Yield text as it is accepted (one chunk per step). Holds the lock while iterating."""
-        _, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
-                                 acceptance, top_k, top_p, lookup)
+        """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
+        the lock is held only while a step computes (see the module's concurrency contract)."""
+        ids, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
+                                   acceptance, top_k, top_p, lookup)
+        return self._chunks(self._steps(_Claim(ids), events))
+
+    def _chunks(self, steps) -> Iterator[TextChunk]:
         text = StreamDecoder(self.tokenizer)
-        with self._lock:
-            for event in events:
-                yield TextChunk(text.push(event.tokens), event.tokens, event.stats)
+        event = None
+        for event in steps:
+            yield TextChunk(text.push(event.tokens), event.tokens, event.stats)
         tail = text.flush()
-        if tail:
+        if tail and event is not None:
             yield TextChunk(tail, [], event.stats)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -181,21 +320,29 @@ class MedusaGenerator:
                                    acceptance, top_k, top_p, lookup)
         tokens: list[int] = []
         stats = DecodeStats()
-        with self._lock:
-            for event in events:
-                tokens.extend(event.tokens)
-                stats = event.stats
+        claim = _Claim(ids)
+        with self._lock:  # the whole call: it ends on its own, so it blocks others for its length only
+            self._take_cache(claim)
+            try:
+                for event in events:
+                    tokens.extend(event.tokens)
+                    stats = event.stats
+            finally:
+                claim.done = True
         return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats)
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-         max_context: int | None = None, tree=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> MedusaGenerator:
+         max_context: int | None = None, tree=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+         verify: bool = False) -> MedusaGenerator:
     """Load an artifact folder written by ``medusa-export``.
 
     backend: ``auto`` (TensorRT when the artifact has an engine and tensorrt is installed,
     else ONNX Runtime), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
     prefill_chunk: prompt tokens per prefill call (0: the whole prompt at once); bounds the
-    prefill's memory for long prompts.
+    prefill's memory for long prompts. Every load checks the config, that each file it names
+    exists, parses and has the size the export recorded, and that the graphs' sizes match the
+    config; ``verify=True`` also checks every file's sha256 (about 0.5 s for SmolLM2-135M).
     """
     return MedusaGenerator(artifact_dir, backend=backend, device=device, threads=threads, max_context=max_context,
-                           tree=tree, prefill_chunk=prefill_chunk)
+                           tree=tree, prefill_chunk=prefill_chunk, verify=verify)

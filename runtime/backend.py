@@ -52,6 +52,18 @@ class Backend(ABC):
     # greedy Medusa then takes chain trees only, which such graphs compute exactly as plain steps
     exact_branching: bool = True
 
+    # One cache, several sequences in turn (runtime.api's streams): between two steps of the
+    # decode loop the cache is all the state a backend holds, so a caller that finds another
+    # sequence in it saves that one (snapshot) and puts its own back (restore).
+    def snapshot(self):
+        """A copy of the cache's used part, for :meth:`restore`; None where this backend cannot
+        copy its cache (the caller then re-runs its tokens through forward/commit)."""
+        return None
+
+    def restore(self, state) -> None:
+        """Put back a cache that :meth:`snapshot` copied (nothing staged after it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not snapshot its cache")
+
 
 class KVCache:
     """Preallocated sequence-major cache: per layer ``[batch, max_context, kv_heads, head_dim]``.
@@ -153,6 +165,18 @@ class GraphBackend(Backend):
             raise RuntimeError("commit() without a forward() to commit")
         self.cache.append(self._staged[0], self._staged[1], np.asarray(keep, dtype=np.int64))
         self._staged = None
+
+    def snapshot(self):
+        n = self.cache.length
+        return n, self.cache.keys[:, :, :n].copy(), self.cache.values[:, :, :n].copy()
+
+    def restore(self, state) -> None:
+        n, keys, values = state
+        self.cache.keys[:, :, :n] = keys
+        self.cache.values[:, :, :n] = values
+        self.cache.length = n
+        self._staged = None
+        self._hidden = None
 
     def head_logits(self, index):
         if self._hidden is None:

@@ -11,13 +11,13 @@ emits the accepted candidates below it plus the next root.
 
 from __future__ import annotations
 
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from runtime import checks
 from runtime.backend import Backend
 from runtime.errors import ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup
@@ -60,33 +60,26 @@ class DecodeConfig:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     def __post_init__(self):
+        # types, ranges and finiteness: the rules live in runtime/checks.py (ConfigError, one line each)
         self.prefill_chunk = check_prefill_chunk(self.prefill_chunk)
-        if self.max_new_tokens < 1:
-            raise MedusaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise MedusaError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0 < self.epsilon <= 1 and self.delta >= 0):
-            raise MedusaError(f"typical acceptance needs 0 < epsilon <= 1 and delta >= 0, got {self.epsilon}, {self.delta}")
-        if self.acceptance not in ACCEPTANCES:
-            raise MedusaError(f"acceptance must be one of {', '.join(ACCEPTANCES)}, got {self.acceptance!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise MedusaError(f"top_k must be an integer >= 0 (0: no top-k cut), got {self.top_k!r}")
-        if not (0 < self.top_p <= 1):
-            raise MedusaError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        for name in ("lookup", "lookup_ngram"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (0 if name == "lookup" else 1):
-                raise MedusaError(f"{name} must be an integer >= {0 if name == 'lookup' else 1}, got {v!r}")
+        self.max_new_tokens = checks.integer("max_new_tokens", self.max_new_tokens, 1)
+        self.temperature = checks.real("temperature", self.temperature, 0)
+        self.epsilon = checks.real("epsilon", self.epsilon, 0, 1, min_open=True,
+                                   rule="in (0, 1] (typical acceptance's hard threshold)")
+        self.delta = checks.real("delta", self.delta, 0, rule=">= 0 (typical acceptance's entropy-scaled threshold)")
+        self.acceptance = checks.choice("acceptance", self.acceptance, ACCEPTANCES)
+        self.top_k = checks.integer("top_k", self.top_k, 0, rule=">= 0 (0: no top-k cut)")
+        self.top_p = checks.real("top_p", self.top_p, 0, 1, min_open=True, rule="in (0, 1] (1: no nucleus cut)")
+        self.medusa = checks.flag("medusa", self.medusa)
+        self.seed = checks.seed(self.seed)
+        self.stop_strings = checks.stop_strings(self.stop_strings)
+        self.eos_token_ids = tuple(checks.integer("eos_token_ids", t, 0) for t in self.eos_token_ids)
+        self.lookup = checks.integer("lookup", self.lookup, 0, rule=">= 0 (0: no context lookup)")
+        self.lookup_ngram = checks.integer("lookup_ngram", self.lookup_ngram, 1)
 
 
 def check_prefill_chunk(chunk) -> int:
-    try:
-        value = operator.index(chunk)  # ints and numpy integers; not floats
-    except TypeError:
-        value = -1
-    if value < 0:
-        raise MedusaError(f"prefill_chunk must be an integer >= 0 (0: the whole prompt in one call), got {chunk!r}")
-    return value
+    return checks.integer("prefill_chunk", chunk, 0, rule=">= 0 (0: the whole prompt in one call)")
 
 
 @dataclass

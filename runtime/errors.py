@@ -5,29 +5,84 @@ no traceback (:func:`run_cli`). Anything else escaping is a bug in medusa-trt an
 its traceback.
 """
 
+import contextlib
+import signal
 import sys
-from typing import Callable
+import threading
+import warnings
+from typing import Callable, Iterator
 
 
 def run_cli(prog: str, command: Callable[[], "int | None"], interrupted: "str | None" = None) -> int:
     """Exit code of one command-line call: ``command()``'s int (0 for None); 1 with
     ``prog: error: ...`` on a :class:`MedusaError`; 130 with ``prog: <interrupted>`` on
-    Ctrl-C where ``interrupted`` is given (else the interrupt propagates)."""
+    Ctrl-C where ``interrupted`` is given (else the interrupt propagates); 143 on SIGTERM
+    inside :func:`sigterm_as_interrupt`."""
     try:
-        code = command()
+        with warnings.catch_warnings():
+            default = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if issubclass(category, MedusaWarning):  # the runtime changed what was asked: one line
+                    print(f"{prog}: warning: {message}", file=sys.stderr)
+                else:
+                    default(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
+            code = command()
     except MedusaError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if interrupted is None:
             raise
+        if isinstance(e, Terminated):  # "interrupted; nothing was written" -> "terminated (SIGTERM); ..."
+            print(f"{prog}: {interrupted.replace('interrupted', 'terminated (SIGTERM)', 1)}", file=sys.stderr)
+            return 143
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     return code if isinstance(code, int) else 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt inside :func:`sigterm_as_interrupt` so that every
+    ``finally`` (temporary folders, partial files) runs as it does for Ctrl-C. A
+    KeyboardInterrupt, not an Exception: no ``except Exception`` in a library swallows it."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (the previous handler is restored
+    on exit). Only the main thread can install handlers: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # an embedded interpreter without signal support
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 class MedusaError(Exception):
     """A user error: bad input, a missing file, a mismatch the user can fix."""
+
+
+class ConfigError(MedusaError):
+    """An argument of the public API or a command line has a wrong type or value
+    (runtime/checks.py holds the rules); the message names it and says what to give."""
+
+
+class MedusaWarning(UserWarning):
+    """The runtime does something other than what was asked (a cap, a fallback), and says so."""
 
 
 class TreeError(MedusaError):

@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.artifact import ArtifactConfig
 from runtime.backend import Backend, GraphBackend
-from runtime.errors import BackendUnavailableError, ContextLengthError, MedusaError
+from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -49,6 +49,61 @@ def choose_providers(device: str = "auto") -> list[str]:
     if device != "auto":
         raise MedusaError(f"unknown device {device!r}: use auto, cpu or cuda")
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def _session(ort, path: Path, options, providers):
+    """An InferenceSession of ``path``; a file ONNX Runtime cannot load (truncated, corrupt, not
+    ONNX) is an ArtifactError naming it, not ONNX Runtime's InvalidProtobuf."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - narrowed just below to ONNX Runtime's own error types
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        reason = (str(e).strip().splitlines() or [""])[0].split(" failed:")[-1].strip()[:200]
+        raise ArtifactError(
+            f"{path.name} in {path.parent} cannot be loaded by ONNX Runtime ({type(e).__name__}: {reason}): the file "
+            "is damaged, truncated or not this artifact's graph; re-export it (or copy the artifact again)"
+        ) from None
+
+
+_ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, heads_file: str, fused: bool) -> None:
+    """The graphs' static dimensions against medusa_config.json (vocabulary, hidden size, KV
+    heads, head size, Medusa heads, dtype), at load: a config that does not belong to its graphs
+    is an ArtifactError naming the file, the tensor and both sizes, not a failure at the first
+    generate. Dimensions a graph leaves symbolic are not compared."""
+    spec = config.model
+    kv = {1: (spec.num_kv_heads, "KV heads"), 3: (spec.head_dim, "head size")} if fused else \
+        {2: (spec.num_kv_heads, "KV heads"), 3: (spec.head_dim, "head size")}
+    expect_backbone = {"logits": (3, {2: (spec.vocab_size, "vocabulary size")}),
+                       "hidden_states": (3, {2: (spec.hidden_size, "hidden size")})}
+    for t in backbone.get_inputs():
+        if t.name.startswith("past_key_values."):
+            expect_backbone[t.name] = (4, kv)
+    expect_heads = {"hidden_states": (2, {1: (spec.hidden_size, "hidden size")}),
+                    "medusa_logits": (3, {1: (spec.num_medusa_heads, "Medusa heads count"),
+                                          2: (spec.vocab_size, "vocabulary size")})}
+    float_type = _ONNX_TYPES.get(config.dtype)
+    for session, file, expect in ((backbone, config.backbone.file, expect_backbone), (heads, heads_file, expect_heads)):
+        tensors = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}
+        for name, (rank, axes) in expect.items():
+            t = tensors.get(name)
+            if t is None:
+                raise ArtifactError(f"{folder / file}: the graph has no tensor {name!r} (not a medusa-trt graph?)")
+            if len(t.shape) != rank:
+                raise ArtifactError(f"{folder / file}: {name} has {len(t.shape)} dimensions in the graph, expected {rank}")
+            for axis, (size, what) in axes.items():
+                got = t.shape[axis]
+                if isinstance(got, int) and got != size:
+                    raise ArtifactError(
+                        f"{folder / file}: {name} has {what} {got} in the graph but medusa_config.json says {size}: "
+                        "the config does not belong to this graph (re-export the artifact)"
+                    )
+            if float_type and t.type.startswith("tensor(float") and t.type != float_type:
+                raise ArtifactError(f"{folder / file}: {name} is {t.type} in the graph but medusa_config.json says "
+                                    f"dtype {config.dtype} (re-export the artifact)")
 
 
 def _options(ort, threads: int | None, spin: bool):
@@ -99,8 +154,8 @@ class OnnxRuntimeBackend(GraphBackend):
         self.providers = choose_providers(device)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         self.threads = threads
-        self.backbone = ort.InferenceSession(str(self.folder / config.backbone.file), _options(ort, threads, spin=True),
-                                             providers=self.providers)
+        self.backbone = _session(ort, self.folder / config.backbone.file, _options(ort, threads, spin=True),
+                                 self.providers)
         # int8 heads (proposals only, so the output cannot change) on the CPU when exported
         heads = config.heads_int8 if (heads_int8 and config.heads_int8 and self.on_cpu) else config.heads
         self.heads_file = heads.file
@@ -108,13 +163,13 @@ class OnnxRuntimeBackend(GraphBackend):
         # threads steal the cores the next backbone call needs (measured on 2 cores: a plain
         # step after a heads call took 82 ms instead of 47 ms). The backbone keeps spinning.
         heads_opts = _options(ort, threads, spin=False)
-        self.heads = ort.InferenceSession(str(self.folder / heads.file), heads_opts, providers=self.providers)
+        self.heads = _session(ort, self.folder / heads.file, heads_opts, self.providers)
         dtype = _NP_DTYPES[config.dtype]
-        super().__init__(config.model, max_context=max_context, cache_dtype=dtype)
-        self._dtype = dtype
         self._past_names = [n for n in config.backbone.inputs if n.startswith("past_key_values.")]
         self._present_names = [n for n in config.backbone.outputs if n.startswith("present.")]
-        self._check_io()
+        self._check_io()  # before the cache is sized from the config
+        super().__init__(config.model, max_context=max_context, cache_dtype=dtype)
+        self._dtype = dtype
         self.io_binding = io_binding and self.on_cpu
         self._outputs = _Outputs()
         spec = config.model
@@ -129,12 +184,13 @@ class OnnxRuntimeBackend(GraphBackend):
         got_out = [o.name for o in self.backbone.get_outputs()]
         want_out = ["logits", "hidden_states", *self._present_names]
         if got_in != want_in or got_out != want_out:
-            raise MedusaError(
+            raise ArtifactError(
                 f"{self.folder / self.config.backbone.file}: graph I/O does not match medusa_config.json "
                 f"(inputs {got_in[:4]}..., expected {want_in[:4]}...; outputs {got_out[:3]}..., expected {want_out[:3]}...)"
             )
         if len(self._past_names) != 2 * self.config.model.num_layers:
-            raise MedusaError(f"{self.folder}: {len(self._past_names)} cache inputs for {self.config.model.num_layers} layers")
+            raise ArtifactError(f"{self.folder}: {len(self._past_names)} cache inputs for {self.config.model.num_layers} layers")
+        check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=False)
 
     # -- engine calls ------------------------------------------------------------------
 
@@ -207,12 +263,11 @@ class FusedOnnxRuntimeBackend(Backend):
                 "artifact with TensorRT on a GPU)"
             )
         self.threads = threads
-        self.backbone = ort.InferenceSession(str(self.folder / config.backbone.file), _options(ort, threads, spin=True),
-                                             providers=self.providers)
+        self.backbone = _session(ort, self.folder / config.backbone.file, _options(ort, threads, spin=True),
+                                 self.providers)
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
         self.heads_file = heads.file
-        self.heads = ort.InferenceSession(str(self.folder / heads.file), _options(ort, threads, spin=False),
-                                          providers=self.providers)
+        self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), self.providers)
         self._dtype = _NP_DTYPES[config.dtype]
         spec = self.spec
         self.capacity = min(max_context or spec.max_context, spec.max_context)
@@ -244,10 +299,12 @@ class FusedOnnxRuntimeBackend(Backend):
         got_in = [i.name for i in self.backbone.get_inputs()]
         got_out = [o.name for o in self.backbone.get_outputs()]
         if got_in != want_in or got_out != want_out:
-            raise MedusaError(
-                f"{self.folder / self.config.backbone.file}: graph I/O does not match the fused contract "
-                f"(inputs {got_in[:5]}..., expected {want_in[:5]}...)"
+            raise ArtifactError(
+                f"{self.folder / self.config.backbone.file}: graph I/O does not match the fused contract for "
+                f"{self.spec.num_layers} layers in medusa_config.json ({len(got_in) - 4} cache inputs; "
+                f"inputs {got_in[:5]}..., expected {want_in[:5]}...)"
             )
+        check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=True)
 
     @property
     def cache_len(self) -> int:
@@ -315,6 +372,16 @@ class FusedOnnxRuntimeBackend(Backend):
             self.kv[:, :, :, :, dst] = self.kv[:, :, :, :, src]
         self.length += a
         self._staged = 0
+
+    def snapshot(self):
+        return self.length, self.kv[:, :, :, :, : self.length].copy()
+
+    def restore(self, state) -> None:
+        n, kv = state
+        self.kv[:, :, :, :, :n] = kv  # in place: the bound buffers keep their addresses
+        self.length = n
+        self._staged = 0
+        self._hidden = None
 
     def head_logits(self, index):
         if self._hidden is None:

@@ -17,12 +17,49 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise ArtifactError(f"{folder}: tokenizer.json is missing")
-        self._tok = _Tok.from_file(str(path))
+        try:
+            self._tok = _Tok.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+            raise ArtifactError(f"{path}: not a readable tokenizer ({str(e)[:160]}): the file is damaged; copy the "
+                                "artifact again or re-export") from None
         cfg_path = folder / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{cfg_path} is not valid JSON ({e}): copy the artifact again or re-export") from None
+        if not isinstance(self.config, dict):
+            raise ArtifactError(f"{cfg_path} must hold a JSON object, found a {type(self.config).__name__}")
         template_path = folder / "chat_template.jinja"
-        self.chat_template = template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
+        try:
+            self.chat_template = template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"{template_path} is not UTF-8 text ({e})") from None
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise ArtifactError(f"{cfg_path}: chat_template must be a string, got {type(self.chat_template).__name__}")
         self._template = None
+        self._template_file = template_path if template_path.is_file() else cfg_path
+        if self.chat_template:
+            self._compile_template()  # a broken template is the artifact's fault: say so at load
+
+    def _compile_template(self):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise MedusaError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self._template = env.from_string(self.chat_template)
+        except jinja2.TemplateError as e:
+            raise ArtifactError(f"{self._template_file}: the chat template does not parse ({e}); fix it or "
+                                "re-export") from None
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the tokenizer can produce (added tokens included)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
 
     def _special(self, key: str) -> str | None:
         v = self.config.get(key)
@@ -45,21 +82,18 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise MedusaError(f"chat messages must be dicts with 'role' and 'content', got {m!r:.80}")
         if self._template is None:
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            self._compile_template()
+        import jinja2
 
-            def raise_exception(msg):
-                raise MedusaError(f"chat template: {msg}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        text = self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._special("bos_token") or "",
-            eos_token=self._special("eos_token") or "",
-        )
+        try:
+            text = self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._special("bos_token") or "",
+                eos_token=self._special("eos_token") or "",
+            )
+        except jinja2.TemplateError as e:  # e.g. a message field the template needs is missing
+            raise MedusaError(f"chat template ({self._template_file.name}) cannot render these messages: {e}") from None
         return self.encode(text)
 
 

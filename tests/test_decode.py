@@ -591,7 +591,7 @@ def test_user_errors(tiny_llama):
         decode(backend, [5, 128], DecodeConfig(max_new_tokens=4, medusa=False))
     with pytest.raises(MedusaError, match=r"non-empty list of token ids"):
         decode(backend, [], DecodeConfig(max_new_tokens=4, medusa=False))
-    with pytest.raises(MedusaError, match=r"max_new_tokens must be at least 1, got 0"):
+    with pytest.raises(MedusaError, match=r"max_new_tokens must be an integer >= 1, got 0"):
         DecodeConfig(max_new_tokens=0)
     with pytest.raises(MedusaError, match=r"temperature must be >= 0, got -1"):
         DecodeConfig(temperature=-1)

@@ -19,7 +19,10 @@ def _distill(a) -> None:
     cfg = DistillConfig(model=a.model, prompts=Path(a.prompts), out=Path(a.out), num_prompts=a.num_prompts,
                         max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size,
                         seed=a.seed, threads=a.threads)
-    records = distill(cfg)
+    from runtime.errors import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: finished batches stay in OUT.partial
+        records = distill(cfg)
     eos = sum(r["finish"] == "eos" for r in records)
     tokens = sum(len(r["response_ids"]) for r in records)
     print(f"wrote {len(records)} records ({tokens} response tokens, {eos} ended with EOS) to {cfg.out}")
@@ -148,9 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every number on the command line finite, and the ones every subcommand shares in range
+    (runtime/checks.py): a NaN learning rate or temperature is refused before any work."""
+    from runtime import checks
+
+    for name, value in vars(args).items():
+        if isinstance(value, float):
+            checks.real(f"--{name.replace('_', '-')}", value)
+    checks.threads(args.threads)
+    checks.integer("--seed", args.seed, 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("medusa-train", lambda: args.func(args))
+    return run_cli("medusa-train", lambda: (check_numbers(args), args.func(args))[1],
+                   interrupted="interrupted" + ("; finished batches are kept in OUT.partial: rerun the same command "
+                                                "to resume" if args.command == "distill" else ""))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ Resume: every finished batch is appended to ``OUT.partial`` (flush + fsync); a r
 skips the ids already there (a torn last line from a kill is dropped). The final file is
 written to ``OUT.tmp`` and renamed to ``OUT``, so ``OUT`` is either absent or complete.
 Asking for more prompts than a finished ``OUT`` holds extends it; asking for fewer keeps
-every record it holds (nothing is dropped).
+every record it holds (nothing is dropped). Records carry their resume key (model,
+temperature, max_new_tokens, the prompts file's sha256, the seed when sampling): resuming or
+extending with anything else, or with another prompt or chat template for a kept id, is
+refused (:func:`check_resume`), so two runs' records never mix.
 MT-Bench is evaluation data and is never accepted here.
 
 Hidden states for free: generation already runs the backbone over every prompt and answer
@@ -63,8 +66,12 @@ def save_states(folder: Path, record_id: str, model: str, first: int, hidden) ->
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{record_id}.tmp.npz"
-    np.savez(tmp, hidden=np.asarray(hidden, dtype=np.float16), first=np.int64(first), model=np.array(model))
-    os.replace(tmp, folder / f"{record_id}.npz")
+    try:
+        np.savez(tmp, hidden=np.asarray(hidden, dtype=np.float16), first=np.int64(first), model=np.array(model))
+        os.replace(tmp, folder / f"{record_id}.npz")
+    except BaseException:  # interrupted: no torn temporary stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_states(folder: Path, record_id: str):
@@ -140,12 +147,16 @@ def _append(path: Path, records: list[dict]) -> None:
 
 def write_atomic(path: Path, records: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: no half-written OUT.tmp stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_records(path: Path) -> list[dict]:
@@ -271,10 +282,13 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     from exporter.models import load_backbone
     from training.data import first_cached_position
 
-    if cfg.num_prompts < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-        raise MedusaError("num_prompts, max_new_tokens and batch_size must be at least 1")
-    if cfg.temperature < 0:
-        raise MedusaError(f"temperature must be >= 0, got {cfg.temperature}")
+    from runtime import checks
+
+    for name in ("num_prompts", "max_new_tokens", "batch_size"):
+        checks.integer(f"--{name.replace('_', '-')}", getattr(cfg, name), 1)
+    cfg.temperature = checks.real("--temperature", cfg.temperature, 0, rule=">= 0 (0: greedy)")
+    checks.integer("--seed", cfg.seed, 0)
+    checks.threads(cfg.threads)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -290,13 +304,8 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     partial = out.with_name(out.name + ".partial")
     done = {r["id"]: r for r in read_records(out)} if out.exists() else {}  # a finished file is extended
     done.update({r["id"]: r for r in read_partial(partial)})
-    for r in done.values():
-        if (r.get("model"), r.get("temperature"), r.get("max_new_tokens")) != (cfg.model, cfg.temperature, cfg.max_new_tokens):
-            raise MedusaError(
-                f"{out} / {partial} was started with model={r.get('model')!r}, temperature={r.get('temperature')}, "
-                f"max_new_tokens={r.get('max_new_tokens')}; this run asks for model={cfg.model!r}, "
-                f"temperature={cfg.temperature}, max_new_tokens={cfg.max_new_tokens}: delete it or use the same options"
-            )
+    key = resume_key(cfg)
+    check_resume(done, key, prompts, tok, f"{out} / {partial}")
     todo = [(pid, text, chat_prompt_ids(tok, text)) for pid, text in prompts if pid not in done]
     # batches in prompt order: a run stopped early holds a prefix of the prompts, so rerunning
     # with --num-prompts set to what is done finishes at once (generation length, not prompt
@@ -312,7 +321,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
         records = [
             {"id": pid, "messages": [{"role": "user", "content": text}], "prompt_ids": p, "response_ids": res[0],
              "response_text": tok.decode(res[0], skip_special_tokens=True), "finish": res[1],
-             "model": cfg.model, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
+             **key}
             for (pid, text, p), res in zip(batch, results)
         ]
         if keep_states:  # before the record lands: a record in OUT.partial has its states on disk
@@ -330,6 +339,41 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     write_atomic(out, final)
     partial.unlink(missing_ok=True)  # absent when a finished file had everything asked for
     return final
+
+
+def resume_key(cfg: DistillConfig) -> dict:
+    """What shapes a record besides its prompt, stored in every record: a resumed or extended run
+    must ask for the same (the prompt itself, as templated, is compared record by record)."""
+    import hashlib
+
+    key = {"model": cfg.model, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
+           "prompts_sha256": hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()}
+    if cfg.temperature > 0:  # sampled answers depend on the seed too
+        key["seed"] = cfg.seed
+    return key
+
+
+def check_resume(done: dict[str, dict], key: dict, prompts: list[tuple[str, str]], tok, where: str) -> None:
+    """Refuse to mix records: every kept record must carry this run's ``key`` (records written
+    before a key field existed are exempt from it) and, where this run asks for its id, the
+    same prompt text and templated prompt ids (another prompts file, or another chat template)."""
+    legacy_optional = ("prompts_sha256", "seed")
+    for r in done.values():
+        diff = [k for k, v in key.items() if r.get(k) != v and not (k in legacy_optional and k not in r)]
+        if diff:
+            was = ", ".join(f"{k}={r.get(k)!r}" for k in diff)
+            now = ", ".join(f"{k}={key.get(k)!r}" for k in diff)
+            what = " (another --prompts file or an edited one)" if "prompts_sha256" in diff else ""
+            raise MedusaError(f"{where} was started with {was}; this run asks for {now}{what}: resuming would mix "
+                              "records of two runs; delete them or use the same options")
+    texts = {pid: text for pid, text in prompts}
+    for pid, r in done.items():
+        if pid not in texts:
+            continue
+        if r.get("messages") != [{"role": "user", "content": texts[pid]}] or \
+                r.get("prompt_ids") != chat_prompt_ids(tok, texts[pid]):
+            raise MedusaError(f"{where}: record {pid} was made from another prompt (or chat template) than this run's "
+                              "prompt of that id: resuming would mix records; delete them or use the same --prompts")
 
 
 def _eos_ids(model, tok) -> list[int]:

@@ -1,0 +1,558 @@
+"""Issue 15's cases, one regression test each: every bad input a one-line MedusaError (or
+correct behaviour), no hang, nothing left behind.
+
+The numbered sections follow the issue: 1 half-read streams, 2 NaN / infinity / floats,
+3 silent wrong output, 4 raw exceptions (API, artifacts, checkpoints, command lines),
+5 interrupted exports, 6 distillation resume, 7 trees that cannot fit. ``API_CASES`` and
+``ARTIFACT_CASES`` are the README's "input / what happens" table.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import runtime  # noqa: E402
+from runtime.errors import (  # noqa: E402
+    ArtifactError, CheckpointError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_export):
+    return tiny_export(tmp_path_factory.mktemp("art") / "tiny", seed=3, initializer_range=0.15)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny):
+    return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+
+
+@pytest.fixture(scope="module")
+def alone(gen):
+    """Each prompt's greedy tokens (tree cpu_8) and a seeded sample, decoded alone."""
+    return {p: (gen.generate(p, max_new_tokens=24, tree="cpu_8").tokens,
+                gen.generate(p, max_new_tokens=24, tree="cpu_8", temperature=0.9, seed=5).tokens) for p in PROMPTS}
+
+
+def within(seconds: float, fn):
+    """``fn()``'s result, or a test failure (not a hung test run) after ``seconds``."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s (a hang)"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# ---------------------------------------------------------------------------- 1. streams
+
+
+def test_half_read_stream_does_not_block_other_calls(gen, alone):
+    s = gen.stream(PROMPTS[0], max_new_tokens=24, tree="cpu_8")
+    first = next(s)
+    other = within(60, lambda: gen.generate(PROMPTS[1], max_new_tokens=24, tree="cpu_8"))
+    assert other.tokens == alone[PROMPTS[1]][0]
+    rest = within(60, lambda: [t for c in s for t in c.tokens])
+    assert first.tokens + rest == alone[PROMPTS[0]][0]  # the stream resumed on its own cache
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_interleaved_streams_equal_each_run_alone(gen, alone, sampled):
+    kw = dict(max_new_tokens=24, tree="cpu_8", **({"temperature": 0.9, "seed": 5} if sampled else {}))
+    streams = {p: gen.stream(p, **kw) for p in PROMPTS}
+    got = {p: [] for p in PROMPTS}
+    while streams:  # one chunk of each in turn: every step finds another stream's sequence in the cache
+        for p, s in list(streams.items()):
+            chunk = next(s, None)
+            if chunk is None:
+                del streams[p]
+            else:
+                got[p].extend(chunk.tokens)
+        gen.generate(PROMPTS[2], max_new_tokens=3)  # and a whole call in between
+    assert got == {p: alone[p][int(sampled)] for p in PROMPTS}
+
+
+def test_streams_from_threads_with_slow_consumers(gen, alone):
+    results, errors = {}, []
+
+    def consume(p):
+        try:
+            toks = []
+            for c in gen.stream(p, max_new_tokens=24, tree="cpu_8"):
+                toks.extend(c.tokens)
+                time.sleep(0.002)  # a slow consumer: others must progress meanwhile
+            results[p] = toks
+        except Exception as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=consume, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == {p: alone[p][0] for p in PROMPTS}
+
+
+def test_backend_without_snapshot_replays_the_sequence(tiny, alone):
+    g = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    g.backend.snapshot = lambda: None  # as a backend that cannot copy its cache (TensorRT's device cache)
+    a, b = g.stream(PROMPTS[0], max_new_tokens=24, tree="cpu_8"), g.stream(PROMPTS[1], max_new_tokens=24, tree="cpu_8")
+    got_a, got_b = list(next(a).tokens), list(next(b).tokens)
+    for c in a:
+        got_a.extend(c.tokens)
+    for c in b:
+        got_b.extend(c.tokens)
+    assert (got_a, got_b) == (alone[PROMPTS[0]][0], alone[PROMPTS[1]][0])
+
+
+def test_abandoned_stream_frees_everything(gen, alone):
+    s = gen.stream(PROMPTS[0], max_new_tokens=24, tree="cpu_8")
+    next(s)
+    claim = s.gi_frame.f_locals["steps"].gi_frame.f_locals["claim"]
+    assert gen.generate(PROMPTS[1], max_new_tokens=24, tree="cpu_8").tokens == alone[PROMPTS[1]][0]
+    assert claim.saved is not None  # displaced: its cache copy lives in the stream, not the generator
+    ref = weakref.ref(claim)
+    del s, claim
+    gc.collect()
+    assert ref() is None
+    assert gen.generate(PROMPTS[0], max_new_tokens=24, tree="cpu_8").tokens == alone[PROMPTS[0]][0]
+
+
+def test_stream_checks_its_arguments_at_the_call(gen):
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        gen.stream("hi", max_new_tokens=float("nan"))  # not at the first next()
+    with pytest.raises(ContextLengthError, match="context holds"):
+        gen.stream(list(range(5, 5 + 300)), max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------- 2-4. the API's arguments
+
+# (what is passed, keyword arguments of generate(), the error, a fragment of its message): the README table
+API_CASES = [
+    ("max_new_tokens=nan", dict(max_new_tokens=float("nan")), ConfigError, "max_new_tokens must be an integer >= 1"),
+    ("max_new_tokens=inf", dict(max_new_tokens=float("inf")), ConfigError, "max_new_tokens must be an integer"),
+    ("max_new_tokens=2.5", dict(max_new_tokens=2.5), ConfigError, "got 2.5"),
+    ("max_new_tokens=True", dict(max_new_tokens=True), ConfigError, r"got True \(bool\)"),
+    ("max_new_tokens='5'", dict(max_new_tokens="5"), ConfigError, "max_new_tokens must be an integer"),
+    ("temperature=nan", dict(temperature=float("nan")), ConfigError, "temperature must be a finite number >= 0"),
+    ("temperature=inf", dict(temperature=float("inf")), ConfigError, "temperature must be a finite number"),
+    ("temperature=-1", dict(temperature=-1), ConfigError, "temperature must be >= 0"),
+    ("epsilon='x'", dict(epsilon="x"), ConfigError, r"epsilon must be a number in \(0, 1\]"),
+    ("epsilon=nan", dict(epsilon=float("nan")), ConfigError, "epsilon must be a finite number"),
+    ("delta=inf", dict(delta=float("inf")), ConfigError, "delta must be a finite number"),
+    ("top_p=nan", dict(top_p=float("nan")), ConfigError, "top_p must be a finite number"),
+    ("top_k=2.0", dict(top_k=2.0), ConfigError, "top_k must be an integer"),
+    ("seed=-1", dict(seed=-1), ConfigError, "seed must be an integer >= 0"),
+    ("seed='x'", dict(seed="x"), ConfigError, "seed must be an integer >= 0"),
+    ("stop=''", dict(stop=""), ConfigError, "stop strings must not be empty"),
+    ("stop=[1]", dict(stop=[1]), ConfigError, r"stop must be a string, got 1 \(int\)"),
+    ("stop=b'x'", dict(stop=b"x"), ConfigError, "stop must be a string or a list of strings"),
+    ("medusa='no'", dict(medusa="no"), ConfigError, "medusa must be True or False"),
+    ("acceptance=1", dict(acceptance=1), ConfigError, "acceptance must be one of exact, typical"),
+    ("prompt=b'Hi'", dict(prompt=b"Hi"), ConfigError, "the prompt is bytes"),
+    ("prompt=None", dict(prompt=None), ConfigError, "prompt must be a string, a list of chat messages"),
+    ("prompt=''", dict(prompt=""), ConfigError, "the prompt is empty"),
+    ("prompt=[True, 5]", dict(prompt=[True, 5]), ConfigError, "token ids must be integers"),
+    ("prompt=[10**30]", dict(prompt=[10**30]), ConfigError, r"token ids must lie in \[0, 49152\)"),
+    ("chat content 5", dict(prompt=[{"role": "user", "content": 5}]), ConfigError, "message 0's content must be a string"),
+    ("chat message without role", dict(prompt=[{"content": "x"}]), ConfigError, "'role' and 'content'"),
+    ("lone surrogate", dict(prompt="a\ud800b"), ConfigError, "lone surrogate"),
+    ("tree=5", dict(tree=5), ConfigError, "tree must be a name from tree_configs"),
+    ("tree rank = vocabulary", dict(tree=[[49152]]), TreeError, "asks for rank 49152 .* vocabulary has 49152 tokens"),
+    ("tree rank 2**62", dict(tree=[[2**62]]), TreeError, "asks for rank 4611686018427387904"),
+    ("tree unknown name", dict(tree="no_such_tree"), TreeError, "unknown tree"),
+    ("tree deeper than the heads", dict(tree=[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]), TreeError,
+     "needs 5 Medusa heads, but the model has 4"),
+    ("prompt longer than the context", dict(prompt=list(range(5, 305))), ContextLengthError, "context holds 256"),
+]
+
+
+@pytest.mark.parametrize("label,kw,error,match", API_CASES, ids=[c[0] for c in API_CASES])
+def test_generate_and_stream_refuse_bad_arguments(gen, label, kw, error, match):
+    kw = {"prompt": "Hi there", "max_new_tokens": 4, **kw}
+    for call in (gen.generate, gen.stream):
+        with pytest.raises(error, match=match) as info:
+            call(**kw)
+        assert "\n" not in str(info.value)
+
+
+def test_stop_none_and_numpy_values_work(gen):
+    a = gen.generate("Hi there", max_new_tokens=np.int64(4), temperature=np.float32(0.0), stop=None, seed=np.int64(3))
+    b = gen.generate(np.array(gen.encode("Hi there")), max_new_tokens=4)
+    assert a.tokens == b.tokens and len(a.tokens) == 4
+
+
+def test_tree_file_errors(gen, tmp_path):
+    cases = {"paths5.json": {"paths": 5}, "huge.json": {"paths": [[2**70]]}, "strs.json": {"paths": [["a"]]}}
+    for name, doc in cases.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+        with pytest.raises(TreeError, match=name.split(".")[0]):
+            gen.generate("hi", max_new_tokens=2, tree=str(tmp_path / name))
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(TreeError, match="not UTF-8"):
+        gen.generate("hi", max_new_tokens=2, tree=tmp_path / "bin.json")
+
+
+LOAD_CASES = [
+    ("max_context=-5", dict(max_context=-5), "max_context must be an integer >= 2"),
+    ("max_context=2.0", dict(max_context=2.0), "max_context must be an integer"),
+    ("threads='x'", dict(threads="x"), r"threads must be an integer in \[1, 1024\]"),
+    ("threads=0", dict(threads=0), "threads must be an integer"),
+    ("backend=5", dict(backend=5), "backend must be one of auto, onnxruntime, tensorrt"),
+    ("device=None", dict(device=None), "device must be one of auto, cpu, cuda"),
+    ("prefill_chunk=-1", dict(prefill_chunk=-1), "prefill_chunk must be an integer >= 0"),
+    ("verify='yes'", dict(verify="yes"), "verify must be True or False"),
+    ("tree=[[10**6]]", dict(tree=[[10**6]]), "asks for rank 1000000"),
+]
+
+
+@pytest.mark.parametrize("label,kw,match", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
+def test_load_refuses_bad_arguments(tiny, label, kw, match):
+    with pytest.raises(MedusaError, match=match):
+        runtime.load(tiny["artifact"], **kw)
+
+
+def test_load_folder_types_and_max_context_cap(tiny):
+    with pytest.raises(ConfigError, match="artifact folder must be a folder path"):
+        runtime.load(None)
+    with pytest.warns(MedusaWarning, match="max_context 100000 exceeds the artifact's context of 256"):
+        g = runtime.load(tiny["artifact"], max_context=100000, threads=1)
+    assert g.backend.max_context == 256
+
+
+# ---------------------------------------------------------------------------- 4. artifacts
+
+
+def _copy(tiny, tmp_path) -> Path:
+    art = tmp_path / "a"
+    shutil.copytree(tiny["artifact"], art)
+    return art
+
+
+def _edit_config(art: Path, fn, unseal: bool = False) -> None:
+    path = art / "medusa_config.json"
+    raw = json.loads(path.read_text())
+    fn(raw)
+    if unseal:  # an artifact from before the config was sealed: the graph checks answer
+        raw["provenance"].pop("config_sha256")
+    path.write_text(json.dumps(raw))
+
+
+def _unrecord(art: Path, name: str) -> None:
+    _edit_config(art, lambda raw: (raw["provenance"]["checksums"].pop(name), raw["provenance"]["files"].pop(name, None)))
+
+
+ARTIFACT_CASES = [
+    ("model.onnx truncated", lambda a: os.truncate(a / "model.onnx", 1000),
+     r"model.onnx is 1000 bytes but the export wrote \d+: the file is truncated"),
+    ("model.onnx truncated, size not recorded (older export)",
+     lambda a: (os.truncate(a / "model.onnx", 1000), _unrecord(a, "model.onnx")),
+     r"model.onnx in .* cannot be loaded by ONNX Runtime \(InvalidProtobuf"),
+    ("model.onnx swapped for heads.onnx", lambda a: shutil.copy(a / "heads.onnx", a / "model.onnx"),
+     "model.onnx is .* bytes but the export wrote"),
+    ("heads.onnx deleted", lambda a: (a / "heads.onnx").unlink(), "heads.onnx is missing"),
+    ("tokenizer.json corrupt", lambda a: ((a / "tokenizer.json").write_text("{not json"), _unrecord(a, "tokenizer.json")),
+     "tokenizer.json: not a readable tokenizer"),
+    ("chat_template.jinja broken", lambda a: ((a / "chat_template.jinja").write_text("{% for %}"),
+                                              _unrecord(a, "chat_template.jinja")), "the chat template does not parse"),
+    ("config is a JSON list", lambda a: (a / "medusa_config.json").write_text("[1, 2]"),
+     "must hold a JSON object, found a list"),
+    ("config field of a wrong type", lambda a: _edit_config(a, lambda r: r["model"].update(num_layers="2")),
+     "model.num_layers must be an integer >= 1, got '2'"),
+    ("config sizes edited", lambda a: _edit_config(a, lambda r: r["model"].update(vocab_size=50000)),
+     "were edited after export"),
+    ("config vocabulary not the graph's (unsealed)",
+     lambda a: _edit_config(a, lambda r: r["model"].update(vocab_size=50000), unseal=True),
+     "logits has vocabulary size 49152 in the graph but medusa_config.json says 50000"),
+    ("more Medusa heads in the config than in the graph (unsealed)",
+     lambda a: _edit_config(a, lambda r: r["model"].update(num_medusa_heads=5), unseal=True),
+     "medusa_logits has Medusa heads count 4 in the graph but medusa_config.json says 5"),
+    ("layers not the graph's (unsealed)", lambda a: _edit_config(a, lambda r: r["model"].update(num_layers=3), unseal=True),
+     "graph I/O does not match the fused contract for 3 layers"),
+    ("graph file outside the folder", lambda a: _edit_config(a, lambda r: r["backbone"].update(file="../x.onnx")),
+     "backbone.file must be a file name inside the artifact folder"),
+]
+
+
+@pytest.mark.parametrize("label,damage,match", ARTIFACT_CASES, ids=[c[0] for c in ARTIFACT_CASES])
+def test_damaged_artifacts_are_named_at_load(tiny, tmp_path, label, damage, match):
+    art = _copy(tiny, tmp_path)
+    damage(art)
+    with pytest.raises(ArtifactError, match=match) as info:
+        runtime.load(art, threads=1)
+    assert "\n" not in str(info.value)
+
+
+def test_verify_checks_every_files_sha256(tiny, tmp_path):
+    art = _copy(tiny, tmp_path)
+    cfg = json.loads((art / "medusa_config.json").read_text())
+    assert set(cfg["provenance"]["checksums"]) == {p.name for p in art.iterdir() if p.name != "medusa_config.json"}
+    runtime.load(art, threads=1, verify=True)  # intact
+    with open(art / "heads.onnx", "r+b") as f:  # same size, one byte changed inside a weight
+        f.seek(os.path.getsize(art / "heads.onnx") - 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    runtime.load(art, threads=1)  # sizes only: loads
+    with pytest.raises(ArtifactError, match="heads.onnx does not match the sha256 the export recorded"):
+        runtime.load(art, threads=1, verify=True)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tiny, tmp_path):
+    art = _copy(tiny, tmp_path)
+    _edit_config(art, lambda r: r["model"].update(vocab_size=1000), unseal=True)
+    with pytest.raises(ArtifactError, match="tokenizer.json holds 49152 tokens but the model's vocabulary is 1000"):
+        runtime.load(art, threads=1)
+
+
+# ---------------------------------------------------------------------------- 4. checkpoints
+
+
+def test_heads_with_nan_weights_fail_at_export_before_any_work(tiny_llama, wordlevel_tokenizer, tmp_path):
+    from exporter.export import ExportOptions, export_artifact
+    from exporter.heads import fresh_heads
+
+    model = tiny_llama(0)
+    heads = fresh_heads(2, 32, 128)
+    with torch.no_grad():
+        heads.state_dict()["1.0.linear.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"tensor 1.0.linear.weight holds 1 NaN or infinite value"):
+        export_artifact(model, heads, tmp_path / "out", ExportOptions(validate=False), tokenizer=wordlevel_tokenizer)
+    assert list(tmp_path.iterdir()) == []  # refused before the partial folder
+
+
+def test_heads_checkpoint_missing_bias_or_holding_nan(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from exporter.heads import HEADS_WEIGHTS, fresh_heads, load_heads, save_heads
+
+    folder = save_heads(fresh_heads(2, 32, 128), tmp_path / "h")
+    sd = load_file(folder / HEADS_WEIGHTS)
+    save_file({k: v for k, v in sd.items() if k != "1.0.linear.bias"}, str(folder / HEADS_WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"tensor 1.0.linear.bias is missing"):
+        load_heads(folder, hidden_size=32, vocab_size=128)
+    sd["0.0.linear.bias"][3] = float("inf")
+    save_file(sd, str(folder / HEADS_WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"tensor 0.0.linear.bias holds NaN or infinite values"):
+        load_heads(folder, hidden_size=32, vocab_size=128)
+
+
+# ---------------------------------------------------------------------------- 4. command lines
+
+
+def _one_line_error(capsys, rc, prog):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--stop", ""], "stop strings must not be empty"),
+    (["--seed", "-1"], "seed must be an integer >= 0"),
+    (["--threads", "0"], "threads must be an integer"),
+    (["--max-context", "-5"], "max_context must be an integer >= 2"),
+    (["--tree", "TREEFILE"], "expected a non-empty list of paths"),
+])
+def test_medusa_run_generate_bad_args_one_line(tiny, tmp_path, capsys, args, match):
+    from runtime.cli import main
+
+    tree = tmp_path / "t.json"
+    tree.write_text(json.dumps({"paths": 5}))
+    args = [str(tree) if a == "TREEFILE" else a for a in args]
+    line = _one_line_error(capsys, main(["generate", str(tiny["artifact"]), "hi", "--threads", "1", *args]), "medusa-run")
+    assert match in line
+
+
+def test_medusa_run_warns_in_one_line(tiny, capsys):
+    from runtime.cli import main
+
+    assert main(["generate", str(tiny["artifact"]), "hi", "--max-new-tokens", "2", "--max-context", "60",
+                 "--tree", "mc_sim_7b_63", "--verify"]) == 0
+    err = capsys.readouterr().err
+    assert "medusa-run: warning: tree 'mc_sim_7b_63' has 64 nodes but at most" in err
+
+
+def test_export_and_train_cli_refuse_non_finite_numbers(tmp_path, capsys):
+    from exporter.cli import main as export_main
+    from training.cli import main as train_main
+
+    rc = export_main(["smollm2-135m", "-o", str(tmp_path / "x"), "--external-data-threshold-mb", "nan"])
+    assert "--external-data-threshold-mb must be a finite number" in _one_line_error(capsys, rc, "medusa-export")
+    rc = train_main(["distill", "--temperature", "nan", "--out", str(tmp_path / "d.jsonl")])
+    assert "--temperature must be a finite number" in _one_line_error(capsys, rc, "medusa-train")
+    rc = train_main(["medusa1", "--data", "x", "--out", str(tmp_path / "h"), "--lr", "inf"])
+    assert "--lr must be a finite number" in _one_line_error(capsys, rc, "medusa-train")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "h").exists()
+
+
+# ---------------------------------------------------------------------------- 5. interrupted exports
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder (what medusa-export reads)."""
+    from conftest import make_tiny_llama, make_wordlevel_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    make_tiny_llama(0).save_pretrained(folder)
+    make_wordlevel_tokenizer(128).save_pretrained(folder)
+    return folder
+
+
+def test_sigterm_during_export_leaves_nothing(hf_folder, tmp_path):
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", str(hf_folder), "--fresh-heads", "2", "-o", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        # SIGTERM once the export is saving its graphs into the partial folder
+        if any((p / "model.onnx").exists() for p in tmp_path.glob(".art.partial-*")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "medusa-export: terminated (SIGTERM); nothing was written"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no .partial-*, no temporaries, no artifact
+
+
+def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlevel_tokenizer, tmp_path):
+    from exporter.export import OWNER_FILE, ExportOptions, export_artifact
+    from exporter.heads import fresh_heads
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = __import__("socket").gethostname()
+    stale = tmp_path / ".art.partial-killed"  # what a SIGKILL'd export leaves
+    (stale / ".tmp").mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"\0" * 4096)
+    (stale / OWNER_FILE).write_text(f"{dead.stdout.strip()} {host}\n")
+    live = tmp_path / ".art.partial-running"  # another export, still running: kept
+    live.mkdir()
+    (live / OWNER_FILE).write_text(f"{os.getpid()} {host}\n")
+    other = tmp_path / ".other.partial-x"  # another destination's: not ours to touch
+    other.mkdir()
+    logs, seen_tmp = [], []
+    import exporter.quantize as quantize
+
+    original = quantize.quantize_heads
+
+    def spy(folder, config):  # where ONNX Runtime's quantizer puts its temporary folder
+        import tempfile
+
+        seen_tmp.append(Path(tempfile.gettempdir()))
+        return original(folder, config)
+
+    quantize.quantize_heads = spy
+    try:
+        export_artifact(tiny_llama(0), fresh_heads(2, 32, 128), tmp_path / "art", ExportOptions(validate=False),
+                        tokenizer=wordlevel_tokenizer, log=logs.append)
+    finally:
+        quantize.quantize_heads = original
+    assert any(line.startswith(f"[medusa-export] removed {stale}, left by an interrupted export") for line in logs)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert seen_tmp and seen_tmp[0].parent.name.startswith(".art.partial-") and seen_tmp[0].name == ".tmp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.partial-running", ".other.partial-x", "art"]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "art").iterdir())
+
+
+# ---------------------------------------------------------------------------- 6. distillation resume
+
+
+class _CharTokenizer:
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
+        return [1] + [3 + ord(c) % 125 for c in "".join(m["content"] for m in messages)] + [1]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(48 + t % 40) for t in ids)
+
+
+def _prompts(path: Path, word: str) -> Path:
+    path.write_text(json.dumps([{"instruction": f"{word} {i}", "input": "", "output": "-"} for i in range(6)]))
+    return path
+
+
+def test_resume_with_another_prompts_file_is_refused(tiny_llama, tmp_path):
+    from training.distill import DistillConfig, distill
+
+    model, tok = tiny_llama(0), _CharTokenizer()
+    model.generation_config.eos_token_id = 2
+    a, b = _prompts(tmp_path / "a.json", "question"), _prompts(tmp_path / "b.json", "other")
+    cfg = DistillConfig(model="tiny", prompts=a, out=tmp_path / "d.jsonl", num_prompts=6, max_new_tokens=3,
+                        batch_size=2, save_states=False)
+
+    def stop(b_, recs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, on_batch=stop, backbone=(model, tok))
+    cfg.prompts = b
+    with pytest.raises(MedusaError, match=r"prompts_sha256=.*another --prompts file"):
+        distill(cfg, backbone=(model, tok))
+    # records written before the key existed: the prompt itself is compared
+    partial = tmp_path / "d.jsonl.partial"
+    recs = [json.loads(line) for line in partial.read_text().splitlines()]
+    partial.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "prompts_sha256"}) + "\n" for r in recs))
+    with pytest.raises(MedusaError, match="record alpaca-00000 was made from another prompt"):
+        distill(cfg, backbone=(model, tok))
+    cfg.prompts = a  # the same file resumes, and the records carry the key
+    records = distill(cfg, backbone=(model, tok))
+    assert len(records) == 6 and all(r["messages"][0]["content"] == f"question {i}" for i, r in enumerate(records))
+
+
+# ---------------------------------------------------------------------------- 7. trees that cannot fit
+
+
+def test_ten_thousand_node_tree_warns_and_decodes_plain(gen):
+    big = [[r] for r in range(9999)]  # 10,000 nodes: never fits a 256-token context
+    with pytest.warns(MedusaWarning, match=r"has 10000 nodes but at most \d+ fit .* every step decodes plain"):
+        out = gen.generate(PROMPTS[0], max_new_tokens=8, tree=big)
+    assert out.tokens == gen.generate(PROMPTS[0], max_new_tokens=8, medusa=False).tokens
+    with pytest.raises(TreeError, match="a tree holds at most 16384"):
+        gen.generate(PROMPTS[0], max_new_tokens=2, tree=[[r] for r in range(20000)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tree that fits: no warning
+        gen.generate(PROMPTS[0], max_new_tokens=4, tree="cpu_8")
+
+
+def test_numbers_in_messages_are_finite():
+    from runtime import checks
+
+    with pytest.raises(ConfigError, match="x must be a finite number"):
+        checks.real("x", 10**400)
+    assert checks.real("x", 3) == 3.0 and not math.isnan(checks.real("x", np.float16(1)))
