@@ -32,15 +32,27 @@ class Prompt:
     text: str
 
 
-def load_prompts(path: str | Path, limit: int | None = None, per_category: int | None = None) -> list[Prompt]:
-    """MT-Bench-style JSONL (``question_id``, ``category``, ``turns``): first turns.
+def load_prompts(path: str | Path, limit: int | None = None, per_category: int | None = None,
+                 skip: int = 0) -> list[Prompt]:
+    """MT-Bench-style JSONL (``question_id``, ``category``, ``turns``): first turns; JSONL with
+    ``prompt``; or an Alpaca JSON list (``instruction`` + ``input``, category ``alpaca``).
 
-    ``per_category``: the first N prompts of each category (in file order), before ``limit``."""
+    ``skip``: drop the first N prompts; ``per_category``: then the first N of each category (in
+    file order); ``limit``: then the first N."""
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"prompt file {path} does not exist")
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    text_all = path.read_text()
+    if text_all.lstrip().startswith("["):  # an Alpaca-style JSON list
+        try:
+            recs = json.loads(text_all)
+            for i, rec in enumerate(recs):
+                inp = rec.get("input") or ""
+                out.append(Prompt(f"alpaca-{i}", "alpaca", rec["instruction"] + (f"\n\n{inp}" if inp else "")))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise MedusaError(f"{path}: expected a JSON list of objects with 'instruction' (and 'input')") from None
+    for n, line in enumerate([] if out else text_all.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -49,8 +61,12 @@ def load_prompts(path: str | Path, limit: int | None = None, per_category: int |
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
             raise MedusaError(f"{path}:{n}: expected a JSON object with 'turns' (MT-Bench) or 'prompt'") from None
         out.append(Prompt(str(rec.get("question_id", n)), str(rec.get("category", "")), text))
+    if skip:
+        if skip < 0:
+            raise MedusaError(f"--skip must be >= 0, got {skip}")
+        out = out[skip:]
     if not out:
-        raise MedusaError(f"{path} holds no prompts")
+        raise MedusaError(f"{path} holds no prompts" + (f" after skipping {skip}" if skip else ""))
     if per_category is not None:
         if per_category < 1:
             raise MedusaError(f"--per-category must be at least 1, got {per_category}")

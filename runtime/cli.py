@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="plain vs Medusa on the same engine and prompts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _engine_args(b)
-    b.add_argument("--prompts", required=True, help="MT-Bench-style JSONL (first turns are used)")
+    b.add_argument("--prompts", required=True,
+                   help="MT-Bench-style JSONL (first turns are used), JSONL with 'prompt', or an Alpaca JSON list")
     b.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    b.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N prompts")
     b.add_argument("--per-category", type=int, default=None, metavar="N",
                    help="the first N prompts of each category (MT-Bench: 8 categories), before --limit")
     b.add_argument("--max-new-tokens", type=int, default=256)
@@ -131,7 +133,7 @@ def cmd_generate(args) -> None:
 def cmd_bench(args) -> None:
     from runtime.bench import format_report, load_prompts, plot_bench, run_bench
 
-    prompts = load_prompts(args.prompts, args.limit, args.per_category)
+    prompts = load_prompts(args.prompts, args.limit, args.per_category, args.skip)
     gen = _load(args)
     res = run_bench(gen, prompts, args.tree, args.max_new_tokens, peer=args.peer, peer_model=args.peer_model,
                     threads=args.threads, progress=not args.quiet, lookups=args.lookup, sampling=args.sampling)

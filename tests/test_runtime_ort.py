@@ -251,3 +251,15 @@ def test_bench_with_hf_peer(tiny, tmp_path, shared_data):
     assert "peer hf" in format_report(res)
     with pytest.raises(MedusaError, match="--peer-model"):
         run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, peer="hf", progress=False)
+
+
+def test_load_prompts_reads_mt_bench_alpaca_skip_and_per_category(shared_data):
+    from runtime.bench import load_prompts
+
+    mt = load_prompts(shared_data / "mt_bench_question.jsonl", per_category=2)
+    assert len(mt) == 16 and len({p.category for p in mt}) == 8
+    assert [p.id for p in load_prompts(shared_data / "mt_bench_question.jsonl", limit=2, skip=3)] == ["84", "85"]
+    al = load_prompts(shared_data / "alpaca_5000.json", skip=4988)
+    assert len(al) == 12 and al[0].id == "alpaca-4988" and al[0].category == "alpaca" and al[0].text
+    with pytest.raises(MedusaError, match="after skipping"):
+        load_prompts(shared_data / "alpaca_5000.json", skip=5000)
