@@ -555,7 +555,11 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
     # removes the partial folder; every temporary file (the quantizer's too) lives inside it
     scope = contextlib.ExitStack()
     scope.enter_context(sigterm_as_interrupt())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except BaseException:  # no folder to clean up, but the SIGTERM handler must not stay installed
+        scope.close()
+        raise
     try:
         _claim_partial(tmp)
         scope.enter_context(_temporaries_in(tmp / TEMPORARIES))

@@ -55,6 +55,7 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
     how far the quantized graph's logits moved from the float graph's on a random prompt.
     """
     import os
+    import shutil
 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -78,11 +79,16 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
     done = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     float_copy = None
     if check:
-        float_copy = folder / (".float-" + path.name)
+        # the float graph moves into a subfolder with its tensors: its external-data location is a name
+        # relative to the graph, so it must keep that name (and the quantized graph's own file, which
+        # save_model writes next to model.onnx, must not be mistaken for it)
+        float_dir = folder / ".float"
+        float_dir.mkdir()
+        float_copy = float_dir / path.name
         os.replace(path, float_copy)
         data = path.with_name(path.name + ".data")
         if data.exists():
-            os.replace(data, float_copy.with_name(path.name + ".data"))  # the float graph's tensors, by its name
+            os.replace(data, float_dir / data.name)
     try:
         files = save_model(quantized, path, external_data_threshold_mb)  # ONNX Runtime loading it is the check
         info = {"bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": accuracy_level,
@@ -96,9 +102,7 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
         return info
     finally:
         if float_copy is not None:
-            for p in (float_copy, float_copy.with_name(path.name + ".data")):
-                if p.exists():
-                    p.unlink()
+            shutil.rmtree(float_copy.parent, ignore_errors=True)
 
 
 # a fixed English passage: quantization error shows on text the model predicts with confidence

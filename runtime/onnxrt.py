@@ -270,11 +270,16 @@ class FusedOnnxRuntimeBackend(Backend):
         self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), self.providers)
         self._dtype = _NP_DTYPES[config.dtype]
         spec = self.spec
-        self.capacity = min(max_context or spec.max_context, spec.max_context)
+        self.min_rows = row_invariant_rows(config)
+        self.exact_branching = self.min_rows == 1
+        buffer = min(max_context or spec.max_context, spec.max_context)
+        # the usable context keeps room for the pad rows, so that every one-token step, the last one
+        # included, runs as min_rows rows (the buffer itself may not outgrow the rotary tables)
+        self.capacity = buffer - (self.min_rows - 1)
         self._check_io()
-        # [layers, key|value, batch, kv_heads, capacity, head_dim]; np.zeros maps untouched
-        # pages lazily, so a long capacity costs memory only as far as it is used
-        self.kv = np.zeros((spec.num_layers, 2, 1, spec.num_kv_heads, self.capacity, spec.head_dim), self._dtype)
+        # [layers, key|value, batch, kv_heads, buffer, head_dim]; np.zeros maps untouched
+        # pages lazily, so a long buffer costs memory only as far as it is used
+        self.kv = np.zeros((spec.num_layers, 2, 1, spec.num_kv_heads, buffer, spec.head_dim), self._dtype)
         self.length = 0
         self._staged = 0
         self._io = self.backbone.io_binding()
@@ -289,8 +294,6 @@ class FusedOnnxRuntimeBackend(Backend):
         self._out_dtypes = {name: self._dtype for name in self._out_shapes}
         self._hidden: np.ndarray | None = None
         self._bound: list[np.ndarray] = []
-        self.min_rows = row_invariant_rows(config)
-        self.exact_branching = self.min_rows == 1
 
     def _check_io(self) -> None:
         from runtime.artifact import fused_io_names
@@ -329,7 +332,7 @@ class FusedOnnxRuntimeBackend(Backend):
             # GroupQueryAttention's first-prompt path rotates by 0..n-1 whatever position_ids say
             raise MedusaError("the fused graph's first call on an empty cache must be a prefill at positions 0..n-1")
         rows = n
-        if n < self.min_rows and self.length + self.min_rows <= self.capacity:
+        if n < self.min_rows:  # capacity leaves the buffer room for the pad rows
             # one-row steps take the multi-row kernels too (see row_invariant_rows): pad with copies of the
             # last token that nothing sees (the mask) and nothing keeps (commit indexes the first n rows)
             rows = self.min_rows

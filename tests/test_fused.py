@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import runtime  # noqa: E402
-from conftest import hf_greedy  # noqa: E402
+from conftest import hf_greedy, make_tiny_llama  # noqa: E402
 from exporter.export import ExportOptions, export_artifact  # noqa: E402
 from exporter.fused import FUSED_OPSET, MS_DOMAIN  # noqa: E402
 from exporter.heads import fresh_heads  # noqa: E402
@@ -428,14 +428,23 @@ def test_quantized_chains_are_lossless_against_plain_decoding(quantized, precisi
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_quantized_chains_to_the_end_of_the_context(quantized, precision):
-    """Near the end the 2-row padding no longer fits (the last step runs one row): still lossless."""
+    """To the end of the context: the usable context keeps one slot for the pad row, so even the
+    last one-token step runs as two rows, and Medusa stays lossless."""
     q = quantized(precision)
     gen = runtime.load(q["artifact"], backend="onnxruntime", threads=1)
     ids = gen.encode(CHAT[1])
     cap = len(ids) + 14
     small = runtime.load(q["artifact"], backend="onnxruntime", threads=1, max_context=cap)
     plain = small.generate(ids, max_new_tokens=100, medusa=False)
-    assert plain.stats.finish_reason == "context" and len(ids) + len(plain.tokens) == cap + 1
+    assert small.backend.max_context == cap - 1  # one slot kept for the pad row
+    assert plain.stats.finish_reason == "context" and len(ids) + len(plain.tokens) == cap
+    rows = []
+    real_run = small.backend.backbone.run_with_iobinding
+    small.backend.backbone = _Spy(small.backend.backbone, lambda io: rows.append(small.backend._bound[0].shape[1]))
+    small.generate(ids, max_new_tokens=100, medusa=False)
+    small.backend.backbone = small.backend.backbone.inner
+    assert rows and min(rows) == 2, rows  # prefill and every one-token step, the last included
+    del real_run
     for tree in ("chain_2", "chain_3"):
         assert small.generate(ids, max_new_tokens=100, tree=tree).tokens == plain.tokens
 
@@ -449,9 +458,37 @@ def test_quantized_refuses_branching_trees_for_greedy(quantized, precision):
             gen.generate("Hello there.", max_new_tokens=8, tree=tree)
     with pytest.raises(MedusaError, match="chain trees only"):
         runtime.load(q["artifact"], backend="onnxruntime", threads=1, tree="cpu_8").generate("Hi", max_new_tokens=4)
-    # the refusal is for greedy decoding only: sampling (temperature > 0) takes branching trees
-    out = gen.generate("Hello there.", max_new_tokens=8, tree="cpu_8", temperature=0.7, seed=1)
+    # exact sampling promises plain sampling's law: refused too; typical acceptance (lossy) takes any tree
+    with pytest.raises(MedusaError, match="chain trees only"):
+        gen.generate("Hello there.", max_new_tokens=8, tree="cpu_8", temperature=0.7, seed=1)
+    out = gen.generate("Hello there.", max_new_tokens=8, tree="cpu_8", temperature=0.7, seed=1, acceptance="typical")
     assert 1 <= len(out.tokens) <= 8
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_lookup_keeps_chains_for_exact_sampling(quantized, precision, monkeypatch):
+    """Lookup drafts on a chain-only engine: the step's tree stays a chain for greedy and exact
+    sampling, and may branch only for typical acceptance."""
+    import runtime.decode as decode_mod
+
+    q = quantized(precision)
+    gen = runtime.load(q["artifact"], backend="onnxruntime", threads=1)
+    seen = []
+    real = decode_mod.graft_chain
+
+    def spy(tree, tokens, drafts, branching=True):
+        seen.append(branching)
+        return real(tree, tokens, drafts, branching=branching)
+
+    monkeypatch.setattr(decode_mod, "graft_chain", spy)
+    ids = gen.encode(CHAT[0])
+    # top_k=1: the sampling path (temperature > 0, its acceptance) on the greedy answer, which repeats
+    # itself on this tiny random model, so lookup drafts (random samples over 49k tokens never repeat)
+    for kw, want in ((dict(), False), (dict(temperature=0.7, top_k=1), False),
+                     (dict(temperature=0.7, top_k=1, acceptance="typical"), True)):
+        seen.clear()
+        gen.generate(ids + ids, max_new_tokens=32, tree="chain_1", seed=0, **kw)
+        assert seen and set(seen) == {want}, (kw, seen)
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
@@ -656,7 +693,40 @@ def test_fused_export_with_a_context_below_72(wordlevel_tokenizer, tmp_path, arc
     tree = "chain_3" if "precision" in options else "cpu_8"
     plain = gen.generate(ids, max_new_tokens=100, medusa=False)
     res = gen.generate(ids, max_new_tokens=100, tree=tree)
-    assert res.stats.finish_reason == "context" and len(ids) + len(res.tokens) == cap + 1
+    quantized_pad = 0 if "precision" in options else 1  # int8/int4 keep one slot for the pad row
+    assert res.stats.finish_reason == "context" and len(ids) + len(res.tokens) == cap + quantized_pad
     assert res.tokens == plain.tokens
     if "precision" not in options:
         assert res.tokens == hf_greedy(model, ids, len(res.tokens))
+
+
+class _Spy:
+    """Wraps an ONNX Runtime session: ``run_with_iobinding`` reports to ``hook`` first."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook = inner, hook
+
+    def run_with_iobinding(self, io):
+        self.hook(io)
+        return self.inner.run_with_iobinding(io)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_export_with_external_data(tmp_path, precision, wordlevel_tokenizer):
+    """The float graph is compared with the quantized one (validation on) while both keep their
+    tensors in model.onnx.data: the quantizer must not delete or overwrite the float graph's file."""
+    model = make_tiny_llama(seed=7)
+    heads = fresh_heads(2, model.config.hidden_size, model.config.vocab_size)
+    out = export_artifact(model, heads, tmp_path / precision,
+                          ExportOptions(precision=precision, external_data_threshold_mb=0.01), tokenizer=wordlevel_tokenizer)
+    cfg = read_artifact(out)
+    assert (out / "model.onnx.data").is_file() and not (out / ".float").exists()
+    assert cfg.provenance["quantization"]["check"]["tokens"] > 1
+    gen = runtime.load(out, backend="onnxruntime", threads=1)
+    for ids in ([5, 6, 7], [9, 3, 3, 9, 3]):
+        assert gen.generate(ids, max_new_tokens=12, tree="chain_2").tokens == \
+            gen.generate(ids, max_new_tokens=12, medusa=False).tokens
+

@@ -167,3 +167,15 @@ def test_bad_lookup_options():
     for kw in (dict(lookup=-1), dict(lookup=2.0), dict(lookup_ngram=0), dict(lookup=True)):
         with pytest.raises(MedusaError, match="lookup"):
             DecodeConfig(**kw)
+
+
+def test_lookup_on_a_chain_only_engine_stays_a_chain_and_is_counted():
+    """Engines exact only for chains (int8/int4): lookup drafts replace the chain's tail instead of
+    branching; what they draft is accepted, counted, and the output is plain decoding's."""
+    backend = Repeating()
+    backend.exact_branching = False
+    prompt = [5, 9, 3, 11, 7, 5, 9]
+    plain = decode(backend, prompt, DecodeConfig(max_new_tokens=40, medusa=False), None)
+    on = decode(backend, prompt, DecodeConfig(max_new_tokens=40, lookup=4), load_tree("chain_1"))
+    assert on.tokens == plain.tokens
+    assert on.stats.lookup_steps > 0 and on.stats.lookup_accepted > 20 and on.stats.mean_accepted > 2.5

@@ -263,3 +263,24 @@ def test_load_prompts_reads_mt_bench_alpaca_skip_and_per_category(shared_data):
     assert len(al) == 12 and al[0].id == "alpaca-4988" and al[0].category == "alpaca" and al[0].text
     with pytest.raises(MedusaError, match="after skipping"):
         load_prompts(shared_data / "alpaca_5000.json", skip=5000)
+
+
+def test_a_stream_ending_inside_a_step_runs_nothing_after_it(tiny):
+    """A length cut inside a multi-token step leaves the cache longer than the emitted tokens;
+    the stream's last chunk must not then re-run its sequence (a full prefill under the lock)."""
+    g = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    sizes = []
+    real = g.backend.forward
+
+    def spy(ids, pos, mask):
+        sizes.append(len(ids))
+        return real(ids, pos, mask)
+
+    g.backend.forward = spy
+    ids = g.encode(PROMPTS[0])
+    for n in range(2, 9):
+        sizes.clear()
+        tokens = [t for chunk in g.stream(ids, max_new_tokens=n, tree="cpu_8") for t in chunk.tokens]
+        assert tokens == g.generate(ids, max_new_tokens=n, medusa=False).tokens[:len(tokens)]
+        after_prefill = sizes[1:sizes.index(len(ids), 1)] if sizes.count(len(ids)) > 1 else sizes[1:]
+        assert all(s <= 9 for s in after_prefill), (n, sizes)  # tree steps only: no replayed prefill

@@ -267,3 +267,24 @@ def _last_logits(backend, ids) -> np.ndarray:
     n = len(ids)
     logits = backend.forward(np.array(ids), np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
     return np.array(logits[-1])
+
+
+def test_top_p_cut_equals_the_full_sort_definition():
+    """The fast nucleus (sorting only the tokens that can be in it) keeps exactly the set the
+    definition keeps: the likeliest tokens, in stable index order on ties, through the one reaching top_p."""
+    rng = np.random.default_rng(0)
+    for case in range(200):
+        v = int(rng.integers(2, 300))
+        logits = rng.standard_normal(v) * rng.uniform(0.1, 5)
+        if case % 3 == 0:  # ties
+            logits = np.round(logits)
+        cfg = DecodeConfig(temperature=float(rng.uniform(0.3, 2.0)), top_p=float(rng.uniform(0.05, 0.999)))
+        p = np.exp(logits / cfg.temperature - (logits / cfg.temperature).max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        keep = order[: np.searchsorted(np.cumsum(p[order]), cfg.top_p) + 1]
+        want = np.zeros_like(p)
+        want[keep] = p[keep]
+        got = target_probs(logits, cfg)
+        assert np.array_equal(got > 0, want > 0), case
+        np.testing.assert_allclose(got, want / want.sum(), rtol=1e-12, atol=1e-15)
