@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.errors import MedusaError, run_cli
+from runtime.errors import MedusaError, require_extra, run_cli
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
+EXPORT_MODULES = ("torch", "transformers", "onnx", "safetensors")  # the [export] extra
 # default trees for the embedded model with its shipped heads (medusa-train select-tree on the fused graph's profile)
 SHIPPED_TREE = "smollm2_ort_cpu"
 SHIPPED_TREE_QUANTIZED = "chain_1"
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         from exporter.trt_cli import main as trt_main
 
         return trt_main(argv)
+    code = run_cli("medusa-export", lambda: require_extra("medusa-export", "export", EXPORT_MODULES))
+    if code:
+        return code
     args = build_parser().parse_args(argv)
     t = time.perf_counter()
     return run_cli("medusa-export", lambda: print(_summary(run(args), time.perf_counter() - t)),

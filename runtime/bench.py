@@ -535,6 +535,9 @@ def _peer_report(res: dict) -> list[str]:
 
 
 def plot_bench(res: dict, path: str | Path) -> Path:
+    from runtime.errors import require_extra
+
+    require_extra("--plot", "train", ("matplotlib",))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -76,6 +76,17 @@ class MedusaError(Exception):
     """A user error: bad input, a missing file, a mismatch the user can fix."""
 
 
+def require_extra(what: str, extra: str, modules: tuple[str, ...]) -> None:
+    """MedusaError naming the pip extra when one of ``modules`` is not installed (``pip install .``
+    is the runtime alone; exporting, training and plotting need extras)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MedusaError(f"{what} needs {', '.join(missing)}: pip install 'medusa-trt[{extra}]' "
+                          f"(or, in a checkout, pip install -e '.[{extra}]')")
+
+
 class ConfigError(MedusaError):
     """An argument of the public API or a command line has a wrong type or value
     (runtime/checks.py holds the rules); the message names it and says what to give."""

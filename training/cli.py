@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from runtime.errors import run_cli
+from runtime.errors import require_extra, run_cli
 
 
 def _distill(a) -> None:
@@ -164,6 +164,9 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_cli("medusa-train", lambda: require_extra("medusa-train", "train", ("torch", "transformers", "onnx")))
+    if code:
+        return code
     args = build_parser().parse_args(argv)
     return run_cli("medusa-train", lambda: (check_numbers(args), args.func(args))[1],
                    interrupted="interrupted" + ("; finished batches are kept in OUT.partial: rerun the same command "
