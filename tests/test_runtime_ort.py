@@ -284,3 +284,30 @@ def test_a_stream_ending_inside_a_step_runs_nothing_after_it(tiny):
         assert tokens == g.generate(ids, max_new_tokens=n, medusa=False).tokens[:len(tokens)]
         after_prefill = sizes[1:sizes.index(len(ids), 1)] if sizes.count(len(ids)) > 1 else sizes[1:]
         assert all(s <= 9 for s in after_prefill), (n, sizes)  # tree steps only: no replayed prefill
+
+
+def test_bench_lookup_variants_categories_and_sampling(tiny, shared_data):
+    """Each tree x lookup setting is its own row (lossless, lookup counted only where on), the
+    per-category table covers every prompt, and --sampling reports plain / exact / typical."""
+    from runtime.bench import format_report, load_prompts, run_bench
+
+    gen = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    prompts = load_prompts(shared_data / "mt_bench_question.jsonl", per_category=1)[:3]
+    res = run_bench(gen, prompts, ["chain_2"], max_new_tokens=16, lookups=[3, 0], sampling=[0.7], progress=False)
+    assert list(res["trees"]) == ["chain_2 lookup=3", "chain_2 lookup=0"]
+    on, off = res["trees"]["chain_2 lookup=3"], res["trees"]["chain_2 lookup=0"]
+    assert on["identical"] == off["identical"] == 3 and off["lookup_accepted"] == 0 and on["lookup"] == 3
+    cats = res["by_category"]
+    assert sum(c["prompts"] for c in cats.values()) == 3 and len(cats) == 3
+    assert all(set(c) >= {"plain_tokens_per_s", "chain_2 lookup=3", "chain_2 lookup=0"} for c in cats.values())
+    s = res["sampling"]["0.7"]
+    assert s["tree"] == "chain_2 lookup=3" and s["greedy_speedup"] == on["speedup"]
+    for k in ("plain_tokens_per_s", "exact_tokens_per_s", "typical_tokens_per_s"):
+        assert s[k] > 0
+    assert s["exact_mean_accepted"] >= 1.0 and s["typical_mean_accepted"] >= 1.0
+    report = format_report(res, per_prompt=False)
+    assert "by category" in report and "sampling at temperature 0.7" in report and "exact" in report
+    with pytest.raises(MedusaError, match="--lookup"):
+        run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, lookups=[3, 3], progress=False)
+    with pytest.raises(MedusaError, match="--sampling"):
+        run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, sampling=[0.0], progress=False)
