@@ -22,6 +22,7 @@ mean what they mean in the ``portable`` flavour (:mod:`exporter.step`, traced), 
     position_ids    int64 [batch, new_tokens]       cache length + depth in the tree
     tree_mask       bool  [batch, new_tokens, new_tokens]
     cache_lengths   int64 [batch]                   valid entries in each sequence's cache
+    num_logits      int64 [1]                       logits for the last this many new tokens
     past_key_values.{i}.key|value  [batch, kv_heads, cache_capacity, head_dim]
 
 and its cache is the whole preallocated buffer, head-major (BNSH, GroupQueryAttention's
@@ -52,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import fused_io_names
+from runtime.artifact import FUSED_CACHE_START, fused_io_names
 from runtime.errors import MedusaError
 
 MS_DOMAIN = "com.microsoft"
@@ -72,14 +73,15 @@ def fused_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]
     preallocated cache, and the same buffer as ``present``).
     """
     inputs, outputs = fused_io_names(num_layers)
-    past, present = inputs[4:], outputs[2:]
+    past, present = inputs[FUSED_CACHE_START:], outputs[2:]
     axes = {
         "input_ids": ["batch", "new_tokens"],
         "position_ids": ["batch", "new_tokens"],
         "tree_mask": ["batch", "new_tokens", "new_tokens"],
         "cache_lengths": ["batch"],
+        "num_logits": [],
         **{name: ["batch", "kv_heads", "past_capacity"] for name in past},
-        "logits": ["batch", "new_tokens"],
+        "logits": ["batch", "logits_rows"],
         "hidden_states": ["batch", "new_tokens"],
         **{name: ["batch", "kv_heads", "present_capacity"] for name in present},
     }
@@ -259,8 +261,8 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         qkv = linear(xn, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{n}_proj" for n in "qkv"], "qkv")
         attn = g.op(
             "GroupQueryAttention",
-            [qkv, "", "", inputs[4 + 2 * i], inputs[5 + 2 * i], seqlens_k, total_len, "cos_cache", "sin_cache",
-             "position_ids", attention_bias],
+            [qkv, "", "", inputs[FUSED_CACHE_START + 2 * i], inputs[FUSED_CACHE_START + 1 + 2 * i], seqlens_k,
+             total_len, "cos_cache", "sin_cache", "position_ids", attention_bias],
             [f"{p}/attn", outputs[2 + 2 * i], outputs[3 + 2 * i]],
             domain=MS_DOMAIN, name=f"{p}/gqa", num_heads=nq, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
             local_window_size=window, scale=float(getattr(model.model.layers[i].self_attn, "scaling", D ** -0.5)),
@@ -276,9 +278,13 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     w = g.init("model.norm.weight", _np(sd["model.norm.weight"], npdt))
     g.nodes.append(h.make_node("SkipSimplifiedLayerNormalization", [x, residual, w], ["hidden_states"],
                                name="model.norm/skipnorm", domain=MS_DOMAIN, epsilon=eps))
+    # logits for the last num_logits rows only: a prompt chunk needs none (or its last row's), a
+    # step needs all; the lm_head is a fifth of SmolLM2's weights and the logits [rows, vocab] the
+    # largest tensor of a prefill
     lm = _np(sd["lm_head.weight"], npdt).T
-    g.nodes.append(h.make_node("MatMul", ["hidden_states", g.init("lm_head.weight_t", lm)], ["logits"],
-                               name="lm_head/matmul"))
+    first = g.op("Sub", [n_new, "num_logits"], name="logits_first")
+    rows = g.op("Slice", ["hidden_states", first, n_new, one], name="logits_rows")
+    g.nodes.append(h.make_node("MatMul", [rows, g.init("lm_head.weight_t", lm)], ["logits"], name="lm_head/matmul"))
 
     kv_in = [nkv, "cache_capacity"]
     graph_inputs = [
@@ -286,10 +292,11 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         h.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "new_tokens"]),
         h.make_tensor_value_info("tree_mask", TensorProto.BOOL, ["batch", "new_tokens", "new_tokens"]),
         h.make_tensor_value_info("cache_lengths", TensorProto.INT64, ["batch"]),
-        *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "past_capacity", D]) for n in inputs[4:]],
+        h.make_tensor_value_info("num_logits", TensorProto.INT64, [1]),
+        *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "past_capacity", D]) for n in inputs[FUSED_CACHE_START:]],
     ]
     graph_outputs = [
-        h.make_tensor_value_info("logits", tdt, ["batch", "new_tokens", V]),
+        h.make_tensor_value_info("logits", tdt, ["batch", "logits_rows", V]),
         h.make_tensor_value_info("hidden_states", tdt, ["batch", "new_tokens", H]),
         *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "present_capacity", D]) for n in outputs[2:]],
     ]

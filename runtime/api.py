@@ -259,7 +259,8 @@ class MedusaGenerator:
         chunk = self.prefill_chunk or n
         for s in range(0, n, chunk):
             m = min(chunk, n - s)
-            backend.forward(tokens[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)))
+            kw = {"logits": 0} if getattr(backend, "partial_logits", False) else {}  # the cache alone is wanted
+            backend.forward(tokens[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)), **kw)
             backend.commit(np.arange(m))
 
     def _steps(self, claim: _Claim, events):

@@ -32,11 +32,15 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DTYPES = ("float32", "float16")
 
 
+FUSED_INPUTS = ("input_ids", "position_ids", "tree_mask", "cache_lengths", "num_logits")
+FUSED_CACHE_START = len(FUSED_INPUTS)  # the cache inputs follow these
+
+
 def fused_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Input and output names of the fused ``model.onnx`` (exporter/fused.py), in graph order."""
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["input_ids", "position_ids", "tree_mask", "cache_lengths", *past], ["logits", "hidden_states", *present]
+    return [*FUSED_INPUTS, *past], ["logits", "hidden_states", *present]
 
 
 @dataclass

@@ -47,6 +47,10 @@ class Backend(ABC):
     def max_context(self) -> int:
         return self.spec.max_context
 
+    # True where forward(..., logits=k) computes logits for the last k rows only (the prefill
+    # reads one row of its last chunk and none of the others)
+    partial_logits: bool = False
+
     # False where a tree's sibling layout changes the last bits of its nodes' attention enough
     # to change greedy tokens (graphs with int8 activations: runtime.onnxrt.row_invariant_rows);
     # greedy Medusa then takes chain trees only, which such graphs compute exactly as plain steps

@@ -350,9 +350,11 @@ def decode_steps(
     # ones); the last chunk's last logits give the first root
     n = len(prompt)
     chunk = cfg.prefill_chunk or n
+    partial = getattr(backend, "partial_logits", False)  # the lm_head on the rows we read only
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
-        logits = backend.forward(prompt[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)))
+        kw = {"logits": 1 if s + m == n else 0} if partial else {}
+        logits = backend.forward(prompt[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)), **kw)
         backend.commit(np.arange(m))
     root = select_root(logits[-1], cfg, rng)
     heads = backend.head_logits(m - 1) if cfg.medusa else None

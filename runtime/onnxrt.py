@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import ArtifactConfig
+from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
 from runtime.backend import Backend, GraphBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
@@ -289,6 +289,7 @@ class FusedOnnxRuntimeBackend(Backend):
                 self._io.bind_input(f"past_key_values.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
                 self._io.bind_output(f"present.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
         self._lengths = np.zeros(1, dtype=np.int64)
+        self._num_logits = np.zeros(1, dtype=np.int64)
         self._outputs = _Outputs()
         self._out_shapes = {"logits": (1, 0, spec.vocab_size), "hidden_states": (1, 0, spec.hidden_size)}
         self._out_dtypes = {name: self._dtype for name in self._out_shapes}
@@ -304,8 +305,8 @@ class FusedOnnxRuntimeBackend(Backend):
         if got_in != want_in or got_out != want_out:
             raise ArtifactError(
                 f"{self.folder / self.config.backbone.file}: graph I/O does not match the fused contract for "
-                f"{self.spec.num_layers} layers in medusa_config.json ({len(got_in) - 4} cache inputs; "
-                f"inputs {got_in[:5]}..., expected {want_in[:5]}...)"
+                f"{self.spec.num_layers} layers in medusa_config.json ({len(got_in) - FUSED_CACHE_START} cache inputs; "
+                f"inputs {got_in[:6]}..., expected {want_in[:6]}...; re-export with this medusa-export)"
             )
         check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=True)
 
@@ -322,7 +323,9 @@ class FusedOnnxRuntimeBackend(Backend):
         self._staged = 0
         self._hidden = None
 
-    def forward(self, input_ids, position_ids, tree_mask):
+    partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only
+
+    def forward(self, input_ids, position_ids, tree_mask, logits: int | None = None):
         n = len(input_ids)
         if self.length + n > self.capacity:
             raise ContextLengthError(
@@ -352,14 +355,19 @@ class FusedOnnxRuntimeBackend(Backend):
             _bind(io.bind_input, "tree_mask", np.asarray(tree_mask, dtype=bool)[None]),
             _bind(io.bind_input, "cache_lengths", self._lengths),
         ]
+        # logits for the last k rows (all of a padded step: its real rows come first)
+        k = rows if (logits is None or rows != n) else max(0, min(int(logits), n))
+        self._num_logits[0] = k
+        bound.append(_bind(io.bind_input, "num_logits", self._num_logits))
         outs = self._outputs.views(self._out_shapes, self._out_dtypes, rows, grow_to=max(64, rows))
+        outs["logits"] = outs["logits"][:, :k]
         for name, arr in outs.items():
             bound.append(_bind(io.bind_output, name, arr))
         self._bound = bound  # kept alive until the next call
         self.backbone.run_with_iobinding(io)
         self._staged = n
         self._hidden = outs["hidden_states"][0, :n]
-        return outs["logits"][0, :n]
+        return outs["logits"][0, : min(k, n)]
 
     def commit(self, keep):
         keep = np.asarray(keep, dtype=np.int64)
@@ -419,12 +427,13 @@ def run_fused_contract(session, input_ids, position_ids, tree_mask, past: list) 
     One sequence per call: ONNX Runtime's GroupQueryAttention takes several new tokens over
     a cache at batch 1 only, so batch rows run one after the other and are stacked.
     """
-    names = [i.name for i in session.get_inputs()][4:]
+    names = [i.name for i in session.get_inputs()][FUSED_CACHE_START:]
     rows = []
     for b in range(input_ids.shape[0]):
         p = past[0].shape[1]
         feed = {"input_ids": input_ids[b:b + 1], "position_ids": position_ids[b:b + 1],
-                "tree_mask": tree_mask[b:b + 1], "cache_lengths": np.full(1, p, dtype=np.int64)}
+                "tree_mask": tree_mask[b:b + 1], "cache_lengths": np.full(1, p, dtype=np.int64),
+                "num_logits": np.full(1, input_ids.shape[1], dtype=np.int64)}
         feed.update({name: np.ascontiguousarray(t[b:b + 1].transpose(0, 2, 1, 3)) for name, t in zip(names, past)})
         logits, hidden, *presents = session.run(None, feed)
         n = input_ids.shape[1]

@@ -29,7 +29,7 @@ from conftest import hf_greedy, make_tiny_llama  # noqa: E402
 from exporter.export import ExportOptions, export_artifact  # noqa: E402
 from exporter.fused import FUSED_OPSET, MS_DOMAIN  # noqa: E402
 from exporter.heads import fresh_heads  # noqa: E402
-from runtime.artifact import CONFIG_FILE, fused_io_names, read_artifact  # noqa: E402
+from runtime.artifact import CONFIG_FILE, FUSED_CACHE_START, fused_io_names, read_artifact  # noqa: E402
 from runtime.errors import ContextLengthError, MedusaError  # noqa: E402
 from runtime.tree import load_tree  # noqa: E402
 
@@ -364,9 +364,9 @@ def test_decoding_to_the_end_of_a_small_context(exported, monkeypatch, arch, tre
     sizes = []
     forward = gen.backend.forward
 
-    def spy(ids, pos, mask):
+    def spy(ids, pos, mask, **kw):
         sizes.append(len(ids))
-        return forward(ids, pos, mask)
+        return forward(ids, pos, mask, **kw)
 
     monkeypatch.setattr(gen.backend, "forward", spy)
     t = load_tree(tree)
@@ -563,6 +563,7 @@ def test_fp16_fused_export_validates_and_decodes_losslessly(fp16, wordlevel_toke
     T = onnx.TensorProto
     types = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.output]}
     assert types.pop("input_ids") == types.pop("position_ids") == types.pop("cache_lengths") == T.INT64
+    assert types.pop("num_logits") == T.INT64
     assert types.pop("tree_mask") == T.BOOL
     assert set(types.values()) == {T.FLOAT16}
     assert {i.data_type for i in m.graph.initializer if i.data_type in (T.FLOAT, T.FLOAT16)} == {T.FLOAT16}
@@ -598,7 +599,7 @@ def test_fp16_attention_and_cache_stay_fp16_on_the_cpu_provider(fp16, tmp_path):
     casts = [n for n in g.node if n.op_type == "Cast"]
     cast_io = {name for n in casts for name in (*n.input, *n.output)}
     names_in, names_out = fused_io_names(2)
-    assert not cast_io & set(names_in[4:] + names_out[2:])  # the cache is never converted
+    assert not cast_io & set(names_in[FUSED_CACHE_START:] + names_out[2:])  # the cache is never converted
     for op in ("GroupQueryAttention", "SkipSimplifiedLayerNormalization"):
         nodes = [n for n in g.node if n.op_type == op]
         assert nodes
@@ -606,7 +607,7 @@ def test_fp16_attention_and_cache_stay_fp16_on_the_cpu_provider(fp16, tmp_path):
             assert all(not name.startswith("InsertedPrecisionFreeCast_") for name in (*n.input, *n.output)), n.name
     gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     for i, n in enumerate(gqa):
-        assert list(n.input[3:5]) == names_in[4 + 2 * i: 6 + 2 * i]
+        assert list(n.input[3:5]) == names_in[FUSED_CACHE_START + 2 * i: FUSED_CACHE_START + 2 + 2 * i]
         assert list(n.output[1:]) == names_out[2 + 2 * i: 4 + 2 * i]
 
 
@@ -730,3 +731,20 @@ def test_quantized_export_with_external_data(tmp_path, precision, wordlevel_toke
         assert gen.generate(ids, max_new_tokens=12, tree="chain_2").tokens == \
             gen.generate(ids, max_new_tokens=12, medusa=False).tokens
 
+
+
+def test_prefill_computes_only_the_logits_it_reads(exported):
+    """forward(..., logits=k) runs the lm_head on the last k rows: a prompt chunk asks for none
+    (or the last row of the last chunk); the rows it returns equal the full computation's."""
+    be = backend_for(exported("llama")["fused"])
+    assert be.partial_logits
+    ids = np.array(PROMPTS[1], dtype=np.int64)
+    n = len(ids)
+    full = np.array(be.forward(ids, np.arange(n), causal(n)))
+    assert full.shape[0] == n
+    last = np.array(be.forward(ids, np.arange(n), causal(n), logits=1))
+    none = np.array(be.forward(ids, np.arange(n), causal(n), logits=0))
+    assert last.shape == (1, full.shape[1]) and none.shape == (0, full.shape[1])
+    np.testing.assert_allclose(last[0], full[-1], atol=1e-5)
+    # hidden states (the heads' input) are there for every row either way
+    assert be._hidden.shape[0] == n

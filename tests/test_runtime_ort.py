@@ -272,9 +272,9 @@ def test_a_stream_ending_inside_a_step_runs_nothing_after_it(tiny):
     sizes = []
     real = g.backend.forward
 
-    def spy(ids, pos, mask):
+    def spy(ids, pos, mask, **kw):
         sizes.append(len(ids))
-        return real(ids, pos, mask)
+        return real(ids, pos, mask, **kw)
 
     g.backend.forward = spy
     ids = g.encode(PROMPTS[0])
