@@ -87,6 +87,7 @@ class ExportOptions:
     # a graph whose weights exceed this many MB is saved with its tensors in ``<file>.data``
     external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB
     tree: str | None = None  # default tree recorded in the artifact; None: cpu_8, or chain_K for K < 4 heads
+    sampling_tree: str | None = None  # the tree exact sampling uses when none is given (None: the default tree)
     max_context: int | None = None  # cap on the context the runtime sizes its cache for
     force: bool = False  # replace an existing out_dir
     validate: bool = True  # ONNX Runtime vs PyTorch before the artifact is moved into place
@@ -519,6 +520,14 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             f"backbone (hidden {model.config.hidden_size}, vocabulary {model.config.vocab_size})"
         )
     tree = resolve_tree(options, heads.config.num_heads, model.config.vocab_size)
+    sampling_tree = None
+    if options.sampling_tree is not None:
+        from runtime import checks
+
+        sampling_tree = checks.tree(options.sampling_tree, heads.config.num_heads or None, model.config.vocab_size)
+        if resolve_precision(options) in ("int8", "int4") and not sampling_tree.is_chain:
+            raise MedusaError(f"sampling tree {sampling_tree.name!r} branches; int8/int4 graphs sample exactly with "
+                              "chain trees only: pass --sampling-tree chain_1 .. chain_5")
     spec = spec_from_hf(model, heads)
     if options.max_context is not None:
         if options.max_context > spec.max_context:
@@ -596,6 +605,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 precision="fp16" if options.dtype == "float16" else "fp32",  # quantized below, after validation
                 default_tree=tree.name,
                 default_tree_paths=[list(p) for p in tree.paths],
+                sampling_tree=sampling_tree.name if sampling_tree is not None else None,
+                sampling_tree_paths=[list(p) for p in sampling_tree.paths] if sampling_tree is not None else [],
                 provenance={
                     "source_model": str(options.source_model) if options.source_model else getattr(
                         model.config, "_name_or_path", None),

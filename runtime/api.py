@@ -38,7 +38,8 @@ import numpy as np
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
 from runtime.decode import (
-    DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK, DecodeConfig, DecodeStats, check_prefill_chunk, decode_steps,
+    DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK, GREEDY_BELOW, DecodeConfig, DecodeStats,
+    check_prefill_chunk, decode_steps,
 )
 from runtime import checks
 from runtime.errors import ArtifactError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError
@@ -164,6 +165,9 @@ class MedusaGenerator:
         self._lock = threading.Lock()
         self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
         self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)
+        # exact sampling's own tree, recorded at export; a tree given to load() serves every mode
+        self.sampling_tree = (self._recorded_tree(self.config.sampling_tree, self.config.sampling_tree_paths)
+                              if tree is None and self.config.sampling_tree else None)
         if self.default_tree.num_nodes >= self.backend.max_context:
             self._warn_tree_too_big(self.default_tree, self.backend.max_context - 1, stacklevel=3)
 
@@ -173,13 +177,16 @@ class MedusaGenerator:
 
     def _artifact_tree(self) -> Tree:
         """The tree recorded at export (its paths are stored, so it loads even if renamed)."""
+        return self._recorded_tree(self.config.default_tree, self.config.default_tree_paths)
+
+    def _recorded_tree(self, name: str, paths_recorded: list) -> Tree:
         try:
-            if self.config.default_tree_paths:
-                paths = checks.tree_paths(self.config.default_tree_paths, self.spec.vocab_size, self.config.default_tree)
-                return build_tree(paths, name=self.config.default_tree, num_heads=self.spec.num_medusa_heads)
-            return self._tree(self.config.default_tree)
+            if paths_recorded:
+                paths = checks.tree_paths(paths_recorded, self.spec.vocab_size, name)
+                return build_tree(paths, name=name, num_heads=self.spec.num_medusa_heads)
+            return checks.tree(name, self.spec.num_medusa_heads, self.spec.vocab_size)
         except TreeError as e:
-            raise ArtifactError(f"{self.folder / 'medusa_config.json'}: the default tree does not fit: {e}") from None
+            raise ArtifactError(f"{self.folder / 'medusa_config.json'}: the tree {name!r} does not fit: {e}") from None
 
     def _tree(self, tree) -> Tree:
         """A tree argument (a name, a JSON file, a list of paths or a Tree), checked against this
@@ -220,6 +227,9 @@ class MedusaGenerator:
             stop_strings=stop, prefill_chunk=self.prefill_chunk,
         )
         t = self._tree(tree) if cfg.medusa else None
+        if tree is None and self.sampling_tree is not None and cfg.medusa and cfg.temperature >= GREEDY_BELOW \
+                and cfg.acceptance == "exact":
+            t = self.sampling_tree
         room = self.backend.max_context - len(ids)
         if room < 1:
             raise ContextLengthError(

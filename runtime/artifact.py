@@ -91,6 +91,11 @@ class ArtifactConfig:
     opset: int = 18
     default_tree: str = "cpu_8"
     default_tree_paths: list[list[int]] = field(default_factory=list)
+    # the tree exact sampling uses when the caller names none (None: the default tree): a
+    # deterministic draft is accepted with the backbone's probability of its token, so at
+    # temperature > 0 siblings pay less than under greedy acceptance and a smaller tree wins
+    sampling_tree: str | None = None
+    sampling_tree_paths: list[list[int]] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)  # source model, heads, versions, options, time
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -200,6 +205,10 @@ def _check_types(cfg: ArtifactConfig, cfg_path: Path) -> None:
         checks.text("default_tree", cfg.default_tree)
         if not isinstance(cfg.default_tree_paths, list):
             raise ConfigError(f"default_tree_paths must be a list of paths, got {checks.show(cfg.default_tree_paths)}")
+        if cfg.sampling_tree is not None:
+            checks.text("sampling_tree", cfg.sampling_tree)
+        if not isinstance(cfg.sampling_tree_paths, list):
+            raise ConfigError(f"sampling_tree_paths must be a list of paths, got {checks.show(cfg.sampling_tree_paths)}")
         if not isinstance(cfg.provenance, dict):
             raise ConfigError(f"provenance must be an object, got {checks.show(cfg.provenance)}")
     except ConfigError as e:

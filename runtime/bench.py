@@ -191,6 +191,7 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
 
     from runtime.decode import DEFAULT_LOOKUP
 
+    named = bool(trees)
     trees = [gen._tree(t) for t in trees] or [gen.default_tree]
     names = [t.name for t in trees]
     if len(set(names)) != len(names):
@@ -202,6 +203,8 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
     if any(not (t > 0) or t != t for t in sampling):
         raise MedusaError(f"--sampling: temperatures must be > 0, got {sampling}")
     variants = make_variants(trees, lookups)
+    # exact sampling runs the artifact's sampling tree unless --tree was given (as generate() does)
+    exact_tree = variants[0].tree if named else (getattr(gen, "sampling_tree", None) or variants[0].tree)
     if peer not in (None, *PEERS):
         raise MedusaError(f"unknown peer {peer!r}: the supported peers are {', '.join(PEERS)}")
     hf = HFPeer(_peer_model_path(gen, peer_model), threads) if peer == "hf" else None
@@ -247,7 +250,7 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
         for temp in sampling:  # same seed for the three: a fair draw, not the same tokens
             kw = dict(temperature=temp, seed=seed + i)
             runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw),
-                    "exact": _run(gen, ids, max_new_tokens, medusa=True, tree=variants[0].tree,
+                    "exact": _run(gen, ids, max_new_tokens, medusa=True, tree=exact_tree,
                                   lookup=variants[0].lookup, acceptance="exact", **kw),
                     "typical": _run(gen, ids, max_new_tokens, medusa=True, tree=variants[0].tree,
                                     lookup=variants[0].lookup, acceptance="typical", **kw)}
@@ -272,6 +275,8 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
     res = summarize(gen, per_prompt, variants, max_new_tokens, peer, threads)
     if sampling:
         res["sampling"] = _summarize_sampling(per_prompt, sampling, res, variants[0].name)
+        for e in res["sampling"].values():
+            e["exact_tree"] = exact_tree.name
     if peer:
         res["peer_version"] = (hf or og).version
     if og is not None:
@@ -490,7 +495,8 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
             lines.append(f"{cat[:11]:<11} {e['prompts']:>3} {e['plain_tokens_per_s']:7.1f} {cells}")
     for temp, e in (res.get("sampling") or {}).items():
         lines.append("")
-        lines.append(f"sampling at temperature {temp} (tree {e['tree']}; greedy speedup in this run {e['greedy_speedup']:.2f}x):")
+        lines.append(f"sampling at temperature {temp} (greedy and typical: tree {e['tree']}, greedy speedup in this run "
+                     f"{e['greedy_speedup']:.2f}x; exact: tree {e.get('exact_tree', e['tree'])}):")
         lines.append(f"  plain sampling  {e['plain_tokens_per_s']:8.2f} tok/s")
         for k, what in (("exact", "exact (the backbone's distribution)"), ("typical", "typical acceptance (lossy)")):
             lines.append(f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "

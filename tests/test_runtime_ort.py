@@ -311,3 +311,30 @@ def test_bench_lookup_variants_categories_and_sampling(tiny, shared_data):
         run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, lookups=[3, 3], progress=False)
     with pytest.raises(MedusaError, match="--sampling"):
         run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, sampling=[0.0], progress=False)
+
+
+def test_exact_sampling_uses_the_recorded_sampling_tree(tiny, tmp_path, monkeypatch):
+    """An artifact's sampling_tree serves exact sampling when no tree is given; greedy and typical
+    keep the default tree; a tree given to generate() or load() wins."""
+    import shutil
+
+    import runtime.api as api_mod
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny["artifact"], art)
+    cfg = json.loads((art / "medusa_config.json").read_text())
+    cfg["sampling_tree"], cfg["sampling_tree_paths"] = "chain_1", [[0]]
+    (art / "medusa_config.json").write_text(json.dumps(cfg))
+    used = []
+    real = api_mod.decode_steps
+    monkeypatch.setattr(api_mod, "decode_steps", lambda b, ids, c, t, **kw: used.append(t and t.name) or real(b, ids, c, t, **kw))
+    g = runtime.load(art, backend="onnxruntime", threads=1)
+    default = g.default_tree.name
+    assert default != "chain_1" and g.sampling_tree.name == "chain_1"
+    ids = g.encode(PROMPTS[0])
+    g.generate(ids, max_new_tokens=4, temperature=0.7, seed=0)
+    g.generate(ids, max_new_tokens=4)
+    g.generate(ids, max_new_tokens=4, temperature=0.7, seed=0, acceptance="typical")
+    g.generate(ids, max_new_tokens=4, temperature=0.7, seed=0, tree="chain_2")
+    assert used == ["chain_1", default, default, "chain_2"]
+    assert runtime.load(art, backend="onnxruntime", threads=1, tree="chain_3").sampling_tree is None
