@@ -445,7 +445,6 @@ def resolve_tree(options: ExportOptions, num_heads: int, vocab_size: int | None 
     chains only for int8 / int4 graphs (their int8 activations keep greedy Medusa exact with
     chains only: runtime.onnxrt.row_invariant_rows); chain_1 by default there. Checked as the
     runtime checks a tree argument (ranks within ``vocab_size``)."""
-    from runtime import checks
     from runtime.tree import load_tree
 
     quantized = resolve_precision(options) in ("int8", "int4")
@@ -454,11 +453,21 @@ def resolve_tree(options: ExportOptions, num_heads: int, vocab_size: int | None 
         name = "chain_1"
     if name is None:
         name = DEFAULT_TREE if num_heads >= load_tree(DEFAULT_TREE).depth else f"chain_{max(1, min(num_heads, 5))}"
+    return check_tree(options, name, num_heads, vocab_size, "--tree")
+
+
+def check_tree(options: ExportOptions, name, num_heads: int, vocab_size: int | None, flag: str):
+    """A tree to record in the artifact, checked as the runtime checks a tree argument; chains
+    only for int8 / int4 graphs (their int8 activations keep greedy Medusa and exact sampling
+    exact with chains only: runtime.onnxrt.row_invariant_rows)."""
+    from runtime import checks
+
     tree = checks.tree(name, num_heads if num_heads > 0 else None, vocab_size)
-    if quantized and not tree.is_chain:
+    precision = resolve_precision(options)
+    if precision in ("int8", "int4") and not tree.is_chain:
         raise MedusaError(
-            f"tree {tree.name!r} branches; {resolve_precision(options)} graphs compute with int8 activations, where "
-            "greedy Medusa is exactly lossless with chain trees only: pass --tree chain_1 .. chain_5 (or none)"
+            f"tree {tree.name!r} branches; {precision} graphs compute with int8 activations, where greedy Medusa "
+            f"and exact sampling follow plain decoding exactly with chain trees only: pass {flag} chain_1 .. chain_5"
         )
     return tree
 
@@ -520,14 +529,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             f"backbone (hidden {model.config.hidden_size}, vocabulary {model.config.vocab_size})"
         )
     tree = resolve_tree(options, heads.config.num_heads, model.config.vocab_size)
-    sampling_tree = None
-    if options.sampling_tree is not None:
-        from runtime import checks
-
-        sampling_tree = checks.tree(options.sampling_tree, heads.config.num_heads or None, model.config.vocab_size)
-        if resolve_precision(options) in ("int8", "int4") and not sampling_tree.is_chain:
-            raise MedusaError(f"sampling tree {sampling_tree.name!r} branches; int8/int4 graphs sample exactly with "
-                              "chain trees only: pass --sampling-tree chain_1 .. chain_5")
+    sampling_tree = None if options.sampling_tree is None else check_tree(
+        options, options.sampling_tree, heads.config.num_heads, model.config.vocab_size, "--sampling-tree")
     spec = spec_from_hf(model, heads)
     if options.max_context is not None:
         if options.max_context > spec.max_context:

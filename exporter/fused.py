@@ -175,7 +175,6 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     ``dtype``: float32 or float16 (weights, activations, cache, logits). ``max_positions``
     sizes the rotary tables (the artifact's max_context; default max_position_embeddings).
     """
-    import onnx
     from onnx import TensorProto
 
     _check_supported(model)
@@ -231,7 +230,6 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     embed = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"], npdt))
     x = g.op("Gather", [embed, "input_ids"], name="embed", axis=0)
     residual = None
-    hidden = None
 
     def norm(inp, weight_key: str, res):
         """(normed, new residual): RMSNorm(inp + res) and inp + res (just inp for the first)."""
@@ -313,8 +311,10 @@ def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) ->
     import onnx
 
     path = Path(path)
+    from exporter.export import MAX_EXTERNAL_DATA_THRESHOLD_MB
+
     weights = sum(t.ByteSize() for t in proto.graph.initializer)
-    external = weights > min(external_data_threshold_mb, 1536.0) * 2**20
+    external = weights > min(external_data_threshold_mb, MAX_EXTERNAL_DATA_THRESHOLD_MB) * 2**20
     data = path.with_name(path.name + ".data")
     if data.exists():
         os.remove(data)

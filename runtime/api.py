@@ -33,16 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
-
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
 from runtime.decode import (
     DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK, GREEDY_BELOW, DecodeConfig, DecodeStats,
-    check_prefill_chunk, decode_steps,
+    check_fits, check_prefill_chunk, decode_steps, prefill,
 )
 from runtime import checks
-from runtime.errors import ArtifactError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError
+from runtime.errors import ArtifactError, ConfigError, MedusaError, MedusaWarning, TreeError
 from runtime.tokenizer import StreamDecoder, Tokenizer
 from runtime.tree import Tree, build_tree
 
@@ -230,12 +228,8 @@ class MedusaGenerator:
         if tree is None and self.sampling_tree is not None and cfg.medusa and cfg.temperature >= GREEDY_BELOW \
                 and cfg.acceptance == "exact":
             t = self.sampling_tree
+        check_fits(self.backend, ids)  # at the call: the events run nothing until asked
         room = self.backend.max_context - len(ids)
-        if room < 1:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.backend.max_context}: "
-                "shorten the prompt (at least one token must fit after it)"
-            )
         if t is not None and t.num_nodes > room:
             self._warn_tree_too_big(t, room, stacklevel=3)
         return ids, decode_steps(self.backend, ids, cfg, t, decode_text=self.tokenizer.decode)
@@ -263,15 +257,8 @@ class MedusaGenerator:
             backend.restore(saved)
             return
         # re-run the tokens as a (chunked) prefill: the cache the decode loop left, up to rounding
-        tokens = np.asarray(saved.tokens, dtype=np.int64)
         backend.reset()
-        n = len(tokens)
-        chunk = self.prefill_chunk or n
-        for s in range(0, n, chunk):
-            m = min(chunk, n - s)
-            kw = {"logits": 0} if getattr(backend, "partial_logits", False) else {}  # the cache alone is wanted
-            backend.forward(tokens[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)), **kw)
-            backend.commit(np.arange(m))
+        prefill(backend, saved.tokens, self.prefill_chunk, want_logits=False)
 
     def _steps(self, claim: _Claim, events):
         """The decode loop's events, one step at a time under the lock (the stream's path)."""

@@ -69,6 +69,22 @@ class Backend(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not snapshot its cache")
 
 
+class DeviceCacheBackend(Backend):
+    """A backend whose engine writes the cache itself: it keeps only the count of committed
+    entries (``length``) and the usable size (``capacity``)."""
+
+    length: int = 0
+    capacity: int = 0
+
+    @property
+    def cache_len(self) -> int:
+        return self.length
+
+    @property
+    def max_context(self) -> int:
+        return self.capacity
+
+
 class KVCache:
     """Preallocated sequence-major cache: per layer ``[batch, max_context, kv_heads, head_dim]``.
 

@@ -240,7 +240,7 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
                 "tokens": len(md.tokens), "seconds": md.seconds, "tokens_per_s": md.tokens_per_s,
                 "speedup": md.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else 0.0,
                 "steps": md.steps, "times": md.times, "accept_hist": md.accept_hist,
-                "mean_accepted": sum(k * v for k, v in md.accept_hist.items()) / max(1, sum(md.accept_hist.values())),
+                "mean_accepted": _hist_mean(md.accept_hist),
                 "identical": md.tokens == ar.tokens,
                 "divergence": None if md.tokens == ar.tokens else _divergence(gen, ids, ar.tokens, md.tokens),
                 "lookup_accepted": md.lookup_accepted,
@@ -294,7 +294,16 @@ def _peer_row(pr: RunResult, ar: RunResult) -> dict:
 
 
 def _hist_mean(hist: dict) -> float:
+    """Tokens per step of an accepted-length histogram (keys int or str)."""
     return sum(int(k) * v for k, v in hist.items()) / max(1, sum(hist.values()))
+
+
+def _merged_hist(hists) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for h in hists:
+        for k, v in h.items():
+            out[int(k)] = out.get(int(k), 0) + v
+    return out
 
 
 def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
@@ -309,10 +318,7 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
                  "tree": variant_name}
         for k in ("exact", "typical"):
             tps = _tokens_per_s([r[k] for r in rows])
-            hist: dict[str, int] = {}
-            for r in rows:
-                for a, c in r[k]["accept_hist"].items():
-                    hist[str(a)] = hist.get(str(a), 0) + c
+            hist = _merged_hist(r[k]["accept_hist"] for r in rows)
             entry[f"{k}_tokens_per_s"] = tps
             entry[f"{k}_speedup"] = _ratio(tps, plain)
             entry[f"{k}_mean_accepted"] = _hist_mean(hist)
@@ -332,9 +338,8 @@ def _by_category(per_prompt, names) -> dict:
         for n in names:
             vs = [r["trees"][n] for r in rows]
             tps = _tokens_per_s(vs)
-            steps = sum(v["steps"] for v in vs)
             entry[n] = {"tokens_per_s": tps, "speedup": _ratio(tps, plain),
-                        "mean_accepted": (sum(v["tokens"] for v in vs) - len(vs)) / steps if steps else 0.0}
+                        "mean_accepted": _hist_mean(_merged_hist(v["accept_hist"] for v in vs))}
         out[cat] = entry
     return out
 
@@ -345,11 +350,9 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
     tokens = sum(r["tokens"] for r in rows)
     seconds = sum(r["seconds"] for r in rows)
     steps = sum(r["steps"] for r in rows)
-    hist: dict[int, int] = {}
+    hist = _merged_hist(r["accept_hist"] for r in rows)
     times = {p: 0.0 for p in PHASES}
     for r in rows:
-        for k, v in r["accept_hist"].items():
-            hist[int(k)] = hist.get(int(k), 0) + v
         for k, v in r["times"].items():
             times[k] += v
     decode_s = sum(v for k, v in times.items() if k != "prefill")
@@ -361,7 +364,7 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
         "lookup": variant.lookup, "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
         "medusa_tokens_per_s": tps, "speedup": tps / ar_tps if ar_tps else 0.0,
         "median_prompt_speedup": statistics.median(r["speedup"] for r in rows),
-        "mean_accepted": sum(k * v for k, v in hist.items()) / max(1, sum(hist.values())),
+        "mean_accepted": _hist_mean(hist),
         "accept_hist": {str(k): v for k, v in sorted(hist.items())},
         "identical": sum(r["identical"] for r in rows),
         "near_tie_divergences": len(near_ties),

@@ -325,7 +325,7 @@ def decode_steps(
 ) -> Iterator[StepEvent]:
     """Yield the tokens of each step as they are accepted; the last event's stats are final."""
     prompt = np.asarray(prompt_ids, dtype=np.int64)
-    _check_fits(backend, prompt, cfg)
+    check_fits(backend, prompt)
     if cfg.medusa and tree is None:
         raise MedusaError("Medusa decoding needs a tree (or pass medusa=False)")
     if cfg.medusa and tree.depth > backend.spec.num_medusa_heads:
@@ -348,14 +348,7 @@ def decode_steps(
 
     # prefill: the prompt under a causal mask, in chunks (each sees the cache of the earlier
     # ones); the last chunk's last logits give the first root
-    n = len(prompt)
-    chunk = cfg.prefill_chunk or n
-    partial = getattr(backend, "partial_logits", False)  # the lm_head on the rows we read only
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        kw = {"logits": 1 if s + m == n else 0} if partial else {}
-        logits = backend.forward(prompt[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)), **kw)
-        backend.commit(np.arange(m))
+    logits, m = prefill(backend, prompt, cfg.prefill_chunk)
     root = select_root(logits[-1], cfg, rng)
     heads = backend.head_logits(m - 1) if cfg.medusa else None
     clock.lap("prefill")
@@ -384,6 +377,24 @@ def decode_steps(
                 heads = backend.head_logits(0)
                 clock.lap("heads")
         stats.steps += 1
+
+
+def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True) -> tuple[np.ndarray | None, int]:
+    """Run ``tokens`` through the backend under a causal mask, in calls of at most ``chunk``
+    tokens (0: one call), each over the cache of the earlier ones, and commit them all.
+    Returns (the last call's logits, its token count): the last row when the backend computes
+    only the rows asked for (``partial_logits``), none when ``want_logits`` is False."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens)
+    chunk = chunk or n
+    partial = getattr(backend, "partial_logits", False)  # the lm_head on the rows we read only
+    logits, m = None, 0
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        kw = {"logits": 1 if (want_logits and s + m == n) else 0} if partial else {}
+        logits = backend.forward(tokens[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)), **kw)
+        backend.commit(np.arange(m))
+    return logits, m
 
 
 def _exact(cfg: DecodeConfig) -> bool:
@@ -457,7 +468,9 @@ def decode(backend: Backend, prompt_ids, cfg: DecodeConfig, tree: Tree | None = 
     return DecodeResult(tokens, stats)
 
 
-def _check_fits(backend: Backend, prompt: np.ndarray, cfg: DecodeConfig) -> None:
+def check_fits(backend: Backend, prompt) -> None:
+    """The prompt is token ids of this model, and at least one token fits after it."""
+    prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 1 or len(prompt) == 0:
         raise MedusaError("the prompt must be a non-empty list of token ids")
     if prompt.min() < 0 or prompt.max() >= backend.spec.vocab_size:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
-from runtime.backend import Backend, GraphBackend
+from runtime.backend import DeviceCacheBackend, GraphBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -106,6 +106,25 @@ def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, hea
                                     f"dtype {config.dtype} (re-export the artifact)")
 
 
+def open_sessions(ort, folder: Path, config: ArtifactConfig, threads: int | None, providers: list[str],
+                  heads_int8: bool) -> tuple:
+    """(backbone session, heads session, heads file) of an artifact. The int8 heads serve on the
+    CPU when exported (they only propose candidates, so the output cannot change). The heads
+    session must not spin-wait after its call: on a small CPU its idle spinning threads steal
+    the cores the next backbone call needs (measured on 2 cores: a plain step after a heads
+    call took 82 ms instead of 47 ms). The backbone keeps spinning."""
+    backbone = _session(ort, folder / config.backbone.file, _options(ort, threads, spin=True), providers)
+    on_cpu = providers[0] == "CPUExecutionProvider"
+    heads = config.heads_int8 if (heads_int8 and config.heads_int8 and on_cpu) else config.heads
+    return backbone, _session(ort, folder / heads.file, _options(ort, threads, spin=False), providers), heads.file
+
+
+def run_heads(session, hidden: np.ndarray, dtype) -> np.ndarray:
+    """The heads graph on hidden states ``[rows, hidden]``: ``[rows, heads, vocab]``."""
+    (logits,) = session.run(None, {"hidden_states": np.ascontiguousarray(hidden).astype(dtype, copy=False)})
+    return logits
+
+
 def _options(ort, threads: int | None, spin: bool):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -154,16 +173,8 @@ class OnnxRuntimeBackend(GraphBackend):
         self.providers = choose_providers(device)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         self.threads = threads
-        self.backbone = _session(ort, self.folder / config.backbone.file, _options(ort, threads, spin=True),
-                                 self.providers)
-        # int8 heads (proposals only, so the output cannot change) on the CPU when exported
-        heads = config.heads_int8 if (heads_int8 and config.heads_int8 and self.on_cpu) else config.heads
-        self.heads_file = heads.file
-        # The heads session must not spin-wait after its call: on a small CPU its idle spinning
-        # threads steal the cores the next backbone call needs (measured on 2 cores: a plain
-        # step after a heads call took 82 ms instead of 47 ms). The backbone keeps spinning.
-        heads_opts = _options(ort, threads, spin=False)
-        self.heads = _session(ort, self.folder / heads.file, heads_opts, self.providers)
+        self.backbone, self.heads, self.heads_file = open_sessions(ort, self.folder, config, threads, self.providers,
+                                                                   heads_int8)
         dtype = _NP_DTYPES[config.dtype]
         self._past_names = [n for n in config.backbone.inputs if n.startswith("past_key_values.")]
         self._present_names = [n for n in config.backbone.outputs if n.startswith("present.")]
@@ -216,8 +227,7 @@ class OnnxRuntimeBackend(GraphBackend):
         return outs["logits"], outs["hidden_states"], [outs[n] for n in self._present_names]
 
     def _run_heads(self, hidden):
-        (logits,) = self.heads.run(None, {"hidden_states": hidden.astype(self._dtype, copy=False)})
-        return logits
+        return run_heads(self.heads, hidden, self._dtype)
 
 
 _EMPTY = np.zeros(8, dtype=np.uint8)  # a valid address for zero-size tensors (never read)
@@ -237,7 +247,7 @@ def _bind(bind, name: str, arr: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- fused flavour
 
 
-class FusedOnnxRuntimeBackend(Backend):
+class FusedOnnxRuntimeBackend(DeviceCacheBackend):
     """The ``fused`` graph (exporter/fused.py) with its KV cache updated in place.
 
     The cache is one preallocated buffer ``[layers, 2, 1, kv_heads, capacity, head_dim]``
@@ -263,11 +273,8 @@ class FusedOnnxRuntimeBackend(Backend):
                 "artifact with TensorRT on a GPU)"
             )
         self.threads = threads
-        self.backbone = _session(ort, self.folder / config.backbone.file, _options(ort, threads, spin=True),
-                                 self.providers)
-        heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
-        self.heads_file = heads.file
-        self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), self.providers)
+        self.backbone, self.heads, self.heads_file = open_sessions(ort, self.folder, config, threads, self.providers,
+                                                                   heads_int8)
         self._dtype = _NP_DTYPES[config.dtype]
         spec = self.spec
         self.min_rows = row_invariant_rows(config)
@@ -309,14 +316,6 @@ class FusedOnnxRuntimeBackend(Backend):
                 f"inputs {got_in[:6]}..., expected {want_in[:6]}...; re-export with this medusa-export)"
             )
         check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=True)
-
-    @property
-    def cache_len(self) -> int:
-        return self.length
-
-    @property
-    def max_context(self) -> int:
-        return self.capacity
 
     def reset(self) -> None:
         self.length = 0
@@ -397,9 +396,7 @@ class FusedOnnxRuntimeBackend(Backend):
     def head_logits(self, index):
         if self._hidden is None:
             raise RuntimeError("head_logits() before any forward()")
-        hidden = np.ascontiguousarray(self._hidden[index: index + 1]).astype(self._dtype, copy=False)
-        (logits,) = self.heads.run(None, {"hidden_states": hidden})
-        return logits[0]
+        return run_heads(self.heads, self._hidden[index: index + 1], self._dtype)[0]
 
 
 def row_invariant_rows(config: ArtifactConfig) -> int:

@@ -116,47 +116,15 @@ def build_tree(paths: Iterable[Sequence[int]], name: str = "tree", num_heads: in
     index[()] = 0
 
     parent = np.full(n, -1, dtype=np.int64)
-    depth = np.zeros(n, dtype=np.int64)
     head = np.full(n, -1, dtype=np.int64)
     rank = np.full(n, -1, dtype=np.int64)
-    mask = np.zeros((n, n), dtype=bool)
-    mask[:, 0] = True
-    mask[0, 0] = True
     for p, i in index.items():
-        if not p:
-            continue
-        parent[i] = index[p[:-1]]
-        depth[i] = len(p)
-        head[i] = len(p) - 1
-        rank[i] = p[-1]
-        for k in range(1, len(p) + 1):  # ancestors and itself
-            mask[i, index[p[:k]]] = True
-
-    # One retrieve row per leaf (a path that prefixes no other path), root first.
-    has_child = np.zeros(n, dtype=bool)
-    has_child[parent[parent >= 0]] = True
-    leaves = [p for p in ordered if not has_child[index[p]]]
-    max_depth = int(depth.max())
-    retrieve = np.full((len(leaves), max_depth + 1), PAD, dtype=np.int64)
-    lengths = np.zeros(len(leaves), dtype=np.int64)
-    for row, p in enumerate(leaves):
-        nodes = [0] + [index[p[:k]] for k in range(1, len(p) + 1)]
-        retrieve[row, : len(nodes)] = nodes
-        lengths[row] = len(nodes)
-
-    topk = tuple(int(rank[head == h].max()) + 1 for h in range(max_depth))
-    return Tree(
-        name=name,
-        paths=tuple(ordered),
-        attn_mask=mask,
-        position_ids=depth,
-        retrieve_indices=retrieve,
-        path_lengths=lengths,
-        parent=parent,
-        node_head=head,
-        node_rank=rank,
-        topk=topk,
-    )
+        if p:
+            parent[i] = index[p[:-1]]
+            head[i] = len(p) - 1
+            rank[i] = p[-1]
+    topk = tuple(int(rank[head == h].max()) + 1 for h in range(max(len(p) for p in ordered)))
+    return _tree_from_parents(name, parent, head, rank, topk, paths=tuple(ordered))
 
 
 def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) -> tuple[Tree, np.ndarray, int]:
@@ -195,8 +163,9 @@ def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) 
     return _tree_from_parents(f"{tree.name}+lookup", parent, head, rank, tree.topk), np.asarray(toks, dtype=np.int64), added
 
 
-def _tree_from_parents(name: str, parent: list[int], head: list[int], rank: list[int], topk: tuple[int, ...]) -> Tree:
-    """The buffers of a tree given as a parent list (parents before children)."""
+def _tree_from_parents(name: str, parent, head, rank, topk: tuple[int, ...], paths: tuple = ()) -> Tree:
+    """The buffers of a tree given as a parent list (parents before children): the mask (a
+    node sees its ancestors and itself), depths, and one retrieve row per leaf, in node order."""
     n = len(parent)
     par = np.asarray(parent, dtype=np.int64)
     depth = np.zeros(n, dtype=np.int64)
@@ -217,7 +186,7 @@ def _tree_from_parents(name: str, parent: list[int], head: list[int], rank: list
             nodes.append(int(par[nodes[-1]]))
         retrieve[row, : len(nodes)] = nodes[::-1]
         lengths[row] = len(nodes)
-    return Tree(name=name, paths=(), attn_mask=mask, position_ids=depth, retrieve_indices=retrieve,
+    return Tree(name=name, paths=paths, attn_mask=mask, position_ids=depth, retrieve_indices=retrieve,
                 path_lengths=lengths, parent=par, node_head=np.asarray(head, dtype=np.int64),
                 node_rank=np.asarray(rank, dtype=np.int64), topk=topk)
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from exporter.trt_plan import DECODE, BuildPlan, Graph, PlanError, read_plan, route
 from runtime.artifact import ArtifactConfig, ModelSpec
-from runtime.backend import Backend
+from runtime.backend import DeviceCacheBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
 ALIGN = 256  # bytes: TensorRT needs every tensor address 256-byte aligned
@@ -358,7 +358,7 @@ def schedule_forward(plan: BuildPlan, past: int, mask: np.ndarray) -> ForwardSch
 # ---------------------------------------------------------------------------- orchestration
 
 
-class StagedEngineBackend(Backend):
+class StagedEngineBackend(DeviceCacheBackend):
     """forward / commit / head_logits over a device cache and staging rows.
 
     Subclasses provide the device primitives:
@@ -386,14 +386,6 @@ class StagedEngineBackend(Backend):
         self._decode = plan.backbone.profile_index(DECODE)
 
     # -- Backend interface -----------------------------------------------------------
-
-    @property
-    def cache_len(self) -> int:
-        return self.length
-
-    @property
-    def max_context(self) -> int:
-        return self.capacity
 
     def reset(self) -> None:
         self.length = 0

@@ -127,6 +127,22 @@ def tiny_export():
     return factory
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_export):
+    """One tiny export per test module (``tiny_export`` seed 3). A small init makes the tiny
+    model's text repetitive enough for the heads to be right often, so the lossless tests see
+    many multi-token steps."""
+    return tiny_export(tmp_path_factory.mktemp("art") / "tiny", seed=3, initializer_range=0.15)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny):
+    """``runtime.load`` of the module's ``tiny`` export (ONNX Runtime, 1 thread)."""
+    import runtime
+
+    return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+
+
 def make_wordlevel_tokenizer(vocab_size: int = 128):
     """A fast tokenizer over the words ``t0 .. t{vocab_size-1}`` (t0 unk, t1 bos, t2 eos) with
     a chat template: ``save_pretrained`` writes tokenizer.json, tokenizer_config.json and

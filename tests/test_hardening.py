@@ -38,16 +38,6 @@ PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three pr
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_export):
-    return tiny_export(tmp_path_factory.mktemp("art") / "tiny", seed=3, initializer_range=0.15)
-
-
-@pytest.fixture(scope="module")
-def gen(tiny):
-    return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
-
-
-@pytest.fixture(scope="module")
 def alone(gen):
     """Each prompt's greedy tokens (tree cpu_8) and a seeded sample, decoded alone."""
     return {p: (gen.generate(p, max_new_tokens=24, tree="cpu_8").tokens,

@@ -22,18 +22,6 @@ from runtime.errors import ArtifactError, ContextLengthError, MedusaError  # noq
 PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three prime numbers."]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_export):
-    # a small init makes the tiny model's text repetitive enough for the heads to be right
-    # often, so the lossless tests see many multi-token steps
-    return tiny_export(tmp_path_factory.mktemp("art") / "tiny", seed=3, initializer_range=0.15)
-
-
-@pytest.fixture(scope="module")
-def gen(tiny):
-    return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
-
-
 def _hf_greedy(model, ids, n):
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
