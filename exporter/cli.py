@@ -133,6 +133,35 @@ def _default_heads(model_arg: str) -> Path:
     )
 
 
+def _shipped_heads_of_default_model(args: argparse.Namespace) -> bool:
+    """The embedded default model with the heads shipped for it (implied, or passed as --heads):
+    the trees measured for exactly these heads apply."""
+    from exporter.models import DEFAULT_MODEL
+
+    if args.model != DEFAULT_MODEL or args.fresh_heads is not None:
+        return False
+    if args.heads is None:
+        return True
+    try:
+        return Path(args.heads).expanduser().resolve() == (SHIPPED_HEADS / DEFAULT_MODEL).resolve()
+    except OSError:
+        return False
+
+
+def default_trees(args: argparse.Namespace, precision: str | None) -> tuple[str | None, str | None]:
+    """(tree, sampling tree) to record: ``--tree`` / ``--sampling-tree`` when given; for the embedded
+    model with its shipped heads the trees measured for them (the tree medusa-train select-tree chose
+    on the fused fp32 graph's cost profile, chain_1 on int8/int4 graphs and for exact sampling);
+    else None (the exporter's generic default: cpu_8, or chain_K for fewer heads)."""
+    tree, sampling_tree = args.tree, args.sampling_tree
+    if _shipped_heads_of_default_model(args):
+        if tree is None:
+            tree = SHIPPED_TREE_QUANTIZED if precision in ("int8", "int4") else SHIPPED_TREE
+        if sampling_tree is None:
+            sampling_tree = SHIPPED_SAMPLING_TREE
+    return tree, sampling_tree
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """No per-tensor 'Loading weights' bar: our step lines report progress."""
@@ -170,11 +199,7 @@ def run(args: argparse.Namespace) -> Path:
         source_model=args.model,
     )
     check_options(options)
-    if options.tree is None and args.model == DEFAULT_MODEL and args.heads is None and args.fresh_heads is None:
-        # the shipped heads' tree, selected for them on this engine's cost profile (quantized graphs take chains)
-        options.tree = SHIPPED_TREE_QUANTIZED if options.precision in ("int8", "int4") else SHIPPED_TREE
-    if options.sampling_tree is None and args.model == DEFAULT_MODEL and args.heads is None and args.fresh_heads is None:
-        options.sampling_tree = SHIPPED_SAMPLING_TREE
+    options.tree, options.sampling_tree = default_trees(args, options.precision)
     out = Path(args.output).expanduser().absolute()
     check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:

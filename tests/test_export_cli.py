@@ -102,6 +102,34 @@ def test_no_such_model_folder(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv,trees", [
+    (["smollm2-135m"], ("smollm2_ort_cpu", "chain_1")),  # the fused fp32 graph: the tree measured for it
+    (["smollm2-135m", "--heads", str(cli.SHIPPED_HEADS / "smollm2-135m")], ("smollm2_ort_cpu", "chain_1")),
+    (["smollm2-135m", "--precision", "int4"], ("chain_1", "chain_1")),
+    (["smollm2-135m", "--precision", "int8"], ("chain_1", "chain_1")),
+    (["smollm2-135m", "--tree", "cpu_4"], ("cpu_4", "chain_1")),
+    (["smollm2-135m", "--sampling-tree", "chain_2"], ("smollm2_ort_cpu", "chain_2")),
+    (["smollm2-135m", "--fresh-heads", "4"], (None, None)),  # other heads: the exporter's generic default
+    (["some/model", "--heads", "h"], (None, None)),
+])
+def test_default_trees(argv, trees):
+    args = cli.build_parser().parse_args([*argv, "-o", "out"])
+    assert cli.default_trees(args, args.precision) == trees
+
+
+@pytest.mark.slow
+def test_the_default_export_records_the_measured_tree(tmp_path, capsys):
+    """`medusa-export smollm2-135m -o OUT` (README) records smollm2_ort_cpu, the tree selected for the
+    shipped heads on the fused fp32 graph's cost profile, and chain_1 for exact sampling."""
+    out = tmp_path / "art"
+    code, stdout, err = run_cli(["smollm2-135m", "-o", out, "--no-validate", "--no-heads-int8"], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "medusa_config.json").read_text())
+    assert (cfg["default_tree"], cfg["sampling_tree"], cfg["flavour"], cfg["precision"]) == \
+        ("smollm2_ort_cpu", "chain_1", "fused", "fp32")
+    assert "default tree smollm2_ort_cpu" in stdout
+
+
 def test_heads_that_do_not_match(model_folder, tmp_path, capsys):
     save_heads(fresh_heads(2, 16, 128), tmp_path / "small-heads")
     code, _, err = run_cli([model_folder, "--heads", tmp_path / "small-heads", "-o", tmp_path / "out"], capsys)
