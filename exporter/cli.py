@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.clihelp import HelpFormatter
 from runtime.errors import MedusaError, require_extra, run_cli
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medusa-export",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL",
                    help="local Hugging Face model folder (config.json + *.safetensors), or smollm2-135m")
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> Path:
     from exporter.models import DEFAULT_MODEL
     from exporter.export import ExportOptions, check_options, check_out_dir, export_artifact, progress
     from exporter.heads import fresh_heads, load_heads
-    from exporter.models import load_backbone
+    from exporter.models import load_backbone, resolve_model
 
     options = ExportOptions(
         dtype=args.dtype,
@@ -200,6 +201,8 @@ def run(args: argparse.Namespace) -> Path:
     )
     check_options(options)
     options.tree, options.sampling_tree = default_trees(args, options.precision)
+    if args.model != DEFAULT_MODEL:
+        resolve_model(args.model)  # a missing or non-model folder is named before anything else (the heads)
     out = Path(args.output).expanduser().absolute()
     check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:

@@ -36,8 +36,9 @@ def resolve_model(name_or_path: str | Path) -> Path:
     p = Path(text).expanduser()
     if not p.exists():
         raise MedusaError(
-            f"model {text!r} not found: give a local Hugging Face model folder (with config.json and "
-            f"*.safetensors) or the embedded default {DEFAULT_MODEL!r}. Nothing is downloaded."
+            f"model {text!r} not found: no such folder, and not a known model name (the one built in is "
+            f"{DEFAULT_MODEL!r}); give a local Hugging Face model folder (config.json and *.safetensors). "
+            "Nothing is downloaded."
         )
     if not (p / "config.json").is_file():
         raise MedusaError(f"{p} is not a Hugging Face model folder: it has no config.json")

@@ -482,11 +482,11 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
         ms = t["step_ms"]
         lines.append(
             f"{t['tree']:<{w}} {t['nodes']:>5} {t['medusa_tokens_per_s']:7.2f} {t['speedup']:6.2f}x "
-            f"{t['mean_accepted']:8.2f} {t['identical']:>4}/{res['prompts']:<4} {ms['engine']:6.1f}m {ms['heads']:5.1f}m "
-            f"{ms['candidates']:4.1f}m {ms['acceptance']:5.1f}m {ms['kv_update']:4.1f}m {ms['other']:4.1f}m "
+            f"{t['mean_accepted']:8.2f} {t['identical']:>4}/{res['prompts']:<4} {ms['engine']:5.1f}ms {ms['heads']:4.1f}ms "
+            f"{ms['candidates']:3.1f}ms {ms['acceptance']:4.1f}ms {ms['kv_update']:3.1f}ms {ms['other']:3.1f}ms "
             f"{100 * t['overhead_fraction']:6.1f}%"
         )
-    lines.append("(per-step times in ms; 'outside' = time outside engine calls / Medusa decode time)")
+    lines.append("(engine .. other: milliseconds per Medusa step; 'outside' = time outside engine calls / Medusa decode time)")
     cats = res.get("by_category") or {}
     if len(cats) > 1:
         names = list(res["trees"])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK
+from runtime.clihelp import HelpFormatter
 from runtime.errors import run_cli
 
 EPILOG = """examples:
@@ -30,10 +31,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medusa-run", description=__doc__, epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="prompt in, text out", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = sub.add_parser("generate", help="prompt in, text out", formatter_class=HelpFormatter)
     _engine_args(g)
     g.add_argument("prompt", help="the user message (chat template applied), or raw text with --raw")
     g.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checked; ~0.5 s for SmolLM2-135M)")
 
     b = sub.add_parser("bench", help="plain vs Medusa on the same engine and prompts",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _engine_args(b)
     b.add_argument("--prompts", required=True,
                    help="MT-Bench-style JSONL (first turns are used), JSONL with 'prompt', or an Alpaca JSON list")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no per-prompt table, no progress bar")
 
     pr = sub.add_parser("profile", help="cost of verifying N tokens vs one plain step",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     _engine_args(pr)
     pr.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     pr.add_argument("--cached", type=int, default=256, help="tokens in the cache while measuring")

@@ -102,6 +102,20 @@ def test_no_such_model_folder(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_model_is_named_before_the_heads(tmp_path, capsys):
+    """No --heads for a model that does not exist: the error is the model, not the heads."""
+    code, _, err = run_cli([tmp_path / "no" / "such" / "folder", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "not found", "no such folder", "not a known model name", "smollm2-135m")
+    assert "heads" not in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli([tmp_path / "empty", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, "not a Hugging Face model folder", "config.json")
+    assert "heads" not in err
+    code, _, err = run_cli(["smollm2-13b", "-o", tmp_path / "out"], capsys)  # a name we do not know
+    assert_user_error(code, err, "'smollm2-13b' not found", "not a known model name")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv,trees", [
     (["smollm2-135m"], ("smollm2_ort_cpu", "chain_1")),  # the fused fp32 graph: the tree measured for it
     (["smollm2-135m", "--heads", str(cli.SHIPPED_HEADS / "smollm2-135m")], ("smollm2_ort_cpu", "chain_1")),

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime.clihelp import HelpFormatter
 from runtime.errors import require_extra, run_cli
 
 
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     from training.medusa2 import Medusa2Config
     from training.select_tree import SelectConfig
 
-    p = argparse.ArgumentParser(prog="medusa-train", description="Train Medusa heads by self-distillation.")
+    p = argparse.ArgumentParser(prog="medusa-train", description="Train Medusa heads by self-distillation.",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, default_model="smollm2-135m"):
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
 
     d = DistillConfig()
-    sp = sub.add_parser("distill", help="the backbone answers Alpaca prompts (self-distillation data)")
+    sp = sub.add_parser("distill", help="the backbone answers Alpaca prompts (self-distillation data)",
+                        formatter_class=HelpFormatter)
     common(sp)
     sp.add_argument("--prompts", default=str(ALPACA), help="Alpaca-style JSON list (never MT-Bench)")
     sp.add_argument("--out", default=str(d.out), help="output .jsonl (resumes from OUT.partial)")
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_distill)
 
     m = Medusa1Config()
-    sp = sub.add_parser("medusa1", help="train heads on a frozen backbone (cached hidden states)")
+    sp = sub.add_parser("medusa1", help="train heads on a frozen backbone (cached hidden states)",
+                        formatter_class=HelpFormatter)
     common(sp)
     sp.add_argument("--data", required=True, help="distilled .jsonl from `medusa-train distill`")
     sp.add_argument("--out", required=True, help="output folder (medusa_heads.safetensors + .json)")
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_medusa1)
 
     m2 = Medusa2Config()
-    sp = sub.add_parser("medusa2", help="train backbone and heads jointly")
+    sp = sub.add_parser("medusa2", help="train backbone and heads jointly", formatter_class=HelpFormatter)
     common(sp)
     sp.add_argument("--data", required=True)
     sp.add_argument("--out", required=True, help="output folder: backbone/ (HF) + heads/ (medusa-trt)")
@@ -131,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_medusa2)
 
     s = SelectConfig()
-    sp = sub.add_parser("select-tree", help="choose the tree for measured head accuracies and step costs")
+    sp = sub.add_parser("select-tree", help="choose the tree for measured head accuracies and step costs",
+                        formatter_class=HelpFormatter)
     common(sp)
     sp.add_argument("--heads", default=s.heads, help="trained heads folder (default: %(default)s)")
     source = sp.add_mutually_exclusive_group(required=True)

@@ -326,12 +326,29 @@ def format_accuracy(top1, top5) -> str:
 # ---------------------------------------------------------------------------- training
 
 
+def check_splits(data: Path, max_len: int) -> dict[str, int]:
+    """Examples per split of ``data``; a MedusaError when there is nothing to train on or no
+    held-out example to measure the heads on (too little data), before the backbone loads."""
+    from training.data import HELDOUT_PERCENT
+    from training.distill import read_records
+
+    records = read_records(data)
+    counts = {s: len(v) for s, v in split_examples(build_examples(records, max_len=max_len)).items()}
+    if not counts["train"] or not counts["heldout"]:
+        raise MedusaError(
+            f"{data}: too little data: its {len(records)} records give {counts['train']} training and "
+            f"{counts['heldout']} held-out examples (records are split by a hash of their id, ~{HELDOUT_PERCENT}% "
+            "held out), and Medusa-1 needs both (the held-out examples measure the heads): distill more answers, "
+            "at least ~100 (`medusa-train distill --num-prompts N`)")
+    return counts
+
+
 def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     """Train heads on the cached hidden states; save them to ``cfg.out``; return the summary."""
     from tqdm import tqdm
 
     from exporter.heads import fresh_heads, save_heads
-    from exporter.models import load_backbone
+    from exporter.models import load_backbone, resolve_model
 
     if cfg.num_heads < 1 or cfg.num_layers < 1 or cfg.epochs < 1 or cfg.batch_tokens < 1:
         raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
@@ -341,6 +358,9 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         raise MedusaError("soft targets need the shared lm_head (the backbone's distribution is lm_head(hidden))")
     if not Path(cfg.data).is_file():
         raise MedusaError(f"distilled data {cfg.data} does not exist (run `medusa-train distill` first)")
+    if backbone is None:
+        resolve_model(cfg.model)  # a missing model is named first; loading it waits for the data check
+    check_splits(Path(cfg.data), cfg.max_len)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
