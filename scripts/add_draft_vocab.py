@@ -1,6 +1,6 @@
 """Give trained heads the draft vocabulary their training softmax covered (in place).
 
-    python scripts/add_draft_vocab.py exporter/shipped_heads/smollm2-135m \
+    python -m scripts.add_draft_vocab exporter/shipped_heads/smollm2-135m \
         --cache runs/distill/smollm2_alpaca.jsonl.hidden
 
 For heads trained with `medusa-train medusa1 --train-vocab data` before the draft vocabulary
@@ -18,8 +18,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
         "heldout_top5": after.sum(1).round(4).tolist(),
         "draft_vocab_size": len(used),
         "draft_vocab_added": {
-            "command": "python scripts/add_draft_vocab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m scripts.add_draft_vocab " + " ".join(argv if argv is not None else sys.argv[1:]),
             "heldout_top1_any_token": before[:, 0].round(4).tolist(),
             "heldout_top5_any_token": before.sum(1).round(4).tolist(),
             "heldout_top1_draft": after[:, 0].round(4).tolist(),

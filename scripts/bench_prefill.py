@@ -1,6 +1,6 @@
 """Peak memory and time of the prefill for a long prompt, by prefill chunk size.
 
-    python scripts/bench_prefill.py artifacts/smollm2-135m-medusa --tokens 4000 --chunks 0 512 256 --threads 2
+    python -m scripts.bench_prefill artifacts/smollm2-135m-medusa --tokens 4000 --chunks 0 512 256 --threads 2
 
 Each setting runs in its own process (peak RSS is per process): load the artifact, generate
 1 token from a ``--tokens``-token prompt (repeated MT-Bench text, raw, no chat template)
@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
 import runtime
 a = json.loads(sys.argv[1])
 gen = runtime.load(a["artifact"], backend="onnxruntime", device="cpu", threads=a["threads"], prefill_chunk=a["chunk"])
@@ -37,9 +36,9 @@ for _ in range(a["repeats"]):
     out = gen.generate(ids, max_new_tokens=1, medusa=True)
     times.append(out.stats.times["prefill"])
     first = out.tokens[0]
-print(json.dumps({{"chunk": a["chunk"], "tokens": len(ids), "prefill_s": times, "first_token": first,
+print(json.dumps({"chunk": a["chunk"], "tokens": len(ids), "prefill_s": times, "first_token": first,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_after_load_mb": rss0 / 1024}}))
+                  "rss_after_load_mb": rss0 / 1024}))
 """
 
 
@@ -56,10 +55,11 @@ def main(argv=None) -> int:
 
     rows = []
     for chunk in a.chunks:
-        args = {"artifact": str(Path(a.artifact).resolve()), "prompts": a.prompts, "tokens": a.tokens,
+        args = {"artifact": str(Path(a.artifact).resolve()), "prompts": str(Path(a.prompts).resolve()), "tokens": a.tokens,
                 "chunk": chunk, "repeats": a.repeats, "threads": a.threads}
-        out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), json.dumps(args)],
-                             capture_output=True, text=True)
+        # run in the repository root: `python -c` imports the runtime from the working directory
+        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)],
+                             capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
             return out.returncode

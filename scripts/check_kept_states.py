@@ -1,6 +1,6 @@
 """Compare the hidden states `medusa-train distill` kept with a fresh causal forward.
 
-    python scripts/check_kept_states.py --data runs/distill/smollm2_alpaca.jsonl --skip 1024 --limit 4
+    python -m scripts.check_kept_states --data runs/distill/smollm2_alpaca.jsonl --skip 1024 --limit 4
 
 (--skip 1024: the shipped heads' first 960 answers got their states from the earlier hidden-state
 cache, a plain forward, and answers 960-1023 were distilled before states were kept.)
@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Held-out top-1 / top-5 of several head sets on the same records (the hidden-state cache's split).
 
-    python scripts/compare_heads.py runs/old_heads exporter/shipped_heads/smollm2-135m \
+    python -m scripts.compare_heads runs/old_heads exporter/shipped_heads/smollm2-135m \
         --cache runs/distill/smollm2_alpaca.jsonl.hidden
 
 The cache is what `medusa-train medusa1` built for its data; heads that were trained on other
@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:

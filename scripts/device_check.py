@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Device check for the TensorRT path (issue 6): PASS/FAIL lines, non-zero exit on failure.
 
-    python scripts/device_check.py [--workdir DIR] [--keep]
+    python -m scripts.device_check [--workdir DIR] [--keep]     # from the repository root
 
 Stage 1 needs torch with CUDA (and transformers): a tiny random Llama with Medusa heads
 runs through the PyTorch reference backend on the GPU; Medusa greedy must equal plain
@@ -28,9 +28,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MAX_CONTEXT, MAX_PROMPT, TREE = 256, 32, "cpu_8"
 failures: list[str] = []

@@ -1,6 +1,6 @@
 """Mean accepted tokens per step on MT-Bench first turns (greedy), PyTorch reference backend.
 
-    python scripts/eval_acceptance.py --heads exporter/shipped_heads/smollm2-135m \
+    python -m scripts.eval_acceptance --heads exporter/shipped_heads/smollm2-135m \
         --tree tree_configs/smollm2_selected.json --limit 80 --out runs/eval/mt_bench.json
 
 Each first-turn question goes through the model's chat template; decoding is greedy
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_question.jsonl"
 
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
         "max_new_tokens": a.max_new_tokens, "backend": "torch-reference", "seconds": round(time.time() - t0, 1),
         "lossless_checked": sum("lossless" in r for r in rows),
         "lossless_ok": sum(bool(r.get("lossless")) for r in rows),
-        "command": "python scripts/eval_acceptance.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m scripts.eval_acceptance " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps(summary, indent=1))
     if a.out:

@@ -1,6 +1,6 @@
 """How head accuracy grows with the number of distilled answers (and with epochs).
 
-    python scripts/learning_curve.py --sizes 560 1120 2245 --extra 1120:4 \
+    python -m scripts.learning_curve --sizes 560 1120 2245 --extra 1120:4 \
         --reference exporter/shipped_heads/smollm2-135m --out runs/learning_curve
 
 Each run trains Medusa-1 heads (the shipped recipe: `--num-layers`, `--epochs`, `--lr` below)
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def subset(data: Path, n_train: int, out: Path) -> tuple[Path, int]:

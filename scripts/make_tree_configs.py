@@ -1,6 +1,6 @@
 """Write tree_configs/*.json: the 9 official trees, chains and small CPU trees.
 
-    python scripts/make_tree_configs.py [--official ../shared/data/medusa_official_trees.json]
+    python -m scripts.make_tree_configs [--official ../shared/data/medusa_official_trees.json]
 """
 
 from __future__ import annotations

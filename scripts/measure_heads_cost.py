@@ -5,9 +5,9 @@ This layout runs ``heads.onnx`` on ONE hidden state per step (the last accepted 
 node through every head (``[K, nodes, vocab]``) and keeps one row; that cost is measured
 here by feeding all N nodes' hidden states to the same heads graph (batch = N).
 
-    python scripts/measure_heads_cost.py                      # exports smollm2-135m + 4 fresh heads to a temp folder
-    python scripts/measure_heads_cost.py --artifact OUT       # an existing artifact
-    python scripts/measure_heads_cost.py --runs 50 --past 256 --threads 2 --json cost.json
+    python -m scripts.measure_heads_cost                      # exports smollm2-135m + 4 fresh heads to a temp folder
+    python -m scripts.measure_heads_cost --artifact OUT       # an existing artifact
+    python -m scripts.measure_heads_cost --runs 50 --past 256 --threads 2 --json cost.json
 
 Every number is the median of ``--runs`` timed calls after 3 warm-up calls, batch 1,
 ``--past`` cached tokens. Prints a Markdown table (docs/graph_contract.md quotes it).
@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _session(path: Path, threads: int | None):
@@ -60,6 +58,10 @@ def measure(folder: Path, runs: int = 30, past: int = 128, threads: int | None =
     from runtime.tree import load_tree
 
     cfg = read_artifact(folder)
+    if cfg.flavour != "portable":
+        raise SystemExit(f"{folder} holds the {cfg.flavour} graph: this script feeds the portable graph's inputs; "
+                         "export with --graph portable, or use `medusa-run profile`, which measures any artifact "
+                         "(the heads call included)")
     spec = cfg.model
     dt = np.float16 if cfg.dtype == "float16" else np.float32
     rng = np.random.default_rng(0)
@@ -124,7 +126,8 @@ def table(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifact", type=Path, help="an exported artifact (default: export smollm2-135m to a temp folder)")
+    p.add_argument("--artifact", type=Path, help="an exported artifact, portable graph (default: export smollm2-135m "
+                                                  "with --graph portable to a temp folder)")
     p.add_argument("--fresh-heads", type=int, default=4, help="heads for the temporary export (default 4)")
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--past", type=int, default=128, help="cached tokens (default 128)")
@@ -142,7 +145,8 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="medusa-heads-cost-"))
         model, tok, _ = load_backbone("smollm2-135m")
         heads = fresh_heads(a.fresh_heads, model.config.hidden_size, model.config.vocab_size)
-        folder = export_artifact(model, heads, tmp / "artifact", ExportOptions(validate=False, source_model="smollm2-135m"),
+        folder = export_artifact(model, heads, tmp / "artifact", ExportOptions(validate=False, source_model="smollm2-135m",
+                                                                               graph="portable"),
                                  tokenizer=tok, log=lambda s: print(s, file=sys.stderr))
         del model
     try:

@@ -12,6 +12,9 @@
 The artifact is ``$MEDUSA_ARTIFACT`` if set, else the folder of the ``.onnx`` file on
 Polygraphy's command line; which graph it feeds follows that file's name. numpy only,
 no project import: the script runs wherever Polygraphy does (the GPU machine included).
+Polygraphy loads it by its file path (``--data-loader-script``); the PyTorch reference mode
+below imports the exporter, so it runs as a module from the repository root (or anywhere
+medusa-trt[export] is installed).
 
 Recipe (docs/graph_contract.md), ONNX Runtime without graph optimizations (plain
 per-node kernels) as the reference, then ONNX Runtime with all fusions against it:
@@ -24,7 +27,7 @@ per-node kernels) as the reference, then ONNX Runtime with all fusions against i
 
 PyTorch as the reference instead (needs torch and the source model):
 
-    python scripts/polygraphy_data_loader.py --torch-outputs /tmp/torch_ref.json OUT MODEL
+    python -m scripts.polygraphy_data_loader --torch-outputs /tmp/torch_ref.json OUT MODEL
     polygraphy run OUT/model.onnx --onnxrt \\
         --data-loader-script scripts/polygraphy_data_loader.py --load-outputs /tmp/torch_ref.json \\
         --atol 1e-3 --rtol 1e-3
@@ -110,13 +113,16 @@ def load_data():
 
 def _torch_outputs(out_json: str, folder: str, model: str) -> None:
     """Run the same feeds through PyTorch (exporter.step) and save Polygraphy RunResults."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
 
-    from exporter.models import load_backbone
-    from exporter.step import BackboneStep
+    try:
+        from exporter.models import load_backbone
+        from exporter.step import BackboneStep
+    except ImportError as e:
+        sys.exit(f"--torch-outputs needs the exporter ({e}): run `python -m scripts.polygraphy_data_loader ...` "
+                 "from the repository root, or pip install 'medusa-trt[export]'")
 
     cfg = json.loads((Path(folder) / "medusa_config.json").read_text())
     m, _, _ = load_backbone(model, dtype=cfg["dtype"])

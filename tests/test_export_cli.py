@@ -239,8 +239,8 @@ def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
     assert "medusa_logits" in log
     # PyTorch as the reference backend
     torch_ref = tmp_path / "torch_ref.json"
-    r = subprocess.run([sys.executable, str(loader), "--torch-outputs", str(torch_ref), str(out), str(model_folder)],
-                       capture_output=True, text=True, timeout=300, cwd=root)
+    r = subprocess.run([sys.executable, "-m", "scripts.polygraphy_data_loader", "--torch-outputs", str(torch_ref),
+                        str(out), str(model_folder)], capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     log = _polygraphy("run", out / "model.onnx", "--onnxrt", "--data-loader-script", loader, "--load-outputs",
                       torch_ref, "--atol", "1e-3", "--rtol", "1e-3", cwd=root)
