@@ -1,7 +1,12 @@
-"""Give trained heads the draft vocabulary their training softmax covered (in place).
+"""Give trained heads the draft vocabulary their training softmax covered (a copy of the heads).
 
     python -m scripts.add_draft_vocab exporter/shipped_heads/smollm2-135m \
-        --cache runs/distill/smollm2_alpaca.jsonl.hidden
+        --cache runs/distill/smollm2_alpaca.jsonl.hidden -o runs/draft_vocab/smollm2-135m
+
+The heads with their draft vocabulary go to ``-o`` (default ``runs/draft_vocab/<heads folder name>``,
+git-ignored); an existing heads file there is replaced only with ``--force`` (``-o HEADS --force``
+rewrites the heads in place). The cache is the one `medusa-train medusa1` built for the heads'
+training data (for the shipped heads: scripts/train_smollm2_heads.sh, ~147 min of distillation).
 
 For heads trained with `medusa-train medusa1 --train-vocab data` before the draft vocabulary
 existed (`medusa-train medusa1` now sets it itself): the draft vocabulary is the set of tokens
@@ -26,7 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="runs/distill/smollm2_alpaca.jsonl.hidden")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("-o", "--out", default=None,
+                   help="folder for the heads with their draft vocabulary (default: runs/draft_vocab/<heads folder name>)")
+    p.add_argument("--force", action="store_true", help="replace the heads in --out if it holds some")
     a = p.parse_args(argv)
+
+    from scripts.common import refuse_existing, require_hidden_cache
+
+    out = Path(a.out) if a.out else Path("runs/draft_vocab") / Path(a.heads).resolve().name
+    require_hidden_cache("add_draft_vocab", a.cache)
+    refuse_existing("add_draft_vocab", out / "medusa_heads.safetensors", a.force)
 
     import torch
     from safetensors import safe_open
@@ -73,11 +87,13 @@ def main(argv=None) -> int:
     })
     heads.config.meta = {}
     save_dtype = torch.float16 if dtypes == {"F16"} else torch.float32  # as the file was
-    save_heads(heads, a.heads, meta=meta, dtype=save_dtype)
-    cfg = json.loads((Path(a.heads) / HEADS_CONFIG).read_text())
-    print(f"wrote {a.heads} ({save_dtype}, draft vocabulary {cfg['draft_vocab_size']} tokens)")
+    save_heads(heads, out, meta=meta, dtype=save_dtype)
+    cfg = json.loads((out / HEADS_CONFIG).read_text())
+    print(f"wrote {out} ({save_dtype}, draft vocabulary {cfg['draft_vocab_size']} tokens)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runtime.errors import run_cli
+
+    sys.exit(run_cli("add_draft_vocab", main))

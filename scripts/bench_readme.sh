@@ -6,13 +6,27 @@
 #   3. fp32: lookup on / off per category, 2 prompts of each of the 8 categories
 #   4. int4: plain vs Medusa chains vs onnxruntime-genai int4, first 16 prompts
 #   5. fp32 sampling: plain vs exact vs typical at temperature 0.7 and 1.0, first 16 prompts
-# Writes into OUT (default docs/results): *.txt as printed, *.json in full.
-#   bash scripts/bench_readme.sh [OUT] [LIMIT]
+# Writes into OUT (default runs/bench_readme, git-ignored): *.txt as printed, *.json in full.
+# Files already in OUT are replaced only with --force (README's results are refreshed with
+# `bash scripts/bench_readme.sh --force docs/results 16`).
+#   bash scripts/bench_readme.sh [--force] [OUT] [LIMIT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. .venv/bin/activate
-OUT=${1:-docs/results}
+FORCE=0
+if [ "${1:-}" = "--force" ]; then FORCE=1; shift; fi
+OUT=${1:-runs/bench_readme}
 LIMIT=${2:-16}
+FILES="latency_profile.json profile.txt bench.json bench.png bench.txt bench_categories.json bench_categories.txt
+bench_int4.json bench_int4.txt bench_sampling.json bench_sampling.txt"
+if [ "$FORCE" = 0 ]; then
+  for f in $FILES; do
+    if [ -e "$OUT/$f" ]; then
+      echo "bench_readme.sh: $OUT/$f exists: pass --force to replace the results in $OUT, or give another folder" >&2
+      exit 1
+    fi
+  done
+fi
+. .venv/bin/activate
 MT=../shared/data/mt_bench_question.jsonl
 mkdir -p "$OUT"
 echo "writing results into $OUT"

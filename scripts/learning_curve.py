@@ -3,6 +3,12 @@
     python -m scripts.learning_curve --sizes 560 1120 2245 --extra 1120:4 \
         --reference exporter/shipped_heads/smollm2-135m --out runs/learning_curve
 
+Needs the self-distilled answers (`--data`, with the hidden states distillation kept) and, for
+`--reference`, their hidden-state cache: scripts/train_smollm2_heads.sh makes both (~147 min of
+distillation on 2 CPU cores); a fresh clone has neither. Everything is written under `--out`
+(default runs/learning_curve, git-ignored), except the `--plot` PNG, which replaces an existing
+file only with `--force`.
+
 Each run trains Medusa-1 heads (the shipped recipe: `--num-layers`, `--epochs`, `--lr` below)
 on the first N training answers of `--data` (file order), keeping every held-out and calibration
 record, so that every run is measured on the same held-out answers (splits are by a hash of the
@@ -61,7 +67,7 @@ def train(path: Path, out: Path, epochs: int, a) -> dict:
            "--out", str(out), "--num-layers", str(a.num_layers), "--epochs", str(epochs), "--lr", str(a.lr),
            "--threads", str(a.threads), "--seed", str(a.seed)]
     meta_file = out / "medusa_heads.json"
-    if meta_file.exists() and not a.force:
+    if meta_file.exists() and not a.retrain:
         print(f"[learning-curve] reusing {out}")
     else:
         print("[learning-curve] " + " ".join(cmd), flush=True)
@@ -84,9 +90,18 @@ def main(argv=None) -> int:
     p.add_argument("--reference-cache", default="runs/distill/smollm2_alpaca.jsonl.hidden",
                    help="hidden-state cache of the references' training data")
     p.add_argument("--out", default="runs/learning_curve")
-    p.add_argument("--force", action="store_true", help="retrain runs whose heads already exist")
+    p.add_argument("--retrain", action="store_true", help="retrain runs whose heads already exist")
     p.add_argument("--plot", default=None, help="write head top-1 against answers to this PNG")
+    p.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
     a = p.parse_args(argv)
+
+    from scripts.common import refuse_existing, require_distilled, require_hidden_cache
+
+    require_distilled("learning_curve", ROOT / a.data)
+    if a.reference:
+        require_hidden_cache("learning_curve", ROOT / a.reference_cache)
+    if a.plot:
+        refuse_existing("learning_curve", a.plot, a.force)
 
     out = ROOT / a.out
     runs = [(n, a.epochs) for n in a.sizes] + [tuple(int(x) for x in e.split(":")) for e in a.extra]

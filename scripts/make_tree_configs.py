@@ -1,6 +1,10 @@
-"""Write tree_configs/*.json: the 9 official trees, chains and small CPU trees.
+"""Write the tree files of tree_configs/: the 9 official trees, chains and small CPU trees.
 
-    python -m scripts.make_tree_configs [--official ../shared/data/medusa_official_trees.json]
+    python -m scripts.make_tree_configs [--official ../shared/data/medusa_official_trees.json] [--out-dir DIR]
+
+They go to --out-dir (default runs/tree_configs, git-ignored: compare with `diff -r runs/tree_configs
+tree_configs`); existing files are replaced only with --force (`--out-dir tree_configs --force` rewrites
+the repository's own).
 """
 
 from __future__ import annotations
@@ -32,23 +36,35 @@ CPU_TREES = {
 }
 
 
-def write(name: str, paths, source: str, description: str = "") -> None:
+def write(out_dir: Path, name: str, paths, source: str, description: str = "") -> None:
     doc = {"name": name, "paths": paths, "source": source}
     if description:
         doc["description"] = description
-    (ROOT / "tree_configs" / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official", default=str(ROOT.parent / "shared" / "data" / "medusa_official_trees.json"))
+    ap.add_argument("--out-dir", default="runs/tree_configs", help="where the tree files go (default: %(default)s)")
+    ap.add_argument("--force", action="store_true", help="replace tree files that exist in --out-dir")
     args = ap.parse_args()
-    for name, paths in json.loads(Path(args.official).read_text()).items():
-        write(name, paths, OFFICIAL_SOURCE, "official Medusa tree, 63 nodes plus the root")
+    official = json.loads(Path(args.official).read_text())
+    names = [*official, *(f"chain_{d}" for d in range(1, 6)), *CPU_TREES]
+    out = Path(args.out_dir)
+    existing = [n for n in names if (out / f"{n}.json").exists()]
+    if existing and not args.force:
+        shown = ", ".join(f"{n}.json" for n in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise SystemExit(f"make_tree_configs: error: {out} already holds {shown}: pass --force to replace them, "
+                         "or another --out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, paths in official.items():
+        write(out, name, paths, OFFICIAL_SOURCE, "official Medusa tree, 63 nodes plus the root")
     for d in range(1, 6):
-        write(f"chain_{d}", [[0] * k for k in range(1, d + 1)], "medusa-trt", f"top-1 chain of depth {d}")
+        write(out, f"chain_{d}", [[0] * k for k in range(1, d + 1)], "medusa-trt", f"top-1 chain of depth {d}")
     for name, (paths, desc) in CPU_TREES.items():
-        write(name, paths, "medusa-trt (hand-made for CPUs)", desc)
+        write(out, name, paths, "medusa-trt (hand-made for CPUs)", desc)
+    print(f"wrote {len(names)} tree files to {out}")
 
 
 if __name__ == "__main__":

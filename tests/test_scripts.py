@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if p.stem != "__init__")
+SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if p.stem not in ("__init__", "common"))
 
 
 def test_the_scripts_are_a_package_and_edit_no_sys_path():
     assert (ROOT / "scripts" / "__init__.py").is_file()
     assert len(SCRIPTS) >= 10
-    edits = [name for name in SCRIPTS if "sys.path" in (ROOT / "scripts" / f"{name}.py").read_text()]
+    edits = [name for name in [*SCRIPTS, "common"] if "sys.path" in (ROOT / "scripts" / f"{name}.py").read_text()]
     assert edits == []
 
 
@@ -38,3 +38,54 @@ def test_docs_use_the_module_form():
     stale = [f"{p.name}: {line.strip()}" for p in texts for line in p.read_text().splitlines()
              if "python scripts/" in line or "python3 scripts/" in line]
     assert stale == []
+
+
+def _run(args, env=None):
+    env = {k: v for k, v in (env or os.environ).items() if k != "PYTHONPATH"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [
+    ["add_draft_vocab", "exporter/shipped_heads/smollm2-135m", "--cache", "{tmp}/nope.hidden", "-o", "{tmp}/out"],
+    ["learning_curve", "--data", "{tmp}/nope.jsonl", "--out", "runs/never"],
+])
+def test_scripts_that_need_the_distillation_say_so_in_one_line(argv, tmp_path):
+    """On a fresh clone the distilled data (runs/distill, ~147 minutes of distillation) is missing: the
+    scripts that read it stop with one line naming what is missing and the command that makes it."""
+    r = _run([sys.executable, "-m", f"scripts.{argv[0]}", *(a.format(tmp=tmp_path) for a in argv[1:])])
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(f"{argv[0]}: error: {tmp_path}/nope") and "is missing" in lines[0]
+    assert "scripts/train_smollm2_heads.sh" in lines[0] and "147 min" in lines[0]
+    assert not (ROOT / "runs" / "never").exists() and not (tmp_path / "out").exists()
+
+
+def test_make_tree_configs_writes_outside_the_source_tree(tmp_path):
+    r = _run([sys.executable, "-m", "scripts.make_tree_configs", "--out-dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    for f in tmp_path.glob("*.json"):  # what the tracked files hold
+        assert f.read_text() == (ROOT / "tree_configs" / f.name).read_text(), f.name
+    (tmp_path / "cpu_4.json").write_text("{}")
+    r = _run([sys.executable, "-m", "scripts.make_tree_configs", "--out-dir", str(tmp_path)])
+    assert r.returncode == 1 and "--force" in r.stderr and (tmp_path / "cpu_4.json").read_text() == "{}"
+    r = _run([sys.executable, "-m", "scripts.make_tree_configs", "--help"])
+    assert "runs/tree_configs" in r.stdout
+
+
+def test_shell_scripts_refuse_to_overwrite_results(tmp_path):
+    """bench_readme.sh writes into runs/bench_readme unless given a folder, and replaces results
+    (docs/results included) only with --force; train_smollm2_heads.sh never writes into the source
+    tree and replaces trained heads only with FORCE=1. Both refuse before any work."""
+    before = (ROOT / "docs" / "results" / "bench.txt").read_text()
+    r = _run(["bash", "scripts/bench_readme.sh", "docs/results", "16"])
+    assert r.returncode == 1 and "docs/results/latency_profile.json exists: pass --force" in r.stderr
+    assert (ROOT / "docs" / "results" / "bench.txt").read_text() == before
+    assert "OUT=${1:-runs/bench_readme}" in (ROOT / "scripts" / "bench_readme.sh").read_text()
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "medusa_heads.safetensors").write_bytes(b"")
+    r = _run(["bash", "scripts/train_smollm2_heads.sh"], env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 1 and "already holds heads: FORCE=1" in r.stderr, r.stderr
+    text = (ROOT / "scripts" / "train_smollm2_heads.sh").read_text()
+    assert "OUT=${OUT:-runs/smollm2_heads}" in text
+    assert "--out-dir tree_configs" not in text and "HEADS=exporter/" not in text

@@ -650,6 +650,26 @@ def test_measured_cost_profile_grows_with_tokens():
     assert all(s > 0 for s in prof["seconds"].values()) and prof["past"] == 16
 
 
+def test_select_tree_writes_outside_the_source_tree_and_never_over_a_file(tmp_path, repo_root, capsys, monkeypatch):
+    """select-tree's default output folder is runs/trees (git-ignored), not tree_configs/; an existing
+    tree file is replaced only with --force."""
+    from training.cli import main
+    from training.select_tree import SelectConfig
+
+    assert SelectConfig().out_dir == Path("runs/trees")
+    monkeypatch.chdir(tmp_path)
+    argv = ["select-tree", "--accuracy-from", str(repo_root / "tree_configs" / "smollm2_ort_cpu.json"),
+            "--profile", str(repo_root / "docs" / "results" / "latency_profile.json"), "--name", "t"]
+    assert main(argv) == 0
+    out = tmp_path / "runs" / "trees" / "t.json"
+    first = out.read_text()
+    out.write_text(first + " ")  # an edit the next run must not silently undo
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "t.json exists: pass --force" in err and out.read_text() == first + " "
+    assert main([*argv, "--force"]) == 0 and out.read_text() == first
+
+
 # ---------------------------------------------------------------------------- CLI
 
 

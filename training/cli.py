@@ -56,7 +56,8 @@ def _select_tree(a) -> None:
 
     cfg = SelectConfig(model=a.model, heads=a.heads, data=Path(a.data) if a.data else None,
                        cache=Path(a.cache) if a.cache else None,
-                       name=a.name, out_dir=Path(a.out_dir), profile=Path(a.profile) if a.profile else None,
+                       name=a.name, out_dir=Path(a.out_dir), force=a.force,
+                       profile=Path(a.profile) if a.profile else None,
                        max_nodes=a.max_nodes, max_rank=a.max_rank, heads_cost=a.heads_cost,
                        threads=a.threads, accuracy_from=Path(a.accuracy_from) if a.accuracy_from else None)
     select_tree(cfg)
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(for the same heads): reselect for a new engine's --profile without the distillation data")
     sp.add_argument("--cache", default=None, help="hidden-state cache folder (default: <data>.hidden/)")
     sp.add_argument("--name", default=s.name)
-    sp.add_argument("--out-dir", default=str(s.out_dir))
+    sp.add_argument("--out-dir", default=str(s.out_dir),
+                    help="the tree is written to OUT_DIR/NAME.json (the repository's own trees are in tree_configs/)")
+    sp.add_argument("--force", action="store_true", help="replace OUT_DIR/NAME.json if it exists")
     sp.add_argument("--profile", default=None, help="cost profile JSON (medusa-run profile); default: measure with PyTorch")
     sp.add_argument("--max-nodes", type=int, default=s.max_nodes)
     sp.add_argument("--max-rank", type=int, default=s.max_rank)

@@ -38,7 +38,8 @@ class SelectConfig:
     data: Path | None = Path("runs/distill/smollm2_alpaca.jsonl")
     cache: Path | None = None
     name: str = "smollm2_selected"
-    out_dir: Path = Path("tree_configs")
+    out_dir: Path = Path("runs/trees")  # outside the source tree; tree_configs/ holds the tracked trees
+    force: bool = False  # replace an existing <out_dir>/<name>.json
     profile: Path | None = None
     max_nodes: int = 64  # tree nodes, root excluded
     max_rank: int = 10
@@ -234,6 +235,9 @@ def recorded_accuracy(tree_file: Path) -> tuple[np.ndarray, str]:
 
 
 def select_tree(cfg: SelectConfig, backbone=None) -> dict:
+    target = Path(cfg.out_dir) / f"{cfg.name}.json"
+    if target.exists() and not cfg.force:  # before minutes of measuring
+        raise MedusaError(f"{target} exists: pass --force to replace it (or another --name / --out-dir)")
     if cfg.accuracy_from is not None:
         if cfg.profile is None:
             raise MedusaError("--accuracy-from needs --profile (the engine's cost profile from medusa-run profile)")
