@@ -26,6 +26,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
 
+    from scripts.common import require_distilled
+
+    require_distilled("check_kept_states", a.data)
+
     import numpy as np
     import torch
 

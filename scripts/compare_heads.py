@@ -3,9 +3,11 @@
     python -m scripts.compare_heads runs/old_heads exporter/shipped_heads/smollm2-135m \
         --cache runs/distill/smollm2_alpaca.jsonl.hidden
 
-The cache is what `medusa-train medusa1` built for its data; heads that were trained on other
-data are compared fairly only when none of the cache's held-out records was in their training
-split (splits are by a hash of the record id, so growing the data never moves a record).
+The cache is what `medusa-train medusa1` built for its data (the default, for the shipped heads,
+comes from scripts/train_smollm2_heads.sh: ~147 min of distillation; a fresh clone does not have
+it, and the script then says so in one line); heads that were trained on other data are compared
+fairly only when none of the cache's held-out records was in their training split (splits are by
+a hash of the record id, so growing the data never moves a record).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def main(argv=None) -> int:
                    help="also report how often head 1's top-1 (proposing any token) lies outside the cache's "
                         "training-target vocabulary, against how often the target itself does")
     a = p.parse_args(argv)
+
+    from scripts.common import require_hidden_cache
+
+    require_hidden_cache("compare_heads", a.cache, (a.split, "train") if a.outside_vocab else (a.split,))
 
     import numpy as np
     import torch
@@ -72,4 +78,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runtime.errors import run_cli
+
+    sys.exit(run_cli("compare_heads", main))

@@ -46,8 +46,10 @@ def _run(args, env=None):
 
 
 @pytest.mark.parametrize("argv", [
+    ["compare_heads", "exporter/shipped_heads/smollm2-135m", "--any-token", "--outside-vocab", "--cache", "{tmp}/nope.hidden"],
     ["add_draft_vocab", "exporter/shipped_heads/smollm2-135m", "--cache", "{tmp}/nope.hidden", "-o", "{tmp}/out"],
     ["learning_curve", "--data", "{tmp}/nope.jsonl", "--out", "runs/never"],
+    ["check_kept_states", "--data", "{tmp}/nope.jsonl"],
 ])
 def test_scripts_that_need_the_distillation_say_so_in_one_line(argv, tmp_path):
     """On a fresh clone the distilled data (runs/distill, ~147 minutes of distillation) is missing: the
