@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runtime.clihelp import HelpFormatter
 from runtime.errors import MedusaError, require_extra, run_cli
+from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
 EXPORT_MODULES = ("torch", "transformers", "onnx", "safetensors")  # the [export] extra
@@ -110,11 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
+    add_verbosity_args(p)
     return p
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _default_heads(model_arg: str) -> Path:
@@ -210,7 +208,7 @@ def run(args: argparse.Namespace) -> Path:
     heads_path = None if args.fresh_heads is not None else (args.heads or _default_heads(args.model))
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
-    with progress(_log, f"loading {args.model} ({options.dtype})"), _quiet_transformers():
+    with progress(f"loading {args.model} ({options.dtype})"), _quiet_transformers():
         try:
             model, tokenizer, folder = load_backbone(args.model, dtype=options.dtype)
         except MedusaError:
@@ -219,27 +217,32 @@ def run(args: argparse.Namespace) -> Path:
             raise MedusaError(f"cannot load the model {args.model}: {e}") from None
     options.source_model = str(folder) if str(folder) == args.model else f"{args.model} ({folder})"
     c = model.config
-    with progress(_log, "loading the Medusa heads" if heads_path else f"creating {args.fresh_heads} fresh heads"):
+    with progress("loading the Medusa heads" if heads_path else f"creating {args.fresh_heads} fresh heads"):
         if heads_path is not None:
             heads = load_heads(heads_path, hidden_size=c.hidden_size, vocab_size=c.vocab_size, dtype=dtype)
         else:
             heads = fresh_heads(args.fresh_heads, c.hidden_size, c.vocab_size).to(dtype)
             heads.config.meta = {"layout": "fresh-identity", "source": f"--fresh-heads {args.fresh_heads}"}
-    return export_artifact(model, heads, out, options, tokenizer=tokenizer, log=_log)
+    return export_artifact(model, heads, out, options, tokenizer=tokenizer)
 
 
 def _summary(out: Path, seconds: float) -> str:
     import json
 
     cfg = json.loads((out / "medusa_config.json").read_text())
-    files = sorted(p for p in out.iterdir() if p.is_file())
-    lines = [f"artifact written to {out} in {seconds:.1f} s"]
-    lines += [f"  {p.name:<24} {p.stat().st_size / 2**20:9.1f} MiB" for p in files]
+    sizes = sorted(((p.stat().st_size, p.name) for p in out.iterdir() if p.is_file()), reverse=True)
+    files = [f"{name} {size / 2**20:.1f} MiB" if size >= 2**20 else f"{name} {size / 2**10:.1f} KiB" for size, name in sizes]
+    lines = [f"artifact written to {out} in {seconds:.1f} s", "  files: " + ", ".join(files)]
     val = cfg["provenance"].get("validation", {})
     if val.get("passed"):
-        lines.append("  validation: passed; max|diff| " + ", ".join(f"{k} {v:g}" for k, v in val["max_abs_diff"].items()))
+        lines.append(f"  validation: passed ({val.get('checks', '?')} comparisons); max|diff| "
+                     + ", ".join(f"{k} {v:g}" for k, v in val["max_abs_diff"].items()))
     else:
         lines.append("  validation: skipped (--no-validate)")
+    check = cfg["provenance"].get("quantization", {}).get("check")
+    if check:
+        lines.append(f"  {cfg.get('precision')} vs the float graph on {check['tokens']} tokens of {check['on']}: top-1 "
+                     f"agrees at {check['top1_agree']:.1%}, max|logits diff| {check['max_abs_logits']:.3g}")
     flavour = cfg.get("flavour", "portable")
     nxt = f"medusa-run generate {out} PROMPT" if flavour == "fused" else f"medusa-export trtexec {out}"
     lines.append(f"  {flavour} graph, precision {cfg.get('precision', 'fp32')}, default tree {cfg['default_tree']}, "
@@ -258,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     args = build_parser().parse_args(argv)
     t = time.perf_counter()
-    return run_cli("medusa-export", lambda: print(_summary(run(args), time.perf_counter() - t)),
-                   interrupted="interrupted; nothing was written")
+    with cli_logging("medusa-export", verbosity(args)):
+        return run_cli("medusa-export", lambda: print(_summary(run(args), time.perf_counter() - t)),
+                       interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

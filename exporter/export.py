@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import logging
 import os
 import shutil
 import socket
@@ -44,11 +45,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from exporter.fused import FUSED_OPSET
 from runtime.artifact import ArtifactConfig, GraphSpec, config_digest, record_checksums
-from runtime.errors import ArtifactError, CheckpointError, MedusaError, MedusaWarning, sigterm_as_interrupt
+from runtime.errors import ArtifactError, CheckpointError, MedusaError, sigterm_as_interrupt
 
 BACKBONE_FILE = "model.onnx"
 HEADS_FILE = "heads.onnx"
@@ -65,7 +66,7 @@ EXPORTER = "torchscript"
 # be baked into the graph, and an empty past traces a different cache-concatenation path.
 TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 5, 3
 
-Log = Callable[[str], None]
+log = logging.getLogger("medusa_trt.exporter")
 
 
 GRAPHS = ("fused", "portable")
@@ -217,19 +218,16 @@ def _traceable_sdpa(original):
 
 
 @contextlib.contextmanager
-def progress(log: Log | None, what: str) -> Iterator[None]:
-    """``[medusa-export] what ...`` then ``... done (12.3 s)`` (or ``failed``)."""
-    if log is None:
-        yield
-        return
-    log(f"[medusa-export] {what} ...")
+def progress(what: str) -> Iterator[None]:
+    """Log ``what ...`` (DEBUG) then ``what: done (12.3 s)`` (INFO), or ``failed after``."""
+    log.debug("%s ...", what)
     t = time.perf_counter()
     try:
         yield
     except BaseException:
-        log(f"[medusa-export] {what}: failed after {time.perf_counter() - t:.1f} s")
+        log.info("%s: failed after %.1f s", what, time.perf_counter() - t)
         raise
-    log(f"[medusa-export] {what}: done ({time.perf_counter() - t:.1f} s)")
+    log.info("%s: done (%.1f s)", what, time.perf_counter() - t)
 
 
 # ---------------------------------------------------------------------------- tracing
@@ -277,7 +275,7 @@ def _weights_bytes(module) -> int:
     return total
 
 
-def _finalize(scratch: Path, final: Path, weights_bytes: int, threshold_bytes: float, log: Log | None) -> dict:
+def _finalize(scratch: Path, final: Path, weights_bytes: int, threshold_bytes: float) -> dict:
     """Move a traced graph into place; with its tensors in ``<final>.data`` when the weights
     exceed the threshold (or when the tracer already had to split them, past 2 GiB)."""
     import onnx
@@ -303,14 +301,13 @@ def _finalize(scratch: Path, final: Path, weights_bytes: int, threshold_bytes: f
     data = final.with_name(final.name + ".data")
     if data.exists():
         files[data.name] = data.stat().st_size
-    if log:
-        sizes = ", ".join(f"{n} {s / 2**20:.1f} MiB" for n, s in files.items())
-        log(f"[medusa-export]   wrote {sizes}" + (" (external data)" if external else ""))
+    sizes = ", ".join(f"{n} {s / 2**20:.1f} MiB" for n, s in files.items())
+    log.info("wrote %s%s", sizes, " (external data)" if external else "")
     return files
 
 
 def export_backbone(model, path: Path, opset: int = DEFAULT_OPSET,
-                    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB, log: Log | None = None) -> dict:
+                    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB) -> dict:
     """Trace BackboneStep(model) into ``path`` (+ ``path.data``); returns {file: bytes}."""
     from exporter.step import BackboneStep
 
@@ -320,35 +317,33 @@ def export_backbone(model, path: Path, opset: int = DEFAULT_OPSET,
     try:
         with tracing_patches(model):
             step = BackboneStep(model).eval()
-            with progress(log, f"tracing the backbone ({model.config.num_hidden_layers} layers, opset {opset})"):
+            with progress(f"tracing the backbone ({model.config.num_hidden_layers} layers, opset {opset})"):
                 _trace(step, example_inputs(model), scratch / path.name, inputs, outputs, axes, opset)
-        with progress(log, f"saving {path.name}"):
-            return _finalize(scratch / path.name, path, _weights_bytes(model), external_data_threshold_mb * 2**20, log)
+        with progress(f"saving {path.name}"):
+            return _finalize(scratch / path.name, path, _weights_bytes(model), external_data_threshold_mb * 2**20)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def export_fused_backbone(model, path: Path, dtype: str, max_positions: int,
-                          external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB,
-                          log: Log | None = None) -> dict:
+                          external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB) -> dict:
     """Write the fused graph (exporter/fused.py) of ``model`` at ``path``; returns {file: bytes}."""
     from exporter.fused import build_fused_backbone, save_model
 
     path = Path(path)
-    with progress(log, f"writing the fused backbone ({model.config.num_hidden_layers} layers, {dtype})"):
+    with progress(f"writing the fused backbone ({model.config.num_hidden_layers} layers, {dtype})"):
         proto = build_fused_backbone(model, dtype=dtype, max_positions=max_positions)
-    with progress(log, f"saving {path.name}"):
+    with progress(f"saving {path.name}"):
         files = save_model(proto, path, external_data_threshold_mb)
         del proto
         # not onnx.checker: it rejects ONNX Runtime's SimplifiedLayerNormalization (registered by ORT in the
         # default domain); loading the graph in ONNX Runtime is the check that matters, and validation does it
-    if log:
-        log("[medusa-export]   wrote " + ", ".join(f"{n} {s / 2**20:.1f} MiB" for n, s in files.items()))
+    log.info("wrote %s", ", ".join(f"{n} {s / 2**20:.1f} MiB" for n, s in files.items()))
     return files
 
 
 def export_heads(heads, lm_head, path: Path, opset: int = DEFAULT_OPSET,
-                 external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB, log: Log | None = None) -> dict:
+                 external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB) -> dict:
     """Trace HeadsStep(heads, lm_head) into ``path`` (+ ``path.data``); returns {file: bytes}."""
     import torch
 
@@ -362,10 +357,10 @@ def export_heads(heads, lm_head, path: Path, opset: int = DEFAULT_OPSET,
     try:
         step = HeadsStep(heads, lm_head).eval()
         with tracing_patches(step):
-            with progress(log, f"tracing the Medusa heads ({heads.config.num_heads} heads)"):
+            with progress(f"tracing the Medusa heads ({heads.config.num_heads} heads)"):
                 _trace(step, (hidden,), scratch / path.name, inputs, outputs, axes, opset)
-        with progress(log, f"saving {path.name}"):
-            return _finalize(scratch / path.name, path, _weights_bytes(step), external_data_threshold_mb * 2**20, log)
+        with progress(f"saving {path.name}"):
+            return _finalize(scratch / path.name, path, _weights_bytes(step), external_data_threshold_mb * 2**20)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -497,7 +492,7 @@ def _cast(module, dtype):
 
 
 def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | None = None, *,
-                    tokenizer=None, log: Log | None = None) -> Path:
+                    tokenizer=None) -> Path:
     """Export ``model`` (a Llama-family *ForCausalLM) and ``heads`` (MedusaHeads) into ``out_dir``.
 
     ``tokenizer`` is saved into the artifact (loaded from ``options.source_model`` when
@@ -545,9 +540,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 f"--max-context {options.max_context} exceeds what this model's sliding-window cache holds "
                 f"({window - 1} tokens: sliding_window {window}); use --max-context {window - 1} or less"
             )
-        if log:
-            log(f"[medusa-export] sliding_window {window}: max_context capped at {window - 1} tokens "
-                f"(the graph contract has no sliding-window mask)")
+        log.warning("sliding_window %d: max_context capped at %d tokens (the graph contract has no "
+                    "sliding-window mask)", window, window - 1)
         spec.max_context = window - 1
     if tokenizer is None:
         if options.source_model is None:
@@ -562,7 +556,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir, log)
+    remove_stale_partials(out_dir)
     # SIGTERM (a scheduler's kill, `timeout`) raises like Ctrl-C from here on, so the finally below
     # removes the partial folder; every temporary file (the quantizer's too) lives inside it
     scope = contextlib.ExitStack()
@@ -578,12 +572,11 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         files = {}
         if options.graph == "fused":
             files.update(export_fused_backbone(model, tmp / BACKBONE_FILE, options.dtype, spec.max_context,
-                                               options.external_data_threshold_mb, log))
+                                               options.external_data_threshold_mb))
         else:
-            files.update(export_backbone(model, tmp / BACKBONE_FILE, options.opset, options.external_data_threshold_mb,
-                                         log))
-        files.update(export_heads(heads, model.lm_head, tmp / HEADS_FILE, options.opset, options.external_data_threshold_mb, log))
-        with progress(log, "saving the tokenizer and medusa_config.json"):
+            files.update(export_backbone(model, tmp / BACKBONE_FILE, options.opset, options.external_data_threshold_mb))
+        files.update(export_heads(heads, model.lm_head, tmp / HEADS_FILE, options.opset, options.external_data_threshold_mb))
+        with progress("saving the tokenizer and medusa_config.json"):
             tokenizer.save_pretrained(str(tmp))
             if not (tmp / "tokenizer.json").is_file():
                 raise ArtifactError(
@@ -636,8 +629,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             config.write(tmp)
             read_artifact(tmp)  # the runtime must accept what was written
         if options.validate:
-            with progress(log, "validating ONNX Runtime against PyTorch"):
-                report = validate_artifact(tmp, model, heads, trees=options.validation_trees, log=log,
+            with progress("validating ONNX Runtime against PyTorch"):
+                report = validate_artifact(tmp, model, heads, trees=options.validation_trees,
                                            threads=options.validation_threads)
             config.provenance["validation"] = report.summary()
         else:
@@ -646,13 +639,12 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             from exporter.quantize import quantize_backbone
 
             bits = 8 if options.precision == "int8" else 4
-            with progress(log, f"quantizing {BACKBONE_FILE} to {options.precision} (MatMulNBits, weight-only)"):
+            with progress(f"quantizing {BACKBONE_FILE} to {options.precision} (MatMulNBits, weight-only)"):
                 from exporter.quantize import CHECK_TEXT
 
                 check_ids = tokenizer.encode(CHECK_TEXT) if hasattr(tokenizer, "encode") else None
                 config.provenance["quantization"] = quantize_backbone(
-                    tmp, config, bits, options.external_data_threshold_mb, check=options.validate, check_ids=check_ids,
-                    log=log)
+                    tmp, config, bits, options.external_data_threshold_mb, check=options.validate, check_ids=check_ids)
             config.precision = options.precision
             config.provenance["files"].update(config.provenance["quantization"].pop("files"))
         config.provenance["export_seconds"] = round(time.perf_counter() - started, 1)
@@ -662,7 +654,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         config.provenance["config_sha256"] = config_digest(config)
         config.write(tmp)
         _public(tmp)
-        with progress(log, f"moving the artifact into place at {out_dir}"):
+        with progress(f"moving the artifact into place at {out_dir}"):
             _move_into_place(tmp, out_dir, options.force)
     finally:
         if tmp.exists():
@@ -735,7 +727,7 @@ def _owner_alive(folder: Path) -> bool:
     return True
 
 
-def remove_stale_partials(out_dir: Path, log: Log | None = None) -> list[Path]:
+def remove_stale_partials(out_dir: Path) -> list[Path]:
     """Remove the ``.NAME.partial-*`` folders next to ``out_dir`` that a killed export (SIGKILL,
     a crash, a power cut) left: those whose export process is gone. Says so for each."""
     removed = []
@@ -745,11 +737,7 @@ def remove_stale_partials(out_dir: Path, log: Log | None = None) -> list[Path]:
             continue
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
         shutil.rmtree(p, ignore_errors=True)
-        msg = f"removed {p}, left by an interrupted export ({size / 2**20:.1f} MiB)"
-        if log:
-            log(f"[medusa-export] {msg}")
-        else:
-            warnings.warn(msg, MedusaWarning, stacklevel=3)
+        log.warning("removed %s, left by an interrupted export (%.1f MiB)", p, size / 2**20)
         removed.append(p)
     return removed
 

@@ -10,12 +10,15 @@ detected and rebuilt. No network is used.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from runtime.errors import MedusaError
+
+log = logging.getLogger("medusa_trt.exporter")
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -131,7 +134,7 @@ def convert_smollm2(folder: Path) -> None:
     gguf = _gguf_path()
     _check_gguf(gguf)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[medusa-trt] converting {gguf.name} to a Hugging Face folder in {folder} (once, ~30 s)", flush=True)
+    log.info("converting %s to a Hugging Face folder in %s (once, ~30 s)", gguf.name, folder)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
     try:
         src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -12,25 +12,47 @@ the float ``heads.onnx``, which the artifact always keeps.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
+from typing import Iterator
 
 from runtime.artifact import ArtifactConfig, GraphSpec
 
 INT8_FILE = "heads_int8.onnx"
 DEFAULT_ACCURACY_LEVEL = 4
 
+log = logging.getLogger("medusa_trt.exporter")
+
+
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """ONNX Runtime's quantization code configures the root logger: importing
+    ``matmul_nbits_quantizer`` calls ``logging.basicConfig(level=INFO)``, and ``quantize_dynamic``
+    calls the module-level ``logging.warning("Please consider pre-processing ...")``, which runs
+    ``basicConfig`` too. Within the block the root logger holds a ``NullHandler`` (so
+    ``basicConfig`` does nothing) and drops the records logged on it directly below ERROR (records
+    of named loggers, ours included, pass); its level, handlers and filters are restored on exit."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), list(root.filters))
+    root.addHandler(logging.NullHandler())
+    root.addFilter(lambda record: record.levelno >= logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        root.filters[:] = saved[2]
+
 
 def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig:
     """Write ``heads_int8.onnx`` next to ``heads.onnx`` and record it in ``config``."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "consider pre-processing" noise
-
     folder = Path(folder)
     src = folder / config.heads.file
-    quantize_dynamic(str(src), str(folder / INT8_FILE), weight_type=QuantType.QInt8)
+    with _root_logger_kept():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(folder / INT8_FILE), weight_type=QuantType.QInt8)
     config.heads_int8 = GraphSpec(INT8_FILE, list(config.heads.inputs), list(config.heads.outputs),
                                   dict(config.heads.dynamic_axes))
     return config
@@ -38,7 +60,7 @@ def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig
 
 def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
                       external_data_threshold_mb: float = 1024.0, *, block_size: int = 32, check: bool = True,
-                      accuracy_level: int | None = None, check_ids=None, log=None) -> dict:
+                      accuracy_level: int | None = None, check_ids=None) -> dict:
     """Replace the fused ``model.onnx``'s weight MatMuls by ONNX Runtime ``MatMulNBits``
     (``bits`` = 4 or 8, symmetric blocks of ``block_size`` along the input dimension;
     weight-only: activations, logits and the KV cache stay in float).
@@ -58,10 +80,12 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
     import shutil
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-    from onnxruntime.quantization.quant_utils import QuantFormat
 
     from exporter.fused import save_model
+
+    with _root_logger_kept():  # the import configures the root logger
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+        from onnxruntime.quantization.quant_utils import QuantFormat
 
     folder = Path(folder)
     path = folder / config.backbone.file
@@ -74,7 +98,8 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
                                         bits=bits)
     quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                                      algo_config=algo, bits=bits)
-    quantizer.process()
+    with _root_logger_kept():
+        quantizer.process()
     quantized = quantizer.model.model
     done = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
     float_copy = None
@@ -95,10 +120,9 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
                 "op": "com.microsoft.MatMulNBits", "matmuls_quantized": done, "matmuls": len(matmuls), "files": files}
         if float_copy is not None:
             info["check"] = _compare_logits(float_copy, path, config, ids=check_ids)
-            if log:
-                c = info["check"]
-                log(f"[medusa-export]   int{bits} vs float graph on {c['tokens']} tokens of {c['on']}: top-1 "
-                    f"agrees at {c['top1_agree']:.1%} of positions, max|logits diff| {c['max_abs_logits']:.3g}")
+            c = info["check"]
+            log.info("int%d vs float graph on %d tokens of %s: top-1 agrees at %.1f%% of positions, "
+                     "max|logits diff| %.3g", bits, c["tokens"], c["on"], 100 * c["top1_agree"], c["max_abs_logits"])
         return info
     finally:
         if float_copy is not None:

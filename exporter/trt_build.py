@@ -13,6 +13,7 @@ the user gets one :class:`runtime.errors.BackendUnavailableError`.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,8 @@ from exporter.trt_plan import PLAN_FILE, BuildPlan, Graph, PlanError
 from runtime.artifact import ArtifactConfig
 from runtime.errors import MedusaError
 from runtime.trt_backend import require_gpu, require_tensorrt
+
+log = logging.getLogger("medusa_trt.exporter")
 
 
 class EngineBuildError(MedusaError):
@@ -103,13 +106,17 @@ def build_engines(
     plan: BuildPlan,
     config: ArtifactConfig | None = None,
     verbose: bool = False,
-    write: Callable[[str], None] = print,
+    write: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Build ``model.engine`` and ``heads.engine`` in ``folder``; write the plan first.
+
+    Progress (the build phases, what was written) goes to ``write``, by default the
+    ``medusa_trt.exporter`` logger at INFO; ``verbose``: TensorRT's own log at VERBOSE.
 
     ``config`` (the artifact's) gets ``provenance["engine"]`` recorded, so the runtime's
     ``auto`` backend knows an engine exists.
     """
+    write = write or log.info
     trt = require_tensorrt()
     require_gpu()
     folder = Path(folder)

@@ -7,7 +7,8 @@
     polygraphy_check.sh   polygraphy run --onnxrt --trt, one comparison per profile
     trt_check_data.py     the Polygraphy data loaders those comparisons feed
 
-and prints the profiles and the commands. ``build-engine ARTIFACT`` builds the same engines
+and prints the profiles and where the scripts are (``-v``: the commands too; a backbone's
+full trtexec command line runs to tens of KB of shape flags). ``build-engine ARTIFACT`` builds the same engines
 through the TensorRT Python API (:mod:`exporter.trt_build`).
 
 The command builders are pure functions of the plan, and :func:`parse_trtexec` /
@@ -38,10 +39,14 @@ from exporter.trt_plan import (
     resolve_tree,
 )
 from runtime.errors import run_cli
+from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 TRTEXEC_SCRIPT = "trtexec.sh"
 POLYGRAPHY_SCRIPT = "polygraphy_check.sh"
 DATA_SCRIPT = "trt_check_data.py"
+# polygraphy's own verbosity in the recipes: -qq shows PASSED/FAILED, the accuracy summary and warnings,
+# not the thousands of lines of TensorRT's build log per profile (drop it to see them)
+POLYGRAPHY_QUIET = "-qq"
 # Polygraphy tolerances per artifact dtype: starting points, the decisive check is greedy equality
 TOLERANCES = {"float32": (1e-3, 1e-3), "float16": (1e-1, 5e-2)}
 
@@ -170,7 +175,7 @@ def polygraphy_command(
     name = profile or graph.profiles[0].name
     index = graph.profile_index(name)
     atol, rtol = TOLERANCES[plan.dtype]
-    cmd = ["polygraphy", "run", _path(root, graph.onnx), "--onnxrt", "--trt", "--strongly-typed"]
+    cmd = ["polygraphy", "run", _path(root, graph.onnx), POLYGRAPHY_QUIET, "--onnxrt", "--trt", "--strongly-typed"]
     for p in graph.profiles:  # Polygraphy pairs the n-th min, opt and max sets into profile n
         shapes = graph.shapes(p)
         cmd += ["--trt-min-shapes", *_polygraphy_shapes(shapes, 0)]
@@ -200,7 +205,7 @@ class PolygraphyCommand:
 
 
 _POLY_RUNNERS = ("--onnxrt", "--trt")
-_POLY_FLAGS = ("--strongly-typed", "--tf32")
+_POLY_FLAGS = ("--strongly-typed", "--tf32", POLYGRAPHY_QUIET)
 
 
 def parse_polygraphy(command: str | list[str]) -> PolygraphyCommand:
@@ -352,6 +357,7 @@ def _limits_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--opt-context", type=int, default=d.opt_context, help="typical cache length, the verify/decode opt (default %(default)s)")
     p.add_argument("--workspace-mib", type=int, default=d.workspace_mib, help="builder workspace pool in MiB (default %(default)s)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (faster, ~1e-3 relative error)")
+    add_verbosity_args(p)
     return p
 
 
@@ -396,31 +402,39 @@ def _cmd_trtexec(argv: list[str]) -> int:
     p.add_argument("--trtexec", default="trtexec", help="trtexec executable (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     args = p.parse_args(argv)
-    cfg, plan = _load(args)
-    tree = resolve_tree(cfg, args.tree)
-    paths = write_recipes(args.artifact, plan, tree, script=args.write, trtexec=args.trtexec)
-    print(plan.to_json() if args.json else profile_table(plan))
-    print(f"\n# build the engines (also in {paths['trtexec']}):")
-    for which in ("backbone", "heads"):
-        print(shlex.join(trtexec_command(plan, which, root=args.artifact, trtexec=args.trtexec)))
-    print(f"\n# compare TensorRT with ONNX Runtime (also in {paths['polygraphy']}):")
-    for p_ in plan.backbone.profiles:
-        print(shlex.join(polygraphy_command(plan, "backbone", p_.name, root=args.artifact)))
-    print(shlex.join(polygraphy_command(plan, "heads", root=args.artifact)))
-    print(f"\nwrote {paths['plan']}, {paths['trtexec']}, {paths['polygraphy']}, {paths['data']}")
+    with cli_logging("medusa-export", verbosity(args)):
+        cfg, plan = _load(args)
+        tree = resolve_tree(cfg, args.tree)
+        paths = write_recipes(args.artifact, plan, tree, script=args.write, trtexec=args.trtexec)
+        print(plan.to_json() if args.json else profile_table(plan))
+        build = [trtexec_command(plan, which, root=args.artifact, trtexec=args.trtexec) for which in ("backbone", "heads")]
+        checks = [polygraphy_command(plan, "backbone", p_.name, root=args.artifact) for p_ in plan.backbone.profiles]
+        checks.append(polygraphy_command(plan, "heads", root=args.artifact))
+        if verbosity(args) > 0:  # the full command lines: tens of KB of shape flags for a real model
+            print(f"\n# build the engines (also in {paths['trtexec']}):")
+            print("\n".join(shlex.join(c) for c in build))
+            print(f"\n# compare TensorRT with ONNX Runtime (also in {paths['polygraphy']}):")
+            print("\n".join(shlex.join(c) for c in checks))
+        print(f"\nwrote {paths['plan']}, {paths['trtexec']}, {paths['polygraphy']}, {paths['data']}")
+        print(f"build the engines ({len(build)} trtexec commands): bash {shlex.quote(str(paths['trtexec']))}")
+        print(f"compare TensorRT with ONNX Runtime ({len(checks)} polygraphy runs, one per profile): "
+              f"bash {shlex.quote(str(paths['polygraphy']))}")
+        if verbosity(args) <= 0:
+            print("(-v prints the commands)")
     return 0
 
 
 def _cmd_build(argv: list[str]) -> int:
     p = _limits_parser("build-engine", "Build the TensorRT engines of an artifact with the TensorRT Python API.")
-    p.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     args = p.parse_args(argv)
     from exporter.trt_build import build_engines
 
-    cfg, plan = _load(args)
-    paths = build_engines(args.artifact, plan, cfg, verbose=args.verbose)
-    print(profile_table(plan))
-    print("built " + ", ".join(str(x) for x in paths))
+    with cli_logging("medusa-export", verbosity(args)):
+        cfg, plan = _load(args)
+        # -v: the build's phases and times; -vv: TensorRT's own verbose log too
+        paths = build_engines(args.artifact, plan, cfg, verbose=verbosity(args) >= 2)
+        print(profile_table(plan))
+        print("built " + ", ".join(str(x) for x in paths))
     return 0
 
 

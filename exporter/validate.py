@@ -20,19 +20,23 @@ PyTorch fp16's own distance (on 30-layer SmolLM2 fed random tokens, fp16 roundin
 moves logits by ~1, which no fixed tolerance separates from a broken graph). The top-1 token of the backbone's logits must agree at every position;
 a disagreement is tolerated only where PyTorch's own top two logits are within the
 tolerance of each other (a tie that no backend can be expected to break the same way).
-Each comparison is logged PASS/FAIL with its max abs difference; all failures are raised
+Each comparison is logged PASS (DEBUG) / FAIL (INFO) with its max abs difference to the
+``medusa_trt.exporter`` logger; all failures are raised
 together as one :class:`runtime.errors.ValidationError`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from runtime.errors import ValidationError
+
+log = logging.getLogger("medusa_trt.exporter")
 
 # (atol, rtol): a tensor passes when max|diff| <= atol + rtol * max|reference|.
 TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2)}
@@ -131,7 +135,6 @@ def validate_artifact(
     batches: Sequence[int] = (1, 2),
     prompt_len: int = 8,
     seed: int = 0,
-    log: Callable[[str], None] | None = None,
     verbose: bool = False,
     raise_on_failure: bool = True,
     threads: int | None = None,
@@ -139,7 +142,7 @@ def validate_artifact(
     """Compare the artifact in ``folder`` with ``model`` / ``heads`` run eagerly.
 
     ``model`` and ``heads`` are the exported modules (cast to the artifact's dtype when
-    they are not). Logs one line per comparison (present tensors: one line per case for
+    they are not). Logs one line per comparison (DEBUG; a failure at INFO) (present tensors: one line per case for
     all layers, naming the worst, unless ``verbose``). Raises ValidationError listing every
     failure unless ``raise_on_failure`` is False. ``threads`` caps PyTorch's and ONNX
     Runtime's threads for the duration (on a shared or oversubscribed machine 1 is much
@@ -152,12 +155,12 @@ def validate_artifact(
         torch.set_num_threads(threads)
     try:
         return _validate(folder, model, heads, trees=trees, batches=batches, prompt_len=prompt_len, seed=seed,
-                         log=log, verbose=verbose, raise_on_failure=raise_on_failure, threads=threads)
+                         verbose=verbose, raise_on_failure=raise_on_failure, threads=threads)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, verbose, raise_on_failure,
+def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose, raise_on_failure,
               threads) -> ValidationReport:
     import copy
 
@@ -188,12 +191,11 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
     spec = config.model
     npdt = _NP[dtype]
     report = ValidationReport(dtype)
-    say = log or (lambda s: None)
 
     def add(check: Check, quiet: bool = False) -> None:
         report.checks.append(check)
         if not quiet or not check.passed:
-            say("[medusa-export]   " + check.line())
+            log.log(logging.DEBUG if check.passed else logging.INFO, "%s", check.line())
 
     def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, ref32: np.ndarray | None) -> Check:
         """float32: ONNX vs PyTorch. float16: ONNX fp16 vs the float32 truth, allowed up to
@@ -231,8 +233,8 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
             worst = max(presents, key=lambda c: c.max_abs / max(c.tol, 1e-30))
             bad = sum(not c.passed for c in presents)
             label = f"present.* ({len(presents)} tensors)"
-            say(f"[medusa-export]   {'FAIL' if bad else 'PASS'}  {case:<34} {label:<28} "
-                f"max|diff| {max(c.max_abs for c in presents):.3g} (closest to tol: {worst.output}, "
+            log.log(logging.INFO if bad else logging.DEBUG, f"{'FAIL' if bad else 'PASS'}  {case:<34} {label:<28} "
+                    f"max|diff| {max(c.max_abs for c in presents):.3g} (closest to tol: {worst.output}, "
                 f"{worst.max_abs:.3g} vs {worst.tol:.3g})")
         # top-1 of the verified logits (float16: against the float32 truth, within the logits' tolerance)
         r = (ref32[0] if fp16 else ref[0]).astype(np.float32)
@@ -305,15 +307,15 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, log, ve
                 cases = cases[:1]
             for past, past_len, label in cases:
                 if limit is not None and past_len + m > limit:
-                    say(f"[medusa-export]   SKIP  tree {name} b={b} {label}: {past_len + m} tokens exceed "
-                        f"max_context {limit}")
+                    log.debug("SKIP  tree %s b=%d %s: %d tokens exceed max_context %d", name, b, label, past_len + m,
+                              limit)
                     continue
                 t_pos = np.broadcast_to(past_len + tree.position_ids.astype(np.int64), (b, m)).copy()
                 run_backbone(f"tree {name} b={b} {label}", t_ids, t_pos, t_mask, past)
 
     if report.ok:
         mx = ", ".join(f"{k} {v:.3g}" for k, v in report.max_abs().items())
-        say(f"[medusa-export]   validation passed: {len(report.checks)} comparisons; max|diff| {mx}")
+        log.info("validation passed: %d comparisons; max|diff| %s", len(report.checks), mx)
     elif raise_on_failure:
         raise ValidationError(report.failures)
     return report

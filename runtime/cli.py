@@ -10,6 +10,7 @@ from pathlib import Path
 from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK
 from runtime.clihelp import HelpFormatter
 from runtime.errors import run_cli
+from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 EPILOG = """examples:
   medusa-run generate artifacts/smollm2-135m-medusa "Name three rivers in Europe." --stats
@@ -27,11 +28,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the model's)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prompt tokens per prefill call (0: the whole prompt in one call)")
+    add_verbosity_args(p, sub=True)  # also after the subcommand: medusa-run generate ... -v
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medusa-run", description=__doc__, epilog=EPILOG,
                                  formatter_class=HelpFormatter)
+    add_verbosity_args(ap)
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="prompt in, text out", formatter_class=HelpFormatter)
@@ -82,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
     b.add_argument("--json", default=None, help="write all results to this JSON file")
     b.add_argument("--plot", default=None, help="write the histogram and per-step time split to this PNG")
-    b.add_argument("--quiet", action="store_true", help="no per-prompt table, no progress bar")
 
     pr = sub.add_parser("profile", help="cost of verifying N tokens vs one plain step",
                         formatter_class=HelpFormatter)
@@ -137,9 +139,9 @@ def cmd_bench(args) -> None:
     prompts = load_prompts(args.prompts, args.limit, args.per_category, args.skip)
     gen = _load(args)
     res = run_bench(gen, prompts, args.tree, args.max_new_tokens, peer=args.peer, peer_model=args.peer_model,
-                    threads=args.threads, progress=not args.quiet, lookups=args.lookup, sampling=args.sampling)
+                    threads=args.threads, progress=verbosity(args) >= 0, lookups=args.lookup, sampling=args.sampling)
     res["command"] = "medusa-run " + " ".join(sys.argv[1:]) if sys.argv and "medusa-run" in sys.argv[0] else None
-    print(format_report(res, per_prompt=not args.quiet))
+    print(format_report(res, per_prompt=verbosity(args) >= 0))  # -q: the summary table only
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.json}")
@@ -180,7 +182,8 @@ def cmd_profile(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile}[args.command]
-    return run_cli("medusa-run", lambda: command(args), interrupted="interrupted")
+    with cli_logging("medusa-run", verbosity(args)):
+        return run_cli("medusa-run", lambda: command(args), interrupted="interrupted")
 
 
 if __name__ == "__main__":

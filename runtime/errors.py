@@ -6,6 +6,7 @@ its traceback.
 """
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -24,7 +25,8 @@ def run_cli(prog: str, command: Callable[[], "int | None"], interrupted: "str | 
 
             def show(message, category, filename, lineno, file=None, line=None):
                 if issubclass(category, MedusaWarning):  # the runtime changed what was asked: one line
-                    print(f"{prog}: warning: {message}", file=sys.stderr)
+                    if logging.getLogger("medusa_trt").isEnabledFor(logging.WARNING):  # not under -q
+                        print(f"{prog}: warning: {message}", file=sys.stderr)
                 else:
                     default(message, category, filename, lineno, file, line)
 

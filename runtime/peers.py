@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,12 +23,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from runtime.bench import RunResult, _peer_model_path
 from runtime.errors import MedusaError
+
+log = logging.getLogger("medusa_trt.runtime")
 from runtime.onnxrt import _bind, _options, _ort
 from runtime.profile import round_robin_ms
 
@@ -76,11 +79,7 @@ def _cache_key(hf_folder: Path, precision: str, version: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _default_log(msg: str) -> None:
-    print(f"[medusa-run] {msg}", file=sys.stderr, flush=True)
-
-
-def build_peer_model(hf_folder: str | Path, precision: str, log: Callable[[str], None] = _default_log) -> Path:
+def build_peer_model(hf_folder: str | Path, precision: str) -> Path:
     """The onnxruntime-genai model folder (graph + genai_config.json) for ``hf_folder`` at the
     artifact's ``precision``: built once with onnxruntime-genai's model builder, then reused.
 
@@ -103,8 +102,8 @@ def build_peer_model(hf_folder: str | Path, precision: str, log: Callable[[str],
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    log(f"building the onnxruntime-genai {target} graph of {hf_folder} with its model builder "
-        f"(once; cached in {dest}) ...")
+    log.info("building the onnxruntime-genai %s graph of %s with its model builder (once; cached in %s) ...",
+             target, hf_folder, dest)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(tmp),
            "-p", target, "-e", "cpu", "-c", str(tmp / "builder_cache")]
     # the folder is local: never let the builder (transformers) reach for the Hub
@@ -127,7 +126,7 @@ def build_peer_model(hf_folder: str | Path, precision: str, log: Callable[[str],
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"built {dest} in {time.perf_counter() - t:.1f} s")
+    log.info("built %s in %.1f s", dest, time.perf_counter() - t)
     return dest
 
 

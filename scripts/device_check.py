@@ -145,8 +145,8 @@ def stage_tensorrt(model, heads, tok, workdir: Path, torch_tokens: list[int]) ->
     print(f"INFO TensorRT {trt.__version__}", flush=True)
     folder = workdir / "artifact"
     t0 = time.perf_counter()
-    export_artifact(model, heads, folder, ExportOptions(dtype="float32", graph="portable", tree=TREE, force=True), tokenizer=tok,
-                    log=lambda s: None)  # fmt: skip
+    export_artifact(model, heads, folder, ExportOptions(dtype="float32", graph="portable", tree=TREE, force=True),
+                    tokenizer=tok)  # fmt: skip
     report(True, "export (ONNX Runtime validated against PyTorch)", f"{time.perf_counter() - t0:.0f}s")
     cfg = read_artifact(folder)
     plan = make_plan(cfg, Limits(max_prompt=MAX_PROMPT, opt_prompt=16, opt_context=64))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -145,9 +146,10 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="medusa-heads-cost-"))
         model, tok, _ = load_backbone("smollm2-135m")
         heads = fresh_heads(a.fresh_heads, model.config.hidden_size, model.config.vocab_size)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # the export's steps, on stderr
         folder = export_artifact(model, heads, tmp / "artifact", ExportOptions(validate=False, source_model="smollm2-135m",
                                                                                graph="portable"),
-                                 tokenizer=tok, log=lambda s: print(s, file=sys.stderr))
+                                 tokenizer=tok)
         del model
     try:
         r = measure(folder, runs=a.runs, past=a.past, threads=a.threads, trees=tuple(a.trees))

@@ -5,6 +5,8 @@ Other test files may append fixtures here; keep each one small and documented.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from pathlib import Path
 
@@ -162,3 +164,26 @@ def make_wordlevel_tokenizer(vocab_size: int = 128):
 def wordlevel_tokenizer():
     """A 128-word fast tokenizer for tiny random models (see make_wordlevel_tokenizer)."""
     return make_wordlevel_tokenizer(128)
+
+
+@contextlib.contextmanager
+def capture_logs(name: str = "medusa_trt", level: int = logging.DEBUG):
+    """The messages logged to ``name`` (and its children) within the block, as a list of
+    strings: library code logs (runtime/log.py) instead of taking print callbacks. Works in
+    fixtures of any scope, unlike pytest's caplog; the logger's level is restored after."""
+    logger = logging.getLogger(name)
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect(level)
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)

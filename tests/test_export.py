@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import capture_logs
 from exporter.export import ExportOptions, backbone_io, export_artifact, heads_io, tracing_patches
 from exporter.heads import fresh_heads
 from exporter.step import BackboneStep, kv_names
@@ -72,9 +73,9 @@ def exported(tmp_path_factory, wordlevel_tokenizer):
             model = tiny_model(arch)
             k, layers, shared = ARCHS[arch]
             heads = random_heads(model, k, layers, shared)
-            logs: list[str] = []
             out = tmp_path_factory.mktemp(f"export-{arch}") / "artifact"
-            export_artifact(model, heads, out, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer, log=logs.append)
+            with capture_logs() as logs:
+                export_artifact(model, heads, out, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
             cache[arch] = {"out": out, "model": model, "heads": heads, "log": logs}
         return cache[arch]
 
@@ -239,8 +240,8 @@ def test_fp16_export(tmp_path, wordlevel_tokenizer):
     model = tiny_model("llama", seed=4)
     heads = random_heads(model, 2)
     out = tmp_path / "fp16"
-    logs: list[str] = []
-    export_artifact(model, heads, out, ExportOptions(graph="portable", dtype="float16"), tokenizer=wordlevel_tokenizer, log=logs.append)
+    with capture_logs() as logs:
+        export_artifact(model, heads, out, ExportOptions(graph="portable", dtype="float16"), tokenizer=wordlevel_tokenizer)
     assert any("validation passed" in s for s in logs)
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not converted
     T = onnx.TensorProto
@@ -374,9 +375,9 @@ def test_sliding_window_caps_max_context(tmp_path, wordlevel_tokenizer):
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
     heads = random_heads(model, 2)
-    logs: list[str] = []
-    out = export_artifact(model, heads, tmp_path / "a", ExportOptions(graph="portable", validate=False), tokenizer=wordlevel_tokenizer,
-                          log=logs.append)
+    with capture_logs() as logs:
+        out = export_artifact(model, heads, tmp_path / "a", ExportOptions(graph="portable", validate=False),
+                              tokenizer=wordlevel_tokenizer)
     assert read_artifact(out).model.max_context == 31
     assert any("sliding_window 32" in s for s in logs)
     with pytest.raises(MedusaError, match="sliding-window"):
@@ -429,8 +430,8 @@ def test_draft_vocab_heads_export(tmp_path, wordlevel_tokenizer, shared):
     for name, ids in (("full", None), ("draft", draft)):
         heads = random_heads(model, 3, shared=shared)
         heads.set_draft_vocab(ids)
-        logs: list[str] = []
-        export_artifact(model, heads, tmp_path / name, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer, log=logs.append)
+        with capture_logs() as logs:
+            export_artifact(model, heads, tmp_path / name, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
         assert any("validation passed" in s for s in logs)
         g = onnx.load(str(tmp_path / name / "heads.onnx")).graph
         weights[name] = [tuple(i.dims) for i in g.initializer if len(i.dims) == 2]

@@ -54,7 +54,7 @@ def assert_user_error(code, err, *phrases):
 
 def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
     out = tmp_path / "artifact"
-    code, stdout, stderr = run_cli([model_folder, "--fresh-heads", "2", "-o", out, "--max-context", "128"], capsys)
+    code, stdout, stderr = run_cli([model_folder, "--fresh-heads", "2", "-o", out, "--max-context", "128", "-v"], capsys)
     assert code == 0, stderr
     for step in ("loading", "writing the fused backbone", "saving model.onnx", "tracing the Medusa heads",
                  "validating ONNX Runtime against PyTorch", "validation passed"):
@@ -67,6 +67,25 @@ def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
     assert (cfg["flavour"], cfg["precision"]) == ("fused", "fp32")  # the defaults
     assert cfg["provenance"]["heads"]["layout"] == "fresh-identity"
     assert cfg["provenance"]["source_model"] == str(model_folder)
+
+
+def test_export_is_quiet_by_default_and_detailed_with_v(model_folder, tmp_path, capsys):
+    """Default: the summary on stdout (where, which files, the validation, the time) and nothing on
+    stderr; -v adds the steps with their times, -vv every comparison; -q keeps the summary."""
+    argv = [model_folder, "--fresh-heads", "2", "-o", tmp_path / "a", "--max-context", "64", "--force"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert err == "" and len(out.splitlines()) <= 5, out
+    assert f"artifact written to {tmp_path / 'a'} in " in out and "model.onnx" in out and "validation: passed" in out
+    code, out_v, err_v = run_cli([*argv, "-v"], capsys)
+    assert code == 0 and out_v.splitlines()[1:] == out.splitlines()[1:]  # the same summary (but the time)
+    steps = err_v.splitlines()
+    assert 5 <= len(steps) <= 15 and all(line.startswith("[medusa-export] ") for line in steps), err_v
+    assert "done (" in err_v and "validation passed" in err_v and "PASS " not in err_v
+    code, _, err_vv = run_cli([*argv, "-vv"], capsys)
+    assert code == 0 and len(err_vv.splitlines()) > 3 * len(steps) and "PASS " in err_vv
+    code, out_q, err_q = run_cli([*argv, "-q"], capsys)
+    assert code == 0 and err_q == "" and out_q.splitlines()[1:] == out.splitlines()[1:]
 
 
 def test_export_with_saved_heads_fp16_no_validate(model_folder, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -22,11 +23,13 @@ def test_smollm2_export_validates(tmp_path):
     model, tokenizer, folder = load_backbone("smollm2-135m")
     heads = fresh_heads(4, model.config.hidden_size, model.config.vocab_size)
     heads.config.meta = {"layout": "fresh-identity", "source": "test"}
-    logs: list[str] = []
-    out = export_artifact(model, heads, tmp_path / "smollm2", ExportOptions(source_model="smollm2-135m",
-                          validation_threads=1), tokenizer=tokenizer, log=logs.append)
+    from conftest import capture_logs
+
+    with capture_logs(level=logging.INFO) as logs:  # the steps and the validation summary
+        out = export_artifact(model, heads, tmp_path / "smollm2", ExportOptions(source_model="smollm2-135m",
+                              validation_threads=1), tokenizer=tokenizer)
     seconds = time.perf_counter() - t0
-    print("\n".join(line for line in logs if "PASS" not in line))
+    print("\n".join(logs))
     print(f"SmolLM2 export + validation: {seconds:.1f} s")
 
     cfg = read_artifact(out)

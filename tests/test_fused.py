@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import runtime  # noqa: E402
-from conftest import hf_greedy, make_tiny_llama  # noqa: E402
+from conftest import capture_logs, hf_greedy, make_tiny_llama  # noqa: E402
 from exporter.export import ExportOptions, export_artifact  # noqa: E402
 from exporter.fused import FUSED_OPSET, MS_DOMAIN  # noqa: E402
 from exporter.heads import fresh_heads  # noqa: E402
@@ -89,9 +89,8 @@ def exported(tmp_path_factory, wordlevel_tokenizer):
             model = tiny_model(arch)
             heads = random_heads(model)
             root = tmp_path_factory.mktemp(f"fused-{arch}")
-            logs: list[str] = []
-            export_artifact(model, heads, root / "fused", ExportOptions(), tokenizer=wordlevel_tokenizer,
-                            log=logs.append)
+            with capture_logs() as logs:
+                export_artifact(model, heads, root / "fused", ExportOptions(), tokenizer=wordlevel_tokenizer)
             export_artifact(model, heads, root / "portable", ExportOptions(graph="portable", validate=False),
                             tokenizer=wordlevel_tokenizer)
             cache[arch] = {"fused": root / "fused", "portable": root / "portable", "model": model, "heads": heads,
@@ -542,9 +541,9 @@ def test_quantized_export_option_errors(exported, wordlevel_tokenizer, tmp_path)
 @pytest.fixture(scope="module")
 def fp16(exported, wordlevel_tokenizer, tmp_path_factory):
     e = exported("llama")
-    logs: list[str] = []
-    out = export_artifact(e["model"], e["heads"], tmp_path_factory.mktemp("fp16") / "art",
-                          ExportOptions(dtype="float16"), tokenizer=wordlevel_tokenizer, log=logs.append)
+    with capture_logs() as logs:
+        out = export_artifact(e["model"], e["heads"], tmp_path_factory.mktemp("fp16") / "art",
+                              ExportOptions(dtype="float16"), tokenizer=wordlevel_tokenizer)
     return {"artifact": out, "log": logs, "model": e["model"], "heads": e["heads"]}
 
 

@@ -454,8 +454,9 @@ def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlev
     (live / OWNER_FILE).write_text(f"{os.getpid()} {host}\n")
     other = tmp_path / ".other.partial-x"  # another destination's: not ours to touch
     other.mkdir()
-    logs, seen_tmp = [], []
+    seen_tmp = []
     import exporter.quantize as quantize
+    from conftest import capture_logs
 
     original = quantize.quantize_heads
 
@@ -467,11 +468,12 @@ def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlev
 
     quantize.quantize_heads = spy
     try:
-        export_artifact(tiny_llama(0), fresh_heads(2, 32, 128), tmp_path / "art", ExportOptions(validate=False),
-                        tokenizer=wordlevel_tokenizer, log=logs.append)
+        with capture_logs() as logs:
+            export_artifact(tiny_llama(0), fresh_heads(2, 32, 128), tmp_path / "art", ExportOptions(validate=False),
+                            tokenizer=wordlevel_tokenizer)
     finally:
         quantize.quantize_heads = original
-    assert any(line.startswith(f"[medusa-export] removed {stale}, left by an interrupted export") for line in logs)
+    assert any(line.startswith(f"removed {stale}, left by an interrupted export") for line in logs)
     assert not stale.exists() and live.exists() and other.exists()
     assert seen_tmp and seen_tmp[0].parent.name.startswith(".art.partial-") and seen_tmp[0].name == ".tmp"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".art.partial-running", ".other.partial-x", "art"]

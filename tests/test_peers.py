@@ -52,8 +52,10 @@ def setup(tmp_path_factory, wordlevel_tokenizer):
                                for i, t in enumerate(TEXTS)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDUSA_TRT_CACHE", str(cache))
-        logs: list[str] = []
-        built = build_peer_model(hf, "fp32", log=logs.append)
+        from conftest import capture_logs
+
+        with capture_logs() as logs:
+            built = build_peer_model(hf, "fp32")
         assert any("building" in line for line in logs), logs
         yield {"hf": hf, "artifact": art, "prompts": prompts, "cache": cache, "built": built}
 
@@ -67,8 +69,10 @@ def test_peer_graph_is_built_once_and_reused(setup):
     assert not (built / "builder_cache").exists()
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary folder left behind
     stamp = (built / GENAI_CONFIG).stat().st_mtime_ns
-    logs: list[str] = []
-    assert build_peer_model(setup["hf"], "fp32", log=logs.append) == built
+    from conftest import capture_logs
+
+    with capture_logs() as logs:
+        assert build_peer_model(setup["hf"], "fp32") == built
     assert logs == [] and (built / GENAI_CONFIG).stat().st_mtime_ns == stamp
     # another precision or another onnxruntime-genai is another graph
     keys = {_cache_key(setup["hf"], p, v) for p, v in [("fp32", "0.18.0"), ("int4", "0.18.0"), ("fp32", "0.19")]}
@@ -183,7 +187,7 @@ def test_failed_build_shows_the_builder_log_and_caches_nothing(setup, tmp_path, 
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
     with pytest.raises(MedusaError, match="model builder failed") as e:
-        build_peer_model(bad, "fp32", log=lambda _: None)
+        build_peer_model(bad, "fp32")
     assert "not currently supported" in str(e.value)  # the builder's own words, from its log
     left = sorted(p.name for p in (tmp_path / "cache" / "ortgenai").iterdir())
     assert len(left) == 1 and left[0].endswith(".failed.log")  # the log stays; no model folder, no temporary one

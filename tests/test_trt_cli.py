@@ -104,7 +104,7 @@ def test_polygraphy_command_matches_the_plan(smol, profile, index):
     assert parsed.options["--load-timing-cache"] == parsed.options["--save-timing-cache"] == ["art/timing.cache"]
     assert parsed.options["--pool-limit"] == ["workspace:4096M"]
     assert parsed.options["--atol"] == ["0.1"] and parsed.options["--rtol"] == ["0.05"]  # float16 artifact
-    assert parsed.flags == {"--strongly-typed"}
+    assert parsed.flags == {"--strongly-typed", "-qq"}  # -qq: results and warnings, not the build log
 
 
 def test_polygraphy_heads_command(smol):
@@ -189,7 +189,7 @@ def test_profile_table(smol):
 
 def test_cli_trtexec_writes_and_prints_the_recipes(tmp_path, capsys):
     folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
-    assert trt_cli.main(["trtexec", str(folder), "--max-prompt", "64", "--opt-context", "100"]) == 0
+    assert trt_cli.main(["trtexec", str(folder), "--max-prompt", "64", "--opt-context", "100", "-v"]) == 0
     out = capsys.readouterr().out
     plan = read_plan(folder)
     assert plan.profile("prefill").axes[NEW].max == 64 and plan.profile("verify").axes[PAST].opt == 100
@@ -206,6 +206,23 @@ def test_cli_trtexec_writes_and_prints_the_recipes(tmp_path, capsys):
     assert parse_trtexec(printed[0]).onnx == str(folder / "model.onnx")
     assert "| model.onnx | 0 prefill | 1/1/1 | 1/64/64 | 0/0/192 |" in out
     assert (folder / TRTEXEC_SCRIPT).stat().st_mode & 0o111
+
+
+def test_cli_trtexec_is_short_by_default(tmp_path, capsys):
+    """The full command lines (tens of KB of shape flags for a real model) are in the scripts;
+    the default output is the table and where the scripts are, -v prints the commands too."""
+    folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
+    assert trt_cli.main(["trtexec", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert not any(line.startswith(("trtexec ", "polygraphy ")) for line in lines) and not err
+    assert len(lines) <= 14 and len(out) < 2000, out
+    assert f"bash {folder / TRTEXEC_SCRIPT}" in out and f"bash {folder / POLYGRAPHY_SCRIPT}" in out
+    assert trt_cli.main(["trtexec", str(folder), "-v"]) == 0
+    verbose = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith(("trtexec ", "polygraphy ")) for line in verbose) == 2 + 4  # 2 engines, 4 profiles
+    assert trt_cli.main(["trtexec", str(folder), "-q"]) == 0  # -q: the output stays (stderr would be quiet)
+    assert capsys.readouterr().out == out
 
 
 def test_cli_trtexec_write_elsewhere_and_json(tmp_path, capsys):

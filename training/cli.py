@@ -12,6 +12,7 @@ from pathlib import Path
 
 from runtime.clihelp import HelpFormatter
 from runtime.errors import require_extra, run_cli
+from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 
 def _distill(a) -> None:
@@ -71,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="medusa-train", description="Train Medusa heads by self-distillation.",
                                 formatter_class=HelpFormatter)
+    add_verbosity_args(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, default_model="smollm2-135m"):
         sp.add_argument("--model", default=default_model, help="smollm2-135m or a local Hugging Face folder")
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         sp.add_argument("--seed", type=int, default=0)
+        add_verbosity_args(sp, sub=True)
 
     d = DistillConfig()
     sp = sub.add_parser("distill", help="the backbone answers Alpaca prompts (self-distillation data)",
@@ -176,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     args = build_parser().parse_args(argv)
-    return run_cli("medusa-train", lambda: (check_numbers(args), args.func(args))[1],
-                   interrupted="interrupted" + ("; finished batches are kept in OUT.partial: rerun the same command "
-                                                "to resume" if args.command == "distill" else ""))
+    with cli_logging("medusa-train", verbosity(args)):
+        return run_cli("medusa-train", lambda: (check_numbers(args), args.func(args))[1],
+                       interrupted="interrupted" + ("; finished batches are kept in OUT.partial: rerun the same "
+                                                    "command to resume" if args.command == "distill" else ""))
 
 
 if __name__ == "__main__":

@@ -30,12 +30,16 @@ over the data, which saves ~30% of the CPU time of distillation + caching.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from runtime.errors import MedusaError
+from runtime.log import quiet
+
+log = logging.getLogger("medusa_trt.training")
 
 ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_5000.json"
 
@@ -311,10 +315,11 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     # with --num-prompts set to what is done finishes at once (generation length, not prompt
     # length, dominates the cost, so sorting by prompt length would buy little)
     batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt", dynamic_ncols=True)
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt", dynamic_ncols=True,
+               disable=quiet())
     keep_states = cfg.save_states and _split_forward(model) is not None
     if cfg.save_states and not keep_states:
-        print(f"[medusa-train] {type(model).__name__}: no body + lm_head split, hidden states are not kept")
+        log.warning("%s: no body + lm_head split, hidden states are not kept", type(model).__name__)
     for b, batch in enumerate(batches):
         firsts = [first_cached_position(len(p)) for _, _, p in batch] if keep_states else None
         results = generate_batch(model, [p for _, _, p in batch], pad_id, eos_ids, cfg, first_positions=firsts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -28,8 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import MedusaError
+from runtime.log import quiet
 from training.data import (IGNORE, MAX_CACHED_HEADS, SPLITS, Example, build_examples, first_cached_position,
                            head_labels, split_examples)
+
+log = logging.getLogger("medusa_trt.training")
 
 HEAD_DECAY = 0.8  # weight of head k is 0.8**k (Medusa paper)
 CACHE_FORMAT = 1
@@ -110,7 +114,7 @@ def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerp
         marker.unlink()  # an interrupted rebuild must not look complete
     hidden_size = model.config.hidden_size
     total = sum(cached_positions(e)[1] - cached_positions(e)[0] for s in SPLITS for e in examples[s])
-    bar = tqdm(total=total, desc="hidden-state cache", unit="tok", dynamic_ncols=True)
+    bar = tqdm(total=total, desc="hidden-state cache", unit="tok", dynamic_ncols=True, disable=quiet())
     counts = {"from_states": 0, "computed": 0}  # examples copied from distillation's states / run now
     for split in SPLITS:
         exs = examples[split]
@@ -218,12 +222,12 @@ def prepare_cache(model, model_folder: str, data: Path, cache: Path | None, max_
     folder = Path(cache) if cache else Path(str(data) + ".hidden")
     fp = _fingerprint(str(model_folder), data, max_len)
     if cache_is_valid(folder, fp):
-        print(f"[medusa-train] reusing hidden-state cache {folder}")
+        log.info("reusing hidden-state cache %s", folder)
         return folder
     examples = split_examples(build_examples(read_records(data), max_len=max_len))
     if not examples["train"]:
         raise MedusaError(f"{data}: no training examples (every record is empty or in a held-out split)")
-    print(f"[medusa-train] caching last hidden states: " + ", ".join(f"{s} {len(v)}" for s, v in examples.items()))
+    log.info("caching last hidden states: %s", ", ".join(f"{s} {len(v)}" for s, v in examples.items()))
     return build_cache(model, examples, folder, fingerprint=fp, states=states_dir(data), model_name=model_name)
 
 
@@ -402,7 +406,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     acc0 = rank_accuracy(heads.eval(), lm_head, heldout)
     print(f"held-out accuracy before training ({heldout.num_examples} examples):\n{accuracy_table(acc0)}")
     step, t_train = 0, time.time()
-    bar = tqdm(total=total_steps, desc="medusa1", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="medusa1", unit="step", dynamic_ncols=True, disable=quiet())
     for epoch in range(cfg.epochs):
         heads.train()
         perm = rng.permutation(rows)

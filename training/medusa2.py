@@ -16,6 +16,7 @@ Output: ``OUT/backbone/`` (Hugging Face folder with the tokenizer) and ``OUT/hea
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -27,8 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import MedusaError
+from runtime.log import quiet
 from training.data import IGNORE, build_examples, head_labels, next_token_labels, split_examples
 from training.medusa1 import format_accuracy, head_weights
+
+log = logging.getLogger("medusa_trt.training")
 
 
 @dataclass
@@ -158,8 +162,8 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, lm_head=model.lm_head)
     if heads.config.draft_vocab_size:
         # Medusa-2's head loss is over the full vocabulary (and tunes the backbone under it): no restriction
-        print(f"[medusa-train] the start heads' draft vocabulary ({heads.config.draft_vocab_size} tokens) is dropped: "
-              "Medusa-2 trains the heads over the full vocabulary")
+        log.warning("the start heads' draft vocabulary (%d tokens) is dropped: Medusa-2 trains the heads over the "
+                    "full vocabulary", heads.config.draft_vocab_size)
         heads.set_draft_vocab(None)
     start_method = heads.config.meta.get("method")
     heads.config.meta = {}  # the saved heads describe this run, not the run that made the start heads
@@ -179,8 +183,8 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         raise MedusaError(f"{cfg.data}: no training examples")
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
-    log = []
-    bar = tqdm(total=cfg.steps, desc="medusa2", unit="step", dynamic_ncols=True)
+    loss_log = []
+    bar = tqdm(total=cfg.steps, desc="medusa2", unit="step", dynamic_ncols=True, disable=quiet())
     for step in range(cfg.steps):
         batch = [train[i] for i in rng.choice(len(train), min(cfg.batch_size, len(train)), replace=False)]
         ids, lm, hl = make_batch(batch, cfg.num_heads)
@@ -197,7 +201,7 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
             for g in opt_bb.param_groups:
                 g["lr"] = cfg.lr_backbone * lr_scale
             opt_bb.step()
-        log.append({"step": step, "loss": loss.item(), "backbone": parts["backbone"].item(), "heads": parts["heads"].item()})
+        loss_log.append({"step": step, "loss": loss.item(), "backbone": parts["backbone"].item(), "heads": parts["heads"].item()})
         bar.set_postfix(bb=f"{parts['backbone'].item():.3f}", heads=f"{parts['heads'].item():.3f}", warm=warm)
         bar.update(1)
     bar.close()
@@ -230,8 +234,8 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         "drift_prompts": len(prompts),
         "drift_tokens": cfg.drift_tokens,
         "train_seconds": round(train_s, 1),
-        "first_loss": log[0],
-        "last_loss": log[-1],
+        "first_loss": loss_log[0],
+        "last_loss": loss_log[-1],
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
         "config": {k: str(v) for k, v in asdict(cfg).items()},
     }

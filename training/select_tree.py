@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import MedusaError
+
+log = logging.getLogger("medusa_trt.training")
 
 
 @dataclass
@@ -266,11 +269,11 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         if heads_cost is None:
             heads_cost = profiled_heads
     else:
-        print("[medusa-train] no cost profile given: measuring the PyTorch reference backend (256 cached tokens)")
+        log.info("no cost profile given: measuring the PyTorch reference backend (256 cached tokens)")
         profile = measure_cost_profile(model)
         prof = {int(k): v for k, v in profile["relative_cost"].items()}
     if heads_cost is None:
-        print("[medusa-train] the heads' call is not in the cost profile (--heads-cost): counted as free")
+        log.warning("the heads' call is not in the cost profile (--heads-cost): counted as free")
         heads_cost = 0.0
     profile["heads_relative_cost"] = heads_cost
     chosen = select(acc, prof, cfg.max_nodes, heads_cost=heads_cost)
