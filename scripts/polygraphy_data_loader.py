@@ -90,7 +90,8 @@ def feeds(folder: Path, graph: str = "model.onnx") -> list[dict[str, np.ndarray]
         out = {
             "input_ids": rng.integers(0, spec["vocab_size"], (batch, new), dtype=np.int64),
             "position_ids": np.broadcast_to(past + depth, (batch, new)).astype(np.int64),
-            "tree_mask": np.ascontiguousarray(np.broadcast_to(mask, (batch, new, new))),
+            # a copy: np.ascontiguousarray keeps a batch-1 broadcast view (read-only), which torch.from_numpy warns about
+            "tree_mask": np.broadcast_to(mask, (batch, new, new)).copy(),
         }
         for name in past_names:
             out[name] = (0.5 * rng.standard_normal((batch, past, *kv))).astype(dtype)
