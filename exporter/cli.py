@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.clihelp import HelpFormatter
+from runtime.clihelp import HelpFormatter, field_default
 from runtime.errors import MedusaError, require_extra, run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
@@ -63,6 +63,11 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporter.export import GRAPHS, PRECISION_DTYPE, ExportOptions  # no torch or onnx at import
+
+    def default(name: str):  # a flag filling an ExportOptions field takes that field's default
+        return field_default(ExportOptions, name)
+
     p = argparse.ArgumentParser(
         prog="medusa-export",
         description=DESCRIPTION,
@@ -79,30 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--fresh-heads", metavar="K", type=int,
                        help="K untrained identity heads (each predicts what the backbone would): tests and demos")
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="artifact folder to create")
-    p.add_argument("--graph", choices=("fused", "portable"), default="fused",
+    p.add_argument("--graph", choices=GRAPHS, default=default("graph"),
                    help="fused: ONNX Runtime's fused kernels (GroupQueryAttention with the tree mask, fused "
                         "norms and projections) and a KV cache updated in place, for ONNX Runtime; portable: "
-                        "standard ONNX ops only, for TensorRT (trtexec / build-engine). Default fused")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default=None,
+                        "standard ONNX ops only, for TensorRT (trtexec / build-engine)")
+    p.add_argument("--precision", choices=tuple(PRECISION_DTYPE), default=default("precision"),
                    help="backbone weights: fp32 (default), fp16, or int8 / int4 weight-only (ONNX Runtime "
                         "MatMulNBits, fused graph only; Medusa stays lossless against plain decoding on the same "
                         "quantized graph)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+    p.add_argument("--dtype", choices=("float32", "float16"), default=default("dtype"),
                    help="float dtype of weights, logits, hidden states and the KV cache (--precision fp16 is "
-                        "the same as --dtype float16); default float32")
-    p.add_argument("--opset", type=int, default=18, metavar="N", help="ONNX opset, 17-20 (default 18)")
-    p.add_argument("--external-data-threshold-mb", type=float, default=1024.0, metavar="N",
+                        "the same as --dtype float16)")
+    p.add_argument("--opset", type=int, default=default("opset"), metavar="N", help="ONNX opset, 17-20")
+    p.add_argument("--external-data-threshold-mb", type=float, default=default("external_data_threshold_mb"), metavar="N",
                    help="store a graph's weights in <file>.onnx.data when they exceed N MB "
-                        "(protobuf cannot hold more than 2 GB; default 1024)")
-    p.add_argument("--tree", metavar="NAME",
+                        "(protobuf cannot hold more than 2 GB)")
+    p.add_argument("--tree", metavar="NAME", default=default("tree"),
                    help="default tree recorded for the runtime (a name in tree_configs or a JSON file); default: "
                         f"{SHIPPED_TREE} for smollm2-135m with its shipped heads ({SHIPPED_TREE_QUANTIZED} at int8/int4), "
                         "else cpu_8, or chain_K with fewer than 4 heads (int8/int4: chain_1)")
-    p.add_argument("--sampling-tree", metavar="NAME",
+    p.add_argument("--sampling-tree", metavar="NAME", default=default("sampling_tree"),
                    help="the tree exact sampling (temperature > 0) uses when none is given: at temperature > 0 a "
                         "draft is accepted with the backbone's probability of its token, so smaller trees pay; "
                         f"default: {SHIPPED_SAMPLING_TREE} for smollm2-135m with its shipped heads, else the default tree")
-    p.add_argument("--max-context", type=int, metavar="N",
+    p.add_argument("--max-context", type=int, metavar="N", default=default("max_context"),
                    help="longest context the runtime sizes its KV cache for (default: the model's "
                         "max_position_embeddings)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -175,15 +180,11 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def run(args: argparse.Namespace) -> Path:
-    import torch
+def export_options(args: argparse.Namespace):
+    """The ExportOptions that ``medusa-export`` arguments ask for (trees: see default_trees)."""
+    from exporter.export import ExportOptions
 
-    from exporter.models import DEFAULT_MODEL
-    from exporter.export import ExportOptions, check_options, check_out_dir, export_artifact, progress
-    from exporter.heads import fresh_heads, load_heads
-    from exporter.models import load_backbone, resolve_model
-
-    options = ExportOptions(
+    return ExportOptions(
         dtype=args.dtype,
         graph=args.graph,
         precision=args.precision,
@@ -197,6 +198,17 @@ def run(args: argparse.Namespace) -> Path:
         heads_int8=not args.no_heads_int8,
         source_model=args.model,
     )
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    from exporter.models import DEFAULT_MODEL
+    from exporter.export import check_options, check_out_dir, export_artifact, progress
+    from exporter.heads import fresh_heads, load_heads
+    from exporter.models import load_backbone, resolve_model
+
+    options = export_options(args)
     check_options(options)
     options.tree, options.sampling_tree = default_trees(args, options.precision)
     if args.model != DEFAULT_MODEL:

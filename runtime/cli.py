@@ -7,10 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.decode import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK
-from runtime.clihelp import HelpFormatter
+from runtime.clihelp import HelpFormatter, field_default
+from runtime.decode import ACCEPTANCES, DecodeConfig
 from runtime.errors import run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
+
+def _decode_default(name: str):
+    """A flag whose value goes into DecodeConfig takes its default from there."""
+    return field_default(DecodeConfig, name)
+
 
 EPILOG = """examples:
   medusa-run generate artifacts/smollm2-135m-medusa "Name three rivers in Europe." --stats
@@ -26,7 +31,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device (default: CUDA if available)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the model's)")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+    p.add_argument("--prefill-chunk", type=int, default=_decode_default("prefill_chunk"),
                    help="prompt tokens per prefill call (0: the whole prompt in one call)")
     add_verbosity_args(p, sub=True)  # also after the subcommand: medusa-run generate ... -v
 
@@ -41,21 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(g)
     g.add_argument("prompt", help="the user message (chat template applied), or raw text with --raw")
     g.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0,
+    g.add_argument("--max-new-tokens", type=int, default=_decode_default("max_new_tokens"))
+    g.add_argument("--temperature", type=float, default=_decode_default("temperature"),
                    help="0 = greedy (lossless); > 0 = sampling (see --acceptance)")
-    g.add_argument("--acceptance", choices=("exact", "typical"), default="exact",
+    g.add_argument("--acceptance", choices=ACCEPTANCES, default=_decode_default("acceptance"),
                    help="sampling: exact = tree speculative sampling, the backbone's own distribution; "
                         "typical = Medusa's typical acceptance (accepts more, lossy)")
-    g.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest tokens (0 = all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep (1 = all)")
-    g.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
+    g.add_argument("--top-k", type=int, default=_decode_default("top_k"),
+                   help="sampling: keep the k likeliest tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=_decode_default("top_p"), help="sampling: nucleus mass to keep (1 = all)")
+    g.add_argument("--lookup", type=int, default=_decode_default("lookup"),
                    help="context-lookup draft tokens per Medusa step (0 = off)")
-    g.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="typical acceptance hard threshold")
-    g.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="typical acceptance entropy-scaled threshold")
+    g.add_argument("--epsilon", type=float, default=_decode_default("epsilon"), help="typical acceptance hard threshold")
+    g.add_argument("--delta", type=float, default=_decode_default("delta"),
+                   help="typical acceptance entropy-scaled threshold")
     g.add_argument("--tree", default=None, help="tree name from tree_configs or a JSON file (default: the artifact's)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=_decode_default("seed"))
     g.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding (the baseline)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
@@ -72,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N prompts")
     b.add_argument("--per-category", type=int, default=None, metavar="N",
                    help="the first N prompts of each category (MT-Bench: 8 categories), before --limit")
-    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--max-new-tokens", type=int, default=_decode_default("max_new_tokens"))
     b.add_argument("--tree", nargs="+", default=[], help="one or several trees to compare (default: the artifact's)")
     b.add_argument("--lookup", type=int, nargs="+", default=None, metavar="N",
                    help="context-lookup draft tokens per step, one or several settings to compare (0 = off; "
-                        f"default {DEFAULT_LOOKUP})")
+                        f"default {_decode_default('lookup')})")
     b.add_argument("--sampling", type=float, nargs="+", default=None, metavar="T",
                    help="also compare plain sampling, exact and typical Medusa sampling at these temperatures")
     b.add_argument("--peer", choices=["hf", "ortgenai"], default=None,
@@ -108,12 +115,17 @@ def _load(args):
                         verify=getattr(args, "verify", False))
 
 
+def generate_kwargs(args) -> dict:
+    """The keyword arguments of MedusaGenerator.generate / stream for ``medusa-run generate``."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, epsilon=args.epsilon,
+                delta=args.delta, tree=args.tree, stop=args.stop, seed=args.seed, medusa=not args.no_medusa,
+                acceptance=args.acceptance, top_k=args.top_k, top_p=args.top_p, lookup=args.lookup)
+
+
 def cmd_generate(args) -> None:
     gen = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, epsilon=args.epsilon, delta=args.delta,
-              tree=args.tree, stop=args.stop, seed=args.seed, medusa=not args.no_medusa, acceptance=args.acceptance,
-              top_k=args.top_k, top_p=args.top_p, lookup=args.lookup)
+    kw = generate_kwargs(args)
     if args.stream:
         stats = None
         for chunk in gen.stream(prompt, **kw):

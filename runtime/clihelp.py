@@ -1,9 +1,25 @@
-"""``--help`` that shows every option's default (the three command lines share it)."""
+"""``--help`` that shows every option's default (the three command lines share it), and
+:func:`field_default`, by which a flag takes its default from the config dataclass it fills."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+
+
+def field_default(cls, name: str):
+    """The default of field ``name`` of the dataclass ``cls`` (its ``default`` or a fresh
+    ``default_factory()``). A command-line flag whose value goes into that field takes its
+    default from here: one place per default (tests/test_cli_defaults.py checks the commands)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
 
 
 def default_text(action: argparse.Action) -> str | None:

@@ -7,20 +7,62 @@ A :class:`runtime.errors.MedusaError` prints its message and exits 1 with no tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from runtime.clihelp import HelpFormatter
+from runtime.clihelp import HelpFormatter, field_default
 from runtime.errors import require_extra, run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 
-def _distill(a) -> None:
-    from training.distill import DistillConfig, distill
+# What each subcommand's arguments ask for, as its config dataclass; every flag's default is
+# that dataclass field's default (build_parser; tests/test_cli_defaults.py checks they agree).
 
-    cfg = DistillConfig(model=a.model, prompts=Path(a.prompts), out=Path(a.out), num_prompts=a.num_prompts,
-                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size,
-                        seed=a.seed, threads=a.threads)
+
+def distill_config(a):
+    from training.distill import DistillConfig
+
+    return DistillConfig(model=a.model, prompts=Path(a.prompts), out=Path(a.out), num_prompts=a.num_prompts,
+                         max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size,
+                         seed=a.seed, threads=a.threads)
+
+
+def medusa1_config(a):
+    from training.medusa1 import Medusa1Config
+
+    return Medusa1Config(model=a.model, data=Path(a.data), out=Path(a.out), cache=Path(a.cache) if a.cache else None,
+                         num_heads=a.num_heads, num_layers=a.num_layers, shared_lm_head=not a.own_lm_head,
+                         lr=a.lr, epochs=a.epochs, batch_tokens=a.batch_tokens, max_steps=a.max_steps,
+                         max_train_tokens=a.max_train_tokens, train_vocab=a.train_vocab, seed=a.seed,
+                         threads=a.threads, soft_targets=a.soft_targets,
+                         draft_vocab=not a.no_draft_vocab)
+
+
+def medusa2_config(a):
+    from training.medusa2 import Medusa2Config
+
+    return Medusa2Config(model=a.model, data=Path(a.data), out=Path(a.out), heads=a.heads, num_heads=a.num_heads,
+                         num_layers=a.num_layers, backbone_loss=a.backbone_loss, head_weight=a.head_weight,
+                         lr_backbone=a.lr_backbone, lr_heads=a.lr_heads, warmup_steps=a.warmup_steps,
+                         steps=a.steps, batch_size=a.batch_size, max_len=a.max_len, seed=a.seed, threads=a.threads)
+
+
+def select_config(a):
+    from training.select_tree import SelectConfig
+
+    return SelectConfig(model=a.model, heads=a.heads, data=Path(a.data) if a.data else None,
+                        cache=Path(a.cache) if a.cache else None,
+                        name=a.name, out_dir=Path(a.out_dir), force=a.force,
+                        profile=Path(a.profile) if a.profile else None,
+                        max_nodes=a.max_nodes, max_rank=a.max_rank, heads_cost=a.heads_cost,
+                        threads=a.threads, accuracy_from=Path(a.accuracy_from) if a.accuracy_from else None)
+
+
+def _distill(a) -> None:
+    from training.distill import distill
+
+    cfg = distill_config(a)
     from runtime.errors import sigterm_as_interrupt
 
     with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: finished batches stay in OUT.partial
@@ -31,41 +73,25 @@ def _distill(a) -> None:
 
 
 def _medusa1(a) -> None:
-    from training.medusa1 import Medusa1Config, train_medusa1
+    from training.medusa1 import train_medusa1
 
-    cfg = Medusa1Config(model=a.model, data=Path(a.data), out=Path(a.out), cache=Path(a.cache) if a.cache else None,
-                        num_heads=a.num_heads, num_layers=a.num_layers, shared_lm_head=not a.own_lm_head,
-                        lr=a.lr, epochs=a.epochs, batch_tokens=a.batch_tokens, max_steps=a.max_steps,
-                        max_train_tokens=a.max_train_tokens, train_vocab=a.train_vocab, seed=a.seed,
-                        threads=a.threads, soft_targets=a.soft_targets,
-                        draft_vocab=not a.no_draft_vocab)
-    train_medusa1(cfg)
+    train_medusa1(medusa1_config(a))
 
 
 def _medusa2(a) -> None:
-    from training.medusa2 import Medusa2Config, train_medusa2
+    from training.medusa2 import train_medusa2
 
-    cfg = Medusa2Config(model=a.model, data=Path(a.data), out=Path(a.out), heads=a.heads, num_heads=a.num_heads,
-                        num_layers=a.num_layers, backbone_loss=a.backbone_loss, head_weight=a.head_weight,
-                        lr_backbone=a.lr_backbone, lr_heads=a.lr_heads, warmup_steps=a.warmup_steps,
-                        steps=a.steps, batch_size=a.batch_size, max_len=a.max_len, seed=a.seed, threads=a.threads)
-    train_medusa2(cfg)
+    train_medusa2(medusa2_config(a))
 
 
 def _select_tree(a) -> None:
-    from training.select_tree import SelectConfig, select_tree
+    from training.select_tree import select_tree
 
-    cfg = SelectConfig(model=a.model, heads=a.heads, data=Path(a.data) if a.data else None,
-                       cache=Path(a.cache) if a.cache else None,
-                       name=a.name, out_dir=Path(a.out_dir), force=a.force,
-                       profile=Path(a.profile) if a.profile else None,
-                       max_nodes=a.max_nodes, max_rank=a.max_rank, heads_cost=a.heads_cost,
-                       threads=a.threads, accuracy_from=Path(a.accuracy_from) if a.accuracy_from else None)
-    select_tree(cfg)
+    select_tree(select_config(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.distill import ALPACA, DistillConfig
+    from training.distill import DistillConfig
     from training.medusa1 import Medusa1Config
     from training.medusa2 import Medusa2Config
     from training.select_tree import SelectConfig
@@ -75,17 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_verbosity_args(p)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, default_model="smollm2-135m"):
-        sp.add_argument("--model", default=default_model, help="smollm2-135m or a local Hugging Face folder")
-        sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-        sp.add_argument("--seed", type=int, default=0)
+    def common(sp, cls):
+        sp.add_argument("--model", default=field_default(cls, "model"), help="smollm2-135m or a local Hugging Face folder")
+        sp.add_argument("--threads", type=int, default=field_default(cls, "threads"),
+                        help="torch CPU threads (default: torch's choice)")
+        seeded = "seed" in {f.name for f in dataclasses.fields(cls)}
+        sp.add_argument("--seed", type=int, default=field_default(cls, "seed") if seeded else 0,
+                        help=None if seeded else "unused by this subcommand")
         add_verbosity_args(sp, sub=True)
 
     d = DistillConfig()
     sp = sub.add_parser("distill", help="the backbone answers Alpaca prompts (self-distillation data)",
                         formatter_class=HelpFormatter)
-    common(sp)
-    sp.add_argument("--prompts", default=str(ALPACA), help="Alpaca-style JSON list (never MT-Bench)")
+    common(sp, DistillConfig)
+    sp.add_argument("--prompts", default=str(d.prompts), help="Alpaca-style JSON list (never MT-Bench)")
     sp.add_argument("--out", default=str(d.out), help="output .jsonl (resumes from OUT.partial)")
     sp.add_argument("--num-prompts", type=int, default=d.num_prompts)
     sp.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -96,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = Medusa1Config()
     sp = sub.add_parser("medusa1", help="train heads on a frozen backbone (cached hidden states)",
                         formatter_class=HelpFormatter)
-    common(sp)
+    common(sp, Medusa1Config)
     sp.add_argument("--data", required=True, help="distilled .jsonl from `medusa-train distill`")
     sp.add_argument("--out", required=True, help="output folder (medusa_heads.safetensors + .json)")
-    sp.add_argument("--cache", default=None, help="hidden-state cache folder (default: <data>.hidden/)")
+    sp.add_argument("--cache", default=m.cache, help="hidden-state cache folder (default: <data>.hidden/)")
     sp.add_argument("--num-heads", type=int, default=m.num_heads)
     sp.add_argument("--num-layers", type=int, default=m.num_layers, help="residual blocks per head")
     sp.add_argument("--own-lm-head", action="store_true", help="each head gets its own vocabulary projection")
@@ -121,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m2 = Medusa2Config()
     sp = sub.add_parser("medusa2", help="train backbone and heads jointly", formatter_class=HelpFormatter)
-    common(sp)
+    common(sp, Medusa2Config)
     sp.add_argument("--data", required=True)
     sp.add_argument("--out", required=True, help="output folder: backbone/ (HF) + heads/ (medusa-trt)")
-    sp.add_argument("--heads", default=None, help="start from these heads (e.g. Medusa-1 heads)")
+    sp.add_argument("--heads", default=m2.heads, help="start from these heads (e.g. Medusa-1 heads; default: fresh heads)")
     sp.add_argument("--num-heads", type=int, default=m2.num_heads)
     sp.add_argument("--num-layers", type=int, default=m2.num_layers)
     sp.add_argument("--backbone-loss", choices=("kl", "ce", "auto"), default=m2.backbone_loss,
@@ -141,22 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = SelectConfig()
     sp = sub.add_parser("select-tree", help="choose the tree for measured head accuracies and step costs",
                         formatter_class=HelpFormatter)
-    common(sp)
+    common(sp, SelectConfig)
     sp.add_argument("--heads", default=s.heads, help="trained heads folder (default: %(default)s)")
     source = sp.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="distilled .jsonl (its calibration split is used)")
     source.add_argument("--accuracy-from", metavar="TREE_JSON",
                         help="reuse the calibration rank accuracies a tree file recorded when it was selected "
                              "(for the same heads): reselect for a new engine's --profile without the distillation data")
-    sp.add_argument("--cache", default=None, help="hidden-state cache folder (default: <data>.hidden/)")
+    sp.add_argument("--cache", default=s.cache, help="hidden-state cache folder (default: <data>.hidden/)")
     sp.add_argument("--name", default=s.name)
     sp.add_argument("--out-dir", default=str(s.out_dir),
                     help="the tree is written to OUT_DIR/NAME.json (the repository's own trees are in tree_configs/)")
     sp.add_argument("--force", action="store_true", help="replace OUT_DIR/NAME.json if it exists")
-    sp.add_argument("--profile", default=None, help="cost profile JSON (medusa-run profile); default: measure with PyTorch")
+    sp.add_argument("--profile", default=s.profile, help="cost profile JSON (medusa-run profile); default: measure with PyTorch")
     sp.add_argument("--max-nodes", type=int, default=s.max_nodes)
     sp.add_argument("--max-rank", type=int, default=s.max_rank)
-    sp.add_argument("--heads-cost", type=float, default=None,
+    sp.add_argument("--heads-cost", type=float, default=s.heads_cost,
                     help="the heads call per step relative to a plain step (default: the profile's heads_relative_cost)")
     sp.set_defaults(func=_select_tree)
     return p
