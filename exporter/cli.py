@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> Path:
             raise
         except (OSError, ValueError) as e:  # a folder transformers cannot read: the user's to fix
             raise MedusaError(f"cannot load the model {args.model}: {e}") from None
-    options.source_model = str(folder) if str(folder) == args.model else f"{args.model} ({folder})"
+    options.source_model_path = str(folder)
     c = model.config
     with progress("loading the Medusa heads" if heads_path else f"creating {args.fresh_heads} fresh heads"):
         if heads_path is not None:

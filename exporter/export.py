@@ -33,7 +33,6 @@ so the accepted range here is 17-20 (default 18).
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as _dt
 import logging
 import os
@@ -47,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from exporter.fused import FUSED_OPSET
+from exporter.fused import FUSED_OPSET, MAX_EXTERNAL_DATA_THRESHOLD_MB
 from runtime.artifact import ArtifactConfig, GraphSpec, config_digest, record_checksums
 from runtime.errors import ArtifactError, CheckpointError, MedusaError, sigterm_as_interrupt
 
@@ -56,9 +55,6 @@ HEADS_FILE = "heads.onnx"
 MIN_OPSET, MAX_OPSET = 17, 20  # TensorRT 10 parser: 17-21; TorchScript exporter: <= 20
 DEFAULT_OPSET = 18
 DEFAULT_EXTERNAL_DATA_THRESHOLD_MB = 1024.0
-# protobuf cannot hold a file past 2 GiB, and the TorchScript exporter stores a transposed
-# copy of a tied lm_head: thresholds above this act as this
-MAX_EXTERNAL_DATA_THRESHOLD_MB = 1536.0
 DEFAULT_TREE = "cpu_8"
 EXPORTER = "torchscript"
 # Example shapes the graphs are traced with. new_tokens > 1 and past_sequence > 0: with one
@@ -93,6 +89,7 @@ class ExportOptions:
     force: bool = False  # replace an existing out_dir
     validate: bool = True  # ONNX Runtime vs PyTorch before the artifact is moved into place
     source_model: str | None = None  # provenance: what the user named (folder or smollm2-135m)
+    source_model_path: str | None = None  # provenance: the local Hugging Face folder it resolved to
     validation_trees: tuple[str, ...] = ("mc_sim_7b_63", "chain_3")
     # also write heads_int8.onnx (ONNX Runtime dynamic quantization) for CPU runs: the heads
     # only propose candidates, so this cannot change the output (exporter/quantize.py)
@@ -482,15 +479,6 @@ def sliding_window(config) -> int | None:
     return min(windows) if windows else None
 
 
-def _cast(module, dtype):
-    """``module`` in ``dtype``: itself when it already is, else a converted copy (the caller's
-    model is never changed)."""
-    p = next(module.parameters(), None)
-    if p is None or p.dtype == dtype:
-        return module
-    return copy.deepcopy(module).to(dtype)
-
-
 def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | None = None, *,
                     tokenizer=None) -> Path:
     """Export ``model`` (a Llama-family *ForCausalLM) and ``heads`` (MedusaHeads) into ``out_dir``.
@@ -503,7 +491,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
     from exporter.validate import validate_artifact
     from runtime.artifact import read_artifact
-    from runtime.torch_backend import spec_from_hf
+    from exporter.torch_backend import spec_from_hf
 
     from exporter.models import SUPPORTED_ARCHITECTURES
 
@@ -551,8 +539,10 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         tokenizer = AutoTokenizer.from_pretrained(str(options.source_model))
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
-    model = _cast(model, dtype)
-    heads = _cast(heads, dtype)
+    from exporter.step import cast_module
+
+    model = cast_module(model, dtype)
+    heads = cast_module(heads, dtype)
 
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -606,6 +596,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 provenance={
                     "source_model": str(options.source_model) if options.source_model else getattr(
                         model.config, "_name_or_path", None),
+                    "source_model_path": options.source_model_path,
                     "heads": {
                         "num_heads": heads.config.num_heads,
                         "num_layers": heads.config.num_layers,

@@ -58,6 +58,9 @@ from runtime.errors import MedusaError
 
 MS_DOMAIN = "com.microsoft"
 FUSED_OPSET = 21
+# protobuf cannot hold a file past 2 GiB, and the TorchScript exporter stores a transposed
+# copy of a tied lm_head: thresholds above this act as this
+MAX_EXTERNAL_DATA_THRESHOLD_MB = 1536.0
 
 
 class FusedGraphError(MedusaError):
@@ -311,8 +314,6 @@ def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) ->
     import onnx
 
     path = Path(path)
-    from exporter.export import MAX_EXTERNAL_DATA_THRESHOLD_MB
-
     weights = sum(t.ByteSize() for t in proto.graph.initializer)
     external = weights > min(external_data_threshold_mb, MAX_EXTERNAL_DATA_THRESHOLD_MB) * 2**20
     data = path.with_name(path.name + ".data")

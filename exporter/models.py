@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from runtime.errors import MedusaError
+from runtime.paths import cache_dir
 
 log = logging.getLogger("medusa_trt.exporter")
 
@@ -25,10 +26,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 _MARKER = "medusa_trt_conversion.json"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEDUSA_TRT_CACHE", Path.home() / ".cache" / "medusa-trt"))
 
 
 def resolve_model(name_or_path: str | Path) -> Path:

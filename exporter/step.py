@@ -23,10 +23,21 @@ The vocabulary projection runs for 1 node, not for every tree node.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from exporter.heads import MedusaHeads
+
+
+def cast_module(module, dtype):
+    """``module`` in ``dtype``: itself when it already is, else a converted copy (the caller's
+    model is never changed)."""
+    p = next(module.parameters(), None)
+    if p is None or p.dtype == dtype:
+        return module
+    return copy.deepcopy(module).to(dtype)
 
 
 def kv_names(num_layers: int) -> tuple[list[str], list[str]]:

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from exporter.trt_plan import PLAN_FILE, BuildPlan, Graph, PlanError
 from runtime.artifact import ArtifactConfig
 from runtime.errors import MedusaError
+from runtime.plan import PLAN_FILE, BuildPlan, Graph, PlanError
 from runtime.trt_backend import require_gpu, require_tensorrt
 
 log = logging.getLogger("medusa_trt.exporter")

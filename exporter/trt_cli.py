@@ -25,19 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.trt_plan import (
-    DECODE,
-    NEW,
-    PAST,
-    PREFILL,
-    VERIFY,
-    BuildPlan,
-    Graph,
-    Limits,
-    PlanError,
-    make_plan,
-    resolve_tree,
-)
+from exporter.trt_plan import Limits, make_plan, resolve_tree
+from runtime.plan import DECODE, NEW, PAST, PREFILL, VERIFY, BuildPlan, Graph, PlanError
 from runtime.errors import run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 

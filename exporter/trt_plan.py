@@ -1,4 +1,7 @@
-"""The TensorRT build plan: optimization profiles for the artifact's two graphs (pure Python).
+"""Making the TensorRT build plan: optimization profiles for the artifact's two graphs (pure Python).
+
+The plan file's format, and which profile takes a call, live in :mod:`runtime.plan` (the
+runtime reads the plan); this module derives a plan from an artifact and the user's limits.
 
 One plan drives every way of building an engine (``trtexec``, Polygraphy, the Python API
 builder in :mod:`exporter.trt_build`) and the runtime (:mod:`runtime.trt_backend`), so the
@@ -40,30 +43,14 @@ If a TensorRT version rejects it at build time, the way out is a graph-contract 
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 from runtime.artifact import ArtifactConfig
-from runtime.errors import MedusaError
+from runtime.plan import (BACKBONE_ENGINE, BATCH, DECODE, DEFAULT_WORKSPACE_MIB, HEADS_ENGINE, NEW, PAST, PAST_INPUT,
+                          PREFILL, SUPPORTED_DTYPES, VERIFY, BuildPlan, Graph, PlanError, Profile, Range)
 
-PLAN_FILE = "trt_plan.json"
-PLAN_FORMAT_VERSION = 1
-BACKBONE_ENGINE = "model.engine"
-HEADS_ENGINE = "heads.engine"
-TIMING_CACHE = "timing.cache"
-SUPPORTED_DTYPES = ("float32", "float16")
 DEFAULT_MAX_TREE_NODES = 64  # the official Medusa trees have 63 candidates + the root
 DEFAULT_MAX_PROMPT = 512
-
-BATCH, NEW, PAST = "batch", "new_tokens", "past_sequence"
-PREFILL, VERIFY, DECODE = "prefill", "verify", "decode"
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-
-
-class PlanError(MedusaError):
-    """The limits asked for do not fit the artifact, or a plan/engine file is inconsistent."""
 
 
 # ---------------------------------------------------------------------------- limits
@@ -80,178 +67,8 @@ class Limits:
     max_tree_nodes: int | None = None  # None: max(tree nodes, min(64, max_context - 1))
     tree: str | None = None  # tree whose size is the verify opt; None: the artifact's default tree
     opt_context: int = 256  # typical cache length (verify/decode opt)
-    workspace_mib: int = 4096  # builder workspace memory pool
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB  # builder workspace memory pool
     tf32: bool = False  # let TensorRT run float32 matmuls in TF32 (off: float32 stays float32)
-
-
-# ---------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class Range:
-    min: int
-    opt: int
-    max: int
-
-    def __iter__(self):
-        yield from (self.min, self.opt, self.max)
-
-    def contains(self, value: int) -> bool:
-        return self.min <= value <= self.max
-
-
-@dataclass
-class Profile:
-    """One optimization profile: a min/opt/max range per named axis."""
-
-    name: str
-    axes: dict[str, Range]
-
-    def contains(self, past: int, new: int, batch: int = 1) -> bool:
-        return self.axes[PAST].contains(past) and self.axes[NEW].contains(new) and self.axes[BATCH].contains(batch)
-
-
-@dataclass
-class Graph:
-    """One ONNX file, its engine, its inputs (as axis names or fixed ints) and its profiles."""
-
-    onnx: str
-    engine: str
-    inputs: dict[str, list]  # name -> dims, each an axis name or an int
-    profiles: list[Profile]
-
-    def shapes(self, profile: Profile) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """``{input: (min_shape, opt_shape, max_shape)}`` for ``profile``, in graph input order."""
-        out = {}
-        for name, dims in self.inputs.items():
-            out[name] = tuple(
-                tuple(getattr(profile.axes[d], which) if isinstance(d, str) else d for d in dims)
-                for which in ("min", "opt", "max")
-            )
-        return out
-
-    def profile_index(self, name: str) -> int:
-        for i, p in enumerate(self.profiles):
-            if p.name == name:
-                return i
-        raise PlanError(f"{self.onnx}: no profile named {name!r} (profiles: {[p.name for p in self.profiles]})")
-
-
-@dataclass
-class BuildPlan:
-    dtype: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    num_medusa_heads: int
-    max_batch: int
-    max_context: int
-    tree: str
-    tree_nodes: int
-    backbone: Graph
-    heads: Graph
-    timing_cache: str = TIMING_CACHE
-    workspace_mib: int = Limits.workspace_mib
-    tf32: bool = Limits.tf32
-    empty_cache: str = "past_sequence min 0 in the prefill profile (the cache is always visible: no dummy entry)"
-    format_version: int = PLAN_FORMAT_VERSION
-
-    # -- derived sizes -------------------------------------------------------------
-
-    @property
-    def max_new_tokens(self) -> int:
-        """The largest new-token count any backbone profile takes (output buffer rows)."""
-        return max(p.axes[NEW].max for p in self.backbone.profiles)
-
-    @property
-    def past_names(self) -> list[str]:
-        return [n for n in self.backbone.inputs if _PAST.match(n)]
-
-    def profile(self, name: str) -> Profile:
-        return self.backbone.profiles[self.backbone.profile_index(name)]
-
-    # -- checks --------------------------------------------------------------------
-
-    def check(self) -> None:
-        """Every invariant the engine and the runtime rely on; PlanError naming the first broken one."""
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise PlanError(f"plan dtype {self.dtype!r} is not one of {SUPPORTED_DTYPES}")
-        for graph in (self.backbone, self.heads):
-            if not graph.profiles:
-                raise PlanError(f"{graph.onnx}: the plan has no optimization profile")
-            for p in graph.profiles:
-                for axis, r in p.axes.items():
-                    if not (0 <= r.min <= r.opt <= r.max):
-                        raise PlanError(f"{graph.onnx} profile {p.name!r}: axis {axis} needs 0 <= min <= opt <= max, got {tuple(r)}")
-                for name, dims in graph.inputs.items():
-                    for d in dims:
-                        if isinstance(d, str) and d not in p.axes:
-                            raise PlanError(f"{graph.onnx} profile {p.name!r}: input {name} uses axis {d!r}, which has no range")
-        for p in self.backbone.profiles:
-            past, new, batch = p.axes[PAST], p.axes[NEW], p.axes[BATCH]
-            if new.min < 1:
-                raise PlanError(f"profile {p.name!r}: new_tokens min must be >= 1, got {new.min}")
-            if past.max + new.max > self.max_context:
-                raise PlanError(
-                    f"profile {p.name!r}: max past_sequence {past.max} + max new_tokens {new.max} = "
-                    f"{past.max + new.max} exceeds max_context {self.max_context}"
-                )
-            if batch.max > self.max_batch:
-                raise PlanError(f"profile {p.name!r}: batch max {batch.max} exceeds max_batch {self.max_batch}")
-        # every call the decode loop makes must fit some profile: the first prefill (past 0),
-        # a tree step, and a one-token step with the cache one short of full
-        if not any(p.axes[PAST].min == 0 for p in self.backbone.profiles):
-            raise PlanError("no backbone profile accepts an empty cache (past_sequence 0): the first prefill cannot run")
-        if not any(p.contains(self.max_context - 1, 1) for p in self.backbone.profiles):
-            raise PlanError(f"no backbone profile takes 1 new token on a cache of {self.max_context - 1}: the context end is unreachable")
-        if not any(p.axes[NEW].max >= self.tree_nodes for p in self.backbone.profiles):
-            raise PlanError(f"no backbone profile takes the tree's {self.tree_nodes} nodes")
-
-    # -- files ---------------------------------------------------------------------
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    def write(self, folder: str | Path) -> Path:
-        path = Path(folder) / PLAN_FILE
-        path.write_text(self.to_json())
-        return path
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "BuildPlan":
-        def graph(g: dict) -> Graph:
-            profiles = [Profile(p["name"], {a: Range(**r) for a, r in p["axes"].items()}) for p in g["profiles"]]
-            return Graph(onnx=g["onnx"], engine=g["engine"], inputs={k: list(v) for k, v in g["inputs"].items()}, profiles=profiles)
-
-        fields = {k: v for k, v in raw.items() if k not in ("backbone", "heads")}
-        plan = cls(backbone=graph(raw["backbone"]), heads=graph(raw["heads"]), **fields)
-        plan.check()
-        return plan
-
-
-def read_plan(folder: str | Path) -> BuildPlan:
-    """The plan an engine in ``folder`` was built with; PlanError naming the file when unusable."""
-    path = Path(folder) / PLAN_FILE
-    if not path.is_file():
-        raise PlanError(
-            f"{folder} has no {PLAN_FILE}: build an engine first (medusa-export build-engine {folder}, "
-            f"or medusa-export trtexec {folder} and run the script it writes)"
-        )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{path} is not valid JSON: {e}") from None
-    if raw.get("format_version") != PLAN_FORMAT_VERSION:
-        raise PlanError(
-            f"{path}: plan format_version {raw.get('format_version')!r}, this version reads {PLAN_FORMAT_VERSION}; "
-            "rebuild the engine with this version of medusa-export"
-        )
-    try:
-        return BuildPlan.from_dict(raw)
-    except (KeyError, TypeError) as e:
-        raise PlanError(f"{path}: malformed plan ({e})") from None
 
 
 # ---------------------------------------------------------------------------- making a plan
@@ -264,7 +81,7 @@ def backbone_input_dims(name: str, cfg: ArtifactConfig) -> list:
         return [BATCH, NEW]
     if name == "tree_mask":
         return [BATCH, NEW, NEW]
-    if _PAST.match(name):
+    if PAST_INPUT.match(name):
         return [BATCH, PAST, m.num_kv_heads, m.head_dim]
     raise PlanError(f"{cfg.backbone.file}: input {name!r} is not part of the graph contract (docs/graph_contract.md)")
 
@@ -406,56 +223,3 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise PlanError(f"{name} must be a positive integer, got {value!r}")
-
-
-# ---------------------------------------------------------------------------- routing
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One engine call of a forward: tokens [start, start + size) on profile ``profile``."""
-
-    start: int
-    size: int
-    profile: int
-
-
-def route(plan: BuildPlan, past: int, n: int) -> list[Chunk]:
-    """Engine calls that run ``n`` new tokens on a cache of ``past`` (``past + n <= max_context``).
-
-    One call when a profile holds (past, n): the one tuned nearest to ``n`` (smallest
-    ``|opt - n|``, then the smallest maximum). Otherwise the tokens are split *remainder
-    first* into chunks of one profile's maximum: the last chunk then ends at
-    ``past + n <= max_context``, so every chunk's cache stays within that profile's
-    ``max_context - max new`` bound.
-    """
-    if n < 1:
-        raise PlanError(f"a forward needs at least 1 new token, got {n}")
-    if past < 0 or past + n > plan.max_context:
-        raise PlanError(f"{past} cached + {n} new tokens exceed the engine's max_context {plan.max_context}")
-    single = _fits(plan, past, n)
-    if single is not None:
-        return [Chunk(0, n, single)]
-    profiles = plan.backbone.profiles
-    for i in sorted(range(len(profiles)), key=lambda i: -profiles[i].axes[NEW].max):  # fewest calls first
-        step = profiles[i].axes[NEW].max
-        first = n % step or step
-        sizes = [first] + [step] * ((n - first) // step)
-        chunks, start = [], 0
-        for size in sizes:
-            p = _fits(plan, past + start, size)
-            if p is None:
-                break
-            chunks.append(Chunk(start, size, p))
-            start += size
-        else:
-            return chunks
-    raise PlanError(f"no split of {n} new tokens on a cache of {past} fits the engine's profiles")
-
-
-def _fits(plan: BuildPlan, past: int, n: int) -> int | None:
-    fitting = [i for i, p in enumerate(plan.backbone.profiles) if p.contains(past, n)]
-    if not fitting:
-        return None
-    axes = [plan.backbone.profiles[i].axes[NEW] for i in fitting]
-    return min(zip(fitting, axes), key=lambda f: (abs(f[1].opt - n), f[1].max, f[0]))[0]

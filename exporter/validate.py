@@ -166,8 +166,7 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose
 
     import torch
 
-    from exporter.export import _cast
-    from exporter.step import BackboneStep, HeadsStep
+    from exporter.step import BackboneStep, HeadsStep, cast_module
     from runtime.artifact import read_artifact
     from runtime.onnxrt import run_fused_contract
     from runtime.tree import load_tree
@@ -176,8 +175,8 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose
     config = read_artifact(folder)
     dtype = config.dtype
     tdtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
-    model = _cast(model, tdtype).eval()
-    heads = _cast(heads, tdtype).eval()
+    model = cast_module(model, tdtype).eval()
+    heads = cast_module(heads, tdtype).eval()
     step = BackboneStep(model).eval()
     heads_step = HeadsStep(heads, model.lm_head).eval()
     fp16 = dtype == "float16"

@@ -26,6 +26,7 @@ are checked when ``stream`` is called, before the first chunk is asked for.
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 import weakref
@@ -43,6 +44,8 @@ from runtime import checks
 from runtime.errors import ArtifactError, ConfigError, MedusaError, MedusaWarning, TreeError
 from runtime.tokenizer import StreamDecoder, Tokenizer
 from runtime.tree import Tree, build_tree
+
+log = logging.getLogger("medusa_trt.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,11 +70,29 @@ class TextChunk:
     stats: DecodeStats
 
 
+def choose_backend(folder: Path, config: ArtifactConfig, device: str = "auto") -> tuple[str, str]:
+    """``auto``'s choice and why: TensorRT only where the artifact is portable, has built engines,
+    tensorrt imports and a GPU is visible (and the device is not the CPU); else ONNX Runtime."""
+    from runtime.trt_backend import cuda_device_count
+
+    if config.flavour != "portable":
+        return "onnxruntime", f"the {config.flavour} graph runs on ONNX Runtime"
+    if device == "cpu":
+        return "onnxruntime", "device cpu"
+    if not _has_engines(folder):
+        return "onnxruntime", "no TensorRT engine built in the artifact"
+    if not _has_tensorrt():
+        return "onnxruntime", "engines built, but tensorrt is not installed"
+    if cuda_device_count() < 1:
+        return "onnxruntime", "engines built, but no CUDA GPU is visible"
+    return "tensorrt", "engines built, tensorrt installed, GPU visible"
+
+
 def make_backend(folder: Path, config: ArtifactConfig, backend: str, device: str, threads: int | None,
                  max_context: int | None) -> Backend:
     if backend == "auto":
-        fused = config.flavour == "fused"
-        backend = "tensorrt" if not fused and _has_engines(folder) and _has_tensorrt() else "onnxruntime"
+        backend, why = choose_backend(folder, config, device)
+        log.info("backend auto: %s (%s)", backend, why)
     if backend == "onnxruntime":
         if config.flavour == "fused":
             from runtime.onnxrt import FusedOnnxRuntimeBackend
@@ -94,7 +115,7 @@ def make_backend(folder: Path, config: ArtifactConfig, backend: str, device: str
 
 def _has_engines(folder: Path) -> bool:
     """Engines built by ``medusa-export build-engine`` or by the written trtexec.sh."""
-    from exporter.trt_plan import PLAN_FILE, PlanError, read_plan
+    from runtime.plan import PLAN_FILE, PlanError, read_plan
 
     if not (folder / PLAN_FILE).is_file():
         return False
@@ -160,6 +181,7 @@ class MedusaGenerator:
             warnings.warn(f"max_context {max_context} exceeds the artifact's context of {self.spec.max_context} "
                           f"tokens: the cache holds {self.spec.max_context}", MedusaWarning, stacklevel=3)
         self.backend = make_backend(self.folder, self.config, backend, device, threads, max_context)
+        self.backend_name = "tensorrt" if type(self.backend).__name__ == "TensorRTBackend" else "onnxruntime"
         self._lock = threading.Lock()
         self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
         self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)
@@ -342,8 +364,8 @@ def load(artifact_dir: str | Path, backend: str = "auto", device: str = "auto", 
          verify: bool = False) -> MedusaGenerator:
     """Load an artifact folder written by ``medusa-export``.
 
-    backend: ``auto`` (TensorRT when the artifact has an engine and tensorrt is installed,
-    else ONNX Runtime), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
+    backend: ``auto`` (TensorRT where the artifact has engines, tensorrt imports and a GPU is
+    visible, else ONNX Runtime; logged, and kept in ``.backend_name``), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
     prefill_chunk: prompt tokens per prefill call (0: the whole prompt at once); bounds the
     prefill's memory for long prompts. Every load checks the config, that each file it names
     exists, parses and has the size the export recorded, and that the graphs' sizes match the

@@ -4,11 +4,19 @@ A backend holds one sequence's KV cache (batch 1) and offers three calls:
 
 * ``forward(input_ids [n], position_ids [n], tree_mask [n, n]) -> logits [n, V]``
   runs the backbone over ``n`` new tokens on top of the cache. The new tokens' KV entries
-  are *staged*, not yet in the cache.
+  are *staged*, not yet in the cache. :class:`Backend` checks the inputs against the graph
+  contract (shapes, dtypes, room) for every backend; subclasses implement ``_forward``.
 * ``commit(keep)`` appends the staged entries ``keep`` (indices into the last forward's
   tokens, in order) to the cache: the accepted path. Rejected entries are never written.
 * ``head_logits(index) -> [K, V]`` runs the Medusa heads on the hidden state of token
   ``index`` of the last forward.
+
+and declares its limits, which the decode loop plans by (the backend never re-plans a call):
+
+* ``max_new_tokens(past)``: the most tokens one ``forward`` takes on a cache of ``past``
+  (the loop chunks a prompt by it and takes a plain step where a tree does not fit);
+* ``partial_logits``: whether ``forward(..., logits=k)`` computes the last ``k`` rows only;
+* ``exact_branching``: whether a branching tree computes exactly as plain steps do.
 
 The loop never sees torch, ONNX Runtime or TensorRT: ``runtime.generate`` drives any backend.
 """
@@ -20,7 +28,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from runtime.artifact import ModelSpec
-from runtime.errors import ContextLengthError
+from runtime.errors import ContextLengthError, MedusaError
 
 
 class Backend(ABC):
@@ -34,8 +42,31 @@ class Backend(ABC):
     def reset(self) -> None:
         """Empty the cache (a new sequence)."""
 
+    def forward(self, input_ids, position_ids, tree_mask, logits: int | None = None) -> np.ndarray:
+        """Logits of the new tokens (the last ``logits`` rows where :attr:`partial_logits`, else
+        all); the inputs are checked against the graph contract and the backend's limits first."""
+        ids, pos, mask = check_forward(input_ids, position_ids, tree_mask, self.spec.vocab_size)
+        n, past = len(ids), self.cache_len
+        if past + n > self.max_context:
+            raise ContextLengthError(
+                f"{past} cached + {n} new tokens exceed the cache capacity of {self.max_context} tokens"
+            )
+        limit = self.max_new_tokens(past)
+        if n > limit:
+            raise MedusaError(f"{type(self).__name__} takes at most {limit} new tokens on a cache of {past}, got {n} "
+                              "(the decode loop plans calls by max_new_tokens)")
+        return self._forward(ids, pos, mask, logits)
+
     @abstractmethod
-    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray) -> np.ndarray: ...
+    def _forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+                 logits: int | None) -> np.ndarray:
+        """The engine call(s) on checked inputs: int64 ``[n]``, int64 ``[n]``, bool ``[n, n]``."""
+
+    def max_new_tokens(self, past: int | None = None) -> int:
+        """The most new tokens one :meth:`forward` takes on a cache of ``past`` tokens (default:
+        the current cache). Every smaller count fits too."""
+        past = self.cache_len if past is None else past
+        return max(0, self.max_context - past)
 
     @abstractmethod
     def commit(self, keep: np.ndarray) -> None: ...
@@ -67,6 +98,30 @@ class Backend(ABC):
     def restore(self, state) -> None:
         """Put back a cache that :meth:`snapshot` copied (nothing staged after it)."""
         raise NotImplementedError(f"{type(self).__name__} does not snapshot its cache")
+
+
+def check_forward(input_ids, position_ids, tree_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The graph contract's inputs of one forward as int64 ``[n]``, int64 ``[n]``, bool ``[n, n]``
+    (n >= 1, ids in the vocabulary, every token sees itself); MedusaError naming the first
+    that is not."""
+    ids = np.asarray(input_ids)
+    pos = np.asarray(position_ids)
+    mask = np.asarray(tree_mask)
+    n = ids.shape[0] if ids.ndim == 1 else -1
+    if n < 1 or pos.shape != (n,) or mask.shape != (n, n):
+        raise MedusaError(
+            f"forward: input_ids {ids.shape}, position_ids {pos.shape}, tree_mask {mask.shape}; "
+            "expected [n], [n], [n, n] with n >= 1"
+        )
+    if ids.dtype.kind not in "iu" or pos.dtype.kind not in "iu" or mask.dtype.kind not in "bui":
+        raise MedusaError(f"forward: integer input_ids/position_ids and a boolean tree_mask expected, got "
+                          f"{ids.dtype}, {pos.dtype}, {mask.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise MedusaError(f"forward: input_ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    mask = mask.astype(bool, copy=False)
+    if not mask.diagonal().all():
+        raise MedusaError("forward: every new token must see itself (tree_mask's diagonal)")
+    return ids.astype(np.int64, copy=False), pos.astype(np.int64, copy=False), mask
 
 
 class DeviceCacheBackend(Backend):
@@ -164,9 +219,7 @@ class GraphBackend(Backend):
     def _run_heads(self, hidden: np.ndarray) -> np.ndarray:
         """Engine call: hidden [1, H] -> medusa logits [1, K, V]."""
 
-    def forward(self, input_ids, position_ids, tree_mask):
-        n = len(input_ids)
-        self.cache.check_room(n)
+    def _forward(self, input_ids, position_ids, tree_mask, logits=None):
         past = []
         for i in range(self.spec.num_layers):
             past.extend(self.cache.past(i))

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -170,14 +171,9 @@ def _peer_model_path(gen, explicit: str | None) -> str:
         return explicit
     prov = gen.config.provenance
     path = prov.get("source_model_path") or prov.get("source_model") or ""
-    if path.endswith(")") and " (" in path:  # medusa-export records "NAME (resolved folder)"
-        path = path[path.index(" (") + 2 : -1]
-    if path == "smollm2-135m":
-        from exporter.models import resolve_model
-
-        path = str(resolve_model(path))
     if not path or not Path(path).is_dir():
-        raise MedusaError("--peer: the artifact does not record a local source model folder; pass --peer-model DIR")
+        raise MedusaError("--peer: the artifact does not record a local source model folder that exists here "
+                          f"(source_model_path {prov.get('source_model_path')!r}); pass --peer-model DIR")
     return path
 
 
@@ -204,7 +200,7 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
         raise MedusaError(f"--sampling: temperatures must be > 0, got {sampling}")
     variants = make_variants(trees, lookups)
     # exact sampling runs the artifact's sampling tree unless --tree was given (as generate() does)
-    exact_tree = variants[0].tree if named else (getattr(gen, "sampling_tree", None) or variants[0].tree)
+    exact_tree: Any = variants[0].tree if named else (getattr(gen, "sampling_tree", None) or variants[0].tree)
     if peer not in (None, *PEERS):
         raise MedusaError(f"unknown peer {peer!r}: the supported peers are {', '.join(PEERS)}")
     hf = HFPeer(_peer_model_path(gen, peer_model), threads) if peer == "hf" else None
@@ -228,7 +224,7 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
                disable=not progress, file=sys.stderr)
     for i, p in enumerate(prompts):
         ids = gen.encode([{"role": "user", "content": p.text}])
-        row = {"id": p.id, "category": p.category, "prompt_tokens": len(ids)}
+        row: dict[str, Any] = {"id": p.id, "category": p.category, "prompt_tokens": len(ids)}
         ar = _run(gen, ids, max_new_tokens, medusa=False)
         bar.update()
         row["ar"] = {"tokens": len(ar.tokens), "seconds": ar.seconds, "tokens_per_s": ar.tokens_per_s}
@@ -277,8 +273,8 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
         res["sampling"] = _summarize_sampling(per_prompt, sampling, res, variants[0].name)
         for e in res["sampling"].values():
             e["exact_tree"] = exact_tree.name
-    if peer:
-        res["peer_version"] = (hf or og).version
+    if hf is not None or og is not None:
+        res["peer_version"] = (hf or og).version  # type: ignore[union-attr]
     if og is not None:
         _summarize_ortgenai(res, og, per_prompt)
     return res
@@ -334,7 +330,7 @@ def _by_category(per_prompt, names) -> dict:
     out = {}
     for cat, rows in cats.items():
         plain = _tokens_per_s([r["ar"] for r in rows])
-        entry = {"prompts": len(rows), "plain_tokens_per_s": plain}
+        entry: dict[str, Any] = {"prompts": len(rows), "plain_tokens_per_s": plain}
         for n in names:
             vs = [r["trees"][n] for r in rows]
             tps = _tokens_per_s(vs)

@@ -19,7 +19,7 @@ import numbers
 import operator
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -190,7 +190,7 @@ def chat_messages(messages) -> list[dict]:
     return list(messages)
 
 
-def prompt(value, vocab_size: int) -> tuple[str, object]:
+def prompt(value, vocab_size: int) -> tuple[str, Any]:
     """("text", str) | ("chat", messages) | ("ids", token ids), checked."""
     if isinstance(value, str):
         text("prompt", value)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, cast
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class DecodeConfig:
 
 
 def check_prefill_chunk(chunk) -> int:
-    return checks.integer("prefill_chunk", chunk, 0, rule=">= 0 (0: the whole prompt in one call)")
+    return cast(int, checks.integer("prefill_chunk", chunk, 0, rule=">= 0 (0: the whole prompt in one call)"))
 
 
 @dataclass
@@ -326,13 +326,15 @@ def decode_steps(
     """Yield the tokens of each step as they are accepted; the last event's stats are final."""
     prompt = np.asarray(prompt_ids, dtype=np.int64)
     check_fits(backend, prompt)
-    if cfg.medusa and tree is None:
+    if not cfg.medusa:
+        tree = None
+    elif tree is None:
         raise MedusaError("Medusa decoding needs a tree (or pass medusa=False)")
-    if cfg.medusa and tree.depth > backend.spec.num_medusa_heads:
+    elif tree.depth > backend.spec.num_medusa_heads:
         raise MedusaError(
             f"tree {tree.name!r} has depth {tree.depth} but the model has {backend.spec.num_medusa_heads} Medusa heads"
         )
-    if cfg.medusa and not tree.is_chain and _exact(cfg) and not backend.exact_branching:
+    elif not tree.is_chain and _exact(cfg) and not backend.exact_branching:
         raise MedusaError(
             f"tree {tree.name!r} branches, and this engine computes with int8 activations (an int8/int4 artifact), "
             "where greedy Medusa and exact sampling follow plain decoding exactly with chain trees only: use "
@@ -349,6 +351,7 @@ def decode_steps(
     # prefill: the prompt under a causal mask, in chunks (each sees the cache of the earlier
     # ones); the last chunk's last logits give the first root
     logits, m = prefill(backend, prompt, cfg.prefill_chunk)
+    assert logits is not None
     root = select_root(logits[-1], cfg, rng)
     heads = backend.head_logits(m - 1) if cfg.medusa else None
     clock.lap("prefill")
@@ -369,7 +372,7 @@ def decode_steps(
         if room < 1:
             stats.finish_reason = "context"
             return
-        if cfg.medusa and room >= tree.num_nodes:
+        if tree is not None and backend.max_new_tokens() >= tree.num_nodes:  # Medusa, and the tree fits one call
             emitted, root, heads = _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup, stats)
         else:
             emitted, root = _plain_step(backend, root, cfg, rng, clock)
@@ -381,19 +384,23 @@ def decode_steps(
 
 def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True) -> tuple[np.ndarray | None, int]:
     """Run ``tokens`` through the backend under a causal mask, in calls of at most ``chunk``
-    tokens (0: one call), each over the cache of the earlier ones, and commit them all.
+    tokens (0: no limit) and at most what the backend takes at that cache length
+    (``max_new_tokens``), each over the cache of the earlier ones, and commit them all.
     Returns (the last call's logits, its token count): the last row when the backend computes
     only the rows asked for (``partial_logits``), none when ``want_logits`` is False."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
-    chunk = chunk or n
-    partial = getattr(backend, "partial_logits", False)  # the lm_head on the rows we read only
-    logits, m = None, 0
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        kw = {"logits": 1 if (want_logits and s + m == n) else 0} if partial else {}
-        logits = backend.forward(tokens[s:s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)), **kw)
+    logits, m, s = None, 0, 0
+    while s < n:
+        start = backend.cache_len
+        m = min(chunk or n, n - s, backend.max_new_tokens(start))
+        if m < 1:
+            raise ContextLengthError(f"the backend takes no new token on a cache of {start} (prompt token {s} of {n})")
+        last = s + m == n
+        logits = backend.forward(tokens[s:s + m], np.arange(start, start + m), np.tril(np.ones((m, m), dtype=bool)),
+                                 logits=1 if (want_logits and last) else 0)
         backend.commit(np.arange(m))
+        s += m
     return logits, m
 
 
@@ -413,7 +420,7 @@ def _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup=None, stats
             # (see Backend.exact_branching)
             branching = backend.exact_branching or not _exact(cfg)
             grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=branching)
-            if added and backend.max_context - backend.cache_len >= grafted.num_nodes:
+            if added and backend.max_new_tokens() >= grafted.num_nodes:
                 tree, tokens = grafted, grafted_tokens
                 stats.lookup_steps += 1
     clock.lap("candidates")

@@ -185,7 +185,8 @@ class OnnxRuntimeBackend(GraphBackend):
         self._outputs = _Outputs()
         spec = config.model
         kv = (1, 0, spec.num_kv_heads, spec.head_dim)
-        self._out_shapes = {"logits": (1, 0, spec.vocab_size), "hidden_states": (1, 0, spec.hidden_size)}
+        self._out_shapes: dict[str, tuple[int, ...]] = {"logits": (1, 0, spec.vocab_size),
+                                                         "hidden_states": (1, 0, spec.hidden_size)}
         self._out_shapes.update({name: kv for name in self._present_names})
         self._out_dtypes = {name: dtype for name in self._out_shapes}
 
@@ -324,12 +325,8 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
 
     partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only
 
-    def forward(self, input_ids, position_ids, tree_mask, logits: int | None = None):
+    def _forward(self, input_ids, position_ids, tree_mask, logits=None):
         n = len(input_ids)
-        if self.length + n > self.capacity:
-            raise ContextLengthError(
-                f"{self.length} cached + {n} new tokens exceed the cache capacity of {self.capacity} tokens"
-            )
         if self.length == 0 and not np.array_equal(position_ids, np.arange(n)):
             # GroupQueryAttention's first-prompt path rotates by 0..n-1 whatever position_ids say
             raise MedusaError("the fused graph's first call on an empty cache must be a prefill at positions 0..n-1")

@@ -89,7 +89,7 @@ def build_peer_model(hf_folder: str | Path, precision: str) -> Path:
     and is shown only when the build fails (its whole log then stays beside the folder, in
     ``<folder>.failed.log``).
     """
-    from exporter.models import cache_dir  # the project's one cache root; no torch at import
+    from runtime.paths import cache_dir
 
     og = import_genai()
     hf_folder = Path(hf_folder)

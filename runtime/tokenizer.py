@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from runtime.errors import ArtifactError, MedusaError
 
@@ -36,7 +36,7 @@ class Tokenizer:
             raise ArtifactError(f"{template_path} is not UTF-8 text ({e})") from None
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise ArtifactError(f"{cfg_path}: chat_template must be a string, got {type(self.chat_template).__name__}")
-        self._template = None
+        self._template: Any = None  # a compiled jinja2 Template
         self._template_file = template_path if template_path.is_file() else cfg_path
         if self.chat_template:
             self._compile_template()  # a broken template is the artifact's fault: say so at load

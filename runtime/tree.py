@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -225,7 +225,7 @@ def load_tree(spec: str | Path | Sequence[Sequence[int]] | Tree, num_heads: int 
     return build_tree(paths, name=name, num_heads=num_heads)
 
 
-def _read_tree_file(path: Path) -> tuple[str, object]:
+def _read_tree_file(path: Path) -> tuple[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:

@@ -8,14 +8,15 @@ the staging rows of the last forward. Three layers, of which only the last needs
    (every device buffer and its size), :class:`EngineDescription` and
    :func:`check_engine` (an engine's I/O and profiles against ``trt_plan.json``),
    :func:`compaction_runs` (which cache rows receive which staged rows for an accepted
-   path, one copy per contiguous run), :func:`schedule_forward` (which engine calls run
-   one forward) and :func:`tree_parents`.
+   path, one copy per contiguous run).
 2. **Orchestration** (:class:`StagedEngineBackend`): forward/commit/head_logits over a few
-   device primitives (run one engine call, copy rows). The tests drive it with a numpy
-   engine; :class:`TensorRTBackend` drives it with TensorRT and torch CUDA tensors.
-3. **Glue** (:class:`TensorRTBackend`): lazy ``import tensorrt``, one execution context
-   per optimization profile (prefill / verify / decode) sharing one scratch buffer, fixed
-   tensor addresses, ``set_input_shape`` + ``execute_async_v3`` on one CUDA stream.
+   device primitives (run one engine call, copy rows), and the limits it declares to the
+   decode loop (``max_new_tokens`` from the plan's profiles). The tests drive it with a
+   numpy engine; :class:`TensorRTBackend` drives it with TensorRT and cuda-python.
+3. **Glue** (:class:`TensorRTBackend`): lazy ``import tensorrt`` and CUDA runtime binding,
+   one execution context per optimization profile (prefill / verify / decode) sharing one
+   scratch buffer, fixed tensor addresses, ``set_input_shape`` + ``execute_async_v3`` on
+   one CUDA stream.
 
 Cache layout (per K and per V): ``[layers, rows, kv_heads, head_dim]`` at batch 1, so
 layer ``i``'s past is the contiguous prefix of ``cache[i]`` (its address never changes;
@@ -34,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.trt_plan import DECODE, BuildPlan, Graph, PlanError, read_plan, route
+from runtime.plan import BuildPlan, Graph, PlanError, profile_for, read_plan
+from runtime.plan import max_new_tokens as plan_max_new_tokens
 from runtime.artifact import ArtifactConfig, ModelSpec
 from runtime.backend import DeviceCacheBackend
-from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
+from runtime.errors import ArtifactError, BackendUnavailableError, MedusaError
 
 ALIGN = 256  # bytes: TensorRT needs every tensor address 256-byte aligned
 MIN_TENSORRT = (10, 0)
@@ -93,15 +95,19 @@ def require_gpu() -> None:
         )
 
 
-def require_cuda_torch():
-    """torch with CUDA: the backend's device buffers are torch CUDA tensors."""
+def require_cudart():
+    """NVIDIA's CUDA runtime binding (``cuda-python``): the backend's device memory, copies, stream."""
     try:
-        import torch
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
     except ImportError:
-        raise BackendUnavailableError("the TensorRT backend keeps its buffers in torch CUDA tensors: install torch with CUDA") from None
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError(f"torch {torch.__version__} has no CUDA device: the TensorRT backend needs torch with CUDA")
-    return torch
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise BackendUnavailableError(
+                "the TensorRT backend needs NVIDIA's CUDA runtime binding: pip install cuda-python "
+                "(pip install 'medusa-trt[gpu]' installs it with TensorRT)"
+            ) from None
+    return cudart
 
 
 # ---------------------------------------------------------------------------- engine description
@@ -185,7 +191,8 @@ def describe_engine(engine, trt) -> EngineDescription:
         profiles = []
         if is_input:
             for p in range(engine.num_optimization_profiles):
-                profiles.append(tuple(tuple(d) for d in engine.get_tensor_profile_shape(name, p)))
+                lo, opt, hi = (tuple(d) for d in engine.get_tensor_profile_shape(name, p))
+                profiles.append((lo, opt, hi))
         tensors.append(
             TensorIO(name, "input" if is_input else "output", engine.get_tensor_dtype(name).name, tuple(engine.get_tensor_shape(name)), profiles)
         )
@@ -221,7 +228,7 @@ class BufferPlan:
 
     buffers: dict[str, Buffer]
     capacity: int  # cache positions the runtime uses
-    stage_rows: int  # staged rows: a forward's new tokens, plus one (node-by-node forwards)
+    stage_rows: int  # staged rows: a forward's new tokens
     scratch: int  # TensorRT activation memory shared by the execution contexts
     offsets: dict[str, int] = field(default_factory=dict)  # byte offset of each buffer in the arena
     arena_bytes: int = 0
@@ -241,7 +248,7 @@ def plan_buffers(plan: BuildPlan, capacity: int | None = None, backbone: EngineD
     row_bytes = plan.num_kv_heads * plan.head_dim * np.dtype(act).itemsize
     new = plan.max_new_tokens
     cache_rows = aligned_rows(cap, row_bytes)
-    stage_rows = aligned_rows(new + 1, row_bytes)
+    stage_rows = aligned_rows(new, row_bytes)
     kv = (plan.num_layers, None, plan.num_kv_heads, plan.head_dim)
     b = [
         Buffer("input_ids", (new,), "int64"),
@@ -249,7 +256,6 @@ def plan_buffers(plan: BuildPlan, capacity: int | None = None, backbone: EngineD
         Buffer("tree_mask", (new * new,), "bool"),  # viewed as [1, n, n] per call
         Buffer("logits", (new, plan.vocab_size), act),
         Buffer("hidden_states", (new, plan.hidden_size), act),
-        Buffer("hidden_store", (cap, plan.hidden_size), act),  # hidden rows of multi-call forwards
         Buffer("cache_k", (kv[0], cache_rows, *kv[2:]), act),
         Buffer("cache_v", (kv[0], cache_rows, *kv[2:]), act),
         Buffer("stage_k", (kv[0], stage_rows, *kv[2:]), act),
@@ -268,91 +274,24 @@ def plan_buffers(plan: BuildPlan, capacity: int | None = None, backbone: EngineD
 # ---------------------------------------------------------------------------- KV compaction
 
 
-def compaction_runs(keep, resident: int = 0, stage_base: int = 0) -> list[tuple[int, int, int]]:
+def compaction_runs(keep) -> list[tuple[int, int, int]]:
     """Copies that append the accepted rows ``keep`` to the cache, as ``(stage_row, offset, count)``.
 
-    ``keep`` indexes the last forward's tokens (in order); accepted token ``j`` goes to
-    cache row ``cache_len + j``. Tokens below ``resident`` are already in the cache at
-    ``cache_len + index`` (earlier chunks of a chunked prefill): they must be kept in
-    place. The others come from staging row ``stage_base + index - resident``.
-    Consecutive accepted rows form one run, so a chain (or a prefix of the tree's first
-    branch) costs one copy for all layers.
+    ``keep`` indexes the last forward's tokens (in order), staged at rows ``0 .. n-1``;
+    accepted token ``j`` goes to cache row ``cache_len + j``. Consecutive accepted rows form
+    one run, so a prefill, a chain (or a prefix of the tree's first branch) costs one copy
+    for all layers.
     """
     keep = [int(k) for k in keep]
     if any(b <= a for a, b in zip(keep, keep[1:])) or (keep and keep[0] < 0):
         raise MedusaError(f"commit(keep): indices must be distinct, non-negative and increasing, got {keep[:16]}")
     runs: list[tuple[int, int, int]] = []
-    for j, k in enumerate(keep):
-        if k < resident:
-            if k != j:
-                raise MedusaError(
-                    f"commit(keep): token {k} of a chunked forward is already cached at offset {k}; it cannot move to {j}"
-                )
-            continue
-        src = stage_base + k - resident
+    for j, src in enumerate(keep):
         if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == j:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
             runs.append((src, j, 1))
     return runs
-
-
-# ---------------------------------------------------------------------------- scheduling
-
-
-def tree_parents(mask: np.ndarray) -> np.ndarray:
-    """Parent of each token under ``mask`` (-1 for roots) when every token sees exactly its
-    ancestors and itself (tree or causal masks); MedusaError naming the first row that does not."""
-    mask = np.asarray(mask, dtype=bool)
-    n = len(mask)
-    parents = np.full(n, -1, dtype=np.int64)
-    for j in range(n):
-        seen = np.flatnonzero(mask[j])
-        if not mask[j, j] or seen.max() != j:
-            raise MedusaError(f"tree_mask row {j} must see itself and only earlier tokens, sees {seen.tolist()[:8]}")
-        if len(seen) > 1:
-            p = seen[-2]
-            want = mask[p].copy()
-            want[j] = True
-            if not np.array_equal(mask[j], want):
-                raise MedusaError(f"tree_mask row {j} is not its parent row {p} plus itself: not a tree mask")
-            parents[j] = p
-    return parents
-
-
-@dataclass
-class ForwardSchedule:
-    """How one forward of ``n`` tokens runs: ``single`` / ``chunked`` (list of chunks) or
-    ``nodes`` (each token alone on the decode profile, its ancestors copied in front of it)."""
-
-    kind: str
-    chunks: list = field(default_factory=list)
-    parents: np.ndarray | None = None
-
-
-def schedule_forward(plan: BuildPlan, past: int, mask: np.ndarray) -> ForwardSchedule:
-    """Engine calls for ``len(mask)`` new tokens on a cache of ``past``.
-
-    One call when a profile takes (past, n). Else chunks (a long prompt): exact when every
-    chunk's tokens see all earlier tokens of the forward, since earlier chunks are then
-    ordinary cache. Else, for a tree near the end of the context (where the verify
-    profile's ``past <= max_context - max_tree_nodes`` does not reach), each token runs
-    alone on the decode profile with its ancestors' entries copied in front of it: exact,
-    and only ever needed for the last ``max_tree_nodes`` positions of the context.
-    """
-    n = len(mask)
-    chunks = route(plan, past, n)
-    if len(chunks) == 1:
-        return ForwardSchedule("single", chunks)
-    if all(np.asarray(mask)[c.start : c.start + c.size, : c.start].all() for c in chunks):
-        return ForwardSchedule("chunked", chunks)
-    if n > plan.max_new_tokens:
-        raise MedusaError(
-            f"a forward of {n} tokens whose mask is not causal exceeds the engine's largest profile "
-            f"({plan.max_new_tokens} new tokens): rebuild the engine with a larger --max-tree-nodes"
-        )
-    parents = tree_parents(mask)
-    return ForwardSchedule("nodes", [], parents)
 
 
 # ---------------------------------------------------------------------------- orchestration
@@ -361,16 +300,18 @@ def schedule_forward(plan: BuildPlan, past: int, mask: np.ndarray) -> ForwardSch
 class StagedEngineBackend(DeviceCacheBackend):
     """forward / commit / head_logits over a device cache and staging rows.
 
+    One ``forward`` is one engine call, on the profile :func:`runtime.plan.profile_for` picks;
+    the backend declares what a call can take (:meth:`max_new_tokens`, from the plan's
+    profiles) and the decode loop chunks prompts and falls back to plain steps by it.
+
     Subclasses provide the device primitives:
 
     * ``_call(profile, past, ids, pos, mask)``: one engine call on ``n`` tokens whose
       cache is ``cache[:, :past]``; writes ``present`` to stage rows ``[0, n)`` and the
       logits / hidden states to the output rows ``[0, n)``;
-    * ``_copy(dst, dst_row, src, src_row, count)``: rows of every layer, K and V, between
-      ``"cache"`` and ``"stage"``;
+    * ``_copy_stage_to_cache(dst_row, src_row, count)``: rows of every layer, K and V;
     * ``_logits(n)``: host array of output logits rows ``[0, n)``;
-    * ``_store_hidden(n, offset)``: output hidden rows ``[0, n)`` -> hidden store;
-    * ``_run_heads(row, stored)``: Medusa heads on one hidden row -> host ``[K, V]``.
+    * ``_run_heads(row)``: Medusa heads on hidden-state row ``row`` of the last call -> host ``[K, V]``.
     """
 
     def __init__(self, spec: ModelSpec, plan: BuildPlan, capacity: int):
@@ -379,11 +320,11 @@ class StagedEngineBackend(DeviceCacheBackend):
         self.capacity = capacity
         self.length = 0
         self._staged = False
-        self._resident = 0  # forward tokens already in the cache (chunked prefill)
-        self._stage_base = 0  # stage row of forward token ``resident``
-        self._hidden_stored = False
         self._n = 0
-        self._decode = plan.backbone.profile_index(DECODE)
+
+    def max_new_tokens(self, past: int | None = None) -> int:
+        past = self.length if past is None else past
+        return max(0, min(self.capacity - past, plan_max_new_tokens(self.plan, past)))
 
     # -- Backend interface -----------------------------------------------------------
 
@@ -392,32 +333,15 @@ class StagedEngineBackend(DeviceCacheBackend):
         self._staged = False
         self._n = 0
 
-    def forward(self, input_ids, position_ids, tree_mask):
-        ids = np.asarray(input_ids, dtype=np.int64)
-        pos = np.asarray(position_ids, dtype=np.int64)
-        mask = np.asarray(tree_mask, dtype=bool)
+    def _forward(self, ids, pos, mask, logits=None):
         n = len(ids)
-        if n < 1 or pos.shape != (n,) or mask.shape != (n, n):
-            raise MedusaError(
-                f"forward: input_ids {ids.shape}, position_ids {pos.shape}, tree_mask {mask.shape}; "
-                "expected [n], [n], [n, n] with n >= 1"
-            )
-        if self.length + n > self.capacity:
-            raise ContextLengthError(
-                f"{self.length} cached + {n} new tokens exceed the cache capacity of {self.capacity} tokens"
-            )
-        sched = schedule_forward(self.plan, self.length, mask)
+        profile = profile_for(self.plan, self.length, n)
+        if profile is None:  # Backend.forward checked n against max_new_tokens: a plan/capacity mismatch
+            raise MedusaError(f"no engine profile takes {n} new tokens on a cache of {self.length}")
+        self._call(profile, self.length, ids, pos, mask)
         self._n = n
-        if sched.kind == "single":
-            self._call(sched.chunks[0].profile, self.length, ids, pos, mask)
-            self._resident, self._stage_base, self._hidden_stored = 0, 0, False
-            logits = self._logits(n)
-        elif sched.kind == "chunked":
-            logits = self._forward_chunked(sched.chunks, ids, pos, mask)
-        else:
-            logits = self._forward_nodes(sched.parents, ids, pos)
         self._staged = True
-        return logits
+        return self._logits(n)
 
     def commit(self, keep) -> None:
         if not self._staged:
@@ -425,8 +349,8 @@ class StagedEngineBackend(DeviceCacheBackend):
         keep = np.asarray(keep, dtype=np.int64)
         if len(keep) and (keep.min() < 0 or keep.max() >= self._n):
             raise MedusaError(f"commit(keep): indices must lie in [0, {self._n}), got {keep.min()}..{keep.max()}")
-        for src, offset, count in compaction_runs(keep, self._resident, self._stage_base):
-            self._copy("cache", self.length + offset, "stage", src, count)
+        for src, offset, count in compaction_runs(keep):
+            self._copy_stage_to_cache(self.length + offset, src, count)
         self.length += len(keep)
         self._staged = False
 
@@ -435,51 +359,7 @@ class StagedEngineBackend(DeviceCacheBackend):
             raise RuntimeError("head_logits() before any forward()")
         if not 0 <= index < self._n:
             raise MedusaError(f"head_logits({index}): the last forward had {self._n} tokens")
-        return self._run_heads(int(index), self._hidden_stored)
-
-    # -- multi-call forwards -----------------------------------------------------------
-
-    def _forward_chunked(self, chunks, ids, pos, mask) -> np.ndarray:
-        logits = np.empty((len(ids), self.spec.vocab_size), dtype=np.float32)
-        for c in chunks:
-            s, e = c.start, c.start + c.size
-            self._call(c.profile, self.length + s, ids[s:e], pos[s:e], mask[s:e, s:e])
-            logits[s:e] = self._logits(c.size)
-            self._store_hidden(c.size, s)
-            if e < len(ids):  # earlier chunks become cache for the later ones
-                self._copy("cache", self.length + s, "stage", 0, c.size)
-        self._resident, self._stage_base, self._hidden_stored = chunks[-1].start, 0, True
-        return logits
-
-    def _forward_nodes(self, parents, ids, pos) -> np.ndarray:
-        """Each token alone, on a cache of ``length + depth`` whose tail holds its ancestors.
-
-        Token ``j``'s entries are kept in stage row ``1 + j`` (row 0 receives each call's
-        present), and copied into the cache tail when a later token needs them.
-        """
-        n = len(ids)
-        logits = np.empty((n, self.spec.vocab_size), dtype=np.float32)
-        tail: list[int] = []  # tokens whose entries sit at cache rows length + 0, 1, ...
-        one = np.ones((1, 1), dtype=bool)
-        for j in range(n):
-            chain = []
-            p = parents[j]
-            while p >= 0:
-                chain.append(int(p))
-                p = parents[p]
-            chain.reverse()
-            common = 0
-            while common < min(len(chain), len(tail)) and chain[common] == tail[common]:
-                common += 1
-            for d in range(common, len(chain)):
-                self._copy("cache", self.length + d, "stage", 1 + chain[d], 1)
-            tail = chain
-            self._call(self._decode, self.length + len(chain), ids[j : j + 1], pos[j : j + 1], one)
-            logits[j] = self._logits(1)[0]
-            self._store_hidden(1, j)
-            self._copy("stage", 1 + j, "stage", 0, 1)
-        self._resident, self._stage_base, self._hidden_stored = 0, 1, True
-        return logits
+        return self._run_heads(int(index))
 
     # -- device primitives -------------------------------------------------------------
 
@@ -487,34 +367,34 @@ class StagedEngineBackend(DeviceCacheBackend):
     def _call(self, profile: int, past: int, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray) -> None: ...
 
     @abstractmethod
-    def _copy(self, dst: str, dst_row: int, src: str, src_row: int, count: int) -> None: ...
+    def _copy_stage_to_cache(self, dst_row: int, src_row: int, count: int) -> None: ...
 
     @abstractmethod
     def _logits(self, n: int) -> np.ndarray: ...
 
     @abstractmethod
-    def _store_hidden(self, n: int, offset: int) -> None: ...
-
-    @abstractmethod
-    def _run_heads(self, row: int, stored: bool) -> np.ndarray: ...
+    def _run_heads(self, row: int) -> np.ndarray: ...
 
 
 # ---------------------------------------------------------------------------- TensorRT glue
 
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "bool": "bool"}
-
-
 class TensorRTBackend(StagedEngineBackend):
-    """Run ``model.engine`` / ``heads.engine`` of an artifact on one GPU (batch 1)."""
+    """Run ``model.engine`` / ``heads.engine`` of an artifact on one GPU (batch 1).
+
+    Device memory, copies and the stream go through NVIDIA's CUDA runtime binding
+    (``cuda-python``, the binding TensorRT's own samples use): one ``cudaMalloc`` arena for
+    every buffer, page-locked host buffers for the logits, 2-D copies for the cache rows of
+    all layers at once. No torch.
+    """
 
     @classmethod
     def from_artifact(cls, folder: str | Path, config: ArtifactConfig | None = None, max_context: int | None = None,
-                      device: str = "cuda"):  # fmt: skip
-        """The backend for an artifact folder with a built engine; ``device``: a torch device (``cuda:1``)."""
+                      device: int | str = 0):  # fmt: skip
+        """The backend for an artifact folder with a built engine; ``device``: a GPU index (or ``cuda:1``)."""
         trt = require_tensorrt()
         require_gpu()
-        torch = require_cuda_torch()
+        cudart = require_cudart()
         folder = Path(folder)
         if config is None:
             from runtime.artifact import read_artifact
@@ -528,11 +408,13 @@ class TensorRTBackend(StagedEngineBackend):
                     f"or run {folder / 'trtexec.sh'}"
                 )
         cap = plan.max_context if max_context is None else min(max_context, plan.max_context)
-        return cls(trt, torch, folder, config.model, plan, cap, device)
+        return cls(trt, cudart, folder, config.model, plan, cap, _device_index(device))
 
-    def __init__(self, trt, torch, folder: Path, spec: ModelSpec, plan: BuildPlan, capacity: int, device: str = "cuda"):
+    def __init__(self, trt, cudart, folder: Path, spec: ModelSpec, plan: BuildPlan, capacity: int, device: int = 0):
         super().__init__(spec, plan, capacity)
-        self.trt, self.torch = trt, torch
+        self.trt, self.cudart = trt, cudart
+        self._owned: list[tuple[str, int]] = []  # (free function, pointer), released by close()
+        _cuda(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")  # TensorRT runs on the current device
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._load(folder / plan.backbone.engine)
@@ -540,28 +422,53 @@ class TensorRTBackend(StagedEngineBackend):
         desc, heads_desc = describe_engine(self.engine, trt), describe_engine(self.heads_engine, trt)
         check_engine(desc, plan, "backbone", folder / plan.backbone.engine)
         check_engine(heads_desc, plan, "heads", folder / plan.heads.engine)
-        self.layout = plan_buffers(plan, capacity, desc, heads_desc)
-        dev = self.device = torch.device(device)
-        if dev.type == "cuda" and dev.index is not None:
-            torch.cuda.set_device(dev)  # TensorRT runs on the current device
+        self.layout = layout = plan_buffers(plan, capacity, desc, heads_desc)
         # one allocation, every buffer at a 256-byte aligned offset from an aligned base
-        self.arena = torch.empty(self.layout.arena_bytes + ALIGN, dtype=torch.uint8, device=dev)
-        base = -self.arena.data_ptr() % ALIGN
-        self.buf = {}
-        for b in self.layout.buffers.values():
-            start = base + self.layout.offsets[b.name]
-            raw = self.arena[start : start + b.nbytes]
-            self.buf[b.name] = raw.view(getattr(torch, _TORCH_DTYPES.get(b.dtype, b.dtype))).view(b.shape)
-        self.scratch = torch.empty(max(self.layout.scratch, 1), dtype=torch.uint8, device=dev)
-        self.stream = torch.cuda.Stream()
+        arena = self._malloc(layout.arena_bytes + ALIGN)
+        base = arena + (-arena % ALIGN)
+        self.addr = {name: base + layout.offsets[name] for name in layout.buffers}
+        self._act = np.dtype(layout.buffers["logits"].dtype)
+        self._row_bytes = plan.num_kv_heads * plan.head_dim * self._act.itemsize  # one cache position, one layer
+        self._scratch = self._malloc(max(layout.scratch, 1))
+        self.stream = _cuda(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._stream = int(self.stream)
         self.contexts = [self._context(self.engine, i) for i in range(desc.num_profiles)]
         self.heads_context = self._context(self.heads_engine, 0)
         self._bind_addresses()
-        pinned = dev.type == "cuda"  # page-locked host buffers: asynchronous device-to-host copies
-        host = torch.empty(self.layout.buffers["logits"].shape, dtype=self.buf["logits"].dtype, pin_memory=pinned)
-        self._host_logits = host
-        self._host_heads = torch.empty(self.layout.buffers["heads_out"].shape, dtype=host.dtype, pin_memory=pinned)
-        self.stream.synchronize()
+        # page-locked host buffers: asynchronous device-to-host copies
+        self._host_logits = self._pinned(layout.buffers["logits"].shape)
+        self._host_heads = self._pinned(layout.buffers["heads_out"].shape)
+        self._sync()
+
+    # -- memory ------------------------------------------------------------------------
+
+    def _malloc(self, nbytes: int) -> int:
+        ptr = int(_cuda(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+        self._owned.append(("cudaFree", ptr))
+        return ptr
+
+    def _pinned(self, shape: tuple[int, ...]) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * self._act.itemsize
+        ptr = int(_cuda(self.cudart, self.cudart.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
+        self._owned.append(("cudaFreeHost", ptr))
+        raw = memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B")
+        return np.frombuffer(raw, dtype=self._act).reshape(shape)
+
+    def close(self) -> None:
+        """Release the device and pinned memory and the stream (also at garbage collection)."""
+        cudart = getattr(self, "cudart", None)
+        while cudart is not None and self._owned:
+            free, ptr = self._owned.pop()
+            getattr(cudart, free)(ptr)
+        if cudart is not None and getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the CUDA context may already be gone
+            pass
 
     def _load(self, path: Path):
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -576,75 +483,101 @@ class TensorRTBackend(StagedEngineBackend):
         # user-managed scratch: the contexts run one at a time on one stream, so they share it
         ctx = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if hasattr(ctx, "set_device_memory"):
-            ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+            ctx.set_device_memory(self._scratch, max(self.layout.scratch, 1))
         else:
-            ctx.device_memory = self.scratch.data_ptr()
-        ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            ctx.device_memory = self._scratch
+        ctx.set_optimization_profile_async(profile, self._stream)
         return ctx
+
+    def _layer(self, name: str, layer: int) -> int:
+        """Address of ``layer``'s rows in a ``[layers, rows, kv_heads, head_dim]`` buffer."""
+        rows = self.layout.buffers[name].shape[1]
+        return self.addr[name] + layer * rows * self._row_bytes
 
     def _bind_addresses(self) -> None:
         """Every tensor address is fixed for the backend's life: only shapes change per call."""
-        b = self.buf
-        fixed = {
-            "input_ids": b["input_ids"], "position_ids": b["position_ids"], "tree_mask": b["tree_mask"],
-            "logits": b["logits"], "hidden_states": b["hidden_states"],
-        }  # fmt: skip
+        fixed = {name: self.addr[name] for name in ("input_ids", "position_ids", "tree_mask", "logits", "hidden_states")}
         for i in range(self.plan.num_layers):
-            fixed[f"past_key_values.{i}.key"] = b["cache_k"][i]
-            fixed[f"past_key_values.{i}.value"] = b["cache_v"][i]
-            fixed[f"present.{i}.key"] = b["stage_k"][i]
-            fixed[f"present.{i}.value"] = b["stage_v"][i]
+            fixed[f"past_key_values.{i}.key"] = self._layer("cache_k", i)
+            fixed[f"past_key_values.{i}.value"] = self._layer("cache_v", i)
+            fixed[f"present.{i}.key"] = self._layer("stage_k", i)
+            fixed[f"present.{i}.value"] = self._layer("stage_v", i)
         for ctx in self.contexts:
-            for name, tensor in fixed.items():
-                if not ctx.set_tensor_address(name, tensor.data_ptr()):
+            for name, ptr in fixed.items():
+                if not ctx.set_tensor_address(name, ptr):
                     raise RuntimeError(f"TensorRT refused the address of {name}")
-        self.heads_context.set_tensor_address("hidden_states", b["heads_in"].data_ptr())
-        self.heads_context.set_tensor_address("medusa_logits", b["heads_out"].data_ptr())
+        self.heads_context.set_tensor_address("hidden_states", self.addr["heads_in"])
+        self.heads_context.set_tensor_address("medusa_logits", self.addr["heads_out"])
 
     # -- device primitives -------------------------------------------------------------
 
+    def _memcpy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
+        c = self.cudart
+        _cuda(c, c.cudaMemcpyAsync(dst, src, nbytes, getattr(c.cudaMemcpyKind, kind), self.stream), "cudaMemcpyAsync")
+
+    def _sync(self) -> None:
+        _cuda(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
     def _call(self, profile, past, ids, pos, mask):
-        t, b, n = self.torch, self.buf, len(ids)
+        n = len(ids)
         ctx = self.contexts[profile]
-        with t.cuda.stream(self.stream):
-            b["input_ids"][:n].copy_(t.from_numpy(ids), non_blocking=False)
-            b["position_ids"][:n].copy_(t.from_numpy(pos), non_blocking=False)
-            b["tree_mask"][: n * n].copy_(t.from_numpy(np.ascontiguousarray(mask).reshape(-1)), non_blocking=False)
+        # pageable sources: cudaMemcpyAsync has read them when it returns
+        mask = np.ascontiguousarray(mask, dtype=bool)
+        for name, arr in (("input_ids", ids), ("position_ids", pos), ("tree_mask", mask)):
+            self._memcpy(self.addr[name], arr.ctypes.data, arr.nbytes, "cudaMemcpyHostToDevice")
         for name in ("input_ids", "position_ids"):
             ctx.set_input_shape(name, (1, n))
         ctx.set_input_shape("tree_mask", (1, n, n))
         kv = (1, past, self.plan.num_kv_heads, self.plan.head_dim)
         for name in self.plan.past_names:
             ctx.set_input_shape(name, kv)
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
+        if not ctx.execute_async_v3(self._stream):
             raise RuntimeError(f"TensorRT execute_async_v3 failed (profile {profile}, past {past}, new {n})")
 
-    def _copy(self, dst, dst_row, src, src_row, count):
-        b = self.buf
-        with self.torch.cuda.stream(self.stream):
-            for kv in ("k", "v"):
-                b[f"{dst}_{kv}"][:, dst_row : dst_row + count].copy_(b[f"{src}_{kv}"][:, src_row : src_row + count])
+    def _copy_stage_to_cache(self, dst_row, src_row, count):
+        # one 2-D copy per K and V: a row of the copy is one layer's ``count`` positions
+        c, rb = self.cudart, self._row_bytes
+        for kv in ("k", "v"):
+            cache, stage = self.layout.buffers[f"cache_{kv}"], self.layout.buffers[f"stage_{kv}"]
+            _cuda(c, c.cudaMemcpy2DAsync(
+                self.addr[f"cache_{kv}"] + dst_row * rb, cache.shape[1] * rb,
+                self.addr[f"stage_{kv}"] + src_row * rb, stage.shape[1] * rb,
+                count * rb, self.plan.num_layers, c.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream,
+            ), "cudaMemcpy2DAsync")  # fmt: skip
 
     def _logits(self, n):
         # valid until the next forward, like the ONNX Runtime backend's output buffers
-        with self.torch.cuda.stream(self.stream):
-            self._host_logits[:n].copy_(self.buf["logits"][:n], non_blocking=True)
-        self.stream.synchronize()
-        return self._host_logits[:n].numpy()
+        host = self._host_logits
+        self._memcpy(host.ctypes.data, self.addr["logits"], n * host.strides[0], "cudaMemcpyDeviceToHost")
+        self._sync()
+        return host[:n]
 
-    def _store_hidden(self, n, offset):
-        with self.torch.cuda.stream(self.stream):
-            self.buf["hidden_store"][offset : offset + n].copy_(self.buf["hidden_states"][:n])
-
-    def _run_heads(self, row, stored):
-        b = self.buf
-        source = b["hidden_store"] if stored else b["hidden_states"]
-        with self.torch.cuda.stream(self.stream):
-            b["heads_in"].copy_(source[row : row + 1])
+    def _run_heads(self, row):
+        width = self.plan.hidden_size * self._act.itemsize
+        self._memcpy(self.addr["heads_in"], self.addr["hidden_states"] + row * width, width, "cudaMemcpyDeviceToDevice")
         self.heads_context.set_input_shape("hidden_states", (1, self.plan.hidden_size))
-        if not self.heads_context.execute_async_v3(self.stream.cuda_stream):
+        if not self.heads_context.execute_async_v3(self._stream):
             raise RuntimeError("TensorRT execute_async_v3 failed on the heads engine")
-        with self.torch.cuda.stream(self.stream):
-            self._host_heads.copy_(b["heads_out"], non_blocking=True)
-        self.stream.synchronize()
-        return self._host_heads[0].numpy()
+        host = self._host_heads
+        self._memcpy(host.ctypes.data, self.addr["heads_out"], host.nbytes, "cudaMemcpyDeviceToHost")
+        self._sync()
+        return host[0]
+
+
+def _device_index(device: int | str) -> int:
+    if isinstance(device, int):
+        return device
+    text = str(device)
+    if text in ("cuda", "auto"):
+        return 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    raise MedusaError(f"device must be a GPU index or 'cuda[:N]' for TensorRT, got {device!r}")
+
+
+def _cuda(cudart, result, what: str):
+    """The value of a cuda-python call (``(error, value...)``), or RuntimeError naming the call."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA {what} failed: {err}")
+    return rest[0] if len(rest) == 1 else None

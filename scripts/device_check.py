@@ -11,8 +11,8 @@ Stage 2 needs ``tensorrt`` too: export the tiny model (exporter.export.export_ar
 build both engines from the plan (exporter.trt_build), compare TensorRT with ONNX Runtime
 on every profile with Polygraphy (the artifact's polygraphy_check.sh), then decode on
 TensorRT: Medusa greedy must equal plain greedy for a short prompt, a prompt longer than
-the prefill chunk (chunked prefill) and a run to the end of the context (tree steps
-past the verify profile run node by node).
+the prefill chunk (chunked prefill) and a run to the end of the context (past the verify
+profile's reach the loop takes plain steps on the decode profile).
 
 Exit status: 0 every check passed; 1 a check failed; 2 a stage could not run here
 (no CUDA, no transformers, no tensorrt), after running what could run.
@@ -91,7 +91,7 @@ def prompts():
 def stage_torch(model, heads) -> list[int]:
     import torch
 
-    from runtime.torch_backend import TorchBackend
+    from exporter.torch_backend import TorchBackend
     from runtime.tree import load_tree
 
     class CudaTorchBackend(TorchBackend):

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from exporter.models import load_backbone
     from runtime.decode import DecodeConfig, decode
     from runtime.errors import MedusaError
-    from runtime.torch_backend import TorchBackend
+    from exporter.torch_backend import TorchBackend
     from runtime.tree import load_tree
     from training.distill import chat_prompt_ids
 

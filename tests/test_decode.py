@@ -28,7 +28,7 @@ from runtime.decode import (
     tree_candidates,
 )
 from runtime.errors import ContextLengthError, MedusaError
-from runtime.torch_backend import TorchBackend
+from exporter.torch_backend import TorchBackend
 from runtime.tree import PAD, build_tree, load_tree
 
 NUM_HEADS = 5
@@ -82,9 +82,9 @@ class ScriptedHeads(Backend):
     def reset(self):
         self.inner.reset()
 
-    def forward(self, input_ids, position_ids, tree_mask):
+    def _forward(self, input_ids, position_ids, tree_mask, logits=None):
         self._positions = np.asarray(position_ids)
-        return self.inner.forward(input_ids, position_ids, tree_mask)
+        return self.inner.forward(input_ids, position_ids, tree_mask, logits=logits)
 
     def commit(self, keep):
         self.inner.commit(keep)
@@ -540,9 +540,9 @@ class RecordingBackend(Backend):
     def reset(self):
         self.inner.reset()
 
-    def forward(self, input_ids, position_ids, tree_mask):
+    def _forward(self, input_ids, position_ids, tree_mask, logits=None):
         self.calls.append((np.asarray(position_ids).copy(), np.asarray(tree_mask).copy(), self.inner.cache_len))
-        return self.inner.forward(input_ids, position_ids, tree_mask)
+        return self.inner.forward(input_ids, position_ids, tree_mask, logits=logits)
 
     def commit(self, keep):
         self.inner.commit(keep)

@@ -229,7 +229,7 @@ def _nodes_path(tree) -> np.ndarray:
 
 @pytest.mark.parametrize("tree_name", ["cpu_4", "cpu_8", "mc_sim_7b_63"])
 def test_commit_moves_tree_rows_to_where_plain_decoding_writes_them(exported, tree_name):
-    from runtime.torch_backend import TorchBackend
+    from exporter.torch_backend import TorchBackend
 
     e = exported("llama")
     tree = load_tree(tree_name)
@@ -615,7 +615,8 @@ def test_fp16_attention_and_cache_stay_fp16_on_the_cpu_provider(fp16, tmp_path):
 
 def test_tensorrt_refuses_fused_artifacts(exported, monkeypatch):
     import runtime.api as api
-    from exporter.trt_plan import PlanError, make_plan
+    from exporter.trt_plan import make_plan
+    from runtime.plan import PlanError
     from runtime.onnxrt import FusedOnnxRuntimeBackend, OnnxRuntimeBackend
 
     e = exported("llama")

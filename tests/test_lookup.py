@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runtime.backend import Backend
 from runtime.decode import DecodeConfig, accept_greedy, decode
 from runtime.lookup import NgramLookup
 from runtime.tree import PAD, build_tree, graft_chain, load_tree
@@ -83,7 +84,7 @@ def test_greedy_acceptance_on_a_grafted_tree():
     assert accept_greedy(toks, logits, g).tolist() == [0, 3, 4]
 
 
-class Repeating:
+class Repeating(Backend):
     """A backend over a deterministic 'model' that copies its context: the next token is the
     token after the previous occurrence of the current token (else a fixed function of it),
     so context lookup drafts right and the heads (always wrong) never do."""
@@ -113,7 +114,7 @@ class Repeating:
                 return prefix[i + 1]
         return (last * 7 + 3) % self.spec.vocab_size
 
-    def forward(self, ids, pos, mask):
+    def _forward(self, ids, pos, mask, logits=None):
         ids = [int(t) for t in ids]
         self._new = ids
         rows = [self.tokens + [ids[j] for j in range(len(ids)) if mask[i, j]] for i in range(len(ids))]

@@ -33,11 +33,9 @@ def test_runtime_imports_no_torch(repo_root):
     assert not any(loaded.values()), f"importing the runtime loaded {[h for h, v in loaded.items() if v]}"
 
 
-def test_torch_is_lazy_in_the_torch_backend_and_the_probe_sees_it(repo_root):
-    """runtime.torch_backend imports torch only when a backend is built (it must import on a
-    machine without torch); exporter.heads imports it at once, which shows the probe can fail."""
+def test_the_probe_sees_torch(repo_root):
+    """exporter.heads imports torch at once: the probe above can fail."""
     pytest.importorskip("torch")
-    assert _imported_after(["runtime.torch_backend"], repo_root)["torch"] is False
     assert _imported_after(["exporter.heads"], repo_root)["torch"] is True
 
 
@@ -96,3 +94,40 @@ def test_commands_name_the_missing_extra(monkeypatch, capsys):
                    "(or, in a checkout, pip install -e '.[export]')",
                    "medusa-train: error: medusa-train needs torch: pip install 'medusa-trt[train]' "
                    "(or, in a checkout, pip install -e '.[train]')"]
+
+
+def test_the_runtime_imports_nothing_from_the_exporter_or_training(repo_root):
+    """Layers: runtime/ is the bottom (the exporter and training import it, never the reverse),
+    including function-local imports."""
+    import ast
+
+    bad = []
+    for path in sorted((repo_root / "runtime").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("exporter", "training", "scripts")]
+    assert bad == []
+
+
+def test_an_artifact_runs_where_torch_and_the_exporter_cannot_import(tiny, repo_root):
+    """runtime.load(...).generate(...) in an interpreter where importing torch, transformers, the
+    exporter or training fails: what `pip install .` (the runtime alone) gives a production host."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'exporter', 'training', 'safetensors', 'onnx'):\n"
+        "            raise ImportError(f'blocked: {name}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import runtime\n"
+        f"gen = runtime.load({str(tiny['artifact'])!r}, threads=1)\n"
+        "out = gen.generate('Hello there', max_new_tokens=8)\n"
+        "plain = gen.generate('Hello there', max_new_tokens=8, medusa=False)\n"
+        "assert out.tokens == plain.tokens and len(out.tokens) == 8, (out.tokens, plain.tokens)\n"
+        "print('ok', gen.backend_name if hasattr(gen, 'backend_name') else '')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok")

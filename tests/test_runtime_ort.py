@@ -59,7 +59,7 @@ def test_chunked_prefill_on_onnxruntime(gen, tiny):
 
 def test_onnxruntime_matches_torch_reference_backend(gen, tiny):
     from runtime.decode import DecodeConfig, decode
-    from runtime.torch_backend import TorchBackend
+    from exporter.torch_backend import TorchBackend
     from runtime.tree import load_tree
 
     ref_backend = TorchBackend(tiny["model"], tiny["heads"])

@@ -64,7 +64,7 @@ class TableModel(Backend):
     def reset(self) -> None:
         self.tokens = []
 
-    def forward(self, input_ids, position_ids, tree_mask):
+    def _forward(self, input_ids, position_ids, tree_mask, logits=None):
         ids = [int(t) for t in input_ids]
         self._new = ids
         self._rows = [tuple(self.tokens) + tuple(ids[j] for j in range(len(ids)) if tree_mask[i, j])

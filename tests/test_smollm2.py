@@ -61,7 +61,7 @@ def test_the_model_is_the_real_one(smollm2):
 def test_greedy_medusa_equals_hf(smollm2, tree, prompt_index):
     from exporter.heads import fresh_heads
     from runtime.decode import DecodeConfig, decode
-    from runtime.torch_backend import TorchBackend
+    from exporter.torch_backend import TorchBackend
     from runtime.tree import load_tree
 
     model, tokenizer, prompts, refs = smollm2

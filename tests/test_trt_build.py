@@ -17,7 +17,8 @@ from trt_fakes import fake_config, write_fake_artifact
 
 from exporter import trt_build
 from exporter.trt_build import EngineBuildError, ProgressPrinter, build_engines, check_network_inputs, network_flags
-from exporter.trt_plan import Limits, PlanError, make_plan
+from exporter.trt_plan import Limits, make_plan
+from runtime.plan import PlanError
 from runtime import trt_backend
 from runtime.artifact import read_artifact
 from runtime.errors import BackendUnavailableError

@@ -28,7 +28,8 @@ from exporter.trt_cli import (
     profile_table,
     trtexec_command,
 )
-from exporter.trt_plan import NEW, PAST, PLAN_FILE, Limits, PlanError, make_plan, read_plan, resolve_tree
+from exporter.trt_plan import Limits, make_plan, resolve_tree
+from runtime.plan import NEW, PAST, PLAN_FILE, PlanError, read_plan
 
 
 def _shapes(graph):

@@ -7,21 +7,9 @@ import json
 import pytest
 from trt_fakes import fake_config, smollm2_config
 
-from exporter.trt_plan import (
-    BATCH,
-    DECODE,
-    NEW,
-    PAST,
-    PLAN_FILE,
-    PREFILL,
-    VERIFY,
-    BuildPlan,
-    Limits,
-    PlanError,
-    make_plan,
-    read_plan,
-    route,
-)
+from exporter.trt_plan import Limits, make_plan
+from runtime.plan import (BATCH, DECODE, NEW, PAST, PLAN_FILE, PREFILL, VERIFY, BuildPlan, PlanError, max_new_tokens,
+                          profile_for, read_plan)
 from runtime.errors import MedusaError
 
 CONFIGS = {
@@ -197,38 +185,44 @@ def test_check_refuses_a_plan_without_an_empty_cache_profile():
         BuildPlan.from_dict(data)
 
 
-# ---------------------------------------------------------------------------- routing
+# ---------------------------------------------------------------------------- which profile
 
 
-def test_route_prefers_the_smallest_profile_that_fits():
+def test_profile_for_prefers_the_profile_tuned_nearest():
     _, plan = _plan("tiny")  # context 64, prompt chunk 16, tree <= 12
-    assert [(c.size, plan.backbone.profiles[c.profile].name) for c in route(plan, 0, 10)] == [(10, PREFILL)]
-    assert [plan.backbone.profiles[c.profile].name for c in route(plan, 20, 1)] == [DECODE]
-    assert [plan.backbone.profiles[c.profile].name for c in route(plan, 20, 9)] == [VERIFY]
-    assert [plan.backbone.profiles[c.profile].name for c in route(plan, 60, 1)] == [DECODE]
+    name = lambda past, n: plan.backbone.profiles[profile_for(plan, past, n)].name  # noqa: E731
+    assert name(0, 10) == PREFILL
+    assert name(20, 1) == DECODE
+    assert name(20, 9) == VERIFY
+    assert name(60, 1) == DECODE
+    assert profile_for(plan, 60, 5) is None  # past the verify profile's reach
+    assert profile_for(plan, 0, 17) is None  # longer than a prompt chunk
 
 
-def test_route_splits_long_prompts_remainder_first():
+def test_max_new_tokens_is_what_some_profile_takes_and_no_more():
+    """The backend declares max_new_tokens(past); the decode loop chunks by it. Every count up
+    to it must fit a profile, the next one none, at every cache length."""
+    for key in ("tiny", "gqa-batch4", "big-tree"):
+        _, plan = _plan(key)
+        for past in range(0, plan.max_context, max(1, plan.max_context // 97)):
+            most = max_new_tokens(plan, past)
+            assert most >= 1, (key, past)  # a plain step always fits: the context end is reachable
+            assert past + most <= plan.max_context
+            for n in {1, most // 2 or 1, most}:
+                i = profile_for(plan, past, n)
+                assert i is not None and plan.backbone.profiles[i].contains(past, n), (key, past, n)
+            assert profile_for(plan, past, most + 1) is None, (key, past)
     _, plan = _plan("tiny")
-    chunks = route(plan, 0, 63)  # a prompt one short of the context
-    assert [c.size for c in chunks] == [15, 16, 16, 16]
-    assert all(plan.backbone.profiles[c.profile].name == PREFILL for c in chunks)
+    assert max_new_tokens(plan, 0) == 16  # prefill chunk
+    assert max_new_tokens(plan, 48) == 16  # the prefill profile reaches a cache of 64 - 16
+    assert max_new_tokens(plan, 49) == 12  # then the verify profile's largest tree, to 64 - 12
+    assert max_new_tokens(plan, 53) == 1  # then the decode profile: plain steps only
+    assert max_new_tokens(plan, 64) == 0
 
 
-def test_every_call_the_decode_loop_can_make_is_routed_inside_the_profiles():
+def test_a_profile_whose_new_tokens_do_not_start_at_one_is_refused():
     _, plan = _plan("tiny")
-    for past in range(plan.max_context):
-        for n in range(1, plan.max_context - past + 1):
-            chunks = route(plan, past, n)
-            assert [c.start for c in chunks] == [sum(c.size for c in chunks[:i]) for i in range(len(chunks))]
-            assert sum(c.size for c in chunks) == n
-            for c in chunks:
-                assert plan.backbone.profiles[c.profile].contains(past + c.start, c.size), (past, n, c)
-
-
-def test_route_refuses_what_does_not_fit():
-    _, plan = _plan("tiny")
-    with pytest.raises(PlanError, match="60 cached \\+ 5 new tokens exceed the engine's max_context 64"):
-        route(plan, 60, 5)
-    with pytest.raises(PlanError, match="at least 1 new token"):
-        route(plan, 0, 0)
+    data = json.loads(plan.to_json())
+    data["backbone"]["profiles"][1]["axes"]["new_tokens"]["min"] = 2
+    with pytest.raises(PlanError, match="new_tokens min must be 1, got 2"):
+        BuildPlan.from_dict(data)

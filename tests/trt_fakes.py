@@ -6,7 +6,8 @@ holds only the new entries. ``ReferenceBackend`` runs it over the runtime's host
 ``KVCache`` (the established GraphBackend semantics); ``ToyStagedBackend`` runs it
 through the TensorRT backend's orchestration with numpy "device" buffers laid out by
 the real buffer planner, and refuses any call outside the engine's profiles as TensorRT
-would.
+would. ``fake_tensorrt_runtime`` and ``fake_cudart`` stand in for ``tensorrt`` and
+cuda-python under the real :class:`runtime.trt_backend.TensorRTBackend`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.trt_plan import BuildPlan
 from runtime.artifact import ArtifactConfig, GraphSpec, ModelSpec
 from runtime.backend import GraphBackend
+from runtime.plan import BuildPlan
 from runtime.trt_backend import StagedEngineBackend, plan_buffers
 
 
@@ -129,14 +130,6 @@ class ToyStagedBackend(StagedEngineBackend):
         self.buf = {name: np.full(b.shape, np.nan) if b.dtype.startswith("float") else np.zeros(b.shape, b.dtype)
                     for name, b in self.layout.buffers.items()}  # fmt: skip
         self.calls: list[tuple[int, int, int]] = []  # (profile, past, n) of every engine call
-        self.kinds: list[str] = []
-
-    def forward(self, input_ids, position_ids, tree_mask):
-        from runtime.trt_backend import schedule_forward
-
-        logits = super().forward(input_ids, position_ids, tree_mask)
-        self.kinds.append(schedule_forward(self.plan, self.length, np.asarray(tree_mask, dtype=bool)).kind)
-        return logits
 
     def _call(self, profile, past, ids, pos, mask):
         n = len(ids)
@@ -151,19 +144,15 @@ class ToyStagedBackend(StagedEngineBackend):
         for l in range(self.plan.num_layers):
             b["stage_k"][l, :n], b["stage_v"][l, :n] = k[l], v[l]
 
-    def _copy(self, dst, dst_row, src, src_row, count):
+    def _copy_stage_to_cache(self, dst_row, src_row, count):
         for kv in ("k", "v"):
-            self.buf[f"{dst}_{kv}"][:, dst_row : dst_row + count] = self.buf[f"{src}_{kv}"][:, src_row : src_row + count].copy()
+            self.buf[f"cache_{kv}"][:, dst_row : dst_row + count] = self.buf[f"stage_{kv}"][:, src_row : src_row + count]
 
     def _logits(self, n):
         return self.buf["logits"][:n].copy()
 
-    def _store_hidden(self, n, offset):
-        self.buf["hidden_store"][offset : offset + n] = self.buf["hidden_states"][:n]
-
-    def _run_heads(self, row, stored):
-        source = self.buf["hidden_store"] if stored else self.buf["hidden_states"]
-        return self.engine.medusa(source[row])
+    def _run_heads(self, row):
+        return self.engine.medusa(self.buf["hidden_states"][row])
 
 
 class OrtEngine:
@@ -193,18 +182,43 @@ class OrtEngine:
 
 # ---------------------------------------------------------------------------- a TensorRT runtime stand-in
 
+_ONNX_TO_TRT = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32", 9: "BOOL", 16: "BF16"}
 
-def fake_tensorrt_runtime(plan: BuildPlan, engine: ToyEngine, log: dict):
+
+def onnx_io(path: Path, plan: BuildPlan, which: str) -> dict:
+    """An engine's I/O as TensorRT's parser would derive it from the ONNX file at ``path``
+    (names, modes, dtypes, static dims; dynamic dims -1), with the profile shapes the builder
+    set from ``plan``. Independent of runtime.trt_backend.expected_description, which the
+    backend's check compares with."""
+    import types
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = plan.backbone if which == "backbone" else plan.heads
+    io = {}
+    for mode, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            t = v.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            profiles = [graph.shapes(p)[v.name] for p in graph.profiles] if mode == "input" else []
+            io[v.name] = types.SimpleNamespace(name=v.name, mode=mode, dtype=_ONNX_TO_TRT[t.elem_type], shape=shape,
+                                               profiles=profiles)
+    return io
+
+
+def fake_tensorrt_runtime(plan: BuildPlan, engine, log: dict, onnx_folder: Path):
     """A ``tensorrt`` module whose engines run ``engine`` through raw tensor addresses.
 
-    It enforces what TensorRT enforces at run time: every input shape inside the context's
-    active profile, every address set, 256-byte aligned, and reads/writes the tensors as
-    contiguous arrays at those addresses (host memory here: torch CPU tensors).
+    Engine I/O comes from the artifact's ONNX files (:func:`onnx_io`). It enforces what
+    TensorRT enforces at run time: every input shape inside the context's active profile,
+    every address set, 256-byte aligned, and reads/writes the tensors as contiguous arrays at
+    those addresses (host memory here: see :func:`fake_cudart`).
     """
     import ctypes
     import types
 
-    from runtime.trt_backend import ALIGN, TRT_DTYPES, expected_description
+    from runtime.trt_backend import ALIGN, TRT_DTYPES
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.8.0.43"
@@ -264,10 +278,10 @@ def fake_tensorrt_runtime(plan: BuildPlan, engine: ToyEngine, log: dict):
     class Engine:
         def __init__(self, which):
             self.which = which
-            desc = expected_description(plan, which)
-            self.io = {t.name: t for t in desc.tensors}
-            self.names = [t.name for t in desc.tensors]
-            self.num_optimization_profiles = desc.num_profiles
+            graph = plan.backbone if which == "backbone" else plan.heads
+            self.io = onnx_io(Path(onnx_folder) / graph.onnx, plan, which)
+            self.names = list(self.io)
+            self.num_optimization_profiles = len(graph.profiles)
             self.device_memory_size_v2 = 4096
 
         num_io_tensors = property(lambda self: len(self.names))
@@ -300,6 +314,78 @@ def fake_tensorrt_runtime(plan: BuildPlan, engine: ToyEngine, log: dict):
 
     trt.Runtime = Runtime
     return trt
+
+
+def fake_cudart(log: dict):
+    """A stand-in for cuda-python's runtime module on host memory: cudaMalloc hands out
+    256-byte aligned host blocks, and every copy is checked to lie inside one block (so a
+    wrong offset or pitch in the backend's address arithmetic fails instead of corrupting)."""
+    import ctypes
+    import enum
+    import types
+
+    class Error(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorInvalidValue = 1
+
+    class Stream:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __int__(self):
+            return self.handle
+
+    m = types.ModuleType("cudart")
+    m.cudaError_t = Error
+    m.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2,
+                                             cudaMemcpyDeviceToDevice=3)
+    blocks: dict[int, tuple[int, object]] = {}  # aligned address -> (size, buffer kept alive)
+    log.setdefault("copies", [])
+
+    def malloc(size):
+        buf = ctypes.create_string_buffer(size + 256)
+        addr = ctypes.addressof(buf)
+        addr += -addr % 256
+        blocks[addr] = (size, buf)
+        return Error.cudaSuccess, addr
+
+    def inside(ptr, n, host_ok):
+        for start, (size, _) in blocks.items():
+            if start <= ptr and ptr + n <= start + size:
+                return True
+        return host_ok  # a numpy array's memory (pageable host): not ours to bound
+
+    def memcpy(dst, src, count, kind, stream):
+        if not (inside(dst, count, kind == 2) and inside(src, count, kind == 1)):
+            return (Error.cudaErrorInvalidValue,)
+        ctypes.memmove(dst, src, count)
+        log["copies"].append(("1d", kind, count))
+        return (Error.cudaSuccess,)
+
+    def memcpy2d(dst, dpitch, src, spitch, width, height, kind, stream):
+        if width > dpitch or width > spitch:
+            return (Error.cudaErrorInvalidValue,)
+        for r in range(height):
+            if not (inside(dst + r * dpitch, width, False) and inside(src + r * spitch, width, False)):
+                return (Error.cudaErrorInvalidValue,)
+            ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+        log["copies"].append(("2d", kind, width * height))
+        return (Error.cudaSuccess,)
+
+    def free(ptr):
+        blocks.pop(int(ptr))
+        return (Error.cudaSuccess,)
+
+    m.cudaMalloc = m.cudaMallocHost = malloc
+    m.cudaFree = m.cudaFreeHost = free
+    m.cudaMemcpyAsync = memcpy
+    m.cudaMemcpy2DAsync = memcpy2d
+    m.cudaSetDevice = lambda device: (Error.cudaSuccess,)
+    m.cudaStreamCreate = lambda: (Error.cudaSuccess, Stream(7))
+    m.cudaStreamSynchronize = lambda stream: (Error.cudaSuccess,)
+    m.cudaStreamDestroy = lambda stream: (Error.cudaSuccess,)
+    m.blocks = blocks
+    return m
 
 
 def write_fake_engines(folder: Path, plan: BuildPlan) -> None:

@@ -157,7 +157,7 @@ def measure_cost_profile(model, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64), past: in
     from other processes spreads over all sizes; the median per size is kept, then made
     non-decreasing (verifying more tokens never costs less; a dip is noise).
     """
-    from runtime.torch_backend import TorchBackend
+    from exporter.torch_backend import TorchBackend
 
     backend = TorchBackend(model, max_context=past + max(sizes) + 1)
     rng = np.random.default_rng(0)

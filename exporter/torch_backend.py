@@ -2,16 +2,18 @@
 
 It runs :class:`exporter.step.BackboneStep` (the module the exporter traces) over the
 same numpy cache as the ONNX Runtime backend, so it is the reference every exported
-engine is compared with. Imports torch; nothing on the ONNX Runtime path imports this.
+engine is compared with. It lives with the model code it runs (the runtime never imports
+torch or the exporter).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from exporter.step import BackboneStep, HeadsStep
 from runtime.artifact import ModelSpec
 from runtime.backend import GraphBackend
-from runtime.errors import BackendUnavailableError
 
 
 def spec_from_hf(model, heads=None) -> ModelSpec:
@@ -44,12 +46,6 @@ class TorchBackend(GraphBackend):
     """Drive ``model`` (a *ForCausalLM) and ``heads`` (MedusaHeads) eagerly on CPU."""
 
     def __init__(self, model, heads=None, max_context: int | None = None, threads: int | None = None):
-        try:
-            import torch
-        except ImportError:
-            raise BackendUnavailableError("the PyTorch reference backend needs torch (pip install torch==2.13.0)") from None
-        from exporter.step import BackboneStep, HeadsStep
-
         if threads:
             torch.set_num_threads(threads)
         self._torch = torch
