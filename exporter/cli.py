@@ -203,10 +203,9 @@ def export_options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> Path:
     import torch
 
-    from exporter.models import DEFAULT_MODEL
     from exporter.export import check_options, check_out_dir, export_artifact, progress
     from exporter.heads import fresh_heads, load_heads
-    from exporter.models import load_backbone, resolve_model
+    from exporter.models import DEFAULT_MODEL, load_backbone, resolve_model
 
     options = export_options(args)
     check_options(options)

@@ -42,9 +42,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from exporter.fused import FUSED_OPSET, MAX_EXTERNAL_DATA_THRESHOLD_MB
 from runtime.artifact import ArtifactConfig, GraphSpec, config_digest, record_checksums
@@ -489,11 +489,10 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
     """
     import torch
 
+    from exporter.models import SUPPORTED_ARCHITECTURES
+    from exporter.torch_backend import spec_from_hf
     from exporter.validate import validate_artifact
     from runtime.artifact import read_artifact
-    from exporter.torch_backend import spec_from_hf
-
-    from exporter.models import SUPPORTED_ARCHITECTURES
 
     options = options or ExportOptions()
     check_options(options)

@@ -207,9 +207,7 @@ def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> He
 
 
 def _read_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     out = {}
     try:

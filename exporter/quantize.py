@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from runtime.artifact import ArtifactConfig, GraphSpec
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from runtime.artifact import ArtifactConfig
 from runtime.errors import MedusaError

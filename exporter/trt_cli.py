@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.trt_plan import Limits, make_plan, resolve_tree
-from runtime.plan import DECODE, NEW, PAST, PREFILL, VERIFY, BuildPlan, Graph, PlanError
 from runtime.errors import run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
+from runtime.plan import DECODE, NEW, PAST, PREFILL, VERIFY, BuildPlan, Graph, PlanError
 
 TRTEXEC_SCRIPT = "trtexec.sh"
 POLYGRAPHY_SCRIPT = "polygraphy_check.sh"

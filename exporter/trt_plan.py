@@ -46,8 +46,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.artifact import ArtifactConfig
-from runtime.plan import (BACKBONE_ENGINE, BATCH, DECODE, DEFAULT_WORKSPACE_MIB, HEADS_ENGINE, NEW, PAST, PAST_INPUT,
-                          PREFILL, SUPPORTED_DTYPES, VERIFY, BuildPlan, Graph, PlanError, Profile, Range)
+from runtime.plan import (
+    BACKBONE_ENGINE,
+    BATCH,
+    DECODE,
+    DEFAULT_WORKSPACE_MIB,
+    HEADS_ENGINE,
+    NEW,
+    PAST,
+    PAST_INPUT,
+    PREFILL,
+    SUPPORTED_DTYPES,
+    VERIFY,
+    BuildPlan,
+    Graph,
+    PlanError,
+    Profile,
+    Range,
+)
 
 DEFAULT_MAX_TREE_NODES = 64  # the official Medusa trees have 63 candidates + the root
 DEFAULT_MAX_PROMPT = 512

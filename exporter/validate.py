@@ -28,9 +28,9 @@ together as one :class:`runtime.errors.ValidationError`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -4,6 +4,7 @@ Importing this package never imports torch, onnxruntime or tensorrt; backends im
 what they need when they are constructed.
 """
 
+from runtime.api import Generation, MedusaGenerator, load  # noqa: F401,E402
 from runtime.errors import (  # noqa: F401
     ArtifactError,
     BackendUnavailableError,
@@ -14,4 +15,3 @@ from runtime.errors import (  # noqa: F401
     MedusaWarning,
     TreeError,
 )
-from runtime.api import Generation, MedusaGenerator, load  # noqa: F401,E402

@@ -30,17 +30,26 @@ import logging
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
+from runtime import checks
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
 from runtime.decode import (
-    DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_LOOKUP, DEFAULT_PREFILL_CHUNK, GREEDY_BELOW, DecodeConfig, DecodeStats,
-    check_fits, check_prefill_chunk, decode_steps, prefill,
+    DEFAULT_DELTA,
+    DEFAULT_EPSILON,
+    DEFAULT_LOOKUP,
+    DEFAULT_PREFILL_CHUNK,
+    GREEDY_BELOW,
+    DecodeConfig,
+    DecodeStats,
+    check_fits,
+    check_prefill_chunk,
+    decode_steps,
+    prefill,
 )
-from runtime import checks
 from runtime.errors import ArtifactError, ConfigError, MedusaError, MedusaWarning, TreeError
 from runtime.tokenizer import StreamDecoder, Tokenizer
 from runtime.tree import Tree, build_tree

@@ -12,6 +12,7 @@ from runtime.decode import ACCEPTANCES, DecodeConfig
 from runtime.errors import run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
+
 def _decode_default(name: str):
     """A flag whose value goes into DecodeConfig takes its default from there."""
     return field_default(DecodeConfig, name)

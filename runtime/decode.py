@@ -12,8 +12,9 @@ emits the accepted candidates below it plus the next root.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, cast
+from typing import cast
 
 import numpy as np
 

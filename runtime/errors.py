@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 
 def run_cli(prog: str, command: Callable[[], "int | None"], interrupted: "str | None" = None) -> int:

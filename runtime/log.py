@@ -19,7 +19,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 ROOT = "medusa_trt"
 EXPORTER = f"{ROOT}.exporter"
@@ -59,7 +59,7 @@ class _Stderr(logging.StreamHandler):
         super().__init__()
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return sys.stderr
 
     @stream.setter

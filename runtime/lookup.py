@@ -11,7 +11,7 @@ proposal is one dict lookup per n, so its cost does not grow with the context.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 DEFAULT_MAX_NGRAM = 3
 

@@ -141,7 +141,7 @@ def _options(ort, threads: int | None, spin: bool):
 class _Outputs:
     """Host buffers for one graph's outputs, grown to the largest step seen (then reused)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.capacity = 0
         self.buffers: dict[str, np.ndarray] = {}
 

@@ -22,17 +22,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from runtime.bench import RunResult, _peer_model_path
 from runtime.errors import MedusaError
-
-log = logging.getLogger("medusa_trt.runtime")
 from runtime.onnxrt import _bind, _options, _ort
 from runtime.profile import round_robin_ms
+
+log = logging.getLogger("medusa_trt.runtime")
 
 NAME = "ortgenai"
 MISSING = f"--peer {NAME} needs onnxruntime-genai: pip install -e .[peers]"

@@ -180,7 +180,7 @@ class BuildPlan:
         return path
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "BuildPlan":
+    def from_dict(cls, raw: dict) -> BuildPlan:
         def graph(g: dict) -> Graph:
             profiles = [Profile(p["name"], {a: Range(**r) for a, r in p["axes"].items()}) for p in g["profiles"]]
             return Graph(onnx=g["onnx"], engine=g["engine"], inputs={k: list(v) for k, v in g["inputs"].items()}, profiles=profiles)

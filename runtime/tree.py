@@ -19,9 +19,10 @@ Two things differ from the official code on purpose:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) 
     head = [int(h) for h in tree.node_head]
     rank = [int(r) for r in tree.node_rank]
     node, added = 0, 0
-    for j, t in enumerate(int(d) for d in drafts):
+    for t in (int(d) for d in drafts):
         child = next((c for c in range(1, len(parent)) if parent[c] == node and toks[c] == t), None)
         if child is not None:
             node = child

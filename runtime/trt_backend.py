@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.plan import BuildPlan, Graph, PlanError, profile_for, read_plan
-from runtime.plan import max_new_tokens as plan_max_new_tokens
 from runtime.artifact import ArtifactConfig, ModelSpec
 from runtime.backend import DeviceCacheBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, MedusaError
+from runtime.plan import BuildPlan, Graph, PlanError, profile_for, read_plan
+from runtime.plan import max_new_tokens as plan_max_new_tokens
 
 ALIGN = 256  # bytes: TensorRT needs every tensor address 256-byte aligned
 MIN_TENSORRT = (10, 0)

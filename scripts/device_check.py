@@ -139,8 +139,8 @@ def stage_tensorrt(model, heads, tok, workdir: Path, torch_tokens: list[int]) ->
     from exporter.trt_cli import POLYGRAPHY_SCRIPT, write_recipes
     from exporter.trt_plan import Limits, make_plan, resolve_tree
     from runtime.artifact import read_artifact
-    from runtime.trt_backend import TensorRTBackend
     from runtime.tree import load_tree
+    from runtime.trt_backend import TensorRTBackend
 
     print(f"INFO TensorRT {trt.__version__}", flush=True)
     folder = workdir / "artifact"

@@ -60,9 +60,9 @@ def main(argv=None) -> int:
 
     from exporter.heads import load_heads
     from exporter.models import load_backbone
+    from exporter.torch_backend import TorchBackend
     from runtime.decode import DecodeConfig, decode
     from runtime.errors import MedusaError
-    from exporter.torch_backend import TorchBackend
     from runtime.tree import load_tree
     from training.distill import chat_prompt_ids
 

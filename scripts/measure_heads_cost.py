@@ -95,8 +95,8 @@ def measure(folder: Path, runs: int = 30, past: int = 128, threads: int | None =
         every = {h_in: rng.standard_normal((n, spec.hidden_size)).astype(dt)}
         out["trees"][name] = {
             "nodes": n,
-            "verify_ms": _median_ms(lambda: backbone.run(None, feed), runs),
-            "heads_every_node_ms": _median_ms(lambda: heads.run(None, every), runs),
+            "verify_ms": _median_ms(lambda feed=feed: backbone.run(None, feed), runs),
+            "heads_every_node_ms": _median_ms(lambda every=every: heads.run(None, every), runs),
         }
     return out
 

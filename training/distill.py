@@ -32,9 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from runtime.errors import MedusaError
 from runtime.log import quiet
@@ -284,9 +284,8 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     from tqdm import tqdm
 
     from exporter.models import load_backbone
-    from training.data import first_cached_position
-
     from runtime import checks
+    from training.data import first_cached_position
 
     for name in ("num_prompts", "max_new_tokens", "batch_size"):
         checks.integer(f"--{name.replace('_', '-')}", getattr(cfg, name), 1)

@@ -30,8 +30,16 @@ import torch.nn.functional as F
 
 from runtime.errors import MedusaError
 from runtime.log import quiet
-from training.data import (IGNORE, MAX_CACHED_HEADS, SPLITS, Example, build_examples, first_cached_position,
-                           head_labels, split_examples)
+from training.data import (
+    IGNORE,
+    MAX_CACHED_HEADS,
+    SPLITS,
+    Example,
+    build_examples,
+    first_cached_position,
+    head_labels,
+    split_examples,
+)
 
 log = logging.getLogger("medusa_trt.training")
 
