@@ -12,12 +12,18 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"  # README: tests find it at ../shared/data
 
 # The tests import the packages from this checkout, installed or not.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Test modules in tests/<package>/ import the shared helpers as top-level modules
+# (``from conftest import ...``, ``from trt_fakes import ...``; tests/README.md). pytest's
+# default import mode puts tests/ on sys.path for this conftest already; this makes it explicit.
+if str(TESTS) not in sys.path:
+    sys.path.append(str(TESTS))
 
 
 @pytest.fixture(scope="session")

@@ -222,7 +222,7 @@ def test_help_in_a_subprocess():
     exe = Path(sys.executable).parent / "medusa-export"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "exporter.cli"]
     r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[1])
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
     for phrase in ("MODEL", "--heads", "--fresh-heads", "--dtype", "--opset", "--external-data-threshold-mb",
                    "--tree", "--max-context", "--force", "--no-validate", "tree_mask", "past_key_values",
@@ -242,7 +242,7 @@ def _polygraphy(*args, cwd):
 def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
     """docs/graph_contract.md: ORT (no graph optimizations) vs ORT (all), and ORT vs PyTorch,
     through scripts/polygraphy_data_loader.py, on CPU."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "artifact"
     assert cli.main([str(model_folder), "--fresh-heads", "4", "-o", str(out), "--no-validate", "--graph", "portable"]) == 0
     capsys.readouterr()

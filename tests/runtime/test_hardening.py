@@ -33,7 +33,7 @@ from runtime.errors import (  # noqa: E402
     ArtifactError, CheckpointError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three prime numbers."]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from runtime.log import add_verbosity_args, cli_logging, level_for, quiet, verbosity
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: conftest.py
 
 
 def test_an_int8_export_leaves_the_root_logger_alone(tmp_path):
