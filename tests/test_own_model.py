@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import hf_greedy, make_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # the repository
 SECTION = "## Your own model"
 MODEL, HEADS = "vicuna-7b-v1.3", "medusa-vicuna-7b-v1.3"  # the folder names the README's commands use
 NUM_HEADS = 5  # what FasterDecoding's Vicuna-7B checkpoint holds; its config.json says 2
@@ -86,10 +85,9 @@ def test_the_readme_recipe_is_there():
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_readme_recipe_on_fasterdecoding_layout(fmt, vicuna_like, tmp_path, capsys):
+    import runtime
     from exporter import cli as export_cli
     from runtime import cli as run_cli
-
-    import runtime
 
     model, model_dir = vicuna_like
     heads_dir = write_fasterdecoding_heads(tmp_path / HEADS, model, fmt)
