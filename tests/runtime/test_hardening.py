@@ -1,10 +1,13 @@
-"""Issue 15's cases, one regression test each: every bad input a one-line MedusaError (or
-correct behaviour), no hang, nothing left behind.
+"""Issue 15's cases for the runtime, one regression test each: every bad input a one-line
+MedusaError (or correct behaviour), no hang, nothing left behind.
 
 The numbered sections follow the issue: 1 half-read streams, 2 NaN / infinity / floats,
-3 silent wrong output, 4 raw exceptions (API, artifacts, checkpoints, command lines),
-5 interrupted exports, 6 distillation resume, 7 trees that cannot fit. ``API_CASES`` and
-``ARTIFACT_CASES`` are the README's "input / what happens" table.
+3 silent wrong output, 4 raw exceptions (API, artifacts, medusa-run's command line),
+7 trees that cannot fit. ``API_CASES`` and ``ARTIFACT_CASES`` are the README's "input / what
+happens" table. The exporter's cases (4 checkpoints and medusa-export's command line,
+5 interrupted exports) are in tests/exporter/test_export_hardening.py, the training's
+(4 medusa-train's command line, 6 distillation resume) in tests/training/test_train_cli.py
+and tests/training/test_distill.py.
 """
 
 from __future__ import annotations
@@ -14,9 +17,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -30,10 +30,9 @@ torch = pytest.importorskip("torch")
 
 import runtime  # noqa: E402
 from runtime.errors import (  # noqa: E402
-    ArtifactError, CheckpointError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError,
+    ArtifactError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three prime numbers."]
 
 
@@ -324,38 +323,6 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tiny, tmp_path):
         runtime.load(art, threads=1)
 
 
-# ---------------------------------------------------------------------------- 4. checkpoints
-
-
-def test_heads_with_nan_weights_fail_at_export_before_any_work(tiny_llama, wordlevel_tokenizer, tmp_path):
-    from exporter.export import ExportOptions, export_artifact
-    from exporter.heads import fresh_heads
-
-    model = tiny_llama(0)
-    heads = fresh_heads(2, 32, 128)
-    with torch.no_grad():
-        heads.state_dict()["1.0.linear.weight"][0, 0] = float("nan")
-    with pytest.raises(CheckpointError, match=r"tensor 1.0.linear.weight holds 1 NaN or infinite value"):
-        export_artifact(model, heads, tmp_path / "out", ExportOptions(validate=False), tokenizer=wordlevel_tokenizer)
-    assert list(tmp_path.iterdir()) == []  # refused before the partial folder
-
-
-def test_heads_checkpoint_missing_bias_or_holding_nan(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from exporter.heads import HEADS_WEIGHTS, fresh_heads, load_heads, save_heads
-
-    folder = save_heads(fresh_heads(2, 32, 128), tmp_path / "h")
-    sd = load_file(folder / HEADS_WEIGHTS)
-    save_file({k: v for k, v in sd.items() if k != "1.0.linear.bias"}, str(folder / HEADS_WEIGHTS))
-    with pytest.raises(CheckpointError, match=r"tensor 1.0.linear.bias is missing"):
-        load_heads(folder, hidden_size=32, vocab_size=128)
-    sd["0.0.linear.bias"][3] = float("inf")
-    save_file(sd, str(folder / HEADS_WEIGHTS))
-    with pytest.raises(CheckpointError, match=r"tensor 0.0.linear.bias holds NaN or infinite values"):
-        load_heads(folder, hidden_size=32, vocab_size=128)
-
-
 # ---------------------------------------------------------------------------- 4. command lines
 
 
@@ -391,140 +358,6 @@ def test_medusa_run_warns_in_one_line(tiny, capsys):
                  "--tree", "mc_sim_7b_63", "--verify"]) == 0
     err = capsys.readouterr().err
     assert "medusa-run: warning: tree 'mc_sim_7b_63' has 64 nodes but at most" in err
-
-
-def test_export_and_train_cli_refuse_non_finite_numbers(tmp_path, capsys):
-    from exporter.cli import main as export_main
-    from training.cli import main as train_main
-
-    rc = export_main(["smollm2-135m", "-o", str(tmp_path / "x"), "--external-data-threshold-mb", "nan"])
-    assert "--external-data-threshold-mb must be a finite number" in _one_line_error(capsys, rc, "medusa-export")
-    rc = train_main(["distill", "--temperature", "nan", "--out", str(tmp_path / "d.jsonl")])
-    assert "--temperature must be a finite number" in _one_line_error(capsys, rc, "medusa-train")
-    rc = train_main(["medusa1", "--data", "x", "--out", str(tmp_path / "h"), "--lr", "inf"])
-    assert "--lr must be a finite number" in _one_line_error(capsys, rc, "medusa-train")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "h").exists()
-
-
-# ---------------------------------------------------------------------------- 5. interrupted exports
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A tiny Llama saved as a Hugging Face folder (what medusa-export reads)."""
-    from conftest import make_tiny_llama, make_wordlevel_tokenizer
-
-    folder = tmp_path_factory.mktemp("hf") / "tiny"
-    make_tiny_llama(0).save_pretrained(folder)
-    make_wordlevel_tokenizer(128).save_pretrained(folder)
-    return folder
-
-
-def test_sigterm_during_export_leaves_nothing(hf_folder, tmp_path):
-    out = tmp_path / "art"
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", str(hf_folder), "--fresh-heads", "2", "-o", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        # SIGTERM once the export is saving its graphs into the partial folder
-        if any((p / "model.onnx").exists() for p in tmp_path.glob(".art.partial-*")):
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the export ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1] == "medusa-export: terminated (SIGTERM); nothing was written"
-    assert "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []  # no .partial-*, no temporaries, no artifact
-
-
-def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlevel_tokenizer, tmp_path):
-    from exporter.export import OWNER_FILE, ExportOptions, export_artifact
-    from exporter.heads import fresh_heads
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = __import__("socket").gethostname()
-    stale = tmp_path / ".art.partial-killed"  # what a SIGKILL'd export leaves
-    (stale / ".tmp").mkdir(parents=True)
-    (stale / "model.onnx").write_bytes(b"\0" * 4096)
-    (stale / OWNER_FILE).write_text(f"{dead.stdout.strip()} {host}\n")
-    live = tmp_path / ".art.partial-running"  # another export, still running: kept
-    live.mkdir()
-    (live / OWNER_FILE).write_text(f"{os.getpid()} {host}\n")
-    other = tmp_path / ".other.partial-x"  # another destination's: not ours to touch
-    other.mkdir()
-    seen_tmp = []
-    import exporter.quantize as quantize
-    from conftest import capture_logs
-
-    original = quantize.quantize_heads
-
-    def spy(folder, config):  # where ONNX Runtime's quantizer puts its temporary folder
-        import tempfile
-
-        seen_tmp.append(Path(tempfile.gettempdir()))
-        return original(folder, config)
-
-    quantize.quantize_heads = spy
-    try:
-        with capture_logs() as logs:
-            export_artifact(tiny_llama(0), fresh_heads(2, 32, 128), tmp_path / "art", ExportOptions(validate=False),
-                            tokenizer=wordlevel_tokenizer)
-    finally:
-        quantize.quantize_heads = original
-    assert any(line.startswith(f"removed {stale}, left by an interrupted export") for line in logs)
-    assert not stale.exists() and live.exists() and other.exists()
-    assert seen_tmp and seen_tmp[0].parent.name.startswith(".art.partial-") and seen_tmp[0].name == ".tmp"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.partial-running", ".other.partial-x", "art"]
-    assert not any(p.name.startswith(".") for p in (tmp_path / "art").iterdir())
-
-
-# ---------------------------------------------------------------------------- 6. distillation resume
-
-
-class _CharTokenizer:
-    pad_token_id = 0
-    eos_token_id = 2
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
-        return [1] + [3 + ord(c) % 125 for c in "".join(m["content"] for m in messages)] + [1]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(48 + t % 40) for t in ids)
-
-
-def _prompts(path: Path, word: str) -> Path:
-    path.write_text(json.dumps([{"instruction": f"{word} {i}", "input": "", "output": "-"} for i in range(6)]))
-    return path
-
-
-def test_resume_with_another_prompts_file_is_refused(tiny_llama, tmp_path):
-    from training.distill import DistillConfig, distill
-
-    model, tok = tiny_llama(0), _CharTokenizer()
-    model.generation_config.eos_token_id = 2
-    a, b = _prompts(tmp_path / "a.json", "question"), _prompts(tmp_path / "b.json", "other")
-    cfg = DistillConfig(model="tiny", prompts=a, out=tmp_path / "d.jsonl", num_prompts=6, max_new_tokens=3,
-                        batch_size=2, save_states=False)
-
-    def stop(b_, recs):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        distill(cfg, on_batch=stop, backbone=(model, tok))
-    cfg.prompts = b
-    with pytest.raises(MedusaError, match=r"prompts_sha256=.*another --prompts file"):
-        distill(cfg, backbone=(model, tok))
-    # records written before the key existed: the prompt itself is compared
-    partial = tmp_path / "d.jsonl.partial"
-    recs = [json.loads(line) for line in partial.read_text().splitlines()]
-    partial.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "prompts_sha256"}) + "\n" for r in recs))
-    with pytest.raises(MedusaError, match="record alpaca-00000 was made from another prompt"):
-        distill(cfg, backbone=(model, tok))
-    cfg.prompts = a  # the same file resumes, and the records carry the key
-    records = distill(cfg, backbone=(model, tok))
-    assert len(records) == 6 and all(r["messages"][0]["content"] == f"question {i}" for i, r in enumerate(records))
 
 
 # ---------------------------------------------------------------------------- 7. trees that cannot fit

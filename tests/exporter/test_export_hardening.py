@@ -1,0 +1,145 @@
+"""Issue 15's cases for the exporter, one regression test each (tests/runtime/test_hardening.py
+holds the runtime's; the numbers are the issue's sections): 4 checkpoints and medusa-export's
+command line, 5 interrupted exports (SIGTERM leaves nothing; the next export removes a killed
+export's partial folder)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from runtime.errors import CheckpointError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------- 4. checkpoints
+
+
+def test_heads_with_nan_weights_fail_at_export_before_any_work(tiny_llama, wordlevel_tokenizer, tmp_path):
+    from exporter.export import ExportOptions, export_artifact
+    from exporter.heads import fresh_heads
+
+    model = tiny_llama(0)
+    heads = fresh_heads(2, 32, 128)
+    with torch.no_grad():
+        heads.state_dict()["1.0.linear.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"tensor 1.0.linear.weight holds 1 NaN or infinite value"):
+        export_artifact(model, heads, tmp_path / "out", ExportOptions(validate=False), tokenizer=wordlevel_tokenizer)
+    assert list(tmp_path.iterdir()) == []  # refused before the partial folder
+
+
+def test_heads_checkpoint_missing_bias_or_holding_nan(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from exporter.heads import HEADS_WEIGHTS, fresh_heads, load_heads, save_heads
+
+    folder = save_heads(fresh_heads(2, 32, 128), tmp_path / "h")
+    sd = load_file(folder / HEADS_WEIGHTS)
+    save_file({k: v for k, v in sd.items() if k != "1.0.linear.bias"}, str(folder / HEADS_WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"tensor 1.0.linear.bias is missing"):
+        load_heads(folder, hidden_size=32, vocab_size=128)
+    sd["0.0.linear.bias"][3] = float("inf")
+    save_file(sd, str(folder / HEADS_WEIGHTS))
+    with pytest.raises(CheckpointError, match=r"tensor 0.0.linear.bias holds NaN or infinite values"):
+        load_heads(folder, hidden_size=32, vocab_size=128)
+
+
+# ---------------------------------------------------------------------------- 4. command lines
+
+
+def _one_line_error(capsys, rc, prog):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+def test_export_cli_refuses_non_finite_numbers(tmp_path, capsys):
+    from exporter.cli import main
+
+    rc = main(["smollm2-135m", "-o", str(tmp_path / "x"), "--external-data-threshold-mb", "nan"])
+    assert "--external-data-threshold-mb must be a finite number" in _one_line_error(capsys, rc, "medusa-export")
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------- 5. interrupted exports
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder (what medusa-export reads)."""
+    from conftest import make_tiny_llama, make_wordlevel_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    make_tiny_llama(0).save_pretrained(folder)
+    make_wordlevel_tokenizer(128).save_pretrained(folder)
+    return folder
+
+
+def test_sigterm_during_export_leaves_nothing(hf_folder, tmp_path):
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", str(hf_folder), "--fresh-heads", "2", "-o", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        # SIGTERM once the export is saving its graphs into the partial folder
+        if any((p / "model.onnx").exists() for p in tmp_path.glob(".art.partial-*")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "medusa-export: terminated (SIGTERM); nothing was written"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no .partial-*, no temporaries, no artifact
+
+
+def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlevel_tokenizer, tmp_path):
+    from exporter.export import OWNER_FILE, ExportOptions, export_artifact
+    from exporter.heads import fresh_heads
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = __import__("socket").gethostname()
+    stale = tmp_path / ".art.partial-killed"  # what a SIGKILL'd export leaves
+    (stale / ".tmp").mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"\0" * 4096)
+    (stale / OWNER_FILE).write_text(f"{dead.stdout.strip()} {host}\n")
+    live = tmp_path / ".art.partial-running"  # another export, still running: kept
+    live.mkdir()
+    (live / OWNER_FILE).write_text(f"{os.getpid()} {host}\n")
+    other = tmp_path / ".other.partial-x"  # another destination's: not ours to touch
+    other.mkdir()
+    seen_tmp = []
+    import exporter.quantize as quantize
+    from conftest import capture_logs
+
+    original = quantize.quantize_heads
+
+    def spy(folder, config):  # where ONNX Runtime's quantizer puts its temporary folder
+        import tempfile
+
+        seen_tmp.append(Path(tempfile.gettempdir()))
+        return original(folder, config)
+
+    quantize.quantize_heads = spy
+    try:
+        with capture_logs() as logs:
+            export_artifact(tiny_llama(0), fresh_heads(2, 32, 128), tmp_path / "art", ExportOptions(validate=False),
+                            tokenizer=wordlevel_tokenizer)
+    finally:
+        quantize.quantize_heads = original
+    assert any(line.startswith(f"removed {stale}, left by an interrupted export") for line in logs)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert seen_tmp and seen_tmp[0].parent.name.startswith(".art.partial-") and seen_tmp[0].name == ".tmp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.partial-running", ".other.partial-x", "art"]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "art").iterdir())
+

@@ -1,0 +1,202 @@
+"""training/distill.py: self-distillation on a tiny random Llama (resume, batching, kept hidden states)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import EOS, CharTokenizer, tiny_llama
+
+from runtime.errors import MedusaError
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"instruction": f"question {i} " + "x" * (i % 4), "input": "ctx" if i % 3 == 0 else "", "output": "-"}
+            for i in range(10)]
+    p = tmp_path / "alpaca.json"
+    p.write_text(json.dumps(rows))
+    return p
+
+def _distill_cfg(tmp_path, prompts_file, **kw):
+    from training.distill import DistillConfig
+
+    return DistillConfig(model="tiny", prompts=prompts_file, out=tmp_path / "out" / "d.jsonl", num_prompts=10,
+                         max_new_tokens=6, batch_size=3, **kw)
+
+
+def test_distill_resume_no_lost_or_duplicated_records(tmp_path, prompts_file):
+    from training.distill import distill, read_records
+
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file)
+    partial = cfg.out.with_name(cfg.out.name + ".partial")
+
+    def interrupt(b, records):
+        raise KeyboardInterrupt  # killed after the first batch is on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, on_batch=interrupt, backbone=(model, tok))
+    assert not cfg.out.exists(), "the final file must not exist before the run completes"
+    first = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert [r["id"] for r in first] == ["alpaca-00000", "alpaca-00001", "alpaca-00002"]
+    with open(partial, "a") as f:  # a torn line from a kill mid-write
+        f.write('{"id": "alpaca-00003", "prom')
+
+    generated = []
+    records = distill(cfg, on_batch=lambda b, recs: generated.extend(r["id"] for r in recs), backbone=(model, tok))
+    assert "alpaca-00000" not in generated and "alpaca-00003" in generated  # skipped vs redone
+    assert len(generated) == 7
+    assert not partial.exists() and not cfg.out.with_name(cfg.out.name + ".tmp").exists()
+    on_disk = read_records(cfg.out)
+    assert [r["id"] for r in on_disk] == [f"alpaca-{i:05d}" for i in range(10)]
+    assert on_disk == records
+
+    # the same as an uninterrupted run (greedy is deterministic)
+    cfg2 = _distill_cfg(tmp_path, prompts_file)
+    cfg2.out = tmp_path / "other.jsonl"
+    fresh = distill(cfg2, backbone=(model, tok))
+    assert [r["response_ids"] for r in fresh] == [r["response_ids"] for r in on_disk]
+    r = on_disk[0]
+    assert r["messages"] == [{"role": "user", "content": "question 0\n\nctx"}]
+    assert r["prompt_ids"] == tok.apply_chat_template(r["messages"])
+    assert 1 <= len(r["response_ids"]) <= 6
+    assert (r["finish"] == "eos") == (r["response_ids"][-1] == EOS)
+
+
+def test_distill_batched_matches_unbatched_greedy(tmp_path, prompts_file):
+    """Left padding must not change the answers."""
+    from training.distill import distill
+
+    model, tok = tiny_llama(), CharTokenizer()
+    a = distill(_distill_cfg(tmp_path, prompts_file), backbone=(model, tok))
+    cfg = _distill_cfg(tmp_path, prompts_file, )
+    cfg.batch_size, cfg.out = 1, tmp_path / "b1.jsonl"
+    b = distill(cfg, backbone=(model, tok))
+    assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
+
+
+def test_generate_batch_matches_hf_generate():
+    """The early-exit batched loop gives HF generate's greedy answers, EOS included."""
+    from training.distill import DistillConfig, generate_batch
+
+    model, tok = tiny_llama(), CharTokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in ("a", "hello there", "xyz q")]
+    got = generate_batch(model, prompts, 0, [EOS], DistillConfig(max_new_tokens=12))
+    for p, (resp, finish) in zip(prompts, got):
+        with torch.inference_mode():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=EOS,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        if EOS in ref:
+            ref = ref[:ref.index(EOS) + 1]
+        assert resp == ref
+        assert finish == ("eos" if resp[-1] == EOS else "length")
+
+
+def test_distill_extends_a_finished_file_without_redoing_it(tmp_path, prompts_file):
+    from training.distill import distill, read_records
+
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file)
+    cfg.num_prompts = 4
+    first = distill(cfg, backbone=(model, tok))
+    cfg.num_prompts = 10
+    generated = []
+    records = distill(cfg, on_batch=lambda b, recs: generated.extend(r["id"] for r in recs), backbone=(model, tok))
+    assert generated == [f"alpaca-{i:05d}" for i in range(4, 10)]
+    assert records[:4] == first and read_records(cfg.out) == records
+    cfg.num_prompts = 3  # fewer than the file holds: nothing is redone, nothing dropped
+    generated.clear()
+    assert distill(cfg, on_batch=lambda b, recs: generated.extend(recs), backbone=(model, tok)) == records
+    assert generated == [] and read_records(cfg.out) == records
+
+
+def test_states_kept_by_distill_replace_the_backbone_pass(tmp_path, prompts_file, monkeypatch):
+    """The hidden states kept during batched, left-padded generation equal a fresh causal
+    forward over prompt + answer, and the cache copies them instead of running the backbone."""
+    import training.medusa1 as m1
+    from training.data import build_examples, split_examples
+    from training.distill import distill, states_dir
+
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file)
+    cfg.max_new_tokens = 9
+    records = distill(cfg, backbone=(model, tok))
+    folder = states_dir(cfg.out)
+    assert sorted(f.name for f in folder.iterdir()) == [f"{r['id']}.npz" for r in records]
+    examples = split_examples(build_examples(records))
+    calls = []
+    real = m1.last_hidden
+    monkeypatch.setattr(m1, "last_hidden", lambda mdl, ids: calls.append(ids.shape) or real(mdl, ids))
+
+    m1.build_cache(model, examples, tmp_path / "ref", dtype=np.float32, batch_size=3)
+    assert calls, "the reference cache runs the backbone"
+    calls.clear()
+    m1.build_cache(model, examples, tmp_path / "kept", batch_size=3, states=folder, model_name="tiny")
+    assert calls == [], "every example had kept states: the backbone must not run"
+    meta = json.loads((tmp_path / "kept" / "cache.json").read_text())
+    assert (meta["from_states"], meta["computed"]) == (sum(len(v) for v in examples.values()), 0)
+    (folder / f"{records[0]['id']}.npz").unlink()  # one missing: only that one is recomputed
+    m1.build_cache(model, examples, tmp_path / "mixed", batch_size=3, states=folder, model_name="tiny")
+    assert [s[0] for s in calls] == [1]
+    calls.clear()
+    m1.build_cache(model, examples, tmp_path / "other", batch_size=3, states=folder, model_name="another-model")
+    assert sum(s[0] for s in calls) == sum(len(v) for v in examples.values()), "another model's states are unused"
+    for split in ("train", "heldout", "calib"):
+        ref = np.asarray(m1.load_split(tmp_path / "ref", split, 2).hidden, dtype=np.float32)
+        for name in ("kept", "mixed"):
+            got = np.asarray(m1.load_split(tmp_path / name, split, 2).hidden, dtype=np.float32)
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, atol=2e-2, rtol=1e-2)
+
+
+def test_distill_refuses_mt_bench_and_mismatched_resume(tmp_path, prompts_file):
+    from training.distill import distill, load_prompts
+
+    mt = tmp_path / "mt_bench_question.json"
+    mt.write_text("[]")
+    with pytest.raises(MedusaError, match="MT-Bench"):
+        load_prompts(mt)
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, on_batch=lambda b, r: (_ for _ in ()).throw(KeyboardInterrupt), backbone=(model, tok))
+    cfg.temperature = 0.7
+    with pytest.raises(MedusaError, match="temperature"):
+        distill(cfg, backbone=(model, tok))
+
+
+def _prompts(path: Path, word: str) -> Path:
+    path.write_text(json.dumps([{"instruction": f"{word} {i}", "input": "", "output": "-"} for i in range(6)]))
+    return path
+
+
+def test_resume_with_another_prompts_file_is_refused(tmp_path):
+    """Issue 15, 6 (distillation resume): a .partial file made from other prompts is not resumed."""
+    from training.distill import DistillConfig, distill
+
+    model, tok = tiny_llama(), CharTokenizer()
+    a, b = _prompts(tmp_path / "a.json", "question"), _prompts(tmp_path / "b.json", "other")
+    cfg = DistillConfig(model="tiny", prompts=a, out=tmp_path / "d.jsonl", num_prompts=6, max_new_tokens=3,
+                        batch_size=2, save_states=False)
+
+    def stop(b_, recs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, on_batch=stop, backbone=(model, tok))
+    cfg.prompts = b
+    with pytest.raises(MedusaError, match=r"prompts_sha256=.*another --prompts file"):
+        distill(cfg, backbone=(model, tok))
+    # records written before the key existed: the prompt itself is compared
+    partial = tmp_path / "d.jsonl.partial"
+    recs = [json.loads(line) for line in partial.read_text().splitlines()]
+    partial.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "prompts_sha256"}) + "\n" for r in recs))
+    with pytest.raises(MedusaError, match="record alpaca-00000 was made from another prompt"):
+        distill(cfg, backbone=(model, tok))
+    cfg.prompts = a  # the same file resumes, and the records carry the key
+    records = distill(cfg, backbone=(model, tok))
+    assert len(records) == 6 and all(r["messages"][0]["content"] == f"question {i}" for i, r in enumerate(records))
