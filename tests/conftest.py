@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo root, the shared data folder, tiny random Llama models.
+"""Shared fixtures: the repo root, the shared data folder, tiny random Llama models and the
+tiny exported artifacts every session shares (``tiny``: fused; ``tiny_portable``: portable).
 
 Other test files may append fixtures here; keep each one small and documented.
 """
@@ -6,6 +7,7 @@ Other test files may append fixtures here; keep each one small and documented.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -135,17 +137,50 @@ def tiny_export():
     return factory
 
 
-@pytest.fixture(scope="module")
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _shared_artifact(art: dict):
+    """Yield a session-wide export and check at the session's end that no test wrote into it:
+    tests that change an artifact work on a copy (``shutil.copytree(art, tmp_path / ...)``)."""
+    before = _digests(art["artifact"])
+    yield art
+    after = _digests(art["artifact"])
+    assert after == before, (f"a test changed the shared artifact {art['artifact']} (files differ: "
+                             f"{sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))}); "
+                             "copy it with shutil.copytree before changing it")
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory, tiny_export):
-    """One tiny export per test module (``tiny_export`` seed 3). A small init makes the tiny
-    model's text repetitive enough for the heads to be right often, so the lossless tests see
-    many multi-token steps."""
-    return tiny_export(tmp_path_factory.mktemp("art") / "tiny", seed=3, initializer_range=0.15)
+    """The fused float32 tiny export (``tiny_export`` seed 3, the default graph), one per test
+    session (per xdist worker), shared and read-only: a test that changes an artifact copies it
+    first. A small init makes the tiny model's text repetitive enough for the heads to be right
+    often, so the lossless tests see many multi-token steps."""
+    yield from _shared_artifact(tiny_export(tmp_path_factory.mktemp("art") / "tiny", seed=3, initializer_range=0.15))
+
+
+@pytest.fixture(scope="session")
+def tiny_portable(tmp_path_factory):
+    """The portable float32 tiny export (what TensorRT takes), one per test session, shared and
+    read-only like ``tiny``: TINY_LLAMA seed 3 with a 96-token context, 4 fresh (identity)
+    heads, tree cpu_8, the 128-word tokenizer; not validated. {artifact, model, heads}."""
+    from exporter.export import ExportOptions, export_artifact
+    from exporter.heads import fresh_heads
+
+    model = make_tiny_llama(3, max_position_embeddings=96)
+    heads = fresh_heads(4, model.config.hidden_size, model.config.vocab_size, lm_head=model.lm_head)
+    folder = tmp_path_factory.mktemp("portable") / "tiny"
+    export_artifact(model, heads, folder, ExportOptions(graph="portable", tree="cpu_8", validate=False),
+                    tokenizer=make_wordlevel_tokenizer(model.config.vocab_size))
+    yield from _shared_artifact({"artifact": folder, "model": model, "heads": heads})
 
 
 @pytest.fixture(scope="module")
 def gen(tiny):
-    """``runtime.load`` of the module's ``tiny`` export (ONNX Runtime, 1 thread)."""
+    """``runtime.load`` of the shared ``tiny`` export (ONNX Runtime, 1 thread), one per module."""
     import runtime
 
     return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)

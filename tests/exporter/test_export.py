@@ -392,7 +392,7 @@ def test_unsupported_model_class_is_a_user_error(tmp_path, wordlevel_tokenizer):
         export_artifact(model, fresh_heads(2, 32, 128), tmp_path / "a", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
 
 
-def test_int8_heads_graph_proposes_like_the_float_heads(tmp_path, tiny_export):
+def test_int8_heads_graph_proposes_like_the_float_heads(tiny):
     """heads_int8.onnx is written for float32 artifacts and picked by ONNX Runtime on the CPU;
     its top-1 proposals agree with the float heads on (almost) every hidden state."""
     import numpy as np
@@ -401,7 +401,7 @@ def test_int8_heads_graph_proposes_like_the_float_heads(tmp_path, tiny_export):
     import runtime
     from runtime.artifact import read_artifact
 
-    art = tiny_export(tmp_path / "a", seed=5)["artifact"]
+    art = tiny["artifact"]  # the session's fused float32 export (conftest)
     cfg = read_artifact(art)
     assert cfg.heads_int8 is not None and (art / cfg.heads_int8.file).is_file()
     assert (art / cfg.heads_int8.file).stat().st_size < 0.5 * (art / cfg.heads.file).stat().st_size

@@ -5,8 +5,8 @@
 * the in-place KV cache: a tree step + ``commit`` of a non-contiguous path leaves the cache a
   plain step-by-step decode (and the PyTorch reference) writes; capacity and empty-cache errors;
 * decoding: greedy Medusa == plain greedy == Hugging Face on every architecture, with small
-  prefill chunks and up to the end of a small context (tests/test_runtime_ort.py covers the
-  Llama ``tiny_export`` with whole / 4-token prefills and mc_sim_7b_63 at the context end);
+  prefill chunks and up to the end of a small context (tests/runtime/test_runtime_ort.py covers the
+  Llama ``tiny`` export with whole / 4-token prefills and mc_sim_7b_63 at the context end);
 * int8 / int4 (MatMulNBits): chains only, lossless against plain decoding of the same graph,
   one-token steps run as two rows;
 * fp16; TensorRT refusing fused artifacts; format_version 1 configs.

@@ -53,11 +53,6 @@ def fuzz(examples: int):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_export):
-    return tiny_export(tmp_path_factory.mktemp("fuzz") / "tiny", seed=3, initializer_range=0.15)
-
-
-@pytest.fixture(scope="module")
 def gen(tiny):
     return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, max_context=CONTEXT)
 

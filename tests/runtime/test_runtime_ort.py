@@ -1,7 +1,7 @@
 """ONNX Runtime backend and runtime.load(): lossless, reproducible, streaming, stops, errors.
 
 A tiny random Llama (real SmolLM2 tokenizer, so chat templates and stop strings are real)
-is exported once per module with the real exporter.
+is exported once per test session with the real exporter (conftest ``tiny``, shared and read-only).
 """
 
 from __future__ import annotations

@@ -236,13 +236,12 @@ def test_greedy_is_unchanged_by_the_sampling_options():
         assert decode(model, PROMPT, cfg, TREES["branching"]).tokens == plain
 
 
-def test_exact_sampling_on_an_exported_graph_reproduces(tiny_export, tmp_path):
+def test_exact_sampling_on_an_exported_graph_reproduces(tiny):
     """Through the fused ONNX graph and runtime.load: a seed reproduces, seeds differ, and the
     first sampled token's frequencies match the backbone's own distribution."""
     import runtime
 
-    art = tiny_export(tmp_path / "art", seed=2)["artifact"]
-    gen = runtime.load(art, threads=1)
+    gen = runtime.load(tiny["artifact"], threads=1)
     ids = [5, 17, 42, 99]
     a = gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=3)
     assert a.tokens == gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=3).tokens

@@ -296,22 +296,12 @@ def test_cuda_device_count_without_a_driver_is_zero(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_llama):
-    """A tiny random Llama + fresh heads exported by the project's exporter (about 10 s)."""
-    export = pytest.importorskip("exporter.export")
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    from exporter.heads import fresh_heads
+def exported(tiny_portable):
+    """The session's portable tiny export (conftest ``tiny_portable``: 96-token context, tree
+    cpu_8) and its config. Read-only: tests that write engines into it use ``engine_folder``."""
     from runtime.artifact import read_artifact
 
-    model = tiny_llama(seed=3, max_position_embeddings=96)
-    heads = fresh_heads(4, model.config.hidden_size, model.config.vocab_size, lm_head=model.lm_head)
-    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
-    folder = tmp_path_factory.mktemp("trt") / "artifact"
-    export.export_artifact(model, heads, folder, export.ExportOptions(tree="cpu_8", validate=False, graph="portable"), tokenizer=tok)
-    return folder, read_artifact(folder)
+    return tiny_portable["artifact"], read_artifact(tiny_portable["artifact"])
 
 
 def test_orchestration_on_the_exported_graph_matches_the_onnxruntime_backend(exported):
