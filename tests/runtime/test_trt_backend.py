@@ -4,12 +4,14 @@ the error when tensorrt is missing."""
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
 import numpy as np
 import pytest
-from trt_fakes import ReferenceBackend, ToyEngine, ToyStagedBackend, fake_config, smollm2_config, write_fake_artifact
+from trt_fakes import (ReferenceBackend, ToyEngine, ToyStagedBackend, fake_config, fake_tensorrt_runtime, smollm2_config,
+                       write_fake_artifact)
 
 from exporter.trt_plan import Limits, make_plan
 from runtime.decode import DecodeConfig, decode
@@ -23,6 +25,7 @@ from runtime.trt_backend import (
     aligned_rows,
     check_engine,
     compaction_runs,
+    describe_engine,
     expected_description,
     plan_buffers,
     require_tensorrt,
@@ -120,10 +123,23 @@ def test_compaction_moves_exactly_the_kept_rows():
 # ---------------------------------------------------------------------------- engine checks
 
 
-def test_an_engine_built_from_the_plan_passes():
-    plan = make_plan(smollm2_config(), Limits(max_context=2048))
+def test_an_engine_built_from_the_plan_passes(exported):
+    """An engine as TensorRT would build it from the exported ONNX files and the plan passes
+    the check. Its description is read (describe_engine) from a fake engine whose I/O comes
+    from the ONNX files (trt_fakes.onnx_io: names, modes, dtypes, static dims; independent of
+    expected_description) and whose profiles are the plan's, so this can fail: the graph's
+    dtypes or shapes differing from the plan's do (test_a_graph_unlike_the_plan_is_caught...)."""
+    folder, cfg = exported
+    plan = make_plan(cfg, Limits(max_prompt=16, opt_prompt=8, max_tree_nodes=20, opt_context=32))
+    trt = fake_tensorrt_runtime(plan, None, {}, folder)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     for which in ("backbone", "heads"):
-        check_engine(expected_description(plan, which), plan, which, f"{which}.engine")
+        engine = runtime.deserialize_cuda_engine(json.dumps({"which": which}).encode())
+        desc = describe_engine(engine, trt)
+        want = expected_description(plan, which)
+        assert desc.num_profiles == want.num_profiles == (3 if which == "backbone" else 1)
+        assert sorted((t.name, t.mode, t.dtype) for t in desc.tensors) == sorted((t.name, t.mode, t.dtype) for t in want.tensors)
+        check_engine(desc, plan, which, f"{which}.engine")
 
 
 def test_engine_differences_are_all_listed():
