@@ -2,6 +2,7 @@
 """Device check for the TensorRT path (issue 6): PASS/FAIL lines, non-zero exit on failure.
 
     python -m scripts.device_check [--workdir DIR] [--keep]     # from the repository root
+    python -m pytest -q -m gpu tests/gpu                         # the same stages as pytest tests
 
 Stage 1 needs torch with CUDA (and transformers): a tiny random Llama with Medusa heads
 runs through the PyTorch reference backend on the GPU; Medusa greedy must equal plain
