@@ -11,7 +11,7 @@ import dataclasses
 def field_default(cls, name: str):
     """The default of field ``name`` of the dataclass ``cls`` (its ``default`` or a fresh
     ``default_factory()``). A command-line flag whose value goes into that field takes its
-    default from here: one place per default (tests/test_cli_defaults.py checks the commands)."""
+    default from here: one place per default (tests/project/test_cli_defaults.py checks the commands)."""
     for f in dataclasses.fields(cls):
         if f.name == name:
             if f.default is not dataclasses.MISSING:

@@ -16,7 +16,7 @@ from runtime.errors import require_extra, run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 # What each subcommand's arguments ask for, as its config dataclass; every flag's default is
-# that dataclass field's default (build_parser; tests/test_cli_defaults.py checks they agree).
+# that dataclass field's default (build_parser; tests/project/test_cli_defaults.py checks they agree).
 
 
 def distill_config(a):

@@ -10,7 +10,7 @@ Fast form (CI, every ``pytest`` run): a fixed number of examples per property, d
 so a run is deterministic and the file takes well under a minute on 2 cores. Long form, on
 demand, with fresh random inputs each run::
 
-    MEDUSA_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz.py
+    MEDUSA_FUZZ_EXAMPLES=2000 python -m pytest -q tests/runtime/test_fuzz.py
 
 Hypothesis prints the failing input and how to reproduce it; no example database is written.
 """

@@ -1,6 +1,6 @@
 """The real default backbone: greedy Medusa on SmolLM2-135M-Instruct equals Hugging Face generate.
 
-Slow (the model runs on CPU): ``python -m pytest -q -m slow tests/test_smollm2.py``.
+Slow (the model runs on CPU): ``python -m pytest -q -m slow tests/runtime/test_smollm2.py``.
 Fresh heads (every block the identity) mostly guess wrong, so nearly every node of each
 tree is verified and rejected: the hard case for losslessness.
 """
