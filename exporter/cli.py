@@ -74,48 +74,88 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL",
-                   help="local Hugging Face model folder (config.json + *.safetensors), or smollm2-135m")
+    p.add_argument(
+        "model", metavar="MODEL", help="local Hugging Face model folder (config.json + *.safetensors), or smollm2-135m"
+    )
     heads = p.add_mutually_exclusive_group()
-    heads.add_argument("--heads", metavar="HEADS",
-                       help="Medusa heads: a medusa-trt folder (medusa_heads.safetensors), a Medusa-1 "
-                            "medusa_lm_head.pt/.safetensors, or a Medusa-2 model folder. Default for "
-                            "smollm2-135m: the heads shipped with medusa-trt")
-    heads.add_argument("--fresh-heads", metavar="K", type=int,
-                       help="K untrained identity heads (each predicts what the backbone would): tests and demos")
+    heads.add_argument(
+        "--heads",
+        metavar="HEADS",
+        help="Medusa heads: a medusa-trt folder (medusa_heads.safetensors), a Medusa-1 "
+        "medusa_lm_head.pt/.safetensors, or a Medusa-2 model folder. Default for "
+        "smollm2-135m: the heads shipped with medusa-trt",
+    )
+    heads.add_argument(
+        "--fresh-heads",
+        metavar="K",
+        type=int,
+        help="K untrained identity heads (each predicts what the backbone would): tests and demos",
+    )
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="artifact folder to create")
-    p.add_argument("--graph", choices=GRAPHS, default=default("graph"),
-                   help="fused: ONNX Runtime's fused kernels (GroupQueryAttention with the tree mask, fused "
-                        "norms and projections) and a KV cache updated in place, for ONNX Runtime; portable: "
-                        "standard ONNX ops only, for TensorRT (trtexec / build-engine)")
-    p.add_argument("--precision", choices=tuple(PRECISION_DTYPE), default=default("precision"),
-                   help="backbone weights: fp32 (default), fp16, or int8 / int4 weight-only (ONNX Runtime "
-                        "MatMulNBits, fused graph only; Medusa stays lossless against plain decoding on the same "
-                        "quantized graph)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default=default("dtype"),
-                   help="float dtype of weights, logits, hidden states and the KV cache (--precision fp16 is "
-                        "the same as --dtype float16)")
+    p.add_argument(
+        "--graph",
+        choices=GRAPHS,
+        default=default("graph"),
+        help="fused: ONNX Runtime's fused kernels (GroupQueryAttention with the tree mask, fused "
+        "norms and projections) and a KV cache updated in place, for ONNX Runtime; portable: "
+        "standard ONNX ops only, for TensorRT (trtexec / build-engine)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=tuple(PRECISION_DTYPE),
+        default=default("precision"),
+        help="backbone weights: fp32 (default), fp16, or int8 / int4 weight-only (ONNX Runtime "
+        "MatMulNBits, fused graph only; Medusa stays lossless against plain decoding on the same "
+        "quantized graph)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default=default("dtype"),
+        help="float dtype of weights, logits, hidden states and the KV cache (--precision fp16 is "
+        "the same as --dtype float16)",
+    )
     p.add_argument("--opset", type=int, default=default("opset"), metavar="N", help="ONNX opset, 17-20")
-    p.add_argument("--external-data-threshold-mb", type=float, default=default("external_data_threshold_mb"), metavar="N",
-                   help="store a graph's weights in <file>.onnx.data when they exceed N MB "
-                        "(protobuf cannot hold more than 2 GB)")
-    p.add_argument("--tree", metavar="NAME", default=default("tree"),
-                   help="default tree recorded for the runtime (a name in tree_configs or a JSON file); default: "
-                        f"{SHIPPED_TREE} for smollm2-135m with its shipped heads ({SHIPPED_TREE_QUANTIZED} at int8/int4), "
-                        "else cpu_8, or chain_K with fewer than 4 heads (int8/int4: chain_1)")
-    p.add_argument("--sampling-tree", metavar="NAME", default=default("sampling_tree"),
-                   help="the tree exact sampling (temperature > 0) uses when none is given: at temperature > 0 a "
-                        "draft is accepted with the backbone's probability of its token, so smaller trees pay; "
-                        f"default: {SHIPPED_SAMPLING_TREE} for smollm2-135m with its shipped heads, else the default tree")
-    p.add_argument("--max-context", type=int, metavar="N", default=default("max_context"),
-                   help="longest context the runtime sizes its KV cache for (default: the model's "
-                        "max_position_embeddings)")
+    p.add_argument(
+        "--external-data-threshold-mb",
+        type=float,
+        default=default("external_data_threshold_mb"),
+        metavar="N",
+        help="store a graph's weights in <file>.onnx.data when they exceed N MB (protobuf cannot hold more than 2 GB)",
+    )
+    p.add_argument(
+        "--tree",
+        metavar="NAME",
+        default=default("tree"),
+        help="default tree recorded for the runtime (a name in tree_configs or a JSON file); default: "
+        f"{SHIPPED_TREE} for smollm2-135m with its shipped heads ({SHIPPED_TREE_QUANTIZED} at int8/int4), "
+        "else cpu_8, or chain_K with fewer than 4 heads (int8/int4: chain_1)",
+    )
+    p.add_argument(
+        "--sampling-tree",
+        metavar="NAME",
+        default=default("sampling_tree"),
+        help="the tree exact sampling (temperature > 0) uses when none is given: at temperature > 0 a "
+        "draft is accepted with the backbone's probability of its token, so smaller trees pay; "
+        f"default: {SHIPPED_SAMPLING_TREE} for smollm2-135m with its shipped heads, else the default tree",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        metavar="N",
+        default=default("max_context"),
+        help="longest context the runtime sizes its KV cache for (default: the model's max_position_embeddings)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--no-heads-int8", action="store_true",
-                   help="do not write heads_int8.onnx (int8 heads for ONNX Runtime on the CPU; the heads only "
-                        "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)")
-    p.add_argument("--no-validate", action="store_true",
-                   help="skip the ONNX Runtime vs PyTorch check (not recommended)")
+    p.add_argument(
+        "--no-heads-int8",
+        action="store_true",
+        help="do not write heads_int8.onnx (int8 heads for ONNX Runtime on the CPU; the heads only "
+        "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)",
+    )
+    p.add_argument(
+        "--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check (not recommended)"
+    )
     add_verbosity_args(p)
     return p
 
@@ -242,22 +282,30 @@ def _summary(out: Path, seconds: float) -> str:
 
     cfg = json.loads((out / "medusa_config.json").read_text())
     sizes = sorted(((p.stat().st_size, p.name) for p in out.iterdir() if p.is_file()), reverse=True)
-    files = [f"{name} {size / 2**20:.1f} MiB" if size >= 2**20 else f"{name} {size / 2**10:.1f} KiB" for size, name in sizes]
+    files = [
+        f"{name} {size / 2**20:.1f} MiB" if size >= 2**20 else f"{name} {size / 2**10:.1f} KiB" for size, name in sizes
+    ]
     lines = [f"artifact written to {out} in {seconds:.1f} s", "  files: " + ", ".join(files)]
     val = cfg["provenance"].get("validation", {})
     if val.get("passed"):
-        lines.append(f"  validation: passed ({val.get('checks', '?')} comparisons); max|diff| "
-                     + ", ".join(f"{k} {v:g}" for k, v in val["max_abs_diff"].items()))
+        lines.append(
+            f"  validation: passed ({val.get('checks', '?')} comparisons); max|diff| "
+            + ", ".join(f"{k} {v:g}" for k, v in val["max_abs_diff"].items())
+        )
     else:
         lines.append("  validation: skipped (--no-validate)")
     check = cfg["provenance"].get("quantization", {}).get("check")
     if check:
-        lines.append(f"  {cfg.get('precision')} vs the float graph on {check['tokens']} tokens of {check['on']}: top-1 "
-                     f"agrees at {check['top1_agree']:.1%}, max|logits diff| {check['max_abs_logits']:.3g}")
+        lines.append(
+            f"  {cfg.get('precision')} vs the float graph on {check['tokens']} tokens of {check['on']}: top-1 "
+            f"agrees at {check['top1_agree']:.1%}, max|logits diff| {check['max_abs_logits']:.3g}"
+        )
     flavour = cfg.get("flavour", "portable")
     nxt = f"medusa-run generate {out} PROMPT" if flavour == "fused" else f"medusa-export trtexec {out}"
-    lines.append(f"  {flavour} graph, precision {cfg.get('precision', 'fp32')}, default tree {cfg['default_tree']}, "
-                 f"opset {cfg['opset']}; next: {nxt}")
+    lines.append(
+        f"  {flavour} graph, precision {cfg.get('precision', 'fp32')}, default tree {cfg['default_tree']}, "
+        f"opset {cfg['opset']}; next: {nxt}"
+    )
     return "\n".join(lines)
 
 
@@ -273,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t = time.perf_counter()
     with cli_logging("medusa-export", verbosity(args)):
-        return run_cli("medusa-export", lambda: print(_summary(run(args), time.perf_counter() - t)),
-                       interrupted="interrupted; nothing was written")
+        return run_cli(
+            "medusa-export",
+            lambda: print(_summary(run(args), time.perf_counter() - t)),
+            interrupted="interrupted; nothing was written",
+        )
 
 
 if __name__ == "__main__":

@@ -157,7 +157,11 @@ def tracing_patches(model) -> Iterator[None]:
     from transformers.integrations import sdpa_attention
 
     config = getattr(model, "config", None)
-    configs = [] if config is None else [config, *[getattr(config, k, None) for k in getattr(config, "sub_configs", {}) or {}]]
+    configs = (
+        []
+        if config is None
+        else [config, *[getattr(config, k, None) for k in getattr(config, "sub_configs", {}) or {}]]
+    )
     saved_impl = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
     saved_training = model.training
     saved_gqa = sdpa_attention.use_gqa_in_sdpa
@@ -198,8 +202,16 @@ def _traceable_sdpa(original):
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is None or attn_mask.dtype != torch.bool or is_causal or dropout_p or enable_gqa:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, enable_gqa=enable_gqa)
+            return original(
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
         s = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
         scores = torch.matmul(query * s, key.transpose(-2, -1) * s)
         if scores.dtype != torch.float32:
@@ -242,7 +254,9 @@ def example_inputs(model, batch: int = TRACE_BATCH, past: int = TRACE_PAST, new:
     ids = torch.randint(0, c.vocab_size, (batch, new), generator=g)
     pos = (past + torch.arange(new)).expand(batch, new).contiguous()
     mask = torch.tril(torch.ones(new, new, dtype=torch.bool)).expand(batch, new, new).contiguous()
-    cache = [torch.randn(batch, past, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2 * c.num_hidden_layers)]
+    cache = [
+        torch.randn(batch, past, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2 * c.num_hidden_layers)
+    ]
     return (ids, pos, mask, *cache)
 
 
@@ -303,8 +317,12 @@ def _finalize(scratch: Path, final: Path, weights_bytes: int, threshold_bytes: f
     return files
 
 
-def export_backbone(model, path: Path, opset: int = DEFAULT_OPSET,
-                    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB) -> dict:
+def export_backbone(
+    model,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB,
+) -> dict:
     """Trace BackboneStep(model) into ``path`` (+ ``path.data``); returns {file: bytes}."""
     from exporter.step import BackboneStep
 
@@ -322,8 +340,13 @@ def export_backbone(model, path: Path, opset: int = DEFAULT_OPSET,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def export_fused_backbone(model, path: Path, dtype: str, max_positions: int,
-                          external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB) -> dict:
+def export_fused_backbone(
+    model,
+    path: Path,
+    dtype: str,
+    max_positions: int,
+    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB,
+) -> dict:
     """Write the fused graph (exporter/fused.py) of ``model`` at ``path``; returns {file: bytes}."""
     from exporter.fused import build_fused_backbone, save_model
 
@@ -339,8 +362,13 @@ def export_fused_backbone(model, path: Path, dtype: str, max_positions: int,
     return files
 
 
-def export_heads(heads, lm_head, path: Path, opset: int = DEFAULT_OPSET,
-                 external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB) -> dict:
+def export_heads(
+    heads,
+    lm_head,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB,
+) -> dict:
     """Trace HeadsStep(heads, lm_head) into ``path`` (+ ``path.data``); returns {file: bytes}."""
     import torch
 
@@ -369,7 +397,16 @@ def _versions() -> dict:
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
-    for name in ("medusa-trt", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "safetensors", "tokenizers"):
+    for name in (
+        "medusa-trt",
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "safetensors",
+        "tokenizers",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -389,8 +426,9 @@ def check_options(options: ExportOptions) -> None:
 
     # types and finiteness first (runtime/checks.py): the comparisons below then hold
     checks.integer("--opset", options.opset)
-    options.external_data_threshold_mb = checks.real("--external-data-threshold-mb", options.external_data_threshold_mb,
-                                                     0)
+    options.external_data_threshold_mb = checks.real(
+        "--external-data-threshold-mb", options.external_data_threshold_mb, 0
+    )
     checks.integer("--max-context", options.max_context, 1, optional=True, rule=">= 1")
     checks.flag("force", options.force)
     checks.flag("validate", options.validate)
@@ -474,13 +512,15 @@ def sliding_window(config) -> int | None:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    windows = [layer.sliding_window for layer in DynamicCache(config=config).layers
-               if isinstance(layer, DynamicSlidingWindowLayer)]
+    windows = [
+        layer.sliding_window
+        for layer in DynamicCache(config=config).layers
+        if isinstance(layer, DynamicSlidingWindowLayer)
+    ]
     return min(windows) if windows else None
 
 
-def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | None = None, *,
-                    tokenizer=None) -> Path:
+def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | None = None, *, tokenizer=None) -> Path:
     """Export ``model`` (a Llama-family *ForCausalLM) and ``heads`` (MedusaHeads) into ``out_dir``.
 
     ``tokenizer`` is saved into the artifact (loaded from ``options.source_model`` when
@@ -511,8 +551,13 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             f"backbone (hidden {model.config.hidden_size}, vocabulary {model.config.vocab_size})"
         )
     tree = resolve_tree(options, heads.config.num_heads, model.config.vocab_size)
-    sampling_tree = None if options.sampling_tree is None else check_tree(
-        options, options.sampling_tree, heads.config.num_heads, model.config.vocab_size, "--sampling-tree")
+    sampling_tree = (
+        None
+        if options.sampling_tree is None
+        else check_tree(
+            options, options.sampling_tree, heads.config.num_heads, model.config.vocab_size, "--sampling-tree"
+        )
+    )
     spec = spec_from_hf(model, heads)
     if options.max_context is not None:
         if options.max_context > spec.max_context:
@@ -527,8 +572,11 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 f"--max-context {options.max_context} exceeds what this model's sliding-window cache holds "
                 f"({window - 1} tokens: sliding_window {window}); use --max-context {window - 1} or less"
             )
-        log.warning("sliding_window %d: max_context capped at %d tokens (the graph contract has no "
-                    "sliding-window mask)", window, window - 1)
+        log.warning(
+            "sliding_window %d: max_context capped at %d tokens (the graph contract has no sliding-window mask)",
+            window,
+            window - 1,
+        )
         spec.max_context = window - 1
     if tokenizer is None:
         if options.source_model is None:
@@ -560,11 +608,16 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         scope.enter_context(_temporaries_in(tmp / TEMPORARIES))
         files = {}
         if options.graph == "fused":
-            files.update(export_fused_backbone(model, tmp / BACKBONE_FILE, options.dtype, spec.max_context,
-                                               options.external_data_threshold_mb))
+            files.update(
+                export_fused_backbone(
+                    model, tmp / BACKBONE_FILE, options.dtype, spec.max_context, options.external_data_threshold_mb
+                )
+            )
         else:
             files.update(export_backbone(model, tmp / BACKBONE_FILE, options.opset, options.external_data_threshold_mb))
-        files.update(export_heads(heads, model.lm_head, tmp / HEADS_FILE, options.opset, options.external_data_threshold_mb))
+        files.update(
+            export_heads(heads, model.lm_head, tmp / HEADS_FILE, options.opset, options.external_data_threshold_mb)
+        )
         with progress("saving the tokenizer and medusa_config.json"):
             tokenizer.save_pretrained(str(tmp))
             if not (tmp / "tokenizer.json").is_file():
@@ -593,8 +646,9 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 sampling_tree=sampling_tree.name if sampling_tree is not None else None,
                 sampling_tree_paths=[list(p) for p in sampling_tree.paths] if sampling_tree is not None else [],
                 provenance={
-                    "source_model": str(options.source_model) if options.source_model else getattr(
-                        model.config, "_name_or_path", None),
+                    "source_model": str(options.source_model)
+                    if options.source_model
+                    else getattr(model.config, "_name_or_path", None),
                     "source_model_path": options.source_model_path,
                     "heads": {
                         "num_heads": heads.config.num_heads,
@@ -604,8 +658,11 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                         "source": heads.config.meta.get("source"),
                         "meta": heads.config.meta,
                     },
-                    "exporter": (f"torch.onnx.export(dynamo=False) [{EXPORTER}]" if options.graph == "portable"
-                                 else "exporter.fused (onnx.helper from the Hugging Face weights)"),
+                    "exporter": (
+                        f"torch.onnx.export(dynamo=False) [{EXPORTER}]"
+                        if options.graph == "portable"
+                        else "exporter.fused (onnx.helper from the Hugging Face weights)"
+                    ),
                     "export_options": opts,
                     "versions": _versions(),
                     "files": files,
@@ -620,8 +677,9 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             read_artifact(tmp)  # the runtime must accept what was written
         if options.validate:
             with progress("validating ONNX Runtime against PyTorch"):
-                report = validate_artifact(tmp, model, heads, trees=options.validation_trees,
-                                           threads=options.validation_threads)
+                report = validate_artifact(
+                    tmp, model, heads, trees=options.validation_trees, threads=options.validation_threads
+                )
             config.provenance["validation"] = report.summary()
         else:
             config.provenance["validation"] = {"skipped": True}
@@ -634,7 +692,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
                 check_ids = tokenizer.encode(CHECK_TEXT) if hasattr(tokenizer, "encode") else None
                 config.provenance["quantization"] = quantize_backbone(
-                    tmp, config, bits, options.external_data_threshold_mb, check=options.validate, check_ids=check_ids)
+                    tmp, config, bits, options.external_data_threshold_mb, check=options.validate, check_ids=check_ids
+                )
             config.precision = options.precision
             config.provenance["files"].update(config.provenance["quantization"].pop("files"))
         config.provenance["export_seconds"] = round(time.perf_counter() - started, 1)
@@ -661,8 +720,10 @@ def check_finite(module, what: str, error=MedusaError) -> None:
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise error(f"{what}: tensor {name} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}: the "
-                        "checkpoint is damaged or its training diverged; use another checkpoint")
+            raise error(
+                f"{what}: tensor {name} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}: the "
+                "checkpoint is damaged or its training diverged; use another checkpoint"
+            )
 
 
 # ---------------------------------------------------------------------------- interrupted exports

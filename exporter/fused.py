@@ -111,10 +111,13 @@ def _check_supported(model) -> None:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     partial = getattr(c, "partial_rotary_factor", 1.0)
     if partial != 1.0:
-        raise FusedGraphError(f"partial_rotary_factor {partial}: the fused graph rotates whole heads (use --graph portable)")
+        raise FusedGraphError(
+            f"partial_rotary_factor {partial}: the fused graph rotates whole heads (use --graph portable)"
+        )
     if head_dim % 16:
-        raise FusedGraphError(f"head_dim {head_dim}: ONNX Runtime's GroupQueryAttention needs a multiple of 16 "
-                              "(use --graph portable)")
+        raise FusedGraphError(
+            f"head_dim {head_dim}: ONNX Runtime's GroupQueryAttention needs a multiple of 16 (use --graph portable)"
+        )
 
 
 def _rotary_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,8 +170,9 @@ class _Graph:
         name = name or self.name(op_type)
         if isinstance(outputs, int):
             outputs = [f"{name}/out{i}" for i in range(outputs)]
-        self.nodes.append(self.h.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain or None,
-                                           **attrs))
+        self.nodes.append(
+            self.h.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain or None, **attrs)
+        )
         return outputs[0] if len(outputs) == 1 else outputs
 
 
@@ -221,8 +225,10 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     in_range = g.op("Less", [rel, n_new])
     visible = g.op("Or", [is_past, g.op("And", [in_tree, in_range])])
     lowest = float(np.finfo(npdt).min)
-    bias = g.op("Where", [visible, g.init("const/bias_zero", np.zeros((), npdt)),
-                          g.init("const/bias_masked", np.array(lowest, npdt))])
+    bias = g.op(
+        "Where",
+        [visible, g.init("const/bias_zero", np.zeros((), npdt)), g.init("const/bias_masked", np.array(lowest, npdt))],
+    )
     attention_bias = g.op("Unsqueeze", [bias, one], name="attention_bias")
 
     cos, sin = _rotary_tables(model, max_positions)
@@ -238,11 +244,17 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         """(normed, new residual): RMSNorm(inp + res) and inp + res (just inp for the first)."""
         w = g.init(weight_key, _np(sd[weight_key], npdt))
         if res is None:
-            return g.op("SimplifiedLayerNormalization", [inp, w], name=weight_key + "/norm", axis=-1, epsilon=eps,
-                        stash_type=1), inp
-        outs = g.op("SkipSimplifiedLayerNormalization", [inp, res, w],
-                    [f"{weight_key}/normed", "", "", f"{weight_key}/residual"], domain=MS_DOMAIN,
-                    name=weight_key + "/skipnorm", epsilon=eps)
+            return g.op(
+                "SimplifiedLayerNormalization", [inp, w], name=weight_key + "/norm", axis=-1, epsilon=eps, stash_type=1
+            ), inp
+        outs = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [inp, res, w],
+            [f"{weight_key}/normed", "", "", f"{weight_key}/residual"],
+            domain=MS_DOMAIN,
+            name=weight_key + "/skipnorm",
+            epsilon=eps,
+        )
         return outs[0], outs[3]
 
     def linear(inp, prefix: str, keys: list[str], out_name: str):
@@ -251,8 +263,12 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         y = g.op("MatMul", [inp, g.init(f"{prefix}.weight_t", w)], name=f"{prefix}/matmul")
         biases = [sd.get(f"{k}.bias") for k in keys]
         if any(b is not None for b in biases):
-            b = np.concatenate([_np(bb, npdt) if bb is not None else np.zeros(sd[f"{k}.weight"].shape[0], npdt)
-                                for bb, k in zip(biases, keys)])
+            b = np.concatenate(
+                [
+                    _np(bb, npdt) if bb is not None else np.zeros(sd[f"{k}.weight"].shape[0], npdt)
+                    for bb, k in zip(biases, keys)
+                ]
+            )
             y = g.op("Add", [y, g.init(f"{prefix}.bias", b)], name=f"{prefix}/bias")
         return y
 
@@ -262,11 +278,28 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         qkv = linear(xn, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{n}_proj" for n in "qkv"], "qkv")
         attn = g.op(
             "GroupQueryAttention",
-            [qkv, "", "", inputs[FUSED_CACHE_START + 2 * i], inputs[FUSED_CACHE_START + 1 + 2 * i], seqlens_k,
-             total_len, "cos_cache", "sin_cache", "position_ids", attention_bias],
+            [
+                qkv,
+                "",
+                "",
+                inputs[FUSED_CACHE_START + 2 * i],
+                inputs[FUSED_CACHE_START + 1 + 2 * i],
+                seqlens_k,
+                total_len,
+                "cos_cache",
+                "sin_cache",
+                "position_ids",
+                attention_bias,
+            ],
             [f"{p}/attn", outputs[2 + 2 * i], outputs[3 + 2 * i]],
-            domain=MS_DOMAIN, name=f"{p}/gqa", num_heads=nq, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
-            local_window_size=window, scale=float(getattr(model.model.layers[i].self_attn, "scaling", D ** -0.5)),
+            domain=MS_DOMAIN,
+            name=f"{p}/gqa",
+            num_heads=nq,
+            kv_num_heads=nkv,
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=window,
+            scale=float(getattr(model.model.layers[i].self_attn, "scaling", D**-0.5)),
         )[0]
         x = linear(attn, f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"], "o")
         xn, residual = norm(x, f"{p}.post_attention_layernorm.weight", residual)
@@ -277,8 +310,16 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         x = linear(act, f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"], "down")
 
     w = g.init("model.norm.weight", _np(sd["model.norm.weight"], npdt))
-    g.nodes.append(h.make_node("SkipSimplifiedLayerNormalization", [x, residual, w], ["hidden_states"],
-                               name="model.norm/skipnorm", domain=MS_DOMAIN, epsilon=eps))
+    g.nodes.append(
+        h.make_node(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, w],
+            ["hidden_states"],
+            name="model.norm/skipnorm",
+            domain=MS_DOMAIN,
+            epsilon=eps,
+        )
+    )
     # logits for the last num_logits rows only: a prompt chunk needs none (or its last row's), a
     # step needs all; the lm_head is a fifth of SmolLM2's weights and the logits [rows, vocab] the
     # largest tensor of a prefill
@@ -294,7 +335,10 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         h.make_tensor_value_info("tree_mask", TensorProto.BOOL, ["batch", "new_tokens", "new_tokens"]),
         h.make_tensor_value_info("cache_lengths", TensorProto.INT64, ["batch"]),
         h.make_tensor_value_info("num_logits", TensorProto.INT64, [1]),
-        *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "past_capacity", D]) for n in inputs[FUSED_CACHE_START:]],
+        *[
+            h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "past_capacity", D])
+            for n in inputs[FUSED_CACHE_START:]
+        ],
     ]
     graph_outputs = [
         h.make_tensor_value_info("logits", tdt, ["batch", "logits_rows", V]),
@@ -302,8 +346,12 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "present_capacity", D]) for n in outputs[2:]],
     ]
     graph = h.make_graph(g.nodes, "medusa_trt_fused_backbone", graph_inputs, graph_outputs, g.inits)
-    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", FUSED_OPSET), h.make_opsetid(MS_DOMAIN, 1)],
-                         producer_name="medusa-trt", ir_version=10)
+    proto = h.make_model(
+        graph,
+        opset_imports=[h.make_opsetid("", FUSED_OPSET), h.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="medusa-trt",
+        ir_version=10,
+    )
     proto.doc_string = f"medusa-trt fused backbone ({type(model).__name__}, {dtype})"
     return proto
 
@@ -320,8 +368,14 @@ def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) ->
     if data.exists():
         os.remove(data)
     if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(proto, str(path))
     files = {path.name: path.stat().st_size}

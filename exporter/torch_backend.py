@@ -58,7 +58,9 @@ class TorchBackend(GraphBackend):
         t = self._torch
         with t.inference_mode():
             out = self.step(
-                t.from_numpy(input_ids), t.from_numpy(position_ids), t.from_numpy(tree_mask),
+                t.from_numpy(input_ids),
+                t.from_numpy(position_ids),
+                t.from_numpy(tree_mask),
                 *[t.from_numpy(p) for p in past],
             )
         logits, hidden, *presents = [o.float().numpy() for o in out]

@@ -37,7 +37,9 @@ class ProgressPrinter:
     starts and finishes, and for steps at most every ``every_s`` seconds.
     """
 
-    def __init__(self, write: Callable[[str], None] = print, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, write: Callable[[str], None] = print, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.write = write
         self.every_s = every_s
         self.clock = clock

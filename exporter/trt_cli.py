@@ -60,7 +60,9 @@ def _trtexec_shapes(shapes: Shapes, which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in s[which])}" for name, s in shapes.items())
 
 
-def trtexec_command(plan: BuildPlan, which: str = "backbone", root: str | Path = ".", trtexec: str = "trtexec") -> list[str]:
+def trtexec_command(
+    plan: BuildPlan, which: str = "backbone", root: str | Path = ".", trtexec: str = "trtexec"
+) -> list[str]:
     """The trtexec command that builds ``which`` (backbone or heads) under ``plan``.
 
     Several profiles use trtexec's ``--profile=i`` followed *immediately* by that profile's
@@ -119,7 +121,9 @@ def parse_trtexec(command: str | list[str]) -> TrtexecCommand:
                 raise PlanError(f"--profile={index} out of order: expected --profile={len(parsed.profiles)}")
             block = dict(args[i + 1 : i + 4])
             if sorted(k for k, _ in args[i + 1 : i + 4]) != ["--maxShapes", "--minShapes", "--optShapes"]:
-                raise PlanError(f"--profile={index} must be followed directly by --minShapes, --optShapes and --maxShapes")
+                raise PlanError(
+                    f"--profile={index} must be followed directly by --minShapes, --optShapes and --maxShapes"
+                )
             mins, opts, maxs = (_shape_list(block[k], "x") for k in ("--minShapes", "--optShapes", "--maxShapes"))
             if not (mins.keys() == opts.keys() == maxs.keys()):
                 raise PlanError(f"--profile={index}: min/opt/max shapes name different tensors")
@@ -316,7 +320,10 @@ def data_loader_script(plan: BuildPlan, tree) -> str:
 
 def profile_table(plan: BuildPlan) -> str:
     """The backbone and heads profiles as a Markdown table (printed, and used in docs)."""
-    rows = ["| graph | profile | batch | new_tokens (min/opt/max) | past_sequence (min/opt/max) |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| graph | profile | batch | new_tokens (min/opt/max) | past_sequence (min/opt/max) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for graph in (plan.backbone, plan.heads):
         for i, p in enumerate(graph.profiles):
             cells = ["/".join(map(str, p.axes[a])) if a in p.axes else "-" for a in ("batch", NEW, PAST)]
@@ -337,14 +344,42 @@ def _limits_parser(prog: str, description: str) -> argparse.ArgumentParser:
     d = Limits()
     p = argparse.ArgumentParser(prog=f"medusa-export {prog}", description=description)
     p.add_argument("artifact", help="artifact folder written by medusa-export (holds medusa_config.json)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="largest batch the engine takes (default %(default)s)")
-    p.add_argument("--max-context", type=int, default=d.max_context, help="cache + new tokens (default: the artifact's context)")
-    p.add_argument("--max-prompt", type=int, default=d.max_prompt, help="prefill chunk; longer prompts take several engine calls (default: min(512, max_context // 2))")
-    p.add_argument("--opt-prompt", type=int, default=d.opt_prompt, help="typical prompt chunk, the prefill opt (default %(default)s)")
-    p.add_argument("--max-tree-nodes", type=int, default=d.max_tree_nodes, help="largest tree, root included (default: max(64, the tree's size))")
-    p.add_argument("--tree", default=d.tree, help="tree whose size is the verify opt (default: the artifact's default tree)")
-    p.add_argument("--opt-context", type=int, default=d.opt_context, help="typical cache length, the verify/decode opt (default %(default)s)")
-    p.add_argument("--workspace-mib", type=int, default=d.workspace_mib, help="builder workspace pool in MiB (default %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=d.max_batch, help="largest batch the engine takes (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-context", type=int, default=d.max_context, help="cache + new tokens (default: the artifact's context)"
+    )
+    p.add_argument(
+        "--max-prompt",
+        type=int,
+        default=d.max_prompt,
+        help="prefill chunk; longer prompts take several engine calls (default: min(512, max_context // 2))",
+    )
+    p.add_argument(
+        "--opt-prompt",
+        type=int,
+        default=d.opt_prompt,
+        help="typical prompt chunk, the prefill opt (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-tree-nodes",
+        type=int,
+        default=d.max_tree_nodes,
+        help="largest tree, root included (default: max(64, the tree's size))",
+    )
+    p.add_argument(
+        "--tree", default=d.tree, help="tree whose size is the verify opt (default: the artifact's default tree)"
+    )
+    p.add_argument(
+        "--opt-context",
+        type=int,
+        default=d.opt_context,
+        help="typical cache length, the verify/decode opt (default %(default)s)",
+    )
+    p.add_argument(
+        "--workspace-mib", type=int, default=d.workspace_mib, help="builder workspace pool in MiB (default %(default)s)"
+    )
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (faster, ~1e-3 relative error)")
     add_verbosity_args(p)
     return p
@@ -365,7 +400,9 @@ def _load(args):
     return cfg, make_plan(cfg, _limits(args))
 
 
-def write_recipes(folder: str | Path, plan: BuildPlan, tree, script: str | Path | None = None, trtexec: str = "trtexec") -> dict[str, Path]:
+def write_recipes(
+    folder: str | Path, plan: BuildPlan, tree, script: str | Path | None = None, trtexec: str = "trtexec"
+) -> dict[str, Path]:
     """Write the plan, trtexec.sh, polygraphy_check.sh and trt_check_data.py; return their paths."""
     folder = Path(folder)
     build = [trtexec_command(plan, "backbone", trtexec=trtexec), trtexec_command(plan, "heads", trtexec=trtexec)]
@@ -387,7 +424,9 @@ def write_recipes(folder: str | Path, plan: BuildPlan, tree, script: str | Path 
 
 def _cmd_trtexec(argv: list[str]) -> int:
     p = _limits_parser("trtexec", "Print and write the trtexec / polygraphy commands for an artifact.")
-    p.add_argument("--write", metavar="FILE", help=f"where to write the trtexec script (default ARTIFACT/{TRTEXEC_SCRIPT})")
+    p.add_argument(
+        "--write", metavar="FILE", help=f"where to write the trtexec script (default ARTIFACT/{TRTEXEC_SCRIPT})"
+    )
     p.add_argument("--trtexec", default="trtexec", help="trtexec executable (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     args = p.parse_args(argv)
@@ -396,7 +435,9 @@ def _cmd_trtexec(argv: list[str]) -> int:
         tree = resolve_tree(cfg, args.tree)
         paths = write_recipes(args.artifact, plan, tree, script=args.write, trtexec=args.trtexec)
         print(plan.to_json() if args.json else profile_table(plan))
-        build = [trtexec_command(plan, which, root=args.artifact, trtexec=args.trtexec) for which in ("backbone", "heads")]
+        build = [
+            trtexec_command(plan, which, root=args.artifact, trtexec=args.trtexec) for which in ("backbone", "heads")
+        ]
         checks = [polygraphy_command(plan, "backbone", p_.name, root=args.artifact) for p_ in plan.backbone.profiles]
         checks.append(polygraphy_command(plan, "heads", root=args.artifact))
         if verbosity(args) > 0:  # the full command lines: tens of KB of shape flags for a real model
@@ -406,8 +447,10 @@ def _cmd_trtexec(argv: list[str]) -> int:
             print("\n".join(shlex.join(c) for c in checks))
         print(f"\nwrote {paths['plan']}, {paths['trtexec']}, {paths['polygraphy']}, {paths['data']}")
         print(f"build the engines ({len(build)} trtexec commands): bash {shlex.quote(str(paths['trtexec']))}")
-        print(f"compare TensorRT with ONNX Runtime ({len(checks)} polygraphy runs, one per profile): "
-              f"bash {shlex.quote(str(paths['polygraphy']))}")
+        print(
+            f"compare TensorRT with ONNX Runtime ({len(checks)} polygraphy runs, one per profile): "
+            f"bash {shlex.quote(str(paths['polygraphy']))}"
+        )
         if verbosity(args) <= 0:
             print("(-v prints the commands)")
     return 0

@@ -197,7 +197,14 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
         return Range(1, min(lim.opt_context, hi), hi)
 
     profiles = [
-        Profile(PREFILL, {BATCH: batch, NEW: Range(1, min(lim.opt_prompt, max_prompt), max_prompt), PAST: Range(0, 0, ctx - max_prompt)}),
+        Profile(
+            PREFILL,
+            {
+                BATCH: batch,
+                NEW: Range(1, min(lim.opt_prompt, max_prompt), max_prompt),
+                PAST: Range(0, 0, ctx - max_prompt),
+            },
+        ),
         Profile(VERIFY, {BATCH: batch, NEW: Range(1, nodes, max_tree), PAST: typical(ctx - max_tree)}),
         Profile(DECODE, {BATCH: batch, NEW: Range(1, 1, 1), PAST: typical(ctx - 1)}),
     ]

@@ -57,11 +57,15 @@ class Check:
 
     def line(self) -> str:
         if self.output.startswith("top-1"):
-            gap = f" (PyTorch logit gap at a disagreement {self.max_abs:.3g}, tol {self.tol:.3g})" if self.max_abs else ""
+            gap = (
+                f" (PyTorch logit gap at a disagreement {self.max_abs:.3g}, tol {self.tol:.3g})" if self.max_abs else ""
+            )
             return f"{'PASS' if self.passed else 'FAIL'}  {self.case:<34} {self.output:<28} {self.detail}{gap}"
         extra = f"  {self.detail}" if self.detail else ""
-        return (f"{'PASS' if self.passed else 'FAIL'}  {self.case:<34} {self.output:<28} "
-                f"max|diff| {self.max_abs:.3g} (tol {self.tol:.3g}){extra}")
+        return (
+            f"{'PASS' if self.passed else 'FAIL'}  {self.case:<34} {self.output:<28} "
+            f"max|diff| {self.max_abs:.3g} (tol {self.tol:.3g}){extra}"
+        )
 
     def __str__(self) -> str:
         return f"{self.case}: {self.output} max|diff| {self.max_abs:.3g} > tol {self.tol:.3g}{'; ' + self.detail if self.detail else ''}"
@@ -154,14 +158,25 @@ def validate_artifact(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _validate(folder, model, heads, trees=trees, batches=batches, prompt_len=prompt_len, seed=seed,
-                         verbose=verbose, raise_on_failure=raise_on_failure, threads=threads)
+        return _validate(
+            folder,
+            model,
+            heads,
+            trees=trees,
+            batches=batches,
+            prompt_len=prompt_len,
+            seed=seed,
+            verbose=verbose,
+            raise_on_failure=raise_on_failure,
+            threads=threads,
+        )
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose, raise_on_failure,
-              threads) -> ValidationReport:
+def _validate(
+    folder, model, heads, *, trees, batches, prompt_len, seed, verbose, raise_on_failure, threads
+) -> ValidationReport:
     import copy
 
     import torch
@@ -232,9 +247,12 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose
             worst = max(presents, key=lambda c: c.max_abs / max(c.tol, 1e-30))
             bad = sum(not c.passed for c in presents)
             label = f"present.* ({len(presents)} tensors)"
-            log.log(logging.INFO if bad else logging.DEBUG, f"{'FAIL' if bad else 'PASS'}  {case:<34} {label:<28} "
-                    f"max|diff| {max(c.max_abs for c in presents):.3g} (closest to tol: {worst.output}, "
-                f"{worst.max_abs:.3g} vs {worst.tol:.3g})")
+            log.log(
+                logging.INFO if bad else logging.DEBUG,
+                f"{'FAIL' if bad else 'PASS'}  {case:<34} {label:<28} "
+                f"max|diff| {max(c.max_abs for c in presents):.3g} (closest to tol: {worst.output}, "
+                f"{worst.max_abs:.3g} vs {worst.tol:.3g})",
+            )
         # top-1 of the verified logits (float16: against the float32 truth, within the logits' tolerance)
         r = (ref32[0] if fp16 else ref[0]).astype(np.float32)
         g = got[0].astype(np.float32)
@@ -264,13 +282,21 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose
             return
         # a draft vocabulary: compare the real logits (the lowest-value filler elsewhere would
         # make max|reference| and so the tolerance astronomically large), then require the filler
-        pick = (lambda a: None if a is None else a[..., draft])
+        pick = lambda a: None if a is None else a[..., draft]
         add(compare(case, f"{name}[draft]", pick(got), pick(ref), pick(ref32)))
         outside = np.ones(got.shape[-1], dtype=bool)
         outside[draft] = False
         wrong = int((got[..., outside] != np.finfo(got.dtype).min).sum()) if got.shape == ref.shape else -1
-        add(Check(case, f"{name}[other tokens]", float(abs(wrong)), 0.0, wrong == 0,
-                  "all at the lowest finite value" if wrong == 0 else f"{abs(wrong)} logits are not the filler value"))
+        add(
+            Check(
+                case,
+                f"{name}[other tokens]",
+                float(abs(wrong)),
+                0.0,
+                wrong == 0,
+                "all at the lowest finite value" if wrong == 0 else f"{abs(wrong)} logits are not the filler value",
+            )
+        )
 
     rng = np.random.default_rng(seed)
     kv_shape = (spec.num_kv_heads, spec.head_dim)
@@ -290,8 +316,13 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose
         run_heads(f"heads b={b} (after prefill)", np.ascontiguousarray(ref[1][:, -1]))
 
         nxt = ref[0][:, -1].astype(np.float32).argmax(-1).astype(np.int64)[:, None]
-        _, ref = run_backbone(f"decode b={b} past={n} new=1", nxt, np.full((b, 1), n, dtype=np.int64),
-                              np.ones((b, 1, 1), dtype=bool), cache)
+        _, ref = run_backbone(
+            f"decode b={b} past={n} new=1",
+            nxt,
+            np.full((b, 1), n, dtype=np.int64),
+            np.ones((b, 1, 1), dtype=bool),
+            cache,
+        )
         run_heads(f"heads b={b} (after decode)", np.ascontiguousarray(ref[1][:, -1]))
 
         for name in trees:
@@ -306,8 +337,9 @@ def _validate(folder, model, heads, *, trees, batches, prompt_len, seed, verbose
                 cases = cases[:1]
             for past, past_len, label in cases:
                 if limit is not None and past_len + m > limit:
-                    log.debug("SKIP  tree %s b=%d %s: %d tokens exceed max_context %d", name, b, label, past_len + m,
-                              limit)
+                    log.debug(
+                        "SKIP  tree %s b=%d %s: %d tokens exceed max_context %d", name, b, label, past_len + m, limit
+                    )
                     continue
                 t_pos = np.broadcast_to(past_len + tree.position_ids.astype(np.int64), (b, m)).copy()
                 run_backbone(f"tree {name} b={b} {label}", t_ids, t_pos, t_mask, past)

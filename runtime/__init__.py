@@ -4,7 +4,7 @@ Importing this package never imports torch, onnxruntime or tensorrt; backends im
 what they need when they are constructed.
 """
 
-from runtime.api import Generation, MedusaGenerator, load  # noqa: F401,E402
+from runtime.api import Generation, MedusaGenerator, load  # noqa: F401
 from runtime.errors import (  # noqa: F401
     ArtifactError,
     BackendUnavailableError,

@@ -97,8 +97,9 @@ def choose_backend(folder: Path, config: ArtifactConfig, device: str = "auto") -
     return "tensorrt", "engines built, tensorrt installed, GPU visible"
 
 
-def make_backend(folder: Path, config: ArtifactConfig, backend: str, device: str, threads: int | None,
-                 max_context: int | None) -> Backend:
+def make_backend(
+    folder: Path, config: ArtifactConfig, backend: str, device: str, threads: int | None, max_context: int | None
+) -> Backend:
     if backend == "auto":
         backend, why = choose_backend(folder, config, device)
         log.info("backend auto: %s (%s)", backend, why)
@@ -170,9 +171,17 @@ class _Replay:
 
 
 class MedusaGenerator:
-    def __init__(self, folder: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-                 max_context: int | None = None, tree: str | Sequence | Tree | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, verify: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        backend: str = "auto",
+        device: str = "auto",
+        threads: int | None = None,
+        max_context: int | None = None,
+        tree: str | Sequence | Tree | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        verify: bool = False,
+    ):
         # every argument before loading: a bad value fails fast, in one line (runtime/checks.py)
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         self.folder = checks.folder("artifact folder", folder)
@@ -184,19 +193,28 @@ class MedusaGenerator:
         self.tokenizer = Tokenizer(self.folder)
         tokens = self.tokenizer.vocab_size
         if tokens > self.spec.vocab_size:
-            raise ArtifactError(f"{self.folder}: tokenizer.json holds {tokens} tokens but the model's vocabulary is "
-                                f"{self.spec.vocab_size}: the tokenizer is not this model's (swapped?); re-export")
+            raise ArtifactError(
+                f"{self.folder}: tokenizer.json holds {tokens} tokens but the model's vocabulary is "
+                f"{self.spec.vocab_size}: the tokenizer is not this model's (swapped?); re-export"
+            )
         if max_context is not None and max_context > self.spec.max_context:
-            warnings.warn(f"max_context {max_context} exceeds the artifact's context of {self.spec.max_context} "
-                          f"tokens: the cache holds {self.spec.max_context}", MedusaWarning, stacklevel=3)
+            warnings.warn(
+                f"max_context {max_context} exceeds the artifact's context of {self.spec.max_context} "
+                f"tokens: the cache holds {self.spec.max_context}",
+                MedusaWarning,
+                stacklevel=3,
+            )
         self.backend = make_backend(self.folder, self.config, backend, device, threads, max_context)
         self.backend_name = "tensorrt" if type(self.backend).__name__ == "TensorRTBackend" else "onnxruntime"
         self._lock = threading.Lock()
         self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
         self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)
         # exact sampling's own tree, recorded at export; a tree given to load() serves every mode
-        self.sampling_tree = (self._recorded_tree(self.config.sampling_tree, self.config.sampling_tree_paths)
-                              if tree is None and self.config.sampling_tree else None)
+        self.sampling_tree = (
+            self._recorded_tree(self.config.sampling_tree, self.config.sampling_tree_paths)
+            if tree is None and self.config.sampling_tree
+            else None
+        )
         if self.default_tree.num_nodes >= self.backend.max_context:
             self._warn_tree_too_big(self.default_tree, self.backend.max_context - 1, stacklevel=3)
 
@@ -229,7 +247,9 @@ class MedusaGenerator:
         warnings.warn(
             f"tree {tree.name!r} has {tree.num_nodes} nodes but at most {room} fit in the context after the prompt: "
             "every step decodes plain (one token a step, no Medusa speed-up); use a smaller tree or a longer context",
-            MedusaWarning, stacklevel=stacklevel + 1)
+            MedusaWarning,
+            stacklevel=stacklevel + 1,
+        )
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt string (encoded as is), chat messages (chat template applied) or token ids."""
@@ -244,20 +264,48 @@ class MedusaGenerator:
             raise ConfigError("the prompt is empty (it encodes to no tokens)")
         return ids
 
-    def _events(self, prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
-                acceptance="exact", top_k=0, top_p=1.0, lookup=DEFAULT_LOOKUP):
+    def _events(
+        self,
+        prompt,
+        max_new_tokens,
+        temperature,
+        epsilon,
+        delta,
+        tree,
+        stop,
+        seed,
+        medusa,
+        acceptance="exact",
+        top_k=0,
+        top_p=1.0,
+        lookup=DEFAULT_LOOKUP,
+    ):
         """(prompt ids, the decode loop's events): the one path under stream() and generate().
         Every argument is checked here, at the call (the events run nothing until asked)."""
         ids = self.encode(prompt)
         cfg = DecodeConfig(
-            max_new_tokens=max_new_tokens, temperature=temperature, acceptance=acceptance, top_k=top_k, top_p=top_p,
-            epsilon=epsilon, delta=delta, medusa=medusa, lookup=lookup,
-            seed=seed, eos_token_ids=tuple(self.spec.eos_token_ids),
-            stop_strings=stop, prefill_chunk=self.prefill_chunk,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            acceptance=acceptance,
+            top_k=top_k,
+            top_p=top_p,
+            epsilon=epsilon,
+            delta=delta,
+            medusa=medusa,
+            lookup=lookup,
+            seed=seed,
+            eos_token_ids=tuple(self.spec.eos_token_ids),
+            stop_strings=stop,
+            prefill_chunk=self.prefill_chunk,
         )
         t = self._tree(tree) if cfg.medusa else None
-        if tree is None and self.sampling_tree is not None and cfg.medusa and cfg.temperature >= GREEDY_BELOW \
-                and cfg.acceptance == "exact":
+        if (
+            tree is None
+            and self.sampling_tree is not None
+            and cfg.medusa
+            and cfg.temperature >= GREEDY_BELOW
+            and cfg.acceptance == "exact"
+        ):
             t = self.sampling_tree
         check_fits(self.backend, ids)  # at the call: the events run nothing until asked
         room = self.backend.max_context - len(ids)
@@ -309,20 +357,45 @@ class MedusaGenerator:
                         return
                     claim.emitted.extend(event.tokens)
                     if event.stats.finish_reason:  # the last event: a stop may have trimmed the step's tokens,
-                        claim.done = True          # so the cache no longer matches them; nothing more to decode
+                        claim.done = True  # so the cache no longer matches them; nothing more to decode
                 yield event  # the lock is free while the consumer handles the chunk
         finally:  # finished, failed, closed or collected: nothing of it is kept
             claim.done = True
             claim.saved = None
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
-               epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None, stop: Sequence[str] | str = (),
-               seed: int | None = None, medusa: bool = True, acceptance: str = "exact", top_k: int = 0,
-               top_p: float = 1.0, lookup: int = DEFAULT_LOOKUP) -> Iterator[TextChunk]:
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        epsilon: float = DEFAULT_EPSILON,
+        delta: float = DEFAULT_DELTA,
+        tree=None,
+        stop: Sequence[str] | str = (),
+        seed: int | None = None,
+        medusa: bool = True,
+        acceptance: str = "exact",
+        top_k: int = 0,
+        top_p: float = 1.0,
+        lookup: int = DEFAULT_LOOKUP,
+    ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
-        ids, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
-                                   acceptance, top_k, top_p, lookup)
+        ids, events = self._events(
+            prompt,
+            max_new_tokens,
+            temperature,
+            epsilon,
+            delta,
+            tree,
+            stop,
+            seed,
+            medusa,
+            acceptance,
+            top_k,
+            top_p,
+            lookup,
+        )
         return self._chunks(self._steps(_Claim(ids), events))
 
     def _chunks(self, steps) -> Iterator[TextChunk]:
@@ -334,11 +407,22 @@ class MedusaGenerator:
         if tail and event is not None:
             yield TextChunk(tail, [], event.stats)
 
-    def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0,
-                 epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, tree=None,
-                 stop: Sequence[str] | str = (), seed: int | None = None, medusa: bool = True,
-                 acceptance: str = "exact", top_k: int = 0, top_p: float = 1.0,
-                 lookup: int = DEFAULT_LOOKUP) -> Generation:
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        epsilon: float = DEFAULT_EPSILON,
+        delta: float = DEFAULT_DELTA,
+        tree=None,
+        stop: Sequence[str] | str = (),
+        seed: int | None = None,
+        medusa: bool = True,
+        acceptance: str = "exact",
+        top_k: int = 0,
+        top_p: float = 1.0,
+        lookup: int = DEFAULT_LOOKUP,
+    ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
         ``temperature`` 0 decodes greedily (Medusa's output equals plain greedy decoding's).
@@ -352,8 +436,21 @@ class MedusaGenerator:
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless
         like every draft: the backbone verifies it.
         """
-        ids, events = self._events(prompt, max_new_tokens, temperature, epsilon, delta, tree, stop, seed, medusa,
-                                   acceptance, top_k, top_p, lookup)
+        ids, events = self._events(
+            prompt,
+            max_new_tokens,
+            temperature,
+            epsilon,
+            delta,
+            tree,
+            stop,
+            seed,
+            medusa,
+            acceptance,
+            top_k,
+            top_p,
+            lookup,
+        )
         tokens: list[int] = []
         stats = DecodeStats()
         claim = _Claim(ids)
@@ -368,9 +465,16 @@ class MedusaGenerator:
         return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats)
 
 
-def load(artifact_dir: str | Path, backend: str = "auto", device: str = "auto", threads: int | None = None,
-         max_context: int | None = None, tree=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-         verify: bool = False) -> MedusaGenerator:
+def load(
+    artifact_dir: str | Path,
+    backend: str = "auto",
+    device: str = "auto",
+    threads: int | None = None,
+    max_context: int | None = None,
+    tree=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    verify: bool = False,
+) -> MedusaGenerator:
     """Load an artifact folder written by ``medusa-export``.
 
     backend: ``auto`` (TensorRT where the artifact has engines, tensorrt imports and a GPU is
@@ -380,5 +484,13 @@ def load(artifact_dir: str | Path, backend: str = "auto", device: str = "auto", 
     exists, parses and has the size the export recorded, and that the graphs' sizes match the
     config; ``verify=True`` also checks every file's sha256 (about 0.5 s for SmolLM2-135M).
     """
-    return MedusaGenerator(artifact_dir, backend=backend, device=device, threads=threads, max_context=max_context,
-                           tree=tree, prefill_chunk=prefill_chunk, verify=verify)
+    return MedusaGenerator(
+        artifact_dir,
+        backend=backend,
+        device=device,
+        threads=threads,
+        max_context=max_context,
+        tree=tree,
+        prefill_chunk=prefill_chunk,
+        verify=verify,
+    )

@@ -139,7 +139,9 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
         )
     for key in ("model", "backbone", "heads"):
         if not isinstance(raw.get(key), dict):
-            raise ArtifactError(f"{cfg_path}: malformed config ({key!r} must be a JSON object, got {checks.show(raw.get(key))})")
+            raise ArtifactError(
+                f"{cfg_path}: malformed config ({key!r} must be a JSON object, got {checks.show(raw.get(key))})"
+            )
     if raw.get("heads_int8") is not None and not isinstance(raw["heads_int8"], dict):
         raise ArtifactError(f"{cfg_path}: malformed config ('heads_int8' must be a JSON object or null)")
     try:
@@ -153,9 +155,13 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{cfg_path}: malformed config ({e})") from None
     if cfg.flavour not in FLAVOURS:
-        raise ArtifactError(f"{cfg_path}: unknown graph flavour {cfg.flavour!r} (this runtime reads {', '.join(FLAVOURS)})")
+        raise ArtifactError(
+            f"{cfg_path}: unknown graph flavour {cfg.flavour!r} (this runtime reads {', '.join(FLAVOURS)})"
+        )
     if cfg.precision not in PRECISIONS:
-        raise ArtifactError(f"{cfg_path}: unknown precision {cfg.precision!r} (this runtime reads {', '.join(PRECISIONS)})")
+        raise ArtifactError(
+            f"{cfg_path}: unknown precision {cfg.precision!r} (this runtime reads {', '.join(PRECISIONS)})"
+        )
     _check_types(cfg, cfg_path)
     sealed = cfg.provenance.get("config_sha256")
     if sealed is not None and sealed != config_digest(cfg):
@@ -208,7 +214,9 @@ def _check_types(cfg: ArtifactConfig, cfg_path: Path) -> None:
         if cfg.sampling_tree is not None:
             checks.text("sampling_tree", cfg.sampling_tree)
         if not isinstance(cfg.sampling_tree_paths, list):
-            raise ConfigError(f"sampling_tree_paths must be a list of paths, got {checks.show(cfg.sampling_tree_paths)}")
+            raise ConfigError(
+                f"sampling_tree_paths must be a list of paths, got {checks.show(cfg.sampling_tree_paths)}"
+            )
         if not isinstance(cfg.provenance, dict):
             raise ConfigError(f"provenance must be an object, got {checks.show(cfg.provenance)}")
     except ConfigError as e:
@@ -237,8 +245,11 @@ def file_digest(path: Path) -> str:
 
 def record_checksums(folder: Path, skip: tuple[str, ...] = (CONFIG_FILE,)) -> dict:
     """{file: {"bytes", "sha256"}} for every file of an artifact folder (the exporter's record)."""
-    return {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-            for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name not in skip}
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file() and p.name not in skip
+    }
 
 
 def check_files(folder: Path, cfg: ArtifactConfig, verify: bool = False) -> None:
@@ -248,17 +259,34 @@ def check_files(folder: Path, cfg: ArtifactConfig, verify: bool = False) -> None
     prov = cfg.provenance
     recorded = prov.get("checksums")
     if not isinstance(recorded, dict):
-        recorded = {name: {"bytes": size} for name, size in (prov.get("files") or {}).items()} \
-            if isinstance(prov.get("files"), dict) else {}
+        recorded = (
+            {name: {"bytes": size} for name, size in (prov.get("files") or {}).items()}
+            if isinstance(prov.get("files"), dict)
+            else {}
+        )
         if verify:
-            warnings.warn(f"{folder}: this artifact records no checksums (exported by an older medusa-export): "
-                          "only file sizes were checked; re-export to record them", MedusaWarning, stacklevel=3)
+            warnings.warn(
+                f"{folder}: this artifact records no checksums (exported by an older medusa-export): "
+                "only file sizes were checked; re-export to record them",
+                MedusaWarning,
+                stacklevel=3,
+            )
     for name, entry in recorded.items():
-        if not isinstance(name, str) or "/" in name or os.sep in name or name in (".", "..") or not isinstance(entry, dict):
-            raise ArtifactError(f"{folder / CONFIG_FILE}: malformed provenance record for {name!r} (re-run medusa-export)")
+        if (
+            not isinstance(name, str)
+            or "/" in name
+            or os.sep in name
+            or name in (".", "..")
+            or not isinstance(entry, dict)
+        ):
+            raise ArtifactError(
+                f"{folder / CONFIG_FILE}: malformed provenance record for {name!r} (re-run medusa-export)"
+            )
         path = folder / name
         if not path.is_file():
-            raise ArtifactError(f"{folder}: {name} is missing (the export wrote it; copy the artifact again or re-export)")
+            raise ArtifactError(
+                f"{folder}: {name} is missing (the export wrote it; copy the artifact again or re-export)"
+            )
         size = path.stat().st_size
         if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
             raise ArtifactError(

@@ -53,13 +53,16 @@ class Backend(ABC):
             )
         limit = self.max_new_tokens(past)
         if n > limit:
-            raise MedusaError(f"{type(self).__name__} takes at most {limit} new tokens on a cache of {past}, got {n} "
-                              "(the decode loop plans calls by max_new_tokens)")
+            raise MedusaError(
+                f"{type(self).__name__} takes at most {limit} new tokens on a cache of {past}, got {n} "
+                "(the decode loop plans calls by max_new_tokens)"
+            )
         return self._forward(ids, pos, mask, logits)
 
     @abstractmethod
-    def _forward(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
-                 logits: int | None) -> np.ndarray:
+    def _forward(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray, logits: int | None
+    ) -> np.ndarray:
         """The engine call(s) on checked inputs: int64 ``[n]``, int64 ``[n]``, bool ``[n, n]``."""
 
     def max_new_tokens(self, past: int | None = None) -> int:
@@ -114,8 +117,10 @@ def check_forward(input_ids, position_ids, tree_mask, vocab_size: int) -> tuple[
             "expected [n], [n], [n, n] with n >= 1"
         )
     if ids.dtype.kind not in "iu" or pos.dtype.kind not in "iu" or mask.dtype.kind not in "bui":
-        raise MedusaError(f"forward: integer input_ids/position_ids and a boolean tree_mask expected, got "
-                          f"{ids.dtype}, {pos.dtype}, {mask.dtype}")
+        raise MedusaError(
+            f"forward: integer input_ids/position_ids and a boolean tree_mask expected, got "
+            f"{ids.dtype}, {pos.dtype}, {mask.dtype}"
+        )
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise MedusaError(f"forward: input_ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
     mask = mask.astype(bool, copy=False)

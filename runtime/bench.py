@@ -33,8 +33,9 @@ class Prompt:
     text: str
 
 
-def load_prompts(path: str | Path, limit: int | None = None, per_category: int | None = None,
-                 skip: int = 0) -> list[Prompt]:
+def load_prompts(
+    path: str | Path, limit: int | None = None, per_category: int | None = None, skip: int = 0
+) -> list[Prompt]:
     """MT-Bench-style JSONL (``question_id``, ``category``, ``turns``): first turns; JSONL with
     ``prompt``; or an Alpaca JSON list (``instruction`` + ``input``, category ``alpaca``).
 
@@ -101,8 +102,9 @@ def _run(gen, ids, max_new_tokens, medusa, tree=None, **kw) -> RunResult:
     out = gen.generate(ids, max_new_tokens=max_new_tokens, medusa=medusa, tree=tree, **kw)
     seconds = time.perf_counter() - t
     s = out.stats
-    return RunResult(out.tokens, seconds, s.steps, dict(s.times), dict(s.accept_hist),
-                     lookup_accepted=s.lookup_accepted)
+    return RunResult(
+        out.tokens, seconds, s.steps, dict(s.times), dict(s.accept_hist), lookup_accepted=s.lookup_accepted
+    )
 
 
 @dataclass
@@ -156,10 +158,17 @@ class HFPeer:
         x = torch.tensor([ids])
         t = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                      do_sample=False, top_p=None, top_k=None, temperature=None)
+            out = self.model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                top_p=None,
+                top_k=None,
+                temperature=None,
+            )
         seconds = time.perf_counter() - t
-        return RunResult(out[0, len(ids):].tolist(), seconds)
+        return RunResult(out[0, len(ids) :].tolist(), seconds)
 
 
 PEERS = ("hf", "ortgenai")
@@ -172,14 +181,26 @@ def _peer_model_path(gen, explicit: str | None) -> str:
     prov = gen.config.provenance
     path = prov.get("source_model_path") or prov.get("source_model") or ""
     if not path or not Path(path).is_dir():
-        raise MedusaError("--peer: the artifact does not record a local source model folder that exists here "
-                          f"(source_model_path {prov.get('source_model_path')!r}); pass --peer-model DIR")
+        raise MedusaError(
+            "--peer: the artifact does not record a local source model folder that exists here "
+            f"(source_model_path {prov.get('source_model_path')!r}); pass --peer-model DIR"
+        )
     return path
 
 
-def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256, peer: str | None = None,
-              peer_model: str | None = None, threads: int | None = None, progress: bool = True,
-              lookups: list[int] | None = None, sampling: list[float] | None = None, seed: int = 0) -> dict:
+def run_bench(
+    gen,
+    prompts: list[Prompt],
+    trees: list,
+    max_new_tokens: int = 256,
+    peer: str | None = None,
+    peer_model: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    lookups: list[int] | None = None,
+    sampling: list[float] | None = None,
+    seed: int = 0,
+) -> dict:
     """Plain vs Medusa (each tree x each ``lookups`` setting) per prompt, interleaved; with
     ``sampling`` temperatures also plain sampling vs exact vs typical Medusa sampling
     (the first variant's tree and lookup, seeds ``seed + prompt index``)."""
@@ -220,8 +241,13 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
 
     per_prompt = []
     peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
-    bar = tqdm(total=len(prompts) * (1 + len(variants) + peer_runs + 3 * len(sampling)), desc="bench", unit="run",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(prompts) * (1 + len(variants) + peer_runs + 3 * len(sampling)),
+        desc="bench",
+        unit="run",
+        disable=not progress,
+        file=sys.stderr,
+    )
     for i, p in enumerate(prompts):
         ids = gen.encode([{"role": "user", "content": p.text}])
         row: dict[str, Any] = {"id": p.id, "category": p.category, "prompt_tokens": len(ids)}
@@ -233,9 +259,13 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
             md = _run(gen, ids, max_new_tokens, medusa=True, tree=v.tree, lookup=v.lookup)
             bar.update()
             row["trees"][v.name] = {
-                "tokens": len(md.tokens), "seconds": md.seconds, "tokens_per_s": md.tokens_per_s,
+                "tokens": len(md.tokens),
+                "seconds": md.seconds,
+                "tokens_per_s": md.tokens_per_s,
                 "speedup": md.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else 0.0,
-                "steps": md.steps, "times": md.times, "accept_hist": md.accept_hist,
+                "steps": md.steps,
+                "times": md.times,
+                "accept_hist": md.accept_hist,
                 "mean_accepted": _hist_mean(md.accept_hist),
                 "identical": md.tokens == ar.tokens,
                 "divergence": None if md.tokens == ar.tokens else _divergence(gen, ids, ar.tokens, md.tokens),
@@ -245,15 +275,39 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
             row["sampling"] = {}
         for temp in sampling:  # same seed for the three: a fair draw, not the same tokens
             kw = dict(temperature=temp, seed=seed + i)
-            runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw),
-                    "exact": _run(gen, ids, max_new_tokens, medusa=True, tree=exact_tree,
-                                  lookup=variants[0].lookup, acceptance="exact", **kw),
-                    "typical": _run(gen, ids, max_new_tokens, medusa=True, tree=variants[0].tree,
-                                    lookup=variants[0].lookup, acceptance="typical", **kw)}
+            runs = {
+                "plain": _run(gen, ids, max_new_tokens, medusa=False, **kw),
+                "exact": _run(
+                    gen,
+                    ids,
+                    max_new_tokens,
+                    medusa=True,
+                    tree=exact_tree,
+                    lookup=variants[0].lookup,
+                    acceptance="exact",
+                    **kw,
+                ),
+                "typical": _run(
+                    gen,
+                    ids,
+                    max_new_tokens,
+                    medusa=True,
+                    tree=variants[0].tree,
+                    lookup=variants[0].lookup,
+                    acceptance="typical",
+                    **kw,
+                ),
+            }
             bar.update(3)
             row["sampling"][str(temp)] = {
-                k: {"tokens": len(r.tokens), "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
-                    "accept_hist": r.accept_hist} for k, r in runs.items()}
+                k: {
+                    "tokens": len(r.tokens),
+                    "seconds": r.seconds,
+                    "tokens_per_s": r.tokens_per_s,
+                    "accept_hist": r.accept_hist,
+                }
+                for k, r in runs.items()
+            }
         if hf is not None:
             pr = hf.run(ids, max_new_tokens)
             bar.update()
@@ -283,10 +337,20 @@ def run_bench(gen, prompts: list[Prompt], trees: list, max_new_tokens: int = 256
 def _peer_row(pr: RunResult, ar: RunResult) -> dict:
     """A peer's run on one prompt, checked against our plain decode of the same prompt ids."""
     same = pr.tokens == ar.tokens
-    first = None if same else next((i for i, (a, b) in enumerate(zip(ar.tokens, pr.tokens)) if a != b),
-                                   min(len(ar.tokens), len(pr.tokens)))
-    return {"tokens": len(pr.tokens), "seconds": pr.seconds, "tokens_per_s": pr.tokens_per_s,
-            "identical_to_plain": same, "first_difference": first}
+    first = (
+        None
+        if same
+        else next(
+            (i for i, (a, b) in enumerate(zip(ar.tokens, pr.tokens)) if a != b), min(len(ar.tokens), len(pr.tokens))
+        )
+    )
+    return {
+        "tokens": len(pr.tokens),
+        "seconds": pr.seconds,
+        "tokens_per_s": pr.tokens_per_s,
+        "identical_to_plain": same,
+        "first_difference": first,
+    }
 
 
 def _hist_mean(hist: dict) -> float:
@@ -310,8 +374,11 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
     for temp in temps:
         rows = [r["sampling"][str(temp)] for r in per_prompt]
         plain = _tokens_per_s([r["plain"] for r in rows])
-        entry = {"plain_tokens_per_s": plain, "greedy_speedup": res["trees"][variant_name]["speedup"],
-                 "tree": variant_name}
+        entry = {
+            "plain_tokens_per_s": plain,
+            "greedy_speedup": res["trees"][variant_name]["speedup"],
+            "tree": variant_name,
+        }
         for k in ("exact", "typical"):
             tps = _tokens_per_s([r[k] for r in rows])
             hist = _merged_hist(r[k]["accept_hist"] for r in rows)
@@ -334,8 +401,11 @@ def _by_category(per_prompt, names) -> dict:
         for n in names:
             vs = [r["trees"][n] for r in rows]
             tps = _tokens_per_s(vs)
-            entry[n] = {"tokens_per_s": tps, "speedup": _ratio(tps, plain),
-                        "mean_accepted": _hist_mean(_merged_hist(v["accept_hist"] for v in vs))}
+            entry[n] = {
+                "tokens_per_s": tps,
+                "speedup": _ratio(tps, plain),
+                "mean_accepted": _hist_mean(_merged_hist(v["accept_hist"] for v in vs)),
+            }
         out[cat] = entry
     return out
 
@@ -353,12 +423,19 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
             times[k] += v
     decode_s = sum(v for k, v in times.items() if k != "prefill")
     tps = tokens / seconds if seconds else 0.0
-    near_ties = [r["divergence"] for r in rows if r["divergence"] and r["divergence"].get("top2_gap") is not None
-                 and r["divergence"]["top2_gap"] < 1e-4]
+    near_ties = [
+        r["divergence"]
+        for r in rows
+        if r["divergence"] and r["divergence"].get("top2_gap") is not None and r["divergence"]["top2_gap"] < 1e-4
+    ]
     return {
-        "tree": variant.name, "nodes": tree.num_nodes, "paths": [list(p) for p in tree.paths],
-        "lookup": variant.lookup, "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
-        "medusa_tokens_per_s": tps, "speedup": tps / ar_tps if ar_tps else 0.0,
+        "tree": variant.name,
+        "nodes": tree.num_nodes,
+        "paths": [list(p) for p in tree.paths],
+        "lookup": variant.lookup,
+        "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
+        "medusa_tokens_per_s": tps,
+        "speedup": tps / ar_tps if ar_tps else 0.0,
         "median_prompt_speedup": statistics.median(r["speedup"] for r in rows),
         "mean_accepted": _hist_mean(hist),
         "accept_hist": {str(k): v for k, v in sorted(hist.items())},
@@ -406,8 +483,11 @@ def summarize(gen, per_prompt, variants, max_new_tokens, peer, threads) -> dict:
         for t in tree_rows.values():
             t["medusa_vs_peer"] = _ratio(t["medusa_tokens_per_s"], p_tps)
         out["peer_identical"] = sum(r["peer"]["identical_to_plain"] for r in per_prompt)
-        out["peer_divergences"] = [{"id": r["id"], "position": r["peer"]["first_difference"]}
-                                   for r in per_prompt if not r["peer"]["identical_to_plain"]]
+        out["peer_divergences"] = [
+            {"id": r["id"], "position": r["peer"]["first_difference"]}
+            for r in per_prompt
+            if not r["peer"]["identical_to_plain"]
+        ]
         # the names of the first peer summaries, still read by earlier scripts and tests
         out["ar_vs_peer"] = out["plain_vs_peer"]
         out["peer_identical_to_plain"] = out["peer_identical"]
@@ -428,8 +508,7 @@ def _summarize_ortgenai(res: dict, og, per_prompt: list[dict]) -> None:
     """onnxruntime-genai's graph and its n-gram run (or why there is none) into ``res``."""
     res["peer_model"] = str(og.model_dir)
     if og.ngram_unavailable:
-        res.update(peer_ngram_tokens_per_s=None, peer_ngram_unavailable=og.ngram_unavailable,
-                   medusa_vs_peer_ngram=None)
+        res.update(peer_ngram_tokens_per_s=None, peer_ngram_unavailable=og.ngram_unavailable, medusa_vs_peer_ngram=None)
         for t in res["trees"].values():
             t["medusa_vs_peer_ngram"] = None
         return
@@ -457,22 +536,35 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
         names = list(res["trees"])
         peers = [k for k in ("peer", "peer_ngram") if res.get(f"{k}_tokens_per_s") is not None]
         peer_heads = {"peer": f"{res.get('peer')} tok/s", "peer_ngram": "n-gram tok/s"}
-        head = (f"{'id':>5} {'category':<11} {'plain tok/s':>11} " + " ".join(f"{n[:18]:>18}" for n in names)
-                + "".join(f" {peer_heads[k][:14]:>14}" for k in peers) + "  identical")
+        head = (
+            f"{'id':>5} {'category':<11} {'plain tok/s':>11} "
+            + " ".join(f"{n[:18]:>18}" for n in names)
+            + "".join(f" {peer_heads[k][:14]:>14}" for k in peers)
+            + "  identical"
+        )
         lines += [head, "-" * len(head)]
         for r in res["per_prompt"]:
-            cells = " ".join(f"{r['trees'][n]['tokens_per_s']:6.1f} x{r['trees'][n]['speedup']:4.2f} a{r['trees'][n]['mean_accepted']:.2f}".rjust(18) for n in names)
+            cells = " ".join(
+                f"{r['trees'][n]['tokens_per_s']:6.1f} x{r['trees'][n]['speedup']:4.2f} a{r['trees'][n]['mean_accepted']:.2f}".rjust(
+                    18
+                )
+                for n in names
+            )
             cells += "".join(f" {r[k]['tokens_per_s']:14.1f}" for k in peers)
             same = "".join("=" if r["trees"][n]["identical"] else "≠" for n in names)
             same += "".join("=" if r[k]["identical_to_plain"] else "≠" for k in peers)
             lines.append(f"{r['id']:>5} {r['category'][:11]:<11} {r['ar']['tokens_per_s']:11.1f} {cells}  {same}")
         lines.append("")
-    lines.append(f"{res['prompts']} prompts, max_new_tokens {res['max_new_tokens']}, backend {res['backend']} "
-                 f"{res.get('providers') or ''} threads {res['threads']}")
+    lines.append(
+        f"{res['prompts']} prompts, max_new_tokens {res['max_new_tokens']}, backend {res['backend']} "
+        f"{res.get('providers') or ''} threads {res['threads']}"
+    )
     lines.append(f"plain decoding: {res['ar_tokens_per_s']:.2f} tok/s ({res['ar_step_ms']:.1f} ms/token)")
     w = max(18, *(len(n) for n in res["trees"]))
-    head = (f"{'tree':<{w}} {'nodes':>5} {'tok/s':>7} {'speedup':>7} {'accepted':>8} {'identical':>9} "
-            f"{'engine':>7} {'heads':>6} {'cand':>5} {'accept':>6} {'kv':>5} {'other':>5} {'outside':>7}")
+    head = (
+        f"{'tree':<{w}} {'nodes':>5} {'tok/s':>7} {'speedup':>7} {'accepted':>8} {'identical':>9} "
+        f"{'engine':>7} {'heads':>6} {'cand':>5} {'accept':>6} {'kv':>5} {'other':>5} {'outside':>7}"
+    )
     lines += ["", head, "-" * len(head)]
     for t in res["trees"].values():
         ms = t["step_ms"]
@@ -482,24 +574,32 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
             f"{ms['candidates']:3.1f}ms {ms['acceptance']:4.1f}ms {ms['kv_update']:3.1f}ms {ms['other']:3.1f}ms "
             f"{100 * t['overhead_fraction']:6.1f}%"
         )
-    lines.append("(engine .. other: milliseconds per Medusa step; 'outside' = time outside engine calls / Medusa decode time)")
+    lines.append(
+        "(engine .. other: milliseconds per Medusa step; 'outside' = time outside engine calls / Medusa decode time)"
+    )
     cats = res.get("by_category") or {}
     if len(cats) > 1:
         names = list(res["trees"])
         head = f"{'category':<11} {'n':>3} {'plain':>7} " + " ".join(f"{n[:22]:>22}" for n in names)
         lines += ["", "by category (tok/s, speedup, accepted):", head, "-" * len(head)]
         for cat, e in cats.items():
-            cells = " ".join(f"{e[n]['tokens_per_s']:6.1f} x{e[n]['speedup'] or 0:4.2f} a{e[n]['mean_accepted']:.2f}".rjust(22)
-                             for n in names)
+            cells = " ".join(
+                f"{e[n]['tokens_per_s']:6.1f} x{e[n]['speedup'] or 0:4.2f} a{e[n]['mean_accepted']:.2f}".rjust(22)
+                for n in names
+            )
             lines.append(f"{cat[:11]:<11} {e['prompts']:>3} {e['plain_tokens_per_s']:7.1f} {cells}")
     for temp, e in (res.get("sampling") or {}).items():
         lines.append("")
-        lines.append(f"sampling at temperature {temp} (greedy and typical: tree {e['tree']}, greedy speedup in this run "
-                     f"{e['greedy_speedup']:.2f}x; exact: tree {e.get('exact_tree', e['tree'])}):")
+        lines.append(
+            f"sampling at temperature {temp} (greedy and typical: tree {e['tree']}, greedy speedup in this run "
+            f"{e['greedy_speedup']:.2f}x; exact: tree {e.get('exact_tree', e['tree'])}):"
+        )
         lines.append(f"  plain sampling  {e['plain_tokens_per_s']:8.2f} tok/s")
         for k, what in (("exact", "exact (the backbone's distribution)"), ("typical", "typical acceptance (lossy)")):
-            lines.append(f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
-                         f"{e[k + '_mean_accepted']:.2f} accepted/step  [{what}]")
+            lines.append(
+                f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
+                f"{e[k + '_mean_accepted']:.2f} accepted/step  [{what}]"
+            )
     for t in res["trees"].values():
         lines.append(f"accepted-length histogram {t['tree']}: {t['accept_hist']}")
         for d in t["divergences"]:
@@ -514,28 +614,38 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
 def _peer_report(res: dict) -> list[str]:
     """The peer section: its speeds, ours against them, and whether its tokens equal ours."""
     n = res["prompts"]
-    lines = [f"peer {res['peer']} ({res['peer_version']}), same prompt ids, same clock"
-             + (f", graph {res['peer_model']}" if res.get("peer_model") else "") + ":"]
+    lines = [
+        f"peer {res['peer']} ({res['peer_version']}), same prompt ids, same clock"
+        + (f", graph {res['peer_model']}" if res.get("peer_model") else "")
+        + ":"
+    ]
     if not res["threads"]:
         lines.append("  (no --threads: each library chose its thread count; pass --threads for a like-for-like run)")
     diverged = "".join(f"; prompt {d['id']} first differs at token {d['position']}" for d in res["peer_divergences"])
-    lines.append(f"  peer plain      {res['peer_tokens_per_s']:8.2f} tok/s; its tokens equal our plain decode's on "
-                 f"{res['peer_identical']}/{n} prompts{diverged}")
+    lines.append(
+        f"  peer plain      {res['peer_tokens_per_s']:8.2f} tok/s; its tokens equal our plain decode's on "
+        f"{res['peer_identical']}/{n} prompts{diverged}"
+    )
     if "peer_ngram_tokens_per_s" in res:
         if res["peer_ngram_tokens_per_s"] is None:
             lines.append(f"  peer n-gram     not run: {res['peer_ngram_unavailable']}")
         else:
             o = res["peer_ngram_options"]
             accepted = res["peer_ngram_drafts_accepted"]
-            lines.append(f"  peer n-gram     {res['peer_ngram_tokens_per_s']:8.2f} tok/s = "
-                         f"{res['peer_ngram_speedup']:.2f}x its plain (ngram_size {o['ngram_size']}, max_draft_tokens {o['max_draft_tokens']}"
-                         + (f", {100 * accepted:.0f}% of drafted tokens accepted" if accepted is not None else "")
-                         + f"); tokens equal its plain on {res['peer_ngram_identical_to_peer']}/{n}")
+            lines.append(
+                f"  peer n-gram     {res['peer_ngram_tokens_per_s']:8.2f} tok/s = "
+                f"{res['peer_ngram_speedup']:.2f}x its plain (ngram_size {o['ngram_size']}, max_draft_tokens {o['max_draft_tokens']}"
+                + (f", {100 * accepted:.0f}% of drafted tokens accepted" if accepted is not None else "")
+                + f"); tokens equal its plain on {res['peer_ngram_identical_to_peer']}/{n}"
+            )
     lines.append(f"  our plain       {res['ar_tokens_per_s']:8.2f} tok/s = {res['plain_vs_peer']:.2f}x peer plain")
     for t in res["trees"].values():
         vs_ngram = t.get("medusa_vs_peer_ngram")
-        lines.append(f"  our Medusa      {t['medusa_tokens_per_s']:8.2f} tok/s = {t['medusa_vs_peer']:.2f}x peer plain"
-                     + (f", {vs_ngram:.2f}x peer n-gram" if vs_ngram is not None else "") + f" (tree {t['tree']})")
+        lines.append(
+            f"  our Medusa      {t['medusa_tokens_per_s']:8.2f} tok/s = {t['medusa_vs_peer']:.2f}x peer plain"
+            + (f", {vs_ngram:.2f}x peer n-gram" if vs_ngram is not None else "")
+            + f" (tree {t['tree']})"
+        )
     return lines
 
 
@@ -558,7 +668,9 @@ def plot_bench(res: dict, path: str | Path) -> Path:
         total = sum(t["accept_hist"].values()) or 1
         xs = np.arange(1, max_len + 1)
         ys = [t["accept_hist"].get(str(x), 0) / total for x in xs]
-        ax1.bar(xs + (i - (len(trees) - 1) / 2) * width, ys, width, label=f"{t['tree']} (mean {t['mean_accepted']:.2f})")
+        ax1.bar(
+            xs + (i - (len(trees) - 1) / 2) * width, ys, width, label=f"{t['tree']} (mean {t['mean_accepted']:.2f})"
+        )
     ax1.set_xlabel("tokens accepted per step")
     ax1.set_ylabel("share of steps")
     ax1.set_title("Accepted length")

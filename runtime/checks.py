@@ -66,8 +66,15 @@ def _as_int(value) -> int | None:
         return None
 
 
-def integer(name: str, value, minimum: int | None = None, maximum: int | None = None, *, rule: str | None = None,
-            optional: bool = False) -> int | None:
+def integer(
+    name: str,
+    value,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    *,
+    rule: str | None = None,
+    optional: bool = False,
+) -> int | None:
     """``value`` as an int within [minimum, maximum] (None passes when ``optional``)."""
     if value is None and optional:
         return None
@@ -80,8 +87,16 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
     return v
 
 
-def real(name: str, value, minimum: float | None = None, maximum: float | None = None, *, min_open: bool = False,
-         rule: str | None = None, optional: bool = False) -> float | None:
+def real(
+    name: str,
+    value,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    min_open: bool = False,
+    rule: str | None = None,
+    optional: bool = False,
+) -> float | None:
     """``value`` as a finite float within the bounds (``min_open``: the minimum itself is excluded)."""
     if value is None and optional:
         return None
@@ -140,13 +155,19 @@ def folder(name: str, value) -> Path:
 
 
 def threads(value) -> int | None:
-    return integer("threads", value, 1, MAX_THREADS, optional=True,
-                   rule=f"in [1, {MAX_THREADS}] (or None: the library's default)")
+    return integer(
+        "threads", value, 1, MAX_THREADS, optional=True, rule=f"in [1, {MAX_THREADS}] (or None: the library's default)"
+    )
 
 
 def max_context(value) -> int | None:
-    return integer("max_context", value, 2, optional=True,
-                   rule=">= 2 (the prompt and one new token; or None: the artifact's context)")
+    return integer(
+        "max_context",
+        value,
+        2,
+        optional=True,
+        rule=">= 2 (the prompt and one new token; or None: the artifact's context)",
+    )
 
 
 def seed(value) -> int | None:
@@ -199,14 +220,18 @@ def prompt(value, vocab_size: int) -> tuple[str, Any]:
             raise ConfigError("the prompt is empty")
         return "text", value
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raise ConfigError("the prompt is bytes: decode it to a str (prompt.decode('utf-8')); token ids go in a list of ints")
+        raise ConfigError(
+            "the prompt is bytes: decode it to a str (prompt.decode('utf-8')); token ids go in a list of ints"
+        )
     if isinstance(value, np.ndarray):
         if value.ndim != 1:
             raise ConfigError(f"a prompt of token ids must be 1-D, got an array of shape {value.shape}")
         value = list(value)
     if not isinstance(value, (list, tuple)):
-        raise ConfigError("prompt must be a string, a list of chat messages ({'role': ..., 'content': ...}) "
-                          f"or a list of token ids, got {show(value)}")
+        raise ConfigError(
+            "prompt must be a string, a list of chat messages ({'role': ..., 'content': ...}) "
+            f"or a list of token ids, got {show(value)}"
+        )
     if not value:
         raise ConfigError("the prompt is empty")
     if all(isinstance(m, dict) for m in value):
@@ -234,8 +259,10 @@ def tree(spec, num_heads: int | None, vocab_size: int | None):
                 raise TreeError(f"tree file {spec} is not UTF-8 JSON text ({e})") from None
             spec = build_tree(tree_paths(paths, vocab_size, name), name=name, num_heads=num_heads)
     elif not isinstance(spec, Tree):
-        raise ConfigError("tree must be a name from tree_configs, a JSON file, a list of paths such as "
-                          f"[[0], [0, 0], [1]] or a Tree, got {show(spec)}")
+        raise ConfigError(
+            "tree must be a name from tree_configs, a JSON file, a list of paths such as "
+            f"[[0], [0, 0], [1]] or a Tree, got {show(spec)}"
+        )
     t = load_tree(spec, num_heads=num_heads)  # names and missing files (a TreeError); a Tree is re-validated
     tree_paths([list(p) for p in t.paths], vocab_size, t.name)
     return t
@@ -248,8 +275,10 @@ def tree_paths(paths, vocab_size: int | None, name: str = "tree") -> list:
     if not isinstance(paths, (list, tuple)) or not paths:
         raise TreeError(f"{name}: expected a non-empty list of paths such as [[0], [0, 0], [1]], got {show(paths)}")
     if len(paths) + 1 > MAX_TREE_NODES:
-        raise TreeError(f"{name}: {len(paths) + 1} nodes; a tree holds at most {MAX_TREE_NODES} (its attention mask "
-                        "is nodes x nodes, and each step verifies every node): use a smaller tree")
+        raise TreeError(
+            f"{name}: {len(paths) + 1} nodes; a tree holds at most {MAX_TREE_NODES} (its attention mask "
+            "is nodes x nodes, and each step verifies every node): use a smaller tree"
+        )
     for p in paths:
         if not isinstance(p, (list, tuple)) or not p:
             raise TreeError(f"{name}: path {show(p)} is not a non-empty list of ranks")
@@ -260,6 +289,8 @@ def tree_paths(paths, vocab_size: int | None, name: str = "tree") -> list:
             if v < 0:
                 raise TreeError(f"{name}: path {show(p)} has a negative rank {v}")
             if vocab_size is not None and v >= vocab_size:
-                raise TreeError(f"{name}: path {show(p)} asks for rank {v} of a head's proposals, but the vocabulary "
-                                f"has {vocab_size} tokens (ranks 0..{vocab_size - 1})")
+                raise TreeError(
+                    f"{name}: path {show(p)} asks for rank {v} of a head's proposals, but the vocabulary "
+                    f"has {vocab_size} tokens (ranks 0..{vocab_size - 1})"
+                )
     return list(paths)

@@ -29,17 +29,25 @@ EPILOG = """examples:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact folder written by medusa-export")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device (default: CUDA if available)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="ONNX Runtime device (default: CUDA if available)",
+    )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens (default: the model's)")
-    p.add_argument("--prefill-chunk", type=int, default=_decode_default("prefill_chunk"),
-                   help="prompt tokens per prefill call (0: the whole prompt in one call)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=_decode_default("prefill_chunk"),
+        help="prompt tokens per prefill call (0: the whole prompt in one call)",
+    )
     add_verbosity_args(p, sub=True)  # also after the subcommand: medusa-run generate ... -v
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="medusa-run", description=__doc__, epilog=EPILOG,
-                                 formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(prog="medusa-run", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     add_verbosity_args(ap)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -48,61 +56,107 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the user message (chat template applied), or raw text with --raw")
     g.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
     g.add_argument("--max-new-tokens", type=int, default=_decode_default("max_new_tokens"))
-    g.add_argument("--temperature", type=float, default=_decode_default("temperature"),
-                   help="0 = greedy (lossless); > 0 = sampling (see --acceptance)")
-    g.add_argument("--acceptance", choices=ACCEPTANCES, default=_decode_default("acceptance"),
-                   help="sampling: exact = tree speculative sampling, the backbone's own distribution; "
-                        "typical = Medusa's typical acceptance (accepts more, lossy)")
-    g.add_argument("--top-k", type=int, default=_decode_default("top_k"),
-                   help="sampling: keep the k likeliest tokens (0 = all)")
-    g.add_argument("--top-p", type=float, default=_decode_default("top_p"), help="sampling: nucleus mass to keep (1 = all)")
-    g.add_argument("--lookup", type=int, default=_decode_default("lookup"),
-                   help="context-lookup draft tokens per Medusa step (0 = off)")
-    g.add_argument("--epsilon", type=float, default=_decode_default("epsilon"), help="typical acceptance hard threshold")
-    g.add_argument("--delta", type=float, default=_decode_default("delta"),
-                   help="typical acceptance entropy-scaled threshold")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=_decode_default("temperature"),
+        help="0 = greedy (lossless); > 0 = sampling (see --acceptance)",
+    )
+    g.add_argument(
+        "--acceptance",
+        choices=ACCEPTANCES,
+        default=_decode_default("acceptance"),
+        help="sampling: exact = tree speculative sampling, the backbone's own distribution; "
+        "typical = Medusa's typical acceptance (accepts more, lossy)",
+    )
+    g.add_argument(
+        "--top-k", type=int, default=_decode_default("top_k"), help="sampling: keep the k likeliest tokens (0 = all)"
+    )
+    g.add_argument(
+        "--top-p", type=float, default=_decode_default("top_p"), help="sampling: nucleus mass to keep (1 = all)"
+    )
+    g.add_argument(
+        "--lookup",
+        type=int,
+        default=_decode_default("lookup"),
+        help="context-lookup draft tokens per Medusa step (0 = off)",
+    )
+    g.add_argument(
+        "--epsilon", type=float, default=_decode_default("epsilon"), help="typical acceptance hard threshold"
+    )
+    g.add_argument(
+        "--delta", type=float, default=_decode_default("delta"), help="typical acceptance entropy-scaled threshold"
+    )
     g.add_argument("--tree", default=None, help="tree name from tree_configs or a JSON file (default: the artifact's)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=_decode_default("seed"))
     g.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding (the baseline)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
-    g.add_argument("--verify", action="store_true",
-                   help="also check every artifact file's sha256 against the export's record (sizes are always "
-                        "checked; ~0.5 s for SmolLM2-135M)")
+    g.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check every artifact file's sha256 against the export's record (sizes are always "
+        "checked; ~0.5 s for SmolLM2-135M)",
+    )
 
-    b = sub.add_parser("bench", help="plain vs Medusa on the same engine and prompts",
-                       formatter_class=HelpFormatter)
+    b = sub.add_parser("bench", help="plain vs Medusa on the same engine and prompts", formatter_class=HelpFormatter)
     _engine_args(b)
-    b.add_argument("--prompts", required=True,
-                   help="MT-Bench-style JSONL (first turns are used), JSONL with 'prompt', or an Alpaca JSON list")
+    b.add_argument(
+        "--prompts",
+        required=True,
+        help="MT-Bench-style JSONL (first turns are used), JSONL with 'prompt', or an Alpaca JSON list",
+    )
     b.add_argument("--limit", type=int, default=None, help="first N prompts only")
     b.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N prompts")
-    b.add_argument("--per-category", type=int, default=None, metavar="N",
-                   help="the first N prompts of each category (MT-Bench: 8 categories), before --limit")
+    b.add_argument(
+        "--per-category",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the first N prompts of each category (MT-Bench: 8 categories), before --limit",
+    )
     b.add_argument("--max-new-tokens", type=int, default=_decode_default("max_new_tokens"))
     b.add_argument("--tree", nargs="+", default=[], help="one or several trees to compare (default: the artifact's)")
-    b.add_argument("--lookup", type=int, nargs="+", default=None, metavar="N",
-                   help="context-lookup draft tokens per step, one or several settings to compare (0 = off; "
-                        f"default {_decode_default('lookup')})")
-    b.add_argument("--sampling", type=float, nargs="+", default=None, metavar="T",
-                   help="also compare plain sampling, exact and typical Medusa sampling at these temperatures")
-    b.add_argument("--peer", choices=["hf", "ortgenai"], default=None,
-                   help="also run a peer on the same prompts, interleaved: hf = Hugging Face generate; ortgenai = "
-                        "onnxruntime-genai plain and with its n-gram speculation (pip install -e .[peers])")
+    b.add_argument(
+        "--lookup",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="context-lookup draft tokens per step, one or several settings to compare (0 = off; "
+        f"default {_decode_default('lookup')})",
+    )
+    b.add_argument(
+        "--sampling",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="also compare plain sampling, exact and typical Medusa sampling at these temperatures",
+    )
+    b.add_argument(
+        "--peer",
+        choices=["hf", "ortgenai"],
+        default=None,
+        help="also run a peer on the same prompts, interleaved: hf = Hugging Face generate; ortgenai = "
+        "onnxruntime-genai plain and with its n-gram speculation (pip install -e .[peers])",
+    )
     b.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
     b.add_argument("--json", default=None, help="write all results to this JSON file")
     b.add_argument("--plot", default=None, help="write the histogram and per-step time split to this PNG")
 
-    pr = sub.add_parser("profile", help="cost of verifying N tokens vs one plain step",
-                        formatter_class=HelpFormatter)
+    pr = sub.add_parser("profile", help="cost of verifying N tokens vs one plain step", formatter_class=HelpFormatter)
     _engine_args(pr)
     pr.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     pr.add_argument("--cached", type=int, default=256, help="tokens in the cache while measuring")
     pr.add_argument("--repeats", type=int, default=7)
-    pr.add_argument("--peer", choices=["ortgenai"], default=None,
-                    help="also profile onnxruntime-genai's graph of the artifact's source model "
-                         "(pip install -e .[peers])")
+    pr.add_argument(
+        "--peer",
+        choices=["ortgenai"],
+        default=None,
+        help="also profile onnxruntime-genai's graph of the artifact's source model (pip install -e .[peers])",
+    )
     pr.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
     pr.add_argument("-o", "--output", default=None, help="output JSON (default: ARTIFACT/latency_profile.json)")
     return ap
@@ -111,16 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     import runtime
 
-    return runtime.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
-                        max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-                        verify=getattr(args, "verify", False))
+    return runtime.load(
+        args.artifact,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk,
+        verify=getattr(args, "verify", False),
+    )
 
 
 def generate_kwargs(args) -> dict:
     """The keyword arguments of MedusaGenerator.generate / stream for ``medusa-run generate``."""
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, epsilon=args.epsilon,
-                delta=args.delta, tree=args.tree, stop=args.stop, seed=args.seed, medusa=not args.no_medusa,
-                acceptance=args.acceptance, top_k=args.top_k, top_p=args.top_p, lookup=args.lookup)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        tree=args.tree,
+        stop=args.stop,
+        seed=args.seed,
+        medusa=not args.no_medusa,
+        acceptance=args.acceptance,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        lookup=args.lookup,
+    )
 
 
 def cmd_generate(args) -> None:
@@ -140,9 +211,15 @@ def cmd_generate(args) -> None:
     if args.stats and stats is not None:
         s = stats
         tree = "plain" if args.no_medusa else (args.tree or gen.default_tree.name)
-        print(f"[{tree}] {s.new_tokens} tokens in {s.steps} steps, mean accepted {s.mean_accepted:.2f}, "
-              f"{s.tokens_per_s:.1f} tok/s (decode), finish: {s.finish_reason}", file=sys.stderr)
-        print("accepted-length histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.accept_hist.items())), file=sys.stderr)
+        print(
+            f"[{tree}] {s.new_tokens} tokens in {s.steps} steps, mean accepted {s.mean_accepted:.2f}, "
+            f"{s.tokens_per_s:.1f} tok/s (decode), finish: {s.finish_reason}",
+            file=sys.stderr,
+        )
+        print(
+            "accepted-length histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.accept_hist.items())),
+            file=sys.stderr,
+        )
         print("time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in s.times.items()), file=sys.stderr)
 
 
@@ -151,8 +228,18 @@ def cmd_bench(args) -> None:
 
     prompts = load_prompts(args.prompts, args.limit, args.per_category, args.skip)
     gen = _load(args)
-    res = run_bench(gen, prompts, args.tree, args.max_new_tokens, peer=args.peer, peer_model=args.peer_model,
-                    threads=args.threads, progress=verbosity(args) >= 0, lookups=args.lookup, sampling=args.sampling)
+    res = run_bench(
+        gen,
+        prompts,
+        args.tree,
+        args.max_new_tokens,
+        peer=args.peer,
+        peer_model=args.peer_model,
+        threads=args.threads,
+        progress=verbosity(args) >= 0,
+        lookups=args.lookup,
+        sampling=args.sampling,
+    )
     res["command"] = "medusa-run " + " ".join(sys.argv[1:]) if sys.argv and "medusa-run" in sys.argv[0] else None
     print(format_report(res, per_prompt=verbosity(args) >= 0))  # -q: the summary table only
     if args.json:
@@ -177,16 +264,22 @@ def cmd_profile(args) -> None:
         label = f"N={n:>3}" if n != "heads" else "heads"
         print(f"  {label}: {ms:8.2f} ms", flush=True)
 
-    print(f"verifying N new tokens over {args.cached} cached tokens ({type(gen.backend).__name__}, threads {args.threads}):")
+    print(
+        f"verifying N new tokens over {args.cached} cached tokens ({type(gen.backend).__name__}, threads {args.threads}):"
+    )
     prof = profile_tree_sizes(gen.backend, args.sizes, cached=args.cached, repeats=args.repeats, progress=show)
     prof["backend"] = type(gen.backend).__name__
     prof["threads"] = args.threads
-    print("relative to N=1: " + ", ".join(f"{n}: {c:.2f}x" for n, c in prof["relative_cost"].items())
-          + f"; heads call {prof['heads_relative_cost']:.2f}x")
+    print(
+        "relative to N=1: "
+        + ", ".join(f"{n}: {c:.2f}x" for n, c in prof["relative_cost"].items())
+        + f"; heads call {prof['heads_relative_cost']:.2f}x"
+    )
     if peer_dir is not None:
         print(f"{args.peer}: the same over {prof['cached_tokens']} cached tokens ({peer_dir}):", flush=True)
-        prof["peer"] = profile_peer_sizes(peer_dir, args.sizes, cached=prof["cached_tokens"], repeats=args.repeats,
-                                          threads=args.threads)
+        prof["peer"] = profile_peer_sizes(
+            peer_dir, args.sizes, cached=prof["cached_tokens"], repeats=args.repeats, threads=args.threads
+        )
         print(format_peer_table(prof))
     out = write_profile(prof, args.output or Path(args.artifact) / PROFILE_FILE)
     print(f"wrote {out}")

@@ -65,8 +65,9 @@ class DecodeConfig:
         self.prefill_chunk = check_prefill_chunk(self.prefill_chunk)
         self.max_new_tokens = checks.integer("max_new_tokens", self.max_new_tokens, 1)
         self.temperature = checks.real("temperature", self.temperature, 0)
-        self.epsilon = checks.real("epsilon", self.epsilon, 0, 1, min_open=True,
-                                   rule="in (0, 1] (typical acceptance's hard threshold)")
+        self.epsilon = checks.real(
+            "epsilon", self.epsilon, 0, 1, min_open=True, rule="in (0, 1] (typical acceptance's hard threshold)"
+        )
         self.delta = checks.real("delta", self.delta, 0, rule=">= 0 (typical acceptance's entropy-scaled threshold)")
         self.acceptance = checks.choice("acceptance", self.acceptance, ACCEPTANCES)
         self.top_k = checks.integer("top_k", self.top_k, 0, rule=">= 0 (0: no top-k cut)")
@@ -230,8 +231,9 @@ def accept_typical(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: Deco
     return _longest_accepted_path(ok, tree, score=score)
 
 
-def accept_exact(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: DecodeConfig,
-                 rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def accept_exact(
+    tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: DecodeConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
     """Tree speculative sampling: (accepted nodes, the next token), distributed exactly as
     plain sampling from the backbone (:func:`target_probs`) would produce them.
 
@@ -398,8 +400,12 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True) -> t
         if m < 1:
             raise ContextLengthError(f"the backend takes no new token on a cache of {start} (prompt token {s} of {n})")
         last = s + m == n
-        logits = backend.forward(tokens[s:s + m], np.arange(start, start + m), np.tril(np.ones((m, m), dtype=bool)),
-                                 logits=1 if (want_logits and last) else 0)
+        logits = backend.forward(
+            tokens[s : s + m],
+            np.arange(start, start + m),
+            np.tril(np.ones((m, m), dtype=bool)),
+            logits=1 if (want_logits and last) else 0,
+        )
         backend.commit(np.arange(m))
         s += m
     return logits, m
@@ -482,7 +488,9 @@ def check_fits(backend: Backend, prompt) -> None:
     if prompt.ndim != 1 or len(prompt) == 0:
         raise MedusaError("the prompt must be a non-empty list of token ids")
     if prompt.min() < 0 or prompt.max() >= backend.spec.vocab_size:
-        raise MedusaError(f"prompt token ids must lie in [0, {backend.spec.vocab_size}); got {prompt.min()}..{prompt.max()}")
+        raise MedusaError(
+            f"prompt token ids must lie in [0, {backend.spec.vocab_size}); got {prompt.min()}..{prompt.max()}"
+        )
     if len(prompt) >= backend.max_context:
         raise ContextLengthError(
             f"the prompt has {len(prompt)} tokens but the context holds {backend.max_context}: "

@@ -85,8 +85,10 @@ def require_extra(what: str, extra: str, modules: tuple[str, ...]) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise MedusaError(f"{what} needs {', '.join(missing)}: pip install 'medusa-trt[{extra}]' "
-                          f"(or, in a checkout, pip install -e '.[{extra}]')")
+        raise MedusaError(
+            f"{what} needs {', '.join(missing)}: pip install 'medusa-trt[{extra}]' "
+            f"(or, in a checkout, pip install -e '.[{extra}]')"
+        )
 
 
 class ConfigError(MedusaError):

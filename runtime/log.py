@@ -41,10 +41,20 @@ def add_verbosity_args(parser: argparse.ArgumentParser, sub: bool = False) -> No
     parser under a main parser that has them too (its defaults must not overwrite the main's)."""
     default = argparse.SUPPRESS if sub else 0
     group = parser.add_argument_group("output")
-    group.add_argument("-v", "--verbose", action="count", default=default,
-                       help="more detail on stderr: -v the steps and their times, -vv everything (default: warnings only)")
-    group.add_argument("-q", "--quiet", action="count", default=default,
-                       help="errors only on stderr, no progress bars; the command's output still goes to stdout (default: off)")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="more detail on stderr: -v the steps and their times, -vv everything (default: warnings only)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default,
+        help="errors only on stderr, no progress bars; the command's output still goes to stdout (default: off)",
+    )
 
 
 def verbosity(args: argparse.Namespace) -> int:

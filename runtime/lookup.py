@@ -36,7 +36,7 @@ class NgramLookup:
             self.tokens.append(int(t))
             end = len(self.tokens) - 1
             for n in range(1, min(self.max_ngram, end + 1) + 1):
-                key = tuple(self.tokens[end - n + 1: end + 1])
+                key = tuple(self.tokens[end - n + 1 : end + 1])
                 prev = self._last.get(key)
                 if prev is not None:
                     self._before[key] = prev
@@ -49,7 +49,7 @@ class NgramLookup:
         if k < 1 or end < 1:
             return []
         for n in range(min(self.max_ngram, end), 0, -1):
-            prev = self._before.get(tuple(self.tokens[end - n + 1:]))
+            prev = self._before.get(tuple(self.tokens[end - n + 1 :]))
             if prev is not None:
-                return self.tokens[prev + 1: prev + 1 + k]
+                return self.tokens[prev + 1 : prev + 1 + k]
         return []

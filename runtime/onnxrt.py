@@ -56,7 +56,7 @@ def _session(ort, path: Path, options, providers):
     ONNX) is an ArtifactError naming it, not ONNX Runtime's InvalidProtobuf."""
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as e:  # noqa: BLE001 - narrowed just below to ONNX Runtime's own error types
+    except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):
             raise
         reason = (str(e).strip().splitlines() or [""])[0].split(" failed:")[-1].strip()[:200]
@@ -75,16 +75,25 @@ def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, hea
     is an ArtifactError naming the file, the tensor and both sizes, not a failure at the first
     generate. Dimensions a graph leaves symbolic are not compared."""
     spec = config.model
-    kv = {1: (spec.num_kv_heads, "KV heads"), 3: (spec.head_dim, "head size")} if fused else \
-        {2: (spec.num_kv_heads, "KV heads"), 3: (spec.head_dim, "head size")}
-    expect_backbone = {"logits": (3, {2: (spec.vocab_size, "vocabulary size")}),
-                       "hidden_states": (3, {2: (spec.hidden_size, "hidden size")})}
+    kv = (
+        {1: (spec.num_kv_heads, "KV heads"), 3: (spec.head_dim, "head size")}
+        if fused
+        else {2: (spec.num_kv_heads, "KV heads"), 3: (spec.head_dim, "head size")}
+    )
+    expect_backbone = {
+        "logits": (3, {2: (spec.vocab_size, "vocabulary size")}),
+        "hidden_states": (3, {2: (spec.hidden_size, "hidden size")}),
+    }
     for t in backbone.get_inputs():
         if t.name.startswith("past_key_values."):
             expect_backbone[t.name] = (4, kv)
-    expect_heads = {"hidden_states": (2, {1: (spec.hidden_size, "hidden size")}),
-                    "medusa_logits": (3, {1: (spec.num_medusa_heads, "Medusa heads count"),
-                                          2: (spec.vocab_size, "vocabulary size")})}
+    expect_heads = {
+        "hidden_states": (2, {1: (spec.hidden_size, "hidden size")}),
+        "medusa_logits": (
+            3,
+            {1: (spec.num_medusa_heads, "Medusa heads count"), 2: (spec.vocab_size, "vocabulary size")},
+        ),
+    }
     float_type = _ONNX_TYPES.get(config.dtype)
     for session, file, expect in ((backbone, config.backbone.file, expect_backbone), (heads, heads_file, expect_heads)):
         tensors = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}
@@ -93,7 +102,9 @@ def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, hea
             if t is None:
                 raise ArtifactError(f"{folder / file}: the graph has no tensor {name!r} (not a medusa-trt graph?)")
             if len(t.shape) != rank:
-                raise ArtifactError(f"{folder / file}: {name} has {len(t.shape)} dimensions in the graph, expected {rank}")
+                raise ArtifactError(
+                    f"{folder / file}: {name} has {len(t.shape)} dimensions in the graph, expected {rank}"
+                )
             for axis, (size, what) in axes.items():
                 got = t.shape[axis]
                 if isinstance(got, int) and got != size:
@@ -102,12 +113,15 @@ def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, hea
                         "the config does not belong to this graph (re-export the artifact)"
                     )
             if float_type and t.type.startswith("tensor(float") and t.type != float_type:
-                raise ArtifactError(f"{folder / file}: {name} is {t.type} in the graph but medusa_config.json says "
-                                    f"dtype {config.dtype} (re-export the artifact)")
+                raise ArtifactError(
+                    f"{folder / file}: {name} is {t.type} in the graph but medusa_config.json says "
+                    f"dtype {config.dtype} (re-export the artifact)"
+                )
 
 
-def open_sessions(ort, folder: Path, config: ArtifactConfig, threads: int | None, providers: list[str],
-                  heads_int8: bool) -> tuple:
+def open_sessions(
+    ort, folder: Path, config: ArtifactConfig, threads: int | None, providers: list[str], heads_int8: bool
+) -> tuple:
     """(backbone session, heads session, heads file) of an artifact. The int8 heads serve on the
     CPU when exported (they only propose candidates, so the output cannot change). The heads
     session must not spin-wait after its call: on a small CPU its idle spinning threads steal
@@ -149,7 +163,8 @@ class _Outputs:
         if n > self.capacity:
             self.capacity = max(n, grow_to)
             self.buffers = {
-                name: np.empty((shape[0], self.capacity, *shape[2:]), dtype=dtypes[name]) for name, shape in shapes.items()
+                name: np.empty((shape[0], self.capacity, *shape[2:]), dtype=dtypes[name])
+                for name, shape in shapes.items()
             }
         return {name: buf[:, :n] for name, buf in self.buffers.items()}
 
@@ -173,8 +188,9 @@ class OnnxRuntimeBackend(GraphBackend):
         self.providers = choose_providers(device)
         self.on_cpu = self.providers[0] == "CPUExecutionProvider"
         self.threads = threads
-        self.backbone, self.heads, self.heads_file = open_sessions(ort, self.folder, config, threads, self.providers,
-                                                                   heads_int8)
+        self.backbone, self.heads, self.heads_file = open_sessions(
+            ort, self.folder, config, threads, self.providers, heads_int8
+        )
         dtype = _NP_DTYPES[config.dtype]
         self._past_names = [n for n in config.backbone.inputs if n.startswith("past_key_values.")]
         self._present_names = [n for n in config.backbone.outputs if n.startswith("present.")]
@@ -185,8 +201,10 @@ class OnnxRuntimeBackend(GraphBackend):
         self._outputs = _Outputs()
         spec = config.model
         kv = (1, 0, spec.num_kv_heads, spec.head_dim)
-        self._out_shapes: dict[str, tuple[int, ...]] = {"logits": (1, 0, spec.vocab_size),
-                                                         "hidden_states": (1, 0, spec.hidden_size)}
+        self._out_shapes: dict[str, tuple[int, ...]] = {
+            "logits": (1, 0, spec.vocab_size),
+            "hidden_states": (1, 0, spec.hidden_size),
+        }
         self._out_shapes.update({name: kv for name in self._present_names})
         self._out_dtypes = {name: dtype for name in self._out_shapes}
 
@@ -201,7 +219,9 @@ class OnnxRuntimeBackend(GraphBackend):
                 f"(inputs {got_in[:4]}..., expected {want_in[:4]}...; outputs {got_out[:3]}..., expected {want_out[:3]}...)"
             )
         if len(self._past_names) != 2 * self.config.model.num_layers:
-            raise ArtifactError(f"{self.folder}: {len(self._past_names)} cache inputs for {self.config.model.num_layers} layers")
+            raise ArtifactError(
+                f"{self.folder}: {len(self._past_names)} cache inputs for {self.config.model.num_layers} layers"
+            )
         check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=False)
 
     # -- engine calls ------------------------------------------------------------------
@@ -261,8 +281,15 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
     the next step: the graph reads only ``cache_lengths`` entries plus the new ones.
     """
 
-    def __init__(self, folder: str | Path, config: ArtifactConfig, device: str = "auto", threads: int | None = None,
-                 max_context: int | None = None, heads_int8: bool = True):
+    def __init__(
+        self,
+        folder: str | Path,
+        config: ArtifactConfig,
+        device: str = "auto",
+        threads: int | None = None,
+        max_context: int | None = None,
+        heads_int8: bool = True,
+    ):
         ort = _ort()
         self.folder = Path(folder)
         self.config = config
@@ -274,8 +301,9 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
                 "artifact with TensorRT on a GPU)"
             )
         self.threads = threads
-        self.backbone, self.heads, self.heads_file = open_sessions(ort, self.folder, config, threads, self.providers,
-                                                                   heads_int8)
+        self.backbone, self.heads, self.heads_file = open_sessions(
+            ort, self.folder, config, threads, self.providers, heads_int8
+        )
         self._dtype = _NP_DTYPES[config.dtype]
         spec = self.spec
         self.min_rows = row_invariant_rows(config)
@@ -294,7 +322,9 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         for i in range(spec.num_layers):
             for j, kv in enumerate(("key", "value")):
                 buf = self.kv[i, j]
-                self._io.bind_input(f"past_key_values.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+                self._io.bind_input(
+                    f"past_key_values.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data
+                )
                 self._io.bind_output(f"present.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
         self._lengths = np.zeros(1, dtype=np.int64)
         self._num_logits = np.zeros(1, dtype=np.int64)
@@ -338,8 +368,9 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             pad = rows - n
             input_ids = np.r_[np.asarray(input_ids, dtype=np.int64), np.repeat(np.asarray(input_ids)[-1:], pad)]
             step = 1 if self.length == 0 else 0  # a prefill keeps positions 0..rows-1
-            position_ids = np.r_[np.asarray(position_ids, dtype=np.int64),
-                                 np.asarray(position_ids)[-1] + step * np.arange(1, pad + 1)]
+            position_ids = np.r_[
+                np.asarray(position_ids, dtype=np.int64), np.asarray(position_ids)[-1] + step * np.arange(1, pad + 1)
+            ]
             mask = np.eye(rows, dtype=bool)
             mask[:n, :n] = tree_mask
             tree_mask = mask
@@ -393,7 +424,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
     def head_logits(self, index):
         if self._hidden is None:
             raise RuntimeError("head_logits() before any forward()")
-        return run_heads(self.heads, self._hidden[index: index + 1], self._dtype)[0]
+        return run_heads(self.heads, self._hidden[index : index + 1], self._dtype)[0]
 
 
 def row_invariant_rows(config: ArtifactConfig) -> int:
@@ -425,11 +456,15 @@ def run_fused_contract(session, input_ids, position_ids, tree_mask, past: list) 
     rows = []
     for b in range(input_ids.shape[0]):
         p = past[0].shape[1]
-        feed = {"input_ids": input_ids[b:b + 1], "position_ids": position_ids[b:b + 1],
-                "tree_mask": tree_mask[b:b + 1], "cache_lengths": np.full(1, p, dtype=np.int64),
-                "num_logits": np.full(1, input_ids.shape[1], dtype=np.int64)}
-        feed.update({name: np.ascontiguousarray(t[b:b + 1].transpose(0, 2, 1, 3)) for name, t in zip(names, past)})
+        feed = {
+            "input_ids": input_ids[b : b + 1],
+            "position_ids": position_ids[b : b + 1],
+            "tree_mask": tree_mask[b : b + 1],
+            "cache_lengths": np.full(1, p, dtype=np.int64),
+            "num_logits": np.full(1, input_ids.shape[1], dtype=np.int64),
+        }
+        feed.update({name: np.ascontiguousarray(t[b : b + 1].transpose(0, 2, 1, 3)) for name, t in zip(names, past)})
         logits, hidden, *presents = session.run(None, feed)
         n = input_ids.shape[1]
-        rows.append([logits, hidden, *[t[:, :, p:p + n].transpose(0, 2, 1, 3) for t in presents]])
+        rows.append([logits, hidden, *[t[:, :, p : p + n].transpose(0, 2, 1, 3) for t in presents]])
     return [np.ascontiguousarray(np.concatenate(parts, axis=0)) for parts in zip(*rows)]

@@ -74,8 +74,12 @@ def _cache_key(hf_folder: Path, precision: str, version: str) -> str:
     """Changes whenever the built graph could: another folder, other weights or config (by
     size: cheap, and a re-conversion or fine-tune changes it), precision or builder version."""
     files = sorted(p for p in hf_folder.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
-    key = {"folder": str(hf_folder.resolve()), "files": {p.name: p.stat().st_size for p in files},
-           "precision": precision, "onnxruntime-genai": version}
+    key = {
+        "folder": str(hf_folder.resolve()),
+        "files": {p.name: p.stat().st_size for p in files},
+        "precision": precision,
+        "onnxruntime-genai": version,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -94,18 +98,36 @@ def build_peer_model(hf_folder: str | Path, precision: str) -> Path:
     og = import_genai()
     hf_folder = Path(hf_folder)
     if not (hf_folder / "config.json").is_file():
-        raise MedusaError(f"--peer {NAME}: {hf_folder} is not a Hugging Face model folder (no config.json); "
-                          "pass --peer-model DIR")
+        raise MedusaError(
+            f"--peer {NAME}: {hf_folder} is not a Hugging Face model folder (no config.json); pass --peer-model DIR"
+        )
     target = builder_precision(precision)
     dest = cache_dir() / NAME / f"{hf_folder.name}-{target}-{_cache_key(hf_folder, target, og.__version__)}"
     if (dest / GENAI_CONFIG).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    log.info("building the onnxruntime-genai %s graph of %s with its model builder (once; cached in %s) ...",
-             target, hf_folder, dest)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(tmp),
-           "-p", target, "-e", "cpu", "-c", str(tmp / "builder_cache")]
+    log.info(
+        "building the onnxruntime-genai %s graph of %s with its model builder (once; cached in %s) ...",
+        target,
+        hf_folder,
+        dest,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_folder),
+        "-o",
+        str(tmp),
+        "-p",
+        target,
+        "-e",
+        "cpu",
+        "-c",
+        str(tmp / "builder_cache"),
+    ]
     # the folder is local: never let the builder (transformers) reach for the Hub
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t = time.perf_counter()
@@ -116,8 +138,10 @@ def build_peer_model(hf_folder: str | Path, precision: str) -> Path:
             failed = dest.with_name(dest.name + ".failed.log")
             os.replace(tmp / BUILD_LOG, failed)
             tail = "\n".join(failed.read_text(errors="replace").splitlines()[-25:])
-            raise MedusaError(f"onnxruntime-genai's model builder failed on {hf_folder} (exit code {code}; "
-                              f"full log: {failed}):\n{tail}")
+            raise MedusaError(
+                f"onnxruntime-genai's model builder failed on {hf_folder} (exit code {code}; "
+                f"full log: {failed}):\n{tail}"
+            )
         shutil.rmtree(tmp / "builder_cache", ignore_errors=True)
         try:
             os.replace(tmp, dest)
@@ -138,8 +162,10 @@ def peer_model_dir(gen, peer_model: str | None = None) -> Path:
     import_genai()
     providers = getattr(gen.backend, "providers", None) or []
     if not providers or providers[0] != "CPUExecutionProvider":
-        raise MedusaError(f"--peer {NAME} runs onnxruntime-genai on the CPU: run this side on the CPU too "
-                          "(--backend onnxruntime --device cpu)")
+        raise MedusaError(
+            f"--peer {NAME} runs onnxruntime-genai on the CPU: run this side on the CPU too "
+            "(--backend onnxruntime --device cpu)"
+        )
     precision = builder_precision(gen.config.precision)
     return build_peer_model(_peer_model_path(gen, peer_model), precision)
 
@@ -194,7 +220,7 @@ class OrtGenaiPeer:
         while not generator.is_done():
             generator.generate_next_token()
         seconds = time.perf_counter() - t
-        tokens = [int(x) for x in generator.get_sequence(0)[len(ids):]]
+        tokens = [int(x) for x in generator.get_sequence(0)[len(ids) :]]
         last = int(generator.get_next_tokens()[0])
         if len(tokens) < max_new_tokens and last in self.eos_token_ids:
             tokens.append(last)
@@ -212,8 +238,14 @@ def _np_dtype(ort_type: str):
     return types[ort_type]
 
 
-def profile_peer_sizes(model_dir: str | Path, sizes: Sequence[int], cached: int = 256, repeats: int = 7,
-                       warmup: int = 2, threads: int | None = None) -> dict:
+def profile_peer_sizes(
+    model_dir: str | Path,
+    sizes: Sequence[int],
+    cached: int = 256,
+    repeats: int = 7,
+    warmup: int = 2,
+    threads: int | None = None,
+) -> dict:
     """Median time of one forward of N new tokens over ``cached`` cached tokens, per N, for the
     builder's graph: the step cost onnxruntime-genai pays per verification (N > 1, its n-gram
     drafts) or plain step (N = 1), to set beside :func:`runtime.profile.profile_tree_sizes`.
@@ -230,15 +262,21 @@ def profile_peer_sizes(model_dir: str | Path, sizes: Sequence[int], cached: int 
     context, vocab, decoder = genai["context_length"], genai["vocab_size"], genai["decoder"]
     layers, kv_heads, head_dim = decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
     names, outputs = decoder["inputs"], decoder["outputs"]
-    cache_names = [(names[f"past_{kv}_names"] % i, outputs[f"present_{kv}_names"] % i)
-                   for kv in ("key", "value") for i in range(layers)]
-    session = ort.InferenceSession(str(model_dir / decoder["filename"]), _options(ort, threads, spin=True),
-                                   providers=["CPUExecutionProvider"])
+    cache_names = [
+        (names[f"past_{kv}_names"] % i, outputs[f"present_{kv}_names"] % i)
+        for kv in ("key", "value")
+        for i in range(layers)
+    ]
+    session = ort.InferenceSession(
+        str(model_dir / decoder["filename"]), _options(ort, threads, spin=True), providers=["CPUExecutionProvider"]
+    )
     inputs = {i.name: i for i in session.get_inputs()}
     expected = {names["input_ids"], names["attention_mask"], *(past for past, _ in cache_names)}
     if set(inputs) != expected:
-        raise MedusaError(f"--peer {NAME}: {model_dir / decoder['filename']} takes {sorted(set(inputs) - expected)} "
-                          "besides input_ids, attention_mask and the KV cache; this profile does not feed those")
+        raise MedusaError(
+            f"--peer {NAME}: {model_dir / decoder['filename']} takes {sorted(set(inputs) - expected)} "
+            "besides input_ids, attention_mask and the KV cache; this profile does not feed those"
+        )
     logits_name = outputs["logits"]
     dtype = _np_dtype(inputs[cache_names[0][0]].type)
     if cached + max(sizes) > context:

@@ -85,10 +85,13 @@ class Graph:
 
     def shapes(self, profile: Profile) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """``{input: (min_shape, opt_shape, max_shape)}`` for ``profile``, in graph input order."""
+
         def shape(dims: list, which: str) -> tuple[int, ...]:
             return tuple(getattr(profile.axes[d], which) if isinstance(d, str) else d for d in dims)
 
-        return {name: (shape(dims, "min"), shape(dims, "opt"), shape(dims, "max")) for name, dims in self.inputs.items()}
+        return {
+            name: (shape(dims, "min"), shape(dims, "opt"), shape(dims, "max")) for name, dims in self.inputs.items()
+        }
 
     def profile_index(self, name: str) -> int:
         for i, p in enumerate(self.profiles):
@@ -144,11 +147,15 @@ class BuildPlan:
             for p in graph.profiles:
                 for axis, r in p.axes.items():
                     if not (0 <= r.min <= r.opt <= r.max):
-                        raise PlanError(f"{graph.onnx} profile {p.name!r}: axis {axis} needs 0 <= min <= opt <= max, got {tuple(r)}")
+                        raise PlanError(
+                            f"{graph.onnx} profile {p.name!r}: axis {axis} needs 0 <= min <= opt <= max, got {tuple(r)}"
+                        )
                 for name, dims in graph.inputs.items():
                     for d in dims:
                         if isinstance(d, str) and d not in p.axes:
-                            raise PlanError(f"{graph.onnx} profile {p.name!r}: input {name} uses axis {d!r}, which has no range")
+                            raise PlanError(
+                                f"{graph.onnx} profile {p.name!r}: input {name} uses axis {d!r}, which has no range"
+                            )
         for p in self.backbone.profiles:
             past, new, batch = p.axes[PAST], p.axes[NEW], p.axes[BATCH]
             if new.min != 1:  # the loop chunks by the largest count a call takes: every smaller one must fit too
@@ -163,9 +170,13 @@ class BuildPlan:
         # every call the decode loop makes must fit some profile: the first prefill (past 0),
         # a tree step, and a one-token step with the cache one short of full
         if not any(p.axes[PAST].min == 0 for p in self.backbone.profiles):
-            raise PlanError("no backbone profile accepts an empty cache (past_sequence 0): the first prefill cannot run")
+            raise PlanError(
+                "no backbone profile accepts an empty cache (past_sequence 0): the first prefill cannot run"
+            )
         if not any(p.contains(self.max_context - 1, 1) for p in self.backbone.profiles):
-            raise PlanError(f"no backbone profile takes 1 new token on a cache of {self.max_context - 1}: the context end is unreachable")
+            raise PlanError(
+                f"no backbone profile takes 1 new token on a cache of {self.max_context - 1}: the context end is unreachable"
+            )
         if not any(p.axes[NEW].max >= self.tree_nodes for p in self.backbone.profiles):
             raise PlanError(f"no backbone profile takes the tree's {self.tree_nodes} nodes")
 
@@ -183,7 +194,12 @@ class BuildPlan:
     def from_dict(cls, raw: dict) -> BuildPlan:
         def graph(g: dict) -> Graph:
             profiles = [Profile(p["name"], {a: Range(**r) for a, r in p["axes"].items()}) for p in g["profiles"]]
-            return Graph(onnx=g["onnx"], engine=g["engine"], inputs={k: list(v) for k, v in g["inputs"].items()}, profiles=profiles)
+            return Graph(
+                onnx=g["onnx"],
+                engine=g["engine"],
+                inputs={k: list(v) for k, v in g["inputs"].items()},
+                profiles=profiles,
+            )
 
         fields = {k: v for k, v in raw.items() if k not in ("backbone", "heads")}
         plan = cls(backbone=graph(raw["backbone"]), heads=graph(raw["heads"]), **fields)
@@ -232,5 +248,7 @@ def max_new_tokens(plan: BuildPlan, past: int) -> int:
     """The most new tokens one engine call takes on a cache of ``past`` (0: none). Every
     profile's new-token range starts at 1 (:meth:`BuildPlan.check`), so any count up to this
     one fits some profile too."""
-    return max((p.axes[NEW].max for p in plan.backbone.profiles if p.axes[PAST].contains(past)
-                and p.axes[BATCH].contains(1)), default=0)
+    return max(
+        (p.axes[NEW].max for p in plan.backbone.profiles if p.axes[PAST].contains(past) and p.axes[BATCH].contains(1)),
+        default=0,
+    )

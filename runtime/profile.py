@@ -20,8 +20,9 @@ DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PROFILE_FILE = "latency_profile.json"
 
 
-def round_robin_ms(call: Callable[[int], object], sizes: Sequence[int], repeats: int, warmup: int,
-                   rng: np.random.Generator) -> dict[int, float]:
+def round_robin_ms(
+    call: Callable[[int], object], sizes: Sequence[int], repeats: int, warmup: int, rng: np.random.Generator
+) -> dict[int, float]:
     """Median milliseconds of ``call(n)`` per size n, after ``warmup`` untimed rounds.
 
     Round-robin, shuffled each round: load from other processes spreads over every size
@@ -37,8 +38,14 @@ def round_robin_ms(call: Callable[[int], object], sizes: Sequence[int], repeats:
     return {n: float(np.median(samples[n]) * 1000) for n in sizes}
 
 
-def profile_tree_sizes(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, cached: int = 256,
-                       repeats: int = 7, warmup: int = 2, progress=None) -> dict:
+def profile_tree_sizes(
+    backend: Backend,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    cached: int = 256,
+    repeats: int = 7,
+    warmup: int = 2,
+    progress=None,
+) -> dict:
     """Median time of one forward of N new tokens over ``cached`` cached tokens, per N."""
     if cached + max(sizes) > backend.max_context:
         cached = backend.max_context - max(sizes)
@@ -48,8 +55,9 @@ def profile_tree_sizes(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, c
     prompt = rng.integers(0, vocab, cached)
     backend.forward(prompt, np.arange(cached), np.tril(np.ones((cached, cached), dtype=bool)))
     backend.commit(np.arange(cached))
-    inputs = {n: (rng.integers(0, vocab, n), cached + np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
-              for n in sizes}
+    inputs = {
+        n: (rng.integers(0, vocab, n), cached + np.arange(n), np.tril(np.ones((n, n), dtype=bool))) for n in sizes
+    }
     # staged only: the cache stays at `cached`
     ms = round_robin_ms(lambda n: backend.forward(*inputs[n]), sizes, repeats, warmup, rng)
     if progress:
@@ -85,8 +93,10 @@ def format_peer_table(profile: dict) -> str:
     lines = [head, "-" * len(head)]
     for n, ms in profile["ms"].items():
         pm = peer["ms"][n]
-        lines.append(f"{n:>4} {ms:9.2f} {profile['relative_cost'][n]:6.2f}  {pm:12.2f} "
-                     f"{peer['relative_cost'][n]:6.2f}  {ms / pm:9.2f}")
+        lines.append(
+            f"{n:>4} {ms:9.2f} {profile['relative_cost'][n]:6.2f}  {pm:12.2f} "
+            f"{peer['relative_cost'][n]:6.2f}  {ms / pm:9.2f}"
+        )
     if peer["cached_tokens"] != profile["cached_tokens"]:
         lines.append(f"(the peer's cache held {peer['cached_tokens']} tokens, ours {profile['cached_tokens']})")
     return "\n".join(lines)

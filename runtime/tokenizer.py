@@ -20,9 +20,11 @@ class Tokenizer:
             raise ArtifactError(f"{folder}: tokenizer.json is missing")
         try:
             self._tok = _Tok.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
-            raise ArtifactError(f"{path}: not a readable tokenizer ({str(e)[:160]}): the file is damaged; copy the "
-                                "artifact again or re-export") from None
+        except Exception as e:
+            raise ArtifactError(
+                f"{path}: not a readable tokenizer ({str(e)[:160]}): the file is damaged; copy the "
+                "artifact again or re-export"
+            ) from None
         cfg_path = folder / "tokenizer_config.json"
         try:
             self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -32,7 +34,9 @@ class Tokenizer:
             raise ArtifactError(f"{cfg_path} must hold a JSON object, found a {type(self.config).__name__}")
         template_path = folder / "chat_template.jinja"
         try:
-            self.chat_template = template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
+            self.chat_template = (
+                template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
+            )
         except UnicodeDecodeError as e:
             raise ArtifactError(f"{template_path} is not UTF-8 text ({e})") from None
         if self.chat_template is not None and not isinstance(self.chat_template, str):
@@ -54,8 +58,9 @@ class Tokenizer:
         try:
             self._template = env.from_string(self.chat_template)
         except jinja2.TemplateError as e:
-            raise ArtifactError(f"{self._template_file}: the chat template does not parse ({e}); fix it or "
-                                "re-export") from None
+            raise ArtifactError(
+                f"{self._template_file}: the chat template does not parse ({e}); fix it or re-export"
+            ) from None
 
     @property
     def vocab_size(self) -> int:

@@ -161,7 +161,11 @@ def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) 
         added += 1
     if not added and len(parent) == tree.num_nodes:
         return tree, np.asarray(toks, dtype=np.int64), 0
-    return _tree_from_parents(f"{tree.name}+lookup", parent, head, rank, tree.topk), np.asarray(toks, dtype=np.int64), added
+    return (
+        _tree_from_parents(f"{tree.name}+lookup", parent, head, rank, tree.topk),
+        np.asarray(toks, dtype=np.int64),
+        added,
+    )
 
 
 def _tree_from_parents(name: str, parent, head, rank, topk: tuple[int, ...], paths: tuple = ()) -> Tree:
@@ -187,9 +191,18 @@ def _tree_from_parents(name: str, parent, head, rank, topk: tuple[int, ...], pat
             nodes.append(int(par[nodes[-1]]))
         retrieve[row, : len(nodes)] = nodes[::-1]
         lengths[row] = len(nodes)
-    return Tree(name=name, paths=paths, attn_mask=mask, position_ids=depth, retrieve_indices=retrieve,
-                path_lengths=lengths, parent=par, node_head=np.asarray(head, dtype=np.int64),
-                node_rank=np.asarray(rank, dtype=np.int64), topk=topk)
+    return Tree(
+        name=name,
+        paths=paths,
+        attn_mask=mask,
+        position_ids=depth,
+        retrieve_indices=retrieve,
+        path_lengths=lengths,
+        parent=par,
+        node_head=np.asarray(head, dtype=np.int64),
+        node_rank=np.asarray(rank, dtype=np.int64),
+        topk=topk,
+    )
 
 
 def chain(depth: int) -> list[list[int]]:

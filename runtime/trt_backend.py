@@ -194,7 +194,13 @@ def describe_engine(engine, trt) -> EngineDescription:
                 lo, opt, hi = (tuple(d) for d in engine.get_tensor_profile_shape(name, p))
                 profiles.append((lo, opt, hi))
         tensors.append(
-            TensorIO(name, "input" if is_input else "output", engine.get_tensor_dtype(name).name, tuple(engine.get_tensor_shape(name)), profiles)
+            TensorIO(
+                name,
+                "input" if is_input else "output",
+                engine.get_tensor_dtype(name).name,
+                tuple(engine.get_tensor_shape(name)),
+                profiles,
+            )
         )
     memory = getattr(engine, "device_memory_size_v2", None)
     if memory is None:
@@ -496,7 +502,9 @@ class TensorRTBackend(StagedEngineBackend):
 
     def _bind_addresses(self) -> None:
         """Every tensor address is fixed for the backend's life: only shapes change per call."""
-        fixed = {name: self.addr[name] for name in ("input_ids", "position_ids", "tree_mask", "logits", "hidden_states")}
+        fixed = {
+            name: self.addr[name] for name in ("input_ids", "position_ids", "tree_mask", "logits", "hidden_states")
+        }
         for i in range(self.plan.num_layers):
             fixed[f"past_key_values.{i}.key"] = self._layer("cache_k", i)
             fixed[f"past_key_values.{i}.value"] = self._layer("cache_v", i)

@@ -31,8 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="runs/distill/smollm2_alpaca.jsonl.hidden")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("-o", "--out", default=None,
-                   help="folder for the heads with their draft vocabulary (default: runs/draft_vocab/<heads folder name>)")
+    p.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        help="folder for the heads with their draft vocabulary (default: runs/draft_vocab/<heads folder name>)",
+    )
     p.add_argument("--force", action="store_true", help="replace the heads in --out if it holds some")
     a = p.parse_args(argv)
 
@@ -60,31 +64,37 @@ def main(argv=None) -> int:
     train = load_split(Path(a.cache), "train", K)
     used = target_vocab(train)
     if meta.get("train_vocab") != "data" or meta.get("train_vocab_size") != len(used):
-        raise MedusaError(f"{a.heads}: trained with train_vocab={meta.get('train_vocab')!r} over "
-                          f"{meta.get('train_vocab_size')} tokens, but the cache's training targets are {len(used)} tokens: "
-                          "not the data these heads were trained on")
+        raise MedusaError(
+            f"{a.heads}: trained with train_vocab={meta.get('train_vocab')!r} over "
+            f"{meta.get('train_vocab_size')} tokens, but the cache's training targets are {len(used)} tokens: "
+            "not the data these heads were trained on"
+        )
     held = load_split(Path(a.cache), "heldout", K)
     before, after = accuracy_any_and_draft(heads, model.lm_head, held, used)
-    fmt = lambda acc: " / ".join(f"{x:.3f}" for x in acc)  # noqa: E731
-    print(f"held-out top-1 ({held.num_examples} records): any token {fmt(before[:, 0])}; "
-          f"draft vocabulary ({len(used)} tokens) {fmt(after[:, 0])}")
+    fmt = lambda acc: " / ".join(f"{x:.3f}" for x in acc)
+    print(
+        f"held-out top-1 ({held.num_examples} records): any token {fmt(before[:, 0])}; "
+        f"draft vocabulary ({len(used)} tokens) {fmt(after[:, 0])}"
+    )
     print(f"held-out top-5: any token {fmt(before.sum(1))}; draft vocabulary {fmt(after.sum(1))}")
 
     with safe_open(str(Path(a.heads) / HEADS_WEIGHTS), framework="pt") as f:
         dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys() if k != DRAFT_VOCAB_KEY}
     meta = {k: v for k, v in meta.items() if k not in ("layout", "source")}
-    meta.update({
-        "heldout_top1": after[:, 0].round(4).tolist(),
-        "heldout_top5": after.sum(1).round(4).tolist(),
-        "draft_vocab_size": len(used),
-        "draft_vocab_added": {
-            "command": "python -m scripts.add_draft_vocab " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "heldout_top1_any_token": before[:, 0].round(4).tolist(),
-            "heldout_top5_any_token": before.sum(1).round(4).tolist(),
-            "heldout_top1_draft": after[:, 0].round(4).tolist(),
-            "heldout_top5_draft": after.sum(1).round(4).tolist(),
-        },
-    })
+    meta.update(
+        {
+            "heldout_top1": after[:, 0].round(4).tolist(),
+            "heldout_top5": after.sum(1).round(4).tolist(),
+            "draft_vocab_size": len(used),
+            "draft_vocab_added": {
+                "command": "python -m scripts.add_draft_vocab " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "heldout_top1_any_token": before[:, 0].round(4).tolist(),
+                "heldout_top5_any_token": before.sum(1).round(4).tolist(),
+                "heldout_top1_draft": after[:, 0].round(4).tolist(),
+                "heldout_top5_draft": after.sum(1).round(4).tolist(),
+            },
+        }
+    )
     heads.config.meta = {}
     save_dtype = torch.float16 if dtypes == {"F16"} else torch.float32  # as the file was
     save_heads(heads, out, meta=meta, dtype=save_dtype)

@@ -55,11 +55,16 @@ def main(argv=None) -> int:
 
     rows = []
     for chunk in a.chunks:
-        args = {"artifact": str(Path(a.artifact).resolve()), "prompts": str(Path(a.prompts).resolve()), "tokens": a.tokens,
-                "chunk": chunk, "repeats": a.repeats, "threads": a.threads}
+        args = {
+            "artifact": str(Path(a.artifact).resolve()),
+            "prompts": str(Path(a.prompts).resolve()),
+            "tokens": a.tokens,
+            "chunk": chunk,
+            "repeats": a.repeats,
+            "threads": a.threads,
+        }
         # run in the repository root: `python -c` imports the runtime from the working directory
-        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)],
-                             capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
             return out.returncode
@@ -68,8 +73,10 @@ def main(argv=None) -> int:
     print(f"prefill of a {rows[0]['tokens']}-token prompt, {a.threads} threads, median of {a.repeats}")
     print("chunk (0 = whole)  prefill s  peak RSS MB  after load MB  first token")
     for r in rows:
-        print(f"{r['chunk']:>17}  {statistics.median(r['prefill_s']):>9.2f}  {r['peak_rss_mb']:>11.0f}  "
-              f"{r['rss_after_load_mb']:>13.0f}  {r['first_token']}")
+        print(
+            f"{r['chunk']:>17}  {statistics.median(r['prefill_s']):>9.2f}  {r['peak_rss_mb']:>11.0f}  "
+            f"{r['rss_after_load_mb']:>13.0f}  {r['first_token']}"
+        )
     if len({r["first_token"] for r in rows}) != 1:
         print("warning: the first token differs between settings", file=sys.stderr)
     if a.json:

@@ -42,16 +42,18 @@ def main(argv=None) -> int:
     folder = states_dir(Path(a.data))
     model = load_backbone(a.model)[0]
     checked = 0
-    for e in build_examples(read_records(Path(a.data))[a.skip:], max_len=Medusa1Config.max_len):
+    for e in build_examples(read_records(Path(a.data))[a.skip :], max_len=Medusa1Config.max_len):
         kept = load_states(folder, e.id)
         if kept is None or kept[1] != a.model:
             continue
         first, _, hidden = kept
         lo, hi = cached_positions(e)
         ref = last_hidden(model, torch.from_numpy(e.tokens)[None])[0, lo:hi].float().numpy()
-        d = np.abs(hidden[lo - first:hi - first].astype(np.float32) - ref)
-        print(f"{e.id}: {hi - lo} positions, max |diff| {d.max():.4f}, mean |diff| {d.mean():.6f}, "
-              f"mean |h| {np.abs(ref).mean():.3f}")
+        d = np.abs(hidden[lo - first : hi - first].astype(np.float32) - ref)
+        print(
+            f"{e.id}: {hi - lo} positions, max |diff| {d.max():.4f}, mean |diff| {d.mean():.6f}, "
+            f"mean |h| {np.abs(ref).mean():.3f}"
+        )
         checked += 1
         if checked == a.limit:
             break

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-TRAINING_RUN = ("NUM_PROMPTS=5000 EPOCHS=2 LAYERS=2 bash scripts/train_smollm2_heads.sh "
-                "(~147 min of self-distillation on 2 CPU cores, then Medusa-1)")
+TRAINING_RUN = (
+    "NUM_PROMPTS=5000 EPOCHS=2 LAYERS=2 bash scripts/train_smollm2_heads.sh "
+    "(~147 min of self-distillation on 2 CPU cores, then Medusa-1)"
+)
 
 
 def fail(prog: str, message: str) -> None:
@@ -19,8 +21,11 @@ def require_distilled(prog: str, data: str | Path) -> Path:
     """The self-distilled answers (``medusa-train distill`` output), or a one-line exit naming the command."""
     p = Path(data)
     if not p.is_file():
-        fail(prog, f"{p} is missing: it holds the self-distilled training answers that `medusa-train distill` "
-                   f"writes, here from {TRAINING_RUN}; a fresh clone does not have it")
+        fail(
+            prog,
+            f"{p} is missing: it holds the self-distilled training answers that `medusa-train distill` "
+            f"writes, here from {TRAINING_RUN}; a fresh clone does not have it",
+        )
     return p
 
 
@@ -30,8 +35,11 @@ def require_hidden_cache(prog: str, cache: str | Path, splits: tuple[str, ...] =
     missing = [s for s in splits if not (p / f"hidden_{s}.npy").is_file() or not (p / f"index_{s}.npz").is_file()]
     if missing:
         what = "is missing" if not p.exists() else f"lacks the {', '.join(missing)} split"
-        fail(prog, f"{p} {what}: it is the hidden-state cache `medusa-train medusa1` builds from the self-distilled "
-                   f"answers, here from {TRAINING_RUN}; a fresh clone does not have it")
+        fail(
+            prog,
+            f"{p} {what}: it is the hidden-state cache `medusa-train medusa1` builds from the self-distilled "
+            f"answers, here from {TRAINING_RUN}; a fresh clone does not have it",
+        )
     return p
 
 

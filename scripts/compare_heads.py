@@ -25,11 +25,17 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="heldout", choices=("heldout", "calib", "train"))
     p.add_argument("--max-rows", type=int, default=0, help="only the split's first rows (0: all)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--any-token", action="store_true",
-                   help="drop the heads' draft vocabulary: measure them as trained, proposing any token")
-    p.add_argument("--outside-vocab", action="store_true",
-                   help="also report how often head 1's top-1 (proposing any token) lies outside the cache's "
-                        "training-target vocabulary, against how often the target itself does")
+    p.add_argument(
+        "--any-token",
+        action="store_true",
+        help="drop the heads' draft vocabulary: measure them as trained, proposing any token",
+    )
+    p.add_argument(
+        "--outside-vocab",
+        action="store_true",
+        help="also report how often head 1's top-1 (proposing any token) lies outside the cache's "
+        "training-target vocabulary, against how often the target itself does",
+    )
     a = p.parse_args(argv)
 
     from scripts.common import require_hidden_cache
@@ -57,8 +63,12 @@ def main(argv=None) -> int:
         k = heads.config.num_heads
         sub = type(split)(split.hidden[:rows], split.labels[:rows, :k], split.num_examples)
         acc = rank_accuracy(heads.eval(), model.lm_head, sub)
-        print(f"{path}: top-1 " + " / ".join(f"{x:.3f}" for x in acc[:, 0])
-              + "   top-5 " + " / ".join(f"{x:.3f}" for x in acc[:, :5].sum(1)))
+        print(
+            f"{path}: top-1 "
+            + " / ".join(f"{x:.3f}" for x in acc[:, 0])
+            + "   top-5 "
+            + " / ".join(f"{x:.3f}" for x in acc[:, :5].sum(1))
+        )
         if a.outside_vocab:
             vocab = target_vocab(load_split(Path(a.cache), "train", k))
             draft, valid = heads.draft_vocab, sub.labels[:, 0] != IGNORE
@@ -66,14 +76,16 @@ def main(argv=None) -> int:
             top = []
             with torch.inference_mode():
                 for i in range(0, rows, 512):
-                    h = torch.from_numpy(np.asarray(sub.hidden[i:i + 512], dtype=np.float32))
+                    h = torch.from_numpy(np.asarray(sub.hidden[i : i + 512], dtype=np.float32))
                     logits = heads(h, model.lm_head) if heads.config.shared_lm_head else heads(h)
                     top.append(logits[:, 0].argmax(-1).numpy())
             heads.set_draft_vocab(draft)
             top = np.concatenate(top)[valid]
-            print(f"  head 1, proposing any token: top-1 outside the {len(vocab)} training-target tokens on "
-                  f"{np.mean(~np.isin(top, vocab)):.1%} of {int(valid.sum())} positions; targets outside: "
-                  f"{np.mean(~np.isin(sub.labels[valid, 0], vocab)):.1%}")
+            print(
+                f"  head 1, proposing any token: top-1 outside the {len(vocab)} training-target tokens on "
+                f"{np.mean(~np.isin(top, vocab)):.1%} of {int(valid.sum())} positions; targets outside: "
+                f"{np.mean(~np.isin(sub.labels[valid, 0], vocab)):.1%}"
+            )
     return 0
 
 

@@ -81,7 +81,10 @@ def prompts():
     rng = np.random.default_rng(0)
     return {
         "short prompt": (list(rng.integers(3, 128, 12)), 48),
-        f"prompt longer than the prefill chunk ({3 * MAX_PROMPT - 5} tokens)": (list(rng.integers(3, 128, 3 * MAX_PROMPT - 5)), 32),
+        f"prompt longer than the prefill chunk ({3 * MAX_PROMPT - 5} tokens)": (
+            list(rng.integers(3, 128, 3 * MAX_PROMPT - 5)),
+            32,
+        ),
         "to the end of the context": (list(rng.integers(3, 128, 20)), MAX_CONTEXT),
     }
 
@@ -123,7 +126,11 @@ def stage_torch(model, heads) -> list[int]:
     report(medusa.tokens == plain.tokens, f"torch CUDA ({torch.cuda.get_device_name()}): Medusa greedy == plain greedy",
            f"{len(medusa.tokens)} tokens, mean accepted {medusa.stats.mean_accepted:.2f}" if medusa.tokens == plain.tokens
            else first_difference(medusa.tokens, plain.tokens))  # fmt: skip
-    report(plain.tokens == hf, "torch CUDA: plain greedy == HF generate", "" if plain.tokens == hf else first_difference(plain.tokens, hf))
+    report(
+        plain.tokens == hf,
+        "torch CUDA: plain greedy == HF generate",
+        "" if plain.tokens == hf else first_difference(plain.tokens, hf),
+    )
     model.cpu()
     heads.cpu()
     return plain.tokens
@@ -167,7 +174,11 @@ def stage_tensorrt(model, heads, tok, workdir: Path, torch_tokens: list[int]) ->
         proc = subprocess.run(["bash", "-c", line.replace("polygraphy ", f"{exe} ", 1)], cwd=folder,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
         tail = [x for x in (proc.stdout + proc.stderr).splitlines() if "PASSED" in x or "FAILED" in x or "Error" in x]
-        report(proc.returncode == 0, f"polygraphy --onnxrt --trt, profile {profile}", (tail or ["(no summary line)"])[-1].strip())
+        report(
+            proc.returncode == 0,
+            f"polygraphy --onnxrt --trt, profile {profile}",
+            (tail or ["(no summary line)"])[-1].strip(),
+        )
         if proc.returncode:
             print((proc.stdout + proc.stderr)[-3000:], flush=True)
 

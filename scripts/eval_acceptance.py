@@ -43,15 +43,21 @@ def main(argv=None) -> int:
     p.add_argument("--tree", default=str(ROOT / "tree_configs" / "smollm2_selected.json"))
     p.add_argument("--questions", default=str(MT_BENCH))
     p.add_argument("--limit", type=int, default=80, help="first N questions (in --order)")
-    p.add_argument("--order", choices=("file", "interleave"), default="interleave",
-                   help="interleave: round-robin over the 8 categories, so a partial run covers all of them")
+    p.add_argument(
+        "--order",
+        choices=("file", "interleave"),
+        default="interleave",
+        help="interleave: round-robin over the 8 categories, so a partial run covers all of them",
+    )
     p.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th question from i (parallel runs)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--time-budget-s", type=float, default=0, help="stop starting new prompts after this (0: none)")
     p.add_argument("--check-lossless", type=int, default=0, help="also decode the first N prompts plainly and compare")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="write per-prompt results as JSON")
-    p.add_argument("--merge", nargs="+", default=None, help="pool the --out files of parallel shards and print the summary")
+    p.add_argument(
+        "--merge", nargs="+", default=None, help="pool the --out files of parallel shards and print the summary"
+    )
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge)
@@ -87,28 +93,46 @@ def main(argv=None) -> int:
         ids = chat_prompt_ids(tok, q["turns"][0])
         res = decode(backend, ids, cfg, tree)
         s = res.stats
-        row = {"question_id": q["question_id"], "category": q["category"], "prompt_tokens": len(ids),
-               "new_tokens": s.new_tokens, "steps": s.steps, "mean_accepted": s.mean_accepted,
-               "accept_hist": {str(k): v for k, v in sorted(s.accept_hist.items())},
-               "tokens_per_s": s.tokens_per_s, "finish": s.finish_reason}
+        row = {
+            "question_id": q["question_id"],
+            "category": q["category"],
+            "prompt_tokens": len(ids),
+            "new_tokens": s.new_tokens,
+            "steps": s.steps,
+            "mean_accepted": s.mean_accepted,
+            "accept_hist": {str(k): v for k, v in sorted(s.accept_hist.items())},
+            "tokens_per_s": s.tokens_per_s,
+            "finish": s.finish_reason,
+        }
         if i < a.check_lossless:
-            plain = decode(backend, ids, DecodeConfig(max_new_tokens=a.max_new_tokens, medusa=False,
-                                                      eos_token_ids=backend.spec.eos_token_ids))
+            plain = decode(
+                backend,
+                ids,
+                DecodeConfig(max_new_tokens=a.max_new_tokens, medusa=False, eos_token_ids=backend.spec.eos_token_ids),
+            )
             row["lossless"] = plain.tokens == res.tokens
         rows.append(row)
         steps = sum(r["steps"] for r in rows)
         emitted = sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rows)
-        print(f"[{i + 1}/{len(questions)}] q{q['question_id']} {q['category']:<10} tokens {s.new_tokens:>3} "
-              f"steps {s.steps:>3} accepted/step {s.mean_accepted:.2f} | pooled {emitted / max(steps, 1):.3f}"
-              + (f" lossless={row['lossless']}" if "lossless" in row else ""), flush=True)
+        print(
+            f"[{i + 1}/{len(questions)}] q{q['question_id']} {q['category']:<10} tokens {s.new_tokens:>3} "
+            f"steps {s.steps:>3} accepted/step {s.mean_accepted:.2f} | pooled {emitted / max(steps, 1):.3f}"
+            + (f" lossless={row['lossless']}" if "lossless" in row else ""),
+            flush=True,
+        )
     steps = sum(r["steps"] for r in rows)
     emitted = sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rows)
     summary = {
         "prompts": len(rows),
         "mean_accepted_pooled": emitted / max(steps, 1),
         "mean_accepted_per_prompt": float(np.mean([r["mean_accepted"] for r in rows])) if rows else 0.0,
-        "tree": tree.name, "tree_nodes": tree.num_nodes, "heads": a.heads, "model": a.model,
-        "max_new_tokens": a.max_new_tokens, "backend": "torch-reference", "seconds": round(time.time() - t0, 1),
+        "tree": tree.name,
+        "tree_nodes": tree.num_nodes,
+        "heads": a.heads,
+        "model": a.model,
+        "max_new_tokens": a.max_new_tokens,
+        "backend": "torch-reference",
+        "seconds": round(time.time() - t0, 1),
         "lossless_checked": sum("lossless" in r for r in rows),
         "lossless_ok": sum(bool(r.get("lossless")) for r in rows),
         "command": "python -m scripts.eval_acceptance " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -140,8 +164,14 @@ def merge(files: list[str]) -> int:
         "mean_accepted_pooled": emitted / max(steps, 1),
         "mean_accepted_per_prompt": sum(r["mean_accepted"] for r in rows) / max(len(rows), 1),
         "accept_hist": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
-        "by_category": {c: round(sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rs)
-                                 / max(sum(r["steps"] for r in rs), 1), 3) for c, rs in sorted(by_cat.items())},
+        "by_category": {
+            c: round(
+                sum(sum(int(k) * v for k, v in r["accept_hist"].items()) for r in rs)
+                / max(sum(r["steps"] for r in rs), 1),
+                3,
+            )
+            for c, rs in sorted(by_cat.items())
+        },
         "lossless_checked": sum("lossless" in r for r in rows),
         "lossless_ok": sum(bool(r.get("lossless")) for r in rows),
         "shards": [p["command"] for p in parts],

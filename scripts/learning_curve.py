@@ -63,9 +63,28 @@ def subset(data: Path, n_train: int, out: Path) -> tuple[Path, int]:
 
 
 def train(path: Path, out: Path, epochs: int, a) -> dict:
-    cmd = [sys.executable, "-m", "training.cli", "medusa1", "--model", a.model, "--data", str(path),
-           "--out", str(out), "--num-layers", str(a.num_layers), "--epochs", str(epochs), "--lr", str(a.lr),
-           "--threads", str(a.threads), "--seed", str(a.seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "medusa1",
+        "--model",
+        a.model,
+        "--data",
+        str(path),
+        "--out",
+        str(out),
+        "--num-layers",
+        str(a.num_layers),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(a.lr),
+        "--threads",
+        str(a.threads),
+        "--seed",
+        str(a.seed),
+    ]
     meta_file = out / "medusa_heads.json"
     if meta_file.exists() and not a.retrain:
         print(f"[learning-curve] reusing {out}")
@@ -87,8 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", nargs="*", default=[], help="finished heads folders to add to the table")
-    p.add_argument("--reference-cache", default="runs/distill/smollm2_alpaca.jsonl.hidden",
-                   help="hidden-state cache of the references' training data")
+    p.add_argument(
+        "--reference-cache",
+        default="runs/distill/smollm2_alpaca.jsonl.hidden",
+        help="hidden-state cache of the references' training data",
+    )
     p.add_argument("--out", default="runs/learning_curve")
     p.add_argument("--retrain", action="store_true", help="retrain runs whose heads already exist")
     p.add_argument("--plot", default=None, help="write head top-1 against answers to this PNG")
@@ -110,27 +132,52 @@ def main(argv=None) -> int:
         path, got = subset(ROOT / a.data, n, out)
         t0 = time.time()
         meta = train(path, out / f"heads_{n}_e{epochs}", epochs, a)
-        rows.append({"answers": meta["train_examples"], "epochs": meta["epochs"], "steps": meta["steps"],
-                     "positions": meta["train_positions_used"], "heldout_examples": meta["heldout_examples"],
-                     "train_seconds": meta["train_seconds"], "source": str((out / f"heads_{n}_e{epochs}").relative_to(ROOT)),
-                     "cache": str(path) + ".hidden"})
+        rows.append(
+            {
+                "answers": meta["train_examples"],
+                "epochs": meta["epochs"],
+                "steps": meta["steps"],
+                "positions": meta["train_positions_used"],
+                "heldout_examples": meta["heldout_examples"],
+                "train_seconds": meta["train_seconds"],
+                "source": str((out / f"heads_{n}_e{epochs}").relative_to(ROOT)),
+                "cache": str(path) + ".hidden",
+            }
+        )
         print(f"[learning-curve] {got} answers, {epochs} epochs: trained ({time.time() - t0:.0f} s)", flush=True)
     for ref in a.reference:
         meta = json.loads((Path(ref) / "medusa_heads.json").read_text())["meta"]
-        rows.append({"answers": meta["train_examples"], "epochs": meta["epochs"], "steps": meta["steps"],
-                     "positions": meta["train_positions_used"], "heldout_examples": meta["heldout_examples"],
-                     "train_seconds": meta["train_seconds"], "source": ref, "cache": str(ROOT / a.reference_cache)})
+        rows.append(
+            {
+                "answers": meta["train_examples"],
+                "epochs": meta["epochs"],
+                "steps": meta["steps"],
+                "positions": meta["train_positions_used"],
+                "heldout_examples": meta["heldout_examples"],
+                "train_seconds": meta["train_seconds"],
+                "source": ref,
+                "cache": str(ROOT / a.reference_cache),
+            }
+        )
     evaluate(rows, a)
     if len({r["heldout_examples"] for r in rows}) > 1:
         print("[learning-curve] warning: runs were measured on different held-out sets", file=sys.stderr)
 
     rows.sort(key=lambda r: (r["answers"], r["epochs"]))
-    print("\nheld-out top-1 per head (1/2/3/4); 'any': the heads may propose any token, 'draft': only their draft vocabulary")
-    print("answers  epochs  steps   positions  draft vocab  any: top-1                  draft: top-1                head-1 top-5 draft")
+    print(
+        "\nheld-out top-1 per head (1/2/3/4); 'any': the heads may propose any token, 'draft': only their draft vocabulary"
+    )
+    print(
+        "answers  epochs  steps   positions  draft vocab  any: top-1                  draft: top-1                head-1 top-5 draft"
+    )
     for r in rows:
-        print(f"{r['answers']:>7}  {r['epochs']:>6}  {r['steps']:>5}  {r['positions']:>10}  {r['draft_vocab']:>11}  "
-              + " / ".join(f"{x:.3f}" for x in r["top1_any"]) + "   " + " / ".join(f"{x:.3f}" for x in r["top1"])
-              + f"   {r['top5'][0]:.3f}")
+        print(
+            f"{r['answers']:>7}  {r['epochs']:>6}  {r['steps']:>5}  {r['positions']:>10}  {r['draft_vocab']:>11}  "
+            + " / ".join(f"{x:.3f}" for x in r["top1_any"])
+            + "   "
+            + " / ".join(f"{x:.3f}" for x in r["top1"])
+            + f"   {r['top5'][0]:.3f}"
+        )
 
     # head-1 top-1 = a + b * log2(answers), over the runs at the base epoch count
     base = [r for r in rows if r["epochs"] == a.epochs]
@@ -144,14 +191,18 @@ def main(argv=None) -> int:
             c = my - b * mx
             res = {"intercept": c, "per_doubling": b, "residual_max": max(abs(y - c - b * x) for x, y in zip(xs, ys))}
             label = "draft vocabulary" if key == "top1" else "any token"
-            print(f"\nfit ({a.epochs} epochs, {label}): head-1 top-1 = {c:.3f} + {b:.4f} * log2(answers) "
-                  f"(largest residual {res['residual_max']:.3f})")
+            print(
+                f"\nfit ({a.epochs} epochs, {label}): head-1 top-1 = {c:.3f} + {b:.4f} * log2(answers) "
+                f"(largest residual {res['residual_max']:.3f})"
+            )
             if b > 0:
                 for target in (0.45, 0.56):
                     need = 2 ** ((target - c) / b)
                     res[f"answers_for_{target}"] = need
-                    print(f"  head-1 top-1 {target:.2f} would need about {need:,.0f} answers "
-                          f"({need / max(r['answers'] for r in base):.0f}x the largest run)")
+                    print(
+                        f"  head-1 top-1 {target:.2f} would need about {need:,.0f} answers "
+                        f"({need / max(r['answers'] for r in base):.0f}x the largest run)"
+                    )
             if key == "top1":
                 fit = res
             else:
@@ -179,11 +230,19 @@ def evaluate(rows, a) -> None:
         held = load_split(Path(r["cache"]), "heldout", K)
         used = target_vocab(train)
         any_, draft = accuracy_any_and_draft(heads, model.lm_head, held, used)
-        r.update({"draft_vocab": int(len(used)), "top1_any": any_[:, 0].round(4).tolist(),
-                  "top5_any": any_.sum(1).round(4).tolist(), "top1": draft[:, 0].round(4).tolist(),
-                  "top5": draft.sum(1).round(4).tolist()})
-        print(f"[learning-curve] evaluated {r['source']}: head-1 top-1 any {any_[0, 0]:.3f}, draft {draft[0, 0]:.3f}",
-              flush=True)
+        r.update(
+            {
+                "draft_vocab": int(len(used)),
+                "top1_any": any_[:, 0].round(4).tolist(),
+                "top5_any": any_.sum(1).round(4).tolist(),
+                "top1": draft[:, 0].round(4).tolist(),
+                "top5": draft.sum(1).round(4).tolist(),
+            }
+        )
+        print(
+            f"[learning-curve] evaluated {r['source']}: head-1 top-1 any {any_[0, 0]:.3f}, draft {draft[0, 0]:.3f}",
+            flush=True,
+        )
 
 
 def plot(rows, epochs, fit, path) -> None:
@@ -195,13 +254,18 @@ def plot(rows, epochs, fit, path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     base = [r for r in rows if r["epochs"] == epochs]
     for k in range(len(base[0]["top1"])):
-        line, = ax.plot([r["answers"] for r in base], [r["top1"][k] for r in base], "o-", label=f"head {k + 1}")
+        (line,) = ax.plot([r["answers"] for r in base], [r["top1"][k] for r in base], "o-", label=f"head {k + 1}")
         other = [r for r in rows if r["epochs"] != epochs]
         ax.plot([r["answers"] for r in other], [r["top1"][k] for r in other], "x", color=line.get_color(), ms=9)
     if fit:
         xs = [min(r["answers"] for r in base), 20 * max(r["answers"] for r in base)]
-        ax.plot(xs, [fit["intercept"] + fit["per_doubling"] * math.log2(x) for x in xs], ":", color="gray",
-                label="head 1: log-linear fit")
+        ax.plot(
+            xs,
+            [fit["intercept"] + fit["per_doubling"] * math.log2(x) for x in xs],
+            ":",
+            color="gray",
+            label="head 1: log-linear fit",
+        )
     ax.axhline(0.56, color="k", lw=0.8, ls="--")
     ax.text(xs[0] if fit else base[0]["answers"], 0.565, "official Vicuna-7B head 1 (0.56)", fontsize=8)
     ax.set_xscale("log", base=2)

@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL_SOURCE = "FasterDecoding/Medusa medusa/model/medusa_choices.py (commit e2a5d20), via shared/data/medusa_official_trees.json"
+OFFICIAL_SOURCE = (
+    "FasterDecoding/Medusa medusa/model/medusa_choices.py (commit e2a5d20), via shared/data/medusa_official_trees.json"
+)
 
 # Small trees for CPUs, where every verified node costs: top-1 chains widened at depth 1
 # (head 1 is the most accurate head, so its rank 1-3 pay off first).
@@ -29,8 +31,24 @@ CPU_TREES = {
         "12 nodes: top-4 of head 1, depth 4",
     ),
     "cpu_16": (
-        [[0], [1], [2], [3], [0, 0], [1, 0], [2, 0], [0, 1], [0, 2], [1, 1], [0, 0, 0], [1, 0, 0],
-         [0, 1, 0], [0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0, 0]],
+        [
+            [0],
+            [1],
+            [2],
+            [3],
+            [0, 0],
+            [1, 0],
+            [2, 0],
+            [0, 1],
+            [0, 2],
+            [1, 1],
+            [0, 0, 0],
+            [1, 0, 0],
+            [0, 1, 0],
+            [0, 0, 1],
+            [0, 0, 0, 0],
+            [0, 0, 0, 0, 0],
+        ],
         "16 nodes: top-4 of head 1, depth 5",
     ),
 }
@@ -54,9 +72,12 @@ def main() -> None:
     out = Path(args.out_dir)
     existing = [n for n in names if (out / f"{n}.json").exists()]
     if existing and not args.force:
-        shown = ", ".join(f"{n}.json" for n in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise SystemExit(f"make_tree_configs: error: {out} already holds {shown}: pass --force to replace them, "
-                         "or another --out-dir")
+        shown = ", ".join(f"{n}.json" for n in existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
+        raise SystemExit(
+            f"make_tree_configs: error: {out} already holds {shown}: pass --force to replace them, or another --out-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for name, paths in official.items():
         write(out, name, paths, OFFICIAL_SOURCE, "official Medusa tree, 63 nodes plus the root")

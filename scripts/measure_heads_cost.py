@@ -53,16 +53,23 @@ def _median_ms(fn, runs: int, warmup: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(folder: Path, runs: int = 30, past: int = 128, threads: int | None = None,
-            trees: tuple[str, ...] = ("cpu_8", "mc_sim_7b_63")) -> dict:
+def measure(
+    folder: Path,
+    runs: int = 30,
+    past: int = 128,
+    threads: int | None = None,
+    trees: tuple[str, ...] = ("cpu_8", "mc_sim_7b_63"),
+) -> dict:
     from runtime.artifact import read_artifact
     from runtime.tree import load_tree
 
     cfg = read_artifact(folder)
     if cfg.flavour != "portable":
-        raise SystemExit(f"{folder} holds the {cfg.flavour} graph: this script feeds the portable graph's inputs; "
-                         "export with --graph portable, or use `medusa-run profile`, which measures any artifact "
-                         "(the heads call included)")
+        raise SystemExit(
+            f"{folder} holds the {cfg.flavour} graph: this script feeds the portable graph's inputs; "
+            "export with --graph portable, or use `medusa-run profile`, which measures any artifact "
+            "(the heads call included)"
+        )
     spec = cfg.model
     dt = np.float16 if cfg.dtype == "float16" else np.float32
     rng = np.random.default_rng(0)
@@ -73,13 +80,27 @@ def measure(folder: Path, runs: int = 30, past: int = 128, threads: int | None =
 
     def step_feed(mask: np.ndarray, depth: np.ndarray) -> dict:
         n = len(depth)
-        return {"input_ids": rng.integers(0, spec.vocab_size, (1, n), dtype=np.int64),
-                "position_ids": (past + depth)[None].astype(np.int64), "tree_mask": mask[None], **cache}
+        return {
+            "input_ids": rng.integers(0, spec.vocab_size, (1, n), dtype=np.int64),
+            "position_ids": (past + depth)[None].astype(np.int64),
+            "tree_mask": mask[None],
+            **cache,
+        }
 
     h_in = cfg.heads.inputs[0]
-    out = {"artifact": str(folder), "dtype": cfg.dtype, "past": past, "runs": runs, "threads": threads,
-           "num_medusa_heads": spec.num_medusa_heads, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-           "num_layers": spec.num_layers, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
+    out = {
+        "artifact": str(folder),
+        "dtype": cfg.dtype,
+        "past": past,
+        "runs": runs,
+        "threads": threads,
+        "num_medusa_heads": spec.num_medusa_heads,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "num_layers": spec.num_layers,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
     decode = step_feed(np.ones((1, 1), dtype=bool), np.zeros(1, dtype=np.int64))
     out["decode_ms"] = _median_ms(lambda: backbone.run(None, decode), runs)
     one = {h_in: rng.standard_normal((1, spec.hidden_size)).astype(dt)}
@@ -116,19 +137,29 @@ def table(r: dict) -> str:
     ]
     if "heads_int8_one_node_ms" in r:
         h8 = r["heads_int8_one_node_ms"]
-        lines.append(f"| heads, this layout, int8 weights (heads_int8.onnx on 1 node; the CPU default) | {h8:.2f} | {h8 / d:.2f}x |")
+        lines.append(
+            f"| heads, this layout, int8 weights (heads_int8.onnx on 1 node; the CPU default) | {h8:.2f} | {h8 / d:.2f}x |"
+        )
     for name, t in r["trees"].items():
-        lines.append(f"| heads on all {t['nodes']} nodes of {name} (official layout) | {t['heads_every_node_ms']:.2f} | "
-                     f"{t['heads_every_node_ms'] / d:.2f}x |")
-        lines.append(f"| tree verification step, {name} ({t['nodes']} new tokens) | {t['verify_ms']:.2f} | "
-                     f"{t['verify_ms'] / d:.2f}x |")
+        lines.append(
+            f"| heads on all {t['nodes']} nodes of {name} (official layout) | {t['heads_every_node_ms']:.2f} | "
+            f"{t['heads_every_node_ms'] / d:.2f}x |"
+        )
+        lines.append(
+            f"| tree verification step, {name} ({t['nodes']} new tokens) | {t['verify_ms']:.2f} | "
+            f"{t['verify_ms'] / d:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifact", type=Path, help="an exported artifact, portable graph (default: export smollm2-135m "
-                                                  "with --graph portable to a temp folder)")
+    p.add_argument(
+        "--artifact",
+        type=Path,
+        help="an exported artifact, portable graph (default: export smollm2-135m "
+        "with --graph portable to a temp folder)",
+    )
     p.add_argument("--fresh-heads", type=int, default=4, help="heads for the temporary export (default 4)")
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--past", type=int, default=128, help="cached tokens (default 128)")
@@ -147,9 +178,13 @@ def main(argv=None) -> int:
         model, tok, _ = load_backbone("smollm2-135m")
         heads = fresh_heads(a.fresh_heads, model.config.hidden_size, model.config.vocab_size)
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # the export's steps, on stderr
-        folder = export_artifact(model, heads, tmp / "artifact", ExportOptions(validate=False, source_model="smollm2-135m",
-                                                                               graph="portable"),
-                                 tokenizer=tok)
+        folder = export_artifact(
+            model,
+            heads,
+            tmp / "artifact",
+            ExportOptions(validate=False, source_model="smollm2-135m", graph="portable"),
+            tokenizer=tok,
+        )
         del model
     try:
         r = measure(folder, runs=a.runs, past=a.past, threads=a.threads, trees=tuple(a.trees))

@@ -122,8 +122,10 @@ def _torch_outputs(out_json: str, folder: str, model: str) -> None:
         from exporter.models import load_backbone
         from exporter.step import BackboneStep
     except ImportError as e:
-        sys.exit(f"--torch-outputs needs the exporter ({e}): run `python -m scripts.polygraphy_data_loader ...` "
-                 "from the repository root, or pip install 'medusa-trt[export]'")
+        sys.exit(
+            f"--torch-outputs needs the exporter ({e}): run `python -m scripts.polygraphy_data_loader ...` "
+            "from the repository root, or pip install 'medusa-trt[export]'"
+        )
 
     cfg = json.loads((Path(folder) / "medusa_config.json").read_text())
     m, _, _ = load_backbone(model, dtype=cfg["dtype"])

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite. Exits non-zero when no test ran.
+# Set up (idempotent), lint, type-check and run the whole test suite (CI runs exactly this).
+# Exits non-zero on a lint or type error, a failed test, or when no test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+echo "ruff check:" && ruff check .
+echo "ruff format --check:" && ruff format --check .
+echo "mypy (runtime/):" && mypy
 python -m pytest -q -n 2 --dist loadfile "$@"

@@ -103,7 +103,7 @@ def hf_greedy(model, prompt_ids, max_new_tokens: int) -> list[int]:
             eos_token_id=None,
             pad_token_id=0,
         )
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="session")
@@ -112,34 +112,49 @@ def tiny_export():
     real SmolLM2 tokenizer's (so chat templates, stop strings and streaming text are real) with
     4 random (not identity) Medusa heads. Returns {artifact, model, heads, num_heads}."""
 
-    def factory(out_dir: Path, seed: int = 0, num_heads: int = 4, initializer_range: float = 0.3,
-                graph: str = "fused", precision: str | None = None):
+    def factory(
+        out_dir: Path,
+        seed: int = 0,
+        num_heads: int = 4,
+        initializer_range: float = 0.3,
+        graph: str = "fused",
+        precision: str | None = None,
+    ):
         import torch
+        from transformers import AutoTokenizer
 
         from exporter.export import ExportOptions, export_artifact
         from exporter.heads import fresh_heads
         from exporter.models import resolve_model
-        from transformers import AutoTokenizer
 
         folder = resolve_model("smollm2-135m")  # tokenizer only (converted once per machine)
         tok = AutoTokenizer.from_pretrained(str(folder))
-        model = make_tiny_llama(seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-                                initializer_range=initializer_range)
+        model = make_tiny_llama(
+            seed,
+            vocab_size=len(tok),
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=True,
+            initializer_range=initializer_range,
+        )
         heads = fresh_heads(num_heads, model.config.hidden_size, model.config.vocab_size)
         with torch.random.fork_rng():
             torch.manual_seed(seed + 100)
             for p in heads.parameters():
                 p.data.normal_(0.0, 0.02)
-        export_artifact(model, heads, out_dir, ExportOptions(validate=False, graph=graph, precision=precision),
-                        tokenizer=tok)
+        export_artifact(
+            model, heads, out_dir, ExportOptions(validate=False, graph=graph, precision=precision), tokenizer=tok
+        )
         return {"artifact": Path(out_dir), "model": model, "heads": heads, "num_heads": num_heads}
 
     return factory
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _shared_artifact(art: dict):
@@ -148,9 +163,11 @@ def _shared_artifact(art: dict):
     before = _digests(art["artifact"])
     yield art
     after = _digests(art["artifact"])
-    assert after == before, (f"a test changed the shared artifact {art['artifact']} (files differ: "
-                             f"{sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))}); "
-                             "copy it with shutil.copytree before changing it")
+    assert after == before, (
+        f"a test changed the shared artifact {art['artifact']} (files differ: "
+        f"{sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))}); "
+        "copy it with shutil.copytree before changing it"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -173,8 +190,13 @@ def tiny_portable(tmp_path_factory):
     model = make_tiny_llama(3, max_position_embeddings=96)
     heads = fresh_heads(4, model.config.hidden_size, model.config.vocab_size, lm_head=model.lm_head)
     folder = tmp_path_factory.mktemp("portable") / "tiny"
-    export_artifact(model, heads, folder, ExportOptions(graph="portable", tree="cpu_8", validate=False),
-                    tokenizer=make_wordlevel_tokenizer(model.config.vocab_size))
+    export_artifact(
+        model,
+        heads,
+        folder,
+        ExportOptions(graph="portable", tree="cpu_8", validate=False),
+        tokenizer=make_wordlevel_tokenizer(model.config.vocab_size),
+    )
     yield from _shared_artifact({"artifact": folder, "model": model, "heads": heads})
 
 

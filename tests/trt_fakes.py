@@ -35,9 +35,18 @@ def fake_config(
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     if dynamic_axes is None:
-        dynamic_axes = {"input_ids": ["batch", "new"], "position_ids": ["batch", "new"], "tree_mask": ["batch", "new", "new"]}
+        dynamic_axes = {
+            "input_ids": ["batch", "new"],
+            "position_ids": ["batch", "new"],
+            "tree_mask": ["batch", "new", "new"],
+        }
         dynamic_axes.update({p: ["batch", "past"] for p in past})
-    backbone = GraphSpec("model.onnx", ["input_ids", "position_ids", "tree_mask", *past], ["logits", "hidden_states", *present], dynamic_axes)
+    backbone = GraphSpec(
+        "model.onnx",
+        ["input_ids", "position_ids", "tree_mask", *past],
+        ["logits", "hidden_states", *present],
+        dynamic_axes,
+    )
     heads_graph = GraphSpec("heads.onnx", ["hidden_states"], ["medusa_logits"], {"hidden_states": ["batch"]})
     return ArtifactConfig(model=spec, backbone=backbone, heads=heads_graph, dtype=dtype, default_tree=tree,
                           default_tree_paths=tree_paths or [])  # fmt: skip
@@ -146,7 +155,9 @@ class ToyStagedBackend(StagedEngineBackend):
 
     def _copy_stage_to_cache(self, dst_row, src_row, count):
         for kv in ("k", "v"):
-            self.buf[f"cache_{kv}"][:, dst_row : dst_row + count] = self.buf[f"stage_{kv}"][:, src_row : src_row + count]
+            self.buf[f"cache_{kv}"][:, dst_row : dst_row + count] = self.buf[f"stage_{kv}"][
+                :, src_row : src_row + count
+            ]
 
     def _logits(self, n):
         return self.buf["logits"][:n].copy()
@@ -164,12 +175,20 @@ class OrtEngine:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         self.dtype = np.float32 if config.dtype == "float32" else np.float16
-        self.backbone = ort.InferenceSession(str(Path(folder) / config.backbone.file), opts, providers=["CPUExecutionProvider"])
-        self.heads = ort.InferenceSession(str(Path(folder) / config.heads.file), opts, providers=["CPUExecutionProvider"])
+        self.backbone = ort.InferenceSession(
+            str(Path(folder) / config.backbone.file), opts, providers=["CPUExecutionProvider"]
+        )
+        self.heads = ort.InferenceSession(
+            str(Path(folder) / config.heads.file), opts, providers=["CPUExecutionProvider"]
+        )
         self.layers = config.model.num_layers
 
     def step(self, ids, pos, mask, past_k, past_v):
-        feed = {"input_ids": ids[None].astype(np.int64), "position_ids": pos[None].astype(np.int64), "tree_mask": mask[None]}
+        feed = {
+            "input_ids": ids[None].astype(np.int64),
+            "position_ids": pos[None].astype(np.int64),
+            "tree_mask": mask[None],
+        }
         for i in range(self.layers):
             feed[f"past_key_values.{i}.key"] = np.ascontiguousarray(past_k[i][None], dtype=self.dtype)
             feed[f"past_key_values.{i}.value"] = np.ascontiguousarray(past_v[i][None], dtype=self.dtype)
@@ -202,8 +221,9 @@ def onnx_io(path: Path, plan: BuildPlan, which: str) -> dict:
             t = v.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
             profiles = [graph.shapes(p)[v.name] for p in graph.profiles] if mode == "input" else []
-            io[v.name] = types.SimpleNamespace(name=v.name, mode=mode, dtype=_ONNX_TO_TRT[t.elem_type], shape=shape,
-                                               profiles=profiles)
+            io[v.name] = types.SimpleNamespace(
+                name=v.name, mode=mode, dtype=_ONNX_TO_TRT[t.elem_type], shape=shape, profiles=profiles
+            )
     return io
 
 
@@ -258,7 +278,7 @@ def fake_tensorrt_runtime(plan: BuildPlan, engine, log: dict, onnx_folder: Path)
             assert self.memory is not None and set(self.addr) == set(self.eng.io)
             log.setdefault("calls", []).append((self.eng.which, self.profile, dict(self.shapes)))
             dt = {t.name: TRT_DTYPES[t.dtype][0] for t in self.eng.io.values()}
-            get = lambda name: view(self.addr[name], self.shapes[name], dt[name])  # noqa: E731
+            get = lambda name: view(self.addr[name], self.shapes[name], dt[name])
             if self.eng.which == "heads":
                 out = engine.medusa(get("hidden_states")[0])
                 view(self.addr["medusa_logits"], (1, *out.shape), dt["medusa_logits"])[:] = out
@@ -337,8 +357,9 @@ def fake_cudart(log: dict):
 
     m = types.ModuleType("cudart")
     m.cudaError_t = Error
-    m.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2,
-                                             cudaMemcpyDeviceToDevice=3)
+    m.cudaMemcpyKind = types.SimpleNamespace(
+        cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
+    )
     blocks: dict[int, tuple[int, object]] = {}  # aligned address -> (size, buffer kept alive)
     log.setdefault("copies", [])
 

@@ -34,51 +34,58 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
         f"| {k + 1} | {a:.3f} | {b:.3f} | {c:.3f} |"
         for k, (a, b, c) in enumerate(zip(meta["heldout_top1"], meta["heldout_top5"], meta["heldout_top1_untrained"]))
     )
-    hist = "\n".join(f"| {h['epoch']} | {h['step']} | " + " / ".join(f"{x:.3f}" for x in h["top1"]) + " |"
-                     for h in meta["history"])
+    hist = "\n".join(
+        f"| {h['epoch']} | {h['step']} | " + " / ".join(f"{x:.3f}" for x in h["top1"]) + " |" for h in meta["history"]
+    )
     cache_s = meta["cache_seconds"]
     if not meta.get("cache_built", True):
         cache_note = f"the hidden-state cache of an earlier run was reused ({cache_s:.0f} s with loading the model)"
     elif meta.get("cache_examples_from_states") is not None:
-        cache_note = (f"building the hidden-state cache took {cache_s:.0f} s with loading the model "
-                      f"({meta['cache_examples_from_states']} answers copied from the states distillation kept, "
-                      f"{meta['cache_examples_computed']} run through the backbone)")
+        cache_note = (
+            f"building the hidden-state cache took {cache_s:.0f} s with loading the model "
+            f"({meta['cache_examples_from_states']} answers copied from the states distillation kept, "
+            f"{meta['cache_examples_computed']} run through the backbone)"
+        )
     else:
         cache_note = f"loading or building the hidden-state cache took {cache_s:.0f} s"
     draft = ""
     if cfg.get("draft_vocab_size"):
-        draft = (f"\nThe heads propose only the {cfg['draft_vocab_size']} tokens of the training softmax (their draft "
-                 "vocabulary, `exporter.heads`): a token that never was a target is never a candidate.")
+        draft = (
+            f"\nThe heads propose only the {cfg['draft_vocab_size']} tokens of the training softmax (their draft "
+            "vocabulary, `exporter.heads`): a token that never was a target is never a candidate."
+        )
         draft += " The held-out accuracy below is theirs with it."
         added = meta.get("draft_vocab_added")
         if added:
-            fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-            draft += (f" It was added after training (`{added['command']}`); held-out top-1 without it "
-                      f"{fmt(added['heldout_top1_any_token'])}, with it {fmt(added['heldout_top1_draft'])} (top-5 "
-                      f"{fmt(added['heldout_top5_any_token'])} -> {fmt(added['heldout_top5_draft'])}); the per-epoch "
-                      "values further below were measured during training, without it.")
+            fmt = lambda xs: " / ".join(f"{x:.3f}" for x in xs)
+            draft += (
+                f" It was added after training (`{added['command']}`); held-out top-1 without it "
+                f"{fmt(added['heldout_top1_any_token'])}, with it {fmt(added['heldout_top1_draft'])} (top-5 "
+                f"{fmt(added['heldout_top5_any_token'])} -> {fmt(added['heldout_top5_draft'])}); the per-epoch "
+                "values further below were measured during training, without it."
+            )
         draft += "\n"
     text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
 
-{cfg['num_heads']} heads, {cfg['num_layers']} {blocks} each, sharing the backbone's `lm_head`
+{cfg["num_heads"]} heads, {cfg["num_layers"]} {blocks} each, sharing the backbone's `lm_head`
 ({size / 1e6:.1f} MB, {dtype_text}; loaded as float32). Head k (1-based) predicts the token k positions after the
 backbone's own next token. Layout: medusa-trt (`exporter.heads.load_heads`).
 
 ## Data
 Self-distilled: SmolLM2-135M-Instruct answered the first {len(records)} prompts of
 `../shared/data/alpaca_5000.json` (instruction + input, chat template) with temperature
-{", ".join(str(t) for t in temps)}{" (greedy)" if temps == [0.0] else ""}, at most {records[0].get('max_new_tokens', '?')} new tokens:
+{", ".join(str(t) for t in temps)}{" (greedy)" if temps == [0.0] else ""}, at most {records[0].get("max_new_tokens", "?")} new tokens:
 {tokens} response tokens, {eos} answers ended with EOS, {len(records) - eos} hit the length limit.
-Splits by a hash of the record id: {meta['train_examples']} train, {meta['heldout_examples']} held-out
+Splits by a hash of the record id: {meta["train_examples"]} train, {meta["heldout_examples"]} held-out
 (the accuracy below), the rest calibration (tree selection). MT-Bench was not used.
 
 ## Training
 Medusa-1 (frozen backbone) on cached last hidden states: loss sum_k 0.8^k CE_k over
-assistant-token targets; {meta['steps']} steps ({meta['epochs']} epochs) of {meta['batch_tokens']}
-positions ({meta['train_positions_used']} train positions), AdamW lr {meta['lr']}, linear warm-up
-+ cosine decay; training softmax over the {meta['train_vocab_size']} tokens that occur as targets
-(`--train-vocab {meta['train_vocab']}`); accuracy is ranked over the full vocabulary.
-Time: training {meta['train_seconds']:.0f} s; {cache_note}. Machine: {machine}.
+assistant-token targets; {meta["steps"]} steps ({meta["epochs"]} epochs) of {meta["batch_tokens"]}
+positions ({meta["train_positions_used"]} train positions), AdamW lr {meta["lr"]}, linear warm-up
++ cosine decay; training softmax over the {meta["train_vocab_size"]} tokens that occur as targets
+(`--train-vocab {meta["train_vocab"]}`); accuracy is ranked over the full vocabulary.
+Time: training {meta["train_seconds"]:.0f} s; {cache_note}. Machine: {machine}.
 {draft}
 ## Held-out accuracy (ranked over the full vocabulary)
 | head | top-1 | top-5 | top-1 untrained |

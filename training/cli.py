@@ -22,40 +22,84 @@ from runtime.log import add_verbosity_args, cli_logging, verbosity
 def distill_config(a):
     from training.distill import DistillConfig
 
-    return DistillConfig(model=a.model, prompts=Path(a.prompts), out=Path(a.out), num_prompts=a.num_prompts,
-                         max_new_tokens=a.max_new_tokens, temperature=a.temperature, batch_size=a.batch_size,
-                         seed=a.seed, threads=a.threads)
+    return DistillConfig(
+        model=a.model,
+        prompts=Path(a.prompts),
+        out=Path(a.out),
+        num_prompts=a.num_prompts,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        threads=a.threads,
+    )
 
 
 def medusa1_config(a):
     from training.medusa1 import Medusa1Config
 
-    return Medusa1Config(model=a.model, data=Path(a.data), out=Path(a.out), cache=Path(a.cache) if a.cache else None,
-                         num_heads=a.num_heads, num_layers=a.num_layers, shared_lm_head=not a.own_lm_head,
-                         lr=a.lr, epochs=a.epochs, batch_tokens=a.batch_tokens, max_steps=a.max_steps,
-                         max_train_tokens=a.max_train_tokens, train_vocab=a.train_vocab, seed=a.seed,
-                         threads=a.threads, soft_targets=a.soft_targets,
-                         draft_vocab=not a.no_draft_vocab)
+    return Medusa1Config(
+        model=a.model,
+        data=Path(a.data),
+        out=Path(a.out),
+        cache=Path(a.cache) if a.cache else None,
+        num_heads=a.num_heads,
+        num_layers=a.num_layers,
+        shared_lm_head=not a.own_lm_head,
+        lr=a.lr,
+        epochs=a.epochs,
+        batch_tokens=a.batch_tokens,
+        max_steps=a.max_steps,
+        max_train_tokens=a.max_train_tokens,
+        train_vocab=a.train_vocab,
+        seed=a.seed,
+        threads=a.threads,
+        soft_targets=a.soft_targets,
+        draft_vocab=not a.no_draft_vocab,
+    )
 
 
 def medusa2_config(a):
     from training.medusa2 import Medusa2Config
 
-    return Medusa2Config(model=a.model, data=Path(a.data), out=Path(a.out), heads=a.heads, num_heads=a.num_heads,
-                         num_layers=a.num_layers, backbone_loss=a.backbone_loss, head_weight=a.head_weight,
-                         lr_backbone=a.lr_backbone, lr_heads=a.lr_heads, warmup_steps=a.warmup_steps,
-                         steps=a.steps, batch_size=a.batch_size, max_len=a.max_len, seed=a.seed, threads=a.threads)
+    return Medusa2Config(
+        model=a.model,
+        data=Path(a.data),
+        out=Path(a.out),
+        heads=a.heads,
+        num_heads=a.num_heads,
+        num_layers=a.num_layers,
+        backbone_loss=a.backbone_loss,
+        head_weight=a.head_weight,
+        lr_backbone=a.lr_backbone,
+        lr_heads=a.lr_heads,
+        warmup_steps=a.warmup_steps,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        max_len=a.max_len,
+        seed=a.seed,
+        threads=a.threads,
+    )
 
 
 def select_config(a):
     from training.select_tree import SelectConfig
 
-    return SelectConfig(model=a.model, heads=a.heads, data=Path(a.data) if a.data else None,
-                        cache=Path(a.cache) if a.cache else None,
-                        name=a.name, out_dir=Path(a.out_dir), force=a.force,
-                        profile=Path(a.profile) if a.profile else None,
-                        max_nodes=a.max_nodes, max_rank=a.max_rank, heads_cost=a.heads_cost,
-                        threads=a.threads, accuracy_from=Path(a.accuracy_from) if a.accuracy_from else None)
+    return SelectConfig(
+        model=a.model,
+        heads=a.heads,
+        data=Path(a.data) if a.data else None,
+        cache=Path(a.cache) if a.cache else None,
+        name=a.name,
+        out_dir=Path(a.out_dir),
+        force=a.force,
+        profile=Path(a.profile) if a.profile else None,
+        max_nodes=a.max_nodes,
+        max_rank=a.max_rank,
+        heads_cost=a.heads_cost,
+        threads=a.threads,
+        accuracy_from=Path(a.accuracy_from) if a.accuracy_from else None,
+    )
 
 
 def _distill(a) -> None:
@@ -95,23 +139,35 @@ def build_parser() -> argparse.ArgumentParser:
     from training.medusa2 import Medusa2Config
     from training.select_tree import SelectConfig
 
-    p = argparse.ArgumentParser(prog="medusa-train", description="Train Medusa heads by self-distillation.",
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="medusa-train", description="Train Medusa heads by self-distillation.", formatter_class=HelpFormatter
+    )
     add_verbosity_args(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, cls):
-        sp.add_argument("--model", default=field_default(cls, "model"), help="smollm2-135m or a local Hugging Face folder")
-        sp.add_argument("--threads", type=int, default=field_default(cls, "threads"),
-                        help="torch CPU threads (default: torch's choice)")
+        sp.add_argument(
+            "--model", default=field_default(cls, "model"), help="smollm2-135m or a local Hugging Face folder"
+        )
+        sp.add_argument(
+            "--threads",
+            type=int,
+            default=field_default(cls, "threads"),
+            help="torch CPU threads (default: torch's choice)",
+        )
         seeded = "seed" in {f.name for f in dataclasses.fields(cls)}
-        sp.add_argument("--seed", type=int, default=field_default(cls, "seed") if seeded else 0,
-                        help=None if seeded else "unused by this subcommand")
+        sp.add_argument(
+            "--seed",
+            type=int,
+            default=field_default(cls, "seed") if seeded else 0,
+            help=None if seeded else "unused by this subcommand",
+        )
         add_verbosity_args(sp, sub=True)
 
     d = DistillConfig()
-    sp = sub.add_parser("distill", help="the backbone answers Alpaca prompts (self-distillation data)",
-                        formatter_class=HelpFormatter)
+    sp = sub.add_parser(
+        "distill", help="the backbone answers Alpaca prompts (self-distillation data)", formatter_class=HelpFormatter
+    )
     common(sp, DistillConfig)
     sp.add_argument("--prompts", default=str(d.prompts), help="Alpaca-style JSON list (never MT-Bench)")
     sp.add_argument("--out", default=str(d.out), help="output .jsonl (resumes from OUT.partial)")
@@ -122,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_distill)
 
     m = Medusa1Config()
-    sp = sub.add_parser("medusa1", help="train heads on a frozen backbone (cached hidden states)",
-                        formatter_class=HelpFormatter)
+    sp = sub.add_parser(
+        "medusa1", help="train heads on a frozen backbone (cached hidden states)", formatter_class=HelpFormatter
+    )
     common(sp, Medusa1Config)
     sp.add_argument("--data", required=True, help="distilled .jsonl from `medusa-train distill`")
     sp.add_argument("--out", required=True, help="output folder (medusa_heads.safetensors + .json)")
@@ -135,16 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=m.epochs)
     sp.add_argument("--batch-tokens", type=int, default=m.batch_tokens, help="positions per step")
     sp.add_argument("--max-steps", type=int, default=m.max_steps, help="stop after this many steps (0: no limit)")
-    sp.add_argument("--max-train-tokens", type=int, default=m.max_train_tokens, help="cap on cached train positions (0: all)")
-    sp.add_argument("--train-vocab", choices=("data", "full"), default=m.train_vocab,
-                    help="softmax over the training targets' tokens (data, ~3x cheaper on SmolLM2) or the full "
-                         "vocabulary; accuracy is always ranked over the full vocabulary")
-    sp.add_argument("--no-draft-vocab", action="store_true",
-                    help="with --train-vocab data, let the heads propose any token (default: only the tokens "
-                         "the training softmax covered, which the loss has ranked)")
-    sp.add_argument("--soft-targets", action="store_true",
-                    help="head k learns the backbone's own distribution for its token (self-distillation KL, "
-                         "from the cached hidden states) instead of the one-hot token")
+    sp.add_argument(
+        "--max-train-tokens", type=int, default=m.max_train_tokens, help="cap on cached train positions (0: all)"
+    )
+    sp.add_argument(
+        "--train-vocab",
+        choices=("data", "full"),
+        default=m.train_vocab,
+        help="softmax over the training targets' tokens (data, ~3x cheaper on SmolLM2) or the full "
+        "vocabulary; accuracy is always ranked over the full vocabulary",
+    )
+    sp.add_argument(
+        "--no-draft-vocab",
+        action="store_true",
+        help="with --train-vocab data, let the heads propose any token (default: only the tokens "
+        "the training softmax covered, which the loss has ranked)",
+    )
+    sp.add_argument(
+        "--soft-targets",
+        action="store_true",
+        help="head k learns the backbone's own distribution for its token (self-distillation KL, "
+        "from the cached hidden states) instead of the one-hot token",
+    )
     sp.set_defaults(func=_medusa1)
 
     m2 = Medusa2Config()
@@ -152,11 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, Medusa2Config)
     sp.add_argument("--data", required=True)
     sp.add_argument("--out", required=True, help="output folder: backbone/ (HF) + heads/ (medusa-trt)")
-    sp.add_argument("--heads", default=m2.heads, help="start from these heads (e.g. Medusa-1 heads; default: fresh heads)")
+    sp.add_argument(
+        "--heads", default=m2.heads, help="start from these heads (e.g. Medusa-1 heads; default: fresh heads)"
+    )
     sp.add_argument("--num-heads", type=int, default=m2.num_heads)
     sp.add_argument("--num-layers", type=int, default=m2.num_layers)
-    sp.add_argument("--backbone-loss", choices=("kl", "ce", "auto"), default=m2.backbone_loss,
-                    help="kl to the original model, ce on the data; auto: kl for self-distilled data")
+    sp.add_argument(
+        "--backbone-loss",
+        choices=("kl", "ce", "auto"),
+        default=m2.backbone_loss,
+        help="kl to the original model, ce on the data; auto: kl for self-distilled data",
+    )
     sp.add_argument("--head-weight", type=float, default=m2.head_weight, help="lambda on the head losses")
     sp.add_argument("--lr-backbone", type=float, default=m2.lr_backbone)
     sp.add_argument("--lr-heads", type=float, default=m2.lr_heads)
@@ -167,25 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_medusa2)
 
     s = SelectConfig()
-    sp = sub.add_parser("select-tree", help="choose the tree for measured head accuracies and step costs",
-                        formatter_class=HelpFormatter)
+    sp = sub.add_parser(
+        "select-tree", help="choose the tree for measured head accuracies and step costs", formatter_class=HelpFormatter
+    )
     common(sp, SelectConfig)
     sp.add_argument("--heads", default=s.heads, help="trained heads folder (default: %(default)s)")
     source = sp.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="distilled .jsonl (its calibration split is used)")
-    source.add_argument("--accuracy-from", metavar="TREE_JSON",
-                        help="reuse the calibration rank accuracies a tree file recorded when it was selected "
-                             "(for the same heads): reselect for a new engine's --profile without the distillation data")
+    source.add_argument(
+        "--accuracy-from",
+        metavar="TREE_JSON",
+        help="reuse the calibration rank accuracies a tree file recorded when it was selected "
+        "(for the same heads): reselect for a new engine's --profile without the distillation data",
+    )
     sp.add_argument("--cache", default=s.cache, help="hidden-state cache folder (default: <data>.hidden/)")
     sp.add_argument("--name", default=s.name)
-    sp.add_argument("--out-dir", default=str(s.out_dir),
-                    help="the tree is written to OUT_DIR/NAME.json (the repository's own trees are in tree_configs/)")
+    sp.add_argument(
+        "--out-dir",
+        default=str(s.out_dir),
+        help="the tree is written to OUT_DIR/NAME.json (the repository's own trees are in tree_configs/)",
+    )
     sp.add_argument("--force", action="store_true", help="replace OUT_DIR/NAME.json if it exists")
-    sp.add_argument("--profile", default=s.profile, help="cost profile JSON (medusa-run profile); default: measure with PyTorch")
+    sp.add_argument(
+        "--profile", default=s.profile, help="cost profile JSON (medusa-run profile); default: measure with PyTorch"
+    )
     sp.add_argument("--max-nodes", type=int, default=s.max_nodes)
     sp.add_argument("--max-rank", type=int, default=s.max_rank)
-    sp.add_argument("--heads-cost", type=float, default=s.heads_cost,
-                    help="the heads call per step relative to a plain step (default: the profile's heads_relative_cost)")
+    sp.add_argument(
+        "--heads-cost",
+        type=float,
+        default=s.heads_cost,
+        help="the heads call per step relative to a plain step (default: the profile's heads_relative_cost)",
+    )
     sp.set_defaults(func=_select_tree)
     return p
 
@@ -208,9 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         return code
     args = build_parser().parse_args(argv)
     with cli_logging("medusa-train", verbosity(args)):
-        return run_cli("medusa-train", lambda: (check_numbers(args), args.func(args))[1],
-                       interrupted="interrupted" + ("; finished batches are kept in OUT.partial: rerun the same "
-                                                    "command to resume" if args.command == "distill" else ""))
+        return run_cli(
+            "medusa-train",
+            lambda: (check_numbers(args), args.func(args))[1],
+            interrupted="interrupted"
+            + (
+                "; finished batches are kept in OUT.partial: rerun the same command to resume"
+                if args.command == "distill"
+                else ""
+            ),
+        )
 
 
 if __name__ == "__main__":

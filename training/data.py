@@ -40,7 +40,7 @@ class Example:
     @property
     def assistant(self) -> np.ndarray:
         mask = np.zeros(len(self.tokens), dtype=bool)
-        mask[self.response_start:] = True
+        mask[self.response_start :] = True
         return mask
 
 

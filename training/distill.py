@@ -202,8 +202,14 @@ def _split_forward(model):
     return body, head
 
 
-def generate_batch(model, prompt_ids: list[list[int]], pad_id: int, eos_ids: list[int], cfg: DistillConfig,
-                   first_positions: list[int] | None = None):
+def generate_batch(
+    model,
+    prompt_ids: list[list[int]],
+    pad_id: int,
+    eos_ids: list[int],
+    cfg: DistillConfig,
+    first_positions: list[int] | None = None,
+):
     """Left-padded batched generation; per prompt (response ids incl. a final EOS, finish reason),
     plus, with ``first_positions``, the float16 last hidden states of positions
     ``first .. len(prompt) + len(response) - 2`` (every position whose next token is known).
@@ -216,16 +222,18 @@ def generate_batch(model, prompt_ids: list[list[int]], pad_id: int, eos_ids: lis
 
     split = _split_forward(model) if first_positions is not None else None
     if first_positions is not None and split is None:
-        raise MedusaError(f"{type(model).__name__} has no plain body + lm_head split: cannot keep hidden states "
-                          "(use save_states=False)")
+        raise MedusaError(
+            f"{type(model).__name__} has no plain body + lm_head split: cannot keep hidden states "
+            "(use save_states=False)"
+        )
 
     n = len(prompt_ids)
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at the same column
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     alive = torch.arange(n)  # original row of each row still generating
@@ -236,18 +244,20 @@ def generate_batch(model, prompt_ids: list[list[int]], pad_id: int, eos_ids: lis
     with torch.inference_mode():
         for step in range(cfg.max_new_tokens):
             if split is None:
-                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                            logits_to_keep=1)
+                out = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+                )
                 logits = out.logits[:, -1].float()
             else:
                 body, head = split
-                h = body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                         use_cache=True).last_hidden_state
+                h = body(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
+                ).last_hidden_state
                 logits = head(h[:, -1]).float()
                 h16 = h.to(torch.float16).numpy()
                 for row, r in enumerate(alive.tolist()):
                     if step == 0:  # prefill: the prompt occupies the last len(prompt) columns
-                        states[r].append(h16[row, width - len(prompt_ids[r]) + first_positions[r]:])
+                        states[r].append(h16[row, width - len(prompt_ids[r]) + first_positions[r] :])
                     else:
                         states[r].append(h16[row])
             if cfg.temperature > 0:
@@ -277,8 +287,7 @@ def generate_batch(model, prompt_ids: list[list[int]], pad_id: int, eos_ids: lis
     return [(responses[i], finish[i], np.concatenate(states[i])) for i in range(n)]
 
 
-def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | None = None,
-            backbone=None) -> list[dict]:
+def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | None = None, backbone=None) -> list[dict]:
     """Run (or resume) a distillation; returns the final records. ``backbone``: (model, tokenizer) to reuse."""
     import torch
     from tqdm import tqdm
@@ -313,9 +322,15 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     # batches in prompt order: a run stopped early holds a prefix of the prompts, so rerunning
     # with --num-prompts set to what is done finishes at once (generation length, not prompt
     # length, dominates the cost, so sorting by prompt length would buy little)
-    batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt", dynamic_ncols=True,
-               disable=quiet())
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    bar = tqdm(
+        total=len(prompts),
+        initial=len(prompts) - len(todo),
+        desc="distill",
+        unit="prompt",
+        dynamic_ncols=True,
+        disable=quiet(),
+    )
     keep_states = cfg.save_states and _split_forward(model) is not None
     if cfg.save_states and not keep_states:
         log.warning("%s: no body + lm_head split, hidden states are not kept", type(model).__name__)
@@ -323,9 +338,15 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
         firsts = [first_cached_position(len(p)) for _, _, p in batch] if keep_states else None
         results = generate_batch(model, [p for _, _, p in batch], pad_id, eos_ids, cfg, first_positions=firsts)
         records = [
-            {"id": pid, "messages": [{"role": "user", "content": text}], "prompt_ids": p, "response_ids": res[0],
-             "response_text": tok.decode(res[0], skip_special_tokens=True), "finish": res[1],
-             **key}
+            {
+                "id": pid,
+                "messages": [{"role": "user", "content": text}],
+                "prompt_ids": p,
+                "response_ids": res[0],
+                "response_text": tok.decode(res[0], skip_special_tokens=True),
+                "finish": res[1],
+                **key,
+            }
             for (pid, text, p), res in zip(batch, results)
         ]
         if keep_states:  # before the record lands: a record in OUT.partial has its states on disk
@@ -350,8 +371,12 @@ def resume_key(cfg: DistillConfig) -> dict:
     must ask for the same (the prompt itself, as templated, is compared record by record)."""
     import hashlib
 
-    key = {"model": cfg.model, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
-           "prompts_sha256": hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()}
+    key = {
+        "model": cfg.model,
+        "temperature": cfg.temperature,
+        "max_new_tokens": cfg.max_new_tokens,
+        "prompts_sha256": hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest(),
+    }
     if cfg.temperature > 0:  # sampled answers depend on the seed too
         key["seed"] = cfg.seed
     return key
@@ -368,16 +393,21 @@ def check_resume(done: dict[str, dict], key: dict, prompts: list[tuple[str, str]
             was = ", ".join(f"{k}={r.get(k)!r}" for k in diff)
             now = ", ".join(f"{k}={key.get(k)!r}" for k in diff)
             what = " (another --prompts file or an edited one)" if "prompts_sha256" in diff else ""
-            raise MedusaError(f"{where} was started with {was}; this run asks for {now}{what}: resuming would mix "
-                              "records of two runs; delete them or use the same options")
+            raise MedusaError(
+                f"{where} was started with {was}; this run asks for {now}{what}: resuming would mix "
+                "records of two runs; delete them or use the same options"
+            )
     texts = {pid: text for pid, text in prompts}
     for pid, r in done.items():
         if pid not in texts:
             continue
-        if r.get("messages") != [{"role": "user", "content": texts[pid]}] or \
-                r.get("prompt_ids") != chat_prompt_ids(tok, texts[pid]):
-            raise MedusaError(f"{where}: record {pid} was made from another prompt (or chat template) than this run's "
-                              "prompt of that id: resuming would mix records; delete them or use the same --prompts")
+        if r.get("messages") != [{"role": "user", "content": texts[pid]}] or r.get("prompt_ids") != chat_prompt_ids(
+            tok, texts[pid]
+        ):
+            raise MedusaError(
+                f"{where}: record {pid} was made from another prompt (or chat template) than this run's "
+                "prompt of that id: resuming would mix records; delete them or use the same --prompts"
+            )
 
 
 def _eos_ids(model, tok) -> list[int]:

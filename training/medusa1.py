@@ -88,7 +88,9 @@ def cached_positions(e: Example) -> tuple[int, int]:
 
 def _fingerprint(model_folder: str, data: Path, max_len: int) -> str:
     st = Path(data).stat()
-    return hashlib.sha1(f"{model_folder}|{Path(data).resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_len}".encode()).hexdigest()
+    return hashlib.sha1(
+        f"{model_folder}|{Path(data).resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_len}".encode()
+    ).hexdigest()
 
 
 def _kept_states(states: Path | None, model_name: str | None, e: Example, span: tuple[int, int]):
@@ -102,12 +104,19 @@ def _kept_states(states: Path | None, model_name: str | None, e: Example, span: 
     a, b = span
     if model != model_name or first > a or first + len(hidden) < b:
         return None
-    return hidden[a - first:b - first]
+    return hidden[a - first : b - first]
 
 
-def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerprint: str = "",
-                dtype=np.float16, batch_size: int = 8, states: Path | None = None,
-                model_name: str | None = None) -> Path:
+def build_cache(
+    model,
+    examples: dict[str, list[Example]],
+    folder: Path,
+    fingerprint: str = "",
+    dtype=np.float16,
+    batch_size: int = 8,
+    states: Path | None = None,
+    model_name: str | None = None,
+) -> Path:
     """Write ``hidden_<split>.npy`` + ``index_<split>.npz`` per split, then ``cache.json`` last.
 
     ``states``: the folder where distillation kept hidden states (``OUT.states``); an example
@@ -128,7 +137,9 @@ def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerp
         exs = examples[split]
         spans = [cached_positions(e) for e in exs]
         rows = sum(b - a for a, b in spans)
-        mm = np.lib.format.open_memmap(folder / f"hidden_{split}.npy", mode="w+", dtype=dtype, shape=(rows, hidden_size))
+        mm = np.lib.format.open_memmap(
+            folder / f"hidden_{split}.npy", mode="w+", dtype=dtype, shape=(rows, hidden_size)
+        )
         starts = np.cumsum([0] + [b - a for a, b in spans])[:-1]
         todo = []
         for j, e in enumerate(exs):
@@ -136,35 +147,48 @@ def build_cache(model, examples: dict[str, list[Example]], folder: Path, fingerp
             if kept is None:
                 todo.append(j)
             else:
-                mm[starts[j]:starts[j] + len(kept)] = kept
+                mm[starts[j] : starts[j] + len(kept)] = kept
                 bar.update(len(kept))
         counts["from_states"] += len(exs) - len(todo)
         counts["computed"] += len(todo)
         order = sorted(todo, key=lambda i: len(exs[i].tokens))  # similar lengths share a batch
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             width = max(len(exs[j].tokens) for j in idx)
             ids = torch.zeros(len(idx), width, dtype=torch.long)
             for r, j in enumerate(idx):  # right padding: causal attention never sees it
-                ids[r, :len(exs[j].tokens)] = torch.from_numpy(exs[j].tokens)
+                ids[r, : len(exs[j].tokens)] = torch.from_numpy(exs[j].tokens)
             h = last_hidden(model, ids).float().numpy()
             for r, j in enumerate(idx):
                 a, b = spans[j]
-                mm[starts[j]:starts[j] + b - a] = h[r, a:b]
+                mm[starts[j] : starts[j] + b - a] = h[r, a:b]
                 bar.update(b - a)
         mm.flush()
         del mm
-        np.savez(folder / f"index_{split}.npz",
-                 ids=np.array([e.id for e in exs]),
-                 tokens=np.concatenate([e.tokens for e in exs]) if exs else np.zeros(0, np.int64),
-                 token_starts=np.cumsum([0] + [len(e.tokens) for e in exs]),
-                 response_start=np.array([e.response_start for e in exs], dtype=np.int64),
-                 first_pos=np.array([a for a, _ in spans], dtype=np.int64),
-                 row_starts=np.append(starts, rows).astype(np.int64))
+        np.savez(
+            folder / f"index_{split}.npz",
+            ids=np.array([e.id for e in exs]),
+            tokens=np.concatenate([e.tokens for e in exs]) if exs else np.zeros(0, np.int64),
+            token_starts=np.cumsum([0] + [len(e.tokens) for e in exs]),
+            response_start=np.array([e.response_start for e in exs], dtype=np.int64),
+            first_pos=np.array([a for a, _ in spans], dtype=np.int64),
+            row_starts=np.append(starts, rows).astype(np.int64),
+        )
     bar.close()
-    marker.write_text(json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint, "hidden_size": hidden_size,
-                                  "dtype": np.dtype(dtype).name, "built_unix": time.time(), **counts,
-                                  "splits": {s: len(examples[s]) for s in SPLITS}}, indent=1))
+    marker.write_text(
+        json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "fingerprint": fingerprint,
+                "hidden_size": hidden_size,
+                "dtype": np.dtype(dtype).name,
+                "built_unix": time.time(),
+                **counts,
+                "splits": {s: len(examples[s]) for s in SPLITS},
+            },
+            indent=1,
+        )
+    )
     return folder
 
 
@@ -176,8 +200,14 @@ def cache_is_valid(folder: Path, fingerprint: str) -> bool:
         meta = json.loads(marker.read_text())
     except json.JSONDecodeError:
         return False
-    return meta.get("format") == CACHE_FORMAT and meta.get("fingerprint") == fingerprint and all(
-        (Path(folder) / f"{kind}_{s}.{ext}").is_file() for s in SPLITS for kind, ext in (("hidden", "npy"), ("index", "npz"))
+    return (
+        meta.get("format") == CACHE_FORMAT
+        and meta.get("fingerprint") == fingerprint
+        and all(
+            (Path(folder) / f"{kind}_{s}.{ext}").is_file()
+            for s in SPLITS
+            for kind, ext in (("hidden", "npy"), ("index", "npz"))
+        )
     )
 
 
@@ -200,11 +230,11 @@ def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
     row_end = np.zeros(hidden.shape[0], dtype=np.int64)
     ts, rs = ix["token_starts"], ix["row_starts"]
     for e in range(len(ix["ids"])):
-        tokens = ix["tokens"][ts[e]:ts[e + 1]]
+        tokens = ix["tokens"][ts[e] : ts[e + 1]]
         assistant = np.arange(len(tokens)) >= ix["response_start"][e]
         positions = ix["first_pos"][e] + np.arange(rs[e + 1] - rs[e])
-        labels[rs[e]:rs[e + 1]] = head_labels(tokens, assistant, positions, num_heads)
-        row_end[rs[e]:rs[e + 1]] = rs[e + 1]
+        labels[rs[e] : rs[e + 1]] = head_labels(tokens, assistant, positions, num_heads)
+        row_end[rs[e] : rs[e + 1]] = rs[e + 1]
     return CachedSplit(hidden, labels, len(ix["ids"]), row_end)
 
 
@@ -221,8 +251,9 @@ def teacher_rows(split: CachedSplit, idx: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.where(ok, rows, idx[:, None]), ok
 
 
-def prepare_cache(model, model_folder: str, data: Path, cache: Path | None, max_len: int,
-                  model_name: str | None = None) -> Path:
+def prepare_cache(
+    model, model_folder: str, data: Path, cache: Path | None, max_len: int, model_name: str | None = None
+) -> Path:
     """The cache folder for ``data``, built if missing or stale (from the hidden states that
     distillation kept, where ``model_name`` made them)."""
     from training.distill import read_records, states_dir
@@ -249,16 +280,24 @@ def head_weights(num_heads: int) -> torch.Tensor:
 def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum_k 0.8**k * CE_k`` and the per-head CE [K]. ``head_logits`` [N, K, V], ``labels`` [N, K]."""
     K = head_logits.shape[-2]
-    per_head = torch.stack([
-        F.cross_entropy(head_logits[:, k], labels[:, k], ignore_index=IGNORE) if (labels[:, k] != IGNORE).any()
-        else head_logits.new_zeros(()) for k in range(K)
-    ])
+    per_head = torch.stack(
+        [
+            F.cross_entropy(head_logits[:, k], labels[:, k], ignore_index=IGNORE)
+            if (labels[:, k] != IGNORE).any()
+            else head_logits.new_zeros(())
+            for k in range(K)
+        ]
+    )
     return (head_weights(K) * per_head).sum(), per_head.detach()
 
 
-def projected_loss(blocks_out: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                   vocab_map: torch.Tensor | None = None, teacher: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def projected_loss(
+    blocks_out: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    vocab_map: torch.Tensor | None = None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Medusa loss with a shared projection, computing logits only where labels exist.
 
     ``blocks_out`` [N, K, H]; ``weight`` [V', H] (the lm_head rows of the training vocabulary);
@@ -297,8 +336,8 @@ def rank_accuracy(heads, lm_head, split: CachedSplit, max_rank: int = 10, chunk:
     counts = np.zeros(K)
     with torch.inference_mode():
         for i in range(0, len(split.labels), chunk):
-            lab = torch.from_numpy(split.labels[i:i + chunk])
-            h = torch.from_numpy(np.asarray(split.hidden[i:i + chunk], dtype=np.float32))
+            lab = torch.from_numpy(split.labels[i : i + chunk])
+            h = torch.from_numpy(np.asarray(split.hidden[i : i + chunk], dtype=np.float32))
             logits = heads(h, lm_head) if heads.config.shared_lm_head else heads(h)  # [n, K, V]
             top = logits.topk(max_rank, dim=-1).indices  # [n, K, R]
             valid = lab != IGNORE
@@ -351,7 +390,8 @@ def check_splits(data: Path, max_len: int) -> dict[str, int]:
             f"{data}: too little data: its {len(records)} records give {counts['train']} training and "
             f"{counts['heldout']} held-out examples (records are split by a hash of their id, ~{HELDOUT_PERCENT}% "
             "held out), and Medusa-1 needs both (the held-out examples measure the heads): distill more answers, "
-            "at least ~100 (`medusa-train distill --num-prompts N`)")
+            "at least ~100 (`medusa-train distill --num-prompts N`)"
+        )
     return counts
 
 
@@ -409,7 +449,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     warm = max(1, total_steps // 20)
     # linear warm-up then cosine decay (the official Medusa schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
     history = []
     acc0 = rank_accuracy(heads.eval(), lm_head, heldout)
     print(f"held-out accuracy before training ({heldout.num_examples} examples):\n{accuracy_table(acc0)}")
@@ -421,7 +462,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         for i in range(0, len(perm), cfg.batch_tokens):
             if step >= total_steps:
                 break
-            idx = np.sort(perm[i:i + cfg.batch_tokens])
+            idx = np.sort(perm[i : i + cfg.batch_tokens])
             h = torch.from_numpy(np.asarray(train.hidden[idx], dtype=np.float32))
             lab = torch.from_numpy(train.labels[idx])
             if cfg.shared_lm_head:
@@ -441,8 +482,14 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", h1=f"{per_head[0].item():.2f}")
             bar.update(1)
         acc = rank_accuracy(heads.eval(), lm_head, heldout)
-        history.append({"epoch": epoch + 1, "step": step, "top1": acc[:, 0].round(4).tolist(),
-                        "top5": acc[:, :5].sum(1).round(4).tolist()})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "top1": acc[:, 0].round(4).tolist(),
+                "top5": acc[:, :5].sum(1).round(4).tolist(),
+            }
+        )
         tqdm.write(f"epoch {epoch + 1}: held-out accuracy\n{accuracy_table(acc)}")
         if step >= total_steps:
             break
@@ -463,7 +510,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         "train_vocab_size": int(weight.shape[0]),
         "draft_vocab_size": heads.config.draft_vocab_size,  # 0: the heads may propose any token
         "loss": "sum_k 0.8^k CE_k (head k: token t+k+2, assistant tokens only)"
-                + ("; target = the backbone's distribution for that token where cached (soft CE)" if cfg.soft_targets else ""),
+        + ("; target = the backbone's distribution for that token where cached (soft CE)" if cfg.soft_targets else ""),
         "heldout_top1": acc[:, 0].round(4).tolist(),
         "heldout_top5": acc[:, :5].sum(1).round(4).tolist(),
         "heldout_top1_untrained": acc0[:, 0].round(4).tolist(),

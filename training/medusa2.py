@@ -76,8 +76,9 @@ def make_batch(examples, num_heads: int, pad_id: int = 0):
     return torch.from_numpy(ids), torch.from_numpy(lm), torch.from_numpy(hl)
 
 
-def combined_loss(model, heads, ids, lm_labels, head_lbl, head_weight: float, backbone_loss: str,
-                  original=None) -> tuple[torch.Tensor, dict]:
+def combined_loss(
+    model, heads, ids, lm_labels, head_lbl, head_weight: float, backbone_loss: str, original=None
+) -> tuple[torch.Tensor, dict]:
     """Backbone loss (CE on the data, or KL(original || tuned) on assistant positions) + lambda x heads."""
     hidden = model.model(input_ids=ids).last_hidden_state  # [B, L, H] final-normed
     logits = model.lm_head(hidden)  # [B, L, V]
@@ -95,12 +96,20 @@ def combined_loss(model, heads, ids, lm_labels, head_lbl, head_weight: float, ba
     hm = (head_lbl != IGNORE).any(-1)  # positions where some head has a target
     h_logits = heads(hidden[hm], model.lm_head) if heads.config.shared_lm_head else heads(hidden[hm])
     K = h_logits.shape[1]
-    per_head = torch.stack([
-        F.cross_entropy(h_logits[:, k], head_lbl[hm][:, k], ignore_index=IGNORE) if (head_lbl[hm][:, k] != IGNORE).any()
-        else h_logits.new_zeros(()) for k in range(K)
-    ])
+    per_head = torch.stack(
+        [
+            F.cross_entropy(h_logits[:, k], head_lbl[hm][:, k], ignore_index=IGNORE)
+            if (head_lbl[hm][:, k] != IGNORE).any()
+            else h_logits.new_zeros(())
+            for k in range(K)
+        ]
+    )
     l_heads = (head_weights(K) * per_head).sum()
-    return l_bb + head_weight * l_heads, {"backbone": l_bb.detach(), "heads": l_heads.detach(), "per_head": per_head.detach()}
+    return l_bb + head_weight * l_heads, {
+        "backbone": l_bb.detach(),
+        "heads": l_heads.detach(),
+        "per_head": per_head.detach(),
+    }
 
 
 def heads_accuracy(model, heads, examples, num_heads: int) -> np.ndarray:
@@ -109,7 +118,7 @@ def heads_accuracy(model, heads, examples, num_heads: int) -> np.ndarray:
     counts = np.zeros(num_heads)
     with torch.inference_mode():
         for i in range(0, len(examples), 4):
-            ids, _, hl = make_batch(examples[i:i + 4], num_heads)
+            ids, _, hl = make_batch(examples[i : i + 4], num_heads)
             hidden = model.model(input_ids=ids).last_hidden_state
             hm = (hl != IGNORE).any(-1)
             lg = heads(hidden[hm], model.lm_head) if heads.config.shared_lm_head else heads(hidden[hm])
@@ -134,8 +143,10 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.warmup_steps < 0:
         raise MedusaError("steps and batch_size must be at least 1 and warmup_steps at least 0")
     if cfg.lr_heads <= cfg.lr_backbone:
-        raise MedusaError(f"Medusa-2 trains the heads faster than the backbone: lr_heads ({cfg.lr_heads}) must exceed "
-                          f"lr_backbone ({cfg.lr_backbone})")
+        raise MedusaError(
+            f"Medusa-2 trains the heads faster than the backbone: lr_heads ({cfg.lr_heads}) must exceed "
+            f"lr_backbone ({cfg.lr_backbone})"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -162,13 +173,19 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, lm_head=model.lm_head)
     if heads.config.draft_vocab_size:
         # Medusa-2's head loss is over the full vocabulary (and tunes the backbone under it): no restriction
-        log.warning("the start heads' draft vocabulary (%d tokens) is dropped: Medusa-2 trains the heads over the "
-                    "full vocabulary", heads.config.draft_vocab_size)
+        log.warning(
+            "the start heads' draft vocabulary (%d tokens) is dropped: Medusa-2 trains the heads over the "
+            "full vocabulary",
+            heads.config.draft_vocab_size,
+        )
         heads.set_draft_vocab(None)
     start_method = heads.config.meta.get("method")
     heads.config.meta = {}  # the saved heads describe this run, not the run that made the start heads
-    acc_start = (heads_accuracy(model.eval(), heads.eval(), examples["heldout"], cfg.num_heads)
-                 if examples["heldout"] else np.zeros((cfg.num_heads, 2)))
+    acc_start = (
+        heads_accuracy(model.eval(), heads.eval(), examples["heldout"], cfg.num_heads)
+        if examples["heldout"]
+        else np.zeros((cfg.num_heads, 2))
+    )
     print(f"held-out accuracy before Medusa-2 ({len(examples['heldout'])} examples):")
     print(format_accuracy(acc_start[:, 0], acc_start[:, 1]))
     model.train()
@@ -189,7 +206,9 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         batch = [train[i] for i in rng.choice(len(train), min(cfg.batch_size, len(train)), replace=False)]
         ids, lm, hl = make_batch(batch, cfg.num_heads)
         warm = step < cfg.warmup_steps
-        loss, parts = combined_loss(model, heads, ids, lm, hl, cfg.head_weight, mode, original if mode == "kl" else None)
+        loss, parts = combined_loss(
+            model, heads, ids, lm, hl, cfg.head_weight, mode, original if mode == "kl" else None
+        )
         opt_bb.zero_grad(set_to_none=True)
         opt_heads.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,21 +220,29 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
             for g in opt_bb.param_groups:
                 g["lr"] = cfg.lr_backbone * lr_scale
             opt_bb.step()
-        loss_log.append({"step": step, "loss": loss.item(), "backbone": parts["backbone"].item(), "heads": parts["heads"].item()})
+        loss_log.append(
+            {"step": step, "loss": loss.item(), "backbone": parts["backbone"].item(), "heads": parts["heads"].item()}
+        )
         bar.set_postfix(bb=f"{parts['backbone'].item():.3f}", heads=f"{parts['heads'].item():.3f}", warm=warm)
         bar.update(1)
     bar.close()
     train_s = time.time() - t0
     model.eval()
     heads.eval()
-    acc = heads_accuracy(model, heads, examples["heldout"], cfg.num_heads) if examples["heldout"] else np.zeros((cfg.num_heads, 2))
+    acc = (
+        heads_accuracy(model, heads, examples["heldout"], cfg.num_heads)
+        if examples["heldout"]
+        else np.zeros((cfg.num_heads, 2))
+    )
     print(f"held-out accuracy after Medusa-2 ({len(examples['heldout'])} examples):")
     print(format_accuracy(acc[:, 0], acc[:, 1]))
-    prompts = [e.tokens[:e.response_start].tolist() for e in examples["heldout"][:cfg.drift_prompts]]
+    prompts = [e.tokens[: e.response_start].tolist() for e in examples["heldout"][: cfg.drift_prompts]]
     drift = greedy_drift(original, model, prompts, cfg.drift_tokens) if prompts else None
     if drift is not None:
-        print(f"greedy drift: {drift:.3f} of {cfg.drift_tokens} new tokens identical to the original model's "
-              f"on {len(prompts)} held-out prompts")
+        print(
+            f"greedy drift: {drift:.3f} of {cfg.drift_tokens} new tokens identical to the original model's "
+            f"on {len(prompts)} held-out prompts"
+        )
     summary = {
         "method": "medusa-2 (backbone and heads jointly)",
         "backbone_loss": mode,
@@ -259,8 +286,8 @@ def greedy_drift(original, tuned, prompts: list[list[int]], max_new_tokens: int 
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     same = total = 0
     for p in prompts:
-        (a, _), = generate_batch(original, [p], 0, eos_ids, cfg)
-        (b, _), = generate_batch(tuned, [p], 0, eos_ids, cfg)
+        ((a, _),) = generate_batch(original, [p], 0, eos_ids, cfg)
+        ((b, _),) = generate_batch(tuned, [p], 0, eos_ids, cfg)
         same += sum(x == y for x, y in zip(a, b))
         total += max(len(a), len(b))
     return same / max(total, 1)

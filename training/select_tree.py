@@ -116,8 +116,10 @@ def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, head
         "heads_relative_cost": float(heads_cost),
         "predicted_speedup_vs_plain": float(speed[best]),
         "acceptance_bound": acceptance_bound(acc),
-        "by_size": [{"nodes": n + 1, "accepted": round(float(cum[n]), 4), "speedup": round(float(speed[n]), 4)}
-                    for n in range(len(order))],
+        "by_size": [
+            {"nodes": n + 1, "accepted": round(float(cum[n]), 4), "speedup": round(float(speed[n]), 4)}
+            for n in range(len(order))
+        ],
     }
 
 
@@ -178,21 +180,25 @@ def measure_cost_profile(model, sizes=(1, 2, 4, 8, 16, 24, 32, 48, 64), past: in
     medians = np.maximum.accumulate([float(np.median(times[n])) for n in sorted(sizes)])
     seconds = dict(zip(sorted(sizes), medians))
     base = seconds[min(sizes)]
-    return {"backend": "torch-reference (measured by medusa-train select-tree)", "past": past, "repeats": repeats,
-            "seconds": {str(n): round(float(s), 6) for n, s in seconds.items()},
-            "relative_cost": {str(n): round(float(s / base), 4) for n, s in seconds.items()}}
+    return {
+        "backend": "torch-reference (measured by medusa-train select-tree)",
+        "past": past,
+        "repeats": repeats,
+        "seconds": {str(n): round(float(s), 6) for n, s in seconds.items()},
+        "relative_cost": {str(n): round(float(s / base), 4) for n, s in seconds.items()},
+    }
 
 
 # ---------------------------------------------------------------------------- command
 
 
-def calibration_accuracy(model, model_folder, heads, data: Path, cache: Path | None, max_rank: int,
-                         model_name: str | None = None) -> np.ndarray:
+def calibration_accuracy(
+    model, model_folder, heads, data: Path, cache: Path | None, max_rank: int, model_name: str | None = None
+) -> np.ndarray:
     """acc[k][r] on the calibration split (hidden-state cache shared with medusa1)."""
     from training.medusa1 import Medusa1Config, load_split, prepare_cache, rank_accuracy
 
-    folder = prepare_cache(model, str(model_folder), Path(data), cache, Medusa1Config.max_len,
-                           model_name=model_name)
+    folder = prepare_cache(model, str(model_folder), Path(data), cache, Medusa1Config.max_len, model_name=model_name)
     calib = load_split(folder, "calib", heads.config.num_heads)
     if not (calib.labels != -100).any():
         raise MedusaError(f"{data}: the calibration split is empty; distill more prompts")
@@ -208,8 +214,10 @@ def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile:
         "name": name,
         "paths": chosen["paths"],
         "source": source,
-        "description": (f"greedy tree for measured head accuracies: {len(chosen['paths'])} nodes, maximizes expected "
-                        f"accepted tokens / relative step cost on {profile['backend']}"),
+        "description": (
+            f"greedy tree for measured head accuracies: {len(chosen['paths'])} nodes, maximizes expected "
+            f"accepted tokens / relative step cost on {profile['backend']}"
+        ),
         "predicted_accepted_length": round(chosen["predicted_accepted_length"], 4),
         "predicted_speedup_vs_plain": round(chosen["predicted_speedup_vs_plain"], 4),
         "relative_step_cost": round(chosen["relative_step_cost"], 4),
@@ -230,10 +238,14 @@ def recorded_accuracy(tree_file: Path) -> tuple[np.ndarray, str]:
         doc = json.loads(Path(tree_file).read_text())
         acc = np.asarray(doc["calibration_accuracy"]["rank_accuracy"], dtype=np.float64)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise MedusaError(f"{tree_file}: no recorded calibration accuracy to reuse "
-                          f"(a tree file written by medusa-train select-tree has one): {e}") from None
+        raise MedusaError(
+            f"{tree_file}: no recorded calibration accuracy to reuse "
+            f"(a tree file written by medusa-train select-tree has one): {e}"
+        ) from None
     if acc.ndim != 2 or not acc.size or (acc < 0).any() or (acc > 1).any():
-        raise MedusaError(f"{tree_file}: calibration_accuracy.rank_accuracy must be a [heads, ranks] table of probabilities")
+        raise MedusaError(
+            f"{tree_file}: calibration_accuracy.rank_accuracy must be a [heads, ranks] table of probabilities"
+        )
     return acc, str(doc.get("source", tree_file))
 
 
@@ -265,7 +277,11 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
     heads_cost = cfg.heads_cost
     if cfg.profile:
         backend, prof, profiled_heads = read_profile_with_heads(cfg.profile)
-        profile = {"backend": backend, "relative_cost": {str(k): v for k, v in sorted(prof.items())}, "file": str(cfg.profile)}
+        profile = {
+            "backend": backend,
+            "relative_cost": {str(k): v for k, v in sorted(prof.items())},
+            "file": str(cfg.profile),
+        }
         if heads_cost is None:
             heads_cost = profiled_heads
     else:
@@ -279,9 +295,13 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
     chosen = select(acc, prof, cfg.max_nodes, heads_cost=heads_cost)
     out = write_tree(cfg.out_dir, cfg.name, chosen, acc, profile, source=source)
     print(f"calibration top-1 per head: {acc[:, 0].round(3).tolist()}")
-    print(f"chose {len(chosen['paths'])} nodes: predicted accepted length {chosen['predicted_accepted_length']:.3f}, "
-          f"relative step cost {chosen['relative_step_cost']:.2f}, predicted speedup {chosen['predicted_speedup_vs_plain']:.2f}x")
-    print(f"no tree over the top-{cfg.max_rank} ranks of these heads can expect more than "
-          f"{chosen['acceptance_bound']:.3f} accepted tokens per step (the complete tree)")
+    print(
+        f"chose {len(chosen['paths'])} nodes: predicted accepted length {chosen['predicted_accepted_length']:.3f}, "
+        f"relative step cost {chosen['relative_step_cost']:.2f}, predicted speedup {chosen['predicted_speedup_vs_plain']:.2f}x"
+    )
+    print(
+        f"no tree over the top-{cfg.max_rank} ranks of these heads can expect more than "
+        f"{chosen['acceptance_bound']:.3f} accepted tokens per step (the complete tree)"
+    )
     print(f"wrote {out}")
     return {**chosen, "file": str(out), "accuracy": acc}

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import capture_logs
+
 from exporter.export import ExportOptions, backbone_io, export_artifact, heads_io, tracing_patches
 from exporter.heads import fresh_heads
 from exporter.step import BackboneStep, kv_names
@@ -25,13 +25,29 @@ from exporter.validate import validate_artifact
 from runtime.artifact import read_artifact
 from runtime.errors import ArtifactError, MedusaError, ValidationError
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def tiny_model(arch: str, seed: int = 0):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     cfg_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM),
@@ -49,8 +65,9 @@ def tiny_model(arch: str, seed: int = 0):
 
 def random_heads(model, num_heads: int, num_layers: int = 1, shared: bool = True, seed: int = 1):
     c = model.config
-    heads = fresh_heads(num_heads, c.hidden_size, c.vocab_size, num_layers=num_layers, shared_lm_head=shared,
-                        lm_head=model.lm_head)
+    heads = fresh_heads(
+        num_heads, c.hidden_size, c.vocab_size, num_layers=num_layers, shared_lm_head=shared, lm_head=model.lm_head
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for p in heads.parameters():
@@ -141,9 +158,36 @@ def test_graph_names_dtypes_and_named_axes(exported, arch):
     # every op is in the default domain at a TensorRT-10-parsable opset; no exotic ops
     assert {(o.domain, o.version) for o in onnx.load(str(out / "model.onnx")).opset_import} == {("", 18)}
     assert {n.op_type for n in g.node} <= {
-        "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Cos", "Div", "Equal", "Expand", "Gather",
-        "Identity", "MatMul", "Mul", "Neg", "Pow", "Range", "ReduceMean", "Reshape", "Shape", "Sigmoid", "Sin",
-        "Slice", "Softmax", "Sqrt", "Transpose", "Unsqueeze", "Where", "Gemm", "Sub", "Squeeze",
+        "Add",
+        "Cast",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Cos",
+        "Div",
+        "Equal",
+        "Expand",
+        "Gather",
+        "Identity",
+        "MatMul",
+        "Mul",
+        "Neg",
+        "Pow",
+        "Range",
+        "ReduceMean",
+        "Reshape",
+        "Shape",
+        "Sigmoid",
+        "Sin",
+        "Slice",
+        "Softmax",
+        "Sqrt",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+        "Gemm",
+        "Sub",
+        "Squeeze",
     }
 
     h = onnx.load(str(out / "heads.onnx")).graph
@@ -160,7 +204,13 @@ def test_graph_names_dtypes_and_named_axes(exported, arch):
         assert shapes[name][: len(axes)] == axes
     m = cfg.model
     assert (m.architecture, m.num_layers, m.num_kv_heads, m.head_dim, m.hidden_size, m.vocab_size) == (
-        model.config.architectures[0], 2, kv_heads, head_dim, c.hidden_size, c.vocab_size)
+        model.config.architectures[0],
+        2,
+        kv_heads,
+        head_dim,
+        c.hidden_size,
+        c.vocab_size,
+    )
     assert (m.num_medusa_heads, m.medusa_num_layers, m.medusa_shared_lm_head) == ARCHS[arch]
     assert cfg.dtype == "float32" and cfg.opset == 18
     assert cfg.default_tree == ("chain_2" if k == 2 else "chain_3" if k == 3 else "cpu_8")
@@ -182,25 +232,38 @@ def test_graph_runs_prefill_then_decode_like_the_runtime(exported):
     c = model.config
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     past_names, _ = kv_names(c.num_hidden_layers)
-    step = BackboneStep(model)
     ids = np.array([[5, 17, 42, 99, 3]], dtype=np.int64)
     n = ids.shape[1]
     cache = [np.zeros((1, 0, 2, 8), np.float32) for _ in past_names]
-    feed = {"input_ids": ids, "position_ids": np.arange(n)[None], "tree_mask": np.tril(np.ones((n, n), bool))[None],
-            **dict(zip(past_names, cache))}
+    feed = {
+        "input_ids": ids,
+        "position_ids": np.arange(n)[None],
+        "tree_mask": np.tril(np.ones((n, n), bool))[None],
+        **dict(zip(past_names, cache)),
+    }
     logits, hidden, *presents = sess.run(None, feed)
     cache = presents
     tokens = [int(logits[0, -1].argmax())]
     for t in range(4):
-        feed = {"input_ids": np.array([[tokens[-1]]]), "position_ids": np.array([[n + t]]),
-                "tree_mask": np.ones((1, 1, 1), bool), **dict(zip(past_names, cache))}
+        feed = {
+            "input_ids": np.array([[tokens[-1]]]),
+            "position_ids": np.array([[n + t]]),
+            "tree_mask": np.ones((1, 1, 1), bool),
+            **dict(zip(past_names, cache)),
+        }
         logits, hidden, *presents = sess.run(None, feed)
         assert presents[0].shape == (1, 1, 2, 8)  # present = the new entries only
         cache = [np.concatenate([p, q], axis=1) for p, q in zip(cache, presents)]
         tokens.append(int(logits[0, -1].argmax()))
     with torch.inference_mode():
-        ref = model.generate(torch.from_numpy(ids), max_new_tokens=5, do_sample=False, pad_token_id=0,
-                             eos_token_id=None, attention_mask=torch.ones_like(torch.from_numpy(ids)))
+        ref = model.generate(
+            torch.from_numpy(ids),
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            attention_mask=torch.ones_like(torch.from_numpy(ids)),
+        )
     assert tokens == ref[0, n:].tolist()
 
 
@@ -208,24 +271,34 @@ def test_tracing_patches_restore_everything(exported):
     from transformers.integrations import sdpa_attention
 
     model = tiny_model("llama", seed=3)
-    before = (torch.nn.functional.scaled_dot_product_attention, sdpa_attention.use_gqa_in_sdpa,
-              model.config._attn_implementation)
+    before = (
+        torch.nn.functional.scaled_dot_product_attention,
+        sdpa_attention.use_gqa_in_sdpa,
+        model.config._attn_implementation,
+    )
     model.train()
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
     try:
         with tracing_patches(model):
             assert torch.nn.functional.scaled_dot_product_attention is not before[0]
             assert not model.training and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
-        assert (torch.nn.functional.scaled_dot_product_attention, sdpa_attention.use_gqa_in_sdpa,
-                model.config._attn_implementation) == before
+        assert (
+            torch.nn.functional.scaled_dot_product_attention,
+            sdpa_attention.use_gqa_in_sdpa,
+            model.config._attn_implementation,
+        ) == before
         assert model.training and os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
     finally:
         os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
     # and after a whole export the eager step is bit-identical
     e = exported("llama")
     model = e["model"]
-    x = (torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.tril(torch.ones(1, 3, 3, dtype=torch.bool)),
-         *[torch.zeros(1, 0, 2, 8) for _ in range(4)])
+    x = (
+        torch.tensor([[1, 2, 3]]),
+        torch.tensor([[0, 1, 2]]),
+        torch.tril(torch.ones(1, 3, 3, dtype=torch.bool)),
+        *[torch.zeros(1, 0, 2, 8) for _ in range(4)],
+    )
     with torch.inference_mode():
         a = BackboneStep(model)(*x)
         with tracing_patches(model):
@@ -241,11 +314,13 @@ def test_fp16_export(tmp_path, wordlevel_tokenizer):
     heads = random_heads(model, 2)
     out = tmp_path / "fp16"
     with capture_logs() as logs:
-        export_artifact(model, heads, out, ExportOptions(graph="portable", dtype="float16"), tokenizer=wordlevel_tokenizer)
+        export_artifact(
+            model, heads, out, ExportOptions(graph="portable", dtype="float16"), tokenizer=wordlevel_tokenizer
+        )
     assert any("validation passed" in s for s in logs)
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is not converted
     T = onnx.TensorProto
-    for f, float_names in (("model.onnx", None), ("heads.onnx", ["hidden_states", "medusa_logits"])):
+    for f in ("model.onnx", "heads.onnx"):
         m = onnx.load(str(out / f))
         types = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.output]}
         for name, t in types.items():
@@ -271,8 +346,13 @@ def test_external_data_with_a_low_threshold(tmp_path, wordlevel_tokenizer):
     model = tiny_model("qwen2", seed=5)
     heads = random_heads(model, 2)
     out = tmp_path / "ext"
-    export_artifact(model, heads, out, ExportOptions(graph="portable", external_data_threshold_mb=0.01),
-                    tokenizer=wordlevel_tokenizer)
+    export_artifact(
+        model,
+        heads,
+        out,
+        ExportOptions(graph="portable", external_data_threshold_mb=0.01),
+        tokenizer=wordlevel_tokenizer,
+    )
     for f in ("model.onnx", "heads.onnx"):
         data = out / (f + ".data")
         assert data.is_file() and data.stat().st_size > (out / f).stat().st_size
@@ -293,9 +373,17 @@ def test_existing_folder_is_refused_without_force(exported, wordlevel_tokenizer,
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="already exists"):
-        export_artifact(e["model"], e["heads"], out, ExportOptions(graph="portable", validate=False), tokenizer=wordlevel_tokenizer)
+        export_artifact(
+            e["model"], e["heads"], out, ExportOptions(graph="portable", validate=False), tokenizer=wordlevel_tokenizer
+        )
     assert (out / "keep.txt").read_text() == "mine"
-    export_artifact(e["model"], e["heads"], out, ExportOptions(graph="portable", validate=False, force=True), tokenizer=wordlevel_tokenizer)
+    export_artifact(
+        e["model"],
+        e["heads"],
+        out,
+        ExportOptions(graph="portable", validate=False, force=True),
+        tokenizer=wordlevel_tokenizer,
+    )
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp or backup folders left
 
@@ -315,8 +403,9 @@ def test_failed_validation_leaves_nothing(exported, wordlevel_tokenizer, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported, wordlevel_tokenizer, tmp_path,
-                                                                     monkeypatch):
+def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(
+    exported, wordlevel_tokenizer, tmp_path, monkeypatch
+):
     import exporter.export
 
     e = exported("llama")
@@ -329,7 +418,9 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(exported, 
 
     monkeypatch.setattr(exporter.export, "export_heads", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_artifact(e["model"], e["heads"], out, ExportOptions(graph="portable", force=True), tokenizer=wordlevel_tokenizer)
+        export_artifact(
+            e["model"], e["heads"], out, ExportOptions(graph="portable", force=True), tokenizer=wordlevel_tokenizer
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
@@ -354,15 +445,20 @@ def test_validation_catches_a_graph_that_differs(exported, tmp_path):
 
 def test_bad_options_are_user_errors(exported, wordlevel_tokenizer, tmp_path):
     e = exported("llama")
-    for opts, msg in ((ExportOptions(graph="portable", opset=13), "opset 13"), (ExportOptions(graph="portable", dtype="bfloat16"), "bfloat16"),
-                      (ExportOptions(graph="portable", tree="cpu_8"), "needs 4 Medusa heads"),
-                      (ExportOptions(graph="portable", max_context=10**6), "max_position_embeddings")):
+    for opts, msg in (
+        (ExportOptions(graph="portable", opset=13), "opset 13"),
+        (ExportOptions(graph="portable", dtype="bfloat16"), "bfloat16"),
+        (ExportOptions(graph="portable", tree="cpu_8"), "needs 4 Medusa heads"),
+        (ExportOptions(graph="portable", max_context=10**6), "max_position_embeddings"),
+    ):
         with pytest.raises(MedusaError, match=msg):
             export_artifact(e["model"], e["heads"], tmp_path / "x", opts, tokenizer=wordlevel_tokenizer)
     assert list(tmp_path.iterdir()) == []
     wrong = fresh_heads(2, 16, 128)
     with pytest.raises(MedusaError, match="do not fit"):
-        export_artifact(e["model"], wrong, tmp_path / "x", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
+        export_artifact(
+            e["model"], wrong, tmp_path / "x", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer
+        )
 
 
 def test_sliding_window_caps_max_context(tmp_path, wordlevel_tokenizer):
@@ -376,12 +472,19 @@ def test_sliding_window_caps_max_context(tmp_path, wordlevel_tokenizer):
     model = MistralForCausalLM(config).eval()
     heads = random_heads(model, 2)
     with capture_logs() as logs:
-        out = export_artifact(model, heads, tmp_path / "a", ExportOptions(graph="portable", validate=False),
-                              tokenizer=wordlevel_tokenizer)
+        out = export_artifact(
+            model, heads, tmp_path / "a", ExportOptions(graph="portable", validate=False), tokenizer=wordlevel_tokenizer
+        )
     assert read_artifact(out).model.max_context == 31
     assert any("sliding_window 32" in s for s in logs)
     with pytest.raises(MedusaError, match="sliding-window"):
-        export_artifact(model, heads, tmp_path / "b", ExportOptions(graph="portable", max_context=100), tokenizer=wordlevel_tokenizer)
+        export_artifact(
+            model,
+            heads,
+            tmp_path / "b",
+            ExportOptions(graph="portable", max_context=100),
+            tokenizer=wordlevel_tokenizer,
+        )
 
 
 def test_unsupported_model_class_is_a_user_error(tmp_path, wordlevel_tokenizer):
@@ -389,7 +492,13 @@ def test_unsupported_model_class_is_a_user_error(tmp_path, wordlevel_tokenizer):
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=128)).eval()
     with pytest.raises(MedusaError, match="GPT2LMHeadModel is not supported"):
-        export_artifact(model, fresh_heads(2, 32, 128), tmp_path / "a", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
+        export_artifact(
+            model,
+            fresh_heads(2, 32, 128),
+            tmp_path / "a",
+            ExportOptions(graph="portable"),
+            tokenizer=wordlevel_tokenizer,
+        )
 
 
 def test_int8_heads_graph_proposes_like_the_float_heads(tiny):
@@ -431,7 +540,9 @@ def test_draft_vocab_heads_export(tmp_path, wordlevel_tokenizer, shared):
         heads = random_heads(model, 3, shared=shared)
         heads.set_draft_vocab(ids)
         with capture_logs() as logs:
-            export_artifact(model, heads, tmp_path / name, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
+            export_artifact(
+                model, heads, tmp_path / name, ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer
+            )
         assert any("validation passed" in s for s in logs)
         g = onnx.load(str(tmp_path / name / "heads.onnx")).graph
         weights[name] = [tuple(i.dims) for i in g.initializer if len(i.dims) == 2]

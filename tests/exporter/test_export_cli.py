@@ -21,9 +21,19 @@ def model_folder(tmp_path_factory, wordlevel_tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, initializer_range=0.3, head_dim=16)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.3,
+        head_dim=16,
+    )
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -54,10 +64,18 @@ def assert_user_error(code, err, *phrases):
 
 def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
     out = tmp_path / "artifact"
-    code, stdout, stderr = run_cli([model_folder, "--fresh-heads", "2", "-o", out, "--max-context", "128", "-v"], capsys)
+    code, stdout, stderr = run_cli(
+        [model_folder, "--fresh-heads", "2", "-o", out, "--max-context", "128", "-v"], capsys
+    )
     assert code == 0, stderr
-    for step in ("loading", "writing the fused backbone", "saving model.onnx", "tracing the Medusa heads",
-                 "validating ONNX Runtime against PyTorch", "validation passed"):
+    for step in (
+        "loading",
+        "writing the fused backbone",
+        "saving model.onnx",
+        "tracing the Medusa heads",
+        "validating ONNX Runtime against PyTorch",
+        "validation passed",
+    ):
         assert step in stderr, step
     assert "done (" in stderr  # a step line with elapsed seconds
     assert f"artifact written to {out}" in stdout and "model.onnx" in stdout and "validation: passed" in stdout
@@ -92,9 +110,27 @@ def test_export_with_saved_heads_fp16_no_validate(model_folder, tmp_path, capsys
     heads = fresh_heads(4, 32, 128, num_layers=1)
     save_heads(heads, tmp_path / "heads", meta={"trained_on": "nothing"})
     out = tmp_path / "artifact"
-    code, stdout, stderr = run_cli([model_folder, "--heads", tmp_path / "heads", "-o", out, "--dtype", "float16",
-                                    "--tree", "cpu_4", "--no-validate", "--opset", "17", "--graph", "portable",
-                                    "--external-data-threshold-mb", "0"], capsys)
+    code, stdout, stderr = run_cli(
+        [
+            model_folder,
+            "--heads",
+            tmp_path / "heads",
+            "-o",
+            out,
+            "--dtype",
+            "float16",
+            "--tree",
+            "cpu_4",
+            "--no-validate",
+            "--opset",
+            "17",
+            "--graph",
+            "portable",
+            "--external-data-threshold-mb",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     assert "validating" not in stderr and "validation: skipped" in stdout
     cfg = json.loads((out / "medusa_config.json").read_text())
@@ -135,16 +171,19 @@ def test_a_missing_model_is_named_before_the_heads(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv,trees", [
-    (["smollm2-135m"], ("smollm2_ort_cpu", "chain_1")),  # the fused fp32 graph: the tree measured for it
-    (["smollm2-135m", "--heads", str(cli.SHIPPED_HEADS / "smollm2-135m")], ("smollm2_ort_cpu", "chain_1")),
-    (["smollm2-135m", "--precision", "int4"], ("chain_1", "chain_1")),
-    (["smollm2-135m", "--precision", "int8"], ("chain_1", "chain_1")),
-    (["smollm2-135m", "--tree", "cpu_4"], ("cpu_4", "chain_1")),
-    (["smollm2-135m", "--sampling-tree", "chain_2"], ("smollm2_ort_cpu", "chain_2")),
-    (["smollm2-135m", "--fresh-heads", "4"], (None, None)),  # other heads: the exporter's generic default
-    (["some/model", "--heads", "h"], (None, None)),
-])
+@pytest.mark.parametrize(
+    "argv,trees",
+    [
+        (["smollm2-135m"], ("smollm2_ort_cpu", "chain_1")),  # the fused fp32 graph: the tree measured for it
+        (["smollm2-135m", "--heads", str(cli.SHIPPED_HEADS / "smollm2-135m")], ("smollm2_ort_cpu", "chain_1")),
+        (["smollm2-135m", "--precision", "int4"], ("chain_1", "chain_1")),
+        (["smollm2-135m", "--precision", "int8"], ("chain_1", "chain_1")),
+        (["smollm2-135m", "--tree", "cpu_4"], ("cpu_4", "chain_1")),
+        (["smollm2-135m", "--sampling-tree", "chain_2"], ("smollm2_ort_cpu", "chain_2")),
+        (["smollm2-135m", "--fresh-heads", "4"], (None, None)),  # other heads: the exporter's generic default
+        (["some/model", "--heads", "h"], (None, None)),
+    ],
+)
 def test_default_trees(argv, trees):
     args = cli.build_parser().parse_args([*argv, "-o", "out"])
     assert cli.default_trees(args, args.precision) == trees
@@ -158,8 +197,12 @@ def test_the_default_export_records_the_measured_tree(tmp_path, capsys):
     code, stdout, err = run_cli(["smollm2-135m", "-o", out, "--no-validate", "--no-heads-int8"], capsys)
     assert code == 0, err
     cfg = json.loads((out / "medusa_config.json").read_text())
-    assert (cfg["default_tree"], cfg["sampling_tree"], cfg["flavour"], cfg["precision"]) == \
-        ("smollm2_ort_cpu", "chain_1", "fused", "fp32")
+    assert (cfg["default_tree"], cfg["sampling_tree"], cfg["flavour"], cfg["precision"]) == (
+        "smollm2_ort_cpu",
+        "chain_1",
+        "fused",
+        "fp32",
+    )
     assert "default tree smollm2_ort_cpu" in stdout
 
 
@@ -221,12 +264,28 @@ def test_trt_subcommands_are_dispatched(monkeypatch):
 def test_help_in_a_subprocess():
     exe = Path(sys.executable).parent / "medusa-export"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "exporter.cli"]
-    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [*cmd, "--help"], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2]
+    )
     assert r.returncode == 0, r.stderr
-    for phrase in ("MODEL", "--heads", "--fresh-heads", "--dtype", "--opset", "--external-data-threshold-mb",
-                   "--tree", "--max-context", "--force", "--no-validate", "tree_mask", "past_key_values",
-                   "present", "new_tokens", "past_sequence", "trtexec"):
+    for phrase in (
+        "MODEL",
+        "--heads",
+        "--fresh-heads",
+        "--dtype",
+        "--opset",
+        "--external-data-threshold-mb",
+        "--tree",
+        "--max-context",
+        "--force",
+        "--no-validate",
+        "tree_mask",
+        "past_key_values",
+        "present",
+        "new_tokens",
+        "past_sequence",
+        "trtexec",
+    ):
         assert phrase in r.stdout, phrase
 
 
@@ -244,23 +303,72 @@ def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
     through scripts/polygraphy_data_loader.py, on CPU."""
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "artifact"
-    assert cli.main([str(model_folder), "--fresh-heads", "4", "-o", str(out), "--no-validate", "--graph", "portable"]) == 0
+    assert (
+        cli.main([str(model_folder), "--fresh-heads", "4", "-o", str(out), "--no-validate", "--graph", "portable"]) == 0
+    )
     capsys.readouterr()
     loader = root / "scripts" / "polygraphy_data_loader.py"
     ref = tmp_path / "ort_ref.json"
-    _polygraphy("run", out / "model.onnx", "--onnxrt", "--graph-optimization-level", "ORT_DISABLE_ALL",
-                "--data-loader-script", loader, "--save-outputs", ref, cwd=root)
-    log = _polygraphy("run", out / "model.onnx", "--onnxrt", "--data-loader-script", loader, "--load-outputs", ref,
-                      "--atol", "1e-3", "--rtol", "1e-3", cwd=root)
+    _polygraphy(
+        "run",
+        out / "model.onnx",
+        "--onnxrt",
+        "--graph-optimization-level",
+        "ORT_DISABLE_ALL",
+        "--data-loader-script",
+        loader,
+        "--save-outputs",
+        ref,
+        cwd=root,
+    )
+    log = _polygraphy(
+        "run",
+        out / "model.onnx",
+        "--onnxrt",
+        "--data-loader-script",
+        loader,
+        "--load-outputs",
+        ref,
+        "--atol",
+        "1e-3",
+        "--rtol",
+        "1e-3",
+        cwd=root,
+    )
     assert "Passed: 4/4 iterations" in log
     # the heads graph gets its own feeds
     log = _polygraphy("run", out / "heads.onnx", "--onnxrt", "--data-loader-script", loader, cwd=root)
     assert "medusa_logits" in log
     # PyTorch as the reference backend
     torch_ref = tmp_path / "torch_ref.json"
-    r = subprocess.run([sys.executable, "-m", "scripts.polygraphy_data_loader", "--torch-outputs", str(torch_ref),
-                        str(out), str(model_folder)], capture_output=True, text=True, timeout=300, cwd=root)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.polygraphy_data_loader",
+            "--torch-outputs",
+            str(torch_ref),
+            str(out),
+            str(model_folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    log = _polygraphy("run", out / "model.onnx", "--onnxrt", "--data-loader-script", loader, "--load-outputs",
-                      torch_ref, "--atol", "1e-3", "--rtol", "1e-3", cwd=root)
+    log = _polygraphy(
+        "run",
+        out / "model.onnx",
+        "--onnxrt",
+        "--data-loader-script",
+        loader,
+        "--load-outputs",
+        torch_ref,
+        "--atol",
+        "1e-3",
+        "--rtol",
+        "1e-3",
+        cwd=root,
+    )
     assert "vs. pytorch" in log and "Passed: 4/4 iterations" in log

@@ -86,8 +86,13 @@ def hf_folder(tmp_path_factory):
 
 def test_sigterm_during_export_leaves_nothing(hf_folder, tmp_path):
     out = tmp_path / "art"
-    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", str(hf_folder), "--fresh-heads", "2", "-o", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", str(hf_folder), "--fresh-heads", "2", "-o", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         # SIGTERM once the export is saving its graphs into the partial folder
@@ -119,8 +124,9 @@ def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlev
     other = tmp_path / ".other.partial-x"  # another destination's: not ours to touch
     other.mkdir()
     seen_tmp = []
-    import exporter.quantize as quantize
     from conftest import capture_logs
+
+    import exporter.quantize as quantize
 
     original = quantize.quantize_heads
 
@@ -133,8 +139,13 @@ def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlev
     quantize.quantize_heads = spy
     try:
         with capture_logs() as logs:
-            export_artifact(tiny_llama(0), fresh_heads(2, 32, 128), tmp_path / "art", ExportOptions(validate=False),
-                            tokenizer=wordlevel_tokenizer)
+            export_artifact(
+                tiny_llama(0),
+                fresh_heads(2, 32, 128),
+                tmp_path / "art",
+                ExportOptions(validate=False),
+                tokenizer=wordlevel_tokenizer,
+            )
     finally:
         quantize.quantize_heads = original
     assert any(line.startswith(f"removed {stale}, left by an interrupted export") for line in logs)
@@ -142,4 +153,3 @@ def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlev
     assert seen_tmp and seen_tmp[0].parent.name.startswith(".art.partial-") and seen_tmp[0].name == ".tmp"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".art.partial-running", ".other.partial-x", "art"]
     assert not any(p.name.startswith(".") for p in (tmp_path / "art").iterdir())
-

@@ -26,8 +26,13 @@ def test_smollm2_export_validates(tmp_path):
     from conftest import capture_logs
 
     with capture_logs(level=logging.INFO) as logs:  # the steps and the validation summary
-        out = export_artifact(model, heads, tmp_path / "smollm2", ExportOptions(source_model="smollm2-135m",
-                              validation_threads=1), tokenizer=tokenizer)
+        out = export_artifact(
+            model,
+            heads,
+            tmp_path / "smollm2",
+            ExportOptions(source_model="smollm2-135m", validation_threads=1),
+            tokenizer=tokenizer,
+        )
     seconds = time.perf_counter() - t0
     print("\n".join(logs))
     print(f"SmolLM2 export + validation: {seconds:.1f} s")

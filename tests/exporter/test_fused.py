@@ -24,8 +24,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import runtime  # noqa: E402
 from conftest import capture_logs, hf_greedy, make_tiny_llama  # noqa: E402
+
+import runtime  # noqa: E402
 from exporter.export import ExportOptions, export_artifact  # noqa: E402
 from exporter.fused import FUSED_OPSET, MS_DOMAIN  # noqa: E402
 from exporter.heads import fresh_heads  # noqa: E402
@@ -33,19 +34,39 @@ from runtime.artifact import CONFIG_FILE, FUSED_CACHE_START, fused_io_names, rea
 from runtime.errors import ContextLengthError, MedusaError  # noqa: E402
 from runtime.tree import load_tree  # noqa: E402
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.3, bos_token_id=1,
-            eos_token_id=2)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 ARCHS = ("llama", "mistral", "qwen2")
 NUM_HEADS = 4
 PROMPTS = [np.random.default_rng(100 + i).integers(3, 128, size=n).tolist() for i, n in enumerate((5, 9, 14))]
-CHAT = ["Write a haiku about rivers.", "What is 17 times 23?", "List three prime numbers.",
-        "Tell me a story about a cat."]
+CHAT = [
+    "Write a haiku about rivers.",
+    "What is 17 times 23?",
+    "List three prime numbers.",
+    "Tell me a story about a cat.",
+]
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     cfg_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM),
@@ -91,10 +112,20 @@ def exported(tmp_path_factory, wordlevel_tokenizer):
             root = tmp_path_factory.mktemp(f"fused-{arch}")
             with capture_logs() as logs:
                 export_artifact(model, heads, root / "fused", ExportOptions(), tokenizer=wordlevel_tokenizer)
-            export_artifact(model, heads, root / "portable", ExportOptions(graph="portable", validate=False),
-                            tokenizer=wordlevel_tokenizer)
-            cache[arch] = {"fused": root / "fused", "portable": root / "portable", "model": model, "heads": heads,
-                           "log": logs}
+            export_artifact(
+                model,
+                heads,
+                root / "portable",
+                ExportOptions(graph="portable", validate=False),
+                tokenizer=wordlevel_tokenizer,
+            )
+            cache[arch] = {
+                "fused": root / "fused",
+                "portable": root / "portable",
+                "model": model,
+                "heads": heads,
+                "log": logs,
+            }
         return cache[arch]
 
     return get
@@ -186,7 +217,7 @@ def test_fused_graph_structure(exported, arch):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert (attrs["num_heads"], attrs["kv_num_heads"], attrs["do_rotary"]) == (nq, nkv, 1)
     assert attrs["local_window_size"] == (c.sliding_window if arch == "mistral" else -1)
-    assert attrs["scale"] == pytest.approx(D ** -0.5)
+    assert attrs["scale"] == pytest.approx(D**-0.5)
     # the cache bound in place: past_key_values.{i}.* in, present.{i}.* out of layer i's attention
     for i, node in enumerate(gqa):
         assert list(node.input[3:5]) == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
@@ -195,7 +226,9 @@ def test_fused_graph_structure(exported, arch):
     qkv = onnx.numpy_helper.to_array(inits["model.layers.0.self_attn.qkv_proj.weight_t"])
     assert qkv.shape == (c.hidden_size, (nq + 2 * nkv) * D)
     assert onnx.numpy_helper.to_array(inits["model.layers.0.mlp.gate_up_proj.weight_t"]).shape == (
-        c.hidden_size, 2 * c.intermediate_size)
+        c.hidden_size,
+        2 * c.intermediate_size,
+    )
     bias_adds = [n for n in nodes if n.op_type == "Add" and n.name.endswith("qkv_proj/bias")]
     if arch == "qwen2":
         assert len(bias_adds) == L
@@ -420,8 +453,10 @@ def test_quantized_chains_are_lossless_against_plain_decoding(quantized, precisi
             assert med.tokens == plain, (precision, tree, text)
             multi += multi_steps(med.stats)
         # chunks of 3 (a last chunk of 1 token is padded to 2 rows): Medusa still equals plain
-        assert chunked.generate(ids, max_new_tokens=30, tree="chain_3").tokens == \
-            chunked.generate(ids, max_new_tokens=30, medusa=False).tokens
+        assert (
+            chunked.generate(ids, max_new_tokens=30, tree="chain_3").tokens
+            == chunked.generate(ids, max_new_tokens=30, medusa=False).tokens
+        )
     assert multi > 0
 
 
@@ -483,8 +518,11 @@ def test_quantized_lookup_keeps_chains_for_exact_sampling(quantized, precision, 
     ids = gen.encode(CHAT[0])
     # top_k=1: the sampling path (temperature > 0, its acceptance) on the greedy answer, which repeats
     # itself on this tiny random model, so lookup drafts (random samples over 49k tokens never repeat)
-    for kw, want in ((dict(), False), (dict(temperature=0.7, top_k=1), False),
-                     (dict(temperature=0.7, top_k=1, acceptance="typical"), True)):
+    for kw, want in (
+        (dict(), False),
+        (dict(temperature=0.7, top_k=1), False),
+        (dict(temperature=0.7, top_k=1, acceptance="typical"), True),
+    ):
         seen.clear()
         gen.generate(ids + ids, max_new_tokens=32, tree="chain_1", seed=0, **kw)
         assert seen and set(seen) == {want}, (kw, seen)
@@ -525,11 +563,13 @@ def test_one_token_steps_run_as_two_rows(quantized, exported, precision):
 
 def test_quantized_export_option_errors(exported, wordlevel_tokenizer, tmp_path):
     e = exported("llama")
-    for opts, match in ((ExportOptions(precision="int4", tree="cpu_8"), "branches"),
-                        (ExportOptions(precision="int8", tree="mc_sim_7b_63"), "chain_1 .. chain_5"),
-                        (ExportOptions(precision="int4", graph="portable"), "--graph fused"),
-                        (ExportOptions(precision="int8", graph="portable"), "MatMulNBits"),
-                        (ExportOptions(precision="int4", dtype="float16"), "contradicts")):
+    for opts, match in (
+        (ExportOptions(precision="int4", tree="cpu_8"), "branches"),
+        (ExportOptions(precision="int8", tree="mc_sim_7b_63"), "chain_1 .. chain_5"),
+        (ExportOptions(precision="int4", graph="portable"), "--graph fused"),
+        (ExportOptions(precision="int8", graph="portable"), "MatMulNBits"),
+        (ExportOptions(precision="int4", dtype="float16"), "contradicts"),
+    ):
         with pytest.raises(MedusaError, match=match):
             export_artifact(e["model"], e["heads"], tmp_path / "x", opts, tokenizer=wordlevel_tokenizer)
     assert list(tmp_path.iterdir()) == []
@@ -542,8 +582,13 @@ def test_quantized_export_option_errors(exported, wordlevel_tokenizer, tmp_path)
 def fp16(exported, wordlevel_tokenizer, tmp_path_factory):
     e = exported("llama")
     with capture_logs() as logs:
-        out = export_artifact(e["model"], e["heads"], tmp_path_factory.mktemp("fp16") / "art",
-                              ExportOptions(dtype="float16"), tokenizer=wordlevel_tokenizer)
+        out = export_artifact(
+            e["model"],
+            e["heads"],
+            tmp_path_factory.mktemp("fp16") / "art",
+            ExportOptions(dtype="float16"),
+            tokenizer=wordlevel_tokenizer,
+        )
     return {"artifact": out, "log": logs, "model": e["model"], "heads": e["heads"]}
 
 
@@ -567,8 +612,13 @@ def test_fp16_fused_export_validates_and_decodes_losslessly(fp16, wordlevel_toke
     assert set(types.values()) == {T.FLOAT16}
     assert {i.data_type for i in m.graph.initializer if i.data_type in (T.FLOAT, T.FLOAT16)} == {T.FLOAT16}
     # precision="fp16" is the same export
-    export_artifact(model, fp16["heads"], tmp_path / "fp16b", ExportOptions(precision="fp16", validate=False),
-                    tokenizer=wordlevel_tokenizer)
+    export_artifact(
+        model,
+        fp16["heads"],
+        tmp_path / "fp16b",
+        ExportOptions(precision="fp16", validate=False),
+        tokenizer=wordlevel_tokenizer,
+    )
     assert read_artifact(tmp_path / "fp16b").precision == "fp16"
     assert (tmp_path / "fp16b" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
 
@@ -606,8 +656,8 @@ def test_fp16_attention_and_cache_stay_fp16_on_the_cpu_provider(fp16, tmp_path):
             assert all(not name.startswith("InsertedPrecisionFreeCast_") for name in (*n.input, *n.output)), n.name
     gqa = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     for i, n in enumerate(gqa):
-        assert list(n.input[3:5]) == names_in[FUSED_CACHE_START + 2 * i: FUSED_CACHE_START + 2 + 2 * i]
-        assert list(n.output[1:]) == names_out[2 + 2 * i: 4 + 2 * i]
+        assert list(n.input[3:5]) == names_in[FUSED_CACHE_START + 2 * i : FUSED_CACHE_START + 2 + 2 * i]
+        assert list(n.output[1:]) == names_out[2 + 2 * i : 4 + 2 * i]
 
 
 # ---------------------------------------------------------------------------- TensorRT, compatibility
@@ -616,8 +666,8 @@ def test_fp16_attention_and_cache_stay_fp16_on_the_cpu_provider(fp16, tmp_path):
 def test_tensorrt_refuses_fused_artifacts(exported, monkeypatch):
     import runtime.api as api
     from exporter.trt_plan import make_plan
-    from runtime.plan import PlanError
     from runtime.onnxrt import FusedOnnxRuntimeBackend, OnnxRuntimeBackend
+    from runtime.plan import PlanError
 
     e = exported("llama")
     folder = e["fused"]
@@ -668,11 +718,14 @@ def test_format_version_1_reads_as_portable_fp32(exported, tmp_path):
 # ---------------------------------------------------------------------------- known bug
 
 
-@pytest.mark.parametrize("arch, options, overrides", [
-    pytest.param("llama", dict(max_context=48), {}, id="llama-max_context48"),
-    pytest.param("llama", dict(max_context=24, precision="int4"), {}, id="llama-int4-max_context24"),
-    pytest.param("mistral", {}, dict(sliding_window=32), id="mistral-sliding_window32"),
-])
+@pytest.mark.parametrize(
+    "arch, options, overrides",
+    [
+        pytest.param("llama", dict(max_context=48), {}, id="llama-max_context48"),
+        pytest.param("llama", dict(max_context=24, precision="int4"), {}, id="llama-int4-max_context24"),
+        pytest.param("mistral", {}, dict(sliding_window=32), id="mistral-sliding_window32"),
+    ],
+)
 def test_fused_export_with_a_context_below_72(wordlevel_tokenizer, tmp_path, arch, options, overrides):
     """A fused export whose max_context is below 72 tokens (``--max-context``, or the cap at
     sliding_window - 1) must export as the portable graph does and decode to its end.
@@ -721,16 +774,22 @@ def test_quantized_export_with_external_data(tmp_path, precision, wordlevel_toke
     tensors in model.onnx.data: the quantizer must not delete or overwrite the float graph's file."""
     model = make_tiny_llama(seed=7)
     heads = fresh_heads(2, model.config.hidden_size, model.config.vocab_size)
-    out = export_artifact(model, heads, tmp_path / precision,
-                          ExportOptions(precision=precision, external_data_threshold_mb=0.01), tokenizer=wordlevel_tokenizer)
+    out = export_artifact(
+        model,
+        heads,
+        tmp_path / precision,
+        ExportOptions(precision=precision, external_data_threshold_mb=0.01),
+        tokenizer=wordlevel_tokenizer,
+    )
     cfg = read_artifact(out)
     assert (out / "model.onnx.data").is_file() and not (out / ".float").exists()
     assert cfg.provenance["quantization"]["check"]["tokens"] > 1
     gen = runtime.load(out, backend="onnxruntime", threads=1)
     for ids in ([5, 6, 7], [9, 3, 3, 9, 3]):
-        assert gen.generate(ids, max_new_tokens=12, tree="chain_2").tokens == \
-            gen.generate(ids, max_new_tokens=12, medusa=False).tokens
-
+        assert (
+            gen.generate(ids, max_new_tokens=12, tree="chain_2").tokens
+            == gen.generate(ids, max_new_tokens=12, medusa=False).tokens
+        )
 
 
 def test_prefill_computes_only_the_logits_it_reads(exported):

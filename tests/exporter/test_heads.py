@@ -186,8 +186,12 @@ def test_medusa1_safetensors_without_projection(tmp_path, lm_head):
 def _medusa2_folder(folder, sd, config_heads=2, fmt="safetensors"):
     folder.mkdir(exist_ok=True)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "vocab_size": V,
-        "medusa_num_heads": config_heads, "medusa_num_layers": 1,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": H,
+        "vocab_size": V,
+        "medusa_num_heads": config_heads,
+        "medusa_num_layers": 1,
     }
     (folder / "config.json").write_text(json.dumps(config))
     g = torch.Generator().manual_seed(7)
@@ -292,15 +296,18 @@ BAD_CHECKPOINTS = [
     pytest.param({}, r"holds no Medusa head tensors", id="no-tensors"),
     pytest.param(
         {**official_state_dict(2), "0.0.linear.bias": torch.zeros(H + 1)},
-        r"tensor 0\.0\.linear\.bias has shape \(17,\), expected \(16,\)", id="inconsistent-shape",
+        r"tensor 0\.0\.linear\.bias has shape \(17,\), expected \(16,\)",
+        id="inconsistent-shape",
     ),
     pytest.param(
         {k: v for k, v in official_state_dict(3).items() if not k.startswith("1.")},
-        r"head indices \[0, 2\] are not 0\.\.2", id="missing-head",
+        r"head indices \[0, 2\] are not 0\.\.2",
+        id="missing-head",
     ),
     pytest.param(
         {k: v for k, v in official_state_dict(2).items() if k != "1.1.weight"},
-        r"heads differ in layer count or projection", id="projection-on-one-head-only",
+        r"heads differ in layer count or projection",
+        id="projection-on-one-head-only",
     ),
 ]
 
@@ -389,13 +396,16 @@ def test_draft_vocab_restricts_proposals_and_round_trips(tmp_path, shared, lm_he
     torch.testing.assert_close(back(x, lm_head) if shared else back(x), full, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("ids, match", [
-    ([], "empty"),
-    ([3, 2, 5], "sorted and distinct"),
-    ([1, 1, 2], "sorted and distinct"),
-    ([0, V], rf"must lie in \[0, {V}\), got 0..{V}"),
-    ([-1, 4], r"must lie in"),
-])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([], "empty"),
+        ([3, 2, 5], "sorted and distinct"),
+        ([1, 1, 2], "sorted and distinct"),
+        ([0, V], rf"must lie in \[0, {V}\), got 0..{V}"),
+        ([-1, 4], r"must lie in"),
+    ],
+)
 def test_bad_draft_vocab_is_a_checkpoint_error(tmp_path, ids, match):
     heads = fresh_heads(2, H, V)
     with pytest.raises(CheckpointError, match=match):

@@ -18,10 +18,10 @@ from trt_fakes import fake_config, write_fake_artifact
 from exporter import trt_build
 from exporter.trt_build import EngineBuildError, ProgressPrinter, build_engines, check_network_inputs, network_flags
 from exporter.trt_plan import Limits, make_plan
-from runtime.plan import PlanError
 from runtime import trt_backend
 from runtime.artifact import read_artifact
 from runtime.errors import BackendUnavailableError
+from runtime.plan import PlanError
 
 
 def fake_tensorrt(log: dict):
@@ -153,7 +153,15 @@ def fake_tensorrt(log: dict):
             m.phase_finish("Building engine")
             return None if log.get("fail_build") else b"ENGINE:" + ",".join(network.inputs).encode()
 
-    for cls in (Logger, NetworkDefinitionCreationFlag, MemoryPoolType, BuilderFlag, IProgressMonitor, OnnxParser, Builder):
+    for cls in (
+        Logger,
+        NetworkDefinitionCreationFlag,
+        MemoryPoolType,
+        BuilderFlag,
+        IProgressMonitor,
+        OnnxParser,
+        Builder,
+    ):
         setattr(trt, cls.__name__, cls)
     return trt
 
@@ -186,8 +194,15 @@ def test_the_plan_reaches_the_builder(artifact):
     # the timing cache: empty for the first build, then what the first build saved, then saved again
     assert log["cache_loaded"] == [b"", b"+timings"]
     assert (folder / "timing.cache").read_bytes() == b"+timings+timings"
-    assert any("[trt] Building engine (2 steps)" in x for x in lines) and any("  [trt] Tactics done in" in x for x in lines)
-    assert read_artifact(folder).provenance["engine"] == {"backbone": "model.engine", "heads": "heads.engine", "plan": "trt_plan.json", "tensorrt": "10.8.0.43"}
+    assert any("[trt] Building engine (2 steps)" in x for x in lines) and any(
+        "  [trt] Tactics done in" in x for x in lines
+    )
+    assert read_artifact(folder).provenance["engine"] == {
+        "backbone": "model.engine",
+        "heads": "heads.engine",
+        "plan": "trt_plan.json",
+        "tensorrt": "10.8.0.43",
+    }
     assert (folder / "trt_plan.json").is_file()
 
 
@@ -195,10 +210,14 @@ def test_parser_and_build_failures_are_user_errors(artifact):
     folder, cfg, log = artifact
     plan = make_plan(cfg)
     (folder / "model.onnx").write_text(json.dumps({"errors": ["node 12 (Attention): unsupported", "second"]}))
-    with pytest.raises(EngineBuildError, match=r"ONNX parser rejected .*model.onnx:\n  node 12 \(Attention\): unsupported\n  second"):
+    with pytest.raises(
+        EngineBuildError, match=r"ONNX parser rejected .*model.onnx:\n  node 12 \(Attention\): unsupported\n  second"
+    ):
         build_engines(folder, plan, write=lambda s: None)
     (folder / "model.onnx").write_text(json.dumps({"inputs": cfg.backbone.inputs[:3]}))
-    with pytest.raises(PlanError, match=r"network's inputs differ from trt_plan.json \(missing \['past_key_values.0.key'"):
+    with pytest.raises(
+        PlanError, match=r"network's inputs differ from trt_plan.json \(missing \['past_key_values.0.key'"
+    ):
         build_engines(folder, plan, write=lambda s: None)
     (folder / "model.onnx").write_text(json.dumps({"inputs": cfg.backbone.inputs}))
     log["fail_build"] = True
@@ -223,7 +242,9 @@ def test_without_tensorrt_or_gpu(tmp_path, monkeypatch):
 
 
 def test_network_flags_and_input_check():
-    assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1))) == 2
+    assert (
+        network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1))) == 2
+    )
     assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
     plan = make_plan(fake_config())
     check_network_inputs(list(plan.heads.inputs), plan.heads)

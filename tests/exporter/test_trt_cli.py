@@ -132,11 +132,11 @@ def test_polygraphys_own_parser_reads_the_same_profiles(smol, tmp_path):
     block = re.search(r"^profiles = (\[.*?^\])", script, re.S | re.M).group(1)
     from polygraphy.backend.trt import Profile
 
-    profiles = eval(block, {"Profile": Profile})  # noqa: S307  (Polygraphy's own generated code)
+    profiles = eval(block, {"Profile": Profile})
     got = [{name: tuple(tuple(s) for s in shapes) for name, shapes in p.items()} for p in profiles]
     assert got == _shapes(plan.backbone)
     assert "TrtRunner(deserialize_engine, optimization_profile=1)" in script
-    assert f"name='load_verify'" in script and "strongly_typed=True" in script
+    assert "name='load_verify'" in script and "strongly_typed=True" in script
     assert "memory_pool_limits={trt.MemoryPoolType.WORKSPACE: 4294967296}" in script
 
 
@@ -158,7 +158,7 @@ def test_data_loaders_feed_shapes_inside_their_profiles(tmp_path, dtype):
     path = tmp_path / DATA_SCRIPT
     path.write_text(data_loader_script(plan, tree))
     data = _load_module(path)
-    for index, profile in enumerate(plan.backbone.profiles):
+    for profile in plan.backbone.profiles:
         (feed,) = list(getattr(data, f"load_{profile.name}")())
         assert list(feed) == list(plan.backbone.inputs)
         n = feed["input_ids"].shape[1]
@@ -169,7 +169,9 @@ def test_data_loaders_feed_shapes_inside_their_profiles(tmp_path, dtype):
         assert feed["input_ids"].dtype == np.int64 and feed["input_ids"].max() < 50
         assert feed["tree_mask"].dtype == np.bool_
         assert feed["past_key_values.2.value"].dtype == np.dtype(dtype)
-        np.testing.assert_array_equal(feed["position_ids"][0], past + np.arange(n) if profile.name != "verify" else past + tree.position_ids)
+        np.testing.assert_array_equal(
+            feed["position_ids"][0], past + np.arange(n) if profile.name != "verify" else past + tree.position_ids
+        )
     (verify,) = list(data.load_verify())
     np.testing.assert_array_equal(verify["tree_mask"][0], tree.attn_mask)
     (heads,) = list(data.load_heads())
@@ -199,8 +201,17 @@ def test_cli_trtexec_writes_and_prints_the_recipes(tmp_path, capsys):
     build = [parse_trtexec(line) for line in script if line.startswith("trtexec ")]
     assert [b.save_engine for b in build] == ["model.engine", "heads.engine"]
     assert build[0].profiles == _shapes(plan.backbone) and build[1].profiles == _shapes(plan.heads)
-    checks = [parse_polygraphy(line) for line in (folder / POLYGRAPHY_SCRIPT).read_text().splitlines() if line.startswith("polygraphy ")]
-    assert [c.options["--data-loader-script"][0].split(":")[-1] for c in checks] == ["load_prefill", "load_verify", "load_decode", "load_heads"]
+    checks = [
+        parse_polygraphy(line)
+        for line in (folder / POLYGRAPHY_SCRIPT).read_text().splitlines()
+        if line.startswith("polygraphy ")
+    ]
+    assert [c.options["--data-loader-script"][0].split(":")[-1] for c in checks] == [
+        "load_prefill",
+        "load_verify",
+        "load_decode",
+        "load_heads",
+    ]
     ast.parse((folder / DATA_SCRIPT).read_text())
     # the printed commands name the artifact folder
     printed = [line for line in out.splitlines() if line.startswith("trtexec ")]
@@ -229,7 +240,10 @@ def test_cli_trtexec_is_short_by_default(tmp_path, capsys):
 def test_cli_trtexec_write_elsewhere_and_json(tmp_path, capsys):
     folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
     target = tmp_path / "build.sh"
-    assert trt_cli.main(["trtexec", str(folder), "--write", str(target), "--json", "--trtexec", "/opt/trt/bin/trtexec"]) == 0
+    assert (
+        trt_cli.main(["trtexec", str(folder), "--write", str(target), "--json", "--trtexec", "/opt/trt/bin/trtexec"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert '"format_version": 1' in out and (folder / PLAN_FILE).is_file()
     assert target.read_text().count("/opt/trt/bin/trtexec --onnx=model.onnx") == 1

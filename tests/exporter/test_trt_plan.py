@@ -8,15 +8,35 @@ import pytest
 from trt_fakes import fake_config, smollm2_config
 
 from exporter.trt_plan import Limits, make_plan
-from runtime.plan import (BATCH, DECODE, NEW, PAST, PLAN_FILE, PREFILL, VERIFY, BuildPlan, PlanError, max_new_tokens,
-                          profile_for, read_plan)
 from runtime.errors import MedusaError
+from runtime.plan import (
+    BATCH,
+    DECODE,
+    NEW,
+    PAST,
+    PLAN_FILE,
+    PREFILL,
+    VERIFY,
+    BuildPlan,
+    PlanError,
+    max_new_tokens,
+    profile_for,
+    read_plan,
+)
 
 CONFIGS = {
-    "tiny": dict(cfg=dict(layers=2, kv_heads=1, head_dim=8, hidden=16, vocab=64, max_context=64), limits=dict(max_prompt=16, max_tree_nodes=12)),
-    "gqa-batch4": dict(cfg=dict(layers=3, kv_heads=2, head_dim=16, hidden=64, vocab=100, max_context=512), limits=dict(max_batch=4, max_prompt=128, opt_prompt=200)),
+    "tiny": dict(
+        cfg=dict(layers=2, kv_heads=1, head_dim=8, hidden=16, vocab=64, max_context=64),
+        limits=dict(max_prompt=16, max_tree_nodes=12),
+    ),
+    "gqa-batch4": dict(
+        cfg=dict(layers=3, kv_heads=2, head_dim=16, hidden=64, vocab=100, max_context=512),
+        limits=dict(max_batch=4, max_prompt=128, opt_prompt=200),
+    ),
     "smollm2": dict(cfg=None, limits=dict(max_context=2048)),
-    "big-tree": dict(cfg=dict(max_context=1024, heads=5, tree="mc_sim_7b_63"), limits=dict(max_tree_nodes=80, opt_context=4096)),
+    "big-tree": dict(
+        cfg=dict(max_context=1024, heads=5, tree="mc_sim_7b_63"), limits=dict(max_tree_nodes=80, opt_context=4096)
+    ),
 }
 
 
@@ -128,7 +148,9 @@ def test_dynamic_axes_that_tie_cache_and_new_tokens_are_refused():
     for name in cfg.backbone.dynamic_axes:
         if name.startswith("past_key_values."):
             cfg.backbone.dynamic_axes[name] = ["batch", "new"]  # the exporter tied past to new
-    with pytest.raises(PlanError, match=r"dynamic axis 'new' is past_sequence in input past_key_values.0.key but new_tokens"):
+    with pytest.raises(
+        PlanError, match=r"dynamic axis 'new' is past_sequence in input past_key_values.0.key but new_tokens"
+    ):
         make_plan(cfg)
 
 
@@ -169,7 +191,9 @@ def test_plan_file_errors(tmp_path):
     raw = json.loads(plan.to_json())
     raw["backbone"]["profiles"][1]["axes"]["past_sequence"]["max"] = plan.max_context  # past + new > context
     (tmp_path / PLAN_FILE).write_text(json.dumps(raw))
-    with pytest.raises(PlanError, match=r"profile 'verify': max past_sequence 64 \+ max new_tokens 12 = 76 exceeds max_context 64"):
+    with pytest.raises(
+        PlanError, match=r"profile 'verify': max past_sequence 64 \+ max new_tokens 12 = 76 exceeds max_context 64"
+    ):
         read_plan(tmp_path)
     del raw["heads"]
     (tmp_path / PLAN_FILE).write_text(json.dumps(raw))
@@ -190,7 +214,7 @@ def test_check_refuses_a_plan_without_an_empty_cache_profile():
 
 def test_profile_for_prefers_the_profile_tuned_nearest():
     _, plan = _plan("tiny")  # context 64, prompt chunk 16, tree <= 12
-    name = lambda past, n: plan.backbone.profiles[profile_for(plan, past, n)].name  # noqa: E731
+    name = lambda past, n: plan.backbone.profiles[profile_for(plan, past, n)].name
     assert name(0, 10) == PREFILL
     assert name(20, 1) == DECODE
     assert name(20, 9) == VERIFY

@@ -62,8 +62,9 @@ def test_torch_cuda_stage(torch_stage):
 @needs_cuda
 def test_tensorrt_stage(tiny, torch_stage, tmp_path):
     pytest.importorskip(
-        "tensorrt", reason="tensorrt is not installed: export, engine build, Polygraphy and TensorRT decoding "
-        "need it (pip install -e .[gpu] on a GPU machine)"
+        "tensorrt",
+        reason="tensorrt is not installed: export, engine build, Polygraphy and TensorRT decoding "
+        "need it (pip install -e .[gpu] on a GPU machine)",
     )
     model, heads, tok = tiny
     _, failed = _run(device_check.stage_tensorrt, model, heads, tok, tmp_path, torch_stage[0])

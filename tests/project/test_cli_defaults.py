@@ -53,7 +53,10 @@ def test_medusa_run_defaults_are_decode_config():
     for command in (["bench", "art", "--prompts", "p.jsonl"], ["profile", "art"]):
         args = build_parser().parse_args(command)
         assert args.prefill_chunk == DecodeConfig().prefill_chunk
-    assert build_parser().parse_args(["bench", "art", "--prompts", "p.jsonl"]).max_new_tokens == DecodeConfig().max_new_tokens
+    assert (
+        build_parser().parse_args(["bench", "art", "--prompts", "p.jsonl"]).max_new_tokens
+        == DecodeConfig().max_new_tokens
+    )
 
 
 def test_the_python_api_defaults_are_decode_config():

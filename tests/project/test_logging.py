@@ -38,8 +38,7 @@ def test_an_int8_export_leaves_the_root_logger_alone(tmp_path):
         print(json.dumps({{"before": before, "after": [root.level, len(root.handlers), len(root.filters)],
                           "medusa_trt": logging.getLogger("medusa_trt").level}}))
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                       cwd=TESTS.parent)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert seen["after"] == seen["before"] == [logging.WARNING, 0, 0], seen
@@ -61,9 +60,16 @@ def test_cli_logging_is_undone_on_exit(capsys):
     assert out == "" and err.splitlines() == ["[medusa-test] a step", "medusa-test: warning: careful"]
 
 
-@pytest.mark.parametrize("v, level, bars", [(-1, logging.ERROR, False), (0, logging.WARNING, True),
-                                            (1, logging.INFO, True), (2, logging.DEBUG, True),
-                                            (3, logging.DEBUG, True)])
+@pytest.mark.parametrize(
+    "v, level, bars",
+    [
+        (-1, logging.ERROR, False),
+        (0, logging.WARNING, True),
+        (1, logging.INFO, True),
+        (2, logging.DEBUG, True),
+        (3, logging.DEBUG, True),
+    ],
+)
 def test_verbosity_levels(v, level, bars):
     assert level_for(v) == level
     with cli_logging("medusa-test", v):

@@ -23,7 +23,9 @@ def _imported_after(modules: list[str], repo_root) -> dict:
         f"print(json.dumps({{h: h in sys.modules for h in {HEAVY!r}}}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -90,10 +92,12 @@ def test_commands_name_the_missing_extra(monkeypatch, capsys):
     assert export_cli.main(["some-model", "-o", "out"]) == 1
     assert train_cli.main(["distill"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["medusa-export: error: medusa-export needs torch: pip install 'medusa-trt[export]' "
-                   "(or, in a checkout, pip install -e '.[export]')",
-                   "medusa-train: error: medusa-train needs torch: pip install 'medusa-trt[train]' "
-                   "(or, in a checkout, pip install -e '.[train]')"]
+    assert err == [
+        "medusa-export: error: medusa-export needs torch: pip install 'medusa-trt[export]' "
+        "(or, in a checkout, pip install -e '.[export]')",
+        "medusa-train: error: medusa-train needs torch: pip install 'medusa-trt[train]' "
+        "(or, in a checkout, pip install -e '.[train]')",
+    ]
 
 
 def test_the_runtime_imports_nothing_from_the_exporter_or_training(repo_root):
@@ -104,9 +108,18 @@ def test_the_runtime_imports_nothing_from_the_exporter_or_training(repo_root):
     bad = []
     for path in sorted((repo_root / "runtime").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            bad += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("exporter", "training", "scripts")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            bad += [
+                f"{path.name}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] in ("exporter", "training", "scripts")
+            ]
     assert bad == []
 
 
@@ -128,6 +141,8 @@ def test_an_artifact_runs_where_torch_and_the_exporter_cannot_import(tiny, repo_
         "print('ok', gen.backend_name if hasattr(gen, 'backend_name') else '')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok")

@@ -24,8 +24,14 @@ def test_the_scripts_are_a_package_and_edit_no_sys_path():
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_runs_as_a_module(name):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-m", f"scripts.{name}", "--help"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", f"scripts.{name}", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage:" in r.stdout
 
@@ -33,10 +39,18 @@ def test_script_runs_as_a_module(name):
 def test_docs_use_the_module_form():
     """README, docs and shell scripts name the scripts as modules (Polygraphy's --data-loader-script
     takes the loader's file path: that is the one file path left)."""
-    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "scripts").glob("*.sh"),
-             *(ROOT / "scripts").glob("*.py")]
-    stale = [f"{p.name}: {line.strip()}" for p in texts for line in p.read_text().splitlines()
-             if "python scripts/" in line or "python3 scripts/" in line]
+    texts = [
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "scripts").glob("*.sh"),
+        *(ROOT / "scripts").glob("*.py"),
+    ]
+    stale = [
+        f"{p.name}: {line.strip()}"
+        for p in texts
+        for line in p.read_text().splitlines()
+        if "python scripts/" in line or "python3 scripts/" in line
+    ]
     assert stale == []
 
 
@@ -45,12 +59,22 @@ def _run(args, env=None):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("argv", [
-    ["compare_heads", "exporter/shipped_heads/smollm2-135m", "--any-token", "--outside-vocab", "--cache", "{tmp}/nope.hidden"],
-    ["add_draft_vocab", "exporter/shipped_heads/smollm2-135m", "--cache", "{tmp}/nope.hidden", "-o", "{tmp}/out"],
-    ["learning_curve", "--data", "{tmp}/nope.jsonl", "--out", "runs/never"],
-    ["check_kept_states", "--data", "{tmp}/nope.jsonl"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "compare_heads",
+            "exporter/shipped_heads/smollm2-135m",
+            "--any-token",
+            "--outside-vocab",
+            "--cache",
+            "{tmp}/nope.hidden",
+        ],
+        ["add_draft_vocab", "exporter/shipped_heads/smollm2-135m", "--cache", "{tmp}/nope.hidden", "-o", "{tmp}/out"],
+        ["learning_curve", "--data", "{tmp}/nope.jsonl", "--out", "runs/never"],
+        ["check_kept_states", "--data", "{tmp}/nope.jsonl"],
+    ],
+)
 def test_scripts_that_need_the_distillation_say_so_in_one_line(argv, tmp_path):
     """On a fresh clone the distilled data (runs/distill, ~147 minutes of distillation) is missing: the
     scripts that read it stop with one line naming what is missing and the command that makes it."""

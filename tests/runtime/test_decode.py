@@ -11,10 +11,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import hf_greedy
 
 import runtime.decode as decode_mod
-from conftest import hf_greedy
 from exporter.heads import fresh_heads
+from exporter.torch_backend import TorchBackend
 from runtime.backend import Backend
 from runtime.decode import (
     DEFAULT_DELTA,
@@ -28,7 +29,6 @@ from runtime.decode import (
     tree_candidates,
 )
 from runtime.errors import ContextLengthError, MedusaError
-from exporter.torch_backend import TorchBackend
 from runtime.tree import PAD, build_tree, load_tree
 
 NUM_HEADS = 5
@@ -38,7 +38,11 @@ NEW = 40  # new tokens per lossless comparison
 MODELS = [
     pytest.param(0, {}, id="seed0"),
     pytest.param(1, {"num_key_value_heads": 4}, id="seed1-mha"),
-    pytest.param(2, {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3}, id="seed2-3layers"),
+    pytest.param(
+        2,
+        {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3},
+        id="seed2-3layers",
+    ),
 ]
 TREES = ["mc_sim_7b_63", "chain_3", "cpu_8", [[0]]]
 
@@ -255,8 +259,15 @@ def test_typical_threshold_is_the_minimum_of_epsilon_and_entropy_term():
 
     cfg = DecodeConfig(temperature=1.0)
     tree = build_tree([[0], [1], [0, 0], [1, 0]])  # 0 root, 1 [0], 2 [1], 3 [0,0], 4 [1,0]
-    logits = np.stack([_dist_logits(PEAKED, V), _dist_logits(FLAT, V), _dist_logits(FLAT, V),
-                       _dist_logits(PEAKED, V), _dist_logits(PEAKED, V)])
+    logits = np.stack(
+        [
+            _dist_logits(PEAKED, V),
+            _dist_logits(FLAT, V),
+            _dist_logits(FLAT, V),
+            _dist_logits(PEAKED, V),
+            _dist_logits(PEAKED, V),
+        ]
+    )
     # [0] carries token 6 (p 0.12 > 0.09: accepted); [1] carries 7 (p 0.0799 < 0.09: rejected);
     # [0,0] under a flat parent (p 1/64 > 0.3/64: accepted)
     tokens = np.array([1, 6, 7, 30, 31])
@@ -281,7 +292,10 @@ def test_typical_epsilon_and_delta_are_honoured():
     tokens = np.array([1, 6])  # p = 0.12
     assert accept_typical(tokens, logits, tree, DecodeConfig(temperature=1.0, epsilon=0.2)).tolist() == [0]
     assert accept_typical(tokens, logits, tree, DecodeConfig(temperature=1.0, epsilon=0.1)).tolist() == [0, 1]
-    assert accept_typical(tokens, logits, tree, DecodeConfig(temperature=1.0, epsilon=0.2, delta=0.05)).tolist() == [0, 1]
+    assert accept_typical(tokens, logits, tree, DecodeConfig(temperature=1.0, epsilon=0.2, delta=0.05)).tolist() == [
+        0,
+        1,
+    ]
 
 
 def test_typical_ties_go_to_the_highest_log_probability():
@@ -326,6 +340,7 @@ def test_temperature_to_zero_gives_the_greedy_output(heads, tree, acceptance, re
         def call(*a, **kw):
             calls[name] += 1
             return spied[name](*a, **kw)
+
         return call
 
     for name in calls:
@@ -352,7 +367,9 @@ def test_sampling_is_reproducible_under_a_seed(medusa, reference):
     tree = load_tree("cpu_8")
 
     def run(seed):
-        return decode(backend, prompt, DecodeConfig(max_new_tokens=24, temperature=1.0, seed=seed, medusa=medusa), tree).tokens
+        return decode(
+            backend, prompt, DecodeConfig(max_new_tokens=24, temperature=1.0, seed=seed, medusa=medusa), tree
+        ).tokens
 
     first = run(3)
     assert run(3) == first
@@ -387,7 +404,9 @@ def test_eos_is_included_and_ends_generation(medusa, reference):
 
 def test_eos_as_the_first_token(reference):
     model, prompt, ref = reference(0, {})
-    res = decode(torch_backend(model), prompt, DecodeConfig(max_new_tokens=NEW, eos_token_ids=[ref[0]]), load_tree("cpu_8"))
+    res = decode(
+        torch_backend(model), prompt, DecodeConfig(max_new_tokens=NEW, eos_token_ids=[ref[0]]), load_tree("cpu_8")
+    )
     assert res.tokens == ref[:1] and res.stats.finish_reason == "eos" and res.stats.steps == 0
 
 
@@ -412,7 +431,9 @@ def test_stop_string(medusa, reference):
     # a stop string spanning tokens 5 and 6 (across the boundary of two oracle steps)
     stop = _text(ref[4:6])
     cut = next(c for c in range(1, len(ref) + 1) if stop in _text(ref[:c]))
-    res = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW, stop_strings=[stop], medusa=medusa), tree, decode_text=_text)
+    res = decode(
+        backend, prompt, DecodeConfig(max_new_tokens=NEW, stop_strings=[stop], medusa=medusa), tree, decode_text=_text
+    )
     assert res.tokens == ref[:cut]
     assert stop in _text(res.tokens) and stop not in _text(res.tokens[:-1])
     assert res.stats.finish_reason == "stop_string"
@@ -423,7 +444,9 @@ def test_stop_string_inside_a_token(reference):
     backend, tree = _oracle(model, prompt, ref)
     stop = f"{ref[7]}>"  # ends inside the text of token 7
     cut = next(c for c in range(1, len(ref) + 1) if stop in _text(ref[:c]))
-    res = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW, stop_strings=["never", stop]), tree, decode_text=_text)
+    res = decode(
+        backend, prompt, DecodeConfig(max_new_tokens=NEW, stop_strings=["never", stop]), tree, decode_text=_text
+    )
     assert res.tokens == ref[:cut] and res.stats.finish_reason == "stop_string"
 
 
@@ -434,8 +457,13 @@ def test_stop_string_before_eos_in_the_same_step(reference):
     stop = _text(ref[6:8])
     assert stop not in _text(ref[:7])
     eos = next(j for j in (8, 9, 10) if ref[j] not in ref[:j])
-    res = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW, stop_strings=[stop], eos_token_ids=[ref[eos]]), tree,
-                 decode_text=_text)
+    res = decode(
+        backend,
+        prompt,
+        DecodeConfig(max_new_tokens=NEW, stop_strings=[stop], eos_token_ids=[ref[eos]]),
+        tree,
+        decode_text=_text,
+    )
     assert res.tokens == ref[:8]
     assert res.stats.finish_reason == "stop_string"
     assert res.stats.accept_hist == {5: 1, 2: 1}  # what was emitted, not what the tree accepted
@@ -483,7 +511,9 @@ def test_prompt_one_short_of_the_context(tiny_llama):
     model = tiny_llama(0)
     prompt = prompt_for(0, length=15)
     ref = hf_greedy(model, prompt, 2)
-    res = decode(torch_backend(model, max_context=16), prompt, DecodeConfig(max_new_tokens=10), load_tree("mc_sim_7b_63"))
+    res = decode(
+        torch_backend(model, max_context=16), prompt, DecodeConfig(max_new_tokens=10), load_tree("mc_sim_7b_63")
+    )
     assert res.tokens == ref and res.stats.finish_reason == "context"
 
 
@@ -595,7 +625,9 @@ def test_user_errors(tiny_llama):
         DecodeConfig(max_new_tokens=0)
     with pytest.raises(MedusaError, match=r"temperature must be >= 0, got -1"):
         DecodeConfig(temperature=-1)
-    with pytest.raises(MedusaError, match=r"prefill_chunk must be an integer >= 0 \(0: the whole prompt in one call\), got -2"):
+    with pytest.raises(
+        MedusaError, match=r"prefill_chunk must be an integer >= 0 \(0: the whole prompt in one call\), got -2"
+    ):
         DecodeConfig(prefill_chunk=-2)
     with pytest.raises(MedusaError, match=r"prefill_chunk must be an integer >= 0 .*got 1.5"):
         DecodeConfig(prefill_chunk=1.5)

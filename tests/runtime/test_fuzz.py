@@ -46,10 +46,14 @@ VOCAB = 49152  # the tiny artifact's vocabulary (the SmolLM2 tokenizer's)
 
 def fuzz(examples: int):
     """Settings of one property: ``examples`` in CI (derandomized), MEDUSA_FUZZ_EXAMPLES on demand."""
-    return settings(max_examples=LONG or examples, derandomize=not LONG, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture],
-                    print_blob=True)
+    return settings(
+        max_examples=LONG or examples,
+        derandomize=not LONG,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+        print_blob=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def bounded(fn):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # MedusaWarning is a valid outcome; not the property
                 box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - judged by the caller
+        except BaseException as e:
             box["error"] = e
 
     start = time.monotonic()
@@ -115,8 +119,13 @@ def either(valid):
     return st.one_of(valid, hostile)
 
 
-ranks = st.one_of(st.integers(min_value=0, max_value=4), st.integers(min_value=-2, max_value=12),
-                  st.sampled_from([VOCAB - 1, VOCAB, 2**62, 2**64]), st.booleans(), st.floats(0, 3))
+ranks = st.one_of(
+    st.integers(min_value=0, max_value=4),
+    st.integers(min_value=-2, max_value=12),
+    st.sampled_from([VOCAB - 1, VOCAB, 2**62, 2**64]),
+    st.booleans(),
+    st.floats(0, 3),
+)
 raw_paths = st.lists(st.lists(ranks, max_size=5), max_size=10)
 
 
@@ -126,22 +135,40 @@ def prefix_closed(paths):
 
 
 valid_paths = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=4), min_size=1, max_size=12).map(prefix_closed)
-tree_specs = st.one_of(st.none(), st.sampled_from(["chain_1", "chain_3", "cpu_8", "mc_sim_7b_63", "no_such_tree"]),
-                       valid_paths, raw_paths, hostile)
-tree_docs = st.one_of(st.fixed_dictionaries({"name": st.text(max_size=5), "paths": valid_paths}), valid_paths,
-                      st.fixed_dictionaries({"paths": st.one_of(raw_paths, hostile)}), raw_paths, hostile,
-                      st.fixed_dictionaries({"name": st.text(max_size=5)}))
+tree_specs = st.one_of(
+    st.none(),
+    st.sampled_from(["chain_1", "chain_3", "cpu_8", "mc_sim_7b_63", "no_such_tree"]),
+    valid_paths,
+    raw_paths,
+    hostile,
+)
+tree_docs = st.one_of(
+    st.fixed_dictionaries({"name": st.text(max_size=5), "paths": valid_paths}),
+    valid_paths,
+    st.fixed_dictionaries({"paths": st.one_of(raw_paths, hostile)}),
+    raw_paths,
+    hostile,
+    st.fixed_dictionaries({"name": st.text(max_size=5)}),
+)
 
 texts = st.text(min_size=0, max_size=40)
 valid_prompts = st.one_of(
     st.text(min_size=1, max_size=40),
     st.lists(st.integers(min_value=0, max_value=VOCAB - 1), min_size=1, max_size=12),
-    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": texts}),
-             min_size=1, max_size=3),
+    st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": texts}),
+        min_size=1,
+        max_size=3,
+    ),
 )
-prompts = st.one_of(valid_prompts, texts, hostile,
-                    st.lists(st.fixed_dictionaries({"role": either(st.just("user")), "content": either(texts)}),
-                             min_size=0, max_size=2))
+prompts = st.one_of(
+    valid_prompts,
+    texts,
+    hostile,
+    st.lists(
+        st.fixed_dictionaries({"role": either(st.just("user")), "content": either(texts)}), min_size=0, max_size=2
+    ),
+)
 
 VALID = {
     "max_new_tokens": st.integers(min_value=1, max_value=8),
@@ -149,7 +176,9 @@ VALID = {
     "epsilon": st.floats(min_value=0.001, max_value=1.0),
     "delta": st.floats(min_value=0.0, max_value=2.0),
     "tree": st.one_of(st.none(), st.sampled_from(["chain_1", "chain_3", "cpu_8", "mc_sim_7b_63"]), valid_paths),
-    "stop": st.one_of(st.just(()), st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=3)),
+    "stop": st.one_of(
+        st.just(()), st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=3)
+    ),
     "seed": st.one_of(st.none(), st.integers(min_value=0, max_value=2**64)),
     "medusa": st.booleans(),
     "acceptance": st.sampled_from(["exact", "typical"]),
@@ -170,7 +199,9 @@ def _one_bad(args):
 decode_kwargs = st.one_of(
     valid_kwargs,
     st.tuples(valid_kwargs, st.sampled_from(["prompt", *VALID]), st.one_of(hostile, tree_specs, prompts)).map(_one_bad),
-    st.fixed_dictionaries({"prompt": prompts}, optional={**{k: either(v) for k, v in VALID.items()}, "tree": tree_specs}),
+    st.fixed_dictionaries(
+        {"prompt": prompts}, optional={**{k: either(v) for k, v in VALID.items()}, "tree": tree_specs}
+    ),
 )
 
 
@@ -201,7 +232,8 @@ def test_stream_gives_chunks_or_a_medusa_error_and_never_blocks(gen, kw, read):
     stream, error = bounded(lambda: gen.stream(**kw))
     medusa_error_or_none(error)
     if error is None:
-        def consume():
+
+        def consume(stream=stream):
             chunks = []
             for chunk in stream:
                 chunks.append(chunk)
@@ -230,8 +262,11 @@ LOAD_VALID = {
 }
 load_kwargs = st.one_of(
     st.fixed_dictionaries({}, optional=LOAD_VALID),
-    st.tuples(st.fixed_dictionaries({}, optional=LOAD_VALID), st.sampled_from(list(LOAD_VALID)),
-              st.one_of(hostile, tree_specs)).map(_one_bad),
+    st.tuples(
+        st.fixed_dictionaries({}, optional=LOAD_VALID),
+        st.sampled_from(list(LOAD_VALID)),
+        st.one_of(hostile, tree_specs),
+    ).map(_one_bad),
     st.fixed_dictionaries({}, optional={**{k: either(v) for k, v in LOAD_VALID.items()}, "tree": tree_specs}),
 )
 
@@ -266,12 +301,24 @@ def test_tree_files_give_a_tree_or_a_medusa_error(gen, tmp_path_factory, doc, na
 
 # ---------------------------------------------------------------------------- artifact damage
 
-FILES = ["model.onnx", "heads.onnx", "heads_int8.onnx", "tokenizer.json", "tokenizer_config.json",
-         "chat_template.jinja", "medusa_config.json"]
-json_values = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
-                        st.lists(st.integers(min_value=-3, max_value=10**6), max_size=3),
-                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+FILES = [
+    "model.onnx",
+    "heads.onnx",
+    "heads_int8.onnx",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "medusa_config.json",
+]
+json_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.lists(st.integers(min_value=-3, max_value=10**6), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
 damage = st.one_of(
     st.tuples(st.just("truncate"), st.sampled_from(FILES), st.floats(min_value=0.0, max_value=0.999)),
     st.tuples(st.just("delete"), st.sampled_from(FILES), st.just(0)),

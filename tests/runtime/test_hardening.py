@@ -30,7 +30,12 @@ torch = pytest.importorskip("torch")
 
 import runtime  # noqa: E402
 from runtime.errors import (  # noqa: E402
-    ArtifactError, ConfigError, ContextLengthError, MedusaError, MedusaWarning, TreeError,
+    ArtifactError,
+    ConfigError,
+    ContextLengthError,
+    MedusaError,
+    MedusaWarning,
+    TreeError,
 )
 
 PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three prime numbers."]
@@ -39,8 +44,13 @@ PROMPTS = ["Write a haiku about rivers.", "What is 17 times 23?", "List three pr
 @pytest.fixture(scope="module")
 def alone(gen):
     """Each prompt's greedy tokens (tree cpu_8) and a seeded sample, decoded alone."""
-    return {p: (gen.generate(p, max_new_tokens=24, tree="cpu_8").tokens,
-                gen.generate(p, max_new_tokens=24, tree="cpu_8", temperature=0.9, seed=5).tokens) for p in PROMPTS}
+    return {
+        p: (
+            gen.generate(p, max_new_tokens=24, tree="cpu_8").tokens,
+            gen.generate(p, max_new_tokens=24, tree="cpu_8", temperature=0.9, seed=5).tokens,
+        )
+        for p in PROMPTS
+    }
 
 
 def within(seconds: float, fn):
@@ -50,7 +60,7 @@ def within(seconds: float, fn):
     def run():
         try:
             box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
+        except BaseException as e:
             box["error"] = e
 
     t = threading.Thread(target=run, daemon=True)
@@ -100,7 +110,7 @@ def test_streams_from_threads_with_slow_consumers(gen, alone):
                 toks.extend(c.tokens)
                 time.sleep(0.002)  # a slow consumer: others must progress meanwhile
             results[p] = toks
-        except Exception as e:  # noqa: BLE001 - surfaced below
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=consume, args=(p,)) for p in PROMPTS]
@@ -172,15 +182,24 @@ API_CASES = [
     ("prompt=''", dict(prompt=""), ConfigError, "the prompt is empty"),
     ("prompt=[True, 5]", dict(prompt=[True, 5]), ConfigError, "token ids must be integers"),
     ("prompt=[10**30]", dict(prompt=[10**30]), ConfigError, r"token ids must lie in \[0, 49152\)"),
-    ("chat content 5", dict(prompt=[{"role": "user", "content": 5}]), ConfigError, "message 0's content must be a string"),
+    (
+        "chat content 5",
+        dict(prompt=[{"role": "user", "content": 5}]),
+        ConfigError,
+        "message 0's content must be a string",
+    ),
     ("chat message without role", dict(prompt=[{"content": "x"}]), ConfigError, "'role' and 'content'"),
     ("lone surrogate", dict(prompt="a\ud800b"), ConfigError, "lone surrogate"),
     ("tree=5", dict(tree=5), ConfigError, "tree must be a name from tree_configs"),
     ("tree rank = vocabulary", dict(tree=[[49152]]), TreeError, "asks for rank 49152 .* vocabulary has 49152 tokens"),
     ("tree rank 2**62", dict(tree=[[2**62]]), TreeError, "asks for rank 4611686018427387904"),
     ("tree unknown name", dict(tree="no_such_tree"), TreeError, "unknown tree"),
-    ("tree deeper than the heads", dict(tree=[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]), TreeError,
-     "needs 5 Medusa heads, but the model has 4"),
+    (
+        "tree deeper than the heads",
+        dict(tree=[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]),
+        TreeError,
+        "needs 5 Medusa heads, but the model has 4",
+    ),
     ("prompt longer than the context", dict(prompt=list(range(5, 305))), ContextLengthError, "context holds 256"),
 ]
 
@@ -257,38 +276,73 @@ def _edit_config(art: Path, fn, unseal: bool = False) -> None:
 
 
 def _unrecord(art: Path, name: str) -> None:
-    _edit_config(art, lambda raw: (raw["provenance"]["checksums"].pop(name), raw["provenance"]["files"].pop(name, None)))
+    _edit_config(
+        art, lambda raw: (raw["provenance"]["checksums"].pop(name), raw["provenance"]["files"].pop(name, None))
+    )
 
 
 ARTIFACT_CASES = [
-    ("model.onnx truncated", lambda a: os.truncate(a / "model.onnx", 1000),
-     r"model.onnx is 1000 bytes but the export wrote \d+: the file is truncated"),
-    ("model.onnx truncated, size not recorded (older export)",
-     lambda a: (os.truncate(a / "model.onnx", 1000), _unrecord(a, "model.onnx")),
-     r"model.onnx in .* cannot be loaded by ONNX Runtime \(InvalidProtobuf"),
-    ("model.onnx swapped for heads.onnx", lambda a: shutil.copy(a / "heads.onnx", a / "model.onnx"),
-     "model.onnx is .* bytes but the export wrote"),
+    (
+        "model.onnx truncated",
+        lambda a: os.truncate(a / "model.onnx", 1000),
+        r"model.onnx is 1000 bytes but the export wrote \d+: the file is truncated",
+    ),
+    (
+        "model.onnx truncated, size not recorded (older export)",
+        lambda a: (os.truncate(a / "model.onnx", 1000), _unrecord(a, "model.onnx")),
+        r"model.onnx in .* cannot be loaded by ONNX Runtime \(InvalidProtobuf",
+    ),
+    (
+        "model.onnx swapped for heads.onnx",
+        lambda a: shutil.copy(a / "heads.onnx", a / "model.onnx"),
+        "model.onnx is .* bytes but the export wrote",
+    ),
     ("heads.onnx deleted", lambda a: (a / "heads.onnx").unlink(), "heads.onnx is missing"),
-    ("tokenizer.json corrupt", lambda a: ((a / "tokenizer.json").write_text("{not json"), _unrecord(a, "tokenizer.json")),
-     "tokenizer.json: not a readable tokenizer"),
-    ("chat_template.jinja broken", lambda a: ((a / "chat_template.jinja").write_text("{% for %}"),
-                                              _unrecord(a, "chat_template.jinja")), "the chat template does not parse"),
-    ("config is a JSON list", lambda a: (a / "medusa_config.json").write_text("[1, 2]"),
-     "must hold a JSON object, found a list"),
-    ("config field of a wrong type", lambda a: _edit_config(a, lambda r: r["model"].update(num_layers="2")),
-     "model.num_layers must be an integer >= 1, got '2'"),
-    ("config sizes edited", lambda a: _edit_config(a, lambda r: r["model"].update(vocab_size=50000)),
-     "were edited after export"),
-    ("config vocabulary not the graph's (unsealed)",
-     lambda a: _edit_config(a, lambda r: r["model"].update(vocab_size=50000), unseal=True),
-     "logits has vocabulary size 49152 in the graph but medusa_config.json says 50000"),
-    ("more Medusa heads in the config than in the graph (unsealed)",
-     lambda a: _edit_config(a, lambda r: r["model"].update(num_medusa_heads=5), unseal=True),
-     "medusa_logits has Medusa heads count 4 in the graph but medusa_config.json says 5"),
-    ("layers not the graph's (unsealed)", lambda a: _edit_config(a, lambda r: r["model"].update(num_layers=3), unseal=True),
-     "graph I/O does not match the fused contract for 3 layers"),
-    ("graph file outside the folder", lambda a: _edit_config(a, lambda r: r["backbone"].update(file="../x.onnx")),
-     "backbone.file must be a file name inside the artifact folder"),
+    (
+        "tokenizer.json corrupt",
+        lambda a: ((a / "tokenizer.json").write_text("{not json"), _unrecord(a, "tokenizer.json")),
+        "tokenizer.json: not a readable tokenizer",
+    ),
+    (
+        "chat_template.jinja broken",
+        lambda a: ((a / "chat_template.jinja").write_text("{% for %}"), _unrecord(a, "chat_template.jinja")),
+        "the chat template does not parse",
+    ),
+    (
+        "config is a JSON list",
+        lambda a: (a / "medusa_config.json").write_text("[1, 2]"),
+        "must hold a JSON object, found a list",
+    ),
+    (
+        "config field of a wrong type",
+        lambda a: _edit_config(a, lambda r: r["model"].update(num_layers="2")),
+        "model.num_layers must be an integer >= 1, got '2'",
+    ),
+    (
+        "config sizes edited",
+        lambda a: _edit_config(a, lambda r: r["model"].update(vocab_size=50000)),
+        "were edited after export",
+    ),
+    (
+        "config vocabulary not the graph's (unsealed)",
+        lambda a: _edit_config(a, lambda r: r["model"].update(vocab_size=50000), unseal=True),
+        "logits has vocabulary size 49152 in the graph but medusa_config.json says 50000",
+    ),
+    (
+        "more Medusa heads in the config than in the graph (unsealed)",
+        lambda a: _edit_config(a, lambda r: r["model"].update(num_medusa_heads=5), unseal=True),
+        "medusa_logits has Medusa heads count 4 in the graph but medusa_config.json says 5",
+    ),
+    (
+        "layers not the graph's (unsealed)",
+        lambda a: _edit_config(a, lambda r: r["model"].update(num_layers=3), unseal=True),
+        "graph I/O does not match the fused contract for 3 layers",
+    ),
+    (
+        "graph file outside the folder",
+        lambda a: _edit_config(a, lambda r: r["backbone"].update(file="../x.onnx")),
+        "backbone.file must be a file name inside the artifact folder",
+    ),
 ]
 
 
@@ -332,30 +386,50 @@ def _one_line_error(capsys, rc, prog):
     return err[0]
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--temperature", "nan"], "temperature must be a finite number"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
-    (["--stop", ""], "stop strings must not be empty"),
-    (["--seed", "-1"], "seed must be an integer >= 0"),
-    (["--threads", "0"], "threads must be an integer"),
-    (["--max-context", "-5"], "max_context must be an integer >= 2"),
-    (["--tree", "TREEFILE"], "expected a non-empty list of paths"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--temperature", "nan"], "temperature must be a finite number"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        (["--stop", ""], "stop strings must not be empty"),
+        (["--seed", "-1"], "seed must be an integer >= 0"),
+        (["--threads", "0"], "threads must be an integer"),
+        (["--max-context", "-5"], "max_context must be an integer >= 2"),
+        (["--tree", "TREEFILE"], "expected a non-empty list of paths"),
+    ],
+)
 def test_medusa_run_generate_bad_args_one_line(tiny, tmp_path, capsys, args, match):
     from runtime.cli import main
 
     tree = tmp_path / "t.json"
     tree.write_text(json.dumps({"paths": 5}))
     args = [str(tree) if a == "TREEFILE" else a for a in args]
-    line = _one_line_error(capsys, main(["generate", str(tiny["artifact"]), "hi", "--threads", "1", *args]), "medusa-run")
+    line = _one_line_error(
+        capsys, main(["generate", str(tiny["artifact"]), "hi", "--threads", "1", *args]), "medusa-run"
+    )
     assert match in line
 
 
 def test_medusa_run_warns_in_one_line(tiny, capsys):
     from runtime.cli import main
 
-    assert main(["generate", str(tiny["artifact"]), "hi", "--max-new-tokens", "2", "--max-context", "60",
-                 "--tree", "mc_sim_7b_63", "--verify"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tiny["artifact"]),
+                "hi",
+                "--max-new-tokens",
+                "2",
+                "--max-context",
+                "60",
+                "--tree",
+                "mc_sim_7b_63",
+                "--verify",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "medusa-run: warning: tree 'mc_sim_7b_63' has 64 nodes but at most" in err
 

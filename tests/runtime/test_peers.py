@@ -28,8 +28,8 @@ MAX_NEW = 40
 def setup(tmp_path_factory, wordlevel_tokenizer):
     """{hf, artifact, prompts, cache, built}: the peer graph built once for the whole module."""
     import torch
-
     from conftest import make_tiny_llama
+
     from exporter.export import ExportOptions, export_artifact
     from exporter.heads import fresh_heads
     from runtime.peers import build_peer_model
@@ -45,11 +45,13 @@ def setup(tmp_path_factory, wordlevel_tokenizer):
         for p in heads.parameters():
             p.data.normal_(0.0, 0.02)
     # the provenance records the plain folder path, which the peer resolves by itself
-    export_artifact(model, heads, art, ExportOptions(validate=False, source_model=str(hf)),
-                    tokenizer=wordlevel_tokenizer)
+    export_artifact(
+        model, heads, art, ExportOptions(validate=False, source_model=str(hf)), tokenizer=wordlevel_tokenizer
+    )
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question_id": i, "category": "tiny", "turns": [t]}) + "\n"
-                               for i, t in enumerate(TEXTS)))
+    prompts.write_text(
+        "".join(json.dumps({"question_id": i, "category": "tiny", "turns": [t]}) + "\n" for i, t in enumerate(TEXTS))
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDUSA_TRT_CACHE", str(cache))
         from conftest import capture_logs
@@ -84,8 +86,9 @@ def test_bench_ortgenai_plain_and_ngram(setup, capsys, tmp_path):
 
     gen = runtime.load(setup["artifact"], threads=1)
     prompts = load_prompts(setup["prompts"])
-    res = run_bench(gen, prompts, ["chain_2", "chain_1"], max_new_tokens=MAX_NEW, peer="ortgenai", threads=1,
-                    progress=False)
+    res = run_bench(
+        gen, prompts, ["chain_2", "chain_1"], max_new_tokens=MAX_NEW, peer="ortgenai", threads=1, progress=False
+    )
     assert "building" not in capsys.readouterr().err  # the module's build is reused
     n = len(TEXTS)
     rows = res["per_prompt"]
@@ -113,8 +116,13 @@ def test_bench_ortgenai_plain_and_ngram(setup, capsys, tmp_path):
     assert proposed > 0, rows  # the tiny model's greedy text repeats itself: n-grams find drafts
     assert res["peer_ngram_drafts_accepted"] == pytest.approx(accepted / proposed)
     report = format_report(res)
-    for phrase in ("peer ortgenai (onnxruntime-genai", "peer plain", "peer n-gram", f"on {n}/{n} prompts",
-                   "x peer n-gram (tree chain_2)"):
+    for phrase in (
+        "peer ortgenai (onnxruntime-genai",
+        "peer plain",
+        "peer n-gram",
+        f"on {n}/{n} prompts",
+        "x peer n-gram (tree chain_2)",
+    ):
         assert phrase in report, (phrase, report)
     json.dumps(res)  # the CLI writes it as JSON
     png = plot_bench(res, tmp_path / "bench.png")
@@ -136,8 +144,25 @@ def test_cli_profile_with_peer(setup, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("MEDUSA_TRT_CACHE", str(setup["cache"]))
     out = tmp_path / "prof.json"
-    rc = main(["profile", str(setup["artifact"]), "--sizes", "1", "4", "--cached", "16", "--repeats", "2",
-               "--threads", "1", "--peer", "ortgenai", "-o", str(out)])
+    rc = main(
+        [
+            "profile",
+            str(setup["artifact"]),
+            "--sizes",
+            "1",
+            "4",
+            "--cached",
+            "16",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--peer",
+            "ortgenai",
+            "-o",
+            str(out),
+        ]
+    )
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr
     assert "building" not in stderr
@@ -150,7 +175,7 @@ def test_cli_profile_with_peer(setup, tmp_path, capsys, monkeypatch):
     # (ms are rounded to the microsecond, coarse for a tiny model's ~0.03 ms steps)
     assert peer["relative_cost"]["4"] == pytest.approx(peer["ms"]["4"] / peer["ms"]["1"], rel=0.1)
     assert peer["cached_tokens"] == prof["cached_tokens"] == 16
-    table = stdout[stdout.index("ortgenai ms"):]
+    table = stdout[stdout.index("ortgenai ms") :]
     assert len([line for line in table.splitlines() if line.split()[:1] in (["1"], ["4"])]) == 2, stdout
 
 
@@ -164,8 +189,10 @@ def test_missing_package_is_one_line(setup, monkeypatch, capsys):
     with pytest.raises(MedusaError) as e:
         run_bench(gen, load_prompts(setup["prompts"]), [], max_new_tokens=4, peer="ortgenai", progress=False)
     assert str(e.value) == MISSING == "--peer ortgenai needs onnxruntime-genai: pip install -e .[peers]"
-    for argv in (["bench", str(setup["artifact"]), "--prompts", str(setup["prompts"]), "--peer", "ortgenai", "--quiet"],
-                 ["profile", str(setup["artifact"]), "--peer", "ortgenai"]):
+    for argv in (
+        ["bench", str(setup["artifact"]), "--prompts", str(setup["prompts"]), "--peer", "ortgenai", "--quiet"],
+        ["profile", str(setup["artifact"]), "--peer", "ortgenai"],
+    ):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.strip() == f"medusa-run: error: {MISSING}", err
@@ -198,7 +225,9 @@ def test_failed_build_shows_the_builder_log_and_caches_nothing(setup, tmp_path, 
 
 
 def test_runtime_imports_neither_torch_nor_genai(repo_root):
-    code = ("import sys, runtime.bench, runtime.peers, runtime.profile, runtime.cli; "
-            "print(sorted(m for m in ('torch', 'onnxruntime_genai', 'exporter', 'training') if m in sys.modules))")
+    code = (
+        "import sys, runtime.bench, runtime.peers, runtime.profile, runtime.cli; "
+        "print(sorted(m for m in ('torch', 'onnxruntime_genai', 'exporter', 'training') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

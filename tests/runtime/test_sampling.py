@@ -67,8 +67,9 @@ class TableModel(Backend):
     def _forward(self, input_ids, position_ids, tree_mask, logits=None):
         ids = [int(t) for t in input_ids]
         self._new = ids
-        self._rows = [tuple(self.tokens) + tuple(ids[j] for j in range(len(ids)) if tree_mask[i, j])
-                      for i in range(len(ids))]
+        self._rows = [
+            tuple(self.tokens) + tuple(ids[j] for j in range(len(ids)) if tree_mask[i, j]) for i in range(len(ids))
+        ]
         return np.stack([self.logits_of(r) for r in self._rows])
 
     def commit(self, keep) -> None:
@@ -185,6 +186,7 @@ def test_the_test_detects_a_two_percent_shift(plain_law):
 
 def test_exact_accepts_more_than_one_token_with_good_heads():
     """With oracle heads steps accept about two tokens; with the least likely candidates far fewer."""
+
     def mean_accepted(heads):
         model, total, steps = TableModel(heads=heads), 0, 0
         for seed in range(200):
@@ -215,15 +217,21 @@ def test_walk_by_hand():
 
 def test_seeds_reproduce_and_differ():
     model = TableModel(heads="fixed")
-    run = lambda seed: decode(model, PROMPT, DecodeConfig(max_new_tokens=20, temperature=1.0, seed=seed),
-                              TREES["branching"]).tokens
+    run = lambda seed: (
+        decode(model, PROMPT, DecodeConfig(max_new_tokens=20, temperature=1.0, seed=seed), TREES["branching"]).tokens
+    )
     assert run(7) == run(7)
     assert len({tuple(run(s)) for s in range(5)}) > 1
 
 
 def test_bad_sampling_options_are_user_errors():
-    for kw, msg in ((dict(acceptance="fast"), "acceptance"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
-                    (dict(top_p=1.5), "top_p"), (dict(top_k=2.5), "top_k")):
+    for kw, msg in (
+        (dict(acceptance="fast"), "acceptance"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=2.5), "top_k"),
+    ):
         with pytest.raises(MedusaError, match=msg):
             DecodeConfig(temperature=1.0, **kw)
 
@@ -256,8 +264,7 @@ def test_exact_sampling_on_an_exported_graph_reproduces(tiny):
         second = target_probs(_last_logits(gen.backend, ids + [int(x1)]), cfg)
         for x2 in np.flatnonzero(second):
             law[(int(x1), int(x2))] = float(first[x1] * second[x2])
-    samples = [tuple(gen.generate(ids, max_new_tokens=2, temperature=1.0, top_k=8, seed=s).tokens)
-               for s in range(2000)]
+    samples = [tuple(gen.generate(ids, max_new_tokens=2, temperature=1.0, top_k=8, seed=s).tokens) for s in range(2000)]
     assert gof_pvalue(samples, law) > ALPHA
 
 

@@ -40,7 +40,7 @@ def smollm2(shared_data):
             t = torch.tensor([ids])
             out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=NEW_TOKENS, do_sample=False)
         prompts.append(ids)
-        refs.append(out[0, len(ids):].tolist())
+        refs.append(out[0, len(ids) :].tolist())
     yield model, tokenizer, prompts, refs
     torch.set_num_threads(threads)
 
@@ -60,8 +60,8 @@ def test_the_model_is_the_real_one(smollm2):
 @pytest.mark.parametrize("tree", TREES)
 def test_greedy_medusa_equals_hf(smollm2, tree, prompt_index):
     from exporter.heads import fresh_heads
-    from runtime.decode import DecodeConfig, decode
     from exporter.torch_backend import TorchBackend
+    from runtime.decode import DecodeConfig, decode
     from runtime.tree import load_tree
 
     model, tokenizer, prompts, refs = smollm2

@@ -226,7 +226,9 @@ BAD_TREES = [
     pytest.param([], None, r"non-empty list of paths", id="empty-tree"),
     pytest.param([[0], []], None, r"path \[\] is not a non-empty list", id="empty-path"),
     pytest.param([[0], 3], None, r"path 3 is not a non-empty list", id="path-not-a-list"),
-    pytest.param([[0], [0, 0], [0, 0, 0]], 2, r"path \[0, 0, 0\].*needs 3 Medusa heads.*has 2", id="too-deep-for-model"),
+    pytest.param(
+        [[0], [0, 0], [0, 0, 0]], 2, r"path \[0, 0, 0\].*needs 3 Medusa heads.*has 2", id="too-deep-for-model"
+    ),
 ]
 
 
@@ -307,8 +309,22 @@ def test_tree_configs_json_in_wheel(tmp_path, repo_root):
             shutil.copytree(repo_root / pkg, src / pkg, ignore=ignore)
     out = tmp_path / "wheel"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(src)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = out.glob("medusa_trt-*.whl")
@@ -322,7 +338,9 @@ def test_tree_configs_json_in_wheel(tmp_path, repo_root):
     target = tmp_path / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     code = (
@@ -331,7 +349,9 @@ def test_tree_configs_json_in_wheel(tmp_path, repo_root):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     where, count, nodes = proc.stdout.split()
     assert where.startswith(str(target)) and int(count) == len(shipped) and int(nodes) == 9

@@ -10,14 +10,21 @@ import types
 
 import numpy as np
 import pytest
-from trt_fakes import (ReferenceBackend, ToyEngine, ToyStagedBackend, fake_config, fake_tensorrt_runtime, smollm2_config,
-                       write_fake_artifact)
+from trt_fakes import (
+    ReferenceBackend,
+    ToyEngine,
+    ToyStagedBackend,
+    fake_config,
+    fake_tensorrt_runtime,
+    smollm2_config,
+    write_fake_artifact,
+)
 
 from exporter.trt_plan import Limits, make_plan
+from runtime import trt_backend
 from runtime.decode import DecodeConfig, decode
 from runtime.errors import ArtifactError, BackendUnavailableError, MedusaError
-from runtime.tree import build_tree, load_tree
-from runtime import trt_backend
+from runtime.tree import load_tree
 from runtime.trt_backend import (
     ALIGN,
     EngineDescription,
@@ -34,7 +41,9 @@ from runtime.trt_backend import (
 # ---------------------------------------------------------------------------- buffers
 
 
-@pytest.mark.parametrize("rows, row_bytes", [(2048, 384), (513, 384), (7, 320), (100, 240), (5, 14), (1, 256), (3, 1024)])
+@pytest.mark.parametrize(
+    "rows, row_bytes", [(2048, 384), (513, 384), (7, 320), (100, 240), (5, 14), (1, 256), (3, 1024)]
+)
 def test_aligned_rows(rows, row_bytes):
     got = aligned_rows(rows, row_bytes)
     assert got >= rows and (got * row_bytes) % ALIGN == 0
@@ -60,7 +69,10 @@ def test_smollm2_buffer_sizes():
     assert layout.total_bytes == kv_bytes + sum(x.nbytes for k, x in b.items() if k[:5] not in ("cache", "stage"))
 
 
-@pytest.mark.parametrize("kv_heads, head_dim, dtype, ctx", [(3, 64, "float16", 999), (1, 20, "float32", 77), (5, 24, "float16", 100), (2, 8, "float32", 64)])
+@pytest.mark.parametrize(
+    "kv_heads, head_dim, dtype, ctx",
+    [(3, 64, "float16", 999), (1, 20, "float32", 77), (5, 24, "float16", 100), (2, 8, "float32", 64)],
+)
 def test_every_layer_of_cache_and_staging_starts_aligned(kv_heads, head_dim, dtype, ctx):
     cfg = fake_config(kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, max_context=ctx)
     plan = make_plan(cfg, Limits(max_prompt=ctx // 3))
@@ -138,7 +150,9 @@ def test_an_engine_built_from_the_plan_passes(exported):
         desc = describe_engine(engine, trt)
         want = expected_description(plan, which)
         assert desc.num_profiles == want.num_profiles == (3 if which == "backbone" else 1)
-        assert sorted((t.name, t.mode, t.dtype) for t in desc.tensors) == sorted((t.name, t.mode, t.dtype) for t in want.tensors)
+        assert sorted((t.name, t.mode, t.dtype) for t in desc.tensors) == sorted(
+            (t.name, t.mode, t.dtype) for t in want.tensors
+        )
         check_engine(desc, plan, which, f"{which}.engine")
 
 
@@ -164,7 +178,9 @@ def test_engine_with_other_profiles_or_vocab():
     desc = expected_description(plan)
     desc.num_profiles = 2
     desc.tensor("logits").shape = (-1, -1, 32000)
-    with pytest.raises(ArtifactError, match=r"2 optimization profiles, the plan has 3[\s\S]*logits: shape \(-1, -1, 32000\)"):
+    with pytest.raises(
+        ArtifactError, match=r"2 optimization profiles, the plan has 3[\s\S]*logits: shape \(-1, -1, 32000\)"
+    ):
         check_engine(desc, plan, "backbone", "model.engine")
     heads = expected_description(plan, "heads")
     assert [t.name for t in heads.tensors] == ["hidden_states", "medusa_logits"]
@@ -324,8 +340,9 @@ def test_orchestration_on_the_exported_graph_matches_the_onnxruntime_backend(exp
     """The staged backend, its engine calls confined to the plan's profiles, on the real
     model.onnx: same tokens as the project's ONNX Runtime backend, chunked prefill and plain
     steps at the context end included; Medusa greedy == plain greedy."""
-    from runtime.onnxrt import OnnxRuntimeBackend
     from trt_fakes import OrtEngine
+
+    from runtime.onnxrt import OnnxRuntimeBackend
 
     folder, cfg = exported
     plan = make_plan(cfg, Limits(max_prompt=16, opt_prompt=8, max_tree_nodes=20, opt_context=32))
@@ -371,8 +388,9 @@ def test_tensorrt_glue_on_stand_ins_matches_the_onnxruntime_backend(engine_folde
     """TensorRTBackend itself (addresses, pitches, shapes, profiles, copies) against stand-ins
     for ``tensorrt`` (I/O read from the exported model.onnx, computed by ONNX Runtime on the
     tensors at the bound addresses) and cuda-python (every copy bounds-checked)."""
-    from runtime.onnxrt import OnnxRuntimeBackend
     from trt_fakes import OrtEngine, fake_tensorrt_runtime, write_fake_engines
+
+    from runtime.onnxrt import OnnxRuntimeBackend
 
     folder, cfg = engine_folder
     plan = make_plan(cfg, Limits(max_prompt=16, opt_prompt=8, max_tree_nodes=20, opt_context=32))
@@ -424,8 +442,7 @@ def test_a_graph_unlike_the_plan_is_caught_by_the_engine_check(engine_folder, mo
     """The fake engine's I/O comes from the ONNX file, so the check can fail: an ONNX file
     whose tree_mask is int64 (not the contract's bool) gives an engine the backend refuses."""
     import onnx
-
-    from trt_fakes import OrtEngine, fake_tensorrt_runtime, write_fake_engines
+    from trt_fakes import fake_tensorrt_runtime, write_fake_engines
 
     folder, cfg = engine_folder
     plan = make_plan(cfg, Limits(max_prompt=12, max_tree_nodes=12))
@@ -441,8 +458,9 @@ def test_a_graph_unlike_the_plan_is_caught_by_the_engine_check(engine_folder, mo
 
 
 def test_auto_picks_tensorrt_only_with_engines_tensorrt_and_a_gpu(engine_folder, monkeypatch):
-    from runtime.api import choose_backend
     from trt_fakes import write_fake_engines
+
+    from runtime.api import choose_backend
 
     folder, cfg = engine_folder
     assert choose_backend(folder, cfg) == ("onnxruntime", "no TensorRT engine built in the artifact")

@@ -19,4 +19,3 @@ def test_head_label_offset_only_assistant_tokens():
     assert lab[3, 0] == 15 and lab[2, 0] == IGNORE and lab[2, 1] == 15 and lab[7, 0] == 19 and lab[8, 0] == IGNORE
     nt = next_token_labels(tokens, assistant)
     assert nt[4] == 15 and nt[3] == IGNORE and nt[9] == IGNORE
-

@@ -15,17 +15,27 @@ from runtime.errors import MedusaError
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    rows = [{"instruction": f"question {i} " + "x" * (i % 4), "input": "ctx" if i % 3 == 0 else "", "output": "-"}
-            for i in range(10)]
+    rows = [
+        {"instruction": f"question {i} " + "x" * (i % 4), "input": "ctx" if i % 3 == 0 else "", "output": "-"}
+        for i in range(10)
+    ]
     p = tmp_path / "alpaca.json"
     p.write_text(json.dumps(rows))
     return p
 
+
 def _distill_cfg(tmp_path, prompts_file, **kw):
     from training.distill import DistillConfig
 
-    return DistillConfig(model="tiny", prompts=prompts_file, out=tmp_path / "out" / "d.jsonl", num_prompts=10,
-                         max_new_tokens=6, batch_size=3, **kw)
+    return DistillConfig(
+        model="tiny",
+        prompts=prompts_file,
+        out=tmp_path / "out" / "d.jsonl",
+        num_prompts=10,
+        max_new_tokens=6,
+        batch_size=3,
+        **kw,
+    )
 
 
 def test_distill_resume_no_lost_or_duplicated_records(tmp_path, prompts_file):
@@ -73,7 +83,10 @@ def test_distill_batched_matches_unbatched_greedy(tmp_path, prompts_file):
 
     model, tok = tiny_llama(), CharTokenizer()
     a = distill(_distill_cfg(tmp_path, prompts_file), backbone=(model, tok))
-    cfg = _distill_cfg(tmp_path, prompts_file, )
+    cfg = _distill_cfg(
+        tmp_path,
+        prompts_file,
+    )
     cfg.batch_size, cfg.out = 1, tmp_path / "b1.jsonl"
     b = distill(cfg, backbone=(model, tok))
     assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
@@ -88,10 +101,11 @@ def test_generate_batch_matches_hf_generate():
     got = generate_batch(model, prompts, 0, [EOS], DistillConfig(max_new_tokens=12))
     for p, (resp, finish) in zip(prompts, got):
         with torch.inference_mode():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=EOS,
-                                 pad_token_id=0)[0, len(p):].tolist()
+            ref = model.generate(
+                torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=EOS, pad_token_id=0
+            )[0, len(p) :].tolist()
         if EOS in ref:
-            ref = ref[:ref.index(EOS) + 1]
+            ref = ref[: ref.index(EOS) + 1]
         assert resp == ref
         assert finish == ("eos" if resp[-1] == EOS else "length")
 
@@ -180,8 +194,15 @@ def test_resume_with_another_prompts_file_is_refused(tmp_path):
 
     model, tok = tiny_llama(), CharTokenizer()
     a, b = _prompts(tmp_path / "a.json", "question"), _prompts(tmp_path / "b.json", "other")
-    cfg = DistillConfig(model="tiny", prompts=a, out=tmp_path / "d.jsonl", num_prompts=6, max_new_tokens=3,
-                        batch_size=2, save_states=False)
+    cfg = DistillConfig(
+        model="tiny",
+        prompts=a,
+        out=tmp_path / "d.jsonl",
+        num_prompts=6,
+        max_new_tokens=3,
+        batch_size=2,
+        save_states=False,
+    )
 
     def stop(b_, recs):
         raise KeyboardInterrupt

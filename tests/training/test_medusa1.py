@@ -30,7 +30,10 @@ def test_loss_is_sum_of_0_8_power_k_weighted_head_ce():
     labels[:3, 2] = IGNORE
     labels[:, 3] = IGNORE  # a head with no target contributes 0
     loss, per_head = medusa_loss(blocks @ W.T, labels)
-    ce = [F.cross_entropy((blocks[:, k] @ W.T)[labels[:, k] != IGNORE], labels[labels[:, k] != IGNORE, k]) for k in range(3)]
+    ce = [
+        F.cross_entropy((blocks[:, k] @ W.T)[labels[:, k] != IGNORE], labels[labels[:, k] != IGNORE, k])
+        for k in range(3)
+    ]
     assert torch.allclose(per_head[:3], torch.stack(ce))
     assert per_head[3] == 0
     assert torch.allclose(loss, ce[0] + 0.8 * ce[1] + 0.64 * ce[2])
@@ -87,8 +90,14 @@ def test_teacher_rows_hold_the_backbones_prediction_of_each_heads_token(tmp_path
 
     model = tiny_llama()
     rng = np.random.default_rng(0)
-    records = [{"id": f"g{i}", "prompt_ids": [1] + rng.integers(3, VOCAB, 5 + i % 4).tolist(),
-                "response_ids": rng.integers(3, VOCAB, 10 + i % 7).tolist()} for i in range(12)]
+    records = [
+        {
+            "id": f"g{i}",
+            "prompt_ids": [1] + rng.integers(3, VOCAB, 5 + i % 4).tolist(),
+            "response_ids": rng.integers(3, VOCAB, 10 + i % 7).tolist(),
+        }
+        for i in range(12)
+    ]
     examples = split_examples(build_examples(records))
     build_cache(model, examples, tmp_path / "c", dtype=np.float32, batch_size=4)
     K = 3
@@ -137,11 +146,19 @@ def test_hidden_cache_equals_backbone_step_hidden_states(tmp_path, dtype, atol):
             n = len(e.tokens)
             past = [torch.zeros(1, 0, kv, hd) for _ in kv_names(L)[0]]
             with torch.inference_mode():
-                _, hidden, *_ = step(torch.from_numpy(e.tokens)[None], torch.arange(n)[None],
-                                     torch.tril(torch.ones(n, n, dtype=torch.bool))[None], *past)
+                _, hidden, *_ = step(
+                    torch.from_numpy(e.tokens)[None],
+                    torch.arange(n)[None],
+                    torch.tril(torch.ones(n, n, dtype=torch.bool))[None],
+                    *past,
+                )
             a, b = cached_positions(e)
-            np.testing.assert_allclose(np.asarray(cached.hidden[row:row + b - a], dtype=np.float32),
-                                       hidden[0, a:b].numpy(), atol=atol, rtol=1e-2)
+            np.testing.assert_allclose(
+                np.asarray(cached.hidden[row : row + b - a], dtype=np.float32),
+                hidden[0, a:b].numpy(),
+                atol=atol,
+                rtol=1e-2,
+            )
             row += b - a
         assert row == cached.hidden.shape[0]
 
@@ -157,8 +174,16 @@ def test_medusa1_run_beats_fresh_heads(tmp_path):
     model = tiny_llama()
     data = tmp_path / "d.jsonl"
     write_atomic(data, _records(160))
-    cfg = Medusa1Config(model="tiny", data=data, out=tmp_path / "heads", num_heads=3, lr=1e-2, epochs=4,
-                        batch_tokens=128, train_vocab="full")
+    cfg = Medusa1Config(
+        model="tiny",
+        data=data,
+        out=tmp_path / "heads",
+        num_heads=3,
+        lr=1e-2,
+        epochs=4,
+        batch_tokens=128,
+        train_vocab="full",
+    )
     summary = train_medusa1(cfg, backbone=(model, None, tmp_path))
     assert summary["heldout_examples"] > 0 and summary["steps"] > 0
     for k in range(3):
@@ -189,8 +214,17 @@ def test_medusa1_soft_targets_run_learns_the_backbones_distribution(tmp_path):
         model.model.norm.weight.mul_(6.0)
     data = tmp_path / "d.jsonl"
     write_atomic(data, _records(160))
-    cfg = Medusa1Config(model="tiny", data=data, out=tmp_path / "heads", num_heads=2, lr=1e-2, epochs=3,
-                        batch_tokens=128, soft_targets=True, train_vocab="full")
+    cfg = Medusa1Config(
+        model="tiny",
+        data=data,
+        out=tmp_path / "heads",
+        num_heads=2,
+        lr=1e-2,
+        epochs=3,
+        batch_tokens=128,
+        soft_targets=True,
+        train_vocab="full",
+    )
     summary = train_medusa1(cfg, backbone=(model, None, tmp_path))
     assert "backbone's distribution" in summary["loss"] and summary["config"]["soft_targets"] == "True"
 
@@ -198,17 +232,24 @@ def test_medusa1_soft_targets_run_learns_the_backbones_distribution(tmp_path):
     idx = np.arange(len(held.labels))
     rows, mask = teacher_rows(held, idx)
     h = torch.from_numpy(np.asarray(held.hidden[idx], dtype=np.float32))
-    teacher = (torch.from_numpy(np.asarray(held.hidden[rows.ravel()], dtype=np.float32)).reshape(*rows.shape, -1),
-               torch.from_numpy(mask))
+    teacher = (
+        torch.from_numpy(np.asarray(held.hidden[rows.ravel()], dtype=np.float32)).reshape(*rows.shape, -1),
+        torch.from_numpy(mask),
+    )
     labels, W = torch.from_numpy(held.labels), model.lm_head.weight.detach()
     with torch.inference_mode():
-        before, _ = projected_loss(fresh_heads(2, 32, VOCAB, lm_head=model.lm_head).blocks(h), labels, W, teacher=teacher)
-        after, _ = projected_loss(load_heads(tmp_path / "heads", hidden_size=32, vocab_size=VOCAB).blocks(h),
-                                  labels, W, teacher=teacher)
+        before, _ = projected_loss(
+            fresh_heads(2, 32, VOCAB, lm_head=model.lm_head).blocks(h), labels, W, teacher=teacher
+        )
+        after, _ = projected_loss(
+            load_heads(tmp_path / "heads", hidden_size=32, vocab_size=VOCAB).blocks(h), labels, W, teacher=teacher
+        )
     assert after < before - 0.1, (before, after)
     with pytest.raises(MedusaError, match="shared lm_head"):
-        train_medusa1(Medusa1Config(model="tiny", data=data, out=tmp_path / "h2", shared_lm_head=False,
-                                    soft_targets=True), backbone=(model, None, tmp_path))
+        train_medusa1(
+            Medusa1Config(model="tiny", data=data, out=tmp_path / "h2", shared_lm_head=False, soft_targets=True),
+            backbone=(model, None, tmp_path),
+        )
 
 
 def test_medusa1_data_vocab_heads_propose_only_trained_tokens(tmp_path):
@@ -247,16 +288,23 @@ def test_medusa1_data_vocab_heads_propose_only_trained_tokens(tmp_path):
     card = write_card(tmp_path / "dv", data, command="medusa-train medusa1 ...", machine="test box").read_text()
     assert f"propose only the {len(used)} tokens of the training softmax" in card
 
-    summary = train_medusa1(Medusa1Config(out=tmp_path / "any", draft_vocab=False, **base), backbone=(model, None, tmp_path))
+    summary = train_medusa1(
+        Medusa1Config(out=tmp_path / "any", draft_vocab=False, **base), backbone=(model, None, tmp_path)
+    )
     assert summary["draft_vocab_size"] == 0
     assert load_heads(tmp_path / "any", hidden_size=32, vocab_size=VOCAB).draft_vocab is None
 
     from training.data import build_examples, split_examples
     from training.medusa2 import Medusa2Config, train_medusa2
 
-    cfg = Medusa2Config(model="tiny", out=tmp_path / "m2", heads=str(tmp_path / "dv"), num_heads=2, steps=1,
-                        warmup_steps=1, batch_size=2)
+    cfg = Medusa2Config(
+        model="tiny",
+        out=tmp_path / "m2",
+        heads=str(tmp_path / "dv"),
+        num_heads=2,
+        steps=1,
+        warmup_steps=1,
+        batch_size=2,
+    )
     train_medusa2(cfg, backbone=(tiny_llama(), None, tmp_path), examples=split_examples(build_examples(_records(40))))
     assert load_heads(tmp_path / "m2" / "heads", hidden_size=32, vocab_size=VOCAB).draft_vocab is None
-
-

@@ -39,14 +39,24 @@ def test_medusa2_warmup_trains_heads_only(tmp_path):
 
     def run(steps, warmup):
         model = tiny_llama()
-        cfg = Medusa2Config(model="tiny", out=tmp_path / f"m2_{steps}_{warmup}", num_heads=3, steps=steps,
-                            warmup_steps=warmup, batch_size=2, lr_backbone=1e-3, lr_heads=1e-2)
+        cfg = Medusa2Config(
+            model="tiny",
+            out=tmp_path / f"m2_{steps}_{warmup}",
+            num_heads=3,
+            steps=steps,
+            warmup_steps=warmup,
+            batch_size=2,
+            lr_backbone=1e-3,
+            lr_heads=1e-2,
+        )
         summary = train_medusa2(cfg, backbone=(model, None, tmp_path), examples=examples)
         return model, summary
 
     before = tiny_llama().state_dict()
     model, summary = run(steps=3, warmup=3)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "warm-up must leave the backbone untouched"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), (
+        "warm-up must leave the backbone untouched"
+    )
     assert summary["greedy_identical_share"] == 1.0 and summary["drift_prompts"] > 0  # untouched: same answers
     from exporter.heads import load_heads
 
@@ -59,14 +69,21 @@ def test_medusa2_warmup_trains_heads_only(tmp_path):
     from exporter.heads import fresh_heads, save_heads
 
     save_heads(fresh_heads(3, 32, VOCAB), tmp_path / "m1", meta={"method": "medusa-1", "history": [1], "epochs": 9})
-    cfg = Medusa2Config(model="tiny", out=tmp_path / "m2_from_m1", heads=str(tmp_path / "m1"), num_heads=3, steps=1,
-                        warmup_steps=1, batch_size=2)
+    cfg = Medusa2Config(
+        model="tiny",
+        out=tmp_path / "m2_from_m1",
+        heads=str(tmp_path / "m1"),
+        num_heads=3,
+        steps=1,
+        warmup_steps=1,
+        batch_size=2,
+    )
     s2 = train_medusa2(cfg, backbone=(tiny_llama(), None, tmp_path), examples=examples)
     meta = load_heads(tmp_path / "m2_from_m1" / "heads", hidden_size=32, vocab_size=VOCAB).config.meta
     assert s2["start_heads_method"] == "medusa-1" and meta["start_heads"] == str(tmp_path / "m1")
     assert "history" not in meta and "epochs" not in meta and meta["method"].startswith("medusa-2")
     model, _ = run(steps=4, warmup=2)
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "after warm-up the backbone trains"
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), (
+        "after warm-up the backbone trains"
+    )
     assert (tmp_path / "m2_4_2" / "backbone" / "config.json").is_file()
-
-

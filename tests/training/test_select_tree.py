@@ -68,7 +68,9 @@ def test_heads_cost_enters_the_step_time():
     paid = select(acc, prof, max_nodes=6, heads_cost=0.2)
     n = len(paid["paths"])
     assert paid["relative_step_cost"] == pytest.approx(np.interp(n + 1, [1, 2, 4, 8], [1.0, 1.0, 1.2, 1.5]) + 0.2)
-    assert paid["predicted_speedup_vs_plain"] == pytest.approx(paid["predicted_accepted_length"] / paid["relative_step_cost"])
+    assert paid["predicted_speedup_vs_plain"] == pytest.approx(
+        paid["predicted_accepted_length"] / paid["relative_step_cost"]
+    )
     assert paid["predicted_speedup_vs_plain"] < free["predicted_speedup_vs_plain"]
     assert select(acc, prof, max_nodes=6, heads_cost=0.0)["by_size"] == free["by_size"]
     with pytest.raises(MedusaError, match="heads cost"):
@@ -123,8 +125,15 @@ def test_select_tree_writes_outside_the_source_tree_and_never_over_a_file(tmp_pa
 
     assert SelectConfig().out_dir == Path("runs/trees")
     monkeypatch.chdir(tmp_path)
-    argv = ["select-tree", "--accuracy-from", str(repo_root / "tree_configs" / "smollm2_ort_cpu.json"),
-            "--profile", str(repo_root / "docs" / "results" / "latency_profile.json"), "--name", "t"]
+    argv = [
+        "select-tree",
+        "--accuracy-from",
+        str(repo_root / "tree_configs" / "smollm2_ort_cpu.json"),
+        "--profile",
+        str(repo_root / "docs" / "results" / "latency_profile.json"),
+        "--name",
+        "t",
+    ]
     assert main(argv) == 0
     out = tmp_path / "runs" / "trees" / "t.json"
     first = out.read_text()
@@ -133,5 +142,3 @@ def test_select_tree_writes_outside_the_source_tree_and_never_over_a_file(tmp_pa
     err = capsys.readouterr().err
     assert "t.json exists: pass --force" in err and out.read_text() == first + " "
     assert main([*argv, "--force"]) == 0 and out.read_text() == first
-
-

@@ -16,7 +16,17 @@ def test_cli_user_error_exits_1_with_one_message(tmp_path, capsys):
     rc = main(["medusa1", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 1 and "missing.jsonl does not exist" in capsys.readouterr().err
     write_atomic(tmp_path / "d.jsonl", _records(2))
-    rc = main(["medusa1", "--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "medusa1",
+            "--model",
+            str(tmp_path / "no_model"),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("medusa-train: error:") and "Traceback" not in err
     assert "no_model" in err
@@ -42,15 +52,16 @@ def test_medusa1_refuses_data_without_held_out_examples(tmp_path, capsys):
     assert "medusa-train distill --num-prompts" in err
     assert not (tmp_path / "o").exists()
     with pytest.raises(MedusaError, match="0 held-out examples"):
-        train_medusa1(Medusa1Config(model="tiny", data=tmp_path / "d.jsonl", out=tmp_path / "o"),
-                      backbone=(tiny_llama(), None, tmp_path))
+        train_medusa1(
+            Medusa1Config(model="tiny", data=tmp_path / "d.jsonl", out=tmp_path / "o"),
+            backbone=(tiny_llama(), None, tmp_path),
+        )
 
 
 def _one_line_error(capsys, rc, prog):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
     return err[0]
-
 
 
 def test_train_cli_refuses_non_finite_numbers(tmp_path, capsys):

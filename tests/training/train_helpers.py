@@ -30,10 +30,20 @@ def tiny_llama(seed: int = 0, layers: int = 2):
 
     torch.set_num_threads(1)  # tiny models gain nothing from threads; the machine is shared
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=True,
-                      architectures=["LlamaForCausalLM"])
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"],
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = EOS
     return model
@@ -49,4 +59,3 @@ def synthetic_records(n: int, seed: int = 0, resp_len: int = 24):
         resp = [3 + (start - 3 + 3 * j) % (VOCAB - 3) for j in range(resp_len)]
         out.append({"id": f"r{i:04d}", "prompt_ids": prompt, "response_ids": resp, "model": "tiny", "temperature": 0.0})
     return out
-

@@ -51,9 +51,17 @@ def write_fasterdecoding_heads(folder: Path, model, fmt: str, seed: int = 1) -> 
         sd[f"{i}.0.linear.bias"] = (0.05 * torch.randn(H, generator=g)).to(dtype)
         sd[f"{i}.1.weight"] = (model.lm_head.weight.detach() + 0.05 * torch.randn(V, H, generator=g)).to(dtype)
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({
-        "base_model_name_or_path": "lmsys/vicuna-7b-v1.3", "medusa_num_heads": 2, "medusa_num_layers": 1,
-        "transformers_version": "4.31.0"}, indent=2))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": "lmsys/vicuna-7b-v1.3",
+                "medusa_num_heads": 2,
+                "medusa_num_layers": 1,
+                "transformers_version": "4.31.0",
+            },
+            indent=2,
+        )
+    )
     if fmt == "pt":
         torch.save(sd, folder / "medusa_lm_head.pt")
     else:
@@ -96,7 +104,7 @@ def test_readme_recipe_on_fasterdecoding_layout(fmt, vicuna_like, tmp_path, caps
     def local(arg: str) -> str:
         if arg in names:
             return names[arg]
-        return str(tmp_path / arg[len("artifacts/"):]) if arg.startswith("artifacts/") else arg
+        return str(tmp_path / arg[len("artifacts/") :]) if arg.startswith("artifacts/") else arg
 
     artifacts, skipped = [], set()
     for argv in readme_commands():
