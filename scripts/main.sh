@@ -10,7 +10,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ART=artifacts/smollm2-135m-medusa
 if [ ! -f "$ART/medusa_config.json" ]; then
-  medusa-export smollm2-135m -o "$ART" --tree smollm2_ort_cpu
+  medusa-export smollm2-135m -o "$ART"   # the default tree for the shipped heads: smollm2_ort_cpu
 fi
 medusa-run generate "$ART" "Explain in three sentences why the sky is blue." --threads 2 --stats
 medusa-run bench "$ART" --prompts ../shared/data/mt_bench_question.jsonl --limit "${BENCH_LIMIT:-5}" \
