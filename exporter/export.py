@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exporter.fused import FUSED_OPSET, MAX_EXTERNAL_DATA_THRESHOLD_MB
-from runtime.artifact import ArtifactConfig, GraphSpec, config_digest, record_checksums
+from runtime.artifact import ArtifactConfig, GraphSpec, config_digest, portable_io, record_checksums
 from runtime.errors import ArtifactError, CheckpointError, MedusaError, sigterm_as_interrupt
 
 BACKBONE_FILE = "model.onnx"
@@ -100,27 +100,7 @@ class ExportOptions:
 # ---------------------------------------------------------------------------- I/O names
 
 
-def backbone_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:
-    """Input names, output names and named dynamic axes of ``model.onnx``.
-
-    ``dynamic_axes[name]`` names the *leading* dimensions of the tensor, which are exactly
-    its dynamic ones; the trailing dimensions are fixed by the model (medusa_config.json).
-    """
-    from exporter.step import kv_names
-
-    past, present = kv_names(num_layers)
-    inputs = ["input_ids", "position_ids", "tree_mask", *past]
-    outputs = ["logits", "hidden_states", *present]
-    axes = {
-        "input_ids": ["batch", "new_tokens"],
-        "position_ids": ["batch", "new_tokens"],
-        "tree_mask": ["batch", "new_tokens", "new_tokens"],
-        **{name: ["batch", "past_sequence"] for name in past},
-        "logits": ["batch", "new_tokens"],
-        "hidden_states": ["batch", "new_tokens"],
-        **{name: ["batch", "new_tokens"] for name in present},
-    }
-    return inputs, outputs, axes
+backbone_io = portable_io  # the contract's names and axes: runtime/artifact.py
 
 
 def heads_io() -> tuple[list[str], list[str], dict[str, list[str]]]:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from exporter.heads import MedusaHeads
+from runtime.artifact import cache_names
 
 
 def cast_module(module, dtype):
@@ -40,11 +41,7 @@ def cast_module(module, dtype):
     return copy.deepcopy(module).to(dtype)
 
 
-def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Graph input and output names of the cache, in graph order (k0, v0, k1, v1, ...)."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return past, present
+kv_names = cache_names  # the contract's cache names: runtime/artifact.py
 
 
 class BackboneStep(nn.Module):

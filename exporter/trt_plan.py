@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.artifact import ArtifactConfig
+from runtime.artifact import ArtifactConfig, portable_io
 from runtime.plan import (
     BACKBONE_ENGINE,
     BATCH,
@@ -103,8 +103,7 @@ def backbone_input_dims(name: str, cfg: ArtifactConfig) -> list:
 
 
 def _contract_inputs(cfg: ArtifactConfig) -> list[str]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(cfg.model.num_layers) for kv in ("key", "value")]
-    return ["input_ids", "position_ids", "tree_mask", *past]
+    return portable_io(cfg.model.num_layers)[0]
 
 
 def check_dynamic_axes(cfg: ArtifactConfig, graph: Graph) -> None:

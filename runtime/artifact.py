@@ -32,15 +32,55 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DTYPES = ("float32", "float16")
 
 
-FUSED_INPUTS = ("input_ids", "position_ids", "tree_mask", "cache_lengths", "num_logits")
+# ---------------------------------------------------------------------------- the graph contract
+# docs/graph_contract.md. The one place its names, dtypes and axes are written: the exporter
+# writes graphs by these, the backends, the TensorRT plan and the recipes read them.
+
+PORTABLE_INPUTS = ("input_ids", "position_ids", "tree_mask")  # then the cache (past_key_values.*)
+FUSED_INPUTS = (*PORTABLE_INPUTS, "cache_lengths", "num_logits")
 FUSED_CACHE_START = len(FUSED_INPUTS)  # the cache inputs follow these
+BACKBONE_OUTPUTS = ("logits", "hidden_states")  # then the cache (present.*)
+HEADS_INPUTS, HEADS_OUTPUTS = ("hidden_states",), ("medusa_logits",)
+# inputs that are not activations; everything else is in the artifact's dtype
+INPUT_DTYPES = {
+    "input_ids": "int64",
+    "position_ids": "int64",
+    "tree_mask": "bool",
+    "cache_lengths": "int64",
+    "num_logits": "int64",
+}
+
+
+def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The cache's input and output names, in graph order (k0, v0, k1, v1, ...)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return past, present
+
+
+def portable_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Input names, output names and named dynamic axes of the portable ``model.onnx``.
+
+    ``axes[name]`` names the *leading* dimensions of the tensor, which are exactly its dynamic
+    ones; the trailing dimensions are fixed by the model (``ModelSpec``).
+    """
+    past, present = cache_names(num_layers)
+    axes = {
+        "input_ids": ["batch", "new_tokens"],
+        "position_ids": ["batch", "new_tokens"],
+        "tree_mask": ["batch", "new_tokens", "new_tokens"],
+        **{name: ["batch", "past_sequence"] for name in past},
+        "logits": ["batch", "new_tokens"],
+        "hidden_states": ["batch", "new_tokens"],
+        **{name: ["batch", "new_tokens"] for name in present},
+    }
+    return [*PORTABLE_INPUTS, *past], [*BACKBONE_OUTPUTS, *present], axes
 
 
 def fused_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Input and output names of the fused ``model.onnx`` (exporter/fused.py), in graph order."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return [*FUSED_INPUTS, *past], ["logits", "hidden_states", *present]
+    past, present = cache_names(num_layers)
+    return [*FUSED_INPUTS, *past], [*BACKBONE_OUTPUTS, *present]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
+from runtime.artifact import FUSED_CACHE_START, ArtifactConfig, cache_names
 from runtime.backend import DeviceCacheBackend, GraphBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
@@ -319,13 +319,11 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.length = 0
         self._staged = 0
         self._io = self.backbone.io_binding()
-        for i in range(spec.num_layers):
-            for j, kv in enumerate(("key", "value")):
-                buf = self.kv[i, j]
-                self._io.bind_input(
-                    f"past_key_values.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data
-                )
-                self._io.bind_output(f"present.{i}.{kv}", "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+        past, present = cache_names(spec.num_layers)
+        for j in range(len(past)):  # k0, v0, k1, v1, ...: layer j // 2, key or value j % 2
+            buf = self.kv[j // 2, j % 2]
+            self._io.bind_input(past[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+            self._io.bind_output(present[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
         self._lengths = np.zeros(1, dtype=np.int64)
         self._num_logits = np.zeros(1, dtype=np.int64)
         self._outputs = _Outputs()

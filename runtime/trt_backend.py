@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import ArtifactConfig, ModelSpec
+from runtime.artifact import INPUT_DTYPES, ArtifactConfig, ModelSpec, cache_names
 from runtime.backend import DeviceCacheBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, MedusaError
 from runtime.plan import BuildPlan, Graph, PlanError, profile_for, read_plan
@@ -140,14 +140,14 @@ def expected_description(plan: BuildPlan, which: str = "backbone") -> EngineDesc
     act = ARTIFACT_TO_TRT[plan.dtype]
     tensors = []
     for name, dims in graph.inputs.items():
-        dtype = {"input_ids": "INT64", "position_ids": "INT64", "tree_mask": "BOOL"}.get(name, act)
+        dtype = {"int64": "INT64", "bool": "BOOL"}[INPUT_DTYPES[name]] if name in INPUT_DTYPES else act
         shape = tuple(-1 if isinstance(d, str) else d for d in dims)
         tensors.append(TensorIO(name, "input", dtype, shape, [graph.shapes(p)[name] for p in graph.profiles]))
     if which == "backbone":
         kv = (-1, -1, plan.num_kv_heads, plan.head_dim)
         tensors.append(TensorIO("logits", "output", act, (-1, -1, plan.vocab_size)))
         tensors.append(TensorIO("hidden_states", "output", act, (-1, -1, plan.hidden_size)))
-        tensors += [TensorIO(n.replace("past_key_values.", "present."), "output", act, kv) for n in plan.past_names]
+        tensors += [TensorIO(n, "output", act, kv) for n in cache_names(plan.num_layers)[1]]
     else:
         tensors.append(TensorIO("medusa_logits", "output", act, (-1, plan.num_medusa_heads, plan.vocab_size)))
     return EngineDescription(tensors, num_profiles=len(graph.profiles))
@@ -505,11 +505,11 @@ class TensorRTBackend(StagedEngineBackend):
         fixed = {
             name: self.addr[name] for name in ("input_ids", "position_ids", "tree_mask", "logits", "hidden_states")
         }
-        for i in range(self.plan.num_layers):
-            fixed[f"past_key_values.{i}.key"] = self._layer("cache_k", i)
-            fixed[f"past_key_values.{i}.value"] = self._layer("cache_v", i)
-            fixed[f"present.{i}.key"] = self._layer("stage_k", i)
-            fixed[f"present.{i}.value"] = self._layer("stage_v", i)
+        past, present = cache_names(self.plan.num_layers)
+        for j in range(len(past)):  # k0, v0, k1, v1, ...
+            layer, kv = divmod(j, 2)
+            fixed[past[j]] = self._layer(("cache_k", "cache_v")[kv], layer)
+            fixed[present[j]] = self._layer(("stage_k", "stage_v")[kv], layer)
         for ctx in self.contexts:
             for name, ptr in fixed.items():
                 if not ctx.set_tensor_address(name, ptr):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import ArtifactConfig, GraphSpec, ModelSpec
+from runtime.artifact import ArtifactConfig, GraphSpec, ModelSpec, cache_names
 from runtime.backend import GraphBackend
 from runtime.plan import BuildPlan
 from runtime.trt_backend import StagedEngineBackend, plan_buffers
@@ -32,8 +32,7 @@ def fake_config(
         num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=hidden, vocab_size=vocab, max_context=max_context,
         eos_token_ids=[], num_medusa_heads=heads, medusa_num_layers=1,
     )  # fmt: skip
-    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    past, present = cache_names(layers)
     if dynamic_axes is None:
         dynamic_axes = {
             "input_ids": ["batch", "new"],
