@@ -38,9 +38,6 @@ from runtime import checks
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
 from runtime.decode import (
-    DEFAULT_DELTA,
-    DEFAULT_EPSILON,
-    DEFAULT_LOOKUP,
     DEFAULT_PREFILL_CHUNK,
     GREEDY_BELOW,
     DecodeConfig,
@@ -60,6 +57,10 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 
 Prompt = str | Sequence[int] | Sequence[dict]
+
+# generate() and stream() spell out their decoding options as keyword arguments; each default
+# is DecodeConfig's (one place: tests/project/test_cli_defaults.py checks the signatures).
+_DEFAULTS = DecodeConfig()
 
 
 @dataclass
@@ -275,10 +276,10 @@ class MedusaGenerator:
         stop,
         seed,
         medusa,
-        acceptance="exact",
-        top_k=0,
-        top_p=1.0,
-        lookup=DEFAULT_LOOKUP,
+        acceptance,
+        top_k,
+        top_p,
+        lookup,
     ):
         """(prompt ids, the decode loop's events): the one path under stream() and generate().
         Every argument is checked here, at the call (the events run nothing until asked)."""
@@ -366,18 +367,18 @@ class MedusaGenerator:
     def stream(
         self,
         prompt: Prompt,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        epsilon: float = DEFAULT_EPSILON,
-        delta: float = DEFAULT_DELTA,
+        max_new_tokens: int = _DEFAULTS.max_new_tokens,
+        temperature: float = _DEFAULTS.temperature,
+        epsilon: float = _DEFAULTS.epsilon,
+        delta: float = _DEFAULTS.delta,
         tree=None,
-        stop: Sequence[str] | str = (),
-        seed: int | None = None,
-        medusa: bool = True,
-        acceptance: str = "exact",
-        top_k: int = 0,
-        top_p: float = 1.0,
-        lookup: int = DEFAULT_LOOKUP,
+        stop: Sequence[str] | str = _DEFAULTS.stop_strings,
+        seed: int | None = _DEFAULTS.seed,
+        medusa: bool = _DEFAULTS.medusa,
+        acceptance: str = _DEFAULTS.acceptance,
+        top_k: int = _DEFAULTS.top_k,
+        top_p: float = _DEFAULTS.top_p,
+        lookup: int = _DEFAULTS.lookup,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -410,18 +411,18 @@ class MedusaGenerator:
     def generate(
         self,
         prompt: Prompt,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        epsilon: float = DEFAULT_EPSILON,
-        delta: float = DEFAULT_DELTA,
+        max_new_tokens: int = _DEFAULTS.max_new_tokens,
+        temperature: float = _DEFAULTS.temperature,
+        epsilon: float = _DEFAULTS.epsilon,
+        delta: float = _DEFAULTS.delta,
         tree=None,
-        stop: Sequence[str] | str = (),
-        seed: int | None = None,
-        medusa: bool = True,
-        acceptance: str = "exact",
-        top_k: int = 0,
-        top_p: float = 1.0,
-        lookup: int = DEFAULT_LOOKUP,
+        stop: Sequence[str] | str = _DEFAULTS.stop_strings,
+        seed: int | None = _DEFAULTS.seed,
+        medusa: bool = _DEFAULTS.medusa,
+        acceptance: str = _DEFAULTS.acceptance,
+        top_k: int = _DEFAULTS.top_k,
+        top_p: float = _DEFAULTS.top_p,
+        lookup: int = _DEFAULTS.lookup,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 

@@ -94,6 +94,21 @@ def train(path: Path, out: Path, epochs: int, a) -> dict:
     return json.loads(meta_file.read_text())["meta"]
 
 
+def row(meta: dict, source: str, cache: str) -> dict:
+    """One point of the curve: what a heads run's meta says about its training, where the heads
+    and the hidden-state cache they were evaluated with are."""
+    return {
+        "answers": meta["train_examples"],
+        "epochs": meta["epochs"],
+        "steps": meta["steps"],
+        "positions": meta["train_positions_used"],
+        "heldout_examples": meta["heldout_examples"],
+        "train_seconds": meta["train_seconds"],
+        "source": source,
+        "cache": cache,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/distill/smollm2_alpaca.jsonl")
@@ -131,34 +146,13 @@ def main(argv=None) -> int:
     for n, epochs in runs:
         path, got = subset(ROOT / a.data, n, out)
         t0 = time.time()
-        meta = train(path, out / f"heads_{n}_e{epochs}", epochs, a)
-        rows.append(
-            {
-                "answers": meta["train_examples"],
-                "epochs": meta["epochs"],
-                "steps": meta["steps"],
-                "positions": meta["train_positions_used"],
-                "heldout_examples": meta["heldout_examples"],
-                "train_seconds": meta["train_seconds"],
-                "source": str((out / f"heads_{n}_e{epochs}").relative_to(ROOT)),
-                "cache": str(path) + ".hidden",
-            }
-        )
+        heads_dir = out / f"heads_{n}_e{epochs}"
+        meta = train(path, heads_dir, epochs, a)
+        rows.append(row(meta, str(heads_dir.relative_to(ROOT)), str(path) + ".hidden"))
         print(f"[learning-curve] {got} answers, {epochs} epochs: trained ({time.time() - t0:.0f} s)", flush=True)
     for ref in a.reference:
         meta = json.loads((Path(ref) / "medusa_heads.json").read_text())["meta"]
-        rows.append(
-            {
-                "answers": meta["train_examples"],
-                "epochs": meta["epochs"],
-                "steps": meta["steps"],
-                "positions": meta["train_positions_used"],
-                "heldout_examples": meta["heldout_examples"],
-                "train_seconds": meta["train_seconds"],
-                "source": ref,
-                "cache": str(ROOT / a.reference_cache),
-            }
-        )
+        rows.append(row(meta, ref, str(ROOT / a.reference_cache)))
     evaluate(rows, a)
     if len({r["heldout_examples"] for r in rows}) > 1:
         print("[learning-curve] warning: runs were measured on different held-out sets", file=sys.stderr)

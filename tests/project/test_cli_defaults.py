@@ -60,7 +60,7 @@ def test_medusa_run_defaults_are_decode_config():
 
 
 def test_the_python_api_defaults_are_decode_config():
-    """MedusaGenerator.generate / stream repeat DecodeConfig's defaults in their signatures: they must agree."""
+    """MedusaGenerator.generate / stream take DecodeConfig's defaults in their signatures: they must agree."""
     from runtime.api import MedusaGenerator
     from runtime.decode import DecodeConfig
 
