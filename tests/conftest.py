@@ -58,21 +58,64 @@ TINY_LLAMA = dict(
 )
 
 
+def make_tiny_causal_lm(
+    arch: str = "llama", seed: int = 0, config: dict = TINY_LLAMA, qwen2_bias_std: float = 0.0, **overrides
+):
+    """A random Llama, Mistral or Qwen2 causal LM (float32, eval) from ``config`` + ``overrides``,
+    seeded (the global torch RNG is left as it was). ``qwen2_bias_std`` > 0 draws Qwen2's q/k/v
+    biases from N(0, std) after the init, which zero-initialises them."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    cfg_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    torch.set_num_threads(1)  # tiny models gain nothing from threads; the test machine is shared
+    hf_config = cfg_cls(**{**config, **overrides})
+    hf_config.architectures = [model_cls.__name__]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_cls(hf_config)
+        if arch == "qwen2" and qwen2_bias_std:  # transformers zero-initialises biases: make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.data.normal_(0.0, qwen2_bias_std)
+    return model.eval()
+
+
 def make_tiny_llama(seed: int = 0, **overrides):
     """A random LlamaForCausalLM (float32, eval) from TINY_LLAMA + ``overrides``; seeded."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.set_num_threads(1)  # tiny models gain nothing from threads; the test machine is shared
-    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
-    config.architectures = ["LlamaForCausalLM"]
-    gen = torch.random.fork_rng()
-    with gen:
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+    model = make_tiny_causal_lm("llama", seed, **overrides)
     model.generation_config.eos_token_id = None  # tests opt into EOS explicitly
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model
+
+
+def random_heads(model, num_heads: int, num_layers: int = 1, shared: bool = True, seed: int = 1):
+    """Medusa heads for ``model`` with random (not identity) blocks drawn from N(0, 0.05), seeded."""
+    import torch
+
+    from exporter.heads import fresh_heads
+
+    c = model.config
+    heads = fresh_heads(
+        num_heads, c.hidden_size, c.vocab_size, num_layers=num_layers, shared_lm_head=shared, lm_head=model.lm_head
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for p in heads.parameters():
+            p.data.normal_(0.0, 0.05)
+    heads.config.meta = {"layout": "test", "source": "random"}
+    return heads
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import capture_logs
+from conftest import TINY_LLAMA, capture_logs, make_tiny_causal_lm, random_heads
 
 from exporter.export import ExportOptions, backbone_io, export_artifact, heads_io, tracing_patches
 from exporter.heads import fresh_heads
@@ -25,55 +25,12 @@ from exporter.validate import validate_artifact
 from runtime.artifact import read_artifact
 from runtime.errors import ArtifactError, MedusaError, ValidationError
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.3,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# TINY_LLAMA without head_dim: hidden_size // num_attention_heads = 8 (the portable graph takes any)
+TINY = {k: v for k, v in TINY_LLAMA.items() if k != "head_dim"}
 
 
 def tiny_model(arch: str, seed: int = 0):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    cfg_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[arch]
-    torch.set_num_threads(1)  # tiny models gain nothing from threads; the test machine is shared
-    config = cfg_cls(**TINY)
-    config.architectures = [model_cls.__name__]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    return model.eval()
-
-
-def random_heads(model, num_heads: int, num_layers: int = 1, shared: bool = True, seed: int = 1):
-    c = model.config
-    heads = fresh_heads(
-        num_heads, c.hidden_size, c.vocab_size, num_layers=num_layers, shared_lm_head=shared, lm_head=model.lm_head
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for p in heads.parameters():
-            p.data.normal_(0.0, 0.05)
-    heads.config.meta = {"layout": "test", "source": "random"}
-    return heads
+    return make_tiny_causal_lm(arch, seed, config=TINY)
 
 
 # arch -> (heads, head layers, shared lm_head): every head layout the loader produces

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA
 
 from exporter import cli
 from exporter.heads import fresh_heads, save_heads
@@ -21,19 +22,7 @@ def model_folder(tmp_path_factory, wordlevel_tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.3,
-        head_dim=16,
-    )
+    config = LlamaConfig(**TINY_LLAMA)
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -321,20 +310,12 @@ def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
         ref,
         cwd=root,
     )
-    log = _polygraphy(
-        "run",
-        out / "model.onnx",
-        "--onnxrt",
-        "--data-loader-script",
-        loader,
-        "--load-outputs",
-        ref,
-        "--atol",
-        "1e-3",
-        "--rtol",
-        "1e-3",
-        cwd=root,
-    )
+
+    def against(outputs):  # ORT (all graph optimizations) against saved reference outputs
+        compare = ["--load-outputs", outputs, "--atol", "1e-3", "--rtol", "1e-3"]
+        return _polygraphy("run", out / "model.onnx", "--onnxrt", "--data-loader-script", loader, *compare, cwd=root)
+
+    log = against(ref)
     assert "Passed: 4/4 iterations" in log
     # the heads graph gets its own feeds
     log = _polygraphy("run", out / "heads.onnx", "--onnxrt", "--data-loader-script", loader, cwd=root)
@@ -357,18 +338,5 @@ def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
         cwd=root,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    log = _polygraphy(
-        "run",
-        out / "model.onnx",
-        "--onnxrt",
-        "--data-loader-script",
-        loader,
-        "--load-outputs",
-        torch_ref,
-        "--atol",
-        "1e-3",
-        "--rtol",
-        "1e-3",
-        cwd=root,
-    )
+    log = against(torch_ref)
     assert "vs. pytorch" in log and "Passed: 4/4 iterations" in log

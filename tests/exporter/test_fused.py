@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import capture_logs, hf_greedy, make_tiny_llama  # noqa: E402
+from conftest import capture_logs, hf_greedy, make_tiny_causal_lm, make_tiny_llama, random_heads  # noqa: E402
 
 import runtime  # noqa: E402
 from exporter.export import ExportOptions, export_artifact  # noqa: E402
@@ -34,19 +34,6 @@ from runtime.artifact import CONFIG_FILE, FUSED_CACHE_START, fused_io_names, rea
 from runtime.errors import ContextLengthError, MedusaError  # noqa: E402
 from runtime.tree import load_tree  # noqa: E402
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    initializer_range=0.3,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 ARCHS = ("llama", "mistral", "qwen2")
 NUM_HEADS = 4
 PROMPTS = [np.random.default_rng(100 + i).integers(3, 128, size=n).tolist() for i, n in enumerate((5, 9, 14))]
@@ -59,44 +46,10 @@ CHAT = [
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    cfg_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[arch]
-    torch.set_num_threads(1)
-    config = cfg_cls(**{**TINY, **overrides})
-    config.architectures = [model_cls.__name__]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = model_cls(config)
-        if arch == "qwen2":  # transformers zero-initialises biases: make them matter
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.data.normal_(0.0, 0.3)
+    model = make_tiny_causal_lm(arch, seed, qwen2_bias_std=0.3, **overrides)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
-def random_heads(model, num_heads: int = NUM_HEADS, seed: int = 1):
-    c = model.config
-    heads = fresh_heads(num_heads, c.hidden_size, c.vocab_size, lm_head=model.lm_head)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for p in heads.parameters():
-            p.data.normal_(0.0, 0.05)
-    heads.config.meta = {"layout": "test", "source": "random"}
-    return heads
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +61,7 @@ def exported(tmp_path_factory, wordlevel_tokenizer):
     def get(arch: str):
         if arch not in cache:
             model = tiny_model(arch)
-            heads = random_heads(model)
+            heads = random_heads(model, NUM_HEADS)
             root = tmp_path_factory.mktemp(f"fused-{arch}")
             with capture_logs() as logs:
                 export_artifact(model, heads, root / "fused", ExportOptions(), tokenizer=wordlevel_tokenizer)
@@ -737,7 +690,7 @@ def test_fused_export_with_a_context_below_72(wordlevel_tokenizer, tmp_path, arc
     dimension 0 shall not be less than total_sequence_length). The runtime itself never
     exceeds max_context."""
     model = tiny_model(arch, eos_token_id=None, **overrides)  # no EOS: decode to the end of the context
-    heads = random_heads(model)
+    heads = random_heads(model, NUM_HEADS)
     out = export_artifact(model, heads, tmp_path / "small", ExportOptions(**options), tokenizer=wordlevel_tokenizer)
     cfg = read_artifact(out)
     cap = options.get("max_context") or overrides["sliding_window"] - 1
