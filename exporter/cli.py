@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> Path:
             raise
         except (OSError, ValueError) as e:  # a folder transformers cannot read: the user's to fix
             raise MedusaError(f"cannot load the model {args.model}: {e}") from None
-    options.source_model_path = str(folder)
+    options.source_model_path = str(Path(folder).resolve())
     c = model.config
     with progress("loading the Medusa heads" if heads_path else f"creating {args.fresh_heads} fresh heads"):
         if heads_path is not None:

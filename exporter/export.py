@@ -47,7 +47,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exporter.fused import FUSED_OPSET, MAX_EXTERNAL_DATA_THRESHOLD_MB
-from runtime.artifact import ArtifactConfig, GraphSpec, config_digest, portable_io, record_checksums
+from runtime.artifact import (
+    HEADS_INPUTS,
+    HEADS_OUTPUTS,
+    ArtifactConfig,
+    GraphSpec,
+    config_digest,
+    portable_io,
+    record_checksums,
+)
 from runtime.errors import ArtifactError, CheckpointError, MedusaError, sigterm_as_interrupt
 
 BACKBONE_FILE = "model.onnx"
@@ -105,7 +113,7 @@ backbone_io = portable_io  # the contract's names and axes: runtime/artifact.py
 
 def heads_io() -> tuple[list[str], list[str], dict[str, list[str]]]:
     """Input names, output names and named dynamic axes of ``heads.onnx``."""
-    return ["hidden_states"], ["medusa_logits"], {"hidden_states": ["batch"], "medusa_logits": ["batch"]}
+    return list(HEADS_INPUTS), list(HEADS_OUTPUTS), {name: ["batch"] for name in (*HEADS_INPUTS, *HEADS_OUTPUTS)}
 
 
 def _torch_axes(axes: dict[str, list[str]]) -> dict[str, dict[int, str]]:
@@ -500,6 +508,16 @@ def sliding_window(config) -> int | None:
     return min(windows) if windows else None
 
 
+def _source_path(options: ExportOptions) -> str | None:
+    """The absolute local folder of the source model, for the peers (``--peer``): recorded by the
+    CLI, else the folder ``source_model`` names when it is one."""
+    if options.source_model_path:
+        return str(Path(options.source_model_path).resolve())
+    if options.source_model and Path(options.source_model).is_dir():
+        return str(Path(options.source_model).resolve())
+    return None
+
+
 def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | None = None, *, tokenizer=None) -> Path:
     """Export ``model`` (a Llama-family *ForCausalLM) and ``heads`` (MedusaHeads) into ``out_dir``.
 
@@ -629,7 +647,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                     "source_model": str(options.source_model)
                     if options.source_model
                     else getattr(model.config, "_name_or_path", None),
-                    "source_model_path": options.source_model_path,
+                    "source_model_path": _source_path(options),
                     "heads": {
                         "num_heads": heads.config.num_heads,
                         "num_layers": heads.config.num_layers,

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.artifact import ArtifactConfig, portable_io
+from runtime.artifact import HEADS_INPUTS, ArtifactConfig, portable_io
 from runtime.plan import (
     BACKBONE_ENGINE,
     BATCH,
@@ -165,7 +165,7 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
             f"{cfg.backbone.file}: inputs {cfg.backbone.inputs[:4]}... do not follow the graph contract "
             f"(expected input_ids, position_ids, tree_mask, then past_key_values.{{i}}.key|value for {m.num_layers} layers)"
         )
-    if list(cfg.heads.inputs) != ["hidden_states"]:
+    if list(cfg.heads.inputs) != list(HEADS_INPUTS):
         raise PlanError(f"{cfg.heads.file}: inputs {cfg.heads.inputs}, expected ['hidden_states']")
     _positive("max_batch", lim.max_batch)
     _positive("opt_prompt", lim.opt_prompt)
@@ -216,7 +216,7 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
     heads = Graph(
         onnx=cfg.heads.file,
         engine=HEADS_ENGINE,
-        inputs={"hidden_states": [BATCH, m.hidden_size]},
+        inputs={HEADS_INPUTS[0]: [BATCH, m.hidden_size]},
         profiles=[Profile("heads", {BATCH: batch})],
     )
     check_dynamic_axes(cfg, backbone)

@@ -82,7 +82,8 @@ class TextChunk:
 
 def choose_backend(folder: Path, config: ArtifactConfig, device: str = "auto") -> tuple[str, str]:
     """``auto``'s choice and why: TensorRT only where the artifact is portable, has built engines,
-    tensorrt imports and a GPU is visible (and the device is not the CPU); else ONNX Runtime."""
+    tensorrt and cuda-python are installed and a GPU is visible (and the device is not the CPU);
+    else ONNX Runtime."""
     from runtime.trt_backend import cuda_device_count
 
     if config.flavour != "portable":
@@ -93,6 +94,8 @@ def choose_backend(folder: Path, config: ArtifactConfig, device: str = "auto") -
         return "onnxruntime", "no TensorRT engine built in the artifact"
     if not _has_tensorrt():
         return "onnxruntime", "engines built, but tensorrt is not installed"
+    if not _has_cudart():
+        return "onnxruntime", "engines built, but cuda-python is not installed"
     if cuda_device_count() < 1:
         return "onnxruntime", "engines built, but no CUDA GPU is visible"
     return "tensorrt", "engines built, tensorrt installed, GPU visible"
@@ -120,7 +123,11 @@ def make_backend(
             )
         from runtime.trt_backend import TensorRTBackend
 
-        return TensorRTBackend.from_artifact(folder, config, max_context=max_context)
+        if device == "cpu":
+            raise MedusaError(
+                "backend='tensorrt' runs on a GPU: use device='cuda' (or 'auto'), or backend='onnxruntime'"
+            )
+        return TensorRTBackend.from_artifact(folder, config, max_context=max_context, device=0)
     raise MedusaError(f"unknown backend {backend!r}: use auto, onnxruntime or tensorrt")
 
 
@@ -141,6 +148,17 @@ def _has_tensorrt() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorrt") is not None
+
+
+def _has_cudart() -> bool:
+    import importlib.util
+
+    try:
+        return (
+            importlib.util.find_spec("cuda.bindings") is not None or importlib.util.find_spec("cuda.cudart") is not None
+        )
+    except ModuleNotFoundError:  # no ``cuda`` package at all
+        return False
 
 
 class _Claim:
@@ -206,7 +224,7 @@ class MedusaGenerator:
                 stacklevel=3,
             )
         self.backend = make_backend(self.folder, self.config, backend, device, threads, max_context)
-        self.backend_name = "tensorrt" if type(self.backend).__name__ == "TensorRTBackend" else "onnxruntime"
+        self.backend_name = getattr(self.backend, "name", "onnxruntime")
         self._lock = threading.Lock()
         self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
         self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)

@@ -85,6 +85,9 @@ class Backend(ABC):
     # reads one row of its last chunk and none of the others)
     partial_logits: bool = False
 
+    # what runtime.load reports as the generator's backend_name
+    name: str = "onnxruntime"
+
     # False where a tree's sibling layout changes the last bits of its nodes' attention enough
     # to change greedy tokens (graphs with int8 activations: runtime.onnxrt.row_invariant_rows);
     # greedy Medusa then takes chain trees only, which such graphs compute exactly as plain steps

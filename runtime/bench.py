@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.decode import PHASES
+from runtime.decode import PHASES, prefill
 from runtime.errors import MedusaError
 
 OUTSIDE_ENGINE = ("candidates", "acceptance", "kv_update", "other")
@@ -132,7 +132,9 @@ def _divergence(gen, ids, ref: list[int], other: list[int]) -> dict | None:
     be = gen.backend
     seq = np.asarray(list(ids) + ref[:pos], dtype=np.int64)
     be.reset()
-    logits = be.forward(seq, np.arange(len(seq)), np.tril(np.ones((len(seq), len(seq)), dtype=bool)))[-1]
+    last, _ = prefill(be, seq, gen.prefill_chunk)  # in the calls the backend takes
+    assert last is not None
+    logits = last[-1]
     top2 = np.sort(logits.astype(np.float64))[-2:]
     return {"position": pos, "plain_token": ref[pos], "medusa_token": other[pos], "top2_gap": float(top2[1] - top2[0])}
 
@@ -183,7 +185,8 @@ def _peer_model_path(gen, explicit: str | None) -> str:
     if not path or not Path(path).is_dir():
         raise MedusaError(
             "--peer: the artifact does not record a local source model folder that exists here "
-            f"(source_model_path {prov.get('source_model_path')!r}); pass --peer-model DIR"
+            f"(source_model_path {prov.get('source_model_path')!r}; artifacts exported before 2026-11-30 record none): "
+            "pass --peer-model DIR, or re-export it with medusa-export"
         )
     return path
 

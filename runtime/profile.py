@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backend import Backend
+from runtime.decode import prefill
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PROFILE_FILE = "latency_profile.json"
@@ -53,8 +54,7 @@ def profile_tree_sizes(
     vocab = backend.spec.vocab_size
     backend.reset()
     prompt = rng.integers(0, vocab, cached)
-    backend.forward(prompt, np.arange(cached), np.tril(np.ones((cached, cached), dtype=bool)))
-    backend.commit(np.arange(cached))
+    prefill(backend, prompt, chunk=0, want_logits=False)  # in the calls the backend takes (its max_new_tokens)
     inputs = {
         n: (rng.integers(0, vocab, n), cached + np.arange(n), np.tril(np.ones((n, n), dtype=bool))) for n in sizes
     }

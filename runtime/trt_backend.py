@@ -35,7 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import INPUT_DTYPES, ArtifactConfig, ModelSpec, cache_names
+from runtime.artifact import (
+    BACKBONE_OUTPUTS,
+    HEADS_INPUTS,
+    HEADS_OUTPUTS,
+    INPUT_DTYPES,
+    PORTABLE_INPUTS,
+    ArtifactConfig,
+    ModelSpec,
+    cache_names,
+)
 from runtime.backend import DeviceCacheBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, MedusaError
 from runtime.plan import BuildPlan, Graph, PlanError, profile_for, read_plan
@@ -145,11 +154,12 @@ def expected_description(plan: BuildPlan, which: str = "backbone") -> EngineDesc
         tensors.append(TensorIO(name, "input", dtype, shape, [graph.shapes(p)[name] for p in graph.profiles]))
     if which == "backbone":
         kv = (-1, -1, plan.num_kv_heads, plan.head_dim)
-        tensors.append(TensorIO("logits", "output", act, (-1, -1, plan.vocab_size)))
-        tensors.append(TensorIO("hidden_states", "output", act, (-1, -1, plan.hidden_size)))
+        logits, hidden = BACKBONE_OUTPUTS
+        tensors.append(TensorIO(logits, "output", act, (-1, -1, plan.vocab_size)))
+        tensors.append(TensorIO(hidden, "output", act, (-1, -1, plan.hidden_size)))
         tensors += [TensorIO(n, "output", act, kv) for n in cache_names(plan.num_layers)[1]]
     else:
-        tensors.append(TensorIO("medusa_logits", "output", act, (-1, plan.num_medusa_heads, plan.vocab_size)))
+        tensors.append(TensorIO(HEADS_OUTPUTS[0], "output", act, (-1, plan.num_medusa_heads, plan.vocab_size)))
     return EngineDescription(tensors, num_profiles=len(graph.profiles))
 
 
@@ -388,11 +398,17 @@ class StagedEngineBackend(DeviceCacheBackend):
 class TensorRTBackend(StagedEngineBackend):
     """Run ``model.engine`` / ``heads.engine`` of an artifact on one GPU (batch 1).
 
+    ``from_artifact(device=N)`` makes GPU ``N`` current with ``cudaSetDevice``, which CUDA keeps
+    per thread: with several threads, pick the GPU with ``CUDA_VISIBLE_DEVICES`` and keep 0
+    (what ``runtime.load`` does).
+
     Device memory, copies and the stream go through NVIDIA's CUDA runtime binding
     (``cuda-python``, the binding TensorRT's own samples use): one ``cudaMalloc`` arena for
     every buffer, page-locked host buffers for the logits, 2-D copies for the cache rows of
     all layers at once. No torch.
     """
+
+    name = "tensorrt"
 
     @classmethod
     def from_artifact(cls, folder: str | Path, config: ArtifactConfig | None = None, max_context: int | None = None,
@@ -461,7 +477,9 @@ class TensorRTBackend(StagedEngineBackend):
         return np.frombuffer(raw, dtype=self._act).reshape(shape)
 
     def close(self) -> None:
-        """Release the device and pinned memory and the stream (also at garbage collection)."""
+        """Release the device and pinned memory and the stream (also at garbage collection);
+        the backend refuses every call after it."""
+        self.closed = True
         cudart = getattr(self, "cudart", None)
         while cudart is not None and self._owned:
             free, ptr = self._owned.pop()
@@ -502,9 +520,7 @@ class TensorRTBackend(StagedEngineBackend):
 
     def _bind_addresses(self) -> None:
         """Every tensor address is fixed for the backend's life: only shapes change per call."""
-        fixed = {
-            name: self.addr[name] for name in ("input_ids", "position_ids", "tree_mask", "logits", "hidden_states")
-        }
+        fixed = {name: self.addr[name] for name in (*PORTABLE_INPUTS, *BACKBONE_OUTPUTS)}
         past, present = cache_names(self.plan.num_layers)
         for j in range(len(past)):  # k0, v0, k1, v1, ...
             layer, kv = divmod(j, 2)
@@ -514,8 +530,10 @@ class TensorRTBackend(StagedEngineBackend):
             for name, ptr in fixed.items():
                 if not ctx.set_tensor_address(name, ptr):
                     raise RuntimeError(f"TensorRT refused the address of {name}")
-        self.heads_context.set_tensor_address("hidden_states", self.addr["heads_in"])
-        self.heads_context.set_tensor_address("medusa_logits", self.addr["heads_out"])
+        (heads_in,), (heads_out,) = HEADS_INPUTS, HEADS_OUTPUTS
+        for name, ptr in ((heads_in, self.addr["heads_in"]), (heads_out, self.addr["heads_out"])):
+            if not self.heads_context.set_tensor_address(name, ptr):
+                raise RuntimeError(f"TensorRT refused the address of the heads' {name}")
 
     # -- device primitives -------------------------------------------------------------
 
@@ -526,19 +544,26 @@ class TensorRTBackend(StagedEngineBackend):
     def _sync(self) -> None:
         _cuda(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
+    closed = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise MedusaError("this TensorRT backend was closed (its device memory is freed): load the artifact again")
+
     def _call(self, profile, past, ids, pos, mask):
+        self._check_open()
         n = len(ids)
         ctx = self.contexts[profile]
-        # pageable sources: cudaMemcpyAsync has read them when it returns
-        mask = np.ascontiguousarray(mask, dtype=bool)
+        # pageable, contiguous sources: cudaMemcpyAsync has read them when it returns
         for name, arr in (("input_ids", ids), ("position_ids", pos), ("tree_mask", mask)):
+            arr = np.ascontiguousarray(arr, dtype=bool if name == "tree_mask" else np.int64)
             self._memcpy(self.addr[name], arr.ctypes.data, arr.nbytes, "cudaMemcpyHostToDevice")
-        for name in ("input_ids", "position_ids"):
-            ctx.set_input_shape(name, (1, n))
-        ctx.set_input_shape("tree_mask", (1, n, n))
         kv = (1, past, self.plan.num_kv_heads, self.plan.head_dim)
-        for name in self.plan.past_names:
-            ctx.set_input_shape(name, kv)
+        shapes = {"input_ids": (1, n), "position_ids": (1, n), "tree_mask": (1, n, n)}
+        shapes.update((name, kv) for name in self.plan.past_names)
+        for name, shape in shapes.items():
+            if not ctx.set_input_shape(name, shape):
+                raise RuntimeError(f"TensorRT refused shape {shape} for {name} (profile {profile})")
         if not ctx.execute_async_v3(self._stream):
             raise RuntimeError(f"TensorRT execute_async_v3 failed (profile {profile}, past {past}, new {n})")
 
@@ -554,22 +579,28 @@ class TensorRTBackend(StagedEngineBackend):
             ), "cudaMemcpy2DAsync")  # fmt: skip
 
     def _logits(self, n):
-        # valid until the next forward, like the ONNX Runtime backend's output buffers
+        # valid until the next forward, like the ONNX Runtime backend's output buffers (the decode
+        # loop reads a step's logits within that step)
         host = self._host_logits
         self._memcpy(host.ctypes.data, self.addr["logits"], n * host.strides[0], "cudaMemcpyDeviceToHost")
         self._sync()
         return host[:n]
 
     def _run_heads(self, row):
+        self._check_open()
         width = self.plan.hidden_size * self._act.itemsize
         self._memcpy(self.addr["heads_in"], self.addr["hidden_states"] + row * width, width, "cudaMemcpyDeviceToDevice")
-        self.heads_context.set_input_shape("hidden_states", (1, self.plan.hidden_size))
+        heads_in = HEADS_INPUTS[0]
+        if not self.heads_context.set_input_shape(heads_in, (1, self.plan.hidden_size)):
+            raise RuntimeError(f"TensorRT refused shape (1, {self.plan.hidden_size}) for the heads' {heads_in}")
         if not self.heads_context.execute_async_v3(self._stream):
             raise RuntimeError("TensorRT execute_async_v3 failed on the heads engine")
         host = self._host_heads
         self._memcpy(host.ctypes.data, self.addr["heads_out"], host.nbytes, "cudaMemcpyDeviceToHost")
         self._sync()
-        return host[0]
+        # a copy: the decode loop keeps a step's heads until the next step, and another stream
+        # of the same generator may run a step in between (the pinned buffer is reused)
+        return host[0].copy()
 
 
 def _device_index(device: int | str) -> int:

@@ -74,6 +74,7 @@ def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
     assert (cfg["flavour"], cfg["precision"]) == ("fused", "fp32")  # the defaults
     assert cfg["provenance"]["heads"]["layout"] == "fresh-identity"
     assert cfg["provenance"]["source_model"] == str(model_folder)
+    assert cfg["provenance"]["source_model_path"] == str(model_folder.resolve())  # what --peer loads
 
 
 def test_export_is_quiet_by_default_and_detailed_with_v(model_folder, tmp_path, capsys):

@@ -67,6 +67,12 @@ def test_peer_graph_is_built_once_and_reused(setup):
 
     built = setup["built"]
     assert built.parent == setup["cache"] / "ortgenai"
+    from pathlib import Path
+
+    from runtime.artifact import read_artifact
+
+    # export_artifact records the source folder it was given, absolute, for --peer to load
+    assert read_artifact(setup["artifact"]).provenance["source_model_path"] == str(Path(setup["hf"]).resolve())
     assert (built / "model.onnx").is_file() and (built / "builder.log").is_file()
     assert not (built / "builder_cache").exists()
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary folder left behind

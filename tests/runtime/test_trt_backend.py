@@ -369,7 +369,9 @@ def fake_gpu(monkeypatch):
 
     log: dict = {}
     monkeypatch.setattr(trt_backend, "cuda_device_count", lambda: 1)
-    monkeypatch.setattr(trt_backend, "require_cudart", lambda: fake_cudart(log))
+    cudart = fake_cudart(log)
+    log["blocks"] = cudart.blocks
+    monkeypatch.setattr(trt_backend, "require_cudart", lambda: cudart)
     return log
 
 
@@ -412,7 +414,17 @@ def test_tensorrt_glue_on_stand_ins_matches_the_onnxruntime_backend(engine_folde
     first = log["calls"][0][2]  # the first prefill chunk: an empty cache
     assert first["past_key_values.0.key"][1] == 0 and first["tree_mask"] == (1, 16, 16)
     assert any(kind == "2d" for kind, _, _ in fake_gpu["copies"])
+    # the heads' output is the caller's to keep (the loop holds it across steps, other streams run between)
+    backend.reset()
+    backend.forward([5, 6], [0, 1], np.tril(np.ones((2, 2), dtype=bool)))
+    kept = backend.head_logits(1)
+    snapshot = kept.copy()
+    backend.head_logits(0)
+    np.testing.assert_array_equal(kept, snapshot)
     backend.close()
+    assert not fake_gpu["blocks"]  # every allocation released
+    with pytest.raises(MedusaError, match="was closed"):
+        backend.forward([5], [2], np.ones((1, 1), dtype=bool))
 
 
 def test_tensorrt_glue_refuses_a_corrupt_or_foreign_engine(engine_folder, monkeypatch, fake_gpu):
@@ -468,11 +480,21 @@ def test_auto_picks_tensorrt_only_with_engines_tensorrt_and_a_gpu(engine_folder,
     monkeypatch.setattr("runtime.api._has_tensorrt", lambda: False)
     assert choose_backend(folder, cfg)[1] == "engines built, but tensorrt is not installed"
     monkeypatch.setattr("runtime.api._has_tensorrt", lambda: True)
+    monkeypatch.setattr("runtime.api._has_cudart", lambda: False)
+    assert choose_backend(folder, cfg)[1] == "engines built, but cuda-python is not installed"
+    monkeypatch.setattr("runtime.api._has_cudart", lambda: True)
     monkeypatch.setattr(trt_backend, "cuda_device_count", lambda: 0)
     assert choose_backend(folder, cfg)[1] == "engines built, but no CUDA GPU is visible"
     monkeypatch.setattr(trt_backend, "cuda_device_count", lambda: 2)
     assert choose_backend(folder, cfg)[0] == "tensorrt"
     assert choose_backend(folder, cfg, device="cpu") == ("onnxruntime", "device cpu")
+
+
+def test_has_cudart_is_false_without_the_package(monkeypatch):
+    from runtime.api import _has_cudart
+
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    assert _has_cudart() is False
 
 
 def test_without_cuda_python_the_error_says_what_to_install(monkeypatch):
@@ -490,3 +512,23 @@ def test_importing_the_tensorrt_modules_loads_nothing_heavy(repo_root):
     out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_profiling_and_the_bench_divergence_check_take_calls_the_backend_allows():
+    """medusa-run profile fills its cache, and the bench's divergence check replays a prompt, in
+    calls no larger than the backend declares (a TensorRT engine's prompt chunk: 12 here)."""
+    import types
+
+    from runtime.bench import _divergence
+    from runtime.profile import profile_tree_sizes
+
+    ref, staged, plan = _pair()
+    prof = profile_tree_sizes(staged, sizes=[1, 4, 9], cached=30, repeats=1, warmup=0)
+    assert prof["cached_tokens"] == 30 and set(prof["ms"]) == {"1", "4", "9"}
+    assert [c[1:] for c in staged.calls[:3]] == [(0, 12), (12, 12), (24, 6)]
+    ids = list(np.random.default_rng(6).integers(0, 64, 20))
+    plain = decode(ref, ids, DecodeConfig(max_new_tokens=6, medusa=False)).tokens
+    other = plain[:3] + [(plain[3] + 1) % 64] + plain[4:]
+    gen = types.SimpleNamespace(backend=staged, prefill_chunk=512)
+    got = _divergence(gen, ids, plain, other)
+    assert got["position"] == 3 and got["plain_token"] == plain[3] and got["top2_gap"] >= 0
