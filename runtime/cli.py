@@ -159,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
     pr.add_argument("-o", "--output", default=None, help="output JSON (default: ARTIFACT/latency_profile.json)")
+
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /metrics)", formatter_class=HelpFormatter
+    )
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=1, help="requests decoded at once (steps interleave)")
+    s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429")
+    s.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
+    s.add_argument("--plain", action="store_true", help="serve plain decoding (no Medusa): the baseline server")
+    s.add_argument("--tree", default=None, help="Medusa tree for every request (default: the artifact's)")
+    s.add_argument("--lookup", type=int, default=_decode_default("lookup"), help="context-lookup draft tokens per step")
+    s.add_argument("--graceful-timeout", type=int, default=30, help="seconds running requests get at shutdown")
     return ap
 
 
@@ -285,9 +299,22 @@ def cmd_profile(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_serve(args) -> None:
+    from runtime.serve import require_serve, serve
+
+    require_serve()  # before loading the artifact
+    gen = _load(args)
+    name = args.model_name or Path(args.artifact).resolve().name
+    decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup}
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_batch {args.max_batch}, max_queue "
+          f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}); Ctrl-C or SIGTERM stops it", flush=True)  # fmt: skip
+    serve(gen, name, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          graceful_timeout=args.graceful_timeout, decode=decode)  # fmt: skip
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile}[args.command]
+    command = {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile, "serve": cmd_serve}[args.command]
     with cli_logging("medusa-run", verbosity(args)):
         return run_cli("medusa-run", lambda: command(args), interrupted="interrupted")
 

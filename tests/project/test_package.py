@@ -146,3 +146,15 @@ def test_an_artifact_runs_where_torch_and_the_exporter_cannot_import(tiny, repo_
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok")
+
+
+def test_serve_names_its_extra_when_missing(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from runtime import cli as run_cli
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
+    assert run_cli.main(["serve", str(tmp_path)]) == 1  # refused before the artifact is read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["medusa-run: error: medusa-run serve needs fastapi, uvicorn and prometheus-client (fastapi is "
+                   "missing): pip install 'medusa-trt[serve]'"]  # fmt: skip

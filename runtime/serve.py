@@ -1,0 +1,464 @@
+"""``medusa-run serve``: an OpenAI-compatible HTTP server over one loaded artifact.
+
+    medusa-run serve artifacts/smollm2-135m-medusa --port 8000 --max-batch 4 --max-queue 16
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="smollm2-135m-medusa", messages=[...], temperature=0)
+
+Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events with
+``stream: true``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, usage
+counts, ``stream_options.include_usage``), ``/v1/models``, ``/health`` and ``/metrics``
+(Prometheus text format). FastAPI on uvicorn does the HTTP; this module does the rest.
+
+Scheduling. Requests wait in a bounded queue (``--max-queue``; a full queue answers 429 at
+once) and ``--max-batch`` workers take them; each worker runs one request's
+:meth:`MedusaGenerator.stream`. The generator interleaves the running sequences step by step
+on its one KV cache (runtime/api.py's concurrency contract: each sees only its own sequence,
+so greedy answers equal offline ``generate`` and a seed reproduces a sampled answer). This is
+time-slicing, not batched engine calls: one engine call computes one sequence's step, so
+throughput does not grow with ``--max-batch`` (the fused graph's GroupQueryAttention takes
+several new tokens over a cache only at batch 1 on the CPU; batched verification is the next
+step of this server). A client that disconnects frees its slot at the next step. On SIGTERM
+uvicorn stops accepting connections and lets running requests finish (up to
+``--graceful-timeout``); what is left gets an error, nothing hangs.
+
+Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
+malformed JSON, unknown fields, bad values and prompts longer than the context, 404 for an
+unknown model, 429 when the queue is full, 503 while shutting down.
+"""
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import MedusaError
+
+log = logging.getLogger("medusa_trt.runtime")
+
+# DecodeStats.finish_reason -> OpenAI's
+FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "context": "length"}
+MAX_STOPS = 4  # OpenAI's limit on stop sequences
+
+
+def require_serve():
+    """fastapi, uvicorn, prometheus_client, or one MedusaError naming the extra."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise MedusaError(
+            f"medusa-run serve needs fastapi, uvicorn and prometheus-client ({e.name} is missing): "
+            "pip install 'medusa-trt[serve]'"
+        ) from None
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------- scheduling
+
+
+@dataclass
+class Job:
+    """One request: its prompt ids, decode arguments, and the channel its chunks go back on."""
+
+    ids: list[int]
+    stream: Any  # the generator's stream, created (and its arguments checked) by the request handler
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    def send(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+
+class Metrics:
+    """Prometheus metrics of one server (own registry: several servers in one process stay apart)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("medusa_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)  # fmt: skip
+        self.queue_depth = Gauge("medusa_queue_depth", "requests waiting for a worker", registry=r)
+        self.batch_size = Gauge("medusa_batch_size", "sequences being decoded (interleaved steps)", registry=r)
+        self.tokens = Counter("medusa_generated_tokens", "tokens generated", registry=r)
+        self.steps = Counter("medusa_decode_steps", "decode steps (verification or plain calls)", registry=r)
+        self.decode_seconds = Counter("medusa_decode_seconds", "time spent decoding, prefill included", registry=r)
+        self.tokens_per_s = Gauge("medusa_tokens_per_second", "decode speed of the last finished request", registry=r)
+        self.mean_accepted = Gauge("medusa_mean_accepted", "tokens per step of the last finished request", registry=r)
+        self.step_time = Histogram("medusa_step_seconds", "time between two chunks of a request (one step)",
+                                   buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=r)  # fmt: skip
+        self.ttft = Histogram("medusa_time_to_first_token_seconds", "queue wait + prefill + first step",
+                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)  # fmt: skip
+
+
+class Scheduler:
+    """A bounded queue and ``max_batch`` worker threads, each running one request's stream."""
+
+    def __init__(self, gen, max_batch: int, max_queue: int, metrics: Metrics):
+        self.gen, self.max_batch, self.max_queue, self.metrics = gen, max_batch, max_queue, metrics
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.active = 0
+        self.closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"medusa-serve-{i}", daemon=True) for i in range(max_batch)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.closed:
+                raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+            if self.waiting >= self.max_queue:
+                raise ApiError(
+                    429,
+                    f"the queue is full ({self.max_queue} requests waiting, {self.active} running): retry later",
+                    "rate_limit_error",
+                    code="queue_full",
+                )
+            self.waiting += 1
+            self.metrics.queue_depth.set(self.waiting)
+        self._queue.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                self.waiting -= 1
+                self.metrics.queue_depth.set(self.waiting)
+                if self.closed:  # refused at shutdown: never started
+                    job.send("error", ApiError(503, "the server is shutting down", "server_error"))
+                    continue
+                self.active += 1
+                self.metrics.batch_size.set(self.active)
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self.active -= 1
+                    self.metrics.batch_size.set(self.active)
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():  # the client left while waiting
+            job.stream.close()
+            return
+        m = self.metrics
+        stats = None
+        last = job.enqueued
+        try:
+            stream = job.stream
+            try:
+                for chunk in stream:
+                    now = time.perf_counter()
+                    (m.ttft if stats is None else m.step_time).observe(now - last)
+                    last, stats = now, chunk.stats
+                    job.send("chunk", chunk)
+                    if job.cancelled.is_set():  # disconnected: the slot is free from the next step on
+                        break
+            finally:
+                stream.close()
+        except MedusaError as e:
+            job.send("error", ApiError(400, str(e)))
+            return
+        except Exception as e:  # a bug: the client gets a 500-style error, the server keeps serving
+            log.exception("request failed")
+            job.send("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+            return
+        if stats is not None:
+            m.tokens.inc(stats.new_tokens)
+            m.steps.inc(stats.steps)
+            m.decode_seconds.inc(stats.total_s)
+            m.tokens_per_s.set(stats.tokens_per_s)
+            m.mean_accepted.set(stats.mean_accepted)
+        job.send("done", stats)
+
+    def shutdown(self) -> None:
+        """Refuse new requests and the queued ones; running ones finish (their threads are not joined
+        past this call: uvicorn's graceful timeout bounds them)."""
+        with self._lock:
+            self.closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None):
+    """The FastAPI app serving ``gen`` (a loaded :class:`runtime.api.MedusaGenerator`); ``decode``:
+    server-wide keyword arguments of ``gen.stream`` (``medusa``, ``tree``, ``lookup``)."""
+    require_serve()
+    from contextlib import asynccontextmanager
+    from typing import Literal
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from pydantic import BaseModel, ConfigDict, Field
+
+    if max_batch < 1 or max_queue < 0:
+        raise MedusaError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    metrics = Metrics()
+    created = int(time.time())
+
+    class _Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Message(_Strict):
+        role: Literal["system", "user", "assistant"]
+        content: str
+        name: str | None = None
+
+    class StreamOptions(_Strict):
+        include_usage: bool = False
+
+    class Common(_Strict):
+        model: str | None = None
+        max_tokens: int | None = Field(None, ge=1)
+        temperature: float = Field(1.0, ge=0.0, le=2.0)
+        top_p: float = Field(1.0, gt=0.0, le=1.0)
+        seed: int | None = Field(None, ge=0)
+        stop: str | list[str] | None = None
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        n: int = Field(1, ge=1, le=1)
+        user: str | None = None
+        presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+        frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+
+    class ChatRequest(Common):
+        messages: list[Message] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
+        logprobs: bool = Field(False, le=False)
+
+    class CompletionRequest(Common):
+        prompt: str | list[int]
+        echo: bool = Field(False, le=False)
+        logprobs: int | None = Field(None, le=0)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.scheduler = Scheduler(gen, max_batch, max_queue, metrics)
+        yield
+        app.state.scheduler.shutdown()
+
+    app = FastAPI(title="medusa-trt", lifespan=lifespan)
+
+    def error_response(endpoint: str, e: ApiError) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            msg, loc = f"the body is not valid JSON ({first.get('msg', '')})", []
+        elif kind == "extra_forbidden":
+            msg = f"unknown field {'.'.join(loc)!r}"
+        else:
+            msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
+        return error_response(request.url.path, ApiError(400, msg, param=".".join(loc) or None, code=kind or None))
+
+    def prepare(req, prompt, endpoint: str) -> Job:
+        if req.model not in (None, model_name):
+            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        try:
+            ids = gen.encode(prompt)
+        except MedusaError as e:
+            raise ApiError(
+                400, str(e), param="messages" if endpoint.endswith("chat/completions") else "prompt"
+            ) from None
+        room = gen.backend.max_context - len(ids)
+        if room < 1:
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens but the context holds {gen.backend.max_context}: shorten it",
+                param="messages" if endpoint.endswith("chat/completions") else "prompt",
+                code="context_length_exceeded",
+            )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
+        limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": min(limit, room) if limit else room,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "seed": req.seed,
+            "stop": stops,
+            **(decode or {}),
+        }
+        try:  # the generator checks its arguments here, before the request takes a queue slot
+            stream = gen.stream(ids, **kwargs)
+        except MedusaError as e:
+            raise ApiError(400, str(e)) from None
+        return Job(ids, stream, asyncio.get_running_loop(), asyncio.Queue())
+
+    async def events(job: Job):
+        """(kind, value) pairs from the worker until done or error."""
+        while True:
+            kind, value = await job.out.get()
+            yield kind, value
+            if kind in ("done", "error"):
+                return
+
+    def usage(job: Job, completion: int) -> dict:
+        return {"prompt_tokens": len(job.ids), "completion_tokens": completion,
+                "total_tokens": len(job.ids) + completion}  # fmt: skip
+
+    async def complete(request: Request, req, prompt, chat: bool):
+        endpoint = request.url.path
+        try:
+            job = prepare(req, prompt, endpoint)
+            request.app.state.scheduler.submit(job)
+        except ApiError as e:
+            return error_response(endpoint, e)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            metrics.requests.labels(endpoint, "200").inc()
+            return StreamingResponse(sse(request, job, rid, chat, include_usage), media_type="text/event-stream")
+        text, tokens, stats = [], 0, None
+        try:
+            async for kind, value in events(job):
+                if kind == "chunk":
+                    text.append(value.text)
+                    tokens += len(value.tokens)
+                elif kind == "error":
+                    return error_response(endpoint, value)
+                else:
+                    stats = value
+        finally:
+            job.cancelled.set()  # a no-op when done; frees the slot when the client left
+        finish = FINISH.get(stats.finish_reason, "stop") if stats else "stop"
+        body = "".join(text)
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": body}, "finish_reason": finish, "logprobs": None}
+            if chat
+            else {"index": 0, "text": body, "finish_reason": finish, "logprobs": None}
+        )
+        metrics.requests.labels(endpoint, "200").inc()
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage(job, tokens),
+            "medusa": _medusa_stats(stats),
+        }
+
+    async def sse(request: Request, job: Job, rid: str, chat: bool, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def frame(choices: list, **extra) -> str:
+            body = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}
+            body.update(extra)
+            return f"data: {json.dumps(body)}\n\n"
+
+        def piece(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        tokens = 0
+        try:
+            if chat:
+                yield frame([piece(None, None, first=True)])
+            async for kind, value in events(job):
+                if await request.is_disconnected():
+                    return
+                if kind == "chunk":
+                    tokens += len(value.tokens)
+                    if value.text:
+                        yield frame([piece(value.text, None)])
+                elif kind == "error":
+                    yield f"data: {json.dumps(value.body())}\n\n"
+                    return
+                else:
+                    yield frame([piece(None, FINISH.get(value.finish_reason, "stop") if value else "stop")],
+                                medusa=_medusa_stats(value))  # fmt: skip
+                    if include_usage:
+                        yield frame([], usage=usage(job, tokens))
+                    yield "data: [DONE]\n\n"
+        finally:  # finished, failed, or the client went away (the response task is cancelled)
+            job.cancelled.set()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, req: ChatRequest):
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        return await complete(request, req, messages, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, req: CompletionRequest):
+        return await complete(request, req, req.prompt, chat=False)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "medusa-trt"}]}  # fmt: skip
+
+    @app.get("/health")
+    async def health(request: Request):
+        s = request.app.state.scheduler
+        if s.closed:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return {"status": "ok", "model": model_name, "running": s.active, "waiting": s.waiting,
+                "backend": getattr(gen, "backend_name", "onnxruntime")}  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.metrics = metrics
+    return app
+
+
+def _medusa_stats(stats) -> dict | None:
+    """The decode statistics a Medusa server adds to OpenAI's response (clients ignore the field)."""
+    if stats is None:
+        return None
+    return {"steps": stats.steps, "mean_accepted": round(stats.mean_accepted, 3),
+            "tokens_per_s": round(stats.tokens_per_s, 2), "finish_reason": stats.finish_reason}  # fmt: skip
+
+
+def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1, max_queue: int = 16,
+          graceful_timeout: int = 30, decode: dict | None = None) -> None:  # fmt: skip
+    """Run the server until SIGINT/SIGTERM (uvicorn's signal handling: running requests finish)."""
+    import uvicorn
+
+    app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode)
+    log.info("serving %s on http://%s:%d/v1 (max_batch %d, max_queue %d)", model_name, host, port, max_batch, max_queue)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(graceful_timeout))

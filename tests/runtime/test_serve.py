@@ -1,0 +1,275 @@
+"""``medusa-run serve`` through a real client (the ``openai`` package and raw HTTP) against a
+server started on a free loopback port: answers equal offline ``generate``, streaming and not,
+every error code, a full queue, a client that leaves mid-stream, concurrent sampled requests,
+metrics, and SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from runtime.serve import create_app  # noqa: E402
+
+CHAT = [{"role": "user", "content": "Tell me about rivers and mountains."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(gen, **kw):
+    """A server for ``gen`` in this process (uvicorn in a thread); yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gen, "tiny", **kw), host="127.0.0.1", port=port,
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+class Slowed:
+    """``gen`` whose streams wait for ``gate`` before their first step and then take ``delay``
+    seconds a step: holds a worker busy for as long as a test needs."""
+
+    def __init__(self, gen, gate: threading.Event | None = None, delay: float = 0.0):
+        self.gen, self.gate, self.delay = gen, gate, delay
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+    def stream(self, *args, **kw):
+        inner = self.gen.stream(*args, **kw)  # arguments checked now, as the real one does
+
+        def slowed():
+            if self.gate is not None:
+                self.gate.wait(60)
+            try:
+                for chunk in inner:
+                    time.sleep(self.delay)
+                    yield chunk
+            finally:
+                inner.close()
+
+        return slowed()
+
+
+def test_answers_equal_offline_generate_streaming_and_not(gen):
+    want = gen.generate(CHAT, max_new_tokens=16)
+    want_text = gen.generate("Once upon a time", max_new_tokens=12)
+    with running(gen, max_batch=2) as url:
+        c = client(url)
+        r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=16, temperature=0)
+        assert r.choices[0].message.content == want.text
+        assert r.choices[0].finish_reason == ("length" if want.stats.finish_reason == "length" else "stop")
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, len(want.tokens))
+        assert r.model_extra["medusa"]["steps"] == want.stats.steps
+        parts, usage = [], None
+        for chunk in c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=16, temperature=0, stream=True,
+                                               stream_options={"include_usage": True}):  # fmt: skip
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+        assert "".join(parts) == want.text and usage.completion_tokens == len(want.tokens)
+        cp = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
+        assert cp.choices[0].text == want_text.text and cp.usage.completion_tokens == len(want_text.tokens)
+        streamed = "".join(
+            ch.choices[0].text
+            for ch in c.completions.create(
+                model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True
+            )  # fmt: skip
+        )
+        assert streamed == want_text.text
+        assert [m.id for m in c.models.list()] == ["tiny"]
+
+
+@pytest.mark.parametrize(
+    "body, status, code, words",
+    [
+        (b"{not json", 400, "json_invalid", "not valid JSON"),
+        (json.dumps({"messages": CHAT, "temprature": 0.5}).encode(), 400, "extra_forbidden", "unknown field 'temprature'"),
+        (json.dumps({"messages": CHAT, "temperature": -1}).encode(), 400, None, "temperature"),
+        (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), 400, None, "max_tokens"),
+        (json.dumps({"messages": CHAT, "n": 2}).encode(), 400, None, "n:"),
+        (json.dumps({"messages": []}).encode(), 400, None, "messages"),
+        (json.dumps({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, None, "at most 4"),
+        (json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}).encode(), 400,
+         "context_length_exceeded", "context holds"),
+        (json.dumps({"messages": CHAT, "model": "gpt-4"}).encode(), 404, "model_not_found", "does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_style_errors(gen, body, status, code, words):
+    with running(gen) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert words in err["message"] and err["type"] and (code is None or err["code"] == code), err
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f'medusa_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} 1.0' in metrics
+
+
+def test_the_openai_client_raises_its_own_error_types(gen):
+    with running(gen) as url:
+        c = client(url)
+        with pytest.raises(openai.BadRequestError, match="temperature"):
+            c.chat.completions.create(model="tiny", messages=CHAT, temperature=3)
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            c.chat.completions.create(model="other", messages=CHAT)
+
+
+def test_a_full_queue_answers_429_at_once_and_the_others_finish(gen):
+    gate = threading.Event()
+    with running(Slowed(gen, gate), max_batch=1, max_queue=1) as url:
+        c = client(url)
+        results = {}
+
+        def call(key):
+            results[key] = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0)
+
+        first = threading.Thread(target=call, args=("first",))
+        first.start()
+        _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 1)  # the worker holds the first
+        second = threading.Thread(target=call, args=("second",))
+        second.start()
+        _wait(lambda: httpx.get(f"{url}/health").json()["waiting"] == 1)  # the queue holds the second
+        t = time.perf_counter()
+        with pytest.raises(openai.RateLimitError, match="queue is full"):
+            c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8)
+        assert time.perf_counter() - t < 5  # at once, not after the others
+        gate.set()
+        first.join(60)
+        second.join(60)
+        want = gen.generate(CHAT, max_new_tokens=8).text
+        assert results["first"].choices[0].message.content == results["second"].choices[0].message.content == want
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(gen):
+    """One worker, a stream of 200 slowed steps: the client reads two chunks and leaves; the next
+    request is served at once, and the first request stopped long before its 200 tokens."""
+    with running(Slowed(gen, delay=0.05), max_batch=1, max_queue=4) as url:
+        body = {"messages": CHAT, "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(3)]  # the role frame, a blank line, one token frame
+            assert got[0].startswith("data: ")
+        t = time.perf_counter()
+        r = client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content == gen.generate(CHAT, max_new_tokens=4).text
+        assert time.perf_counter() - t < 5  # 200 steps at 0.05 s would take 10 s
+        _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 0)
+        tokens = _metric(httpx.get(f"{url}/metrics").text, "medusa_generated_tokens_total")
+        assert tokens < 100  # the first stream's tokens (it stopped) + 4
+
+
+def test_concurrent_sampled_requests_reproduce_their_seeds(gen):
+    """Two sampled requests (different seeds and temperatures) and a greedy one decoded at once,
+    their steps interleaved: each answer equals the same request run alone."""
+    asks = [dict(temperature=0.7, seed=1), dict(temperature=1.0, seed=2), dict(temperature=0)]
+    with running(gen, max_batch=3) as url:
+        c = client(url)
+        together: dict[int, str] = {}
+
+        def call(i):
+            r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, **asks[i])
+            together[i] = r.choices[0].message.content
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        alone = {i: client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, **asks[i])
+                 .choices[0].message.content for i in range(3)}  # fmt: skip
+    assert together == alone
+    assert together[2] == gen.generate(CHAT, max_new_tokens=24).text
+    assert together[0] != together[1]  # the seeds and temperatures took effect
+
+
+def test_health_and_metrics(gen):
+    with running(gen, max_batch=2, max_queue=3) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "tiny", "running": 0, "waiting": 0,
+                                                     "backend": "onnxruntime"}  # fmt: skip
+        client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0)
+        text = httpx.get(f"{url}/metrics").text
+        for name in ("medusa_queue_depth 0.0", "medusa_batch_size 0.0", "medusa_generated_tokens_total 5.0",
+                     "medusa_mean_accepted", "medusa_tokens_per_second", "medusa_step_seconds_bucket",
+                     "medusa_time_to_first_token_seconds_count 1.0"):  # fmt: skip
+            assert name in text, name
+
+
+def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", str(tiny["artifact"]), "--port", str(port), "--threads", "1"],
+        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _up(url), timeout=60)
+        body = {"messages": CHAT, "max_tokens": 60, "temperature": 0, "stream": True}
+        frames = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    frames.append(line)
+                    if len(frames) == 2:
+                        proc.send_signal(signal.SIGTERM)  # mid-stream
+        assert frames[-1] == "data: [DONE]"  # the running request finished
+        # uvicorn shuts down, then re-raises SIGTERM so that the parent sees how it ended
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        out = proc.stdout.read()
+        assert out.startswith("serving tiny on http://127.0.0.1:") and "Traceback" not in out, out
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _up(url) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(cond, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
