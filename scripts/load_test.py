@@ -1,0 +1,217 @@
+"""Load test of ``medusa-run serve`` with the ``openai`` client: Medusa vs plain server.
+
+    python -m scripts.load_test artifacts/smollm2-135m-medusa --concurrency 1 2 4 8 --requests 8 \\
+        --max-tokens 128 --json runs/load_test.json --plot runs/load_test.png
+
+Starts two servers on free loopback ports (``--plain`` and Medusa, same artifact, ``--max-batch``
+= the largest concurrency), then for each concurrency level runs the plain and the Medusa server
+in turn: ``--requests`` streamed greedy chat requests (MT-Bench first turns, in order) from that
+many client threads. Per level and server: total generated tokens/s over the level's wall time,
+p50/p99 time to first token and inter-token latency, failed requests, and Medusa / plain. Bounded
+by ``--requests`` and ``--time-limit`` seconds per level (no new request starts after it).
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifact: str, plain: bool, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", artifact, "--port", str(port), "--max-batch", str(max_batch),
+           "--max-queue", "1000", "-q"]  # fmt: skip
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if plain:
+        cmd.append("--plain")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start within 120 s")
+
+
+def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    stamps, tokens = [], 0
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                            temperature=0, max_tokens=max_tokens, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    ttft = (stamps[0] - t0) if stamps else end - t0
+    itl = (stamps[-1] - stamps[0]) / (tokens - 1) if len(stamps) > 1 and tokens > 1 else None
+    return {"tokens": tokens, "ttft": ttft, "itl": itl, "seconds": end - t0}
+
+
+def run_level(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
+              time_limit: float) -> dict:  # fmt: skip
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    todo = list(range(max(requests, concurrency)))
+    lock = threading.Lock()
+    results, failures = [], []
+    start = time.perf_counter()
+
+    def worker():
+        while True:
+            with lock:
+                if not todo or time.perf_counter() - start > time_limit:
+                    return
+                i = todo.pop(0)
+            try:
+                r = one_request(client, model, prompts[i % len(prompts)], max_tokens)
+                with lock:
+                    results.append(r)
+            except Exception as e:  # counted, reported: a load test must not stop at the first failure
+                with lock:
+                    failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    ttft = sorted(r["ttft"] for r in results)
+    itl = sorted(r["itl"] for r in results if r["itl"] is not None)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "failed": len(failures),
+        "failures": failures[:3],
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "ttft_p50": _pct(ttft, 50),
+        "ttft_p99": _pct(ttft, 99),
+        "itl_p50": _pct(itl, 50),
+        "itl_p99": _pct(itl, 99),
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--prompts", default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--requests", type=int, default=8, help="requests per level (at least the concurrency)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of each server")
+    ap.add_argument("--time-limit", type=float, default=300, help="seconds per level after which no request starts")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    a = ap.parse_args(argv)
+    prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
+    model = Path(a.artifact).resolve().name
+    servers = {}
+    try:
+        for kind in ("plain", "medusa"):
+            servers[kind] = start_server(a.artifact, kind == "plain", max(a.concurrency), a.threads)
+        rows = []
+        for c in a.concurrency:
+            for kind in ("plain", "medusa"):  # interleaved per level: the machine's drift hits both
+                run_level(servers[kind][1], model, prompts, 1, 1, 8, a.time_limit)  # warm-up
+                r = run_level(servers[kind][1], model, prompts, c, a.requests, a.max_tokens, a.time_limit)
+                r["server"] = kind
+                rows.append(r)
+                print(f"{kind:>6} c={c:<3} {r['requests']:>3} req {r['tokens_per_s']:7.1f} tok/s  ttft p50/p99 "
+                      f"{_ms(r['ttft_p50'])}/{_ms(r['ttft_p99'])} ms  itl p50/p99 {_ms(r['itl_p50'])}/"
+                      f"{_ms(r['itl_p99'])} ms  failed {r['failed']}", flush=True)  # fmt: skip
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(f"\n{'c':>3} {'plain tok/s':>12} {'medusa tok/s':>13} {'medusa/plain':>13} {'vs c=1 (medusa)':>16}")
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    base = by[("medusa", a.concurrency[0])]["tokens_per_s"]
+    for c in a.concurrency:
+        p, m = by[("plain", c)]["tokens_per_s"], by[("medusa", c)]["tokens_per_s"]
+        print(f"{c:>3} {p:12.1f} {m:13.1f} {m / p if p else 0:12.2f}x {m / base if base else 0:15.2f}x")
+    result = {"artifact": a.artifact, "max_tokens": a.max_tokens, "requests": a.requests, "threads": a.threads,
+              "cpu_count": os.cpu_count(), "rows": rows}  # fmt: skip
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    if a.plot:
+        plot(rows, a.concurrency, a.plot)
+        print(f"wrote {a.plot}")
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+def plot(rows: list[dict], levels: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for kind in ("plain", "medusa"):
+        rs = [r for r in rows if r["server"] == kind]
+        axes[0].plot(levels, [r["tokens_per_s"] for r in rs], marker="o", label=kind)
+        axes[1].plot(levels, [(r["ttft_p50"] or 0) * 1000 for r in rs], marker="o", label=f"{kind} p50")
+        axes[1].plot(levels, [(r["ttft_p99"] or 0) * 1000 for r in rs], marker="x", ls="--", label=f"{kind} p99")
+        axes[2].plot(levels, [(r["itl_p50"] or 0) * 1000 for r in rs], marker="o", label=f"{kind} p50")
+        axes[2].plot(levels, [(r["itl_p99"] or 0) * 1000 for r in rs], marker="x", ls="--", label=f"{kind} p99")
+    for ax, title in zip(axes, ("total tokens/s", "time to first token (ms)", "inter-token latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
