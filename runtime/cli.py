@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tree", default=None, help="Medusa tree for every request (default: the artifact's)")
     s.add_argument("--lookup", type=int, default=_decode_default("lookup"), help="context-lookup draft tokens per step")
     s.add_argument("--graceful-timeout", type=int, default=30, help="seconds running requests get at shutdown")
+    s.add_argument("--ray-replicas", type=int, default=0,
+                   help="serve through Ray Serve with this many replicas, each its own process and engine "
+                        "(pip install 'medusa-trt[ray]'; 0: one process, no Ray)")  # fmt: skip
+    s.add_argument("--ray-gpus-per-replica", type=float, default=0.0, help="GPUs Ray reserves per replica")
     return ap
 
 
@@ -303,9 +307,18 @@ def cmd_serve(args) -> None:
     from runtime.serve import require_serve, serve
 
     require_serve()  # before loading the artifact
-    gen = _load(args)
     name = args.model_name or Path(args.artifact).resolve().name
     decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup}
+    if args.ray_replicas:
+        from runtime.serve import serve_ray
+
+        load = dict(backend=args.backend, device=args.device, threads=args.threads, max_context=args.max_context,
+                    prefill_chunk=args.prefill_chunk)  # fmt: skip
+        serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, load, host=args.host, port=args.port,
+                  max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
+                  gpus_per_replica=args.ray_gpus_per_replica)  # fmt: skip
+        return
+    gen = _load(args)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_batch {args.max_batch}, max_queue "
           f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}); Ctrl-C or SIGTERM stops it", flush=True)  # fmt: skip
     serve(gen, name, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -19,7 +19,8 @@ so greedy answers equal offline ``generate`` and a seed reproduces a sampled ans
 time-slicing, not batched engine calls: one engine call computes one sequence's step, so
 throughput does not grow with ``--max-batch`` (the fused graph's GroupQueryAttention takes
 several new tokens over a cache only at batch 1 on the CPU; batched verification is the next
-step of this server). A client that disconnects frees its slot at the next step. On SIGTERM
+step of this server). For throughput, scale out: ``--ray-replicas N`` serves the same app as a
+Ray Serve deployment of N processes behind Ray's HTTP proxy (:func:`serve_ray`). A client that disconnects frees its slot at the next step. On SIGTERM
 uvicorn stops accepting connections and lets running requests finish (up to
 ``--graceful-timeout``); what is left gets an error, nothing hangs.
 
@@ -31,7 +32,9 @@ unknown model, 429 when the queue is full, 503 while shutting down.
 import asyncio
 import json
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -264,11 +267,21 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         echo: bool = Field(False, le=False)
         logprobs: int | None = Field(None, le=0)
 
+    made = threading.Lock()
+
+    def scheduler(app) -> Scheduler:
+        """The app's scheduler: made at startup (uvicorn's lifespan), or at the first request where
+        the host runs no lifespan."""
+        with made:
+            if getattr(app.state, "scheduler", None) is None:
+                app.state.scheduler = Scheduler(gen, max_batch, max_queue, metrics)
+            return app.state.scheduler
+
     @asynccontextmanager
     async def lifespan(app):
-        app.state.scheduler = Scheduler(gen, max_batch, max_queue, metrics)
+        scheduler(app)
         yield
-        app.state.scheduler.shutdown()
+        scheduler(app).shutdown()
 
     app = FastAPI(title="medusa-trt", lifespan=lifespan)
 
@@ -341,7 +354,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         endpoint = request.url.path
         try:
             job = prepare(req, prompt, endpoint)
-            request.app.state.scheduler.submit(job)
+            scheduler(request.app).submit(job)
         except ApiError as e:
             return error_response(endpoint, e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -432,11 +445,11 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     @app.get("/health")
     async def health(request: Request):
-        s = request.app.state.scheduler
+        s = scheduler(request.app)
         if s.closed:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok", "model": model_name, "running": s.active, "waiting": s.waiting,
-                "backend": getattr(gen, "backend_name", "onnxruntime")}  # fmt: skip
+                "backend": getattr(gen, "backend_name", "onnxruntime"), "pid": os.getpid()}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus():
@@ -462,3 +475,55 @@ def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_b
     app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode)
     log.info("serving %s on http://%s:%d/v1 (max_batch %d, max_queue %d)", model_name, host, port, max_batch, max_queue)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(graceful_timeout))
+
+
+# ---------------------------------------------------------------------------- scale-out on Ray Serve
+
+
+def ray_application(artifact: str, model_name: str, replicas: int, load: dict, max_batch: int = 1,
+                    max_queue: int = 16, decode: dict | None = None, gpus_per_replica: float = 0.0):  # fmt: skip
+    """The same app as a Ray Serve deployment of ``replicas`` copies, each its own process and
+    engine (the artifact is loaded on the replica), behind Ray's HTTP proxy."""
+    from ray import serve as ray_serve
+
+    def build():
+        import runtime
+
+        return create_app(runtime.load(artifact, **load), model_name, max_batch, max_queue, decode)
+
+    deployment = ray_serve.deployment(
+        ray_serve.ingress(build)(),
+        name="medusa",
+        num_replicas=replicas,
+        max_ongoing_requests=max_batch + max_queue,  # more wait in Ray's proxy, not in a replica
+        ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_replica},
+    )
+    return deployment.bind()  # type: ignore[attr-defined]
+
+
+def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: str = "127.0.0.1",
+              port: int = 8000, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
+              gpus_per_replica: float = 0.0) -> None:  # fmt: skip
+    """Start a local Ray instance, deploy :func:`ray_application` on ``host:port`` and serve until
+    SIGINT/SIGTERM, then shut Serve and Ray down. On a cluster, run the same application with
+    ``ray.init(address="auto")`` (one replica a GPU: ``gpus_per_replica=1``; autoscaling: Serve's
+    ``autoscaling_config`` on the deployment)."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+    except ImportError:
+        raise MedusaError("medusa-run serve --ray-replicas needs Ray Serve: pip install 'medusa-trt[ray]'") from None
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own handler would abort the process
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ray_serve.start(http_options={"host": host, "port": port})
+        app = ray_application(artifact, model_name, replicas, load, max_batch, max_queue, decode, gpus_per_replica)
+        ray_serve.run(app, name="medusa", route_prefix="/")
+        log.info("serving %s on http://%s:%d/v1 with %d Ray Serve replicas", model_name, host, port, replicas)
+        print(f"ready: {replicas} replicas behind Ray's HTTP proxy on http://{host}:{port}/v1", flush=True)
+        stop.wait()
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()

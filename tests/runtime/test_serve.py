@@ -218,7 +218,7 @@ def test_concurrent_sampled_requests_reproduce_their_seeds(gen):
 def test_health_and_metrics(gen):
     with running(gen, max_batch=2, max_queue=3) as url:
         assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "tiny", "running": 0, "waiting": 0,
-                                                     "backend": "onnxruntime"}  # fmt: skip
+                                                     "backend": "onnxruntime", "pid": os.getpid()}  # fmt: skip
         client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0)
         text = httpx.get(f"{url}/metrics").text
         for name in ("medusa_queue_depth 0.0", "medusa_batch_size 0.0", "medusa_generated_tokens_total 5.0",
