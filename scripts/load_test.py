@@ -9,6 +9,12 @@ in turn: ``--requests`` streamed greedy chat requests (MT-Bench first turns, in 
 many client threads. Per level and server: total generated tokens/s over the level's wall time,
 p50/p99 time to first token and inter-token latency, failed requests, and Medusa / plain. Bounded
 by ``--requests`` and ``--time-limit`` seconds per level (no new request starts after it).
+
+    python -m scripts.load_test artifacts/smollm2-135m-medusa --soak 900 --concurrency 8 --json runs/soak.json
+
+``--soak SECONDS``: the Medusa server alone, ``--concurrency`` clients (the first value) sending
+requests back to back for that long; reports failed requests and the server's resident memory
+(``/proc/PID/status`` VmRSS) sampled every 30 s, start / end / max.
 """
 
 import argparse
@@ -79,17 +85,19 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, reques
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    todo = list(range(max(requests, concurrency)))
+    total = max(requests, concurrency)
+    issued = 0
     lock = threading.Lock()
     results, failures = [], []
     start = time.perf_counter()
 
     def worker():
+        nonlocal issued
         while True:
             with lock:
-                if not todo or time.perf_counter() - start > time_limit:
+                if issued >= total or time.perf_counter() - start > time_limit:
                     return
-                i = todo.pop(0)
+                i, issued = issued, issued + 1
             try:
                 r = one_request(client, model, prompts[i % len(prompts)], max_tokens)
                 with lock:
@@ -122,6 +130,43 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, reques
     }
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(artifact: str, prompts: list[str], model: str, concurrency: int, seconds: float, max_tokens: int,
+         threads: int | None) -> dict:  # fmt: skip
+    """``concurrency`` clients back to back for ``seconds`` against one Medusa server; RSS sampled."""
+    proc, url = start_server(artifact, False, concurrency, threads)
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample():
+        t0 = time.perf_counter()
+        while not done.is_set():
+            samples.append((time.perf_counter() - t0, rss_mib(proc.pid)))
+            done.wait(30)
+
+    sampler = threading.Thread(target=sample)
+    try:
+        run_level(url, model, prompts, 1, 1, 8, 60)  # warm-up: first-call allocations happen before the start sample
+        sampler.start()
+        r = run_level(url, model, prompts, concurrency, 10**9, max_tokens, seconds)
+    finally:
+        done.set()
+        if sampler.is_alive():
+            sampler.join()
+        samples.append((samples[-1][0] + 1 if samples else 0.0, rss_mib(proc.pid)))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    r.update(rss_mib_samples=samples, rss_start=samples[0][1], rss_end=samples[-1][1],
+             rss_max=max(m for _, m in samples), soak_seconds=seconds)  # fmt: skip
+    return r
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -145,9 +190,20 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=300, help="seconds per level after which no request starts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--soak", type=float, default=0, help="seconds of a soak at the first concurrency (Medusa only)")
     a = ap.parse_args(argv)
     prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     model = Path(a.artifact).resolve().name
+    if a.soak:
+        r = soak(a.artifact, prompts, model, a.concurrency[0], a.soak, a.max_tokens, a.threads)
+        print(f"soak {a.soak:.0f} s at concurrency {r['concurrency']}: {r['requests']} requests, {r['failed']} failed, "
+              f"{r['tokens_per_s']:.1f} tok/s; server RSS start {r['rss_start']:.0f} MiB, end {r['rss_end']:.0f} MiB, "
+              f"max {r['rss_max']:.0f} MiB ({len(r['rss_mib_samples'])} samples)")  # fmt: skip
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+            print(f"wrote {a.json}")
+        return 0 if r["failed"] == 0 else 1
     servers = {}
     try:
         for kind in ("plain", "medusa"):
