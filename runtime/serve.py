@@ -41,7 +41,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import MedusaError
+from runtime.decode import check_fits
+from runtime.errors import ContextLengthError, MedusaError
 
 log = logging.getLogger("medusa_trt.runtime")
 
@@ -306,20 +307,15 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         if req.model not in (None, model_name):
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
+        param = "messages" if endpoint.endswith("chat/completions") else "prompt"
         try:
             ids = gen.encode(prompt)
+            check_fits(gen.backend, ids)  # the decode loop's own check, before the request takes a slot
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
         except MedusaError as e:
-            raise ApiError(
-                400, str(e), param="messages" if endpoint.endswith("chat/completions") else "prompt"
-            ) from None
+            raise ApiError(400, str(e), param=param) from None
         room = gen.backend.max_context - len(ids)
-        if room < 1:
-            raise ApiError(
-                400,
-                f"the prompt has {len(ids)} tokens but the context holds {gen.backend.max_context}: shorten it",
-                param="messages" if endpoint.endswith("chat/completions") else "prompt",
-                code="context_length_exceeded",
-            )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
