@@ -682,12 +682,10 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         else:
             config.provenance["validation"] = {"skipped": True}
         if options.precision in ("int8", "int4"):
-            from exporter.quantize import quantize_backbone
+            from exporter.quantize import CHECK_TEXT, quantize_backbone
 
             bits = 8 if options.precision == "int8" else 4
             with progress(f"quantizing {BACKBONE_FILE} to {options.precision} (MatMulNBits, weight-only)"):
-                from exporter.quantize import CHECK_TEXT
-
                 check_ids = tokenizer.encode(CHECK_TEXT) if hasattr(tokenizer, "encode") else None
                 config.provenance["quantization"] = quantize_backbone(
                     tmp, config, bits, options.external_data_threshold_mb, check=options.validate, check_ids=check_ids
