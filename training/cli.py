@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from runtime.clihelp import HelpFormatter, field_default
-from runtime.errors import require_extra, run_cli
+from runtime.errors import require_extra, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 # What each subcommand's arguments ask for, as its config dataclass; every flag's default is
@@ -106,8 +106,6 @@ def _distill(a) -> None:
     from training.distill import distill
 
     cfg = distill_config(a)
-    from runtime.errors import sigterm_as_interrupt
-
     with sigterm_as_interrupt():  # SIGTERM stops like Ctrl-C: finished batches stay in OUT.partial
         records = distill(cfg)
     eos = sum(r["finish"] == "eos" for r in records)
