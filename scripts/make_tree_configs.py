@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from scripts.common import fail
+
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_SOURCE = (
     "FasterDecoding/Medusa medusa/model/medusa_choices.py (commit e2a5d20), via shared/data/medusa_official_trees.json"
@@ -75,9 +77,7 @@ def main() -> None:
         shown = ", ".join(f"{n}.json" for n in existing[:3]) + (
             f" and {len(existing) - 3} more" if len(existing) > 3 else ""
         )
-        raise SystemExit(
-            f"make_tree_configs: error: {out} already holds {shown}: pass --force to replace them, or another --out-dir"
-        )
+        fail("make_tree_configs", f"{out} already holds {shown}: pass --force to replace them, or another --out-dir")
     out.mkdir(parents=True, exist_ok=True)
     for name, paths in official.items():
         write(out, name, paths, OFFICIAL_SOURCE, "official Medusa tree, 63 nodes plus the root")
