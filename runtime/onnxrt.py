@@ -324,8 +324,11 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             buf = self.kv[j // 2, j % 2]
             self._io.bind_input(past[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
             self._io.bind_output(present[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+        # the two scalar inputs are bound once too: each call writes them in place
         self._lengths = np.zeros(1, dtype=np.int64)
         self._num_logits = np.zeros(1, dtype=np.int64)
+        _bind(self._io.bind_input, "cache_lengths", self._lengths)
+        _bind(self._io.bind_input, "num_logits", self._num_logits)
         self._outputs = _Outputs()
         self._out_shapes = {"logits": (1, 0, spec.vocab_size), "hidden_states": (1, 0, spec.hidden_size)}
         self._out_dtypes = {name: self._dtype for name in self._out_shapes}
@@ -364,26 +367,23 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             # last token that nothing sees (the mask) and nothing keeps (commit indexes the first n rows)
             rows = self.min_rows
             pad = rows - n
-            input_ids = np.r_[np.asarray(input_ids, dtype=np.int64), np.repeat(np.asarray(input_ids)[-1:], pad)]
+            input_ids = np.r_[input_ids, np.repeat(input_ids[-1:], pad)]
             step = 1 if self.length == 0 else 0  # a prefill keeps positions 0..rows-1
-            position_ids = np.r_[
-                np.asarray(position_ids, dtype=np.int64), np.asarray(position_ids)[-1] + step * np.arange(1, pad + 1)
-            ]
+            position_ids = np.r_[position_ids, position_ids[-1] + step * np.arange(1, pad + 1)]
             mask = np.eye(rows, dtype=bool)
             mask[:n, :n] = tree_mask
             tree_mask = mask
         io = self._io
-        self._lengths[0] = self.length
+        # Backend.forward hands int64 ids/positions and a bool mask: bound as they are
         bound = [
-            _bind(io.bind_input, "input_ids", np.asarray(input_ids, dtype=np.int64)[None]),
-            _bind(io.bind_input, "position_ids", np.asarray(position_ids, dtype=np.int64)[None]),
-            _bind(io.bind_input, "tree_mask", np.asarray(tree_mask, dtype=bool)[None]),
-            _bind(io.bind_input, "cache_lengths", self._lengths),
+            _bind(io.bind_input, "input_ids", input_ids[None]),
+            _bind(io.bind_input, "position_ids", position_ids[None]),
+            _bind(io.bind_input, "tree_mask", tree_mask[None]),
         ]
         # logits for the last k rows (all of a padded step: its real rows come first)
         k = rows if (logits is None or rows != n) else max(0, min(int(logits), n))
+        self._lengths[0] = self.length
         self._num_logits[0] = k
-        bound.append(_bind(io.bind_input, "num_logits", self._num_logits))
         outs = self._outputs.views(self._out_shapes, self._out_dtypes, rows, grow_to=max(64, rows))
         outs["logits"] = outs["logits"][:, :k]
         for name, arr in outs.items():
