@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)",
     )
     p.add_argument(
+        "--no-batch-graph",
+        action="store_true",
+        help="do not write batch.onnx (fused float graphs: several sequences per engine call, used by "
+        "`medusa-run serve`; its weights are model.onnx's own data file, so it adds ~0.2 MB)",
+    )
+    p.add_argument(
         "--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check (not recommended)"
     )
     add_verbosity_args(p)
@@ -236,6 +242,7 @@ def export_options(args: argparse.Namespace):
         force=args.force,
         validate=not args.no_validate,
         heads_int8=not args.no_heads_int8,
+        batch_graph=not args.no_batch_graph,
         source_model=args.model,
     )
 

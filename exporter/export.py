@@ -102,6 +102,9 @@ class ExportOptions:
     # also write heads_int8.onnx (ONNX Runtime dynamic quantization) for CPU runs: the heads
     # only propose candidates, so this cannot change the output (exporter/quantize.py)
     heads_int8: bool = True
+    # also write batch.onnx (fused float graphs): several sequences per engine call, for
+    # `medusa-run serve` and load(..., max_batch=N); shares model.onnx's weights file
+    batch_graph: bool = True
     validation_threads: int | None = None  # cap torch/ORT threads while validating (None: as they are)
 
 
@@ -692,6 +695,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 )
             config.precision = options.precision
             config.provenance["files"].update(config.provenance["quantization"].pop("files"))
+        if options.graph == "fused" and options.batch_graph:
+            _export_batch_graph(model, tmp, config, options)
         config.provenance["export_seconds"] = round(time.perf_counter() - started, 1)
         _release_partial(tmp)
         # size and sha256 of every file: runtime.load checks sizes, load(verify=True) the checksums
@@ -706,6 +711,33 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             shutil.rmtree(tmp, ignore_errors=True)
         scope.close()
     return out_dir
+
+
+def _export_batch_graph(model, folder: Path, config, options: ExportOptions) -> None:
+    """batch.onnx next to the fused model.onnx (exporter/fused.py), validated against it; recorded
+    in ``config.batch``. Float graphs only: with int8 activations (int8/int4 artifacts) a batched
+    row would not compute exactly as the one-sequence graph does, so those serve one sequence a call."""
+    from exporter.fused import BATCH_FILE, FusedGraphError, batch_io, write_batch_graph
+    from exporter.validate import validate_batch_graph
+
+    if config.precision in ("int8", "int4"):
+        log.info("no batch graph for %s weights (int8 activations): the server decodes one sequence a call",
+                 config.precision)  # fmt: skip
+        return
+    try:
+        with progress(f"writing {BATCH_FILE} (several sequences per call; weights shared with {BACKBONE_FILE})"):
+            files = write_batch_graph(model, folder, BACKBONE_FILE, options.dtype, config.model.max_context)
+    except FusedGraphError as e:
+        log.warning("no batch graph: %s", e)
+        return
+    config.provenance["files"].update(files)
+    if options.validate:
+        with progress(f"validating {BATCH_FILE} against {BACKBONE_FILE}"):
+            report = validate_batch_graph(folder, BACKBONE_FILE, BATCH_FILE, options.dtype, config.model.max_context,
+                                          threads=options.validation_threads)  # fmt: skip
+        config.provenance["batch_validation"] = report.summary()
+    b_in, b_out, b_axes = batch_io(config.model.num_layers)
+    config.batch = GraphSpec(BATCH_FILE, b_in, b_out, b_axes)
 
 
 def check_finite(module, what: str, error=MedusaError) -> None:

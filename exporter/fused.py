@@ -176,11 +176,15 @@ class _Graph:
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def build_fused_backbone(model, dtype: str = "float32", max_positions: int | None = None):
+def build_fused_backbone(model, dtype: str = "float32", max_positions: int | None = None, batched: bool = False):
     """The fused ``model.onnx`` of a Llama-family *ForCausalLM, as an ``onnx.ModelProto``.
 
     ``dtype``: float32 or float16 (weights, activations, cache, logits). ``max_positions``
     sizes the rotary tables (the artifact's max_context; default max_position_embeddings).
+
+    ``batched``: the batch graph (``batch.onnx``, :func:`_batched_attention`) instead: the same
+    weights and inputs, attention from standard MatMul/Softmax ops so that several sequences
+    with their own cache lengths and trees run in one call, the new tokens' K/V returned alone.
     """
     from onnx import TensorProto
 
@@ -207,30 +211,43 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     zero = g.const("const/zero", [0])
     shape_ids = g.op("Shape", ["input_ids"], name="shape_ids")
     n_new = g.op("Gather", [shape_ids, one], name="n_new", axis=0)  # [1] int64
-    seqlens = g.op("Sub", [g.op("Add", ["cache_lengths", n_new]), one])  # [B] = cache + new - 1
-    seqlens_k = g.op("Cast", [seqlens], name="seqlens_k", to=TensorProto.INT32)
-    total = g.op("Add", [g.op("ReduceMax", ["cache_lengths"], keepdims=1), n_new])  # [1]
-    total_len = g.op("Cast", [g.op("Squeeze", [total, zero])], name="total_sequence_length", to=TensorProto.INT32)
-    # attention_bias [B, 1, new, total]: column j of sequence b is cache entry j (j < cache_b),
-    # else new token j - cache_b, visible where tree_mask says so
-    cols = g.op("Range", [g.op("Squeeze", [zero, zero]), g.op("Squeeze", [total, zero]), g.op("Squeeze", [one, zero])])
-    lens3 = g.op("Unsqueeze", ["cache_lengths", g.const("const/axes12", [1, 2])])  # [B, 1, 1]
-    rel = g.op("Sub", [cols, lens3])  # [B, 1, T]
-    is_past = g.op("Less", [rel, zero])
-    n_minus_1 = g.op("Sub", [n_new, one])
-    idx = g.op("Max", [g.op("Min", [rel, n_minus_1]), zero])  # clamp to [0, new-1]
-    bnt = g.op("Concat", [g.op("Gather", [shape_ids, zero], axis=0), n_new, total], axis=0)  # [B, new, T]
-    idx = g.op("Expand", [idx, bnt])
-    in_tree = g.op("GatherElements", ["tree_mask", idx], axis=2)  # [B, new, T]
-    in_range = g.op("Less", [rel, n_new])
-    visible = g.op("Or", [is_past, g.op("And", [in_tree, in_range])])
-    lowest = float(np.finfo(npdt).min)
-    bias = g.op(
-        "Where",
-        [visible, g.init("const/bias_zero", np.zeros((), npdt)), g.init("const/bias_masked", np.array(lowest, npdt))],
-    )
-    attention_bias = g.op("Unsqueeze", [bias, one], name="attention_bias")
+    if not batched:
+        seqlens = g.op("Sub", [g.op("Add", ["cache_lengths", n_new]), one])  # [B] = cache + new - 1
+        seqlens_k = g.op("Cast", [seqlens], name="seqlens_k", to=TensorProto.INT32)
+        total = g.op("Add", [g.op("ReduceMax", ["cache_lengths"], keepdims=1), n_new])  # [1]
+        total_len = g.op("Cast", [g.op("Squeeze", [total, zero])], name="total_sequence_length", to=TensorProto.INT32)
+        # attention_bias [B, 1, new, total]: column j of sequence b is cache entry j (j < cache_b),
+        # else new token j - cache_b, visible where tree_mask says so
+        cols = g.op(
+            "Range", [g.op("Squeeze", [zero, zero]), g.op("Squeeze", [total, zero]), g.op("Squeeze", [one, zero])]
+        )
+        lens3 = g.op("Unsqueeze", ["cache_lengths", g.const("const/axes12", [1, 2])])  # [B, 1, 1]
+        rel = g.op("Sub", [cols, lens3])  # [B, 1, T]
+        is_past = g.op("Less", [rel, zero])
+        n_minus_1 = g.op("Sub", [n_new, one])
+        idx = g.op("Max", [g.op("Min", [rel, n_minus_1]), zero])  # clamp to [0, new-1]
+        bnt = g.op("Concat", [g.op("Gather", [shape_ids, zero], axis=0), n_new, total], axis=0)  # [B, new, T]
+        idx = g.op("Expand", [idx, bnt])
+        in_tree = g.op("GatherElements", ["tree_mask", idx], axis=2)  # [B, new, T]
+        in_range = g.op("Less", [rel, n_new])
+        visible = g.op("Or", [is_past, g.op("And", [in_tree, in_range])])
+        lowest = float(np.finfo(npdt).min)
+        bias = g.op(
+            "Where",
+            [
+                visible,
+                g.init("const/bias_zero", np.zeros((), npdt)),
+                g.init("const/bias_masked", np.array(lowest, npdt)),
+            ],
+        )
+        attention_bias = g.op("Unsqueeze", [bias, one], name="attention_bias")
 
+    if batched:
+        if window != -1 and window < max_positions:
+            raise FusedGraphError(
+                f"sliding window {window} < context {max_positions}: the batch graph has no window (use --max-context)"
+            )
+        batch_bias = _batch_bias(g, nq // nkv, inputs[FUSED_CACHE_START], npdt, zero, one, n_new)
     cos, sin = _rotary_tables(model, max_positions)
     g.init("cos_cache", cos.astype(npdt))
     g.init("sin_cache", sin.astype(npdt))
@@ -276,31 +293,38 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         p = f"model.layers.{i}"
         xn, residual = norm(x, f"{p}.input_layernorm.weight", residual)
         qkv = linear(xn, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{n}_proj" for n in "qkv"], "qkv")
-        attn = g.op(
-            "GroupQueryAttention",
-            [
-                qkv,
-                "",
-                "",
-                inputs[FUSED_CACHE_START + 2 * i],
-                inputs[FUSED_CACHE_START + 1 + 2 * i],
-                seqlens_k,
-                total_len,
-                "cos_cache",
-                "sin_cache",
-                "position_ids",
-                attention_bias,
-            ],
-            [f"{p}/attn", outputs[2 + 2 * i], outputs[3 + 2 * i]],
-            domain=MS_DOMAIN,
-            name=f"{p}/gqa",
-            num_heads=nq,
-            kv_num_heads=nkv,
-            do_rotary=1,
-            rotary_interleaved=0,
-            local_window_size=window,
-            scale=float(getattr(model.model.layers[i].self_attn, "scaling", D**-0.5)),
-        )[0]
+        scale = float(getattr(model.model.layers[i].self_attn, "scaling", D**-0.5))
+        if batched:
+            attn = _batched_attention(
+                g, qkv, i, nq, nkv, D, scale, batch_bias, inputs[FUSED_CACHE_START + 2 * i],
+                inputs[FUSED_CACHE_START + 1 + 2 * i], outputs[2 + 2 * i], outputs[3 + 2 * i],
+            )  # fmt: skip
+        else:
+            attn = g.op(
+                "GroupQueryAttention",
+                [
+                    qkv,
+                    "",
+                    "",
+                    inputs[FUSED_CACHE_START + 2 * i],
+                    inputs[FUSED_CACHE_START + 1 + 2 * i],
+                    seqlens_k,
+                    total_len,
+                    "cos_cache",
+                    "sin_cache",
+                    "position_ids",
+                    attention_bias,
+                ],
+                [f"{p}/attn", outputs[2 + 2 * i], outputs[3 + 2 * i]],
+                domain=MS_DOMAIN,
+                name=f"{p}/gqa",
+                num_heads=nq,
+                kv_num_heads=nkv,
+                do_rotary=1,
+                rotary_interleaved=0,
+                local_window_size=window,
+                scale=scale,
+            )[0]
         x = linear(attn, f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"], "o")
         xn, residual = norm(x, f"{p}.post_attention_layernorm.weight", residual)
         gu = linear(xn, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], "gu")
@@ -343,7 +367,10 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     graph_outputs = [
         h.make_tensor_value_info("logits", tdt, ["batch", "logits_rows", V]),
         h.make_tensor_value_info("hidden_states", tdt, ["batch", "new_tokens", H]),
-        *[h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "present_capacity", D]) for n in outputs[2:]],
+        *[
+            h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "new_tokens" if batched else "present_capacity", D])
+            for n in outputs[2:]
+        ],
     ]
     graph = h.make_graph(g.nodes, "medusa_trt_fused_backbone", graph_inputs, graph_outputs, g.inits)
     proto = h.make_model(
@@ -352,8 +379,66 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         producer_name="medusa-trt",
         ir_version=10,
     )
-    proto.doc_string = f"medusa-trt fused backbone ({type(model).__name__}, {dtype})"
+    proto.doc_string = f"medusa-trt fused {'batch ' if batched else ''}backbone ({type(model).__name__}, {dtype})"
     return proto
+
+
+def _batch_bias(g: _Graph, group: int, past0: str, npdt, zero: str, one: str, n_new: str) -> str:
+    """The batch graph's additive attention bias ``[batch, 1, group x new, capacity + new]``, once
+    for all layers: a new token of sequence b sees cache entries ``0 .. cache_lengths[b] - 1`` and
+    the new tokens ``tree_mask[b]`` allows; the rows are repeated per query head of a KV group, in
+    the order :func:`_batched_attention` lays out its grouped queries."""
+    capacity = g.op("Gather", [g.op("Shape", [past0]), g.const("const/two", [2])], name="capacity", axis=0)  # [1]
+    scalar = g.op("Squeeze", [capacity, zero])
+    cols = g.op("Range", [g.op("Squeeze", [zero, zero]), scalar, g.op("Squeeze", [one, zero])])  # [capacity]
+    lens = g.op("Unsqueeze", ["cache_lengths", g.const("const/axes12", [1, 2])])  # [B, 1, 1]
+    past = g.op("Less", [cols, lens])  # [B, 1, capacity]
+    batch = g.op("Gather", [g.op("Shape", ["input_ids"]), zero], axis=0)
+    past = g.op("Expand", [past, g.op("Concat", [batch, n_new, capacity], axis=0)])  # [B, new, capacity]
+    visible = g.op("Concat", [past, "tree_mask"], axis=2)  # [B, new, capacity + new]
+    lowest = float(np.finfo(npdt).min)
+    bias = g.op(
+        "Where",
+        [visible, g.init("const/bias_zero", np.zeros((), npdt)), g.init("const/bias_masked", np.array(lowest, npdt))],
+    )
+    bias = g.op("Unsqueeze", [bias, one])  # [B, 1, new, capacity + new]
+    g.split_sizes = g.op("Concat", [capacity, n_new], axis=0, name="split_sizes")  # type: ignore[attr-defined]
+    return g.op("Tile", [bias, g.const("const/group_tile", [1, 1, group, 1])], name="batch_bias")
+
+
+def _batched_attention(g: _Graph, qkv, i, nq, nkv, D, scale, bias, past_k, past_v, new_k, new_v) -> str:
+    """One layer's attention for several sequences in one call, from standard ops (ONNX Runtime's
+    GroupQueryAttention takes several new tokens over a cache at batch 1 only).
+
+    Queries are grouped by KV head (``[B, kv_heads, group x new, D]``), so each cached K/V is read
+    once per group, never repeated. The scores over the cache and over the new tokens are two
+    MatMuls whose results are concatenated (the cache itself is never copied), biased, softmaxed
+    once, and split again for the two value MatMuls. Rotary by ``position_ids``
+    (``com.microsoft.RotaryEmbedding`` with the model's own tables). The new tokens' rotated K and
+    V go out as ``present.{i}.*`` ``[B, kv_heads, new, D]``: the runtime keeps the accepted ones.
+    """
+    p = f"model.layers.{i}/battn"
+    group = nq // nkv
+    q, k, v = g.op("Split", [qkv, g.const(f"{p}/qkv_sizes", [nq * D, nkv * D, nkv * D])], 3, name=f"{p}/split", axis=-1)
+    rot = {"domain": MS_DOMAIN, "interleaved": 0}
+    q = g.op("RotaryEmbedding", [q, "position_ids", "cos_cache", "sin_cache"], name=f"{p}/rope_q", num_heads=nq, **rot)
+    k = g.op("RotaryEmbedding", [k, "position_ids", "cos_cache", "sin_cache"], name=f"{p}/rope_k", num_heads=nkv, **rot)
+    q = g.op("Reshape", [q, g.const(f"{p}/q5", [0, 0, nkv, group, D])])
+    q = g.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # [B, kv, group, new, D]
+    q = g.op("Reshape", [q, g.const(f"{p}/q4", [0, nkv, -1, D])])  # [B, kv, group x new, D]
+    kv4 = g.const(f"{p}/kv4", [0, 0, nkv, D])
+    g.op("Transpose", [g.op("Reshape", [k, kv4])], [new_k], name=f"{p}/new_k", perm=[0, 2, 1, 3])
+    g.op("Transpose", [g.op("Reshape", [v, kv4])], [new_v], name=f"{p}/new_v", perm=[0, 2, 1, 3])
+    mm = {"domain": MS_DOMAIN, "transB": 1, "alpha": scale}
+    s_past = g.op("FusedMatMul", [q, past_k], name=f"{p}/qk_past", **mm)  # [B, kv, gN, capacity]
+    s_new = g.op("FusedMatMul", [q, new_k], name=f"{p}/qk_new", **mm)  # [B, kv, gN, new]
+    s = g.op("Add", [g.op("Concat", [s_past, s_new], axis=-1), bias])
+    probs = g.op("Softmax", [s], axis=-1)
+    p_past, p_new = g.op("Split", [probs, g.split_sizes], 2, name=f"{p}/split_probs", axis=-1)  # type: ignore[attr-defined]
+    o = g.op("Add", [g.op("MatMul", [p_past, past_v]), g.op("MatMul", [p_new, new_v])])  # [B, kv, gN, D]
+    o = g.op("Reshape", [o, g.const(f"{p}/o5", [0, nkv, group, -1, D])])
+    o = g.op("Transpose", [o], perm=[0, 3, 1, 2, 4])  # [B, new, kv, group, D]
+    return g.op("Reshape", [o, g.const(f"{p}/o3", [0, 0, nq * D])])
 
 
 def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) -> dict:
@@ -381,4 +466,83 @@ def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) ->
     files = {path.name: path.stat().st_size}
     if data.exists():
         files[data.name] = data.stat().st_size
+    return files
+
+
+BATCH_FILE = "batch.onnx"
+
+
+def batch_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Input names, output names and named dynamic axes of ``batch.onnx``: the fused graph's
+    names; the cache inputs span the bound buffer (``past_capacity``), the ``present.*`` outputs
+    hold the new tokens' entries alone."""
+    inputs, outputs, axes = fused_io(num_layers)
+    axes.update({name: ["batch", "kv_heads", "new_tokens"] for name in outputs[2:]})
+    return inputs, outputs, axes
+
+
+def _external_index(path: Path) -> dict:
+    """{initializer name: (data type, dims, {external_data key: value})} of a graph saved with
+    external data."""
+    import onnx
+
+    index = {}
+    for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            index[t.name] = (t.data_type, tuple(t.dims), {e.key: e.value for e in t.external_data})
+    return index
+
+
+def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_positions: int) -> dict:
+    """Write ``batch.onnx`` next to the fused ``backbone_file``, its weights read from the
+    backbone's own ``.data`` file (no second copy on disk): every initializer whose bytes are
+    already there is stored as a reference to them; the few small ones that are not stay in the
+    graph. A backbone saved as one file is first re-saved with its tensors in ``.data``.
+    Returns {file: bytes} of what changed."""
+    import onnx
+
+    folder = Path(folder)
+    path = folder / backbone_file
+    data = path.with_name(path.name + ".data")
+    files = {}
+    if not data.exists():
+        proto = onnx.load(str(path))
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+            size_threshold=1024,
+        )  # fmt: skip
+        del proto
+        files = {path.name: path.stat().st_size, data.name: data.stat().st_size}
+    index = _external_index(path)
+    proto = build_fused_backbone(model, dtype=dtype, max_positions=max_positions, batched=True)
+    blob = np.memmap(data, dtype=np.uint8, mode="r")
+    shared = inline = 0
+    for t in proto.graph.initializer:
+        ref = index.get(t.name)
+        raw = t.raw_data
+        if ref is None or ref[0] != t.data_type or ref[1] != tuple(t.dims) or not raw:
+            inline += len(raw)
+            continue
+        ext = ref[2]
+        offset, length = int(ext.get("offset", 0)), int(ext.get("length", len(raw)))
+        if length != len(raw) or not np.array_equal(blob[offset : offset + length], np.frombuffer(raw, np.uint8)):
+            inline += len(raw)
+            continue
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        shared += length
+    del blob
+    out = folder / BATCH_FILE
+    onnx.save_model(proto, str(out))
+    files[out.name] = out.stat().st_size
+    import logging
+
+    logging.getLogger("medusa_trt.exporter").info(
+        "wrote %s: %.1f MiB of weights shared with %s, %.2f MiB in the graph", out.name, shared / 2**20, data.name,
+        inline / 2**20,
+    )  # fmt: skip
     return files

@@ -350,3 +350,97 @@ def _validate(
     elif raise_on_failure:
         raise ValidationError(report.failures)
     return report
+
+
+def validate_batch_graph(
+    folder: str | Path,
+    backbone_file: str,
+    batch_file: str,
+    dtype: str,
+    max_context: int,
+    trees: Sequence[str] = DEFAULT_TREES,
+    seed: int = 0,
+    threads: int | None = None,
+    raise_on_failure: bool = True,
+) -> ValidationReport:
+    """Compare ``batch.onnx`` with the (already validated) fused ``model.onnx``, sequence by sequence.
+
+    One batched call holds four sequences with different cache lengths and different new-token
+    counts, padded to the longest (as the batch engine pads them): a prefill on an empty cache,
+    one plain token, and each of ``trees`` (default: 64 and 4 nodes). Every cache buffer is
+    longer than its sequence and filled past its length with large values, so a mask that let a
+    token see past its own cache would show (trees that do not fit ``max_context`` are left out). Each sequence's logits, hidden states and new K/V
+    are compared with ``model.onnx`` run on that sequence alone (``run_fused_contract``), with
+    :data:`TOLERANCES` and the top-1 rule of :func:`validate_artifact`.
+    """
+    from runtime.onnxrt import run_fused_contract
+    from runtime.tree import load_tree
+
+    folder = Path(folder)
+    single = _session(folder / backbone_file, threads)
+    batch = _session(folder / batch_file, threads)
+    names = [i.name for i in batch.get_inputs()][5:]
+    shape = {i.name: i.shape for i in batch.get_inputs()}[names[0]]
+    kv, head_dim = int(shape[1]), int(shape[3])
+    vocab = int(batch.get_outputs()[0].shape[2])
+    npdt = _NP[dtype]
+    rng = np.random.default_rng(seed)
+    # (case, cache length, ids, positions relative to the cache, mask)
+    seqs = [("prefill (empty cache)", 0, 8, np.arange(8), np.tril(np.ones((8, 8), dtype=bool)))]
+    seqs.append(("plain token", 7, 1, np.zeros(1, np.int64), np.ones((1, 1), dtype=bool)))
+    for k, name in enumerate(trees):
+        t = load_tree(name)
+        if 5 + 4 * k + t.num_nodes <= max_context:  # the rotary tables hold max_context positions
+            seqs.append((f"tree {name}", 5 + 4 * k, t.num_nodes, t.position_ids, t.attn_mask))
+    n_max = max(s[2] for s in seqs)
+    cap = max(s[1] for s in seqs) + 16
+    B = len(seqs)
+    ids = np.zeros((B, n_max), np.int64)
+    pos = np.zeros((B, n_max), np.int64)
+    mask = np.broadcast_to(np.eye(n_max, dtype=bool), (B, n_max, n_max)).copy()
+    lens = np.array([s[1] for s in seqs], np.int64)
+    caches = [rng.standard_normal((B, kv, cap, head_dim)).astype(npdt) for _ in names]
+    for c in caches:  # entries past each sequence's length: loud, so that seeing them shows
+        for b, (_, length, *_rest) in enumerate(seqs):
+            c[b, :, length:] = 100.0
+    for b, (_, length, n, rel, m) in enumerate(seqs):
+        ids[b, :n] = rng.integers(0, vocab, n)
+        ids[b, n:] = ids[b, n - 1]
+        pos[b, :n] = length + np.asarray(rel)
+        pos[b, n:] = pos[b, n - 1]
+        mask[b, :n, :n] = m
+    feed = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
+            "num_logits": np.array([n_max], np.int64), **dict(zip(names, caches))}  # fmt: skip
+    logits, hidden, *presents = batch.run(None, feed)
+    report = ValidationReport(dtype)
+    for b, (case, length, n, _rel, _m) in enumerate(seqs):
+        past = [np.ascontiguousarray(c[b : b + 1, :, :length].transpose(0, 2, 1, 3)) for c in caches]
+        ref_logits, ref_hidden, *ref_new = run_fused_contract(single, ids[b : b + 1, :n], pos[b : b + 1, :n],
+                                                              mask[b : b + 1, :n, :n], past)  # fmt: skip
+        case = f"batch graph, {case}"
+        got = {"logits": logits[b : b + 1, :n], "hidden_states": hidden[b : b + 1, :n]}
+        for name, ref in (("logits", ref_logits), ("hidden_states", ref_hidden)):
+            d, tol = _diff(got[name], ref), _tol(ref, dtype)
+            report.checks.append(Check(case, name, d, tol, d <= tol))
+        worst = max(
+            (
+                (_diff(p[b : b + 1, :, :n].transpose(0, 2, 1, 3), r), _tol(r, dtype), nm)
+                for p, r, nm in zip(presents, ref_new, names)
+            ),  # fmt: skip
+            key=lambda x: x[0] / x[1] if x[1] else x[0],
+        )
+        report.checks.append(Check(case, "present (all layers)", worst[0], worst[1], worst[0] <= worst[1],
+                                   f"worst {worst[2].replace('past_key_values', 'present')}"))  # fmt: skip
+        top_ref, top_got = ref_logits[0].argmax(-1), got["logits"][0].argmax(-1)
+        bad = np.flatnonzero(top_ref != top_got)
+        srt = np.sort(ref_logits[0][bad].astype(np.float32), axis=-1) if len(bad) else np.zeros((0, 2))
+        gap = float((srt[:, -1] - srt[:, -2]).max()) if len(bad) else 0.0
+        tol = _tol(ref_logits, dtype)
+        report.checks.append(Check(case, "top-1", gap, tol, gap <= tol, f"{n - len(bad)}/{n} agree"))
+    for c in report.checks:
+        (log.debug if c.passed else log.info)(c.line())
+    if raise_on_failure and not report.ok:
+        raise ValidationError(
+            f"{batch_file} differs from {backbone_file}:\n" + "\n".join(f"  {c}" for c in report.failures)
+        )
+    return report

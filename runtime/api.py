@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from runtime import checks
 from runtime.artifact import ArtifactConfig, read_artifact
@@ -223,7 +224,7 @@ class MedusaGenerator:
                 MedusaWarning,
                 stacklevel=3,
             )
-        self.backend = make_backend(self.folder, self.config, backend, device, threads, max_context)
+        self.backend = self._make_backend(backend, device, threads, max_context)
         self.backend_name = getattr(self.backend, "name", "onnxruntime")
         self._lock = threading.Lock()
         self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
@@ -236,6 +237,12 @@ class MedusaGenerator:
         )
         if self.default_tree.num_nodes >= self.backend.max_context:
             self._warn_tree_too_big(self.default_tree, self.backend.max_context - 1, stacklevel=3)
+
+    def _make_backend(self, backend: str, device: str, threads: int | None, max_context: int | None) -> Backend:
+        return make_backend(self.folder, self.config, backend, device, threads, max_context)
+
+    def close(self) -> None:
+        """Free what the generator holds beyond memory (the batch engine's thread); idempotent."""
 
     @property
     def spec(self):
@@ -299,8 +306,8 @@ class MedusaGenerator:
         top_p,
         lookup,
     ):
-        """(prompt ids, the decode loop's events): the one path under stream() and generate().
-        Every argument is checked here, at the call (the events run nothing until asked)."""
+        """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
+        argument is checked here, at the call, before anything runs."""
         ids = self.encode(prompt)
         cfg = DecodeConfig(
             max_new_tokens=max_new_tokens,
@@ -330,7 +337,21 @@ class MedusaGenerator:
         room = self.backend.max_context - len(ids)
         if t is not None and t.num_nodes > room:
             self._warn_tree_too_big(t, room, stacklevel=3)
-        return ids, decode_steps(self.backend, ids, cfg, t, decode_text=self.tokenizer.decode)
+        return ids, cfg, t
+
+    def _stream_events(self, ids, cfg, tree):
+        """The decode loop's events for one stream, a step at a time under the lock."""
+        return self._steps(_Claim(ids), decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode))
+
+    def _generate_events(self, ids, cfg, tree):
+        """The decode loop's events for one generate call, the lock held throughout."""
+        claim = _Claim(ids)
+        with self._lock:  # the whole call: it ends on its own, so it blocks others for its length only
+            self._take_cache(claim)
+            try:
+                yield from decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode)
+            finally:
+                claim.done = True
 
     def _take_cache(self, claim: _Claim) -> None:
         """Under the lock: make the backend's cache hold ``claim``'s sequence. The call that
@@ -400,7 +421,7 @@ class MedusaGenerator:
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
-        ids, events = self._events(
+        ids, cfg, t = self._events(
             prompt,
             max_new_tokens,
             temperature,
@@ -415,7 +436,7 @@ class MedusaGenerator:
             top_p,
             lookup,
         )
-        return self._chunks(self._steps(_Claim(ids), events))
+        return self._chunks(self._stream_events(ids, cfg, t))
 
     def _chunks(self, steps) -> Iterator[TextChunk]:
         text = StreamDecoder(self.tokenizer)
@@ -455,7 +476,7 @@ class MedusaGenerator:
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless
         like every draft: the backbone verifies it.
         """
-        ids, events = self._events(
+        ids, cfg, t = self._events(
             prompt,
             max_new_tokens,
             temperature,
@@ -472,15 +493,9 @@ class MedusaGenerator:
         )
         tokens: list[int] = []
         stats = DecodeStats()
-        claim = _Claim(ids)
-        with self._lock:  # the whole call: it ends on its own, so it blocks others for its length only
-            self._take_cache(claim)
-            try:
-                for event in events:
-                    tokens.extend(event.tokens)
-                    stats = event.stats
-            finally:
-                claim.done = True
+        for event in self._generate_events(ids, cfg, t):
+            tokens.extend(event.tokens)
+            stats = event.stats
         return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats)
 
 
@@ -493,8 +508,15 @@ def load(
     tree=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     verify: bool = False,
+    max_batch: int | None = None,
 ) -> MedusaGenerator:
     """Load an artifact folder written by ``medusa-export``.
+
+    max_batch: None (the default) decodes one sequence per engine call (concurrent calls take
+    turns, see the concurrency contract); N >= 1 serves up to N concurrent ``generate`` /
+    ``stream`` calls (from N threads) with their steps batched into one engine call each, through
+    the artifact's ``batch.onnx`` (runtime/batch.py; ONNX Runtime on the CPU). Greedy answers are
+    the ones each call gives alone.
 
     backend: ``auto`` (TensorRT where the artifact has engines, tensorrt imports and a GPU is
     visible, else ONNX Runtime; logged, and kept in ``.backend_name``), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
@@ -503,6 +525,19 @@ def load(
     exists, parses and has the size the export recorded, and that the graphs' sizes match the
     config; ``verify=True`` also checks every file's sha256 (about 0.5 s for SmolLM2-135M).
     """
+    if max_batch is not None:
+        max_batch = cast(int, checks.integer("max_batch", max_batch, 1))
+        if backend == "tensorrt":
+            raise MedusaError(
+                "max_batch batches through batch.onnx on ONNX Runtime; backend='tensorrt' runs one sequence"
+            )
+        if device == "cuda":
+            raise MedusaError("max_batch runs batch.onnx on the CPU provider here: use device='cpu' or 'auto'")
+        from runtime.batch import load_batched
+
+        chunk = None if prefill_chunk == DEFAULT_PREFILL_CHUNK else prefill_chunk  # None: the batch default
+        return load_batched(artifact_dir, max_batch, threads=threads, max_context=max_context, tree=tree,
+                            prefill_chunk=chunk, verify=verify)  # fmt: skip
     return MedusaGenerator(
         artifact_dir,
         backend=backend,

@@ -121,6 +121,10 @@ class ArtifactConfig:
     # vocabulary projection reads 4x fewer bytes. ONNX Runtime on the CPU uses it; TensorRT
     # builds from the float `heads` graph.
     heads_int8: GraphSpec | None = None
+    # batch.onnx (fused float artifacts): the backbone for several sequences per call, each with its
+    # own cache length and tree (docs/graph_contract.md, "The batch graph"); shares model.onnx's
+    # weights file. None: the artifact serves one sequence per engine call.
+    batch: GraphSpec | None = None
     dtype: str = "float32"  # dtype of logits, hidden states and the KV cache in the graphs
     # which graph model.onnx is (docs/graph_contract.md): "fused" (ONNX Runtime's fused kernels,
     # in-place cache; exporter/fused.py) or "portable" (standard ONNX ops only, what TensorRT
@@ -182,15 +186,17 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             raise ArtifactError(
                 f"{cfg_path}: malformed config ({key!r} must be a JSON object, got {checks.show(raw.get(key))})"
             )
-    if raw.get("heads_int8") is not None and not isinstance(raw["heads_int8"], dict):
-        raise ArtifactError(f"{cfg_path}: malformed config ('heads_int8' must be a JSON object or null)")
+    for key in ("heads_int8", "batch"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ArtifactError(f"{cfg_path}: malformed config ({key!r} must be a JSON object or null)")
     try:
         cfg = ArtifactConfig(
             model=ModelSpec(**raw["model"]),
             backbone=GraphSpec(**raw["backbone"]),
             heads=GraphSpec(**raw["heads"]),
             heads_int8=GraphSpec(**raw["heads_int8"]) if raw.get("heads_int8") else None,
-            **{k: v for k, v in raw.items() if k not in ("model", "backbone", "heads", "heads_int8")},
+            batch=GraphSpec(**raw["batch"]) if raw.get("batch") else None,
+            **{k: v for k, v in raw.items() if k not in ("model", "backbone", "heads", "heads_int8", "batch")},
         )
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{cfg_path}: malformed config ({e})") from None
@@ -209,7 +215,7 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             f"{cfg_path}: the sizes and graph entries (model, backbone, heads, dtype, flavour, precision, opset) were "
             "edited after export; they must describe the graphs as exported: restore the file or re-export"
         )
-    for graph in (cfg.backbone, cfg.heads, *([cfg.heads_int8] if cfg.heads_int8 else [])):
+    for graph in (cfg.backbone, cfg.heads, *[g for g in (cfg.heads_int8, cfg.batch) if g is not None]):
         if not (folder / graph.file).is_file():
             raise ArtifactError(f"{folder}: {graph.file} is missing (the artifact is incomplete; re-run medusa-export)")
     if not (folder / "tokenizer.json").is_file():
@@ -234,7 +240,13 @@ def _check_types(cfg: ArtifactConfig, cfg_path: Path) -> None:
         checks.integer("model.bos_token_id", m.bos_token_id, 0, m.vocab_size - 1, optional=True)
         checks.text("model.architecture", m.architecture)
         checks.flag("model.medusa_shared_lm_head", m.medusa_shared_lm_head)
-        for key, graph in (("backbone", cfg.backbone), ("heads", cfg.heads), ("heads_int8", cfg.heads_int8)):
+        graphs = (
+            ("backbone", cfg.backbone),
+            ("heads", cfg.heads),
+            ("heads_int8", cfg.heads_int8),
+            ("batch", cfg.batch),
+        )
+        for key, graph in graphs:
             if graph is None:
                 continue
             file = checks.text(f"{key}.file", graph.file)
@@ -271,7 +283,10 @@ def config_digest(cfg: ArtifactConfig) -> str:
     """sha256 of the fields that must keep describing the exported graphs (not provenance, not the
     default tree): the exporter records it, :func:`read_artifact` refuses a config edited since."""
     d = asdict(cfg)
-    return hashlib.sha256(json.dumps({k: d[k] for k in SEALED_FIELDS}, sort_keys=True).encode()).hexdigest()
+    sealed = {k: d[k] for k in SEALED_FIELDS}
+    if cfg.batch is not None:  # sealed where present (artifacts from before the batch graph keep their digest)
+        sealed["batch"] = d["batch"]
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
 
 
 def file_digest(path: Path) -> str:

@@ -597,7 +597,7 @@ def test_fp16_attention_and_cache_stay_fp16_on_the_cpu_provider(fp16, tmp_path):
     opts.optimized_model_filepath = str(tmp_path / "as_run.onnx")
     opts.log_severity_level = 3
     ort.InferenceSession(str(fp16["artifact"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    g = onnx.load(opts.optimized_model_filepath).graph
+    g = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph  # its weights: model.onnx.data
     casts = [n for n in g.node if n.op_type == "Cast"]
     cast_io = {name for n in casts for name in (*n.input, *n.output)}
     names_in, names_out = fused_io_names(2)
