@@ -440,7 +440,5 @@ def validate_batch_graph(
     for c in report.checks:
         (log.debug if c.passed else log.info)(c.line())
     if raise_on_failure and not report.ok:
-        raise ValidationError(
-            f"{batch_file} differs from {backbone_file}:\n" + "\n".join(f"  {c}" for c in report.failures)
-        )
+        raise ValidationError([str(c) for c in report.failures], f"{batch_file} differs from {backbone_file}")
     return report

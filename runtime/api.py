@@ -509,6 +509,7 @@ def load(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     verify: bool = False,
     max_batch: int | None = None,
+    budgets="auto",
 ) -> MedusaGenerator:
     """Load an artifact folder written by ``medusa-export``.
 
@@ -516,7 +517,9 @@ def load(
     turns, see the concurrency contract); N >= 1 serves up to N concurrent ``generate`` /
     ``stream`` calls (from N threads) with their steps batched into one engine call each, through
     the artifact's ``batch.onnx`` (runtime/batch.py; ONNX Runtime on the CPU). Greedy answers are
-    the ones each call gives alone.
+    the ones each call gives alone. ``budgets`` (max_batch only): how many tokens a step may
+    verify by load: ``"auto"`` (from a cost profile timed at load, ~2 s, and the acceptance seen),
+    a list (``budgets[k]`` when k + 1 sequences decode) or None (no limit).
 
     backend: ``auto`` (TensorRT where the artifact has engines, tensorrt imports and a GPU is
     visible, else ONNX Runtime; logged, and kept in ``.backend_name``), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
@@ -537,7 +540,7 @@ def load(
 
         chunk = None if prefill_chunk == DEFAULT_PREFILL_CHUNK else prefill_chunk  # None: the batch default
         return load_batched(artifact_dir, max_batch, threads=threads, max_context=max_context, tree=tree,
-                            prefill_chunk=chunk, verify=verify)  # fmt: skip
+                            prefill_chunk=chunk, verify=verify, budgets=budgets)  # fmt: skip
     return MedusaGenerator(
         artifact_dir,
         backend=backend,

@@ -23,9 +23,17 @@ time (``prefill_chunk`` tokens), never by the whole prompt.
 
 Load-aware trees. Each sequence's token budget per step (:meth:`SlotBackend.max_new_tokens`,
 which the decode loop already obeys: a tree that does not fit becomes a plain step, lookup
-drafts are grafted only where they fit) follows the load: ``budgets[k]`` is the budget when
-``k + 1`` sequences are decoding (:func:`choose_budgets` picks them from a cost profile of the
-batch graph measured at start-up and the acceptance seen so far).
+drafts are grafted only where they fit) follows the load. With ``budgets="auto"`` (the
+default) the engine times its own graph at start-up (:meth:`BatchEngine.profile`: seconds per
+call by sequences x rows), counts the tokens each row count of step has emitted so far, and
+gives each step the budget with the most tokens per second at the current number of decoding
+sequences (:func:`choose_budget`): a tree with lookup drafts alone, the bare tree as the batch
+fills, plain steps when speculation no longer pays. A list fixes the budgets by load instead.
+Greedy tokens do not depend on the trees (lossless); sampled tokens follow the backbone's
+distribution whatever the tree (exact acceptance), but which tokens a seed draws does depend on
+it, and on the last bits of the logits, which differ between a call alone (model.onnx) and a
+batched one (batch.onnx, padded): a seeded sampled request reproduces its tokens when it runs
+alone, not necessarily beside others (greedy ones always do).
 
 The cache is one buffer ``[layers, key|value, slots, kv_heads, capacity, head_dim]``; a call
 binds the slots it covers (a contiguous range: slots are handed out lowest first) and the
@@ -41,12 +49,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from runtime import checks
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
 from runtime.backend import Backend
 from runtime.decode import decode_steps
@@ -59,6 +69,14 @@ DEFAULT_MAX_ROWS = 16  # forwards with more tokens (prompt chunks, big trees) ru
 DEFAULT_BATCH_PREFILL_CHUNK = 128  # prompt tokens per call: the others wait for one chunk at a time
 MIN_CAPACITY = 256  # cache positions per slot to start with
 GRACE = 0.01  # seconds a slot counts as computing after handing a chunk to its consumer
+PROFILE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # rows per sequence the start-up profile times
+PROFILE_CACHED = 128  # cache entries per sequence while profiling
+TREE_MARGIN = 1.1  # a tree budget is chosen over plain steps only when its estimate is this much faster
+COST_EMA = 0.1  # weight of each observed step call in the cost table
+BUDGET_REFRESH = 0.5  # seconds a chosen budget is reused for the same number of decoding sequences
+HOST_GAP_MAX = 0.5  # seconds: a longer pause between step calls is idleness, not host work
+WARMUP_STEPS = 32  # steps without a budget before choose_budget sets one
+STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
 
 
 class _Request:
@@ -94,6 +112,8 @@ class SlotBackend(Backend):
         self.length = 0  # committed entries, as the decode loop sees them
         self._staged: np.ndarray | None = None  # [layers, 2, kv_heads, n, head_dim] of the last forward
         self._hidden: np.ndarray | None = None
+        self._step_rows = 0
+        self._granted = 0  # the budget the decode loop was given for its next step
 
     @property
     def cache_len(self) -> int:
@@ -109,7 +129,8 @@ class SlotBackend(Backend):
         to the budget (its chunks are bounded by ``prefill_chunk``)."""
         if past is not None:
             return max(0, self.max_context - past)
-        return min(max(0, self.max_context - self.length), self.engine.budget())
+        self._granted = self.engine.budget()
+        return min(max(0, self.max_context - self.length), self._granted)
 
     def reset(self) -> None:
         self.engine._queue_commit(self.index, 0, None)
@@ -122,6 +143,7 @@ class SlotBackend(Backend):
             _Request(self.index, "forward", ids=input_ids, pos=position_ids, mask=tree_mask, logits=logits)
         )
         logits_rows, self._hidden, self._staged = req.result
+        self._step_rows = len(input_ids) if logits is None else 0  # a decode step (a prompt chunk asks for k rows)
         return logits_rows
 
     def commit(self, keep) -> None:
@@ -134,6 +156,8 @@ class SlotBackend(Backend):
                 f"{self.length} cached + {a} tokens exceed the cache capacity of {self.max_context}"
             )
         self.engine._queue_commit(self.index, self.length, self._staged[:, :, :, keep])
+        if self._step_rows:  # a step of n rows emitted a tokens (the accepted nodes; the last one's next token
+            self.engine._record_step(self._step_rows, a, self._granted)  # is the next root): what budgets weigh
         self.length += a
         self._staged = None
 
@@ -162,7 +186,8 @@ class BatchEngine:
         heads_int8: bool = True,
         gather_timeout: float = DEFAULT_GATHER_TIMEOUT,
         max_rows: int = DEFAULT_MAX_ROWS,
-        budgets: list[int] | None = None,
+        budgets: list[int] | str | None = "auto",
+        single_graph: bool = True,
     ):
         from runtime.onnxrt import _NP_DTYPES, _options, _ort, _session
 
@@ -184,6 +209,15 @@ class BatchEngine:
         self._dtype = _NP_DTYPES[config.dtype]
         providers = ["CPUExecutionProvider"]
         self.session = _session(ort, self.folder / config.batch.file, _options(ort, threads, spin=True), providers)
+        # one-sequence calls (a step alone, a prompt chunk) run on model.onnx, whose in-place
+        # GroupQueryAttention reads exactly the cached entries (SmolLM2: a 1-token step 15% faster
+        # than batch.onnx at batch 1), over the same slot of the same cache; it costs a second
+        # copy of the weights in memory (single_graph=False: batch.onnx for every call)
+        self.single = (
+            _session(ort, self.folder / config.backbone.file, _options(ort, threads, spin=True), providers)
+            if single_graph and config.flavour == "fused"
+            else None
+        )
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
         self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), providers)
         names = [i.name for i in self.session.get_inputs()]
@@ -191,6 +225,7 @@ class BatchEngine:
             raise ArtifactError(f"{self.folder / config.batch.file}: graph inputs do not match medusa_config.json")
         self._cache_names = names[FUSED_CACHE_START:]
         self._out_names = [o.name for o in self.session.get_outputs()]
+        self._single_present = self._out_names[2:]  # present.* : the same names in both graphs
         s = self.spec
         self.capacity = min(MIN_CAPACITY, self.max_context)
         self.kv = np.zeros((s.num_layers, 2, slots, s.num_kv_heads, self.capacity, s.head_dim), self._dtype)
@@ -203,8 +238,24 @@ class BatchEngine:
         self._free = list(range(slots))
         self._closed = False
         self._chunk_turn = False
-        self.budgets = list(budgets) if budgets else [max(self.max_context, 1)] * slots
+        # budgets: None (no limit), a list (budgets[k]: tokens per step when k + 1 sequences decode) or "auto"
+        # (chosen from a cost profile of this graph, measured now, and the acceptance seen per row count)
+        if budgets is not None and budgets != "auto":
+            budgets = [cast(int, checks.integer("budgets", b, 1)) for b in budgets]
+            if not budgets:
+                raise MedusaError("budgets: give at least one token budget (or None / 'auto')")
+        self.budgets = budgets
+        self.costs: dict[tuple[int, int], float] = {}  # (sequences, rows) -> seconds per call
+        # host seconds per sequence between two step calls, by the kind of step ("plain" / "tree"): measured
+        self.host: dict[str, float] = {}
+        self._last_call: tuple[float, str, int] | None = None
+        self._steps: deque[tuple[int, int]] = deque(maxlen=STEP_WINDOW)  # (rows, tokens) of unlimited steps
+        self._explore = 0
+        self._budget_cache: dict[int, tuple[int, float]] = {}  # busy -> (budget, when chosen)
+        self._widest = 1  # most rows of an unlimited step so far
         self.stats = {"calls": 0, "sequences": 0, "rows": 0, "padded_rows": 0, "heads_calls": 0, "engine_s": 0.0}
+        if budgets == "auto":
+            self.costs = self.profile()
         self._thread = threading.Thread(target=self._loop, name="medusa-batch-engine", daemon=True)
         self._thread.start()
 
@@ -226,6 +277,9 @@ class BatchEngine:
             if slot.index not in self._free:
                 self._free.append(slot.index)
                 self._free.sort()
+            if len(self._free) == self.slots:  # nobody decoding: no call runs, the cache holds nothing kept
+                self._commits.clear()
+                self._shrink()
             self._cond.notify_all()
 
     @contextmanager
@@ -249,10 +303,60 @@ class BatchEngine:
         return self._computing | {i for i, t in self._left.items() if now - t < GRACE}
 
     def budget(self) -> int:
-        """Tokens a sequence may put into one step now (by how many are decoding)."""
+        """Tokens a sequence may put into one step now, by how many sequences are decoding."""
         with self._cond:
-            busy = self.slots - len(self._free)
-        return self.budgets[max(0, min(busy, len(self.budgets)) - 1)]
+            busy = max(1, self.slots - len(self._free))
+            if self.budgets is None:
+                return self.max_context
+            if isinstance(self.budgets, list):
+                return self.budgets[min(busy, len(self.budgets)) - 1]
+            if self._explore == 0 or busy == 1:  # alone: the artifact's tree was chosen for one sequence (select-tree)
+                return self.max_context
+            now = time.monotonic()
+            cached = self._budget_cache.get(busy)
+            if cached is None or now - cached[1] > BUDGET_REFRESH:  # choose_budget costs ~0.3 ms: not per step
+                cached = (choose_budget(busy, self.costs, list(self._steps), self.host) or self.max_context, now)
+                self._budget_cache[busy] = cached
+            return cached[0]
+
+    def _record_step(self, rows: int, tokens: int, granted: int) -> None:
+        """A step of ``rows`` emitted ``tokens``; kept for the budgets when it ran with no limit
+        (``granted``: the budget it was given)."""
+        with self._cond:
+            # a budget at or above every row count seen so far changed nothing: the step counts as unlimited
+            if granted >= max(self._widest, rows, self.max_rows if not self._steps else 0):
+                self._steps.append((rows, tokens))
+                self._widest = max(self._widest, rows)
+        with self._cond:  # every WARMUP_STEPS-th step runs without a limit, so the estimates keep up
+            self._explore = (self._explore + 1) % (4 * WARMUP_STEPS)
+
+    def profile(self, rows=PROFILE_ROWS, repeats: int = 3, cached: int = PROFILE_CACHED) -> dict:
+        """Seconds per batched call, median of ``repeats``: {(sequences, rows each): s} for 1, 2, 4 ...
+        ``slots`` sequences with ``cached`` entries each and ``rows`` (those up to ``max_rows``) new
+        tokens. Run before the engine serves (it drives the engine directly); ~2 s for SmolLM2 at 8 slots."""
+        sizes = sorted({min(2**k, self.slots) for k in range(self.slots.bit_length() + 1)})
+        rows = [n for n in rows if n <= self.max_rows]
+        cached = min(cached, self.max_context - max(rows))
+        saved = list(self._len)
+        costs = {}
+        try:
+            for b in sizes:
+                self._len[:b] = [cached] * b
+                for n in rows:
+                    reqs = [_Request(i, "forward", ids=np.zeros(n, np.int64), pos=cached + np.arange(n),
+                                     mask=np.tril(np.ones((n, n), bool))) for i in range(b)]  # fmt: skip
+                    times = []
+                    for _ in range(repeats + 1):  # the first is a warm-up
+                        t = time.perf_counter()
+                        self._run_forward(reqs)
+                        times.append(time.perf_counter() - t)
+                    costs[(b, n)] = float(np.median(times[1:]))
+        finally:
+            self._len[:] = saved
+            self.stats.update(calls=0, sequences=0, rows=0, padded_rows=0, engine_s=0.0)
+        log.info("batch engine profile (ms per call): %s",
+                 ", ".join(f"{b}x{n} {1000 * t:.1f}" for (b, n), t in sorted(costs.items())))  # fmt: skip
+        return costs
 
     def close(self) -> None:
         with self._cond:
@@ -309,7 +413,6 @@ class BatchEngine:
                     r.error = e if isinstance(e, MedusaError) else MedusaError(f"engine call failed: {e}")
             for r in run:
                 r.done.set()
-            self._maybe_shrink()
 
     def _take(self) -> list[_Request]:
         """Under the lock: the requests of the next call. Head requests go at once (a heads call is
@@ -364,11 +467,10 @@ class BatchEngine:
         self.kv, self.capacity = kv, cap
         log.debug("batch engine: cache capacity %d per slot", cap)
 
-    def _maybe_shrink(self) -> None:
-        with self._cond:
-            idle = len(self._free) == self.slots and not self._pending and not self._commits
+    def _shrink(self) -> None:
+        """Back to the starting capacity (called with every slot free, so no call is running)."""
         start = min(MIN_CAPACITY, self.max_context)
-        if idle and self.capacity > start:
+        if self.capacity > start:
             self.kv = np.zeros((*self.kv.shape[:4], start, self.kv.shape[5]), self._dtype)
             self.capacity = start
 
@@ -382,6 +484,75 @@ class BatchEngine:
             r.result = out[i]
 
     def _run_forward(self, reqs: list[_Request]) -> None:
+        start = time.perf_counter()
+        step = all(r.logits is None for r in reqs)  # decode steps (prompt chunks ask for k logits rows)
+        last = self._last_call
+        if step and last is not None and start - last[0] < HOST_GAP_MAX:
+            # the time between two step calls is the host's: acceptance, heads, trees (the GIL serialises it)
+            kind, seqs = last[1], last[2]
+            per_seq = (start - last[0]) / seqs
+            self.host[kind] = per_seq if self.host.get(kind) is None else 0.9 * self.host[kind] + 0.1 * per_seq
+        if len(reqs) == 1 and self.single is not None:
+            self._run_single(reqs[0])
+        else:
+            self._run_batch(reqs)
+        if step and self.costs:  # what calls really cost (cache lengths, capacity) updates the profile
+            self._observe_cost(len(reqs), max(r.rows for r in reqs), time.perf_counter() - start)
+        kind = "tree" if any(r.rows > 1 for r in reqs) else "plain"
+        self._last_call = (time.perf_counter(), kind, len(reqs)) if step else None
+
+    def _observe_cost(self, seqs: int, rows: int, seconds: float) -> None:
+        """Fold a step call's duration into the cost table's cell at or above (seqs, rows): the
+        start-up profile guessed cache lengths; the calls themselves know them."""
+        sizes = sorted({b for b, _ in self.costs})
+        b = next((x for x in sizes if x >= seqs), sizes[-1])
+        n = next((x for x in sorted(n for bb, n in self.costs if bb == b) if x >= rows), None)
+        if n is None:
+            return
+        with self._cond:
+            self.costs[(b, n)] = (1 - COST_EMA) * self.costs[(b, n)] + COST_EMA * seconds
+
+    def _run_single(self, r: _Request) -> None:
+        """One sequence on model.onnx: its slot of the cache bound as past and present, so the new
+        entries land in place at ``cache_lengths ..`` (the staged rows are read back from there)."""
+        from runtime.onnxrt import _bind
+
+        slot, n, base = r.slot, r.rows, self._len[r.slot]
+        if base == 0 and not np.array_equal(r.pos, np.arange(n)):
+            raise MedusaError("the fused graph's first call on an empty cache must be a prefill at positions 0..n-1")
+        self._ensure_capacity(base + n)
+        k = n if r.logits is None else max(0, min(int(r.logits), n))
+        session = self.single
+        assert session is not None
+        io = session.io_binding()
+        keep = [
+            _bind(io.bind_input, "input_ids", r.ids[None]),
+            _bind(io.bind_input, "position_ids", r.pos[None]),
+            _bind(io.bind_input, "tree_mask", r.mask[None]),
+            _bind(io.bind_input, "cache_lengths", np.array([base], np.int64)),
+            _bind(io.bind_input, "num_logits", np.array([k], np.int64)),
+        ]
+        io.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
+        io.bind_output("hidden_states", "cpu")
+        past, present = self._cache_names, self._single_present
+        for j in range(len(past)):
+            buf = self.kv[j // 2, j % 2, slot : slot + 1]
+            io.bind_input(past[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+            io.bind_output(present[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+        t = time.perf_counter()
+        session.run_with_iobinding(io)
+        self.stats["engine_s"] += time.perf_counter() - t
+        outs = io.get_outputs()  # logits and hidden states only: the cache outputs are the slot itself
+        logits, hidden = outs[0].numpy(), outs[1].numpy()
+        del keep
+        st = self.stats
+        st["calls"] += 1
+        st["sequences"] += 1
+        st["rows"] += n
+        st["padded_rows"] += n
+        r.result = (logits[0], hidden[0].copy(), self.kv[:, :, slot, :, base : base + n].copy())
+
+    def _run_batch(self, reqs: list[_Request]) -> None:
         from runtime.onnxrt import _bind
 
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
@@ -430,6 +601,51 @@ class BatchEngine:
             r.result = (rows.copy(), hidden[b, :m].copy(), new[:, :, b, :, :m].copy())
 
 
+def choose_budget(busy: int, costs: dict, steps: list, host: dict | None = None) -> int | None:
+    """The step budget (tokens per sequence) with the most tokens per second when ``busy``
+    sequences decode, or None (no limit) until WARMUP_STEPS steps ran without one.
+
+    ``steps``: (rows, tokens emitted) of recent steps that ran with no limit: how often a step
+    carries lookup drafts (more rows than the bare tree, ``T`` = the fewest rows above 1) and what
+    each kind emits. A budget ``c`` changes such a step into the bare tree (tokens: the mean of
+    ``T``-row steps) where ``c < rows``, or a plain step (1 token) where ``c < T``. A call pads every
+    sequence to the largest of its ``busy`` steps, so its cost is the expectation, over the
+    distribution of that largest row count, of the profiled seconds per call at the nearest
+    profiled batch size and row count at or above it, plus
+    ``busy`` times the host's seconds per sequence between two calls of that kind of step
+    (``host["plain"]`` / ``host["tree"]``, measured while serving: acceptance, the heads call and the
+    tree are paid on the host, serialised by the GIL). A tree budget must beat plain steps by TREE_MARGIN."""
+    if not costs or len(steps) < WARMUP_STEPS:
+        return None
+    rows = np.array([r for r, _ in steps])
+    tokens = np.array([t for _, t in steps], dtype=np.float64)
+    multi = rows[rows > 1]
+    if not len(multi):
+        return None
+    tree = int(multi.min())
+    tree_tokens = float(tokens[rows == tree].mean())
+    sizes = sorted({b for b, _ in costs})
+    b = next((s for s in sizes if s >= busy), sizes[-1])
+    profiled = sorted(n for s, n in costs if s == b)
+    best, best_rate, plain_rate = 1, -1.0, 0.0
+    for c in sorted({1, *rows.tolist()}):
+        r = np.where(rows <= c, rows, tree if c >= tree else 1)
+        t = np.where(rows <= c, tokens, tree_tokens if c >= tree else 1.0)
+        # a call pads to the largest of `busy` draws: its expected cost over P(max = v) = F(v)^busy - F(v-)^busy
+        values, counts = np.unique(r, return_counts=True)
+        cdf = np.cumsum(counts) / len(r)
+        p_max = np.diff(np.r_[0.0, cdf**busy])
+        cost = sum(p * costs[(b, next((n for n in profiled if n >= v), profiled[-1]))] for v, p in zip(values, p_max))
+        cost += busy * ((host or {}).get("plain" if c == 1 else "tree") or 0.0)
+        rate = float(t.mean()) / cost
+        if c == 1:
+            plain_rate = rate
+        if rate > best_rate:
+            best, best_rate = int(c), rate
+    # speculation must win clearly: the estimates are noisy, and a wrong tree costs more than a wrong plain step
+    return best if best_rate >= TREE_MARGIN * plain_rate else 1
+
+
 def _generator_class():
     from runtime.api import MedusaGenerator
 
@@ -440,7 +656,7 @@ def _generator_class():
 
         def __init__(self, folder, max_batch: int, *, threads=None, max_context=None, tree=None,
                      prefill_chunk=None, verify=False, gather_timeout=DEFAULT_GATHER_TIMEOUT,
-                     budgets=None):  # fmt: skip
+                     budgets="auto"):  # fmt: skip
             self._batch_args = (max_batch, gather_timeout, budgets)
             kwargs = {"prefill_chunk": DEFAULT_BATCH_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk}
             super().__init__(folder, backend="onnxruntime", device="cpu", threads=threads,

@@ -166,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=1, help="requests decoded at once (steps interleave)")
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=1,
+        help="requests decoded at once (their steps share one engine call where the artifact has batch.onnx)",
+    )
+    s.add_argument("--batching", default="auto", choices=["auto", "batch", "interleave"],
+                   help="batch: the running requests' steps in one engine call (batch.onnx); interleave: one request "
+                        "per call, steps taking turns; auto: batch where the artifact has batch.onnx")  # fmt: skip
     s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429")
     s.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
     s.add_argument("--plain", action="store_true", help="serve plain decoding (no Medusa): the baseline server")
@@ -180,18 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _load_args(args) -> dict:
+    """runtime.load's keyword arguments from the engine flags."""
+    return dict(backend=args.backend, device=args.device, threads=args.threads, max_context=args.max_context,
+                prefill_chunk=args.prefill_chunk, verify=getattr(args, "verify", False))  # fmt: skip
+
+
 def _load(args):
     import runtime
 
-    return runtime.load(
-        args.artifact,
-        backend=args.backend,
-        device=args.device,
-        threads=args.threads,
-        max_context=args.max_context,
-        prefill_chunk=args.prefill_chunk,
-        verify=getattr(args, "verify", False),
-    )
+    return runtime.load(args.artifact, **_load_args(args))
 
 
 def generate_kwargs(args) -> dict:
@@ -312,15 +318,17 @@ def cmd_serve(args) -> None:
     if args.ray_replicas:
         from runtime.serve import serve_ray
 
-        load = dict(backend=args.backend, device=args.device, threads=args.threads, max_context=args.max_context,
-                    prefill_chunk=args.prefill_chunk)  # fmt: skip
-        serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, load, host=args.host, port=args.port,
-                  max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
-                  gpus_per_replica=args.ray_gpus_per_replica)  # fmt: skip
+        serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, _load_args(args), host=args.host,
+                  port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
+                  gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching)  # fmt: skip
         return
-    gen = _load(args)
+    from runtime.serve import load_for_serving
+
+    gen = load_for_serving(args.artifact, args.max_batch, args.batching, **_load_args(args))
+    mode = "batched engine calls" if getattr(gen, "engine", None) is not None else "interleaved steps"
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_batch {args.max_batch}, max_queue "
-          f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}); Ctrl-C or SIGTERM stops it", flush=True)  # fmt: skip
+          f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}, {mode}); Ctrl-C or SIGTERM stops it",
+          flush=True)  # fmt: skip
     serve(gen, name, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           graceful_timeout=args.graceful_timeout, decode=decode)  # fmt: skip
 

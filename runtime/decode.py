@@ -376,12 +376,13 @@ def decode_steps(
             stats.finish_reason = "context"
             return
         if tree is not None and backend.max_new_tokens() >= tree.num_nodes:  # Medusa, and the tree fits one call
-            emitted, root, heads = _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup, stats)
-        else:
-            emitted, root = _plain_step(backend, root, cfg, rng, clock)
-            if cfg.medusa:  # a plain step near the context end: keep the heads' input fresh
+            if heads is None:  # after plain steps: the heads on the last one's token
                 heads = backend.head_logits(0)
                 clock.lap("heads")
+            emitted, root, heads = _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup, stats)
+        else:  # plain decoding, a plain step near the context end, or a step budget below the tree
+            emitted, root = _plain_step(backend, root, cfg, rng, clock)
+            heads = None  # computed when a tree runs again (the last forward keeps its hidden state)
         stats.steps += 1
 
 

@@ -123,7 +123,7 @@ class BackendUnavailableError(MedusaError):
 class ValidationError(MedusaError):
     """Exported graph outputs differ from the PyTorch reference; lists every failing output."""
 
-    def __init__(self, failures):
+    def __init__(self, failures, what: str = "exported graph does not match PyTorch"):
         self.failures = list(failures)
         lines = [f"  {f}" for f in self.failures]
-        super().__init__("exported graph does not match PyTorch:\n" + "\n".join(lines))
+        super().__init__(f"{what}:\n" + "\n".join(lines))

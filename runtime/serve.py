@@ -13,14 +13,17 @@ counts, ``stream_options.include_usage``), ``/v1/models``, ``/health`` and ``/me
 
 Scheduling. Requests wait in a bounded queue (``--max-queue``; a full queue answers 429 at
 once) and ``--max-batch`` workers take them; each worker runs one request's
-:meth:`MedusaGenerator.stream`. The generator interleaves the running sequences step by step
-on its one KV cache (runtime/api.py's concurrency contract: each sees only its own sequence,
-so greedy answers equal offline ``generate`` and a seed reproduces a sampled answer). This is
-time-slicing, not batched engine calls: one engine call computes one sequence's step, so
-throughput does not grow with ``--max-batch`` (the fused graph's GroupQueryAttention takes
-several new tokens over a cache only at batch 1 on the CPU; batched verification is the next
-step of this server). For throughput, scale out: ``--ray-replicas N`` serves the same app as a
-Ray Serve deployment of N processes behind Ray's HTTP proxy (:func:`serve_ray`). A client that disconnects frees its slot at the next step. On SIGTERM
+:meth:`MedusaGenerator.stream`. Where the artifact has a batch graph (``batch.onnx``: fused
+float exports), the generator is ``runtime.load(..., max_batch=N)`` (runtime/batch.py): the
+running requests' steps, each with its own cache length, tree and acceptance, go to the engine
+as **one call** (continuous batching: requests join and leave between steps, a newcomer's
+prompt is prefilled a chunk at a time between the others' steps), and each request's tree
+budget follows the load (a smaller tree, or plain steps, as more requests decode). Otherwise
+(``--interleave``, or int8/int4 and portable artifacts) the running requests take turns on the
+generator's one KV cache, one engine call per step (runtime/api.py's concurrency contract).
+Either way each request sees only its own sequence: greedy answers equal offline ``generate``
+and a seed reproduces a sampled answer. To scale out, ``--ray-replicas N`` serves the same app
+as a Ray Serve deployment of N processes behind Ray's HTTP proxy (:func:`serve_ray`). A client that disconnects frees its slot at the next step. On SIGTERM
 uvicorn stops accepting connections and lets running requests finish (up to
 ``--graceful-timeout``); what is left gets an error, nothing hangs.
 
@@ -62,6 +65,32 @@ def require_serve():
             f"medusa-run serve needs fastapi, uvicorn and prometheus-client ({e.name} is missing): "
             "pip install 'medusa-trt[serve]'"
         ) from None
+
+
+BATCHING = ("auto", "batch", "interleave")
+
+
+def load_for_serving(artifact, max_batch: int, batching: str = "auto", **load):
+    """The generator a server runs: batched through the artifact's ``batch.onnx``
+    (``runtime.load(..., max_batch=max_batch)``) where ``batching`` is ``batch``, or ``auto`` and
+    the artifact has one and runs on ONNX Runtime's CPU provider; else one sequence per engine call
+    (``interleave``). ``load``: ``runtime.load``'s other arguments."""
+    import runtime
+    from runtime.artifact import read_artifact
+
+    if batching not in BATCHING:
+        raise MedusaError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    config = read_artifact(artifact)
+    cpu_ort = load.get("backend", "auto") in ("auto", "onnxruntime") and load.get("device", "auto") in ("auto", "cpu")
+    if batching == "batch" and config.batch is None:
+        raise MedusaError(
+            f"{artifact} has no batch graph (batch.onnx; fused float artifacts get one at export): re-export it, "
+            "or serve with --interleave"
+        )
+    if batching == "batch" or (batching == "auto" and config.batch is not None and cpu_ort):
+        rest = {k: v for k, v in load.items() if k not in ("backend", "device")}
+        return runtime.load(artifact, max_batch=max_batch, **rest)
+    return runtime.load(artifact, **load)
 
 
 class ApiError(Exception):
@@ -114,6 +143,10 @@ class Metrics:
         self.mean_accepted = Gauge("medusa_mean_accepted", "tokens per step of the last finished request", registry=r)
         self.step_time = Histogram("medusa_step_seconds", "time between two chunks of a request (one step)",
                                    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=r)  # fmt: skip
+        self.engine_batch = Gauge("medusa_engine_sequences_per_call",
+                                  "mean sequences per batched engine call (batch graph)", registry=r)  # fmt: skip
+        self.engine_padding = Gauge("medusa_engine_padded_rows_ratio",
+                                    "rows computed / rows asked for in batched calls (padding)", registry=r)  # fmt: skip
         self.ttft = Histogram("medusa_time_to_first_token_seconds", "queue wait + prefill + first step",
                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)  # fmt: skip
 
@@ -231,6 +264,11 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     if max_batch < 1 or max_queue < 0:
         raise MedusaError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
     metrics = Metrics()
+    engine = getattr(gen, "engine", None)
+    if engine is not None:  # a batched generator: how full its calls are
+        stats = engine.stats
+        metrics.engine_batch.set_function(lambda: stats["sequences"] / stats["calls"] if stats["calls"] else 0.0)
+        metrics.engine_padding.set_function(lambda: stats["padded_rows"] / stats["rows"] if stats["rows"] else 0.0)
     created = int(time.time())
 
     class _Strict(BaseModel):
@@ -477,15 +515,15 @@ def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_b
 
 
 def ray_application(artifact: str, model_name: str, replicas: int, load: dict, max_batch: int = 1,
-                    max_queue: int = 16, decode: dict | None = None, gpus_per_replica: float = 0.0):  # fmt: skip
+                    max_queue: int = 16, decode: dict | None = None, gpus_per_replica: float = 0.0,
+                    batching: str = "auto"):  # fmt: skip
     """The same app as a Ray Serve deployment of ``replicas`` copies, each its own process and
     engine (the artifact is loaded on the replica), behind Ray's HTTP proxy."""
     from ray import serve as ray_serve
 
     def build():
-        import runtime
-
-        return create_app(runtime.load(artifact, **load), model_name, max_batch, max_queue, decode)
+        gen = load_for_serving(artifact, max_batch, batching, **load)
+        return create_app(gen, model_name, max_batch, max_queue, decode)
 
     deployment = ray_serve.deployment(
         ray_serve.ingress(build)(),
@@ -499,7 +537,7 @@ def ray_application(artifact: str, model_name: str, replicas: int, load: dict, m
 
 def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: str = "127.0.0.1",
               port: int = 8000, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
-              gpus_per_replica: float = 0.0) -> None:  # fmt: skip
+              gpus_per_replica: float = 0.0, batching: str = "auto") -> None:  # fmt: skip
     """Start a local Ray instance, deploy :func:`ray_application` on ``host:port`` and serve until
     SIGINT/SIGTERM, then shut Serve and Ray down. On a cluster, run the same application with
     ``ray.init(address="auto")`` (one replica a GPU: ``gpus_per_replica=1``; autoscaling: Serve's
@@ -515,7 +553,8 @@ def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: s
         signal.signal(sig, lambda *_: stop.set())
     try:
         ray_serve.start(http_options={"host": host, "port": port})
-        app = ray_application(artifact, model_name, replicas, load, max_batch, max_queue, decode, gpus_per_replica)
+        app = ray_application(artifact, model_name, replicas, load, max_batch, max_queue, decode, gpus_per_replica,
+                              batching)  # fmt: skip
         ray_serve.run(app, name="medusa", route_prefix="/")
         log.info("serving %s on http://%s:%d/v1 with %d Ray Serve replicas", model_name, host, port, replicas)
         print(f"ready: {replicas} replicas behind Ray's HTTP proxy on http://{host}:{port}/v1", flush=True)

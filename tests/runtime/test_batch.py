@@ -1,0 +1,243 @@
+"""Batched decoding (runtime/batch.py): several sequences' steps in one ``batch.onnx`` call.
+
+Every sequence must emit exactly what it emits alone on the one-sequence graph (greedy Medusa
+with trees and lookup, plain decoding, a long prompt chunked between the others' steps,
+sequences that join and leave, a cache that grows), the engine must really batch, the load's
+budgets must turn trees into plain steps without changing the output, and a closed engine or an
+artifact without a batch graph must say so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime import batch as rb
+from runtime.errors import ArtifactError, MedusaError
+
+PROMPTS = [
+    [{"role": "user", "content": "Tell me about rivers and mountains."}],
+    [{"role": "user", "content": "Write a poem about the sea."}],
+    "Once upon a time",
+    # longer than max_rows and prefill_chunk below: its prompt runs in chunks between the others' steps
+    " ".join(f"word{i}" for i in range(40)),
+]
+
+
+@pytest.fixture(scope="module")
+def batched(tiny):
+    gen = runtime.load(tiny["artifact"], threads=1, max_batch=4, prefill_chunk=16, budgets=None)
+    yield gen
+    gen.close()
+
+
+def run_together(calls):
+    """Run each zero-argument callable in its own thread at once; their results in order."""
+    out: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def go(i, fn):
+        try:
+            out[i] = fn()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(i, fn)) for i, fn in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    return [out[i] for i in range(len(calls))]
+
+
+def engine_stats(gen) -> dict:
+    return dict(gen.engine.stats)
+
+
+@pytest.mark.parametrize("tree", ["smollm2_ort_cpu", "chain_3", "cpu_8"])
+def test_batched_greedy_equals_each_sequence_alone(gen, batched, tree):
+    """Medusa (tree + lookup) and plain requests decoded at once equal the one-sequence graph."""
+    want = [gen.generate(p, max_new_tokens=40, tree=tree).tokens for p in PROMPTS]
+    want_plain = gen.generate(PROMPTS[0], max_new_tokens=40, medusa=False).tokens
+    before = engine_stats(batched)
+    calls = [lambda p=p: batched.generate(p, max_new_tokens=40, tree=tree) for p in PROMPTS]
+    calls.append(lambda: batched.generate(PROMPTS[0], max_new_tokens=40, medusa=False))
+    with pytest.raises(MedusaError):  # 5 calls on 4 slots: the fifth waits; acquire with a timeout says so
+        slots = [batched.engine.acquire() for _ in range(4)]
+        try:
+            batched.engine.acquire(timeout=0.1)
+        finally:
+            for s in slots:
+                batched.engine.release(s)
+    got = run_together(calls)
+    assert [g.tokens for g in got[:4]] == want
+    assert got[4].tokens == want_plain == want[0]  # greedy Medusa is lossless against plain decoding
+    assert any(g.stats.mean_accepted > 1 for g in got[:4])  # the trees did accept tokens
+    after = engine_stats(batched)
+    calls_made = after["calls"] - before["calls"]
+    assert after["sequences"] - before["sequences"] > 1.5 * calls_made  # steps really ran together
+
+
+def test_streams_join_and_leave_between_steps(gen, batched):
+    """Two long streams run; two short requests join mid-way and leave first: all exact."""
+    want_long = [gen.generate(p, max_new_tokens=60).tokens for p in PROMPTS[:2]]
+    want_short = [gen.generate(p, max_new_tokens=8).tokens for p in PROMPTS[2:]]
+    started = threading.Event()
+
+    def long(p):
+        tokens = []
+        for i, chunk in enumerate(batched.stream(p, max_new_tokens=60)):
+            tokens.extend(chunk.tokens)
+            if i == 3:
+                started.set()
+        return tokens
+
+    def short(p):
+        assert started.wait(60)
+        return batched.generate(p, max_new_tokens=8).tokens
+
+    got = run_together([lambda: long(PROMPTS[0]), lambda: long(PROMPTS[1]),
+                        lambda: short(PROMPTS[2]), lambda: short(PROMPTS[3])])  # fmt: skip
+    assert got == [*want_long, *want_short]
+
+
+def test_sampled_requests_beside_others(batched):
+    """Exact and typical sampling with seeds, beside a greedy request: the greedy one is exact; a
+    seeded one reproduces its tokens alone (beside others its draws may differ where the batched
+    call's rounding moves a cumulative probability across the draw: runtime/batch.py)."""
+    asks = [dict(temperature=0.8, seed=1), dict(temperature=1.0, seed=2, acceptance="typical"), dict(temperature=0)]
+    alone = [batched.generate(PROMPTS[i], max_new_tokens=24, **a).tokens for i, a in enumerate(asks)]
+    assert [batched.generate(PROMPTS[i], max_new_tokens=24, **a).tokens for i, a in enumerate(asks)] == alone
+    together = run_together([lambda i=i, a=a: batched.generate(PROMPTS[i], max_new_tokens=24, **a)
+                             for i, a in enumerate(asks)])  # fmt: skip
+    assert together[2].tokens == alone[2]
+    assert all(len(r.tokens) == 24 and r.stats.finish_reason == "length" for r in together)
+    other_seed = batched.generate(PROMPTS[0], max_new_tokens=24, temperature=0.8, seed=99).tokens
+    assert other_seed != alone[0]
+
+
+def test_the_cache_grows_by_doubling_and_shrinks_when_idle(tiny, gen, monkeypatch):
+    monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
+    try:
+        assert g.engine.capacity == 16
+        seen = []
+        orig = g.engine._run_forward
+
+        def spy(reqs):
+            seen.append(g.engine.capacity)
+            orig(reqs)
+
+        g.engine._run_forward = spy
+        want = [gen.generate(p, max_new_tokens=70).tokens for p in PROMPTS[:2]]
+        got = run_together([lambda p=p: g.generate(p, max_new_tokens=70).tokens for p in PROMPTS[:2]])
+        assert got == want
+        assert max(seen) >= 64 and set(seen) <= {16, 32, 64, 128, 256}  # doubled as the sequences grew
+        assert g.engine.capacity == 16  # every slot free: back to the start
+    finally:
+        g.close()
+
+
+def test_budgets_turn_trees_into_plain_steps_without_changing_tokens(tiny, gen):
+    """A budget of 1 token a step (the load's choice when speculation no longer pays): every step
+    is plain, the heads are never called after the prefill, and the tokens do not change."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=[1])
+    try:
+        want = [gen.generate(p, max_new_tokens=30).tokens for p in PROMPTS[:2]]
+        got = run_together([lambda p=p: g.generate(p, max_new_tokens=30) for p in PROMPTS[:2]])
+        assert [r.tokens for r in got] == want
+        assert all(r.stats.mean_accepted == 1.0 for r in got)
+        st = g.engine.stats
+        assert st["heads_calls"] <= 2  # the prefills' (lazy heads: none after plain steps)
+    finally:
+        g.close()
+
+
+def test_choose_budget_follows_the_load():
+    # seconds per call: rows are nearly free for one sequence, expensive for eight
+    costs = {(1, 1): 0.016, (1, 3): 0.017, (1, 6): 0.019, (8, 1): 0.025, (8, 3): 0.040, (8, 6): 0.060}
+    steps = [(3, 1)] * 20 + [(3, 2)] * 10 + [(6, 3)] * 6 + [(6, 1)] * 4  # tree steps, some with lookup drafts
+    assert rb.choose_budget(1, costs, steps[:10]) is None  # before WARMUP_STEPS: no limit
+    assert rb.choose_budget(1, costs, steps) == 6  # alone: the tree and its lookup drafts
+    assert rb.choose_budget(8, costs, steps) == 1  # eight decoding: plain steps pay more
+    assert rb.choose_budget(4, costs, steps) == 1  # between profiled sizes: the next larger one's costs
+    cheap = {k: (0.025 if k[1] == 1 else 0.026) for k in costs}  # if rows were free at 8 too
+    assert rb.choose_budget(8, cheap, steps) == 6
+    assert rb.choose_budget(1, {}, steps) is None  # no profile: no limit
+    assert rb.choose_budget(1, costs, [(1, 1)] * 40) is None  # plain steps only: nothing to weigh
+
+
+def test_auto_budgets_profile_the_graph_at_load(tiny):
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2)  # budgets="auto"
+    try:
+        costs = g.engine.costs
+        assert {b for b, _ in costs} == {1, 2} and {n for _, n in costs} == set(rb.PROFILE_ROWS)
+        assert all(t > 0 for t in costs.values())
+        assert g.engine.stats["calls"] == 0  # the profile's calls are not counted as serving
+        assert g.engine.budget() == g.engine.max_context  # nothing seen yet: no limit
+        g.generate(PROMPTS[0], max_new_tokens=8)
+    finally:
+        g.close()
+
+
+def test_a_closed_engine_refuses_calls(tiny):
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=1, budgets=None)
+    g.close()
+    with pytest.raises(MedusaError, match="closed"):
+        g.generate(PROMPTS[0], max_new_tokens=4)
+
+
+def test_the_slot_backend_checks_its_inputs(batched):
+    slot = batched.engine.acquire()
+    try:
+        with pytest.raises(MedusaError, match="diagonal"):
+            slot.forward(np.array([1, 2]), np.array([0, 1]), np.zeros((2, 2), bool))
+        with pytest.raises(RuntimeError, match="commit"):
+            slot.commit([0])
+    finally:
+        batched.engine.release(slot)
+
+
+def test_an_artifact_without_a_batch_graph(tiny, tmp_path):
+    """load(max_batch=...) names the missing batch.onnx; the server falls back to interleaving."""
+    from transformers import AutoTokenizer
+
+    from exporter.export import ExportOptions, export_artifact
+    from runtime.serve import load_for_serving
+
+    out = tmp_path / "no_batch"
+    export_artifact(tiny["model"], tiny["heads"], out, ExportOptions(validate=False, batch_graph=False),
+                    tokenizer=AutoTokenizer.from_pretrained(str(tiny["artifact"])))  # fmt: skip
+    assert not (out / "batch.onnx").exists()
+    with pytest.raises(ArtifactError, match="no batch graph"):
+        runtime.load(out, max_batch=2)
+    served = load_for_serving(out, 2, "auto", threads=1)
+    assert getattr(served, "engine", None) is None and served.backend_name == "onnxruntime"
+    with pytest.raises(MedusaError, match="--interleave"):
+        load_for_serving(out, 2, "batch", threads=1)
+    with_batch = load_for_serving(tiny["artifact"], 2, "auto", threads=1)
+    try:
+        assert with_batch.backend_name == "onnxruntime-batch"
+    finally:
+        with_batch.close()
+
+
+def test_a_straggler_does_not_stall_the_others_forever(tiny, gen):
+    """A stream whose consumer stops reading holds its slot but not the others' steps."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
+    try:
+        idle = g.stream(PROMPTS[0], max_new_tokens=50)
+        next(idle)  # one chunk, then the consumer goes quiet
+        t = time.perf_counter()
+        out = g.generate(PROMPTS[1], max_new_tokens=30).tokens
+        assert out == gen.generate(PROMPTS[1], max_new_tokens=30).tokens
+        assert time.perf_counter() - t < 30
+        idle.close()
+    finally:
+        g.close()
