@@ -47,6 +47,7 @@ them), so no write races a running call.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -72,6 +73,7 @@ GRACE = 0.01  # seconds a slot counts as computing after handing a chunk to its 
 PROFILE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # rows per sequence the start-up profile times
 PROFILE_CACHED = 128  # cache entries per sequence while profiling
 TREE_MARGIN = 1.1  # a tree budget is chosen over plain steps only when its estimate is this much faster
+SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while an engine runs (Python's default: 0.005)
 COST_EMA = 0.1  # weight of each observed step call in the cost table
 BUDGET_REFRESH = 0.5  # seconds a chosen budget is reused for the same number of decoding sequences
 HOST_GAP_MAX = 0.5  # seconds: a longer pause between step calls is idleness, not host work
@@ -256,6 +258,10 @@ class BatchEngine:
         self.stats = {"calls": 0, "sequences": 0, "rows": 0, "padded_rows": 0, "heads_calls": 0, "engine_s": 0.0}
         if budgets == "auto":
             self.costs = self.profile()
+        # the engine thread and each sequence's thread hand the GIL back and forth every step; at Python's
+        # default 5 ms switch interval a busy thread (a server's event loop) can hold it that long first
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._loop, name="medusa-batch-engine", daemon=True)
         self._thread.start()
 

@@ -1,14 +1,17 @@
 """Load test of ``medusa-run serve`` with the ``openai`` client: Medusa vs plain server.
 
-    python -m scripts.load_test artifacts/smollm2-135m-medusa --concurrency 1 2 4 8 --requests 8 \\
-        --max-tokens 128 --json runs/load_test.json --plot runs/load_test.png
+    python -m scripts.load_test artifacts/smollm2-135m-medusa --concurrency 1 2 4 8 16 --requests 16 \\
+        --max-tokens 128 --threads 2 --json runs/load_test.json --plot runs/load_test.png
 
-Starts two servers on free loopback ports (``--plain`` and Medusa, same artifact, ``--max-batch``
-= the largest concurrency), then for each concurrency level runs the plain and the Medusa server
-in turn: ``--requests`` streamed greedy chat requests (MT-Bench first turns, in order) from that
-many client threads. Per level and server: total generated tokens/s over the level's wall time,
-p50/p99 time to first token and inter-token latency, failed requests, and Medusa / plain. Bounded
-by ``--requests`` and ``--time-limit`` seconds per level (no new request starts after it).
+Starts the ``--servers`` (default: ``plain`` and ``medusa``; ``plain-interleave`` and
+``medusa-interleave`` serve one sequence per engine call instead of batching through
+batch.onnx) on free loopback ports, same artifact, ``--max-batch`` = the largest concurrency,
+then for each concurrency level runs each server in turn: ``--requests`` streamed greedy chat
+requests (MT-Bench first turns, in order) from that many client threads. Per level and server:
+total generated tokens/s over the level's wall time, p50/p99 time to first token and
+inter-token latency, failed requests; then the ratios between servers and each server's
+throughput against its own at the first level. Bounded by ``--requests`` and ``--time-limit``
+seconds per level (no new request starts after it).
 
     python -m scripts.load_test artifacts/smollm2-135m-medusa --soak 900 --concurrency 8 --json runs/soak.json
 
@@ -38,7 +41,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: str, plain: bool, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+SERVERS = ("plain", "medusa", "plain-interleave", "medusa-interleave")
+
+
+def start_server(artifact: str, kind: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+    """``kind``: plain or medusa decoding, batched engine calls (the default where the artifact has
+    batch.onnx) or ``-interleave`` (one sequence per engine call, steps taking turns)."""
     import httpx
 
     port = free_port()
@@ -46,8 +54,10 @@ def start_server(artifact: str, plain: bool, max_batch: int, threads: int | None
            "--max-queue", "1000", "-q"]  # fmt: skip
     if threads:
         cmd += ["--threads", str(threads)]
-    if plain:
+    if kind.startswith("plain"):
         cmd.append("--plain")
+    if kind.endswith("-interleave"):
+        cmd += ["--batching", "interleave"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -140,7 +150,7 @@ def rss_mib(pid: int) -> float:
 def soak(artifact: str, prompts: list[str], model: str, concurrency: int, seconds: float, max_tokens: int,
          threads: int | None) -> dict:  # fmt: skip
     """``concurrency`` clients back to back for ``seconds`` against one Medusa server; RSS sampled."""
-    proc, url = start_server(artifact, False, concurrency, threads)
+    proc, url = start_server(artifact, "medusa", concurrency, threads)
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -190,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=300, help="seconds per level after which no request starts")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--servers", nargs="+", choices=SERVERS, default=["plain", "medusa"],
+                    help="servers to compare (-interleave: one sequence per engine call)")  # fmt: skip
     ap.add_argument("--soak", type=float, default=0, help="seconds of a soak at the first concurrency (Medusa only)")
     a = ap.parse_args(argv)
     prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
@@ -206,16 +218,16 @@ def main(argv=None) -> int:
         return 0 if r["failed"] == 0 else 1
     servers = {}
     try:
-        for kind in ("plain", "medusa"):
-            servers[kind] = start_server(a.artifact, kind == "plain", max(a.concurrency), a.threads)
+        for kind in a.servers:
+            servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads)
         rows = []
         for c in a.concurrency:
-            for kind in ("plain", "medusa"):  # interleaved per level: the machine's drift hits both
+            for kind in a.servers:  # taking turns per level: the machine's drift hits every server
                 run_level(servers[kind][1], model, prompts, 1, 1, 8, a.time_limit)  # warm-up
                 r = run_level(servers[kind][1], model, prompts, c, a.requests, a.max_tokens, a.time_limit)
                 r["server"] = kind
                 rows.append(r)
-                print(f"{kind:>6} c={c:<3} {r['requests']:>3} req {r['tokens_per_s']:7.1f} tok/s  ttft p50/p99 "
+                print(f"{kind:>17} c={c:<3} {r['requests']:>3} req {r['tokens_per_s']:7.1f} tok/s  ttft p50/p99 "
                       f"{_ms(r['ttft_p50'])}/{_ms(r['ttft_p99'])} ms  itl p50/p99 {_ms(r['itl_p50'])}/"
                       f"{_ms(r['itl_p99'])} ms  failed {r['failed']}", flush=True)  # fmt: skip
     finally:
@@ -226,14 +238,22 @@ def main(argv=None) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print(f"\n{'c':>3} {'plain tok/s':>12} {'medusa tok/s':>13} {'medusa/plain':>13} {'vs c=1 (medusa)':>16}")
     by = {(r["server"], r["concurrency"]): r for r in rows}
-    base = by[("medusa", a.concurrency[0])]["tokens_per_s"]
+    print("\n" + f"{'c':>3} " + " ".join(f"{k + ' tok/s':>23}" for k in a.servers), end="")
+    pairs = [(m, p) for m, p in (("medusa", "plain"), ("medusa-interleave", "plain-interleave"),
+                                 ("medusa", "medusa-interleave"), ("plain", "plain-interleave"))
+             if m in a.servers and p in a.servers]  # fmt: skip
+    print("".join(f" {m + '/' + p:>30}" for m, p in pairs) + "".join(f" {k + ' vs c=1':>24}" for k in a.servers))
     for c in a.concurrency:
-        p, m = by[("plain", c)]["tokens_per_s"], by[("medusa", c)]["tokens_per_s"]
-        print(f"{c:>3} {p:12.1f} {m:13.1f} {m / p if p else 0:12.2f}x {m / base if base else 0:15.2f}x")
+        cells = [f"{by[(k, c)]['tokens_per_s']:23.1f}" for k in a.servers]
+        ratios = [by[(m, c)]["tokens_per_s"] / by[(p, c)]["tokens_per_s"] if by[(p, c)]["tokens_per_s"] else 0
+                  for m, p in pairs]  # fmt: skip
+        scale = [by[(k, c)]["tokens_per_s"] / by[(k, a.concurrency[0])]["tokens_per_s"]
+                 if by[(k, a.concurrency[0])]["tokens_per_s"] else 0 for k in a.servers]  # fmt: skip
+        print(f"{c:>3} " + " ".join(cells) + "".join(f" {x:29.2f}x" for x in ratios)
+              + "".join(f" {x:23.2f}x" for x in scale))  # fmt: skip
     result = {"artifact": a.artifact, "max_tokens": a.max_tokens, "requests": a.requests, "threads": a.threads,
-              "cpu_count": os.cpu_count(), "rows": rows}  # fmt: skip
+              "cpu_count": os.cpu_count(), "servers": a.servers, "rows": rows}  # fmt: skip
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -251,7 +271,7 @@ def plot(rows: list[dict], levels: list[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for kind in ("plain", "medusa"):
+    for kind in dict.fromkeys(r["server"] for r in rows):
         rs = [r for r in rows if r["server"] == kind]
         axes[0].plot(levels, [r["tokens_per_s"] for r in rs], marker="o", label=kind)
         axes[1].plot(levels, [(r["ttft_p50"] or 0) * 1000 for r in rs], marker="o", label=f"{kind} p50")
