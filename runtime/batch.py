@@ -72,7 +72,7 @@ MIN_CAPACITY = 256  # cache positions per slot to start with
 GRACE = 0.01  # seconds a slot counts as computing after handing a chunk to its consumer
 PROFILE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # rows per sequence the start-up profile times
 PROFILE_CACHED = 128  # cache entries per sequence while profiling
-TREE_MARGIN = 1.1  # a tree budget is chosen over plain steps only when its estimate is this much faster
+TREE_MARGIN = 1.2  # a tree budget is chosen over plain steps only when its estimate is this much faster
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while an engine runs (Python's default: 0.005)
 COST_EMA = 0.1  # weight of each observed step call in the cost table
 BUDGET_REFRESH = 0.5  # seconds a chosen budget is reused for the same number of decoding sequences
@@ -233,6 +233,7 @@ class BatchEngine:
         self.kv = np.zeros((s.num_layers, 2, slots, s.num_kv_heads, self.capacity, s.head_dim), self._dtype)
         self._len = [0] * slots  # entries written into each slot (the engine's view)
         self._cond = threading.Condition()
+        self._exec = threading.Lock()  # whoever runs a call (the engine thread, or a sequence alone) holds it
         self._pending: dict[int, _Request] = {}
         self._commits: list[tuple[int, int, np.ndarray | None]] = []
         self._computing: set[int] = set()
@@ -376,9 +377,16 @@ class BatchEngine:
         with self._cond:
             if self._closed:
                 raise MedusaError("the batch engine is closed")
-            self._pending[req.slot] = req
-            self._cond.notify_all()
-        req.done.wait()
+            # one sequence decoding: its thread makes the call itself (two thread hops fewer a call);
+            # a sequence that joins meanwhile goes through the engine thread, which waits for the call
+            alone = self.slots - len(self._free) <= 1 and not self._pending
+            if not alone:
+                self._pending[req.slot] = req
+                self._cond.notify_all()
+        if alone:
+            self._execute([req])
+        else:
+            req.done.wait()
         if req.error is not None:
             raise req.error
         return req
@@ -400,21 +408,25 @@ class BatchEngine:
                     self._pending.clear()
                     return
                 run = self._take()
+            self._execute(run)
+
+    def _execute(self, run: list[_Request]) -> None:
+        """One call for ``run`` (all heads requests, or forwards), by whichever thread holds the
+        execution lock: the queued commits first (taken under the lock, so every commit a request's
+        sequence queued before it is in the cache when it runs), then the call; errors go to the
+        requests."""
+        with self._exec:
+            with self._cond:
                 commits, self._commits = self._commits, []
             try:
                 self._apply(commits)
-            except BaseException as e:  # pragma: no cover - a bug: fail the requests, keep serving
-                log.exception("batch engine: writing the cache failed")
-                for r in run:
-                    r.error = e
-                    r.done.set()
-                continue
-            try:
                 if run[0].kind == "heads":
                     self._run_heads(run)
                 else:
                     self._run_forward(run)
             except BaseException as e:
+                if not isinstance(e, MedusaError):
+                    log.exception("batch engine: a call failed")
                 for r in run:
                     r.error = e if isinstance(e, MedusaError) else MedusaError(f"engine call failed: {e}")
             for r in run:
