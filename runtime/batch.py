@@ -232,6 +232,9 @@ class BatchEngine:
         self.capacity = min(MIN_CAPACITY, self.max_context)
         self.kv = np.zeros((s.num_layers, 2, slots, s.num_kv_heads, self.capacity, s.head_dim), self._dtype)
         self._len = [0] * slots  # entries written into each slot (the engine's view)
+        # I/O bindings with the cache (and the outputs) bound, per slot range: a call rebinds only its
+        # five small inputs (binding 2 x layers cache tensors costs ~1 ms of Python a call)
+        self._bindings: dict[tuple, Any] = {}
         self._cond = threading.Condition()
         self._exec = threading.Lock()  # whoever runs a call (the engine thread, or a sequence alone) holds it
         self._pending: dict[int, _Request] = {}
@@ -483,6 +486,7 @@ class BatchEngine:
         kv = np.zeros((*self.kv.shape[:4], cap, self.kv.shape[5]), self._dtype)
         kv[:, :, :, :, : self.capacity] = self.kv
         self.kv, self.capacity = kv, cap
+        self._bindings.clear()  # they point into the old buffer
         log.debug("batch engine: cache capacity %d per slot", cap)
 
     def _shrink(self) -> None:
@@ -491,6 +495,7 @@ class BatchEngine:
         if self.capacity > start:
             self.kv = np.zeros((*self.kv.shape[:4], start, self.kv.shape[5]), self._dtype)
             self.capacity = start
+            self._bindings.clear()
 
     def _run_heads(self, reqs: list[_Request]) -> None:
         from runtime.onnxrt import run_heads
@@ -542,7 +547,18 @@ class BatchEngine:
         k = n if r.logits is None else max(0, min(int(r.logits), n))
         session = self.single
         assert session is not None
-        io = session.io_binding()
+        io = self._bindings.get(("single", slot))
+        if io is None:
+            io = self._bindings[("single", slot)] = session.io_binding()
+            io.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
+            io.bind_output("hidden_states", "cpu")
+            past, present = self._cache_names, self._single_present
+            for j in range(len(past)):
+                buf = self.kv[j // 2, j % 2, slot : slot + 1]
+                io.bind_input(past[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+                io.bind_output(present[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+        io.bind_output("logits", "cpu")  # unallocated again: ONNX Runtime sizes them for this call
+        io.bind_output("hidden_states", "cpu")
         keep = [
             _bind(io.bind_input, "input_ids", r.ids[None]),
             _bind(io.bind_input, "position_ids", r.pos[None]),
@@ -550,13 +566,6 @@ class BatchEngine:
             _bind(io.bind_input, "cache_lengths", np.array([base], np.int64)),
             _bind(io.bind_input, "num_logits", np.array([k], np.int64)),
         ]
-        io.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
-        io.bind_output("hidden_states", "cpu")
-        past, present = self._cache_names, self._single_present
-        for j in range(len(past)):
-            buf = self.kv[j // 2, j % 2, slot : slot + 1]
-            io.bind_input(past[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
-            io.bind_output(present[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
         t = time.perf_counter()
         session.run_with_iobinding(io)
         self.stats["engine_s"] += time.perf_counter() - t
@@ -589,7 +598,14 @@ class BatchEngine:
             lens[b] = self._len[r.slot]
         single = len(reqs) == 1
         k = n if not single or reqs[0].logits is None else max(0, min(int(reqs[0].logits), n))
-        io = self.session.io_binding()
+        io = self._bindings.get(("batch", lo, hi))
+        if io is None:
+            io = self._bindings[("batch", lo, hi)] = self.session.io_binding()
+            for j, name in enumerate(self._cache_names):  # k0, v0, k1, v1, ...: contiguous slices of the buffer
+                buf = self.kv[j // 2, j % 2, lo:hi]
+                io.bind_input(name, "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+        for name in self._out_names:  # unallocated: ONNX Runtime sizes them for this call
+            io.bind_output(name, "cpu")
         keep = [
             _bind(io.bind_input, "input_ids", ids),
             _bind(io.bind_input, "position_ids", pos),
@@ -597,10 +613,6 @@ class BatchEngine:
             _bind(io.bind_input, "cache_lengths", lens),
             _bind(io.bind_input, "num_logits", np.array([k], np.int64)),
         ]
-        for j, name in enumerate(self._cache_names):  # k0, v0, k1, v1, ...
-            keep.append(_bind(io.bind_input, name, self.kv[j // 2, j % 2, lo:hi]))
-        for name in self._out_names:
-            io.bind_output(name, "cpu")
         t = time.perf_counter()
         self.session.run_with_iobinding(io)
         self.stats["engine_s"] += time.perf_counter() - t
