@@ -73,7 +73,7 @@ GRACE = 0.01  # seconds a slot counts as computing after handing a chunk to its 
 PROFILE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # rows per sequence the start-up profile times
 PROFILE_CACHED = 128  # cache entries per sequence while profiling
 TREE_MARGIN = 1.2  # a tree budget is chosen over plain steps only when its estimate is this much faster
-SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while an engine runs (Python's default: 0.005)
+SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while 2+ sequences decode (Python's default: 0.005)
 COST_EMA = 0.1  # weight of each observed step call in the cost table
 BUDGET_REFRESH = 0.5  # seconds a chosen budget is reused for the same number of decoding sequences
 HOST_GAP_MAX = 0.5  # seconds: a longer pause between step calls is idleness, not host work
@@ -262,10 +262,7 @@ class BatchEngine:
         self.stats = {"calls": 0, "sequences": 0, "rows": 0, "padded_rows": 0, "heads_calls": 0, "engine_s": 0.0}
         if budgets == "auto":
             self.costs = self.profile()
-        # the engine thread and each sequence's thread hand the GIL back and forth every step; at Python's
-        # default 5 ms switch interval a busy thread (a server's event loop) can hold it that long first
-        if sys.getswitchinterval() > SWITCH_INTERVAL:
-            sys.setswitchinterval(SWITCH_INTERVAL)
+        self._switch_interval = sys.getswitchinterval()
         self._thread = threading.Thread(target=self._loop, name="medusa-batch-engine", daemon=True)
         self._thread.start()
 
@@ -278,6 +275,7 @@ class BatchEngine:
             if self._closed:
                 raise MedusaError("the batch engine is closed")
             index = self._free.pop(0)  # lowest first: calls cover a short contiguous range
+            self._switch()
         return SlotBackend(self, index)
 
     def release(self, slot: SlotBackend) -> None:
@@ -290,7 +288,17 @@ class BatchEngine:
             if len(self._free) == self.slots:  # nobody decoding: no call runs, the cache holds nothing kept
                 self._commits.clear()
                 self._shrink()
+            self._switch()
             self._cond.notify_all()
+
+    def _switch(self) -> None:
+        """Under the lock: Python's GIL switch interval for the number of decoding sequences. With two
+        or more, every step hands the GIL from each sequence's thread to the engine thread and back,
+        and at the default 5 ms a busy thread (a server's event loop) can keep it that long first;
+        alone, a sequence makes its own calls and the default serves it best."""
+        want = SWITCH_INTERVAL if self.slots - len(self._free) >= 2 else self._switch_interval
+        if sys.getswitchinterval() != want:
+            sys.setswitchinterval(want)
 
     @contextmanager
     def computing(self, slot: SlotBackend):
@@ -371,6 +379,7 @@ class BatchEngine:
     def close(self) -> None:
         with self._cond:
             self._closed = True
+            sys.setswitchinterval(self._switch_interval)
             self._cond.notify_all()
         self._thread.join(timeout=10)
 
