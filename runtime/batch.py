@@ -468,7 +468,7 @@ class BatchEngine:
             big = [r for r in forwards if r.rows > self.max_rows]
             # steps and prompt chunks take turns: a newcomer's prompt advances a chunk per step of the others
             run = [big[0]] if big and (self._chunk_turn or not small) else small
-            self._chunk_turn = not (big and run is small)
+            self._chunk_turn = bool(big) and run is small  # a chunk waited: it goes next
         for r in run:
             del self._pending[r.slot]
         return sorted(run, key=lambda r: r.slot)
@@ -492,8 +492,12 @@ class BatchEngine:
         while cap < needed:
             cap *= 2
         cap = min(cap, self.max_context)
+        # np.zeros maps its pages lazily: only what is copied (each slot's kept entries) and what later
+        # calls write is touched, so growing costs the cached entries, not slots x capacity
         kv = np.zeros((*self.kv.shape[:4], cap, self.kv.shape[5]), self._dtype)
-        kv[:, :, :, :, : self.capacity] = self.kv
+        for slot, length in enumerate(self._len):
+            if length:
+                kv[:, :, slot, :, :length] = self.kv[:, :, slot, :, :length]
         self.kv, self.capacity = kv, cap
         self._bindings.clear()  # they point into the old buffer
         log.debug("batch engine: cache capacity %d per slot", cap)

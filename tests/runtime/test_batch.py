@@ -241,3 +241,71 @@ def test_a_straggler_does_not_stall_the_others_forever(tiny, gen):
         idle.close()
     finally:
         g.close()
+
+
+def test_a_newcomers_prompt_chunks_take_turns_with_the_running_steps(tiny, gen):
+    """While one sequence decodes, a newcomer's long prompt is prefilled a chunk per engine round,
+    taking turns with the running sequence's steps: it is neither starved by them nor run whole."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2, prefill_chunk=32, budgets=None)
+    calls: list[tuple[int, ...]] = []
+    orig = g.engine._run_forward
+
+    def spy(reqs):
+        calls.append(tuple(r.slot for r in reqs))
+        orig(reqs)
+
+    g.engine._run_forward = spy
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    n_prompt = len(g.encode(long_prompt))
+    started = threading.Event()
+
+    def first():
+        out = []
+        for i, chunk in enumerate(g.stream(PROMPTS[0], max_new_tokens=80)):
+            out.extend(chunk.tokens)
+            if i == 2:
+                started.set()
+        return out
+
+    def newcomer():
+        assert started.wait(60)
+        return g.generate(long_prompt, max_new_tokens=8).tokens
+
+    try:
+        got = run_together([first, newcomer])
+        assert got == [
+            gen.generate(PROMPTS[0], max_new_tokens=80).tokens,
+            gen.generate(long_prompt, max_new_tokens=8).tokens,
+        ]
+        full = n_prompt // 32  # full chunks run alone (more rows than max_rows); a short last one joins a step
+        chunks = [i for i, c in enumerate(calls) if c == (1,)][:full]
+        assert len(chunks) == full >= 3
+        between = [calls[a + 1 : b] for a, b in zip(chunks, chunks[1:])]
+        assert all(len(x) <= 1 for x in between), calls  # one step of the other sequence between two chunks, at most
+    finally:
+        g.close()
+
+
+def test_take_alternates_steps_and_prompt_chunks(batched):
+    """The scheduling rule itself: with a step and a prompt chunk both waiting round after round,
+    the engine's rounds alternate between them (the chunk is never starved by steps)."""
+    eng = batched.engine
+    step = lambda: rb._Request(0, "forward", ids=np.zeros(3, np.int64), pos=np.arange(3), mask=np.eye(3, dtype=bool))
+    chunk = rb._Request(1, "forward", ids=np.zeros(40, np.int64), pos=np.arange(40), mask=np.eye(40, dtype=bool))
+    taken = []
+    with eng._cond:
+        saved = dict(eng._pending), set(eng._computing), eng._chunk_turn
+        try:
+            eng._pending.clear()
+            eng._computing.clear()
+            eng._chunk_turn = False
+            for _ in range(4):
+                eng._pending.setdefault(0, step())
+                eng._pending.setdefault(1, chunk)
+                taken.append(tuple(r.rows for r in eng._take()))
+        finally:
+            eng._pending.clear()
+            eng._pending.update(saved[0])
+            eng._computing |= saved[1]
+            eng._chunk_turn = saved[2]
+    assert taken == [(3,), (40,), (3,), (40,)]
