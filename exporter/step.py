@@ -69,8 +69,9 @@ class BackboneStep(nn.Module):
         visible = torch.ones(batch, 1, new, past_len, dtype=torch.bool, device=input_ids.device)
         mask = torch.cat([visible, tree_mask.to(torch.bool).unsqueeze(1)], dim=-1)
         out = self.model.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=cache, use_cache=True
-        )
+            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
+            **{_cache_kwarg(self.model.model): cache},
+        )  # fmt: skip
         hidden = out.last_hidden_state
         logits = self.model.lm_head(hidden)
         presents = []
@@ -91,3 +92,12 @@ class HeadsStep(nn.Module):
 
     def forward(self, hidden_states):
         return self.heads(hidden_states, self.lm_head)
+
+
+def _cache_kwarg(model) -> str:
+    """The name under which ``model.forward`` takes a cache: ``cache`` (transformers 5.2x, the pinned
+    version) or ``past_key_values`` (earlier releases, e.g. 5.17 on the GPU machine), which would
+    otherwise swallow ``cache=`` into ``**kwargs`` and leave the cache handed in unfilled."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
