@@ -64,6 +64,11 @@ Prompt = str | Sequence[int] | Sequence[dict]
 _DEFAULTS = DecodeConfig()
 
 
+def _decode_args(args: dict) -> dict:
+    """``generate``'s / ``stream``'s arguments (their ``locals()`` on entry) for ``_plan``."""
+    return {k: v for k, v in args.items() if k != "self"}
+
+
 @dataclass
 class Generation:
     text: str
@@ -290,7 +295,7 @@ class MedusaGenerator:
             raise ConfigError("the prompt is empty (it encodes to no tokens)")
         return ids
 
-    def _events(
+    def _plan(
         self,
         prompt,
         max_new_tokens,
@@ -421,21 +426,7 @@ class MedusaGenerator:
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
-        ids, cfg, t = self._events(
-            prompt,
-            max_new_tokens,
-            temperature,
-            epsilon,
-            delta,
-            tree,
-            stop,
-            seed,
-            medusa,
-            acceptance,
-            top_k,
-            top_p,
-            lookup,
-        )
+        ids, cfg, t = self._plan(**_decode_args(locals()))
         return self._chunks(self._stream_events(ids, cfg, t))
 
     def _chunks(self, steps) -> Iterator[TextChunk]:
@@ -476,21 +467,7 @@ class MedusaGenerator:
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless
         like every draft: the backbone verifies it.
         """
-        ids, cfg, t = self._events(
-            prompt,
-            max_new_tokens,
-            temperature,
-            epsilon,
-            delta,
-            tree,
-            stop,
-            seed,
-            medusa,
-            acceptance,
-            top_k,
-            top_p,
-            lookup,
-        )
+        ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []
         stats = DecodeStats()
         for event in self._generate_events(ids, cfg, t):

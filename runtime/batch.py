@@ -252,6 +252,7 @@ class BatchEngine:
                 raise MedusaError("budgets: give at least one token budget (or None / 'auto')")
         self.budgets = budgets
         self.costs: dict[tuple[int, int], float] = {}  # (sequences, rows) -> seconds per call
+        self._grid: tuple[list[int], list[int]] = ([], [])  # the profiled sequence counts and row counts
         # host seconds per sequence between two step calls, by the kind of step ("plain" / "tree"): measured
         self.host: dict[str, float] = {}
         self._last_call: tuple[float, str, int] | None = None
@@ -262,6 +263,8 @@ class BatchEngine:
         self.stats = {"calls": 0, "sequences": 0, "rows": 0, "padded_rows": 0, "heads_calls": 0, "engine_s": 0.0}
         if budgets == "auto":
             self.costs = self.profile()
+            # the profile's grid, sorted once (every step call folds its duration into one cell)
+            self._grid = (sorted({b for b, _ in self.costs}), sorted({n for _, n in self.costs}))
         self._switch_interval = sys.getswitchinterval()
         self._thread = threading.Thread(target=self._loop, name="medusa-batch-engine", daemon=True)
         self._thread.start()
@@ -345,7 +348,7 @@ class BatchEngine:
             if granted >= max(self._widest, rows, self.max_rows if not self._steps else 0):
                 self._steps.append((rows, tokens))
                 self._widest = max(self._widest, rows)
-        with self._cond:  # every WARMUP_STEPS-th step runs without a limit, so the estimates keep up
+            # every 4 x WARMUP_STEPS-th step runs without a limit, so the estimates keep up
             self._explore = (self._explore + 1) % (4 * WARMUP_STEPS)
 
     def profile(self, rows=PROFILE_ROWS, repeats: int = 3, cached: int = PROFILE_CACHED) -> dict:
@@ -540,9 +543,9 @@ class BatchEngine:
     def _observe_cost(self, seqs: int, rows: int, seconds: float) -> None:
         """Fold a step call's duration into the cost table's cell at or above (seqs, rows): the
         start-up profile guessed cache lengths; the calls themselves know them."""
-        sizes = sorted({b for b, _ in self.costs})
+        sizes, rows_profiled = self._grid
         b = next((x for x in sizes if x >= seqs), sizes[-1])
-        n = next((x for x in sorted(n for bb, n in self.costs if bb == b) if x >= rows), None)
+        n = next((x for x in rows_profiled if x >= rows), None)
         if n is None:
             return
         with self._cond:
@@ -640,7 +643,11 @@ class BatchEngine:
         st["padded_rows"] += B * n
         for r in reqs:
             b, m = r.slot - lo, r.rows
-            rows = logits[b] if single else logits[b, :m][m - (m if r.logits is None else min(r.logits, m)) :]
+            if single:  # the graph computed the k rows asked for
+                rows = logits[b]
+            else:  # every row was computed: the last k of this sequence's m
+                k_r = m if r.logits is None else min(int(r.logits), m)
+                rows = logits[b, m - k_r : m]
             r.result = (rows.copy(), hidden[b, :m].copy(), new[:, :, b, :, :m].copy())
 
 
