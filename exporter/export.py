@@ -50,6 +50,8 @@ from exporter.fused import FUSED_OPSET, MAX_EXTERNAL_DATA_THRESHOLD_MB
 from runtime.artifact import (
     HEADS_INPUTS,
     HEADS_OUTPUTS,
+    HYDRA_INPUTS,
+    HYDRA_OUTPUTS,
     ArtifactConfig,
     GraphSpec,
     config_digest,
@@ -114,8 +116,10 @@ class ExportOptions:
 backbone_io = portable_io  # the contract's names and axes: runtime/artifact.py
 
 
-def heads_io() -> tuple[list[str], list[str], dict[str, list[str]]]:
-    """Input names, output names and named dynamic axes of ``heads.onnx``."""
+def heads_io(kind: str = "medusa") -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Input names, output names and named dynamic axes of ``heads.onnx`` (Medusa or Hydra heads)."""
+    if kind == "hydra":
+        return list(HYDRA_INPUTS), list(HYDRA_OUTPUTS), {name: ["batch"] for name in (*HYDRA_INPUTS, *HYDRA_OUTPUTS)}
     return list(HEADS_INPUTS), list(HEADS_OUTPUTS), {name: ["batch"] for name in (*HEADS_INPUTS, *HEADS_OUTPUTS)}
 
 
@@ -359,22 +363,37 @@ def export_heads(
     path: Path,
     opset: int = DEFAULT_OPSET,
     external_data_threshold_mb: float = DEFAULT_EXTERNAL_DATA_THRESHOLD_MB,
+    embed=None,
 ) -> dict:
-    """Trace HeadsStep(heads, lm_head) into ``path`` (+ ``path.data``); returns {file: bytes}."""
+    """Trace HeadsStep(heads, lm_head) into ``path`` (+ ``path.data``), or HydraStep(heads, lm_head,
+    embed) for Hydra heads; returns {file: bytes}."""
     import torch
 
-    from exporter.step import HeadsStep
+    from exporter.step import HeadsStep, HydraStep
 
     path = Path(path)
-    inputs, outputs, axes = heads_io()
+    kind = getattr(heads.config, "kind", "medusa")
+    inputs, outputs, axes = heads_io(kind)
     dtype = lm_head.weight.dtype
-    hidden = torch.randn(TRACE_BATCH, heads.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(TRACE_BATCH, heads.config.hidden_size, generator=g).to(dtype)
     scratch = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
     try:
-        step = HeadsStep(heads, lm_head).eval()
+        if kind == "hydra":
+            if embed is None:
+                raise MedusaError("Hydra heads read the backbone's input embeddings: pass embed")
+            K = heads.config.num_heads
+            step: torch.nn.Module = HydraStep(heads, lm_head, embed).eval()
+            args: tuple = (
+                hidden,
+                torch.randint(0, heads.config.vocab_size, (TRACE_BATCH, K), generator=g),
+                (torch.arange(TRACE_BATCH) % K + 1).to(torch.long),
+            )
+        else:
+            step, args = HeadsStep(heads, lm_head).eval(), (hidden,)
         with tracing_patches(step):
-            with progress(f"tracing the Medusa heads ({heads.config.num_heads} heads)"):
-                _trace(step, (hidden,), scratch / path.name, inputs, outputs, axes, opset)
+            with progress(f"tracing the {kind.capitalize()} heads ({heads.config.num_heads} heads)"):
+                _trace(step, args, scratch / path.name, inputs, outputs, axes, opset)
         with progress(f"saving {path.name}"):
             return _finalize(scratch / path.name, path, _weights_bytes(step), external_data_threshold_mb * 2**20)
     finally:
@@ -617,7 +636,14 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         else:
             files.update(export_backbone(model, tmp / BACKBONE_FILE, options.opset, options.external_data_threshold_mb))
         files.update(
-            export_heads(heads, model.lm_head, tmp / HEADS_FILE, options.opset, options.external_data_threshold_mb)
+            export_heads(
+                heads,
+                model.lm_head,
+                tmp / HEADS_FILE,
+                options.opset,
+                options.external_data_threshold_mb,
+                embed=model.get_input_embeddings(),
+            )
         )
         with progress("saving the tokenizer and medusa_config.json"):
             tokenizer.save_pretrained(str(tmp))
@@ -631,7 +657,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 b_in, b_out, b_axes = fused_io(spec.num_layers)
             else:
                 b_in, b_out, b_axes = backbone_io(spec.num_layers)
-            h_in, h_out, h_axes = heads_io()
+            h_in, h_out, h_axes = heads_io(spec.medusa_head_type)
             opts = {k: v for k, v in asdict(options).items() if k not in ("force",)}
             opts["validation_trees"] = list(options.validation_trees)
             config = ArtifactConfig(
@@ -654,6 +680,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                     "heads": {
                         "num_heads": heads.config.num_heads,
                         "num_layers": heads.config.num_layers,
+                        "kind": getattr(heads.config, "kind", "medusa"),
                         "shared_lm_head": heads.config.shared_lm_head,
                         "layout": heads.config.meta.get("layout"),
                         "source": heads.config.meta.get("source"),

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runtime.errors import CheckpointError
@@ -55,6 +56,10 @@ class HeadsConfig:
     hidden_size: int
     vocab_size: int
     shared_lm_head: bool = True  # True: heads reuse the backbone's lm_head
+    # "medusa": head k reads the last hidden state only (Medusa-1/2); "hydra": head k also reads
+    # the embeddings of the k+1 tokens on its path (the root and the drafts above it), so a tree is
+    # drafted level by level (HydraHeads)
+    kind: str = "medusa"
     draft_vocab_size: int = 0  # > 0: the heads propose only these many tokens (the draft_vocab buffer)
     meta: dict = field(default_factory=dict)  # provenance: training data, steps, accuracy
 
@@ -73,31 +78,11 @@ class ResBlock(nn.Module):
         return x + self.act(self.linear(x))
 
 
-class MedusaHeads(nn.Module):
-    """K heads; ``forward(hidden [..., H], lm_head) -> logits [..., K, V]``."""
+class _DraftProjection(nn.Module):
+    """The draft-vocabulary projection both head kinds share (module doc, "Draft vocabulary")."""
 
-    def __init__(self, config: HeadsConfig, lm_head: nn.Module | None = None):
-        super().__init__()
-        self.config = config
-        heads = []
-        for _ in range(config.num_heads):
-            layers: list[nn.Module] = [ResBlock(config.hidden_size) for _ in range(config.num_layers)]
-            if not config.shared_lm_head:
-                proj = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-                if lm_head is not None:  # official init: start from the backbone's projection
-                    proj.weight.data.copy_(lm_head.weight.data)
-                layers.append(proj)
-            heads.append(nn.Sequential(*layers))
-        # Heads are this module's own children "0", "1", ...: state-dict keys are the official
-        # Medusa-1 keys, and stay consistent with named_parameters() inside a parent module.
-        for i, head in enumerate(heads):
-            self.add_module(str(i), head)
-        self.register_buffer(DRAFT_VOCAB_KEY, None)
-        if config.draft_vocab_size:
-            raise ValueError(
-                "a draft vocabulary is data, not configuration: build the heads with draft_vocab_size=0, "
-                "then call set_draft_vocab(token_ids) (load_heads does)"
-            )
+    config: HeadsConfig
+    draft_vocab: torch.Tensor | None
 
     def set_draft_vocab(self, token_ids) -> None:
         """Restrict proposals to ``token_ids`` (None: the whole vocabulary). See the module doc."""
@@ -141,6 +126,33 @@ class MedusaHeads(nn.Module):
         out = sub.new_full((*sub.shape[:-1], weight.shape[0]), torch.finfo(sub.dtype).min)
         return out.scatter(-1, self.draft_vocab.expand(*sub.shape[:-1], -1), sub)
 
+
+class MedusaHeads(_DraftProjection):
+    """K heads; ``forward(hidden [..., H], lm_head) -> logits [..., K, V]``."""
+
+    def __init__(self, config: HeadsConfig, lm_head: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        heads = []
+        for _ in range(config.num_heads):
+            layers: list[nn.Module] = [ResBlock(config.hidden_size) for _ in range(config.num_layers)]
+            if not config.shared_lm_head:
+                proj = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                if lm_head is not None:  # official init: start from the backbone's projection
+                    proj.weight.data.copy_(lm_head.weight.data)
+                layers.append(proj)
+            heads.append(nn.Sequential(*layers))
+        # Heads are this module's own children "0", "1", ...: state-dict keys are the official
+        # Medusa-1 keys, and stay consistent with named_parameters() inside a parent module.
+        for i, head in enumerate(heads):
+            self.add_module(str(i), head)
+        self.register_buffer(DRAFT_VOCAB_KEY, None)
+        if config.draft_vocab_size:
+            raise ValueError(
+                "a draft vocabulary is data, not configuration: build the heads with draft_vocab_size=0, "
+                "then call set_draft_vocab(token_ids) (load_heads does)"
+            )
+
     @property
     def heads(self) -> list[nn.Sequential]:
         """The K heads, in order: each ``num_layers`` ResBlocks (+ its own projection)."""
@@ -163,6 +175,101 @@ class MedusaHeads(nn.Module):
             n = self.config.num_layers
             return torch.stack([self._draft_logits(h[:n](hidden), h[n].weight, None) for h in self.heads], dim=-2)
         return torch.stack([h(hidden) for h in self.heads], dim=-2)
+
+
+class HydraHeads(_DraftProjection):
+    """K sequentially dependent heads (Hydra, Ankner et al. 2024, arXiv 2402.05109, its MLP form).
+
+    Head k (0-based) predicts the same token as Medusa head k (depth k+1 of the tree, k+2
+    positions past the last cached token) but reads, besides the last hidden state ``h``, the
+    embeddings of the k+1 tokens on the path to that node: the root (the backbone's own next
+    token) and the drafts of depths 1..k. Its first layer is ``h + SiLU(W_k [h; e_0; ..; e_k] + b_k)``
+    (zero-initialised: a fresh head is the identity, as a fresh Medusa head is), then
+    ``num_layers - 1`` residual blocks, then the shared ``lm_head`` (with the draft vocabulary, if
+    any). A tree is therefore drafted level by level: depth d's candidates need their paths.
+
+    The path embeddings are the backbone's input embeddings. With a draft vocabulary, a path token
+    outside it reads a zero embedding (training does the same), so an exported graph holds only
+    the draft rows of the embedding table.
+
+    ``forward(hidden [N, H], path_ids [N, K], path_len [N], lm_head, embed) -> logits [N, V]``:
+    row n runs head ``path_len[n] - 1`` on the first ``path_len[n]`` tokens of its path (the rest
+    of the row is ignored), so one call may mix depths (the batch engine's sequences).
+    """
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        if config.kind != "hydra":
+            raise ValueError(f"HydraHeads needs a config of kind 'hydra', got {config.kind!r}")
+        if not config.shared_lm_head:
+            raise ValueError("Hydra heads share the backbone's lm_head")
+        if config.num_layers < 1:
+            raise ValueError("Hydra heads need num_layers >= 1 (the input layer)")
+        self.config = config
+        H = config.hidden_size
+        for k in range(config.num_heads):
+            head = nn.Module()
+            head.input = nn.Linear((k + 2) * H, H)
+            nn.init.zeros_(head.input.weight)
+            nn.init.zeros_(head.input.bias)
+            head.blocks = nn.Sequential(*[ResBlock(H) for _ in range(config.num_layers - 1)])
+            self.add_module(str(k), head)
+        self.register_buffer(DRAFT_VOCAB_KEY, None)
+        if config.draft_vocab_size:
+            raise ValueError("build the heads with draft_vocab_size=0, then call set_draft_vocab (load_heads does)")
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        return [self._modules[str(k)] for k in range(self.config.num_heads)]
+
+    def _embed_rows(self, embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(table, map): the embedding rows a path token reads, and token id -> row (None: the
+        table is ``embed`` itself). With a draft vocabulary the table is its rows plus a zero row
+        that every other token maps to (kept between calls outside tracing, like the projection)."""
+        ids = self.draft_vocab
+        if ids is None:
+            return embed, None
+        tracing = torch.jit.is_tracing()
+        c = None if tracing else self.__dict__.get("_embed_rows_cache")
+        if not (c and c[0] is embed and c[1] == embed._version and c[2] is ids and c[3] == ids._version):
+            table = torch.cat([embed.index_select(0, ids), embed.new_zeros(1, embed.shape[1])])
+            row = torch.full((embed.shape[0],), len(ids), dtype=torch.long, device=embed.device)
+            row[ids] = torch.arange(len(ids), device=embed.device)
+            c = (embed, embed._version, ids, ids._version, table, row)
+            if not tracing:
+                self.__dict__["_embed_rows_cache"] = c
+        return c[4], c[5]
+
+    def path_embeddings(self, path_ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """[..., L] token ids -> [..., L, H] (zero outside the draft vocabulary)."""
+        table, row = self._embed_rows(embed)
+        return F.embedding(path_ids if row is None else row[path_ids], table)
+
+    def blocks(self, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """Every head before its projection, head k on the first k+1 path tokens:
+        hidden [N, H], path_ids [N, K] -> [N, K, H] (teacher forcing: the rows' true paths)."""
+        e = self.path_embeddings(path_ids, embed)  # [N, K, H]
+        outs = []
+        for k, head in enumerate(self.heads):
+            x = torch.cat([hidden, e[:, : k + 1].flatten(1)], dim=-1)
+            outs.append(head.blocks(hidden + F.silu(head.input(x))))
+        return torch.stack(outs, dim=-2)
+
+    def project(self, x: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        if self.draft_vocab is not None:
+            return self._draft_logits(x, lm_head.weight, getattr(lm_head, "bias", None))
+        return lm_head(x)
+
+    def forward(self, hidden, path_ids, path_len, lm_head: nn.Module, embed: torch.Tensor) -> torch.Tensor:
+        K = self.config.num_heads
+        out = self.blocks(hidden, path_ids[:, :K], embed)  # [N, K, H]
+        pick = F.one_hot((path_len - 1).clamp(0, K - 1), K).to(out.dtype)  # [N, K]
+        return self.project((out * pick.unsqueeze(-1)).sum(1), lm_head)
+
+
+def fresh_hydra_heads(num_heads: int, hidden_size: int, vocab_size: int, num_layers: int = 1) -> HydraHeads:
+    """Untrained Hydra heads: every head is the identity (it predicts what lm_head does)."""
+    return HydraHeads(HeadsConfig(num_heads, num_layers, hidden_size, vocab_size, True, kind="hydra")).eval()
 
 
 # ---------------------------------------------------------------------------- loading
@@ -307,7 +414,12 @@ def load_heads(
             sd = _read_safetensors(p)
             layout = "medusa-trt" if p.name == HEADS_WEIGHTS else "medusa1-safetensors"
             if p.name == HEADS_WEIGHTS and (p.parent / HEADS_CONFIG).is_file():
-                meta = _read_json(p.parent / HEADS_CONFIG).get("meta", {})
+                stored = _read_json(p.parent / HEADS_CONFIG)
+                meta = stored.get("meta", {})
+                if stored.get("kind", "medusa") == "hydra":
+                    return _load_hydra(p, sd, meta, hidden_size, vocab_size, dtype, str(Path(path)))
+                if stored.get("kind", "medusa") != "medusa":
+                    raise CheckpointError(f"{p.parent / HEADS_CONFIG}: unknown head kind {stored.get('kind')!r}")
         elif p.suffix in (".pt", ".bin", ".pth"):
             sd = _read_pickle(p)
             layout = "medusa1-pt"
@@ -351,8 +463,54 @@ def load_heads(
     return heads.to(dtype).eval()
 
 
+_HYDRA_KEY = re.compile(r"^(\d+)\.(input\.weight|input\.bias|blocks\.(\d+)\.linear\.(weight|bias))$")
+
+
+def _load_hydra(p: Path, sd: dict, meta: dict, hidden_size, vocab_size, dtype, source: str) -> HydraHeads:
+    """Hydra heads of the medusa-trt layout (kind "hydra" in the json), shapes checked."""
+    draft = sd.pop(DRAFT_VOCAB_KEY, None)
+    heads_seen: dict[int, set] = {}
+    for key in sd:
+        m = _HYDRA_KEY.match(key)
+        if not m:
+            raise CheckpointError(f"{p}: unexpected key {key!r} for Hydra heads ('{{k}}.input.weight' style keys)")
+        heads_seen.setdefault(int(m.group(1)), set()).add(int(m.group(3)) if m.group(3) else -1)
+    K = max(heads_seen, default=-1) + 1
+    if K < 1 or sorted(heads_seen) != list(range(K)):
+        raise CheckpointError(f"{p}: Hydra head indices {sorted(heads_seen)} are not 0..K-1")
+    layers = {len(v) for v in heads_seen.values()}
+    if len(layers) != 1:
+        raise CheckpointError(f"{p}: Hydra heads differ in their block counts")
+    H = sd["0.input.weight"].shape[0]
+    if hidden_size is not None and H != hidden_size:
+        raise CheckpointError(
+            f"{p}: Hydra heads do not fit the backbone: their hidden size is {H}, the backbone's {hidden_size}"
+        )
+    if vocab_size is None:
+        raise CheckpointError(f"{p}: heads share the backbone's lm_head; the backbone's vocabulary size is needed")
+    cfg = HeadsConfig(K, layers.pop(), H, vocab_size, True, kind="hydra")
+    heads = HydraHeads(cfg)
+    expected = {k: tuple(v.shape) for k, v in heads.state_dict().items() if k != DRAFT_VOCAB_KEY}
+    for key, t in sd.items():
+        if key not in expected or tuple(t.shape) != expected[key]:
+            raise CheckpointError(f"{p}: tensor {key} has shape {tuple(t.shape)}, expected {expected.get(key)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{p}: tensor {key} holds NaN or infinite values: the checkpoint is damaged")
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise CheckpointError(f"{p}: Hydra heads lack {missing[:3]} (the checkpoint is incomplete)")
+    cfg.meta = {**meta, "layout": "medusa-trt", "source": source}
+    heads.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
+    if draft is not None:
+        try:
+            heads.set_draft_vocab(draft)
+        except CheckpointError as e:
+            raise CheckpointError(f"{p}: {e}") from None
+    return heads.to(dtype).eval()
+
+
 def save_heads(
-    heads: MedusaHeads, folder: str | Path, meta: dict | None = None, dtype: torch.dtype = torch.float32
+    heads: MedusaHeads | HydraHeads, folder: str | Path, meta: dict | None = None, dtype: torch.dtype = torch.float32
 ) -> Path:
     """Write ``medusa_heads.safetensors`` + ``medusa_heads.json`` into ``folder``.
 

@@ -94,6 +94,27 @@ class HeadsStep(nn.Module):
         return self.heads(hidden_states, self.lm_head)
 
 
+class HydraStep(nn.Module):
+    """Hydra heads (exporter.heads.HydraHeads) with the backbone's lm_head and input embeddings:
+    hidden [rows, H], path_ids [rows, K], path_len [rows] -> [rows, V] (artifact.HYDRA_INPUTS)."""
+
+    def __init__(self, heads, lm_head: nn.Module, embed: nn.Module):
+        super().__init__()
+        self.heads = heads
+        self.lm_head = lm_head
+        self.embed = embed
+
+    def forward(self, hidden_states, path_ids, path_len):
+        return self.heads(hidden_states, path_ids, path_len, self.lm_head, self.embed.weight)
+
+
+def heads_step(heads, model) -> nn.Module:
+    """The module heads.onnx is traced from: HeadsStep (Medusa) or HydraStep (Hydra)."""
+    if getattr(heads.config, "kind", "medusa") == "hydra":
+        return HydraStep(heads, model.lm_head, model.get_input_embeddings())
+    return HeadsStep(heads, model.lm_head)
+
+
 def _cache_kwarg(model) -> str:
     """The name under which ``model.forward`` takes a cache: ``cache`` (transformers 5.2x, the pinned
     version) or ``past_key_values`` (earlier releases, e.g. 5.17 on the GPU machine), which would

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from exporter.step import BackboneStep, HeadsStep
+from exporter.step import BackboneStep, heads_step
 from runtime.artifact import ModelSpec
 from runtime.backend import GraphBackend
 
@@ -39,6 +39,7 @@ def spec_from_hf(model, heads=None) -> ModelSpec:
         num_medusa_heads=heads.config.num_heads if heads is not None else 0,
         medusa_num_layers=heads.config.num_layers if heads is not None else 0,
         medusa_shared_lm_head=heads.config.shared_lm_head if heads is not None else True,
+        medusa_head_type=getattr(heads.config, "kind", "medusa") if heads is not None else "medusa",
     )
 
 
@@ -51,7 +52,7 @@ class TorchBackend(GraphBackend):
         self._torch = torch
         self.model = model
         self.step = BackboneStep(model).eval()
-        self.heads_step = HeadsStep(heads, model.lm_head).eval() if heads is not None else None
+        self.heads_step = heads_step(heads, model).eval() if heads is not None else None
         super().__init__(spec_from_hf(model, heads), max_context=max_context)
 
     def _run_backbone(self, input_ids, position_ids, tree_mask, past):
@@ -71,3 +72,11 @@ class TorchBackend(GraphBackend):
             raise RuntimeError("this backend has no Medusa heads; decode with medusa=False")
         with self._torch.inference_mode():
             return self.heads_step(self._torch.from_numpy(hidden)).float().numpy()
+
+    def _run_drafts(self, hidden, path_ids, path_len):
+        if self.heads_step is None:
+            raise RuntimeError("this backend has no Medusa heads; decode with medusa=False")
+        t = self._torch
+        with t.inference_mode():
+            out = self.heads_step(t.from_numpy(hidden), t.from_numpy(path_ids), t.from_numpy(path_len))
+        return out.float().numpy()

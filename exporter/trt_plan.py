@@ -38,14 +38,16 @@ non-null, which the runtime guarantees (past tensors point into the preallocated
 If a TensorRT version rejects it at build time, the way out is a graph-contract change
 (a cache-validity input), not a runtime trick; docs/tensorrt.md says so.
 
-``heads.onnx`` has one dynamic axis: ``hidden_states [batch, hidden]``.
+``heads.onnx`` has one dynamic axis: ``hidden_states [batch, hidden]``. Hydra heads add
+``path_ids [batch, num_medusa_heads]`` and ``path_len [batch]``; their batch axis holds one row per
+parent node at a depth, up to ``max_batch * max_tree_nodes``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.artifact import HEADS_INPUTS, ArtifactConfig, portable_io
+from runtime.artifact import HEADS_INPUTS, HYDRA_INPUTS, ArtifactConfig, portable_io
 from runtime.plan import (
     BACKBONE_ENGINE,
     BATCH,
@@ -165,8 +167,10 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
             f"{cfg.backbone.file}: inputs {cfg.backbone.inputs[:4]}... do not follow the graph contract "
             f"(expected input_ids, position_ids, tree_mask, then past_key_values.{{i}}.key|value for {m.num_layers} layers)"
         )
-    if list(cfg.heads.inputs) != list(HEADS_INPUTS):
-        raise PlanError(f"{cfg.heads.file}: inputs {cfg.heads.inputs}, expected ['hidden_states']")
+    hydra = m.medusa_head_type == "hydra"
+    expected_heads = list(HYDRA_INPUTS if hydra else HEADS_INPUTS)
+    if list(cfg.heads.inputs) != expected_heads:
+        raise PlanError(f"{cfg.heads.file}: inputs {cfg.heads.inputs}, expected {expected_heads}")
     _positive("max_batch", lim.max_batch)
     _positive("opt_prompt", lim.opt_prompt)
     _positive("opt_context", lim.opt_context)
@@ -213,12 +217,24 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
         inputs={name: backbone_input_dims(name, cfg) for name in cfg.backbone.inputs},
         profiles=profiles,
     )
-    heads = Graph(
-        onnx=cfg.heads.file,
-        engine=HEADS_ENGINE,
-        inputs={HEADS_INPUTS[0]: [BATCH, m.hidden_size]},
-        profiles=[Profile("heads", {BATCH: batch})],
-    )
+    if hydra:  # one row per parent at a depth: up to a tree's nodes per sequence
+        heads = Graph(
+            onnx=cfg.heads.file,
+            engine=HEADS_ENGINE,
+            inputs={
+                HYDRA_INPUTS[0]: [BATCH, m.hidden_size],
+                HYDRA_INPUTS[1]: [BATCH, m.num_medusa_heads],
+                HYDRA_INPUTS[2]: [BATCH],
+            },
+            profiles=[Profile("heads", {BATCH: Range(1, 1, lim.max_batch * max_tree)})],
+        )
+    else:
+        heads = Graph(
+            onnx=cfg.heads.file,
+            engine=HEADS_ENGINE,
+            inputs={HEADS_INPUTS[0]: [BATCH, m.hidden_size]},
+            profiles=[Profile("heads", {BATCH: batch})],
+        )
     check_dynamic_axes(cfg, backbone)
     check_dynamic_axes(cfg, heads)
     plan = BuildPlan(

@@ -194,7 +194,7 @@ def _validate(
 
     import torch
 
-    from exporter.step import BackboneStep, HeadsStep, cast_module
+    from exporter.step import BackboneStep, cast_module, heads_step as make_heads_step
     from runtime.artifact import read_artifact
     from runtime.onnxrt import run_fused_contract
     from runtime.tree import load_tree
@@ -206,12 +206,12 @@ def _validate(
     model = cast_module(model, tdtype).eval()
     heads = cast_module(heads, tdtype).eval()
     step = BackboneStep(model).eval()
-    heads_step = HeadsStep(heads, model.lm_head).eval()
+    heads_step = make_heads_step(heads, model).eval()
     fp16 = dtype == "float16"
     if fp16:  # the same (fp16-rounded) weights computed in float32: the truth both fp16 runs approximate
         model32 = copy.deepcopy(model).float()
         step32 = BackboneStep(model32).eval()
-        heads_step32 = HeadsStep(copy.deepcopy(heads).float(), model32.lm_head).eval()
+        heads_step32 = make_heads_step(copy.deepcopy(heads).float(), model32).eval()
     backbone = _session(folder / config.backbone.file, threads)
     heads_sess = _session(folder / config.heads.file, threads)
     b_in, b_out = config.backbone.inputs, config.backbone.outputs
@@ -275,10 +275,19 @@ def _validate(
 
     draft = None if heads.draft_vocab is None else heads.draft_vocab.numpy()
 
+    hydra = spec.medusa_head_type == "hydra"
+
     def run_heads(case: str, hidden: np.ndarray) -> None:
-        ref = torch_run(heads_step, [hidden])[0]
-        ref32 = torch_run(heads_step32, [hidden], to32=True)[0] if fp16 else None
-        (got,) = heads_sess.run(None, {config.heads.inputs[0]: hidden})
+        args = [hidden]
+        if hydra:  # every depth: row n runs head n % K on a random path of its length
+            K = spec.num_medusa_heads
+            rows = len(hidden) * K
+            hidden = np.ascontiguousarray(np.repeat(hidden, K, axis=0))
+            paths = rng.integers(0, spec.vocab_size, (rows, K), dtype=np.int64)
+            args = [hidden, paths, (np.arange(rows, dtype=np.int64) % K) + 1]
+        ref = torch_run(heads_step, args)[0]
+        ref32 = torch_run(heads_step32, args, to32=True)[0] if fp16 else None
+        (got,) = heads_sess.run(None, dict(zip(config.heads.inputs, args)))
         name = config.heads.outputs[0]
         if draft is None:
             add(compare(case, name, got, ref, ref32))

@@ -41,6 +41,10 @@ FUSED_INPUTS = (*PORTABLE_INPUTS, "cache_lengths", "num_logits")
 FUSED_CACHE_START = len(FUSED_INPUTS)  # the cache inputs follow these
 BACKBONE_OUTPUTS = ("logits", "hidden_states")  # then the cache (present.*)
 HEADS_INPUTS, HEADS_OUTPUTS = ("hidden_states",), ("medusa_logits",)
+# heads.onnx of Hydra heads (model.medusa_head_type "hydra"): row n runs head path_len[n] - 1 on the
+# first path_len[n] tokens of path_ids[n] ([rows, num_medusa_heads]; the root first) -> [rows, vocab]
+HYDRA_INPUTS, HYDRA_OUTPUTS = ("hidden_states", "path_ids", "path_len"), ("draft_logits",)
+HEAD_TYPES = ("medusa", "hydra")
 # inputs that are not activations; everything else is in the artifact's dtype
 INPUT_DTYPES = {
     "input_ids": "int64",
@@ -48,6 +52,8 @@ INPUT_DTYPES = {
     "tree_mask": "bool",
     "cache_lengths": "int64",
     "num_logits": "int64",
+    "path_ids": "int64",
+    "path_len": "int64",
 }
 
 
@@ -100,6 +106,9 @@ class ModelSpec:
     num_medusa_heads: int = 0
     medusa_num_layers: int = 0
     medusa_shared_lm_head: bool = True
+    # "medusa": heads.onnx maps a hidden state to every head's logits at once; "hydra": each head
+    # also reads its path's tokens, so trees are drafted level by level (HYDRA_INPUTS)
+    medusa_head_type: str = "medusa"
 
 
 @dataclass
@@ -240,6 +249,7 @@ def _check_types(cfg: ArtifactConfig, cfg_path: Path) -> None:
         checks.integer("model.bos_token_id", m.bos_token_id, 0, m.vocab_size - 1, optional=True)
         checks.text("model.architecture", m.architecture)
         checks.flag("model.medusa_shared_lm_head", m.medusa_shared_lm_head)
+        checks.choice("model.medusa_head_type", m.medusa_head_type, HEAD_TYPES)
         graphs = (
             ("backbone", cfg.backbone),
             ("heads", cfg.heads),
@@ -284,6 +294,8 @@ def config_digest(cfg: ArtifactConfig) -> str:
     default tree): the exporter records it, :func:`read_artifact` refuses a config edited since."""
     d = asdict(cfg)
     sealed = {k: d[k] for k in SEALED_FIELDS}
+    if sealed["model"].get("medusa_head_type") == "medusa":  # the default: artifacts from before it keep their digest
+        del sealed["model"]["medusa_head_type"]
     if cfg.batch is not None:  # sealed where present (artifacts from before the batch graph keep their digest)
         sealed["batch"] = d["batch"]
     return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()

@@ -77,6 +77,27 @@ class Backend(ABC):
     @abstractmethod
     def head_logits(self, index: int) -> np.ndarray: ...
 
+    def draft_logits(self, index: int, path_ids: np.ndarray, path_len: np.ndarray) -> np.ndarray:
+        """Hydra heads (``spec.medusa_head_type == "hydra"``) on the hidden state of token ``index``
+        of the last forward: row n runs head ``path_len[n] - 1`` on the first ``path_len[n]`` tokens
+        of ``path_ids[n]`` (int64 ``[rows, num_medusa_heads]``, the root first) -> ``[rows, V]``."""
+        hidden = getattr(self, "_hidden", None)
+        if hidden is None:
+            raise RuntimeError("draft_logits() before any forward()")
+        rows = np.repeat(np.asarray(hidden[index : index + 1]), len(path_ids), axis=0)
+        return self._run_drafts(rows, path_ids, path_len)
+
+    def _run_drafts(self, hidden: np.ndarray, path_ids: np.ndarray, path_len: np.ndarray) -> np.ndarray:
+        raise MedusaError(f"{type(self).__name__} does not run Hydra heads")
+
+    def hidden_states(self) -> np.ndarray:
+        """A copy of the last forward's final-normed last hidden states ``[n, hidden]`` (the heads'
+        input; training keeps them, ``medusa-train distill --engine``)."""
+        hidden = getattr(self, "_hidden", None)
+        if hidden is None:
+            raise RuntimeError(f"{type(self).__name__}: no hidden states (no forward yet, or this engine keeps none)")
+        return np.array(hidden)
+
     @property
     def max_context(self) -> int:
         return self.spec.max_context

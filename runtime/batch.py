@@ -82,7 +82,7 @@ STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
 
 
 class _Request:
-    __slots__ = ("slot", "kind", "ids", "pos", "mask", "logits", "hidden", "result", "error", "done")
+    __slots__ = ("slot", "kind", "ids", "pos", "mask", "logits", "hidden", "paths", "result", "error", "done")
 
     def __init__(self, slot: int, kind: str, ids=None, pos=None, mask=None, logits=None, hidden=None):
         self.slot, self.kind = slot, kind
@@ -91,6 +91,7 @@ class _Request:
         self.mask: Any = mask
         self.logits: int | None = logits
         self.hidden: Any = hidden
+        self.paths: Any = None  # Hydra heads: (path_ids [rows, K], path_len [rows]) for ``hidden``
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -167,6 +168,13 @@ class SlotBackend(Backend):
         if self._hidden is None:
             raise RuntimeError("head_logits() before any forward()")
         return self.engine._submit(_Request(self.index, "heads", hidden=self._hidden[index])).result
+
+    def draft_logits(self, index, path_ids, path_len):
+        if self._hidden is None:
+            raise RuntimeError("draft_logits() before any forward()")
+        req = _Request(self.index, "heads", hidden=self._hidden[index])
+        req.paths = (np.asarray(path_ids, dtype=np.int64), np.asarray(path_len, dtype=np.int64))
+        return self.engine._submit(req).result
 
 
 class BatchEngine:
@@ -516,9 +524,21 @@ class BatchEngine:
     def _run_heads(self, reqs: list[_Request]) -> None:
         from runtime.onnxrt import run_heads
 
+        self.stats["heads_calls"] += 1
+        if self.spec.medusa_head_type == "hydra":  # every sequence's rows (each its own depth) in one call
+            from runtime.onnxrt import run_drafts
+
+            counts = [len(r.paths[1]) for r in reqs]
+            hidden = np.concatenate([np.repeat(r.hidden[None], c, axis=0) for r, c in zip(reqs, counts)])
+            ids = np.concatenate([r.paths[0] for r in reqs])
+            lens = np.concatenate([r.paths[1] for r in reqs])
+            out = run_drafts(self.heads, hidden, ids, lens, self._dtype)
+            at = 0
+            for r, c in zip(reqs, counts):
+                r.result, at = out[at : at + c], at + c
+            return
         hidden = np.stack([r.hidden for r in reqs])
         out = run_heads(self.heads, hidden, self._dtype)
-        self.stats["heads_calls"] += 1
         for i, r in enumerate(reqs):
             r.result = out[i]
 

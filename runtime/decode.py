@@ -196,6 +196,44 @@ def tree_candidates(root: int, head_logits: np.ndarray, tree: Tree) -> np.ndarra
     return tokens
 
 
+def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndarray], np.ndarray], width: int):
+    """Token of every tree node, drafted level by level by sequentially dependent (Hydra) heads:
+    depth d's nodes are ranks of head d-1 run on their parent's path (root .. parent), one
+    ``draft(path_ids [rows, width], path_len [rows]) -> logits [rows, V]`` call per depth with a
+    row per parent that has children there. ``width``: the heads graph's path width (its head count)."""
+    n = tree.num_nodes
+    tokens = np.empty(n, dtype=np.int64)
+    tokens[0] = root
+    depth = tree.position_ids
+    for d in range(1, int(depth.max()) + 1):
+        nodes = np.flatnonzero(depth == d)
+        parents = np.unique(tree.parent[nodes])
+        paths = np.zeros((len(parents), width), dtype=np.int64)
+        for i, p in enumerate(parents):  # the parent's path: walk up to the root
+            node = int(p)
+            for j in range(d - 1, -1, -1):
+                paths[i, j] = tokens[node]
+                node = int(tree.parent[node])
+        logits = draft(paths, np.full(len(parents), d, dtype=np.int64))
+        for i, p in enumerate(parents):
+            kids = nodes[tree.parent[nodes] == p]
+            k = int(tree.node_rank[kids].max()) + 1
+            top = head_topk(logits[i : i + 1], (k,))[0]
+            tokens[kids] = top[tree.node_rank[kids]]
+    return tokens
+
+
+def draft_tree(backend: Backend, index: int, root: int, tree: Tree) -> np.ndarray:
+    """Candidate token of every node of ``tree`` from the hidden state of token ``index`` of the
+    last forward: Medusa heads in one call (:func:`tree_candidates`), Hydra heads level by level
+    (:func:`hydra_candidates`)."""
+    if backend.spec.medusa_head_type == "hydra":
+        return hydra_candidates(
+            root, tree, lambda paths, lens: backend.draft_logits(index, paths, lens), backend.spec.num_medusa_heads
+        )
+    return tree_candidates(root, backend.head_logits(index), tree)
+
+
 # ---------------------------------------------------------------------------- acceptance
 
 
@@ -356,7 +394,7 @@ def decode_steps(
     logits, m = prefill(backend, prompt, cfg.prefill_chunk)
     assert logits is not None
     root = select_root(logits[-1], cfg, rng)
-    heads = backend.head_logits(m - 1) if cfg.medusa else None
+    cands = draft_tree(backend, m - 1, root, tree) if tree is not None else None  # the first step's candidates
     clock.lap("prefill")
     emitted = [root]
 
@@ -376,13 +414,13 @@ def decode_steps(
             stats.finish_reason = "context"
             return
         if tree is not None and backend.max_new_tokens() >= tree.num_nodes:  # Medusa, and the tree fits one call
-            if heads is None:  # after plain steps: the heads on the last one's token
-                heads = backend.head_logits(0)
+            if cands is None:  # after plain steps: the heads on the last one's token
+                cands = draft_tree(backend, 0, root, tree)
                 clock.lap("heads")
-            emitted, root, heads = _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup, stats)
+            emitted, root, cands = _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats)
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
             emitted, root = _plain_step(backend, root, cfg, rng, clock)
-            heads = None  # computed when a tree runs again (the last forward keeps its hidden state)
+            cands = None  # drafted when a tree runs again (the last forward keeps its hidden state)
         stats.steps += 1
 
 
@@ -417,9 +455,9 @@ def _exact(cfg: DecodeConfig) -> bool:
     return cfg.temperature < GREEDY_BELOW or cfg.acceptance == "exact"
 
 
-def _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup=None, stats=None):
-    # candidates: the root plus each head's top-k, laid out as the tree
-    tokens = tree_candidates(root, heads, tree)
+def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None):
+    # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
+    tokens = cands
     base_tree = tree
     if lookup is not None:  # plus the context's own continuation, as one more branch
         drafts = lookup.propose(cfg.lookup)
@@ -451,9 +489,9 @@ def _medusa_step(backend, root, heads, tree, cfg, rng, clock, lookup=None, stats
     backend.commit(path)
     clock.lap("kv_update")
     # next candidates come from the heads at the last accepted node
-    heads = backend.head_logits(int(path[-1]))
+    cands = draft_tree(backend, int(path[-1]), new_root, base_tree)
     clock.lap("heads")
-    return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, heads
+    return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, cands
 
 
 def _plain_step(backend, root, cfg, rng, clock):

@@ -94,6 +94,13 @@ def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, hea
             {1: (spec.num_medusa_heads, "Medusa heads count"), 2: (spec.vocab_size, "vocabulary size")},
         ),
     }
+    if spec.medusa_head_type == "hydra":
+        expect_heads = {
+            "hidden_states": (2, {1: (spec.hidden_size, "hidden size")}),
+            "path_ids": (2, {1: (spec.num_medusa_heads, "Medusa heads count")}),
+            "path_len": (1, {}),
+            "draft_logits": (2, {1: (spec.vocab_size, "vocabulary size")}),
+        }
     float_type = _ONNX_TYPES.get(config.dtype)
     for session, file, expect in ((backbone, config.backbone.file, expect_backbone), (heads, heads_file, expect_heads)):
         tensors = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}
@@ -136,6 +143,18 @@ def open_sessions(
 def run_heads(session, hidden: np.ndarray, dtype) -> np.ndarray:
     """The heads graph on hidden states ``[rows, hidden]``: ``[rows, heads, vocab]``."""
     (logits,) = session.run(None, {"hidden_states": np.ascontiguousarray(hidden).astype(dtype, copy=False)})
+    return logits
+
+
+def run_drafts(session, hidden: np.ndarray, path_ids: np.ndarray, path_len: np.ndarray, dtype) -> np.ndarray:
+    """The Hydra heads graph: hidden ``[rows, hidden]``, paths ``[rows, heads]``, lengths ``[rows]``
+    -> ``[rows, vocab]`` (artifact.HYDRA_INPUTS)."""
+    feeds = {
+        "hidden_states": np.ascontiguousarray(hidden).astype(dtype, copy=False),
+        "path_ids": np.ascontiguousarray(path_ids, dtype=np.int64),
+        "path_len": np.ascontiguousarray(path_len, dtype=np.int64),
+    }
+    (logits,) = session.run(None, feeds)
     return logits
 
 
@@ -249,6 +268,9 @@ class OnnxRuntimeBackend(GraphBackend):
 
     def _run_heads(self, hidden):
         return run_heads(self.heads, hidden, self._dtype)
+
+    def _run_drafts(self, hidden, path_ids, path_len):
+        return run_drafts(self.heads, hidden, path_ids, path_len, self._dtype)
 
 
 _EMPTY = np.zeros(8, dtype=np.uint8)  # a valid address for zero-size tensors (never read)
@@ -423,6 +445,9 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         if self._hidden is None:
             raise RuntimeError("head_logits() before any forward()")
         return run_heads(self.heads, self._hidden[index : index + 1], self._dtype)[0]
+
+    def _run_drafts(self, hidden, path_ids, path_len):
+        return run_drafts(self.heads, hidden, path_ids, path_len, self._dtype)
 
 
 def row_invariant_rows(config: ArtifactConfig) -> int:

@@ -70,7 +70,11 @@ def profile_tree_sizes(
         # CPU caches then (timing back-to-back heads calls reads ~40 % low on SmolLM2)
         backend.forward(rng.integers(0, vocab, 1), np.array([cached]), np.ones((1, 1), dtype=bool))
         t = time.perf_counter()
-        backend.head_logits(0)
+        if backend.spec.medusa_head_type == "hydra":  # one level's call (a tree of depth D makes D)
+            K = backend.spec.num_medusa_heads
+            backend.draft_logits(0, np.zeros((1, K), dtype=np.int64), np.ones(1, dtype=np.int64))
+        else:
+            backend.head_logits(0)
         if r >= warmup:
             times.append(time.perf_counter() - t)
     heads_ms = float(np.median(times) * 1000)
@@ -83,6 +87,7 @@ def profile_tree_sizes(
         "relative_cost": {str(n): round(v / base, 4) for n, v in ms.items()},
         "heads_ms": round(heads_ms, 3),
         "heads_relative_cost": round(heads_ms / base, 4),
+        "heads_kind": backend.spec.medusa_head_type,  # "hydra": the cost of one level (a call per depth)
     }
 
 

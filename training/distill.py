@@ -56,6 +56,10 @@ class DistillConfig:
     seed: int = 0
     threads: int | None = None
     save_states: bool = True  # keep the last hidden states for Medusa-1 (OUT.states/)
+    # an exported artifact folder: generate on its ONNX Runtime engine, ``batch_size`` sequences
+    # batched per engine call (runtime.load(..., max_batch=N)), instead of torch; the hidden states
+    # are then computed at the end by one causal pass per record on the same engine
+    engine: Path | None = None
 
 
 def states_dir(out: Path) -> Path:
@@ -331,8 +335,11 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
         dynamic_ncols=True,
         disable=quiet(),
     )
-    keep_states = cfg.save_states and _split_forward(model) is not None
-    if cfg.save_states and not keep_states:
+    if cfg.engine is not None:
+        _distill_on_engine(cfg, tok, todo, key, partial, done, bar, on_batch)
+        batches = []
+    keep_states = cfg.save_states and cfg.engine is None and _split_forward(model) is not None
+    if cfg.save_states and cfg.engine is None and not keep_states:
         log.warning("%s: no body + lm_head split, hidden states are not kept", type(model).__name__)
     for b, batch in enumerate(batches):
         firsts = [first_cached_position(len(p)) for _, _, p in batch] if keep_states else None
@@ -363,7 +370,91 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     final = [done[pid] for pid, _ in prompts] + [done[pid] for pid in extra]
     write_atomic(out, final)
     partial.unlink(missing_ok=True)  # absent when a finished file had everything asked for
+    if cfg.engine is not None and cfg.save_states:
+        keep_states_on_engine(cfg.engine, final, out, cfg.model, threads=cfg.threads)
     return final
+
+
+def _distill_on_engine(cfg: DistillConfig, tok, todo, key: dict, partial: Path, done: dict, bar, on_batch) -> None:
+    """Answer ``todo`` on the exported artifact ``cfg.engine``: ``cfg.batch_size`` threads, their
+    steps batched into one ONNX Runtime call (plain greedy/sampled decoding, no Medusa: the tokens
+    are the engine's own). Records reach ``partial`` in prompt order (a finished answer waits for
+    the ones before it), so a stopped run still holds a prefix of the prompts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import runtime
+
+    gen = runtime.load(cfg.engine, max_batch=cfg.batch_size, threads=cfg.threads, budgets=None)
+    try:
+        if gen.spec.vocab_size < len(tok):
+            raise MedusaError(f"{cfg.engine}: its vocabulary ({gen.spec.vocab_size}) is not --model's ({len(tok)})")
+
+        def answer(item, index):
+            pid, text, p = item
+            seed = None if cfg.temperature == 0 else cfg.seed * 1_000_003 + index
+            g = gen.generate(p, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                             medusa=False, lookup=0)  # fmt: skip
+            finish = "eos" if g.stats.finish_reason == "eos" else "length"
+            return {
+                "id": pid,
+                "messages": [{"role": "user", "content": text}],
+                "prompt_ids": p,
+                "response_ids": g.tokens,
+                "response_text": tok.decode(g.tokens, skip_special_tokens=True),
+                "finish": finish,
+                "engine": str(cfg.engine),
+                **key,
+            }
+
+        with ThreadPoolExecutor(cfg.batch_size) as pool:
+            for i, rec in enumerate(pool.map(answer, todo, range(len(todo)))):
+                _append(partial, [rec])
+                done[rec["id"]] = rec
+                bar.update(1)
+                if on_batch is not None:
+                    on_batch(i, [rec])
+    finally:
+        gen.close()
+
+
+def keep_states_on_engine(engine: Path, records: list[dict], out: Path, model: str, threads=None, chunk=512) -> int:
+    """The last hidden states Medusa-1 / Hydra training reads (:func:`save_states`), for every record
+    that has none yet, from one causal pass of prompt + answer through the artifact's engine
+    (prefill calls of ``chunk`` tokens). Returns how many records it computed."""
+    import numpy as np
+    from tqdm import tqdm
+
+    import runtime
+    from training.data import first_cached_position
+
+    folder = states_dir(out)
+    todo = [r for r in records if load_states(folder, r["id"]) is None and r["response_ids"]]
+    if not todo:
+        return 0
+    gen = runtime.load(engine, threads=threads)
+    try:
+        backend = gen.backend
+        total = sum(len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in todo)
+        bar = tqdm(total=total, desc="hidden states", unit="tok", dynamic_ncols=True, disable=quiet())
+        for r in todo:
+            tokens = np.asarray(r["prompt_ids"] + r["response_ids"][:-1], dtype=np.int64)  # the last is never fed
+            first = first_cached_position(len(r["prompt_ids"]))
+            if len(tokens) > backend.max_context:
+                continue  # longer than the engine's context: medusa1 computes it with torch
+            backend.reset()
+            rows, s = [], 0
+            while s < len(tokens):
+                m = min(chunk, len(tokens) - s)
+                backend.forward(tokens[s : s + m], np.arange(s, s + m), np.tril(np.ones((m, m), dtype=bool)), logits=0)
+                backend.commit(np.arange(m))
+                rows.append(backend.hidden_states())
+                s += m
+            save_states(folder, r["id"], model, first, np.concatenate(rows)[first:])
+            bar.update(len(tokens))
+        bar.close()
+    finally:
+        gen.close()
+    return len(todo)
 
 
 def resume_key(cfg: DistillConfig) -> dict:

@@ -55,6 +55,9 @@ class Medusa1Config:
     cache: Path | None = None  # default: <data>.hidden/
     num_heads: int = 4
     num_layers: int = 1
+    # "medusa" (Medusa-1: head k reads the hidden state) or "hydra" (exporter.heads.HydraHeads: head k
+    # also reads its path's tokens, trained with teacher forcing on the answers' own tokens)
+    head_type: str = "medusa"
     shared_lm_head: bool = True
     lr: float = 1e-3
     epochs: int = 1
@@ -238,6 +241,21 @@ def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
     return CachedSplit(hidden, labels, len(ix["ids"]), row_end)
 
 
+def load_paths(folder: Path, split: str, num_heads: int) -> np.ndarray:
+    """Teacher forcing for Hydra heads: row r (position t) -> the tokens t+1 .. t+K of its example
+    (the root and the drafts above head K-1's node), int64 [R, K]; 0 past the example's end (those
+    heads' labels are ignored there)."""
+    ix = np.load(Path(folder) / f"index_{split}.npz")
+    ts, rs = ix["token_starts"], ix["row_starts"]
+    out = np.zeros((int(rs[-1]), num_heads), dtype=np.int64)
+    for e in range(len(ix["ids"])):
+        tokens = ix["tokens"][ts[e] : ts[e + 1]]
+        at = ix["first_pos"][e] + np.arange(rs[e + 1] - rs[e])[:, None] + 1 + np.arange(num_heads)[None, :]
+        inside = at < len(tokens)
+        out[rs[e] : rs[e + 1]] = np.where(inside, tokens[np.minimum(at, len(tokens) - 1)], 0)
+    return out
+
+
 def teacher_rows(split: CachedSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where the backbone's own distribution for head k's target is cached.
 
@@ -328,9 +346,13 @@ def projected_loss(
     return (head_weights(K) * per_head).sum(), per_head.detach()
 
 
-def rank_accuracy(heads, lm_head, split: CachedSplit, max_rank: int = 10, chunk: int = 512) -> np.ndarray:
+def rank_accuracy(
+    heads, lm_head, split: CachedSplit, max_rank: int = 10, chunk: int = 512, paths=None, embed=None
+) -> np.ndarray:
     """acc[k][r] = share of positions where rank r of head k is the target, ranked over the full
-    vocabulary (heads with a draft vocabulary never rank a token outside it)."""
+    vocabulary (heads with a draft vocabulary never rank a token outside it). Hydra heads (``paths``
+    from :func:`load_paths`, ``embed`` the input embeddings) read the true path to their node, so
+    acc[k][r] is rank r's accuracy given that the path above it was accepted."""
     K = split.labels.shape[1]
     hits = np.zeros((K, max_rank))
     counts = np.zeros(K)
@@ -338,7 +360,11 @@ def rank_accuracy(heads, lm_head, split: CachedSplit, max_rank: int = 10, chunk:
         for i in range(0, len(split.labels), chunk):
             lab = torch.from_numpy(split.labels[i : i + chunk])
             h = torch.from_numpy(np.asarray(split.hidden[i : i + chunk], dtype=np.float32))
-            logits = heads(h, lm_head) if heads.config.shared_lm_head else heads(h)  # [n, K, V]
+            if paths is not None:
+                blocks = heads.blocks(h, torch.from_numpy(paths[i : i + chunk]), embed)
+                logits = heads.project(blocks, lm_head)
+            else:
+                logits = heads(h, lm_head) if heads.config.shared_lm_head else heads(h)  # [n, K, V]
             top = logits.topk(max_rank, dim=-1).indices  # [n, K, R]
             valid = lab != IGNORE
             match = (top == lab.unsqueeze(-1)) & valid.unsqueeze(-1)
@@ -399,11 +425,16 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     """Train heads on the cached hidden states; save them to ``cfg.out``; return the summary."""
     from tqdm import tqdm
 
-    from exporter.heads import fresh_heads, save_heads
+    from exporter.heads import fresh_heads, fresh_hydra_heads, save_heads
     from exporter.models import load_backbone, resolve_model
 
     if cfg.num_heads < 1 or cfg.num_layers < 1 or cfg.epochs < 1 or cfg.batch_tokens < 1:
         raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
+    if cfg.head_type not in ("medusa", "hydra"):
+        raise MedusaError(f"head_type must be 'medusa' or 'hydra', got {cfg.head_type!r}")
+    hydra = cfg.head_type == "hydra"
+    if hydra and not cfg.shared_lm_head:
+        raise MedusaError("Hydra heads share the backbone's lm_head (drop --own-lm-head)")
     if cfg.train_vocab not in ("data", "full"):
         raise MedusaError(f"train_vocab must be 'data' or 'full', got {cfg.train_vocab!r}")
     if cfg.soft_targets and not cfg.shared_lm_head:
@@ -431,7 +462,13 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         rows = np.sort(rng.choice(rows, cfg.max_train_tokens, replace=False))
     lm_head = model.lm_head
     H, V = model.config.hidden_size, model.config.vocab_size
-    heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, cfg.shared_lm_head, lm_head=lm_head).train()
+    if hydra:
+        heads = fresh_hydra_heads(cfg.num_heads, H, V, cfg.num_layers).train()
+        embed = model.get_input_embeddings().weight.detach()
+        train_paths, held_paths = load_paths(cache, "train", cfg.num_heads), load_paths(cache, "heldout", cfg.num_heads)
+    else:
+        heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, cfg.shared_lm_head, lm_head=lm_head).train()
+        embed, train_paths, held_paths = None, None, None
 
     weight, vocab_map = lm_head.weight.detach(), None
     if cfg.shared_lm_head and cfg.train_vocab == "data":
@@ -452,7 +489,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
     history = []
-    acc0 = rank_accuracy(heads.eval(), lm_head, heldout)
+    acc0 = rank_accuracy(heads.eval(), lm_head, heldout, paths=held_paths, embed=embed)
     print(f"held-out accuracy before training ({heldout.num_examples} examples):\n{accuracy_table(acc0)}")
     step, t_train = 0, time.time()
     bar = tqdm(total=total_steps, desc="medusa1", unit="step", dynamic_ncols=True, disable=quiet())
@@ -471,7 +508,11 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
                     trows, tmask = teacher_rows(train, idx)
                     th = np.asarray(train.hidden[trows.ravel()], dtype=np.float32).reshape(*trows.shape, -1)
                     teacher = (torch.from_numpy(th), torch.from_numpy(tmask))
-                loss, per_head = projected_loss(heads.blocks(h), lab, weight, vocab_map, teacher)
+                if hydra:
+                    blocks_out = heads.blocks(h, torch.from_numpy(train_paths[idx]), embed)
+                else:
+                    blocks_out = heads.blocks(h)
+                loss, per_head = projected_loss(blocks_out, lab, weight, vocab_map, teacher)
             else:
                 loss, per_head = medusa_loss(heads(h), lab)
             opt.zero_grad(set_to_none=True)
@@ -481,7 +522,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", h1=f"{per_head[0].item():.2f}")
             bar.update(1)
-        acc = rank_accuracy(heads.eval(), lm_head, heldout)
+        acc = rank_accuracy(heads.eval(), lm_head, heldout, paths=held_paths, embed=embed)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -496,7 +537,9 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     bar.close()
     train_s = time.time() - t_train
     summary = {
-        "method": "medusa-1 (frozen backbone, cached hidden states)",
+        "method": "hydra (sequentially dependent heads, frozen backbone, cached hidden states, teacher forcing)"
+        if hydra
+        else "medusa-1 (frozen backbone, cached hidden states)",
         "backbone": cfg.model,
         "data": str(cfg.data),
         "train_examples": train.num_examples,

@@ -202,6 +202,12 @@ def calibration_accuracy(
     calib = load_split(folder, "calib", heads.config.num_heads)
     if not (calib.labels != -100).any():
         raise MedusaError(f"{data}: the calibration split is empty; distill more prompts")
+    if getattr(heads.config, "kind", "medusa") == "hydra":  # accuracy given the path above (teacher forcing)
+        from training.medusa1 import load_paths
+
+        paths = load_paths(folder, "calib", heads.config.num_heads)
+        embed = model.get_input_embeddings().weight.detach()
+        return rank_accuracy(heads, model.lm_head, calib, max_rank=max_rank, paths=paths, embed=embed)
     return rank_accuracy(heads, model.lm_head, calib, max_rank=max_rank)
 
 
