@@ -94,10 +94,15 @@ def interpolate_cost(profile: dict[int, float], n: int) -> float:
     return float(np.interp(n, xs, [profile[x] for x in xs]))
 
 
-def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, heads_cost: float = 0.0) -> dict:
+def select(
+    acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, heads_cost: float = 0.0, per_depth: bool = False
+) -> dict:
     """The chosen tree: paths, predicted accepted length, cost and the speed objective per size.
 
-    ``heads_cost``: the heads' call per step, relative to a plain step (``cost(1)``)."""
+    ``heads_cost``: the heads' call per step, relative to a plain step (``cost(1)``); ``per_depth``
+    (Hydra heads, drafted level by level): that call is made once per depth of the tree. For Hydra
+    heads ``acc[k][r]`` is rank r's accuracy given an accepted path above it (teacher forcing), so
+    the product over a path below is exact, not an independence assumption."""
     if heads_cost < 0:
         raise MedusaError(f"heads cost must be >= 0, got {heads_cost}")
     order = greedy_trees(acc, max_nodes)
@@ -105,7 +110,9 @@ def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, head
         raise MedusaError("every head accuracy is 0: no tree can accept anything (train the heads first)")
     cum = 1.0 + np.cumsum([v for _, v in order])  # expected accepted length with the first n nodes
     base = interpolate_cost(profile, 1)
-    costs = np.array([interpolate_cost(profile, n + 1) + heads_cost * base for n in range(1, len(order) + 1)])
+    depth = np.maximum.accumulate([len(p) for p, _ in order])  # of the tree of the first n nodes
+    calls = depth if per_depth else np.ones(len(order))
+    costs = np.array([interpolate_cost(profile, n + 1) + heads_cost * calls[n - 1] * base for n in range(1, len(order) + 1)])
     speed = cum / (costs / base)
     best = int(np.argmax(speed))
     paths = [list(p) for p, _ in order[: best + 1]]
@@ -114,6 +121,7 @@ def select(acc: np.ndarray, profile: dict[int, float], max_nodes: int = 64, head
         "predicted_accepted_length": float(cum[best]),
         "relative_step_cost": float(costs[best] / base),
         "heads_relative_cost": float(heads_cost),
+        "heads_calls_per_step": int(calls[best]),
         "predicted_speedup_vs_plain": float(speed[best]),
         "acceptance_bound": acceptance_bound(acc),
         "by_size": [
@@ -231,6 +239,8 @@ def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile:
         "calibration_accuracy": {"top1": acc[:, 0].round(4).tolist(), "rank_accuracy": acc.round(4).tolist()},
         "cost_profile": profile,
     }
+    if chosen.get("head_kind", "medusa") != "medusa":  # Hydra: accuracies given the path, one heads call a depth
+        doc["head_kind"] = chosen["head_kind"]
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(out)
@@ -263,6 +273,7 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         if cfg.profile is None:
             raise MedusaError("--accuracy-from needs --profile (the engine's cost profile from medusa-run profile)")
         acc, measured = recorded_accuracy(cfg.accuracy_from)
+        per_depth = json.loads(Path(cfg.accuracy_from).read_text()).get("head_kind", "medusa") == "hydra"
         acc = acc[:, : cfg.max_rank]
         source = f"medusa-train select-tree --accuracy-from {cfg.accuracy_from} (accuracies of: {measured})"
         model = None
@@ -279,6 +290,7 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
         heads = load_heads(cfg.heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
         acc = calibration_accuracy(model, folder, heads, cfg.data, cfg.cache, cfg.max_rank, model_name=cfg.model)
+        per_depth = getattr(heads.config, "kind", "medusa") == "hydra"
         source = f"medusa-train select-tree --heads {cfg.heads} --data {cfg.data}"
     heads_cost = cfg.heads_cost
     if cfg.profile:
@@ -298,7 +310,8 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         log.warning("the heads' call is not in the cost profile (--heads-cost): counted as free")
         heads_cost = 0.0
     profile["heads_relative_cost"] = heads_cost
-    chosen = select(acc, prof, cfg.max_nodes, heads_cost=heads_cost)
+    chosen = select(acc, prof, cfg.max_nodes, heads_cost=heads_cost, per_depth=per_depth)
+    chosen["head_kind"] = "hydra" if per_depth else "medusa"
     out = write_tree(cfg.out_dir, cfg.name, chosen, acc, profile, source=source)
     print(f"calibration top-1 per head: {acc[:, 0].round(3).tolist()}")
     print(
