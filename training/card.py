@@ -65,9 +65,24 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
                 "values further below were measured during training, without it."
             )
         draft += "\n"
-    text = f"""# SmolLM2-135M-Instruct Medusa-1 heads
+    hydra = cfg.get("kind", "medusa") == "hydra"
+    if hydra:
+        title = "Hydra heads (sequentially dependent)"
+        shape = (
+            f"{cfg['num_heads']} heads: an input layer over the hidden state and the k path tokens' embeddings "
+            f"(head k, 1-based), then {cfg['num_layers'] - 1} residual block(s), sharing the backbone's `lm_head`"
+        )
+        method = (
+            "Hydra (Ankner et al. 2024, its MLP form; frozen backbone) on cached last hidden states, teacher "
+            "forcing: head k reads the answer's own tokens as its path; loss sum_k 0.8^k CE_k over"
+        )
+    else:
+        title = "Medusa-1 heads"
+        shape = f"{cfg['num_heads']} heads, {cfg['num_layers']} {blocks} each, sharing the backbone's `lm_head`"
+        method = "Medusa-1 (frozen backbone) on cached last hidden states: loss sum_k 0.8^k CE_k over"
+    text = f"""# SmolLM2-135M-Instruct {title}
 
-{cfg["num_heads"]} heads, {cfg["num_layers"]} {blocks} each, sharing the backbone's `lm_head`
+{shape}
 ({size / 1e6:.1f} MB, {dtype_text}; loaded as float32). Head k (1-based) predicts the token k positions after the
 backbone's own next token. Layout: medusa-trt (`exporter.heads.load_heads`).
 
@@ -80,7 +95,7 @@ Splits by a hash of the record id: {meta["train_examples"]} train, {meta["heldou
 (the accuracy below), the rest calibration (tree selection). MT-Bench was not used.
 
 ## Training
-Medusa-1 (frozen backbone) on cached last hidden states: loss sum_k 0.8^k CE_k over
+{method}
 assistant-token targets; {meta["steps"]} steps ({meta["epochs"]} epochs) of {meta["batch_tokens"]}
 positions ({meta["train_positions_used"]} train positions), AdamW lr {meta["lr"]}, linear warm-up
 + cosine decay; training softmax over the {meta["train_vocab_size"]} tokens that occur as targets

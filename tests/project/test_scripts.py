@@ -115,3 +115,15 @@ def test_shell_scripts_refuse_to_overwrite_results(tmp_path):
     text = (ROOT / "scripts" / "train_smollm2_heads.sh").read_text()
     assert "OUT=${OUT:-runs/smollm2_heads}" in text
     assert "--out-dir tree_configs" not in text and "HEADS=exporter/" not in text
+
+
+def test_hydra_training_script_refuses_to_overwrite_heads(tmp_path):
+    """train_smollm2_hydra.sh, like the Medusa script, writes under OUT only and replaces trained
+    heads only with FORCE=1, refusing before any work."""
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "medusa_heads.safetensors").write_bytes(b"")
+    r = _run(["bash", "scripts/train_smollm2_hydra.sh"], env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 1 and "already holds heads: FORCE=1" in r.stderr, r.stderr
+    text = (ROOT / "scripts" / "train_smollm2_hydra.sh").read_text()
+    assert "OUT=${OUT:-runs/smollm2_hydra}" in text and "--head-type hydra" in text
+    assert "--out-dir tree_configs" not in text and "HEADS=exporter/" not in text
