@@ -24,6 +24,10 @@ SHIPPED_TREE_QUANTIZED = "chain_1"
 # exact sampling with the shipped heads: a chain (measured on 8 Alpaca prompts at temperature 0.7, with
 # lookup: 1.21x over plain sampling with chain_1, 0.98x with the 2-sibling smollm2_ort_cpu)
 SHIPPED_SAMPLING_TREE = "chain_1"
+# the Hydra heads shipped beside them (issue 13; `--heads exporter/shipped_heads/smollm2-135m-hydra`)
+# and the tree select-tree chose for them on the fused graph's profile (a heads call per depth)
+SHIPPED_HYDRA = "smollm2-135m-hydra"
+SHIPPED_HYDRA_TREE = "smollm2_hydra_ort_cpu"
 MAX_FRESH_HEADS = 64  # a tree is at most this deep in practice (5); more heads only cost memory
 
 DESCRIPTION = """\
@@ -198,6 +202,17 @@ def _shipped_heads_of_default_model(args: argparse.Namespace) -> bool:
         return False
 
 
+def _shipped_hydra_heads(args: argparse.Namespace) -> bool:
+    from exporter.models import DEFAULT_MODEL
+
+    if args.model != DEFAULT_MODEL or args.heads is None:
+        return False
+    try:
+        return Path(args.heads).expanduser().resolve() == (SHIPPED_HEADS / SHIPPED_HYDRA).resolve()
+    except OSError:
+        return False
+
+
 def default_trees(args: argparse.Namespace, precision: str | None) -> tuple[str | None, str | None]:
     """(tree, sampling tree) to record: ``--tree`` / ``--sampling-tree`` when given; for the embedded
     model with its shipped heads the trees measured for them (the tree medusa-train select-tree chose
@@ -207,6 +222,11 @@ def default_trees(args: argparse.Namespace, precision: str | None) -> tuple[str 
     if _shipped_heads_of_default_model(args):
         if tree is None:
             tree = SHIPPED_TREE_QUANTIZED if precision in ("int8", "int4") else SHIPPED_TREE
+        if sampling_tree is None:
+            sampling_tree = SHIPPED_SAMPLING_TREE
+    elif _shipped_hydra_heads(args):
+        if tree is None:
+            tree = SHIPPED_TREE_QUANTIZED if precision in ("int8", "int4") else SHIPPED_HYDRA_TREE
         if sampling_tree is None:
             sampling_tree = SHIPPED_SAMPLING_TREE
     return tree, sampling_tree

@@ -194,7 +194,8 @@ def _validate(
 
     import torch
 
-    from exporter.step import BackboneStep, cast_module, heads_step as make_heads_step
+    from exporter.step import BackboneStep, cast_module
+    from exporter.step import heads_step as make_heads_step
     from runtime.artifact import read_artifact
     from runtime.onnxrt import run_fused_contract
     from runtime.tree import load_tree

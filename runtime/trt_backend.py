@@ -414,6 +414,9 @@ class TensorRTBackend(StagedEngineBackend):
     def from_artifact(cls, folder: str | Path, config: ArtifactConfig | None = None, max_context: int | None = None,
                       device: int | str = 0):  # fmt: skip
         """The backend for an artifact folder with a built engine; ``device``: a GPU index (or ``cuda:1``)."""
+        trt = require_tensorrt()
+        require_gpu()
+        cudart = require_cudart()
         folder = Path(folder)
         if config is None:
             from runtime.artifact import read_artifact
@@ -424,9 +427,6 @@ class TensorRTBackend(StagedEngineBackend):
                 f"{folder}: Hydra heads run on ONNX Runtime and the PyTorch reference backend; the TensorRT "
                 "backend's heads call takes Medusa heads only (its plan and engines build, see docs/tensorrt.md)"
             )
-        trt = require_tensorrt()
-        require_gpu()
-        cudart = require_cudart()
         plan = read_plan(folder)
         for graph in (plan.backbone, plan.heads):
             if not (folder / graph.engine).is_file():

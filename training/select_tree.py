@@ -112,7 +112,9 @@ def select(
     base = interpolate_cost(profile, 1)
     depth = np.maximum.accumulate([len(p) for p, _ in order])  # of the tree of the first n nodes
     calls = depth if per_depth else np.ones(len(order))
-    costs = np.array([interpolate_cost(profile, n + 1) + heads_cost * calls[n - 1] * base for n in range(1, len(order) + 1)])
+    costs = np.array(
+        [interpolate_cost(profile, n + 1) + heads_cost * calls[n - 1] * base for n in range(1, len(order) + 1)]
+    )
     speed = cum / (costs / base)
     best = int(np.argmax(speed))
     paths = [list(p) for p, _ in order[: best + 1]]

@@ -332,13 +332,13 @@ def test_medusa_artifacts_keep_their_seal(tiny):
     raw["model"].pop("medusa_head_type", None)
     import dataclasses
 
-    from runtime.artifact import ArtifactConfig, GraphSpec, ModelSpec
+    from runtime.artifact import GraphSpec, ModelSpec
 
     old = dataclasses.replace(cfg, model=ModelSpec(**raw["model"]), backbone=GraphSpec(**raw["backbone"]))
     assert config_digest(old) == config_digest(cfg)
 
 
-def test_tensorrt_plan_holds_the_hydra_inputs_and_the_backend_refuses_hydra(hydra_artifact, tmp_path):
+def test_tensorrt_plan_holds_the_hydra_inputs_and_the_backend_refuses_hydra(hydra_artifact, tmp_path, monkeypatch):
     from exporter.export import ExportOptions, export_artifact
     from exporter.trt_plan import make_plan
     from runtime.artifact import read_artifact
@@ -355,5 +355,9 @@ def test_tensorrt_plan_holds_the_hydra_inputs_and_the_backend_refuses_hydra(hydr
     assert plan.heads.inputs["path_ids"][1] == K
     (profile,) = plan.heads.profiles
     assert max(r.max for r in profile.axes.values()) >= plan.tree_nodes
+    import runtime.trt_backend as trt_backend
+
+    for name in ("require_tensorrt", "require_gpu", "require_cudart"):  # as if on a GPU machine with TensorRT
+        monkeypatch.setattr(trt_backend, name, lambda: None)
     with pytest.raises(MedusaError, match="Hydra heads run on ONNX Runtime"):
         TensorRTBackend.from_artifact(art)

@@ -65,13 +65,18 @@ def test_hydra_heads_learn_what_the_path_decides_and_medusa_heads_cannot(tmp_pat
     data = tmp_path / "d.jsonl"
     write_atomic(data, pair_records(200))
     common = dict(model="tiny", data=data, num_heads=2, lr=3e-2, epochs=4, batch_tokens=128, train_vocab="full")
-    hydra = train_medusa1(Medusa1Config(out=tmp_path / "hydra", head_type="hydra", **common), backbone=(model, None, tmp_path))
+    hydra = train_medusa1(
+        Medusa1Config(out=tmp_path / "hydra", head_type="hydra", **common), backbone=(model, None, tmp_path)
+    )
     medusa = train_medusa1(Medusa1Config(out=tmp_path / "medusa", **common), backbone=(model, None, tmp_path))
     # head k predicts t+k+2, which repeats t+k+1 at every pair opening (half the positions): Hydra
     # heads see that token, Medusa heads cannot (it is random given the hidden state at t)
     for k in range(2):
         assert hydra["heldout_top1"][k] > 0.2, hydra["heldout_top1"]
-        assert hydra["heldout_top1"][k] > medusa["heldout_top1"][k] + 0.15, (hydra["heldout_top1"], medusa["heldout_top1"])
+        assert hydra["heldout_top1"][k] > medusa["heldout_top1"][k] + 0.15, (
+            hydra["heldout_top1"],
+            medusa["heldout_top1"],
+        )
     assert hydra["method"].startswith("hydra")
     heads = load_heads(tmp_path / "hydra", hidden_size=32, vocab_size=VOCAB)
     assert isinstance(heads, HydraHeads) and heads.config.meta["heldout_top1"] == hydra["heldout_top1"]
@@ -92,9 +97,9 @@ def test_hydra_trees_pay_one_heads_call_per_depth():
 
 
 def test_distill_on_an_engine_answers_greedily_and_keeps_the_states(tmp_path, tiny, shared_data):
+    from conftest import hf_greedy
     from transformers import AutoTokenizer
 
-    from conftest import hf_greedy
     from training.distill import DistillConfig, distill, load_states, states_dir
     from training.medusa1 import last_hidden
 
