@@ -310,6 +310,7 @@ class MedusaGenerator:
         top_k,
         top_p,
         lookup,
+        drafts,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -324,6 +325,7 @@ class MedusaGenerator:
             delta=delta,
             medusa=medusa,
             lookup=lookup,
+            drafts=drafts,
             seed=seed,
             eos_token_ids=tuple(self.spec.eos_token_ids),
             stop_strings=stop,
@@ -423,6 +425,7 @@ class MedusaGenerator:
         top_k: int = _DEFAULTS.top_k,
         top_p: float = _DEFAULTS.top_p,
         lookup: int = _DEFAULTS.lookup,
+        drafts: str = _DEFAULTS.drafts,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -453,6 +456,7 @@ class MedusaGenerator:
         top_k: int = _DEFAULTS.top_k,
         top_p: float = _DEFAULTS.top_p,
         lookup: int = _DEFAULTS.lookup,
+        drafts: str = _DEFAULTS.drafts,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -462,6 +466,11 @@ class MedusaGenerator:
         speculative sampling, so the tokens follow exactly the law plain sampling gives;
         ``"typical"`` is Medusa's typical acceptance (``epsilon``, ``delta``): accepts more,
         but the output no longer follows the backbone's distribution.
+
+        ``drafts`` (exact sampling): ``"top"`` verifies each head's top-k as fixed candidates,
+        ``"sampled"`` draws each node from its head's distribution at the temperature and accepts
+        it with min(1, p/q) (still the backbone's law; more accepted where the heads' distribution
+        is close to the backbone's).
 
         ``lookup``: draft tokens per Medusa step copied from the context (where its latest
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless

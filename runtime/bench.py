@@ -245,7 +245,7 @@ def run_bench(
     per_prompt = []
     peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
     bar = tqdm(
-        total=len(prompts) * (1 + len(variants) + peer_runs + 3 * len(sampling)),
+        total=len(prompts) * (1 + len(variants) + peer_runs + 4 * len(sampling)),
         desc="bench",
         unit="run",
         disable=not progress,
@@ -288,6 +288,18 @@ def run_bench(
                     tree=exact_tree,
                     lookup=variants[0].lookup,
                     acceptance="exact",
+                    drafts="top",
+                    **kw,
+                ),
+                "exact_sampled": _run(
+                    gen,
+                    ids,
+                    max_new_tokens,
+                    medusa=True,
+                    tree=exact_tree,
+                    lookup=variants[0].lookup,
+                    acceptance="exact",
+                    drafts="sampled",
                     **kw,
                 ),
                 "typical": _run(
@@ -301,7 +313,7 @@ def run_bench(
                     **kw,
                 ),
             }
-            bar.update(3)
+            bar.update(4)
             row["sampling"][str(temp)] = {
                 k: {
                     "tokens": len(r.tokens),
@@ -382,7 +394,7 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
             "greedy_speedup": res["trees"][variant_name]["speedup"],
             "tree": variant_name,
         }
-        for k in ("exact", "typical"):
+        for k in ("exact", "exact_sampled", "typical"):
             tps = _tokens_per_s([r[k] for r in rows])
             hist = _merged_hist(r[k]["accept_hist"] for r in rows)
             entry[f"{k}_tokens_per_s"] = tps
@@ -598,7 +610,11 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
             f"{e['greedy_speedup']:.2f}x; exact: tree {e.get('exact_tree', e['tree'])}):"
         )
         lines.append(f"  plain sampling  {e['plain_tokens_per_s']:8.2f} tok/s")
-        for k, what in (("exact", "exact (the backbone's distribution)"), ("typical", "typical acceptance (lossy)")):
+        for k, what in (
+            ("exact", "exact (the backbone's distribution), the heads' top-k as candidates"),
+            ("exact_sampled", "exact (the backbone's distribution), candidates drawn from the heads"),
+            ("typical", "typical acceptance (lossy)"),
+        ):
             lines.append(
                 f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
                 f"{e[k + '_mean_accepted']:.2f} accepted/step  [{what}]"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from runtime.clihelp import HelpFormatter, field_default
-from runtime.decode import ACCEPTANCES, DecodeConfig
+from runtime.decode import ACCEPTANCES, DRAFTS, DecodeConfig
 from runtime.errors import run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_decode_default("acceptance"),
         help="sampling: exact = tree speculative sampling, the backbone's own distribution; "
         "typical = Medusa's typical acceptance (accepts more, lossy)",
+    )
+    g.add_argument(
+        "--drafts",
+        choices=DRAFTS,
+        default=_decode_default("drafts"),
+        help="exact sampling: top = the heads' top-k as fixed candidates; sampled = each candidate drawn from "
+        "its head's distribution, accepted with min(1, p/q) (same law, more accepted where q is close to p)",
     )
     g.add_argument(
         "--top-k", type=int, default=_decode_default("top_k"), help="sampling: keep the k likeliest tokens (0 = all)"
@@ -215,6 +222,7 @@ def generate_kwargs(args) -> dict:
         top_k=args.top_k,
         top_p=args.top_p,
         lookup=args.lookup,
+        drafts=args.drafts,
     )
 
 

@@ -33,6 +33,10 @@ PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update",
 
 
 ACCEPTANCES = ("exact", "typical")
+# how exact sampling drafts a tree's candidates: "top" (each head's top-k, treated as point masses)
+# or "sampled" (each node drawn from its head's own distribution at the temperature; accepted with
+# min(1, p/q), the residual (p - q)+: SpecInfer's multi-step speculative sampling)
+DRAFTS = ("top", "sampled")
 
 
 @dataclass
@@ -43,6 +47,9 @@ class DecodeConfig:
     # follow the backbone's distribution, see accept_exact) or "typical" (Medusa's typical
     # acceptance: faster, lossy). Greedy ignores it.
     acceptance: str = "exact"
+    # exact sampling only (greedy and typical acceptance always take the heads' top-k): "top" or
+    # "sampled" drafts (DRAFTS)
+    drafts: str = "top"
     top_k: int = 0  # sampling: keep the k likeliest tokens (0: all)
     top_p: float = 1.0  # sampling: keep the smallest set of likeliest tokens with this much probability
     epsilon: float = DEFAULT_EPSILON
@@ -70,6 +77,7 @@ class DecodeConfig:
         )
         self.delta = checks.real("delta", self.delta, 0, rule=">= 0 (typical acceptance's entropy-scaled threshold)")
         self.acceptance = checks.choice("acceptance", self.acceptance, ACCEPTANCES)
+        self.drafts = checks.choice("drafts", self.drafts, DRAFTS)
         self.top_k = checks.integer("top_k", self.top_k, 0, rule=">= 0 (0: no top-k cut)")
         self.top_p = checks.real("top_p", self.top_p, 0, 1, min_open=True, rule="in (0, 1] (1: no nucleus cut)")
         self.medusa = checks.flag("medusa", self.medusa)
@@ -196,11 +204,27 @@ def tree_candidates(root: int, head_logits: np.ndarray, tree: Tree) -> np.ndarra
     return tokens
 
 
-def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndarray], np.ndarray], width: int):
+def draft_distribution(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """A head's draft distribution q at ``temperature`` (float64; a draft vocabulary's filler gets 0)."""
+    return np.exp(_log_softmax(logits, temperature))
+
+
+def sample_children(logits: np.ndarray, kids: np.ndarray, temperature: float, rng, tokens, q) -> None:
+    """``kids`` (siblings) each drawn independently from the distribution of ``logits`` (one row)."""
+    dist = draft_distribution(logits, temperature)
+    for c in kids:
+        tokens[c] = sample(dist, rng)
+        q[c] = dist
+
+
+def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndarray], np.ndarray], width: int,
+                     sampler=None):  # fmt: skip
     """Token of every tree node, drafted level by level by sequentially dependent (Hydra) heads:
     depth d's nodes are ranks of head d-1 run on their parent's path (root .. parent), one
     ``draft(path_ids [rows, width], path_len [rows]) -> logits [rows, V]`` call per depth with a
-    row per parent that has children there. ``width``: the heads graph's path width (its head count)."""
+    row per parent that has children there. ``width``: the heads graph's path width (its head count).
+    ``sampler``: ``(temperature, rng, q)``: children are drawn from their parent row's distribution
+    instead of ranked (exact sampling's sampled drafts; ``q[c]`` receives each child's distribution)."""
     n = tree.num_nodes
     tokens = np.empty(n, dtype=np.int64)
     tokens[0] = root
@@ -217,21 +241,55 @@ def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndar
         logits = draft(paths, np.full(len(parents), d, dtype=np.int64))
         for i, p in enumerate(parents):
             kids = nodes[tree.parent[nodes] == p]
+            if sampler is not None:
+                sample_children(logits[i], kids, sampler[0], sampler[1], tokens, sampler[2])
+                continue
             k = int(tree.node_rank[kids].max()) + 1
             top = head_topk(logits[i : i + 1], (k,))[0]
             tokens[kids] = top[tree.node_rank[kids]]
     return tokens
 
 
-def draft_tree(backend: Backend, index: int, root: int, tree: Tree) -> np.ndarray:
+class Drafts(np.ndarray):
+    """Candidate tokens of a tree's nodes (an int64 array) that may carry ``q``: per node, the
+    distribution it was drawn from (sampled drafts), or None where the node is a fixed candidate."""
+
+    q: list | None = None
+
+
+def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeConfig | None = None,
+               rng: np.random.Generator | None = None) -> np.ndarray:  # fmt: skip
     """Candidate token of every node of ``tree`` from the hidden state of token ``index`` of the
     last forward: Medusa heads in one call (:func:`tree_candidates`), Hydra heads level by level
-    (:func:`hydra_candidates`)."""
+    (:func:`hydra_candidates`). With ``cfg`` asking for sampled drafts (exact sampling,
+    ``drafts="sampled"``) each node is drawn with ``rng`` from its head's distribution at the
+    temperature, and the result's ``.q`` holds those distributions."""
+    sampled = cfg is not None and rng is not None and _sampled_drafts(cfg)
+    q: list | None = [None] * tree.num_nodes if sampled else None
     if backend.spec.medusa_head_type == "hydra":
-        return hydra_candidates(
-            root, tree, lambda paths, lens: backend.draft_logits(index, paths, lens), backend.spec.num_medusa_heads
+        tokens = hydra_candidates(
+            root,
+            tree,
+            lambda paths, lens: backend.draft_logits(index, paths, lens),
+            backend.spec.num_medusa_heads,
+            sampler=(cfg.temperature, rng, q) if sampled else None,  # type: ignore[union-attr]
         )
-    return tree_candidates(root, backend.head_logits(index), tree)
+    elif sampled:
+        heads = backend.head_logits(index)
+        tokens = np.empty(tree.num_nodes, dtype=np.int64)
+        tokens[0] = root
+        for h in range(tree.depth):
+            nodes = np.flatnonzero(tree.node_head == h)
+            sample_children(heads[h], nodes, cfg.temperature, rng, tokens, q)  # type: ignore[union-attr]
+    else:
+        tokens = tree_candidates(root, backend.head_logits(index), tree)
+    out = tokens.view(Drafts)
+    out.q = q
+    return out
+
+
+def _sampled_drafts(cfg: DecodeConfig) -> bool:
+    return cfg.temperature >= GREEDY_BELOW and cfg.acceptance == "exact" and cfg.drafts == "sampled"
 
 
 # ---------------------------------------------------------------------------- acceptance
@@ -270,7 +328,7 @@ def accept_typical(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: Deco
 
 
 def accept_exact(
-    tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: DecodeConfig, rng: np.random.Generator
+    tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: DecodeConfig, rng: np.random.Generator, q=None
 ) -> tuple[np.ndarray, int]:
     """Tree speculative sampling: (accepted nodes, the next token), distributed exactly as
     plain sampling from the backbone (:func:`target_probs`) would produce them.
@@ -298,6 +356,19 @@ def accept_exact(
     with ``temperature``, ``top_k`` and ``top_p`` applied the same way in both. The root is
     drawn from the same law, so the step as a whole is exact. Every draw uses ``rng``: a
     seed reproduces a run.
+
+    **Sampled drafts** (``q[c]`` a distribution: the child was drawn from it, independently of
+    its siblings and of the target's draws): accept with probability ``min(1, r(x_c) / q_c(x_c))``,
+    else replace ``r`` by ``(r - q_c)+`` renormalised and try the next child. This is one step
+    of speculative sampling with target ``r`` and proposal ``q_c`` (Leviathan et al. 2023; Chen et
+    al. 2023): the token it outputs (``x_c`` if accepted, else a draw from the new residual) is
+    distributed as ``r``, because ``P(accept, x) = q_c(x) min(1, r(x)/q_c(x)) = min(q_c(x), r(x))``
+    and ``P(reject) (r - q_c)+(x) / Z = r(x) - min(q_c(x), r(x))``. Chaining it over siblings
+    (SpecInfer's multi-step speculative sampling) keeps ``p_v`` for the same reason as above. A
+    point mass (``q[c]`` None) is the special case ``q_c = 1{x_c}``: ``min(1, r(x_c))`` and
+    ``(r - 1{x_c})+`` = ``r`` with ``x_c`` zeroed, i.e. the rule above. Accepting more needs q close
+    to p: ``P(accept) = sum_x min(q_c(x), r(x)) = 1 - TV(q_c, r)``, against ``r(x_c)`` for a fixed
+    candidate.
     """
     path = [0]
     node = 0
@@ -305,11 +376,19 @@ def accept_exact(
         r = target_probs(logits[node], cfg)
         for c in np.flatnonzero(tree.parent == node):  # children in the tree's order (by rank)
             x = tokens[c]
-            if rng.random() < r[x]:
-                path.append(int(c))
-                node = int(c)
-                break
-            r[x] = 0.0
+            qc = None if q is None else q[c]
+            if qc is None:  # a fixed candidate: q = 1{x}
+                if rng.random() < r[x]:
+                    path.append(int(c))
+                    node = int(c)
+                    break
+                r[x] = 0.0
+            else:
+                if rng.random() * qc[x] < r[x]:  # u < r(x) / q(x)
+                    path.append(int(c))
+                    node = int(c)
+                    break
+                r = np.maximum(r - qc, 0.0)
             total = r.sum()
             if total <= 0:  # r put all its mass on rejected tokens: impossible (r(x) = 1 is always accepted)
                 raise AssertionError("exact acceptance: empty residual")
@@ -394,7 +473,9 @@ def decode_steps(
     logits, m = prefill(backend, prompt, cfg.prefill_chunk)
     assert logits is not None
     root = select_root(logits[-1], cfg, rng)
-    cands = draft_tree(backend, m - 1, root, tree) if tree is not None else None  # the first step's candidates
+    cands = (
+        draft_tree(backend, m - 1, root, tree, cfg, rng) if tree is not None else None
+    )  # the first step's candidates
     clock.lap("prefill")
     emitted = [root]
 
@@ -415,7 +496,7 @@ def decode_steps(
             return
         if tree is not None and backend.max_new_tokens() >= tree.num_nodes:  # Medusa, and the tree fits one call
             if cands is None:  # after plain steps: the heads on the last one's token
-                cands = draft_tree(backend, 0, root, tree)
+                cands = draft_tree(backend, 0, root, tree, cfg, rng)
                 clock.lap("heads")
             emitted, root, cands = _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats)
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
@@ -458,6 +539,7 @@ def _exact(cfg: DecodeConfig) -> bool:
 def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None):
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
     tokens = cands
+    q = getattr(cands, "q", None)  # sampled drafts: the distribution each node was drawn from
     base_tree = tree
     if lookup is not None:  # plus the context's own continuation, as one more branch
         drafts = lookup.propose(cfg.lookup)
@@ -468,6 +550,8 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
             grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=branching)
             if added and backend.max_new_tokens() >= grafted.num_nodes:
                 tree, tokens = grafted, grafted_tokens
+                if q is not None:  # the tree's own nodes keep their indices (a prefix); lookup nodes are fixed
+                    q = list(q[: grafted.num_nodes - added]) + [None] * added
                 stats.lookup_steps += 1
     clock.lap("candidates")
     # verify: every node in one forward; position = cache length + depth
@@ -478,7 +562,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
         path = accept_greedy(tokens, logits, tree)
         new_root = select_root(logits[path[-1]], cfg, rng)
     elif cfg.acceptance == "exact":
-        path, new_root = accept_exact(tokens, logits, tree, cfg, rng)
+        path, new_root = accept_exact(tokens, logits, tree, cfg, rng, q)
     else:
         path = accept_typical(tokens, logits, tree, cfg)
         new_root = select_root(logits[path[-1]], cfg, rng)
@@ -489,7 +573,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     backend.commit(path)
     clock.lap("kv_update")
     # next candidates come from the heads at the last accepted node
-    cands = draft_tree(backend, int(path[-1]), new_root, base_tree)
+    cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng)
     clock.lap("heads")
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, cands
 

@@ -150,6 +150,33 @@ def test_exact_medusa_sampling_follows_the_law(plain_law, heads, tree):
     assert gof_pvalue(samples, plain_law[1.0]) > ALPHA
 
 
+@pytest.mark.parametrize("heads", ["fixed", "oracle", "bad"])
+@pytest.mark.parametrize("tree", ["chain", "branching"])
+def test_exact_sampling_with_sampled_drafts_follows_the_law(plain_law, heads, tree):
+    """Drafts drawn from the heads' own distributions (drafts="sampled"), siblings i.i.d., with
+    and without context-lookup nodes (fixed candidates) in the same tree."""
+    model = TableModel(heads=heads)
+    samples = draw(model, dict(temperature=1.0, acceptance="exact", drafts="sampled", lookup=2), TREES[tree])
+    assert gof_pvalue(samples, plain_law[1.0]) > ALPHA
+
+
+def test_sampled_drafts_accept_more_where_the_heads_know_the_distribution():
+    """Heads whose distribution is the backbone's: a drawn draft is accepted with probability
+    1 - TV(q, p) = 1, a fixed top-1 candidate only with p(top-1)."""
+
+    def mean_accepted(drafts):
+        model, total, steps = TableModel(heads="oracle"), 0, 0
+        for seed in range(150):
+            cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed, drafts=drafts, lookup=0)
+            r = decode(model, PROMPT, cfg, TREES["chain"])
+            total += sum(k * v for k, v in r.stats.accept_hist.items())
+            steps += sum(r.stats.accept_hist.values())
+        return total / steps
+
+    top, sampled = mean_accepted("top"), mean_accepted("sampled")
+    assert sampled > top + 0.3, (top, sampled)
+
+
 def test_exact_sampling_at_another_temperature_with_top_k_and_top_p():
     cfg = dict(temperature=0.7, top_k=4, top_p=0.9)
     law = exact_law(TableModel(), DecodeConfig(**cfg))
