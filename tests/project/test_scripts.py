@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import json
 import sys
 from pathlib import Path
 
@@ -127,3 +128,23 @@ def test_hydra_training_script_refuses_to_overwrite_heads(tmp_path):
     text = (ROOT / "scripts" / "train_smollm2_hydra.sh").read_text()
     assert "OUT=${OUT:-runs/smollm2_hydra}" in text and "--head-type hydra" in text
     assert "--out-dir tree_configs" not in text and "HEADS=exporter/" not in text
+
+
+def test_heldout_prompts_are_the_heldout_split(tmp_path, shared_data):
+    """scripts/heldout_prompts.py writes exactly the Alpaca prompts of the held-out split (the ones
+    no head trained on), in file order."""
+    from training.data import split_of
+
+    out = tmp_path / "held.json"
+    r = _run([sys.executable, "-m", "scripts.heldout_prompts", "-o", str(out), "--last", "5"])
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((shared_data / "alpaca_5000.json").read_text())
+    held = [row for i, row in enumerate(rows) if split_of(f"alpaca-{i:05d}") == "heldout"]
+    assert 150 < len(held) < 350  # ~5% of 5,000
+    assert json.loads(out.read_text()) == held[-5:]
+
+
+def test_hydra_bench_script_refuses_to_overwrite_results(tmp_path):
+    (tmp_path / "hydra_bench.txt").write_text("kept")
+    r = _run(["bash", "scripts/bench_hydra.sh", str(tmp_path)])
+    assert r.returncode == 1 and "pass --force" in r.stderr and (tmp_path / "hydra_bench.txt").read_text() == "kept"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 13's numbers: the shipped Hydra heads against the shipped Medusa-1 heads, same backbone,
+# same engine, one run after the other (2 threads, greedy unless stated, MT-Bench first turns):
+#   1. Hydra, first 16 MT-Bench prompts, 256 tokens: plain vs heads + lookup vs heads only,
+#      with onnxruntime-genai plain and n-gram speculation interleaved (--peer ortgenai)
+#   2. accepted tokens per step per category, 2 prompts of each of the 8 categories, Hydra and Medusa
+#   3. outside MT-Bench: 24 held-out Alpaca prompts (the split no head trained on), Hydra and Medusa
+#   4. sampling at temperature 0.7, Hydra: plain vs exact (top-k / sampled drafts) vs typical
+# Writes into OUT (default runs/bench_hydra, git-ignored); --force replaces existing results.
+#   bash scripts/bench_hydra.sh [--force] [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FORCE=0
+if [ "${1:-}" = "--force" ]; then FORCE=1; shift; fi
+OUT=${1:-runs/bench_hydra}
+if [ "$FORCE" = 0 ] && [ -e "$OUT/hydra_bench.txt" ]; then
+  echo "bench_hydra.sh: $OUT/hydra_bench.txt exists: pass --force to replace the results in $OUT" >&2
+  exit 1
+fi
+. .venv/bin/activate
+MT=../shared/data/mt_bench_question.jsonl
+MEDUSA=artifacts/smollm2-135m-medusa
+HYDRA=artifacts/smollm2-135m-hydra
+mkdir -p "$OUT"
+[ -f "$MEDUSA/medusa_config.json" ] || medusa-export smollm2-135m -o "$MEDUSA"
+[ -f "$HYDRA/medusa_config.json" ] || medusa-export smollm2-135m --heads exporter/shipped_heads/smollm2-135m-hydra -o "$HYDRA"
+python -m scripts.heldout_prompts -o "$OUT/alpaca_heldout.json" --last 24
+medusa-run bench "$HYDRA" --prompts "$MT" --limit 16 --threads 2 --peer ortgenai --lookup 3 0 \
+  --json "$OUT/hydra_bench.json" | tee "$OUT/hydra_bench.txt"
+for A in "$HYDRA" "$MEDUSA"; do
+  N=$(basename "$A")
+  medusa-run bench "$A" --prompts "$MT" --per-category 2 --threads 2 --lookup 3 0 \
+    --json "$OUT/${N}_categories.json" | tee "$OUT/${N}_categories.txt"
+  medusa-run bench "$A" --prompts "$OUT/alpaca_heldout.json" --threads 2 --max-new-tokens 192 --lookup 3 0 \
+    --json "$OUT/${N}_alpaca.json" | tee "$OUT/${N}_alpaca.txt"
+done
+medusa-run bench "$HYDRA" --prompts "$MT" --limit 16 --threads 2 --sampling 0.7 --quiet \
+  --json "$OUT/hydra_sampling.json" | tee "$OUT/hydra_sampling.txt"
