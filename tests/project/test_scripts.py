@@ -3,9 +3,9 @@ without editing ``sys.path``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-import json
 import sys
 from pathlib import Path
 
