@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.artifact import HEAD_TYPES
 from runtime.errors import CheckpointError
 
 HEADS_WEIGHTS = "medusa_heads.safetensors"
@@ -384,6 +385,7 @@ def load_heads(
         raise CheckpointError(f"Medusa heads not found: {p} does not exist")
     meta: dict = {}
     layout = ""
+    kind = "medusa"  # "hydra": the medusa-trt layout's json says so
     if p.is_dir():
         if (p / HEADS_WEIGHTS).is_file():
             p = p / HEADS_WEIGHTS
@@ -416,10 +418,9 @@ def load_heads(
             if p.name == HEADS_WEIGHTS and (p.parent / HEADS_CONFIG).is_file():
                 stored = _read_json(p.parent / HEADS_CONFIG)
                 meta = stored.get("meta", {})
-                if stored.get("kind", "medusa") == "hydra":
-                    return _load_hydra(p, sd, meta, hidden_size, vocab_size, dtype, str(Path(path)))
-                if stored.get("kind", "medusa") != "medusa":
-                    raise CheckpointError(f"{p.parent / HEADS_CONFIG}: unknown head kind {stored.get('kind')!r}")
+                kind = stored.get("kind", "medusa")
+                if kind not in HEAD_TYPES:
+                    raise CheckpointError(f"{p.parent / HEADS_CONFIG}: unknown head kind {kind!r}")
         elif p.suffix in (".pt", ".bin", ".pth"):
             sd = _read_pickle(p)
             layout = "medusa1-pt"
@@ -430,30 +431,34 @@ def load_heads(
         raise CheckpointError(
             f"{p}: '{DRAFT_VOCAB_KEY}' must be a 1-D integer tensor, got {draft.dtype} {tuple(draft.shape)}"
         )
-    cfg = heads_config_from_state_dict(sd, str(p))
+    hydra = _hydra_heads(p, sd, hidden_size, vocab_size) if kind == "hydra" else None
+    cfg = hydra.config if hydra is not None else heads_config_from_state_dict(sd, str(p))
     for key, t in sd.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(
                 f"{p}: tensor {key} holds NaN or infinite values: the checkpoint is damaged or its "
                 "training diverged; use another checkpoint"
             )
-    if cfg.shared_lm_head:
-        if vocab_size is None:
-            raise CheckpointError(f"{p}: heads share the backbone's lm_head; the backbone's vocabulary size is needed")
-        cfg.vocab_size = vocab_size
-    if hidden_size is not None and cfg.hidden_size != hidden_size:
-        raise CheckpointError(
-            f"{p}: Medusa heads do not fit the backbone: head block weight is "
-            f"[{cfg.hidden_size}, {cfg.hidden_size}] but the backbone's hidden size is {hidden_size} "
-            f"(expected [{hidden_size}, {hidden_size}])"
-        )
-    if vocab_size is not None and cfg.vocab_size != vocab_size:
-        raise CheckpointError(
-            f"{p}: Medusa heads do not fit the backbone: head projection is [{cfg.vocab_size}, {cfg.hidden_size}] "
-            f"but the backbone's lm_head is [{vocab_size}, {hidden_size or cfg.hidden_size}]"
-        )
+    if hydra is None:  # (Hydra heads' sizes were checked against the backbone's by _hydra_heads)
+        if cfg.shared_lm_head:
+            if vocab_size is None:
+                raise CheckpointError(
+                    f"{p}: heads share the backbone's lm_head; the backbone's vocabulary size is needed"
+                )
+            cfg.vocab_size = vocab_size
+        if hidden_size is not None and cfg.hidden_size != hidden_size:
+            raise CheckpointError(
+                f"{p}: Medusa heads do not fit the backbone: head block weight is "
+                f"[{cfg.hidden_size}, {cfg.hidden_size}] but the backbone's hidden size is {hidden_size} "
+                f"(expected [{hidden_size}, {hidden_size}])"
+            )
+        if vocab_size is not None and cfg.vocab_size != vocab_size:
+            raise CheckpointError(
+                f"{p}: Medusa heads do not fit the backbone: head projection is [{cfg.vocab_size}, {cfg.hidden_size}] "
+                f"but the backbone's lm_head is [{vocab_size}, {hidden_size or cfg.hidden_size}]"
+            )
     cfg.meta = {**meta, "layout": layout, "source": str(Path(path))}
-    heads = MedusaHeads(cfg)
+    heads = hydra if hydra is not None else MedusaHeads(cfg)
     heads.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
     if draft is not None:
         try:
@@ -466,9 +471,9 @@ def load_heads(
 _HYDRA_KEY = re.compile(r"^(\d+)\.(input\.weight|input\.bias|blocks\.(\d+)\.linear\.(weight|bias))$")
 
 
-def _load_hydra(p: Path, sd: dict, meta: dict, hidden_size, vocab_size, dtype, source: str) -> HydraHeads:
-    """Hydra heads of the medusa-trt layout (kind "hydra" in the json), shapes checked."""
-    draft = sd.pop(DRAFT_VOCAB_KEY, None)
+def _hydra_heads(p: Path, sd: dict, hidden_size, vocab_size) -> HydraHeads:
+    """Fresh Hydra heads shaped as the state dict ``sd`` (medusa-trt layout, kind "hydra"), every
+    key and shape checked against them and the backbone's sizes; :func:`load_heads` fills them."""
     heads_seen: dict[int, set] = {}
     for key in sd:
         m = _HYDRA_KEY.match(key)
@@ -488,25 +493,15 @@ def _load_hydra(p: Path, sd: dict, meta: dict, hidden_size, vocab_size, dtype, s
         )
     if vocab_size is None:
         raise CheckpointError(f"{p}: heads share the backbone's lm_head; the backbone's vocabulary size is needed")
-    cfg = HeadsConfig(K, layers.pop(), H, vocab_size, True, kind="hydra")
-    heads = HydraHeads(cfg)
+    heads = HydraHeads(HeadsConfig(K, layers.pop(), H, vocab_size, True, kind="hydra"))
     expected = {k: tuple(v.shape) for k, v in heads.state_dict().items() if k != DRAFT_VOCAB_KEY}
     for key, t in sd.items():
         if key not in expected or tuple(t.shape) != expected[key]:
             raise CheckpointError(f"{p}: tensor {key} has shape {tuple(t.shape)}, expected {expected.get(key)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{p}: tensor {key} holds NaN or infinite values: the checkpoint is damaged")
     missing = sorted(set(expected) - set(sd))
     if missing:
         raise CheckpointError(f"{p}: Hydra heads lack {missing[:3]} (the checkpoint is incomplete)")
-    cfg.meta = {**meta, "layout": "medusa-trt", "source": source}
-    heads.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
-    if draft is not None:
-        try:
-            heads.set_draft_vocab(draft)
-        except CheckpointError as e:
-            raise CheckpointError(f"{p}: {e}") from None
-    return heads.to(dtype).eval()
+    return heads
 
 
 def save_heads(

@@ -23,6 +23,13 @@ import numpy as np
 from runtime.decode import PHASES, prefill
 from runtime.errors import MedusaError
 
+# the Medusa sampling runs compared with plain sampling (--sampling): name -> (acceptance, drafts, what);
+# exact sampling runs the artifact's sampling tree, typical acceptance the first --tree
+SAMPLING_KINDS = {
+    "exact": ("exact", "top", "exact (the backbone's distribution), the heads' top-k as candidates"),
+    "exact_sampled": ("exact", "sampled", "exact (the backbone's distribution), candidates drawn from the heads"),
+    "typical": ("typical", "top", "typical acceptance (lossy)"),
+}
 OUTSIDE_ENGINE = ("candidates", "acceptance", "kv_update", "other")
 
 
@@ -245,7 +252,7 @@ def run_bench(
     per_prompt = []
     peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
     bar = tqdm(
-        total=len(prompts) * (1 + len(variants) + peer_runs + 4 * len(sampling)),
+        total=len(prompts) * (1 + len(variants) + peer_runs + (1 + len(SAMPLING_KINDS)) * len(sampling)),
         desc="bench",
         unit="run",
         disable=not progress,
@@ -276,44 +283,22 @@ def run_bench(
             }
         if sampling:
             row["sampling"] = {}
-        for temp in sampling:  # same seed for the three: a fair draw, not the same tokens
+        for temp in sampling:  # the same seed for every run: a fair draw, not the same tokens
             kw = dict(temperature=temp, seed=seed + i)
-            runs = {
-                "plain": _run(gen, ids, max_new_tokens, medusa=False, **kw),
-                "exact": _run(
+            runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw)}
+            for k, (acceptance, drafts, _) in SAMPLING_KINDS.items():
+                runs[k] = _run(
                     gen,
                     ids,
                     max_new_tokens,
                     medusa=True,
-                    tree=exact_tree,
+                    tree=exact_tree if acceptance == "exact" else variants[0].tree,
                     lookup=variants[0].lookup,
-                    acceptance="exact",
-                    drafts="top",
+                    acceptance=acceptance,
+                    drafts=drafts,
                     **kw,
-                ),
-                "exact_sampled": _run(
-                    gen,
-                    ids,
-                    max_new_tokens,
-                    medusa=True,
-                    tree=exact_tree,
-                    lookup=variants[0].lookup,
-                    acceptance="exact",
-                    drafts="sampled",
-                    **kw,
-                ),
-                "typical": _run(
-                    gen,
-                    ids,
-                    max_new_tokens,
-                    medusa=True,
-                    tree=variants[0].tree,
-                    lookup=variants[0].lookup,
-                    acceptance="typical",
-                    **kw,
-                ),
-            }
-            bar.update(4)
+                )
+            bar.update(1 + len(SAMPLING_KINDS))
             row["sampling"][str(temp)] = {
                 k: {
                     "tokens": len(r.tokens),
@@ -394,7 +379,7 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
             "greedy_speedup": res["trees"][variant_name]["speedup"],
             "tree": variant_name,
         }
-        for k in ("exact", "exact_sampled", "typical"):
+        for k in SAMPLING_KINDS:
             tps = _tokens_per_s([r[k] for r in rows])
             hist = _merged_hist(r[k]["accept_hist"] for r in rows)
             entry[f"{k}_tokens_per_s"] = tps
@@ -610,11 +595,7 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
             f"{e['greedy_speedup']:.2f}x; exact: tree {e.get('exact_tree', e['tree'])}):"
         )
         lines.append(f"  plain sampling  {e['plain_tokens_per_s']:8.2f} tok/s")
-        for k, what in (
-            ("exact", "exact (the backbone's distribution), the heads' top-k as candidates"),
-            ("exact_sampled", "exact (the backbone's distribution), candidates drawn from the heads"),
-            ("typical", "typical acceptance (lossy)"),
-        ):
+        for k, (_, _, what) in SAMPLING_KINDS.items():
             lines.append(
                 f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
                 f"{e[k + '_mean_accepted']:.2f} accepted/step  [{what}]"

@@ -250,20 +250,13 @@ def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndar
     return tokens
 
 
-class Drafts(np.ndarray):
-    """Candidate tokens of a tree's nodes (an int64 array) that may carry ``q``: per node, the
-    distribution it was drawn from (sampled drafts), or None where the node is a fixed candidate."""
-
-    q: list | None = None
-
-
 def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeConfig | None = None,
-               rng: np.random.Generator | None = None) -> np.ndarray:  # fmt: skip
-    """Candidate token of every node of ``tree`` from the hidden state of token ``index`` of the
-    last forward: Medusa heads in one call (:func:`tree_candidates`), Hydra heads level by level
-    (:func:`hydra_candidates`). With ``cfg`` asking for sampled drafts (exact sampling,
-    ``drafts="sampled"``) each node is drawn with ``rng`` from its head's distribution at the
-    temperature, and the result's ``.q`` holds those distributions."""
+               rng: np.random.Generator | None = None) -> tuple[np.ndarray, list | None]:  # fmt: skip
+    """``(tokens, q)``: the candidate token of every node of ``tree`` from the hidden state of token
+    ``index`` of the last forward: Medusa heads in one call (:func:`tree_candidates`), Hydra heads
+    level by level (:func:`hydra_candidates`). ``q`` is None, or, where ``cfg`` asks for sampled
+    drafts (exact sampling, ``drafts="sampled"``, each node drawn with ``rng`` from its head's
+    distribution at the temperature), per node the distribution it was drawn from (None: the root)."""
     sampled = cfg is not None and rng is not None and _sampled_drafts(cfg)
     q: list | None = [None] * tree.num_nodes if sampled else None
     if backend.spec.medusa_head_type == "hydra":
@@ -283,9 +276,7 @@ def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeC
             sample_children(heads[h], nodes, cfg.temperature, rng, tokens, q)  # type: ignore[union-attr]
     else:
         tokens = tree_candidates(root, backend.head_logits(index), tree)
-    out = tokens.view(Drafts)
-    out.q = q
-    return out
+    return tokens, q
 
 
 def _sampled_drafts(cfg: DecodeConfig) -> bool:
@@ -376,18 +367,14 @@ def accept_exact(
         r = target_probs(logits[node], cfg)
         for c in np.flatnonzero(tree.parent == node):  # children in the tree's order (by rank)
             x = tokens[c]
-            qc = None if q is None else q[c]
-            if qc is None:  # a fixed candidate: q = 1{x}
-                if rng.random() < r[x]:
-                    path.append(int(c))
-                    node = int(c)
-                    break
+            qc = None if q is None else q[c]  # None: a fixed candidate, q = 1{x}
+            if rng.random() * (1.0 if qc is None else qc[x]) < r[x]:  # u < r(x) / q(x)
+                path.append(int(c))
+                node = int(c)
+                break
+            if qc is None:
                 r[x] = 0.0
             else:
-                if rng.random() * qc[x] < r[x]:  # u < r(x) / q(x)
-                    path.append(int(c))
-                    node = int(c)
-                    break
                 r = np.maximum(r - qc, 0.0)
             total = r.sum()
             if total <= 0:  # r put all its mass on rejected tokens: impossible (r(x) = 1 is always accepted)
@@ -538,8 +525,7 @@ def _exact(cfg: DecodeConfig) -> bool:
 
 def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None):
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
-    tokens = cands
-    q = getattr(cands, "q", None)  # sampled drafts: the distribution each node was drawn from
+    tokens, q = cands  # q: sampled drafts' distributions (None: fixed candidates)
     base_tree = tree
     if lookup is not None:  # plus the context's own continuation, as one more branch
         drafts = lookup.propose(cfg.lookup)

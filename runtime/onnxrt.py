@@ -87,20 +87,16 @@ def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, hea
     for t in backbone.get_inputs():
         if t.name.startswith("past_key_values."):
             expect_backbone[t.name] = (4, kv)
-    expect_heads = {
-        "hidden_states": (2, {1: (spec.hidden_size, "hidden size")}),
-        "medusa_logits": (
+    expect_heads: dict = {"hidden_states": (2, {1: (spec.hidden_size, "hidden size")})}
+    if spec.medusa_head_type == "hydra":
+        expect_heads["path_ids"] = (2, {1: (spec.num_medusa_heads, "Medusa heads count")})
+        expect_heads["path_len"] = (1, {})
+        expect_heads["draft_logits"] = (2, {1: (spec.vocab_size, "vocabulary size")})
+    else:
+        expect_heads["medusa_logits"] = (
             3,
             {1: (spec.num_medusa_heads, "Medusa heads count"), 2: (spec.vocab_size, "vocabulary size")},
-        ),
-    }
-    if spec.medusa_head_type == "hydra":
-        expect_heads = {
-            "hidden_states": (2, {1: (spec.hidden_size, "hidden size")}),
-            "path_ids": (2, {1: (spec.num_medusa_heads, "Medusa heads count")}),
-            "path_len": (1, {}),
-            "draft_logits": (2, {1: (spec.vocab_size, "vocabulary size")}),
-        }
+        )
     float_type = _ONNX_TYPES.get(config.dtype)
     for session, file, expect in ((backbone, config.backbone.file, expect_backbone), (heads, heads_file, expect_heads)):
         tensors = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}

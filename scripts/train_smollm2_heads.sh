@@ -40,23 +40,7 @@ medusa-train distill --model smollm2-135m --num-prompts "$N" --batch-size 64 --m
   --temperature 0 --threads "$T" --out "$DATA"
 medusa-train medusa1 --model smollm2-135m --data "$DATA" --out "$RUN" --num-heads 4 --num-layers "$L" \
   --lr 1.5e-3 --epochs "$E" --batch-tokens 256 --threads "$T"
-python - "$RUN" "$HEADS" "$DATA" "$N" "$E" "$L" "$T" <<'PY'
-import json, sys
-from pathlib import Path
-import torch
-from exporter.heads import load_heads, save_heads
-from training.card import write_card
-run, heads, data, n, e, l, t = sys.argv[1:]
-cfg = json.loads((Path(run) / "medusa_heads.json").read_text())
-trained = load_heads(run, vocab_size=cfg["vocab_size"])
-trained.config.meta = {}  # load_heads adds layout/source; keep the run's meta only
-save_heads(trained, heads, meta=cfg["meta"], dtype=torch.float16)
-size = (Path(heads) / "medusa_heads.safetensors").stat().st_size
-assert size <= 10e6, f"{heads}: {size / 1e6:.1f} MB, more than the repo's 10 MB for heads"
-write_card(Path(heads), Path(data), command=f"NUM_PROMPTS={n} EPOCHS={e} LAYERS={l} THREADS={t} bash scripts/train_smollm2_heads.sh",
-           machine="shared 2-core AMD EPYC VM (AVX2), 24 GB RAM, no GPU, torch 2.13 CPU")
-print(f"installed {run} into {heads}")
-PY
+python -m scripts.install_heads "$RUN" "$HEADS" "$DATA" --command "NUM_PROMPTS=$N EPOCHS=$E LAYERS=$L THREADS=$T bash scripts/train_smollm2_heads.sh"
 medusa-train select-tree --heads "$HEADS" --data "$DATA" --name smollm2_selected --out-dir "$TREES" --threads "$T" $FORCE_FLAG
 medusa-train select-tree --heads "$HEADS" --data "$DATA" --name smollm2_ort_cpu --out-dir "$TREES" \
   --profile "$PROFILE" --threads "$T" $FORCE_FLAG

@@ -39,24 +39,7 @@ medusa-train distill --engine "$ENGINE" --model smollm2-135m --num-prompts "$N" 
   --max-new-tokens "$M" --temperature 0 --threads "$T" --out "$DATA"
 medusa-train medusa1 --head-type hydra --model smollm2-135m --data "$DATA" --out "$RUN" --num-heads "$K" \
   --num-layers "$L" --lr 1.5e-3 --epochs "$E" --batch-tokens 256 --threads "$T"
-python - "$RUN" "$HEADS" "$DATA" "$N" "$E" "$K" "$L" "$T" <<'PY'
-import json, sys
-from pathlib import Path
-import torch
-from exporter.heads import load_heads, save_heads
-from training.card import write_card
-run, heads, data, n, e, k, l, t = sys.argv[1:]
-cfg = json.loads((Path(run) / "medusa_heads.json").read_text())
-trained = load_heads(run, vocab_size=cfg["vocab_size"])
-trained.config.meta = {}  # load_heads adds layout/source; keep the run's meta only
-save_heads(trained, heads, meta=cfg["meta"], dtype=torch.float16)
-size = (Path(heads) / "medusa_heads.safetensors").stat().st_size
-assert size <= 10e6, f"{heads}: {size / 1e6:.1f} MB, more than the repo's 10 MB for heads"
-write_card(Path(heads), Path(data),
-           command=f"NUM_PROMPTS={n} EPOCHS={e} HEADS_COUNT={k} LAYERS={l} THREADS={t} bash scripts/train_smollm2_hydra.sh",
-           machine="shared 2-core AMD EPYC VM (AVX2), 24 GB RAM, no GPU, torch 2.13 CPU")
-print(f"installed {run} into {heads} ({size / 1e6:.1f} MB)")
-PY
+python -m scripts.install_heads "$RUN" "$HEADS" "$DATA" --command "NUM_PROMPTS=$N EPOCHS=$E HEADS_COUNT=$K LAYERS=$L THREADS=$T bash scripts/train_smollm2_hydra.sh"
 medusa-export smollm2-135m --heads "$HEADS" -o "$OUT/artifact" --tree "chain_$K" --force
 medusa-run profile "$OUT/artifact" --threads "$T" --repeats 11 -o "$OUT/hydra_profile.json"
 medusa-train select-tree --heads "$HEADS" --data "$DATA" --name smollm2_hydra_ort_cpu --out-dir "$TREES" \

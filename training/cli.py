@@ -134,6 +134,7 @@ def _select_tree(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from runtime.artifact import HEAD_TYPES
     from training.distill import DistillConfig
     from training.medusa1 import Medusa1Config
     from training.medusa2 import Medusa2Config
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-layers", type=int, default=m.num_layers, help="residual blocks per head")
     sp.add_argument(
         "--head-type",
-        choices=("medusa", "hydra"),
+        choices=HEAD_TYPES,
         default=m.head_type,
         help="medusa: head k reads the last hidden state; hydra: also the tokens on its path (Hydra's "
         "sequentially dependent heads; trees are then drafted level by level)",

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime.artifact import HEAD_TYPES
 from runtime.errors import MedusaError
 from runtime.log import quiet
 from training.data import (
@@ -430,8 +431,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
 
     if cfg.num_heads < 1 or cfg.num_layers < 1 or cfg.epochs < 1 or cfg.batch_tokens < 1:
         raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
-    if cfg.head_type not in ("medusa", "hydra"):
-        raise MedusaError(f"head_type must be 'medusa' or 'hydra', got {cfg.head_type!r}")
+    if cfg.head_type not in HEAD_TYPES:
+        raise MedusaError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {cfg.head_type!r}")
     hydra = cfg.head_type == "hydra"
     if hydra and not cfg.shared_lm_head:
         raise MedusaError("Hydra heads share the backbone's lm_head (drop --own-lm-head)")

@@ -128,7 +128,7 @@ def test_level_by_level_drafting_equals_a_direct_pytorch_computation():
     backend.forward(np.array(prompt), np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
     hidden = torch.from_numpy(backend.hidden_states()[n - 1])
     root = 17
-    tokens = draft_tree(backend, n - 1, root, TREE)
+    tokens, _ = draft_tree(backend, n - 1, root, TREE)
     lm, emb = model.lm_head, model.get_input_embeddings().weight
     for node in range(1, TREE.num_nodes):
         path, p = [], node
