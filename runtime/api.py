@@ -48,7 +48,18 @@ from runtime.decode import (
     decode_steps,
     prefill,
 )
+from runtime.dynamic import (
+    CALIBRATION_FILE,
+    DEFAULT_COST,
+    DYNAMIC,
+    Calibration,
+    CostModel,
+    DynamicTree,
+    parse_dynamic,
+    read_calibration,
+)
 from runtime.errors import ArtifactError, ConfigError, MedusaError, MedusaWarning, TreeError
+from runtime.profile import PROFILE_FILE
 from runtime.tokenizer import StreamDecoder, Tokenizer
 from runtime.tree import Tree, build_tree
 
@@ -266,15 +277,33 @@ class MedusaGenerator:
         except TreeError as e:
             raise ArtifactError(f"{self.folder / 'medusa_config.json'}: the tree {name!r} does not fit: {e}") from None
 
-    def _tree(self, tree) -> Tree:
+    def _tree(self, tree) -> Tree | DynamicTree:
         """A tree argument (a name, a JSON file, a list of paths or a Tree), checked against this
         model: its ranks against the vocabulary and its depth against the Medusa heads."""
         if tree is None:
             return self.default_tree
+        if isinstance(tree, DynamicTree):
+            return tree
+        if isinstance(tree, str) and tree.partition("@")[0].partition(":")[0] == DYNAMIC:
+            return parse_dynamic(tree, self.spec.num_medusa_heads, self.cost_model(), self.calibration())
         return checks.tree(tree, self.spec.num_medusa_heads, self.spec.vocab_size)
 
+    def cost_model(self) -> CostModel:
+        """The step-cost model dynamic trees size themselves by: the artifact's own latency profile
+        (``medusa-run profile ARTIFACT`` writes it) where there is one, else the built-in CPU default."""
+        path = self.folder / PROFILE_FILE
+        return CostModel.from_profile(path) if path.is_file() else DEFAULT_COST
+
+    def calibration(self) -> Calibration | None:
+        """The drafts' measured hit rates dynamic trees start from (``medusa-run calibrate ARTIFACT``
+        writes them into the artifact); None: each call starts from the heads' raw probabilities."""
+        path = self.folder / CALIBRATION_FILE
+        return read_calibration(path) if path.is_file() else None
+
     @staticmethod
-    def _warn_tree_too_big(tree: Tree, room: int, stacklevel: int) -> None:
+    def _warn_tree_too_big(tree: Tree | DynamicTree, room: int, stacklevel: int) -> None:
+        if isinstance(tree, DynamicTree):  # it grows each step's tree within the room there is
+            return
         warnings.warn(
             f"tree {tree.name!r} has {tree.num_nodes} nodes but at most {room} fit in the context after the prompt: "
             "every step decodes plain (one token a step, no Medusa speed-up); use a smaller tree or a longer context",

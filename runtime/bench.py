@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from runtime.decode import PHASES, prefill
+from runtime.dynamic import is_dynamic
 from runtime.errors import MedusaError
 
 # the Medusa sampling runs compared with plain sampling (--sampling): name -> (acceptance, drafts, what);
@@ -30,6 +31,15 @@ SAMPLING_KINDS = {
     "exact_sampled": ("exact", "sampled", "exact (the backbone's distribution), candidates drawn from the heads"),
     "typical": ("typical", "top", "typical acceptance (lossy)"),
 }
+
+
+def sampling_kinds(exact_tree) -> dict:
+    """The sampling runs a tree takes: a dynamic tree drafts the heads' likeliest tokens only."""
+    if is_dynamic(exact_tree):
+        return {k: v for k, v in SAMPLING_KINDS.items() if v[1] != "sampled"}
+    return SAMPLING_KINDS
+
+
 OUTSIDE_ENGINE = ("candidates", "acceptance", "kv_update", "other")
 
 
@@ -98,6 +108,7 @@ class RunResult:
     accept_hist: dict = field(default_factory=dict)
     lookup_accepted: int = 0
     drafts: dict = field(default_factory=dict)  # a speculating peer's draft counters (proposed, accepted)
+    nodes: int = 0  # tokens the Medusa steps verified (roots included)
 
     @property
     def tokens_per_s(self) -> float:
@@ -110,7 +121,13 @@ def _run(gen, ids, max_new_tokens, medusa, tree=None, **kw) -> RunResult:
     seconds = time.perf_counter() - t
     s = out.stats
     return RunResult(
-        out.tokens, seconds, s.steps, dict(s.times), dict(s.accept_hist), lookup_accepted=s.lookup_accepted
+        out.tokens,
+        seconds,
+        s.steps,
+        dict(s.times),
+        dict(s.accept_hist),
+        lookup_accepted=s.lookup_accepted,
+        nodes=s.nodes,
     )
 
 
@@ -280,13 +297,14 @@ def run_bench(
                 "identical": md.tokens == ar.tokens,
                 "divergence": None if md.tokens == ar.tokens else _divergence(gen, ids, ar.tokens, md.tokens),
                 "lookup_accepted": md.lookup_accepted,
+                "verified": md.nodes,
             }
         if sampling:
             row["sampling"] = {}
         for temp in sampling:  # the same seed for every run: a fair draw, not the same tokens
             kw = dict(temperature=temp, seed=seed + i)
             runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw)}
-            for k, (acceptance, drafts, _) in SAMPLING_KINDS.items():
+            for k, (acceptance, drafts, _) in sampling_kinds(exact_tree).items():
                 runs[k] = _run(
                     gen,
                     ids,
@@ -380,6 +398,8 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
             "tree": variant_name,
         }
         for k in SAMPLING_KINDS:
+            if k not in rows[0]:  # not run (sampled drafts on a dynamic tree)
+                continue
             tps = _tokens_per_s([r[k] for r in rows])
             hist = _merged_hist(r[k]["accept_hist"] for r in rows)
             entry[f"{k}_tokens_per_s"] = tps
@@ -431,6 +451,8 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
     return {
         "tree": variant.name,
         "nodes": tree.num_nodes,
+        # tokens verified per Medusa step (the tree, its lookup nodes, a dynamic tree's choice)
+        "verified_per_step": sum(r.get("verified", 0) for r in rows) / max(1, steps),
         "paths": [list(p) for p in tree.paths],
         "lookup": variant.lookup,
         "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
@@ -562,20 +584,22 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
     lines.append(f"plain decoding: {res['ar_tokens_per_s']:.2f} tok/s ({res['ar_step_ms']:.1f} ms/token)")
     w = max(18, *(len(n) for n in res["trees"]))
     head = (
-        f"{'tree':<{w}} {'nodes':>5} {'tok/s':>7} {'speedup':>7} {'accepted':>8} {'identical':>9} "
+        f"{'tree':<{w}} {'nodes':>5} {'verif':>5} {'tok/s':>7} {'speedup':>7} {'accepted':>8} {'identical':>9} "
         f"{'engine':>7} {'heads':>6} {'cand':>5} {'accept':>6} {'kv':>5} {'other':>5} {'outside':>7}"
     )
     lines += ["", head, "-" * len(head)]
     for t in res["trees"].values():
         ms = t["step_ms"]
         lines.append(
-            f"{t['tree']:<{w}} {t['nodes']:>5} {t['medusa_tokens_per_s']:7.2f} {t['speedup']:6.2f}x "
+            f"{t['tree']:<{w}} {t['nodes']:>5} {t.get('verified_per_step', 0):5.2f} {t['medusa_tokens_per_s']:7.2f} {t['speedup']:6.2f}x "
             f"{t['mean_accepted']:8.2f} {t['identical']:>4}/{res['prompts']:<4} {ms['engine']:5.1f}ms {ms['heads']:4.1f}ms "
             f"{ms['candidates']:3.1f}ms {ms['acceptance']:4.1f}ms {ms['kv_update']:3.1f}ms {ms['other']:3.1f}ms "
             f"{100 * t['overhead_fraction']:6.1f}%"
         )
     lines.append(
-        "(engine .. other: milliseconds per Medusa step; 'outside' = time outside engine calls / Medusa decode time)"
+        "(nodes: the tree's most (a dynamic tree: its cap, root included); verif: tokens verified per step, lookup "
+        "nodes included; engine .. other: milliseconds per Medusa step; 'outside' = time outside engine calls / "
+        "Medusa decode time)"
     )
     cats = res.get("by_category") or {}
     if len(cats) > 1:
@@ -596,6 +620,8 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
         )
         lines.append(f"  plain sampling  {e['plain_tokens_per_s']:8.2f} tok/s")
         for k, (_, _, what) in SAMPLING_KINDS.items():
+            if k + "_tokens_per_s" not in e:
+                continue
             lines.append(
                 f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
                 f"{e[k + '_mean_accepted']:.2f} accepted/step  [{what}]"

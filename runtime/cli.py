@@ -23,6 +23,7 @@ EPILOG = """examples:
   medusa-run bench artifacts/smollm2-135m-medusa --prompts ../shared/data/mt_bench_question.jsonl \\
       --limit 10 --tree smollm2_selected cpu_8 --peer hf --json bench.json --plot bench.png
   medusa-run profile artifacts/smollm2-135m-medusa      # writes latency_profile.json into the artifact
+  medusa-run calibrate artifacts/smollm2-135m-medusa --prompts my_prompts.jsonl   # for --tree dynamic
 """
 
 
@@ -94,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--delta", type=float, default=_decode_default("delta"), help="typical acceptance entropy-scaled threshold"
     )
-    g.add_argument("--tree", default=None, help="tree name from tree_configs or a JSON file (default: the artifact's)")
+    g.add_argument(
+        "--tree",
+        default=None,
+        help="tree name from tree_configs, a JSON file, or dynamic[:N] (a tree per step, "
+        "at most N drafted nodes; runtime/dynamic.py) (default: the artifact's)",
+    )
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=_decode_default("seed"))
     g.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding (the baseline)")
@@ -124,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first N prompts of each category (MT-Bench: 8 categories), before --limit",
     )
     b.add_argument("--max-new-tokens", type=int, default=_decode_default("max_new_tokens"))
-    b.add_argument("--tree", nargs="+", default=[], help="one or several trees to compare (default: the artifact's)")
+    b.add_argument("--tree", nargs="+", default=[],
+                   help="one or several trees to compare, dynamic[:N] among them (default: the artifact's)")  # fmt: skip
     b.add_argument(
         "--lookup",
         type=int,
@@ -167,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
     pr.add_argument("-o", "--output", default=None, help="output JSON (default: ARTIFACT/latency_profile.json)")
 
+    c = sub.add_parser(
+        "calibrate",
+        help="measure how often the drafts are accepted (what dynamic trees start from)",
+        formatter_class=HelpFormatter,
+        description="Decode prompts greedily with an exploring dynamic tree (the --max-nodes likeliest nodes "
+        "every step) and count, per head depth and probability bin and per lookup position, how often a draft "
+        "was accepted. Writes ARTIFACT/draft_calibration.json, which --tree dynamic reads. Calibrate on prompts "
+        "like your traffic, and never on the prompts you evaluate on.",
+    )
+    _engine_args(c)
+    c.add_argument("--prompts", required=True, help="MT-Bench-style JSONL, JSONL with 'prompt', or an Alpaca JSON list")
+    c.add_argument("--skip", type=int, default=0, help="drop the first N prompts")
+    c.add_argument("--limit", type=int, default=16, help="prompts to decode")
+    c.add_argument("--max-new-tokens", type=int, default=192)
+    c.add_argument("--max-nodes", type=int, default=16, help="drafted nodes per exploring step")
+    c.add_argument("--lookup", type=int, default=_decode_default("lookup"), help="context-lookup draft tokens per step")
+    c.add_argument("-o", "--output", default=None, help="output JSON (default: ARTIFACT/draft_calibration.json)")
+
     s = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /metrics)", formatter_class=HelpFormatter
     )
@@ -185,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429")
     s.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
     s.add_argument("--plain", action="store_true", help="serve plain decoding (no Medusa): the baseline server")
-    s.add_argument("--tree", default=None, help="Medusa tree for every request (default: the artifact's)")
+    s.add_argument(
+        "--tree", default=None, help="Medusa tree for every request, or dynamic[:N] (default: the artifact's)"
+    )
     s.add_argument("--lookup", type=int, default=_decode_default("lookup"), help="context-lookup draft tokens per step")
     s.add_argument("--graceful-timeout", type=int, default=30, help="seconds running requests get at shutdown")
     s.add_argument("--ray-replicas", type=int, default=0,
@@ -317,6 +344,33 @@ def cmd_profile(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_calibrate(args) -> None:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from runtime.bench import load_prompts
+    from runtime.dynamic import CALIBRATION_FILE, DYNAMIC, calibration_from, write_calibration
+
+    prompts = load_prompts(args.prompts, args.limit, None, args.skip)
+    gen = _load(args)
+    policy = dataclasses.replace(gen._tree(DYNAMIC), max_nodes=args.max_nodes, explore=True, calibration=None)
+    states, tokens, steps = [], 0, 0
+    for p in tqdm(prompts, desc="calibrating", unit="prompt", disable=None):
+        out = gen.generate(
+            [{"role": "user", "content": p.text}], max_new_tokens=args.max_new_tokens, tree=policy, lookup=args.lookup
+        )
+        states.append(out.stats.dynamic)
+        tokens, steps = tokens + out.stats.new_tokens, steps + out.stats.steps
+    cal = calibration_from(states, source=f"medusa-run calibrate --prompts {args.prompts} --skip {args.skip} "
+                                          f"--limit {len(prompts)} --max-nodes {args.max_nodes}")  # fmt: skip
+    print(f"{len(prompts)} prompts, {tokens} tokens in {steps} steps ({tokens / max(1, steps):.2f} a step, "
+          f"{args.max_nodes} drafted nodes a step)")  # fmt: skip
+    print(cal.summary())
+    out = write_calibration(cal, args.output or Path(args.artifact) / CALIBRATION_FILE)
+    print(f"wrote {out}")
+
+
 def cmd_serve(args) -> None:
     from runtime.serve import require_serve, serve
 
@@ -343,7 +397,8 @@ def cmd_serve(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile, "serve": cmd_serve}[args.command]
+    command = {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile, "calibrate": cmd_calibrate,
+               "serve": cmd_serve}[args.command]  # fmt: skip
     with cli_logging("medusa-run", verbosity(args)):
         return run_cli("medusa-run", lambda: command(args), interrupted="interrupted")
 

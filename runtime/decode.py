@@ -18,7 +18,7 @@ from typing import cast
 
 import numpy as np
 
-from runtime import checks
+from runtime import checks, dynamic
 from runtime.backend import Backend
 from runtime.errors import ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup
@@ -102,6 +102,8 @@ class DecodeStats:
     finish_reason: str = ""  # "eos", "length", "stop_string", "context"
     lookup_steps: int = 0  # Medusa steps whose tree carried context-lookup drafts
     lookup_accepted: int = 0  # accepted tokens that only the lookup drafted
+    nodes: int = 0  # tokens verified by the Medusa steps, roots included (/ steps: the mean tree size)
+    dynamic: object = field(default=None, repr=False)  # a dynamic tree's per-call state (runtime.dynamic)
 
     @property
     def mean_accepted(self) -> float:
@@ -130,6 +132,7 @@ class DecodeStats:
             "finish_reason": self.finish_reason,
             "lookup_steps": self.lookup_steps,
             "lookup_accepted": self.lookup_accepted,
+            "nodes": self.nodes,
         }
 
 
@@ -427,7 +430,7 @@ def decode_steps(
     backend: Backend,
     prompt_ids: Sequence[int],
     cfg: DecodeConfig,
-    tree: Tree | None = None,
+    tree: Tree | dynamic.DynamicTree | None = None,
     decode_text: Callable[[list[int]], str] | None = None,
 ) -> Iterator[StepEvent]:
     """Yield the tokens of each step as they are accepted; the last event's stats are final."""
@@ -437,6 +440,10 @@ def decode_steps(
         tree = None
     elif tree is None:
         raise MedusaError("Medusa decoding needs a tree (or pass medusa=False)")
+    elif dynamic.is_dynamic(tree) and _sampled_drafts(cfg):
+        raise MedusaError(
+            "a dynamic tree drafts the heads' likeliest tokens: drafts='sampled' needs a fixed tree (e.g. chain_1)"
+        )
     elif tree.depth > backend.spec.num_medusa_heads:
         raise MedusaError(
             f"tree {tree.name!r} has depth {tree.depth} but the model has {backend.spec.num_medusa_heads} Medusa heads"
@@ -460,9 +467,13 @@ def decode_steps(
     logits, m = prefill(backend, prompt, cfg.prefill_chunk)
     assert logits is not None
     root = select_root(logits[-1], cfg, rng)
+    state = dynamic.DynamicState(tree) if isinstance(tree, dynamic.DynamicTree) else None
+    static = tree if isinstance(tree, Tree) else None  # a fixed tree (a dynamic one grows each step's own)
+    stats.dynamic = state
+    index = m - 1  # the token of the last forward whose hidden state drafts the next step
     cands = (
-        draft_tree(backend, m - 1, root, tree, cfg, rng) if tree is not None else None
-    )  # the first step's candidates
+        draft_tree(backend, index, root, static, cfg, rng) if static is not None else None
+    )  # the first step's candidates (a dynamic tree drafts at the step itself)
     clock.lap("prefill")
     emitted = [root]
 
@@ -481,13 +492,16 @@ def decode_steps(
         if room < 1:
             stats.finish_reason = "context"
             return
-        if tree is not None and backend.max_new_tokens() >= tree.num_nodes:  # Medusa, and the tree fits one call
+        if state is not None and backend.max_new_tokens() >= 1:
+            emitted, root, index = _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats)
+        elif static is not None and backend.max_new_tokens() >= static.num_nodes:  # Medusa, the tree fits one call
             if cands is None:  # after plain steps: the heads on the last one's token
-                cands = draft_tree(backend, 0, root, tree, cfg, rng)
+                cands = draft_tree(backend, 0, root, static, cfg, rng)
                 clock.lap("heads")
-            emitted, root, cands = _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats)
+            emitted, root, cands = _medusa_step(backend, root, cands, static, cfg, rng, clock, lookup, stats)
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
             emitted, root = _plain_step(backend, root, cfg, rng, clock)
+            index = 0
             cands = None  # drafted when a tree runs again (the last forward keeps its hidden state)
         stats.steps += 1
 
@@ -543,15 +557,9 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     # verify: every node in one forward; position = cache length + depth
     logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
     clock.lap("engine")
+    stats.nodes += tree.num_nodes
     # accept: the longest path the backbone agrees with (greedy), or the exact tree sampling walk
-    if cfg.temperature < GREEDY_BELOW:
-        path = accept_greedy(tokens, logits, tree)
-        new_root = select_root(logits[path[-1]], cfg, rng)
-    elif cfg.acceptance == "exact":
-        path, new_root = accept_exact(tokens, logits, tree, cfg, rng, q)
-    else:
-        path = accept_typical(tokens, logits, tree, cfg)
-        new_root = select_root(logits[path[-1]], cfg, rng)
+    path, new_root = _accept(tokens, logits, tree, cfg, rng, q)
     clock.lap("acceptance")
     if tree is not base_tree:  # accepted tokens that only the lookup drafted
         stats.lookup_accepted += int(np.count_nonzero(tree.node_head[path[1:]] < 0))  # grafted nodes: head -1
@@ -562,6 +570,62 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng)
     clock.lap("heads")
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, cands
+
+
+def _accept(tokens, logits, tree, cfg, rng, q=None):
+    """(accepted path, next root): greedy, the exact tree sampling walk, or typical acceptance."""
+    if cfg.temperature < GREEDY_BELOW:
+        path = accept_greedy(tokens, logits, tree)
+        return path, select_root(logits[path[-1]], cfg, rng)
+    if cfg.acceptance == "exact":
+        return accept_exact(tokens, logits, tree, cfg, rng, q)
+    path = accept_typical(tokens, logits, tree, cfg)
+    return path, select_root(logits[path[-1]], cfg, rng)
+
+
+def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, stats=None):
+    """One step of a dynamic tree (runtime.dynamic): draft, grow this step's tree from the heads'
+    and the lookup's candidates, verify, accept, keep the accepted path's cache entries."""
+    heads_s = 0.0
+    temperature = 1.0 if cfg.temperature < GREEDY_BELOW else cfg.temperature
+    width = state.policy.width
+    if backend.spec.medusa_head_type == "hydra":
+        K = backend.spec.num_medusa_heads
+
+        def drafts(d, rows, paths):
+            nonlocal heads_s
+            t = time.perf_counter()
+            ids = np.zeros((len(rows), K), dtype=np.int64)
+            ids[:, :d] = paths
+            out = dynamic.softmax_top(backend.draft_logits(index, ids, np.full(len(rows), d)), width, temperature)
+            heads_s += time.perf_counter() - t
+            return out
+    else:
+        top, prob = dynamic.softmax_top(backend.head_logits(index), width, temperature)
+        clock.lap("heads")
+
+        def drafts(d, rows, paths):
+            return np.broadcast_to(top[d - 1], (len(rows), width)), np.broadcast_to(prob[d - 1], (len(rows), width))
+
+    chain, n = lookup.propose_match(cfg.lookup) if lookup is not None else ([], 0)
+    built = dynamic.build(state, root, drafts, chain, n, backend.max_new_tokens())
+    tree, tokens = built.tree, built.tokens
+    clock.lap("candidates")
+    stats.times["candidates"] -= heads_s
+    stats.times["heads"] += heads_s
+    lookup_nodes = tree.node_head[1:] < 0
+    if lookup_nodes.any():
+        stats.lookup_steps += 1
+    logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
+    clock.lap("engine")
+    stats.nodes += tree.num_nodes
+    path, new_root = _accept(tokens, logits, tree, cfg, rng)
+    dynamic.observe(state, built, path)
+    clock.lap("acceptance")
+    stats.lookup_accepted += int(np.count_nonzero(tree.node_head[path[1:]] < 0))
+    backend.commit(path)
+    clock.lap("kv_update")
+    return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, int(path[-1])
 
 
 def _plain_step(backend, root, cfg, rng, clock):

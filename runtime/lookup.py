@@ -45,11 +45,15 @@ class NgramLookup:
     def propose(self, k: int) -> list[int]:
         """Up to ``k`` tokens following the most recent earlier occurrence of the longest
         suffix n-gram that occurred before; [] when no suffix repeats."""
+        return self.propose_match(k)[0]
+
+    def propose_match(self, k: int) -> tuple[list[int], int]:
+        """:meth:`propose` and the length n of the n-gram that matched (0: none)."""
         end = len(self.tokens) - 1
         if k < 1 or end < 1:
-            return []
+            return [], 0
         for n in range(min(self.max_ngram, end), 0, -1):
             prev = self._before.get(tuple(self.tokens[end - n + 1 :]))
             if prev is not None:
-                return self.tokens[prev + 1 : prev + 1 + k]
-        return []
+                return self.tokens[prev + 1 : prev + 1 + k], n
+        return [], 0
