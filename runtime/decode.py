@@ -448,7 +448,7 @@ def decode_steps(
         raise MedusaError(
             f"tree {tree.name!r} has depth {tree.depth} but the model has {backend.spec.num_medusa_heads} Medusa heads"
         )
-    elif not tree.is_chain and _exact(cfg) and not backend.exact_branching:
+    elif not tree.is_chain and not dynamic.is_dynamic(tree) and _exact(cfg) and not backend.exact_branching:
         raise MedusaError(
             f"tree {tree.name!r} branches, and this engine computes with int8 activations (an int8/int4 artifact), "
             "where greedy Medusa and exact sampling follow plain decoding exactly with chain trees only: use "
@@ -601,14 +601,21 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
             heads_s += time.perf_counter() - t
             return out
     else:
-        top, prob = dynamic.softmax_top(backend.head_logits(index), width, temperature)
+        heads = backend.head_logits(index)
         clock.lap("heads")
+        ranked: dict[int, tuple] = {}  # per depth, ranked the first time the tree reaches it
 
         def drafts(d, rows, paths):
-            return np.broadcast_to(top[d - 1], (len(rows), width)), np.broadcast_to(prob[d - 1], (len(rows), width))
+            if d not in ranked:
+                ranked[d] = dynamic.softmax_top(heads[d - 1 : d], width, temperature)
+            top, prob = ranked[d]
+            return np.broadcast_to(top, (len(rows), width)), np.broadcast_to(prob, (len(rows), width))
 
     chain, n = lookup.propose_match(cfg.lookup) if lookup is not None else ([], 0)
-    built = dynamic.build(state, root, drafts, chain, n, backend.max_new_tokens())
+    # engines exact only for chains get a chain unless the acceptance is lossy anyway (Backend.exact_branching)
+    branching = backend.exact_branching or not _exact(cfg)
+    call_cost = state.policy.cost.heads if backend.spec.medusa_head_type == "hydra" else 0.0  # a call per depth
+    built = dynamic.build(state, root, drafts, chain, n, backend.max_new_tokens(), branching, call_cost)
     tree, tokens = built.tree, built.tokens
     clock.lap("candidates")
     stats.times["candidates"] -= heads_s

@@ -40,6 +40,9 @@ from runtime.tree import Tree, _tree_from_parents
 DYNAMIC = "dynamic"
 DEFAULT_MAX_NODES = 12  # drafted nodes a step at most (the root not counted)
 DEFAULT_WIDTH = 4  # candidates a head proposes below one parent
+# parents drafted below per depth: a Hydra heads call costs a projection per row (~0.15 ms each on
+# SmolLM2's CPU), and nodes below the 4th most valuable of a depth rarely make the tree
+DEFAULT_BEAM = 4
 # the fused fp32 graph of SmolLM2-135M on 2 CPU cores, 256 cached tokens (docs/results/latency_profile.json)
 DEFAULT_RELATIVE_COST = {1: 1.0, 2: 1.2211, 4: 1.4031, 8: 1.8241, 16: 2.4788, 32: 3.609, 64: 5.6228}
 DEFAULT_HEADS_COST = 0.1032
@@ -47,6 +50,7 @@ DEFAULT_HEADS_COST = 0.1032
 # probability counts for before a bin's own hits take over
 BIN_EDGES = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
 PRIOR_WEIGHT = 4.0
+_GRID = np.append(BIN_EDGES, 0.999)  # a probability in every bin (the most confident draft's calibrated rate)
 LOOKUP_PRIOR = 0.4  # a lookup token's acceptance before the call has seen any
 LAM_PRIOR = (1.5, 8.0)  # tokens per unit cost assumed at the start, and its weight in steps
 
@@ -173,6 +177,7 @@ class DynamicTree:
     depth: int  # heads used (the model's head count)
     max_nodes: int = DEFAULT_MAX_NODES
     width: int = DEFAULT_WIDTH
+    beam: int = DEFAULT_BEAM  # parents a depth's heads call drafts below (the most valuable)
     cost: CostModel = DEFAULT_COST
     calibration: Calibration | None = None  # measured hit rates the call starts from (else the raw probabilities)
     explore: bool = False  # calibrating: always build the max_nodes likeliest nodes (no cost rule)
@@ -181,9 +186,10 @@ class DynamicTree:
     is_chain: bool = False
 
     def __post_init__(self):
-        for what, v, lo in (("depth", self.depth, 1), ("max_nodes", self.max_nodes, 1), ("width", self.width, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"dynamic tree: {what} must be an integer >= {lo}, got {v!r}")
+        checked = (("depth", self.depth), ("max_nodes", self.max_nodes), ("width", self.width), ("beam", self.beam))
+        for what, v in checked:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"dynamic tree: {what} must be an integer >= 1, got {v!r}")
 
     @property
     def num_nodes(self) -> int:
@@ -316,6 +322,8 @@ def build(
     lookup: list[int],
     lookup_n: int,
     room: int,
+    branching: bool = True,
+    call_cost: float = 0.0,
 ) -> Built:
     """This step's tree below ``root``.
 
@@ -323,6 +331,10 @@ def build(
     heads' best candidates at ``depth`` (1-based) below each parent node (``paths``: their
     token paths from the root, ``[rows, depth]``). ``lookup``: the context lookup's chain
     (matched on an n-gram of length ``lookup_n``). ``room``: the most tokens this step may verify.
+    ``branching=False``: a chain (the likeliest candidate of each depth), for engines exact only
+    for chains (``Backend.exact_branching``). ``call_cost``: the relative cost of each ``drafts``
+    call after the first (Hydra heads: a heads call per depth; Medusa heads: 0, one call serves
+    every depth): a depth is drafted only while its best possible child could pay for it.
     """
     p = state.policy
     lam = state.lam
@@ -334,16 +346,22 @@ def build(
     parent, toks, value, raw, head, rank = [-1], [root], [1.0], [np.nan], [-1], [-1]
     chain = [0 if lookup else -1]
     frontier = [0]
+    calls = 0
     for d in range(1, max(p.depth, len(lookup)) + 1):
         if not frontier or limit == 0:
             break
         cand: dict[tuple[int, int], list] = {}  # (parent, token) -> [value, raw, head, rank, chain position]
-        if d <= p.depth:
-            rows = np.asarray(frontier, dtype=np.int64)
-            paths = np.asarray([_path(parent, toks, v) for v in frontier], dtype=np.int64).reshape(len(frontier), d)
+        # the likeliest child a depth's heads could give (its best frontier node's value x the
+        # calibrated rate of the most confident drafts) must pay for its node and for the call
+        best_child = value[frontier[0]] * float(state.calibrated(d, _GRID).max()) if d <= p.depth else 0.0
+        if d <= p.depth and (calls == 0 or best_child >= floor + lam * call_cost):
+            calls += 1
+            expand = frontier[: p.beam]  # frontier is sorted by value, best first
+            rows = np.asarray(expand, dtype=np.int64)
+            paths = np.asarray([_path(parent, toks, v) for v in expand], dtype=np.int64).reshape(len(expand), d)
             top, prob = drafts(d, rows, paths)
             vals = np.asarray(value)[rows][:, None] * state.calibrated(d, prob)
-            for i, v in enumerate(frontier):
+            for i, v in enumerate(expand):
                 for r in range(top.shape[1]):
                     if vals[i, r] >= floor:
                         cand[(v, int(top[i, r]))] = [float(vals[i, r]), float(prob[i, r]), d - 1, r, -1]
@@ -360,7 +378,8 @@ def build(
                     cand[(v, t)] = [val, np.nan, -1, -1, j + 1]
         if not cand:
             break
-        best = sorted(cand.items(), key=lambda kv: -kv[1][0])[:limit]  # no level needs more than the whole tree
+        # no level needs more than the whole tree; a chain keeps one node a level
+        best = sorted(cand.items(), key=lambda kv: -kv[1][0])[: limit if branching else 1]
         frontier = []
         for (v, t), (val, pr, h, r, j) in best:
             parent.append(v)
@@ -396,7 +415,7 @@ def build(
         raw=np.asarray([raw[i] for i in sel], dtype=np.float64),
         lookup_pos=chain_pos,
         lookup_n=lookup_n,
-        cost=float(cost[n + 1]) + p.cost.heads,
+        cost=float(cost[n + 1]) + p.cost.heads + call_cost * max(0, calls - 1),
     )
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import hf_greedy, make_tiny_llama
 from test_decode import NUM_HEADS, ScriptedHeads, prompt_for, torch_backend
-from test_hydra import OracleHydra, random_hydra
+from test_hydra import OracleHydra, hydra_artifact, random_hydra  # noqa: F401 (a fixture)
 
 from exporter.torch_backend import TorchBackend
 from runtime.decode import DecodeConfig, decode
@@ -32,6 +33,7 @@ from runtime.dynamic import (
 from runtime.errors import ConfigError, MedusaError
 
 FLAT = CostModel({1: 1.0, 64: 1.0}, heads=0.0, source="flat")  # verification costs the same for any N
+FLAT_FILE = Path(__file__).resolve().parents[2] / "scripts" / "flat_cost_profile.json"
 STEEP = CostModel({1: 1.0, 2: 2.0}, heads=0.0, source="steep")  # every node costs a whole step
 
 
@@ -125,6 +127,34 @@ def test_exported_engine_greedy_dynamic_equals_plain(tiny, max_batch):
         gen.close()
 
 
+@pytest.mark.parametrize("max_batch", [None, 3], ids=["one-sequence", "batch-engine"])
+def test_hydra_artifact_greedy_dynamic_equals_plain(hydra_artifact, max_batch):
+    """Hydra heads drafted level by level on the frontier a dynamic tree keeps, through ONNX Runtime
+    one sequence a call and through the batch engine (mixed depths in one heads call)."""
+    import threading
+
+    import runtime
+
+    gen = runtime.load(hydra_artifact["artifact"], threads=1, max_batch=max_batch)
+    try:
+        prompts = [prompt_for(s, vocab=4000) for s in range(3)]
+        refs = [hf_greedy(hydra_artifact["model"], p, 24) for p in prompts]
+        outs: list = [None] * 3
+
+        def run(i):
+            outs[i] = gen.generate(prompts[i], max_new_tokens=24, tree=f"dynamic:6@{FLAT_FILE}", lookup=2)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [o.tokens for o in outs] == refs
+        assert all(o.stats.nodes > o.stats.steps for o in outs)  # flat cost: trees were verified
+    finally:
+        gen.close()
+
+
 # ---------------------------------------------------------------------------- exact sampling
 
 
@@ -182,6 +212,40 @@ def test_flat_cost_takes_the_most_valuable_nodes_as_a_tree():
     assert list(t.node_head[1:]) == [0, 0, 1, 1]
 
 
+def test_a_depth_drafts_below_its_most_valuable_parents_only():
+    calls = []
+    inner = scripted_drafts({d: [(10 + i, p) for i, p in enumerate((0.5, 0.2, 0.1, 0.05, 0.04))] for d in (1, 2, 3)})
+
+    def drafts(d, rows, paths):
+        calls.append((d, len(rows), paths.tolist()))
+        return inner(d, rows, paths)
+
+    state = DynamicState(policy(depth=3, max_nodes=20, width=5, beam=2))
+    build(state, 5, drafts, [], 0, room=64)
+    assert [(d, n) for d, n, _ in calls] == [(1, 1), (2, 2), (3, 2)]
+    assert calls[1][2] == [[5, 10], [5, 11]]  # the two likeliest depth-1 nodes, best first
+
+
+def test_a_depth_whose_best_child_cannot_pay_for_its_heads_call_is_not_drafted():
+    calls = []
+    inner = scripted_drafts({1: [(10, 0.8)], 2: [(20, 0.6)], 3: [(30, 0.6)]})
+
+    def drafts(d, rows, paths):
+        calls.append(d)
+        return inner(d, rows, paths)
+
+    half = CostModel({1: 1.0, 2: 1.1}, heads=0.3)  # a node costs 0.1 of a step, a heads call 0.3
+    state = DynamicState(policy(depth=3, cost=half))
+    b = build(state, 5, drafts, [], 0, room=64, call_cost=0.3)
+    # at 1.5 tokens a step a depth's call must promise 1.5 x (0.1 + 0.3) = 0.6: depth 2's best child
+    # (0.8 x at most 0.999) does, depth 3's (0.8 x 0.6 x 0.999) does not
+    assert calls == [1, 2] and b.tree.num_nodes == 3
+    assert b.cost == pytest.approx(half.table(3)[3] + 0.3 + 0.3)
+    calls.clear()
+    build(state, 5, drafts, [], 0, room=64, call_cost=0.0)  # Medusa heads: the depths come free
+    assert calls == [1, 2, 3]
+
+
 def test_a_step_that_does_not_pay_is_the_root_alone():
     # half a step per node: at the starting rate of 1.5 tokens per step, a node must be accepted
     # with probability >= 0.75 to pay
@@ -216,6 +280,35 @@ def test_lookup_chain_merges_with_a_head_draft_and_continues_below_the_heads():
     for p in set(t.parent[1:].tolist()):
         kids = toks[t.parent == p]
         assert len(set(kids.tolist())) == len(kids)
+
+
+def test_engines_exact_only_for_chains_get_a_chain():
+    state = fresh_state(depth=2, max_nodes=8)
+    drafts = scripted_drafts({1: [(10, 0.6), (11, 0.5)], 2: [(20, 0.9), (21, 0.8)]})
+    b = build(state, 5, drafts, [12, 30], 2, room=64, branching=False)
+    assert b.tree.is_chain and b.tree.num_nodes == 3
+    assert list(b.tokens) == [5, 10, 20]  # the likeliest of each depth (head 1's 0.6 beats the lookup's 0.4)
+
+
+def test_dynamic_trees_on_a_chain_only_engine_verify_chains_and_stay_exact():
+    from test_lookup import Repeating
+
+    class Spy(Repeating):
+        chains = True
+
+        def _forward(self, ids, pos, mask, logits=None):
+            n = len(ids)
+            self.chains &= bool((np.asarray(mask) == np.tril(np.ones((n, n), dtype=bool))).all())
+            return super()._forward(ids, pos, mask, logits)
+
+    backend = Spy()
+    backend.exact_branching = False
+    prompt = [5, 9, 3, 11, 7, 5, 9]
+    plain = decode(backend, prompt, DecodeConfig(max_new_tokens=40, medusa=False), None)
+    backend.chains = True
+    on = decode(backend, prompt, DecodeConfig(max_new_tokens=40, lookup=4), policy(depth=3))
+    assert on.tokens == plain.tokens and backend.chains
+    assert on.stats.lookup_accepted > 10 and on.stats.mean_accepted > 2.0
 
 
 def test_observe_counts_every_tried_child_and_the_rate():
