@@ -128,7 +128,7 @@ def test_exported_engine_greedy_dynamic_equals_plain(tiny, max_batch):
 
 
 @pytest.mark.parametrize("max_batch", [None, 3], ids=["one-sequence", "batch-engine"])
-def test_hydra_artifact_greedy_dynamic_equals_plain(hydra_artifact, max_batch):
+def test_hydra_artifact_greedy_dynamic_equals_plain(hydra_artifact, max_batch):  # noqa: F811 (the fixture)
     """Hydra heads drafted level by level on the frontier a dynamic tree keeps, through ONNX Runtime
     one sequence a call and through the batch engine (mixed depths in one heads call)."""
     import threading
