@@ -26,6 +26,7 @@ are checked when ``stream`` is called, before the first chunk is asked for.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import warnings
@@ -285,20 +286,19 @@ class MedusaGenerator:
         if isinstance(tree, DynamicTree):
             return tree
         if isinstance(tree, str) and tree.partition("@")[0].partition(":")[0] == DYNAMIC:
-            return parse_dynamic(tree, self.spec.num_medusa_heads, self.cost_model(), self.calibration())
+            return parse_dynamic(tree, self.spec.num_medusa_heads, *self._dynamic_inputs)
         return checks.tree(tree, self.spec.num_medusa_heads, self.spec.vocab_size)
 
-    def cost_model(self) -> CostModel:
-        """The step-cost model dynamic trees size themselves by: the artifact's own latency profile
-        (``medusa-run profile ARTIFACT`` writes it) where there is one, else the built-in CPU default."""
-        path = self.folder / PROFILE_FILE
-        return CostModel.from_profile(path) if path.is_file() else DEFAULT_COST
-
-    def calibration(self) -> Calibration | None:
-        """The drafts' measured hit rates dynamic trees start from (``medusa-run calibrate ARTIFACT``
-        writes them into the artifact); None: each call starts from the heads' raw probabilities."""
-        path = self.folder / CALIBRATION_FILE
-        return read_calibration(path) if path.is_file() else None
+    @functools.cached_property  # read once per generator, not per request
+    def _dynamic_inputs(self) -> tuple[CostModel, Calibration | None]:
+        """What dynamic trees size themselves by: the artifact's latency profile (``medusa-run profile``
+        writes it; else the built-in CPU default) and the drafts' measured hit rates (``medusa-run
+        calibrate`` writes them; None: each call starts from the heads' raw probabilities)."""
+        profile, cal = self.folder / PROFILE_FILE, self.folder / CALIBRATION_FILE
+        return (
+            CostModel.from_profile(profile) if profile.is_file() else DEFAULT_COST,
+            read_calibration(cal) if cal.is_file() else None,
+        )
 
     @staticmethod
     def _warn_tree_too_big(tree: Tree | DynamicTree, room: int, stacklevel: int) -> None:

@@ -544,43 +544,46 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     if lookup is not None:  # plus the context's own continuation, as one more branch
         drafts = lookup.propose(cfg.lookup)
         if drafts:
-            # engines exact only for chains keep a chain unless the acceptance is lossy anyway
-            # (see Backend.exact_branching)
-            branching = backend.exact_branching or not _exact(cfg)
-            grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=branching)
+            grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=_branching(backend, cfg))
             if added and backend.max_new_tokens() >= grafted.num_nodes:
                 tree, tokens = grafted, grafted_tokens
                 if q is not None:  # the tree's own nodes keep their indices (a prefix); lookup nodes are fixed
                     q = list(q[: grafted.num_nodes - added]) + [None] * added
                 stats.lookup_steps += 1
     clock.lap("candidates")
-    # verify: every node in one forward; position = cache length + depth
-    logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
-    clock.lap("engine")
-    stats.nodes += tree.num_nodes
-    # accept: the longest path the backbone agrees with (greedy), or the exact tree sampling walk
-    path, new_root = _accept(tokens, logits, tree, cfg, rng, q)
-    clock.lap("acceptance")
-    if tree is not base_tree:  # accepted tokens that only the lookup drafted
-        stats.lookup_accepted += int(np.count_nonzero(tree.node_head[path[1:]] < 0))  # grafted nodes: head -1
-    # update KV: keep only the accepted path's entries
-    backend.commit(path)
-    clock.lap("kv_update")
+    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q)
     # next candidates come from the heads at the last accepted node
     cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng)
     clock.lap("heads")
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, cands
 
 
-def _accept(tokens, logits, tree, cfg, rng, q=None):
-    """(accepted path, next root): greedy, the exact tree sampling walk, or typical acceptance."""
+def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None):
+    """Verify every node in one forward (position = cache length + depth), accept (greedy: the
+    longest path the backbone agrees with; exact: the tree sampling walk; or typical), keep only the
+    accepted path's cache entries. Returns (accepted path, next root)."""
+    logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
+    clock.lap("engine")
+    stats.nodes += tree.num_nodes
     if cfg.temperature < GREEDY_BELOW:
         path = accept_greedy(tokens, logits, tree)
-        return path, select_root(logits[path[-1]], cfg, rng)
-    if cfg.acceptance == "exact":
-        return accept_exact(tokens, logits, tree, cfg, rng, q)
-    path = accept_typical(tokens, logits, tree, cfg)
-    return path, select_root(logits[path[-1]], cfg, rng)
+        new_root = select_root(logits[path[-1]], cfg, rng)
+    elif cfg.acceptance == "exact":
+        path, new_root = accept_exact(tokens, logits, tree, cfg, rng, q)
+    else:
+        path = accept_typical(tokens, logits, tree, cfg)
+        new_root = select_root(logits[path[-1]], cfg, rng)
+    clock.lap("acceptance")
+    stats.lookup_accepted += int(np.count_nonzero(tree.node_head[path[1:]] < 0))  # lookup-only nodes: head -1
+    backend.commit(path)
+    clock.lap("kv_update")
+    return path, new_root
+
+
+def _branching(backend, cfg) -> bool:
+    """Whether a step may verify a branching tree: engines exact only for chains (Backend.exact_branching)
+    keep chains unless the acceptance is lossy anyway."""
+    return backend.exact_branching or not _exact(cfg)
 
 
 def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, stats=None):
@@ -612,8 +615,7 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
             return np.broadcast_to(top, (len(rows), width)), np.broadcast_to(prob, (len(rows), width))
 
     chain, n = lookup.propose_match(cfg.lookup) if lookup is not None else ([], 0)
-    # engines exact only for chains get a chain unless the acceptance is lossy anyway (Backend.exact_branching)
-    branching = backend.exact_branching or not _exact(cfg)
+    branching = _branching(backend, cfg)
     call_cost = state.policy.cost.heads if backend.spec.medusa_head_type == "hydra" else 0.0  # a call per depth
     built = dynamic.build(state, root, drafts, chain, n, backend.max_new_tokens(), branching, call_cost)
     tree, tokens = built.tree, built.tokens
@@ -623,15 +625,8 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
     lookup_nodes = tree.node_head[1:] < 0
     if lookup_nodes.any():
         stats.lookup_steps += 1
-    logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
-    clock.lap("engine")
-    stats.nodes += tree.num_nodes
-    path, new_root = _accept(tokens, logits, tree, cfg, rng)
+    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats)
     dynamic.observe(state, built, path)
-    clock.lap("acceptance")
-    stats.lookup_accepted += int(np.count_nonzero(tree.node_head[path[1:]] < 0))
-    backend.commit(path)
-    clock.lap("kv_update")
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, int(path[-1])
 
 

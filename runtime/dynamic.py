@@ -255,13 +255,10 @@ class DynamicState:
     cost_table: np.ndarray = field(init=False)
     hits: np.ndarray = field(init=False)  # [depth, bins]: head drafts accepted (their parent was)
     trials: np.ndarray = field(init=False)  # [depth, bins]: head drafts tried
-    raw: np.ndarray = field(init=False)  # [depth, bins]: summed raw probabilities of the tried drafts
     lookup_hits: np.ndarray = field(init=False)  # [n-gram length, position]
     lookup_trials: np.ndarray = field(init=False)
     tokens: float = LAM_PRIOR[0] * LAM_PRIOR[1]
     spent: float = LAM_PRIOR[1]
-    nodes_built: int = 0
-    steps: int = 0
 
     def __post_init__(self):
         p = self.policy
@@ -269,7 +266,6 @@ class DynamicState:
         nb = len(BIN_EDGES) + 1
         self.hits = np.zeros((p.depth, nb))
         self.trials = np.zeros((p.depth, nb))
-        self.raw = np.zeros((p.depth, nb))
         self.lookup_hits = np.zeros((8, 65))
         self.lookup_trials = np.zeros((8, 65))
         c = p.calibration
@@ -408,7 +404,6 @@ def build(
         (),
     )
     chain_pos = np.asarray([max(chain[i], 0) for i in sel], dtype=np.int64)
-    state.nodes_built += n
     return Built(
         tree=tree,
         tokens=np.asarray([toks[i] for i in sel], dtype=np.int64),
@@ -442,7 +437,6 @@ def observe(state: DynamicState, built: Built, path: np.ndarray) -> None:
             b = int(np.digitize(pr, BIN_EDGES))
             state.hits[h, b] += ok
             state.trials[h, b] += 1
-            state.raw[h, b] += pr
         j = int(built.lookup_pos[c])
         if j:
             n, j = min(built.lookup_n, 7), min(j, 64)
@@ -450,7 +444,6 @@ def observe(state: DynamicState, built: Built, path: np.ndarray) -> None:
             state.lookup_trials[n, j] += 1
     state.tokens += len(path)  # the accepted drafts and the next root
     state.spent += built.cost
-    state.steps += 1
 
 
 def softmax_top(logits: np.ndarray, width: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

@@ -12,21 +12,8 @@
 #   bash scripts/bench_dynamic.sh [--force] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FORCE=0
-if [ "${1:-}" = "--force" ]; then FORCE=1; shift; fi
-OUT=${1:-runs/bench_dynamic}
-if [ "$FORCE" = 0 ] && [ -e "$OUT/hydra_categories.txt" ]; then
-  echo "bench_dynamic.sh: $OUT/hydra_categories.txt exists: pass --force to replace the results in $OUT" >&2
-  exit 1
-fi
-. .venv/bin/activate
-MT=../shared/data/mt_bench_question.jsonl
-MEDUSA=artifacts/smollm2-135m-medusa
-HYDRA=artifacts/smollm2-135m-hydra
-FLAT=scripts/flat_cost_profile.json
-mkdir -p "$OUT"
-[ -f "$MEDUSA/medusa_config.json" ] || medusa-export smollm2-135m -o "$MEDUSA"
-[ -f "$HYDRA/medusa_config.json" ] || medusa-export smollm2-135m --heads exporter/shipped_heads/smollm2-135m-hydra -o "$HYDRA"
+. scripts/bench_setup.sh
+bench_setup bench_dynamic hydra_categories.txt "$@"
 python -m scripts.heldout_prompts -o "$OUT/alpaca_heldout.json" --last 24
 python -m scripts.heldout_prompts -o "$OUT/alpaca_calibration.json" --last 24 --drop-last 52
 for A in "$HYDRA" "$MEDUSA"; do

@@ -12,20 +12,8 @@
 #   bash scripts/bench_hydra.sh [--force] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FORCE=0
-if [ "${1:-}" = "--force" ]; then FORCE=1; shift; fi
-OUT=${1:-runs/bench_hydra}
-if [ "$FORCE" = 0 ] && [ -e "$OUT/hydra_bench.txt" ]; then
-  echo "bench_hydra.sh: $OUT/hydra_bench.txt exists: pass --force to replace the results in $OUT" >&2
-  exit 1
-fi
-. .venv/bin/activate
-MT=../shared/data/mt_bench_question.jsonl
-MEDUSA=artifacts/smollm2-135m-medusa
-HYDRA=artifacts/smollm2-135m-hydra
-mkdir -p "$OUT"
-[ -f "$MEDUSA/medusa_config.json" ] || medusa-export smollm2-135m -o "$MEDUSA"
-[ -f "$HYDRA/medusa_config.json" ] || medusa-export smollm2-135m --heads exporter/shipped_heads/smollm2-135m-hydra -o "$HYDRA"
+. scripts/bench_setup.sh
+bench_setup bench_hydra hydra_bench.txt "$@"
 python -m scripts.heldout_prompts -o "$OUT/alpaca_heldout.json" --last 24
 medusa-run bench "$HYDRA" --prompts "$MT" --limit 16 --threads 2 --peer ortgenai --lookup 3 0 \
   --json "$OUT/hydra_bench.json" | tee "$OUT/hydra_bench.txt"

@@ -101,26 +101,32 @@ def test_greedy_with_hydra_heads_and_dynamic_trees_equals_hf(drafts):
             assert res.stats.mean_accepted > 3.0, res.stats.accept_hist
 
 
-@pytest.mark.parametrize("max_batch", [None, 3], ids=["one-sequence", "batch-engine"])
-def test_exported_engine_greedy_dynamic_equals_plain(tiny, max_batch):
+def generate_together(gen, prompts, **kw) -> list:
+    """``gen.generate(prompt, **kw)`` for every prompt, each on its own thread, all at once."""
     import threading
 
+    outs: list = [None] * len(prompts)
+
+    def run(i):
+        outs[i] = gen.generate(prompts[i], **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outs
+
+
+@pytest.mark.parametrize("max_batch", [None, 3], ids=["one-sequence", "batch-engine"])
+def test_exported_engine_greedy_dynamic_equals_plain(tiny, max_batch):
     import runtime
 
     gen = runtime.load(tiny["artifact"], threads=1, max_batch=max_batch)
     try:
         prompts = [prompt_for(s, vocab=4000) for s in range(3)]
         plain = [gen.generate(p, max_new_tokens=32, medusa=False).tokens for p in prompts]
-        outs: list = [None] * 3
-
-        def run(i):
-            outs[i] = gen.generate(prompts[i], max_new_tokens=32, tree="dynamic:6")
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outs = generate_together(gen, prompts, max_new_tokens=32, tree="dynamic:6")
         assert [o.tokens for o in outs] == plain
         assert all(o.stats.nodes >= o.stats.steps for o in outs)
     finally:
@@ -131,24 +137,13 @@ def test_exported_engine_greedy_dynamic_equals_plain(tiny, max_batch):
 def test_hydra_artifact_greedy_dynamic_equals_plain(hydra_artifact, max_batch):  # noqa: F811 (the fixture)
     """Hydra heads drafted level by level on the frontier a dynamic tree keeps, through ONNX Runtime
     one sequence a call and through the batch engine (mixed depths in one heads call)."""
-    import threading
-
     import runtime
 
     gen = runtime.load(hydra_artifact["artifact"], threads=1, max_batch=max_batch)
     try:
         prompts = [prompt_for(s, vocab=4000) for s in range(3)]
         refs = [hf_greedy(hydra_artifact["model"], p, 24) for p in prompts]
-        outs: list = [None] * 3
-
-        def run(i):
-            outs[i] = gen.generate(prompts[i], max_new_tokens=24, tree=f"dynamic:6@{FLAT_FILE}", lookup=2)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        outs = generate_together(gen, prompts, max_new_tokens=24, tree=f"dynamic:6@{FLAT_FILE}", lookup=2)
         assert [o.tokens for o in outs] == refs
         assert all(o.stats.nodes > o.stats.steps for o in outs)  # flat cost: trees were verified
     finally:
