@@ -17,6 +17,7 @@ from runtime.errors import MedusaError, require_extra, run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
+SHIPPED_DATASTORE = Path(__file__).resolve().parent / "shipped_datastore"
 EXPORT_MODULES = ("torch", "transformers", "onnx", "safetensors")  # the [export] extra
 # default trees for the embedded model with its shipped heads (medusa-train select-tree on the fused graph's profile)
 SHIPPED_TREE = "smollm2_ort_cpu"
@@ -158,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)",
     )
     p.add_argument(
+        "--datastore",
+        default=None,
+        metavar="FILE|none",
+        help="a datastore.npz (medusa-train datastore: the model's own answers, drafts where the context "
+        "repeats nothing) to copy into the artifact; smollm2-135m: the one shipped with medusa-trt; none: no datastore",
+    )
+    p.add_argument(
         "--no-batch-graph",
         action="store_true",
         help="do not write batch.onnx (fused float graphs: several sequences per engine call, used by "
@@ -246,6 +254,21 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def default_datastore(args: argparse.Namespace) -> str | None:
+    """``--datastore``: the file given; ``none``: none; unset: the datastore shipped for the embedded
+    model (built from the same self-distilled answers as its heads; any heads may use it), else none."""
+    from exporter.models import DEFAULT_MODEL
+
+    if args.datastore is not None:
+        if args.datastore.lower() == "none":
+            return None
+        if not Path(args.datastore).expanduser().is_file():
+            raise MedusaError(f"--datastore {args.datastore}: no such file (medusa-train datastore writes one)")
+        return str(Path(args.datastore).expanduser())
+    shipped = SHIPPED_DATASTORE / DEFAULT_MODEL / "datastore.npz"
+    return str(shipped) if args.model == DEFAULT_MODEL and shipped.is_file() else None
+
+
 def export_options(args: argparse.Namespace):
     """The ExportOptions that ``medusa-export`` arguments ask for (trees: see default_trees)."""
     from exporter.export import ExportOptions
@@ -264,6 +287,7 @@ def export_options(args: argparse.Namespace):
         heads_int8=not args.no_heads_int8,
         batch_graph=not args.no_batch_graph,
         source_model=args.model,
+        datastore=default_datastore(args),
     )
 
 

@@ -108,6 +108,9 @@ class ExportOptions:
     # `medusa-run serve` and load(..., max_batch=N); shares model.onnx's weights file
     batch_graph: bool = True
     validation_threads: int | None = None  # cap torch/ORT threads while validating (None: as they are)
+    # a datastore.npz (runtime/datastore.py: drafts from the model's own answers, `medusa-train
+    # datastore`) copied into the artifact, checked against the model's vocabulary; None: none
+    datastore: str | None = None
 
 
 # ---------------------------------------------------------------------------- I/O names
@@ -697,6 +700,13 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 },
             )
+            if options.datastore is not None:
+                from runtime.datastore import FILE as DATASTORE_FILE
+                from runtime.datastore import Datastore
+
+                store = Datastore.load(options.datastore, spec.vocab_size)  # a foreign or broken file stops here
+                shutil.copyfile(options.datastore, tmp / DATASTORE_FILE)
+                config.provenance["datastore"] = {"file": str(options.datastore), **store.meta}
             if options.heads_int8 and options.dtype == "float32":
                 from exporter.quantize import quantize_heads
 

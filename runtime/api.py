@@ -39,6 +39,8 @@ from typing import cast
 from runtime import checks
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
+from runtime.datastore import FILE as DATASTORE_FILE
+from runtime.datastore import Datastore
 from runtime.decode import (
     DEFAULT_PREFILL_CHUNK,
     GREEDY_BELOW,
@@ -242,6 +244,10 @@ class MedusaGenerator:
                 stacklevel=3,
             )
         self.backend = self._make_backend(backend, device, threads, max_context)
+        # the lookup branch's drafts where the context repeats nothing (runtime/datastore.py); read
+        # once, checked against the vocabulary: a malformed or foreign file fails the load, in one line
+        store = self.folder / DATASTORE_FILE
+        self.datastore = Datastore.load(store, self.spec.vocab_size) if store.is_file() else None
         self.backend_name = getattr(self.backend, "name", "onnxruntime")
         self._lock = threading.Lock()
         self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
@@ -340,6 +346,7 @@ class MedusaGenerator:
         top_p,
         lookup,
         drafts,
+        datastore,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -355,6 +362,7 @@ class MedusaGenerator:
             medusa=medusa,
             lookup=lookup,
             drafts=drafts,
+            datastore=datastore,
             seed=seed,
             eos_token_ids=tuple(self.spec.eos_token_ids),
             stop_strings=stop,
@@ -377,7 +385,8 @@ class MedusaGenerator:
 
     def _stream_events(self, ids, cfg, tree):
         """The decode loop's events for one stream, a step at a time under the lock."""
-        return self._steps(_Claim(ids), decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode))
+        events = decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode, datastore=self.datastore)
+        return self._steps(_Claim(ids), events)
 
     def _generate_events(self, ids, cfg, tree):
         """The decode loop's events for one generate call, the lock held throughout."""
@@ -385,7 +394,8 @@ class MedusaGenerator:
         with self._lock:  # the whole call: it ends on its own, so it blocks others for its length only
             self._take_cache(claim)
             try:
-                yield from decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode)
+                yield from decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode,
+                                        datastore=self.datastore)
             finally:
                 claim.done = True
 
@@ -455,6 +465,7 @@ class MedusaGenerator:
         top_p: float = _DEFAULTS.top_p,
         lookup: int = _DEFAULTS.lookup,
         drafts: str = _DEFAULTS.drafts,
+        datastore: bool = _DEFAULTS.datastore,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -486,6 +497,7 @@ class MedusaGenerator:
         top_p: float = _DEFAULTS.top_p,
         lookup: int = _DEFAULTS.lookup,
         drafts: str = _DEFAULTS.drafts,
+        datastore: bool = _DEFAULTS.datastore,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -503,7 +515,9 @@ class MedusaGenerator:
 
         ``lookup``: draft tokens per Medusa step copied from the context (where its latest
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless
-        like every draft: the backbone verifies it.
+        like every draft: the backbone verifies it. ``datastore``: where the context repeats
+        nothing, that branch drafts from the artifact's ``datastore.npz`` (the model's own answers
+        to other prompts, :mod:`runtime.datastore`) if it has one; False: never.
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []

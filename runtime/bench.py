@@ -133,16 +133,27 @@ def _run(gen, ids, max_new_tokens, medusa, tree=None, **kw) -> RunResult:
 
 @dataclass
 class Variant:
-    """One Medusa configuration the bench compares: a tree and a context-lookup setting."""
+    """One Medusa configuration the bench compares: a tree, a context-lookup setting, and whether
+    the lookup falls back on the artifact's datastore."""
 
     tree: object
     lookup: int
     name: str
+    datastore: bool = True
 
 
-def make_variants(trees: list, lookups: list[int]) -> list[Variant]:
-    """Every tree with every lookup setting; named by the tree alone when there is one setting."""
-    return [Variant(t, lk, t.name if len(lookups) == 1 else f"{t.name} lookup={lk}") for t in trees for lk in lookups]
+def make_variants(trees: list, lookups: list[int], datastores: list[bool] | None = None) -> list[Variant]:
+    """Every tree with every lookup and datastore setting; named by the tree alone when there is one
+    setting of each."""
+    datastores = datastores or [True]
+    out = []
+    for t in trees:
+        for lk in lookups:
+            for ds in datastores:
+                name = t.name + (f" lookup={lk}" if len(lookups) > 1 else "")
+                name += (" datastore" if ds else " no-datastore") if len(datastores) > 1 else ""
+                out.append(Variant(t, lk, name, ds))
+    return out
 
 
 def _divergence(gen, ids, ref: list[int], other: list[int]) -> dict | None:
@@ -227,6 +238,7 @@ def run_bench(
     lookups: list[int] | None = None,
     sampling: list[float] | None = None,
     seed: int = 0,
+    datastores: list[bool] | None = None,
 ) -> dict:
     """Plain vs Medusa (each tree x each ``lookups`` setting) per prompt, interleaved; with
     ``sampling`` temperatures also plain sampling vs exact vs typical Medusa sampling
@@ -246,7 +258,9 @@ def run_bench(
     sampling = list(sampling or [])
     if any(not (t > 0) or t != t for t in sampling):
         raise MedusaError(f"--sampling: temperatures must be > 0, got {sampling}")
-    variants = make_variants(trees, lookups)
+    if datastores and len(set(datastores)) != len(datastores):
+        raise MedusaError("--datastore: on and/or off, each once")
+    variants = make_variants(trees, lookups, datastores)
     # exact sampling runs the artifact's sampling tree unless --tree was given (as generate() does)
     exact_tree: Any = variants[0].tree if named else (getattr(gen, "sampling_tree", None) or variants[0].tree)
     if peer not in (None, *PEERS):
@@ -260,7 +274,7 @@ def run_bench(
     # warm up the engines (first-call allocations) outside the measurement
     warm = gen.encode([{"role": "user", "content": "Hello"}])
     gen.generate(warm, max_new_tokens=8, medusa=False)
-    gen.generate(warm, max_new_tokens=8, tree=trees[0], lookup=variants[0].lookup)
+    gen.generate(warm, max_new_tokens=8, tree=trees[0], lookup=variants[0].lookup, datastore=variants[0].datastore)
     if og is not None:
         og.run(warm, 8)
         if not og.ngram_unavailable:
@@ -283,7 +297,7 @@ def run_bench(
         row["ar"] = {"tokens": len(ar.tokens), "seconds": ar.seconds, "tokens_per_s": ar.tokens_per_s}
         row["trees"] = {}
         for v in variants:
-            md = _run(gen, ids, max_new_tokens, medusa=True, tree=v.tree, lookup=v.lookup)
+            md = _run(gen, ids, max_new_tokens, medusa=True, tree=v.tree, lookup=v.lookup, datastore=v.datastore)
             bar.update()
             row["trees"][v.name] = {
                 "tokens": len(md.tokens),
@@ -312,6 +326,7 @@ def run_bench(
                     medusa=True,
                     tree=exact_tree if acceptance == "exact" else variants[0].tree,
                     lookup=variants[0].lookup,
+                    datastore=variants[0].datastore,
                     acceptance=acceptance,
                     drafts=drafts,
                     **kw,

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="context-lookup draft tokens per Medusa step (0 = off)",
     )
     g.add_argument(
+        "--no-datastore",
+        action="store_true",
+        help="never draft from the artifact's datastore.npz (where the context repeats nothing)",
+    )
+    g.add_argument(
         "--epsilon", type=float, default=_decode_default("epsilon"), help="typical acceptance hard threshold"
     )
     g.add_argument(
@@ -140,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="context-lookup draft tokens per step, one or several settings to compare (0 = off; "
         f"default {_decode_default('lookup')})",
+    )
+    b.add_argument(
+        "--datastore",
+        choices=("on", "off"),
+        nargs="+",
+        default=["on"],
+        help="where the context repeats nothing, the lookup drafts from the artifact's datastore.npz (its "
+        "model's own answers to other prompts): on, off, or both to compare (default: on)",
     )
     b.add_argument(
         "--sampling",
@@ -250,6 +263,7 @@ def generate_kwargs(args) -> dict:
         top_p=args.top_p,
         lookup=args.lookup,
         drafts=args.drafts,
+        datastore=not args.no_datastore,
     )
 
 
@@ -298,6 +312,7 @@ def cmd_bench(args) -> None:
         progress=verbosity(args) >= 0,
         lookups=args.lookup,
         sampling=args.sampling,
+        datastores=[d == "on" for d in args.datastore],
     )
     res["command"] = "medusa-run " + " ".join(sys.argv[1:]) if sys.argv and "medusa-run" in sys.argv[0] else None
     print(format_report(res, per_prompt=verbosity(args) >= 0))  # -q: the summary table only

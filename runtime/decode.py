@@ -21,6 +21,7 @@ import numpy as np
 from runtime import checks, dynamic
 from runtime.backend import Backend
 from runtime.errors import ContextLengthError, MedusaError
+from runtime.datastore import Datastore
 from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup
 from runtime.tree import PAD, Tree, graft_chain
 
@@ -59,6 +60,9 @@ class DecodeConfig:
     # context's latest n-gram (n <= lookup_ngram) occurred before, as one more branch (0: off)
     lookup: int = DEFAULT_LOOKUP
     lookup_ngram: int = DEFAULT_MAX_NGRAM
+    # where the context repeats nothing, the lookup branch drafts from the datastore passed to
+    # decode_steps (the artifact's datastore.npz: the model's own answers to other prompts); False: never
+    datastore: bool = True
     seed: int | None = None
     eos_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
@@ -86,6 +90,7 @@ class DecodeConfig:
         self.eos_token_ids = tuple(checks.integer("eos_token_ids", t, 0) for t in self.eos_token_ids)
         self.lookup = checks.integer("lookup", self.lookup, 0, rule=">= 0 (0: no context lookup)")
         self.lookup_ngram = checks.integer("lookup_ngram", self.lookup_ngram, 1)
+        self.datastore = checks.flag("datastore", self.datastore)
 
 
 def check_prefill_chunk(chunk) -> int:
@@ -432,8 +437,10 @@ def decode_steps(
     cfg: DecodeConfig,
     tree: Tree | dynamic.DynamicTree | None = None,
     decode_text: Callable[[list[int]], str] | None = None,
+    datastore: Datastore | None = None,
 ) -> Iterator[StepEvent]:
-    """Yield the tokens of each step as they are accepted; the last event's stats are final."""
+    """Yield the tokens of each step as they are accepted; the last event's stats are final.
+    ``datastore``: the lookup branch's drafts where the context repeats nothing (``cfg.datastore``)."""
     prompt = np.asarray(prompt_ids, dtype=np.int64)
     check_fits(backend, prompt)
     if not cfg.medusa:
@@ -456,7 +463,8 @@ def decode_steps(
         )
     rng = np.random.default_rng(cfg.seed)
     stats = DecodeStats()
-    lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram) if cfg.medusa and cfg.lookup else None
+    store = datastore if cfg.datastore else None
+    lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram, store) if cfg.medusa and cfg.lookup else None
     out: list[int] = []
     clock = _Clock(stats.times)
     start = clock.t
@@ -614,7 +622,7 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
             top, prob = ranked[d]
             return np.broadcast_to(top, (len(rows), width)), np.broadcast_to(prob, (len(rows), width))
 
-    chain, n = lookup.propose_match(cfg.lookup) if lookup is not None else ([], 0)
+    chain, n = lookup.propose_row(cfg.lookup) if lookup is not None else ([], 0)
     branching = _branching(backend, cfg)
     call_cost = state.policy.cost.heads if backend.spec.medusa_head_type == "hydra" else 0.0  # a call per depth
     built = dynamic.build(state, root, drafts, chain, n, backend.max_new_tokens(), branching, call_cost)
@@ -647,11 +655,12 @@ class DecodeResult:
     stats: DecodeStats
 
 
-def decode(backend: Backend, prompt_ids, cfg: DecodeConfig, tree: Tree | None = None, decode_text=None) -> DecodeResult:
+def decode(backend: Backend, prompt_ids, cfg: DecodeConfig, tree: Tree | None = None, decode_text=None,
+           datastore: Datastore | None = None) -> DecodeResult:  # fmt: skip
     """Run :func:`decode_steps` to the end: all new tokens and the statistics."""
     tokens: list[int] = []
     stats = DecodeStats()
-    for event in decode_steps(backend, prompt_ids, cfg, tree, decode_text):
+    for event in decode_steps(backend, prompt_ids, cfg, tree, decode_text, datastore):
         tokens.extend(event.tokens)
         stats = event.stats
     return DecodeResult(tokens, stats)

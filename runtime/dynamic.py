@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ConfigError
+from runtime.lookup import ROWS
 from runtime.tree import Tree, _tree_from_parents
 
 DYNAMIC = "dynamic"
@@ -51,6 +52,7 @@ DEFAULT_HEADS_COST = 0.1032
 BIN_EDGES = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
 PRIOR_WEIGHT = 4.0
 _GRID = np.append(BIN_EDGES, 0.999)  # a probability in every bin (the most confident draft's calibrated rate)
+LOOKUP_ROWS = 2 * ROWS  # calibration rows: the context's matches, then the datastore's
 LOOKUP_PRIOR = 0.4  # a lookup token's acceptance before the call has seen any
 LAM_PRIOR = (1.5, 8.0)  # tokens per unit cost assumed at the start, and its weight in steps
 
@@ -108,7 +110,7 @@ class Calibration:
 
     hits: np.ndarray  # [depth, bins]
     trials: np.ndarray
-    lookup_hits: np.ndarray  # [8, 65]
+    lookup_hits: np.ndarray  # [LOOKUP_ROWS, 65]: per source and match length (lookup.ROWS), per chain position
     lookup_trials: np.ndarray
     source: str = ""
 
@@ -133,15 +135,18 @@ class Calibration:
                 if self.trials[d, b]
             ]
             lines.append(f"  depth {d + 1}: " + ", ".join(cells))
-        lines.append("context lookup: acceptance by matched n-gram length and chain position (trials)")
-        for n in range(1, 8):
+        lines.append("context lookup and datastore: acceptance by matched n-gram length and chain position (trials)")
+        for row in range(1, LOOKUP_ROWS):
             cells = [
-                f"pos {j} {self.lookup_hits[n, j] / self.lookup_trials[n, j]:.2f} ({int(self.lookup_trials[n, j])})"
+                f"pos {j} {self.lookup_hits[row, j] / self.lookup_trials[row, j]:.2f} ({int(self.lookup_trials[row, j])})"
                 for j in range(1, 65)
-                if self.lookup_trials[n, j]
+                if self.lookup_trials[row, j]
             ]
             if cells:
-                lines.append(f"  {n}-gram: " + ", ".join(cells))
+                q = row % 4
+                label = (f"context {row}-gram" if row < ROWS else
+                         f"datastore {'>= 3' if row - ROWS >= 4 else '<= 2'}-gram, share {q / 4:.2f}-{(q + 1) / 4:.2f}")  # fmt: skip
+                lines.append(f"  {label}: " + ", ".join(cells))
         return "\n".join(lines)
 
     @classmethod
@@ -153,9 +158,11 @@ class Calibration:
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: not a draft calibration (medusa-run calibrate writes one): {e}") from None
         hits, trials, lh, lt = arrays
+        if lh.shape == lt.shape == (ROWS, 65):  # written before the datastore rows existed
+            lh, lt = (np.concatenate([a, np.zeros((LOOKUP_ROWS - ROWS, 65))]) for a in (lh, lt))
         if (
             hits.ndim != 2 or hits.shape != trials.shape or hits.shape[1] != len(BIN_EDGES) + 1
-            or lh.shape != (8, 65) or lt.shape != (8, 65)
+            or lh.shape != (LOOKUP_ROWS, 65) or lt.shape != (LOOKUP_ROWS, 65)
             or any(not np.all(np.isfinite(a)) or np.any(a < 0) for a in arrays)
             or np.any(hits > trials) or np.any(lh > lt)
         ):  # fmt: skip
@@ -266,8 +273,8 @@ class DynamicState:
         nb = len(BIN_EDGES) + 1
         self.hits = np.zeros((p.depth, nb))
         self.trials = np.zeros((p.depth, nb))
-        self.lookup_hits = np.zeros((8, 65))
-        self.lookup_trials = np.zeros((8, 65))
+        self.lookup_hits = np.zeros((LOOKUP_ROWS, 65))
+        self.lookup_trials = np.zeros((LOOKUP_ROWS, 65))
         c = p.calibration
         if c is not None:  # measured rates, each cell worth at most CALIBRATION_WEIGHT observations
             d = min(p.depth, len(c.hits))
@@ -292,7 +299,9 @@ class DynamicState:
         return (self.hits[d, b] + PRIOR_WEIGHT * p) / (self.trials[d, b] + PRIOR_WEIGHT)
 
     def lookup_value(self, n: int, pos: int) -> float:
-        n, pos = min(n, 7), min(pos, 64)
+        """P(accepted | parent accepted) for the lookup chain's token at ``pos`` (1-based) whose chain
+        matched on row ``n`` (:meth:`runtime.lookup.NgramLookup.propose_row`)."""
+        n, pos = min(n, LOOKUP_ROWS - 1), min(pos, 64)
         return (self.lookup_hits[n, pos] + 2 * LOOKUP_PRIOR) / (self.lookup_trials[n, pos] + 2)
 
 
@@ -326,7 +335,7 @@ def build(
     ``drafts(depth, parents, paths)`` -> ``(tokens [rows, width], probs [rows, width])``: the
     heads' best candidates at ``depth`` (1-based) below each parent node (``paths``: their
     token paths from the root, ``[rows, depth]``). ``lookup``: the context lookup's chain
-    (matched on an n-gram of length ``lookup_n``). ``room``: the most tokens this step may verify.
+    (its calibration row ``lookup_n``: the matched n-gram length, plus ``lookup.ROWS`` for a datastore draft). ``room``: the most tokens this step may verify.
     ``branching=False``: a chain (the likeliest candidate of each depth), for engines exact only
     for chains (``Backend.exact_branching``). ``call_cost``: the relative cost of each ``drafts``
     call after the first (Hydra heads: a heads call per depth; Medusa heads: 0, one call serves
@@ -439,7 +448,7 @@ def observe(state: DynamicState, built: Built, path: np.ndarray) -> None:
             state.trials[h, b] += 1
         j = int(built.lookup_pos[c])
         if j:
-            n, j = min(built.lookup_n, 7), min(j, 64)
+            n, j = min(built.lookup_n, LOOKUP_ROWS - 1), min(j, 64)
             state.lookup_hits[n, j] += ok
             state.lookup_trials[n, j] += 1
     state.tokens += len(path)  # the accepted drafts and the next root
@@ -472,7 +481,7 @@ def calibration_from(states, source: str = "") -> Calibration:
     depth = max(len(s.hits) for s in states)
     nb = len(BIN_EDGES) + 1
     hits, trials = np.zeros((depth, nb)), np.zeros((depth, nb))
-    lh, lt = np.zeros((8, 65)), np.zeros((8, 65))
+    lh, lt = np.zeros((LOOKUP_ROWS, 65)), np.zeros((LOOKUP_ROWS, 65))
     for s in states:
         if s.policy.calibration is not None:
             raise ConfigError("calibrate from calls that started without a calibration")

@@ -7,22 +7,32 @@ where this drafts long runs right for free; where nothing repeats it proposes no
 
 The index is incremental: appending a token updates one dict entry per n, and a
 proposal is one dict lookup per n, so its cost does not grow with the context.
+
+Where no suffix of the context repeats, an optional :class:`runtime.datastore.Datastore` (the
+model's own answers to other prompts) proposes instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.datastore import Datastore
 
 DEFAULT_MAX_NGRAM = 3
+ROWS = 8  # match rows per source in a calibration: the context's n-gram lengths 0..7, then the datastore's
 
 
 class NgramLookup:
     """``extend(tokens)`` as the context grows; ``propose(k)``: up to k continuation tokens."""
 
-    def __init__(self, tokens: Iterable[int] = (), max_ngram: int = DEFAULT_MAX_NGRAM):
+    def __init__(self, tokens: Iterable[int] = (), max_ngram: int = DEFAULT_MAX_NGRAM,
+                 datastore: Datastore | None = None):  # fmt: skip
         if max_ngram < 1:
             raise ValueError("max_ngram must be >= 1")
         self.max_ngram = max_ngram
+        self.datastore = datastore
         self.tokens: list[int] = []
         # n-gram -> end index of its latest occurrence, and of the one before it: the
         # current suffix is always the latest occurrence of itself, so a proposal reads
@@ -44,8 +54,22 @@ class NgramLookup:
 
     def propose(self, k: int) -> list[int]:
         """Up to ``k`` tokens following the most recent earlier occurrence of the longest
-        suffix n-gram that occurred before; [] when no suffix repeats."""
-        return self.propose_match(k)[0]
+        suffix n-gram that occurred before; where no suffix repeats, the datastore's draft
+        (if there is one); else []."""
+        return self.propose_row(k)[0]
+
+    def propose_row(self, k: int) -> tuple[list[int], int]:
+        """:meth:`propose` and where its draft came from, as a calibration row: the context's
+        matched n-gram length (1 .. ``ROWS - 1``); for the datastore's, ``ROWS + 4 * (n >= 3) +
+        quarter``, n its first token's match length and quarter its share's (0 .. 3); 0: no draft."""
+        chain, n = self.propose_match(k)
+        if chain:
+            return chain, min(n, ROWS - 1)
+        if self.datastore is not None and k >= 1 and self.tokens:
+            chain, n, share = self.datastore.draft(self.tokens, k)
+            if chain:  # rows by the first token's match length (<= 2, >= 3) and share (quarters)
+                return chain, ROWS + 4 * (n >= 3) + min(int(share * 4), 3)
+        return [], 0
 
     def propose_match(self, k: int) -> tuple[list[int], int]:
         """:meth:`propose` and the length n of the n-gram that matched (0: none)."""

@@ -1,4 +1,4 @@
-"""``medusa-train``: distill, medusa1, medusa2, select-tree.
+"""``medusa-train``: distill, medusa1, medusa2, select-tree, datastore.
 
 Every subcommand takes ``--model`` (``smollm2-135m`` or a local Hugging Face folder).
 A :class:`runtime.errors.MedusaError` prints its message and exits 1 with no traceback.
@@ -104,6 +104,19 @@ def select_config(a):
     )
 
 
+def datastore_config(a):
+    from training.datastore import DatastoreConfig
+
+    return DatastoreConfig(model=a.model, data=Path(a.data), out=Path(a.out), split=a.split, max_ngram=a.max_ngram,
+                           min_count=a.min_count, threads=a.threads)  # fmt: skip
+
+
+def _datastore(a) -> None:
+    from training.datastore import build_datastore
+
+    build_datastore(datastore_config(a))
+
+
 def _distill(a) -> None:
     from training.distill import distill
 
@@ -135,6 +148,7 @@ def _select_tree(a) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from runtime.artifact import HEAD_TYPES
+    from training.datastore import DatastoreConfig
     from training.distill import DistillConfig
     from training.medusa1 import Medusa1Config
     from training.medusa2 import Medusa2Config
@@ -255,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=m2.batch_size)
     sp.add_argument("--max-len", type=int, default=m2.max_len)
     sp.set_defaults(func=_medusa2)
+
+    ds = DatastoreConfig()
+    sp = sub.add_parser(
+        "datastore",
+        help="the runtime's datastore (drafts where the context repeats nothing) from distilled answers",
+        formatter_class=HelpFormatter,
+    )
+    common(sp, DatastoreConfig)
+    sp.add_argument("--data", default=str(ds.data), help="distilled .jsonl (medusa-train distill)")
+    sp.add_argument("--out", default=str(ds.out), help="output file, or an artifact folder (its datastore.npz)")
+    sp.add_argument("--split", default=ds.split, help="the records' split to use (default: %(default)s, as the heads)")
+    sp.add_argument("--max-ngram", type=int, default=ds.max_ngram, help="longest n-gram indexed")
+    sp.add_argument("--min-count", type=int, default=ds.min_count, help="keep n-grams seen at least this often")
+    sp.set_defaults(func=_datastore)
 
     s = SelectConfig()
     sp = sub.add_parser(

@@ -87,3 +87,7 @@ def test_medusa_train_defaults_are_the_configs():
     assert medusa1_config(p.parse_args(["medusa1", *data, *out])) == Medusa1Config(data=Path("d.jsonl"), out=Path("o"))
     assert medusa2_config(p.parse_args(["medusa2", *data, *out])) == Medusa2Config(data=Path("d.jsonl"), out=Path("o"))
     assert select_config(p.parse_args(["select-tree", *data])) == SelectConfig(data=Path("d.jsonl"))
+    from training.cli import datastore_config
+    from training.datastore import DatastoreConfig
+
+    assert datastore_config(p.parse_args(["datastore"])) == DatastoreConfig()
