@@ -394,8 +394,9 @@ class MedusaGenerator:
         with self._lock:  # the whole call: it ends on its own, so it blocks others for its length only
             self._take_cache(claim)
             try:
-                yield from decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode,
-                                        datastore=self.datastore)
+                yield from decode_steps(
+                    self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode, datastore=self.datastore
+                )
             finally:
                 claim.done = True
 

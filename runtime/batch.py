@@ -746,8 +746,7 @@ def _generator_class():
         def _stream_events(self, ids, cfg, tree):
             slot = self.engine.acquire()
             try:
-                events = decode_steps(slot, ids, cfg, tree, decode_text=self.tokenizer.decode,
-                                      datastore=self.datastore)
+                events = decode_steps(slot, ids, cfg, tree, decode_text=self.tokenizer.decode, datastore=self.datastore)
                 while True:
                     with self.engine.computing(slot):
                         event = next(events, None)

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -161,7 +162,7 @@ class Datastore:
     def save(self, path: str | Path) -> None:
         """Write ``path`` atomically (a temporary file in the same folder, then a rename)."""
         path = Path(path)
-        arrays = {"meta": np.array(json.dumps(self.meta))}
+        arrays: dict[str, Any] = {"meta": np.array(json.dumps(self.meta))}
         for n, t in self.tables.items():
             arrays.update({f"keys_{n}": t.keys, f"next_{n}": t.next, f"count_{n}": t.count, f"total_{n}": t.total})
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")

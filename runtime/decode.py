@@ -20,8 +20,8 @@ import numpy as np
 
 from runtime import checks, dynamic
 from runtime.backend import Backend
-from runtime.errors import ContextLengthError, MedusaError
 from runtime.datastore import Datastore
+from runtime.errors import ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup
 from runtime.tree import PAD, Tree, graft_chain
 

@@ -194,6 +194,7 @@ def test_the_default_export_records_the_measured_tree(tmp_path, capsys):
         "fp32",
     )
     assert "default tree smollm2_ort_cpu" in stdout
+    assert (out / "datastore.npz").is_file()  # the shipped datastore comes with the shipped heads
 
 
 def test_heads_that_do_not_match(model_folder, tmp_path, capsys):
@@ -341,3 +342,57 @@ def test_polygraphy_recipe_runs_as_documented(model_folder, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     log = against(torch_ref)
     assert "vs. pytorch" in log and "Passed: 4/4 iterations" in log
+
+
+# ---------------------------------------------------------------------------- the datastore
+
+
+def test_export_copies_a_datastore_and_checks_its_vocabulary(model_folder, tmp_path, capsys):
+    import runtime
+    from runtime.datastore import Datastore
+
+    vocab = TINY_LLAMA["vocab_size"]
+    good, foreign = tmp_path / "good.npz", tmp_path / "foreign.npz"
+    Datastore.build([[1, 2, 3, 4]] * 3, vocab, source="toy").save(good)
+    Datastore.build([[1, 2, 3, 4]] * 3, vocab + 1).save(foreign)
+    base = [model_folder, "--fresh-heads", "2", "--max-context", "128", "--no-validate", "--no-heads-int8"]
+
+    code, _, err = run_cli([*base, "-o", tmp_path / "bad", "--datastore", foreign], capsys)
+    assert_user_error(code, err, f"vocabulary of {vocab + 1} tokens, the model has {vocab}")
+    assert not (tmp_path / "bad").exists()  # nothing half-written
+    code, _, err = run_cli([*base, "-o", tmp_path / "missing", "--datastore", tmp_path / "nope.npz"], capsys)
+    assert_user_error(code, err, "nope.npz: no such file")
+
+    out = tmp_path / "art"
+    code, _, err = run_cli([*base, "-o", out, "--datastore", good], capsys)
+    assert code == 0, err
+    assert (out / "datastore.npz").read_bytes() == good.read_bytes()
+    prov = json.loads((out / "medusa_config.json").read_text())["provenance"]["datastore"]
+    assert prov["source"] == "toy" and prov["vocab_size"] == vocab
+    gen = runtime.load(out, threads=1)
+    try:
+        assert gen.datastore is not None and gen.datastore.propose([1, 2], 2) == [3, 4]
+    finally:
+        gen.close()
+
+
+@pytest.mark.parametrize(
+    "argv,shipped",
+    [
+        (["smollm2-135m"], True),
+        (["smollm2-135m", "--heads", str(cli.SHIPPED_HEADS / "smollm2-135m-hydra")], True),  # any heads
+        (["smollm2-135m", "--datastore", "none"], False),
+        (["some/model", "--heads", "h"], False),
+    ],
+)
+def test_the_embedded_model_gets_the_shipped_datastore(argv, shipped):
+    args = cli.build_parser().parse_args([*argv, "-o", "out"])
+    path = cli.default_datastore(args)
+    assert (path == str(cli.SHIPPED_DATASTORE / "smollm2-135m" / "datastore.npz")) if shipped else path is None
+
+
+def test_the_shipped_datastore_fits_the_embedded_model():
+    from runtime.datastore import Datastore
+
+    ds = Datastore.load(cli.SHIPPED_DATASTORE / "smollm2-135m" / "datastore.npz", vocab_size=49152)
+    assert ds.meta["source"].endswith("train split") and ds.meta["tokens"] > 500_000 and len(ds) > 100_000

@@ -72,3 +72,35 @@ def test_train_cli_refuses_non_finite_numbers(tmp_path, capsys):
     rc = main(["medusa1", "--data", "x", "--out", str(tmp_path / "h"), "--lr", "inf"])
     assert "--lr must be a finite number" in _one_line_error(capsys, rc, "medusa-train")
     assert not (tmp_path / "h").exists()
+
+
+def test_datastore_is_built_from_the_train_split_only(tmp_path, capsys):
+    import json
+
+    from runtime.datastore import Datastore
+    from training.cli import main
+    from training.data import split_of
+    from training.distill import write_atomic
+
+    recs = _records(60)
+    held = [r for r in recs if split_of(r["id"]) != "train"]
+    assert held  # the synthetic ids fall into every split
+    for r in held:  # answers outside the train split: a pattern that must not reach the store
+        r["response_ids"] = [7, 8, 9, 10] * 3
+    write_atomic(tmp_path / "d.jsonl", recs)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 512, "architectures": ["LlamaForCausalLM"]}))
+    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "datastore.npz" in out and "train split" in out
+    ds = Datastore.load(tmp_path / "datastore.npz", vocab_size=512)
+    assert ds.meta["sequences"] == len(recs) - len(held)
+    assert ds.propose([7, 8], 2) != [9, 10]  # the held-out answers' 4-cycle is not in it
+    step = [r for r in recs if split_of(r["id"]) == "train"][0]["response_ids"]
+    assert ds.propose(step[:3], 2) == step[3:5]  # the train answers' counting is
+
+    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "none.jsonl")])
+    assert rc == 1 and "none.jsonl: no such file" in capsys.readouterr().err
+    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--split", "test"])
+    assert rc == 1 and "--split must be one of" in capsys.readouterr().err
