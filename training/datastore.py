@@ -9,15 +9,12 @@ prompts the benches evaluate stay unseen), and only the answers: the prompts bel
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.datastore import DEFAULT_MAX_NGRAM, DEFAULT_MIN_COUNT, FILE, Datastore
 from runtime.errors import ConfigError
 from training.data import SPLITS, split_of
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
