@@ -110,14 +110,17 @@ def test_a_generator_refuses_a_foreign_datastore(tiny, tmp_path: Path):
 
 def test_the_context_comes_first_and_the_store_fills_in():
     ds = store([[1, 2, 3, 4]] * 4, max_ngram=2)
-    lk = NgramLookup([7, 1, 9, 7], max_ngram=2, datastore=ds)
-    assert lk.propose_row(2) == ([1, 9], 1)  # "7" occurred before: the context's own continuation
-    lk.extend([5, 1])  # "1" occurred before too (followed by 9)
-    assert lk.propose(2) == [9, 7]
+    lk = NgramLookup([7, 1, 9, 7, 1], max_ngram=2, datastore=ds)
+    assert lk.propose_row(2) == ([9, 7], 2)  # "7 1" occurred before: the context's own continuation
     lk.extend([2])  # "1 2" and "2" never occurred before in the context: the store
     chain, row = lk.propose_row(2)
     assert chain == [3, 4] and row == ROWS + 0 + 3  # matched on 2 tokens (<= 2), share 1.0 (top quarter)
-    assert NgramLookup([7, 1, 2], max_ngram=2).propose_row(2) == ([], 0)  # no store: nothing
+    lk.extend([5, 1])  # only "1" occurred before (followed by 9, then 2): a 1-gram match yields to the store
+    assert lk.propose_match(2) == ([2, 5], 1) and lk.propose_row(2) == ([2, 3], ROWS + 3)
+    lk.extend([8])  # "8" is new to the context and unknown to the store: nothing
+    assert lk.propose_row(2) == ([], 0)
+    plain = NgramLookup([7, 1, 9, 5, 1], max_ngram=2)
+    assert plain.propose_row(2) == ([9, 5], 1)  # no store: the 1-gram match drafts
 
 
 # ---------------------------------------------------------------------------- lossless
