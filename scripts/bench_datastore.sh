@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Datastore drafts (runtime/datastore.py) measured: each bench runs every tree with the datastore on
 # and off, interleaved prompt by prompt with plain decoding and onnxruntime-genai (plain and n-gram).
-#   bash scripts/bench_datastore.sh [--force] [OUT]     (default OUT: runs/bench_datastore; ~50 min)
+#   bash scripts/bench_datastore.sh [--force] [OUT]     (default OUT: runs/bench_datastore; ~30 min)
 # The dynamic trees are first calibrated (with the datastore's rows) on 24 held-out Alpaca prompts
 # disjoint from the 24 evaluated; MT-Bench is only evaluated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench_setup.sh
-bench_setup bench_datastore hydra_sampling_off.txt "$@"
+bench_setup bench_datastore hydra_categories.txt "$@"
 for A in "$HYDRA" "$MEDUSA"; do  # artifacts exported before the datastore shipped: add it
   [ -f "$A/datastore.npz" ] || cp exporter/shipped_datastore/smollm2-135m/datastore.npz "$A/"
 done

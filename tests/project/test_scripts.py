@@ -156,3 +156,11 @@ def test_dynamic_bench_script_refuses_to_overwrite_results(tmp_path):
     assert (
         r.returncode == 1 and "pass --force" in r.stderr and (tmp_path / "hydra_categories.txt").read_text() == "kept"
     )
+
+
+def test_datastore_bench_script_refuses_to_overwrite_results(tmp_path):
+    (tmp_path / "hydra_categories.txt").write_text("kept")
+    r = _run(["bash", "scripts/bench_datastore.sh", str(tmp_path)])
+    assert (
+        r.returncode == 1 and "pass --force" in r.stderr and (tmp_path / "hydra_categories.txt").read_text() == "kept"
+    )
