@@ -58,12 +58,11 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
     if cfg.max_ngram < 1 or cfg.min_count < 1:
         raise ConfigError("--max-ngram and --min-count must be >= 1")
     vocab = int(json.loads((resolve_model(cfg.model) / "config.json").read_text())["vocab_size"])
+    answers = read_answers(Path(cfg.data), cfg.split)
     out = Path(cfg.out)
     if out.is_dir():
         out = out / FILE
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {cfg.out}: its folder does not exist")
-    answers = read_answers(Path(cfg.data), cfg.split)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         store = Datastore.build(answers, vocab, cfg.max_ngram, cfg.min_count,
                                 source=f"{Path(cfg.data).name}, {cfg.split} split")  # fmt: skip

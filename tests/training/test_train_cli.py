@@ -100,7 +100,11 @@ def test_datastore_is_built_from_the_train_split_only(tmp_path, capsys):
     step = [r for r in recs if split_of(r["id"]) == "train"][0]["response_ids"]
     assert ds.propose(step[:3], 2) == step[3:5]  # the train answers' counting is
 
-    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "none.jsonl")])
+    new = tmp_path / "new" / "ds.npz"
+    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--out", str(new)])
+    assert rc == 0 and new.is_file()  # a missing folder is made
+    capsys.readouterr()
+    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
     assert rc == 1 and "none.jsonl: no such file" in capsys.readouterr().err
     rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--split", "test"])
     assert rc == 1 and "--split must be one of" in capsys.readouterr().err
