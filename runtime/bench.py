@@ -107,6 +107,7 @@ class RunResult:
     times: dict = field(default_factory=dict)
     accept_hist: dict = field(default_factory=dict)
     lookup_accepted: int = 0
+    datastore_accepted: int = 0
     drafts: dict = field(default_factory=dict)  # a speculating peer's draft counters (proposed, accepted)
     nodes: int = 0  # tokens the Medusa steps verified (roots included)
 
@@ -127,6 +128,7 @@ def _run(gen, ids, max_new_tokens, medusa, tree=None, **kw) -> RunResult:
         dict(s.times),
         dict(s.accept_hist),
         lookup_accepted=s.lookup_accepted,
+        datastore_accepted=s.datastore_accepted,
         nodes=s.nodes,
     )
 
@@ -311,6 +313,7 @@ def run_bench(
                 "identical": md.tokens == ar.tokens,
                 "divergence": None if md.tokens == ar.tokens else _divergence(gen, ids, ar.tokens, md.tokens),
                 "lookup_accepted": md.lookup_accepted,
+                "datastore_accepted": md.datastore_accepted,
                 "verified": md.nodes,
             }
         if sampling:
@@ -471,6 +474,7 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
         "paths": [list(p) for p in tree.paths],
         "lookup": variant.lookup,
         "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
+        "datastore_accepted": sum(r.get("datastore_accepted", 0) for r in rows),
         "medusa_tokens_per_s": tps,
         "speedup": tps / ar_tps if ar_tps else 0.0,
         "median_prompt_speedup": statistics.median(r["speedup"] for r in rows),

@@ -294,6 +294,12 @@ def cmd_generate(args) -> None:
             file=sys.stderr,
         )
         print("time (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in s.times.items()), file=sys.stderr)
+        if s.lookup_steps:
+            print(
+                f"lookup: drafts in {s.lookup_steps} steps, {s.lookup_accepted} tokens accepted that only it drafted "
+                f"(of them from the datastore: {s.datastore_steps} steps, {s.datastore_accepted} tokens)",
+                file=sys.stderr,
+            )
 
 
 def cmd_bench(args) -> None:

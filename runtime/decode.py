@@ -23,6 +23,7 @@ from runtime.backend import Backend
 from runtime.datastore import Datastore
 from runtime.errors import ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup
+from runtime.lookup import ROWS as LOOKUP_ROWS
 from runtime.tree import PAD, Tree, graft_chain
 
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
@@ -107,6 +108,8 @@ class DecodeStats:
     finish_reason: str = ""  # "eos", "length", "stop_string", "context"
     lookup_steps: int = 0  # Medusa steps whose tree carried context-lookup drafts
     lookup_accepted: int = 0  # accepted tokens that only the lookup drafted
+    datastore_steps: int = 0  # of lookup_steps: those whose lookup drafts came from the datastore
+    datastore_accepted: int = 0  # of lookup_accepted: those the datastore drafted
     nodes: int = 0  # tokens verified by the Medusa steps, roots included (/ steps: the mean tree size)
     dynamic: object = field(default=None, repr=False)  # a dynamic tree's per-call state (runtime.dynamic)
 
@@ -137,6 +140,8 @@ class DecodeStats:
             "finish_reason": self.finish_reason,
             "lookup_steps": self.lookup_steps,
             "lookup_accepted": self.lookup_accepted,
+            "datastore_steps": self.datastore_steps,
+            "datastore_accepted": self.datastore_accepted,
             "nodes": self.nodes,
         }
 
@@ -549,8 +554,9 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
     tokens, q = cands  # q: sampled drafts' distributions (None: fixed candidates)
     base_tree = tree
-    if lookup is not None:  # plus the context's own continuation, as one more branch
-        drafts = lookup.propose(cfg.lookup)
+    stored = False
+    if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
+        drafts, row = lookup.propose_row(cfg.lookup)
         if drafts:
             grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=_branching(backend, cfg))
             if added and backend.max_new_tokens() >= grafted.num_nodes:
@@ -558,15 +564,17 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
                 if q is not None:  # the tree's own nodes keep their indices (a prefix); lookup nodes are fixed
                     q = list(q[: grafted.num_nodes - added]) + [None] * added
                 stats.lookup_steps += 1
+                stored = row >= LOOKUP_ROWS
+                stats.datastore_steps += stored
     clock.lap("candidates")
-    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q)
+    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored)
     # next candidates come from the heads at the last accepted node
     cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng)
     clock.lap("heads")
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, cands
 
 
-def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None):
+def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False):
     """Verify every node in one forward (position = cache length + depth), accept (greedy: the
     longest path the backbone agrees with; exact: the tree sampling walk; or typical), keep only the
     accepted path's cache entries. Returns (accepted path, next root)."""
@@ -582,7 +590,10 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None):
         path = accept_typical(tokens, logits, tree, cfg)
         new_root = select_root(logits[path[-1]], cfg, rng)
     clock.lap("acceptance")
-    stats.lookup_accepted += int(np.count_nonzero(tree.node_head[path[1:]] < 0))  # lookup-only nodes: head -1
+    taken = int(np.count_nonzero(tree.node_head[path[1:]] < 0))  # lookup-only nodes: head -1
+    stats.lookup_accepted += taken
+    if stored:  # the lookup's drafts came from the datastore
+        stats.datastore_accepted += taken
     backend.commit(path)
     clock.lap("kv_update")
     return path, new_root
@@ -631,9 +642,11 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
     stats.times["candidates"] -= heads_s
     stats.times["heads"] += heads_s
     lookup_nodes = tree.node_head[1:] < 0
+    stored = bool(lookup_nodes.any()) and n >= LOOKUP_ROWS
     if lookup_nodes.any():
         stats.lookup_steps += 1
-    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats)
+        stats.datastore_steps += stored
+    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored)
     dynamic.observe(state, built, path)
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, int(path[-1])
 

@@ -45,6 +45,7 @@ def test_medusa_run_defaults_are_decode_config():
     from runtime.cli import build_parser, generate_kwargs
     from runtime.decode import DecodeConfig
 
+    assert generate_kwargs(build_parser().parse_args(["generate", "art", "hi", "--no-datastore"]))["datastore"] is False
     args = build_parser().parse_args(["generate", "art", "hello"])
     kw = generate_kwargs(args)
     assert kw.pop("tree") is None  # the artifact's default tree

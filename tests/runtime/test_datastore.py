@@ -153,9 +153,14 @@ def test_greedy_with_a_datastore_equals_hf(kind, tree, tiny_llama):
         on = decode(backend, prompt, DecodeConfig(max_new_tokens=40, lookup=3), t, datastore=ds)
         off = decode(backend, prompt, DecodeConfig(max_new_tokens=40, lookup=3, datastore=False), t, datastore=ds)
         assert on.tokens == off.tokens == ref
+        assert off.stats.datastore_steps == off.stats.datastore_accepted == 0
+        assert on.stats.datastore_steps > 0  # the store drafted (right or wrong)
+        assert on.stats.datastore_accepted <= on.stats.lookup_accepted
         if kind == "oracle":
             assert on.stats.lookup_accepted > off.stats.lookup_accepted + 10, (on.stats, off.stats)
-            assert on.stats.mean_accepted > 2.0
+            assert on.stats.datastore_accepted >= 10 and on.stats.mean_accepted > 2.0
+        else:
+            assert on.stats.datastore_accepted == 0  # every follower it holds is wrong
 
 
 def test_exact_sampling_with_a_datastore_follows_the_law():
