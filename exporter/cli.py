@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)",
     )
     p.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep only the first K of the heads (trees up to depth K): each heads call then projects K rows "
+        "instead of all (on a CPU the default tree of the shipped heads reads one)",
+    )
+    p.add_argument(
         "--datastore",
         default=None,
         metavar="FILE|none",
@@ -295,7 +303,7 @@ def run(args: argparse.Namespace) -> Path:
     import torch
 
     from exporter.export import check_options, check_out_dir, export_artifact, progress
-    from exporter.heads import fresh_heads, load_heads
+    from exporter.heads import first_heads, fresh_heads, load_heads
     from exporter.models import DEFAULT_MODEL, load_backbone, resolve_model
 
     options = export_options(args)
@@ -307,6 +315,8 @@ def run(args: argparse.Namespace) -> Path:
     check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:
         raise MedusaError(f"--fresh-heads needs at least 1 head and at most {MAX_FRESH_HEADS}, got {args.fresh_heads}")
+    if args.num_heads is not None and args.num_heads < 1:
+        raise MedusaError(f"--num-heads must be at least 1, got {args.num_heads}")
     heads_path = None if args.fresh_heads is not None else (args.heads or _default_heads(args.model))
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
@@ -325,6 +335,8 @@ def run(args: argparse.Namespace) -> Path:
         else:
             heads = fresh_heads(args.fresh_heads, c.hidden_size, c.vocab_size).to(dtype)
             heads.config.meta = {"layout": "fresh-identity", "source": f"--fresh-heads {args.fresh_heads}"}
+        if args.num_heads is not None:
+            heads = first_heads(heads, args.num_heads)
     return export_artifact(model, heads, out, options, tokenizer=tokenizer)
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -502,6 +502,30 @@ def _hydra_heads(p: Path, sd: dict, hidden_size, vocab_size) -> HydraHeads:
     if missing:
         raise CheckpointError(f"{p}: Hydra heads lack {missing[:3]} (the checkpoint is incomplete)")
     return heads
+
+
+def first_heads(heads: MedusaHeads | HydraHeads, k: int) -> MedusaHeads | HydraHeads:
+    """The first ``k`` of ``heads`` (same weights, draft vocabulary and provenance): a tree of depth
+    ``<= k`` drafts the same tokens from them, and each heads call projects ``k`` rows instead of all
+    (Medusa heads project every head in one call, whatever the tree reads)."""
+    n = heads.config.num_heads
+    if not 1 <= k <= n:
+        raise CheckpointError(f"--num-heads {k}: these heads have {n} (keep between 1 and {n})")
+    if k == n:
+        return heads
+    cfg = replace(
+        heads.config, num_heads=k, draft_vocab_size=0, meta={**heads.config.meta, "kept_heads": f"{k} of {n}"}
+    )
+    out: MedusaHeads | HydraHeads = HydraHeads(cfg) if isinstance(heads, HydraHeads) else MedusaHeads(cfg)
+    sd = {key: v for key, v in heads.state_dict().items() if key == DRAFT_VOCAB_KEY or int(key.split(".")[0]) < k}
+    vocab = sd.pop(DRAFT_VOCAB_KEY, None)
+    out.load_state_dict(sd, strict=False)
+    missing = [key for key in out.state_dict() if key != DRAFT_VOCAB_KEY and key not in sd]
+    if missing:
+        raise CheckpointError(f"--num-heads {k}: weights missing for {missing[:3]}")
+    if vocab is not None:
+        out.set_draft_vocab(vocab)
+    return out.to(next(heads.parameters()).dtype).eval()
 
 
 def save_heads(

@@ -396,3 +396,18 @@ def test_the_shipped_datastore_fits_the_embedded_model():
 
     ds = Datastore.load(cli.SHIPPED_DATASTORE / "smollm2-135m" / "datastore.npz", vocab_size=49152)
     assert ds.meta["source"].endswith("train split") and ds.meta["tokens"] > 500_000 and len(ds) > 100_000
+
+
+def test_num_heads_keeps_the_first_heads(model_folder, tmp_path, capsys):
+    base = [model_folder, "--fresh-heads", "3", "--max-context", "128", "--no-validate", "--no-heads-int8"]
+    code, _, err = run_cli([*base, "-o", tmp_path / "zero", "--num-heads", "0"], capsys)
+    assert_user_error(code, err, "--num-heads must be at least 1")
+    code, _, err = run_cli([*base, "-o", tmp_path / "four", "--num-heads", "4"], capsys)
+    assert_user_error(code, err, "these heads have 3")
+    assert not (tmp_path / "four").exists()
+    out = tmp_path / "one"
+    code, _, err = run_cli([*base, "-o", out, "--num-heads", "1"], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "medusa_config.json").read_text())
+    assert cfg["model"]["num_medusa_heads"] == 1 and cfg["default_tree"] == "chain_1"
+    assert cfg["provenance"]["heads"]["meta"]["kept_heads"] == "1 of 3"

@@ -451,3 +451,46 @@ def test_draft_rows_cache_follows_weight_and_vocab_changes(lm_head):
     out = heads(x, lm_head)  # autograd path: no cache, gradients reach the projection
     out[..., [0, 7]].sum().backward()
     assert lm_head.weight.grad is not None and lm_head.weight.grad[[0, 7]].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- keeping the first heads
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_first_heads_draft_what_the_first_heads_drafted(shared, lm_head):
+    from exporter.heads import first_heads
+
+    sd = official_state_dict(num_heads=4, num_layers=2, proj=not shared)
+    heads = MedusaHeads(heads_config_from_state_dict(sd, "test"))
+    heads.config.vocab_size = V
+    heads.load_state_dict(sd)
+    heads.set_draft_vocab([0, 3, 4, 17, 38, 39])
+    heads.config.meta = {"source": "t"}
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(3))
+    full = heads(x, lm_head) if shared else heads(x)
+    for k in (1, 3):
+        kept = first_heads(heads, k)
+        out = kept(x, lm_head) if shared else kept(x)
+        assert out.shape == (5, k, V) and kept.config.num_heads == k
+        torch.testing.assert_close(out, full[:, :k])
+        assert kept.draft_vocab.tolist() == heads.draft_vocab.tolist()
+        assert kept.config.meta == {"source": "t", "kept_heads": f"{k} of 4"}
+    assert first_heads(heads, 4) is heads
+    for k in (0, 5):
+        with pytest.raises(CheckpointError, match="these heads have 4"):
+            first_heads(heads, k)
+
+
+def test_first_hydra_heads_draft_what_the_first_heads_drafted():
+    from exporter.heads import first_heads, fresh_hydra_heads
+
+    torch.manual_seed(0)
+    heads = fresh_hydra_heads(3, H, V, num_layers=2)
+    for p in heads.parameters():
+        p.data.normal_(0.0, 0.3)
+    embed, head = torch.randn(V, H), nn.Linear(H, V, bias=False)
+    kept = first_heads(heads, 2)
+    hidden = torch.randn(4, H)
+    paths = torch.randint(0, V, (4, 3))
+    lens = torch.tensor([1, 2, 1, 2])
+    torch.testing.assert_close(kept(hidden, paths[:, :2], lens, head, embed), heads(hidden, paths, lens, head, embed))
