@@ -224,3 +224,34 @@ def test_calibration_files_from_before_the_datastore_rows_still_load():
     data = json.loads(json.dumps(cal.to_json()))
     back = Calibration.from_json(data)
     assert back.lookup_trials.shape == (LOOKUP_ROWS, 65) and back.lookup_trials[ROWS:].sum() == 0
+
+
+@pytest.mark.parametrize("max_batch", [None, 3], ids=["one-sequence", "batch-engine"])
+def test_an_artifact_with_a_datastore_stays_lossless_on_onnx_runtime(tiny, tmp_path: Path, max_batch):
+    """The exported engine with a datastore.npz of the model's own answers: every answer is plain
+    decoding's, through one sequence a call and through the batch engine, and the store drafted."""
+    import shutil
+
+    from test_dynamic import generate_together
+
+    import runtime
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny["artifact"], art)
+    prompts = [prompt_for(s, vocab=4000) for s in range(3)]
+    gen = runtime.load(art, threads=1)
+    try:
+        plain = [gen.generate(p, max_new_tokens=32, medusa=False).tokens for p in prompts]
+        vocab = gen.spec.vocab_size
+    finally:
+        gen.close()
+    Datastore.build([t for t in plain for _ in range(2)], vocab).save(art / "datastore.npz")
+    gen = runtime.load(art, threads=1, max_batch=max_batch)
+    try:
+        assert gen.datastore is not None
+        for tree in (None, "dynamic:6"):
+            outs = generate_together(gen, prompts, max_new_tokens=32, tree=tree)
+            assert [o.tokens for o in outs] == plain
+            assert sum(o.stats.datastore_accepted for o in outs) > 10, [o.stats.as_dict() for o in outs]
+    finally:
+        gen.close()
