@@ -11,12 +11,7 @@ bench_setup bench_datastore hydra_categories.txt "$@"
 for A in "$HYDRA" "$MEDUSA"; do  # artifacts exported before the datastore shipped: add it
   [ -f "$A/datastore.npz" ] || cp exporter/shipped_datastore/smollm2-135m/datastore.npz "$A/"
 done
-python -m scripts.heldout_prompts -o "$OUT/alpaca_heldout.json" --last 24
-python -m scripts.heldout_prompts -o "$OUT/alpaca_calibration.json" --last 24 --drop-last 52
-for A in "$HYDRA" "$MEDUSA"; do
-  medusa-run calibrate "$A" --prompts "$OUT/alpaca_calibration.json" --limit 24 --threads 2 2>/dev/null \
-    | tee "$OUT/$(basename "$A")_calibration.txt"
-done
+calibrate_heldout
 FLAT=scripts/flat_cost_profile.json
 medusa-run bench "$HYDRA" --prompts "$MT" --per-category 2 --threads 2 --peer ortgenai --datastore on off \
   --tree smollm2_hydra_ort_cpu dynamic "dynamic:11@$FLAT" \

@@ -14,12 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench_setup.sh
 bench_setup bench_dynamic hydra_categories.txt "$@"
-python -m scripts.heldout_prompts -o "$OUT/alpaca_heldout.json" --last 24
-python -m scripts.heldout_prompts -o "$OUT/alpaca_calibration.json" --last 24 --drop-last 52
-for A in "$HYDRA" "$MEDUSA"; do
-  medusa-run calibrate "$A" --prompts "$OUT/alpaca_calibration.json" --limit 24 --threads 2 2>/dev/null \
-    | tee "$OUT/$(basename "$A")_calibration.txt"
-done
+calibrate_heldout
 medusa-run bench "$HYDRA" --prompts "$MT" --per-category 2 --threads 2 --peer ortgenai \
   --tree smollm2_hydra_ort_cpu smollm2_hydra_flat8 dynamic "dynamic:11@$FLAT" \
   --json "$OUT/hydra_categories.json" 2>/dev/null | tee "$OUT/hydra_categories.txt"

@@ -18,3 +18,14 @@ bench_setup() {
   [ -f "$MEDUSA/medusa_config.json" ] || medusa-export smollm2-135m -o "$MEDUSA"
   [ -f "$HYDRA/medusa_config.json" ] || medusa-export smollm2-135m --heads exporter/shipped_heads/smollm2-135m-hydra -o "$HYDRA"
 }
+
+# The evaluation's 24 held-out Alpaca prompts ($OUT/alpaca_heldout.json) and a disjoint 24 to
+# calibrate the dynamic trees of both artifacts on (medusa-run calibrate; never MT-Bench).
+calibrate_heldout() {
+  python -m scripts.heldout_prompts -o "$OUT/alpaca_heldout.json" --last 24
+  python -m scripts.heldout_prompts -o "$OUT/alpaca_calibration.json" --last 24 --drop-last 52
+  for A in "$HYDRA" "$MEDUSA"; do
+    medusa-run calibrate "$A" --prompts "$OUT/alpaca_calibration.json" --limit 24 --threads 2 2>/dev/null \
+      | tee "$OUT/$(basename "$A")_calibration.txt"
+  done
+}
