@@ -5,6 +5,7 @@
       heads.onnx (+ heads.onnx.data)   exporter.step.HeadsStep
       tokenizer.json, tokenizer_config.json, chat_template.jinja
       medusa_config.json               runtime.artifact.ArtifactConfig
+      datastore.npz (optional)         runtime.datastore.Datastore (ExportOptions.datastore)
 
 :func:`export_artifact` writes everything into a hidden temporary folder next to
 ``out_dir``, validates it there (ONNX Runtime against PyTorch, :mod:`exporter.validate`)
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import logging
 import os
 import shutil
@@ -706,7 +708,8 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
                 store = Datastore.load(options.datastore, spec.vocab_size)  # a foreign or broken file stops here
                 shutil.copyfile(options.datastore, tmp / DATASTORE_FILE)
-                config.provenance["datastore"] = {"file": str(options.datastore), **store.meta}
+                digest = hashlib.sha256((tmp / DATASTORE_FILE).read_bytes()).hexdigest()
+                config.provenance["datastore"] = {"file": str(options.datastore), "sha256": digest, **store.meta}
             if options.heads_int8 and options.dtype == "float32":
                 from exporter.quantize import quantize_heads
 

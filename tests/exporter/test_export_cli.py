@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -369,6 +370,7 @@ def test_export_copies_a_datastore_and_checks_its_vocabulary(model_folder, tmp_p
     assert (out / "datastore.npz").read_bytes() == good.read_bytes()
     prov = json.loads((out / "medusa_config.json").read_text())["provenance"]["datastore"]
     assert prov["source"] == "toy" and prov["vocab_size"] == vocab
+    assert prov["sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
     gen = runtime.load(out, threads=1)
     try:
         assert gen.datastore is not None and gen.datastore.propose([1, 2], 2) == [3, 4]
