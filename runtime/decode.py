@@ -22,8 +22,7 @@ from runtime import checks, dynamic
 from runtime.backend import Backend
 from runtime.datastore import Datastore
 from runtime.errors import ContextLengthError, MedusaError
-from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup
-from runtime.lookup import ROWS as LOOKUP_ROWS
+from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup, from_datastore
 from runtime.tree import PAD, Tree, graft_chain
 
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
@@ -564,7 +563,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
                 if q is not None:  # the tree's own nodes keep their indices (a prefix); lookup nodes are fixed
                     q = list(q[: grafted.num_nodes - added]) + [None] * added
                 stats.lookup_steps += 1
-                stored = row >= LOOKUP_ROWS
+                stored = from_datastore(row)
                 stats.datastore_steps += stored
     clock.lap("candidates")
     path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored)
@@ -641,10 +640,10 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
     clock.lap("candidates")
     stats.times["candidates"] -= heads_s
     stats.times["heads"] += heads_s
-    lookup_nodes = tree.node_head[1:] < 0
-    stored = bool(lookup_nodes.any()) and n >= LOOKUP_ROWS
-    if lookup_nodes.any():
+    stored = False
+    if (tree.node_head[1:] < 0).any():  # lookup-only nodes were kept
         stats.lookup_steps += 1
+        stored = from_datastore(n)
         stats.datastore_steps += stored
     path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored)
     dynamic.observe(state, built, path)

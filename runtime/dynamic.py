@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ConfigError
-from runtime.lookup import ROWS
+from runtime.lookup import ROWS, row_label
 from runtime.tree import Tree, _tree_from_parents
 
 DYNAMIC = "dynamic"
@@ -143,10 +143,7 @@ class Calibration:
                 if self.lookup_trials[row, j]
             ]
             if cells:
-                q = row % 4
-                label = (f"context {row}-gram" if row < ROWS else
-                         f"datastore {'>= 3' if row - ROWS >= 4 else '<= 2'}-gram, share {q / 4:.2f}-{(q + 1) / 4:.2f}")  # fmt: skip
-                lines.append(f"  {label}: " + ", ".join(cells))
+                lines.append(f"  {row_label(row)}: " + ", ".join(cells))
         return "\n".join(lines)
 
     @classmethod

@@ -25,6 +25,25 @@ CONTEXT_FIRST_FROM = 2  # a context match this long wins over the datastore's dr
 ROWS = 8  # match rows per source in a calibration: the context's n-gram lengths 0..7, then the datastore's
 
 
+def from_datastore(row: int) -> bool:
+    """Whether a draft's calibration row (:meth:`NgramLookup.propose_row`) is the datastore's."""
+    return row >= ROWS
+
+
+def datastore_row(n: int, share: float) -> int:
+    """The calibration row of a datastore draft whose first token matched ``n`` tokens and took
+    ``share`` of its n-gram's occurrences: by n (<= 2, >= 3) and by the share's quarter."""
+    return ROWS + 4 * (n >= 3) + min(int(share * 4), 3)
+
+
+def row_label(row: int) -> str:
+    """A calibration row in words (``medusa-run calibrate``'s summary)."""
+    if not from_datastore(row):
+        return f"context {row}-gram"
+    q = (row - ROWS) % 4
+    return f"datastore {'>= 3' if row - ROWS >= 4 else '<= 2'}-gram, share {q / 4:.2f}-{(q + 1) / 4:.2f}"
+
+
 class NgramLookup:
     """``extend(tokens)`` as the context grows; ``propose(k)``: up to k continuation tokens."""
 
@@ -72,8 +91,8 @@ class NgramLookup:
             return chain, min(n, ROWS - 1)
         if self.datastore is not None and k >= 1 and self.tokens:
             stored, m, share = self.datastore.draft(self.tokens, k)
-            if stored:  # rows by the first token's match length (<= 2, >= 3) and share (quarters)
-                return stored, ROWS + 4 * (m >= 3) + min(int(share * 4), 3)
+            if stored:
+                return stored, datastore_row(m, share)
         return (chain, min(n, ROWS - 1)) if chain else ([], 0)
 
     def propose_match(self, k: int) -> tuple[list[int], int]:
