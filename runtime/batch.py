@@ -75,9 +75,12 @@ PROFILE_CACHED = 128  # cache entries per sequence while profiling
 TREE_MARGIN = 1.2  # a tree budget is chosen over plain steps only when its estimate is this much faster
 SWITCH_INTERVAL = 0.0005  # seconds: sys.setswitchinterval while 2+ sequences decode (Python's default: 0.005)
 COST_EMA = 0.1  # weight of each observed step call in the cost table
+COST_CLIP = 2.0  # an observed call counts as at most this many times its cell's estimate (and at least 1/this)
 BUDGET_REFRESH = 0.5  # seconds a chosen budget is reused for the same number of decoding sequences
 HOST_GAP_MAX = 0.5  # seconds: a longer pause between step calls is idleness, not host work
 WARMUP_STEPS = 32  # steps without a budget before choose_budget sets one
+EXPLORE_EVERY = 4 * WARMUP_STEPS  # one step in this many runs without a budget (a tree budget chosen)
+PLAIN_EXPLORE = 8  # ... and this many times fewer while plain steps are chosen for the load
 STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
 
 
@@ -339,13 +342,18 @@ class BatchEngine:
                 return self.max_context
             if isinstance(self.budgets, list):
                 return self.budgets[min(busy, len(self.budgets)) - 1]
-            if self._explore == 0 or busy == 1:  # alone: the artifact's tree was chosen for one sequence (select-tree)
+            if busy == 1:  # alone: the artifact's tree was chosen for one sequence (select-tree)
                 return self.max_context
             now = time.monotonic()
             cached = self._budget_cache.get(busy)
             if cached is None or now - cached[1] > BUDGET_REFRESH:  # choose_budget costs ~0.3 ms: not per step
                 cached = (choose_budget(busy, self.costs, list(self._steps), self.host) or self.max_context, now)
                 self._budget_cache[busy] = cached
+            # an exploring step pads the whole call to its tree: where plain steps are chosen it is
+            # taken PLAIN_EXPLORE times less often (what a step emits does not depend on the load, and
+            # steps at a lighter load, alone above all, keep the estimates current meanwhile)
+            if self._explore % (EXPLORE_EVERY * (1 if cached[0] > 1 else PLAIN_EXPLORE)) == 0:
+                return self.max_context
             return cached[0]
 
     def _record_step(self, rows: int, tokens: int, granted: int) -> None:
@@ -356,8 +364,8 @@ class BatchEngine:
             if granted >= max(self._widest, rows, self.max_rows if not self._steps else 0):
                 self._steps.append((rows, tokens))
                 self._widest = max(self._widest, rows)
-            # every 4 x WARMUP_STEPS-th step runs without a limit, so the estimates keep up
-            self._explore = (self._explore + 1) % (4 * WARMUP_STEPS)
+            # every EXPLORE_EVERY-th step runs without a limit, so the estimates keep up (see budget())
+            self._explore = (self._explore + 1) % (EXPLORE_EVERY * PLAIN_EXPLORE)
 
     def profile(self, rows=PROFILE_ROWS, repeats: int = 3, cached: int = PROFILE_CACHED) -> dict:
         """Seconds per batched call, median of ``repeats``: {(sequences, rows each): s} for 1, 2, 4 ...
@@ -369,6 +377,7 @@ class BatchEngine:
         saved = list(self._len)
         costs = {}
         try:
+            self._ensure_capacity(cached + max(rows))  # grown first (growing copies the cached entries)
             for b in sizes:
                 self._len[:b] = [cached] * b
                 for n in rows:
@@ -382,6 +391,9 @@ class BatchEngine:
                     costs[(b, n)] = float(np.median(times[1:]))
         finally:
             self._len[:] = saved
+            if not any(saved):
+                self._shrink()
+            self._last_call = None
             self.stats.update(calls=0, sequences=0, rows=0, padded_rows=0, engine_s=0.0)
         log.info("batch engine profile (ms per call): %s",
                  ", ".join(f"{b}x{n} {1000 * t:.1f}" for (b, n), t in sorted(costs.items())))  # fmt: skip
@@ -551,11 +563,14 @@ class BatchEngine:
             kind, seqs = last[1], last[2]
             per_seq = (start - last[0]) / seqs
             self.host[kind] = per_seq if self.host.get(kind) is None else 0.9 * self.host[kind] + 0.1 * per_seq
+        capacity = self.capacity
         if len(reqs) == 1 and self.single is not None:
             self._run_single(reqs[0])
         else:
             self._run_batch(reqs)
-        if step and self.costs:  # what calls really cost (cache lengths, capacity) updates the profile
+        # what calls really cost (cache lengths, capacity) updates the profile; not a call that grew
+        # the cache (it copied every slot's entries: hundreds of ms that the next calls do not pay)
+        if step and self.costs and self.capacity == capacity:
             self._observe_cost(len(reqs), max(r.rows for r in reqs), time.perf_counter() - start)
         kind = "tree" if any(r.rows > 1 for r in reqs) else "plain"
         self._last_call = (time.perf_counter(), kind, len(reqs)) if step else None
@@ -569,7 +584,10 @@ class BatchEngine:
         if n is None:
             return
         with self._cond:
-            self.costs[(b, n)] = (1 - COST_EMA) * self.costs[(b, n)] + COST_EMA * seconds
+            was = self.costs[(b, n)]
+            # clipped: one call stalled by another process (a shared machine) must not make a cell look
+            # several times dearer than its neighbours, which steers the budgets for many steps
+            self.costs[(b, n)] = (1 - COST_EMA) * was + COST_EMA * min(max(seconds, was / COST_CLIP), was * COST_CLIP)
 
     def _run_single(self, r: _Request) -> None:
         """One sequence on model.onnx: its slot of the cache bound as past and present, so the new

@@ -6,8 +6,9 @@
 Starts the ``--servers`` (default: ``plain`` and ``medusa``; ``plain-interleave`` and
 ``medusa-interleave`` serve one sequence per engine call instead of batching through
 batch.onnx) on free loopback ports, same artifact, ``--max-batch`` = the largest concurrency,
-then for each concurrency level runs each server in turn: ``--requests`` streamed greedy chat
-requests (MT-Bench first turns, in order) from that many client threads. Per level and server:
+then for each concurrency level runs the servers in ``--rounds`` alternating rounds (A B, B A, ...:
+a shared machine's drift falls on all of them alike), ``--requests`` streamed greedy chat requests
+(MT-Bench first turns, in order; each round the next share of them) from that many client threads. Per level and server:
 total generated tokens/s over the level's wall time, p50/p99 time to first token and
 inter-token latency, failed requests; then the ratios between servers and each server's
 throughput against its own at the first level. Bounded by ``--requests`` and ``--time-limit``
@@ -92,6 +93,13 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
 
 def run_level(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
               time_limit: float) -> dict:  # fmt: skip
+    """``requests`` streamed requests (prompts in order) from ``concurrency`` client threads: one row."""
+    return _level(concurrency, [_requests(url, model, prompts, concurrency, requests, max_tokens, time_limit)])
+
+
+def _requests(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
+              time_limit: float, first: int = 0) -> tuple[list, list, float]:  # fmt: skip
+    """(per-request results, failures, wall seconds), the prompts taken from index ``first`` on."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -109,7 +117,7 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, reques
                     return
                 i, issued = issued, issued + 1
             try:
-                r = one_request(client, model, prompts[i % len(prompts)], max_tokens)
+                r = one_request(client, model, prompts[(first + i) % len(prompts)], max_tokens)
                 with lock:
                     results.append(r)
             except Exception as e:  # counted, reported: a load test must not stop at the first failure
@@ -122,6 +130,15 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, reques
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    return results, failures, wall
+
+
+def _level(concurrency: int, parts: list[tuple[list, list, float]]) -> dict:
+    """One level's row from its rounds' (results, failures, wall seconds): tokens and seconds
+    summed over the rounds, latency percentiles over all their requests."""
+    results = [r for res, _, _ in parts for r in res]
+    failures = [f for _, fs, _ in parts for f in fs]
+    wall = sum(w for _, _, w in parts)
     tokens = sum(r["tokens"] for r in results)
     ttft = sorted(r["ttft"] for r in results)
     itl = sorted(r["itl"] for r in results if r["itl"] is not None)
@@ -132,12 +149,28 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, reques
         "failures": failures[:3],
         "tokens": tokens,
         "seconds": wall,
+        "rounds": len(parts),
         "tokens_per_s": tokens / wall if wall else 0.0,
         "ttft_p50": _pct(ttft, 50),
         "ttft_p99": _pct(ttft, 99),
         "itl_p50": _pct(itl, 50),
         "itl_p99": _pct(itl, 99),
     }
+
+
+def run_rounds(urls: dict[str, str], model: str, prompts: list[str], concurrency: int, requests: int,
+               max_tokens: int, time_limit: float, rounds: int) -> dict[str, dict]:  # fmt: skip
+    """One level for every server, split into ``rounds`` that alternate the servers in ABBA order
+    (A B, B A, A B, ...), each round the next ``max(requests / rounds, concurrency)`` prompts for
+    every server: the machine's drift over the level falls on all servers alike, and each server
+    answers the same prompts."""
+    per = max(-(-requests // rounds), concurrency)
+    parts: dict[str, list] = {k: [] for k in urls}
+    for i in range(rounds):
+        for kind in list(urls) if i % 2 == 0 else list(reversed(urls)):
+            parts[kind].append(_requests(urls[kind], model, prompts, concurrency, per, max_tokens, time_limit / rounds,
+                                         first=i * per))  # fmt: skip
+    return {kind: _level(concurrency, ps) for kind, ps in parts.items()}
 
 
 def rss_mib(pid: int) -> float:
@@ -198,12 +231,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of each server")
     ap.add_argument("--time-limit", type=float, default=300, help="seconds per level after which no request starts")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds per level, alternating the servers A B, B A, ... (each round max(requests / "
+                         "rounds, concurrency) requests per server): drift on a shared machine hits them alike")  # fmt: skip
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--servers", nargs="+", choices=SERVERS, default=["plain", "medusa"],
                     help="servers to compare (-interleave: one sequence per engine call)")  # fmt: skip
     ap.add_argument("--soak", type=float, default=0, help="seconds of a soak at the first concurrency (Medusa only)")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {a.rounds}")
     prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     model = Path(a.artifact).resolve().name
     if a.soak:
@@ -221,10 +259,13 @@ def main(argv=None) -> int:
         for kind in a.servers:
             servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads)
         rows = []
+        urls = {kind: servers[kind][1] for kind in a.servers}
         for c in a.concurrency:
-            for kind in a.servers:  # taking turns per level: the machine's drift hits every server
-                run_level(servers[kind][1], model, prompts, 1, 1, 8, a.time_limit)  # warm-up
-                r = run_level(servers[kind][1], model, prompts, c, a.requests, a.max_tokens, a.time_limit)
+            for kind in a.servers:
+                run_level(urls[kind], model, prompts, 1, 1, 8, a.time_limit)  # warm-up
+            level = run_rounds(urls, model, prompts, c, a.requests, a.max_tokens, a.time_limit, a.rounds)
+            for kind in a.servers:
+                r = level[kind]
                 r["server"] = kind
                 rows.append(r)
                 print(f"{kind:>17} c={c:<3} {r['requests']:>3} req {r['tokens_per_s']:7.1f} tok/s  ttft p50/p99 "
@@ -252,7 +293,8 @@ def main(argv=None) -> int:
                  if by[(k, a.concurrency[0])]["tokens_per_s"] else 0 for k in a.servers]  # fmt: skip
         print(f"{c:>3} " + " ".join(cells) + "".join(f" {x:29.2f}x" for x in ratios)
               + "".join(f" {x:23.2f}x" for x in scale))  # fmt: skip
-    result = {"artifact": a.artifact, "max_tokens": a.max_tokens, "requests": a.requests, "threads": a.threads,
+    result = {"artifact": a.artifact, "max_tokens": a.max_tokens, "requests": a.requests, "rounds": a.rounds,
+              "threads": a.threads,
               "cpu_count": os.cpu_count(), "servers": a.servers, "rows": rows}  # fmt: skip
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -164,3 +164,29 @@ def test_datastore_bench_script_refuses_to_overwrite_results(tmp_path):
     assert (
         r.returncode == 1 and "pass --force" in r.stderr and (tmp_path / "hydra_categories.txt").read_text() == "kept"
     )
+
+
+def test_load_test_rounds_alternate_the_servers_over_the_same_prompts(monkeypatch):
+    """Each level runs its servers in ABBA rounds, each round the next prompts for every server;
+    a level's row sums the rounds' tokens and seconds."""
+    from scripts import load_test
+
+    calls = []
+
+    def fake(url, model, prompts, concurrency, requests, max_tokens, time_limit, first=0):
+        calls.append((url, first, requests))
+        done = [{"tokens": 10, "ttft": 0.1, "itl": 0.01, "seconds": 1.0}] * requests
+        return done, ([] if url == "A" else ["Timeout: x"]), 2.0 if url == "A" else 4.0
+
+    monkeypatch.setattr(load_test, "_requests", fake)
+    out = load_test.run_rounds({"plain": "A", "medusa": "B"}, "m", ["p"] * 40, 2, 8, 16, 60.0, rounds=4)
+    assert [c[0] for c in calls] == list("ABBAABBA")
+    assert {c[1] for c in calls if c[0] == "A"} == {c[1] for c in calls if c[0] == "B"} == {0, 2, 4, 6}
+    assert all(c[2] == 2 for c in calls)  # 8 requests over 4 rounds
+    a, b = out["plain"], out["medusa"]
+    assert (a["requests"], a["tokens"], a["seconds"], a["rounds"], a["failed"]) == (8, 80, 8.0, 4, 0)
+    assert (b["tokens_per_s"], b["failed"]) == (80 / 16.0, 4)
+    load_test.run_rounds({"plain": "A"}, "m", ["p"], 16, 16, 16, 60.0, rounds=2)
+    assert [c[2] for c in calls[-2:]] == [16, 16]  # a round has at least one request per client
+    with pytest.raises(SystemExit):
+        load_test.main(["art", "--rounds", "0"])

@@ -186,6 +186,63 @@ def test_auto_budgets_profile_the_graph_at_load(tiny):
         g.close()
 
 
+def test_exploring_steps_are_rarer_where_plain_steps_are_chosen(tiny):
+    """An unlimited step pads its whole call to its tree: where the budget for the load is plain
+    it comes PLAIN_EXPLORE times less often than where a tree is chosen; alone, every step is
+    unlimited."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2)
+    e = g.engine
+    slots = [e.acquire(), e.acquire()]
+    try:
+        period = rb.EXPLORE_EVERY * rb.PLAIN_EXPLORE
+
+        def unlimited(budget: int) -> int:
+            e._budget_cache[2] = (budget, time.monotonic() + 3600)  # chosen, and not refreshed meanwhile
+            n = 0
+            for i in range(period):
+                e._explore = i
+                n += e.budget() == e.max_context
+            return n
+
+        assert unlimited(1) == 1
+        assert unlimited(3) == rb.PLAIN_EXPLORE
+        e.release(slots.pop())
+        assert e.budget() == e.max_context  # alone
+    finally:
+        for s in slots:
+            e.release(s)
+        g.close()
+
+
+def test_observed_costs_are_clipped_and_skip_calls_that_grew_the_cache(tiny, monkeypatch):
+    monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2)
+    e = g.engine
+    try:
+        cell = (2, 1)
+        was = e.costs[cell]
+        e._observe_cost(2, 1, 100 * was)  # one call stalled by another process
+        assert e.costs[cell] == pytest.approx((1 - rb.COST_EMA) * was + rb.COST_EMA * rb.COST_CLIP * was)
+        e._observe_cost(2, 1, 0.0)
+        assert e.costs[cell] > 0.5 * was
+        observed, calls = [], []
+        orig_observe, orig_forward = e._observe_cost, e._run_forward
+        monkeypatch.setattr(e, "_observe_cost", lambda *a: observed.append(a) or orig_observe(*a))
+
+        def forward(reqs):
+            before, n = e.capacity, len(observed)
+            orig_forward(reqs)
+            calls.append((before != e.capacity, len(observed) - n, all(r.logits is None for r in reqs)))
+
+        monkeypatch.setattr(e, "_run_forward", forward)
+        g.generate(PROMPTS[0], max_new_tokens=40)  # 16 -> 32 -> 64 cache positions
+        grew = [c for c in calls if c[0] and c[2]]
+        assert grew and all(n == 0 for _, n, _ in grew)  # the step calls that grew the cache: not observed
+        assert sum(n for g_, n, step in calls if not g_ and step) == len([c for c in calls if not c[0] and c[2]])
+    finally:
+        g.close()
+
+
 def test_a_closed_engine_refuses_calls(tiny):
     g = runtime.load(tiny["artifact"], threads=1, max_batch=1, budgets=None)
     g.close()
