@@ -347,6 +347,7 @@ class MedusaGenerator:
         lookup,
         drafts,
         datastore,
+        lookup_max,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -361,6 +362,7 @@ class MedusaGenerator:
             delta=delta,
             medusa=medusa,
             lookup=lookup,
+            lookup_max=lookup_max,
             drafts=drafts,
             datastore=datastore,
             seed=seed,
@@ -467,6 +469,7 @@ class MedusaGenerator:
         lookup: int = _DEFAULTS.lookup,
         drafts: str = _DEFAULTS.drafts,
         datastore: bool = _DEFAULTS.datastore,
+        lookup_max: int = _DEFAULTS.lookup_max,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -499,6 +502,7 @@ class MedusaGenerator:
         lookup: int = _DEFAULTS.lookup,
         drafts: str = _DEFAULTS.drafts,
         datastore: bool = _DEFAULTS.datastore,
+        lookup_max: int = _DEFAULTS.lookup_max,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -518,7 +522,10 @@ class MedusaGenerator:
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless
         like every draft: the backbone verifies it. ``datastore``: where the context repeats
         nothing, that branch drafts from the artifact's ``datastore.npz`` (the model's own answers
-        to other prompts, :mod:`runtime.datastore`) if it has one; False: never.
+        to other prompts, :mod:`runtime.datastore`) if it has one; False: never. ``lookup_max``
+        (fixed trees): the branch grows by 2 tokens after a step that accepted its whole draft and
+        shrinks by 1 after one that did not, between ``lookup`` and ``lookup_max`` (<= ``lookup``:
+        fixed), so runs the context repeats word for word are drafted further ahead.
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.decode import PHASES, prefill
+from runtime.decode import DEFAULT_LOOKUP_MAX, PHASES, prefill
 from runtime.dynamic import is_dynamic
 from runtime.errors import MedusaError
 
@@ -142,19 +142,27 @@ class Variant:
     lookup: int
     name: str
     datastore: bool = True
+    lookup_max: int = DEFAULT_LOOKUP_MAX
+
+    def decode_args(self) -> dict:
+        return {"tree": self.tree, "lookup": self.lookup, "datastore": self.datastore, "lookup_max": self.lookup_max}
 
 
-def make_variants(trees: list, lookups: list[int], datastores: list[bool] | None = None) -> list[Variant]:
-    """Every tree with every lookup and datastore setting; named by the tree alone when there is one
-    setting of each."""
+def make_variants(trees: list, lookups: list[int], datastores: list[bool] | None = None,
+                  lookup_maxes: list[int] | None = None) -> list[Variant]:  # fmt: skip
+    """Every tree with every lookup, lookup_max and datastore setting; named by the tree alone when
+    there is one setting of each."""
     datastores = datastores or [True]
+    maxes = lookup_maxes or [DEFAULT_LOOKUP_MAX]
     out = []
     for t in trees:
         for lk in lookups:
-            for ds in datastores:
-                name = t.name + (f" lookup={lk}" if len(lookups) > 1 else "")
-                name += (" datastore" if ds else " no-datastore") if len(datastores) > 1 else ""
-                out.append(Variant(t, lk, name, ds))
+            for mx in maxes:
+                for ds in datastores:
+                    name = t.name + (f" lookup={lk}" if len(lookups) > 1 else "")
+                    name += f" max={mx}" if len(maxes) > 1 else ""
+                    name += (" datastore" if ds else " no-datastore") if len(datastores) > 1 else ""
+                    out.append(Variant(t, lk, name, ds, mx))
     return out
 
 
@@ -241,6 +249,7 @@ def run_bench(
     sampling: list[float] | None = None,
     seed: int = 0,
     datastores: list[bool] | None = None,
+    lookup_maxes: list[int] | None = None,
 ) -> dict:
     """Plain vs Medusa (each tree x each ``lookups`` setting) per prompt, interleaved; with
     ``sampling`` temperatures also plain sampling vs exact vs typical Medusa sampling
@@ -262,7 +271,9 @@ def run_bench(
         raise MedusaError(f"--sampling: temperatures must be > 0, got {sampling}")
     if datastores and len(set(datastores)) != len(datastores):
         raise MedusaError("--datastore: on and/or off, each once")
-    variants = make_variants(trees, lookups, datastores)
+    if lookup_maxes and (len(set(lookup_maxes)) != len(lookup_maxes) or any(m < 0 for m in lookup_maxes)):
+        raise MedusaError(f"--lookup-max: distinct integers >= 0, got {lookup_maxes}")
+    variants = make_variants(trees, lookups, datastores, lookup_maxes)
     # exact sampling runs the artifact's sampling tree unless --tree was given (as generate() does)
     exact_tree: Any = variants[0].tree if named else (getattr(gen, "sampling_tree", None) or variants[0].tree)
     if peer not in (None, *PEERS):
@@ -276,7 +287,7 @@ def run_bench(
     # warm up the engines (first-call allocations) outside the measurement
     warm = gen.encode([{"role": "user", "content": "Hello"}])
     gen.generate(warm, max_new_tokens=8, medusa=False)
-    gen.generate(warm, max_new_tokens=8, tree=trees[0], lookup=variants[0].lookup, datastore=variants[0].datastore)
+    gen.generate(warm, max_new_tokens=8, **variants[0].decode_args())
     if og is not None:
         og.run(warm, 8)
         if not og.ngram_unavailable:
@@ -299,7 +310,7 @@ def run_bench(
         row["ar"] = {"tokens": len(ar.tokens), "seconds": ar.seconds, "tokens_per_s": ar.tokens_per_s}
         row["trees"] = {}
         for v in variants:
-            md = _run(gen, ids, max_new_tokens, medusa=True, tree=v.tree, lookup=v.lookup, datastore=v.datastore)
+            md = _run(gen, ids, max_new_tokens, medusa=True, **v.decode_args())
             bar.update()
             row["trees"][v.name] = {
                 "tokens": len(md.tokens),
@@ -327,9 +338,7 @@ def run_bench(
                     ids,
                     max_new_tokens,
                     medusa=True,
-                    tree=exact_tree if acceptance == "exact" else variants[0].tree,
-                    lookup=variants[0].lookup,
-                    datastore=variants[0].datastore,
+                    **{**variants[0].decode_args(), "tree": exact_tree if acceptance == "exact" else variants[0].tree},
                     acceptance=acceptance,
                     drafts=drafts,
                     **kw,
@@ -473,6 +482,7 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
         "verified_per_step": sum(r.get("verified", 0) for r in rows) / max(1, steps),
         "paths": [list(p) for p in tree.paths],
         "lookup": variant.lookup,
+        "lookup_max": variant.lookup_max,
         "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
         "datastore_accepted": sum(r.get("datastore_accepted", 0) for r in rows),
         "medusa_tokens_per_s": tps,

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="context-lookup draft tokens per Medusa step (0 = off)",
     )
     g.add_argument(
+        "--lookup-max",
+        type=int,
+        default=_decode_default("lookup_max"),
+        help="fixed trees: the lookup draft grows by 2 after a step that accepted it whole, shrinks by 1 after "
+        "one that did not, up to this (<= --lookup: fixed)",
+    )
+    g.add_argument(
         "--no-datastore",
         action="store_true",
         help="never draft from the artifact's datastore.npz (where the context repeats nothing)",
@@ -145,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="context-lookup draft tokens per step, one or several settings to compare (0 = off; "
         f"default {_decode_default('lookup')})",
+    )
+    b.add_argument(
+        "--lookup-max",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="fixed trees: how far the lookup draft may grow while accepted whole, one or several settings to "
+        f"compare (<= --lookup: fixed; default {_decode_default('lookup_max')})",
     )
     b.add_argument(
         "--datastore",
@@ -227,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tree", default=None, help="Medusa tree for every request, or dynamic[:N] (default: the artifact's)"
     )
     s.add_argument("--lookup", type=int, default=_decode_default("lookup"), help="context-lookup draft tokens per step")
+    s.add_argument("--lookup-max", type=int, default=_decode_default("lookup_max"),
+                   help="fixed trees: how far the lookup draft may grow while accepted whole")  # fmt: skip
     s.add_argument("--graceful-timeout", type=int, default=30, help="seconds running requests get at shutdown")
     s.add_argument("--ray-replicas", type=int, default=0,
                    help="serve through Ray Serve with this many replicas, each its own process and engine "
@@ -262,6 +280,7 @@ def generate_kwargs(args) -> dict:
         top_k=args.top_k,
         top_p=args.top_p,
         lookup=args.lookup,
+        lookup_max=args.lookup_max,
         drafts=args.drafts,
         datastore=not args.no_datastore,
     )
@@ -317,6 +336,7 @@ def cmd_bench(args) -> None:
         threads=args.threads,
         progress=verbosity(args) >= 0,
         lookups=args.lookup,
+        lookup_maxes=args.lookup_max,
         sampling=args.sampling,
         datastores=[d == "on" for d in args.datastore],
     )
@@ -397,7 +417,7 @@ def cmd_serve(args) -> None:
 
     require_serve()  # before loading the artifact
     name = args.model_name or Path(args.artifact).resolve().name
-    decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup}
+    decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup, "lookup_max": args.lookup_max}
     if args.ray_replicas:
         from runtime.serve import serve_ray
 

@@ -22,7 +22,7 @@ from runtime import checks, dynamic
 from runtime.backend import Backend
 from runtime.datastore import Datastore
 from runtime.errors import ContextLengthError, MedusaError
-from runtime.lookup import DEFAULT_MAX_NGRAM, NgramLookup, from_datastore
+from runtime.lookup import DEFAULT_MAX_NGRAM, DraftWidth, NgramLookup, from_datastore
 from runtime.tree import PAD, Tree, graft_chain
 
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
@@ -30,6 +30,7 @@ DEFAULT_DELTA = 0.3  # typical acceptance: entropy-scaled threshold
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill call (the TensorRT plan's default prefill profile max)
 DEFAULT_LOOKUP = 3  # context-lookup draft tokens per Medusa step (0: off)
+DEFAULT_LOOKUP_MAX = 12  # ... growing to this many while its drafts are accepted whole (fixed trees)
 PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update", "other")
 
 
@@ -59,6 +60,10 @@ class DecodeConfig:
     # context lookup: each Medusa step also drafts up to this many tokens copied from where the
     # context's latest n-gram (n <= lookup_ngram) occurred before, as one more branch (0: off)
     lookup: int = DEFAULT_LOOKUP
+    # with a fixed tree the branch grows by 2 tokens after a step that accepted its whole draft and
+    # shrinks by 1 after one that did not, between lookup and lookup_max (lookup.DraftWidth;
+    # <= lookup: always lookup). A dynamic tree weighs each lookup node by its calibration instead.
+    lookup_max: int = DEFAULT_LOOKUP_MAX
     lookup_ngram: int = DEFAULT_MAX_NGRAM
     # where the context repeats nothing, the lookup branch drafts from the datastore passed to
     # decode_steps (the artifact's datastore.npz: the model's own answers to other prompts); False: never
@@ -89,6 +94,7 @@ class DecodeConfig:
         self.stop_strings = checks.stop_strings(self.stop_strings)
         self.eos_token_ids = tuple(checks.integer("eos_token_ids", t, 0) for t in self.eos_token_ids)
         self.lookup = checks.integer("lookup", self.lookup, 0, rule=">= 0 (0: no context lookup)")
+        self.lookup_max = checks.integer("lookup_max", self.lookup_max, 0, rule=">= 0 (<= lookup: a fixed width)")
         self.lookup_ngram = checks.integer("lookup_ngram", self.lookup_ngram, 1)
         self.datastore = checks.flag("datastore", self.datastore)
 
@@ -469,6 +475,7 @@ def decode_steps(
     stats = DecodeStats()
     store = datastore if cfg.datastore else None
     lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram, store) if cfg.medusa and cfg.lookup else None
+    width = DraftWidth(cfg.lookup, cfg.lookup_max)
     out: list[int] = []
     clock = _Clock(stats.times)
     start = clock.t
@@ -510,7 +517,7 @@ def decode_steps(
             if cands is None:  # after plain steps: the heads on the last one's token
                 cands = draft_tree(backend, 0, root, static, cfg, rng)
                 clock.lap("heads")
-            emitted, root, cands = _medusa_step(backend, root, cands, static, cfg, rng, clock, lookup, stats)
+            emitted, root, cands = _medusa_step(backend, root, cands, static, cfg, rng, clock, lookup, stats, width)
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
             emitted, root = _plain_step(backend, root, cfg, rng, clock)
             index = 0
@@ -549,13 +556,14 @@ def _exact(cfg: DecodeConfig) -> bool:
     return cfg.temperature < GREEDY_BELOW or cfg.acceptance == "exact"
 
 
-def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None):
+def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None, width=None):
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
     tokens, q = cands  # q: sampled drafts' distributions (None: fixed candidates)
     base_tree = tree
     stored = False
+    drafts: list[int] = []
     if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
-        drafts, row = lookup.propose_row(cfg.lookup)
+        drafts, row = lookup.propose_row(width.width if width is not None else cfg.lookup)
         if drafts:
             grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=_branching(backend, cfg))
             if added and backend.max_new_tokens() >= grafted.num_nodes:
@@ -567,10 +575,13 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
                 stats.datastore_steps += stored
     clock.lap("candidates")
     path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored)
+    accepted = [int(t) for t in tokens[path[1:]]]
+    if width is not None and tree is not base_tree:  # the branch was verified: its width follows the outcome
+        width.update(drafts, accepted)
     # next candidates come from the heads at the last accepted node
     cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng)
     clock.lap("heads")
-    return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, cands
+    return accepted + [new_root], new_root, cands
 
 
 def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False):

@@ -44,6 +44,28 @@ def row_label(row: int) -> str:
     return f"datastore {'>= 3' if row - ROWS >= 4 else '<= 2'}-gram, share {q / 4:.2f}-{(q + 1) / 4:.2f}"
 
 
+class DraftWidth:
+    """How many tokens the lookup branch drafts per step: ``base`` to start with, two more after a
+    step that accepted its whole draft, one fewer after one that did not, within ``[base, top]``
+    (the "heuristic" schedule of Hugging Face's assisted generation). A run the context repeats
+    word for word (a list, a quotation, a loop) grows the draft within a few steps; elsewhere it
+    stays at ``base``, whose rows the engine pays on every step that drafts. ``top <= base``: fixed."""
+
+    GROW = 2
+
+    def __init__(self, base: int, top: int):
+        self.base, self.top = base, max(base, top)
+        self.width = base
+
+    def update(self, drafted: list[int], accepted: list[int]) -> None:
+        """After a step whose lookup branch drafted ``drafted`` and that accepted ``accepted``
+        (the tokens after the root)."""
+        if not drafted:
+            return
+        whole = accepted[: len(drafted)] == drafted
+        self.width = min(self.top, self.width + self.GROW) if whole else max(self.base, self.width - 1)
+
+
 class NgramLookup:
     """``extend(tokens)`` as the context grows; ``propose(k)``: up to k continuation tokens."""
 

@@ -8,6 +8,7 @@ import pytest
 
 from runtime.backend import Backend
 from runtime.decode import DecodeConfig, accept_greedy, decode
+from runtime.errors import MedusaError
 from runtime.lookup import NgramLookup
 from runtime.tree import PAD, build_tree, graft_chain, load_tree
 
@@ -180,3 +181,45 @@ def test_lookup_on_a_chain_only_engine_stays_a_chain_and_is_counted():
     on = decode(backend, prompt, DecodeConfig(max_new_tokens=40, lookup=4), load_tree("chain_1"))
     assert on.tokens == plain.tokens
     assert on.stats.lookup_steps > 0 and on.stats.lookup_accepted > 20 and on.stats.mean_accepted > 2.5
+
+
+def test_draft_width_grows_while_accepted_whole_and_shrinks_otherwise():
+    from runtime.lookup import DraftWidth
+
+    w = DraftWidth(3, 8)
+    assert w.width == 3
+    w.update([1, 2, 3], [1, 2, 3, 9])  # accepted whole (and more)
+    assert w.width == 5
+    w.update([1, 2, 3, 4, 5], [1, 2, 3, 4, 5])
+    w.update([1] * 7, [1] * 7)
+    assert w.width == 8  # capped at top
+    w.update([1, 2, 3], [1, 2])  # one short
+    assert w.width == 7
+    for _ in range(9):
+        w.update([1, 2], [7])
+    assert w.width == 3  # never below base
+    w.update([], [])  # no draft: unchanged
+    assert w.width == 3
+    fixed = DraftWidth(4, 2)
+    fixed.update([1, 2, 3, 4], [1, 2, 3, 4])
+    assert fixed.width == 4  # top <= base: fixed
+
+
+def test_a_growing_lookup_draft_stays_lossless_and_takes_longer_runs():
+    """On a context that repeats itself word for word, the draft grows past ``lookup`` (steps
+    accept more than lookup + 1 tokens) and the output is still plain decoding's; with
+    ``lookup_max <= lookup`` no step accepts more than the fixed draft allows."""
+    backend = Repeating()
+    prompt = [5, 9, 3, 11, 7, 5, 9]
+    tree = load_tree("cpu_4")
+    plain = decode(backend, prompt, DecodeConfig(max_new_tokens=80, medusa=False), None)
+    fixed = decode(backend, prompt, DecodeConfig(max_new_tokens=80, lookup=3, lookup_max=3), tree)
+    grown = decode(backend, prompt, DecodeConfig(max_new_tokens=80, lookup=3, lookup_max=11), tree)
+    assert fixed.tokens == grown.tokens == plain.tokens
+    assert max(fixed.stats.accept_hist) <= 4
+    assert max(grown.stats.accept_hist) > 4 and grown.stats.steps < fixed.stats.steps
+    assert max(grown.stats.accept_hist) <= 12
+    s = decode(backend, prompt, DecodeConfig(max_new_tokens=80, temperature=1.0, seed=0, lookup=3, lookup_max=11), tree)
+    assert s.tokens == plain.tokens and max(s.stats.accept_hist) > 4  # exact sampling takes the grown drafts too
+    with pytest.raises(MedusaError, match="lookup_max"):
+        DecodeConfig(lookup_max=-1)
