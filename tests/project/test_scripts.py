@@ -190,3 +190,9 @@ def test_load_test_rounds_alternate_the_servers_over_the_same_prompts(monkeypatc
     assert [c[2] for c in calls[-2:]] == [16, 16]  # a round has at least one request per client
     with pytest.raises(SystemExit):
         load_test.main(["art", "--rounds", "0"])
+
+
+def test_lookup_max_bench_script_refuses_to_overwrite_results(tmp_path):
+    (tmp_path / "medusa_full80.txt").write_text("kept")
+    r = _run(["bash", "scripts/bench_lookup_max.sh", str(tmp_path)])
+    assert r.returncode == 1 and "pass --force" in r.stderr and (tmp_path / "medusa_full80.txt").read_text() == "kept"
