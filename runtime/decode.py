@@ -564,6 +564,9 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     drafts: list[int] = []
     if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
         drafts, row = lookup.propose_row(width.width if width is not None else cfg.lookup)
+        # where the engine takes fewer tokens (a load's budget, the context's end) the draft's head
+        # still goes: a grafted draft of r tokens adds at most r nodes
+        drafts = drafts[: max(0, backend.max_new_tokens() - tree.num_nodes)]
         if drafts:
             grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=_branching(backend, cfg))
             if added and backend.max_new_tokens() >= grafted.num_nodes:

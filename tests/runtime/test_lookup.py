@@ -223,3 +223,24 @@ def test_a_growing_lookup_draft_stays_lossless_and_takes_longer_runs():
     assert s.tokens == plain.tokens and max(s.stats.accept_hist) > 4  # exact sampling takes the grown drafts too
     with pytest.raises(MedusaError, match="lookup_max"):
         DecodeConfig(lookup_max=-1)
+
+
+def test_a_grown_draft_is_cut_to_what_the_engine_takes():
+    """Under a load's budget (fewer tokens a call than the tree and the grown draft) the draft's
+    head is still verified, so the width keeps following what is accepted; lossless."""
+
+    class Budgeted(Repeating):
+        budget = 6
+
+        def max_new_tokens(self, past=None):
+            return min(self.budget, super().max_new_tokens(past))
+
+    backend = Budgeted()
+    prompt = [5, 9, 3, 11, 7, 5, 9]
+    tree = load_tree("cpu_4")
+    assert tree.num_nodes < Budgeted.budget
+    plain = decode(backend, prompt, DecodeConfig(max_new_tokens=60, medusa=False), None)
+    on = decode(backend, prompt, DecodeConfig(max_new_tokens=60, lookup=3, lookup_max=11), tree)
+    assert on.tokens == plain.tokens
+    assert on.stats.lookup_steps > 10 and on.stats.lookup_accepted > 10
+    assert on.stats.nodes <= Budgeted.budget * on.stats.steps
