@@ -65,6 +65,9 @@ class Backend(ABC):
     ) -> np.ndarray:
         """The engine call(s) on checked inputs: int64 ``[n]``, int64 ``[n]``, bool ``[n, n]``."""
 
+    # the most tokens a decode step should carry where longer ones run apart from the others (None: no such limit)
+    step_rows: int | None = None
+
     def max_new_tokens(self, past: int | None = None) -> int:
         """The most new tokens one :meth:`forward` takes on a cache of ``past`` tokens (default:
         the current cache). Every smaller count fits too."""

@@ -129,6 +129,11 @@ class SlotBackend(Backend):
     def max_context(self) -> int:
         return self.engine.max_context
 
+    @property
+    def step_rows(self) -> int:  # type: ignore[override]
+        """Forwards above ``max_rows`` tokens run on their own, like prompt chunks."""
+        return self.engine.max_rows
+
     def max_new_tokens(self, past: int | None = None) -> int:
         """Room in the context; for the next step (no ``past``: what the decode loop asks before a
         tree or a lookup graft) also the load's budget. A prefill plans by ``past`` and is not held

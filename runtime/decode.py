@@ -513,11 +513,14 @@ def decode_steps(
             return
         if state is not None and backend.max_new_tokens() >= 1:
             emitted, root, index = _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats)
-        elif static is not None and backend.max_new_tokens() >= static.num_nodes:  # Medusa, the tree fits one call
+        elif static is not None and (room := backend.max_new_tokens()) >= static.num_nodes:  # the tree fits one call
             if cands is None:  # after plain steps: the heads on the last one's token
                 cands = draft_tree(backend, 0, root, static, cfg, rng)
                 clock.lap("heads")
-            emitted, root, cands = _medusa_step(backend, root, cands, static, cfg, rng, clock, lookup, stats, width)
+            # `room` is read once a step: a batch engine's budget may change between two reads
+            emitted, root, cands = _medusa_step(
+                backend, root, cands, static, cfg, rng, clock, lookup, stats, width, room
+            )
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
             emitted, root = _plain_step(backend, root, cfg, rng, clock)
             index = 0
@@ -556,7 +559,7 @@ def _exact(cfg: DecodeConfig) -> bool:
     return cfg.temperature < GREEDY_BELOW or cfg.acceptance == "exact"
 
 
-def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None, width=None):
+def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None, width=None, room=None):
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
     tokens, q = cands  # q: sampled drafts' distributions (None: fixed candidates)
     base_tree = tree
@@ -564,12 +567,18 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     drafts: list[int] = []
     if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
         drafts, row = lookup.propose_row(width.width if width is not None else cfg.lookup)
-        # where the engine takes fewer tokens (a load's budget, the context's end) the draft's head
-        # still goes: a grafted draft of r tokens adds at most r nodes
-        drafts = drafts[: max(0, backend.max_new_tokens() - tree.num_nodes)]
+        room = backend.max_new_tokens() if room is None else room
+        if backend.step_rows is not None:  # an engine that runs longer steps apart (a batch engine's max_rows)
+            room = min(room, max(backend.step_rows, tree.num_nodes))
+        branching = _branching(backend, cfg)
+        if branching:
+            # where the engine takes fewer tokens (a load's budget, the context's end) the draft's head
+            # still goes: a grafted draft of r tokens adds at most r nodes. (A chain-only engine's draft
+            # replaces the heads' chain: a cut one could replace a longer chain with less.)
+            drafts = drafts[: max(0, room - tree.num_nodes)]
         if drafts:
-            grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=_branching(backend, cfg))
-            if added and backend.max_new_tokens() >= grafted.num_nodes:
+            grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=branching)
+            if added and room >= grafted.num_nodes:
                 tree, tokens = grafted, grafted_tokens
                 if q is not None:  # the tree's own nodes keep their indices (a prefix); lookup nodes are fixed
                     q = list(q[: grafted.num_nodes - added]) + [None] * added

@@ -223,8 +223,9 @@ def test_observed_costs_are_clipped_and_skip_calls_that_grew_the_cache(tiny, mon
         was = e.costs[cell]
         e._observe_cost(2, 1, 100 * was)  # one call stalled by another process
         assert e.costs[cell] == pytest.approx((1 - rb.COST_EMA) * was + rb.COST_EMA * rb.COST_CLIP * was)
+        c = e.costs[cell]
         e._observe_cost(2, 1, 0.0)
-        assert e.costs[cell] > 0.5 * was
+        assert e.costs[cell] == pytest.approx((1 - rb.COST_EMA) * c + rb.COST_EMA * c / rb.COST_CLIP)
         observed, calls = [], []
         orig_observe, orig_forward = e._observe_cost, e._run_forward
         monkeypatch.setattr(e, "_observe_cost", lambda *a: observed.append(a) or orig_observe(*a))

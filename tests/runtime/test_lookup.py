@@ -243,4 +243,13 @@ def test_a_grown_draft_is_cut_to_what_the_engine_takes():
     on = decode(backend, prompt, DecodeConfig(max_new_tokens=60, lookup=3, lookup_max=11), tree)
     assert on.tokens == plain.tokens
     assert on.stats.lookup_steps > 10 and on.stats.lookup_accepted > 10
-    assert on.stats.nodes <= Budgeted.budget * on.stats.steps
+    assert max(on.stats.accept_hist) <= Budgeted.budget  # never more than a step carried
+    # an engine that runs steps above step_rows apart (a batch engine's max_rows): drafts stay below it
+    rows = Repeating()
+    rows.step_rows = 7
+    seen = []
+    forward = rows._forward
+    rows._forward = lambda ids, pos, mask, logits=None: seen.append(len(ids)) or forward(ids, pos, mask, logits)
+    capped = decode(rows, prompt, DecodeConfig(max_new_tokens=60, lookup=3, lookup_max=11), tree)
+    assert capped.tokens == plain.tokens and capped.stats.lookup_accepted > 10
+    assert max(seen[1:]) == 7  # the prefill aside
