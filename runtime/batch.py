@@ -120,6 +120,7 @@ class SlotBackend(Backend):
         self._hidden: np.ndarray | None = None
         self._step_rows = 0
         self._granted = 0  # the budget the decode loop was given for its next step
+        self.step_rows = engine.max_rows  # forwards above it run on their own, like prompt chunks
 
     @property
     def cache_len(self) -> int:
@@ -128,11 +129,6 @@ class SlotBackend(Backend):
     @property
     def max_context(self) -> int:
         return self.engine.max_context
-
-    @property
-    def step_rows(self) -> int:  # type: ignore[override]
-        """Forwards above ``max_rows`` tokens run on their own, like prompt chunks."""
-        return self.engine.max_rows
 
     def max_new_tokens(self, past: int | None = None) -> int:
         """Room in the context; for the next step (no ``past``: what the decode loop asks before a

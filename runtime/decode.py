@@ -559,15 +559,16 @@ def _exact(cfg: DecodeConfig) -> bool:
     return cfg.temperature < GREEDY_BELOW or cfg.acceptance == "exact"
 
 
-def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats=None, width=None, room=None):
+def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, width, room):
+    """One step over a fixed tree: graft the lookup's draft (``width`` long, cut to ``room``, the
+    tokens the engine takes this step), verify, accept; the next step's candidates."""
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
     tokens, q = cands  # q: sampled drafts' distributions (None: fixed candidates)
     base_tree = tree
     stored = False
     drafts: list[int] = []
     if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
-        drafts, row = lookup.propose_row(width.width if width is not None else cfg.lookup)
-        room = backend.max_new_tokens() if room is None else room
+        drafts, row = lookup.propose_row(width.width)
         if backend.step_rows is not None:  # an engine that runs longer steps apart (a batch engine's max_rows)
             room = min(room, max(backend.step_rows, tree.num_nodes))
         branching = _branching(backend, cfg)
@@ -588,7 +589,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup=None, stats
     clock.lap("candidates")
     path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored)
     accepted = [int(t) for t in tokens[path[1:]]]
-    if width is not None and tree is not base_tree:  # the branch was verified: its width follows the outcome
+    if tree is not base_tree:  # the branch was verified: its width follows the outcome
         width.update(drafts, accepted)
     # next candidates come from the heads at the last accepted node
     cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng)
