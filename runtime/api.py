@@ -513,10 +513,13 @@ class MedusaGenerator:
         ``"typical"`` is Medusa's typical acceptance (``epsilon``, ``delta``): accepts more,
         but the output no longer follows the backbone's distribution.
 
-        ``drafts`` (exact sampling): ``"top"`` verifies each head's top-k as fixed candidates,
-        ``"sampled"`` draws each node from its head's distribution at the temperature and accepts
-        it with min(1, p/q) (still the backbone's law; more accepted where the heads' distribution
-        is close to the backbone's).
+        ``drafts`` (exact sampling): ``"coupled"`` (the default) draws every token by the
+        Gumbel-max trick with noise fixed per position and lets the heads rank their drafts under
+        the same noise, so for a ``seed`` the tokens are exactly plain sampling's (``medusa=False``)
+        and the drafts are accepted most often (:class:`runtime.decode.PositionNoise`);
+        ``"top"`` verifies each head's top-k as fixed candidates, ``"sampled"`` draws each node from
+        its head's distribution at the temperature and accepts it with min(1, p/q). All three keep
+        the backbone's law.
 
         ``lookup``: draft tokens per Medusa step copied from the context (where its latest
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless

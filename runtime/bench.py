@@ -27,7 +27,8 @@ from runtime.errors import MedusaError
 # the Medusa sampling runs compared with plain sampling (--sampling): name -> (acceptance, drafts, what);
 # exact sampling runs the artifact's sampling tree, typical acceptance the first --tree
 SAMPLING_KINDS = {
-    "exact": ("exact", "top", "exact (the backbone's distribution), the heads' top-k as candidates"),
+    "exact": ("exact", "coupled", "exact (the backbone's distribution), coupled drafts: plain sampling's tokens"),
+    "exact_top": ("exact", "top", "exact (the backbone's distribution), the heads' top-k as candidates"),
     "exact_sampled": ("exact", "sampled", "exact (the backbone's distribution), candidates drawn from the heads"),
     "typical": ("typical", "top", "typical acceptance (lossy)"),
 }
@@ -350,6 +351,8 @@ def run_bench(
                     "seconds": r.seconds,
                     "tokens_per_s": r.tokens_per_s,
                     "accept_hist": r.accept_hist,
+                    # coupled sampling draws plain sampling's tokens for a seed (plain sampling's default sampler)
+                    "identical": r.tokens == runs["plain"].tokens,
                 }
                 for k, r in runs.items()
             }
@@ -432,6 +435,8 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
             entry[f"{k}_tokens_per_s"] = tps
             entry[f"{k}_speedup"] = _ratio(tps, plain)
             entry[f"{k}_mean_accepted"] = _hist_mean(hist)
+            entry[f"{k}_identical"] = sum(bool(r[k].get("identical")) for r in rows)
+        entry["prompts"] = len(rows)
         out[str(temp)] = entry
     return out
 
@@ -651,9 +656,10 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
         for k, (_, _, what) in SAMPLING_KINDS.items():
             if k + "_tokens_per_s" not in e:
                 continue
+            same = f", {e[k + '_identical']}/{e['prompts']} identical" if SAMPLING_KINDS[k][1] == "coupled" else ""
             lines.append(
                 f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
-                f"{e[k + '_mean_accepted']:.2f} accepted/step  [{what}]"
+                f"{e[k + '_mean_accepted']:.2f} accepted/step{same}  [{what}]"
             )
     for t in res["trees"].values():
         lines.append(f"accepted-length histogram {t['tree']}: {t['accept_hist']}")

@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--drafts",
         choices=DRAFTS,
         default=_decode_default("drafts"),
-        help="exact sampling: top = the heads' top-k as fixed candidates; sampled = each candidate drawn from "
-        "its head's distribution, accepted with min(1, p/q) (same law, more accepted where q is close to p)",
+        help="exact sampling: coupled = each position's token drawn by the Gumbel-max trick with noise the heads "
+        "rank their drafts under too (a seed gives plain sampling's tokens; the most accepted); top = the heads' "
+        "top-k as fixed candidates; sampled = each candidate drawn from its head's distribution, accepted with "
+        "min(1, p/q). All three keep the backbone's distribution",
     )
     g.add_argument(
         "--top-k", type=int, default=_decode_default("top_k"), help="sampling: keep the k likeliest tokens (0 = all)"

@@ -35,10 +35,13 @@ PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update",
 
 
 ACCEPTANCES = ("exact", "typical")
-# how exact sampling drafts a tree's candidates: "top" (each head's top-k, treated as point masses)
-# or "sampled" (each node drawn from its head's own distribution at the temperature; accepted with
-# min(1, p/q), the residual (p - q)+: SpecInfer's multi-step speculative sampling)
-DRAFTS = ("top", "sampled")
+# how exact sampling drafts a tree's candidates and accepts them: "coupled" (every position's token is
+# drawn by the Gumbel-max trick with noise fixed per position; the heads rank their tokens under the
+# same noise, and a node is accepted when it is the token the backbone draws there: see PositionNoise),
+# "top" (each head's top-k, treated as point masses) or "sampled" (each node drawn from its head's own
+# distribution at the temperature; accepted with min(1, p/q), the residual (p - q)+: SpecInfer's
+# multi-step speculative sampling)
+DRAFTS = ("coupled", "top", "sampled")
 
 
 @dataclass
@@ -49,9 +52,10 @@ class DecodeConfig:
     # follow the backbone's distribution, see accept_exact) or "typical" (Medusa's typical
     # acceptance: faster, lossy). Greedy ignores it.
     acceptance: str = "exact"
-    # exact sampling only (greedy and typical acceptance always take the heads' top-k): "top" or
-    # "sampled" drafts (DRAFTS)
-    drafts: str = "top"
+    # exact sampling only (greedy and typical acceptance always take the heads' top-k): "coupled",
+    # "top" or "sampled" drafts (DRAFTS). "coupled" also decides how plain sampling (medusa=False)
+    # draws, so that a seed gives the same tokens with and without Medusa.
+    drafts: str = "coupled"
     top_k: int = 0  # sampling: keep the k likeliest tokens (0: all)
     top_p: float = 1.0  # sampling: keep the smallest set of likeliest tokens with this much probability
     epsilon: float = DEFAULT_EPSILON
@@ -191,11 +195,77 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 
-def select_root(logits: np.ndarray, cfg: DecodeConfig, rng: np.random.Generator) -> int:
-    """The backbone's next token: argmax, or a sample from :func:`target_probs`."""
+def select_root(logits: np.ndarray, cfg: DecodeConfig, rng: np.random.Generator,
+                noise: PositionNoise | None = None, pos: int = 0) -> int:  # fmt: skip
+    """The backbone's next token: argmax, or a sample from :func:`target_probs` (by the Gumbel-max
+    trick with ``noise`` at ``pos``, the token's position, where drafts are coupled)."""
     if cfg.temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
+    if noise is not None:
+        return noise.choose(logits, cfg, pos)
     return sample(target_probs(logits, cfg), rng)
+
+
+class PositionNoise:
+    """Coupled exact sampling (``drafts="coupled"``): one Gumbel vector ``g_t`` per position ``t``
+    of the sequence, and the token at ``t`` is ``argmax(log p_t + g_t)``, ``p_t`` the backbone's
+    :func:`target_probs` given the tokens before ``t``.
+
+    Why this is plain sampling: with ``g_t`` i.i.d. standard Gumbel over the vocabulary,
+    ``argmax(log p + g)`` is distributed as ``p`` (the Gumbel-max trick). ``g_t`` is drawn
+    independently of ``g_s``, ``s < t``, and the tokens before ``t`` are a function of those
+    alone, so given them the token at ``t`` follows ``p_t``: the sequence has plain sampling's law.
+
+    Why Medusa does not change the tokens: each position's vector is drawn from ``rng`` once, in
+    position order (asking for ``t`` draws every position up to ``t`` first), and kept until the
+    token there is final. The token at ``t`` is then a fixed function of the backbone and the
+    vectors, whatever was drafted: a tree node is accepted exactly when its token is the one the
+    backbone's noisy argmax picks at its parent (greedy verification of the perturbed logits), and
+    the token after the last accepted node is that argmax. So for a seed, Medusa's tokens are plain
+    sampling's tokens (with this sampler), as greedy Medusa's are plain greedy decoding's.
+
+    The drafts see the same noise: a head proposing the token at ``t`` ranks ``logits / T + g_t``,
+    so where its distribution is close to the backbone's its top-ranked token is the backbone's
+    draw (the Gumbel coupling accepts with probability at least ``(1 - TV) / (1 + TV)``, against
+    ``p(x)`` for a fixed candidate ``x``). A context-lookup draft ``x`` is accepted with ``p(x)``.
+    Gumbel-max coupling for drafter-invariant speculative decoding: Daliri, Musco and Suresh, 2024
+    (arXiv 2408.07978)."""
+
+    def __init__(self, rng: np.random.Generator, vocab: int):
+        self.rng, self.vocab = rng, vocab
+        self._noise: dict[int, np.ndarray] = {}
+        self._next: int | None = None  # the next position to draw
+
+    def at(self, pos: int) -> np.ndarray:
+        """``g_pos`` (float32 ``[vocab]``), drawn with every earlier position not drawn yet."""
+        if self._next is None:
+            self._next = pos
+        if pos < self._next and pos not in self._noise:
+            raise AssertionError(f"the noise at position {pos} was released")
+        while self._next <= pos:
+            e = self.rng.standard_exponential(self.vocab, dtype=np.float32)  # g = -log E, E ~ Exp(1)
+            self._noise[self._next] = -np.log(np.maximum(e, np.finfo(np.float32).tiny))
+            self._next += 1
+        return self._noise[pos]
+
+    def release(self, below: int) -> None:
+        """Forget positions before ``below`` (their tokens are final)."""
+        for t in [t for t in self._noise if t < below]:
+            del self._noise[t]
+
+    def choose(self, logits: np.ndarray, cfg: DecodeConfig, pos: int) -> int:
+        """The token the backbone draws at ``pos`` from ``logits`` (one row)."""
+        if cfg.top_k or cfg.top_p < 1.0:
+            with np.errstate(divide="ignore"):
+                z = np.log(target_probs(logits, cfg))  # cut tokens: -inf, never drawn
+            return int(np.argmax(z + self.at(pos)))
+        return int(np.argmax(self.perturb(logits, cfg.temperature, pos)))
+
+    def perturb(self, logits: np.ndarray, temperature: float, pos: int) -> np.ndarray:
+        """Scores for the token at ``pos``: ``logits / T + g_pos`` (one row; argmax: the draw)."""
+        g = self.at(pos)
+        with np.errstate(over="ignore"):  # a draft vocabulary's filler (float32's lowest) / T: -inf, never drawn
+            return np.asarray(logits, dtype=np.float32) / np.float32(temperature) + g
 
 
 def head_topk(head_logits: np.ndarray, topk: Sequence[int]) -> np.ndarray:
@@ -236,13 +306,14 @@ def sample_children(logits: np.ndarray, kids: np.ndarray, temperature: float, rn
 
 
 def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndarray], np.ndarray], width: int,
-                     sampler=None):  # fmt: skip
+                     sampler=None, perturb: Callable[[np.ndarray, int], np.ndarray] | None = None):  # fmt: skip
     """Token of every tree node, drafted level by level by sequentially dependent (Hydra) heads:
     depth d's nodes are ranks of head d-1 run on their parent's path (root .. parent), one
     ``draft(path_ids [rows, width], path_len [rows]) -> logits [rows, V]`` call per depth with a
     row per parent that has children there. ``width``: the heads graph's path width (its head count).
     ``sampler``: ``(temperature, rng, q)``: children are drawn from their parent row's distribution
-    instead of ranked (exact sampling's sampled drafts; ``q[c]`` receives each child's distribution)."""
+    instead of ranked (exact sampling's sampled drafts; ``q[c]`` receives each child's distribution).
+    ``perturb(logits, depth)``: the scores children at that depth are ranked by (coupled drafts)."""
     n = tree.num_nodes
     tokens = np.empty(n, dtype=np.int64)
     tokens[0] = root
@@ -257,6 +328,8 @@ def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndar
                 paths[i, j] = tokens[node]
                 node = int(tree.parent[node])
         logits = draft(paths, np.full(len(parents), d, dtype=np.int64))
+        if perturb is not None:
+            logits = perturb(logits, d)
         for i, p in enumerate(parents):
             kids = nodes[tree.parent[nodes] == p]
             if sampler is not None:
@@ -269,14 +342,21 @@ def hydra_candidates(root: int, tree: Tree, draft: Callable[[np.ndarray, np.ndar
 
 
 def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeConfig | None = None,
-               rng: np.random.Generator | None = None) -> tuple[np.ndarray, list | None]:  # fmt: skip
+               rng: np.random.Generator | None = None,
+               noise: PositionNoise | None = None) -> tuple[np.ndarray, list | None]:  # fmt: skip
     """``(tokens, q)``: the candidate token of every node of ``tree`` from the hidden state of token
     ``index`` of the last forward: Medusa heads in one call (:func:`tree_candidates`), Hydra heads
     level by level (:func:`hydra_candidates`). ``q`` is None, or, where ``cfg`` asks for sampled
     drafts (exact sampling, ``drafts="sampled"``, each node drawn with ``rng`` from its head's
-    distribution at the temperature), per node the distribution it was drawn from (None: the root)."""
+    distribution at the temperature), per node the distribution it was drawn from (None: the root).
+    ``noise`` (coupled drafts): a node at depth d is ranked by its head's ``logits / T`` plus the
+    noise of its position, the root's (the backend's cache length) + d."""
     sampled = cfg is not None and rng is not None and _sampled_drafts(cfg)
     q: list | None = [None] * tree.num_nodes if sampled else None
+    perturb: Callable[[np.ndarray, int], np.ndarray] | None = None
+    if noise is not None and cfg is not None:
+        at, temperature = backend.cache_len, cfg.temperature  # the root's position: it is not in the cache yet
+        perturb = lambda logits, depth: noise.perturb(logits, temperature, at + depth)  # noqa: E731
     if backend.spec.medusa_head_type == "hydra":
         tokens = hydra_candidates(
             root,
@@ -284,6 +364,7 @@ def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeC
             lambda paths, lens: backend.draft_logits(index, paths, lens),
             backend.spec.num_medusa_heads,
             sampler=(cfg.temperature, rng, q) if sampled else None,  # type: ignore[union-attr]
+            perturb=perturb,
         )
     elif sampled:
         heads = backend.head_logits(index)
@@ -293,12 +374,19 @@ def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeC
             nodes = np.flatnonzero(tree.node_head == h)
             sample_children(heads[h], nodes, cfg.temperature, rng, tokens, q)  # type: ignore[union-attr]
     else:
-        tokens = tree_candidates(root, backend.head_logits(index), tree)
+        heads = backend.head_logits(index)
+        if perturb is not None:  # head h drafts depth h + 1
+            heads = np.stack([perturb(heads[h], h + 1) for h in range(tree.depth)])
+        tokens = tree_candidates(root, heads, tree)
     return tokens, q
 
 
 def _sampled_drafts(cfg: DecodeConfig) -> bool:
     return cfg.temperature >= GREEDY_BELOW and cfg.acceptance == "exact" and cfg.drafts == "sampled"
+
+
+def _coupled(cfg: DecodeConfig) -> bool:
+    return cfg.temperature >= GREEDY_BELOW and cfg.acceptance == "exact" and cfg.drafts == "coupled"
 
 
 # ---------------------------------------------------------------------------- acceptance
@@ -402,6 +490,25 @@ def accept_exact(
             return np.asarray(path, dtype=np.int64), sample(r, rng)
 
 
+def accept_coupled(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: DecodeConfig, noise: PositionNoise,
+                   root_pos: int) -> tuple[np.ndarray, int]:  # fmt: skip
+    """Coupled exact sampling (:class:`PositionNoise`): (accepted nodes, the next token). From the
+    root, the backbone draws the next token at each node with the noise of its child's position
+    (``root_pos`` + depth + 1); a child holding that token is accepted and the walk goes on from it,
+    else the draw is the next token. Greedy verification, of the perturbed logits: a node's rank or
+    branch changes nothing but how far the walk gets."""
+    path = [0]
+    node = 0
+    while True:
+        x = noise.choose(logits[node], cfg, root_pos + int(tree.position_ids[node]) + 1)
+        kids = np.flatnonzero(tree.parent == node)
+        hit = kids[tokens[kids] == x]
+        if not len(hit):
+            return np.asarray(path, dtype=np.int64), x
+        node = int(hit[0])
+        path.append(node)
+
+
 def _longest_accepted_path(ok: np.ndarray, tree: Tree, score: np.ndarray | None) -> np.ndarray:
     """Rows of retrieve_indices: accept while ``ok``; longest wins, ties by summed ``score``."""
     ri = tree.retrieve_indices
@@ -472,6 +579,7 @@ def decode_steps(
             "chain_1 .. chain_5 (or acceptance='typical', which is lossy anyway)"
         )
     rng = np.random.default_rng(cfg.seed)
+    noise = PositionNoise(rng, backend.spec.vocab_size) if _coupled(cfg) else None
     stats = DecodeStats()
     store = datastore if cfg.datastore else None
     lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram, store) if cfg.medusa and cfg.lookup else None
@@ -485,13 +593,13 @@ def decode_steps(
     # ones); the last chunk's last logits give the first root
     logits, m = prefill(backend, prompt, cfg.prefill_chunk)
     assert logits is not None
-    root = select_root(logits[-1], cfg, rng)
+    root = select_root(logits[-1], cfg, rng, noise, backend.cache_len)
     state = dynamic.DynamicState(tree) if isinstance(tree, dynamic.DynamicTree) else None
     static = tree if isinstance(tree, Tree) else None  # a fixed tree (a dynamic one grows each step's own)
     stats.dynamic = state
     index = m - 1  # the token of the last forward whose hidden state drafts the next step
     cands = (
-        draft_tree(backend, index, root, static, cfg, rng) if static is not None else None
+        draft_tree(backend, index, root, static, cfg, rng, noise) if static is not None else None
     )  # the first step's candidates (a dynamic tree drafts at the step itself)
     clock.lap("prefill")
     emitted = [root]
@@ -507,22 +615,24 @@ def decode_steps(
         yield StepEvent(list(emitted), stats)
         if done:
             return
+        if noise is not None:
+            noise.release(below=backend.cache_len + 1)  # through the root's position: final
         room = backend.max_context - backend.cache_len
         if room < 1:
             stats.finish_reason = "context"
             return
         if state is not None and backend.max_new_tokens() >= 1:
-            emitted, root, index = _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats)
+            emitted, root, index = _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, noise)
         elif static is not None and (room := backend.max_new_tokens()) >= static.num_nodes:  # the tree fits one call
             if cands is None:  # after plain steps: the heads on the last one's token
-                cands = draft_tree(backend, 0, root, static, cfg, rng)
+                cands = draft_tree(backend, 0, root, static, cfg, rng, noise)
                 clock.lap("heads")
             # `room` is read once a step: a batch engine's budget may change between two reads
             emitted, root, cands = _medusa_step(
-                backend, root, cands, static, cfg, rng, clock, lookup, stats, width, room
+                backend, root, cands, static, cfg, rng, clock, lookup, stats, width, room, noise
             )
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
-            emitted, root = _plain_step(backend, root, cfg, rng, clock)
+            emitted, root = _plain_step(backend, root, cfg, rng, clock, noise)
             index = 0
             cands = None  # drafted when a tree runs again (the last forward keeps its hidden state)
         stats.steps += 1
@@ -559,7 +669,7 @@ def _exact(cfg: DecodeConfig) -> bool:
     return cfg.temperature < GREEDY_BELOW or cfg.acceptance == "exact"
 
 
-def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, width, room):
+def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, width, room, noise=None):
     """One step over a fixed tree: graft the lookup's draft (``width`` long, cut to ``room``, the
     tokens the engine takes this step), verify, accept; the next step's candidates."""
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
@@ -587,26 +697,29 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
                 stored = from_datastore(row)
                 stats.datastore_steps += stored
     clock.lap("candidates")
-    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored)
+    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored, noise)
     accepted = [int(t) for t in tokens[path[1:]]]
     if tree is not base_tree:  # the branch was verified: its width follows the outcome
         width.update(drafts, accepted)
     # next candidates come from the heads at the last accepted node
-    cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng)
+    cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng, noise)
     clock.lap("heads")
     return accepted + [new_root], new_root, cands
 
 
-def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False):
+def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False, noise=None):
     """Verify every node in one forward (position = cache length + depth), accept (greedy: the
-    longest path the backbone agrees with; exact: the tree sampling walk; or typical), keep only the
-    accepted path's cache entries. Returns (accepted path, next root)."""
-    logits = backend.forward(tokens, backend.cache_len + tree.position_ids, tree.attn_mask)
+    longest path the backbone agrees with; exact: the coupled walk (``noise``) or the tree sampling
+    walk; or typical), keep only the accepted path's cache entries. Returns (accepted path, next root)."""
+    start = backend.cache_len
+    logits = backend.forward(tokens, start + tree.position_ids, tree.attn_mask)
     clock.lap("engine")
     stats.nodes += tree.num_nodes
     if cfg.temperature < GREEDY_BELOW:
         path = accept_greedy(tokens, logits, tree)
         new_root = select_root(logits[path[-1]], cfg, rng)
+    elif noise is not None:
+        path, new_root = accept_coupled(tokens, logits, tree, cfg, noise, start)
     elif cfg.acceptance == "exact":
         path, new_root = accept_exact(tokens, logits, tree, cfg, rng, q)
     else:
@@ -628,9 +741,10 @@ def _branching(backend, cfg) -> bool:
     return backend.exact_branching or not _exact(cfg)
 
 
-def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, stats=None):
+def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, stats=None, noise=None):
     """One step of a dynamic tree (runtime.dynamic): draft, grow this step's tree from the heads'
-    and the lookup's candidates, verify, accept, keep the accepted path's cache entries."""
+    and the lookup's candidates, verify, accept, keep the accepted path's cache entries. (Coupled
+    sampling verifies with ``noise``; the drafts are ranked without it, by their probabilities.)"""
     heads_s = 0.0
     temperature = 1.0 if cfg.temperature < GREEDY_BELOW else cfg.temperature
     width = state.policy.width
@@ -669,16 +783,16 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
         stats.lookup_steps += 1
         stored = from_datastore(n)
         stats.datastore_steps += stored
-    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored)
+    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored, noise=noise)
     dynamic.observe(state, built, path)
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, int(path[-1])
 
 
-def _plain_step(backend, root, cfg, rng, clock):
+def _plain_step(backend, root, cfg, rng, clock, noise=None):
     pos = backend.cache_len
     logits = backend.forward(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))
     clock.lap("engine")
-    new_root = select_root(logits[0], cfg, rng)
+    new_root = select_root(logits[0], cfg, rng, noise, pos + 1)
     clock.lap("acceptance")
     backend.commit(np.array([0]))
     clock.lap("kv_update")

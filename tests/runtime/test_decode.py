@@ -325,15 +325,17 @@ def test_defaults_are_the_papers():
 # ---------------------------------------------------------------------------- typical, end to end
 
 
-@pytest.mark.parametrize("acceptance", ["exact", "typical"])
+@pytest.mark.parametrize(
+    "acceptance, drafts, walk", [("exact", "coupled", "coupled"), ("exact", "top", "exact"), ("typical", "top", "typical")]
+)
 @pytest.mark.parametrize("heads", ["fresh", "oracle"])
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "cpu_8"])
-def test_temperature_to_zero_gives_the_greedy_output(heads, tree, acceptance, reference, monkeypatch):
+def test_temperature_to_zero_gives_the_greedy_output(heads, tree, acceptance, drafts, walk, reference, monkeypatch):
     model, prompt, ref = reference(0, {})
     backend = torch_backend(model)
     if heads == "oracle":
         backend = ScriptedHeads(backend, prompt + ref, "oracle")
-    calls = {"exact": 0, "typical": 0, "greedy": 0}
+    calls = {"exact": 0, "typical": 0, "greedy": 0, "coupled": 0}
     spied = {name: getattr(decode_mod, f"accept_{name}") for name in calls}
 
     def spy(name):
@@ -345,11 +347,11 @@ def test_temperature_to_zero_gives_the_greedy_output(heads, tree, acceptance, re
 
     for name in calls:
         monkeypatch.setattr(decode_mod, f"accept_{name}", spy(name))
-    cfg = DecodeConfig(max_new_tokens=NEW, temperature=1e-4, seed=0, acceptance=acceptance)
+    cfg = DecodeConfig(max_new_tokens=NEW, temperature=1e-4, seed=0, acceptance=acceptance, drafts=drafts)
     assert cfg.temperature > GREEDY_BELOW  # the sampling path, not the greedy shortcut
     res = decode(backend, prompt, cfg, load_tree(tree))
     assert res.tokens == ref[:NEW]
-    assert calls[acceptance] == res.stats.steps > 0 and sum(calls.values()) == calls[acceptance]
+    assert calls[walk] == res.stats.steps > 0 and sum(calls.values()) == calls[walk]
     if heads == "oracle":
         assert res.stats.mean_accepted > 2
 

@@ -163,6 +163,16 @@ def test_exact_sampling_with_dynamic_trees_follows_the_law(heads):
     assert gof_pvalue(samples, law) > ALPHA
 
 
+def test_coupled_sampling_with_dynamic_trees_draws_plain_samplings_tokens():
+    from test_sampling import PROMPT, TableModel
+
+    model = TableModel(heads="oracle")
+    for seed in range(20):
+        kw = dict(max_new_tokens=12, temperature=0.8, seed=seed, lookup=2)
+        plain = decode(model, PROMPT, DecodeConfig(medusa=False, **kw)).tokens
+        assert decode(model, PROMPT, DecodeConfig(**kw), policy(depth=2, width=3)).tokens == plain
+
+
 def test_sampled_drafts_need_a_fixed_tree():
     from test_sampling import TableModel
 

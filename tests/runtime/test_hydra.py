@@ -225,6 +225,19 @@ def test_greedy_with_hydra_heads_equals_plain_greedy(drafts):
             assert res.stats.mean_accepted == 1.0
 
 
+@pytest.mark.parametrize("drafts", ["random", "oracle"])
+def test_coupled_sampling_with_hydra_heads_draws_plain_samplings_tokens(drafts):
+    """Hydra heads drafting level by level under the coupling noise: plain sampling's tokens."""
+    model = make_tiny_llama(0)
+    inner = TorchBackend(model, random_hydra(model))
+    backend = inner if drafts == "random" else OracleHydra(inner, model, wrong=False)
+    for seed in range(3):
+        prompt = prompt_for(seed)
+        kw = dict(max_new_tokens=24, temperature=0.8, seed=seed, lookup=2)
+        plain = decode(backend, prompt, DecodeConfig(medusa=False, **kw)).tokens
+        assert decode(backend, prompt, DecodeConfig(**kw), load_tree("chain_3")).tokens == plain
+
+
 def _tokenizer():
     from transformers import AutoTokenizer
 

@@ -9,6 +9,9 @@ goodness-of-fit test (cells with an expected count below 5 pooled), at significa
 to another is detected (``test_the_test_detects_a_two_percent_shift``), and typical
 acceptance, which is lossy, is detected by the same test. Every sample uses its own seed,
 so the tests are deterministic.
+
+Coupled sampling (``drafts="coupled"``, the default) is held to more: for every seed its tokens are
+the tokens plain sampling draws, as greedy Medusa's are plain greedy decoding's.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pytest
 
 from runtime.artifact import ModelSpec
 from runtime.backend import Backend
-from runtime.decode import DecodeConfig, accept_exact, decode, target_probs
+from runtime.decode import DecodeConfig, PositionNoise, accept_exact, decode, target_probs
 from runtime.errors import MedusaError
 from runtime.tree import build_tree
 
@@ -135,19 +138,75 @@ def plain_law():
     return {t: exact_law(TableModel(), DecodeConfig(temperature=t)) for t in (0.7, 1.0)}
 
 
+@pytest.mark.parametrize("drafts", ["coupled", "top"])  # the Gumbel-max draw / the inverse-CDF draw
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_plain_sampling_follows_the_law(plain_law, temperature):
-    """The harness itself: plain sampling through the decode loop fits the enumerated law."""
-    samples = draw(TableModel(), dict(temperature=temperature, medusa=False), None)
+def test_plain_sampling_follows_the_law(plain_law, temperature, drafts):
+    """The harness itself: plain sampling through the decode loop fits the enumerated law, with
+    either sampler (``drafts`` picks plain sampling's sampler too)."""
+    samples = draw(TableModel(), dict(temperature=temperature, medusa=False, drafts=drafts), None)
     assert gof_pvalue(samples, plain_law[temperature]) > ALPHA
 
 
+@pytest.mark.parametrize("drafts", ["coupled", "top"])
 @pytest.mark.parametrize("heads", ["fixed", "oracle", "bad"])
 @pytest.mark.parametrize("tree", ["chain", "branching"])
-def test_exact_medusa_sampling_follows_the_law(plain_law, heads, tree):
+def test_exact_medusa_sampling_follows_the_law(plain_law, heads, tree, drafts):
     model = TableModel(heads=heads)
-    samples = draw(model, dict(temperature=1.0, acceptance="exact"), TREES[tree])
+    samples = draw(model, dict(temperature=1.0, acceptance="exact", drafts=drafts), TREES[tree])
     assert gof_pvalue(samples, plain_law[1.0]) > ALPHA
+
+
+@pytest.mark.parametrize(
+    "cuts", [dict(temperature=1.0), dict(temperature=0.7), dict(temperature=0.7, top_k=3, top_p=0.9)],
+    ids=["t1", "t0.7", "t0.7-top_k-top_p"],
+)  # fmt: skip
+@pytest.mark.parametrize("heads", ["fixed", "oracle", "bad"])
+@pytest.mark.parametrize("tree", ["chain", "branching"])
+def test_coupled_medusa_draws_the_tokens_plain_sampling_draws(cuts, heads, tree):
+    """For every seed, coupled Medusa sampling (heads and lookup drafts) emits exactly plain
+    sampling's tokens: the law follows from plain sampling's, and steps really accept drafts."""
+    model = TableModel(heads=heads)
+    multi = 0
+    for seed in range(30):
+        kw = dict(max_new_tokens=16, seed=seed, **cuts)
+        plain = decode(model, PROMPT, DecodeConfig(medusa=False, **kw)).tokens
+        res = decode(model, PROMPT, DecodeConfig(lookup=2, **kw), TREES[tree])
+        assert res.tokens == plain, seed
+        multi += sum(v for k, v in res.stats.accept_hist.items() if k > 1)
+    assert multi > 20  # drafts were accepted: not plain decoding in disguise
+
+
+def test_position_noise_is_drawn_in_position_order_and_kept_until_released():
+    """A position's noise does not depend on the order positions are asked for (so Medusa, which
+    asks ahead, and plain decoding, one at a time, see the same noise), and is kept until released."""
+    ahead, one_by_one = PositionNoise(np.random.default_rng(5), 7), PositionNoise(np.random.default_rng(5), 7)
+    first = ahead.at(10).copy()
+    g13 = ahead.at(13).copy()
+    seq = [one_by_one.at(t).copy() for t in range(10, 14)]
+    assert np.array_equal(first, seq[0]) and np.array_equal(g13, seq[3])
+    assert np.array_equal(ahead.at(12), seq[2])  # kept, not redrawn
+    assert not np.array_equal(seq[1], seq[2])
+    ahead.release(below=12)
+    assert np.array_equal(ahead.at(12), seq[2])
+    with pytest.raises(AssertionError, match="released"):
+        ahead.at(11)
+
+
+def test_coupled_drafts_accept_more_than_fixed_candidates():
+    """Heads that know the backbone's distribution: a coupled draft is the backbone's own draw far
+    more often than a fixed top-1 candidate is accepted (p(top-1))."""
+
+    def mean_accepted(drafts):
+        model, total, steps = TableModel(heads="oracle"), 0, 0
+        for seed in range(150):
+            cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed, drafts=drafts, lookup=0)
+            r = decode(model, PROMPT, cfg, TREES["branching"])
+            total += sum(k * v for k, v in r.stats.accept_hist.items())
+            steps += sum(r.stats.accept_hist.values())
+        return total / steps
+
+    top, coupled = mean_accepted("top"), mean_accepted("coupled")
+    assert coupled > top + 0.3, (top, coupled)
 
 
 @pytest.mark.parametrize("heads", ["fixed", "oracle", "bad"])
@@ -177,10 +236,11 @@ def test_sampled_drafts_accept_more_where_the_heads_know_the_distribution():
     assert sampled > top + 0.3, (top, sampled)
 
 
-def test_exact_sampling_at_another_temperature_with_top_k_and_top_p():
+@pytest.mark.parametrize("drafts", ["coupled", "top"])
+def test_exact_sampling_at_another_temperature_with_top_k_and_top_p(drafts):
     cfg = dict(temperature=0.7, top_k=4, top_p=0.9)
     law = exact_law(TableModel(), DecodeConfig(**cfg))
-    samples = draw(TableModel(heads="oracle"), dict(acceptance="exact", **cfg), TREES["branching"], n=8000)
+    samples = draw(TableModel(heads="oracle"), dict(acceptance="exact", drafts=drafts, **cfg), TREES["branching"], n=8000)
     assert gof_pvalue(samples, law) > ALPHA
     # the cuts really cut: some sequences have probability 0 and are never drawn
     assert min(law.values()) == 0.0 and all(law[s] > 0 for s in set(samples))
@@ -217,7 +277,8 @@ def test_exact_accepts_more_than_one_token_with_good_heads():
     def mean_accepted(heads):
         model, total, steps = TableModel(heads=heads), 0, 0
         for seed in range(200):
-            r = decode(model, PROMPT, DecodeConfig(max_new_tokens=12, temperature=0.7, seed=seed), TREES["branching"])
+            cfg = DecodeConfig(max_new_tokens=12, temperature=0.7, seed=seed, drafts="top")
+            r = decode(model, PROMPT, cfg, TREES["branching"])
             total += sum(k * v for k, v in r.stats.accept_hist.items())
             steps += sum(r.stats.accept_hist.values())
         return total / steps
@@ -280,6 +341,7 @@ def test_exact_sampling_on_an_exported_graph_reproduces(tiny):
     ids = [5, 17, 42, 99]
     a = gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=3)
     assert a.tokens == gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=3).tokens
+    assert a.tokens == gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=3, medusa=False).tokens  # coupled
     assert len({tuple(gen.generate(ids, max_new_tokens=16, temperature=1.0, seed=s).tokens) for s in range(4)}) > 1
     assert a.stats.steps > 0 and sum(a.stats.accept_hist.values()) == a.stats.steps
     # the first two tokens against the backbone's law (the second is drawn by the exact walk
