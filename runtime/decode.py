@@ -356,7 +356,7 @@ def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeC
     perturb: Callable[[np.ndarray, int], np.ndarray] | None = None
     if noise is not None and cfg is not None:
         at, temperature = backend.cache_len, cfg.temperature  # the root's position: it is not in the cache yet
-        perturb = lambda logits, depth: noise.perturb(logits, temperature, at + depth)  # noqa: E731
+        perturb = lambda logits, depth: noise.perturb(logits, temperature, at + depth)
     if backend.spec.medusa_head_type == "hydra":
         tokens = hydra_candidates(
             root,

@@ -326,7 +326,8 @@ def test_defaults_are_the_papers():
 
 
 @pytest.mark.parametrize(
-    "acceptance, drafts, walk", [("exact", "coupled", "coupled"), ("exact", "top", "exact"), ("typical", "top", "typical")]
+    "acceptance, drafts, walk",
+    [("exact", "coupled", "coupled"), ("exact", "top", "exact"), ("typical", "top", "typical")],
 )
 @pytest.mark.parametrize("heads", ["fresh", "oracle"])
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "cpu_8"])

@@ -185,7 +185,7 @@ VALID = {
     "top_k": st.integers(min_value=0, max_value=60),
     "top_p": st.floats(min_value=0.01, max_value=1.0),
     "lookup": st.integers(min_value=0, max_value=6),
-    "drafts": st.sampled_from(["top", "sampled"]),
+    "drafts": st.sampled_from(["coupled", "top", "sampled"]),
 }
 valid_kwargs = st.fixed_dictionaries({"prompt": valid_prompts}, optional=VALID)
 

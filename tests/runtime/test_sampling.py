@@ -240,7 +240,9 @@ def test_sampled_drafts_accept_more_where_the_heads_know_the_distribution():
 def test_exact_sampling_at_another_temperature_with_top_k_and_top_p(drafts):
     cfg = dict(temperature=0.7, top_k=4, top_p=0.9)
     law = exact_law(TableModel(), DecodeConfig(**cfg))
-    samples = draw(TableModel(heads="oracle"), dict(acceptance="exact", drafts=drafts, **cfg), TREES["branching"], n=8000)
+    samples = draw(
+        TableModel(heads="oracle"), dict(acceptance="exact", drafts=drafts, **cfg), TREES["branching"], n=8000
+    )
     assert gof_pvalue(samples, law) > ALPHA
     # the cuts really cut: some sequences have probability 0 and are never drawn
     assert min(law.values()) == 0.0 and all(law[s] > 0 for s in set(samples))
