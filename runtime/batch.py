@@ -30,10 +30,11 @@ gives each step the budget with the most tokens per second at the current number
 sequences (:func:`choose_budget`): a tree with lookup drafts alone, the bare tree as the batch
 fills, plain steps when speculation no longer pays. A list fixes the budgets by load instead.
 Greedy tokens do not depend on the trees (lossless); sampled tokens follow the backbone's
-distribution whatever the tree (exact acceptance), but which tokens a seed draws does depend on
-it, and on the last bits of the logits, which differ between a call alone (model.onnx) and a
-batched one (batch.onnx, padded): a seeded sampled request reproduces its tokens when it runs
-alone, not necessarily beside others (greedy ones always do).
+distribution whatever the tree (exact acceptance), and with coupled drafts (the default) a seed
+draws the same tokens whatever the tree, but they still depend on the last bits of the logits,
+which differ between a call alone (model.onnx) and a batched one (batch.onnx, padded): a seeded
+sampled request reproduces its tokens when it runs alone, not necessarily beside others (greedy
+ones always do, up to near-ties).
 
 The cache is one buffer ``[layers, key|value, slots, kv_heads, capacity, head_dim]``; a call
 binds the slots it covers (a contiguous range: slots are handed out lowest first) and the

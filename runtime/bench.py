@@ -330,7 +330,7 @@ def run_bench(
             }
         if sampling:
             row["sampling"] = {}
-        for temp in sampling:  # the same seed for every run: a fair draw, not the same tokens
+        for temp in sampling:  # the same seed for every run: coupled sampling draws plain sampling's tokens
             kw = dict(temperature=temp, seed=seed + i)
             runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw)}
             for k, (acceptance, drafts, _) in sampling_kinds(exact_tree).items():

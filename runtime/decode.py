@@ -235,6 +235,7 @@ class PositionNoise:
         self.rng, self.vocab = rng, vocab
         self._noise: dict[int, np.ndarray] = {}
         self._next: int | None = None  # the next position to draw
+        self._e = np.empty(vocab)  # float64 draws, reused
 
     def at(self, pos: int) -> np.ndarray:
         """``g_pos`` (float32 ``[vocab]``), drawn with every earlier position not drawn yet."""
@@ -243,8 +244,14 @@ class PositionNoise:
         if pos < self._next and pos not in self._noise:
             raise AssertionError(f"the noise at position {pos} was released")
         while self._next <= pos:
-            e = self.rng.standard_exponential(self.vocab, dtype=np.float32)  # g = -log E, E ~ Exp(1)
-            self._noise[self._next] = -np.log(np.maximum(e, np.finfo(np.float32).tiny))
+            # g = -log E, E ~ Exp(1), drawn in float64: numpy's float32 draws carry 23 random bits and
+            # return exactly 0 with probability 2^-23 (g = inf: a random token in ~V / 2^23 of the
+            # positions, 0.6% at V = 49152). Cast, E keeps its relative precision (no float64 value
+            # here is below float32's range), and the log runs in float32.
+            self.rng.standard_exponential(out=self._e)
+            g = self._e.astype(np.float32)
+            np.log(g, out=g)
+            self._noise[self._next] = np.negative(g, out=g)
             self._next += 1
         return self._noise[pos]
 
