@@ -120,6 +120,8 @@ def test_sampled_requests_beside_others(batched):
     assert all(0 < len(r.tokens) <= 24 for r in together)
     other_seed = batched.generate(PROMPTS[0], max_new_tokens=24, temperature=0.8, seed=99).tokens
     assert other_seed != alone[0]
+    # coupled sampling (the default): plain sampling through the same engine draws the same tokens
+    assert batched.generate(PROMPTS[0], max_new_tokens=24, temperature=0.8, seed=1, medusa=False).tokens == alone[0]
 
 
 def test_the_cache_grows_by_doubling_and_shrinks_when_idle(tiny, gen, monkeypatch):
