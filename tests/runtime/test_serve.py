@@ -234,6 +234,8 @@ def test_concurrent_sampled_requests_reproduce_their_seeds(gen, served):
         assert together[2] == alone[2]
     assert together[2] == gen.generate(CHAT, max_new_tokens=24).text
     assert together[0] != together[1]  # the seeds and temperatures took effect
+    # coupled sampling: plain decoding (what `serve --plain` runs) draws the same text for the seed
+    assert alone[0] == served.generate(CHAT, max_new_tokens=24, medusa=False, **asks[0]).text
 
 
 def test_health_and_metrics(gen, served):
