@@ -1,17 +1,20 @@
-"""Paired comparison of draft rankings under coupled sampling (``drafts="coupled"``).
+"""Paired comparison of trees and draft rankings under coupled sampling (``drafts="coupled"``).
 
 With coupled sampling a seed fixes the tokens whatever is drafted (``runtime.decode.PositionNoise``),
-so draft rankings can be compared on the very same text, without the text-to-text variance that
-makes unpaired sampling runs hard to read. This script changes only how the heads rank their drafts:
+so trees and draft rankings can be compared on the very same text, without the text-to-text variance
+that makes unpaired sampling runs hard to read. Each prompt runs plain sampling, every (tree,
+factor) configuration and plain sampling again, back to back (interleaved, so the machine's drift falls
+on all alike), and every run is checked to emit plain sampling's tokens. A factor ``c`` ranks the heads' drafts by
 ``logits / (c T) + g_t``; ``c = 0``: the heads' own top-k without the noise (what ``drafts="top"``
-drafts, verified by the coupled walk). The backbone's draws are untouched, and every run is checked
-to emit the first run's tokens.
+drafts, verified by the coupled walk); the backbone's draws are untouched.
 
     python -m scripts.coupled_pairs artifacts/smollm2-135m-medusa --per-category 2 --temperature 0.7 \\
-        --factors 0 0.5 1 2
+        --factors 0 0.5 1 2 --trees chain_1 smollm2_ort_cpu
 
-Prints, per tree (the artifact's sampling tree, then its default tree), the accepted tokens per step
-for each factor. A measurement tool: it patches ``PositionNoise.perturb`` for the drafts only.
+Prints, per configuration, the accepted tokens per step, tokens/s (decode time, prefill excluded)
+and the ratio to plain sampling; then greedy Medusa against plain greedy decoding on the same prompts
+(also interleaved), the speedup sampling is held against. A measurement tool: it patches ``PositionNoise.perturb`` for the
+drafts only.
 """
 
 import argparse
@@ -26,10 +29,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact")
     ap.add_argument("--prompts", default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"))
-    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--per-category", type=int, default=2, help="the first N prompts of each category (0: all)")
+    ap.add_argument("--limit", type=int, default=None, help="then the first N prompts")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--factors", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
+    ap.add_argument("--factors", type=float, nargs="+", default=[0.0, 1.0])
+    ap.add_argument("--trees", nargs="+", default=None,
+                    help="trees to compare (default: the artifact's sampling tree and its default tree)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     if a.temperature <= 0 or any(c < 0 for c in a.factors):
@@ -40,31 +46,63 @@ def main(argv=None) -> None:
     from runtime.bench import load_prompts
 
     gen = runtime.load(a.artifact, threads=a.threads)
-    prompts = load_prompts(a.prompts, per_category=a.per_category)
+    trees = [gen._tree(t) for t in a.trees] if a.trees else [gen.sampling_tree or gen.default_tree, gen.default_tree]
+    prompts = load_prompts(a.prompts, limit=a.limit, per_category=a.per_category or None)
     chats = [gen.encode([{"role": "user", "content": p.text}]) for p in prompts]
+    configs = [(t, c) for t in trees for c in a.factors]
+    # per configuration (None: plain sampling, run first and last for each prompt): tokens, decode
+    # seconds, steps, runs with plain's tokens
+    totals = {k: [0, 0.0, 0, 0] for k in [None, "greedy_plain", "greedy", *range(len(configs))]}
     original = D.PositionNoise.perturb
     draws = D.PositionNoise.choose  # the backbone's draws keep the original noise whatever the drafts do
     try:
         D.PositionNoise.choose = lambda self, logits, cfg, pos: int(
             np.argmax(original(self, logits, cfg.temperature, pos))
         )
-        print(f"{len(prompts)} prompts, temperature {a.temperature}, {a.max_new_tokens} new tokens, seeds 0..")
-        for tree in (gen.sampling_tree or gen.default_tree, gen.default_tree):
-            first = None
-            for c in a.factors:
+        warm = gen.encode([{"role": "user", "content": "Hello"}])
+        gen.generate(warm, max_new_tokens=8, temperature=a.temperature, seed=0)
+        for i, ids in enumerate(chats):
+            kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=i)
+            plain = gen.generate(ids, medusa=False, **kw)
+            _add(totals[None], plain, plain.tokens)
+            for k, (tree, c) in enumerate(configs):
                 D.PositionNoise.perturb = _ranking(original, c)
-                tokens = steps = 0
-                texts = []
-                for i, ids in enumerate(chats):
-                    g = gen.generate(ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=i, tree=tree)
-                    tokens, steps = tokens + len(g.tokens), steps + g.stats.steps
-                    texts.append(g.tokens)
-                first = first or texts
-                same = sum(x == y for x, y in zip(texts, first))
-                print(f"tree {tree.name:<16} c={c:<4} accepted {tokens / steps:.3f}  same tokens as c={a.factors[0]}: "
-                      f"{same}/{len(texts)}", flush=True)  # fmt: skip
+                _add(totals[k], gen.generate(ids, tree=tree, **kw), plain.tokens)
+            D.PositionNoise.perturb = original
+            _add(totals[None], gen.generate(ids, medusa=False, **kw), plain.tokens)  # plain again, last: no order bias
+            # greedy on the same prompt, for reference: plain, Medusa (the default tree), plain again
+            greedy_plain = gen.generate(ids, medusa=False, max_new_tokens=a.max_new_tokens)
+            _add(totals["greedy_plain"], greedy_plain, greedy_plain.tokens)
+            _add(totals["greedy"], gen.generate(ids, max_new_tokens=a.max_new_tokens), greedy_plain.tokens)
+            _add(
+                totals["greedy_plain"],
+                gen.generate(ids, medusa=False, max_new_tokens=a.max_new_tokens),
+                greedy_plain.tokens,
+            )
     finally:
         D.PositionNoise.perturb, D.PositionNoise.choose = original, draws
+    n = len(chats)
+    base = _rate(totals[None])
+    print(f"{a.artifact}: {n} prompts, temperature {a.temperature}, {a.max_new_tokens} new tokens, seeds 0..{n - 1}")
+    print(f"  plain sampling                 {base:7.2f} tok/s (before and after each prompt's other runs)")
+    for k, (tree, c) in enumerate(configs):
+        tokens, _, steps, same = totals[k]
+        print(f"  {tree.name:<22} c={c:<4} {_rate(totals[k]):7.2f} tok/s = {_rate(totals[k]) / base:.2f}x plain "
+              f"sampling, accepted {tokens / steps:.3f}, plain sampling's tokens {same}/{n}")  # fmt: skip
+    g, gp = totals["greedy"], totals["greedy_plain"]
+    print(f"  greedy, for reference: Medusa ({gen.default_tree.name}) {_rate(g):.2f} tok/s = {_rate(g) / _rate(gp):.2f}x "
+          f"plain greedy {_rate(gp):.2f} tok/s, accepted {g[0] / g[2]:.3f}, identical {g[3]}/{n}")  # fmt: skip
+
+
+def _add(total: list, g, plain_tokens) -> None:
+    total[0] += len(g.tokens)
+    total[1] += g.stats.decode_s
+    total[2] += g.stats.steps
+    total[3] += g.tokens == plain_tokens
+
+
+def _rate(total: list) -> float:
+    return total[0] / total[1] if total[1] else 0.0
 
 
 def _ranking(original, c: float):
