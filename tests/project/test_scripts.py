@@ -196,3 +196,22 @@ def test_lookup_max_bench_script_refuses_to_overwrite_results(tmp_path):
     (tmp_path / "medusa_full80.txt").write_text("kept")
     r = _run(["bash", "scripts/bench_lookup_max.sh", str(tmp_path)])
     assert r.returncode == 1 and "pass --force" in r.stderr and (tmp_path / "medusa_full80.txt").read_text() == "kept"
+
+
+def test_coupled_pairs_compares_drafts_on_plain_samplings_tokens(tiny, shared_data, capsys):
+    """The paired tool: every configuration emits plain sampling's tokens (the check it prints), the
+    greedy reference plain greedy's, and the patched drafts are restored afterwards."""
+    import runtime.decode as D
+    from scripts import coupled_pairs
+
+    perturb, choose = D.PositionNoise.perturb, D.PositionNoise.choose
+    coupled_pairs.main([str(tiny["artifact"]), "--prompts", str(shared_data / "mt_bench_question.jsonl"),
+                        "--per-category", "1", "--limit", "2", "--max-new-tokens", "12", "--factors", "0", "1",
+                        "--trees", "chain_2", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "chain_2" in line]
+    assert len(rows) == 2 and all("plain sampling's tokens 2/2" in r for r in rows), out
+    assert "identical 2/2" in out
+    assert (D.PositionNoise.perturb, D.PositionNoise.choose) == (perturb, choose)
+    with pytest.raises(SystemExit):
+        coupled_pairs.main([str(tiny["artifact"]), "--temperature", "0"])
