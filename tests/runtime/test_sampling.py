@@ -225,23 +225,6 @@ def test_position_noise_at_a_real_vocabulary_follows_the_law():
     assert scipy_stats.chisquare(obs, exp).pvalue > ALPHA
 
 
-def test_coupled_drafts_accept_more_than_fixed_candidates():
-    """Heads that know the backbone's distribution: a coupled draft is the backbone's own draw far
-    more often than a fixed top-1 candidate is accepted (p(top-1))."""
-
-    def mean_accepted(drafts):
-        model, total, steps = TableModel(heads="oracle"), 0, 0
-        for seed in range(150):
-            cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed, drafts=drafts, lookup=0)
-            r = decode(model, PROMPT, cfg, TREES["branching"])
-            total += sum(k * v for k, v in r.stats.accept_hist.items())
-            steps += sum(r.stats.accept_hist.values())
-        return total / steps
-
-    top, coupled = mean_accepted("top"), mean_accepted("coupled")
-    assert coupled > top + 0.3, (top, coupled)
-
-
 @pytest.mark.parametrize("heads", ["fixed", "oracle", "bad"])
 @pytest.mark.parametrize("tree", ["chain", "branching"])
 def test_exact_sampling_with_sampled_drafts_follows_the_law(plain_law, heads, tree):
@@ -252,21 +235,24 @@ def test_exact_sampling_with_sampled_drafts_follows_the_law(plain_law, heads, tr
     assert gof_pvalue(samples, plain_law[1.0]) > ALPHA
 
 
-def test_sampled_drafts_accept_more_where_the_heads_know_the_distribution():
+def _mean_accepted(drafts: str, tree: str) -> float:
+    """Accepted tokens per step over 150 seeds, oracle heads (their distribution is the backbone's)."""
+    model, total, steps = TableModel(heads="oracle"), 0, 0
+    for seed in range(150):
+        cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed, drafts=drafts, lookup=0)
+        r = decode(model, PROMPT, cfg, TREES[tree])
+        total += sum(k * v for k, v in r.stats.accept_hist.items())
+        steps += sum(r.stats.accept_hist.values())
+    return total / steps
+
+
+@pytest.mark.parametrize("drafts, tree", [("sampled", "chain"), ("coupled", "branching")])
+def test_drafts_that_know_the_distribution_accept_more_than_fixed_candidates(drafts, tree):
     """Heads whose distribution is the backbone's: a drawn draft is accepted with probability
-    1 - TV(q, p) = 1, a fixed top-1 candidate only with p(top-1)."""
-
-    def mean_accepted(drafts):
-        model, total, steps = TableModel(heads="oracle"), 0, 0
-        for seed in range(150):
-            cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed, drafts=drafts, lookup=0)
-            r = decode(model, PROMPT, cfg, TREES["chain"])
-            total += sum(k * v for k, v in r.stats.accept_hist.items())
-            steps += sum(r.stats.accept_hist.values())
-        return total / steps
-
-    top, sampled = mean_accepted("top"), mean_accepted("sampled")
-    assert sampled > top + 0.3, (top, sampled)
+    1 - TV(q, p) = 1, a coupled one is the backbone's own draw, a fixed top-1 candidate is accepted
+    only with p(top-1)."""
+    top, better = _mean_accepted("top", tree), _mean_accepted(drafts, tree)
+    assert better > top + 0.3, (top, better)
 
 
 @pytest.mark.parametrize("drafts", ["coupled", "top"])
