@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--acceptance",
         choices=ACCEPTANCES,
         default=_decode_default("acceptance"),
-        help="sampling: exact = tree speculative sampling, the backbone's own distribution; "
+        help="sampling: exact = the backbone's own distribution (see --drafts); "
         "typical = Medusa's typical acceptance (accepts more, lossy)",
     )
     g.add_argument(
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DRAFTS,
         default=_decode_default("drafts"),
         help="exact sampling: coupled = each position's token drawn by the Gumbel-max trick with noise the heads "
-        "rank their drafts under too (a seed gives plain sampling's tokens; the most accepted); top = the heads' "
+        "rank their drafts under too (a seed gives plain sampling's tokens); top = the heads' "
         "top-k as fixed candidates; sampled = each candidate drawn from its head's distribution, accepted with "
         "min(1, p/q). All three keep the backbone's distribution",
     )
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="T",
-        help="also compare plain sampling, exact and typical Medusa sampling at these temperatures",
+        help="also compare plain sampling, exact (coupled, top-k and sampled drafts) and typical Medusa sampling "
+        "at these temperatures",
     )
     b.add_argument(
         "--peer",
