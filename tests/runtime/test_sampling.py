@@ -235,6 +235,51 @@ def test_exact_sampling_with_sampled_drafts_follows_the_law(plain_law, heads, tr
     assert gof_pvalue(samples, plain_law[1.0]) > ALPHA
 
 
+class FlatHeads(Backend):
+    """Heads (Medusa or Hydra) whose logits are all 0, over a cache of ``cache`` tokens: under
+    coupled drafts each node's rank-0 token is then the argmax of the noise at its position."""
+
+    def __init__(self, kind: str, cache: int):
+        self.spec = ModelSpec("flat", 1, 1, 1, 16, 16, 50, 64, num_medusa_heads=3, medusa_head_type=kind)
+        self._cache = cache
+
+    @property
+    def cache_len(self) -> int:
+        return self._cache
+
+    def reset(self) -> None: ...
+
+    def _forward(self, input_ids, position_ids, tree_mask, logits=None):
+        raise AssertionError("not called")
+
+    def commit(self, keep) -> None: ...
+
+    def head_logits(self, index):
+        return np.zeros((3, 50), dtype=np.float32)
+
+    def draft_logits(self, index, path_ids, path_len):
+        return np.zeros((len(path_ids), 50), dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_coupled_drafts_rank_by_the_noise_of_their_own_position(kind):
+    """The root sits at the cache length L; a node at depth d drafts the token at L + d, so with
+    flat heads its rank-0 token is argmax(g_{L+d}) (an off-by-one here only costs acceptance, which
+    the equality tests cannot see)."""
+    from runtime.decode import draft_tree
+
+    L = 9
+    backend = FlatHeads(kind, L)
+    noise, reference = PositionNoise(np.random.default_rng(4), 50), PositionNoise(np.random.default_rng(4), 50)
+    tree = build_tree([[0], [0, 0], [0, 0, 0]], name="chain_3")
+    cfg = DecodeConfig(temperature=0.9, seed=4)
+    noise.at(L)  # as in a run: the root (at L) was drawn before its tree is drafted
+    tokens, _ = draft_tree(backend, 0, 7, tree, cfg, np.random.default_rng(0), noise)
+    reference.at(L)
+    assert tokens[0] == 7
+    assert [int(t) for t in tokens[1:]] == [int(np.argmax(reference.at(L + d))) for d in (1, 2, 3)]
+
+
 def _mean_accepted(drafts: str, tree: str) -> float:
     """Accepted tokens per step over 150 seeds, oracle heads (their distribution is the backbone's)."""
     model, total, steps = TableModel(heads="oracle"), 0, 0
