@@ -47,6 +47,7 @@ def main(argv=None) -> None:
 
     gen = runtime.load(a.artifact, threads=a.threads)
     trees = [gen._tree(t) for t in a.trees] if a.trees else [gen.sampling_tree or gen.default_tree, gen.default_tree]
+    trees = list({t.name: t for t in trees}.values())  # each once
     prompts = load_prompts(a.prompts, limit=a.limit, per_category=a.per_category or None)
     chats = [gen.encode([{"role": "user", "content": p.text}]) for p in prompts]
     configs = [(t, c) for t in trees for c in a.factors]
@@ -56,6 +57,7 @@ def main(argv=None) -> None:
     original = D.PositionNoise.perturb
     draws = D.PositionNoise.choose  # the backbone's draws keep the original noise whatever the drafts do
     try:
+        # (no top_k / top_p cut here: the script samples at a temperature only)
         D.PositionNoise.choose = lambda self, logits, cfg, pos: int(
             np.argmax(original(self, logits, cfg.temperature, pos))
         )
@@ -65,7 +67,9 @@ def main(argv=None) -> None:
             kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=i)
             plain = gen.generate(ids, medusa=False, **kw)
             _add(totals[None], plain, plain.tokens)
-            for k, (tree, c) in enumerate(configs):
+            for j in range(len(configs)):  # the order rotates by prompt: drift within a prompt hits each alike
+                k = (i + j) % len(configs)
+                tree, c = configs[k]
                 D.PositionNoise.perturb = _ranking(original, c)
                 _add(totals[k], gen.generate(ids, tree=tree, **kw), plain.tokens)
             D.PositionNoise.perturb = original
@@ -87,22 +91,32 @@ def main(argv=None) -> None:
     print(f"  plain sampling                 {base:7.2f} tok/s (before and after each prompt's other runs)")
     for k, (tree, c) in enumerate(configs):
         tokens, _, steps, same = totals[k]
-        print(f"  {tree.name:<22} c={c:<4} {_rate(totals[k]):7.2f} tok/s = {_rate(totals[k]) / base:.2f}x plain "
-              f"sampling, accepted {tokens / steps:.3f}, plain sampling's tokens {same}/{n}")  # fmt: skip
+        print(f"  {tree.name:<22} c={c:<4} {_rate(totals[k]):7.2f} tok/s = {_ratio(_rate(totals[k]), base):.2f}x plain "
+              f"sampling, accepted {_ratio(tokens, steps):.3f}, plain sampling's tokens {same}/{n}")  # fmt: skip
     g, gp = totals["greedy"], totals["greedy_plain"]
-    print(f"  greedy, for reference: Medusa ({gen.default_tree.name}) {_rate(g):.2f} tok/s = {_rate(g) / _rate(gp):.2f}x "
-          f"plain greedy {_rate(gp):.2f} tok/s, accepted {g[0] / g[2]:.3f}, identical {g[3]}/{n}")  # fmt: skip
+    print(f"  greedy, for reference: Medusa ({gen.default_tree.name}) {_rate(g):.2f} tok/s = "
+          f"{_ratio(_rate(g), _rate(gp)):.2f}x plain greedy {_rate(gp):.2f} tok/s, accepted {_ratio(g[0], g[2]):.3f}, "
+          f"identical {g[3]}/{n}")  # fmt: skip
+    differ = [k for k in totals if totals[k][3] < (2 * n if k in (None, "greedy_plain") else n)]
+    if differ:
+        raise SystemExit(f"some runs did not emit plain decoding's tokens: {differ}")
 
 
 def _add(total: list, g, plain_tokens) -> None:
-    total[0] += len(g.tokens)
+    """Tokens after the prefill's (as DecodeStats.tokens_per_s and mean_accepted count them), decode
+    seconds, steps, and whether the run emitted ``plain_tokens``."""
+    total[0] += sum(k * v for k, v in g.stats.accept_hist.items())
     total[1] += g.stats.decode_s
-    total[2] += g.stats.steps
+    total[2] += sum(g.stats.accept_hist.values())
     total[3] += g.tokens == plain_tokens
 
 
 def _rate(total: list) -> float:
-    return total[0] / total[1] if total[1] else 0.0
+    return _ratio(total[0], total[1])
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
 
 
 def _ranking(original, c: float):
