@@ -508,18 +508,20 @@ class MedusaGenerator:
 
         ``temperature`` 0 decodes greedily (Medusa's output equals plain greedy decoding's).
         Above 0 it samples from the backbone's distribution at that temperature (after
-        ``top_k`` / ``top_p`` cuts): ``acceptance="exact"`` (the default) verifies the tree by
-        speculative sampling, so the tokens follow exactly the law plain sampling gives;
+        ``top_k`` / ``top_p`` cuts): ``acceptance="exact"`` (the default) keeps exactly the law
+        plain sampling gives (how: ``drafts``);
         ``"typical"`` is Medusa's typical acceptance (``epsilon``, ``delta``): accepts more,
         but the output no longer follows the backbone's distribution.
 
         ``drafts`` (exact sampling): ``"coupled"`` (the default) draws every token by the
         Gumbel-max trick with noise fixed per position and lets the heads rank their drafts under
-        the same noise, so for a ``seed`` the tokens are exactly plain sampling's (``medusa=False``)
-        and the drafts are accepted most often (:class:`runtime.decode.PositionNoise`);
-        ``"top"`` verifies each head's top-k as fixed candidates, ``"sampled"`` draws each node from
-        its head's distribution at the temperature and accepts it with min(1, p/q). All three keep
-        the backbone's law.
+        the same noise, so for a ``seed`` the tokens are exactly plain sampling's (``medusa=False``
+        with the same ``drafts``: ``drafts`` also picks plain sampling's sampler, and typical
+        acceptance samples as ``"top"`` does), and on the same text more drafts are accepted than
+        the heads' top-k (:class:`runtime.decode.PositionNoise`); ``"top"`` verifies each head's
+        top-k as fixed candidates by the rejection walk, ``"sampled"`` draws each node from its
+        head's distribution at the temperature and accepts it with min(1, p/q). All three keep the
+        backbone's law. Seeded sampled output differs from versions before coupled sampling.
 
         ``lookup``: draft tokens per Medusa step copied from the context (where its latest
         n-gram occurred before), as one more branch of the tree; 0 turns it off. Lossless

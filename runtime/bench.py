@@ -24,7 +24,8 @@ from runtime.decode import DEFAULT_LOOKUP_MAX, PHASES, prefill
 from runtime.dynamic import is_dynamic
 from runtime.errors import MedusaError
 
-# the Medusa sampling runs compared with plain sampling (--sampling): name -> (acceptance, drafts, what);
+# the Medusa sampling runs compared with plain sampling (--sampling): name -> (acceptance, drafts, what)
+# ("exact" means coupled drafts since 2026-12-01; earlier result files hold top-k drafts under "exact");
 # exact sampling runs the artifact's sampling tree, typical acceptance the first --tree
 SAMPLING_KINDS = {
     "exact": ("exact", "coupled", "exact (the backbone's distribution), coupled drafts: plain sampling's tokens"),

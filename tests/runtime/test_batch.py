@@ -110,7 +110,7 @@ def test_streams_join_and_leave_between_steps(gen, batched):
 def test_sampled_requests_beside_others(batched):
     """Exact and typical sampling with seeds, beside a greedy request: the greedy one is exact; a
     seeded one reproduces its tokens alone (beside others its draws may differ where the batched
-    call's rounding moves a cumulative probability across the draw: runtime/batch.py)."""
+    call's rounding moves a near-tie of the noisy argmax: runtime/batch.py)."""
     asks = [dict(temperature=0.8, seed=1), dict(temperature=1.0, seed=2, acceptance="typical"), dict(temperature=0)]
     alone = [batched.generate(PROMPTS[i], max_new_tokens=24, **a).tokens for i, a in enumerate(asks)]
     assert [batched.generate(PROMPTS[i], max_new_tokens=24, **a).tokens for i, a in enumerate(asks)] == alone
