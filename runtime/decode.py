@@ -48,9 +48,9 @@ DRAFTS = ("coupled", "top", "sampled")
 class DecodeConfig:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: greedy (lossless); > 0: sampling
-    # how a sampled step accepts tree candidates: "exact" (tree speculative sampling: the tokens
-    # follow the backbone's distribution, see accept_exact) or "typical" (Medusa's typical
-    # acceptance: faster, lossy). Greedy ignores it.
+    # how a sampled step accepts tree candidates: "exact" (the tokens follow the backbone's
+    # distribution: the coupled walk, PositionNoise, or the rejection walk, accept_exact; see drafts)
+    # or "typical" (Medusa's typical acceptance: faster, lossy). Greedy ignores it.
     acceptance: str = "exact"
     # exact sampling only (greedy and typical acceptance always take the heads' top-k): "coupled",
     # "top" or "sampled" drafts (DRAFTS). "coupled" also decides how plain sampling (medusa=False)
