@@ -266,10 +266,14 @@ class PositionNoise:
             with np.errstate(divide="ignore"):
                 z = np.log(target_probs(logits, cfg))  # cut tokens: -inf, never drawn
             return int(np.argmax(z + self.at(pos)))
-        return int(np.argmax(self.perturb(logits, cfg.temperature, pos)))
+        return int(np.argmax(self._scores(logits, cfg.temperature, pos)))
 
     def perturb(self, logits: np.ndarray, temperature: float, pos: int) -> np.ndarray:
-        """Scores for the token at ``pos``: ``logits / T + g_pos`` (one row; argmax: the draw)."""
+        """A draft's scores for the token at ``pos``, ranked as logits: the backbone's own draw rule."""
+        return self._scores(logits, temperature, pos)
+
+    def _scores(self, logits: np.ndarray, temperature: float, pos: int) -> np.ndarray:
+        """``logits / T + g_pos`` (one row; argmax: the draw)."""
         g = self.at(pos)
         with np.errstate(over="ignore"):  # a draft vocabulary's filler (float32's lowest) / T: -inf, never drawn
             return np.asarray(logits, dtype=np.float32) / np.float32(temperature) + g

@@ -6,7 +6,7 @@ that makes unpaired sampling runs hard to read. Each prompt runs plain sampling,
 factor) configuration and plain sampling again, back to back (interleaved, so the machine's drift falls
 on all alike), and every run is checked to emit plain sampling's tokens. A factor ``c`` ranks the heads' drafts by
 ``logits / (c T) + g_t``; ``c = 0``: the heads' own top-k without the noise (what ``drafts="top"``
-drafts, verified by the coupled walk); the backbone's draws are untouched.
+drafts, verified by the coupled walk); the backbone's draws (``PositionNoise.choose``) are untouched.
 
     python -m scripts.coupled_pairs artifacts/smollm2-135m-medusa --per-category 2 --temperature 0.7 \\
         --factors 0 0.5 1 2 --trees chain_1 smollm2_ort_cpu
@@ -54,13 +54,8 @@ def main(argv=None) -> None:
     # per configuration (None: plain sampling, run first and last for each prompt): tokens, decode
     # seconds, steps, runs with plain's tokens
     totals = {k: [0, 0.0, 0, 0] for k in [None, "greedy_plain", "greedy", *range(len(configs))]}
-    original = D.PositionNoise.perturb
-    draws = D.PositionNoise.choose  # the backbone's draws keep the original noise whatever the drafts do
+    original = D.PositionNoise.perturb  # the drafts' ranking only: the backbone's draws do not go through it
     try:
-        # (no top_k / top_p cut here: the script samples at a temperature only)
-        D.PositionNoise.choose = lambda self, logits, cfg, pos: int(
-            np.argmax(original(self, logits, cfg.temperature, pos))
-        )
         warm = gen.encode([{"role": "user", "content": "Hello"}])
         gen.generate(warm, max_new_tokens=8, temperature=a.temperature, seed=0)
         for i, ids in enumerate(chats):
@@ -84,7 +79,7 @@ def main(argv=None) -> None:
                 greedy_plain.tokens,
             )
     finally:
-        D.PositionNoise.perturb, D.PositionNoise.choose = original, draws
+        D.PositionNoise.perturb = original
     n = len(chats)
     base = _rate(totals[None])
     print(f"{a.artifact}: {n} prompts, temperature {a.temperature}, {a.max_new_tokens} new tokens, seeds 0..{n - 1}")
