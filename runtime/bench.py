@@ -298,7 +298,8 @@ def run_bench(
     per_prompt = []
     peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
     bar = tqdm(
-        total=len(prompts) * (1 + len(variants) + peer_runs + (1 + len(SAMPLING_KINDS)) * len(sampling)),
+        total=len(prompts)
+        * (1 + len(variants) + peer_runs + (1 + len(SAMPLING_KINDS) + (og is not None)) * len(sampling)),
         desc="bench",
         unit="run",
         disable=not progress,
@@ -345,7 +346,9 @@ def run_bench(
                     drafts=drafts,
                     **kw,
                 )
-            bar.update(1 + len(SAMPLING_KINDS))
+            if og is not None:  # the peer's plain sampling, same temperature and seed (its own generator)
+                runs["peer"] = og.run(ids, max_new_tokens, temperature=temp, seed=seed + i)
+            bar.update(1 + len(SAMPLING_KINDS) + (og is not None))
             row["sampling"][str(temp)] = {
                 k: {
                     "tokens": len(r.tokens),
@@ -438,6 +441,13 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
             entry[f"{k}_mean_accepted"] = _hist_mean(hist)
             entry[f"{k}_identical"] = sum(bool(r[k].get("identical")) for r in rows)
         entry["prompts"] = len(rows)
+        if "peer" in rows[0]:
+            peer = _tokens_per_s([r["peer"] for r in rows])
+            entry["peer_tokens_per_s"] = peer
+            entry["plain_vs_peer"] = _ratio(plain, peer)
+            for k in SAMPLING_KINDS:
+                if f"{k}_tokens_per_s" in entry:
+                    entry[f"{k}_vs_peer"] = _ratio(entry[f"{k}_tokens_per_s"], peer)
         out[str(temp)] = entry
     return out
 
@@ -658,9 +668,15 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
             if k + "_tokens_per_s" not in e:
                 continue
             same = f", {e[k + '_identical']}/{e['prompts']} identical" if SAMPLING_KINDS[k][1] == "coupled" else ""
+            vs_peer = f" ({e[k + '_vs_peer']:.2f}x the peer's sampling)" if k + "_vs_peer" in e else ""
             lines.append(
-                f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling, "
+                f"  {k:<15} {e[k + '_tokens_per_s']:8.2f} tok/s = {e[k + '_speedup']:.2f}x plain sampling{vs_peer}, "
                 f"{e[k + '_mean_accepted']:.2f} accepted/step{same}  [{what}]"
+            )
+        if "peer_tokens_per_s" in e:
+            lines.append(
+                f"  peer sampling   {e['peer_tokens_per_s']:8.2f} tok/s (onnxruntime-genai, the whole distribution, same "
+                f"seeds); our plain sampling {e['plain_vs_peer']:.2f}x it"
             )
     for t in res["trees"].values():
         lines.append(f"accepted-length histogram {t['tree']}: {t['accept_hist']}")

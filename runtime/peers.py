@@ -171,7 +171,8 @@ def peer_model_dir(gen, peer_model: str | None = None) -> Path:
 
 
 class OrtGenaiPeer:
-    """Greedy decoding with onnxruntime-genai (``og.Generator``), plain or with its n-gram speculation."""
+    """Decoding with onnxruntime-genai (``og.Generator``): greedy, plain or with its n-gram speculation,
+    or plain sampling at a temperature."""
 
     def __init__(self, model_dir: str | Path, threads: int | None = None):
         og = import_genai()
@@ -200,8 +201,11 @@ class OrtGenaiPeer:
             return f"{self.version} refuses n-gram speculation: {e}"
         return None
 
-    def run(self, ids: Sequence[int], max_new_tokens: int, ngram: bool = False) -> RunResult:
-        """Decode ``max_new_tokens`` greedily after ``ids`` (fewer when the model's EOS comes first).
+    def run(self, ids: Sequence[int], max_new_tokens: int, ngram: bool = False, temperature: float = 0.0,
+            seed: int | None = None) -> RunResult:  # fmt: skip
+        """Decode ``max_new_tokens`` after ``ids`` (fewer when the model's EOS comes first): greedily,
+        or, with ``temperature`` > 0, sampling from the whole distribution at that temperature
+        (``top_k=0``, ``top_p=1``: the law our plain sampling draws from; ``random_seed`` ``seed``).
 
         Timed like ``runtime.bench._run``: from the prompt ids going in to the last token out.
         Creating the generator (it allocates its KV cache) is left outside the clock, as our
@@ -211,7 +215,13 @@ class OrtGenaiPeer:
         """
         og = self.og
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        if temperature > 0:
+            # top_k 0: no cut (in 0.18 it draws what top_k = the vocabulary size draws; its default is 50)
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            params.set_search_options(max_length=len(ids) + max_new_tokens, **sampling,
+                                      **({} if seed is None else {"random_seed": seed}))  # fmt: skip
+        else:
+            params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         if ngram:
             params.set_speculative_options(ngram_size=NGRAM_SIZE, max_draft_tokens=MAX_DRAFT_TOKENS)
         generator = og.Generator(self.model, params)

@@ -135,6 +135,29 @@ def test_bench_ortgenai_plain_and_ngram(setup, capsys, tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_bench_sampling_against_the_peers_sampling(setup, capsys):
+    """--sampling with the peer: onnxruntime-genai samples the whole distribution with the same seeds
+    (a seed reproduces its tokens, seeds differ), and every sampling kind is reported against it."""
+    from runtime.bench import format_report, load_prompts, run_bench
+    from runtime.peers import OrtGenaiPeer, peer_model_dir
+
+    gen = runtime.load(setup["artifact"], threads=1)
+    peer = OrtGenaiPeer(peer_model_dir(gen), threads=1)
+    ids = gen.encode(TEXTS[0])
+    a = peer.run(ids, MAX_NEW, temperature=1.0, seed=3).tokens
+    assert a == peer.run(ids, MAX_NEW, temperature=1.0, seed=3).tokens
+    assert len({tuple(peer.run(ids, MAX_NEW, temperature=1.0, seed=s).tokens) for s in range(4)}) > 1
+    res = run_bench(gen, load_prompts(setup["prompts"]), ["chain_2"], max_new_tokens=MAX_NEW, peer="ortgenai",
+                    threads=1, progress=False, sampling=[0.8])  # fmt: skip
+    e = res["sampling"]["0.8"]
+    assert e["peer_tokens_per_s"] > 0
+    assert e["plain_vs_peer"] == pytest.approx(e["plain_tokens_per_s"] / e["peer_tokens_per_s"])
+    assert e["exact_vs_peer"] == pytest.approx(e["exact_tokens_per_s"] / e["peer_tokens_per_s"])
+    assert e["exact_identical"] == len(TEXTS)
+    report = format_report(res, per_prompt=False)
+    assert "the peer's sampling" in report and "peer sampling" in report, report
+
+
 def test_peer_row_records_the_first_difference():
     from runtime.bench import RunResult, _peer_row
 
