@@ -378,3 +378,43 @@ def test_tensorrt_plan_holds_the_hydra_inputs_and_the_backend_refuses_hydra(hydr
         monkeypatch.setattr(trt_backend, name, lambda: None)
     with pytest.raises(MedusaError, match="Hydra heads run on ONNX Runtime"):
         TensorRTBackend.from_artifact(art)
+
+
+def test_unrolled_drafting_graph_drafts_what_level_by_level_drafting_does(hydra_artifact):
+    """scripts/bench_unrolled_drafts: one graph unrolling a tree's levels (top-k inside) gives the
+    runtime's level-by-level tokens on every hidden state it checks, and the report names both timings."""
+    import runtime
+    from runtime.tree import load_tree
+    from scripts import bench_unrolled_drafts as B
+
+    gen = runtime.load(hydra_artifact["artifact"], threads=1)
+    tree = load_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2]])
+    texts = ["Name three rivers in Europe.", "Write a haiku about the sea, then explain it."]
+    r = B.measure(gen, hydra_artifact["model"], hydra_artifact["heads"], tree, texts, 6, 3, 1, 1, 16)
+    assert r["states"] >= 10 and r["same"] == r["states"], r
+    assert r["int8"] is True  # the CPU runs heads_int8.onnx; the unrolled graph is quantized the same way
+    lines = "\n".join(B.report(r))
+    assert f"same tokens: {r['states']}/{r['states']}" in lines and "unrolling saves" in lines
+    # the module itself, in torch, against hydra_candidates on the float heads
+    import torch
+
+    from runtime.decode import hydra_candidates
+
+    model, heads = hydra_artifact["model"], hydra_artifact["heads"]
+    module = B.unrolled_module(heads, model.lm_head, model.get_input_embeddings(), tree)
+    hidden = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = module(hidden, torch.tensor([17])).numpy()
+
+        def draft(paths, lens):
+            rows = hidden.expand(len(paths), -1)
+            return heads(
+                rows,
+                torch.from_numpy(paths),
+                torch.from_numpy(lens),
+                model.lm_head,
+                model.get_input_embeddings().weight,
+            ).numpy()
+
+        want = hydra_candidates(17, tree, draft, heads.config.num_heads)
+    np.testing.assert_array_equal(got, want)
