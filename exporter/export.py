@@ -714,6 +714,11 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 from exporter.quantize import quantize_heads
 
                 quantize_heads(tmp, config)
+                if spec.medusa_head_type == "medusa" and heads.config.num_heads > 1:
+                    from exporter.quantize import quantize_first_head
+
+                    with progress("the first head alone, int8 (for trees that read head 1 only)"):
+                        quantize_first_head(tmp, config, heads, model.lm_head, options.opset)
             config.write(tmp)
             read_artifact(tmp)  # the runtime must accept what was written
         if options.validate:

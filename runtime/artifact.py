@@ -130,6 +130,11 @@ class ArtifactConfig:
     # vocabulary projection reads 4x fewer bytes. ONNX Runtime on the CPU uses it; TensorRT
     # builds from the float `heads` graph.
     heads_int8: GraphSpec | None = None
+    # Medusa heads with K > 1: the first head alone, int8 as ``heads_int8``. A tree that reads head 1
+    # only (the CPU's default and sampling trees) drafts from it with a third of the int8 graph's
+    # time: its call projects one row, not K, and returns [rows, 1, V]. Same inputs and outputs as
+    # ``heads``; ONNX Runtime on the CPU uses it where present. None: older artifacts, Hydra heads.
+    heads_int8_first: GraphSpec | None = None
     # batch.onnx (fused float artifacts): the backbone for several sequences per call, each with its
     # own cache length and tree (docs/graph_contract.md, "The batch graph"); shares model.onnx's
     # weights file. None: the artifact serves one sequence per engine call.
@@ -195,7 +200,7 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             raise ArtifactError(
                 f"{cfg_path}: malformed config ({key!r} must be a JSON object, got {checks.show(raw.get(key))})"
             )
-    for key in ("heads_int8", "batch"):
+    for key in ("heads_int8", "heads_int8_first", "batch"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ArtifactError(f"{cfg_path}: malformed config ({key!r} must be a JSON object or null)")
     try:
@@ -204,8 +209,13 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             backbone=GraphSpec(**raw["backbone"]),
             heads=GraphSpec(**raw["heads"]),
             heads_int8=GraphSpec(**raw["heads_int8"]) if raw.get("heads_int8") else None,
+            heads_int8_first=GraphSpec(**raw["heads_int8_first"]) if raw.get("heads_int8_first") else None,
             batch=GraphSpec(**raw["batch"]) if raw.get("batch") else None,
-            **{k: v for k, v in raw.items() if k not in ("model", "backbone", "heads", "heads_int8", "batch")},
+            **{
+                k: v
+                for k, v in raw.items()
+                if k not in ("model", "backbone", "heads", "heads_int8", "heads_int8_first", "batch")
+            },
         )
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{cfg_path}: malformed config ({e})") from None
@@ -224,7 +234,7 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             f"{cfg_path}: the sizes and graph entries (model, backbone, heads, dtype, flavour, precision, opset) were "
             "edited after export; they must describe the graphs as exported: restore the file or re-export"
         )
-    for graph in (cfg.backbone, cfg.heads, *[g for g in (cfg.heads_int8, cfg.batch) if g is not None]):
+    for graph in (cfg.backbone, cfg.heads, *[g for g in (cfg.heads_int8, cfg.heads_int8_first, cfg.batch) if g]):
         if not (folder / graph.file).is_file():
             raise ArtifactError(f"{folder}: {graph.file} is missing (the artifact is incomplete; re-run medusa-export)")
     if not (folder / "tokenizer.json").is_file():
@@ -254,6 +264,7 @@ def _check_types(cfg: ArtifactConfig, cfg_path: Path) -> None:
             ("backbone", cfg.backbone),
             ("heads", cfg.heads),
             ("heads_int8", cfg.heads_int8),
+            ("heads_int8_first", cfg.heads_int8_first),
             ("batch", cfg.batch),
         )
         for key, graph in graphs:
@@ -298,6 +309,8 @@ def config_digest(cfg: ArtifactConfig) -> str:
         del sealed["model"]["medusa_head_type"]
     if cfg.batch is not None:  # sealed where present (artifacts from before the batch graph keep their digest)
         sealed["batch"] = d["batch"]
+    if cfg.heads_int8_first is not None:  # likewise
+        sealed["heads_int8_first"] = d["heads_int8_first"]
     return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
 
 

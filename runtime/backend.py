@@ -9,7 +9,7 @@ A backend holds one sequence's KV cache (batch 1) and offers three calls:
 * ``commit(keep)`` appends the staged entries ``keep`` (indices into the last forward's
   tokens, in order) to the cache: the accepted path. Rejected entries are never written.
 * ``head_logits(index) -> [K, V]`` runs the Medusa heads on the hidden state of token
-  ``index`` of the last forward.
+  ``index`` of the last forward (``first_head_logits(index) -> [1, V]``: head 1 alone).
 
 and declares its limits, which the decode loop plans by (the backend never re-plans a call):
 
@@ -79,6 +79,11 @@ class Backend(ABC):
 
     @abstractmethod
     def head_logits(self, index: int) -> np.ndarray: ...
+
+    def first_head_logits(self, index: int) -> np.ndarray:
+        """``[1, V]``: head 1's row of :meth:`head_logits` (what a tree of depth 1 reads). Backends with
+        a graph of the first head alone (``heads_int8_first.onnx``) run that smaller call instead."""
+        return self.head_logits(index)[:1]
 
     def draft_logits(self, index: int, path_ids: np.ndarray, path_len: np.ndarray) -> np.ndarray:
         """Hydra heads (``spec.medusa_head_type == "hydra"``) on the hidden state of token ``index``

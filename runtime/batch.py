@@ -86,7 +86,7 @@ STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
 
 
 class _Request:
-    __slots__ = ("slot", "kind", "ids", "pos", "mask", "logits", "hidden", "paths", "result", "error", "done")
+    __slots__ = ("slot", "kind", "ids", "pos", "mask", "logits", "hidden", "paths", "first", "result", "error", "done")
 
     def __init__(self, slot: int, kind: str, ids=None, pos=None, mask=None, logits=None, hidden=None):
         self.slot, self.kind = slot, kind
@@ -96,6 +96,7 @@ class _Request:
         self.logits: int | None = logits
         self.hidden: Any = hidden
         self.paths: Any = None  # Hydra heads: (path_ids [rows, K], path_len [rows]) for ``hidden``
+        self.first = False  # Medusa heads: head 1 alone ([1, V]) is enough
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -174,6 +175,13 @@ class SlotBackend(Backend):
             raise RuntimeError("head_logits() before any forward()")
         return self.engine._submit(_Request(self.index, "heads", hidden=self._hidden[index])).result
 
+    def first_head_logits(self, index):
+        if self._hidden is None:
+            raise RuntimeError("first_head_logits() before any forward()")
+        req = _Request(self.index, "heads", hidden=self._hidden[index])
+        req.first = True
+        return self.engine._submit(req).result
+
     def draft_logits(self, index, path_ids, path_len):
         if self._hidden is None:
             raise RuntimeError("draft_logits() before any forward()")
@@ -204,7 +212,7 @@ class BatchEngine:
         budgets: list[int] | str | None = "auto",
         single_graph: bool = True,
     ):
-        from runtime.onnxrt import _NP_DTYPES, _options, _ort, _session
+        from runtime.onnxrt import _NP_DTYPES, _options, _ort, _session, open_first_head
 
         if config.batch is None:
             raise ArtifactError(
@@ -235,6 +243,7 @@ class BatchEngine:
         )
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
         self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), providers)
+        self.heads_first = open_first_head(ort, self.folder, config, threads, providers, heads_int8)
         names = [i.name for i in self.session.get_inputs()]
         if names != list(config.batch.inputs):
             raise ArtifactError(f"{self.folder / config.batch.file}: graph inputs do not match medusa_config.json")
@@ -552,9 +561,10 @@ class BatchEngine:
                 r.result, at = out[at : at + c], at + c
             return
         hidden = np.stack([r.hidden for r in reqs])
-        out = run_heads(self.heads, hidden, self._dtype)
+        first = self.heads_first is not None and all(r.first for r in reqs)  # every sequence reads head 1 only
+        out = run_heads(self.heads_first if first else self.heads, hidden, self._dtype)
         for i, r in enumerate(reqs):
-            r.result = out[i]
+            r.result = out[i, :1] if r.first else out[i]
 
     def _run_forward(self, reqs: list[_Request]) -> None:
         start = time.perf_counter()

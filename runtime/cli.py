@@ -364,7 +364,7 @@ def cmd_profile(args) -> None:
         peer_dir = peer_model_dir(gen, args.peer_model)
 
     def show(n, ms):
-        label = f"N={n:>3}" if n != "heads" else "heads"
+        label = f"N={n:>3}" if isinstance(n, int) else n
         print(f"  {label}: {ms:8.2f} ms", flush=True)
 
     print(
@@ -377,6 +377,7 @@ def cmd_profile(args) -> None:
         "relative to N=1: "
         + ", ".join(f"{n}: {c:.2f}x" for n, c in prof["relative_cost"].items())
         + f"; heads call {prof['heads_relative_cost']:.2f}x"
+        + (f" (head 1 alone {prof['first_head_relative_cost']:.2f}x)" if "first_head_ms" in prof else "")
     )
     if peer_dir is not None:
         print(f"{args.peer}: the same over {prof['cached_tokens']} cached tokens ({peer_dir}):", flush=True)

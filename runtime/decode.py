@@ -378,18 +378,24 @@ def draft_tree(backend: Backend, index: int, root: int, tree: Tree, cfg: DecodeC
             perturb=perturb,
         )
     elif sampled:
-        heads = backend.head_logits(index)
+        heads = _head_rows(backend, index, tree.depth)
         tokens = np.empty(tree.num_nodes, dtype=np.int64)
         tokens[0] = root
         for h in range(tree.depth):
             nodes = np.flatnonzero(tree.node_head == h)
             sample_children(heads[h], nodes, cfg.temperature, rng, tokens, q)  # type: ignore[union-attr]
     else:
-        heads = backend.head_logits(index)
+        heads = _head_rows(backend, index, tree.depth)
         if perturb is not None:  # head h drafts depth h + 1
             heads = np.stack([perturb(heads[h], h + 1) for h in range(tree.depth)])
         tokens = tree_candidates(root, heads, tree)
     return tokens, q
+
+
+def _head_rows(backend: Backend, index: int, depth: int) -> np.ndarray:
+    """The Medusa heads' logits a tree of ``depth`` reads: head 1 alone (a smaller call where the
+    backend has a graph of it) for depth 1, else every head."""
+    return backend.first_head_logits(index) if depth == 1 else backend.head_logits(index)
 
 
 def _sampled_drafts(cfg: DecodeConfig) -> bool:

@@ -136,6 +136,17 @@ def open_sessions(
     return backbone, _session(ort, folder / heads.file, _options(ort, threads, spin=False), providers), heads.file
 
 
+def open_first_head(
+    ort, folder: Path, config: ArtifactConfig, threads: int | None, providers: list[str], heads_int8: bool
+):
+    """The session of ``heads_int8_first.onnx`` (the first Medusa head alone, int8), where the CPU
+    serves the int8 heads and the artifact has it; else None (head 1 comes from the heads graph)."""
+    first = config.heads_int8_first
+    if not (heads_int8 and first and config.heads_int8 and providers[0] == "CPUExecutionProvider"):
+        return None
+    return _session(ort, folder / first.file, _options(ort, threads, spin=False), providers)
+
+
 def run_heads(session, hidden: np.ndarray, dtype) -> np.ndarray:
     """The heads graph on hidden states ``[rows, hidden]``: ``[rows, heads, vocab]``."""
     (logits,) = session.run(None, {"hidden_states": np.ascontiguousarray(hidden).astype(dtype, copy=False)})
@@ -206,6 +217,7 @@ class OnnxRuntimeBackend(GraphBackend):
         self.backbone, self.heads, self.heads_file = open_sessions(
             ort, self.folder, config, threads, self.providers, heads_int8
         )
+        self.heads_first = open_first_head(ort, self.folder, config, threads, self.providers, heads_int8)
         dtype = _NP_DTYPES[config.dtype]
         self._past_names = [n for n in config.backbone.inputs if n.startswith("past_key_values.")]
         self._present_names = [n for n in config.backbone.outputs if n.startswith("present.")]
@@ -265,6 +277,11 @@ class OnnxRuntimeBackend(GraphBackend):
     def _run_heads(self, hidden):
         return run_heads(self.heads, hidden, self._dtype)
 
+    def first_head_logits(self, index):
+        if self.heads_first is None or self._hidden is None:
+            return super().first_head_logits(index)
+        return run_heads(self.heads_first, self._hidden[index : index + 1], self._dtype)[0]
+
     def _run_drafts(self, hidden, path_ids, path_len):
         return run_drafts(self.heads, hidden, path_ids, path_len, self._dtype)
 
@@ -322,6 +339,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.backbone, self.heads, self.heads_file = open_sessions(
             ort, self.folder, config, threads, self.providers, heads_int8
         )
+        self.heads_first = open_first_head(ort, self.folder, config, threads, self.providers, heads_int8)
         self._dtype = _NP_DTYPES[config.dtype]
         spec = self.spec
         self.min_rows = row_invariant_rows(config)
@@ -441,6 +459,13 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         if self._hidden is None:
             raise RuntimeError("head_logits() before any forward()")
         return run_heads(self.heads, self._hidden[index : index + 1], self._dtype)[0]
+
+    def first_head_logits(self, index):
+        if self.heads_first is None:
+            return super().first_head_logits(index)
+        if self._hidden is None:
+            raise RuntimeError("first_head_logits() before any forward()")
+        return run_heads(self.heads_first, self._hidden[index : index + 1], self._dtype)[0]
 
     def _run_drafts(self, hidden, path_ids, path_len):
         return run_drafts(self.heads, hidden, path_ids, path_len, self._dtype)

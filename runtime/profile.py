@@ -64,7 +64,9 @@ def profile_tree_sizes(
         for n in sizes:
             progress(n, ms[n])
     base = ms[min(sizes)]
-    times = []
+    times: list[float] = []
+    first: list[float] = []  # head 1 alone, where the backend has a graph of it (trees of depth 1)
+    has_first = getattr(backend, "heads_first", None) is not None and backend.spec.medusa_head_type == "medusa"
     for r in range(warmup + repeats):  # the heads' call of a Medusa step (one position)
         # right after a backbone call, as in decoding: the heads' weights are no longer in the
         # CPU caches then (timing back-to-back heads calls reads ~40 % low on SmolLM2)
@@ -77,9 +79,21 @@ def profile_tree_sizes(
             backend.head_logits(0)
         if r >= warmup:
             times.append(time.perf_counter() - t)
+        if has_first:
+            backend.forward(rng.integers(0, vocab, 1), np.array([cached]), np.ones((1, 1), dtype=bool))
+            t = time.perf_counter()
+            backend.first_head_logits(0)
+            if r >= warmup:
+                first.append(time.perf_counter() - t)
     heads_ms = float(np.median(times) * 1000)
     if progress:
         progress("heads", heads_ms)
+        if first:
+            progress("head 1 alone", float(np.median(first) * 1000))
+    extra = {}
+    if first:
+        first_ms = float(np.median(first) * 1000)
+        extra = {"first_head_ms": round(first_ms, 3), "first_head_relative_cost": round(first_ms / base, 4)}
     return {
         "cached_tokens": cached,
         "repeats": repeats,
@@ -88,6 +102,7 @@ def profile_tree_sizes(
         "heads_ms": round(heads_ms, 3),
         "heads_relative_cost": round(heads_ms / base, 4),
         "heads_kind": backend.spec.medusa_head_type,  # "hydra": the cost of one level (a call per depth)
+        **extra,  # first_head_ms: the call a tree of depth 1 makes (heads_int8_first.onnx)
     }
 
 

@@ -290,9 +290,20 @@ def test_onnx_runtime_draft_logits_equal_pytorch(hydra_artifact):
     got, want = gen.backend.draft_logits(n - 1, paths, lens), ref.draft_logits(n - 1, paths, lens)
     assert got.shape == want.shape == (4, gen.spec.vocab_size)
     draft = hydra_artifact["heads"].draft_vocab.numpy()
-    # the CPU serves the int8 heads graph: proposals, not outputs; the draft rows agree closely
-    np.testing.assert_allclose(got[:, draft], want[:, draft], atol=0.05 * np.abs(want[:, draft]).max())
+    # the CPU serves the int8 heads graph: proposals, not outputs. Its rows agree closely, but how
+    # closely depends on the CPU's int8 kernels (AVX2 without VNNI saturates some u8 x s8 products):
+    # the top draft is the same and nearly every logit within 5% of the largest
     assert (got.argmax(-1) == want.argmax(-1)).all()
+    close = np.abs(got[:, draft] - want[:, draft]) <= 0.05 * np.abs(want[:, draft]).max()
+    assert close.mean() > 0.995, close.mean()
+    # the float heads graph (what TensorRT and the GPU run) equals PyTorch to float rounding
+    from runtime.artifact import read_artifact
+    from runtime.onnxrt import FusedOnnxRuntimeBackend
+
+    folder = hydra_artifact["artifact"]
+    fp = FusedOnnxRuntimeBackend(folder, read_artifact(folder), threads=1, heads_int8=False)
+    fp.forward(prompt, np.arange(n), mask)
+    np.testing.assert_allclose(fp.draft_logits(n - 1, paths, lens), want, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("max_batch", [None, 3], ids=["one-sequence", "batch-engine"])

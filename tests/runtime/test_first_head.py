@@ -1,0 +1,138 @@
+"""heads_int8_first.onnx: the first Medusa head alone, for trees that read head 1 only.
+
+The exporter writes it beside heads_int8.onnx (Medusa heads, K > 1); ONNX Runtime on the CPU drafts
+a depth-1 tree from it (one projected row instead of K). Drafts only: greedy output stays plain
+greedy's, whichever graph drafted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import runtime
+from runtime.errors import ArtifactError
+
+PROMPTS = ["Name three rivers in Europe.", "Write a limerick about a cat.", "Explain why the sky is blue."]
+
+
+def test_export_writes_and_seals_the_first_head_graph(tiny):
+    art = tiny["artifact"]
+    cfg = json.loads((art / "medusa_config.json").read_text())
+    first = cfg["heads_int8_first"]
+    assert first["file"] == "heads_int8_first.onnx" and (art / first["file"]).is_file()
+    assert (first["inputs"], first["outputs"]) == (cfg["heads"]["inputs"], cfg["heads"]["outputs"])
+    assert "heads_int8_first.onnx" in cfg["provenance"]["checksums"]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda a: (a / "heads_int8_first.onnx").unlink(), "heads_int8_first.onnx is missing"),
+        (lambda a: _edit(a, lambda c: c["heads_int8_first"].update(outputs=["x"])), "edited after export"),
+    ],
+    ids=["deleted", "edited"],
+)
+def test_a_missing_or_edited_first_head_graph_is_named(tiny, tmp_path, damage, message):
+    art = tmp_path / "a"
+    shutil.copytree(tiny["artifact"], art)
+    damage(art)
+    with pytest.raises(ArtifactError, match=message):
+        runtime.load(art)
+
+
+def _edit(folder, change):
+    path = folder / "medusa_config.json"
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_first_head_logits_are_head_one_of_the_heads_graph(tiny):
+    gen = runtime.load(tiny["artifact"], threads=1)
+    b = gen.backend
+    assert b.heads_first is not None  # the CPU serves the int8 heads, so their first-head graph too
+    tops = []
+    for prompt in PROMPTS:
+        ids = np.asarray(gen.encode(prompt), dtype=np.int64)
+        n = len(ids)
+        b.reset()
+        b.forward(ids, np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
+        for i in range(n):
+            one, every = b.first_head_logits(i), b.head_logits(i)
+            assert one.shape == (1, gen.spec.vocab_size) and every.shape == (tiny["num_heads"], gen.spec.vocab_size)
+            # the same int8 weights; the activations' scale is taken over one row here, K there
+            np.testing.assert_allclose(one[0], every[0], atol=0.05 * np.abs(every[0]).max())
+            # so near-ties may swap: the heads graph's top draft is among this one's top 3
+            tops.append(int((one[0] > one[0, every[0].argmax()]).sum()))
+    assert max(tops) < 3 and np.mean(np.array(tops) == 0) >= 0.75, tops
+
+
+def test_a_depth_one_tree_drafts_from_the_first_head_graph_and_stays_lossless(tiny):
+    """Greedy output equals plain greedy; the depth-1 tree calls the first-head graph (and not the
+    K-head one), a deeper tree the K-head graph; sampling's drafts take the same path."""
+    gen = runtime.load(tiny["artifact"], threads=1)
+    b = gen.backend
+    calls = {"first": 0, "all": 0}
+    for name, attr in (("first", "heads_first"), ("all", "heads")):
+        session = getattr(b, attr)
+
+        class Counted:
+            def __init__(self, inner, key):
+                self.inner, self.key = inner, key
+
+            def run(self, *args, **kw):
+                calls[self.key] += 1
+                return self.inner.run(*args, **kw)
+
+            def __getattr__(self, item):
+                return getattr(self.inner, item)
+
+        setattr(b, attr, Counted(session, name))
+    multi = 0
+    for prompt in PROMPTS:
+        plain = gen.generate(prompt, max_new_tokens=24, medusa=False)
+        res = gen.generate(prompt, max_new_tokens=24, tree="chain_1", lookup=0)
+        assert res.tokens == plain.tokens
+        multi += sum(v for k, v in res.stats.accept_hist.items() if k > 1)
+    assert calls["first"] > 0 and calls["all"] == 0, calls
+    assert multi > 0  # drafts were accepted: the comparison means something
+    deeper = gen.generate(PROMPTS[0], max_new_tokens=16, tree="chain_2", lookup=0)
+    assert calls["all"] > 0 and deeper.tokens == gen.generate(PROMPTS[0], max_new_tokens=16, medusa=False).tokens
+    before = calls["first"]
+    gen.generate(PROMPTS[1], max_new_tokens=16, tree="chain_1", temperature=0.8, seed=1)
+    assert calls["first"] > before
+
+
+def test_the_batch_engine_serves_depth_one_trees_from_the_first_head_graph(tiny):
+    gen = runtime.load(tiny["artifact"], threads=1, max_batch=2)
+    engine = gen.engine
+    assert engine.heads_first is not None
+    runs = {"first": 0}
+    inner = engine.heads_first
+
+    class Counted:
+        def run(self, *args, **kw):
+            runs["first"] += 1
+            return inner.run(*args, **kw)
+
+        def __getattr__(self, item):
+            return getattr(inner, item)
+
+    engine.heads_first = Counted()
+    for prompt in PROMPTS[:2]:
+        plain = gen.generate(prompt, max_new_tokens=20, medusa=False)
+        assert gen.generate(prompt, max_new_tokens=20, tree="chain_1", lookup=0).tokens == plain.tokens
+    assert runs["first"] > 0
+
+
+def test_profile_times_the_first_head_call(tiny):
+    from runtime.profile import profile_tree_sizes
+
+    gen = runtime.load(tiny["artifact"], threads=1)
+    prof = profile_tree_sizes(gen.backend, [1, 2], cached=8, repeats=2)
+    assert prof["first_head_ms"] > 0 and prof["heads_ms"] > 0 and "first_head_relative_cost" in prof
