@@ -1,8 +1,11 @@
-"""heads_int8_first.onnx: the first Medusa head alone, for trees that read head 1 only.
+"""Two ways a CPU step got cheaper, each drafting or computing exactly what it did before.
 
-The exporter writes it beside heads_int8.onnx (Medusa heads, K > 1); ONNX Runtime on the CPU drafts
-a depth-1 tree from it (one projected row instead of K). Drafts only: greedy output stays plain
-greedy's, whichever graph drafted."""
+heads_int8_first.onnx: the first Medusa head alone. The exporter writes it beside heads_int8.onnx
+(Medusa heads, K > 1); ONNX Runtime on the CPU drafts a depth-1 tree from it (one projected row
+instead of K). Drafts only: greedy output stays plain greedy's, whichever graph drafted.
+
+The fused backend's cache buffer starts small and doubles as the sequence grows (GroupQueryAttention's
+CPU kernel costs by the bound buffer's length): same logits and cache as a full-length buffer."""
 
 from __future__ import annotations
 
@@ -136,3 +139,47 @@ def test_profile_times_the_first_head_call(tiny):
     gen = runtime.load(tiny["artifact"], threads=1)
     prof = profile_tree_sizes(gen.backend, [1, 2], cached=8, repeats=2)
     assert prof["first_head_ms"] > 0 and prof["heads_ms"] > 0 and "first_head_relative_cost" in prof
+
+
+def test_the_fused_cache_buffer_grows_as_needed_and_computes_as_a_full_one(tiny, monkeypatch):
+    """The fused backend's cache starts at START_CAPACITY positions and doubles (GroupQueryAttention's
+    CPU kernel costs by the bound buffer's length): prefill, tree steps and one-token steps that cross
+    every doubling give the logits and cache a full-length buffer gives; reset starts small again;
+    restore of a longer snapshot grows the buffer first."""
+    import runtime.onnxrt as O
+    from runtime.artifact import read_artifact
+    from runtime.tree import load_tree
+
+    cfg = read_artifact(tiny["artifact"])
+    full = O.FusedOnnxRuntimeBackend(tiny["artifact"], cfg, threads=1)
+    assert full.kv.shape[4] == min(O.START_CAPACITY, cfg.model.max_context)
+    monkeypatch.setattr(O, "START_CAPACITY", 8)
+    grow = O.FusedOnnxRuntimeBackend(tiny["artifact"], cfg, threads=1)
+    assert grow.kv.shape[4] == 8
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, 1000, size=11)
+    tree = load_tree("cpu_4")
+    sizes = set()
+    for b in (full, grow):
+        b.forward(prompt, np.arange(11), np.tril(np.ones((11, 11), dtype=bool)))
+        b.commit(np.arange(11))
+    while grow.cache_len < 90:
+        L = grow.cache_len
+        toks = rng.integers(3, 1000, size=tree.num_nodes)
+        want = full.forward(toks, L + tree.position_ids, tree.attn_mask).copy()
+        got = grow.forward(toks, L + tree.position_ids, tree.attn_mask)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        keep = np.array([0, 1]) if L % 2 else np.array([0])
+        full.commit(keep)
+        grow.commit(keep)
+        sizes.add(grow.kv.shape[4])
+    assert sizes >= {32, 64, 128}, sizes
+    n = grow.cache_len
+    np.testing.assert_allclose(grow.kv[..., :n, :], full.kv[..., :n, :], rtol=0, atol=1e-5)
+    saved = grow.snapshot()
+    grow.reset()
+    assert grow.kv.shape[4] == 8 and grow.cache_len == 0
+    grow.restore(saved)
+    assert grow.kv.shape[4] >= n and grow.cache_len == n
+    step = np.array([7]), np.array([n]), np.ones((1, 1), dtype=bool)
+    np.testing.assert_allclose(grow.forward(*step), full.forward(*step), rtol=0, atol=1e-5)
