@@ -75,10 +75,12 @@ def test_first_head_logits_are_head_one_of_the_heads_graph(tiny):
     assert max(tops) < 3 and np.mean(np.array(tops) == 0) >= 0.75, tops
 
 
-def test_a_depth_one_tree_drafts_from_the_first_head_graph_and_stays_lossless(tiny):
+@pytest.mark.parametrize("flavour", ["tiny", "tiny_portable"])
+def test_a_depth_one_tree_drafts_from_the_first_head_graph_and_stays_lossless(flavour, request):
     """Greedy output equals plain greedy; the depth-1 tree calls the first-head graph (and not the
-    K-head one), a deeper tree the K-head graph; sampling's drafts take the same path."""
-    gen = runtime.load(tiny["artifact"], threads=1)
+    K-head one), a deeper tree the K-head graph; sampling's drafts take the same path. Both graph
+    flavours' ONNX Runtime backends."""
+    gen = runtime.load(request.getfixturevalue(flavour)["artifact"], threads=1)
     b = gen.backend
     calls = {"first": 0, "all": 0}
     for name, attr in (("first", "heads_first"), ("all", "heads")):
