@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-heads-int8",
         action="store_true",
-        help="do not write heads_int8.onnx (int8 heads for ONNX Runtime on the CPU; the heads only "
-        "propose candidates, so int8 never changes the output; TensorRT uses heads.onnx)",
+        help="do not write heads_int8.onnx nor heads_int8_first.onnx (int8 heads, and the first head alone "
+        "for depth-1 trees, for ONNX Runtime on the CPU; the heads only propose candidates, so int8 never "
+        "changes the output; TensorRT uses heads.onnx)",
     )
     p.add_argument(
         "--num-heads",
