@@ -46,17 +46,26 @@ def _root_logger_kept() -> Iterator[None]:
         root.filters[:] = saved[2]
 
 
-def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig:
-    """Write ``heads_int8.onnx`` next to ``heads.onnx`` and record it in ``config``."""
-    folder = Path(folder)
-    src = folder / config.heads.file
+def quantize_int8(src: str | Path, dst: str | Path) -> None:
+    """ONNX Runtime dynamic quantization of a heads graph: int8 weights (QInt8), activations
+    quantized per call; the root logger is left as it was."""
     with _root_logger_kept():
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(folder / INT8_FILE), weight_type=QuantType.QInt8)
-    config.heads_int8 = GraphSpec(
-        INT8_FILE, list(config.heads.inputs), list(config.heads.outputs), dict(config.heads.dynamic_axes)
-    )
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def _like_heads(config: ArtifactConfig, file: str) -> GraphSpec:
+    """A graph entry for ``file`` with the heads graph's inputs, outputs and axes."""
+    h = config.heads
+    return GraphSpec(file, list(h.inputs), list(h.outputs), dict(h.dynamic_axes))
+
+
+def quantize_heads(folder: str | Path, config: ArtifactConfig) -> ArtifactConfig:
+    """Write ``heads_int8.onnx`` next to ``heads.onnx`` and record it in ``config``."""
+    folder = Path(folder)
+    quantize_int8(folder / config.heads.file, folder / INT8_FILE)
+    config.heads_int8 = _like_heads(config, INT8_FILE)
     return config
 
 
@@ -80,13 +89,8 @@ def quantize_first_head(folder: str | Path, config: ArtifactConfig, heads, lm_he
             export_heads(first_heads(heads, 1), lm_head, float_path, opset)
         finally:
             log.setLevel(level)
-        with _root_logger_kept():
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(str(float_path), str(folder / FIRST_HEAD_FILE), weight_type=QuantType.QInt8)
-    config.heads_int8_first = GraphSpec(
-        FIRST_HEAD_FILE, list(config.heads.inputs), list(config.heads.outputs), dict(config.heads.dynamic_axes)
-    )
+        quantize_int8(float_path, folder / FIRST_HEAD_FILE)
+    config.heads_int8_first = _like_heads(config, FIRST_HEAD_FILE)
     return config
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig, cache_names
-from runtime.backend import DeviceCacheBackend, GraphBackend
+from runtime.backend import Backend, DeviceCacheBackend, GraphBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -145,6 +145,14 @@ def open_first_head(
     if not (heads_int8 and first and config.heads_int8 and providers[0] == "CPUExecutionProvider"):
         return None
     return _session(ort, folder / first.file, _options(ort, threads, spin=False), providers)
+
+
+def _first_head_logits(backend, index: int) -> np.ndarray:
+    """``Backend.first_head_logits`` of both ONNX Runtime backends: the first-head graph where they
+    opened one (``open_first_head``), else head 1's row of the heads graph."""
+    if backend.heads_first is None or backend._hidden is None:
+        return Backend.first_head_logits(backend, index)
+    return run_heads(backend.heads_first, backend._hidden[index : index + 1], backend._dtype)[0]
 
 
 def run_heads(session, hidden: np.ndarray, dtype) -> np.ndarray:
@@ -277,10 +285,7 @@ class OnnxRuntimeBackend(GraphBackend):
     def _run_heads(self, hidden):
         return run_heads(self.heads, hidden, self._dtype)
 
-    def first_head_logits(self, index):
-        if self.heads_first is None or self._hidden is None:
-            return super().first_head_logits(index)
-        return run_heads(self.heads_first, self._hidden[index : index + 1], self._dtype)[0]
+    first_head_logits = _first_head_logits
 
     def _run_drafts(self, hidden, path_ids, path_len):
         return run_drafts(self.heads, hidden, path_ids, path_len, self._dtype)
@@ -356,9 +361,9 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.capacity = buffer - (self.min_rows - 1)
         self._check_io()
         # [layers, key|value, batch, kv_heads, allocated, head_dim], ``allocated`` growing by doubling
-        # from START_CAPACITY up to ``buffer``: GroupQueryAttention's CPU kernel sizes its per-call
-        # attention scratch by the bound buffer's length, not by the cached entries, so a buffer
-        # of the model's whole context (SmolLM2: 8,192) made every step ~10% slower than one of 1,024
+        # from START_CAPACITY up to ``buffer``: GroupQueryAttention's CPU kernel costs more with a
+        # longer bound buffer (SmolLM2, 300 cached: 4-6% a step with 8,192 positions against 512 in one
+        # measurement, inside the noise in another; README, "A cache buffer that grows")
         self._buffer = buffer
         self.kv: np.ndarray = np.zeros(0, self._dtype)  # allocated by _alloc below
         self.length = 0
@@ -493,12 +498,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             raise RuntimeError("head_logits() before any forward()")
         return run_heads(self.heads, self._hidden[index : index + 1], self._dtype)[0]
 
-    def first_head_logits(self, index):
-        if self.heads_first is None:
-            return super().first_head_logits(index)
-        if self._hidden is None:
-            raise RuntimeError("first_head_logits() before any forward()")
-        return run_heads(self.heads_first, self._hidden[index : index + 1], self._dtype)[0]
+    first_head_logits = _first_head_logits
 
     def _run_drafts(self, hidden, path_ids, path_len):
         return run_drafts(self.heads, hidden, path_ids, path_len, self._dtype)

@@ -23,10 +23,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from scripts.measure_heads_cost import _median_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,20 +89,11 @@ def export_unrolled(module, hidden_size: int, path: Path, quantize: bool) -> Pat
                           opset_version=18, do_constant_folding=True, dynamo=False)  # fmt: skip
     if not quantize:
         return path
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from exporter.quantize import quantize_int8
 
     out = path.with_name(path.stem + "_int8.onnx")
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    quantize_int8(path, out)
     return out
-
-
-def _median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -182,8 +174,8 @@ def measure(
     timed = []
     for _ in range(rounds):
         timed.append({
-            "level_by_level": _median_ms(lambda: level(h0, r0), repeat),
-            "unrolled": _median_ms(lambda: unrolled(h0, r0), repeat),
+            "level_by_level": _median_ms(lambda: level(h0, r0), repeat, warmup=0),
+            "unrolled": _median_ms(lambda: unrolled(h0, r0), repeat, warmup=0),
             "backbone_tree": _step_ms(backend, tree.num_nodes, cache_tokens, repeat // 4),
             "backbone_plain": _step_ms(backend, 1, cache_tokens, repeat // 4),
         })  # fmt: skip
@@ -212,10 +204,8 @@ def report(r: dict) -> list[str]:
 
 def _uses_int8(backend, gen) -> bool:
     """Whether the backend's heads session is heads_int8.onnx (the CPU default)."""
-    sess = getattr(backend, "heads", None)
-    inputs = {i.name for i in sess.get_inputs()} if sess is not None else set()
-    cfg = gen.config
-    return bool(cfg.heads_int8) and inputs == set(cfg.heads_int8.inputs) and backend.heads_file == cfg.heads_int8.file
+    int8 = gen.config.heads_int8
+    return int8 is not None and backend.heads_file == int8.file
 
 
 def _fill(backend, n: int) -> None:
@@ -233,7 +223,7 @@ def _step_ms(backend, n: int, cached: int, repeat: int) -> float:
     ids = np.full(n, 200, dtype=np.int64)
     pos = cached + np.arange(n)
     mask = np.tril(np.ones((n, n), dtype=bool))
-    return _median_ms(lambda: backend.forward(ids, pos, mask), max(repeat, 10))
+    return _median_ms(lambda: backend.forward(ids, pos, mask), max(repeat, 10), warmup=0)
 
 
 if __name__ == "__main__":
