@@ -131,7 +131,7 @@ class ArtifactConfig:
     # builds from the float `heads` graph.
     heads_int8: GraphSpec | None = None
     # Medusa heads with K > 1: the first head alone, int8 as ``heads_int8``. A tree that reads head 1
-    # only (the CPU's default and sampling trees) drafts from it with a third of the int8 graph's
+    # only (the CPU's default and sampling trees) drafts from it in about half the int8 graph's
     # time: its call projects one row, not K, and returns [rows, 1, V]. Same inputs and outputs as
     # ``heads``; ONNX Runtime on the CPU uses it where present. None: older artifacts, Hydra heads.
     heads_int8_first: GraphSpec | None = None
