@@ -161,6 +161,52 @@ def test_budgets_turn_trees_into_plain_steps_without_changing_tokens(tiny, gen):
         g.close()
 
 
+def test_plain_steps_of_several_sequences_run_in_place_on_the_one_sequence_graph(tiny):
+    """One-token steps of several sequences run as one model.onnx call over their slots of the
+    cache (GroupQueryAttention, in place): the same logits, hidden states and new K/V as batch.onnx,
+    written at each slot's own length; a slot in the range that is not in the call keeps its
+    entries; a step on an empty cache or with more tokens goes to batch.onnx."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
+    e = g.engine
+    try:
+        slots = [e.acquire() for _ in range(3)]
+        rng = np.random.default_rng(0)
+        V = e.spec.vocab_size
+        for s, n in zip(slots, (5, 9, 7)):  # prefills, one sequence a call
+            s.forward(rng.integers(0, V, n), np.arange(n), np.tril(np.ones((n, n), bool)))
+            s.commit(np.arange(n))
+        e._apply(e._commits)
+        e._commits.clear()
+        middle = e.kv[:, :, 1].copy()
+
+        def step(slot: int, token: int):
+            return rb._Request(slot, "forward", ids=np.array([token]), pos=np.array([e._len[slot]]),
+                               mask=np.ones((1, 1), bool))  # fmt: skip
+
+        assert e._plain_step([step(0, 3), step(2, 4)])
+        assert not e._plain_step([step(0, 3), rb._Request(2, "forward", ids=np.array([4, 5]),
+                                  pos=np.array([7, 8]), mask=np.tril(np.ones((2, 2), bool)))])  # fmt: skip
+        e._len[1], saved = 0, e._len[1]
+        assert not e._plain_step([step(1, 3), step(2, 4)])  # an empty cache: GroupQueryAttention's first-prompt path
+        e._len[1] = saved
+        ref = [step(0, 3), step(2, 4)]
+        e._run_batch(ref)  # batch.onnx: writes nothing into the cache
+        got = [step(0, 3), step(2, 4)]
+        e._run_forward(got)
+        assert ("single", 0, 3) in e._bindings
+        for r, w in zip(got, ref):
+            np.testing.assert_allclose(r.result[0], w.result[0], rtol=1e-4, atol=1e-4)  # logits
+            np.testing.assert_allclose(r.result[1], w.result[1], rtol=1e-4, atol=1e-4)  # hidden state
+            np.testing.assert_allclose(r.result[2], w.result[2], rtol=1e-4, atol=1e-4)  # the new K/V
+            np.testing.assert_array_equal(e.kv[:, :, r.slot, :, e._len[r.slot]], r.result[2][:, :, :, 0])
+        # slot 1 sat in the call's range: its cached entries are untouched (a throwaway row at its length)
+        np.testing.assert_array_equal(e.kv[:, :, 1, :, : e._len[1]], middle[:, :, :, : e._len[1]])
+        for s in slots:
+            e.release(s)
+    finally:
+        g.close()
+
+
 def test_choose_budget_follows_the_load():
     # seconds per call: rows are nearly free for one sequence, expensive for eight
     costs = {(1, 1): 0.016, (1, 3): 0.017, (1, 6): 0.019, (8, 1): 0.025, (8, 3): 0.040, (8, 6): 0.060}
