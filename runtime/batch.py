@@ -83,6 +83,9 @@ WARMUP_STEPS = 32  # steps without a budget before choose_budget sets one
 EXPLORE_EVERY = 4 * WARMUP_STEPS  # one step in this many runs without a budget (a tree budget chosen)
 PLAIN_EXPLORE = 8  # ... and this many times fewer while plain steps are chosen for the load
 STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
+# plain steps of several sequences run in place on model.onnx (False: on batch.onnx, as before
+# 2026-12-01; scripts/bench_batch.py --plain-steps compares the two)
+PLAIN_STEPS_IN_PLACE = True
 
 
 class _Request:
@@ -607,7 +610,7 @@ class BatchEngine:
         """Several sequences, one token each, every cache non-empty: a call model.onnx takes too
         (GroupQueryAttention refuses several new tokens over a cache at batch > 1, not one), in
         place and faster than batch.onnx (SmolLM2, 2 threads: 26 against 34 ms at 4 sequences)."""
-        return all(r.rows == 1 and r.logits is None and self._len[r.slot] > 0 for r in reqs)
+        return PLAIN_STEPS_IN_PLACE and all(r.rows == 1 and r.logits is None and self._len[r.slot] > 0 for r in reqs)
 
     def _run_single(self, reqs: list[_Request]) -> None:
         """One sequence (a step or a prompt chunk), or several one-token steps (:meth:`_plain_step`),

@@ -5,7 +5,9 @@ plain decoding against Medusa with each step-budget policy, the same prompts fro
         --max-new-tokens 128 --threads 2 --budgets none plain auto
 
 ``--budgets``: ``none`` (every step its full tree), ``plain`` (a budget of 1 token: every step
-plain, through the Medusa loop), ``auto`` (the load-aware default). Prints tokens/s over the wall
+plain, through the Medusa loop), ``auto`` (the load-aware default). ``--plain-steps in-place batch-graph``
+runs every row twice: plain steps of several sequences in place on ``model.onnx`` (the default) and
+on ``batch.onnx`` (``runtime.batch.PLAIN_STEPS_IN_PLACE = False``, the engine before 2026-12-01). Prints tokens/s over the wall
 time, the engine's share of it, sequences per call, padding, mean accepted tokens per step, and
 whether every answer equals plain decoding's.
 """
@@ -37,7 +39,7 @@ def run(gen, chats, concurrency: int, max_new: int, **kw) -> tuple[list, float]:
 
 
 def main(argv=None) -> int:
-    import runtime
+    import runtime.batch as rb
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact")
@@ -47,12 +49,32 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--budgets", nargs="+", choices=list(POLICIES), default=["none", "plain", "auto"])
+    ap.add_argument(
+        "--plain-steps",
+        nargs="+",
+        choices=["in-place", "batch-graph"],
+        default=["in-place"],
+        help="where plain steps of several sequences run (each row once per choice, alternating)",
+    )
     a = ap.parse_args(argv)
     lines = Path(a.prompts_file).read_text().splitlines()[: a.prompts]
     chats = [[{"role": "user", "content": json.loads(line)["turns"][0]}] for line in lines]
+    print(f"{'decoding':<36} {'tok/s':>7} {'engine':>7} {'seq/call':>9} {'padding':>8} {'accepted':>9}  identical")
+    rows = [(policy, where) for policy in ["plain decoding", *a.budgets] for where in a.plain_steps]
+    try:
+        _rows(a, chats, rows)
+    finally:
+        rb.PLAIN_STEPS_IN_PLACE = True
+    return 0
+
+
+def _rows(a, chats, rows) -> None:
+    import runtime
+    import runtime.batch as rb
+
     reference = None
-    print(f"{'decoding':<22} {'tok/s':>7} {'engine':>7} {'seq/call':>9} {'padding':>8} {'accepted':>9}  identical")
-    for policy in ["plain decoding", *a.budgets]:
+    for policy, where in rows:
+        rb.PLAIN_STEPS_IN_PLACE = where == "in-place"
         budgets = "auto" if policy == "plain decoding" else POLICIES[policy]
         gen = runtime.load(a.artifact, threads=a.threads, max_batch=a.concurrency, budgets=budgets)
         try:
@@ -64,10 +86,10 @@ def main(argv=None) -> int:
         reference = reference or tokens
         same = sum(x == y for x, y in zip(tokens, reference))
         label = policy if policy == "plain decoding" else f"medusa, budgets {policy}"
-        print(f"{label:<22} {sum(map(len, tokens)) / seconds:7.1f} {st['engine_s'] / seconds:6.0%} "
+        label += f" ({where})" if len(a.plain_steps) > 1 else ""
+        print(f"{label:<36} {sum(map(len, tokens)) / seconds:7.1f} {st['engine_s'] / seconds:6.0%} "
               f"{st['sequences'] / max(1, st['calls']):9.2f} {st['padded_rows'] / max(1, st['rows']):8.2f} "
               f"{sum(o.stats.mean_accepted for o in out) / len(out):9.2f}  {same}/{len(out)}", flush=True)  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

@@ -215,3 +215,20 @@ def test_coupled_pairs_compares_drafts_on_plain_samplings_tokens(tiny, shared_da
     assert (D.PositionNoise.perturb, D.PositionNoise.choose) == (perturb, choose)
     with pytest.raises(SystemExit):
         coupled_pairs.main([str(tiny["artifact"]), "--temperature", "0"])
+
+
+def test_bench_batch_compares_where_plain_steps_run(tiny, capsys):
+    """``--plain-steps in-place batch-graph``: every row twice, the same answers both ways, and the
+    engine left on its default (in place) afterwards."""
+    from runtime import batch as rb
+    from scripts import bench_batch
+
+    assert bench_batch.main([str(tiny["artifact"]), "--prompts", "3", "--concurrency", "3", "--max-new-tokens", "6",
+                             "--threads", "1", "--budgets", "plain", "--plain-steps", "in-place", "batch-graph"]) == 0  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert [r.split("  ")[0].strip() for r in rows] == [
+        "plain decoding (in-place)", "plain decoding (batch-graph)",
+        "medusa, budgets plain (in-place)", "medusa, budgets plain (batch-graph)",
+    ]  # fmt: skip
+    assert all(r.endswith("3/3") for r in rows)
+    assert rb.PLAIN_STEPS_IN_PLACE is True
