@@ -9,7 +9,8 @@ context lookup, greedy / exact / typical acceptance, stop strings) on its own
 ``head_logits`` do not call an engine: they hand their inputs to the :class:`BatchEngine`'s
 thread and wait. That thread gathers the requests of every sequence that is computing,
 runs **one** ``batch.onnx`` call for all their forwards (each sequence with its own cache
-length, its own tree or plain token, padded to the longest) and **one** ``heads`` call for all
+length, its own tree or plain token, padded to the longest; where every one is a plain step,
+``model.onnx`` in place instead, which is faster) and **one** ``heads`` call for all
 their head requests, and hands each sequence its rows back. Nothing in the acceptance logic
 knows it is batched, so a batched sequence emits exactly what the same loop emits alone on
 this graph (greedy: lossless; a seed reproduces a sampled answer).
