@@ -29,7 +29,10 @@ default) the engine times its own graph at start-up (:meth:`BatchEngine.profile`
 call by sequences x rows), counts the tokens each row count of step has emitted so far, and
 gives each step the budget with the most tokens per second at the current number of decoding
 sequences (:func:`choose_budget`): a tree with lookup drafts alone, the bare tree as the batch
-fills, plain steps when speculation no longer pays. A list fixes the budgets by load instead.
+fills, plain steps when speculation no longer pays. Steps without a budget (the warm-up, before
+there is anything to weigh, and a rare exploring step) run only at a light load
+(``EXPLORE_MAX_BUSY`` sequences): one pads its whole call to its tree. A list fixes the budgets
+by load instead.
 Greedy tokens do not depend on the trees (lossless); sampled tokens follow the backbone's
 distribution whatever the tree (exact acceptance), and with coupled drafts (the default) a seed
 draws the same tokens whatever the tree, but they still depend on the last bits of the logits,
@@ -83,6 +86,12 @@ HOST_GAP_MAX = 0.5  # seconds: a longer pause between step calls is idleness, no
 WARMUP_STEPS = 32  # steps without a budget before choose_budget sets one
 EXPLORE_EVERY = 4 * WARMUP_STEPS  # one step in this many runs without a budget (a tree budget chosen)
 PLAIN_EXPLORE = 8  # ... and this many times fewer while plain steps are chosen for the load
+# unlimited steps (the warm-up's, before choose_budget has WARMUP_STEPS to weigh, and the exploring
+# ones) run only while at most this many sequences decode: each pads its whole call to its tree
+# (SmolLM2, 2 threads, 8 sequences: 130-210 ms against 41 ms a plain call, ~9% of the throughput
+# lost to the warm-up and exploring in one in-process run), and what a step emits does not
+# depend on the load, so lighter loads (alone above all) supply the estimates
+EXPLORE_MAX_BUSY = 2
 STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
 # plain steps of several sequences run in place on model.onnx (False: on batch.onnx, as before
 # 2026-12-01; scripts/bench_batch.py --plain-steps compares the two)
@@ -362,14 +371,17 @@ class BatchEngine:
             if busy == 1:  # alone: the artifact's tree was chosen for one sequence (select-tree)
                 return self.max_context
             now = time.monotonic()
+            light = busy <= EXPLORE_MAX_BUSY
             cached = self._budget_cache.get(busy)
             if cached is None or now - cached[1] > BUDGET_REFRESH:  # choose_budget costs ~0.3 ms: not per step
-                cached = (choose_budget(busy, self.costs, list(self._steps), self.host) or self.max_context, now)
+                chosen = choose_budget(busy, self.costs, list(self._steps), self.host)
+                # nothing to weigh yet: trees at a light load (the warm-up), plain steps above it
+                cached = (chosen if chosen is not None else self.max_context if light else 1, now)
                 self._budget_cache[busy] = cached
-            # an exploring step pads the whole call to its tree: where plain steps are chosen it is
-            # taken PLAIN_EXPLORE times less often (what a step emits does not depend on the load, and
-            # steps at a lighter load, alone above all, keep the estimates current meanwhile)
-            if self._explore % (EXPLORE_EVERY * (1 if cached[0] > 1 else PLAIN_EXPLORE)) == 0:
+            # an exploring step pads the whole call to its tree: only at a light load, and where plain
+            # steps are chosen PLAIN_EXPLORE times less often (what a step emits does not depend on the
+            # load, and steps at a lighter load, alone above all, keep the estimates current meanwhile)
+            if light and self._explore % (EXPLORE_EVERY * (1 if cached[0] > 1 else PLAIN_EXPLORE)) == 0:
                 return self.max_context
             return cached[0]
 

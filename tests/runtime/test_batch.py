@@ -262,6 +262,29 @@ def test_exploring_steps_are_rarer_where_plain_steps_are_chosen(tiny):
         g.close()
 
 
+def test_no_unlimited_steps_above_a_light_load(tiny):
+    """Above EXPLORE_MAX_BUSY decoding sequences an unlimited step (it pads the whole call to its
+    tree) never runs: before there is anything to weigh the budget is plain there (trees at a
+    light load: the warm-up), and no step explores."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=rb.EXPLORE_MAX_BUSY + 1)
+    e = g.engine
+    slots = [e.acquire() for _ in range(rb.EXPLORE_MAX_BUSY + 1)]
+    try:
+        assert not e._steps  # nothing weighed yet
+        assert e.budget() == 1  # the warm-up waits for a lighter load
+        e._budget_cache[len(slots)] = (3, time.monotonic() + 3600)  # a tree budget chosen for this load
+        for i in range(rb.EXPLORE_EVERY * rb.PLAIN_EXPLORE):
+            e._explore = i
+            assert e.budget() == 3  # never unlimited
+        e.release(slots.pop())
+        e._budget_cache.clear()
+        assert e.budget() == e.max_context  # a light load, nothing weighed: the warm-up's trees
+    finally:
+        for s in slots:
+            e.release(s)
+        g.close()
+
+
 def test_observed_costs_are_clipped_and_skip_calls_that_grew_the_cache(tiny, monkeypatch):
     monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
     g = runtime.load(tiny["artifact"], threads=1, max_batch=2)
