@@ -555,7 +555,10 @@ class BatchEngine:
         log.debug("batch engine: cache capacity %d per slot", cap)
 
     def _shrink(self) -> None:
-        """Back to the starting capacity (called with every slot free, so no call is running)."""
+        """Back to the starting capacity (called with every slot free, so no call is running);
+        the slots' lengths go to 0 with what they held (a stale length past the new capacity
+        would make the next growth copy from outside the buffer)."""
+        self._len[:] = [0] * self.slots
         start = min(MIN_CAPACITY, self.max_context)
         if self.capacity > start:
             self.kv = np.zeros((*self.kv.shape[:4], start, self.kv.shape[5]), self._dtype)
@@ -594,8 +597,9 @@ class BatchEngine:
             per_seq = (start - last[0]) / seqs
             self.host[kind] = per_seq if self.host.get(kind) is None else 0.9 * self.host[kind] + 0.1 * per_seq
         capacity = self.capacity
-        if self.single is not None and (len(reqs) == 1 or self._plain_step(reqs)):
-            self._run_single(reqs)
+        lens = self._plain_lengths(reqs) if self.single is not None and len(reqs) > 1 else None
+        if self.single is not None and (len(reqs) == 1 or lens is not None):
+            self._run_single(reqs, lens)
         else:
             self._run_batch(reqs)
         # what calls really cost (cache lengths, capacity) updates the profile; not a call that grew
@@ -619,18 +623,38 @@ class BatchEngine:
             # several times dearer than its neighbours, which steers the budgets for many steps
             self.costs[(b, n)] = (1 - COST_EMA) * was + COST_EMA * min(max(seconds, was / COST_CLIP), was * COST_CLIP)
 
-    def _plain_step(self, reqs: list[_Request]) -> bool:
-        """Several sequences, one token each, every cache non-empty: a call model.onnx takes too
-        (GroupQueryAttention refuses several new tokens over a cache at batch > 1, not one), in
-        place and faster than batch.onnx (SmolLM2, 2 threads: 26 against 34 ms at 4 sequences)."""
-        return PLAIN_STEPS_IN_PLACE and all(r.rows == 1 and r.logits is None and self._len[r.slot] > 0 for r in reqs)
+    def _plain_lengths(self, reqs: list[_Request]) -> np.ndarray | None:
+        """Where several sequences each take a one-token step over non-empty caches, a call
+        model.onnx takes too (GroupQueryAttention refuses several new tokens over a cache at
+        batch > 1, not one), in place and faster than batch.onnx (SmolLM2, 2 threads: 26 against
+        34 ms at 4 sequences): the ``cache_lengths`` of the slots ``lo .. hi`` it covers, after
+        growing the cache for the call's own sequences; else None.
 
-    def _run_single(self, reqs: list[_Request]) -> None:
-        """One sequence (a step or a prompt chunk), or several one-token steps (:meth:`_plain_step`),
-        on model.onnx: the slots ``lo .. hi`` of the cache bound as past and present, so the new
-        entries land in place at each slot's ``cache_lengths`` (the staged rows are read back from
-        there). A slot in the range that is not in the call gets a throwaway entry at its own
-        length, where its next forward writes anyway."""
+        A slot in the range that is not in the call gets a throwaway entry at the length given
+        here: a held slot at its own length (where its next forward writes anyway; a held slot
+        whose cache fills the buffer sends the call to batch.onnx instead), a free one at 0."""
+        if not PLAIN_STEPS_IN_PLACE or not all(
+            r.rows == 1 and r.logits is None and self._len[r.slot] > 0 for r in reqs
+        ):
+            return None
+        self._ensure_capacity(max(self._len[r.slot] for r in reqs) + 1)
+        lo, hi = reqs[0].slot, reqs[-1].slot + 1
+        inside = {r.slot for r in reqs}
+        with self._cond:
+            free = set(self._free)
+        lens = np.zeros(hi - lo, np.int64)
+        for slot in range(lo, hi):
+            if slot in inside or slot not in free:
+                if self._len[slot] >= self.capacity:
+                    return None
+                lens[slot - lo] = self._len[slot]
+        return lens
+
+    def _run_single(self, reqs: list[_Request], lens: np.ndarray | None = None) -> None:
+        """One sequence (a step or a prompt chunk), or several one-token steps with the
+        ``cache_lengths`` of :meth:`_plain_lengths`, on model.onnx: the slots ``lo .. hi`` of the
+        cache bound as past and present, so the new entries land in place at each slot's
+        ``cache_lengths`` (the staged rows are read back from there)."""
         from runtime.onnxrt import _bind
 
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
@@ -646,10 +670,9 @@ class BatchEngine:
             k = n if r.logits is None else max(0, min(int(r.logits), n))
             ids, pos, mask = r.ids[None], r.pos[None], r.mask[None]
             lens = np.array([base], np.int64)
-        else:  # one token each
+        else:  # one token each, the cache grown by _plain_lengths
+            assert lens is not None
             n, k = 1, 1
-            lens = np.array(self._len[lo:hi], np.int64)
-            self._ensure_capacity(int(lens.max()) + 1)
             ids, pos = np.zeros((B, 1), np.int64), lens[:, None].copy()
             for r in reqs:
                 ids[r.slot - lo, 0], pos[r.slot - lo, 0] = r.ids[0], r.pos[0]

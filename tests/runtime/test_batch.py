@@ -183,11 +183,13 @@ def test_plain_steps_of_several_sequences_run_in_place_on_the_one_sequence_graph
             return rb._Request(slot, "forward", ids=np.array([token]), pos=np.array([e._len[slot]]),
                                mask=np.ones((1, 1), bool))  # fmt: skip
 
-        assert e._plain_step([step(0, 3), step(2, 4)])
-        assert not e._plain_step([step(0, 3), rb._Request(2, "forward", ids=np.array([4, 5]),
+        assert e._plain_lengths([step(0, 3), step(2, 4)]).tolist() == [e._len[0], e._len[1], e._len[2]]
+        assert None is e._plain_lengths([step(0, 3), rb._Request(2, "forward", ids=np.array([4, 5]),
                                   pos=np.array([7, 8]), mask=np.tril(np.ones((2, 2), bool)))])  # fmt: skip
         e._len[1], saved = 0, e._len[1]
-        assert not e._plain_step([step(1, 3), step(2, 4)])  # an empty cache: GroupQueryAttention's first-prompt path
+        assert (
+            e._plain_lengths([step(1, 3), step(2, 4)]) is None
+        )  # an empty cache: GroupQueryAttention's first-prompt path
         e._len[1] = saved
         ref = [step(0, 3), step(2, 4)]
         e._run_batch(ref)  # batch.onnx: writes nothing into the cache
@@ -203,6 +205,47 @@ def test_plain_steps_of_several_sequences_run_in_place_on_the_one_sequence_graph
         np.testing.assert_array_equal(e.kv[:, :, 1, :, : e._len[1]], middle[:, :, :, : e._len[1]])
         for s in slots:
             e.release(s)
+    finally:
+        g.close()
+
+
+def test_slots_between_plain_steps_never_break_the_call(tiny, monkeypatch):
+    """A held slot between two sequences' plain steps whose cache fills the buffer sends the call
+    to batch.onnx (no throwaway entry past the buffer); a free one, whatever length it last had,
+    takes its throwaway entry at 0; with every slot free the lengths go to 0 with the shrunk
+    buffer, so growing again copies nothing from outside it."""
+    monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
+    e = g.engine
+    try:
+        slots = [e.acquire() for _ in range(3)]
+        rng = np.random.default_rng(1)
+        for s, n in zip(slots, (5, 16, 7)):  # slot 1 fills the 16-position buffer exactly
+            s.forward(rng.integers(0, e.spec.vocab_size, n), np.arange(n), np.tril(np.ones((n, n), bool)))
+            s.commit(np.arange(n))
+        e._apply(e._commits)
+        e._commits.clear()
+        assert e.capacity == 16 and e._len == [5, 16, 7]
+        held = e.kv[:, :, 1].copy()
+
+        def steps():
+            return [rb._Request(i, "forward", ids=np.array([3]), pos=np.array([e._len[i]]), mask=np.ones((1, 1), bool))
+                    for i in (0, 2)]  # fmt: skip
+
+        assert e._plain_lengths(steps()) is None  # held and full: batch.onnx
+        reqs = steps()
+        e._run_forward(reqs)  # runs, on batch.onnx
+        assert ("single", 0, 3) not in e._bindings and all(r.result is not None for r in reqs)
+        np.testing.assert_array_equal(e.kv[:, :, 1], held)
+        e.release(slots[1])  # free now, its length left as it was
+        assert e._plain_lengths(steps()).tolist() == [5, 0, 7]
+        e._run_forward(steps())
+        assert ("single", 0, 3) in e._bindings
+        for s in (slots[0], slots[2]):
+            e.release(s)
+        assert e.capacity == 16 and e._len == [0, 0, 0]  # every slot free: shrunk, nothing held
+        e._ensure_capacity(40)  # grows without copying stale lengths
+        assert e.capacity == 64
     finally:
         g.close()
 
