@@ -627,17 +627,17 @@ class BatchEngine:
         """Where several sequences each take a one-token step over non-empty caches, a call
         model.onnx takes too (GroupQueryAttention refuses several new tokens over a cache at
         batch > 1, not one), in place and faster than batch.onnx (SmolLM2, 2 threads: 26 against
-        34 ms at 4 sequences): the ``cache_lengths`` of the slots ``lo .. hi`` it covers, after
-        growing the cache for the call's own sequences; else None.
+        34 ms at 4 sequences): the ``cache_lengths`` of the slots ``lo .. hi`` it covers; else None.
 
         A slot in the range that is not in the call gets a throwaway entry at the length given
         here: a held slot at its own length (where its next forward writes anyway; a held slot
-        whose cache fills the buffer sends the call to batch.onnx instead), a free one at 0."""
+        whose cache fills the buffer the call will have sends the call to batch.onnx instead), a
+        free one at 0."""
         if not PLAIN_STEPS_IN_PLACE or not all(
             r.rows == 1 and r.logits is None and self._len[r.slot] > 0 for r in reqs
         ):
             return None
-        self._ensure_capacity(max(self._len[r.slot] for r in reqs) + 1)
+        room = max(self.capacity, max(self._len[r.slot] for r in reqs) + 1)  # _run_single grows to it
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         inside = {r.slot for r in reqs}
         with self._cond:
@@ -645,7 +645,7 @@ class BatchEngine:
         lens = np.zeros(hi - lo, np.int64)
         for slot in range(lo, hi):
             if slot in inside or slot not in free:
-                if self._len[slot] >= self.capacity:
+                if self._len[slot] >= room:
                     return None
                 lens[slot - lo] = self._len[slot]
         return lens
@@ -670,9 +670,10 @@ class BatchEngine:
             k = n if r.logits is None else max(0, min(int(r.logits), n))
             ids, pos, mask = r.ids[None], r.pos[None], r.mask[None]
             lens = np.array([base], np.int64)
-        else:  # one token each, the cache grown by _plain_lengths
+        else:  # one token each, at the cache lengths of _plain_lengths
             assert lens is not None
             n, k = 1, 1
+            self._ensure_capacity(max(self._len[r.slot] for r in reqs) + 1)
             ids, pos = np.zeros((B, 1), np.int64), lens[:, None].copy()
             for r in reqs:
                 ids[r.slot - lo, 0], pos[r.slot - lo, 0] = r.ids[0], r.pos[0]
