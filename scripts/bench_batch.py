@@ -5,7 +5,9 @@ plain decoding against Medusa with each step-budget policy, the same prompts fro
         --max-new-tokens 128 --threads 2 --budgets none plain auto
 
 ``--budgets``: ``none`` (every step its full tree), ``plain`` (a budget of 1 token: every step
-plain, through the Medusa loop), ``auto`` (the load-aware default). ``--plain-steps in-place batch-graph``
+plain, through the Medusa loop), ``auto`` (the load-aware default). After each plain-decoding row,
+the engine's cost of one call of one token a sequence by the number of sequences (its start-up
+profile, as that row's calls updated it). ``--plain-steps in-place batch-graph``
 runs every row twice: plain steps of several sequences in place on ``model.onnx`` (the default) and
 on ``batch.onnx`` (``runtime.batch.PLAIN_STEPS_IN_PLACE = False``, the engine before 2026-12-01). Prints tokens/s over the wall
 time, the engine's share of it, sequences per call, padding, mean accepted tokens per step, and
@@ -80,6 +82,7 @@ def _rows(a, chats, rows) -> None:
         try:
             out, seconds = run(gen, chats, a.concurrency, a.max_new_tokens, medusa=policy != "plain decoding")
             st = dict(gen.engine.stats)
+            costs = dict(gen.engine.costs)  # the start-up profile, as the calls since updated it
         finally:
             gen.close()
         tokens = [o.tokens for o in out]
@@ -90,6 +93,9 @@ def _rows(a, chats, rows) -> None:
         print(f"{label:<36} {sum(map(len, tokens)) / seconds:7.1f} {st['engine_s'] / seconds:6.0%} "
               f"{st['sequences'] / max(1, st['calls']):9.2f} {st['padded_rows'] / max(1, st['rows']):8.2f} "
               f"{sum(o.stats.mean_accepted for o in out) / len(out):9.2f}  {same}/{len(out)}", flush=True)  # fmt: skip
+        if policy == "plain decoding" and costs:  # what one call of one token a sequence costs here
+            cells = sorted((b, t) for (b, n), t in costs.items() if n == 1)
+            print(f"{'':<4}one token a sequence, ms a call: " + ", ".join(f"{b} seq {1000 * t:.1f}" for b, t in cells))
 
 
 if __name__ == "__main__":

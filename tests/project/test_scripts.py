@@ -225,7 +225,10 @@ def test_bench_batch_compares_where_plain_steps_run(tiny, capsys):
 
     assert bench_batch.main([str(tiny["artifact"]), "--prompts", "3", "--concurrency", "3", "--max-new-tokens", "6",
                              "--threads", "1", "--budgets", "plain", "--plain-steps", "in-place", "batch-graph"]) == 0  # fmt: skip
-    rows = [line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    lines = capsys.readouterr().out.splitlines()[1:]
+    rows = [line for line in lines if line.strip() and not line.startswith(" ")]
+    profiles = [line for line in lines if line.startswith("    one token a sequence, ms a call: ")]
+    assert len(profiles) == 2 and all("1 seq" in p and "2 seq" in p for p in profiles)  # after each plain row
     assert [r.split("  ")[0].strip() for r in rows] == [
         "plain decoding (in-place)", "plain decoding (batch-graph)",
         "medusa, budgets plain (in-place)", "medusa, budgets plain (batch-graph)",
