@@ -89,7 +89,7 @@ PLAIN_EXPLORE = 8  # ... and this many times fewer while plain steps are chosen 
 # unlimited steps (the warm-up's, before choose_budget has WARMUP_STEPS to weigh, and the exploring
 # ones) run only while at most this many sequences decode: each pads its whole call to its tree
 # (SmolLM2, 2 threads, 8 sequences: 130-210 ms against 41 ms a plain call, ~9% of the throughput
-# lost to the warm-up and exploring in one in-process run), and what a step emits does not
+# lost to the warm-up and exploring in one in-process run; scripts/bench_batch.py shows it as padding), and what a step emits does not
 # depend on the load, so lighter loads (alone above all) supply the estimates
 EXPLORE_MAX_BUSY = 2
 STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
@@ -247,8 +247,8 @@ class BatchEngine:
         self.session = _session(ort, self.folder / config.batch.file, _options(ort, threads, spin=True), providers)
         # one-sequence calls (a step alone, a prompt chunk) and plain steps of several sequences
         # (one token each) run on model.onnx, whose in-place GroupQueryAttention reads exactly the
-        # cached entries (SmolLM2, 2 threads, one token a sequence: 19 / 23 / 26 / 36 ms against
-        # batch.onnx's 21 / 24 / 34 / 44 at 1 / 2 / 4 / 8 sequences), over the same slots of the
+        # cached entries (SmolLM2, 2 threads, one token a sequence: 31 against 34-40 ms a call at 4
+        # sequences, scripts/bench_batch.py --plain-steps), over the same slots of the
         # same cache; it costs a second copy of the weights in memory (single_graph=False:
         # batch.onnx for every call)
         self.single = (
@@ -626,8 +626,8 @@ class BatchEngine:
     def _plain_lengths(self, reqs: list[_Request]) -> np.ndarray | None:
         """Where several sequences each take a one-token step over non-empty caches, a call
         model.onnx takes too (GroupQueryAttention refuses several new tokens over a cache at
-        batch > 1, not one), in place and faster than batch.onnx (SmolLM2, 2 threads: 26 against
-        34 ms at 4 sequences): the ``cache_lengths`` of the slots ``lo .. hi`` it covers; else None.
+        batch > 1, not one), in place and faster than batch.onnx (SmolLM2, 2 threads: 31 against
+        34-40 ms at 4 sequences): the ``cache_lengths`` of the slots ``lo .. hi`` it covers; else None.
 
         A slot in the range that is not in the call gets a throwaway entry at the length given
         here: a held slot at its own length (where its next forward writes anyway; a held slot
