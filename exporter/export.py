@@ -783,6 +783,32 @@ def _export_batch_graph(model, folder: Path, config, options: ExportOptions) -> 
         config.provenance["batch_validation"] = report.summary()
     b_in, b_out, b_axes = batch_io(config.model.num_layers)
     config.batch = GraphSpec(BATCH_FILE, b_in, b_out, b_axes)
+    _export_fold_graph(model, folder, config, options)
+
+
+def _export_fold_graph(model, folder: Path, config, options: ExportOptions) -> None:
+    """fold.onnx beside batch.onnx (exporter/fused.py, ``_folded_attention``): the batched steps of
+    2 .. FOLD_MAX_BATCH sequences on GroupQueryAttention in place; validated against model.onnx;
+    recorded in ``config.fold``. Without it (a model it does not support) batch.onnx takes them."""
+    from exporter.fused import FOLD_FILE, FOLD_MAX_BATCH, FusedGraphError, fold_io, write_batch_graph
+    from exporter.validate import validate_batch_graph
+
+    try:
+        with progress(f"writing {FOLD_FILE} (trees of 2-{FOLD_MAX_BATCH} sequences per call, in place)"):
+            files = write_batch_graph(model, folder, BACKBONE_FILE, options.dtype, config.model.max_context,
+                                      folded=FOLD_MAX_BATCH)  # fmt: skip
+    except FusedGraphError as e:
+        log.warning("no folded batch graph: %s", e)
+        return
+    config.provenance["files"].update(files)
+    if options.validate:
+        with progress(f"validating {FOLD_FILE} against {BACKBONE_FILE}"):
+            report = validate_batch_graph(folder, BACKBONE_FILE, FOLD_FILE, options.dtype, config.model.max_context,
+                                          threads=options.validation_threads, folded=True)  # fmt: skip
+        config.provenance["fold_validation"] = report.summary()
+    f_in, f_out, f_axes = fold_io(config.model.num_layers)
+    config.fold = GraphSpec(FOLD_FILE, f_in, f_out, f_axes)
+    config.fold_max_batch = FOLD_MAX_BATCH
 
 
 def check_finite(module, what: str, error=MedusaError) -> None:

@@ -151,6 +151,9 @@ class _Graph:
         self.nodes = []
         self.inits = []
         self.dtype = dtype
+        from onnx import helper as _h
+
+        self.tdt = _h.np_dtype_to_tensor_dtype(np.dtype(dtype))
         self._n = 0
 
     def name(self, base: str) -> str:
@@ -176,7 +179,9 @@ class _Graph:
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def build_fused_backbone(model, dtype: str = "float32", max_positions: int | None = None, batched: bool = False):
+def build_fused_backbone(
+    model, dtype: str = "float32", max_positions: int | None = None, batched: bool = False, folded: int = 0
+):
     """The fused ``model.onnx`` of a Llama-family *ForCausalLM, as an ``onnx.ModelProto``.
 
     ``dtype``: float32 or float16 (weights, activations, cache, logits). ``max_positions``
@@ -185,6 +190,10 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     ``batched``: the batch graph (``batch.onnx``, :func:`_batched_attention`) instead: the same
     weights and inputs, attention from standard MatMul/Softmax ops so that several sequences
     with their own cache lengths and trees run in one call, the new tokens' K/V returned alone.
+
+    ``folded`` (>= 1): the folded batch graph (``fold.onnx``, :func:`_folded_attention`) for up
+    to ``folded`` sequences a call: the same inputs as ``batch.onnx``, GroupQueryAttention in
+    place over the slots' cache as one sequence whose heads are the sequences' heads.
     """
     from onnx import TensorProto
 
@@ -211,7 +220,9 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     zero = g.const("const/zero", [0])
     shape_ids = g.op("Shape", ["input_ids"], name="shape_ids")
     n_new = g.op("Gather", [shape_ids, one], name="n_new", axis=0)  # [1] int64
-    if not batched:
+    if folded and batched:
+        raise FusedGraphError("batched and folded are two different graphs: ask for one")
+    if not batched and not folded:
         seqlens = g.op("Sub", [g.op("Add", ["cache_lengths", n_new]), one])  # [B] = cache + new - 1
         seqlens_k = g.op("Cast", [seqlens], name="seqlens_k", to=TensorProto.INT32)
         total = g.op("Add", [g.op("ReduceMax", ["cache_lengths"], keepdims=1), n_new])  # [1]
@@ -248,6 +259,12 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
                 f"sliding window {window} < context {max_positions}: the batch graph has no window (use --max-context)"
             )
         batch_bias = _batch_bias(g, nq // nkv, inputs[FUSED_CACHE_START], npdt, zero, one, n_new)
+    if folded:
+        if window != -1 and window < max_positions:
+            raise FusedGraphError(
+                f"sliding window {window} < context {max_positions}: the folded graph has no window (use --max-context)"
+            )
+        fold = _fold_inputs(g, nq, npdt, zero, one, n_new, shape_ids, folded)
     cos, sin = _rotary_tables(model, max_positions)
     g.init("cos_cache", cos.astype(npdt))
     g.init("sin_cache", sin.astype(npdt))
@@ -255,6 +272,8 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     # ---- embeddings
     embed = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"], npdt))
     x = g.op("Gather", [embed, "input_ids"], name="embed", axis=0)
+    if folded:  # token-major [new, B, H]: a layer's [new, B, heads x D] is [1, new, B x heads x D] as it lies
+        x = g.op("Transpose", [x], name="fold/embed_t", perm=[1, 0, 2])
     residual = None
 
     def norm(inp, weight_key: str, res):
@@ -294,7 +313,12 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         xn, residual = norm(x, f"{p}.input_layernorm.weight", residual)
         qkv = linear(xn, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{n}_proj" for n in "qkv"], "qkv")
         scale = float(getattr(model.model.layers[i].self_attn, "scaling", D**-0.5))
-        if batched:
+        if folded:
+            attn = _folded_attention(
+                g, qkv, i, nq, nkv, D, scale, fold, inputs[FUSED_CACHE_START + 2 * i],
+                inputs[FUSED_CACHE_START + 1 + 2 * i], outputs[2 + 2 * i], outputs[3 + 2 * i],
+            )  # fmt: skip
+        elif batched:
             attn = _batched_attention(
                 g, qkv, i, nq, nkv, D, scale, batch_bias, inputs[FUSED_CACHE_START + 2 * i],
                 inputs[FUSED_CACHE_START + 1 + 2 * i], outputs[2 + 2 * i], outputs[3 + 2 * i],
@@ -338,12 +362,14 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         h.make_node(
             "SkipSimplifiedLayerNormalization",
             [x, residual, w],
-            ["hidden_states"],
+            ["fold/hidden_t" if folded else "hidden_states"],
             name="model.norm/skipnorm",
             domain=MS_DOMAIN,
             epsilon=eps,
         )
     )
+    if folded:
+        g.op("Transpose", ["fold/hidden_t"], ["hidden_states"], name="fold/hidden", perm=[1, 0, 2])
     # logits for the last num_logits rows only: a prompt chunk needs none (or its last row's), a
     # step needs all; the lm_head is a fifth of SmolLM2's weights and the logits [rows, vocab] the
     # largest tensor of a prefill
@@ -353,24 +379,23 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
     g.nodes.append(h.make_node("MatMul", [rows, g.init("lm_head.weight_t", lm)], ["logits"], name="lm_head/matmul"))
 
     kv_in = [nkv, "cache_capacity"]
+    past_dims: list = ["batch", kv_in[0], "past_capacity", D]
+    present_dims: list = ["batch", kv_in[0], "new_tokens" if batched else "present_capacity", D]
+    if folded:  # the slots' cache as one sequence with batch x kv_heads heads, written in place
+        past_dims = [1, "batch_kv_heads", "past_capacity", D]
+        present_dims = [1, "batch_kv_heads", "present_capacity", D]
     graph_inputs = [
         h.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "new_tokens"]),
         h.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "new_tokens"]),
         h.make_tensor_value_info("tree_mask", TensorProto.BOOL, ["batch", "new_tokens", "new_tokens"]),
         h.make_tensor_value_info("cache_lengths", TensorProto.INT64, ["batch"]),
         h.make_tensor_value_info("num_logits", TensorProto.INT64, [1]),
-        *[
-            h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "past_capacity", D])
-            for n in inputs[FUSED_CACHE_START:]
-        ],
+        *[h.make_tensor_value_info(n, tdt, past_dims) for n in inputs[FUSED_CACHE_START:]],
     ]
     graph_outputs = [
         h.make_tensor_value_info("logits", tdt, ["batch", "logits_rows", V]),
         h.make_tensor_value_info("hidden_states", tdt, ["batch", "new_tokens", H]),
-        *[
-            h.make_tensor_value_info(n, tdt, ["batch", kv_in[0], "new_tokens" if batched else "present_capacity", D])
-            for n in outputs[2:]
-        ],
+        *[h.make_tensor_value_info(n, tdt, present_dims) for n in outputs[2:]],
     ]
     graph = h.make_graph(g.nodes, "medusa_trt_fused_backbone", graph_inputs, graph_outputs, g.inits)
     proto = h.make_model(
@@ -379,7 +404,7 @@ def build_fused_backbone(model, dtype: str = "float32", max_positions: int | Non
         producer_name="medusa-trt",
         ir_version=10,
     )
-    proto.doc_string = f"medusa-trt fused {'batch ' if batched else ''}backbone ({type(model).__name__}, {dtype})"
+    proto.doc_string = f"medusa-trt fused {'batch ' if batched else 'folded ' if folded else ''}backbone ({type(model).__name__}, {dtype})"
     return proto
 
 
@@ -441,6 +466,129 @@ def _batched_attention(g: _Graph, qkv, i, nq, nkv, D, scale, bias, past_k, past_
     return g.op("Reshape", [o, g.const(f"{p}/o3", [0, 0, nq * D])])
 
 
+def _fold_inputs(g: _Graph, nq: int, npdt, zero: str, one: str, n_new: str, shape_ids: str, folded: int) -> dict:
+    """What every layer of the folded graph shares, computed once: the new tokens' place ``P``
+    (the longest cache of the call: every sequence's new entries go to ``P ..``, past whatever
+    any slot of the call holds), GroupQueryAttention's lengths for the folded sequence
+    (``P + new``), the bias ``[1, B x heads, new, P + new]`` (sequence b's heads see its first
+    ``cache_lengths[b]`` entries and the new tokens its ``tree_mask`` allows, nothing between),
+    the token-major positions, and the branch conditions on ``B``."""
+    from onnx import TensorProto
+
+    batch = g.op("Gather", [shape_ids, zero], name="fold/batch", axis=0)  # [1]
+    P = g.op("ReduceMax", ["cache_lengths"], name="fold/place", keepdims=1)  # [1]
+    total = g.op("Add", [P, n_new])  # [1]
+    seqlens = g.op("Cast", [g.op("Sub", [total, one])], name="fold/seqlens_k", to=TensorProto.INT32)
+    total_len = g.op("Cast", [g.op("Squeeze", [total, zero])], name="fold/total_sequence_length", to=TensorProto.INT32)
+    scalar = lambda t: g.op("Squeeze", [t, zero])
+    cols = g.op("Range", [scalar(zero), scalar(total), scalar(one)])  # [T]
+    is_past = g.op("Less", [cols, g.op("Unsqueeze", ["cache_lengths", g.const("const/axes12", [1, 2])])])  # [B, 1, T]
+    rel = g.op("Sub", [cols, P])  # [T]: new token rel where >= 0
+    is_new = g.op("Not", [g.op("Less", [rel, zero])])
+    idx = g.op("Expand", [g.op("Max", [rel, zero]), g.op("Concat", [batch, n_new, total], axis=0)])  # [B, new, T]
+    in_tree = g.op("And", [g.op("GatherElements", ["tree_mask", idx], axis=2), is_new])
+    visible = g.op("Or", [is_past, in_tree])  # [B, new, T]
+    lowest = float(np.finfo(npdt).min)
+    bias = g.op(
+        "Where",
+        [
+            visible,
+            g.init("const/fold_bias_zero", np.zeros((), npdt)),
+            g.init("const/fold_bias_masked", np.array(lowest, npdt)),
+        ],
+    )
+    bias = g.op(
+        "Expand",
+        [
+            g.op("Unsqueeze", [bias, one]),
+            g.op("Concat", [batch, g.const("const/fold_heads", [nq]), n_new, total], axis=0),
+        ],
+    )
+    bias = g.op(
+        "Reshape",
+        [bias, g.op("Concat", [g.const("const/fold_one_all", [1, -1]), n_new, total], axis=0)],
+        name="fold/bias",
+    )
+    pos = g.op("Transpose", ["position_ids"], name="fold/position_ids", perm=[1, 0])  # [new, B]
+    flat = g.op("Concat", [n_new, g.const("const/fold_rest", [-1])], axis=0)  # [new, -1]
+    bscalar = scalar(batch)
+    conds = {
+        v: g.op("Less", [bscalar, g.const(f"const/fold_b{v}", v)], name=f"fold/below_{v}") for v in range(2, folded + 1)
+    }
+    unfold = g.op("Concat", [n_new, batch, g.const("const/fold_width", [-1])], axis=0)  # [new, B, -1]
+    return {"seqlens": seqlens, "total": total_len, "bias": bias, "pos": pos, "flat": flat, "unfold": unfold,
+            "conds": conds, "sizes": list(range(min(2, folded), folded + 1))}  # fmt: skip
+
+
+def _folded_attention(g: _Graph, qkv, i, nq, nkv, D, scale, fold, past_k, past_v, present_k, present_v) -> str:
+    """One layer's attention for several sequences in one call on ONNX Runtime's
+    GroupQueryAttention, the cache read and written in place.
+
+    GroupQueryAttention takes several new tokens over a cache at batch 1 only. The slots' cache
+    ``[B, kv_heads, capacity, D]`` is, as it lies in memory, one sequence ``[1, B x kv_heads,
+    capacity, D]`` whose KV heads are all the sequences' heads, and token-major activations
+    ``[new, B, heads x D]`` are ``[1, new, B x heads x D]``: query head ``b x heads + h`` then
+    reads KV head ``b x kv_heads + h // group``, sequence b's own. So one call attends for all
+    sequences; the bias of :func:`_fold_inputs` keeps each in its cache and tree, and rotary
+    runs before (``com.microsoft.RotaryEmbedding`` by each token's own position). The head
+    counts are attributes, so the call branches on ``B`` (``If`` nodes over 2 .. the graph's
+    largest batch, :data:`FOLD_MAX_BATCH`); each branch is one GroupQueryAttention node. Calls of
+    one sequence belong on ``model.onnx``.
+    """
+    h = g.h
+    p = f"model.layers.{i}/fattn"
+    q, k, v = g.op("Split", [qkv, g.const(f"{p}/qkv_sizes", [nq * D, nkv * D, nkv * D])], 3, name=f"{p}/split", axis=-1)
+    rot = {"domain": MS_DOMAIN, "interleaved": 0}
+    q = g.op("RotaryEmbedding", [q, fold["pos"], "cos_cache", "sin_cache"], name=f"{p}/rope_q", num_heads=nq, **rot)
+    k = g.op("RotaryEmbedding", [k, fold["pos"], "cos_cache", "sin_cache"], name=f"{p}/rope_k", num_heads=nkv, **rot)
+    zero = "const/zero"
+    q, k, v = (
+        g.op("Unsqueeze", [g.op("Reshape", [t, fold["flat"]]), zero], name=f"{p}/fold_{c}")
+        for t, c in zip((q, k, v), "qkv")
+    )
+    out = f"{p}/out"
+
+    def branch(sizes: list[int], outs: list[str], tag: str):
+        """Nodes writing ``outs`` for a batch of one of ``sizes``: a GroupQueryAttention, or an If."""
+        if len(sizes) == 1:
+            b = sizes[0]
+            return [
+                h.make_node(
+                    "GroupQueryAttention",
+                    [q, k, v, past_k, past_v, fold["seqlens"], fold["total"], "", "", "", fold["bias"]],
+                    outs,
+                    name=f"{p}/gqa_b{b}",
+                    domain=MS_DOMAIN,
+                    num_heads=b * nq,
+                    kv_num_heads=b * nkv,
+                    do_rotary=0,
+                    local_window_size=-1,
+                    scale=scale,
+                )  # fmt: skip
+            ]
+        mid = (len(sizes) + 1) // 2 if len(sizes) > 3 else 1  # the smallest batch the fewest levels down
+        subs = []
+        for part, side in ((sizes[:mid], "lo"), (sizes[mid:], "hi")):
+            names = [f"{o}/{tag}{side}" for o in outs]
+            subs.append(
+                h.make_graph(
+                    branch(part, names, tag + side[0]),
+                    f"{p}_{tag}{side}",
+                    [],
+                    [h.make_tensor_value_info(n, g.tdt, None) for n in names],
+                )  # fmt: skip
+            )
+        return [
+            h.make_node(
+                "If", [fold["conds"][sizes[mid]]], outs, name=f"{p}/if_{tag}", then_branch=subs[0], else_branch=subs[1]
+            )
+        ]
+
+    g.nodes.extend(branch(fold["sizes"], [out, present_k, present_v], "b"))
+    # [1, new, B x heads x D] -> [new, B, heads x D]
+    return g.op("Reshape", [out, fold["unfold"]], name=f"{p}/unfold")
+
+
 def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) -> dict:
     """Save ``proto`` at ``path``, its tensors in ``<path>.data`` when they exceed the
     threshold (protobuf cannot hold 2 GiB); returns {file: bytes}."""
@@ -470,6 +618,12 @@ def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) ->
 
 
 BATCH_FILE = "batch.onnx"
+FOLD_FILE = "fold.onnx"
+# the folded graph's largest batch: its If nodes branch over 2 .. this many sequences (one sequence
+# runs on model.onnx, more than this many on batch.onnx). Each level of If costs ~1.5-2 ms a call
+# (SmolLM2, 2 threads, 2 sequences x 6 tokens: 53.2 / 55.3 / 58.4 ms with 1 / 2 / 4 levels, batch.onnx
+# 60.6), so the graph branches over few sizes: B = 2 one level down, 3 and 4 two
+FOLD_MAX_BATCH = 4
 
 
 def batch_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:
@@ -478,6 +632,16 @@ def batch_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]
     hold the new tokens' entries alone."""
     inputs, outputs, axes = fused_io(num_layers)
     axes.update({name: ["batch", "kv_heads", "new_tokens"] for name in outputs[2:]})
+    return inputs, outputs, axes
+
+
+def fold_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Input names, output names and named dynamic axes of ``fold.onnx``: the fused graph's
+    names; the cache inputs and the ``present.*`` outputs are the slots' buffer as one sequence
+    ``[1, batch x kv_heads, capacity, head_dim]``, bound in place."""
+    inputs, outputs, axes = fused_io(num_layers)
+    fold = ["one", "batch_kv_heads", "capacity"]
+    axes.update({name: fold for name in inputs[FUSED_CACHE_START:] + outputs[2:]})
     return inputs, outputs, axes
 
 
@@ -493,8 +657,9 @@ def _external_index(path: Path) -> dict:
     return index
 
 
-def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_positions: int) -> dict:
-    """Write ``batch.onnx`` next to the fused ``backbone_file``, its weights read from the
+def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_positions: int, folded: int = 0) -> dict:
+    """Write ``batch.onnx`` (``folded``: ``fold.onnx`` for up to that many sequences a call)
+    next to the fused ``backbone_file``, its weights read from the
     backbone's own ``.data`` file (no second copy on disk): every initializer whose bytes are
     already there is stored as a reference to them; the few small ones that are not stay in the
     graph. A backbone saved as one file is first re-saved with its tensors in ``.data``.
@@ -514,7 +679,7 @@ def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_p
         del proto
         files = {path.name: path.stat().st_size, data.name: data.stat().st_size}
     index = _external_index(path)
-    proto = build_fused_backbone(model, dtype=dtype, max_positions=max_positions, batched=True)
+    proto = build_fused_backbone(model, dtype=dtype, max_positions=max_positions, batched=not folded, folded=folded)
     blob = np.memmap(data, dtype=np.uint8, mode="r")
     shared = inline = 0
     for t in proto.graph.initializer:
@@ -536,7 +701,7 @@ def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_p
             entry.key, entry.value = key, value
         shared += length
     del blob
-    out = folder / BATCH_FILE
+    out = folder / (FOLD_FILE if folded else BATCH_FILE)
     onnx.save_model(proto, str(out))
     files[out.name] = out.stat().st_size
     import logging

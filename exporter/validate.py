@@ -375,8 +375,13 @@ def validate_batch_graph(
     seed: int = 0,
     threads: int | None = None,
     raise_on_failure: bool = True,
+    folded: bool = False,
 ) -> ValidationReport:
     """Compare ``batch.onnx`` with the (already validated) fused ``model.onnx``, sequence by sequence.
+
+    ``folded``: ``batch_file`` is the folded batch graph (``fold.onnx``): the same inputs, the
+    slots' cache bound as one ``[1, B x kv_heads, capacity, head_dim]`` tensor, and each
+    sequence's new entries in the ``present.*`` it returns at ``max(cache_lengths)``.
 
     One batched call holds four sequences with different cache lengths and different new-token
     counts, padded to the longest (as the batch engine pads them): a prefill on an empty cache,
@@ -393,7 +398,7 @@ def validate_batch_graph(
     single = _session(folder / backbone_file, threads)
     batch = _session(folder / batch_file, threads)
     names = [i.name for i in batch.get_inputs()][5:]
-    shape = {i.name: i.shape for i in batch.get_inputs()}[names[0]]
+    shape = {i.name: i.shape for i in single.get_inputs()}[names[0]]
     kv, head_dim = int(shape[1]), int(shape[3])
     vocab = int(batch.get_outputs()[0].shape[2])
     npdt = _NP[dtype]
@@ -406,7 +411,7 @@ def validate_batch_graph(
         if 5 + 4 * k + t.num_nodes <= max_context:  # the rotary tables hold max_context positions
             seqs.append((f"tree {name}", 5 + 4 * k, t.num_nodes, t.position_ids, t.attn_mask))
     n_max = max(s[2] for s in seqs)
-    cap = max(s[1] for s in seqs) + 16
+    cap = max(s[1] for s in seqs) + 16 + (n_max if folded else 0)  # folded: the new entries go in the buffer
     B = len(seqs)
     ids = np.zeros((B, n_max), np.int64)
     pos = np.zeros((B, n_max), np.int64)
@@ -422,15 +427,19 @@ def validate_batch_graph(
         pos[b, :n] = length + np.asarray(rel)
         pos[b, n:] = pos[b, n - 1]
         mask[b, :n, :n] = m
+    bound = [c.reshape(1, B * kv, cap, head_dim) for c in caches] if folded else caches
     feed = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
-            "num_logits": np.array([n_max], np.int64), **dict(zip(names, caches))}  # fmt: skip
+            "num_logits": np.array([n_max], np.int64), **dict(zip(names, bound))}  # fmt: skip
     logits, hidden, *presents = batch.run(None, feed)
+    if folded:  # [1, B x kv, T, D] -> each sequence's new entries [B, kv, n_max, D], as batch.onnx returns them
+        at = int(lens.max())
+        presents = [p.reshape(B, kv, -1, head_dim)[:, :, at : at + n_max] for p in presents]
     report = ValidationReport(dtype)
     for b, (case, length, n, _rel, _m) in enumerate(seqs):
         past = [np.ascontiguousarray(c[b : b + 1, :, :length].transpose(0, 2, 1, 3)) for c in caches]
         ref_logits, ref_hidden, *ref_new = run_fused_contract(single, ids[b : b + 1, :n], pos[b : b + 1, :n],
                                                               mask[b : b + 1, :n, :n], past)  # fmt: skip
-        case = f"batch graph, {case}"
+        case = f"{'folded ' if folded else ''}batch graph, {case}"
         got = {"logits": logits[b : b + 1, :n], "hidden_states": hidden[b : b + 1, :n]}
         for name, ref in (("logits", ref_logits), ("hidden_states", ref_hidden)):
             d, tol = _diff(got[name], ref), _tol(ref, dtype)

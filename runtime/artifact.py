@@ -139,6 +139,11 @@ class ArtifactConfig:
     # own cache length and tree (docs/graph_contract.md, "The batch graph"); shares model.onnx's
     # weights file. None: the artifact serves one sequence per engine call.
     batch: GraphSpec | None = None
+    # fold.onnx (fused float artifacts since 2026-12-01): steps of 2 .. fold_max_batch sequences with
+    # trees, on GroupQueryAttention in place over the slots' cache (docs/graph_contract.md, "The
+    # folded batch graph"); shares model.onnx's weights file. None: batch.onnx takes those calls.
+    fold: GraphSpec | None = None
+    fold_max_batch: int = 0
     dtype: str = "float32"  # dtype of logits, hidden states and the KV cache in the graphs
     # which graph model.onnx is (docs/graph_contract.md): "fused" (ONNX Runtime's fused kernels,
     # in-place cache; exporter/fused.py) or "portable" (standard ONNX ops only, what TensorRT
@@ -200,7 +205,7 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             raise ArtifactError(
                 f"{cfg_path}: malformed config ({key!r} must be a JSON object, got {checks.show(raw.get(key))})"
             )
-    for key in ("heads_int8", "heads_int8_first", "batch"):
+    for key in ("heads_int8", "heads_int8_first", "batch", "fold"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ArtifactError(f"{cfg_path}: malformed config ({key!r} must be a JSON object or null)")
     try:
@@ -211,10 +216,11 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             heads_int8=GraphSpec(**raw["heads_int8"]) if raw.get("heads_int8") else None,
             heads_int8_first=GraphSpec(**raw["heads_int8_first"]) if raw.get("heads_int8_first") else None,
             batch=GraphSpec(**raw["batch"]) if raw.get("batch") else None,
+            fold=GraphSpec(**raw["fold"]) if raw.get("fold") else None,
             **{
                 k: v
                 for k, v in raw.items()
-                if k not in ("model", "backbone", "heads", "heads_int8", "heads_int8_first", "batch")
+                if k not in ("model", "backbone", "heads", "heads_int8", "heads_int8_first", "batch", "fold")
             },
         )
     except (KeyError, TypeError) as e:
@@ -234,7 +240,9 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
             f"{cfg_path}: the sizes and graph entries (model, backbone, heads, dtype, flavour, precision, opset) were "
             "edited after export; they must describe the graphs as exported: restore the file or re-export"
         )
-    for graph in (cfg.backbone, cfg.heads, *[g for g in (cfg.heads_int8, cfg.heads_int8_first, cfg.batch) if g]):
+    for graph in (
+        cfg.backbone, cfg.heads, *[g for g in (cfg.heads_int8, cfg.heads_int8_first, cfg.batch, cfg.fold) if g]
+    ):  # fmt: skip
         if not (folder / graph.file).is_file():
             raise ArtifactError(f"{folder}: {graph.file} is missing (the artifact is incomplete; re-run medusa-export)")
     if not (folder / "tokenizer.json").is_file():
@@ -266,6 +274,7 @@ def _check_types(cfg: ArtifactConfig, cfg_path: Path) -> None:
             ("heads_int8", cfg.heads_int8),
             ("heads_int8_first", cfg.heads_int8_first),
             ("batch", cfg.batch),
+            ("fold", cfg.fold),
         )
         for key, graph in graphs:
             if graph is None:
@@ -279,6 +288,7 @@ def _check_types(cfg: ArtifactConfig, cfg_path: Path) -> None:
                     raise ConfigError(f"{key}.{io} must be a list of tensor names, got {checks.show(names)}")
             if not isinstance(graph.dynamic_axes, dict):
                 raise ConfigError(f"{key}.dynamic_axes must be an object, got {checks.show(graph.dynamic_axes)}")
+        checks.integer("fold_max_batch", cfg.fold_max_batch, 2 if cfg.fold is not None else 0)
         checks.choice("dtype", cfg.dtype, DTYPES)
         checks.integer("opset", cfg.opset, 1)
         checks.text("default_tree", cfg.default_tree)
@@ -311,6 +321,9 @@ def config_digest(cfg: ArtifactConfig) -> str:
         sealed["batch"] = d["batch"]
     if cfg.heads_int8_first is not None:  # likewise
         sealed["heads_int8_first"] = d["heads_int8_first"]
+    if cfg.fold is not None:  # likewise
+        sealed["fold"] = d["fold"]
+        sealed["fold_max_batch"] = d["fold_max_batch"]
     return hashlib.sha256(json.dumps(sealed, sort_keys=True).encode()).hexdigest()
 
 

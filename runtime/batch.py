@@ -1,4 +1,5 @@
-"""Batched decoding: the steps of several sequences in one engine call (``batch.onnx``).
+"""Batched decoding: the steps of several sequences in one engine call (``fold.onnx`` for trees of
+2-4 sequences, ``model.onnx`` for plain steps, ``batch.onnx`` for the rest).
 
     gen = runtime.load("artifacts/smollm2-135m-medusa", max_batch=8)
     # generate() / stream() from up to 8 threads at once: their steps run together
@@ -96,6 +97,10 @@ STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
 # plain steps of several sequences run in place on model.onnx (False: on batch.onnx, as before
 # 2026-12-01; scripts/bench_batch.py --plain-steps compares the two)
 PLAIN_STEPS_IN_PLACE = True
+# steps of 2 .. fold_max_batch sequences that are not all plain (trees, prompt chunks beside steps) run
+# on fold.onnx where the artifact has it: GroupQueryAttention in place over the slots' cache (False:
+# on batch.onnx, as before 2026-12-01; scripts/bench_batch.py --tree-steps compares the two)
+FOLD_STEPS = True
 
 
 class _Request:
@@ -244,7 +249,8 @@ class BatchEngine:
         self.max_rows = max_rows
         self._dtype = _NP_DTYPES[config.dtype]
         providers = ["CPUExecutionProvider"]
-        self.session = _session(ort, self.folder / config.batch.file, _options(ort, threads, spin=True), providers)
+        self._ort, self._threads, self._providers = ort, threads, providers
+        self._session: Any = None  # batch.onnx, opened at its first call (see session)
         # one-sequence calls (a step alone, a prompt chunk) and plain steps of several sequences
         # (one token each) run on model.onnx, whose in-place GroupQueryAttention reads exactly the
         # cached entries (SmolLM2, 2 threads, one token a sequence: 31 against 34-40 ms a call at 4
@@ -256,14 +262,27 @@ class BatchEngine:
             if single_graph and config.flavour == "fused"
             else None
         )
+        # steps of 2 .. fold_max_batch sequences with trees: fold.onnx (in place; another copy of the weights,
+        # and batch.onnx's is then only loaded for calls of more sequences)
+        self.fold = (
+            _session(ort, self.folder / config.fold.file, _options(ort, threads, spin=True), providers)
+            if self.single is not None and config.fold is not None
+            else None
+        )
+        self.fold_max = config.fold_max_batch if self.fold is not None else 0
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
         self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), providers)
         self.heads_first = open_first_head(ort, self.folder, config, threads, providers, heads_int8)
-        names = [i.name for i in self.session.get_inputs()]
-        if names != list(config.batch.inputs):
-            raise ArtifactError(f"{self.folder / config.batch.file}: graph inputs do not match medusa_config.json")
+        fold_spec = config.fold
+        if (
+            self.fold is not None
+            and fold_spec is not None
+            and [i.name for i in self.fold.get_inputs()] != list(fold_spec.inputs)
+        ):
+            raise ArtifactError(f"{self.folder / fold_spec.file}: graph inputs do not match medusa_config.json")
+        names = list(config.batch.inputs)
         self._cache_names = names[FUSED_CACHE_START:]
-        self._out_names = [o.name for o in self.session.get_outputs()]
+        self._out_names = list(config.batch.outputs)
         self._single_present = self._out_names[2:]  # present.* : the same names in both graphs
         s = self.spec
         self.capacity = min(MIN_CAPACITY, self.max_context)
@@ -305,6 +324,22 @@ class BatchEngine:
         self._switch_interval = sys.getswitchinterval()
         self._thread = threading.Thread(target=self._loop, name="medusa-batch-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def session(self):
+        """batch.onnx's session, opened at first use: with fold.onnx it takes only calls of more than
+        ``fold_max`` sequences (or without model.onnx, every call), so a small server never loads it."""
+        if self._session is None:
+            from runtime.onnxrt import _options, _session
+
+            session = _session(self._ort, self.folder / self.config.batch.file,
+                               _options(self._ort, self._threads, spin=True), self._providers)  # fmt: skip
+            if [i.name for i in session.get_inputs()] != list(self.config.batch.inputs):
+                raise ArtifactError(
+                    f"{self.folder / self.config.batch.file}: graph inputs do not match medusa_config.json"
+                )
+            self._session = session
+        return self._session
 
     # -- slots -------------------------------------------------------------------------
 
@@ -600,6 +635,8 @@ class BatchEngine:
         lens = self._plain_lengths(reqs) if self.single is not None and len(reqs) > 1 else None
         if self.single is not None and (len(reqs) == 1 or lens is not None):
             self._run_single(reqs, lens)
+        elif (fold := self._fold_lengths(reqs)) is not None:
+            self._run_fold(reqs, fold)
         else:
             self._run_batch(reqs)
         # what calls really cost (cache lengths, capacity) updates the profile; not a call that grew
@@ -713,6 +750,89 @@ class BatchEngine:
         for r in reqs:
             b, base = r.slot - lo, int(lens[r.slot - lo])
             r.result = (logits[b], hidden[b].copy(), self.kv[:, :, r.slot, :, base : base + r.rows].copy())
+
+    def _fold_lengths(self, reqs: list[_Request]) -> np.ndarray | None:
+        """The ``cache_lengths`` of the slots ``lo .. hi`` for a call on fold.onnx, or None where
+        it cannot take the call (no folded graph, more slots than it branches over, or new entries
+        that would not fit the context at the longest cache). A slot in the range that is not in
+        the call gets throwaway rows: a held one at its own length, a free one at 0 (every row of
+        the call writes its entries at the longest length, past what any slot holds)."""
+        if self.fold is None or not FOLD_STEPS:
+            return None
+        lo, hi = reqs[0].slot, reqs[-1].slot + 1
+        if not 2 <= hi - lo <= self.fold_max:
+            return None
+        inside = {r.slot for r in reqs}
+        with self._cond:
+            free = set(self._free)
+        lens = np.array(
+            [self._len[s] if s in inside or s not in free else 0 for s in range(lo, hi)], np.int64
+        )  # fmt: skip
+        if int(lens.max()) + max(r.rows for r in reqs) > self.max_context:
+            return None
+        return lens
+
+    def _run_fold(self, reqs: list[_Request], lens: np.ndarray) -> None:
+        """Steps (and prompt chunks) of 2 .. fold_max sequences on fold.onnx: the slots ``lo .. hi``
+        of the cache bound as one sequence, past and present, so that GroupQueryAttention reads each
+        slot's first ``lens[b]`` entries and writes every sequence's new entries in place at
+        ``max(lens)``, whence they are staged (commit writes the kept ones at the slot's length)."""
+        from runtime.onnxrt import _bind
+
+        lo, hi = reqs[0].slot, reqs[-1].slot + 1
+        B = hi - lo
+        n = max(r.rows for r in reqs)
+        at = int(lens.max())
+        self._ensure_capacity(at + n)
+        ids = np.zeros((B, n), np.int64)
+        pos = np.zeros((B, n), np.int64)
+        mask = np.broadcast_to(np.eye(n, dtype=bool), (B, n, n)).copy()
+        for r in reqs:
+            b, m = r.slot - lo, r.rows
+            ids[b, :m], ids[b, m:] = r.ids, r.ids[-1]
+            pos[b, :m], pos[b, m:] = r.pos, r.pos[-1]
+            mask[b, :m, :m] = r.mask
+        session = self.fold
+        assert session is not None
+        io = self._bindings.get(("fold", lo, hi))
+        if io is None:
+            io = self._bindings[("fold", lo, hi)] = session.io_binding()
+            io.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
+            io.bind_output("hidden_states", "cpu")
+            s = self.spec
+            shape = [1, B * s.num_kv_heads, self.capacity, s.head_dim]
+            for j, name in enumerate(self._cache_names):  # k0, v0, ...: the slots' contiguous block, one sequence
+                buf = self.kv[j // 2, j % 2, lo:hi]
+                io.bind_input(name, "cpu", 0, self._dtype, shape, buf.ctypes.data)
+                io.bind_output(self._single_present[j], "cpu", 0, self._dtype, shape, buf.ctypes.data)
+        io.bind_output("logits", "cpu")  # unallocated: ONNX Runtime sizes them for this call
+        io.bind_output("hidden_states", "cpu")
+        keep = [
+            _bind(io.bind_input, "input_ids", ids),
+            _bind(io.bind_input, "position_ids", pos),
+            _bind(io.bind_input, "tree_mask", mask),
+            _bind(io.bind_input, "cache_lengths", lens),
+            _bind(io.bind_input, "num_logits", np.array([n], np.int64)),
+        ]
+        t = time.perf_counter()
+        session.run_with_iobinding(io)
+        self.stats["engine_s"] += time.perf_counter() - t
+        outs = io.get_outputs()  # logits and hidden states (bound first); the cache is the slots themselves
+        logits, hidden = outs[0].numpy(), outs[1].numpy()
+        del keep
+        st = self.stats
+        st["calls"] += 1
+        st["sequences"] += len(reqs)
+        st["rows"] += sum(r.rows for r in reqs)
+        st["padded_rows"] += B * n
+        for r in reqs:
+            b, m = r.slot - lo, r.rows
+            k_r = m if r.logits is None else min(int(r.logits), m)
+            r.result = (
+                logits[b, m - k_r : m].copy(),
+                hidden[b, :m].copy(),
+                self.kv[:, :, r.slot, :, at : at + m].copy(),
+            )
 
     def _run_batch(self, reqs: list[_Request]) -> None:
         from runtime.onnxrt import _bind

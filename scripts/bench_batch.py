@@ -9,7 +9,10 @@ plain, through the Medusa loop), ``auto`` (the load-aware default). After each p
 the engine's cost of one call of one token a sequence by the number of sequences (its start-up
 profile, as that row's calls updated it). ``--plain-steps in-place batch-graph``
 runs every row twice: plain steps of several sequences in place on ``model.onnx`` (the default) and
-on ``batch.onnx`` (``runtime.batch.PLAIN_STEPS_IN_PLACE = False``, the engine before 2026-12-01). Prints tokens/s over the wall
+on ``batch.onnx`` (``runtime.batch.PLAIN_STEPS_IN_PLACE = False``, the engine before 2026-12-01).
+``--tree-steps fold batch-graph`` likewise for the other steps of 2 .. fold_max_batch sequences (trees):
+on ``fold.onnx`` (the default where the artifact has it) or on ``batch.onnx`` (``runtime.batch.FOLD_STEPS
+= False``); after each row, the engine's cost of one call of 4 tokens a sequence. Prints tokens/s over the wall
 time, the engine's share of it, sequences per call, padding, mean accepted tokens per step, and
 whether every answer equals plain decoding's.
 """
@@ -58,15 +61,26 @@ def main(argv=None) -> int:
         default=["in-place"],
         help="where plain steps of several sequences run (each row once per choice, alternating)",
     )
+    ap.add_argument(
+        "--tree-steps",
+        nargs="+",
+        choices=["fold", "batch-graph"],
+        default=["fold"],
+        help="where steps of 2 .. fold_max_batch sequences with trees run (each row once per choice)",
+    )
     a = ap.parse_args(argv)
     lines = Path(a.prompts_file).read_text().splitlines()[: a.prompts]
     chats = [[{"role": "user", "content": json.loads(line)["turns"][0]}] for line in lines]
     print(f"{'decoding':<36} {'tok/s':>7} {'engine':>7} {'seq/call':>9} {'padding':>8} {'accepted':>9}  identical")
-    rows = [(policy, where) for policy in ["plain decoding", *a.budgets] for where in a.plain_steps]
+    rows = [
+        (policy, where, tree) for policy in ["plain decoding", *a.budgets] for where in a.plain_steps
+        for tree in a.tree_steps
+    ]  # fmt: skip
     try:
         _rows(a, chats, rows)
     finally:
         rb.PLAIN_STEPS_IN_PLACE = True
+        rb.FOLD_STEPS = True
     return 0
 
 
@@ -75,8 +89,9 @@ def _rows(a, chats, rows) -> None:
     import runtime.batch as rb
 
     reference = None
-    for policy, where in rows:
+    for policy, where, tree in rows:
         rb.PLAIN_STEPS_IN_PLACE = where == "in-place"
+        rb.FOLD_STEPS = tree == "fold"
         budgets = "auto" if policy == "plain decoding" else POLICIES[policy]
         gen = runtime.load(a.artifact, threads=a.threads, max_batch=a.concurrency, budgets=budgets)
         try:
@@ -90,12 +105,16 @@ def _rows(a, chats, rows) -> None:
         same = sum(x == y for x, y in zip(tokens, reference))
         label = policy if policy == "plain decoding" else f"medusa, budgets {policy}"
         label += f" ({where})" if len(a.plain_steps) > 1 else ""
+        label += f" [{tree}]" if len(a.tree_steps) > 1 else ""
         print(f"{label:<36} {sum(map(len, tokens)) / seconds:7.1f} {st['engine_s'] / seconds:6.0%} "
               f"{st['sequences'] / max(1, st['calls']):9.2f} {st['padded_rows'] / max(1, st['rows']):8.2f} "
               f"{sum(o.stats.mean_accepted for o in out) / len(out):9.2f}  {same}/{len(out)}", flush=True)  # fmt: skip
         if policy == "plain decoding" and costs:  # what one call of one token a sequence costs here
             cells = sorted((b, t) for (b, n), t in costs.items() if n == 1)
             print(f"{'':<4}one token a sequence, ms a call: " + ", ".join(f"{b} seq {1000 * t:.1f}" for b, t in cells))
+        if policy != "plain decoding" and costs:  # and of a small tree's step
+            cells = sorted((b, t) for (b, n), t in costs.items() if n == 4)
+            print(f"{'':<4}4 tokens a sequence, ms a call: " + ", ".join(f"{b} seq {1000 * t:.1f}" for b, t in cells))
 
 
 if __name__ == "__main__":

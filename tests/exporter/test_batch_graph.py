@@ -57,6 +57,28 @@ def test_every_fused_export_gets_a_validated_batch_graph_sharing_its_weights(exp
     assert "validating batch.onnx against model.onnx" in "\n".join(e["log"])
     ops = {n.op_type for n in proto.graph.node}
     assert "GroupQueryAttention" not in ops and {"RotaryEmbedding", "FusedMatMul", "Softmax"} <= ops
+    # fold.onnx beside it: validated, the same weights, GroupQueryAttention in If branches by batch size
+    assert cfg.fold is not None and cfg.fold.file == "fold.onnx" and cfg.fold_max_batch == fused.FOLD_MAX_BATCH
+    assert cfg.fold.inputs == cfg.batch.inputs and cfg.fold.outputs == cfg.batch.outputs
+    v = cfg.provenance["fold_validation"]
+    assert v["passed"] and v["checks"] >= 12, v
+    fold = onnx.load(str(out / "fold.onnx"), load_external_data=False)
+    assert {e.value for t in fold.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"} == {"model.onnx.data"}  # fmt: skip
+    assert (out / "fold.onnx").stat().st_size < weights / 5
+    heads = set()
+
+    def walk(nodes):
+        for n in nodes:
+            if n.op_type == "GroupQueryAttention":
+                heads.add(next(a.i for a in n.attribute if a.name == "num_heads"))
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g.node)
+
+    walk(fold.graph.node)
+    nq = e["model"].config.num_attention_heads
+    assert heads == {b * nq for b in range(2, fused.FOLD_MAX_BATCH + 1)}
 
 
 def test_fp16_batch_graph_validates_and_decodes_like_the_one_sequence_graph(exports):
@@ -96,3 +118,32 @@ def test_validation_catches_a_batch_graph_that_sees_past_a_sequences_cache(expor
     monkeypatch.setattr(fused, "_batch_bias", original)
     fused.write_batch_graph(e["model"], art, "model.onnx", "float32", cfg.model.max_context)
     assert validate_batch_graph(art, "model.onnx", "batch.onnx", "float32", cfg.model.max_context).ok
+
+
+def test_validation_catches_a_folded_graph_that_sees_past_a_sequences_cache(exports, tmp_path, monkeypatch):
+    """In fold.onnx a shorter sequence's rows sit beside the gap between its cache length and the
+    call's longest (where stale entries lie): a bias that let it see there must fail validation."""
+    e = exports("llama")
+    art = tmp_path / "art"
+    shutil.copytree(e["artifact"], art)
+    original = fused._fold_inputs
+
+    def leaky(g, *args):
+        out = original(g, *args)
+        for node in g.nodes:  # "a cache entry" becomes "any column before the new tokens"
+            if node.op_type == "Less" and node.input[0].startswith("Range") and "Unsqueeze" in node.input[1]:
+                node.input[1] = g.op("Unsqueeze", ["fold/place/out0", g.const("const/leak_axes", [1])], name="leak")
+        return out
+
+    monkeypatch.setattr(fused, "_fold_inputs", leaky)
+    cfg = read_artifact(art)
+    fused.write_batch_graph(
+        e["model"], art, "model.onnx", "float32", cfg.model.max_context, folded=fused.FOLD_MAX_BATCH
+    )
+    with pytest.raises(ValidationError, match="folded batch graph"):
+        validate_batch_graph(art, "model.onnx", "fold.onnx", "float32", cfg.model.max_context, folded=True)
+    monkeypatch.setattr(fused, "_fold_inputs", original)
+    fused.write_batch_graph(
+        e["model"], art, "model.onnx", "float32", cfg.model.max_context, folded=fused.FOLD_MAX_BATCH
+    )
+    assert validate_batch_graph(art, "model.onnx", "fold.onnx", "float32", cfg.model.max_context, folded=True).ok

@@ -235,3 +235,25 @@ def test_bench_batch_compares_where_plain_steps_run(tiny, capsys):
     ]  # fmt: skip
     assert all(r.endswith("3/3") for r in rows)
     assert rb.PLAIN_STEPS_IN_PLACE is True
+
+
+def test_bench_batch_compares_where_tree_steps_run(tiny, capsys):
+    """``--tree-steps fold batch-graph``: every row twice, the same answers both ways (trees of
+    several sequences on fold.onnx and on batch.onnx), the cost of a 4-token step after each
+    Medusa row with load-aware budgets, and the engine left on fold.onnx afterwards."""
+    from runtime import batch as rb
+    from scripts import bench_batch
+
+    assert bench_batch.main([str(tiny["artifact"]), "--prompts", "3", "--concurrency", "3", "--max-new-tokens", "8",
+                             "--threads", "1", "--budgets", "none", "auto", "--tree-steps", "fold",
+                             "batch-graph"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()[1:]
+    rows = [line for line in lines if line.strip() and not line.startswith(" ")]
+    assert [r.split("  ")[0].strip() for r in rows] == [
+        "plain decoding [fold]", "plain decoding [batch-graph]", "medusa, budgets none [fold]",
+        "medusa, budgets none [batch-graph]", "medusa, budgets auto [fold]", "medusa, budgets auto [batch-graph]",
+    ]  # fmt: skip
+    assert all(r.endswith("3/3") for r in rows)
+    small = [line for line in lines if line.startswith("    4 tokens a sequence, ms a call: ")]
+    assert len(small) == 2 and all("2 seq" in s for s in small)  # after the two budgets-auto rows
+    assert rb.FOLD_STEPS is True

@@ -213,8 +213,10 @@ def test_slots_between_plain_steps_never_break_the_call(tiny, monkeypatch):
     """A held slot between two sequences' plain steps whose cache fills the buffer sends the call
     to batch.onnx (no throwaway entry past the buffer); a free one, whatever length it last had,
     takes its throwaway entry at 0; with every slot free the lengths go to 0 with the shrunk
-    buffer, so growing again copies nothing from outside it."""
+    buffer, so growing again copies nothing from outside it. (fold.onnx off: it would take the
+    call and grow the buffer; see the folded-graph test below.)"""
     monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
+    monkeypatch.setattr(rb, "FOLD_STEPS", False)
     g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
     e = g.engine
     try:
@@ -246,6 +248,61 @@ def test_slots_between_plain_steps_never_break_the_call(tiny, monkeypatch):
         assert e.capacity == 16 and e._len == [0, 0, 0]  # every slot free: shrunk, nothing held
         e._ensure_capacity(40)  # grows without copying stale lengths
         assert e.capacity == 64
+    finally:
+        g.close()
+
+
+def test_trees_of_several_sequences_run_in_place_on_the_folded_graph(tiny, monkeypatch):
+    """Steps with trees of 2 .. fold_max sequences run as one fold.onnx call over their slots of
+    the cache (GroupQueryAttention in place, the slots as one sequence): the same logits, hidden
+    states and new K/V as batch.onnx, every sequence's new entries written at the longest cache
+    length of the call's range; a held slot in the range that is not in the call keeps its
+    entries; more slots than the graph branches over, a step past the context at that length, or
+    FOLD_STEPS off go to batch.onnx."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=5, budgets=None)
+    e = g.engine
+    try:
+        assert e.fold is not None and e.fold_max == e.config.fold_max_batch == 4
+        slots = [e.acquire() for _ in range(5)]
+        rng = np.random.default_rng(2)
+        V = e.spec.vocab_size
+        for s, n in zip(slots, (5, 11, 7, 3, 4)):  # prefills, one sequence a call
+            s.forward(rng.integers(0, V, n), np.arange(n), np.tril(np.ones((n, n), bool)))
+            s.commit(np.arange(n))
+        e._apply(e._commits)
+        e._commits.clear()
+        held = e.kv[:, :, 1, :, : e._len[1]].copy()
+        tree = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
+
+        def steps(*slots_rows):
+            out = []
+            for slot, n in slots_rows:
+                depth = tree[:n, :n].sum(1) - 1
+                out.append(rb._Request(slot, "forward", ids=rng.integers(0, V, n), pos=e._len[slot] + depth,
+                                       mask=tree[:n, :n]))  # fmt: skip
+            return out
+
+        got = steps((0, 4), (2, 3))  # slot 1 (held, 11 entries) lies between them
+        ref = [rb._Request(r.slot, "forward", ids=r.ids, pos=r.pos, mask=r.mask) for r in got]
+        assert e._fold_lengths(got).tolist() == [5, 11, 7]
+        e._run_batch(ref)  # batch.onnx: writes nothing into the cache
+        e._run_forward(got)
+        assert ("fold", 0, 3) in e._bindings
+        for r, w in zip(got, ref):
+            np.testing.assert_allclose(r.result[0], w.result[0], rtol=1e-4, atol=1e-4)  # logits
+            np.testing.assert_allclose(r.result[1], w.result[1], rtol=1e-4, atol=1e-4)  # hidden states
+            np.testing.assert_allclose(r.result[2], w.result[2], rtol=1e-4, atol=1e-4)  # the new K/V
+            # written in place at the range's longest length (11), whence they were staged
+            np.testing.assert_array_equal(e.kv[:, :, r.slot, :, 11 : 11 + r.rows], r.result[2])
+        np.testing.assert_array_equal(e.kv[:, :, 1, :, : e._len[1]], held)
+        assert e._fold_lengths(steps((0, 2), (4, 2))) is None  # five slots: more than the graph's four
+        e.max_context, saved = 13, e.max_context
+        assert e._fold_lengths(steps((0, 2), (2, 3))) is None  # 11 + 3 rows > 13: past the context
+        e.max_context = saved
+        monkeypatch.setattr(rb, "FOLD_STEPS", False)
+        assert e._fold_lengths(steps((0, 2), (2, 3))) is None
+        for s in slots:
+            e.release(s)
     finally:
         g.close()
 
