@@ -692,7 +692,6 @@ class BatchEngine:
         ``cache_lengths`` of :meth:`_plain_lengths`, on model.onnx: the slots ``lo .. hi`` of the
         cache bound as past and present, so the new entries land in place at each slot's
         ``cache_lengths`` (the staged rows are read back from there)."""
-        from runtime.onnxrt import _bind
 
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         B = hi - lo
@@ -717,25 +716,32 @@ class BatchEngine:
             mask = np.ones((B, 1, 1), bool)
         session = self.single
         assert session is not None
-        io = self._bindings.get(("single", lo, hi))
+        feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
+                 "num_logits": np.array([k], np.int64)}  # fmt: skip
+        logits, hidden = self._call_in_place(session, "single", lo, hi, feeds, reqs, n)
+        for r in reqs:
+            b, base = r.slot - lo, int(lens[r.slot - lo])
+            r.result = (logits[b], hidden[b].copy(), self.kv[:, :, r.slot, :, base : base + r.rows].copy())
+
+    def _call_in_place(self, session, kind: str, lo: int, hi: int, feeds: dict, reqs: list[_Request], n: int):
+        """Run ``session`` (model.onnx, or fold.onnx: ``kind`` "fold") over the slots ``lo .. hi`` of
+        the cache, bound once per range as every layer's past and present (fold.onnx: the block as
+        one sequence ``[1, slots x kv_heads, capacity, head_dim]``); the logits and hidden states."""
+        from runtime.onnxrt import _bind
+
+        io = self._bindings.get((kind, lo, hi))
         if io is None:
-            io = self._bindings[("single", lo, hi)] = session.io_binding()
+            io = self._bindings[(kind, lo, hi)] = session.io_binding()
             io.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
             io.bind_output("hidden_states", "cpu")
-            past, present = self._cache_names, self._single_present
-            for j in range(len(past)):
+            for j, name in enumerate(self._cache_names):  # k0, v0, k1, v1, ...: contiguous slices of the buffer
                 buf = self.kv[j // 2, j % 2, lo:hi]
-                io.bind_input(past[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
-                io.bind_output(present[j], "cpu", 0, self._dtype, list(buf.shape), buf.ctypes.data)
+                shape = [1, buf.shape[0] * buf.shape[1], *buf.shape[2:]] if kind == "fold" else list(buf.shape)
+                io.bind_input(name, "cpu", 0, self._dtype, shape, buf.ctypes.data)
+                io.bind_output(self._single_present[j], "cpu", 0, self._dtype, shape, buf.ctypes.data)
         io.bind_output("logits", "cpu")  # unallocated again: ONNX Runtime sizes them for this call
         io.bind_output("hidden_states", "cpu")
-        keep = [
-            _bind(io.bind_input, "input_ids", ids),
-            _bind(io.bind_input, "position_ids", pos),
-            _bind(io.bind_input, "tree_mask", mask),
-            _bind(io.bind_input, "cache_lengths", lens),
-            _bind(io.bind_input, "num_logits", np.array([k], np.int64)),
-        ]
+        keep = [_bind(io.bind_input, name, arr) for name, arr in feeds.items()]
         t = time.perf_counter()
         session.run_with_iobinding(io)
         self.stats["engine_s"] += time.perf_counter() - t
@@ -746,10 +752,8 @@ class BatchEngine:
         st["calls"] += 1
         st["sequences"] += len(reqs)
         st["rows"] += sum(r.rows for r in reqs)
-        st["padded_rows"] += B * n
-        for r in reqs:
-            b, base = r.slot - lo, int(lens[r.slot - lo])
-            r.result = (logits[b], hidden[b].copy(), self.kv[:, :, r.slot, :, base : base + r.rows].copy())
+        st["padded_rows"] += (hi - lo) * n
+        return logits, hidden
 
     def _fold_lengths(self, reqs: list[_Request]) -> np.ndarray | None:
         """The ``cache_lengths`` of the slots ``lo .. hi`` for a call on fold.onnx, or None where
@@ -777,54 +781,18 @@ class BatchEngine:
         of the cache bound as one sequence, past and present, so that GroupQueryAttention reads each
         slot's first ``lens[b]`` entries and writes every sequence's new entries in place at
         ``max(lens)``, whence they are staged (commit writes the kept ones at the slot's length)."""
-        from runtime.onnxrt import _bind
 
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         B = hi - lo
         n = max(r.rows for r in reqs)
         at = int(lens.max())
         self._ensure_capacity(at + n)
-        ids = np.zeros((B, n), np.int64)
-        pos = np.zeros((B, n), np.int64)
-        mask = np.broadcast_to(np.eye(n, dtype=bool), (B, n, n)).copy()
-        for r in reqs:
-            b, m = r.slot - lo, r.rows
-            ids[b, :m], ids[b, m:] = r.ids, r.ids[-1]
-            pos[b, :m], pos[b, m:] = r.pos, r.pos[-1]
-            mask[b, :m, :m] = r.mask
+        ids, pos, mask = _padded(reqs, lo, B, n)
         session = self.fold
         assert session is not None
-        io = self._bindings.get(("fold", lo, hi))
-        if io is None:
-            io = self._bindings[("fold", lo, hi)] = session.io_binding()
-            io.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
-            io.bind_output("hidden_states", "cpu")
-            s = self.spec
-            shape = [1, B * s.num_kv_heads, self.capacity, s.head_dim]
-            for j, name in enumerate(self._cache_names):  # k0, v0, ...: the slots' contiguous block, one sequence
-                buf = self.kv[j // 2, j % 2, lo:hi]
-                io.bind_input(name, "cpu", 0, self._dtype, shape, buf.ctypes.data)
-                io.bind_output(self._single_present[j], "cpu", 0, self._dtype, shape, buf.ctypes.data)
-        io.bind_output("logits", "cpu")  # unallocated: ONNX Runtime sizes them for this call
-        io.bind_output("hidden_states", "cpu")
-        keep = [
-            _bind(io.bind_input, "input_ids", ids),
-            _bind(io.bind_input, "position_ids", pos),
-            _bind(io.bind_input, "tree_mask", mask),
-            _bind(io.bind_input, "cache_lengths", lens),
-            _bind(io.bind_input, "num_logits", np.array([n], np.int64)),
-        ]
-        t = time.perf_counter()
-        session.run_with_iobinding(io)
-        self.stats["engine_s"] += time.perf_counter() - t
-        outs = io.get_outputs()  # logits and hidden states (bound first); the cache is the slots themselves
-        logits, hidden = outs[0].numpy(), outs[1].numpy()
-        del keep
-        st = self.stats
-        st["calls"] += 1
-        st["sequences"] += len(reqs)
-        st["rows"] += sum(r.rows for r in reqs)
-        st["padded_rows"] += B * n
+        feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
+                 "num_logits": np.array([n], np.int64)}  # fmt: skip
+        logits, hidden = self._call_in_place(session, "fold", lo, hi, feeds, reqs, n)
         for r in reqs:
             b, m = r.slot - lo, r.rows
             k_r = m if r.logits is None else min(int(r.logits), m)
@@ -841,16 +809,10 @@ class BatchEngine:
         B = hi - lo
         n = max(r.rows for r in reqs)
         self._ensure_capacity(max(self._len[r.slot] + r.rows for r in reqs))
-        ids = np.zeros((B, n), np.int64)
-        pos = np.zeros((B, n), np.int64)
-        mask = np.broadcast_to(np.eye(n, dtype=bool), (B, n, n)).copy()
+        ids, pos, mask = _padded(reqs, lo, B, n)
         lens = np.zeros(B, np.int64)
         for r in reqs:
-            b, m = r.slot - lo, r.rows
-            ids[b, :m], ids[b, m:] = r.ids, r.ids[-1]
-            pos[b, :m], pos[b, m:] = r.pos, r.pos[-1]
-            mask[b, :m, :m] = r.mask
-            lens[b] = self._len[r.slot]
+            lens[r.slot - lo] = self._len[r.slot]
         single = len(reqs) == 1
         k = n if not single or reqs[0].logits is None else max(0, min(int(reqs[0].logits), n))
         io = self._bindings.get(("batch", lo, hi))
@@ -888,6 +850,21 @@ class BatchEngine:
                 k_r = m if r.logits is None else min(int(r.logits), m)
                 rows = logits[b, m - k_r : m]
             r.result = (rows.copy(), hidden[b, :m].copy(), new[:, :, b, :, :m].copy())
+
+
+def _padded(reqs: list[_Request], lo: int, B: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Input ids, positions and tree masks ``[B, n]`` / ``[B, n, n]`` for the slots ``lo ..
+    lo + B``: each sequence's rows first, then copies of its last token that see only
+    themselves (nothing reads them); slots not in the call, one such row at position 0."""
+    ids = np.zeros((B, n), np.int64)
+    pos = np.zeros((B, n), np.int64)
+    mask = np.broadcast_to(np.eye(n, dtype=bool), (B, n, n)).copy()
+    for r in reqs:
+        b, m = r.slot - lo, r.rows
+        ids[b, :m], ids[b, m:] = r.ids, r.ids[-1]
+        pos[b, :m], pos[b, m:] = r.pos, r.pos[-1]
+        mask[b, :m, :m] = r.mask
+    return ids, pos, mask
 
 
 def choose_budget(busy: int, costs: dict, steps: list, host: dict | None = None) -> int | None:
