@@ -638,8 +638,11 @@ def decode_steps(
         if room < 1:
             stats.finish_reason = "context"
             return
-        if state is not None and backend.max_new_tokens() >= 1:
-            emitted, root, index = _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, noise)
+        if state is not None and (budget := backend.max_new_tokens()) > 1:
+            # (a budget of one token, a batch engine's plain step under load: no heads, no lookup, no tree)
+            emitted, root, index = _dynamic_step(
+                backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget
+            )
         elif static is not None and (room := backend.max_new_tokens()) >= static.num_nodes:  # the tree fits one call
             if cands is None:  # after plain steps: the heads on the last one's token
                 cands = draft_tree(backend, 0, root, static, cfg, rng, noise)
@@ -758,10 +761,11 @@ def _branching(backend, cfg) -> bool:
     return backend.exact_branching or not _exact(cfg)
 
 
-def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, stats=None, noise=None):
+def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, stats=None, noise=None, budget=None):
     """One step of a dynamic tree (runtime.dynamic): draft, grow this step's tree from the heads'
     and the lookup's candidates, verify, accept, keep the accepted path's cache entries. (Coupled
-    sampling verifies with ``noise``; the drafts are ranked without it, by their probabilities.)"""
+    sampling verifies with ``noise``; the drafts are ranked without it, by their probabilities.)
+    ``budget``: the most tokens the step may verify (read once a step; default: ask the backend)."""
     heads_s = 0.0
     temperature = 1.0 if cfg.temperature < GREEDY_BELOW else cfg.temperature
     width = state.policy.width
@@ -790,7 +794,8 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
     chain, n = lookup.propose_row(cfg.lookup) if lookup is not None else ([], 0)
     branching = _branching(backend, cfg)
     call_cost = state.policy.cost.heads if backend.spec.medusa_head_type == "hydra" else 0.0  # a call per depth
-    built = dynamic.build(state, root, drafts, chain, n, backend.max_new_tokens(), branching, call_cost)
+    budget = backend.max_new_tokens() if budget is None else budget
+    built = dynamic.build(state, root, drafts, chain, n, budget, branching, call_cost)
     tree, tokens = built.tree, built.tokens
     clock.lap("candidates")
     stats.times["candidates"] -= heads_s
