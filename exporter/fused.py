@@ -566,7 +566,9 @@ def _folded_attention(g: _Graph, qkv, i, nq, nkv, D, scale, fold, past_k, past_v
                     scale=scale,
                 )  # fmt: skip
             ]
-        mid = (len(sizes) + 1) // 2 if len(sizes) > 3 else 1  # the smallest batch the fewest levels down
+        # the smallest batch the fewest levels down: [2] | [3 ..], [3, 4] | [5 ..], then halves
+        cut = 1 << (sizes[0] - 1).bit_length()  # the power of two at or above the smallest size
+        mid = sizes.index(cut + 1) if cut + 1 in sizes else (len(sizes) + 1) // 2
         subs = []
         for part, side in ((sizes[:mid], "lo"), (sizes[mid:], "hi")):
             names = [f"{o}/{tag}{side}" for o in outs]
@@ -622,8 +624,9 @@ FOLD_FILE = "fold.onnx"
 # the folded graph's largest batch: its If nodes branch over 2 .. this many sequences (one sequence
 # runs on model.onnx, more than this many on batch.onnx). Each level of If costs ~1.5-2 ms a call
 # (SmolLM2, 2 threads, 2 sequences x 6 tokens: 53.2 / 55.3 / 58.4 ms with 1 / 2 / 4 levels, batch.onnx
-# 60.6), so the graph branches over few sizes: B = 2 one level down, 3 and 4 two
-FOLD_MAX_BATCH = 4
+# 60.6), so the smallest batches are the fewest levels down: B = 2 one, 3-4 three, 5-8 four. Up to 8,
+# so that a server of up to 8 slots never loads batch.onnx (a third copy of the weights)
+FOLD_MAX_BATCH = 8
 
 
 def batch_io(num_layers: int) -> tuple[list[str], list[str], dict[str, list[str]]]:

@@ -1,5 +1,5 @@
 """Batched decoding: the steps of several sequences in one engine call (``fold.onnx`` for trees of
-2-4 sequences, ``model.onnx`` for plain steps, ``batch.onnx`` for the rest).
+2-8 sequences, ``model.onnx`` for plain steps, ``batch.onnx`` for the rest).
 
     gen = runtime.load("artifacts/smollm2-135m-medusa", max_batch=8)
     # generate() / stream() from up to 8 threads at once: their steps run together

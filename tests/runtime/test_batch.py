@@ -259,14 +259,16 @@ def test_trees_of_several_sequences_run_in_place_on_the_folded_graph(tiny, monke
     length of the call's range; a held slot in the range that is not in the call keeps its
     entries; more slots than the graph branches over, a step past the context at that length, or
     FOLD_STEPS off go to batch.onnx."""
-    g = runtime.load(tiny["artifact"], threads=1, max_batch=5, budgets=None)
+    from exporter.fused import FOLD_MAX_BATCH
+
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=FOLD_MAX_BATCH + 1, budgets=None)
     e = g.engine
     try:
-        assert e.fold is not None and e.fold_max == e.config.fold_max_batch == 4
-        slots = [e.acquire() for _ in range(5)]
+        assert e.fold is not None and e.fold_max == e.config.fold_max_batch == FOLD_MAX_BATCH
+        slots = [e.acquire() for _ in range(FOLD_MAX_BATCH + 1)]
         rng = np.random.default_rng(2)
         V = e.spec.vocab_size
-        for s, n in zip(slots, (5, 11, 7, 3, 4)):  # prefills, one sequence a call
+        for s, n in zip(slots, (5, 11, 7, 3, 4, 6, 2, 8, 9)):  # prefills, one sequence a call
             s.forward(rng.integers(0, V, n), np.arange(n), np.tril(np.ones((n, n), bool)))
             s.commit(np.arange(n))
         e._apply(e._commits)
@@ -295,7 +297,9 @@ def test_trees_of_several_sequences_run_in_place_on_the_folded_graph(tiny, monke
             # written in place at the range's longest length (11), whence they were staged
             np.testing.assert_array_equal(e.kv[:, :, r.slot, :, 11 : 11 + r.rows], r.result[2])
         np.testing.assert_array_equal(e.kv[:, :, 1, :, : e._len[1]], held)
-        assert e._fold_lengths(steps((0, 2), (4, 2))) is None  # five slots: more than the graph's four
+        last = FOLD_MAX_BATCH
+        assert e._fold_lengths(steps((0, 2), (last - 1, 2))) is not None  # as many slots as the graph takes
+        assert e._fold_lengths(steps((0, 2), (last, 2))) is None  # one more: batch.onnx
         e.max_context, saved = 13, e.max_context
         assert e._fold_lengths(steps((0, 2), (2, 3))) is None  # 11 + 3 rows > 13: past the context
         e.max_context = saved
