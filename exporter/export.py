@@ -759,56 +759,48 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
 
 def _export_batch_graph(model, folder: Path, config, options: ExportOptions) -> None:
-    """batch.onnx next to the fused model.onnx (exporter/fused.py), validated against it; recorded
-    in ``config.batch``. Float graphs only: with int8 activations (int8/int4 artifacts) a batched
-    row would not compute exactly as the one-sequence graph does, so those serve one sequence a call."""
-    from exporter.fused import BATCH_FILE, FusedGraphError, batch_io, write_batch_graph
-    from exporter.validate import validate_batch_graph
+    """batch.onnx and fold.onnx next to the fused model.onnx (exporter/fused.py), each validated
+    against it; recorded in ``config.batch`` and ``config.fold``. Float graphs only: with int8
+    activations (int8/int4 artifacts) a batched row would not compute exactly as the one-sequence
+    graph does, so those serve one sequence a call. fold.onnx (trees of 2 .. FOLD_MAX_BATCH
+    sequences on GroupQueryAttention in place) is written only beside a batch.onnx, which takes the
+    calls it cannot (more sequences, or a model it does not support)."""
+    from exporter.fused import BATCH_FILE, FOLD_FILE, FOLD_MAX_BATCH, batch_io, fold_io
 
     if config.precision in ("int8", "int4"):
         log.info("no batch graph for %s weights (int8 activations): the server decodes one sequence a call",
                  config.precision)  # fmt: skip
         return
-    try:
-        with progress(f"writing {BATCH_FILE} (several sequences per call; weights shared with {BACKBONE_FILE})"):
-            files = write_batch_graph(model, folder, BACKBONE_FILE, options.dtype, config.model.max_context)
-    except FusedGraphError as e:
-        log.warning("no batch graph: %s", e)
+    if not _write_batched(model, folder, config, options, BATCH_FILE, "several sequences per call", 0):
         return
-    config.provenance["files"].update(files)
-    if options.validate:
-        with progress(f"validating {BATCH_FILE} against {BACKBONE_FILE}"):
-            report = validate_batch_graph(folder, BACKBONE_FILE, BATCH_FILE, options.dtype, config.model.max_context,
-                                          threads=options.validation_threads)  # fmt: skip
-        config.provenance["batch_validation"] = report.summary()
-    b_in, b_out, b_axes = batch_io(config.model.num_layers)
-    config.batch = GraphSpec(BATCH_FILE, b_in, b_out, b_axes)
-    _export_fold_graph(model, folder, config, options)
+    config.batch = GraphSpec(BATCH_FILE, *batch_io(config.model.num_layers))
+    what = f"trees of 2-{FOLD_MAX_BATCH} sequences per call, in place"
+    if _write_batched(model, folder, config, options, FOLD_FILE, what, FOLD_MAX_BATCH):
+        config.fold = GraphSpec(FOLD_FILE, *fold_io(config.model.num_layers))
+        config.fold_max_batch = FOLD_MAX_BATCH
 
 
-def _export_fold_graph(model, folder: Path, config, options: ExportOptions) -> None:
-    """fold.onnx beside batch.onnx (exporter/fused.py, ``_folded_attention``): the batched steps of
-    2 .. FOLD_MAX_BATCH sequences on GroupQueryAttention in place; validated against model.onnx;
-    recorded in ``config.fold``. Without it (a model it does not support) batch.onnx takes them."""
-    from exporter.fused import FOLD_FILE, FOLD_MAX_BATCH, FusedGraphError, fold_io, write_batch_graph
+def _write_batched(model, folder: Path, config, options: ExportOptions, file: str, what: str, folded: int) -> bool:
+    """Write one batched graph (``folded`` 0: batch.onnx, else fold.onnx) sharing model.onnx's
+    weights file and validate it against model.onnx (``provenance["batch_validation"]`` /
+    ``["fold_validation"]``); False (and a warning) where the model has none."""
+    from exporter.fused import FusedGraphError, write_batch_graph
     from exporter.validate import validate_batch_graph
 
     try:
-        with progress(f"writing {FOLD_FILE} (trees of 2-{FOLD_MAX_BATCH} sequences per call, in place)"):
+        with progress(f"writing {file} ({what}; weights shared with {BACKBONE_FILE})"):
             files = write_batch_graph(model, folder, BACKBONE_FILE, options.dtype, config.model.max_context,
-                                      folded=FOLD_MAX_BATCH)  # fmt: skip
+                                      folded=folded)  # fmt: skip
     except FusedGraphError as e:
-        log.warning("no folded batch graph: %s", e)
-        return
+        log.warning("no %s: %s", file, e)
+        return False
     config.provenance["files"].update(files)
     if options.validate:
-        with progress(f"validating {FOLD_FILE} against {BACKBONE_FILE}"):
-            report = validate_batch_graph(folder, BACKBONE_FILE, FOLD_FILE, options.dtype, config.model.max_context,
-                                          threads=options.validation_threads, folded=True)  # fmt: skip
-        config.provenance["fold_validation"] = report.summary()
-    f_in, f_out, f_axes = fold_io(config.model.num_layers)
-    config.fold = GraphSpec(FOLD_FILE, f_in, f_out, f_axes)
-    config.fold_max_batch = FOLD_MAX_BATCH
+        with progress(f"validating {file} against {BACKBONE_FILE}"):
+            report = validate_batch_graph(folder, BACKBONE_FILE, file, options.dtype, config.model.max_context,
+                                          threads=options.validation_threads, folded=bool(folded))  # fmt: skip
+        config.provenance["fold_validation" if folded else "batch_validation"] = report.summary()
+    return True
 
 
 def check_finite(module, what: str, error=MedusaError) -> None:

@@ -242,16 +242,7 @@ def build_fused_backbone(
         in_tree = g.op("GatherElements", ["tree_mask", idx], axis=2)  # [B, new, T]
         in_range = g.op("Less", [rel, n_new])
         visible = g.op("Or", [is_past, g.op("And", [in_tree, in_range])])
-        lowest = float(np.finfo(npdt).min)
-        bias = g.op(
-            "Where",
-            [
-                visible,
-                g.init("const/bias_zero", np.zeros((), npdt)),
-                g.init("const/bias_masked", np.array(lowest, npdt)),
-            ],
-        )
-        attention_bias = g.op("Unsqueeze", [bias, one], name="attention_bias")
+        attention_bias = g.op("Unsqueeze", [_additive_bias(g, visible, npdt), one], name="attention_bias")
 
     if batched:
         if window != -1 and window < max_positions:
@@ -408,6 +399,15 @@ def build_fused_backbone(
     return proto
 
 
+def _additive_bias(g: _Graph, visible: str, npdt) -> str:
+    """0 where ``visible``, else the dtype's lowest finite value (a weight of exactly 0 after the
+    softmax, where -inf would give NaN on a row that sees nothing)."""
+    lowest = float(np.finfo(npdt).min)
+    zero = g.init("const/bias_zero", np.zeros((), npdt))
+    masked = g.init("const/bias_masked", np.array(lowest, npdt))
+    return g.op("Where", [visible, zero, masked])
+
+
 def _batch_bias(g: _Graph, group: int, past0: str, npdt, zero: str, one: str, n_new: str) -> str:
     """The batch graph's additive attention bias ``[batch, 1, group x new, capacity + new]``, once
     for all layers: a new token of sequence b sees cache entries ``0 .. cache_lengths[b] - 1`` and
@@ -421,12 +421,7 @@ def _batch_bias(g: _Graph, group: int, past0: str, npdt, zero: str, one: str, n_
     batch = g.op("Gather", [g.op("Shape", ["input_ids"]), zero], axis=0)
     past = g.op("Expand", [past, g.op("Concat", [batch, n_new, capacity], axis=0)])  # [B, new, capacity]
     visible = g.op("Concat", [past, "tree_mask"], axis=2)  # [B, new, capacity + new]
-    lowest = float(np.finfo(npdt).min)
-    bias = g.op(
-        "Where",
-        [visible, g.init("const/bias_zero", np.zeros((), npdt)), g.init("const/bias_masked", np.array(lowest, npdt))],
-    )
-    bias = g.op("Unsqueeze", [bias, one])  # [B, 1, new, capacity + new]
+    bias = g.op("Unsqueeze", [_additive_bias(g, visible, npdt), one])  # [B, 1, new, capacity + new]
     g.split_sizes = g.op("Concat", [capacity, n_new], axis=0, name="split_sizes")  # type: ignore[attr-defined]
     return g.op("Tile", [bias, g.const("const/group_tile", [1, 1, group, 1])], name="batch_bias")
 
@@ -488,19 +483,10 @@ def _fold_inputs(g: _Graph, nq: int, npdt, zero: str, one: str, n_new: str, shap
     idx = g.op("Expand", [g.op("Max", [rel, zero]), g.op("Concat", [batch, n_new, total], axis=0)])  # [B, new, T]
     in_tree = g.op("And", [g.op("GatherElements", ["tree_mask", idx], axis=2), is_new])
     visible = g.op("Or", [is_past, in_tree])  # [B, new, T]
-    lowest = float(np.finfo(npdt).min)
-    bias = g.op(
-        "Where",
-        [
-            visible,
-            g.init("const/fold_bias_zero", np.zeros((), npdt)),
-            g.init("const/fold_bias_masked", np.array(lowest, npdt)),
-        ],
-    )
     bias = g.op(
         "Expand",
         [
-            g.op("Unsqueeze", [bias, one]),
+            g.op("Unsqueeze", [_additive_bias(g, visible, npdt), one]),
             g.op("Concat", [batch, g.const("const/fold_heads", [nq]), n_new, total], axis=0),
         ],
     )

@@ -675,17 +675,17 @@ class BatchEngine:
         ):
             return None
         room = max(self.capacity, max(self._len[r.slot] for r in reqs) + 1)  # _run_single grows to it
+        lens = self._range_lengths(reqs)
+        return None if int(lens.max()) >= room else lens
+
+    def _range_lengths(self, reqs: list[_Request]) -> np.ndarray:
+        """The cache lengths of the slots ``lo .. hi`` a call covers: a slot in the call or held by
+        another sequence at its own length, a free one at 0 (where its throwaway rows go)."""
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         inside = {r.slot for r in reqs}
         with self._cond:
             free = set(self._free)
-        lens = np.zeros(hi - lo, np.int64)
-        for slot in range(lo, hi):
-            if slot in inside or slot not in free:
-                if self._len[slot] >= room:
-                    return None
-                lens[slot - lo] = self._len[slot]
-        return lens
+        return np.array([self._len[s] if s in inside or s not in free else 0 for s in range(lo, hi)], np.int64)
 
     def _run_single(self, reqs: list[_Request], lens: np.ndarray | None = None) -> None:
         """One sequence (a step or a prompt chunk), or several one-token steps with the
@@ -766,12 +766,7 @@ class BatchEngine:
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         if not 2 <= hi - lo <= self.fold_max:
             return None
-        inside = {r.slot for r in reqs}
-        with self._cond:
-            free = set(self._free)
-        lens = np.array(
-            [self._len[s] if s in inside or s not in free else 0 for s in range(lo, hi)], np.int64
-        )  # fmt: skip
+        lens = self._range_lengths(reqs)
         if int(lens.max()) + max(r.rows for r in reqs) > self.max_context:
             return None
         return lens
@@ -781,7 +776,6 @@ class BatchEngine:
         of the cache bound as one sequence, past and present, so that GroupQueryAttention reads each
         slot's first ``lens[b]`` entries and writes every sequence's new entries in place at
         ``max(lens)``, whence they are staged (commit writes the kept ones at the slot's length)."""
-
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         B = hi - lo
         n = max(r.rows for r in reqs)

@@ -761,11 +761,11 @@ def _branching(backend, cfg) -> bool:
     return backend.exact_branching or not _exact(cfg)
 
 
-def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, stats=None, noise=None, budget=None):
+def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget):
     """One step of a dynamic tree (runtime.dynamic): draft, grow this step's tree from the heads'
     and the lookup's candidates, verify, accept, keep the accepted path's cache entries. (Coupled
     sampling verifies with ``noise``; the drafts are ranked without it, by their probabilities.)
-    ``budget``: the most tokens the step may verify (read once a step; default: ask the backend)."""
+    ``budget``: the most tokens the step may verify (the backend's, read once a step)."""
     heads_s = 0.0
     temperature = 1.0 if cfg.temperature < GREEDY_BELOW else cfg.temperature
     width = state.policy.width
@@ -794,7 +794,6 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup=None, sta
     chain, n = lookup.propose_row(cfg.lookup) if lookup is not None else ([], 0)
     branching = _branching(backend, cfg)
     call_cost = state.policy.cost.heads if backend.spec.medusa_head_type == "hydra" else 0.0  # a call per depth
-    budget = backend.max_new_tokens() if budget is None else budget
     built = dynamic.build(state, root, drafts, chain, n, budget, branching, call_cost)
     tree, tokens = built.tree, built.tokens
     clock.lap("candidates")

@@ -56,6 +56,12 @@ def run_together(calls):
     return [out[i] for i in range(len(calls))]
 
 
+def assert_same_result(r, w) -> None:
+    """Two engine calls' results for one sequence agree: logits, hidden states, the new K/V."""
+    for got, want in zip(r.result, w.result):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def engine_stats(gen) -> dict:
     return dict(gen.engine.stats)
 
@@ -197,9 +203,7 @@ def test_plain_steps_of_several_sequences_run_in_place_on_the_one_sequence_graph
         e._run_forward(got)
         assert ("single", 0, 3) in e._bindings
         for r, w in zip(got, ref):
-            np.testing.assert_allclose(r.result[0], w.result[0], rtol=1e-4, atol=1e-4)  # logits
-            np.testing.assert_allclose(r.result[1], w.result[1], rtol=1e-4, atol=1e-4)  # hidden state
-            np.testing.assert_allclose(r.result[2], w.result[2], rtol=1e-4, atol=1e-4)  # the new K/V
+            assert_same_result(r, w)
             np.testing.assert_array_equal(e.kv[:, :, r.slot, :, e._len[r.slot]], r.result[2][:, :, :, 0])
         # slot 1 sat in the call's range: its cached entries are untouched (a throwaway row at its length)
         np.testing.assert_array_equal(e.kv[:, :, 1, :, : e._len[1]], middle[:, :, :, : e._len[1]])
@@ -291,9 +295,7 @@ def test_trees_of_several_sequences_run_in_place_on_the_folded_graph(tiny, monke
         e._run_forward(got)
         assert ("fold", 0, 3) in e._bindings
         for r, w in zip(got, ref):
-            np.testing.assert_allclose(r.result[0], w.result[0], rtol=1e-4, atol=1e-4)  # logits
-            np.testing.assert_allclose(r.result[1], w.result[1], rtol=1e-4, atol=1e-4)  # hidden states
-            np.testing.assert_allclose(r.result[2], w.result[2], rtol=1e-4, atol=1e-4)  # the new K/V
+            assert_same_result(r, w)
             # written in place at the range's longest length (11), whence they were staged
             np.testing.assert_array_equal(e.kv[:, :, r.slot, :, 11 : 11 + r.rows], r.result[2])
         np.testing.assert_array_equal(e.kv[:, :, 1, :, : e._len[1]], held)
