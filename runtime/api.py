@@ -300,11 +300,15 @@ class MedusaGenerator:
         """What dynamic trees size themselves by: the artifact's latency profile (``medusa-run profile``
         writes it; else the built-in CPU default) and the drafts' measured hit rates (``medusa-run
         calibrate`` writes them; None: each call starts from the heads' raw probabilities)."""
-        profile, cal = self.folder / PROFILE_FILE, self.folder / CALIBRATION_FILE
-        return (
-            CostModel.from_profile(profile) if profile.is_file() else DEFAULT_COST,
-            read_calibration(cal) if cal.is_file() else None,
-        )
+        cal = self.folder / CALIBRATION_FILE
+        return self.cost_model, read_calibration(cal) if cal.is_file() else None
+
+    @functools.cached_property
+    def cost_model(self) -> CostModel:
+        """The engine's step cost by tokens verified: the artifact's latency profile (``medusa-run
+        profile`` writes it) or the built-in CPU default. Sizes dynamic trees and the lookup branch."""
+        profile = self.folder / PROFILE_FILE
+        return CostModel.from_profile(profile) if profile.is_file() else DEFAULT_COST
 
     @staticmethod
     def _warn_tree_too_big(tree: Tree | DynamicTree, room: int, stacklevel: int) -> None:
@@ -348,6 +352,7 @@ class MedusaGenerator:
         drafts,
         datastore,
         lookup_max,
+        lookup_sizing,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -363,6 +368,7 @@ class MedusaGenerator:
             medusa=medusa,
             lookup=lookup,
             lookup_max=lookup_max,
+            lookup_sizing=lookup_sizing,
             drafts=drafts,
             datastore=datastore,
             seed=seed,
@@ -387,7 +393,7 @@ class MedusaGenerator:
 
     def _stream_events(self, ids, cfg, tree):
         """The decode loop's events for one stream, a step at a time under the lock."""
-        events = decode_steps(self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode, datastore=self.datastore)
+        events = decode_steps(self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model)
         return self._steps(_Claim(ids), events)
 
     def _generate_events(self, ids, cfg, tree):
@@ -397,7 +403,7 @@ class MedusaGenerator:
             self._take_cache(claim)
             try:
                 yield from decode_steps(
-                    self.backend, ids, cfg, tree, decode_text=self.tokenizer.decode, datastore=self.datastore
+                    self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model
                 )
             finally:
                 claim.done = True
@@ -470,6 +476,7 @@ class MedusaGenerator:
         drafts: str = _DEFAULTS.drafts,
         datastore: bool = _DEFAULTS.datastore,
         lookup_max: int = _DEFAULTS.lookup_max,
+        lookup_sizing: str = _DEFAULTS.lookup_sizing,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -503,6 +510,7 @@ class MedusaGenerator:
         drafts: str = _DEFAULTS.drafts,
         datastore: bool = _DEFAULTS.datastore,
         lookup_max: int = _DEFAULTS.lookup_max,
+        lookup_sizing: str = _DEFAULTS.lookup_sizing,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -528,9 +536,12 @@ class MedusaGenerator:
         like every draft: the backbone verifies it. ``datastore``: where the context repeats
         nothing, that branch drafts from the artifact's ``datastore.npz`` (the model's own answers
         to other prompts, :mod:`runtime.datastore`) if it has one; False: never. ``lookup_max``
-        (fixed trees): the branch grows by 2 tokens after a step that accepted its whole draft and
-        shrinks by 1 after one that did not, between ``lookup`` and ``lookup_max`` (<= ``lookup``:
-        fixed), so runs the context repeats word for word are drafted further ahead.
+        (fixed trees): the most tokens that branch drafts (<= ``lookup``: always ``lookup``).
+        ``lookup_sizing``: ``"cost"`` (the default) verifies as many of them as pay for their rows,
+        by the latency profile (:attr:`cost_model`) and the draft's hit rates so far in the call
+        (:class:`runtime.lookup.DraftSizer`), so runs the context repeats word for word are drafted
+        further ahead; ``"grow"``: the branch grows by 2 tokens after a step that accepted its
+        whole draft and shrinks by 1 after one that did not, between ``lookup`` and ``lookup_max``.
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []

@@ -936,7 +936,7 @@ def _generator_class():
         def _stream_events(self, ids, cfg, tree):
             slot = self.engine.acquire()
             try:
-                events = decode_steps(slot, ids, cfg, tree, decode_text=self.tokenizer.decode, datastore=self.datastore)
+                events = decode_steps(slot, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model)
                 while True:
                     with self.engine.computing(slot):
                         event = next(events, None)

@@ -10,6 +10,7 @@ second, the same clock for everyone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.decode import DEFAULT_LOOKUP_MAX, PHASES, prefill
+from runtime.decode import DEFAULT_LOOKUP_MAX, DEFAULT_LOOKUP_SIZING, PHASES, prefill
 from runtime.dynamic import is_dynamic
 from runtime.errors import MedusaError
 
@@ -145,26 +146,27 @@ class Variant:
     name: str
     datastore: bool = True
     lookup_max: int = DEFAULT_LOOKUP_MAX
+    lookup_sizing: str = DEFAULT_LOOKUP_SIZING
 
     def decode_args(self) -> dict:
-        return {"tree": self.tree, "lookup": self.lookup, "datastore": self.datastore, "lookup_max": self.lookup_max}
+        return {"tree": self.tree, "lookup": self.lookup, "datastore": self.datastore, "lookup_max": self.lookup_max,
+                "lookup_sizing": self.lookup_sizing}  # fmt: skip
 
 
 def make_variants(trees: list, lookups: list[int], datastores: list[bool] | None = None,
-                  lookup_maxes: list[int] | None = None) -> list[Variant]:  # fmt: skip
-    """Every tree with every lookup, lookup_max and datastore setting; named by the tree alone when
-    there is one setting of each."""
+                  lookup_maxes: list[int] | None = None, sizings: list[str] | None = None) -> list[Variant]:  # fmt: skip
+    """Every tree with every lookup, lookup_max, lookup sizing and datastore setting; named by the
+    tree alone when there is one setting of each."""
     datastores = datastores or [True]
     maxes = lookup_maxes or [DEFAULT_LOOKUP_MAX]
+    sizings = sizings or [DEFAULT_LOOKUP_SIZING]
     out = []
-    for t in trees:
-        for lk in lookups:
-            for mx in maxes:
-                for ds in datastores:
-                    name = t.name + (f" lookup={lk}" if len(lookups) > 1 else "")
-                    name += f" max={mx}" if len(maxes) > 1 else ""
-                    name += (" datastore" if ds else " no-datastore") if len(datastores) > 1 else ""
-                    out.append(Variant(t, lk, name, ds, mx))
+    for t, lk, mx, sz, ds in itertools.product(trees, lookups, maxes, sizings, datastores):
+        name = t.name + (f" lookup={lk}" if len(lookups) > 1 else "")
+        name += f" max={mx}" if len(maxes) > 1 else ""
+        name += f" {sz}" if len(sizings) > 1 else ""
+        name += (" datastore" if ds else " no-datastore") if len(datastores) > 1 else ""
+        out.append(Variant(t, lk, name, ds, mx, sz))
     return out
 
 
@@ -252,6 +254,7 @@ def run_bench(
     seed: int = 0,
     datastores: list[bool] | None = None,
     lookup_maxes: list[int] | None = None,
+    lookup_sizings: list[str] | None = None,
 ) -> dict:
     """Plain vs Medusa (each tree x each ``lookups`` setting) per prompt, interleaved; with
     ``sampling`` temperatures also plain sampling vs exact vs typical Medusa sampling
@@ -275,7 +278,9 @@ def run_bench(
         raise MedusaError("--datastore: on and/or off, each once")
     if lookup_maxes and (len(set(lookup_maxes)) != len(lookup_maxes) or any(m < 0 for m in lookup_maxes)):
         raise MedusaError(f"--lookup-max: distinct integers >= 0, got {lookup_maxes}")
-    variants = make_variants(trees, lookups, datastores, lookup_maxes)
+    if lookup_sizings and len(set(lookup_sizings)) != len(lookup_sizings):
+        raise MedusaError("--lookup-sizing: cost and/or grow, each once")
+    variants = make_variants(trees, lookups, datastores, lookup_maxes, lookup_sizings)
     # exact sampling runs the artifact's sampling tree unless --tree was given (as generate() does)
     exact_tree: Any = variants[0].tree if named else (getattr(gen, "sampling_tree", None) or variants[0].tree)
     if peer not in (None, *PEERS):
@@ -499,6 +504,7 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
         "paths": [list(p) for p in tree.paths],
         "lookup": variant.lookup,
         "lookup_max": variant.lookup_max,
+        "lookup_sizing": variant.lookup_sizing,
         "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
         "datastore_accepted": sum(r.get("datastore_accepted", 0) for r in rows),
         "medusa_tokens_per_s": tps,

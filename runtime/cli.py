@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from runtime.clihelp import HelpFormatter, field_default
-from runtime.decode import ACCEPTANCES, DRAFTS, DecodeConfig
+from runtime.decode import ACCEPTANCES, DRAFTS, LOOKUP_SIZINGS, DecodeConfig
 from runtime.errors import run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
+from runtime.profile import DEFAULT_SIZES
 
 
 def _decode_default(name: str):
@@ -95,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--lookup-max",
         type=int,
         default=_decode_default("lookup_max"),
-        help="fixed trees: the lookup draft grows by 2 after a step that accepted it whole, shrinks by 1 after "
-        "one that did not, up to this (<= --lookup: fixed)",
+        help="fixed trees: the most tokens the lookup draft holds (<= --lookup: fixed)",
+    )
+    g.add_argument(
+        "--lookup-sizing",
+        choices=LOOKUP_SIZINGS,
+        default=_decode_default("lookup_sizing"),
+        help="fixed trees: cost = verify as many draft tokens as pay for their rows (latency profile, hit rates); "
+        "grow = +2 after a draft accepted whole, -1 otherwise",
     )
     g.add_argument(
         "--no-datastore",
@@ -161,8 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="N",
-        help="fixed trees: how far the lookup draft may grow while accepted whole, one or several settings to "
+        help="fixed trees: the most tokens the lookup draft holds, one or several settings to "
         f"compare (<= --lookup: fixed; default {_decode_default('lookup_max')})",
+    )
+    b.add_argument(
+        "--lookup-sizing",
+        choices=LOOKUP_SIZINGS,
+        nargs="+",
+        default=None,
+        help="fixed trees: how many of the lookup draft's tokens a step verifies, one or both to compare "
+        f"(default {_decode_default('lookup_sizing')})",
     )
     b.add_argument(
         "--datastore",
@@ -194,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="cost of verifying N tokens vs one plain step", formatter_class=HelpFormatter)
     _engine_args(pr)
-    pr.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    pr.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     pr.add_argument("--cached", type=int, default=256, help="tokens in the cache while measuring")
     pr.add_argument("--repeats", type=int, default=7)
     pr.add_argument(
@@ -247,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--lookup", type=int, default=_decode_default("lookup"), help="context-lookup draft tokens per step")
     s.add_argument("--lookup-max", type=int, default=_decode_default("lookup_max"),
-                   help="fixed trees: how far the lookup draft may grow while accepted whole")  # fmt: skip
+                   help="fixed trees: the most tokens the lookup draft holds")  # fmt: skip
+    s.add_argument("--lookup-sizing", choices=LOOKUP_SIZINGS, default=_decode_default("lookup_sizing"),
+                   help="fixed trees: how many of the lookup draft's tokens a step verifies")  # fmt: skip
     s.add_argument("--graceful-timeout", type=int, default=30, help="seconds running requests get at shutdown")
     s.add_argument("--ray-replicas", type=int, default=0,
                    help="serve through Ray Serve with this many replicas, each its own process and engine "
@@ -284,6 +301,7 @@ def generate_kwargs(args) -> dict:
         top_p=args.top_p,
         lookup=args.lookup,
         lookup_max=args.lookup_max,
+        lookup_sizing=args.lookup_sizing,
         drafts=args.drafts,
         datastore=not args.no_datastore,
     )
@@ -340,6 +358,7 @@ def cmd_bench(args) -> None:
         progress=verbosity(args) >= 0,
         lookups=args.lookup,
         lookup_maxes=args.lookup_max,
+        lookup_sizings=args.lookup_sizing,
         sampling=args.sampling,
         datastores=[d == "on" for d in args.datastore],
     )
@@ -421,7 +440,8 @@ def cmd_serve(args) -> None:
 
     require_serve()  # before loading the artifact
     name = args.model_name or Path(args.artifact).resolve().name
-    decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup, "lookup_max": args.lookup_max}
+    decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup, "lookup_max": args.lookup_max,
+              "lookup_sizing": args.lookup_sizing}  # fmt: skip
     if args.ray_replicas:
         from runtime.serve import serve_ray
 

@@ -22,7 +22,7 @@ from runtime import checks, dynamic
 from runtime.backend import Backend
 from runtime.datastore import Datastore
 from runtime.errors import ContextLengthError, MedusaError
-from runtime.lookup import DEFAULT_MAX_NGRAM, DraftWidth, NgramLookup, from_datastore
+from runtime.lookup import DEFAULT_MAX_NGRAM, DraftSizer, DraftWidth, NgramLookup, from_datastore
 from runtime.tree import PAD, Tree, graft_chain
 
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
@@ -42,6 +42,8 @@ ACCEPTANCES = ("exact", "typical")
 # distribution at the temperature; accepted with min(1, p/q), the residual (p - q)+: SpecInfer's
 # multi-step speculative sampling)
 DRAFTS = ("coupled", "top", "sampled")
+LOOKUP_SIZINGS = ("cost", "grow")
+DEFAULT_LOOKUP_SIZING = "cost"
 
 
 @dataclass
@@ -64,10 +66,14 @@ class DecodeConfig:
     # context lookup: each Medusa step also drafts up to this many tokens copied from where the
     # context's latest n-gram (n <= lookup_ngram) occurred before, as one more branch (0: off)
     lookup: int = DEFAULT_LOOKUP
-    # with a fixed tree the branch grows by 2 tokens after a step that accepted its whole draft and
-    # shrinks by 1 after one that did not, between lookup and lookup_max (lookup.DraftWidth;
-    # <= lookup: always lookup). A dynamic tree weighs each lookup node by its calibration instead.
+    # with a fixed tree, the most tokens the branch drafts (<= lookup: always lookup). How many of them
+    # a step verifies (lookup_sizing): "cost", as many as pay for their rows by the latency profile
+    # and the draft's running hit rates (lookup.DraftSizer); "grow", the branch grows by 2 tokens
+    # after a step that accepted its whole draft and shrinks by 1 after one that did not, between
+    # lookup and lookup_max (lookup.DraftWidth). A dynamic tree weighs each lookup node by its
+    # calibration instead.
     lookup_max: int = DEFAULT_LOOKUP_MAX
+    lookup_sizing: str = DEFAULT_LOOKUP_SIZING
     lookup_ngram: int = DEFAULT_MAX_NGRAM
     # where the context repeats nothing, the lookup branch drafts from the datastore passed to
     # decode_steps (the artifact's datastore.npz: the model's own answers to other prompts); False: never
@@ -100,6 +106,7 @@ class DecodeConfig:
         self.lookup = checks.integer("lookup", self.lookup, 0, rule=">= 0 (0: no context lookup)")
         self.lookup_max = checks.integer("lookup_max", self.lookup_max, 0, rule=">= 0 (<= lookup: a fixed width)")
         self.lookup_ngram = checks.integer("lookup_ngram", self.lookup_ngram, 1)
+        self.lookup_sizing = checks.choice("lookup_sizing", self.lookup_sizing, LOOKUP_SIZINGS)
         self.datastore = checks.flag("datastore", self.datastore)
 
 
@@ -572,9 +579,12 @@ def decode_steps(
     tree: Tree | dynamic.DynamicTree | None = None,
     decode_text: Callable[[list[int]], str] | None = None,
     datastore: Datastore | None = None,
+    cost: dynamic.CostModel | None = None,
 ) -> Iterator[StepEvent]:
     """Yield the tokens of each step as they are accepted; the last event's stats are final.
-    ``datastore``: the lookup branch's drafts where the context repeats nothing (``cfg.datastore``)."""
+    ``datastore``: the lookup branch's drafts where the context repeats nothing (``cfg.datastore``).
+    ``cost``: the engine's latency profile, which sizes a fixed tree's lookup branch (default:
+    :data:`runtime.dynamic.DEFAULT_COST`)."""
     prompt = np.asarray(prompt_ids, dtype=np.int64)
     check_fits(backend, prompt)
     if not cfg.medusa:
@@ -600,7 +610,6 @@ def decode_steps(
     stats = DecodeStats()
     store = datastore if cfg.datastore else None
     lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram, store) if cfg.medusa and cfg.lookup else None
-    width = DraftWidth(cfg.lookup, cfg.lookup_max)
     out: list[int] = []
     clock = _Clock(stats.times)
     start = clock.t
@@ -613,6 +622,7 @@ def decode_steps(
     root = select_root(logits[-1], cfg, rng, noise, backend.cache_len)
     state = dynamic.DynamicState(tree) if isinstance(tree, dynamic.DynamicTree) else None
     static = tree if isinstance(tree, Tree) else None  # a fixed tree (a dynamic one grows each step's own)
+    width = _draft_width(cfg, static, cost)
     stats.dynamic = state
     index = m - 1  # the token of the last forward whose hidden state drafts the next step
     cands = (
@@ -684,21 +694,33 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True) -> t
     return logits, m
 
 
+def _draft_width(cfg: DecodeConfig, tree: Tree | None, cost: dynamic.CostModel | None) -> DraftSizer | DraftWidth:
+    """How a fixed tree's lookup branch is sized: by the cost profile (``lookup_sizing="cost"``, up to
+    ``lookup_max`` tokens) or by the grow-and-shrink schedule (``"grow"``, or a fixed width where
+    ``lookup_max <= lookup``)."""
+    if tree is None or cfg.lookup_sizing != "cost" or cfg.lookup_max <= cfg.lookup or not cfg.lookup:
+        return DraftWidth(cfg.lookup, cfg.lookup_max)
+    cost = cost or dynamic.DEFAULT_COST
+    return DraftSizer(cfg.lookup_max, cost.table(tree.num_nodes + cfg.lookup_max + 1), cost.heads)
+
+
 def _exact(cfg: DecodeConfig) -> bool:
     """Whether the acceptance promises plain decoding's output (greedy) or law (exact sampling)."""
     return cfg.temperature < GREEDY_BELOW or cfg.acceptance == "exact"
 
 
 def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, width, room, noise=None):
-    """One step over a fixed tree: graft the lookup's draft (``width`` long, cut to ``room``, the
+    """One step over a fixed tree: graft the lookup's draft (``width``: a :class:`DraftSizer`, which
+    keeps as many of its tokens as pay for their rows, or a :class:`DraftWidth`; cut to ``room``, the
     tokens the engine takes this step), verify, accept; the next step's candidates."""
     # candidates (drafted at the end of the previous step): the root plus the heads' top-k, laid out as the tree
     tokens, q = cands  # q: sampled drafts' distributions (None: fixed candidates)
     base_tree = tree
     stored = False
     drafts: list[int] = []
+    sizing = isinstance(width, DraftSizer)
     if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
-        drafts, row = lookup.propose_row(width.width)
+        drafts, row = lookup.propose_row(width.top if sizing else width.width)
         if backend.step_rows is not None:  # an engine that runs longer steps apart (a batch engine's max_rows)
             room = min(room, max(backend.step_rows, tree.num_nodes))
         branching = _branching(backend, cfg)
@@ -707,6 +729,9 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
             # still goes: a grafted draft of r tokens adds at most r nodes. (A chain-only engine's draft
             # replaces the heads' chain: a cut one could replace a longer chain with less.)
             drafts = drafts[: max(0, room - tree.num_nodes)]
+        if sizing and drafts:
+            sizes, shared, agree = _draft_sizes(tree, tokens, drafts, branching)
+            drafts = drafts[: width.choose(drafts, row, sizes, shared, agree)]
         if drafts:
             grafted, grafted_tokens, added = graft_chain(tree, tokens, drafts, branching=branching)
             if added and room >= grafted.num_nodes:
@@ -719,12 +744,34 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
     clock.lap("candidates")
     path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored, noise)
     accepted = [int(t) for t in tokens[path[1:]]]
-    if tree is not base_tree:  # the branch was verified: its width follows the outcome
+    if sizing:  # the rates and the call's running rate follow the outcome (the draft scored past its cut too)
+        width.observe(len(drafts) if tree is not base_tree else 0, accepted + [new_root], tree.num_nodes)
+    elif tree is not base_tree:  # the branch was verified: its width follows the outcome
         width.update(drafts, accepted)
     # next candidates come from the heads at the last accepted node
     cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng, noise)
     clock.lap("heads")
     return accepted + [new_root], new_root, cands
+
+
+def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: bool) -> tuple[np.ndarray, int, int]:
+    """``(sizes, shared, agree)``: ``sizes[k]`` the tokens a step verifies with the first k of
+    ``drafts`` grafted (:func:`graft_chain`), ``shared`` how many leading drafts the tree's nodes
+    already hold, ``agree`` whether the first is a head's candidate there (0: no; 1: a lower-ranked
+    one; 2: the top one)."""
+    node, shared, agree = 0, 0, 0
+    for t in drafts:
+        child = np.flatnonzero((tree.parent == node) & (tokens == t))
+        if not len(child):
+            break
+        node, shared = int(child[0]), shared + 1
+        if shared == 1:
+            agree = 2 if tree.node_rank[node] == 0 else 1
+    k = np.arange(len(drafts) + 1)
+    if branching:
+        return tree.num_nodes + np.maximum(0, k - shared), shared, agree
+    # a chain engine: past the shared prefix the drafts replace the chain's deeper nodes
+    return np.where(k <= shared, tree.num_nodes, 1 + k), shared, agree
 
 
 def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False, noise=None):
@@ -827,11 +874,11 @@ class DecodeResult:
 
 
 def decode(backend: Backend, prompt_ids, cfg: DecodeConfig, tree: Tree | None = None, decode_text=None,
-           datastore: Datastore | None = None) -> DecodeResult:  # fmt: skip
+           datastore: Datastore | None = None, cost: dynamic.CostModel | None = None) -> DecodeResult:  # fmt: skip
     """Run :func:`decode_steps` to the end: all new tokens and the statistics."""
     tokens: list[int] = []
     stats = DecodeStats()
-    for event in decode_steps(backend, prompt_ids, cfg, tree, decode_text, datastore):
+    for event in decode_steps(backend, prompt_ids, cfg, tree, decode_text, datastore, cost):
         tokens.extend(event.tokens)
         stats = event.stats
     return DecodeResult(tokens, stats)

@@ -44,9 +44,14 @@ DEFAULT_WIDTH = 4  # candidates a head proposes below one parent
 # parents drafted below per depth: a Hydra heads call costs a projection per row (~0.15 ms each on
 # SmolLM2's CPU), and nodes below the 4th most valuable of a depth rarely make the tree
 DEFAULT_BEAM = 4
-# the fused fp32 graph of SmolLM2-135M on 2 CPU cores, 256 cached tokens (docs/results/latency_profile.json)
-DEFAULT_RELATIVE_COST = {1: 1.0, 2: 1.2211, 4: 1.4031, 8: 1.8241, 16: 2.4788, 32: 3.609, 64: 5.6228}
-DEFAULT_HEADS_COST = 0.1032
+# the fused fp32 graph of SmolLM2-135M on 2 CPU cores, 256 cached tokens (`medusa-run profile`, 2026-12-01,
+# docs/results/latency_profile.json): flat within blocks of 6 rows, a jump after each
+DEFAULT_RELATIVE_COST = {
+    1: 1.0, 2: 1.1995, 3: 1.1848, 4: 1.3071, 5: 1.24, 6: 1.2718, 7: 1.5745, 8: 1.6514, 9: 1.6461, 10: 1.7329,
+    11: 1.7426, 12: 1.8282, 13: 2.0427, 14: 2.0805, 15: 2.1097, 16: 2.2109, 20: 2.588, 24: 2.8846, 32: 3.6688,
+    48: 5.0181, 64: 6.3021,
+}  # fmt: skip
+DEFAULT_HEADS_COST = 0.0902
 # calibration: a head probability's bin edges, and how many pseudo-observations the raw
 # probability counts for before a bin's own hits take over
 BIN_EDGES = np.array([0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])

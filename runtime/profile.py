@@ -17,7 +17,9 @@ import numpy as np
 from runtime.backend import Backend
 from runtime.decode import prefill
 
-DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# every size up to 16 (a CPU's matrix kernels work in blocks of rows, e.g. 6: the cost rises in steps
+# that interpolation between powers of two would blur), then sparser
+DEFAULT_SIZES = (*range(1, 17), 20, 24, 32, 48, 64)
 PROFILE_FILE = "latency_profile.json"
 
 

@@ -253,3 +253,100 @@ def test_a_grown_draft_is_cut_to_what_the_engine_takes():
     capped = decode(rows, prompt, DecodeConfig(max_new_tokens=60, lookup=3, lookup_max=11), tree)
     assert capped.tokens == plain.tokens and capped.stats.lookup_accepted > 10
     assert max(seen[1:]) == 7  # the prefill aside
+
+
+# a CPU-like step cost (one-token steps by tokens verified): flat within blocks of 6 rows, a jump after
+STEPPED = np.array([0, 1.0, 1.1, 1.18, 1.25, 1.27, 1.29, 1.6, 1.62, 1.66, 1.73, 1.74, 1.82, 2.08, 2.1, 2.15, 2.3, 2.3])
+CONTEXT_3GRAM, DATASTORE_SHORT = 3, 8  # NgramLookup.propose_row rows: a context 3-gram match, a datastore <= 2-gram one
+
+
+def _sizes(nodes: int, n: int, shared: int = 0) -> np.ndarray:
+    return nodes + np.maximum(0, np.arange(n + 1) - shared)
+
+
+def test_draft_sizer_fills_a_cost_step_and_cuts_a_tail_that_would_start_the_next():
+    from runtime.lookup import DraftSizer
+
+    draft = list(range(100, 112))
+    # beside a 3-node tree a doubtful draft still fills the first block (6 tokens: nearly free), not the
+    # next; a likely one (a context 3-gram, each next token 0.77-0.86 likely) fills the second block too
+    assert 3 + DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, _sizes(3, 12), 0) == 6
+    assert 3 + DraftSizer(12, STEPPED).choose(draft, CONTEXT_3GRAM, _sizes(3, 12), 0) == 12
+    # a 6-node tree fills that block: a likely draft is worth the next whole block, a doubtful one none of it
+    assert 6 + DraftSizer(12, STEPPED).choose(draft, CONTEXT_3GRAM, _sizes(6, 12), 0) == 12
+    assert DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0) == 0
+    # the heads' top candidate agreeing with the first token makes the draft likelier
+    weak = DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, _sizes(6, 12, shared=1), 1, agree=0)
+    strong = DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, _sizes(6, 12, shared=1), 1, agree=2)
+    assert strong > weak
+    # where more tokens cost nothing more (a GPU's flat profile) the whole draft goes, and no more than the table covers
+    assert DraftSizer(12, np.r_[0.0, np.ones(30)]).choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0) == 12
+    assert DraftSizer(12, np.r_[0.0, np.ones(9)]).choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0) == 3
+    assert DraftSizer(12, STEPPED).choose([], CONTEXT_3GRAM, _sizes(3, 0), 0) == 0
+
+
+def test_draft_sizer_follows_the_call_and_scores_past_its_cut():
+    from runtime.lookup import FIRST_RATES, PRIOR_WEIGHT, DraftSizer
+
+    draft = list(range(100, 112))
+    s = DraftSizer(12, STEPPED)
+    first = s.choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0)
+    assert first == 0
+    s.observe(0, draft[:4], 6)  # not verified, but the step emitted its first 4 tokens: 4 positions scored
+    assert s.first[:, 3, 0].tolist() == [1, 1] and s.next[1, 3, 0, :3].tolist() == [1, 1, 1]
+    for _ in range(round(3 * PRIOR_WEIGHT)):  # every draft of this source right as far as the steps show
+        k = s.choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0)
+        s.observe(k, draft[: k + 1], 6 + k)
+    assert 6 + s.choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0) == 12 and s.streak == 1  # the next block, whole
+    for _ in range(round(20 * PRIOR_WEIGHT)):  # now wrong from the first token on
+        k = s.choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0)
+        s.observe(k, [7], 6 + k)
+    assert s.streak == 0 and s.rates(DATASTORE_SHORT, 0, 1)[0] < 0.2 < FIRST_RATES[3, 0]
+    assert s.choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0) < 6  # no longer the whole next block
+    # the call's rate: tokens emitted per unit of step cost (plus the prior's)
+    t = DraftSizer(12, STEPPED, heads=0.1)
+    t.observe(0, [1, 2, 3], 6)
+    assert t.tokens / t.spent == pytest.approx((12 + 3) / (8 + 1.29 + 0.1))
+
+
+def test_draft_sizes_count_the_tokens_a_graft_verifies():
+    from runtime.decode import _draft_sizes
+
+    tree = build_tree([[0], [1], [0, 0]])  # root, a (rank 0), b (rank 1), a0
+    tokens = np.array([10, 11, 12, 13])
+    sizes, shared, agree = _draft_sizes(tree, tokens, [11, 13, 14], branching=True)
+    assert (shared, agree) == (2, 2) and sizes.tolist() == [4, 4, 4, 5]
+    for k in range(4):  # what graft_chain builds
+        assert graft_chain(tree, tokens, [11, 13, 14][:k])[0].num_nodes == sizes[k]
+    assert _draft_sizes(tree, tokens, [12, 9], branching=True)[1:] == (1, 1)
+    assert _draft_sizes(tree, tokens, [9, 9], branching=True)[0].tolist() == [4, 5, 6]
+    chain = build_tree([[0], [0, 0], [0, 0, 0]])
+    ctoks = np.array([10, 11, 13, 15])
+    sizes, shared, _ = _draft_sizes(chain, ctoks, [11, 14, 16], branching=False)
+    assert shared == 1 and sizes.tolist() == [4, 4, 3, 4]  # past the shared prefix the drafts replace the chain
+    for k in range(4):
+        assert graft_chain(chain, ctoks, [11, 14, 16][:k], branching=False)[0].num_nodes == sizes[k]
+
+
+def test_cost_sized_drafts_stay_lossless_and_keep_to_what_pays():
+    """With a profile where every token past 6 costs a whole step more, cost sizing never verifies
+    more than 6 tokens (the grow schedule does), and both give plain decoding's output."""
+    from runtime.dynamic import CostModel
+
+    backend = Repeating()
+    prompt = [5, 9, 3, 11, 7, 13, 2, 17, 19, 23, 29, 5, 9]  # a period of 11: drafts up to 11 tokens long
+    tree = load_tree("chain_1")
+    plain = decode(backend, prompt, DecodeConfig(max_new_tokens=80, medusa=False), None)
+    steep = CostModel({1: 1.0, 6: 1.05, 7: 3.0, 8: 4.0, 16: 12.0})
+    cfg = dict(max_new_tokens=80, lookup=3, lookup_max=11)
+    sized = decode(backend, prompt, DecodeConfig(**cfg), tree, cost=steep)
+    grown = decode(backend, prompt, DecodeConfig(**cfg, lookup_sizing="grow"), tree, cost=steep)
+    assert sized.tokens == grown.tokens == plain.tokens
+    assert max(sized.stats.accept_hist) < 6 < max(grown.stats.accept_hist)
+    assert sized.stats.nodes == 6 * sized.stats.steps  # every step fills what costs nothing more: 6 tokens
+    flat = decode(backend, prompt, DecodeConfig(**cfg), tree, cost=CostModel({1: 1.0, 64: 1.0}))
+    assert flat.tokens == plain.tokens and max(flat.stats.accept_hist) == 12  # all 11 drafted, and the next root
+    s = decode(backend, prompt, DecodeConfig(**cfg, temperature=1.0, seed=0), tree, cost=steep)
+    assert s.tokens == plain.tokens  # exact sampling on this deterministic model: the same tokens
+    with pytest.raises(MedusaError, match="lookup_sizing"):
+        DecodeConfig(lookup_sizing="longest")
