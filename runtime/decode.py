@@ -128,6 +128,7 @@ class DecodeStats:
     datastore_accepted: int = 0  # of lookup_accepted: those the datastore drafted
     nodes: int = 0  # tokens verified by the Medusa steps, roots included (/ steps: the mean tree size)
     dynamic: object = field(default=None, repr=False)  # a dynamic tree's per-call state (runtime.dynamic)
+    draft_sizer: object = field(default=None, repr=False)  # a fixed tree's lookup.DraftSizer (its counts)
 
     @property
     def mean_accepted(self) -> float:
@@ -623,6 +624,7 @@ def decode_steps(
     state = dynamic.DynamicState(tree) if isinstance(tree, dynamic.DynamicTree) else None
     static = tree if isinstance(tree, Tree) else None  # a fixed tree (a dynamic one grows each step's own)
     width = _draft_width(cfg, static, cost)
+    stats.draft_sizer = width if isinstance(width, DraftSizer) else None
     stats.dynamic = state
     index = m - 1  # the token of the last forward whose hidden state drafts the next step
     cands = (

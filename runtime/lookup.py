@@ -70,25 +70,26 @@ class DraftWidth:
 
 # What a call assumes before it has seen its own drafts (it counts them as PRIOR_WEIGHT observations),
 # measured with SmolLM2-135M-Instruct's default artifact on 24 held-out Alpaca prompts (``python -m
-# scripts.heldout_prompts --last 76 --drop-last 24``, the first 24; never MT-Bench). Sources: the
+# scripts.heldout_prompts --last 76 --drop-last 24``, the first 24; never MT-Bench) by ``python -m
+# scripts.lookup_rates`` (192 new tokens; a cell with under 10 observations keeps its earlier value). Sources: the
 # context's 1-, 2-, >= 3-gram matches, the datastore's <= 2- and >= 3-gram ones (source_class).
 # P(a draft's first token is accepted), per source, where the tree holds that token nowhere / as a
 # head's lower-ranked candidate / as its top candidate: the heads' agreement is the strongest sign.
 FIRST_RATES = np.array([
-    [0.11, 0.64, 0.66],
-    [0.27, 0.46, 0.88],
-    [0.57, 0.69, 0.94],
-    [0.26, 0.48, 0.67],
-    [0.31, 0.55, 0.87],
+    [0.15, 0.62, 0.63],
+    [0.30, 0.50, 0.85],
+    [0.60, 0.84, 0.90],
+    [0.28, 0.50, 0.66],
+    [0.29, 0.55, 0.87],
 ])  # fmt: skip
 # P(token j is accepted | the tokens before it were), per source, after a step whose draft was not /
 # was accepted whole (a run the context repeats word for word goes on), j = 2, 3, 4 (and beyond)
 NEXT_RATES = np.array([
-    [[0.47, 0.59, 0.70], [0.47, 0.59, 0.70]],
-    [[0.63, 0.64, 0.70], [0.63, 0.64, 0.70]],
-    [[0.77, 0.78, 0.86], [0.86, 0.87, 0.90]],
-    [[0.46, 0.60, 0.60], [0.46, 0.60, 0.60]],
-    [[0.68, 0.67, 0.85], [0.82, 0.82, 0.85]],
+    [[0.41, 0.56, 0.75], [0.47, 0.59, 0.70]],
+    [[0.61, 0.67, 0.69], [0.63, 0.64, 0.70]],
+    [[0.78, 0.81, 0.87], [0.87, 0.88, 0.94]],
+    [[0.46, 0.62, 0.60], [0.46, 0.60, 0.60]],
+    [[0.68, 0.68, 0.79], [0.82, 0.91, 0.85]],
 ])  # fmt: skip
 PRIOR_WEIGHT = 8.0  # (2, 4, 8 compared on the same 24 prompts: 8 the best by a little)
 RATE_POSITIONS = 16  # positions counted apart (later ones share the last cell)

@@ -256,7 +256,9 @@ def test_a_grown_draft_is_cut_to_what_the_engine_takes():
 
 
 # a CPU-like step cost (one-token steps by tokens verified): flat within blocks of 6 rows, a jump after
-STEPPED = np.array([0, 1.0, 1.1, 1.18, 1.25, 1.27, 1.29, 1.6, 1.62, 1.66, 1.73, 1.74, 1.82, 2.08, 2.1, 2.15, 2.3, 2.3])
+STEPPED = np.array([0, 1.0, 1.1, 1.18, 1.25, 1.27, 1.29, 1.6, 1.62, 1.66, 1.73, 1.74, 1.82, 2.08, 2.1, 2.15, 2.2, 2.25, 2.3]
+                   + [2.7, 2.72, 2.75, 2.8, 2.85, 2.9])  # fmt: skip
+BLOCK_ENDS = (6, 12, 18, 24)
 CONTEXT_3GRAM, DATASTORE_SHORT = 3, 8  # NgramLookup.propose_row rows: a context 3-gram match, a datastore <= 2-gram one
 
 
@@ -272,8 +274,8 @@ def test_draft_sizer_fills_a_cost_step_and_cuts_a_tail_that_would_start_the_next
     # next; a likely one (a context 3-gram, each next token 0.77-0.86 likely) fills the second block too
     assert 3 + DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, _sizes(3, 12), 0) == 6
     assert 3 + DraftSizer(12, STEPPED).choose(draft, CONTEXT_3GRAM, _sizes(3, 12), 0) == 12
-    # a 6-node tree fills that block: a likely draft is worth the next whole block, a doubtful one none of it
-    assert 6 + DraftSizer(12, STEPPED).choose(draft, CONTEXT_3GRAM, _sizes(6, 12), 0) == 12
+    # a 6-node tree fills that block: a likely draft is worth the next blocks, whole, a doubtful one none of them
+    assert 6 + DraftSizer(12, STEPPED).choose(draft, CONTEXT_3GRAM, _sizes(6, 12), 0) in BLOCK_ENDS[1:]
     assert DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, _sizes(6, 12), 0) == 0
     # the heads' top candidate agreeing with the first token makes the draft likelier
     weak = DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, _sizes(6, 12, shared=1), 1, agree=0)
@@ -350,3 +352,40 @@ def test_cost_sized_drafts_stay_lossless_and_keep_to_what_pays():
     assert s.tokens == plain.tokens  # exact sampling on this deterministic model: the same tokens
     with pytest.raises(MedusaError, match="lookup_sizing"):
         DecodeConfig(lookup_sizing="longest")
+
+
+def test_the_bench_compares_the_two_sizings():
+    from runtime.bench import make_variants
+
+    t = load_tree("chain_1")
+    variants = make_variants([t], [3], sizings=["cost", "grow"])
+    assert [v.name for v in variants] == ["chain_1 cost", "chain_1 grow"]
+    assert [v.decode_args()["lookup_sizing"] for v in variants] == ["cost", "grow"]
+    assert [v.name for v in make_variants([t], [3])] == ["chain_1"]
+    assert make_variants([t], [3])[0].decode_args()["lookup_sizing"] == DecodeConfig().lookup_sizing == "cost"
+
+
+def test_lookup_rates_script_adds_up_every_calls_counts(gen, tmp_path, capsys):
+    """``scripts.lookup_rates`` (how the sizer's prior was measured): the summed counts are each
+    call's, hits never above trials, the tables in the shipped shapes, thin cells the shipped values."""
+    import json
+
+    from runtime.lookup import FIRST_RATES, NEXT_RATES
+    from scripts.lookup_rates import main, measure, table
+
+    words = " ".join(f"t{i}" for i in (5, 6, 7, 8, 5, 6, 7, 8, 5, 6))
+    prompts = [words, "t9 t10 t9 t10 t9", words + " t11"]
+    first, nxt = measure(gen, prompts, 24)
+    calls = [gen.generate(gen.encode([{"role": "user", "content": p}]), max_new_tokens=24) for p in prompts]
+    assert first[1].sum() == sum(c.stats.draft_sizer.first[1].sum() for c in calls) > 0
+    assert np.all(first[0] <= first[1]) and np.all(nxt[0] <= nxt[1])
+    f, n = table(first, nxt, NEXT_RATES.shape[2], min_trials=10**9)
+    assert np.array_equal(f, FIRST_RATES) and np.array_equal(n, NEXT_RATES)  # no cell has enough: the shipped ones
+    f, n = table(first, nxt, NEXT_RATES.shape[2], min_trials=1)
+    seen = first[1] >= 1
+    assert np.allclose(f[seen], first[0][seen] / first[1][seen]) and f.shape == FIRST_RATES.shape
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"instruction": p} for p in prompts]))
+    assert main([str(gen.folder), "--prompts", str(path), "--limit", "2", "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts of" in out and "FIRST_RATES = [[" in out and "NEXT_RATES = [[[" in out
