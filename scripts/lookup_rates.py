@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,8 @@ def main(argv=None) -> int:
 
     gen = load(a.artifact, threads=a.threads)
     prompts = read_prompts(a.prompts)[: a.limit]
-    first, nxt = measure(gen, prompts, a.max_new_tokens, lambda i, n: print(f"{i}/{n}", end="\r", flush=True))
-    print()
+    first, nxt = measure(gen, prompts, a.max_new_tokens, lambda i, n: print(f"{i}/{n}", end="\r", file=sys.stderr))
+    print(file=sys.stderr)
     f, n = table(first, nxt, NEXT_RATES.shape[2], a.min_trials)
     print(f"{len(prompts)} prompts of {a.prompts}, {a.max_new_tokens} new tokens, {a.artifact}")
     print("first token accepted, where the tree holds it nowhere / as a lower-ranked / as the top candidate (trials):")
