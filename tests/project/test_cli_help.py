@@ -40,7 +40,7 @@ def test_defaults_are_shown_with_their_values():
     help_of = {k: " ".join(p.format_help().split()) for k, p in parsers.items()}
     assert "--batch-tokens BATCH_TOKENS positions per step (default: 256)" in help_of["medusa-train medusa1"]
     assert "--max-new-tokens MAX_NEW_TOKENS (default: 256)" in help_of["medusa-run bench"]
-    assert "(default: 1 2 4 8 16 32 64)" in help_of["medusa-run profile"]
+    assert "(default: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 20 24 32 48 64)" in help_of["medusa-run profile"]
     assert "ONNX Runtime device (default: CUDA if available)" in help_of["medusa-run generate"]
     assert "(default: auto) ONNX Runtime device" not in help_of["medusa-run generate"]  # not said twice
 

@@ -251,9 +251,16 @@ def test_an_artifact_with_a_datastore_stays_lossless_on_onnx_runtime(tiny, tmp_p
     gen = runtime.load(art, threads=1, **({"max_batch": max_batch, "budgets": None} if max_batch else {}))
     try:
         assert gen.datastore is not None
-        for tree in (None, "dynamic:6"):
-            outs = generate_together(gen, prompts, max_new_tokens=32, tree=tree)
+        # the artifact's fixed tree with the grow schedule (every draft grafted); with cost sizing and with
+        # a dynamic tree, both weighing each draft against the (CPU default) step cost, a doubtful store
+        # draft may be cut: they draft less, never nothing here
+        for tree, sizing, least in ((None, "grow", 10), (None, "cost", 1), ("dynamic:6", "cost", 1)):
+            outs = generate_together(gen, prompts, max_new_tokens=32, tree=tree, lookup_sizing=sizing)
             assert [o.tokens for o in outs] == plain
-            assert sum(o.stats.datastore_accepted for o in outs) > 10, [o.stats.as_dict() for o in outs]
+            assert sum(o.stats.datastore_accepted for o in outs) >= least, (
+                tree,
+                sizing,
+                [o.stats.as_dict() for o in outs],
+            )
     finally:
         gen.close()

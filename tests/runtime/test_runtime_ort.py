@@ -351,7 +351,9 @@ def test_exact_sampling_uses_the_recorded_sampling_tree(tiny, tmp_path, monkeypa
     used = []
     real = api_mod.decode_steps
     monkeypatch.setattr(
-        api_mod, "decode_steps", lambda b, ids, c, t, **kw: used.append(t and t.name) or real(b, ids, c, t, **kw)
+        api_mod,
+        "decode_steps",
+        lambda b, ids, c, t, *a, **kw: used.append(t and t.name) or real(b, ids, c, t, *a, **kw),
     )
     g = runtime.load(art, backend="onnxruntime", threads=1)
     default = g.default_tree.name
