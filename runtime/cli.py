@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lookup",
         type=int,
         default=_decode_default("lookup"),
-        help="context-lookup draft tokens per Medusa step (0 = off)",
+        help="context-lookup draft tokens per Medusa step (0 = off); with a fixed tree and --lookup-sizing cost "
+        "only on / off: the step cost decides, up to --lookup-max",
     )
     g.add_argument(
         "--lookup-max",

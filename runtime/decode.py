@@ -64,7 +64,8 @@ class DecodeConfig:
     delta: float = DEFAULT_DELTA
     medusa: bool = True  # False: plain autoregressive decoding through the same backend
     # context lookup: each Medusa step also drafts up to this many tokens copied from where the
-    # context's latest n-gram (n <= lookup_ngram) occurred before, as one more branch (0: off)
+    # context's latest n-gram (n <= lookup_ngram) occurred before, as one more branch (0: off; with a
+    # fixed tree and lookup_sizing "cost", on / off only: the sizer verifies up to lookup_max)
     lookup: int = DEFAULT_LOOKUP
     # with a fixed tree, the most tokens the branch drafts (<= lookup: always lookup). How many of them
     # a step verifies (lookup_sizing): "cost", as many as pay for their rows by the latency profile
@@ -731,6 +732,8 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
             # still goes: a grafted draft of r tokens adds at most r nodes. (A chain-only engine's draft
             # replaces the heads' chain: a cut one could replace a longer chain with less.)
             drafts = drafts[: max(0, room - tree.num_nodes)]
+        elif sizing:  # a chain of root + r drafts at most (room >= the tree: its own chain always fits)
+            drafts = drafts[: max(0, room - 1)]
         if sizing and drafts:
             sizes, shared, agree = _draft_sizes(tree, tokens, drafts, branching)
             drafts = drafts[: width.choose(drafts, row, sizes, shared, agree)]
@@ -758,7 +761,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
 
 def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: bool) -> tuple[np.ndarray, int, int]:
     """``(sizes, shared, agree)``: ``sizes[k]`` the tokens a step verifies with the first k of
-    ``drafts`` grafted (:func:`graft_chain`), ``shared`` how many leading drafts the tree's nodes
+    ``drafts`` grafted (:func:`graft_chain`; -1: a cut not to take), ``shared`` how many leading drafts the tree's nodes
     already hold, ``agree`` whether the first is a head's candidate there (0: no; 1: a lower-ranked
     one; 2: the top one)."""
     node, shared, agree = 0, 0, 0
@@ -772,8 +775,10 @@ def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: b
     k = np.arange(len(drafts) + 1)
     if branching:
         return tree.num_nodes + np.maximum(0, k - shared), shared, agree
-    # a chain engine: past the shared prefix the drafts replace the chain's deeper nodes
-    return np.where(k <= shared, tree.num_nodes, 1 + k), shared, agree
+    # a chain engine: past the shared prefix the drafts replace the chain's deeper nodes, so a draft
+    # that leaves the chain may not end before it (-1: not allowed; it would swap the heads' chain for less)
+    sizes = np.where(k <= shared, tree.num_nodes, 1 + k)
+    return np.where((k > shared) & (1 + k < tree.num_nodes), -1, sizes), shared, agree
 
 
 def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False, noise=None):

@@ -143,9 +143,9 @@ class DraftSizer:
 
     def choose(self, draft: Sequence[int], row: int, sizes: np.ndarray, shared: int, agree: int = 0) -> int:
         """How many leading tokens of ``draft`` (from ``row``) to verify: ``sizes[k]`` is the tokens
-        the step verifies with k of them (k = 0 .. len(draft)); the tree already holds the first
-        ``shared`` (they add no value of their own), the first as ``agree`` (:meth:`rates`). At most
-        what the cost table covers."""
+        the step verifies with k of them (k = 0 .. len(draft); negative: k not allowed); the tree
+        already holds the first ``shared`` (they add no value of their own), the first as ``agree``
+        (:meth:`rates`). At most what the cost table covers."""
         self._pending = (list(draft), row, self.streak, agree)
         sizes = np.asarray(sizes, dtype=np.int64)
         over = np.flatnonzero(sizes >= len(self.cost))  # past the table: not considered
@@ -154,7 +154,9 @@ class DraftSizer:
             return 0
         value = np.cumprod(self.rates(row, agree, n))
         value[:shared] = 0.0  # those nodes are the tree's anyway
-        gain = np.concatenate([[0.0], np.cumsum(value)]) - self.tokens / self.spent * self.cost[sizes[: n + 1]]
+        sizes = sizes[: n + 1]
+        gain = np.concatenate([[0.0], np.cumsum(value)]) - self.tokens / self.spent * self.cost[np.maximum(sizes, 0)]
+        gain[sizes < 0] = -np.inf
         return int(np.argmax(gain))
 
     def observe(self, verified: int, emitted: Sequence[int], nodes: int) -> None:

@@ -3,6 +3,8 @@ and decoding with it (lossless greedy, exact sampling, drafts actually accepted)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -205,7 +207,8 @@ def test_draft_width_grows_while_accepted_whole_and_shrinks_otherwise():
     assert fixed.width == 4  # top <= base: fixed
 
 
-def test_a_growing_lookup_draft_stays_lossless_and_takes_longer_runs():
+@pytest.mark.parametrize("sizing", ["grow", "cost"])
+def test_a_growing_lookup_draft_stays_lossless_and_takes_longer_runs(sizing):
     """On a context that repeats itself word for word, the draft grows past ``lookup`` (steps
     accept more than lookup + 1 tokens) and the output is still plain decoding's; with
     ``lookup_max <= lookup`` no step accepts more than the fixed draft allows."""
@@ -214,18 +217,23 @@ def test_a_growing_lookup_draft_stays_lossless_and_takes_longer_runs():
     tree = load_tree("cpu_4")
     plain = decode(backend, prompt, DecodeConfig(max_new_tokens=80, medusa=False), None)
     fixed = decode(backend, prompt, DecodeConfig(max_new_tokens=80, lookup=3, lookup_max=3), tree)
-    grown = decode(backend, prompt, DecodeConfig(max_new_tokens=80, lookup=3, lookup_max=11), tree)
+    grown = decode(
+        backend, prompt, DecodeConfig(max_new_tokens=80, lookup=3, lookup_max=11, lookup_sizing=sizing), tree
+    )
     assert fixed.tokens == grown.tokens == plain.tokens
     assert max(fixed.stats.accept_hist) <= 4
     assert max(grown.stats.accept_hist) > 4 and grown.stats.steps < fixed.stats.steps
     assert max(grown.stats.accept_hist) <= 12
-    s = decode(backend, prompt, DecodeConfig(max_new_tokens=80, temperature=1.0, seed=0, lookup=3, lookup_max=11), tree)
-    assert s.tokens == plain.tokens and max(s.stats.accept_hist) > 4  # exact sampling takes the grown drafts too
+    for drafts in ("coupled", "sampled"):  # exact sampling takes the grown drafts too (sampled: q per node)
+        cfg = DecodeConfig(max_new_tokens=80, temperature=1.0, seed=0, lookup=3, lookup_max=11, lookup_sizing=sizing)
+        s = decode(backend, prompt, dataclasses.replace(cfg, drafts=drafts), tree)
+        assert s.tokens == plain.tokens and max(s.stats.accept_hist) > 4, drafts
     with pytest.raises(MedusaError, match="lookup_max"):
         DecodeConfig(lookup_max=-1)
 
 
-def test_a_grown_draft_is_cut_to_what_the_engine_takes():
+@pytest.mark.parametrize("sizing", ["grow", "cost"])
+def test_a_grown_draft_is_cut_to_what_the_engine_takes(sizing):
     """Under a load's budget (fewer tokens a call than the tree and the grown draft) the draft's
     head is still verified, so the width keeps following what is accepted; lossless."""
 
@@ -240,7 +248,8 @@ def test_a_grown_draft_is_cut_to_what_the_engine_takes():
     tree = load_tree("cpu_4")
     assert tree.num_nodes < Budgeted.budget
     plain = decode(backend, prompt, DecodeConfig(max_new_tokens=60, medusa=False), None)
-    on = decode(backend, prompt, DecodeConfig(max_new_tokens=60, lookup=3, lookup_max=11), tree)
+    cfg = DecodeConfig(max_new_tokens=60, lookup=3, lookup_max=11, lookup_sizing=sizing)
+    on = decode(backend, prompt, cfg, tree)
     assert on.tokens == plain.tokens
     assert on.stats.lookup_steps > 10 and on.stats.lookup_accepted > 10
     assert max(on.stats.accept_hist) <= Budgeted.budget  # never more than a step carried
@@ -250,7 +259,7 @@ def test_a_grown_draft_is_cut_to_what_the_engine_takes():
     seen = []
     forward = rows._forward
     rows._forward = lambda ids, pos, mask, logits=None: seen.append(len(ids)) or forward(ids, pos, mask, logits)
-    capped = decode(rows, prompt, DecodeConfig(max_new_tokens=60, lookup=3, lookup_max=11), tree)
+    capped = decode(rows, prompt, cfg, tree)
     assert capped.tokens == plain.tokens and capped.stats.lookup_accepted > 10
     assert max(seen[1:]) == 7  # the prefill aside
 
@@ -325,9 +334,24 @@ def test_draft_sizes_count_the_tokens_a_graft_verifies():
     chain = build_tree([[0], [0, 0], [0, 0, 0]])
     ctoks = np.array([10, 11, 13, 15])
     sizes, shared, _ = _draft_sizes(chain, ctoks, [11, 14, 16], branching=False)
-    assert shared == 1 and sizes.tolist() == [4, 4, 3, 4]  # past the shared prefix the drafts replace the chain
-    for k in range(4):
+    # past the shared prefix the drafts replace the chain; a cut that would leave a shorter chain is not allowed
+    assert shared == 1 and sizes.tolist() == [4, 4, -1, 4]
+    for k in (0, 1, 3):
         assert graft_chain(chain, ctoks, [11, 14, 16][:k], branching=False)[0].num_nodes == sizes[k]
+    assert graft_chain(chain, ctoks, [11, 14], branching=False)[0].num_nodes == 3
+
+
+def test_on_a_chain_engine_a_doubtful_draft_never_shortens_the_heads_chain():
+    from runtime.decode import _draft_sizes
+    from runtime.lookup import DraftSizer
+
+    chain = build_tree([[0], [0, 0], [0, 0, 0]])  # the heads' chain of 3 below the root
+    ctoks = np.array([10, 11, 13, 15])
+    draft = [9, 8, 7, 6, 5]  # leaves the chain at once
+    sizes, shared, agree = _draft_sizes(chain, ctoks, draft, branching=False)
+    assert sizes.tolist() == [4, -1, -1, 4, 5, 6]
+    k = DraftSizer(12, STEPPED).choose(draft, DATASTORE_SHORT, sizes, shared, agree)
+    assert k == 0 or k >= 3  # keep the heads' chain, or replace it with at least as long a draft
 
 
 def test_cost_sized_drafts_stay_lossless_and_keep_to_what_pays():
