@@ -23,7 +23,7 @@ from runtime.backend import Backend
 from runtime.datastore import Datastore
 from runtime.errors import ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, DraftSizer, DraftWidth, NgramLookup, from_datastore
-from runtime.tree import PAD, Tree, graft_chain
+from runtime.tree import PAD, Tree, follow_drafts, graft_chain
 
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
 DEFAULT_DELTA = 0.3  # typical acceptance: entropy-scaled threshold
@@ -764,14 +764,8 @@ def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: b
     ``drafts`` grafted (:func:`graft_chain`; -1: a cut not to take), ``shared`` how many leading drafts the tree's nodes
     already hold, ``agree`` whether the first is a head's candidate there (0: no; 1: a lower-ranked
     one; 2: the top one)."""
-    node, shared, agree = 0, 0, 0
-    for t in drafts:
-        child = np.flatnonzero((tree.parent == node) & (tokens == t))
-        if not len(child):
-            break
-        node, shared = int(child[0]), shared + 1
-        if shared == 1:
-            agree = 2 if tree.node_rank[node] == 0 else 1
+    shared, _ = follow_drafts(tree, tokens, drafts)
+    agree = 0 if not shared else 2 if tree.node_rank[follow_drafts(tree, tokens, drafts[:1])[1]] == 0 else 1
     k = np.arange(len(drafts) + 1)
     if branching:
         return tree.num_nodes + np.maximum(0, k - shared), shared, agree

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ConfigError
-from runtime.lookup import ROWS, row_label
+from runtime.lookup import LAM_PRIOR, ROWS, row_label
 from runtime.tree import Tree, _tree_from_parents
 
 DYNAMIC = "dynamic"
@@ -59,7 +59,6 @@ PRIOR_WEIGHT = 4.0
 _GRID = np.append(BIN_EDGES, 0.999)  # a probability in every bin (the most confident draft's calibrated rate)
 LOOKUP_ROWS = 2 * ROWS  # calibration rows: the context's matches, then the datastore's
 LOOKUP_PRIOR = 0.4  # a lookup token's acceptance before the call has seen any
-LAM_PRIOR = (1.5, 8.0)  # tokens per unit cost assumed at the start, and its weight in steps
 
 
 @dataclass(frozen=True)

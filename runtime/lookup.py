@@ -93,7 +93,9 @@ NEXT_RATES = np.array([
 ])  # fmt: skip
 PRIOR_WEIGHT = 8.0  # (2, 4, 8 compared on the same 24 prompts: 8 the best by a little)
 RATE_POSITIONS = 16  # positions counted apart (later ones share the last cell)
-LAM_PRIOR = (1.5, 8.0)  # tokens per unit of cost assumed at a call's start, and its weight in steps
+# tokens per unit of cost assumed at a call's start, and its weight in steps (the running rate of
+# DraftSizer and of the dynamic trees, runtime.dynamic.DynamicState)
+LAM_PRIOR = (1.5, 8.0)
 
 
 def source_class(row: int) -> int:
@@ -124,10 +126,6 @@ class DraftSizer:
         self.heads = heads
         self.first = np.zeros((2, *FIRST_RATES.shape))  # hits, trials: [source, agreement]
         self.next = np.zeros((2, len(NEXT_RATES), 2, RATE_POSITIONS))  # hits, trials: [source, streak, j - 2]
-        last = NEXT_RATES[:, :, -1:]
-        self.next_prior = np.concatenate(
-            [NEXT_RATES, np.repeat(last, RATE_POSITIONS - NEXT_RATES.shape[2], axis=2)], axis=2
-        )
         self.streak = 0
         self.tokens, self.spent = LAM_PRIOR[0] * LAM_PRIOR[1], LAM_PRIOR[1]
         self._pending: tuple[list[int], int, int, int] | None = None
@@ -138,7 +136,10 @@ class DraftSizer:
         c, w = source_class(row), PRIOR_WEIGHT
         (fh, ft), p = self.first[:, c, agree], FIRST_RATES[c, agree]
         j = np.minimum(np.arange(n - 1), RATE_POSITIONS - 1)
-        (nh, nt), q = self.next[:, c, self.streak, j], self.next_prior[c, self.streak, j]
+        (nh, nt), q = (
+            self.next[:, c, self.streak, j],
+            NEXT_RATES[c, self.streak, np.minimum(j, NEXT_RATES.shape[2] - 1)],
+        )
         return np.concatenate([[(fh + w * p) / (ft + w)], (nh + w * q) / (nt + w)])
 
     def choose(self, draft: Sequence[int], row: int, sizes: np.ndarray, shared: int, agree: int = 0) -> int:

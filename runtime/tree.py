@@ -144,21 +144,17 @@ def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) 
     toks = [int(t) for t in tokens]
     head = [int(h) for h in tree.node_head]
     rank = [int(r) for r in tree.node_rank]
-    node, added = 0, 0
-    for t in (int(d) for d in drafts):
-        child = next((c for c in range(1, len(parent)) if parent[c] == node and toks[c] == t), None)
-        if child is not None:
-            node = child
-            continue
-        if not branching:  # cut the chain below `node`, then continue with the drafts
-            keep = [i for i in range(len(parent)) if i <= node]  # a chain's nodes are in depth order
-            parent, toks, head, rank = parent[: len(keep)], toks[: len(keep)], head[: len(keep)], rank[: len(keep)]
+    shared, node = follow_drafts(tree, tokens, drafts)
+    rest = [int(d) for d in drafts[shared:]]
+    if rest and not branching:  # cut the chain below `node` (a chain's nodes are in depth order)
+        parent, toks, head, rank = parent[: node + 1], toks[: node + 1], head[: node + 1], rank[: node + 1]
+    for t in rest:
         parent.append(node)
         toks.append(t)
         head.append(-1)
         rank.append(-1)
         node = len(parent) - 1
-        added += 1
+    added = len(rest)
     if not added and len(parent) == tree.num_nodes:
         return tree, np.asarray(toks, dtype=np.int64), 0
     return (
@@ -166,6 +162,20 @@ def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) 
         np.asarray(toks, dtype=np.int64),
         added,
     )
+
+
+def follow_drafts(tree: Tree, tokens: np.ndarray, drafts) -> tuple[int, int]:
+    """``(shared, node)``: how many leading ``drafts`` the tree's nodes already hold (each the child,
+    with that token, of the one before; the root's children first) and the node holding the last of
+    them (0: the root). What :func:`graft_chain` follows before it adds nodes."""
+    tokens = np.asarray(tokens)
+    node, shared = 0, 0
+    for t in drafts:
+        child = np.flatnonzero((tree.parent == node) & (tokens == int(t)))
+        if not len(child):
+            break
+        node, shared = int(child[0]), shared + 1
+    return shared, node
 
 
 def _tree_from_parents(name: str, parent, head, rank, topk: tuple[int, ...], paths: tuple = ()) -> Tree:
