@@ -363,7 +363,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         # [layers, key|value, batch, kv_heads, allocated, head_dim], ``allocated`` growing by doubling
         # from START_CAPACITY up to ``buffer``: GroupQueryAttention's CPU kernel costs more with a
         # longer bound buffer (SmolLM2, 300 cached: 4-6% a step with 8,192 positions against 512 in one
-        # measurement, inside the noise in another; README, "A cache buffer that grows")
+        # measurement, inside the noise in another; docs/results/README.md, "A cache buffer that grows")
         self._buffer = buffer
         self.kv: np.ndarray = np.zeros(0, self._dtype)  # allocated by _alloc below
         self.length = 0

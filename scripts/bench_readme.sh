@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every number in README's results section, one run after the other on the same machine
+# Every number in the first part of the results record (docs/results/README.md), one run after the other on the same machine
 # (2 threads, greedy unless stated, 256 new tokens, MT-Bench first turns through the chat template):
 #   1. the cost profile of the fused fp32 graph, ours and onnxruntime-genai's side by side
 #   2. fp32: plain vs Medusa (lookup on / off) vs onnxruntime-genai plain and n-gram, first 16 prompts
@@ -7,7 +7,7 @@
 #   4. int4: plain vs Medusa chains vs onnxruntime-genai int4, first 16 prompts
 #   5. fp32 sampling: plain vs exact vs typical at temperature 0.7 and 1.0, first 16 prompts
 # Writes into OUT (default runs/bench_readme, git-ignored): *.txt as printed, *.json in full.
-# Files already in OUT are replaced only with --force (README's results are refreshed with
+# Files already in OUT are replaced only with --force (the record's files are refreshed with
 # `bash scripts/bench_readme.sh --force docs/results 16`).
 #   bash scripts/bench_readme.sh [--force] [OUT] [LIMIT]
 set -euo pipefail

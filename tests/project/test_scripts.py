@@ -42,7 +42,7 @@ def test_docs_use_the_module_form():
     takes the loader's file path: that is the one file path left)."""
     texts = [
         ROOT / "README.md",
-        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "docs").rglob("*.md"),
         *(ROOT / "scripts").glob("*.sh"),
         *(ROOT / "scripts").glob("*.py"),
     ]
