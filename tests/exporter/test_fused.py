@@ -669,7 +669,7 @@ def test_format_version_1_reads_as_portable_fp32(exported, tmp_path):
             read_artifact(old)
 
 
-# ---------------------------------------------------------------------------- known bug
+# ---------------------------------------------------------------------------- short contexts (a fixed bug)
 
 
 @pytest.mark.parametrize(
@@ -684,12 +684,12 @@ def test_fused_export_with_a_context_below_72(wordlevel_tokenizer, tmp_path, arc
     """A fused export whose max_context is below 72 tokens (``--max-context``, or the cap at
     sliding_window - 1) must export as the portable graph does and decode to its end.
 
-    Fails at present: the fused graph's rotary tables hold max_context rows and
-    GroupQueryAttention requires ``cos_cache`` rows >= cache + new tokens of a call, but
-    validation runs an 8-token prefill + mc_sim_7b_63's 64 nodes (72) and the int4/int8 check a
-    32-token prompt, so the export dies inside ONNX Runtime (INVALID_ARGUMENT: cos_cache
-    dimension 0 shall not be less than total_sequence_length). The runtime itself never
-    exceeds max_context."""
+    A regression test: the fused graph's rotary tables hold max_context rows and
+    GroupQueryAttention requires ``cos_cache`` rows >= cache + new tokens of a call, while
+    validation ran an 8-token prefill + mc_sim_7b_63's 64 nodes (72) and the int4/int8 check a
+    32-token prompt, so such exports used to die inside ONNX Runtime (INVALID_ARGUMENT: cos_cache
+    dimension 0 shall not be less than total_sequence_length); validation now fits its calls to
+    the context. The runtime itself never exceeds max_context."""
     model = tiny_model(arch, eos_token_id=None, **overrides)  # no EOS: decode to the end of the context
     heads = random_heads(model, NUM_HEADS)
     out = export_artifact(model, heads, tmp_path / "small", ExportOptions(**options), tokenizer=wordlevel_tokenizer)
@@ -761,3 +761,27 @@ def test_prefill_computes_only_the_logits_it_reads(exported):
     np.testing.assert_allclose(last[0], full[-1], atol=1e-5)
     # hidden states (the heads' input) are there for every row either way
     assert be._hidden.shape[0] == n
+
+
+@pytest.mark.parametrize("which", ["float32", "float16"])
+def test_validation_catches_a_fused_graph_that_differs(exported, fp16, which):
+    """The fused flavour's validation (and fp16's wider tolerance, twice PyTorch's own fp16 error) is
+    not vacuous: weights changed after export -> the logits and hidden states of every case fail."""
+    import copy
+
+    import torch
+
+    from exporter.validate import ValidationError, validate_artifact
+
+    e = exported("llama") if which == "float32" else fp16
+    folder = e["fused"] if which == "float32" else e["artifact"]
+    model = copy.deepcopy(e["model"])
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    with pytest.raises(ValidationError) as info:
+        validate_artifact(folder, model, e["heads"], trees=("chain_3",), batches=(1,))
+    failures = [str(f) for f in info.value.failures]
+    assert any("logits" in f for f in failures) and any("hidden_states" in f for f in failures), failures
+    assert "tree chain_3 b=1" in str(info.value)
+    # the unchanged model passes the same checks
+    assert validate_artifact(folder, e["model"], e["heads"], trees=("chain_3",), batches=(1,)).ok

@@ -57,8 +57,9 @@ def test_greedy_with_dynamic_trees_equals_hf(heads, cost, tiny_llama):
         assert res.tokens == ref
         if heads == "oracle" and cost is FLAT:  # right drafts on every depth: long steps
             assert res.stats.mean_accepted > 3.0, res.stats.accept_hist
-        if heads == "wrong":  # no head draft is ever right: every head draft was a wasted node
-            assert res.stats.accept_hist.keys() <= {1} or res.stats.lookup_accepted > 0
+        if heads == "wrong":  # no head draft is ever right: every draft token accepted came from the lookup
+            accepted_drafts = sum((k - 1) * v for k, v in res.stats.accept_hist.items())
+            assert accepted_drafts == res.stats.lookup_accepted, res.stats.accept_hist
 
 
 def test_unsure_drafts_shrink_the_tree_to_plain_steps(tiny_llama):
@@ -130,7 +131,7 @@ def test_exported_engine_greedy_dynamic_equals_plain(tiny, max_batch):
         plain = [gen.generate(p, max_new_tokens=32, medusa=False).tokens for p in prompts]
         outs = generate_together(gen, prompts, max_new_tokens=32, tree="dynamic:6")
         assert [o.tokens for o in outs] == plain
-        assert all(o.stats.nodes >= o.stats.steps for o in outs)
+        assert all(o.stats.nodes > o.stats.steps for o in outs)  # some steps verified a tree
     finally:
         gen.close()
 

@@ -76,8 +76,17 @@ def test_onnxruntime_matches_torch_reference_backend(gen, tiny):
     b = decode(ref_backend, ids, cfg, tree)
     assert a.tokens == b.tokens
     assert a.stats.accept_hist == b.stats.accept_hist
-    # the head proposals agree too (float heads graph vs torch heads)
-    assert np.argmax(gen.backend.head_logits(0), -1).shape == (tiny["num_heads"],)
+    # the head proposals agree too, for the last step's root (both backends ran the same calls): ONNX
+    # Runtime's heads graph (int8 weights on the CPU) against the torch heads, wherever the torch top-1
+    # leads its runner-up by more than int8's error could move it
+    ours = np.asarray(gen.backend.head_logits(0), dtype=np.float64)
+    ref = np.asarray(ref_backend.head_logits(0), dtype=np.float64)
+    assert ours.shape == ref.shape == (tiny["num_heads"], ref.shape[-1])
+    top2 = np.sort(ref, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05 * (np.abs(ref).max() + 1e-9)
+    assert clear.any(), "no head has a clear top-1 to compare"
+    assert (np.argmax(ours, -1) == np.argmax(ref, -1))[clear].all()
+    assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.99
 
 
 def test_no_torch_on_the_onnxruntime_path(tiny):
@@ -94,7 +103,7 @@ def test_no_torch_on_the_onnxruntime_path(tiny):
 
 
 def test_typical_acceptance_reproducible_under_seed(gen):
-    kw = dict(max_new_tokens=24, temperature=0.8, seed=11, tree="cpu_8")
+    kw = dict(max_new_tokens=24, temperature=0.8, seed=11, tree="cpu_8", acceptance="typical")
     a = gen.generate(PROMPTS[1], **kw)
     b = gen.generate(PROMPTS[1], **kw)
     c = gen.generate(PROMPTS[1], **{**kw, "seed": 12})

@@ -430,6 +430,38 @@ def _last_logits(backend, ids) -> np.ndarray:
     return np.array(logits[-1])
 
 
+def test_temperature_top_k_and_top_p_equal_their_definitions():
+    """target_probs against the textbook definitions, written independently here: softmax of
+    logits / T; top_k keeps the k likeliest (stable index order on ties); top_p then keeps, of what
+    is left renormalised, the likeliest through the one reaching top_p; the rest renormalised."""
+    rng = np.random.default_rng(1)
+    for case in range(300):
+        v = int(rng.integers(2, 200))
+        logits = rng.standard_normal(v) * rng.uniform(0.1, 5)
+        if case % 4 == 0:  # ties
+            logits = np.round(logits)
+        t = float(rng.uniform(0.2, 2.0))
+        k = int(rng.integers(0, v + 2))  # 0: no cut; >= v: no cut either
+        top_p = float(rng.choice([1.0, rng.uniform(0.05, 0.999)]))
+        z = logits.astype(np.float64) / t
+        want = np.exp(z - z.max())
+        want /= want.sum()
+        if 0 < k < v:
+            keep = np.argsort(-want, kind="stable")[:k]
+            cut = np.zeros_like(want)
+            cut[keep] = want[keep]
+            want = cut / cut.sum()
+        if top_p < 1.0:
+            order = np.argsort(-want, kind="stable")
+            n = int(np.argmax(np.cumsum(want[order]) >= top_p)) + 1 if np.cumsum(want[order])[-1] >= top_p else v
+            cut = np.zeros_like(want)
+            cut[order[:n]] = want[order[:n]]
+            want = cut / cut.sum()
+        got = target_probs(logits, DecodeConfig(temperature=t, top_k=k, top_p=top_p))
+        assert np.array_equal(got > 0, want > 0), (case, k, top_p)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+
+
 def test_top_p_cut_equals_the_full_sort_definition():
     """The fast nucleus (sorting only the tokens that can be in it) keeps exactly the set the
     definition keeps: the likeliest tokens, in stable index order on ties, through the one reaching top_p."""

@@ -268,7 +268,10 @@ def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
                     frames.append(line)
                     if len(frames) == 2:
                         proc.send_signal(signal.SIGTERM)  # mid-stream
-        assert frames[-1] == "data: [DONE]"  # the running request finished
+        assert frames[-1] == "data: [DONE]"  # the running request finished: all of it, not cut short
+        last = json.loads(frames[-2][len("data: ") :])
+        assert last["choices"][0]["finish_reason"] in ("length", "stop"), last
+        assert len(frames) > 3  # its tokens came after the signal
         # uvicorn shuts down, then re-raises SIGTERM so that the parent sees how it ended
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         out = proc.stdout.read()
