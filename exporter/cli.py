@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 from runtime.clihelp import HelpFormatter, field_default
@@ -120,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="float dtype of weights, logits, hidden states and the KV cache (--precision fp16 is "
         "the same as --dtype float16)",
     )
-    p.add_argument("--opset", type=int, default=default("opset"), metavar="N", help="ONNX opset, 17-20")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=default("opset"),
+        metavar="N",
+        help="ONNX opset of the portable graph, 17-20 (the fused graph is always opset 21)",
+    )
     p.add_argument(
         "--external-data-threshold-mb",
         type=float,
@@ -273,6 +280,10 @@ def default_datastore(args: argparse.Namespace) -> str | None:
             return None
         if not Path(args.datastore).expanduser().is_file():
             raise MedusaError(f"--datastore {args.datastore}: no such file (medusa-train datastore writes one)")
+        if not zipfile.is_zipfile(Path(args.datastore).expanduser()):
+            raise MedusaError(
+                f"--datastore {args.datastore} is not a datastore.npz (a numpy archive; medusa-train datastore writes one)"
+            )
         return str(Path(args.datastore).expanduser())
     shipped = SHIPPED_DATASTORE / DEFAULT_MODEL / "datastore.npz"
     return str(shipped) if args.model == DEFAULT_MODEL and shipped.is_file() else None

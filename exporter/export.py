@@ -50,6 +50,7 @@ from pathlib import Path
 
 from exporter.fused import FUSED_OPSET, MAX_EXTERNAL_DATA_THRESHOLD_MB
 from runtime.artifact import (
+    CONFIG_FILE,
     HEADS_INPUTS,
     HEADS_OUTPUTS,
     HYDRA_INPUTS,
@@ -477,10 +478,17 @@ def check_options(options: ExportOptions) -> None:
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not force:
-        raise ArtifactError(f"{out_dir} already exists; pass --force (force=True) to replace it")
+    """``out_dir`` may become the artifact: absent, or (with ``force``) an earlier artifact or an
+    empty folder. A folder holding anything else is never replaced, even with ``force``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ArtifactError(f"{out_dir} exists and is not a folder; remove it or choose another output folder")
+    if out_dir.exists() and not force:
+        raise ArtifactError(f"{out_dir} already exists; pass --force (force=True) to replace it")
+    if out_dir.is_dir() and not (out_dir / CONFIG_FILE).is_file() and any(out_dir.iterdir()):
+        raise ArtifactError(
+            f"{out_dir} is not a medusa-trt artifact (no {CONFIG_FILE}) and is not empty: --force replaces only an "
+            "earlier artifact; remove the folder yourself or choose another output folder"
+        )
     if out_dir.parent.exists() and not out_dir.parent.is_dir():
         raise ArtifactError(f"cannot write {out_dir}: {out_dir.parent} is not a folder")
 

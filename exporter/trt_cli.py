@@ -431,6 +431,10 @@ def _cmd_trtexec(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     args = p.parse_args(argv)
     with cli_logging("medusa-export", verbosity(args)):
+        if args.write:  # before anything is written into the artifact
+            from runtime.paths import check_output_file
+
+            check_output_file("--write", args.write)
         cfg, plan = _load(args)
         tree = resolve_tree(cfg, args.tree)
         paths = write_recipes(args.artifact, plan, tree, script=args.write, trtexec=args.trtexec)

@@ -182,6 +182,8 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
     """
     folder = Path(folder)
     if not folder.is_dir():
+        if folder.exists():
+            raise ArtifactError(f"{folder} is a file, not an artifact folder: give the folder medusa-export wrote")
         raise ArtifactError(f"artifact folder {folder} does not exist (create one with medusa-export)")
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.checks import show
 from runtime.decode import DEFAULT_LOOKUP_MAX, DEFAULT_LOOKUP_SIZING, PHASES, prefill
 from runtime.dynamic import is_dynamic
 from runtime.errors import MedusaError
@@ -63,35 +64,70 @@ def load_prompts(
     file order); ``limit``: then the first N."""
     path = Path(path)
     if not path.is_file():
-        raise MedusaError(f"prompt file {path} does not exist")
+        raise MedusaError(f"prompt file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    if skip < 0:
+        raise MedusaError(f"--skip must be >= 0, got {skip}")
+    if limit is not None and limit < 1:
+        raise MedusaError(f"--limit must be >= 1, got {limit}")
+    if per_category is not None and per_category < 1:
+        raise MedusaError(f"--per-category must be at least 1, got {per_category}")
     out = []
-    text_all = path.read_text()
+    try:
+        text_all = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        lineno = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise MedusaError(
+            f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}): save the file as UTF-8"
+        ) from None
     if text_all.lstrip().startswith("["):  # an Alpaca-style JSON list
         try:
             recs = json.loads(text_all)
-            for i, rec in enumerate(recs):
-                inp = rec.get("input") or ""
-                out.append(Prompt(f"alpaca-{i}", "alpaca", rec["instruction"] + (f"\n\n{inp}" if inp else "")))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise MedusaError(f"{path}: expected a JSON list of objects with 'instruction' (and 'input')") from None
-    for n, line in enumerate([] if out else text_all.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            text = rec["turns"][0] if "turns" in rec else rec["prompt"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise MedusaError(f"{path}:{n}: expected a JSON object with 'turns' (MT-Bench) or 'prompt'") from None
-        out.append(Prompt(str(rec.get("question_id", n)), str(rec.get("category", "")), text))
+        except json.JSONDecodeError as e:
+            raise MedusaError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        for i, rec in enumerate(recs):
+            inp = rec.get("input") if isinstance(rec, dict) else None
+            if (
+                not isinstance(rec, dict)
+                or not isinstance(rec.get("instruction"), str)
+                or not (inp is None or isinstance(inp, str))
+            ):
+                raise MedusaError(
+                    f"{path}: record {i}: expected an object with an 'instruction' string (and an 'input' string)"
+                )
+            out.append(
+                Prompt(
+                    f"alpaca-{i}",
+                    "alpaca",
+                    _prompt_text(path, f"record {i}", rec["instruction"] + (f"\n\n{inp}" if inp else "")),
+                )
+            )
+    else:
+        for n, line in enumerate(text_all.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MedusaError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not ("turns" in rec or "prompt" in rec):
+                raise MedusaError(f"{path}:{n}: expected a JSON object with 'turns' (MT-Bench) or 'prompt'")
+            if "turns" in rec:
+                turns = rec["turns"]
+                if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+                    raise MedusaError(f"{path}:{n}: 'turns' must be a non-empty list of strings, got {show(turns)}")
+                text = turns[0]
+            else:
+                text = rec["prompt"]
+            out.append(
+                Prompt(
+                    str(rec.get("question_id", n)), str(rec.get("category", "")), _prompt_text(path, f"line {n}", text)
+                )
+            )
     if skip:
-        if skip < 0:
-            raise MedusaError(f"--skip must be >= 0, got {skip}")
         out = out[skip:]
     if not out:
         raise MedusaError(f"{path} holds no prompts" + (f" after skipping {skip}" if skip else ""))
     if per_category is not None:
-        if per_category < 1:
-            raise MedusaError(f"--per-category must be at least 1, got {per_category}")
         seen: dict[str, int] = {}
         picked = []
         for p in out:
@@ -99,7 +135,20 @@ def load_prompts(
             if seen[p.category] <= per_category:
                 picked.append(p)
         out = picked
-    return out[:limit] if limit else out
+    return out[:limit] if limit is not None else out
+
+
+def _prompt_text(path: Path, where: str, text) -> str:
+    """A prompt's text from a prompt file: a non-empty string of valid Unicode."""
+    if not isinstance(text, str):
+        raise MedusaError(f"{path}: {where}: the prompt must be a string, got {show(text, typed=True)}")
+    if not text.strip():
+        raise MedusaError(f"{path}: {where}: the prompt is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MedusaError(f"{path}: {where}: the prompt holds a lone surrogate at character {e.start}") from None
+    return text
 
 
 @dataclass
@@ -228,6 +277,8 @@ PEERS = ("hf", "ortgenai")
 def _peer_model_path(gen, explicit: str | None) -> str:
     """The Hugging Face folder a peer loads: ``--peer-model``, else the artifact's recorded source."""
     if explicit:
+        if not (Path(explicit) / "config.json").is_file():
+            raise MedusaError(f"--peer-model {explicit} is not a Hugging Face model folder (no config.json)")
         return explicit
     prov = gen.config.provenance
     path = prov.get("source_model_path") or prov.get("source_model") or ""

@@ -241,11 +241,9 @@ def read_calibration(path: str | Path) -> Calibration:
 
 
 def write_calibration(cal: Calibration, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(cal.to_json()) + "\n")
-    tmp.replace(path)  # never half-written
-    return path
+    from runtime.paths import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(cal.to_json()) + "\n")  # never half-written
 
 
 def is_dynamic(tree) -> bool:

@@ -125,8 +125,6 @@ def format_peer_table(profile: dict) -> str:
 
 
 def write_profile(profile: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(profile, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    from runtime.paths import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(profile, indent=2) + "\n")

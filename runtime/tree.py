@@ -239,7 +239,7 @@ def load_tree(spec: str | Path | Sequence[Sequence[int]] | Tree, num_heads: int 
         name, paths = _read_tree_file(tree_configs.path_of(text))
     elif path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise TreeError(f"tree file {path} does not exist")
+            raise TreeError(f"tree file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
         name, paths = _read_tree_file(path)
     else:
         raise TreeError(

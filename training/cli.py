@@ -10,10 +10,13 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
+from runtime.checks import MAX_TREE_NODES
 from runtime.clihelp import HelpFormatter, field_default
 from runtime.errors import require_extra, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
+from training.data import MAX_CACHED_HEADS
 
 # What each subcommand's arguments ask for, as its config dataclass; every flag's default is
 # that dataclass field's default (build_parser; tests/project/test_cli_defaults.py checks they agree).
@@ -331,6 +334,52 @@ def check_numbers(args: argparse.Namespace) -> None:
             checks.real(f"--{name.replace('_', '-')}", value)
     checks.threads(args.threads)
     checks.integer("--seed", args.seed, 0)
+    for name, minimum, maximum, rule in RANGES.get(args.command, ()):
+        value = getattr(args, name)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(minimum, float):  # a float flag (None where it is optional)
+            checks.real(flag, value, minimum, maximum, min_open=rule == "> 0", rule=rule, optional=True)
+        else:
+            checks.integer(flag, value, minimum, maximum, rule=rule)
+
+
+# Each subcommand's numeric flags: (name, minimum, maximum, rule); checked by check_numbers before
+# any model loads (a negative --max-steps would otherwise save untrained heads as a success).
+_LR = (0.0, None, "> 0")
+RANGES: dict[str, tuple[tuple[str, Any, Any, str | None], ...]] = {
+    "distill": (
+        ("num_prompts", 1, None, None),
+        ("max_new_tokens", 1, None, None),
+        ("temperature", 0.0, None, ">= 0 (0: greedy)"),
+        ("batch_size", 1, None, None),
+    ),
+    "medusa1": (
+        ("num_heads", 1, MAX_CACHED_HEADS, f"in [1, {MAX_CACHED_HEADS}] (the hidden-state cache serves that many)"),
+        ("num_layers", 1, None, None),
+        ("lr", *_LR),
+        ("epochs", 1, None, None),
+        ("batch_tokens", 1, None, None),
+        ("max_steps", 0, None, ">= 0 (0: no limit)"),
+        ("max_train_tokens", 0, None, ">= 0 (0: every cached train position)"),
+    ),
+    "medusa2": (
+        ("num_heads", 1, None, None),
+        ("num_layers", 1, None, None),
+        ("head_weight", 0.0, None, None),
+        ("lr_backbone", *_LR),
+        ("lr_heads", *_LR),
+        ("warmup_steps", 0, None, None),
+        ("steps", 1, None, None),
+        ("batch_size", 1, None, None),
+        ("max_len", 2, None, None),
+    ),
+    "datastore": (("max_ngram", 1, None, None), ("min_count", 1, None, None)),
+    "select-tree": (
+        ("max_nodes", 1, MAX_TREE_NODES - 1, None),
+        ("max_rank", 1, None, None),
+        ("heads_cost", 0.0, None, ">= 0 (or omit it: the profile's heads_relative_cost)"),
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,17 +106,27 @@ def load_prompts(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
         raise MedusaError(f"{path}: MT-Bench is the evaluation set and must never be used to train heads")
     if not path.is_file():
         raise MedusaError(f"prompt file {path} does not exist (expected an Alpaca-style JSON list)")
+    from runtime import checks
+    from training.files import read_text
+
     try:
-        rows = json.loads(path.read_text())
+        rows = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise MedusaError(f"prompt file {path} is not valid JSON: {e}") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "instruction" in r for r in rows):
         raise MedusaError(f"prompt file {path}: expected a list of objects with 'instruction' (and optional 'input')")
     out = []
     for i, r in enumerate(rows[:limit] if limit else rows):
+        extra = r.get("input")  # a string ("": no input); null counts as absent
+        if not isinstance(r["instruction"], str) or not (extra is None or isinstance(extra, str)):
+            key = "input" if isinstance(r["instruction"], str) else "instruction"
+            raise MedusaError(
+                f"prompt file {path}: record {i} (alpaca-{i:05d}) has {key!r} {checks.show(r[key])}: it must be a string"
+                + (" (or null: no input)" if key == "input" else "")
+            )
         text = r["instruction"].strip()
-        if r.get("input", "").strip():
-            text += "\n\n" + r["input"].strip()
+        if extra and extra.strip():
+            text += "\n\n" + extra.strip()
         out.append((f"alpaca-{i:05d}", text))
     return out
 
@@ -133,7 +143,7 @@ def read_partial(path: Path) -> list[dict]:
         for line in f:
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 break  # torn write: everything from here is dropped
             if not line.endswith(b"\n"):
                 break
@@ -172,17 +182,18 @@ def read_records(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"distilled data {path} does not exist (run `medusa-train distill` first)")
+    from training.files import text_lines
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MedusaError(f"{path}: line {n} is not valid JSON ({e})") from None
-            missing = {"id", "prompt_ids", "response_ids"} - rec.keys()
-            if missing:
-                raise MedusaError(f"{path}: line {n} lacks {sorted(missing)} (not a medusa-train distill file)")
-            out.append(rec)
+    for n, line in text_lines(path):  # a byte that is not UTF-8 is named with its line
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MedusaError(f"{path}: line {n} is not valid JSON ({e})") from None
+        missing = {"id", "prompt_ids", "response_ids"} - (rec.keys() if isinstance(rec, dict) else set())
+        if missing:
+            raise MedusaError(f"{path}: line {n} lacks {sorted(missing)} (not a medusa-train distill file)")
+        out.append(rec)
     return out
 
 
@@ -299,12 +310,14 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     from exporter.models import load_backbone
     from runtime import checks
     from training.data import first_cached_position
+    from training.files import output_file
 
     for name in ("num_prompts", "max_new_tokens", "batch_size"):
         checks.integer(f"--{name.replace('_', '-')}", getattr(cfg, name), 1)
     cfg.temperature = checks.real("--temperature", cfg.temperature, 0, rule=">= 0 (0: greedy)")
     checks.integer("--seed", cfg.seed, 0)
     checks.threads(cfg.threads)
+    output_file(cfg.out, "--out", "the distilled .jsonl")  # a folder there is named now, not as missing data
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

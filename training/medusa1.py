@@ -428,9 +428,15 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
 
     from exporter.heads import fresh_heads, fresh_hydra_heads, save_heads
     from exporter.models import load_backbone, resolve_model
+    from runtime import checks
+    from training.files import output_folder
 
     if cfg.num_heads < 1 or cfg.num_layers < 1 or cfg.epochs < 1 or cfg.batch_tokens < 1:
         raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
+    checks.integer("max_steps", cfg.max_steps, 0, rule=">= 0 (0: no limit)")
+    checks.integer("max_train_tokens", cfg.max_train_tokens, 0, rule=">= 0 (0: every cached train position)")
+    checks.real("lr", cfg.lr, 0.0, min_open=True)
+    output_folder(cfg.out, "--out")  # a file there is named now, not after the training
     if cfg.head_type not in HEAD_TYPES:
         raise MedusaError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {cfg.head_type!r}")
     hydra = cfg.head_type == "hydra"

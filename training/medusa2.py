@@ -138,10 +138,18 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
 
     from exporter.heads import fresh_heads, load_heads, save_heads
     from exporter.models import load_backbone
+    from runtime import checks
     from training.distill import read_records
+    from training.files import output_folder
 
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.warmup_steps < 0:
         raise MedusaError("steps and batch_size must be at least 1 and warmup_steps at least 0")
+    checks.real("lr_backbone", cfg.lr_backbone, 0.0, min_open=True)
+    checks.real("lr_heads", cfg.lr_heads, 0.0, min_open=True)
+    checks.real("head_weight", cfg.head_weight, 0.0)
+    out = output_folder(cfg.out, "--out")  # before the training, not after
+    for sub in ("backbone", "heads"):
+        output_folder(out / sub, "--out")
     if cfg.lr_heads <= cfg.lr_backbone:
         raise MedusaError(
             f"Medusa-2 trains the heads faster than the backbone: lr_heads ({cfg.lr_heads}) must exceed "

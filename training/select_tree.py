@@ -23,12 +23,14 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from exporter.cli import SHIPPED_HEADS
 from runtime.errors import MedusaError
 
 log = logging.getLogger("medusa_trt.training")
@@ -37,7 +39,7 @@ log = logging.getLogger("medusa_trt.training")
 @dataclass
 class SelectConfig:
     model: str = "smollm2-135m"
-    heads: str = "exporter/shipped_heads/smollm2-135m"
+    heads: str = str(SHIPPED_HEADS / "smollm2-135m")  # the package's own, found from any working folder
     data: Path | None = Path("runs/distill/smollm2_alpaca.jsonl")
     cache: Path | None = None
     name: str = "smollm2_selected"
@@ -144,9 +146,12 @@ def read_profile(path: Path) -> tuple[str, dict[int, float]]:
 
 def read_profile_with_heads(path: Path) -> tuple[str, dict[int, float], float | None]:
     """:func:`read_profile` plus the profile's ``heads_relative_cost`` (None where it has none)."""
+    from runtime import checks
+    from runtime.dynamic import CostModel
+
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise MedusaError(f"cost profile {path} cannot be read: {e}") from None
     rc = data.get("relative_cost") if isinstance(data, dict) else None
     if not isinstance(rc, dict) or not rc:
@@ -159,6 +164,9 @@ def read_profile_with_heads(path: Path) -> tuple[str, dict[int, float], float | 
         raise MedusaError(f"cost profile {path}: relative_cost keys must be token counts and values numbers") from None
     if any(v <= 0 for v in prof.values()):
         raise MedusaError(f"cost profile {path}: relative costs must be positive")
+    CostModel(prof, source=str(path))  # the runtime's rules: finite positive costs, from N = 1
+    if heads is not None:
+        checks.real(f"cost profile {path}: heads_relative_cost", heads, 0.0)
     return str(data.get("backend", "unknown")), prof, heads
 
 
@@ -267,10 +275,33 @@ def recorded_accuracy(tree_file: Path) -> tuple[np.ndarray, str]:
     return acc, str(doc.get("source", tree_file))
 
 
+def check_name(name) -> str:
+    """A tree name: the file OUT_DIR/NAME.json, so no path separator and no ``..`` (it must not
+    write outside OUT_DIR)."""
+    from runtime import checks
+
+    checks.text("--name", name)
+    if not name or "/" in name or "\\" in name or os.sep in name or ".." in name:
+        raise MedusaError(
+            f"--name must be a plain name (no '/', no '\\', no '..'; the tree is written to OUT_DIR/NAME.json), "
+            f"got {name!r}: put the folder in --out-dir"
+        )
+    return name
+
+
 def select_tree(cfg: SelectConfig, backbone=None) -> dict:
-    target = Path(cfg.out_dir) / f"{cfg.name}.json"
+    from runtime import checks
+    from training.files import output_file, output_folder
+
+    check_name(cfg.name)
+    checks.integer("--max-nodes", cfg.max_nodes, 1, checks.MAX_TREE_NODES - 1)
+    checks.integer("--max-rank", cfg.max_rank, 1)
+    checks.real("--heads-cost", cfg.heads_cost, 0.0, optional=True)
+    output_folder(cfg.out_dir, "--out-dir")
+    target = output_file(Path(cfg.out_dir) / f"{cfg.name}.json", "--out-dir/--name", "the tree file")
     if target.exists() and not cfg.force:  # before minutes of measuring
         raise MedusaError(f"{target} exists: pass --force to replace it (or another --name / --out-dir)")
+    profiled = read_profile_with_heads(cfg.profile) if cfg.profile else None  # a bad profile is named first
     if cfg.accuracy_from is not None:
         if cfg.profile is None:
             raise MedusaError("--accuracy-from needs --profile (the engine's cost profile from medusa-run profile)")
@@ -295,8 +326,8 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         per_depth = getattr(heads.config, "kind", "medusa") == "hydra"
         source = f"medusa-train select-tree --heads {cfg.heads} --data {cfg.data}"
     heads_cost = cfg.heads_cost
-    if cfg.profile:
-        backend, prof, profiled_heads = read_profile_with_heads(cfg.profile)
+    if profiled is not None:
+        backend, prof, profiled_heads = profiled
         profile = {
             "backend": backend,
             "relative_cost": {str(k): v for k, v in sorted(prof.items())},

@@ -334,13 +334,13 @@ def test_existing_folder_is_refused_without_force(exported, wordlevel_tokenizer,
             e["model"], e["heads"], out, ExportOptions(graph="portable", validate=False), tokenizer=wordlevel_tokenizer
         )
     assert (out / "keep.txt").read_text() == "mine"
-    export_artifact(
-        e["model"],
-        e["heads"],
-        out,
-        ExportOptions(graph="portable", validate=False, force=True),
-        tokenizer=wordlevel_tokenizer,
-    )
+    force = ExportOptions(graph="portable", validate=False, force=True)
+    # a folder that is not an earlier artifact is never replaced, even with force (it may be a user's data)
+    with pytest.raises(ArtifactError, match="not a medusa-trt artifact"):
+        export_artifact(e["model"], e["heads"], out, force, tokenizer=wordlevel_tokenizer)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "medusa_config.json").write_text("{}")  # an earlier artifact: replaced whole
+    export_artifact(e["model"], e["heads"], out, force, tokenizer=wordlevel_tokenizer)
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp or backup folders left
 
@@ -369,6 +369,7 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(
     out = tmp_path / "art"
     out.mkdir()
     (out / "old.txt").write_text("previous artifact")
+    (out / "medusa_config.json").write_text("{}")
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -379,7 +380,7 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(
             e["model"], e["heads"], out, ExportOptions(graph="portable", force=True), tokenizer=wordlevel_tokenizer
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["medusa_config.json", "old.txt"]
 
 
 def test_validation_catches_a_graph_that_differs(exported, tmp_path):

@@ -70,6 +70,42 @@ def test_export_cli_refuses_non_finite_numbers(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_force_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
+    """--force must never delete a folder that is not an earlier artifact (a user's data)."""
+    from exporter.export import check_out_dir
+    from runtime.artifact import CONFIG_FILE
+    from runtime.errors import ArtifactError
+
+    data = tmp_path / "userdata"
+    data.mkdir()
+    (data / "important.txt").write_text("keep")
+    with pytest.raises(
+        ArtifactError, match="is not a medusa-trt artifact .* --force replaces only an earlier artifact"
+    ):
+        check_out_dir(data, force=True)
+    with pytest.raises(ArtifactError, match="already exists; pass --force"):
+        check_out_dir(data, force=False)
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty", force=True)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / CONFIG_FILE).write_text("{}")
+    check_out_dir(tmp_path / "old", force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="exists and is not a folder"):
+        check_out_dir(tmp_path / "file", force=False)
+    assert (data / "important.txt").read_text() == "keep"
+
+
+def test_export_cli_refuses_a_datastore_that_is_not_one(tmp_path, capsys):
+    from exporter.cli import main
+
+    text = tmp_path / "prompts.jsonl"
+    text.write_text('{"prompt": "hi"}\n')
+    rc = main(["smollm2-135m", "-o", str(tmp_path / "x"), "--datastore", str(text)])
+    assert "is not a datastore.npz" in _one_line_error(capsys, rc, "medusa-export")
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------- 5. interrupted exports
 
 

@@ -278,3 +278,14 @@ def test_cli_build_engine_without_tensorrt(tmp_path, capsys, monkeypatch):
     assert trt_cli.main(["build-engine", str(folder)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("medusa-export: error: TensorRT is not installed") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["nodir/build.sh", "."])
+def test_cli_trtexec_write_to_a_bad_path_writes_nothing(tmp_path, capsys, where):
+    """--write into a missing folder, or onto a folder: one line, and nothing written into the artifact."""
+    folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
+    before = sorted(folder.iterdir())
+    assert trt_cli.main(["trtexec", str(folder), "--write", str(tmp_path / where)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medusa-export: error: --write "), err
+    assert sorted(folder.iterdir()) == before

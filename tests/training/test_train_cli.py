@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from train_helpers import synthetic_records as _records
 from train_helpers import tiny_llama
@@ -108,3 +110,242 @@ def test_datastore_is_built_from_the_train_split_only(tmp_path, capsys):
     assert rc == 1 and "none.jsonl: no such file" in capsys.readouterr().err
     rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--split", "test"])
     assert rc == 1 and "--split must be one of" in capsys.readouterr().err
+
+
+def _fake_model(folder, vocab_size: int = 512):
+    """A model folder that is only resolved (its config.json), never loaded."""
+    import json
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"vocab_size": vocab_size, "architectures": ["LlamaForCausalLM"]}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["medusa1", "--max-steps", "-1"], "--max-steps must be an integer >= 0 (0: no limit), got -1"),
+        (["medusa1", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+        (["medusa1", "--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["medusa1", "--max-train-tokens", "-5"], "--max-train-tokens must be an integer >= 0"),
+        (["medusa1", "--num-heads", "9"], "--num-heads must be an integer in [1, 8]"),
+        (["medusa1", "--batch-tokens", "0"], "--batch-tokens must be an integer >= 1, got 0"),
+        (["medusa2", "--lr-backbone", "-1"], "--lr-backbone must be > 0, got -1.0"),
+        (["medusa2", "--lr-heads", "-1"], "--lr-heads must be > 0"),
+        (["medusa2", "--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0"),
+        (["medusa2", "--max-len", "0"], "--max-len must be an integer >= 2"),
+        (["medusa2", "--head-weight", "-0.5"], "--head-weight must be >= 0.0"),
+        (["distill", "--num-prompts", "-3"], "--num-prompts must be an integer >= 1"),
+        (["datastore", "--max-ngram", "0"], "--max-ngram must be an integer >= 1"),
+        (["select-tree", "--max-nodes", "0"], "--max-nodes must be an integer in [1, "),
+        (["select-tree", "--max-rank", "0"], "--max-rank must be an integer >= 1, got 0"),
+        (["select-tree", "--heads-cost", "-1"], "--heads-cost must be >= 0"),
+    ],
+)
+def test_every_numeric_flag_is_checked_before_any_work(tmp_path, capsys, argv, message):
+    """A negative --max-steps once saved untrained heads as a success, --lr -1 ended in torch's
+    ValueError after the model loaded: every numeric flag is one line, before the model (a missing
+    one here) is even looked up, and nothing is written."""
+    from training.cli import main
+
+    paths = {
+        "medusa1": ["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")],
+        "medusa2": ["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")],
+        "distill": ["--out", str(tmp_path / "o" / "d.jsonl")],
+        "datastore": ["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")],
+        "select-tree": ["--data", str(tmp_path / "d.jsonl"), "--out-dir", str(tmp_path / "o")],
+    }[argv[0]]
+    rc = main([*argv, *paths, "--model", str(tmp_path / "no_model")])
+    line = _one_line_error(capsys, rc, "medusa-train")
+    assert message in line and "no_model" not in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_medusa1_api_refuses_negative_steps_and_rates(tmp_path):
+    from training.medusa1 import Medusa1Config, train_medusa1
+
+    for bad, match in (({"max_steps": -1}, "max_steps"), ({"lr": -1.0}, "lr"), ({"max_train_tokens": -5}, "max_train")):
+        with pytest.raises(MedusaError, match=match):
+            train_medusa1(Medusa1Config(model="tiny", data=tmp_path / "d.jsonl", out=tmp_path / "o", **bad))
+    assert not (tmp_path / "o").exists()
+
+
+def test_select_tree_default_heads_are_found_from_any_folder(tmp_path, monkeypatch):
+    """The default --heads was the relative exporter/shipped_heads/...: 'Medusa heads not found'
+    from any other working folder, after the model loaded."""
+    from training.cli import build_parser, select_config
+    from training.select_tree import SelectConfig
+
+    monkeypatch.chdir(tmp_path)
+    heads = Path(select_config(build_parser().parse_args(["select-tree", "--data", "d.jsonl"])).heads)
+    assert heads == Path(SelectConfig().heads) and heads.is_absolute()
+    assert (heads / "medusa_heads.safetensors").is_file() and (heads / "medusa_heads.json").is_file()
+
+
+def _select_argv(repo_root, tmp_path, *extra):
+    return [
+        "select-tree",
+        "--accuracy-from",
+        str(repo_root / "tree_configs" / "smollm2_ort_cpu.json"),
+        "--out-dir",
+        str(tmp_path / "trees"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "relative_cost, message",
+    [
+        ({"1": float("nan"), "8": float("nan")}, "needs positive costs for N = 1 and up"),
+        ({"2": 1.0, "8": 1.5}, "needs positive costs for N = 1 and up"),
+        ({"1": 1.0, "8": float("inf")}, "needs positive costs for N = 1 and up"),
+    ],
+)
+def test_select_tree_refuses_cost_profiles_the_runtime_refuses(tmp_path, repo_root, capsys, relative_cost, message):
+    """A NaN profile gave 'predicted speedup nanx' and a tree; one without N = 1 a speedup from
+    nothing. The runtime's own rules (runtime.dynamic.CostModel) refuse both: so does select-tree."""
+    import json
+
+    from training.cli import main
+
+    prof = tmp_path / "prof.json"
+    prof.write_text(json.dumps({"backend": "x", "relative_cost": relative_cost}))
+    rc = main(_select_argv(repo_root, tmp_path, "--profile", str(prof)))
+    assert message in _one_line_error(capsys, rc, "medusa-train")
+    assert not (tmp_path / "trees").exists()
+
+
+def test_select_tree_name_and_out_dir_are_checked_first(tmp_path, repo_root, capsys):
+    from training.cli import main
+
+    profile = str(repo_root / "docs" / "results" / "latency_profile.json")
+    for name in ("../../x", "a/b", ".."):
+        rc = main(_select_argv(repo_root, tmp_path, "--profile", profile, "--name", name))
+        assert "--name must be a plain name" in _one_line_error(capsys, rc, "medusa-train")
+    assert not list(tmp_path.rglob("*.json"))
+    file = tmp_path / "file"
+    file.write_text("")
+    rc = main([*_select_argv(repo_root, tmp_path, "--profile", profile)[:-2], "--out-dir", str(file)])
+    assert f"--out-dir {file} is a file, not a folder" in _one_line_error(capsys, rc, "medusa-train")
+    rc = main([*_select_argv(repo_root, tmp_path, "--profile", profile)[:-2], "--out-dir", str(file / "sub")])
+    assert f"{file} is a file, so no folder can be made there" in _one_line_error(capsys, rc, "medusa-train")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys):
+    """medusa1 --out FILE once trained and then hit FileExistsError; distill --out FOLDER blamed
+    missing distilled data (which distill itself writes)."""
+    import json
+
+    from training.cli import main
+    from training.distill import write_atomic
+
+    write_atomic(tmp_path / "d.jsonl", _records(2))
+    model = _fake_model(tmp_path / "model")
+    file = tmp_path / "file"
+    file.write_text("keep")
+    for cmd in ("medusa1", "medusa2"):
+        rc = main([cmd, "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--out", str(file)])
+        assert f"--out {file} is a file, not a folder" in _one_line_error(capsys, rc, "medusa-train")
+    assert file.read_text() == "keep"
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"instruction": "say hi"}]))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    argv = ["distill", "--model", str(tmp_path / "no_model"), "--prompts", str(prompts), "--num-prompts", "1"]
+    rc = main([*argv, "--out", str(folder)])
+    line = _one_line_error(capsys, rc, "medusa-train")
+    assert f"--out {folder} is a folder" in line and "run `medusa-train distill` first" not in line
+    rc = main([*argv, "--out", str(file / "d.jsonl")])
+    assert "is a file, so no folder can be made there" in _one_line_error(capsys, rc, "medusa-train")
+    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--out", str(file / "x.npz")])
+    assert "is a file, so no folder can be made there" in _one_line_error(capsys, rc, "medusa-train")
+
+
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        (b"\xff\xfe[\x00]\x00", "line 1 is not UTF-8 text (byte 0xff) (it starts with a UTF-16 byte-order mark)"),
+        (
+            b'{"id": "r0", "prompt_ids": [1], "response_ids": [2]}\n{"caf\xe9": 1}\n',
+            "line 2 is not UTF-8 text (byte 0xe9)",
+        ),
+    ],
+    ids=["utf16-bom", "latin1"],
+)
+def test_input_files_that_are_not_utf8_are_one_line(tmp_path, capsys, content, where):
+    from training.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    model = _fake_model(tmp_path / "model")
+    out = str(tmp_path / "o")
+    for argv in (
+        ["distill", "--model", str(model), "--prompts", str(bad), "--num-prompts", "1", "--out", out + ".jsonl"],
+        ["medusa1", "--model", str(model), "--data", str(bad), "--out", out],
+        ["datastore", "--model", str(model), "--data", str(bad), "--out", out + ".npz"],
+    ):
+        rc = main(argv)
+        assert f"{bad}: {where}" in _one_line_error(capsys, rc, "medusa-train"), argv
+
+
+def test_alpaca_input_null_is_absent_and_a_number_is_refused(tmp_path, capsys):
+    import json
+
+    from training.cli import main
+    from training.distill import load_prompts
+
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps([{"instruction": "a", "input": None}, {"instruction": "b", "input": " x "}]))
+    assert load_prompts(p) == [("alpaca-00000", "a"), ("alpaca-00001", "b\n\nx")]
+    p.write_text(json.dumps([{"instruction": "a"}, {"instruction": "b", "input": 3}]))
+    argv = ["distill", "--model", str(tmp_path / "no_model"), "--prompts", str(p), "--num-prompts", "2"]
+    rc = main([*argv, "--out", str(tmp_path / "d.jsonl")])
+    line = _one_line_error(capsys, rc, "medusa-train")
+    assert "record 1 (alpaca-00001) has 'input' 3: it must be a string" in line
+    p.write_text(json.dumps([{"instruction": None}]))
+    with pytest.raises(MedusaError, match="record 0 .* has 'instruction' None"):
+        load_prompts(p)
+
+
+def test_datastore_written_into_an_artifact_updates_its_record(tiny, tmp_path, capsys):
+    """An artifact exported with a datastore records its size and sha256; `medusa-train datastore
+    --out ARTIFACT` replaced the file but not the record, and every later load failed ('datastore.npz
+    is N bytes but the export wrote M'). The record is updated with the file: the artifact loads,
+    verifies and decodes with the new store."""
+    import json
+    import shutil
+
+    import runtime
+    from runtime.artifact import CONFIG_FILE, read_artifact, record_checksums
+    from runtime.datastore import Datastore
+    from training.cli import main
+    from training.distill import write_atomic
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny["artifact"], art)
+    vocab = read_artifact(art).model.vocab_size
+    Datastore.build([[5, 6, 7, 8] * 4], vocab).save(art / "datastore.npz")  # as an export with --datastore
+    cfg = json.loads((art / CONFIG_FILE).read_text())
+    cfg["provenance"]["checksums"] = record_checksums(art)
+    (art / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    read_artifact(art, verify=True)
+
+    write_atomic(tmp_path / "d.jsonl", _records(60))
+    rc = main(["datastore", "--model", str(_fake_model(tmp_path / "m", vocab)), "--data", str(tmp_path / "d.jsonl"),
+               "--out", str(art)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    read_artifact(art, verify=True)
+    prov = json.loads((art / CONFIG_FILE).read_text())["provenance"]
+    assert prov["checksums"]["datastore.npz"] == record_checksums(art)["datastore.npz"]
+    assert prov["datastore"]["sequences"] == Datastore.load(art / "datastore.npz").meta["sequences"]
+    assert not [p.name for p in art.iterdir() if p.name.startswith(".")]  # no temporary file stays
+    gen = runtime.load(art, threads=1)
+    try:
+        assert gen.datastore is not None
+        assert len(gen.generate([1, 5, 6, 7], max_new_tokens=4).tokens) == 4
+    finally:
+        gen.close()
+    rc = main(["datastore", "--model", str(_fake_model(tmp_path / "m2", 512)), "--data", str(tmp_path / "d.jsonl"),
+               "--out", str(art)])  # fmt: skip
+    assert "an artifact of a model with" in _one_line_error(capsys, rc, "medusa-train")
+    read_artifact(art, verify=True)

@@ -1,0 +1,71 @@
+"""What medusa-train reads and writes, checked before any work: text files must be UTF-8 (a
+bad byte is one line naming the file and the line, not a UnicodeDecodeError traceback), and an
+output path must be usable as the kind of thing written there (a file where a folder is wanted
+is named before minutes of training, not after)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.errors import ConfigError
+
+
+def utf8(raw: bytes, path: Path, line: int | None = None) -> str:
+    """``raw`` (a whole file, or its line ``line``) decoded as UTF-8 (a leading UTF-8 byte-order
+    mark is dropped); a ConfigError naming the file, the line and the byte otherwise."""
+    try:
+        return raw.decode("utf-8-sig" if line in (None, 1) else "utf-8")
+    except UnicodeDecodeError as e:
+        at = line if line is not None else raw.count(b"\n", 0, e.start) + 1
+        bom = (line in (None, 1)) and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+        hint = " (it starts with a UTF-16 byte-order mark)" if bom else ""
+        raise ConfigError(
+            f"{path}: line {at} is not UTF-8 text (byte {raw[e.start]:#04x}){hint}: save the file as UTF-8"
+        ) from None
+
+
+def read_text(path: Path) -> str:
+    """A whole text file as UTF-8 (:func:`utf8`)."""
+    path = Path(path)
+    return utf8(path.read_bytes(), path)
+
+
+def text_lines(path: Path):
+    """(line number, text) of each line of a UTF-8 file, decoded one line at a time."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            yield n, utf8(raw, path, n)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
+def output_folder(path: Path, flag: str) -> Path:
+    """``path`` where a folder is written (made if missing): refused when it, or the nearest
+    existing folder above it, is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder: give a folder to write into (or remove the file)")
+    _check_ancestors(path, flag)
+    return path
+
+
+def output_file(path: Path, flag: str, what: str = "a file") -> Path:
+    """``path`` where a file is written: refused when it is a folder, or when the nearest existing
+    path above it is a file (no folder can be made there)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: give the path of {what} to write")
+    _check_ancestors(path, flag)
+    return path
+
+
+def _check_ancestors(path: Path, flag: str) -> None:
+    above = _existing_ancestor(path) if not path.exists() else path.parent
+    if above.exists() and not above.is_dir():
+        raise ConfigError(f"{flag} {path}: {above} is a file, so no folder can be made there")
