@@ -7,11 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from runtime import checks
 from runtime.clihelp import HelpFormatter, field_default
 from runtime.decode import ACCEPTANCES, DRAFTS, LOOKUP_SIZINGS, DecodeConfig
-from runtime.errors import run_cli
+from runtime.errors import ConfigError, run_cli
 from runtime.log import add_verbosity_args, cli_logging, verbosity
+from runtime.paths import write_text_atomic
 from runtime.profile import DEFAULT_SIZES
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what the bench's matplotlib figure saves as
 
 
 def _decode_default(name: str):
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (the banner names it)")
     s.add_argument(
         "--max-batch",
         type=int,
@@ -309,6 +313,10 @@ def generate_kwargs(args) -> dict:
 
 
 def cmd_generate(args) -> None:
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty")
+    if args.no_medusa and args.tree:
+        raise ConfigError("--tree has no effect with --no-medusa (plain decoding verifies no tree): give one of them")
     gen = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     kw = generate_kwargs(args)
@@ -345,7 +353,14 @@ def cmd_generate(args) -> None:
 
 def cmd_bench(args) -> None:
     from runtime.bench import format_report, load_prompts, plot_bench, run_bench
+    from runtime.paths import check_output_file
 
+    if args.peer_model and not args.peer:
+        raise ConfigError("--peer-model names the model of a --peer: give --peer too")
+    if args.json:
+        check_output_file("--json", args.json)
+    if args.plot:
+        check_output_file("--plot", args.plot, PLOT_SUFFIXES)
     prompts = load_prompts(args.prompts, args.limit, args.per_category, args.skip)
     gen = _load(args)
     res = run_bench(
@@ -366,7 +381,7 @@ def cmd_bench(args) -> None:
     res["command"] = "medusa-run " + " ".join(sys.argv[1:]) if sys.argv and "medusa-run" in sys.argv[0] else None
     print(format_report(res, per_prompt=verbosity(args) >= 0))  # -q: the summary table only
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot_bench(res, args.plot)
@@ -374,9 +389,24 @@ def cmd_bench(args) -> None:
 
 
 def cmd_profile(args) -> None:
+    from runtime.paths import check_output_file
     from runtime.profile import PROFILE_FILE, format_peer_table, profile_tree_sizes, write_profile
 
+    checks.integer("--repeats", args.repeats, 1)
+    checks.integer("--cached", args.cached, 0)
+    for n in args.sizes:
+        checks.integer("--sizes", n, 1)
+    if 1 not in args.sizes:
+        raise ConfigError("--sizes must include 1: every cost is relative to a one-token step")
+    if args.peer_model and not args.peer:
+        raise ConfigError("--peer-model names the model of a --peer: give --peer too")
+    output = check_output_file("-o", args.output) if args.output else None
     gen = _load(args)
+    if args.cached + max(args.sizes) > gen.backend.max_context:
+        raise ConfigError(
+            f"--cached {args.cached} + --sizes up to {max(args.sizes)} exceed the artifact's context of "
+            f"{gen.backend.max_context} tokens"
+        )
     peer_dir = None
     if args.peer:  # built (or found) before our profile, so that a user error stops the run at once
         from runtime.peers import peer_model_dir, profile_peer_sizes
@@ -405,7 +435,7 @@ def cmd_profile(args) -> None:
             peer_dir, args.sizes, cached=prof["cached_tokens"], repeats=args.repeats, threads=args.threads
         )
         print(format_peer_table(prof))
-    out = write_profile(prof, args.output or Path(args.artifact) / PROFILE_FILE)
+    out = write_profile(prof, output or Path(args.artifact) / PROFILE_FILE)
     print(f"wrote {out}")
 
 
@@ -416,7 +446,9 @@ def cmd_calibrate(args) -> None:
 
     from runtime.bench import load_prompts
     from runtime.dynamic import CALIBRATION_FILE, DYNAMIC, calibration_from, write_calibration
+    from runtime.paths import check_output_file
 
+    output = check_output_file("-o", args.output) if args.output else None
     prompts = load_prompts(args.prompts, args.limit, None, args.skip)
     gen = _load(args)
     policy = dataclasses.replace(gen._tree(DYNAMIC), max_nodes=args.max_nodes, explore=True, calibration=None)
@@ -432,20 +464,34 @@ def cmd_calibrate(args) -> None:
     print(f"{len(prompts)} prompts, {tokens} tokens in {steps} steps ({tokens / max(1, steps):.2f} a step, "
           f"{args.max_nodes} drafted nodes a step)")  # fmt: skip
     print(cal.summary())
-    out = write_calibration(cal, args.output or Path(args.artifact) / CALIBRATION_FILE)
+    out = write_calibration(cal, output or Path(args.artifact) / CALIBRATION_FILE)
     print(f"wrote {out}")
 
 
 def cmd_serve(args) -> None:
-    from runtime.serve import require_serve, serve
+    from runtime.serve import bind, check_batching, check_decode, require_serve, serve
 
     require_serve()  # before loading the artifact
+    # every flag checked before the artifact loads and before the banner: a mistake is one line, exit 1
+    checks.integer("--port", args.port, 0, 65535, rule="in [0, 65535] (0: any free port)")
+    checks.integer("--max-batch", args.max_batch, 1)
+    checks.integer("--max-queue", args.max_queue, 0)
+    checks.integer("--graceful-timeout", args.graceful_timeout, 0)
+    checks.integer("--ray-replicas", args.ray_replicas, 0)
+    checks.real("--ray-gpus-per-replica", args.ray_gpus_per_replica, 0)
+    if args.ray_replicas and args.port == 0:
+        raise ConfigError("--port 0 (any free port) does not work with --ray-replicas: give the port to serve on")
+    check_batching(args.batching, args.backend, args.device)
     name = args.model_name or Path(args.artifact).resolve().name
     decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup, "lookup_max": args.lookup_max,
               "lookup_sizing": args.lookup_sizing}  # fmt: skip
+    check_decode(decode)  # the values; the tree once the model is loaded
+    sockets = bind(args.host, args.port)  # a host that does not resolve or a port in use: refused now
     if args.ray_replicas:
         from runtime.serve import serve_ray
 
+        for sock in sockets:  # Ray's proxy binds the port itself
+            sock.close()
         serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, _load_args(args), host=args.host,
                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
                   gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching)  # fmt: skip
@@ -453,12 +499,15 @@ def cmd_serve(args) -> None:
     from runtime.serve import load_for_serving
 
     gen = load_for_serving(args.artifact, args.max_batch, args.batching, **_load_args(args))
+    check_decode(decode, gen)  # --tree against the model: before the banner, not a 400 on every request
+    port = sockets[0].getsockname()[1]  # --port 0: the one the system chose
     mode = "batched engine calls" if getattr(gen, "engine", None) is not None else "interleaved steps"
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 (max_batch {args.max_batch}, max_queue "
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+    print(f"serving {name} on http://{host}:{port}/v1 (max_batch {args.max_batch}, max_queue "
           f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}, {mode}); Ctrl-C or SIGTERM stops it",
           flush=True)  # fmt: skip
-    serve(gen, name, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-          graceful_timeout=args.graceful_timeout, decode=decode)  # fmt: skip
+    serve(gen, name, host=args.host, port=port, max_batch=args.max_batch, max_queue=args.max_queue,
+          graceful_timeout=args.graceful_timeout, decode=decode, sockets=sockets)  # fmt: skip
 
 
 def main(argv=None) -> int:

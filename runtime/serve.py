@@ -19,7 +19,7 @@ running requests' steps, each with its own cache length, tree and acceptance, go
 as **one call** (continuous batching: requests join and leave between steps, a newcomer's
 prompt is prefilled a chunk at a time between the others' steps), and each request's tree
 budget follows the load (a smaller tree, or plain steps, as more requests decode). Otherwise
-(``--interleave``, or int8/int4 and portable artifacts) the running requests take turns on the
+(``--batching interleave``, or int8/int4 and portable artifacts) the running requests take turns on the
 generator's one KV cache, one engine call per step (runtime/api.py's concurrency contract).
 Either way each request sees only its own sequence: greedy answers equal offline ``generate``
 and a seed reproduces a sampled answer. To scale out, ``--ray-replicas N`` serves the same app
@@ -28,8 +28,11 @@ uvicorn stops accepting connections and lets running requests finish (up to
 ``--graceful-timeout``); what is left gets an error, nothing hangs.
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
-malformed JSON, unknown fields, bad values and prompts longer than the context, 404 for an
-unknown model, 429 when the queue is full, 503 while shutting down.
+malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
+bad values, fields this server does not support (``echo``, ``logprobs``, penalties), empty
+prompts and prompts longer than the context, 404 for an unknown model or path, 429 when the
+queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
+fail at startup, before the banner.
 """
 
 import asyncio
@@ -38,6 +41,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -52,6 +56,7 @@ log = logging.getLogger("medusa_trt.runtime")
 # DecodeStats.finish_reason -> OpenAI's
 FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "context": "length"}
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
+UNION_TAGS = ("str", "int", "float", "bool")  # pydantic's names of a union's members in an error's location
 
 
 def require_serve():
@@ -78,19 +83,82 @@ def load_for_serving(artifact, max_batch: int, batching: str = "auto", **load):
     import runtime
     from runtime.artifact import read_artifact
 
-    if batching not in BATCHING:
-        raise MedusaError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    cpu_ort = check_batching(batching, load.get("backend", "auto"), load.get("device", "auto"))
     config = read_artifact(artifact)
-    cpu_ort = load.get("backend", "auto") in ("auto", "onnxruntime") and load.get("device", "auto") in ("auto", "cpu")
     if batching == "batch" and config.batch is None:
         raise MedusaError(
             f"{artifact} has no batch graph (batch.onnx; fused float artifacts get one at export): re-export it, "
-            "or serve with --interleave"
+            "or serve with --batching interleave"
         )
     if batching == "batch" or (batching == "auto" and config.batch is not None and cpu_ort):
         rest = {k: v for k, v in load.items() if k not in ("backend", "device")}
         return runtime.load(artifact, max_batch=max_batch, **rest)
     return runtime.load(artifact, **load)
+
+
+def check_batching(batching: str, backend: str = "auto", device: str = "auto") -> bool:
+    """``batching`` checked against the engine flags, before anything loads; returns whether the
+    engine may be ONNX Runtime's CPU provider (what the batch graph runs on). ``batch`` with
+    ``--backend tensorrt`` or ``--device cuda`` is refused: it would run on the CPU regardless."""
+    if batching not in BATCHING:
+        raise MedusaError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    cpu_ort = backend in ("auto", "onnxruntime") and device in ("auto", "cpu")
+    if batching == "batch" and not cpu_ort:
+        flag = f"--backend {backend}" if backend not in ("auto", "onnxruntime") else f"--device {device}"
+        raise MedusaError(
+            f"--batching batch runs the artifact's batch.onnx on ONNX Runtime's CPU provider, not with {flag}: "
+            f"drop one of the two (--batching interleave serves with {flag}, one request per engine call)"
+        )
+    return cpu_ort
+
+
+def check_decode(decode: dict | None, gen=None) -> None:
+    """The server-wide decode arguments (``medusa``, ``tree``, ``lookup``, ...: every request
+    decodes with them) checked once, at startup: a bad one is one MedusaError before the server
+    serves, not a 400 on every request. Without ``gen``, the values alone (DecodeConfig's rules,
+    before anything loads); with it, all of them against the loaded model (the tree among them),
+    by a ``gen.stream`` call that is closed before it computes anything."""
+    import dataclasses
+
+    from runtime.decode import DecodeConfig
+
+    decode = dict(decode or {})
+    names = {f.name for f in dataclasses.fields(DecodeConfig)} - {"tree"}
+    DecodeConfig(**{k: v for k, v in decode.items() if k in names})
+    if gen is not None:
+        try:
+            gen.stream([0], max_new_tokens=1, **decode).close()
+        except TypeError as e:  # a keyword stream() does not take
+            raise MedusaError(f"decode: {e}") from None
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to ``host:port`` (every address the host resolves to, as uvicorn's own binding
+    does; port 0: the first address, on a free port) for :func:`serve`: a host that does not
+    resolve or a port in use is one MedusaError before anything loads or any banner prints."""
+    from runtime import checks
+
+    checks.integer("port", port, 0, 65535, rule="in [0, 65535] (0: any free port)")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise MedusaError(f"cannot serve on host {host!r}: {getattr(e, 'strerror', None) or e}") from None
+    infos = list(dict.fromkeys(infos))[: 1 if port == 0 else None]
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.set_inheritable(True)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise MedusaError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    return sockets
 
 
 class ApiError(Exception):
@@ -260,9 +328,12 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
 
     if max_batch < 1 or max_queue < 0:
         raise MedusaError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    if decode:
+        check_decode(decode, gen)  # a server-wide mistake fails here, not on every request
     metrics = Metrics()
     engine = getattr(gen, "engine", None)
     if engine is not None:  # a batched generator: how full its calls are
@@ -272,7 +343,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     created = int(time.time())
 
     class _Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # strict: JSON's own types only (true is not 1, "8" is not 8, "yes" is not true); an int is a float
+        model_config = ConfigDict(extra="forbid", strict=True)
 
     class Message(_Strict):
         role: Literal["system", "user", "assistant"]
@@ -293,18 +365,29 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         stream_options: StreamOptions | None = None
         n: int = Field(1, ge=1, le=1)
         user: str | None = None
-        presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-        frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+        presence_penalty: Any = 0.0  # taken at their "off" values only: see UNSUPPORTED
+        frequency_penalty: Any = 0.0
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1)
-        logprobs: bool = Field(False, le=False)
+        logprobs: Any = False
 
     class CompletionRequest(Common):
         prompt: str | list[int]
-        echo: bool = Field(False, le=False)
-        logprobs: int | None = Field(None, le=0)
+        echo: Any = False
+        logprobs: Any = None
+
+    # OpenAI fields this server takes at their "off" values only (logprobs 0: no alternatives either way)
+    UNSUPPORTED = {"echo": (None, False), "logprobs": (None, False, 0), "presence_penalty": (None, 0),
+                   "frequency_penalty": (None, 0)}  # fmt: skip
+
+    def unsupported(req) -> None:
+        for name, off in UNSUPPORTED.items():
+            value = getattr(req, name, None)
+            if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in off):
+                raise ApiError(400, f"{name} is not supported by this server (got {json.dumps(value)}): drop it",
+                               param=name, code="unsupported_parameter")  # fmt: skip
 
     made = threading.Lock()
 
@@ -330,8 +413,12 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        # a union (prompt: text or token ids) fails once per member: the member that got furthest tells most
+        same = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(first.get("loc", ()))[:2]]
+        first = max(same, key=lambda e: len(e.get("loc", ())), default=first)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and x not in UNION_TAGS and "[" not in str(x)]
         kind = first.get("type", "")
         if kind == "json_invalid":
             msg, loc = f"the body is not valid JSON ({first.get('msg', '')})", []
@@ -341,11 +428,34 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
         return error_response(request.url.path, ApiError(400, msg, param=".".join(loc) or None, code=kind or None))
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """FastAPI's own errors (an unknown path, a body it cannot parse) in OpenAI's body too."""
+        if exc.status_code == 404:  # not counted in the metrics: their endpoint label is the served paths
+            e = ApiError(404, f"unknown path {request.url.path!r}: this server serves /v1/chat/completions, "
+                              "/v1/completions, /v1/models, /health and /metrics", code="not_found")  # fmt: skip
+            return JSONResponse(e.body(), status_code=404)
+        if exc.status_code == 405:
+            e = ApiError(
+                405, f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+            )
+            return JSONResponse(e.body(), status_code=405, headers=exc.headers)
+        if exc.status_code == 400:  # FastAPI could not parse the body (not UTF-8, say)
+            msg = "the body could not be parsed: it must be JSON in UTF-8"
+            return error_response(request.url.path, ApiError(400, msg, code="json_invalid"))
+        e = ApiError(
+            exc.status_code, str(exc.detail), "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        )
+        return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
+
     def prepare(req, prompt, endpoint: str) -> Job:
         if req.model not in (None, model_name):
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
+        unsupported(req)
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
+        if param == "messages" and not any(m["content"] for m in prompt):  # as /v1/completions refuses ""
+            raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)
         try:
             ids = gen.encode(prompt)
             check_fits(gen.backend, ids)  # the decode loop's own check, before the request takes a slot
@@ -502,13 +612,30 @@ def _medusa_stats(stats) -> dict | None:
 
 
 def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1, max_queue: int = 16,
-          graceful_timeout: int = 30, decode: dict | None = None) -> None:  # fmt: skip
-    """Run the server until SIGINT/SIGTERM (uvicorn's signal handling: running requests finish)."""
+          graceful_timeout: int = 30, decode: dict | None = None,
+          sockets: list[socket.socket] | None = None) -> None:  # fmt: skip
+    """Run the server until SIGINT/SIGTERM (uvicorn's signal handling: running requests finish).
+    ``sockets``: bound by :func:`bind` (the caller then knows before this call that it can listen,
+    and on which port; else they are bound here)."""
     import uvicorn
 
+    from runtime import checks
+
+    graceful = checks.integer("graceful_timeout", graceful_timeout, 0)
     app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode)
-    log.info("serving %s on http://%s:%d/v1 (max_batch %d, max_queue %d)", model_name, host, port, max_batch, max_queue)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(graceful_timeout))
+    sockets = bind(host, port) if sockets is None else sockets
+    try:
+        port = sockets[0].getsockname()[1]
+        log.info("serving %s on http://%s:%d/v1 (max_batch %d, max_queue %d)", model_name, host, port, max_batch,
+                 max_queue)  # fmt: skip
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                               timeout_graceful_shutdown=graceful))  # fmt: skip
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    if not server.started:
+        raise MedusaError(f"the server on {host}:{port} did not start (see uvicorn's error above)")
 
 
 # ---------------------------------------------------------------------------- scale-out on Ray Serve

@@ -410,6 +410,82 @@ def test_medusa_run_generate_bad_args_one_line(tiny, tmp_path, capsys, args, mat
     assert match in line
 
 
+PROMPT_FILES = [  # (file name, bytes, the one-line error): every way a prompt file goes wrong
+    ("nonutf.jsonl", b'\xff\xfe{"prompt": "hi"}\n', "nonutf.jsonl:1: not UTF-8 text"),
+    ("latin1.jsonl", b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text"),
+    ("empty.json", b"[]", "empty.json holds no prompts"),
+    ("turns.jsonl", b'{"turns": "Write a poem"}\n', "'turns' must be a non-empty list of strings"),
+    ("null.jsonl", b'{"prompt": null}\n', "null.jsonl: line 1: the prompt must be a string"),
+    ("blank.jsonl", b'{"prompt": "  "}\n', "null.jsonl: line 1: the prompt is empty".replace("null", "blank")),
+    ("input.json", b'[{"instruction": "Say hi", "input": 5}]', "record 0: expected an object with an 'instruction'"),
+    ("badjson.jsonl", b'{"prompt": "hi"}\n{"prompt": \n', "badjson.jsonl:2: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("name,data,match", PROMPT_FILES, ids=[c[0] for c in PROMPT_FILES])
+def test_prompt_files_are_checked_in_one_line(tmp_path, name, data, match):
+    from runtime.bench import load_prompts
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(MedusaError) as info:
+        load_prompts(path)
+    assert match in str(info.value) and "\n" not in str(info.value)
+
+
+def test_prompt_file_limits_are_checked(tmp_path):
+    from runtime.bench import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}"}) for i in range(3)))
+    assert [p.text for p in load_prompts(path, limit=2)] == ["p0", "p1"]
+    for kw, match in ((dict(limit=0), "--limit must be >= 1, got 0"), (dict(limit=-1), "--limit must be >= 1"),
+                      (dict(skip=-1), "--skip must be >= 0"), (dict(per_category=0), "--per-category")):  # fmt: skip
+        with pytest.raises(MedusaError, match=match):
+            load_prompts(path, **kw)
+    with pytest.raises(MedusaError, match="is a folder, not a file"):
+        load_prompts(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["profile", "ART", "--sizes", "1", "2", "--repeats", "0"], "--repeats must be an integer >= 1"),
+        (["profile", "ART", "--sizes", "4", "8"], "--sizes must include 1"),
+        (["profile", "ART", "--sizes", "0", "1"], "--sizes must be an integer >= 1"),
+        (["profile", "ART", "--cached", "-5"], "--cached must be an integer >= 0"),
+        (["profile", "ART", "--sizes", "1", "20000"], "exceed the artifact's context"),
+        (["profile", "ART", "-o", "TMP"], "is a folder: give a file name"),
+        (["profile", "ART", "-o", "TMP/nodir/p.json"], "nodir does not exist"),
+        (["bench", "ART", "--prompts", "PROMPTS", "--limit", "0"], "--limit must be >= 1"),
+        (["bench", "ART", "--prompts", "PROMPTS", "--json", "TMP/nodir/x.json"], "nodir does not exist"),
+        (["bench", "ART", "--prompts", "PROMPTS", "--plot", "TMP/out.xyz"], "the name must end in .png"),
+        (["bench", "ART", "--prompts", "PROMPTS", "--peer-model", "TMP"], "give --peer too"),
+        (["bench", "ART", "--prompts", "PROMPTS", "--peer", "hf", "--peer-model", "TMP"], "not a Hugging Face model"),
+        (["bench", "ART", "--prompts", "TMP"], "is a folder, not a file"),
+        (["calibrate", "ART", "--prompts", "PROMPTS", "-o", "TMP"], "is a folder: give a file name"),
+        (["generate", "ART", ""], "the prompt is empty"),
+        (["generate", "ART", "hi", "--no-medusa", "--tree", "nosuch"], "--tree has no effect with --no-medusa"),
+        (["generate", "ART/medusa_config.json", "hi"], "is a file, not an artifact folder"),
+        (["generate", "ART", "hi", "--tree", "TMP"], "is a folder, not a file"),
+    ],
+)
+def test_medusa_run_bad_files_and_flags_one_line(tiny, tmp_path, capsys, argv, match):
+    """Each is refused before any work, in one line, and writes nothing (a bench or profile's output
+    paths are checked before the run, not after it)."""
+    from runtime.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    subst = {"ART": str(tiny["artifact"]), "TMP": str(tmp_path), "PROMPTS": str(prompts)}
+    argv = [subst.get(a, a) for a in argv]
+    argv = [a.replace("ART/", f"{tiny['artifact']}/").replace("TMP/", f"{tmp_path}/") for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    line = _one_line_error(capsys, main([*argv, "--threads", "1"]), "medusa-run")
+    assert match in line, line
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_medusa_run_warns_in_one_line(tiny, capsys):
     from runtime.cli import main
 

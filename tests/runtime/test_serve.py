@@ -162,6 +162,53 @@ def test_the_openai_client_raises_its_own_error_types(gen):
             c.chat.completions.create(model="other", messages=CHAT)
 
 
+EDGE_CASES = [  # (method, path, body, status, code, words): JSON's own types only, every error in OpenAI's body
+    ("POST", "/v1/completions", {"prompt": [True, False]}, 400, "int_type", "prompt.0"),  # bools are not token ids
+    ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": True}, 400, "int_type", "max_tokens"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": "8"}, 400, "int_type", "max_tokens"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "bool_type", "stream"),
+    ("POST", "/v1/chat/completions", b'{"messages": "\xff\xfe"}', 400, "json_invalid", "UTF-8"),
+    ("GET", "/v1/nosuch", None, 404, "not_found", "unknown path '/v1/nosuch'"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "echo": True}, 400, "unsupported_parameter", "echo is not supported"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "logprobs": 2}, 400, "unsupported_parameter",
+     "logprobs is not supported"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "logprobs": True}, 400, "unsupported_parameter",
+     "logprobs is not supported"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "presence_penalty": 0.5}, 400, "unsupported_parameter",
+     "presence_penalty is not supported"),
+    ("POST", "/v1/completions", {"prompt": ""}, 400, None, "the prompt is empty"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": ""}]},
+     400, None, "the prompt is empty"),
+]  # fmt: skip
+
+
+def test_http_edge_cases_get_openai_style_errors(gen):
+    with running(gen) as url:
+        for method, path, body, status, code, words in EDGE_CASES:
+            content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+            r = httpx.request(method, f"{url}{path}", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == status, (path, body, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and words in err["message"], (body, err)
+            assert err["code"] == code and err["type"] == "invalid_request_error", (body, err)
+        # the same fields at their "off" values, and a chat with one non-empty message, are served
+        ok = [("/v1/completions", {"prompt": "Hi", "echo": False, "logprobs": 0, "presence_penalty": 0}),
+              ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, *CHAT], "logprobs": False})]  # fmt: skip
+        for path, body in ok:
+            r = httpx.post(f"{url}{path}", json={**body, "max_tokens": 2, "temperature": 0}, timeout=60)
+            assert r.status_code == 200, r.text
+
+
+def test_a_bad_server_wide_decode_argument_fails_at_startup_not_per_request(gen):
+    from runtime.errors import MedusaError
+
+    with pytest.raises(MedusaError, match="unknown tree 'nosuch'"):
+        create_app(gen, "tiny", decode={"medusa": True, "tree": "nosuch"})
+    with pytest.raises(MedusaError, match="lookup must be an integer >= 0"):
+        create_app(gen, "tiny", decode={"medusa": True, "lookup": -1})
+    create_app(gen, "tiny", decode={"medusa": False, "tree": None, "lookup": 0})  # a good one serves
+
+
 def test_a_full_queue_answers_429_at_once_and_the_others_finish(gen, served):
     gate = threading.Event()
     with running(Slowed(served, gate), max_batch=1, max_queue=1) as url:
@@ -281,6 +328,58 @@ def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--port", "70000"], "--port must be an integer in [0, 65535]"),  # not 70000 % 65536
+        (["--port", "-1"], "--port must be an integer in [0, 65535]"),
+        (["--port", "{busy}"], "Address already in use"),
+        (["--host", "nosuchhost.invalid"], "cannot serve on host 'nosuchhost.invalid'"),
+        (["--max-queue", "-1"], "--max-queue must be an integer >= 0"),
+        (["--graceful-timeout", "-5"], "--graceful-timeout must be an integer >= 0"),
+        (["--tree", "nosuch"], "unknown tree 'nosuch'"),  # not a 400 on every request
+        (["--lookup", "-1"], "lookup must be an integer >= 0"),
+        (["--batching", "batch", "--backend", "tensorrt"], "--batching batch runs the artifact's batch.onnx"),
+        (["--batching", "batch", "--device", "cuda"], "not with --device cuda"),
+    ],
+)
+def test_startup_mistakes_are_one_line_errors_without_the_banner(tiny, repo_root, flags, words):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        flags = [f.format(busy=busy.getsockname()[1]) for f in flags]
+        if "--port" not in flags:
+            flags += ["--port", str(free_port())]
+        env = {**os.environ, "PYTHONPATH": str(repo_root)}
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "runtime.cli", "serve", str(tiny["artifact"]), "--threads", "1", *flags],
+                cwd=repo_root, env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"serve {' '.join(flags)} started serving: {e.stdout!r}")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stdout == "" and proc.stderr.startswith("medusa-run: error: ") and words in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_port_0_serves_on_a_free_port_the_banner_names(tiny, repo_root):
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "serve", str(tiny["artifact"]), "--port", "0", "--threads", "1"],
+        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        banner = proc.stdout.readline()
+        assert banner.startswith("serving tiny on http://127.0.0.1:"), banner
+        port = int(banner.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port > 0
+        _wait(lambda: _up(f"http://127.0.0.1:{port}"), timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def _up(url) -> bool:
