@@ -315,6 +315,10 @@ def generate_kwargs(args) -> dict:
 def cmd_generate(args) -> None:
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the terminal sent that are not UTF-8 (Python keeps them as lone surrogates)
+        raise ConfigError("the prompt is not UTF-8 text: set the terminal's encoding to UTF-8") from None
     if args.no_medusa and args.tree:
         raise ConfigError("--tree has no effect with --no-medusa (plain decoding verifies no tree): give one of them")
     gen = _load(args)

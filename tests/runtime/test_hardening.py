@@ -465,6 +465,7 @@ def test_prompt_file_limits_are_checked(tmp_path):
         (["bench", "ART", "--prompts", "TMP"], "is a folder, not a file"),
         (["calibrate", "ART", "--prompts", "PROMPTS", "-o", "TMP"], "is a folder: give a file name"),
         (["generate", "ART", ""], "the prompt is empty"),
+        (["generate", "ART", "caf\udce9"], "the prompt is not UTF-8 text"),  # argv's bytes b"caf\xe9"
         (["generate", "ART", "hi", "--no-medusa", "--tree", "nosuch"], "--tree has no effect with --no-medusa"),
         (["generate", "ART/medusa_config.json", "hi"], "is a file, not an artifact folder"),
         (["generate", "ART", "hi", "--tree", "TMP"], "is a folder, not a file"),
