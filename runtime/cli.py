@@ -406,10 +406,9 @@ def cmd_profile(args) -> None:
         raise ConfigError("--peer-model names the model of a --peer: give --peer too")
     output = check_output_file("-o", args.output) if args.output else None
     gen = _load(args)
-    if args.cached + max(args.sizes) > gen.backend.max_context:
+    if max(args.sizes) > gen.backend.max_context:  # (--cached is cut to what fits beside the largest size)
         raise ConfigError(
-            f"--cached {args.cached} + --sizes up to {max(args.sizes)} exceed the artifact's context of "
-            f"{gen.backend.max_context} tokens"
+            f"--sizes up to {max(args.sizes)} exceed the artifact's context of {gen.backend.max_context} tokens"
         )
     peer_dir = None
     if args.peer:  # built (or found) before our profile, so that a user error stops the run at once

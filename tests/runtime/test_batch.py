@@ -454,7 +454,7 @@ def test_an_artifact_without_a_batch_graph(tiny, tmp_path):
         runtime.load(out, max_batch=2)
     served = load_for_serving(out, 2, "auto", threads=1)
     assert getattr(served, "engine", None) is None and served.backend_name == "onnxruntime"
-    with pytest.raises(MedusaError, match="--interleave"):
+    with pytest.raises(MedusaError, match="--batching interleave"):
         load_for_serving(out, 2, "batch", threads=1)
     with_batch = load_for_serving(tiny["artifact"], 2, "auto", threads=1)
     try:
