@@ -495,6 +495,11 @@ def cmd_serve(args) -> None:
 
         for sock in sockets:  # Ray's proxy binds the port itself
             sock.close()
+        if args.tree and not args.tree.startswith("dynamic"):  # each replica checks it again, against its model
+            from runtime.artifact import read_artifact
+
+            spec = read_artifact(args.artifact).model
+            checks.tree(args.tree, spec.num_medusa_heads, spec.vocab_size)
         serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, _load_args(args), host=args.host,
                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
                   gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching)  # fmt: skip

@@ -340,6 +340,7 @@ def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
         (["--max-queue", "-1"], "--max-queue must be an integer >= 0"),
         (["--graceful-timeout", "-5"], "--graceful-timeout must be an integer >= 0"),
         (["--tree", "nosuch"], "unknown tree 'nosuch'"),  # not a 400 on every request
+        (["--tree", "nosuch", "--ray-replicas", "2"], "unknown tree 'nosuch'"),  # before Ray starts
         (["--lookup", "-1"], "lookup must be an integer >= 0"),
         (["--batching", "batch", "--backend", "tensorrt"], "--batching batch runs the artifact's batch.onnx"),
         (["--batching", "batch", "--device", "cuda"], "not with --device cuda"),
