@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime import checks
 from runtime.checks import show
 from runtime.decode import DEFAULT_LOOKUP_MAX, DEFAULT_LOOKUP_SIZING, PHASES, prefill
 from runtime.dynamic import is_dynamic
@@ -139,15 +140,10 @@ def load_prompts(
 
 
 def _prompt_text(path: Path, where: str, text) -> str:
-    """A prompt's text from a prompt file: a non-empty string of valid Unicode."""
-    if not isinstance(text, str):
-        raise MedusaError(f"{path}: {where}: the prompt must be a string, got {show(text, typed=True)}")
+    """A prompt's text from a prompt file: a non-empty string of valid Unicode (runtime.checks.text)."""
+    checks.text(f"{path}: {where}: the prompt", text)
     if not text.strip():
         raise MedusaError(f"{path}: {where}: the prompt is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise MedusaError(f"{path}: {where}: the prompt holds a lone surrogate at character {e.start}") from None
     return text
 
 

@@ -22,8 +22,6 @@ and the n-gram occurred), and ``meta`` (a JSON string: ``max_ngram``, ``min_coun
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ArtifactError
+from runtime.paths import atomic_file
 
 FILE = "datastore.npz"
 DEFAULT_MAX_NGRAM = 4
@@ -165,14 +164,8 @@ class Datastore:
         arrays: dict[str, Any] = {"meta": np.array(json.dumps(self.meta))}
         for n, t in self.tables.items():
             arrays.update({f"keys_{n}": t.keys, f"next_{n}": t.next, f"count_{n}": t.count, f"total_{n}": t.total})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, binary=True) as f:
+            np.savez_compressed(f, **arrays)
 
     @classmethod
     def load(cls, path: str | Path, vocab_size: int | None = None) -> Datastore:

@@ -764,8 +764,9 @@ def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: b
     ``drafts`` grafted (:func:`graft_chain`; -1: a cut not to take), ``shared`` how many leading drafts the tree's nodes
     already hold, ``agree`` whether the first is a head's candidate there (0: no; 1: a lower-ranked
     one; 2: the top one)."""
-    shared, _ = follow_drafts(tree, tokens, drafts)
-    agree = 0 if not shared else 2 if tree.node_rank[follow_drafts(tree, tokens, drafts[:1])[1]] == 0 else 1
+    followed = follow_drafts(tree, tokens, drafts)
+    shared = len(followed)
+    agree = 0 if not shared else 2 if tree.node_rank[followed[0]] == 0 else 1
     k = np.arange(len(drafts) + 1)
     if branching:
         return tree.num_nodes + np.maximum(0, k - shared), shared, agree

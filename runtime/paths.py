@@ -3,8 +3,12 @@ the checks and atomic writes of the files its commands write."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 
 def cache_dir() -> Path:
@@ -28,15 +32,31 @@ def check_output_file(flag: str, path: str | os.PathLike, suffixes: tuple[str, .
     return p
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, renamed over it
-    (removed if the write fails)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
+    """A file object whose content appears at ``path`` whole or not at all: written to a temporary
+    file beside it (a unique name), renamed over ``path`` when the block ends, removed if it fails.
+    The file keeps the mode of the one it replaces (a new one: the umask's default)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        tmp.write_text(text)
-        tmp.replace(path)
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+            yield f
+        os.chmod(tmp, mode)  # mkstemp makes 0600
+        os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(text)
+    return Path(path)

@@ -144,8 +144,9 @@ def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) 
     toks = [int(t) for t in tokens]
     head = [int(h) for h in tree.node_head]
     rank = [int(r) for r in tree.node_rank]
-    shared, node = follow_drafts(tree, tokens, drafts)
-    rest = [int(d) for d in drafts[shared:]]
+    followed = follow_drafts(tree, tokens, drafts)
+    node = followed[-1] if followed else 0
+    rest = [int(d) for d in drafts[len(followed) :]]
     if rest and not branching:  # cut the chain below `node` (a chain's nodes are in depth order)
         parent, toks, head, rank = parent[: node + 1], toks[: node + 1], head[: node + 1], rank[: node + 1]
     for t in rest:
@@ -164,18 +165,18 @@ def graft_chain(tree: Tree, tokens: np.ndarray, drafts, branching: bool = True) 
     )
 
 
-def follow_drafts(tree: Tree, tokens: np.ndarray, drafts) -> tuple[int, int]:
-    """``(shared, node)``: how many leading ``drafts`` the tree's nodes already hold (each the child,
-    with that token, of the one before; the root's children first) and the node holding the last of
-    them (0: the root). What :func:`graft_chain` follows before it adds nodes."""
+def follow_drafts(tree: Tree, tokens: np.ndarray, drafts) -> list[int]:
+    """The nodes holding the leading ``drafts`` the tree already has (each the child, with that
+    token, of the one before; the root's children first): as many as the tree shares with the
+    drafts. What :func:`graft_chain` follows before it adds nodes."""
     tokens = np.asarray(tokens)
-    node, shared = 0, 0
+    nodes: list[int] = []
     for t in drafts:
-        child = np.flatnonzero((tree.parent == node) & (tokens == int(t)))
+        child = np.flatnonzero((tree.parent == (nodes[-1] if nodes else 0)) & (tokens == int(t)))
         if not len(child):
             break
-        node, shared = int(child[0]), shared + 1
-    return shared, node
+        nodes.append(int(child[0]))
+    return nodes
 
 
 def _tree_from_parents(name: str, parent, head, rank, topk: tuple[int, ...], paths: tuple = ()) -> Tree:

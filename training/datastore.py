@@ -101,10 +101,8 @@ def record_in_artifact(folder: Path, store: Datastore, source: str) -> None:
     """Update the artifact's record of its datastore.npz (size and sha256 in ``provenance.checksums``,
     which runtime.load checks, and ``provenance.datastore``) after it was replaced; the config is
     written to a temporary file and renamed, so it is never torn."""
-    import os
-    import tempfile
-
     from runtime.artifact import file_digest
+    from runtime.paths import write_text_atomic
 
     path = folder / CONFIG_FILE
     raw = json.loads(path.read_text(encoding="utf-8"))
@@ -116,12 +114,4 @@ def record_in_artifact(folder: Path, store: Datastore, source: str) -> None:
     if isinstance(prov.get("files"), dict) and FILE in prov["files"]:  # older artifacts: sizes only
         prov["files"][FILE] = size
     prov["datastore"] = {"file": source, "sha256": digest, **store.meta}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(raw, indent=2) + "\n")
-        os.chmod(tmp, path.stat().st_mode & 0o777)  # as the config was (mkstemp makes 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(raw, indent=2) + "\n")  # never torn; the config's mode kept
