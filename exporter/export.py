@@ -87,7 +87,9 @@ PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int
 
 @dataclass
 class ExportOptions:
-    dtype: str = "float32"  # float32 | float16: logits, hidden states and the KV cache in the graphs
+    # float32 | float16: logits, hidden states and the KV cache in the graphs; None: the one
+    # ``precision`` implies (float32 when neither is given); set by check_options
+    dtype: str | None = None
     # "fused": ONNX Runtime's fused kernels with an in-place cache (exporter/fused.py);
     # "portable": the traced standard-ONNX graph TensorRT's parser takes (exporter/step.py)
     graph: str = DEFAULT_GRAPH
@@ -433,7 +435,8 @@ def _versions() -> dict:
 def resolve_precision(options: ExportOptions) -> str:
     """The precision the options ask for (``precision``, else the one ``dtype`` implies)."""
     if options.precision is None:
-        return {"float32": "fp32", "float16": "fp16"}.get(options.dtype, options.dtype)
+        dtype = options.dtype or "float32"
+        return {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
     return options.precision
 
 
@@ -450,14 +453,14 @@ def check_options(options: ExportOptions) -> None:
     checks.flag("validate", options.validate)
     checks.flag("heads_int8", options.heads_int8)
     checks.integer("validation_threads", options.validation_threads, 1, checks.MAX_THREADS, optional=True)
-    if options.dtype not in ("float32", "float16"):
+    if options.dtype not in (None, "float32", "float16"):
         raise MedusaError(f"unsupported dtype {options.dtype!r}: use float32 or float16")
     if options.graph not in GRAPHS:
         raise MedusaError(f"unknown graph flavour {options.graph!r}: use {' or '.join(GRAPHS)}")
     precision = resolve_precision(options)
     if precision not in PRECISION_DTYPE:
         raise MedusaError(f"unsupported precision {precision!r}: use {', '.join(PRECISION_DTYPE)}")
-    if options.precision is not None and options.dtype != "float32" and PRECISION_DTYPE[precision] != options.dtype:
+    if options.precision is not None and options.dtype is not None and PRECISION_DTYPE[precision] != options.dtype:
         raise MedusaError(f"--dtype {options.dtype} contradicts --precision {precision}: give one of them")
     if precision in ("int8", "int4") and options.graph != "fused":
         raise MedusaError(

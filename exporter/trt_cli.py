@@ -360,7 +360,7 @@ def _limits_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--opt-prompt",
         type=int,
         default=d.opt_prompt,
-        help="typical prompt chunk, the prefill opt (default %(default)s)",
+        help="typical prompt chunk, the prefill opt, at most --max-prompt (default: min(128, max_prompt))",
     )
     p.add_argument(
         "--max-tree-nodes",
@@ -375,7 +375,8 @@ def _limits_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--opt-context",
         type=int,
         default=d.opt_context,
-        help="typical cache length, the verify/decode opt (default %(default)s)",
+        help="typical cache length, the verify/decode opt, at most max_context - max_tree_nodes "
+        "(default: 256, less where the context is smaller)",
     )
     p.add_argument(
         "--workspace-mib", type=int, default=d.workspace_mib, help="builder workspace pool in MiB (default %(default)s)"

@@ -69,6 +69,8 @@ from runtime.plan import (
 
 DEFAULT_MAX_TREE_NODES = 64  # the official Medusa trees have 63 candidates + the root
 DEFAULT_MAX_PROMPT = 512
+DEFAULT_OPT_PROMPT = 128  # the prefill profile's opt: a typical prompt chunk
+DEFAULT_OPT_CONTEXT = 256  # the verify / decode profiles' opt: a typical cache length
 
 
 # ---------------------------------------------------------------------------- limits
@@ -81,10 +83,10 @@ class Limits:
     max_batch: int = 1
     max_context: int | None = None  # None: the artifact's model.max_context
     max_prompt: int | None = None  # prefill chunk (longer prompts take several calls); None: min(512, max_context // 2)
-    opt_prompt: int = 128  # typical prompt chunk (prefill opt)
+    opt_prompt: int | None = None  # typical prompt chunk (prefill opt); None: min(128, max_prompt)
     max_tree_nodes: int | None = None  # None: max(tree nodes, min(64, max_context - 1))
     tree: str | None = None  # tree whose size is the verify opt; None: the artifact's default tree
-    opt_context: int = 256  # typical cache length (verify/decode opt)
+    opt_context: int | None = None  # typical cache length (verify/decode opt); None: 256 where the ranges allow
     workspace_mib: int = DEFAULT_WORKSPACE_MIB  # builder workspace memory pool
     tf32: bool = False  # let TensorRT run float32 matmuls in TF32 (off: float32 stays float32)
 
@@ -172,8 +174,10 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
     if list(cfg.heads.inputs) != expected_heads:
         raise PlanError(f"{cfg.heads.file}: inputs {cfg.heads.inputs}, expected {expected_heads}")
     _positive("max_batch", lim.max_batch)
-    _positive("opt_prompt", lim.opt_prompt)
-    _positive("opt_context", lim.opt_context)
+    if lim.opt_prompt is not None:
+        _positive("opt_prompt", lim.opt_prompt)
+    if lim.opt_context is not None:
+        _positive("opt_context", lim.opt_context)
     _positive("workspace_mib", lim.workspace_mib)
 
     ctx = m.max_context if lim.max_context is None else lim.max_context
@@ -194,17 +198,28 @@ def make_plan(cfg: ArtifactConfig, limits: Limits | None = None) -> BuildPlan:
             f"max_tree_nodes {max_tree} leaves no room for the cache: it must be at most max_context - 1 = {ctx - 1}"
         )
 
+    # an opt value the user gives must lie in its range (trtexec would refuse it only at build);
+    # the defaults shrink to fit a small context
+    if lim.opt_prompt is not None and lim.opt_prompt > max_prompt:
+        raise PlanError(f"opt_prompt must be at most max_prompt = {max_prompt}, got {lim.opt_prompt}")
+    if lim.opt_context is not None and lim.opt_context > ctx - max_tree:
+        raise PlanError(
+            f"opt_context must be at most max_context - max_tree_nodes = {ctx - max_tree} (the verify profile's "
+            f"cache range), got {lim.opt_context}"
+        )
+    opt_prompt = min(DEFAULT_OPT_PROMPT, max_prompt) if lim.opt_prompt is None else lim.opt_prompt
+    opt_context = DEFAULT_OPT_CONTEXT if lim.opt_context is None else lim.opt_context
     batch = Range(1, 1, lim.max_batch)
 
     def typical(hi: int) -> Range:  # a cache of 1..hi tokens, tuned at the typical length
-        return Range(1, min(lim.opt_context, hi), hi)
+        return Range(1, min(opt_context, hi), hi)
 
     profiles = [
         Profile(
             PREFILL,
             {
                 BATCH: batch,
-                NEW: Range(1, min(lim.opt_prompt, max_prompt), max_prompt),
+                NEW: Range(1, opt_prompt, max_prompt),
                 PAST: Range(0, 0, ctx - max_prompt),
             },
         ),

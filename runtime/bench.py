@@ -26,6 +26,7 @@ from runtime.checks import show
 from runtime.decode import DEFAULT_LOOKUP_MAX, DEFAULT_LOOKUP_SIZING, PHASES, prefill
 from runtime.dynamic import is_dynamic
 from runtime.errors import MedusaError
+from runtime.paths import read_text
 
 # the Medusa sampling runs compared with plain sampling (--sampling): name -> (acceptance, drafts, what)
 # ("exact" means coupled drafts since 2026-12-01; earlier result files hold top-k drafts under "exact");
@@ -73,13 +74,7 @@ def load_prompts(
     if per_category is not None and per_category < 1:
         raise MedusaError(f"--per-category must be at least 1, got {per_category}")
     out = []
-    try:
-        text_all = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        lineno = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise MedusaError(
-            f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}): save the file as UTF-8"
-        ) from None
+    text_all = read_text(path, error=MedusaError)
     if text_all.lstrip().startswith("["):  # an Alpaca-style JSON list
         try:
             recs = json.loads(text_all)

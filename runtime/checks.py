@@ -253,10 +253,7 @@ def tree(spec, num_heads: int | None, vocab_size: int | None):
         import tree_configs
 
         if not (isinstance(spec, str) and spec in tree_configs.available()) and Path(spec).is_file():
-            try:
-                name, paths = _read_tree_file(Path(spec))
-            except UnicodeDecodeError as e:
-                raise TreeError(f"tree file {spec} is not UTF-8 JSON text ({e})") from None
+            name, paths = _read_tree_file(Path(spec))
             spec = build_tree(tree_paths(paths, vocab_size, name), name=name, num_heads=num_heads)
     elif not isinstance(spec, Tree):
         raise ConfigError(

@@ -1,5 +1,6 @@
-"""Paths: where medusa-trt keeps what it builds once per machine (converted models, peer graphs), and
-the checks and atomic writes of the files its commands write."""
+"""Paths: where medusa-trt keeps what it builds once per machine (converted models, peer graphs), the
+reading of the text files its commands are given (UTF-8, or one line naming the file, the line and the
+byte), and the checks and atomic writes of the files its commands write."""
 
 from __future__ import annotations
 
@@ -14,6 +15,28 @@ from typing import IO
 def cache_dir() -> Path:
     """``$MEDUSA_TRT_CACHE``, else ``~/.cache/medusa-trt``: the project's one cache root."""
     return Path(os.environ.get("MEDUSA_TRT_CACHE", Path.home() / ".cache" / "medusa-trt"))
+
+
+def utf8(raw: bytes, path: str | os.PathLike, line: int | None = None, error: type[Exception] | None = None) -> str:
+    """``raw`` (a whole file, or its line ``line``) decoded as UTF-8 (a leading UTF-8 byte-order
+    mark is dropped); ``error`` (a ConfigError by default) naming the file, the line and the byte
+    otherwise, instead of a UnicodeDecodeError traceback."""
+    try:
+        return raw.decode("utf-8-sig" if line in (None, 1) else "utf-8")
+    except UnicodeDecodeError as e:
+        from runtime.errors import ConfigError
+
+        at = line if line is not None else raw.count(b"\n", 0, e.start) + 1
+        bom = (line in (None, 1)) and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+        hint = " (it starts with a UTF-16 byte-order mark)" if bom else ""
+        raise (error or ConfigError)(
+            f"{path}: line {at} is not UTF-8 text (byte {raw[e.start]:#04x}){hint}: save the file as UTF-8"
+        ) from None
+
+
+def read_text(path: str | os.PathLike, error: type[Exception] | None = None) -> str:
+    """A whole text file as UTF-8 (:func:`utf8`)."""
+    return utf8(Path(path).read_bytes(), path, error=error)
 
 
 def check_output_file(flag: str, path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import TreeError
+from runtime.paths import read_text
 
 PAD = -1
 
@@ -252,7 +253,7 @@ def load_tree(spec: str | Path | Sequence[Sequence[int]] | Tree, num_heads: int 
 
 def _read_tree_file(path: Path) -> tuple[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_text(path, error=TreeError))
     except json.JSONDecodeError as e:
         raise TreeError(f"tree file {path} is not valid JSON: {e}") from None
     if isinstance(data, list):

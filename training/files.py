@@ -7,27 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime import paths
 from runtime.errors import ConfigError
 
 
-def utf8(raw: bytes, path: Path, line: int | None = None) -> str:
-    """``raw`` (a whole file, or its line ``line``) decoded as UTF-8 (a leading UTF-8 byte-order
-    mark is dropped); a ConfigError naming the file, the line and the byte otherwise."""
-    try:
-        return raw.decode("utf-8-sig" if line in (None, 1) else "utf-8")
-    except UnicodeDecodeError as e:
-        at = line if line is not None else raw.count(b"\n", 0, e.start) + 1
-        bom = (line in (None, 1)) and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
-        hint = " (it starts with a UTF-16 byte-order mark)" if bom else ""
-        raise ConfigError(
-            f"{path}: line {at} is not UTF-8 text (byte {raw[e.start]:#04x}){hint}: save the file as UTF-8"
-        ) from None
-
-
 def read_text(path: Path) -> str:
-    """A whole text file as UTF-8 (:func:`utf8`)."""
-    path = Path(path)
-    return utf8(path.read_bytes(), path)
+    """A whole text file as UTF-8 (:func:`runtime.paths.utf8`)."""
+    return paths.read_text(path)
 
 
 def text_lines(path: Path):
@@ -35,7 +21,7 @@ def text_lines(path: Path):
     path = Path(path)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            yield n, utf8(raw, path, n)
+            yield n, paths.utf8(raw, path, n)
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -31,11 +31,11 @@ CONFIGS = {
     ),
     "gqa-batch4": dict(
         cfg=dict(layers=3, kv_heads=2, head_dim=16, hidden=64, vocab=100, max_context=512),
-        limits=dict(max_batch=4, max_prompt=128, opt_prompt=200),
+        limits=dict(max_batch=4, max_prompt=128),
     ),
     "smollm2": dict(cfg=None, limits=dict(max_context=2048)),
     "big-tree": dict(
-        cfg=dict(max_context=1024, heads=5, tree="mc_sim_7b_63"), limits=dict(max_tree_nodes=80, opt_context=4096)
+        cfg=dict(max_context=1024, heads=5, tree="mc_sim_7b_63"), limits=dict(max_tree_nodes=80, opt_context=900)
     ),
 }
 
@@ -89,12 +89,18 @@ def test_profile_couplings(name):
     assert heads == ((1, m.hidden_size), (1, m.hidden_size), (plan.max_batch, m.hidden_size))
 
 
-def test_opt_values_are_clamped_into_their_ranges():
-    _, plan = _plan("gqa-batch4")  # opt_prompt 200 > max_prompt 128
-    assert tuple(plan.profile(PREFILL).axes[NEW]) == (1, 128, 128)
-    _, plan = _plan("big-tree")  # opt_context 4096 > max_context
-    assert tuple(plan.profile(VERIFY).axes[PAST]) == (1, 1024 - 80, 1024 - 80)
+def test_default_opt_values_shrink_into_their_ranges_and_given_ones_are_kept():
+    plan = make_plan(fake_config(max_context=512), Limits(max_prompt=100))  # default opt_prompt 128 > 100
+    assert tuple(plan.profile(PREFILL).axes[NEW]) == (1, 100, 100)
+    plan = make_plan(fake_config(max_context=200), Limits(max_prompt=50, max_tree_nodes=20))  # default opt 256
+    assert tuple(plan.profile(VERIFY).axes[PAST]) == (1, 180, 180)
+    assert tuple(plan.profile(DECODE).axes[PAST]) == (1, 199, 199)
+    _, plan = _plan("big-tree")  # opt_context 900 given: kept where it fits, the decode range's too
+    assert tuple(plan.profile(VERIFY).axes[PAST]) == (1, 900, 1024 - 80)
+    assert tuple(plan.profile(DECODE).axes[PAST]) == (1, 900, 1023)
     assert plan.tree_nodes == 64 and plan.profile(VERIFY).axes[NEW].opt == 64
+    plan = make_plan(fake_config(max_context=512), Limits(max_prompt=128, opt_prompt=128))
+    assert tuple(plan.profile(PREFILL).axes[NEW]) == (1, 128, 128)
 
 
 def test_default_max_tree_nodes_covers_the_tree():
@@ -122,6 +128,9 @@ def test_default_max_tree_nodes_covers_the_tree():
         ({}, dict(max_batch=0), r"max_batch must be a positive integer, got 0"),
         ({}, dict(workspace_mib=0), r"workspace_mib must be a positive integer"),
         ({}, dict(opt_context=0), r"opt_context must be a positive integer"),
+        # an opt value the user gives outside its range is an error, not silently moved
+        ({}, dict(max_prompt=16, opt_prompt=17), r"opt_prompt must be at most max_prompt = 16, got 17"),
+        ({}, dict(max_tree_nodes=12, opt_context=53), r"opt_context must be at most max_context - max_tree_nodes = 52"),
         (dict(dtype="bfloat16"), {}, r"artifact dtype 'bfloat16'"),
         (dict(heads=2), {}, r"depth 4 and needs 4 Medusa heads, but the model has 2"),
         ({}, dict(tree="no_such_tree"), r"unknown tree 'no_such_tree'"),

@@ -133,6 +133,6 @@ def test_readme_recipe_on_fasterdecoding_layout(fmt, vicuna_like, tmp_path, caps
             plain = gen.generate(ids, max_new_tokens=24, medusa=False)
             medusa = gen.generate(ids, max_new_tokens=24)
             assert medusa.tokens == plain.tokens, (art.name, ids)
-            assert medusa.stats.steps <= plain.stats.steps
+            assert medusa.stats.steps < plain.stats.steps  # drafts were accepted
             if cfg["dtype"] == "float32":
                 assert plain.tokens == hf_greedy(model, ids, 24), (art.name, ids)

@@ -138,6 +138,7 @@ def test_an_artifact_runs_where_torch_and_the_exporter_cannot_import(tiny, repo_
         "out = gen.generate('Hello there', max_new_tokens=8)\n"
         "plain = gen.generate('Hello there', max_new_tokens=8, medusa=False)\n"
         "assert out.tokens == plain.tokens and len(out.tokens) == 8, (out.tokens, plain.tokens)\n"
+        "assert max(out.stats.accept_hist) > 1, out.stats.accept_hist\n"
         "print('ok', gen.backend_name if hasattr(gen, 'backend_name') else '')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(repo_root)}

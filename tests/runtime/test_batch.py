@@ -157,9 +157,10 @@ def test_budgets_turn_trees_into_plain_steps_without_changing_tokens(tiny, gen):
     is plain, the heads are never called after the prefill, and the tokens do not change."""
     g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=[1])
     try:
-        want = [gen.generate(p, max_new_tokens=30).tokens for p in PROMPTS[:2]]
+        alone = [gen.generate(p, max_new_tokens=30) for p in PROMPTS[:2]]
+        assert any(r.stats.mean_accepted > 1 for r in alone)  # without the budget, the trees accept tokens
         got = run_together([lambda p=p: g.generate(p, max_new_tokens=30) for p in PROMPTS[:2]])
-        assert [r.tokens for r in got] == want
+        assert [r.tokens for r in got] == [r.tokens for r in alone]
         assert all(r.stats.mean_accepted == 1.0 for r in got)
         st = g.engine.stats
         assert st["heads_calls"] <= 2  # the prefills' (lazy heads: none after plain steps)

@@ -187,6 +187,9 @@ def test_always_wrong_heads_stay_lossless(seed, overrides, tree, reference):
     assert backend.head_calls == NEW  # prefill + every step: the heads ran, and were rejected
     with_lookup = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW), load_tree(tree))
     assert with_lookup.tokens == ref[:NEW]  # lossless with lookup drafts too
+    # no head draft is ever right: every draft token accepted came from the lookup
+    accepted_drafts = sum((k - 1) * v for k, v in with_lookup.stats.accept_hist.items())
+    assert accepted_drafts == with_lookup.stats.lookup_accepted, with_lookup.stats.accept_hist
 
 
 def test_candidates_follow_the_tree():
@@ -403,6 +406,8 @@ def test_eos_is_included_and_ends_generation(medusa, reference):
     res = decode(backend, prompt, DecodeConfig(max_new_tokens=NEW, eos_token_ids=[ref[j]], medusa=medusa), tree)
     assert res.tokens == ref[: j + 1]
     assert res.stats.finish_reason == "eos" and res.stats.new_tokens == j + 1
+    if medusa:  # the oracle's steps took several tokens: not plain decoding in disguise
+        assert max(res.stats.accept_hist) > 1, res.stats.accept_hist
 
 
 def test_eos_as_the_first_token(reference):
@@ -421,6 +426,8 @@ def test_max_new_tokens_is_exact(n, reference):
     assert res.tokens == ref[:n]
     assert res.stats.finish_reason == "length" and res.stats.new_tokens == n
     assert sum(res.stats.accept_hist.values()) == res.stats.steps
+    if n > 2:  # the prefill's token, then a step of 4 tokens cut to n - 1
+        assert max(res.stats.accept_hist) > 1, res.stats.accept_hist
 
 
 def _text(ids):
@@ -440,6 +447,8 @@ def test_stop_string(medusa, reference):
     assert res.tokens == ref[:cut]
     assert stop in _text(res.tokens) and stop not in _text(res.tokens[:-1])
     assert res.stats.finish_reason == "stop_string"
+    if medusa:
+        assert max(res.stats.accept_hist) > 1, res.stats.accept_hist
 
 
 def test_stop_string_inside_a_token(reference):
@@ -451,6 +460,7 @@ def test_stop_string_inside_a_token(reference):
         backend, prompt, DecodeConfig(max_new_tokens=NEW, stop_strings=["never", stop]), tree, decode_text=_text
     )
     assert res.tokens == ref[:cut] and res.stats.finish_reason == "stop_string"
+    assert max(res.stats.accept_hist) > 1, res.stats.accept_hist
 
 
 def test_stop_string_before_eos_in_the_same_step(reference):
@@ -508,6 +518,8 @@ def test_generation_stops_at_the_context_end_losslessly(mode, tree, reference):
     assert res.stats.finish_reason == "context"
     assert res.tokens == ref[:expected]
     assert backend.cache_len == cap
+    if mode == "oracle":
+        assert max(res.stats.accept_hist) > 1, res.stats.accept_hist
 
 
 def test_prompt_one_short_of_the_context(tiny_llama):
@@ -535,6 +547,7 @@ def test_statistics(tree, n, reference):
     emitted = sum(k * v for k, v in s.accept_hist.items())
     assert 1 + emitted == s.new_tokens  # the prefill's token + every step's
     assert s.mean_accepted == pytest.approx(emitted / s.steps)
+    assert max(s.accept_hist) > 1, s.accept_hist  # the oracle's drafts were accepted
     d = s.as_dict()
     assert d["steps"] == s.steps and d["new_tokens"] == n and d["finish_reason"] == "length"
     assert d["accept_hist"] == {str(k): v for k, v in sorted(s.accept_hist.items())}

@@ -226,7 +226,7 @@ def test_tree_file_errors(gen, tmp_path):
         with pytest.raises(TreeError, match=name.split(".")[0]):
             gen.generate("hi", max_new_tokens=2, tree=str(tmp_path / name))
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(TreeError, match="not UTF-8"):
+    with pytest.raises(TreeError, match=r"bin.json: line 1 is not UTF-8 text \(byte 0xff\)"):
         gen.generate("hi", max_new_tokens=2, tree=tmp_path / "bin.json")
 
 
@@ -411,8 +411,16 @@ def test_medusa_run_generate_bad_args_one_line(tiny, tmp_path, capsys, args, mat
 
 
 PROMPT_FILES = [  # (file name, bytes, the one-line error): every way a prompt file goes wrong
-    ("nonutf.jsonl", b'\xff\xfe{"prompt": "hi"}\n', "nonutf.jsonl:1: not UTF-8 text"),
-    ("latin1.jsonl", b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text"),
+    (
+        "nonutf.jsonl",
+        b'\xff\xfe{"prompt": "hi"}\n',
+        "nonutf.jsonl: line 1 is not UTF-8 text (byte 0xff) (it starts with a UTF-16 byte-order mark)",
+    ),
+    (
+        "latin1.jsonl",
+        b'{"prompt": "hi"}\n{"prompt": "caf\xe9"}\n',
+        "latin1.jsonl: line 2 is not UTF-8 text (byte 0xe9)",
+    ),
     ("empty.json", b"[]", "empty.json holds no prompts"),
     ("turns.jsonl", b'{"turns": "Write a poem"}\n', "'turns' must be a non-empty list of strings"),
     ("null.jsonl", b'{"prompt": null}\n', "null.jsonl: line 1: the prompt must be a string"),
@@ -519,6 +527,7 @@ def test_ten_thousand_node_tree_warns_and_decodes_plain(gen):
     with pytest.warns(MedusaWarning, match=r"has 10000 nodes but at most \d+ fit .* every step decodes plain"):
         out = gen.generate(PROMPTS[0], max_new_tokens=8, tree=big)
     assert out.tokens == gen.generate(PROMPTS[0], max_new_tokens=8, medusa=False).tokens
+    assert set(out.stats.accept_hist) == {1}  # plain steps only, as the warning says
     with pytest.raises(TreeError, match="a tree holds at most 16384"):
         gen.generate(PROMPTS[0], max_new_tokens=2, tree=[[r] for r in range(20000)])
     with warnings.catch_warnings():

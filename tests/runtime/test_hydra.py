@@ -173,7 +173,8 @@ def test_drafting_makes_one_call_per_depth_with_a_row_per_parent():
 
 class OracleHydra(Backend):
     """A real backend whose Hydra drafts come from the backbone itself: a row's logits favour
-    the token greedy decoding would emit after the row's path (``wrong``: any other token)."""
+    the token greedy decoding would emit after the row's path (``wrong``: rank it last, so no
+    rank of any tree is ever right)."""
 
     def __init__(self, inner: TorchBackend, model, wrong: bool = False):
         self.inner, self.spec, self.model, self.wrong = inner, inner.spec, model, wrong
@@ -203,7 +204,11 @@ class OracleHydra(Backend):
             seq = torch.tensor([self.context + p[:d].tolist()])
             with torch.inference_mode():
                 nxt = int(self.model(seq).logits[0, -1].argmax())
-            out[i, (nxt + 1) % self.spec.vocab_size if self.wrong else nxt] = 1.0
+            if self.wrong:  # every other token ahead of the true one (ties would rank it anywhere)
+                out[i] = np.arange(self.spec.vocab_size, 0, -1, dtype=np.float32)
+                out[i, nxt] = -1.0
+            else:
+                out[i, nxt] = 1.0
         return out
 
 

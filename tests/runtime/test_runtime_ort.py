@@ -131,6 +131,7 @@ def test_stop_strings(gen):
     assert out.stats.finish_reason == "stop_string"
     assert stop in out.text
     assert out.tokens == full.tokens[: len(out.tokens)]
+    assert max(out.stats.accept_hist) > 1, out.stats.accept_hist  # drafts were accepted before the stop
     # the last token completes the stop string: without it, the text does not contain it
     assert stop not in gen.tokenizer.decode(out.tokens[:-1])
 
@@ -144,6 +145,7 @@ def test_context_limit(tiny):
     plain = small.generate(ids, max_new_tokens=200, medusa=False)
     assert out.stats.finish_reason == "context"
     assert out.tokens == plain.tokens  # lossless up to the end of the context
+    assert set(out.stats.accept_hist) == {1}  # plain steps only, as the warning says
     assert len(ids) + len(out.tokens) == 48 + 1  # the last token needs no cache slot
     too_long = list(range(5, 5 + 60))
     with pytest.raises(ContextLengthError, match="60 tokens but the context holds 48"):
@@ -252,6 +254,7 @@ def test_cli_generate_bench_profile(tiny, tmp_path, shared_data):
     ):
         assert key in res, key
     assert res["prompts"] == 2 and res["identical"] == 2
+    assert res["mean_accepted"] > 1  # drafts were accepted: "identical" means something
     assert set(res["trees"]) == {"cpu_8", "chain_2"}
     assert res["speedup"] == pytest.approx(res["medusa_tokens_per_s"] / res["ar_tokens_per_s"])
     assert 0 <= res["overhead_fraction"] < 1
@@ -309,13 +312,17 @@ def test_a_stream_ending_inside_a_step_runs_nothing_after_it(tiny):
 
     g.backend.forward = spy
     ids = g.encode(PROMPTS[0])
+    multi = 0
     for n in range(2, 9):
         sizes.clear()
-        tokens = [t for chunk in g.stream(ids, max_new_tokens=n, tree="cpu_8") for t in chunk.tokens]
+        chunks = [chunk.tokens for chunk in g.stream(ids, max_new_tokens=n, tree="cpu_8")]
+        tokens = [t for c in chunks for t in c]
+        multi += any(len(c) > 1 for c in chunks)
         streamed = list(sizes)  # the stream's forwards only, not the plain decode's below
         assert tokens == g.generate(ids, max_new_tokens=n, medusa=False).tokens and len(tokens) == n
         assert streamed[0] == len(ids) and len(streamed) > 1, (n, streamed)  # the prefill, then steps
         assert all(s <= 9 for s in streamed[1:]), (n, streamed)  # tree steps only: no replayed prefill
+    assert multi > 0  # some step emitted several tokens: a cut can fall inside a step
 
 
 def test_bench_lookup_variants_categories_and_sampling(tiny, shared_data):
@@ -329,6 +336,7 @@ def test_bench_lookup_variants_categories_and_sampling(tiny, shared_data):
     assert list(res["trees"]) == ["chain_2 lookup=3", "chain_2 lookup=0"]
     on, off = res["trees"]["chain_2 lookup=3"], res["trees"]["chain_2 lookup=0"]
     assert on["identical"] == off["identical"] == 3 and off["lookup_accepted"] == 0 and on["lookup"] == 3
+    assert on["mean_accepted"] > 1 and off["mean_accepted"] > 1  # drafts were accepted
     cats = res["by_category"]
     assert sum(c["prompts"] for c in cats.values()) == 3 and len(cats) == 3
     assert all(set(c) >= {"plain_tokens_per_s", "chain_2 lookup=3", "chain_2 lookup=0"} for c in cats.values())
