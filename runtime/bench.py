@@ -297,6 +297,7 @@ def run_bench(
     datastores: list[bool] | None = None,
     lookup_maxes: list[int] | None = None,
     lookup_sizings: list[str] | None = None,
+    peer_huge_pages: bool = False,
 ) -> dict:
     """Plain vs Medusa (each tree x each ``lookups`` setting) per prompt, interleaved; with
     ``sampling`` temperatures also plain sampling vs exact vs typical Medusa sampling
@@ -332,7 +333,7 @@ def run_bench(
     if peer == "ortgenai":
         from runtime.peers import OrtGenaiPeer, peer_model_dir
 
-        og = OrtGenaiPeer(peer_model_dir(gen, peer_model), threads)
+        og = OrtGenaiPeer(peer_model_dir(gen, peer_model), threads, huge_pages=peer_huge_pages)
     # warm up the engines (first-call allocations) outside the measurement
     warm = gen.encode([{"role": "user", "content": "Hello"}])
     gen.generate(warm, max_new_tokens=8, medusa=False)
@@ -619,9 +620,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _huge_pages_mb() -> int:
+    """MB of our sessions' weights in huge pages (runtime.hugepages; 0 where off or refused)."""
+    from runtime import hugepages
+    from runtime.peers import PEER_WEIGHTS
+
+    return sum(r.collapsed_mb for name, r in hugepages.RECORDS.items() if name != PEER_WEIGHTS)
+
+
 def _summarize_ortgenai(res: dict, og, per_prompt: list[dict]) -> None:
     """onnxruntime-genai's graph and its n-gram run (or why there is none) into ``res``."""
     res["peer_model"] = str(og.model_dir)
+    res["huge_pages"] = {"ours": _huge_pages_mb(), "peer": og.huge_pages.collapsed_mb}
     if og.ngram_unavailable:
         res.update(peer_ngram_tokens_per_s=None, peer_ngram_unavailable=og.ngram_unavailable, medusa_vs_peer_ngram=None)
         for t in res["trees"].values():
@@ -745,6 +755,12 @@ def _peer_report(res: dict) -> list[str]:
         + (f", graph {res['peer_model']}" if res.get("peer_model") else "")
         + ":"
     ]
+    if "huge_pages" in res:
+        hp = res["huge_pages"]
+        lines.append(
+            f"  huge pages (runtime.hugepages): ours {hp['ours']} MB, the peer's {hp['peer']} MB"
+            + ("" if hp["peer"] else " (as its users run it; --peer-huge-pages gives it the same)")
+        )
     if not res["threads"]:
         lines.append("  (no --threads: each library chose its thread count; pass --threads for a like-for-like run)")
     diverged = "".join(f"; prompt {d['id']} first differs at token {d['position']}" for d in res["peer_divergences"])

@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         "onnxruntime-genai plain and with its n-gram speculation (pip install -e .[peers])",
     )
     b.add_argument("--peer-model", default=None, help="HF model folder for --peer (default: the artifact's source)")
+    b.add_argument(
+        "--peer-huge-pages",
+        action="store_true",
+        help="back onnxruntime-genai's weights with huge pages as ours are (runtime.hugepages; default: the "
+        "peer as its users run it)",
+    )
     b.add_argument("--json", default=None, help="write all results to this JSON file")
     b.add_argument("--plot", default=None, help="write the histogram and per-step time split to this PNG")
 
@@ -361,6 +367,8 @@ def cmd_bench(args) -> None:
 
     if args.peer_model and not args.peer:
         raise ConfigError("--peer-model names the model of a --peer: give --peer too")
+    if args.peer_huge_pages and args.peer != "ortgenai":
+        raise ConfigError("--peer-huge-pages applies to --peer ortgenai")
     if args.json:
         check_output_file("--json", args.json)
     if args.plot:
@@ -381,6 +389,7 @@ def cmd_bench(args) -> None:
         lookup_sizings=args.lookup_sizing,
         sampling=args.sampling,
         datastores=[d == "on" for d in args.datastore],
+        peer_huge_pages=args.peer_huge_pages,
     )
     res["command"] = "medusa-run " + " ".join(sys.argv[1:]) if sys.argv and "medusa-run" in sys.argv[0] else None
     print(format_report(res, per_prompt=verbosity(args) >= 0))  # -q: the summary table only

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import hugepages
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig, cache_names
 from runtime.backend import Backend, DeviceCacheBackend, GraphBackend
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
@@ -53,9 +54,11 @@ def choose_providers(device: str = "auto") -> list[str]:
 
 def _session(ort, path: Path, options, providers):
     """An InferenceSession of ``path``; a file ONNX Runtime cannot load (truncated, corrupt, not
-    ONNX) is an ArtifactError naming it, not ONNX Runtime's InvalidProtobuf."""
+    ONNX) is an ArtifactError naming it, not ONNX Runtime's InvalidProtobuf. On the CPU its
+    weights are then backed by huge pages (runtime.hugepages; ``MEDUSA_TRT_HUGE_PAGES=0``: off)."""
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        with hugepages.backing(path.name, on=None if providers[0] == "CPUExecutionProvider" else False):
+            return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):
             raise

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import hugepages
 from runtime.bench import RunResult, _peer_model_path
 from runtime.errors import MedusaError
 from runtime.onnxrt import _bind, _options, _ort
@@ -170,11 +171,14 @@ def peer_model_dir(gen, peer_model: str | None = None) -> Path:
     return build_peer_model(_peer_model_path(gen, peer_model), precision)
 
 
+PEER_WEIGHTS = "onnxruntime-genai's model"
+
+
 class OrtGenaiPeer:
     """Decoding with onnxruntime-genai (``og.Generator``): greedy, plain or with its n-gram speculation,
     or plain sampling at a temperature."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, huge_pages: bool = False):
         og = import_genai()
         self.og = og
         self.version = f"onnxruntime-genai {og.__version__}"
@@ -187,7 +191,10 @@ class OrtGenaiPeer:
             # so the cached folder serves every thread count
             options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
             config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        self.model = og.Model(config)
+        # as its users run it by default; huge_pages: its weights backed by huge pages as ours are
+        # (runtime.hugepages), for a like-for-like run
+        with hugepages.backing(PEER_WEIGHTS, on=huge_pages) as self.huge_pages:
+            self.model = og.Model(config)
         self.ngram_unavailable = self._ngram_support()
 
     def _ngram_support(self) -> str | None:

@@ -1,0 +1,86 @@
+"""runtime.hugepages: which memory it asks huge pages for, its switch, and that it never fails a load."""
+
+import numpy as np
+import pytest
+
+from runtime import hugepages
+from runtime.hugepages import HUGE, MIN_REGION, anonymous_regions, backing, new_ranges
+
+MAPS = """\
+55d0c0000000-55d0c0021000 r-xp 00000000 08:01 123 /usr/bin/python3
+55d0c1000000-55d0c9000000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0004000000 rw-p 00000000 00:00 0
+7f0004000000-7f0004100000 rw-p 00000000 00:00 0
+7f0010000000-7f0018000000 rw-s 00000000 00:05 77 /dev/shm/x
+7f0020000000-7f0028000000 r--p 00000000 08:01 99 /work/model.onnx.data
+7f0030000000-7f0038000000 rw-p 00000000 08:01 98 /work/cache.bin
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]
+"""
+
+
+def test_only_private_writable_anonymous_memory_and_the_heap_are_candidates():
+    regions = anonymous_regions(MAPS)
+    assert regions == {
+        (0x55D0C1000000, 0x55D0C9000000),  # [heap]
+        (0x7F0000000000, 0x7F0004000000),  # anonymous, 64 MiB
+        (0x7F0004000000, 0x7F0004100000),  # anonymous, 1 MiB
+    }  # not: code, shared memory, file mappings (the .data file), the stack
+
+
+def test_new_ranges_are_the_aligned_parts_of_regions_that_appeared():
+    before = {(0x7F0000000000, 0x7F0004000000)}
+    grown_heap = (0x55D0C1000000, 0x55D0C9000000)
+    unaligned = (0x7F1000000000 + 4096, 0x7F1000000000 + 4096 + 20 * HUGE)
+    small = (0x7F2000000000, 0x7F2000000000 + MIN_REGION - HUGE)
+    after = before | {grown_heap, unaligned, small}
+    got = new_ranges(before, after)
+    assert got == [
+        grown_heap,  # already aligned
+        (0x7F1000000000 + HUGE, 0x7F1000000000 + 20 * HUGE),  # the partial huge pages at both ends left out
+    ]  # the region that existed before and the one below MIN_REGION are left alone
+    assert all(a % HUGE == 0 and b % HUGE == 0 for a, b in got)
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("FALSE", False), ("1", True), ("", True)])
+def test_the_environment_switch(monkeypatch, value, on):
+    monkeypatch.setenv(hugepages.ENV, value)
+    assert hugepages.enabled() is on
+    with backing("x") as done:
+        pass
+    assert (done.skipped == f"{hugepages.ENV}=0") is (not on)
+
+
+def test_nothing_is_done_where_the_kernel_has_no_huge_pages(monkeypatch):
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "never")
+    with backing("x", on=True) as done:
+        pass
+    assert done.skipped == "transparent huge pages are 'never'" and done.mb == 0
+
+
+def test_a_failing_madvise_never_fails_the_load(monkeypatch):
+    if hugepages.thp_mode() not in ("madvise", "always"):
+        pytest.skip("no transparent huge pages on this machine")
+
+    def broken():
+        raise OSError("no libc here")
+
+    monkeypatch.setattr(hugepages, "_madvise", broken)
+    with backing("x", on=True) as done:
+        keep = np.ones(40 * HUGE // 8)  # noqa: F841  (a new region while the block runs)
+    assert done.skipped.startswith("madvise unavailable") and done.mb == 0
+
+
+def test_memory_allocated_inside_the_block_is_backed_by_huge_pages():
+    """On this Linux machine (THP in madvise mode): 80 MiB that malloc maps inside the block (a
+    bytearray: numpy would ask for huge pages itself) is marked, and the kernel moves it into huge
+    pages; its contents are unchanged."""
+    if hugepages.thp_mode() != "madvise":
+        pytest.skip("transparent huge pages are not in madvise mode on this machine")
+    n = 40 * HUGE
+    with backing("test buffer", on=True) as done:
+        buf = bytearray(n)
+        buf[::4096] = bytes(range(256)) * (n // 4096 // 256)  # a write on every 4 KiB page: small pages now
+    assert done.skipped is None and done.regions >= 1 and done.mb >= 64
+    assert done.collapsed_mb >= 32  # what AnonHugePages gained, not what was asked
+    assert hugepages.RECORDS["test buffer"] is done
+    assert buf[4096 * 7] == 7 and buf[4096 * 7 + 1] == 0 and buf[-4096] == (n // 4096 - 1) % 256
