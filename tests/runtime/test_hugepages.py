@@ -84,3 +84,32 @@ def test_memory_allocated_inside_the_block_is_backed_by_huge_pages():
     assert done.collapsed_mb >= 32  # what AnonHugePages gained, not what was asked
     assert hugepages.RECORDS["test buffer"] is done
     assert buf[4096 * 7] == 7 and buf[4096 * 7 + 1] == 0 and buf[-4096] == (n // 4096 - 1) % 256
+
+
+def test_the_time_budget_stops_collapsing_and_leaves_the_rest_marked(monkeypatch):
+    if hugepages.thp_mode() != "madvise":
+        pytest.skip("transparent huge pages are not in madvise mode on this machine")
+    calls = []
+    real = hugepages._madvise()
+
+    def counting(addr, length, advice):
+        calls.append((advice, length))
+        return real(addr, length, advice)
+
+    monkeypatch.setattr(hugepages, "_madvise", lambda: counting)
+    monkeypatch.setattr(hugepages, "BUDGET_S", 0.0)  # out of time before the first chunk
+    n = 40 * HUGE
+    with backing("budget", on=True) as done:
+        buf = bytearray(n)
+        buf[::4096] = b"\x01" * (n // 4096)
+    assert done.budget_hit and done.mb >= 64
+    assert [a for a, _ in calls] == [hugepages.MADV_HUGEPAGE] * done.regions  # marked, never collapsed
+    monkeypatch.setattr(hugepages, "BUDGET_S", 60.0)
+    monkeypatch.setattr(hugepages, "CHUNK", 8 * HUGE)
+    calls.clear()
+    with backing("in chunks", on=True) as done:
+        buf2 = bytearray(n)
+        buf2[::4096] = b"\x02" * (n // 4096)
+    collapses = [length for a, length in calls if a == hugepages.MADV_COLLAPSE]
+    assert not done.budget_hit and len(collapses) >= 2 and max(collapses) <= hugepages.CHUNK
+    assert buf[4096] == 1 and buf2[-4096] == 2
