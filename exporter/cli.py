@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "float16"),
         default=default("dtype"),
-        help="float dtype of weights, logits, hidden states and the KV cache (--precision fp16 is "
-        "the same as --dtype float16)",
+        help="float dtype of weights, logits, hidden states and the KV cache (default: float32, or what "
+        "--precision implies; --precision fp16 is the same as --dtype float16)",
     )
     p.add_argument(
         "--opset",

@@ -332,8 +332,10 @@ class BatchEngine:
         if self._session is None:
             from runtime.onnxrt import _options, _session
 
+            # opened while sequences decode: its huge pages come on a background thread, not in their way
             session = _session(self._ort, self.folder / self.config.batch.file,
-                               _options(self._ort, self._threads, spin=True), self._providers)  # fmt: skip
+                               _options(self._ort, self._threads, spin=True), self._providers,
+                               huge_pages_background=True)  # fmt: skip
             if [i.name for i in session.get_inputs()] != list(self.config.batch.inputs):
                 raise ArtifactError(
                     f"{self.folder / self.config.batch.file}: graph inputs do not match medusa_config.json"

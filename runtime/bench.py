@@ -621,7 +621,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _huge_pages_mb() -> int:
-    """MB of our sessions' weights in huge pages (runtime.hugepages; 0 where off or refused)."""
+    """MB by which our sessions' collapses grew the process's huge pages (runtime.hugepages; 0 where
+    off or refused, or where THP ``always`` had put the weights in huge pages already)."""
     from runtime import hugepages
     from runtime.peers import PEER_WEIGHTS
 
@@ -631,7 +632,8 @@ def _huge_pages_mb() -> int:
 def _summarize_ortgenai(res: dict, og, per_prompt: list[dict]) -> None:
     """onnxruntime-genai's graph and its n-gram run (or why there is none) into ``res``."""
     res["peer_model"] = str(og.model_dir)
-    res["huge_pages"] = {"ours": _huge_pages_mb(), "peer": og.huge_pages.collapsed_mb}
+    res["huge_pages"] = {"ours": _huge_pages_mb(), "peer": og.huge_pages.collapsed_mb,
+                         "peer_asked": og.huge_pages.skipped != "off"}  # fmt: skip
     if og.ngram_unavailable:
         res.update(peer_ngram_tokens_per_s=None, peer_ngram_unavailable=og.ngram_unavailable, medusa_vs_peer_ngram=None)
         for t in res["trees"].values():
@@ -758,8 +760,12 @@ def _peer_report(res: dict) -> list[str]:
     if "huge_pages" in res:
         hp = res["huge_pages"]
         lines.append(
-            f"  huge pages (runtime.hugepages): ours {hp['ours']} MB, the peer's {hp['peer']} MB"
-            + ("" if hp["peer"] else " (as its users run it; --peer-huge-pages gives it the same)")
+            f"  huge pages (runtime.hugepages, MB collapsed): ours {hp['ours']}, the peer's {hp['peer']}"
+            + (
+                " (--peer-huge-pages)"
+                if hp.get("peer_asked")
+                else " (as its users run it; --peer-huge-pages gives it the same)"
+            )
         )
     if not res["threads"]:
         lines.append("  (no --threads: each library chose its thread count; pass --threads for a like-for-like run)")

@@ -36,6 +36,7 @@ import numpy as np
 
 from runtime.errors import ConfigError
 from runtime.lookup import LAM_PRIOR, ROWS, row_label
+from runtime.paths import read_text
 from runtime.tree import Tree, _tree_from_parents
 
 DYNAMIC = "dynamic"
@@ -94,7 +95,7 @@ class CostModel:
     def from_profile(cls, path: str | Path) -> CostModel:
         """From a ``medusa-run profile`` output (``relative_cost`` by N, ``heads_relative_cost``)."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(read_text(path))
             rel = {int(k): float(v) for k, v in data["relative_cost"].items()}
             heads = float(data.get("heads_relative_cost", DEFAULT_HEADS_COST))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -232,7 +233,7 @@ def parse_dynamic(
 
 def read_calibration(path: str | Path) -> Calibration:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_text(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the draft calibration: {e}") from None
     if not isinstance(data, dict):

@@ -7,8 +7,8 @@ where memory gets huge pages only if the program asks, and ONNX Runtime does not
 session is created, :func:`backing` asks for them on the anonymous memory that appeared while it
 loaded (its weights, prepacked or not): ``madvise(MADV_HUGEPAGE)`` marks the ranges, and
 ``madvise(MADV_COLLAPSE)`` (Linux 6.1+) moves the pages already there into huge pages at once
-instead of leaving it to ``khugepaged`` (which scans ~16 MB every 10 s), 1 GiB at a time for at most
-BUDGET_S seconds (a large model's remainder is left marked, for ``khugepaged``). The data and the
+instead of leaving it to ``khugepaged`` (which scans ~16 MB every 10 s), 256 MiB at a time, starting
+no chunk after BUDGET_S seconds (a large model's remainder is left marked, for ``khugepaged``). The data and the
 results do not change, only where the pages lie.
 
 Measured on this project's 2-core machine (kernel 6.18, THP ``madvise``, SmolLM2-135M fp32 fused
@@ -16,23 +16,24 @@ graph, 2 threads, 2026-12-01; ``docs/results/huge_pages``): ``python -m scripts.
 (processes alternated, 3 each) plain decoding 1.057x, Medusa 1.026x, load 3.9 s instead of 1.5 s
 (the collapse copies ~550 MB: 0.3 to 9 s in this VM, by how fast the host hands out fresh memory); the 16-prompt bench against onnxruntime-genai moved our plain decoding
 from 0.92x its plain to 1.02x (and 0.95x when the peer is given huge pages too, ``--peer-huge-pages``:
-it gains as much). At the median the load cost pays back after about a minute of decoding, so a
+it gains as much). Resident memory after load and one generate: 660 MB either way. At the median the load cost pays back after about a minute of decoding, so a
 short-lived process that generates one answer may prefer it off.
 
 Off with ``MEDUSA_TRT_HUGE_PAGES=0``. Elsewhere (not Linux, THP ``never``, an older kernel without
 MADV_COLLAPSE, memory that cannot be collapsed) it does what the kernel allows, at worst nothing, and
-never fails a load: the outcome is logged at INFO.
+never fails a load: the outcome is logged at INFO (``medusa-run -v`` shows it), except when turned off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
+import functools
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,12 +41,23 @@ from dataclasses import dataclass
 log = logging.getLogger("medusa_trt.runtime")
 
 ENV = "MEDUSA_TRT_HUGE_PAGES"
-HUGE = 2 << 20  # x86-64 / arm64 (4 KiB base pages) PMD size
+HUGE_SIZE_FILE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"
+
+
+def _huge_size() -> int:
+    try:
+        with open(HUGE_SIZE_FILE) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20  # x86-64, and arm64 with 4 KiB base pages
+
+
+HUGE = _huge_size()  # the size of one transparent huge page (2 MiB on x86-64)
 MIN_REGION = 8 * HUGE  # smaller regions are not worth a system call (tiny test graphs, buffers)
-# collapsed a chunk at a time, so that the time budget can stop between chunks; large chunks, as each
-# call also drains every CPU's page lists
-CHUNK = 512 * HUGE
-BUDGET_S = 10.0  # at most this long at load; the rest stays marked for khugepaged (in the background)
+# collapsed a chunk at a time, so that the time budget can stop between chunks (each call also drains
+# every CPU's page lists, so not too small)
+CHUNK = 128 * HUGE
+BUDGET_S = 10.0  # per session: no chunk starts after this; the rest stays marked for khugepaged
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -65,9 +77,10 @@ class Backed:
     seconds: float = 0.0
     skipped: str | None = None
     budget_hit: bool = False
+    collapse_error: str | None = None  # the last MADV_COLLAPSE failure (EINVAL: a kernel before 6.1)
 
 
-# what backing() did for each file it wrapped, latest last (the bench reports the backbone's)
+# what backing() did for each file it wrapped, by name (the bench sums ours)
 RECORDS: dict[str, Backed] = {}
 
 
@@ -132,8 +145,9 @@ def huge_mb() -> int:
     return 0
 
 
+@functools.cache
 def _madvise():
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on (glibc, musl)
     fn = libc.madvise
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -141,10 +155,12 @@ def _madvise():
 
 
 @contextlib.contextmanager
-def backing(what: str, on: bool | None = None) -> Iterator[Backed]:
+def backing(what: str, on: bool | None = None, background: bool = False) -> Iterator[Backed]:
     """Around the creation of sessions: afterwards, the anonymous memory that appeared meanwhile
     is backed by huge pages (module docstring). ``on``: None follows ``MEDUSA_TRT_HUGE_PAGES``.
-    Yields the :class:`Backed` record it fills in at the end."""
+    ``background``: collapse on a daemon thread, for a session opened while others are serving
+    (the caller goes on at once; the pages move while it runs). Yields the :class:`Backed` record,
+    filled in when the work is done."""
     done = RECORDS[what] = Backed()
     if not (enabled() if on is None else on):
         done.skipped = f"{ENV}=0" if on is None else "off"
@@ -154,44 +170,71 @@ def backing(what: str, on: bool | None = None) -> Iterator[Backed]:
     if mode not in ("madvise", "always"):
         done.skipped = "no transparent huge pages here" if mode is None else f"transparent huge pages are {mode!r}"
         yield done
-        log.debug("huge pages for %s: %s", what, done.skipped)
+        log.info("huge pages for %s: none (%s)", what, done.skipped)
         return
     try:
         before = anonymous_regions(_read_maps())
     except OSError as e:
         done.skipped = f"cannot read /proc/self/maps ({e})"
         yield done
+        log.info("huge pages for %s: none (%s)", what, done.skipped)
         return
     yield done
+    try:
+        ranges = new_ranges(before, anonymous_regions(_read_maps()))
+    except OSError as e:
+        done.skipped = f"cannot read /proc/self/maps ({e})"
+        log.info("huge pages for %s: none (%s)", what, done.skipped)
+        return
+    if background:
+        threading.Thread(target=_back, args=(what, ranges, done), name="medusa-huge-pages", daemon=True).start()
+    else:
+        _back(what, ranges, done)
+
+
+def _back(what: str, ranges: list[tuple[int, int]], done: Backed) -> None:
+    """Mark ``ranges`` for huge pages and collapse them, CHUNK at a time within BUDGET_S; fills ``done``."""
     t, huge_before = time.perf_counter(), huge_mb()
     try:
         madvise = _madvise()
         marked = []
-        for a, b in new_ranges(before, anonymous_regions(_read_maps())):
-            if madvise(a, b - a, MADV_HUGEPAGE) != 0:
-                continue  # not a range the kernel gives huge pages to
-            marked.append((a, b))
+        for a, b in ranges:
+            if madvise(a, b - a, MADV_HUGEPAGE) == 0:
+                marked.append((a, b))  # else: not a range the kernel gives huge pages to
         for a, b in marked:
             for lo in range(a, b, CHUNK):
-                if time.perf_counter() - t > BUDGET_S:
-                    done.budget_hit = True
-                    break
                 hi = min(b, lo + CHUNK)
                 # EINVAL before Linux 6.1; EAGAIN (pages busy) is worth one retry; ENOMEM: no free huge pages
                 for _ in range(2):
-                    if madvise(lo, hi - lo, MADV_COLLAPSE) == 0 or ctypes.get_errno() != errno.EAGAIN:
+                    if time.perf_counter() - t > BUDGET_S:
+                        done.budget_hit = True
                         break
+                    if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+                        break
+                    err = ctypes.get_errno()
+                    done.collapse_error = errno.errorcode.get(err, str(err))
+                    if err != errno.EAGAIN:
+                        break
+                if done.budget_hit:
+                    break
+            if done.budget_hit:
+                break
         done.regions, done.mb = len(marked), sum(b - a for a, b in marked) >> 20
         # what the process gained: adjacent marked mappings merge, so per-mapping counts would
         # mix in earlier sessions' pages
         done.collapsed_mb = max(0, huge_mb() - huge_before) if marked else 0
     except (OSError, AttributeError) as e:  # no libc / no madvise: nothing more to do
         done.skipped = f"madvise unavailable ({e})"
+        log.info("huge pages for %s: none (%s)", what, done.skipped)
     done.seconds = time.perf_counter() - t
     if done.mb:
+        notes = []
+        if done.budget_hit:
+            notes.append(f"the {BUDGET_S:.0f} s budget ran out: khugepaged does the rest in the background")
+        if done.collapse_error and done.collapsed_mb < done.mb:
+            notes.append(f"the kernel refused some: {done.collapse_error}")
         log.info(
-            "huge pages for %s: %d MB marked, %d MB of it in 2 MiB pages after %.1f s%s (%s=0: off)",
-            what, done.mb, done.collapsed_mb, done.seconds,
-            f" (the {BUDGET_S:.0f} s budget ran out: khugepaged does the rest in the background)"
-            if done.budget_hit else "", ENV,
+            "huge pages for %s: %d MB marked, %d MB of it in %d KiB pages after %.1f s%s (%s=0: off)",
+            what, done.mb, done.collapsed_mb, HUGE >> 10, done.seconds,
+            f" ({'; '.join(notes)})" if notes else "", ENV,
         )  # fmt: skip

@@ -52,12 +52,14 @@ def choose_providers(device: str = "auto") -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
 
 
-def _session(ort, path: Path, options, providers):
+def _session(ort, path: Path, options, providers, huge_pages_background: bool = False):
     """An InferenceSession of ``path``; a file ONNX Runtime cannot load (truncated, corrupt, not
     ONNX) is an ArtifactError naming it, not ONNX Runtime's InvalidProtobuf. On the CPU its
-    weights are then backed by huge pages (runtime.hugepages; ``MEDUSA_TRT_HUGE_PAGES=0``: off)."""
+    weights are then backed by huge pages (runtime.hugepages; ``MEDUSA_TRT_HUGE_PAGES=0``: off), on a
+    background thread with ``huge_pages_background`` (a session opened while others serve)."""
     try:
-        with hugepages.backing(path.name, on=None if providers[0] == "CPUExecutionProvider" else False):
+        on = None if providers[0] == "CPUExecutionProvider" else False
+        with hugepages.backing(path.name, on=on, background=huge_pages_background):
             return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):

@@ -21,16 +21,19 @@ def utf8(raw: bytes, path: str | os.PathLike, line: int | None = None, error: ty
     """``raw`` (a whole file, or its line ``line``) decoded as UTF-8 (a leading UTF-8 byte-order
     mark is dropped); ``error`` (a ConfigError by default) naming the file, the line and the byte
     otherwise, instead of a UnicodeDecodeError traceback."""
+    sig = line in (None, 1)
     try:
-        return raw.decode("utf-8-sig" if line in (None, 1) else "utf-8")
+        return raw.decode("utf-8-sig" if sig else "utf-8")
     except UnicodeDecodeError as e:
         from runtime.errors import ConfigError
 
-        at = line if line is not None else raw.count(b"\n", 0, e.start) + 1
+        # utf-8-sig counts from after the byte-order mark it dropped
+        start = e.start + (3 if sig and raw.startswith(b"\xef\xbb\xbf") else 0)
+        at = line if line is not None else raw.count(b"\n", 0, start) + 1
         bom = (line in (None, 1)) and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
         hint = " (it starts with a UTF-16 byte-order mark)" if bom else ""
         raise (error or ConfigError)(
-            f"{path}: line {at} is not UTF-8 text (byte {raw[e.start]:#04x}){hint}: save the file as UTF-8"
+            f"{path}: line {at} is not UTF-8 text (byte {raw[start]:#04x}){hint}: save the file as UTF-8"
         ) from None
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from runtime.errors import MedusaError
+from training.files import read_text
 
 
 def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: str = "") -> Path:
@@ -13,9 +14,9 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     cfg_path = heads_dir / "medusa_heads.json"
     if not cfg_path.is_file():
         raise MedusaError(f"{cfg_path} does not exist: train the heads first")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = json.loads(read_text(cfg_path))
     meta = cfg["meta"]
-    records = [json.loads(line) for line in Path(data).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in read_text(Path(data)).splitlines() if line.strip()]
     temps = sorted({r.get("temperature", "unknown") for r in records}, key=str)
     tokens = sum(len(r["response_ids"]) for r in records)
     eos = sum(r.get("finish") == "eos" for r in records)

@@ -32,6 +32,7 @@ import numpy as np
 
 from exporter.cli import SHIPPED_HEADS
 from runtime.errors import MedusaError
+from training.files import read_text
 
 log = logging.getLogger("medusa_trt.training")
 
@@ -261,7 +262,7 @@ def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile:
 def recorded_accuracy(tree_file: Path) -> tuple[np.ndarray, str]:
     """(acc[k][r], where it was measured) from a tree file that ``select-tree`` wrote."""
     try:
-        doc = json.loads(Path(tree_file).read_text())
+        doc = json.loads(read_text(Path(tree_file)))
         acc = np.asarray(doc["calibration_accuracy"]["rank_accuracy"], dtype=np.float64)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise MedusaError(

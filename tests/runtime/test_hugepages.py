@@ -81,6 +81,8 @@ def test_memory_allocated_inside_the_block_is_backed_by_huge_pages():
         buf = bytearray(n)
         buf[::4096] = bytes(range(256)) * (n // 4096 // 256)  # a write on every 4 KiB page: small pages now
     assert done.skipped is None and done.regions >= 1 and done.mb >= 64
+    if done.collapse_error in ("EINVAL", "ENOMEM") and done.collapsed_mb == 0:
+        pytest.skip(f"this kernel cannot collapse now ({done.collapse_error}: before Linux 6.1, or no free huge pages)")
     assert done.collapsed_mb >= 32  # what AnonHugePages gained, not what was asked
     assert hugepages.RECORDS["test buffer"] is done
     assert buf[4096 * 7] == 7 and buf[4096 * 7 + 1] == 0 and buf[-4096] == (n // 4096 - 1) % 256
@@ -113,3 +115,28 @@ def test_the_time_budget_stops_collapsing_and_leaves_the_rest_marked(monkeypatch
     collapses = [length for a, length in calls if a == hugepages.MADV_COLLAPSE]
     assert not done.budget_hit and len(collapses) >= 2 and max(collapses) <= hugepages.CHUNK
     assert buf[4096] == 1 and buf2[-4096] == 2
+
+
+def test_a_background_collapse_fills_the_record_later():
+    if hugepages.thp_mode() != "madvise":
+        pytest.skip("transparent huge pages are not in madvise mode on this machine")
+    import time
+
+    n = 40 * HUGE
+    with backing("background", on=True, background=True) as done:
+        buf = bytearray(n)
+        buf[::4096] = b"\x03" * (n // 4096)
+    deadline = time.time() + 30
+    while done.seconds == 0.0 and time.time() < deadline:  # the thread sets seconds last
+        time.sleep(0.01)
+    assert done.mb >= 64 and done.seconds > 0
+    assert buf[4096 * 5] == 3
+
+
+def test_the_utf8_error_names_the_line_and_byte_after_a_byte_order_mark(tmp_path):
+    from runtime.errors import ConfigError
+    from runtime.paths import utf8
+
+    with pytest.raises(ConfigError, match=r"f.jsonl: line 2 is not UTF-8 text \(byte 0xff\)"):
+        utf8(b"\xef\xbb\xbfab\n\xffc", "f.jsonl")
+    assert utf8(b"\xef\xbb\xbfab", "f") == "ab"
