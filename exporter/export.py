@@ -414,7 +414,7 @@ def export_heads(
 def _versions() -> dict:
     from importlib import metadata
 
-    out = {"python": sys.version.split()[0]}
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in (
         "medusa-trt",
         "torch",
@@ -445,9 +445,9 @@ def check_options(options: ExportOptions) -> None:
 
     # types and finiteness first (runtime/checks.py): the comparisons below then hold
     checks.integer("--opset", options.opset)
-    options.external_data_threshold_mb = checks.real(
-        "--external-data-threshold-mb", options.external_data_threshold_mb, 0
-    )
+    threshold_mb = checks.real("--external-data-threshold-mb", options.external_data_threshold_mb, 0)
+    assert threshold_mb is not None  # not optional: checks.real returns a float or raises
+    options.external_data_threshold_mb = threshold_mb
     checks.integer("--max-context", options.max_context, 1, optional=True, rule=">= 1")
     checks.flag("force", options.force)
     checks.flag("validate", options.validate)
@@ -621,7 +621,9 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
 
         tokenizer = AutoTokenizer.from_pretrained(str(options.source_model))
 
-    dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
+    dtype_name = options.dtype
+    assert dtype_name is not None  # set by check_options
+    dtype = {"float32": torch.float32, "float16": torch.float16}[dtype_name]
     from exporter.step import cast_module
 
     model = cast_module(model, dtype)
@@ -646,7 +648,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         if options.graph == "fused":
             files.update(
                 export_fused_backbone(
-                    model, tmp / BACKBONE_FILE, options.dtype, spec.max_context, options.external_data_threshold_mb
+                    model, tmp / BACKBONE_FILE, dtype_name, spec.max_context, options.external_data_threshold_mb
                 )
             )
         else:
@@ -680,7 +682,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                 model=spec,
                 backbone=GraphSpec(BACKBONE_FILE, b_in, b_out, b_axes),
                 heads=GraphSpec(HEADS_FILE, h_in, h_out, h_axes),
-                dtype=options.dtype,
+                dtype=dtype_name,
                 opset=options.opset if options.graph == "portable" else FUSED_OPSET,
                 flavour=options.graph,
                 precision="fp16" if options.dtype == "float16" else "fp32",  # quantized below, after validation
@@ -798,9 +800,11 @@ def _write_batched(model, folder: Path, config, options: ExportOptions, file: st
     from exporter.fused import FusedGraphError, write_batch_graph
     from exporter.validate import validate_batch_graph
 
+    dtype = options.dtype
+    assert dtype is not None  # set by check_options (export_artifact called it)
     try:
         with progress(f"writing {file} ({what}; weights shared with {BACKBONE_FILE})"):
-            files = write_batch_graph(model, folder, BACKBONE_FILE, options.dtype, config.model.max_context,
+            files = write_batch_graph(model, folder, BACKBONE_FILE, dtype, config.model.max_context,
                                       folded=folded)  # fmt: skip
     except FusedGraphError as e:
         log.warning("no %s: %s", file, e)
@@ -808,7 +812,7 @@ def _write_batched(model, folder: Path, config, options: ExportOptions, file: st
     config.provenance["files"].update(files)
     if options.validate:
         with progress(f"validating {file} against {BACKBONE_FILE}"):
-            report = validate_batch_graph(folder, BACKBONE_FILE, file, options.dtype, config.model.max_context,
+            report = validate_batch_graph(folder, BACKBONE_FILE, file, dtype, config.model.max_context,
                                           threads=options.validation_threads, folded=bool(folded))  # fmt: skip
         config.provenance["fold_validation" if folded else "batch_validation"] = report.summary()
     return True
@@ -862,8 +866,8 @@ def _temporaries_in(folder: Path) -> Iterator[None]:
 def _owner_alive(folder: Path) -> bool:
     """Whether the export that made ``folder`` may still be running."""
     try:
-        pid, host = (folder / OWNER_FILE).read_text().split()
-        pid = int(pid)
+        pid_text, host = (folder / OWNER_FILE).read_text().split()
+        pid = int(pid_text)
     except (OSError, ValueError):  # no owner file (yet, or an older exporter's): alive while fresh
         try:
             return time.time() - folder.stat().st_mtime < STALE_UNOWNED_S

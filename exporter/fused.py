@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -440,7 +441,7 @@ def _batched_attention(g: _Graph, qkv, i, nq, nkv, D, scale, bias, past_k, past_
     p = f"model.layers.{i}/battn"
     group = nq // nkv
     q, k, v = g.op("Split", [qkv, g.const(f"{p}/qkv_sizes", [nq * D, nkv * D, nkv * D])], 3, name=f"{p}/split", axis=-1)
-    rot = {"domain": MS_DOMAIN, "interleaved": 0}
+    rot: dict[str, Any] = {"domain": MS_DOMAIN, "interleaved": 0}  # op()'s domain plus a node attribute
     q = g.op("RotaryEmbedding", [q, "position_ids", "cos_cache", "sin_cache"], name=f"{p}/rope_q", num_heads=nq, **rot)
     k = g.op("RotaryEmbedding", [k, "position_ids", "cos_cache", "sin_cache"], name=f"{p}/rope_k", num_heads=nkv, **rot)
     q = g.op("Reshape", [q, g.const(f"{p}/q5", [0, 0, nkv, group, D])])
@@ -524,7 +525,7 @@ def _folded_attention(g: _Graph, qkv, i, nq, nkv, D, scale, fold, past_k, past_v
     h = g.h
     p = f"model.layers.{i}/fattn"
     q, k, v = g.op("Split", [qkv, g.const(f"{p}/qkv_sizes", [nq * D, nkv * D, nkv * D])], 3, name=f"{p}/split", axis=-1)
-    rot = {"domain": MS_DOMAIN, "interleaved": 0}
+    rot: dict[str, Any] = {"domain": MS_DOMAIN, "interleaved": 0}  # op()'s domain plus a node attribute
     q = g.op("RotaryEmbedding", [q, fold["pos"], "cos_cache", "sin_cache"], name=f"{p}/rope_q", num_heads=nq, **rot)
     k = g.op("RotaryEmbedding", [k, fold["pos"], "cos_cache", "sin_cache"], name=f"{p}/rope_k", num_heads=nkv, **rot)
     zero = "const/zero"

@@ -36,6 +36,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +110,12 @@ class _DraftProjection(nn.Module):
         """``weight``'s draft rows. Gathering them costs ~3x the projection itself on a CPU, so
         outside tracing and autograd the gathered copy is kept until the weight (its storage or
         in-place version) or the draft vocabulary changes; the exported graph folds it to a constant."""
+        ids = self.draft_vocab
+        assert ids is not None  # callers project onto draft rows only when a draft vocabulary is set
         if torch.jit.is_tracing() or (torch.is_grad_enabled() and weight.requires_grad):
-            return weight.index_select(0, self.draft_vocab)
+            return weight.index_select(0, ids)
         # the cache holds the weight and ids themselves, so a reused address cannot be mistaken for them
         c = self.__dict__.get("_draft_rows_cache")
-        ids = self.draft_vocab
         if not (c and c[0] is weight and c[1] == weight._version and c[2] is ids and c[3] == ids._version):
             c = (weight, weight._version, ids, ids._version, weight.index_select(0, ids))
             self.__dict__["_draft_rows_cache"] = c
@@ -121,11 +123,13 @@ class _DraftProjection(nn.Module):
 
     def _draft_logits(self, blocks_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Project onto the draft rows only; every other token gets the lowest finite logit."""
+        ids = self.draft_vocab
+        assert ids is not None  # callers project onto draft rows only when a draft vocabulary is set
         sub = blocks_out @ self._draft_rows(weight).t()
         if bias is not None:
-            sub = sub + bias.index_select(0, self.draft_vocab)
+            sub = sub + bias.index_select(0, ids)
         out = sub.new_full((*sub.shape[:-1], weight.shape[0]), torch.finfo(sub.dtype).min)
-        return out.scatter(-1, self.draft_vocab.expand(*sub.shape[:-1], -1), sub)
+        return out.scatter(-1, ids.expand(*sub.shape[:-1], -1), sub)
 
 
 class MedusaHeads(_DraftProjection):
@@ -140,7 +144,7 @@ class MedusaHeads(_DraftProjection):
             if not config.shared_lm_head:
                 proj = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
                 if lm_head is not None:  # official init: start from the backbone's projection
-                    proj.weight.data.copy_(lm_head.weight.data)
+                    proj.weight.data.copy_(cast(torch.Tensor, lm_head.weight).data)
                 layers.append(proj)
             heads.append(nn.Sequential(*layers))
         # Heads are this module's own children "0", "1", ...: state-dict keys are the official
@@ -157,7 +161,7 @@ class MedusaHeads(_DraftProjection):
     @property
     def heads(self) -> list[nn.Sequential]:
         """The K heads, in order: each ``num_layers`` ResBlocks (+ its own projection)."""
-        return [self._modules[str(i)] for i in range(self.config.num_heads)]
+        return [cast(nn.Sequential, self._modules[str(i)]) for i in range(self.config.num_heads)]
 
     def blocks(self, hidden: torch.Tensor) -> torch.Tensor:
         """Residual blocks only (no vocabulary projection): [..., H] -> [..., K, H]."""
@@ -170,11 +174,14 @@ class MedusaHeads(_DraftProjection):
                 raise ValueError("these Medusa heads share the backbone's lm_head: pass it")
             # One projection for all K heads: the lm_head weight is read once.
             if self.draft_vocab is not None:
-                return self._draft_logits(self.blocks(hidden), lm_head.weight, getattr(lm_head, "bias", None))
+                weight = cast(torch.Tensor, lm_head.weight)
+                return self._draft_logits(self.blocks(hidden), weight, getattr(lm_head, "bias", None))
             return lm_head(self.blocks(hidden))
         if self.draft_vocab is not None:
             n = self.config.num_layers
-            return torch.stack([self._draft_logits(h[:n](hidden), h[n].weight, None) for h in self.heads], dim=-2)
+            return torch.stack(
+                [self._draft_logits(h[:n](hidden), cast(torch.Tensor, h[n].weight), None) for h in self.heads], dim=-2
+            )
         return torch.stack([h(hidden) for h in self.heads], dim=-2)
 
 
@@ -221,7 +228,7 @@ class HydraHeads(_DraftProjection):
 
     @property
     def heads(self) -> list[nn.Module]:
-        return [self._modules[str(k)] for k in range(self.config.num_heads)]
+        return [cast(nn.Module, self._modules[str(k)]) for k in range(self.config.num_heads)]
 
     def _embed_rows(self, embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(table, map): the embedding rows a path token reads, and token id -> row (None: the
@@ -253,12 +260,13 @@ class HydraHeads(_DraftProjection):
         outs = []
         for k, head in enumerate(self.heads):
             x = torch.cat([hidden, e[:, : k + 1].flatten(1)], dim=-1)
-            outs.append(head.blocks(hidden + F.silu(head.input(x))))
+            head_input, head_blocks = cast(nn.Linear, head.input), cast(nn.Sequential, head.blocks)
+            outs.append(head_blocks(hidden + F.silu(head_input(x))))
         return torch.stack(outs, dim=-2)
 
     def project(self, x: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         if self.draft_vocab is not None:
-            return self._draft_logits(x, lm_head.weight, getattr(lm_head, "bias", None))
+            return self._draft_logits(x, cast(torch.Tensor, lm_head.weight), getattr(lm_head, "bias", None))
         return lm_head(x)
 
     def forward(self, hidden, path_ids, path_len, lm_head: nn.Module, embed: torch.Tensor) -> torch.Tensor:
@@ -315,6 +323,7 @@ def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> He
     vocab = sd[f"0.{num_layers}.weight"].shape[0] if has_proj else -1
     for key, t in sd.items():
         m = _KEY.match(key)
+        assert m is not None  # every key matched _KEY in the loop above
         kind = m.group(3)
         expect = {"linear.weight": (hidden, hidden), "linear.bias": (hidden,), "weight": (vocab, hidden)}[kind]
         if tuple(t.shape) != expect:
@@ -374,7 +383,7 @@ def load_heads(
     hidden_size: int | None = None,
     vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
-) -> MedusaHeads:
+) -> MedusaHeads | HydraHeads:
     """Load heads from a file or folder in any supported layout (see module doc).
 
     ``hidden_size`` / ``vocab_size`` are the backbone's: a mismatch is a CheckpointError
@@ -394,8 +403,8 @@ def load_heads(
         elif (p / "medusa_lm_head.pt").is_file():
             p = p / "medusa_lm_head.pt"
         elif (p / "config.json").is_file():
-            cfg = _read_json(p / "config.json")
-            if "medusa_num_heads" not in cfg:
+            model_cfg = _read_json(p / "config.json")
+            if "medusa_num_heads" not in model_cfg:
                 raise CheckpointError(
                     f"{p}: a model folder without Medusa heads (config.json has no 'medusa_num_heads'); "
                     f"expected {HEADS_WEIGHTS}, medusa_lm_head.pt/.safetensors or a Medusa-2 model"
@@ -458,7 +467,7 @@ def load_heads(
                 f"but the backbone's lm_head is [{vocab_size}, {hidden_size or cfg.hidden_size}]"
             )
     cfg.meta = {**meta, "layout": layout, "source": str(Path(path))}
-    heads = hydra if hydra is not None else MedusaHeads(cfg)
+    heads: MedusaHeads | HydraHeads = hydra if hydra is not None else MedusaHeads(cfg)
     heads.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
     if draft is not None:
         try:

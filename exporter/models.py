@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 from runtime.errors import MedusaError
 from runtime.paths import cache_dir
@@ -125,7 +126,7 @@ def _smollm2_folder() -> Path:
 def convert_smollm2(folder: Path) -> None:
     """GGUF (dequantized to float32) -> HF safetensors folder, written atomically."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = _gguf_path()
     _check_gguf(gguf)
@@ -138,7 +139,7 @@ def convert_smollm2(folder: Path) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.architectures = ["LlamaForCausalLM"]
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(cast(LlamaConfig, config))  # stubs: PreTrainedConfig; SmolLM2 is a Llama
         model.load_state_dict(src.state_dict(), strict=False)
         model.tie_weights()
         model.save_pretrained(str(tmp))

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from runtime.artifact import ArtifactConfig
 from runtime.errors import MedusaError
@@ -66,7 +67,7 @@ class ProgressPrinter:
 
 def _monitor(trt, printer: ProgressPrinter):
     """An ``IProgressMonitor`` forwarding to ``printer``; None where TensorRT has none."""
-    base = getattr(trt, "IProgressMonitor", None)
+    base: Any = getattr(trt, "IProgressMonitor", None)  # a class only known at run time
     if base is None:
         return None
 

@@ -139,7 +139,7 @@ def parse_trtexec(command: str | list[str]) -> TrtexecCommand:
         elif key == "--timingCacheFile":
             parsed.timing_cache = value
         elif key == "--memPoolSize":
-            parsed.mem_pool.update(p.split(":", 1) for p in value.split(","))
+            parsed.mem_pool.update(dict(p.split(":", 1) for p in value.split(",")))
         elif value:
             raise PlanError(f"unexpected trtexec option {key}={value}")
         else:

@@ -268,7 +268,9 @@ def _validate(
                 f"{worst.max_abs:.3g} vs {worst.tol:.3g})",
             )
         # top-1 of the verified logits (float16: against the float32 truth, within the logits' tolerance)
-        r = (ref32[0] if fp16 else ref[0]).astype(np.float32)
+        truth = ref32[0] if fp16 else ref[0]
+        assert truth is not None  # fp16: ref32 holds the float32 run's outputs
+        r = truth.astype(np.float32)
         g = got[0].astype(np.float32)
         if r.shape == g.shape and r.size:
             add(_top1_check(case, r, g, checks[0].tol))
@@ -295,8 +297,8 @@ def _validate(
             return
         # a draft vocabulary: compare the real logits (the lowest-value filler elsewhere would
         # make max|reference| and so the tolerance astronomically large), then require the filler
-        pick = lambda a: None if a is None else a[..., draft]
-        add(compare(case, f"{name}[draft]", pick(got), pick(ref), pick(ref32)))
+        ref32_draft = None if ref32 is None else ref32[..., draft]
+        add(compare(case, f"{name}[draft]", got[..., draft], ref[..., draft], ref32_draft))
         outside = np.ones(got.shape[-1], dtype=bool)
         outside[draft] = False
         wrong = int((got[..., outside] != np.finfo(got.dtype).min).sum()) if got.shape == ref.shape else -1
@@ -418,9 +420,9 @@ def validate_batch_graph(
     mask = np.broadcast_to(np.eye(n_max, dtype=bool), (B, n_max, n_max)).copy()
     lens = np.array([s[1] for s in seqs], np.int64)
     caches = [rng.standard_normal((B, kv, cap, head_dim)).astype(npdt) for _ in names]
-    for c in caches:  # entries past each sequence's length: loud, so that seeing them shows
+    for cache in caches:  # entries past each sequence's length: loud, so that seeing them shows
         for b, (_, length, *_rest) in enumerate(seqs):
-            c[b, :, length:] = 100.0
+            cache[b, :, length:] = 100.0
     for b, (_, length, n, rel, m) in enumerate(seqs):
         ids[b, :n] = rng.integers(0, vocab, n)
         ids[b, n:] = ids[b, n - 1]
