@@ -80,7 +80,7 @@ class Backed:
     collapse_error: str | None = None  # the last MADV_COLLAPSE failure (EINVAL: a kernel before 6.1)
 
 
-# what backing() did for each file it wrapped, by name (the bench sums ours)
+# what backing() did for each file it wrapped, by path (the bench sums ours)
 RECORDS: dict[str, Backed] = {}
 
 
@@ -162,34 +162,42 @@ def backing(what: str, on: bool | None = None, background: bool = False) -> Iter
     (the caller goes on at once; the pages move while it runs). Yields the :class:`Backed` record,
     filled in when the work is done."""
     done = RECORDS[what] = Backed()
+    before = None
     if not (enabled() if on is None else on):
-        done.skipped = f"{ENV}=0" if on is None else "off"
-        yield done
-        return
-    mode = thp_mode() if sys.platform.startswith("linux") else None
-    if mode not in ("madvise", "always"):
-        done.skipped = "no transparent huge pages here" if mode is None else f"transparent huge pages are {mode!r}"
-        yield done
-        log.info("huge pages for %s: none (%s)", what, done.skipped)
-        return
-    try:
-        before = anonymous_regions(_read_maps())
-    except OSError as e:
-        done.skipped = f"cannot read /proc/self/maps ({e})"
-        yield done
-        log.info("huge pages for %s: none (%s)", what, done.skipped)
-        return
+        done.skipped = f"{ENV}=0" if on is None else "off"  # asked for: not logged
+    else:
+        mode = thp_mode() if sys.platform.startswith("linux") else None
+        if mode not in ("madvise", "always"):
+            _skip(
+                what, done, "no transparent huge pages here" if mode is None else f"transparent huge pages are {mode!r}"
+            )
+        else:
+            before = _regions(what, done)
     yield done
-    try:
-        ranges = new_ranges(before, anonymous_regions(_read_maps()))
-    except OSError as e:
-        done.skipped = f"cannot read /proc/self/maps ({e})"
-        log.info("huge pages for %s: none (%s)", what, done.skipped)
+    if before is None:
         return
+    after = _regions(what, done)
+    if after is None:
+        return
+    ranges = new_ranges(before, after)
     if background:
         threading.Thread(target=_back, args=(what, ranges, done), name="medusa-huge-pages", daemon=True).start()
     else:
         _back(what, ranges, done)
+
+
+def _skip(what: str, done: Backed, reason: str) -> None:
+    done.skipped = reason
+    log.info("huge pages for %s: none (%s)", what, reason)
+
+
+def _regions(what: str, done: Backed) -> set[tuple[int, int]] | None:
+    """:func:`anonymous_regions` of this process now; None (and ``done`` skipped) where unreadable."""
+    try:
+        return anonymous_regions(_read_maps())
+    except OSError as e:
+        _skip(what, done, f"cannot read /proc/self/maps ({e})")
+        return None
 
 
 def _back(what: str, ranges: list[tuple[int, int]], done: Backed) -> None:
@@ -201,21 +209,18 @@ def _back(what: str, ranges: list[tuple[int, int]], done: Backed) -> None:
         for a, b in ranges:
             if madvise(a, b - a, MADV_HUGEPAGE) == 0:
                 marked.append((a, b))  # else: not a range the kernel gives huge pages to
-        for a, b in marked:
-            for lo in range(a, b, CHUNK):
-                hi = min(b, lo + CHUNK)
-                # EINVAL before Linux 6.1; EAGAIN (pages busy) is worth one retry; ENOMEM: no free huge pages
-                for _ in range(2):
-                    if time.perf_counter() - t > BUDGET_S:
-                        done.budget_hit = True
-                        break
-                    if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
-                        break
-                    err = ctypes.get_errno()
-                    done.collapse_error = errno.errorcode.get(err, str(err))
-                    if err != errno.EAGAIN:
-                        break
-                if done.budget_hit:
+        chunks = [(lo, min(b, lo + CHUNK)) for a, b in marked for lo in range(a, b, CHUNK)]
+        for lo, hi in chunks:
+            # EINVAL before Linux 6.1; EAGAIN (pages busy) is worth one retry; ENOMEM: no free huge pages
+            for _ in range(2):
+                if time.perf_counter() - t > BUDGET_S:
+                    done.budget_hit = True
+                    break
+                if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+                    break
+                err = ctypes.get_errno()
+                done.collapse_error = errno.errorcode.get(err, str(err))
+                if err != errno.EAGAIN:
                     break
             if done.budget_hit:
                 break
@@ -224,8 +229,7 @@ def _back(what: str, ranges: list[tuple[int, int]], done: Backed) -> None:
         # mix in earlier sessions' pages
         done.collapsed_mb = max(0, huge_mb() - huge_before) if marked else 0
     except (OSError, AttributeError) as e:  # no libc / no madvise: nothing more to do
-        done.skipped = f"madvise unavailable ({e})"
-        log.info("huge pages for %s: none (%s)", what, done.skipped)
+        _skip(what, done, f"madvise unavailable ({e})")
     done.seconds = time.perf_counter() - t
     if done.mb:
         notes = []

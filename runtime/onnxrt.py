@@ -59,7 +59,7 @@ def _session(ort, path: Path, options, providers, huge_pages_background: bool = 
     background thread with ``huge_pages_background`` (a session opened while others serve)."""
     try:
         on = None if providers[0] == "CPUExecutionProvider" else False
-        with hugepages.backing(path.name, on=on, background=huge_pages_background):
+        with hugepages.backing(str(path), on=on, background=huge_pages_background):
             return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):

@@ -30,7 +30,7 @@ def utf8(raw: bytes, path: str | os.PathLike, line: int | None = None, error: ty
         # utf-8-sig counts from after the byte-order mark it dropped
         start = e.start + (3 if sig and raw.startswith(b"\xef\xbb\xbf") else 0)
         at = line if line is not None else raw.count(b"\n", 0, start) + 1
-        bom = (line in (None, 1)) and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+        bom = sig and raw.startswith((b"\xff\xfe", b"\xfe\xff"))
         hint = " (it starts with a UTF-16 byte-order mark)" if bom else ""
         raise (error or ConfigError)(
             f"{path}: line {at} is not UTF-8 text (byte {raw[start]:#04x}){hint}: save the file as UTF-8"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from runtime.errors import MedusaError
-from training.files import read_text
+from runtime.paths import read_text
 
 
 def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: str = "") -> Path:

@@ -107,7 +107,7 @@ def load_prompts(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
     if not path.is_file():
         raise MedusaError(f"prompt file {path} does not exist (expected an Alpaca-style JSON list)")
     from runtime import checks
-    from training.files import read_text
+    from runtime.paths import read_text
 
     try:
         rows = json.loads(read_text(path))

@@ -11,11 +11,6 @@ from runtime import paths
 from runtime.errors import ConfigError
 
 
-def read_text(path: Path) -> str:
-    """A whole text file as UTF-8 (:func:`runtime.paths.utf8`)."""
-    return paths.read_text(path)
-
-
 def text_lines(path: Path):
     """(line number, text) of each line of a UTF-8 file, decoded one line at a time."""
     path = Path(path)

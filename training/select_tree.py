@@ -32,7 +32,7 @@ import numpy as np
 
 from exporter.cli import SHIPPED_HEADS
 from runtime.errors import MedusaError
-from training.files import read_text
+from runtime.paths import read_text
 
 log = logging.getLogger("medusa_trt.training")
 

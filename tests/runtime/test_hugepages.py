@@ -18,6 +18,14 @@ MAPS = """\
 """
 
 
+def _small_pages(n: int, fill: bytes) -> bytearray:
+    """``n`` bytes that malloc maps (a bytearray: numpy would ask for huge pages itself), ``fill``
+    written one byte a 4 KiB page: every page exists, in small pages."""
+    buf = bytearray(n)
+    buf[::4096] = fill
+    return buf
+
+
 def test_only_private_writable_anonymous_memory_and_the_heap_are_candidates():
     regions = anonymous_regions(MAPS)
     assert regions == {
@@ -78,8 +86,7 @@ def test_memory_allocated_inside_the_block_is_backed_by_huge_pages():
         pytest.skip("transparent huge pages are not in madvise mode on this machine")
     n = 40 * HUGE
     with backing("test buffer", on=True) as done:
-        buf = bytearray(n)
-        buf[::4096] = bytes(range(256)) * (n // 4096 // 256)  # a write on every 4 KiB page: small pages now
+        buf = _small_pages(n, bytes(range(256)) * (n // 4096 // 256))
     assert done.skipped is None and done.regions >= 1 and done.mb >= 64
     if done.collapse_error in ("EINVAL", "ENOMEM") and done.collapsed_mb == 0:
         pytest.skip(f"this kernel cannot collapse now ({done.collapse_error}: before Linux 6.1, or no free huge pages)")
@@ -102,16 +109,14 @@ def test_the_time_budget_stops_collapsing_and_leaves_the_rest_marked(monkeypatch
     monkeypatch.setattr(hugepages, "BUDGET_S", 0.0)  # out of time before the first chunk
     n = 40 * HUGE
     with backing("budget", on=True) as done:
-        buf = bytearray(n)
-        buf[::4096] = b"\x01" * (n // 4096)
+        buf = _small_pages(n, b"\x01" * (n // 4096))
     assert done.budget_hit and done.mb >= 64
     assert [a for a, _ in calls] == [hugepages.MADV_HUGEPAGE] * done.regions  # marked, never collapsed
     monkeypatch.setattr(hugepages, "BUDGET_S", 60.0)
     monkeypatch.setattr(hugepages, "CHUNK", 8 * HUGE)
     calls.clear()
     with backing("in chunks", on=True) as done:
-        buf2 = bytearray(n)
-        buf2[::4096] = b"\x02" * (n // 4096)
+        buf2 = _small_pages(n, b"\x02" * (n // 4096))
     collapses = [length for a, length in calls if a == hugepages.MADV_COLLAPSE]
     assert not done.budget_hit and len(collapses) >= 2 and max(collapses) <= hugepages.CHUNK
     assert buf[4096] == 1 and buf2[-4096] == 2
@@ -124,8 +129,7 @@ def test_a_background_collapse_fills_the_record_later():
 
     n = 40 * HUGE
     with backing("background", on=True, background=True) as done:
-        buf = bytearray(n)
-        buf[::4096] = b"\x03" * (n // 4096)
+        buf = _small_pages(n, b"\x03" * (n // 4096))
     deadline = time.time() + 30
     while done.seconds == 0.0 and time.time() < deadline:  # the thread sets seconds last
         time.sleep(0.01)
