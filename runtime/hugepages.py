@@ -15,7 +15,7 @@ Measured on this project's 2-core machine (kernel 6.18, THP ``madvise``, SmolLM2
 graph, 2 threads, 2026-12-01; ``docs/results/huge_pages``): ``python -m scripts.bench_huge_pages``
 (processes alternated, 3 each) plain decoding 1.057x, Medusa 1.026x, load 3.9 s instead of 1.5 s
 (the collapse copies ~550 MB: 0.3 to 9 s in this VM, by how fast the host hands out fresh memory); the 16-prompt bench against onnxruntime-genai moved our plain decoding
-from 0.92x its plain to 1.02x (and 0.95x when the peer is given huge pages too, ``--peer-huge-pages``:
+from 0.92x its plain to 0.96-1.05x (three runs) (and 0.95x when the peer is given huge pages too, ``--peer-huge-pages``:
 it gains as much). Resident memory after load and one generate: 660 MB either way. At the median the load cost pays back after about a minute of decoding, so a
 short-lived process that generates one answer may prefer it off.
 
