@@ -30,6 +30,16 @@ import numpy as np
 from runtime.artifact import ModelSpec
 from runtime.errors import ContextLengthError, MedusaError
 
+# Cache positions a grown KV buffer keeps when its sequence ends (per sequence; the fused backend's
+# reset, the batch engine when every slot is free). A new buffer's pages are mapped on first touch,
+# and where the host backs them lazily that touch is slow: in this project's VM (its kernel reports
+# freed pages to the host, "Free page reporting enabled"), growing SmolLM2's buffer from 256 to 512
+# positions, an 11 MB copy, took 160-410 ms against 4 ms into pages already touched, and every
+# answer paid it while reset started small again (docs/results/README.md, "A cache buffer kept
+# between answers"). Past this size the buffer is given back: GroupQueryAttention's CPU kernel
+# costs a little more with a longer bound buffer.
+KEEP_CAPACITY = 2048
+
 
 class Backend(ABC):
     spec: ModelSpec

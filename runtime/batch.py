@@ -63,6 +63,7 @@ from typing import Any, cast
 
 import numpy as np
 
+import runtime.backend
 from runtime import checks
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
 from runtime.backend import Backend
@@ -592,12 +593,13 @@ class BatchEngine:
         log.debug("batch engine: cache capacity %d per slot", cap)
 
     def _shrink(self) -> None:
-        """Back to the starting capacity (called with every slot free, so no call is running);
-        the slots' lengths go to 0 with what they held (a stale length past the new capacity
-        would make the next growth copy from outside the buffer)."""
+        """Back to the starting capacity where the buffer grew past ``runtime.backend.KEEP_CAPACITY``
+        positions a slot (called with every slot free, so no call is running); the slots' lengths
+        go to 0 with what they held (a stale length past the new capacity would make the next
+        growth copy from outside the buffer)."""
         self._len[:] = [0] * self.slots
         start = min(MIN_CAPACITY, self.max_context)
-        if self.capacity > start:
+        if self.capacity > max(start, runtime.backend.KEEP_CAPACITY):
             self.kv = np.zeros((*self.kv.shape[:4], start, self.kv.shape[5]), self._dtype)
             self.capacity = start
             self._bindings.clear()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+import runtime.backend
 from runtime import hugepages
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig, cache_names
 from runtime.backend import Backend, DeviceCacheBackend, GraphBackend
@@ -329,7 +330,8 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
     the next step: the graph reads only ``cache_lengths`` entries plus the new ones.
 
     The buffer starts at ``START_CAPACITY`` positions and doubles when a call needs more (the
-    cached entries copied once per doubling, the cache rebound); ``reset`` starts small again.
+    cached entries copied once per doubling, the cache rebound); ``reset`` keeps it up to
+    ``runtime.backend.KEEP_CAPACITY`` positions (the next answer reuses its mapped pages), else starts small again.
     """
 
     def __init__(
@@ -427,7 +429,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.length = 0
         self._staged = 0
         self._hidden = None
-        if self.kv.shape[4] > START_CAPACITY:  # a new sequence starts small again
+        if self.kv.shape[4] > max(START_CAPACITY, runtime.backend.KEEP_CAPACITY):  # kept up to KEEP_CAPACITY
             self._alloc(START_CAPACITY)
 
     partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import runtime
+import runtime.backend
 from runtime import batch as rb
 from runtime.errors import ArtifactError, MedusaError
 
@@ -132,6 +133,7 @@ def test_sampled_requests_beside_others(batched):
 
 def test_the_cache_grows_by_doubling_and_shrinks_when_idle(tiny, gen, monkeypatch):
     monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
+    monkeypatch.setattr(runtime.backend, "KEEP_CAPACITY", 32)  # below what the sequences grow it to
     g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
     try:
         assert g.engine.capacity == 16
@@ -148,6 +150,9 @@ def test_the_cache_grows_by_doubling_and_shrinks_when_idle(tiny, gen, monkeypatc
         assert got == want
         assert max(seen) >= 64 and set(seen) <= {16, 32, 64, 128, 256}  # doubled as the sequences grew
         assert g.engine.capacity == 16  # every slot free: back to the start
+        monkeypatch.setattr(runtime.backend, "KEEP_CAPACITY", 256)  # now above it: kept for the next answers
+        got = run_together([lambda p=p: g.generate(p, max_new_tokens=70).tokens for p in PROMPTS[:2]])
+        assert got == want and g.engine.capacity == max(seen) >= 64
     finally:
         g.close()
 
@@ -221,6 +226,7 @@ def test_slots_between_plain_steps_never_break_the_call(tiny, monkeypatch):
     buffer, so growing again copies nothing from outside it. (fold.onnx off: it would take the
     call and grow the buffer; see the folded-graph test below.)"""
     monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
+    monkeypatch.setattr(runtime.backend, "KEEP_CAPACITY", 16)  # every slot free: back to 16
     monkeypatch.setattr(rb, "FOLD_STEPS", False)
     g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
     e = g.engine
@@ -394,6 +400,7 @@ def test_no_unlimited_steps_above_a_light_load(tiny):
 
 def test_observed_costs_are_clipped_and_skip_calls_that_grew_the_cache(tiny, monkeypatch):
     monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
+    monkeypatch.setattr(runtime.backend, "KEEP_CAPACITY", 16)  # the profile's growth given back
     g = runtime.load(tiny["artifact"], threads=1, max_batch=2)
     e = g.engine
     try:

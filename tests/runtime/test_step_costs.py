@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 import runtime
+import runtime.backend
 from runtime.errors import ArtifactError
 
 PROMPTS = ["Name three rivers in Europe.", "Write a limerick about a cat.", "Explain why the sky is blue."]
@@ -150,8 +151,9 @@ def test_profile_times_the_first_head_call(tiny):
 def test_the_fused_cache_buffer_grows_as_needed_and_computes_as_a_full_one(tiny, monkeypatch):
     """The fused backend's cache starts at START_CAPACITY positions and doubles (GroupQueryAttention's
     CPU kernel costs by the bound buffer's length): prefill, tree steps and one-token steps that cross
-    every doubling give the logits and cache a full-length buffer gives; reset starts small again;
-    restore of a longer snapshot grows the buffer first."""
+    every doubling give the logits and cache a full-length buffer gives; reset keeps a buffer up to
+    KEEP_CAPACITY positions (the same memory) and starts small again past it; restore of a longer
+    snapshot grows the buffer first."""
     import runtime.onnxrt as O
     from runtime.artifact import read_artifact
     from runtime.tree import load_tree
@@ -183,6 +185,10 @@ def test_the_fused_cache_buffer_grows_as_needed_and_computes_as_a_full_one(tiny,
     n = grow.cache_len
     np.testing.assert_allclose(grow.kv[..., :n, :], full.kv[..., :n, :], rtol=0, atol=1e-5)
     saved = grow.snapshot()
+    kept = grow.kv
+    grow.reset()
+    assert grow.kv is kept and grow.cache_len == 0  # the next answer writes into the pages already mapped
+    monkeypatch.setattr(runtime.backend, "KEEP_CAPACITY", 64)  # below what the buffer grew to
     grow.reset()
     assert grow.kv.shape[4] == 8 and grow.cache_len == 0
     grow.restore(saved)
