@@ -7,5 +7,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 echo "ruff check:" && ruff check .
 echo "ruff format --check:" && ruff format --check .
-echo "mypy (runtime/, exporter/):" && mypy
+echo "mypy (runtime/, exporter/, training/):" && mypy
 python -m pytest -q -n 2 --dist loadfile "$@"

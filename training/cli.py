@@ -387,10 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     args = build_parser().parse_args(argv)
+
+    def command() -> int | None:
+        check_numbers(args)
+        return args.func(args)
+
     with cli_logging("medusa-train", verbosity(args)):
         return run_cli(
             "medusa-train",
-            lambda: (check_numbers(args), args.func(args))[1],
+            command,
             interrupted="interrupted"
             + (
                 "; finished batches are kept in OUT.partial: rerun the same command to resume"

@@ -265,6 +265,7 @@ def generate_batch(
                 logits = out.logits[:, -1].float()
             else:
                 body, head = split
+                assert first_positions is not None  # split is only made when positions are given
                 h = body(
                     input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
                 ).last_hidden_state
@@ -288,8 +289,7 @@ def generate_batch(
             if len(keep) == 0:
                 break
             if len(keep) < len(alive):  # drop finished answers from the batch and its cache
-                for layer in cache.layers:
-                    layer.batch_select_indices(keep)
+                cache.batch_select_indices(keep)  # every layer's rows
                 alive, nxt, mask, pos = alive[keep], nxt[keep], mask[keep], pos[keep]
             ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones(len(keep), 1, dtype=mask.dtype)], dim=1)
@@ -314,7 +314,9 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
 
     for name in ("num_prompts", "max_new_tokens", "batch_size"):
         checks.integer(f"--{name.replace('_', '-')}", getattr(cfg, name), 1)
-    cfg.temperature = checks.real("--temperature", cfg.temperature, 0, rule=">= 0 (0: greedy)")
+    temperature = checks.real("--temperature", cfg.temperature, 0, rule=">= 0 (0: greedy)")
+    assert temperature is not None  # not optional: a float or a ConfigError
+    cfg.temperature = temperature
     checks.integer("--seed", cfg.seed, 0)
     checks.threads(cfg.threads)
     output_file(cfg.out, "--out", "the distilled .jsonl")  # a folder there is named now, not as missing data
@@ -369,7 +371,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
             }
             for (pid, text, p), res in zip(batch, results)
         ]
-        if keep_states:  # before the record lands: a record in OUT.partial has its states on disk
+        if firsts is not None:  # keep_states; before the record lands: a record in OUT.partial has its states on disk
             for rec, first, res in zip(records, firsts, results):
                 save_states(states_dir(out), rec["id"], cfg.model, first, res[2])
         _append(partial, records)
@@ -397,6 +399,7 @@ def _distill_on_engine(cfg: DistillConfig, tok, todo, key: dict, partial: Path, 
 
     import runtime
 
+    assert cfg.engine is not None  # distill calls this only with an engine
     gen = runtime.load(cfg.engine, max_batch=cfg.batch_size, threads=cfg.threads, budgets=None)
     try:
         if gen.spec.vocab_size < len(tok):

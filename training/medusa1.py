@@ -220,7 +220,7 @@ class CachedSplit:
     hidden: np.ndarray  # [R, H] memmap
     labels: np.ndarray  # int64 [R, K]
     num_examples: int
-    row_end: np.ndarray | None = None  # int64 [R]: one past the last row of the row's example
+    row_end: np.ndarray  # int64 [R]: one past the last row of the row's example
 
 
 def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
@@ -426,7 +426,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     """Train heads on the cached hidden states; save them to ``cfg.out``; return the summary."""
     from tqdm import tqdm
 
-    from exporter.heads import fresh_heads, fresh_hydra_heads, save_heads
+    from exporter.heads import HydraHeads, MedusaHeads, fresh_heads, fresh_hydra_heads, save_heads
     from exporter.models import load_backbone, resolve_model
     from runtime import checks
     from training.files import output_folder
@@ -469,6 +469,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         rows = np.sort(rng.choice(rows, cfg.max_train_tokens, replace=False))
     lm_head = model.lm_head
     H, V = model.config.hidden_size, model.config.vocab_size
+    heads: MedusaHeads | HydraHeads
     if hydra:
         heads = fresh_hydra_heads(cfg.num_heads, H, V, cfg.num_layers).train()
         embed = model.get_input_embeddings().weight.detach()
@@ -515,7 +516,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
                     trows, tmask = teacher_rows(train, idx)
                     th = np.asarray(train.hidden[trows.ravel()], dtype=np.float32).reshape(*trows.shape, -1)
                     teacher = (torch.from_numpy(th), torch.from_numpy(tmask))
-                if hydra:
+                if isinstance(heads, HydraHeads):  # hydra
+                    assert train_paths is not None  # loaded with the Hydra heads above
                     blocks_out = heads.blocks(h, torch.from_numpy(train_paths[idx]), embed)
                 else:
                     blocks_out = heads.blocks(h)

@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def greedy_trees(acc: np.ndarray, max_nodes: int) -> list[tuple[tuple[int, ...],
     """Nodes in the greedy order with their path probability: the best tree of size n is the first n."""
     acc = np.asarray(acc, dtype=np.float64)
     K, R = acc.shape
-    heap = [(-acc[0, r], (r,)) for r in range(R) if acc[0, r] > 0]
+    heap: list[tuple[float, tuple[int, ...]]] = [(-acc[0, r], (r,)) for r in range(R) if acc[0, r] > 0]
     heapq.heapify(heap)
     order: list[tuple[tuple[int, ...], float]] = []
     while heap and len(order) < max_nodes:
@@ -327,6 +328,7 @@ def select_tree(cfg: SelectConfig, backbone=None) -> dict:
         per_depth = getattr(heads.config, "kind", "medusa") == "hydra"
         source = f"medusa-train select-tree --heads {cfg.heads} --data {cfg.data}"
     heads_cost = cfg.heads_cost
+    profile: dict[str, Any]
     if profiled is not None:
         backend, prof, profiled_heads = profiled
         profile = {
