@@ -32,12 +32,12 @@ from runtime.errors import ContextLengthError, MedusaError
 
 # Cache positions a grown KV buffer keeps when its sequence ends (per sequence; the fused backend's
 # reset, the batch engine when every slot is free). A new buffer's pages are mapped on first touch,
-# and where the host backs them lazily that touch is slow: in this project's VM (its kernel reports
-# freed pages to the host, "Free page reporting enabled"), growing SmolLM2's buffer from 256 to 512
-# positions, an 11 MB copy, took 160-410 ms against 4 ms into pages already touched, and every
-# answer paid it while reset started small again (docs/results/README.md, "A cache buffer kept
-# between answers"). Past this size the buffer is given back: GroupQueryAttention's CPU kernel
-# costs a little more with a longer bound buffer.
+# and where the host backs them lazily that touch can be slow: in this project's VM (its kernel
+# reports freed pages to the host, "Free page reporting enabled"), growing SmolLM2's buffer from 256
+# to 512 positions, an 11 MB copy, took ~10 ms into pages freed a moment before and 160-460 ms into
+# pages the host had taken back, and every answer grew it anew while reset started small again
+# (scripts/bench_cache_keep.py). Past this size the buffer is given back: GroupQueryAttention's CPU
+# kernel costs a little more with a longer bound buffer.
 KEEP_CAPACITY = 2048
 
 
