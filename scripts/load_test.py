@@ -8,7 +8,9 @@ Starts the ``--servers`` (default: ``plain`` and ``medusa``; ``plain-interleave`
 batch.onnx) on free loopback ports, same artifact, ``--max-batch`` = the largest concurrency,
 then for each concurrency level runs the servers in ``--rounds`` alternating rounds (A B, B A, ...:
 a shared machine's drift falls on all of them alike), ``--requests`` streamed greedy chat requests
-(MT-Bench first turns, in order; each round the next share of them) from that many client threads. Per level and server:
+(MT-Bench first turns, in order; each round the next share of them) from that many client threads
+(``--per-client N``: at least N requests a client, so that a level measures a full batch, not one
+wave of requests filling and draining it). Per level and server:
 total generated tokens/s over the level's wall time, p50/p99 time to first token and
 inter-token latency, failed requests; then the ratios between servers and each server's
 throughput against its own at the first level. Bounded by ``--requests`` and ``--time-limit``
@@ -228,6 +230,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--requests", type=int, default=8, help="requests per level (at least the concurrency)")
+    ap.add_argument("--per-client", type=int, default=0,
+                    help="at least this many requests per client at every level (requests = max(--requests, N x "
+                         "concurrency)): the clients' requests follow each other, so the level measures a full batch "
+                         "rather than one wave filling and draining")  # fmt: skip
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of each server")
     ap.add_argument("--time-limit", type=float, default=300, help="seconds per level after which no request starts")
@@ -242,6 +248,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {a.rounds}")
+    if a.per_client < 0:
+        ap.error(f"--per-client must be >= 0, got {a.per_client}")
     prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     model = Path(a.artifact).resolve().name
     if a.soak:
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
         for c in a.concurrency:
             for kind in a.servers:
                 run_level(urls[kind], model, prompts, 1, 1, 8, a.time_limit)  # warm-up
-            level = run_rounds(urls, model, prompts, c, a.requests, a.max_tokens, a.time_limit, a.rounds)
+            requests = max(a.requests, a.per_client * c)
+            level = run_rounds(urls, model, prompts, c, requests, a.max_tokens, a.time_limit, a.rounds)
             for kind in a.servers:
                 r = level[kind]
                 r["server"] = kind
@@ -293,7 +302,8 @@ def main(argv=None) -> int:
                  if by[(k, a.concurrency[0])]["tokens_per_s"] else 0 for k in a.servers]  # fmt: skip
         print(f"{c:>3} " + " ".join(cells) + "".join(f" {x:29.2f}x" for x in ratios)
               + "".join(f" {x:23.2f}x" for x in scale))  # fmt: skip
-    result = {"artifact": a.artifact, "max_tokens": a.max_tokens, "requests": a.requests, "rounds": a.rounds,
+    result = {"artifact": a.artifact, "max_tokens": a.max_tokens, "requests": a.requests,
+              "per_client": a.per_client, "rounds": a.rounds,
               "threads": a.threads,
               "cpu_count": os.cpu_count(), "servers": a.servers, "rows": rows}  # fmt: skip
     if a.json:
