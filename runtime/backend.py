@@ -41,6 +41,12 @@ from runtime.errors import ContextLengthError, MedusaError
 KEEP_CAPACITY = 2048
 
 
+def gives_back(positions: int, start: int) -> bool:
+    """Whether an idle buffer of ``positions`` positions a sequence goes back to ``start`` positions
+    (past ``KEEP_CAPACITY``, read at the call: tests and users may change it)."""
+    return positions > max(start, KEEP_CAPACITY)
+
+
 class Backend(ABC):
     spec: ModelSpec
 

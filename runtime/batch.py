@@ -63,10 +63,9 @@ from typing import Any, cast
 
 import numpy as np
 
-import runtime.backend
 from runtime import checks
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
-from runtime.backend import Backend
+from runtime.backend import Backend, gives_back
 from runtime.decode import decode_steps
 from runtime.errors import ArtifactError, ContextLengthError, MedusaError
 
@@ -599,7 +598,7 @@ class BatchEngine:
         growth copy from outside the buffer)."""
         self._len[:] = [0] * self.slots
         start = min(MIN_CAPACITY, self.max_context)
-        if self.capacity > max(start, runtime.backend.KEEP_CAPACITY):
+        if gives_back(self.capacity, start):
             self.kv = np.zeros((*self.kv.shape[:4], start, self.kv.shape[5]), self._dtype)
             self.capacity = start
             self._bindings.clear()

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-import runtime.backend
 from runtime import hugepages
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig, cache_names
-from runtime.backend import Backend, DeviceCacheBackend, GraphBackend
+from runtime.backend import Backend, DeviceCacheBackend, GraphBackend, gives_back
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -429,7 +428,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.length = 0
         self._staged = 0
         self._hidden = None
-        if self.kv.shape[4] > max(START_CAPACITY, runtime.backend.KEEP_CAPACITY):  # kept up to KEEP_CAPACITY
+        if gives_back(self.kv.shape[4], START_CAPACITY):
             self._alloc(START_CAPACITY)
 
     partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only

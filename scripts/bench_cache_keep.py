@@ -18,15 +18,12 @@ import json
 import statistics
 import time
 
+from scripts.common import add_ab_arguments
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("artifact")
-    p.add_argument("--prompts", required=True, help="MT-Bench-style JSONL (first turns are used)")
-    p.add_argument("--limit", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    add_ab_arguments(p, limit=8, max_new_tokens=256, rounds=2)
     a = p.parse_args(argv)
 
     import runtime

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scripts.common import add_ab_arguments
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -49,12 +51,7 @@ print(json.dumps(out))
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("artifact")
-    p.add_argument("--prompts", required=True, help="MT-Bench-style JSONL (first turns are used)")
-    p.add_argument("--limit", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    add_ab_arguments(p, limit=4, max_new_tokens=128, rounds=3)
     args = p.parse_args(argv)
     a = json.dumps({k: getattr(args, k) for k in ("artifact", "prompts", "limit", "max_new_tokens", "threads")})
     runs: dict[str, list[dict]] = {"on": [], "off": []}

@@ -1,4 +1,5 @@
-"""What the scripts share: one-line refusals for missing inputs and for outputs that exist."""
+"""What the scripts share: one-line refusals for missing inputs and for outputs that exist, the A/B
+benchmarks' arguments."""
 
 from __future__ import annotations
 
@@ -49,3 +50,14 @@ def refuse_existing(prog: str, path: str | Path, force: bool) -> Path:
     if p.exists() and not force:
         fail(prog, f"{p} exists: pass --force to replace it, or write elsewhere")
     return p
+
+
+def add_ab_arguments(p, limit: int, max_new_tokens: int, rounds: int) -> None:
+    """The arguments of the decode A/B benchmarks (bench_huge_pages, bench_cache_keep): the artifact,
+    the prompts, how many, how long, how often the two settings alternate, ONNX Runtime threads."""
+    p.add_argument("artifact")
+    p.add_argument("--prompts", required=True, help="MT-Bench-style JSONL (first turns are used)")
+    p.add_argument("--limit", type=int, default=limit)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--threads", type=int, default=2)
