@@ -46,6 +46,7 @@ from runtime.decode import (
     GREEDY_BELOW,
     DecodeConfig,
     DecodeStats,
+    TokenLogprob,
     check_fits,
     check_prefill_chunk,
     decode_steps,
@@ -89,15 +90,18 @@ class Generation:
     tokens: list[int]
     prompt_tokens: int
     stats: DecodeStats
+    logprobs: list[TokenLogprob] | None = None  # one per token where ``logprobs=`` asked for them
 
 
 @dataclass
 class TextChunk:
-    """One streamed piece: the text and tokens accepted by one step; ``stats`` so far."""
+    """One streamed piece: the text and tokens accepted by one step; ``stats`` so far; the tokens'
+    log-probabilities where ``logprobs=`` asked for them."""
 
     text: str
     tokens: list[int]
     stats: DecodeStats
+    logprobs: list[TokenLogprob] | None = None
 
 
 def choose_backend(folder: Path, config: ArtifactConfig, device: str = "auto") -> tuple[str, str]:
@@ -353,6 +357,7 @@ class MedusaGenerator:
         datastore,
         lookup_max,
         lookup_sizing,
+        logprobs,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -375,6 +380,7 @@ class MedusaGenerator:
             eos_token_ids=tuple(self.spec.eos_token_ids),
             stop_strings=stop,
             prefill_chunk=self.prefill_chunk,
+            logprobs=logprobs,
         )
         t = self._tree(tree) if cfg.medusa else None
         if (
@@ -477,6 +483,7 @@ class MedusaGenerator:
         datastore: bool = _DEFAULTS.datastore,
         lookup_max: int = _DEFAULTS.lookup_max,
         lookup_sizing: str = _DEFAULTS.lookup_sizing,
+        logprobs: int | None = _DEFAULTS.logprobs,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -487,10 +494,10 @@ class MedusaGenerator:
         text = StreamDecoder(self.tokenizer)
         event = None
         for event in steps:
-            yield TextChunk(text.push(event.tokens), event.tokens, event.stats)
+            yield TextChunk(text.push(event.tokens), event.tokens, event.stats, event.logprobs)
         tail = text.flush()
         if tail and event is not None:
-            yield TextChunk(tail, [], event.stats)
+            yield TextChunk(tail, [], event.stats, [] if event.logprobs is not None else None)
 
     def generate(
         self,
@@ -511,6 +518,7 @@ class MedusaGenerator:
         datastore: bool = _DEFAULTS.datastore,
         lookup_max: int = _DEFAULTS.lookup_max,
         lookup_sizing: str = _DEFAULTS.lookup_sizing,
+        logprobs: int | None = _DEFAULTS.logprobs,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -542,14 +550,23 @@ class MedusaGenerator:
         (:class:`runtime.lookup.DraftSizer`), so runs the context repeats word for word are drafted
         further ahead; ``"grow"``: the branch grows by 2 tokens after a step that accepted its
         whole draft and shrinks by 1 after one that did not, between ``lookup`` and ``lookup_max``.
+
+        ``logprobs``: None (the default) or k in 0 .. 20: ``.logprobs`` then holds, per token, its
+        log-probability under the backbone (softmax of its logits at temperature 1, before
+        temperature, ``top_k`` or ``top_p``) and the k likeliest tokens there. Medusa's verification
+        computes those logits anyway (the accepted path's rows), so they are plain decoding's, up to
+        floating-point rounding; each costs a softmax over the vocabulary (~0.3 ms for 49,152 tokens).
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []
+        lps: list[TokenLogprob] | None = [] if cfg.logprobs is not None else None
         stats = DecodeStats()
         for event in self._generate_events(ids, cfg, t):
             tokens.extend(event.tokens)
+            if lps is not None and event.logprobs is not None:
+                lps.extend(event.logprobs)
             stats = event.stats
-        return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats)
+        return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats, lps)
 
 
 def load(

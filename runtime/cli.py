@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
     g.add_argument(
+        "--logprobs",
+        type=int,
+        default=_decode_default("logprobs"),
+        metavar="K",
+        help="print each token's log-probability under the backbone and its K likeliest alternatives (0-20) to stderr",
+    )
+    g.add_argument(
         "--verify",
         action="store_true",
         help="also check every artifact file's sha256 against the export's record (sizes are always "
@@ -315,6 +322,7 @@ def generate_kwargs(args) -> dict:
         lookup_sizing=args.lookup_sizing,
         drafts=args.drafts,
         datastore=not args.no_datastore,
+        logprobs=args.logprobs,
     )
 
 
@@ -330,16 +338,24 @@ def cmd_generate(args) -> None:
     gen = _load(args)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     kw = generate_kwargs(args)
+    logprobs: list = []
     if args.stream:
         stats = None
         for chunk in gen.stream(prompt, **kw):
             print(chunk.text, end="", flush=True)
             stats = chunk.stats
+            logprobs.extend(chunk.logprobs or [])
         print()
     else:
         out = gen.generate(prompt, **kw)
         print(out.text)
         stats = out.stats
+        logprobs = out.logprobs or []
+    if logprobs:
+        text = lambda t: repr(gen.tokenizer.token_bytes(t).decode("utf-8", errors="replace"))
+        for lp in logprobs:
+            alts = "  ".join(f"{text(t)} {v:.3f}" for t, v in lp.top)
+            print(f"{text(lp.token):>16} {lp.logprob:8.3f}" + (f"   | {alts}" if alts else ""), file=sys.stderr)
     if args.stats and stats is not None:
         s = stats
         tree = "plain" if args.no_medusa else (args.tree or gen.default_tree.name)

@@ -43,6 +43,7 @@ ACCEPTANCES = ("exact", "typical")
 # multi-step speculative sampling)
 DRAFTS = ("coupled", "top", "sampled")
 LOOKUP_SIZINGS = ("cost", "grow")
+MAX_LOGPROBS = 20  # alternatives a token at most (OpenAI's top_logprobs limit)
 DEFAULT_LOOKUP_SIZING = "cost"
 
 
@@ -86,6 +87,9 @@ class DecodeConfig:
     # Bounds the prefill's logits ([chunk, vocab]) and attention scores ([chunk, cache + chunk])
     # however long the prompt; the output is the same up to floating-point rounding.
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    # None: no log-probabilities; k >= 0: each emitted token's log-probability under the backbone
+    # (temperature 1, before any cut) and its k likeliest alternatives (StepEvent.logprobs)
+    logprobs: int | None = None
 
     def __post_init__(self):
         # types, ranges and finiteness: the rules live in runtime/checks.py (ConfigError, one line each)
@@ -109,6 +113,8 @@ class DecodeConfig:
         self.lookup_ngram = checks.integer("lookup_ngram", self.lookup_ngram, 1)
         self.lookup_sizing = checks.choice("lookup_sizing", self.lookup_sizing, LOOKUP_SIZINGS)
         self.datastore = checks.flag("datastore", self.datastore)
+        self.logprobs = checks.integer("logprobs", self.logprobs, 0, MAX_LOGPROBS, optional=True,
+                                       rule=f"None (off) or in [0, {MAX_LOGPROBS}] (alternatives a token)")  # fmt: skip
 
 
 def check_prefill_chunk(chunk) -> int:
@@ -202,6 +208,33 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from ``p`` (non-negative, any positive sum) with one uniform from ``rng``."""
     c = np.cumsum(p)
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+
+
+@dataclass
+class TokenLogprob:
+    """An emitted token's log-probability under the backbone, and its likeliest alternatives
+    (``top``: (token, log-probability) pairs, likeliest first; the token itself may be among them)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(rows: np.ndarray, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """``tokens[i]``'s log-probability under ``rows[i]`` (the backbone's logits at the position it was
+    emitted at; softmax at temperature 1, before temperature, top-k or top-p) and row i's ``top``
+    likeliest tokens. Medusa's verification computes these rows anyway (the accepted path's), so
+    they are plain decoding's rows, up to floating-point rounding."""
+    rows = np.asarray(rows[: len(tokens)], dtype=np.float32)
+    peak = rows.max(axis=1, keepdims=True)
+    # log-sum-exp per row, summed in float64 (a float64 copy of each row would cost twice the time)
+    lse = peak[:, 0].astype(np.float64) + np.log(np.exp(rows - peak).sum(axis=1, dtype=np.float64))
+    out = []
+    for row, t, z in zip(rows, tokens, lse):
+        alt = np.argpartition(row, -top)[-top:] if top else np.empty(0, np.int64)
+        alt = alt[np.argsort(-row[alt], kind="stable")]
+        out.append(TokenLogprob(int(t), float(row[t]) - z, [(int(a), float(row[a]) - z) for a in alt]))
+    return out
 
 
 def select_root(logits: np.ndarray, cfg: DecodeConfig, rng: np.random.Generator,
@@ -561,6 +594,7 @@ class StepEvent:
 
     tokens: list[int]
     stats: DecodeStats
+    logprobs: list[TokenLogprob] | None = None  # per token, where DecodeConfig.logprobs asks for them
 
 
 class _Clock:
@@ -622,6 +656,7 @@ def decode_steps(
     logits, m = prefill(backend, prompt, cfg.prefill_chunk)
     assert logits is not None
     root = select_root(logits[-1], cfg, rng, noise, backend.cache_len)
+    rows = logits[-1:].copy() if cfg.logprobs is not None else None  # the logits rows of the emitted tokens
     state = dynamic.DynamicState(tree) if isinstance(tree, dynamic.DynamicTree) else None
     static = tree if isinstance(tree, Tree) else None  # a fixed tree (a dynamic one grows each step's own)
     width = _draft_width(cfg, static, cost)
@@ -635,14 +670,17 @@ def decode_steps(
     emitted = [root]
 
     while True:
+        logprobs = None if rows is None or cfg.logprobs is None else token_logprobs(rows, emitted, cfg.logprobs)
         done = _emit(out, emitted, cfg, stats, decode_text)
+        if logprobs is not None:
+            del logprobs[len(emitted) :]  # an EOS, the length or a stop string may have trimmed the step
         if lookup is not None:
             lookup.extend(emitted)
         if stats.steps:  # a step, not the prefill: count the tokens it emitted (after any stop trims them)
             stats.accept_hist[len(emitted)] = stats.accept_hist.get(len(emitted), 0) + 1
         clock.lap("other")
         stats.total_s = clock.t - start
-        yield StepEvent(list(emitted), stats)
+        yield StepEvent(list(emitted), stats, logprobs)
         if done:
             return
         if noise is not None:
@@ -653,7 +691,7 @@ def decode_steps(
             return
         if state is not None and (budget := backend.max_new_tokens()) > 1:
             # (a budget of one token, a batch engine's plain step under load: no heads, no lookup, no tree)
-            emitted, root, index = _dynamic_step(
+            emitted, root, index, rows = _dynamic_step(
                 backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget
             )
         elif static is not None and (room := backend.max_new_tokens()) >= static.num_nodes:  # the tree fits one call
@@ -661,11 +699,11 @@ def decode_steps(
                 cands = draft_tree(backend, 0, root, static, cfg, rng, noise)
                 clock.lap("heads")
             # `room` is read once a step: a batch engine's budget may change between two reads
-            emitted, root, cands = _medusa_step(
+            emitted, root, cands, rows = _medusa_step(
                 backend, root, cands, static, cfg, rng, clock, lookup, stats, width, room, noise
             )
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
-            emitted, root = _plain_step(backend, root, cfg, rng, clock, noise)
+            emitted, root, rows = _plain_step(backend, root, cfg, rng, clock, noise)
             index = 0
             cands = None  # drafted when a tree runs again (the last forward keeps its hidden state)
         stats.steps += 1
@@ -747,7 +785,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
                 stored = from_datastore(row)
                 stats.datastore_steps += stored
     clock.lap("candidates")
-    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored, noise)
+    path, new_root, rows = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored, noise)
     accepted = [int(t) for t in tokens[path[1:]]]
     if sizing:  # the rates and the call's running rate follow the outcome (the draft scored past its cut too)
         width.observe(len(drafts) if tree is not base_tree else 0, accepted + [new_root], tree.num_nodes)
@@ -756,7 +794,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
     # next candidates come from the heads at the last accepted node
     cands = draft_tree(backend, int(path[-1]), new_root, base_tree, cfg, rng, noise)
     clock.lap("heads")
-    return accepted + [new_root], new_root, cands
+    return accepted + [new_root], new_root, cands, rows
 
 
 def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: bool) -> tuple[np.ndarray, int, int]:
@@ -779,7 +817,8 @@ def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: b
 def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False, noise=None):
     """Verify every node in one forward (position = cache length + depth), accept (greedy: the
     longest path the backbone agrees with; exact: the coupled walk (``noise``) or the tree sampling
-    walk; or typical), keep only the accepted path's cache entries. Returns (accepted path, next root)."""
+    walk; or typical), keep only the accepted path's cache entries. Returns (accepted path, next root,
+    the logits rows of the emitted tokens, the path's, where ``cfg.logprobs`` asks for them, else None)."""
     start = backend.cache_len
     logits = backend.forward(tokens, start + tree.position_ids, tree.attn_mask)
     clock.lap("engine")
@@ -799,9 +838,10 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
     stats.lookup_accepted += taken
     if stored:  # the lookup's drafts came from the datastore
         stats.datastore_accepted += taken
+    rows = logits[path] if cfg.logprobs is not None else None  # a copy: a backend may reuse its output buffer
     backend.commit(path)
     clock.lap("kv_update")
-    return path, new_root
+    return path, new_root, rows
 
 
 def _branching(backend, cfg) -> bool:
@@ -853,9 +893,9 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, n
         stats.lookup_steps += 1
         stored = from_datastore(n)
         stats.datastore_steps += stored
-    path, new_root = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored, noise=noise)
+    path, new_root, rows = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored, noise=noise)
     dynamic.observe(state, built, path)
-    return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, int(path[-1])
+    return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, int(path[-1]), rows
 
 
 def _plain_step(backend, root, cfg, rng, clock, noise=None):
@@ -864,9 +904,10 @@ def _plain_step(backend, root, cfg, rng, clock, noise=None):
     clock.lap("engine")
     new_root = select_root(logits[0], cfg, rng, noise, pos + 1)
     clock.lap("acceptance")
+    rows = logits[:1].copy() if cfg.logprobs is not None else None
     backend.commit(np.array([0]))
     clock.lap("kv_update")
-    return [new_root], new_root
+    return [new_root], new_root, rows
 
 
 @dataclass

@@ -8,8 +8,12 @@
 
 Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events with
 ``stream: true``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, usage
-counts, ``stream_options.include_usage``), ``/v1/models``, ``/health`` and ``/metrics``
+counts, ``stream_options.include_usage``, log-probabilities: ``logprobs`` and ``top_logprobs``
+(chat), ``logprobs: k`` (completions)), ``/v1/models``, ``/health`` and ``/metrics``
 (Prometheus text format). FastAPI on uvicorn does the HTTP; this module does the rest.
+Log-probabilities are the backbone's (softmax at temperature 1, before temperature and
+``top_p``), read from the logits Medusa's verification computes anyway: the ones plain
+decoding gives, up to floating-point rounding.
 
 Scheduling. Requests wait in a bounded queue (``--max-queue``; a full queue answers 429 at
 once) and ``--max-batch`` workers take them; each worker runs one request's
@@ -29,7 +33,7 @@ uvicorn stops accepting connections and lets running requests finish (up to
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
-bad values, fields this server does not support (``echo``, ``logprobs``, penalties), empty
+bad values, fields this server does not support (``echo``, penalties, ``n`` > 1), empty
 prompts and prompts longer than the context, 404 for an unknown model or path, 429 when the
 queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
 fail at startup, before the banner.
@@ -57,6 +61,8 @@ log = logging.getLogger("medusa_trt.runtime")
 FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "context": "length"}
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 UNION_TAGS = ("str", "int", "float", "bool")  # pydantic's names of a union's members in an error's location
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs at most (OpenAI's limit; runtime.decode.MAX_LOGPROBS)
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs at most (OpenAI's limit)
 
 
 def require_serve():
@@ -371,16 +377,16 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1)
-        logprobs: Any = False
+        logprobs: bool | None = None
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     class CompletionRequest(Common):
         prompt: str | list[int]
         echo: Any = False
-        logprobs: Any = None
+        logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
-    # OpenAI fields this server takes at their "off" values only (logprobs 0: no alternatives either way)
-    UNSUPPORTED = {"echo": (None, False), "logprobs": (None, False, 0), "presence_penalty": (None, 0),
-                   "frequency_penalty": (None, 0)}  # fmt: skip
+    # OpenAI fields this server takes at their "off" values only
+    UNSUPPORTED = {"echo": (None, False), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 
     def unsupported(req) -> None:
         for name, off in UNSUPPORTED.items():
@@ -469,6 +475,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
         limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
         kwargs: dict[str, Any] = {
+            "logprobs": wanted_logprobs(req),
             "max_new_tokens": min(limit, room) if limit else room,
             "temperature": req.temperature,
             "top_p": req.top_p,
@@ -490,6 +497,14 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             if kind in ("done", "error"):
                 return
 
+    def wanted_logprobs(req) -> int | None:
+        """The alternatives a token the request asks for (None: no log-probabilities)."""
+        if isinstance(req, CompletionRequest):
+            return req.logprobs
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (req.top_logprobs or 0) if req.logprobs else None
+
     def usage(job: Job, completion: int) -> dict:
         return {"prompt_tokens": len(job.ids), "completion_tokens": completion,
                 "total_tokens": len(job.ids) + completion}  # fmt: skip
@@ -506,12 +521,13 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             metrics.requests.labels(endpoint, "200").inc()
             return StreamingResponse(sse(request, job, rid, chat, include_usage), media_type="text/event-stream")
-        text, tokens, stats = [], 0, None
+        text, tokens, stats, lps = [], 0, None, Logprobs(gen.tokenizer, chat)
         try:
             async for kind, value in events(job):
                 if kind == "chunk":
                     text.append(value.text)
                     tokens += len(value.tokens)
+                    lps.add(value.logprobs)
                 elif kind == "error":
                     return error_response(endpoint, value)
                 else:
@@ -521,10 +537,11 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         finish = FINISH.get(stats.finish_reason, "stop") if stats else "stop"
         body = "".join(text)
         choice = (
-            {"index": 0, "message": {"role": "assistant", "content": body}, "finish_reason": finish, "logprobs": None}
+            {"index": 0, "message": {"role": "assistant", "content": body}, "finish_reason": finish,
+             "logprobs": lps.body()}
             if chat
-            else {"index": 0, "text": body, "finish_reason": finish, "logprobs": None}
-        )
+            else {"index": 0, "text": body, "finish_reason": finish, "logprobs": lps.body()}
+        )  # fmt: skip
         metrics.requests.labels(endpoint, "200").inc()
         return {
             "id": rid,
@@ -544,13 +561,14 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             body.update(extra)
             return f"data: {json.dumps(body)}\n\n"
 
-        def piece(text: str | None, finish: str | None, first: bool = False) -> dict:
+        def piece(text: str | None, finish: str | None, first: bool = False, logprobs=None) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
         tokens = 0
+        lps = Logprobs(gen.tokenizer, chat)
         try:
             if chat:
                 yield frame([piece(None, None, first=True)])
@@ -559,8 +577,9 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                     return
                 if kind == "chunk":
                     tokens += len(value.tokens)
-                    if value.text:
-                        yield frame([piece(value.text, None)])
+                    body = lps.add(value.logprobs)
+                    if value.text or (body is not None and value.tokens):  # a token without text yet has its logprob
+                        yield frame([piece(value.text, None, logprobs=body)])
                 elif kind == "error":
                     yield f"data: {json.dumps(value.body())}\n\n"
                     return
@@ -601,6 +620,55 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     app.state.metrics = metrics
     return app
+
+
+class Logprobs:
+    """A response's ``logprobs`` in OpenAI's shape, from the decode loop's per-token
+    :class:`runtime.decode.TokenLogprob` (None throughout where the request asked for none). Chat:
+    ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``; completions: ``{"tokens",
+    "token_logprobs", "top_logprobs" (the alternatives and the chosen token, as OpenAI gives them),
+    "text_offset"}`` (character offsets in the completion's text)."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tok, self.chat = tokenizer, chat
+        self.ids: list[int] = []  # every token so far (text offsets)
+        self.entries: list | None = None  # chat: content entries; completions: (token, logprob, top, offset)
+
+    def _text(self, token: int) -> str:
+        return self.tok.token_bytes(token).decode("utf-8", errors="replace")
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        b = self.tok.token_bytes(token)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+
+    def add(self, logprobs) -> dict | None:
+        """Take a chunk's log-probabilities; the body of those alone (a streamed chunk's)."""
+        if logprobs is None:
+            return None
+        if self.entries is None:
+            self.entries = []
+        new: list[Any] = []
+        for lp in logprobs:
+            if self.chat:
+                new.append({**self._entry(lp.token, lp.logprob),
+                            "top_logprobs": [self._entry(t, v) for t, v in lp.top]})  # fmt: skip
+            else:
+                top = {self._text(t): v for t, v in lp.top}
+                top.setdefault(self._text(lp.token), lp.logprob)
+                new.append((self._text(lp.token), lp.logprob, top, len(self.tok.decode(self.ids))))
+            self.ids.append(lp.token)
+        self.entries.extend(new)
+        return self._shape(new)
+
+    def body(self) -> dict | None:
+        """Every chunk's so far (a whole response's)."""
+        return None if self.entries is None else self._shape(self.entries)
+
+    def _shape(self, entries: list) -> dict:
+        if self.chat:
+            return {"content": entries, "refusal": None}
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}  # fmt: skip
 
 
 def _medusa_stats(stats) -> dict | None:

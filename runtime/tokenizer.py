@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ class Tokenizer:
             raise ArtifactError(f"{template_path} is not UTF-8 text ({e})") from None
         if self.chat_template is not None and not isinstance(self.chat_template, str):
             raise ArtifactError(f"{cfg_path}: chat_template must be a string, got {type(self.chat_template).__name__}")
+        self._byte_level = type(self._tok.decoder).__name__ == "ByteLevel"  # GPT-2-style byte-level BPE
+        self._bytes: dict[int, bytes] = {}  # token_bytes, computed once per token
         self._template: Any = None  # a compiled jinja2 Template
         self._template_file = template_path if template_path.is_file() else cfg_path
         if self.chat_template:
@@ -77,6 +81,25 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (OpenAI's logprobs ``bytes``; a token may end inside a UTF-8
+        character): a byte-level BPE piece mapped back through GPT-2's byte alphabet, a byte-fallback
+        piece ``<0xNN>`` as that byte, SentencePiece's ``\u2581`` as a space, else the piece's UTF-8
+        (special tokens: their text)."""
+        cached = self._bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self._tok.id_to_token(int(token_id)) or ""
+        table = _byte_alphabet()
+        if self._byte_level and all(c in table for c in piece):
+            out = bytes(table[c] for c in piece)
+        elif m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+            out = bytes([int(m.group(1), 16)])
+        else:
+            out = piece.replace("\u2581", " ").encode()
+        self._bytes[token_id] = out
+        return out
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -101,6 +124,18 @@ class Tokenizer:
         except jinja2.TemplateError as e:  # e.g. a message field the template needs is missing
             raise MedusaError(f"chat template ({self._template_file.name}) cannot render these messages: {e}") from None
         return self.encode(text)
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted (character -> byte): printable Latin-1 bytes stand for
+    themselves, the other 68 for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]  # fmt: skip
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
 
 
 class StreamDecoder:

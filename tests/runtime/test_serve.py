@@ -153,6 +153,37 @@ def test_bad_requests_get_openai_style_errors(gen, body, status, code, words):
         assert f'medusa_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} 1.0' in metrics
 
 
+def test_logprobs_through_the_openai_client_equal_offline_generate(gen, served):
+    """OpenAI's logprobs shapes, streamed and not, carry the offline call's log-probabilities; the
+    tokens' bytes rebuild the answer; completions' top_logprobs hold the chosen token too."""
+    want = gen.generate(CHAT, max_new_tokens=12, logprobs=2)
+    with running(served, max_batch=2) as url:
+        c = client(url)
+        r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0, logprobs=True,
+                                      top_logprobs=2)  # fmt: skip
+        content = r.choices[0].logprobs.content
+        assert len(content) == r.usage.completion_tokens == len(want.tokens)
+        # the batch graph's logits differ from the one-sequence graph's in the last bits
+        assert [e.logprob for e in content] == pytest.approx([lp.logprob for lp in want.logprobs], abs=2e-3)
+        assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+                   for e in content)  # fmt: skip
+        assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
+        streamed = []
+        for chunk in c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0,
+                                               logprobs=True, top_logprobs=2, stream=True):  # fmt: skip
+            if chunk.choices and chunk.choices[0].logprobs:
+                streamed.extend(chunk.choices[0].logprobs.content)
+        assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+        plain = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)
+        assert plain.choices[0].logprobs is None
+        cp = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+        lp = cp.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == cp.usage.completion_tokens
+        assert all(t in top and len(top) <= 3 for t, top in zip(lp.tokens, lp.top_logprobs))
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        assert "".join(lp.tokens) == cp.choices[0].text
+
+
 def test_the_openai_client_raises_its_own_error_types(gen):
     with running(gen) as url:
         c = client(url)
@@ -170,10 +201,13 @@ EDGE_CASES = [  # (method, path, body, status, code, words): JSON's own types on
     ("POST", "/v1/chat/completions", b'{"messages": "\xff\xfe"}', 400, "json_invalid", "UTF-8"),
     ("GET", "/v1/nosuch", None, 404, "not_found", "unknown path '/v1/nosuch'"),
     ("POST", "/v1/completions", {"prompt": "Hi", "echo": True}, 400, "unsupported_parameter", "echo is not supported"),
-    ("POST", "/v1/completions", {"prompt": "Hi", "logprobs": 2}, 400, "unsupported_parameter",
-     "logprobs is not supported"),
-    ("POST", "/v1/chat/completions", {"messages": CHAT, "logprobs": True}, 400, "unsupported_parameter",
-     "logprobs is not supported"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "logprobs": 6}, 400, "less_than_equal", "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "logprobs": True}, 400, "int_type", "logprobs"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "logprobs": 1}, 400, "bool_type", "logprobs"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, None,
+     "top_logprobs needs logprobs: true"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400,
+     "less_than_equal", "top_logprobs"),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "presence_penalty": 0.5}, 400, "unsupported_parameter",
      "presence_penalty is not supported"),
     ("POST", "/v1/completions", {"prompt": ""}, 400, None, "the prompt is empty"),
@@ -192,8 +226,9 @@ def test_http_edge_cases_get_openai_style_errors(gen):
             assert set(err) == {"message", "type", "param", "code"} and words in err["message"], (body, err)
             assert err["code"] == code and err["type"] == "invalid_request_error", (body, err)
         # the same fields at their "off" values, and a chat with one non-empty message, are served
-        ok = [("/v1/completions", {"prompt": "Hi", "echo": False, "logprobs": 0, "presence_penalty": 0}),
-              ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, *CHAT], "logprobs": False})]  # fmt: skip
+        ok = [("/v1/completions", {"prompt": "Hi", "echo": False, "logprobs": None, "presence_penalty": 0}),
+              ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, *CHAT], "logprobs": False,
+                                        "top_logprobs": None})]  # fmt: skip
         for path, body in ok:
             r = httpx.post(f"{url}{path}", json={**body, "max_tokens": 2, "temperature": 0}, timeout=60)
             assert r.status_code == 200, r.text

@@ -1,0 +1,126 @@
+"""Log-probabilities (``generate(..., logprobs=k)``, the server's ``logprobs`` / ``top_logprobs``):
+each emitted token's log-probability under the backbone and its k likeliest alternatives, read from
+the logits Medusa's verification computes anyway. They must be the backbone's own (a direct forward
+over the whole answer), the same with and without Medusa, one per token however a step is trimmed,
+and the token bytes must rebuild the text."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from runtime.decode import TokenLogprob, token_logprobs
+from runtime.errors import ConfigError
+
+CHAT = [{"role": "user", "content": "Tell me about rivers and mountains."}]
+
+
+def direct_logprobs(gen, ids: list[int], tokens: list[int]) -> np.ndarray:
+    """log-softmax rows of one causal forward over prompt + answer: row i is the distribution the
+    backbone gives answer token i (float64)."""
+    full = np.array(ids + tokens[:-1], dtype=np.int64)
+    backend = gen.backend
+    backend.reset()
+    logits = backend.forward(full, np.arange(len(full)), np.tril(np.ones((len(full), len(full)), dtype=bool)))
+    backend.reset()
+    z = logits[len(ids) - 1 :].astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def test_token_logprobs_against_a_direct_softmax():
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((3, 50)) * 4).astype(np.float32)
+    out = token_logprobs(rows, [4, 7, 9], 3)
+    want = rows.astype(np.float64) - np.log(np.exp(rows.astype(np.float64)).sum(axis=1, keepdims=True))
+    for i, (lp, t) in enumerate(zip(out, [4, 7, 9])):
+        assert lp.token == t and lp.logprob == pytest.approx(want[i, t], abs=1e-5)
+        assert [a for a, _ in lp.top] == list(np.argsort(-want[i])[:3])
+        assert [v for _, v in lp.top] == pytest.approx(sorted(want[i], reverse=True)[:3], abs=1e-5)
+    assert token_logprobs(rows, [1], 0) == [TokenLogprob(1, pytest.approx(want[0, 1], abs=1e-5), [])]
+    assert len(token_logprobs(rows, [1, 2], 1)) == 2  # rows beyond the tokens are not read
+
+
+def test_medusa_logprobs_are_the_backbones_and_plain_decodings(gen):
+    ids = gen.encode(CHAT)
+    medusa = gen.generate(CHAT, max_new_tokens=32, logprobs=3)
+    plain = gen.generate(CHAT, max_new_tokens=32, logprobs=3, medusa=False)
+    assert medusa.stats.mean_accepted > 1.2, "too few multi-token steps to test the verified rows"
+    assert medusa.tokens == plain.tokens and len(medusa.logprobs) == len(medusa.tokens)
+    direct = direct_logprobs(gen, ids, medusa.tokens)
+    for i, (m, p, t) in enumerate(zip(medusa.logprobs, plain.logprobs, medusa.tokens)):
+        assert m.token == p.token == t
+        assert m.logprob == pytest.approx(p.logprob, abs=1e-4) == pytest.approx(direct[i, t], abs=1e-4)
+        assert [a for a, _ in m.top] == list(np.argsort(-direct[i])[:3]), i
+        assert m.top[0] == (t, pytest.approx(m.logprob))  # greedy: the token is the likeliest
+
+
+def test_one_logprob_per_token_however_the_step_is_trimmed(gen):
+    """A multi-token step cut by the length (or a stop string) keeps the logprobs of what it emits."""
+    for n in range(1, 9):
+        out = gen.generate(CHAT, max_new_tokens=n, logprobs=0)
+        assert len(out.logprobs) == len(out.tokens) == n and all(lp.top == [] for lp in out.logprobs)
+        assert [lp.token for lp in out.logprobs] == out.tokens
+    full = gen.generate(CHAT, max_new_tokens=24)
+    stop = gen.tokenizer.decode(full.tokens[10:12])
+    out = gen.generate(CHAT, max_new_tokens=24, logprobs=1, stop=[stop])
+    assert out.stats.finish_reason == "stop_string" and [lp.token for lp in out.logprobs] == out.tokens
+
+
+def test_streamed_sampled_logprobs_follow_the_chunks(gen):
+    chunks = list(gen.stream(CHAT, max_new_tokens=20, temperature=0.8, seed=5, logprobs=2))
+    whole = gen.generate(CHAT, max_new_tokens=20, temperature=0.8, seed=5, logprobs=2)
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
+    assert all(len(c.logprobs) == len(c.tokens) for c in chunks)
+    streamed = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.token for lp in streamed] == whole.tokens
+    assert [lp.logprob for lp in streamed] == pytest.approx([lp.logprob for lp in whole.logprobs], abs=1e-6)
+    direct = direct_logprobs(gen, gen.encode(CHAT), whole.tokens)
+    assert [lp.logprob for lp in whole.logprobs] == pytest.approx(
+        [direct[i, t] for i, t in enumerate(whole.tokens)], abs=1e-4
+    )  # sampled tokens: the temperature does not enter the reported log-probabilities
+    assert gen.generate(CHAT, max_new_tokens=4).logprobs is None  # off unless asked for
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 2.5, True, "3"])
+def test_bad_logprobs_values_are_refused_at_the_call(gen, bad):
+    with pytest.raises(ConfigError, match="logprobs"):
+        gen.generate(CHAT, max_new_tokens=2, logprobs=bad)
+
+
+def test_token_bytes_rebuild_the_text_across_utf8_characters(gen):
+    tok = gen.tokenizer
+    text = "Héllo wörld — 日本語 and 🙂 emoji\n\tdone"
+    ids = tok.encode(text)
+    pieces = [tok.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(_partial_utf8(p) for p in pieces), "no token ends inside a character: a weak check"
+    out = gen.generate(CHAT, max_new_tokens=24, temperature=1.0, seed=0, logprobs=0)
+    eos = set(gen.spec.eos_token_ids)
+    kept = [t for t in out.tokens if t not in eos]
+    assert b"".join(tok.token_bytes(t) for t in kept).decode("utf-8", errors="replace") == tok.decode(kept)
+
+
+def _partial_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def test_cli_generate_prints_a_logprob_per_token(tiny, capsys):
+    from runtime.cli import main
+
+    art = str(tiny["artifact"])
+    for extra in ([], ["--stream"]):
+        assert main(["generate", art, "Say hello.", "--max-new-tokens", "6", "--logprobs", "2", "--threads", "1",
+                     *extra]) == 0  # fmt: skip
+        rows = capsys.readouterr().err.strip().splitlines()
+        # per row: the token, its log-probability, then 2 alternatives with theirs
+        assert len(rows) == 6 and all(len(re.findall(r" -?\d+\.\d{3}", r.split("|")[1])) == 2 for r in rows), rows
+        assert all(float(r.split("|")[0].split()[-1]) <= 0 for r in rows)
+    assert main(["generate", art, "Say hello.", "--max-new-tokens", "2", "--logprobs", "21", "--threads", "1"]) == 1
+    assert "logprobs must be" in capsys.readouterr().err
