@@ -91,6 +91,7 @@ class Generation:
     prompt_tokens: int
     stats: DecodeStats
     logprobs: list[TokenLogprob] | None = None  # one per token where ``logprobs=`` asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens 1 .. n-1 (``prompt_logprobs=True``)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class TextChunk:
     tokens: list[int]
     stats: DecodeStats
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # the first chunk's, with ``prompt_logprobs=True``
 
 
 def choose_backend(folder: Path, config: ArtifactConfig, device: str = "auto") -> tuple[str, str]:
@@ -358,6 +360,7 @@ class MedusaGenerator:
         lookup_max,
         lookup_sizing,
         logprobs,
+        prompt_logprobs,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -381,6 +384,7 @@ class MedusaGenerator:
             stop_strings=stop,
             prefill_chunk=self.prefill_chunk,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         t = self._tree(tree) if cfg.medusa else None
         if (
@@ -484,6 +488,7 @@ class MedusaGenerator:
         lookup_max: int = _DEFAULTS.lookup_max,
         lookup_sizing: str = _DEFAULTS.lookup_sizing,
         logprobs: int | None = _DEFAULTS.logprobs,
+        prompt_logprobs: bool = _DEFAULTS.prompt_logprobs,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -494,7 +499,7 @@ class MedusaGenerator:
         text = StreamDecoder(self.tokenizer)
         event = None
         for event in steps:
-            yield TextChunk(text.push(event.tokens), event.tokens, event.stats, event.logprobs)
+            yield TextChunk(text.push(event.tokens), event.tokens, event.stats, event.logprobs, event.prompt_logprobs)
         tail = text.flush()
         if tail and event is not None:
             yield TextChunk(tail, [], event.stats, [] if event.logprobs is not None else None)
@@ -519,6 +524,7 @@ class MedusaGenerator:
         lookup_max: int = _DEFAULTS.lookup_max,
         lookup_sizing: str = _DEFAULTS.lookup_sizing,
         logprobs: int | None = _DEFAULTS.logprobs,
+        prompt_logprobs: bool = _DEFAULTS.prompt_logprobs,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -555,18 +561,22 @@ class MedusaGenerator:
         log-probability under the backbone (softmax of its logits at temperature 1, before
         temperature, ``top_k`` or ``top_p``) and the k likeliest tokens there. Medusa's verification
         computes those logits anyway (the accepted path's rows), so they are plain decoding's, up to
-        floating-point rounding; each costs a softmax over the vocabulary (~0.3 ms for 49,152 tokens).
+        floating-point rounding; each costs a softmax over the vocabulary (~0.6 ms for 49,152 tokens).
+        ``prompt_logprobs=True``: ``.prompt_logprobs`` likewise for the prompt's tokens 1 .. n-1 (the
+        prefill computes every row of the prompt; scoring a text without generating: ``max_new_tokens=1``).
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []
         lps: list[TokenLogprob] | None = [] if cfg.logprobs is not None else None
         stats = DecodeStats()
+        scored = None
         for event in self._generate_events(ids, cfg, t):
             tokens.extend(event.tokens)
             if lps is not None and event.logprobs is not None:
                 lps.extend(event.logprobs)
+            scored = scored if event.prompt_logprobs is None else event.prompt_logprobs
             stats = event.stats
-        return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats, lps)
+        return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats, lps, scored)
 
 
 def load(

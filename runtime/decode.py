@@ -90,6 +90,9 @@ class DecodeConfig:
     # None: no log-probabilities; k >= 0: each emitted token's log-probability under the backbone
     # (temperature 1, before any cut) and its k likeliest alternatives (StepEvent.logprobs)
     logprobs: int | None = None
+    # also the log-probabilities of the prompt's tokens 1 .. n-1 (the prefill computes every row;
+    # the first StepEvent carries them), with ``logprobs`` alternatives each (0 where it is None)
+    prompt_logprobs: bool = False
 
     def __post_init__(self):
         # types, ranges and finiteness: the rules live in runtime/checks.py (ConfigError, one line each)
@@ -115,6 +118,7 @@ class DecodeConfig:
         self.datastore = checks.flag("datastore", self.datastore)
         self.logprobs = checks.integer("logprobs", self.logprobs, 0, MAX_LOGPROBS, optional=True,
                                        rule=f"None (off) or in [0, {MAX_LOGPROBS}] (alternatives a token)")  # fmt: skip
+        self.prompt_logprobs = checks.flag("prompt_logprobs", self.prompt_logprobs)
 
 
 def check_prefill_chunk(chunk) -> int:
@@ -595,6 +599,8 @@ class StepEvent:
     tokens: list[int]
     stats: DecodeStats
     logprobs: list[TokenLogprob] | None = None  # per token, where DecodeConfig.logprobs asks for them
+    # the prompt's tokens 1 .. n-1, on the first event, where DecodeConfig.prompt_logprobs asks for them
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class _Clock:
@@ -653,7 +659,8 @@ def decode_steps(
 
     # prefill: the prompt under a causal mask, in chunks (each sees the cache of the earlier
     # ones); the last chunk's last logits give the first root
-    logits, m = prefill(backend, prompt, cfg.prefill_chunk)
+    scored: list[TokenLogprob] | None = [] if cfg.prompt_logprobs else None
+    logits, m = prefill(backend, prompt, cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0)
     assert logits is not None
     root = select_root(logits[-1], cfg, rng, noise, backend.cache_len)
     rows = logits[-1:].copy() if cfg.logprobs is not None else None  # the logits rows of the emitted tokens
@@ -680,7 +687,8 @@ def decode_steps(
             stats.accept_hist[len(emitted)] = stats.accept_hist.get(len(emitted), 0) + 1
         clock.lap("other")
         stats.total_s = clock.t - start
-        yield StepEvent(list(emitted), stats, logprobs)
+        yield StepEvent(list(emitted), stats, logprobs, scored)
+        scored = None  # the first event's only
         if done:
             return
         if noise is not None:
@@ -709,12 +717,15 @@ def decode_steps(
         stats.steps += 1
 
 
-def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True) -> tuple[np.ndarray | None, int]:
+def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scored: list | None = None,
+            top: int = 0) -> tuple[np.ndarray | None, int]:  # fmt: skip
     """Run ``tokens`` through the backend under a causal mask, in calls of at most ``chunk``
     tokens (0: no limit) and at most what the backend takes at that cache length
     (``max_new_tokens``), each over the cache of the earlier ones, and commit them all.
     Returns (the last call's logits, its token count): the last row when the backend computes
-    only the rows asked for (``partial_logits``), none when ``want_logits`` is False."""
+    only the rows asked for (``partial_logits``), none when ``want_logits`` is False.
+    ``scored`` (a list): every call computes all its rows, and the log-probabilities of tokens
+    1 .. n-1 (with ``top`` alternatives each) are appended to it, a call at a time."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
     logits, m, s = None, 0, 0
@@ -728,8 +739,11 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True) -> t
             tokens[s : s + m],
             np.arange(start, start + m),
             np.tril(np.ones((m, m), dtype=bool)),
-            logits=1 if (want_logits and last) else 0,
+            logits=m if scored is not None else 1 if (want_logits and last) else 0,
         )
+        if scored is not None:  # row j predicts token s + j + 1 (the last row, the first new token)
+            scored.extend(token_logprobs(logits, tokens[s + 1 : s + m + 1].tolist(), top))
+            logits = logits[-1:]
         backend.commit(np.arange(m))
         s += m
     return logits, m

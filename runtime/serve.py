@@ -9,7 +9,8 @@
 Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events with
 ``stream: true``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, usage
 counts, ``stream_options.include_usage``, log-probabilities: ``logprobs`` and ``top_logprobs``
-(chat), ``logprobs: k`` (completions)), ``/v1/models``, ``/health`` and ``/metrics``
+(chat), ``logprobs: k`` and ``echo`` (completions: the prompt's tokens scored too; with
+``max_tokens: 0``, scored only, as evaluation harnesses ask)), ``/v1/models``, ``/health`` and ``/metrics``
 (Prometheus text format). FastAPI on uvicorn does the HTTP; this module does the rest.
 Log-probabilities are the backbone's (softmax at temperature 1, before temperature and
 ``top_p``), read from the logits Medusa's verification computes anyway: the ones plain
@@ -33,7 +34,7 @@ uvicorn stops accepting connections and lets running requests finish (up to
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
-bad values, fields this server does not support (``echo``, penalties, ``n`` > 1), empty
+bad values, fields this server does not support (penalties, ``n`` > 1), empty
 prompts and prompts longer than the context, 404 for an unknown model or path, 429 when the
 queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
 fail at startup, before the banner.
@@ -191,6 +192,8 @@ class Job:
     out: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
+    echo: str | None = None  # completions' echo: the prompt's text, sent before the completion's
+    score_only: bool = False  # max_tokens 0 with echo: one token decoded (the prefill's), none sent
 
     def send(self, kind: str, value=None) -> None:
         try:
@@ -382,11 +385,12 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     class CompletionRequest(Common):
         prompt: str | list[int]
-        echo: Any = False
+        max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
+        echo: bool = False
         logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     # OpenAI fields this server takes at their "off" values only
-    UNSUPPORTED = {"echo": (None, False), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+    UNSUPPORTED = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 
     def unsupported(req) -> None:
         for name, off in UNSUPPORTED.items():
@@ -474,9 +478,16 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
         limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        echo = bool(getattr(req, "echo", False))
+        score_only = req.max_tokens == 0
+        if score_only and not echo:
+            raise ApiError(
+                400, "max_tokens 0 generates nothing: give echo: true to score the prompt", param="max_tokens"
+            )
         kwargs: dict[str, Any] = {
             "logprobs": wanted_logprobs(req),
-            "max_new_tokens": min(limit, room) if limit else room,
+            "prompt_logprobs": echo and req.logprobs is not None,
+            "max_new_tokens": 1 if score_only else min(limit, room) if limit else room,
             "temperature": req.temperature,
             "top_p": req.top_p,
             "seed": req.seed,
@@ -487,7 +498,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             stream = gen.stream(ids, **kwargs)
         except MedusaError as e:
             raise ApiError(400, str(e)) from None
-        return Job(ids, stream, asyncio.get_running_loop(), asyncio.Queue())
+        echoed = (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids)) if echo else None
+        return Job(ids, stream, asyncio.get_running_loop(), asyncio.Queue(), echo=echoed, score_only=score_only)
 
     async def events(job: Job):
         """(kind, value) pairs from the worker until done or error."""
@@ -521,10 +533,13 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             metrics.requests.labels(endpoint, "200").inc()
             return StreamingResponse(sse(request, job, rid, chat, include_usage), media_type="text/event-stream")
-        text, tokens, stats, lps = [], 0, None, Logprobs(gen.tokenizer, chat)
+        text, tokens, stats, lps = [job.echo or ""], 0, None, Logprobs(gen.tokenizer, chat)
         try:
             async for kind, value in events(job):
                 if kind == "chunk":
+                    lps.add_prompt(job.ids[0], value.prompt_logprobs)
+                    if job.score_only:
+                        continue
                     text.append(value.text)
                     tokens += len(value.tokens)
                     lps.add(value.logprobs)
@@ -569,6 +584,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
         tokens = 0
         lps = Logprobs(gen.tokenizer, chat)
+        echo = job.echo
         try:
             if chat:
                 yield frame([piece(None, None, first=True)])
@@ -576,6 +592,11 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                 if await request.is_disconnected():
                     return
                 if kind == "chunk":
+                    if echo is not None:  # the prompt first, with its log-probabilities where asked for
+                        yield frame([piece(echo, None, logprobs=lps.add_prompt(job.ids[0], value.prompt_logprobs))])
+                        echo = None
+                    if job.score_only:
+                        continue
                     tokens += len(value.tokens)
                     body = lps.add(value.logprobs)
                     if value.text or (body is not None and value.tokens):  # a token without text yet has its logprob
@@ -627,7 +648,7 @@ class Logprobs:
     :class:`runtime.decode.TokenLogprob` (None throughout where the request asked for none). Chat:
     ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``; completions: ``{"tokens",
     "token_logprobs", "top_logprobs" (the alternatives and the chosen token, as OpenAI gives them),
-    "text_offset"}`` (character offsets in the completion's text)."""
+    "text_offset"}`` (character offsets in the text returned, the echoed prompt's included)."""
 
     def __init__(self, tokenizer, chat: bool):
         self.tok, self.chat = tokenizer, chat
@@ -641,13 +662,20 @@ class Logprobs:
         b = self.tok.token_bytes(token)
         return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
 
+    def add_prompt(self, first: int, scored) -> dict | None:
+        """Take the prompt's log-probabilities (completions' echo): its first token has none (None,
+        as OpenAI gives it), the others the prefill's. The body of those alone (a streamed chunk's)."""
+        if scored is None:
+            return None
+        entries = [(self._text(first), None, None, 0)]
+        self.ids.append(first)
+        return self._shape(self._take(scored, entries))
+
     def add(self, logprobs) -> dict | None:
         """Take a chunk's log-probabilities; the body of those alone (a streamed chunk's)."""
-        if logprobs is None:
-            return None
-        if self.entries is None:
-            self.entries = []
-        new: list[Any] = []
+        return None if logprobs is None else self._shape(self._take(logprobs, []))
+
+    def _take(self, logprobs, new: list) -> list:
         for lp in logprobs:
             if self.chat:
                 new.append({**self._entry(lp.token, lp.logprob),
@@ -657,8 +685,10 @@ class Logprobs:
                 top.setdefault(self._text(lp.token), lp.logprob)
                 new.append((self._text(lp.token), lp.logprob, top, len(self.tok.decode(self.ids))))
             self.ids.append(lp.token)
+        if self.entries is None:
+            self.entries = []
         self.entries.extend(new)
-        return self._shape(new)
+        return new
 
     def body(self) -> dict | None:
         """Every chunk's so far (a whole response's)."""

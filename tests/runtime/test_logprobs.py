@@ -84,6 +84,29 @@ def test_streamed_sampled_logprobs_follow_the_chunks(gen):
     assert gen.generate(CHAT, max_new_tokens=4).logprobs is None  # off unless asked for
 
 
+def test_prompt_logprobs_score_the_prompt_across_prefill_chunks(tiny, gen):
+    """``prompt_logprobs=True``: the prefill computes every row, so tokens 1 .. n-1 of the prompt get
+    the backbone's log-probabilities, chunk boundaries included; decoding is unchanged."""
+    import runtime
+
+    ids = gen.encode(CHAT)
+    base = gen.generate(CHAT, max_new_tokens=6, logprobs=2)
+    small = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, prefill_chunk=5)
+    for g in (gen, small):
+        out = g.generate(CHAT, max_new_tokens=6, logprobs=2, prompt_logprobs=True)
+        assert out.tokens == base.tokens and base.prompt_logprobs is None
+        assert [lp.token for lp in out.prompt_logprobs] == ids[1:]
+        direct = direct_logprobs(g, ids[:1], ids[1:] + [0])  # row i: the distribution of prompt token i + 1
+        assert [lp.logprob for lp in out.prompt_logprobs] == pytest.approx(
+            [direct[i, t] for i, t in enumerate(ids[1:])], abs=1e-4
+        )
+        assert all(len(lp.top) == 2 for lp in out.prompt_logprobs)
+        assert [lp.logprob for lp in out.logprobs] == pytest.approx([lp.logprob for lp in base.logprobs], abs=1e-4)
+    chunks = list(gen.stream(CHAT, max_new_tokens=4, prompt_logprobs=True))
+    assert len(chunks[0].prompt_logprobs) == len(ids) - 1 and all(c.prompt_logprobs is None for c in chunks[1:])
+    assert all(lp.top == [] for lp in chunks[0].prompt_logprobs)  # no logprobs=: no alternatives
+
+
 @pytest.mark.parametrize("bad", [-1, 21, 2.5, True, "3"])
 def test_bad_logprobs_values_are_refused_at_the_call(gen, bad):
     with pytest.raises(ConfigError, match="logprobs"):

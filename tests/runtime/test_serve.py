@@ -184,6 +184,34 @@ def test_logprobs_through_the_openai_client_equal_offline_generate(gen, served):
         assert "".join(lp.tokens) == cp.choices[0].text
 
 
+def test_completions_echo_scores_the_prompt_as_evaluation_harnesses_ask(gen, served):
+    """``echo`` with ``logprobs`` and ``max_tokens: 0`` (lm-eval-harness's loglikelihood request):
+    the prompt comes back with the backbone's log-probabilities of its tokens (the first: None)."""
+    prompt = "Once upon a time there was a river"
+    ids = gen.encode(prompt)
+    want = gen.generate(prompt, max_new_tokens=1, logprobs=1, prompt_logprobs=True)
+    with running(served, max_batch=2) as url:
+        c = client(url)
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text == prompt and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+        assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == prompt
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in want.prompt_logprobs], abs=2e-3)
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        both = c.completions.create(model="tiny", prompt=ids, max_tokens=4, echo=True, logprobs=0, temperature=0)
+        assert both.choices[0].text.startswith(prompt) and both.usage.completion_tokens == 4
+        assert len(both.choices[0].logprobs.tokens) == len(ids) + 4
+        plain = c.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, temperature=0)
+        assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+        streamed = [ch.choices[0] for ch in c.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True,
+                                                                  logprobs=0, temperature=0, stream=True)]  # fmt: skip
+        assert streamed[0].text == prompt and streamed[0].logprobs.token_logprobs[0] is None
+        assert "".join(s.text for s in streamed) == plain.choices[0].text
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 0}, timeout=60)
+        assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+
+
 def test_the_openai_client_raises_its_own_error_types(gen):
     with running(gen) as url:
         c = client(url)
@@ -200,7 +228,10 @@ EDGE_CASES = [  # (method, path, body, status, code, words): JSON's own types on
     ("POST", "/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "bool_type", "stream"),
     ("POST", "/v1/chat/completions", b'{"messages": "\xff\xfe"}', 400, "json_invalid", "UTF-8"),
     ("GET", "/v1/nosuch", None, 404, "not_found", "unknown path '/v1/nosuch'"),
-    ("POST", "/v1/completions", {"prompt": "Hi", "echo": True}, 400, "unsupported_parameter", "echo is not supported"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "echo": 1}, 400, "bool_type", "echo"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400, None, "give echo: true"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, 400, "greater_than_equal", "max_tokens"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "echo": True}, 400, "extra_forbidden", "unknown field 'echo'"),
     ("POST", "/v1/completions", {"prompt": "Hi", "logprobs": 6}, 400, "less_than_equal", "logprobs"),
     ("POST", "/v1/completions", {"prompt": "Hi", "logprobs": True}, 400, "int_type", "logprobs"),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "logprobs": 1}, 400, "bool_type", "logprobs"),
