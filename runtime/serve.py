@@ -53,7 +53,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.decode import check_fits
+from runtime.decode import MAX_LOGPROBS, check_fits
 from runtime.errors import ContextLengthError, MedusaError
 
 log = logging.getLogger("medusa_trt.runtime")
@@ -62,7 +62,7 @@ log = logging.getLogger("medusa_trt.runtime")
 FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "context": "length"}
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 UNION_TAGS = ("str", "int", "float", "bool")  # pydantic's names of a union's members in an error's location
-MAX_TOP_LOGPROBS = 20  # chat's top_logprobs at most (OpenAI's limit; runtime.decode.MAX_LOGPROBS)
+MAX_TOP_LOGPROBS = MAX_LOGPROBS  # chat's top_logprobs at most (OpenAI's limit, 20)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs at most (OpenAI's limit)
 
 
@@ -659,8 +659,7 @@ class Logprobs:
         return self.tok.token_bytes(token).decode("utf-8", errors="replace")
 
     def _entry(self, token: int, logprob: float) -> dict:
-        b = self.tok.token_bytes(token)
-        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+        return {"token": self._text(token), "logprob": logprob, "bytes": list(self.tok.token_bytes(token))}
 
     def add_prompt(self, first: int, scored) -> dict | None:
         """Take the prompt's log-probabilities (completions' echo): its first token has none (None,
