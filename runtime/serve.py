@@ -10,7 +10,8 @@ Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events 
 ``stream: true``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, usage
 counts, ``stream_options.include_usage``, log-probabilities: ``logprobs`` and ``top_logprobs``
 (chat), ``logprobs: k`` and ``echo`` (completions: the prompt's tokens scored too; with
-``max_tokens: 0``, scored only, as evaluation harnesses ask)), ``/v1/models``, ``/health`` and ``/metrics``
+``max_tokens: 0``, scored only, as evaluation harnesses ask), ``n`` choices (one sequence each,
+choice i seeded ``seed + i``)), ``/v1/models``, ``/health`` and ``/metrics``
 (Prometheus text format). FastAPI on uvicorn does the HTTP; this module does the rest.
 Log-probabilities are the backbone's (softmax at temperature 1, before temperature and
 ``top_p``), read from the logits Medusa's verification computes anyway: the ones plain
@@ -34,7 +35,7 @@ uvicorn stops accepting connections and lets running requests finish (up to
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
-bad values, fields this server does not support (penalties, ``n`` > 1), empty
+bad values, fields this server does not support (penalties), empty
 prompts and prompts longer than the context, 404 for an unknown model or path, 429 when the
 queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
 fail at startup, before the banner.
@@ -64,6 +65,7 @@ MAX_STOPS = 4  # OpenAI's limit on stop sequences
 UNION_TAGS = ("str", "int", "float", "bool")  # pydantic's names of a union's members in an error's location
 MAX_TOP_LOGPROBS = MAX_LOGPROBS  # chat's top_logprobs at most (OpenAI's limit, 20)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs at most (OpenAI's limit)
+MAX_N = 128  # choices a request at most (OpenAI's limit); each is a sequence of its own, queued at once
 
 
 def require_serve():
@@ -244,20 +246,22 @@ class Scheduler:
         for t in self._threads:
             t.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue a request's jobs (its ``n`` choices), all or none."""
         with self._lock:
             if self.closed:
                 raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-            if self.waiting >= self.max_queue:
+            if self.waiting + len(jobs) > self.max_queue:
                 raise ApiError(
                     429,
                     f"the queue is full ({self.max_queue} requests waiting, {self.active} running): retry later",
                     "rate_limit_error",
                     code="queue_full",
                 )
-            self.waiting += 1
+            self.waiting += len(jobs)
             self.metrics.queue_depth.set(self.waiting)
-        self._queue.put(job)
+        for job in jobs:
+            self._queue.put(job)
 
     def _work(self) -> None:
         while True:
@@ -372,7 +376,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         stop: str | list[str] | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
-        n: int = Field(1, ge=1, le=1)
+        n: int = Field(1, ge=1, le=MAX_N)
         user: str | None = None
         presence_penalty: Any = 0.0  # taken at their "off" values only: see UNSUPPORTED
         frequency_penalty: Any = 0.0
@@ -458,7 +462,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         )
         return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
 
-    def prepare(req, prompt, endpoint: str) -> Job:
+    def prepare(req, prompt, endpoint: str) -> list[Job]:
+        """The request's jobs, one per choice (``n``), every argument checked before any is queued."""
         if req.model not in (None, model_name):
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
@@ -494,12 +499,19 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             "stop": stops,
             **(decode or {}),
         }
-        try:  # the generator checks its arguments here, before the request takes a queue slot
-            stream = gen.stream(ids, **kwargs)
-        except MedusaError as e:
-            raise ApiError(400, str(e)) from None
+        if req.n > max(1, max_queue):
+            raise ApiError(400, f"n: at most {max(1, max_queue)} choices here (the server's --max-queue)", param="n")
         echoed = (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids)) if echo else None
-        return Job(ids, stream, asyncio.get_running_loop(), asyncio.Queue(), echo=echoed, score_only=score_only)
+        jobs = []
+        for i in range(req.n):  # choice i: seed + i, so a seed reproduces every choice and they differ
+            seed = None if req.seed is None else req.seed + i
+            try:  # the generator checks its arguments here, before the request takes a queue slot
+                stream = gen.stream(ids, **{**kwargs, "seed": seed})
+            except MedusaError as e:
+                raise ApiError(400, str(e)) from None
+            jobs.append(Job(ids, stream, asyncio.get_running_loop(), asyncio.Queue(), echo=echoed,
+                            score_only=score_only))  # fmt: skip
+        return jobs
 
     async def events(job: Job):
         """(kind, value) pairs from the worker until done or error."""
@@ -524,51 +536,37 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     async def complete(request: Request, req, prompt, chat: bool):
         endpoint = request.url.path
         try:
-            job = prepare(req, prompt, endpoint)
-            scheduler(request.app).submit(job)
+            jobs = prepare(req, prompt, endpoint)
+            scheduler(request.app).submit(*jobs)
         except ApiError as e:
             return error_response(endpoint, e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             metrics.requests.labels(endpoint, "200").inc()
-            return StreamingResponse(sse(request, job, rid, chat, include_usage), media_type="text/event-stream")
-        text, tokens, stats, lps = [job.echo or ""], 0, None, Logprobs(gen.tokenizer, chat)
+            return StreamingResponse(sse(request, jobs, rid, chat, include_usage), media_type="text/event-stream")
+        choices = [Choice(i, job, chat, gen.tokenizer) for i, job in enumerate(jobs)]
         try:
-            async for kind, value in events(job):
-                if kind == "chunk":
-                    lps.add_prompt(job.ids[0], value.prompt_logprobs)
-                    if job.score_only:
-                        continue
-                    text.append(value.text)
-                    tokens += len(value.tokens)
-                    lps.add(value.logprobs)
-                elif kind == "error":
-                    return error_response(endpoint, value)
-                else:
-                    stats = value
+            for c in choices:  # the jobs run side by side; their events wait in their queues
+                async for kind, value in events(c.job):
+                    if kind == "error":
+                        return error_response(endpoint, value)
+                    c.take(kind, value)
         finally:
-            job.cancelled.set()  # a no-op when done; frees the slot when the client left
-        finish = FINISH.get(stats.finish_reason, "stop") if stats else "stop"
-        body = "".join(text)
-        choice = (
-            {"index": 0, "message": {"role": "assistant", "content": body}, "finish_reason": finish,
-             "logprobs": lps.body()}
-            if chat
-            else {"index": 0, "text": body, "finish_reason": finish, "logprobs": lps.body()}
-        )  # fmt: skip
+            for job in jobs:
+                job.cancelled.set()  # a no-op when done; frees the slot when the client left
         metrics.requests.labels(endpoint, "200").inc()
         return {
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": model_name,
-            "choices": [choice],
-            "usage": usage(job, tokens),
-            "medusa": _medusa_stats(stats),
+            "choices": [c.whole() for c in choices],
+            "usage": usage(jobs[0], sum(c.tokens for c in choices)),
+            "medusa": _medusa_stats(choices[0].stats),  # the first choice's
         }
 
-    async def sse(request: Request, job: Job, rid: str, chat: bool, include_usage: bool):
+    async def sse(request: Request, jobs: list[Job], rid: str, chat: bool, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def frame(choices: list, **extra) -> str:
@@ -576,42 +574,37 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             body.update(extra)
             return f"data: {json.dumps(body)}\n\n"
 
-        def piece(text: str | None, finish: str | None, first: bool = False, logprobs=None) -> dict:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+        choices = [Choice(i, job, chat, gen.tokenizer) for i, job in enumerate(jobs)]
+        merged: asyncio.Queue = asyncio.Queue()  # (choice, kind, value) from every job, as they come
 
-        tokens = 0
-        lps = Logprobs(gen.tokenizer, chat)
-        echo = job.echo
+        async def pump(c: Choice):
+            async for kind, value in events(c.job):
+                await merged.put((c, kind, value))
+
+        pumps = [asyncio.create_task(pump(c)) for c in choices]
         try:
             if chat:
-                yield frame([piece(None, None, first=True)])
-            async for kind, value in events(job):
+                for c in choices:
+                    yield frame([c.piece(None, None, first=True)])
+            left = len(choices)
+            while left:
+                c, kind, value = await merged.get()
                 if await request.is_disconnected():
                     return
-                if kind == "chunk":
-                    if echo is not None:  # the prompt first, with its log-probabilities where asked for
-                        yield frame([piece(echo, None, logprobs=lps.add_prompt(job.ids[0], value.prompt_logprobs))])
-                        echo = None
-                    if job.score_only:
-                        continue
-                    tokens += len(value.tokens)
-                    body = lps.add(value.logprobs)
-                    if value.text or (body is not None and value.tokens):  # a token without text yet has its logprob
-                        yield frame([piece(value.text, None, logprobs=body)])
-                elif kind == "error":
+                if kind == "error":
                     yield f"data: {json.dumps(value.body())}\n\n"
                     return
-                else:
-                    yield frame([piece(None, FINISH.get(value.finish_reason, "stop") if value else "stop")],
-                                medusa=_medusa_stats(value))  # fmt: skip
-                    if include_usage:
-                        yield frame([], usage=usage(job, tokens))
-                    yield "data: [DONE]\n\n"
+                for piece in c.take(kind, value):
+                    yield frame([piece], **({"medusa": _medusa_stats(value)} if kind == "done" else {}))
+                left -= kind == "done"
+            if include_usage:
+                yield frame([], usage=usage(jobs[0], sum(c.tokens for c in choices)))
+            yield "data: [DONE]\n\n"
         finally:  # finished, failed, or the client went away (the response task is cancelled)
-            job.cancelled.set()
+            for task in pumps:
+                task.cancel()
+            for job in jobs:
+                job.cancelled.set()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, req: ChatRequest):
@@ -641,6 +634,56 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     app.state.metrics = metrics
     return app
+
+
+class Choice:
+    """One choice of a response (``n`` of them), built from its job's events: the text, token count,
+    log-probabilities and statistics so far; ``take`` returns the pieces a stream sends for an
+    event, ``whole`` the choice of a response that is not streamed."""
+
+    def __init__(self, index: int, job: Job, chat: bool, tokenizer):
+        self.index, self.job, self.chat = index, job, chat
+        self.lps = Logprobs(tokenizer, chat)
+        self.text: list[str] = [job.echo or ""]
+        self.tokens = 0
+        self.stats = None
+        self._echo = job.echo  # not yet sent (streams send it first)
+
+    def piece(self, text: str | None, finish: str | None, first: bool = False, logprobs=None) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return {"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        return {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+
+    def take(self, kind: str, value) -> list[dict]:
+        """A "chunk" or "done" event; the pieces to stream for it."""
+        if kind == "done":
+            self.stats = value
+            return [self.piece(None, self.finish)]
+        pieces = []
+        scored = self.lps.add_prompt(self.job.ids[0], value.prompt_logprobs)
+        if self._echo is not None:  # the prompt first, with its log-probabilities where asked for
+            pieces.append(self.piece(self._echo, None, logprobs=scored))
+            self._echo = None
+        if self.job.score_only:
+            return pieces
+        self.text.append(value.text)
+        self.tokens += len(value.tokens)
+        body = self.lps.add(value.logprobs)
+        if value.text or (body is not None and value.tokens):  # a token without text yet has its logprob
+            pieces.append(self.piece(value.text, None, logprobs=body))
+        return pieces
+
+    @property
+    def finish(self) -> str:
+        return FINISH.get(self.stats.finish_reason, "stop") if self.stats else "stop"
+
+    def whole(self) -> dict:
+        body, lps = "".join(self.text), self.lps.body()
+        if self.chat:
+            message = {"role": "assistant", "content": body}
+            return {"index": self.index, "message": message, "finish_reason": self.finish, "logprobs": lps}
+        return {"index": self.index, "text": body, "finish_reason": self.finish, "logprobs": lps}
 
 
 class Logprobs:

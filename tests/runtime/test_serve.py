@@ -135,7 +135,8 @@ def test_answers_equal_offline_generate_streaming_and_not(gen, served):
         (json.dumps({"messages": CHAT, "temprature": 0.5}).encode(), 400, "extra_forbidden", "unknown field 'temprature'"),
         (json.dumps({"messages": CHAT, "temperature": -1}).encode(), 400, None, "temperature"),
         (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), 400, None, "max_tokens"),
-        (json.dumps({"messages": CHAT, "n": 2}).encode(), 400, None, "n:"),
+        (json.dumps({"messages": CHAT, "n": 0}).encode(), 400, None, "n:"),
+        (json.dumps({"messages": CHAT, "n": 17}).encode(), 400, None, "n: at most 16 choices here"),
         (json.dumps({"messages": []}).encode(), 400, None, "messages"),
         (json.dumps({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, None, "at most 4"),
         (json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}).encode(), 400,
@@ -349,6 +350,37 @@ def test_concurrent_sampled_requests_reproduce_their_seeds(gen, served):
     assert together[0] != together[1]  # the seeds and temperatures took effect
     # coupled sampling: plain decoding (what `serve --plain` runs) draws the same text for the seed
     assert alone[0] == served.generate(CHAT, max_new_tokens=24, medusa=False, **asks[0]).text
+
+
+def test_n_choices_are_sequences_of_their_own_seeded_one_apart(gen, served):
+    """``n``: one sequence a choice, decoded side by side; choice i takes seed + i (so a seed
+    reproduces each), greedy choices are all the greedy answer, streamed choices carry their index."""
+    with running(served, max_batch=3) as url:
+        c = client(url)
+        greedy = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0, n=2)
+        want = gen.generate(CHAT, max_new_tokens=12)
+        assert [ch.index for ch in greedy.choices] == [0, 1]
+        assert [ch.message.content for ch in greedy.choices] == [want.text] * 2
+        assert greedy.usage.completion_tokens == 2 * len(want.tokens)
+        sampled = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=16, temperature=1.0, seed=7, n=3)
+        texts = [ch.message.content for ch in sampled.choices]
+        assert len(set(texts)) == 3  # the seeds took effect
+        alone = [gen.generate(CHAT, max_new_tokens=16, temperature=1.0, seed=7 + i).text for i in range(3)]
+        if served is gen:  # one sequence per engine call: each choice is the request with seed + i run alone
+            assert texts == alone
+        parts: dict[int, list[str]] = {0: [], 1: []}
+        finished = set()
+        for chunk in c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0, n=2,
+                                          stream=True, logprobs=1):  # fmt: skip
+            for ch in chunk.choices:
+                parts[ch.index].append(ch.text)
+                if ch.finish_reason:
+                    finished.add(ch.index)
+        one = gen.generate("Once upon a time", max_new_tokens=10).text
+        assert finished == {0, 1} and ["".join(parts[i]) for i in (0, 1)] == [one, one]
+    with running(served, max_batch=1, max_queue=2) as url:  # n beyond the queue: refused whole, at once
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "n": 3, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and "at most 2 choices" in r.json()["error"]["message"]
 
 
 def test_health_and_metrics(gen, served):
