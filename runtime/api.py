@@ -361,6 +361,8 @@ class MedusaGenerator:
         lookup_sizing,
         logprobs,
         prompt_logprobs,
+        presence_penalty,
+        frequency_penalty,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -385,6 +387,8 @@ class MedusaGenerator:
             prefill_chunk=self.prefill_chunk,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         )
         t = self._tree(tree) if cfg.medusa else None
         if (
@@ -489,6 +493,8 @@ class MedusaGenerator:
         lookup_sizing: str = _DEFAULTS.lookup_sizing,
         logprobs: int | None = _DEFAULTS.logprobs,
         prompt_logprobs: bool = _DEFAULTS.prompt_logprobs,
+        presence_penalty: float = _DEFAULTS.presence_penalty,
+        frequency_penalty: float = _DEFAULTS.frequency_penalty,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -525,6 +531,8 @@ class MedusaGenerator:
         lookup_sizing: str = _DEFAULTS.lookup_sizing,
         logprobs: int | None = _DEFAULTS.logprobs,
         prompt_logprobs: bool = _DEFAULTS.prompt_logprobs,
+        presence_penalty: float = _DEFAULTS.presence_penalty,
+        frequency_penalty: float = _DEFAULTS.frequency_penalty,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -564,6 +572,11 @@ class MedusaGenerator:
         floating-point rounding; each costs a softmax over the vocabulary (~0.6 ms for 49,152 tokens).
         ``prompt_logprobs=True``: ``.prompt_logprobs`` likewise for the prompt's tokens 1 .. n-1 (the
         prefill computes every row of the prompt; scoring a text without generating: ``max_new_tokens=1``).
+
+        ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]): every logit minus the first
+        if its token was generated before, minus the second times its count (generated tokens only, as
+        vLLM). Medusa verifies against the penalized logits, each tree node penalized by its own path,
+        so greedy Medusa still emits plain greedy decoding's tokens under the same penalties.
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []

@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-medusa", action="store_true", help="plain autoregressive decoding (the baseline)")
     g.add_argument("--stream", action="store_true", help="print text as it is accepted")
     g.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
+    for name in ("presence", "frequency"):
+        g.add_argument(
+            f"--{name}-penalty",
+            type=float,
+            default=_decode_default(f"{name}_penalty"),
+            metavar="P",
+            help=f"OpenAI's {name} penalty on the generated tokens, -2..2 (greedy Medusa stays plain decoding's)",
+        )
     g.add_argument(
         "--logprobs",
         type=int,
@@ -323,6 +331,8 @@ def generate_kwargs(args) -> dict:
         drafts=args.drafts,
         datastore=not args.no_datastore,
         logprobs=args.logprobs,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
     )
 
 

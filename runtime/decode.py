@@ -93,6 +93,12 @@ class DecodeConfig:
     # also the log-probabilities of the prompt's tokens 1 .. n-1 (the prefill computes every row;
     # the first StepEvent carries them), with ``logprobs`` alternatives each (0 where it is None)
     prompt_logprobs: bool = False
+    # OpenAI's penalties on the tokens generated so far (not the prompt's, as vLLM): each logit minus
+    # presence_penalty if the token occurred, minus frequency_penalty times its count; in [-2, 2], 0: off.
+    # The backbone's target is the penalized distribution, so greedy Medusa equals plain greedy decoding
+    # with the same penalties (each tree node penalized by the tokens on its own path)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         # types, ranges and finiteness: the rules live in runtime/checks.py (ConfigError, one line each)
@@ -119,6 +125,8 @@ class DecodeConfig:
         self.logprobs = checks.integer("logprobs", self.logprobs, 0, MAX_LOGPROBS, optional=True,
                                        rule=f"None (off) or in [0, {MAX_LOGPROBS}] (alternatives a token)")  # fmt: skip
         self.prompt_logprobs = checks.flag("prompt_logprobs", self.prompt_logprobs)
+        self.presence_penalty = checks.real("presence_penalty", self.presence_penalty, -2, 2)
+        self.frequency_penalty = checks.real("frequency_penalty", self.frequency_penalty, -2, 2)
 
 
 def check_prefill_chunk(chunk) -> int:
@@ -212,6 +220,46 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from ``p`` (non-negative, any positive sum) with one uniform from ``rng``."""
     c = np.cumsum(p)
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+
+
+class Penalties:
+    """OpenAI's presence and frequency penalties over the tokens generated so far (``add``), applied
+    to a forward's logits (``apply``): every row loses the penalty of the tokens generated before the
+    step (the root included), and a tree node's row also that of the drafted tokens on its own path
+    (its ancestors below the root, and itself): what plain decoding would subtract had those tokens
+    been generated. So a node is accepted exactly where plain decoding with the penalties would emit
+    its token, and the logits the acceptance reads are the penalized target's."""
+
+    def __init__(self, cfg: DecodeConfig, vocab: int):
+        self.presence, self.frequency = float(cfg.presence_penalty), float(cfg.frequency_penalty)
+        self.counts = np.zeros(vocab, dtype=np.int64)
+        self.vector = np.zeros(vocab, dtype=np.float32)  # presence * (count > 0) + frequency * count
+
+    @classmethod
+    def of(cls, cfg: DecodeConfig, vocab: int) -> Penalties | None:
+        return cls(cfg, vocab) if cfg.presence_penalty or cfg.frequency_penalty else None
+
+    def add(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            self.counts[t] += 1
+            self.vector[t] = self.presence + self.frequency * self.counts[t]
+
+    def apply(self, logits: np.ndarray, tree: Tree | None = None, tokens: np.ndarray | None = None) -> np.ndarray:
+        """The penalized copy of ``logits`` (rows of ``tree``'s nodes, ``tokens`` their tokens; no tree:
+        every row as the next token after what was generated)."""
+        out = np.asarray(logits, dtype=np.float32) - self.vector
+        if tree is None or tokens is None:
+            return out
+        for v in range(1, tree.num_nodes):
+            path: dict[int, int] = {}  # the node's own path below the root: token -> occurrences
+            node = v
+            while node > 0:
+                t = int(tokens[node])
+                path[t] = path.get(t, 0) + 1
+                node = int(tree.parent[node])
+            for t, k in path.items():
+                out[v, t] -= self.frequency * k + (self.presence if self.counts[t] == 0 else 0.0)
+        return out
 
 
 @dataclass
@@ -649,6 +697,7 @@ def decode_steps(
         )
     rng = np.random.default_rng(cfg.seed)
     noise = PositionNoise(rng, backend.spec.vocab_size) if _coupled(cfg) else None
+    pen = Penalties.of(cfg, backend.spec.vocab_size)
     stats = DecodeStats()
     store = datastore if cfg.datastore else None
     lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram, store) if cfg.medusa and cfg.lookup else None
@@ -679,6 +728,8 @@ def decode_steps(
     while True:
         logprobs = None if rows is None or cfg.logprobs is None else token_logprobs(rows, emitted, cfg.logprobs)
         done = _emit(out, emitted, cfg, stats, decode_text)
+        if pen is not None:
+            pen.add(emitted)
         if logprobs is not None:
             del logprobs[len(emitted) :]  # an EOS, the length or a stop string may have trimmed the step
         if lookup is not None:
@@ -700,7 +751,7 @@ def decode_steps(
         if state is not None and (budget := backend.max_new_tokens()) > 1:
             # (a budget of one token, a batch engine's plain step under load: no heads, no lookup, no tree)
             emitted, root, index, rows = _dynamic_step(
-                backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget
+                backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget, pen
             )
         elif static is not None and (room := backend.max_new_tokens()) >= static.num_nodes:  # the tree fits one call
             if cands is None:  # after plain steps: the heads on the last one's token
@@ -708,10 +759,10 @@ def decode_steps(
                 clock.lap("heads")
             # `room` is read once a step: a batch engine's budget may change between two reads
             emitted, root, cands, rows = _medusa_step(
-                backend, root, cands, static, cfg, rng, clock, lookup, stats, width, room, noise
+                backend, root, cands, static, cfg, rng, clock, lookup, stats, width, room, noise, pen
             )
         else:  # plain decoding, a plain step near the context end, or a step budget below the tree
-            emitted, root, rows = _plain_step(backend, root, cfg, rng, clock, noise)
+            emitted, root, rows = _plain_step(backend, root, cfg, rng, clock, noise, pen)
             index = 0
             cands = None  # drafted when a tree runs again (the last forward keeps its hidden state)
         stats.steps += 1
@@ -764,7 +815,7 @@ def _exact(cfg: DecodeConfig) -> bool:
     return cfg.temperature < GREEDY_BELOW or cfg.acceptance == "exact"
 
 
-def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, width, room, noise=None):
+def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, width, room, noise=None, pen=None):
     """One step over a fixed tree: graft the lookup's draft (``width``: a :class:`DraftSizer`, which
     keeps as many of its tokens as pay for their rows, or a :class:`DraftWidth`; cut to ``room``, the
     tokens the engine takes this step), verify, accept; the next step's candidates."""
@@ -799,7 +850,7 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
                 stored = from_datastore(row)
                 stats.datastore_steps += stored
     clock.lap("candidates")
-    path, new_root, rows = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored, noise)
+    path, new_root, rows = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored, noise, pen)
     accepted = [int(t) for t in tokens[path[1:]]]
     if sizing:  # the rates and the call's running rate follow the outcome (the draft scored past its cut too)
         width.observe(len(drafts) if tree is not base_tree else 0, accepted + [new_root], tree.num_nodes)
@@ -828,14 +879,16 @@ def _draft_sizes(tree: Tree, tokens: np.ndarray, drafts: list[int], branching: b
     return np.where((k > shared) & (1 + k < tree.num_nodes), -1, sizes), shared, agree
 
 
-def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False, noise=None):
+def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False, noise=None, pen=None):
     """Verify every node in one forward (position = cache length + depth), accept (greedy: the
     longest path the backbone agrees with; exact: the coupled walk (``noise``) or the tree sampling
     walk; or typical), keep only the accepted path's cache entries. Returns (accepted path, next root,
-    the logits rows of the emitted tokens, the path's, where ``cfg.logprobs`` asks for them, else None)."""
+    the logits rows of the emitted tokens, the path's, where ``cfg.logprobs`` asks for them, else None;
+    unpenalized). ``pen``: the acceptance reads the penalized logits (:class:`Penalties`)."""
     start = backend.cache_len
-    logits = backend.forward(tokens, start + tree.position_ids, tree.attn_mask)
+    raw = backend.forward(tokens, start + tree.position_ids, tree.attn_mask)
     clock.lap("engine")
+    logits = raw if pen is None else pen.apply(raw, tree, tokens)
     stats.nodes += tree.num_nodes
     if cfg.temperature < GREEDY_BELOW:
         path = accept_greedy(tokens, logits, tree)
@@ -852,7 +905,7 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
     stats.lookup_accepted += taken
     if stored:  # the lookup's drafts came from the datastore
         stats.datastore_accepted += taken
-    rows = logits[path] if cfg.logprobs is not None else None  # a copy: a backend may reuse its output buffer
+    rows = raw[path] if cfg.logprobs is not None else None  # a copy: a backend may reuse its output buffer
     backend.commit(path)
     clock.lap("kv_update")
     return path, new_root, rows
@@ -864,7 +917,7 @@ def _branching(backend, cfg) -> bool:
     return backend.exact_branching or not _exact(cfg)
 
 
-def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget):
+def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget, pen=None):
     """One step of a dynamic tree (runtime.dynamic): draft, grow this step's tree from the heads'
     and the lookup's candidates, verify, accept, keep the accepted path's cache entries. (Coupled
     sampling verifies with ``noise``; the drafts are ranked without it, by their probabilities.)
@@ -907,16 +960,16 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, n
         stats.lookup_steps += 1
         stored = from_datastore(n)
         stats.datastore_steps += stored
-    path, new_root, rows = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored, noise=noise)
+    path, new_root, rows = _verify(backend, tokens, tree, cfg, rng, clock, stats, stored=stored, noise=noise, pen=pen)
     dynamic.observe(state, built, path)
     return [int(t) for t in tokens[path[1:]]] + [new_root], new_root, int(path[-1]), rows
 
 
-def _plain_step(backend, root, cfg, rng, clock, noise=None):
+def _plain_step(backend, root, cfg, rng, clock, noise=None, pen=None):
     pos = backend.cache_len
     logits = backend.forward(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))
     clock.lap("engine")
-    new_root = select_root(logits[0], cfg, rng, noise, pos + 1)
+    new_root = select_root(logits[0] if pen is None else pen.apply(logits[:1])[0], cfg, rng, noise, pos + 1)
     clock.lap("acceptance")
     rows = logits[:1].copy() if cfg.logprobs is not None else None
     backend.commit(np.array([0]))

@@ -11,7 +11,8 @@ Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events 
 counts, ``stream_options.include_usage``, log-probabilities: ``logprobs`` and ``top_logprobs``
 (chat), ``logprobs: k`` and ``echo`` (completions: the prompt's tokens scored too; with
 ``max_tokens: 0``, scored only, as evaluation harnesses ask), ``n`` choices (one sequence each,
-choice i seeded ``seed + i``)), ``/v1/models``, ``/health`` and ``/metrics``
+choice i seeded ``seed + i``), ``presence_penalty`` / ``frequency_penalty``), ``/v1/models``, ``/health``
+and ``/metrics``
 (Prometheus text format). FastAPI on uvicorn does the HTTP; this module does the rest.
 Log-probabilities are the backbone's (softmax at temperature 1, before temperature and
 ``top_p``), read from the logits Medusa's verification computes anyway: the ones plain
@@ -35,7 +36,7 @@ uvicorn stops accepting connections and lets running requests finish (up to
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
-bad values, fields this server does not support (penalties), empty
+bad values, empty
 prompts and prompts longer than the context, 404 for an unknown model or path, 429 when the
 queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
 fail at startup, before the banner.
@@ -378,8 +379,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         stream_options: StreamOptions | None = None
         n: int = Field(1, ge=1, le=MAX_N)
         user: str | None = None
-        presence_penalty: Any = 0.0  # taken at their "off" values only: see UNSUPPORTED
-        frequency_penalty: Any = 0.0
+        presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+        frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
@@ -392,16 +393,6 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
         echo: bool = False
         logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-
-    # OpenAI fields this server takes at their "off" values only
-    UNSUPPORTED = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
-
-    def unsupported(req) -> None:
-        for name, off in UNSUPPORTED.items():
-            value = getattr(req, name, None)
-            if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in off):
-                raise ApiError(400, f"{name} is not supported by this server (got {json.dumps(value)}): drop it",
-                               param=name, code="unsupported_parameter")  # fmt: skip
 
     made = threading.Lock()
 
@@ -467,7 +458,6 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         if req.model not in (None, model_name):
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
-        unsupported(req)
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
         if param == "messages" and not any(m["content"] for m in prompt):  # as /v1/completions refuses ""
             raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)
@@ -497,6 +487,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             "top_p": req.top_p,
             "seed": req.seed,
             "stop": stops,
+            "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty,
             **(decode or {}),
         }
         if req.n > max(1, max_queue):

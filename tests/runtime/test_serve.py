@@ -240,8 +240,9 @@ EDGE_CASES = [  # (method, path, body, status, code, words): JSON's own types on
      "top_logprobs needs logprobs: true"),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400,
      "less_than_equal", "top_logprobs"),
-    ("POST", "/v1/chat/completions", {"messages": CHAT, "presence_penalty": 0.5}, 400, "unsupported_parameter",
-     "presence_penalty is not supported"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "presence_penalty": 2.5}, 400, "less_than_equal",
+     "presence_penalty"),
+    ("POST", "/v1/completions", {"prompt": "Hi", "frequency_penalty": "1"}, 400, "float_type", "frequency_penalty"),
     ("POST", "/v1/completions", {"prompt": ""}, 400, None, "the prompt is empty"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": ""}]},
      400, None, "the prompt is empty"),
@@ -381,6 +382,16 @@ def test_n_choices_are_sequences_of_their_own_seeded_one_apart(gen, served):
     with running(served, max_batch=1, max_queue=2) as url:  # n beyond the queue: refused whole, at once
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "n": 3, "max_tokens": 2}, timeout=60)
         assert r.status_code == 400 and "at most 2 choices" in r.json()["error"]["message"]
+
+
+def test_penalties_reach_the_decoder(gen, served):
+    """presence_penalty / frequency_penalty: the server's answer is offline generate's with them, and
+    they change the answer (tests/runtime/test_penalties.py checks the decoding itself)."""
+    with running(served, max_batch=2) as url:
+        r = client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, temperature=0,
+                                                presence_penalty=1.5, frequency_penalty=1.0)  # fmt: skip
+    want = gen.generate(CHAT, max_new_tokens=24, presence_penalty=1.5, frequency_penalty=1.0)
+    assert r.choices[0].message.content == want.text != gen.generate(CHAT, max_new_tokens=24).text
 
 
 def test_health_and_metrics(gen, served):
