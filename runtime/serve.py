@@ -7,7 +7,7 @@
     client.chat.completions.create(model="smollm2-135m-medusa", messages=[...], temperature=0)
 
 Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (server-sent events with
-``stream: true``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, usage
+``stream: true``; ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop`` (the text ends before it), usage
 counts, ``stream_options.include_usage``, log-probabilities: ``logprobs`` and ``top_logprobs``
 (chat), ``logprobs: k`` and ``echo`` (completions: the prompt's tokens scored too; with
 ``max_tokens: 0``, scored only, as evaluation harnesses ask), ``n`` choices (one sequence each,
@@ -43,6 +43,7 @@ fail at startup, before the banner.
 """
 
 import asyncio
+import codecs
 import json
 import logging
 import os
@@ -197,6 +198,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     echo: str | None = None  # completions' echo: the prompt's text, sent before the completion's
     score_only: bool = False  # max_tokens 0 with echo: one token decoded (the prefill's), none sent
+    stops: list[str] = field(default_factory=list)  # the request's stop strings: the text ends before them
 
     def send(self, kind: str, value=None) -> None:
         try:
@@ -377,10 +379,10 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         stop: str | list[str] | None = None
         stream: bool = False
         stream_options: StreamOptions | None = None
-        n: int = Field(1, ge=1, le=MAX_N)
+        n: int | None = Field(1, ge=1, le=MAX_N)  # null: 1 (OpenAI's "integer or null" fields take null as unset)
         user: str | None = None
-        presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-        frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+        presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)  # null: 0
+        frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
@@ -391,7 +393,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     class CompletionRequest(Common):
         prompt: str | list[int]
         max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
-        echo: bool = False
+        echo: bool | None = False
         logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     made = threading.Lock()
@@ -487,22 +489,28 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             "top_p": req.top_p,
             "seed": req.seed,
             "stop": stops,
-            "presence_penalty": req.presence_penalty,
-            "frequency_penalty": req.frequency_penalty,
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
             **(decode or {}),
         }
-        if req.n > max(1, max_queue):
+        n = req.n or 1
+        if n > max(1, max_queue):
             raise ApiError(400, f"n: at most {max(1, max_queue)} choices here (the server's --max-queue)", param="n")
-        echoed = (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids)) if echo else None
+        # token ids echo with their special tokens shown, as a prompt string shows them (text_offset counts them)
+        echoed = (
+            (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids, skip_special_tokens=False))
+            if echo
+            else None
+        )
         jobs = []
-        for i in range(req.n):  # choice i: seed + i, so a seed reproduces every choice and they differ
+        for i in range(n):  # choice i: seed + i, so a seed reproduces every choice and they differ
             seed = None if req.seed is None else req.seed + i
             try:  # the generator checks its arguments here, before the request takes a queue slot
                 stream = gen.stream(ids, **{**kwargs, "seed": seed})
             except MedusaError as e:
                 raise ApiError(400, str(e)) from None
             jobs.append(Job(ids, stream, asyncio.get_running_loop(), asyncio.Queue(), echo=echoed,
-                            score_only=score_only))  # fmt: skip
+                            score_only=score_only, stops=stops))  # fmt: skip
         return jobs
 
     async def events(job: Job):
@@ -631,7 +639,9 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 class Choice:
     """One choice of a response (``n`` of them), built from its job's events: the text, token count,
     log-probabilities and statistics so far; ``take`` returns the pieces a stream sends for an
-    event, ``whole`` the choice of a response that is not streamed."""
+    event, ``whole`` the choice of a response that is not streamed. As OpenAI's, the text ends before
+    a stop string: the decode loop stops at the token that completes one, and a stream holds back any
+    tail of its text that could begin one until the next chunk tells."""
 
     def __init__(self, index: int, job: Job, chat: bool, tokenizer):
         self.index, self.job, self.chat = index, job, chat
@@ -640,6 +650,23 @@ class Choice:
         self.tokens = 0
         self.stats = None
         self._echo = job.echo  # not yet sent (streams send it first)
+        self._held = ""  # completion text held back: it may begin a stop string
+        self._stopped = False
+
+    def _release(self, text: str, final: bool = False) -> str:
+        """The part of the completion's text so far (``text`` new) that may be sent: up to a stop string
+        (none of the rest, ever), else all but a tail that could begin one (all of it when ``final``)."""
+        if self._stopped or not self.job.stops:
+            return "" if self._stopped else text
+        buf = self._held + text
+        hits = [at for at in (buf.find(stop) for stop in self.job.stops) if at >= 0]
+        if hits:
+            self._stopped, self._held = True, ""
+            return buf[: min(hits)]
+        keep = 0 if final else max((k for stop in self.job.stops for k in range(1, len(stop)) if buf.endswith(stop[:k])),
+                                   default=0)  # fmt: skip
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]
 
     def piece(self, text: str | None, finish: str | None, first: bool = False, logprobs=None) -> dict:
         if self.chat:
@@ -651,7 +678,9 @@ class Choice:
         """A "chunk" or "done" event; the pieces to stream for it."""
         if kind == "done":
             self.stats = value
-            return [self.piece(None, self.finish)]
+            tail = self._release("", final=True)
+            self.text.append(tail)
+            return [*([self.piece(tail, None)] if tail else []), self.piece(None, self.finish)]
         pieces = []
         scored = self.lps.add_prompt(self.job.ids[0], value.prompt_logprobs)
         if self._echo is not None:  # the prompt first, with its log-probabilities where asked for
@@ -659,11 +688,12 @@ class Choice:
             self._echo = None
         if self.job.score_only:
             return pieces
-        self.text.append(value.text)
+        text = self._release(value.text)
+        self.text.append(text)
         self.tokens += len(value.tokens)
         body = self.lps.add(value.logprobs)
-        if value.text or (body is not None and value.tokens):  # a token without text yet has its logprob
-            pieces.append(self.piece(value.text, None, logprobs=body))
+        if text or body is not None:  # a token without text yet has its logprob
+            pieces.append(self.piece(text, None, logprobs=body))
         return pieces
 
     @property
@@ -683,12 +713,17 @@ class Logprobs:
     :class:`runtime.decode.TokenLogprob` (None throughout where the request asked for none). Chat:
     ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``; completions: ``{"tokens",
     "token_logprobs", "top_logprobs" (the alternatives and the chosen token, as OpenAI gives them),
-    "text_offset"}`` (character offsets in the text returned, the echoed prompt's included)."""
+    "text_offset"}``. The entries are the returned text's tokens: an echoed prompt's all of them (the
+    text shows its special tokens), a completion's without special tokens (the end-of-turn token: the
+    text does not show it). ``text_offset``: each token's first character in the returned text, counted
+    as the tokens' bytes decode (incrementally: a token ending inside a character is counted with the
+    token that completes it)."""
 
     def __init__(self, tokenizer, chat: bool):
         self.tok, self.chat = tokenizer, chat
-        self.ids: list[int] = []  # every token so far (text offsets)
         self.entries: list | None = None  # chat: content entries; completions: (token, logprob, top, offset)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = 0  # characters of the returned text so far
 
     def _text(self, token: int) -> str:
         return self.tok.token_bytes(token).decode("utf-8", errors="replace")
@@ -696,29 +731,39 @@ class Logprobs:
     def _entry(self, token: int, logprob: float) -> dict:
         return {"token": self._text(token), "logprob": logprob, "bytes": list(self.tok.token_bytes(token))}
 
+    def _offset(self, token: int) -> int:
+        """``token``'s offset in the returned text; the count moves past it."""
+        at = self._chars
+        self._chars += len(self._utf8.decode(self.tok.token_bytes(token)))
+        return at
+
     def add_prompt(self, first: int, scored) -> dict | None:
         """Take the prompt's log-probabilities (completions' echo): its first token has none (None,
         as OpenAI gives it), the others the prefill's. The body of those alone (a streamed chunk's)."""
         if scored is None:
             return None
-        entries = [(self._text(first), None, None, 0)]
-        self.ids.append(first)
-        return self._shape(self._take(scored, entries))
+        entries = [(self._text(first), None, None, self._offset(first))]
+        return self._shape(self._take(scored, entries, prompt=True))
 
     def add(self, logprobs) -> dict | None:
-        """Take a chunk's log-probabilities; the body of those alone (a streamed chunk's)."""
-        return None if logprobs is None else self._shape(self._take(logprobs, []))
+        """Take a chunk's log-probabilities; the body of those alone (a streamed chunk's; None where the
+        chunk's tokens hold none the text shows)."""
+        if logprobs is None:
+            return None
+        new = self._take(logprobs, [])
+        return self._shape(new) if new else None
 
-    def _take(self, logprobs, new: list) -> list:
+    def _take(self, logprobs, new: list, prompt: bool = False) -> list:
         for lp in logprobs:
+            if not prompt and self.tok.is_special(lp.token):  # not in the completion's text
+                continue
             if self.chat:
                 new.append({**self._entry(lp.token, lp.logprob),
                             "top_logprobs": [self._entry(t, v) for t, v in lp.top]})  # fmt: skip
             else:
                 top = {self._text(t): v for t, v in lp.top}
                 top.setdefault(self._text(lp.token), lp.logprob)
-                new.append((self._text(lp.token), lp.logprob, top, len(self.tok.decode(self.ids))))
-            self.ids.append(lp.token)
+                new.append((self._text(lp.token), lp.logprob, top, self._offset(lp.token)))
         if self.entries is None:
             self.entries = []
         self.entries.extend(new)

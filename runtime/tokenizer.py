@@ -45,6 +45,7 @@ class Tokenizer:
             raise ArtifactError(f"{cfg_path}: chat_template must be a string, got {type(self.chat_template).__name__}")
         self._byte_level = type(self._tok.decoder).__name__ == "ByteLevel"  # GPT-2-style byte-level BPE
         self._bytes: dict[int, bytes] = {}  # token_bytes, computed once per token
+        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._template: Any = None  # a compiled jinja2 Template
         self._template_file = template_path if template_path.is_file() else cfg_path
         if self.chat_template:
@@ -99,6 +100,10 @@ class Tokenizer:
             out = piece.replace("\u2581", " ").encode()
         self._bytes[token_id] = out
         return out
+
+    def is_special(self, token_id: int) -> bool:
+        """A special token (an added token marked special: ``decode`` leaves it out of the text)."""
+        return int(token_id) in self._special_ids
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

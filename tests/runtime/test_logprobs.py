@@ -147,3 +147,27 @@ def test_cli_generate_prints_a_logprob_per_token(tiny, capsys):
         assert all(float(r.split("|")[0].split()[-1]) <= 0 for r in rows)
     assert main(["generate", art, "Say hello.", "--max-new-tokens", "2", "--logprobs", "21", "--threads", "1"]) == 1
     assert "logprobs must be" in capsys.readouterr().err
+
+
+def test_the_servers_logprobs_leave_out_what_the_text_does_not_show(gen):
+    """The end-of-turn token ends a chat answer but not its text: no logprobs entry for it, so the
+    entries' bytes rebuild the content; completions' text_offset follows the returned text."""
+    from runtime.serve import Logprobs
+
+    tok = gen.tokenizer
+    ids = tok.encode("Rivers flow — to the sea") + [gen.spec.eos_token_ids[0]]
+    lps = [TokenLogprob(t, -0.5, [(t, -0.5)]) for t in ids]
+    chat = Logprobs(tok, chat=True)
+    body = chat.add(lps[:3])
+    assert [e["token"] for e in body["content"]] == [tok.token_bytes(t).decode("utf-8", "replace") for t in ids[:3]]
+    assert chat.add(lps[-1:]) is None  # a chunk holding only the end-of-turn token: nothing to send
+    chat.add(lps[3:-1])
+    content = chat.body()["content"]
+    assert bytes(b for e in content for b in e["bytes"]).decode() == tok.decode(ids) == "Rivers flow — to the sea"
+    done = Logprobs(tok, chat=False)
+    done.add(lps)
+    shaped = done.body()
+    text = tok.decode(ids)
+    assert len(shaped["tokens"]) == len(ids) - 1 and shaped["text_offset"][0] == 0
+    for token, at in zip(shaped["tokens"], shaped["text_offset"]):
+        assert "\ufffd" in token or text[at : at + len(token)] == token, (token, at)

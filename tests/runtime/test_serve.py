@@ -200,6 +200,12 @@ def test_completions_echo_scores_the_prompt_as_evaluation_harnesses_ask(gen, ser
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in want.prompt_logprobs], abs=2e-3)
         assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        special = c.completions.create(model="tiny", prompt="Hello<|im_end|> world and more.", max_tokens=6, echo=True,
+                                       logprobs=0, temperature=0)  # fmt: skip
+        sl = special.choices[0].logprobs
+        assert "<|im_end|>" in sl.tokens  # the prompt's special token, shown in the echoed text
+        for token, at in zip(sl.tokens, sl.text_offset):  # every offset points at its token in the returned text
+            assert "\ufffd" in token or special.choices[0].text[at : at + len(token)] == token, (token, at)
         both = c.completions.create(model="tiny", prompt=ids, max_tokens=4, echo=True, logprobs=0, temperature=0)
         assert both.choices[0].text.startswith(prompt) and both.usage.completion_tokens == 4
         assert len(both.choices[0].logprobs.tokens) == len(ids) + 4
@@ -260,8 +266,9 @@ def test_http_edge_cases_get_openai_style_errors(gen):
             assert err["code"] == code and err["type"] == "invalid_request_error", (body, err)
         # the same fields at their "off" values, and a chat with one non-empty message, are served
         ok = [("/v1/completions", {"prompt": "Hi", "echo": False, "logprobs": None, "presence_penalty": 0}),
+              ("/v1/completions", {"prompt": "Hi", "echo": None, "n": None, "frequency_penalty": None}),
               ("/v1/chat/completions", {"messages": [{"role": "system", "content": ""}, *CHAT], "logprobs": False,
-                                        "top_logprobs": None})]  # fmt: skip
+                                        "top_logprobs": None, "presence_penalty": None, "n": None})]  # fmt: skip
         for path, body in ok:
             r = httpx.post(f"{url}{path}", json={**body, "max_tokens": 2, "temperature": 0}, timeout=60)
             assert r.status_code == 200, r.text
@@ -392,6 +399,33 @@ def test_penalties_reach_the_decoder(gen, served):
                                                 presence_penalty=1.5, frequency_penalty=1.0)  # fmt: skip
     want = gen.generate(CHAT, max_new_tokens=24, presence_penalty=1.5, frequency_penalty=1.0)
     assert r.choices[0].message.content == want.text != gen.generate(CHAT, max_new_tokens=24).text
+
+
+def test_the_text_ends_before_a_stop_string_streamed_or_not(gen, served):
+    """As OpenAI's: the returned text stops before the stop string (a stream holds back a tail that
+    could begin one, so no piece of it is ever sent); a stop string that never comes holds nothing back."""
+    full = gen.generate(CHAT, max_new_tokens=24).text
+    stop = full[12:16]
+    want = full[: full.find(stop)]
+    # a stop string across two streamed pieces: without the hold-back its start would be sent already
+    pieces = [ch.text for ch in gen.stream(CHAT, max_new_tokens=24)]
+    k = next(i for i in range(1, len(pieces)) if len(pieces[i - 1]) >= 2 and len(pieces[i]) >= 2 and i > 2)
+    cut = len("".join(pieces[:k]))
+    spanning = full[cut - 2 : cut + 2]
+    assert full.find(spanning) == cut - 2, "the spanning stop string occurs earlier"
+    with running(served, max_batch=2) as url:
+        c = client(url)
+        for stops in ([stop], ["zzqq", stop], "zzqq", [spanning]):
+            want = full if stops == "zzqq" else full[: min(full.find(x) for x in stops if x in full)]
+            r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, temperature=0, stop=stops)
+            streamed, finish = [], None
+            for chunk in c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, temperature=0,
+                                                   stop=stops, stream=True):  # fmt: skip
+                if chunk.choices:
+                    streamed.append(chunk.choices[0].delta.content or "")
+                    finish = chunk.choices[0].finish_reason or finish
+            assert r.choices[0].message.content == "".join(streamed) == want, (stops, r.choices[0].message.content)
+            assert r.choices[0].finish_reason == finish == ("length" if stops == "zzqq" else "stop")
 
 
 def test_health_and_metrics(gen, served):
