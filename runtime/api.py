@@ -587,7 +587,8 @@ class MedusaGenerator:
             tokens.extend(event.tokens)
             if lps is not None and event.logprobs is not None:
                 lps.extend(event.logprobs)
-            scored = scored if event.prompt_logprobs is None else event.prompt_logprobs
+            if event.prompt_logprobs is not None:  # the first event's
+                scored = event.prompt_logprobs
             stats = event.stats
         return Generation(self.tokenizer.decode(tokens), tokens, len(ids), stats, lps, scored)
 

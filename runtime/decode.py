@@ -250,15 +250,9 @@ class Penalties:
         out = np.asarray(logits, dtype=np.float32) - self.vector
         if tree is None or tokens is None:
             return out
-        for v in range(1, tree.num_nodes):
-            path: dict[int, int] = {}  # the node's own path below the root: token -> occurrences
-            node = v
-            while node > 0:
-                t = int(tokens[node])
-                path[t] = path.get(t, 0) + 1
-                node = int(tree.parent[node])
-            for t, k in path.items():
-                out[v, t] -= self.frequency * k + (self.presence if self.counts[t] == 0 else 0.0)
+        for v in range(1, tree.num_nodes):  # the node's own path below the root: its row of the tree's mask
+            path, k = np.unique(tokens[1:][tree.attn_mask[v, 1:]], return_counts=True)
+            out[v, path] -= self.frequency * k + self.presence * (self.counts[path] == 0)
         return out
 
 
@@ -283,8 +277,7 @@ def token_logprobs(rows: np.ndarray, tokens: Sequence[int], top: int) -> list[To
     lse = peak[:, 0].astype(np.float64) + np.log(np.exp(rows - peak).sum(axis=1, dtype=np.float64))
     out = []
     for row, t, z in zip(rows, tokens, lse):
-        alt = np.argpartition(row, -top)[-top:] if top else np.empty(0, np.int64)
-        alt = alt[np.argsort(-row[alt], kind="stable")]
+        alt = head_topk(row[None], (top,))[0] if top else ()
         out.append(TokenLogprob(int(t), float(row[t]) - z, [(int(a), float(row[a]) - z) for a in alt]))
     return out
 
@@ -726,12 +719,10 @@ def decode_steps(
     emitted = [root]
 
     while True:
+        done = _emit(out, emitted, cfg, stats, decode_text)  # an EOS, the length or a stop may trim the step
         logprobs = None if rows is None or cfg.logprobs is None else token_logprobs(rows, emitted, cfg.logprobs)
-        done = _emit(out, emitted, cfg, stats, decode_text)
         if pen is not None:
             pen.add(emitted)
-        if logprobs is not None:
-            del logprobs[len(emitted) :]  # an EOS, the length or a stop string may have trimmed the step
         if lookup is not None:
             lookup.extend(emitted)
         if stats.steps:  # a step, not the prefill: count the tokens it emitted (after any stop trims them)

@@ -594,8 +594,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                 if kind == "error":
                     yield f"data: {json.dumps(value.body())}\n\n"
                     return
-                for piece in c.take(kind, value):
-                    yield frame([piece], **({"medusa": _medusa_stats(value)} if kind == "done" else {}))
+                for piece in c.take(kind, value):  # the decode statistics go with the finishing piece
+                    yield frame([piece], **({"medusa": _medusa_stats(value)} if piece["finish_reason"] else {}))
                 left -= kind == "done"
             if include_usage:
                 yield frame([], usage=usage(jobs[0], sum(c.tokens for c in choices)))
