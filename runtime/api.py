@@ -30,11 +30,12 @@ import functools
 import logging
 import threading
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
+
+import numpy as np
 
 from runtime import checks
 from runtime.artifact import ArtifactConfig, read_artifact
@@ -192,20 +193,41 @@ class _Claim:
 
     Between two steps of the decode loop the cache holds ``ids`` + every emitted token but
     the last (the next step's root is not cached yet). ``saved``: the copy taken when
-    another call displaced this one; ``done``: finished, failed or dropped (never saved).
+    another call displaced this one; ``done``: finished, failed or dropped (never saved);
+    ``failed``: a step raised (what the cache holds is not known); ``left``: the cache length
+    after its last step; ``reuse``: how many of ``ids`` the cache held when it started.
     """
 
-    __slots__ = ("ids", "emitted", "saved", "done", "__weakref__")
+    __slots__ = ("ids", "emitted", "saved", "done", "failed", "left", "reuse", "__weakref__")
 
     def __init__(self, ids: list[int]):
         self.ids = list(ids)
         self.emitted: list[int] = []
-        self.saved = None
+        self.saved: object = None
         self.done = False
+        self.failed = False
+        self.left = -1
+        self.reuse = 0
 
     @property
     def cached(self) -> list[int]:
         return self.ids + self.emitted[:-1]
+
+    def held(self, cache_len: int) -> list[int]:
+        """The tokens whose entries fill the cache's first ``cache_len`` positions, as far as this
+        call knows them: its prompt and the accepted tokens it emitted (a step a stop string or the
+        length trimmed may have committed more, which the emitted tokens do not say)."""
+        tokens = self.ids + self.emitted
+        return tokens[: min(cache_len, len(tokens))]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if len(diff) else n
 
 
 class _Replay:
@@ -226,9 +248,11 @@ class MedusaGenerator:
         tree: str | Sequence | Tree | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         verify: bool = False,
+        reuse_prefix: bool = True,
     ):
         # every argument before loading: a bad value fails fast, in one line (runtime/checks.py)
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)
+        self.reuse_prefix = checks.flag("reuse_prefix", reuse_prefix)
         self.folder = checks.folder("artifact folder", folder)
         backend = checks.choice("backend", backend, BACKENDS)
         device = checks.choice("device", device, DEVICES)
@@ -256,7 +280,9 @@ class MedusaGenerator:
         self.datastore = Datastore.load(store, self.spec.vocab_size) if store.is_file() else None
         self.backend_name = getattr(self.backend, "name", "onnxruntime")
         self._lock = threading.Lock()
-        self._holder: weakref.ref | None = None  # the _Claim whose sequence the backend's cache holds
+        # the _Claim whose sequence the backend's cache holds (kept once done: its prompt and answer
+        # may begin the next call's prompt, see _reusable)
+        self._holder: _Claim | None = None
         self.default_tree = self._artifact_tree() if tree is None else self._tree(tree)
         # exact sampling's own tree, recorded at export; a tree given to load() serves every mode
         self.sampling_tree = (
@@ -407,8 +433,11 @@ class MedusaGenerator:
 
     def _stream_events(self, ids, cfg, tree):
         """The decode loop's events for one stream, a step at a time under the lock."""
-        events = decode_steps(self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model)
-        return self._steps(_Claim(ids), events)
+        claim = _Claim(ids)
+        events = decode_steps(
+            self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model, lambda: claim.reuse
+        )
+        return self._steps(claim, events)
 
     def _generate_events(self, ids, cfg, tree):
         """The decode loop's events for one generate call, the lock held throughout."""
@@ -416,9 +445,15 @@ class MedusaGenerator:
         with self._lock:  # the whole call: it ends on its own, so it blocks others for its length only
             self._take_cache(claim)
             try:
-                yield from decode_steps(
-                    self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model
-                )
+                for event in decode_steps(
+                    self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model, claim.reuse
+                ):
+                    claim.emitted.extend(event.tokens)
+                    claim.left = self.backend.cache_len
+                    yield event
+            except BaseException:
+                claim.failed = True
+                raise
             finally:
                 claim.done = True
 
@@ -426,18 +461,32 @@ class MedusaGenerator:
         """Under the lock: make the backend's cache hold ``claim``'s sequence. The call that
         holds it now is saved first (unless it is done), then ``claim``'s saved copy is put
         back; a claim that has not started needs nothing (the decode loop resets the cache)."""
-        holder = self._holder() if self._holder is not None else None
+        holder = self._holder
         if holder is claim:
             if claim.emitted and self.backend.cache_len != len(claim.cached):
                 # the backend was driven directly (gen.backend) since this claim's last step
                 self._put_back(_Replay(claim.cached))
             return
+        if not claim.emitted and claim.saved is None:  # starting: the cache may hold a prefix of its prompt
+            claim.reuse = self._reusable(claim.ids, holder)
         if holder is not None and not holder.done and holder.emitted:
             holder.saved = self.backend.snapshot() or _Replay(holder.cached)
-        self._holder = weakref.ref(claim)
+        self._holder = claim
         if claim.saved is not None:
             saved, claim.saved = claim.saved, None
             self._put_back(saved)
+
+    def _reusable(self, ids: list[int], holder: _Claim | None) -> int:
+        """How many of ``ids``' first tokens the cache holds now (at most all but the last, whose
+        logits the prefill must compute): what the call that held the cache last left of its prompt
+        and answer, where it ended cleanly (or is between two steps) and nothing drove the backend
+        since. 0 with ``reuse_prefix`` off or a backend that cannot keep a prefix."""
+        if not (self.reuse_prefix and self.backend.keeps_prefix) or holder is None or holder.failed:
+            return 0
+        n = self.backend.cache_len
+        if n != holder.left:  # its last step left another length: the backend was driven directly since
+            return 0
+        return min(common_prefix(holder.held(n), ids), len(ids) - 1)
 
     def _put_back(self, saved) -> None:
         backend = self.backend
@@ -459,12 +508,13 @@ class MedusaGenerator:
                     try:
                         event = next(events, None)
                     except BaseException:
-                        claim.done = True
+                        claim.done = claim.failed = True
                         raise
                     if event is None:
                         claim.done = True
                         return
                     claim.emitted.extend(event.tokens)
+                    claim.left = self.backend.cache_len
                     if event.stats.finish_reason:  # the last event: a stop may have trimmed the step's tokens,
                         claim.done = True  # so the cache no longer matches them; nothing more to decode
                 yield event  # the lock is free while the consumer handles the chunk
@@ -604,6 +654,7 @@ def load(
     verify: bool = False,
     max_batch: int | None = None,
     budgets="auto",
+    reuse_prefix: bool = True,
 ) -> MedusaGenerator:
     """Load an artifact folder written by ``medusa-export``.
 
@@ -621,6 +672,10 @@ def load(
     prefill's memory for long prompts. Every load checks the config, that each file it names
     exists, parses and has the size the export recorded, and that the graphs' sizes match the
     config; ``verify=True`` also checks every file's sha256 (about 0.5 s for SmolLM2-135M).
+    reuse_prefix (one sequence a call): a call whose prompt begins with what the previous call's
+    prompt and answer were (the next turn of a chat, the same system prompt) keeps those cache
+    entries and prefills only the rest (``stats.cached_prompt_tokens``); False: every call
+    prefills its whole prompt.
     """
     if max_batch is not None:
         max_batch = cast(int, checks.integer("max_batch", max_batch, 1))
@@ -644,4 +699,5 @@ def load(
         tree=tree,
         prefill_chunk=prefill_chunk,
         verify=verify,
+        reuse_prefix=reuse_prefix,
     )

@@ -150,6 +150,20 @@ class Backend(ABC):
         """Put back a cache that :meth:`snapshot` copied (nothing staged after it)."""
         raise NotImplementedError(f"{type(self).__name__} does not snapshot its cache")
 
+    # True where truncate() keeps a prefix of the cache: the next sequence may then start from the
+    # entries of a prompt prefix the last one left (runtime.api's prefix reuse); False: reset only
+    keeps_prefix: bool = False
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` committed entries (0 <= n <= cache_len) and drop the rest and
+        anything staged: the cache of that prefix, as if only its tokens had been prefilled."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep a prefix of its cache")
+
+    def _check_truncate(self, n: int) -> int:
+        if not 0 <= n <= self.cache_len:
+            raise MedusaError(f"truncate({n}): the cache holds {self.cache_len} entries")
+        return int(n)
+
 
 def check_forward(input_ids, position_ids, tree_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The graph contract's inputs of one forward as int64 ``[n]``, int64 ``[n]``, bool ``[n, n]``
@@ -260,7 +274,12 @@ class GraphBackend(Backend):
         return self.cache.capacity
 
     def reset(self) -> None:
-        self.cache.length = 0
+        self.truncate(0)
+
+    keeps_prefix = True
+
+    def truncate(self, n: int) -> None:
+        self.cache.length = self._check_truncate(n)
         self._staged = None
         self._hidden = None
 

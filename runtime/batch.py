@@ -921,9 +921,9 @@ def _generator_class():
                      prefill_chunk=None, verify=False, gather_timeout=DEFAULT_GATHER_TIMEOUT,
                      budgets="auto"):  # fmt: skip
             self._batch_args = (max_batch, gather_timeout, budgets)
-            kwargs = {"prefill_chunk": DEFAULT_BATCH_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk}
+            chunk = DEFAULT_BATCH_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
             super().__init__(folder, backend="onnxruntime", device="cpu", threads=threads,
-                             max_context=max_context, tree=tree, verify=verify, **kwargs)  # fmt: skip
+                             max_context=max_context, tree=tree, verify=verify, prefill_chunk=chunk)  # fmt: skip
 
         def _make_backend(self, backend, device, threads, max_context):
             max_batch, gather_timeout, budgets = self._batch_args

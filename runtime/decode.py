@@ -146,6 +146,7 @@ class DecodeStats:
     datastore_steps: int = 0  # of lookup_steps: those whose lookup drafts came from the datastore
     datastore_accepted: int = 0  # of lookup_accepted: those the datastore drafted
     nodes: int = 0  # tokens verified by the Medusa steps, roots included (/ steps: the mean tree size)
+    cached_prompt_tokens: int = 0  # prompt tokens whose cache entries an earlier call left (not prefilled)
     dynamic: object = field(default=None, repr=False)  # a dynamic tree's per-call state (runtime.dynamic)
     draft_sizer: object = field(default=None, repr=False)  # a fixed tree's lookup.DraftSizer (its counts)
 
@@ -179,6 +180,7 @@ class DecodeStats:
             "datastore_steps": self.datastore_steps,
             "datastore_accepted": self.datastore_accepted,
             "nodes": self.nodes,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
         }
 
 
@@ -663,11 +665,15 @@ def decode_steps(
     decode_text: Callable[[list[int]], str] | None = None,
     datastore: Datastore | None = None,
     cost: dynamic.CostModel | None = None,
+    reuse: int | Callable[[], int] = 0,
 ) -> Iterator[StepEvent]:
     """Yield the tokens of each step as they are accepted; the last event's stats are final.
     ``datastore``: the lookup branch's drafts where the context repeats nothing (``cfg.datastore``).
     ``cost``: the engine's latency profile, which sizes a fixed tree's lookup branch (default:
-    :data:`runtime.dynamic.DEFAULT_COST`)."""
+    :data:`runtime.dynamic.DEFAULT_COST`). ``reuse``: how many of the prompt's first tokens the
+    backend's cache already holds (or a callable giving it, read when the first step runs): the
+    cache keeps those entries (``Backend.truncate``) and the prefill runs the rest only; 0 (the
+    default), or ``prompt_logprobs`` (which scores every prompt row): a new cache."""
     prompt = np.asarray(prompt_ids, dtype=np.int64)
     check_fits(backend, prompt)
     if not cfg.medusa:
@@ -697,12 +703,18 @@ def decode_steps(
     out: list[int] = []
     clock = _Clock(stats.times)
     start = clock.t
-    backend.reset()
+    kept = 0 if cfg.prompt_logprobs else min(int(reuse() if callable(reuse) else reuse), len(prompt) - 1)
+    if kept > 0:
+        backend.truncate(kept)
+    else:
+        kept = 0
+        backend.reset()
+    stats.cached_prompt_tokens = kept
 
-    # prefill: the prompt under a causal mask, in chunks (each sees the cache of the earlier
-    # ones); the last chunk's last logits give the first root
+    # prefill: the prompt (past what the cache kept) under a causal mask, in chunks (each sees the
+    # cache of the earlier ones); the last chunk's last logits give the first root
     scored: list[TokenLogprob] | None = [] if cfg.prompt_logprobs else None
-    logits, m = prefill(backend, prompt, cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0)
+    logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0)
     assert logits is not None
     root = select_root(logits[-1], cfg, rng, noise, backend.cache_len)
     rows = logits[-1:].copy() if cfg.logprobs is not None else None  # the logits rows of the emitted tokens
@@ -975,11 +987,12 @@ class DecodeResult:
 
 
 def decode(backend: Backend, prompt_ids, cfg: DecodeConfig, tree: Tree | None = None, decode_text=None,
-           datastore: Datastore | None = None, cost: dynamic.CostModel | None = None) -> DecodeResult:  # fmt: skip
+           datastore: Datastore | None = None, cost: dynamic.CostModel | None = None,
+           reuse: int = 0) -> DecodeResult:  # fmt: skip
     """Run :func:`decode_steps` to the end: all new tokens and the statistics."""
     tokens: list[int] = []
     stats = DecodeStats()
-    for event in decode_steps(backend, prompt_ids, cfg, tree, decode_text, datastore, cost):
+    for event in decode_steps(backend, prompt_ids, cfg, tree, decode_text, datastore, cost, reuse):
         tokens.extend(event.tokens)
         stats = event.stats
     return DecodeResult(tokens, stats)

@@ -425,11 +425,17 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=True)
 
     def reset(self) -> None:
-        self.length = 0
-        self._staged = 0
-        self._hidden = None
+        self.truncate(0)
         if gives_back(self.kv.shape[4], START_CAPACITY):
             self._alloc(START_CAPACITY)
+
+    keeps_prefix = True
+
+    def truncate(self, n: int) -> None:
+        # the entries past n stay in the buffer, stale: cache_lengths hides them, the next call overwrites them
+        self.length = self._check_truncate(n)
+        self._staged = 0
+        self._hidden = None
 
     partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only
 

@@ -529,9 +529,13 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return (req.top_logprobs or 0) if req.logprobs else None
 
-    def usage(job: Job, completion: int) -> dict:
-        return {"prompt_tokens": len(job.ids), "completion_tokens": completion,
-                "total_tokens": len(job.ids) + completion}  # fmt: skip
+    def usage(choices: list[Choice]) -> dict:
+        """OpenAI's usage counts; ``cached_tokens``: the prompt tokens whose cache entries the previous
+        request left (prefix reuse: the next turn of a chat; the first choice's)."""
+        prompt, completion = len(choices[0].job.ids), sum(c.tokens for c in choices)
+        cached = choices[0].stats.cached_prompt_tokens if choices[0].stats is not None else 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
     async def complete(request: Request, req, prompt, chat: bool):
         endpoint = request.url.path
@@ -562,7 +566,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             "created": int(time.time()),
             "model": model_name,
             "choices": [c.whole() for c in choices],
-            "usage": usage(jobs[0], sum(c.tokens for c in choices)),
+            "usage": usage(choices),
             "medusa": _medusa_stats(choices[0].stats),  # the first choice's
         }
 
@@ -598,7 +602,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                     yield frame([piece], **({"medusa": _medusa_stats(value)} if piece["finish_reason"] else {}))
                 left -= kind == "done"
             if include_usage:
-                yield frame([], usage=usage(jobs[0], sum(c.tokens for c in choices)))
+                yield frame([], usage=usage(choices))
             yield "data: [DONE]\n\n"
         finally:  # finished, failed, or the client went away (the response task is cancelled)
             for task in pumps:

@@ -345,7 +345,12 @@ class StagedEngineBackend(DeviceCacheBackend):
     # -- Backend interface -----------------------------------------------------------
 
     def reset(self) -> None:
-        self.length = 0
+        self.truncate(0)
+
+    keeps_prefix = True
+
+    def truncate(self, n: int) -> None:
+        self.length = self._check_truncate(n)
         self._staged = False
         self._n = 0
 

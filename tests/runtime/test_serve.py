@@ -542,3 +542,25 @@ def _wait(cond, timeout: float = 30) -> None:
 
 def _metric(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_the_next_turn_of_a_chat_reports_the_prompt_tokens_it_reused(gen, served, tiny):
+    """The interleaving server's generator keeps the cache of the last request's prompt and answer:
+    the next turn of the chat prefills only what is new (``usage.prompt_tokens_details.cached_tokens``)
+    and answers as a generator that never reuses does. The batching server prefills every prompt."""
+    import runtime
+
+    fresh = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, reuse_prefix=False)
+    with running(served, max_batch=2) as url:
+        c = client(url)
+        first = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0)
+        chat = [*CHAT, {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And the sea?"}]  # fmt: skip
+        r = c.chat.completions.create(model="tiny", messages=chat, max_tokens=12, temperature=0)
+    want = fresh.generate(chat, max_new_tokens=12)
+    assert r.choices[0].message.content == want.text
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    if served is gen:
+        assert len(gen.encode(CHAT)) <= cached < r.usage.prompt_tokens == want.prompt_tokens
+    else:
+        assert cached == 0

@@ -1,0 +1,163 @@
+"""Prefix reuse: a call whose prompt begins with what the previous call left in the cache (its
+prompt and answer: the next turn of a chat) keeps those entries and prefills only the rest.
+
+Every test compares with a generator that never reuses (``reuse_prefix=False``): the tokens must
+be the same, and ``stats.cached_prompt_tokens`` says how much of the prompt was not prefilled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_decode import prompt_for, torch_backend
+
+import runtime
+from runtime.decode import DecodeConfig, decode, prefill
+from runtime.errors import MedusaError
+
+MODES = {
+    "greedy": {},
+    "plain": {"medusa": False},
+    "exact-sampling": {"temperature": 0.8, "seed": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    on = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    off = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, reuse_prefix=False)
+    return on, off
+
+
+def first_turn(g) -> list[int]:
+    return g.encode([{"role": "user", "content": "Tell me about rivers and mountains."}])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_next_turn_reuses_the_last_prompt_and_answer_and_decodes_the_same(pair, mode):
+    on, off = pair
+    kw = dict(max_new_tokens=24, tree="cpu_8", **MODES[mode])
+    ids = first_turn(on)
+    a1 = on.generate(ids, **kw)
+    assert a1.tokens == off.generate(ids, **kw).tokens
+    more = on.encode("And the sea?")
+    ids2 = ids + a1.tokens + more
+    a2 = on.generate(ids2, **kw)
+    # the cache held the prompt and the answer but its last token (a step the length trimmed may have kept it)
+    done = len(ids) + len(a1.tokens)
+    assert done - 1 <= a2.stats.cached_prompt_tokens <= done
+    want = off.generate(ids2, **kw)
+    assert want.stats.cached_prompt_tokens == 0
+    assert a2.tokens == want.tokens
+
+
+def test_a_prompt_that_departs_from_the_cache_keeps_only_the_common_prefix(pair):
+    on, off = pair
+    ids = first_turn(on)
+    on.generate(ids, max_new_tokens=8)
+    k = len(ids) // 2
+    other = ids[:k] + [(ids[k] + 1) % on.spec.vocab_size] + ids[k + 1 :]
+    got = on.generate(other, max_new_tokens=16)
+    assert got.stats.cached_prompt_tokens == k
+    assert got.tokens == off.generate(other, max_new_tokens=16).tokens
+    # the same prompt again: everything but its last token, whose logits the prefill must compute
+    again = on.generate(other, max_new_tokens=16)
+    assert again.stats.cached_prompt_tokens == len(other) - 1 and again.tokens == got.tokens
+
+
+def test_prompt_logprobs_score_the_whole_prompt_anew(pair):
+    on, off = pair
+    ids = first_turn(on)
+    on.generate(ids, max_new_tokens=4)
+    got = on.generate(ids, max_new_tokens=4, logprobs=0, prompt_logprobs=True)
+    assert got.stats.cached_prompt_tokens == 0
+    want = off.generate(ids, max_new_tokens=4, logprobs=0, prompt_logprobs=True)
+    assert got.prompt_logprobs is not None and want.prompt_logprobs is not None
+    assert len(got.prompt_logprobs) == len(ids) - 1
+    np.testing.assert_allclose([t.logprob for t in got.prompt_logprobs], [t.logprob for t in want.prompt_logprobs],
+                               atol=1e-5)  # fmt: skip
+
+
+def test_a_stream_displaced_between_steps_lends_its_prefix_and_still_decodes_its_own(pair):
+    on, off = pair
+    ids = first_turn(on)
+    solo = off.generate(ids, max_new_tokens=20, tree="cpu_8").tokens
+    stream = on.stream(ids, max_new_tokens=20, tree="cpu_8")
+    head = next(stream).tokens  # the prompt and the first step are in the cache now
+    branch = ids + [(head[0] + 1) % on.spec.vocab_size]  # departs where the stream's answer begins
+    got = on.generate(branch, max_new_tokens=12)
+    assert got.stats.cached_prompt_tokens == len(ids)
+    assert got.tokens == off.generate(branch, max_new_tokens=12).tokens
+    rest = [t for chunk in stream for t in chunk.tokens]  # put back (its saved copy), then on to the end
+    assert head + rest == solo
+
+
+def test_nothing_is_reused_after_a_failed_call_or_a_backend_driven_directly(pair):
+    on, off = pair
+    ids = first_turn(on)
+    want = off.generate(ids, max_new_tokens=16).tokens
+    real = on.backend.forward
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # a step after the prefill
+            raise MedusaError("engine call failed: injected")
+        return real(*a, **kw)
+
+    on.backend.forward = failing
+    try:
+        with pytest.raises(MedusaError, match="injected"):
+            on.generate(ids, max_new_tokens=16)
+    finally:
+        del on.backend.forward
+    after = on.generate(ids, max_new_tokens=16)
+    assert after.stats.cached_prompt_tokens == 0 and after.tokens == want
+    on.backend.truncate(3)  # the cache no longer has the length the last call left
+    again = on.generate(ids, max_new_tokens=16)
+    assert again.stats.cached_prompt_tokens == 0 and again.tokens == want
+
+
+def test_truncate_keeps_exactly_a_prefix_on_each_backend(tiny, tiny_portable, tiny_llama):
+    """After truncate(n), the next forward computes what it computes over a fresh prefill of the
+    prompt's first n tokens: on the fused and portable ONNX Runtime backends and PyTorch's."""
+    backends = [
+        runtime.load(tiny["artifact"], backend="onnxruntime", threads=1).backend,
+        runtime.load(tiny_portable["artifact"], backend="onnxruntime", threads=1).backend,
+        torch_backend(tiny_llama(0)),
+    ]
+    prompt = np.array(prompt_for(0, length=12))
+    tail = np.array(prompt_for(1, length=3))
+    for b in backends:
+        assert b.keeps_prefix
+        b.reset()
+        prefill(b, prompt[:7], chunk=0, want_logits=False)
+        want = b.forward(tail, 7 + np.arange(3), np.tril(np.ones((3, 3), bool))).copy()
+        b.reset()
+        prefill(b, prompt, chunk=5, want_logits=False)  # more, in other chunks, then cut back
+        b.truncate(7)
+        assert b.cache_len == 7
+        got = b.forward(tail, 7 + np.arange(3), np.tril(np.ones((3, 3), bool)))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=type(b).__name__)
+        for bad in (-1, 8 + 3):
+            with pytest.raises(MedusaError, match="truncate"):
+                b.truncate(bad)
+
+
+def test_decode_with_reuse_on_the_reference_backend_equals_a_fresh_decode(tiny_llama):
+    b = torch_backend(tiny_llama(0))
+    prompt = prompt_for(2, length=9)
+    cfg = DecodeConfig(max_new_tokens=20, medusa=False)
+    first = decode(b, prompt, cfg)
+    nxt = prompt + first.tokens + prompt_for(3, length=4)
+    kept = decode(b, nxt, DecodeConfig(max_new_tokens=20, medusa=False), reuse=len(prompt) + len(first.tokens) - 1)
+    assert kept.stats.cached_prompt_tokens == len(prompt) + len(first.tokens) - 1
+    fresh = decode(torch_backend(tiny_llama(0)), nxt, DecodeConfig(max_new_tokens=20, medusa=False))
+    assert kept.tokens == fresh.tokens and fresh.stats.cached_prompt_tokens == 0
+
+
+def test_reuse_prefix_is_checked(tiny):
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reuse_prefix"):
+        runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, reuse_prefix="yes")
