@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-import numpy as np
-
 from runtime import checks
 from runtime.artifact import ArtifactConfig, read_artifact
 from runtime.backend import Backend
@@ -50,6 +48,7 @@ from runtime.decode import (
     TokenLogprob,
     check_fits,
     check_prefill_chunk,
+    common_prefix,
     decode_steps,
     prefill,
 )
@@ -219,15 +218,6 @@ class _Claim:
         length trimmed may have committed more, which the emitted tokens do not say)."""
         tokens = self.ids + self.emitted
         return tokens[: min(cache_len, len(tokens))]
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
-    return int(diff[0]) if len(diff) else n
 
 
 class _Replay:
@@ -672,10 +662,10 @@ def load(
     prefill's memory for long prompts. Every load checks the config, that each file it names
     exists, parses and has the size the export recorded, and that the graphs' sizes match the
     config; ``verify=True`` also checks every file's sha256 (about 0.5 s for SmolLM2-135M).
-    reuse_prefix (one sequence a call): a call whose prompt begins with what the previous call's
-    prompt and answer were (the next turn of a chat, the same system prompt) keeps those cache
-    entries and prefills only the rest (``stats.cached_prompt_tokens``); False: every call
-    prefills its whole prompt.
+    reuse_prefix: a call whose prompt begins with what an earlier call's prompt and answer were
+    (the next turn of a chat, the same system prompt) keeps those cache entries and prefills only
+    the rest (``stats.cached_prompt_tokens``): the previous call's, or with ``max_batch`` the free
+    slot's that holds the longest prefix; False: every call prefills its whole prompt.
     """
     if max_batch is not None:
         max_batch = cast(int, checks.integer("max_batch", max_batch, 1))
@@ -689,7 +679,7 @@ def load(
 
         chunk = None if prefill_chunk == DEFAULT_PREFILL_CHUNK else prefill_chunk  # None: the batch default
         return load_batched(artifact_dir, max_batch, threads=threads, max_context=max_context, tree=tree,
-                            prefill_chunk=chunk, verify=verify, budgets=budgets)  # fmt: skip
+                            prefill_chunk=chunk, verify=verify, budgets=budgets, reuse_prefix=reuse_prefix)  # fmt: skip
     return MedusaGenerator(
         artifact_dir,
         backend=backend,

@@ -66,7 +66,7 @@ import numpy as np
 from runtime import checks
 from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
 from runtime.backend import Backend, gives_back
-from runtime.decode import decode_steps
+from runtime.decode import common_prefix, decode_steps
 from runtime.errors import ArtifactError, ContextLengthError, MedusaError
 
 log = logging.getLogger("medusa_trt.runtime")
@@ -131,11 +131,12 @@ class SlotBackend(Backend):
     partial_logits = True
     name = "onnxruntime-batch"
 
-    def __init__(self, engine: BatchEngine, index: int):
+    def __init__(self, engine: BatchEngine, index: int, length: int = 0, reusable: int = 0):
         self.engine = engine
         self.index = index
         self.spec = engine.spec
-        self.length = 0  # committed entries, as the decode loop sees them
+        self.length = length  # committed entries, as the decode loop sees them (a slot's last sequence left them)
+        self.reusable = reusable  # of them, the first tokens of the prompt it was acquired for
         self._staged: np.ndarray | None = None  # [layers, 2, kv_heads, n, head_dim] of the last forward
         self._hidden: np.ndarray | None = None
         self._step_rows = 0
@@ -160,8 +161,14 @@ class SlotBackend(Backend):
         return min(max(0, self.max_context - self.length), self._granted)
 
     def reset(self) -> None:
-        self.engine._queue_commit(self.index, 0, None)
-        self.length = 0
+        self.truncate(0)
+
+    keeps_prefix = True
+
+    def truncate(self, n: int) -> None:
+        n = self._check_truncate(n)
+        self.engine._queue_commit(self.index, n, None)
+        self.length = n
         self._staged = None
         self._hidden = None
 
@@ -288,6 +295,9 @@ class BatchEngine:
         self.capacity = min(MIN_CAPACITY, self.max_context)
         self.kv = np.zeros((s.num_layers, 2, slots, s.num_kv_heads, self.capacity, s.head_dim), self._dtype)
         self._len = [0] * slots  # entries written into each slot (the engine's view)
+        # per free slot: the tokens whose entries its last sequence left (its prompt and answer, as far as
+        # it committed them), and how many: a newcomer whose prompt begins so takes that slot and keeps them
+        self._held: list[tuple[list[int], int]] = [([], 0)] * slots
         # I/O bindings with the cache (and the outputs) bound, per slot range: a call rebinds only its
         # five small inputs (binding 2 x layers cache tensors costs ~1 ms of Python a call)
         self._bindings: dict[tuple, Any] = {}
@@ -345,24 +355,38 @@ class BatchEngine:
 
     # -- slots -------------------------------------------------------------------------
 
-    def acquire(self, timeout: float | None = None) -> SlotBackend:
+    def acquire(self, timeout: float | None = None, prompt: list[int] | None = None) -> SlotBackend:
+        """A free slot (waiting up to ``timeout`` s for one). With ``prompt``: the free slot whose last
+        sequence left the longest prefix of it (the next turn of a chat, a shared system prompt; ties:
+        the lowest), whose entries the decode loop then keeps (``SlotBackend.reusable``)."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._free or self._closed, timeout):
                 raise MedusaError(f"no free slot in {timeout} s: all {self.slots} are decoding")
             if self._closed:
                 raise MedusaError("the batch engine is closed")
-            index = self._free.pop(0)  # lowest first: calls cover a short contiguous range
+            # lowest first: calls cover a short contiguous range
+            shared = [common_prefix(self._held[i][0], prompt) if prompt else 0 for i in self._free]
+            best = int(np.argmax(shared))
+            index = self._free.pop(best)
+            length = self._held[index][1]
+            self._held[index] = ([], 0)
             self._switch()
-        return SlotBackend(self, index)
+        reusable = min(shared[best], len(prompt) - 1) if prompt else 0
+        return SlotBackend(self, index, length=length, reusable=reusable)
 
-    def release(self, slot: SlotBackend) -> None:
+    def release(self, slot: SlotBackend, held: list[int] | None = None) -> None:
+        """Give a slot back; ``held``: the tokens whose entries its sequence committed (the first
+        ``slot.cache_len`` of its prompt and answer), which a later prompt may begin with; None: not
+        known (a failed call), nothing is kept."""
         with self._cond:
             self._computing.discard(slot.index)
             self._left.pop(slot.index, None)
             if slot.index not in self._free:
                 self._free.append(slot.index)
                 self._free.sort()
-            if len(self._free) == self.slots:  # nobody decoding: no call runs, the cache holds nothing kept
+            self._held[slot.index] = (held[: slot.cache_len], slot.cache_len) if held else ([], 0)
+            if len(self._free) == self.slots and gives_back(self.capacity, min(MIN_CAPACITY, self.max_context)):
+                # nobody decoding and the buffer grew past what an idle engine keeps: back to the start
                 self._commits.clear()
                 self._shrink()
             self._switch()
@@ -564,8 +588,8 @@ class BatchEngine:
 
     def _apply(self, commits) -> None:
         for slot, base, rows in commits:
-            if rows is None:  # reset
-                self._len[slot] = 0
+            if rows is None:  # reset / truncate: the first `base` entries stay
+                self._len[slot] = base
                 continue
             a = rows.shape[3]
             self._ensure_capacity(base + a)
@@ -597,6 +621,7 @@ class BatchEngine:
         go to 0 with what they held (a stale length past the new capacity would make the next
         growth copy from outside the buffer)."""
         self._len[:] = [0] * self.slots
+        self._held = [([], 0)] * self.slots
         start = min(MIN_CAPACITY, self.max_context)
         if gives_back(self.capacity, start):
             self.kv = np.zeros((*self.kv.shape[:4], start, self.kv.shape[5]), self._dtype)
@@ -919,11 +944,11 @@ def _generator_class():
 
         def __init__(self, folder, max_batch: int, *, threads=None, max_context=None, tree=None,
                      prefill_chunk=None, verify=False, gather_timeout=DEFAULT_GATHER_TIMEOUT,
-                     budgets="auto"):  # fmt: skip
+                     budgets="auto", reuse_prefix=True):  # fmt: skip
             self._batch_args = (max_batch, gather_timeout, budgets)
             chunk = DEFAULT_BATCH_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
-            super().__init__(folder, backend="onnxruntime", device="cpu", threads=threads,
-                             max_context=max_context, tree=tree, verify=verify, prefill_chunk=chunk)  # fmt: skip
+            super().__init__(folder, backend="onnxruntime", device="cpu", threads=threads, max_context=max_context,
+                             tree=tree, verify=verify, prefill_chunk=chunk, reuse_prefix=reuse_prefix)  # fmt: skip
 
         def _make_backend(self, backend, device, threads, max_context):
             max_batch, gather_timeout, budgets = self._batch_args
@@ -937,17 +962,25 @@ def _generator_class():
             return self.engine.slots
 
         def _stream_events(self, ids, cfg, tree):
-            slot = self.engine.acquire()
+            slot = self.engine.acquire(prompt=list(ids) if self.reuse_prefix else None)
+            tokens = list(ids)  # the slot's cache holds a prefix of these (between steps, all but the last)
+            failed = False  # a step raised: what the cache holds is not known
             try:
-                events = decode_steps(slot, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model)
+                events = decode_steps(slot, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model,
+                                      slot.reusable)  # fmt: skip
                 while True:
                     with self.engine.computing(slot):
-                        event = next(events, None)
+                        try:
+                            event = next(events, None)
+                        except BaseException:
+                            failed = True
+                            raise
                     if event is None:
                         return
+                    tokens.extend(event.tokens)
                     yield event
             finally:  # finished, failed, closed or collected: the slot is free for the next sequence
-                self.engine.release(slot)
+                self.engine.release(slot, None if failed else tokens)
 
         _generate_events = _stream_events
 

@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch: the running requests' steps in one engine call (batch.onnx); interleave: one request "
                         "per call, steps taking turns; auto: batch where the artifact has batch.onnx")  # fmt: skip
     s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429")
+    s.add_argument("--no-prefix-reuse", action="store_true",
+                   help="prefill every prompt whole (default: a prompt that begins with what a finished request's "
+                        "prompt and answer were, the next turn of a chat, keeps that request's cache entries)")  # fmt: skip
     s.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
     s.add_argument("--plain", action="store_true", help="serve plain decoding (no Medusa): the baseline server")
     s.add_argument(
@@ -302,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_args(args) -> dict:
     """runtime.load's keyword arguments from the engine flags."""
     return dict(backend=args.backend, device=args.device, threads=args.threads, max_context=args.max_context,
-                prefill_chunk=args.prefill_chunk, verify=getattr(args, "verify", False))  # fmt: skip
+                prefill_chunk=args.prefill_chunk, verify=getattr(args, "verify", False),
+                reuse_prefix=not getattr(args, "no_prefix_reuse", False))  # fmt: skip
 
 
 def _load(args):

@@ -998,6 +998,15 @@ def decode(backend: Backend, prompt_ids, cfg: DecodeConfig, tree: Tree | None = 
     return DecodeResult(tokens, stats)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if len(diff) else n
+
+
 def check_fits(backend: Backend, prompt) -> None:
     """The prompt is token ids of this model, and at least one token fits after it."""
     prompt = np.asarray(prompt, dtype=np.int64)

@@ -78,7 +78,7 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None) 
 
 def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    stamps, tokens = [], 0
+    stamps, tokens, prompt_tokens, cached = [], 0, 0, 0
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                             temperature=0, max_tokens=max_tokens, stream=True,
                                             stream_options={"include_usage": True})  # fmt: skip
@@ -86,11 +86,14 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
         if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+            details = chunk.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details else 0
     end = time.perf_counter()
     ttft = (stamps[0] - t0) if stamps else end - t0
     itl = (stamps[-1] - stamps[0]) / (tokens - 1) if len(stamps) > 1 and tokens > 1 else None
-    return {"tokens": tokens, "ttft": ttft, "itl": itl, "seconds": end - t0}
+    return {"tokens": tokens, "ttft": ttft, "itl": itl, "seconds": end - t0, "prompt_tokens": prompt_tokens,
+            "cached_tokens": cached}  # fmt: skip
 
 
 def run_level(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
@@ -157,6 +160,9 @@ def _level(concurrency: int, parts: list[tuple[list, list, float]]) -> dict:
         "ttft_p99": _pct(ttft, 99),
         "itl_p50": _pct(itl, 50),
         "itl_p99": _pct(itl, 99),
+        # prompt tokens the server did not prefill (its slots' caches held them: prefix reuse)
+        "cached_share": sum(r.get("cached_tokens", 0) for r in results)
+        / max(1, sum(r.get("prompt_tokens", 0) for r in results)),
     }
 
 
@@ -279,7 +285,8 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"{kind:>17} c={c:<3} {r['requests']:>3} req {r['tokens_per_s']:7.1f} tok/s  ttft p50/p99 "
                       f"{_ms(r['ttft_p50'])}/{_ms(r['ttft_p99'])} ms  itl p50/p99 {_ms(r['itl_p50'])}/"
-                      f"{_ms(r['itl_p99'])} ms  failed {r['failed']}", flush=True)  # fmt: skip
+                      f"{_ms(r['itl_p99'])} ms  prompt cached {100 * r['cached_share']:.0f}%  failed {r['failed']}",
+                      flush=True)  # fmt: skip
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)

@@ -257,3 +257,27 @@ def test_bench_batch_compares_where_tree_steps_run(tiny, capsys):
     small = [line for line in lines if line.startswith("    4 tokens a sequence, ms a call: ")]
     assert len(small) == 2 and all("2 seq" in s for s in small)  # after the two budgets-auto rows
     assert rb.FOLD_STEPS is True
+
+
+def test_bench_multiturn_reuses_the_first_turn_and_answers_the_same(tiny, shared_data, capsys, tmp_path):
+    """Both turns of MT-Bench conversations with and without prefix reuse: the same tokens, the
+    second turn's prompt mostly reused (the first question and answer), nothing reused without."""
+    from scripts import bench_multiturn
+
+    out = tmp_path / "mt.json"
+    assert bench_multiturn.main([str(tiny["artifact"]), "--prompts", str(shared_data / "mt_bench_question.jsonl"),
+                                 "--per-category", "1", "--limit", "3", "--max-new-tokens", "8", "--threads", "1",
+                                 "--json", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "tokens identical on 3/3 conversations" in text
+    s = json.loads(out.read_text())["summary"]
+    assert s["reuse, turn 2"]["reused_share"] > 0.5 and s["no reuse, turn 2"]["reused_share"] == 0
+    assert s["reuse, turn 1"]["prompt_tokens"] == s["no reuse, turn 1"]["prompt_tokens"]
+
+
+def test_serve_prefix_reuse_flag():
+    from runtime.cli import _load_args, build_parser
+
+    on = build_parser().parse_args(["serve", "ART"])
+    off = build_parser().parse_args(["serve", "ART", "--no-prefix-reuse"])
+    assert _load_args(on)["reuse_prefix"] is True and _load_args(off)["reuse_prefix"] is False

@@ -161,3 +161,80 @@ def test_reuse_prefix_is_checked(tiny):
 
     with pytest.raises(ConfigError, match="reuse_prefix"):
         runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, reuse_prefix="yes")
+
+
+# ---------------------------------------------------------------------------- the batch engine
+
+
+@pytest.fixture(scope="module")
+def batched(tiny):
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, prefill_chunk=16, budgets=None)
+    yield g
+    g.close()
+
+
+def together(calls):
+    from test_batch import run_together
+
+    return run_together(calls)
+
+
+def test_batched_next_turns_take_the_slots_holding_their_chats(pair, batched):
+    on, off = pair
+    chats = [first_turn(on), on.encode("Write a poem about the sea.")]
+    kw = dict(max_new_tokens=20, tree="cpu_8")
+    firsts = together([lambda c=c: batched.generate(c, **kw) for c in chats])
+    assert [a.tokens for a in firsts] == [off.generate(c, **kw).tokens for c in chats]
+    seconds = [c + a.tokens + on.encode("Say more.") for c, a in zip(chats, firsts)]
+    got = together([lambda c=c: batched.generate(c, **kw) for c in seconds])
+    for c, a, g in zip(chats, firsts, got):
+        done = len(c) + len(a.tokens)
+        assert done - 1 <= g.stats.cached_prompt_tokens <= done  # its own chat's slot, not the other's
+    assert [g.tokens for g in got] == [off.generate(c, **kw).tokens for c in seconds]
+
+
+def test_a_free_slot_is_chosen_by_the_longest_prefix_it_holds(batched):
+    e = batched.engine
+    a, b = [5, 6, 7, 8, 9, 10], [5, 6, 20, 21]
+    for tokens in (a, b):  # two slots, each holding what a finished sequence left
+        slot = e.acquire(prompt=None)
+        slot.length = len(tokens)
+        e.release(slot, tokens)
+    got = e.acquire(prompt=b + [30])
+    try:
+        assert got.reusable == len(b) and got.length == len(b)
+        assert e._held[got.index] == ([], 0)  # taken: no longer offered
+    finally:
+        e.release(got, None)
+    other = e.acquire(prompt=[99, 98])  # no free slot holds any of it: the lowest free slot, nothing kept
+    try:
+        assert other.reusable == 0 and other.index == min(e._free + [other.index])
+    finally:
+        e.release(other, None)
+
+
+def test_a_failed_batched_call_leaves_its_slot_with_nothing_to_reuse(tiny, pair):
+    on, off = pair
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=1, budgets=None)
+    try:
+        ids = first_turn(on)
+        want = off.generate(ids, max_new_tokens=12).tokens
+        assert g.generate(ids, max_new_tokens=12).tokens == want
+        real = g.engine._run_forward
+        calls = []
+
+        def failing(reqs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise MedusaError("injected")
+            real(reqs)
+
+        g.engine._run_forward = failing
+        with pytest.raises(MedusaError, match="injected"):
+            g.generate(ids + [3], max_new_tokens=12)
+        g.engine._run_forward = real
+        assert g.engine._held == [([], 0)]
+        after = g.generate(ids, max_new_tokens=12)
+        assert after.stats.cached_prompt_tokens == 0 and after.tokens == want
+    finally:
+        g.close()

@@ -174,7 +174,9 @@ def test_logprobs_through_the_openai_client_equal_offline_generate(gen, served):
                                                logprobs=True, top_logprobs=2, stream=True):  # fmt: skip
             if chunk.choices and chunk.choices[0].logprobs:
                 streamed.extend(chunk.choices[0].logprobs.content)
-        assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+        assert [e.token for e in streamed] == [e.token for e in content]
+        # the same prompt again: its cache entries are reused (prefix reuse), so the rows differ in the last bits
+        assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
         plain = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)
         assert plain.choices[0].logprobs is None
         cp = c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
@@ -545,9 +547,10 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_the_next_turn_of_a_chat_reports_the_prompt_tokens_it_reused(gen, served, tiny):
-    """The interleaving server's generator keeps the cache of the last request's prompt and answer:
-    the next turn of the chat prefills only what is new (``usage.prompt_tokens_details.cached_tokens``)
-    and answers as a generator that never reuses does. The batching server prefills every prompt."""
+    """Both servers keep the cache of a request's prompt and answer (the interleaving server's
+    generator its one cache, the batching server the slot): the next turn of the chat prefills only
+    what is new (``usage.prompt_tokens_details.cached_tokens``) and answers as a generator that
+    never reuses does."""
     import runtime
 
     fresh = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1, reuse_prefix=False)
@@ -559,8 +562,6 @@ def test_the_next_turn_of_a_chat_reports_the_prompt_tokens_it_reused(gen, served
         r = c.chat.completions.create(model="tiny", messages=chat, max_tokens=12, temperature=0)
     want = fresh.generate(chat, max_new_tokens=12)
     assert r.choices[0].message.content == want.text
-    cached = r.usage.prompt_tokens_details.cached_tokens
-    if served is gen:
-        assert len(gen.encode(CHAT)) <= cached < r.usage.prompt_tokens == want.prompt_tokens
-    else:
-        assert cached == 0
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+    assert len(gen.encode(CHAT)) <= r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+    assert r.usage.prompt_tokens == want.prompt_tokens

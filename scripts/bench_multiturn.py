@@ -1,0 +1,117 @@
+"""Multi-turn chats with and without prefix reuse: MT-Bench's two turns, the second sent as the whole
+conversation (its first question, the first answer, its second question), as a chat client sends it.
+
+Two generators of one artifact, interleaved conversation by conversation (which goes first
+alternates): one keeps the cache of the previous call's prompt and answer (``reuse_prefix=True``,
+the default) and prefills only the second question, the other prefills every prompt whole. Prints,
+per turn, the median time to the first token (the prefill and the first token; here the whole
+call's prefill phase, ``stats.times["prefill"]``) and the end-to-end tokens per second, the prompt
+tokens reused, and whether both gave the same tokens on every turn.
+
+    python -m scripts.bench_multiturn artifacts/smollm2-135m-medusa --limit 16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def conversations(path: Path, limit: int | None, per_category: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if len(r.get("turns", [])) >= 2]
+    if per_category:
+        count: Counter[str] = Counter()
+        kept = []
+        for r in rows:
+            if count[r["category"]] < per_category:
+                count[r["category"]] += 1
+                kept.append(r)
+        rows = kept
+    return rows[:limit] if limit else rows
+
+
+def run_chat(gen, q: dict, max_new_tokens: int, medusa: bool) -> list[dict]:
+    """Both turns of one conversation: per turn its tokens, prompt size, reused tokens and times."""
+    chat = [{"role": "user", "content": q["turns"][0]}]
+    out = []
+    for turn in (0, 1):
+        if turn:
+            chat += [{"role": "assistant", "content": out[0]["text"]}, {"role": "user", "content": q["turns"][1]}]
+        t = time.perf_counter()
+        g = gen.generate(chat, max_new_tokens=max_new_tokens, medusa=medusa)
+        seconds = time.perf_counter() - t
+        out.append({"tokens": g.tokens, "text": g.text, "prompt": g.prompt_tokens,
+                    "cached": g.stats.cached_prompt_tokens, "prefill_s": g.stats.times["prefill"],
+                    "seconds": seconds})  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    from tqdm import tqdm
+
+    import runtime
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact")
+    ap.add_argument("--prompts", default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"))
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--per-category", type=int, default=None, help="the first N conversations of each category")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--plain", action="store_true", help="plain decoding instead of Medusa (both generators)")
+    ap.add_argument("--json", default=None, help="write the per-conversation numbers here")
+    a = ap.parse_args(argv)
+
+    qs = conversations(Path(a.prompts), a.limit, a.per_category)
+    gens = {
+        "reuse": runtime.load(a.artifact, threads=a.threads),
+        "no reuse": runtime.load(a.artifact, threads=a.threads, reuse_prefix=False),
+    }
+    for g in gens.values():  # warm-up: first-call allocations before any timing
+        g.generate([{"role": "user", "content": "Hi"}], max_new_tokens=8)
+    rows: dict[str, list] = {k: [] for k in gens}
+    same = 0
+    for i, q in enumerate(tqdm(qs, desc="conversations", unit="chat")):
+        order = list(gens) if i % 2 == 0 else list(reversed(gens))
+        got = {k: run_chat(gens[k], q, a.max_new_tokens, not a.plain) for k in order}
+        for k in gens:
+            rows[k].append(got[k])
+        same += all(got["reuse"][t]["tokens"] == got["no reuse"][t]["tokens"] for t in (0, 1))
+
+    mode = "plain decoding" if a.plain else "Medusa"
+    print(f"{len(qs)} MT-Bench conversations x 2 turns, {mode}, max_new_tokens {a.max_new_tokens}, threads {a.threads}")
+    print(f"{'':10} {'turn':>4} {'prompt tok':>10} {'reused':>7} {'TTFT p50 ms':>12} {'tok/s (end to end)':>19}")
+    summary: dict = {}
+    for k in gens:
+        for t in (0, 1):
+            turns = [r[t] for r in rows[k]]
+            tokens = sum(len(x["tokens"]) for x in turns)
+            seconds = sum(x["seconds"] for x in turns)
+            s = {
+                "prompt_tokens": statistics.mean(x["prompt"] for x in turns),
+                "reused_share": sum(x["cached"] for x in turns) / sum(x["prompt"] for x in turns),
+                "ttft_p50_ms": 1000 * statistics.median(x["prefill_s"] for x in turns),
+                "tokens_per_s": tokens / seconds,
+            }
+            summary[f"{k}, turn {t + 1}"] = s
+            print(f"{k:10} {t + 1:>4} {s['prompt_tokens']:>10.0f} {100 * s['reused_share']:>6.0f}% "
+                  f"{s['ttft_p50_ms']:>12.1f} {s['tokens_per_s']:>19.2f}")  # fmt: skip
+    r, n = summary["reuse, turn 2"], summary["no reuse, turn 2"]
+    print(f"turn 2: time to first token {n['ttft_p50_ms'] / r['ttft_p50_ms']:.2f}x shorter with reuse (medians), "
+          f"end to end {r['tokens_per_s'] / n['tokens_per_s']:.2f}x; tokens identical on {same}/{len(qs)} "
+          "conversations (both turns)")  # fmt: skip
+    if a.json:
+        Path(a.json).write_text(json.dumps({"summary": summary, "identical": same, "conversations": len(qs)}, indent=1))
+        print(f"wrote {a.json}")
+    return 0 if same == len(qs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
