@@ -404,7 +404,11 @@ def cmd_bench(args) -> None:
     if args.plot:
         check_output_file("--plot", args.plot, PLOT_SUFFIXES)
     prompts = load_prompts(args.prompts, args.limit, args.per_category, args.skip)
-    gen = _load(args)
+    import runtime
+
+    # every decoder prefills every prompt whole: the same prompt runs once per decoder, and a kept prefix
+    # would spare the later ones their prefill (the peer's too: it reuses nothing)
+    gen = runtime.load(args.artifact, **{**_load_args(args), "reuse_prefix": False})
     res = run_bench(
         gen,
         prompts,

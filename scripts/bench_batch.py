@@ -93,7 +93,9 @@ def _rows(a, chats, rows) -> None:
         rb.PLAIN_STEPS_IN_PLACE = where == "in-place"
         rb.FOLD_STEPS = tree == "fold"
         budgets = "auto" if policy == "plain decoding" else POLICIES[policy]
-        gen = runtime.load(a.artifact, threads=a.threads, max_batch=a.concurrency, budgets=budgets)
+        gen = runtime.load(
+            a.artifact, threads=a.threads, max_batch=a.concurrency, budgets=budgets, reuse_prefix=False
+        )  # every policy prefills the same prompts whole
         try:
             out, seconds = run(gen, chats, a.concurrency, a.max_new_tokens, medusa=policy != "plain decoding")
             st = dict(gen.engine.stats)

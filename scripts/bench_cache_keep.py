@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.onnxrt import FusedOnnxRuntimeBackend
     from runtime.paths import read_text
 
-    gen = runtime.load(a.artifact, backend="onnxruntime", device="cpu", threads=a.threads)
+    gen = runtime.load(a.artifact, backend="onnxruntime", device="cpu", threads=a.threads, reuse_prefix=False)
     if not isinstance(gen.backend, FusedOnnxRuntimeBackend):
         raise SystemExit(f"{a.artifact}: not a fused artifact (its buffer does not grow)")
     lines = [line for line in read_text(a.prompts).splitlines() if line.strip()][: a.limit]

@@ -29,7 +29,7 @@ a = json.loads(sys.argv[1])
 t = time.perf_counter()
 import runtime
 from runtime import hugepages
-gen = runtime.load(a["artifact"], backend="onnxruntime", device="cpu", threads=a["threads"])
+gen = runtime.load(a["artifact"], backend="onnxruntime", device="cpu", threads=a["threads"], reuse_prefix=False)
 load_s = time.perf_counter() - t
 prompts = [json.loads(l)["turns"][0] for l in open(a["prompts"], encoding="utf-8")][: a["limit"]]
 ids = [gen.encode([{"role": "user", "content": p}]) for p in prompts]

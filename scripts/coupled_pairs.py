@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     import runtime.decode as D
     from runtime.bench import load_prompts
 
-    gen = runtime.load(a.artifact, threads=a.threads)
+    gen = runtime.load(a.artifact, threads=a.threads, reuse_prefix=False)  # each run prefills its prompt
     trees = [gen._tree(t) for t in a.trees] if a.trees else [gen.sampling_tree or gen.default_tree, gen.default_tree]
     trees = list({t.name: t for t in trees}.values())  # each once
     prompts = load_prompts(a.prompts, limit=a.limit, per_category=a.per_category or None)

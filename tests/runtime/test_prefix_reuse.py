@@ -238,3 +238,22 @@ def test_a_failed_batched_call_leaves_its_slot_with_nothing_to_reuse(tiny, pair)
         assert after.stats.cached_prompt_tokens == 0 and after.tokens == want
     finally:
         g.close()
+
+
+def test_the_bench_prefills_every_prompt_whole(tiny, shared_data, monkeypatch):
+    """``medusa-run bench`` runs each prompt once per decoder (and the peer reuses nothing): its
+    generator must not keep a prefix, or every decoder after the first would skip its prefill."""
+    from runtime.cli import main
+
+    seen = []
+    real = runtime.load
+
+    def spy(*a, **kw):
+        g = real(*a, **kw)
+        seen.append(g.reuse_prefix)
+        return g
+
+    monkeypatch.setattr(runtime, "load", spy)
+    assert main(["bench", str(tiny["artifact"]), "--prompts", str(shared_data / "mt_bench_question.jsonl"),
+                 "--limit", "1", "--max-new-tokens", "4", "--threads", "1", "-q"]) == 0  # fmt: skip
+    assert seen == [False]
