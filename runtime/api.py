@@ -193,8 +193,9 @@ class _Claim:
     Between two steps of the decode loop the cache holds ``ids`` + every emitted token but
     the last (the next step's root is not cached yet). ``saved``: the copy taken when
     another call displaced this one; ``done``: finished, failed or dropped (never saved);
-    ``failed``: a step raised (what the cache holds is not known); ``left``: the cache length
-    after its last step; ``reuse``: how many of ``ids`` the cache held when it started.
+    ``failed``: a step raised (what the cache holds is not known); ``left``: the backend's cache
+    length and forward count after its last step; ``reuse``: how many of ``ids`` the cache held
+    when it started.
     """
 
     __slots__ = ("ids", "emitted", "saved", "done", "failed", "left", "reuse", "__weakref__")
@@ -205,7 +206,7 @@ class _Claim:
         self.saved: object = None
         self.done = False
         self.failed = False
-        self.left = -1
+        self.left: tuple[int, int] = (-1, -1)
         self.reuse = 0
 
     @property
@@ -439,7 +440,7 @@ class MedusaGenerator:
                     self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model, claim.reuse
                 ):
                     claim.emitted.extend(event.tokens)
-                    claim.left = self.backend.cache_len
+                    claim.left = (self.backend.cache_len, self.backend.forwards)
                     yield event
             except BaseException:
                 claim.failed = True
@@ -474,7 +475,7 @@ class MedusaGenerator:
         if not (self.reuse_prefix and self.backend.keeps_prefix) or holder is None or holder.failed:
             return 0
         n = self.backend.cache_len
-        if n != holder.left:  # its last step left another length: the backend was driven directly since
+        if (n, self.backend.forwards) != holder.left:  # the backend was driven directly since its last step
             return 0
         return min(common_prefix(holder.held(n), ids), len(ids) - 1)
 
@@ -504,7 +505,7 @@ class MedusaGenerator:
                         claim.done = True
                         return
                     claim.emitted.extend(event.tokens)
-                    claim.left = self.backend.cache_len
+                    claim.left = (self.backend.cache_len, self.backend.forwards)
                     if event.stats.finish_reason:  # the last event: a stop may have trimmed the step's tokens,
                         claim.done = True  # so the cache no longer matches them; nothing more to decode
                 yield event  # the lock is free while the consumer handles the chunk

@@ -73,7 +73,12 @@ class Backend(ABC):
                 f"{type(self).__name__} takes at most {limit} new tokens on a cache of {past}, got {n} "
                 "(the decode loop plans calls by max_new_tokens)"
             )
+        self.forwards += 1
         return self._forward(ids, pos, mask, logits)
+
+    # forward calls so far: with cache_len, what a caller that keeps a cache's prefix between calls
+    # (runtime.api's prefix reuse) compares to tell whether anyone else drove the backend since
+    forwards: int = 0
 
     @abstractmethod
     def _forward(

@@ -219,7 +219,9 @@ class BatchEngine:
     """``batch.onnx`` and the heads graph of an artifact, serving up to ``slots`` sequences.
 
     ``acquire()`` hands out a :class:`SlotBackend` (blocking while all are taken), ``release``
-    takes it back; ``computing(slot)`` brackets the stretches in which a slot's decode loop runs,
+    takes it back with the tokens its cache holds, which the slot keeps (prefix reuse: ``acquire``
+    with a prompt picks the free slot holding the longest prefix of it) until a newcomer takes it or
+    the idle engine gives its grown buffer back; ``computing(slot)`` brackets the stretches in which a slot's decode loop runs,
     so the engine knows whom to wait for. ``close()`` stops the engine thread; requests still
     waiting get an error.
     """
@@ -364,15 +366,31 @@ class BatchEngine:
                 raise MedusaError(f"no free slot in {timeout} s: all {self.slots} are decoding")
             if self._closed:
                 raise MedusaError("the batch engine is closed")
-            # lowest first: calls cover a short contiguous range
-            shared = [common_prefix(self._held[i][0], prompt) if prompt else 0 for i in self._free]
-            best = int(np.argmax(shared))
+            best = self._choose_slot(prompt)
             index = self._free.pop(best)
+            shared = common_prefix(self._held[index][0], prompt) if prompt else 0
             length = self._held[index][1]
             self._held[index] = ([], 0)
             self._switch()
-        reusable = min(shared[best], len(prompt) - 1) if prompt else 0
+        reusable = min(shared, len(prompt) - 1) if prompt else 0
         return SlotBackend(self, index, length=length, reusable=reusable)
+
+    def _choose_slot(self, prompt: list[int] | None) -> int:
+        """Under the lock: the position in ``_free`` of the slot a sequence with ``prompt`` takes.
+        A slot whose held tokens the prompt mostly continues (at least 3/4 of them: the next turn
+        of its chat), the longest such prefix first; else the lowest empty slot, so that a prompt
+        sharing only a system prompt does not end another chat's kept entries while there is room;
+        else the lowest free slot (lowest first: a call covers the slots between its sequences)."""
+        if prompt:
+            shared = [common_prefix(self._held[i][0], prompt) for i in self._free]
+            held = [self._held[i][1] for i in self._free]
+            match = [k for k in range(len(shared)) if held[k] and 4 * shared[k] >= 3 * held[k]]
+            if match:
+                return max(match, key=lambda k: (shared[k], -k))
+            empty = [k for k in range(len(held)) if not held[k]]
+            if empty:
+                return empty[0]
+        return 0
 
     def release(self, slot: SlotBackend, held: list[int] | None = None) -> None:
         """Give a slot back; ``held``: the tokens whose entries its sequence committed (the first
@@ -697,7 +715,7 @@ class BatchEngine:
         A slot in the range that is not in the call gets a throwaway entry at the length given
         here: a held slot at its own length (where its next forward writes anyway; a held slot
         whose cache fills the buffer the call will have sends the call to batch.onnx instead), a
-        free one at 0."""
+        free one past the entries it keeps for prefix reuse (at 0 if none)."""
         if not PLAIN_STEPS_IN_PLACE or not all(
             r.rows == 1 and r.logits is None and self._len[r.slot] > 0 for r in reqs
         ):
@@ -708,12 +726,15 @@ class BatchEngine:
 
     def _range_lengths(self, reqs: list[_Request]) -> np.ndarray:
         """The cache lengths of the slots ``lo .. hi`` a call covers: a slot in the call or held by
-        another sequence at its own length, a free one at 0 (where its throwaway rows go)."""
+        another sequence at its own length, a free one at the length of the entries it keeps for
+        prefix reuse (0 if none): its throwaway rows go past them."""
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         inside = {r.slot for r in reqs}
         with self._cond:
             free = set(self._free)
-        return np.array([self._len[s] if s in inside or s not in free else 0 for s in range(lo, hi)], np.int64)
+            kept = [self._held[s][1] for s in range(lo, hi)]
+        return np.array([self._len[s] if s in inside or s not in free else kept[s - lo] for s in range(lo, hi)],
+                        np.int64)  # fmt: skip
 
     def _run_single(self, reqs: list[_Request], lens: np.ndarray | None = None) -> None:
         """One sequence (a step or a prompt chunk), or several one-token steps with the
@@ -787,8 +808,8 @@ class BatchEngine:
         """The ``cache_lengths`` of the slots ``lo .. hi`` for a call on fold.onnx, or None where
         it cannot take the call (no folded graph, more slots than it branches over, or new entries
         that would not fit the context at the longest cache). A slot in the range that is not in
-        the call gets throwaway rows: a held one at its own length, a free one at 0 (every row of
-        the call writes its entries at the longest length, past what any slot holds)."""
+        the call gets throwaway rows: a held one at its own length, a free one past what it keeps
+        (every row of the call writes its entries at the longest length, past what any slot holds)."""
         if self.fold is None or not FOLD_STEPS:
             return None
         lo, hi = reqs[0].slot, reqs[-1].slot + 1

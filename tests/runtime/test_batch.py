@@ -221,8 +221,9 @@ def test_plain_steps_of_several_sequences_run_in_place_on_the_one_sequence_graph
 
 def test_slots_between_plain_steps_never_break_the_call(tiny, monkeypatch):
     """A held slot between two sequences' plain steps whose cache fills the buffer sends the call
-    to batch.onnx (no throwaway entry past the buffer); a free one, whatever length it last had,
-    takes its throwaway entry at 0; with every slot free and the buffer past what an idle engine
+    to batch.onnx (no throwaway entry past the buffer); a free one that keeps nothing (released
+    without tokens), whatever length it last had, takes its throwaway entry at 0 (one that keeps
+    entries for prefix reuse takes it past them: tests/runtime/test_prefix_reuse.py); with every slot free and the buffer past what an idle engine
     keeps, the lengths go to 0 with the shrunk buffer, so growing again copies nothing from outside
     it. (fold.onnx off: it would take the call and grow the buffer; see the folded-graph test below.)"""
     monkeypatch.setattr(rb, "MIN_CAPACITY", 16)

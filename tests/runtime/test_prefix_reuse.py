@@ -116,6 +116,14 @@ def test_nothing_is_reused_after_a_failed_call_or_a_backend_driven_directly(pair
     on.backend.truncate(3)  # the cache no longer has the length the last call left
     again = on.generate(ids, max_new_tokens=16)
     assert again.stats.cached_prompt_tokens == 0 and again.tokens == want
+    # driven directly back to the very length the last call left, with other tokens (a scoring pass)
+    n = on.backend.cache_len
+    on.backend.reset()
+    prefill(on.backend, [3 + i % 50 for i in range(n)], 0, want_logits=False)
+    assert on.backend.cache_len == n
+    third = on.generate(ids + again.tokens + [5], max_new_tokens=8)
+    assert third.stats.cached_prompt_tokens == 0
+    assert third.tokens == off.generate(ids + again.tokens + [5], max_new_tokens=8).tokens
 
 
 def test_truncate_keeps_exactly_a_prefix_on_each_backend(tiny, tiny_portable, tiny_llama):
@@ -206,9 +214,12 @@ def test_a_free_slot_is_chosen_by_the_longest_prefix_it_holds(batched):
         assert e._held[got.index] == ([], 0)  # taken: no longer offered
     finally:
         e.release(got, None)
-    other = e.acquire(prompt=[99, 98])  # no free slot holds any of it: the lowest free slot, nothing kept
+    # a prompt sharing a little with what a slot holds (a system prompt) leaves it for its own chat
+    # and takes an empty slot while there is one
+    empty = [i for i in e._free if not e._held[i][1]]
+    other = e.acquire(prompt=a[:2] + [99])
     try:
-        assert other.reusable == 0 and other.index == min(e._free + [other.index])
+        assert other.reusable == 0 and other.index == (min(empty) if empty else min(e._free + [other.index]))
     finally:
         e.release(other, None)
 
@@ -257,3 +268,62 @@ def test_the_bench_prefills_every_prompt_whole(tiny, shared_data, monkeypatch):
     assert main(["bench", str(tiny["artifact"]), "--prompts", str(shared_data / "mt_bench_question.jsonl"),
                  "--limit", "1", "--max-new-tokens", "4", "--threads", "1", "-q"]) == 0  # fmt: skip
     assert seen == [False]
+
+
+def test_chats_taking_turns_keep_their_own_slots(tiny, pair):
+    """Two chats that share a system prompt, one request at a time: each next turn finds its own
+    chat's slot (the other chat's request took an empty one instead of ending it)."""
+    on, off = pair
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
+    try:
+        chats = {"a": first_turn(on), "b": on.encode([{"role": "user", "content": "Write a poem about the sea."}])}
+        for turn in range(3):
+            for name, ids in chats.items():
+                r = g.generate(ids, max_new_tokens=8)
+                if turn:
+                    assert r.stats.cached_prompt_tokens >= len(ids) - 8, (
+                        turn,
+                        name,
+                    )  # its last turn's prompt and answer
+                assert r.tokens == off.generate(ids, max_new_tokens=8).tokens
+                chats[name] = ids + r.tokens + on.encode("More.")
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("medusa", [True, False], ids=["trees-fold", "plain-in-place"])
+def test_a_free_slot_between_decoding_slots_keeps_its_entries_intact(tiny, pair, medusa):
+    """Calls over the slots lo .. hi write throwaway rows into the free slots between them: past the
+    entries a free slot keeps for its chat's next turn, never over them."""
+    import threading
+    import time
+
+    on, off = pair
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
+    try:
+        prompts = [on.encode("Hi."), on.encode("You are a helpful assistant. " * 6 + "Tell me about rivers."),
+                   on.encode("Yo!")]  # fmt: skip
+        lengths = (120, 2, 120)  # the middle slot's sequence ends first, its neighbours decode on
+        out: dict[int, object] = {}
+
+        def run(i):
+            out[i] = g.generate(prompts[i], max_new_tokens=lengths[i], medusa=medusa)
+
+        threads = []
+        for i in range(3):  # one at a time, so that sequence i takes slot i
+            free = len(g.engine._free)
+            threads.append(threading.Thread(target=run, args=(i,)))
+            threads[-1].start()
+            deadline = time.time() + 30
+            while len(g.engine._free) == free and time.time() < deadline:
+                time.sleep(0.001)
+        for t in threads:
+            t.join(120)
+        middle = out[1]
+        assert g.engine._held[1][1] >= len(prompts[1])  # slot 1 kept its chat
+        nxt = prompts[1] + middle.tokens + on.encode("And the sea?")
+        got = g.generate(nxt, max_new_tokens=16)
+        assert got.stats.cached_prompt_tokens >= len(prompts[1])
+        assert got.tokens == off.generate(nxt, max_new_tokens=16).tokens
+    finally:
+        g.close()
