@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_batch import run_together
 from test_decode import prompt_for, torch_backend
 
 import runtime
@@ -181,20 +182,14 @@ def batched(tiny):
     g.close()
 
 
-def together(calls):
-    from test_batch import run_together
-
-    return run_together(calls)
-
-
 def test_batched_next_turns_take_the_slots_holding_their_chats(pair, batched):
     on, off = pair
     chats = [first_turn(on), on.encode("Write a poem about the sea.")]
     kw = dict(max_new_tokens=20, tree="cpu_8")
-    firsts = together([lambda c=c: batched.generate(c, **kw) for c in chats])
+    firsts = run_together([lambda c=c: batched.generate(c, **kw) for c in chats])
     assert [a.tokens for a in firsts] == [off.generate(c, **kw).tokens for c in chats]
     seconds = [c + a.tokens + on.encode("Say more.") for c, a in zip(chats, firsts)]
-    got = together([lambda c=c: batched.generate(c, **kw) for c in seconds])
+    got = run_together([lambda c=c: batched.generate(c, **kw) for c in seconds])
     for c, a, g in zip(chats, firsts, got):
         done = len(c) + len(a.tokens)
         assert done - 1 <= g.stats.cached_prompt_tokens <= done  # its own chat's slot, not the other's

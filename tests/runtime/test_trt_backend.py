@@ -227,6 +227,24 @@ def test_prefill_then_tree_steps_match_the_host_cache_reference():
     assert [plan.backbone.profiles[p].name for p, _, _ in staged.calls] == ["prefill"] + ["verify"] * 4
 
 
+def test_truncate_keeps_a_prefix_and_the_next_prompt_continues_from_it():
+    """Prefix reuse on the staged backend: after truncate(n) the rest of a new prompt prefills over
+    the kept entries, on the prefill profile, and matches the host-cache reference that prefilled
+    only those n tokens; a truncate past the cache is refused."""
+    ref, staged, plan = _pair()
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 64, 10)
+    cfg = DecodeConfig(max_new_tokens=6, temperature=0.0, medusa=False)
+    decode(staged, prompt, cfg)
+    assert staged.keeps_prefix and staged.cache_len > 10
+    nxt = np.r_[prompt[:7], rng.integers(0, 64, 4)]
+    kept = decode(staged, nxt, cfg, reuse=7)
+    assert kept.stats.cached_prompt_tokens == 7 and staged.calls[-kept.stats.steps - 1][1:] == (7, 4)
+    assert kept.tokens == decode(ref, nxt, cfg).tokens
+    with pytest.raises(MedusaError, match="truncate"):
+        staged.truncate(staged.cache_len + 1)
+
+
 def test_the_backend_declares_what_one_call_takes_and_refuses_more():
     _, staged, plan = _pair()  # context 48, prompt chunks <= 12, trees <= 12
     assert [staged.max_new_tokens(p) for p in (0, 36, 37, 47, 48)] == [12, 12, 1, 1, 0]
