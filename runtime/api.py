@@ -451,7 +451,8 @@ class MedusaGenerator:
     def _take_cache(self, claim: _Claim) -> None:
         """Under the lock: make the backend's cache hold ``claim``'s sequence. The call that
         holds it now is saved first (unless it is done), then ``claim``'s saved copy is put
-        back; a claim that has not started needs nothing (the decode loop resets the cache)."""
+        back; a claim that has not started learns how much of its prompt the cache holds
+        (``claim.reuse``: the decode loop truncates the cache to it, or resets it)."""
         holder = self._holder
         if holder is claim:
             if claim.emitted and self.backend.cache_len != len(claim.cached):
@@ -665,8 +666,9 @@ def load(
     config; ``verify=True`` also checks every file's sha256 (about 0.5 s for SmolLM2-135M).
     reuse_prefix: a call whose prompt begins with what an earlier call's prompt and answer were
     (the next turn of a chat, the same system prompt) keeps those cache entries and prefills only
-    the rest (``stats.cached_prompt_tokens``): the previous call's, or with ``max_batch`` the free
-    slot's that holds the longest prefix; False: every call prefills its whole prompt.
+    the rest (``stats.cached_prompt_tokens``): the previous call's, or with ``max_batch`` a free
+    slot's (the one whose chat the prompt continues, see ``BatchEngine._choose_slot``); False:
+    every call prefills its whole prompt.
     """
     if max_batch is not None:
         max_batch = cast(int, checks.integer("max_batch", max_batch, 1))

@@ -93,6 +93,7 @@ PLAIN_EXPLORE = 8  # ... and this many times fewer while plain steps are chosen 
 # lost to the warm-up and exploring in one in-process run; scripts/bench_batch.py shows it as padding), and what a step emits does not
 # depend on the load, so lighter loads (alone above all) supply the estimates
 EXPLORE_MAX_BUSY = 2
+NOTHING_HELD: tuple[list[int], int, int] = ([], 0, 0)  # a slot's kept tokens, entries, prompt length: none
 STEP_WINDOW = 512  # recent unlimited steps choose_budget weighs
 # plain steps of several sequences run in place on model.onnx (False: on batch.onnx, as before
 # 2026-12-01; scripts/bench_batch.py --plain-steps compares the two)
@@ -219,11 +220,11 @@ class BatchEngine:
     """``batch.onnx`` and the heads graph of an artifact, serving up to ``slots`` sequences.
 
     ``acquire()`` hands out a :class:`SlotBackend` (blocking while all are taken), ``release``
-    takes it back with the tokens its cache holds, which the slot keeps (prefix reuse: ``acquire``
-    with a prompt picks the free slot holding the longest prefix of it) until a newcomer takes it or
-    the idle engine gives its grown buffer back; ``computing(slot)`` brackets the stretches in which a slot's decode loop runs,
-    so the engine knows whom to wait for. ``close()`` stops the engine thread; requests still
-    waiting get an error.
+    takes it back with the tokens its cache holds, which the slot keeps for prefix reuse (``acquire``
+    with a prompt prefers the slot whose chat the prompt continues, see ``_choose_slot``) until a
+    newcomer takes it or the idle engine gives its grown buffer back; ``computing(slot)`` brackets
+    the stretches in which a slot's decode loop runs, so the engine knows whom to wait for.
+    ``close()`` stops the engine thread; requests still waiting get an error.
     """
 
     def __init__(
@@ -299,7 +300,8 @@ class BatchEngine:
         self._len = [0] * slots  # entries written into each slot (the engine's view)
         # per free slot: the tokens whose entries its last sequence left (its prompt and answer, as far as
         # it committed them), and how many: a newcomer whose prompt begins so takes that slot and keeps them
-        self._held: list[tuple[list[int], int]] = [([], 0)] * slots
+        # (and the length of that sequence's prompt: a chat's next turn resends it whole)
+        self._held: list[tuple[list[int], int, int]] = [NOTHING_HELD] * slots
         # I/O bindings with the cache (and the outputs) bound, per slot range: a call rebinds only its
         # five small inputs (binding 2 x layers cache tensors costs ~1 ms of Python a call)
         self._bindings: dict[tuple, Any] = {}
@@ -358,9 +360,9 @@ class BatchEngine:
     # -- slots -------------------------------------------------------------------------
 
     def acquire(self, timeout: float | None = None, prompt: list[int] | None = None) -> SlotBackend:
-        """A free slot (waiting up to ``timeout`` s for one). With ``prompt``: the free slot whose last
-        sequence left the longest prefix of it (the next turn of a chat, a shared system prompt; ties:
-        the lowest), whose entries the decode loop then keeps (``SlotBackend.reusable``)."""
+        """A free slot (waiting up to ``timeout`` s for one). With ``prompt``: the slot ``_choose_slot``
+        picks, and the prefix of ``prompt`` it holds, whose entries the decode loop then keeps
+        (``SlotBackend.reusable``)."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._free or self._closed, timeout):
                 raise MedusaError(f"no free slot in {timeout} s: all {self.slots} are decoding")
@@ -370,39 +372,42 @@ class BatchEngine:
             index = self._free.pop(best)
             shared = common_prefix(self._held[index][0], prompt) if prompt else 0
             length = self._held[index][1]
-            self._held[index] = ([], 0)
+            self._held[index] = NOTHING_HELD
             self._switch()
         reusable = min(shared, len(prompt) - 1) if prompt else 0
         return SlotBackend(self, index, length=length, reusable=reusable)
 
     def _choose_slot(self, prompt: list[int] | None) -> int:
         """Under the lock: the position in ``_free`` of the slot a sequence with ``prompt`` takes.
-        A slot whose held tokens the prompt mostly continues (at least 3/4 of them: the next turn
-        of its chat), the longest such prefix first; else the lowest empty slot, so that a prompt
-        sharing only a system prompt does not end another chat's kept entries while there is room;
-        else the lowest free slot (lowest first: a call covers the slots between its sequences)."""
-        if prompt:
-            shared = [common_prefix(self._held[i][0], prompt) for i in self._free]
-            held = [self._held[i][1] for i in self._free]
-            match = [k for k in range(len(shared)) if held[k] and 4 * shared[k] >= 3 * held[k]]
-            if match:
-                return max(match, key=lambda k: (shared[k], -k))
-            empty = [k for k in range(len(held)) if not held[k]]
-            if empty:
-                return empty[0]
-        return 0
+        A slot whose chat the prompt continues (it begins with that slot's last prompt whole, as a
+        chat's next turn does, or with 3/4 of what the slot holds), the longest shared prefix first;
+        else the lowest empty slot, so that a prompt sharing only a system prompt does not end
+        another chat's kept entries while there is room; else the free slot sharing the longest
+        prefix, the lowest of those (lowest first: a call covers the slots between its sequences)."""
+        if not prompt:
+            return 0
+        shared = [common_prefix(self._held[i][0], prompt) for i in self._free]
+        held = [self._held[i][1:] for i in self._free]  # (entries, their prompt's length)
+        match = [k for k, (n, p) in enumerate(held) if n and (shared[k] >= p or 4 * shared[k] >= 3 * n)]
+        if match:
+            return max(match, key=lambda k: (shared[k], -k))
+        empty = [k for k, (n, _) in enumerate(held) if not n]
+        if empty:
+            return empty[0]
+        return max(range(len(shared)), key=lambda k: (shared[k], -k))
 
-    def release(self, slot: SlotBackend, held: list[int] | None = None) -> None:
+    def release(self, slot: SlotBackend, held: list[int] | None = None, prompt_len: int = 0) -> None:
         """Give a slot back; ``held``: the tokens whose entries its sequence committed (the first
-        ``slot.cache_len`` of its prompt and answer), which a later prompt may begin with; None: not
-        known (a failed call), nothing is kept."""
+        ``slot.cache_len`` of its prompt, ``prompt_len`` tokens, and answer), which a later prompt may
+        begin with; None: not known (a failed call), nothing is kept."""
         with self._cond:
             self._computing.discard(slot.index)
             self._left.pop(slot.index, None)
             if slot.index not in self._free:
                 self._free.append(slot.index)
                 self._free.sort()
-            self._held[slot.index] = (held[: slot.cache_len], slot.cache_len) if held else ([], 0)
+            n = slot.cache_len
+            self._held[slot.index] = (held[:n], n, min(prompt_len, n)) if held else NOTHING_HELD
             if len(self._free) == self.slots and gives_back(self.capacity, min(MIN_CAPACITY, self.max_context)):
                 # nobody decoding and the buffer grew past what an idle engine keeps: back to the start
                 self._commits.clear()
@@ -499,6 +504,8 @@ class BatchEngine:
                     costs[(b, n)] = float(np.median(times[1:]))
         finally:
             self._len[:] = saved
+            with self._cond:  # the profile's calls wrote over what free slots kept
+                self._held = [NOTHING_HELD] * self.slots
             if not any(saved):
                 self._shrink()
             self._last_call = None
@@ -639,7 +646,7 @@ class BatchEngine:
         go to 0 with what they held (a stale length past the new capacity would make the next
         growth copy from outside the buffer)."""
         self._len[:] = [0] * self.slots
-        self._held = [([], 0)] * self.slots
+        self._held = [NOTHING_HELD] * self.slots
         start = min(MIN_CAPACITY, self.max_context)
         if gives_back(self.capacity, start):
             self.kv = np.zeros((*self.kv.shape[:4], start, self.kv.shape[5]), self._dtype)
@@ -1001,7 +1008,7 @@ def _generator_class():
                     tokens.extend(event.tokens)
                     yield event
             finally:  # finished, failed, closed or collected: the slot is free for the next sequence
-                self.engine.release(slot, None if failed else tokens)
+                self.engine.release(slot, None if failed else tokens, len(ids))
 
         _generate_events = _stream_events
 

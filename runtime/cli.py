@@ -309,10 +309,10 @@ def _load_args(args) -> dict:
                 reuse_prefix=not getattr(args, "no_prefix_reuse", False))  # fmt: skip
 
 
-def _load(args):
+def _load(args, **overrides):
     import runtime
 
-    return runtime.load(args.artifact, **_load_args(args))
+    return runtime.load(args.artifact, **{**_load_args(args), **overrides})
 
 
 def generate_kwargs(args) -> dict:
@@ -404,11 +404,9 @@ def cmd_bench(args) -> None:
     if args.plot:
         check_output_file("--plot", args.plot, PLOT_SUFFIXES)
     prompts = load_prompts(args.prompts, args.limit, args.per_category, args.skip)
-    import runtime
-
     # every decoder prefills every prompt whole: the same prompt runs once per decoder, and a kept prefix
     # would spare the later ones their prefill (the peer's too: it reuses nothing)
-    gen = runtime.load(args.artifact, **{**_load_args(args), "reuse_prefix": False})
+    gen = _load(args, reuse_prefix=False)
     res = run_bench(
         gen,
         prompts,

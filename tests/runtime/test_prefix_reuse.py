@@ -13,6 +13,7 @@ from test_batch import run_together
 from test_decode import prompt_for, torch_backend
 
 import runtime
+from runtime import batch as rb
 from runtime.decode import DecodeConfig, decode, prefill
 from runtime.errors import MedusaError
 
@@ -196,27 +197,45 @@ def test_batched_next_turns_take_the_slots_holding_their_chats(pair, batched):
     assert [g.tokens for g in got] == [off.generate(c, **kw).tokens for c in seconds]
 
 
-def test_a_free_slot_is_chosen_by_the_longest_prefix_it_holds(batched):
-    e = batched.engine
-    a, b = [5, 6, 7, 8, 9, 10], [5, 6, 20, 21]
-    for tokens in (a, b):  # two slots, each holding what a finished sequence left
-        slot = e.acquire(prompt=None)
-        slot.length = len(tokens)
-        e.release(slot, tokens)
-    got = e.acquire(prompt=b + [30])
+def test_a_free_slot_is_chosen_by_the_chat_its_prompt_continues(tiny):
+    """The slot whose chat the prompt continues (its last prompt whole, or 3/4 of what it holds);
+    else an empty slot; else the free slot sharing the longest prefix. Slots here hold made-up
+    tokens with no cache behind them: a fresh engine, closed at the end."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=4, budgets=None)
+    e = g.engine
+
+    def hold(*chats):  # slots as finished sequences of these (prompt + answer, prompt length) leave them
+        slots = [e.acquire(prompt=None) for _ in chats]
+        for slot, (tokens, prompt_len) in zip(slots, chats):
+            slot.length = len(tokens)
+            e.release(slot, tokens, prompt_len)
+        return [slot.index for slot in slots]
+
     try:
-        assert got.reusable == len(b) and got.length == len(b)
-        assert e._held[got.index] == ([], 0)  # taken: no longer offered
-    finally:
+        sys_prompt = [5, 6, 7]
+        # chat a: a 5-token prompt and a 6-token answer; chat b: 4 and 1
+        chat_a, chat_b = hold((sys_prompt + [8, 9, 10, 11, 12, 13, 14, 15], 5), (sys_prompt + [20, 21], 4))
+        # chat a's next turn, whose re-encoded answer departs from the tokens generated early on: its
+        # last prompt comes back whole (5 of 11 shared, under 3/4): still chat a's slot
+        got = e.acquire(prompt=sys_prompt + [8, 9, 99, 98, 97])
+        assert got.index == chat_a and got.reusable == 5 and got.length == 11
+        assert e._held[got.index] == rb.NOTHING_HELD  # taken: no longer offered
         e.release(got, None)
-    # a prompt sharing a little with what a slot holds (a system prompt) leaves it for its own chat
-    # and takes an empty slot while there is one
-    empty = [i for i in e._free if not e._held[i][1]]
-    other = e.acquire(prompt=a[:2] + [99])
-    try:
-        assert other.reusable == 0 and other.index == (min(empty) if empty else min(e._free + [other.index]))
-    finally:
+        # a prompt sharing only the system prompt leaves chat b's slot alone and takes an empty one
+        other = e.acquire(prompt=sys_prompt + [40])
+        assert other.index != chat_b and other.reusable == 0 and not e._held[other.index][1]
         e.release(other, None)
+        # no slot continues it and none is empty: the one sharing the longest prefix
+        slots = [e.acquire(prompt=None) for _ in range(len(e._free))]
+        for slot in slots:  # chat b's slot as it was, the others sharing 2 tokens of the system prompt
+            tokens = sys_prompt + [20, 21] if slot.index == chat_b else sys_prompt[:2] + [50 + slot.index, 51]
+            slot.length = len(tokens)
+            e.release(slot, tokens, 3)
+        last = e.acquire(prompt=sys_prompt + [70])
+        assert last.index == chat_b and last.reusable == 3
+        e.release(last, None)
+    finally:
+        g.close()
 
 
 def test_a_failed_batched_call_leaves_its_slot_with_nothing_to_reuse(tiny, pair):
@@ -239,7 +258,7 @@ def test_a_failed_batched_call_leaves_its_slot_with_nothing_to_reuse(tiny, pair)
         with pytest.raises(MedusaError, match="injected"):
             g.generate(ids + [3], max_new_tokens=12)
         g.engine._run_forward = real
-        assert g.engine._held == [([], 0)]
+        assert g.engine._held == [rb.NOTHING_HELD]
         after = g.generate(ids, max_new_tokens=12)
         assert after.stats.cached_prompt_tokens == 0 and after.tokens == want
     finally:
@@ -317,8 +336,11 @@ def test_a_free_slot_between_decoding_slots_keeps_its_entries_intact(tiny, pair,
         middle = out[1]
         assert g.engine._held[1][1] >= len(prompts[1])  # slot 1 kept its chat
         nxt = prompts[1] + middle.tokens + on.encode("And the sea?")
-        got = g.generate(nxt, max_new_tokens=16)
+        got = g.generate(nxt, max_new_tokens=16, logprobs=0)
         assert got.stats.cached_prompt_tokens >= len(prompts[1])
-        assert got.tokens == off.generate(nxt, max_new_tokens=16).tokens
+        want = off.generate(nxt, max_new_tokens=16, logprobs=0)
+        assert got.tokens == want.tokens
+        # the log-probabilities too: one overwritten entry need not change a greedy token of the tiny model
+        assert [t.logprob for t in got.logprobs] == pytest.approx([t.logprob for t in want.logprobs], abs=1e-3)
     finally:
         g.close()
