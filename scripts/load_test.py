@@ -47,9 +47,12 @@ def free_port() -> int:
 SERVERS = ("plain", "medusa", "plain-interleave", "medusa-interleave")
 
 
-def start_server(artifact: str, kind: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
+                 prefix_reuse: bool = False) -> tuple[subprocess.Popen, str]:  # fmt: skip
     """``kind``: plain or medusa decoding, batched engine calls (the default where the artifact has
-    batch.onnx) or ``-interleave`` (one sequence per engine call, steps taking turns)."""
+    batch.onnx) or ``-interleave`` (one sequence per engine call, steps taking turns). Prefix reuse
+    is off unless ``prefix_reuse``: every level sends the same prompts again, and a server that kept
+    them would skip prefills at the later levels that the first did not."""
     import httpx
 
     port = free_port()
@@ -59,6 +62,8 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None) 
         cmd += ["--threads", str(threads)]
     if kind.startswith("plain"):
         cmd.append("--plain")
+    if not prefix_reuse:
+        cmd.append("--no-prefix-reuse")
     if kind.endswith("-interleave"):
         cmd += ["--batching", "interleave"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -189,9 +194,9 @@ def rss_mib(pid: int) -> float:
 
 
 def soak(artifact: str, prompts: list[str], model: str, concurrency: int, seconds: float, max_tokens: int,
-         threads: int | None) -> dict:  # fmt: skip
+         threads: int | None, prefix_reuse: bool = False) -> dict:  # fmt: skip
     """``concurrency`` clients back to back for ``seconds`` against one Medusa server; RSS sampled."""
-    proc, url = start_server(artifact, "medusa", concurrency, threads)
+    proc, url = start_server(artifact, "medusa", concurrency, threads, prefix_reuse)
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -251,6 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--servers", nargs="+", choices=SERVERS, default=["plain", "medusa"],
                     help="servers to compare (-interleave: one sequence per engine call)")  # fmt: skip
     ap.add_argument("--soak", type=float, default=0, help="seconds of a soak at the first concurrency (Medusa only)")
+    ap.add_argument("--prefix-reuse", action="store_true",
+                    help="servers keep prompts' cache entries (serve's default); off here by default, since every "
+                         "level resends the same prompts and later levels would skip prefills the first did not")  # fmt: skip
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {a.rounds}")
@@ -259,7 +267,7 @@ def main(argv=None) -> int:
     prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     model = Path(a.artifact).resolve().name
     if a.soak:
-        r = soak(a.artifact, prompts, model, a.concurrency[0], a.soak, a.max_tokens, a.threads)
+        r = soak(a.artifact, prompts, model, a.concurrency[0], a.soak, a.max_tokens, a.threads, a.prefix_reuse)
         print(f"soak {a.soak:.0f} s at concurrency {r['concurrency']}: {r['requests']} requests, {r['failed']} failed, "
               f"{r['tokens_per_s']:.1f} tok/s; server RSS start {r['rss_start']:.0f} MiB, end {r['rss_end']:.0f} MiB, "
               f"max {r['rss_max']:.0f} MiB ({len(r['rss_mib_samples'])} samples)")  # fmt: skip
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
     servers = {}
     try:
         for kind in a.servers:
-            servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads)
+            servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads, a.prefix_reuse)
         rows = []
         urls = {kind: servers[kind][1] for kind in a.servers}
         for c in a.concurrency:

@@ -281,3 +281,27 @@ def test_serve_prefix_reuse_flag():
     on = build_parser().parse_args(["serve", "ART"])
     off = build_parser().parse_args(["serve", "ART", "--no-prefix-reuse"])
     assert _load_args(on)["reuse_prefix"] is True and _load_args(off)["reuse_prefix"] is False
+
+
+def test_load_test_servers_run_without_prefix_reuse_unless_asked(monkeypatch):
+    """Every level resends the same prompts: servers that kept them would skip prefills at the later
+    levels that the first level paid, so the load test turns prefix reuse off unless asked."""
+    import io
+
+    from scripts import load_test
+
+    cmds = []
+
+    class Exited:
+        def __init__(self, cmd, **kw):
+            cmds.append(cmd)
+            self.stderr = io.StringIO("")
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(load_test.subprocess, "Popen", Exited)
+    for reuse in (False, True):
+        with pytest.raises(SystemExit, match="the server exited"):
+            load_test.start_server("ART", "medusa", 4, 2, prefix_reuse=reuse)
+    assert "--no-prefix-reuse" in cmds[0] and "--no-prefix-reuse" not in cmds[1]
