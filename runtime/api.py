@@ -198,7 +198,7 @@ class _Claim:
     when it started.
     """
 
-    __slots__ = ("ids", "emitted", "saved", "done", "failed", "left", "reuse")
+    __slots__ = ("ids", "emitted", "saved", "done", "failed", "left", "reuse", "__weakref__")
 
     def __init__(self, ids: list[int]):
         self.ids = list(ids)
