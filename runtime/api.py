@@ -213,6 +213,11 @@ class _Claim:
     def cached(self) -> list[int]:
         return self.ids + self.emitted[:-1]
 
+    def record(self, tokens: list[int], backend) -> None:
+        """A step emitted ``tokens``; the backend's cache length and forward count after it."""
+        self.emitted.extend(tokens)
+        self.left = (backend.cache_len, backend.forwards)
+
     def held(self, cache_len: int) -> list[int]:
         """The tokens whose entries fill the cache's first ``cache_len`` positions, as far as this
         call knows them: its prompt and the accepted tokens it emitted (a step a stop string or the
@@ -439,8 +444,7 @@ class MedusaGenerator:
                 for event in decode_steps(
                     self.backend, ids, cfg, tree, self.tokenizer.decode, self.datastore, self.cost_model, claim.reuse
                 ):
-                    claim.emitted.extend(event.tokens)
-                    claim.left = (self.backend.cache_len, self.backend.forwards)
+                    claim.record(event.tokens, self.backend)
                     yield event
             except BaseException:
                 claim.failed = True
@@ -505,8 +509,7 @@ class MedusaGenerator:
                     if event is None:
                         claim.done = True
                         return
-                    claim.emitted.extend(event.tokens)
-                    claim.left = (self.backend.cache_len, self.backend.forwards)
+                    claim.record(event.tokens, self.backend)
                     if event.stats.finish_reason:  # the last event: a stop may have trimmed the step's tokens,
                         claim.done = True  # so the cache no longer matches them; nothing more to decode
                 yield event  # the lock is free while the consumer handles the chunk

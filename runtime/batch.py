@@ -368,33 +368,35 @@ class BatchEngine:
                 raise MedusaError(f"no free slot in {timeout} s: all {self.slots} are decoding")
             if self._closed:
                 raise MedusaError("the batch engine is closed")
-            best = self._choose_slot(prompt)
+            best, shared = self._choose_slot(prompt)
             index = self._free.pop(best)
-            shared = common_prefix(self._held[index][0], prompt) if prompt else 0
             length = self._held[index][1]
             self._held[index] = NOTHING_HELD
             self._switch()
         reusable = min(shared, len(prompt) - 1) if prompt else 0
         return SlotBackend(self, index, length=length, reusable=reusable)
 
-    def _choose_slot(self, prompt: list[int] | None) -> int:
-        """Under the lock: the position in ``_free`` of the slot a sequence with ``prompt`` takes.
+    def _choose_slot(self, prompt: list[int] | None) -> tuple[int, int]:
+        """Under the lock: the position in ``_free`` of the slot a sequence with ``prompt`` takes, and
+        how many of the prompt's first tokens that slot holds.
         A slot whose chat the prompt continues (it begins with that slot's last prompt whole, as a
         chat's next turn does, or with 3/4 of what the slot holds), the longest shared prefix first;
         else the lowest empty slot, so that a prompt sharing only a system prompt does not end
         another chat's kept entries while there is room; else the free slot sharing the longest
         prefix, the lowest of those (lowest first: a call covers the slots between its sequences)."""
         if not prompt:
-            return 0
+            return 0, 0
         shared = [common_prefix(self._held[i][0], prompt) for i in self._free]
         held = [self._held[i][1:] for i in self._free]  # (entries, their prompt's length)
         match = [k for k, (n, p) in enumerate(held) if n and (shared[k] >= p or 4 * shared[k] >= 3 * n)]
-        if match:
-            return max(match, key=lambda k: (shared[k], -k))
         empty = [k for k, (n, _) in enumerate(held) if not n]
-        if empty:
-            return empty[0]
-        return max(range(len(shared)), key=lambda k: (shared[k], -k))
+        if match:
+            k = max(match, key=lambda k: (shared[k], -k))
+        elif empty:
+            k = empty[0]
+        else:
+            k = max(range(len(shared)), key=lambda k: (shared[k], -k))
+        return k, shared[k]
 
     def release(self, slot: SlotBackend, held: list[int] | None = None, prompt_len: int = 0) -> None:
         """Give a slot back; ``held``: the tokens whose entries its sequence committed (the first

@@ -703,11 +703,10 @@ def decode_steps(
     out: list[int] = []
     clock = _Clock(stats.times)
     start = clock.t
-    kept = 0 if cfg.prompt_logprobs else min(int(reuse() if callable(reuse) else reuse), len(prompt) - 1)
-    if kept > 0:
+    kept = 0 if cfg.prompt_logprobs else max(0, min(int(reuse() if callable(reuse) else reuse), len(prompt) - 1))
+    if kept:
         backend.truncate(kept)
     else:
-        kept = 0
         backend.reset()
     stats.cached_prompt_tokens = kept
 
