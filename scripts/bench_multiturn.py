@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--plain", action="store_true", help="plain decoding instead of Medusa (both generators)")
+    ap.add_argument("--peer", action="store_true",
+                    help="also onnxruntime-genai plain decoding on the same prompts, each prompt whole (pip install "
+                         "-e .[peers]): end-to-end tokens/s per turn beside ours")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the per-conversation numbers here")
     a = ap.parse_args(argv)
 
@@ -76,14 +79,28 @@ def main(argv=None) -> int:
     }
     for g in gens.values():  # warm-up: first-call allocations before any timing
         g.generate([{"role": "user", "content": "Hi"}], max_new_tokens=8)
+    peer = None
+    if a.peer:
+        from runtime.peers import OrtGenaiPeer, peer_model_dir
+
+        peer = OrtGenaiPeer(peer_model_dir(gens["reuse"]), threads=a.threads)
+        peer.run(gens["reuse"].encode([{"role": "user", "content": "Hi"}]), 8)
     rows: dict[str, list] = {k: [] for k in gens}
-    same = 0
+    peer_rows: list = []
+    same = peer_same = 0
     for i, q in enumerate(tqdm(qs, desc="conversations", unit="chat")):
         order = list(gens) if i % 2 == 0 else list(reversed(gens))
         got = {k: run_chat(gens[k], q, a.max_new_tokens, not a.plain) for k in order}
         for k in gens:
             rows[k].append(got[k])
         same += all(got["reuse"][t]["tokens"] == got["no reuse"][t]["tokens"] for t in (0, 1))
+        if peer is not None:  # the same two prompts as ours (turn 2 carries our turn-1 answer), each whole
+            chat = [{"role": "user", "content": q["turns"][0]}]
+            second = chat + [{"role": "assistant", "content": got["reuse"][0]["text"]},
+                             {"role": "user", "content": q["turns"][1]}]  # fmt: skip
+            runs = [peer.run(gens["reuse"].encode(c), a.max_new_tokens) for c in (chat, second)]
+            peer_rows.append(runs)
+            peer_same += all(r.tokens == got["reuse"][t]["tokens"] for t, r in enumerate(runs))
 
     mode = "plain decoding" if a.plain else "Medusa"
     print(f"{len(qs)} MT-Bench conversations x 2 turns, {mode}, max_new_tokens {a.max_new_tokens}, threads {a.threads}")
@@ -103,6 +120,14 @@ def main(argv=None) -> int:
             summary[f"{k}, turn {t + 1}"] = s
             print(f"{k:10} {t + 1:>4} {s['prompt_tokens']:>10.0f} {100 * s['reused_share']:>6.0f}% "
                   f"{s['ttft_p50_ms']:>12.1f} {s['tokens_per_s']:>19.2f}")  # fmt: skip
+    if peer is not None:
+        for t in (0, 1):
+            tps = sum(len(r[t].tokens) for r in peer_rows) / sum(r[t].seconds for r in peer_rows)
+            summary[f"peer, turn {t + 1}"] = {"tokens_per_s": tps}
+            ours = summary[f"reuse, turn {t + 1}"]["tokens_per_s"]
+            print(f"{'peer':10} {t + 1:>4} {'':>10} {'':>7} {'':>12} {tps:>19.2f}   ({peer.version}, plain, each prompt "
+                  f"whole; ours with reuse {ours / tps:.2f}x it)")  # fmt: skip
+        print(f"the peer's tokens equal ours on {peer_same}/{len(qs)} conversations (both turns)")
     r, n = summary["reuse, turn 2"], summary["no reuse, turn 2"]
     print(f"turn 2: time to first token {n['ttft_p50_ms'] / r['ttft_p50_ms']:.2f}x shorter with reuse (medians), "
           f"end to end {r['tokens_per_s'] / n['tokens_per_s']:.2f}x; tokens identical on {same}/{len(qs)} "
