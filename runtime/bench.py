@@ -153,6 +153,8 @@ class RunResult:
     datastore_accepted: int = 0
     drafts: dict = field(default_factory=dict)  # a speculating peer's draft counters (proposed, accepted)
     nodes: int = 0  # tokens the Medusa steps verified (roots included)
+    first_token_s: float | None = None  # a peer's run: from its prompt going in to its first new token
+    cached: int = 0  # a peer's chat turn: prompt tokens its KV cache kept from the turn before
 
     @property
     def tokens_per_s(self) -> float:

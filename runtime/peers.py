@@ -29,6 +29,7 @@ import numpy as np
 
 from runtime import hugepages
 from runtime.bench import RunResult, _peer_model_path
+from runtime.decode import common_prefix
 from runtime.errors import MedusaError
 from runtime.onnxrt import _bind, _options, _ort
 from runtime.profile import round_robin_ms
@@ -214,7 +215,8 @@ class OrtGenaiPeer:
         or, with ``temperature`` > 0, sampling from the whole distribution at that temperature
         (``top_k=0``, ``top_p=1``: the law our plain sampling draws from; ``random_seed`` ``seed``).
 
-        Timed like ``runtime.bench._run``: from the prompt ids going in to the last token out.
+        Timed like ``runtime.bench._run``: from the prompt ids going in to the last token out
+        (``first_token_s``: to the first new token).
         Creating the generator (it allocates its KV cache) is left outside the clock, as our
         cache is allocated at load: that favours the peer by a few ms per prompt. The EOS that
         ends a decode is counted, as our decode counts it: onnxruntime-genai does not append it
@@ -234,15 +236,54 @@ class OrtGenaiPeer:
         generator = og.Generator(self.model, params)
         t = time.perf_counter()
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        first = None
         while not generator.is_done():
             generator.generate_next_token()
+            first = first if first is not None else time.perf_counter() - t
         seconds = time.perf_counter() - t
         tokens = [int(x) for x in generator.get_sequence(0)[len(ids) :]]
         last = int(generator.get_next_tokens()[0])
         if len(tokens) < max_new_tokens and last in self.eos_token_ids:
             tokens.append(last)
         stats = generator.get_speculative_stats() if ngram else {}
-        return RunResult(tokens, seconds, drafts={k: int(stats[k]) for k in DRAFT_COUNTERS if k in stats})
+        drafts = {k: int(stats[k]) for k in DRAFT_COUNTERS if k in stats}
+        return RunResult(tokens, seconds, drafts=drafts, first_token_s=first)
+
+    def chat(self, turns: Sequence[Sequence[int]], max_new_tokens: int) -> list[RunResult]:
+        """Greedy decoding of a conversation's turns on **one** generator, as onnxruntime-genai
+        continues a chat: each turn's prompt ids (the whole conversation so far) rewind the generator
+        to the prefix its sequence shares with them (``Generator.rewind_to``) and append the rest
+        (``append_tokens``), so the KV cache of the earlier turns is kept, as our prefix reuse keeps
+        ours. Each turn is timed like :meth:`run` (its ``seconds``; ``first_token_s``: to its first
+        new token); ``cached`` is the prompt tokens the turn kept."""
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max(len(t) for t in turns) + max_new_tokens, do_sample=False)
+        generator = og.Generator(self.model, params)
+        out: list[RunResult] = []
+        fed = 0  # the sequence's tokens the KV cache holds
+        for ids in turns:
+            held = [int(x) for x in generator.get_sequence(0)]
+            keep = min(common_prefix(held, ids), fed, len(ids) - 1)
+            t = time.perf_counter()
+            if keep < len(held):
+                generator.rewind_to(keep)
+            generator.append_tokens(np.asarray(ids[keep:], dtype=np.int32))
+            first = None
+            while not generator.is_done() and generator.token_count() < len(ids) + max_new_tokens:
+                generator.generate_next_token()
+                first = first if first is not None else time.perf_counter() - t
+            seconds = time.perf_counter() - t
+            tokens = [int(x) for x in generator.get_sequence(0)[len(ids) :]]
+            last = int(generator.get_next_tokens()[0])
+            eos = len(tokens) < max_new_tokens and last in self.eos_token_ids
+            if eos:
+                tokens.append(last)
+            # the cache holds the prompt and every new token but the last: a last token cut by the length
+            # was never fed, and an EOS (fed neither) is not in the sequence
+            fed = len(ids) + len(tokens) - 1
+            out.append(RunResult(tokens, seconds, first_token_s=first, cached=keep))
+        return out
 
 
 # ---------------------------------------------------------------------------- profile

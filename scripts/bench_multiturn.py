@@ -6,7 +6,9 @@ alternates): one keeps the cache of the previous call's prompt and answer (``reu
 the default) and prefills only the second question, the other prefills every prompt whole. Prints,
 per turn, the median time to the first token (the prefill and the first token; here the whole
 call's prefill phase, ``stats.times["prefill"]``) and the end-to-end tokens per second, the prompt
-tokens reused, and whether both gave the same tokens on every turn.
+tokens reused, and whether both gave the same tokens on every turn. ``--peer`` adds onnxruntime-genai's
+plain decoding of the same prompts, each whole and on one generator a conversation that keeps its
+cache between the turns (``Generator.rewind_to`` to the prefix it shares, ``append_tokens`` the rest).
 
     python -m scripts.bench_multiturn artifacts/smollm2-135m-medusa --limit 16 --threads 2
 """
@@ -67,8 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--plain", action="store_true", help="plain decoding instead of Medusa (both generators)")
     ap.add_argument("--peer", action="store_true",
-                    help="also onnxruntime-genai plain decoding on the same prompts, each prompt whole (pip install "
-                         "-e .[peers]): end-to-end tokens/s per turn beside ours")  # fmt: skip
+                    help="also onnxruntime-genai plain decoding on the same prompts (pip install -e .[peers]), "
+                         "each prompt whole and on one generator per conversation that keeps its cache between "
+                         "the turns: time to first token and end-to-end tokens/s per turn beside ours")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the per-conversation numbers here")
     a = ap.parse_args(argv)
 
@@ -86,21 +89,27 @@ def main(argv=None) -> int:
         peer = OrtGenaiPeer(peer_model_dir(gens["reuse"]), threads=a.threads)
         peer.run(gens["reuse"].encode([{"role": "user", "content": "Hi"}]), 8)
     rows: dict[str, list] = {k: [] for k in gens}
-    peer_rows: list = []
-    same = peer_same = 0
+    peer_rows: dict[str, list] = {"whole": [], "kept": []}
+    same = 0
+    peer_same = {"whole": 0, "kept": 0}
     for i, q in enumerate(tqdm(qs, desc="conversations", unit="chat")):
         order = list(gens) if i % 2 == 0 else list(reversed(gens))
         got = {k: run_chat(gens[k], q, a.max_new_tokens, not a.plain) for k in order}
         for k in gens:
             rows[k].append(got[k])
         same += all(got["reuse"][t]["tokens"] == got["no reuse"][t]["tokens"] for t in (0, 1))
-        if peer is not None:  # the same two prompts as ours (turn 2 carries our turn-1 answer), each whole
+        if peer is not None:  # the same two prompts as ours (turn 2 carries our turn-1 answer)
             chat = [{"role": "user", "content": q["turns"][0]}]
             second = chat + [{"role": "assistant", "content": got["reuse"][0]["text"]},
                              {"role": "user", "content": q["turns"][1]}]  # fmt: skip
-            runs = [peer.run(gens["reuse"].encode(c), a.max_new_tokens) for c in (chat, second)]
-            peer_rows.append(runs)
-            peer_same += all(r.tokens == got["reuse"][t]["tokens"] for t, r in enumerate(runs))
+            ids = [gens["reuse"].encode(c) for c in (chat, second)]
+            peer_runs = {
+                "whole": [peer.run(x, a.max_new_tokens) for x in ids],
+                "kept": peer.chat(ids, a.max_new_tokens),
+            }
+            for kind, runs in peer_runs.items():
+                peer_rows[kind].append(runs)
+                peer_same[kind] += all(r.tokens == got["reuse"][t]["tokens"] for t, r in enumerate(runs))
 
     mode = "plain decoding" if a.plain else "Medusa"
     print(f"{len(qs)} MT-Bench conversations x 2 turns, {mode}, max_new_tokens {a.max_new_tokens}, threads {a.threads}")
@@ -121,19 +130,34 @@ def main(argv=None) -> int:
             print(f"{k:10} {t + 1:>4} {s['prompt_tokens']:>10.0f} {100 * s['reused_share']:>6.0f}% "
                   f"{s['ttft_p50_ms']:>12.1f} {s['tokens_per_s']:>19.2f}")  # fmt: skip
     if peer is not None:
-        for t in (0, 1):
-            tps = sum(len(r[t].tokens) for r in peer_rows) / sum(r[t].seconds for r in peer_rows)
-            summary[f"peer, turn {t + 1}"] = {"tokens_per_s": tps}
-            ours = summary[f"reuse, turn {t + 1}"]["tokens_per_s"]
-            print(f"{'peer':10} {t + 1:>4} {'':>10} {'':>7} {'':>12} {tps:>19.2f}   ({peer.version}, plain, each prompt "
-                  f"whole; ours with reuse {ours / tps:.2f}x it)")  # fmt: skip
-        print(f"the peer's tokens equal ours on {peer_same}/{len(qs)} conversations (both turns)")
+        how = {"whole": "each prompt whole", "kept": "one generator a chat: rewind_to + append_tokens"}
+        for kind, runs_of in peer_rows.items():
+            for t in (0, 1):
+                turns = [r[t] for r in runs_of]
+                s = {
+                    "reused_share": sum(r.cached for r in turns) / sum(x[t]["prompt"] for x in rows["reuse"]),
+                    "ttft_p50_ms": 1000 * statistics.median(r.first_token_s or 0.0 for r in turns),
+                    "tokens_per_s": sum(len(r.tokens) for r in turns) / sum(r.seconds for r in turns),
+                }
+                summary[f"peer {kind}, turn {t + 1}"] = s
+                ours = summary[f"reuse, turn {t + 1}"]
+                print(f"{'peer ' + kind:10} {t + 1:>4} {'':>10} {100 * s['reused_share']:>6.0f}% {s['ttft_p50_ms']:>12.1f} "
+                      f"{s['tokens_per_s']:>19.2f}   (plain, {how[kind]}; ours with reuse {ours['tokens_per_s'] / s['tokens_per_s']:.2f}x "
+                      f"its tokens/s; its time to first token {s['ttft_p50_ms'] / ours['ttft_p50_ms']:.2f}x ours)")  # fmt: skip
+        print(
+            f"the peer is {peer.version}; its tokens equal ours on "
+            + ", ".join(f"{peer_same[k]}/{len(qs)} conversations ({k})" for k in peer_same)
+            + " (both turns)"
+        )
     r, n = summary["reuse, turn 2"], summary["no reuse, turn 2"]
     print(f"turn 2: time to first token {n['ttft_p50_ms'] / r['ttft_p50_ms']:.2f}x shorter with reuse (medians), "
           f"end to end {r['tokens_per_s'] / n['tokens_per_s']:.2f}x; tokens identical on {same}/{len(qs)} "
           "conversations (both turns)")  # fmt: skip
     if a.json:
-        Path(a.json).write_text(json.dumps({"summary": summary, "identical": same, "conversations": len(qs)}, indent=1))
+        record = {"summary": summary, "identical": same, "conversations": len(qs)}
+        if peer is not None:
+            record.update(peer=peer.version, peer_identical=peer_same)
+        Path(a.json).write_text(json.dumps(record, indent=1))
         print(f"wrote {a.json}")
     return 0 if same == len(qs) else 1
 

@@ -18,8 +18,8 @@ import runtime
 from runtime.errors import MedusaError
 
 # Prompt texts (wordlevel vocabulary) that encode to ids not ending in the pad id 0:
-# onnxruntime-genai takes trailing pad tokens of a prompt for right padding. "t8 t6 t4"
-# reaches EOS (id 2) before MAX_NEW, so the EOS accounting is exercised too.
+# onnxruntime-genai takes trailing pad tokens of a prompt for right padding. (None of them reaches
+# EOS within MAX_NEW: the chat test below answers a prompt that does.)
 TEXTS = ["t36 t47 t58 t69", "t8 t6 t4", "t64 t65 t66", "t5 t9 t7 t33 t81 t90"]
 MAX_NEW = 40
 
@@ -260,3 +260,55 @@ def test_runtime_imports_neither_torch_nor_genai(repo_root):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_peer_chat_keeps_its_cache_between_turns_and_answers_as_whole_prompts(setup):
+    """``OrtGenaiPeer.chat``: one generator a conversation, rewound to the prefix the next prompt
+    shares with its sequence; every turn's tokens equal a fresh generator's on the whole prompt,
+    through an EOS, a prompt that continues the answer, and one that departs from it early."""
+    from runtime.peers import OrtGenaiPeer, peer_model_dir
+
+    gen = runtime.load(setup["artifact"], threads=1)
+    peer = OrtGenaiPeer(peer_model_dir(gen), threads=1)
+    first = [93, 108, 68, 49]  # the tiny model answers it with 13 tokens and an EOS (found by a search)
+    answer = peer.run(first, MAX_NEW).tokens
+    assert answer[-1] == 2 and len(answer) == 14
+    short = peer.run(first, 10).tokens  # the same answer cut by the length
+    assert short == answer[:10]
+    # per max_new_tokens: the turns, and the prompt tokens each keeps. The cache holds the sequence but
+    # its last token: the EOS is never appended to the sequence (all 13 answer tokens are fed), a last
+    # token cut by the length is never fed (9 of 10); the third prompt departs after 3 tokens
+    chats = {
+        MAX_NEW: ([first, first + answer + gen.encode(TEXTS[0]), first[:3] + gen.encode(TEXTS[2])],
+                  [0, len(first) + 13, 3]),
+        10: ([first, first + short + gen.encode(TEXTS[3])], [0, len(first) + 9]),
+    }  # fmt: skip
+    for max_new, (prompts, kept) in chats.items():
+        turns = peer.chat(prompts, max_new)
+        for ids, got in zip(prompts, turns):
+            assert got.tokens == peer.run(ids, max_new).tokens
+            assert got.first_token_s is not None and got.seconds >= got.first_token_s
+        assert [t.cached for t in turns] == kept
+
+
+def test_bench_multiturn_with_the_peer_whole_and_kept(setup, capsys, tmp_path):
+    """``scripts.bench_multiturn --peer``: onnxruntime-genai on both turns, each prompt whole and on one
+    generator a conversation; its tokens equal ours both ways; only the kept generator reuses."""
+    from scripts import bench_multiturn
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [a, b]}) + "\n"
+                             for i, (c, a, b) in enumerate([("x", TEXTS[0], TEXTS[2]), ("y", TEXTS[3], TEXTS[1])])))  # fmt: skip
+    out = tmp_path / "mt.json"
+    assert bench_multiturn.main([str(setup["artifact"]), "--prompts", str(chats), "--max-new-tokens", "12",
+                                 "--threads", "1", "--peer", "--json", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "its tokens equal ours on 2/2 conversations (whole), 2/2 conversations (kept)" in text, text
+    rec = json.loads(out.read_text())
+    s = rec["summary"]
+    assert rec["peer_identical"] == {"whole": 2, "kept": 2} and rec["peer"].startswith("onnxruntime-genai")
+    assert s["peer whole, turn 2"]["reused_share"] == 0 and s["peer kept, turn 1"]["reused_share"] == 0
+    # the kept generator reuses (here the first turn's prompt: the word-level tokenizer re-encodes the
+    # tiny model's answers differently, where ours stops reusing too), never more than ours
+    assert 0 < s["peer kept, turn 2"]["reused_share"] <= s["reuse, turn 2"]["reused_share"]
+    assert all(s[f"peer {k}, turn {t}"]["ttft_p50_ms"] > 0 for k in ("whole", "kept") for t in (1, 2))
