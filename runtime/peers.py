@@ -249,16 +249,20 @@ class OrtGenaiPeer:
         drafts = {k: int(stats[k]) for k in DRAFT_COUNTERS if k in stats}
         return RunResult(tokens, seconds, drafts=drafts, first_token_s=first)
 
-    def chat(self, turns: Sequence[Sequence[int]], max_new_tokens: int) -> list[RunResult]:
-        """Greedy decoding of a conversation's turns on **one** generator, as onnxruntime-genai
-        continues a chat: each turn's prompt ids (the whole conversation so far) rewind the generator
-        to the prefix its sequence shares with them (``Generator.rewind_to``) and append the rest
-        (``append_tokens``), so the KV cache of the earlier turns is kept, as our prefix reuse keeps
-        ours. Each turn is timed like :meth:`run` (its ``seconds``; ``first_token_s``: to its first
-        new token); ``cached`` is the prompt tokens the turn kept."""
+    def chat(self, turns: Sequence[Sequence[int]], max_new_tokens: int, ngram: bool = False) -> list[RunResult]:
+        """Greedy decoding (``ngram``: with its n-gram speculation) of a conversation's turns on **one**
+        generator, as onnxruntime-genai continues a chat: each turn's prompt ids (the whole
+        conversation so far) rewind the generator to the prefix its sequence shares with them
+        (``Generator.rewind_to``) and append the rest (``append_tokens``), so the KV cache of the
+        earlier turns is kept, as our prefix reuse keeps ours. Each turn is timed like :meth:`run`
+        (its ``seconds``; ``first_token_s``: to its first new token); ``cached`` is the prompt tokens
+        the turn kept. (One generator has one length limit, the longest turn's: a speculating step
+        may pass a shorter turn's ``max_new_tokens``, whose tokens past it are not counted.)"""
         og = self.og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=max(len(t) for t in turns) + max_new_tokens, do_sample=False)
+        if ngram:
+            params.set_speculative_options(ngram_size=NGRAM_SIZE, max_draft_tokens=MAX_DRAFT_TOKENS)
         generator = og.Generator(self.model, params)
         out: list[RunResult] = []
         fed = 0  # the sequence's tokens the KV cache holds
@@ -274,13 +278,14 @@ class OrtGenaiPeer:
                 generator.generate_next_token()
                 first = first if first is not None else time.perf_counter() - t
             seconds = time.perf_counter() - t
-            tokens = [int(x) for x in generator.get_sequence(0)[len(ids) :]]
+            tokens = [int(x) for x in generator.get_sequence(0)[len(ids) : len(ids) + max_new_tokens]]
             last = int(generator.get_next_tokens()[0])
             eos = len(tokens) < max_new_tokens and last in self.eos_token_ids
             if eos:
                 tokens.append(last)
             # the cache holds the prompt and every new token but the last: a last token cut by the length
-            # was never fed, and an EOS (fed neither) is not in the sequence
+            # was never fed, and an EOS (fed neither) is not in the sequence (tokens past max_new_tokens,
+            # a speculating step's, may be held too: rewinding to fewer is safe)
             fed = len(ids) + len(tokens) - 1
             out.append(RunResult(tokens, seconds, first_token_s=first, cached=keep))
         return out

@@ -8,7 +8,8 @@ per turn, the median time to the first token (the prefill and the first token; h
 call's prefill phase, ``stats.times["prefill"]``) and the end-to-end tokens per second, the prompt
 tokens reused, and whether both gave the same tokens on every turn. ``--peer`` adds onnxruntime-genai's
 plain decoding of the same prompts, each whole and on one generator a conversation that keeps its
-cache between the turns (``Generator.rewind_to`` to the prefix it shares, ``append_tokens`` the rest).
+cache between the turns (``Generator.rewind_to`` to the prefix it shares, ``append_tokens`` the rest),
+and its n-gram speculation on such a generator.
 
     python -m scripts.bench_multiturn artifacts/smollm2-135m-medusa --limit 16 --threads 2
 """
@@ -69,9 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--plain", action="store_true", help="plain decoding instead of Medusa (both generators)")
     ap.add_argument("--peer", action="store_true",
-                    help="also onnxruntime-genai plain decoding on the same prompts (pip install -e .[peers]), "
+                    help="also onnxruntime-genai on the same prompts (pip install -e .[peers]): plain decoding of "
                          "each prompt whole and on one generator per conversation that keeps its cache between "
-                         "the turns: time to first token and end-to-end tokens/s per turn beside ours")  # fmt: skip
+                         "the turns, and its n-gram speculation on such a generator: time to first token and "
+                         "end-to-end tokens/s per turn beside ours")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the per-conversation numbers here")
     a = ap.parse_args(argv)
 
@@ -89,9 +91,9 @@ def main(argv=None) -> int:
         peer = OrtGenaiPeer(peer_model_dir(gens["reuse"]), threads=a.threads)
         peer.run(gens["reuse"].encode([{"role": "user", "content": "Hi"}]), 8)
     rows: dict[str, list] = {k: [] for k in gens}
-    peer_rows: dict[str, list] = {"whole": [], "kept": []}
+    peer_rows: dict[str, list] = {"whole": [], "kept": [], "kept n-gram": []}
     same = 0
-    peer_same = {"whole": 0, "kept": 0}
+    peer_same = dict.fromkeys(peer_rows, 0)
     for i, q in enumerate(tqdm(qs, desc="conversations", unit="chat")):
         order = list(gens) if i % 2 == 0 else list(reversed(gens))
         got = {k: run_chat(gens[k], q, a.max_new_tokens, not a.plain) for k in order}
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
             peer_runs = {
                 "whole": [peer.run(x, a.max_new_tokens) for x in ids],
                 "kept": peer.chat(ids, a.max_new_tokens),
+                "kept n-gram": peer.chat(ids, a.max_new_tokens, ngram=True),
             }
             for kind, runs in peer_runs.items():
                 peer_rows[kind].append(runs)
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
 
     mode = "plain decoding" if a.plain else "Medusa"
     print(f"{len(qs)} MT-Bench conversations x 2 turns, {mode}, max_new_tokens {a.max_new_tokens}, threads {a.threads}")
-    print(f"{'':10} {'turn':>4} {'prompt tok':>10} {'reused':>7} {'TTFT p50 ms':>12} {'tok/s (end to end)':>19}")
+    print(f"{'':16} {'turn':>4} {'prompt tok':>10} {'reused':>7} {'TTFT p50 ms':>12} {'tok/s (end to end)':>19}")
     summary: dict = {}
     for k in gens:
         for t in (0, 1):
@@ -127,10 +130,14 @@ def main(argv=None) -> int:
                 "tokens_per_s": tokens / seconds,
             }
             summary[f"{k}, turn {t + 1}"] = s
-            print(f"{k:10} {t + 1:>4} {s['prompt_tokens']:>10.0f} {100 * s['reused_share']:>6.0f}% "
+            print(f"{k:16} {t + 1:>4} {s['prompt_tokens']:>10.0f} {100 * s['reused_share']:>6.0f}% "
                   f"{s['ttft_p50_ms']:>12.1f} {s['tokens_per_s']:>19.2f}")  # fmt: skip
     if peer is not None:
-        how = {"whole": "each prompt whole", "kept": "one generator a chat: rewind_to + append_tokens"}
+        how = {
+            "whole": "plain, each prompt whole",
+            "kept": "plain, one generator a chat: rewind_to + append_tokens",
+            "kept n-gram": "its n-gram speculation, one generator a chat",
+        }
         for kind, runs_of in peer_rows.items():
             for t in (0, 1):
                 turns = [r[t] for r in runs_of]
@@ -141,8 +148,8 @@ def main(argv=None) -> int:
                 }
                 summary[f"peer {kind}, turn {t + 1}"] = s
                 ours = summary[f"reuse, turn {t + 1}"]
-                print(f"{'peer ' + kind:10} {t + 1:>4} {'':>10} {100 * s['reused_share']:>6.0f}% {s['ttft_p50_ms']:>12.1f} "
-                      f"{s['tokens_per_s']:>19.2f}   (plain, {how[kind]}; ours with reuse {ours['tokens_per_s'] / s['tokens_per_s']:.2f}x "
+                print(f"{'peer ' + kind:16} {t + 1:>4} {'':>10} {100 * s['reused_share']:>6.0f}% {s['ttft_p50_ms']:>12.1f} "
+                      f"{s['tokens_per_s']:>19.2f}   ({how[kind]}; ours with reuse {ours['tokens_per_s'] / s['tokens_per_s']:.2f}x "
                       f"its tokens/s; its time to first token {s['ttft_p50_ms'] / ours['ttft_p50_ms']:.2f}x ours)")  # fmt: skip
         print(
             f"the peer is {peer.version}; its tokens equal ours on "

@@ -283,12 +283,13 @@ def test_peer_chat_keeps_its_cache_between_turns_and_answers_as_whole_prompts(se
                   [0, len(first) + 13, 3]),
         10: ([first, first + short + gen.encode(TEXTS[3])], [0, len(first) + 9]),
     }  # fmt: skip
-    for max_new, (prompts, kept) in chats.items():
-        turns = peer.chat(prompts, max_new)
-        for ids, got in zip(prompts, turns):
-            assert got.tokens == peer.run(ids, max_new).tokens
-            assert got.first_token_s is not None and got.seconds >= got.first_token_s
-        assert [t.cached for t in turns] == kept
+    for ngram in (False, True):  # greedy, and with its n-gram speculation
+        for max_new, (prompts, kept) in chats.items():
+            turns = peer.chat(prompts, max_new, ngram=ngram)
+            for ids, got in zip(prompts, turns):
+                assert got.tokens == peer.run(ids, max_new).tokens
+                assert got.first_token_s is not None and got.seconds >= got.first_token_s
+            assert [t.cached for t in turns] == kept
 
 
 def test_bench_multiturn_with_the_peer_whole_and_kept(setup, capsys, tmp_path):
@@ -303,12 +304,16 @@ def test_bench_multiturn_with_the_peer_whole_and_kept(setup, capsys, tmp_path):
     assert bench_multiturn.main([str(setup["artifact"]), "--prompts", str(chats), "--max-new-tokens", "12",
                                  "--threads", "1", "--peer", "--json", str(out)]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    assert "its tokens equal ours on 2/2 conversations (whole), 2/2 conversations (kept)" in text, text
+    assert ("its tokens equal ours on 2/2 conversations (whole), 2/2 conversations (kept), "
+            "2/2 conversations (kept n-gram)") in text, text  # fmt: skip
     rec = json.loads(out.read_text())
     s = rec["summary"]
-    assert rec["peer_identical"] == {"whole": 2, "kept": 2} and rec["peer"].startswith("onnxruntime-genai")
+    assert rec["peer_identical"] == {"whole": 2, "kept": 2, "kept n-gram": 2} and rec["peer"].startswith(
+        "onnxruntime-genai"
+    )
     assert s["peer whole, turn 2"]["reused_share"] == 0 and s["peer kept, turn 1"]["reused_share"] == 0
     # the kept generator reuses (here the first turn's prompt: the word-level tokenizer re-encodes the
     # tiny model's answers differently, where ours stops reusing too), never more than ours
     assert 0 < s["peer kept, turn 2"]["reused_share"] <= s["reuse, turn 2"]["reused_share"]
-    assert all(s[f"peer {k}, turn {t}"]["ttft_p50_ms"] > 0 for k in ("whole", "kept") for t in (1, 2))
+    assert s["peer kept n-gram, turn 2"]["reused_share"] == s["peer kept, turn 2"]["reused_share"]
+    assert all(s[f"peer {k}, turn {t}"]["ttft_p50_ms"] > 0 for k in rec["peer_identical"] for t in (1, 2))
