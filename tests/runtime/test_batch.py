@@ -554,3 +554,23 @@ def test_take_alternates_steps_and_prompt_chunks(batched):
             eng._computing |= saved[1]
             eng._chunk_turn = saved[2]
     assert taken == [(3,), (40,), (3,), (40,)]
+
+
+def test_random_prompts_eight_at_once_equal_each_alone(gen, tiny):
+    """Eight calls at once on 8 slots (2 threads), random token prompts of 2-69 tokens (chunked past
+    16), fixed trees, the artifact's tree and plain decoding, greedy and coupled sampling: each
+    sequence's tokens equal its decode alone on the one-sequence graph."""
+    engine = runtime.load(tiny["artifact"], threads=2, max_batch=8, prefill_chunk=16, reuse_prefix=False)
+    rng = np.random.default_rng(7)
+    trees = [None, "chain_3", "cpu_8", None, "chain_1", None, "cpu_8", None]
+    try:
+        for rnd in range(6):
+            sampling = {"temperature": 0.8} if rnd % 2 else {}
+            prompts = [[int(x) for x in rng.integers(3, 128, rng.integers(2, 70))] for _ in trees]
+            medusa = [i != 3 + rnd % 3 for i in range(len(trees))]  # one plain request a round
+            kw = [dict(max_new_tokens=48, tree=t, medusa=m, seed=len(p), **sampling)
+                  for p, t, m in zip(prompts, trees, medusa)]  # fmt: skip
+            got = run_together([lambda p=p, k=k: engine.generate(p, **k).tokens for p, k in zip(prompts, kw)])
+            assert got == [gen.generate(p, **k).tokens for p, k in zip(prompts, kw)], rnd
+    finally:
+        engine.close()
