@@ -251,13 +251,19 @@ class OrtGenaiPeer:
 
     def chat(self, turns: Sequence[Sequence[int]], max_new_tokens: int, ngram: bool = False) -> list[RunResult]:
         """Greedy decoding (``ngram``: with its n-gram speculation) of a conversation's turns on **one**
-        generator, as onnxruntime-genai continues a chat: each turn's prompt ids (the whole
-        conversation so far) rewind the generator to the prefix its sequence shares with them
-        (``Generator.rewind_to``) and append the rest (``append_tokens``), so the KV cache of the
-        earlier turns is kept, as our prefix reuse keeps ours. Each turn is timed like :meth:`run`
-        (its ``seconds``; ``first_token_s``: to its first new token); ``cached`` is the prompt tokens
-        the turn kept. (One generator has one length limit, the longest turn's: a speculating step
-        may pass a shorter turn's ``max_new_tokens``, whose tokens past it are not counted.)"""
+        generator: each turn's prompt ids (the whole conversation so far, as a chat client resends it)
+        rewind the generator to the prefix its sequence shares with them (``Generator.rewind_to``)
+        and append the rest (``append_tokens``), so the KV cache of the earlier turns is kept, as our
+        prefix reuse keeps ours. (This harness is ours, on onnxruntime-genai's API; its own chat
+        example appends each new turn's tokens alone, which keeps the same cache.) Each turn is timed
+        like :meth:`run` (its ``seconds``; ``first_token_s``: to its first new token); ``cached`` is the
+        prompt tokens the turn kept; ``drafts``: the turn's speculation counters. (One generator has
+        one length limit, the longest turn's: a shorter turn's last verification may draft past its
+        own ``max_new_tokens``, inside its clock; the next rewind drops those tokens.)"""
+        if not turns:
+            return []
+        if not all(len(t) for t in turns):
+            raise MedusaError(f"--peer {NAME}: a chat turn with an empty prompt")
         og = self.og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=max(len(t) for t in turns) + max_new_tokens, do_sample=False)
@@ -273,6 +279,7 @@ class OrtGenaiPeer:
             if keep < len(held):
                 generator.rewind_to(keep)
             generator.append_tokens(np.asarray(ids[keep:], dtype=np.int32))
+            before = generator.get_speculative_stats() if ngram else {}  # (a rewind may reset them)
             first = None
             while not generator.is_done() and generator.token_count() < len(ids) + max_new_tokens:
                 generator.generate_next_token()
@@ -284,10 +291,11 @@ class OrtGenaiPeer:
             if eos:
                 tokens.append(last)
             # the cache holds the prompt and every new token but the last: a last token cut by the length
-            # was never fed, and an EOS (fed neither) is not in the sequence (tokens past max_new_tokens,
-            # a speculating step's, may be held too: rewinding to fewer is safe)
+            # was never fed, and an EOS (fed neither) is not in the sequence
             fed = len(ids) + len(tokens) - 1
-            out.append(RunResult(tokens, seconds, first_token_s=first, cached=keep))
+            stats = generator.get_speculative_stats() if ngram else {}
+            drafts = {k: int(stats[k]) - int(before.get(k, 0)) for k in DRAFT_COUNTERS if k in stats}
+            out.append(RunResult(tokens, seconds, first_token_s=first, cached=keep, drafts=drafts))
         return out
 
 

@@ -290,6 +290,11 @@ def test_peer_chat_keeps_its_cache_between_turns_and_answers_as_whole_prompts(se
                 assert got.tokens == peer.run(ids, max_new).tokens
                 assert got.first_token_s is not None and got.seconds >= got.first_token_s
             assert [t.cached for t in turns] == kept
+            proposed = [t.drafts.get("draft_tokens_proposed", 0) for t in turns]
+            assert min(proposed) >= 0 and (sum(proposed) > 0 if ngram else not any(proposed)), proposed  # it speculated
+    assert peer.chat([], MAX_NEW) == []
+    with pytest.raises(MedusaError, match="empty prompt"):
+        peer.chat([first, []], MAX_NEW)
 
 
 def test_bench_multiturn_with_the_peer_whole_and_kept(setup, capsys, tmp_path):
