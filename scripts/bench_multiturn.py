@@ -58,7 +58,8 @@ def run_chat(gen, q: dict, max_new_tokens: int, medusa: bool) -> list[dict]:
 
 def _first(run) -> float:
     """A peer run's time to its first token (every turn here generates at least one)."""
-    assert run.first_token_s is not None, "a peer turn generated nothing"
+    if run.first_token_s is None:
+        raise RuntimeError("a peer turn generated nothing: no time to its first token")
     return run.first_token_s
 
 
