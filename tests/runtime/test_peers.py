@@ -115,7 +115,7 @@ def test_bench_ortgenai_plain_and_ngram(setup, capsys, tmp_path):
         assert t["medusa_vs_peer"] == pytest.approx(t["medusa_tokens_per_s"] / res["peer_tokens_per_s"])
         assert t["medusa_vs_peer_ngram"] == pytest.approx(t["medusa_tokens_per_s"] / res["peer_ngram_tokens_per_s"])
     assert res["trees"]["chain_2"]["medusa_vs_peer"] == res["medusa_vs_peer"]  # the first tree is the headline
-    assert res["peer_ngram_options"] == {"ngram_size": 3, "max_draft_tokens": 4}
+    assert res["peer_ngram_options"] == {"ngram_size": 4, "max_draft_tokens": 6}  # runtime.peers: its best found
     # the share of drafted tokens accepted, over every prompt (None only when nothing was drafted)
     proposed = sum(r["peer_ngram"]["draft_tokens_proposed"] for r in rows)
     accepted = sum(r["peer_ngram"]["draft_tokens_accepted"] for r in rows)
