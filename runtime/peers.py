@@ -239,18 +239,27 @@ class OrtGenaiPeer:
         generator = og.Generator(self.model, params)
         t = time.perf_counter()
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        first = None
-        while not generator.is_done():
-            generator.generate_next_token()
-            first = first if first is not None else time.perf_counter() - t
-        seconds = time.perf_counter() - t
-        tokens = [int(x) for x in generator.get_sequence(0)[len(ids) :]]
-        last = int(generator.get_next_tokens()[0])
-        if len(tokens) < max_new_tokens and last in self.eos_token_ids:
-            tokens.append(last)
+        tokens, seconds, first = self._decode(generator, len(ids), max_new_tokens, t)
         stats = generator.get_speculative_stats() if ngram else {}
         drafts = {k: int(stats[k]) for k in DRAFT_COUNTERS if k in stats}
         return RunResult(tokens, seconds, drafts=drafts, first_token_s=first)
+
+    def _decode(
+        self, generator, prompt_len: int, max_new_tokens: int, t: float
+    ) -> tuple[list[int], float, float | None]:
+        """Generate after a prompt of ``prompt_len`` tokens (appended at clock time ``t``) until the
+        generator is done or ``max_new_tokens`` came: ``(tokens, seconds, seconds to the first)``, an
+        ending EOS counted (see :meth:`run`)."""
+        first = None
+        while not generator.is_done() and generator.token_count() < prompt_len + max_new_tokens:
+            generator.generate_next_token()
+            first = first if first is not None else time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        tokens = [int(x) for x in generator.get_sequence(0)[prompt_len : prompt_len + max_new_tokens]]
+        last = int(generator.get_next_tokens()[0])
+        if len(tokens) < max_new_tokens and last in self.eos_token_ids:
+            tokens.append(last)
+        return tokens, seconds, first
 
     def chat(self, turns: Sequence[Sequence[int]], max_new_tokens: int, ngram: bool = False) -> list[RunResult]:
         """Greedy decoding (``ngram``: with its n-gram speculation) of a conversation's turns on **one**
@@ -283,16 +292,7 @@ class OrtGenaiPeer:
                 generator.rewind_to(keep)
             generator.append_tokens(np.asarray(ids[keep:], dtype=np.int32))
             before = generator.get_speculative_stats() if ngram else {}  # (a rewind may reset them)
-            first = None
-            while not generator.is_done() and generator.token_count() < len(ids) + max_new_tokens:
-                generator.generate_next_token()
-                first = first if first is not None else time.perf_counter() - t
-            seconds = time.perf_counter() - t
-            tokens = [int(x) for x in generator.get_sequence(0)[len(ids) : len(ids) + max_new_tokens]]
-            last = int(generator.get_next_tokens()[0])
-            eos = len(tokens) < max_new_tokens and last in self.eos_token_ids
-            if eos:
-                tokens.append(last)
+            tokens, seconds, first = self._decode(generator, len(ids), max_new_tokens, t)
             # the cache holds the prompt and every new token but the last: a last token cut by the length
             # was never fed, and an EOS (fed neither) is not in the sequence
             fed = len(ids) + len(tokens) - 1
