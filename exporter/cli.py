@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         "`medusa-run serve`; its weights are model.onnx's own data file, so it adds ~0.2 MB)",
     )
     p.add_argument(
+        "--no-lm-head-screen",
+        action="store_true",
+        help="no int8 screen of the lm_head in the fused float32 graph (greedy steps then compute float logits: "
+        "the same tokens, slower; the screen adds ~30 MB of int8 weights)",
+    )
+    p.add_argument(
         "--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check (not recommended)"
     )
     add_verbosity_args(p)
@@ -306,6 +312,7 @@ def export_options(args: argparse.Namespace):
         validate=not args.no_validate,
         heads_int8=not args.no_heads_int8,
         batch_graph=not args.no_batch_graph,
+        lm_head_screen=not args.no_lm_head_screen,
         source_model=args.model,
         datastore=default_datastore(args),
     )

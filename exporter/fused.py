@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.artifact import FUSED_CACHE_START, fused_io_names
+from runtime.artifact import FUSED_CACHE_START, SCREEN_CANDIDATES, SCREEN_INPUT, SCREEN_OUTPUTS, fused_io_names
 from runtime.errors import MedusaError
 
 MS_DOMAIN = "com.microsoft"
@@ -62,6 +62,10 @@ FUSED_OPSET = 21
 # protobuf cannot hold a file past 2 GiB, and the TorchScript exporter stores a transposed
 # copy of a tied lm_head: thresholds above this act as this
 MAX_EXTERNAL_DATA_THRESHOLD_MB = 1536.0
+# the lm_head screen (_screen): int8 blocks of this many weights along the hidden size, and the
+# slack its bound allows for float rounding (relative to |x| |w_i|, and absolute)
+SCREEN_BLOCK = 32
+SCREEN_REL, SCREEN_ABS = 1e-4, 1e-3
 
 
 class FusedGraphError(MedusaError):
@@ -181,7 +185,12 @@ class _Graph:
 
 
 def build_fused_backbone(
-    model, dtype: str = "float32", max_positions: int | None = None, batched: bool = False, folded: int = 0
+    model,
+    dtype: str = "float32",
+    max_positions: int | None = None,
+    batched: bool = False,
+    folded: int = 0,
+    screen: bool = True,
 ):
     """The fused ``model.onnx`` of a Llama-family *ForCausalLM, as an ``onnx.ModelProto``.
 
@@ -191,6 +200,9 @@ def build_fused_backbone(
     ``batched``: the batch graph (``batch.onnx``, :func:`_batched_attention`) instead: the same
     weights and inputs, attention from standard MatMul/Softmax ops so that several sequences
     with their own cache lengths and trees run in one call, the new tokens' K/V returned alone.
+
+    ``screen``: the one-sequence float32 graph also screens the lm_head in int8 for greedy
+    decoding (:func:`_screen`; hidden sizes that are a multiple of ``SCREEN_BLOCK``).
 
     ``folded`` (>= 1): the folded batch graph (``fold.onnx``, :func:`_folded_attention`) for up
     to ``folded`` sequences a call: the same inputs as ``batch.onnx``, GroupQueryAttention in
@@ -369,6 +381,14 @@ def build_fused_backbone(
     first = g.op("Sub", [n_new, "num_logits"], name="logits_first")
     rows = g.op("Slice", ["hidden_states", first, n_new, one], name="logits_rows")
     g.nodes.append(h.make_node("MatMul", [rows, g.init("lm_head.weight_t", lm)], ["logits"], name="lm_head/matmul"))
+    screened = screen and not batched and not folded and npdt == np.float32 and H % SCREEN_BLOCK == 0
+    if screened:
+        tied = "model.embed_tokens.weight" in sd and bool(
+            (sd["lm_head.weight"] is sd["model.embed_tokens.weight"])
+            or np.array_equal(_np(sd["lm_head.weight"], npdt), _np(sd["model.embed_tokens.weight"], npdt))
+        )
+        rows_name = embed if tied else g.init("lm_head.weight", lm.T)  # [V, H], row-major: candidates gathered
+        _screen(g, lm.T, rows_name, n_new, one)
 
     kv_in = [nkv, "cache_capacity"]
     past_dims: list = ["batch", kv_in[0], "past_capacity", D]
@@ -389,6 +409,15 @@ def build_fused_backbone(
         h.make_tensor_value_info("hidden_states", tdt, ["batch", "new_tokens", H]),
         *[h.make_tensor_value_info(n, tdt, present_dims) for n in outputs[2:]],
     ]
+    if screened:  # optional: fed 0 unless asked (an input with an initializer of the same name)
+        g.const(SCREEN_INPUT, [0])
+        graph_inputs.append(h.make_tensor_value_info(SCREEN_INPUT, TensorProto.INT64, [1]))
+        K = SCREEN_CANDIDATES
+        graph_outputs += [
+            h.make_tensor_value_info("screen_ids", TensorProto.INT64, ["batch", "screened_rows", K]),
+            h.make_tensor_value_info("screen_logits", tdt, ["batch", "screened_rows", K]),
+            h.make_tensor_value_info("screen_bound", tdt, ["batch", "screened_rows"]),
+        ]
     graph = h.make_graph(g.nodes, "medusa_trt_fused_backbone", graph_inputs, graph_outputs, g.inits)
     proto = h.make_model(
         graph,
@@ -576,6 +605,134 @@ def _folded_attention(g: _Graph, qkv, i, nq, nkv, D, scale, fold, past_k, past_v
     g.nodes.extend(branch(fold["sizes"], [out, present_k, present_v], "b"))
     # [1, new, B x heads x D] -> [new, B, heads x D]
     return g.op("Reshape", [out, fold["unfold"]], name=f"{p}/unfold")
+
+
+def screen_weights(w: np.ndarray) -> dict[str, np.ndarray]:
+    """The lm_head screen's tensors for weight rows ``w`` ``[V, H]`` (float32): ``q`` uint8
+    ``[V, H / B, B]`` (int8 + 128, MatMulNBits' 8-bit layout), ``scales`` ``[V * H / B]`` (a
+    block's largest magnitude / 127), ``norm`` ``[V]`` (|w_i| of the quantized rows) and ``err``
+    ``[V]`` (|w_i - quantized w_i|: 0 for weights that were int8 blocks already, as SmolLM2's are)."""
+    V, H = w.shape
+    w = w.astype(np.float32)
+    blocks = w.reshape(V, H // SCREEN_BLOCK, SCREEN_BLOCK)
+    scales = np.abs(blocks).max(-1) / np.float32(127)
+    q = np.clip(np.rint(blocks / np.where(scales == 0, 1, scales)[..., None]), -127, 127)
+    deq = (q * scales[..., None]).reshape(V, H)
+    norm = np.sqrt(np.square(deq, dtype=np.float64).sum(1))
+    err = np.sqrt(np.square(w.astype(np.float64) - deq).sum(1))
+    return {
+        "q": (q + 128).astype(np.uint8),
+        "scales": scales.astype(np.float32).reshape(-1),
+        "norm": norm.astype(np.float32),
+        "err": err.astype(np.float32),
+    }
+
+
+def strip_screen(proto):
+    """``proto`` (a fused ``ModelProto``) without the lm_head screen: its nodes, input, outputs and
+    the initializers only it used (a quantized backbone's logits come from its own quantized
+    lm_head, which the screen's exact scores are not: exporter.quantize removes it). In place."""
+    g = proto.graph
+    keep = [n for n in g.node if not n.name.startswith("screen/")]
+    used = {name for n in keep for name in n.input}
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [t for t in g.initializer if t.name in used or not (t.name.startswith("screen") or t.name == SCREEN_INPUT)]
+    inits = [t for t in inits if t.name != "lm_head.weight" or t.name in used]  # an untied model's gathered rows
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    for field, drop in ((g.input, {SCREEN_INPUT}), (g.output, set(SCREEN_OUTPUTS))):
+        kept = [v for v in field if v.name not in drop]
+        del field[:]
+        field.extend(kept)
+    return proto
+
+
+def screen_reference(x: np.ndarray, t: dict[str, np.ndarray]) -> np.ndarray:
+    """``upper`` ``[rows, V]`` of :func:`_screen` in float64 numpy, for hidden rows ``x`` ``[rows, H]``
+    and :func:`screen_weights`' tensors ``t`` (what the graph's TopK ranks; tests compare the two)."""
+    x = np.asarray(x, dtype=np.float64)
+    R, H = x.shape
+    blocks = x.reshape(R, H // SCREEN_BLOCK, SCREEN_BLOCK)
+    scale = np.maximum(np.abs(blocks).max(-1, keepdims=True) / 127, 1e-30)
+    xh = (np.rint(blocks / scale) * scale).reshape(R, H)
+    V = t["norm"].shape[0]
+    deq = (t["q"].astype(np.float64) - 128) * t["scales"].reshape(V, -1, 1)
+    approx = xh @ deq.reshape(V, H).T
+    e = np.linalg.norm(x - xh, axis=1, keepdims=True)
+    a = np.linalg.norm(x, axis=1, keepdims=True)
+    norm, err = t["norm"].astype(np.float64), t["err"].astype(np.float64)
+    return approx + e * norm + a * (err + SCREEN_REL * norm) + SCREEN_ABS
+
+
+def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) -> None:
+    """Greedy decoding's lm_head without the float one: the last ``num_screened`` rows' top tokens.
+
+    A row x (a final-normed hidden state) is rounded to int8 blocks of ``SCREEN_BLOCK`` (x^: a
+    block's scale is its largest |x| / 127) and multiplied, by ONNX Runtime's ``MatMulNBits``
+    with int8 compute, by the lm_head's own int8 blocks (w^): a quarter of the float lm_head's
+    bytes, the fifth of SmolLM2's weights every step reads. x^ is int8 blocks already, so the
+    kernel's own quantization of it is exact and the product is x^ . w^_i up to float rounding.
+    Then for every token i
+
+        x . w_i = x^ . w^_i + (x - x^) . w^_i + x . (w_i - w^_i)
+               <= approx_i + |x - x^| |w^_i| + |x| |w_i - w^_i|          (Cauchy-Schwarz)
+
+    and ``upper_i`` adds float slack (``SCREEN_REL`` |x| |w^_i| + ``SCREEN_ABS``) to that bound.
+    The ``SCREEN_CANDIDATES`` tokens of highest ``upper`` are scored exactly (their float rows
+    gathered, ``screen_logits``); ``screen_bound`` is the next ``upper``, above every other
+    token's logit. Where the best exact candidate beats it, that candidate is the row's argmax
+    (the runtime checks this, and falls back to the float row where it does not hold: rarely,
+    for SmolLM2 on none of ~1,000 rows of its own answers)."""
+    K = SCREEN_CANDIDATES
+    V, H = w.shape
+    t = screen_weights(w)
+    nb = H // SCREEN_BLOCK
+    f32 = lambda v: np.asarray(v, dtype=np.float32)
+    first = g.op("Sub", [n_new, SCREEN_INPUT], name="screen/first")
+    x3 = g.op("Slice", ["hidden_states", first, n_new, one], name="screen/rows")  # [B, s, H]
+    x = g.op("Reshape", [x3, g.const("screen/shape_rows", [-1, H])], name="screen/x")  # [R, H]
+    xb = g.op("Reshape", [x, g.const("screen/shape_blocks", [-1, nb, SCREEN_BLOCK])], name="screen/blocks")
+    last = g.const("screen/last_axis", [-1])
+    amax = g.op("ReduceMax", [g.op("Abs", [xb], name="screen/abs"), last], name="screen/amax", keepdims=1)
+    scale = g.op("Div", [amax, g.init("screen/c127", f32(127))], name="screen/scale0")
+    scale = g.op("Max", [scale, g.init("screen/tiny", f32(1e-30))], name="screen/scale")
+    q = g.op("Round", [g.op("Div", [xb, scale], name="screen/div")], name="screen/round")
+    xh = g.op("Reshape", [g.op("Mul", [q, scale], name="screen/deq"), g.const("screen/shape_rows2", [-1, H])],
+              name="screen/xhat")  # fmt: skip
+    e = g.op("ReduceL2", [g.op("Sub", [x, xh], name="screen/residual"), last], name="screen/e_norm", keepdims=1)
+    a = g.op("ReduceL2", [x, last], name="screen/x_norm", keepdims=1)  # [R, 1]
+    approx = g.op(
+        "MatMulNBits",
+        [xh, g.init("screen.weight_q", t["q"]), g.init("screen.weight_scales", t["scales"])],
+        domain=MS_DOMAIN,
+        name="screen/matmul",
+        K=H,
+        N=V,
+        bits=8,
+        block_size=SCREEN_BLOCK,
+        accuracy_level=4,
+    )  # [R, V]
+    norm, err = t["norm"], t["err"]
+    slack = g.op("Mul", [e, g.init("screen.weight_norm", norm)], name="screen/slack_e")
+    slack2 = g.op("Mul", [a, g.init("screen.weight_err", (err + SCREEN_REL * norm).astype(np.float32))],
+                  name="screen/slack_x")  # fmt: skip
+    upper = g.op("Add", [g.op("Add", [approx, slack], name="screen/upper0"), slack2], name="screen/upper1")
+    upper = g.op("Add", [upper, g.init("screen/abs_slack", f32(SCREEN_ABS))], name="screen/upper")
+    top_v, top_i = g.op("TopK", [upper, g.const("screen/k", [K + 1])], 2, name="screen/topk", axis=-1)
+    cand = g.op("Slice", [top_i, g.const("screen/zero", [0]), g.const("screen/kk", [K]), last], name="screen/cand")
+    bound = g.op("Slice", [top_v, g.const("screen/kk2", [K]), g.const("screen/k1", [K + 1]), last],
+                 name="screen/bound_col")  # fmt: skip
+    rows = g.op("Gather", [rows_weight, cand], name="screen/gather", axis=0)  # [R, K, H]
+    col = g.op("Unsqueeze", [x, last], name="screen/x_col")  # [R, H, 1]
+    exact = g.op("MatMul", [rows, col], name="screen/exact")  # [R, K, 1]
+    out_shape = g.op("Concat", [g.op("Shape", [x3], name="screen/x3_shape", start=0, end=2), g.const("screen/k_dim", [K])],
+                     name="screen/out_shape", axis=0)  # fmt: skip
+    # allowzero: no row screened is a shape [B, 0, K], not "copy that dimension"
+    g.op("Reshape", [cand, out_shape], ["screen_ids"], name="screen/ids", allowzero=1)
+    g.op("Reshape", [exact, out_shape], ["screen_logits"], name="screen/logits", allowzero=1)
+    g.op("Reshape", [bound, g.op("Shape", [x3], name="screen/x3_shape2", start=0, end=2)], ["screen_bound"],
+         name="screen/bound", allowzero=1)  # fmt: skip
 
 
 def save_model(proto, path: Path, external_data_threshold_mb: float = 1024.0) -> dict:

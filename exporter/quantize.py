@@ -133,7 +133,9 @@ def quantize_backbone(
 
     folder = Path(folder)
     path = folder / config.backbone.file
-    model = onnx.load(str(path))
+    from exporter.fused import strip_screen
+
+    model = strip_screen(onnx.load(str(path)))  # the screen scores float rows: not a quantized lm_head's
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     if accuracy_level is None:
         accuracy_level = int(os.environ.get("MEDUSA_TRT_ACCURACY_LEVEL", DEFAULT_ACCURACY_LEVEL))

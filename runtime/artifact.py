@@ -40,6 +40,11 @@ PORTABLE_INPUTS = ("input_ids", "position_ids", "tree_mask")  # then the cache (
 FUSED_INPUTS = (*PORTABLE_INPUTS, "cache_lengths", "num_logits")
 FUSED_CACHE_START = len(FUSED_INPUTS)  # the cache inputs follow these
 BACKBONE_OUTPUTS = ("logits", "hidden_states")  # then the cache (present.*)
+# the fused one-sequence float32 graph's lm_head screen for greedy decoding (exporter.fused._screen):
+# an optional input after the cache (default 0: no row screened) and three outputs after it
+SCREEN_INPUT = "num_screened"
+SCREEN_OUTPUTS = ("screen_ids", "screen_logits", "screen_bound")
+SCREEN_CANDIDATES = 32  # tokens a screened row scores exactly
 HEADS_INPUTS, HEADS_OUTPUTS = ("hidden_states",), ("medusa_logits",)
 # heads.onnx of Hydra heads (model.medusa_head_type "hydra"): row n runs head path_len[n] - 1 on the
 # first path_len[n] tokens of path_ids[n] ([rows, num_medusa_heads]; the root first) -> [rows, vocab]
@@ -52,6 +57,7 @@ INPUT_DTYPES = {
     "tree_mask": "bool",
     "cache_lengths": "int64",
     "num_logits": "int64",
+    SCREEN_INPUT: "int64",
     "path_ids": "int64",
     "path_len": "int64",
 }

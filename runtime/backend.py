@@ -61,6 +61,34 @@ class Backend(ABC):
     def forward(self, input_ids, position_ids, tree_mask, logits: int | None = None) -> np.ndarray:
         """Logits of the new tokens (the last ``logits`` rows where :attr:`partial_logits`, else
         all); the inputs are checked against the graph contract and the backend's limits first."""
+        ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
+        return self._forward(ids, pos, mask, logits)
+
+    def forward_argmax(self, input_ids, position_ids, tree_mask, rows: int | None = None) -> np.ndarray:
+        """int64 ``[k]``: the argmax token of each of the last ``rows`` new tokens (all where None),
+        all that greedy decoding reads of a forward, or -1 for a row the backend left unsettled:
+        :meth:`settle_argmax` gives that row's token. Here the argmax of :meth:`forward`'s logits
+        (never -1); a backend whose graph screens the lm_head (:attr:`screens_argmax`) computes no
+        float logits, and leaves the rows its screen cannot settle (rare) to ``settle_argmax``."""
+        if not self.screens_argmax:
+            out = self.forward(input_ids, position_ids, tree_mask, logits=rows)
+            return np.argmax(out if rows is None else out[len(out) - rows :], axis=-1)
+        ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
+        return self._forward_argmax(ids, pos, mask, len(ids) if rows is None else int(rows))
+
+    # True where forward_argmax runs the graph's lm_head screen (exporter.fused._screen)
+    screens_argmax: bool = False
+
+    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows: int) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} does not screen the lm_head")
+
+    def settle_argmax(self, row: int) -> int:
+        """The argmax token of row ``row`` (of the rows the last :meth:`forward_argmax` returned) that
+        it left at -1, from float logits (before that forward is committed)."""
+        raise NotImplementedError(f"{type(self).__name__} leaves no row unsettled")
+
+    def _checked(self, input_ids, position_ids, tree_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A forward's inputs checked against the contract and this backend's limits (and counted)."""
         ids, pos, mask = check_forward(input_ids, position_ids, tree_mask, self.spec.vocab_size)
         n, past = len(ids), self.cache_len
         if past + n > self.max_context:
@@ -74,7 +102,7 @@ class Backend(ABC):
                 "(the decode loop plans calls by max_new_tokens)"
             )
         self.forwards += 1
-        return self._forward(ids, pos, mask, logits)
+        return ids, pos, mask
 
     # forward calls so far: with cache_len, what a caller that keeps a cache's prefix between calls
     # (runtime.api's prefix reuse) compares to tell whether anyone else drove the backend since

@@ -578,6 +578,10 @@ def summarize(gen, per_prompt, variants, max_new_tokens, peer, threads) -> dict:
         "backend": type(backend).__name__,
         "providers": getattr(backend, "providers", None),
         "threads": threads,
+        # greedy steps' lm_head: the graph's int8 screen (exporter.fused._screen) or float logits, and how
+        # many screened rows decoding needed that the screen left to a second, float call
+        "lm_head": "screen" if getattr(backend, "screens_argmax", False) else "float",
+        "screen_fallbacks": getattr(backend, "screen_fallbacks", 0),
         "max_new_tokens": max_new_tokens,
         "prompts": len(per_prompt),
         "tree": main["tree"],
@@ -687,6 +691,11 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
     lines.append(
         f"{res['prompts']} prompts, max_new_tokens {res['max_new_tokens']}, backend {res['backend']} "
         f"{res.get('providers') or ''} threads {res['threads']}"
+        + (
+            f", lm_head screened ({res.get('screen_fallbacks', 0)} rows settled in float)"
+            if res.get("lm_head") == "screen"
+            else ""
+        )
     )
     lines.append(f"plain decoding: {res['ar_tokens_per_s']:.2f} tok/s ({res['ar_step_ms']:.1f} ms/token)")
     w = max(18, *(len(n) for n in res["trees"]))

@@ -503,7 +503,11 @@ def accept_greedy(tokens: np.ndarray, logits: np.ndarray, tree: Tree) -> np.ndar
 
     Lossless: each accepted token is exactly what plain greedy decoding would emit next.
     """
-    best = np.argmax(logits, axis=-1)  # [N]
+    return accept_greedy_tokens(tokens, np.argmax(logits, axis=-1), tree)
+
+
+def accept_greedy_tokens(tokens: np.ndarray, best: np.ndarray, tree: Tree) -> np.ndarray:
+    """:func:`accept_greedy` from the backbone's argmax token at every node (``best`` ``[N]``)."""
     ok = np.zeros(tree.num_nodes, dtype=bool)
     ok[0] = True
     ok[1:] = tokens[1:] == best[tree.parent[1:]]
@@ -713,9 +717,10 @@ def decode_steps(
     # prefill: the prompt (past what the cache kept) under a causal mask, in chunks (each sees the
     # cache of the earlier ones); the last chunk's last logits give the first root
     scored: list[TokenLogprob] | None = [] if cfg.prompt_logprobs else None
-    logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0)
+    argmax = _argmax_only(cfg, pen) and scored is None  # greedy reads argmax tokens, not logits
+    logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0, argmax=argmax)
     assert logits is not None
-    root = select_root(logits[-1], cfg, rng, noise, backend.cache_len)
+    root = int(logits[-1]) if argmax else select_root(logits[-1], cfg, rng, noise, backend.cache_len)
     rows = logits[-1:].copy() if cfg.logprobs is not None else None  # the logits rows of the emitted tokens
     state = dynamic.DynamicState(tree) if isinstance(tree, dynamic.DynamicTree) else None
     static = tree if isinstance(tree, Tree) else None  # a fixed tree (a dynamic one grows each step's own)
@@ -771,14 +776,16 @@ def decode_steps(
 
 
 def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scored: list | None = None,
-            top: int = 0) -> tuple[np.ndarray | None, int]:  # fmt: skip
+            top: int = 0, argmax: bool = False) -> tuple[np.ndarray | None, int]:  # fmt: skip
     """Run ``tokens`` through the backend under a causal mask, in calls of at most ``chunk``
     tokens (0: no limit) and at most what the backend takes at that cache length
     (``max_new_tokens``), each over the cache of the earlier ones, and commit them all.
     Returns (the last call's logits, its token count): the last row when the backend computes
     only the rows asked for (``partial_logits``), none when ``want_logits`` is False.
     ``scored`` (a list): every call computes all its rows, and the log-probabilities of tokens
-    1 .. n-1 (with ``top`` alternatives each) are appended to it, a call at a time."""
+    1 .. n-1 (with ``top`` alternatives each) are appended to it, a call at a time. ``argmax``
+    (no ``scored``): the last call returns its last row's argmax token ``[1]`` instead of logits
+    (``Backend.forward_argmax``)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
     logits, m, s = None, 0, 0
@@ -788,6 +795,15 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
         if m < 1:
             raise ContextLengthError(f"the backend takes no new token on a cache of {start} (prompt token {s} of {n})")
         last = s + m == n
+        if argmax and want_logits and last and scored is None:
+            logits = backend.forward_argmax(
+                tokens[s : s + m], np.arange(start, start + m), np.tril(np.ones((m, m), dtype=bool)), rows=1
+            )
+            if logits[-1] < 0:  # the screen left it unsettled: settled before the commit
+                logits = np.array([backend.settle_argmax(0)])
+            backend.commit(np.arange(m))
+            s += m
+            continue
         logits = backend.forward(
             tokens[s : s + m],
             np.arange(start, start + m),
@@ -888,10 +904,40 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
     the logits rows of the emitted tokens, the path's, where ``cfg.logprobs`` asks for them, else None;
     unpenalized). ``pen``: the acceptance reads the penalized logits (:class:`Penalties`)."""
     start = backend.cache_len
-    raw = backend.forward(tokens, start + tree.position_ids, tree.attn_mask)
-    clock.lap("engine")
-    logits = raw if pen is None else pen.apply(raw, tree, tokens)
     stats.nodes += tree.num_nodes
+    if _argmax_only(cfg, pen):  # greedy: the argmax tokens alone (an engine may screen its lm_head)
+        best = backend.forward_argmax(tokens, start + tree.position_ids, tree.attn_mask)
+        clock.lap("engine")
+        # a row the engine left unsettled (-1) accepts no child: the path may end there, still exactly
+        # greedy's (fewer tokens at most); only the path's last row must then be settled
+        path = accept_greedy_tokens(tokens, best, tree)
+        new_root = int(best[path[-1]])
+        if new_root < 0:
+            new_root = backend.settle_argmax(int(path[-1]))
+        raw = None
+    else:
+        raw = backend.forward(tokens, start + tree.position_ids, tree.attn_mask)
+        clock.lap("engine")
+        path, new_root = _accept(raw, tokens, tree, cfg, rng, q, noise, pen, start)
+    clock.lap("acceptance")
+    taken = int(np.count_nonzero(tree.node_head[path[1:]] < 0))  # lookup-only nodes: head -1
+    stats.lookup_accepted += taken
+    if stored:  # the lookup's drafts came from the datastore
+        stats.datastore_accepted += taken
+    rows = raw[path] if raw is not None and cfg.logprobs is not None else None  # a copy: a backend may reuse its buffer
+    backend.commit(path)
+    clock.lap("kv_update")
+    return path, new_root, rows
+
+
+def _argmax_only(cfg: DecodeConfig, pen) -> bool:
+    """Whether a step reads only the backbone's argmax tokens: greedy, no penalties, no logprobs."""
+    return cfg.temperature < GREEDY_BELOW and pen is None and cfg.logprobs is None
+
+
+def _accept(raw, tokens, tree, cfg, rng, q, noise, pen, start):
+    """(accepted path, next root) from a verification's logits ``raw``."""
+    logits = raw if pen is None else pen.apply(raw, tree, tokens)
     if cfg.temperature < GREEDY_BELOW:
         path = accept_greedy(tokens, logits, tree)
         new_root = select_root(logits[path[-1]], cfg, rng)
@@ -902,15 +948,7 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
     else:
         path = accept_typical(tokens, logits, tree, cfg)
         new_root = select_root(logits[path[-1]], cfg, rng)
-    clock.lap("acceptance")
-    taken = int(np.count_nonzero(tree.node_head[path[1:]] < 0))  # lookup-only nodes: head -1
-    stats.lookup_accepted += taken
-    if stored:  # the lookup's drafts came from the datastore
-        stats.datastore_accepted += taken
-    rows = raw[path] if cfg.logprobs is not None else None  # a copy: a backend may reuse its output buffer
-    backend.commit(path)
-    clock.lap("kv_update")
-    return path, new_root, rows
+    return path, new_root
 
 
 def _branching(backend, cfg) -> bool:
@@ -969,6 +1007,14 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, n
 
 def _plain_step(backend, root, cfg, rng, clock, noise=None, pen=None):
     pos = backend.cache_len
+    if _argmax_only(cfg, pen):
+        new_root = int(backend.forward_argmax(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))[0])
+        if new_root < 0:  # the engine left it unsettled
+            new_root = backend.settle_argmax(0)
+        clock.lap("engine")
+        backend.commit(np.array([0]))
+        clock.lap("kv_update")
+        return [new_root], new_root, None
     logits = backend.forward(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))
     clock.lap("engine")
     new_root = select_root(logits[0] if pen is None else pen.apply(logits[:1])[0], cfg, rng, noise, pos + 1)

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime import hugepages
-from runtime.artifact import FUSED_CACHE_START, ArtifactConfig, cache_names
+from runtime.artifact import (
+    FUSED_CACHE_START,
+    SCREEN_CANDIDATES,
+    SCREEN_INPUT,
+    SCREEN_OUTPUTS,
+    ArtifactConfig,
+    cache_names,
+)
 from runtime.backend import Backend, DeviceCacheBackend, GraphBackend, gives_back
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
@@ -365,7 +372,12 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         # the usable context keeps room for the pad rows, so that every one-token step, the last one
         # included, runs as min_rows rows (the buffer itself may not outgrow the rotary tables)
         self.capacity = buffer - (self.min_rows - 1)
-        self._check_io()
+        self.screened_graph = self._check_io()
+        # the lm_head screen serves greedy steps of float32 graphs (a quantized backbone's logits come
+        # from its own quantized lm_head, which the screen's exact scores are not)
+        self.screens_argmax = self.screened_graph and config.precision == "fp32"
+        self.screen_fallbacks = 0  # screened rows decoding needed that the bound left unsettled (a second call)
+        self._screened_call: tuple | None = None  # the last screened call's inputs (settle_argmax reruns it)
         # [layers, key|value, batch, kv_heads, allocated, head_dim], ``allocated`` growing by doubling
         # from START_CAPACITY up to ``buffer``: GroupQueryAttention's CPU kernel costs more with a
         # longer bound buffer (SmolLM2, 300 cached: 4-6% a step with 8,192 positions against 512 in one
@@ -381,9 +393,18 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self._num_logits = np.zeros(1, dtype=np.int64)
         _bind(self._io.bind_input, "cache_lengths", self._lengths)
         _bind(self._io.bind_input, "num_logits", self._num_logits)
+        self._num_screened = np.zeros(1, dtype=np.int64)
         self._outputs = _Outputs()
-        self._out_shapes = {"logits": (1, 0, spec.vocab_size), "hidden_states": (1, 0, spec.hidden_size)}
-        self._out_dtypes = {name: self._dtype for name in self._out_shapes}
+        self._out_shapes: dict[str, tuple] = {
+            "logits": (1, 0, spec.vocab_size),
+            "hidden_states": (1, 0, spec.hidden_size),
+        }
+        self._out_dtypes: dict[str, type] = {name: self._dtype for name in self._out_shapes}
+        if self.screened_graph:
+            _bind(self._io.bind_input, SCREEN_INPUT, self._num_screened)
+            ids, scores, bound = SCREEN_OUTPUTS
+            self._out_shapes.update({ids: (1, 0, SCREEN_CANDIDATES), scores: (1, 0, SCREEN_CANDIDATES), bound: (1, 0)})
+            self._out_dtypes.update({ids: np.int64, scores: self._dtype, bound: self._dtype})
         self._hidden: np.ndarray | None = None
         self._bound: list[np.ndarray] = []
 
@@ -410,19 +431,24 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             size *= 2
         self._alloc(min(size, self._buffer))
 
-    def _check_io(self) -> None:
+    def _check_io(self) -> bool:
+        """The graph's I/O against the fused contract; True where it has the lm_head screen."""
         from runtime.artifact import fused_io_names
 
         want_in, want_out = fused_io_names(self.spec.num_layers)
         got_in = [i.name for i in self.backbone.get_inputs()]
         got_out = [o.name for o in self.backbone.get_outputs()]
-        if got_in != want_in or got_out != want_out:
+        # the screen's input has a default (an initializer of its name): listed as overridable, not as an input
+        optional = [i.name for i in self.backbone.get_overridable_initializers()]
+        screened = SCREEN_INPUT in optional and got_out == [*want_out, *SCREEN_OUTPUTS]
+        if got_in != want_in or (got_out != want_out and not screened):
             raise ArtifactError(
                 f"{self.folder / self.config.backbone.file}: graph I/O does not match the fused contract for "
                 f"{self.spec.num_layers} layers in medusa_config.json ({len(got_in) - FUSED_CACHE_START} cache inputs; "
                 f"inputs {got_in[:6]}..., expected {want_in[:6]}...; re-export with this medusa-export)"
             )
         check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=True)
+        return screened
 
     def reset(self) -> None:
         self.truncate(0)
@@ -440,6 +466,39 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
     partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only
 
     def _forward(self, input_ids, position_ids, tree_mask, logits=None):
+        n = len(input_ids)
+        rows = max(n, self.min_rows)
+        # logits for the last k rows (all of a padded step: its real rows come first)
+        k = rows if (logits is None or rows != n) else max(0, min(int(logits), n))
+        outs = self._run(input_ids, position_ids, tree_mask, k, 0)
+        return outs["logits"][0, : min(k, n)]
+
+    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows):
+        """The last ``rows`` tokens' argmax from the graph's lm_head screen: the best exactly scored
+        candidate where it beats the bound on every other token (exporter.fused._screen), else -1
+        (rare: ``settle_argmax`` then runs the same call again with float logits)."""
+        n = len(input_ids)
+        s = max(0, min(int(rows), n))
+        outs = self._run(input_ids, position_ids, tree_mask, 0, s)
+        self._screened_call = (input_ids, position_ids, tree_mask, s)
+        ids, scores, bound = (outs[name][0, :s] for name in SCREEN_OUTPUTS)
+        r = np.arange(s)
+        j = np.argmax(scores, axis=1)
+        return np.where(scores[r, j] > bound, ids[r, j], -1).astype(np.int64)
+
+    def settle_argmax(self, row: int) -> int:
+        """The call is run again with float logits for its screened rows: it writes the same cache
+        entries again (staged, not yet committed), and its hidden states are the same."""
+        if self._screened_call is None or not self._staged:
+            raise RuntimeError("settle_argmax() without a screened forward to settle")
+        input_ids, position_ids, tree_mask, s = self._screened_call
+        self.screen_fallbacks += 1
+        logits = self._run(input_ids, position_ids, tree_mask, s, 0)["logits"][0, :s]
+        return int(np.argmax(logits[int(row)]))
+
+    def _run(self, input_ids, position_ids, tree_mask, k: int, screened: int) -> dict:
+        """One backbone call on checked inputs: float logits for the last ``k`` rows, the lm_head
+        screen for the last ``screened``; the bound outputs (views of reused buffers)."""
         n = len(input_ids)
         if self.length == 0 and not np.array_equal(position_ids, np.arange(n)):
             # GroupQueryAttention's first-prompt path rotates by 0..n-1 whatever position_ids say
@@ -464,19 +523,21 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             _bind(io.bind_input, "position_ids", position_ids[None]),
             _bind(io.bind_input, "tree_mask", tree_mask[None]),
         ]
-        # logits for the last k rows (all of a padded step: its real rows come first)
-        k = rows if (logits is None or rows != n) else max(0, min(int(logits), n))
         self._lengths[0] = self.length
         self._num_logits[0] = k
+        self._num_screened[0] = screened
         outs = self._outputs.views(self._out_shapes, self._out_dtypes, rows, grow_to=max(64, rows))
         outs["logits"] = outs["logits"][:, :k]
+        if self.screened_graph:
+            for name in SCREEN_OUTPUTS:
+                outs[name] = outs[name][:, :screened]
         for name, arr in outs.items():
             bound.append(_bind(io.bind_output, name, arr))
         self._bound = bound  # kept alive until the next call
         self.backbone.run_with_iobinding(io)
         self._staged = n
         self._hidden = outs["hidden_states"][0, :n]
-        return outs["logits"][0, : min(k, n)]
+        return outs
 
     def commit(self, keep):
         keep = np.asarray(keep, dtype=np.int64)
@@ -542,6 +603,7 @@ def run_fused_contract(session, input_ids, position_ids, tree_mask, past: list) 
     a cache at batch 1 only, so batch rows run one after the other and are stacked.
     """
     names = [i.name for i in session.get_inputs()][FUSED_CACHE_START:]
+    fetch = [o.name for o in session.get_outputs() if o.name not in SCREEN_OUTPUTS]
     rows = []
     for b in range(input_ids.shape[0]):
         p = past[0].shape[1]
@@ -553,7 +615,7 @@ def run_fused_contract(session, input_ids, position_ids, tree_mask, past: list) 
             "num_logits": np.full(1, input_ids.shape[1], dtype=np.int64),
         }
         feed.update({name: np.ascontiguousarray(t[b : b + 1].transpose(0, 2, 1, 3)) for name, t in zip(names, past)})
-        logits, hidden, *presents = session.run(None, feed)
+        logits, hidden, *presents = session.run(fetch, feed)
         n = input_ids.shape[1]
         rows.append([logits, hidden, *[t[:, :, p : p + n].transpose(0, 2, 1, 3) for t in presents]])
     return [np.ascontiguousarray(np.concatenate(parts, axis=0)) for parts in zip(*rows)]

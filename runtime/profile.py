@@ -60,8 +60,11 @@ def profile_tree_sizes(
     inputs = {
         n: (rng.integers(0, vocab, n), cached + np.arange(n), np.tril(np.ones((n, n), dtype=bool))) for n in sizes
     }
-    # staged only: the cache stays at `cached`
-    ms = round_robin_ms(lambda n: backend.forward(*inputs[n]), sizes, repeats, warmup, rng)
+    # staged only: the cache stays at `cached`. Greedy steps' call: with the graph's lm_head screen
+    # where the backend has one (runtime.backend.Backend.forward_argmax)
+    screened = bool(getattr(backend, "screens_argmax", False))
+    step = backend.forward_argmax if screened else backend.forward
+    ms = round_robin_ms(lambda n: step(*inputs[n]), sizes, repeats, warmup, rng)
     if progress:
         for n in sizes:
             progress(n, ms[n])
@@ -104,6 +107,7 @@ def profile_tree_sizes(
         "heads_ms": round(heads_ms, 3),
         "heads_relative_cost": round(heads_ms / base, 4),
         "heads_kind": backend.spec.medusa_head_type,  # "hydra": the cost of one level (a call per depth)
+        "lm_head": "screen" if screened else "float",  # how the timed calls computed the next tokens
         **extra,  # first_head_ms: the call a tree of depth 1 makes (heads_int8_first.onnx)
     }
 

@@ -30,7 +30,14 @@ import runtime  # noqa: E402
 from exporter.export import ExportOptions, export_artifact  # noqa: E402
 from exporter.fused import FUSED_OPSET, MS_DOMAIN  # noqa: E402
 from exporter.heads import fresh_heads  # noqa: E402
-from runtime.artifact import CONFIG_FILE, FUSED_CACHE_START, fused_io_names, read_artifact  # noqa: E402
+from runtime.artifact import (  # noqa: E402
+    CONFIG_FILE,
+    FUSED_CACHE_START,
+    SCREEN_INPUT,
+    SCREEN_OUTPUTS,
+    fused_io_names,
+    read_artifact,
+)
 from runtime.errors import ContextLengthError, MedusaError  # noqa: E402
 from runtime.tree import load_tree  # noqa: E402
 
@@ -194,8 +201,10 @@ def test_fused_graph_structure(exported, arch):
     else:
         assert bias_adds == []
     want_in, want_out = fused_io_names(L)
-    assert [i.name for i in fused.graph.input] == want_in
-    assert [o.name for o in fused.graph.output] == want_out
+    # the lm_head screen's optional input and its outputs follow the contract's (docs/graph_contract.md)
+    assert [i.name for i in fused.graph.input] == [*want_in, SCREEN_INPUT]
+    assert [o.name for o in fused.graph.output] == [*want_out, *SCREEN_OUTPUTS]
+    assert SCREEN_INPUT in inits  # its default, 0: no row screened unless asked
     cfg = read_artifact(e["fused"])
     assert (cfg.flavour, cfg.precision, cfg.dtype, cfg.opset) == ("fused", "fp32", "float32", FUSED_OPSET)
     assert (cfg.backbone.inputs, cfg.backbone.outputs) == (want_in, want_out)
@@ -347,13 +356,13 @@ def test_decoding_to_the_end_of_a_small_context(exported, monkeypatch, arch, tre
     e = exported(arch)
     gen = runtime.load(e["fused"], backend="onnxruntime", threads=1, max_context=24, prefill_chunk=3)
     sizes = []
-    forward = gen.backend.forward
+    checked = gen.backend._checked  # every engine call's inputs: forward and forward_argmax (the screen)
 
-    def spy(ids, pos, mask, **kw):
+    def spy(ids, pos, mask):
         sizes.append(len(ids))
-        return forward(ids, pos, mask, **kw)
+        return checked(ids, pos, mask)
 
-    monkeypatch.setattr(gen.backend, "forward", spy)
+    monkeypatch.setattr(gen.backend, "_checked", spy)
     t = load_tree(tree)
     for ids in PROMPTS[1:]:
         sizes.clear()
@@ -796,3 +805,157 @@ def test_validation_catches_a_fused_graph_that_differs(exported, fp16, which):
     assert "tree chain_3 b=1" in str(info.value)
     # the unchanged model passes the same checks
     assert validate_artifact(folder, e["model"], e["heads"], trees=("chain_3",), batches=(1,)).ok
+
+
+# ---------------------------------------------------------------------------- the lm_head screen
+
+
+def _screen_call(backend, ids, pos, mask):
+    """One call with float logits and the screen for every row (the backend's own binding)."""
+    n = len(ids)
+    outs = backend._run(np.asarray(ids, np.int64), np.asarray(pos, np.int64), np.asarray(mask, bool), n, n)
+    return {k: np.array(v[0]) for k, v in outs.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lm_head_screen_bounds_every_token_it_does_not_score(exported, arch):
+    """The screen's exact scores are the float logits of its candidates, and its bound is above the
+    float logit of every other token, on every row: a prefill and a tree step over it (a tiny model's
+    random weights are no int8 blocks, so the bound's weight-error term is exercised too)."""
+    e = exported(arch)
+    backend = runtime.load(e["fused"]).backend
+    assert backend.screens_argmax
+    rng = np.random.default_rng(5)
+    V = backend.spec.vocab_size
+    settled = 0
+    for trial in range(4):
+        backend.reset()
+        n = 12 + trial
+        prompt = rng.integers(0, V, n)
+        calls = [(prompt, np.arange(n), np.tril(np.ones((n, n), dtype=bool)))]
+        tree = load_tree("cpu_8", num_heads=NUM_HEADS)
+        calls.append((rng.integers(0, V, tree.num_nodes), n + tree.position_ids, tree.attn_mask))
+        for ids, pos, mask in calls:
+            out = _screen_call(backend, ids, pos, mask)
+            logits, cand = out["logits"], out["screen_ids"]
+            np.testing.assert_allclose(out["screen_logits"], np.take_along_axis(logits, cand, 1), rtol=1e-5, atol=1e-5)
+            others = logits.copy()
+            np.put_along_axis(others, cand, -np.inf, 1)
+            assert (others.max(1) <= out["screen_bound"]).all()
+            # and through the backend's own call: a settled row is the float argmax, else -1
+            staged = backend._staged
+            best = backend._forward_argmax(*(np.asarray(a) for a in (ids, pos, mask)), len(ids))
+            sure = best >= 0
+            assert np.array_equal(best[sure], logits.argmax(1)[sure])
+            settled += int(sure.sum())
+            assert backend._staged == staged
+            if len(ids) == n:
+                backend.commit(np.arange(n))
+    assert settled > 0  # some rows settle even on a random tiny model (the check above is not vacuous)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lm_head_screen_ranks_by_the_documented_bound(exported, arch):
+    """The graph's bound is the (K+1)-th largest of screen_reference's upper bounds (the formula
+    exporter.fused documents), to float rounding: no term of it is missing or extra."""
+    from exporter.fused import screen_reference, screen_weights
+
+    e = exported(arch)
+    backend = runtime.load(e["fused"]).backend
+    w = e["model"].lm_head.weight.detach().float().numpy()
+    t = screen_weights(w)
+    rng = np.random.default_rng(9)
+    backend.reset()
+    n = 14
+    out = _screen_call(backend, rng.integers(0, w.shape[0], n), np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
+    upper = screen_reference(backend.hidden_states(), t)
+    K = out["screen_ids"].shape[1]
+    want = -np.sort(-upper, axis=1)[:, K]
+    np.testing.assert_allclose(out["screen_bound"], want, rtol=1e-5, atol=2e-5)
+    # the terms are not negligible here: each moves the bound by more than the tolerance
+    from exporter.fused import SCREEN_ABS
+
+    assert (upper - screen_reference(backend.hidden_states(), {**t, "norm": t["norm"] * 0}) > 1e-3).all()
+    assert SCREEN_ABS > 2e-5
+
+
+def test_lm_head_screen_bound_is_sound_against_adversarial_rows():
+    """screen_reference's upper bound is above x . w_i for rows and weights built to make each error
+    term as large as it can be: weights aligned with the rounding residual of x (the activation term)
+    and weights far from int8 blocks (the weight term), with outliers in x; and each term is needed."""
+    from exporter.fused import SCREEN_BLOCK, screen_reference, screen_weights
+
+    rng = np.random.default_rng(3)
+    H, V, R = 4 * SCREEN_BLOCK, 96, 24
+    x = rng.standard_normal((R, H)) * np.where(rng.random((R, H)) < 0.05, 40.0, 1.0)  # outlier dimensions
+    blocks = x.reshape(R, -1, SCREEN_BLOCK)
+    scale = np.abs(blocks).max(-1, keepdims=True) / 127
+    residual = (x - (np.rint(blocks / scale) * scale).reshape(R, H)).astype(np.float32)
+    w = rng.standard_normal((V, H)).astype(np.float32) * 0.05
+    w[:R] = residual / np.linalg.norm(residual, axis=1, keepdims=True) * 0.5  # row r: aligned with x_r's residual
+    w[R : 2 * R] += rng.choice([-1, 1], (R, H)).astype(np.float32) * 0.004  # far from int8 blocks
+    t = screen_weights(w)
+    upper = screen_reference(x, t)
+    exact = x @ w.astype(np.float64).T
+    assert (upper >= exact).all()
+    # without the activation term the aligned rows break the bound; without the weight term, the others
+    no_act = (
+        upper - np.linalg.norm(x - (np.rint(blocks / scale) * scale).reshape(R, H), axis=1, keepdims=True) * t["norm"]
+    )
+    assert (no_act[np.arange(R), np.arange(R)] < exact[np.arange(R), np.arange(R)]).any()
+    no_w = upper - np.linalg.norm(x, axis=1, keepdims=True) * t["err"]
+    assert (no_w < exact).any()
+
+
+@pytest.mark.parametrize("unsettled", ["none", "every", "odd"])
+def test_greedy_through_the_screen_equals_float_logits_and_hf(exported, monkeypatch, unsettled):
+    """Greedy decoding through the screen (prefill, plain steps, trees) gives Hugging Face's tokens,
+    also where the screen settles no row or every other one (settle_argmax runs the call again in
+    float: the cache entries it rewrites and the hidden states the heads read are the same)."""
+    from runtime.onnxrt import FusedOnnxRuntimeBackend
+
+    e = exported("llama")
+    gen = runtime.load(e["fused"], backend="onnxruntime", threads=1, prefill_chunk=4)
+    backend = gen.backend
+    assert backend.screens_argmax
+    real = FusedOnnxRuntimeBackend._forward_argmax
+    calls = []
+
+    def forward_argmax(self, ids, pos, mask, rows):
+        best = real(self, ids, pos, mask, rows)
+        calls.append(len(best))
+        if unsettled == "every":
+            best[:] = -1
+        elif unsettled == "odd":
+            best[1::2] = -1
+        return best
+
+    monkeypatch.setattr(FusedOnnxRuntimeBackend, "_forward_argmax", forward_argmax)
+    for ids in PROMPTS:
+        ref = hf_greedy(e["model"], ids, 20)
+        assert gen.generate(ids, max_new_tokens=20, medusa=False).tokens == ref
+        for tree in ("cpu_8", "chain_3"):
+            assert gen.generate(ids, max_new_tokens=20, tree=tree).tokens == ref, (tree, unsettled)
+    assert calls  # the greedy calls went through the screen
+    if unsettled == "every":
+        assert backend.screen_fallbacks >= len(calls)  # every call settled its path's last row in float
+    backend.screens_argmax = False  # the float lm_head: the same tokens
+    for ids in PROMPTS:
+        assert gen.generate(ids, max_new_tokens=20, tree="cpu_8").tokens == hf_greedy(e["model"], ids, 20)
+
+
+def test_an_artifact_without_the_screen_decodes_from_float_logits(wordlevel_tokenizer, tmp_path):
+    """--no-lm-head-screen (and artifacts exported before the screen): the graph has the contract's
+    I/O alone, the backend computes float logits, greedy is unchanged."""
+    model = tiny_model("llama", seed=3)
+    heads = random_heads(model, NUM_HEADS)
+    out = export_artifact(
+        model, heads, tmp_path / "a", ExportOptions(lm_head_screen=False, validate=False), tokenizer=wordlevel_tokenizer
+    )
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    want_in, want_out = fused_io_names(model.config.num_hidden_layers)
+    assert [i.name for i in graph.input] == want_in and [o.name for o in graph.output] == want_out
+    gen = runtime.load(out)
+    assert not gen.backend.screens_argmax and not gen.backend.screened_graph
+    for ids in PROMPTS[:2]:
+        assert gen.generate(ids, max_new_tokens=16, tree="cpu_8").tokens == hf_greedy(model, ids, 16)

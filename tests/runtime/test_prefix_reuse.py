@@ -98,21 +98,24 @@ def test_nothing_is_reused_after_a_failed_call_or_a_backend_driven_directly(pair
     on, off = pair
     ids = first_turn(on)
     want = off.generate(ids, max_new_tokens=16).tokens
-    real = on.backend.forward
     calls = []
 
-    def failing(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:  # a step after the prefill
-            raise MedusaError("engine call failed: injected")
-        return real(*a, **kw)
+    def failing(real):  # greedy calls forward_argmax (the lm_head screen), the rest forward
+        def call(*a, **kw):
+            calls.append(1)
+            if len(calls) == 3:  # a step after the prefill
+                raise MedusaError("engine call failed: injected")
+            return real(*a, **kw)
 
-    on.backend.forward = failing
+        return call
+
+    on.backend.forward = failing(on.backend.forward)
+    on.backend.forward_argmax = failing(on.backend.forward_argmax)
     try:
         with pytest.raises(MedusaError, match="injected"):
             on.generate(ids, max_new_tokens=16)
     finally:
-        del on.backend.forward
+        del on.backend.forward, on.backend.forward_argmax
     after = on.generate(ids, max_new_tokens=16)
     assert after.stats.cached_prompt_tokens == 0 and after.tokens == want
     on.backend.truncate(3)  # the cache no longer has the length the last call left
