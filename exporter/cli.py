@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-lm-head-screen",
         action="store_true",
         help="no int8 screen of the lm_head in the fused float32 graph (greedy steps then compute float logits: "
-        "the same tokens, slower; the screen adds ~30 MB of int8 weights)",
+        "the same tokens, slower; the screen adds ~30 MB of int8 weights for SmolLM2, and a float copy of an untied "
+        "lm_head)",
     )
     p.add_argument(
         "--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check (not recommended)"

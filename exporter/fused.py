@@ -68,6 +68,12 @@ SCREEN_BLOCK = 32
 SCREEN_REL, SCREEN_ABS = 1e-4, 1e-3
 
 
+def screen_rel(hidden: int) -> float:
+    """The bound's relative float slack for rows of ``hidden`` values: ``SCREEN_REL``, or twice a float32
+    dot product's worst-case rounding (hidden x 2^-24) where that is larger."""
+    return max(SCREEN_REL, 2.0 * hidden * 2.0**-24)
+
+
 class FusedGraphError(MedusaError):
     """The model has a feature the fused graph does not implement."""
 
@@ -381,7 +387,9 @@ def build_fused_backbone(
     first = g.op("Sub", [n_new, "num_logits"], name="logits_first")
     rows = g.op("Slice", ["hidden_states", first, n_new, one], name="logits_rows")
     g.nodes.append(h.make_node("MatMul", [rows, g.init("lm_head.weight_t", lm)], ["logits"], name="lm_head/matmul"))
-    screened = screen and not batched and not folded and npdt == np.float32 and H % SCREEN_BLOCK == 0
+    screened = (
+        screen and not batched and not folded and npdt == np.float32 and H % SCREEN_BLOCK == 0 and V > SCREEN_CANDIDATES
+    )
     if screened:
         tied = "model.embed_tokens.weight" in sd and bool(
             (sd["lm_head.weight"] is sd["model.embed_tokens.weight"])
@@ -662,7 +670,7 @@ def screen_reference(x: np.ndarray, t: dict[str, np.ndarray]) -> np.ndarray:
     e = np.linalg.norm(x - xh, axis=1, keepdims=True)
     a = np.linalg.norm(x, axis=1, keepdims=True)
     norm, err = t["norm"].astype(np.float64), t["err"].astype(np.float64)
-    return approx + e * norm + a * (err + SCREEN_REL * norm) + SCREEN_ABS
+    return approx + e * norm + a * (err + screen_rel(H) * norm) + SCREEN_ABS
 
 
 def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) -> None:
@@ -678,7 +686,7 @@ def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) ->
         x . w_i = x^ . w^_i + (x - x^) . w^_i + x . (w_i - w^_i)
                <= approx_i + |x - x^| |w^_i| + |x| |w_i - w^_i|          (Cauchy-Schwarz)
 
-    and ``upper_i`` adds float slack (``SCREEN_REL`` |x| |w^_i| + ``SCREEN_ABS``) to that bound.
+    and ``upper_i`` adds float slack (:func:`screen_rel` |x| |w^_i| + ``SCREEN_ABS``) to that bound.
     The ``SCREEN_CANDIDATES`` tokens of highest ``upper`` are scored exactly (their float rows
     gathered, ``screen_logits``); ``screen_bound`` is the next ``upper``, above every other
     token's logit. Where the best exact candidate beats it, that candidate is the row's argmax
@@ -689,7 +697,9 @@ def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) ->
     t = screen_weights(w)
     nb = H // SCREEN_BLOCK
     f32 = lambda v: np.asarray(v, dtype=np.float32)
-    first = g.op("Sub", [n_new, SCREEN_INPUT], name="screen/first")
+    # more rows asked than the call has: all of them (a negative start would wrap around)
+    first = g.op("Max", [g.op("Sub", [n_new, SCREEN_INPUT], name="screen/first0"), g.const("screen/no_rows", [0])],
+                 name="screen/first")  # fmt: skip
     x3 = g.op("Slice", ["hidden_states", first, n_new, one], name="screen/rows")  # [B, s, H]
     x = g.op("Reshape", [x3, g.const("screen/shape_rows", [-1, H])], name="screen/x")  # [R, H]
     xb = g.op("Reshape", [x, g.const("screen/shape_blocks", [-1, nb, SCREEN_BLOCK])], name="screen/blocks")
@@ -715,7 +725,7 @@ def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) ->
     )  # [R, V]
     norm, err = t["norm"], t["err"]
     slack = g.op("Mul", [e, g.init("screen.weight_norm", norm)], name="screen/slack_e")
-    slack2 = g.op("Mul", [a, g.init("screen.weight_err", (err + SCREEN_REL * norm).astype(np.float32))],
+    slack2 = g.op("Mul", [a, g.init("screen.weight_err", (err + screen_rel(H) * norm).astype(np.float32))],
                   name="screen/slack_x")  # fmt: skip
     upper = g.op("Add", [g.op("Add", [approx, slack], name="screen/upper0"), slack2], name="screen/upper1")
     upper = g.op("Add", [upper, g.init("screen/abs_slack", f32(SCREEN_ABS))], name="screen/upper")

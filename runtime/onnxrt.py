@@ -14,6 +14,7 @@ No torch import anywhere on this path.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -375,7 +376,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.screened_graph = self._check_io()
         # the lm_head screen serves greedy steps of float32 graphs (a quantized backbone's logits come
         # from its own quantized lm_head, which the screen's exact scores are not)
-        self.screens_argmax = self.screened_graph and config.precision == "fp32"
+        self.screens_argmax = self.screened_graph and config.precision == "fp32" and self.min_rows == 1
         self.screen_fallbacks = 0  # screened rows decoding needed that the bound left unsettled (a second call)
         self._screened_call: tuple | None = None  # the last screened call's inputs (settle_argmax reruns it)
         # [layers, key|value, batch, kv_heads, allocated, head_dim], ``allocated`` growing by doubling
@@ -407,6 +408,13 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             self._out_dtypes.update({ids: np.int64, scores: self._dtype, bound: self._dtype})
         self._hidden: np.ndarray | None = None
         self._bound: list[np.ndarray] = []
+        if self.screens_argmax and not self._screen_sound():
+            self.screens_argmax = False
+            logging.getLogger("medusa_trt.runtime").warning(
+                "%s: the lm_head screen's bound did not hold on this ONNX Runtime build (its int8 kernel "
+                "quantizes rows otherwise than in blocks of 32?): greedy steps compute float logits",
+                self.folder / config.backbone.file,
+            )
 
     def _alloc(self, size: int) -> None:
         """A cache buffer of ``size`` positions holding the cached entries, bound as every layer's
@@ -430,6 +438,25 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         while size < needed:
             size *= 2
         self._alloc(min(size, self._buffer))
+
+    def _screen_sound(self) -> bool:
+        """The lm_head screen checked against float logits at load, on one call of random tokens (then
+        dropped): the candidates' scores are their float logits and the bound is above every other
+        token's. Its proof (exporter.fused._screen) assumes ONNX Runtime's int8 MatMulNBits quantizes a
+        row in symmetric blocks of 32, as the CPU kernels of 1.32 (x86-64) do; a build that does not
+        turns the screen off rather than risk a token. ~30 ms for SmolLM2."""
+        n = min(8, self.capacity)
+        ids = np.random.default_rng(0).integers(0, self.spec.vocab_size, n)
+        try:
+            outs = self._run(ids, np.arange(n), np.tril(np.ones((n, n), dtype=bool)), n, n)
+            logits = np.array(outs["logits"][0, :n], dtype=np.float64)
+            cand, scores, bound = (np.array(outs[name][0, :n]) for name in SCREEN_OUTPUTS)
+        finally:
+            self.truncate(0)
+        others = logits.copy()
+        np.put_along_axis(others, cand, -np.inf, axis=1)
+        exact = np.take_along_axis(logits, cand, axis=1)
+        return bool(np.allclose(scores, exact, rtol=1e-4, atol=1e-3) and (others.max(axis=1) <= bound).all())
 
     def _check_io(self) -> bool:
         """The graph's I/O against the fused contract; True where it has the lm_head screen."""
@@ -462,6 +489,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.length = self._check_truncate(n)
         self._staged = 0
         self._hidden = None
+        self._screened_call = None
 
     partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only
 
@@ -471,6 +499,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         # logits for the last k rows (all of a padded step: its real rows come first)
         k = rows if (logits is None or rows != n) else max(0, min(int(logits), n))
         outs = self._run(input_ids, position_ids, tree_mask, k, 0)
+        self._screened_call = None  # a later float call: nothing screened to settle
         return outs["logits"][0, : min(k, n)]
 
     def _forward_argmax(self, input_ids, position_ids, tree_mask, rows):
@@ -553,6 +582,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             self.kv[:, :, :, :, dst] = self.kv[:, :, :, :, src]
         self.length += a
         self._staged = 0
+        self._screened_call = None
 
     def snapshot(self):
         return self.length, self.kv[:, :, :, :, : self.length].copy()
@@ -565,6 +595,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.length = n
         self._staged = 0
         self._hidden = None
+        self._screened_call = None
 
     def head_logits(self, index):
         if self._hidden is None:

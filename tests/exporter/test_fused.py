@@ -843,25 +843,36 @@ def test_lm_head_screen_bounds_every_token_it_does_not_score(exported, arch):
             np.put_along_axis(others, cand, -np.inf, 1)
             assert (others.max(1) <= out["screen_bound"]).all()
             # and through the backend's own call: a settled row is the float argmax, else -1
-            staged = backend._staged
             best = backend._forward_argmax(*(np.asarray(a) for a in (ids, pos, mask)), len(ids))
             sure = best >= 0
             assert np.array_equal(best[sure], logits.argmax(1)[sure])
             settled += int(sure.sum())
-            assert backend._staged == staged
             if len(ids) == n:
                 backend.commit(np.arange(n))
     assert settled > 0  # some rows settle even on a random tiny model (the check above is not vacuous)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_lm_head_screen_ranks_by_the_documented_bound(exported, arch):
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, wordlevel_tokenizer):
+    """A tiny Llama of hidden size 96 (three int8 blocks a row: a kernel that quantized a row as one
+    block would move the product off the documented bound), untied lm_head, exported."""
+    model = tiny_model("llama", seed=4, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                       intermediate_size=128, tie_word_embeddings=False)  # fmt: skip
+    heads = random_heads(model, NUM_HEADS)
+    out = export_artifact(model, heads, tmp_path_factory.mktemp("wide") / "a", ExportOptions(),
+                          tokenizer=wordlevel_tokenizer)  # fmt: skip
+    return {"fused": out, "model": model}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "wide"])
+def test_lm_head_screen_ranks_by_the_documented_bound(exported, wide, arch):
     """The graph's bound is the (K+1)-th largest of screen_reference's upper bounds (the formula
     exporter.fused documents), to float rounding: no term of it is missing or extra."""
     from exporter.fused import screen_reference, screen_weights
 
-    e = exported(arch)
+    e = wide if arch == "wide" else exported(arch)
     backend = runtime.load(e["fused"]).backend
+    assert backend.screens_argmax  # the load's own check passed
     w = e["model"].lm_head.weight.detach().float().numpy()
     t = screen_weights(w)
     rng = np.random.default_rng(9)
@@ -872,11 +883,59 @@ def test_lm_head_screen_ranks_by_the_documented_bound(exported, arch):
     K = out["screen_ids"].shape[1]
     want = -np.sort(-upper, axis=1)[:, K]
     np.testing.assert_allclose(out["screen_bound"], want, rtol=1e-5, atol=2e-5)
-    # the terms are not negligible here: each moves the bound by more than the tolerance
-    from exporter.fused import SCREEN_ABS
-
+    # the activation term is not negligible here: it moves the bound by more than the tolerance
     assert (upper - screen_reference(backend.hidden_states(), {**t, "norm": t["norm"] * 0}) > 1e-3).all()
-    assert SCREEN_ABS > 2e-5
+    if arch == "wide":  # untied: the candidates' float rows are the lm_head's own, gathered from its copy
+        inits = {i.name for i in onnx.load(str(e["fused"] / "model.onnx"), load_external_data=False).graph.initializer}
+        assert "lm_head.weight" in inits
+        for ids in PROMPTS[:2]:
+            assert runtime.load(e["fused"]).generate(ids, max_new_tokens=12, tree="cpu_8").tokens == hf_greedy(
+                e["model"], ids, 12
+            )
+
+
+def test_strip_screen_leaves_the_contract_alone(exported, wide):
+    """exporter.quantize's first step: no screen node, input, output or initializer is left (the
+    untied model's gathered copy of the lm_head included), and the graph still runs."""
+    from exporter.fused import strip_screen
+
+    for folder in (exported("llama")["fused"], wide["fused"]):
+        proto = strip_screen(onnx.load(str(folder / "model.onnx")))
+        g = proto.graph
+        L = read_artifact(folder).model.num_layers
+        assert [i.name for i in g.input] == fused_io_names(L)[0]
+        assert [o.name for o in g.output] == fused_io_names(L)[1]
+        assert not [n.name for n in g.node if n.name.startswith("screen")]
+        left = [
+            t.name for t in g.initializer if t.name.startswith("screen") or t.name in (SCREEN_INPUT, "lm_head.weight")
+        ]
+        assert left == []
+        used = {x for n in g.node for x in n.input}
+        assert all(t.name in used for t in g.initializer)
+        import onnxruntime as ort
+
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_a_screen_whose_bound_fails_at_load_is_turned_off(exported, monkeypatch):
+    """The load checks the bound against float logits (another ONNX Runtime build's int8 kernel could
+    quantize rows otherwise): a bound that does not hold turns the screen off, with a warning."""
+    from runtime.onnxrt import FusedOnnxRuntimeBackend
+
+    real = FusedOnnxRuntimeBackend._run
+
+    def low(self, ids, pos, mask, k, screened):
+        outs = real(self, ids, pos, mask, k, screened)
+        outs["screen_bound"][:] -= 50.0  # below some unscored token's logit
+        return outs
+
+    monkeypatch.setattr(FusedOnnxRuntimeBackend, "_run", low)
+    with capture_logs() as logs:
+        gen = runtime.load(exported("llama")["fused"])
+    assert not gen.backend.screens_argmax and gen.backend.screened_graph
+    assert any("did not hold" in line for line in logs)
+    monkeypatch.setattr(FusedOnnxRuntimeBackend, "_run", real)
+    assert runtime.load(exported("llama")["fused"]).backend.screens_argmax
 
 
 def test_lm_head_screen_bound_is_sound_against_adversarial_rows():
