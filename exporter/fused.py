@@ -25,6 +25,9 @@ mean what they mean in the ``portable`` flavour (:mod:`exporter.step`, traced), 
     num_logits      int64 [1]                       logits for the last this many new tokens
     past_key_values.{i}.key|value  [batch, kv_heads, cache_capacity, head_dim]
 
+and, in the one-sequence float32 graph, an optional ``num_screened`` int64 [1] (default 0) with the
+outputs ``screen_ids``, ``screen_logits``, ``screen_bound`` after the cache: greedy decoding's
+lm_head screen (:func:`_screen`);
 and its cache is the whole preallocated buffer, head-major (BNSH, GroupQueryAttention's
 layout). ``present.{i}.key|value`` is the same buffer: bound to the same memory (the
 runtime does this), GroupQueryAttention writes the new tokens' entries at positions
