@@ -396,7 +396,7 @@ def build_fused_backbone(
     if screened:
         tied = "model.embed_tokens.weight" in sd and bool(
             (sd["lm_head.weight"] is sd["model.embed_tokens.weight"])
-            or np.array_equal(_np(sd["lm_head.weight"], npdt), _np(sd["model.embed_tokens.weight"], npdt))
+            or np.array_equal(lm.T, _np(sd["model.embed_tokens.weight"], npdt))
         )
         rows_name = embed if tied else g.init("lm_head.weight", lm.T)  # [V, H], row-major: candidates gathered
         _screen(g, lm.T, rows_name, n_new, one)
@@ -648,8 +648,9 @@ def strip_screen(proto):
     used = {name for n in keep for name in n.input}
     del g.node[:]
     g.node.extend(keep)
-    inits = [t for t in g.initializer if t.name in used or not (t.name.startswith("screen") or t.name == SCREEN_INPUT)]
-    inits = [t for t in inits if t.name != "lm_head.weight" or t.name in used]  # an untied model's gathered rows
+    # the screen's own tensors (an untied model's gathered lm_head rows included) that nothing left reads
+    owned = lambda name: name.startswith("screen") or name in (SCREEN_INPUT, "lm_head.weight")
+    inits = [t for t in g.initializer if t.name in used or not owned(t.name)]
     del g.initializer[:]
     g.initializer.extend(inits)
     for field, drop in ((g.input, {SCREEN_INPUT}), (g.output, set(SCREEN_OUTPUTS))):

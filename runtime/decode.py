@@ -795,21 +795,11 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
         if m < 1:
             raise ContextLengthError(f"the backend takes no new token on a cache of {start} (prompt token {s} of {n})")
         last = s + m == n
+        call = (tokens[s : s + m], np.arange(start, start + m), np.tril(np.ones((m, m), dtype=bool)))
         if argmax and want_logits and last and scored is None:
-            logits = backend.forward_argmax(
-                tokens[s : s + m], np.arange(start, start + m), np.tril(np.ones((m, m), dtype=bool)), rows=1
-            )
-            if logits[-1] < 0:  # the screen left it unsettled: settled before the commit
-                logits = np.array([backend.settle_argmax(0)])
-            backend.commit(np.arange(m))
-            s += m
-            continue
-        logits = backend.forward(
-            tokens[s : s + m],
-            np.arange(start, start + m),
-            np.tril(np.ones((m, m), dtype=bool)),
-            logits=m if scored is not None else 1 if (want_logits and last) else 0,
-        )
+            logits = np.array([settled(backend, backend.forward_argmax(*call, rows=1), 0)])
+        else:
+            logits = backend.forward(*call, logits=m if scored is not None else 1 if (want_logits and last) else 0)
         if scored is not None:  # row j predicts token s + j + 1 (the last row, the first new token)
             scored.extend(token_logprobs(logits, tokens[s + 1 : s + m + 1].tolist(), top))
             logits = logits[-1:]
@@ -911,9 +901,7 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
         # a row the engine left unsettled (-1) accepts no child: the path may end there, still exactly
         # greedy's (fewer tokens at most); only the path's last row must then be settled
         path = accept_greedy_tokens(tokens, best, tree)
-        new_root = int(best[path[-1]])
-        if new_root < 0:
-            new_root = backend.settle_argmax(int(path[-1]))
+        new_root = settled(backend, best, int(path[-1]))
         raw = None
     else:
         raw = backend.forward(tokens, start + tree.position_ids, tree.attn_mask)
@@ -928,6 +916,13 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
     backend.commit(path)
     clock.lap("kv_update")
     return path, new_root, rows
+
+
+def settled(backend: Backend, best: np.ndarray, row: int) -> int:
+    """``best[row]`` of a ``forward_argmax``, or where the backend left it unsettled (-1), its
+    ``settle_argmax`` (before the forward is committed)."""
+    token = int(best[row])
+    return token if token >= 0 else backend.settle_argmax(row)
 
 
 def _argmax_only(cfg: DecodeConfig, pen) -> bool:
@@ -1008,9 +1003,8 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, n
 def _plain_step(backend, root, cfg, rng, clock, noise=None, pen=None):
     pos = backend.cache_len
     if _argmax_only(cfg, pen):
-        new_root = int(backend.forward_argmax(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))[0])
-        if new_root < 0:  # the engine left it unsettled
-            new_root = backend.settle_argmax(0)
+        best = backend.forward_argmax(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))
+        new_root = settled(backend, best, 0)
         clock.lap("engine")
         backend.commit(np.array([0]))
         clock.lap("kv_update")

@@ -489,7 +489,6 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.length = self._check_truncate(n)
         self._staged = 0
         self._hidden = None
-        self._screened_call = None
 
     partial_logits = True  # forward(..., logits=k): the lm_head runs on the last k rows only
 
@@ -513,12 +512,12 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         ids, scores, bound = (outs[name][0, :s] for name in SCREEN_OUTPUTS)
         r = np.arange(s)
         j = np.argmax(scores, axis=1)
-        return np.where(scores[r, j] > bound, ids[r, j], -1).astype(np.int64)
+        return np.where(scores[r, j] > bound, ids[r, j], -1)
 
     def settle_argmax(self, row: int) -> int:
         """The call is run again with float logits for its screened rows: it writes the same cache
         entries again (staged, not yet committed), and its hidden states are the same."""
-        if self._screened_call is None or not self._staged:
+        if self._screened_call is None or not self._staged:  # (commit, truncate and restore unstage)
             raise RuntimeError("settle_argmax() without a screened forward to settle")
         input_ids, position_ids, tree_mask, s = self._screened_call
         self.screen_fallbacks += 1
@@ -582,7 +581,6 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             self.kv[:, :, :, :, dst] = self.kv[:, :, :, :, src]
         self.length += a
         self._staged = 0
-        self._screened_call = None
 
     def snapshot(self):
         return self.length, self.kv[:, :, :, :, : self.length].copy()
@@ -595,7 +593,6 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.length = n
         self._staged = 0
         self._hidden = None
-        self._screened_call = None
 
     def head_logits(self, index):
         if self._hidden is None:
