@@ -25,9 +25,10 @@ mean what they mean in the ``portable`` flavour (:mod:`exporter.step`, traced), 
     num_logits      int64 [1]                       logits for the last this many new tokens
     past_key_values.{i}.key|value  [batch, kv_heads, cache_capacity, head_dim]
 
-and, in the one-sequence float32 graph, an optional ``num_screened`` int64 [1] (default 0) with the
-outputs ``screen_ids``, ``screen_logits``, ``screen_bound`` after the cache: greedy decoding's
-lm_head screen (:func:`_screen`);
+and, in the one-sequence float32 graph, an optional ``num_screened`` int64 [1] (default 0) and
+``screen_noise`` float [screened rows, vocab] (default zeros [1, 1]) with the outputs
+``screen_ids``, ``screen_logits``, ``screen_bound`` after the cache: the lm_head screen of greedy
+decoding and coupled sampling (:func:`_screen`);
 and its cache is the whole preallocated buffer, head-major (BNSH, GroupQueryAttention's
 layout). ``present.{i}.key|value`` is the same buffer: bound to the same memory (the
 runtime does this), GroupQueryAttention writes the new tokens' entries at positions
@@ -57,7 +58,14 @@ from typing import Any
 
 import numpy as np
 
-from runtime.artifact import FUSED_CACHE_START, SCREEN_CANDIDATES, SCREEN_INPUT, SCREEN_OUTPUTS, fused_io_names
+from runtime.artifact import (
+    FUSED_CACHE_START,
+    SCREEN_CANDIDATES,
+    SCREEN_INPUT,
+    SCREEN_NOISE,
+    SCREEN_OUTPUTS,
+    fused_io_names,
+)
 from runtime.errors import MedusaError
 
 MS_DOMAIN = "com.microsoft"
@@ -422,7 +430,9 @@ def build_fused_backbone(
     ]
     if screened:  # optional: fed 0 unless asked (an input with an initializer of the same name)
         g.const(SCREEN_INPUT, [0])
+        g.init(SCREEN_NOISE, np.zeros((1, 1), np.float32))
         graph_inputs.append(h.make_tensor_value_info(SCREEN_INPUT, TensorProto.INT64, [1]))
+        graph_inputs.append(h.make_tensor_value_info(SCREEN_NOISE, tdt, ["screen_noise_rows", "screen_noise_vocab"]))
         K = SCREEN_CANDIDATES
         graph_outputs += [
             h.make_tensor_value_info("screen_ids", TensorProto.INT64, ["batch", "screened_rows", K]),
@@ -649,11 +659,11 @@ def strip_screen(proto):
     del g.node[:]
     g.node.extend(keep)
     # the screen's own tensors (an untied model's gathered lm_head rows included) that nothing left reads
-    owned = lambda name: name.startswith("screen") or name in (SCREEN_INPUT, "lm_head.weight")
+    owned = lambda name: name.startswith("screen") or name in (SCREEN_INPUT, SCREEN_NOISE, "lm_head.weight")
     inits = [t for t in g.initializer if t.name in used or not owned(t.name)]
     del g.initializer[:]
     g.initializer.extend(inits)
-    for field, drop in ((g.input, {SCREEN_INPUT}), (g.output, set(SCREEN_OUTPUTS))):
+    for field, drop in ((g.input, {SCREEN_INPUT, SCREEN_NOISE}), (g.output, set(SCREEN_OUTPUTS))):
         kept = [v for v in field if v.name not in drop]
         del field[:]
         field.extend(kept)
@@ -662,7 +672,8 @@ def strip_screen(proto):
 
 def screen_reference(x: np.ndarray, t: dict[str, np.ndarray]) -> np.ndarray:
     """``upper`` ``[rows, V]`` of :func:`_screen` in float64 numpy, for hidden rows ``x`` ``[rows, H]``
-    and :func:`screen_weights`' tensors ``t`` (what the graph's TopK ranks; tests compare the two)."""
+    and :func:`screen_weights`' tensors ``t`` (what the graph's TopK ranks, plus ``screen_noise``;
+    tests compare the two)."""
     x = np.asarray(x, dtype=np.float64)
     R, H = x.shape
     blocks = x.reshape(R, H // SCREEN_BLOCK, SCREEN_BLOCK)
@@ -678,7 +689,8 @@ def screen_reference(x: np.ndarray, t: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) -> None:
-    """Greedy decoding's lm_head without the float one: the last ``num_screened`` rows' top tokens.
+    """Greedy decoding's and coupled sampling's lm_head without the float one: the last
+    ``num_screened`` rows' top tokens (of the logits, or of the logits plus ``screen_noise``).
 
     A row x (a final-normed hidden state) is rounded to int8 blocks of ``SCREEN_BLOCK`` (x^: a
     block's scale is its largest |x| / 127) and multiplied, by ONNX Runtime's ``MatMulNBits``
@@ -695,7 +707,14 @@ def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) ->
     gathered, ``screen_logits``); ``screen_bound`` is the next ``upper``, above every other
     token's logit. Where the best exact candidate beats it, that candidate is the row's argmax
     (the runtime checks this, and falls back to the float row where it does not hold: rarely,
-    for SmolLM2 on none of ~1,000 rows of its own answers)."""
+    for SmolLM2 on none of ~1,000 rows of its own answers).
+
+    Coupled sampling draws ``argmax(logits / T + g)`` (runtime.decode.PositionNoise), the argmax
+    of ``logits + T g``: the runtime feeds ``T g`` as ``screen_noise`` (one row per screened
+    row, flattened over the batch as the hidden rows are), the graph ranks ``upper + T g``, and the
+    33rd of those bounds every other token's ``logit + T g`` as ``upper`` bounds its logit (the
+    same noise on both sides). ``screen_logits`` stay the candidates' plain logits; the runtime
+    adds their noise. Its default, zeros ``[1, 1]``, is greedy's ranking."""
     K = SCREEN_CANDIDATES
     V, H = w.shape
     t = screen_weights(w)
@@ -732,7 +751,8 @@ def _screen(g: _Graph, w: np.ndarray, rows_weight: str, n_new: str, one: str) ->
     slack2 = g.op("Mul", [a, g.init("screen.weight_err", (err + screen_rel(H) * norm).astype(np.float32))],
                   name="screen/slack_x")  # fmt: skip
     upper = g.op("Add", [g.op("Add", [approx, slack], name="screen/upper0"), slack2], name="screen/upper1")
-    upper = g.op("Add", [upper, g.init("screen/abs_slack", f32(SCREEN_ABS))], name="screen/upper")
+    upper = g.op("Add", [upper, g.init("screen/abs_slack", f32(SCREEN_ABS))], name="screen/upper2")
+    upper = g.op("Add", [upper, SCREEN_NOISE], name="screen/upper")  # coupled sampling's T g (default 0)
     top_v, top_i = g.op("TopK", [upper, g.const("screen/k", [K + 1])], 2, name="screen/topk", axis=-1)
     cand = g.op("Slice", [top_i, g.const("screen/zero", [0]), g.const("screen/kk", [K]), last], name="screen/cand")
     bound = g.op("Slice", [top_v, g.const("screen/kk2", [K]), g.const("screen/k1", [K + 1]), last],

@@ -40,9 +40,11 @@ PORTABLE_INPUTS = ("input_ids", "position_ids", "tree_mask")  # then the cache (
 FUSED_INPUTS = (*PORTABLE_INPUTS, "cache_lengths", "num_logits")
 FUSED_CACHE_START = len(FUSED_INPUTS)  # the cache inputs follow these
 BACKBONE_OUTPUTS = ("logits", "hidden_states")  # then the cache (present.*)
-# the fused one-sequence float32 graph's lm_head screen for greedy decoding (exporter.fused._screen):
-# an optional input after the cache (default 0: no row screened) and three outputs after it
+# the fused one-sequence float32 graph's lm_head screen for greedy decoding and coupled sampling
+# (exporter.fused._screen): optional inputs after the cache (defaults: no row screened, no noise)
+# and three outputs after it
 SCREEN_INPUT = "num_screened"
+SCREEN_NOISE = "screen_noise"  # float [screened rows, vocab]: temperature x Gumbel noise, added before the ranking
 SCREEN_OUTPUTS = ("screen_ids", "screen_logits", "screen_bound")
 SCREEN_CANDIDATES = 32  # tokens a screened row scores exactly
 HEADS_INPUTS, HEADS_OUTPUTS = ("hidden_states",), ("medusa_logits",)

@@ -64,22 +64,28 @@ class Backend(ABC):
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
         return self._forward(ids, pos, mask, logits)
 
-    def forward_argmax(self, input_ids, position_ids, tree_mask, rows: int | None = None) -> np.ndarray:
+    def forward_argmax(self, input_ids, position_ids, tree_mask, rows: int | None = None, noise=None,
+                       temperature: float = 1.0) -> np.ndarray:  # fmt: skip
         """int64 ``[k]``: the argmax token of each of the last ``rows`` new tokens (all where None),
         all that greedy decoding reads of a forward, or -1 for a row the backend left unsettled:
-        :meth:`settle_argmax` gives that row's token. Here the argmax of :meth:`forward`'s logits
-        (never -1); a backend whose graph screens the lm_head (:attr:`screens_argmax`) computes no
-        float logits, and leaves the rows its screen cannot settle (rare) to ``settle_argmax``."""
-        if not self.screens_argmax:
+        :meth:`settle_argmax` gives that row's token. ``noise`` (float32 ``[k, vocab]``, coupled
+        sampling's Gumbel vectors, one per row): the argmax of ``logits / temperature + noise``
+        instead (:func:`draw_argmax`), the token coupled sampling draws. Here from :meth:`forward`'s
+        logits (never -1); a backend whose graph screens the lm_head (:attr:`screens_argmax`, and
+        :attr:`screens_noise` for noise) computes no float logits, and leaves the rows its screen
+        cannot settle (rare) to ``settle_argmax``."""
+        if not self.screens_argmax or (noise is not None and not self.screens_noise):
             out = self.forward(input_ids, position_ids, tree_mask, logits=rows)
-            return np.argmax(out if rows is None else out[len(out) - rows :], axis=-1)
+            return draw_argmax(out if rows is None else out[len(out) - rows :], noise, temperature)
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
-        return self._forward_argmax(ids, pos, mask, len(ids) if rows is None else int(rows))
+        return self._forward_argmax(ids, pos, mask, len(ids) if rows is None else int(rows), noise, temperature)
 
-    # True where forward_argmax runs the graph's lm_head screen (exporter.fused._screen)
+    # True where forward_argmax runs the graph's lm_head screen (exporter.fused._screen), and where it
+    # does so with coupled sampling's noise too
     screens_argmax: bool = False
+    screens_noise: bool = False
 
-    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows: int) -> np.ndarray:
+    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows: int, noise=None, temperature=1.0) -> np.ndarray:
         raise NotImplementedError(f"{type(self).__name__} does not screen the lm_head")
 
     def settle_argmax(self, row: int) -> int:
@@ -196,6 +202,16 @@ class Backend(ABC):
         if not 0 <= n <= self.cache_len:
             raise MedusaError(f"truncate({n}): the cache holds {self.cache_len} entries")
         return int(n)
+
+
+def draw_argmax(logits: np.ndarray, noise: np.ndarray | None = None, temperature: float = 1.0) -> np.ndarray:
+    """Each row's argmax, of ``logits`` or (``noise`` given, one row each) of float32
+    ``logits / temperature + noise``: coupled sampling's draw, computed as
+    runtime.decode.PositionNoise scores a row."""
+    if noise is None:
+        return np.argmax(logits, axis=-1)
+    with np.errstate(over="ignore"):
+        return np.argmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature) + noise, axis=-1)
 
 
 def check_forward(input_ids, position_ids, tree_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -581,6 +581,7 @@ def summarize(gen, per_prompt, variants, max_new_tokens, peer, threads) -> dict:
         # greedy steps' lm_head: the graph's int8 screen (exporter.fused._screen) or float logits, and how
         # many screened rows decoding needed that the screen left to a second, float call
         "lm_head": "screen" if getattr(backend, "screens_argmax", False) else "float",
+        "lm_head_sampling": "screen" if getattr(backend, "screens_noise", False) else "float",  # coupled draws
         "screen_fallbacks": getattr(backend, "screen_fallbacks", 0),
         "max_new_tokens": max_new_tokens,
         "prompts": len(per_prompt),
@@ -692,7 +693,8 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
         f"{res['prompts']} prompts, max_new_tokens {res['max_new_tokens']}, backend {res['backend']} "
         f"{res.get('providers') or ''} threads {res['threads']}"
         + (
-            f", lm_head screened ({res.get('screen_fallbacks', 0)} rows settled in float)"
+            f", lm_head screened{' (greedy and coupled sampling)' if res.get('lm_head_sampling') == 'screen' else ''}"
+            f" ({res.get('screen_fallbacks', 0)} rows settled in float)"
             if res.get("lm_head") == "screen"
             else ""
         )

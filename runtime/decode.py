@@ -344,6 +344,13 @@ class PositionNoise:
             self._next += 1
         return self._noise[pos]
 
+    def rows(self, positions) -> np.ndarray:
+        """``[len(positions), vocab]``: ``g`` at each position (rows of a verification: its nodes'
+        children's positions), for an engine that draws the tokens itself (Backend.forward_argmax)."""
+        positions = [int(p) for p in positions]
+        self.at(max(positions))  # in position order, as a walk would draw them
+        return np.stack([self._noise[p] for p in positions])
+
     def release(self, below: int) -> None:
         """Forget positions before ``below`` (their tokens are final)."""
         for t in [t for t in self._noise if t < below]:
@@ -717,8 +724,10 @@ def decode_steps(
     # prefill: the prompt (past what the cache kept) under a causal mask, in chunks (each sees the
     # cache of the earlier ones); the last chunk's last logits give the first root
     scored: list[TokenLogprob] | None = [] if cfg.prompt_logprobs else None
-    argmax = _argmax_only(cfg, pen) and scored is None  # greedy reads argmax tokens, not logits
-    logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0, argmax=argmax)
+    # greedy (and coupled sampling) read the drawn tokens alone, not logits
+    argmax = _draws_only(cfg, pen, noise) and scored is None
+    logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0, argmax=argmax,
+                        noise=noise, temperature=cfg.temperature)  # fmt: skip
     assert logits is not None
     root = int(logits[-1]) if argmax else select_root(logits[-1], cfg, rng, noise, backend.cache_len)
     rows = logits[-1:].copy() if cfg.logprobs is not None else None  # the logits rows of the emitted tokens
@@ -776,7 +785,8 @@ def decode_steps(
 
 
 def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scored: list | None = None,
-            top: int = 0, argmax: bool = False) -> tuple[np.ndarray | None, int]:  # fmt: skip
+            top: int = 0, argmax: bool = False, noise: PositionNoise | None = None,
+            temperature: float = 1.0) -> tuple[np.ndarray | None, int]:  # fmt: skip
     """Run ``tokens`` through the backend under a causal mask, in calls of at most ``chunk``
     tokens (0: no limit) and at most what the backend takes at that cache length
     (``max_new_tokens``), each over the cache of the earlier ones, and commit them all.
@@ -785,7 +795,7 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
     ``scored`` (a list): every call computes all its rows, and the log-probabilities of tokens
     1 .. n-1 (with ``top`` alternatives each) are appended to it, a call at a time. ``argmax``
     (no ``scored``): the last call returns its last row's argmax token ``[1]`` instead of logits
-    (``Backend.forward_argmax``)."""
+    (``Backend.forward_argmax``; with ``noise``, coupled sampling's draw at ``temperature``)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
     logits, m, s = None, 0, 0
@@ -797,7 +807,9 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
         last = s + m == n
         call = (tokens[s : s + m], np.arange(start, start + m), np.tril(np.ones((m, m), dtype=bool)))
         if argmax and want_logits and last and scored is None:
-            logits = np.array([settled(backend, backend.forward_argmax(*call, rows=1), 0)])
+            g = None if noise is None else noise.rows([start + m])  # the next token's position
+            best = backend.forward_argmax(*call, rows=1, noise=g, temperature=temperature)
+            logits = np.array([settled(backend, best, 0)])
         else:
             logits = backend.forward(*call, logits=m if scored is not None else 1 if (want_logits and last) else 0)
         if scored is not None:  # row j predicts token s + j + 1 (the last row, the first new token)
@@ -895,11 +907,15 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
     unpenalized). ``pen``: the acceptance reads the penalized logits (:class:`Penalties`)."""
     start = backend.cache_len
     stats.nodes += tree.num_nodes
-    if _argmax_only(cfg, pen):  # greedy: the argmax tokens alone (an engine may screen its lm_head)
-        best = backend.forward_argmax(tokens, start + tree.position_ids, tree.attn_mask)
+    if _draws_only(cfg, pen, noise):  # the drawn tokens alone (an engine may screen its lm_head)
+        # coupled sampling: a node's row draws its child's token, with the noise of the child's position
+        g = None if noise is None else noise.rows(start + tree.position_ids + 1)
+        best = backend.forward_argmax(tokens, start + tree.position_ids, tree.attn_mask, noise=g,
+                                      temperature=cfg.temperature)  # fmt: skip
         clock.lap("engine")
-        # a row the engine left unsettled (-1) accepts no child: the path may end there, still exactly
-        # greedy's (fewer tokens at most); only the path's last row must then be settled
+        # greedy verification (of the perturbed logits, coupled: accept_coupled's walk). A row the
+        # engine left unsettled (-1) accepts no child: the path may end there, still exactly the
+        # plain decode's (fewer tokens at most); only the path's last row must then be settled
         path = accept_greedy_tokens(tokens, best, tree)
         new_root = settled(backend, best, int(path[-1]))
         raw = None
@@ -925,9 +941,15 @@ def settled(backend: Backend, best: np.ndarray, row: int) -> int:
     return token if token >= 0 else backend.settle_argmax(row)
 
 
-def _argmax_only(cfg: DecodeConfig, pen) -> bool:
-    """Whether a step reads only the backbone's argmax tokens: greedy, no penalties, no logprobs."""
-    return cfg.temperature < GREEDY_BELOW and pen is None and cfg.logprobs is None
+def _draws_only(cfg: DecodeConfig, pen, noise: PositionNoise | None) -> bool:
+    """Whether a step reads only the tokens the backbone draws, one per row: greedy's argmax, or
+    coupled sampling's (``noise``) argmax of ``logits / T + g`` without top-k / top-p; no
+    penalties, no logprobs (Backend.forward_argmax)."""
+    if pen is not None or cfg.logprobs is not None:
+        return False
+    if cfg.temperature < GREEDY_BELOW:
+        return True
+    return noise is not None and not cfg.top_k and cfg.top_p >= 1.0
 
 
 def _accept(raw, tokens, tree, cfg, rng, q, noise, pen, start):
@@ -1002,8 +1024,10 @@ def _dynamic_step(backend, root, index, state, cfg, rng, clock, lookup, stats, n
 
 def _plain_step(backend, root, cfg, rng, clock, noise=None, pen=None):
     pos = backend.cache_len
-    if _argmax_only(cfg, pen):
-        best = backend.forward_argmax(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool))
+    if _draws_only(cfg, pen, noise):
+        g = None if noise is None else noise.rows([pos + 1])
+        best = backend.forward_argmax(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool), noise=g,
+                                      temperature=cfg.temperature)  # fmt: skip
         new_root = settled(backend, best, 0)
         clock.lap("engine")
         backend.commit(np.array([0]))

@@ -24,11 +24,12 @@ from runtime.artifact import (
     FUSED_CACHE_START,
     SCREEN_CANDIDATES,
     SCREEN_INPUT,
+    SCREEN_NOISE,
     SCREEN_OUTPUTS,
     ArtifactConfig,
     cache_names,
 )
-from runtime.backend import Backend, DeviceCacheBackend, GraphBackend, gives_back
+from runtime.backend import Backend, DeviceCacheBackend, GraphBackend, draw_argmax, gives_back
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -377,6 +378,8 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         # the lm_head screen serves greedy steps of float32 graphs (a quantized backbone's logits come
         # from its own quantized lm_head, which the screen's exact scores are not)
         self.screens_argmax = self.screened_graph and config.precision == "fp32" and self.min_rows == 1
+        # coupled sampling's draws too, where the graph takes the noise (exports since 2026-12-02)
+        self.screens_noise = self.screens_argmax and self._noise_input
         self.screen_fallbacks = 0  # screened rows decoding needed that the bound left unsettled (a second call)
         self._screened_call: tuple | None = None  # the last screened call's inputs (settle_argmax reruns it)
         # [layers, key|value, batch, kv_heads, allocated, head_dim], ``allocated`` growing by doubling
@@ -401,6 +404,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             "hidden_states": (1, 0, spec.hidden_size),
         }
         self._out_dtypes: dict[str, type] = {name: self._dtype for name in self._out_shapes}
+        self._no_noise = np.zeros((1, 1), dtype=self._dtype)  # the noise input's own default: greedy's ranking
         if self.screened_graph:
             _bind(self._io.bind_input, SCREEN_INPUT, self._num_screened)
             ids, scores, bound = SCREEN_OUTPUTS
@@ -409,7 +413,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self._hidden: np.ndarray | None = None
         self._bound: list[np.ndarray] = []
         if self.screens_argmax and not self._screen_sound():
-            self.screens_argmax = False
+            self.screens_argmax = self.screens_noise = False
             logging.getLogger("medusa_trt.runtime").warning(
                 "%s: the lm_head screen's bound did not hold on this ONNX Runtime build (its int8 kernel "
                 "quantizes rows otherwise than in blocks of 32?): greedy steps compute float logits",
@@ -468,6 +472,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         # the screen's input has a default (an initializer of its name): listed as overridable, not as an input
         optional = [i.name for i in self.backbone.get_overridable_initializers()]
         screened = SCREEN_INPUT in optional and got_out == [*want_out, *SCREEN_OUTPUTS]
+        self._noise_input = screened and SCREEN_NOISE in optional
         if got_in != want_in or (got_out != want_out and not screened):
             raise ArtifactError(
                 f"{self.folder / self.config.backbone.file}: graph I/O does not match the fused contract for "
@@ -501,15 +506,28 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self._screened_call = None  # a later float call: nothing screened to settle
         return outs["logits"][0, : min(k, n)]
 
-    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows):
-        """The last ``rows`` tokens' argmax from the graph's lm_head screen: the best exactly scored
-        candidate where it beats the bound on every other token (exporter.fused._screen), else -1
-        (rare: ``settle_argmax`` then runs the same call again with float logits)."""
+    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows, noise=None, temperature=1.0):
+        """The last ``rows`` tokens' argmax (of ``logits / T + noise`` where ``noise`` is given) from
+        the graph's lm_head screen: the best exactly scored candidate where it beats the bound on
+        every other token (exporter.fused._screen), else -1 (rare: ``settle_argmax`` then runs the
+        same call again with float logits).
+
+        With noise the graph ranks ``upper + T g`` (``screen_noise``), so its bound B is above every
+        other token's ``logit + T g``, and B / T above its ``logit / T + g``. The candidates are scored
+        as the float path scores a row (runtime.decode.PositionNoise: float32 ``logit / T``, plus
+        ``g``); the extra roundings (``+ T g``, ``/ T``: ~1e-6 relative) sit far inside the bound's
+        absolute slack (exporter.fused.SCREEN_ABS, 1e-3 of a logit)."""
         n = len(input_ids)
         s = max(0, min(int(rows), n))
-        outs = self._run(input_ids, position_ids, tree_mask, 0, s)
-        self._screened_call = (input_ids, position_ids, tree_mask, s)
+        t = np.float32(temperature)
+        if noise is not None:
+            noise = np.asarray(noise, dtype=self._dtype)[len(noise) - s :]
+        outs = self._run(input_ids, position_ids, tree_mask, 0, s, None if noise is None else noise * t)
+        self._screened_call = (input_ids, position_ids, tree_mask, s, noise, t)
         ids, scores, bound = (outs[name][0, :s] for name in SCREEN_OUTPUTS)
+        if noise is not None:
+            scores = scores / t + np.take_along_axis(noise, ids, axis=1)
+            bound = bound / t
         r = np.arange(s)
         j = np.argmax(scores, axis=1)
         return np.where(scores[r, j] > bound, ids[r, j], -1)
@@ -519,14 +537,16 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         entries again (staged, not yet committed), and its hidden states are the same."""
         if self._screened_call is None or not self._staged:  # (commit, truncate and restore unstage)
             raise RuntimeError("settle_argmax() without a screened forward to settle")
-        input_ids, position_ids, tree_mask, s = self._screened_call
+        input_ids, position_ids, tree_mask, s, noise, t = self._screened_call
         self.screen_fallbacks += 1
         logits = self._run(input_ids, position_ids, tree_mask, s, 0)["logits"][0, :s]
-        return int(np.argmax(logits[int(row)]))
+        r = int(row)
+        return int(draw_argmax(logits[r : r + 1], None if noise is None else noise[r : r + 1], t)[0])
 
-    def _run(self, input_ids, position_ids, tree_mask, k: int, screened: int) -> dict:
+    def _run(self, input_ids, position_ids, tree_mask, k: int, screened: int, noise=None) -> dict:
         """One backbone call on checked inputs: float logits for the last ``k`` rows, the lm_head
-        screen for the last ``screened``; the bound outputs (views of reused buffers)."""
+        screen for the last ``screened`` (ranked with ``noise``, ``[screened, vocab]``, added where
+        given); the bound outputs (views of reused buffers)."""
         n = len(input_ids)
         if self.length == 0 and not np.array_equal(position_ids, np.arange(n)):
             # GroupQueryAttention's first-prompt path rotates by 0..n-1 whatever position_ids say
@@ -559,6 +579,8 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         if self.screened_graph:
             for name in SCREEN_OUTPUTS:
                 outs[name] = outs[name][:, :screened]
+        if self._noise_input:  # bound every call: a binding outlives its call
+            bound.append(_bind(io.bind_input, SCREEN_NOISE, self._no_noise if noise is None else noise))
         for name, arr in outs.items():
             bound.append(_bind(io.bind_output, name, arr))
         self._bound = bound  # kept alive until the next call

@@ -72,8 +72,15 @@ def _batched_equals_single(art, tokenizer) -> None:
     # the real model's rows (fresh heads: nearly every tree node a wrong guess) settle by the screen
     # alone, and the float lm_head gives the same tokens
     assert single.backend.screen_fallbacks <= 2, single.backend.screen_fallbacks
-    single.backend.screens_argmax = False
+    # coupled sampling through the screen draws the float path's tokens for a seed
+    assert single.backend.screens_noise
+    sampled = [single.generate(c, max_new_tokens=32, tree="cpu_8", temperature=0.7, seed=i).tokens
+               for i, c in enumerate(chats)]  # fmt: skip
+    assert single.backend.screen_fallbacks <= 4, single.backend.screen_fallbacks
+    single.backend.screens_argmax = single.backend.screens_noise = False
     assert [single.generate(c, max_new_tokens=32, tree="cpu_8").tokens for c in chats] == want
+    assert [single.generate(c, max_new_tokens=32, tree="cpu_8", temperature=0.7, seed=i).tokens
+            for i, c in enumerate(chats)] == sampled  # fmt: skip
     del single
     batched = runtime.load(art, threads=1, max_batch=4, budgets=None)
     got: dict = {}

@@ -34,6 +34,7 @@ from runtime.artifact import (  # noqa: E402
     CONFIG_FILE,
     FUSED_CACHE_START,
     SCREEN_INPUT,
+    SCREEN_NOISE,
     SCREEN_OUTPUTS,
     fused_io_names,
     read_artifact,
@@ -202,9 +203,10 @@ def test_fused_graph_structure(exported, arch):
         assert bias_adds == []
     want_in, want_out = fused_io_names(L)
     # the lm_head screen's optional input and its outputs follow the contract's (docs/graph_contract.md)
-    assert [i.name for i in fused.graph.input] == [*want_in, SCREEN_INPUT]
+    assert [i.name for i in fused.graph.input] == [*want_in, SCREEN_INPUT, SCREEN_NOISE]
     assert [o.name for o in fused.graph.output] == [*want_out, *SCREEN_OUTPUTS]
     assert SCREEN_INPUT in inits  # its default, 0: no row screened unless asked
+    assert not onnx.numpy_helper.to_array(inits[SCREEN_NOISE]).any()  # and no noise: greedy's ranking
     cfg = read_artifact(e["fused"])
     assert (cfg.flavour, cfg.precision, cfg.dtype, cfg.opset) == ("fused", "fp32", "float32", FUSED_OPSET)
     assert (cfg.backbone.inputs, cfg.backbone.outputs) == (want_in, want_out)
@@ -810,10 +812,11 @@ def test_validation_catches_a_fused_graph_that_differs(exported, fp16, which):
 # ---------------------------------------------------------------------------- the lm_head screen
 
 
-def _screen_call(backend, ids, pos, mask):
-    """One call with float logits and the screen for every row (the backend's own binding)."""
+def _screen_call(backend, ids, pos, mask, noise=None):
+    """One call with float logits and the screen for every row (the backend's own binding;
+    ``noise``: ``screen_noise``, T g)."""
     n = len(ids)
-    outs = backend._run(np.asarray(ids, np.int64), np.asarray(pos, np.int64), np.asarray(mask, bool), n, n)
+    outs = backend._run(np.asarray(ids, np.int64), np.asarray(pos, np.int64), np.asarray(mask, bool), n, n, noise)
     return {k: np.array(v[0]) for k, v in outs.items()}
 
 
@@ -852,6 +855,47 @@ def test_lm_head_screen_bounds_every_token_it_does_not_score(exported, arch):
     assert settled > 0  # some rows settle even on a random tiny model (the check above is not vacuous)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_lm_head_screen_with_noise_bounds_every_draw_it_does_not_score(exported, arch, temperature):
+    """Coupled sampling through the screen: with T g fed as ``screen_noise`` the bound is above
+    every unscored token's ``logit + T g``, the scores stay the plain logits, and a row the backend
+    settles draws the float path's token (runtime.backend.draw_argmax: argmax of logit / T + g).
+    The noise changes the candidates (the check is not greedy's again)."""
+    from runtime.backend import draw_argmax
+
+    e = exported(arch)
+    backend = runtime.load(e["fused"]).backend
+    assert backend.screens_noise
+    rng = np.random.default_rng(6)
+    V = backend.spec.vocab_size
+    settled = moved = 0
+    for trial in range(4):
+        backend.reset()
+        n = 12 + trial
+        prompt = rng.integers(0, V, n)
+        calls = [(prompt, np.arange(n), np.tril(np.ones((n, n), dtype=bool)))]
+        tree = load_tree("cpu_8", num_heads=NUM_HEADS)
+        calls.append((rng.integers(0, V, tree.num_nodes), n + tree.position_ids, tree.attn_mask))
+        for ids, pos, mask in calls:
+            g = -np.log(rng.standard_exponential((len(ids), V))).astype(np.float32)
+            plain = _screen_call(backend, ids, pos, mask)
+            out = _screen_call(backend, ids, pos, mask, g * np.float32(temperature))
+            logits, cand = out["logits"], out["screen_ids"]
+            moved += int((cand != plain["screen_ids"]).any(1).sum())
+            np.testing.assert_allclose(out["screen_logits"], np.take_along_axis(logits, cand, 1), rtol=1e-5, atol=1e-5)
+            others = logits + np.float32(temperature) * g
+            np.put_along_axis(others, cand, -np.inf, 1)
+            assert (others.max(1) <= out["screen_bound"]).all()
+            best = backend._forward_argmax(*(np.asarray(a) for a in (ids, pos, mask)), len(ids), g, temperature)
+            sure = best >= 0
+            assert np.array_equal(best[sure], draw_argmax(logits, g, temperature)[sure])
+            settled += int(sure.sum())
+            if len(ids) == n:
+                backend.commit(np.arange(n))
+    assert settled > 0 and moved > 0
+
+
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, wordlevel_tokenizer):
     """A tiny Llama of hidden size 96 (three int8 blocks a row: a kernel that quantized a row as one
@@ -878,11 +922,18 @@ def test_lm_head_screen_ranks_by_the_documented_bound(exported, wide, arch):
     rng = np.random.default_rng(9)
     backend.reset()
     n = 14
-    out = _screen_call(backend, rng.integers(0, w.shape[0], n), np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
+    ids = rng.integers(0, w.shape[0], n)
+    out = _screen_call(backend, ids, np.arange(n), np.tril(np.ones((n, n), dtype=bool)))
     upper = screen_reference(backend.hidden_states(), t)
     K = out["screen_ids"].shape[1]
     want = -np.sort(-upper, axis=1)[:, K]
     np.testing.assert_allclose(out["screen_bound"], want, rtol=1e-5, atol=2e-5)
+    # coupled sampling's noise is added to that bound before the ranking
+    backend.truncate(0)
+    tg = 0.8 * -np.log(rng.standard_exponential((n, w.shape[0]))).astype(np.float32)
+    noisy = _screen_call(backend, ids, np.arange(n), np.tril(np.ones((n, n), dtype=bool)), tg)
+    want = -np.sort(-(upper + tg), axis=1)[:, K]
+    np.testing.assert_allclose(noisy["screen_bound"], want, rtol=1e-5, atol=2e-5)
     # the activation term is not negligible here: it moves the bound by more than the tolerance
     assert (upper - screen_reference(backend.hidden_states(), {**t, "norm": t["norm"] * 0}) > 1e-3).all()
     if arch == "wide":  # untied: the candidates' float rows are the lm_head's own, gathered from its copy
@@ -980,8 +1031,8 @@ def test_greedy_through_the_screen_equals_float_logits_and_hf(exported, monkeypa
     real = FusedOnnxRuntimeBackend._forward_argmax
     calls = []
 
-    def forward_argmax(self, ids, pos, mask, rows):
-        best = real(self, ids, pos, mask, rows)
+    def forward_argmax(self, ids, pos, mask, rows, noise=None, temperature=1.0):
+        best = real(self, ids, pos, mask, rows, noise, temperature)
         calls.append(len(best))
         if unsettled == "every":
             best[:] = -1
@@ -1001,6 +1052,47 @@ def test_greedy_through_the_screen_equals_float_logits_and_hf(exported, monkeypa
     backend.screens_argmax = False  # the float lm_head: the same tokens
     for ids in PROMPTS:
         assert gen.generate(ids, max_new_tokens=20, tree="cpu_8").tokens == hf_greedy(e["model"], ids, 20)
+
+
+@pytest.mark.parametrize("unsettled", ["none", "every", "odd"])
+def test_coupled_sampling_through_the_screen_draws_the_float_paths_tokens(exported, monkeypatch, unsettled):
+    """Coupled sampling (the default at temperature > 0) through the screen: for a seed, plain
+    sampling and Medusa (fixed and dynamic trees) give the tokens they give from float logits,
+    also where the screen settles no row or every other one (settle_argmax then draws from the
+    float row with the call's noise)."""
+    from runtime.onnxrt import FusedOnnxRuntimeBackend
+
+    e = exported("llama")
+    gen = runtime.load(e["fused"], backend="onnxruntime", threads=1, prefill_chunk=4)
+    backend = gen.backend
+    real = FusedOnnxRuntimeBackend._forward_argmax
+    noisy = []
+
+    def forward_argmax(self, ids, pos, mask, rows, noise=None, temperature=1.0):
+        best = real(self, ids, pos, mask, rows, noise, temperature)
+        noisy.append(noise is not None)
+        if unsettled == "every":
+            best[:] = -1
+        elif unsettled == "odd":
+            best[1::2] = -1
+        return best
+
+    def sample(prompt, seed, **kw):
+        return gen.generate(prompt, max_new_tokens=20, temperature=0.9, seed=seed, **kw).tokens
+
+    runs = [(ids, seed, kw) for ids in PROMPTS[:2] for seed in (0, 1) for kw in
+            ({"medusa": False}, {"tree": "cpu_8"}, {"tree": "chain_3"}, {"tree": "dynamic"})]  # fmt: skip
+    backend.screens_noise = False  # the float lm_head first
+    want = [sample(ids, seed, **kw) for ids, seed, kw in runs]
+    assert all(w == want[i - i % 4] for i, w in enumerate(want))  # Medusa's tokens are plain sampling's
+    assert want[0] != want[4]  # and the seed matters
+    backend.screens_noise = True
+    monkeypatch.setattr(FusedOnnxRuntimeBackend, "_forward_argmax", forward_argmax)
+    got = [sample(ids, seed, **kw) for ids, seed, kw in runs]
+    assert got == want
+    assert noisy and all(noisy)  # every sampled call went through the screen with its noise
+    if unsettled == "every":
+        assert backend.screen_fallbacks >= len(noisy)
 
 
 def test_an_artifact_without_the_screen_decodes_from_float_logits(wordlevel_tokenizer, tmp_path):

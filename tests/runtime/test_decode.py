@@ -330,7 +330,8 @@ def test_defaults_are_the_papers():
 
 @pytest.mark.parametrize(
     "acceptance, drafts, walk",
-    [("exact", "coupled", "coupled"), ("exact", "top", "exact"), ("typical", "top", "typical")],
+    # coupled sampling's walk is greedy verification of the drawn tokens (Backend.forward_argmax with noise)
+    [("exact", "coupled", "greedy_tokens"), ("exact", "top", "exact"), ("typical", "top", "typical")],
 )
 @pytest.mark.parametrize("heads", ["fresh", "oracle"])
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", "cpu_8"])
@@ -339,7 +340,10 @@ def test_temperature_to_zero_gives_the_greedy_output(heads, tree, acceptance, dr
     backend = torch_backend(model)
     if heads == "oracle":
         backend = ScriptedHeads(backend, prompt + ref, "oracle")
-    calls = {"exact": 0, "typical": 0, "greedy": 0, "coupled": 0}
+    calls = {"exact": 0, "typical": 0, "greedy": 0, "coupled": 0, "greedy_tokens": 0}
+    noisy = []
+    rows = decode_mod.PositionNoise.rows
+    monkeypatch.setattr(decode_mod.PositionNoise, "rows", lambda self, p: noisy.append(1) or rows(self, p))
     spied = {name: getattr(decode_mod, f"accept_{name}") for name in calls}
 
     def spy(name):
@@ -356,6 +360,7 @@ def test_temperature_to_zero_gives_the_greedy_output(heads, tree, acceptance, dr
     res = decode(backend, prompt, cfg, load_tree(tree))
     assert res.tokens == ref[:NEW]
     assert calls[walk] == res.stats.steps > 0 and sum(calls.values()) == calls[walk]
+    assert len(noisy) == (res.stats.steps + 1 if drafts == "coupled" else 0)  # the prefill's draw, each step's
     if heads == "oracle":
         assert res.stats.mean_accepted > 2
 
