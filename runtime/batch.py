@@ -64,8 +64,8 @@ from typing import Any, cast
 import numpy as np
 
 from runtime import checks
-from runtime.artifact import FUSED_CACHE_START, ArtifactConfig
-from runtime.backend import Backend, gives_back
+from runtime.artifact import FUSED_CACHE_START, SCREEN_INPUT, SCREEN_NOISE, SCREEN_OUTPUTS, ArtifactConfig
+from runtime.backend import Backend, draw_argmax, gives_back
 from runtime.decode import common_prefix, decode_steps
 from runtime.errors import ArtifactError, ContextLengthError, MedusaError
 
@@ -105,7 +105,8 @@ FOLD_STEPS = True
 
 
 class _Request:
-    __slots__ = ("slot", "kind", "ids", "pos", "mask", "logits", "hidden", "paths", "first", "result", "error", "done")
+    __slots__ = ("slot", "kind", "ids", "pos", "mask", "logits", "hidden", "paths", "first", "draw", "result", "error",
+                 "done")  # fmt: skip
 
     def __init__(self, slot: int, kind: str, ids=None, pos=None, mask=None, logits=None, hidden=None):
         self.slot, self.kind = slot, kind
@@ -116,6 +117,9 @@ class _Request:
         self.hidden: Any = hidden
         self.paths: Any = None  # Hydra heads: (path_ids [rows, K], path_len [rows]) for ``hidden``
         self.first = False  # Medusa heads: head 1 alone ([1, V]) is enough
+        # a forward whose sequence reads only the drawn tokens (Backend.forward_argmax): (noise [k, V] or None,
+        # temperature); its result holds tokens [k] instead of logits rows
+        self.draw: tuple[np.ndarray | None, float] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -180,6 +184,26 @@ class SlotBackend(Backend):
         logits_rows, self._hidden, self._staged = req.result
         self._step_rows = len(input_ids) if logits is None else 0  # a decode step (a prompt chunk asks for k rows)
         return logits_rows
+
+    def forward_argmax(self, input_ids, position_ids, tree_mask, rows=None, noise=None, temperature=1.0):
+        """The drawn tokens of the last ``rows`` new tokens (Backend.forward_argmax), computed by the
+        engine: through model.onnx's lm_head screen where the call runs there and the engine screens
+        (:attr:`BatchEngine.screens`), else from float logits; never -1 (the engine settles a row its
+        screen leaves open by running the call again with float logits)."""
+        ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
+        req = _Request(self.index, "forward", ids=ids, pos=pos, mask=mask, logits=rows)
+        req.draw = (None if noise is None else np.asarray(noise, dtype=np.float32), float(temperature))
+        tokens, self._hidden, self._staged = self.engine._submit(req).result
+        self._step_rows = len(ids) if rows is None else 0
+        return tokens
+
+    @property
+    def screens_argmax(self) -> bool:  # type: ignore[override]
+        return self.engine.screens
+
+    @property
+    def screens_noise(self) -> bool:  # type: ignore[override]
+        return self.engine.screens_noise
 
     def commit(self, keep) -> None:
         if self._staged is None:
@@ -280,6 +304,16 @@ class BatchEngine:
             else None
         )
         self.fold_max = config.fold_max_batch if self.fold is not None else 0
+        # model.onnx's lm_head screen (exporter.fused._screen) for calls whose sequences all read drawn tokens
+        # alone (greedy, coupled sampling): float32 graphs whose bound holds here (checked below)
+        self.screen_graph = self.screen_noise_input = False  # model.onnx's screen inputs (bound on every call)
+        if self.single is not None:
+            from runtime.onnxrt import screen_io
+
+            self.screen_graph, self.screen_noise_input = screen_io(self.single)
+        self.screens = self.screen_graph and config.precision == "fp32"
+        self.screens_noise = self.screens and self.screen_noise_input
+        self._no_noise = np.zeros((1, 1), self._dtype)
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
         self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), providers)
         self.heads_first = open_first_head(ort, self.folder, config, threads, providers, heads_int8)
@@ -330,7 +364,14 @@ class BatchEngine:
         self._explore = 0
         self._budget_cache: dict[int, tuple[int, float]] = {}  # busy -> (budget, when chosen)
         self._widest = 1  # most rows of an unlimited step so far
-        self.stats = {"calls": 0, "sequences": 0, "rows": 0, "padded_rows": 0, "heads_calls": 0, "engine_s": 0.0}
+        self.stats = {"calls": 0, "sequences": 0, "rows": 0, "padded_rows": 0, "heads_calls": 0, "engine_s": 0.0,
+                      "screened_calls": 0, "screen_fallbacks": 0}  # fmt: skip
+        if self.screens and not self._screen_sound():
+            self.screens = self.screens_noise = False
+            log.warning(
+                "batch engine: the lm_head screen's bound did not hold on this ONNX Runtime build: float logits"
+            )
+        self.stats.update(calls=0, sequences=0, rows=0, padded_rows=0)  # (the check's call)
         if budgets == "auto":
             self.costs = self.profile()
             # the profile's grid, sorted once (every step call folds its duration into one cell)
@@ -498,6 +539,8 @@ class BatchEngine:
                 for n in rows:
                     reqs = [_Request(i, "forward", ids=np.zeros(n, np.int64), pos=cached + np.arange(n),
                                      mask=np.tril(np.ones((n, n), bool))) for i in range(b)]  # fmt: skip
+                    for r in reqs:  # greedy steps' calls: through the screen where the engine screens
+                        r.draw = (None, 1.0)
                     times = []
                     for _ in range(repeats + 1):  # the first is a warm-up
                         t = time.perf_counter()
@@ -511,10 +554,31 @@ class BatchEngine:
             if not any(saved):
                 self._shrink()
             self._last_call = None
-            self.stats.update(calls=0, sequences=0, rows=0, padded_rows=0, engine_s=0.0)
+            self.stats.update(calls=0, sequences=0, rows=0, padded_rows=0, engine_s=0.0, screened_calls=0,
+                              screen_fallbacks=0)  # fmt: skip
         log.info("batch engine profile (ms per call): %s",
                  ", ".join(f"{b}x{n} {1000 * t:.1f}" for (b, n), t in sorted(costs.items())))  # fmt: skip
         return costs
+
+    def _screen_sound(self) -> bool:
+        """model.onnx's lm_head screen checked against float logits at start-up (runtime.onnxrt.screen_holds),
+        on one call of random tokens over slot 0 (its entries are overwritten later: its length stays)."""
+        from runtime.onnxrt import screen_holds
+
+        n = min(8, self.capacity)
+        req = _Request(0, "forward", ids=np.random.default_rng(0).integers(0, self.spec.vocab_size, n),
+                       pos=np.arange(n), mask=np.tril(np.ones((n, n), bool)))  # fmt: skip
+        feeds = {"input_ids": req.ids[None], "position_ids": req.pos[None], "tree_mask": req.mask[None],
+                 "cache_lengths": np.zeros(1, np.int64), "num_logits": np.array([n], np.int64),
+                 SCREEN_INPUT: np.array([n], np.int64)}  # fmt: skip
+        saved = self._len[0]
+        self._len[0] = 0
+        try:
+            logits, _, screened = self._call_in_place(self.single, "single", 0, 1, feeds, [req], n)
+        finally:
+            self._len[0] = saved
+        assert screened is not None
+        return screen_holds(logits[0], *(x[0] for x in screened))
 
     def close(self) -> None:
         with self._cond:
@@ -776,10 +840,48 @@ class BatchEngine:
         assert session is not None
         feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
                  "num_logits": np.array([k], np.int64)}  # fmt: skip
-        logits, hidden = self._call_in_place(session, "single", lo, hi, feeds, reqs, n)
+        screened = self.screens and all(
+            r.draw is not None and (r.draw[0] is None or self.screens_noise) for r in reqs
+        )  # every sequence reads its drawn tokens alone: no float lm_head
+        tokens = None
+        if screened:
+            tokens, hidden = self._screened_single(session, lo, hi, feeds, reqs, n, k)
+        if tokens is None:  # float logits (a request wants them, or the screen left a row open)
+            logits, hidden, _ = self._call_in_place(session, "single", lo, hi, feeds, reqs, n)
         for r in reqs:
             b, base = r.slot - lo, int(lens[r.slot - lo])
-            r.result = (logits[b], hidden[b].copy(), self.kv[:, :, r.slot, :, base : base + r.rows].copy())
+            if tokens is not None:
+                out = tokens[b]
+            else:
+                out = logits[b] if r.draw is None else draw_argmax(logits[b], r.draw[0], r.draw[1])
+            r.result = (out, hidden[b].copy(), self.kv[:, :, r.slot, :, base : base + r.rows].copy())
+
+    def _screened_single(self, session, lo: int, hi: int, feeds: dict, reqs: list[_Request], n: int, k: int):
+        """The call on model.onnx through its lm_head screen, the last ``k`` rows of each sequence
+        screened (runtime.onnxrt.screen_draws; a sampled request's noise in its rows of
+        ``screen_noise``, times its temperature): (``[B, k]`` tokens, or None where a row is left
+        open, when the caller runs the call again with float logits: it writes the same entries;
+        the hidden states)."""
+        from runtime.onnxrt import screen_draws
+
+        B, V = hi - lo, self.spec.vocab_size
+        noisy = [(r.slot - lo, r.draw[0], r.draw[1]) for r in reqs if r.draw is not None and r.draw[0] is not None]
+        noise = np.zeros((B * k, V), np.float32) if noisy else self._no_noise
+        for b, g, t in noisy:
+            np.multiply(g, np.float32(t), out=noise[b * k : (b + 1) * k])
+        call = {**feeds, "num_logits": np.array([0], np.int64), SCREEN_INPUT: np.array([k], np.int64),
+                SCREEN_NOISE: noise}  # fmt: skip
+        _, hidden, (ids, scores, bound) = self._call_in_place(session, "single", lo, hi, call, reqs, n)
+        self.stats["screened_calls"] += 1
+        tokens = np.full((B, k), -1, np.int64)
+        for r in reqs:
+            b = r.slot - lo
+            noise_r, t = r.draw  # type: ignore[misc]
+            tokens[b] = screen_draws(ids[b, :k], scores[b, :k], bound[b, :k], noise_r, t)
+            if (tokens[b] < 0).any():
+                self.stats["screen_fallbacks"] += 1
+                return None, hidden
+        return tokens, hidden
 
     def _call_in_place(self, session, kind: str, lo: int, hi: int, feeds: dict, reqs: list[_Request], n: int):
         """Run ``session`` (model.onnx, or fold.onnx: ``kind`` "fold") over the slots ``lo .. hi`` of
@@ -787,11 +889,18 @@ class BatchEngine:
         one sequence ``[1, slots x kv_heads, capacity, head_dim]``); the logits and hidden states."""
         from runtime.onnxrt import _bind
 
+        screen = kind == "single" and self.screen_graph
+        if screen:  # bound every call (a binding outlives its call): the defaults where the call screens nothing
+            feeds.setdefault(SCREEN_INPUT, np.zeros(1, np.int64))
+            if self.screen_noise_input:
+                feeds.setdefault(SCREEN_NOISE, self._no_noise)
         io = self._bindings.get((kind, lo, hi))
         if io is None:
             io = self._bindings[(kind, lo, hi)] = session.io_binding()
             io.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
             io.bind_output("hidden_states", "cpu")
+            for name in SCREEN_OUTPUTS if screen else ():
+                io.bind_output(name, "cpu")
             for j, name in enumerate(self._cache_names):  # k0, v0, k1, v1, ...: contiguous slices of the buffer
                 buf = self.kv[j // 2, j % 2, lo:hi]
                 shape = [1, buf.shape[0] * buf.shape[1], *buf.shape[2:]] if kind == "fold" else list(buf.shape)
@@ -799,19 +908,24 @@ class BatchEngine:
                 io.bind_output(self._single_present[j], "cpu", 0, self._dtype, shape, buf.ctypes.data)
         io.bind_output("logits", "cpu")  # unallocated again: ONNX Runtime sizes them for this call
         io.bind_output("hidden_states", "cpu")
+        for name in SCREEN_OUTPUTS if screen else ():
+            io.bind_output(name, "cpu")
         keep = [_bind(io.bind_input, name, arr) for name, arr in feeds.items()]
         t = time.perf_counter()
         session.run_with_iobinding(io)
         self.stats["engine_s"] += time.perf_counter() - t
-        outs = io.get_outputs()  # logits and hidden states only: the cache outputs are the slots themselves
+        outs = (
+            io.get_outputs()
+        )  # logits and hidden states (and the screen's): the cache outputs are the slots themselves
         logits, hidden = outs[0].numpy(), outs[1].numpy()
+        screened = tuple(o.numpy() for o in outs[2:5]) if screen else None
         del keep
         st = self.stats
         st["calls"] += 1
         st["sequences"] += len(reqs)
         st["rows"] += sum(r.rows for r in reqs)
         st["padded_rows"] += (hi - lo) * n
-        return logits, hidden
+        return logits, hidden, screened
 
     def _fold_lengths(self, reqs: list[_Request]) -> np.ndarray | None:
         """The ``cache_lengths`` of the slots ``lo .. hi`` for a call on fold.onnx, or None where
@@ -844,12 +958,13 @@ class BatchEngine:
         assert session is not None
         feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
                  "num_logits": np.array([n], np.int64)}  # fmt: skip
-        logits, hidden = self._call_in_place(session, "fold", lo, hi, feeds, reqs, n)
+        logits, hidden, _ = self._call_in_place(session, "fold", lo, hi, feeds, reqs, n)
         for r in reqs:
             b, m = r.slot - lo, r.rows
             k_r = m if r.logits is None else min(int(r.logits), m)
+            rows = logits[b, m - k_r : m]
             r.result = (
-                logits[b, m - k_r : m].copy(),
+                rows.copy() if r.draw is None else draw_argmax(rows, *r.draw),
                 hidden[b, :m].copy(),
                 self.kv[:, :, r.slot, :, at : at + m].copy(),
             )
@@ -901,7 +1016,8 @@ class BatchEngine:
             else:  # every row was computed: the last k of this sequence's m
                 k_r = m if r.logits is None else min(int(r.logits), m)
                 rows = logits[b, m - k_r : m]
-            r.result = (rows.copy(), hidden[b, :m].copy(), new[:, :, b, :, :m].copy())
+            out = rows.copy() if r.draw is None else draw_argmax(rows, *r.draw)
+            r.result = (out, hidden[b, :m].copy(), new[:, :, b, :, :m].copy())
 
 
 def _padded(reqs: list[_Request], lo: int, B: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -319,6 +319,50 @@ def _bind(bind, name: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+# ---------------------------------------------------------------------------- the lm_head screen
+
+
+def screen_io(session) -> tuple[bool, bool]:
+    """(whether a fused graph has the lm_head screen, whether it takes coupled sampling's noise):
+    their inputs are optional (initializers of their names: listed as overridable)."""
+    optional = {i.name for i in session.get_overridable_initializers()}
+    outputs = [o.name for o in session.get_outputs()]
+    screened = SCREEN_INPUT in optional and outputs[-len(SCREEN_OUTPUTS) :] == list(SCREEN_OUTPUTS)
+    return screened, screened and SCREEN_NOISE in optional
+
+
+def screen_draws(ids, scores, bound, noise=None, temperature=1.0) -> np.ndarray:
+    """Each screened row's token, or -1 where the bound does not settle it: the best exactly scored
+    candidate, of ``scores`` or (``noise``, the rows' Gumbel vectors ``[rows, vocab]``; the graph was
+    fed ``temperature`` x noise) of float32 ``score / T + g``, where it beats ``bound`` (/ T).
+
+    With noise the graph ranked ``upper + T g``, so its bound B is above every other token's
+    ``logit + T g``, and B / T above its ``logit / T + g``. The candidates are scored as the float
+    path scores a row (runtime.backend.draw_argmax); the extra roundings (``+ T g``, ``/ T``: ~1e-6
+    relative) sit far inside the bound's absolute slack (exporter.fused.SCREEN_ABS, 1e-3 of a logit)."""
+    if noise is not None:
+        t = np.float32(temperature)
+        scores = scores / t + np.take_along_axis(noise, ids, axis=1)
+        bound = bound / t
+    r = np.arange(len(ids))
+    j = np.argmax(scores, axis=1)
+    return np.where(scores[r, j] > bound, ids[r, j], -1)
+
+
+def screen_holds(logits, cand, scores, bound) -> bool:
+    """The lm_head screen's outputs against float ``logits`` of the same rows: the candidates'
+    scores are their float logits and the bound is above every other token's. Its proof
+    (exporter.fused._screen) assumes ONNX Runtime's int8 MatMulNBits quantizes a row in symmetric
+    blocks of 32, as the CPU kernels of 1.32 (x86-64) do; a build that does not turns the screen
+    off (the callers) rather than risk a token."""
+    logits = np.array(logits, dtype=np.float64)
+    cand, scores, bound = np.asarray(cand), np.asarray(scores), np.asarray(bound)
+    others = logits.copy()
+    np.put_along_axis(others, cand, -np.inf, axis=1)
+    exact = np.take_along_axis(logits, cand, axis=1)
+    return bool(np.allclose(scores, exact, rtol=1e-4, atol=1e-3) and (others.max(axis=1) <= bound).all())
+
+
 # ---------------------------------------------------------------------------- fused flavour
 
 
@@ -445,22 +489,14 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
 
     def _screen_sound(self) -> bool:
         """The lm_head screen checked against float logits at load, on one call of random tokens (then
-        dropped): the candidates' scores are their float logits and the bound is above every other
-        token's. Its proof (exporter.fused._screen) assumes ONNX Runtime's int8 MatMulNBits quantizes a
-        row in symmetric blocks of 32, as the CPU kernels of 1.32 (x86-64) do; a build that does not
-        turns the screen off rather than risk a token. ~30 ms for SmolLM2."""
+        dropped; :func:`screen_holds`). ~30 ms for SmolLM2."""
         n = min(8, self.capacity)
         ids = np.random.default_rng(0).integers(0, self.spec.vocab_size, n)
         try:
             outs = self._run(ids, np.arange(n), np.tril(np.ones((n, n), dtype=bool)), n, n)
-            logits = np.array(outs["logits"][0, :n], dtype=np.float64)
-            cand, scores, bound = (np.array(outs[name][0, :n]) for name in SCREEN_OUTPUTS)
+            return screen_holds(outs["logits"][0, :n], *(outs[name][0, :n] for name in SCREEN_OUTPUTS))
         finally:
             self.truncate(0)
-        others = logits.copy()
-        np.put_along_axis(others, cand, -np.inf, axis=1)
-        exact = np.take_along_axis(logits, cand, axis=1)
-        return bool(np.allclose(scores, exact, rtol=1e-4, atol=1e-3) and (others.max(axis=1) <= bound).all())
 
     def _check_io(self) -> bool:
         """The graph's I/O against the fused contract; True where it has the lm_head screen."""
@@ -469,10 +505,10 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         want_in, want_out = fused_io_names(self.spec.num_layers)
         got_in = [i.name for i in self.backbone.get_inputs()]
         got_out = [o.name for o in self.backbone.get_outputs()]
-        # the screen's input has a default (an initializer of its name): listed as overridable, not as an input
-        optional = [i.name for i in self.backbone.get_overridable_initializers()]
-        screened = SCREEN_INPUT in optional and got_out == [*want_out, *SCREEN_OUTPUTS]
-        self._noise_input = screened and SCREEN_NOISE in optional
+        # the screen's inputs have defaults (initializers of their names): listed as overridable, not as inputs
+        screened, self._noise_input = screen_io(self.backbone)
+        screened = screened and got_out == [*want_out, *SCREEN_OUTPUTS]
+        self._noise_input &= screened
         if got_in != want_in or (got_out != want_out and not screened):
             raise ArtifactError(
                 f"{self.folder / self.config.backbone.file}: graph I/O does not match the fused contract for "
@@ -508,15 +544,8 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
 
     def _forward_argmax(self, input_ids, position_ids, tree_mask, rows, noise=None, temperature=1.0):
         """The last ``rows`` tokens' argmax (of ``logits / T + noise`` where ``noise`` is given) from
-        the graph's lm_head screen: the best exactly scored candidate where it beats the bound on
-        every other token (exporter.fused._screen), else -1 (rare: ``settle_argmax`` then runs the
-        same call again with float logits).
-
-        With noise the graph ranks ``upper + T g`` (``screen_noise``), so its bound B is above every
-        other token's ``logit + T g``, and B / T above its ``logit / T + g``. The candidates are scored
-        as the float path scores a row (runtime.decode.PositionNoise: float32 ``logit / T``, plus
-        ``g``); the extra roundings (``+ T g``, ``/ T``: ~1e-6 relative) sit far inside the bound's
-        absolute slack (exporter.fused.SCREEN_ABS, 1e-3 of a logit)."""
+        the graph's lm_head screen (:func:`screen_draws`), or -1 where its bound does not settle a
+        row (rare: ``settle_argmax`` then runs the same call again with float logits)."""
         n = len(input_ids)
         s = max(0, min(int(rows), n))
         t = np.float32(temperature)
@@ -524,13 +553,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
             noise = np.asarray(noise, dtype=self._dtype)[len(noise) - s :]
         outs = self._run(input_ids, position_ids, tree_mask, 0, s, None if noise is None else noise * t)
         self._screened_call = (input_ids, position_ids, tree_mask, s, noise, t)
-        ids, scores, bound = (outs[name][0, :s] for name in SCREEN_OUTPUTS)
-        if noise is not None:
-            scores = scores / t + np.take_along_axis(noise, ids, axis=1)
-            bound = bound / t
-        r = np.arange(s)
-        j = np.argmax(scores, axis=1)
-        return np.where(scores[r, j] > bound, ids[r, j], -1)
+        return screen_draws(*(outs[name][0, :s] for name in SCREEN_OUTPUTS), noise, t)
 
     def settle_argmax(self, row: int) -> int:
         """The call is run again with float logits for its screened rows: it writes the same cache

@@ -131,6 +131,86 @@ def test_sampled_requests_beside_others(batched):
     assert batched.generate(PROMPTS[0], max_new_tokens=24, temperature=0.8, seed=1, medusa=False).tokens == alone[0]
 
 
+@pytest.mark.parametrize("unsettled", ["none", "every third"])
+def test_the_engine_draws_greedy_and_coupled_tokens_through_the_screen(gen, tiny, monkeypatch, unsettled):
+    """Calls whose sequences all read drawn tokens alone (greedy; coupled sampling, with each
+    sequence's noise in its rows) run through model.onnx's lm_head screen: greedy sequences decoded
+    at once and sampled ones (plain and Medusa) give the one-sequence backend's tokens; where the
+    screen leaves a row open the engine runs the call again with float logits."""
+    import runtime.onnxrt as ro
+
+    asks = [dict(temperature=0.8, seed=3), dict(temperature=0.8, seed=3, medusa=False), dict(temperature=1.2, seed=4)]
+    want_greedy = [gen.generate(p, max_new_tokens=24).tokens for p in PROMPTS[:3]]
+    want_sampled = [gen.generate(PROMPTS[1], max_new_tokens=24, **a).tokens for a in asks]
+    assert want_sampled[0] == want_sampled[1] != want_sampled[2]
+    if unsettled != "none":
+        real, seen = ro.screen_draws, []
+
+        def open_rows(*args, **kw):
+            out = real(*args, **kw)
+            seen.append(1)
+            return out if len(seen) % 3 else np.full_like(out, -1)
+
+        monkeypatch.setattr(ro, "screen_draws", open_rows)
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
+    try:
+        e = g.engine
+        assert e.screens and e.screens_noise
+        got = run_together([lambda p=p: g.generate(p, max_new_tokens=24) for p in PROMPTS[:3]])
+        assert [r.tokens for r in got] == want_greedy
+        assert [g.generate(PROMPTS[1], max_new_tokens=24, **a).tokens for a in asks] == want_sampled
+        assert e.stats["screened_calls"] > 0
+        assert (e.stats["screen_fallbacks"] > 0) == (unsettled != "none")
+        # a call that wants float logits after screened ones: the screen's inputs are bound back to their defaults
+        slot = e.acquire()
+        try:
+            slot.reset()
+            n = 4
+            out = slot.forward(np.arange(n), np.arange(n), np.tril(np.ones((n, n), bool)))
+            assert out.shape == (n, e.spec.vocab_size)
+            best = slot.forward_argmax(np.arange(n), np.arange(n), np.tril(np.ones((n, n), bool)))
+            np.testing.assert_array_equal(best, out.argmax(1))
+        finally:
+            e.release(slot)
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 5.0])
+def test_the_engines_screened_draws_are_the_float_draws(tiny, temperature, monkeypatch):
+    """One engine call of several rows with coupled sampling's noise (a hot temperature: the noise
+    decides the candidates) draws, row by row, the float logits' ``argmax(logit / T + g)``, and the
+    screen's bound is above every other token's ``logit + T g`` (the noise reached the graph scaled)."""
+    import runtime.onnxrt as ro
+    from runtime.backend import draw_argmax
+
+    seen = []
+    real = ro.screen_draws
+    monkeypatch.setattr(ro, "screen_draws", lambda *a: seen.append([np.array(x) for x in a[:3]]) or real(*a))
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
+    e = g.engine
+    rng = np.random.default_rng(11)
+    V = e.spec.vocab_size
+    try:
+        for trial in range(6):
+            n = 10 + trial
+            ids, pos, mask = rng.integers(0, V, n), np.arange(n), np.tril(np.ones((n, n), bool))
+            noise = -np.log(rng.standard_exponential((n, V))).astype(np.float32)
+            drawn = rb._Request(0, "forward", ids=ids, pos=pos, mask=mask)
+            drawn.draw = (noise, temperature)
+            e._run_forward([drawn])
+            float_call = rb._Request(0, "forward", ids=ids, pos=pos, mask=mask)
+            e._run_forward([float_call])
+            np.testing.assert_array_equal(drawn.result[0], draw_argmax(float_call.result[0], noise, temperature))
+            cand, _, bound = seen[-1]
+            others = float_call.result[0] + np.float32(temperature) * noise
+            np.put_along_axis(others, cand, -np.inf, 1)
+            assert (others.max(1) <= bound).all()
+        assert e.stats["screened_calls"] == 6
+    finally:
+        g.close()
+
+
 def test_the_cache_grows_by_doubling_and_shrinks_when_idle(tiny, gen, monkeypatch):
     monkeypatch.setattr(rb, "MIN_CAPACITY", 16)
     monkeypatch.setattr(runtime.backend, "KEEP_CAPACITY", 32)  # below what the sequences grow it to
