@@ -815,7 +815,7 @@ def _write_batched(model, folder: Path, config, options: ExportOptions, file: st
     try:
         with progress(f"writing {file} ({what}; weights shared with {BACKBONE_FILE})"):
             files = write_batch_graph(model, folder, BACKBONE_FILE, dtype, config.model.max_context,
-                                      folded=folded, screen=options.lm_head_screen)  # fmt: skip
+                                      folded=folded)  # fmt: skip
     except FusedGraphError as e:
         log.warning("no %s: %s", file, e)
         return False

@@ -398,7 +398,9 @@ def build_fused_backbone(
     first = g.op("Sub", [n_new, "num_logits"], name="logits_first")
     rows = g.op("Slice", ["hidden_states", first, n_new, one], name="logits_rows")
     g.nodes.append(h.make_node("MatMul", [rows, g.init("lm_head.weight_t", lm)], ["logits"], name="lm_head/matmul"))
-    screened = screen and not batched and npdt == np.float32 and H % SCREEN_BLOCK == 0 and V > SCREEN_CANDIDATES
+    screened = (
+        screen and not batched and not folded and npdt == np.float32 and H % SCREEN_BLOCK == 0 and V > SCREEN_CANDIDATES
+    )
     if screened:
         tied = "model.embed_tokens.weight" in sd and bool(
             (sd["lm_head.weight"] is sd["model.embed_tokens.weight"])
@@ -836,10 +838,8 @@ def _external_index(path: Path) -> dict:
     return index
 
 
-def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_positions: int, folded: int = 0,
-                      screen: bool = True) -> dict:  # fmt: skip
-    """Write ``batch.onnx`` (``folded``: ``fold.onnx`` for up to that many sequences a call, with
-    the lm_head screen where ``screen`` and the model takes one, as model.onnx)
+def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_positions: int, folded: int = 0) -> dict:
+    """Write ``batch.onnx`` (``folded``: ``fold.onnx`` for up to that many sequences a call)
     next to the fused ``backbone_file``, its weights read from the
     backbone's own ``.data`` file (no second copy on disk): every initializer whose bytes are
     already there is stored as a reference to them; the few small ones that are not stay in the
@@ -860,8 +860,7 @@ def write_batch_graph(model, folder: Path, backbone_file: str, dtype: str, max_p
         del proto
         files = {path.name: path.stat().st_size, data.name: data.stat().st_size}
     index = _external_index(path)
-    proto = build_fused_backbone(model, dtype=dtype, max_positions=max_positions, batched=not folded, folded=folded,
-                                 screen=screen)  # fmt: skip
+    proto = build_fused_backbone(model, dtype=dtype, max_positions=max_positions, batched=not folded, folded=folded)
     blob = np.memmap(data, dtype=np.uint8, mode="r")
     shared = inline = 0
     for t in proto.graph.initializer:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.artifact import SCREEN_OUTPUTS
 from runtime.errors import ValidationError
 
 log = logging.getLogger("medusa_trt.exporter")
@@ -433,9 +432,7 @@ def validate_batch_graph(
     bound = [c.reshape(1, B * kv, cap, head_dim) for c in caches] if folded else caches
     feed = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
             "num_logits": np.array([n_max], np.int64), **dict(zip(names, bound))}  # fmt: skip
-    # (the folded graph's lm_head screen outputs follow the cache: exporter.fused._screen, tested on its own)
-    fetch = [o.name for o in batch.get_outputs() if o.name not in SCREEN_OUTPUTS]
-    logits, hidden, *presents = batch.run(fetch, feed)
+    logits, hidden, *presents = batch.run(None, feed)
     if folded:  # [1, B x kv, T, D] -> each sequence's new entries [B, kv, n_max, D], as batch.onnx returns them
         at = int(lens.max())
         presents = [p.reshape(B, kv, -1, head_dim)[:, :, at : at + n_max] for p in presents]

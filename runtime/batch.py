@@ -306,16 +306,13 @@ class BatchEngine:
         self.fold_max = config.fold_max_batch if self.fold is not None else 0
         # model.onnx's lm_head screen (exporter.fused._screen) for calls whose sequences all read drawn tokens
         # alone (greedy, coupled sampling): float32 graphs whose bound holds here (checked below)
-        # per graph kind: (has the screen's inputs, has the noise input); their inputs are bound on every call
-        self._screen_io: dict[str, tuple[bool, bool]] = {"single": (False, False), "fold": (False, False)}
+        self.screen_graph = self.screen_noise_input = False  # model.onnx's screen inputs (bound on every call)
         if self.single is not None:
             from runtime.onnxrt import screen_io
 
-            self._screen_io["single"] = screen_io(self.single)
-            if self.fold is not None:  # fold.onnx exported since 2026-12-02 (session 24) screens too
-                self._screen_io["fold"] = screen_io(self.fold)
-        self.screens = self._screen_io["single"][0] and config.precision == "fp32"
-        self.screens_noise = self.screens and self._screen_io["single"][1]
+            self.screen_graph, self.screen_noise_input = screen_io(self.single)
+        self.screens = self.screen_graph and config.precision == "fp32"
+        self.screens_noise = self.screens and self.screen_noise_input
         self._no_noise = np.zeros((1, 1), self._dtype)
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
         self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), providers)
@@ -843,57 +840,45 @@ class BatchEngine:
         assert session is not None
         feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
                  "num_logits": np.array([k], np.int64)}  # fmt: skip
+        screened = self.screens and all(
+            r.draw is not None and (r.draw[0] is None or self.screens_noise) for r in reqs
+        )  # every sequence reads its drawn tokens alone: no float lm_head
         tokens = None
-        if self._screens("single", reqs):  # every sequence reads its drawn tokens alone: no float lm_head
-            spans = {r.slot: (0, k) for r in reqs}  # each sequence reads its k screened rows
-            tokens, hidden = self._screened_call(session, "single", lo, hi, feeds, reqs, n, k, spans)
+        if screened:
+            tokens, hidden = self._screened_single(session, lo, hi, feeds, reqs, n, k)
         if tokens is None:  # float logits (a request wants them, or the screen left a row open)
             logits, hidden, _ = self._call_in_place(session, "single", lo, hi, feeds, reqs, n)
         for r in reqs:
             b, base = r.slot - lo, int(lens[r.slot - lo])
             if tokens is not None:
-                out = tokens[r.slot]
+                out = tokens[b]
             else:
                 out = logits[b] if r.draw is None else draw_argmax(logits[b], r.draw[0], r.draw[1])
             r.result = (out, hidden[b].copy(), self.kv[:, :, r.slot, :, base : base + r.rows].copy())
 
-    def _screens(self, kind: str, reqs: list[_Request]) -> bool:
-        """Whether a call on ``kind``'s graph runs through its lm_head screen: it has one (and the
-        start-up check passed), and every sequence in it reads drawn tokens alone, with noise only
-        where the graph takes it."""
-        has, noise = self._screen_io[kind]
-        return self.screens and has and all(r.draw is not None and (r.draw[0] is None or noise) for r in reqs)
-
-    def _screened_call(self, session, kind: str, lo: int, hi: int, feeds: dict, reqs: list[_Request], n: int,
-                       k: int, spans: dict) -> tuple[dict | None, np.ndarray]:  # fmt: skip
-        """The call through the graph's lm_head screen, the last ``k`` of the ``n`` rows of each
-        sequence screened; ``spans[slot]``: the screened rows ``(a, b)`` the sequence reads
-        (runtime.onnxrt.screen_draws; a sampled request's noise in those rows of ``screen_noise``,
-        times its temperature). Returns ({slot: tokens}, or None where a row read is left open, when
-        the caller runs the call again with float logits: it writes the same entries; the hidden
-        states)."""
+    def _screened_single(self, session, lo: int, hi: int, feeds: dict, reqs: list[_Request], n: int, k: int):
+        """The call on model.onnx through its lm_head screen, the last ``k`` rows of each sequence
+        screened (runtime.onnxrt.screen_draws; a sampled request's noise in its rows of
+        ``screen_noise``, times its temperature): (``[B, k]`` tokens, or None where a row is left
+        open, when the caller runs the call again with float logits: it writes the same entries;
+        the hidden states)."""
         from runtime.onnxrt import screen_draws
 
         B, V = hi - lo, self.spec.vocab_size
-        noisy = [r for r in reqs if r.draw is not None and r.draw[0] is not None]
+        noisy = [(r.slot - lo, r.draw[0], r.draw[1]) for r in reqs if r.draw is not None and r.draw[0] is not None]
         noise = np.zeros((B * k, V), np.float32) if noisy else self._no_noise
-        for r in noisy:
-            at = (r.slot - lo) * k
-            a, b = spans[r.slot]
-            g, t = cast(tuple, r.draw)
-            np.multiply(g, np.float32(t), out=noise[at + a : at + b])
+        for b, g, t in noisy:
+            np.multiply(g, np.float32(t), out=noise[b * k : (b + 1) * k])
         call = {**feeds, "num_logits": np.array([0], np.int64), SCREEN_INPUT: np.array([k], np.int64),
                 SCREEN_NOISE: noise}  # fmt: skip
-        _, hidden, screened = self._call_in_place(session, kind, lo, hi, call, reqs, n)
-        ids, scores, bound = cast(tuple, screened)
+        _, hidden, (ids, scores, bound) = self._call_in_place(session, "single", lo, hi, call, reqs, n)
         self.stats["screened_calls"] += 1
-        tokens = {}
+        tokens = np.full((B, k), -1, np.int64)
         for r in reqs:
-            i = r.slot - lo
-            a, b = spans[r.slot]
-            g, t = cast(tuple, r.draw)
-            tokens[r.slot] = screen_draws(ids[i, a:b], scores[i, a:b], bound[i, a:b], g, t)
-            if (tokens[r.slot] < 0).any():
+            b = r.slot - lo
+            noise_r, t = r.draw  # type: ignore[misc]
+            tokens[b] = screen_draws(ids[b, :k], scores[b, :k], bound[b, :k], noise_r, t)
+            if (tokens[b] < 0).any():
                 self.stats["screen_fallbacks"] += 1
                 return None, hidden
         return tokens, hidden
@@ -904,10 +889,10 @@ class BatchEngine:
         one sequence ``[1, slots x kv_heads, capacity, head_dim]``); the logits and hidden states."""
         from runtime.onnxrt import _bind
 
-        screen, noise_input = self._screen_io.get(kind, (False, False))
+        screen = kind == "single" and self.screen_graph
         if screen:  # bound every call (a binding outlives its call): the defaults where the call screens nothing
             feeds.setdefault(SCREEN_INPUT, np.zeros(1, np.int64))
-            if noise_input:
+            if self.screen_noise_input:
                 feeds.setdefault(SCREEN_NOISE, self._no_noise)
         io = self._bindings.get((kind, lo, hi))
         if io is None:
@@ -973,22 +958,13 @@ class BatchEngine:
         assert session is not None
         feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
                  "num_logits": np.array([n], np.int64)}  # fmt: skip
-        # a sequence's rows come first (then its pads): it reads the last k_r of its own m
-        spans = {r.slot: (r.rows - (r.rows if r.logits is None else min(int(r.logits), r.rows)), r.rows) for r in reqs}
-        tokens = None
-        if self._screens("fold", reqs):
-            tokens, hidden = self._screened_call(session, "fold", lo, hi, feeds, reqs, n, n, spans)
-        if tokens is None:
-            logits, hidden, _ = self._call_in_place(session, "fold", lo, hi, feeds, reqs, n)
+        logits, hidden, _ = self._call_in_place(session, "fold", lo, hi, feeds, reqs, n)
         for r in reqs:
             b, m = r.slot - lo, r.rows
-            if tokens is not None:
-                out = tokens[r.slot]
-            else:
-                rows = logits[b, slice(*spans[r.slot])]
-                out = rows.copy() if r.draw is None else draw_argmax(rows, *r.draw)
+            k_r = m if r.logits is None else min(int(r.logits), m)
+            rows = logits[b, m - k_r : m]
             r.result = (
-                out,
+                rows.copy() if r.draw is None else draw_argmax(rows, *r.draw),
                 hidden[b, :m].copy(),
                 self.kv[:, :, r.slot, :, at : at + m].copy(),
             )

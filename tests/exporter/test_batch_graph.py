@@ -63,15 +63,9 @@ def test_every_fused_export_gets_a_validated_batch_graph_sharing_its_weights(exp
     v = cfg.provenance["fold_validation"]
     assert v["passed"] and v["checks"] >= 12, v
     fold = onnx.load(str(out / "fold.onnx"), load_external_data=False)
-    # model.onnx's lm_head screen rides along (its optional inputs and outputs after the cache)
-    assert [o.name for o in fold.graph.output][-3:] == ["screen_ids", "screen_logits", "screen_bound"]
-    assert [i.name for i in fold.graph.input][-2:] == ["num_screened", "screen_noise"]
     assert {e.value for t in fold.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
             for e in t.external_data if e.key == "location"} == {"model.onnx.data"}  # fmt: skip
-    # (its lm_head screen's few small tensors stay inline, as in model.onnx: nothing above 1 KiB)
-    assert not [t.name for t in fold.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
-                and len(t.raw_data) > 1024]  # fmt: skip
-    assert (out / "fold.onnx").stat().st_size < weights / 4
+    assert (out / "fold.onnx").stat().st_size < weights / 5
     heads = set()
 
     def walk(nodes):
