@@ -562,7 +562,7 @@ class BatchEngine:
 
     def _screen_sound(self) -> bool:
         """model.onnx's lm_head screen checked against float logits at start-up (runtime.onnxrt.screen_holds),
-        on one call of random tokens over slot 0 (its entries are overwritten later: its length stays)."""
+        on one call of random tokens into slot 0, empty at start-up (later calls overwrite its entries)."""
         from runtime.onnxrt import screen_holds
 
         n = min(8, self.capacity)
@@ -571,12 +571,7 @@ class BatchEngine:
         feeds = {"input_ids": req.ids[None], "position_ids": req.pos[None], "tree_mask": req.mask[None],
                  "cache_lengths": np.zeros(1, np.int64), "num_logits": np.array([n], np.int64),
                  SCREEN_INPUT: np.array([n], np.int64)}  # fmt: skip
-        saved = self._len[0]
-        self._len[0] = 0
-        try:
-            logits, _, screened = self._call_in_place(self.single, "single", 0, 1, feeds, [req], n)
-        finally:
-            self._len[0] = saved
+        logits, _, screened = self._call_in_place(self.single, "single", 0, 1, feeds, [req], n)
         assert screened is not None
         return screen_holds(logits[0], *(x[0] for x in screened))
 
@@ -886,7 +881,8 @@ class BatchEngine:
     def _call_in_place(self, session, kind: str, lo: int, hi: int, feeds: dict, reqs: list[_Request], n: int):
         """Run ``session`` (model.onnx, or fold.onnx: ``kind`` "fold") over the slots ``lo .. hi`` of
         the cache, bound once per range as every layer's past and present (fold.onnx: the block as
-        one sequence ``[1, slots x kv_heads, capacity, head_dim]``); the logits and hidden states."""
+        one sequence ``[1, slots x kv_heads, capacity, head_dim]``); the logits, the hidden states and, on a
+        model.onnx with the lm_head screen, its three outputs (else None)."""
         from runtime.onnxrt import _bind
 
         screen = kind == "single" and self.screen_graph
