@@ -74,6 +74,7 @@ class Backend(ABC):
         logits (never -1); a backend whose graph screens the lm_head (:attr:`screens_argmax`, and
         :attr:`screens_noise` for noise) computes no float logits, and leaves the rows its screen
         cannot settle (rare) to ``settle_argmax``."""
+        check_noise(noise, len(input_ids), rows, self.spec.vocab_size)
         if not self.screens_argmax or (noise is not None and not self.screens_noise):
             out = self.forward(input_ids, position_ids, tree_mask, logits=rows)
             return draw_argmax(out if rows is None else out[len(out) - rows :], noise, temperature)
@@ -212,6 +213,16 @@ def draw_argmax(logits: np.ndarray, noise: np.ndarray | None = None, temperature
         return np.argmax(logits, axis=-1)
     with np.errstate(over="ignore"):
         return np.argmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature) + noise, axis=-1)
+
+
+def check_noise(noise, n: int, rows: int | None, vocab: int) -> None:
+    """``forward_argmax``'s noise, where given: one row of the vocabulary's size per drawn row (the
+    last ``rows`` of ``n``, all where None)."""
+    if noise is None:
+        return
+    want = (n if rows is None else min(int(rows), n), vocab)
+    if np.shape(noise) != want:
+        raise MedusaError(f"forward_argmax: noise of shape {np.shape(noise)}, expected {want} (one row per drawn row)")
 
 
 def check_forward(input_ids, position_ids, tree_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -65,7 +65,7 @@ import numpy as np
 
 from runtime import checks
 from runtime.artifact import FUSED_CACHE_START, SCREEN_INPUT, SCREEN_NOISE, SCREEN_OUTPUTS, ArtifactConfig
-from runtime.backend import Backend, draw_argmax, gives_back
+from runtime.backend import Backend, check_noise, draw_argmax, gives_back
 from runtime.decode import common_prefix, decode_steps
 from runtime.errors import ArtifactError, ContextLengthError, MedusaError
 
@@ -190,6 +190,7 @@ class SlotBackend(Backend):
         engine: through model.onnx's lm_head screen where the call runs there and the engine screens
         (:attr:`BatchEngine.screens`), else from float logits; never -1 (the engine settles a row its
         screen leaves open by running the call again with float logits)."""
+        check_noise(noise, len(input_ids), rows, self.spec.vocab_size)
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
         req = _Request(self.index, "forward", ids=ids, pos=pos, mask=mask, logits=rows)
         req.draw = (None if noise is None else np.asarray(noise, dtype=np.float32), float(temperature))

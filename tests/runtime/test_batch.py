@@ -133,10 +133,13 @@ def test_sampled_requests_beside_others(batched):
 
 @pytest.mark.parametrize("unsettled", ["none", "every third"])
 def test_the_engine_draws_greedy_and_coupled_tokens_through_the_screen(gen, tiny, monkeypatch, unsettled):
-    """Calls whose sequences all read drawn tokens alone (greedy; coupled sampling, with each
-    sequence's noise in its rows) run through model.onnx's lm_head screen: greedy sequences decoded
-    at once and sampled ones (plain and Medusa) give the one-sequence backend's tokens; where the
-    screen leaves a row open the engine runs the call again with float logits."""
+    """Calls on model.onnx whose sequences all read drawn tokens alone (greedy; coupled sampling,
+    its noise in its rows) run through the lm_head screen: greedy sequences decoded at once (their
+    single-sequence calls screened, their tree steps of several on fold.onnx drawn from float
+    logits) and sampled ones (plain and Medusa) give the one-sequence backend's tokens; where the
+    screen leaves a row open the engine runs the call again with float logits; a float call after
+    screened ones screens nothing (the screen's inputs are bound back to their defaults); noise of
+    the wrong shape is refused."""
     import runtime.onnxrt as ro
 
     asks = [dict(temperature=0.8, seed=3), dict(temperature=0.8, seed=3, medusa=False), dict(temperature=1.2, seed=4)]
@@ -162,14 +165,22 @@ def test_the_engine_draws_greedy_and_coupled_tokens_through_the_screen(gen, tiny
         assert e.stats["screened_calls"] > 0
         assert (e.stats["screen_fallbacks"] > 0) == (unsettled != "none")
         # a call that wants float logits after screened ones: the screen's inputs are bound back to their defaults
+        calls = []
+        real_call = e._call_in_place
+        monkeypatch.setattr(e, "_call_in_place", lambda *a: calls.append(real_call(*a)) or calls[-1])
         slot = e.acquire()
         try:
             slot.reset()
             n = 4
-            out = slot.forward(np.arange(n), np.arange(n), np.tril(np.ones((n, n), bool)))
+            mask = np.tril(np.ones((n, n), bool))
+            best = slot.forward_argmax(np.arange(n), np.arange(n), mask)
+            assert calls[0][2][0].shape == (1, n, 32)  # screened: every row (then a float rerun where one is open)
+            out = slot.forward(np.arange(n), np.arange(n), mask)
             assert out.shape == (n, e.spec.vocab_size)
-            best = slot.forward_argmax(np.arange(n), np.arange(n), np.tril(np.ones((n, n), bool)))
+            assert calls[-1][2][0].shape[1] == 0  # nothing screened (a stale num_screened would screen n rows)
             np.testing.assert_array_equal(best, out.argmax(1))
+            with pytest.raises(MedusaError, match="noise of shape"):
+                slot.forward_argmax(np.arange(n), np.arange(n), mask, noise=np.zeros((n - 1, e.spec.vocab_size)))
         finally:
             e.release(slot)
     finally:
