@@ -205,14 +205,18 @@ class Backend(ABC):
         return int(n)
 
 
+def perturbed(logits: np.ndarray, noise: np.ndarray, temperature: float) -> np.ndarray:
+    """Coupled sampling's scores, float32 ``logits / temperature + noise``, whose argmax is the draw:
+    the one formula the float path (runtime.decode.PositionNoise), :func:`draw_argmax` and the
+    lm_head screen's candidates (runtime.onnxrt.screen_draws) share, so that they round alike."""
+    with np.errstate(over="ignore"):  # a draft vocabulary's filler (float32's lowest) / T: -inf, never drawn
+        return np.asarray(logits, dtype=np.float32) / np.float32(temperature) + noise
+
+
 def draw_argmax(logits: np.ndarray, noise: np.ndarray | None = None, temperature: float = 1.0) -> np.ndarray:
-    """Each row's argmax, of ``logits`` or (``noise`` given, one row each) of float32
-    ``logits / temperature + noise``: coupled sampling's draw, computed as
-    runtime.decode.PositionNoise scores a row."""
-    if noise is None:
-        return np.argmax(logits, axis=-1)
-    with np.errstate(over="ignore"):
-        return np.argmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature) + noise, axis=-1)
+    """Each row's argmax, of ``logits`` or (``noise`` given, one row each) of :func:`perturbed`:
+    coupled sampling's draw."""
+    return np.argmax(logits if noise is None else perturbed(logits, noise, temperature), axis=-1)
 
 
 def check_noise(noise, n: int, rows: int | None, vocab: int) -> None:

@@ -19,7 +19,7 @@ from typing import cast
 import numpy as np
 
 from runtime import checks, dynamic
-from runtime.backend import Backend
+from runtime.backend import Backend, perturbed
 from runtime.datastore import Datastore
 from runtime.errors import ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, DraftSizer, DraftWidth, NgramLookup, from_datastore
@@ -370,9 +370,7 @@ class PositionNoise:
 
     def _scores(self, logits: np.ndarray, temperature: float, pos: int) -> np.ndarray:
         """``logits / T + g_pos`` (one row; argmax: the draw)."""
-        g = self.at(pos)
-        with np.errstate(over="ignore"):  # a draft vocabulary's filler (float32's lowest) / T: -inf, never drawn
-            return np.asarray(logits, dtype=np.float32) / np.float32(temperature) + g
+        return perturbed(logits, self.at(pos), temperature)
 
 
 def head_topk(head_logits: np.ndarray, topk: Sequence[int]) -> np.ndarray:

@@ -29,7 +29,7 @@ from runtime.artifact import (
     ArtifactConfig,
     cache_names,
 )
-from runtime.backend import Backend, DeviceCacheBackend, GraphBackend, draw_argmax, gives_back
+from runtime.backend import Backend, DeviceCacheBackend, GraphBackend, draw_argmax, gives_back, perturbed
 from runtime.errors import ArtifactError, BackendUnavailableError, ContextLengthError, MedusaError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -338,12 +338,11 @@ def screen_draws(ids, scores, bound, noise=None, temperature=1.0) -> np.ndarray:
 
     With noise the graph ranked ``upper + T g``, so its bound B is above every other token's
     ``logit + T g``, and B / T above its ``logit / T + g``. The candidates are scored as the float
-    path scores a row (runtime.backend.draw_argmax); the extra roundings (``+ T g``, ``/ T``: ~1e-6
+    path scores a row (runtime.backend.perturbed); the extra roundings (``+ T g``, ``/ T``: ~1e-6
     relative) sit far inside the bound's absolute slack (exporter.fused.SCREEN_ABS, 1e-3 of a logit)."""
     if noise is not None:
-        t = np.float32(temperature)
-        scores = scores / t + np.take_along_axis(noise, ids, axis=1)
-        bound = bound / t
+        scores = perturbed(scores, np.take_along_axis(noise, ids, axis=1), temperature)
+        bound = bound / np.float32(temperature)
     r = np.arange(len(ids))
     j = np.argmax(scores, axis=1)
     return np.where(scores[r, j] > bound, ids[r, j], -1)
@@ -549,8 +548,8 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         n = len(input_ids)
         s = max(0, min(int(rows), n))
         t = np.float32(temperature)
-        if noise is not None:
-            noise = np.asarray(noise, dtype=self._dtype)[len(noise) - s :]
+        if noise is not None:  # one row per screened row (Backend.forward_argmax checked it)
+            noise = np.asarray(noise, dtype=self._dtype)
         outs = self._run(input_ids, position_ids, tree_mask, 0, s, None if noise is None else noise * t)
         self._screened_call = (input_ids, position_ids, tree_mask, s, noise, t)
         return screen_draws(*(outs[name][0, :s] for name in SCREEN_OUTPUTS), noise, t)
