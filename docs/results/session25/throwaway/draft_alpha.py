@@ -1,0 +1,22 @@
+"""Accepted tokens a step of coupled exact sampling (T 0.7) against the noise weight the heads' drafts are
+ranked with (head logits / T + alpha g): tokens are the same for every alpha (coupled sampling), so the
+accepted length is exact, not timed. Run: python docs/results/session25/throwaway/draft_alpha.py ALPHAS..."""
+import json, os, subprocess, sys
+import runtime
+
+prompts = [r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "") for r in json.load(open("runs/alpaca_tune.json"))][:int(os.environ.get("N", 24))]
+gen = runtime.load("artifacts/smollm2-135m-medusa", threads=2)
+temp = float(os.environ.get("T", 0.7))
+lookup = int(os.environ.get("LOOKUP", 3))
+ref = None
+for alpha in sys.argv[1:]:
+    os.environ["MEDUSA_DRAFT_ALPHA"] = alpha
+    steps = toks = 0
+    out = []
+    for i, p in enumerate(prompts):
+        g = gen.generate([{"role": "user", "content": p}], max_new_tokens=128, temperature=temp, seed=i, lookup=lookup)
+        steps += g.stats.steps; toks += g.stats.new_tokens - 1
+        out.append(g.tokens)
+    same = ref is None or out == ref
+    ref = ref or out
+    print(f"alpha {alpha}: {toks / steps:.3f} tokens a step ({toks} tokens, {steps} steps), tokens same as first: {same}", flush=True)
