@@ -1,6 +1,13 @@
 """Accepted tokens a step of coupled exact sampling (T 0.7) against the noise weight the heads' drafts are
 ranked with (head logits / T + alpha g): tokens are the same for every alpha (coupled sampling), so the
-accepted length is exact, not timed. Run: python docs/results/session25/throwaway/draft_alpha.py ALPHAS..."""
+accepted length is exact, not timed. Run: python docs/results/session25/throwaway/draft_alpha.py ALPHAS...
+on runs/alpaca_tune.json (python -m scripts.heldout_prompts -o runs/alpaca_tune.json --last 76 --drop-last 24),
+with runtime/decode.py's draft_tree patched (not committed) to rank depth d by
+noise.perturb(logits, temperature * alpha[d - 1], at + depth), alpha from MEDUSA_DRAFT_ALPHA="a1,a2,...": alpha
+scales the draft temperature, so 0.01 ranks by the head's logits alone (top-k drafts) and alpha > 1 weighs the
+noise more. Result (draft_alpha_sweep.txt, 2026-12-02 19:33): 1.617 accepted at alpha 1 (the shipped rule), 1.566
+at 0.01, 1.593 at 0.5, 1.609 at 0.75, 1.594 at 1.5, 1.542 at 2: the shipped rule is the best of these (as
+docs/results/coupled/pairs_final.txt found on MT-Bench with its c sweep)."""
 import json, os, subprocess, sys
 import runtime
 
