@@ -280,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batching", default="auto", choices=["auto", "batch", "interleave"],
                    help="batch: the running requests' steps in one engine call (batch.onnx); interleave: one request "
                         "per call, steps taking turns; auto: batch where the artifact has batch.onnx")  # fmt: skip
-    s.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        help="requests waiting beyond the --max-batch running (0: none wait); more get 429 at once",
+    )
     s.add_argument("--no-prefix-reuse", action="store_true",
                    help="prefill every prompt whole (default: a prompt that begins with what a finished request's "
                         "prompt and answer were, the next turn of a chat, keeps that request's cache entries)")  # fmt: skip
@@ -294,7 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed trees: the most tokens the lookup draft holds")  # fmt: skip
     s.add_argument("--lookup-sizing", choices=LOOKUP_SIZINGS, default=_decode_default("lookup_sizing"),
                    help="fixed trees: how many of the lookup draft's tokens a step verifies")  # fmt: skip
-    s.add_argument("--graceful-timeout", type=int, default=30, help="seconds running requests get at shutdown")
+    s.add_argument(
+        "--graceful-timeout",
+        type=int,
+        default=30,
+        help="seconds running requests get at shutdown (SIGTERM); queued ones get 503 at once, those "
+        "still running after it a 503 error",
+    )
     s.add_argument("--ray-replicas", type=int, default=0,
                    help="serve through Ray Serve with this many replicas, each its own process and engine "
                         "(pip install 'medusa-trt[ray]'; 0: one process, no Ray)")  # fmt: skip

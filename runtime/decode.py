@@ -843,6 +843,11 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
     stored = False
     drafts: list[int] = []
     sizing = isinstance(width, DraftSizer)
+    if q is not None and not _branching(backend, cfg):
+        # sampled drafts on a chain-only engine: the draft would replace the sampled chain where it
+        # leaves it, so the chain's first node would hold the draft's token whatever was sampled, no
+        # longer a draw from q (accepting it with min(1, r/q) would draw it too often): no lookup draft
+        lookup = None
     if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
         drafts, row = lookup.propose_row(width.top if sizing else width.width)
         if backend.step_rows is not None:  # an engine that runs longer steps apart (a batch engine's max_rows)

@@ -30,15 +30,23 @@ budget follows the load (a smaller tree, or plain steps, as more requests decode
 generator's one KV cache, one engine call per step (runtime/api.py's concurrency contract).
 Either way each request sees only its own sequence: greedy answers equal offline ``generate``
 and a seed reproduces a sampled answer. To scale out, ``--ray-replicas N`` serves the same app
-as a Ray Serve deployment of N processes behind Ray's HTTP proxy (:func:`serve_ray`). A client that disconnects frees its slot at the next step. On SIGTERM
-uvicorn stops accepting connections and lets running requests finish (up to
-``--graceful-timeout``); what is left gets an error, nothing hangs.
+as a Ray Serve deployment of N processes behind Ray's HTTP proxy (:func:`serve_ray`). A client
+that disconnects frees its slot at the next step, streamed or not. On SIGTERM the server stops
+accepting connections, answers the queued requests 503 at once and lets the running ones finish
+(up to ``--graceful-timeout``); those still running then get a 503 error in OpenAI's body (a
+stream: as its last event); nothing hangs.
+
+Request forms other OpenAI-compatible servers take are taken too: null for ``temperature``,
+``top_p``, ``stream`` (and the other "or null" fields: their defaults), message content as a list
+of text parts (joined by newlines), the ``developer`` role (the template's ``system``), any integer
+``seed`` (a negative one seeds as ``seed mod 2**64``), a one-element list of prompts, and
+``GET /v1/models/{id}``.
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
 bad values, empty
-prompts and prompts longer than the context, 404 for an unknown model or path, 429 when the
-queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
+prompts and prompts longer than the context, 404 for an unknown model or path, 413 for a body
+over ``MAX_BODY_BYTES``, 429 when the queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
 fail at startup, before the banner.
 """
 
@@ -54,7 +62,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from runtime.decode import MAX_LOGPROBS, check_fits
 from runtime.errors import ContextLengthError, MedusaError
@@ -68,6 +76,10 @@ UNION_TAGS = ("str", "int", "float", "bool")  # pydantic's names of a union's me
 MAX_TOP_LOGPROBS = MAX_LOGPROBS  # chat's top_logprobs at most (OpenAI's limit, 20)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs at most (OpenAI's limit)
 MAX_N = 128  # choices a request at most (OpenAI's limit); each is a sequence of its own, queued at once
+MAX_BODY_BYTES = 32 << 20  # a request body declaring more is refused (413) before it is read
+DISCONNECT_POLL_S = 0.25  # how often a request that is not streamed checks that its client is still there
+CUT_SLACK_S = 2  # at shutdown, after --graceful-timeout: time for the requests cut off to send their errors
+SEED_MODULUS = 1 << 64  # a negative seed (OpenAI takes any integer) seeds as seed mod 2**64
 
 
 def require_serve():
@@ -186,7 +198,7 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------------- scheduling
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed: the scheduler's running set) by identity
 class Job:
     """One request: its prompt ids, decode arguments, and the channel its chunks go back on."""
 
@@ -243,6 +255,8 @@ class Scheduler:
         self.waiting = 0
         self.active = 0
         self.closed = False
+        self._running: set[Job] = set()
+        self._stopped = False  # the workers were told to exit
         self._threads = [
             threading.Thread(target=self._work, name=f"medusa-serve-{i}", daemon=True) for i in range(max_batch)
         ]
@@ -250,11 +264,13 @@ class Scheduler:
             t.start()
 
     def submit(self, *jobs: Job) -> None:
-        """Queue a request's jobs (its ``n`` choices), all or none."""
+        """Queue a request's jobs (its ``n`` choices), all or none: refused (429) where more than
+        ``max_queue`` would then wait beyond the ``max_batch`` running (``max_queue`` 0: a request
+        runs at once or is refused)."""
         with self._lock:
             if self.closed:
                 raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-            if self.waiting + len(jobs) > self.max_queue:
+            if self.waiting + self.active + len(jobs) > self.max_batch + self.max_queue:
                 raise ApiError(
                     429,
                     f"the queue is full ({self.max_queue} requests waiting, {self.active} running): retry later",
@@ -275,15 +291,17 @@ class Scheduler:
                 self.waiting -= 1
                 self.metrics.queue_depth.set(self.waiting)
                 if self.closed:  # refused at shutdown: never started
-                    job.send("error", ApiError(503, "the server is shutting down", "server_error"))
+                    job.send("error", _shutting_down("the request had not started"))
                     continue
                 self.active += 1
+                self._running.add(job)
                 self.metrics.batch_size.set(self.active)
             try:
                 self._run(job)
             finally:
                 with self._lock:
                     self.active -= 1
+                    self._running.discard(job)
                     self.metrics.batch_size.set(self.active)
 
     def _run(self, job: Job) -> None:
@@ -320,13 +338,45 @@ class Scheduler:
             m.mean_accepted.set(stats.mean_accepted)
         job.send("done", stats)
 
-    def shutdown(self) -> None:
-        """Refuse new requests and the queued ones; running ones finish (their threads are not joined
-        past this call: uvicorn's graceful timeout bounds them)."""
+    def close(self) -> None:
+        """The start of a shutdown: refuse new requests (503) and answer the queued ones 503 at once;
+        running ones go on (until :meth:`cut`). Idempotent."""
+        refused = []
         with self._lock:
             self.closed = True
-        for _ in self._threads:
-            self._queue.put(None)
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    refused.append(job)
+            self.waiting -= len(refused)
+            self.metrics.queue_depth.set(self.waiting)
+            if not self._stopped:
+                self._stopped = True
+                for _ in self._threads:  # each worker exits when its request is done
+                    self._queue.put(None)
+        for job in refused:
+            job.send("error", _shutting_down("the request had not started"))
+
+    def cut(self) -> None:
+        """The end of the graceful period: every request still running gets a 503 error (its handler
+        answers with it) and stops at its next step."""
+        with self._lock:
+            running = list(self._running)
+        for job in running:
+            job.cancelled.set()
+            job.send("error", _shutting_down("the request was cut off at the end of the graceful shutdown period"))
+
+    def shutdown(self) -> None:
+        """Refuse new requests and the queued ones; running ones finish (their threads are not joined
+        past this call: the graceful timeout bounds them)."""
+        self.close()
+
+
+def _shutting_down(what: str) -> "ApiError":
+    return ApiError(503, f"the server is shutting down: {what}", "server_error", code="shutting_down")
 
 
 # ---------------------------------------------------------------------------- the app
@@ -362,10 +412,18 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         # strict: JSON's own types only (true is not 1, "8" is not 8, "yes" is not true); an int is a float
         model_config = ConfigDict(extra="forbid", strict=True)
 
+    class TextPart(_Strict):
+        type: Literal["text"]
+        text: str
+
     class Message(_Strict):
-        role: Literal["system", "user", "assistant"]
-        content: str
+        # "developer": OpenAI's newer name for the system role (the chat template gets "system")
+        role: Literal["system", "developer", "user", "assistant"]
+        content: str | list[TextPart]  # a list: OpenAI's content parts (text ones), joined by newlines
         name: str | None = None
+
+        def text(self) -> str:
+            return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
     class StreamOptions(_Strict):
         include_usage: bool = False
@@ -373,16 +431,17 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     class Common(_Strict):
         model: str | None = None
         max_tokens: int | None = Field(None, ge=1)
-        temperature: float = Field(1.0, ge=0.0, le=2.0)
-        top_p: float = Field(1.0, gt=0.0, le=1.0)
-        seed: int | None = Field(None, ge=0)
+        # OpenAI's "... or null" fields take null as unset: temperature 1, top_p 1, stream false, n 1, penalties 0
+        temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+        top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+        seed: int | None = None  # any integer: a negative one seeds as seed mod 2**64
         stop: str | list[str] | None = None
-        stream: bool = False
+        stream: bool | None = False
         stream_options: StreamOptions | None = None
-        n: int | None = Field(1, ge=1, le=MAX_N)  # null: 1 (OpenAI's "integer or null" fields take null as unset)
+        n: int | None = Field(1, ge=1, le=MAX_N)
         user: str | None = None
-        presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)  # null: 0
-        frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+        presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+        frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
@@ -391,7 +450,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     class CompletionRequest(Common):
-        prompt: str | list[int]
+        prompt: str | list[int] | list[str]  # a list of strings: one of them (a request serves one prompt)
         max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
         echo: bool | None = False
         logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -413,6 +472,27 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         scheduler(app).shutdown()
 
     app = FastAPI(title="medusa-trt", lifespan=lifespan)
+
+    class BodyLimit:
+        """A body declaring more than MAX_BODY_BYTES is refused (413) before it is read (nginx's
+        client_max_body_size; a prompt that size is far past any context). Plain ASGI, not
+        Starlette's BaseHTTPMiddleware, which would relay every streamed chunk and hide a client's
+        disconnect from the handler."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                size = dict(scope["headers"]).get(b"content-length", b"")
+                if size.isdigit() and int(size) > MAX_BODY_BYTES:
+                    e = ApiError(413, f"the body is {int(size):,} bytes: at most {MAX_BODY_BYTES:,} are read",
+                                 code="request_too_large")  # fmt: skip
+                    await error_response(scope["path"], e)(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(BodyLimit)
 
     def error_response(endpoint: str, e: ApiError) -> JSONResponse:
         metrics.requests.labels(endpoint, str(e.status)).inc()
@@ -455,14 +535,20 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         )
         return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
 
-    def prepare(req, prompt, endpoint: str) -> list[Job]:
-        """The request's jobs, one per choice (``n``), every argument checked before any is queued."""
+    def prepare(req, prompt, endpoint: str, loop: asyncio.AbstractEventLoop) -> list[Job]:
+        """The request's jobs, one per choice (``n``), every argument checked before any is queued.
+        Runs in a worker thread (tokenizing a long prompt must not hold up the event loop)."""
         if req.model not in (None, model_name):
             raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
         if param == "messages" and not any(m["content"] for m in prompt):  # as /v1/completions refuses ""
             raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # OpenAI's list of prompts
+            if len(prompt) != 1:
+                raise ApiError(400, f"prompt: a list of {len(prompt)} prompts; this server takes one prompt a "
+                                    "request (send one request each; n gives several choices)", param=param)  # fmt: skip
+            prompt = prompt[0]
         try:
             ids = gen.encode(prompt)
             check_fits(gen.backend, ids)  # the decode loop's own check, before the request takes a slot
@@ -485,17 +571,17 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             "logprobs": wanted_logprobs(req),
             "prompt_logprobs": echo and req.logprobs is not None,
             "max_new_tokens": 1 if score_only else min(limit, room) if limit else room,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "seed": req.seed,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
             "stop": stops,
             "presence_penalty": req.presence_penalty or 0.0,
             "frequency_penalty": req.frequency_penalty or 0.0,
             **(decode or {}),
         }
         n = req.n or 1
-        if n > max(1, max_queue):
-            raise ApiError(400, f"n: at most {max(1, max_queue)} choices here (the server's --max-queue)", param="n")
+        if n > max_batch + max_queue:
+            raise ApiError(400, f"n: at most {max_batch + max_queue} choices here (the server's --max-batch + "
+                                "--max-queue)", param="n")  # fmt: skip
         # token ids echo with their special tokens shown, as a prompt string shows them (text_offset counts them)
         echoed = (
             (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids, skip_special_tokens=False))
@@ -504,13 +590,13 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         )
         jobs = []
         for i in range(n):  # choice i: seed + i, so a seed reproduces every choice and they differ
-            seed = None if req.seed is None else req.seed + i
+            seed = None if req.seed is None else (req.seed + i) % SEED_MODULUS
             try:  # the generator checks its arguments here, before the request takes a queue slot
                 stream = gen.stream(ids, **{**kwargs, "seed": seed})
             except MedusaError as e:
                 raise ApiError(400, str(e)) from None
-            jobs.append(Job(ids, stream, asyncio.get_running_loop(), asyncio.Queue(), echo=echoed,
-                            score_only=score_only, stops=stops))  # fmt: skip
+            jobs.append(Job(ids, stream, loop, asyncio.Queue(), echo=echoed, score_only=score_only,
+                            stops=stops))  # fmt: skip
         return jobs
 
     async def events(job: Job):
@@ -539,8 +625,9 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     async def complete(request: Request, req, prompt, chat: bool):
         endpoint = request.url.path
+        stamp = int(time.time())  # the response's (every chunk's) "created": when the request came
         try:
-            jobs = prepare(req, prompt, endpoint)
+            jobs = await asyncio.to_thread(prepare, req, prompt, endpoint, asyncio.get_running_loop())
             scheduler(request.app).submit(*jobs)
         except ApiError as e:
             return error_response(endpoint, e)
@@ -548,8 +635,19 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             metrics.requests.labels(endpoint, "200").inc()
-            return StreamingResponse(sse(request, jobs, rid, chat, include_usage), media_type="text/event-stream")
+            return StreamingResponse(sse(request, jobs, rid, chat, include_usage, stamp),
+                                     media_type="text/event-stream")  # fmt: skip
         choices = [Choice(i, job, chat, gen.tokenizer) for i, job in enumerate(jobs)]
+        left = asyncio.Event()
+
+        async def watch():  # the client leaving frees the request's slots at their next step
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            left.set()
+            for job in jobs:
+                job.cancelled.set()
+
+        watcher = asyncio.create_task(watch())
         try:
             for c in choices:  # the jobs run side by side; their events wait in their queues
                 async for kind, value in events(c.job):
@@ -557,24 +655,28 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                         return error_response(endpoint, value)
                     c.take(kind, value)
         finally:
+            watcher.cancel()
             for job in jobs:
-                job.cancelled.set()  # a no-op when done; frees the slot when the client left
-        metrics.requests.labels(endpoint, "200").inc()
+                job.cancelled.set()  # a no-op when done
+        # 499: nginx's "client closed request" (the answer, cut at the step the client left, goes nowhere)
+        metrics.requests.labels(endpoint, "499" if left.is_set() else "200").inc()
         return {
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
+            "created": stamp,
             "model": model_name,
             "choices": [c.whole() for c in choices],
             "usage": usage(choices),
             "medusa": _medusa_stats(choices[0].stats),  # the first choice's
         }
 
-    async def sse(request: Request, jobs: list[Job], rid: str, chat: bool, include_usage: bool):
+    async def sse(request: Request, jobs: list[Job], rid: str, chat: bool, include_usage: bool, stamp: int):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def frame(choices: list, **extra) -> str:
-            body = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}
+            body = {"id": rid, "object": obj, "created": stamp, "model": model_name, "choices": choices}
+            if include_usage:  # OpenAI: every chunk has the field, null but in the last one
+                body["usage"] = None
             body.update(extra)
             return f"data: {json.dumps(body)}\n\n"
 
@@ -612,17 +714,27 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, req: ChatRequest):
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]  # fmt: skip
         return await complete(request, req, messages, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest):
         return await complete(request, req, req.prompt, chat=False)
 
+    model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "medusa-trt"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "medusa-trt"}]}  # fmt: skip
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model != model_name:
+            e = ApiError(404, f"the model {model!r} does not exist: this server serves {model_name!r}",
+                         param="model", code="model_not_found")  # fmt: skip
+            return JSONResponse(e.body(), status_code=404)
+        return model_card
 
     @app.get("/health")
     async def health(request: Request):
@@ -795,28 +907,50 @@ def _medusa_stats(stats) -> dict | None:
 def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1, max_queue: int = 16,
           graceful_timeout: int = 30, decode: dict | None = None,
           sockets: list[socket.socket] | None = None) -> None:  # fmt: skip
-    """Run the server until SIGINT/SIGTERM (uvicorn's signal handling: running requests finish).
-    ``sockets``: bound by :func:`bind` (the caller then knows before this call that it can listen,
-    and on which port; else they are bound here)."""
+    """Run the server until SIGINT/SIGTERM: then it stops listening, answers the queued requests
+    503 at once (``/health`` says "shutting down"), lets the running ones finish for up to
+    ``graceful_timeout`` seconds and answers those still running then with a 503 error (a stream
+    gets it as its last event) before uvicorn closes their connections. ``sockets``: bound by
+    :func:`bind` (the caller then knows before this call that it can listen, and on which port;
+    else they are bound here)."""
     import uvicorn
 
     from runtime import checks
 
-    graceful = checks.integer("graceful_timeout", graceful_timeout, 0)
+    graceful = cast(int, checks.integer("graceful_timeout", graceful_timeout, 0))
     app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode)
     sockets = bind(host, port) if sockets is None else sockets
     try:
         port = sockets[0].getsockname()[1]
         log.info("serving %s on http://%s:%d/v1 (max_batch %d, max_queue %d)", model_name, host, port, max_batch,
                  max_queue)  # fmt: skip
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                               timeout_graceful_shutdown=graceful))  # fmt: skip
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                timeout_graceful_shutdown=graceful + CUT_SLACK_S)  # fmt: skip
+        server = _uvicorn_server(config, app, graceful)
         server.run(sockets=sockets)
     finally:
         for sock in sockets:
             sock.close()
     if not server.started:
         raise MedusaError(f"the server on {host}:{port} did not start (see uvicorn's error above)")
+
+
+def _uvicorn_server(config, app, graceful: int):
+    """uvicorn's server, whose shutdown first closes ``app``'s scheduler (the queued requests get
+    503 at once) and cuts what still runs ``graceful`` seconds later, before uvicorn's own timeout
+    (``CUT_SLACK_S`` later) would cancel the handlers: a 500 without OpenAI's body, a stream broken
+    off without an error event."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            sched = getattr(app.state, "scheduler", None)
+            if sched is not None:
+                sched.close()
+                asyncio.get_running_loop().call_later(graceful, sched.cut)
+            await super().shutdown(sockets=sockets)
+
+    return Server(config)
 
 
 # ---------------------------------------------------------------------------- scale-out on Ray Serve

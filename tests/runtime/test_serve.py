@@ -136,7 +136,10 @@ def test_answers_equal_offline_generate_streaming_and_not(gen, served):
         (json.dumps({"messages": CHAT, "temperature": -1}).encode(), 400, None, "temperature"),
         (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), 400, None, "max_tokens"),
         (json.dumps({"messages": CHAT, "n": 0}).encode(), 400, None, "n:"),
-        (json.dumps({"messages": CHAT, "n": 17}).encode(), 400, None, "n: at most 16 choices here"),
+        (json.dumps({"messages": CHAT, "n": 18}).encode(), 400, None, "n: at most 17 choices here"),
+        (json.dumps({"messages": CHAT, "temperature": float("nan")}).encode(), 400, None, "finite number"),
+        (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+                    ).encode(), 400, None, "messages.0.content"),
         (json.dumps({"messages": []}).encode(), 400, None, "messages"),
         (json.dumps({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, None, "at most 4"),
         (json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}).encode(), 400,
@@ -312,6 +315,141 @@ def test_a_full_queue_answers_429_at_once_and_the_others_finish(gen, served):
         assert results["first"].choices[0].message.content == results["second"].choices[0].message.content == want
 
 
+def test_max_queue_0_runs_what_a_worker_takes_and_refuses_the_rest(gen, served):
+    """``--max-queue 0``: nothing waits. A request an idle worker takes runs; one more, while the
+    worker is busy, is refused 429 at once."""
+    gate = threading.Event()
+    with running(Slowed(served, gate), max_batch=1, max_queue=0) as url:
+        result = {}
+        first = threading.Thread(target=lambda: result.setdefault("r", client(url).chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=4, temperature=0)))  # fmt: skip
+        first.start()
+        _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 1)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}, timeout=5)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+        gate.set()
+        first.join(60)
+        assert result["r"].choices[0].message.content == gen.generate(CHAT, max_new_tokens=4).text
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(gen, served):
+    """Not streamed: the client gives up (a read timeout) while its request decodes 200 slowed steps;
+    the request stops at its next step, the next one is served at once, and the metrics count the
+    first as 499 (client closed request)."""
+    with running(Slowed(served, delay=0.05), max_batch=1, max_queue=4) as url:
+        body = {"messages": CHAT, "max_tokens": 200, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)
+        t = time.perf_counter()
+        r = client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content == gen.generate(CHAT, max_new_tokens=4).text
+        assert time.perf_counter() - t < 5  # the first request's 200 steps at 0.05 s would take 10 s
+        _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 0)
+        text = httpx.get(f"{url}/metrics").text
+        assert _metric(text, "medusa_generated_tokens_total") < 100  # the first one's ~20-30 + 4
+        assert 'medusa_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0' in text
+
+
+def test_openai_request_forms_other_servers_accept(gen, served):
+    """Forms OpenAI's API allows that a client may send: null for temperature / top_p / stream (their
+    defaults), content as a list of text parts (joined by newlines), the developer role (the
+    system role), a negative seed (mod 2**64), a one-element list of prompts, GET /v1/models/{id};
+    a body over MAX_BODY_BYTES is refused 413 before it is read."""
+    from runtime.serve import MAX_BODY_BYTES
+
+    with running(served, max_batch=2) as url:
+
+        def chat(**kw):
+            r = httpx.post(f"{url}/v1/chat/completions", json={"max_tokens": 6, **kw}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        sampled = chat(messages=CHAT, temperature=1.0, top_p=1.0, seed=5)
+        assert chat(messages=CHAT, temperature=None, top_p=None, stream=None, seed=5) == sampled
+        assert chat(messages=CHAT, seed=-1) == chat(messages=CHAT, seed=2**64 - 1)
+        parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me about rivers"},
+                                              {"type": "text", "text": "and mountains."}]}]  # fmt: skip
+        assert chat(messages=parts, temperature=0) == chat(
+            messages=[{"role": "user", "content": "Tell me about rivers\nand mountains."}], temperature=0
+        )
+        assert chat(messages=[{"role": "developer", "content": "Be brief."}, *CHAT], temperature=0) == chat(
+            messages=[{"role": "system", "content": "Be brief."}, *CHAT], temperature=0
+        )
+        one = httpx.post(f"{url}/v1/completions", json={"prompt": ["Once upon"], "max_tokens": 4, "temperature": 0})
+        assert one.json()["choices"][0]["text"] == gen.generate("Once upon", max_new_tokens=4).text
+        two = httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 4})
+        assert two.status_code == 400 and "one prompt a request" in two.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/models/tiny").json()["id"] == "tiny"
+        assert httpx.get(f"{url}/v1/models/gpt-4").json()["error"]["code"] == "model_not_found"
+        big = httpx.post(f"{url}/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1),
+                         headers={"content-type": "application/json"})  # fmt: skip
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_stream_keeps_its_created_stamp_and_carries_usage_null_until_the_last_chunk(gen, served):
+    with running(served) as url:
+        body = {"messages": CHAT, "max_tokens": 12, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            frames = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert len(frames) > 3 and len({f["created"] for f in frames}) == 1
+        assert all("usage" in f for f in frames) and all(f["usage"] is None for f in frames[:-1])
+        assert frames[-1]["usage"]["completion_tokens"] == len(gen.generate(CHAT, max_new_tokens=12).tokens)
+
+
+def test_shutdown_refuses_the_queued_at_once_and_cuts_the_running_with_an_error(gen):
+    """The server's shutdown (what SIGTERM starts): a queued request gets 503 at once; requests still
+    running at the end of the graceful period get a 503 in OpenAI's body (a stream: as its last
+    event), not a dropped connection."""
+    import uvicorn
+
+    from runtime.serve import _uvicorn_server
+
+    gate = threading.Event()
+    port = free_port()
+    app = create_app(Slowed(gen, gate), "tiny", max_batch=2, max_queue=2)
+    server = _uvicorn_server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                            timeout_graceful_shutdown=3), app, graceful=1)  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait(lambda: server.started)
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {}
+
+    def whole(key):
+        out[key] = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8}, timeout=30)
+
+    def streamed():
+        body = {"messages": CHAT, "max_tokens": 8, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+            out["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    try:
+        threads = [threading.Thread(target=whole, args=("running",)), threading.Thread(target=streamed)]
+        for t in threads:
+            t.start()
+        _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 2)  # both held at the gate
+        threads.append(threading.Thread(target=whole, args=("queued",)))
+        threads[-1].start()
+        _wait(lambda: httpx.get(f"{url}/health").json()["waiting"] == 1)
+        t0 = time.perf_counter()
+        server.should_exit = True
+        threads[-1].join(30)
+        assert out["queued"].status_code == 503 and time.perf_counter() - t0 < 1, out["queued"].text
+        assert "had not started" in out["queued"].json()["error"]["message"]
+        for t in threads[:2]:
+            t.join(30)
+        assert out["running"].status_code == 503, out["running"].text
+        assert "cut off" in out["running"].json()["error"]["message"]
+        last = json.loads(out["stream"][-1][6:])
+        assert last["error"]["code"] == "shutting_down", out["stream"]
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(gen, served):
     """One worker, a stream of 200 slowed steps: the client reads two chunks and leaves; the next
     request is served at once, and the first request stopped long before its 200 tokens."""
@@ -388,9 +526,9 @@ def test_n_choices_are_sequences_of_their_own_seeded_one_apart(gen, served):
                     finished.add(ch.index)
         one = gen.generate("Once upon a time", max_new_tokens=10).text
         assert finished == {0, 1} and ["".join(parts[i]) for i in (0, 1)] == [one, one]
-    with running(served, max_batch=1, max_queue=2) as url:  # n beyond the queue: refused whole, at once
-        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "n": 3, "max_tokens": 2}, timeout=60)
-        assert r.status_code == 400 and "at most 2 choices" in r.json()["error"]["message"]
+    with running(served, max_batch=1, max_queue=2) as url:  # n beyond what may run and wait: refused whole, at once
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "n": 4, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and "at most 3 choices" in r.json()["error"]["message"]
 
 
 def test_penalties_reach_the_decoder(gen, served):

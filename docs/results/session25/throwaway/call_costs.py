@@ -1,8 +1,15 @@
 """Engine calls by kind at C concurrent streams (in process): count, mean ms, rows; greedy, 128 tokens,
 first 16 MT-Bench first turns; plain then Medusa with every step its full tree (budgets None) then auto.
 python docs/results/session25/throwaway/call_costs.py C [plain|none|hold|auto ...]"""
-import collections, json, sys, threading, time
+
+import collections
+import json
+import sys
+import threading
+import time
+
 import numpy as np
+
 import runtime
 from runtime import batch
 
@@ -10,14 +17,34 @@ C = int(sys.argv[1])
 qs = [json.loads(l)["turns"][0] for l in open("../shared/data/mt_bench_question.jsonl")][:16]
 rec = []
 orig = batch.BatchEngine._call_in_place
+
+
 def timed(self, session, kind, lo, hi, feeds, reqs, n):
-    t = time.perf_counter(); out = orig(self, session, kind, lo, hi, feeds, reqs, n)
-    rec.append((kind, hi - lo, len(reqs), n, batch.SCREEN_INPUT in feeds and int(feeds[batch.SCREEN_INPUT][0]) > 0, time.perf_counter() - t))
+    t = time.perf_counter()
+    out = orig(self, session, kind, lo, hi, feeds, reqs, n)
+    rec.append(
+        (
+            kind,
+            hi - lo,
+            len(reqs),
+            n,
+            batch.SCREEN_INPUT in feeds and int(feeds[batch.SCREEN_INPUT][0]) > 0,
+            time.perf_counter() - t,
+        )
+    )
     return out
+
+
 batch.BatchEngine._call_in_place = timed
 orig_h = batch.BatchEngine._run_heads
+
+
 def th(self, reqs):
-    t = time.perf_counter(); orig_h(self, reqs); rec.append(("heads", len(reqs), len(reqs), 0, False, time.perf_counter() - t))
+    t = time.perf_counter()
+    orig_h(self, reqs)
+    rec.append(("heads", len(reqs), len(reqs), 0, False, time.perf_counter() - t))
+
+
 batch.BatchEngine._run_heads = th
 
 CONF = {"plain": ("auto", False), "none": (None, True), "hold": ([1] * 16, True), "auto": ("auto", True)}
@@ -25,19 +52,27 @@ for label in sys.argv[2:] or ["plain", "none", "auto"]:
     budgets, medusa = CONF[label]
     gen = runtime.load("artifacts/smollm2-135m-medusa", threads=2, reuse_prefix=False, max_batch=16, budgets=budgets)
     rec.clear()
-    it = iter(qs); lock = threading.Lock(); ntok = [0]
-    def client():
+    it = iter(qs)
+    lock = threading.Lock()
+    ntok = [0]
+
+    def client(gen=gen, it=it, lock=lock, ntok=ntok, medusa=medusa):
         while True:
             with lock:
                 q = next(it, None)
-            if q is None: return
+            if q is None:
+                return
             g = gen.generate([{"role": "user", "content": q}], max_new_tokens=128, medusa=medusa)
-            with lock: ntok[0] += len(g.tokens)
-    t0 = time.perf_counter(); th_ = [threading.Thread(target=client) for _ in range(C)]
-    [t.start() for t in th_]; [t.join() for t in th_]
+            with lock:
+                ntok[0] += len(g.tokens)
+
+    t0 = time.perf_counter()
+    th_ = [threading.Thread(target=client) for _ in range(C)]
+    [t.start() for t in th_]
+    [t.join() for t in th_]
     wall = time.perf_counter() - t0
     agg = collections.defaultdict(list)
-    for kind, B, seqs, n, scr, s in rec:
+    for kind, _B, seqs, n, scr, s in rec:
         key = (kind, seqs, "prefill" if n > 16 else f"{n} rows", "screen" if scr else "")
         agg[key].append(s)
     busy = sum(s for *_, s in rec)
