@@ -39,8 +39,8 @@ stream: as its last event); nothing hangs.
 Request forms other OpenAI-compatible servers take are taken too: null for ``temperature``,
 ``top_p``, ``stream`` (and the other "or null" fields: their defaults), message content as a list
 of text parts (joined by newlines), the ``developer`` role (the template's ``system``), any integer
-``seed`` (a negative one seeds as ``seed mod 2**64``), a one-element list of prompts, and
-``GET /v1/models/{id}``.
+``seed`` (a negative one seeds as ``seed mod 2**64``), a one-element list of prompts,
+``GET /v1/models/{id}``, and a JSON body whatever its Content-Type (``curl -d`` sends form encoding).
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
@@ -473,26 +473,32 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
 
     app = FastAPI(title="medusa-trt", lifespan=lifespan)
 
-    class BodyLimit:
-        """A body declaring more than MAX_BODY_BYTES is refused (413) before it is read (nginx's
-        client_max_body_size; a prompt that size is far past any context). Plain ASGI, not
-        Starlette's BaseHTTPMiddleware, which would relay every streamed chunk and hide a client's
-        disconnect from the handler."""
+    class BodyGate:
+        """Before FastAPI sees a request: a body declaring more than MAX_BODY_BYTES is refused (413)
+        unread (nginx's client_max_body_size; a prompt that size is far past any context), and a
+        POST body is read as JSON whatever its Content-Type says (``curl -d`` sends form encoding;
+        as llama.cpp's server, not a 400 that names a dictionary). Plain ASGI, not Starlette's
+        BaseHTTPMiddleware, which would relay every streamed chunk and hide a client's disconnect
+        from the handler."""
 
         def __init__(self, inner):
             self.inner = inner
 
         async def __call__(self, scope, receive, send):
             if scope["type"] == "http":
-                size = dict(scope["headers"]).get(b"content-length", b"")
+                headers = dict(scope["headers"])
+                size = headers.get(b"content-length", b"")
                 if size.isdigit() and int(size) > MAX_BODY_BYTES:
                     e = ApiError(413, f"the body is {int(size):,} bytes: at most {MAX_BODY_BYTES:,} are read",
                                  code="request_too_large")  # fmt: skip
                     await error_response(scope["path"], e)(scope, receive, send)
                     return
+                if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
+                    rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                    scope = {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
             await self.inner(scope, receive, send)
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyGate)
 
     def error_response(endpoint: str, e: ApiError) -> JSONResponse:
         metrics.requests.labels(endpoint, str(e.status)).inc()

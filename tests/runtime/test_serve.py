@@ -353,8 +353,9 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(gen, served):
 def test_openai_request_forms_other_servers_accept(gen, served):
     """Forms OpenAI's API allows that a client may send: null for temperature / top_p / stream (their
     defaults), content as a list of text parts (joined by newlines), the developer role (the
-    system role), a negative seed (mod 2**64), a one-element list of prompts, GET /v1/models/{id};
-    a body over MAX_BODY_BYTES is refused 413 before it is read."""
+    system role), a negative seed (mod 2**64), a one-element list of prompts, GET /v1/models/{id}, a
+    JSON body sent without a JSON Content-Type (curl -d); a body over MAX_BODY_BYTES is refused 413
+    before it is read."""
     from runtime.serve import MAX_BODY_BYTES
 
     with running(served, max_batch=2) as url:
@@ -381,6 +382,10 @@ def test_openai_request_forms_other_servers_accept(gen, served):
         assert two.status_code == 400 and "one prompt a request" in two.json()["error"]["message"]
         assert httpx.get(f"{url}/v1/models/tiny").json()["id"] == "tiny"
         assert httpx.get(f"{url}/v1/models/gpt-4").json()["error"]["code"] == "model_not_found"
+        raw = json.dumps({"prompt": "Once upon", "max_tokens": 4, "temperature": 0}).encode()
+        for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}):  # curl -d's, none
+            r = httpx.post(f"{url}/v1/completions", content=raw, headers=headers)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == one.json()["choices"][0]["text"], r.text
         big = httpx.post(f"{url}/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1),
                          headers={"content-type": "application/json"})  # fmt: skip
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
