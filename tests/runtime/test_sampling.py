@@ -336,7 +336,7 @@ def test_drafts_that_know_the_distribution_accept_more_than_fixed_candidates(dra
     assert better > top + 0.3, (top, better)
 
 
-@pytest.mark.parametrize("drafts", ["coupled", "top"])
+@pytest.mark.parametrize("drafts", ["coupled", "top", "sampled"])
 def test_exact_sampling_at_another_temperature_with_top_k_and_top_p(drafts):
     cfg = dict(temperature=0.7, top_k=4, top_p=0.9)
     law = exact_law(TableModel(), DecodeConfig(**cfg))
