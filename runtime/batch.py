@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -316,6 +317,7 @@ class BatchEngine:
         self.screens_noise = self.screens and self.screen_noise_input
         self._no_noise = np.zeros((1, 1), self._dtype)
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
+        self.heads_quantized = heads is config.heads_int8  # its calls' rows are not independent (_run_heads)
         self.heads = _session(ort, self.folder / heads.file, _options(ort, threads, spin=False), providers)
         self.heads_first = open_first_head(ort, self.folder, config, threads, providers, heads_int8)
         fold_spec = config.fold
@@ -340,7 +342,8 @@ class BatchEngine:
         # I/O bindings with the cache (and the outputs) bound, per slot range: a call rebinds only its
         # five small inputs (binding 2 x layers cache tensors costs ~1 ms of Python a call)
         self._bindings: dict[tuple, Any] = {}
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # re-entrant: see release
+        self._released: deque = deque()  # releases asked for inside a critical section (release)
         self._exec = threading.Lock()  # whoever runs a call (the engine thread, or a sequence alone) holds it
         self._pending: dict[int, _Request] = {}
         self._commits: list[tuple[int, int, np.ndarray | None]] = []
@@ -405,7 +408,7 @@ class BatchEngine:
         """A free slot (waiting up to ``timeout`` s for one). With ``prompt``: the slot ``_choose_slot``
         picks, and the prefix of ``prompt`` it holds, whose entries the decode loop then keeps
         (``SlotBackend.reusable``)."""
-        with self._cond:
+        with self._section():
             if not self._cond.wait_for(lambda: self._free or self._closed, timeout):
                 raise MedusaError(f"no free slot in {timeout} s: all {self.slots} are decoding")
             if self._closed:
@@ -443,21 +446,46 @@ class BatchEngine:
     def release(self, slot: SlotBackend, held: list[int] | None = None, prompt_len: int = 0) -> None:
         """Give a slot back; ``held``: the tokens whose entries its sequence committed (the first
         ``slot.cache_len`` of its prompt, ``prompt_len`` tokens, and answer), which a later prompt may
-        begin with; None: not known (a failed call), nothing is kept."""
+        begin with; None: not known (a failed call), nothing is kept.
+
+        A stream that nobody closed is released by its finalizer, which Python's cycle collector
+        runs at whatever allocation crosses its threshold, in any thread: maybe inside one of this
+        engine's critical sections (the lock is re-entrant), say while ``_choose_slot`` walks the free
+        slots. So a release asked for inside a section waits in ``_released`` until that section ends
+        (:meth:`_section`): no section sees the slots change under it."""
+        self._released.append((slot, held, prompt_len))
+        if self._cond._is_owned():  # type: ignore[attr-defined]  # inside this thread's section: at its end
+            return
+        with self._section():
+            pass
+
+    @contextmanager
+    def _section(self) -> Iterator[None]:
+        """The engine's lock held; at the end of the outermost section, the releases asked for meanwhile."""
+        outer = not self._cond._is_owned()  # type: ignore[attr-defined]
         with self._cond:
-            self._computing.discard(slot.index)
-            self._left.pop(slot.index, None)
-            if slot.index not in self._free:
-                self._free.append(slot.index)
-                self._free.sort()
-            n = slot.cache_len
-            self._held[slot.index] = (held[:n], n, min(prompt_len, n)) if held else NOTHING_HELD
-            if len(self._free) == self.slots and gives_back(self.capacity, min(MIN_CAPACITY, self.max_context)):
-                # nobody decoding and the buffer grew past what an idle engine keeps: back to the start
-                self._commits.clear()
-                self._shrink()
-            self._switch()
-            self._cond.notify_all()
+            try:
+                yield
+            finally:
+                if outer:
+                    while self._released:
+                        self._release(*self._released.popleft())
+
+    def _release(self, slot: SlotBackend, held: list[int] | None, prompt_len: int) -> None:
+        """Under the lock, at the end of a section: :meth:`release`'s work."""
+        self._computing.discard(slot.index)
+        self._left.pop(slot.index, None)
+        if slot.index not in self._free:
+            self._free.append(slot.index)
+            self._free.sort()
+        n = slot.cache_len
+        self._held[slot.index] = (held[:n], n, min(prompt_len, n)) if held else NOTHING_HELD
+        if len(self._free) == self.slots and gives_back(self.capacity, min(MIN_CAPACITY, self.max_context)):
+            # nobody decoding and the buffer grew past what an idle engine keeps: back to the start
+            self._commits.clear()
+            self._shrink()
+        self._switch()
+        self._cond.notify_all()
 
     def _switch(self) -> None:
         """Under the lock: Python's GIL switch interval for the number of decoding sequences. With two
@@ -471,13 +499,13 @@ class BatchEngine:
     @contextmanager
     def computing(self, slot: SlotBackend):
         """The slot's decode loop runs inside: the engine waits for its request before a call."""
-        with self._cond:
+        with self._section():
             self._computing.add(slot.index)
             self._left.pop(slot.index, None)
         try:
             yield
         finally:
-            with self._cond:
+            with self._section():
                 self._computing.discard(slot.index)
                 self._left[slot.index] = time.monotonic()
                 self._cond.notify_all()
@@ -490,7 +518,7 @@ class BatchEngine:
 
     def budget(self) -> int:
         """Tokens a sequence may put into one step now, by how many sequences are decoding."""
-        with self._cond:
+        with self._section():
             busy = max(1, self.slots - len(self._free))
             if self.budgets is None:
                 return self.max_context
@@ -516,7 +544,7 @@ class BatchEngine:
     def _record_step(self, rows: int, tokens: int, granted: int) -> None:
         """A step of ``rows`` emitted ``tokens``; kept for the budgets when it ran with no limit
         (``granted``: the budget it was given)."""
-        with self._cond:
+        with self._section():
             # a budget at or above every row count seen so far changed nothing: the step counts as unlimited
             if granted >= max(self._widest, rows, self.max_rows if not self._steps else 0):
                 self._steps.append((rows, tokens))
@@ -550,7 +578,7 @@ class BatchEngine:
                     costs[(b, n)] = float(np.median(times[1:]))
         finally:
             self._len[:] = saved
-            with self._cond:  # the profile's calls wrote over what free slots kept
+            with self._section():  # the profile's calls wrote over what free slots kept
                 self._held = [NOTHING_HELD] * self.slots
             if not any(saved):
                 self._shrink()
@@ -577,7 +605,7 @@ class BatchEngine:
         return screen_holds(logits[0], *(x[0] for x in screened))
 
     def close(self) -> None:
-        with self._cond:
+        with self._section():
             self._closed = True
             sys.setswitchinterval(self._switch_interval)
             self._cond.notify_all()
@@ -586,7 +614,7 @@ class BatchEngine:
     # -- requests (sequence threads) -----------------------------------------------------
 
     def _submit(self, req: _Request) -> _Request:
-        with self._cond:
+        with self._section():
             if self._closed:
                 raise MedusaError("the batch engine is closed")
             # one sequence decoding: its thread makes the call itself (two thread hops fewer a call);
@@ -604,14 +632,14 @@ class BatchEngine:
         return req
 
     def _queue_commit(self, slot: int, base: int, rows: np.ndarray | None) -> None:
-        with self._cond:
+        with self._section():
             self._commits.append((slot, base, rows))
 
     # -- the engine thread ---------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
+            with self._section():
                 self._cond.wait_for(lambda: self._pending or self._closed)
                 if self._closed:
                     for r in self._pending.values():
@@ -628,7 +656,7 @@ class BatchEngine:
         sequence queued before it is in the cache when it runs), then the call; errors go to the
         requests."""
         with self._exec:
-            with self._cond:
+            with self._section():
                 commits, self._commits = self._commits, []
             try:
                 self._apply(commits)
@@ -731,6 +759,13 @@ class BatchEngine:
             for r, c in zip(reqs, counts):
                 r.result, at = out[at : at + c], at + c
             return
+        if self.heads_quantized and len(reqs) > 1:
+            # int8 heads quantize their input with one scale a call: a sequence's drafts would depend on
+            # the others' hidden states (seeded typical / top-k / sampled drafts, and the trees chosen,
+            # would change beside other requests): each alone, as the one-sequence backend runs them
+            for r in reqs:
+                self._run_heads([r])
+            return
         hidden = np.stack([r.hidden for r in reqs])
         first = self.heads_first is not None and all(r.first for r in reqs)  # every sequence reads head 1 only
         out = run_heads(self.heads_first if first else self.heads, hidden, self._dtype)
@@ -769,7 +804,7 @@ class BatchEngine:
         n = next((x for x in rows_profiled if x >= rows), None)
         if n is None:
             return
-        with self._cond:
+        with self._section():
             was = self.costs[(b, n)]
             # clipped: one call stalled by another process (a shared machine) must not make a cell look
             # several times dearer than its neighbours, which steers the budgets for many steps
@@ -799,7 +834,7 @@ class BatchEngine:
         prefix reuse (0 if none): its throwaway rows go past them."""
         lo, hi = reqs[0].slot, reqs[-1].slot + 1
         inside = {r.slot for r in reqs}
-        with self._cond:
+        with self._section():
             free = set(self._free)
             kept = [self._held[s][1] for s in range(lo, hi)]
         return np.array([self._len[s] if s in inside or s not in free else kept[s - lo] for s in range(lo, hi)],

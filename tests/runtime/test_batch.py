@@ -665,3 +665,68 @@ def test_random_prompts_eight_at_once_equal_each_alone(gen, tiny):
             assert got == [gen.generate(p, **k).tokens for p, k in zip(prompts, kw)], rnd
     finally:
         engine.close()
+
+
+def test_a_stream_the_cycle_collector_frees_inside_acquire_is_released_after_it(tiny, gen, monkeypatch):
+    """A stream nobody closed is released by its finalizer, which Python's cycle collector runs at
+    any allocation of any thread: here inside ``acquire`` -> ``_choose_slot`` (which holds the
+    re-entrant lock and walks the free slots). The release waits for the section's end, so the
+    newcomer continuing a finished chat still takes that chat's slot and keeps its entries, and
+    answers as the one-sequence generator does (before, it took the freed stream's slot and decoded
+    over that stream's entries)."""
+    import gc
+
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
+    gc.disable()
+    try:
+        s = g.stream([5, 6, 7], max_new_tokens=60, medusa=False)
+        it = iter(s)
+        for _ in range(30):  # slot 0: 33 entries, then left in a reference cycle
+            next(it)
+        prompt = list(range(10, 50))
+        a = g.generate(prompt, max_new_tokens=8)  # slot 1 keeps its prompt and answer
+        box: list = [s, it]
+        box.append(box)
+        del s, it, box
+        fired: list[int] = []
+        common_prefix = rb.common_prefix
+
+        def collecting(x, y):  # the automatic collection, had it crossed its threshold here
+            if not fired:
+                fired.append(gc.collect())
+            return common_prefix(x, y)
+
+        monkeypatch.setattr(rb, "common_prefix", collecting)
+        follow = prompt + a.tokens + [60, 61]
+        got = g.generate(follow, max_new_tokens=10)
+        assert fired and fired[0] > 0  # the collector freed the stream there
+        assert got.tokens == gen.generate(follow, max_new_tokens=10).tokens
+        assert got.stats.cached_prompt_tokens >= len(prompt)  # the chat's slot, its entries kept
+        assert sorted(g.engine._free) == [0, 1, 2] and not g.engine._released
+    finally:
+        gc.enable()
+        g.close()
+
+
+def test_int8_heads_draft_each_sequence_as_if_alone(tiny):
+    """int8 heads quantize their input with one scale a call: the engine runs them a sequence at a
+    time, so one sequence's head logits (its drafts) do not depend on the others in the step."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=3, budgets=None)
+    try:
+        engine = g.engine
+        assert engine.heads_quantized  # the default: int8 heads on the CPU
+        rng = np.random.default_rng(0)
+        hidden = rng.standard_normal((3, engine.spec.hidden_size)).astype(np.float32)
+        hidden[2] *= 40  # a sequence whose hidden state has a much larger range
+
+        def heads(rows):
+            reqs = [rb._Request(i, "heads", hidden=hidden[i]) for i in rows]
+            engine._run_heads(reqs)
+            return [r.result for r in reqs]
+
+        alone = [heads([i])[0] for i in range(3)]
+        together = heads([0, 1, 2])
+        for a, b in zip(alone, together):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        g.close()
