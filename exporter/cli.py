@@ -338,6 +338,13 @@ def run(args: argparse.Namespace) -> Path:
     if args.num_heads is not None and args.num_heads < 1:
         raise MedusaError(f"--num-heads must be at least 1, got {args.num_heads}")
     heads_path = None if args.fresh_heads is not None else (args.heads or _default_heads(args.model))
+    if heads_path is not None and not Path(heads_path).expanduser().exists():  # before the backbone loads
+        raise MedusaError(f"Medusa heads not found: {heads_path} does not exist")
+    for name in (options.tree, options.sampling_tree):  # a tree's name or file: checked before the backbone loads
+        if isinstance(name, str) and not name.lstrip().startswith("["):
+            from runtime import checks
+
+            checks.tree(name, None, None)
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
     with progress(f"loading {args.model} ({options.dtype})"), _quiet_transformers():
@@ -345,8 +352,9 @@ def run(args: argparse.Namespace) -> Path:
             model, tokenizer, folder = load_backbone(args.model, dtype=options.dtype)
         except MedusaError:
             raise
-        except (OSError, ValueError) as e:  # a folder transformers cannot read: the user's to fix
-            raise MedusaError(f"cannot load the model {args.model}: {e}") from None
+        except Exception as e:  # a folder transformers cannot read (truncated weights, a bad config): the user's
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MedusaError(f"cannot load the model {args.model}: {type(e).__name__}: {first[:300]}") from None
     options.source_model_path = str(Path(folder).resolve())
     c = model.config
     with progress("loading the Medusa heads" if heads_path else f"creating {args.fresh_heads} fresh heads"):
@@ -357,7 +365,10 @@ def run(args: argparse.Namespace) -> Path:
             heads.config.meta = {"layout": "fresh-identity", "source": f"--fresh-heads {args.fresh_heads}"}
         if args.num_heads is not None:
             heads = first_heads(heads, args.num_heads)
-    return export_artifact(model, heads, out, options, tokenizer=tokenizer)
+    try:
+        return export_artifact(model, heads, out, options, tokenizer=tokenizer)
+    except OSError as e:  # a full disk, a folder taken away: nothing is left (export_artifact cleans up)
+        raise MedusaError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
 
 
 def _summary(out: Path, seconds: float) -> str:
@@ -403,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     args = build_parser().parse_args(argv)
     t = time.perf_counter()
-    with cli_logging("medusa-export", verbosity(args)):
+    # on a terminal the steps show with their times by default (minutes of work; -q hides them)
+    level = verbosity(args) + (verbosity(args) == 0 and sys.stderr.isatty())
+    with cli_logging("medusa-export", level):
         return run_cli(
             "medusa-export",
             lambda: print(_summary(run(args), time.perf_counter() - t)),

@@ -499,6 +499,50 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         )
     if out_dir.parent.exists() and not out_dir.parent.is_dir():
         raise ArtifactError(f"cannot write {out_dir}: {out_dir.parent} is not a folder")
+    if out_dir.is_dir() and force:
+        foreign = _foreign_files(out_dir)
+        if foreign:
+            shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+            raise ArtifactError(
+                f"{out_dir} holds files medusa-export did not write ({shown}): --force replaces only what an export "
+                "wrote, never files you or other tools added (engines, profiles, plans): move them away first"
+            )
+    _check_writable(out_dir)
+
+
+# what an export writes besides the graph files its config names: a --force export replaces these alone
+EXPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                "datastore.npz")  # fmt: skip
+
+
+def _foreign_files(out_dir: Path) -> list[str]:
+    """The entries of an earlier artifact folder that no export writes (sorted names)."""
+    import json
+
+    try:
+        cfg = json.loads((out_dir / CONFIG_FILE).read_text())
+        named = {v["file"] for v in cfg.values() if isinstance(v, dict) and isinstance(v.get("file"), str)}
+    except (OSError, ValueError, AttributeError):
+        named = set()
+    ours = {CONFIG_FILE, *EXPORT_FILES, *named, *(f"{n}.data" for n in named)}
+    return sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in out_dir.iterdir()
+        if p.name not in ours and not p.name.endswith((".onnx", ".onnx.data"))
+    )
+
+
+def _check_writable(out_dir: Path) -> None:
+    """The nearest existing folder at or above ``out_dir``'s parent takes a new folder (the export
+    writes into a hidden one beside ``out_dir``): else one ArtifactError now, before minutes of work."""
+    at = out_dir.parent
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=at))
+    except OSError as e:
+        raise ArtifactError(f"cannot write {out_dir}: {e.strerror or e} ({at})") from None
+    probe.rmdir()
 
 
 def resolve_tree(options: ExportOptions, num_heads: int, vocab_size: int | None = None):

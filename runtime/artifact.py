@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from runtime import checks
@@ -206,9 +206,18 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
         raise ArtifactError(f"{cfg_path}: format {raw.get('format')!r} is not {FORMAT!r}")
     version = raw.get("format_version")
     if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
         raise ArtifactError(
             f"{cfg_path}: written by an incompatible exporter (format_version {version}, this runtime reads "
-            f"{FORMAT_VERSION}); re-export with this version of medusa-export"
+            f"{FORMAT_VERSION}); "
+            + ("upgrade medusa-trt to load it" if newer else "re-export with this version of medusa-export")
+        )
+    known = {f.name for f in fields(ArtifactConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:  # fields a later medusa-trt writes (the version only changes where old readers would misread)
+        raise ArtifactError(
+            f"{cfg_path}: fields this runtime does not know ({', '.join(unknown)}): written by a newer "
+            "medusa-trt (upgrade it) or edited by hand"
         )
     for key in ("model", "backbone", "heads"):
         if not isinstance(raw.get(key), dict):

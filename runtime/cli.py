@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from runtime.log import add_verbosity_args, cli_logging, verbosity
 from runtime.paths import write_text_atomic
 from runtime.profile import DEFAULT_SIZES
 
+log = logging.getLogger("medusa_trt.runtime")
+MAX_SERVE_BATCH = 256  # serve --max-batch at most: each slot holds a whole context's KV cache
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what the bench's matplotlib figure saves as
 
 
@@ -376,6 +379,9 @@ def cmd_generate(args) -> None:
         print(out.text)
         stats = out.stats
         logprobs = out.logprobs or []
+    if stats is not None and stats.finish_reason == "context" and not args.stats:
+        log.warning("the answer stopped at the end of the context (%d tokens), before --max-new-tokens",
+                    gen.backend.max_context)  # fmt: skip
     if logprobs:
         text = lambda t: repr(gen.tokenizer.token_bytes(t).decode("utf-8", errors="replace"))
         for lp in logprobs:
@@ -472,9 +478,11 @@ def cmd_profile(args) -> None:
         label = f"N={n:>3}" if isinstance(n, int) else n
         print(f"  {label}: {ms:8.2f} ms", flush=True)
 
-    print(
-        f"verifying N new tokens over {args.cached} cached tokens ({type(gen.backend).__name__}, threads {args.threads}):"
-    )
+    cached = min(args.cached, gen.backend.max_context - max(args.sizes))  # as profile_tree_sizes clamps it
+    if cached < args.cached:
+        log.warning("--cached %d does not fit the context with N = %d: %d cached tokens", args.cached,
+                    max(args.sizes), cached)  # fmt: skip
+    print(f"verifying N new tokens over {cached} cached tokens ({type(gen.backend).__name__}, threads {args.threads}):")
     prof = profile_tree_sizes(gen.backend, args.sizes, cached=args.cached, repeats=args.repeats, progress=show)
     prof["backend"] = type(gen.backend).__name__
     prof["threads"] = args.threads
@@ -529,7 +537,10 @@ def cmd_serve(args) -> None:
     require_serve()  # before loading the artifact
     # every flag checked before the artifact loads and before the banner: a mistake is one line, exit 1
     checks.integer("--port", args.port, 0, 65535, rule="in [0, 65535] (0: any free port)")
-    checks.integer("--max-batch", args.max_batch, 1)
+    checks.integer("--max-batch", args.max_batch, 1, MAX_SERVE_BATCH,
+                   rule=f"in [1, {MAX_SERVE_BATCH}] (each slot holds a whole context's cache)")  # fmt: skip
+    if args.plain and args.tree:
+        raise ConfigError("--tree has no effect with --plain (plain decoding verifies no tree): give one of them")
     checks.integer("--max-queue", args.max_queue, 0)
     checks.integer("--graceful-timeout", args.graceful_timeout, 0)
     checks.integer("--ray-replicas", args.ray_replicas, 0)

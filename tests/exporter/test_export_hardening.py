@@ -96,6 +96,65 @@ def test_force_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
     assert (data / "important.txt").read_text() == "keep"
 
 
+def test_force_keeps_the_files_an_export_did_not_write(tmp_path):
+    """An earlier artifact holding files no export writes (an engine trtexec built, notes): --force
+    refuses, naming them, and deletes nothing (the README: never a user's files)."""
+    import json
+
+    from exporter.export import check_out_dir
+    from runtime.artifact import CONFIG_FILE
+    from runtime.errors import ArtifactError
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / CONFIG_FILE).write_text(json.dumps({"backbone": {"file": "model.onnx"}, "heads": {"file": "heads.onnx"}}))
+    for name in ("model.onnx", "model.onnx.data", "heads.onnx", "tokenizer.json", "model.engine", "notes.txt"):
+        (old / name).write_text("x")
+    with pytest.raises(ArtifactError, match=r"holds files medusa-export did not write \(model.engine, notes.txt\)"):
+        check_out_dir(old, force=True)
+    assert sorted(p.name for p in old.iterdir()) == sorted(
+        [CONFIG_FILE, "model.onnx", "model.onnx.data", "heads.onnx", "tokenizer.json", "model.engine", "notes.txt"]
+    )
+    (old / "model.engine").unlink()
+    (old / "notes.txt").unlink()
+    check_out_dir(old, force=True)  # only what an export wrote: replaced
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    from exporter.cli import main
+
+    rc = main(["smollm2-135m", "-o", "/proc/medusa-trt-test/x"])  # /proc takes no new folder, even from root
+    assert "cannot write /proc/medusa-trt-test/x" in _one_line_error(capsys, rc, "medusa-export")
+
+
+def test_a_model_folder_whose_weights_are_truncated_is_one_line(hf_folder, tmp_path, capsys):
+    import shutil
+
+    from exporter.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_folder, broken)
+    weights = broken / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # an interrupted download
+    rc = main([str(broken), "--fresh-heads", "2", "-o", str(tmp_path / "x")])
+    assert f"cannot load the model {broken}" in _one_line_error(capsys, rc, "medusa-export")
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_heads_and_unknown_trees_are_named_before_the_model_loads(hf_folder, tmp_path, capsys, monkeypatch):
+    import exporter.models
+    from exporter.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the backbone loaded first")
+
+    monkeypatch.setattr(exporter.models, "load_backbone", never)
+    rc = main([str(hf_folder), "--heads", str(tmp_path / "nosuch"), "-o", str(tmp_path / "x")])
+    assert "Medusa heads not found" in _one_line_error(capsys, rc, "medusa-export")
+    rc = main([str(hf_folder), "--fresh-heads", "2", "--tree", "nosuchtree", "-o", str(tmp_path / "x")])
+    assert "unknown tree 'nosuchtree'" in _one_line_error(capsys, rc, "medusa-export")
+
+
 def test_export_cli_refuses_a_datastore_that_is_not_one(tmp_path, capsys):
     from exporter.cli import main
 

@@ -339,6 +339,16 @@ ARTIFACT_CASES = [
         "graph I/O does not match the fused contract for 3 layers",
     ),
     (
+        "config field this runtime does not know (a newer medusa-trt's)",
+        lambda a: _edit_config(a, lambda r: r.update(newfield=1), unseal=True),
+        r"fields this runtime does not know \(newfield\): written by a newer medusa-trt \(upgrade it\)",
+    ),
+    (
+        "config of a newer format version",
+        lambda a: _edit_config(a, lambda r: r.update(format_version=99)),
+        r"format_version 99, this runtime reads \d+\); upgrade medusa-trt to load it",
+    ),
+    (
         "graph file outside the folder",
         lambda a: _edit_config(a, lambda r: r["backbone"].update(file="../x.onnx")),
         "backbone.file must be a file name inside the artifact folder",
@@ -476,6 +486,8 @@ def test_prompt_file_limits_are_checked(tmp_path):
         (["generate", "ART", "caf\udce9"], "the prompt is not UTF-8 text"),  # argv's bytes b"caf\xe9"
         (["generate", "ART", "hi", "--no-medusa", "--tree", "nosuch"], "--tree has no effect with --no-medusa"),
         (["generate", "ART/medusa_config.json", "hi"], "is a file, not an artifact folder"),
+        (["serve", "ART", "--plain", "--tree", "chain_2"], "--tree has no effect with --plain"),
+        (["serve", "ART", "--max-batch", "1000"], "--max-batch must be an integer in [1, 256]"),
         (["generate", "ART", "hi", "--tree", "TMP"], "is a folder, not a file"),
     ],
 )
