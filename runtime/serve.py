@@ -340,7 +340,8 @@ class Scheduler:
 
     def close(self) -> None:
         """The start of a shutdown: refuse new requests (503) and answer the queued ones 503 at once;
-        running ones go on (until :meth:`cut`). Idempotent."""
+        running ones go on (until :meth:`cut`; their threads are not joined: the graceful timeout
+        bounds them). Idempotent."""
         refused = []
         with self._lock:
             self.closed = True
@@ -369,13 +370,8 @@ class Scheduler:
             job.cancelled.set()
             job.send("error", _shutting_down("the request was cut off at the end of the graceful shutdown period"))
 
-    def shutdown(self) -> None:
-        """Refuse new requests and the queued ones; running ones finish (their threads are not joined
-        past this call: the graceful timeout bounds them)."""
-        self.close()
 
-
-def _shutting_down(what: str) -> "ApiError":
+def _shutting_down(what: str) -> ApiError:
     return ApiError(503, f"the server is shutting down: {what}", "server_error", code="shutting_down")
 
 
@@ -469,7 +465,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     async def lifespan(app):
         scheduler(app)
         yield
-        scheduler(app).shutdown()
+        scheduler(app).close()  # (already closed where the server's shutdown began: _uvicorn_server)
 
     app = FastAPI(title="medusa-trt", lifespan=lifespan)
 
