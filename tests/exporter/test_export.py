@@ -339,9 +339,16 @@ def test_existing_folder_is_refused_without_force(exported, wordlevel_tokenizer,
     with pytest.raises(ArtifactError, match="not a medusa-trt artifact"):
         export_artifact(e["model"], e["heads"], out, force, tokenizer=wordlevel_tokenizer)
     assert (out / "keep.txt").read_text() == "mine"
-    (out / "medusa_config.json").write_text("{}")  # an earlier artifact: replaced whole
+    (out / "medusa_config.json").write_text("{}")  # an earlier artifact, but holding a file no export writes
+    with pytest.raises(ArtifactError, match=r"holds files medusa-export did not write \(keep.txt\)"):
+        export_artifact(e["model"], e["heads"], out, force, tokenizer=wordlevel_tokenizer)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    (out / "model.onnx").write_text("an earlier export's graph")  # what an export wrote: replaced whole
     export_artifact(e["model"], e["heads"], out, force, tokenizer=wordlevel_tokenizer)
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert (out / "model.onnx").read_bytes() != b"an earlier export's graph" and (
+        out / "medusa_config.json"
+    ).stat().st_size > 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temp or backup folders left
 
 
@@ -368,7 +375,7 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(
     e = exported("llama")
     out = tmp_path / "art"
     out.mkdir()
-    (out / "old.txt").write_text("previous artifact")
+    (out / "model.onnx").write_text("previous artifact")
     (out / "medusa_config.json").write_text("{}")
 
     def interrupted(*a, **k):
@@ -380,7 +387,8 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_artifact(
             e["model"], e["heads"], out, ExportOptions(graph="portable", force=True), tokenizer=wordlevel_tokenizer
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
-    assert sorted(p.name for p in out.iterdir()) == ["medusa_config.json", "old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["medusa_config.json", "model.onnx"]
+    assert (out / "model.onnx").read_text() == "previous artifact"
 
 
 def test_validation_catches_a_graph_that_differs(exported, tmp_path):
