@@ -291,7 +291,10 @@ def default_datastore(args: argparse.Namespace) -> str | None:
             raise MedusaError(
                 f"--datastore {args.datastore} is not a datastore.npz (a numpy archive; medusa-train datastore writes one)"
             )
-        return str(Path(args.datastore).expanduser())
+        from runtime.datastore import Datastore
+
+        Datastore.load(Path(args.datastore).expanduser())  # a numpy archive that is no datastore: named now, not
+        return str(Path(args.datastore).expanduser())  # after the model loaded and the graphs were written
     shipped = SHIPPED_DATASTORE / DEFAULT_MODEL / "datastore.npz"
     return str(shipped) if args.model == DEFAULT_MODEL and shipped.is_file() else None
 

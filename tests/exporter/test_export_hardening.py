@@ -163,6 +163,13 @@ def test_export_cli_refuses_a_datastore_that_is_not_one(tmp_path, capsys):
     rc = main(["smollm2-135m", "-o", str(tmp_path / "x"), "--datastore", str(text)])
     assert "is not a datastore.npz" in _one_line_error(capsys, rc, "medusa-export")
     assert not (tmp_path / "x").exists()
+    import numpy as np
+
+    other = tmp_path / "other.npz"  # a numpy archive, but no datastore: named before the model loads
+    np.savez(other, weights=np.zeros(3))
+    rc = main(["smollm2-135m", "-o", str(tmp_path / "x"), "--datastore", str(other)])
+    assert "not a readable datastore" in _one_line_error(capsys, rc, "medusa-export")
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------- 5. interrupted exports
