@@ -343,10 +343,10 @@ def run(args: argparse.Namespace) -> Path:
     heads_path = None if args.fresh_heads is not None else (args.heads or _default_heads(args.model))
     if heads_path is not None and not Path(heads_path).expanduser().exists():  # before the backbone loads
         raise MedusaError(f"Medusa heads not found: {heads_path} does not exist")
+    from runtime import checks
+
     for name in (options.tree, options.sampling_tree):  # a tree's name or file: checked before the backbone loads
         if isinstance(name, str) and not name.lstrip().startswith("["):
-            from runtime import checks
-
             checks.tree(name, None, None)
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]

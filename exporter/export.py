@@ -644,6 +644,11 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         )
     )
     spec = spec_from_hf(model, heads)
+    store = None
+    if options.datastore is not None:  # a foreign or broken file stops here, before any graph is written
+        from runtime.datastore import Datastore
+
+        store = Datastore.load(options.datastore, spec.vocab_size)
     if options.max_context is not None:
         if options.max_context > spec.max_context:
             raise MedusaError(
@@ -769,11 +774,9 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 },
             )
-            if options.datastore is not None:
+            if store is not None and options.datastore is not None:
                 from runtime.datastore import FILE as DATASTORE_FILE
-                from runtime.datastore import Datastore
 
-                store = Datastore.load(options.datastore, spec.vocab_size)  # a foreign or broken file stops here
                 shutil.copyfile(options.datastore, tmp / DATASTORE_FILE)
                 digest = hashlib.sha256((tmp / DATASTORE_FILE).read_bytes()).hexdigest()
                 config.provenance["datastore"] = {"file": str(options.datastore), "sha256": digest, **store.meta}

@@ -452,7 +452,7 @@ def cmd_bench(args) -> None:
 
 def cmd_profile(args) -> None:
     from runtime.paths import check_output_file
-    from runtime.profile import PROFILE_FILE, format_peer_table, profile_tree_sizes, write_profile
+    from runtime.profile import PROFILE_FILE, fitting_cache, format_peer_table, profile_tree_sizes, write_profile
 
     checks.integer("--repeats", args.repeats, 1)
     checks.integer("--cached", args.cached, 0)
@@ -478,7 +478,7 @@ def cmd_profile(args) -> None:
         label = f"N={n:>3}" if isinstance(n, int) else n
         print(f"  {label}: {ms:8.2f} ms", flush=True)
 
-    cached = min(args.cached, gen.backend.max_context - max(args.sizes))  # as profile_tree_sizes clamps it
+    cached = fitting_cache(gen.backend.max_context, args.sizes, args.cached)  # what profile_tree_sizes measures at
     if cached < args.cached:
         log.warning("--cached %d does not fit the context with N = %d: %d cached tokens", args.cached,
                     max(args.sizes), cached)  # fmt: skip

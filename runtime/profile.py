@@ -41,6 +41,11 @@ def round_robin_ms(
     return {n: float(np.median(samples[n]) * 1000) for n in sizes}
 
 
+def fitting_cache(max_context: int, sizes: Sequence[int], cached: int) -> int:
+    """The cached tokens a profile measures at: ``cached``, or fewer where the largest N would not fit."""
+    return min(cached, max_context - max(sizes))
+
+
 def profile_tree_sizes(
     backend: Backend,
     sizes: Sequence[int] = DEFAULT_SIZES,
@@ -49,9 +54,8 @@ def profile_tree_sizes(
     warmup: int = 2,
     progress=None,
 ) -> dict:
-    """Median time of one forward of N new tokens over ``cached`` cached tokens, per N."""
-    if cached + max(sizes) > backend.max_context:
-        cached = backend.max_context - max(sizes)
+    """Median time of one forward of N new tokens over ``cached`` cached tokens (:func:`fitting_cache`), per N."""
+    cached = fitting_cache(backend.max_context, sizes, cached)
     rng = np.random.default_rng(0)
     vocab = backend.spec.vocab_size
     backend.reset()

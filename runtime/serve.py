@@ -537,12 +537,15 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         )
         return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
 
+    def unknown_model(name) -> ApiError:
+        return ApiError(404, f"the model {name!r} does not exist: this server serves {model_name!r}", param="model",
+                        code="model_not_found")  # fmt: skip
+
     def prepare(req, prompt, endpoint: str, loop: asyncio.AbstractEventLoop) -> list[Job]:
         """The request's jobs, one per choice (``n``), every argument checked before any is queued.
         Runs in a worker thread (tokenizing a long prompt must not hold up the event loop)."""
         if req.model not in (None, model_name):
-            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise unknown_model(req.model)
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
         if param == "messages" and not any(m["content"] for m in prompt):  # as /v1/completions refuses ""
             raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)
@@ -733,9 +736,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
         if model != model_name:
-            e = ApiError(404, f"the model {model!r} does not exist: this server serves {model_name!r}",
-                         param="model", code="model_not_found")  # fmt: skip
-            return JSONResponse(e.body(), status_code=404)
+            return JSONResponse(unknown_model(model).body(), status_code=404)
         return model_card
 
     @app.get("/health")
