@@ -322,6 +322,25 @@ def export_options(args: argparse.Namespace):
     )
 
 
+def preflight(folder: Path, options) -> None:
+    """What a model folder's small files tell, before minutes of loading: a supported architecture,
+    a tokenizer, and a ``--max-context`` the model holds."""
+    from exporter.export import fitting_context
+    from exporter.models import check_architecture, check_tokenizer
+
+    check_architecture(folder)
+    check_tokenizer(folder)
+    if options.max_context is not None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(folder))
+        except Exception as e:  # a config transformers cannot read: the load would say the same, later
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise MedusaError(f"cannot read {folder / 'config.json'}: {type(e).__name__}: {first[:300]}") from None
+        fitting_context(options.max_context, config)
+
+
 def run(args: argparse.Namespace) -> Path:
     import torch
 
@@ -332,8 +351,8 @@ def run(args: argparse.Namespace) -> Path:
     options = export_options(args)
     check_options(options)
     options.tree, options.sampling_tree = default_trees(args, options.precision)
-    if args.model != DEFAULT_MODEL:
-        resolve_model(args.model)  # a missing or non-model folder is named before anything else (the heads)
+    if args.model != DEFAULT_MODEL:  # a missing or non-model folder is named before anything else (the heads)
+        preflight(resolve_model(args.model), options)
     out = Path(args.output).expanduser().absolute()
     check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:

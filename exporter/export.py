@@ -595,6 +595,31 @@ def sliding_window(config) -> int | None:
     return min(windows) if windows else None
 
 
+def fitting_context(asked: int | None, config) -> int:
+    """The context the artifact is sized for: ``--max-context`` (``asked``) where the model holds it,
+    else the model's ``max_position_embeddings``; a sliding-window model's at most ``window - 1``
+    (see sliding_window). Checked against the config alone, so the CLI names a bad value before
+    the weights load."""
+    most = int(config.max_position_embeddings)
+    if asked is not None and asked > most:
+        raise MedusaError(f"--max-context {asked} exceeds the model's max_position_embeddings {most}")
+    context = most if asked is None else asked
+    window = sliding_window(config)
+    if window is not None and context > window - 1:
+        if asked is not None:
+            raise MedusaError(
+                f"--max-context {asked} exceeds what this model's sliding-window cache holds "
+                f"({window - 1} tokens: sliding_window {window}); use --max-context {window - 1} or less"
+            )
+        log.warning(
+            "sliding_window %d: max_context capped at %d tokens (the graph contract has no sliding-window mask)",
+            window,
+            window - 1,
+        )
+        context = window - 1
+    return context
+
+
 def _source_path(options: ExportOptions) -> str | None:
     """The absolute local folder of the source model, for the peers (``--peer``): recorded by the
     CLI, else the folder ``source_model`` names when it is one."""
@@ -649,25 +674,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
         from runtime.datastore import Datastore
 
         store = Datastore.load(options.datastore, spec.vocab_size)
-    if options.max_context is not None:
-        if options.max_context > spec.max_context:
-            raise MedusaError(
-                f"--max-context {options.max_context} exceeds the model's max_position_embeddings {spec.max_context}"
-            )
-        spec.max_context = options.max_context
-    window = sliding_window(model.config)
-    if window is not None and spec.max_context > window - 1:
-        if options.max_context is not None:
-            raise MedusaError(
-                f"--max-context {options.max_context} exceeds what this model's sliding-window cache holds "
-                f"({window - 1} tokens: sliding_window {window}); use --max-context {window - 1} or less"
-            )
-        log.warning(
-            "sliding_window %d: max_context capped at %d tokens (the graph contract has no sliding-window mask)",
-            window,
-            window - 1,
-        )
-        spec.max_context = window - 1
+    spec.max_context = fitting_context(options.max_context, model.config)
     if tokenizer is None:
         if options.source_model is None:
             raise MedusaError("export_artifact needs the tokenizer (or options.source_model to load it from)")

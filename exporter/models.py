@@ -57,6 +57,18 @@ def check_architecture(folder: Path) -> dict:
     return cfg
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")  # any one: a tokenizer
+
+
+def check_tokenizer(folder: Path) -> None:
+    """The folder holds a tokenizer (the artifact ships one), named before the weights load."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise MedusaError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files from "
+            "the model's repository into the folder"
+        )
+
+
 def load_backbone(name_or_path: str | Path, dtype: str = "float32"):
     """(model, tokenizer, folder) for a model name or folder; the model in eval mode on CPU."""
     import torch

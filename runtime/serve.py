@@ -39,7 +39,8 @@ stream: as its last event); nothing hangs.
 Request forms other OpenAI-compatible servers take are taken too: null for ``temperature``,
 ``top_p``, ``stream`` (and the other "or null" fields: their defaults), message content as a list
 of text parts (joined by newlines), the ``developer`` role (the template's ``system``), any integer
-``seed`` (a negative one seeds as ``seed mod 2**64``), a one-element list of prompts,
+``seed`` (a negative one seeds as ``seed mod 2**64``), a list of prompts (texts or token-id lists:
+prompt ``p``'s choice ``j`` is choice ``p * n + j``, as OpenAI's),
 ``GET /v1/models/{id}``, and a JSON body whatever its Content-Type (``curl -d`` sends form encoding).
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
@@ -79,6 +80,7 @@ MAX_N = 128  # choices a request at most (OpenAI's limit); each is a sequence of
 MAX_BODY_BYTES = 32 << 20  # a request body declaring more is refused (413) before it is read
 DISCONNECT_POLL_S = 0.25  # how often a request that is not streamed checks that its client is still there
 CUT_SLACK_S = 2  # at shutdown, after --graceful-timeout: time for the requests cut off to send their errors
+API_PARAMS = {"max_new_tokens": "max_tokens"}  # the generator's arguments the API names otherwise
 SEED_MODULUS = 1 << 64  # a negative seed (OpenAI takes any integer) seeds as seed mod 2**64
 
 
@@ -211,6 +213,7 @@ class Job:
     echo: str | None = None  # completions' echo: the prompt's text, sent before the completion's
     score_only: bool = False  # max_tokens 0 with echo: one token decoded (the prefill's), none sent
     stops: list[str] = field(default_factory=list)  # the request's stop strings: the text ends before them
+    first_choice: bool = True  # its prompt's first choice (usage counts each prompt once)
 
     def send(self, kind: str, value=None) -> None:
         try:
@@ -446,7 +449,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     class CompletionRequest(Common):
-        prompt: str | list[int] | list[str]  # a list of strings: one of them (a request serves one prompt)
+        prompt: str | list[int] | list[str] | list[list[int]]  # lists of texts / of token-id lists: several prompts
         max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
         echo: bool | None = False
         logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -541,27 +544,39 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         return ApiError(404, f"the model {name!r} does not exist: this server serves {model_name!r}", param="model",
                         code="model_not_found")  # fmt: skip
 
+    def prompts_of(prompt) -> list:
+        """The request's prompts: a text, token ids or a chat's messages is one; a list of texts or
+        of token-id lists (OpenAI's batched completions, as evaluation harnesses send) is several."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            return list(prompt)
+        return [prompt]
+
     def prepare(req, prompt, endpoint: str, loop: asyncio.AbstractEventLoop) -> list[Job]:
-        """The request's jobs, one per choice (``n``), every argument checked before any is queued.
-        Runs in a worker thread (tokenizing a long prompt must not hold up the event loop)."""
+        """The request's jobs, one per prompt and choice (``n``; OpenAI's order: prompt ``p``'s choice
+        ``j`` is choice ``p * n + j``), every argument checked before any is queued. Runs in a worker
+        thread (tokenizing a long prompt must not hold up the event loop)."""
         if req.model not in (None, model_name):
             raise unknown_model(req.model)
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
         if param == "messages" and not any(m["content"] for m in prompt):  # as /v1/completions refuses ""
             raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):  # OpenAI's list of prompts
-            if len(prompt) != 1:
-                raise ApiError(400, f"prompt: a list of {len(prompt)} prompts; this server takes one prompt a "
-                                    "request (send one request each; n gives several choices)", param=param)  # fmt: skip
-            prompt = prompt[0]
-        try:
-            ids = gen.encode(prompt)
-            check_fits(gen.backend, ids)  # the decode loop's own check, before the request takes a slot
-        except ContextLengthError as e:
-            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
-        except MedusaError as e:
-            raise ApiError(400, str(e), param=param) from None
-        room = gen.backend.max_context - len(ids)
+        prompts = prompts_of(prompt)
+        n = req.n or 1
+        if n * len(prompts) > max_batch + max_queue:
+            what = f"{len(prompts)} prompts x n {n}" if len(prompts) > 1 else f"n {n}"
+            raise ApiError(400, f"{what}: at most {max_batch + max_queue} choices a request here (the server's "
+                                "--max-batch + --max-queue)", param="n" if len(prompts) == 1 else param)  # fmt: skip
+        encoded = []
+        for p, text in enumerate(prompts):
+            which = f"prompt {p}: " if len(prompts) > 1 else ""
+            try:
+                ids = gen.encode(text)
+                check_fits(gen.backend, ids)  # the decode loop's own check, before the request takes a slot
+            except ContextLengthError as e:
+                raise ApiError(400, which + str(e), param=param, code="context_length_exceeded") from None
+            except MedusaError as e:
+                raise ApiError(400, which + str(e), param=param) from None
+            encoded.append(ids)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
@@ -575,7 +590,6 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         kwargs: dict[str, Any] = {
             "logprobs": wanted_logprobs(req),
             "prompt_logprobs": echo and req.logprobs is not None,
-            "max_new_tokens": 1 if score_only else min(limit, room) if limit else room,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "stop": stops,
@@ -583,25 +597,30 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             "frequency_penalty": req.frequency_penalty or 0.0,
             **(decode or {}),
         }
-        n = req.n or 1
-        if n > max_batch + max_queue:
-            raise ApiError(400, f"n: at most {max_batch + max_queue} choices here (the server's --max-batch + "
-                                "--max-queue)", param="n")  # fmt: skip
-        # token ids echo with their special tokens shown, as a prompt string shows them (text_offset counts them)
-        echoed = (
-            (prompt if isinstance(prompt, str) else gen.tokenizer.decode(ids, skip_special_tokens=False))
-            if echo
-            else None
-        )
         jobs = []
-        for i in range(n):  # choice i: seed + i, so a seed reproduces every choice and they differ
-            seed = None if req.seed is None else (req.seed + i) % SEED_MODULUS
-            try:  # the generator checks its arguments here, before the request takes a queue slot
-                stream = gen.stream(ids, **{**kwargs, "seed": seed})
-            except MedusaError as e:
-                raise ApiError(400, str(e)) from None
-            jobs.append(Job(ids, stream, loop, asyncio.Queue(), echo=echoed, score_only=score_only,
-                            stops=stops))  # fmt: skip
+        for text, ids in zip(prompts, encoded):
+            room = gen.backend.max_context - len(ids)
+            # token ids echo with their special tokens shown, as a prompt string shows them (text_offset counts them)
+            echoed = (
+                (text if isinstance(text, str) else gen.tokenizer.decode(ids, skip_special_tokens=False))
+                if echo
+                else None
+            )
+            for j in range(n):  # choice j: seed + j, so a seed reproduces every choice and they differ
+                seed = None if req.seed is None else (req.seed + j) % SEED_MODULUS
+                args = {
+                    **kwargs,
+                    "seed": seed,
+                    "max_new_tokens": 1 if score_only else min(limit, room) if limit else room,
+                }
+                try:  # the generator checks its arguments here, before the request takes a queue slot
+                    stream = gen.stream(ids, **args)
+                except MedusaError as e:  # the argument it names, as the API calls it
+                    named = str(e).split(" ", 1)[0]
+                    field_name = API_PARAMS.get(named, named if named in type(req).model_fields else None)
+                    raise ApiError(400, str(e), param=field_name) from None
+                jobs.append(Job(ids, stream, loop, asyncio.Queue(), echo=echoed, score_only=score_only,
+                                stops=stops, first_choice=j == 0))  # fmt: skip
         return jobs
 
     async def events(job: Job):
@@ -621,10 +640,12 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         return (req.top_logprobs or 0) if req.logprobs else None
 
     def usage(choices: list[Choice]) -> dict:
-        """OpenAI's usage counts; ``cached_tokens``: the prompt tokens whose cache entries the previous
-        request left (prefix reuse: the next turn of a chat; the first choice's)."""
-        prompt, completion = len(choices[0].job.ids), sum(c.tokens for c in choices)
-        cached = choices[0].stats.cached_prompt_tokens if choices[0].stats is not None else 0
+        """OpenAI's usage counts (each prompt's tokens once, whatever ``n``); ``cached_tokens``: the prompt
+        tokens whose cache entries the previous request left (prefix reuse: the next turn of a chat;
+        each prompt's first choice's)."""
+        firsts = [c for c in choices if c.job.first_choice]
+        prompt, completion = sum(len(c.job.ids) for c in firsts), sum(c.tokens for c in choices)
+        cached = sum(c.stats.cached_prompt_tokens for c in firsts if c.stats is not None)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
@@ -767,7 +788,7 @@ class Choice:
         self.lps = Logprobs(tokenizer, chat)
         self.text: list[str] = [job.echo or ""]
         self.tokens = 0
-        self.stats = None
+        self.stats: Any = None  # the finished stream's DecodeStats
         self._echo = job.echo  # not yet sent (streams send it first)
         self._held = ""  # completion text held back: it may begin a stop string
         self._stopped = False

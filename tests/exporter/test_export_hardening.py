@@ -141,7 +141,9 @@ def test_a_model_folder_whose_weights_are_truncated_is_one_line(hf_folder, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-def test_missing_heads_and_unknown_trees_are_named_before_the_model_loads(hf_folder, tmp_path, capsys, monkeypatch):
+def test_missing_heads_unknown_trees_a_long_context_and_no_tokenizer_are_named_before_the_model_loads(
+    hf_folder, tmp_path, capsys, monkeypatch
+):
     import exporter.models
     from exporter.cli import main
 
@@ -153,6 +155,17 @@ def test_missing_heads_and_unknown_trees_are_named_before_the_model_loads(hf_fol
     assert "Medusa heads not found" in _one_line_error(capsys, rc, "medusa-export")
     rc = main([str(hf_folder), "--fresh-heads", "2", "--tree", "nosuchtree", "-o", str(tmp_path / "x")])
     assert "unknown tree 'nosuchtree'" in _one_line_error(capsys, rc, "medusa-export")
+    rc = main([str(hf_folder), "--fresh-heads", "2", "--max-context", "100000", "-o", str(tmp_path / "x")])
+    assert "--max-context 100000 exceeds the model's max_position_embeddings" in _one_line_error(
+        capsys, rc, "medusa-export"
+    )
+    import shutil
+
+    bare = tmp_path / "bare"  # the weights without the tokenizer's files
+    shutil.copytree(hf_folder, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    rc = main([str(bare), "--fresh-heads", "2", "-o", str(tmp_path / "x")])
+    assert f"{bare} has no tokenizer" in _one_line_error(capsys, rc, "medusa-export")
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_cli_refuses_a_datastore_that_is_not_one(tmp_path, capsys):

@@ -136,7 +136,7 @@ def test_answers_equal_offline_generate_streaming_and_not(gen, served):
         (json.dumps({"messages": CHAT, "temperature": -1}).encode(), 400, None, "temperature"),
         (json.dumps({"messages": CHAT, "max_tokens": 0}).encode(), 400, None, "max_tokens"),
         (json.dumps({"messages": CHAT, "n": 0}).encode(), 400, None, "n:"),
-        (json.dumps({"messages": CHAT, "n": 18}).encode(), 400, None, "n: at most 17 choices here"),
+        (json.dumps({"messages": CHAT, "n": 18}).encode(), 400, None, "n 18: at most 17 choices a request here"),
         (json.dumps({"messages": CHAT, "temperature": float("nan")}).encode(), 400, None, "finite number"),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
                     ).encode(), 400, None, "messages.0.content"),
@@ -269,6 +269,11 @@ def test_http_edge_cases_get_openai_style_errors(gen):
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and words in err["message"], (body, err)
             assert err["code"] == code and err["type"] == "invalid_request_error", (body, err)
+        # an argument the generator refuses is named as the API names it
+        lone = json.dumps({"messages": CHAT, "stop": ["a\ud800"]}).encode()  # JSON's escape of a lone surrogate
+        r = httpx.post(f"{url}/v1/chat/completions", content=lone, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+        assert "lone surrogate" in r.json()["error"]["message"], r.text
         # the same fields at their "off" values, and a chat with one non-empty message, are served
         ok = [("/v1/completions", {"prompt": "Hi", "echo": False, "logprobs": None, "presence_penalty": 0}),
               ("/v1/completions", {"prompt": "Hi", "echo": None, "n": None, "frequency_penalty": None}),
@@ -353,7 +358,8 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(gen, served):
 def test_openai_request_forms_other_servers_accept(gen, served):
     """Forms OpenAI's API allows that a client may send: null for temperature / top_p / stream (their
     defaults), content as a list of text parts (joined by newlines), the developer role (the
-    system role), a negative seed (mod 2**64), a one-element list of prompts, GET /v1/models/{id}, a
+    system role), a negative seed (mod 2**64), a list of prompts (texts or token ids; OpenAI's choice
+    order, usage counting each prompt once), GET /v1/models/{id}, a
     JSON body sent without a JSON Content-Type (curl -d); a body over MAX_BODY_BYTES is refused 413
     before it is read."""
     from runtime.serve import MAX_BODY_BYTES
@@ -378,8 +384,25 @@ def test_openai_request_forms_other_servers_accept(gen, served):
         )
         one = httpx.post(f"{url}/v1/completions", json={"prompt": ["Once upon"], "max_tokens": 4, "temperature": 0})
         assert one.json()["choices"][0]["text"] == gen.generate("Once upon", max_new_tokens=4).text
-        two = httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 4})
-        assert two.status_code == 400 and "one prompt a request" in two.json()["error"]["message"]
+        texts = ["Once upon", "The river"]
+        many = client(url).completions.create(model="tiny", prompt=texts, n=2, max_tokens=4, temperature=0)
+        want = [gen.generate(t, max_new_tokens=4) for t in texts]
+        assert [c.index for c in many.choices] == [0, 1, 2, 3]
+        assert [c.text for c in many.choices] == [w.text for w in want for _ in range(2)]
+        assert many.usage.prompt_tokens == sum(len(gen.encode(t)) for t in texts)
+        assert many.usage.completion_tokens == 2 * sum(len(w.tokens) for w in want)
+        ids = [gen.encode(t) for t in texts]
+        streamed = client(url).completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, stream=True)
+        pieces: dict[int, str] = {}
+        for chunk in streamed:
+            for c in chunk.choices:
+                pieces[c.index] = pieces.get(c.index, "") + c.text
+        assert pieces == {0: want[0].text, 1: want[1].text}
+        too_many = httpx.post(f"{url}/v1/completions", json={"prompt": ["a"] * 40, "max_tokens": 4})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt", too_many.text
+        long = httpx.post(f"{url}/v1/completions", json={"prompt": ["a", "a " * 5000], "max_tokens": 4})
+        assert long.json()["error"]["code"] == "context_length_exceeded", long.text
+        assert long.json()["error"]["message"].startswith("prompt 1: "), long.text
         assert httpx.get(f"{url}/v1/models/tiny").json()["id"] == "tiny"
         assert httpx.get(f"{url}/v1/models/gpt-4").json()["error"]["code"] == "model_not_found"
         raw = json.dumps({"prompt": "Once upon", "max_tokens": 4, "temperature": 0}).encode()
