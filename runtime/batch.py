@@ -385,6 +385,13 @@ class BatchEngine:
         self._thread.start()
 
     @property
+    def full_cache_bytes(self) -> int:
+        """The KV cache's size with every slot holding a whole context (the buffer grows to it as
+        sequences lengthen; pages nobody wrote stay unmapped until then)."""
+        s = self.spec
+        return s.num_layers * 2 * self.slots * s.num_kv_heads * self.max_context * s.head_dim * self.kv.itemsize
+
+    @property
     def session(self):
         """batch.onnx's session, opened at first use: with fold.onnx it takes only calls of more than
         ``fold_max`` sequences (or without model.onnx, every call), so a small server never loads it."""

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from runtime.decode import MAX_LOGPROBS, check_fits
-from runtime.errors import ContextLengthError, MedusaError
+from runtime.errors import ConfigError, ContextLengthError, MedusaError
 
 log = logging.getLogger("medusa_trt.runtime")
 
@@ -80,6 +80,8 @@ MAX_N = 128  # choices a request at most (OpenAI's limit); each is a sequence of
 MAX_BODY_BYTES = 32 << 20  # a request body declaring more is refused (413) before it is read
 DISCONNECT_POLL_S = 0.25  # how often a request that is not streamed checks that its client is still there
 CUT_SLACK_S = 2  # at shutdown, after --graceful-timeout: time for the requests cut off to send their errors
+GIB = 1 << 30
+CACHE_MEMORY_SHARE = 0.9  # of the memory free after loading, what a full batched KV cache may take
 API_PARAMS = {"max_new_tokens": "max_tokens"}  # the generator's arguments the API names otherwise
 SEED_MODULUS = 1 << 64  # a negative seed (OpenAI takes any integer) seeds as seed mod 2**64
 
@@ -135,6 +137,39 @@ def check_batching(batching: str, backend: str = "auto", device: str = "auto") -
             f"drop one of the two (--batching interleave serves with {flag}, one request per engine call)"
         )
     return cpu_ort
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could give now without swapping (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_cache_memory(engine, available: int | None) -> str:
+    """The batched KV cache at its fullest (every slot a whole context) against the memory
+    ``available`` (after the weights loaded): more is refused at startup, naming the flags that
+    fit, rather than the kernel killing the server when the slots fill up. Returns the banner's
+    note."""
+    need, slots, context = engine.full_cache_bytes, engine.slots, engine.max_context
+    note = f"KV cache up to {need / GIB:.1f} GiB ({slots} x {context} tokens)"
+    if available is None or need <= available * CACHE_MEMORY_SHARE:
+        return note
+    room = available * CACHE_MEMORY_SHARE
+    per_token = need / (slots * context)
+    fits_context, fits_batch = int(room / (slots * per_token)), int(room / (context * per_token))
+    ways = [f"--max-context {fits_context} or less"] if fits_context >= 1 else []
+    ways += [f"--max-batch {fits_batch} or less"] if fits_batch >= 1 else ["free memory"]
+    raise ConfigError(
+        f"--max-batch {slots} x --max-context {context}: the KV cache holds up to {need / GIB:.1f} GiB once every "
+        f"slot is full, and {available / GIB:.1f} GiB is free ({CACHE_MEMORY_SHARE:.0%} of it for the cache): "
+        f"use {' or '.join(ways)}"
+    )
 
 
 def check_decode(decode: dict | None, gen=None) -> None:

@@ -677,6 +677,35 @@ def test_startup_mistakes_are_one_line_errors_without_the_banner(tiny, repo_root
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_a_batched_cache_memory_cannot_hold_is_refused_at_startup_naming_what_fits(tiny, monkeypatch, capsys):
+    """Every slot's whole context in the batched KV cache (what it grows to as the running sequences
+    lengthen) is checked against the memory free after loading: more is one line at startup naming
+    a --max-context that fits, not an out-of-memory kill once the slots fill. The cache's size is
+    the buffer's own: at a context below the starting capacity the buffer is already whole."""
+    import runtime
+    import runtime.serve
+    from runtime.cli import main
+    from runtime.serve import CACHE_MEMORY_SHARE, check_cache_memory
+
+    small = runtime.load(tiny["artifact"], threads=1, max_batch=3, max_context=64)
+    try:
+        assert small.engine.capacity == 64 and small.engine.full_cache_bytes == small.engine.kv.nbytes
+        per_token = small.engine.full_cache_bytes // (3 * 64)
+        assert check_cache_memory(small.engine, None).startswith("KV cache up to")
+    finally:
+        small.close()
+    context = runtime.load(tiny["artifact"], threads=1).backend.max_context
+    free = int(3 * context * per_token / 2 / CACHE_MEMORY_SHARE)  # half of what three whole contexts take
+    monkeypatch.setattr(runtime.serve, "available_memory", lambda: free)
+    rc = main(["serve", str(tiny["artifact"]), "--max-batch", "3", "--port", "0", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "serving" not in out, (out, err)
+    assert f"--max-batch 3 x --max-context {context}: the KV cache holds up to" in err, err
+    fits = int(err.split("use --max-context ")[1].split()[0])
+    assert 3 * fits * per_token <= free * CACHE_MEMORY_SHARE < 3 * (fits + 1) * per_token, (fits, err)
+    assert "--max-batch 1 or less" in err, err
+
+
 def test_port_0_serves_on_a_free_port_the_banner_names(tiny, repo_root):
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     proc = subprocess.Popen(
@@ -686,6 +715,7 @@ def test_port_0_serves_on_a_free_port_the_banner_names(tiny, repo_root):
     try:
         banner = proc.stdout.readline()
         assert banner.startswith("serving tiny on http://127.0.0.1:"), banner
+        assert "batched engine calls; KV cache up to " in banner, banner
         port = int(banner.split("http://127.0.0.1:")[1].split("/")[0])
         assert port > 0
         _wait(lambda: _up(f"http://127.0.0.1:{port}"), timeout=60)
