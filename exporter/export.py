@@ -595,6 +595,25 @@ def sliding_window(config) -> int | None:
     return min(windows) if windows else None
 
 
+def check_heads_backbone(heads, model) -> None:
+    """A warning where the heads' meta records another backbone than ``model`` (exporter.heads.
+    backbone_fingerprint): the export is right, and slow (the drafts seldom accepted)."""
+    from exporter.heads import backbone_fingerprint
+
+    trained_on = heads.config.meta.get("backbone_fingerprint")
+    if trained_on is None:  # fresh heads, or heads trained before the fingerprint was recorded
+        return
+    here = backbone_fingerprint(model)
+    if trained_on != here:
+        log.warning(
+            "the Medusa heads were trained on another backbone (%s, fingerprint %s; this one's is %s): the output "
+            "stays exact, but their drafts will seldom be accepted; train heads for this model (medusa-train)",
+            heads.config.meta.get("backbone", "unnamed"),
+            trained_on,
+            here,
+        )
+
+
 def fitting_context(asked: int | None, config) -> int:
     """The context the artifact is sized for: ``--max-context`` (``asked``) where the model holds it,
     else the model's ``max_position_embeddings``; a sliding-window model's at most ``window - 1``
@@ -660,6 +679,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             f"Medusa heads (hidden {heads.config.hidden_size}, vocabulary {heads.config.vocab_size}) do not fit the "
             f"backbone (hidden {model.config.hidden_size}, vocabulary {model.config.vocab_size})"
         )
+    check_heads_backbone(heads, model)
     tree = resolve_tree(options, heads.config.num_heads, model.config.vocab_size)
     sampling_tree = (
         None

@@ -537,6 +537,29 @@ def first_heads(heads: MedusaHeads | HydraHeads, k: int) -> MedusaHeads | HydraH
     return out.to(next(heads.parameters()).dtype).eval()
 
 
+FINGERPRINT_ROWS = 64  # output-embedding rows the backbone's fingerprint reads
+
+
+def backbone_fingerprint(model) -> str:
+    """A short digest of the backbone heads are trained on (recorded in their meta as
+    ``backbone_fingerprint``): its output embedding's rows at an even stride and its final norm,
+    rounded to float16, so the same checkpoint loaded in float32 or float16 gives the same digest
+    and another model of the same sizes (another fine-tune, the base model) another. Heads draft
+    from this model's hidden states through its lm_head: on another backbone they load and export
+    alike, and their drafts are seldom accepted (the output stays exact, the speedup goes)."""
+    import hashlib
+
+    weight = model.get_output_embeddings().weight.detach()
+    parts = [weight[:: max(1, weight.shape[0] // FINGERPRINT_ROWS)][:FINGERPRINT_ROWS]]
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if isinstance(getattr(norm, "weight", None), torch.Tensor):
+        parts.append(norm.weight.detach()[None])
+    digest = hashlib.sha256()
+    for t in parts:
+        digest.update(t.to(torch.float16).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_heads(
     heads: MedusaHeads | HydraHeads, folder: str | Path, meta: dict | None = None, dtype: torch.dtype = torch.float32
 ) -> Path:

@@ -426,7 +426,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     """Train heads on the cached hidden states; save them to ``cfg.out``; return the summary."""
     from tqdm import tqdm
 
-    from exporter.heads import HydraHeads, MedusaHeads, fresh_heads, fresh_hydra_heads, save_heads
+    from exporter.heads import HydraHeads, MedusaHeads, backbone_fingerprint, fresh_heads, fresh_hydra_heads, save_heads
     from exporter.models import load_backbone, resolve_model
     from runtime import checks
     from training.files import output_folder
@@ -550,6 +550,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         if hydra
         else "medusa-1 (frozen backbone, cached hidden states)",
         "backbone": cfg.model,
+        "backbone_fingerprint": backbone_fingerprint(model),  # export warns when the heads meet another
         "data": str(cfg.data),
         "train_examples": train.num_examples,
         "heldout_examples": heldout.num_examples,

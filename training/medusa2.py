@@ -136,7 +136,7 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
     """Joint training; saves OUT/backbone and OUT/heads; returns the summary."""
     from tqdm import tqdm
 
-    from exporter.heads import fresh_heads, load_heads, save_heads
+    from exporter.heads import backbone_fingerprint, fresh_heads, load_heads, save_heads
     from exporter.models import load_backbone
     from runtime import checks
     from training.distill import read_records
@@ -253,6 +253,8 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         )
     summary = {
         "method": "medusa-2 (backbone and heads jointly)",
+        "backbone": str(Path(cfg.out) / "backbone"),
+        "backbone_fingerprint": backbone_fingerprint(model),  # the tuned backbone's, saved beside the heads
         "backbone_loss": mode,
         "head_weight": cfg.head_weight,
         "steps": cfg.steps,

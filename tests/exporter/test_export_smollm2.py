@@ -21,6 +21,12 @@ def test_smollm2_export_validates(tmp_path):
     torch.set_num_threads(1)  # the test machine is shared: OpenMP workers spinning on 2 cores cost 4x
     t0 = time.perf_counter()
     model, tokenizer, folder = load_backbone("smollm2-135m")
+    from exporter.cli import SHIPPED_HEADS
+    from exporter.heads import backbone_fingerprint
+
+    for shipped in ("smollm2-135m", "smollm2-135m-hydra"):  # the shipped heads record this very backbone
+        meta = json.loads((SHIPPED_HEADS / shipped / "medusa_heads.json").read_text())["meta"]
+        assert meta["backbone_fingerprint"] == backbone_fingerprint(model), shipped
     heads = fresh_heads(4, model.config.hidden_size, model.config.vocab_size)
     heads.config.meta = {"layout": "fresh-identity", "source": "test"}
     from conftest import capture_logs

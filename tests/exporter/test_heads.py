@@ -494,3 +494,31 @@ def test_first_hydra_heads_draft_what_the_first_heads_drafted():
     paths = torch.randint(0, V, (4, 3))
     lens = torch.tensor([1, 2, 1, 2])
     torch.testing.assert_close(kept(hidden, paths[:, :2], lens, head, embed), heads(hidden, paths, lens, head, embed))
+
+
+def test_the_backbone_fingerprint_tells_another_model_and_export_warns_on_it(tmp_path, wordlevel_tokenizer):
+    """The same weights in float32 and float16 give one fingerprint, another model of the same sizes
+    another; heads whose meta records another backbone export with a warning naming both, heads of
+    this one (and fresh heads, which record none) without."""
+    import logging
+
+    from conftest import capture_logs, make_tiny_llama
+
+    from exporter.export import ExportOptions, export_artifact
+    from exporter.heads import backbone_fingerprint, fresh_heads
+
+    model, other = make_tiny_llama(0), make_tiny_llama(1)
+    assert backbone_fingerprint(model) == backbone_fingerprint(make_tiny_llama(0).half())
+    assert backbone_fingerprint(model) != backbone_fingerprint(other)
+    options = ExportOptions(graph="portable", tree="chain_2", validate=False, batch_graph=False)
+    for i, (trained_on, warned) in enumerate(
+        [(backbone_fingerprint(other), True), (backbone_fingerprint(model), False), (None, False)]
+    ):
+        heads = fresh_heads(2, model.config.hidden_size, model.config.vocab_size)
+        heads.config.meta = {"backbone": "tiny-1"} | ({"backbone_fingerprint": trained_on} if trained_on else {})
+        with capture_logs(level=logging.WARNING) as logs:
+            export_artifact(model, heads, tmp_path / f"a{i}", options, tokenizer=wordlevel_tokenizer)
+        said = [line for line in logs if "trained on another backbone" in line]
+        assert bool(said) == warned, logs
+        if warned:
+            assert "tiny-1" in said[0] and backbone_fingerprint(model) in said[0], said

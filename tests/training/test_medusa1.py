@@ -191,6 +191,9 @@ def test_medusa1_run_beats_fresh_heads(tmp_path):
     heads = load_heads(tmp_path / "heads", hidden_size=32, vocab_size=VOCAB)
     assert heads.config.num_heads == 3 and heads.config.meta["heldout_top1"] == summary["heldout_top1"]
     assert len(summary["history"]) == 4  # accuracy after each epoch
+    from exporter.heads import backbone_fingerprint
+
+    assert heads.config.meta["backbone_fingerprint"] == backbone_fingerprint(model)  # export checks it
 
     from training.card import write_card
 

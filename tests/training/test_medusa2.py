@@ -65,6 +65,9 @@ def test_medusa2_warmup_trains_heads_only(tmp_path):
     # fresh start heads are the identity blocks: the start accuracy is lm_head's, the run's own meta only
     assert summary["start_heads"] == "fresh" and len(summary["heldout_top1_start"]) == 3
     assert heads.config.meta["method"].startswith("medusa-2")
+    from exporter.heads import backbone_fingerprint
+
+    assert heads.config.meta["backbone_fingerprint"] == backbone_fingerprint(model)  # the tuned backbone's
     # started from Medusa-1 heads: their meta (epochs, history) does not leak into the new heads' meta
     from exporter.heads import fresh_heads, save_heads
 
