@@ -551,9 +551,9 @@ def backbone_fingerprint(model) -> str:
 
     weight = model.get_output_embeddings().weight.detach()
     parts = [weight[:: max(1, weight.shape[0] // FINGERPRINT_ROWS)][:FINGERPRINT_ROWS]]
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    if isinstance(getattr(norm, "weight", None), torch.Tensor):
-        parts.append(norm.weight.detach()[None])
+    norm_weight = getattr(getattr(getattr(model, "model", None), "norm", None), "weight", None)
+    if isinstance(norm_weight, torch.Tensor):
+        parts.append(norm_weight.detach()[None])
     digest = hashlib.sha256()
     for t in parts:
         digest.update(t.to(torch.float16).cpu().contiguous().numpy().tobytes())
