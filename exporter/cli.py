@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from runtime.clihelp import HelpFormatter, field_default
-from runtime.errors import MedusaError, require_extra, run_cli
+from runtime.errors import MedusaError, require_extra, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     # on a terminal the steps show with their times by default (minutes of work; -q hides them)
     level = verbosity(args) + (verbosity(args) == 0 and sys.stderr.isatty())
-    with cli_logging("medusa-export", level):
+    # SIGTERM stops like Ctrl-C from the start (loading the model too), with the same one line and exit 143
+    with cli_logging("medusa-export", level), sigterm_as_interrupt():
         return run_cli(
             "medusa-export",
             lambda: print(_summary(run(args), time.perf_counter() - t)),

@@ -223,6 +223,29 @@ def test_sigterm_during_export_leaves_nothing(hf_folder, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no .partial-*, no temporaries, no artifact
 
 
+def test_sigterm_while_the_model_loads_says_so_too(tmp_path):
+    """SIGTERM before any graph is written (the seconds the model takes to load) is the same one
+    line and exit 143, not a silent death by the signal."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "smollm2-135m", "-vv", "-o", str(tmp_path / "art")],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    seen = []
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the load's first log line: the model is loading from here on
+        seen.append(line)
+        if "loading smollm2-135m" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, "".join(seen) + err
+    assert err.strip().splitlines()[-1] == "medusa-export: terminated (SIGTERM); nothing was written", err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
 def test_next_export_removes_a_killed_exports_partial_folder(tiny_llama, wordlevel_tokenizer, tmp_path):
     from exporter.export import OWNER_FILE, ExportOptions, export_artifact
     from exporter.heads import fresh_heads
