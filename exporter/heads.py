@@ -537,26 +537,25 @@ def first_heads(heads: MedusaHeads | HydraHeads, k: int) -> MedusaHeads | HydraH
     return out.to(next(heads.parameters()).dtype).eval()
 
 
-FINGERPRINT_ROWS = 64  # output-embedding rows the backbone's fingerprint reads
+FINGERPRINT_ROWS = 8  # rows of each weight the backbone's fingerprint reads, at an even stride
 
 
 def backbone_fingerprint(model) -> str:
     """A short digest of the backbone heads are trained on (recorded in their meta as
-    ``backbone_fingerprint``): its output embedding's rows at an even stride and its final norm,
-    rounded to float16, so the same checkpoint loaded in float32 or float16 gives the same digest
-    and another model of the same sizes (another fine-tune, the base model) another. Heads draft
-    from this model's hidden states through its lm_head: on another backbone they load and export
-    alike, and their drafts are seldom accepted (the output stays exact, the speedup goes)."""
+    ``backbone_fingerprint``): ``FINGERPRINT_ROWS`` rows at an even stride of every weight, by
+    name, rounded to float16, so the same checkpoint loaded in float32, float16 or bfloat16 gives
+    the same digest and another model of the same sizes (another fine-tune, a merged LoRA, the
+    base model) another. Heads draft from this model's hidden states through its lm_head: on
+    another backbone they load and export alike, and their drafts are seldom accepted (the output
+    stays exact, the speedup goes). Reads a few MB of a 7B model."""
     import hashlib
 
-    weight = model.get_output_embeddings().weight.detach()
-    parts = [weight[:: max(1, weight.shape[0] // FINGERPRINT_ROWS)][:FINGERPRINT_ROWS]]
-    norm_weight = getattr(getattr(getattr(model, "model", None), "norm", None), "weight", None)
-    if isinstance(norm_weight, torch.Tensor):
-        parts.append(norm_weight.detach()[None])
     digest = hashlib.sha256()
-    for t in parts:
-        digest.update(t.to(torch.float16).cpu().contiguous().numpy().tobytes())
+    for name, weight in sorted(model.named_parameters(), key=lambda item: item[0]):
+        w = weight.detach()
+        rows = w[:: max(1, w.shape[0] // FINGERPRINT_ROWS)][:FINGERPRINT_ROWS] if w.ndim else w
+        digest.update(name.encode())
+        digest.update(rows.to(torch.float16).cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

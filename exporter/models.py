@@ -57,16 +57,19 @@ def check_architecture(folder: Path) -> dict:
     return cfg
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")  # any one: a tokenizer
-
-
 def check_tokenizer(folder: Path) -> None:
-    """The folder holds a tokenizer (the artifact ships one), named before the weights load."""
-    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+    """The folder holds a tokenizer transformers loads (the artifact ships one), named before the
+    weights load: whatever its files (tokenizer.json, a SentencePiece or tiktoken model, tekken.json)."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # transformers says why in many ways (OSError, ValueError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise MedusaError(
-            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files from "
-            "the model's repository into the folder"
-        )
+            f"{folder} has no tokenizer transformers can load ({type(e).__name__}: {first[:200]}): copy the "
+            "tokenizer files from the model's repository into the folder"
+        ) from None
 
 
 def load_backbone(name_or_path: str | Path, dtype: str = "float32"):

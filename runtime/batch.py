@@ -386,8 +386,8 @@ class BatchEngine:
 
     @property
     def full_cache_bytes(self) -> int:
-        """The KV cache's size with every slot holding a whole context (the buffer grows to it as
-        sequences lengthen; pages nobody wrote stay unmapped until then)."""
+        """The KV cache's size with every slot holding a whole context (the buffer grows to it,
+        doubling, as sequences lengthen; runtime.serve.cache_peak adds the buffer it grows from)."""
         s = self.spec
         return s.num_layers * 2 * self.slots * s.num_kv_heads * self.max_context * s.head_dim * self.kv.itemsize
 
@@ -727,8 +727,8 @@ class BatchEngine:
         while cap < needed:
             cap *= 2
         cap = min(cap, self.max_context)
-        # np.zeros maps its pages lazily: only what is copied (each slot's kept entries) and what later
-        # calls write is touched, so growing costs the cached entries, not slots x capacity
+        # the copy touches each slot's kept entries; with numpy's huge-page advice (Linux) that maps most
+        # of the new buffer, and the old one stays until the copy ends (runtime.serve.cache_peak counts both)
         kv = np.zeros((*self.kv.shape[:4], cap, self.kv.shape[5]), self._dtype)
         for slot, length in enumerate(self._len):
             if length:

@@ -572,16 +572,15 @@ def cmd_serve(args) -> None:
     gen = load_for_serving(args.artifact, args.max_batch, args.batching, **_load_args(args))
     check_decode(decode, gen)  # --tree against the model: before the banner, not a 400 on every request
     port = sockets[0].getsockname()[1]  # --port 0: the one the system chose
-    engine = getattr(gen, "engine", None)
-    mode = "batched engine calls" if engine is not None else "interleaved steps"
-    if engine is not None:
-        from runtime.serve import available_memory, check_cache_memory
+    mode = "batched engine calls" if getattr(gen, "engine", None) is not None else "interleaved steps"
+    from runtime.serve import available_memory, check_cache_memory
 
-        try:
-            mode += "; " + check_cache_memory(engine, available_memory())
-        except ConfigError:
-            gen.close()
-            raise
+    try:
+        note = check_cache_memory(gen, args.max_batch, available_memory())
+    except ConfigError:
+        gen.close()
+        raise
+    mode += f"; {note}" if note else ""
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
     print(f"serving {name} on http://{host}:{port}/v1 (max_batch {args.max_batch}, max_queue "
           f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}, {mode}); Ctrl-C or SIGTERM stops it",

@@ -140,36 +140,98 @@ def check_batching(batching: str, backend: str = "auto", device: str = "auto") -
 
 
 def available_memory() -> int | None:
-    """Bytes the kernel could give now without swapping (Linux's MemAvailable); None elsewhere."""
+    """Bytes this process could get now without swapping: Linux's MemAvailable, or less where a
+    cgroup (a container's memory limit) leaves less; None where neither can be read."""
+    free = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
+        pass
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
+                         "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+        try:
+            with open(limit) as a, open(used) as b:
+                cap, now = a.read().strip(), b.read().strip()
+            if cap.isdigit() and now.isdigit() and int(cap) < 1 << 60:  # "max" / a huge v1 value: no limit
+                free.append(max(0, int(cap) - int(now)))
+                break
+        except OSError:
+            continue
+    return min(free) if free else None
+
+
+def grown_positions(context: int, start: int) -> int:
+    """The positions a cache buffer growing by doubling from ``start`` to ``context`` holds at its
+    peak: the whole context plus the buffer it is copied from (both resident while copying)."""
+    previous, size = 0, start
+    while size < context:
+        previous, size = size, size * 2
+    return context + previous
+
+
+def cache_peak(gen, max_batch: int):
+    """``(peak(sequences, context) -> bytes, sequences, context)`` for a server's KV caches in host
+    memory, or None where they are not there (TensorRT's live on the GPU and re-run a paused
+    sequence's tokens). Batched (runtime/batch.py): one buffer of ``max_batch`` slots growing to
+    the whole context. Interleaved: the generator's buffer growing so, and each paused request's
+    copy of its used cache (``snapshot``), up to a whole context each."""
+    from runtime.backend import Backend
+
+    engine = getattr(gen, "engine", None)
+    if engine is not None:
+        from runtime.batch import MIN_CAPACITY
+
+        per_token = engine.full_cache_bytes // (engine.slots * engine.max_context)
+        return (lambda n, c: per_token * n * grown_positions(c, MIN_CAPACITY)), engine.slots, engine.max_context
+    backend = gen.backend
+    if type(backend).snapshot is Backend.snapshot:  # no host copies of paused sequences
         return None
-    return None
+    import numpy as np
+
+    from runtime.onnxrt import START_CAPACITY
+
+    spec = gen.config.model
+    itemsize = np.dtype(np.float16 if gen.config.dtype == "float16" else np.float32).itemsize
+    per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * itemsize
+    peak = lambda n, c: per_token * ((n - 1) * c + grown_positions(c, START_CAPACITY))
+    return peak, max_batch, backend.max_context
 
 
-def check_cache_memory(engine, available: int | None) -> str:
-    """The batched KV cache at its fullest (every slot a whole context) against the memory
-    ``available`` (after the weights loaded): more is refused at startup, naming the flags that
-    fit, rather than the kernel killing the server when the slots fill up. Returns the banner's
-    note."""
-    need, slots, context = engine.full_cache_bytes, engine.slots, engine.max_context
-    note = f"KV cache up to {need / GIB:.1f} GiB ({slots} x {context} tokens)"
+def check_cache_memory(gen, max_batch: int, available: int | None) -> str:
+    """The server's KV caches at their peak (every request a whole context; see cache_peak)
+    against the memory ``available`` after the weights loaded: more than ``CACHE_MEMORY_SHARE``
+    of it is refused at startup, naming the ``--max-context`` / ``--max-batch`` that fit, rather
+    than the kernel killing the server once the requests run long. Returns the banner's note
+    ("" where the caches are not in host memory)."""
+    found = cache_peak(gen, max_batch)
+    if found is None:
+        return ""
+    peak, n, context = found
+    need = peak(n, context)
+    note = f"KV cache up to {need / GIB:.1f} GiB ({n} x {context} tokens)"
     if available is None or need <= available * CACHE_MEMORY_SHARE:
         return note
     room = available * CACHE_MEMORY_SHARE
-    per_token = need / (slots * context)
-    fits_context, fits_batch = int(room / (slots * per_token)), int(room / (context * per_token))
-    ways = [f"--max-context {fits_context} or less"] if fits_context >= 1 else []
-    ways += [f"--max-batch {fits_batch} or less"] if fits_batch >= 1 else ["free memory"]
+    fits_context = _largest(lambda c: peak(n, c) <= room, context)
+    fits_batch = _largest(lambda b: peak(b, context) <= room, n)
+    ways = [f"--max-context {fits_context} or less"] if fits_context else []
+    ways += [f"--max-batch {fits_batch} or less"] if fits_batch else ([] if ways else ["free memory"])
     raise ConfigError(
-        f"--max-batch {slots} x --max-context {context}: the KV cache holds up to {need / GIB:.1f} GiB once every "
-        f"slot is full, and {available / GIB:.1f} GiB is free ({CACHE_MEMORY_SHARE:.0%} of it for the cache): "
-        f"use {' or '.join(ways)}"
+        f"--max-batch {n} x --max-context {context}: the KV cache reaches {need / GIB:.1f} GiB once every request "
+        f"holds a whole context, and {available / GIB:.1f} GiB is free ({CACHE_MEMORY_SHARE:.0%} of it for the "
+        f"cache): use {' or '.join(ways)}"
     )
+
+
+def _largest(fits, top: int) -> int:
+    """The largest x in [1, top] with fits(x) (fits monotone: true up to some x), or 0."""
+    lo, hi = 0, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def check_decode(decode: dict | None, gen=None) -> None:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         kept = load_states(folder, e.id)
         if kept is None or kept[1] != a.model:
             continue
-        first, _, hidden = kept
+        first, _, hidden, _ = kept
         lo, hi = cached_positions(e)
         ref = last_hidden(model, torch.from_numpy(e.tokens)[None])[0, lo:hi].float().numpy()
         d = np.abs(hidden[lo - first : hi - first].astype(np.float32) - ref)

@@ -68,14 +68,17 @@ def states_dir(out: Path) -> Path:
     return out.with_name(out.name + ".states")
 
 
-def save_states(folder: Path, record_id: str, model: str, first: int, hidden) -> None:
-    """``first``: position of ``hidden[0]``; written to a temp name then renamed (never torn)."""
+def save_states(folder: Path, record_id: str, model: str, first: int, hidden, weights: str = "") -> None:
+    """``first``: position of ``hidden[0]``; ``weights``: the backbone's fingerprint
+    (exporter.heads.backbone_fingerprint; "" where unknown: states an engine computed); written
+    to a temp name then renamed (never torn)."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{record_id}.tmp.npz"
     try:
-        np.savez(tmp, hidden=np.asarray(hidden, dtype=np.float16), first=np.int64(first), model=np.array(model))
+        np.savez(tmp, hidden=np.asarray(hidden, dtype=np.float16), first=np.int64(first), model=np.array(model),
+                 weights=np.array(weights))  # fmt: skip
         os.replace(tmp, folder / f"{record_id}.npz")
     except BaseException:  # interrupted: no torn temporary stays
         tmp.unlink(missing_ok=True)
@@ -83,7 +86,8 @@ def save_states(folder: Path, record_id: str, model: str, first: int, hidden) ->
 
 
 def load_states(folder: Path, record_id: str):
-    """(first, model, hidden) that :func:`save_states` wrote, or None (absent, torn or foreign)."""
+    """(first, model, hidden, weights) that :func:`save_states` wrote, or None (absent, torn or
+    foreign); ``weights`` "" where the file records none."""
     import numpy as np
 
     f = Path(folder) / f"{record_id}.npz"
@@ -91,7 +95,7 @@ def load_states(folder: Path, record_id: str):
         return None
     try:
         with np.load(f) as z:
-            return int(z["first"]), str(z["model"]), z["hidden"]
+            return int(z["first"]), str(z["model"]), z["hidden"], str(z["weights"]) if "weights" in z.files else ""
     except Exception:  # torn or foreign file: the caller recomputes
         return None
 
@@ -354,6 +358,11 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
         _distill_on_engine(cfg, tok, todo, key, partial, done, bar, on_batch)
         batches = []
     keep_states = cfg.save_states and cfg.engine is None and _split_forward(model) is not None
+    weights = ""
+    if keep_states:  # the states are these weights': training reuses them only for the same ones
+        from exporter.heads import backbone_fingerprint
+
+        weights = backbone_fingerprint(model)
     if cfg.save_states and cfg.engine is None and not keep_states:
         log.warning("%s: no body + lm_head split, hidden states are not kept", type(model).__name__)
     for b, batch in enumerate(batches):
@@ -373,7 +382,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
         ]
         if firsts is not None:  # keep_states; before the record lands: a record in OUT.partial has its states on disk
             for rec, first, res in zip(records, firsts, results):
-                save_states(states_dir(out), rec["id"], cfg.model, first, res[2])
+                save_states(states_dir(out), rec["id"], cfg.model, first, res[2], weights)
         _append(partial, records)
         done.update({r["id"]: r for r in records})
         bar.update(len(records))

@@ -90,23 +90,29 @@ def cached_positions(e: Example) -> tuple[int, int]:
     return first, max(first, len(e.tokens) - 2)  # head 0 at t needs t+2 < L
 
 
-def _fingerprint(model_folder: str, data: Path, max_len: int) -> str:
+def _fingerprint(model_folder: str, data: Path, max_len: int, weights: str = "") -> str:
+    """The cache's key: the model folder, the data file's identity and ``max_len``, and the weights
+    themselves (``weights``: exporter.heads.backbone_fingerprint), so new weights saved into the
+    same folder rebuild it."""
     st = Path(data).stat()
     return hashlib.sha1(
-        f"{model_folder}|{Path(data).resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_len}".encode()
+        f"{model_folder}|{Path(data).resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_len}|{weights}".encode()
     ).hexdigest()
 
 
-def _kept_states(states: Path | None, model_name: str | None, e: Example, span: tuple[int, int]):
-    """Rows [a, b) of ``e`` from the states distillation kept, or None (absent, other model, too short)."""
+def _kept_states(states: Path | None, model_name: str | None, e: Example, span: tuple[int, int], weights: str = ""):
+    """Rows [a, b) of ``e`` from the states distillation kept, or None (absent, other model, other
+    weights where both fingerprints are known, too short)."""
     from training.distill import load_states
 
     kept = load_states(states, e.id) if states is not None and model_name is not None else None
     if kept is None:
         return None
-    first, model, hidden = kept
+    first, model, hidden, kept_weights = kept
     a, b = span
-    if model != model_name or first > a or first + len(hidden) < b:
+    if model != model_name or (weights and kept_weights and kept_weights != weights):
+        return None
+    if first > a or first + len(hidden) < b:
         return None
     return hidden[a - first : b - first]
 
@@ -120,11 +126,13 @@ def build_cache(
     batch_size: int = 8,
     states: Path | None = None,
     model_name: str | None = None,
+    weights: str = "",
 ) -> Path:
     """Write ``hidden_<split>.npy`` + ``index_<split>.npz`` per split, then ``cache.json`` last.
 
     ``states``: the folder where distillation kept hidden states (``OUT.states``); an example
-    found there (made by ``model_name``) is copied, the rest run through the backbone.
+    found there (made by ``model_name``, with these ``weights`` where both sides record them) is
+    copied, the rest run through the backbone.
     """
     from tqdm import tqdm
 
@@ -147,7 +155,7 @@ def build_cache(
         starts = np.cumsum([0] + [b - a for a, b in spans])[:-1]
         todo = []
         for j, e in enumerate(exs):
-            kept = _kept_states(states, model_name, e, spans[j])
+            kept = _kept_states(states, model_name, e, spans[j], weights)
             if kept is None:
                 todo.append(j)
             else:
@@ -275,10 +283,12 @@ def prepare_cache(
 ) -> Path:
     """The cache folder for ``data``, built if missing or stale (from the hidden states that
     distillation kept, where ``model_name`` made them)."""
+    from exporter.heads import backbone_fingerprint
     from training.distill import read_records, states_dir
 
     folder = Path(cache) if cache else Path(str(data) + ".hidden")
-    fp = _fingerprint(str(model_folder), data, max_len)
+    weights = backbone_fingerprint(model)
+    fp = _fingerprint(str(model_folder), data, max_len, weights)
     if cache_is_valid(folder, fp):
         log.info("reusing hidden-state cache %s", folder)
         return folder
@@ -286,7 +296,8 @@ def prepare_cache(
     if not examples["train"]:
         raise MedusaError(f"{data}: no training examples (every record is empty or in a held-out split)")
     log.info("caching last hidden states: %s", ", ".join(f"{s} {len(v)}" for s, v in examples.items()))
-    return build_cache(model, examples, folder, fingerprint=fp, states=states_dir(data), model_name=model_name)
+    return build_cache(model, examples, folder, fingerprint=fp, states=states_dir(data), model_name=model_name,
+                       weights=weights)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- loss and accuracy

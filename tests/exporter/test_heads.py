@@ -498,7 +498,7 @@ def test_first_hydra_heads_draft_what_the_first_heads_drafted():
 
 def test_the_backbone_fingerprint_tells_another_model_and_export_warns_on_it(tmp_path, wordlevel_tokenizer):
     """The same weights in float32 and float16 give one fingerprint, another model of the same sizes
-    another; heads whose meta records another backbone export with a warning naming both, heads of
+    another (a merged LoRA's too); heads whose meta records another backbone export with a warning naming both, heads of
     this one (and fresh heads, which record none) without."""
     import logging
 
@@ -510,6 +510,12 @@ def test_the_backbone_fingerprint_tells_another_model_and_export_warns_on_it(tmp
     model, other = make_tiny_llama(0), make_tiny_llama(1)
     assert backbone_fingerprint(model) == backbone_fingerprint(make_tiny_llama(0).half())
     assert backbone_fingerprint(model) != backbone_fingerprint(other)
+    merged = make_tiny_llama(0)  # a merged LoRA: attention and MLP moved, lm_head and norms as they were
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            if "q_proj" in name or "down_proj" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    assert backbone_fingerprint(merged) != backbone_fingerprint(model)
     options = ExportOptions(graph="portable", tree="chain_2", validate=False, batch_graph=False)
     for i, (trained_on, warned) in enumerate(
         [(backbone_fingerprint(other), True), (backbone_fingerprint(model), False), (None, False)]

@@ -677,33 +677,49 @@ def test_startup_mistakes_are_one_line_errors_without_the_banner(tiny, repo_root
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_a_batched_cache_memory_cannot_hold_is_refused_at_startup_naming_what_fits(tiny, monkeypatch, capsys):
-    """Every slot's whole context in the batched KV cache (what it grows to as the running sequences
-    lengthen) is checked against the memory free after loading: more is one line at startup naming
-    a --max-context that fits, not an out-of-memory kill once the slots fill. The cache's size is
-    the buffer's own: at a context below the starting capacity the buffer is already whole."""
+def test_a_cache_memory_cannot_hold_is_refused_at_startup_naming_what_fits(tiny, monkeypatch, capsys):
+    """The server's KV caches at their peak, every request a whole context (batched: the slots'
+    buffer while it grows, the buffer it is copied from still held; interleaved: the live buffer
+    so, plus each paused request's copy of its cache), are checked against the memory free after
+    loading: more is one line at startup naming the largest --max-context and --max-batch that
+    fit, not an out-of-memory kill once the requests run long."""
     import runtime
     import runtime.serve
+    from runtime.batch import MIN_CAPACITY
     from runtime.cli import main
-    from runtime.serve import CACHE_MEMORY_SHARE, check_cache_memory
+    from runtime.onnxrt import START_CAPACITY
+    from runtime.serve import CACHE_MEMORY_SHARE, cache_peak, grown_positions
 
+    assert [grown_positions(c, 256) for c in (100, 256, 257, 512, 5000)] == [100, 256, 513, 768, 5000 + 4096]
     small = runtime.load(tiny["artifact"], threads=1, max_batch=3, max_context=64)
-    try:
+    try:  # a context below the starting capacity: the buffer is whole from the start, its size the peak
         assert small.engine.capacity == 64 and small.engine.full_cache_bytes == small.engine.kv.nbytes
+        peak, n, context = cache_peak(small, 3)
+        assert (n, context) == (3, 64) and peak(3, 64) == small.engine.kv.nbytes
         per_token = small.engine.full_cache_bytes // (3 * 64)
-        assert check_cache_memory(small.engine, None).startswith("KV cache up to")
     finally:
         small.close()
-    context = runtime.load(tiny["artifact"], threads=1).backend.max_context
-    free = int(3 * context * per_token / 2 / CACHE_MEMORY_SHARE)  # half of what three whole contexts take
-    monkeypatch.setattr(runtime.serve, "available_memory", lambda: free)
-    rc = main(["serve", str(tiny["artifact"]), "--max-batch", "3", "--port", "0", "--threads", "1"])
-    out, err = capsys.readouterr()
-    assert rc == 1 and "serving" not in out, (out, err)
-    assert f"--max-batch 3 x --max-context {context}: the KV cache holds up to" in err, err
-    fits = int(err.split("use --max-context ")[1].split()[0])
-    assert 3 * fits * per_token <= free * CACHE_MEMORY_SHARE < 3 * (fits + 1) * per_token, (fits, err)
-    assert "--max-batch 1 or less" in err, err
+    one = runtime.load(tiny["artifact"], threads=1)
+    context = one.backend.max_context
+    peak, _, _ = cache_peak(one, 3)  # interleaved: two paused copies and the live buffer
+    assert peak(3, context) == per_token * (2 * context + grown_positions(context, START_CAPACITY))
+    one.close()
+    for batching, whole in (("batch", 3 * grown_positions(context, MIN_CAPACITY)),
+                            ("interleave", 2 * context + grown_positions(context, START_CAPACITY))):  # fmt: skip
+        free = int(whole * per_token / 2 / CACHE_MEMORY_SHARE)  # half the peak
+        monkeypatch.setattr(runtime.serve, "available_memory", lambda free=free: free)
+        argv = ["serve", str(tiny["artifact"]), "--max-batch", "3", "--port", "0", "--threads", "1",
+                "--batching", batching]  # fmt: skip
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        assert rc == 1 and "serving" not in out, (out, err)
+        assert f"--max-batch 3 x --max-context {context}: the KV cache reaches" in err, err
+        fits = int(err.split("use --max-context ")[1].split()[0])
+        room = free * CACHE_MEMORY_SHARE
+        rows = (lambda c: 3 * grown_positions(c, MIN_CAPACITY)) if batching == "batch" else (
+            lambda c: 2 * c + grown_positions(c, START_CAPACITY))  # fmt: skip
+        assert rows(fits) * per_token <= room < rows(fits + 1) * per_token, (batching, fits, err)
+        assert "--max-batch 1 or less" in err, err  # one request's peak fits in half of three's
 
 
 def test_port_0_serves_on_a_free_port_the_banner_names(tiny, repo_root):

@@ -133,7 +133,7 @@ def test_states_kept_by_distill_replace_the_backbone_pass(tmp_path, prompts_file
     forward over prompt + answer, and the cache copies them instead of running the backbone."""
     import training.medusa1 as m1
     from training.data import build_examples, split_examples
-    from training.distill import distill, states_dir
+    from training.distill import distill, load_states, states_dir
 
     model, tok = tiny_llama(), CharTokenizer()
     cfg = _distill_cfg(tmp_path, prompts_file)
@@ -159,6 +159,26 @@ def test_states_kept_by_distill_replace_the_backbone_pass(tmp_path, prompts_file
     calls.clear()
     m1.build_cache(model, examples, tmp_path / "other", batch_size=3, states=folder, model_name="another-model")
     assert sum(s[0] for s in calls) == sum(len(v) for v in examples.values()), "another model's states are unused"
+    calls.clear()  # the same name, other weights (a fine-tune saved over the folder): its states are unused too
+    from exporter.heads import backbone_fingerprint
+
+    assert load_states(folder, records[1]["id"])[3] == backbone_fingerprint(model)
+    m1.build_cache(model, examples, tmp_path / "retuned", batch_size=3, states=folder, model_name="tiny",
+                   weights="0" * 16)  # fmt: skip
+    assert sum(s[0] for s in calls) == sum(len(v) for v in examples.values()), "other weights' states are unused"
+    # medusa-train medusa1's cache: new weights saved over the same folder rebuild it, without their old states
+    calls.clear()
+    m1.prepare_cache(model, "same-folder", cfg.out, tmp_path / "cache", 64, model_name="tiny")
+    assert [s[0] for s in calls] == [1], "the kept states of these weights fill the cache (but the one removed)"
+    calls.clear()
+    m1.prepare_cache(model, "same-folder", cfg.out, tmp_path / "cache", 64, model_name="tiny")
+    assert calls == [], "the same weights reuse the cache"
+    retuned = tiny_llama()
+    with torch.no_grad():
+        for p in retuned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    m1.prepare_cache(retuned, "same-folder", cfg.out, tmp_path / "cache", 64, model_name="tiny")
+    assert sum(s[0] for s in calls) == sum(len(v) for v in examples.values()), "new weights: rebuilt, no old states"
     for split in ("train", "heldout", "calib"):
         ref = np.asarray(m1.load_split(tmp_path / "ref", split, 2).hidden, dtype=np.float32)
         for name in ("kept", "mixed"):

@@ -115,7 +115,7 @@ def test_distill_on_an_engine_answers_greedily_and_keeps_the_states(tmp_path, ti
     for r in records:
         assert r["response_ids"] == hf_greedy(model, r["prompt_ids"], 10)[: len(r["response_ids"])]
         assert r["engine"] == str(tiny["artifact"]) and r["finish"] in ("eos", "length")
-        first, name, kept = load_states(states_dir(cfg.out), r["id"])
+        first, name, kept, _ = load_states(states_dir(cfg.out), r["id"])
         assert name == "tiny"
         tokens = torch.tensor([r["prompt_ids"] + r["response_ids"][:-1]])
         ref = last_hidden(model, tokens)[0, first:].float().numpy()

@@ -47,7 +47,19 @@ def free_port():
 
 def served(reader):
     port = free_port()
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", art, "--port", str(port), "--max-batch", "16", "--threads", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runtime.cli",
+        "serve",
+        art,
+        "--port",
+        str(port),
+        "--max-batch",
+        "16",
+        "--threads",
+        "2",
+    ]
     cmd += ["--plain"] if plain else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -71,8 +83,13 @@ def served(reader):
 
 
 def bare(url, p):
-    body = {"messages": [{"role": "user", "content": p}], "max_tokens": N, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": p}],
+        "max_tokens": N,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     used = 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
@@ -86,16 +103,26 @@ def bare(url, p):
 def client(url, p):
     c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     used = 0
-    for chunk in c.chat.completions.create(model="smollm2-135m-medusa", messages=[{"role": "user", "content": p}],
-                                           max_tokens=N, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}):
+    for chunk in c.chat.completions.create(
+        model="smollm2-135m-medusa",
+        messages=[{"role": "user", "content": p}],
+        max_tokens=N,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.usage:
             used = chunk.usage.completion_tokens
     return used
 
 
-for name, fn in [("offline", offline), ("server, httpx", lambda: served(bare)),
-                 ("server, openai", lambda: served(client))]:
+for name, fn in [
+    ("offline", offline),
+    ("server, httpx", lambda: served(bare)),
+    ("server, openai", lambda: served(client)),
+]:
     toks, secs = fn()
-    print(f"{'plain' if plain else 'medusa'} {name:16s} {toks / secs:7.1f} tok/s  {1000 * secs / toks:5.1f} ms/token",
-          flush=True)
+    print(
+        f"{'plain' if plain else 'medusa'} {name:16s} {toks / secs:7.1f} tok/s  {1000 * secs / toks:5.1f} ms/token",
+        flush=True,
+    )
