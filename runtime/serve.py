@@ -41,7 +41,9 @@ Request forms other OpenAI-compatible servers take are taken too: null for ``tem
 of text parts (joined by newlines), the ``developer`` role (the template's ``system``), any integer
 ``seed`` (a negative one seeds as ``seed mod 2**64``), a list of prompts (texts or token-id lists:
 prompt ``p``'s choice ``j`` is choice ``p * n + j``, as OpenAI's),
-``GET /v1/models/{id}``, and a JSON body whatever its Content-Type (``curl -d`` sends form encoding).
+``GET /v1/models/{id}``, a JSON body whatever its Content-Type (``curl -d`` sends form encoding), and
+OpenAI's fields this server has no use for at the values that ask for nothing (``logit_bias: {}``,
+``tools: []``, ...; any other value is a 400 naming the field as unsupported).
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
@@ -538,18 +540,30 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         user: str | None = None
         presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
         frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+        # OpenAI's fields this server has no use for, taken at the values that ask for nothing (clients
+        # send them so); any other value is a 400 naming the field (unsupported), not "unknown field"
+        logit_bias: dict[str, float] | None = None
+        metadata: dict[str, str] | None = None
+        store: bool | None = None  # nothing is stored either way
+        service_tier: str | None = None
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(None, ge=1)
         logprobs: bool | None = None
         top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+        response_format: dict[str, Any] | None = None
+        tools: list[dict[str, Any]] | None = None
+        tool_choice: str | dict[str, Any] | None = None
+        parallel_tool_calls: bool | None = None
 
     class CompletionRequest(Common):
         prompt: str | list[int] | list[str] | list[list[int]]  # lists of texts / of token-id lists: several prompts
         max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
         echo: bool | None = False
         logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+        best_of: int | None = Field(None, ge=1)
+        suffix: str | None = None
 
     made = threading.Lock()
 
@@ -641,6 +655,25 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         return ApiError(404, f"the model {name!r} does not exist: this server serves {model_name!r}", param="model",
                         code="model_not_found")  # fmt: skip
 
+    unsupported = (  # (field, what it asks for, whether a request asks for it)
+        ("logit_bias", "logit_bias (biasing tokens)", lambda r: bool(r.logit_bias)),
+        ("response_format", 'response_format other than {"type": "text"} (structured output)',
+         lambda r: getattr(r, "response_format", None) not in (None, {"type": "text"})),
+        ("tools", "tools (function calling)", lambda r: bool(getattr(r, "tools", None))),
+        ("tool_choice", "tool_choice (function calling)",
+         lambda r: getattr(r, "tool_choice", None) not in (None, "none", "auto")),
+        ("best_of", "best_of other than n (every choice is returned)",
+         lambda r: getattr(r, "best_of", None) not in (None, r.n or 1)),
+        ("suffix", "suffix (insertion)", lambda r: bool(getattr(r, "suffix", None))),
+    )  # fmt: skip
+
+    def refuse_unsupported(req) -> None:
+        """A field of OpenAI's API this server does not implement, set to ask for something: a 400
+        naming it (at its "nothing asked" value it is taken: see Common)."""
+        for name, what, asks in unsupported:
+            if asks(req):
+                raise ApiError(400, f"{what} is not supported by this server", param=name, code="unsupported_parameter")
+
     def prompts_of(prompt) -> list:
         """The request's prompts: a text, token ids or a chat's messages is one; a list of texts or
         of token-id lists (OpenAI's batched completions, as evaluation harnesses send) is several."""
@@ -654,6 +687,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         thread (tokenizing a long prompt must not hold up the event loop)."""
         if req.model not in (None, model_name):
             raise unknown_model(req.model)
+        refuse_unsupported(req)
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
         if param == "messages" and not any(m["content"] for m in prompt):  # as /v1/completions refuses ""
             raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)

@@ -414,6 +414,52 @@ def test_openai_request_forms_other_servers_accept(gen, served):
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
 
 
+def test_openai_fields_without_a_use_here_are_taken_at_their_neutral_values_and_refused_otherwise(gen):
+    """Fields clients send at values that ask for nothing (logit_bias {}, response_format text,
+    tools [], tool_choice "none", metadata, store, service_tier, parallel_tool_calls; completions'
+    best_of = n and an empty suffix) are served as if absent; asking for what they control is a
+    400 naming the field as unsupported (not as unknown)."""
+    base = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
+    with running(gen) as url:
+        want = httpx.post(f"{url}/v1/chat/completions", json=base, timeout=60).json()["choices"][0]["message"]
+        neutral = {
+            "logit_bias": {},
+            "response_format": {"type": "text"},
+            "tools": [],
+            "tool_choice": "none",
+            "parallel_tool_calls": True,
+            "metadata": {"team": "a"},
+            "store": False,
+            "service_tier": "auto",
+        }
+        r = httpx.post(f"{url}/v1/chat/completions", json={**base, **neutral}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"] == want, r.text
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={
+                "prompt": "Once upon",
+                "max_tokens": 4,
+                "temperature": 0,
+                "n": 2,
+                "best_of": 2,
+                "suffix": "",
+                "logit_bias": None,
+            },
+        )
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+        asks = [("/v1/chat/completions", {**base, "logit_bias": {"42": 5}}, "logit_bias"),
+                ("/v1/chat/completions", {**base, "response_format": {"type": "json_object"}}, "response_format"),
+                ("/v1/chat/completions", {**base, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                ("/v1/chat/completions", {**base, "tool_choice": "required"}, "tool_choice"),
+                ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
+                ("/v1/completions", {"prompt": "Hi", "suffix": " the end"}, "suffix")]  # fmt: skip
+        for path, body, field in asks:
+            r = httpx.post(f"{url}{path}", json=body, timeout=60)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == field and err["code"] == "unsupported_parameter", r.text
+            assert "is not supported by this server" in err["message"], err
+
+
 def test_a_stream_keeps_its_created_stamp_and_carries_usage_null_until_the_last_chunk(gen, served):
     with running(served) as url:
         body = {"messages": CHAT, "max_tokens": 12, "temperature": 0, "stream": True,
