@@ -596,8 +596,8 @@ def sliding_window(config) -> int | None:
 
 
 def check_heads_backbone(heads, model) -> None:
-    """A warning where the heads' meta records another backbone than ``model`` (exporter.heads.
-    backbone_fingerprint): the export is right, and slow (the drafts seldom accepted)."""
+    """A warning where the heads' meta records another backbone than ``model`` (see
+    exporter.heads.backbone_fingerprint): the export is right, and slow (the drafts seldom accepted)."""
     from exporter.heads import backbone_fingerprint
 
     trained_on = heads.config.meta.get("backbone_fingerprint")

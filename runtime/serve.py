@@ -83,7 +83,7 @@ MAX_BODY_BYTES = 32 << 20  # a request body declaring more is refused (413) befo
 DISCONNECT_POLL_S = 0.25  # how often a request that is not streamed checks that its client is still there
 CUT_SLACK_S = 2  # at shutdown, after --graceful-timeout: time for the requests cut off to send their errors
 GIB = 1 << 30
-CACHE_MEMORY_SHARE = 0.9  # of the memory free after loading, what a full batched KV cache may take
+CACHE_MEMORY_SHARE = 0.9  # of the memory free after loading, what the KV caches at their peak may take
 API_PARAMS = {"max_new_tokens": "max_tokens"}  # the generator's arguments the API names otherwise
 SEED_MODULUS = 1 << 64  # a negative seed (OpenAI takes any integer) seeds as seed mod 2**64
 
