@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ARTIFACT",
         help="generate on this exported artifact's ONNX Runtime engine (--batch-size sequences batched "
-        "per call; ~3x torch's speed on a CPU; hidden states are then computed by medusa1), not torch",
+        "per call; ~3x torch's speed on a CPU; the hidden states then by one causal pass per answer on the same "
+        "engine), not torch",
     )
     sp.set_defaults(func=_distill)
 
