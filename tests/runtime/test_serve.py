@@ -768,6 +768,34 @@ def test_a_cache_memory_cannot_hold_is_refused_at_startup_naming_what_fits(tiny,
         assert "--max-batch 1 or less" in err, err  # one request's peak fits in half of three's
 
 
+@pytest.mark.parametrize(
+    "files, want",
+    [
+        ({"/proc/meminfo": "MemTotal: 9 kB\nMemAvailable: 8388608 kB\n"}, 8 << 30),  # no cgroup files
+        ({"/proc/meminfo": "MemAvailable: 8388608 kB\n", "/sys/fs/cgroup/memory.max": "max\n",
+          "/sys/fs/cgroup/memory.current": "1073741824\n"}, 8 << 30),  # cgroup v2 without a limit
+        ({"/proc/meminfo": "MemAvailable: 8388608 kB\n", "/sys/fs/cgroup/memory.max": str(4 << 30),
+          "/sys/fs/cgroup/memory.current": str(1 << 30)}, 3 << 30),  # a container's limit: less than the host's
+        ({"/proc/meminfo": "MemAvailable: 8388608 kB\n", "/sys/fs/cgroup/memory/memory.limit_in_bytes": str(2 << 30),
+          "/sys/fs/cgroup/memory/memory.usage_in_bytes": str(1 << 30)}, 1 << 30),  # cgroup v1
+        ({"/sys/fs/cgroup/memory.max": str(4 << 30), "/sys/fs/cgroup/memory.current": str(5 << 30)}, 0),  # over it
+        ({}, None),  # nothing readable (not Linux)
+    ],
+)  # fmt: skip
+def test_available_memory_is_the_least_of_memavailable_and_a_cgroup_limit(monkeypatch, files, want):
+    import io
+
+    import runtime.serve
+
+    def fake_open(path, *args, **kwargs):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(runtime.serve, "open", fake_open, raising=False)
+    assert runtime.serve.available_memory() == want
+
+
 def test_port_0_serves_on_a_free_port_the_banner_names(tiny, repo_root):
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     proc = subprocess.Popen(
