@@ -324,11 +324,12 @@ def export_options(args: argparse.Namespace):
 
 def preflight(folder: Path, options) -> None:
     """What a model folder's small files tell, before minutes of loading: a supported architecture,
-    a tokenizer, and a ``--max-context`` the model holds."""
+    weights, a tokenizer, and a ``--max-context`` the model holds."""
     from exporter.export import fitting_context
-    from exporter.models import check_architecture, check_tokenizer
+    from exporter.models import check_architecture, check_tokenizer, check_weights
 
     check_architecture(folder)
+    check_weights(folder)
     check_tokenizer(folder)
     if options.max_context is not None:
         from transformers import AutoConfig

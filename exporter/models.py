@@ -57,6 +57,18 @@ def check_architecture(folder: Path) -> dict:
     return cfg
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")  # what from_pretrained reads into torch
+
+
+def check_weights(folder: Path) -> None:
+    """The folder holds weights transformers loads into torch, named before anything loads."""
+    if not any(any(Path(folder).glob(pattern)) for pattern in WEIGHT_FILES):
+        raise MedusaError(
+            f"cannot load the model {folder}: it holds no weights ({' or '.join(WEIGHT_FILES)}); copy them from the "
+            "model's repository into the folder"
+        )
+
+
 def check_tokenizer(folder: Path) -> None:
     """The folder holds a tokenizer transformers loads (the artifact ships one), named before the
     weights load: whatever its files (tokenizer.json, a SentencePiece or tiktoken model, tekken.json)."""

@@ -220,7 +220,7 @@ def test_folder_without_weights(tmp_path, model_folder, capsys):
     folder.mkdir()
     (folder / "config.json").write_text((model_folder / "config.json").read_text())
     code, _, err = run_cli([folder, "--fresh-heads", "2", "-o", tmp_path / "out"], capsys)
-    assert_user_error(code, err, "cannot load the model")
+    assert_user_error(code, err, "cannot load the model", "holds no weights")
 
 
 def test_missing_heads_and_bad_options(model_folder, tmp_path, capsys, monkeypatch):
