@@ -326,7 +326,7 @@ def preflight(folder: Path, options) -> None:
     """What a model folder's small files tell, before minutes of loading: a supported architecture,
     weights, a tokenizer, and a ``--max-context`` the model holds."""
     from exporter.export import fitting_context
-    from exporter.models import check_architecture, check_tokenizer, check_weights
+    from exporter.models import cause, check_architecture, check_tokenizer, check_weights
 
     check_architecture(folder)
     check_weights(folder)
@@ -337,8 +337,7 @@ def preflight(folder: Path, options) -> None:
         try:
             config = AutoConfig.from_pretrained(str(folder))
         except Exception as e:  # a config transformers cannot read: the load would say the same, later
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MedusaError(f"cannot read {folder / 'config.json'}: {type(e).__name__}: {first[:300]}") from None
+            raise MedusaError(f"cannot read {folder / 'config.json'}: {cause(e)}") from None
         fitting_context(options.max_context, config)
 
 
@@ -347,7 +346,7 @@ def run(args: argparse.Namespace) -> Path:
 
     from exporter.export import check_options, check_out_dir, export_artifact, progress
     from exporter.heads import first_heads, fresh_heads, load_heads
-    from exporter.models import DEFAULT_MODEL, load_backbone, resolve_model
+    from exporter.models import DEFAULT_MODEL, cause, load_backbone, resolve_model
 
     options = export_options(args)
     check_options(options)
@@ -376,8 +375,7 @@ def run(args: argparse.Namespace) -> Path:
         except MedusaError:
             raise
         except Exception as e:  # a folder transformers cannot read (truncated weights, a bad config): the user's
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise MedusaError(f"cannot load the model {args.model}: {type(e).__name__}: {first[:300]}") from None
+            raise MedusaError(f"cannot load the model {args.model}: {cause(e)}") from None
     options.source_model_path = str(Path(folder).resolve())
     c = model.config
     with progress("loading the Medusa heads" if heads_path else f"creating {args.fresh_heads} fresh heads"):

@@ -69,6 +69,12 @@ def check_weights(folder: Path) -> None:
         )
 
 
+def cause(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` of an exception from a library (transformers' are long)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def check_tokenizer(folder: Path) -> None:
     """The folder holds a tokenizer transformers loads (the artifact ships one), named before the
     weights load: whatever its files (tokenizer.json, a SentencePiece or tiktoken model, tekken.json)."""
@@ -77,9 +83,8 @@ def check_tokenizer(folder: Path) -> None:
     try:
         AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # transformers says why in many ways (OSError, ValueError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise MedusaError(
-            f"{folder} has no tokenizer transformers can load ({type(e).__name__}: {first[:200]}): copy the "
+            f"{folder} has no tokenizer transformers can load ({cause(e, 200)}): copy the "
             "tokenizer files from the model's repository into the folder"
         ) from None
 

@@ -84,7 +84,6 @@ DISCONNECT_POLL_S = 0.25  # how often a request that is not streamed checks that
 CUT_SLACK_S = 2  # at shutdown, after --graceful-timeout: time for the requests cut off to send their errors
 GIB = 1 << 30
 CACHE_MEMORY_SHARE = 0.9  # of the memory free after loading, what the KV caches at their peak may take
-API_PARAMS = {"max_new_tokens": "max_tokens"}  # the generator's arguments the API names otherwise
 SEED_MODULUS = 1 << 64  # a negative seed (OpenAI takes any integer) seeds as seed mod 2**64
 
 
@@ -192,11 +191,12 @@ def cache_peak(gen, max_batch: int):
         return None
     import numpy as np
 
-    from runtime.onnxrt import START_CAPACITY
+    from runtime.onnxrt import _NP_DTYPES, START_CAPACITY
 
     spec = gen.config.model
-    itemsize = np.dtype(np.float16 if gen.config.dtype == "float16" else np.float32).itemsize
-    per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * itemsize
+    per_token = (
+        spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * np.dtype(_NP_DTYPES[gen.config.dtype]).itemsize
+    )
     peak = lambda n, c: per_token * ((n - 1) * c + grown_positions(c, START_CAPACITY))
     return peak, max_batch, backend.max_context
 
@@ -731,6 +731,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         jobs = []
         for text, ids in zip(prompts, encoded):
             room = gen.backend.max_context - len(ids)
+            budget = 1 if score_only else min(limit, room) if limit else room
             # token ids echo with their special tokens shown, as a prompt string shows them (text_offset counts them)
             echoed = (
                 (text if isinstance(text, str) else gen.tokenizer.decode(ids, skip_special_tokens=False))
@@ -739,17 +740,11 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             )
             for j in range(n):  # choice j: seed + j, so a seed reproduces every choice and they differ
                 seed = None if req.seed is None else (req.seed + j) % SEED_MODULUS
-                args = {
-                    **kwargs,
-                    "seed": seed,
-                    "max_new_tokens": 1 if score_only else min(limit, room) if limit else room,
-                }
                 try:  # the generator checks its arguments here, before the request takes a queue slot
-                    stream = gen.stream(ids, **args)
-                except MedusaError as e:  # the argument it names, as the API calls it
+                    stream = gen.stream(ids, **kwargs, seed=seed, max_new_tokens=budget)
+                except MedusaError as e:  # the request field it names (stop, temperature, ...), where it does
                     named = str(e).split(" ", 1)[0]
-                    field_name = API_PARAMS.get(named, named if named in type(req).model_fields else None)
-                    raise ApiError(400, str(e), param=field_name) from None
+                    raise ApiError(400, str(e), param=named if named in type(req).model_fields else None) from None
                 jobs.append(Job(ids, stream, loop, asyncio.Queue(), echo=echoed, score_only=score_only,
                                 stops=stops, first_choice=j == 0))  # fmt: skip
         return jobs
