@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import threading
@@ -201,29 +202,34 @@ def cache_peak(gen, max_batch: int):
     return peak, max_batch, backend.max_context
 
 
-def check_cache_memory(gen, max_batch: int, available: int | None) -> str:
+def check_cache_memory(gen, max_batch: int, available: int | None, replicas: int = 1) -> str:
     """The server's KV caches at their peak (every request a whole context; see cache_peak)
     against the memory ``available`` after the weights loaded: more than ``CACHE_MEMORY_SHARE``
     of it is refused at startup, naming the ``--max-context`` / ``--max-batch`` that fit, rather
-    than the kernel killing the server once the requests run long. Returns the banner's note
-    ("" where the caches are not in host memory)."""
+    than the kernel killing the server once the requests run long. ``replicas``: the Ray Serve
+    replicas sharing this machine's memory, each checked against its share (1 / ``replicas``), and
+    the error names the most replicas that fit too. Returns the banner's note ("" where the caches
+    are not in host memory)."""
     found = cache_peak(gen, max_batch)
     if found is None:
         return ""
     peak, n, context = found
     need = peak(n, context)
     note = f"KV cache up to {need / GIB:.1f} GiB ({n} x {context} tokens)"
-    if available is None or need <= available * CACHE_MEMORY_SHARE:
+    if available is None or need * replicas <= available * CACHE_MEMORY_SHARE:
         return note
-    room = available * CACHE_MEMORY_SHARE
+    room = available * CACHE_MEMORY_SHARE / replicas
     fits_context = _largest(lambda c: peak(n, c) <= room, context)
     fits_batch = _largest(lambda b: peak(b, context) <= room, n)
+    fits_replicas = _largest(lambda r: need * r <= room * replicas, replicas - 1)
     ways = [f"--max-context {fits_context} or less"] if fits_context else []
-    ways += [f"--max-batch {fits_batch} or less"] if fits_batch else ([] if ways else ["free memory"])
+    ways += [f"--max-batch {fits_batch} or less"] if fits_batch else []
+    ways += [f"--ray-replicas {fits_replicas} or fewer"] if fits_replicas else []
+    shared = f", shared by {replicas} replicas" if replicas > 1 else ""
     raise ConfigError(
         f"--max-batch {n} x --max-context {context}: the KV cache reaches {need / GIB:.1f} GiB once every request "
         f"holds a whole context, and {available / GIB:.1f} GiB is free ({CACHE_MEMORY_SHARE:.0%} of it for the "
-        f"cache): use {' or '.join(ways)}"
+        f"cache{shared}): use {' or '.join(ways or ['free memory'])}"
     )
 
 
@@ -1115,6 +1121,11 @@ def ray_application(artifact: str, model_name: str, replicas: int, load: dict, m
 
     def build():
         gen = load_for_serving(artifact, max_batch, batching, **load)
+        try:  # each replica's caches against its share of the node's memory (all on one node: the worst case)
+            check_cache_memory(gen, max_batch, available_memory(), replicas)
+        except ConfigError:
+            gen.close()
+            raise
         return create_app(gen, model_name, max_batch, max_queue, decode)
 
     deployment = ray_serve.deployment(
@@ -1125,6 +1136,18 @@ def ray_application(artifact: str, model_name: str, replicas: int, load: dict, m
         ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_replica},
     )
     return deployment.bind()  # type: ignore[attr-defined]
+
+
+def replica_error(status) -> str | None:
+    """The last line of the exception a failed replica's constructor raised (Ray Serve keeps its
+    traceback in the deployment's status message), or None where no deployment failed so."""
+    for app in status.applications.values():
+        for deployment in app.deployments.values():
+            found = re.findall(r"^([\w.]+): (.+)$", deployment.message or "", flags=re.M)
+            if found:
+                kind, text = found[-1]
+                return text if kind.startswith("runtime.errors.") else f"{kind.rsplit('.', 1)[-1]}: {text}"
+    return None
 
 
 def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: str = "127.0.0.1",
@@ -1147,7 +1170,13 @@ def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: s
         ray_serve.start(http_options={"host": host, "port": port})
         app = ray_application(artifact, model_name, replicas, load, max_batch, max_queue, decode, gpus_per_replica,
                               batching)  # fmt: skip
-        ray_serve.run(app, name="medusa", route_prefix="/")
+        try:
+            ray_serve.run(app, name="medusa", route_prefix="/")
+        except RuntimeError:  # "Deploying application medusa failed": the replica's own error is in its status
+            why = replica_error(ray_serve.status())
+            if why is None:
+                raise
+            raise MedusaError(f"the Ray Serve replicas failed to start: {why}") from None
         log.info("serving %s on http://%s:%d/v1 with %d Ray Serve replicas", model_name, host, port, replicas)
         print(f"ready: {replicas} replicas behind Ray's HTTP proxy on http://{host}:{port}/v1", flush=True)
         stop.wait()

@@ -768,6 +768,47 @@ def test_a_cache_memory_cannot_hold_is_refused_at_startup_naming_what_fits(tiny,
         assert "--max-batch 1 or less" in err, err  # one request's peak fits in half of three's
 
 
+def test_ray_replicas_share_the_memory_each_checks_its_cache_against(tiny):
+    """Ray Serve replicas on one node share its memory: each replica's cache peak is checked
+    against its share, and the error names the most replicas that fit as well."""
+    import runtime
+    from runtime.errors import ConfigError
+    from runtime.serve import CACHE_MEMORY_SHARE, cache_peak, check_cache_memory
+
+    small = runtime.load(tiny["artifact"], threads=1, max_batch=2, max_context=64)
+    try:
+        peak, n, context = cache_peak(small, 2)
+        need = peak(n, context)
+        free = int(need * 2.5 / CACHE_MEMORY_SHARE)  # two replicas' caches fit, three do not
+        assert "KV cache up to" in check_cache_memory(small, 2, free, replicas=2)
+        with pytest.raises(ConfigError) as e:
+            check_cache_memory(small, 2, free, replicas=3)
+        assert "shared by 3 replicas" in str(e.value) and "--ray-replicas 2 or fewer" in str(e.value), e.value
+        assert "--max-batch 1 or less" in str(e.value), e.value  # one slot's peak fits in a third of 2.5 caches
+        with pytest.raises(ConfigError) as e:  # one replica never fits: no --ray-replicas advice
+            check_cache_memory(small, 2, int(need / 2 / CACHE_MEMORY_SHARE), replicas=4)
+        assert "--ray-replicas" not in str(e.value), e.value
+    finally:
+        small.close()
+
+
+def test_a_failed_replicas_own_error_is_read_from_ray_serves_status():
+    """Ray Serve's ``run`` says only that the deployment failed; the replica's exception is the
+    last line of the traceback in the deployment's status message."""
+    from types import SimpleNamespace as NS
+
+    from runtime.serve import replica_error
+
+    def status(message):
+        return NS(applications={"medusa": NS(deployments={"medusa": NS(message=message)})})
+
+    trace = ("The deployment failed to start 3 times in a row.\nRuntimeError: Traceback (most recent call last):\n"
+             '  File "x.py", line 8, in build\n    raise ConfigError("a: b")\n')  # fmt: skip
+    assert replica_error(status(trace + "runtime.errors.ConfigError: --max-batch 8: use b")) == "--max-batch 8: use b"
+    assert replica_error(status(trace + "onnxruntime.capi.InvalidProtobuf: bad file")) == "InvalidProtobuf: bad file"
+    assert replica_error(status("")) is None and replica_error(status(None)) is None
+
+
 @pytest.mark.parametrize(
     "files, want",
     [

@@ -64,3 +64,23 @@ def test_two_replicas_behind_rays_proxy_answer_like_offline_generate(tiny, gen, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_replicas_that_fail_to_start_are_one_line_naming_their_error(tiny, tmp_path, repo_root):
+    """A replica that cannot start (here: its graphs are not ONNX) fails the command with the
+    replica's own error on one line, and Ray is shut down; Ray Serve's own message only says
+    that the deployment failed."""
+    import shutil
+
+    art = tmp_path / "broken"
+    shutil.copytree(tiny["artifact"], art)
+    for graph in art.glob("*.onnx"):
+        graph.write_bytes(b"not a graph")
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", str(art), "--ray-replicas", "2",
+           "--port", str(free_port()), "--threads", "1"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if "the Ray Serve replicas failed to start" in line]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "ready:" not in done.stdout
