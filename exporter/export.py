@@ -595,15 +595,13 @@ def sliding_window(config) -> int | None:
     return min(windows) if windows else None
 
 
-def check_heads_backbone(heads, model) -> None:
-    """A warning where the heads' meta records another backbone than ``model`` (see
-    exporter.heads.backbone_fingerprint): the export is right, and slow (the drafts seldom accepted)."""
-    from exporter.heads import backbone_fingerprint
-
+def check_heads_backbone(heads, here: str) -> None:
+    """A warning where the heads' meta records another backbone than the one exported, whose
+    fingerprint is ``here`` (exporter.heads.backbone_fingerprint): the export is right, and slow
+    (the drafts seldom accepted)."""
     trained_on = heads.config.meta.get("backbone_fingerprint")
     if trained_on is None:  # fresh heads, or heads trained before the fingerprint was recorded
         return
-    here = backbone_fingerprint(model)
     if trained_on != here:
         log.warning(
             "the Medusa heads were trained on another backbone (%s, fingerprint %s; this one's is %s): the output "
@@ -679,7 +677,10 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
             f"Medusa heads (hidden {heads.config.hidden_size}, vocabulary {heads.config.vocab_size}) do not fit the "
             f"backbone (hidden {model.config.hidden_size}, vocabulary {model.config.vocab_size})"
         )
-    check_heads_backbone(heads, model)
+    from exporter.heads import backbone_fingerprint
+
+    fingerprint = backbone_fingerprint(model)  # recorded: states computed on this engine name their weights
+    check_heads_backbone(heads, fingerprint)
     tree = resolve_tree(options, heads.config.num_heads, model.config.vocab_size)
     sampling_tree = (
         None
@@ -781,6 +782,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                     if options.source_model
                     else getattr(model.config, "_name_or_path", None),
                     "source_model_path": _source_path(options),
+                    "backbone_fingerprint": fingerprint,
                     "heads": {
                         "num_heads": heads.config.num_heads,
                         "num_layers": heads.config.num_layers,

@@ -70,8 +70,8 @@ def states_dir(out: Path) -> Path:
 
 def save_states(folder: Path, record_id: str, model: str, first: int, hidden, weights: str = "") -> None:
     """``first``: position of ``hidden[0]``; ``weights``: the backbone's fingerprint
-    (exporter.heads.backbone_fingerprint; "" where unknown: states an engine computed); written
-    to a temp name then renamed (never torn)."""
+    (exporter.heads.backbone_fingerprint; "" where unknown: states from an engine exported before
+    artifacts recorded it); written to a temp name then renamed (never torn)."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -450,10 +450,20 @@ def keep_states_on_engine(engine: Path, records: list[dict], out: Path, model: s
     from tqdm import tqdm
 
     import runtime
+    from runtime.artifact import read_artifact
     from training.data import first_cached_position
 
     folder = states_dir(out)
-    todo = [r for r in records if load_states(folder, r["id"]) is None and r["response_ids"]]
+    # the exported backbone's fingerprint ("" for artifacts before it was recorded): states kept from
+    # other weights (a re-export into the same folder) are computed again, and training reuses these
+    # only for the backbone they came from
+    weights = read_artifact(engine).provenance.get("backbone_fingerprint", "")
+
+    def kept(r) -> bool:
+        found = load_states(folder, r["id"])
+        return found is not None and not (weights and found[3] and found[3] != weights)
+
+    todo = [r for r in records if not kept(r) and r["response_ids"]]
     if not todo:
         return 0
     gen = runtime.load(engine, threads=threads)
@@ -474,7 +484,7 @@ def keep_states_on_engine(engine: Path, records: list[dict], out: Path, model: s
                 backend.commit(np.arange(m))
                 rows.append(backend.hidden_states())
                 s += m
-            save_states(folder, r["id"], model, first, np.concatenate(rows)[first:])
+            save_states(folder, r["id"], model, first, np.concatenate(rows)[first:], weights)
             bar.update(len(tokens))
         bar.close()
     finally:

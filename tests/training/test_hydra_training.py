@@ -100,7 +100,8 @@ def test_distill_on_an_engine_answers_greedily_and_keeps_the_states(tmp_path, ti
     from conftest import hf_greedy
     from transformers import AutoTokenizer
 
-    from training.distill import DistillConfig, distill, load_states, states_dir
+    from exporter.heads import backbone_fingerprint
+    from training.distill import DistillConfig, distill, keep_states_on_engine, load_states, save_states, states_dir
     from training.medusa1 import last_hidden
 
     tok = AutoTokenizer.from_pretrained(str(tiny["artifact"]))
@@ -115,9 +116,15 @@ def test_distill_on_an_engine_answers_greedily_and_keeps_the_states(tmp_path, ti
     for r in records:
         assert r["response_ids"] == hf_greedy(model, r["prompt_ids"], 10)[: len(r["response_ids"])]
         assert r["engine"] == str(tiny["artifact"]) and r["finish"] in ("eos", "length")
-        first, name, kept, _ = load_states(states_dir(cfg.out), r["id"])
-        assert name == "tiny"
+        first, name, kept, weights = load_states(states_dir(cfg.out), r["id"])
+        assert name == "tiny" and weights == backbone_fingerprint(model)  # the artifact records its backbone's
         tokens = torch.tensor([r["prompt_ids"] + r["response_ids"][:-1]])
         ref = last_hidden(model, tokens)[0, first:].float().numpy()
         assert kept.shape == ref.shape
         np.testing.assert_allclose(kept.astype(np.float32), ref, atol=2e-2, rtol=1e-2)
+    # states kept from other weights (another backbone exported into the same folder) are computed again
+    first, name, kept, _ = load_states(states_dir(cfg.out), records[0]["id"])
+    save_states(states_dir(cfg.out), records[0]["id"], name, first, kept * 0, "0123456789abcdef")
+    assert keep_states_on_engine(tiny["artifact"], records, cfg.out, "tiny", threads=1) == 1
+    again = load_states(states_dir(cfg.out), records[0]["id"])
+    assert again[3] == backbone_fingerprint(model) and np.array_equal(again[2], kept)
