@@ -366,7 +366,7 @@ def _limits_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--max-tree-nodes",
         type=int,
         default=d.max_tree_nodes,
-        help="largest tree, root included (default: max(64, the tree's size))",
+        help="largest tree, root included (default: the tree's size or min(64, max_context - 1), the larger)",
     )
     p.add_argument(
         "--tree", default=d.tree, help="tree whose size is the verify opt (default: the artifact's default tree)"
