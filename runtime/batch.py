@@ -68,7 +68,7 @@ from runtime import checks
 from runtime.artifact import FUSED_CACHE_START, SCREEN_INPUT, SCREEN_NOISE, SCREEN_OUTPUTS, ArtifactConfig
 from runtime.backend import Backend, check_noise, draw_argmax, gives_back
 from runtime.decode import common_prefix, decode_steps
-from runtime.errors import ArtifactError, ContextLengthError, MedusaError
+from runtime.errors import ArtifactError, ContextLengthError, EngineError, MedusaError
 
 log = logging.getLogger("medusa_trt.runtime")
 
@@ -351,6 +351,7 @@ class BatchEngine:
         self._left: dict[int, float] = {}  # slot -> when its loop last handed a chunk to its consumer
         self._free = list(range(slots))
         self._closed = False
+        self.failure: EngineError | None = None  # what stopped the engine (_fail), if anything did
         self._chunk_turn = False
         # budgets: None (no limit), a list (budgets[k]: tokens per step when k + 1 sequences decode) or "auto"
         # (chosen from a cost profile of this graph, measured now, and the acceptance seen per row count)
@@ -419,7 +420,7 @@ class BatchEngine:
             if not self._cond.wait_for(lambda: self._free or self._closed, timeout):
                 raise MedusaError(f"no free slot in {timeout} s: all {self.slots} are decoding")
             if self._closed:
-                raise MedusaError("the batch engine is closed")
+                raise self._stopped()
             best, shared = self._choose_slot(prompt)
             index = self._free.pop(best)
             length = self._held[index][1]
@@ -620,10 +621,14 @@ class BatchEngine:
 
     # -- requests (sequence threads) -----------------------------------------------------
 
+    def _stopped(self) -> EngineError:
+        """What a request gets once the engine is closed: the failure that stopped it, if one did."""
+        return self.failure or EngineError("the batch engine is closed", stopped=True)
+
     def _submit(self, req: _Request) -> _Request:
         with self._section():
             if self._closed:
-                raise MedusaError("the batch engine is closed")
+                raise self._stopped()
             # one sequence decoding: its thread makes the call itself (two thread hops fewer a call);
             # a sequence that joins meanwhile goes through the engine thread, which waits for the call
             alone = self.slots - len(self._free) <= 1 and not self._pending
@@ -650,7 +655,7 @@ class BatchEngine:
                 self._cond.wait_for(lambda: self._pending or self._closed)
                 if self._closed:
                     for r in self._pending.values():
-                        r.error = MedusaError("the batch engine was closed")
+                        r.error = self._stopped()
                         r.done.set()
                     self._pending.clear()
                     return
@@ -667,17 +672,36 @@ class BatchEngine:
                 commits, self._commits = self._commits, []
             try:
                 self._apply(commits)
-                if run[0].kind == "heads":
-                    self._run_heads(run)
-                else:
-                    self._run_forward(run)
-            except BaseException as e:
-                if not isinstance(e, MedusaError):
-                    log.exception("batch engine: a call failed")
+            except BaseException as e:  # some sequences' caches now lack entries their lengths count
+                log.exception("batch engine: writing the KV cache failed; the engine stops")
+                self._fail(EngineError(f"the batch engine stopped: writing the KV cache failed ({type(e).__name__}: "
+                                       f"{e}); restart the server", stopped=True))  # fmt: skip
                 for r in run:
-                    r.error = e if isinstance(e, MedusaError) else MedusaError(f"engine call failed: {e}")
+                    r.error = self.failure
+            else:
+                try:
+                    if run[0].kind == "heads":
+                        self._run_heads(run)
+                    else:
+                        self._run_forward(run)
+                except BaseException as e:  # the call wrote no cache entry a length counts: the engine goes on
+                    if not isinstance(e, MedusaError):
+                        log.exception("batch engine: a call failed")
+                    for r in run:
+                        r.error = e if isinstance(e, MedusaError) else EngineError(f"engine call failed: {e}")
             for r in run:
                 r.done.set()
+
+    def _fail(self, error: EngineError) -> None:
+        """Stop the engine for good (fail-stop): every request waiting and every later one gets ``error``,
+        never a cache that lacks entries (runtime.serve's /health then answers 503)."""
+        with self._section():
+            self.failure, self._closed = error, True
+            for r in self._pending.values():
+                r.error = error
+                r.done.set()
+            self._pending.clear()
+            self._cond.notify_all()
 
     def _take(self) -> list[_Request]:
         """Under the lock: the requests of the next call. Head requests go at once (a heads call is

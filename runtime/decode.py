@@ -1114,10 +1114,32 @@ def _emit(out: list[int], emitted: list[int], cfg: DecodeConfig, stats: DecodeSt
 
 
 def _stop_string_cut(out, emitted, stops, decode_text) -> int | None:
-    """Smallest token count (within the new tokens) whose text contains a stop string."""
-    if not any(s in decode_text(out) for s in stops):
+    """Smallest token count (within the new tokens) whose text contains a stop string. Only a window
+    is decoded, the new tokens and enough before them to hold any stop string that ends in them, so a
+    step's cost does not grow with the answer (the whole answer decoded every step took 1.6 ms at
+    8,000 tokens for SmolLM2's tokenizer)."""
+    start = _stop_window(out, len(out) - len(emitted), stops, decode_text)
+    if not any(s in decode_text(out[start:]) for s in stops):
         return None
     for cut in range(len(out) - len(emitted) + 1, len(out) + 1):
-        if any(s in decode_text(out[:cut]) for s in stops):
+        if any(s in decode_text(out[start:cut]) for s in stops):
             return cut
     return len(out)
+
+
+def _stop_window(out, new: int, stops, decode_text) -> int:
+    """Where to start decoding so that the text before the new tokens (from ``new`` on) holds the
+    ``len(stop)`` characters a stop string ending in them can reach back, plus a margin for what a
+    window's first token loses (a stripped leading space, a character cut into replacement
+    characters): a token is at least a byte and a character at most 4, so 4 tokens a character, and
+    twice as far back while special tokens (no text) leave less. 0 where a stop holds a replacement
+    character (a cut character could make one)."""
+    reach = max(len(s) for s in stops) + 4
+    if any("\ufffd" in s for s in stops):
+        return 0
+    back = 4 * reach
+    while True:
+        start = max(0, new - back)
+        if start == 0 or len(decode_text(out[start:new])) >= reach:
+            return start
+        back *= 2

@@ -116,6 +116,15 @@ class ArtifactError(MedusaError):
     """An artifact folder is missing files or was written by an incompatible exporter."""
 
 
+class EngineError(MedusaError):
+    """An engine call failed, or (``stopped``) the engine is closed or stopped for good: the server's
+    fault, not the request's (the server answers 500, or 503 once the engine has stopped)."""
+
+    def __init__(self, message: str, stopped: bool = False):
+        super().__init__(message)
+        self.stopped = stopped
+
+
 class BackendUnavailableError(MedusaError):
     """An optional backend (TensorRT, ONNX Runtime CUDA, PyTorch) is not installed here."""
 

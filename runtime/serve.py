@@ -28,8 +28,9 @@ prompt is prefilled a chunk at a time between the others' steps), and each reque
 budget follows the load (a smaller tree, or plain steps, as more requests decode). Otherwise
 (``--batching interleave``, or int8/int4 and portable artifacts) the running requests take turns on the
 generator's one KV cache, one engine call per step (runtime/api.py's concurrency contract).
-Either way each request sees only its own sequence: greedy answers equal offline ``generate``
-and a seed reproduces a sampled answer. To scale out, ``--ray-replicas N`` serves the same app
+Either way each request sees only its own sequence: greedy answers equal offline ``generate``,
+and a seed reproduces a sampled answer (batched: where it runs alone; beside others the logits'
+last bits may differ, which a near-tie can turn into another token: runtime/batch.py). To scale out, ``--ray-replicas N`` serves the same app
 as a Ray Serve deployment of N processes behind Ray's HTTP proxy (:func:`serve_ray`). A client
 that disconnects frees its slot at the next step, streamed or not. On SIGTERM the server stops
 accepting connections, answers the queued requests 503 at once and lets the running ones finish
@@ -69,7 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from runtime.decode import MAX_LOGPROBS, check_fits
-from runtime.errors import ConfigError, ContextLengthError, MedusaError
+from runtime.errors import ConfigError, ContextLengthError, EngineError, MedusaError
 
 log = logging.getLogger("medusa_trt.runtime")
 
@@ -413,8 +414,9 @@ class Scheduler:
                     self.metrics.batch_size.set(self.active)
 
     def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():  # the client left while waiting
+        if job.cancelled.is_set():  # the client left while waiting: its handler still waits for an end
             job.stream.close()
+            job.send("done", None)
             return
         m = self.metrics
         stats = None
@@ -431,6 +433,10 @@ class Scheduler:
                         break
             finally:
                 stream.close()
+        except EngineError as e:  # the engine's fault, not the request's (the engine logged it)
+            code = "engine_stopped" if e.stopped else "engine_error"
+            job.send("error", ApiError(503 if e.stopped else 500, str(e), "server_error", code=code))
+            return
         except MedusaError as e:
             job.send("error", ApiError(400, str(e)))
             return
@@ -450,7 +456,7 @@ class Scheduler:
         """The start of a shutdown: refuse new requests (503) and answer the queued ones 503 at once;
         running ones go on (until :meth:`cut`; their threads are not joined: the graceful timeout
         bounds them). Idempotent."""
-        refused = []
+        refused, stops = [], 0
         with self._lock:
             self.closed = True
             while True:
@@ -458,8 +464,12 @@ class Scheduler:
                     job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if job is not None:
+                if job is None:
+                    stops += 1
+                else:
                     refused.append(job)
+            for _ in range(stops):  # a second call: the workers still busy have not read theirs yet
+                self._queue.put(None)
             self.waiting -= len(refused)
             self.metrics.queue_depth.set(self.waiting)
             if not self._stopped:
@@ -609,10 +619,48 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                                  code="request_too_large")  # fmt: skip
                     await error_response(scope["path"], e)(scope, receive, send)
                     return
+                if scope["method"] == "POST" and not size.isdigit():  # chunked: counted as it comes
+                    body = await self.read_capped(receive)
+                    if body is None:
+                        e = ApiError(413, f"the body is more than {MAX_BODY_BYTES:,} bytes: at most that is read",
+                                     code="request_too_large")  # fmt: skip
+                        await error_response(scope["path"], e)(scope, receive, send)
+                        return
+                    receive = self.replay(body, receive)
                 if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
                     rest = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
                     scope = {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
             await self.inner(scope, receive, send)
+
+        @staticmethod
+        async def read_capped(receive) -> bytes | None:
+            """The whole body, or None once it passes MAX_BODY_BYTES (the rest unread)."""
+            chunks, total = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left: an empty body (the handler sees it left)
+                    break
+                chunks.append(message.get("body", b""))
+                total += len(chunks[-1])
+                if total > MAX_BODY_BYTES:
+                    return None
+                if not message.get("more_body", False):
+                    break
+            return b"".join(chunks)
+
+        @staticmethod
+        def replay(body: bytes, receive):
+            """``receive`` that gives ``body`` first, then the client's next messages (a disconnect)."""
+            sent = False
+
+            async def again():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return again
 
     app.add_middleware(BodyGate)
 
@@ -792,7 +840,6 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            metrics.requests.labels(endpoint, "200").inc()
             return StreamingResponse(sse(request, jobs, rid, chat, include_usage, stamp),
                                      media_type="text/event-stream")  # fmt: skip
         choices = [Choice(i, job, chat, gen.tokenizer) for i, job in enumerate(jobs)]
@@ -846,6 +893,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                 await merged.put((c, kind, value))
 
         pumps = [asyncio.create_task(pump(c)) for c in choices]
+        # counted as it ends (the 200 status line went first): 200, the error's status, or 499 for a client that left
+        outcome = "499"
         try:
             if chat:
                 for c in choices:
@@ -856,6 +905,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                 if await request.is_disconnected():
                     return
                 if kind == "error":
+                    outcome = str(value.status)
                     yield f"data: {json.dumps(value.body())}\n\n"
                     return
                 for piece in c.take(kind, value):  # the decode statistics go with the finishing piece
@@ -863,8 +913,10 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
                 left -= kind == "done"
             if include_usage:
                 yield frame([], usage=usage(choices))
+            outcome = "200"
             yield "data: [DONE]\n\n"
         finally:  # finished, failed, or the client went away (the response task is cancelled)
+            metrics.requests.labels(request.url.path, outcome).inc()
             for task in pumps:
                 task.cancel()
             for job in jobs:
@@ -897,6 +949,9 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         s = scheduler(request.app)
         if s.closed:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        failure = getattr(getattr(gen, "engine", None), "failure", None)
+        if failure is not None:  # the batch engine stopped for good: an orchestrator restarts the server
+            return JSONResponse({"status": "engine failed", "error": str(failure)}, status_code=503)
         return {"status": "ok", "model": model_name, "running": s.active, "waiting": s.waiting,
                 "backend": getattr(gen, "backend_name", "onnxruntime"), "pid": os.getpid()}  # fmt: skip
 
@@ -935,8 +990,9 @@ class Choice:
         if hits:
             self._stopped, self._held = True, ""
             return buf[: min(hits)]
-        keep = 0 if final else max((k for stop in self.job.stops for k in range(1, len(stop)) if buf.endswith(stop[:k])),
-                                   default=0)  # fmt: skip
+        # (a tail no longer than the text: a stop of any length costs what the text does, not what the stop does)
+        keep = 0 if final else max((k for stop in self.job.stops for k in range(1, min(len(stop), len(buf) + 1))
+                                    if buf.endswith(stop[:k])), default=0)  # fmt: skip
         self._held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep]
 

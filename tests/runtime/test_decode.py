@@ -487,6 +487,50 @@ def test_stop_string_before_eos_in_the_same_step(reference):
     assert res.stats.accept_hist == {5: 1, 2: 1}  # what was emitted, not what the tree accepted
 
 
+def test_the_stop_check_decodes_a_window_and_finds_what_the_whole_text_shows():
+    """A step's stop check decodes the new tokens and a window before them, not the whole answer,
+    and cuts where decoding the whole answer would: tokens of 0 (special), 1 and several characters,
+    and of a character's first or last bytes (a replacement character decoded alone, as a byte-level
+    BPE decoder gives for a cut UTF-8 character)."""
+    import random
+
+    from runtime.decode import _stop_string_cut
+
+    pieces = {0: "", 1: "a", 2: "b", 3: "ab ", 4: "Human:", 5: "\n", 6: " ", 7: "\xe2", 8: "\x82\xac"}  # 7 + 8: €
+
+    def text(ids):
+        raw = "".join(pieces[t] for t in ids).encode("latin-1")
+        return raw.decode("utf-8", errors="replace")
+
+    def whole(out, emitted, stops):  # the check before the window: the whole answer each time
+        if not any(s in text(out) for s in stops):
+            return None
+        return next((c for c in range(len(out) - len(emitted) + 1, len(out) + 1)
+                     if any(s in text(out[:c]) for s in stops)), len(out))  # fmt: skip
+
+    # each stop with the tokens that spell it (and empty ones), so that stops reaching far back are common
+    cases = [(["Human:"], [4, 0, 5, 1]), (["ab b"], [3, 2, 1, 0, 6]), (["\n\n", "a a"], [5, 1, 6, 0]),
+             (["\u20ac a"], [7, 8, 6, 1, 0]), (["b" * 9], [2, 2, 2, 0]), ([" " + "a" * 3], [6, 1, 1, 0, 3])]  # fmt: skip
+    rng = random.Random(0)
+    widest = hits = 0
+    for _ in range(1500):
+        stops, alphabet = rng.choice(cases)
+        out: list[int] = []
+        for _ in range(rng.randint(1, 400)):  # an answer, up to where a stop first shows (if it does)
+            out.append(rng.choice(alphabet if rng.random() < 0.9 else list(pieces)))
+            if any(s in text(out[-40:]) for s in stops):
+                break
+        emitted = out[len(out) - rng.randint(1, min(6, len(out))) :]  # the last step's tokens
+        calls: list[int] = []
+        found = _stop_string_cut(out, emitted, stops, lambda ids, calls=calls: calls.append(len(ids)) or text(ids))
+        assert found == whole(out, emitted, stops), (stops, out, emitted)
+        widest, hits = max(widest, max(calls)), hits + (found is not None)
+    assert hits > 300, hits  # the stops were found, across the window's edge
+    out = [2] * 8 + [0] * 100 + [2]  # a stop's start far behind 100 special tokens: the window reaches it
+    assert _stop_string_cut(out, [2], ["b" * 9], text) == len(out)
+    assert widest < 150, widest  # answers of up to 400 tokens: a window, not the answer
+
+
 def test_stop_strings_need_decode_text(reference):
     """Without a decode_text callable stop strings cannot be seen; generation runs to the length."""
     model, prompt, ref = reference(0, {})

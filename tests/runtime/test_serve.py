@@ -413,6 +413,14 @@ def test_openai_request_forms_other_servers_accept(gen, served):
                          headers={"content-type": "application/json"})  # fmt: skip
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
 
+        def chunks(body: bytes, size: int = 1 << 20):  # no Content-Length: sent chunked
+            yield from (body[i : i + size] for i in range(0, len(body), size))
+
+        chunked = httpx.post(f"{url}/v1/completions", content=chunks(raw))
+        assert chunked.status_code == 200 and chunked.json()["choices"][0]["text"] == one.json()["choices"][0]["text"]
+        big = httpx.post(f"{url}/v1/completions", content=chunks(b"x" * (MAX_BODY_BYTES + 1)))
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large", big.text
+
 
 def test_openai_fields_without_a_use_here_are_taken_at_their_neutral_values_and_refused_otherwise(gen):
     """Fields clients send at values that ask for nothing (logit_bias {}, response_format text,
@@ -524,6 +532,24 @@ def test_shutdown_refuses_the_queued_at_once_and_cuts_the_running_with_an_error(
     assert not thread.is_alive()
 
 
+def test_a_client_that_leaves_while_queued_ends_its_request(gen, served):
+    """Not streamed, queued behind a running request when its client gives up: once a worker
+    reaches it, its handler ends (counted 499) instead of waiting for ever, so nothing is left
+    open for a shutdown to wait on."""
+    gate = threading.Event()
+    with running(Slowed(served, gate), max_batch=1, max_queue=4) as url:
+        body = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
+        first = threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
+        first.start()
+        _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 1)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)
+        gate.set()
+        first.join(60)
+        left = 'medusa_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0'
+        _wait(lambda: left in httpx.get(f"{url}/metrics").text, timeout=20)
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(gen, served):
     """One worker, a stream of 200 slowed steps: the client reads two chunks and leaves; the next
     request is served at once, and the first request stopped long before its 200 tokens."""
@@ -540,6 +566,14 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(gen, served):
         _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 0)
         tokens = _metric(httpx.get(f"{url}/metrics").text, "medusa_generated_tokens_total")
         assert tokens < 100  # the first stream's tokens (it stopped) + 4
+        whole = {**body, "max_tokens": 2}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=whole, timeout=60) as r:
+            assert list(r.iter_lines())[-2] == "data: [DONE]"
+        # a stream is counted as it ends (its 200 status line went first): the one that was left 499, the
+        # finished one 200 (with the request not streamed: 2)
+        want = [f'medusa_requests_total{{endpoint="/v1/chat/completions",status="{s}"}} {n}' for s, n in
+                (("499", "1.0"), ("200", "2.0"))]  # fmt: skip
+        _wait(lambda: all(line in httpx.get(f"{url}/metrics").text for line in want))
 
 
 def test_concurrent_sampled_requests_reproduce_their_seeds(gen, served):
@@ -640,6 +674,77 @@ def test_the_text_ends_before_a_stop_string_streamed_or_not(gen, served):
                     finish = chunk.choices[0].finish_reason or finish
             assert r.choices[0].message.content == "".join(streamed) == want, (stops, r.choices[0].message.content)
             assert r.choices[0].finish_reason == finish == ("length" if stops == "zzqq" else "stop")
+
+
+def test_engine_faults_are_server_errors_and_a_cache_write_failure_stops_the_engine(gen, tiny, monkeypatch):
+    """A failed engine call is the server's fault (500 engine_error, not a 400 that tells the
+    client not to retry) and the server goes on; a failed KV-cache write stops the batch engine for
+    good (fail-stop: 503 engine_stopped for that request and every later one, /health 503 for an
+    orchestrator to restart it), never a sequence decoding over a cache that lacks entries."""
+    import runtime
+
+    batched = runtime.load(tiny["artifact"], threads=1, max_batch=2)
+    engine = batched.engine
+    want = gen.generate(CHAT, max_new_tokens=4).text
+    try:
+        with running(batched, max_batch=2) as url:
+            body = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
+            forward = engine._run_forward
+
+            def boom(run):
+                raise RuntimeError("simulated: ONNX Runtime ran out of memory")
+
+            monkeypatch.setattr(engine, "_run_forward", boom)
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error", r.text
+            assert r.json()["error"]["type"] == "server_error"
+            monkeypatch.setattr(engine, "_run_forward", forward)
+            assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"][
+                "content"] == want  # fmt: skip
+            apply = engine._apply
+
+            def cannot_grow(commits):
+                if any(rows is not None for _, _, rows in commits):
+                    raise MemoryError("simulated: the cache buffer could not grow")
+                apply(commits)
+
+            monkeypatch.setattr(engine, "_apply", cannot_grow)
+            for _ in range(2):  # the request whose call met the failure, then a later one
+                r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
+            health = httpx.get(f"{url}/health")
+            assert health.status_code == 503 and health.json()["status"] == "engine failed", health.text
+            assert "writing the KV cache failed (MemoryError" in health.json()["error"]
+    finally:
+        batched.close()
+
+
+def test_closing_the_scheduler_twice_still_lets_every_worker_exit():
+    """uvicorn's shutdown closes the scheduler and the app's lifespan closes it again: the second
+    call must not take the stop signals the first left for workers still busy."""
+    import asyncio
+
+    from runtime.serve import Job, Metrics, Scheduler
+
+    release = threading.Event()
+
+    def slow():
+        release.wait(30)
+        yield from ()
+
+    loop = asyncio.new_event_loop()
+    try:
+        sched = Scheduler(None, 2, 4, Metrics())
+        sched.submit(Job([1], slow(), loop, asyncio.Queue()))
+        _wait(lambda: sched.active == 1)
+        sched.close()
+        sched.close()
+        release.set()
+        for t in sched._threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in sched._threads)
+    finally:
+        loop.close()
 
 
 def test_health_and_metrics(gen, served):
