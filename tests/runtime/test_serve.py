@@ -536,18 +536,44 @@ def test_a_client_that_leaves_while_queued_ends_its_request(gen, served):
     """Not streamed, queued behind a running request when its client gives up: once a worker
     reaches it, its handler ends (counted 499) instead of waiting for ever, so nothing is left
     open for a shutdown to wait on."""
+    import uvicorn
+
     gate = threading.Event()
-    with running(Slowed(served, gate), max_batch=1, max_queue=4) as url:
+    port = free_port()
+    app = create_app(Slowed(served, gate), "tiny", max_batch=1, max_queue=4)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait(lambda: server.started)
+    url = f"http://127.0.0.1:{port}"
+    try:
         body = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
         first = threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
         first.start()
         _wait(lambda: httpx.get(f"{url}/health").json()["running"] == 1)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)
+        gave_up: list = []
+
+        def second():
+            try:
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3.0)
+            except httpx.ReadTimeout as e:
+                gave_up.append(e)
+
+        leaving = threading.Thread(target=second)
+        leaving.start()
+        _wait(lambda: httpx.get(f"{url}/health").json()["waiting"] == 1)  # queued behind the held worker
+        job = app.state.scheduler._queue.queue[0]
+        leaving.join(30)
+        assert gave_up, "the second client was answered while the worker was held"
+        _wait(lambda: job.cancelled.is_set())  # its handler saw the client leave
         gate.set()
         first.join(60)
         left = 'medusa_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0'
         _wait(lambda: left in httpx.get(f"{url}/metrics").text, timeout=20)
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(gen, served):
