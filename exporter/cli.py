@@ -286,7 +286,8 @@ def default_datastore(args: argparse.Namespace) -> str | None:
         if args.datastore.lower() == "none":
             return None
         if not Path(args.datastore).expanduser().is_file():
-            raise MedusaError(f"--datastore {args.datastore}: no such file (medusa-train datastore writes one)")
+            what = "is a folder, not a file" if Path(args.datastore).expanduser().is_dir() else "no such file"
+            raise MedusaError(f"--datastore {args.datastore}: {what} (medusa-train datastore writes one)")
         if not zipfile.is_zipfile(Path(args.datastore).expanduser()):
             raise MedusaError(
                 f"--datastore {args.datastore} is not a datastore.npz (a numpy archive; medusa-train datastore writes one)"

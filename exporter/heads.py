@@ -33,7 +33,9 @@ without the restriction such tokens take the top rank where they are almost neve
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import cast
@@ -44,6 +46,7 @@ from torch import nn
 
 from runtime.artifact import HEAD_TYPES
 from runtime.errors import CheckpointError
+from runtime.paths import write_text_atomic
 
 HEADS_WEIGHTS = "medusa_heads.safetensors"
 HEADS_CONFIG = "medusa_heads.json"
@@ -574,11 +577,20 @@ def save_heads(
         k: v.detach().contiguous() if k == DRAFT_VOCAB_KEY else v.detach().to(dtype).contiguous()
         for k, v in heads.state_dict().items()
     }
-    save_file(sd, str(folder / HEADS_WEIGHTS), metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
     cfg = asdict(heads.config)
     cfg["meta"] = {**heads.config.meta, **(meta or {})}
     cfg["format_version"] = FORMAT_VERSION
-    (folder / HEADS_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    # each file whole or not at all (a temporary name, renamed), the config last: an interrupted save
+    # leaves the previous heads, or new weights whose sizes load_heads checks against the config
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{HEADS_WEIGHTS}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / HEADS_WEIGHTS)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    write_text_atomic(folder / HEADS_CONFIG, json.dumps(cfg, indent=2) + "\n")
     return folder
 
 

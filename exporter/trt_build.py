@@ -14,6 +14,8 @@ the user gets one :class:`runtime.errors.BackendUnavailableError`.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 from runtime.artifact import ArtifactConfig
 from runtime.errors import MedusaError
+from runtime.paths import atomic_file
 from runtime.plan import PLAN_FILE, BuildPlan, Graph, PlanError
 from runtime.trt_backend import require_gpu, require_tensorrt
 
@@ -124,20 +127,34 @@ def build_engines(
     require_gpu()
     folder = Path(folder)
     plan.check()
-    plan.write(folder)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if builder is None:
         raise EngineBuildError("TensorRT could not create a builder (is the GPU usable? see the log above)")
     cache_path = folder / plan.timing_cache
-    built = []
-    for graph in (plan.backbone, plan.heads):
-        write(f"building {folder / graph.engine} from {graph.onnx} ({len(graph.profiles)} profile(s))")
-        start = time.monotonic()
-        data = _build_one(trt, builder, logger, folder, graph, plan, cache_path, write)
-        (folder / graph.engine).write_bytes(data)
-        write(f"wrote {folder / graph.engine} ({len(data) / 2**20:.1f} MiB) in {time.monotonic() - start:.0f}s")
-        built.append(folder / graph.engine)
+    # each engine goes to a temporary file beside its name; the engines, then the plan and the config,
+    # take their names only once both are built: a failed or interrupted build leaves the previous
+    # engines with their own plan, never a new engine beside an old one
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for graph in (plan.backbone, plan.heads):
+            target = folder / graph.engine
+            write(f"building {target} from {graph.onnx} ({len(graph.profiles)} profile(s))")
+            start = time.monotonic()
+            data = _build_one(trt, builder, logger, folder, graph, plan, cache_path, write)
+            fd, name = tempfile.mkstemp(dir=folder, prefix=f".{graph.engine}.", suffix=".tmp")
+            staged.append((Path(name), target))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            write(f"built {target} ({len(data) / 2**20:.1f} MiB) in {time.monotonic() - start:.0f}s")
+        for staging, target in staged:
+            os.chmod(staging, 0o644)
+            os.replace(staging, target)
+    finally:
+        for staging, _ in staged:
+            staging.unlink(missing_ok=True)  # renamed already, or a failed build's
+    built = [target for _, target in staged]
+    plan.write(folder)
     if config is not None:
         config.provenance["engine"] = {
             "backbone": plan.backbone.engine,
@@ -182,5 +199,6 @@ def _build_one(trt, builder, logger, folder: Path, graph: Graph, plan: BuildPlan
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (the log above says why)")
-    cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    with atomic_file(cache_path, binary=True) as f:  # read by the next build: never half-written
+        f.write(bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.trt_plan import Limits, make_plan, resolve_tree
-from runtime.errors import run_cli
+from runtime.errors import run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
+from runtime.paths import write_text_atomic
 from runtime.plan import DECODE, NEW, PAST, PREFILL, VERIFY, BuildPlan, Graph, PlanError
 
 TRTEXEC_SCRIPT = "trtexec.sh"
@@ -415,9 +416,13 @@ def write_recipes(
         "polygraphy": folder / POLYGRAPHY_SCRIPT,
         "data": folder / DATA_SCRIPT,
     }
-    paths["trtexec"].write_text(script_text(build, "Build the TensorRT engines (TensorRT >= 10.0)."))
-    paths["polygraphy"].write_text(script_text(checks, "Compare TensorRT with ONNX Runtime on every profile."))
-    paths["data"].write_text(data_loader_script(plan, tree))
+    texts = {
+        "trtexec": script_text(build, "Build the TensorRT engines (TensorRT >= 10.0)."),
+        "polygraphy": script_text(checks, "Compare TensorRT with ONNX Runtime on every profile."),
+        "data": data_loader_script(plan, tree),
+    }
+    for key, text in texts.items():  # each whole or not at all
+        write_text_atomic(paths[key], text)
     for key in ("trtexec", "polygraphy"):
         paths[key].chmod(0o755)
     return paths
@@ -484,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: medusa-export {{{','.join(COMMANDS)}}} ARTIFACT [options]", file=sys.stderr)
         return 2
-    return run_cli("medusa-export", lambda: COMMANDS[argv[0]](argv[1:]))
+    # an engine build takes minutes: Ctrl-C or SIGTERM is one line (and the build's temporary files go)
+    with sigterm_as_interrupt():
+        return run_cli("medusa-export", lambda: COMMANDS[argv[0]](argv[1:]), interrupted="interrupted")
 
 
 if __name__ == "__main__":

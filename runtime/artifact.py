@@ -175,9 +175,9 @@ class ArtifactConfig:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     def write(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_FILE
-        path.write_text(self.to_json())
-        return path
+        from runtime.paths import write_text_atomic
+
+        return write_text_atomic(Path(folder) / CONFIG_FILE, self.to_json())  # never half-written
 
 
 def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:

@@ -819,6 +819,13 @@ def plot_bench(res: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with matplotlib.rc_context({"text.parse_math": False}):  # a tree named "a$b$" is text, not TeX
+        return _plot_bench(plt, res, Path(path))
+
+
+def _plot_bench(plt, res: dict, path: Path) -> Path:
+    from runtime.paths import atomic_file
+
     trees = list(res["trees"].values())
     peer = bool(res.get("peer"))
     fig, axes = plt.subplots(1, 3 if peer else 2, figsize=(18 if peer else 12, 4.5))
@@ -860,6 +867,9 @@ def plot_bench(res: dict, path: str | Path) -> Path:
         axes[2].tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(f"medusa-run bench: {res['prompts']} prompts, {res['max_new_tokens']} new tokens, {res['backend']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    try:
+        with atomic_file(path, binary=True) as f:  # whole or not at all
+            fig.savefig(f, dpi=110, format=path.suffix.lstrip(".").lower())
+    finally:
+        plt.close(fig)
+    return path

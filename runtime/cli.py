@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 from runtime import checks
 from runtime.clihelp import HelpFormatter, field_default
 from runtime.decode import ACCEPTANCES, DRAFTS, LOOKUP_SIZINGS, DecodeConfig
-from runtime.errors import ConfigError, run_cli
+from runtime.errors import ConfigError, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 from runtime.paths import write_text_atomic
 from runtime.profile import DEFAULT_SIZES
@@ -419,7 +420,10 @@ def cmd_bench(args) -> None:
     if args.json:
         check_output_file("--json", args.json)
     if args.plot:
+        from runtime.errors import require_extra
+
         check_output_file("--plot", args.plot, PLOT_SUFFIXES)
+        require_extra("--plot", "train", ("matplotlib",))  # before the bench, not after it
     prompts = load_prompts(args.prompts, args.limit, args.per_category, args.skip)
     # every decoder prefills every prompt whole: the same prompt runs once per decoder, and a kept prefix
     # would spare the later ones their prefill (the peer's too: it reuses nothing)
@@ -462,7 +466,7 @@ def cmd_profile(args) -> None:
         raise ConfigError("--sizes must include 1: every cost is relative to a one-token step")
     if args.peer_model and not args.peer:
         raise ConfigError("--peer-model names the model of a --peer: give --peer too")
-    output = check_output_file("-o", args.output) if args.output else None
+    output = check_output_file("-o", args.output or Path(args.artifact) / PROFILE_FILE)  # the default: the artifact's
     gen = _load(args)
     if max(args.sizes) > gen.backend.max_context:  # (--cached is cut to what fits beside the largest size)
         raise ConfigError(
@@ -498,7 +502,7 @@ def cmd_profile(args) -> None:
             peer_dir, args.sizes, cached=prof["cached_tokens"], repeats=args.repeats, threads=args.threads
         )
         print(format_peer_table(prof))
-    out = write_profile(prof, output or Path(args.artifact) / PROFILE_FILE)
+    out = write_profile(prof, output)
     print(f"wrote {out}")
 
 
@@ -511,7 +515,9 @@ def cmd_calibrate(args) -> None:
     from runtime.dynamic import CALIBRATION_FILE, DYNAMIC, calibration_from, write_calibration
     from runtime.paths import check_output_file
 
-    output = check_output_file("-o", args.output) if args.output else None
+    output = check_output_file(
+        "-o", args.output or Path(args.artifact) / CALIBRATION_FILE
+    )  # the default: the artifact's
     prompts = load_prompts(args.prompts, args.limit, None, args.skip)
     gen = _load(args)
     policy = dataclasses.replace(gen._tree(DYNAMIC), max_nodes=args.max_nodes, explore=True, calibration=None)
@@ -527,7 +533,7 @@ def cmd_calibrate(args) -> None:
     print(f"{len(prompts)} prompts, {tokens} tokens in {steps} steps ({tokens / max(1, steps):.2f} a step, "
           f"{args.max_nodes} drafted nodes a step)")  # fmt: skip
     print(cal.summary())
-    out = write_calibration(cal, output or Path(args.artifact) / CALIBRATION_FILE)
+    out = write_calibration(cal, output)
     print(f"wrote {out}")
 
 
@@ -581,6 +587,8 @@ def cmd_serve(args) -> None:
         gen.close()
         raise
     mode += f"; {note}" if note else ""
+    for sock in sockets:  # connections from the banner on wait in the backlog for uvicorn, not refused
+        sock.listen(2048)
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
     print(f"serving {name} on http://{host}:{port}/v1 (max_batch {args.max_batch}, max_queue "
           f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}, {mode}); Ctrl-C or SIGTERM stops it",
@@ -593,7 +601,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = {"generate": cmd_generate, "bench": cmd_bench, "profile": cmd_profile, "calibrate": cmd_calibrate,
                "serve": cmd_serve}[args.command]  # fmt: skip
-    with cli_logging("medusa-run", verbosity(args)):
+    # SIGTERM stops like Ctrl-C (every finally runs: a peer's temporary build folder goes), exit 143;
+    # not serve's: uvicorn and Ray Serve take SIGTERM for a graceful shutdown (and uvicorn re-raises it)
+    graceful = args.command == "serve"
+    with cli_logging("medusa-run", verbosity(args)), contextlib.nullcontext() if graceful else sigterm_as_interrupt():
         return run_cli("medusa-run", lambda: command(args), interrupted="interrupted")
 
 

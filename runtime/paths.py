@@ -44,8 +44,9 @@ def read_text(path: str | os.PathLike, error: type[Exception] | None = None) -> 
 
 def check_output_file(flag: str, path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> Path:
     """``path`` as a file a command may write at its end, checked before the work starts: not a
-    folder, its folder exists, and (``suffixes``) a name ending in one of them. A ConfigError
-    (one line naming ``flag``) otherwise."""
+    folder, its folder exists and takes a new file (what :func:`atomic_file` writes first), and
+    (``suffixes``) a name ending in one of them. A ConfigError (one line naming ``flag``) otherwise,
+    not a traceback after the work."""
     from runtime.errors import ConfigError
 
     p = Path(path)
@@ -55,6 +56,12 @@ def check_output_file(flag: str, path: str | os.PathLike, suffixes: tuple[str, .
         raise ConfigError(f"{flag} {p}: the folder {p.parent} does not exist")
     if suffixes and p.suffix.lower() not in suffixes:
         raise ConfigError(f"{flag} {p}: the name must end in {' or '.join(suffixes)}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".probe")
+    except OSError as e:
+        raise ConfigError(f"{flag} {p}: cannot write in {p.parent} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
     return p
 
 
@@ -70,14 +77,21 @@ def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    from runtime.errors import MedusaError
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # one line, not a traceback at the end of the work
+        raise MedusaError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             yield f
         os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (tmp, str(path), path):  # a full disk, a replaced folder
+            raise MedusaError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 

@@ -186,9 +186,9 @@ class BuildPlan:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     def write(self, folder: str | Path) -> Path:
-        path = Path(folder) / PLAN_FILE
-        path.write_text(self.to_json())
-        return path
+        from runtime.paths import write_text_atomic
+
+        return write_text_atomic(Path(folder) / PLAN_FILE, self.to_json())  # never half-written
 
     @classmethod
     def from_dict(cls, raw: dict) -> BuildPlan:

@@ -35,6 +35,9 @@ import threading
 import time
 from pathlib import Path
 
+from runtime.errors import ConfigError, run_cli, sigterm_as_interrupt
+from runtime.paths import atomic_file, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -119,11 +122,13 @@ def _requests(url: str, model: str, prompts: list[str], concurrency: int, reques
     results, failures = [], []
     start = time.perf_counter()
 
+    stop = threading.Event()  # Ctrl-C / SIGTERM in the main thread: no client starts another request
+
     def worker():
         nonlocal issued
         while True:
             with lock:
-                if issued >= total or time.perf_counter() - start > time_limit:
+                if stop.is_set() or issued >= total or time.perf_counter() - start > time_limit:
                     return
                 i, issued = issued, issued + 1
             try:
@@ -134,11 +139,14 @@ def _requests(url: str, model: str, prompts: list[str], concurrency: int, reques
                 with lock:
                     failures.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]  # daemon: a request
+    for t in threads:  # in flight when the run is interrupted does not hold the process
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
     wall = time.perf_counter() - start
     return results, failures, wall
 
@@ -260,11 +268,31 @@ def main(argv=None) -> int:
                     help="servers keep prompts' cache entries (serve's default); off here by default, since every "
                          "level resends the same prompts and later levels would skip prefills the first did not")  # fmt: skip
     a = ap.parse_args(argv)
-    if a.rounds < 1:
-        ap.error(f"--rounds must be >= 1, got {a.rounds}")
-    if a.per_client < 0:
-        ap.error(f"--per-client must be >= 0, got {a.per_client}")
-    prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
+    with sigterm_as_interrupt():  # SIGTERM, like Ctrl-C: the servers are stopped, exit 143 (130)
+        return run_cli("load_test", lambda: run(a), interrupted="interrupted")
+
+
+def run(a) -> int:
+    from runtime import checks
+    from runtime.bench import load_prompts
+    from runtime.paths import check_output_file
+
+    checks.integer("--rounds", a.rounds, 1)
+    checks.integer("--per-client", a.per_client, 0)
+    checks.integer("--requests", a.requests, 1)
+    checks.integer("--max-tokens", a.max_tokens, 1)
+    for c in a.concurrency:
+        checks.integer("--concurrency", c, 1)
+    checks.real("--time-limit", a.time_limit, 0.0, min_open=True)
+    checks.real("--soak", a.soak, 0.0)
+    if not Path(a.artifact).is_dir():
+        raise ConfigError(f"{a.artifact} is not an artifact folder (medusa-export writes one)")
+    if a.json:
+        check_output_file("--json", a.json)
+    if a.plot:
+        check_output_file("--plot", a.plot, (".png", ".pdf", ".svg"))
+    # MT-Bench JSONL (first turns), {"prompt": ...} lines or an Alpaca list: checked, one line on a bad file
+    prompts = [p.text for p in load_prompts(a.prompts)]
     model = Path(a.artifact).resolve().name
     if a.soak:
         r = soak(a.artifact, prompts, model, a.concurrency[0], a.soak, a.max_tokens, a.threads, a.prefix_reuse)
@@ -272,8 +300,7 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s']:.1f} tok/s; server RSS start {r['rss_start']:.0f} MiB, end {r['rss_end']:.0f} MiB, "
               f"max {r['rss_max']:.0f} MiB ({len(r['rss_mib_samples'])} samples)")  # fmt: skip
         if a.json:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+            write_text_atomic(a.json, json.dumps(r, indent=2) + "\n")
             print(f"wrote {a.json}")
         return 0 if r["failed"] == 0 else 1
     servers = {}
@@ -322,8 +349,7 @@ def main(argv=None) -> int:
               "threads": a.threads,
               "cpu_count": os.cpu_count(), "servers": a.servers, "rows": rows}  # fmt: skip
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(a.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {a.json}")
     if a.plot:
         plot(rows, a.concurrency, a.plot)
@@ -352,8 +378,9 @@ def plot(rows: list[dict], levels: list[int], path: str) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, binary=True) as f:  # whole or not at all
+        fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip(".").lower())
+    plt.close(fig)
 
 
 if __name__ == "__main__":

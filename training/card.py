@@ -127,6 +127,6 @@ Top-1 per head after each epoch:
 {command}
 ```
 """
-    out = heads_dir / "CARD.md"
-    out.write_text(text)
-    return out
+    from runtime.paths import write_text_atomic
+
+    return write_text_atomic(heads_dir / "CARD.md", text)

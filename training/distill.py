@@ -109,7 +109,8 @@ def load_prompts(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
     if "mt_bench" in path.name.lower():
         raise MedusaError(f"{path}: MT-Bench is the evaluation set and must never be used to train heads")
     if not path.is_file():
-        raise MedusaError(f"prompt file {path} does not exist (expected an Alpaca-style JSON list)")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise MedusaError(f"prompt file {path} {what} (expected an Alpaca-style JSON list)")
     from runtime import checks
     from runtime.paths import read_text
 
@@ -185,7 +186,8 @@ def read_records(path: Path) -> list[dict]:
     """Records of a finished distillation file (``.jsonl``)."""
     path = Path(path)
     if not path.is_file():
-        raise MedusaError(f"distilled data {path} does not exist (run `medusa-train distill` first)")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist (run `medusa-train distill` first)"
+        raise MedusaError(f"distilled data {path} {what}")
     from training.files import text_lines
 
     out = []

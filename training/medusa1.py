@@ -458,7 +458,12 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     if cfg.soft_targets and not cfg.shared_lm_head:
         raise MedusaError("soft targets need the shared lm_head (the backbone's distribution is lm_head(hidden))")
     if not Path(cfg.data).is_file():
-        raise MedusaError(f"distilled data {cfg.data} does not exist (run `medusa-train distill` first)")
+        what = (
+            "is a folder, not a file"
+            if Path(cfg.data).is_dir()
+            else "does not exist (run `medusa-train distill` first)"
+        )
+        raise MedusaError(f"distilled data {cfg.data} {what}")
     if backbone is None:
         resolve_model(cfg.model)  # a missing model is named first; loading it waits for the data check
     check_splits(Path(cfg.data), cfg.max_len)

@@ -19,6 +19,8 @@ import copy
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -277,10 +279,25 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         "config": {k: str(v) for k, v in asdict(cfg).items()},
     }
     out = Path(cfg.out)
-    (out / "backbone").mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out / "backbone"))
-    if tok is not None and hasattr(tok, "save_pretrained"):
-        tok.save_pretrained(str(out / "backbone"))
+    out.mkdir(parents=True, exist_ok=True)
+    # the backbone is saved whole into a temporary folder, then takes the name (an interrupted save
+    # leaves the previous backbone, never part of the new one beside the old)
+    staged = Path(tempfile.mkdtemp(dir=out, prefix=".backbone."))
+    try:
+        model.save_pretrained(str(staged))
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(str(staged))
+        staged.chmod(0o755)
+        if (out / "backbone").exists():
+            old = out / f".backbone.old.{os.getpid()}"
+            (out / "backbone").rename(old)
+            staged.rename(out / "backbone")
+            shutil.rmtree(old)
+        else:
+            staged.rename(out / "backbone")
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged)
     save_heads(heads, out / "heads", meta=summary)
     print(f"saved the tuned backbone to {out / 'backbone'} and the heads to {out / 'heads'} ({train_s:.0f} s)")
     return summary

@@ -33,7 +33,7 @@ import numpy as np
 
 from exporter.cli import SHIPPED_HEADS
 from runtime.errors import MedusaError
-from runtime.paths import read_text
+from runtime.paths import read_text, write_text_atomic
 
 log = logging.getLogger("medusa_trt.training")
 
@@ -253,9 +253,7 @@ def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile:
     }
     if chosen.get("head_kind", "medusa") != "medusa":  # Hydra: accuracies given the path, one heads call a depth
         doc["head_kind"] = chosen["head_kind"]
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(doc, indent=1) + "\n")  # a unique temporary name: runs side by side
     load_tree(out)  # the runtime must read what we wrote
     return out
 

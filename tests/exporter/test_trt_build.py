@@ -151,7 +151,9 @@ def fake_tensorrt(log: dict):
             assert m.step_complete("Tactics", 0) is True
             m.phase_finish("Tactics")
             m.phase_finish("Building engine")
-            return None if log.get("fail_build") else b"ENGINE:" + ",".join(network.inputs).encode()
+            if log.get("fail_build") or network.inputs == log.get("fail_on_inputs"):
+                return None
+            return b"ENGINE:" + ",".join(network.inputs).encode()
 
     for cls in (
         Logger,
@@ -204,6 +206,22 @@ def test_the_plan_reaches_the_builder(artifact):
         "tensorrt": "10.8.0.43",
     }
     assert (folder / "trt_plan.json").is_file()
+
+
+def test_a_build_that_fails_midway_leaves_the_previous_engines_with_their_plan(artifact):
+    """The backbone's engine built, the heads' failing: nothing takes a name (the engines, then the
+    plan and the config, are renamed into place once both are built), and no temporary file stays."""
+    folder, cfg, log = artifact
+    old = make_plan(cfg, Limits(max_prompt=32))
+    build_engines(folder, old, cfg, write=lambda s: None)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    log["fail_on_inputs"] = ["hidden_states"]  # the heads graph's network
+    with pytest.raises(EngineBuildError, match="failed to build an engine from .*heads.onnx"):
+        build_engines(folder, make_plan(cfg, Limits(max_prompt=16)), read_artifact(folder), write=lambda s: None)
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k != "timing.cache"} == {
+        k: v for k, v in before.items() if k != "timing.cache"
+    }  # the timing cache may hold the backbone's new timings: it is read, never trusted as a result
 
 
 def test_parser_and_build_failures_are_user_errors(artifact):

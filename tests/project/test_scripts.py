@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,8 +189,55 @@ def test_load_test_rounds_alternate_the_servers_over_the_same_prompts(monkeypatc
     assert (b["tokens_per_s"], b["failed"]) == (80 / 16.0, 4)
     load_test.run_rounds({"plain": "A"}, "m", ["p"], 16, 16, 16, 60.0, rounds=2)
     assert [c[2] for c in calls[-2:]] == [16, 16]  # a round has at least one request per client
-    with pytest.raises(SystemExit):
-        load_test.main(["art", "--rounds", "0"])
+    assert load_test.main(["art", "--rounds", "0"]) == 1
+
+
+def test_load_test_checks_its_input_in_one_line_and_stops_its_clients_when_interrupted(
+    tmp_path, capsys, monkeypatch, tiny
+):
+    """Bad flags and prompt files are one line before any server starts; Ctrl-C (or SIGTERM) while
+    the clients run stops them: no client starts another request."""
+    import threading
+    from types import SimpleNamespace
+
+    from scripts import load_test
+
+    monkeypatch.setattr(load_test, "start_server", lambda *a, **k: pytest.fail("a server started"))
+    art = str(tiny["artifact"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": []}\n')
+    for argv, match in ((["--prompts", str(tmp_path / "none.jsonl")], "does not exist"),
+                        (["--prompts", str(bad)], "bad.jsonl"), (["--prompts", str(tmp_path)], "is a folder"),
+                        (["--concurrency", "0"], "--concurrency must be an integer >= 1"),
+                        (["--json", str(tmp_path)], "is a folder: give a file name"),
+                        (["--plot", str(tmp_path / "x.txt")], "the name must end in")):  # fmt: skip
+        assert load_test.main([art, *argv]) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("load_test: error:") and match in err and "\n" not in err, (argv, err)
+    assert load_test.main([str(tmp_path / "none"), "--soak", "5"]) == 1
+    assert "is not an artifact folder" in capsys.readouterr().err
+
+    started = []
+
+    def request(client, model, prompt, max_tokens):
+        started.append(prompt)
+        time.sleep(0.05)
+        return {"tokens": 1, "ttft": 0.01, "itl": None}
+
+    class Interrupted(threading.Thread):  # Ctrl-C arrives while the main thread waits for the clients
+        def join(self, timeout=None):
+            super().join(0.3)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(load_test, "one_request", request)
+    monkeypatch.setattr(load_test, "threading", SimpleNamespace(Thread=Interrupted, Lock=threading.Lock,
+                                                                Event=threading.Event))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        load_test._requests("http://127.0.0.1:9", "m", ["p"], 2, 10**6, 8, 3600.0)
+    time.sleep(0.2)
+    n = len(started)
+    time.sleep(0.5)
+    assert len(started) == n, "clients kept starting requests after the interrupt"
 
 
 def test_lookup_max_bench_script_refuses_to_overwrite_results(tmp_path):

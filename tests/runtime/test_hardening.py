@@ -489,6 +489,8 @@ def test_prompt_file_limits_are_checked(tmp_path):
         (["serve", "ART", "--plain", "--tree", "chain_2"], "--tree has no effect with --plain"),
         (["serve", "ART", "--max-batch", "1000"], "--max-batch must be an integer in [1, 256]"),
         (["generate", "ART", "hi", "--tree", "TMP"], "is a folder, not a file"),
+        (["bench", "ART", "--prompts", "PROMPTS", "--json", "/proc/b.json"], "cannot write in /proc"),
+        (["profile", "ART", "-o", "/proc/p.json"], "cannot write in /proc"),
     ],
 )
 def test_medusa_run_bad_files_and_flags_one_line(tiny, tmp_path, capsys, argv, match):
@@ -505,6 +507,64 @@ def test_medusa_run_bad_files_and_flags_one_line(tiny, tmp_path, capsys, argv, m
     line = _one_line_error(capsys, main([*argv, "--threads", "1"]), "medusa-run")
     assert match in line, line
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_default_outputs_and_the_plot_extra_are_checked_before_the_work(tiny, tmp_path, capsys, monkeypatch):
+    """profile and calibrate write into the artifact by default: that path is checked before the
+    measurement as -o is; bench --plot without matplotlib is named before the bench, not after it;
+    a write that still fails at the end is one line (atomic_file), not a traceback."""
+    import importlib.util
+
+    import runtime.cli
+    from runtime.cli import main
+    from runtime.dynamic import CALIBRATION_FILE
+    from runtime.paths import atomic_file
+    from runtime.profile import PROFILE_FILE
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny["artifact"], art)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    monkeypatch.setattr(runtime.cli, "_load", lambda *a, **k: pytest.fail("loaded before the output was checked"))
+    for command, name in ((["profile", str(art)], PROFILE_FILE),
+                          (["calibrate", str(art), "--prompts", str(prompts)], CALIBRATION_FILE)):  # fmt: skip
+        (art / name).mkdir()
+        line = _one_line_error(capsys, main([*command, "--threads", "1"]), "medusa-run")
+        assert f"{art / name} is a folder" in line, line
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == "matplotlib" else find(m, *a))
+    argv = ["bench", str(art), "--prompts", str(prompts), "--plot", str(tmp_path / "b.png"), "--threads", "1"]
+    assert "--plot needs matplotlib" in _one_line_error(capsys, main(argv), "medusa-run")
+    with pytest.raises(MedusaError, match="cannot write /proc/x.json"), atomic_file("/proc/x.json") as f:
+        f.write("{}")
+
+
+def test_sigterm_stops_a_bench_like_ctrl_c(tiny, tmp_path, repo_root):
+    """SIGTERM during a medusa-run command (here a bench) stops it as Ctrl-C does, every finally
+    run (a peer's temporary build folder goes): one line and exit 143, not a silent death."""
+    import signal
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about rivers, part {i}."}) + "\n" for i in range(200)))
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "bench", str(tiny["artifact"]), "--prompts", str(prompts), "--threads",
+         "1", "--json", str(tmp_path / "b.json"), "-v"],
+        cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # the engine is chosen: the bench's minute of decoding starts
+        seen.append(line)
+        if "backend auto:" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, "".join(seen) + err
+    assert err.strip().splitlines()[-1] == "medusa-run: terminated (SIGTERM)", err
+    assert "Traceback" not in err and not (tmp_path / "b.json").exists()
 
 
 def test_medusa_run_warns_in_one_line(tiny, capsys):

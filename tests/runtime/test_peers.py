@@ -133,6 +133,9 @@ def test_bench_ortgenai_plain_and_ngram(setup, capsys, tmp_path):
     json.dumps(res)  # the CLI writes it as JSON
     png = plot_bench(res, tmp_path / "bench.png")
     assert png.stat().st_size > 10_000
+    res["trees"]["chain_2"]["tree"] = "my$\\frac$tree"  # a tree file's name: text, not TeX
+    assert b"my$\\frac$tree" in plot_bench(res, tmp_path / "bench.svg").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file stays
 
 
 def test_bench_sampling_against_the_peers_sampling(setup, capsys):

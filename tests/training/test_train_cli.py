@@ -17,6 +17,10 @@ def test_cli_user_error_exits_1_with_one_message(tmp_path, capsys):
 
     rc = main(["medusa1", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 1 and "missing.jsonl does not exist" in capsys.readouterr().err
+    rc = main(["medusa1", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 1 and "is a folder, not a file" in capsys.readouterr().err
+    rc = main(["distill", "--prompts", str(tmp_path), "--out", str(tmp_path / "d2.jsonl")])
+    assert rc == 1 and "is a folder, not a file" in capsys.readouterr().err
     write_atomic(tmp_path / "d.jsonl", _records(2))
     rc = main(
         [
