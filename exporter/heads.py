@@ -33,9 +33,7 @@ without the restriction such tokens take the top rank where they are almost neve
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import cast
@@ -46,7 +44,7 @@ from torch import nn
 
 from runtime.artifact import HEAD_TYPES
 from runtime.errors import CheckpointError
-from runtime.paths import write_text_atomic
+from runtime.paths import atomic_path, write_text_atomic
 
 HEADS_WEIGHTS = "medusa_heads.safetensors"
 HEADS_CONFIG = "medusa_heads.json"
@@ -582,14 +580,8 @@ def save_heads(
     cfg["format_version"] = FORMAT_VERSION
     # each file whole or not at all (a temporary name, renamed), the config last: an interrupted save
     # leaves the previous heads, or new weights whose sizes load_heads checks against the config
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{HEADS_WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / HEADS_WEIGHTS)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(folder / HEADS_WEIGHTS) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "medusa-trt", "format_version": str(FORMAT_VERSION)})
     write_text_atomic(folder / HEADS_CONFIG, json.dumps(cfg, indent=2) + "\n")
     return folder
 

@@ -466,7 +466,8 @@ def cmd_profile(args) -> None:
         raise ConfigError("--sizes must include 1: every cost is relative to a one-token step")
     if args.peer_model and not args.peer:
         raise ConfigError("--peer-model names the model of a --peer: give --peer too")
-    output = check_output_file("-o", args.output or Path(args.artifact) / PROFILE_FILE)  # the default: the artifact's
+    # the default output is the artifact's own file: checked as -o is
+    output = check_output_file("-o", args.output or Path(args.artifact) / PROFILE_FILE)
     gen = _load(args)
     if max(args.sizes) > gen.backend.max_context:  # (--cached is cut to what fits beside the largest size)
         raise ConfigError(
@@ -515,9 +516,8 @@ def cmd_calibrate(args) -> None:
     from runtime.dynamic import CALIBRATION_FILE, DYNAMIC, calibration_from, write_calibration
     from runtime.paths import check_output_file
 
-    output = check_output_file(
-        "-o", args.output or Path(args.artifact) / CALIBRATION_FILE
-    )  # the default: the artifact's
+    # the default output is the artifact's own file: checked as -o is
+    output = check_output_file("-o", args.output or Path(args.artifact) / CALIBRATION_FILE)
     prompts = load_prompts(args.prompts, args.limit, None, args.skip)
     gen = _load(args)
     policy = dataclasses.replace(gen._tree(DYNAMIC), max_nodes=args.max_nodes, explore=True, calibration=None)

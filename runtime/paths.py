@@ -66,10 +66,14 @@ def check_output_file(flag: str, path: str | os.PathLike, suffixes: tuple[str, .
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
-    """A file object whose content appears at ``path`` whole or not at all: written to a temporary
-    file beside it (a unique name), renamed over ``path`` when the block ends, removed if it fails.
-    The file keeps the mode of the one it replaces (a new one: the umask's default)."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` (a unique name) for a writer that takes a path (safetensors,
+    a savefig): renamed over ``path`` when the block ends, so its content appears whole or not at
+    all, removed if the block fails. The file keeps the mode of the one it replaces (a new one: the
+    umask's default). A failure of the file itself (a folder that takes no file, a full disk) is
+    one MedusaError line, not a traceback at the end of the work."""
+    from runtime.errors import MedusaError
+
     path = Path(path)
     if path.exists():
         mode = path.stat().st_mode & 0o777
@@ -77,22 +81,28 @@ def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    from runtime.errors import MedusaError
-
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:  # one line, not a traceback at the end of the work
+    except OSError as e:
         raise MedusaError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
-            yield f
+        yield Path(tmp)
         os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename in (tmp, str(path), path):  # a full disk, a replaced folder
+        # the file's own failures (a full disk: no file name; the rename: the temporary's), not another file's
+        if isinstance(e, OSError) and e.filename in (None, tmp, str(path), path):
             raise MedusaError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
+    """A file object whose content appears at ``path`` whole or not at all (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
+        yield f
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -30,11 +30,11 @@ budget follows the load (a smaller tree, or plain steps, as more requests decode
 generator's one KV cache, one engine call per step (runtime/api.py's concurrency contract).
 Either way each request sees only its own sequence: greedy answers equal offline ``generate``,
 and a seed reproduces a sampled answer (batched: where it runs alone; beside others the logits'
-last bits may differ, which a near-tie can turn into another token: runtime/batch.py). To scale out, ``--ray-replicas N`` serves the same app
-as a Ray Serve deployment of N processes behind Ray's HTTP proxy (:func:`serve_ray`). A client
-that disconnects frees its slot at the next step, streamed or not. On SIGTERM the server stops
-accepting connections, answers the queued requests 503 at once and lets the running ones finish
-(up to ``--graceful-timeout``); those still running then get a 503 error in OpenAI's body (a
+last bits may differ, which a near-tie can turn into another token: runtime/batch.py). To scale
+out, ``--ray-replicas N`` serves the same app as a Ray Serve deployment of N processes behind
+Ray's HTTP proxy (:func:`serve_ray`). A client that disconnects frees its slot at the next step,
+streamed or not. On SIGTERM the server stops accepting connections, answers the queued requests
+503 at once and lets the running ones finish (up to ``--graceful-timeout``); those still running then get a 503 error in OpenAI's body (a
 stream: as its last event); nothing hangs.
 
 Request forms other OpenAI-compatible servers take are taken too: null for ``temperature``,
@@ -638,7 +638,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             chunks, total = [], 0
             while True:
                 message = await receive()
-                if message["type"] != "http.request":  # the client left: an empty body (the handler sees it left)
+                if message["type"] != "http.request":  # the client left: what came (the handler sees it left)
                     break
                 chunks.append(message.get("body", b""))
                 total += len(chunks[-1])
