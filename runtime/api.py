@@ -48,6 +48,7 @@ from runtime.decode import (
     TokenLogprob,
     check_fits,
     check_prefill_chunk,
+    check_tree,
     common_prefix,
     decode_steps,
     prefill,
@@ -288,6 +289,12 @@ class MedusaGenerator:
         )
         if self.default_tree.num_nodes >= self.backend.max_context:
             self._warn_tree_too_big(self.default_tree, self.backend.max_context - 1, stacklevel=3)
+        if tree is not None:  # a tree given here serves greedy calls: one that cannot is named now, not at each
+            try:
+                check_tree(self.backend, _DEFAULTS, self.default_tree)
+            except MedusaError:
+                self.close()
+                raise
 
     def _make_backend(self, backend: str, device: str, threads: int | None, max_context: int | None) -> Backend:
         return make_backend(self.folder, self.config, backend, device, threads, max_context)
@@ -422,6 +429,7 @@ class MedusaGenerator:
         ):
             t = self.sampling_tree
         check_fits(self.backend, ids)  # at the call: the events run nothing until asked
+        check_tree(self.backend, cfg, t)  # the tree against this engine and the decoding asked for, likewise
         room = self.backend.max_context - len(ids)
         if t is not None and t.num_nodes > room:
             self._warn_tree_too_big(t, room, stacklevel=3)

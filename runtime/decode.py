@@ -523,8 +523,10 @@ def accept_typical(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: Deco
     """Typical acceptance (Medusa paper, Sec. 3.3.1).
 
     A candidate is accepted when its probability under the backbone (at ``temperature``)
-    at its parent exceeds ``min(epsilon, delta * exp(-H))``, H the entropy there. Among
-    the longest accepted paths, the one with the highest log-probability wins.
+    at its parent exceeds ``min(epsilon, delta * exp(-H))``, H the entropy there, and, with
+    ``top_k`` / ``top_p``, when the cut keeps it (a token plain sampling could not draw is never
+    accepted: ``top_k=1`` decodes greedily). Among the longest accepted paths, the one with the
+    highest log-probability wins.
     """
     parents = tree.parent[1:]
     logp = _log_softmax(logits, cfg.temperature)  # [N, V]
@@ -534,6 +536,13 @@ def accept_typical(tokens: np.ndarray, logits: np.ndarray, tree: Tree, cfg: Deco
     threshold = np.minimum(cfg.epsilon, cfg.delta * np.exp(-entropy[parents]))
     ok = np.ones(tree.num_nodes, dtype=bool)
     ok[1:] = np.exp(cand_logp) > threshold
+    if cfg.top_k or cfg.top_p < 1.0:
+        kept: dict[int, np.ndarray] = {}  # a parent's tokens the cut keeps, for the parents of candidates left
+        for i in np.flatnonzero(ok[1:]):
+            v = int(parents[i])
+            if v not in kept:
+                kept[v] = target_probs(logits[v], cfg) > 0
+            ok[i + 1] = kept[v][tokens[i + 1]]
     score = np.zeros(tree.num_nodes)
     score[1:] = cand_logp
     return _longest_accepted_path(ok, tree, score=score)
@@ -666,6 +675,31 @@ class _Clock:
         self.t = now
 
 
+def check_tree(backend: Backend, cfg: DecodeConfig, tree):
+    """The tree ``cfg`` decodes with on ``backend`` (None: plain decoding), or a MedusaError where
+    they do not go together; runtime.api checks it at the call (a stream's first chunk comes
+    later), the decode loop again."""
+    if not cfg.medusa:
+        return None
+    if tree is None:
+        raise MedusaError("Medusa decoding needs a tree (or pass medusa=False)")
+    if dynamic.is_dynamic(tree) and _sampled_drafts(cfg):
+        raise MedusaError(
+            "a dynamic tree drafts the heads' likeliest tokens: drafts='sampled' needs a fixed tree (e.g. chain_1)"
+        )
+    if tree.depth > backend.spec.num_medusa_heads:
+        raise MedusaError(
+            f"tree {tree.name!r} has depth {tree.depth} but the model has {backend.spec.num_medusa_heads} Medusa heads"
+        )
+    if not tree.is_chain and not dynamic.is_dynamic(tree) and _exact(cfg) and not backend.exact_branching:
+        raise MedusaError(
+            f"tree {tree.name!r} branches, and this engine computes with int8 activations (an int8/int4 artifact), "
+            "where greedy Medusa and exact sampling follow plain decoding exactly with chain trees only: use "
+            "chain_1 .. chain_5 (or acceptance='typical', which is lossy anyway)"
+        )
+    return tree
+
+
 def decode_steps(
     backend: Backend,
     prompt_ids: Sequence[int],
@@ -685,24 +719,7 @@ def decode_steps(
     default), or ``prompt_logprobs`` (which scores every prompt row): a new cache."""
     prompt = np.asarray(prompt_ids, dtype=np.int64)
     check_fits(backend, prompt)
-    if not cfg.medusa:
-        tree = None
-    elif tree is None:
-        raise MedusaError("Medusa decoding needs a tree (or pass medusa=False)")
-    elif dynamic.is_dynamic(tree) and _sampled_drafts(cfg):
-        raise MedusaError(
-            "a dynamic tree drafts the heads' likeliest tokens: drafts='sampled' needs a fixed tree (e.g. chain_1)"
-        )
-    elif tree.depth > backend.spec.num_medusa_heads:
-        raise MedusaError(
-            f"tree {tree.name!r} has depth {tree.depth} but the model has {backend.spec.num_medusa_heads} Medusa heads"
-        )
-    elif not tree.is_chain and not dynamic.is_dynamic(tree) and _exact(cfg) and not backend.exact_branching:
-        raise MedusaError(
-            f"tree {tree.name!r} branches, and this engine computes with int8 activations (an int8/int4 artifact), "
-            "where greedy Medusa and exact sampling follow plain decoding exactly with chain trees only: use "
-            "chain_1 .. chain_5 (or acceptance='typical', which is lossy anyway)"
-        )
+    tree = check_tree(backend, cfg, tree)
     rng = np.random.default_rng(cfg.seed)
     noise = PositionNoise(rng, backend.spec.vocab_size) if _coupled(cfg) else None
     pen = Penalties.of(cfg, backend.spec.vocab_size)
@@ -740,6 +757,10 @@ def decode_steps(
     )  # the first step's candidates (a dynamic tree drafts at the step itself)
     clock.lap("prefill")
     emitted = [root]
+    # the backend's forward count after this loop's last call: a dynamic tree drafts from that call's
+    # hidden state at the start of the next step, which is not its own where another call ran
+    # forwards on the backend in between (runtime.api's streams take turns on one cache)
+    mine = backend.forwards
 
     while True:
         done = _emit(out, emitted, cfg, stats, decode_text)  # an EOS, the length or a stop may trim the step
@@ -762,7 +783,7 @@ def decode_steps(
         if room < 1:
             stats.finish_reason = "context"
             return
-        if state is not None and (budget := backend.max_new_tokens()) > 1:
+        if state is not None and backend.forwards == mine and (budget := backend.max_new_tokens()) > 1:
             # (a budget of one token, a batch engine's plain step under load: no heads, no lookup, no tree)
             emitted, root, index, rows = _dynamic_step(
                 backend, root, index, state, cfg, rng, clock, lookup, stats, noise, budget, pen
@@ -775,11 +796,13 @@ def decode_steps(
             emitted, root, cands, rows = _medusa_step(
                 backend, root, cands, static, cfg, rng, clock, lookup, stats, width, room, noise, pen
             )
-        else:  # plain decoding, a plain step near the context end, or a step budget below the tree
+        else:  # plain decoding, a plain step near the context end, a step budget below the tree, or a
+            # dynamic tree's step after another call's forwards (the hidden state it would draft from is gone)
             emitted, root, rows = _plain_step(backend, root, cfg, rng, clock, noise, pen)
             index = 0
             cands = None  # drafted when a tree runs again (the last forward keeps its hidden state)
         stats.steps += 1
+        mine = backend.forwards
 
 
 def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scored: list | None = None,

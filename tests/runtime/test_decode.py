@@ -301,6 +301,24 @@ def test_typical_epsilon_and_delta_are_honoured():
     ]
 
 
+def test_typical_acceptance_accepts_nothing_the_top_k_or_top_p_cut_drops():
+    """Typical acceptance is lossy, but a token plain sampling could not draw under the user's cut
+    is never accepted: with top_k=1 only the argmax is (so it decodes greedily)."""
+    tree = build_tree([[0], [1]])
+    root = _dist_logits({5: 0.5, 6: 0.3, 7: 0.15}, V)  # all three above epsilon
+    logits = np.stack([root] * 3)
+    tokens = np.array([1, 6, 5])
+    assert accept_typical(tokens, logits, tree, DecodeConfig(temperature=1.0)).tolist() == [0, 2]
+    assert accept_typical(np.array([1, 6, 7]), logits, tree, DecodeConfig(temperature=1.0, top_k=1)).tolist() == [0]
+    assert accept_typical(tokens, logits, tree, DecodeConfig(temperature=1.0, top_k=1)).tolist() == [0, 2]
+    # top_p 0.5 keeps token 5 alone (0.5 reaches it), 0.6 keeps 5 and 6
+    assert accept_typical(np.array([1, 6, 7]), logits, tree, DecodeConfig(temperature=1.0, top_p=0.5)).tolist() == [0]
+    assert accept_typical(np.array([1, 6, 7]), logits, tree, DecodeConfig(temperature=1.0, top_p=0.6)).tolist() == [
+        0,
+        1,
+    ]
+
+
 def test_typical_ties_go_to_the_highest_log_probability():
     cfg = DecodeConfig(temperature=1.0)
     tree = build_tree([[0], [1]])  # two leaves of equal length

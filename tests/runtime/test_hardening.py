@@ -84,9 +84,17 @@ def test_half_read_stream_does_not_block_other_calls(gen, alone):
     assert first.tokens + rest == alone[PROMPTS[0]][0]  # the stream resumed on its own cache
 
 
+@pytest.mark.parametrize("tree", ["cpu_8", "dynamic"])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_interleaved_streams_equal_each_run_alone(gen, alone, sampled):
-    kw = dict(max_new_tokens=24, tree="cpu_8", **({"temperature": 0.9, "seed": 5} if sampled else {}))
+def test_interleaved_streams_equal_each_run_alone(gen, alone, sampled, tree):
+    """Streams taking turns on one generator (and a whole call between their steps) give what
+    each gives alone. A dynamic tree drafts from the last forward's hidden state at the start of
+    its next step: where another call ran forwards since, that step is plain (the state is not its
+    own), not an error."""
+    kw = dict(max_new_tokens=24, tree=tree, **({"temperature": 0.9, "seed": 5} if sampled else {}))
+    want = {p: alone[p][int(sampled)] for p in PROMPTS}
+    if tree != "cpu_8":  # (greedy tokens do not depend on the tree; sampled ones may, by the logits' last bits)
+        want = {p: gen.generate(p, **kw).tokens for p in PROMPTS}
     streams = {p: gen.stream(p, **kw) for p in PROMPTS}
     got = {p: [] for p in PROMPTS}
     while streams:  # one chunk of each in turn: every step finds another stream's sequence in the cache
@@ -97,7 +105,7 @@ def test_interleaved_streams_equal_each_run_alone(gen, alone, sampled):
             else:
                 got[p].extend(chunk.tokens)
         gen.generate(PROMPTS[2], max_new_tokens=3)  # and a whole call in between
-    assert got == {p: alone[p][int(sampled)] for p in PROMPTS}
+    assert got == want
 
 
 def test_streams_from_threads_with_slow_consumers(gen, alone):
@@ -146,11 +154,31 @@ def test_abandoned_stream_frees_everything(gen, alone):
     assert gen.generate(PROMPTS[0], max_new_tokens=24, tree="cpu_8").tokens == alone[PROMPTS[0]][0]
 
 
-def test_stream_checks_its_arguments_at_the_call(gen):
+def test_stream_checks_its_arguments_at_the_call(gen, tiny, monkeypatch):
     with pytest.raises(ConfigError, match="max_new_tokens"):
         gen.stream("hi", max_new_tokens=float("nan"))  # not at the first next()
     with pytest.raises(ContextLengthError, match="context holds"):
         gen.stream(list(range(5, 5 + 300)), max_new_tokens=2)
+    with pytest.raises(MedusaError, match="drafts='sampled' needs a fixed tree"):  # the tree against the decoding
+        gen.stream("hi", tree="dynamic", temperature=0.7, drafts="sampled")
+    import runtime.api
+
+    # an engine exact with chains only (int8 / int4 graphs): a branching tree is named at the call, and
+    # a branching tree given to load() (which greedy calls use) at the load
+    make = runtime.api.make_backend
+
+    def chains_only(*args, **kw):
+        backend = make(*args, **kw)
+        backend.exact_branching = False
+        return backend
+
+    monkeypatch.setattr(runtime.api, "make_backend", chains_only)
+    chains = runtime.load(tiny["artifact"], threads=1)
+    with pytest.raises(MedusaError, match="tree 'cpu_8' branches"):
+        chains.stream("hi", tree="cpu_8")
+    assert chains.generate("hi", tree="chain_2", max_new_tokens=4).tokens == gen.generate("hi", max_new_tokens=4).tokens
+    with pytest.raises(MedusaError, match="tree 'cpu_8' branches"):
+        runtime.load(tiny["artifact"], threads=1, tree="cpu_8")
 
 
 # ---------------------------------------------------------------------------- 2-4. the API's arguments
