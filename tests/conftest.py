@@ -132,6 +132,22 @@ def tiny_llama():
     return factory
 
 
+def sigterm_after(proc, marker: str) -> tuple[str, str]:
+    """SIGTERM to ``proc`` (stderr piped, text) once a line of its stderr holds ``marker``; returns
+    the lines read until then and the rest of its stderr, after it exited."""
+    import signal
+
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return "".join(seen), err
+
+
 def hf_greedy(model, prompt_ids, max_new_tokens: int) -> list[int]:
     """Hugging Face ``generate(do_sample=False)``: the reference every lossless decode must equal."""
     import torch

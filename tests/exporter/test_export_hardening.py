@@ -16,6 +16,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import sigterm_after  # noqa: E402
+
 from runtime.errors import CheckpointError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,15 +235,8 @@ def test_sigterm_while_the_model_loads_says_so_too(tmp_path):
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    seen = []
-    assert proc.stderr is not None
-    for line in proc.stderr:  # the load's first log line: the model is loading from here on
-        seen.append(line)
-        if "loading smollm2-135m" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, "".join(seen) + err
+    seen, err = sigterm_after(proc, "loading smollm2-135m")  # the load's first log line: the model is loading
+    assert proc.returncode == 143, seen + err
     assert err.strip().splitlines()[-1] == "medusa-export: terminated (SIGTERM); nothing was written", err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 

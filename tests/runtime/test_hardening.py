@@ -570,9 +570,10 @@ def test_default_outputs_and_the_plot_extra_are_checked_before_the_work(tiny, tm
 def test_sigterm_stops_a_bench_like_ctrl_c(tiny, tmp_path, repo_root):
     """SIGTERM during a medusa-run command (here a bench) stops it as Ctrl-C does, every finally
     run (a peer's temporary build folder goes): one line and exit 143, not a silent death."""
-    import signal
     import subprocess
     import sys
+
+    from conftest import sigterm_after
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me about rivers, part {i}."}) + "\n" for i in range(200)))
@@ -582,15 +583,8 @@ def test_sigterm_stops_a_bench_like_ctrl_c(tiny, tmp_path, repo_root):
          "1", "--json", str(tmp_path / "b.json"), "-v"],
         cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:  # the engine is chosen: the bench's minute of decoding starts
-        seen.append(line)
-        if "backend auto:" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, "".join(seen) + err
+    seen, err = sigterm_after(proc, "backend auto:")  # the engine is chosen: the bench's minute of decoding starts
+    assert proc.returncode == 143, seen + err
     assert err.strip().splitlines()[-1] == "medusa-run: terminated (SIGTERM)", err
     assert "Traceback" not in err and not (tmp_path / "b.json").exists()
 
