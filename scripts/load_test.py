@@ -24,6 +24,7 @@ requests back to back for that long; reports failed requests and the server's re
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -287,10 +288,11 @@ def run(a) -> int:
     checks.real("--soak", a.soak, 0.0)
     if not Path(a.artifact).is_dir():
         raise ConfigError(f"{a.artifact} is not an artifact folder (medusa-export writes one)")
-    if a.json:
-        check_output_file("--json", a.json)
-    if a.plot:
-        check_output_file("--plot", a.plot, (".png", ".pdf", ".svg"))
+    for flag, out, suffixes in (("--json", a.json, ()), ("--plot", a.plot, (".png", ".pdf", ".svg"))):
+        if out:  # the folder made as before (runs/ ...), the file checked before any server starts
+            with contextlib.suppress(OSError):  # (a file in the way: the check names it)
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+            check_output_file(flag, out, suffixes)
     # MT-Bench JSONL (first turns), {"prompt": ...} lines or an Alpaca list: checked, one line on a bad file
     prompts = [p.text for p in load_prompts(a.prompts)]
     model = Path(a.artifact).resolve().name
