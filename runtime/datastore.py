@@ -3,9 +3,9 @@
 The context lookup (:mod:`runtime.lookup`) drafts only what repeats inside one conversation.
 Much of an instruction model's text is its own boilerplate instead ("Here are some ...", "I hope
 this helps", list and code scaffolding), the same across conversations. This store holds, for
-every n-gram (``n <= max_ngram``) that occurred at least ``min_count`` times in a corpus of the
-model's own answers (its self-distilled answers: the data its heads were trained on), the token
-that most often followed it. A draft walks it like an n-gram model: the longest suffix of the
+every n-gram (``n <= max_ngram``) of a corpus of the model's own answers (its self-distilled
+answers: the data its heads were trained on), the token that most often followed it, where that
+token followed it at least ``min_count`` times. A draft walks it like an n-gram model: the longest suffix of the
 context that the store holds proposes its follower, which joins the context for the next one
 (REST, He et al. 2024, arXiv 2311.08252, retrieves from such a store; this one keeps only the
 most frequent follower, in sorted numpy arrays, so a lookup is one binary search per n).

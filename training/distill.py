@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,26 +69,35 @@ def states_dir(out: Path) -> Path:
     return out.with_name(out.name + ".states")
 
 
-def save_states(folder: Path, record_id: str, model: str, first: int, hidden, weights: str = "") -> None:
+def save_states(folder: Path, record_id: str, model: str, first: int, hidden, weights: str = "",
+                tokens=None) -> None:  # fmt: skip
     """``first``: position of ``hidden[0]``; ``weights``: the backbone's fingerprint
     (exporter.heads.backbone_fingerprint; "" where unknown: states from an engine exported before
-    artifacts recorded it); written to a temp name then renamed (never torn)."""
+    artifacts recorded it); ``tokens``: the record's prompt + answer the states were computed from
+    (:func:`load_states` checks them against the record that asks); written to a temp name then
+    renamed (never torn)."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{record_id}.tmp.npz"
+    arrays = {"hidden": np.asarray(hidden, dtype=np.float16), "first": np.int64(first), "model": np.array(model),
+              "weights": np.array(weights)}  # fmt: skip
+    if tokens is not None:
+        arrays["tokens"] = np.asarray(tokens, dtype=np.int64)
     try:
-        np.savez(tmp, hidden=np.asarray(hidden, dtype=np.float16), first=np.int64(first), model=np.array(model),
-                 weights=np.array(weights))  # fmt: skip
+        np.savez(tmp, **arrays)
         os.replace(tmp, folder / f"{record_id}.npz")
     except BaseException:  # interrupted: no torn temporary stays
         tmp.unlink(missing_ok=True)
         raise
 
 
-def load_states(folder: Path, record_id: str):
+def load_states(folder: Path, record_id: str, tokens=None):
     """(first, model, hidden, weights) that :func:`save_states` wrote, or None (absent, torn or
-    foreign); ``weights`` "" where the file records none."""
+    foreign); ``weights`` "" where the file records none. With ``tokens`` (the record's prompt +
+    answer now): None also where the file records other tokens (a rerun's answer under the same
+    id: states of another text), compared over the tokens both have, which are all the states
+    depend on; files from before tokens were recorded are not checked."""
     import numpy as np
 
     f = Path(folder) / f"{record_id}.npz"
@@ -95,6 +105,11 @@ def load_states(folder: Path, record_id: str):
         return None
     try:
         with np.load(f) as z:
+            if tokens is not None and "tokens" in z.files:
+                kept, now = z["tokens"], np.asarray(tokens, dtype=np.int64)
+                n = min(len(kept), len(now))
+                if not np.array_equal(kept[:n], now[:n]):
+                    return None
             return int(z["first"]), str(z["model"]), z["hidden"], str(z["weights"]) if "weights" in z.files else ""
     except Exception:  # torn or foreign file: the caller recomputes
         return None
@@ -384,7 +399,8 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
         ]
         if firsts is not None:  # keep_states; before the record lands: a record in OUT.partial has its states on disk
             for rec, first, res in zip(records, firsts, results):
-                save_states(states_dir(out), rec["id"], cfg.model, first, res[2], weights)
+                save_states(states_dir(out), rec["id"], cfg.model, first, res[2], weights,
+                            rec["prompt_ids"] + rec["response_ids"])  # fmt: skip
         _append(partial, records)
         done.update({r["id"]: r for r in records})
         bar.update(len(records))
@@ -416,9 +432,10 @@ def _distill_on_engine(cfg: DistillConfig, tok, todo, key: dict, partial: Path, 
         if gen.spec.vocab_size < len(tok):
             raise MedusaError(f"{cfg.engine}: its vocabulary ({gen.spec.vocab_size}) is not --model's ({len(tok)})")
 
-        def answer(item, index):
+        def answer(item):
             pid, text, p = item
-            seed = None if cfg.temperature == 0 else cfg.seed * 1_000_003 + index
+            # a prompt's own seed, from its id: a resumed run samples what an uninterrupted one does
+            seed = None if cfg.temperature == 0 else cfg.seed * 1_000_003 + zlib.crc32(pid.encode())
             g = gen.generate(p, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
                              medusa=False, lookup=0)  # fmt: skip
             finish = "eos" if g.stats.finish_reason == "eos" else "length"
@@ -434,7 +451,7 @@ def _distill_on_engine(cfg: DistillConfig, tok, todo, key: dict, partial: Path, 
             }
 
         with ThreadPoolExecutor(cfg.batch_size) as pool:
-            for i, rec in enumerate(pool.map(answer, todo, range(len(todo)))):
+            for i, rec in enumerate(pool.map(answer, todo)):
                 _append(partial, [rec])
                 done[rec["id"]] = rec
                 bar.update(1)
@@ -462,7 +479,7 @@ def keep_states_on_engine(engine: Path, records: list[dict], out: Path, model: s
     weights = read_artifact(engine).provenance.get("backbone_fingerprint", "")
 
     def kept(r) -> bool:
-        found = load_states(folder, r["id"])
+        found = load_states(folder, r["id"], r["prompt_ids"] + r["response_ids"])
         return found is not None and not (weights and found[3] and found[3] != weights)
 
     todo = [r for r in records if not kept(r) and r["response_ids"]]
@@ -486,7 +503,8 @@ def keep_states_on_engine(engine: Path, records: list[dict], out: Path, model: s
                 backend.commit(np.arange(m))
                 rows.append(backend.hidden_states())
                 s += m
-            save_states(folder, r["id"], model, first, np.concatenate(rows)[first:], weights)
+            save_states(folder, r["id"], model, first, np.concatenate(rows)[first:], weights,
+                        r["prompt_ids"] + r["response_ids"])  # fmt: skip
             bar.update(len(tokens))
         bar.close()
     finally:

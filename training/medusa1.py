@@ -102,10 +102,10 @@ def _fingerprint(model_folder: str, data: Path, max_len: int, weights: str = "")
 
 def _kept_states(states: Path | None, model_name: str | None, e: Example, span: tuple[int, int], weights: str = ""):
     """Rows [a, b) of ``e`` from the states distillation kept, or None (absent, other model, other
-    weights where both fingerprints are known, too short)."""
+    weights where both fingerprints are known, other tokens, too short)."""
     from training.distill import load_states
 
-    kept = load_states(states, e.id) if states is not None and model_name is not None else None
+    kept = load_states(states, e.id, e.tokens) if states is not None and model_name is not None else None
     if kept is None:
         return None
     first, model, hidden, kept_weights = kept

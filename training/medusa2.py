@@ -177,6 +177,11 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
     H, V = model.config.hidden_size, model.config.vocab_size
     if cfg.heads:
         heads = load_heads(cfg.heads, hidden_size=H, vocab_size=V)
+        if heads.config.kind != "medusa":  # Hydra heads draft level by level, from the path: another loss
+            raise MedusaError(
+                f"{cfg.heads} holds {heads.config.kind} heads: Medusa-2 trains Medusa heads (start from Medusa-1 heads, "
+                "or from fresh ones without --heads)"
+            )
         if heads.config.num_heads != cfg.num_heads:
             raise MedusaError(f"{cfg.heads} holds {heads.config.num_heads} heads; --num-heads says {cfg.num_heads}")
     else:

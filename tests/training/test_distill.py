@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from train_helpers import EOS, CharTokenizer, tiny_llama
+from train_helpers import EOS, VOCAB, CharTokenizer, tiny_llama
 
 from runtime.errors import MedusaError
 
@@ -179,6 +180,16 @@ def test_states_kept_by_distill_replace_the_backbone_pass(tmp_path, prompts_file
             p.add_(0.01 * torch.randn_like(p))
     m1.prepare_cache(retuned, "same-folder", cfg.out, tmp_path / "cache", 64, model_name="tiny")
     assert sum(s[0] for s in calls) == sum(len(v) for v in examples.values()), "new weights: rebuilt, no old states"
+    # a rerun whose answer differs under the same id (its output deleted, the states left beside it): the
+    # kept states are of another text, recomputed; the same tokens, or a prefix of them, still match
+    calls.clear()
+    e = next(x for x in examples["train"] if x.id != records[0]["id"])
+    other = e.tokens.copy()
+    other[e.response_start] = (other[e.response_start] + 1) % VOCAB
+    assert load_states(folder, e.id, other) is None and load_states(folder, e.id, e.tokens[:-2]) is not None
+    rerun = {k: [dataclasses.replace(x, tokens=other) if x is e else x for x in v] for k, v in examples.items()}
+    m1.build_cache(model, rerun, tmp_path / "rerun", batch_size=3, states=folder, model_name="tiny")
+    assert sum(s[0] for s in calls) == 2, "only the example whose tokens changed (and the one removed above) ran"
     for split in ("train", "heldout", "calib"):
         ref = np.asarray(m1.load_split(tmp_path / "ref", split, 2).hidden, dtype=np.float32)
         for name in ("kept", "mixed"):

@@ -128,3 +128,26 @@ def test_distill_on_an_engine_answers_greedily_and_keeps_the_states(tmp_path, ti
     assert keep_states_on_engine(tiny["artifact"], records, cfg.out, "tiny", threads=1) == 1
     again = load_states(states_dir(cfg.out), records[0]["id"])
     assert again[3] == backbone_fingerprint(model) and np.array_equal(again[2], kept)
+
+
+def test_sampled_distillation_on_an_engine_resumes_to_the_same_answers(tmp_path, tiny, shared_data):
+    """Each prompt samples with its own seed (from its id), so a run extended from 2 prompts to 5
+    gives the answers a run of 5 at once gives."""
+    from transformers import AutoTokenizer
+
+    from training.distill import DistillConfig, distill
+
+    tok = AutoTokenizer.from_pretrained(str(tiny["artifact"]))
+    prompts = tmp_path / "alpaca.json"
+    prompts.write_text(json.dumps(json.loads((shared_data / "alpaca_5000.json").read_text())[:5]))
+
+    def run(out, n):
+        cfg = DistillConfig(model="tiny", prompts=prompts, out=out, num_prompts=n, max_new_tokens=8, batch_size=2,
+                            engine=tiny["artifact"], threads=1, temperature=1.0, seed=3, save_states=False)  # fmt: skip
+        return distill(cfg, backbone=(tiny["model"], tok))
+
+    whole = run(tmp_path / "a.jsonl", 5)
+    run(tmp_path / "b.jsonl", 2)
+    resumed = run(tmp_path / "b.jsonl", 5)
+    assert [r["response_ids"] for r in resumed] == [r["response_ids"] for r in whole]
+    assert len({tuple(r["response_ids"]) for r in whole}) > 1  # sampled, not one answer repeated

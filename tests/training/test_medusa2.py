@@ -90,3 +90,22 @@ def test_medusa2_warmup_trains_heads_only(tmp_path):
         "after warm-up the backbone trains"
     )
     assert (tmp_path / "m2_4_2" / "backbone" / "config.json").is_file()
+
+
+def test_medusa2_refuses_hydra_heads_in_one_line(tmp_path):
+    """Hydra heads draft level by level from the path: Medusa-2's loss is for Medusa heads, so a
+    --heads folder of Hydra heads is one MedusaError, not a TypeError deep in the loss."""
+    import pytest
+
+    from exporter.heads import fresh_hydra_heads, save_heads
+    from runtime.errors import MedusaError
+    from training.data import build_examples, split_examples
+    from training.medusa2 import Medusa2Config, train_medusa2
+
+    save_heads(fresh_hydra_heads(3, 32, VOCAB), tmp_path / "hydra")
+    cfg = Medusa2Config(model="tiny", out=tmp_path / "out", heads=str(tmp_path / "hydra"), num_heads=3, steps=1,
+                        batch_size=2)  # fmt: skip
+    with pytest.raises(MedusaError, match="holds hydra heads: Medusa-2 trains Medusa heads"):
+        train_medusa2(
+            cfg, backbone=(tiny_llama(), None, tmp_path), examples=split_examples(build_examples(_records(8)))
+        )
