@@ -77,6 +77,11 @@ def build_datastore(cfg: DatastoreConfig) -> Path:
                                 source=f"{Path(cfg.data).name}, {cfg.split} split")  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"{cfg.data}: {e} (answers of another model?)") from None
+    if not len(store):  # a store that drafts nothing: refused, not written and recorded as if it helped
+        raise ConfigError(
+            f"{cfg.data}: the {cfg.split} split's answers hold no n-gram whose next token was seen --min-count "
+            f"{cfg.min_count} times: nothing to draft from (more or longer answers, or a lower --min-count)"
+        )
     store.save(out)
     if artifact is not None:
         record_in_artifact(artifact, store, f"medusa-train datastore --data {cfg.data} --split {cfg.split}")

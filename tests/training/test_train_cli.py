@@ -114,6 +114,11 @@ def test_datastore_is_built_from_the_train_split_only(tmp_path, capsys):
     assert rc == 1 and "none.jsonl: no such file" in capsys.readouterr().err
     rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--split", "test"])
     assert rc == 1 and "--split must be one of" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    rc = main(["datastore", "--model", str(model), "--data", str(tmp_path / "d.jsonl"), "--out", str(empty / "x.npz"),
+               "--min-count", "100000"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and "nothing to draft from" in err and not (empty / "x.npz").exists(), err
 
 
 def _fake_model(folder, vocab_size: int = 512):
