@@ -16,6 +16,7 @@ from pathlib import Path
 from runtime.clihelp import HelpFormatter, field_default
 from runtime.errors import MedusaError, require_extra, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
+from runtime.paths import not_a_file
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "shipped_heads"
 SHIPPED_DATASTORE = Path(__file__).resolve().parent / "shipped_datastore"
@@ -286,8 +287,8 @@ def default_datastore(args: argparse.Namespace) -> str | None:
         if args.datastore.lower() == "none":
             return None
         if not Path(args.datastore).expanduser().is_file():
-            what = "is a folder, not a file" if Path(args.datastore).expanduser().is_dir() else "no such file"
-            raise MedusaError(f"--datastore {args.datastore}: {what} (medusa-train datastore writes one)")
+            why = not_a_file(args.datastore, missing="no such file")
+            raise MedusaError(f"--datastore {args.datastore}: {why} (medusa-train datastore writes one)")
         if not zipfile.is_zipfile(Path(args.datastore).expanduser()):
             raise MedusaError(
                 f"--datastore {args.datastore} is not a datastore.npz (a numpy archive; medusa-train datastore writes one)"

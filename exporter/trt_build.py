@@ -13,9 +13,8 @@ the user gets one :class:`runtime.errors.BackendUnavailableError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from runtime.artifact import ArtifactConfig
 from runtime.errors import MedusaError
-from runtime.paths import atomic_file
+from runtime.paths import atomic_file, atomic_path
 from runtime.plan import PLAN_FILE, BuildPlan, Graph, PlanError
 from runtime.trt_backend import require_gpu, require_tensorrt
 
@@ -132,28 +131,19 @@ def build_engines(
     if builder is None:
         raise EngineBuildError("TensorRT could not create a builder (is the GPU usable? see the log above)")
     cache_path = folder / plan.timing_cache
-    # each engine goes to a temporary file beside its name; the engines, then the plan and the config,
-    # take their names only once both are built: a failed or interrupted build leaves the previous
-    # engines with their own plan, never a new engine beside an old one
-    staged: list[tuple[Path, Path]] = []
-    try:
+    # each engine goes to a temporary file beside its name (atomic_path), and the engines, then the plan
+    # and the config, take their names only once both are built (the stack's exits): a failed or
+    # interrupted build leaves the previous engines with their own plan, never a new engine beside an old one
+    built = []
+    with contextlib.ExitStack() as staged:
         for graph in (plan.backbone, plan.heads):
             target = folder / graph.engine
             write(f"building {target} from {graph.onnx} ({len(graph.profiles)} profile(s))")
             start = time.monotonic()
             data = _build_one(trt, builder, logger, folder, graph, plan, cache_path, write)
-            fd, name = tempfile.mkstemp(dir=folder, prefix=f".{graph.engine}.", suffix=".tmp")
-            staged.append((Path(name), target))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            staged.enter_context(atomic_path(target)).write_bytes(data)
             write(f"built {target} ({len(data) / 2**20:.1f} MiB) in {time.monotonic() - start:.0f}s")
-        for staging, target in staged:
-            os.chmod(staging, 0o644)
-            os.replace(staging, target)
-    finally:
-        for staging, _ in staged:
-            staging.unlink(missing_ok=True)  # renamed already, or a failed build's
-    built = [target for _, target in staged]
+            built.append(target)
     plan.write(folder)
     if config is not None:
         config.provenance["engine"] = {

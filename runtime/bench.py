@@ -26,7 +26,7 @@ from runtime.checks import show
 from runtime.decode import DEFAULT_LOOKUP_MAX, DEFAULT_LOOKUP_SIZING, PHASES, prefill
 from runtime.dynamic import is_dynamic
 from runtime.errors import MedusaError
-from runtime.paths import read_text
+from runtime.paths import not_a_file, read_text
 
 # the Medusa sampling runs compared with plain sampling (--sampling): name -> (acceptance, drafts, what)
 # ("exact" means coupled drafts since 2026-12-01; earlier result files hold top-k drafts under "exact");
@@ -66,7 +66,7 @@ def load_prompts(
     file order); ``limit``: then the first N."""
     path = Path(path)
     if not path.is_file():
-        raise MedusaError(f"prompt file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+        raise MedusaError(f"prompt file {path} {not_a_file(path)}")
     if skip < 0:
         raise MedusaError(f"--skip must be >= 0, got {skip}")
     if limit is not None and limit < 1:
@@ -824,7 +824,7 @@ def plot_bench(res: dict, path: str | Path) -> Path:
 
 
 def _plot_bench(plt, res: dict, path: Path) -> Path:
-    from runtime.paths import atomic_file
+    from runtime.paths import save_figure
 
     trees = list(res["trees"].values())
     peer = bool(res.get("peer"))
@@ -868,8 +868,6 @@ def _plot_bench(plt, res: dict, path: Path) -> Path:
     fig.suptitle(f"medusa-run bench: {res['prompts']} prompts, {res['max_new_tokens']} new tokens, {res['backend']}")
     fig.tight_layout()
     try:
-        with atomic_file(path, binary=True) as f:  # whole or not at all
-            fig.savefig(f, dpi=110, format=path.suffix.lstrip(".").lower())
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
-    return path

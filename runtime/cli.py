@@ -14,12 +14,11 @@ from runtime.clihelp import HelpFormatter, field_default
 from runtime.decode import ACCEPTANCES, DRAFTS, LOOKUP_SIZINGS, DecodeConfig
 from runtime.errors import ConfigError, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
-from runtime.paths import write_text_atomic
+from runtime.paths import PLOT_SUFFIXES, write_text_atomic
 from runtime.profile import DEFAULT_SIZES
 
 log = logging.getLogger("medusa_trt.runtime")
 MAX_SERVE_BATCH = 256  # serve --max-batch at most: each slot holds a whole context's KV cache
-PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what the bench's matplotlib figure saves as
 
 
 def _decode_default(name: str):

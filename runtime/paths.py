@@ -42,6 +42,14 @@ def read_text(path: str | os.PathLike, error: type[Exception] | None = None) -> 
     return utf8(Path(path).read_bytes(), path, error=error)
 
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what a matplotlib figure saves as (save_figure)
+
+
+def not_a_file(path: str | os.PathLike, missing: str = "does not exist") -> str:
+    """Why ``path``, which is not a file, cannot be read: a folder, or ``missing``."""
+    return "is a folder, not a file" if Path(path).expanduser().is_dir() else missing
+
+
 def check_output_file(flag: str, path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> Path:
     """``path`` as a file a command may write at its end, checked before the work starts: not a
     folder, its folder exists and takes a new file (what :func:`atomic_file` writes first), and
@@ -103,6 +111,15 @@ def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     """A file object whose content appears at ``path`` whole or not at all (:func:`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
         yield f
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure saved whole or not at all (:func:`atomic_file`), in the format its
+    suffix names (:data:`PLOT_SUFFIXES`)."""
+    path = Path(path)
+    with atomic_file(path, binary=True) as f:
+        fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".").lower())
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -34,8 +34,8 @@ last bits may differ, which a near-tie can turn into another token: runtime/batc
 out, ``--ray-replicas N`` serves the same app as a Ray Serve deployment of N processes behind
 Ray's HTTP proxy (:func:`serve_ray`). A client that disconnects frees its slot at the next step,
 streamed or not. On SIGTERM the server stops accepting connections, answers the queued requests
-503 at once and lets the running ones finish (up to ``--graceful-timeout``); those still running then get a 503 error in OpenAI's body (a
-stream: as its last event); nothing hangs.
+503 at once and lets the running ones finish (up to ``--graceful-timeout``); those still running
+then get a 503 error in OpenAI's body (a stream: as its last event); nothing hangs.
 
 Request forms other OpenAI-compatible servers take are taken too: null for ``temperature``,
 ``top_p``, ``stream`` (and the other "or null" fields: their defaults), message content as a list
@@ -217,12 +217,15 @@ def check_cache_memory(gen, max_batch: int, available: int | None, replicas: int
     peak, n, context = found
     need = peak(n, context)
     note = f"KV cache up to {need / GIB:.1f} GiB ({n} x {context} tokens)"
-    if available is None or need * replicas <= available * CACHE_MEMORY_SHARE:
+    if available is None:
         return note
-    room = available * CACHE_MEMORY_SHARE / replicas
+    total = available * CACHE_MEMORY_SHARE  # what every replica's caches may take together
+    if need * replicas <= total:
+        return note
+    room = total / replicas  # this replica's share
     fits_context = _largest(lambda c: peak(n, c) <= room, context)
     fits_batch = _largest(lambda b: peak(b, context) <= room, n)
-    fits_replicas = _largest(lambda r: need * r <= room * replicas, replicas - 1)
+    fits_replicas = _largest(lambda r: need * r <= total, replicas - 1)
     ways = [f"--max-context {fits_context} or less"] if fits_context else []
     ways += [f"--max-batch {fits_batch} or less"] if fits_batch else []
     ways += [f"--ray-replicas {fits_replicas} or fewer"] if fits_replicas else []

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import TreeError
-from runtime.paths import read_text
+from runtime.paths import not_a_file, read_text
 
 PAD = -1
 
@@ -241,7 +241,7 @@ def load_tree(spec: str | Path | Sequence[Sequence[int]] | Tree, num_heads: int 
         name, paths = _read_tree_file(tree_configs.path_of(text))
     elif path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise TreeError(f"tree file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+            raise TreeError(f"tree file {path} {not_a_file(path)}")
         name, paths = _read_tree_file(path)
     else:
         raise TreeError(

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from runtime.errors import ConfigError, run_cli, sigterm_as_interrupt
-from runtime.paths import atomic_file, write_text_atomic
+from runtime.paths import PLOT_SUFFIXES, save_figure, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,7 +288,7 @@ def run(a) -> int:
     checks.real("--soak", a.soak, 0.0)
     if not Path(a.artifact).is_dir():
         raise ConfigError(f"{a.artifact} is not an artifact folder (medusa-export writes one)")
-    for flag, out, suffixes in (("--json", a.json, ()), ("--plot", a.plot, (".png", ".pdf", ".svg"))):
+    for flag, out, suffixes in (("--json", a.json, ()), ("--plot", a.plot, PLOT_SUFFIXES)):
         if out:  # the folder made as before (runs/ ...), the file checked before any server starts
             with contextlib.suppress(OSError):  # (a file in the way: the check names it)
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -380,8 +380,7 @@ def plot(rows: list[dict], levels: list[int], path: str) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_file(path, binary=True) as f:  # whole or not at all
-        fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip(".").lower())
+    save_figure(fig, path)  # whole or not at all
     plt.close(fig)
 
 

@@ -39,8 +39,11 @@ from pathlib import Path
 
 from runtime.errors import MedusaError
 from runtime.log import quiet
+from runtime.paths import not_a_file
 
 log = logging.getLogger("medusa_trt.training")
+
+DISTILL_FIRST = "does not exist (run `medusa-train distill` first)"  # distilled data not there yet
 
 ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_5000.json"
 
@@ -124,8 +127,7 @@ def load_prompts(path: Path, limit: int | None = None) -> list[tuple[str, str]]:
     if "mt_bench" in path.name.lower():
         raise MedusaError(f"{path}: MT-Bench is the evaluation set and must never be used to train heads")
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise MedusaError(f"prompt file {path} {what} (expected an Alpaca-style JSON list)")
+        raise MedusaError(f"prompt file {path} {not_a_file(path)} (expected an Alpaca-style JSON list)")
     from runtime import checks
     from runtime.paths import read_text
 
@@ -201,8 +203,7 @@ def read_records(path: Path) -> list[dict]:
     """Records of a finished distillation file (``.jsonl``)."""
     path = Path(path)
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist (run `medusa-train distill` first)"
-        raise MedusaError(f"distilled data {path} {what}")
+        raise MedusaError(f"distilled data {path} {not_a_file(path, DISTILL_FIRST)}")
     from training.files import text_lines
 
     out = []

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from runtime.artifact import HEAD_TYPES
 from runtime.errors import MedusaError
 from runtime.log import quiet
+from runtime.paths import not_a_file
 from training.data import (
     IGNORE,
     MAX_CACHED_HEADS,
@@ -440,6 +441,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     from exporter.heads import HydraHeads, MedusaHeads, backbone_fingerprint, fresh_heads, fresh_hydra_heads, save_heads
     from exporter.models import load_backbone, resolve_model
     from runtime import checks
+    from training.distill import DISTILL_FIRST
     from training.files import output_folder
 
     if cfg.num_heads < 1 or cfg.num_layers < 1 or cfg.epochs < 1 or cfg.batch_tokens < 1:
@@ -458,12 +460,7 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     if cfg.soft_targets and not cfg.shared_lm_head:
         raise MedusaError("soft targets need the shared lm_head (the backbone's distribution is lm_head(hidden))")
     if not Path(cfg.data).is_file():
-        what = (
-            "is a folder, not a file"
-            if Path(cfg.data).is_dir()
-            else "does not exist (run `medusa-train distill` first)"
-        )
-        raise MedusaError(f"distilled data {cfg.data} {what}")
+        raise MedusaError(f"distilled data {cfg.data} {not_a_file(cfg.data, DISTILL_FIRST)}")
     if backbone is None:
         resolve_model(cfg.model)  # a missing model is named first; loading it waits for the data check
     check_splits(Path(cfg.data), cfg.max_len)

@@ -1,7 +1,8 @@
 """Coupled sampling: the heads' ranking temperature as a multiple s of the backbone's (s = 0: the heads' raw
 ranking, no noise), on held-out Alpaca tuning prompts (`python -m scripts.heldout_prompts -o /tmp/alpaca_tune.json
 --last 76 --drop-last 24`), T = 0.7, 192 tokens, seed = prompt index. Run from the repository root:
-`PYTHONPATH=. python docs/results/session27/throwaway/head_temp.py 1.0,0.5,0 12` (output: head_temp.txt)."""
+`PYTHONPATH=. python docs/results/session27/throwaway/head_temp.py 1.0,0.5,0 12 /tmp/alpaca_tune.json`
+(output: head_temp.txt)."""
 
 import sys
 import time
@@ -12,7 +13,8 @@ from runtime.decode import PositionNoise, perturbed
 
 scales = [float(x) for x in sys.argv[1].split(",")]
 n = int(sys.argv[2])
-temp = float(sys.argv[3]) if len(sys.argv) > 3 else 0.7
+prompts_file = sys.argv[3]  # the held-out tuning prompts (the command in the docstring)
+temp = float(sys.argv[4]) if len(sys.argv) > 4 else 0.7
 S = {"s": 1.0}
 
 
@@ -25,7 +27,7 @@ def perturb(self, logits, temperature, pos):
 
 PositionNoise.perturb = perturb
 gen = api.load("artifacts/smollm2-135m-medusa", threads=2)
-prompts = load_prompts("/tmp/alpaca_tune.json")[:n]
+prompts = load_prompts(prompts_file)[:n]
 ref = {}
 for s in scales:
     S["s"] = s
