@@ -246,10 +246,13 @@ def generate_batch(
     eos_ids: list[int],
     cfg: DistillConfig,
     first_positions: list[int] | None = None,
+    seeds: list[int] | None = None,
 ):
     """Left-padded batched generation; per prompt (response ids incl. a final EOS, finish reason),
     plus, with ``first_positions``, the float16 last hidden states of positions
     ``first .. len(prompt) + len(response) - 2`` (every position whose next token is known).
+    ``seeds`` (sampling): one per prompt, each prompt drawing from its own generator, so its answer
+    does not depend on the prompts batched with it (else torch's global generator).
 
     A finished answer leaves the batch at once (its rows are dropped from the KV cache), so
     a batch costs its answers' lengths, not max_new_tokens times the batch size.
@@ -278,6 +281,7 @@ def generate_batch(
     finish = ["length"] * n
     eos = torch.tensor(eos_ids)
     states: list[list] = [[] for _ in range(n)]
+    gens = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None and cfg.temperature > 0 else None
     with torch.inference_mode():
         for step in range(cfg.max_new_tokens):
             if split is None:
@@ -299,7 +303,12 @@ def generate_batch(
                     else:
                         states[r].append(h16[row])
             if cfg.temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits / cfg.temperature, -1), 1)[:, 0]
+                probs = torch.softmax(logits / cfg.temperature, -1)
+                if gens is None:
+                    nxt = torch.multinomial(probs, 1)[:, 0]
+                else:
+                    nxt = torch.cat([torch.multinomial(probs[row], 1, generator=gens[r])
+                                     for row, r in enumerate(alive.tolist())])  # fmt: skip
             else:
                 nxt = logits.argmax(-1)
             for r, t in zip(alive.tolist(), nxt.tolist()):
@@ -385,7 +394,9 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
         log.warning("%s: no body + lm_head split, hidden states are not kept", type(model).__name__)
     for b, batch in enumerate(batches):
         firsts = [first_cached_position(len(p)) for _, _, p in batch] if keep_states else None
-        results = generate_batch(model, [p for _, _, p in batch], pad_id, eos_ids, cfg, first_positions=firsts)
+        seeds = [prompt_seed(cfg, pid) for pid, _, _ in batch] if cfg.temperature > 0 else None
+        results = generate_batch(model, [p for _, _, p in batch], pad_id, eos_ids, cfg, first_positions=firsts,
+                                 seeds=seeds)  # fmt: skip
         records = [
             {
                 "id": pid,
@@ -418,6 +429,12 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     return final
 
 
+def prompt_seed(cfg: DistillConfig, pid: str) -> int:
+    """A prompt's own sampling seed, from ``--seed`` and its id: a resumed run samples what an
+    uninterrupted one does, whichever prompts are left and however they are batched."""
+    return cfg.seed * 1_000_003 + zlib.crc32(pid.encode())
+
+
 def _distill_on_engine(cfg: DistillConfig, tok, todo, key: dict, partial: Path, done: dict, bar, on_batch) -> None:
     """Answer ``todo`` on the exported artifact ``cfg.engine``: ``cfg.batch_size`` threads, their
     steps batched into one ONNX Runtime call (plain greedy/sampled decoding, no Medusa: the tokens
@@ -435,8 +452,7 @@ def _distill_on_engine(cfg: DistillConfig, tok, todo, key: dict, partial: Path, 
 
         def answer(item):
             pid, text, p = item
-            # a prompt's own seed, from its id: a resumed run samples what an uninterrupted one does
-            seed = None if cfg.temperature == 0 else cfg.seed * 1_000_003 + zlib.crc32(pid.encode())
+            seed = None if cfg.temperature == 0 else prompt_seed(cfg, pid)
             g = gen.generate(p, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
                              medusa=False, lookup=0)  # fmt: skip
             finish = "eos" if g.stats.finish_reason == "eos" else "length"

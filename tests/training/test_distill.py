@@ -78,6 +78,29 @@ def test_distill_resume_no_lost_or_duplicated_records(tmp_path, prompts_file):
     assert (r["finish"] == "eos") == (r["response_ids"][-1] == EOS)
 
 
+def test_sampled_distill_resumes_as_an_uninterrupted_run(tmp_path, prompts_file):
+    """Sampled answers (torch path) come from each prompt's own seed: stopped after the first batch
+    and resumed, the run writes what an uninterrupted one does, and another --seed writes others."""
+    from training.distill import distill
+
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file, temperature=1.0, seed=3)
+    cfg.max_new_tokens = 12
+
+    def interrupt(b, records):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, on_batch=interrupt, backbone=(model, tok))
+    resumed = distill(cfg, backbone=(model, tok))
+    whole = distill(dataclasses.replace(cfg, out=tmp_path / "whole.jsonl"), backbone=(model, tok))
+    assert [r["response_ids"] for r in resumed] == [r["response_ids"] for r in whole]
+    one_by_one = distill(dataclasses.replace(cfg, out=tmp_path / "b1.jsonl", batch_size=1), backbone=(model, tok))
+    assert [r["response_ids"] for r in one_by_one] == [r["response_ids"] for r in whole]
+    other = distill(dataclasses.replace(cfg, out=tmp_path / "seed4.jsonl", seed=4), backbone=(model, tok))
+    assert [r["response_ids"] for r in other] != [r["response_ids"] for r in whole]
+
+
 def test_distill_batched_matches_unbatched_greedy(tmp_path, prompts_file):
     """Left padding must not change the answers."""
     from training.distill import distill
