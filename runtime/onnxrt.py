@@ -413,9 +413,11 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         spec = self.spec
         self.min_rows = row_invariant_rows(config)
         self.exact_branching = self.min_rows == 1
-        buffer = min(max_context or spec.max_context, spec.max_context)
         # the usable context keeps room for the pad rows, so that every one-token step, the last one
-        # included, runs as min_rows rows (the buffer itself may not outgrow the rotary tables)
+        # included, runs as min_rows rows: a max_context asked for gets them on top, where the
+        # rotary tables allow (the buffer may not outgrow them)
+        asked = spec.max_context if max_context is None else max_context + self.min_rows - 1
+        buffer = min(asked, spec.max_context)
         self.capacity = buffer - (self.min_rows - 1)
         self.screened_graph = self._check_io()
         # the lm_head screen serves greedy steps of float32 graphs (a quantized backbone's logits come

@@ -521,6 +521,10 @@ def test_one_token_steps_run_as_two_rows(quantized, exported, precision):
     one = b.forward(np.array([tok]), np.array([0]), np.ones((1, 1), bool)).copy()
     two = b.forward(np.array([tok, nxt]), np.arange(2), causal(2)).copy()
     assert np.array_equal(one[0], two[0])
+    # a context asked for is the context given: the pad row's slot comes on top, where the rotary
+    # tables have room (the whole context keeps it inside them)
+    assert backend_for(q["artifact"], max_context=32).max_context == 32
+    assert backend_for(q["artifact"]).max_context == b.spec.max_context - 1
     # float graphs run one row: nothing is written past the token
     f = backend_for(exported("llama")["fused"])
     assert f.min_rows == 1 and f.exact_branching is True
