@@ -324,15 +324,15 @@ def export_options(args: argparse.Namespace):
     )
 
 
-def preflight(folder: Path, options) -> None:
+def preflight(folder: Path, options):
     """What a model folder's small files tell, before minutes of loading: a supported architecture,
-    weights, a tokenizer, and a ``--max-context`` the model holds."""
+    weights, a tokenizer, and a ``--max-context`` the model holds. Returns the tokenizer."""
     from exporter.export import fitting_context
     from exporter.models import cause, check_architecture, check_tokenizer, check_weights
 
     check_architecture(folder)
     check_weights(folder)
-    check_tokenizer(folder)
+    tokenizer = check_tokenizer(folder)
     if options.max_context is not None:
         from transformers import AutoConfig
 
@@ -341,6 +341,7 @@ def preflight(folder: Path, options) -> None:
         except Exception as e:  # a config transformers cannot read: the load would say the same, later
             raise MedusaError(f"cannot read {folder / 'config.json'}: {cause(e)}") from None
         fitting_context(options.max_context, config)
+    return tokenizer
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -353,8 +354,9 @@ def run(args: argparse.Namespace) -> Path:
     options = export_options(args)
     check_options(options)
     options.tree, options.sampling_tree = default_trees(args, options.precision)
+    tokenizer = None  # preflight's, kept for the load
     if args.model != DEFAULT_MODEL:  # a missing or non-model folder is named before anything else (the heads)
-        preflight(resolve_model(args.model), options)
+        tokenizer = preflight(resolve_model(args.model), options)
     out = Path(args.output).expanduser().absolute()
     check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:
@@ -373,7 +375,7 @@ def run(args: argparse.Namespace) -> Path:
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
     with progress(f"loading {args.model} ({options.dtype})"), _quiet_transformers():
         try:
-            model, tokenizer, folder = load_backbone(args.model, dtype=options.dtype)
+            model, tokenizer, folder = load_backbone(args.model, dtype=options.dtype, tokenizer=tokenizer)
         except MedusaError:
             raise
         except Exception as e:  # a folder transformers cannot read (truncated weights, a bad config): the user's

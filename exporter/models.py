@@ -75,13 +75,14 @@ def cause(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
-def check_tokenizer(folder: Path) -> None:
-    """The folder holds a tokenizer transformers loads (the artifact ships one), named before the
-    weights load: whatever its files (tokenizer.json, a SentencePiece or tiktoken model, tekken.json)."""
+def check_tokenizer(folder: Path):
+    """The tokenizer of the folder (the artifact ships one), loaded before the weights so that a
+    folder without one is named first: whatever its files (tokenizer.json, a SentencePiece or
+    tiktoken model, tekken.json)."""
     from transformers import AutoTokenizer
 
     try:
-        AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # transformers says why in many ways (OSError, ValueError, ...)
         raise MedusaError(
             f"{folder} has no tokenizer transformers can load ({cause(e, 200)}): copy the "
@@ -89,8 +90,9 @@ def check_tokenizer(folder: Path) -> None:
         ) from None
 
 
-def load_backbone(name_or_path: str | Path, dtype: str = "float32"):
-    """(model, tokenizer, folder) for a model name or folder; the model in eval mode on CPU."""
+def load_backbone(name_or_path: str | Path, dtype: str = "float32", tokenizer=None):
+    """(model, tokenizer, folder) for a model name or folder; the model in eval mode on CPU.
+    ``tokenizer``: the folder's, already loaded (:func:`check_tokenizer`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,7 +102,8 @@ def load_backbone(name_or_path: str | Path, dtype: str = "float32"):
     # eager-compatible SDPA; the 4-D boolean tree mask goes straight to attention
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, attn_implementation="sdpa")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, folder
 
 

@@ -52,12 +52,20 @@ def assert_user_error(code, err, *phrases):
         assert p in text, (p, text)
 
 
-def test_export_with_fresh_heads(model_folder, tmp_path, capsys):
+def test_export_with_fresh_heads(model_folder, tmp_path, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+
+    loads = []  # the tokenizer the preflight loads is the one the export uses: loaded once
+    real = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(
+        AutoTokenizer, "from_pretrained", classmethod(lambda c, *a, **k: loads.append(a) or real(c, *a, **k))
+    )
     out = tmp_path / "artifact"
     code, stdout, stderr = run_cli(
         [model_folder, "--fresh-heads", "2", "-o", out, "--max-context", "128", "-v"], capsys
     )
     assert code == 0, stderr
+    assert len(loads) == 1, loads
     for step in (
         "loading",
         "writing the fused backbone",
