@@ -29,11 +29,12 @@ from exporter.trt_plan import Limits, make_plan, resolve_tree
 from runtime.errors import run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 from runtime.paths import write_text_atomic
-from runtime.plan import DECODE, NEW, PAST, PREFILL, VERIFY, BuildPlan, Graph, PlanError
+from runtime.plan import DECODE, NEW, PAST, PLAN_FILE, PREFILL, VERIFY, BuildPlan, Graph, PlanError
 
 TRTEXEC_SCRIPT = "trtexec.sh"
 POLYGRAPHY_SCRIPT = "polygraphy_check.sh"
 DATA_SCRIPT = "trt_check_data.py"
+STAGED = ".partial"  # trtexec.sh builds each engine under this suffix, renamed once both are built
 # polygraphy's own verbosity in the recipes: -qq shows PASSED/FAILED, the accuracy summary and warnings,
 # not the thousands of lines of TensorRT's build log per profile (drop it to see them)
 POLYGRAPHY_QUIET = "-qq"
@@ -62,9 +63,10 @@ def _trtexec_shapes(shapes: Shapes, which: int) -> str:
 
 
 def trtexec_command(
-    plan: BuildPlan, which: str = "backbone", root: str | Path = ".", trtexec: str = "trtexec"
+    plan: BuildPlan, which: str = "backbone", root: str | Path = ".", trtexec: str = "trtexec", staged: bool = False
 ) -> list[str]:
-    """The trtexec command that builds ``which`` (backbone or heads) under ``plan``.
+    """The trtexec command that builds ``which`` (backbone or heads) under ``plan`` (``staged``:
+    into ``ENGINE.partial``, which trtexec.sh renames once both engines are built).
 
     Several profiles use trtexec's ``--profile=i`` followed *immediately* by that profile's
     ``--minShapes/--optShapes/--maxShapes`` (TensorRT >= 10.0; repeated shape flags without
@@ -72,7 +74,8 @@ def trtexec_command(
     from the ONNX file; TensorRT 11 is always strongly typed and accepts the flag as a no-op.
     """
     graph = _graph(plan, which)
-    cmd = [trtexec, f"--onnx={_path(root, graph.onnx)}", f"--saveEngine={_path(root, graph.engine)}", "--stronglyTyped"]
+    engine = _path(root, graph.engine + (STAGED if staged else ""))
+    cmd = [trtexec, f"--onnx={_path(root, graph.onnx)}", f"--saveEngine={engine}", "--stronglyTyped"]
     for i, profile in enumerate(graph.profiles):
         shapes = graph.shapes(profile)
         cmd += [
@@ -332,10 +335,35 @@ def profile_table(plan: BuildPlan) -> str:
     return "\n".join(rows)
 
 
-def script_text(commands: list[list[str]], header: str) -> str:
+def script_text(commands: list[list[str]], header: str, folder: str | Path | None = None, tail: list[str] = ()) -> str:
+    """A bash script running ``commands`` (then the ``tail`` lines) in the artifact folder: the
+    script's own folder, or ``folder`` where the script is written elsewhere (``--write``)."""
+    where = 'cd "$(dirname "$0")"' if folder is None else f"cd {shlex.quote(str(Path(folder).resolve()))}"
     lines = ["#!/usr/bin/env bash", f"# {header}", "# Written by medusa-export from trt_plan.json; run from anywhere.",
-             "set -euo pipefail", 'cd "$(dirname "$0")"']  # fmt: skip
-    return "\n".join(lines + [shlex.join(c) for c in commands]) + "\n"
+             "set -euo pipefail", where]  # fmt: skip
+    return "\n".join(lines + [shlex.join(c) for c in commands] + list(tail)) + "\n"
+
+
+def install_lines(plan: BuildPlan) -> list[str]:
+    """trtexec.sh's last lines: once both engines are built, each staged engine is renamed into
+    place, then the plan they were built from is written beside them (so the backend never finds
+    engines and a plan that disagree, whatever was there before or failed half-way)."""
+    lines = [shlex.join(["mv", "-f", g.engine + STAGED, g.engine]) for g in (plan.backbone, plan.heads)]
+    return lines + [f"cat > {PLAN_FILE}{STAGED} <<'MEDUSA_TRT_PLAN'", plan.to_json().rstrip("\n"), "MEDUSA_TRT_PLAN",
+                    shlex.join(["mv", "-f", PLAN_FILE + STAGED, PLAN_FILE])]  # fmt: skip
+
+
+def stale_plan(folder: Path, plan: BuildPlan) -> bool:
+    """True where ``folder`` holds an engine and a plan other than ``plan`` (or none readable):
+    writing ``plan`` there now would leave engines the backend refuses."""
+    from runtime.plan import read_plan
+
+    if not any((folder / g.engine).is_file() for g in (plan.backbone, plan.heads)):
+        return False
+    try:
+        return read_plan(folder) != plan
+    except PlanError:
+        return True
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -404,20 +432,27 @@ def _load(args):
 
 def write_recipes(
     folder: str | Path, plan: BuildPlan, tree, script: str | Path | None = None, trtexec: str = "trtexec"
-) -> dict[str, Path]:
-    """Write the plan, trtexec.sh, polygraphy_check.sh and trt_check_data.py; return their paths."""
+) -> dict[str, Path | None]:
+    """Write the plan, trtexec.sh, polygraphy_check.sh and trt_check_data.py; return their paths
+    (``plan``: None where engines built from another plan are there: trtexec.sh writes it once it
+    has built theirs again, :func:`install_lines`)."""
     folder = Path(folder)
-    build = [trtexec_command(plan, "backbone", trtexec=trtexec), trtexec_command(plan, "heads", trtexec=trtexec)]
+    if "/" in trtexec:  # a path, not a name on PATH: the script runs in the artifact folder
+        trtexec = str(Path(trtexec).expanduser().resolve())
+    build = [trtexec_command(plan, which, trtexec=trtexec, staged=True) for which in ("backbone", "heads")]
     checks = [polygraphy_command(plan, "backbone", p.name) for p in plan.backbone.profiles]
     checks.append(polygraphy_command(plan, "heads"))
+    elsewhere = script is not None and Path(script).resolve().parent != folder.resolve()
     paths = {
-        "plan": plan.write(folder),
+        "plan": None if stale_plan(folder, plan) else plan.write(folder),
         "trtexec": Path(script) if script else folder / TRTEXEC_SCRIPT,
         "polygraphy": folder / POLYGRAPHY_SCRIPT,
         "data": folder / DATA_SCRIPT,
     }
     texts = {
-        "trtexec": script_text(build, "Build the TensorRT engines (TensorRT >= 10.0)."),
+        "trtexec": script_text(
+            build, "Build the TensorRT engines (TensorRT >= 10.0).", folder if elsewhere else None, install_lines(plan)
+        ),  # fmt: skip
         "polygraphy": script_text(checks, "Compare TensorRT with ONNX Runtime on every profile."),
         "data": data_loader_script(plan, tree),
     }
@@ -444,25 +479,32 @@ def _cmd_trtexec(argv: list[str]) -> int:
         cfg, plan = _load(args)
         tree = resolve_tree(cfg, args.tree)
         paths = write_recipes(args.artifact, plan, tree, script=args.write, trtexec=args.trtexec)
-        print(plan.to_json() if args.json else profile_table(plan))
+        # --json: stdout is the plan alone (a program reads it); what was written goes to stderr
+        say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+        print(plan.to_json() if args.json else profile_table(plan), end="" if args.json else "\n")
         build = [
             trtexec_command(plan, which, root=args.artifact, trtexec=args.trtexec) for which in ("backbone", "heads")
         ]
         checks = [polygraphy_command(plan, "backbone", p_.name, root=args.artifact) for p_ in plan.backbone.profiles]
         checks.append(polygraphy_command(plan, "heads", root=args.artifact))
         if verbosity(args) > 0:  # the full command lines: tens of KB of shape flags for a real model
-            print(f"\n# build the engines (also in {paths['trtexec']}):")
-            print("\n".join(shlex.join(c) for c in build))
-            print(f"\n# compare TensorRT with ONNX Runtime (also in {paths['polygraphy']}):")
-            print("\n".join(shlex.join(c) for c in checks))
-        print(f"\nwrote {paths['plan']}, {paths['trtexec']}, {paths['polygraphy']}, {paths['data']}")
-        print(f"build the engines ({len(build)} trtexec commands): bash {shlex.quote(str(paths['trtexec']))}")
-        print(
+            say(f"\n# build the engines (trtexec.sh builds them under .partial names, then renames them and "
+                f"writes the plan; {paths['trtexec']}):")  # fmt: skip
+            say("\n".join(shlex.join(c) for c in build))
+            say(f"\n# compare TensorRT with ONNX Runtime (also in {paths['polygraphy']}):")
+            say("\n".join(shlex.join(c) for c in checks))
+        written = [paths[k] for k in ("plan", "trtexec", "polygraphy", "data") if paths[k] is not None]
+        say(f"\nwrote {', '.join(map(str, written))}")
+        if paths["plan"] is None:
+            say(f"kept {Path(args.artifact) / PLAN_FILE}: engines built from it are there, and this plan differs; "
+                "trtexec.sh writes the new plan once it has built the engines again")  # fmt: skip
+        say(f"build the engines ({len(build)} trtexec commands): bash {shlex.quote(str(paths['trtexec']))}")
+        say(
             f"compare TensorRT with ONNX Runtime ({len(checks)} polygraphy runs, one per profile): "
             f"bash {shlex.quote(str(paths['polygraphy']))}"
         )
         if verbosity(args) <= 0:
-            print("(-v prints the commands)")
+            say("(-v prints the commands)")
     return 0
 
 

@@ -199,7 +199,7 @@ def test_cli_trtexec_writes_and_prints_the_recipes(tmp_path, capsys):
     script = (folder / TRTEXEC_SCRIPT).read_text().splitlines()
     assert script[0] == "#!/usr/bin/env bash" and 'cd "$(dirname "$0")"' in script
     build = [parse_trtexec(line) for line in script if line.startswith("trtexec ")]
-    assert [b.save_engine for b in build] == ["model.engine", "heads.engine"]
+    assert [b.save_engine for b in build] == ["model.engine.partial", "heads.engine.partial"]
     assert build[0].profiles == _shapes(plan.backbone) and build[1].profiles == _shapes(plan.heads)
     checks = [
         parse_polygraphy(line)
@@ -237,17 +237,81 @@ def test_cli_trtexec_is_short_by_default(tmp_path, capsys):
     assert capsys.readouterr().out == out
 
 
-def test_cli_trtexec_write_elsewhere_and_json(tmp_path, capsys):
+# a stand-in for trtexec: reads --onnx (relative to where the script runs), writes --saveEngine; exits 1
+# for the ONNX file named in $FAIL_ON
+FAKE_TRTEXEC = """#!/usr/bin/env bash
+for a in "$@"; do case "$a" in --onnx=*) onnx="${a#--onnx=}";; --saveEngine=*) engine="${a#--saveEngine=}";; esac; done
+test -f "$onnx" || { echo "no $onnx in $PWD" >&2; exit 3; }
+test "$onnx" != "${FAIL_ON:-}" || exit 1
+echo "built from $onnx" > "$engine"
+"""
+
+
+def _fake_trtexec(where: Path) -> Path:
+    where.mkdir(parents=True, exist_ok=True)
+    exe = where / "trtexec"
+    exe.write_text(FAKE_TRTEXEC)
+    exe.chmod(0o755)
+    return exe
+
+
+def _run_script(script: Path, cwd: Path, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(["bash", str(script)], cwd=cwd, capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_cli_trtexec_write_elsewhere_and_json(tmp_path, capsys, monkeypatch):
+    """A script written outside the artifact (--write) builds in the artifact, a relative --trtexec
+    included, run from anywhere; --json prints the plan alone on stdout."""
+    import json
+
     folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
-    target = tmp_path / "build.sh"
-    assert (
-        trt_cli.main(["trtexec", str(folder), "--write", str(target), "--json", "--trtexec", "/opt/trt/bin/trtexec"])
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert '"format_version": 1' in out and (folder / PLAN_FILE).is_file()
-    assert target.read_text().count("/opt/trt/bin/trtexec --onnx=model.onnx") == 1
+    (folder / "model.onnx").write_text("onnx")
+    (folder / "heads.onnx").write_text("onnx")
+    _fake_trtexec(tmp_path / "bin")
+    target = tmp_path / "scripts" / "build.sh"
+    target.parent.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert trt_cli.main(["trtexec", str(folder), "--write", str(target), "--json", "--trtexec", "bin/trtexec"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["format_version"] == 1 and f"bash {target}" in err
+    plan = read_plan(folder)
     assert not (folder / TRTEXEC_SCRIPT).exists()
+    run = _run_script(target, tmp_path / "scripts")
+    assert run.returncode == 0, run.stderr
+    assert (folder / "model.engine").read_text() == "built from model.onnx\n"
+    assert (folder / "heads.engine").read_text() == "built from heads.onnx\n"
+    assert read_plan(folder) == plan and not list(folder.glob("*.partial"))
+
+
+def test_trtexec_keeps_the_plan_its_engines_were_built_from(tmp_path, capsys):
+    """New limits beside built engines: the old plan stays until trtexec.sh has built both engines
+    again; a failed build leaves the old engines and their plan."""
+    from trt_fakes import write_fake_engines
+
+    folder = write_fake_artifact(tmp_path / "art", fake_config(max_context=256))
+    (folder / "model.onnx").write_text("onnx")
+    (folder / "heads.onnx").write_text("onnx")
+    exe = _fake_trtexec(tmp_path / "bin")
+    assert trt_cli.main(["trtexec", str(folder), "--trtexec", str(exe)]) == 0
+    old = read_plan(folder)
+    write_fake_engines(folder, old)
+    engines = {g.engine: (folder / g.engine).read_bytes() for g in (old.backbone, old.heads)}
+    capsys.readouterr()
+    assert trt_cli.main(["trtexec", str(folder), "--max-prompt", "64", "--trtexec", str(exe)]) == 0
+    assert f"kept {folder / PLAN_FILE}" in capsys.readouterr().out
+    assert read_plan(folder) == old  # the engines there still match it
+    failed = _run_script(folder / TRTEXEC_SCRIPT, tmp_path, FAIL_ON="heads.onnx")
+    assert failed.returncode != 0
+    assert read_plan(folder) == old and all((folder / n).read_bytes() == b for n, b in engines.items())
+    assert _run_script(folder / TRTEXEC_SCRIPT, tmp_path).returncode == 0
+    new = read_plan(folder)
+    assert new != old and new.profile("prefill").axes[NEW].max == 64
+    assert (folder / "heads.engine").read_text() == "built from heads.onnx\n"
+    # the same limits again: the plan matches, so it is written at once
+    assert trt_cli.main(["trtexec", str(folder), "--max-prompt", "64"]) == 0
+    assert "kept" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
