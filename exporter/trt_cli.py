@@ -22,6 +22,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,7 +336,9 @@ def profile_table(plan: BuildPlan) -> str:
     return "\n".join(rows)
 
 
-def script_text(commands: list[list[str]], header: str, folder: str | Path | None = None, tail: list[str] = ()) -> str:
+def script_text(
+    commands: list[list[str]], header: str, folder: str | Path | None = None, tail: Sequence[str] = ()
+) -> str:
     """A bash script running ``commands`` (then the ``tail`` lines) in the artifact folder: the
     script's own folder, or ``folder`` where the script is written elsewhere (``--write``)."""
     where = 'cd "$(dirname "$0")"' if folder is None else f"cd {shlex.quote(str(Path(folder).resolve()))}"
@@ -443,8 +446,8 @@ def write_recipes(
     checks = [polygraphy_command(plan, "backbone", p.name) for p in plan.backbone.profiles]
     checks.append(polygraphy_command(plan, "heads"))
     elsewhere = script is not None and Path(script).resolve().parent != folder.resolve()
+    plan_path = None if stale_plan(folder, plan) else plan.write(folder)
     paths = {
-        "plan": None if stale_plan(folder, plan) else plan.write(folder),
         "trtexec": Path(script) if script else folder / TRTEXEC_SCRIPT,
         "polygraphy": folder / POLYGRAPHY_SCRIPT,
         "data": folder / DATA_SCRIPT,
@@ -460,7 +463,7 @@ def write_recipes(
         write_text_atomic(paths[key], text)
     for key in ("trtexec", "polygraphy"):
         paths[key].chmod(0o755)
-    return paths
+    return {"plan": plan_path, **paths}
 
 
 def _cmd_trtexec(argv: list[str]) -> int:
