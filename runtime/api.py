@@ -108,15 +108,17 @@ class TextChunk:
 
 
 def choose_backend(folder: Path, config: ArtifactConfig, device: str = "auto") -> tuple[str, str]:
-    """``auto``'s choice and why: TensorRT only where the artifact is portable, has built engines,
-    tensorrt and cuda-python are installed and a GPU is visible (and the device is not the CPU);
-    else ONNX Runtime."""
+    """``auto``'s choice and why: TensorRT only where the artifact is portable with Medusa heads, has
+    built engines, tensorrt and cuda-python are installed and a GPU is visible (and the device is
+    not the CPU); else ONNX Runtime."""
     from runtime.trt_backend import cuda_device_count
 
     if config.flavour != "portable":
         return "onnxruntime", f"the {config.flavour} graph runs on ONNX Runtime"
     if device == "cpu":
         return "onnxruntime", "device cpu"
+    if config.model.medusa_head_type != "medusa":  # engines may be built (the plan covers them), not run
+        return "onnxruntime", "Hydra heads: the TensorRT backend runs Medusa heads only"
     if not _has_engines(folder):
         return "onnxruntime", "no TensorRT engine built in the artifact"
     if not _has_tensorrt():

@@ -217,8 +217,10 @@ def read_plan(folder: str | Path) -> BuildPlan:
         )
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"{path}: malformed plan (a JSON {type(raw).__name__}, not an object)")
     if raw.get("format_version") != PLAN_FORMAT_VERSION:
         raise PlanError(
             f"{path}: plan format_version {raw.get('format_version')!r}, this version reads {PLAN_FORMAT_VERSION}; "
@@ -226,7 +228,7 @@ def read_plan(folder: str | Path) -> BuildPlan:
         )
     try:
         return BuildPlan.from_dict(raw)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field missing, or of another JSON type
         raise PlanError(f"{path}: malformed plan ({e})") from None
 
 

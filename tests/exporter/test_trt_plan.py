@@ -208,6 +208,13 @@ def test_plan_file_errors(tmp_path):
     (tmp_path / PLAN_FILE).write_text(json.dumps(raw))
     with pytest.raises(PlanError, match="malformed plan"):
         read_plan(tmp_path)
+    # other JSON where objects belong: a PlanError (the auto backend reads it as "no engine"), never a traceback
+    raw = json.loads(plan.to_json())
+    raw["backbone"]["inputs"] = ["input_ids"]
+    for text in ("[1]", json.dumps(raw), '{"format_version": 1, "backbone": 3}', b"\xff\xfe"):
+        (tmp_path / PLAN_FILE).write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(PlanError, match="malformed plan|not valid JSON"):
+            read_plan(tmp_path)
 
 
 def test_check_refuses_a_plan_without_an_empty_cache_profile():

@@ -507,6 +507,10 @@ def test_auto_picks_tensorrt_only_with_engines_tensorrt_and_a_gpu(engine_folder,
     monkeypatch.setattr(trt_backend, "cuda_device_count", lambda: 2)
     assert choose_backend(folder, cfg)[0] == "tensorrt"
     assert choose_backend(folder, cfg, device="cpu") == ("onnxruntime", "device cpu")
+    import dataclasses
+
+    hydra = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, medusa_head_type="hydra"))
+    assert choose_backend(folder, hydra) == ("onnxruntime", "Hydra heads: the TensorRT backend runs Medusa heads only")
 
 
 def test_has_cudart_is_false_without_the_package(monkeypatch):
