@@ -320,7 +320,10 @@ def heads_config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> He
     if len(layouts) != 1:
         raise CheckpointError(f"{source}: heads differ in layer count or projection: {sorted(layouts)}")
     ((num_layers, has_proj),) = layouts
-    hidden = sd["0.0.linear.weight"].shape[1]
+    first = sd["0.0.linear.weight"]
+    if first.ndim != 2:
+        raise CheckpointError(f"{source}: tensor 0.0.linear.weight has shape {tuple(first.shape)}, expected [H, H]")
+    hidden = first.shape[1]
     vocab = sd[f"0.{num_layers}.weight"].shape[0] if has_proj else -1
     for key, t in sd.items():
         m = _KEY.match(key)
@@ -366,6 +369,11 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: expected a state dict of name -> tensor, found {type(k).__name__} {k!r} -> {type(v).__name__}"
+            )
     return sd
 
 
@@ -496,7 +504,11 @@ def _hydra_heads(p: Path, sd: dict, hidden_size, vocab_size) -> HydraHeads:
     layers = {len(v) for v in heads_seen.values()}
     if len(layers) != 1:
         raise CheckpointError(f"{p}: Hydra heads differ in their block counts")
-    H = sd["0.input.weight"].shape[0]
+    first = sd.get("0.input.weight")
+    if first is None or first.ndim != 2:
+        shape = "missing" if first is None else f"of shape {tuple(first.shape)}"
+        raise CheckpointError(f"{p}: Hydra tensor 0.input.weight is {shape}, expected [H, 2H]")
+    H = first.shape[0]
     if hidden_size is not None and H != hidden_size:
         raise CheckpointError(
             f"{p}: Hydra heads do not fit the backbone: their hidden size is {H}, the backbone's {hidden_size}"

@@ -47,8 +47,17 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def check_architecture(folder: Path) -> dict:
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    """The folder's config.json (a JSON object), its architecture one medusa-trt exports."""
+    path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MedusaError(f"cannot read {path}: it is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise MedusaError(f"cannot read {path}: a JSON {type(cfg).__name__}, not an object")
     archs = cfg.get("architectures") or [f"<model_type={cfg.get('model_type')}>"]
+    if isinstance(archs, str):
+        archs = [archs]
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise MedusaError(
             f"{folder}: architecture {', '.join(archs)} is not supported; medusa-trt exports "

@@ -223,6 +223,22 @@ def test_unsupported_architecture(tmp_path, capsys):
     assert_user_error(code, err, "GPT2LMHeadModel", "not supported", "LlamaForCausalLM")
 
 
+@pytest.mark.parametrize(
+    "text, phrases",
+    [
+        ('{"architectures": ["LlamaForCausalLM"],', ("config.json", "not valid JSON")),
+        ('["LlamaForCausalLM"]', ("config.json", "a JSON list, not an object")),
+        ('{"architectures": "GPT2LMHeadModel"}', ("architecture GPT2LMHeadModel is not supported",)),
+    ],
+)
+def test_a_malformed_config_is_one_line(tmp_path, capsys, text, phrases):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    code, _, err = run_cli([folder, "--fresh-heads", "2", "-o", tmp_path / "out"], capsys)
+    assert_user_error(code, err, *phrases)
+
+
 def test_folder_without_weights(tmp_path, model_folder, capsys):
     folder = tmp_path / "noweights"
     folder.mkdir()

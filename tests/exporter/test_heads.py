@@ -309,6 +309,11 @@ BAD_CHECKPOINTS = [
         r"heads differ in layer count or projection",
         id="projection-on-one-head-only",
     ),
+    pytest.param(
+        {"0.0.linear.weight": torch.zeros(H), "0.0.linear.bias": torch.zeros(H)},
+        r"tensor 0\.0\.linear\.weight has shape \(16,\), expected \[H, H\]",
+        id="one-dimensional-block",
+    ),
 ]
 
 
@@ -318,6 +323,29 @@ def test_wrong_keys_or_shapes(tmp_path, sd, match, suffix):
     path = tmp_path / f"medusa_lm_head{suffix}"
     _write_sd(path, sd)
     with pytest.raises(CheckpointError, match=match):
+        load_heads(tmp_path, hidden_size=H, vocab_size=V)
+
+
+@pytest.mark.parametrize(
+    "sd, match",
+    [
+        ({"0.0.linear.weight": 3}, r"found str '0\.0\.linear\.weight' -> int"),
+        ({1: torch.zeros(2)}, r"found int 1 -> Tensor"),
+    ],
+)
+def test_a_pickle_of_other_things_is_a_checkpoint_error(tmp_path, sd, match):
+    torch.save(sd, tmp_path / "medusa_lm_head.pt")
+    with pytest.raises(CheckpointError, match=match):
+        load_heads(tmp_path, hidden_size=H, vocab_size=V)
+
+
+def test_hydra_heads_without_their_input_layer_are_a_checkpoint_error(tmp_path):
+    import json
+
+    save_file({"0.blocks.0.linear.weight": torch.zeros(H, H), "0.blocks.0.linear.bias": torch.zeros(H)},
+              str(tmp_path / "medusa_heads.safetensors"))  # fmt: skip
+    (tmp_path / "medusa_heads.json").write_text(json.dumps({"kind": "hydra"}))
+    with pytest.raises(CheckpointError, match=r"Hydra tensor 0\.input\.weight is missing"):
         load_heads(tmp_path, hidden_size=H, vocab_size=V)
 
 
