@@ -81,7 +81,9 @@ def quantize_first_head(folder: str | Path, config: ArtifactConfig, heads, lm_he
     from exporter.heads import first_heads
 
     folder = Path(folder)
-    with tempfile.TemporaryDirectory(prefix=".first-head-", dir=folder.parent) as scratch:
+    # in tempfile's folder, which the export points inside its partial folder: a kill leaves nothing
+    # beside the output that the next export's cleanup would miss
+    with tempfile.TemporaryDirectory(prefix=".first-head-") as scratch:
         float_path = Path(scratch) / "heads_first.onnx"
         level = log.level
         log.setLevel(logging.WARNING)  # the caller logs this step as one line, not the trace's own three

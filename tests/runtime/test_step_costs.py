@@ -33,6 +33,30 @@ def test_export_writes_and_seals_the_first_head_graph(tiny):
     assert "heads_int8_first.onnx" in cfg["provenance"]["checksums"]
 
 
+def test_the_first_head_is_traced_in_tempfiles_folder(tiny, tmp_path, monkeypatch):
+    """The float first head (110 MB for SmolLM2) is traced where tempfile puts files, which an export
+    points into its partial folder (removed with it, even after a kill), not beside the output."""
+    import tempfile
+
+    import exporter.export
+    from exporter.quantize import quantize_first_head
+    from runtime.artifact import read_artifact
+
+    scratch, out = tmp_path / "scratch", tmp_path / "out" / "art"
+    scratch.mkdir()
+    out.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    traced = []
+    real = exporter.export.export_heads
+    monkeypatch.setattr(
+        exporter.export, "export_heads", lambda h, lm, path, opset: traced.append(path) or real(h, lm, path, opset)
+    )
+    cfg = read_artifact(tiny["artifact"])
+    quantize_first_head(out, cfg, tiny["heads"], tiny["model"].lm_head, exporter.export.ExportOptions().opset)
+    assert len(traced) == 1 and scratch in traced[0].parents, traced
+    assert (out / "heads_int8_first.onnx").is_file() and sorted(p.name for p in out.parent.iterdir()) == ["art"]
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
