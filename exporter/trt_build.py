@@ -22,7 +22,7 @@ from typing import Any
 
 from runtime.artifact import ArtifactConfig
 from runtime.errors import MedusaError
-from runtime.paths import atomic_file, atomic_path
+from runtime.paths import atomic_file, atomic_path, check_output_file
 from runtime.plan import PLAN_FILE, BuildPlan, Graph, PlanError
 from runtime.trt_backend import require_gpu, require_tensorrt
 
@@ -126,6 +126,8 @@ def build_engines(
     require_gpu()
     folder = Path(folder)
     plan.check()
+    for graph in (plan.backbone, plan.heads):  # the folder takes new files: known before hours of building
+        check_output_file("build-engine", folder / graph.engine)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if builder is None:
@@ -142,7 +144,7 @@ def build_engines(
             start = time.monotonic()
             data = _build_one(trt, builder, logger, folder, graph, plan, cache_path, write)
             staged.enter_context(atomic_path(target)).write_bytes(data)
-            write(f"built {target} ({len(data) / 2**20:.1f} MiB) in {time.monotonic() - start:.0f}s")
+            write(f"built {target} ({data.nbytes / 2**20:.1f} MiB) in {time.monotonic() - start:.0f}s")
             built.append(target)
     plan.write(folder)
     if config is not None:
@@ -156,7 +158,9 @@ def build_engines(
     return built
 
 
-def _build_one(trt, builder, logger, folder: Path, graph: Graph, plan: BuildPlan, cache_path: Path, write) -> bytes:
+def _build_one(
+    trt, builder, logger, folder: Path, graph: Graph, plan: BuildPlan, cache_path: Path, write
+) -> memoryview:
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     onnx_path = folder / graph.onnx
@@ -181,7 +185,11 @@ def _build_one(trt, builder, logger, folder: Path, graph: Graph, plan: BuildPlan
         if config.add_optimization_profile(p) < 0:
             raise EngineBuildError(f"{graph.onnx}: TensorRT refused profile {profile.name!r}")
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # TensorRT refuses a cache made on another GPU or TensorRT version (or a damaged file): this
+        # build starts a new one, which replaces it when the build is done
+        write(f"{cache_path} is from another GPU or TensorRT version, or damaged: starting a new timing cache")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     monitor = _monitor(trt, ProgressPrinter(write))
     if monitor is not None:
         config.progress_monitor = monitor
@@ -189,6 +197,8 @@ def _build_one(trt, builder, logger, folder: Path, graph: Graph, plan: BuildPlan
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (the log above says why)")
-    with atomic_file(cache_path, binary=True) as f:  # read by the next build: never half-written
-        f.write(bytes(memoryview(config.get_timing_cache().serialize())))
-    return bytes(memoryview(serialized))
+    timings = config.get_timing_cache()
+    if timings is not None:
+        with atomic_file(cache_path, binary=True) as f:  # read by the next build: never half-written
+            f.write(memoryview(timings.serialize()))
+    return memoryview(serialized)  # written from TensorRT's buffer, not a copy of a large engine

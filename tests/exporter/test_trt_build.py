@@ -126,7 +126,10 @@ def fake_tensorrt(log: dict):
             return Cache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if log.get("foreign_cache") and cache.data:  # TensorRT: False for another device's cache
+                return False
             self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
@@ -222,6 +225,29 @@ def test_a_build_that_fails_midway_leaves_the_previous_engines_with_their_plan(a
     assert {k: v for k, v in after.items() if k != "timing.cache"} == {
         k: v for k, v in before.items() if k != "timing.cache"
     }  # the timing cache may hold the backbone's new timings: it is read, never trusted as a result
+
+
+def test_a_timing_cache_from_another_gpu_is_replaced_not_fatal(artifact):
+    """TensorRT refuses a cache made on another device (set_timing_cache returns False): the build
+    goes on with a new cache, which then replaces the foreign one."""
+    folder, cfg, log = artifact
+    (folder / "timing.cache").write_bytes(b"other-gpu")
+    log["foreign_cache"] = True
+    lines = []
+    build_engines(folder, make_plan(cfg), cfg, write=lines.append)
+    assert sum("starting a new timing cache" in x for x in lines) == 2  # the stand-in refuses every non-empty one
+    assert (folder / "timing.cache").read_bytes() == b"+timings"
+    assert (folder / "model.engine").read_bytes().startswith(b"ENGINE:")
+
+
+def test_an_unwritable_engine_path_is_named_before_the_build(artifact):
+    from runtime.errors import ConfigError
+
+    folder, cfg, log = artifact
+    (folder / "heads.engine").mkdir()
+    with pytest.raises(ConfigError, match=r"heads.engine is a folder"):
+        build_engines(folder, make_plan(cfg), cfg, write=lambda s: None)
+    assert "configs" not in log  # nothing was built
 
 
 def test_parser_and_build_failures_are_user_errors(artifact):
