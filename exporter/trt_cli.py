@@ -262,6 +262,7 @@ VERIFY_PAST, DECODE_PAST = {verify_past}, {decode_past}  # opt past_sequence of 
 TREE = {tree!r}
 TREE_MASK = {tree_mask}  # [nodes, nodes], root first
 TREE_DEPTH = {tree_depth}
+HYDRA_HEADS = {hydra_heads}  # Hydra heads' path width (0: Medusa heads, hidden_states alone)
 
 
 def _feed(rng, past, mask, positions):
@@ -291,7 +292,12 @@ def load_{decode}():
 
 
 def load_heads():
-    yield {{"hidden_states": np.random.default_rng(3).standard_normal((1, HIDDEN)).astype(DTYPE)}}
+    rng = np.random.default_rng(3)
+    feed = {{"hidden_states": rng.standard_normal((1, HIDDEN)).astype(DTYPE)}}
+    if HYDRA_HEADS:  # Hydra heads also read the path drafted so far: its tokens and length
+        feed["path_ids"] = rng.integers(0, VOCAB, size=(1, HYDRA_HEADS), dtype=np.int64)
+        feed["path_len"] = rng.integers(1, HYDRA_HEADS + 1, size=(1,), dtype=np.int64)
+    yield feed
 '''
 
 
@@ -314,6 +320,7 @@ def data_loader_script(plan: BuildPlan, tree) -> str:
         tree=tree.name,
         tree_mask=json.dumps(tree.attn_mask.astype(int).tolist()),
         tree_depth=json.dumps(tree.position_ids.tolist()),
+        hydra_heads=plan.heads.inputs["path_ids"][1] if "path_ids" in plan.heads.inputs else 0,
         prefill=PREFILL,
         verify=VERIFY,
         decode=DECODE,

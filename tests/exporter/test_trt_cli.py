@@ -176,8 +176,29 @@ def test_data_loaders_feed_shapes_inside_their_profiles(tmp_path, dtype):
     np.testing.assert_array_equal(verify["tree_mask"][0], tree.attn_mask)
     (heads,) = list(data.load_heads())
     assert heads["hidden_states"].shape == (1, 8) and heads["hidden_states"].dtype == np.dtype(dtype)
+    assert list(heads) == list(plan.heads.inputs)
     with pytest.raises(PlanError, match="has 5 nodes but the plan was made for 9"):
         data_loader_script(plan, resolve_tree(cfg, "chain_4"))
+
+
+def test_the_heads_loader_feeds_every_input_of_hydra_heads(tmp_path):
+    """Hydra heads read the drafted path too (path_ids [rows, K], path_len [rows] in 1..K): the
+    heads feed names every input the plan's heads profile shapes, each inside it."""
+    import dataclasses
+
+    from runtime.artifact import HYDRA_INPUTS, GraphSpec
+
+    cfg = fake_config(heads=3, vocab=50, tree="chain_3")
+    graph = GraphSpec("heads.onnx", list(HYDRA_INPUTS), ["medusa_logits"], {n: ["batch"] for n in HYDRA_INPUTS})
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, medusa_head_type="hydra"), heads=graph)
+    plan = make_plan(cfg)
+    path = tmp_path / DATA_SCRIPT
+    path.write_text(data_loader_script(plan, resolve_tree(cfg)))
+    (feed,) = list(_load_module(path).load_heads())
+    assert list(feed) == list(plan.heads.inputs) == list(HYDRA_INPUTS)
+    for name, (lo, _, hi) in plan.heads.shapes(plan.heads.profiles[0]).items():
+        assert len(feed[name].shape) == len(lo) and all(a <= d <= b for a, d, b in zip(lo, feed[name].shape, hi)), name
+    assert feed["path_ids"].dtype == np.int64 and feed["path_ids"].max() < 50 and 1 <= feed["path_len"][0] <= 3
 
 
 # ---------------------------------------------------------------------------- the CLI
