@@ -113,7 +113,8 @@ def _shape_list(text: str, sep: str) -> dict[str, tuple[int, ...]]:
 
 
 def parse_trtexec(command: str | list[str]) -> TrtexecCommand:
-    """Read a trtexec command line the way trtexec does (``--profile`` blocks included)."""
+    """Read a trtexec command line in the form :func:`trtexec_command` writes (``--profile=i`` blocks
+    in order, each directly followed by its min, opt and max shapes); stricter than trtexec."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     parsed = TrtexecCommand()
     args = [(a.partition("=")[0], a.partition("=")[2]) for a in argv[1:]]
