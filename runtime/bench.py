@@ -10,11 +10,13 @@ second, the same clock for everyone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +286,17 @@ def _peer_model_path(gen, explicit: str | None) -> str:
     return path
 
 
+@contextlib.contextmanager
+def whole_prefills(gen) -> Iterator[None]:
+    """``gen`` with prefix reuse off within the block (restored after): a call must not skip the
+    prefill of a prompt an earlier call of the bench (plain decoding, another variant) left cached."""
+    reuse, gen.reuse_prefix = gen.reuse_prefix, False
+    try:
+        yield
+    finally:
+        gen.reuse_prefix = reuse
+
+
 def run_bench(
     gen,
     prompts: list[Prompt],
@@ -336,94 +349,98 @@ def run_bench(
         from runtime.peers import OrtGenaiPeer, peer_model_dir
 
         og = OrtGenaiPeer(peer_model_dir(gen, peer_model), threads, huge_pages=peer_huge_pages)
-    # warm up the engines (first-call allocations) outside the measurement
-    warm = gen.encode([{"role": "user", "content": "Hello"}])
-    gen.generate(warm, max_new_tokens=8, medusa=False)
-    gen.generate(warm, max_new_tokens=8, **variants[0].decode_args())
-    if og is not None:
-        og.run(warm, 8)
-        if not og.ngram_unavailable:
-            og.run(warm, 8, ngram=True)
-
-    per_prompt = []
-    peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
-    bar = tqdm(
-        total=len(prompts)
-        * (1 + len(variants) + peer_runs + (1 + len(SAMPLING_KINDS) + (og is not None)) * len(sampling)),
-        desc="bench",
-        unit="run",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    for i, p in enumerate(prompts):
-        ids = gen.encode([{"role": "user", "content": p.text}])
-        row: dict[str, Any] = {"id": p.id, "category": p.category, "prompt_tokens": len(ids)}
-        ar = _run(gen, ids, max_new_tokens, medusa=False)
-        bar.update()
-        row["ar"] = {"tokens": len(ar.tokens), "seconds": ar.seconds, "tokens_per_s": ar.tokens_per_s}
-        row["trees"] = {}
-        for v in variants:
-            md = _run(gen, ids, max_new_tokens, medusa=True, **v.decode_args())
-            bar.update()
-            row["trees"][v.name] = {
-                "tokens": len(md.tokens),
-                "seconds": md.seconds,
-                "tokens_per_s": md.tokens_per_s,
-                "speedup": md.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else 0.0,
-                "steps": md.steps,
-                "times": md.times,
-                "accept_hist": md.accept_hist,
-                "mean_accepted": _hist_mean(md.accept_hist),
-                "identical": md.tokens == ar.tokens,
-                "divergence": None if md.tokens == ar.tokens else _divergence(gen, ids, ar.tokens, md.tokens),
-                "lookup_accepted": md.lookup_accepted,
-                "datastore_accepted": md.datastore_accepted,
-                "verified": md.nodes,
-            }
-        if sampling:
-            row["sampling"] = {}
-        for temp in sampling:  # the same seed for every run: coupled sampling draws plain sampling's tokens
-            kw = dict(temperature=temp, seed=seed + i)
-            runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw)}
-            for k, (acceptance, drafts, _) in sampling_kinds(exact_tree).items():
-                runs[k] = _run(
-                    gen,
-                    ids,
-                    max_new_tokens,
-                    medusa=True,
-                    **{**variants[0].decode_args(), "tree": exact_tree if acceptance == "exact" else variants[0].tree},
-                    acceptance=acceptance,
-                    drafts=drafts,
-                    **kw,
-                )
-            if og is not None:  # the peer's plain sampling, same temperature and seed (its own generator)
-                runs["peer"] = og.run(ids, max_new_tokens, temperature=temp, seed=seed + i)
-            bar.update(1 + len(SAMPLING_KINDS) + (og is not None))
-            row["sampling"][str(temp)] = {
-                k: {
-                    "tokens": len(r.tokens),
-                    "seconds": r.seconds,
-                    "tokens_per_s": r.tokens_per_s,
-                    "accept_hist": r.accept_hist,
-                    # coupled sampling draws plain sampling's tokens for a seed (plain sampling's default sampler)
-                    "identical": r.tokens == runs["plain"].tokens,
-                }
-                for k, r in runs.items()
-            }
-        if hf is not None:
-            pr = hf.run(ids, max_new_tokens)
-            bar.update()
-            row["peer"] = _peer_row(pr, ar)
-        if og is not None:  # interleaved with ours prompt by prompt: a change in machine load hits both alike
-            pr = og.run(ids, max_new_tokens)
-            bar.update()
-            row["peer"] = _peer_row(pr, ar)
+    with whole_prefills(gen):  # every timed call prefills its whole prompt, as the peers' calls do
+        # warm up the engines (first-call allocations) outside the measurement
+        warm = gen.encode([{"role": "user", "content": "Hello"}])
+        gen.generate(warm, max_new_tokens=8, medusa=False)
+        gen.generate(warm, max_new_tokens=8, **variants[0].decode_args())
+        if og is not None:
+            og.run(warm, 8)
             if not og.ngram_unavailable:
-                ng = og.run(ids, max_new_tokens, ngram=True)
+                og.run(warm, 8, ngram=True)
+
+        per_prompt = []
+        peer_runs = (hf is not None) + (0 if og is None else 1 + (og.ngram_unavailable is None))
+        bar = tqdm(
+            total=len(prompts)
+            * (1 + len(variants) + peer_runs + (1 + len(SAMPLING_KINDS) + (og is not None)) * len(sampling)),
+            desc="bench",
+            unit="run",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        for i, p in enumerate(prompts):
+            ids = gen.encode([{"role": "user", "content": p.text}])
+            row: dict[str, Any] = {"id": p.id, "category": p.category, "prompt_tokens": len(ids)}
+            ar = _run(gen, ids, max_new_tokens, medusa=False)
+            bar.update()
+            row["ar"] = {"tokens": len(ar.tokens), "seconds": ar.seconds, "tokens_per_s": ar.tokens_per_s}
+            row["trees"] = {}
+            for v in variants:
+                md = _run(gen, ids, max_new_tokens, medusa=True, **v.decode_args())
                 bar.update()
-                row["peer_ngram"] = {**_peer_row(ng, ar), "identical_to_peer": ng.tokens == pr.tokens, **ng.drafts}
-        per_prompt.append(row)
-    bar.close()
+                row["trees"][v.name] = {
+                    "tokens": len(md.tokens),
+                    "seconds": md.seconds,
+                    "tokens_per_s": md.tokens_per_s,
+                    "speedup": md.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else 0.0,
+                    "steps": md.steps,
+                    "times": md.times,
+                    "accept_hist": md.accept_hist,
+                    "mean_accepted": _hist_mean(md.accept_hist),
+                    "identical": md.tokens == ar.tokens,
+                    "divergence": None if md.tokens == ar.tokens else _divergence(gen, ids, ar.tokens, md.tokens),
+                    "lookup_accepted": md.lookup_accepted,
+                    "datastore_accepted": md.datastore_accepted,
+                    "verified": md.nodes,
+                }
+            if sampling:
+                row["sampling"] = {}
+            for temp in sampling:  # the same seed for every run: coupled sampling draws plain sampling's tokens
+                kw = dict(temperature=temp, seed=seed + i)
+                runs = {"plain": _run(gen, ids, max_new_tokens, medusa=False, **kw)}
+                for k, (acceptance, drafts, _) in sampling_kinds(exact_tree).items():
+                    runs[k] = _run(
+                        gen,
+                        ids,
+                        max_new_tokens,
+                        medusa=True,
+                        **{
+                            **variants[0].decode_args(),
+                            "tree": exact_tree if acceptance == "exact" else variants[0].tree,
+                        },
+                        acceptance=acceptance,
+                        drafts=drafts,
+                        **kw,
+                    )
+                if og is not None:  # the peer's plain sampling, same temperature and seed (its own generator)
+                    runs["peer"] = og.run(ids, max_new_tokens, temperature=temp, seed=seed + i)
+                bar.update(1 + len(SAMPLING_KINDS) + (og is not None))
+                row["sampling"][str(temp)] = {
+                    k: {
+                        "tokens": len(r.tokens),
+                        "seconds": r.seconds,
+                        "tokens_per_s": r.tokens_per_s,
+                        "accept_hist": r.accept_hist,
+                        # coupled sampling draws plain sampling's tokens for a seed (plain sampling's default sampler)
+                        "identical": r.tokens == runs["plain"].tokens,
+                    }
+                    for k, r in runs.items()
+                }
+            if hf is not None:
+                pr = hf.run(ids, max_new_tokens)
+                bar.update()
+                row["peer"] = _peer_row(pr, ar)
+            if og is not None:  # interleaved with ours prompt by prompt: a change in machine load hits both alike
+                pr = og.run(ids, max_new_tokens)
+                bar.update()
+                row["peer"] = _peer_row(pr, ar)
+                if not og.ngram_unavailable:
+                    ng = og.run(ids, max_new_tokens, ngram=True)
+                    bar.update()
+                    row["peer_ngram"] = {**_peer_row(ng, ar), "identical_to_peer": ng.tokens == pr.tokens, **ng.drafts}
+            per_prompt.append(row)
+        bar.close()
     res = summarize(gen, per_prompt, variants, max_new_tokens, peer, threads)
     if sampling:
         res["sampling"] = _summarize_sampling(per_prompt, sampling, res, variants[0].name)

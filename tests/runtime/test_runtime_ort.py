@@ -287,6 +287,31 @@ def test_bench_with_hf_peer(tiny, tmp_path, shared_data):
         run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, peer="hf", progress=False)
 
 
+def test_bench_prefills_every_prompt_whole_even_where_the_generator_reuses_prefixes(tiny, shared_data):
+    """Plain decoding, then each variant, run the same prompt: none may find it cached from the call
+    before (the peers prefill every prompt), whatever the loaded generator's reuse_prefix."""
+    from runtime.bench import load_prompts, run_bench
+
+    gen = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    assert gen.reuse_prefix
+    cached = []
+    real = gen.generate
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        cached.append(out.stats.cached_prompt_tokens)
+        return out
+
+    gen.generate = spy
+    prompts = load_prompts(shared_data / "mt_bench_question.jsonl", limit=2)
+    run_bench(gen, prompts, ["chain_2", "cpu_8"], max_new_tokens=8, progress=False, sampling=[0.7])
+    assert len(cached) >= 2 * 5 and set(cached) == {0}, cached
+    assert gen.reuse_prefix  # restored
+    ids = gen.encode(prompts[0].text)
+    real(ids, max_new_tokens=4)
+    assert real(ids, max_new_tokens=4).stats.cached_prompt_tokens > 0  # reuse works again after the bench
+
+
 def test_load_prompts_reads_mt_bench_alpaca_skip_and_per_category(shared_data):
     from runtime.bench import load_prompts
 
