@@ -11,6 +11,9 @@ from typing import Any
 
 from runtime.errors import ArtifactError, MedusaError
 
+# tokenizer_config.json's special tokens, each passed to the chat template under its name (as transformers does)
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
 
 class Tokenizer:
     def __init__(self, folder: str | Path):
@@ -53,13 +56,21 @@ class Tokenizer:
 
     def _compile_template(self):
         import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
             raise MedusaError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        env.globals["raise_exception"] = raise_exception
+        def strftime_now(fmt):
+            import datetime
+
+            return datetime.datetime.now().strftime(fmt)
+
+        # the environment transformers renders chat templates in (its apply_chat_template): an undefined
+        # name is empty, not an error (templates test `if tools`), {% break %} / {% continue %} work
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         try:
             self._template = env.from_string(self.chat_template)
         except jinja2.TemplateError as e:
@@ -120,11 +131,14 @@ class Tokenizer:
         import jinja2
 
         try:
+            # what transformers passes: no tools or documents, and every special token the config names
+            specials = {k: self._special(k) for k in SPECIAL_TOKEN_KEYS if self._special(k) is not None}
             text = self._template.render(
+                **{"bos_token": "", "eos_token": "", **specials},
                 messages=messages,
+                tools=None,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self._special("bos_token") or "",
-                eos_token=self._special("eos_token") or "",
             )
         except jinja2.TemplateError as e:  # e.g. a message field the template needs is missing
             raise MedusaError(f"chat template ({self._template_file.name}) cannot render these messages: {e}") from None

@@ -408,6 +408,31 @@ def test_verify_checks_every_files_sha256(tiny, tmp_path):
         runtime.load(art, threads=1, verify=True)
 
 
+def test_chat_templates_render_as_transformers_renders_them(tiny, tmp_path):
+    """Templates written for transformers' environment: `if tools` (undefined in ours before: every
+    chat call failed), {% continue %} (the load failed), the special tokens and strftime_now, and a
+    missing message field rendering empty."""
+    from runtime.tokenizer import Tokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny["artifact"] / name, folder / name)
+    (folder / "chat_template.jinja").write_text(
+        "{%- if tools %}[tools]{% endif %}{% if documents is not none %}[docs]{% endif %}"
+        "{%- for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "<{{ m.role }}{{ m.name }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{%- if add_generation_prompt %}<assistant>{% endif %}{{ strftime_now('') }}"
+    )
+    tok = Tokenizer(folder)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    eos = json.loads((folder / "tokenizer_config.json").read_text())["eos_token"]
+    assert tok.decode(tok.apply_chat_template(messages), skip_special_tokens=False) == f"<user>hi{eos}<assistant>"
+    (folder / "chat_template.jinja").write_text("{{ raise_exception('no system turn') }}")
+    with pytest.raises(MedusaError, match="chat template: no system turn"):
+        Tokenizer(folder).apply_chat_template(messages)
+
+
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tiny, tmp_path):
     art = _copy(tiny, tmp_path)
     _edit_config(art, lambda r: r["model"].update(vocab_size=1000), unseal=True)
