@@ -22,7 +22,7 @@ from runtime import checks, dynamic
 from runtime.backend import Backend, perturbed
 from runtime.datastore import Datastore
 from runtime.errors import ContextLengthError, MedusaError
-from runtime.lookup import DEFAULT_MAX_NGRAM, DraftSizer, DraftWidth, NgramLookup, from_datastore
+from runtime.lookup import DEFAULT_MAX_NGRAM, MAX_DRAFT, DraftSizer, DraftWidth, NgramLookup, from_datastore
 from runtime.tree import PAD, Tree, follow_drafts, graft_chain
 
 DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
@@ -117,8 +117,11 @@ class DecodeConfig:
         self.seed = checks.seed(self.seed)
         self.stop_strings = checks.stop_strings(self.stop_strings)
         self.eos_token_ids = tuple(checks.integer("eos_token_ids", t, 0) for t in self.eos_token_ids)
-        self.lookup = checks.integer("lookup", self.lookup, 0, rule=">= 0 (0: no context lookup)")
-        self.lookup_max = checks.integer("lookup_max", self.lookup_max, 0, rule=">= 0 (<= lookup: a fixed width)")
+        self.lookup = checks.integer(
+            "lookup", self.lookup, 0, MAX_DRAFT, rule=f"in [0, {MAX_DRAFT}] (0: no context lookup)"
+        )
+        self.lookup_max = checks.integer("lookup_max", self.lookup_max, 0, MAX_DRAFT,
+                                         rule=f"in [0, {MAX_DRAFT}] (<= lookup: a fixed width)")  # fmt: skip
         self.lookup_ngram = checks.integer("lookup_ngram", self.lookup_ngram, 1)
         self.lookup_sizing = checks.choice("lookup_sizing", self.lookup_sizing, LOOKUP_SIZINGS)
         self.datastore = checks.flag("datastore", self.datastore)

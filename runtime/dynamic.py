@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ConfigError
-from runtime.lookup import LAM_PRIOR, ROWS, row_label
+from runtime.lookup import LAM_PRIOR, MAX_DRAFT, ROWS, row_label
 from runtime.paths import read_text
 from runtime.tree import Tree, _tree_from_parents
 
@@ -225,8 +225,10 @@ def parse_dynamic(
         raise ConfigError(f"not a dynamic tree: {spec!r}")
     max_nodes = DEFAULT_MAX_NODES
     if arg:
-        if not arg.isdigit() or int(arg) < 1:
-            raise ConfigError(f"tree {spec!r}: after 'dynamic:' give the most drafted nodes a step, e.g. dynamic:12")
+        if not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_DRAFT:
+            raise ConfigError(
+                f"tree {spec!r}: after 'dynamic:' give the most drafted nodes a step, 1 to {MAX_DRAFT}, e.g. dynamic:12"
+            )
         max_nodes = int(arg)
     return DynamicTree(depth=num_heads, max_nodes=max_nodes, cost=cost, calibration=calibration, name=spec)
 

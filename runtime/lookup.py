@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from runtime.datastore import Datastore
 
 DEFAULT_MAX_NGRAM = 3
+# drafted tokens a step at most (lookup, lookup_max, dynamic:N): far above what a step verifies on any
+# engine, and the per-size cost tables these size stay small
+MAX_DRAFT = 1024
 CONTEXT_FIRST_FROM = 2  # a context match this long wins over the datastore's draft; shorter ones yield
 ROWS = 8  # match rows per source in a calibration: the context's n-gram lengths 0..7, then the datastore's
 

@@ -229,6 +229,11 @@ API_CASES = [
         "needs 5 Medusa heads, but the model has 4",
     ),
     ("prompt longer than the context", dict(prompt=list(range(5, 305))), ContextLengthError, "context holds 256"),
+    # sizes that allocated what they asked for (a lookup_max of 1e9 was killed for memory at 22 GB)
+    ("lookup_max=10**9", dict(lookup_max=10**9), ConfigError, r"lookup_max must be .*in \[0, 1024\]"),
+    ("lookup=10**9", dict(lookup=10**9), ConfigError, r"lookup must be .*in \[0, 1024\]"),
+    ("tree=dynamic:10**12", dict(tree="dynamic:999999999999"), ConfigError, "1 to 1024"),
+    ("tree=dynamic:superscript", dict(tree="dynamic:\u00b2"), ConfigError, "1 to 1024"),
 ]
 
 
