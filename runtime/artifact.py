@@ -189,12 +189,14 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
     its 623 MB model.onnx, a third of a load, so not on every load).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        if folder.exists():
+    # os.path's tests: False for a path the system refuses (a name too long, a folder without
+    # permission) where pathlib's raise OSError
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
             raise ArtifactError(f"{folder} is a file, not an artifact folder: give the folder medusa-export wrote")
         raise ArtifactError(f"artifact folder {folder} does not exist (create one with medusa-export)")
     cfg_path = folder / CONFIG_FILE
-    if not cfg_path.is_file():
+    if not os.path.isfile(cfg_path):
         raise ArtifactError(f"{folder} is not a medusa-trt artifact: {CONFIG_FILE} is missing (re-run medusa-export)")
     try:
         raw = json.loads(cfg_path.read_text())

@@ -252,7 +252,7 @@ def tree(spec, num_heads: int | None, vocab_size: int | None):
     elif isinstance(spec, (str, os.PathLike)):
         import tree_configs
 
-        if not (isinstance(spec, str) and spec in tree_configs.available()) and Path(spec).is_file():
+        if not (isinstance(spec, str) and spec in tree_configs.available()) and os.path.isfile(spec):
             name, paths = _read_tree_file(Path(spec))
             spec = build_tree(tree_paths(paths, vocab_size, name), name=name, num_heads=num_heads)
     elif not isinstance(spec, Tree):

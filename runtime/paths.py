@@ -38,8 +38,15 @@ def utf8(raw: bytes, path: str | os.PathLike, line: int | None = None, error: ty
 
 
 def read_text(path: str | os.PathLike, error: type[Exception] | None = None) -> str:
-    """A whole text file as UTF-8 (:func:`utf8`)."""
-    return utf8(Path(path).read_bytes(), path, error=error)
+    """A whole text file as UTF-8 (:func:`utf8`); with ``error``, a file that cannot be read (no
+    permission, a name too long) is that error too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        if error is None:
+            raise
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    return utf8(data, path, error=error)
 
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what a matplotlib figure saves as (save_figure)
@@ -47,7 +54,7 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what a matplotlib f
 
 def not_a_file(path: str | os.PathLike, missing: str = "does not exist") -> str:
     """Why ``path``, which is not a file, cannot be read: a folder, or ``missing``."""
-    return "is a folder, not a file" if Path(path).expanduser().is_dir() else missing
+    return "is a folder, not a file" if os.path.isdir(Path(path).expanduser()) else missing
 
 
 def check_output_file(flag: str, path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> Path:

@@ -19,6 +19,7 @@ Two things differ from the official code on purpose:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,8 +240,8 @@ def load_tree(spec: str | Path | Sequence[Sequence[int]] | Tree, num_heads: int 
     path = Path(text)
     if isinstance(spec, str) and text in tree_configs.available():  # a shipped name wins over a stray file
         name, paths = _read_tree_file(tree_configs.path_of(text))
-    elif path.suffix == ".json" or path.exists():
-        if not path.is_file():
+    elif path.suffix == ".json" or os.path.exists(path):  # os.path: False, not OSError, for a name too long
+        if not os.path.isfile(path):
             raise TreeError(f"tree file {path} {not_a_file(path)}")
         name, paths = _read_tree_file(path)
     else:

@@ -246,6 +246,29 @@ def test_generate_and_stream_refuse_bad_arguments(gen, label, kw, error, match):
         assert "\n" not in str(info.value)
 
 
+def test_paths_the_system_refuses_are_named_not_raised(gen, tmp_path, monkeypatch):
+    """A name too long for the file system (pathlib's is_dir/is_file raise OSError on it) and a tree
+    file that cannot be read are MedusaErrors naming the path."""
+    import pathlib
+
+    long = str(tmp_path / ("x" * 300))
+    with pytest.raises(ArtifactError, match="does not exist"):
+        runtime.load(long)
+    with pytest.raises(TreeError, match="unknown tree"):
+        gen.generate("hi", max_new_tokens=2, tree=long)
+    with pytest.raises(TreeError, match="does not exist"):
+        gen.generate("hi", max_new_tokens=2, tree=long + ".json")
+    tree = tmp_path / "t.json"
+    tree.write_text('{"paths": [[0]]}')
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", refused)
+    with pytest.raises(TreeError, match=r"cannot read .*t.json: Permission denied"):
+        gen.generate("hi", max_new_tokens=2, tree=str(tree))
+
+
 def test_stop_none_and_numpy_values_work(gen):
     a = gen.generate("Hi there", max_new_tokens=np.int64(4), temperature=np.float32(0.0), stop=None, seed=np.int64(3))
     b = gen.generate(np.array(gen.encode("Hi there")), max_new_tokens=4)
