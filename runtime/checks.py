@@ -33,8 +33,14 @@ MAX_TREE_NODES = 16384
 
 
 def show(value, typed: bool = False) -> str:
-    """``value`` for a message: its repr, cut at 60 characters, with its type when that helps."""
-    text = repr(value)
+    """``value`` for a message: its repr, cut at 60 characters, with its type when that helps
+    (an integer of thousands of digits, which Python will not even print, by its size)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and abs(int(value)).bit_length() > 128:
+        return f"an integer of {abs(int(value)).bit_length()} bits"
+    try:
+        text = repr(value)
+    except ValueError:  # a container holding such an integer
+        return f"a {type(value).__name__} holding an integer too large to print"
     if len(text) > 60:
         text = text[:57] + "..."
     plain = (int, float, str, list, tuple, dict, type(None), np.integer, np.floating)
@@ -83,7 +89,7 @@ def integer(
     if v is None:
         raise ConfigError(f"{name} must be {_kind('an integer', rule)}, got {show(value)}")
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
-        raise ConfigError(f"{name} must be {_kind('an integer', rule)}, got {v}")
+        raise ConfigError(f"{name} must be {_kind('an integer', rule)}, got {show(v)}")
     return v
 
 
@@ -199,7 +205,7 @@ def token_ids(values, vocab_size: int) -> list[int]:
             raise ConfigError(f"prompt token ids must be integers, got {show(t)} at position {i}")
         ids.append(v)
     if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-        raise ConfigError(f"prompt token ids must lie in [0, {vocab_size}); got {min(ids)}..{max(ids)}")
+        raise ConfigError(f"prompt token ids must lie in [0, {vocab_size}); got {show(min(ids))}..{show(max(ids))}")
     return ids
 
 
@@ -284,10 +290,10 @@ def tree_paths(paths, vocab_size: int | None, name: str = "tree") -> list:
             if v is None:
                 raise TreeError(f"{name}: path {show(p)} has a rank that is not an integer: {show(r)}")
             if v < 0:
-                raise TreeError(f"{name}: path {show(p)} has a negative rank {v}")
+                raise TreeError(f"{name}: path {show(p)} has a negative rank {show(v)}")
             if vocab_size is not None and v >= vocab_size:
                 raise TreeError(
-                    f"{name}: path {show(p)} asks for rank {v} of a head's proposals, but the vocabulary "
+                    f"{name}: path {show(p)} asks for rank {show(v)} of a head's proposals, but the vocabulary "
                     f"has {vocab_size} tokens (ranks 0..{vocab_size - 1})"
                 )
     return list(paths)

@@ -229,6 +229,16 @@ API_CASES = [
         "needs 5 Medusa heads, but the model has 4",
     ),
     ("prompt longer than the context", dict(prompt=list(range(5, 305))), ContextLengthError, "context holds 256"),
+    # integers Python will not print (over 4,300 digits): named by their size
+    ("max_new_tokens=-10**5000", dict(max_new_tokens=-(10**5000)), ConfigError, "got an integer of 16610 bits"),
+    ("seed=-10**5000", dict(seed=-(10**5000)), ConfigError, "seed must be .*got an integer of 16610 bits"),
+    ("token id 10**5000", dict(prompt=[10**5000]), ConfigError, r"got an integer of 16610 bits\.\.an integer"),
+    (
+        "tree rank 10**5000",
+        dict(tree=[[10**5000]]),
+        TreeError,
+        "path a list holding an integer too large to print asks for rank an integer of 16610 bits",
+    ),
     # sizes that allocated what they asked for (a lookup_max of 1e9 was killed for memory at 22 GB)
     ("lookup_max=10**9", dict(lookup_max=10**9), ConfigError, r"lookup_max must be .*in \[0, 1024\]"),
     ("lookup=10**9", dict(lookup=10**9), ConfigError, r"lookup must be .*in \[0, 1024\]"),
