@@ -655,7 +655,7 @@ def load(
     threads: int | None = None,
     max_context: int | None = None,
     tree=None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     verify: bool = False,
     max_batch: int | None = None,
     budgets="auto",
@@ -673,8 +673,9 @@ def load(
 
     backend: ``auto`` (TensorRT where the artifact has engines, tensorrt imports and a GPU is
     visible, else ONNX Runtime; logged, and kept in ``.backend_name``), ``onnxruntime`` or ``tensorrt``. device (ONNX Runtime): auto, cpu, cuda.
-    prefill_chunk: prompt tokens per prefill call (0: the whole prompt at once); bounds the
-    prefill's memory for long prompts. Every load checks the config, that each file it names
+    prefill_chunk: prompt tokens per prefill call (0: the whole prompt at once; None: 512, with
+    ``max_batch`` 128, so that the others wait for one chunk at a time); bounds the prefill's memory
+    for long prompts. Every load checks the config, that each file it names
     exists, parses and has the size the export recorded, and that the graphs' sizes match the
     config; ``verify=True`` also checks every file's sha256 (about 0.5 s for SmolLM2-135M).
     reuse_prefix: a call whose prompt begins with what an earlier call's prompt and answer were
@@ -683,6 +684,10 @@ def load(
     slot's (the one whose chat the prompt continues, see ``BatchEngine._choose_slot``); False:
     every call prefills its whole prompt.
     """
+    backend = checks.choice("backend", backend, BACKENDS)  # checked whichever path loads
+    device = checks.choice("device", device, DEVICES)
+    if prefill_chunk is not None:
+        prefill_chunk = check_prefill_chunk(prefill_chunk)
     if max_batch is not None:
         max_batch = cast(int, checks.integer("max_batch", max_batch, 1))
         if backend == "tensorrt":
@@ -693,9 +698,9 @@ def load(
             raise MedusaError("max_batch runs batch.onnx on the CPU provider here: use device='cpu' or 'auto'")
         from runtime.batch import load_batched
 
-        chunk = None if prefill_chunk == DEFAULT_PREFILL_CHUNK else prefill_chunk  # None: the batch default
         return load_batched(artifact_dir, max_batch, threads=threads, max_context=max_context, tree=tree,
-                            prefill_chunk=chunk, verify=verify, budgets=budgets, reuse_prefix=reuse_prefix)  # fmt: skip
+                            prefill_chunk=prefill_chunk, verify=verify, budgets=budgets,
+                            reuse_prefix=reuse_prefix)  # fmt: skip
     return MedusaGenerator(
         artifact_dir,
         backend=backend,
@@ -703,7 +708,7 @@ def load(
         threads=threads,
         max_context=max_context,
         tree=tree,
-        prefill_chunk=prefill_chunk,
+        prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
         verify=verify,
         reuse_prefix=reuse_prefix,
     )

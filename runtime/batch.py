@@ -67,14 +67,13 @@ import numpy as np
 from runtime import checks
 from runtime.artifact import FUSED_CACHE_START, SCREEN_INPUT, SCREEN_NOISE, SCREEN_OUTPUTS, ArtifactConfig
 from runtime.backend import Backend, check_noise, draw_argmax, gives_back
-from runtime.decode import common_prefix, decode_steps
+from runtime.decode import DEFAULT_BATCH_PREFILL_CHUNK, common_prefix, decode_steps
 from runtime.errors import ArtifactError, ContextLengthError, EngineError, MedusaError
 
 log = logging.getLogger("medusa_trt.runtime")
 
 DEFAULT_GATHER_TIMEOUT = 0.05  # seconds the engine waits for the stragglers of a step
 DEFAULT_MAX_ROWS = 16  # forwards with more tokens (prompt chunks, big trees) run on their own
-DEFAULT_BATCH_PREFILL_CHUNK = 128  # prompt tokens per call: the others wait for one chunk at a time
 MIN_CAPACITY = 256  # cache positions per slot to start with
 GRACE = 0.01  # seconds a slot counts as computing after handing a chunk to its consumer
 PROFILE_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # rows per sequence the start-up profile times

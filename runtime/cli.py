@@ -11,7 +11,7 @@ from pathlib import Path
 
 from runtime import checks
 from runtime.clihelp import HelpFormatter, field_default
-from runtime.decode import ACCEPTANCES, DRAFTS, LOOKUP_SIZINGS, DecodeConfig
+from runtime.decode import ACCEPTANCES, DEFAULT_BATCH_PREFILL_CHUNK, DRAFTS, LOOKUP_SIZINGS, DecodeConfig
 from runtime.errors import ConfigError, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 from runtime.paths import PLOT_SUFFIXES, write_text_atomic
@@ -49,8 +49,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=_decode_default("prefill_chunk"),
-        help="prompt tokens per prefill call (0: the whole prompt in one call)",
+        default=None,
+        help=f"prompt tokens per prefill call (0: the whole prompt in one call; default {_decode_default('prefill_chunk')}, "
+        f"serve {DEFAULT_BATCH_PREFILL_CHUNK}: the other requests wait for one chunk at a time)",
     )
     add_verbosity_args(p, sub=True)  # also after the subcommand: medusa-run generate ... -v
 

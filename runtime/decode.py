@@ -29,6 +29,7 @@ DEFAULT_EPSILON = 0.09  # typical acceptance: hard threshold
 DEFAULT_DELTA = 0.3  # typical acceptance: entropy-scaled threshold
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill call (the TensorRT plan's default prefill profile max)
+DEFAULT_BATCH_PREFILL_CHUNK = 128  # with max_batch (serve): the other sequences wait for one chunk at a time
 DEFAULT_LOOKUP = 3  # context-lookup draft tokens per Medusa step (0: off)
 DEFAULT_LOOKUP_MAX = 12  # ... growing to this many while its drafts are accepted whole (fixed trees)
 PHASES = ("prefill", "engine", "heads", "candidates", "acceptance", "kv_update", "other")

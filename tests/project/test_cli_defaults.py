@@ -50,10 +50,19 @@ def test_medusa_run_defaults_are_decode_config():
     kw = generate_kwargs(args)
     assert kw.pop("tree") is None  # the artifact's default tree
     kw["stop_strings"] = kw.pop("stop")
-    assert DecodeConfig(**kw, prefill_chunk=args.prefill_chunk) == DecodeConfig()
-    for command in (["bench", "art", "--prompts", "p.jsonl"], ["profile", "art"]):
-        args = build_parser().parse_args(command)
-        assert args.prefill_chunk == DecodeConfig().prefill_chunk
+    assert DecodeConfig(**kw) == DecodeConfig()
+    # --prefill-chunk's default is runtime.load's: DecodeConfig's for one sequence (a test in
+    # tests/runtime/test_hardening.py loads it), the batch default for serve
+    from runtime.decode import DEFAULT_PREFILL_CHUNK
+
+    assert DEFAULT_PREFILL_CHUNK == DecodeConfig().prefill_chunk
+    for command in (
+        ["generate", "art", "hi"],
+        ["bench", "art", "--prompts", "p.jsonl"],
+        ["profile", "art"],
+        ["serve", "art"],
+    ):
+        assert build_parser().parse_args(command).prefill_chunk is None
     assert (
         build_parser().parse_args(["bench", "art", "--prompts", "p.jsonl"]).max_new_tokens
         == DecodeConfig().max_new_tokens

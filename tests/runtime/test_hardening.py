@@ -309,10 +309,24 @@ LOAD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one-sequence", "max_batch"])
 @pytest.mark.parametrize("label,kw,match", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
-def test_load_refuses_bad_arguments(tiny, label, kw, match):
+def test_load_refuses_bad_arguments(tiny, label, kw, match, batched):
     with pytest.raises(MedusaError, match=match):
-        runtime.load(tiny["artifact"], **kw)
+        runtime.load(tiny["artifact"], **{**(dict(max_batch=1, budgets=None, threads=1) if batched else {}), **kw})
+
+
+def test_a_prefill_chunk_asked_for_is_the_one_used(tiny):
+    """None takes each path's default (512; 128 with max_batch, so that the others wait for one chunk
+    at a time); a chunk given is used as given, 512 included (it used to read as "the default")."""
+    one = runtime.load(tiny["artifact"], threads=1)
+    batched = runtime.load(tiny["artifact"], threads=1, max_batch=1, budgets=None)
+    asked = runtime.load(tiny["artifact"], threads=1, max_batch=1, budgets=None, prefill_chunk=512)
+    try:
+        assert (one.prefill_chunk, batched.prefill_chunk, asked.prefill_chunk) == (512, 128, 512)
+    finally:
+        for g in (one, batched, asked):
+            g.close()
 
 
 def test_load_folder_types_and_max_context_cap(tiny):
