@@ -97,7 +97,9 @@ class Generation:
 
 @dataclass
 class TextChunk:
-    """One streamed piece: the text and tokens accepted by one step; ``stats`` so far; the tokens'
+    """One streamed piece: the text and tokens accepted by one step; ``stats``, the call's
+    DecodeStats: one object, updated in place as the call goes on (copy it to keep one step's
+    figures; final, ``finish_reason`` included, once the iteration has ended); the tokens'
     log-probabilities where ``logprobs=`` asked for them."""
 
     text: str

@@ -171,3 +171,44 @@ def test_the_servers_logprobs_leave_out_what_the_text_does_not_show(gen):
     assert len(shaped["tokens"]) == len(ids) - 1 and shaped["text_offset"][0] == 0
     for token, at in zip(shaped["tokens"], shaped["text_offset"]):
         assert "\ufffd" in token or text[at : at + len(token)] == token, (token, at)
+
+
+def test_streamed_text_decodes_a_window_and_adds_up_to_the_whole_text(gen):
+    """StreamDecoder's deltas, pushed a few tokens at a time, add up to the whole answer's decode at
+    every flush and never take back what they sent: words, special tokens, and characters cut into
+    single bytes (emoji, CJK, euro), their bytes arriving in separate pushes; each push decodes a
+    window, not the answer so far."""
+    import random
+
+    from runtime.tokenizer import StreamDecoder, _byte_alphabet
+
+    tok = gen.tokenizer
+    byte_id = {b: tok.token_id(c) for c, b in _byte_alphabet().items()}
+    cut = [[byte_id[b] for b in ch.encode()] for ch in ("\u20ac", "\U0001f600", "\u4e2d", "\u00e9")]
+    words = [tok.encode(w) for w in (" the", " river", "\n", " Name", "!", " 42")]
+    specials = [[i] for i in sorted(tok._special_ids)[:3]]
+    rng = random.Random(0)
+    widest = 0
+    for _ in range(200):
+        ids: list[int] = []
+        for _ in range(rng.randint(1, 120)):
+            ids += rng.choice(words + cut + cut + specials)
+        if rng.random() < 0.2:
+            ids.append(byte_id[0xE2])  # an answer that ends inside a character
+        stream, sent, calls = StreamDecoder(tok), "", []
+        real = tok.decode
+        tok.decode = lambda x, real=real, calls=calls: calls.append(len(x)) or real(x)
+        try:
+            i = 0
+            while i < len(ids):
+                n = rng.randint(1, 6)
+                sent += stream.push(ids[i : i + n])
+                assert real(ids[: i + n]).startswith(sent)  # nothing sent is taken back
+                i += n
+            sent += stream.flush()
+        finally:
+            tok.decode = real
+        assert sent == tok.decode(ids), ids
+        if len(ids) > 200:
+            widest = max(widest, max(calls))
+    assert 0 < widest < 60, widest  # windows, not answers of hundreds of tokens
