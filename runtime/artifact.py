@@ -207,7 +207,7 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
     if raw.get("format") != FORMAT:
         raise ArtifactError(f"{cfg_path}: format {raw.get('format')!r} is not {FORMAT!r}")
     version = raw.get("format_version")
-    if version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True, not 2.0
         newer = isinstance(version, int) and version > FORMAT_VERSION
         raise ArtifactError(
             f"{cfg_path}: written by an incompatible exporter (format_version {version}, this runtime reads "
@@ -392,6 +392,7 @@ def check_files(folder: Path, cfg: ArtifactConfig, verify: bool = False) -> None
             or os.sep in name
             or name in (".", "..")
             or not isinstance(entry, dict)
+            or ("bytes" in entry and type(entry["bytes"]) is not int)
         ):
             raise ArtifactError(
                 f"{folder / CONFIG_FILE}: malformed provenance record for {name!r} (re-run medusa-export)"

@@ -183,6 +183,8 @@ class Datastore:
                         raise ValueError(f"table {n}: arrays of different lengths or a wrong key type")
                     if len(t.keys) > 1 and not np.all(t.keys[1:] > t.keys[:-1]):
                         raise ValueError(f"table {n}: keys not sorted")
+                    if len(t.keys) and not (np.all(t.count >= 1) and np.all(t.total >= t.count)):
+                        raise ValueError(f"table {n}: a follower counted 0 times, or more often than its n-gram")
                     tables[n] = t
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{path}: not a readable datastore ({e})") from None

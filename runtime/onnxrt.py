@@ -134,6 +134,19 @@ def check_graph_sizes(folder: Path, config: ArtifactConfig, backbone, heads, hea
                     f"{folder / file}: {name} is {t.type} in the graph but medusa_config.json says "
                     f"dtype {config.dtype} (re-export the artifact)"
                 )
+    out = {t.name: t for t in heads.get_outputs()}.get("medusa_logits")
+    if spec.medusa_head_type == "medusa" and out is not None and not isinstance(out.shape[1], int):
+        # an exported heads graph leaves its heads axis symbolic (it comes out of a scatter): one call
+        # on a zero hidden state tells the count (a millisecond), which a tree's depth is checked against
+        (inp,) = [t for t in heads.get_inputs() if t.name == "hidden_states"]
+        hidden = np.zeros((1, spec.hidden_size), np.float16 if inp.type == "tensor(float16)" else np.float32)
+        got = heads.run(["medusa_logits"], {"hidden_states": hidden})[0].shape[1]
+        if got != spec.num_medusa_heads:
+            raise ArtifactError(
+                f"{folder / heads_file}: medusa_logits has Medusa heads count {got} in the graph but "
+                f"medusa_config.json says {spec.num_medusa_heads}: the config does not belong to this graph "
+                "(re-export the artifact)"
+            )
 
 
 def open_sessions(

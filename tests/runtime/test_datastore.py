@@ -91,6 +91,12 @@ def test_file_round_trip_and_checks(tmp_path: Path):
     np.savez(tmp_path / "unsorted.npz", **arrays)
     with pytest.raises(ArtifactError, match="not sorted"):
         Datastore.load(tmp_path / "unsorted.npz")
+    for field in ("total_2", "count_2"):  # a zero total divided the draft's share by zero
+        arrays = dict(np.load(path))
+        arrays[field] = np.zeros_like(arrays[field])
+        np.savez(tmp_path / "zero.npz", **arrays)
+        with pytest.raises(ArtifactError, match="counted 0 times, or more often than its n-gram"):
+            Datastore.load(tmp_path / "zero.npz")
 
 
 def test_a_generator_refuses_a_foreign_datastore(tiny, tmp_path: Path):

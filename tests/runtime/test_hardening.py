@@ -424,6 +424,16 @@ ARTIFACT_CASES = [
         r"fields this runtime does not know \(newfield\): written by a newer medusa-trt \(upgrade it\)",
     ),
     (
+        "format_version true (a bool, not a version)",
+        lambda a: _edit_config(a, lambda r: r.update(format_version=True), unseal=True),
+        r"incompatible exporter \(format_version True",
+    ),
+    (
+        "a recorded size that is not an integer",
+        lambda a: _edit_config(a, lambda r: r["provenance"]["checksums"]["model.onnx"].update(bytes="1000")),
+        r"malformed provenance record for 'model.onnx'",
+    ),
+    (
         "config of a newer format version",
         lambda a: _edit_config(a, lambda r: r.update(format_version=99)),
         r"format_version 99, this runtime reads \d+\); upgrade medusa-trt to load it",
@@ -443,6 +453,38 @@ def test_damaged_artifacts_are_named_at_load(tiny, tmp_path, label, damage, matc
     with pytest.raises(ArtifactError, match=match) as info:
         runtime.load(art, threads=1)
     assert "\n" not in str(info.value)
+
+
+def test_more_heads_in_the_config_than_a_symbolic_heads_axis_makes(tiny, tmp_path, monkeypatch):
+    """Real exports declare medusa_logits' heads axis symbolic (it comes out of a scatter; the tiny
+    export's is a number): the load runs the heads graph once to count them, so an unsealed config
+    claiming more heads is named at load, not an IndexError at the first deep tree."""
+    from types import SimpleNamespace
+
+    import runtime.onnxrt
+
+    class SymbolicHeads:
+        def __init__(self, session):
+            self.session = session
+
+        def get_outputs(self):
+            return [SimpleNamespace(name=o.name, type=o.type, shape=[o.shape[0], "heads", *o.shape[2:]])
+                    for o in self.session.get_outputs()]  # fmt: skip
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    real = runtime.onnxrt.open_sessions
+    monkeypatch.setattr(
+        runtime.onnxrt, "open_sessions", lambda *a: (lambda b, h, f: (b, SymbolicHeads(h), f))(*real(*a))
+    )
+    art = _copy(tiny, tmp_path)
+    runtime.load(art, threads=1).close()  # the right count loads
+    _edit_config(art, lambda r: r["model"].update(num_medusa_heads=5), unseal=True)
+    with pytest.raises(
+        ArtifactError, match="medusa_logits has Medusa heads count 4 in the graph but medusa_config.json says 5"
+    ):
+        runtime.load(art, threads=1)
 
 
 def test_verify_checks_every_files_sha256(tiny, tmp_path):
