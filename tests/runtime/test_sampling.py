@@ -12,6 +12,10 @@ token to any other is detected (``test_the_test_detects_a_two_percent_shift``, e
 pair), and typical acceptance, which is lossy, is detected by the same test. Every sample uses
 its own seed, so the tests are deterministic.
 
+The first of those tokens comes from the prefill, not from a Medusa step; the step tests at the end
+check one depth-3 verification step directly, each node's conditional law on its own (100,000 steps:
+a 2% shift at any node reached in 12% of steps or more is detected, depth 3 included).
+
 Coupled sampling (``drafts="coupled"``, the default) is held to more: for every seed its tokens are
 the tokens plain sampling draws, as greedy Medusa's are plain greedy decoding's.
 """
@@ -25,7 +29,7 @@ import pytest
 
 from runtime.artifact import ModelSpec
 from runtime.backend import Backend
-from runtime.decode import DecodeConfig, PositionNoise, accept_exact, decode, target_probs
+from runtime.decode import DecodeConfig, PositionNoise, accept_coupled, accept_exact, decode, target_probs
 from runtime.errors import MedusaError
 from runtime.tree import build_tree
 
@@ -523,3 +527,104 @@ def test_top_p_cut_equals_the_full_sort_definition():
         got = target_probs(logits, cfg)
         assert np.array_equal(got > 0, want > 0), case
         np.testing.assert_allclose(got, want / want.sum(), rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------- one step, directly
+
+# One verification step at depth 3, without the decode loop, so that each node's conditional law
+# gets many samples: a 9-node tree whose children hold their parent row's likeliest tokens (as good
+# heads would), fixed target rows, 100,000 steps a sampler (about 5 s each).
+STEP_TREE = build_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0]], name="step")
+STEP_N = 100_000
+STEP_CFG = DecodeConfig(temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def step():
+    """(tokens, logits, probs, kids_of, reach): the step's candidates, target rows and laws, each
+    node's children by token, and how often plain sampling reaches each node."""
+    tree = STEP_TREE
+    logits = np.random.default_rng(0).standard_normal((tree.num_nodes, VOCAB)) * 1.5
+    probs = np.stack([target_probs(row, STEP_CFG) for row in logits])
+    tokens = np.zeros(tree.num_nodes, dtype=np.int64)
+    for v in range(tree.num_nodes):
+        for rank, c in enumerate(np.flatnonzero(tree.parent == v)):
+            tokens[c] = np.argsort(-probs[v])[rank]
+    kids_of = {v: {int(tokens[c]): int(c) for c in np.flatnonzero(tree.parent == v)} for v in range(tree.num_nodes)}
+    reach = np.zeros(tree.num_nodes)
+    reach[0] = 1.0
+    for v in range(tree.num_nodes):  # parents come before their children
+        for y, c in kids_of[v].items():
+            reach[c] = reach[v] * probs[v][y]
+    return tokens, logits, probs, kids_of, reach
+
+
+def _step_counts(step, sample) -> np.ndarray:
+    """[nodes, VOCAB]: how often each token followed each node in ``STEP_N`` steps of ``sample``
+    (a step emits its accepted nodes' tokens, then the next token; it reaches a node when the token
+    after its parent is the node's)."""
+    tokens, logits, probs, kids_of, reach = step
+    counts = np.zeros((STEP_TREE.num_nodes, VOCAB))
+    for i in range(STEP_N):
+        path, nxt = sample(i)
+        emitted = [int(t) for t in tokens[path[1:]]] + [int(nxt)]
+        v = 0
+        for y in emitted:
+            counts[v, y] += 1
+            v = kids_of[v].get(y, -1)
+            if v < 0:
+                break
+        assert v < 0 or not kids_of[v], "a step stopped at a node with a child holding the token after it"
+    return counts
+
+
+def _node_pvalues(counts: np.ndarray, probs: np.ndarray) -> list[float]:
+    """Each reached node's chi-square: the tokens after it against its law (what plain sampling
+    draws there, whatever the tree), Bonferroni-corrected over the nodes."""
+    reached = [v for v in range(len(counts)) if counts[v].sum() > 0]
+    return [min(1.0, len(reached) * float(scipy_stats.chisquare(counts[v], probs[v] * counts[v].sum()).pvalue))
+            for v in reached]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exact_step_counts(step):
+    tokens, logits = step[0], step[1]
+    rng = np.random.default_rng(1)
+    return _step_counts(step, lambda i: accept_exact(tokens, logits, STEP_TREE, STEP_CFG, rng))
+
+
+def test_one_exact_step_follows_the_law_at_every_node(step, exact_step_counts):
+    """The rejection walk (point-mass drafts): at every node, the token after it follows the target row
+    (so every emitted sequence has plain sampling's probability), and every node was reached."""
+    assert exact_step_counts.sum(axis=1).min() > 3000
+    assert min(_node_pvalues(exact_step_counts, step[2])) > ALPHA
+
+
+def test_one_coupled_step_follows_the_law_at_every_node(step):
+    """The coupled walk: each step's noise fresh from its own seed (positions 1.. of a new sequence)."""
+    tokens, logits = step[0], step[1]
+    counts = _step_counts(
+        step,
+        lambda i: accept_coupled(
+            tokens, logits, STEP_TREE, STEP_CFG, PositionNoise(np.random.default_rng(i), VOCAB), 0
+        ),
+    )
+    assert min(_node_pvalues(counts, step[2])) > ALPHA
+
+
+def test_the_step_test_detects_a_two_percent_shift_at_depth_three(step, exact_step_counts):
+    """The same samples against a law with 2% of one token's probability moved to another, at one
+    node: detected for every ordered pair at every node reached in at least 12% of steps (6 of the 9,
+    at depths 0 to 3), with the same correction."""
+    probs, reach = step[2], step[4]
+    nodes = [v for v in range(STEP_TREE.num_nodes) if reach[v] >= 0.12]
+    assert len(nodes) == 6 and max(STEP_TREE.position_ids[nodes]) == 3
+    for v in nodes:
+        for a in range(VOCAB):
+            for b in range(VOCAB):
+                if a == b or probs[v][a] < 0.02:
+                    continue
+                shifted = probs.copy()
+                shifted[v, a] -= 0.02
+                shifted[v, b] += 0.02
+                assert min(_node_pvalues(exact_step_counts, shifted)) < ALPHA, (v, a, b)
