@@ -106,3 +106,34 @@ def _batched_equals_single(art, tokenizer) -> None:
     batched.close()
     assert [got[i] for i in range(3)] == want and got["plain"] == want_plain == want[0]
     assert stats["sequences"] > 1.5 * stats["calls"], stats  # the steps did run together
+
+
+@pytest.mark.slow
+def test_the_shipped_configuration_is_lossless(tmp_path, shared_data):
+    """What a user runs: `medusa-export smollm2-135m` (the shipped heads, datastore and tree, the
+    fused graph with the lm_head screen) and runtime.load's defaults (lookup drafts, the datastore,
+    cost-sized drafts). Greedy Medusa emits plain greedy decoding's tokens on MT-Bench prompts while
+    accepting several tokens a step (the heads fresh heads never exercise: accepted paths, cache
+    compaction, lookup drafts and screened rows on accepted nodes)."""
+    import torch
+
+    import runtime
+    from exporter import cli
+
+    torch.set_num_threads(1)
+    out = tmp_path / "smollm2-medusa"
+    assert cli.main(["smollm2-135m", "-o", str(out)]) == 0
+    gen = runtime.load(out, threads=1)
+    assert gen.default_tree.name == cli.SHIPPED_TREE and gen.backend.screens_argmax
+    questions = [json.loads(line) for line in (shared_data / "mt_bench_question.jsonl").read_text().splitlines()]
+    steps = accepted = lookup = 0
+    for q in questions[:3]:
+        chat = [{"role": "user", "content": q["turns"][0]}]
+        medusa = gen.generate(chat, max_new_tokens=64)
+        assert medusa.tokens == gen.generate(chat, max_new_tokens=64, medusa=False).tokens, q["question_id"]
+        steps += sum(medusa.stats.accept_hist.values())
+        accepted += sum(k * v for k, v in medusa.stats.accept_hist.items())
+        lookup += medusa.stats.lookup_accepted
+    assert accepted / steps > 1.5, (accepted, steps)  # the shipped heads and drafts are accepted
+    assert lookup > 0  # lookup / datastore drafts were accepted too
+    gen.close()
