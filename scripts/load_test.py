@@ -87,13 +87,14 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
 
 def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    stamps, tokens, prompt_tokens, cached = [], 0, 0, 0
+    stamps, tokens, prompt_tokens, cached, text = [], 0, 0, 0, []
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                             temperature=0, max_tokens=max_tokens, stream=True,
                                             stream_options={"include_usage": True})  # fmt: skip
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
+            text.append(chunk.choices[0].delta.content)
         if chunk.usage:
             tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
             details = chunk.usage.prompt_tokens_details
@@ -101,8 +102,9 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
     end = time.perf_counter()
     ttft = (stamps[0] - t0) if stamps else end - t0
     itl = (stamps[-1] - stamps[0]) / (tokens - 1) if len(stamps) > 1 and tokens > 1 else None
+    # itl: the request's mean gap between its first and last chunk (a Medusa chunk carries several tokens)
     return {"tokens": tokens, "ttft": ttft, "itl": itl, "seconds": end - t0, "prompt_tokens": prompt_tokens,
-            "cached_tokens": cached}  # fmt: skip
+            "cached_tokens": cached, "text": "".join(text)}  # fmt: skip
 
 
 def run_level(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
@@ -134,6 +136,7 @@ def _requests(url: str, model: str, prompts: list[str], concurrency: int, reques
                 i, issued = issued, issued + 1
             try:
                 r = one_request(client, model, prompts[(first + i) % len(prompts)], max_tokens)
+                r["request"] = first + i  # the same index, the same prompt, on every server
                 with lock:
                     results.append(r)
             except Exception as e:  # counted, reported: a load test must not stop at the first failure
@@ -177,7 +180,16 @@ def _level(concurrency: int, parts: list[tuple[list, list, float]]) -> dict:
         # prompt tokens the server did not prefill (its slots' caches held them: prefix reuse)
         "cached_share": sum(r.get("cached_tokens", 0) for r in results)
         / max(1, sum(r.get("prompt_tokens", 0) for r in results)),
+        "answers": {r["request"]: r["text"] for r in results if "request" in r},
     }
+
+
+def same_answers(a: dict, b: dict) -> tuple[int, int]:
+    """(identical, compared): the greedy answers two servers gave to the same requests of a level.
+    Batched steps round logits differently in the last bits, so a near-tie may rarely go the
+    other way; a broken server differs on most."""
+    both = a["answers"].keys() & b["answers"].keys()
+    return sum(a["answers"][i] == b["answers"][i] for i in both), len(both)
 
 
 def run_rounds(urls: dict[str, str], model: str, prompts: list[str], concurrency: int, requests: int,
@@ -227,6 +239,7 @@ def soak(artifact: str, prompts: list[str], model: str, concurrency: int, second
         samples.append((samples[-1][0] + 1 if samples else 0.0, rss_mib(proc.pid)))
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+    r.pop("answers")
     r.update(rss_mib_samples=samples, rss_start=samples[0][1], rss_end=samples[-1][1],
              rss_max=max(m for _, m in samples), soak_seconds=seconds)  # fmt: skip
     return r
@@ -316,14 +329,20 @@ def run(a) -> int:
                 run_level(urls[kind], model, prompts, 1, 1, 8, a.time_limit)  # warm-up
             requests = max(a.requests, a.per_client * c)
             level = run_rounds(urls, model, prompts, c, requests, a.max_tokens, a.time_limit, a.rounds)
+            first = a.servers[0]  # every server's greedy answers against the first's
+            counts = {kind: same_answers(level[kind], level[first]) for kind in a.servers}
             for kind in a.servers:
                 r = level[kind]
                 r["server"] = kind
+                r["same_as_" + first] = list(counts[kind])
                 rows.append(r)
+                same = "" if kind == first else f" answers as {first} {counts[kind][0]}/{counts[kind][1]}"
                 print(f"{kind:>17} c={c:<3} {r['requests']:>3} req {r['tokens_per_s']:7.1f} tok/s  ttft p50/p99 "
                       f"{_ms(r['ttft_p50'])}/{_ms(r['ttft_p99'])} ms  itl p50/p99 {_ms(r['itl_p50'])}/"
-                      f"{_ms(r['itl_p99'])} ms  prompt cached {100 * r['cached_share']:.0f}%  failed {r['failed']}",
-                      flush=True)  # fmt: skip
+                      f"{_ms(r['itl_p99'])} ms  prompt cached {100 * r['cached_share']:.0f}%  failed {r['failed']}"
+                      f"{same}", flush=True)  # fmt: skip
+            for kind in a.servers:  # the counts are kept, not the texts
+                level[kind].pop("answers")
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)

@@ -176,7 +176,9 @@ def test_load_test_rounds_alternate_the_servers_over_the_same_prompts(monkeypatc
 
     def fake(url, model, prompts, concurrency, requests, max_tokens, time_limit, first=0):
         calls.append((url, first, requests))
-        done = [{"tokens": 10, "ttft": 0.1, "itl": 0.01, "seconds": 1.0}] * requests
+        done = [{"tokens": 10, "ttft": 0.1, "itl": 0.01, "seconds": 1.0, "request": first + i,
+                 "text": "odd" if url == "B" and first + i == 3 else f"answer {first + i}"}
+                for i in range(requests)]  # fmt: skip
         return done, ([] if url == "A" else ["Timeout: x"]), 2.0 if url == "A" else 4.0
 
     monkeypatch.setattr(load_test, "_requests", fake)
@@ -187,6 +189,8 @@ def test_load_test_rounds_alternate_the_servers_over_the_same_prompts(monkeypatc
     a, b = out["plain"], out["medusa"]
     assert (a["requests"], a["tokens"], a["seconds"], a["rounds"], a["failed"]) == (8, 80, 8.0, 4, 0)
     assert (b["tokens_per_s"], b["failed"]) == (80 / 16.0, 4)
+    # the servers' answers to the same requests compared: request 3's differs
+    assert load_test.same_answers(b, a) == (7, 8) and load_test.same_answers(a, a) == (8, 8)
     load_test.run_rounds({"plain": "A"}, "m", ["p"], 16, 16, 16, 60.0, rounds=2)
     assert [c[2] for c in calls[-2:]] == [16, 16]  # a round has at least one request per client
     assert load_test.main(["art", "--rounds", "0"]) == 1
