@@ -352,8 +352,20 @@ def run_bench(
     with whole_prefills(gen):  # every timed call prefills its whole prompt, as the peers' calls do
         # warm up the engines (first-call allocations) outside the measurement
         warm = gen.encode([{"role": "user", "content": "Hello"}])
+        # every decoder the loop runs, once: no first-call cost lands on the first prompt of one of them
         gen.generate(warm, max_new_tokens=8, medusa=False)
-        gen.generate(warm, max_new_tokens=8, **variants[0].decode_args())
+        for v in variants:
+            gen.generate(warm, max_new_tokens=8, **v.decode_args())
+        for temp in sampling:
+            gen.generate(warm, max_new_tokens=8, medusa=False, temperature=temp, seed=seed)
+            for acceptance, drafts, _ in sampling_kinds(exact_tree).values():
+                tree = exact_tree if acceptance == "exact" else variants[0].tree
+                gen.generate(warm, max_new_tokens=8, **{**variants[0].decode_args(), "tree": tree},
+                             acceptance=acceptance, drafts=drafts, temperature=temp, seed=seed)  # fmt: skip
+            if og is not None:
+                og.run(warm, 8, temperature=temp, seed=seed)
+        if hf is not None:
+            hf.run(warm, 8)
         if og is not None:
             og.run(warm, 8)
             if not og.ngram_unavailable:

@@ -294,18 +294,23 @@ def test_bench_prefills_every_prompt_whole_even_where_the_generator_reuses_prefi
 
     gen = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
     assert gen.reuse_prefix
-    cached = []
+    cached, kinds = [], {}
     real = gen.generate
+    warm = gen.encode([{"role": "user", "content": "Hello"}])  # run_bench's warm-up prompt
 
-    def spy(*args, **kw):
-        out = real(*args, **kw)
+    def spy(ids, **kw):
+        out = real(ids, **kw)
         cached.append(out.stats.cached_prompt_tokens)
+        same = {("medusa", "True"), ("tree", "None"), ("seed",), ("max_new_tokens",)}  # defaults, or per call
+        kind = tuple(sorted((k, str(v)) for k, v in kw.items() if (k, str(v)) not in same and (k,) not in same))
+        kinds.setdefault(list(ids) == warm, set()).add(kind)  # the warm-up's prompt, or a timed one
         return out
 
     gen.generate = spy
     prompts = load_prompts(shared_data / "mt_bench_question.jsonl", limit=2)
     run_bench(gen, prompts, ["chain_2", "cpu_8"], max_new_tokens=8, progress=False, sampling=[0.7])
     assert len(cached) >= 2 * 5 and set(cached) == {0}, cached
+    assert kinds[True] == kinds[False] and len(kinds[False]) >= 5  # every decoder timed was warmed up first
     assert gen.reuse_prefix  # restored
     ids = gen.encode(prompts[0].text)
     real(ids, max_new_tokens=4)
