@@ -129,6 +129,9 @@ def format_peer_table(profile: dict) -> str:
         )
     if peer["cached_tokens"] != profile["cached_tokens"]:
         lines.append(f"(the peer's cache held {peer['cached_tokens']} tokens, ours {profile['cached_tokens']})")
+    if profile.get("lm_head") == "screen":  # not the same work: say so under the numbers
+        lines.append("(ours: greedy steps' calls through the lm_head screen, the argmax of each row; the peer's "
+                     "compute every row's float logits)")  # fmt: skip
     return "\n".join(lines)
 
 

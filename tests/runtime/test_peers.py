@@ -209,6 +209,21 @@ def test_cli_profile_with_peer(setup, tmp_path, capsys, monkeypatch):
     assert peer["cached_tokens"] == prof["cached_tokens"] == 16
     table = stdout[stdout.index("ortgenai ms") :]
     assert len([line for line in table.splitlines() if line.split()[:1] in (["1"], ["4"])]) == 2, stdout
+    # ours through the lm_head screen (argmax only) is not the peer's work (float logits): the table says so
+    assert ("through the lm_head screen" in table) == (prof["lm_head"] == "screen"), (prof["lm_head"], table)
+
+
+def test_the_peer_table_says_when_the_work_differs():
+    from runtime.profile import format_peer_table
+
+    prof = {"ms": {"1": 10.0, "4": 12.0}, "relative_cost": {"1": 1.0, "4": 1.2}, "cached_tokens": 16,
+            "lm_head": "screen",
+            "peer": {"name": "ortgenai", "ms": {"1": 12.5, "4": 15.0}, "relative_cost": {"1": 1.0, "4": 1.2},
+                     "cached_tokens": 16}}  # fmt: skip
+    table = format_peer_table(prof)
+    assert "   4     12.00   1.20         15.00   1.20       0.80" in table
+    assert "the argmax of each row; the peer's compute every row's float logits" in table
+    assert "lm_head screen" not in format_peer_table({**prof, "lm_head": "float"})
 
 
 def test_missing_package_is_one_line(setup, monkeypatch, capsys):
