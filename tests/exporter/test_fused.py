@@ -426,16 +426,16 @@ def test_quantized_chains_are_lossless_against_plain_decoding(quantized, precisi
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_quantized_chains_to_the_end_of_the_context(quantized, precision):
-    """To the end of the context: the usable context keeps one slot for the pad row, so even the
-    last one-token step runs as two rows, and Medusa stays lossless."""
+    """To the end of the context: the buffer keeps one slot beyond the context asked for, for the pad
+    row, so even the last one-token step runs as two rows, and Medusa stays lossless."""
     q = quantized(precision)
     gen = runtime.load(q["artifact"], backend="onnxruntime", threads=1)
     ids = gen.encode(CHAT[1])
     cap = len(ids) + 14
     small = runtime.load(q["artifact"], backend="onnxruntime", threads=1, max_context=cap)
     plain = small.generate(ids, max_new_tokens=100, medusa=False)
-    assert small.backend.max_context == cap - 1  # one slot kept for the pad row
-    assert plain.stats.finish_reason == "context" and len(ids) + len(plain.tokens) == cap
+    assert small.backend.max_context == cap  # the pad row's slot comes on top
+    assert plain.stats.finish_reason == "context" and len(ids) + len(plain.tokens) == cap + 1  # the last needs no slot
     rows = []
     real_run = small.backend.backbone.run_with_iobinding
     small.backend.backbone = _Spy(small.backend.backbone, lambda io: rows.append(small.backend._bound[0].shape[1]))

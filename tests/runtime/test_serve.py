@@ -289,7 +289,7 @@ def test_a_bad_server_wide_decode_argument_fails_at_startup_not_per_request(gen)
 
     with pytest.raises(MedusaError, match="unknown tree 'nosuch'"):
         create_app(gen, "tiny", decode={"medusa": True, "tree": "nosuch"})
-    with pytest.raises(MedusaError, match="lookup must be an integer >= 0"):
+    with pytest.raises(MedusaError, match=r"lookup must be an integer in \[0, 1024\]"):
         create_app(gen, "tiny", decode={"medusa": True, "lookup": -1})
     create_app(gen, "tiny", decode={"medusa": False, "tree": None, "lookup": 0})  # a good one serves
 
@@ -829,7 +829,7 @@ def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
         (["--graceful-timeout", "-5"], "--graceful-timeout must be an integer >= 0"),
         (["--tree", "nosuch"], "unknown tree 'nosuch'"),  # not a 400 on every request
         (["--tree", "nosuch", "--ray-replicas", "2"], "unknown tree 'nosuch'"),  # before Ray starts
-        (["--lookup", "-1"], "lookup must be an integer >= 0"),
+        (["--lookup", "-1"], "lookup must be an integer in [0, 1024]"),
         (["--batching", "batch", "--backend", "tensorrt"], "--batching batch runs the artifact's batch.onnx"),
         (["--batching", "batch", "--device", "cuda"], "not with --device cuda"),
     ],
