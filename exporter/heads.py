@@ -44,7 +44,7 @@ from torch import nn
 
 from runtime.artifact import HEAD_TYPES
 from runtime.errors import CheckpointError
-from runtime.paths import atomic_path, write_text_atomic
+from runtime.paths import atomic_path, read_json_object, write_text_atomic
 
 HEADS_WEIGHTS = "medusa_heads.safetensors"
 HEADS_CONFIG = "medusa_heads.json"
@@ -350,13 +350,7 @@ def _read_safetensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import cast
 
 from runtime.errors import MedusaError
-from runtime.paths import cache_dir
+from runtime.paths import cache_dir, read_json_object
 
 log = logging.getLogger("medusa_trt.exporter")
 
@@ -48,13 +48,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 def check_architecture(folder: Path) -> dict:
     """The folder's config.json (a JSON object), its architecture one medusa-trt exports."""
-    path = Path(folder) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MedusaError(f"cannot read {path}: it is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise MedusaError(f"cannot read {path}: a JSON {type(cfg).__name__}, not an object")
+    cfg = read_json_object(Path(folder) / "config.json", MedusaError)
     archs = cfg.get("architectures") or [f"<model_type={cfg.get('model_type')}>"]
     if isinstance(archs, str):
         archs = [archs]

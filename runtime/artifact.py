@@ -21,6 +21,7 @@ from pathlib import Path
 
 from runtime import checks
 from runtime.errors import ArtifactError, ConfigError, MedusaWarning
+from runtime.paths import read_json_object
 
 CONFIG_FILE = "medusa_config.json"
 FORMAT = "medusa-trt-artifact"
@@ -198,12 +199,7 @@ def read_artifact(folder: str | Path, verify: bool = False) -> ArtifactConfig:
     cfg_path = folder / CONFIG_FILE
     if not os.path.isfile(cfg_path):
         raise ArtifactError(f"{folder} is not a medusa-trt artifact: {CONFIG_FILE} is missing (re-run medusa-export)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ArtifactError(f"{cfg_path} must hold a JSON object, found a {type(raw).__name__} (re-run medusa-export)")
+    raw = read_json_object(cfg_path, ArtifactError, hint=" (re-run medusa-export)")
     if raw.get("format") != FORMAT:
         raise ArtifactError(f"{cfg_path}: format {raw.get('format')!r} is not {FORMAT!r}")
     version = raw.get("format_version")

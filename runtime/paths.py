@@ -49,6 +49,20 @@ def read_text(path: str | os.PathLike, error: type[Exception] | None = None) -> 
     return utf8(data, path, error=error)
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception], hint: str = "") -> dict:
+    """The JSON object a file holds; ``error`` naming the file (and ``hint``, what to do) where it is
+    not valid UTF-8 JSON or holds another JSON value."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}{hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, found a {type(data).__name__}{hint}")
+    return data
+
+
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # what a matplotlib figure saves as (save_figure)
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runtime.errors import MedusaError
+from runtime.paths import read_json_object
 
 PLAN_FILE = "trt_plan.json"
 PLAN_FORMAT_VERSION = 1
@@ -215,12 +216,7 @@ def read_plan(folder: str | Path) -> BuildPlan:
             f"{folder} has no {PLAN_FILE}: build an engine first (medusa-export build-engine {folder}, "
             f"or medusa-export trtexec {folder} and run the script it writes)"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlanError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise PlanError(f"{path}: malformed plan (a JSON {type(raw).__name__}, not an object)")
+    raw = read_json_object(path, PlanError)
     if raw.get("format_version") != PLAN_FORMAT_VERSION:
         raise PlanError(
             f"{path}: plan format_version {raw.get('format_version')!r}, this version reads {PLAN_FORMAT_VERSION}; "

@@ -227,7 +227,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     "text, phrases",
     [
         ('{"architectures": ["LlamaForCausalLM"],', ("config.json", "not valid JSON")),
-        ('["LlamaForCausalLM"]', ("config.json", "a JSON list, not an object")),
+        ('["LlamaForCausalLM"]', ("config.json", "must hold a JSON object, found a list")),
         ('{"architectures": "GPT2LMHeadModel"}', ("architecture GPT2LMHeadModel is not supported",)),
     ],
 )

@@ -213,7 +213,7 @@ def test_plan_file_errors(tmp_path):
     raw["backbone"]["inputs"] = ["input_ids"]
     for text in ("[1]", json.dumps(raw), '{"format_version": 1, "backbone": 3}', b"\xff\xfe"):
         (tmp_path / PLAN_FILE).write_bytes(text if isinstance(text, bytes) else text.encode())
-        with pytest.raises(PlanError, match="malformed plan|not valid JSON"):
+        with pytest.raises(PlanError, match="malformed plan|not valid JSON|must hold a JSON object"):
             read_plan(tmp_path)
 
 
