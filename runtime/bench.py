@@ -48,6 +48,13 @@ def sampling_kinds(exact_tree) -> dict:
     return SAMPLING_KINDS
 
 
+def sampling_args(variant, exact_tree, acceptance: str, drafts: str) -> dict:
+    """A Medusa sampling run's decode arguments: the first variant's drafts, on ``exact_tree`` where
+    the acceptance is exact (the warm-up and the timed runs take the same)."""
+    tree = exact_tree if acceptance == "exact" else variant.tree
+    return {**variant.decode_args(), "tree": tree, "acceptance": acceptance, "drafts": drafts}
+
+
 OUTSIDE_ENGINE = ("candidates", "acceptance", "kv_update", "other")
 
 
@@ -359,9 +366,8 @@ def run_bench(
         for temp in sampling:
             gen.generate(warm, max_new_tokens=8, medusa=False, temperature=temp, seed=seed)
             for acceptance, drafts, _ in sampling_kinds(exact_tree).values():
-                tree = exact_tree if acceptance == "exact" else variants[0].tree
-                gen.generate(warm, max_new_tokens=8, **{**variants[0].decode_args(), "tree": tree},
-                             acceptance=acceptance, drafts=drafts, temperature=temp, seed=seed)  # fmt: skip
+                args = sampling_args(variants[0], exact_tree, acceptance, drafts)
+                gen.generate(warm, max_new_tokens=8, temperature=temp, seed=seed, **args)
             if og is not None:
                 og.run(warm, 8, temperature=temp, seed=seed)
         if hf is not None:
@@ -417,12 +423,7 @@ def run_bench(
                         ids,
                         max_new_tokens,
                         medusa=True,
-                        **{
-                            **variants[0].decode_args(),
-                            "tree": exact_tree if acceptance == "exact" else variants[0].tree,
-                        },
-                        acceptance=acceptance,
-                        drafts=drafts,
+                        **sampling_args(variants[0], exact_tree, acceptance, drafts),
                         **kw,
                     )
                 if og is not None:  # the peer's plain sampling, same temperature and seed (its own generator)

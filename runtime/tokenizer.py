@@ -71,6 +71,12 @@ class Tokenizer:
         # name is empty, not an error (templates test `if tools`), {% break %} / {% continue %} work
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        specials = {k: self._special(k) for k in SPECIAL_TOKEN_KEYS}
+        self._template_specials = {
+            "bos_token": "",
+            "eos_token": "",
+            **{k: v for k, v in specials.items() if v is not None},
+        }
         try:
             self._template = env.from_string(self.chat_template)
         except jinja2.TemplateError as e:
@@ -132,9 +138,8 @@ class Tokenizer:
 
         try:
             # what transformers passes: no tools or documents, and every special token the config names
-            specials = {k: self._special(k) for k in SPECIAL_TOKEN_KEYS if self._special(k) is not None}
             text = self._template.render(
-                **{"bos_token": "", "eos_token": "", **specials},
+                **self._template_specials,
                 messages=messages,
                 tools=None,
                 documents=None,
