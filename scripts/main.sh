@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, export the embedded SmolLM2-135M-Instruct with the
 # shipped Medusa heads to artifacts/smollm2-135m-medusa, generate with Medusa on ONNX Runtime,
-# and benchmark Medusa against plain decoding on a few MT-Bench prompts.
+# and benchmark Medusa against plain decoding and onnxruntime-genai on a few MT-Bench prompts.
 #   bash scripts/main.sh                 # everything
 #   BENCH_LIMIT=80 bash scripts/main.sh  # the full MT-Bench first turns (~30 min on 2 cores)
 set -euo pipefail
@@ -13,5 +13,7 @@ if [ ! -f "$ART/medusa_config.json" ]; then
   medusa-export smollm2-135m -o "$ART"   # the default tree for the shipped heads: smollm2_ort_cpu
 fi
 medusa-run generate "$ART" "Explain in three sentences why the sky is blue." --threads 2 --stats
+# beside the best plain decoder a user could run instead: onnxruntime-genai on the same weights (its model
+# builder's graph, built once into ~/.cache/medusa-trt), prompt by prompt in the same run
 medusa-run bench "$ART" --prompts ../shared/data/mt_bench_question.jsonl --limit "${BENCH_LIMIT:-5}" \
-  --threads 2 --json "$ART/bench.json" --plot "$ART/bench.png"
+  --threads 2 --peer ortgenai --json "$ART/bench.json" --plot "$ART/bench.png"
