@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 import zipfile
@@ -160,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest context the runtime sizes its KV cache for (default: the model's max_position_embeddings)",
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="keep OUT when it holds what this command would write (made by the same medusa-trt code, with the same "
+        "options, from the same model, heads and datastore files: the recipe the export records); else export, "
+        "replacing OUT as --force does (scripts/main.sh exports this way)",
+    )
     p.add_argument(
         "--no-heads-int8",
         action="store_true",
@@ -358,7 +366,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.model != DEFAULT_MODEL:  # a missing or non-model folder is named before anything else (the heads)
         tokenizer = preflight(resolve_model(args.model), options)
     out = Path(args.output).expanduser().absolute()
-    check_out_dir(out, args.force)  # before minutes of work
+    if not args.if_changed:
+        check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:
         raise MedusaError(f"--fresh-heads needs at least 1 head and at most {MAX_FRESH_HEADS}, got {args.fresh_heads}")
     if args.num_heads is not None and args.num_heads < 1:
@@ -371,6 +380,21 @@ def run(args: argparse.Namespace) -> Path:
     for name in (options.tree, options.sampling_tree):  # a tree's name or file: checked before the backbone loads
         if isinstance(name, str) and not name.lstrip().startswith("["):
             checks.tree(name, None, None)
+    recipe = None
+    if args.if_changed:
+        from exporter.recipe import export_recipe, why_not_current
+
+        with progress("comparing OUT with what this export would write"):
+            recipe = export_recipe(options, resolve_model(args.model), heads_path,
+                                   {"num_heads": args.num_heads, "fresh_heads": args.fresh_heads})  # fmt: skip
+            reasons = why_not_current(out, recipe) if os.path.lexists(out) else []
+        if os.path.lexists(out) and not reasons:
+            args.kept = True
+            return out
+        if reasons:
+            args.replaced = reasons
+        check_out_dir(out, True)  # a stale artifact is replaced; a folder holding anything else never is
+        options.force = True
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
     with progress(f"loading {args.model} ({options.dtype})"), _quiet_transformers():
@@ -391,20 +415,28 @@ def run(args: argparse.Namespace) -> Path:
         if args.num_heads is not None:
             heads = first_heads(heads, args.num_heads)
     try:
-        return export_artifact(model, heads, out, options, tokenizer=tokenizer)
+        return export_artifact(model, heads, out, options, tokenizer=tokenizer, recipe=recipe)
     except OSError as e:  # a full disk, a folder taken away: nothing is left (export_artifact cleans up)
         raise MedusaError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
 
 
-def _summary(out: Path, seconds: float) -> str:
+def _summary(out: Path, seconds: float, args: argparse.Namespace | None = None) -> str:
     import json
 
+    if getattr(args, "kept", False):
+        return (
+            f"{out} is current (this medusa-trt's code, the same options, model, heads and datastore files): "
+            "kept as it is"
+        )
     cfg = json.loads((out / "medusa_config.json").read_text())
     sizes = sorted(((p.stat().st_size, p.name) for p in out.iterdir() if p.is_file()), reverse=True)
     files = [
         f"{name} {size / 2**20:.1f} MiB" if size >= 2**20 else f"{name} {size / 2**10:.1f} KiB" for size, name in sizes
     ]
     lines = [f"artifact written to {out} in {seconds:.1f} s", "  files: " + ", ".join(files)]
+    replaced = getattr(args, "replaced", None)
+    if replaced:
+        lines.insert(1, f"  replaced what was there: {'; '.join(replaced)}")
     val = cfg["provenance"].get("validation", {})
     if val.get("passed"):
         lines.append(
@@ -445,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     with cli_logging("medusa-export", level), sigterm_as_interrupt():
         return run_cli(
             "medusa-export",
-            lambda: print(_summary(run(args), time.perf_counter() - t)),
+            lambda: print(_summary(run(args), time.perf_counter() - t, args)),
             interrupted="interrupted; nothing was written",
         )
 

@@ -647,12 +647,21 @@ def _source_path(options: ExportOptions) -> str | None:
     return None
 
 
-def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | None = None, *, tokenizer=None) -> Path:
+def export_artifact(
+    model,
+    heads,
+    out_dir: str | Path,
+    options: ExportOptions | None = None,
+    *,
+    tokenizer=None,
+    recipe: dict | None = None,
+) -> Path:
     """Export ``model`` (a Llama-family *ForCausalLM) and ``heads`` (MedusaHeads) into ``out_dir``.
 
     ``tokenizer`` is saved into the artifact (loaded from ``options.source_model`` when
     not given). Returns ``out_dir``. Nothing exists at ``out_dir`` unless everything,
-    validation included, succeeded.
+    validation included, succeeded. ``recipe`` (exporter.recipe.export_recipe): what the artifact
+    is made from, recorded as ``provenance["recipe"]`` for ``medusa-export --if-changed``.
     """
     import torch
 
@@ -801,6 +810,7 @@ def export_artifact(model, heads, out_dir: str | Path, options: ExportOptions | 
                     "versions": _versions(),
                     "files": files,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    **({"recipe": recipe} if recipe is not None else {}),
                 },
             )
             if store is not None and options.datastore is not None:

@@ -9,11 +9,16 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ART=artifacts/smollm2-135m-medusa
-if [ ! -f "$ART/medusa_config.json" ]; then
-  medusa-export smollm2-135m -o "$ART"   # the default tree for the shipped heads: smollm2_ort_cpu
-fi
+OUT=runs/main
+mkdir -p "$OUT"
+for f in bench.json bench.png; do  # earlier versions of this script wrote them into the artifact
+  if [ -f "$ART/$f" ]; then mv "$ART/$f" "$OUT/$f"; fi
+done
+# exported once, and again only when medusa-trt, the model, the shipped heads or datastore changed since
+# (--if-changed compares the recipe the artifact records); default tree for the shipped heads: smollm2_ort_cpu
+medusa-export smollm2-135m -o "$ART" --if-changed
 medusa-run generate "$ART" "Explain in three sentences why the sky is blue." --threads 2 --stats
 # beside the best plain decoder a user could run instead: onnxruntime-genai on the same weights (its model
 # builder's graph, built once into ~/.cache/medusa-trt), prompt by prompt in the same run
 medusa-run bench "$ART" --prompts ../shared/data/mt_bench_question.jsonl --limit "${BENCH_LIMIT:-5}" \
-  --threads 2 --peer ortgenai --json "$ART/bench.json" --plot "$ART/bench.png"
+  --threads 2 --peer ortgenai --json "$OUT/bench.json" --plot "$OUT/bench.png"

@@ -437,3 +437,86 @@ def test_num_heads_keeps_the_first_heads(model_folder, tmp_path, capsys):
     cfg = json.loads((out / "medusa_config.json").read_text())
     assert cfg["model"]["num_medusa_heads"] == 1 and cfg["default_tree"] == "chain_1"
     assert cfg["provenance"]["heads"]["meta"]["kept_heads"] == "1 of 3"
+
+
+def test_if_changed_keeps_a_current_artifact_and_replaces_a_stale_one(model_folder, tmp_path, capsys, monkeypatch):
+    import os
+
+    import exporter.recipe as recipe
+
+    out = tmp_path / "artifact"
+    base = [model_folder, "--fresh-heads", "2", "-o", out, "--no-validate", "--if-changed"]
+    code, stdout, err = run_cli([*base, "--max-context", "128"], capsys)
+    assert code == 0, err
+    assert f"artifact written to {out}" in stdout and "replaced" not in stdout
+    rec = json.loads((out / "medusa_config.json").read_text())["provenance"]["recipe"]
+    assert rec["sha256"] == recipe.recipe_digest(rec) and rec["code"] == recipe.code_digest()
+    assert [name for name, *_ in rec["inputs"]["model_files"]] == sorted(p.name for p in model_folder.iterdir())
+    stamp = (out / "model.onnx").stat().st_mtime_ns, (out / "medusa_config.json").read_bytes()
+
+    # the same command: nothing is written
+    code, stdout, err = run_cli([*base, "--max-context", "128"], capsys)
+    assert code == 0, err
+    assert f"{out} is current" in stdout and "kept" in stdout and "written" not in stdout
+    assert ((out / "model.onnx").stat().st_mtime_ns, (out / "medusa_config.json").read_bytes()) == stamp
+
+    def exported_again(argv, *why):
+        code, stdout, err = run_cli(argv, capsys)
+        assert code == 0, err
+        assert f"artifact written to {out}" in stdout, stdout
+        line = next(x for x in stdout.splitlines() if "replaced what was there" in x)
+        for w in why:
+            assert w in line, (w, line)
+        return line
+
+    # another option, then the code, then a model file, then a file of the artifact
+    exported_again([*base, "--max-context", "96"], "the export options changed")
+    assert json.loads((out / "medusa_config.json").read_text())["model"]["max_context"] == 96
+    monkeypatch.setattr(recipe, "code_digest", lambda: "0" * 64)
+    line = exported_again([*base, "--max-context", "96"], "medusa-trt's code changed")
+    assert "options" not in line
+    weights = next(model_folder.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    exported_again([*base, "--max-context", "96"], "the model's files changed")
+    with open(out / "heads.onnx", "ab") as f:  # the same recipe, a file no longer what the export wrote
+        f.write(b"\0")
+    exported_again([*base, "--max-context", "96"], "the runtime refuses it", "heads.onnx")
+    code, stdout, err = run_cli([*base, "--max-context", "96"], capsys)
+    assert code == 0 and "is current" in stdout, (stdout, err)
+
+    # a stale artifact beside files an export did not write is never replaced
+    (out / "model.plan").write_bytes(b"engine")
+    code, _, err = run_cli([*base, "--max-context", "64"], capsys)
+    assert_user_error(code, err, "did not write", "model.plan")
+    assert json.loads((out / "medusa_config.json").read_text())["model"]["max_context"] == 96
+    # ... nor is a folder that is no artifact
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run_cli([model_folder, "--fresh-heads", "2", "-o", other, "--if-changed"], capsys)
+    assert_user_error(code, err, "not a medusa-trt artifact")
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_the_code_digest_covers_sources_not_caches_or_shipped_data(tmp_path, monkeypatch):
+    import exporter.recipe as recipe
+
+    pkg = tmp_path / "fakepkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "shipped_heads").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "graph.py").write_text("X = 1\n")
+    (pkg / "tree.json").write_text("[[0]]")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(recipe, "CODE_PACKAGES", ("fakepkg",))
+    first = recipe.code_digest()
+    (pkg / "__pycache__" / "graph.cpython-311.pyc").write_bytes(b"x")
+    (pkg / "shipped_heads" / "config.json").write_text("{}")
+    (pkg / "notes.md").write_text("not code")
+    assert recipe.code_digest() == first
+    (pkg / "graph.py").write_text("X = 2\n")
+    second = recipe.code_digest()
+    assert second != first
+    (pkg / "tree.json").write_text("[[1]]")
+    assert recipe.code_digest() not in (first, second)
