@@ -247,6 +247,7 @@ def write_tree(out_dir: Path, name: str, chosen: dict, acc: np.ndarray, profile:
         "predicted_accepted_length": round(chosen["predicted_accepted_length"], 4),
         "predicted_speedup_vs_plain": round(chosen["predicted_speedup_vs_plain"], 4),
         "relative_step_cost": round(chosen["relative_step_cost"], 4),
+        "heads_calls_per_step": int(chosen["heads_calls_per_step"]),
         "acceptance_bound_any_tree": round(chosen["acceptance_bound"], 4),
         "calibration_accuracy": {"top1": acc[:, 0].round(4).tolist(), "rank_accuracy": acc.round(4).tolist()},
         "cost_profile": profile,

@@ -90,6 +90,7 @@ def test_written_tree_loads_in_the_runtime(tmp_path):
     doc = json.loads(path.read_text())
     assert {"name", "paths", "source", "description", "predicted_accepted_length", "cost_profile"} <= doc.keys()
     assert doc["acceptance_bound_any_tree"] == pytest.approx(1 + 0.8 + 0.8 * 0.7, abs=1e-4)
+    assert doc["heads_calls_per_step"] == chosen["heads_calls_per_step"] == 1  # Medusa heads: one call a step
     tree = load_tree(path, num_heads=2)
     assert tree.num_nodes == len(chosen["paths"]) + 1
 
