@@ -40,21 +40,31 @@ smollm2-135m is a Llama) with its Medusa heads into an artifact folder that ONNX
 Runtime runs and that TensorRT (trtexec or the builder API) turns into engines.
 
 The folder holds:
-  model.onnx   backbone step, one graph for prefill, decode and tree verification
-               in : input_ids int64 [batch, new_tokens], position_ids int64 [batch, new_tokens],
-                    tree_mask bool [batch, new_tokens, new_tokens] (True = may attend; the
-                    cache is always visible), past_key_values.{i}.key|value
-                    [batch, past_sequence, kv_heads, head_dim]
-               out: logits [batch, new_tokens, vocab], hidden_states [batch, new_tokens, hidden],
-                    present.{i}.key|value [batch, new_tokens, kv_heads, head_dim] (new entries only)
+  model.onnx   backbone step, one graph for prefill, decode and tree verification.
+               --graph fused (the default; ONNX Runtime): the cache is one buffer updated in
+               place, in: input_ids, position_ids, tree_mask, cache_lengths, num_logits and
+               past_key_values.{i}.key|value [batch, kv_heads, capacity, head_dim]; out: the
+               last num_logits rows' logits, hidden_states and the buffers (float32 graphs
+               also screen the lm_head in int8 for greedy steps: the same tokens).
+               --graph portable (TensorRT): in: input_ids int64 [batch, new_tokens],
+               position_ids int64 [batch, new_tokens], tree_mask bool [batch, new_tokens,
+               new_tokens] (True = may attend; the cache is always visible),
+               past_key_values.{i}.key|value [batch, past_sequence, kv_heads, head_dim];
+               out: logits [batch, new_tokens, vocab], hidden_states [batch, new_tokens,
+               hidden], present.{i}.key|value [batch, new_tokens, kv_heads, head_dim] (new
+               entries only); its dynamic axes batch, new_tokens and past_sequence are the
+               axes of a TensorRT optimization profile.
   heads.onnx   Medusa heads on one hidden state: hidden_states [batch, hidden]
                -> medusa_logits [batch, heads, vocab]
+  heads_int8.onnx, heads_int8_first.onnx   float32 exports: int8 heads (and the first head
+               alone) for ONNX Runtime on the CPU
+  batch.onnx, fold.onnx   fused float exports: several sequences a call (medusa-run serve)
+  datastore.npz   drafts from the model's own answers (smollm2-135m: the shipped one)
   tokenizer.json, tokenizer_config.json, chat_template.jinja, medusa_config.json
 
-Dynamic axes are named batch, new_tokens and past_sequence: these are the axes of a
-TensorRT optimization profile. Precision is baked into the ONNX file (--dtype float16;
-TensorRT 11 has no --fp16 builder flag). The mask is boolean: no -3.4e38 constants
-that overflow in fp16. Details: docs/graph_contract.md.
+Precision is baked into the ONNX file (--dtype float16; TensorRT 11 has no --fp16 builder
+flag). The mask is boolean: no -3.4e38 constants that overflow in fp16. Exact input and
+output names, shapes and axes: docs/graph_contract.md.
 
 Every export is validated (ONNX Runtime against PyTorch) before the folder appears;
 a failed or interrupted export leaves nothing behind.
@@ -380,13 +390,13 @@ def run(args: argparse.Namespace) -> Path:
     for name in (options.tree, options.sampling_tree):  # a tree's name or file: checked before the backbone loads
         if isinstance(name, str) and not name.lstrip().startswith("["):
             checks.tree(name, None, None)
-    recipe = None
-    if args.if_changed:
-        from exporter.recipe import export_recipe, why_not_current
+    from exporter.recipe import export_recipe, why_not_current
 
+    # recorded by every export, so that a later --if-changed can keep it (~2 s: no weights are hashed)
+    recipe = export_recipe(options, resolve_model(args.model), heads_path,
+                           {"num_heads": args.num_heads, "fresh_heads": args.fresh_heads})  # fmt: skip
+    if args.if_changed:
         with progress("comparing OUT with what this export would write"):
-            recipe = export_recipe(options, resolve_model(args.model), heads_path,
-                                   {"num_heads": args.num_heads, "fresh_heads": args.fresh_heads})  # fmt: skip
             reasons = why_not_current(out, recipe) if os.path.lexists(out) else []
         if os.path.lexists(out) and not reasons:
             args.kept = True

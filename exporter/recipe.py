@@ -108,7 +108,7 @@ def changes(old: dict | None, new: dict) -> list[str]:
     """What differs between an artifact's recorded recipe ``old`` and ``new``, a phrase each
     (empty: the same recipe)."""
     if not isinstance(old, dict) or "sha256" not in old:
-        return ["it records no recipe (exported before medusa-export --if-changed existed, or by export_artifact)"]
+        return ["it records no recipe (exported by an older medusa-export, or by export_artifact without one)"]
     if old.get("sha256") == new["sha256"] and recipe_digest(old) == old.get("sha256"):
         return []
     out = [words for key, words in WHAT.items() if old.get(key) != new.get(key)]

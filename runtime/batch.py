@@ -354,11 +354,7 @@ class BatchEngine:
         self._chunk_turn = False
         # budgets: None (no limit), a list (budgets[k]: tokens per step when k + 1 sequences decode) or "auto"
         # (chosen from a cost profile of this graph, measured now, and the acceptance seen per row count)
-        if budgets is not None and budgets != "auto":
-            budgets = [cast(int, checks.integer("budgets", b, 1)) for b in budgets]
-            if not budgets:
-                raise MedusaError("budgets: give at least one token budget (or None / 'auto')")
-        self.budgets = budgets
+        self.budgets = check_budgets(budgets)
         self.costs: dict[tuple[int, int], float] = {}  # (sequences, rows) -> seconds per call
         self._grid: tuple[list[int], list[int]] = ([], [])  # the profiled sequence counts and row counts
         # host seconds per sequence between two step calls, by the kind of step ("plain" / "tree"): measured
@@ -1198,6 +1194,21 @@ def _generator_class():
     return BatchedGenerator
 
 
+def check_budgets(budgets):
+    """``budgets`` as the engine keeps it: None, ``"auto"`` or a list of token budgets >= 1."""
+    if budgets is None or (isinstance(budgets, str) and budgets == "auto"):
+        return budgets
+    if not isinstance(budgets, (list, tuple)):
+        raise MedusaError(
+            "budgets must be 'auto' (from the cost profile and the acceptance seen), None (no limit) or a list of "
+            f"token budgets (budgets[k] when k + 1 sequences decode), got {checks.show(budgets)}"
+        )
+    if not budgets:
+        raise MedusaError("budgets: give at least one token budget (or None / 'auto')")
+    return [cast(int, checks.integer("budgets", b, 1)) for b in budgets]
+
+
 def load_batched(folder, max_batch: int, **kwargs):
     """``runtime.load(folder, max_batch=N)``: a generator over :class:`BatchEngine` (see the module)."""
+    check_budgets(kwargs.get("budgets", "auto"))  # before the artifact loads
     return _generator_class()(folder, max_batch, **kwargs)

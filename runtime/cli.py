@@ -573,13 +573,15 @@ def cmd_serve(args) -> None:
                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
                   gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching)  # fmt: skip
         return
-    from runtime.serve import load_for_serving
+    from runtime.serve import available_memory, check_cache_memory_early, load_for_serving
 
+    # a cache that cannot fit, refused before the batch engine's load times its graph (minutes at --max-batch 256)
+    check_cache_memory_early(args.artifact, args.max_batch, args.batching, _load_args(args), available_memory())
     gen = load_for_serving(args.artifact, args.max_batch, args.batching, **_load_args(args))
     check_decode(decode, gen)  # --tree against the model: before the banner, not a 400 on every request
     port = sockets[0].getsockname()[1]  # --port 0: the one the system chose
     mode = "batched engine calls" if getattr(gen, "engine", None) is not None else "interleaved steps"
-    from runtime.serve import available_memory, check_cache_memory
+    from runtime.serve import check_cache_memory
 
     try:
         note = check_cache_memory(gen, args.max_batch, available_memory())

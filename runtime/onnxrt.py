@@ -74,6 +74,12 @@ def _session(ort, path: Path, options, providers, huge_pages_background: bool = 
         if not type(e).__module__.startswith("onnxruntime"):
             raise
         reason = (str(e).strip().splitlines() or [""])[0].split(" failed:")[-1].strip()[:200]
+        links = [f.name for f in path.parent.glob(f"{path.name}*") if f.is_symlink()]
+        if links and "escapes" in str(e):  # ONNX Runtime reads external weights only from inside the folder
+            raise ArtifactError(
+                f"{path.name} in {path.parent}: ONNX Runtime refuses its weights through {', '.join(sorted(links))}, "
+                "a link to outside the artifact folder: copy the file into the folder instead of linking it"
+            ) from None
         raise ArtifactError(
             f"{path.name} in {path.parent} cannot be loaded by ONNX Runtime ({type(e).__name__}: {reason}): the file "
             "is damaged, truncated or not this artifact's graph; re-export it (or copy the artifact again)"

@@ -184,10 +184,8 @@ def cache_peak(gen, max_batch: int):
 
     engine = getattr(gen, "engine", None)
     if engine is not None:
-        from runtime.batch import MIN_CAPACITY
-
         per_token = engine.full_cache_bytes // (engine.slots * engine.max_context)
-        return (lambda n, c: per_token * n * grown_positions(c, MIN_CAPACITY)), engine.slots, engine.max_context
+        return _batched_peak(per_token, engine.slots, engine.max_context)
     backend = gen.backend
     if type(backend).snapshot is Backend.snapshot:  # no host copies of paused sequences
         return None
@@ -203,6 +201,36 @@ def cache_peak(gen, max_batch: int):
     return peak, max_batch, backend.max_context
 
 
+def check_cache_memory_early(artifact, max_batch: int, batching: str, load: dict, available: int | None) -> None:
+    """:func:`check_cache_memory` before anything loads, where the server will batch
+    (:func:`load_for_serving`'s choice): the batch engine's load times its graph at every batch size up
+    to ``max_batch`` (minutes for hundreds of slots), so a cache that cannot fit is refused first. The
+    cache's peak comes from the config, the memory is what is ``available`` before the weights load:
+    so this never refuses what the check after the load would pass, which stays the exact one."""
+    import numpy as np
+
+    from runtime.artifact import read_artifact
+    from runtime.onnxrt import _NP_DTYPES
+
+    if available is None:
+        return
+    config = read_artifact(artifact)
+    cpu_ort = check_batching(batching, load.get("backend", "auto"), load.get("device", "auto"))
+    if not (batching == "batch" or (batching == "auto" and config.batch is not None and cpu_ort)):
+        return
+    spec = config.model
+    context = min(load.get("max_context") or spec.max_context, spec.max_context)
+    per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * np.dtype(_NP_DTYPES[config.dtype]).itemsize
+    _check_peak(_batched_peak(int(per_token), max_batch, context), available)
+
+
+def _batched_peak(per_token: int, slots: int, context: int):
+    """cache_peak's answer for a batch engine: one buffer of ``slots`` slots growing to ``context``."""
+    from runtime.batch import MIN_CAPACITY
+
+    return (lambda n, c: per_token * n * grown_positions(c, MIN_CAPACITY)), slots, context
+
+
 def check_cache_memory(gen, max_batch: int, available: int | None, replicas: int = 1) -> str:
     """The server's KV caches at their peak (every request a whole context; see cache_peak)
     against the memory ``available`` after the weights loaded: more than ``CACHE_MEMORY_SHARE``
@@ -212,8 +240,11 @@ def check_cache_memory(gen, max_batch: int, available: int | None, replicas: int
     the error names the most replicas that fit too. Returns the banner's note ("" where the caches
     are not in host memory)."""
     found = cache_peak(gen, max_batch)
-    if found is None:
-        return ""
+    return "" if found is None else _check_peak(found, available, replicas)
+
+
+def _check_peak(found, available: int | None, replicas: int = 1) -> str:
+    """check_cache_memory's rule for ``found`` (cache_peak's answer)."""
     peak, n, context = found
     need = peak(n, context)
     note = f"KV cache up to {need / GIB:.1f} GiB ({n} x {context} tokens)"

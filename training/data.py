@@ -70,6 +70,18 @@ def build_examples(records: list[dict], max_len: int | None = None) -> list[Exam
     return out
 
 
+def dropped(records: list[dict], max_len: int | None, flag: str | None = "--max-len") -> str:
+    """Why records gave no example, for a message: those with an empty answer and those whose prompt
+    fills ``max_len`` (no answer token left within it; ``flag``: the option that raises it); "" when
+    none was dropped."""
+    empty = sum(1 for r in records if not r["response_ids"])
+    long = sum(1 for r in records if r["response_ids"] and max_len is not None and len(r["prompt_ids"]) >= max_len)
+    parts = [f"{empty} with an empty answer"] if empty else []
+    limit = f"{flag} {max_len} tokens or longer (raise {flag})" if flag else f"{max_len} tokens or longer"
+    parts += [f"{long} whose prompt is {limit}"] if long else []
+    return f"; {len(records)} records, {' and '.join(parts)} gave none" if parts else ""
+
+
 def split_examples(examples: list[Example]) -> dict[str, list[Example]]:
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for e in examples:

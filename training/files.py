@@ -1,10 +1,12 @@
 """What medusa-train reads and writes, checked before any work: text files must be UTF-8 (a
 bad byte is one line naming the file and the line, not a UnicodeDecodeError traceback), and an
-output path must be usable as the kind of thing written there (a file where a folder is wanted
-is named before minutes of training, not after)."""
+output path must be usable as the kind of thing written there (a file where a folder is wanted,
+or a place nothing can be written, is named before minutes of training, not after)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from runtime import paths
@@ -50,3 +52,15 @@ def _check_ancestors(path: Path, flag: str) -> None:
     above = _existing_ancestor(path) if not path.exists() else path.parent
     if above.exists() and not above.is_dir():
         raise ConfigError(f"{flag} {path}: {above} is a file, so no folder can be made there")
+    _check_writable(path if path.is_dir() else above, path, flag)
+
+
+def _check_writable(folder: Path, path: Path, flag: str) -> None:
+    """A file can be made in ``folder`` (the output folder, or the nearest existing one above the
+    output): else one line now, not an OSError traceback after the work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".medusa-train-probe-", dir=folder)
+    except OSError as e:
+        raise ConfigError(f"cannot write {flag} {path}: {e.strerror or e} ({folder})") from None
+    os.close(fd)
+    os.unlink(probe)

@@ -38,6 +38,7 @@ from training.data import (
     SPLITS,
     Example,
     build_examples,
+    dropped,
     first_cached_position,
     head_labels,
     split_examples,
@@ -293,9 +294,11 @@ def prepare_cache(
     if cache_is_valid(folder, fp):
         log.info("reusing hidden-state cache %s", folder)
         return folder
-    examples = split_examples(build_examples(read_records(data), max_len=max_len))
+    records = read_records(data)
+    examples = split_examples(build_examples(records, max_len=max_len))
     if not examples["train"]:
-        raise MedusaError(f"{data}: no training examples (every record is empty or in a held-out split)")
+        raise MedusaError(f"{data}: no training examples (every record is empty or in a held-out split"
+                          f"{dropped(records, max_len, None)})")  # fmt: skip
     log.info("caching last hidden states: %s", ", ".join(f"{s} {len(v)}" for s, v in examples.items()))
     return build_cache(model, examples, folder, fingerprint=fp, states=states_dir(data), model_name=model_name,
                        weights=weights)  # fmt: skip
@@ -427,9 +430,10 @@ def check_splits(data: Path, max_len: int) -> dict[str, int]:
     if not counts["train"] or not counts["heldout"]:
         raise MedusaError(
             f"{data}: too little data: its {len(records)} records give {counts['train']} training and "
-            f"{counts['heldout']} held-out examples (records are split by a hash of their id, ~{HELDOUT_PERCENT}% "
-            "held out), and Medusa-1 needs both (the held-out examples measure the heads): distill more answers, "
-            "at least ~100 (`medusa-train distill --num-prompts N`)"
+            f"{counts['heldout']} held-out examples ({counts['calib']} more for calibration; records are split by a "
+            f"hash of their id, ~{HELDOUT_PERCENT}% held out and as many for calibration{dropped(records, max_len, None)}), "
+            "and Medusa-1 needs both (the held-out examples measure the heads): distill more answers, at least ~100 "
+            "(`medusa-train distill --num-prompts N`)"
         )
     return counts
 

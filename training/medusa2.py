@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from runtime.errors import MedusaError
 from runtime.log import quiet
-from training.data import IGNORE, build_examples, head_labels, next_token_labels, split_examples
+from training.data import IGNORE, build_examples, dropped, head_labels, next_token_labels, split_examples
 from training.medusa1 import format_accuracy, head_weights
 
 log = logging.getLogger("medusa_trt.training")
@@ -161,6 +161,7 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tok, folder = backbone if backbone is not None else load_backbone(cfg.model)
+    records = None
     if examples is None:
         records = read_records(cfg.data)
         examples = split_examples(build_examples(records, max_len=cfg.max_len))
@@ -212,7 +213,8 @@ def train_medusa2(cfg: Medusa2Config, backbone=None, examples=None) -> dict:
     opt_heads = torch.optim.AdamW(heads.parameters(), lr=cfg.lr_heads, weight_decay=0.0)
     train = examples["train"]
     if not train:
-        raise MedusaError(f"{cfg.data}: no training examples")
+        why = dropped(records, cfg.max_len) if records is not None else ""
+        raise MedusaError(f"{cfg.data}: no training examples (every record is empty or in a held-out split{why})")
     rng = np.random.default_rng(cfg.seed)
     t0 = time.time()
     loss_log = []

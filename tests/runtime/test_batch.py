@@ -730,3 +730,15 @@ def test_int8_heads_draft_each_sequence_as_if_alone(tiny):
             np.testing.assert_array_equal(a, b)
     finally:
         g.close()
+
+
+@pytest.mark.parametrize(
+    "budgets, words",
+    [("x", "budgets must be 'auto'"), (4, "got 4"), ([], "at least one token budget"), ([2, 0], "budgets must be")],
+)
+def test_bad_budgets_are_one_error_naming_what_is_taken_before_the_load(tiny, monkeypatch, budgets, words):
+    """budgets='x' was read as the list ['x'] ("must be an integer"), budgets=4 raised TypeError, and both
+    only after the artifact's sessions had loaded."""
+    monkeypatch.setattr(rb.BatchEngine, "__init__", lambda *a, **k: pytest.fail("the engine began to load"))
+    with pytest.raises(MedusaError, match=words):
+        runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=budgets)

@@ -754,3 +754,39 @@ def test_numbers_in_messages_are_finite():
     with pytest.raises(ConfigError, match="x must be a finite number"):
         checks.real("x", 10**400)
     assert checks.real("x", 3) == 3.0 and not math.isnan(checks.real("x", np.float16(1)))
+
+
+def test_weights_linked_from_outside_the_folder_are_named_as_such(tmp_path):
+    """A copied artifact whose weights file is a symlink to elsewhere: ONNX Runtime refuses external
+    data outside the model's folder, which the load reported as a damaged file to re-export."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.errors import ArtifactError
+    from runtime.onnxrt import _session
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    elsewhere, art = tmp_path / "elsewhere", tmp_path / "art"
+    elsewhere.mkdir()
+    art.mkdir()
+    onnx.save_model(model, str(elsewhere / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)  # fmt: skip
+    (art / "model.onnx").write_bytes((elsewhere / "model.onnx").read_bytes())
+    (art / "model.onnx.data").symlink_to(elsewhere / "model.onnx.data")
+    options = ort.SessionOptions()
+    assert _session(ort, elsewhere / "model.onnx", options, ["CPUExecutionProvider"]) is not None  # the files are fine
+    with pytest.raises(ArtifactError) as e:
+        _session(ort, art / "model.onnx", options, ["CPUExecutionProvider"])
+    text = str(e.value)
+    assert "model.onnx.data, a link to outside the artifact folder" in text and "copy the file" in text
+    assert "damaged" not in text

@@ -899,6 +899,39 @@ def test_a_cache_memory_cannot_hold_is_refused_at_startup_naming_what_fits(tiny,
         assert "--max-batch 1 or less" in err, err  # one request's peak fits in half of three's
 
 
+def test_a_batched_cache_that_cannot_fit_is_refused_before_the_engine_loads(tiny, monkeypatch, capsys):
+    """--max-batch 256 loaded the batch engine first (it times its graph at every batch size up to
+    256: minutes) and only then found that the cache could not fit; the cache's peak is known from
+    the config, so it is refused before anything loads. A cache that fits still loads."""
+    import runtime
+    import runtime.serve
+    from runtime.batch import MIN_CAPACITY
+    from runtime.cli import main
+    from runtime.serve import CACHE_MEMORY_SHARE, grown_positions
+
+    spec = runtime.artifact.read_artifact(tiny["artifact"]).model
+    per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 4  # float32
+    peak = 256 * grown_positions(spec.max_context, MIN_CAPACITY) * per_token
+    monkeypatch.setattr(runtime.serve, "available_memory", lambda: int(peak / 3 / CACHE_MEMORY_SHARE))
+    loads = []
+    from runtime.errors import MedusaError
+
+    def load_for_serving(*a, **k):
+        loads.append(a)
+        raise MedusaError("the load began")
+
+    monkeypatch.setattr(runtime.serve, "load_for_serving", load_for_serving)
+    argv = ["serve", str(tiny["artifact"]), "--max-batch", "256", "--port", "0", "--threads", "1"]
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 1 and not loads and "serving" not in out, (out, err)
+    fits = int(err.split("--max-batch ")[2].split()[0])
+    assert f"--max-batch 256 x --max-context {spec.max_context}: the KV cache reaches" in err
+    assert 80 <= fits <= 85, err  # a third of 256
+    assert main([*argv[:2], "--max-batch", str(fits), *argv[4:]]) == 1 and len(loads) == 1  # checked, then loaded
+    assert "the load began" in capsys.readouterr().err
+
+
 def test_ray_replicas_share_the_memory_each_checks_its_cache_against(tiny):
     """Ray Serve replicas on one node share its memory: each replica's cache peak is checked
     against its share, and the error names the most replicas that fit as well."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_medusa1_refuses_data_without_held_out_examples(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "too little data" in err and "12 records give 12 training and 0 held-out examples" in err
-    assert "medusa-train distill --num-prompts" in err
+    assert "medusa-train distill --num-prompts" in err and "0 more for calibration" in err
     assert not (tmp_path / "o").exists()
     with pytest.raises(MedusaError, match="0 held-out examples"):
         train_medusa1(
@@ -270,6 +271,28 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, ca
     assert "is a file, so no folder can be made there" in _one_line_error(capsys, rc, "medusa-train")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
+def test_outputs_where_nothing_can_be_written_are_refused_before_the_work(tmp_path, repo_root, capsys):
+    """A place the system refuses (here /proc; a read-only or foreign folder alike) trained first, then
+    raised FileNotFoundError / PermissionError from save_heads or save_states."""
+    from training.cli import main
+    from training.distill import write_atomic
+
+    write_atomic(tmp_path / "d.jsonl", _records(2))
+    model = _fake_model(tmp_path / "model")
+    data = str(tmp_path / "d.jsonl")
+    runs = {
+        "medusa1": ["medusa1", "--model", str(model), "--data", data, "--out", "/proc/medusa-trt-heads"],
+        "medusa2": ["medusa2", "--model", str(model), "--data", data, "--out", "/proc/medusa-trt-model"],
+        "distill": ["distill", "--model", str(tmp_path / "no_model"), "--prompts", data, "--out", "/proc/d.jsonl"],
+        "datastore": ["datastore", "--model", str(model), "--data", data, "--out", "/proc/x.npz"],
+        "select-tree": [*_select_argv(repo_root, tmp_path)[:-2], "--out-dir", "/proc/trees"],
+    }
+    for cmd, argv in runs.items():
+        line = _one_line_error(capsys, main(argv), "medusa-train")
+        assert "cannot write" in line and "/proc" in line, (cmd, line)
+
+
 @pytest.mark.parametrize(
     "content, where",
     [
@@ -358,3 +381,41 @@ def test_datastore_written_into_an_artifact_updates_its_record(tiny, tmp_path, c
                "--out", str(art)])  # fmt: skip
     assert "an artifact of a model with" in _one_line_error(capsys, rc, "medusa-train")
     read_artifact(art, verify=True)
+
+
+@pytest.mark.parametrize("flag, shown", [("-q", False), (None, True)])
+def test_quiet_hides_the_hugging_face_progress_bars_too(tmp_path, repo_root, monkeypatch, capsys, flag, shown):
+    """-q ("no progress bars") left transformers' "Loading weights" bar on stderr at every model load."""
+    from transformers.utils import logging as hf_logging
+
+    import training.cli
+
+    seen = []
+
+    def check_numbers(args):
+        seen.append(hf_logging.is_progress_bar_enabled())
+        raise MedusaError("stop here")
+
+    monkeypatch.setattr(training.cli, "check_numbers", check_numbers)
+    before = hf_logging.is_progress_bar_enabled()
+    argv = [*_select_argv(repo_root, tmp_path), *([flag] if flag else [])]
+    assert training.cli.main(argv) == 1
+    assert "stop here" in capsys.readouterr().err
+    assert seen == [shown and before] and hf_logging.is_progress_bar_enabled() == before
+
+
+def test_medusa2_names_prompts_longer_than_max_len(tmp_path):
+    """medusa2 --max-len 32 on prompts of ~70 tokens said "no training examples", no more."""
+    from train_helpers import tiny_llama
+
+    from training.data import split_of
+    from training.distill import write_atomic
+    from training.medusa2 import Medusa2Config, train_medusa2
+
+    records = [r for r in _records(40) if split_of(r["id"]) == "train"][:12]
+    write_atomic(tmp_path / "d.jsonl", records)
+    assert min(len(r["prompt_ids"]) for r in records) >= 6  # none leaves an answer token within 6
+    cfg = Medusa2Config(model="tiny", data=tmp_path / "d.jsonl", out=tmp_path / "o", num_heads=2, steps=1, max_len=6)
+    with pytest.raises(MedusaError) as e:
+        train_medusa2(cfg, backbone=(tiny_llama(), None, tmp_path))
+    assert "12 records, 12 whose prompt is --max-len 6 tokens or longer (raise --max-len) gave none" in str(e.value)
