@@ -120,10 +120,15 @@ def load_for_serving(artifact, max_batch: int, batching: str = "auto", **load):
             f"{artifact} has no batch graph (batch.onnx; fused float artifacts get one at export): re-export it, "
             "or serve with --batching interleave"
         )
-    if batching == "batch" or (batching == "auto" and config.batch is not None and cpu_ort):
+    if _batches(batching, config, cpu_ort):
         rest = {k: v for k, v in load.items() if k not in ("backend", "device")}
         return runtime.load(artifact, max_batch=max_batch, **rest)
     return runtime.load(artifact, **load)
+
+
+def _batches(batching: str, config, cpu_ort: bool) -> bool:
+    """Whether load_for_serving loads the batched generator (batch.onnx) for ``batching``."""
+    return batching == "batch" or (batching == "auto" and config.batch is not None and cpu_ort)
 
 
 def check_batching(batching: str, backend: str = "auto", device: str = "auto") -> bool:
@@ -215,8 +220,9 @@ def check_cache_memory_early(artifact, max_batch: int, batching: str, load: dict
     if available is None:
         return
     config = read_artifact(artifact)
-    cpu_ort = check_batching(batching, load.get("backend", "auto"), load.get("device", "auto"))
-    if not (batching == "batch" or (batching == "auto" and config.batch is not None and cpu_ort)):
+    if not _batches(
+        batching, config, check_batching(batching, load.get("backend", "auto"), load.get("device", "auto"))
+    ):
         return
     spec = config.model
     context = min(load.get("max_context") or spec.max_context, spec.max_context)
