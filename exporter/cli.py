@@ -33,6 +33,7 @@ SHIPPED_SAMPLING_TREE = "chain_1"
 SHIPPED_HYDRA = "smollm2-135m-hydra"
 SHIPPED_HYDRA_TREE = "smollm2_hydra_ort_cpu"
 MAX_FRESH_HEADS = 64  # a tree is at most this deep in practice (5); more heads only cost memory
+STALE = 3  # --if-changed --check: the exit status when OUT is not current
 
 DESCRIPTION = """\
 Export a Llama-family causal LM (Llama, Mistral, Qwen2; the embedded default
@@ -177,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep OUT when it holds what this command would write (made by the same medusa-trt code, with the same "
         "options, from the same model, heads and datastore files: the recipe the export records); else export, "
         "replacing OUT as --force does (scripts/main.sh exports this way)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --if-changed: only say whether OUT is current; exit status 0 if it is, 3 if an export would "
+        "write or replace it (nothing is written)",
     )
     p.add_argument(
         "--no-heads-int8",
@@ -376,6 +383,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.model != DEFAULT_MODEL:  # a missing or non-model folder is named before anything else (the heads)
         tokenizer = preflight(resolve_model(args.model), options)
     out = Path(args.output).expanduser().absolute()
+    if args.check and not args.if_changed:
+        raise MedusaError("--check says whether OUT is current: give it with --if-changed")
     if not args.if_changed:
         check_out_dir(out, args.force)  # before minutes of work
     if args.fresh_heads is not None and not 1 <= args.fresh_heads <= MAX_FRESH_HEADS:
@@ -400,6 +409,9 @@ def run(args: argparse.Namespace) -> Path:
             reasons = why_not_current(out, recipe) if os.path.lexists(out) else []
         if os.path.lexists(out) and not reasons:
             args.kept = True
+            return out
+        if args.check:
+            args.stale = reasons or ["it does not exist"]
             return out
         if reasons:
             args.replaced = reasons
@@ -433,6 +445,9 @@ def run(args: argparse.Namespace) -> Path:
 def _summary(out: Path, seconds: float, args: argparse.Namespace | None = None) -> str:
     import json
 
+    stale = getattr(args, "stale", None)
+    if stale:
+        return f"{out} is not current: {'; '.join(stale)} (an export without --check would write it)"
     if getattr(args, "kept", False):
         return (
             f"{out} is current (this medusa-trt's code, the same options, model, heads and datastore files): "
@@ -485,11 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     level = verbosity(args) + (verbosity(args) == 0 and sys.stderr.isatty())
     # SIGTERM stops like Ctrl-C from the start (loading the model too), with the same one line and exit 143
     with cli_logging("medusa-export", level), sigterm_as_interrupt():
-        return run_cli(
+        code = run_cli(
             "medusa-export",
             lambda: print(_summary(run(args), time.perf_counter() - t, args)),
             interrupted="interrupted; nothing was written",
         )
+    return STALE if code == 0 and getattr(args, "stale", None) else code
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 # options that change how an export runs, not what it writes
 RUN_ONLY_OPTIONS = ("force", "validation_threads", "source_model_path")
+# environment variables that change what an export writes (exporter/quantize.py: int8/int4 graphs)
+ENVIRONMENT = ("MEDUSA_TRT_ACCURACY_LEVEL",)
 CODE_PACKAGES = ("exporter", "runtime", "tree_configs")
 CODE_SUFFIXES = (".py", ".json", ".jinja")
 
@@ -43,14 +46,15 @@ def code_digest() -> str:
 
 
 def file_stamps(path: str | Path | None) -> list[list[Any]] | None:
-    """``[name, bytes, mtime_ns]`` of ``path`` (a file) or of every file under it (a folder; hidden
-    files and folders left out), sorted; None for no path."""
+    """``[name, bytes, mtime_ns]`` of ``path`` (a file, with the files beside it that share its stem:
+    heads saved as ``medusa_heads.safetensors`` keep their settings in ``medusa_heads.json``) or of
+    every file under it (a folder; hidden files and folders left out), sorted; None for no path."""
     if path is None:
         return None
     p = Path(path).expanduser().absolute()
     if p.is_file():
-        st = p.stat()
-        return [[p.name, st.st_size, st.st_mtime_ns]]
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.parent.glob(f"{p.stem}.*"))
+                if f.is_file()]  # fmt: skip
     out = []
     for f in sorted(p.rglob("*")):
         rel = f.relative_to(p)
@@ -76,12 +80,23 @@ def export_recipe(options, model_folder: str | Path, heads: str | Path | None, e
             "heads": None if heads is None else str(Path(heads).expanduser().resolve()),
             "heads_files": file_stamps(heads),
             "datastore_files": file_stamps(options.datastore),
+            # a tree given as a JSON file: its contents (the option holds only its path)
+            "tree_files": {k: _tree_file(getattr(options, k)) for k in ("tree", "sampling_tree")},
         },
+        "environment": {k: os.environ.get(k) for k in ENVIRONMENT},
         "versions": _versions(),
     }
     recipe = json.loads(json.dumps(recipe, default=str))  # what the config's JSON will hold (tuples as lists)
     recipe["sha256"] = recipe_digest(recipe)
     return recipe
+
+
+def _tree_file(tree) -> str | None:
+    """The text of the JSON file a tree option names (a shipped tree's name, inline paths: None)."""
+    if not isinstance(tree, str) or tree.lstrip().startswith("["):
+        return None
+    p = Path(tree).expanduser()
+    return p.read_text(errors="replace") if p.is_file() else None
 
 
 def recipe_digest(recipe: dict) -> str:
@@ -93,6 +108,7 @@ WHAT = {
     "code": "medusa-trt's code",
     "options": "the export options",
     "arguments": "the heads arguments",
+    "environment": "the environment (MEDUSA_TRT_ACCURACY_LEVEL)",
     "versions": "the tool versions",
 }
 INPUTS = {
@@ -101,6 +117,7 @@ INPUTS = {
     "heads": "the heads",
     "heads_files": "the heads' files",
     "datastore_files": "the datastore",
+    "tree_files": "a tree file",
 }
 
 

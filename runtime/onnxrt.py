@@ -74,7 +74,7 @@ def _session(ort, path: Path, options, providers, huge_pages_background: bool = 
         if not type(e).__module__.startswith("onnxruntime"):
             raise
         reason = (str(e).strip().splitlines() or [""])[0].split(" failed:")[-1].strip()[:200]
-        links = [f.name for f in path.parent.glob(f"{path.name}*") if f.is_symlink()]
+        links = [f.name for f in path.parent.iterdir() if f.is_symlink()]  # batch.onnx reads model.onnx.data
         if links and "escapes" in str(e):  # ONNX Runtime reads external weights only from inside the folder
             raise ArtifactError(
                 f"{path.name} in {path.parent}: ONNX Runtime refuses its weights through {', '.join(sorted(links))}, "

@@ -220,6 +220,8 @@ def check_cache_memory_early(artifact, max_batch: int, batching: str, load: dict
     if available is None:
         return
     config = read_artifact(artifact)
+    if config.batch is None:  # load_for_serving says what is missing (no batch graph) or serves one a call
+        return
     if not _batches(
         batching, config, check_batching(batching, load.get("backend", "auto"), load.get("device", "auto"))
     ):

@@ -16,7 +16,14 @@ for f in bench.json bench.png; do  # earlier versions of this script wrote them 
 done
 # exported once, and again only when medusa-trt, the model, the shipped heads or datastore changed since
 # (--if-changed compares the recipe the artifact records); default tree for the shipped heads: smollm2_ort_cpu
-medusa-export smollm2-135m -o "$ART" --if-changed
+if ! medusa-export smollm2-135m -o "$ART" --if-changed --check; then
+  # what medusa-run wrote into the old artifact (a latency profile, a draft calibration) describes its graphs:
+  # kept aside, since an export never replaces a folder holding files it did not write
+  for f in latency_profile.json draft_calibration.json; do
+    if [ -f "$ART/$f" ]; then mkdir -p "$OUT/previous-artifact" && mv "$ART/$f" "$OUT/previous-artifact/$f"; fi
+  done
+  medusa-export smollm2-135m -o "$ART" --if-changed
+fi
 medusa-run generate "$ART" "Explain in three sentences why the sky is blue." --threads 2 --stats
 # beside the best plain decoder a user could run instead: onnxruntime-genai on the same weights (its model
 # builder's graph, built once into ~/.cache/medusa-trt), prompt by prompt in the same run

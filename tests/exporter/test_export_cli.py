@@ -454,11 +454,20 @@ def test_if_changed_keeps_a_current_artifact_and_replaces_a_stale_one(model_fold
     assert [name for name, *_ in rec["inputs"]["model_files"]] == sorted(p.name for p in model_folder.iterdir())
     stamp = (out / "model.onnx").stat().st_mtime_ns, (out / "medusa_config.json").read_bytes()
 
-    # the same command: nothing is written
+    # the same command: nothing is written; --check says so with exit status 0
     code, stdout, err = run_cli([*base, "--max-context", "128"], capsys)
     assert code == 0, err
     assert f"{out} is current" in stdout and "kept" in stdout and "written" not in stdout
     assert ((out / "model.onnx").stat().st_mtime_ns, (out / "medusa_config.json").read_bytes()) == stamp
+    code, stdout, err = run_cli([*base, "--max-context", "128", "--check"], capsys)
+    assert code == 0 and f"{out} is current" in stdout, (stdout, err)
+    code, stdout, err = run_cli([*base, "--max-context", "96", "--check"], capsys)  # would replace: 3, nothing written
+    assert code == cli.STALE == 3 and "is not current: the export options changed" in stdout, (stdout, err)
+    code, stdout, _ = run_cli([*base[:-3], tmp_path / "absent", "--if-changed", "--check"], capsys)
+    assert code == 3 and "is not current: it does not exist" in stdout and not (tmp_path / "absent").exists()
+    assert ((out / "model.onnx").stat().st_mtime_ns, (out / "medusa_config.json").read_bytes()) == stamp
+    code, _, err = run_cli([*base[:-1], "--check"], capsys)
+    assert_user_error(code, err, "--check", "--if-changed")
 
     def exported_again(argv, *why):
         code, stdout, err = run_cli(argv, capsys)
@@ -479,10 +488,18 @@ def test_if_changed_keeps_a_current_artifact_and_replaces_a_stale_one(model_fold
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     exported_again([*base, "--max-context", "96"], "the model's files changed")
+    tree = tmp_path / "t.json"  # a tree given as a file: its contents count, not only its path
+    tree.write_text("[[0], [0, 0]]")
+    exported_again([*base, "--max-context", "96", "--tree", tree], "the export options changed")
+    tree.write_text("[[0]]")
+    exported_again([*base, "--max-context", "96", "--tree", tree], "a tree file changed")
+    assert json.loads((out / "medusa_config.json").read_text())["default_tree_paths"] == [[0]]
+    monkeypatch.setenv("MEDUSA_TRT_ACCURACY_LEVEL", "4")  # the int8/int4 quantizer reads it
+    exported_again([*base, "--max-context", "96", "--tree", tree], "the environment")
     with open(out / "heads.onnx", "ab") as f:  # the same recipe, a file no longer what the export wrote
         f.write(b"\0")
-    exported_again([*base, "--max-context", "96"], "the runtime refuses it", "heads.onnx")
-    code, stdout, err = run_cli([*base, "--max-context", "96"], capsys)
+    exported_again([*base, "--max-context", "96", "--tree", tree], "the runtime refuses it", "heads.onnx")
+    code, stdout, err = run_cli([*base, "--max-context", "96", "--tree", tree], capsys)
     assert code == 0 and "is current" in stdout, (stdout, err)
 
     # a stale artifact beside files an export did not write is never replaced
@@ -520,3 +537,14 @@ def test_the_code_digest_covers_sources_not_caches_or_shipped_data(tmp_path, mon
     assert second != first
     (pkg / "tree.json").write_text("[[1]]")
     assert recipe.code_digest() not in (first, second)
+
+
+def test_heads_given_as_a_file_are_stamped_with_their_settings_file(tmp_path):
+    """load_heads reads DIR/medusa_heads.json beside DIR/medusa_heads.safetensors: both count."""
+    from exporter.recipe import file_stamps
+
+    (tmp_path / "medusa_heads.safetensors").write_bytes(b"w")
+    (tmp_path / "medusa_heads.json").write_text("{}")
+    (tmp_path / "other.bin").write_bytes(b"x")
+    names = [name for name, *_ in file_stamps(tmp_path / "medusa_heads.safetensors")]
+    assert names == ["medusa_heads.json", "medusa_heads.safetensors"]

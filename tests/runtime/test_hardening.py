@@ -783,10 +783,12 @@ def test_weights_linked_from_outside_the_folder_are_named_as_such(tmp_path):
                     size_threshold=0)  # fmt: skip
     (art / "model.onnx").write_bytes((elsewhere / "model.onnx").read_bytes())
     (art / "model.onnx.data").symlink_to(elsewhere / "model.onnx.data")
+    (art / "batch.onnx").write_bytes((elsewhere / "model.onnx").read_bytes())  # another graph on the same weights
     options = ort.SessionOptions()
     assert _session(ort, elsewhere / "model.onnx", options, ["CPUExecutionProvider"]) is not None  # the files are fine
-    with pytest.raises(ArtifactError) as e:
-        _session(ort, art / "model.onnx", options, ["CPUExecutionProvider"])
-    text = str(e.value)
-    assert "model.onnx.data, a link to outside the artifact folder" in text and "copy the file" in text
-    assert "damaged" not in text
+    for graph in ("model.onnx", "batch.onnx"):
+        with pytest.raises(ArtifactError) as e:
+            _session(ort, art / graph, options, ["CPUExecutionProvider"])
+        text = str(e.value)
+        assert "model.onnx.data, a link to outside the artifact folder" in text and "copy the file" in text, graph
+        assert "damaged" not in text

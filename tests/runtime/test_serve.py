@@ -930,6 +930,11 @@ def test_a_batched_cache_that_cannot_fit_is_refused_before_the_engine_loads(tiny
     assert 80 <= fits <= 85, err  # a third of 256
     assert main([*argv[:2], "--max-batch", str(fits), *argv[4:]]) == 1 and len(loads) == 1  # checked, then loaded
     assert "the load began" in capsys.readouterr().err
+    # an artifact without batch.onnx: the load says that (or serves one sequence a call), not a cache size
+    no_batch = runtime.artifact.read_artifact(tiny["artifact"])
+    no_batch.batch = None
+    monkeypatch.setattr(runtime.artifact, "read_artifact", lambda *a, **k: no_batch)
+    runtime.serve.check_cache_memory_early(tiny["artifact"], 256, "batch", {}, 1)
 
 
 def test_ray_replicas_share_the_memory_each_checks_its_cache_against(tiny):
