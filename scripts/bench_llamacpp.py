@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     rows = bench(gen, peers, prompts, a.max_new_tokens, progress)
     summary = summarize(rows)
     print(f"{len(prompts)} prompts of {a.prompts}, {a.max_new_tokens} tokens at most, {a.threads} threads; "
-          f"{version}; GGUF {source.name} (f32: dequantized by llama.cpp)")  # fmt: skip
+          f"{version}; GGUF {source.name}" + (" (f32: dequantized by llama.cpp)" if "f32" in a.kinds else ""))  # fmt: skip
     print(table(summary, len(prompts)))
     print("identical: greedy answers equal to our plain decoding's; tok/s: tokens / seconds over all prompts")
     if a.json:
