@@ -33,9 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "llama.cpp's Python binding is not installed: pip install -e .[llamacpp] (builds llama.cpp, ~5-10 min)"
-# prompt-lookup speculation's settings: llama-cpp-python's defaults are (2, 10); (3, 6) is the n-gram /
-# draft length onnxruntime-genai's peer found best here (runtime/peers.py: 4, 6) nearest llama.cpp's
-# max_ngram_size range; both are run
+# prompt-lookup speculation's settings (longest n-gram matched, tokens drafted): llama-cpp-python's defaults
+# (2, 10), and (3, 6), six drafted tokens as in onnxruntime-genai's best setting here (4, 6, runtime/peers.py);
+# not tuned further: both are run
 LOOKUPS = {"lookup 2/10": (2, 10), "lookup 3/6": (3, 6)}
 F32 = 0  # LLAMA_FTYPE_ALL_F32
 
@@ -50,9 +50,14 @@ def import_llama_cpp():
 
 def f32_gguf(source: Path, cache: Path) -> Path:
     """``source`` dequantized to float32 by llama.cpp (``llama_model_quantize``), made once into
-    ``cache`` (written under a temporary name, then renamed: never half-written)."""
+    ``cache`` (written under a temporary name, then renamed: never half-written), under a name that
+    changes with the source file (its path, size and modification time)."""
+    import hashlib
+
     llama_cpp = import_llama_cpp()
-    dest = cache / f"{source.stem.rsplit('.', 1)[0]}.F32-from-{source.stem.rsplit('.', 1)[-1]}.gguf"
+    st = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = cache / f"{source.stem.rsplit('.', 1)[0]}.F32-from-{source.stem.rsplit('.', 1)[-1]}-{key}.gguf"
     if dest.is_file():
         return dest
     cache.mkdir(parents=True, exist_ok=True)

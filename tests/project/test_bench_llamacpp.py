@@ -101,15 +101,20 @@ def test_the_float32_gguf_is_made_once_by_llamacpp_and_never_half_written(fake_l
     src.write_bytes(b"GGUF q4_1")
     cache = tmp_path / "cache"
     out = bl.f32_gguf(src, cache)
-    assert out == cache / "SmolLM2-135M-Instruct.F32-from-Q4_1.gguf" and out.read_bytes() == b"GGUF f32"
+    assert out.parent == cache and out.name.startswith("SmolLM2-135M-Instruct.F32-from-Q4_1-")
+    assert out.read_bytes() == b"GGUF f32"
     ((_, dst, ftype, requantize),) = fake_llama_cpp.quantized
     assert ftype == bl.F32 == 0 and requantize and dst != str(out)  # a temporary name, renamed when whole
     assert bl.f32_gguf(src, cache) == out and len(fake_llama_cpp.quantized) == 1  # cached
+    other = tmp_path / "elsewhere" / src.name  # another file of the same name: its own float32 copy
+    other.parent.mkdir()
+    other.write_bytes(b"GGUF other q4_1")
+    assert bl.f32_gguf(other, cache) != out and len(fake_llama_cpp.quantized) == 2
     broken = tmp_path / "broken.Q4_1.gguf"
     broken.write_bytes(b"x")
     with pytest.raises(SystemExit, match="could not dequantize"):
         bl.f32_gguf(broken, cache)
-    assert sorted(p.name for p in cache.iterdir()) == [out.name]
+    assert len(list(cache.iterdir())) == 2 and not list(cache.glob(".*partial"))
 
 
 class ScriptedPeer:
