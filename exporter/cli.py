@@ -7,7 +7,6 @@ Also dispatches ``medusa-export trtexec ...`` and ``medusa-export build-engine .
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -289,20 +288,6 @@ def default_trees(args: argparse.Namespace, precision: str | None) -> tuple[str 
     return tree, sampling_tree
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No per-tensor 'Loading weights' bar: our step lines report progress."""
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
 def default_datastore(args: argparse.Namespace) -> str | None:
     """``--datastore``: the file given; ``none``: none; unset: the datastore shipped for the embedded
     model (built from the same self-distilled answers as its heads; any heads may use it), else none."""
@@ -374,7 +359,7 @@ def run(args: argparse.Namespace) -> Path:
 
     from exporter.export import check_options, check_out_dir, export_artifact, progress
     from exporter.heads import first_heads, fresh_heads, load_heads
-    from exporter.models import DEFAULT_MODEL, cause, load_backbone, resolve_model
+    from exporter.models import DEFAULT_MODEL, cause, load_backbone, resolve_model, transformers_bars
 
     options = export_options(args)
     check_options(options)
@@ -419,7 +404,7 @@ def run(args: argparse.Namespace) -> Path:
         options.force = True
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[options.dtype]
-    with progress(f"loading {args.model} ({options.dtype})"), _quiet_transformers():
+    with progress(f"loading {args.model} ({options.dtype})"), transformers_bars(False):
         try:
             model, tokenizer, folder = load_backbone(args.model, dtype=options.dtype, tokenizer=tokenizer)
         except MedusaError:

@@ -9,6 +9,7 @@ detected and rebuilt. No network is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,6 +45,22 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if not (p / "config.json").is_file():
         raise MedusaError(f"{p} is not a Hugging Face model folder: it has no config.json")
     return p
+
+
+@contextlib.contextmanager
+def transformers_bars(shown: bool):
+    """transformers' progress bars ("Loading weights" on every model load) on or off inside the block,
+    as they were after it: off where our own step lines report progress, or under -q."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            hf_logging.enable_progress_bar()
 
 
 def check_architecture(folder: Path) -> dict:

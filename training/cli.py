@@ -7,7 +7,6 @@ A :class:`runtime.errors.MedusaError` prints its message and exits 1 with no tra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -384,32 +383,18 @@ RANGES: dict[str, tuple[tuple[str, Any, Any, str | None], ...]] = {
 }
 
 
-@contextlib.contextmanager
-def _hf_bars(shown: bool):
-    """-q: no Hugging Face progress bar either (transformers' "Loading weights" bar on every model load)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if not shown:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not shown:
-            hf_logging.enable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     code = run_cli("medusa-train", lambda: require_extra("medusa-train", "train", ("torch", "transformers", "onnx")))
     if code:
         return code
     args = build_parser().parse_args(argv)
+    from exporter.models import transformers_bars
 
     def command() -> int | None:
         check_numbers(args)
         return args.func(args)
 
-    with cli_logging("medusa-train", verbosity(args)), _hf_bars(verbosity(args) >= 0):
+    with cli_logging("medusa-train", verbosity(args)), transformers_bars(verbosity(args) >= 0):
         return run_cli(
             "medusa-train",
             command,
