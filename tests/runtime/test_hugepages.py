@@ -88,12 +88,19 @@ def test_memory_allocated_inside_the_block_is_backed_by_huge_pages():
     if hugepages.thp_mode() != "madvise":
         pytest.skip("transparent huge pages are not in madvise mode on this machine")
     n = 40 * HUGE
-    with backing("test buffer", on=True) as done:
-        buf = _small_pages(n, bytes(range(256)) * (n // 4096 // 256))
-    assert done.skipped is None and done.regions >= 1 and done.mb >= 64
-    if done.collapse_error in ("EINVAL", "ENOMEM") and done.collapsed_mb == 0:
-        pytest.skip(f"this kernel cannot collapse now ({done.collapse_error}: before Linux 6.1, or no free huge pages)")
-    assert done.collapsed_mb >= 32  # what AnonHugePages gained, not what was asked
+    tries = []  # under load (the other test worker) the kernel may find the pages busy: up to 3 fresh buffers
+    for _ in range(3):
+        with backing("test buffer", on=True) as done:
+            buf = _small_pages(n, bytes(range(256)) * (n // 4096 // 256))
+        assert done.skipped is None and done.regions >= 1 and done.mb >= 64
+        if done.collapse_error == "EINVAL" and done.collapsed_mb == 0:
+            pytest.skip("this kernel cannot collapse (EINVAL: before Linux 6.1)")
+        tries.append((done.collapsed_mb, done.collapse_error, round(done.seconds, 2)))
+        if done.collapsed_mb >= 32:  # what AnonHugePages gained, not what was asked
+            break
+    if all(mb == 0 and err == "ENOMEM" for mb, err, _ in tries):
+        pytest.skip("no free huge pages on this machine now (ENOMEM)")
+    assert done.collapsed_mb >= 32, f"(MB collapsed, error, seconds) per try: {tries}"
     assert hugepages.RECORDS["test buffer"] is done
     assert buf[4096 * 7] == 7 and buf[4096 * 7 + 1] == 0 and buf[-4096] == (n // 4096 - 1) % 256
 
