@@ -1,5 +1,6 @@
 """runtime.hugepages: which memory it asks huge pages for, its switch, and that it never fails a load."""
 
+import mmap
 import sys
 
 import numpy as np
@@ -20,10 +21,12 @@ MAPS = """\
 """
 
 
-def _small_pages(n: int, fill: bytes) -> bytearray:
-    """``n`` bytes that malloc maps (a bytearray: numpy would ask for huge pages itself), ``fill``
-    written one byte a 4 KiB page: every page exists, in small pages."""
-    buf = bytearray(n)
+def _small_pages(n: int, fill: bytes) -> mmap.mmap:
+    """``n`` bytes of new private anonymous memory, what malloc maps for a large allocation (an mmap
+    of its own: a bytearray may reuse memory malloc already holds, which is then no new region, and
+    numpy would ask for huge pages itself), ``fill`` written one byte a 4 KiB page: every page
+    exists, in small pages."""
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf[::4096] = fill
     return buf
 
@@ -82,9 +85,8 @@ def test_a_failing_madvise_never_fails_the_load(monkeypatch):
 
 
 def test_memory_allocated_inside_the_block_is_backed_by_huge_pages():
-    """On this Linux machine (THP in madvise mode): 80 MiB that malloc maps inside the block (a
-    bytearray: numpy would ask for huge pages itself) is marked, and the kernel moves it into huge
-    pages; its contents are unchanged."""
+    """On this Linux machine (THP in madvise mode): 80 MiB mapped inside the block is marked, and the
+    kernel moves it into huge pages; its contents are unchanged."""
     if hugepages.thp_mode() != "madvise":
         pytest.skip("transparent huge pages are not in madvise mode on this machine")
     n = 40 * HUGE
