@@ -4,7 +4,7 @@ The heads only *propose* candidates; the backbone verifies every one of them, so
 precision of the heads can never change the output (greedy stays lossless). What it
 changes is cost: the heads' vocabulary projection reads the whole ``[vocab, hidden]``
 matrix once per step, as much memory traffic as the backbone's own ``lm_head``.
-int8 weights read 4x fewer bytes (SmolLM2-135M, 2 CPU threads: see README).
+int8 weights read 4x fewer bytes (SmolLM2-135M, 2 CPU threads: see docs/export.md).
 
 TensorRT does not take ONNX Runtime's dynamic-quantization ops: engines are built from
 the float ``heads.onnx``, which the artifact always keeps.

@@ -3,7 +3,7 @@ MedusaError (or correct behaviour), no hang, nothing left behind.
 
 The numbered sections follow the issue: 1 half-read streams, 2 NaN / infinity / floats,
 3 silent wrong output, 4 raw exceptions (API, artifacts, medusa-run's command line),
-7 trees that cannot fit. ``API_CASES`` and ``ARTIFACT_CASES`` are the README's "input / what
+7 trees that cannot fit. ``API_CASES`` and ``ARTIFACT_CASES`` are docs/usage.md's "input / what
 happens" table. The exporter's cases (4 checkpoints and medusa-export's command line,
 5 interrupted exports) are in tests/exporter/test_export_hardening.py, the training's
 (4 medusa-train's command line, 6 distillation resume) in tests/training/test_train_cli.py
@@ -183,7 +183,7 @@ def test_stream_checks_its_arguments_at_the_call(gen, tiny, monkeypatch):
 
 # ---------------------------------------------------------------------------- 2-4. the API's arguments
 
-# (what is passed, keyword arguments of generate(), the error, a fragment of its message): the README table
+# (what is passed, keyword arguments of generate(), the error, a fragment of its message): the table in docs/usage.md
 API_CASES = [
     ("max_new_tokens=nan", dict(max_new_tokens=float("nan")), ConfigError, "max_new_tokens must be an integer >= 1"),
     ("max_new_tokens=inf", dict(max_new_tokens=float("inf")), ConfigError, "max_new_tokens must be an integer"),
