@@ -24,6 +24,13 @@ if ! medusa-export smollm2-135m -o "$ART" --if-changed --check; then
   done
   medusa-export smollm2-135m -o "$ART" --if-changed
 fi
+# this machine's cost of verifying N tokens (~25 s), once per artifact: Medusa sizes its lookup drafts by it. The
+# built-in model is the 2026-12-01 machine's; on a CPU where extra rows cost more it over-drafts (on session 30's
+# machine 6 tokens cost 1.82x one, not 1.27x: Medusa 1.43x plain decoding with the measured profile, 1.36x without,
+# docs/results/session30/throwaway/cost_model_ab.txt)
+if [ ! -f "$ART/latency_profile.json" ]; then
+  medusa-run profile "$ART" --threads 2
+fi
 medusa-run generate "$ART" "Explain in three sentences why the sky is blue." --threads 2 --stats
 # beside the best plain decoder a user could run instead: onnxruntime-genai on the same weights (its model
 # builder's graph, built once into ~/.cache/medusa-trt), prompt by prompt in the same run
