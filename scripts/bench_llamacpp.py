@@ -19,6 +19,22 @@ The GGUF files, both made from the file SmolLM2-135M-Instruct ships as (``llm-sm
 Timed like ``medusa-run bench``: from the prompt ids going in to the last token out, prefill
 included, an ending EOS counted, at most ``--max-new-tokens`` tokens. Each llama.cpp run starts
 from an empty cache (``Llama.reset``), as ours prefill every prompt whole (``reuse_prefix=False``).
+
+``--server DIR``: llama.cpp's own server instead of the Python binding, with its C++ speculation.
+``DIR`` holds the ``llama-server`` and ``llama-quantize`` binaries of a llama.cpp build (no
+llama-cpp-python needed), e.g. the llama.cpp that llama-cpp-python vendors:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B lcp -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+        -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON && cmake --build lcp --target llama-server llama-quantize -j 2
+    python -m scripts.bench_llamacpp artifacts/smollm2-135m-medusa --server lcp/bin --kinds f32
+
+One ``llama-server`` per configuration (``--server-specs``, by default every entry of ``SERVER_SPECS``:
+plain greedy decoding, ``--spec-default`` (llama.cpp's default speculation: ``ngram-mod``),
+``ngram-simple`` and ``ngram-cache``, each at llama.cpp's own settings), one slot, started once and
+sent each prompt's ids to ``/completion`` (greedy, ``cache_prompt: false``: every prompt prefilled
+whole); timed from the request out to the whole answer back (loopback HTTP included, ~1 ms). The
+table adds the drafts each configuration proposed and had accepted (the server's ``timings``).
 """
 
 from __future__ import annotations
@@ -40,6 +56,15 @@ LOOKUPS = {"lookup 2/10": (2, 10), "lookup 3/6": (3, 6)}
 F32 = 0  # LLAMA_FTYPE_ALL_F32
 
 
+# llama-server configurations for --server: extra command-line arguments (llama.cpp's own defaults for each)
+SERVER_SPECS = {
+    "plain": [],
+    "spec-default": ["--spec-default"],  # llama.cpp's default speculation: ngram-mod
+    "ngram-simple": ["--spec-type", "ngram-simple"],
+    "ngram-cache": ["--spec-type", "ngram-cache"],
+}
+
+
 def import_llama_cpp():
     try:
         import llama_cpp
@@ -48,13 +73,13 @@ def import_llama_cpp():
     return llama_cpp
 
 
-def f32_gguf(source: Path, cache: Path) -> Path:
-    """``source`` dequantized to float32 by llama.cpp (``llama_model_quantize``), made once into
-    ``cache`` (written under a temporary name, then renamed: never half-written), under a name that
-    changes with the source file (its path, size and modification time)."""
+def f32_gguf(source: Path, cache: Path, quantize: Path | None = None) -> Path:
+    """``source`` dequantized to float32 by llama.cpp (``llama_model_quantize``, or the ``quantize``
+    binary, ``llama-quantize``, where given), made once into ``cache`` (written under a temporary
+    name, then renamed: never half-written), under a name that changes with the source file (its
+    path, size and modification time)."""
     import hashlib
 
-    llama_cpp = import_llama_cpp()
     st = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = cache / f"{source.stem.rsplit('.', 1)[0]}.F32-from-{source.stem.rsplit('.', 1)[-1]}-{key}.gguf"
@@ -62,10 +87,18 @@ def f32_gguf(source: Path, cache: Path) -> Path:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = F32
-    params.allow_requantize = True
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+    if quantize is not None:
+        import subprocess
+
+        done = subprocess.run([str(quantize), "--allow-requantize", str(source), str(tmp), "F32"],
+                              capture_output=True, text=True)  # fmt: skip
+        code = done.returncode
+    else:
+        llama_cpp = import_llama_cpp()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = F32
+        params.allow_requantize = True
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
     if code != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise SystemExit(f"bench_llamacpp: llama.cpp could not dequantize {source} to float32 (code {code})")
@@ -99,6 +132,78 @@ class LlamaCppPeer:
             if tok == self.eos or len(tokens) >= max_new_tokens:
                 break
         return tokens, time.perf_counter() - t
+
+
+class LlamaServerPeer:
+    """One ``llama-server`` process (one slot) on one GGUF file with one speculation setting:
+    greedy answers through its ``/completion`` endpoint on a free loopback port."""
+
+    def __init__(self, binary: Path, gguf: Path, threads: int | None, n_ctx: int, args: Sequence[str] = (),
+                 log: Path | None = None, timeout: float = 120.0):  # fmt: skip
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-c", str(n_ctx),
+               "-np", "1", "-b", "512", "--no-webui", *args]  # fmt: skip
+        if threads:
+            cmd += ["-t", str(threads), "-tb", str(threads)]
+        self.command = cmd
+        self._log = open(log, "w") if log else subprocess.DEVNULL  # closed in close()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log)
+        self.drafted = self.accepted = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.close()
+                raise SystemExit(f"bench_llamacpp: llama-server exited ({self.proc.returncode}): {' '.join(cmd)}"
+                                 + (f"; its log: {log}" if log else ""))  # fmt: skip
+            try:
+                if self._call("GET", "/health", None, 2.0).get("status") == "ok":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise SystemExit(f"bench_llamacpp: llama-server did not come up in {timeout:.0f} s: {' '.join(cmd)}")
+            time.sleep(0.2)
+        props = self._call("GET", "/props", None, 10.0)
+        self.version = f"llama.cpp server {props.get('build_info', '?')}"
+
+    def _call(self, method: str, path: str, body: dict | None, timeout: float) -> dict:
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def run(self, ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], float]:
+        """Greedy tokens after ``ids`` (an ending EOS included, as the server returns it) and the
+        seconds from the request out to the answer back; the prompt prefilled whole."""
+        body = {"prompt": [int(i) for i in ids], "n_predict": int(max_new_tokens), "temperature": 0.0,
+                "samplers": ["top_k"], "top_k": 1, "cache_prompt": False, "return_tokens": True,
+                "stream": False}  # fmt: skip
+        t = time.perf_counter()
+        out = self._call("POST", "/completion", body, 600.0)
+        seconds = time.perf_counter() - t
+        timings = out.get("timings") or {}
+        self.drafted += int(timings.get("draft_n", 0))
+        self.accepted += int(timings.get("draft_n_accepted", 0))
+        return [int(x) for x in out["tokens"]][:max_new_tokens], seconds
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+        if self._log is not None and hasattr(self._log, "close"):
+            self._log.close()
 
 
 def bench(gen, peers: dict, prompts, max_new_tokens: int, progress=None) -> list[dict]:
@@ -164,9 +269,19 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", default=None, help="the GGUF file to run (default: the one SmolLM2 ships as)")
     ap.add_argument("--kinds", nargs="+", choices=["f32", "q4_1"], default=["f32", "q4_1"],
                     help="f32: the GGUF dequantized to float32 (our float32 weights); q4_1: the file as given")  # fmt: skip
+    ap.add_argument("--server", default=None, metavar="DIR",
+                    help="run llama.cpp's llama-server (from DIR, with llama-quantize) instead of llama-cpp-python")  # fmt: skip
+    ap.add_argument("--server-specs", nargs="+", choices=list(SERVER_SPECS), default=list(SERVER_SPECS),
+                    help="llama-server configurations to run (with --server)")  # fmt: skip
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    import_llama_cpp()  # before anything loads
+    if a.server is not None:  # before anything loads
+        server_bin, quantize_bin = Path(a.server) / "llama-server", Path(a.server) / "llama-quantize"
+        missing = [str(b) for b in (server_bin, quantize_bin) if not b.is_file()]
+        if missing:
+            raise SystemExit(f"bench_llamacpp: --server {a.server}: no {', '.join(missing)} (build them: see --help)")
+    else:
+        import_llama_cpp()
 
     import runtime
     from runtime.bench import load_prompts
@@ -184,18 +299,44 @@ def main(argv=None) -> int:
     prompts = load_prompts(a.prompts, limit=a.limit)
     gen = runtime.load(a.artifact, threads=a.threads, reuse_prefix=False)
     n_ctx = max(len(gen.encode([{"role": "user", "content": p.text}])) for p in prompts) + a.max_new_tokens + 16
-    files = {"f32": f32_gguf(source, cache_dir() / "llamacpp") if "f32" in a.kinds else None,
+    quantize = quantize_bin if a.server is not None else None
+    files = {"f32": f32_gguf(source, cache_dir() / "llamacpp", quantize) if "f32" in a.kinds else None,
              "q4_1": source if "q4_1" in a.kinds else None}  # fmt: skip
-    peers = {}
-    for kind, path in files.items():
-        if path is None:
-            continue
-        peers[f"llama.cpp {kind} plain"] = LlamaCppPeer(path, a.threads, n_ctx)
-        for name, lookup in LOOKUPS.items():
-            peers[f"llama.cpp {kind} {name}"] = LlamaCppPeer(path, a.threads, n_ctx, lookup)
+    peers: dict = {}
+    import shutil
+    import tempfile
+
+    logs = Path(tempfile.mkdtemp(prefix="bench-llamacpp-")) if a.server is not None else None  # the servers' logs
+    try:
+        for kind, path in files.items():
+            if path is None:
+                continue
+            if logs is not None:
+                for spec in a.server_specs:
+                    peers[f"llama-server {kind} {spec}"] = LlamaServerPeer(server_bin, path, a.threads, n_ctx,
+                                                                           SERVER_SPECS[spec],
+                                                                           logs / f"{kind}-{spec}.log")  # fmt: skip
+                continue
+            peers[f"llama.cpp {kind} plain"] = LlamaCppPeer(path, a.threads, n_ctx)
+            for name, lookup in LOOKUPS.items():
+                peers[f"llama.cpp {kind} {name}"] = LlamaCppPeer(path, a.threads, n_ctx, lookup)
+        code = _measure(a, gen, peers, prompts, source)
+    finally:
+        for peer in peers.values():
+            if isinstance(peer, LlamaServerPeer):
+                peer.close()
+    if logs is not None:  # kept where a server failed: its error names its log
+        shutil.rmtree(logs, ignore_errors=True)
+    return code
+
+
+def _measure(a, gen, peers: dict, prompts, source: Path) -> int:
     version = next(iter(peers.values())).version
     # every decoder warmed up on the first prompt (first-call allocations), outside the timed rows
     bench(gen, peers, prompts[:1], 16)
+    for peer in peers.values():
+        if isinstance(peer, LlamaServerPeer):
+            peer.drafted = peer.accepted = 0
 
     def progress(row):
         print(f"  {row['id']:>4} {row['category']:<11} "
@@ -204,10 +345,17 @@ def main(argv=None) -> int:
 
     rows = bench(gen, peers, prompts, a.max_new_tokens, progress)
     summary = summarize(rows)
+    for name, peer in peers.items():
+        if isinstance(peer, LlamaServerPeer):
+            summary[name]["drafted"], summary[name]["drafts_accepted"] = peer.drafted, peer.accepted
     print(f"{len(prompts)} prompts of {a.prompts}, {a.max_new_tokens} tokens at most, {a.threads} threads; "
           f"{version}; GGUF {source.name}" + (" (f32: dequantized by llama.cpp)" if "f32" in a.kinds else ""))  # fmt: skip
     print(table(summary, len(prompts)))
     print("identical: greedy answers equal to our plain decoding's; tok/s: tokens / seconds over all prompts")
+    drafts = [f"{k}: {v['drafts_accepted']} of {v['drafted']} drafted tokens accepted"
+              for k, v in summary.items() if v.get("drafted")]  # fmt: skip
+    if drafts:
+        print("; ".join(drafts))
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "version": version,
                                             "gguf": str(source), "command": sys.argv}, indent=1))  # fmt: skip

@@ -142,3 +142,111 @@ def test_the_table_counts_identical_answers_and_divides_by_each_decoder(gen):
     assert s["ours Medusa"]["medusa_over_it"] == pytest.approx(1.0)
     text = bl.table(s, 2)
     assert "other" in text and "0/2" in text and f"{s['same']['medusa_over_it']:.2f}x" in text
+
+
+# ---------------------------------------------------------------------------- --server: llama.cpp's own server
+
+FAKE_SERVER = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+log = open(sys.argv[0] + ".requests", "a")
+log.write(json.dumps({"argv": args}) + "\n")
+log.flush()
+if "--fail" in args:
+    sys.exit(3)
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"status": "ok"} if self.path == "/health" else {"build_info": "b1-fake"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        log.write(json.dumps({"path": self.path, "body": body}) + "\n")
+        log.flush()
+        tokens = [5, 2] if body["prompt"][0] == 9 else [5, 6, 7, 7, 7, 7][: body["n_predict"]]
+        spec = "--spec-default" in args
+        self._send({"tokens": tokens, "timings": {"draft_n": 4, "draft_n_accepted": 3} if spec else {}})
+
+
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    """A folder with a stand-in ``llama-server`` (a Python HTTP server answering /health, /props and
+    /completion, logging every request) and ``llama-quantize`` (copies its input, or fails)."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "server.py").write_text(FAKE_SERVER)
+    (d / "llama-server").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{d / "server.py"}" "$@"\n')
+    (d / "llama-quantize").write_text('#!/bin/sh\ncase "$2" in *broken*) exit 1;; esac\ncp "$2" "$3"\n')
+    for f in ("llama-server", "llama-quantize"):
+        (d / f).chmod(0o755)
+    return d
+
+
+def _requests(d):
+    import json
+
+    return [json.loads(line) for line in (d / "server.py.requests").read_text().splitlines()]
+
+
+def test_a_llama_server_peer_decodes_greedily_with_the_prompt_prefilled_whole(fake_bin, tmp_path):
+    peer = bl.LlamaServerPeer(fake_bin / "llama-server", tmp_path / "m.gguf", threads=2, n_ctx=64,
+                              args=bl.SERVER_SPECS["spec-default"])  # fmt: skip
+    try:
+        assert peer.version == "llama.cpp server b1-fake"
+        tokens, seconds = peer.run([1, 3, 4], 5)
+        assert tokens == [5, 6, 7, 7, 7] and seconds > 0
+        assert peer.run([9, 3], 5)[0] == [5, 2]  # the server's answer as it ends (an EOS included)
+        assert (peer.drafted, peer.accepted) == (8, 6)  # the server's draft counts, summed
+        (start, first, _) = _requests(fake_bin)
+        argv = start["argv"]
+        assert argv[argv.index("-m") + 1] == str(tmp_path / "m.gguf") and "--spec-default" in argv
+        assert argv[argv.index("-t") + 1] == argv[argv.index("-tb") + 1] == "2" and argv[argv.index("-np") + 1] == "1"
+        assert first["path"] == "/completion"
+        body = first["body"]
+        assert body["prompt"] == [1, 3, 4] and body["n_predict"] == 5 and body["temperature"] == 0.0
+        assert body["top_k"] == 1 and body["cache_prompt"] is False and body["return_tokens"] is True
+    finally:
+        peer.close()
+    assert peer.proc.poll() is not None  # the server is stopped
+
+
+def test_a_llama_server_that_exits_is_one_line(fake_bin, tmp_path):
+    with pytest.raises(SystemExit, match=r"llama-server exited \(3\)"):
+        bl.LlamaServerPeer(fake_bin / "llama-server", tmp_path / "m.gguf", threads=2, n_ctx=64, args=["--fail"])
+
+
+def test_the_float32_gguf_comes_from_llama_quantize_with_server(fake_bin, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the binding is not needed
+    src = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    src.write_bytes(b"GGUF q4_1")
+    out = bl.f32_gguf(src, tmp_path / "cache", fake_bin / "llama-quantize")
+    assert out.read_bytes() == b"GGUF q4_1" and out.name.startswith("SmolLM2-135M-Instruct.F32-from-Q4_1-")
+    broken = tmp_path / "broken.Q4_1.gguf"
+    broken.write_bytes(b"x")
+    with pytest.raises(SystemExit, match="could not dequantize"):
+        bl.f32_gguf(broken, tmp_path / "cache", fake_bin / "llama-quantize")
+    assert not list((tmp_path / "cache").glob(".*partial"))
+
+
+def test_server_without_its_binaries_is_one_line_before_anything_loads(tmp_path):
+    with pytest.raises(SystemExit, match=r"--server .*: no .*llama-server"):
+        bl.main([str(tmp_path / "no-artifact"), "--server", str(tmp_path)])
