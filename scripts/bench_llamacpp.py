@@ -251,10 +251,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def table(summary: dict, prompts: int) -> str:
-    lines = [f"{'decoder':<26} {'tok/s':>8} {'median':>8} {'identical':>10} {'our Medusa / it':>16}"]
+    w = max(26, *(len(k) for k in summary))
+    lines = [f"{'decoder':<{w}} {'tok/s':>8} {'median':>8} {'identical':>10} {'our Medusa / it':>16}"]
     for k, v in summary.items():
         ratio = f"{v['medusa_over_it']:.2f}x" if v["medusa_over_it"] else "-"
-        lines.append(f"{k:<26} {v['tokens_per_s']:>8.2f} {v['median_tokens_per_s']:>8.2f} "
+        lines.append(f"{k:<{w}} {v['tokens_per_s']:>8.2f} {v['median_tokens_per_s']:>8.2f} "
                      f"{v['identical']:>5}/{prompts:<4} {ratio:>16}")  # fmt: skip
     return "\n".join(lines)
 
