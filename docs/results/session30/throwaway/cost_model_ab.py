@@ -42,5 +42,7 @@ base = tot["plain"][0] / tot["plain"][1]
 print(f"{n} prompts, 256 tokens, threads 2; plain {base:.2f} tok/s")
 for name in ("default cost", "measured cost"):
     r = tot[name][0] / tot[name][1]
-    print(f"{name:14s} {r:.2f} tok/s = {r / base:.2f}x plain, {acc[name][0] / acc[name][1]:.2f} tokens a step, "
-          f"identical {same[name]}/{n}")
+    print(
+        f"{name:14s} {r:.2f} tok/s = {r / base:.2f}x plain, {acc[name][0] / acc[name][1]:.2f} tokens a step, "
+        f"identical {same[name]}/{n}"
+    )

@@ -1,5 +1,6 @@
 """Throwaway (session 30): plain greedy decoding with the lm_head screen on and off (backend.screens_argmax), interleaved
 prompt by prompt, on this machine; tokens checked equal.   python docs/results/session30/throwaway/screen_ab.py ARTIFACT [N]"""
+
 import sys
 import time
 
@@ -24,5 +25,7 @@ for p in load_prompts("../shared/data/mt_bench_question.jsonl", limit=n):
     same += outs[True] == outs[False]
     print(p.id, {k: round(v[0] / v[1], 1) for k, v in tot.items()}, flush=True)
 on, off = (tot[k][0] / tot[k][1] for k in (True, False))
-print(f"{n} prompts x2, 128 tokens, threads 2: screen on {on:.2f} tok/s, off {off:.2f} tok/s, on/off {on / off:.3f}; "
-      f"identical {same}/{n}")
+print(
+    f"{n} prompts x2, 128 tokens, threads 2: screen on {on:.2f} tok/s, off {off:.2f} tok/s, on/off {on / off:.3f}; "
+    f"identical {same}/{n}"
+)
