@@ -40,10 +40,16 @@ table adds the drafts each configuration proposed and had accepted (the server's
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,8 +84,6 @@ def f32_gguf(source: Path, cache: Path, quantize: Path | None = None) -> Path:
     binary, ``llama-quantize``, where given), made once into ``cache`` (written under a temporary
     name, then renamed: never half-written), under a name that changes with the source file (its
     path, size and modification time)."""
-    import hashlib
-
     st = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = cache / f"{source.stem.rsplit('.', 1)[0]}.F32-from-{source.stem.rsplit('.', 1)[-1]}-{key}.gguf"
@@ -88,8 +92,6 @@ def f32_gguf(source: Path, cache: Path, quantize: Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial")
     if quantize is not None:
-        import subprocess
-
         done = subprocess.run([str(quantize), "--allow-requantize", str(source), str(tmp), "F32"],
                               capture_output=True, text=True)  # fmt: skip
         code = done.returncode
@@ -133,6 +135,9 @@ class LlamaCppPeer:
                 break
         return tokens, time.perf_counter() - t
 
+    def close(self) -> None:
+        """Nothing to stop: the model lives in this process."""
+
 
 class LlamaServerPeer:
     """One ``llama-server`` process (one slot) on one GGUF file with one speculation setting:
@@ -140,9 +145,6 @@ class LlamaServerPeer:
 
     def __init__(self, binary: Path, gguf: Path, threads: int | None, n_ctx: int, args: Sequence[str] = (),
                  log: Path | None = None, timeout: float = 120.0):  # fmt: skip
-        import socket
-        import subprocess
-
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -151,15 +153,18 @@ class LlamaServerPeer:
         if threads:
             cmd += ["-t", str(threads), "-tb", str(threads)]
         self.command = cmd
-        self._log = open(log, "w") if log else subprocess.DEVNULL  # closed in close()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log)
+        self._log = open(log, "w") if log else None  # closed in close()
+        out = self._log or subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out)
         self.drafted = self.accepted = 0
+        where = f"; its log: {log}" if log else ""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 self.close()
-                raise SystemExit(f"bench_llamacpp: llama-server exited ({self.proc.returncode}): {' '.join(cmd)}"
-                                 + (f"; its log: {log}" if log else ""))  # fmt: skip
+                raise SystemExit(
+                    f"bench_llamacpp: llama-server exited ({self.proc.returncode}): {' '.join(cmd)}{where}"
+                )
             try:
                 if self._call("GET", "/health", None, 2.0).get("status") == "ok":
                     break
@@ -167,14 +172,14 @@ class LlamaServerPeer:
                 pass
             if time.monotonic() > deadline:
                 self.close()
-                raise SystemExit(f"bench_llamacpp: llama-server did not come up in {timeout:.0f} s: {' '.join(cmd)}")
+                raise SystemExit(
+                    f"bench_llamacpp: llama-server did not come up in {timeout:.0f} s: {' '.join(cmd)}{where}"
+                )
             time.sleep(0.2)
         props = self._call("GET", "/props", None, 10.0)
         self.version = f"llama.cpp server {props.get('build_info', '?')}"
 
     def _call(self, method: str, path: str, body: dict | None, timeout: float) -> dict:
-        import urllib.request
-
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"})  # fmt: skip
@@ -202,7 +207,7 @@ class LlamaServerPeer:
                 self.proc.wait(10)
             except Exception:
                 self.proc.kill()
-        if self._log is not None and hasattr(self._log, "close"):
+        if self._log is not None:
             self._log.close()
 
 
@@ -304,9 +309,6 @@ def main(argv=None) -> int:
     files = {"f32": f32_gguf(source, cache_dir() / "llamacpp", quantize) if "f32" in a.kinds else None,
              "q4_1": source if "q4_1" in a.kinds else None}  # fmt: skip
     peers: dict = {}
-    import shutil
-    import tempfile
-
     logs = Path(tempfile.mkdtemp(prefix="bench-llamacpp-")) if a.server is not None else None  # the servers' logs
     try:
         for kind, path in files.items():
@@ -324,8 +326,7 @@ def main(argv=None) -> int:
         code = _measure(a, gen, peers, prompts, source)
     finally:
         for peer in peers.values():
-            if isinstance(peer, LlamaServerPeer):
-                peer.close()
+            peer.close()
     if logs is not None:  # kept where a server failed: its error names its log
         shutil.rmtree(logs, ignore_errors=True)
     return code

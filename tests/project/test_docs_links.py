@@ -1,6 +1,7 @@
 """README and docs: every relative link names a file that exists, and every ``#anchor`` a heading
 that exists there (GitHub's heading ids), so moving a section cannot leave a dead link."""
 
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -32,7 +33,8 @@ def slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-def anchors(path: Path) -> set[str]:
+@functools.cache  # a file's headings, read once however many links point into it
+def anchors(path: Path) -> frozenset[str]:
     seen: Counter[str] = Counter()
     out = set()
     for line in _lines_outside_code(path.read_text()):
@@ -41,7 +43,7 @@ def anchors(path: Path) -> set[str]:
             s = slug(m.group(1))
             out.add(s if not seen[s] else f"{s}-{seen[s]}")
             seen[s] += 1
-    return out
+    return frozenset(out)
 
 
 def links(path: Path):
