@@ -7,6 +7,7 @@ traced, 361 here). Per layer:
 
     SkipSimplifiedLayerNormalization  residual add + RMSNorm in one kernel
     MatMul [hidden, (q + 2 kv) heads x head_dim]   Q, K, V in one projection (+ bias: Qwen2)
+    (Qwen3: SimplifiedLayerNormalization over each head of Q and K)
     GroupQueryAttention               rotary (``do_rotary``, following ``position_ids``),
                                       grouped KV heads, the cache written in place, the
                                       tree mask as ``attention_bias``
@@ -45,7 +46,7 @@ implement; TensorRT's parser does not take the ``com.microsoft`` domain, so Tens
 the portable flavour.
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (sliding window as
-GroupQueryAttention's ``local_window_size``), ``Qwen2ForCausalLM`` (Q/K/V bias), with
+GroupQueryAttention's ``local_window_size``), ``Qwen2ForCausalLM`` (Q/K/V bias), ``Qwen3ForCausalLM`` (per-head Q/K RMSNorm), with
 any rotary scaling transformers computes (the cos/sin tables come from the model's own
 rotary module). Everything else raises :class:`FusedGraphError` naming what is missing.
 """
@@ -333,6 +334,8 @@ def build_fused_backbone(
         p = f"model.layers.{i}"
         xn, residual = norm(x, f"{p}.input_layernorm.weight", residual)
         qkv = linear(xn, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{n}_proj" for n in "qkv"], "qkv")
+        if f"{p}.self_attn.q_norm.weight" in sd:  # Qwen3: RMSNorm over each head of Q and K, before rotary
+            qkv = _qk_norm(g, qkv, f"{p}.self_attn", sd, nq, nkv, D, eps, npdt)
         scale = float(getattr(model.model.layers[i].self_attn, "scaling", D**-0.5))
         if folded:
             attn = _folded_attention(
@@ -475,6 +478,34 @@ def _batch_bias(g: _Graph, group: int, past0: str, npdt, zero: str, one: str, n_
     bias = g.op("Unsqueeze", [_additive_bias(g, visible, npdt), one])  # [B, 1, new, capacity + new]
     g.split_sizes = g.op("Concat", [capacity, n_new], axis=0, name="split_sizes")  # type: ignore[attr-defined]
     return g.op("Tile", [bias, g.const("const/group_tile", [1, 1, group, 1])], name="batch_bias")
+
+
+def _qk_norm(g: _Graph, qkv: str, prefix: str, sd, nq: int, nkv: int, D: int, eps: float, npdt) -> str:
+    """Qwen3's per-head RMSNorm of Q and K (``q_norm``, ``k_norm``: one ``[head_dim]`` weight each) on the
+    projected ``qkv`` ``[..., (nq + 2 nkv) x D]``, which goes back packed: every attention flavour reads it as
+    before. A SimplifiedLayerNormalization over the last axis of ``[..., heads, D]`` per part."""
+    q, k, v = g.op(
+        "Split",
+        [qkv, g.const(f"{prefix}/qk_norm_sizes", [nq * D, nkv * D, nkv * D])],
+        3,
+        name=f"{prefix}/qk_split",
+        axis=-1,
+    )
+    heads = g.const(f"{prefix}/qk_norm_heads", [0, 0, -1, D])
+    flat = g.const(f"{prefix}/qk_norm_flat", [0, 0, -1])
+    normed = []
+    for t, part in ((q, "q"), (k, "k")):
+        w = g.init(f"{prefix}.{part}_norm.weight", _np(sd[f"{prefix}.{part}_norm.weight"], npdt))
+        n = g.op(
+            "SimplifiedLayerNormalization",
+            [g.op("Reshape", [t, heads]), w],
+            name=f"{prefix}/{part}_norm",
+            axis=-1,
+            epsilon=eps,
+            stash_type=1,
+        )
+        normed.append(g.op("Reshape", [n, flat]))
+    return g.op("Concat", [*normed, v], name=f"{prefix}/qk_normed", axis=-1)
 
 
 def _batched_attention(g: _Graph, qkv, i, nq, nkv, D, scale, bias, past_k, past_v, new_k, new_v) -> str:

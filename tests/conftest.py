@@ -83,9 +83,11 @@ TINY_LLAMA = dict(
 def make_tiny_causal_lm(
     arch: str = "llama", seed: int = 0, config: dict = TINY_LLAMA, qwen2_bias_std: float = 0.0, **overrides
 ):
-    """A random Llama, Mistral or Qwen2 causal LM (float32, eval) from ``config`` + ``overrides``,
+    """A random Llama, Mistral, Qwen2 or Qwen3 causal LM (float32, eval) from ``config`` + ``overrides``,
     seeded (the global torch RNG is left as it was). ``qwen2_bias_std`` > 0 draws Qwen2's q/k/v
-    biases from N(0, std) after the init, which zero-initialises them."""
+    biases from N(0, std) after the init, which zero-initialises them. Qwen3's per-head q/k norm
+    weights, which transformers sets to ones, are drawn from 1 + N(0, 0.3): a graph that dropped or
+    swapped them would compute something else."""
     import torch
     from transformers import (
         LlamaConfig,
@@ -94,15 +96,21 @@ def make_tiny_causal_lm(
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     cfg_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     }[arch]
     torch.set_num_threads(1)  # tiny models gain nothing from threads; the test machine is shared
-    hf_config = cfg_cls(**{**config, **overrides})
+    fields = {**config, **overrides}
+    if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128, not hidden / heads as the others'
+        fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    hf_config = cfg_cls(**fields)
     hf_config.architectures = [model_cls.__name__]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -111,6 +119,10 @@ def make_tiny_causal_lm(
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.data.normal_(0.0, qwen2_bias_std)
+        if arch == "qwen3":
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.data.normal_(1.0, 0.3)
     return model.eval()
 
 

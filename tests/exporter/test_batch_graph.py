@@ -39,7 +39,7 @@ def exports(tmp_path_factory, wordlevel_tokenizer):
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_every_fused_export_gets_a_validated_batch_graph_sharing_its_weights(exports, arch):
     e = exports(arch)
     out = e["artifact"]
@@ -65,7 +65,10 @@ def test_every_fused_export_gets_a_validated_batch_graph_sharing_its_weights(exp
     fold = onnx.load(str(out / "fold.onnx"), load_external_data=False)
     assert {e.value for t in fold.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
             for e in t.external_data if e.key == "location"} == {"model.onnx.data"}  # fmt: skip
-    assert (out / "fold.onnx").stat().st_size < weights / 5
+    # the weights are not in the graph: what it holds inline is norms and constants (its If branches make the
+    # file itself a fifth of a tiny model's weights)
+    inline = sum(t.ByteSize() for t in fold.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+    assert inline < weights / 20, (inline, weights)
     heads = set()
 
     def walk(nodes):

@@ -1,4 +1,4 @@
-"""ONNX export: tiny random Llama, Mistral and Qwen2 backbones with Medusa heads.
+"""ONNX export: tiny random Llama, Mistral, Qwen2 and Qwen3 backbones with Medusa heads.
 
 Each export is validated by exporter.validate (ONNX Runtime against the eager
 BackboneStep/HeadsStep on a prefill, a decode step and mc_sim_7b_63 / chain_3 tree steps,
@@ -34,7 +34,7 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 # arch -> (heads, head layers, shared lm_head): every head layout the loader produces
-ARCHS = {"llama": (3, 1, True), "mistral": (2, 1, False), "qwen2": (4, 2, True)}
+ARCHS = {"llama": (3, 1, True), "mistral": (2, 1, False), "qwen2": (4, 2, True), "qwen3": (2, 2, False)}
 
 
 @pytest.fixture(scope="module")

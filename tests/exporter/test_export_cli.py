@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLAMA
+from conftest import TINY_LLAMA, hf_greedy, make_tiny_causal_lm
 
 from exporter import cli
 from exporter.heads import fresh_heads, save_heads
@@ -84,6 +84,41 @@ def test_export_with_fresh_heads(model_folder, tmp_path, capsys, monkeypatch):
     assert cfg["provenance"]["heads"]["layout"] == "fresh-identity"
     assert cfg["provenance"]["source_model"] == str(model_folder)
     assert cfg["provenance"]["source_model_path"] == str(model_folder.resolve())  # what --peer loads
+
+
+def test_a_qwen3_folder_exports_and_decodes_like_hugging_face(tmp_path, capsys, wordlevel_tokenizer):
+    """A Qwen3 folder as a user has one (tied embeddings, ``head_dim`` 32 so that the query width, 128, is
+    not the hidden size, 64; per-head Q/K norms with their own weights) through ``medusa-export`` with
+    fresh heads, then ``runtime.load``: plain and Medusa greedy decoding equal Hugging Face's, on the
+    fused graph and on the batch engine the server runs."""
+    import runtime
+
+    model = make_tiny_causal_lm(
+        "qwen3",
+        3,
+        hidden_size=64,
+        head_dim=32,
+        tie_word_embeddings=True,
+        eos_token_id=None,
+        max_position_embeddings=128,
+    )
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    folder = tmp_path / "tiny-qwen3"
+    model.save_pretrained(str(folder))
+    wordlevel_tokenizer.save_pretrained(str(folder))
+    out = tmp_path / "artifact"
+    code, stdout, stderr = run_cli([folder, "--fresh-heads", "3", "-o", out], capsys)
+    assert code == 0, stderr
+    assert "validation: passed" in stdout
+    cfg = json.loads((out / "medusa_config.json").read_text())
+    assert cfg["flavour"] == "fused" and cfg["model"]["head_dim"] == 32
+    ids = [5, 17, 40, 9, 88, 3, 61]
+    want = hf_greedy(model, ids, 20)
+    gen = runtime.load(out, backend="onnxruntime", threads=1)
+    assert gen.generate(ids, max_new_tokens=20, medusa=False).tokens == want
+    assert gen.generate(ids, max_new_tokens=20, tree="chain_2").tokens == want
+    batch = runtime.load(out, backend="onnxruntime", threads=1, max_batch=2)
+    assert batch.generate(ids, max_new_tokens=20, tree="chain_2").tokens == want
 
 
 def test_export_is_quiet_by_default_and_detailed_with_v(model_folder, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The fused graph (exporter/fused.py) and its runtime (runtime.onnxrt.FusedOnnxRuntimeBackend).
 
-* export: tiny Llama, Mistral and Qwen2 (head_dim 16: GroupQueryAttention takes multiples of
+* export: tiny Llama, Mistral, Qwen2 and Qwen3 (head_dim 16: GroupQueryAttention takes multiples of
   16) with random Medusa heads, validated against PyTorch; what the graph is made of;
 * the in-place KV cache: a tree step + ``commit`` of a non-contiguous path leaves the cache a
   plain step-by-step decode (and the PyTorch reference) writes; capacity and empty-cache errors;
@@ -42,7 +42,7 @@ from runtime.artifact import (  # noqa: E402
 from runtime.errors import ContextLengthError, MedusaError  # noqa: E402
 from runtime.tree import load_tree  # noqa: E402
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 NUM_HEADS = 4
 PROMPTS = [np.random.default_rng(100 + i).integers(3, 128, size=n).tolist() for i, n in enumerate((5, 9, 14))]
 CHAT = [
@@ -54,6 +54,7 @@ CHAT = [
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides):
+    overrides.setdefault("eos_token_id", None)  # decode to the length asked: Hugging Face's reference does
     model = make_tiny_causal_lm(arch, seed, qwen2_bias_std=0.3, **overrides)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -201,6 +202,22 @@ def test_fused_graph_structure(exported, arch):
             assert np.abs(want).max() > 0.1  # the biases are not zeros: validation saw them
     else:
         assert bias_adds == []
+    # Qwen3: one RMSNorm over each head of Q and one of K per layer, with the model's own weights
+    qk_norms = [n for n in nodes if n.op_type == "SimplifiedLayerNormalization" and "_norm" in n.name.split("/")[-1]]
+    assert ops[("", "SimplifiedLayerNormalization")] == 1 + len(qk_norms)  # the first input norm, + Qwen3's
+    if arch == "qwen3":
+        assert sorted(n.name for n in qk_norms) == sorted(
+            f"model.layers.{i}.self_attn/{part}_norm" for i in range(L) for part in "qk"
+        )
+        sd = e["model"].state_dict()
+        for i in range(L):
+            for part in "qk":
+                want = sd[f"model.layers.{i}.self_attn.{part}_norm.weight"].numpy()
+                got = onnx.numpy_helper.to_array(inits[f"model.layers.{i}.self_attn.{part}_norm.weight"])
+                assert got.shape == (D,) and np.array_equal(got, want)
+                assert np.abs(want - 1).max() > 0.1  # not transformers' ones: validation saw them
+    else:
+        assert qk_norms == []
     want_in, want_out = fused_io_names(L)
     # the lm_head screen's optional input and its outputs follow the contract's (docs/graph_contract.md)
     assert [i.name for i in fused.graph.input] == [*want_in, SCREEN_INPUT, SCREEN_NOISE]
@@ -333,7 +350,7 @@ def test_a_tree_on_an_empty_cache_is_refused(exported):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_medusa_equals_plain_and_hf_on_every_architecture(exported, arch):
-    """Mistral and Qwen2 fused graphs decode like Hugging Face (test_runtime_ort covers Llama),
+    """Mistral, Qwen2 and Qwen3 fused graphs decode like Hugging Face (test_runtime_ort covers Llama),
     here with 3-token prefill chunks (later chunks run over a non-empty in-place cache)."""
     e = exported(arch)
     gen = runtime.load(e["fused"], backend="onnxruntime", threads=1, prefill_chunk=3)
@@ -702,6 +719,7 @@ def test_format_version_1_reads_as_portable_fp32(exported, tmp_path):
     [
         pytest.param("llama", dict(max_context=48), {}, id="llama-max_context48"),
         pytest.param("llama", dict(max_context=24, precision="int4"), {}, id="llama-int4-max_context24"),
+        pytest.param("qwen3", dict(max_context=24, precision="int4"), {}, id="qwen3-int4-max_context24"),
         pytest.param("mistral", {}, dict(sliding_window=32), id="mistral-sliding_window32"),
     ],
 )
