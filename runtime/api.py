@@ -30,10 +30,10 @@ import functools
 import logging
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from runtime import checks
 from runtime.artifact import ArtifactConfig, read_artifact
@@ -360,13 +360,17 @@ class MedusaGenerator:
             stacklevel=stacklevel + 1,
         )
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """A prompt string (encoded as is), chat messages (chat template applied) or token ids."""
+    def encode(self, prompt: Prompt, chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+        """A prompt string (encoded as is), chat messages (chat template applied, with
+        ``chat_template_kwargs`` as more template variables, e.g. ``{"enable_thinking": False}``) or
+        token ids."""
         kind, value = checks.prompt(prompt, self.spec.vocab_size)
+        if chat_template_kwargs is not None and kind != "chat":
+            raise ConfigError("chat_template_kwargs applies to chat messages only, and the prompt is not a chat")
         if kind == "text":
             ids = self.tokenizer.encode(value)
         elif kind == "chat":
-            ids = self.tokenizer.apply_chat_template(value)
+            ids = self.tokenizer.apply_chat_template(value, template_kwargs=chat_template_kwargs)
         else:
             ids = value
         if not ids:
@@ -396,10 +400,11 @@ class MedusaGenerator:
         prompt_logprobs,
         presence_penalty,
         frequency_penalty,
+        chat_template_kwargs,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, chat_template_kwargs)
         cfg = DecodeConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -552,6 +557,7 @@ class MedusaGenerator:
         prompt_logprobs: bool = _DEFAULTS.prompt_logprobs,
         presence_penalty: float = _DEFAULTS.presence_penalty,
         frequency_penalty: float = _DEFAULTS.frequency_penalty,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -590,6 +596,7 @@ class MedusaGenerator:
         prompt_logprobs: bool = _DEFAULTS.prompt_logprobs,
         presence_penalty: float = _DEFAULTS.presence_penalty,
         frequency_penalty: float = _DEFAULTS.frequency_penalty,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -634,6 +641,9 @@ class MedusaGenerator:
         if its token was generated before, minus the second times its count (generated tokens only, as
         vLLM). Medusa verifies against the penalized logits, each tree node penalized by its own path,
         so greedy Medusa still emits plain greedy decoding's tokens under the same penalties.
+
+        ``chat_template_kwargs`` (a chat prompt only): more variables for the model's chat template,
+        as transformers and vLLM pass them, e.g. ``{"enable_thinking": False}`` for Qwen3.
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []

@@ -56,6 +56,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     add_verbosity_args(p, sub=True)  # also after the subcommand: medusa-run generate ... -v
 
 
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object (a bad one is the usual one-line usage error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got a {type(value).__name__}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medusa-run", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     add_verbosity_args(ap)
@@ -65,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(g)
     g.add_argument("prompt", help="the user message (chat template applied), or raw text with --raw")
     g.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
+    g.add_argument(
+        "--chat-template-kwargs",
+        type=_json_object,
+        metavar="JSON",
+        help="more variables for the chat template, a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=_decode_default("max_new_tokens"))
     g.add_argument(
         "--temperature",
@@ -365,8 +382,12 @@ def cmd_generate(args) -> None:
     if args.no_medusa and args.tree:
         raise ConfigError("--tree has no effect with --no-medusa (plain decoding verifies no tree): give one of them")
     gen = _load(args)
+    if args.raw and args.chat_template_kwargs is not None:
+        raise ConfigError("--chat-template-kwargs has no effect with --raw (no chat template is applied): give one")
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     kw = generate_kwargs(args)
+    if args.chat_template_kwargs is not None:
+        kw["chat_template_kwargs"] = args.chat_template_kwargs
     logprobs: list = []
     if args.stream:
         stats = None

@@ -44,7 +44,9 @@ of text parts (joined by newlines), the ``developer`` role (the template's ``sys
 prompt ``p``'s choice ``j`` is choice ``p * n + j``, as OpenAI's),
 ``GET /v1/models/{id}``, a JSON body whatever its Content-Type (``curl -d`` sends form encoding), and
 OpenAI's fields this server has no use for at the values that ask for nothing (``logit_bias: {}``,
-``tools: []``, ...; any other value is a 400 naming the field as unsupported).
+``tools: []``, ...; any other value is a 400 naming the field as unsupported). Chat requests also take
+vLLM's ``chat_template_kwargs`` (more variables for the chat template: ``{"enable_thinking": false}`` for
+Qwen3).
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
@@ -71,6 +73,7 @@ from typing import Any, cast
 
 from runtime.decode import MAX_LOGPROBS, check_fits
 from runtime.errors import ConfigError, ContextLengthError, EngineError, MedusaError
+from runtime.tokenizer import check_template_kwargs
 
 log = logging.getLogger("medusa_trt.runtime")
 
@@ -614,6 +617,8 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
         tools: list[dict[str, Any]] | None = None
         tool_choice: str | dict[str, Any] | None = None
         parallel_tool_calls: bool | None = None
+        # vLLM's extension: more variables for the chat template (Qwen3's {"enable_thinking": false})
+        chat_template_kwargs: dict[str, Any] | None = None
 
     class CompletionRequest(Common):
         prompt: str | list[int] | list[str] | list[list[int]]  # lists of texts / of token-id lists: several prompts
@@ -793,11 +798,16 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             what = f"{len(prompts)} prompts x n {n}" if len(prompts) > 1 else f"n {n}"
             raise ApiError(400, f"{what}: at most {max_batch + max_queue} choices a request here (the server's "
                                 "--max-batch + --max-queue)", param="n" if len(prompts) == 1 else param)  # fmt: skip
+        template_kwargs = getattr(req, "chat_template_kwargs", None)
+        try:
+            check_template_kwargs(template_kwargs)
+        except MedusaError as e:
+            raise ApiError(400, str(e), param="chat_template_kwargs") from None
         encoded = []
         for p, text in enumerate(prompts):
             which = f"prompt {p}: " if len(prompts) > 1 else ""
             try:
-                ids = gen.encode(text)
+                ids = gen.encode(text, template_kwargs)
                 check_fits(gen.backend, ids)  # the decode loop's own check, before the request takes a slot
             except ContextLengthError as e:
                 raise ApiError(400, which + str(e), param=param, code="context_length_exceeded") from None

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ArtifactError, MedusaError
+from runtime.errors import ArtifactError, ConfigError, MedusaError
 
 # tokenizer_config.json's special tokens, each passed to the chat template under its name (as transformers does)
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -125,13 +125,19 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render ``messages`` with the model's chat template and encode the result."""
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: Mapping[str, Any] | None = None
+    ) -> list[int]:
+        """Render ``messages`` with the model's chat template and encode the result. ``template_kwargs``:
+        more variables for the template, as transformers' ``apply_chat_template(**kwargs)`` and vLLM's
+        ``chat_template_kwargs`` pass them (Qwen3's ``enable_thinking``, for one); a name the template
+        does not read changes nothing."""
         if not self.chat_template:
             raise MedusaError("this model has no chat template: pass a prompt string or token ids instead of messages")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise MedusaError(f"chat messages must be dicts with 'role' and 'content', got {m!r:.80}")
+        extra = check_template_kwargs(template_kwargs)
         if self._template is None:
             self._compile_template()
         import jinja2
@@ -140,6 +146,7 @@ class Tokenizer:
             # what transformers passes: no tools or documents, and every special token the config names
             text = self._template.render(
                 **self._template_specials,
+                **extra,
                 messages=messages,
                 tools=None,
                 documents=None,
@@ -148,6 +155,25 @@ class Tokenizer:
         except jinja2.TemplateError as e:  # e.g. a message field the template needs is missing
             raise MedusaError(f"chat template ({self._template_file.name}) cannot render these messages: {e}") from None
         return self.encode(text)
+
+
+# the variables apply_chat_template sets itself: template_kwargs may not name them
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools", "documents")
+
+
+def check_template_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``chat_template_kwargs`` as a dict, or a ConfigError naming what is wrong with it: a mapping whose
+    keys are identifiers other than :data:`RESERVED_TEMPLATE_KWARGS`."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"chat_template_kwargs must be a mapping of names to values, got a {type(kwargs).__name__}")
+    for k in kwargs:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise ConfigError(f"chat_template_kwargs: {k!r} is not a template variable name")
+        if k in RESERVED_TEMPLATE_KWARGS:
+            raise ConfigError(f"chat_template_kwargs: {k!r} is set by the call itself, not by chat_template_kwargs")
+    return dict(kwargs)
 
 
 @functools.cache
