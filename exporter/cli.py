@@ -35,7 +35,7 @@ MAX_FRESH_HEADS = 64  # a tree is at most this deep in practice (5); more heads 
 STALE = 3  # --if-changed --check: the exit status when OUT is not current
 
 DESCRIPTION = """\
-Export a Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3; the embedded default
+Export a Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3, Phi-3; the embedded default
 smollm2-135m is a Llama) with its Medusa heads into an artifact folder that ONNX
 Runtime runs and that TensorRT (trtexec or the builder API) turns into engines.
 

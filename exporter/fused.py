@@ -46,9 +46,11 @@ implement; TensorRT's parser does not take the ``com.microsoft`` domain, so Tens
 the portable flavour.
 
 Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (sliding window as
-GroupQueryAttention's ``local_window_size``), ``Qwen2ForCausalLM`` (Q/K/V bias), ``Qwen3ForCausalLM`` (per-head Q/K RMSNorm), with
-any rotary scaling transformers computes (the cos/sin tables come from the model's own
-rotary module). Everything else raises :class:`FusedGraphError` naming what is missing.
+GroupQueryAttention's ``local_window_size``), ``Qwen2ForCausalLM`` (Q/K/V bias),
+``Qwen3ForCausalLM`` (per-head Q/K RMSNorm), ``Phi3ForCausalLM`` (Q/K/V and gate/up stored
+fused; LongRoPE within its short context), with any rotary scaling transformers computes (the
+cos/sin tables come from the model's own rotary module). Everything else raises
+:class:`FusedGraphError` naming what is missing.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def _check_supported(model) -> None:
     if (rope.get("rope_type") or rope.get("type")) == "dynamic":
         raise FusedGraphError("dynamic NTK rotary scaling changes with the sequence length: use --graph portable")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    partial = getattr(c, "partial_rotary_factor", 1.0)
+    partial = getattr(c, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
     if partial != 1.0:
         raise FusedGraphError(
             f"partial_rotary_factor {partial}: the fused graph rotates whole heads (use --graph portable)"
@@ -140,6 +142,21 @@ def _check_supported(model) -> None:
     if head_dim % 16:
         raise FusedGraphError(
             f"head_dim {head_dim}: ONNX Runtime's GroupQueryAttention needs a multiple of 16 (use --graph portable)"
+        )
+
+
+def _check_longrope(c, max_positions: int) -> None:
+    """LongRoPE (Phi-3's 128k configs) rotates by its short factors while a sequence is at most
+    ``original_max_position_embeddings`` long and by its long ones past that, switching at each call's
+    longest position; the fused graph's tables hold one set, so its context stops where the short set ends."""
+    rope = getattr(c, "rope_scaling", None) or {}
+    if (rope.get("rope_type") or rope.get("type")) != "longrope":
+        return
+    original = rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None)
+    if original is None or max_positions > int(original):
+        raise FusedGraphError(
+            f"LongRoPE switches to its long factors past original_max_position_embeddings ({original}), which a "
+            f"context of {max_positions} reaches: use --max-context {original} or less, or --graph portable"
         )
 
 
@@ -240,6 +257,7 @@ def build_fused_backbone(
     V = c.vocab_size
     eps = float(c.rms_norm_eps)
     max_positions = int(max_positions or c.max_position_embeddings)
+    _check_longrope(c, max_positions)
     window = sliding_window_size(c)
     inputs, outputs, _ = fused_io(L)
     g = _Graph(npdt)
@@ -333,7 +351,10 @@ def build_fused_backbone(
     for i in range(L):
         p = f"model.layers.{i}"
         xn, residual = norm(x, f"{p}.input_layernorm.weight", residual)
-        qkv = linear(xn, f"{p}.self_attn.qkv_proj", [f"{p}.self_attn.{n}_proj" for n in "qkv"], "qkv")
+        qkv_keys = [f"{p}.self_attn.{n}_proj" for n in "qkv"]
+        if f"{p}.self_attn.qkv_proj.weight" in sd:  # Phi-3: Q, K, V rows already in one matrix
+            qkv_keys = [f"{p}.self_attn.qkv_proj"]
+        qkv = linear(xn, f"{p}.self_attn.qkv_proj", qkv_keys, "qkv")
         if f"{p}.self_attn.q_norm.weight" in sd:  # Qwen3: RMSNorm over each head of Q and K, before rotary
             qkv = _qk_norm(g, qkv, f"{p}.self_attn", sd, nq, nkv, D, eps, npdt)
         scale = float(getattr(model.model.layers[i].self_attn, "scaling", D**-0.5))
@@ -375,8 +396,11 @@ def build_fused_backbone(
             )[0]
         x = linear(attn, f"{p}.self_attn.o_proj", [f"{p}.self_attn.o_proj"], "o")
         xn, residual = norm(x, f"{p}.post_attention_layernorm.weight", residual)
-        gu = linear(xn, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], "gu")
-        inter = sd[f"{p}.mlp.gate_proj.weight"].shape[0]
+        gu_keys = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
+        if f"{p}.mlp.gate_up_proj.weight" in sd:  # Phi-3: gate rows, then up rows, in one matrix
+            gu_keys = [f"{p}.mlp.gate_up_proj"]
+        gu = linear(xn, f"{p}.mlp.gate_up_proj", gu_keys, "gu")
+        inter = sd[f"{p}.mlp.down_proj.weight"].shape[1]
         gate, up = g.op("Split", [gu, g.const(f"{p}.mlp.split", [inter, inter])], 2, name=f"{p}/mlp/split", axis=-1)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], name=f"{p}/mlp/swiglu")
         x = linear(act, f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"], "down")

@@ -83,7 +83,7 @@ TINY_LLAMA = dict(
 def make_tiny_causal_lm(
     arch: str = "llama", seed: int = 0, config: dict = TINY_LLAMA, qwen2_bias_std: float = 0.0, **overrides
 ):
-    """A random Llama, Mistral, Qwen2 or Qwen3 causal LM (float32, eval) from ``config`` + ``overrides``,
+    """A random Llama, Mistral, Qwen2, Qwen3 or Phi-3 causal LM (float32, eval) from ``config`` + ``overrides``,
     seeded (the global torch RNG is left as it was). ``qwen2_bias_std`` > 0 draws Qwen2's q/k/v
     biases from N(0, std) after the init, which zero-initialises them. Qwen3's per-head q/k norm
     weights, which transformers sets to ones, are drawn from 1 + N(0, 0.3): a graph that dropped or
@@ -94,6 +94,8 @@ def make_tiny_causal_lm(
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         Qwen3Config,
@@ -105,11 +107,16 @@ def make_tiny_causal_lm(
         "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "phi3": (Phi3Config, Phi3ForCausalLM),
     }[arch]
     torch.set_num_threads(1)  # tiny models gain nothing from threads; the test machine is shared
     fields = {**config, **overrides}
     if arch == "qwen3":  # Qwen3Config's head_dim defaults to 128, not hidden / heads as the others'
         fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    if arch == "phi3":  # Phi3Config's pad token (32000) lies outside a tiny vocabulary
+        fields.setdefault("pad_token_id", 0)
+        if "hidden_size" not in overrides and "head_dim" in fields:  # its rope checks take hidden / heads as head_dim
+            fields["hidden_size"] = fields["num_attention_heads"] * fields["head_dim"]
     hf_config = cfg_cls(**fields)
     hf_config.architectures = [model_cls.__name__]
     with torch.random.fork_rng():

@@ -39,7 +39,7 @@ def exports(tmp_path_factory, wordlevel_tokenizer):
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_every_fused_export_gets_a_validated_batch_graph_sharing_its_weights(exports, arch):
     e = exports(arch)
     out = e["artifact"]

@@ -34,7 +34,13 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 # arch -> (heads, head layers, shared lm_head): every head layout the loader produces
-ARCHS = {"llama": (3, 1, True), "mistral": (2, 1, False), "qwen2": (4, 2, True), "qwen3": (2, 2, False)}
+ARCHS = {
+    "llama": (3, 1, True),
+    "mistral": (2, 1, False),
+    "qwen2": (4, 2, True),
+    "qwen3": (2, 2, False),
+    "phi3": (3, 1, False),
+}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import capture_logs, hf_greedy, make_tiny_causal_lm, make_tiny_llama, random_heads  # noqa: E402
+from conftest import TINY_LLAMA, capture_logs, hf_greedy, make_tiny_causal_lm, make_tiny_llama, random_heads  # noqa: E402
 
 import runtime  # noqa: E402
 from exporter.export import ExportOptions, export_artifact  # noqa: E402
@@ -42,7 +42,7 @@ from runtime.artifact import (  # noqa: E402
 from runtime.errors import ContextLengthError, MedusaError  # noqa: E402
 from runtime.tree import load_tree  # noqa: E402
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 NUM_HEADS = 4
 PROMPTS = [np.random.default_rng(100 + i).integers(3, 128, size=n).tolist() for i, n in enumerate((5, 9, 14))]
 CHAT = [
@@ -749,6 +749,63 @@ def test_fused_export_with_a_context_below_72(wordlevel_tokenizer, tmp_path, arc
     assert res.tokens == plain.tokens
     if "precision" not in options:
         assert res.tokens == hf_greedy(model, ids, len(res.tokens))
+
+
+@pytest.mark.parametrize(
+    "arch, overrides, words",
+    [
+        # Phi-4-mini's layout: transformers 5 keeps the factor in rope_parameters, not on the config
+        ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor 0.5: the fused graph rotates whole heads"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ("llama", {"head_dim": 8}, "head_dim 8: ONNX Runtime's GroupQueryAttention needs a multiple of 16"),
+    ],
+)  # fmt: skip
+def test_what_the_fused_graph_cannot_build_is_named_and_the_portable_graph_exports(
+    wordlevel_tokenizer, tmp_path, arch, overrides, words
+):
+    model = tiny_model(arch, **overrides)
+    heads = random_heads(model, 2)
+    with pytest.raises(MedusaError, match=words + r".*--graph portable"):
+        export_artifact(model, heads, tmp_path / "fused", ExportOptions(), tokenizer=wordlevel_tokenizer)
+    assert not (tmp_path / "fused").exists()
+    out = export_artifact(
+        model, heads, tmp_path / "portable", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer
+    )
+    assert read_artifact(out).provenance["validation"]["passed"]
+    gen = runtime.load(out, backend="onnxruntime", threads=1)
+    ids = PROMPTS[0]
+    assert gen.generate(ids, max_new_tokens=12, tree="chain_2").tokens == hf_greedy(model, ids, 12)
+
+
+def test_longrope_exports_within_its_short_context_and_is_refused_past_it(wordlevel_tokenizer, tmp_path):
+    """Phi-3's LongRoPE rotates by its short factors up to original_max_position_embeddings and by its long
+    ones past it; the fused graph holds one table, so a context past the short one is refused (naming the
+    flag that fits; the portable graph, which cannot trace the switch, is refused too), and one within it
+    validates and decodes like Hugging Face to its end."""
+    half = TINY_LLAMA["head_dim"] // 2
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.2 * i for i in range(half)],
+        "long_factor": [3.0 + 0.5 * i for i in range(half)],
+        "rope_theta": 10000.0,
+    }
+    model = tiny_model("phi3", rope_parameters=rope, original_max_position_embeddings=40, max_position_embeddings=160)
+    heads = random_heads(model, NUM_HEADS)
+    with pytest.raises(MedusaError, match=r"original_max_position_embeddings \(40\).*--max-context 40 or less"):
+        export_artifact(model, heads, tmp_path / "long", ExportOptions(), tokenizer=wordlevel_tokenizer)
+    assert not (tmp_path / "long").exists()
+    with pytest.raises(MedusaError, match=r"LongRoPE does not trace to ONNX.*--max-context 40 or less"):
+        export_artifact(model, heads, tmp_path / "p", ExportOptions(graph="portable"), tokenizer=wordlevel_tokenizer)
+    out = export_artifact(
+        model, heads, tmp_path / "short", ExportOptions(max_context=40), tokenizer=wordlevel_tokenizer
+    )
+    assert read_artifact(out).provenance["validation"]["passed"]
+    gen = runtime.load(out, backend="onnxruntime", threads=1)
+    ids = PROMPTS[1]
+    res = gen.generate(ids, max_new_tokens=100, tree="cpu_8")
+    assert res.stats.finish_reason == "context"
+    assert res.tokens == hf_greedy(model, ids, len(res.tokens))
 
 
 class _Spy:
