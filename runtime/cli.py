@@ -16,6 +16,7 @@ from runtime.errors import ConfigError, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 from runtime.paths import PLOT_SUFFIXES, write_text_atomic
 from runtime.profile import DEFAULT_SIZES
+from runtime.reasoning import PARSERS as REASONING_PARSERS
 
 log = logging.getLogger("medusa_trt.runtime")
 MAX_SERVE_BATCH = 256  # serve --max-batch at most: each slot holds a whole context's KV cache
@@ -311,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill every prompt whole (default: a prompt that begins with what a finished request's "
                         "prompt and answer were, the next turn of a chat, keeps that request's cache entries)")  # fmt: skip
     s.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
+    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="think: a chat answer's <think>...</think> block goes to the message's reasoning field "
+                        "(and reasoning_content), the rest to content, as vLLM's reasoning parsers (Qwen3, QwQ, "
+                        "DeepSeek-R1)")  # fmt: skip
     s.add_argument("--plain", action="store_true", help="serve plain decoding (no Medusa): the baseline server")
     s.add_argument(
         "--tree", default=None, help="Medusa tree for every request, or dynamic[:N] (default: the artifact's)"
@@ -592,7 +597,8 @@ def cmd_serve(args) -> None:
             checks.tree(args.tree, spec.num_medusa_heads, spec.vocab_size)
         serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, _load_args(args), host=args.host,
                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
-                  gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching)  # fmt: skip
+                  gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching,
+                  reasoning_parser=args.reasoning_parser)  # fmt: skip
         return
     from runtime.serve import available_memory, check_cache_memory_early, load_for_serving
 
@@ -617,7 +623,8 @@ def cmd_serve(args) -> None:
           f"{args.max_queue}, {'plain decoding' if args.plain else 'Medusa'}, {mode}); Ctrl-C or SIGTERM stops it",
           flush=True)  # fmt: skip
     serve(gen, name, host=args.host, port=port, max_batch=args.max_batch, max_queue=args.max_queue,
-          graceful_timeout=args.graceful_timeout, decode=decode, sockets=sockets)  # fmt: skip
+          graceful_timeout=args.graceful_timeout, decode=decode, sockets=sockets,
+          reasoning_parser=args.reasoning_parser)  # fmt: skip
 
 
 def main(argv=None) -> int:

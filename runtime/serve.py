@@ -73,6 +73,7 @@ from typing import Any, cast
 
 from runtime.decode import MAX_LOGPROBS, check_fits
 from runtime.errors import ConfigError, ContextLengthError, EngineError, MedusaError
+from runtime.reasoning import ThinkSplit
 from runtime.tokenizer import check_template_kwargs
 
 log = logging.getLogger("medusa_trt.runtime")
@@ -90,6 +91,7 @@ CUT_SLACK_S = 2  # at shutdown, after --graceful-timeout: time for the requests 
 GIB = 1 << 30
 CACHE_MEMORY_SHARE = 0.9  # of the memory free after loading, what the KV caches at their peak may take
 SEED_MODULUS = 1 << 64  # a negative seed (OpenAI takes any integer) seeds as seed mod 2**64
+PROMPT_TAIL_TOKENS = 8  # the prompt's last tokens --reasoning-parser reads (does it end inside a <think> block?)
 
 
 def require_serve():
@@ -541,7 +543,10 @@ def _shutting_down(what: str) -> ApiError:
 # ---------------------------------------------------------------------------- the app
 
 
-def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None):
+def create_app(
+    gen, model_name: str, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
+    reasoning_parser: str | None = None,
+):  # fmt: skip
     """The FastAPI app serving ``gen`` (a loaded :class:`runtime.api.MedusaGenerator`); ``decode``:
     server-wide keyword arguments of ``gen.stream`` (``medusa``, ``tree``, ``lookup``)."""
     require_serve()
@@ -894,7 +899,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse(request, jobs, rid, chat, include_usage, stamp),
                                      media_type="text/event-stream")  # fmt: skip
-        choices = [Choice(i, job, chat, gen.tokenizer) for i, job in enumerate(jobs)]
+        choices = [Choice(i, job, chat, gen.tokenizer, reasoning_parser) for i, job in enumerate(jobs)]
         left = asyncio.Event()
 
         async def watch():  # the client leaving frees the request's slots at their next step
@@ -937,7 +942,7 @@ def create_app(gen, model_name: str, max_batch: int = 1, max_queue: int = 16, de
             body.update(extra)
             return f"data: {json.dumps(body)}\n\n"
 
-        choices = [Choice(i, job, chat, gen.tokenizer) for i, job in enumerate(jobs)]
+        choices = [Choice(i, job, chat, gen.tokenizer, reasoning_parser) for i, job in enumerate(jobs)]
         merged: asyncio.Queue = asyncio.Queue()  # (choice, kind, value) from every job, as they come
 
         async def pump(c: Choice):
@@ -1022,10 +1027,17 @@ class Choice:
     a stop string: the decode loop stops at the token that completes one, and a stream holds back any
     tail of its text that could begin one until the next chunk tells."""
 
-    def __init__(self, index: int, job: Job, chat: bool, tokenizer):
+    def __init__(self, index: int, job: Job, chat: bool, tokenizer, reasoning_parser: str | None = None):
         self.index, self.job, self.chat = index, job, chat
         self.lps = Logprobs(tokenizer, chat)
         self.text: list[str] = [job.echo or ""]
+        # --reasoning-parser: the chat answer's reasoning apart (the prompt's last tokens tell whether it opens inside)
+        self.split = (
+            ThinkSplit(tokenizer.decode(job.ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False))
+            if chat and reasoning_parser
+            else None
+        )
+        self.reasoning: list[str] = []
         self.tokens = 0
         self.stats: Any = None  # the finished stream's DecodeStats
         self._echo = job.echo  # not yet sent (streams send it first)
@@ -1048,9 +1060,11 @@ class Choice:
         self._held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep]
 
-    def piece(self, text: str | None, finish: str | None, first: bool = False, logprobs=None) -> dict:
+    def piece(self, text: str | None, finish: str | None, first: bool = False, logprobs=None, reasoning="") -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            if reasoning:  # vLLM's field, and its earlier name, which many clients still read
+                delta.update(reasoning=reasoning, reasoning_content=reasoning)
             return {"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         return {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
@@ -1058,9 +1072,11 @@ class Choice:
         """A "chunk" or "done" event; the pieces to stream for it."""
         if kind == "done":
             self.stats = value
-            tail = self._release("", final=True)
-            self.text.append(tail)
-            return [*([self.piece(tail, None)] if tail else []), self.piece(None, self.finish)]
+            tail, thought = self._split(self._release("", final=True), final=True)
+            return [
+                *([self.piece(tail, None, reasoning=thought)] if tail or thought else []),
+                self.piece(None, self.finish),
+            ]
         pieces = []
         scored = self.lps.add_prompt(self.job.ids[0], value.prompt_logprobs)
         if self._echo is not None:  # the prompt first, with its log-probabilities where asked for
@@ -1068,13 +1084,21 @@ class Choice:
             self._echo = None
         if self.job.score_only:
             return pieces
-        text = self._release(value.text)
-        self.text.append(text)
+        text, thought = self._split(self._release(value.text))
         self.tokens += len(value.tokens)
         body = self.lps.add(value.logprobs)
-        if text or body is not None:  # a token without text yet has its logprob
-            pieces.append(self.piece(text, None, logprobs=body))
+        if text or thought or body is not None:  # a token without text yet has its logprob
+            pieces.append(self.piece(text, None, logprobs=body, reasoning=thought))
         return pieces
+
+    def _split(self, text: str, final: bool = False) -> tuple[str, str]:
+        """(content, reasoning) of released text, kept for the whole answer; without a parser all content."""
+        thought = ""
+        if self.split is not None:
+            thought, text = self.split.push(text, final)
+            self.reasoning.append(thought)
+        self.text.append(text)
+        return text, thought
 
     @property
     def finish(self) -> str:
@@ -1083,7 +1107,10 @@ class Choice:
     def whole(self) -> dict:
         body, lps = "".join(self.text), self.lps.body()
         if self.chat:
-            message = {"role": "assistant", "content": body}
+            message: dict[str, Any] = {"role": "assistant", "content": body}
+            if self.split is not None:  # None where the answer had no reasoning, as vLLM's
+                thought = "".join(self.reasoning) or None
+                message.update(reasoning=thought, reasoning_content=thought)
             return {"index": self.index, "message": message, "finish_reason": self.finish, "logprobs": lps}
         return {"index": self.index, "text": body, "finish_reason": self.finish, "logprobs": lps}
 
@@ -1170,7 +1197,7 @@ def _medusa_stats(stats) -> dict | None:
 
 def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1, max_queue: int = 16,
           graceful_timeout: int = 30, decode: dict | None = None,
-          sockets: list[socket.socket] | None = None) -> None:  # fmt: skip
+          sockets: list[socket.socket] | None = None, reasoning_parser: str | None = None) -> None:  # fmt: skip
     """Run the server until SIGINT/SIGTERM: then it stops listening, answers the queued requests
     503 at once (``/health`` says "shutting down"), lets the running ones finish for up to
     ``graceful_timeout`` seconds and answers those still running then with a 503 error (a stream
@@ -1182,7 +1209,8 @@ def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_b
     from runtime import checks
 
     graceful = cast(int, checks.integer("graceful_timeout", graceful_timeout, 0))
-    app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode)
+    app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode,
+                     reasoning_parser=reasoning_parser)  # fmt: skip
     sockets = bind(host, port) if sockets is None else sockets
     try:
         port = sockets[0].getsockname()[1]
@@ -1222,7 +1250,7 @@ def _uvicorn_server(config, app, graceful: int):
 
 def ray_application(artifact: str, model_name: str, replicas: int, load: dict, max_batch: int = 1,
                     max_queue: int = 16, decode: dict | None = None, gpus_per_replica: float = 0.0,
-                    batching: str = "auto"):  # fmt: skip
+                    batching: str = "auto", reasoning_parser: str | None = None):  # fmt: skip
     """The same app as a Ray Serve deployment of ``replicas`` copies, each its own process and
     engine (the artifact is loaded on the replica), behind Ray's HTTP proxy."""
     from ray import serve as ray_serve
@@ -1234,7 +1262,7 @@ def ray_application(artifact: str, model_name: str, replicas: int, load: dict, m
         except ConfigError:
             gen.close()
             raise
-        return create_app(gen, model_name, max_batch, max_queue, decode)
+        return create_app(gen, model_name, max_batch, max_queue, decode, reasoning_parser)
 
     deployment = ray_serve.deployment(
         ray_serve.ingress(build)(),
@@ -1260,7 +1288,8 @@ def replica_error(status) -> str | None:
 
 def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: str = "127.0.0.1",
               port: int = 8000, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
-              gpus_per_replica: float = 0.0, batching: str = "auto") -> None:  # fmt: skip
+              gpus_per_replica: float = 0.0, batching: str = "auto",
+              reasoning_parser: str | None = None) -> None:  # fmt: skip
     """Start a local Ray instance, deploy :func:`ray_application` on ``host:port`` and serve until
     SIGINT/SIGTERM, then shut Serve and Ray down. On a cluster, run the same application with
     ``ray.init(address="auto")`` (one replica a GPU: ``gpus_per_replica=1``; autoscaling: Serve's
@@ -1277,7 +1306,7 @@ def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: s
     try:
         ray_serve.start(http_options={"host": host, "port": port})
         app = ray_application(artifact, model_name, replicas, load, max_batch, max_queue, decode, gpus_per_replica,
-                              batching)  # fmt: skip
+                              batching, reasoning_parser)  # fmt: skip
         try:
             ray_serve.run(app, name="medusa", route_prefix="/")
         except RuntimeError:  # "Deploying application medusa failed": the replica's own error is in its status
