@@ -73,6 +73,7 @@ from typing import Any, cast
 
 from runtime.decode import MAX_LOGPROBS, check_fits
 from runtime.errors import ConfigError, ContextLengthError, EngineError, MedusaError
+from runtime.reasoning import PARSERS as REASONING_PARSERS
 from runtime.reasoning import ThinkSplit
 from runtime.tokenizer import check_template_kwargs
 
@@ -548,8 +549,11 @@ def create_app(
     reasoning_parser: str | None = None,
 ):  # fmt: skip
     """The FastAPI app serving ``gen`` (a loaded :class:`runtime.api.MedusaGenerator`); ``decode``:
-    server-wide keyword arguments of ``gen.stream`` (``medusa``, ``tree``, ``lookup``)."""
+    server-wide keyword arguments of ``gen.stream`` (``medusa``, ``tree``, ``lookup``); ``reasoning_parser``:
+    None, or ``"think"`` for chat answers' reasoning in a field of its own (:mod:`runtime.reasoning`)."""
     require_serve()
+    if reasoning_parser not in (None, *REASONING_PARSERS):
+        raise ConfigError(f"reasoning_parser {reasoning_parser!r}: use one of {', '.join(REASONING_PARSERS)}, or None")
     from contextlib import asynccontextmanager
     from typing import Literal
 

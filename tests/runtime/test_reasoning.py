@@ -156,3 +156,12 @@ def test_medusa_run_serve_takes_the_parser_by_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["serve", "ART", "--reasoning-parser", "qwen3"])
     assert exit_.value.code == 2 and "invalid choice: 'qwen3'" in capsys.readouterr().err
+
+
+def test_create_app_refuses_a_parser_it_does_not_know(gen):
+    pytest.importorskip("fastapi")
+    from runtime.errors import ConfigError
+    from runtime.serve import create_app
+
+    with pytest.raises(ConfigError, match="reasoning_parser 'qwen3': use one of think, or None"):
+        create_app(gen, "tiny", reasoning_parser="qwen3")
