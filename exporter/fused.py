@@ -153,10 +153,14 @@ def _check_longrope(c, max_positions: int) -> None:
     if (rope.get("rope_type") or rope.get("type")) != "longrope":
         return
     original = rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None)
-    if original is None or max_positions > int(original):
+    if original is None:
+        raise FusedGraphError(
+            "LongRoPE without original_max_position_embeddings: the config does not say where it switches"
+        )
+    if max_positions > int(original):  # (the portable graph cannot trace the switch: exporter.export refuses it)
         raise FusedGraphError(
             f"LongRoPE switches to its long factors past original_max_position_embeddings ({original}), which a "
-            f"context of {max_positions} reaches: use --max-context {original} or less, or --graph portable"
+            f"context of {max_positions} reaches: use --max-context {original} or less"
         )
 
 
