@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from runtime import checks
-from runtime.clihelp import HelpFormatter, field_default
+from runtime.clihelp import HelpFormatter, field_default, json_object
 from runtime.decode import ACCEPTANCES, DEFAULT_BATCH_PREFILL_CHUNK, DRAFTS, LOOKUP_SIZINGS, DecodeConfig
 from runtime.errors import ConfigError, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
@@ -57,17 +57,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     add_verbosity_args(p, sub=True)  # also after the subcommand: medusa-run generate ... -v
 
 
-def _json_object(text: str) -> dict:
-    """argparse type: a JSON object (a bad one is the usual one-line usage error)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"a JSON object is needed, got a {type(value).__name__}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="medusa-run", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     add_verbosity_args(ap)
@@ -79,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
     g.add_argument(
         "--chat-template-kwargs",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help="more variables for the chat template, a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3)",
     )

@@ -1,11 +1,13 @@
-"""``--help`` that shows every option's default (the three command lines share it), and
-:func:`field_default`, by which a flag takes its default from the config dataclass it fills."""
+"""``--help`` that shows every option's default (the three command lines share it),
+:func:`field_default`, by which a flag takes its default from the config dataclass it fills, and
+:func:`json_object`, the argparse type of a flag that takes a JSON object."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import json
 
 
 def field_default(cls, name: str):
@@ -20,6 +22,17 @@ def field_default(cls, name: str):
                 return f.default_factory()
             raise TypeError(f"{cls.__name__}.{name} has no default")
     raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (a bad one is the usual one-line usage error, exit 2)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got a {type(value).__name__}")
+    return value
 
 
 def default_text(action: argparse.Action) -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.checks import MAX_TREE_NODES
-from runtime.clihelp import HelpFormatter, field_default
+from runtime.clihelp import HelpFormatter, field_default, json_object
 from runtime.errors import require_extra, run_cli, sigterm_as_interrupt
 from runtime.log import add_verbosity_args, cli_logging, verbosity
 from training.data import MAX_CACHED_HEADS
@@ -36,6 +36,7 @@ def distill_config(a):
         seed=a.seed,
         threads=a.threads,
         engine=Path(a.engine) if a.engine else None,
+        chat_template_kwargs=a.chat_template_kwargs,
     )
 
 
@@ -193,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     sp.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     sp.add_argument("--batch-size", type=int, default=d.batch_size, help="answers generated together")
+    sp.add_argument(
+        "--chat-template-kwargs",
+        type=json_object,
+        metavar="JSON",
+        help="more variables for the chat template, a JSON object: '{\"enable_thinking\": false}' distills Qwen3's "
+        "answers without a reasoning block",
+    )
     sp.add_argument(
         "--engine",
         default=None,

@@ -40,6 +40,7 @@ from pathlib import Path
 from runtime.errors import MedusaError
 from runtime.log import quiet
 from runtime.paths import not_a_file
+from runtime.tokenizer import check_template_kwargs
 
 log = logging.getLogger("medusa_trt.training")
 
@@ -64,6 +65,9 @@ class DistillConfig:
     # batched per engine call (runtime.load(..., max_batch=N)), instead of torch; the hidden states
     # are then computed at the end by one causal pass per record on the same engine
     engine: Path | None = None
+    # more variables for the chat template (--chat-template-kwargs), e.g. {"enable_thinking": False} for Qwen3:
+    # answers without a reasoning block, as a server asked so returns them
+    chat_template_kwargs: dict | None = None
 
 
 def states_dir(out: Path) -> Path:
@@ -222,9 +226,11 @@ def read_records(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------- generation
 
 
-def chat_prompt_ids(tokenizer, user_text: str) -> list[int]:
+def chat_prompt_ids(tokenizer, user_text: str, template_kwargs: dict | None = None) -> list[int]:
     msgs = [{"role": "user", "content": user_text}]
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False, **(template_kwargs or {})
+    )
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return [int(t) for t in ids]
@@ -350,6 +356,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     cfg.temperature = temperature
     checks.integer("--seed", cfg.seed, 0)
     checks.threads(cfg.threads)
+    cfg.chat_template_kwargs = check_template_kwargs(cfg.chat_template_kwargs) or None
     output_file(cfg.out, "--out", "the distilled .jsonl")  # a folder there is named now, not as missing data
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -367,8 +374,10 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     done = {r["id"]: r for r in read_records(out)} if out.exists() else {}  # a finished file is extended
     done.update({r["id"]: r for r in read_partial(partial)})
     key = resume_key(cfg)
-    check_resume(done, key, prompts, tok, f"{out} / {partial}")
-    todo = [(pid, text, chat_prompt_ids(tok, text)) for pid, text in prompts if pid not in done]
+    check_resume(done, key, prompts, tok, f"{out} / {partial}", cfg.chat_template_kwargs)
+    todo = [
+        (pid, text, chat_prompt_ids(tok, text, cfg.chat_template_kwargs)) for pid, text in prompts if pid not in done
+    ]
     # batches in prompt order: a run stopped early holds a prefix of the prompts, so rerunning
     # with --num-prompts set to what is done finishes at once (generation length, not prompt
     # length, dominates the cost, so sorting by prompt length would buy little)
@@ -542,10 +551,19 @@ def resume_key(cfg: DistillConfig) -> dict:
     }
     if cfg.temperature > 0:  # sampled answers depend on the seed too
         key["seed"] = cfg.seed
+    if cfg.chat_template_kwargs:  # (absent otherwise: records from before the option stay resumable)
+        key["chat_template_kwargs"] = cfg.chat_template_kwargs
     return key
 
 
-def check_resume(done: dict[str, dict], key: dict, prompts: list[tuple[str, str]], tok, where: str) -> None:
+def check_resume(
+    done: dict[str, dict],
+    key: dict,
+    prompts: list[tuple[str, str]],
+    tok,
+    where: str,
+    template_kwargs: dict | None = None,
+) -> None:
     """Refuse to mix records: every kept record must carry this run's ``key`` (records written
     before a key field existed are exempt from it) and, where this run asks for its id, the
     same prompt text and templated prompt ids (another prompts file, or another chat template)."""
@@ -565,7 +583,7 @@ def check_resume(done: dict[str, dict], key: dict, prompts: list[tuple[str, str]
         if pid not in texts:
             continue
         if r.get("messages") != [{"role": "user", "content": texts[pid]}] or r.get("prompt_ids") != chat_prompt_ids(
-            tok, texts[pid]
+            tok, texts[pid], template_kwargs
         ):
             raise MedusaError(
                 f"{where}: record {pid} was made from another prompt (or chat template) than this run's "

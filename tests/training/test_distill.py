@@ -275,3 +275,45 @@ def test_resume_with_another_prompts_file_is_refused(tmp_path):
     cfg.prompts = a  # the same file resumes, and the records carry the key
     records = distill(cfg, backbone=(model, tok))
     assert len(records) == 6 and all(r["messages"][0]["content"] == f"question {i}" for i, r in enumerate(records))
+
+
+class ThinkingCharTokenizer(CharTokenizer):
+    """CharTokenizer whose template, as Qwen3's, takes ``enable_thinking``: False closes an empty reasoning
+    block at the end of the prompt (here: token 4 twice)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False, **kw):
+        ids = super().apply_chat_template(messages, add_generation_prompt, tokenize, return_dict)
+        return ids + [4, 4] if kw.get("enable_thinking") is False else ids
+
+
+def test_chat_template_kwargs_shape_the_prompts_and_a_resume_must_ask_for_the_same(tmp_path, prompts_file):
+    from runtime.errors import ConfigError
+    from training.distill import distill
+
+    model, tok = tiny_llama(), ThinkingCharTokenizer()
+    off = {"enable_thinking": False}
+    cfg = _distill_cfg(tmp_path, prompts_file, chat_template_kwargs=off, save_states=False)
+    with pytest.raises(KeyboardInterrupt):
+        distill(cfg, on_batch=lambda b, r: (_ for _ in ()).throw(KeyboardInterrupt), backbone=(model, tok))
+    # resumed without the variables: the kept records' prompts are not this run's
+    plain = dataclasses.replace(cfg, chat_template_kwargs=None)
+    with pytest.raises(MedusaError, match="made from another prompt"):
+        distill(plain, backbone=(model, tok))
+    records = distill(cfg, backbone=(model, tok))
+    for r in records:
+        assert r["prompt_ids"] == tok.apply_chat_template(r["messages"], enable_thinking=False)
+        assert r["prompt_ids"][-2:] == [4, 4] and r["chat_template_kwargs"] == off
+    for bad, words in (({"messages": 1}, "set by the call itself"), ({"x-y": 1}, "not a template variable name")):
+        with pytest.raises(ConfigError, match=words):
+            distill(dataclasses.replace(cfg, chat_template_kwargs=bad), backbone=(model, tok))
+
+
+def test_medusa_train_distill_reads_the_variables_as_json(capsys):
+    from training.cli import build_parser, distill_config
+
+    a = build_parser().parse_args(["distill", "--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert distill_config(a).chat_template_kwargs == {"enable_thinking": False}
+    assert distill_config(build_parser().parse_args(["distill"])).chat_template_kwargs is None
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["distill", "--chat-template-kwargs", "[1]"])
+    assert exit_.value.code == 2 and "a JSON object is needed, got a list" in capsys.readouterr().err
