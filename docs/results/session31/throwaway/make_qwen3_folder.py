@@ -1,20 +1,22 @@
-"""A Qwen3 Hugging Face folder the size of SmolLM2-135M (30 layers, hidden 576, 9 query and 3 KV heads of 64,
-intermediate 1536, tied embeddings), random weights (q/k norm weights drawn around 1), with SmolLM2's tokenizer
-(vocabulary 49,152): a second architecture to time our fused graph against onnxruntime-genai's builder on the
-same weights. Usage: python make_qwen3_folder.py OUT"""
+"""A Qwen3 (or Phi-3) Hugging Face folder the size of SmolLM2-135M (30 layers, hidden 576, 9 query and 3 KV heads
+of 64, intermediate 1536, tied embeddings), random weights (Qwen3's q/k norm weights drawn around 1), with SmolLM2's
+tokenizer (vocabulary 49,152): other architectures to time our fused graph against onnxruntime-genai's builder on
+the same weights. Usage: python make_qwen3_folder.py OUT [qwen3|phi3]"""
 
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from exporter.models import resolve_model
 
 out = Path(sys.argv[1])
+arch = sys.argv[2] if len(sys.argv) > 2 else "qwen3"
+config_cls, model_cls = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}[arch]
 smol = resolve_model("smollm2-135m")
-cfg = Qwen3Config(
+cfg = config_cls(
     vocab_size=49152,
     hidden_size=576,
     intermediate_size=1536,
@@ -28,12 +30,13 @@ cfg = Qwen3Config(
     bos_token_id=1,
     eos_token_id=2,
     initializer_range=0.04,
+    pad_token_id=0,
 )
-cfg.architectures = ["Qwen3ForCausalLM"]
+cfg.architectures = [model_cls.__name__]
 torch.manual_seed(0)
-model = Qwen3ForCausalLM(cfg).eval()
+model = model_cls(cfg).eval()
 with torch.no_grad():
-    for layer in model.model.layers:
+    for layer in model.model.layers if arch == "qwen3" else []:
         for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
             norm.weight.normal_(1.0, 0.2)
 model.save_pretrained(str(out))
