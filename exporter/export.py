@@ -677,12 +677,13 @@ def export_artifact(
             f"{type(model).__name__} is not supported; medusa-trt exports {', '.join(SUPPORTED_ARCHITECTURES)} "
             "(the Llama family)"
         )
-    rope = getattr(model.config, "rope_scaling", None) or {}
-    if options.graph == "portable" and (rope.get("rope_type") or rope.get("type")) == "longrope":
+    from exporter.fused import longrope_short_context
+
+    short = longrope_short_context(model.config)
+    if options.graph == "portable" and short is not None:
         raise MedusaError(
             "LongRoPE does not trace to ONNX (transformers switches its rotary factors in place); export the fused "
-            "graph (the default), which holds the short factors, with --max-context "
-            f"{rope.get('original_max_position_embeddings', 'original_max_position_embeddings')} or less"
+            f"graph (the default), which holds the short factors, with --max-context {short} or less"
         )
     out_dir = Path(out_dir).expanduser().absolute()
     check_out_dir(out_dir, options.force)

@@ -120,6 +120,26 @@ def _np(t, dtype) -> np.ndarray:
     return t.detach().to("cpu").float().numpy().astype(dtype)
 
 
+def rope_type(config) -> str | None:
+    """The config's rotary scaling type (``rope_scaling``: transformers 5 names it ``rope_type``, older files ``type``)."""
+    rope = getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type") or rope.get("type")
+
+
+def longrope_short_context(config) -> int | None:
+    """Where a LongRoPE config switches to its long factors (``original_max_position_embeddings``); None for
+    other rotary types. A LongRoPE config that does not say raises :class:`FusedGraphError`."""
+    if rope_type(config) != "longrope":
+        return None
+    rope = getattr(config, "rope_scaling", None) or {}
+    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    if original is None:
+        raise FusedGraphError(
+            "LongRoPE without original_max_position_embeddings: the config does not say where it switches"
+        )
+    return int(original)
+
+
 def _check_supported(model) -> None:
     c = model.config
     name = type(model).__name__
@@ -131,7 +151,7 @@ def _check_supported(model) -> None:
     if act not in ("silu", "swish"):
         raise FusedGraphError(f"hidden_act {act!r}: the fused graph implements SiLU MLPs only (use --graph portable)")
     rope = getattr(c, "rope_scaling", None) or {}
-    if (rope.get("rope_type") or rope.get("type")) == "dynamic":
+    if rope_type(c) == "dynamic":
         raise FusedGraphError("dynamic NTK rotary scaling changes with the sequence length: use --graph portable")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     partial = getattr(c, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
@@ -149,15 +169,8 @@ def _check_longrope(c, max_positions: int) -> None:
     """LongRoPE (Phi-3's 128k configs) rotates by its short factors while a sequence is at most
     ``original_max_position_embeddings`` long and by its long ones past that, switching at each call's
     longest position; the fused graph's tables hold one set, so its context stops where the short set ends."""
-    rope = getattr(c, "rope_scaling", None) or {}
-    if (rope.get("rope_type") or rope.get("type")) != "longrope":
-        return
-    original = rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None)
-    if original is None:
-        raise FusedGraphError(
-            "LongRoPE without original_max_position_embeddings: the config does not say where it switches"
-        )
-    if max_positions > int(original):  # (the portable graph cannot trace the switch: exporter.export refuses it)
+    original = longrope_short_context(c)  # (the portable graph cannot trace the switch: exporter.export refuses it)
+    if original is not None and max_positions > original:
         raise FusedGraphError(
             f"LongRoPE switches to its long factors past original_max_position_embeddings ({original}), which a "
             f"context of {max_positions} reaches: use --max-context {original} or less"

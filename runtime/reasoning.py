@@ -24,8 +24,9 @@ OPEN, CLOSE = "<think>", "</think>"
 PARSERS = ("think",)
 
 
-def _partial_tail(text: str, tag: str) -> int:
-    """The length of the longest tail of ``text`` that is a proper prefix of ``tag``."""
+def partial_tail(text: str, tag: str) -> int:
+    """The length of the longest tail of ``text`` that is a proper prefix of ``tag``: what a stream holds
+    back while the next piece may complete ``tag`` (a tag here, a stop string in the server)."""
     return max((k for k in range(1, min(len(tag), len(text) + 1)) if text.endswith(tag[:k])), default=0)
 
 
@@ -63,7 +64,7 @@ class ThinkSplit:
                     reasoning.append(buf[:at])
                     self.state, buf = "lead", buf[at + len(CLOSE) :]
                 else:
-                    keep = 0 if final else _partial_tail(buf, CLOSE)
+                    keep = 0 if final else partial_tail(buf, CLOSE)
                     reasoning.append(buf[: len(buf) - keep])
                     self._held = buf[len(buf) - keep :]
                     break

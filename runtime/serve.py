@@ -74,7 +74,7 @@ from typing import Any, cast
 from runtime.decode import MAX_LOGPROBS, check_fits
 from runtime.errors import ConfigError, ContextLengthError, EngineError, MedusaError
 from runtime.reasoning import PARSERS as REASONING_PARSERS
-from runtime.reasoning import ThinkSplit
+from runtime.reasoning import ThinkSplit, partial_tail
 from runtime.tokenizer import check_template_kwargs
 
 log = logging.getLogger("medusa_trt.runtime")
@@ -1059,8 +1059,7 @@ class Choice:
             self._stopped, self._held = True, ""
             return buf[: min(hits)]
         # (a tail no longer than the text: a stop of any length costs what the text does, not what the stop does)
-        keep = 0 if final else max((k for stop in self.job.stops for k in range(1, min(len(stop), len(buf) + 1))
-                                    if buf.endswith(stop[:k])), default=0)  # fmt: skip
+        keep = 0 if final else max(partial_tail(buf, stop) for stop in self.job.stops)
         self._held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep]
 
