@@ -360,17 +360,23 @@ class MedusaGenerator:
             stacklevel=stacklevel + 1,
         )
 
-    def encode(self, prompt: Prompt, chat_template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    def encode(
+        self,
+        prompt: Prompt,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         """A prompt string (encoded as is), chat messages (chat template applied, with
-        ``chat_template_kwargs`` as more template variables, e.g. ``{"enable_thinking": False}``) or
-        token ids."""
+        ``chat_template_kwargs`` as more template variables, e.g. ``{"enable_thinking": False}``, and
+        ``tools`` as the functions it lists) or token ids."""
         kind, value = checks.prompt(prompt, self.spec.vocab_size)
-        if chat_template_kwargs is not None and kind != "chat":
-            raise ConfigError("chat_template_kwargs applies to chat messages only, and the prompt is not a chat")
+        for name, given in (("chat_template_kwargs", chat_template_kwargs), ("tools", tools)):
+            if given is not None and kind != "chat":
+                raise ConfigError(f"{name} applies to chat messages only, and the prompt is not a chat")
         if kind == "text":
             ids = self.tokenizer.encode(value)
         elif kind == "chat":
-            ids = self.tokenizer.apply_chat_template(value, template_kwargs=chat_template_kwargs)
+            ids = self.tokenizer.apply_chat_template(value, template_kwargs=chat_template_kwargs, tools=tools)
         else:
             ids = value
         if not ids:
@@ -401,10 +407,11 @@ class MedusaGenerator:
         presence_penalty,
         frequency_penalty,
         chat_template_kwargs,
+        tools,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
-        ids = self.encode(prompt, chat_template_kwargs)
+        ids = self.encode(prompt, chat_template_kwargs, tools)
         cfg = DecodeConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -558,6 +565,7 @@ class MedusaGenerator:
         presence_penalty: float = _DEFAULTS.presence_penalty,
         frequency_penalty: float = _DEFAULTS.frequency_penalty,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -597,6 +605,7 @@ class MedusaGenerator:
         presence_penalty: float = _DEFAULTS.presence_penalty,
         frequency_penalty: float = _DEFAULTS.frequency_penalty,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -643,7 +652,10 @@ class MedusaGenerator:
         so greedy Medusa still emits plain greedy decoding's tokens under the same penalties.
 
         ``chat_template_kwargs`` (a chat prompt only): more variables for the model's chat template,
-        as transformers and vLLM pass them, e.g. ``{"enable_thinking": False}`` for Qwen3.
+        as transformers and vLLM pass them, e.g. ``{"enable_thinking": False}`` for Qwen3. ``tools`` (a
+        chat prompt only): the functions the model may call, OpenAI's / transformers' JSON schemas, for
+        the chat template to list (one that does not read ``tools`` is refused); the answer's calls:
+        ``runtime.toolcalls.split_tool_calls(result.text)`` (Hermes-format models: Qwen2.5, Qwen3).
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []

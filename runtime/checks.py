@@ -214,7 +214,8 @@ def chat_messages(messages) -> list[dict]:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConfigError(f"chat messages must be dicts with 'role' and 'content', got {show(m)} at position {i}")
         text(f"message {i}'s role", m["role"])
-        text(f"message {i}'s content", m["content"])
+        if m["content"] is not None or not m.get("tool_calls"):  # an assistant's tool calls may come without text
+            text(f"message {i}'s content", m["content"])
     return list(messages)
 
 

@@ -17,6 +17,7 @@ from runtime.log import add_verbosity_args, cli_logging, verbosity
 from runtime.paths import PLOT_SUFFIXES, write_text_atomic
 from runtime.profile import DEFAULT_SIZES
 from runtime.reasoning import PARSERS as REASONING_PARSERS
+from runtime.toolcalls import PARSERS as TOOL_CALL_PARSERS
 
 log = logging.getLogger("medusa_trt.runtime")
 MAX_SERVE_BATCH = 256  # serve --max-batch at most: each slot holds a whole context's KV cache
@@ -305,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="think: a chat answer's <think>...</think> block goes to the message's reasoning field "
                         "(and reasoning_content), the rest to content, as vLLM's reasoning parsers (Qwen3, QwQ, "
                         "DeepSeek-R1)")  # fmt: skip
+    s.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                   help="hermes: function calling (OpenAI's tools / tool_calls) for models that answer with "
+                        "<tool_call>{...}</tool_call> blocks (Qwen2.5, Qwen3, Hermes), as vLLM's parser of that name; "
+                        "without it a request with tools gets 400")  # fmt: skip
     s.add_argument("--plain", action="store_true", help="serve plain decoding (no Medusa): the baseline server")
     s.add_argument(
         "--tree", default=None, help="Medusa tree for every request, or dynamic[:N] (default: the artifact's)"
@@ -587,7 +592,7 @@ def cmd_serve(args) -> None:
         serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, _load_args(args), host=args.host,
                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
                   gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching,
-                  reasoning_parser=args.reasoning_parser)  # fmt: skip
+                  reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)  # fmt: skip
         return
     from runtime.serve import available_memory, check_cache_memory_early, load_for_serving
 
@@ -613,7 +618,7 @@ def cmd_serve(args) -> None:
           flush=True)  # fmt: skip
     serve(gen, name, host=args.host, port=port, max_batch=args.max_batch, max_queue=args.max_queue,
           graceful_timeout=args.graceful_timeout, decode=decode, sockets=sockets,
-          reasoning_parser=args.reasoning_parser)  # fmt: skip
+          reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,10 @@ prompt ``p``'s choice ``j`` is choice ``p * n + j``, as OpenAI's),
 OpenAI's fields this server has no use for at the values that ask for nothing (``logit_bias: {}``,
 ``tools: []``, ...; any other value is a 400 naming the field as unsupported). Chat requests also take
 vLLM's ``chat_template_kwargs`` (more variables for the chat template: ``{"enable_thinking": false}`` for
-Qwen3).
+Qwen3), and with ``--tool-call-parser hermes`` OpenAI's function calling: ``tools`` go to the chat
+template, calls in the answer come back as the message's ``tool_calls`` (:mod:`runtime.toolcalls`),
+and the conversation's earlier calls and results (assistant ``tool_calls``, ``tool`` messages) go
+back to the template.
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
@@ -76,6 +79,8 @@ from runtime.errors import ConfigError, ContextLengthError, EngineError, MedusaE
 from runtime.reasoning import PARSERS as REASONING_PARSERS
 from runtime.reasoning import ThinkSplit, partial_tail
 from runtime.tokenizer import check_template_kwargs
+from runtime.toolcalls import PARSERS as TOOL_CALL_PARSERS
+from runtime.toolcalls import ToolCall, ToolCallSplit
 
 log = logging.getLogger("medusa_trt.runtime")
 
@@ -93,6 +98,15 @@ GIB = 1 << 30
 CACHE_MEMORY_SHARE = 0.9  # of the memory free after loading, what the KV caches at their peak may take
 SEED_MODULUS = 1 << 64  # a negative seed (OpenAI takes any integer) seeds as seed mod 2**64
 PROMPT_TAIL_TOKENS = 8  # the prompt's last tokens --reasoning-parser reads (does it end inside a <think> block?)
+
+
+def _json_object(text: str) -> Any:
+    """A call's ``arguments`` for the chat template: the object its JSON text states, else the text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def require_serve():
@@ -368,6 +382,7 @@ class Job:
     score_only: bool = False  # max_tokens 0 with echo: one token decoded (the prefill's), none sent
     stops: list[str] = field(default_factory=list)  # the request's stop strings: the text ends before them
     first_choice: bool = True  # its prompt's first choice (usage counts each prompt once)
+    parse_tools: bool = False  # the answer's tool calls go to tool_calls (the request offered tools)
 
     def send(self, kind: str, value=None) -> None:
         try:
@@ -546,14 +561,18 @@ def _shutting_down(what: str) -> ApiError:
 
 def create_app(
     gen, model_name: str, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
-    reasoning_parser: str | None = None,
+    reasoning_parser: str | None = None, tool_call_parser: str | None = None,
 ):  # fmt: skip
     """The FastAPI app serving ``gen`` (a loaded :class:`runtime.api.MedusaGenerator`); ``decode``:
     server-wide keyword arguments of ``gen.stream`` (``medusa``, ``tree``, ``lookup``); ``reasoning_parser``:
-    None, or ``"think"`` for chat answers' reasoning in a field of its own (:mod:`runtime.reasoning`)."""
+    None, or ``"think"`` for chat answers' reasoning in a field of its own (:mod:`runtime.reasoning`);
+    ``tool_call_parser``: None (requests with ``tools`` are refused), or ``"hermes"`` for function
+    calling (:mod:`runtime.toolcalls`)."""
     require_serve()
-    if reasoning_parser not in (None, *REASONING_PARSERS):
-        raise ConfigError(f"reasoning_parser {reasoning_parser!r}: use one of {', '.join(REASONING_PARSERS)}, or None")
+    for what, value, known in (("reasoning_parser", reasoning_parser, REASONING_PARSERS),
+                               ("tool_call_parser", tool_call_parser, TOOL_CALL_PARSERS)):  # fmt: skip
+        if value not in (None, *known):
+            raise ConfigError(f"{what} {value!r}: use one of {', '.join(known)}, or None")
     from contextlib import asynccontextmanager
     from typing import Literal
 
@@ -561,13 +580,16 @@ def create_app(
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
     from starlette.exceptions import HTTPException
 
     if max_batch < 1 or max_queue < 0:
         raise MedusaError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
     if decode:
         check_decode(decode, gen)  # a server-wide mistake fails here, not on every request
+    if tool_call_parser and "tools" not in gen.tokenizer.template_variables:
+        log.warning("--tool-call-parser %s: the chat template of %s does not render tools; requests with tools get "
+                    "400", tool_call_parser, model_name)  # fmt: skip
     metrics = Metrics()
     engine = getattr(gen, "engine", None)
     if engine is not None:  # a batched generator: how full its calls are
@@ -584,14 +606,58 @@ def create_app(
         type: Literal["text"]
         text: str
 
-    class Message(_Strict):
-        # "developer": OpenAI's newer name for the system role (the chat template gets "system")
-        role: Literal["system", "developer", "user", "assistant"]
-        content: str | list[TextPart]  # a list: OpenAI's content parts (text ones), joined by newlines
-        name: str | None = None
+    class FunctionCall(_Strict):
+        name: str = Field(min_length=1)
+        arguments: str  # JSON text, as OpenAI's API returns it
 
-        def text(self) -> str:
-            return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+    class ToolCallIn(_Strict):  # an earlier call of the conversation, sent back with the assistant's message
+        id: str
+        type: Literal["function"]
+        function: FunctionCall
+
+    class Message(_Strict):
+        # "developer": OpenAI's newer name for the system role (the chat template gets "system"); "tool": a
+        # call's result
+        role: Literal["system", "developer", "user", "assistant", "tool"]
+        content: str | list[TextPart] | None = None  # a list: OpenAI's content parts (text ones), joined by newlines
+        name: str | None = None
+        tool_calls: list[ToolCallIn] | None = None
+        tool_call_id: str | None = None
+
+        @model_validator(mode="after")
+        def _content_or_calls(self):
+            if self.content is None and not (self.role == "assistant" and self.tool_calls):
+                raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+            return self
+
+        def text(self) -> str | None:
+            if self.content is None or isinstance(self.content, str):
+                return self.content
+            return "\n".join(p.text for p in self.content)
+
+        def for_template(self) -> dict[str, Any]:
+            """The message as chat templates read it (transformers' and vLLM's form: a call's
+            arguments as the object its JSON text states, where it states one)."""
+            m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+            if self.tool_calls:
+                m["tool_calls"] = [{"id": c.id, "type": "function",
+                                    "function": {"name": c.function.name, "arguments": _json_object(c.function.arguments)}}
+                                   for c in self.tool_calls]  # fmt: skip
+            if self.tool_call_id is not None:
+                m["tool_call_id"] = self.tool_call_id
+            if self.name is not None and self.role == "tool":  # the function's name, which some templates print
+                m["name"] = self.name
+            return m
+
+    class Function(_Strict):
+        name: str = Field(min_length=1, max_length=64)
+        description: str | None = None
+        parameters: dict[str, Any] | None = None  # a JSON schema, passed to the template as given
+        strict: bool | None = None
+
+    class Tool(_Strict):
+        type: Literal["function"]
+        function: Function
 
     class StreamOptions(_Strict):
         include_usage: bool = False
@@ -623,7 +689,7 @@ def create_app(
         logprobs: bool | None = None
         top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
         response_format: dict[str, Any] | None = None
-        tools: list[dict[str, Any]] | None = None
+        tools: list[Tool] | None = None
         tool_choice: str | dict[str, Any] | None = None
         parallel_tool_calls: bool | None = None
         # vLLM's extension: more variables for the chat template (Qwen3's {"enable_thinking": false})
@@ -769,8 +835,9 @@ def create_app(
         ("logit_bias", "logit_bias (biasing tokens)", lambda r: bool(r.logit_bias)),
         ("response_format", 'response_format other than {"type": "text"} (structured output)',
          lambda r: getattr(r, "response_format", None) not in (None, {"type": "text"})),
-        ("tools", "tools (function calling)", lambda r: bool(getattr(r, "tools", None))),
-        ("tool_choice", "tool_choice (function calling)",
+        ("tools", "tools (function calling) without a tool-call parser (start the server with --tool-call-parser "
+                  "hermes)", lambda r: bool(getattr(r, "tools", None)) and tool_call_parser is None),
+        ("tool_choice", "tool_choice other than \"auto\" or \"none\" (a forced call needs constrained decoding)",
          lambda r: getattr(r, "tool_choice", None) not in (None, "none", "auto")),
         ("best_of", "best_of other than n (every choice is returned)",
          lambda r: getattr(r, "best_of", None) not in (None, r.n or 1)),
@@ -799,7 +866,9 @@ def create_app(
             raise unknown_model(req.model)
         refuse_unsupported(req)
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
-        if param == "messages" and not any(m["content"] for m in prompt):  # as /v1/completions refuses ""
+        if param == "messages" and not any(
+            m["content"] or m.get("tool_calls") for m in prompt
+        ):  # as /v1/completions refuses ""
             raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)
         prompts = prompts_of(prompt)
         n = req.n or 1
@@ -812,11 +881,17 @@ def create_app(
             check_template_kwargs(template_kwargs)
         except MedusaError as e:
             raise ApiError(400, str(e), param="chat_template_kwargs") from None
+        tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None
+        if tools and "tools" not in gen.tokenizer.template_variables:
+            raise ApiError(400, f"tools: the chat template of {model_name!r} does not render tools, so the model would "
+                                "never see them (serve a model trained for function calling)", param="tools")  # fmt: skip
+        # calls are parsed where the request offers tools and lets the model call them
+        parse_tools = bool(tools) and getattr(req, "tool_choice", None) != "none"
         encoded = []
         for p, text in enumerate(prompts):
             which = f"prompt {p}: " if len(prompts) > 1 else ""
             try:
-                ids = gen.encode(text, template_kwargs)
+                ids = gen.encode(text, template_kwargs, tools)
                 check_fits(gen.backend, ids)  # the decode loop's own check, before the request takes a slot
             except ContextLengthError as e:
                 raise ApiError(400, which + str(e), param=param, code="context_length_exceeded") from None
@@ -861,7 +936,7 @@ def create_app(
                     named = str(e).split(" ", 1)[0]
                     raise ApiError(400, str(e), param=named if named in type(req).model_fields else None) from None
                 jobs.append(Job(ids, stream, loop, asyncio.Queue(), echo=echoed, score_only=score_only,
-                                stops=stops, first_choice=j == 0))  # fmt: skip
+                                stops=stops, first_choice=j == 0, parse_tools=parse_tools))  # fmt: skip
         return jobs
 
     async def events(job: Job):
@@ -985,9 +1060,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, req: ChatRequest):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]  # fmt: skip
-        return await complete(request, req, messages, chat=True)
+        return await complete(request, req, [m.for_template() for m in req.messages], chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest):
@@ -1042,6 +1115,9 @@ class Choice:
             else None
         )
         self.reasoning: list[str] = []
+        # --tool-call-parser, where the request offered tools: the answer's calls apart from its content
+        self.tool_split = ToolCallSplit() if chat and job.parse_tools else None
+        self.calls: list[ToolCall] = []
         self.tokens = 0
         self.stats: Any = None  # the finished stream's DecodeStats
         self._echo = job.echo  # not yet sent (streams send it first)
@@ -1063,11 +1139,17 @@ class Choice:
         self._held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep]
 
-    def piece(self, text: str | None, finish: str | None, first: bool = False, logprobs=None, reasoning="") -> dict:
+    def piece(self, text: str | None, finish: str | None, first: bool = False, logprobs=None, reasoning="",
+              calls: tuple[int, list[ToolCall]] = (0, [])) -> dict:  # fmt: skip
+        """A streamed piece; ``calls``: (the index of the first, the calls) this piece completes."""
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            )
             if reasoning:  # vLLM's field, and its earlier name, which many clients still read
                 delta.update(reasoning=reasoning, reasoning_content=reasoning)
+            if calls[1]:  # each call whole in one delta (OpenAI's clients join arguments by index either way)
+                delta["tool_calls"] = [c.body(calls[0] + k) for k, c in enumerate(calls[1])]
             return {"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         return {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
@@ -1075,9 +1157,9 @@ class Choice:
         """A "chunk" or "done" event; the pieces to stream for it."""
         if kind == "done":
             self.stats = value
-            tail, thought = self._split(self._release("", final=True), final=True)
+            tail, thought, calls = self._split(self._release("", final=True), final=True)
             return [
-                *([self.piece(tail, None, reasoning=thought)] if tail or thought else []),
+                *([self.piece(tail, None, reasoning=thought, calls=calls)] if tail or thought or calls[1] else []),
                 self.piece(None, self.finish),
             ]
         pieces = []
@@ -1087,24 +1169,30 @@ class Choice:
             self._echo = None
         if self.job.score_only:
             return pieces
-        text, thought = self._split(self._release(value.text))
+        text, thought, calls = self._split(self._release(value.text))
         self.tokens += len(value.tokens)
         body = self.lps.add(value.logprobs)
-        if text or thought or body is not None:  # a token without text yet has its logprob
-            pieces.append(self.piece(text, None, logprobs=body, reasoning=thought))
+        if text or thought or calls[1] or body is not None:  # a token without text yet has its logprob
+            pieces.append(self.piece(text, None, logprobs=body, reasoning=thought, calls=calls))
         return pieces
 
-    def _split(self, text: str, final: bool = False) -> tuple[str, str]:
-        """(content, reasoning) of released text, kept for the whole answer; without a parser all content."""
-        thought = ""
+    def _split(self, text: str, final: bool = False) -> tuple[str, str, tuple[int, list[ToolCall]]]:
+        """(content, reasoning, (the index of the first, the calls)) of released text, kept for the whole
+        answer; without parsers all content."""
+        thought, first, calls = "", len(self.calls), cast(list[ToolCall], [])
         if self.split is not None:
             thought, text = self.split.push(text, final)
             self.reasoning.append(thought)
+        if self.tool_split is not None:  # the calls are the answer's, not its reasoning's
+            text, calls = self.tool_split.push(text, final)
+            self.calls.extend(calls)
         self.text.append(text)
-        return text, thought
+        return text, thought, (first, calls)
 
     @property
     def finish(self) -> str:
+        if self.calls:  # as OpenAI's and vLLM's: an answer that called a tool ends for the call
+            return "tool_calls"
         return FINISH.get(self.stats.finish_reason, "stop") if self.stats else "stop"
 
     def whole(self) -> dict:
@@ -1114,6 +1202,8 @@ class Choice:
             if self.split is not None:  # None where the answer had no reasoning, as vLLM's
                 thought = "".join(self.reasoning) or None
                 message.update(reasoning=thought, reasoning_content=thought)
+            if self.calls:  # OpenAI's shape: content null where the answer is all calls
+                message.update(content=body or None, tool_calls=[c.body() for c in self.calls])
             return {"index": self.index, "message": message, "finish_reason": self.finish, "logprobs": lps}
         return {"index": self.index, "text": body, "finish_reason": self.finish, "logprobs": lps}
 
@@ -1200,7 +1290,8 @@ def _medusa_stats(stats) -> dict | None:
 
 def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1, max_queue: int = 16,
           graceful_timeout: int = 30, decode: dict | None = None,
-          sockets: list[socket.socket] | None = None, reasoning_parser: str | None = None) -> None:  # fmt: skip
+          sockets: list[socket.socket] | None = None, reasoning_parser: str | None = None,
+          tool_call_parser: str | None = None) -> None:  # fmt: skip
     """Run the server until SIGINT/SIGTERM: then it stops listening, answers the queued requests
     503 at once (``/health`` says "shutting down"), lets the running ones finish for up to
     ``graceful_timeout`` seconds and answers those still running then with a 503 error (a stream
@@ -1213,7 +1304,7 @@ def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_b
 
     graceful = cast(int, checks.integer("graceful_timeout", graceful_timeout, 0))
     app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode,
-                     reasoning_parser=reasoning_parser)  # fmt: skip
+                     reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser)  # fmt: skip
     sockets = bind(host, port) if sockets is None else sockets
     try:
         port = sockets[0].getsockname()[1]
@@ -1253,7 +1344,8 @@ def _uvicorn_server(config, app, graceful: int):
 
 def ray_application(artifact: str, model_name: str, replicas: int, load: dict, max_batch: int = 1,
                     max_queue: int = 16, decode: dict | None = None, gpus_per_replica: float = 0.0,
-                    batching: str = "auto", reasoning_parser: str | None = None):  # fmt: skip
+                    batching: str = "auto", reasoning_parser: str | None = None,
+                    tool_call_parser: str | None = None):  # fmt: skip
     """The same app as a Ray Serve deployment of ``replicas`` copies, each its own process and
     engine (the artifact is loaded on the replica), behind Ray's HTTP proxy."""
     from ray import serve as ray_serve
@@ -1265,7 +1357,7 @@ def ray_application(artifact: str, model_name: str, replicas: int, load: dict, m
         except ConfigError:
             gen.close()
             raise
-        return create_app(gen, model_name, max_batch, max_queue, decode, reasoning_parser)
+        return create_app(gen, model_name, max_batch, max_queue, decode, reasoning_parser, tool_call_parser)
 
     deployment = ray_serve.deployment(
         ray_serve.ingress(build)(),
@@ -1292,7 +1384,7 @@ def replica_error(status) -> str | None:
 def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: str = "127.0.0.1",
               port: int = 8000, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
               gpus_per_replica: float = 0.0, batching: str = "auto",
-              reasoning_parser: str | None = None) -> None:  # fmt: skip
+              reasoning_parser: str | None = None, tool_call_parser: str | None = None) -> None:  # fmt: skip
     """Start a local Ray instance, deploy :func:`ray_application` on ``host:port`` and serve until
     SIGINT/SIGTERM, then shut Serve and Ray down. On a cluster, run the same application with
     ``ray.init(address="auto")`` (one replica a GPU: ``gpus_per_replica=1``; autoscaling: Serve's
@@ -1309,7 +1401,7 @@ def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: s
     try:
         ray_serve.start(http_options={"host": host, "port": port})
         app = ray_application(artifact, model_name, replicas, load, max_batch, max_queue, decode, gpus_per_replica,
-                              batching, reasoning_parser)  # fmt: skip
+                              batching, reasoning_parser, tool_call_parser)  # fmt: skip
         try:
             ray_serve.run(app, name="medusa", route_prefix="/")
         except RuntimeError:  # "Deploying application medusa failed": the replica's own error is in its status

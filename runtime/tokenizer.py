@@ -50,6 +50,7 @@ class Tokenizer:
         self._bytes: dict[int, bytes] = {}  # token_bytes, computed once per token
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._template: Any = None  # a compiled jinja2 Template
+        self.template_variables: frozenset[str] = frozenset()  # the names the chat template reads (``tools``, ...)
         self._template_file = template_path if template_path.is_file() else cfg_path
         if self.chat_template:
             self._compile_template()  # a broken template is the artifact's fault: say so at load
@@ -57,6 +58,7 @@ class Tokenizer:
     def _compile_template(self):
         import jinja2
         import jinja2.ext
+        import jinja2.meta
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
@@ -67,10 +69,31 @@ class Tokenizer:
 
             return datetime.datetime.now().strftime(fmt)
 
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # transformers' own filter: jinja2's escapes <, >, & and ' for HTML, which no prompt wants
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        class Generation(jinja2.ext.Extension):
+            """``{% generation %}...{% endgeneration %}``: transformers marks the assistant's tokens with it
+            (for training masks); rendering, it is its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                return caller()
+
         # the environment transformers renders chat templates in (its apply_chat_template): an undefined
         # name is empty, not an error (templates test `if tools`), {% break %} / {% continue %} work
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation]
+        )
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        env.filters["tojson"] = tojson
         specials = {k: self._special(k) for k in SPECIAL_TOKEN_KEYS}
         self._template_specials = {
             "bos_token": "",
@@ -79,6 +102,7 @@ class Tokenizer:
         }
         try:
             self._template = env.from_string(self.chat_template)
+            self.template_variables = frozenset(jinja2.meta.find_undeclared_variables(env.parse(self.chat_template)))
         except jinja2.TemplateError as e:
             raise ArtifactError(
                 f"{self._template_file}: the chat template does not parse ({e}); fix it or re-export"
@@ -126,29 +150,42 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, template_kwargs: Mapping[str, Any] | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Render ``messages`` with the model's chat template and encode the result. ``template_kwargs``:
         more variables for the template, as transformers' ``apply_chat_template(**kwargs)`` and vLLM's
         ``chat_template_kwargs`` pass them (Qwen3's ``enable_thinking``, for one); a name the template
-        does not read changes nothing."""
+        does not read changes nothing. ``tools``: the functions the model may call, as JSON schemas in
+        OpenAI's shape (``{"type": "function", "function": {"name", "description", "parameters"}}``,
+        what transformers' ``tools`` takes); a template that does not read ``tools`` is refused."""
         if not self.chat_template:
             raise MedusaError("this model has no chat template: pass a prompt string or token ids instead of messages")
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise MedusaError(f"chat messages must be dicts with 'role' and 'content', got {m!r:.80}")
         extra = check_template_kwargs(template_kwargs)
+        if tools is not None:
+            tools = check_tools(tools)
+            if tools and "tools" not in self.template_variables:
+                raise ConfigError(
+                    f"tools: this model's chat template ({self._template_file.name}) does not render tools, "
+                    "so the model would never see them: use a model trained for function calling"
+                )
         if self._template is None:
             self._compile_template()
         import jinja2
 
         try:
-            # what transformers passes: no tools or documents, and every special token the config names
+            # what transformers passes: the tools, no documents, and every special token the config names
             text = self._template.render(
                 **self._template_specials,
                 **extra,
                 messages=messages,
-                tools=None,
+                tools=list(tools) if tools else None,  # [] as None: transformers' templates test `if tools`
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
@@ -174,6 +211,20 @@ def check_template_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         if k in RESERVED_TEMPLATE_KWARGS:
             raise ConfigError(f"chat_template_kwargs: {k!r} is set by the call itself, not by chat_template_kwargs")
     return dict(kwargs)
+
+
+def check_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``tools`` as a list of dicts, or a ConfigError naming the first that is not a function in OpenAI's
+    shape: ``{"type": "function", "function": {"name": <non-empty string>, ...}}``."""
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise ConfigError(f"tools must be a list of function definitions, got a {type(tools).__name__}")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, Mapping) else None
+        if not isinstance(t, Mapping) or t.get("type") != "function" or not isinstance(fn, Mapping):
+            raise ConfigError(f'tools[{i}]: expected {{"type": "function", "function": {{...}}}}, got {t!r:.80}')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ConfigError(f"tools[{i}]: the function needs a non-empty string name, got {fn.get('name')!r:.40}")
+    return [dict(t) for t in tools]
 
 
 @functools.cache

@@ -1,0 +1,137 @@
+"""Tool calls apart from the answer: the server's ``--tool-call-parser hermes``.
+
+Models trained for function calling in the Hermes format (Qwen2.5, Qwen3, QwQ, Hermes 2/3 and the
+many fine-tunes of them) answer a chat whose template listed ``tools`` with one or more blocks
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+OpenAI-compatible servers return each block as an entry of the message's ``tool_calls``
+(``{"id", "type": "function", "function": {"name", "arguments"}}``, ``arguments`` as JSON text) with
+``finish_reason`` ``"tool_calls"``, and the rest of the text as ``content`` (null where nothing is
+left), as vLLM's ``hermes`` parser does. :class:`ToolCallSplit` does that for one answer, a piece
+at a time as a stream delivers it, and :func:`split_tool_calls` for a whole text:
+
+* a block is the text between ``<tool_call>`` and ``</tool_call>`` (in Qwen's tokenizers both are
+  tokens that decode as text); its JSON object gives the name (``name``) and the arguments
+  (``arguments``, or ``parameters`` as some fine-tunes write it; an object becomes its JSON text,
+  a string is taken as the JSON text it already is);
+* a block whose text is not such an object is left in the content as the model wrote it (tags
+  included): nothing the model said is lost; so is a block the answer ends inside of, unless
+  what it holds is already a whole call (an answer cut by ``max_tokens`` or a stop string just
+  before the closing tag);
+* the blanks next to a call's block (before its opening tag, after its closing one) are dropped:
+  the newlines between calls are not content.
+
+The pieces of a stream join to what the whole answer splits into: a tail that could begin the
+opening tag, or a run of blanks that could precede it, is held until the next piece tells, and a
+block is released once closed, as one call.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.reasoning import partial_tail
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PARSERS = ("hermes",)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call as OpenAI's API returns it: ``arguments`` is JSON text."""
+
+    name: str
+    arguments: str
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def body(self, index: int | None = None) -> dict[str, Any]:
+        """The entry of a message's ``tool_calls`` (with ``index``: of a streamed delta's)."""
+        entry: dict[str, Any] = {} if index is None else {"index": index}
+        entry.update(id=self.id, type="function", function={"name": self.name, "arguments": self.arguments})
+        return entry
+
+
+def parse_call(text: str) -> ToolCall | None:
+    """The call a block's text states, or None where it states none (not a JSON object with a
+    non-empty string ``name``)."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+
+
+class ToolCallSplit:
+    """One answer's text split into (content, calls) as it arrives (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.state = "text"  # "text", "call" (inside a block), "after" (the blanks after a block)
+        self._held = ""
+        self._gap = ""  # the blanks before the open block: content again if it turns out no call
+
+    def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        """The content and the calls that ``text`` (the answer's next piece) releases; ``final``: the
+        answer ends here, nothing is held."""
+        buf, self._held = self._held + text, ""
+        content: list[str] = []
+        calls: list[ToolCall] = []
+        while buf or final and self.state == "call":  # (an answer may end just after an opening tag)
+            if self.state == "after":
+                buf = buf.lstrip()
+                if buf:
+                    self.state = "text"
+            elif self.state == "text":
+                at = buf.find(OPEN)
+                if at >= 0:
+                    before = buf[:at].rstrip()
+                    content.append(before)
+                    self._gap = buf[len(before) : at]
+                    self.state, buf = "call", buf[at + len(OPEN) :]
+                    continue
+                if final:
+                    content.append(buf)
+                    break
+                # hold a tail that could begin the tag, and the blanks before it (they go if a block follows)
+                keep = partial_tail(buf, OPEN)
+                body = buf[: len(buf) - keep]
+                stripped = body.rstrip()
+                content.append(stripped)
+                self._held = body[len(stripped) :] + buf[len(buf) - keep :]
+                break
+            else:  # inside a block
+                at = buf.find(CLOSE)
+                if at < 0:
+                    if final:  # the answer ended inside the block: a call if it already holds a whole one
+                        call = parse_call(buf)
+                        if call is None:
+                            content.append(self._gap + OPEN + buf)
+                        else:
+                            calls.append(call)
+                        self.state = "text"
+                    else:
+                        self._held = buf
+                    break
+                call = parse_call(buf[:at])
+                if call is None:  # not a call: the block stays text, as written
+                    content.append(self._gap + OPEN + buf[: at + len(CLOSE)])
+                    self.state = "text"
+                else:
+                    calls.append(call)
+                    self.state = "after"
+                buf = buf[at + len(CLOSE) :]
+        return "".join(content), calls
+
+
+def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """A whole answer's (content, calls): what ``--tool-call-parser hermes`` returns for it (offline
+    callers of ``generate`` with ``tools``)."""
+    return ToolCallSplit().push(text, final=True)
