@@ -16,7 +16,8 @@ at a time as a stream delivers it, and :func:`split_tool_calls` for a whole text
 * a block is the text between ``<tool_call>`` and ``</tool_call>`` (in Qwen's tokenizers both are
   tokens that decode as text); its JSON object gives the name (``name``) and the arguments
   (``arguments``, or ``parameters`` as some fine-tunes write it; an object becomes its JSON text,
-  a string is taken as the JSON text it already is);
+  a string is taken as the JSON text it already is); a JSON list of such objects in one block
+  (SmolLM2's and SmolLM3's format) gives a call each;
 * a block whose text is not such an object is left in the content as the model wrote it (tags
   included): nothing the model said is lost; so is a block the answer ends inside of, unless
   what it holds is already a whole call (an answer cut by ``max_tokens`` or a stop string just
@@ -57,17 +58,22 @@ class ToolCall:
         return entry
 
 
-def parse_call(text: str) -> ToolCall | None:
-    """The call a block's text states, or None where it states none (not a JSON object with a
-    non-empty string ``name``)."""
+def parse_calls(text: str) -> list[ToolCall] | None:
+    """The calls a block's text states: one JSON object with a non-empty string ``name``, or a list of
+    them (SmolLM2's and SmolLM3's format: ``<tool_call>[{...}, {...}]</tool_call>``); None where it
+    states no call (anything else, an empty list included)."""
     try:
         obj = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+    objs = obj if isinstance(obj, list) else [obj]
+    if not objs or not all(isinstance(o, dict) and isinstance(o.get("name"), str) and o["name"] for o in objs):
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    calls = []
+    for o in objs:
+        args = o.get("arguments", o.get("parameters", {}))
+        calls.append(ToolCall(o["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
+    return calls
 
 
 class ToolCallSplit:
@@ -110,22 +116,22 @@ class ToolCallSplit:
             else:  # inside a block
                 at = buf.find(CLOSE)
                 if at < 0:
-                    if final:  # the answer ended inside the block: a call if it already holds a whole one
-                        call = parse_call(buf)
-                        if call is None:
+                    if final:  # the answer ended inside the block: calls if it already holds whole ones
+                        found = parse_calls(buf)
+                        if found is None:
                             content.append(self._gap + OPEN + buf)
                         else:
-                            calls.append(call)
+                            calls += found
                         self.state = "text"
                     else:
                         self._held = buf
                     break
-                call = parse_call(buf[:at])
-                if call is None:  # not a call: the block stays text, as written
+                found = parse_calls(buf[:at])
+                if found is None:  # not a call: the block stays text, as written
                     content.append(self._gap + OPEN + buf[: at + len(CLOSE)])
                     self.state = "text"
                 else:
-                    calls.append(call)
+                    calls += found
                     self.state = "after"
                 buf = buf[at + len(CLOSE) :]
         return "".join(content), calls

@@ -14,7 +14,7 @@ import pytest
 
 import runtime
 from runtime.errors import ConfigError
-from runtime.toolcalls import CLOSE, OPEN, ToolCallSplit, parse_call, split_tool_calls
+from runtime.toolcalls import CLOSE, OPEN, ToolCallSplit, parse_calls, split_tool_calls
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -44,6 +44,12 @@ CASES = [
     ('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "", [("f", '{"x": 1}')]),  # as text
     ('<tool_call>{"name": "f"}</tool_call>', "", [("f", "{}")]),
     ('<tool_call>{"name": "f", "arguments": {"s": "é<>"}}</tool_call>', "", [("f", '{"s": "é<>"}')]),
+    (
+        f"<tool_call>[{WEATHER}, {TIME}]</tool_call>",
+        "",
+        [("get_weather", '{"city": "Paris"}'), ("get_time", '{"zone": "CET", "24h": true}')],
+    ),  # SmolLM2's
+    ("<tool_call>[]</tool_call>", "<tool_call>[]</tool_call>", []),  # calls nothing: text
     ("", "", []),
 ]
 
@@ -87,7 +93,8 @@ def test_each_call_has_its_own_id_in_openai_shape():
                                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
     assert "index" not in calls[0].body()
     assert json.loads(calls[0].arguments) == {"city": "Paris"}
-    assert parse_call("[1, 2]") is None and parse_call('{"name": ""}') is None and parse_call('{"name": 3}') is None
+    for text in ("[1, 2]", "[]", '{"name": ""}', '{"name": 3}', f"[{WEATHER}, 3]", "null"):
+        assert parse_calls(text) is None, text
 
 
 @settings(max_examples=300, deadline=None)
