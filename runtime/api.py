@@ -27,6 +27,7 @@ are checked when ``stream`` is called, before the first chunk is asked for.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import warnings
@@ -71,6 +72,7 @@ from runtime.tree import Tree, build_tree
 log = logging.getLogger("medusa_trt.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+GRAMMAR_CACHE = 64  # compiled response formats a generator keeps (the oldest goes first)
 DEVICES = ("auto", "cpu", "cuda")
 
 Prompt = str | Sequence[int] | Sequence[dict]
@@ -261,6 +263,10 @@ class MedusaGenerator:
         max_context = checks.max_context(max_context)
         self.config = read_artifact(self.folder, verify=checks.flag("verify", verify))
         self.tokenizer = Tokenizer(self.folder)
+        # response_format: llguidance's tokenizer (built at the first request for one) and compiled formats
+        self._lltokenizer: Any = None
+        self._grammars: dict[str, Any] = {}
+        self._grammar_lock = threading.Lock()
         tokens = self.tokenizer.vocab_size
         if tokens > self.spec.vocab_size:
             raise ArtifactError(
@@ -360,6 +366,24 @@ class MedusaGenerator:
             stacklevel=stacklevel + 1,
         )
 
+    def grammar(self, response_format: Mapping[str, Any] | None):
+        """``response_format`` compiled for this model (a :class:`runtime.grammar.Grammar`, cached by
+        its JSON), or None for free text; a ConfigError names what is wrong with it."""
+        from runtime import grammar
+
+        schema = grammar.schema_of(response_format)
+        if schema is None:
+            return None
+        key = json.dumps(schema, sort_keys=True)
+        with self._grammar_lock:
+            if key not in self._grammars:
+                if self._lltokenizer is None:  # ~0.5 s, once
+                    self._lltokenizer = grammar.lltokenizer(self.folder, self.spec.eos_token_ids)
+                if len(self._grammars) >= GRAMMAR_CACHE:
+                    self._grammars.pop(next(iter(self._grammars)))
+                self._grammars[key] = grammar.Grammar.build(self._lltokenizer, schema, self.spec.eos_token_ids)
+            return self._grammars[key]
+
     def encode(
         self,
         prompt: Prompt,
@@ -408,10 +432,12 @@ class MedusaGenerator:
         frequency_penalty,
         chat_template_kwargs,
         tools,
+        response_format,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
         ids = self.encode(prompt, chat_template_kwargs, tools)
+        grammar = self.grammar(response_format)
         cfg = DecodeConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -434,6 +460,7 @@ class MedusaGenerator:
             prompt_logprobs=prompt_logprobs,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
+            grammar=grammar,
         )
         t = self._tree(tree) if cfg.medusa else None
         if (
@@ -566,6 +593,7 @@ class MedusaGenerator:
         frequency_penalty: float = _DEFAULTS.frequency_penalty,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
         the lock is held only while a step computes (see the module's concurrency contract)."""
@@ -606,6 +634,7 @@ class MedusaGenerator:
         frequency_penalty: float = _DEFAULTS.frequency_penalty,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Generation:
         """Decode a whole answer: text, tokens and statistics (text decoded once, at the end).
 
@@ -656,6 +685,13 @@ class MedusaGenerator:
         chat prompt only): the functions the model may call, OpenAI's / transformers' JSON schemas, for
         the chat template to list (one that does not read ``tools`` is refused); the answer's calls:
         ``runtime.toolcalls.split_tool_calls(result.text)`` (Hermes-format models: Qwen2.5, Qwen3).
+
+        ``response_format`` (OpenAI's): ``{"type": "json_object"}`` (any JSON object) or ``{"type":
+        "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` constrains the answer to that
+        format (llguidance's mask on every position's logits, each tree node's after its own path:
+        greedy Medusa still emits plain greedy decoding's tokens under the same format;
+        :mod:`runtime.grammar`); ``{"type": "text"}`` or None: free text. Needs the ``structured``
+        extra; constrained steps compute every row's float logits (no lm_head screen).
         """
         ids, cfg, t = self._plan(**_decode_args(locals()))
         tokens: list[int] = []

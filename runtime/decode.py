@@ -14,14 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
 from runtime import checks, dynamic
 from runtime.backend import Backend, perturbed
 from runtime.datastore import Datastore
-from runtime.errors import ContextLengthError, MedusaError
+from runtime.errors import ConfigError, ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, MAX_DRAFT, DraftSizer, DraftWidth, NgramLookup, from_datastore
 from runtime.tree import PAD, Tree, follow_drafts, graft_chain
 
@@ -100,6 +100,10 @@ class DecodeConfig:
     # with the same penalties (each tree node penalized by the tokens on its own path)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # structured output: a runtime.grammar.Grammar (a compiled response_format) whose mask the backbone's
+    # logits take at every position (each tree node's after its own path), so greedy Medusa still equals
+    # plain greedy decoding under it; None: free text
+    grammar: Any = None
 
     def __post_init__(self):
         # types, ranges and finiteness: the rules live in runtime/checks.py (ConfigError, one line each)
@@ -131,6 +135,8 @@ class DecodeConfig:
         self.prompt_logprobs = checks.flag("prompt_logprobs", self.prompt_logprobs)
         self.presence_penalty = checks.real("presence_penalty", self.presence_penalty, -2, 2)
         self.frequency_penalty = checks.real("frequency_penalty", self.frequency_penalty, -2, 2)
+        if self.grammar is not None and not callable(getattr(self.grammar, "mask", None)):
+            raise ConfigError(f"grammar must be a runtime.grammar.Grammar or None, got {type(self.grammar).__name__}")
 
 
 def check_prefill_chunk(chunk) -> int:
@@ -260,6 +266,29 @@ class Penalties:
             path, k = np.unique(tokens[1:][tree.attn_mask[v, 1:]], return_counts=True)
             out[v, path] -= self.frequency * k + self.presence * (self.counts[path] == 0)
         return out
+
+
+class _Chain:
+    """Logit processors one after another (penalties, then a grammar's mask): the interface of each."""
+
+    def __init__(self, *procs):
+        self.procs = procs
+
+    def add(self, tokens: Sequence[int]) -> None:
+        for p in self.procs:
+            p.add(tokens)
+
+    def apply(self, logits: np.ndarray, tree: Tree | None = None, tokens: np.ndarray | None = None) -> np.ndarray:
+        for p in self.procs:
+            logits = p.apply(logits, tree, tokens)
+        return logits
+
+
+def logit_processors(cfg: DecodeConfig, vocab: int):
+    """What a decode applies to the backbone's logits before reading them (``add`` the emitted tokens,
+    ``apply`` to a step's rows): the penalties and the grammar's mask, or None where neither is asked for."""
+    procs = [p for p in (Penalties.of(cfg, vocab), cfg.grammar.mask(vocab) if cfg.grammar else None) if p]
+    return None if not procs else procs[0] if len(procs) == 1 else _Chain(*procs)
 
 
 @dataclass
@@ -726,7 +755,7 @@ def decode_steps(
     tree = check_tree(backend, cfg, tree)
     rng = np.random.default_rng(cfg.seed)
     noise = PositionNoise(rng, backend.spec.vocab_size) if _coupled(cfg) else None
-    pen = Penalties.of(cfg, backend.spec.vocab_size)
+    pen = logit_processors(cfg, backend.spec.vocab_size)
     stats = DecodeStats()
     store = datastore if cfg.datastore else None
     lookup = NgramLookup(prompt.tolist(), cfg.lookup_ngram, store) if cfg.medusa and cfg.lookup else None
@@ -748,7 +777,8 @@ def decode_steps(
     logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0, argmax=argmax,
                         noise=noise, temperature=cfg.temperature)  # fmt: skip
     assert logits is not None
-    root = int(logits[-1]) if argmax else select_root(logits[-1], cfg, rng, noise, backend.cache_len)
+    first = logits[-1] if argmax or pen is None else pen.apply(logits[-1:])[0]  # (no token generated yet)
+    root = int(first) if argmax else select_root(first, cfg, rng, noise, backend.cache_len)
     rows = logits[-1:].copy() if cfg.logprobs is not None else None  # the logits rows of the emitted tokens
     state = dynamic.DynamicState(tree) if isinstance(tree, dynamic.DynamicTree) else None
     static = tree if isinstance(tree, Tree) else None  # a fixed tree (a dynamic one grows each step's own)

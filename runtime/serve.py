@@ -833,8 +833,6 @@ def create_app(
 
     unsupported = (  # (field, what it asks for, whether a request asks for it)
         ("logit_bias", "logit_bias (biasing tokens)", lambda r: bool(r.logit_bias)),
-        ("response_format", 'response_format other than {"type": "text"} (structured output)',
-         lambda r: getattr(r, "response_format", None) not in (None, {"type": "text"})),
         ("tools", "tools (function calling) without a tool-call parser (start the server with --tool-call-parser "
                   "hermes)", lambda r: bool(getattr(r, "tools", None)) and tool_call_parser is None),
         ("tool_choice", "tool_choice other than \"auto\" or \"none\" (a forced call needs constrained decoding)",
@@ -887,6 +885,11 @@ def create_app(
                                 "never see them (serve a model trained for function calling)", param="tools")  # fmt: skip
         # calls are parsed where the request offers tools and lets the model call them
         parse_tools = bool(tools) and getattr(req, "tool_choice", None) != "none"
+        response_format = getattr(req, "response_format", None)
+        try:  # compiled here (cached by the generator), so that a bad schema names its field
+            gen.grammar(response_format)
+        except MedusaError as e:
+            raise ApiError(400, str(e), param="response_format") from None
         encoded = []
         for p, text in enumerate(prompts):
             which = f"prompt {p}: " if len(prompts) > 1 else ""
@@ -916,6 +919,7 @@ def create_app(
             "stop": stops,
             "presence_penalty": req.presence_penalty or 0.0,
             "frequency_penalty": req.frequency_penalty or 0.0,
+            **({"response_format": response_format} if response_format else {}),
             **(decode or {}),
         }
         jobs = []

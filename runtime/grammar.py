@@ -1,0 +1,138 @@
+"""Structured output: OpenAI's ``response_format`` (``json_object``, ``json_schema``) as a mask on the
+backbone's logits, through Medusa's tree as well as plain decoding.
+
+A :class:`Grammar` is the compiled format (llguidance, the constraint engine vLLM, SGLang and
+llama.cpp use: JSON schemas to a grammar, a token mask per position in about 0.1 ms for a
+49k vocabulary). Each decode makes its own :class:`GrammarMask`, which the decode loop treats as
+it treats penalties (:class:`runtime.decode.Penalties`): the tokens emitted so far are consumed
+(``add``), and every row a step computes is masked by what the grammar allows after that row's own
+path (``apply``): the root's row after the text so far, a tree node's row after its ancestors'
+drafted tokens and its own. The backbone's target is then the masked distribution, so:
+
+* greedy Medusa emits exactly plain greedy decoding's tokens under the same format (a node is
+  accepted where the masked argmax of its parent's row is its token, which is what plain
+  decoding with the mask would emit); exact sampling keeps the masked law; typical acceptance
+  reads the masked logits too;
+* a drafted node the grammar does not allow is never accepted (its parent's masked row gives
+  its token no probability), so its row is left as it is.
+
+The mask needs every row's logits, so constrained steps run the float lm_head (no screen).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ConfigError, MedusaError
+
+FORMATS = ("text", "json_object", "json_schema")
+
+
+def require_llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise MedusaError(
+            "response_format (structured output) needs llguidance: pip install 'medusa-trt[structured]'"
+        ) from None
+    return llguidance
+
+
+def schema_of(response_format: Mapping[str, Any] | None) -> dict | None:
+    """The JSON schema ``response_format`` asks for (OpenAI's shape), None for free text, or a
+    ConfigError naming what is wrong: ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON
+    object) or ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise ConfigError(f"response_format must be a mapping, got a {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind not in FORMATS:
+        raise ConfigError(f"response_format: type {kind!r} is not one of {', '.join(FORMATS)}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+        raise ConfigError('response_format: json_schema must be {"name": ..., "schema": {...}}')
+    return dict(spec.get("schema", {}))  # OpenAI's schema is optional: any JSON then
+
+
+class Grammar:
+    """A compiled format for one tokenizer; :meth:`mask` gives a decode its own matcher."""
+
+    def __init__(self, tokenizer, grammar: str, eos_token_ids: Sequence[int]):
+        self._tokenizer, self._grammar, self.eos = tokenizer, grammar, tuple(eos_token_ids)
+
+    @classmethod
+    def build(cls, lltokenizer, schema: dict, eos_token_ids: Sequence[int]) -> Grammar:
+        """``schema`` compiled for ``lltokenizer`` (:func:`lltokenizer`), or a ConfigError with
+        llguidance's reason (a schema feature it does not take, a malformed schema)."""
+        llg = require_llguidance()
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        except Exception as e:  # its errors are plain exceptions carrying the reason
+            raise ConfigError(f"response_format: the schema does not compile: {e}") from None
+        problem = llg.LLMatcher.validate_grammar(grammar, lltokenizer)
+        if problem:
+            raise ConfigError(f"response_format: the schema does not compile: {problem}")
+        return cls(lltokenizer, grammar, eos_token_ids)
+
+    def mask(self, vocab: int) -> GrammarMask:
+        llg = require_llguidance()
+        return GrammarMask(llg.LLMatcher(self._tokenizer, self._grammar, log_level=0), vocab, self.eos)
+
+
+def lltokenizer(folder: str | Path, eos_token_ids: Sequence[int]):
+    """llguidance's view of the artifact's ``tokenizer.json`` (~0.5 s to build: build it once)."""
+    llg = require_llguidance()
+    text = (Path(folder) / "tokenizer.json").read_text()
+    return llg.LLTokenizer(text, eos_token=list(eos_token_ids) or None)
+
+
+class GrammarMask:
+    """One decode's matcher: consumes what is emitted, masks what is verified (see the module doc)."""
+
+    def __init__(self, matcher, vocab: int, eos: Sequence[int]):
+        self.matcher, self.vocab, self.eos = matcher, vocab, tuple(eos)
+
+    def add(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            if self.matcher.is_stopped():  # the format is complete and its end consumed
+                return
+            if not self.matcher.consume_token(int(t)):
+                raise MedusaError(
+                    f"structured output: the grammar refused emitted token {t}: {self.matcher.get_error()}"
+                )
+
+    def allowed(self) -> np.ndarray:
+        """The mask after what was consumed: one bool per token of the vocabulary."""
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = np.zeros(self.vocab, dtype=bool)
+        n = min(self.vocab, len(bits))
+        allowed[:n] = bits[:n].astype(bool)
+        if self.matcher.is_accepting():  # the format is complete: the model's own end of turn too
+            allowed[[e for e in self.eos if e < self.vocab]] = True
+        return allowed
+
+    def apply(self, logits: np.ndarray, tree=None, tokens: np.ndarray | None = None) -> np.ndarray:
+        """The masked copy of ``logits`` (rows of ``tree``'s nodes, ``tokens`` their tokens; no tree:
+        every row as the next token after what was consumed)."""
+        out = np.array(logits, dtype=np.float32)
+        if tree is None or tokens is None:
+            out[:, ~self.allowed()] = -np.inf
+            return out
+        for v in range(tree.num_nodes):
+            path = [int(t) for t in tokens[1:][tree.attn_mask[v, 1:]]]  # below the root, in depth order
+            taken = self.matcher.try_consume_tokens(path) if path else 0
+            if taken == len(path):  # a node the grammar does not allow is never accepted: its row is moot
+                out[v, ~self.allowed()] = -np.inf
+            if taken:
+                self.matcher.rollback(taken)
+        return out

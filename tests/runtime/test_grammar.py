@@ -1,0 +1,174 @@
+"""Structured output (``response_format``, :mod:`runtime.grammar`): every answer is in the format, and
+Medusa under a format emits exactly what plain decoding under it does (greedy, and seeded coupled
+sampling), with fixed and dynamic trees, penalties and the batch engine; each tree node's row is masked
+after its own path; bad formats are ConfigErrors naming the problem; the server takes the field."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.errors import ConfigError, MedusaError
+
+llguidance = pytest.importorskip("llguidance")
+
+# bounded (enums, small integers, no free whitespace) so that a tiny random model's answers end
+COMPACT = {"whitespace_flexible": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["color", "n", "ok"],
+    "additionalProperties": False,
+    "x-guidance": COMPACT,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+PROMPTS = ["Describe a thing as JSON.", [{"role": "user", "content": "Give me a colour and a number."}], "t5 t6 t7"]
+
+
+def conforms(text: str) -> bool:
+    value = json.loads(text)
+    return (
+        set(value) == {"color", "n", "ok"}
+        and value["color"] in ("red", "green", "blue")
+        and isinstance(value["n"], int)
+        and 0 <= value["n"] <= 99
+        and isinstance(value["ok"], bool)
+    )
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["text", "chat", "words"])
+def test_greedy_medusa_equals_plain_under_the_format_and_the_answer_conforms(gen, prompt):
+    plain = gen.generate(prompt, max_new_tokens=48, temperature=0, medusa=False, response_format=FORMAT)
+    fixed = gen.generate(prompt, max_new_tokens=48, temperature=0, response_format=FORMAT)
+    dynamic = gen.generate(prompt, max_new_tokens=48, temperature=0, response_format=FORMAT, tree="dynamic")
+    free = gen.generate(prompt, max_new_tokens=48, temperature=0, medusa=False)
+    assert fixed.tokens == plain.tokens == dynamic.tokens
+    assert plain.stats.finish_reason == "eos" and conforms(plain.text), plain.text
+    assert free.tokens != plain.tokens  # the format changed the answer: the mask did something
+    assert fixed.stats.steps < len(fixed.tokens)  # some steps accepted drafts: the tree ran under the mask
+
+
+def test_any_json_object(gen):
+    fmt = {"type": "json_object"}
+    out = gen.generate(PROMPTS[0], max_new_tokens=64, temperature=0, response_format=fmt)
+    assert out.tokens == gen.generate(PROMPTS[0], max_new_tokens=64, temperature=0, medusa=False,
+                                      response_format=fmt).tokens  # fmt: skip
+    assert out.text.lstrip().startswith("{")  # an object begins (a random model may not close it in 64 tokens)
+
+
+def test_seeded_sampling_under_the_format_is_plain_sampling_s(gen):
+    for seed in (1, 2, 3):
+        kw = dict(max_new_tokens=48, temperature=0.8, seed=seed, response_format=FORMAT)
+        medusa, plain = gen.generate(PROMPTS[0], **kw), gen.generate(PROMPTS[0], medusa=False, **kw)
+        assert medusa.tokens == plain.tokens
+        if plain.stats.finish_reason == "eos":
+            assert conforms(plain.text), plain.text
+    typical = gen.generate(PROMPTS[0], max_new_tokens=48, temperature=0.8, seed=1, acceptance="typical",
+                           response_format=FORMAT)  # fmt: skip
+    assert typical.stats.finish_reason != "eos" or conforms(typical.text)  # lossy, but still in the format
+
+
+def test_penalties_and_the_format_together(gen):
+    kw = dict(max_new_tokens=48, temperature=0, presence_penalty=1.5, frequency_penalty=0.5, response_format=FORMAT)
+    medusa, plain = gen.generate(PROMPTS[0], **kw), gen.generate(PROMPTS[0], medusa=False, **kw)
+    assert medusa.tokens == plain.tokens and conforms(plain.text)
+
+
+def test_the_batch_engine_gives_the_same_answers(tiny, gen):
+    batched = runtime.load(tiny["artifact"], threads=1, max_batch=2)
+    try:
+        for prompt in PROMPTS:
+            kw = dict(max_new_tokens=48, temperature=0, response_format=FORMAT)
+            assert batched.generate(prompt, **kw).tokens == gen.generate(prompt, **kw).tokens
+    finally:
+        batched.close()
+
+
+def test_each_tree_node_s_row_is_masked_after_its_own_path(gen):
+    """GrammarMask.apply against a fresh matcher per node: row v allows exactly what the grammar allows
+    after the root's text and v's path; a node the grammar refuses keeps its row."""
+    from runtime.tree import build_tree
+
+    grammar = gen.grammar(FORMAT)
+    ids = gen.tokenizer.encode
+    prefix = ids('{"color":"')
+    # paths below the root: red / re+d / green, and a node the grammar refuses (a digit)
+    red, green, digit = ids("red")[0], ids("green")[0], ids("7")[0]
+    tree = build_tree([[0], [1], [2], [0, 0]], name="t", num_heads=2)
+    tokens = np.array([prefix[-1], red, green, digit, ids('",')[0]])
+    mask = grammar.mask(gen.spec.vocab_size)
+    mask.add(prefix)
+    logits = np.zeros((tree.num_nodes, gen.spec.vocab_size), dtype=np.float32)
+    out = mask.apply(logits, tree, tokens)
+    for v in range(tree.num_nodes):
+        fresh = grammar.mask(gen.spec.vocab_size)
+        fresh.add(prefix)
+        path = [int(t) for t in tokens[1:][tree.attn_mask[v, 1:]]]
+        if fresh.matcher.try_consume_tokens(path) == len(path):
+            assert np.array_equal(np.isfinite(out[v]), fresh.allowed()), v
+        else:
+            assert np.isfinite(out[v]).all(), v  # refused path: left as it was
+    assert np.isfinite(out[0]).sum() < 20  # after '{"color":"' only the enum's beginnings
+
+
+@pytest.mark.parametrize(
+    "fmt, words",
+    [
+        ({"type": "xml"}, "type 'xml' is not one of text, json_object, json_schema"),
+        ("json", "must be a mapping"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}}, "json_schema must be"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "does not compile"),
+    ],
+)
+def test_bad_formats_are_config_errors_naming_the_problem(gen, fmt, words):
+    with pytest.raises(ConfigError, match=words):
+        gen.generate("x", max_new_tokens=2, response_format=fmt)
+
+
+def test_text_and_none_are_free_text(gen):
+    free = gen.generate(PROMPTS[0], max_new_tokens=8, temperature=0)
+    assert (
+        gen.generate(PROMPTS[0], max_new_tokens=8, temperature=0, response_format={"type": "text"}).tokens
+        == free.tokens
+    )
+    assert gen.grammar(None) is None and gen.grammar(FORMAT) is gen.grammar(json.loads(json.dumps(FORMAT)))  # cached
+
+
+def test_without_llguidance_the_error_names_the_extra(gen, monkeypatch):
+    import sys
+
+    import runtime.grammar as grammar
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    with pytest.raises(MedusaError, match=r"pip install 'medusa-trt\[structured\]'"):
+        grammar.require_llguidance()
+
+
+# ---------------------------------------------------------------------------- through the server
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_server_takes_response_format(gen, stream):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from test_serve import running
+
+    body = {"messages": PROMPTS[1], "max_tokens": 48, "temperature": 0, "response_format": FORMAT, "stream": stream}
+    with running(gen) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        bad = httpx.post(f"{url}/v1/chat/completions", json={**body, "response_format": {"type": "xml"}}, timeout=60)
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    else:
+        text = r.json()["choices"][0]["message"]["content"]
+    assert text == gen.generate(PROMPTS[1], max_new_tokens=48, temperature=0, response_format=FORMAT).text
+    assert conforms(text)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
