@@ -155,6 +155,9 @@ class DecodeStats:
     lookup_accepted: int = 0  # accepted tokens that only the lookup drafted
     datastore_steps: int = 0  # of lookup_steps: those whose lookup drafts came from the datastore
     datastore_accepted: int = 0  # of lookup_accepted: those the datastore drafted
+    # structured output: steps whose extra branch was the grammar's forced continuation instead of the
+    # lookup's (its accepted tokens count in lookup_accepted: nodes no head drafted)
+    forced_steps: int = 0
     nodes: int = 0  # tokens verified by the Medusa steps, roots included (/ steps: the mean tree size)
     cached_prompt_tokens: int = 0  # prompt tokens whose cache entries an earlier call left (not prefilled)
     dynamic: object = field(default=None, repr=False)  # a dynamic tree's per-call state (runtime.dynamic)
@@ -282,6 +285,12 @@ class _Chain:
         for p in self.procs:
             logits = p.apply(logits, tree, tokens)
         return logits
+
+    def forced(self) -> list[int]:
+        for p in self.procs:
+            if hasattr(p, "forced"):
+                return p.forced()
+        return []
 
 
 def logit_processors(cfg: DecodeConfig, vocab: int):
@@ -905,6 +914,19 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
         # leaves it, so the chain's first node would hold the draft's token whatever was sampled, no
         # longer a draw from q (accepting it with min(1, r/q) would draw it too often): no lookup draft
         lookup = None
+    # structured output: where the grammar allows one continuation only (a schema's keys, its punctuation),
+    # that continuation is the step's extra branch (the masked argmax takes it wherever the tokenization
+    # is the grammar's own), in place of the lookup's
+    forced = pen.forced() if hasattr(pen, "forced") and _branching(backend, cfg) else []
+    if forced:
+        lookup = None
+        cap = room if backend.step_rows is None else min(room, max(backend.step_rows, tree.num_nodes))
+        grafted, grafted_tokens, added = graft_chain(tree, tokens, forced[: max(0, cap - tree.num_nodes)])
+        if added and cap >= grafted.num_nodes:
+            tree, tokens = grafted, grafted_tokens
+            if q is not None:
+                q = list(q[: grafted.num_nodes - added]) + [None] * added
+            stats.forced_steps += 1
     if lookup is not None:  # plus the context's own continuation (or the datastore's), as one more branch
         drafts, row = lookup.propose_row(width.top if sizing else width.width)
         if backend.step_rows is not None:  # an engine that runs longer steps apart (a batch engine's max_rows)
@@ -932,7 +954,9 @@ def _medusa_step(backend, root, cands, tree, cfg, rng, clock, lookup, stats, wid
     clock.lap("candidates")
     path, new_root, rows = _verify(backend, tokens, tree, cfg, rng, clock, stats, q, stored, noise, pen)
     accepted = [int(t) for t in tokens[path[1:]]]
-    if sizing:  # the rates and the call's running rate follow the outcome (the draft scored past its cut too)
+    if forced:  # no lookup draft ran: its sizing learns nothing from this step
+        pass
+    elif sizing:  # the rates and the call's running rate follow the outcome (the draft scored past its cut too)
         width.observe(len(drafts) if tree is not base_tree else 0, accepted + [new_root], tree.num_nodes)
     elif tree is not base_tree:  # the branch was verified: its width follows the outcome
         width.update(drafts, accepted)

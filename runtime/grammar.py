@@ -111,6 +111,13 @@ class GrammarMask:
                     f"structured output: the grammar refused emitted token {t}: {self.matcher.get_error()}"
                 )
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next (after what was consumed; [] where it allows a choice):
+        llguidance's fast-forward tokens, a certain draft."""
+        if self.matcher.is_stopped() or self.matcher.is_error():
+            return []
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
+
     def allowed(self) -> np.ndarray:
         """The mask after what was consumed: one bool per token of the vocabulary."""
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")

@@ -213,10 +213,12 @@ class OrtGenaiPeer:
         return None
 
     def run(self, ids: Sequence[int], max_new_tokens: int, ngram: bool = False, temperature: float = 0.0,
-            seed: int | None = None) -> RunResult:  # fmt: skip
+            seed: int | None = None, json_schema: str | None = None) -> RunResult:  # fmt: skip
         """Decode ``max_new_tokens`` after ``ids`` (fewer when the model's EOS comes first): greedily,
         or, with ``temperature`` > 0, sampling from the whole distribution at that temperature
-        (``top_k=0``, ``top_p=1``: the law our plain sampling draws from; ``random_seed`` ``seed``).
+        (``top_k=0``, ``top_p=1``: the law our plain sampling draws from; ``random_seed`` ``seed``);
+        ``json_schema`` (JSON text): constrained to it by its own guidance (llguidance inside), as
+        our ``response_format`` constrains ours.
 
         Timed like ``runtime.bench._run``: from the prompt ids going in to the last token out
         (``first_token_s``: to the first new token).
@@ -236,6 +238,8 @@ class OrtGenaiPeer:
             params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         if ngram:
             params.set_speculative_options(ngram_size=NGRAM_SIZE, max_draft_tokens=MAX_DRAFT_TOKENS)
+        if json_schema is not None:
+            params.set_guidance("json_schema", json_schema)
         generator = og.Generator(self.model, params)
         t = time.perf_counter()
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
