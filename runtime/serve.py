@@ -45,7 +45,8 @@ prompt ``p``'s choice ``j`` is choice ``p * n + j``, as OpenAI's),
 ``GET /v1/models/{id}``, a JSON body whatever its Content-Type (``curl -d`` sends form encoding), and
 OpenAI's fields this server has no use for at the values that ask for nothing (``logit_bias: {}``,
 ``tools: []``, ...; any other value is a 400 naming the field as unsupported). Chat requests also take
-vLLM's ``chat_template_kwargs`` (more variables for the chat template: ``{"enable_thinking": false}`` for
+OpenAI's ``response_format`` (``json_object``, ``json_schema``: :mod:`runtime.grammar`), vLLM's
+``chat_template_kwargs`` (more variables for the chat template: ``{"enable_thinking": false}`` for
 Qwen3), and with ``--tool-call-parser hermes`` OpenAI's function calling: ``tools`` go to the chat
 template, calls in the answer come back as the message's ``tool_calls`` (:mod:`runtime.toolcalls`),
 and the conversation's earlier calls and results (assistant ``tool_calls``, ``tool`` messages) go

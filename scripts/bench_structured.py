@@ -1,6 +1,7 @@
 """Structured output, timed: our plain decoding and Medusa under a JSON schema (``response_format``)
-against onnxruntime-genai's plain decoding under the same schema (its ``set_guidance``), interleaved
-prompt by prompt in one run, every answer checked against our plain one and against the schema.
+against onnxruntime-genai's plain decoding and its n-gram speculation under the same schema (its
+``set_guidance``), interleaved prompt by prompt in one run, every answer checked against our plain one
+and against the schema.
 
     python -m scripts.bench_structured artifacts/smollm2-135m-medusa --limit 16 --threads 2 --peer ortgenai
 
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
             runs["medusa"] = timed(gen.generate, ids, **kw)
             if peer is not None:
                 runs["peer"] = timed(peer.run, ids, a.max_new_tokens, json_schema=json.dumps(schema))
+                if peer.ngram_unavailable is None:  # its own speculation under its guidance: its best
+                    runs["peer_ngram"] = timed(peer.run, ids, a.max_new_tokens, ngram=True,
+                                               json_schema=json.dumps(schema))  # fmt: skip
             plain = runs["plain"][0]
             row = {"id": pr.id, "category": pr.category, "prompt_tokens": len(ids)}
             for name, (out, seconds) in runs.items():
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
     def rate(name):
         return sum(r[name]["tokens"] for r in rows) / sum(r[name]["seconds"] for r in rows)
 
-    names = ["plain", "medusa"] + (["peer"] if peer else [])
+    names = ["plain", "medusa"] + [n for n in ("peer", "peer_ngram") if n in rows[0]]
     summary = {n: {"tokens_per_s": rate(n), "identical": sum(r[n]["identical"] for r in rows)} for n in names}
     steps = sum(r["medusa"]["steps"] for r in rows)
     summary["medusa"]["mean_accepted"] = sum(r["medusa"]["tokens"] for r in rows) / max(1, steps)
@@ -119,19 +123,21 @@ def main(argv=None) -> int:
     print(f"\nstructured output, {len(rows)} prompts of {a.prompts}, {a.max_new_tokens} tokens at most, "
           f"{a.threads} threads; the schema's answers that ended: {len(ended)}/{len(rows)}, of them conforming "
           f"{sum(bool(r['conforms']) for r in ended)}/{len(ended)}")  # fmt: skip
-    print("| decoder (under the schema) | tok/s | vs our plain | vs the peer | tokens identical to our plain |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    labels = {
-        "plain": "medusa-trt plain",
-        "medusa": "medusa-trt Medusa",
-        "peer": f"{peer.version} plain" if peer else "",
-    }
+    print("| decoder (under the schema) | tok/s | vs our plain | vs the peer's plain | vs the peer's n-gram "
+          "| tokens identical to our plain |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    labels = {"plain": "medusa-trt plain", "medusa": "medusa-trt Medusa"}
+    if peer is not None:
+        labels.update(peer=f"{peer.version} plain", peer_ngram=f"{peer.version} n-gram speculation")
+
+    def vs(s, other):
+        return f"{s['tokens_per_s'] / summary[other]['tokens_per_s']:.2f}x" if other in summary else "-"
+
     for n in names:
         s = summary[n]
-        vs_peer = f"{s['tokens_per_s'] / summary['peer']['tokens_per_s']:.2f}x" if peer else "-"
         extra = f" ({s['mean_accepted']:.2f} accepted a step)" if n == "medusa" else ""
-        print(f"| {labels[n]}{extra} | {s['tokens_per_s']:.2f} | {s['tokens_per_s'] / summary['plain']['tokens_per_s']:.2f}x "
-              f"| {vs_peer} | {s['identical']}/{len(rows)} |")  # fmt: skip
+        print(f"| {labels[n]}{extra} | {s['tokens_per_s']:.2f} | {vs(s, 'plain')} | {vs(s, 'peer')} "
+              f"| {vs(s, 'peer_ngram')} | {s['identical']}/{len(rows)} |")  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "schema": schema}, indent=1))
     return 0

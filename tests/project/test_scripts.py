@@ -357,3 +357,25 @@ def test_load_test_servers_run_without_prefix_reuse_unless_asked(monkeypatch):
         with pytest.raises(SystemExit, match="the server exited"):
             load_test.start_server("ART", "medusa", 4, 2, prefix_reuse=reuse)
     assert "--no-prefix-reuse" in cmds[0] and "--no-prefix-reuse" not in cmds[1]
+
+
+def test_bench_structured_times_both_decoders_under_the_schema(tiny, shared_data, capsys, tmp_path):
+    """Our plain decoding and Medusa under the schema, side by side (the peer left out: its graph of the
+    tiny model is not built here; tests/runtime/test_peers.py covers its runs): the same tokens, and
+    a table and JSON a person can read."""
+    pytest.importorskip("llguidance")
+    from scripts import bench_structured
+
+    out = tmp_path / "s.json"
+    assert bench_structured.main([str(tiny["artifact"]), "--prompts", str(shared_data / "mt_bench_question.jsonl"),
+                                  "--limit", "2", "--max-new-tokens", "16", "--threads", "1", "--peer", "none",
+                                  "--json", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "| medusa-trt Medusa (" in text and "| medusa-trt plain | " in text, text
+    s = json.loads(out.read_text())["summary"]
+    assert s["medusa"]["identical"] == 2 == s["plain"]["identical"] and "peer" not in s
+    assert s["plain"]["tokens_per_s"] > 0 and s["medusa"]["mean_accepted"] >= 1
+    assert bench_structured.conforms('{"answer": "a", "key_points": [], "confidence": 3}', bench_structured.SCHEMA)
+    assert not bench_structured.conforms('{"answer": "a"}', bench_structured.SCHEMA)
+    assert not bench_structured.conforms('{"answer": "a", "key_points": [], "confidence": 3, "x": 1}',
+                                         bench_structured.SCHEMA)  # fmt: skip
