@@ -138,6 +138,18 @@ def main(argv=None) -> int:
         extra = f" ({s['mean_accepted']:.2f} accepted a step)" if n == "medusa" else ""
         print(f"| {labels[n]}{extra} | {s['tokens_per_s']:.2f} | {vs(s, 'plain')} | {vs(s, 'peer')} "
               f"| {vs(s, 'peer_ngram')} | {s['identical']}/{len(rows)} |")  # fmt: skip
+    # a small model under a schema may loop inside a string until the limit (emoji, a repeated sentence),
+    # which the context lookup drafts whole: the answers that ended apart from those cut at the limit
+    for label, part in (("ended (EOS)", ended), ("cut at the limit", [r for r in rows if not r["ended"]])):
+        if not part:
+            continue
+        rates = {n: sum(r[n]["tokens"] for r in part) / sum(r[n]["seconds"] for r in part) for n in names}
+        accepted = sum(r["medusa"]["tokens"] for r in part) / max(1, sum(r["medusa"]["steps"] for r in part))
+        summary[f"medusa, {label}"] = {"prompts": len(part), "tokens_per_s": rates, "mean_accepted": accepted}
+        print(
+            f"answers {label}, {len(part)}: Medusa {rates['medusa']:.2f} tok/s, {accepted:.2f} accepted a step, "
+            + ", ".join(f"{rates['medusa'] / rates[n]:.2f}x {labels[n]}" for n in names if n != "medusa")
+        )
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "schema": schema}, indent=1))
     return 0
