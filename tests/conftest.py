@@ -308,6 +308,23 @@ def gen(tiny):
     return runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
 
 
+def with_chat_template(artifact: Path, folder: Path, template: str) -> Path:
+    """A copy of ``artifact`` in ``folder`` with ``template`` as its chat template, the template's checksum
+    unrecorded (as a user's edit of the file would leave it)."""
+    import json
+    import shutil
+
+    shutil.copytree(artifact, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    cfg_path = folder / "medusa_config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["provenance"]["checksums"].pop("chat_template.jinja", None)
+    raw["provenance"]["files"].pop("chat_template.jinja", None)
+    raw["provenance"].pop("config_sha256", None)
+    cfg_path.write_text(json.dumps(raw))
+    return folder
+
+
 def make_wordlevel_tokenizer(vocab_size: int = 128):
     """A fast tokenizer over the words ``t0 .. t{vocab_size-1}`` (t0 unk, t1 bos, t2 eos) with
     a chat template: ``save_pretrained`` writes tokenizer.json, tokenizer_config.json and

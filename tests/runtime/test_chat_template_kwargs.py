@@ -4,9 +4,6 @@ and the server's ``/v1/chat/completions`` (vLLM's request field), with the bad v
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 
 import runtime
@@ -25,16 +22,10 @@ CHAT = [{"role": "user", "content": "Tell me about rivers and mountains."}]
 @pytest.fixture(scope="module")
 def thinking(tiny, tmp_path_factory):
     """The tiny artifact with the template above (its checksum unrecorded, as a user's edit would be)."""
-    art = tmp_path_factory.mktemp("thinking") / "art"
-    shutil.copytree(tiny["artifact"], art)
-    (art / "chat_template.jinja").write_text(TEMPLATE)
-    cfg_path = art / "medusa_config.json"
-    raw = json.loads(cfg_path.read_text())
-    raw["provenance"]["checksums"].pop("chat_template.jinja", None)
-    raw["provenance"]["files"].pop("chat_template.jinja", None)
-    raw["provenance"].pop("config_sha256", None)
-    cfg_path.write_text(json.dumps(raw))
-    gen = runtime.load(art, threads=1)
+    from conftest import with_chat_template
+
+    gen = runtime.load(with_chat_template(tiny["artifact"], tmp_path_factory.mktemp("thinking") / "art", TEMPLATE),
+                       threads=1)  # fmt: skip
     yield gen
     gen.close()
 

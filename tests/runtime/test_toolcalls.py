@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import pytest
 
@@ -153,16 +152,10 @@ ROUND_TRIP = [  # the call made and its result: the next request of a function-c
 @pytest.fixture(scope="module")
 def calling(tiny, tmp_path_factory):
     """The tiny artifact with the template above (its checksum unrecorded, as a user's edit would be)."""
-    art = tmp_path_factory.mktemp("calling") / "art"
-    shutil.copytree(tiny["artifact"], art)
-    (art / "chat_template.jinja").write_text(TEMPLATE)
-    cfg_path = art / "medusa_config.json"
-    raw = json.loads(cfg_path.read_text())
-    raw["provenance"]["checksums"].pop("chat_template.jinja", None)
-    raw["provenance"]["files"].pop("chat_template.jinja", None)
-    raw["provenance"].pop("config_sha256", None)
-    cfg_path.write_text(json.dumps(raw))
-    gen = runtime.load(art, threads=1)
+    from conftest import with_chat_template
+
+    gen = runtime.load(with_chat_template(tiny["artifact"], tmp_path_factory.mktemp("calling") / "art", TEMPLATE),
+                       threads=1)  # fmt: skip
     yield gen
     gen.close()
 
