@@ -27,7 +27,6 @@ are checked when ``stream`` is called, before the first chunk is asked for.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 import warnings
@@ -371,17 +370,17 @@ class MedusaGenerator:
         its JSON), or None for free text; a ConfigError names what is wrong with it."""
         from runtime import grammar
 
-        schema = grammar.schema_of(response_format)
-        if schema is None:
+        spec = grammar.spec_of(response_format)
+        if spec is None:
             return None
-        key = json.dumps(schema, sort_keys=True)
+        key = f"{spec[0]}:{spec[1]}"
         with self._grammar_lock:
             if key not in self._grammars:
                 if self._lltokenizer is None:  # ~0.5 s, once
                     self._lltokenizer = grammar.lltokenizer(self.folder, self.spec.eos_token_ids)
                 if len(self._grammars) >= GRAMMAR_CACHE:
                     self._grammars.pop(next(iter(self._grammars)))
-                self._grammars[key] = grammar.Grammar.build(self._lltokenizer, schema, self.spec.eos_token_ids)
+                self._grammars[key] = grammar.Grammar.build(self._lltokenizer, spec, self.spec.eos_token_ids)
             return self._grammars[key]
 
     def encode(
@@ -688,7 +687,7 @@ class MedusaGenerator:
 
         ``response_format`` (OpenAI's): ``{"type": "json_object"}`` (any JSON object) or ``{"type":
         "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` constrains the answer to that
-        format (llguidance's mask on every position's logits, each tree node's after its own path:
+        format (or ``{"type": "grammar", "grammar": LARK}``: llguidance's Lark grammar) (llguidance's mask on every position's logits, each tree node's after its own path:
         greedy Medusa still emits plain greedy decoding's tokens under the same format;
         :mod:`runtime.grammar`); ``{"type": "text"}`` or None: free text. Needs the ``structured``
         extra; constrained steps compute every row's float logits (no lm_head screen).

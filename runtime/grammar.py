@@ -30,7 +30,7 @@ import numpy as np
 
 from runtime.errors import ConfigError, MedusaError
 
-FORMATS = ("text", "json_object", "json_schema")
+FORMATS = ("text", "json_object", "json_schema", "grammar")
 
 
 def require_llguidance():
@@ -43,10 +43,13 @@ def require_llguidance():
     return llguidance
 
 
-def schema_of(response_format: Mapping[str, Any] | None) -> dict | None:
-    """The JSON schema ``response_format`` asks for (OpenAI's shape), None for free text, or a
-    ConfigError naming what is wrong: ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON
-    object) or ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``."""
+def spec_of(response_format: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """What ``response_format`` asks for as ``("json", the schema's JSON text)`` or ``("lark", a
+    grammar)``, None for free text, or a ConfigError naming what is wrong. OpenAI's shapes:
+    ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON object), ``{"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``; and ``{"type": "grammar",
+    "grammar": LARK}``, llguidance's Lark grammar (vLLM's ``guided_grammar``; regular expressions
+    as ``/.../`` tokens, JSON schemas inline as ``%json {...}``)."""
     if response_format is None:
         return None
     if not isinstance(response_format, Mapping):
@@ -57,11 +60,16 @@ def schema_of(response_format: Mapping[str, Any] | None) -> dict | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return {"type": "object"}
+        return "json", json.dumps({"type": "object"})
+    if kind == "grammar":
+        lark = response_format.get("grammar")
+        if not isinstance(lark, str) or not lark.strip():
+            raise ConfigError('response_format: type "grammar" needs "grammar": a Lark grammar (llguidance\'s)')
+        return "lark", lark
     spec = response_format.get("json_schema")
     if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
         raise ConfigError('response_format: json_schema must be {"name": ..., "schema": {...}}')
-    return dict(spec.get("schema", {}))  # OpenAI's schema is optional: any JSON then
+    return "json", json.dumps(dict(spec.get("schema", {})))  # OpenAI's schema is optional: any JSON then
 
 
 class Grammar:
@@ -71,17 +79,20 @@ class Grammar:
         self._tokenizer, self._grammar, self.eos = tokenizer, grammar, tuple(eos_token_ids)
 
     @classmethod
-    def build(cls, lltokenizer, schema: dict, eos_token_ids: Sequence[int]) -> Grammar:
-        """``schema`` compiled for ``lltokenizer`` (:func:`lltokenizer`), or a ConfigError with
-        llguidance's reason (a schema feature it does not take, a malformed schema)."""
+    def build(cls, lltokenizer, spec: tuple[str, str], eos_token_ids: Sequence[int]) -> Grammar:
+        """``spec`` (:func:`spec_of`) compiled for ``lltokenizer`` (:func:`lltokenizer`), or a
+        ConfigError with llguidance's reason (a schema feature it does not take, a malformed grammar)."""
         llg = require_llguidance()
+        kind, text = spec
+        what = "the schema" if kind == "json" else "the grammar"
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+            grammar = (llg.LLMatcher.grammar_from_json_schema(text) if kind == "json"
+                       else llg.LLMatcher.grammar_from_lark(text))  # fmt: skip
         except Exception as e:  # its errors are plain exceptions carrying the reason
-            raise ConfigError(f"response_format: the schema does not compile: {e}") from None
+            raise ConfigError(f"response_format: {what} does not compile: {e}") from None
         problem = llg.LLMatcher.validate_grammar(grammar, lltokenizer)
         if problem:
-            raise ConfigError(f"response_format: the schema does not compile: {problem}")
+            raise ConfigError(f"response_format: {what} does not compile: {problem}")
         return cls(lltokenizer, grammar, eos_token_ids)
 
     def mask(self, vocab: int) -> GrammarMask:

@@ -81,7 +81,7 @@ from runtime.reasoning import PARSERS as REASONING_PARSERS
 from runtime.reasoning import ThinkSplit, partial_tail
 from runtime.tokenizer import check_template_kwargs
 from runtime.toolcalls import PARSERS as TOOL_CALL_PARSERS
-from runtime.toolcalls import ToolCall, ToolCallSplit
+from runtime.toolcalls import ToolCall, ToolCallSplit, forced_call_grammar
 
 log = logging.getLogger("medusa_trt.runtime")
 
@@ -836,12 +836,36 @@ def create_app(
         ("logit_bias", "logit_bias (biasing tokens)", lambda r: bool(r.logit_bias)),
         ("tools", "tools (function calling) without a tool-call parser (start the server with --tool-call-parser "
                   "hermes)", lambda r: bool(getattr(r, "tools", None)) and tool_call_parser is None),
-        ("tool_choice", "tool_choice other than \"auto\" or \"none\" (a forced call needs constrained decoding)",
-         lambda r: getattr(r, "tool_choice", None) not in (None, "none", "auto")),
         ("best_of", "best_of other than n (every choice is returned)",
          lambda r: getattr(r, "best_of", None) not in (None, r.n or 1)),
         ("suffix", "suffix (insertion)", lambda r: bool(getattr(r, "suffix", None))),
     )  # fmt: skip
+
+    def forced_call(tool_choice, tools) -> str | None:
+        """The grammar of the call ``tool_choice`` forces (``"required"``, or ``{"type": "function",
+        "function": {"name": ...}}``), None where it forces none; a 400 naming the field for the rest."""
+        if tool_choice in (None, "none", "auto"):
+            return None
+        name = None
+        if isinstance(tool_choice, dict):
+            fn = tool_choice.get("function")
+            if (
+                set(tool_choice) != {"type", "function"}
+                or tool_choice["type"] != "function"
+                or not (isinstance(fn, dict) and set(fn) == {"name"} and isinstance(fn["name"], str))
+            ):
+                raise ApiError(400, 'tool_choice: expected "none", "auto", "required" or {"type": "function", '
+                                    '"function": {"name": ...}}', param="tool_choice")  # fmt: skip
+            name = fn["name"]
+        elif tool_choice != "required":
+            raise ApiError(400, f'tool_choice {tool_choice!r}: expected "none", "auto", "required" or a function',
+                           param="tool_choice")  # fmt: skip
+        if not tools:
+            raise ApiError(400, "tool_choice forces a call but the request offers no tools", param="tool_choice")
+        try:
+            return forced_call_grammar(tools, name)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
 
     def refuse_unsupported(req) -> None:
         """A field of OpenAI's API this server does not implement, set to ask for something: a 400
@@ -865,9 +889,8 @@ def create_app(
             raise unknown_model(req.model)
         refuse_unsupported(req)
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
-        if param == "messages" and not any(
-            m["content"] or m.get("tool_calls") for m in prompt
-        ):  # as /v1/completions refuses ""
+        # as /v1/completions refuses "" (an assistant's tool calls are content enough)
+        if param == "messages" and not any(m["content"] or m.get("tool_calls") for m in prompt):
             raise ApiError(400, "the prompt is empty (every message's content is empty)", param=param)
         prompts = prompts_of(prompt)
         n = req.n or 1
@@ -885,12 +908,19 @@ def create_app(
             raise ApiError(400, f"tools: the chat template of {model_name!r} does not render tools, so the model would "
                                 "never see them (serve a model trained for function calling)", param="tools")  # fmt: skip
         # calls are parsed where the request offers tools and lets the model call them
-        parse_tools = bool(tools) and getattr(req, "tool_choice", None) != "none"
+        tool_choice = getattr(req, "tool_choice", None)
+        parse_tools = bool(tools) and tool_choice != "none"
         response_format = getattr(req, "response_format", None)
+        forced = forced_call(tool_choice, tools)
+        if forced is not None:  # the answer is made a call by a grammar (what response_format does for JSON)
+            if response_format not in (None, {"type": "text"}):
+                raise ApiError(400, "tool_choice forces a call, which response_format would constrain too: give one "
+                                    "of them", param="response_format")  # fmt: skip
+            response_format = {"type": "grammar", "grammar": forced}
         try:  # compiled here (cached by the generator), so that a bad schema names its field
             gen.grammar(response_format)
-        except MedusaError as e:
-            raise ApiError(400, str(e), param="response_format") from None
+        except MedusaError as e:  # a forced call's grammar holds the tools' parameter schemas
+            raise ApiError(400, str(e), param="response_format" if forced is None else "tools") from None
         encoded = []
         for p, text in enumerate(prompts):
             which = f"prompt {p}: " if len(prompts) > 1 else ""

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.errors import ConfigError
 from runtime.reasoning import partial_tail
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -135,6 +137,31 @@ class ToolCallSplit:
                     self.state = "after"
                 buf = buf[at + len(CLOSE) :]
         return "".join(content), calls
+
+
+# a forced call is written as Qwen's templates write calls: {"name": "f", "arguments": {...}}, one space after
+# each colon and comma, nothing else free (no whitespace to loop in)
+FORCED_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+def forced_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = None) -> str:
+    """OpenAI's ``tool_choice`` ``"required"`` (``name`` None: one or more calls of any of ``tools``) or
+    a named function (one call of it) as a Lark grammar for llguidance: Hermes blocks whose JSON is
+    ``{"name": <the function>, "arguments": <its parameters' schema>}``, and nothing else. The answer
+    is then a call by construction, as vLLM forces one with guided decoding."""
+    variants = []
+    for tool in tools:
+        fn = tool["function"]
+        if name is not None and fn["name"] != name:
+            continue
+        arguments = fn.get("parameters") or {"type": "object"}
+        variants.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": arguments},
+                         "required": ["name", "arguments"], "additionalProperties": False})  # fmt: skip
+    if not variants:
+        raise ConfigError(f"tool_choice names {name!r}, which is not among the tools")
+    schema = {**(variants[0] if len(variants) == 1 else {"anyOf": variants}), "x-guidance": FORCED_JSON}
+    start = "start: block" if name is not None else 'start: block ("\\n" block)*'
+    return f'{start}\nblock: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}\n'
 
 
 def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:

@@ -6,6 +6,7 @@ after its own path; bad formats are ConfigErrors naming the problem; the server 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -121,7 +122,7 @@ def test_each_tree_node_s_row_is_masked_after_its_own_path(gen):
 @pytest.mark.parametrize(
     "fmt, words",
     [
-        ({"type": "xml"}, "type 'xml' is not one of text, json_object, json_schema"),
+        ({"type": "xml"}, "type 'xml' is not one of text, json_object, json_schema, grammar"),
         ("json", "must be a mapping"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}}, "json_schema must be"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "does not compile"),
@@ -130,6 +131,18 @@ def test_each_tree_node_s_row_is_masked_after_its_own_path(gen):
 def test_bad_formats_are_config_errors_naming_the_problem(gen, fmt, words):
     with pytest.raises(ConfigError, match=words):
         gen.generate("x", max_new_tokens=2, response_format=fmt)
+
+
+def test_a_lark_grammar(gen):
+    """{"type": "grammar"}: llguidance's Lark (vLLM's guided_grammar), here a choice and a regular expression."""
+    fmt = {"type": "grammar", "grammar": 'start: ("yes" | "no") ", " /[0-9]{2}/'}
+    plain = gen.generate(PROMPTS[0], max_new_tokens=16, temperature=0, medusa=False, response_format=fmt)
+    assert gen.generate(PROMPTS[0], max_new_tokens=16, temperature=0, response_format=fmt).tokens == plain.tokens
+    assert plain.stats.finish_reason == "eos" and re.fullmatch(r"(yes|no), [0-9]{2}", plain.text), plain.text
+    with pytest.raises(ConfigError, match="the grammar does not compile"):
+        gen.generate("x", max_new_tokens=2, response_format={"type": "grammar", "grammar": "start: nothing_defined"})
+    with pytest.raises(ConfigError, match='needs "grammar"'):
+        gen.generate("x", max_new_tokens=2, response_format={"type": "grammar"})
 
 
 def test_text_and_none_are_free_text(gen):

@@ -457,7 +457,6 @@ def test_openai_fields_without_a_use_here_are_taken_at_their_neutral_values_and_
         assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
         asks = [("/v1/chat/completions", {**base, "logit_bias": {"42": 5}}, "logit_bias"),
                 ("/v1/chat/completions", {**base, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                ("/v1/chat/completions", {**base, "tool_choice": "required"}, "tool_choice"),
                 ("/v1/completions", {"prompt": "Hi", "best_of": 3}, "best_of"),
                 ("/v1/completions", {"prompt": "Hi", "suffix": " the end"}, "suffix")]  # fmt: skip
         for path, body, field in asks:

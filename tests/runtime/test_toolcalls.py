@@ -341,8 +341,11 @@ def test_reasoning_then_calls(calling):
 @pytest.mark.parametrize(
     "change, param, words",
     [
-        ({"tool_choice": "required"}, "tool_choice", "a forced call needs constrained decoding"),
-        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice", "forced call"),
+        ({"tool_choice": "sometimes"}, "tool_choice", 'expected "none", "auto", "required" or a function'),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among the tools"),
+        ({"tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice", 'expected "none", "auto"'),
+        ({"tool_choice": "required", "tools": []}, "tool_choice", "offers no tools"),
+        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format", "give one"),
         ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools", "at least 1 character"),
         ({"tools": [{"type": "function"}]}, "tools", "function"),
         ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools", "function"),
@@ -392,3 +395,54 @@ def test_medusa_run_serve_takes_the_parser_by_name(capsys, gen):
 
     with pytest.raises(ConfigError, match="tool_call_parser 'llama3': use one of hermes, or None"):
         create_app(gen, "tiny", tool_call_parser="llama3")
+
+
+# ---------------------------------------------------------------------------- forced calls (tool_choice)
+
+UNITS = [  # tools whose arguments are bounded, so that a tiny random model's forced call ends
+    {"type": "function", "function": {"name": "set_unit", "parameters": {
+        "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+        "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "set_level", "parameters": {
+        "type": "object", "properties": {"level": {"type": "integer", "minimum": 1, "maximum": 5}},
+        "required": ["level"], "additionalProperties": False}}},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_level"}}],
+                         ids=["required", "named"])  # fmt: skip
+def test_tool_choice_forces_a_call_that_medusa_and_plain_write_alike(calling, choice):
+    """tool_choice "required" / a named function: the answer is a call by construction (a grammar of
+    Hermes blocks holding the tools' schemas), returned as tool_calls; the server's Medusa answer is
+    what plain decoding under the same grammar writes, token for token."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("llguidance")
+    httpx = pytest.importorskip("httpx")
+    from test_serve import running
+
+    from runtime.toolcalls import forced_call_grammar
+
+    body = {"messages": CHAT, "tools": UNITS, "tool_choice": choice, "max_tokens": 64, "temperature": 0}
+    with running(calling, tool_call_parser="hermes") as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    choice_ = r["choices"][0]
+    assert choice_["finish_reason"] == "tool_calls", r
+    calls = choice_["message"]["tool_calls"]
+    names = [c["function"]["name"] for c in calls]
+    if isinstance(choice, dict):
+        assert names == ["set_level"]
+    assert calls and set(names) <= {"set_unit", "set_level"}
+    for c in calls:
+        args = json.loads(c["function"]["arguments"])
+        assert args in ({"unit": "celsius"}, {"unit": "fahrenheit"}) or (
+            set(args) == {"level"} and 1 <= args["level"] <= 5
+        )
+    grammar = {"type": "grammar", "grammar": forced_call_grammar(UNITS, None if choice == "required" else "set_level")}
+    ids = calling.encode(CHAT, tools=UNITS)
+    plain = calling.generate(ids, max_new_tokens=64, temperature=0, medusa=False, response_format=grammar)
+    medusa = calling.generate(ids, max_new_tokens=64, temperature=0, response_format=grammar)
+    assert medusa.tokens == plain.tokens and r["usage"]["completion_tokens"] == len(plain.tokens)
+    assert calls_of(split_tool_calls(plain.text)[1]) == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in calls
+    ]
+    assert medusa.stats.forced_steps > 0  # the call's fixed text was drafted whole
