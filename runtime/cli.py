@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="more variables for the chat template, a JSON object, e.g. '{\"enable_thinking\": false}' (Qwen3)",
     )
+    fmt = g.add_mutually_exclusive_group()
+    fmt.add_argument("--response-format", type=json_object, metavar="JSON",
+                     help="constrain the answer, OpenAI's response_format: '{\"type\": \"json_object\"}', a json_schema "
+                          "one, or '{\"type\": \"grammar\", \"grammar\": LARK}' (the structured extra)")  # fmt: skip
+    fmt.add_argument("--json-schema", metavar="FILE",
+                     help="constrain the answer to the JSON schema in FILE (--response-format's json_schema)")  # fmt: skip
     g.add_argument("--max-new-tokens", type=int, default=_decode_default("max_new_tokens"))
     g.add_argument(
         "--temperature",
@@ -380,6 +386,15 @@ def cmd_generate(args) -> None:
         raise ConfigError("the prompt is not UTF-8 text: set the terminal's encoding to UTF-8") from None
     if args.no_medusa and args.tree:
         raise ConfigError("--tree has no effect with --no-medusa (plain decoding verifies no tree): give one of them")
+    if args.json_schema is not None:
+        from runtime.paths import read_text
+
+        try:
+            schema = json.loads(read_text(args.json_schema, error=ConfigError))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--json-schema {args.json_schema}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        args.response_format = {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem,
+                                                                       "schema": schema}}  # fmt: skip
     gen = _load(args)
     if args.raw and args.chat_template_kwargs is not None:
         raise ConfigError("--chat-template-kwargs has no effect with --raw (no chat template is applied): give one")
@@ -387,6 +402,8 @@ def cmd_generate(args) -> None:
     kw = generate_kwargs(args)
     if args.chat_template_kwargs is not None:
         kw["chat_template_kwargs"] = args.chat_template_kwargs
+    if args.response_format is not None:
+        kw["response_format"] = args.response_format
     logprobs: list = []
     if args.stream:
         stats = None

@@ -185,3 +185,23 @@ def test_the_server_takes_response_format(gen, stream):
     assert text == gen.generate(PROMPTS[1], max_new_tokens=48, temperature=0, response_format=FORMAT).text
     assert conforms(text)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+
+
+def test_medusa_run_generate_takes_a_format_or_a_schema_file(tiny, gen, capsys, tmp_path):
+    from runtime.cli import main
+
+    art = str(tiny["artifact"])
+    path = tmp_path / "thing.json"
+    path.write_text(json.dumps(SCHEMA))
+    common = ["--max-new-tokens", "48", "--temperature", "0", "--threads", "1", "--raw"]
+    assert main(["generate", art, PROMPTS[0], "--json-schema", str(path), *common]) == 0
+    by_file = capsys.readouterr().out.strip()
+    assert main(["generate", art, PROMPTS[0], "--response-format", json.dumps(FORMAT), *common]) == 0
+    assert capsys.readouterr().out.strip() == by_file == gen.generate(PROMPTS[0], max_new_tokens=48, temperature=0,
+                                                                       response_format=FORMAT).text  # fmt: skip
+    assert conforms(by_file)
+    path.write_text("{")
+    assert main(["generate", art, "x", "--json-schema", str(path), *common]) == 1  # before the artifact loads
+    assert "--json-schema" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one of the two
+        main(["generate", art, "x", "--json-schema", str(path), "--response-format", "{}"])
