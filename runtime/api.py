@@ -687,7 +687,8 @@ class MedusaGenerator:
 
         ``response_format`` (OpenAI's): ``{"type": "json_object"}`` (any JSON object) or ``{"type":
         "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` constrains the answer to that
-        format (or ``{"type": "grammar", "grammar": LARK}``: llguidance's Lark grammar) (llguidance's mask on every position's logits, each tree node's after its own path:
+        format, as ``{"type": "grammar", "grammar": LARK}`` does to a grammar of llguidance's Lark
+        (llguidance's mask on every position's logits, each tree node's after its own path:
         greedy Medusa still emits plain greedy decoding's tokens under the same format;
         :mod:`runtime.grammar`); ``{"type": "text"}`` or None: free text. Needs the ``structured``
         extra; constrained steps compute every row's float logits (no lm_head screen).
