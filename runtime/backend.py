@@ -65,28 +65,33 @@ class Backend(ABC):
         return self._forward(ids, pos, mask, logits)
 
     def forward_argmax(self, input_ids, position_ids, tree_mask, rows: int | None = None, noise=None,
-                       temperature: float = 1.0) -> np.ndarray:  # fmt: skip
+                       temperature: float = 1.0, allowed=None) -> np.ndarray:  # fmt: skip
         """int64 ``[k]``: the argmax token of each of the last ``rows`` new tokens (all where None),
         all that greedy decoding reads of a forward, or -1 for a row the backend left unsettled:
         :meth:`settle_argmax` gives that row's token. ``noise`` (float32 ``[k, vocab]``, coupled
         sampling's Gumbel vectors, one per row): the argmax of ``logits / temperature + noise``
-        instead (:func:`draw_argmax`), the token coupled sampling draws. Here from :meth:`forward`'s
-        logits (never -1); a backend whose graph screens the lm_head (:attr:`screens_argmax`, and
-        :attr:`screens_noise` for noise) computes no float logits, and leaves the rows its screen
-        cannot settle (rare) to ``settle_argmax``."""
+        instead (:func:`draw_argmax`), the token coupled sampling draws. ``allowed`` (bool ``[k,
+        vocab]``, a grammar's mask per row): the argmax over the allowed tokens only. Here from
+        :meth:`forward`'s logits (never -1); a backend whose graph screens the lm_head
+        (:attr:`screens_argmax`, and :attr:`screens_noise` for noise) computes no float logits, and
+        leaves the rows its screen cannot settle (rare; under a mask, where no allowed token is among
+        its candidates) to ``settle_argmax``."""
         check_noise(noise, len(input_ids), rows, self.spec.vocab_size)
+        check_noise(allowed, len(input_ids), rows, self.spec.vocab_size, "allowed")
         if not self.screens_argmax or (noise is not None and not self.screens_noise):
             out = self.forward(input_ids, position_ids, tree_mask, logits=rows)
-            return draw_argmax(out if rows is None else out[len(out) - rows :], noise, temperature)
+            return draw_argmax(out if rows is None else out[len(out) - rows :], noise, temperature, allowed)
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
-        return self._forward_argmax(ids, pos, mask, len(ids) if rows is None else int(rows), noise, temperature)
+        k = len(ids) if rows is None else int(rows)
+        return self._forward_argmax(ids, pos, mask, k, noise, temperature, allowed)
 
     # True where forward_argmax runs the graph's lm_head screen (exporter.fused._screen), and where it
     # does so with coupled sampling's noise too
     screens_argmax: bool = False
     screens_noise: bool = False
 
-    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows: int, noise=None, temperature=1.0) -> np.ndarray:
+    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows: int, noise=None, temperature=1.0,
+                        allowed=None) -> np.ndarray:  # fmt: skip
         raise NotImplementedError(f"{type(self).__name__} does not screen the lm_head")
 
     def settle_argmax(self, row: int) -> int:
@@ -213,20 +218,25 @@ def perturbed(logits: np.ndarray, noise: np.ndarray, temperature: float) -> np.n
         return np.asarray(logits, dtype=np.float32) / np.float32(temperature) + noise
 
 
-def draw_argmax(logits: np.ndarray, noise: np.ndarray | None = None, temperature: float = 1.0) -> np.ndarray:
+def draw_argmax(logits: np.ndarray, noise: np.ndarray | None = None, temperature: float = 1.0,
+                allowed: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Each row's argmax, of ``logits`` or (``noise`` given, one row each) of :func:`perturbed`:
-    coupled sampling's draw."""
-    return np.argmax(logits if noise is None else perturbed(logits, noise, temperature), axis=-1)
+    coupled sampling's draw; ``allowed`` (bool, one row each): over the allowed tokens alone (a
+    grammar's mask: the others score -inf, as runtime.grammar.GrammarMask.apply leaves them)."""
+    scores = logits if noise is None else perturbed(logits, noise, temperature)
+    if allowed is not None:
+        scores = np.where(allowed, scores, np.float32(-np.inf))
+    return np.argmax(scores, axis=-1)
 
 
-def check_noise(noise, n: int, rows: int | None, vocab: int) -> None:
-    """``forward_argmax``'s noise, where given: one row of the vocabulary's size per drawn row (the
-    last ``rows`` of ``n``, all where None)."""
+def check_noise(noise, n: int, rows: int | None, vocab: int, what: str = "noise") -> None:
+    """``forward_argmax``'s noise (or ``allowed`` mask), where given: one row of the vocabulary's
+    size per drawn row (the last ``rows`` of ``n``, all where None)."""
     if noise is None:
         return
     want = (n if rows is None else min(int(rows), n), vocab)
     if np.shape(noise) != want:
-        raise MedusaError(f"forward_argmax: noise of shape {np.shape(noise)}, expected {want} (one row per drawn row)")
+        raise MedusaError(f"forward_argmax: {what} of shape {np.shape(noise)}, expected {want} (one row per drawn row)")
 
 
 def check_forward(input_ids, position_ids, tree_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

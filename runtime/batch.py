@@ -118,8 +118,8 @@ class _Request:
         self.paths: Any = None  # Hydra heads: (path_ids [rows, K], path_len [rows]) for ``hidden``
         self.first = False  # Medusa heads: head 1 alone ([1, V]) is enough
         # a forward whose sequence reads only the drawn tokens (Backend.forward_argmax): (noise [k, V] or None,
-        # temperature); its result holds tokens [k] instead of logits rows
-        self.draw: tuple[np.ndarray | None, float] | None = None
+        # temperature, a grammar's allowed tokens [k, V] or None); its result holds tokens [k] instead of logits rows
+        self.draw: tuple[np.ndarray | None, float, np.ndarray | None] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -185,15 +185,17 @@ class SlotBackend(Backend):
         self._step_rows = len(input_ids) if logits is None else 0  # a decode step (a prompt chunk asks for k rows)
         return logits_rows
 
-    def forward_argmax(self, input_ids, position_ids, tree_mask, rows=None, noise=None, temperature=1.0):
+    def forward_argmax(self, input_ids, position_ids, tree_mask, rows=None, noise=None, temperature=1.0, allowed=None):
         """The drawn tokens of the last ``rows`` new tokens (Backend.forward_argmax), computed by the
         engine: through model.onnx's lm_head screen where the call runs there and the engine screens
         (:attr:`BatchEngine.screens`), else from float logits; never -1 (the engine settles a row its
         screen leaves open by running the call again with float logits)."""
         check_noise(noise, len(input_ids), rows, self.spec.vocab_size)
+        check_noise(allowed, len(input_ids), rows, self.spec.vocab_size, "allowed")
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
         req = _Request(self.index, "forward", ids=ids, pos=pos, mask=mask, logits=rows)
-        req.draw = (None if noise is None else np.asarray(noise, dtype=np.float32), float(temperature))
+        req.draw = (None if noise is None else np.asarray(noise, dtype=np.float32), float(temperature),
+                    None if allowed is None else np.asarray(allowed, dtype=bool))  # fmt: skip
         tokens, self._hidden, self._staged = self.engine._submit(req).result
         self._step_rows = len(ids) if rows is None else 0
         return tokens
@@ -572,7 +574,7 @@ class BatchEngine:
                     reqs = [_Request(i, "forward", ids=np.zeros(n, np.int64), pos=cached + np.arange(n),
                                      mask=np.tril(np.ones((n, n), bool))) for i in range(b)]  # fmt: skip
                     for r in reqs:  # greedy steps' calls: through the screen where the engine screens
-                        r.draw = (None, 1.0)
+                        r.draw = (None, 1.0, None)
                     times = []
                     for _ in range(repeats + 1):  # the first is a warm-up
                         t = time.perf_counter()
@@ -910,7 +912,7 @@ class BatchEngine:
             if tokens is not None:
                 out = tokens[b]
             else:
-                out = logits[b] if r.draw is None else draw_argmax(logits[b], r.draw[0], r.draw[1])
+                out = logits[b] if r.draw is None else draw_argmax(logits[b], *r.draw)
             r.result = (out, hidden[b].copy(), self.kv[:, :, r.slot, :, base : base + r.rows].copy())
 
     def _screened_single(self, session, lo: int, hi: int, feeds: dict, reqs: list[_Request], n: int, k: int):
@@ -933,8 +935,8 @@ class BatchEngine:
         tokens = np.full((B, k), -1, np.int64)
         for r in reqs:
             b = r.slot - lo
-            noise_r, t = r.draw  # type: ignore[misc]
-            tokens[b] = screen_draws(ids[b, :k], scores[b, :k], bound[b, :k], noise_r, t)
+            noise_r, t, allowed = r.draw  # type: ignore[misc]
+            tokens[b] = screen_draws(ids[b, :k], scores[b, :k], bound[b, :k], noise_r, t, allowed)
             if (tokens[b] < 0).any():
                 self.stats["screen_fallbacks"] += 1
                 return None, hidden

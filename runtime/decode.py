@@ -784,7 +784,8 @@ def decode_steps(
     # greedy (and coupled sampling) read the drawn tokens alone, not logits
     argmax = _draws_only(cfg, pen, noise) and scored is None
     logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0, argmax=argmax,
-                        noise=noise, temperature=cfg.temperature)  # fmt: skip
+                        noise=noise, temperature=cfg.temperature,
+                        allowed=None if pen is None or not argmax else pen.masks(1))  # fmt: skip
     assert logits is not None
     first = logits[-1] if argmax or pen is None else pen.apply(logits[-1:])[0]  # (no token generated yet)
     root = int(first) if argmax else select_root(first, cfg, rng, noise, backend.cache_len)
@@ -850,7 +851,7 @@ def decode_steps(
 
 def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scored: list | None = None,
             top: int = 0, argmax: bool = False, noise: PositionNoise | None = None,
-            temperature: float = 1.0) -> tuple[np.ndarray | None, int]:  # fmt: skip
+            temperature: float = 1.0, allowed: np.ndarray | None = None) -> tuple[np.ndarray | None, int]:  # fmt: skip
     """Run ``tokens`` through the backend under a causal mask, in calls of at most ``chunk``
     tokens (0: no limit) and at most what the backend takes at that cache length
     (``max_new_tokens``), each over the cache of the earlier ones, and commit them all.
@@ -859,7 +860,8 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
     ``scored`` (a list): every call computes all its rows, and the log-probabilities of tokens
     1 .. n-1 (with ``top`` alternatives each) are appended to it, a call at a time. ``argmax``
     (no ``scored``): the last call returns its last row's argmax token ``[1]`` instead of logits
-    (``Backend.forward_argmax``; with ``noise``, coupled sampling's draw at ``temperature``)."""
+    (``Backend.forward_argmax``; with ``noise``, coupled sampling's draw at ``temperature``; with
+    ``allowed``, bool ``[1, vocab]``, over a grammar's allowed tokens)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
     logits, m, s = None, 0, 0
@@ -872,7 +874,7 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
         call = (tokens[s : s + m], np.arange(start, start + m), np.tril(np.ones((m, m), dtype=bool)))
         if argmax and want_logits and last and scored is None:
             g = None if noise is None else noise.rows([start + m])  # the next token's position
-            best = backend.forward_argmax(*call, rows=1, noise=g, temperature=temperature)
+            best = backend.forward_argmax(*call, rows=1, noise=g, temperature=temperature, allowed=allowed)
             logits = np.array([settled(backend, best, 0)])
         else:
             logits = backend.forward(*call, logits=m if scored is not None else 1 if (want_logits and last) else 0)
@@ -992,10 +994,12 @@ def _verify(backend, tokens, tree, cfg, rng, clock, stats, q=None, stored=False,
     start = backend.cache_len
     stats.nodes += tree.num_nodes
     if _draws_only(cfg, pen, noise):  # the drawn tokens alone (an engine may screen its lm_head)
-        # coupled sampling: a node's row draws its child's token, with the noise of the child's position
+        # coupled sampling: a node's row draws its child's token, with the noise of the child's position;
+        # a grammar: each row's draw among what the grammar allows after the row's own path
         g = None if noise is None else noise.rows(start + tree.position_ids + 1)
+        allowed = None if pen is None else pen.masks(tree.num_nodes, tree, tokens)
         best = backend.forward_argmax(tokens, start + tree.position_ids, tree.attn_mask, noise=g,
-                                      temperature=cfg.temperature)  # fmt: skip
+                                      temperature=cfg.temperature, allowed=allowed)  # fmt: skip
         clock.lap("engine")
         # greedy verification (of the perturbed logits, coupled: accept_coupled's walk). A row the
         # engine left unsettled (-1) accepts no child: the path may end there, still exactly the
@@ -1027,9 +1031,9 @@ def settled(backend: Backend, best: np.ndarray, row: int) -> int:
 
 def _draws_only(cfg: DecodeConfig, pen, noise: PositionNoise | None) -> bool:
     """Whether a step reads only the tokens the backbone draws, one per row: greedy's argmax, or
-    coupled sampling's (``noise``) argmax of ``logits / T + g`` without top-k / top-p; no
-    penalties, no logprobs (Backend.forward_argmax)."""
-    if pen is not None or cfg.logprobs is not None:
+    coupled sampling's (``noise``) argmax of ``logits / T + g`` without top-k / top-p; a grammar's
+    mask but no penalties, no logprobs (Backend.forward_argmax, its ``allowed``)."""
+    if (pen is not None and not getattr(pen, "masks_only", False)) or cfg.logprobs is not None:
         return False
     if cfg.temperature < GREEDY_BELOW:
         return True
@@ -1111,7 +1115,7 @@ def _plain_step(backend, root, cfg, rng, clock, noise=None, pen=None):
     if _draws_only(cfg, pen, noise):
         g = None if noise is None else noise.rows([pos + 1])
         best = backend.forward_argmax(np.array([root]), np.array([pos]), np.ones((1, 1), dtype=bool), noise=g,
-                                      temperature=cfg.temperature)  # fmt: skip
+                                      temperature=cfg.temperature, allowed=None if pen is None else pen.masks(1))  # fmt: skip
         new_root = settled(backend, best, 0)
         clock.lap("engine")
         backend.commit(np.array([0]))

@@ -16,7 +16,10 @@ drafted tokens and its own. The backbone's target is then the masked distributio
 * a drafted node the grammar does not allow is never accepted (its parent's masked row gives
   its token no probability), so its row is left as it is.
 
-The mask needs every row's logits, so constrained steps run the float lm_head (no screen).
+Where a step reads the drawn tokens alone (greedy, coupled sampling; no penalties, no log-probabilities),
+the masks go to the engine with the rows (``Backend.forward_argmax(allowed=...)``, :meth:`GrammarMask.masks`):
+an engine that screens its lm_head takes the best allowed one of its candidates where it beats the
+screen's bound (every token outside them lies below it), and reruns the call in float where none does.
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def lltokenizer(folder: str | Path, eos_token_ids: Sequence[int]):
 class GrammarMask:
     """One decode's matcher: consumes what is emitted, masks what is verified (see the module doc)."""
 
+    masks_only = True  # what it does to logits is a mask (runtime.decode: a step may draw through the screen)
+
     def __init__(self, matcher, vocab: int, eos: Sequence[int]):
         self.matcher, self.vocab, self.eos = matcher, vocab, tuple(eos)
 
@@ -139,18 +144,25 @@ class GrammarMask:
             allowed[[e for e in self.eos if e < self.vocab]] = True
         return allowed
 
-    def apply(self, logits: np.ndarray, tree=None, tokens: np.ndarray | None = None) -> np.ndarray:
-        """The masked copy of ``logits`` (rows of ``tree``'s nodes, ``tokens`` their tokens; no tree:
-        every row as the next token after what was consumed)."""
-        out = np.array(logits, dtype=np.float32)
+    def masks(self, rows: int, tree=None, tokens: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[rows, vocab]``: what each row allows (rows of ``tree``'s nodes, ``tokens`` their
+        tokens: row v after the root's text and v's own path; no tree: every row as the next token
+        after what was consumed). A node the grammar does not allow is never accepted (its parent's
+        masked row gives its token nothing): its row, moot, allows every token."""
         if tree is None or tokens is None:
-            out[:, ~self.allowed()] = -np.inf
-            return out
+            return np.broadcast_to(self.allowed(), (rows, self.vocab))
+        out = np.ones((tree.num_nodes, self.vocab), dtype=bool)
         for v in range(tree.num_nodes):
             path = [int(t) for t in tokens[1:][tree.attn_mask[v, 1:]]]  # below the root, in depth order
             taken = self.matcher.try_consume_tokens(path) if path else 0
-            if taken == len(path):  # a node the grammar does not allow is never accepted: its row is moot
-                out[v, ~self.allowed()] = -np.inf
+            if taken == len(path):
+                out[v] = self.allowed()
             if taken:
                 self.matcher.rollback(taken)
+        return out
+
+    def apply(self, logits: np.ndarray, tree=None, tokens: np.ndarray | None = None) -> np.ndarray:
+        """The masked copy of ``logits`` (the rows :meth:`masks` describes): disallowed tokens -inf."""
+        out = np.array(logits, dtype=np.float32)
+        out[~self.masks(len(out), tree, tokens)] = -np.inf
         return out

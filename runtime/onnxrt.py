@@ -350,10 +350,15 @@ def screen_io(session) -> tuple[bool, bool]:
     return screened, screened and SCREEN_NOISE in optional
 
 
-def screen_draws(ids, scores, bound, noise=None, temperature=1.0) -> np.ndarray:
+def screen_draws(ids, scores, bound, noise=None, temperature=1.0, allowed=None) -> np.ndarray:
     """Each screened row's token, or -1 where the bound does not settle it: the best exactly scored
     candidate, of ``scores`` or (``noise``, the rows' Gumbel vectors ``[rows, vocab]``; the graph was
     fed ``temperature`` x noise) of float32 ``score / T + g``, where it beats ``bound`` (/ T).
+
+    ``allowed`` (bool ``[rows, vocab]``, a grammar's mask): the best *allowed* candidate, where it
+    beats the bound, is the argmax over the allowed tokens (every token outside the candidates,
+    allowed or not, lies below the bound); a row that allows one token only draws that token
+    whatever the scores; a row with no allowed candidate above the bound is left open (-1).
 
     With noise the graph ranked ``upper + T g``, so its bound B is above every other token's
     ``logit + T g``, and B / T above its ``logit / T + g``. The candidates are scored as the float
@@ -362,9 +367,15 @@ def screen_draws(ids, scores, bound, noise=None, temperature=1.0) -> np.ndarray:
     if noise is not None:
         scores = perturbed(scores, np.take_along_axis(noise, ids, axis=1), temperature)
         bound = bound / np.float32(temperature)
+    if allowed is not None:
+        scores = np.where(np.take_along_axis(allowed, ids, axis=1), scores, np.float32(-np.inf))
     r = np.arange(len(ids))
     j = np.argmax(scores, axis=1)
-    return np.where(scores[r, j] > bound, ids[r, j], -1)
+    out = np.where(scores[r, j] > bound, ids[r, j], -1)
+    if allowed is not None:
+        only = allowed.sum(axis=1) == 1  # a forced token: the masked argmax needs no score
+        out[only] = np.argmax(allowed[only], axis=1)
+    return out
 
 
 def screen_holds(logits, cand, scores, bound) -> bool:
@@ -562,29 +573,31 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self._screened_call = None  # a later float call: nothing screened to settle
         return outs["logits"][0, : min(k, n)]
 
-    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows, noise=None, temperature=1.0):
-        """The last ``rows`` tokens' argmax (of ``logits / T + noise`` where ``noise`` is given) from
-        the graph's lm_head screen (:func:`screen_draws`), or -1 where its bound does not settle a
-        row (rare: ``settle_argmax`` then runs the same call again with float logits)."""
+    def _forward_argmax(self, input_ids, position_ids, tree_mask, rows, noise=None, temperature=1.0, allowed=None):
+        """The last ``rows`` tokens' argmax (of ``logits / T + noise`` where ``noise`` is given, over
+        the ``allowed`` tokens where a mask is given) from the graph's lm_head screen
+        (:func:`screen_draws`), or -1 where its bound does not settle a row (rare: ``settle_argmax``
+        then runs the same call again with float logits)."""
         n = len(input_ids)
         s = max(0, min(int(rows), n))
         t = np.float32(temperature)
         if noise is not None:  # one row per screened row (Backend.forward_argmax checked it)
             noise = np.asarray(noise, dtype=self._dtype)
         outs = self._run(input_ids, position_ids, tree_mask, 0, s, None if noise is None else noise * t)
-        self._screened_call = (input_ids, position_ids, tree_mask, s, noise, t)
-        return screen_draws(*(outs[name][0, :s] for name in SCREEN_OUTPUTS), noise, t)
+        self._screened_call = (input_ids, position_ids, tree_mask, s, noise, t, allowed)
+        return screen_draws(*(outs[name][0, :s] for name in SCREEN_OUTPUTS), noise, t, allowed)
 
     def settle_argmax(self, row: int) -> int:
         """The call is run again with float logits for its screened rows: it writes the same cache
         entries again (staged, not yet committed), and its hidden states are the same."""
         if self._screened_call is None or not self._staged:  # (commit, truncate and restore unstage)
             raise RuntimeError("settle_argmax() without a screened forward to settle")
-        input_ids, position_ids, tree_mask, s, noise, t = self._screened_call
+        input_ids, position_ids, tree_mask, s, noise, t, allowed = self._screened_call
         self.screen_fallbacks += 1
         logits = self._run(input_ids, position_ids, tree_mask, s, 0)["logits"][0, :s]
-        r = int(row)
-        return int(draw_argmax(logits[r : r + 1], None if noise is None else noise[r : r + 1], t)[0])
+        r = slice(int(row), int(row) + 1)
+        g, a = (None if x is None else x[r] for x in (noise, allowed))
+        return int(draw_argmax(logits[r], g, t, a)[0])
 
     def _run(self, input_ids, position_ids, tree_mask, k: int, screened: int, noise=None) -> dict:
         """One backbone call on checked inputs: float logits for the last ``k`` rows, the lm_head

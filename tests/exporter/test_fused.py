@@ -1082,8 +1082,8 @@ def test_greedy_through_the_screen_equals_float_logits_and_hf(exported, monkeypa
     real = FusedOnnxRuntimeBackend._forward_argmax
     calls = []
 
-    def forward_argmax(self, ids, pos, mask, rows, noise=None, temperature=1.0):
-        best = real(self, ids, pos, mask, rows, noise, temperature)
+    def forward_argmax(self, ids, pos, mask, rows, noise=None, temperature=1.0, allowed=None):
+        best = real(self, ids, pos, mask, rows, noise, temperature, allowed)
         calls.append(len(best))
         if unsettled == "every":
             best[:] = -1
@@ -1119,8 +1119,8 @@ def test_coupled_sampling_through_the_screen_draws_the_float_paths_tokens(export
     real = FusedOnnxRuntimeBackend._forward_argmax
     noisy = []
 
-    def forward_argmax(self, ids, pos, mask, rows, noise=None, temperature=1.0):
-        best = real(self, ids, pos, mask, rows, noise, temperature)
+    def forward_argmax(self, ids, pos, mask, rows, noise=None, temperature=1.0, allowed=None):
+        best = real(self, ids, pos, mask, rows, noise, temperature, allowed)
         noisy.append(noise is not None)
         if unsettled == "every":
             best[:] = -1

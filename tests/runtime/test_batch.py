@@ -208,7 +208,7 @@ def test_the_engines_screened_draws_are_the_float_draws(tiny, temperature, monke
             ids, pos, mask = rng.integers(0, V, n), np.arange(n), np.tril(np.ones((n, n), bool))
             noise = -np.log(rng.standard_exponential((n, V))).astype(np.float32)
             drawn = rb._Request(0, "forward", ids=ids, pos=pos, mask=mask)
-            drawn.draw = (noise, temperature)
+            drawn.draw = (noise, temperature, None)
             e._run_forward([drawn])
             float_call = rb._Request(0, "forward", ids=ids, pos=pos, mask=mask)
             e._run_forward([float_call])

@@ -119,6 +119,86 @@ def test_each_tree_node_s_row_is_masked_after_its_own_path(gen):
     assert np.isfinite(out[0]).sum() < 20  # after '{"color":"' only the enum's beginnings
 
 
+def test_the_screen_draws_the_best_allowed_candidate_or_leaves_the_row_open():
+    """runtime.onnxrt.screen_draws under a grammar's mask, against the masked float argmax: the best
+    allowed candidate where it beats the bound, a row's only allowed token whatever the scores, -1 (the
+    float rerun) where no allowed candidate beats the bound; greedy and with coupled sampling's noise."""
+    from runtime.backend import draw_argmax, perturbed
+    from runtime.onnxrt import screen_draws
+
+    rng = np.random.default_rng(5)
+    rows, vocab, k = 400, 300, 8
+    opened = forced = 0
+    for noise, t in ((None, 1.0), (rng.gumbel(size=(rows, vocab)).astype(np.float32), 0.7)):
+        logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 3
+        ranked = logits if noise is None else logits + np.float32(t) * noise  # what the graph ranks
+        order = np.argsort(-ranked, axis=1)
+        ids = order[:, :k]
+        scores = np.take_along_axis(logits, ids, axis=1)
+        bound = np.take_along_axis(ranked, order[:, k : k + 1], axis=1)[:, 0] + np.float32(1e-3)
+        allowed = rng.random((rows, vocab)) < rng.choice([0.005, 0.05, 0.5, 1.0], size=(rows, 1))
+        allowed[:20] = False
+        allowed[np.arange(20), rng.integers(0, vocab, 20)] = True  # one token allowed: forced
+        got = screen_draws(ids, scores, bound, noise, t, allowed)
+        want = draw_argmax(logits, noise, t, allowed)
+        settled = got >= 0
+        assert (got[settled] == want[settled]).all()
+        best = np.where(np.take_along_axis(allowed, ids, 1), perturbed(scores, np.take_along_axis(noise, ids, 1), t)
+                        if noise is not None else scores, -np.inf).max(1)  # fmt: skip
+        b = bound / np.float32(t) if noise is not None else bound
+        one = allowed.sum(1) == 1  # rows that allow one token: drawn whatever the scores
+        assert (got[one] == want[one]).all() and one.sum() > 20
+        assert (settled[~one] == (best > b)[~one]).all()  # open exactly where no allowed candidate beats the bound
+        opened += int((~settled).sum())
+        forced += int(one.sum())
+    assert 0 < opened < 2 * rows - forced  # both outcomes occurred
+
+
+@pytest.mark.parametrize("unsettled", ["none", "every", "odd"])
+def test_constrained_steps_draw_through_the_screen_the_float_paths_tokens(tiny, gen, monkeypatch, unsettled):
+    """Greedy and coupled-sampling steps under a format read their drawn tokens through the lm_head
+    screen with each row's mask (Backend.forward_argmax(allowed=...)): the tokens of the float path,
+    also where the screen settles no row or every other one (settle_argmax: the float row, masked),
+    for plain decoding, fixed and dynamic trees and the batch engine."""
+    from runtime.onnxrt import FusedOnnxRuntimeBackend
+
+    backend = gen.backend
+    assert backend.screens_argmax and backend.screens_noise
+    asks = [dict(temperature=0, medusa=False), dict(temperature=0), dict(temperature=0, tree="dynamic"),
+            dict(temperature=0.9, seed=1, medusa=False), dict(temperature=0.9, seed=1)]  # fmt: skip
+
+    def answers(g):
+        return [g.generate(p, max_new_tokens=40, response_format=FORMAT, **a).tokens for p in PROMPTS[:2] for a in asks]
+
+    monkeypatch.setattr(backend, "screens_argmax", False)  # the float lm_head, masked logits
+    want = answers(gen)
+    monkeypatch.setattr(backend, "screens_argmax", True)
+    real, masked = FusedOnnxRuntimeBackend._forward_argmax, []
+
+    def forward_argmax(self, ids, pos, mask, rows, noise=None, temperature=1.0, allowed=None):
+        best = real(self, ids, pos, mask, rows, noise, temperature, allowed)
+        masked.append(allowed is not None)
+        forced = allowed is not None and allowed.sum(1) == 1  # no float rerun needed: left as drawn
+        if unsettled == "every":
+            best[~forced] = -1
+        elif unsettled == "odd":
+            best[1::2][~np.asarray(forced)[1::2] if allowed is not None else slice(None)] = -1
+        return best
+
+    monkeypatch.setattr(FusedOnnxRuntimeBackend, "_forward_argmax", forward_argmax)
+    before = backend.screen_fallbacks
+    assert answers(gen) == want
+    assert masked and all(masked)  # every call went through the screen with its masks
+    if unsettled == "every":
+        assert backend.screen_fallbacks > before  # the path's last rows were settled in float, masked
+    if unsettled == "none":  # the batch engine screens its one-sequence calls with the masks too
+        batched = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
+        try:
+            assert answers(batched) == want and batched.engine.stats["screened_calls"] > 0
+        finally:
+            batched.close()
+
+
 @pytest.mark.parametrize(
     "fmt, words",
     [
