@@ -74,11 +74,11 @@ class Backend(ABC):
         vocab]``, a grammar's mask per row): the argmax over the allowed tokens only. Here from
         :meth:`forward`'s logits (never -1); a backend whose graph screens the lm_head
         (:attr:`screens_argmax`, and :attr:`screens_noise` for noise) computes no float logits, and
-        leaves the rows its screen cannot settle (rare; under a mask, where no allowed token is among
-        its candidates) to ``settle_argmax``."""
+        leaves the rows its screen cannot settle (rare) to ``settle_argmax``; it ranks a masked row's
+        allowed tokens alone (through the graph's noise input: :attr:`screens_noise`)."""
         check_noise(noise, len(input_ids), rows, self.spec.vocab_size)
         check_noise(allowed, len(input_ids), rows, self.spec.vocab_size, "allowed")
-        if not self.screens_argmax or (noise is not None and not self.screens_noise):
+        if not self.screens_argmax or ((noise is not None or allowed is not None) and not self.screens_noise):
             out = self.forward(input_ids, position_ids, tree_mask, logits=rows)
             return draw_argmax(out if rows is None else out[len(out) - rows :], noise, temperature, allowed)
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)

@@ -900,8 +900,8 @@ class BatchEngine:
         feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
                  "num_logits": np.array([k], np.int64)}  # fmt: skip
         screened = self.screens and all(
-            r.draw is not None and (r.draw[0] is None or self.screens_noise) for r in reqs
-        )  # every sequence reads its drawn tokens alone: no float lm_head
+            r.draw is not None and ((r.draw[0] is None and r.draw[2] is None) or self.screens_noise) for r in reqs
+        )  # every sequence reads its drawn tokens alone: no float lm_head (noise, masks: through the noise input)
         tokens = None
         if screened:
             tokens, hidden = self._screened_single(session, lo, hi, feeds, reqs, n, k)
@@ -921,13 +921,17 @@ class BatchEngine:
         ``screen_noise``, times its temperature): (``[B, k]`` tokens, or None where a row is left
         open, when the caller runs the call again with float logits: it writes the same entries;
         the hidden states)."""
-        from runtime.onnxrt import screen_draws
+        from runtime.onnxrt import screen_draws, screen_ranking
 
         B, V = hi - lo, self.spec.vocab_size
-        noisy = [(r.slot - lo, r.draw[0], r.draw[1]) for r in reqs if r.draw is not None and r.draw[0] is not None]
-        noise = np.zeros((B * k, V), np.float32) if noisy else self._no_noise
-        for b, g, t in noisy:
-            np.multiply(g, np.float32(t), out=noise[b * k : (b + 1) * k])
+        ranked = [
+            (r.slot - lo, *r.draw)
+            for r in reqs
+            if r.draw is not None and (r.draw[0] is not None or r.draw[2] is not None)
+        ]
+        noise = np.zeros((B * k, V), np.float32) if ranked else self._no_noise
+        for b, g, t, allowed in ranked:  # T g and a grammar's mask (runtime.onnxrt.screen_ranking)
+            noise[b * k : (b + 1) * k] = screen_ranking(g, t, allowed)
         call = {**feeds, "num_logits": np.array([0], np.int64), SCREEN_INPUT: np.array([k], np.int64),
                 SCREEN_NOISE: noise}  # fmt: skip
         _, hidden, (ids, scores, bound) = self._call_in_place(session, "single", lo, hi, call, reqs, n)

@@ -378,6 +378,26 @@ def screen_draws(ids, scores, bound, noise=None, temperature=1.0, allowed=None) 
     return out
 
 
+# what a grammar's disallowed tokens add to the screen's ranking: far below any logit, finite (float32)
+SCREEN_MASKED = np.float32(-1e30)
+
+
+def screen_ranking(noise, temperature, allowed, dtype=np.float32) -> np.ndarray | None:
+    """The ``screen_noise`` input for rows drawn with coupled sampling's ``noise`` (``T g``) and/or a
+    grammar's ``allowed`` mask (:data:`SCREEN_MASKED` where a token is not allowed), or None (the
+    input's default, 0). With the mask the graph ranks the allowed tokens alone, so its candidates
+    are the row's best allowed ones and its bound is above every other *allowed* token's (a row
+    allowing fewer than ``SCREEN_CANDIDATES + 1`` tokens gets a bound near SCREEN_MASKED: its best
+    allowed candidate always settles it); :func:`screen_draws` reads the candidates with the
+    unmasked noise and the mask."""
+    if allowed is None:
+        return None if noise is None else noise * np.float32(temperature)
+    ranking = np.where(allowed, np.float32(0), SCREEN_MASKED).astype(dtype)
+    if noise is not None:
+        ranking += noise * np.float32(temperature)
+    return ranking
+
+
 def screen_holds(logits, cand, scores, bound) -> bool:
     """The lm_head screen's outputs against float ``logits`` of the same rows: the candidates'
     scores are their float logits and the bound is above every other token's. Its proof
@@ -583,7 +603,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         t = np.float32(temperature)
         if noise is not None:  # one row per screened row (Backend.forward_argmax checked it)
             noise = np.asarray(noise, dtype=self._dtype)
-        outs = self._run(input_ids, position_ids, tree_mask, 0, s, None if noise is None else noise * t)
+        outs = self._run(input_ids, position_ids, tree_mask, 0, s, screen_ranking(noise, t, allowed, self._dtype))
         self._screened_call = (input_ids, position_ids, tree_mask, s, noise, t, allowed)
         return screen_draws(*(outs[name][0, :s] for name in SCREEN_OUTPUTS), noise, t, allowed)
 

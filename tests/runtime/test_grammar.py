@@ -119,39 +119,48 @@ def test_each_tree_node_s_row_is_masked_after_its_own_path(gen):
     assert np.isfinite(out[0]).sum() < 20  # after '{"color":"' only the enum's beginnings
 
 
-def test_the_screen_draws_the_best_allowed_candidate_or_leaves_the_row_open():
-    """runtime.onnxrt.screen_draws under a grammar's mask, against the masked float argmax: the best
-    allowed candidate where it beats the bound, a row's only allowed token whatever the scores, -1 (the
-    float rerun) where no allowed candidate beats the bound; greedy and with coupled sampling's noise."""
+@pytest.mark.parametrize("masked_ranking", [True, False])
+def test_the_screen_draws_the_best_allowed_candidate_or_leaves_the_row_open(masked_ranking):
+    """runtime.onnxrt.screen_draws under a grammar's mask, against the masked float argmax, the graph's
+    ranking simulated (``logits + T g`` plus :func:`runtime.onnxrt.screen_ranking`'s mask, the bound the
+    next-ranked token's): the best allowed candidate where it beats the bound, a row's only allowed
+    token whatever the scores, -1 (the float rerun) where no allowed candidate beats the bound. With
+    the mask in the ranking (what the backends feed) every row that allows a token is settled."""
     from runtime.backend import draw_argmax, perturbed
-    from runtime.onnxrt import screen_draws
+    from runtime.onnxrt import screen_draws, screen_ranking
 
     rng = np.random.default_rng(5)
     rows, vocab, k = 400, 300, 8
-    opened = forced = 0
+    opened = empty = 0
     for noise, t in ((None, 1.0), (rng.gumbel(size=(rows, vocab)).astype(np.float32), 0.7)):
         logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 3
-        ranked = logits if noise is None else logits + np.float32(t) * noise  # what the graph ranks
+        allowed = rng.random((rows, vocab)) < rng.choice([0.005, 0.05, 0.5, 1.0], size=(rows, 1))
+        allowed[:20] = False
+        allowed[np.arange(20), rng.integers(0, vocab, 20)] = True  # one token allowed: forced
+        ranking = screen_ranking(noise, t, allowed if masked_ranking else None)
+        ranked = logits if ranking is None else logits + ranking  # what the graph ranks
         order = np.argsort(-ranked, axis=1)
         ids = order[:, :k]
         scores = np.take_along_axis(logits, ids, axis=1)
         bound = np.take_along_axis(ranked, order[:, k : k + 1], axis=1)[:, 0] + np.float32(1e-3)
-        allowed = rng.random((rows, vocab)) < rng.choice([0.005, 0.05, 0.5, 1.0], size=(rows, 1))
-        allowed[:20] = False
-        allowed[np.arange(20), rng.integers(0, vocab, 20)] = True  # one token allowed: forced
         got = screen_draws(ids, scores, bound, noise, t, allowed)
         want = draw_argmax(logits, noise, t, allowed)
         settled = got >= 0
         assert (got[settled] == want[settled]).all()
+        one = allowed.sum(1) == 1  # rows that allow one token: drawn whatever the scores
+        assert (got[one] == want[one]).all() and one.sum() > 20
         best = np.where(np.take_along_axis(allowed, ids, 1), perturbed(scores, np.take_along_axis(noise, ids, 1), t)
                         if noise is not None else scores, -np.inf).max(1)  # fmt: skip
         b = bound / np.float32(t) if noise is not None else bound
-        one = allowed.sum(1) == 1  # rows that allow one token: drawn whatever the scores
-        assert (got[one] == want[one]).all() and one.sum() > 20
         assert (settled[~one] == (best > b)[~one]).all()  # open exactly where no allowed candidate beats the bound
+        if masked_ranking:
+            assert settled[allowed.any(1)].all()
         opened += int((~settled).sum())
-        forced += int(one.sum())
-    assert 0 < opened < 2 * rows - forced  # both outcomes occurred
+        empty += int((~allowed.any(1)).sum())
+    if masked_ranking:
+        assert opened == empty > 0  # the rows that allow nothing
+    else:
+        assert opened > 0
 
 
 @pytest.mark.parametrize("unsettled", ["none", "every", "odd"])
@@ -191,6 +200,8 @@ def test_constrained_steps_draw_through_the_screen_the_float_paths_tokens(tiny, 
     assert masked and all(masked)  # every call went through the screen with its masks
     if unsettled == "every":
         assert backend.screen_fallbacks > before  # the path's last rows were settled in float, masked
+    elif unsettled == "none":  # the graph ranked each row's allowed tokens alone: the bound settled every row
+        assert backend.screen_fallbacks == before
     if unsettled == "none":  # the batch engine screens its one-sequence calls with the masks too
         batched = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
         try:
