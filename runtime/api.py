@@ -280,6 +280,8 @@ class MedusaGenerator:
                 stacklevel=3,
             )
         self.backend = self._make_backend(backend, device, threads, max_context)
+        # calls of more rows than the latency profile found the lm_head screen paying for go through the float lm_head
+        self._limit_screen(self.cost_model.screen_max_rows)
         # the lookup branch's drafts where the context repeats nothing (runtime/datastore.py); read
         # once, checked against the vocabulary: a malformed or foreign file fails the load, in one line
         store = self.folder / DATASTORE_FILE
@@ -346,6 +348,9 @@ class MedusaGenerator:
         calibrate`` writes them; None: each call starts from the heads' raw probabilities)."""
         cal = self.folder / CALIBRATION_FILE
         return self.cost_model, read_calibration(cal) if cal.is_file() else None
+
+    def _limit_screen(self, rows: int | None) -> None:
+        self.backend.screen_max_rows = rows
 
     @functools.cached_property
     def cost_model(self) -> CostModel:

@@ -78,17 +78,24 @@ class Backend(ABC):
         allowed tokens alone (through the graph's noise input: :attr:`screens_noise`)."""
         check_noise(noise, len(input_ids), rows, self.spec.vocab_size)
         check_noise(allowed, len(input_ids), rows, self.spec.vocab_size, "allowed")
-        if not self.screens_argmax or ((noise is not None or allowed is not None) and not self.screens_noise):
+        k = len(input_ids) if rows is None else min(int(rows), len(input_ids))
+        if (
+            not self.screens_argmax
+            or ((noise is not None or allowed is not None) and not self.screens_noise)
+            or (self.screen_max_rows is not None and k > self.screen_max_rows)
+        ):
             out = self.forward(input_ids, position_ids, tree_mask, logits=rows)
             return draw_argmax(out if rows is None else out[len(out) - rows :], noise, temperature, allowed)
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
-        k = len(ids) if rows is None else int(rows)
         return self._forward_argmax(ids, pos, mask, k, noise, temperature, allowed)
 
     # True where forward_argmax runs the graph's lm_head screen (exporter.fused._screen), and where it
     # does so with coupled sampling's noise too
     screens_argmax: bool = False
     screens_noise: bool = False
+    # the most rows a call screens (more: the float lm_head, which costs less there on some CPUs; the
+    # artifact's latency profile measures where, runtime.profile); None: every call
+    screen_max_rows: int | None = None
 
     def _forward_argmax(self, input_ids, position_ids, tree_mask, rows: int, noise=None, temperature=1.0,
                         allowed=None) -> np.ndarray:  # fmt: skip

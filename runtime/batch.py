@@ -315,6 +315,9 @@ class BatchEngine:
 
             self.screen_graph, self.screen_noise_input = screen_io(self.single)
         self.screens = self.screen_graph and config.precision == "fp32"
+        self.screen_max_rows: int | None = (
+            None  # more rows a call: float (Backend.screen_max_rows; the generator sets it)
+        )
         self.screens_noise = self.screens and self.screen_noise_input
         self._no_noise = np.zeros((1, 1), self._dtype)
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads
@@ -899,8 +902,12 @@ class BatchEngine:
         assert session is not None
         feeds = {"input_ids": ids, "position_ids": pos, "tree_mask": mask, "cache_lengths": lens,
                  "num_logits": np.array([k], np.int64)}  # fmt: skip
-        screened = self.screens and all(
-            r.draw is not None and ((r.draw[0] is None and r.draw[2] is None) or self.screens_noise) for r in reqs
+        screened = (
+            self.screens
+            and (self.screen_max_rows is None or B * k <= self.screen_max_rows)
+            and all(
+                r.draw is not None and ((r.draw[0] is None and r.draw[2] is None) or self.screens_noise) for r in reqs
+            )
         )  # every sequence reads its drawn tokens alone: no float lm_head (noise, masks: through the noise input)
         tokens = None
         if screened:
@@ -1159,6 +1166,9 @@ def _generator_class():
             chunk = DEFAULT_BATCH_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
             super().__init__(folder, backend="onnxruntime", device="cpu", threads=threads, max_context=max_context,
                              tree=tree, verify=verify, prefill_chunk=chunk, reuse_prefix=reuse_prefix)  # fmt: skip
+
+        def _limit_screen(self, rows: int | None) -> None:
+            self.engine.screen_max_rows = rows
 
         def _make_backend(self, backend, device, threads, max_context):
             max_batch, gather_timeout, budgets = self._batch_args

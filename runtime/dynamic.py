@@ -69,6 +69,8 @@ class CostModel:
     relative: Mapping[int, float]
     heads: float = DEFAULT_HEADS_COST  # one heads call (Hydra: one level)
     source: str = "default"
+    # the most rows a call screens its lm_head at where the profile measured it (Backend.screen_max_rows)
+    screen_max_rows: int | None = None
 
     def __post_init__(self):
         sizes = sorted(self.relative)
@@ -98,9 +100,11 @@ class CostModel:
             data = json.loads(read_text(path))
             rel = {int(k): float(v) for k, v in data["relative_cost"].items()}
             heads = float(data.get("heads_relative_cost", DEFAULT_HEADS_COST))
+            screen = data.get("screen_max_rows")
+            screen = None if screen is None else int(screen)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{path}: not a latency profile (medusa-run profile writes one): {e}") from None
-        return cls(rel, heads, source=str(path))
+        return cls(rel, heads, source=str(path), screen_max_rows=screen)
 
 
 DEFAULT_COST = CostModel(DEFAULT_RELATIVE_COST, DEFAULT_HEADS_COST, source="default (fused fp32, 2 CPU cores)")

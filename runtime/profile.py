@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,22 +24,38 @@ DEFAULT_SIZES = (*range(1, 17), 20, 24, 32, 48, 64)
 PROFILE_FILE = "latency_profile.json"
 
 
+K = TypeVar("K", bound=Hashable)
+
+
 def round_robin_ms(
-    call: Callable[[int], object], sizes: Sequence[int], repeats: int, warmup: int, rng: np.random.Generator
-) -> dict[int, float]:
+    call: Callable[[K], object], sizes: Sequence[K], repeats: int, warmup: int, rng: np.random.Generator
+) -> dict[K, float]:
     """Median milliseconds of ``call(n)`` per size n, after ``warmup`` untimed rounds.
 
     Round-robin, shuffled each round: load from other processes spreads over every size
     instead of skewing whichever size it happened to coincide with (N = 1 is every ratio's base).
     """
-    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    samples: dict[K, list[float]] = {n: [] for n in sizes}
+    keys = list(sizes)
     for r in range(warmup + repeats):
-        for n in rng.permutation(list(sizes)):
+        for i in rng.permutation(len(keys)):
+            n = keys[int(i)]
             t = time.perf_counter()
-            call(int(n))
+            call(n)
             if r >= warmup:
-                samples[int(n)].append(time.perf_counter() - t)
+                samples[n].append(time.perf_counter() - t)
     return {n: float(np.median(samples[n]) * 1000) for n in sizes}
+
+
+def screen_limit(screen_ms: dict[int, float], float_ms: dict[int, float]) -> int:
+    """The most rows up to which every measured size's screened call costs no more than its float call
+    (0: not even one row): calls of more rows go through the float lm_head."""
+    limit = 0
+    for n in sorted(screen_ms):
+        if screen_ms[n] > float_ms[n]:
+            break
+        limit = n
+    return limit
 
 
 def fitting_cache(max_context: int, sizes: Sequence[int], cached: int) -> int:
@@ -65,10 +82,26 @@ def profile_tree_sizes(
         n: (rng.integers(0, vocab, n), cached + np.arange(n), np.tril(np.ones((n, n), dtype=bool))) for n in sizes
     }
     # staged only: the cache stays at `cached`. Greedy steps' call: with the graph's lm_head screen
-    # where the backend has one (runtime.backend.Backend.forward_argmax)
+    # where the backend has one (runtime.backend.Backend.forward_argmax), timed beside the float lm_head
+    # (interleaved): from some number of rows on the screen can cost more (its int8 product and top-k
+    # per row), and calls of more rows than screen_max_rows then compute float logits
     screened = bool(getattr(backend, "screens_argmax", False))
-    step = backend.forward_argmax if screened else backend.forward
-    ms = round_robin_ms(lambda n: step(*inputs[n]), sizes, repeats, warmup, rng)
+    limit = getattr(backend, "screen_max_rows", None)
+    extra: dict = {}
+    if screened:
+        backend.screen_max_rows = None  # every size through the screen while it is timed
+        try:
+            both = round_robin_ms(lambda key: (backend.forward_argmax if key[1] else backend.forward)(*inputs[key[0]]),
+                                  [(n, kind) for n in sizes for kind in (True, False)], repeats, warmup, rng)  # fmt: skip
+        finally:
+            backend.screen_max_rows = limit
+        screen_ms, float_ms = ({n: both[(n, kind)] for n in sizes} for kind in (True, False))
+        cut = screen_limit(screen_ms, float_ms)
+        ms = {n: screen_ms[n] if n <= cut else float_ms[n] for n in sizes}  # what a step of n rows costs then
+        extra = {"screen_max_rows": cut, "screen_ms": {str(n): round(v, 3) for n, v in screen_ms.items()},
+                 "float_ms": {str(n): round(v, 3) for n, v in float_ms.items()}}  # fmt: skip
+    else:
+        ms = round_robin_ms(lambda n: backend.forward(*inputs[n]), sizes, repeats, warmup, rng)
     if progress:
         for n in sizes:
             progress(n, ms[n])
@@ -99,10 +132,9 @@ def profile_tree_sizes(
         progress("heads", heads_ms)
         if first:
             progress("head 1 alone", float(np.median(first) * 1000))
-    extra = {}
     if first:
         first_ms = float(np.median(first) * 1000)
-        extra = {"first_head_ms": round(first_ms, 3), "first_head_relative_cost": round(first_ms / base, 4)}
+        extra |= {"first_head_ms": round(first_ms, 3), "first_head_relative_cost": round(first_ms / base, 4)}
     return {
         "cached_tokens": cached,
         "repeats": repeats,
@@ -112,7 +144,9 @@ def profile_tree_sizes(
         "heads_relative_cost": round(heads_ms / base, 4),
         "heads_kind": backend.spec.medusa_head_type,  # "hydra": the cost of one level (a call per depth)
         "lm_head": "screen" if screened else "float",  # how the timed calls computed the next tokens
-        **extra,  # first_head_ms: the call a tree of depth 1 makes (heads_int8_first.onnx)
+        # first_head_ms: the call a tree of depth 1 makes (heads_int8_first.onnx); screen_max_rows,
+        # screen_ms, float_ms: the screen against the float lm_head (ms: the cheaper by that limit)
+        **extra,
     }
 
 
@@ -130,8 +164,10 @@ def format_peer_table(profile: dict) -> str:
     if peer["cached_tokens"] != profile["cached_tokens"]:
         lines.append(f"(the peer's cache held {peer['cached_tokens']} tokens, ours {profile['cached_tokens']})")
     if profile.get("lm_head") == "screen":  # not the same work: say so under the numbers
-        lines.append("(ours: greedy steps' calls through the lm_head screen, the argmax of each row; the peer's "
-                     "compute every row's float logits)")  # fmt: skip
+        rows = profile.get("screen_max_rows")
+        which = "" if rows is None else f" of up to {rows} rows"
+        lines.append(f"(ours: greedy steps' calls{which} through the lm_head screen, the argmax of each row; the "
+                     "peer's compute every row's float logits)")  # fmt: skip
     return "\n".join(lines)
 
 
