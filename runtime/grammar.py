@@ -100,7 +100,8 @@ class Grammar:
 
     def mask(self, vocab: int) -> GrammarMask:
         llg = require_llguidance()
-        return GrammarMask(llg.LLMatcher(self._tokenizer, self._grammar, log_level=0), vocab, self.eos)
+        matcher = llg.LLMatcher(self._tokenizer, self._grammar, log_level=0)
+        return GrammarMask(matcher, vocab, self.eos, known=int(self._tokenizer.vocab_size))
 
 
 def lltokenizer(folder: str | Path, eos_token_ids: Sequence[int]):
@@ -115,11 +116,16 @@ class GrammarMask:
 
     masks_only = True  # what it does to logits is a mask (runtime.decode: a step may draw through the screen)
 
-    def __init__(self, matcher, vocab: int, eos: Sequence[int]):
+    def __init__(self, matcher, vocab: int, eos: Sequence[int], known: int | None = None):
         self.matcher, self.vocab, self.eos = matcher, vocab, tuple(eos)
+        # the tokenizer's tokens: a model's vocabulary may be padded past them (Qwen2.5: 151,936 logits for
+        # 151,665 tokens), and llguidance turns a path holding such an id into an error state for good
+        self.known = vocab if known is None else min(vocab, int(known))
 
     def add(self, tokens: Sequence[int]) -> None:
         for t in tokens:
+            if self.matcher.is_error():  # (llguidance reports an error state as stopped too)
+                raise MedusaError(f"structured output: the grammar is in an error state: {self.matcher.get_error()}")
             if self.matcher.is_stopped():  # the format is complete and its end consumed
                 return
             if not self.matcher.consume_token(int(t)):
@@ -154,6 +160,8 @@ class GrammarMask:
         out = np.ones((tree.num_nodes, self.vocab), dtype=bool)
         for v in range(tree.num_nodes):
             path = [int(t) for t in tokens[1:][tree.attn_mask[v, 1:]]]  # below the root, in depth order
+            if any(t >= self.known for t in path):  # a padding id: no text, the grammar refuses it (unasked)
+                continue
             taken = self.matcher.try_consume_tokens(path) if path else 0
             if taken == len(path):
                 out[v] = self.allowed()

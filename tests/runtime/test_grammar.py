@@ -210,6 +210,34 @@ def test_constrained_steps_draw_through_the_screen_the_float_paths_tokens(tiny, 
             batched.close()
 
 
+def test_a_padded_vocabulary_s_ids_in_a_tree_do_not_break_the_grammar(gen):
+    """A model whose lm_head is padded past its tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens) may
+    draft a padding id; its node is refused (its row left unmasked) and the grammar goes on: the
+    matcher is not left in llguidance's error state, the next rows allow what they allowed, and a
+    matcher that does reach an error state makes ``add`` raise instead of ending the answer quietly."""
+    from runtime.tree import build_tree
+
+    grammar = gen.grammar({"type": "json_object"})
+    known = int(grammar._tokenizer.vocab_size)
+    vocab = known + 64
+    ids = gen.tokenizer.encode
+    prefix = ids('{"a')
+    mask = grammar.mask(vocab)
+    mask.add(prefix)
+    before = mask.allowed()
+    tree = build_tree([[0], [1]], name="t", num_heads=1)
+    tokens = np.array([prefix[-1], ids('"')[0], known + 5])  # the second candidate: a padding id
+    rows = mask.masks(tree.num_nodes, tree, tokens)
+    assert not mask.matcher.is_error()
+    assert rows[2].all() and np.array_equal(rows[0], before) and rows[1].sum() < before.sum()
+    assert np.array_equal(mask.allowed(), before) and before.sum() > 2
+    mask.add([ids('"')[0]])  # the step accepted a real token: the grammar follows it
+    mask.matcher.consume_token(known + 5)  # what the padding id did to llguidance's matcher
+    assert mask.matcher.is_error()
+    with pytest.raises(MedusaError, match="error state"):
+        mask.add([ids("1")[0]])
+
+
 @pytest.mark.parametrize(
     "fmt, words",
     [
