@@ -88,6 +88,7 @@ log = logging.getLogger("medusa_trt.runtime")
 # DecodeStats.finish_reason -> OpenAI's
 FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "context": "length"}
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' max_tokens where a request gives none (OpenAI's and vLLM's default)
 UNION_TAGS = ("str", "int", "float", "bool")  # pydantic's names of a union's members in an error's location
 MAX_TOP_LOGPROBS = MAX_LOGPROBS  # chat's top_logprobs at most (OpenAI's limit, 20)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs at most (OpenAI's limit)
@@ -384,6 +385,7 @@ class Job:
     stops: list[str] = field(default_factory=list)  # the request's stop strings: the text ends before them
     first_choice: bool = True  # its prompt's first choice (usage counts each prompt once)
     parse_tools: bool = False  # the answer's tool calls go to tool_calls (the request offered tools)
+    single_call: bool = False  # parallel_tool_calls false: the answer's first call only
 
     def send(self, kind: str, value=None) -> None:
         try:
@@ -624,6 +626,15 @@ def create_app(
         name: str | None = None
         tool_calls: list[ToolCallIn] | None = None
         tool_call_id: str | None = None
+        # what OpenAI's (and this server's) assistant messages carry, sent back as a client's history does
+        # (`messages.append(choice.message.model_dump())`): a refusal and annotations are not shown to the
+        # model; reasoning goes to the template (Qwen3's reads reasoning_content); audio and the deprecated
+        # function_call only where null
+        refusal: str | None = None
+        annotations: list[Any] | None = None
+        reasoning_content: str | None = None
+        audio: None = None
+        function_call: None = None
 
         @model_validator(mode="after")
         def _content_or_calls(self):
@@ -648,6 +659,8 @@ def create_app(
                 m["tool_call_id"] = self.tool_call_id
             if self.name is not None and self.role == "tool":  # the function's name, which some templates print
                 m["name"] = self.name
+            if self.reasoning_content is not None:
+                m["reasoning_content"] = self.reasoning_content
             return m
 
     class Function(_Strict):
@@ -698,7 +711,8 @@ def create_app(
 
     class CompletionRequest(Common):
         prompt: str | list[int] | list[str] | list[list[int]]  # lists of texts / of token-id lists: several prompts
-        max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only
+        # OpenAI's (and vLLM's) default for completions: 16 (null: up to the context); 0: with echo, score the prompt only
+        max_tokens: int | None = Field(COMPLETION_MAX_TOKENS, ge=0)
         echo: bool | None = False
         logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
         best_of: int | None = Field(None, ge=1)
@@ -828,6 +842,14 @@ def create_app(
         )
         return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        """Anything else a request raises: a 500 in OpenAI's body (the traceback goes to the log), never
+        a bare text page."""
+        log.exception("%s %s failed", request.method, request.url.path)
+        e = ApiError(500, f"internal error ({type(exc).__name__}): see the server's log", "server_error")
+        return error_response(request.url.path, e)
+
     def unknown_model(name) -> ApiError:
         return ApiError(404, f"the model {name!r} does not exist: this server serves {model_name!r}", param="model",
                         code="model_not_found")  # fmt: skip
@@ -841,7 +863,7 @@ def create_app(
         ("suffix", "suffix (insertion)", lambda r: bool(getattr(r, "suffix", None))),
     )  # fmt: skip
 
-    def forced_call(tool_choice, tools) -> str | None:
+    def forced_call(tool_choice, tools, single: bool = False) -> str | None:
         """The grammar of the call ``tool_choice`` forces (``"required"``, or ``{"type": "function",
         "function": {"name": ...}}``), None where it forces none; a 400 naming the field for the rest."""
         if tool_choice in (None, "none", "auto"):
@@ -863,7 +885,7 @@ def create_app(
         if not tools:
             raise ApiError(400, "tool_choice forces a call but the request offers no tools", param="tool_choice")
         try:
-            return forced_call_grammar(tools, name)
+            return forced_call_grammar(tools, name, single=single)
         except ConfigError as e:
             raise ApiError(400, str(e), param="tool_choice") from None
 
@@ -888,6 +910,8 @@ def create_app(
         if req.model not in (None, model_name):
             raise unknown_model(req.model)
         refuse_unsupported(req)
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
         param = "messages" if endpoint.endswith("chat/completions") else "prompt"
         # as /v1/completions refuses "" (an assistant's tool calls are content enough)
         if param == "messages" and not any(m["content"] or m.get("tool_calls") for m in prompt):
@@ -903,7 +927,8 @@ def create_app(
             check_template_kwargs(template_kwargs)
         except MedusaError as e:
             raise ApiError(400, str(e), param="chat_template_kwargs") from None
-        tools = [t.model_dump(exclude_none=True) for t in getattr(req, "tools", None) or []] or None
+        given = getattr(req, "tools", None)  # [] stays [] (the template sees what the request sent)
+        tools = None if given is None else [t.model_dump(exclude_none=True) for t in given]
         if tools and "tools" not in gen.tokenizer.template_variables:
             raise ApiError(400, f"tools: the chat template of {model_name!r} does not render tools, so the model would "
                                 "never see them (serve a model trained for function calling)", param="tools")  # fmt: skip
@@ -911,7 +936,8 @@ def create_app(
         tool_choice = getattr(req, "tool_choice", None)
         parse_tools = bool(tools) and tool_choice != "none"
         response_format = getattr(req, "response_format", None)
-        forced = forced_call(tool_choice, tools)
+        single = getattr(req, "parallel_tool_calls", None) is False  # one call at most
+        forced = forced_call(tool_choice, tools, single)
         if forced is not None:  # the answer is made a call by a grammar (what response_format does for JSON)
             if response_format not in (None, {"type": "text"}):
                 raise ApiError(400, "tool_choice forces a call, which response_format would constrain too: give one "
@@ -954,9 +980,16 @@ def create_app(
             **(decode or {}),
         }
         jobs = []
-        for text, ids in zip(prompts, encoded):
+        for p, (text, ids) in enumerate(zip(prompts, encoded)):
             room = gen.backend.max_context - len(ids)
-            budget = 1 if score_only else min(limit, room) if limit else room
+            if limit and limit > room:  # as OpenAI and vLLM: asked for more than fits, refused (null: what fits)
+                which = f"prompt {p}: " if len(prompts) > 1 else ""
+                field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+                raise ApiError(400, f"{which}this model's maximum context length is {gen.backend.max_context} tokens; "
+                                    f"the request asks for {len(ids) + limit} ({len(ids)} in the prompt, {limit} to "
+                                    f"generate): shorten the prompt or lower {field}", param=field,
+                               code="context_length_exceeded")  # fmt: skip
+            budget = 1 if score_only else limit if limit else room
             # token ids echo with their special tokens shown, as a prompt string shows them (text_offset counts them)
             echoed = (
                 (text if isinstance(text, str) else gen.tokenizer.decode(ids, skip_special_tokens=False))
@@ -971,7 +1004,8 @@ def create_app(
                     named = str(e).split(" ", 1)[0]
                     raise ApiError(400, str(e), param=named if named in type(req).model_fields else None) from None
                 jobs.append(Job(ids, stream, loop, asyncio.Queue(), echo=echoed, score_only=score_only,
-                                stops=stops, first_choice=j == 0, parse_tools=parse_tools))  # fmt: skip
+                                stops=stops, first_choice=j == 0, parse_tools=parse_tools,
+                                single_call=single))  # fmt: skip
         return jobs
 
     async def events(job: Job):
@@ -1220,6 +1254,8 @@ class Choice:
             self.reasoning.append(thought)
         if self.tool_split is not None:  # the calls are the answer's, not its reasoning's
             text, calls = self.tool_split.push(text, final)
+            if self.job.single_call:  # parallel_tool_calls false: a call past the first is dropped
+                calls = calls[: max(0, 1 - len(self.calls))]
             self.calls.extend(calls)
         self.text.append(text)
         return text, thought, (first, calls)

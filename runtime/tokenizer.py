@@ -185,12 +185,17 @@ class Tokenizer:
                 **self._template_specials,
                 **extra,
                 messages=messages,
-                tools=list(tools) if tools else None,  # [] as None: transformers' templates test `if tools`
+                tools=None if tools is None else list(tools),  # [] stays []: transformers passes it so
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
-        except jinja2.TemplateError as e:  # e.g. a message field the template needs is missing
-            raise MedusaError(f"chat template ({self._template_file.name}) cannot render these messages: {e}") from None
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            # a message field the template needs is missing, or is of a type it does not take (SmolLM2's adds
+            # content to a string: an assistant's null content with tool calls fails there)
+            what = str(e) if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
+            raise MedusaError(
+                f"chat template ({self._template_file.name}) cannot render these messages: {what}"
+            ) from None
         return self.encode(text)
 
 

@@ -144,9 +144,10 @@ class ToolCallSplit:
 FORCED_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
-def forced_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = None) -> str:
-    """OpenAI's ``tool_choice`` ``"required"`` (``name`` None: one or more calls of any of ``tools``) or
-    a named function (one call of it) as a Lark grammar for llguidance: Hermes blocks whose JSON is
+def forced_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = None, single: bool = False) -> str:
+    """OpenAI's ``tool_choice`` ``"required"`` (``name`` None: one or more calls of any of ``tools``, one
+    where ``single``: ``parallel_tool_calls`` false) or a named function (one call of it) as a Lark grammar
+    for llguidance: Hermes blocks whose JSON is
     ``{"name": <the function>, "arguments": <its parameters' schema>}``, and nothing else. The answer
     is then a call by construction, as vLLM forces one with guided decoding."""
     variants = []
@@ -160,7 +161,7 @@ def forced_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = N
     if not variants:
         raise ConfigError(f"tool_choice names {name!r}, which is not among the tools")
     schema = {**(variants[0] if len(variants) == 1 else {"anyOf": variants}), "x-guidance": FORCED_JSON}
-    start = "start: block" if name is not None else 'start: block ("\\n" block)*'
+    start = "start: block" if name is not None or single else 'start: block ("\\n" block)*'
     return f'{start}\nblock: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}\n'
 
 

@@ -145,6 +145,12 @@ def test_answers_equal_offline_generate_streaming_and_not(gen, served):
         (json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}).encode(), 400,
          "context_length_exceeded", "context holds"),
         (json.dumps({"messages": CHAT, "model": "gpt-4"}).encode(), 404, "model_not_found", "does not exist"),
+        (json.dumps({"messages": CHAT, "max_tokens": 100000}).encode(), 400, "context_length_exceeded",
+         "maximum context length"),
+        (json.dumps({"messages": CHAT, "stream_options": {"include_usage": True}}).encode(), 400, None,
+         "only allowed with stream: true"),
+        (json.dumps({"messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}, *CHAT]}).encode(), 400,
+         None, "messages.0.audio"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_style_errors(gen, body, status, code, words):
@@ -1060,3 +1066,45 @@ def test_the_next_turn_of_a_chat_reports_the_prompt_tokens_it_reused(gen, served
     assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
     assert len(gen.encode(CHAT)) <= r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
     assert r.usage.prompt_tokens == want.prompt_tokens
+
+
+def test_what_openai_clients_send_back_and_what_a_template_or_the_server_fails_on(gen, tiny, tmp_path):
+    """An assistant message as OpenAI's client dumps it (refusal, annotations, audio, function_call: null)
+    is taken; /v1/completions without max_tokens generates OpenAI's default 16; a chat template that
+    fails on the messages (SmolLM2's adds a null content to a string) is a 400 naming messages; an
+    unexpected fault is a 500 in OpenAI's error body, not a text page."""
+    from conftest import with_chat_template
+
+    import runtime
+
+    history = [CHAT[0], {"role": "assistant", "content": "Rivers.", "refusal": None, "annotations": [], "audio": None,
+                         "function_call": None, "tool_calls": None}, {"role": "user", "content": "More?"}]  # fmt: skip
+    want = gen.generate("Once upon a time", max_new_tokens=16)
+    with running(gen) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": history, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once upon a time", "temperature": 0}).json()
+        assert r["choices"][0]["text"] == want.text and r["usage"]["completion_tokens"] == len(want.tokens) <= 16
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [CHAT[0], {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c", "content": "1"}]  # fmt: skip
+    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}\n{% endfor %}"
+    strict = runtime.load(with_chat_template(tiny["artifact"], tmp_path / "art", template), threads=1)
+
+    class Broken(Slowed):
+        def encode(self, *args, **kw):
+            raise RuntimeError("a fault nobody expected")
+
+    try:
+        for served_, status, words in ((strict, 400, "cannot render these messages: TypeError"),
+                                       (Broken(gen), 500, "internal error (RuntimeError)")):  # fmt: skip
+            with running(served_) as url:
+                r = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 3})
+                assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+                err = r.json()["error"]
+                assert words in err["message"] and err["type"] == ("server_error" if status == 500 else
+                                                                   "invalid_request_error")  # fmt: skip
+                metrics = httpx.get(f"{url}/metrics").text
+                assert f'medusa_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} 1.0' in metrics
+    finally:
+        strict.close()

@@ -219,3 +219,49 @@ def test_the_fused_cache_buffer_grows_as_needed_and_computes_as_a_full_one(tiny,
     assert grow.kv.shape[4] >= n and grow.cache_len == n
     step = np.array([7]), np.array([n]), np.ones((1, 1), dtype=bool)
     np.testing.assert_allclose(grow.forward(*step), full.forward(*step), rtol=0, atol=1e-5)
+
+
+def test_the_profile_times_the_screen_beside_the_float_lm_head_and_a_load_keeps_its_limit(tiny, tmp_path, monkeypatch):
+    """``medusa-run profile`` times each size through the lm_head screen and through the float lm_head,
+    interleaved, and records up to how many rows the screen costs no more (``screen_max_rows``; the
+    first size where it loses ends it); ``ms`` is then what a step pays. A generator (and the batch
+    engine) of an artifact with that profile screens calls of up to that many rows only; the tokens
+    are the same."""
+
+    from runtime.onnxrt import FusedOnnxRuntimeBackend
+    from runtime.profile import PROFILE_FILE, profile_tree_sizes, screen_limit
+
+    assert screen_limit({1: 9.0, 2: 10.0, 3: 12.0, 4: 11.0}, {1: 10.0, 2: 10.0, 3: 11.0, 4: 12.0}) == 2
+    assert screen_limit({1: 11.0, 2: 9.0}, {1: 10.0, 2: 10.0}) == 0
+    gen = runtime.load(tiny["artifact"], threads=1)
+    assert gen.backend.screens_argmax and gen.backend.screen_max_rows is None  # no profile: every call screened
+    prof = profile_tree_sizes(gen.backend, [1, 2, 3], cached=8, repeats=2)
+    assert prof["lm_head"] == "screen" and set(prof["screen_ms"]) == set(prof["float_ms"]) == {"1", "2", "3"}
+    cut = prof["screen_max_rows"]
+    assert cut == screen_limit(*({int(n): v for n, v in prof[k].items()} for k in ("screen_ms", "float_ms")))
+    assert all(prof["ms"][n] == prof["screen_ms" if int(n) <= cut else "float_ms"][n] for n in prof["ms"])
+    assert gen.backend.screen_max_rows is None  # (the profile timed every size screened, then put it back)
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny["artifact"], art)
+    (art / PROFILE_FILE).write_text(json.dumps({**prof, "screen_max_rows": 1}))
+    prompt, asks = "t5 t6 t7 t8", ({"tree": "cpu_8"}, {"medusa": False}, {"temperature": 0.9, "seed": 2})
+    want = [gen.generate(prompt, max_new_tokens=24, **kw).tokens for kw in asks]
+    screened = []
+    real = FusedOnnxRuntimeBackend._forward_argmax
+
+    def spy(self, ids, pos, mask, rows, *rest):
+        screened.append(rows)
+        return real(self, ids, pos, mask, rows, *rest)
+
+    monkeypatch.setattr(FusedOnnxRuntimeBackend, "_forward_argmax", spy)
+    limited = runtime.load(art, threads=1)
+    assert limited.backend.screen_max_rows == 1
+    assert [limited.generate(prompt, max_new_tokens=24, **kw).tokens for kw in asks] == want
+    assert screened and max(screened) == 1  # the one-row calls screened, the trees' in float
+    batched = runtime.load(art, threads=1, max_batch=2)
+    try:
+        assert batched.engine.screen_max_rows == 1
+        assert batched.generate(prompt, max_new_tokens=24, **asks[0]).tokens == want[0]
+    finally:
+        batched.close()

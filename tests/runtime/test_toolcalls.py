@@ -446,3 +446,44 @@ def test_tool_choice_forces_a_call_that_medusa_and_plain_write_alike(calling, ch
         (c["function"]["name"], c["function"]["arguments"]) for c in calls
     ]
     assert medusa.stats.forced_steps > 0  # the call's fixed text was drafted whole
+
+
+def test_parallel_tool_calls_false_keeps_one_call(calling):
+    """``parallel_tool_calls: false``: the answer's first call only (streamed and not), and a forced call
+    (``tool_choice: "required"``) is one block by the grammar; true or absent: every call."""
+    pytest.importorskip("fastapi")
+    from test_serve import running
+
+    from runtime.toolcalls import forced_call_grammar
+
+    body = {"messages": CHAT, "tools": TOOLS, "max_tokens": 8, "temperature": 0}
+    with running(Calling(calling, PIECES), tool_call_parser="hermes") as url:
+        whole, events = post_both(url, {**body, "parallel_tool_calls": False})
+        both, _ = post_both(url, {**body, "parallel_tool_calls": True})
+    message = whole["choices"][0]["message"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == CALLS[:1]
+    assert streamed_calls(events) == CALLS[:1] and whole["choices"][0]["finish_reason"] == "tool_calls"
+    assert len(both["choices"][0]["message"]["tool_calls"]) == 2
+    one, many = forced_call_grammar(UNITS, single=True), forced_call_grammar(UNITS)
+    assert one.startswith("start: block\n") and many.startswith('start: block ("\\n" block)*\n')
+
+
+def test_an_empty_tools_list_reaches_the_template_as_transformers_passes_it(tiny, tmp_path):
+    """``tools=[]`` is rendered as transformers renders it (an empty list, not None: a template that tests
+    ``tools is not none`` sees the difference)."""
+    chat_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    from conftest import with_chat_template
+
+    from runtime.tokenizer import Tokenizer
+
+    template = "{% if tools is not none %}tools: {{ tools | length }}\n{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    tok = Tokenizer(with_chat_template(tiny["artifact"], tmp_path / "art", template))
+    for tools in ([], None):
+        want, _ = chat_utils.render_jinja_template([CHAT], tools=tools, chat_template=template)
+        got = tok.decode(
+            tok.apply_chat_template(CHAT, add_generation_prompt=False, tools=tools), skip_special_tokens=False
+        )
+        assert got == want[0]
+    assert got != tok.decode(
+        tok.apply_chat_template(CHAT, add_generation_prompt=False, tools=[]), skip_special_tokens=False
+    )
