@@ -437,6 +437,7 @@ class MedusaGenerator:
         chat_template_kwargs,
         tools,
         response_format,
+        cancel=None,
     ):
         """(prompt ids, DecodeConfig, tree): the one path under stream() and generate(). Every
         argument is checked here, at the call, before anything runs."""
@@ -465,6 +466,7 @@ class MedusaGenerator:
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
             grammar=grammar,
+            cancel=cancel,
         )
         t = self._tree(tree) if cfg.medusa else None
         if (
@@ -598,9 +600,12 @@ class MedusaGenerator:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         response_format: Mapping[str, Any] | None = None,
+        cancel=None,
     ) -> Iterator[TextChunk]:
         """Yield text as it is accepted (one chunk per step). Arguments are checked at this call;
-        the lock is held only while a step computes (see the module's concurrency contract)."""
+        the lock is held only while a step computes (see the module's concurrency contract).
+        ``cancel``: a ``threading.Event``; once set (from any thread), the stream raises
+        :class:`runtime.errors.Cancelled` before its next engine call, between prompt chunks too."""
         ids, cfg, t = self._plan(**_decode_args(locals()))
         return self._chunks(self._stream_events(ids, cfg, t))
 

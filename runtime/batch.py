@@ -315,9 +315,8 @@ class BatchEngine:
 
             self.screen_graph, self.screen_noise_input = screen_io(self.single)
         self.screens = self.screen_graph and config.precision == "fp32"
-        self.screen_max_rows: int | None = (
-            None  # more rows a call: float (Backend.screen_max_rows; the generator sets it)
-        )
+        # more rows a call: the float lm_head (Backend.screen_max_rows; the generator sets it from the profile)
+        self.screen_max_rows: int | None = None
         self.screens_noise = self.screens and self.screen_noise_input
         self._no_noise = np.zeros((1, 1), self._dtype)
         heads = config.heads_int8 if (heads_int8 and config.heads_int8) else config.heads

@@ -21,7 +21,7 @@ import numpy as np
 from runtime import checks, dynamic
 from runtime.backend import Backend, perturbed
 from runtime.datastore import Datastore
-from runtime.errors import ConfigError, ContextLengthError, MedusaError
+from runtime.errors import Cancelled, ConfigError, ContextLengthError, MedusaError
 from runtime.lookup import DEFAULT_MAX_NGRAM, MAX_DRAFT, DraftSizer, DraftWidth, NgramLookup, from_datastore
 from runtime.tree import PAD, Tree, follow_drafts, graft_chain
 
@@ -104,6 +104,9 @@ class DecodeConfig:
     # logits take at every position (each tree node's after its own path), so greedy Medusa still equals
     # plain greedy decoding under it; None: free text
     grammar: Any = None
+    # a threading.Event (anything with is_set()): once set, the decode raises runtime.errors.Cancelled before
+    # its next engine call, between prompt chunks too (a server's client that left frees its slot at once)
+    cancel: Any = None
 
     def __post_init__(self):
         # types, ranges and finiteness: the rules live in runtime/checks.py (ConfigError, one line each)
@@ -785,7 +788,7 @@ def decode_steps(
     argmax = _draws_only(cfg, pen, noise) and scored is None
     logits, m = prefill(backend, prompt[kept:], cfg.prefill_chunk, scored=scored, top=cfg.logprobs or 0, argmax=argmax,
                         noise=noise, temperature=cfg.temperature,
-                        allowed=None if pen is None or not argmax else pen.masks(1))  # fmt: skip
+                        allowed=None if pen is None or not argmax else pen.masks(1), cancel=cfg.cancel)  # fmt: skip
     assert logits is not None
     first = logits[-1] if argmax or pen is None else pen.apply(logits[-1:])[0]  # (no token generated yet)
     root = int(first) if argmax else select_root(first, cfg, rng, noise, backend.cache_len)
@@ -821,6 +824,7 @@ def decode_steps(
         scored = None  # the first event's only
         if done:
             return
+        _check_cancel(cfg.cancel)
         if noise is not None:
             noise.release(below=backend.cache_len + 1)  # through the root's position: final
         room = backend.max_context - backend.cache_len
@@ -851,7 +855,8 @@ def decode_steps(
 
 def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scored: list | None = None,
             top: int = 0, argmax: bool = False, noise: PositionNoise | None = None,
-            temperature: float = 1.0, allowed: np.ndarray | None = None) -> tuple[np.ndarray | None, int]:  # fmt: skip
+            temperature: float = 1.0, allowed: np.ndarray | None = None,
+            cancel=None) -> tuple[np.ndarray | None, int]:  # fmt: skip
     """Run ``tokens`` through the backend under a causal mask, in calls of at most ``chunk``
     tokens (0: no limit) and at most what the backend takes at that cache length
     (``max_new_tokens``), each over the cache of the earlier ones, and commit them all.
@@ -861,11 +866,13 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
     1 .. n-1 (with ``top`` alternatives each) are appended to it, a call at a time. ``argmax``
     (no ``scored``): the last call returns its last row's argmax token ``[1]`` instead of logits
     (``Backend.forward_argmax``; with ``noise``, coupled sampling's draw at ``temperature``; with
-    ``allowed``, bool ``[1, vocab]``, over a grammar's allowed tokens)."""
+    ``allowed``, bool ``[1, vocab]``, over a grammar's allowed tokens). ``cancel`` (an Event): set, the
+    next chunk raises :class:`runtime.errors.Cancelled` instead of running."""
     tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
     logits, m, s = None, 0, 0
     while s < n:
+        _check_cancel(cancel)
         start = backend.cache_len
         m = min(chunk or n, n - s, backend.max_new_tokens(start))
         if m < 1:
@@ -884,6 +891,11 @@ def prefill(backend: Backend, tokens, chunk: int, want_logits: bool = True, scor
         backend.commit(np.arange(m))
         s += m
     return logits, m
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the decode was cancelled (its cancel event is set)")
 
 
 def _draft_width(cfg: DecodeConfig, tree: Tree | None, cost: dynamic.CostModel | None) -> DraftSizer | DraftWidth:

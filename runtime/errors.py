@@ -125,6 +125,11 @@ class EngineError(MedusaError):
         self.stopped = stopped
 
 
+class Cancelled(MedusaError):
+    """A stream's ``cancel`` event was set: it ended before its next engine call (between prompt chunks
+    too), its sequence's cache entries given up."""
+
+
 class BackendUnavailableError(MedusaError):
     """An optional backend (TensorRT, ONNX Runtime CUDA, PyTorch) is not installed here."""
 

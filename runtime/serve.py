@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from runtime.decode import MAX_LOGPROBS, check_fits
-from runtime.errors import ConfigError, ContextLengthError, EngineError, MedusaError
+from runtime.errors import Cancelled, ConfigError, ContextLengthError, EngineError, MedusaError
 from runtime.reasoning import PARSERS as REASONING_PARSERS
 from runtime.reasoning import ThinkSplit, partial_tail
 from runtime.tokenizer import check_template_kwargs
@@ -499,6 +499,9 @@ class Scheduler:
                         break
             finally:
                 stream.close()
+        except Cancelled:  # the client left during the prompt's prefill: its slot is free at the next chunk
+            job.send("done", None)
+            return
         except EngineError as e:  # the engine's fault, not the request's (the engine logged it)
             code = "engine_stopped" if e.stopped else "engine_error"
             job.send("error", ApiError(503 if e.stopped else 500, str(e), "server_error", code=code))
@@ -998,12 +1001,13 @@ def create_app(
             )
             for j in range(n):  # choice j: seed + j, so a seed reproduces every choice and they differ
                 seed = None if req.seed is None else (req.seed + j) % SEED_MODULUS
+                cancelled = threading.Event()  # the client left: the stream ends at its next engine call
                 try:  # the generator checks its arguments here, before the request takes a queue slot
-                    stream = gen.stream(ids, **kwargs, seed=seed, max_new_tokens=budget)
+                    stream = gen.stream(ids, **kwargs, seed=seed, max_new_tokens=budget, cancel=cancelled)
                 except MedusaError as e:  # the request field it names (stop, temperature, ...), where it does
                     named = str(e).split(" ", 1)[0]
                     raise ApiError(400, str(e), param=named if named in type(req).model_fields else None) from None
-                jobs.append(Job(ids, stream, loop, asyncio.Queue(), echo=echoed, score_only=score_only,
+                jobs.append(Job(ids, stream, loop, asyncio.Queue(), cancelled=cancelled, echo=echoed, score_only=score_only,
                                 stops=stops, first_choice=j == 0, parse_tools=parse_tools,
                                 single_call=single))  # fmt: skip
         return jobs

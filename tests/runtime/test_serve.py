@@ -1108,3 +1108,39 @@ def test_what_openai_clients_send_back_and_what_a_template_or_the_server_fails_o
                 assert f'medusa_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} 1.0' in metrics
     finally:
         strict.close()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_stream_cancelled_during_its_prefill_stops_at_the_next_chunk(tiny, batched):
+    """``stream(cancel=event)`` (what the server passes: its client left): set during a long prompt's
+    prefill, the stream raises Cancelled before the next chunk's engine call, and the generator (a batch
+    engine's slot too) serves the next request."""
+    import runtime
+    from runtime.errors import Cancelled
+
+    g = runtime.load(tiny["artifact"], threads=1, prefill_chunk=4, **({"max_batch": 1} if batched else {}))
+    try:
+        event, chunks = threading.Event(), []
+        backend = g.engine if batched else g.backend
+        name = "_run_forward" if batched else "forward"
+        real = getattr(backend, name)
+
+        def counted(*a, **kw):
+            chunks.append(1)
+            event.set()  # the client leaves while the first chunk runs
+            return real(*a, **kw)
+
+        setattr(backend, name, counted)
+        prompt = list(range(5, 45))  # ten chunks of 4
+        stream = g.stream(prompt, max_new_tokens=4, cancel=event)
+        with pytest.raises(Cancelled):
+            next(stream)
+        assert len(chunks) == 1  # the other nine chunks never ran
+        setattr(backend, name, real)
+        done = []
+        worker = threading.Thread(target=lambda: done.append(g.generate(prompt, max_new_tokens=4)))
+        worker.start()
+        worker.join(timeout=60)
+        assert done and len(done[0].tokens) == 4  # (a batch engine's one slot was given back)
+    finally:
+        g.close()
