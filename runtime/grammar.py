@@ -18,8 +18,9 @@ drafted tokens and its own. The backbone's target is then the masked distributio
 
 Where a step reads the drawn tokens alone (greedy, coupled sampling; no penalties, no log-probabilities),
 the masks go to the engine with the rows (``Backend.forward_argmax(allowed=...)``, :meth:`GrammarMask.masks`):
-an engine that screens its lm_head takes the best allowed one of its candidates where it beats the
-screen's bound (every token outside them lies below it), and reruns the call in float where none does.
+an engine that screens its lm_head ranks each row's allowed tokens alone (the mask in the screen's
+ranking, runtime.onnxrt.screen_ranking) and takes the best allowed candidate, which beats the bound
+above every other allowed token; a row the bound leaves open reruns the call in float, masked.
 """
 
 from __future__ import annotations
