@@ -282,6 +282,10 @@ class MedusaGenerator:
         self.backend = self._make_backend(backend, device, threads, max_context)
         # calls of more rows than the latency profile found the lm_head screen paying for go through the float lm_head
         self._limit_screen(self.cost_model.screen_max_rows)
+        if not (self.folder / PROFILE_FILE).is_file():
+            log.info("%s has no %s: drafts are sized by the built-in cost model and every call screens its lm_head; "
+                     "`medusa-run profile %s` measures this machine (~40 s)", self.folder, PROFILE_FILE,
+                     self.folder)  # fmt: skip
         # the lookup branch's drafts where the context repeats nothing (runtime/datastore.py); read
         # once, checked against the vocabulary: a malformed or foreign file fails the load, in one line
         store = self.folder / DATASTORE_FILE

@@ -228,12 +228,16 @@ def test_the_profile_times_the_screen_beside_the_float_lm_head_and_a_load_keeps_
     engine) of an artifact with that profile screens calls of up to that many rows only; the tokens
     are the same."""
 
+    from conftest import capture_logs
+
     from runtime.onnxrt import FusedOnnxRuntimeBackend
     from runtime.profile import PROFILE_FILE, profile_tree_sizes, screen_limit
 
     assert screen_limit({1: 9.0, 2: 10.0, 3: 12.0, 4: 11.0}, {1: 10.0, 2: 10.0, 3: 11.0, 4: 12.0}) == 2
     assert screen_limit({1: 11.0, 2: 9.0}, {1: 10.0, 2: 10.0}) == 0
-    gen = runtime.load(tiny["artifact"], threads=1)
+    with capture_logs() as logs:
+        gen = runtime.load(tiny["artifact"], threads=1)
+    assert any(f"has no {PROFILE_FILE}" in line and "medusa-run profile" in line for line in logs), logs
     assert gen.backend.screens_argmax and gen.backend.screen_max_rows is None  # no profile: every call screened
     prof = profile_tree_sizes(gen.backend, [1, 2, 3], cached=8, repeats=2)
     assert prof["lm_head"] == "screen" and set(prof["screen_ms"]) == set(prof["float_ms"]) == {"1", "2", "3"}
@@ -255,7 +259,9 @@ def test_the_profile_times_the_screen_beside_the_float_lm_head_and_a_load_keeps_
         return real(self, ids, pos, mask, rows, *rest)
 
     monkeypatch.setattr(FusedOnnxRuntimeBackend, "_forward_argmax", spy)
-    limited = runtime.load(art, threads=1)
+    with capture_logs() as logs:
+        limited = runtime.load(art, threads=1)
+    assert not any(PROFILE_FILE in line for line in logs), logs
     assert limited.backend.screen_max_rows == 1
     assert [limited.generate(prompt, max_new_tokens=24, **kw).tokens for kw in asks] == want
     assert screened and max(screened) == 1  # the one-row calls screened, the trees' in float
