@@ -88,6 +88,7 @@ log = logging.getLogger("medusa_trt.runtime")
 # DecodeStats.finish_reason -> OpenAI's
 FINISH = {"eos": "stop", "stop_string": "stop", "length": "length", "context": "length"}
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
+RETRY_AFTER_S = 1  # the Retry-After header of a 429 (queue full) or 503 (shutting down), in seconds
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' max_tokens where a request gives none (OpenAI's and vLLM's default)
 UNION_TAGS = ("str", "int", "float", "bool")  # pydantic's names of a union's members in an error's location
 MAX_TOP_LOGPROBS = MAX_LOGPROBS  # chat's top_logprobs at most (OpenAI's limit, 20)
@@ -806,7 +807,9 @@ def create_app(
 
     def error_response(endpoint: str, e: ApiError) -> JSONResponse:
         metrics.requests.labels(endpoint, str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status)
+        # a full queue (429) or a server going down (503): when to try again, which OpenAI's clients read
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+        return JSONResponse(e.body(), status_code=e.status, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

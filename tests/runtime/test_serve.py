@@ -316,9 +316,10 @@ def test_a_full_queue_answers_429_at_once_and_the_others_finish(gen, served):
         second.start()
         _wait(lambda: httpx.get(f"{url}/health").json()["waiting"] == 1)  # the queue holds the second
         t = time.perf_counter()
-        with pytest.raises(openai.RateLimitError, match="queue is full"):
+        with pytest.raises(openai.RateLimitError, match="queue is full") as refused:
             c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8)
         assert time.perf_counter() - t < 5  # at once, not after the others
+        assert refused.value.response.headers["retry-after"] == "1"  # when to try again (OpenAI's clients read it)
         gate.set()
         first.join(60)
         second.join(60)
