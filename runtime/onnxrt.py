@@ -392,7 +392,7 @@ def screen_ranking(noise, temperature, allowed, dtype=np.float32) -> np.ndarray 
     unmasked noise and the mask."""
     if allowed is None:
         return None if noise is None else noise * np.float32(temperature)
-    ranking = np.where(allowed, np.float32(0), SCREEN_MASKED).astype(dtype)
+    ranking = np.where(allowed, np.float32(0), SCREEN_MASKED).astype(dtype, copy=False)
     if noise is not None:
         ranking += noise * np.float32(temperature)
     return ranking

@@ -953,6 +953,7 @@ def create_app(
             gen.grammar(response_format)
         except MedusaError as e:  # a forced call's grammar holds the tools' parameter schemas
             raise ApiError(400, str(e), param="response_format" if forced is None else "tools") from None
+        limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
         encoded = []
         for p, text in enumerate(prompts):
             which = f"prompt {p}: " if len(prompts) > 1 else ""
@@ -963,11 +964,16 @@ def create_app(
                 raise ApiError(400, which + str(e), param=param, code="context_length_exceeded") from None
             except MedusaError as e:
                 raise ApiError(400, which + str(e), param=param) from None
+            if limit and len(ids) + limit > gen.backend.max_context:  # as OpenAI and vLLM: refused, not cut
+                field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+                raise ApiError(400, f"{which}this model's maximum context length is {gen.backend.max_context} tokens; "
+                                    f"the request asks for {len(ids) + limit} ({len(ids)} in the prompt, {limit} to "
+                                    f"generate): shorten the prompt or lower {field}", param=field,
+                               code="context_length_exceeded")  # fmt: skip
             encoded.append(ids)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
-        limit = getattr(req, "max_completion_tokens", None) or req.max_tokens
         echo = bool(getattr(req, "echo", False))
         score_only = req.max_tokens == 0
         if score_only and not echo:
@@ -986,16 +992,9 @@ def create_app(
             **(decode or {}),
         }
         jobs = []
-        for p, (text, ids) in enumerate(zip(prompts, encoded)):
-            room = gen.backend.max_context - len(ids)
-            if limit and limit > room:  # as OpenAI and vLLM: asked for more than fits, refused (null: what fits)
-                which = f"prompt {p}: " if len(prompts) > 1 else ""
-                field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-                raise ApiError(400, f"{which}this model's maximum context length is {gen.backend.max_context} tokens; "
-                                    f"the request asks for {len(ids) + limit} ({len(ids)} in the prompt, {limit} to "
-                                    f"generate): shorten the prompt or lower {field}", param=field,
-                               code="context_length_exceeded")  # fmt: skip
-            budget = 1 if score_only else limit if limit else room
+        for text, ids in zip(prompts, encoded):
+            # (limit fits: checked above; null: what the context leaves)
+            budget = 1 if score_only else limit or gen.backend.max_context - len(ids)
             # token ids echo with their special tokens shown, as a prompt string shows them (text_offset counts them)
             echoed = (
                 (text if isinstance(text, str) else gen.tokenizer.decode(ids, skip_special_tokens=False))
