@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -316,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hermes: function calling (OpenAI's tools / tool_calls) for models that answer with "
                         "<tool_call>{...}</tool_call> blocks (Qwen2.5, Qwen3, Hermes), as vLLM's parser of that name; "
                         "without it a request with tools gets 400")  # fmt: skip
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="every /v1 request must send Authorization: Bearer KEY (OpenAI's clients: api_key=KEY), "
+                        "else 401; repeat for more keys; default: $MEDUSA_API_KEY, which keeps the key out of the "
+                        "process list; /health and /metrics stay open")  # fmt: skip
+    s.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                   help="web origins whose pages may call the API from a browser (CORS), as "
+                        "https://app.example.com, or *; repeat or separate with commas; default: none")  # fmt: skip
     s.add_argument("--plain", action="store_true", help="serve plain decoding (no Medusa): the baseline server")
     s.add_argument(
         "--tree", default=None, help="Medusa tree for every request, or dynamic[:N] (default: the artifact's)"
@@ -575,7 +583,7 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from runtime.serve import bind, check_batching, check_decode, require_serve, serve
+    from runtime.serve import bind, check_batching, check_decode, require_serve, serve, serve_access
 
     require_serve()  # before loading the artifact
     # every flag checked before the artifact loads and before the banner: a mistake is one line, exit 1
@@ -591,6 +599,7 @@ def cmd_serve(args) -> None:
     if args.ray_replicas and args.port == 0:
         raise ConfigError("--port 0 (any free port) does not work with --ray-replicas: give the port to serve on")
     check_batching(args.batching, args.backend, args.device)
+    access = serve_access(args.api_key, args.allowed_origins, os.environ.get("MEDUSA_API_KEY"))
     name = args.model_name or Path(args.artifact).resolve().name
     decode = {"medusa": not args.plain, "tree": args.tree, "lookup": args.lookup, "lookup_max": args.lookup_max,
               "lookup_sizing": args.lookup_sizing}  # fmt: skip
@@ -609,7 +618,8 @@ def cmd_serve(args) -> None:
         serve_ray(str(Path(args.artifact).resolve()), name, args.ray_replicas, _load_args(args), host=args.host,
                   port=args.port, max_batch=args.max_batch, max_queue=args.max_queue, decode=decode,
                   gpus_per_replica=args.ray_gpus_per_replica, batching=args.batching,
-                  reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)  # fmt: skip
+                  reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+                  access=access)  # fmt: skip
         return
     from runtime.serve import available_memory, check_cache_memory_early, load_for_serving
 
@@ -635,7 +645,7 @@ def cmd_serve(args) -> None:
           flush=True)  # fmt: skip
     serve(gen, name, host=args.host, port=port, max_batch=args.max_batch, max_queue=args.max_queue,
           graceful_timeout=args.graceful_timeout, decode=decode, sockets=sockets,
-          reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)  # fmt: skip
+          reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser, access=access)  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ Request forms other OpenAI-compatible servers take are taken too: null for ``tem
 of text parts (joined by newlines), the ``developer`` role (the template's ``system``), any integer
 ``seed`` (a negative one seeds as ``seed mod 2**64``), a list of prompts (texts or token-id lists:
 prompt ``p``'s choice ``j`` is choice ``p * n + j``, as OpenAI's),
-``GET /v1/models/{id}``, a JSON body whatever its Content-Type (``curl -d`` sends form encoding), and
+``GET /v1/models/{id}``, ``HEAD`` on ``/health`` and ``/v1/models`` (load balancers' probes), a JSON body whatever its Content-Type (``curl -d`` sends form encoding), and
 OpenAI's fields this server has no use for at the values that ask for nothing (``logit_bias: {}``,
 ``tools: []``, ...; any other value is a 400 naming the field as unsupported). Chat requests also take
 OpenAI's ``response_format`` (``json_object``, ``json_schema``: :mod:`runtime.grammar`), vLLM's
@@ -52,16 +52,21 @@ template, calls in the answer come back as the message's ``tool_calls`` (:mod:`r
 and the conversation's earlier calls and results (assistant ``tool_calls``, ``tool`` messages) go
 back to the template.
 
+Access (:class:`Access`): with ``--api-key`` (or ``MEDUSA_API_KEY``) every ``/v1/...`` request
+must send ``Authorization: Bearer KEY``, as OpenAI's API and vLLM's; ``--allowed-origins`` lets
+browser pages of those origins call the API (CORS).
+
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
 bad values, empty
-prompts and prompts longer than the context, 404 for an unknown model or path, 413 for a body
+prompts and prompts longer than the context, 401 for a missing or wrong API key, 404 for an unknown model or path, 413 for a body
 over ``MAX_BODY_BYTES``, 429 when the queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
 fail at startup, before the banner.
 """
 
 import asyncio
 import codecs
+import hmac
 import json
 import logging
 import os
@@ -357,6 +362,50 @@ def bind(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who may call the server. ``api_keys``: none, anyone; else every ``/v1/...`` request must carry
+    ``Authorization: Bearer KEY`` with one of them (OpenAI's own scheme, and vLLM's ``--api-key``; a
+    missing or wrong key gets 401 in OpenAI's error body, which OpenAI's clients raise as
+    ``AuthenticationError``); ``/health`` and ``/metrics`` stay open to orchestrators and Prometheus.
+    ``allowed_origins``: the web origins whose pages may call the API from a browser (CORS, through
+    Starlette's middleware; ``"*"``: any; none: no CORS headers, so browsers refuse cross-origin
+    calls)."""
+
+    api_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for key in self.api_keys:
+            if not isinstance(key, str) or not key.strip() or key != key.strip():
+                raise ConfigError("an API key must be a non-empty string without surrounding whitespace")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ConfigError(f"allowed origin {origin!r}: give scheme://host[:port] (as a browser sends "
+                                  "it, no path), or *")  # fmt: skip
+
+    def allows(self, authorization: bytes | None) -> bool:
+        """Whether a request with this Authorization header may pass (compared in constant time)."""
+        if not self.api_keys:
+            return True
+        scheme, _, token = (authorization or b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip().encode()
+        return any(hmac.compare_digest(given, key.encode()) for key in self.api_keys)
+
+
+def serve_access(api_keys: list[str] | None, allowed_origins: list[str] | None, env_key: str | None) -> Access:
+    """``medusa-run serve``'s :class:`Access` from ``--api-key`` (given: these keys; else the
+    environment's ``MEDUSA_API_KEY``, where set) and ``--allowed-origins`` (each value may hold
+    several, separated by commas)."""
+    keys = api_keys if api_keys is not None else [env_key] if env_key is not None else []
+    origins = [o.strip() for value in allowed_origins or [] for o in value.split(",") if o.strip()]
+    if allowed_origins and not origins:
+        raise ConfigError("--allowed-origins names no origin: give scheme://host[:port], or *")
+    return Access(api_keys=tuple(keys), allowed_origins=tuple(dict.fromkeys(origins)))
+
+
 class ApiError(Exception):
     """An HTTP error with OpenAI's error body."""
 
@@ -568,13 +617,14 @@ def _shutting_down(what: str) -> ApiError:
 
 def create_app(
     gen, model_name: str, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
-    reasoning_parser: str | None = None, tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None, tool_call_parser: str | None = None, access: Access | None = None,
 ):  # fmt: skip
     """The FastAPI app serving ``gen`` (a loaded :class:`runtime.api.MedusaGenerator`); ``decode``:
     server-wide keyword arguments of ``gen.stream`` (``medusa``, ``tree``, ``lookup``); ``reasoning_parser``:
     None, or ``"think"`` for chat answers' reasoning in a field of its own (:mod:`runtime.reasoning`);
     ``tool_call_parser``: None (requests with ``tools`` are refused), or ``"hermes"`` for function
-    calling (:mod:`runtime.toolcalls`)."""
+    calling (:mod:`runtime.toolcalls`); ``access``: API keys and CORS origins (:class:`Access`;
+    None: open to anyone, no CORS)."""
     require_serve()
     for what, value, known in (("reasoning_parser", reasoning_parser, REASONING_PARSERS),
                                ("tool_call_parser", tool_call_parser, TOOL_CALL_PARSERS)):  # fmt: skip
@@ -803,7 +853,41 @@ def create_app(
 
             return again
 
+    access = access or Access()
+    served = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+    class KeyGate:
+        """With API keys: a ``/v1/...`` request without one of them gets 401 before anything else
+        reads it (CORS preflights, sent without credentials, are answered before it, by the CORS
+        middleware). Plain ASGI, as BodyGate."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            given = dict(scope.get("headers", ())).get(b"authorization")
+            if scope["type"] == "http" and scope["path"].startswith("/v1") and not access.allows(given):
+                why = ("Incorrect API key provided." if given is not None else
+                       "You didn't provide an API key: send it as Authorization: Bearer KEY (OpenAI's clients: "
+                       "api_key=KEY).")  # fmt: skip
+                e = ApiError(401, why, code="invalid_api_key")
+                if scope["path"] in served:  # the metrics' endpoint label stays the served paths
+                    metrics.requests.labels(scope["path"], "401").inc()
+                response = JSONResponse(e.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+            await self.inner(scope, receive, send)
+
+    # the last added runs first: CORS (a browser's preflight, and its headers on every answer, 401s too),
+    # then the key, then the body's size and type
     app.add_middleware(BodyGate)
+    if access.api_keys:
+        app.add_middleware(KeyGate)
+    if access.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)  # fmt: skip
 
     def error_response(endpoint: str, e: ApiError) -> JSONResponse:
         metrics.requests.labels(endpoint, str(e.status)).inc()
@@ -1143,17 +1227,17 @@ def create_app(
 
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "medusa-trt"}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD: a load balancer's probe, answered without a body
     async def models():
         return {"object": "list", "data": [model_card]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def model(model: str):
         if model != model_name:
             return JSONResponse(unknown_model(model).body(), status_code=404)
         return model_card
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request):
         s = scheduler(request.app)
         if s.closed:
@@ -1368,7 +1452,7 @@ def _medusa_stats(stats) -> dict | None:
 def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 1, max_queue: int = 16,
           graceful_timeout: int = 30, decode: dict | None = None,
           sockets: list[socket.socket] | None = None, reasoning_parser: str | None = None,
-          tool_call_parser: str | None = None) -> None:  # fmt: skip
+          tool_call_parser: str | None = None, access: Access | None = None) -> None:  # fmt: skip
     """Run the server until SIGINT/SIGTERM: then it stops listening, answers the queued requests
     503 at once (``/health`` says "shutting down"), lets the running ones finish for up to
     ``graceful_timeout`` seconds and answers those still running then with a 503 error (a stream
@@ -1381,7 +1465,7 @@ def serve(gen, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_b
 
     graceful = cast(int, checks.integer("graceful_timeout", graceful_timeout, 0))
     app = create_app(gen, model_name, max_batch=max_batch, max_queue=max_queue, decode=decode,
-                     reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser)  # fmt: skip
+                     reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser, access=access)  # fmt: skip
     sockets = bind(host, port) if sockets is None else sockets
     try:
         port = sockets[0].getsockname()[1]
@@ -1422,7 +1506,7 @@ def _uvicorn_server(config, app, graceful: int):
 def ray_application(artifact: str, model_name: str, replicas: int, load: dict, max_batch: int = 1,
                     max_queue: int = 16, decode: dict | None = None, gpus_per_replica: float = 0.0,
                     batching: str = "auto", reasoning_parser: str | None = None,
-                    tool_call_parser: str | None = None):  # fmt: skip
+                    tool_call_parser: str | None = None, access: Access | None = None):  # fmt: skip
     """The same app as a Ray Serve deployment of ``replicas`` copies, each its own process and
     engine (the artifact is loaded on the replica), behind Ray's HTTP proxy."""
     from ray import serve as ray_serve
@@ -1434,7 +1518,7 @@ def ray_application(artifact: str, model_name: str, replicas: int, load: dict, m
         except ConfigError:
             gen.close()
             raise
-        return create_app(gen, model_name, max_batch, max_queue, decode, reasoning_parser, tool_call_parser)
+        return create_app(gen, model_name, max_batch, max_queue, decode, reasoning_parser, tool_call_parser, access)
 
     deployment = ray_serve.deployment(
         ray_serve.ingress(build)(),
@@ -1461,7 +1545,8 @@ def replica_error(status) -> str | None:
 def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: str = "127.0.0.1",
               port: int = 8000, max_batch: int = 1, max_queue: int = 16, decode: dict | None = None,
               gpus_per_replica: float = 0.0, batching: str = "auto",
-              reasoning_parser: str | None = None, tool_call_parser: str | None = None) -> None:  # fmt: skip
+              reasoning_parser: str | None = None, tool_call_parser: str | None = None,
+              access: Access | None = None) -> None:  # fmt: skip
     """Start a local Ray instance, deploy :func:`ray_application` on ``host:port`` and serve until
     SIGINT/SIGTERM, then shut Serve and Ray down. On a cluster, run the same application with
     ``ray.init(address="auto")`` (one replica a GPU: ``gpus_per_replica=1``; autoscaling: Serve's
@@ -1478,7 +1563,7 @@ def serve_ray(artifact: str, model_name: str, replicas: int, load: dict, host: s
     try:
         ray_serve.start(http_options={"host": host, "port": port})
         app = ray_application(artifact, model_name, replicas, load, max_batch, max_queue, decode, gpus_per_replica,
-                              batching, reasoning_parser, tool_call_parser)  # fmt: skip
+                              batching, reasoning_parser, tool_call_parser, access)  # fmt: skip
         try:
             ray_serve.run(app, name="medusa", route_prefix="/")
         except RuntimeError:  # "Deploying application medusa failed": the replica's own error is in its status

@@ -790,6 +790,72 @@ def test_health_and_metrics(gen, served):
             assert name in text, name
 
 
+def test_api_keys_cors_and_head_as_openai_clients_browsers_and_load_balancers_use_them(gen):
+    from runtime.serve import Access
+
+    access = Access(api_keys=("k-one", "k-two"), allowed_origins=("https://app.example",))
+    with running(gen, access=access) as url:
+        # OpenAI's client: a wrong key is its AuthenticationError; either right key is served
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key="k-wrong", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+            bad.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
+        for key in ("k-one", "k-two"):
+            good = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+            out = good.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, temperature=0)
+            assert out.usage.completion_tokens == 2
+        # no key at all, on every /v1 path (an unknown one too), in OpenAI's body with RFC 6750's header
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/v1/nosuch")):
+            r = httpx.request(method, f"{url}{path}", json={"prompt": "Hi"} if method == "POST" else None)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key" and "didn't provide" in r.json()["error"]["message"]
+        r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Basic k-one"})  # another scheme: refused
+        assert r.status_code == 401, r.text
+        # orchestrators and Prometheus need no key; a 401 on a served path is counted
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'medusa_requests_total{endpoint="/v1/completions",status="401"} 1.0' in metrics, metrics
+        assert 'endpoint="/v1/nosuch"' not in metrics
+        # a browser page of the allowed origin: its preflight passes without a key, and the answers
+        # (a 401 too, so that the page can read why) carry the CORS header; another origin gets none
+        pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+        r = httpx.options(f"{url}/v1/chat/completions", headers=pre)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example", r.headers
+        r = httpx.options(f"{url}/v1/chat/completions", headers={**pre, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": "https://app.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k-one"})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+        assert "retry-after" in r.headers["access-control-expose-headers"].lower()
+        # HEAD, as load balancers probe: the GET's status, no body
+        for path, headers in (("/health", {}), ("/v1/models", {"Authorization": "Bearer k-two"})):
+            r = httpx.head(f"{url}{path}", headers=headers)
+            assert r.status_code == 200 and r.content == b"", (path, r)
+    with running(gen) as url:  # without Access: open, and no CORS headers
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_serve_access_reads_the_flags_then_the_environment(monkeypatch):
+    from runtime.errors import ConfigError
+    from runtime.serve import Access, serve_access
+
+    assert serve_access(None, None, None) == Access()
+    assert serve_access(None, None, "env-key").api_keys == ("env-key",)
+    assert serve_access(["a", "b"], None, "env-key").api_keys == ("a", "b")  # the flags win
+    got = serve_access(None, ["https://a.example, https://b.example:8443", "https://a.example"], None)
+    assert got.allowed_origins == ("https://a.example", "https://b.example:8443")
+    assert serve_access(None, ["*"], None).allowed_origins == ("*",)
+    assert Access(api_keys=("k",)).allows(b"bearer k") and not Access(api_keys=("k",)).allows(None)
+    assert Access().allows(None)
+    for bad in (["http://a.example/path"], ["ftp://a.example"]):
+        with pytest.raises(ConfigError, match="give scheme://host"):
+            serve_access(None, bad, None)
+    with pytest.raises(ConfigError, match="API key"):
+        serve_access([""], None, None)
+
+
 def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
@@ -837,6 +903,9 @@ def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
         (["--lookup", "-1"], "lookup must be an integer in [0, 1024]"),
         (["--batching", "batch", "--backend", "tensorrt"], "--batching batch runs the artifact's batch.onnx"),
         (["--batching", "batch", "--device", "cuda"], "not with --device cuda"),
+        (["--allowed-origins", "example.com"], "allowed origin 'example.com': give scheme://host[:port]"),
+        (["--allowed-origins", " , "], "--allowed-origins names no origin"),
+        (["--api-key", " key"], "an API key must be a non-empty string without surrounding whitespace"),
     ],
 )
 def test_startup_mistakes_are_one_line_errors_without_the_banner(tiny, repo_root, flags, words):

@@ -23,7 +23,8 @@ from test_serve import CHAT, free_port  # noqa: E402
 def test_two_replicas_behind_rays_proxy_answer_like_offline_generate(tiny, gen, repo_root):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(repo_root), "RAY_USAGE_STATS_ENABLED": "0"}
+    # the key from the environment reaches every replica (/health stays open)
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "RAY_USAGE_STATS_ENABLED": "0", "MEDUSA_API_KEY": "ray-key"}
     cmd = [sys.executable, "-m", "runtime.cli", "serve", str(tiny["artifact"]), "--ray-replicas", "2",
            "--port", str(port), "--threads", "1", "--model-name", "tiny"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -45,7 +46,11 @@ def test_two_replicas_behind_rays_proxy_answer_like_offline_generate(tiny, gen, 
             for t in calls:
                 t.join()
         assert proc.pid not in pids  # the replicas are processes of their own
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="ray-key", max_retries=0, timeout=120)
+        wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for _ in range(4):  # whichever replica answers
+            with pytest.raises(openai.AuthenticationError):
+                wrong.models.list()
         answers = {}
 
         def ask(i):
