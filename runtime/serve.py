@@ -399,6 +399,8 @@ def serve_access(api_keys: list[str] | None, allowed_origins: list[str] | None, 
     """``medusa-run serve``'s :class:`Access` from ``--api-key`` (given: these keys; else the
     environment's ``MEDUSA_API_KEY``, where set) and ``--allowed-origins`` (each value may hold
     several, separated by commas)."""
+    if api_keys is None and env_key is not None and not env_key.strip():
+        raise ConfigError("MEDUSA_API_KEY is set but blank: give the key, or unset it to serve without one")
     keys = api_keys if api_keys is not None else [env_key] if env_key is not None else []
     origins = [o.strip() for value in allowed_origins or [] for o in value.split(",") if o.strip()]
     if allowed_origins and not origins:

@@ -18,10 +18,11 @@ whether every answer equals plain decoding's.
 """
 
 import argparse
-import json
 import threading
 import time
 from pathlib import Path
+
+from runtime.bench import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"none": None, "plain": [1], "auto": "auto"}
@@ -48,7 +49,11 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact")
-    ap.add_argument("--prompts-file", default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"))
+    ap.add_argument(
+        "--prompts-file",
+        default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"),
+        help="MT-Bench JSONL (first turns), JSONL with prompt, or an Alpaca JSON list",
+    )
     ap.add_argument("--prompts", type=int, default=16, help="first N first turns")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -69,8 +74,7 @@ def main(argv=None) -> int:
         help="where steps of 2 .. fold_max_batch sequences with trees run (each row once per choice)",
     )
     a = ap.parse_args(argv)
-    lines = Path(a.prompts_file).read_text().splitlines()[: a.prompts]
-    chats = [[{"role": "user", "content": json.loads(line)["turns"][0]}] for line in lines]
+    chats = [[{"role": "user", "content": p.text}] for p in load_prompts(a.prompts_file, limit=a.prompts)]
     print(f"{'decoding':<36} {'tok/s':>7} {'engine':>7} {'seq/call':>9} {'padding':>8} {'accepted':>9}  identical")
     rows = [
         (policy, where, tree) for policy in ["plain decoding", *a.budgets] for where in a.plain_steps

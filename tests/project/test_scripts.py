@@ -289,6 +289,19 @@ def test_bench_batch_compares_where_plain_steps_run(tiny, capsys):
     assert rb.PLAIN_STEPS_IN_PLACE is True
 
 
+def test_bench_batch_reads_an_alpaca_list_as_the_other_benches_do(tiny, tmp_path, capsys):
+    """``--prompts-file`` in any of runtime.bench.load_prompts' forms (here the held-out Alpaca
+    list ``scripts/heldout_prompts.py`` writes), not MT-Bench's alone."""
+    from scripts import bench_batch
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Name {k} rivers.", "input": ""} for k in (2, 3, 4)]))
+    assert bench_batch.main([str(tiny["artifact"]), "--prompts-file", str(alpaca), "--prompts", "2",
+                             "--concurrency", "2", "--max-new-tokens", "4", "--threads", "1", "--budgets", "plain"]) == 0  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines()[1:] if line.strip() and not line.startswith(" ")]
+    assert len(rows) == 2 and all(r.endswith("2/2") for r in rows), rows
+
+
 def test_bench_batch_compares_where_tree_steps_run(tiny, capsys):
     """``--tree-steps fold batch-graph``: every row twice, the same answers both ways (trees of
     several sequences on fold.onnx and on batch.onnx), the cost of a 4-token step after each

@@ -854,6 +854,8 @@ def test_serve_access_reads_the_flags_then_the_environment(monkeypatch):
             serve_access(None, bad, None)
     with pytest.raises(ConfigError, match="API key"):
         serve_access([""], None, None)
+    with pytest.raises(ConfigError, match="MEDUSA_API_KEY is set but blank"):  # not silently open
+        serve_access(None, None, " ")
 
 
 def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
