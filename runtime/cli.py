@@ -318,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "<tool_call>{...}</tool_call> blocks (Qwen2.5, Qwen3, Hermes), as vLLM's parser of that name; "
                         "without it a request with tools gets 400")  # fmt: skip
     s.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                   help="every /v1 request must send Authorization: Bearer KEY (OpenAI's clients: api_key=KEY), "
-                        "else 401; repeat for more keys; default: $MEDUSA_API_KEY, which keeps the key out of the "
-                        "process list; /health and /metrics stay open")  # fmt: skip
+                   help="every request but /health and /metrics must send Authorization: Bearer KEY (OpenAI's "
+                        "clients: api_key=KEY), else 401; repeat for more keys; default: $MEDUSA_API_KEY, which "
+                        "keeps the key out of the process list")  # fmt: skip
     s.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                    help="web origins whose pages may call the API from a browser (CORS), as "
                         "https://app.example.com, or *; repeat or separate with commas; default: none")  # fmt: skip

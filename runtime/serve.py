@@ -52,9 +52,9 @@ template, calls in the answer come back as the message's ``tool_calls`` (:mod:`r
 and the conversation's earlier calls and results (assistant ``tool_calls``, ``tool`` messages) go
 back to the template.
 
-Access (:class:`Access`): with ``--api-key`` (or ``MEDUSA_API_KEY``) every ``/v1/...`` request
-must send ``Authorization: Bearer KEY``, as OpenAI's API and vLLM's; ``--allowed-origins`` lets
-browser pages of those origins call the API (CORS).
+Access (:class:`Access`): with ``--api-key`` (or ``MEDUSA_API_KEY``) every request but ``/health``
+and ``/metrics`` must send ``Authorization: Bearer KEY``, as OpenAI's API and vLLM's;
+``--allowed-origins`` lets browser pages of those origins call the API (CORS).
 
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
@@ -66,6 +66,7 @@ fail at startup, before the banner.
 
 import asyncio
 import codecs
+import hashlib
 import hmac
 import json
 import logging
@@ -364,35 +365,42 @@ def bind(host: str, port: int) -> list[socket.socket]:
 
 @dataclass(frozen=True)
 class Access:
-    """Who may call the server. ``api_keys``: none, anyone; else every ``/v1/...`` request must carry
-    ``Authorization: Bearer KEY`` with one of them (OpenAI's own scheme, and vLLM's ``--api-key``; a
-    missing or wrong key gets 401 in OpenAI's error body, which OpenAI's clients raise as
-    ``AuthenticationError``); ``/health`` and ``/metrics`` stay open to orchestrators and Prometheus.
-    ``allowed_origins``: the web origins whose pages may call the API from a browser (CORS, through
-    Starlette's middleware; ``"*"``: any; none: no CORS headers, so browsers refuse cross-origin
-    calls)."""
+    """Who may call the server. ``api_keys``: none, anyone; else every request but ``/health`` and
+    ``/metrics`` (open to orchestrators and Prometheus) must carry ``Authorization: Bearer KEY`` with
+    one of them (OpenAI's own scheme, and vLLM's ``--api-key``; a missing or wrong key gets 401 in
+    OpenAI's error body, which OpenAI's clients raise as ``AuthenticationError``). ``allowed_origins``:
+    the web origins whose pages may call the API from a browser (CORS, through Starlette's middleware;
+    ``"*"``: any; none: no CORS headers, so browsers refuse cross-origin calls)."""
 
     api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for name in ("api_keys", "allowed_origins"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes):  # a lone key would otherwise be its characters
+                raise ConfigError(f"{name} must be a list of strings, not one string: give ({value!r},)")
+            object.__setattr__(self, name, tuple(value))
         for key in self.api_keys:
-            if not isinstance(key, str) or not key.strip() or key != key.strip():
-                raise ConfigError("an API key must be a non-empty string without surrounding whitespace")
+            if not isinstance(key, str) or not re.fullmatch(r"[\x21-\x7e]+", key):
+                raise ConfigError("an API key must be a non-empty string of visible ASCII characters (no spaces)")
+        origins = []
         for origin in self.allowed_origins:
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            if not isinstance(origin, str) or origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin, re.I):
                 raise ConfigError(f"allowed origin {origin!r}: give scheme://host[:port] (as a browser sends "
                                   "it, no path), or *")  # fmt: skip
+            origins.append(origin.lower())  # browsers send the scheme and host in lower case
+        object.__setattr__(self, "allowed_origins", tuple(origins))
 
     def allows(self, authorization: bytes | None) -> bool:
-        """Whether a request with this Authorization header may pass (compared in constant time)."""
+        """Whether a request with this Authorization header may pass: its token against every key,
+        as digests of equal length compared in constant time."""
         if not self.api_keys:
             return True
-        scheme, _, token = (authorization or b"").decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        given = token.strip().encode()
-        return any(hmac.compare_digest(given, key.encode()) for key in self.api_keys)
+        scheme, _, token = (authorization or b"").partition(b" ")
+        given = hashlib.sha256(token.strip()).digest()
+        matches = [hmac.compare_digest(given, hashlib.sha256(key.encode()).digest()) for key in self.api_keys]
+        return scheme.lower() == b"bearer" and any(matches)
 
 
 def serve_access(api_keys: list[str] | None, allowed_origins: list[str] | None, env_key: str | None) -> Access:
@@ -406,6 +414,16 @@ def serve_access(api_keys: list[str] | None, allowed_origins: list[str] | None, 
     if allowed_origins and not origins:
         raise ConfigError("--allowed-origins names no origin: give scheme://host[:port], or *")
     return Access(api_keys=tuple(keys), allowed_origins=tuple(dict.fromkeys(origins)))
+
+
+OPEN_PATHS = ("/health", "/metrics")  # served without an API key: orchestrators' probes and Prometheus
+
+
+def route_path(scope) -> str:
+    """The path the app's router matches: ``scope["path"]`` without the ``root_path`` a mount or a
+    proxy's prefix (Ray Serve's ``route_prefix``) put before it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
 
 
 class ApiError(Exception):
@@ -859,22 +877,23 @@ def create_app(
     served = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
     class KeyGate:
-        """With API keys: a ``/v1/...`` request without one of them gets 401 before anything else
-        reads it (CORS preflights, sent without credentials, are answered before it, by the CORS
-        middleware). Plain ASGI, as BodyGate."""
+        """With API keys: a request without one of them gets 401 before anything else reads it, on
+        every path but OPEN_PATHS (FastAPI's /docs and /openapi.json too: fail closed), as the
+        router sees the path (under a mount or a proxy's prefix too). CORS preflights, sent without
+        credentials, are answered before it, by the CORS middleware. Plain ASGI, as BodyGate."""
 
         def __init__(self, inner):
             self.inner = inner
 
         async def __call__(self, scope, receive, send):
             given = dict(scope.get("headers", ())).get(b"authorization")
-            if scope["type"] == "http" and scope["path"].startswith("/v1") and not access.allows(given):
+            if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS and not access.allows(given):
                 why = ("Incorrect API key provided." if given is not None else
                        "You didn't provide an API key: send it as Authorization: Bearer KEY (OpenAI's clients: "
                        "api_key=KEY).")  # fmt: skip
                 e = ApiError(401, why, code="invalid_api_key")
-                if scope["path"] in served:  # the metrics' endpoint label stays the served paths
-                    metrics.requests.labels(scope["path"], "401").inc()
+                if route_path(scope) in served:  # the metrics' endpoint label stays the served paths
+                    metrics.requests.labels(route_path(scope), "401").inc()
                 response = JSONResponse(e.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return

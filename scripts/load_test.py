@@ -70,7 +70,8 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
         cmd.append("--no-prefix-reuse")
     if kind.endswith("-interleave"):
         cmd += ["--batching", "interleave"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "MEDUSA_API_KEY"}  # the load test's client sends no key
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

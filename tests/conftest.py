@@ -50,6 +50,12 @@ def pytest_sessionfinish(session, exitstatus) -> None:
             print(f"  {line}")
 
 
+@pytest.fixture(autouse=True)
+def _no_api_key_from_the_shell(monkeypatch):
+    """A developer's exported MEDUSA_API_KEY would make every server the tests start ask for it."""
+    monkeypatch.delenv("MEDUSA_API_KEY", raising=False)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

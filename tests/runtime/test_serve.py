@@ -828,16 +828,58 @@ def test_api_keys_cors_and_head_as_openai_clients_browsers_and_load_balancers_us
         r = httpx.get(f"{url}/v1/models", headers={"Origin": "https://app.example", "Authorization": "Bearer k-one"})
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
         assert "retry-after" in r.headers["access-control-expose-headers"].lower()
-        # HEAD, as load balancers probe: the GET's status, no body
-        for path, headers in (("/health", {}), ("/v1/models", {"Authorization": "Bearer k-two"})):
-            r = httpx.head(f"{url}{path}", headers=headers)
-            assert r.status_code == 200 and r.content == b"", (path, r)
+        # fail closed: every path but /health and /metrics wants the key, FastAPI's own pages too
+        for path in ("/docs", "/openapi.json", "/", "/nosuch"):
+            assert httpx.get(f"{url}{path}").status_code == 401, path
+        # HEAD, as load balancers probe: the GET's status and headers, no body on the wire
+        for path, key in (("/health", ""), ("/v1/models", "Authorization: Bearer k-two\r\n")):
+            head = _raw(url, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n{key}Connection: close\r\n\r\n")
+            status, _, rest = head.partition(b"\r\n")
+            headers, _, body = rest.partition(b"\r\n\r\n")
+            assert status == b"HTTP/1.1 200 OK" and body == b"", (path, head)
+            assert b"content-length: " in headers.lower(), head
     with running(gen) as url:  # without Access: open, and no CORS headers
         r = httpx.get(f"{url}/v1/models", headers={"Origin": "https://app.example"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
-def test_serve_access_reads_the_flags_then_the_environment(monkeypatch):
+def _raw(url: str, request: str) -> bytes:
+    """What the server sends back to ``request`` on a plain socket, until it closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request.encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_key_is_checked_on_the_path_the_router_sees_under_a_prefix(gen):
+    """Mounted under a prefix (a proxy's root_path, Ray Serve's route_prefix), /llm/v1/... is still
+    /v1/... to the key check, and /llm/health still open."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from runtime.serve import Access
+
+    outer = Starlette(routes=[Mount("/llm", app=create_app(gen, "tiny", access=Access(api_keys=("k",))))])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(outer, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started)
+        url = f"http://127.0.0.1:{port}/llm"
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]["id"] == "tiny"
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_serve_access_reads_the_flags_then_the_environment():
     from runtime.errors import ConfigError
     from runtime.serve import Access, serve_access
 
@@ -856,6 +898,12 @@ def test_serve_access_reads_the_flags_then_the_environment(monkeypatch):
         serve_access([""], None, None)
     with pytest.raises(ConfigError, match="MEDUSA_API_KEY is set but blank"):  # not silently open
         serve_access(None, None, " ")
+    with pytest.raises(ConfigError, match="visible ASCII"):  # a header carries no other characters reliably
+        serve_access(["clé"], None, None)
+    with pytest.raises(ConfigError, match="not one string"):  # not the keys "s", "e", "c", ...
+        Access(api_keys="secret")  # type: ignore[arg-type]
+    assert Access(allowed_origins=["HTTPS://App.Example"]).allowed_origins == ("https://app.example",)  # type: ignore[arg-type]
+    assert not Access(api_keys=("k",)).allows(b"Bearer k2") and not Access(api_keys=("k2",)).allows(b"Bearer k")
 
 
 def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
@@ -907,7 +955,7 @@ def test_sigterm_lets_the_running_request_finish_and_exits(tiny, repo_root):
         (["--batching", "batch", "--device", "cuda"], "not with --device cuda"),
         (["--allowed-origins", "example.com"], "allowed origin 'example.com': give scheme://host[:port]"),
         (["--allowed-origins", " , "], "--allowed-origins names no origin"),
-        (["--api-key", " key"], "an API key must be a non-empty string without surrounding whitespace"),
+        (["--api-key", " key"], "an API key must be a non-empty string of visible ASCII characters"),
     ],
 )
 def test_startup_mistakes_are_one_line_errors_without_the_banner(tiny, repo_root, flags, words):

@@ -23,7 +23,7 @@ from test_serve import CHAT, free_port  # noqa: E402
 def test_two_replicas_behind_rays_proxy_answer_like_offline_generate(tiny, gen, repo_root):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # the key from the environment reaches every replica (/health stays open)
+    # the key from the environment reaches the replicas (each is built by the same function; /health stays open)
     env = {**os.environ, "PYTHONPATH": str(repo_root), "RAY_USAGE_STATS_ENABLED": "0", "MEDUSA_API_KEY": "ray-key"}
     cmd = [sys.executable, "-m", "runtime.cli", "serve", str(tiny["artifact"]), "--ray-replicas", "2",
            "--port", str(port), "--threads", "1", "--model-name", "tiny"]  # fmt: skip
