@@ -42,7 +42,8 @@ Request forms other OpenAI-compatible servers take are taken too: null for ``tem
 of text parts (joined by newlines), the ``developer`` role (the template's ``system``), any integer
 ``seed`` (a negative one seeds as ``seed mod 2**64``), a list of prompts (texts or token-id lists:
 prompt ``p``'s choice ``j`` is choice ``p * n + j``, as OpenAI's),
-``GET /v1/models/{id}``, ``HEAD`` on ``/health`` and ``/v1/models`` (load balancers' probes), a JSON body whatever its Content-Type (``curl -d`` sends form encoding), and
+``GET /v1/models/{id}``, ``HEAD`` on ``/health`` and ``/v1/models`` (load balancers' probes), a
+JSON body whatever its Content-Type (``curl -d`` sends form encoding), and
 OpenAI's fields this server has no use for at the values that ask for nothing (``logit_bias: {}``,
 ``tools: []``, ...; any other value is a 400 naming the field as unsupported). Chat requests also take
 OpenAI's ``response_format`` (``json_object``, ``json_schema``: :mod:`runtime.grammar`), vLLM's
@@ -59,7 +60,8 @@ and ``/metrics`` must send ``Authorization: Bearer KEY``, as OpenAI's API and vL
 Errors follow OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
 malformed JSON, unknown fields, values of the wrong JSON type (no coercion: ``true`` is not 1),
 bad values, empty
-prompts and prompts longer than the context, 401 for a missing or wrong API key, 404 for an unknown model or path, 413 for a body
+prompts and prompts longer than the context, 401 for a missing or wrong API key, 404 for an
+unknown model or path, 413 for a body
 over ``MAX_BODY_BYTES``, 429 when the queue is full, 503 while shutting down. Server-wide mistakes (a bad ``--tree``, a port in use)
 fail at startup, before the banner.
 """
@@ -887,13 +889,14 @@ def create_app(
 
         async def __call__(self, scope, receive, send):
             given = dict(scope.get("headers", ())).get(b"authorization")
-            if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS and not access.allows(given):
+            path = route_path(scope) if scope["type"] == "http" else ""
+            if scope["type"] == "http" and path not in OPEN_PATHS and not access.allows(given):
                 why = ("Incorrect API key provided." if given is not None else
                        "You didn't provide an API key: send it as Authorization: Bearer KEY (OpenAI's clients: "
                        "api_key=KEY).")  # fmt: skip
                 e = ApiError(401, why, code="invalid_api_key")
-                if route_path(scope) in served:  # the metrics' endpoint label stays the served paths
-                    metrics.requests.labels(route_path(scope), "401").inc()
+                if path in served:  # the metrics' endpoint label stays the served paths
+                    metrics.requests.labels(path, "401").inc()
                 response = JSONResponse(e.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         default=str(ROOT.parent / "shared/data/mt_bench_question.jsonl"),
         help="MT-Bench JSONL (first turns), JSONL with prompt, or an Alpaca JSON list",
     )
-    ap.add_argument("--prompts", type=int, default=16, help="first N first turns")
+    ap.add_argument("--prompts", type=int, default=16, help="the file's first N prompts")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
