@@ -1105,33 +1105,6 @@ def _padded(reqs: list[_Request], lo: int, B: int, n: int) -> tuple[np.ndarray, 
     return ids, pos, mask
 
 
-def monotone_costs(costs: dict) -> dict:
-    """``costs`` ({(sequences, rows each): seconds per call}) made non-decreasing in rows and in
-    sequences, as a call's cost is: a cell timed high by a noisy minute (a one-row call of two
-    sequences above a two-row one, say) would otherwise make that step look dearer than a larger one
-    and flip the budgets. Along the rows of each batch size, violators are pooled to their mean
-    (pool-adjacent-violators: an isotonic fit, not the running maximum, which would carry one high
-    outlier into every larger cell); then along the batch sizes of each row count the running
-    maximum (a larger batch never costs less)."""
-    out: dict = {}
-    for b in sorted({b for b, _ in costs}):
-        ns = sorted(n for s, n in costs if s == b)
-        blocks: list[list[float]] = []  # [sum, count] per pooled run, means non-decreasing
-        for n in ns:
-            blocks.append([costs[(b, n)], 1])
-            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-                total, count = blocks.pop()
-                blocks[-1][0] += total
-                blocks[-1][1] += count
-        fitted = [total / count for total, count in blocks for _ in range(int(count))]
-        out.update({(b, n): t for n, t in zip(ns, fitted)})
-    for n in sorted({n for _, n in out}):
-        top = 0.0
-        for b in sorted(b for b, m in out if m == n):
-            top = out[(b, n)] = max(out[(b, n)], top)
-    return out
-
-
 def choose_budget(busy: int, costs: dict, steps: list, host: dict | None = None) -> int | None:
     """The step budget (tokens per sequence) with the most tokens per second when ``busy``
     sequences decode, or None (no limit) until WARMUP_STEPS steps ran without one.
@@ -1145,8 +1118,7 @@ def choose_budget(busy: int, costs: dict, steps: list, host: dict | None = None)
     profiled batch size and row count at or above it, plus
     ``busy`` times the host's seconds per sequence between two calls of that kind of step
     (``host["plain"]`` / ``host["tree"]``, measured while serving: acceptance, the heads call and the
-    tree are paid on the host, serialised by the GIL). A tree budget must beat plain steps by TREE_MARGIN.
-    The costs are read through :func:`monotone_costs`."""
+    tree are paid on the host, serialised by the GIL). A tree budget must beat plain steps by TREE_MARGIN."""
     if not costs or len(steps) < WARMUP_STEPS:
         return None
     rows = np.array([r for r, _ in steps])
@@ -1156,7 +1128,6 @@ def choose_budget(busy: int, costs: dict, steps: list, host: dict | None = None)
         return None
     tree = int(multi.min())
     tree_tokens = float(tokens[rows == tree].mean())
-    costs = monotone_costs(costs)
     sizes = sorted({b for b, _ in costs})
     b = next((s for s in sizes if s >= busy), sizes[-1])
     profiled = sorted(n for s, n in costs if s == b)

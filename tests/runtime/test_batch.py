@@ -427,35 +427,6 @@ def test_choose_budget_follows_the_load():
     assert rb.choose_budget(1, costs, [(1, 1)] * 40) is None  # plain steps only: nothing to weigh
 
 
-def test_the_cost_table_is_read_non_decreasing_in_rows_and_sequences():
-    ms = {(1, 1): 18.8, (1, 2): 20.4, (1, 3): 31.4, (1, 4): 23.7, (1, 6): 28.5, (1, 8): 25.2,
-          (2, 1): 27.7, (2, 2): 21.9, (2, 3): 25.2, (2, 4): 28.4, (4, 1): 20.0, (4, 2): 40.0}  # fmt: skip
-    # (a start-up profile of a noisy minute: session 34, 2026-12-04)
-    got = rb.monotone_costs({k: v / 1000 for k, v in ms.items()})
-    assert got.keys() == ms.keys()
-    for (b, n), t in got.items():
-        assert all(t <= got[k] + 1e-12 for k in got if k[0] == b and k[1] > n), (b, n)  # more rows: never cheaper
-        assert all(t <= got[k] + 1e-12 for k in got if k[1] == n and k[0] > b), (b, n)  # more sequences: never cheaper
-    # violators pooled to their mean (the outlier spread, not carried into every larger cell); the rest kept
-    # (1, 3) above (1, 4) pooled, then (1, 8) below (1, 6) pooled, and that pool below the first: all four one mean
-    assert got[(1, 3)] == got[(1, 4)] == got[(1, 6)] == got[(1, 8)] == pytest.approx((31.4 + 23.7 + 28.5 + 25.2) / 4e3)
-    assert got[(1, 1)] == pytest.approx(0.0188) and got[(1, 2)] == pytest.approx(0.0204)
-    assert got[(2, 1)] == got[(2, 2)] == pytest.approx((27.7 + 21.9) / 2e3)
-    assert got[(4, 1)] == got[(2, 1)]  # four sequences timed below two: raised to them
-    monotone = {(1, 1): 0.01, (1, 2): 0.02, (2, 1): 0.02, (2, 2): 0.03}
-    assert rb.monotone_costs(monotone) == monotone
-
-
-def test_a_noisy_cell_does_not_flip_the_budget():
-    """Two sequences, trees that carry 1.8 tokens a step and cost 1.3x a plain step: speculation
-    pays 1.38x. A two-sequence one-row cell timed low by a quiet moment (12 ms, below one sequence's
-    19) must not flip the choice to plain steps; read monotone it is one sequence's cost."""
-    costs = {(1, 1): 0.019, (1, 3): 0.021, (2, 1): 0.020, (2, 3): 0.026}
-    steps = [(3, 2)] * 32 + [(3, 1)] * 8  # 1.8 tokens a tree step
-    assert rb.choose_budget(2, costs, steps) == 3
-    assert rb.choose_budget(2, {**costs, (2, 1): 0.012}, steps) == 3  # read as 19 ms: trees still pay 1.31x
-
-
 def test_auto_budgets_profile_the_graph_at_load(tiny):
     g = runtime.load(tiny["artifact"], threads=1, max_batch=2)  # budgets="auto"
     try:
