@@ -74,6 +74,8 @@ def main(argv=None) -> int:
         help="where steps of 2 .. fold_max_batch sequences with trees run (each row once per choice)",
     )
     a = ap.parse_args(argv)
+    if a.prompts < 1 or a.concurrency < 1:
+        ap.error("--prompts and --concurrency must be >= 1")
     chats = [[{"role": "user", "content": p.text}] for p in load_prompts(a.prompts_file, limit=a.prompts)]
     print(f"{'decoding':<36} {'tok/s':>7} {'engine':>7} {'seq/call':>9} {'padding':>8} {'accepted':>9}  identical")
     rows = [

@@ -300,6 +300,9 @@ def test_bench_batch_reads_an_alpaca_list_as_the_other_benches_do(tiny, tmp_path
                              "--concurrency", "2", "--max-new-tokens", "4", "--threads", "1", "--budgets", "plain"]) == 0  # fmt: skip
     rows = [line for line in capsys.readouterr().out.splitlines()[1:] if line.strip() and not line.startswith(" ")]
     assert len(rows) == 2 and all(r.endswith("2/2") for r in rows), rows
+    with pytest.raises(SystemExit):  # argparse's one-line error naming the flag, not load_prompts' --limit
+        bench_batch.main([str(tiny["artifact"]), "--prompts-file", str(alpaca), "--prompts", "0"])
+    assert "--prompts and --concurrency must be >= 1" in capsys.readouterr().err
 
 
 def test_bench_batch_compares_where_tree_steps_run(tiny, capsys):
