@@ -68,6 +68,7 @@ fail at startup, before the banner.
 
 import asyncio
 import codecs
+import functools
 import hashlib
 import hmac
 import json
@@ -394,6 +395,10 @@ class Access:
             origins.append(origin.lower())  # browsers send the scheme and host in lower case
         object.__setattr__(self, "allowed_origins", tuple(origins))
 
+    @functools.cached_property
+    def _digests(self) -> tuple[bytes, ...]:
+        return tuple(hashlib.sha256(key.encode()).digest() for key in self.api_keys)
+
     def allows(self, authorization: bytes | None) -> bool:
         """Whether a request with this Authorization header may pass: its token against every key,
         as digests of equal length compared in constant time."""
@@ -401,7 +406,7 @@ class Access:
             return True
         scheme, _, token = (authorization or b"").partition(b" ")
         given = hashlib.sha256(token.strip()).digest()
-        matches = [hmac.compare_digest(given, hashlib.sha256(key.encode()).digest()) for key in self.api_keys]
+        matches = [hmac.compare_digest(given, digest) for digest in self._digests]
         return scheme.lower() == b"bearer" and any(matches)
 
 
@@ -888,9 +893,12 @@ def create_app(
             self.inner = inner
 
         async def __call__(self, scope, receive, send):
-            given = dict(scope.get("headers", ())).get(b"authorization")
-            path = route_path(scope) if scope["type"] == "http" else ""
-            if scope["type"] == "http" and path not in OPEN_PATHS and not access.allows(given):
+            if scope["type"] != "http":
+                await self.inner(scope, receive, send)
+                return
+            given = dict(scope["headers"]).get(b"authorization")
+            path = route_path(scope)
+            if path not in OPEN_PATHS and not access.allows(given):
                 why = ("Incorrect API key provided." if given is not None else
                        "You didn't provide an API key: send it as Authorization: Bearer KEY (OpenAI's clients: "
                        "api_key=KEY).")  # fmt: skip

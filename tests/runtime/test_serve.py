@@ -51,11 +51,17 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(gen, **kw):
     """A server for ``gen`` in this process (uvicorn in a thread); yields its base URL."""
+    with running_app(create_app(gen, "tiny", **kw)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_app(app):
+    """``app`` (any ASGI app) on uvicorn in a thread of this process; yields its base URL."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gen, "tiny", **kw), host="127.0.0.1", port=port,
-                                           log_level="warning"))  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -857,26 +863,17 @@ def _raw(url: str, request: str) -> bytes:
 def test_the_key_is_checked_on_the_path_the_router_sees_under_a_prefix(gen):
     """Mounted under a prefix (a proxy's root_path, Ray Serve's route_prefix), /llm/v1/... is still
     /v1/... to the key check, and /llm/health still open."""
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
     from runtime.serve import Access
 
     outer = Starlette(routes=[Mount("/llm", app=create_app(gen, "tiny", access=Access(api_keys=("k",))))])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(outer, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        _wait(lambda: server.started)
-        url = f"http://127.0.0.1:{port}/llm"
+    with running_app(outer) as base:
+        url = f"{base}/llm"
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]["id"] == "tiny"
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_serve_access_reads_the_flags_then_the_environment():

@@ -6,12 +6,11 @@ Output: monotone_ab.txt. Needs runtime.batch.monotone_costs, which commit 6a21b7
 reverted on this measurement: run it on 903da7b."""
 
 import sys
-import threading
-import time
 
 import runtime
 import runtime.batch as rb
 from runtime.bench import load_prompts
+from scripts import bench_batch
 
 real = rb.monotone_costs
 gen = runtime.load(sys.argv[1], threads=2, max_batch=4)
@@ -20,19 +19,9 @@ chats = [[{"role": "user", "content": p}] for p in prompts]
 
 
 def run(concurrency: int, medusa: bool) -> tuple[float, list]:
-    out: list = [None] * len(chats)
-
-    def worker(i: int) -> None:
-        for j in range(i, len(chats), concurrency):
-            out[j] = gen.generate(chats[j], max_new_tokens=128, medusa=medusa).tokens
-
-    t = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return sum(len(o) for o in out) / (time.perf_counter() - t), out
+    results, seconds = bench_batch.run(gen, chats, concurrency, 128, medusa=medusa)
+    out = [r.tokens for r in results]
+    return sum(len(o) for o in out) / seconds, out
 
 
 run(2, True)  # warm-up: the engine's budgets have steps to weigh
