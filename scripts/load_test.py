@@ -18,6 +18,16 @@ seconds per level (no new request starts after it).
 
     python -m scripts.load_test artifacts/smollm2-135m-medusa --soak 900 --concurrency 8 --json runs/soak.json
 
+``--llama-server DIR``: llama.cpp's own server beside ours under the same load, what a user picks
+instead: ``llama-server`` (plain greedy decoding, continuous batching over ``--max-batch`` slots) and
+``llama-server-spec`` (its default self-speculation, ``--spec-default``) in ``--servers``, running
+SmolLM2's GGUF dequantized to float32 by ``DIR/llama-quantize`` (our weights; ``--gguf FILE`` runs
+another file as it is), with the model's chat template (``--jinja``), each request's prompt
+prefilled whole (``cache_prompt: false``, as our servers run here). ``DIR`` is a llama.cpp build
+(``python -m scripts.bench_llamacpp --help`` has the commands); its greedy answers are compared with
+the first server's like every other server's (its float32 kernels round differently, so a near-tie
+can go the other way).
+
 ``--soak SECONDS``: the Medusa server alone, ``--concurrency`` clients (the first value) sending
 requests back to back for that long; reports failed requests and the server's resident memory
 (``/proc/PID/status`` VmRSS) sampled every 30 s, start / end / max.
@@ -48,7 +58,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SERVERS = ("plain", "medusa", "plain-interleave", "medusa-interleave")
+# llama.cpp's server (--llama-server DIR): extra command-line arguments of each kind
+LLAMA_SERVERS = {"llama-server": [], "llama-server-spec": ["--spec-default"]}
+SERVERS = ("plain", "medusa", "plain-interleave", "medusa-interleave", *LLAMA_SERVERS)
+LLAMA_SLOT_CONTEXT = 2048  # llama-server's context per slot (-c is this times -np)
+# what every request to llama-server adds: no prompt kept from an earlier request (our servers run
+# without prefix reuse here too)
+LLAMA_BODY = {"cache_prompt": False}
 
 
 def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
@@ -57,8 +73,6 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
     batch.onnx) or ``-interleave`` (one sequence per engine call, steps taking turns). Prefix reuse
     is off unless ``prefix_reuse``: every level sends the same prompts again, and a server that kept
     them would skip prefills at the later levels that the first did not."""
-    import httpx
-
     port = free_port()
     cmd = [sys.executable, "-m", "runtime.cli", "serve", artifact, "--port", str(port), "--max-batch", str(max_batch),
            "--max-queue", "1000", "-q"]  # fmt: skip
@@ -72,6 +86,26 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
         cmd += ["--batching", "interleave"]
     env = {k: v for k, v in os.environ.items() if k != "MEDUSA_API_KEY"}  # the load test's client sends no key
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, _ready(proc, port)
+
+
+def start_llama_server(binary: Path, gguf: Path, kind: str, max_batch: int,
+                       threads: int | None) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """llama.cpp's ``llama-server`` (``kind``: a key of LLAMA_SERVERS) on ``gguf``: ``max_batch``
+    slots decoding together (continuous batching), the GGUF's chat template, ``threads`` threads."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(max_batch),
+           "-c", str(LLAMA_SLOT_CONTEXT * max_batch), "-b", "512", "--jinja", "--no-webui", *LLAMA_SERVERS[kind]]  # fmt: skip
+    if threads:
+        cmd += ["-t", str(threads), "-tb", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, _ready(proc, port)
+
+
+def _ready(proc: subprocess.Popen, port: int) -> str:
+    """The server's URL once ``/health`` answers 200 (llama-server: 503 while it loads)."""
+    import httpx
+
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -79,19 +113,21 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
             raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not start within 120 s")
 
 
-def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+def one_request(client, model: str, prompt: str, max_tokens: int, extra_body: dict | None = None) -> dict:
     t0 = time.perf_counter()
     stamps, tokens, prompt_tokens, cached, text = [], 0, 0, 0, []
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                             temperature=0, max_tokens=max_tokens, stream=True,
-                                            stream_options={"include_usage": True})  # fmt: skip
+                                            stream_options={"include_usage": True},
+                                            extra_body=extra_body)  # fmt: skip
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
@@ -109,14 +145,16 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
 
 
 def run_level(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
-              time_limit: float) -> dict:  # fmt: skip
+              time_limit: float, extra_body: dict | None = None) -> dict:  # fmt: skip
     """``requests`` streamed requests (prompts in order) from ``concurrency`` client threads: one row."""
-    return _level(concurrency, [_requests(url, model, prompts, concurrency, requests, max_tokens, time_limit)])
+    return _level(concurrency, [_requests(url, model, prompts, concurrency, requests, max_tokens, time_limit,
+                                          extra_body=extra_body)])  # fmt: skip
 
 
 def _requests(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
-              time_limit: float, first: int = 0) -> tuple[list, list, float]:  # fmt: skip
-    """(per-request results, failures, wall seconds), the prompts taken from index ``first`` on."""
+              time_limit: float, first: int = 0, extra_body: dict | None = None) -> tuple[list, list, float]:  # fmt: skip
+    """(per-request results, failures, wall seconds), the prompts taken from index ``first`` on;
+    ``extra_body``: fields every request adds (a peer server's own)."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -136,7 +174,7 @@ def _requests(url: str, model: str, prompts: list[str], concurrency: int, reques
                     return
                 i, issued = issued, issued + 1
             try:
-                r = one_request(client, model, prompts[(first + i) % len(prompts)], max_tokens)
+                r = one_request(client, model, prompts[(first + i) % len(prompts)], max_tokens, extra_body)
                 r["request"] = first + i  # the same index, the same prompt, on every server
                 with lock:
                     results.append(r)
@@ -194,17 +232,18 @@ def same_answers(a: dict, b: dict) -> tuple[int, int]:
 
 
 def run_rounds(urls: dict[str, str], model: str, prompts: list[str], concurrency: int, requests: int,
-               max_tokens: int, time_limit: float, rounds: int) -> dict[str, dict]:  # fmt: skip
+               max_tokens: int, time_limit: float, rounds: int,
+               extra_bodies: dict[str, dict] | None = None) -> dict[str, dict]:  # fmt: skip
     """One level for every server, split into ``rounds`` that alternate the servers in ABBA order
     (A B, B A, A B, ...), each round the next ``max(requests / rounds, concurrency)`` prompts for
     every server: the machine's drift over the level falls on all servers alike, and each server
-    answers the same prompts."""
+    answers the same prompts. ``extra_bodies``: fields a server's requests add, by server."""
     per = max(-(-requests // rounds), concurrency)
     parts: dict[str, list] = {k: [] for k in urls}
     for i in range(rounds):
         for kind in list(urls) if i % 2 == 0 else list(reversed(urls)):
             parts[kind].append(_requests(urls[kind], model, prompts, concurrency, per, max_tokens, time_limit / rounds,
-                                         first=i * per))  # fmt: skip
+                                         first=i * per, extra_body=(extra_bodies or {}).get(kind)))  # fmt: skip
     return {kind: _level(concurrency, ps) for kind, ps in parts.items()}
 
 
@@ -279,6 +318,11 @@ def main(argv=None) -> int:
     ap.add_argument("--servers", nargs="+", choices=SERVERS, default=["plain", "medusa"],
                     help="servers to compare (-interleave: one sequence per engine call)")  # fmt: skip
     ap.add_argument("--soak", type=float, default=0, help="seconds of a soak at the first concurrency (Medusa only)")
+    ap.add_argument("--llama-server", default=None, metavar="DIR",
+                    help="a llama.cpp build's folder (llama-server, llama-quantize): llama-server and "
+                         "llama-server-spec in --servers run on it")  # fmt: skip
+    ap.add_argument("--gguf", default=None,
+                    help="the GGUF file llama-server runs as it is (default: SmolLM2's, dequantized to float32)")  # fmt: skip
     ap.add_argument("--prefix-reuse", action="store_true",
                     help="servers keep prompts' cache entries (serve's default); off here by default, since every "
                          "level resends the same prompts and later levels would skip prefills the first did not")  # fmt: skip
@@ -307,6 +351,10 @@ def run(a) -> int:
             with contextlib.suppress(OSError):  # (a file in the way: the check names it)
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
             check_output_file(flag, out, suffixes)
+    llama = [k for k in a.servers if k in LLAMA_SERVERS]
+    binary = llama_gguf = None
+    if llama or a.llama_server or a.gguf:
+        binary, llama_gguf = _llama_files(a, llama)
     # MT-Bench JSONL (first turns), {"prompt": ...} lines or an Alpaca list: checked, one line on a bad file
     prompts = [p.text for p in load_prompts(a.prompts)]
     model = Path(a.artifact).resolve().name
@@ -322,14 +370,19 @@ def run(a) -> int:
     servers = {}
     try:
         for kind in a.servers:
-            servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads, a.prefix_reuse)
+            if kind in LLAMA_SERVERS:
+                assert binary is not None and llama_gguf is not None  # _llama_files
+                servers[kind] = start_llama_server(binary, llama_gguf, kind, max(a.concurrency), a.threads)
+            else:
+                servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads, a.prefix_reuse)
         rows = []
         urls = {kind: servers[kind][1] for kind in a.servers}
+        bodies = {kind: LLAMA_BODY for kind in llama}
         for c in a.concurrency:
             for kind in a.servers:
-                run_level(urls[kind], model, prompts, 1, 1, 8, a.time_limit)  # warm-up
+                run_level(urls[kind], model, prompts, 1, 1, 8, a.time_limit, bodies.get(kind))  # warm-up
             requests = max(a.requests, a.per_client * c)
-            level = run_rounds(urls, model, prompts, c, requests, a.max_tokens, a.time_limit, a.rounds)
+            level = run_rounds(urls, model, prompts, c, requests, a.max_tokens, a.time_limit, a.rounds, bodies)
             first = a.servers[0]  # every server's greedy answers against the first's
             counts = {kind: same_answers(level[kind], level[first]) for kind in a.servers}
             for kind in a.servers:
@@ -355,7 +408,8 @@ def run(a) -> int:
     by = {(r["server"], r["concurrency"]): r for r in rows}
     print("\n" + f"{'c':>3} " + " ".join(f"{k + ' tok/s':>23}" for k in a.servers), end="")
     pairs = [(m, p) for m, p in (("medusa", "plain"), ("medusa-interleave", "plain-interleave"),
-                                 ("medusa", "medusa-interleave"), ("plain", "plain-interleave"))
+                                 ("medusa", "medusa-interleave"), ("plain", "plain-interleave"),
+                                 ("medusa", "llama-server"), ("medusa", "llama-server-spec"), ("plain", "llama-server"))
              if m in a.servers and p in a.servers]  # fmt: skip
     print("".join(f" {m + '/' + p:>30}" for m, p in pairs) + "".join(f" {k + ' vs c=1':>24}" for k in a.servers))
     for c in a.concurrency:
@@ -368,7 +422,7 @@ def run(a) -> int:
               + "".join(f" {x:23.2f}x" for x in scale))  # fmt: skip
     result = {"artifact": a.artifact, "max_tokens": a.max_tokens, "requests": a.requests,
               "per_client": a.per_client, "rounds": a.rounds,
-              "threads": a.threads,
+              "threads": a.threads, "llama_server": a.llama_server, "gguf": str(llama_gguf) if llama_gguf else None,
               "cpu_count": os.cpu_count(), "servers": a.servers, "rows": rows}  # fmt: skip
     if a.json:
         write_text_atomic(a.json, json.dumps(result, indent=2) + "\n")
@@ -377,6 +431,34 @@ def run(a) -> int:
         plot(rows, a.concurrency, a.plot)
         print(f"wrote {a.plot}")
     return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+def _llama_files(a, llama: list[str]) -> tuple[Path, Path]:
+    """(llama-server, the GGUF it runs), checked before any server starts: one line each mistake.
+    SmolLM2's GGUF is dequantized to float32 by llama-quantize once (cached), as bench_llamacpp does."""
+    if not llama:
+        raise ConfigError("--llama-server and --gguf need llama-server or llama-server-spec in --servers")
+    if a.soak:
+        raise ConfigError("--soak runs the Medusa server alone: no llama-server")
+    if a.llama_server is None:
+        raise ConfigError(f"--servers {' '.join(llama)} needs --llama-server DIR (a llama.cpp build's folder)")
+    binary, quantize = Path(a.llama_server) / "llama-server", Path(a.llama_server) / "llama-quantize"
+    needed = [binary] if a.gguf is not None else [binary, quantize]  # a GGUF of one's own runs as it is
+    missing = [str(b) for b in needed if not b.is_file()]
+    if missing:
+        raise ConfigError(f"--llama-server {a.llama_server}: no {', '.join(missing)} "
+                          "(build them: python -m scripts.bench_llamacpp --help)")  # fmt: skip
+    if a.gguf is not None:
+        if not Path(a.gguf).is_file():
+            raise ConfigError(f"--gguf {a.gguf}: no such file")
+        return binary, Path(a.gguf)
+    from exporter.models import _check_gguf, _gguf_path
+    from runtime.paths import cache_dir
+    from scripts.bench_llamacpp import f32_gguf
+
+    source = _gguf_path()
+    _check_gguf(source)
+    return binary, f32_gguf(source, cache_dir() / "llamacpp", quantize)
 
 
 def plot(rows: list[dict], levels: list[int], path: str) -> None:

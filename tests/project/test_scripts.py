@@ -174,7 +174,7 @@ def test_load_test_rounds_alternate_the_servers_over_the_same_prompts(monkeypatc
 
     calls = []
 
-    def fake(url, model, prompts, concurrency, requests, max_tokens, time_limit, first=0):
+    def fake(url, model, prompts, concurrency, requests, max_tokens, time_limit, first=0, extra_body=None):
         calls.append((url, first, requests))
         done = [{"tokens": 10, "ttft": 0.1, "itl": 0.01, "seconds": 1.0, "request": first + i,
                  "text": "odd" if url == "B" and first + i == 3 else f"answer {first + i}"}
@@ -223,7 +223,7 @@ def test_load_test_checks_its_input_in_one_line_and_stops_its_clients_when_inter
 
     started = []
 
-    def request(client, model, prompt, max_tokens):
+    def request(client, model, prompt, max_tokens, extra_body=None):
         started.append(prompt)
         time.sleep(0.05)
         return {"tokens": 1, "ttft": 0.01, "itl": None}
@@ -373,6 +373,98 @@ def test_load_test_servers_run_without_prefix_reuse_unless_asked(monkeypatch):
         with pytest.raises(SystemExit, match="the server exited"):
             load_test.start_server("ART", "medusa", 4, 2, prefix_reuse=reuse)
     assert "--no-prefix-reuse" in cmds[0] and "--no-prefix-reuse" not in cmds[1]
+
+
+FAKE_LLAMA_SERVER = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+log = open(sys.argv[0] + ".log", "a")
+log.write(json.dumps({"argv": args}) + "\n")
+log.flush()
+
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        data = b'{"status": "ok"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        log.write(json.dumps({"path": self.path, "body": body}) + "\n")
+        log.flush()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+        for word in ("one", " two", " three"):
+            delta = {"index": 0, "delta": {"content": word}, "finish_reason": None}
+            self.wfile.write(f"data: {json.dumps({**base, 'choices': [delta]})}\n\n".encode())
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        self.wfile.write(f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+
+
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_whole(tmp_path, capsys):
+    """``--llama-server DIR``: llama.cpp's server under the same load (a stand-in speaking its
+    streamed chat API here): started with one slot per client at the top level, the chat template
+    and the threads asked for; every request asks it to prefill the prompt whole (no cached
+    prompt); its tokens come from the stream's usage; mistakes are one line before anything starts."""
+    from scripts import load_test
+
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "server.py").write_text(FAKE_LLAMA_SERVER)
+    (d / "llama-server").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{d / "server.py"}" "$@"\n')
+    (d / "llama-server").chmod(0o755)
+    gguf, art = tmp_path / "m.gguf", tmp_path / "art"
+    gguf.write_bytes(b"GGUF")
+    art.mkdir()
+    out = tmp_path / "r.json"
+    argv = [str(art), "--servers", "llama-server-spec", "--llama-server", str(d), "--gguf", str(gguf),
+            "--concurrency", "1", "3", "--requests", "3", "--rounds", "1", "--threads", "2", "--json", str(out)]  # fmt: skip
+    assert load_test.main(argv) == 0
+    log = [json.loads(line) for line in (d / "server.py.log").read_text().splitlines()]
+    start, requests = log[0]["argv"], log[1:]
+    assert start[start.index("-m") + 1] == str(gguf) and start[start.index("-np") + 1] == "3"
+    assert start[start.index("-c") + 1] == str(3 * load_test.LLAMA_SLOT_CONTEXT) and "--jinja" in start
+    assert start[start.index("-t") + 1] == start[start.index("-tb") + 1] == "2" and "--spec-default" in start
+    assert len(requests) == 2 * (1 + 3)  # a warm-up and the level's 3 requests, at each level
+    for r in requests:
+        assert r["path"] == "/v1/chat/completions" and r["body"]["cache_prompt"] is False
+        assert r["body"]["temperature"] == 0 and r["body"]["stream"] is True
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["server"], r["concurrency"], r["requests"], r["tokens"], r["failed"]) for r in rows] == [
+        ("llama-server-spec", 1, 3, 9, 0), ("llama-server-spec", 3, 3, 9, 0)]  # fmt: skip
+    assert json.loads(out.read_text())["gguf"] == str(gguf)
+    capsys.readouterr()
+    (d / "llama-quantize").unlink(missing_ok=True)
+    for extra, match in ((["--servers", "llama-server"], "needs --llama-server DIR"),
+                         (["--llama-server", str(d)], "need llama-server or llama-server-spec in --servers"),
+                         (["--servers", "llama-server", "--llama-server", str(d)], "no " + str(d / "llama-quantize")),
+                         (["--servers", "llama-server", "--llama-server", str(tmp_path), "--gguf", str(gguf)],
+                          "no " + str(tmp_path / "llama-server")),
+                         (["--servers", "llama-server", "--llama-server", str(d), "--gguf", str(tmp_path / "x")],
+                          "no such file"),
+                         (["--servers", "llama-server", "--llama-server", str(d), "--soak", "5"], "--soak")):  # fmt: skip
+        assert load_test.main([str(art), *extra]) == 1, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("load_test: error:") and match in err and "\n" not in err, (extra, err)
+    assert len((d / "server.py.log").read_text().splitlines()) == len(log)  # none of them started a server
 
 
 def test_bench_structured_times_both_decoders_under_the_schema(tiny, shared_data, capsys, tmp_path):
