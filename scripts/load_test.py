@@ -110,7 +110,7 @@ def _ready(proc: subprocess.Popen, port: int) -> str:
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return url
@@ -367,20 +367,25 @@ def run(a) -> int:
             write_text_atomic(a.json, json.dumps(r, indent=2) + "\n")
             print(f"wrote {a.json}")
         return 0 if r["failed"] == 0 else 1
-    servers = {}
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         for kind in a.servers:
-            if kind in LLAMA_SERVERS:
-                assert binary is not None and llama_gguf is not None  # _llama_files
-                servers[kind] = start_llama_server(binary, llama_gguf, kind, max(a.concurrency), a.threads)
-            else:
+            if kind not in LLAMA_SERVERS:
                 servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads, a.prefix_reuse)
         rows = []
-        urls = {kind: servers[kind][1] for kind in a.servers}
         bodies = {kind: LLAMA_BODY for kind in llama}
         for c in a.concurrency:
-            for kind in a.servers:
-                run_level(urls[kind], model, prompts, 1, 1, 8, a.time_limit, bodies.get(kind))  # warm-up
+            # llama-server starts afresh at each level: its speculation's n-gram pool is the server's and
+            # keeps every answer it gave, and each level resends the same prompts (a second pass over
+            # them ran 2.8x faster with --spec-default); our servers keep nothing between requests here
+            for kind in llama:
+                assert binary is not None and llama_gguf is not None  # _llama_files
+                if kind in servers:
+                    _stop([servers.pop(kind)[0]])
+                servers[kind] = start_llama_server(binary, llama_gguf, kind, max(a.concurrency), a.threads)
+            urls = {kind: servers[kind][1] for kind in a.servers}
+            for kind in a.servers:  # warm-up on the last prompt, which no level's requests reach before 80 requests
+                run_level(urls[kind], model, prompts[-1:], 1, 1, 8, a.time_limit, bodies.get(kind))
             requests = max(a.requests, a.per_client * c)
             level = run_rounds(urls, model, prompts, c, requests, a.max_tokens, a.time_limit, a.rounds, bodies)
             first = a.servers[0]  # every server's greedy answers against the first's
@@ -398,13 +403,7 @@ def run(a) -> int:
             for kind in a.servers:  # the counts are kept, not the texts
                 level[kind].pop("answers")
     finally:
-        for proc, _ in servers.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc, _ in servers.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop([proc for proc, _ in servers.values()])
     by = {(r["server"], r["concurrency"]): r for r in rows}
     print("\n" + f"{'c':>3} " + " ".join(f"{k + ' tok/s':>23}" for k in a.servers), end="")
     pairs = [(m, p) for m, p in (("medusa", "plain"), ("medusa-interleave", "plain-interleave"),
@@ -431,6 +430,17 @@ def run(a) -> int:
         plot(rows, a.concurrency, a.plot)
         print(f"wrote {a.plot}")
     return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every server, then each waited for (killed after 60 s)."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _llama_files(a, llama: list[str]) -> tuple[Path, Path]:

@@ -439,14 +439,20 @@ def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_wh
             "--concurrency", "1", "3", "--requests", "3", "--rounds", "1", "--threads", "2", "--json", str(out)]  # fmt: skip
     assert load_test.main(argv) == 0
     log = [json.loads(line) for line in (d / "server.py.log").read_text().splitlines()]
-    start, requests = log[0]["argv"], log[1:]
-    assert start[start.index("-m") + 1] == str(gguf) and start[start.index("-np") + 1] == "3"
-    assert start[start.index("-c") + 1] == str(3 * load_test.LLAMA_SLOT_CONTEXT) and "--jinja" in start
-    assert start[start.index("-t") + 1] == start[start.index("-tb") + 1] == "2" and "--spec-default" in start
-    assert len(requests) == 2 * (1 + 3)  # a warm-up and the level's 3 requests, at each level
+    # a fresh server at each level (its speculation's n-gram pool would keep the answers to the
+    # prompts every level resends), then a warm-up and the level's 3 requests
+    assert ["argv" in e for e in log] == [True, False, False, False, False] * 2
+    for start in (e["argv"] for e in log if "argv" in e):
+        assert start[start.index("-m") + 1] == str(gguf) and start[start.index("-np") + 1] == "3"
+        assert start[start.index("-c") + 1] == str(3 * load_test.LLAMA_SLOT_CONTEXT) and "--jinja" in start
+        assert start[start.index("-t") + 1] == start[start.index("-tb") + 1] == "2" and "--spec-default" in start
+    requests = [e for e in log if "path" in e]
     for r in requests:
         assert r["path"] == "/v1/chat/completions" and r["body"]["cache_prompt"] is False
         assert r["body"]["temperature"] == 0 and r["body"]["stream"] is True
+    warm, level = requests[0]["body"], [r["body"] for r in requests[1:4]]
+    assert warm["max_tokens"] == 8 and {b["max_tokens"] for b in level} == {128}
+    assert warm["messages"] not in [b["messages"] for b in level]  # the warm-up's prompt is not the level's
     rows = json.loads(out.read_text())["rows"]
     assert [(r["server"], r["concurrency"], r["requests"], r["tokens"], r["failed"]) for r in rows] == [
         ("llama-server-spec", 1, 3, 9, 0), ("llama-server-spec", 3, 3, 9, 0)]  # fmt: skip
