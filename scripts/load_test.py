@@ -478,13 +478,14 @@ def plot(rows: list[dict], levels: list[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for kind in dict.fromkeys(r["server"] for r in rows):
+    for i, kind in enumerate(dict.fromkeys(r["server"] for r in rows)):
         rs = [r for r in rows if r["server"] == kind]
-        axes[0].plot(levels, [r["tokens_per_s"] for r in rs], marker="o", label=kind)
-        axes[1].plot(levels, [(r["ttft_p50"] or 0) * 1000 for r in rs], marker="o", label=f"{kind} p50")
-        axes[1].plot(levels, [(r["ttft_p99"] or 0) * 1000 for r in rs], marker="x", ls="--", label=f"{kind} p99")
-        axes[2].plot(levels, [(r["itl_p50"] or 0) * 1000 for r in rs], marker="o", label=f"{kind} p50")
-        axes[2].plot(levels, [(r["itl_p99"] or 0) * 1000 for r in rs], marker="x", ls="--", label=f"{kind} p99")
+        color = f"C{i}"  # one color a server in every panel: p50 solid, p99 dashed
+        axes[0].plot(levels, [r["tokens_per_s"] for r in rs], marker="o", color=color, label=kind)
+        for ax, key in ((axes[1], "ttft"), (axes[2], "itl")):
+            ax.plot(levels, [(r[f"{key}_p50"] or 0) * 1000 for r in rs], marker="o", color=color, label=f"{kind} p50")
+            ax.plot(levels, [(r[f"{key}_p99"] or 0) * 1000 for r in rs], marker="x", ls="--", color=color,
+                    label=f"{kind} p99")  # fmt: skip
     for ax, title in zip(axes, ("total tokens/s", "time to first token (ms)", "inter-token latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
