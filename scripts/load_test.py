@@ -42,6 +42,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -98,19 +99,25 @@ def start_llama_server(binary: Path, gguf: Path, kind: str, max_batch: int,
            "-c", str(LLAMA_SLOT_CONTEXT * max_batch), "-b", "512", "--jinja", "--no-webui", *LLAMA_SERVERS[kind]]  # fmt: skip
     if threads:
         cmd += ["-t", str(threads), "-tb", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return proc, _ready(proc, port)
+    # its log (a few lines a request) goes to a file: a pipe nobody reads would fill and stall the server
+    with tempfile.TemporaryFile("w+") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        return proc, _ready(proc, port, log)
 
 
-def _ready(proc: subprocess.Popen, port: int) -> str:
-    """The server's URL once ``/health`` answers 200 (llama-server: 503 while it loads)."""
+def _ready(proc: subprocess.Popen, port: int, log=None) -> str:
+    """The server's URL once ``/health`` answers 200 (llama-server: 503 while it loads); where it
+    exits first, the end of its stderr (or of ``log``, the file it writes to) in the error."""
     import httpx
 
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            if log is not None:
+                log.seek(0)
+            out = log or proc.stderr
+            raise SystemExit(f"the server exited: {out.read()[-2000:] if out else ''}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return url
@@ -384,7 +391,7 @@ def run(a) -> int:
                     _stop([servers.pop(kind)[0]])
                 servers[kind] = start_llama_server(binary, llama_gguf, kind, max(a.concurrency), a.threads)
             urls = {kind: servers[kind][1] for kind in a.servers}
-            for kind in a.servers:  # warm-up on the last prompt, which no level's requests reach before 80 requests
+            for kind in a.servers:  # warm-up on the last prompt: a level takes the prompts in order, so it comes last
                 run_level(urls[kind], model, prompts[-1:], 1, 1, 8, a.time_limit, bodies.get(kind))
             requests = max(a.requests, a.per_client * c)
             level = run_rounds(urls, model, prompts, c, requests, a.max_tokens, a.time_limit, a.rounds, bodies)

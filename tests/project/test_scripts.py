@@ -471,6 +471,12 @@ def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_wh
         err = capsys.readouterr().err.strip()
         assert err.startswith("load_test: error:") and match in err and "\n" not in err, (extra, err)
     assert len((d / "server.py.log").read_text().splitlines()) == len(log)  # none of them started a server
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "llama-server").write_text("#!/bin/sh\necho 'error: bad model file' >&2\nexit 3\n")
+    (bad / "llama-server").chmod(0o755)
+    with pytest.raises(SystemExit, match="the server exited: error: bad model file"):  # its log's end, told
+        load_test.start_llama_server(bad / "llama-server", gguf, "llama-server", 2, None)
 
 
 def test_bench_structured_times_both_decoders_under_the_schema(tiny, shared_data, capsys, tmp_path):
