@@ -305,8 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="requests waiting beyond the --max-batch running (0: none wait); more get 429 at once",
     )
-    s.add_argument("--thread-pool", default="per-session", choices=["per-session", "shared"],
-                   help="shared: every ONNX Runtime session of the server on one pool of --threads threads")
     s.add_argument("--no-prefix-reuse", action="store_true",
                    help="prefill every prompt whole (default: a prompt that begins with what a finished request's "
                         "prompt and answer were, the next turn of a chat, keeps that request's cache entries)")  # fmt: skip
@@ -627,10 +625,6 @@ def cmd_serve(args) -> None:
 
     # a cache that cannot fit, refused before the batch engine's load times its graph (minutes at --max-batch 256)
     check_cache_memory_early(args.artifact, args.max_batch, args.batching, _load_args(args), available_memory())
-    if args.thread_pool == "shared":
-        from runtime.onnxrt import use_global_pool
-
-        use_global_pool(args.threads)
     gen = load_for_serving(args.artifact, args.max_batch, args.batching, **_load_args(args))
     check_decode(decode, gen)  # --tree against the model: before the banner, not a 400 on every request
     port = sockets[0].getsockname()[1]  # --port 0: the one the system chose

@@ -15,7 +15,6 @@ No torch import anywhere on this path.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -207,37 +206,11 @@ def run_drafts(session, hidden: np.ndarray, path_ids: np.ndarray, path_len: np.n
     return logits
 
 
-# threads of the one pool every session of this process shares (use_global_pool), or None
-_global_pool: int | None = None
-
-
-def use_global_pool(threads: int | None) -> int:
-    """Every ONNX Runtime session this process opens from now on shares one pool of ``threads``
-    threads (ONNX Runtime's global thread pools); must run before the first session."""
-    global _global_pool
-    size = threads or os.cpu_count() or 1
-    if _global_pool is not None:
-        if _global_pool != size:
-            raise MedusaError(f"this process shares one ONNX Runtime thread pool of {_global_pool} threads already")
-        return size
-    from onnxruntime.capi import _pybind_state
-
-    try:
-        _pybind_state.set_global_thread_pool_sizes(size, 1)
-    except Exception as e:
-        raise MedusaError(f"a shared ONNX Runtime thread pool must be set up before the first session: {e}") from e
-    _global_pool = size
-    return size
-
-
 def _options(ort, threads: int | None, spin: bool):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    if _global_pool is not None:
-        opts.use_per_session_threads = False
-        return opts
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

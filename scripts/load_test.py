@@ -61,7 +61,7 @@ def free_port() -> int:
 
 # llama.cpp's server (--llama-server DIR): extra command-line arguments of each kind
 LLAMA_SERVERS = {"llama-server": [], "llama-server-spec": ["--spec-default"]}
-SERVERS = ("plain", "medusa", "plain-interleave", "medusa-interleave", "plain-shared", "medusa-shared", *LLAMA_SERVERS)
+SERVERS = ("plain", "medusa", "plain-interleave", "medusa-interleave", *LLAMA_SERVERS)
 LLAMA_SLOT_CONTEXT = 2048  # llama-server's context per slot (-c is this times -np)
 # what every request to llama-server adds: no prompt kept from an earlier request (our servers run
 # without prefix reuse here too)
@@ -85,8 +85,6 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
         cmd.append("--no-prefix-reuse")
     if kind.endswith("-interleave"):
         cmd += ["--batching", "interleave"]
-    if kind.endswith("-shared"):
-        cmd += ["--thread-pool", "shared"]
     env = {k: v for k, v in os.environ.items() if k != "MEDUSA_API_KEY"}  # the load test's client sends no key
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return proc, _ready(proc, port)
@@ -417,8 +415,6 @@ def run(a) -> int:
     print("\n" + f"{'c':>3} " + " ".join(f"{k + ' tok/s':>23}" for k in a.servers), end="")
     pairs = [(m, p) for m, p in (("medusa", "plain"), ("medusa-interleave", "plain-interleave"),
                                  ("medusa", "medusa-interleave"), ("plain", "plain-interleave"),
-                                 ("medusa-shared", "plain-shared"), ("medusa-shared", "plain"),
-                                 ("medusa-shared", "medusa"), ("plain-shared", "plain"),
                                  ("medusa", "llama-server"), ("medusa", "llama-server-spec"), ("plain", "llama-server"))
              if m in a.servers and p in a.servers]  # fmt: skip
     print("".join(f" {m + '/' + p:>30}" for m, p in pairs) + "".join(f" {k + ' vs c=1':>24}" for k in a.servers))
