@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -90,42 +91,57 @@ def start_server(artifact: str, kind: str, max_batch: int, threads: int | None,
     return proc, _ready(proc, port)
 
 
-def start_llama_server(binary: Path, gguf: Path, kind: str, max_batch: int,
-                       threads: int | None) -> tuple[subprocess.Popen, str]:  # fmt: skip
+def start_llama_server(binary: Path, gguf: Path, kind: str, max_batch: int, threads: int | None,
+                       log: Path) -> tuple[subprocess.Popen, str]:  # fmt: skip
     """llama.cpp's ``llama-server`` (``kind``: a key of LLAMA_SERVERS) on ``gguf``: ``max_batch``
-    slots decoding together (continuous batching), the GGUF's chat template, ``threads`` threads."""
+    slots decoding together (continuous batching), the GGUF's chat template, ``threads`` threads;
+    its log (a few lines a request) written to ``log``, not a pipe: one nobody reads would fill and
+    stall the server."""
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(max_batch),
            "-c", str(LLAMA_SLOT_CONTEXT * max_batch), "-b", "512", "--jinja", "--no-webui", *LLAMA_SERVERS[kind]]  # fmt: skip
     if threads:
         cmd += ["-t", str(threads), "-tb", str(threads)]
-    # its log (a few lines a request) goes to a file: a pipe nobody reads would fill and stall the server
-    with tempfile.TemporaryFile("w+") as log:  # the child keeps its own handle
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        return proc, _ready(proc, port, log)
+    with open(log, "w") as out:  # the child keeps its own handle
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    return proc, _ready(proc, port, log)
 
 
-def _ready(proc: subprocess.Popen, port: int, log=None) -> str:
-    """The server's URL once ``/health`` answers 200 (llama-server: 503 while it loads); where it
-    exits first, the end of its stderr (or of ``log``, the file it writes to) in the error."""
+def _ready(proc: subprocess.Popen, port: int, log: Path | None = None) -> str:
+    """The server's URL once ``/health`` answers 200 (llama-server: 503 while it loads). A server
+    that exits first, or is not up within 120 s, is an error with the end of its stderr (or of
+    ``log``, the file it writes to); whatever ends the wait (an error, Ctrl-C) stops the server."""
     import httpx
 
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            if log is not None:
-                log.seek(0)
-            out = log or proc.stderr
-            raise SystemExit(f"the server exited: {out.read()[-2000:] if out else ''}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start within 120 s")
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited ({proc.returncode}): {_tail(proc, log)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        raise SystemExit(f"the server did not start within 120 s: {_tail(proc, log)}")
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise
+
+
+def _tail(proc: subprocess.Popen, log: Path | None) -> str:
+    """The end of a stopped server's output: its log file, else its stderr pipe."""
+    if log is not None:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+    else:
+        text = proc.stderr.read() if proc.stderr else ""
+    return text[-2000:].strip()
 
 
 def one_request(client, model: str, prompt: str, max_tokens: int, extra_body: dict | None = None) -> dict:
@@ -375,21 +391,23 @@ def run(a) -> int:
             print(f"wrote {a.json}")
         return 0 if r["failed"] == 0 else 1
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    logs = Path(tempfile.mkdtemp(prefix="load-test-llama-")) if llama else None  # llama-server's, a file a level
+    rows: list[dict] = []
     try:
         for kind in a.servers:
             if kind not in LLAMA_SERVERS:
                 servers[kind] = start_server(a.artifact, kind, max(a.concurrency), a.threads, a.prefix_reuse)
-        rows = []
         bodies = {kind: LLAMA_BODY for kind in llama}
         for c in a.concurrency:
             # llama-server starts afresh at each level: its speculation's n-gram pool is the server's and
             # keeps every answer it gave, and each level resends the same prompts (a second pass over
             # them ran 2.8x faster with --spec-default); our servers keep nothing between requests here
             for kind in llama:
-                assert binary is not None and llama_gguf is not None  # _llama_files
+                assert binary is not None and llama_gguf is not None and logs is not None  # _llama_files
                 if kind in servers:
                     _stop([servers.pop(kind)[0]])
-                servers[kind] = start_llama_server(binary, llama_gguf, kind, max(a.concurrency), a.threads)
+                servers[kind] = start_llama_server(binary, llama_gguf, kind, max(a.concurrency), a.threads,
+                                                   logs / f"{kind}-c{c}.log")  # fmt: skip
             urls = {kind: servers[kind][1] for kind in a.servers}
             for kind in a.servers:  # warm-up on the last prompt: a level takes the prompts in order, so it comes last
                 run_level(urls[kind], model, prompts[-1:], 1, 1, 8, a.time_limit, bodies.get(kind))
@@ -403,14 +421,20 @@ def run(a) -> int:
                 r["same_as_" + first] = list(counts[kind])
                 rows.append(r)
                 same = "" if kind == first else f" answers as {first} {counts[kind][0]}/{counts[kind][1]}"
+                # llama-server reports no cached prompt tokens: its requests ask for none (LLAMA_BODY)
+                cached = "n/a" if kind in LLAMA_SERVERS else f"{100 * r['cached_share']:.0f}%"
                 print(f"{kind:>17} c={c:<3} {r['requests']:>3} req {r['tokens_per_s']:7.1f} tok/s  ttft p50/p99 "
                       f"{_ms(r['ttft_p50'])}/{_ms(r['ttft_p99'])} ms  itl p50/p99 {_ms(r['itl_p50'])}/"
-                      f"{_ms(r['itl_p99'])} ms  prompt cached {100 * r['cached_share']:.0f}%  failed {r['failed']}"
-                      f"{same}", flush=True)  # fmt: skip
+                      f"{_ms(r['itl_p99'])} ms  prompt cached {cached}  failed {r['failed']}{same}", flush=True)  # fmt: skip
             for kind in a.servers:  # the counts are kept, not the texts
                 level[kind].pop("answers")
     finally:
         _stop([proc for proc, _ in servers.values()])
+        if logs is not None:  # kept where a llama-server request failed: what the server said is there
+            if any(r["failed"] for r in rows if r["server"] in LLAMA_SERVERS):
+                print(f"llama-server's logs: {logs}", file=sys.stderr)
+            else:
+                shutil.rmtree(logs, ignore_errors=True)
     by = {(r["server"], r["concurrency"]): r for r in rows}
     print("\n" + f"{'c':>3} " + " ".join(f"{k + ' tok/s':>23}" for k in a.servers), end="")
     pairs = [(m, p) for m, p in (("medusa", "plain"), ("medusa-interleave", "plain-interleave"),

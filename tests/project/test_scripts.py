@@ -361,11 +361,16 @@ def test_load_test_servers_run_without_prefix_reuse_unless_asked(monkeypatch):
     cmds = []
 
     class Exited:
+        returncode = 1
+
         def __init__(self, cmd, **kw):
             cmds.append(cmd)
             self.stderr = io.StringIO("")
 
         def poll(self):
+            return 1
+
+        def wait(self, timeout=None):
             return 1
 
     monkeypatch.setattr(load_test.subprocess, "Popen", Exited)
@@ -376,13 +381,13 @@ def test_load_test_servers_run_without_prefix_reuse_unless_asked(monkeypatch):
 
 
 FAKE_LLAMA_SERVER = r"""
-import json, sys
+import json, os, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 args = sys.argv[1:]
 port = int(args[args.index("--port") + 1])
 log = open(sys.argv[0] + ".log", "a")
-log.write(json.dumps({"argv": args}) + "\n")
+log.write(json.dumps({"argv": args, "pid": os.getpid()}) + "\n")
 log.flush()
 
 
@@ -401,7 +406,7 @@ class H(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        log.write(json.dumps({"path": self.path, "body": body}) + "\n")
+        log.write(json.dumps({"path": self.path, "body": body, "pid": os.getpid()}) + "\n")
         log.flush()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -419,11 +424,16 @@ ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
-def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_whole(tmp_path, capsys):
-    """``--llama-server DIR``: llama.cpp's server under the same load (a stand-in speaking its
-    streamed chat API here): started with one slot per client at the top level, the chat template
-    and the threads asked for; every request asks it to prefill the prompt whole (no cached
-    prompt); its tokens come from the stream's usage; mistakes are one line before anything starts."""
+def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_whole(tmp_path, capsys, monkeypatch):
+    """``--llama-server DIR``: llama.cpp's server under the same load as ours (stand-ins speaking the
+    streamed chat API here, ours started by a stubbed start_server): llama-server started afresh at
+    each level with one slot per client at the top level, the chat template and the threads asked
+    for; only its requests ask it to prefill the prompt whole (our server would refuse the unknown
+    field); tokens from the stream's usage; the ratio against ours printed; every server stopped and
+    its logs removed at the end; mistakes one line before anything starts; a server that exits
+    before it is up is an error quoting its log."""
+    import subprocess
+
     from scripts import load_test
 
     d = tmp_path / "bin"
@@ -435,30 +445,53 @@ def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_wh
     gguf.write_bytes(b"GGUF")
     art.mkdir()
     out = tmp_path / "r.json"
-    argv = [str(art), "--servers", "llama-server-spec", "--llama-server", str(d), "--gguf", str(gguf),
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(load_test.tempfile, "tempdir", str(tmp_path / "tmp"))  # where the llama logs go
+
+    def ours(artifact, kind, max_batch, threads, prefix_reuse=False):  # the stand-in, as our "medusa" server
+        port = load_test.free_port()
+        proc = subprocess.Popen([sys.executable, str(d / "server.py"), "--port", str(port), "--ours"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        return proc, load_test._ready(proc, port)
+
+    monkeypatch.setattr(load_test, "start_server", ours)
+    argv = [str(art), "--servers", "medusa", "llama-server-spec", "--llama-server", str(d), "--gguf", str(gguf),
             "--concurrency", "1", "3", "--requests", "3", "--rounds", "1", "--threads", "2", "--json", str(out)]  # fmt: skip
     assert load_test.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "medusa/llama-server-spec" in printed and "prompt cached n/a" in printed
     log = [json.loads(line) for line in (d / "server.py.log").read_text().splitlines()]
-    # a fresh server at each level (its speculation's n-gram pool would keep the answers to the
-    # prompts every level resends), then a warm-up and the level's 3 requests
-    assert ["argv" in e for e in log] == [True, False, False, False, False] * 2
-    for start in (e["argv"] for e in log if "argv" in e):
+    starts = {e["pid"]: e["argv"] for e in log if "argv" in e}
+    llama = [pid for pid, argv in starts.items() if "--ours" not in argv]
+    # a fresh llama-server at each level (its speculation's n-gram pool would keep the answers to the
+    # prompts every level resends); ours started once
+    assert len(starts) == 3 and len(llama) == 2
+    for pid in llama:
+        start = starts[pid]
         assert start[start.index("-m") + 1] == str(gguf) and start[start.index("-np") + 1] == "3"
         assert start[start.index("-c") + 1] == str(3 * load_test.LLAMA_SLOT_CONTEXT) and "--jinja" in start
         assert start[start.index("-t") + 1] == start[start.index("-tb") + 1] == "2" and "--spec-default" in start
     requests = [e for e in log if "path" in e]
+    assert len(requests) == 2 * 2 * (1 + 3)  # per level and server: a warm-up and the level's 3 requests
     for r in requests:
-        assert r["path"] == "/v1/chat/completions" and r["body"]["cache_prompt"] is False
-        assert r["body"]["temperature"] == 0 and r["body"]["stream"] is True
-    warm, level = requests[0]["body"], [r["body"] for r in requests[1:4]]
-    assert warm["max_tokens"] == 8 and {b["max_tokens"] for b in level} == {128}
+        assert r["path"] == "/v1/chat/completions" and r["body"]["temperature"] == 0 and r["body"]["stream"] is True
+        if r["pid"] in llama:
+            assert r["body"]["cache_prompt"] is False
+        else:
+            assert "cache_prompt" not in r["body"]  # our server takes no unknown field
+    first = [r["body"] for r in requests if r["pid"] == llama[0]]
+    warm, level = first[0], first[1:]
+    assert warm["max_tokens"] == 8 and {b["max_tokens"] for b in level} == {128} and len(level) == 3
     assert warm["messages"] not in [b["messages"] for b in level]  # the warm-up's prompt is not the level's
+    for pid in starts:  # every server stopped when the run ends
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert list((tmp_path / "tmp").iterdir()) == []  # no request failed: the llama logs are gone
     rows = json.loads(out.read_text())["rows"]
     assert [(r["server"], r["concurrency"], r["requests"], r["tokens"], r["failed"]) for r in rows] == [
-        ("llama-server-spec", 1, 3, 9, 0), ("llama-server-spec", 3, 3, 9, 0)]  # fmt: skip
+        ("medusa", 1, 3, 9, 0), ("llama-server-spec", 1, 3, 9, 0), ("medusa", 3, 3, 9, 0),
+        ("llama-server-spec", 3, 3, 9, 0)]  # fmt: skip
     assert json.loads(out.read_text())["gguf"] == str(gguf)
-    capsys.readouterr()
-    (d / "llama-quantize").unlink(missing_ok=True)
     for extra, match in ((["--servers", "llama-server"], "needs --llama-server DIR"),
                          (["--llama-server", str(d)], "need llama-server or llama-server-spec in --servers"),
                          (["--servers", "llama-server", "--llama-server", str(d)], "no " + str(d / "llama-quantize")),
@@ -475,8 +508,8 @@ def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_wh
     bad.mkdir()
     (bad / "llama-server").write_text("#!/bin/sh\necho 'error: bad model file' >&2\nexit 3\n")
     (bad / "llama-server").chmod(0o755)
-    with pytest.raises(SystemExit, match="the server exited: error: bad model file"):  # its log's end, told
-        load_test.start_llama_server(bad / "llama-server", gguf, "llama-server", 2, None)
+    with pytest.raises(SystemExit, match=r"the server exited \(3\): error: bad model file"):  # its log's end
+        load_test.start_llama_server(bad / "llama-server", gguf, "llama-server", 2, None, tmp_path / "bad.log")
 
 
 def test_bench_structured_times_both_decoders_under_the_schema(tiny, shared_data, capsys, tmp_path):

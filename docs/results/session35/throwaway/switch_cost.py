@@ -1,5 +1,5 @@
 """What the batch engine's calls cost when consecutive calls change graphs: two sequences, a one-row call
-(model.onnx in place) and a two-row call (fold.onnx), timed in runs of one kind (AAAA BBBB) and alternating
+(model.onnx in place) and a four-row call (fold.onnx), timed in runs of one kind (AAAA BBBB) and alternating
 (ABAB): `PYTHONPATH=. python docs/results/session35/throwaway/switch_cost.py [nospin|stopspin|global]` ("nospin": every
 backbone session without ONNX Runtime's spinning threads; "stopspin": session.force_spinning_stop, threads spin
 while a call runs and stop when it returns; "global": one global thread pool of 2 threads shared by every session)."""
