@@ -139,6 +139,18 @@ class LlamaCppPeer:
         """Nothing to stop: the model lives in this process."""
 
 
+def server_command(binary: Path, gguf: Path, port: int, n_ctx: int, slots: int, threads: int | None,
+                   args: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """``llama-server`` on ``gguf`` at ``127.0.0.1:port``: ``slots`` parallel slots sharing a context of
+    ``n_ctx`` positions (``-c``), prompts in batches of 512, no web UI, ``threads`` threads for
+    decoding and prompts alike (None: llama.cpp's choice), then ``args``."""
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx),
+           "-np", str(slots), "-b", "512", "--no-webui", *args]  # fmt: skip
+    if threads:
+        cmd += ["-t", str(threads), "-tb", str(threads)]
+    return cmd
+
+
 class LlamaServerPeer:
     """One ``llama-server`` process (one slot) on one GGUF file with one speculation setting:
     greedy answers through its ``/completion`` endpoint on a free loopback port."""
@@ -148,10 +160,7 @@ class LlamaServerPeer:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-c", str(n_ctx),
-               "-np", "1", "-b", "512", "--no-webui", *args]  # fmt: skip
-        if threads:
-            cmd += ["-t", str(threads), "-tb", str(threads)]
+        cmd = server_command(binary, gguf, self.port, n_ctx, 1, threads, args)
         self.command = cmd
         self._log = open(log, "w") if log else None  # closed in close()
         out = self._log or subprocess.DEVNULL

@@ -97,11 +97,11 @@ def start_llama_server(binary: Path, gguf: Path, kind: str, max_batch: int, thre
     slots decoding together (continuous batching), the GGUF's chat template, ``threads`` threads;
     its log (a few lines a request) written to ``log``, not a pipe: one nobody reads would fill and
     stall the server."""
+    from scripts.bench_llamacpp import server_command
+
     port = free_port()
-    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(max_batch),
-           "-c", str(LLAMA_SLOT_CONTEXT * max_batch), "-b", "512", "--jinja", "--no-webui", *LLAMA_SERVERS[kind]]  # fmt: skip
-    if threads:
-        cmd += ["-t", str(threads), "-tb", str(threads)]
+    cmd = server_command(binary, gguf, port, LLAMA_SLOT_CONTEXT * max_batch, max_batch, threads,
+                         ["--jinja", *LLAMA_SERVERS[kind]])  # fmt: skip
     with open(log, "w") as out:  # the child keeps its own handle
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     return proc, _ready(proc, port, log)
