@@ -512,6 +512,35 @@ def test_load_test_drives_llama_server_beside_ours_with_its_prompts_prefilled_wh
         load_test.start_llama_server(bad / "llama-server", gguf, "llama-server", 2, None, tmp_path / "bad.log")
 
 
+def test_a_server_whose_start_is_interrupted_or_times_out_is_stopped(tmp_path, monkeypatch):
+    """Ctrl-C (or any error) while the load test waits for a server to come up, or a server not up
+    in time, stops that server: it is not in the run's list yet, so nothing else would."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from scripts import load_test
+
+    def silent():  # a server that never answers /health
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    proc = silent()
+    monkeypatch.setattr(load_test.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        load_test._ready(proc, load_test.free_port())
+    assert proc.poll() is not None  # killed and reaped
+    monkeypatch.undo()
+    proc = silent()
+    clock = iter([0.0, 0.0, 1000.0])  # the deadline, one poll, then past it
+    monkeypatch.setattr(load_test, "time", SimpleNamespace(time=lambda: next(clock), sleep=lambda s: None))
+    with pytest.raises(SystemExit, match="did not start within 120 s"):
+        load_test._ready(proc, load_test.free_port())
+    assert proc.poll() is not None
+
+
 def test_bench_structured_times_both_decoders_under_the_schema(tiny, shared_data, capsys, tmp_path):
     """Our plain decoding and Medusa under the schema, side by side (the peer left out: its graph of the
     tiny model is not built here; tests/runtime/test_peers.py covers its runs): the same tokens, and
