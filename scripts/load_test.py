@@ -472,6 +472,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 def _llama_files(a, llama: list[str]) -> tuple[Path, Path]:
