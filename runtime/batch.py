@@ -573,10 +573,7 @@ class BatchEngine:
             for b in sizes:
                 self._len[:b] = [cached] * b
                 for n in rows:
-                    reqs = [_Request(i, "forward", ids=np.zeros(n, np.int64), pos=cached + np.arange(n),
-                                     mask=np.tril(np.ones((n, n), bool))) for i in range(b)]  # fmt: skip
-                    for r in reqs:  # greedy steps' calls: through the screen where the engine screens
-                        r.draw = (None, 1.0, None)
+                    reqs = profile_requests(b, n, cached)
                     times = []
                     for _ in range(repeats + 1):  # the first is a warm-up
                         t = time.perf_counter()
@@ -1088,6 +1085,17 @@ class BatchEngine:
                 rows = logits[b, m - k_r : m]
             out = rows.copy() if r.draw is None else draw_argmax(rows, *r.draw)
             r.result = (out, hidden[b, :m].copy(), new[:, :, b, :, :m].copy())
+
+
+def profile_requests(seqs: int, rows: int, cached: int) -> list[_Request]:
+    """The greedy step call :meth:`BatchEngine.profile` times: slots ``0 .. seqs - 1`` (their caches
+    ``cached`` long, set by the caller) each with ``rows`` new tokens under a causal mask, drawn as
+    greedy steps draw (through the screen where the engine screens)."""
+    reqs = [_Request(i, "forward", ids=np.zeros(rows, np.int64), pos=cached + np.arange(rows),
+                     mask=np.tril(np.ones((rows, rows), bool))) for i in range(seqs)]  # fmt: skip
+    for r in reqs:
+        r.draw = (None, 1.0, None)
+    return reqs
 
 
 def _padded(reqs: list[_Request], lo: int, B: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

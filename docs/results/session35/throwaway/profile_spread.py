@@ -5,15 +5,15 @@ as the load test's servers do; prints the cells choose_budget weighs at two sequ
 
 import statistics
 import sys
-import time
 
 import numpy as np
+from probe_common import ARTIFACT, timed_call
 
 import runtime
-from runtime.batch import PROFILE_CACHED, PROFILE_ROWS, _Request
+from runtime.batch import PROFILE_CACHED, PROFILE_ROWS
 
 n_profiles = int(sys.argv[1])
-gen = runtime.load("artifacts/smollm2-135m-medusa", threads=2, max_batch=16, reuse_prefix=False)
+gen = runtime.load(ARTIFACT, threads=2, max_batch=16, reuse_prefix=False)
 eng = gen.engine
 
 
@@ -26,15 +26,9 @@ def interleaved(repeats: int = 3) -> dict:
     times: dict = {c: [] for c in cells}
     for rep in range(repeats + 1):
         for b, n in cells:
-            eng._len[:b] = [cached] * b
-            reqs = [_Request(i, "forward", ids=np.zeros(n, np.int64), pos=cached + np.arange(n),
-                             mask=np.tril(np.ones((n, n), bool))) for i in range(b)]  # fmt: skip
-            for r in reqs:
-                r.draw = (None, 1.0, None)
-            t = time.perf_counter()
-            eng._run_forward(reqs)
+            seconds = timed_call(eng, b, n, cached)
             if rep:  # the first pass warms up
-                times[(b, n)].append(time.perf_counter() - t)
+                times[(b, n)].append(seconds)
     eng._len[:] = [0] * eng.slots
     return {c: float(np.median(v)) for c, v in times.items()}
 

@@ -7,26 +7,13 @@ each prompt run by both, order alternating; plain decoding and Medusa, greedy, t
 import statistics
 import sys
 
-import runtime
-import runtime.onnxrt as onnxrt
+from probe_common import spin_and_stop
+
 from runtime.bench import _run, load_prompts
 
 path, n, max_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 skip = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-base = onnxrt._options
-
-
-def stopping(ort, threads, spin):
-    opts = base(ort, threads, spin)
-    if spin:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return opts
-
-
-gens = {}
-for stop in (False, True):
-    onnxrt._options = stopping if stop else base
-    gens["stop" if stop else "spin"] = runtime.load("artifacts/smollm2-135m-medusa", threads=2, reuse_prefix=False)
+gens = spin_and_stop(reuse_prefix=False)
 prompts = load_prompts(path, limit=skip + n)[skip:]
 rates: dict = {(k, m): [] for k in gens for m in (False, True)}
 tokens: dict = {k: 0 for k in rates}

@@ -6,27 +6,13 @@ PROMPTS_FILE N MAX_NEW_TOKENS C [C ...]`."""
 
 import sys
 
-import runtime
-import runtime.onnxrt as onnxrt
+from probe_common import spin_and_stop
+
 from runtime.bench import load_prompts
 from scripts import bench_batch
 
 path, n, max_new, levels = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), [int(c) for c in sys.argv[4:]]
-base = onnxrt._options
-
-
-def stopping(ort, threads, spin):
-    opts = base(ort, threads, spin)
-    if spin:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return opts
-
-
-gens = {}
-for stop in (False, True):
-    onnxrt._options = stopping if stop else base
-    gens["stop" if stop else "spin"] = runtime.load("artifacts/smollm2-135m-medusa", threads=2, max_batch=8,
-                                                    reuse_prefix=False)  # fmt: skip
+gens = spin_and_stop(max_batch=8, reuse_prefix=False)
 chats = [[{"role": "user", "content": p.text}] for p in load_prompts(path, limit=n)]
 for gen in gens.values():  # warm-up: the budgets have steps to weigh
     bench_batch.run(gen, chats[:2], 2, 32, medusa=True)

@@ -6,25 +6,17 @@ while a call runs and stop when it returns; "global": one global thread pool of 
 
 import statistics
 import sys
-import time
 
-import numpy as np
+from probe_common import ARTIFACT, stopping, timed_call
 
 import runtime
 import runtime.onnxrt as onnxrt
-from runtime.batch import _Request
 
 base = onnxrt._options
 if "nospin" in sys.argv[1:]:
     onnxrt._options = lambda ort, threads, spin: base(ort, threads, False)
 if "stopspin" in sys.argv[1:]:  # spinning while a call runs, stopped when it returns
-
-    def _stopping(ort, threads, spin):
-        opts = base(ort, threads, spin)
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        return opts
-
-    onnxrt._options = _stopping
+    onnxrt._options = stopping(base)
 if "global" in sys.argv[1:]:  # one thread pool for every session of the process (ONNX Runtime's global pools)
     import onnxruntime.capi._pybind_state as C
 
@@ -36,21 +28,14 @@ if "global" in sys.argv[1:]:  # one thread pool for every session of the process
         return opts
 
     onnxrt._options = _shared
-gen = runtime.load("artifacts/smollm2-135m-medusa", threads=2, max_batch=16, reuse_prefix=False)
+gen = runtime.load(ARTIFACT, threads=2, max_batch=16, reuse_prefix=False)
 eng = gen.engine
 cached = 128
 eng._ensure_capacity(cached + 16)
 
 
 def call(b: int, n: int) -> float:
-    eng._len[:b] = [cached] * b
-    reqs = [_Request(i, "forward", ids=np.zeros(n, np.int64), pos=cached + np.arange(n),
-                     mask=np.tril(np.ones((n, n), bool))) for i in range(b)]  # fmt: skip
-    for r in reqs:
-        r.draw = (None, 1.0, None)
-    t = time.perf_counter()
-    eng._run_forward(reqs)
-    return 1000 * (time.perf_counter() - t)
+    return 1000 * timed_call(eng, b, n, cached)
 
 
 A, B = (2, 1), (2, 4)
