@@ -35,6 +35,8 @@ def distill_config(a):
         batch_size=a.batch_size,
         seed=a.seed,
         threads=a.threads,
+        samples=a.samples,
+        device=a.device,
         engine=Path(a.engine) if a.engine else None,
         chat_template_kwargs=a.chat_template_kwargs,
     )
@@ -62,6 +64,8 @@ def medusa1_config(a):
         threads=a.threads,
         soft_targets=a.soft_targets,
         draft_vocab=not a.no_draft_vocab,
+        device=a.device,
+        init_heads=Path(a.init_heads) if a.init_heads else None,
     )
 
 
@@ -150,6 +154,14 @@ def _select_tree(a) -> None:
     select_tree(select_config(a))
 
 
+def add_device_arg(sp, default: str) -> None:
+    sp.add_argument(
+        "--device",
+        default=default,
+        help="where torch runs: cpu, cuda, cuda:N or mps (default: %(default)s; --threads counts CPU threads only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from runtime.artifact import HEAD_TYPES
     from training.datastore import DatastoreConfig
@@ -195,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     sp.add_argument("--batch-size", type=int, default=d.batch_size, help="answers generated together")
     sp.add_argument(
+        "--samples",
+        type=int,
+        default=d.samples,
+        help="sampled answers per prompt (--temperature > 0); with N > 1 the records are ID@1 .. ID@N, each its own "
+        "seed, all in the prompt's split",
+    )
+    add_device_arg(sp, d.device)
+    sp.add_argument(
         "--chat-template-kwargs",
         type=json_object,
         metavar="JSON",
@@ -233,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=m.epochs)
     sp.add_argument("--batch-tokens", type=int, default=m.batch_tokens, help="positions per step")
     sp.add_argument("--max-steps", type=int, default=m.max_steps, help="stop after this many steps (0: no limit)")
+    add_device_arg(sp, m.device)
+    sp.add_argument(
+        "--init-heads",
+        default=m.init_heads,
+        metavar="HEADS",
+        help="go on training these heads (a medusa-trt heads folder: same --num-heads, --num-layers, --head-type) "
+        "instead of fresh ones, e.g. on new answers; their draft vocabulary joins the training softmax",
+    )
     sp.add_argument(
         "--max-train-tokens", type=int, default=m.max_train_tokens, help="cap on cached train positions (0: all)"
     )

@@ -60,6 +60,12 @@ class DistillConfig:
     batch_size: int = 16
     seed: int = 0
     threads: int | None = None
+    # sampled answers per prompt (temperature > 0): with N > 1 a prompt's records are ID@1 .. ID@N, each with
+    # its own seed, all in the prompt's split (training.data.split_of)
+    samples: int = 1
+    # where torch generates ("cpu", "cuda", "cuda:1"); on a GPU a batch's sampled answers share one generator
+    # (seeded from the batch's first record), so they depend on how the prompts were batched
+    device: str = "cpu"
     save_states: bool = True  # keep the last hidden states for Medusa-1 (OUT.states/)
     # an exported artifact folder: generate on its ONNX Runtime engine, ``batch_size`` sequences
     # batched per engine call (runtime.load(..., max_batch=N)), instead of torch; the hidden states
@@ -273,6 +279,7 @@ def generate_batch(
             "(use save_states=False)"
         )
 
+    dev = torch.device(cfg.device)
     n = len(prompt_ids)
     width = max(len(p) for p in prompt_ids)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -281,13 +288,21 @@ def generate_batch(
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
     cache = DynamicCache(config=model.config)
     alive = torch.arange(n)  # original row of each row still generating
     responses: list[list[int]] = [[] for _ in range(n)]
     finish = ["length"] * n
-    eos = torch.tensor(eos_ids)
+    eos = torch.tensor(eos_ids, device=dev)
     states: list[list] = [[] for _ in range(n)]
-    gens = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None and cfg.temperature > 0 else None
+    # one generator a prompt on the CPU; on a GPU, a draw per row would cost a kernel launch per row and
+    # step, so the batch shares one generator seeded from its first prompt
+    gens, batch_gen = None, None
+    if seeds is not None and cfg.temperature > 0:
+        if dev.type == "cpu":
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+        else:
+            batch_gen = torch.Generator(device=dev).manual_seed(seeds[0])
     with torch.inference_mode():
         for step in range(cfg.max_new_tokens):
             if split is None:
@@ -302,7 +317,7 @@ def generate_batch(
                     input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
                 ).last_hidden_state
                 logits = head(h[:, -1]).float()
-                h16 = h.to(torch.float16).numpy()
+                h16 = h.to(torch.float16).cpu().numpy()
                 for row, r in enumerate(alive.tolist()):
                     if step == 0:  # prefill: the prompt occupies the last len(prompt) columns
                         states[r].append(h16[row, width - len(prompt_ids[r]) + first_positions[r] :])
@@ -311,7 +326,7 @@ def generate_batch(
             if cfg.temperature > 0:
                 probs = torch.softmax(logits / cfg.temperature, -1)
                 if gens is None:
-                    nxt = torch.multinomial(probs, 1)[:, 0]
+                    nxt = torch.multinomial(probs, 1, generator=batch_gen)[:, 0]
                 else:
                     nxt = torch.cat([torch.multinomial(probs[row], 1, generator=gens[r])
                                      for row, r in enumerate(alive.tolist())])  # fmt: skip
@@ -319,17 +334,18 @@ def generate_batch(
                 nxt = logits.argmax(-1)
             for r, t in zip(alive.tolist(), nxt.tolist()):
                 responses[r].append(t)
-            done = torch.isin(nxt, eos)
+            done = torch.isin(nxt, eos).cpu()
             for r in alive[done].tolist():
                 finish[r] = "eos"
             keep = torch.nonzero(~done).flatten()
             if len(keep) == 0:
                 break
             if len(keep) < len(alive):  # drop finished answers from the batch and its cache
-                cache.batch_select_indices(keep)  # every layer's rows
-                alive, nxt, mask, pos = alive[keep], nxt[keep], mask[keep], pos[keep]
+                rows = keep.to(dev)
+                cache.batch_select_indices(rows)  # every layer's rows
+                alive, nxt, mask, pos = alive[keep], nxt[rows], mask[rows], pos[rows]
             ids = nxt[:, None]
-            mask = torch.cat([mask, torch.ones(len(keep), 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones(len(keep), 1, dtype=mask.dtype, device=dev)], dim=1)
             pos = pos[:, -1:] + 1
     if split is None:
         return [(responses[i], finish[i]) for i in range(n)]
@@ -347,7 +363,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     from exporter.models import load_backbone
     from runtime import checks
     from training.data import first_cached_position
-    from training.files import output_file
+    from training.files import output_file, torch_device
 
     for name in ("num_prompts", "max_new_tokens", "batch_size"):
         checks.integer(f"--{name.replace('_', '-')}", getattr(cfg, name), 1)
@@ -355,7 +371,15 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     assert temperature is not None  # not optional: a float or a ConfigError
     cfg.temperature = temperature
     checks.integer("--seed", cfg.seed, 0)
+    checks.integer("--samples", cfg.samples, 1)
+    if cfg.samples > 1 and cfg.temperature == 0:
+        raise MedusaError(
+            f"--samples {cfg.samples} needs --temperature > 0: greedy answers to one prompt are all the same"
+        )
     checks.threads(cfg.threads)
+    device = torch_device(cfg.device)
+    if cfg.engine is not None and device.type != "cpu":
+        raise MedusaError(f"--engine generates on ONNX Runtime's CPU provider: drop --device {cfg.device}")
     cfg.chat_template_kwargs = check_template_kwargs(cfg.chat_template_kwargs) or None
     output_file(cfg.out, "--out", "the distilled .jsonl")  # a folder there is named now, not as missing data
     if cfg.threads:
@@ -364,7 +388,10 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)
     if len(prompts) < cfg.num_prompts:
         raise MedusaError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than the {cfg.num_prompts} asked for")
+    if cfg.samples > 1:
+        prompts = [(f"{pid}@{k}", text) for pid, text in prompts for k in range(1, cfg.samples + 1)]
     model, tok = backbone if backbone is not None else load_backbone(cfg.model)[:2]
+    model.to(device)
     eos_ids = _eos_ids(model, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
 

@@ -64,3 +64,27 @@ def _check_writable(folder: Path, path: Path, flag: str) -> None:
         raise ConfigError(f"cannot write {flag} {path}: {e.strerror or e} ({folder})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def torch_device(name: str, flag: str = "--device"):
+    """``name`` as a torch.device that this torch can use: ``cpu``, ``cuda`` or ``cuda:N`` where
+    CUDA sees that GPU, ``mps`` where Metal does; anything else is one line naming the flag."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{flag} {name!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{flag} {name}: this torch ({torch.__version__}) sees no CUDA GPU: use --device cpu, or a CUDA build "
+                "of torch on a machine with a GPU"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ..)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag} {name}: this torch sees no Metal (MPS) device: use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{flag} {name}: medusa-train runs on cpu, cuda or mps, not {device.type}")
+    return device

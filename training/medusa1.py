@@ -75,6 +75,10 @@ class Medusa1Config:
     max_len: int = 384
     seed: int = 0
     threads: int | None = None
+    device: str = "cpu"  # where the backbone (the cache's missing hidden states) and the heads run
+    # trained heads (a medusa-trt heads folder) to go on training instead of fresh ones: their count, blocks and
+    # kind, and their draft vocabulary joins the training softmax (fine-tuning on new data, e.g. sampled answers)
+    init_heads: Path | None = None
 
 
 # ---------------------------------------------------------------------------- hidden states
@@ -83,7 +87,7 @@ class Medusa1Config:
 def last_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Final-normed last hidden states [B, L, H] of a causal forward (BackboneStep's output)."""
     with torch.inference_mode():
-        return model.model(input_ids=input_ids).last_hidden_state
+        return model.model(input_ids=input_ids.to(model.device)).last_hidden_state
 
 
 def cached_positions(e: Example) -> tuple[int, int]:
@@ -172,7 +176,7 @@ def build_cache(
             ids = torch.zeros(len(idx), width, dtype=torch.long)
             for r, j in enumerate(idx):  # right padding: causal attention never sees it
                 ids[r, : len(exs[j].tokens)] = torch.from_numpy(exs[j].tokens)
-            h = last_hidden(model, ids).float().numpy()
+            h = last_hidden(model, ids).float().cpu().numpy()
             for r, j in enumerate(idx):
                 a, b = spans[j]
                 mm[starts[j] : starts[j] + b - a] = h[r, a:b]
@@ -233,13 +237,20 @@ class CachedSplit:
     row_end: np.ndarray  # int64 [R]: one past the last row of the row's example
 
 
+def load_index(folder: Path, split: str) -> dict[str, np.ndarray]:
+    """A split's index arrays, read once: an ``NpzFile`` reads (and decompresses) a whole array on each
+    ``ix[name]``, which a loop over the examples would do per example (quadratic in the data)."""
+    with np.load(Path(folder) / f"index_{split}.npz") as z:
+        return {name: z[name] for name in z.files}
+
+
 def load_split(folder: Path, split: str, num_heads: int) -> CachedSplit:
     """Hidden rows of one split and the heads' labels for each row."""
     if num_heads > MAX_CACHED_HEADS:
         raise MedusaError(f"at most {MAX_CACHED_HEADS} heads can be trained from the cache, got {num_heads}")
     folder = Path(folder)
     hidden = np.load(folder / f"hidden_{split}.npy", mmap_mode="r")
-    ix = np.load(folder / f"index_{split}.npz")
+    ix = load_index(folder, split)
     labels = np.full((hidden.shape[0], num_heads), IGNORE, dtype=np.int64)
     row_end = np.zeros(hidden.shape[0], dtype=np.int64)
     ts, rs = ix["token_starts"], ix["row_starts"]
@@ -256,7 +267,7 @@ def load_paths(folder: Path, split: str, num_heads: int) -> np.ndarray:
     """Teacher forcing for Hydra heads: row r (position t) -> the tokens t+1 .. t+K of its example
     (the root and the drafts above head K-1's node), int64 [R, K]; 0 past the example's end (those
     heads' labels are ignored there)."""
-    ix = np.load(Path(folder) / f"index_{split}.npz")
+    ix = load_index(Path(folder), split)
     ts, rs = ix["token_starts"], ix["row_starts"]
     out = np.zeros((int(rs[-1]), num_heads), dtype=np.int64)
     for e in range(len(ix["ids"])):
@@ -281,7 +292,13 @@ def teacher_rows(split: CachedSplit, idx: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def prepare_cache(
-    model, model_folder: str, data: Path, cache: Path | None, max_len: int, model_name: str | None = None
+    model,
+    model_folder: str,
+    data: Path,
+    cache: Path | None,
+    max_len: int,
+    model_name: str | None = None,
+    batch_size: int = 8,
 ) -> Path:
     """The cache folder for ``data``, built if missing or stale (from the hidden states that
     distillation kept, where ``model_name`` made them)."""
@@ -301,7 +318,7 @@ def prepare_cache(
                           f"{dropped(records, max_len, None)})")  # fmt: skip
     log.info("caching last hidden states: %s", ", ".join(f"{s} {len(v)}" for s, v in examples.items()))
     return build_cache(model, examples, folder, fingerprint=fp, states=states_dir(data), model_name=model_name,
-                       weights=weights)  # fmt: skip
+                       weights=weights, batch_size=batch_size)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- loss and accuracy
@@ -322,7 +339,7 @@ def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
             for k in range(K)
         ]
     )
-    return (head_weights(K) * per_head).sum(), per_head.detach()
+    return (head_weights(K).to(per_head.device) * per_head).sum(), per_head.detach()
 
 
 def projected_loss(
@@ -359,7 +376,7 @@ def projected_loss(
         per_pos = torch.cat([-(p * logp[soft]).sum(-1), F.nll_loss(logp[~soft], target[~soft], reduction="none")])
         losses.append(per_pos.mean())
     per_head = torch.stack(losses)
-    return (head_weights(K) * per_head).sum(), per_head.detach()
+    return (head_weights(K).to(per_head.device) * per_head).sum(), per_head.detach()
 
 
 def rank_accuracy(
@@ -372,20 +389,21 @@ def rank_accuracy(
     K = split.labels.shape[1]
     hits = np.zeros((K, max_rank))
     counts = np.zeros(K)
+    dev = next(heads.parameters()).device
     with torch.inference_mode():
         for i in range(0, len(split.labels), chunk):
-            lab = torch.from_numpy(split.labels[i : i + chunk])
-            h = torch.from_numpy(np.asarray(split.hidden[i : i + chunk], dtype=np.float32))
+            lab = torch.from_numpy(split.labels[i : i + chunk]).to(dev)
+            h = torch.from_numpy(np.asarray(split.hidden[i : i + chunk], dtype=np.float32)).to(dev)
             if paths is not None:
-                blocks = heads.blocks(h, torch.from_numpy(paths[i : i + chunk]), embed)
+                blocks = heads.blocks(h, torch.from_numpy(paths[i : i + chunk]).to(dev), embed)
                 logits = heads.project(blocks, lm_head)
             else:
                 logits = heads(h, lm_head) if heads.config.shared_lm_head else heads(h)  # [n, K, V]
             top = logits.topk(max_rank, dim=-1).indices  # [n, K, R]
             valid = lab != IGNORE
             match = (top == lab.unsqueeze(-1)) & valid.unsqueeze(-1)
-            hits += match.sum(0).numpy()
-            counts += valid.sum(0).numpy()
+            hits += match.sum(0).cpu().numpy()
+            counts += valid.sum(0).cpu().numpy()
     return hits / np.maximum(counts, 1)[:, None]
 
 
@@ -442,17 +460,26 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     """Train heads on the cached hidden states; save them to ``cfg.out``; return the summary."""
     from tqdm import tqdm
 
-    from exporter.heads import HydraHeads, MedusaHeads, backbone_fingerprint, fresh_heads, fresh_hydra_heads, save_heads
+    from exporter.heads import (
+        HydraHeads,
+        MedusaHeads,
+        backbone_fingerprint,
+        fresh_heads,
+        fresh_hydra_heads,
+        load_heads,
+        save_heads,
+    )
     from exporter.models import load_backbone, resolve_model
     from runtime import checks
     from training.distill import DISTILL_FIRST
-    from training.files import output_folder
+    from training.files import output_folder, torch_device
 
     if cfg.num_heads < 1 or cfg.num_layers < 1 or cfg.epochs < 1 or cfg.batch_tokens < 1:
         raise MedusaError("num_heads, num_layers, epochs and batch_tokens must be at least 1")
     checks.integer("max_steps", cfg.max_steps, 0, rule=">= 0 (0: no limit)")
     checks.integer("max_train_tokens", cfg.max_train_tokens, 0, rule=">= 0 (0: every cached train position)")
     checks.real("lr", cfg.lr, 0.0, min_open=True)
+    device = torch_device(cfg.device)
     output_folder(cfg.out, "--out")  # a file there is named now, not after the training
     if cfg.head_type not in HEAD_TYPES:
         raise MedusaError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {cfg.head_type!r}")
@@ -461,8 +488,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         raise MedusaError("Hydra heads share the backbone's lm_head (drop --own-lm-head)")
     if cfg.train_vocab not in ("data", "full"):
         raise MedusaError(f"train_vocab must be 'data' or 'full', got {cfg.train_vocab!r}")
-    if cfg.soft_targets and not cfg.shared_lm_head:
-        raise MedusaError("soft targets need the shared lm_head (the backbone's distribution is lm_head(hidden))")
+    if cfg.init_heads is not None and not Path(cfg.init_heads).exists():
+        raise MedusaError(f"--init-heads {cfg.init_heads}: Medusa heads not found (no such folder)")
     if not Path(cfg.data).is_file():
         raise MedusaError(f"distilled data {cfg.data} {not_a_file(cfg.data, DISTILL_FIRST)}")
     if backbone is None:
@@ -473,9 +500,25 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     model, _, folder = backbone if backbone is not None else load_backbone(cfg.model)
+    H, V = model.config.hidden_size, model.config.vocab_size
+    init = None
+    if cfg.init_heads is not None:  # checked before the hidden-state cache, the long part, is built
+        init = load_heads(cfg.init_heads, hidden_size=H, vocab_size=V)
+        if not init.config.shared_lm_head:
+            raise MedusaError(f"--init-heads {cfg.init_heads}: heads with their own lm_head cannot be trained on here")
+        kind = "hydra" if isinstance(init, HydraHeads) else "medusa"
+        ours = (cfg.num_heads, cfg.num_layers, cfg.head_type)
+        if (init.config.num_heads, init.config.num_layers, kind) != ours:
+            raise MedusaError(
+                f"--init-heads {cfg.init_heads}: {init.config.num_heads} {kind} heads of {init.config.num_layers} "
+                f"block(s), and this run asks for {cfg.num_heads} {cfg.head_type} heads of {cfg.num_layers}: "
+                "give the same --num-heads, --num-layers and --head-type"
+            )
     for p in model.parameters():
         p.requires_grad_(False)
-    cache = prepare_cache(model, str(folder), Path(cfg.data), cfg.cache, cfg.max_len, model_name=cfg.model)
+    model.to(device)
+    cache = prepare_cache(model, str(folder), Path(cfg.data), cfg.cache, cfg.max_len, model_name=cfg.model,
+                          batch_size=8 if device.type == "cpu" else 64)  # fmt: skip
     cache_s = time.time() - t0
     cache_meta = json.loads((Path(cache) / "cache.json").read_text())
     train = load_split(cache, "train", cfg.num_heads)
@@ -485,22 +528,26 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     if cfg.max_train_tokens and len(rows) > cfg.max_train_tokens:
         rows = np.sort(rng.choice(rows, cfg.max_train_tokens, replace=False))
     lm_head = model.lm_head
-    H, V = model.config.hidden_size, model.config.vocab_size
     heads: MedusaHeads | HydraHeads
+    if init is not None:
+        heads = init.to(device).train()
+    elif hydra:
+        heads = fresh_hydra_heads(cfg.num_heads, H, V, cfg.num_layers).to(device).train()
+    else:
+        heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, cfg.shared_lm_head, lm_head=lm_head).to(device).train()
+    embed, train_paths, held_paths = None, None, None
     if hydra:
-        heads = fresh_hydra_heads(cfg.num_heads, H, V, cfg.num_layers).train()
         embed = model.get_input_embeddings().weight.detach()
         train_paths, held_paths = load_paths(cache, "train", cfg.num_heads), load_paths(cache, "heldout", cfg.num_heads)
-    else:
-        heads = fresh_heads(cfg.num_heads, H, V, cfg.num_layers, cfg.shared_lm_head, lm_head=lm_head).train()
-        embed, train_paths, held_paths = None, None, None
 
     weight, vocab_map = lm_head.weight.detach(), None
     if cfg.shared_lm_head and cfg.train_vocab == "data":
         used = target_vocab(train)
-        vocab_map = torch.full((V,), -1, dtype=torch.long)
-        vocab_map[torch.from_numpy(used)] = torch.arange(len(used))
-        weight = weight[torch.from_numpy(used)].contiguous()
+        if init is not None and init.draft_vocab is not None:  # the tokens they may propose stay ranked
+            used = np.union1d(used, init.draft_vocab.cpu().numpy())
+        vocab_map = torch.full((V,), -1, dtype=torch.long, device=device)
+        vocab_map[torch.from_numpy(used).to(device)] = torch.arange(len(used), device=device)
+        weight = weight[torch.from_numpy(used).to(device)].contiguous()
         if cfg.draft_vocab:
             heads.set_draft_vocab(torch.from_numpy(used))
     opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -525,17 +572,17 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
             if step >= total_steps:
                 break
             idx = np.sort(perm[i : i + cfg.batch_tokens])
-            h = torch.from_numpy(np.asarray(train.hidden[idx], dtype=np.float32))
-            lab = torch.from_numpy(train.labels[idx])
+            h = torch.from_numpy(np.asarray(train.hidden[idx], dtype=np.float32)).to(device)
+            lab = torch.from_numpy(train.labels[idx]).to(device)
             if cfg.shared_lm_head:
                 teacher = None
                 if cfg.soft_targets:
                     trows, tmask = teacher_rows(train, idx)
                     th = np.asarray(train.hidden[trows.ravel()], dtype=np.float32).reshape(*trows.shape, -1)
-                    teacher = (torch.from_numpy(th), torch.from_numpy(tmask))
+                    teacher = (torch.from_numpy(th).to(device), torch.from_numpy(tmask).to(device))
                 if isinstance(heads, HydraHeads):  # hydra
-                    assert train_paths is not None  # loaded with the Hydra heads above
-                    blocks_out = heads.blocks(h, torch.from_numpy(train_paths[idx]), embed)
+                    assert train_paths is not None and embed is not None  # loaded with the Hydra heads above
+                    blocks_out = heads.blocks(h, torch.from_numpy(train_paths[idx]).to(device), embed)
                 else:
                     blocks_out = heads.blocks(h)
                 loss, per_head = projected_loss(blocks_out, lab, weight, vocab_map, teacher)
@@ -584,15 +631,17 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         "heldout_top1": acc[:, 0].round(4).tolist(),
         "heldout_top5": acc[:, :5].sum(1).round(4).tolist(),
         "heldout_top1_untrained": acc0[:, 0].round(4).tolist(),
+        **({"init_heads": str(cfg.init_heads)} if cfg.init_heads is not None else {}),
         "history": history,
         "cache_seconds": round(cache_s, 1),
         "cache_built": cache_meta.get("built_unix", 0) >= t0,
         "cache_examples_from_states": cache_meta.get("from_states"),
         "cache_examples_computed": cache_meta.get("computed"),
         "train_seconds": round(train_s, 1),
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "config": {k: str(v) for k, v in asdict(cfg).items()},
     }
-    save_heads(heads.eval(), cfg.out, meta=summary)
+    save_heads(heads.cpu().eval(), cfg.out, meta=summary)
     print(f"saved heads to {cfg.out} ({step} steps, {train_s:.0f} s)")
     return summary

@@ -317,3 +317,49 @@ def test_medusa_train_distill_reads_the_variables_as_json(capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["distill", "--chat-template-kwargs", "[1]"])
     assert exit_.value.code == 2 and "a JSON object is needed, got a list" in capsys.readouterr().err
+
+
+def test_several_sampled_answers_per_prompt_share_its_split(tmp_path, prompts_file):
+    """--samples N: records ID@1 .. ID@N, each its own seed (so its own answer), every one in the
+    prompt's split (the held-out prompts stay unseen); greedy answers cannot be sampled twice."""
+    from training.data import split_of
+    from training.distill import distill
+
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file, temperature=1.0, seed=3, samples=3)
+    cfg.max_new_tokens, cfg.num_prompts = 12, 4
+    records = distill(cfg, backbone=(model, tok))
+    assert [r["id"] for r in records] == [f"alpaca-{i:05d}@{k}" for i in range(4) for k in (1, 2, 3)]
+    for i in range(4):
+        answers = [r["response_ids"] for r in records[3 * i : 3 * i + 3]]
+        assert len({tuple(a) for a in answers}) > 1, f"prompt {i}: its samples share one seed"
+        assert {r["messages"][0]["content"] for r in records[3 * i : 3 * i + 3]} == {
+            records[3 * i]["messages"][0]["content"]
+        }
+    ids = [f"alpaca-{i:05d}" for i in range(400)]
+    assert {split_of(f"{pid}@2") for pid in ids if split_of(pid) == "heldout"} == {"heldout"}
+    assert {split_of(pid) for pid in ids} == {"train", "heldout", "calib"}
+    with pytest.raises(MedusaError, match="--samples 3 needs --temperature > 0"):
+        distill(dataclasses.replace(cfg, temperature=0.0, out=tmp_path / "g.jsonl"), backbone=(model, tok))
+
+
+def test_a_device_torch_cannot_use_is_one_line_before_any_work(tmp_path, prompts_file):
+    """--device names where torch runs; a device that is not there (CUDA on a CPU build), not a
+    device, or not for ONNX Runtime's --engine path is a ConfigError naming the flag."""
+    from runtime.errors import ConfigError
+    from training.distill import distill
+    from training.files import torch_device
+
+    assert torch_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda: this torch .* sees no CUDA GPU"):
+            torch_device("cuda")
+    with pytest.raises(ConfigError, match="--device 'gpu0' is not a torch device"):
+        torch_device("gpu0")
+    with pytest.raises(ConfigError, match="runs on cpu, cuda or mps, not meta"):
+        torch_device("meta")
+    model, tok = tiny_llama(), CharTokenizer()
+    cfg = _distill_cfg(tmp_path, prompts_file, device="gpu0")
+    with pytest.raises(ConfigError, match="--device 'gpu0'"):
+        distill(cfg, backbone=(model, tok))
+    assert not cfg.out.exists() and not cfg.out.with_name(cfg.out.name + ".partial").exists()

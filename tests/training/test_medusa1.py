@@ -3,6 +3,7 @@ its teacher rows, training runs on a tiny random Llama, and the model card (trai
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,57 @@ def test_medusa1_data_vocab_heads_propose_only_trained_tokens(tmp_path):
     )
     train_medusa2(cfg, backbone=(tiny_llama(), None, tmp_path), examples=split_examples(build_examples(_records(40))))
     assert load_heads(tmp_path / "m2" / "heads", hidden_size=32, vocab_size=VOCAB).draft_vocab is None
+
+
+def test_loading_a_split_reads_each_index_array_once(tmp_path, monkeypatch):
+    """load_split and load_paths read the split's index arrays once, not once per example: an
+    NpzFile decompresses a whole array on each access, which made loading 21,000 answers take
+    longer than training on a GPU (the index reads grew with the square of the data)."""
+    from training.data import build_examples, split_examples
+    from training.medusa1 import build_cache, load_paths, load_split
+
+    examples = split_examples(build_examples(_records(40)))
+    build_cache(tiny_llama(), examples, tmp_path / "cache", dtype=np.float32, batch_size=8)
+    reads = []
+    getitem = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, key: reads.append(key) or getitem(self, key))
+    split = load_split(tmp_path / "cache", "train", num_heads=3)
+    paths = load_paths(tmp_path / "cache", "train", num_heads=3)
+    assert split.num_examples == len(examples["train"]) > 20 and len(paths) == len(split.labels)
+    assert len(reads) <= 2 * 6, f"{len(reads)} index reads for {split.num_examples} examples"
+
+
+def test_init_heads_goes_on_training_trained_heads_and_keeps_their_draft_vocabulary(tmp_path):
+    """--init-heads: training starts where the given heads are (on the same data, their held-out
+    accuracy is the new run's "before"), their draft vocabulary stays proposable on new data that
+    covers fewer tokens, and heads of another shape are refused before the hidden states are cached."""
+    from exporter.heads import load_heads
+    from training.distill import write_atomic
+    from training.medusa1 import Medusa1Config, train_medusa1
+
+    model = tiny_llama()
+    data = tmp_path / "d.jsonl"
+    write_atomic(data, _records(160))
+    first = Medusa1Config(model="tiny", data=data, out=tmp_path / "a", num_heads=2, lr=1e-2, epochs=2,
+                          batch_tokens=128)  # fmt: skip
+    a = train_medusa1(first, backbone=(model, None, tmp_path))
+    again = train_medusa1(dataclasses.replace(first, out=tmp_path / "a2", init_heads=tmp_path / "a", max_steps=1),
+                          backbone=(model, None, tmp_path))  # fmt: skip
+    assert again["heldout_top1_untrained"] == a["heldout_top1"] and again["init_heads"] == str(tmp_path / "a")
+    trained = load_heads(tmp_path / "a", hidden_size=32, vocab_size=VOCAB)
+    more = tmp_path / "more.jsonl"  # new answers whose targets are 3 tokens: a's draft vocabulary must stay
+    write_atomic(more, [dict(r, response_ids=[5, 6, 7] * 8) for r in _records(160, seed=1)])
+    cfg = dataclasses.replace(first, data=more, out=tmp_path / "b", init_heads=tmp_path / "a", epochs=1, lr=1e-3)
+    train_medusa1(cfg, backbone=(model, None, tmp_path))
+    tuned = load_heads(tmp_path / "b", hidden_size=32, vocab_size=VOCAB)
+    assert trained.draft_vocab is not None and tuned.draft_vocab is not None
+    assert len(trained.draft_vocab) > 3 and set(trained.draft_vocab.tolist()) <= set(tuned.draft_vocab.tolist())
+    assert any(not torch.equal(x, y) for x, y in zip(tuned.parameters(), trained.parameters()))
+    for bad, words in (
+        (dict(num_heads=3), "2 medusa heads of 1 block"),
+        (dict(init_heads=tmp_path / "none"), "not found"),
+    ):
+        with pytest.raises(MedusaError, match=words):
+            train_medusa1(dataclasses.replace(cfg, out=tmp_path / "c", cache=tmp_path / "c_cache", **bad),
+                          backbone=(model, None, tmp_path))  # fmt: skip
+        assert not (tmp_path / "c_cache").exists()
