@@ -18,6 +18,15 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     meta = cfg["meta"]
     records = [json.loads(line) for line in read_text(Path(data)).splitlines() if line.strip()]
     temps = sorted({r.get("temperature", "unknown") for r in records}, key=str)
+    prompts = len({str(r["id"]).split("@", 1)[0] for r in records})  # ID@k: a prompt's k-th sampled answer
+    if len(temps) == 1:
+        sampling = f"with temperature {temps[0]}{' (greedy)' if temps == [0.0] else ''}"
+    else:
+        counts = {t: sum(r.get("temperature", "unknown") == t for r in records) for t in temps}
+        sampling = "with " + ", ".join(
+            f"temperature {t}{' (greedy)' if t == 0.0 else ''} {n} times" for t, n in counts.items()
+        )
+    answers = f" ({len(records)} answers)" if len(records) != prompts else ""
     tokens = sum(len(r["response_ids"]) for r in records)
     eos = sum(r.get("finish") == "eos" for r in records)
     weights = heads_dir / "medusa_heads.safetensors"
@@ -37,6 +46,13 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     )
     hist = "\n".join(
         f"| {h['epoch']} | {h['step']} | " + " / ".join(f"{x:.3f}" for x in h["top1"]) + " |" for h in meta["history"]
+    )
+    init = meta.get("init_heads")
+    start = "before this run" if init else "untrained"
+    went_on = (
+        f"Training went on from the heads in `{init}` (the column '{start}': those heads on this held-out split).\n"
+        if init
+        else ""
     )
     cache_s = meta["cache_seconds"]
     if not meta.get("cache_built", True):
@@ -94,9 +110,9 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
 backbone's own next token. Layout: medusa-trt (`exporter.heads.load_heads`).
 
 ## Data
-Self-distilled: SmolLM2-135M-Instruct answered the first {len(records)} prompts of
-`../shared/data/alpaca_5000.json` (instruction + input, chat template) with temperature
-{", ".join(str(t) for t in temps)}{" (greedy)" if temps == [0.0] else ""}, at most {records[0].get("max_new_tokens", "?")} new tokens:
+Self-distilled: SmolLM2-135M-Instruct answered the first {prompts} prompts{answers} of
+`../shared/data/alpaca_5000.json` (instruction + input, chat template) {sampling},
+at most {records[0].get("max_new_tokens", "?")} new tokens:
 {tokens} response tokens, {eos} answers ended with EOS, {len(records) - eos} hit the length limit.
 Splits by a hash of the record id: {meta["train_examples"]} train, {meta["heldout_examples"]} held-out
 (the accuracy below), the rest calibration (tree selection). MT-Bench was not used.
@@ -108,9 +124,9 @@ positions ({meta["train_positions_used"]} train positions), AdamW lr {meta["lr"]
 + cosine decay; training softmax over the {meta["train_vocab_size"]} tokens that occur as targets
 (`--train-vocab {meta["train_vocab"]}`); accuracy is ranked over the full vocabulary.
 Time: training {meta["train_seconds"]:.0f} s; {cache_note}. Machine: {machine}.
-{draft}
+{went_on}{draft}
 ## Held-out accuracy (ranked over the full vocabulary)
-| head | top-1 | top-5 | top-1 untrained |
+| head | top-1 | top-5 | top-1 {start} |
 | --- | --- | --- | --- |
 {rows}
 

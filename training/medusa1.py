@@ -488,6 +488,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         raise MedusaError("Hydra heads share the backbone's lm_head (drop --own-lm-head)")
     if cfg.train_vocab not in ("data", "full"):
         raise MedusaError(f"train_vocab must be 'data' or 'full', got {cfg.train_vocab!r}")
+    if cfg.soft_targets and not cfg.shared_lm_head:
+        raise MedusaError("soft targets need the shared lm_head (the backbone's distribution is lm_head(hidden))")
     if cfg.init_heads is not None and not Path(cfg.init_heads).exists():
         raise MedusaError(f"--init-heads {cfg.init_heads}: Medusa heads not found (no such folder)")
     if not Path(cfg.data).is_file():

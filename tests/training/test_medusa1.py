@@ -358,6 +358,15 @@ def test_init_heads_goes_on_training_trained_heads_and_keeps_their_draft_vocabul
     assert trained.draft_vocab is not None and tuned.draft_vocab is not None
     assert len(trained.draft_vocab) > 3 and set(trained.draft_vocab.tolist()) <= set(tuned.draft_vocab.tolist())
     assert any(not torch.equal(x, y) for x, y in zip(tuned.parameters(), trained.parameters()))
+    from training.card import write_card
+
+    mixed = tmp_path / "mixed.jsonl"  # greedy answers and two sampled ones a prompt (distill --samples 2)
+    recs = _records(4)
+    write_atomic(mixed, recs + [dict(r, id=f"{r['id']}@{k}", temperature=0.7) for r in recs for k in (1, 2)])
+    card = write_card(tmp_path / "a2", mixed, command="...", machine="test box").read_text()
+    assert "answered the first 4 prompts (12 answers)" in card, card
+    assert "temperature 0.0 (greedy) 4 times, temperature 0.7 8 times" in card
+    assert f"went on from the heads in `{tmp_path / 'a'}`" in card and "| top-1 before this run |" in card
     for bad, words in (
         (dict(num_heads=3), "2 medusa heads of 1 block"),
         (dict(init_heads=tmp_path / "none"), "not found"),
