@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 N=${NUM_PROMPTS:-5000}
-S=${SAMPLES:-4}
+S=${SAMPLES:-4}   # 0: no sampled answers; 1 is refused (its records would take the greedy answers' ids)
 TEMP=${TEMP:-0.7}
 M=${MAX_NEW_TOKENS:-256}
 B=${BATCH:-1000}
@@ -30,8 +30,10 @@ LR=${LR:-1.5e-3}
 GREEDY_S=${GREEDY_S:-170}   # time limits of the phases, seconds
 SAMPLED_S=${SAMPLED_S:-200}
 TRAIN_S=${TRAIN_S:-240}
+MAX_STEPS=${MAX_STEPS:-0}   # medusa1 --max-steps (0: EPOCHS); training stopped by its time limit saves nothing
 WORK=${WORK:-runs/gpu_heads}
 PROMPTS=${PROMPTS:-../shared/data/alpaca_5000.json}
+if [ "$S" = 1 ]; then echo "gpu_train_heads.sh: SAMPLES=1 would give the sampled answers the greedy ones' ids: 0 or >= 2" >&2; exit 2; fi
 PY=python3
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; PY=python; fi
 if [ -n "${WHEELS:-}" ]; then
@@ -53,19 +55,23 @@ import torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
-# a phase's time limit stops it like Ctrl-C (finished batches stay in OUT.partial); rc 124 is that limit
-limit() { local s=$1; shift; timeout -s INT "$s" "$@" || { rc=$?; [ $rc = 124 ] || [ $rc = 130 ] || exit $rc; phase "time limit ($s s) reached"; }; }
+# a phase's time limit stops it as Ctrl-C does (medusa-train takes SIGTERM so: finished batches stay in
+# OUT.partial; killed 30 s later if it has not stopped); rc 124 is that limit
+limit() { local s=$1; shift; timeout -k 30 -s TERM "$s" "$@" || { rc=$?; [ $rc = 124 ] || exit $rc; phase "time limit ($s s) reached"; }; }
 finished() { if [ -f "$1" ]; then cat "$1"; fi; if [ -f "$1.partial" ]; then cat "$1.partial"; fi; }
 
 phase "greedy answers to $N prompts"
 limit "$GREEDY_S" $PY -m training.cli distill --model smollm2-135m --prompts "$PROMPTS" --num-prompts "$N" \
   --batch-size "$B" --max-new-tokens "$M" --temperature 0 --device "$DEVICE" --out "$WORK/greedy.jsonl"
-phase "$S sampled answers each at temperature $TEMP"
-limit "$SAMPLED_S" $PY -m training.cli distill --model smollm2-135m --prompts "$PROMPTS" --num-prompts "$N" \
-  --batch-size "$B" --max-new-tokens "$M" --temperature "$TEMP" --samples "$S" --seed 1 --device "$DEVICE" \
-  --out "$WORK/sampled.jsonl"
+if [ "$S" -ge 2 ]; then
+  phase "$S sampled answers each at temperature $TEMP"
+  limit "$SAMPLED_S" $PY -m training.cli distill --model smollm2-135m --prompts "$PROMPTS" --num-prompts "$N" \
+    --batch-size "$B" --max-new-tokens "$M" --temperature "$TEMP" --samples "$S" --seed 1 --device "$DEVICE" \
+    --out "$WORK/sampled.jsonl"
+fi
 { finished "$WORK/greedy.jsonl"; finished "$WORK/sampled.jsonl"; } > "$WORK/all.jsonl"
 phase "$(wc -l < "$WORK/all.jsonl") answers; Medusa-1, $E epochs of $BT positions a step"
-timeout -s INT "$TRAIN_S" $PY -m training.cli medusa1 --model smollm2-135m --data "$WORK/all.jsonl" \
-  --out "$WORK/heads" --num-heads 4 --num-layers "$L" --lr "$LR" --epochs "$E" --batch-tokens "$BT" --device "$DEVICE"
+timeout -k 30 "$TRAIN_S" $PY -m training.cli medusa1 --model smollm2-135m --data "$WORK/all.jsonl" \
+  --out "$WORK/heads" --num-heads 4 --num-layers "$L" --lr "$LR" --epochs "$E" --batch-tokens "$BT" \
+  --max-steps "$MAX_STEPS" --device "$DEVICE" || { rc=$?; phase "Medusa-1 stopped (rc $rc$([ $rc = 124 ] && echo ": its $TRAIN_S s limit"))"; exit $rc; }
 phase "done"

@@ -121,7 +121,7 @@ Splits by a hash of the record id: {meta["train_examples"]} train, {meta["heldou
 {method}
 assistant-token targets; {meta["steps"]} steps ({meta["epochs"]} epochs) of {meta["batch_tokens"]}
 positions ({meta["train_positions_used"]} train positions), AdamW lr {meta["lr"]}, linear warm-up
-+ cosine decay; training softmax over the {meta["train_vocab_size"]} tokens that occur as targets
++ cosine decay; training softmax over the {meta["train_vocab_size"]} tokens that occur as targets{" or in the starting heads' draft vocabulary" if init else ""}
 (`--train-vocab {meta["train_vocab"]}`); accuracy is ranked over the full vocabulary.
 Time: training {meta["train_seconds"]:.0f} s; {cache_note}. Machine: {machine}.
 {went_on}{draft}

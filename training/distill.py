@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import MedusaError
+from runtime.errors import ConfigError, MedusaError
 from runtime.log import quiet
 from runtime.paths import not_a_file
 from runtime.tokenizer import check_template_kwargs
@@ -379,7 +379,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     checks.threads(cfg.threads)
     device = torch_device(cfg.device)
     if cfg.engine is not None and device.type != "cpu":
-        raise MedusaError(f"--engine generates on ONNX Runtime's CPU provider: drop --device {cfg.device}")
+        raise ConfigError(f"--engine generates on ONNX Runtime's CPU provider: drop --device {cfg.device}")
     cfg.chat_template_kwargs = check_template_kwargs(cfg.chat_template_kwargs) or None
     output_file(cfg.out, "--out", "the distilled .jsonl")  # a folder there is named now, not as missing data
     if cfg.threads:
@@ -467,7 +467,8 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
 
 def prompt_seed(cfg: DistillConfig, pid: str) -> int:
     """A prompt's own sampling seed, from ``--seed`` and its id: a resumed run samples what an
-    uninterrupted one does, whichever prompts are left and however they are batched."""
+    uninterrupted one does, whichever prompts are left and however they are batched (on the CPU and
+    the engine; on a GPU a batch shares its first prompt's, see :func:`generate_batch`)."""
     return cfg.seed * 1_000_003 + zlib.crc32(pid.encode())
 
 

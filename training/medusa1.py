@@ -506,8 +506,12 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
     init = None
     if cfg.init_heads is not None:  # checked before the hidden-state cache, the long part, is built
         init = load_heads(cfg.init_heads, hidden_size=H, vocab_size=V)
-        if not init.config.shared_lm_head:
-            raise MedusaError(f"--init-heads {cfg.init_heads}: heads with their own lm_head cannot be trained on here")
+        if not init.config.shared_lm_head or not cfg.shared_lm_head:
+            raise MedusaError(
+                f"--init-heads {cfg.init_heads}: heads that share the backbone's lm_head go on training here "
+                + ("(these have their own)" if not init.config.shared_lm_head else "(drop --own-lm-head)")
+            )
+        init.config.meta = {}  # load_heads' layout/source, the earlier run's keys: this run's summary replaces them
         kind = "hydra" if isinstance(init, HydraHeads) else "medusa"
         ours = (cfg.num_heads, cfg.num_layers, cfg.head_type)
         if (init.config.num_heads, init.config.num_layers, kind) != ours:
@@ -542,7 +546,11 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         embed = model.get_input_embeddings().weight.detach()
         train_paths, held_paths = load_paths(cache, "train", cfg.num_heads), load_paths(cache, "heldout", cfg.num_heads)
 
+    # heads gone on from: their held-out accuracy as they were (their own draft vocabulary), before it changes
+    acc0 = rank_accuracy(heads.eval(), lm_head, heldout, paths=held_paths, embed=embed) if init is not None else None
     weight, vocab_map = lm_head.weight.detach(), None
+    if init is not None and not (cfg.train_vocab == "data" and cfg.draft_vocab):
+        heads.set_draft_vocab(None)  # --train-vocab full / --no-draft-vocab: they may propose any token, as asked
     if cfg.shared_lm_head and cfg.train_vocab == "data":
         used = target_vocab(train)
         if init is not None and init.draft_vocab is not None:  # the tokens they may propose stay ranked
@@ -563,7 +571,8 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
     history = []
-    acc0 = rank_accuracy(heads.eval(), lm_head, heldout, paths=held_paths, embed=embed)
+    if acc0 is None:
+        acc0 = rank_accuracy(heads.eval(), lm_head, heldout, paths=held_paths, embed=embed)
     print(f"held-out accuracy before training ({heldout.num_examples} examples):\n{accuracy_table(acc0)}")
     step, t_train = 0, time.time()
     bar = tqdm(total=total_steps, desc="medusa1", unit="step", dynamic_ncols=True, disable=quiet())

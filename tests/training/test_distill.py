@@ -344,8 +344,8 @@ def test_several_sampled_answers_per_prompt_share_its_split(tmp_path, prompts_fi
 
 
 def test_a_device_torch_cannot_use_is_one_line_before_any_work(tmp_path, prompts_file):
-    """--device names where torch runs; a device that is not there (CUDA on a CPU build), not a
-    device, or not for ONNX Runtime's --engine path is a ConfigError naming the flag."""
+    """--device names where torch runs; a device that is not there (CUDA on a CPU build) or not a
+    device is a ConfigError naming the flag, before anything is written."""
     from runtime.errors import ConfigError
     from training.distill import distill
     from training.files import torch_device

@@ -358,6 +358,9 @@ def test_init_heads_goes_on_training_trained_heads_and_keeps_their_draft_vocabul
     assert trained.draft_vocab is not None and tuned.draft_vocab is not None
     assert len(trained.draft_vocab) > 3 and set(trained.draft_vocab.tolist()) <= set(tuned.draft_vocab.tolist())
     assert any(not torch.equal(x, y) for x, y in zip(tuned.parameters(), trained.parameters()))
+    train_medusa1(dataclasses.replace(cfg, out=tmp_path / "any", draft_vocab=False, max_steps=1),
+                  backbone=(model, None, tmp_path))  # fmt: skip
+    assert load_heads(tmp_path / "any", hidden_size=32, vocab_size=VOCAB).draft_vocab is None  # --no-draft-vocab
     from training.card import write_card
 
     mixed = tmp_path / "mixed.jsonl"  # greedy answers and two sampled ones a prompt (distill --samples 2)
@@ -369,6 +372,7 @@ def test_init_heads_goes_on_training_trained_heads_and_keeps_their_draft_vocabul
     assert f"went on from the heads in `{tmp_path / 'a'}`" in card and "| top-1 before this run |" in card
     for bad, words in (
         (dict(num_heads=3), "2 medusa heads of 1 block"),
+        (dict(shared_lm_head=False), "drop --own-lm-head"),
         (dict(init_heads=tmp_path / "none"), "not found"),
     ):
         with pytest.raises(MedusaError, match=words):
