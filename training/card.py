@@ -7,6 +7,7 @@ from pathlib import Path
 
 from runtime.errors import MedusaError
 from runtime.paths import read_text
+from training.data import prompt_id
 
 
 def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: str = "") -> Path:
@@ -18,7 +19,7 @@ def write_card(heads_dir: Path, data: Path, command: str, machine: str, extra: s
     meta = cfg["meta"]
     records = [json.loads(line) for line in read_text(Path(data)).splitlines() if line.strip()]
     temps = sorted({r.get("temperature", "unknown") for r in records}, key=str)
-    prompts = len({str(r["id"]).split("@", 1)[0] for r in records})  # ID@k: a prompt's k-th sampled answer
+    prompts = len({prompt_id(str(r["id"])) for r in records})  # ID@k: a prompt's k-th sampled answer
     if len(temps) == 1:
         sampling = f"with temperature {temps[0]}{' (greedy)' if temps == [0.0] else ''}"
     else:

@@ -44,11 +44,21 @@ class Example:
         return mask
 
 
+def sample_id(prompt: str, k: int) -> str:
+    """The record id of prompt ``prompt``'s ``k``-th sampled answer (``medusa-train distill --samples N``)."""
+    return f"{prompt}@{k}"
+
+
+def prompt_id(record_id: str) -> str:
+    """The prompt a record answers: its id without a :func:`sample_id` suffix."""
+    return record_id.split("@", 1)[0]
+
+
 def split_of(record_id: str, heldout_percent: int = HELDOUT_PERCENT, calib_percent: int = CALIB_PERCENT) -> str:
     """``train`` / ``heldout`` / ``calib`` from a hash of the id (stable across runs and files).
     A prompt's sampled answers ``ID@1 .. ID@N`` (``medusa-train distill --samples N``) go where ``ID``
     goes: the held-out prompts stay unseen whatever was sampled for them."""
-    bucket = int(hashlib.sha1(record_id.split("@", 1)[0].encode()).hexdigest()[:8], 16) % 100
+    bucket = int(hashlib.sha1(prompt_id(record_id).encode()).hexdigest()[:8], 16) % 100
     if bucket < heldout_percent:
         return "heldout"
     if bucket < heldout_percent + calib_percent:

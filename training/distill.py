@@ -362,7 +362,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
 
     from exporter.models import load_backbone
     from runtime import checks
-    from training.data import first_cached_position
+    from training.data import first_cached_position, sample_id
     from training.files import output_file, torch_device
 
     for name in ("num_prompts", "max_new_tokens", "batch_size"):
@@ -389,7 +389,7 @@ def distill(cfg: DistillConfig, on_batch: Callable[[int, list[dict]], None] | No
     if len(prompts) < cfg.num_prompts:
         raise MedusaError(f"{cfg.prompts} holds {len(prompts)} prompts, fewer than the {cfg.num_prompts} asked for")
     if cfg.samples > 1:
-        prompts = [(f"{pid}@{k}", text) for pid, text in prompts for k in range(1, cfg.samples + 1)]
+        prompts = [(sample_id(pid, k), text) for pid, text in prompts for k in range(1, cfg.samples + 1)]
     model, tok = backbone if backbone is not None else load_backbone(cfg.model)[:2]
     model.to(device)
     eos_ids = _eos_ids(model, tok)

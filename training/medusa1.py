@@ -555,11 +555,12 @@ def train_medusa1(cfg: Medusa1Config, backbone=None) -> dict:
         used = target_vocab(train)
         if init is not None and init.draft_vocab is not None:  # the tokens they may propose stay ranked
             used = np.union1d(used, init.draft_vocab.cpu().numpy())
+        used_ids = torch.from_numpy(used).to(device)
         vocab_map = torch.full((V,), -1, dtype=torch.long, device=device)
-        vocab_map[torch.from_numpy(used).to(device)] = torch.arange(len(used), device=device)
-        weight = weight[torch.from_numpy(used).to(device)].contiguous()
+        vocab_map[used_ids] = torch.arange(len(used), device=device)
+        weight = weight[used_ids].contiguous()
         if cfg.draft_vocab:
-            heads.set_draft_vocab(torch.from_numpy(used))
+            heads.set_draft_vocab(used_ids)
     opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_tokens)
     total_steps = steps_per_epoch * cfg.epochs
