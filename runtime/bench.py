@@ -435,6 +435,9 @@ def run_bench(
                         "seconds": r.seconds,
                         "tokens_per_s": r.tokens_per_s,
                         "accept_hist": r.accept_hist,
+                        "steps": r.steps,
+                        "lookup_accepted": r.lookup_accepted,
+                        "datastore_accepted": r.datastore_accepted,
                         # coupled sampling draws plain sampling's tokens for a seed (plain sampling's default sampler)
                         "identical": r.tokens == runs["plain"].tokens,
                     }
@@ -520,6 +523,7 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
             entry[f"{k}_speedup"] = _ratio(tps, plain)
             entry[f"{k}_mean_accepted"] = _hist_mean(hist)
             entry[f"{k}_identical"] = sum(bool(r[k].get("identical")) for r in rows)
+            entry[f"{k}_sources"] = draft_sources([r[k] for r in rows])
         entry["prompts"] = len(rows)
         if "peer" in rows[0]:
             peer = _tokens_per_s([r["peer"] for r in rows])
@@ -530,6 +534,20 @@ def _summarize_sampling(per_prompt, temps, res, variant_name) -> dict:
                     entry[f"{k}_vs_peer"] = _ratio(entry[f"{k}_tokens_per_s"], peer)
         out[str(temp)] = entry
     return out
+
+
+def draft_sources(rows: list[dict]) -> dict[str, float]:
+    """Tokens a Medusa step emitted, by what drafted them, over ``rows`` (runs with ``accept_hist``,
+    ``steps``, ``lookup_accepted``, ``datastore_accepted``): ``backbone`` (1: the token after the
+    accepted path, its own), ``context`` and ``datastore`` (accepted tokens only the context lookup,
+    or only the datastore, drafted), ``heads`` (the rest: tokens a head drafted, whoever else did)."""
+    steps = sum(r.get("steps", 0) for r in rows)
+    if not steps:
+        return {}
+    emitted = _hist_mean(_merged_hist(r["accept_hist"] for r in rows))
+    stored = sum(r.get("datastore_accepted", 0) for r in rows) / steps
+    context = sum(r.get("lookup_accepted", 0) for r in rows) / steps - stored
+    return {"backbone": 1.0, "heads": emitted - 1.0 - context - stored, "context": context, "datastore": stored}
 
 
 def _by_category(per_prompt, names) -> dict:
@@ -582,6 +600,7 @@ def _tree_summary(per_prompt, variant, ar_tps) -> dict:
         "lookup_sizing": variant.lookup_sizing,
         "lookup_accepted": sum(r.get("lookup_accepted", 0) for r in rows),
         "datastore_accepted": sum(r.get("datastore_accepted", 0) for r in rows),
+        "sources": draft_sources(rows),
         "medusa_tokens_per_s": tps,
         "speedup": tps / ar_tps if ar_tps else 0.0,
         "median_prompt_speedup": statistics.median(r["speedup"] for r in rows),
@@ -781,6 +800,7 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
                 f"  peer sampling   {e['peer_tokens_per_s']:8.2f} tok/s (onnxruntime-genai, the whole distribution, same "
                 f"seeds); our plain sampling {e['plain_vs_peer']:.2f}x it"
             )
+    lines += _sources_report(res)
     for t in res["trees"].values():
         lines.append(f"accepted-length histogram {t['tree']}: {t['accept_hist']}")
         for d in t["divergences"]:
@@ -790,6 +810,29 @@ def format_report(res: dict, per_prompt: bool = True) -> str:
     if res.get("peer"):
         lines += ["", *_peer_report(res)]
     return "\n".join(lines)
+
+
+def _sources_report(res: dict) -> list[str]:
+    """Tokens a step emitted, by what drafted them (:func:`draft_sources`): greedy's trees, then each
+    sampling kind at each temperature."""
+    rows = [(f"greedy, {t['tree']}", t.get("sources")) for t in res["trees"].values()]
+    for temp, e in (res.get("sampling") or {}).items():
+        for k in SAMPLING_KINDS:
+            rows.append((f"{k} at {temp}, {e.get('exact_tree', e['tree']) if k.startswith('exact') else e['tree']}",
+                         e.get(f"{k}_sources")))  # fmt: skip
+    rows = [(name, src) for name, src in rows if src]
+    if not rows:
+        return []
+    w = max(len(name) for name, _ in rows)
+    lines = [
+        "",
+        "tokens a step, by what drafted them (context / datastore: tokens only they drafted; heads: the rest):",
+    ]
+    for name, src in rows:
+        total = sum(src.values())
+        lines.append(f"  {name:<{w}} {total:5.2f} = 1 (backbone) + heads {src['heads']:.2f} + context "
+                     f"{src['context']:.2f} + datastore {src['datastore']:.2f}")  # fmt: skip
+    return lines
 
 
 def _peer_report(res: dict) -> list[str]:

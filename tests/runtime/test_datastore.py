@@ -222,6 +222,15 @@ def test_the_bench_compares_with_and_without():
     assert [v.name for v in make_variants([t], [3])] == ["chain_1"]
 
 
+def test_the_bench_splits_a_steps_tokens_by_what_drafted_them():
+    from runtime.bench import draft_sources
+
+    # 10 steps emitting 25 tokens: 10 the backbone's, 6 only the context drafted, 4 only the datastore
+    runs = [{"accept_hist": {"2": 5, 3: 5}, "steps": 10, "lookup_accepted": 10, "datastore_accepted": 4}]
+    assert draft_sources(runs) == pytest.approx({"backbone": 1.0, "heads": 0.5, "context": 0.6, "datastore": 0.4})
+    assert draft_sources([{"accept_hist": {}, "steps": 0}]) == {}
+
+
 def test_calibration_files_from_before_the_datastore_rows_still_load():
     from runtime.dynamic import BIN_EDGES, LOOKUP_ROWS, Calibration
 

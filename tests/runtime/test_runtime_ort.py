@@ -379,8 +379,18 @@ def test_bench_lookup_variants_categories_and_sampling(tiny, shared_data):
     for k in ("plain", "exact", "exact_top", "exact_sampled", "typical"):
         assert s[k + "_tokens_per_s"] > 0 and (k == "plain" or s[k + "_mean_accepted"] >= 1.0)
     assert s["exact_identical"] == 3  # coupled sampling: plain sampling's tokens for the seed
+    # tokens a step by what drafted them: they add up to the accepted length, and a run without the
+    # lookup has none from the context or the datastore
+    for src, mean in [(on["sources"], on["mean_accepted"]), (off["sources"], off["mean_accepted"]),
+                      *((s[k + "_sources"], s[k + "_mean_accepted"]) for k in ("exact", "typical"))]:  # fmt: skip
+        assert sum(src.values()) == pytest.approx(mean) and src["backbone"] == 1.0 and min(src.values()) >= 0
+    assert off["sources"]["context"] == off["sources"]["datastore"] == 0
+    assert on["sources"]["context"] + on["sources"]["datastore"] == pytest.approx(
+        on["lookup_accepted"] / sum(r["trees"]["chain_2 lookup=3"]["steps"] for r in res["per_prompt"])
+    )
     report = format_report(res, per_prompt=False)
     assert "by category" in report and "sampling at temperature 0.7" in report and "exact" in report
+    assert "tokens a step, by what drafted them" in report and "exact at 0.7, " in report
     with pytest.raises(MedusaError, match="--lookup"):
         run_bench(gen, prompts, ["chain_2"], max_new_tokens=4, lookups=[3, 3], progress=False)
     with pytest.raises(MedusaError, match="--sampling"):
