@@ -540,7 +540,10 @@ def draft_sources(rows: list[dict]) -> dict[str, float]:
     """Tokens a Medusa step emitted, by what drafted them, over ``rows`` (runs with ``accept_hist``,
     ``steps``, ``lookup_accepted``, ``datastore_accepted``): ``backbone`` (1: the token after the
     accepted path, its own), ``context`` and ``datastore`` (accepted tokens only the context lookup,
-    or only the datastore, drafted), ``heads`` (the rest: tokens a head drafted, whoever else did)."""
+    or only the datastore, drafted), ``heads`` (the rest: tokens a head drafted, whoever else did).
+    Context and datastore count their tokens as verified; a last step that an EOS, the length or a
+    stop string cut short still counts its cut ones, so ``heads`` reads low by those (at most one
+    step's draft an answer)."""
     steps = sum(r.get("steps", 0) for r in rows)
     if not steps:
         return {}
