@@ -362,10 +362,11 @@ def test_init_heads_goes_on_training_trained_heads_and_keeps_their_draft_vocabul
                   backbone=(model, None, tmp_path))  # fmt: skip
     assert load_heads(tmp_path / "any", hidden_size=32, vocab_size=VOCAB).draft_vocab is None  # --no-draft-vocab
     from training.card import write_card
+    from training.data import sample_id
 
     mixed = tmp_path / "mixed.jsonl"  # greedy answers and two sampled ones a prompt (distill --samples 2)
     recs = _records(4)
-    write_atomic(mixed, recs + [dict(r, id=f"{r['id']}@{k}", temperature=0.7) for r in recs for k in (1, 2)])
+    write_atomic(mixed, recs + [dict(r, id=sample_id(r["id"], k), temperature=0.7) for r in recs for k in (1, 2)])
     card = write_card(tmp_path / "a2", mixed, command="...", machine="test box").read_text()
     assert "answered the first 4 prompts (12 answers)" in card, card
     assert "temperature 0.0 (greedy) 4 times, temperature 0.7 8 times" in card

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from runtime.datastore import _P, _hash  # noqa: E402
-from training.data import split_of  # noqa: E402
+from training.data import prompt_id, split_of  # noqa: E402
 
 T, MAX_N, MIN_COUNT = 0.7, 4, 2
 MARGINS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -61,7 +61,7 @@ def main() -> None:
     answers, followers, alt_min = (int(x) for x in sys.argv[1:4])
     recs = [json.loads(line) for line in open(ROOT / "runs/gpu_heads/all.jsonl")]
     train = [np.asarray(r["response_ids"], np.int64) for r in recs if split_of(r["id"]) == "train"]
-    held = [r for r in recs if split_of(r["id"]) == "heldout" and "@" in r["id"]][:answers]
+    held = [r for r in recs if split_of(r["id"]) == "heldout" and prompt_id(r["id"]) != r["id"]][:answers]
     tables = build(train, followers, alt_min)
     folder = Path.home() / ".cache/medusa-trt/models/smollm2-135m"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
