@@ -501,7 +501,14 @@ def cmd_bench(args) -> None:
 
 def cmd_profile(args) -> None:
     from runtime.paths import check_output_file
-    from runtime.profile import PROFILE_FILE, fitting_cache, format_peer_table, profile_tree_sizes, write_profile
+    from runtime.profile import (
+        PROFILE_FILE,
+        fitting_cache,
+        format_peer_table,
+        profile_tree_sizes,
+        screen_summary,
+        write_profile,
+    )
 
     checks.integer("--repeats", args.repeats, 1)
     checks.integer("--cached", args.cached, 0)
@@ -542,6 +549,8 @@ def cmd_profile(args) -> None:
         + f"; heads call {prof['heads_relative_cost']:.2f}x"
         + (f" (head 1 alone {prof['first_head_relative_cost']:.2f}x)" if "first_head_ms" in prof else "")
     )
+    if "screen_max_rows" in prof:  # timed both ways: where the screen runs from now on, and what it saves
+        print(screen_summary(prof))
     if peer_dir is not None:
         print(f"{args.peer}: the same over {prof['cached_tokens']} cached tokens ({peer_dir}):", flush=True)
         prof["peer"] = profile_peer_sizes(

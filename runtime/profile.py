@@ -64,6 +64,20 @@ def screen_limit(screen_ms: dict[int, float], float_ms: dict[int, float]) -> int
     return best
 
 
+def screen_summary(profile: dict) -> str:
+    """One line on a profile that timed the lm_head screen beside the float lm_head: up to how many rows
+    calls are screened (``screen_max_rows``) and the milliseconds that saves summed over the sizes."""
+    cut = int(profile["screen_max_rows"])
+    screen, flt = profile["screen_ms"], profile["float_ms"]
+    saved = sum(flt[n] - screen[n] for n in screen if int(n) <= cut)
+    if cut == 0:
+        return "lm_head screen: dearer than the float lm_head at every cut, not used (every call computes float logits)"
+    return (
+        f"lm_head screen: calls of up to {cut} rows (saves {saved:.1f} ms summed over the sizes up to it; "
+        "more rows: the float lm_head)"
+    )
+
+
 def fitting_cache(max_context: int, sizes: Sequence[int], cached: int) -> int:
     """The cached tokens a profile measures at: ``cached``, or fewer where the largest N would not fit."""
     return min(cached, max_context - max(sizes))

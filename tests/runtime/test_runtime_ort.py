@@ -212,7 +212,7 @@ def test_broken_artifacts_give_clear_errors(tiny, tmp_path, damage):
         runtime.load(tmp_path / "nowhere")
 
 
-def test_cli_generate_bench_profile(tiny, tmp_path, shared_data):
+def test_cli_generate_bench_profile(tiny, tmp_path, shared_data, capsys):
     from runtime.cli import main
 
     art = str(tiny["artifact"])
@@ -264,6 +264,9 @@ def test_cli_generate_bench_profile(tiny, tmp_path, shared_data):
     p = json.loads(prof.read_text())
     assert p["relative_cost"]["1"] == 1.0 and set(p["ms"]) == {"1", "4"}
     assert p["heads_ms"] > 0 and p["heads_relative_cost"] == pytest.approx(p["heads_ms"] / p["ms"]["1"], rel=1e-2)
+    out = capsys.readouterr().out  # the screen was timed beside the float lm_head: where it runs now is printed
+    cut = p["screen_max_rows"]
+    assert (f"lm_head screen: calls of up to {cut} rows" if cut else "lm_head screen: dearer") in out, out
     assert main(["generate", str(tmp_path / "missing"), "x"]) == 1
 
 

@@ -232,7 +232,7 @@ def test_the_profile_times_the_screen_beside_the_float_lm_head_and_a_load_keeps_
     from conftest import capture_logs
 
     from runtime.onnxrt import FusedOnnxRuntimeBackend
-    from runtime.profile import PROFILE_FILE, profile_tree_sizes, screen_limit
+    from runtime.profile import PROFILE_FILE, profile_tree_sizes, screen_limit, screen_summary
 
     # this machine's profile (session 38): two rows a hair dearer screened, three to five clearly cheaper
     screen, flt = {1: 14.6, 2: 19.0, 3: 18.4, 4: 19.4, 5: 21.4}, {1: 16.6, 2: 18.7, 3: 20.6, 4: 22.6, 5: 23.9}
@@ -242,6 +242,12 @@ def test_the_profile_times_the_screen_beside_the_float_lm_head_and_a_load_keeps_
     assert screen_limit({1: 9.0, 2: 10.0, 3: 12.0, 4: 11.0}, {1: 10.0, 2: 10.0, 3: 11.0, 4: 12.0}) == 1  # a tie: fewer
     assert screen_limit({1: 11.0, 2: 9.0}, {1: 10.0, 2: 10.0}) == 0  # no cut saves anything
     assert screen_limit({1: 11.0, 2: 8.0}, {1: 10.0, 2: 10.0}) == 2  # one row dearer, two cheaper by more
+    prof = {"screen_max_rows": 5, "screen_ms": {str(n): v for n, v in screen.items()},
+            "float_ms": {str(n): v for n, v in flt.items()}}  # fmt: skip
+    assert screen_summary(prof) == (
+        "lm_head screen: calls of up to 5 rows (saves 9.6 ms summed over the sizes up to it; more rows: the float lm_head)"
+    )
+    assert "not used" in screen_summary({**prof, "screen_max_rows": 0})
     with capture_logs() as logs:
         gen = runtime.load(tiny["artifact"], threads=1)
     assert any(f"has no {PROFILE_FILE}" in line and "medusa-run profile" in line for line in logs), logs
