@@ -20,4 +20,6 @@ print(f"cached {PROFILE_CACHED}; ms a call; [one sequence with the same total ro
 for (b, n), t in sorted(costs.items()):
     total = b * n
     ref = single.get(str(total))
-    print(f"{b} seq x {n} rows: {1000 * t:7.1f}  [{ref if ref is not None else '-'}]  per token row {1000 * t / total:5.1f}")
+    print(
+        f"{b} seq x {n} rows: {1000 * t:7.1f}  [{ref if ref is not None else '-'}]  per token row {1000 * t / total:5.1f}"
+    )

@@ -17,7 +17,9 @@ limit = int(sys.argv[4]) if len(sys.argv) > 4 else 16
 gen = runtime.load(art, threads=2)
 backend = gen.backend
 print(f"screen_max_rows from the profile: {backend.screen_max_rows}")
-chats = [[{"role": "user", "content": p.text}] for p in load_prompts("../shared/data/mt_bench_question.jsonl", limit=limit)]
+chats = [
+    [{"role": "user", "content": p.text}] for p in load_prompts("../shared/data/mt_bench_question.jsonl", limit=limit)
+]
 keys = ["plain", f"medusa/{a}", f"medusa/{b}"]
 tot = {k: [0, 0.0, 0] for k in keys}
 same = 0
@@ -37,5 +39,7 @@ for i, msgs in enumerate(chats):
 rate = {k: n / s for k, (n, s, _) in tot.items()}
 for k, (n, _s, steps) in tot.items():
     print(f"{k:12s} {rate[k]:7.2f} tok/s, {n / steps:.2f} tokens a step")
-print(f"screen up to {b} / up to {a}: {rate[keys[2]] / rate[keys[1]]:.3f}x; Medusa / plain: {rate[keys[1]] / rate['plain']:.3f}x "
-      f"({a}), {rate[keys[2]] / rate['plain']:.3f}x ({b}); identical {same}/{len(chats)}")
+print(
+    f"screen up to {b} / up to {a}: {rate[keys[2]] / rate[keys[1]]:.3f}x; Medusa / plain: {rate[keys[1]] / rate['plain']:.3f}x "
+    f"({a}), {rate[keys[2]] / rate['plain']:.3f}x ({b}); identical {same}/{len(chats)}"
+)

@@ -34,7 +34,9 @@ def main() -> None:
                     if i >= first + c * per:
                         return
                     nxt[0] += 1
-                got = [t for ev in gen.stream(chats[i % len(chats)], max_new_tokens=128, medusa=medusa) for t in ev.tokens]
+                got = [
+                    t for ev in gen.stream(chats[i % len(chats)], max_new_tokens=128, medusa=medusa) for t in ev.tokens
+                ]
                 with lock:
                     tokens[0] += len(got)
                     answers[cut][i % len(chats)] = got
@@ -52,12 +54,17 @@ def main() -> None:
         for rnd, cut in enumerate((a, b, b, a)):
             rate, screened, calls = level(cut, (rnd // 2) * c * per)
             rates[cut].append(rate)
-            print(f"{mode} x{c}, screen up to {cut:3d} rows: {rate:6.1f} tok/s ({screened}/{calls} calls screened)", flush=True)
+            print(
+                f"{mode} x{c}, screen up to {cut:3d} rows: {rate:6.1f} tok/s ({screened}/{calls} calls screened)",
+                flush=True,
+            )
     finally:
         gen.close()
     same = sum(answers[a][k] == answers[b][k] for k in answers[a] if k in answers[b])
     ra, rb = (sum(rates[x]) / 2 for x in (a, b))
-    print(f"up to {b} / up to {a}: {rb / ra:.3f}x (means of two rounds); answers equal {same}/{len(set(answers[a]) & set(answers[b]))}")
+    print(
+        f"up to {b} / up to {a}: {rb / ra:.3f}x (means of two rounds); answers equal {same}/{len(set(answers[a]) & set(answers[b]))}"
+    )
 
 
 if __name__ == "__main__":

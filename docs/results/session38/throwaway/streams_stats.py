@@ -41,10 +41,12 @@ def main() -> None:
         th.join()
     wall = time.perf_counter() - t
     st = eng.stats
-    print(f"{mode} x{c}: {tokens[0] / wall:.1f} tok/s, wall {wall:.1f} s, engine {st['engine_s'] / wall:.0%}, "
-          f"calls {st['calls']} ({st['calls'] / wall:.1f}/s), seq/call {st['sequences'] / max(1, st['calls']):.2f}, "
-          f"engine ms/call {1000 * st['engine_s'] / max(1, st['calls']):.1f}, wall ms/call {1000 * wall / max(1, st['calls']):.1f}, "
-          f"heads calls {st['heads_calls']}, screened {st['screened_calls']}, host ms a sequence {  {k: round(1000 * v, 3) for k, v in eng.host.items()}  }")
+    print(
+        f"{mode} x{c}: {tokens[0] / wall:.1f} tok/s, wall {wall:.1f} s, engine {st['engine_s'] / wall:.0%}, "
+        f"calls {st['calls']} ({st['calls'] / wall:.1f}/s), seq/call {st['sequences'] / max(1, st['calls']):.2f}, "
+        f"engine ms/call {1000 * st['engine_s'] / max(1, st['calls']):.1f}, wall ms/call {1000 * wall / max(1, st['calls']):.1f}, "
+        f"heads calls {st['heads_calls']}, screened {st['screened_calls']}, host ms a sequence { {k: round(1000 * v, 3) for k, v in eng.host.items()} }"
+    )
     gen.close()
 
 
