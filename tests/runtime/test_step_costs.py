@@ -225,9 +225,8 @@ def test_the_profile_times_the_screen_beside_the_float_lm_head_and_a_load_keeps_
     """``medusa-run profile`` times each size through the lm_head screen and through the float lm_head,
     interleaved, and records up to how many rows calls go through the screen (``screen_max_rows``: the
     cut that saves the most summed over the sizes, so one noisy size does not end it); ``ms`` is then
-    what a step pays. A generator (and the batch
-    engine) of an artifact with that profile screens calls of up to that many rows only; the tokens
-    are the same."""
+    what a step pays. A generator (and the batch engine) of an artifact with that profile screens calls
+    of up to that many rows only; the tokens are the same."""
 
     from conftest import capture_logs
 
