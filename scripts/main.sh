@@ -25,7 +25,7 @@ if ! medusa-export smollm2-135m -o "$ART" --if-changed --check; then
   medusa-export smollm2-135m -o "$ART" --if-changed
 fi
 # this machine's cost of verifying N tokens (~40 s), once per artifact: Medusa sizes its lookup drafts by it, and
-# calls screen their lm_head up to the rows where the screen costs less than the float lm_head. The
+# calls screen their lm_head up to the row count where that saves the most (runtime.profile.screen_limit). The
 # built-in model is the 2026-12-01 machine's; on a CPU where extra rows cost more it over-drafts (on session 30's
 # machine 6 tokens cost 1.82x one, not 1.27x: Medusa 1.43x plain decoding with the measured profile, 1.36x without,
 # docs/results/session30/throwaway/cost_model_ab.txt)

@@ -6,11 +6,13 @@ every row twice in the order given then reversed (session 38).
 """
 
 import sys
-import threading
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository: scripts.bench_batch
 
 import runtime
 from runtime.bench import load_prompts
+from scripts.bench_batch import run as run_batch
 
 chats = [
     [{"role": "user", "content": p.text}] for p in load_prompts("../shared/data/mt_bench_question.jsonl", limit=16)
@@ -23,19 +25,7 @@ def run(policy: str) -> tuple[float, float, list]:
     try:
         medusa = policy != "plain"
         gen.generate(chats[0], max_new_tokens=8, medusa=medusa)
-        out: list = [None] * len(chats)
-
-        def worker(i: int) -> None:
-            for j in range(i, len(chats), 2):
-                out[j] = gen.generate(chats[j], max_new_tokens=128, medusa=medusa)
-
-        t = time.perf_counter()
-        ths = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        wall = time.perf_counter() - t
+        out, wall = run_batch(gen, chats, 2, 128, medusa=medusa)  # scripts.bench_batch's client threads
     finally:
         gen.close()
     steps = sum(o.stats.steps for o in out)

@@ -5,8 +5,8 @@ limit A against B (``engine.screen_max_rows``), in ABBA rounds; plain or Medusa 
 """
 
 import sys
-import threading
-import time
+
+from streams import run_streams  # (this folder: the script's own)
 
 import runtime
 from runtime.bench import load_prompts
@@ -25,29 +25,9 @@ def main() -> None:
     def level(cut: int, first: int) -> tuple[float, int, int]:
         eng.screen_max_rows = cut
         eng.stats.update({k: 0 if isinstance(v, int) else 0.0 for k, v in eng.stats.items()})
-        tokens, nxt, lock = [0], [first], threading.Lock()
-
-        def worker() -> None:
-            while True:
-                with lock:
-                    i = nxt[0]
-                    if i >= first + c * per:
-                        return
-                    nxt[0] += 1
-                got = [
-                    t for ev in gen.stream(chats[i % len(chats)], max_new_tokens=128, medusa=medusa) for t in ev.tokens
-                ]
-                with lock:
-                    tokens[0] += len(got)
-                    answers[cut][i % len(chats)] = got
-
-        t = time.perf_counter()
-        threads = [threading.Thread(target=worker) for _ in range(c)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        return tokens[0] / (time.perf_counter() - t), eng.stats["screened_calls"], eng.stats["calls"]
+        done, wall = run_streams(gen, chats, c, c * per, first, medusa)
+        answers[cut].update(done)
+        return sum(len(got) for _, got in done) / wall, eng.stats["screened_calls"], eng.stats["calls"]
 
     rates: dict[int, list[float]] = {a: [], b: []}
     try:

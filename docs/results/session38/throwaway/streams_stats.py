@@ -5,8 +5,8 @@ a round of the engine goes (engine seconds a call, sequences a call, calls a sec
 """
 
 import sys
-import threading
-import time
+
+from streams import run_streams  # (this folder: the script's own)
 
 import runtime
 from runtime.bench import load_prompts
@@ -20,26 +20,8 @@ def main() -> None:
     gen.generate(chats[-1], max_new_tokens=8)
     eng = gen.engine
     eng.stats.update({k: 0 if isinstance(v, int) else 0.0 for k, v in eng.stats.items()})
-    tokens, nxt, lock = [0], [0], threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                i = nxt[0]
-                if i >= c * per:
-                    return
-                nxt[0] += 1
-            n = sum(len(ev.tokens) for ev in gen.stream(chats[i % len(chats)], max_new_tokens=128, medusa=medusa))
-            with lock:
-                tokens[0] += n
-
-    t = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(c)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t
+    done, wall = run_streams(gen, chats, c, c * per, medusa=medusa)
+    tokens = [sum(len(got) for _, got in done)]
     st = eng.stats
     print(
         f"{mode} x{c}: {tokens[0] / wall:.1f} tok/s, wall {wall:.1f} s, engine {st['engine_s'] / wall:.0%}, "
