@@ -44,6 +44,36 @@ def run(gen, chats, concurrency: int, max_new: int, **kw) -> tuple[list, float]:
     return out, time.perf_counter() - t
 
 
+def stream_clients(gen, chats, clients: int, count: int, first: int = 0, medusa: bool = True,
+                   max_new_tokens: int = 128) -> tuple[list[tuple[int, list[int]]], float]:  # fmt: skip
+    """The load test's clients in process: ``clients`` threads each take the next of ``count`` requests (request
+    i: ``chats[i % len(chats)]``, i from ``first``) until none is left, and stream its answer from ``gen``.
+    Returns ``[(chat index, tokens)]`` in the order they finished, and the wall seconds (the probes of
+    docs/results/session37/throwaway and session38/throwaway drive it)."""
+    done: list[tuple[int, list[int]]] = []
+    nxt, lock = [first], threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = nxt[0]
+                if i >= first + count:
+                    return
+                nxt[0] += 1
+            events = gen.stream(chats[i % len(chats)], max_new_tokens=max_new_tokens, medusa=medusa)
+            got = [t for ev in events for t in ev.tokens]
+            with lock:
+                done.append((i % len(chats), got))
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return done, time.perf_counter() - t
+
+
 def main(argv=None) -> int:
     import runtime.batch as rb
 

@@ -561,3 +561,22 @@ def test_bench_structured_times_both_decoders_under_the_schema(tiny, shared_data
     assert not bench_structured.conforms('{"answer": "a"}', bench_structured.SCHEMA)
     assert not bench_structured.conforms('{"answer": "a", "key_points": [], "confidence": 3, "x": 1}',
                                          bench_structured.SCHEMA)  # fmt: skip
+
+
+def test_stream_clients_serves_every_request_once_with_the_answers_of_one_stream(tiny):
+    """``scripts.bench_batch.stream_clients`` (the in-process load of the session probes): ``count`` requests
+    from ``first`` on, wrapping over the chats, each streamed once by one of the client threads; the batched
+    answers are the one-stream generator's."""
+    import runtime
+    from scripts.bench_batch import stream_clients
+
+    chats = [f"t{k} t{k + 1} t{k + 2}" for k in (3, 5, 7)]
+    gen = runtime.load(tiny["artifact"], threads=1, max_batch=2, reuse_prefix=False)
+    try:
+        done, wall = stream_clients(gen, chats, 2, 4, first=1, max_new_tokens=6)
+    finally:
+        gen.close()
+    assert wall > 0 and sorted(k for k, _ in done) == [0, 1, 1, 2]  # requests 1 .. 4: chats 1, 2, 0, 1
+    one = runtime.load(tiny["artifact"], threads=1)
+    for k, tokens in done:
+        assert tokens == one.generate(chats[k], max_new_tokens=6).tokens

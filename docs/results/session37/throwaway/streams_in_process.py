@@ -5,11 +5,13 @@ each streaming PER requests of 128 tokens in turn (MT-Bench first turns in order
 """
 
 import sys
-import threading
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository: scripts.bench_batch
 
 import runtime
 from runtime.bench import load_prompts
+from scripts.bench_batch import stream_clients
 
 
 def main() -> None:
@@ -19,26 +21,8 @@ def main() -> None:
     gen.generate(chats[-1], max_new_tokens=8)
 
     def level(medusa: bool, first: int) -> float:
-        tokens, nxt, lock = [0], [first], threading.Lock()
-
-        def worker() -> None:
-            while True:
-                with lock:
-                    i = nxt[0]
-                    if i >= first + c * per:
-                        return
-                    nxt[0] += 1
-                n = sum(len(ev.tokens) for ev in gen.stream(chats[i % len(chats)], max_new_tokens=128, medusa=medusa))
-                with lock:
-                    tokens[0] += n
-
-        t = time.perf_counter()
-        threads = [threading.Thread(target=worker) for _ in range(c)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        return tokens[0] / (time.perf_counter() - t)
+        done, wall = stream_clients(gen, chats, c, c * per, first, medusa)
+        return sum(len(got) for _, got in done) / wall
 
     try:
         for rnd in range(2):

@@ -5,11 +5,13 @@ limit A against B (``engine.screen_max_rows``), in ABBA rounds; plain or Medusa 
 """
 
 import sys
+from pathlib import Path
 
-from streams import run_streams  # (this folder: the script's own)
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository: scripts.bench_batch
 
 import runtime
 from runtime.bench import load_prompts
+from scripts.bench_batch import stream_clients
 
 
 def main() -> None:
@@ -25,7 +27,7 @@ def main() -> None:
     def level(cut: int, first: int) -> tuple[float, int, int]:
         eng.screen_max_rows = cut
         eng.stats.update({k: 0 if isinstance(v, int) else 0.0 for k, v in eng.stats.items()})
-        done, wall = run_streams(gen, chats, c, c * per, first, medusa)
+        done, wall = stream_clients(gen, chats, c, c * per, first, medusa)
         answers[cut].update(done)
         return sum(len(got) for _, got in done) / wall, eng.stats["screened_calls"], eng.stats["calls"]
 

@@ -5,11 +5,13 @@ a round of the engine goes (engine seconds a call, sequences a call, calls a sec
 """
 
 import sys
+from pathlib import Path
 
-from streams import run_streams  # (this folder: the script's own)
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository: scripts.bench_batch
 
 import runtime
 from runtime.bench import load_prompts
+from scripts.bench_batch import stream_clients
 
 
 def main() -> None:
@@ -20,7 +22,7 @@ def main() -> None:
     gen.generate(chats[-1], max_new_tokens=8)
     eng = gen.engine
     eng.stats.update({k: 0 if isinstance(v, int) else 0.0 for k, v in eng.stats.items()})
-    done, wall = run_streams(gen, chats, c, c * per, medusa=medusa)
+    done, wall = stream_clients(gen, chats, c, c * per, medusa=medusa)
     tokens = [sum(len(got) for _, got in done)]
     st = eng.stats
     print(
