@@ -52,6 +52,7 @@ them), so no write races a running call.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import threading
@@ -288,6 +289,7 @@ class BatchEngine:
         providers = ["CPUExecutionProvider"]
         self._ort, self._threads, self._providers = ort, threads, providers
         self._session: Any = None  # batch.onnx, opened at its first call (see session)
+        self._session_error: EngineError | None = None  # why it could not be opened, if it could not
         # one-sequence calls (a step alone, a prompt chunk) and plain steps of several sequences
         # (one token each) run on model.onnx, whose in-place GroupQueryAttention reads exactly the
         # cached entries (SmolLM2, 2 threads, one token a sequence: 31 against 34-40 ms a call at 4
@@ -396,16 +398,27 @@ class BatchEngine:
         """batch.onnx's session, opened at first use: with fold.onnx it takes only calls of more than
         ``fold_max`` sequences (or without model.onnx, every call), so a small server never loads it."""
         if self._session is None:
+            if self._session_error is not None:  # loading it failed once: not again at every wide call
+                raise own_error(self._session_error)
             from runtime.onnxrt import _options, _session
 
-            # opened while sequences decode: its huge pages come on a background thread, not in their way
-            session = _session(self._ort, self.folder / self.config.batch.file,
-                               _options(self._ort, self._threads, spin=True), self._providers,
-                               huge_pages_background=True)  # fmt: skip
-            if [i.name for i in session.get_inputs()] != list(self.config.batch.inputs):
-                raise ArtifactError(
-                    f"{self.folder / self.config.batch.file}: graph inputs do not match medusa_config.json"
+            try:
+                # opened while sequences decode: its huge pages come on a background thread, not in their way
+                session = _session(self._ort, self.folder / self.config.batch.file,
+                                   _options(self._ort, self._threads, spin=True), self._providers,
+                                   huge_pages_background=True)  # fmt: skip
+                if [i.name for i in session.get_inputs()] != list(self.config.batch.inputs):
+                    raise ArtifactError(
+                        f"{self.folder / self.config.batch.file}: graph inputs do not match medusa_config.json"
+                    )
+            except Exception as e:
+                log.error("batch engine: %s cannot be opened: %s", self.config.batch.file, e)
+                self._session_error = EngineError(
+                    f"{self.config.batch.file} cannot be opened ({type(e).__name__}: {e}): calls of more than "
+                    f"{self.fold_max or 1} sequences fail; restart the server with at most that --max-batch or a "
+                    "sound artifact"
                 )
+                raise self._session_error from e
             self._session = session
         return self._session
 
@@ -416,10 +429,11 @@ class BatchEngine:
         picks, and the prefix of ``prompt`` it holds, whose entries the decode loop then keeps
         (``SlotBackend.reusable``)."""
         with self._section():
-            if not self._cond.wait_for(lambda: self._free or self._closed, timeout):
+            # (a release deferred while this thread held the lock is applied by the condition: see _drain)
+            if not self._cond.wait_for(lambda: self._drain() or self._free or self._closed, timeout):
                 raise MedusaError(f"no free slot in {timeout} s: all {self.slots} are decoding")
             if self._closed:
-                raise self._stopped()
+                raise own_error(self._stopped())
             best, shared = self._choose_slot(prompt)
             index = self._free.pop(best)
             length = self._held[index][1]
@@ -477,6 +491,16 @@ class BatchEngine:
                 if outer:
                     while self._released:
                         self._release(*self._released.popleft())
+
+    def _drain(self) -> bool:
+        """Under the lock, where a section waits on the condition (no slot list is being walked): the
+        releases deferred meanwhile. A finalizer that releases a slot while this thread holds the lock
+        (the cycle collector runs at any allocation, the wait's own re-acquiring too) defers its release
+        to the section's end, which a wait for a free slot (or for a request) would never reach if no
+        other thread ever woke it. Returns False: a wait's condition reads the state it left."""
+        while self._released:
+            self._release(*self._released.popleft())
+        return False
 
     def _release(self, slot: SlotBackend, held: list[int] | None, prompt_len: int) -> None:
         """Under the lock, at the end of a section: :meth:`release`'s work."""
@@ -624,7 +648,7 @@ class BatchEngine:
     def _submit(self, req: _Request) -> _Request:
         with self._section():
             if self._closed:
-                raise self._stopped()
+                raise own_error(self._stopped())
             # one sequence decoding: its thread makes the call itself (two thread hops fewer a call);
             # a sequence that joins meanwhile goes through the engine thread, which waits for the call
             alone = self.slots - len(self._free) <= 1 and not self._pending
@@ -636,7 +660,7 @@ class BatchEngine:
         else:
             req.done.wait()
         if req.error is not None:
-            raise req.error
+            raise own_error(req.error)
         return req
 
     def _queue_commit(self, slot: int, base: int, rows: np.ndarray | None) -> None:
@@ -648,7 +672,7 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._section():
-                self._cond.wait_for(lambda: self._pending or self._closed)
+                self._cond.wait_for(lambda: self._drain() or self._pending or self._closed)
                 if self._closed:
                     for r in self._pending.values():
                         r.error = self._stopped()
@@ -673,7 +697,7 @@ class BatchEngine:
                 self._fail(EngineError(f"the batch engine stopped: writing the KV cache failed ({type(e).__name__}: "
                                        f"{e}); restart the server", stopped=True))  # fmt: skip
                 for r in run:
-                    r.error = self.failure
+                    r.error = self._stopped()
             else:
                 try:
                     if run[0].kind == "heads":
@@ -681,10 +705,13 @@ class BatchEngine:
                     else:
                         self._run_forward(run)
                 except BaseException as e:  # the call wrote no cache entry a length counts: the engine goes on
-                    if not isinstance(e, MedusaError):
+                    # a request's own error (its context) passes as it is; anything else is the engine's fault
+                    # (an artifact that cannot load, a broken invariant): the server's 500, not the client's 400
+                    if not isinstance(e, (ContextLengthError, EngineError)):
                         log.exception("batch engine: a call failed")
                     for r in run:
-                        r.error = e if isinstance(e, MedusaError) else EngineError(f"engine call failed: {e}")
+                        r.error = (e if isinstance(e, (ContextLengthError, EngineError))
+                                   else EngineError(f"engine call failed: {type(e).__name__}: {e}"))  # fmt: skip
             for r in run:
                 r.done.set()
 
@@ -1085,6 +1112,19 @@ class BatchEngine:
                 rows = logits[b, m - k_r : m]
             out = rows.copy() if r.draw is None else draw_argmax(rows, *r.draw)
             r.result = (out, hidden[b, :m].copy(), new[:, :, b, :, :m].copy())
+
+
+def own_error(error: BaseException) -> BaseException:
+    """``error`` as one thread raises it: a copy (a traceback of its own), caused by the original. One
+    exception object raised again and again (every request of a stopped engine gets its failure, every
+    sequence of a failed call that call's error) would gather each raiser's frames into its traceback,
+    keeping their arrays alive, and mix threads' tracebacks."""
+    try:
+        mine = copy.copy(error)
+    except Exception:  # a type copy cannot rebuild from its args
+        mine = EngineError(f"{type(error).__name__}: {error}")
+    mine.__cause__ = error
+    return mine
 
 
 def profile_requests(seqs: int, rows: int, cached: int) -> list[_Request]:

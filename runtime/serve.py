@@ -566,16 +566,22 @@ class Scheduler:
         last = job.enqueued
         try:
             stream = job.stream
+            finished = False
             try:
                 for chunk in stream:
                     now = time.perf_counter()
-                    (m.ttft if stats is None else m.step_time).observe(now - last)
+                    if stats is None:
+                        m.ttft.observe(now - last)
+                    elif chunk.tokens:  # (a stream's last chunk may carry only the decoder's held-back text)
+                        m.step_time.observe(now - last)
                     last, stats = now, chunk.stats
                     job.send("chunk", chunk)
                     if job.cancelled.is_set():  # disconnected: the slot is free from the next step on
                         break
+                finished = not job.cancelled.is_set()
             finally:
                 stream.close()
+                self._count(stats, finished)  # what was decoded counts, however the request ended
         except Cancelled:  # the client left during the prompt's prefill: its slot is free at the next chunk
             job.send("done", None)
             return
@@ -590,13 +596,20 @@ class Scheduler:
             log.exception("request failed")
             job.send("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
             return
-        if stats is not None:
-            m.tokens.inc(stats.new_tokens)
-            m.steps.inc(stats.steps)
-            m.decode_seconds.inc(stats.total_s)
+        job.send("done", stats)
+
+    def _count(self, stats, finished: bool) -> None:
+        """A request's decoding into the counters (``stats``: its last chunk's, None if none came); the
+        gauges of the last *finished* request only where it finished."""
+        if stats is None:
+            return
+        m = self.metrics
+        m.tokens.inc(stats.new_tokens)
+        m.steps.inc(stats.steps)
+        m.decode_seconds.inc(stats.total_s)
+        if finished:
             m.tokens_per_s.set(stats.tokens_per_s)
             m.mean_accepted.set(stats.mean_accepted)
-        job.send("done", stats)
 
     def close(self) -> None:
         """The start of a shutdown: refuse new requests (503) and answer the queued ones 503 at once;

@@ -742,3 +742,85 @@ def test_bad_budgets_are_one_error_naming_what_is_taken_before_the_load(tiny, mo
     monkeypatch.setattr(rb.BatchEngine, "__init__", lambda *a, **k: pytest.fail("the engine began to load"))
     with pytest.raises(MedusaError, match=words):
         runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=budgets)
+
+
+def test_a_stopped_engines_failure_is_raised_as_a_fresh_copy_each_time(tiny):
+    """Every request of a stopped engine gets its failure, and every sequence of a failed call that
+    call's error: each raise is a copy caused by the original, so the original's traceback does not
+    gather the frames (and arrays) of every later request and thread that raised it."""
+    from runtime.errors import EngineError
+
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
+    try:
+        e = g.engine
+        e._fail(EngineError("simulated: the cache write failed", stopped=True))
+        seen = []
+        for _ in range(3):
+            with pytest.raises(EngineError, match="cache write failed") as got:
+                e.acquire(timeout=1)
+            seen.append(got.value)
+        assert all(x is not e.failure and x.__cause__ is e.failure and x.stopped for x in seen)
+        assert len({id(x) for x in seen}) == 3
+        assert e.failure.__traceback__ is None  # never raised itself
+    finally:
+        g.close()
+
+
+def test_errors_inside_a_call_are_the_engines_and_a_batch_graph_that_cannot_open_is_not_reopened(tiny, monkeypatch):
+    """A call that fails on something other than the request's own context (an artifact that cannot load,
+    a broken invariant) is the engine's fault: EngineError (the server's 500), never a MedusaError the
+    server would answer 400. batch.onnx, opened at the first call that needs it, is not reloaded at every
+    such call once it failed to open."""
+    import runtime.onnxrt
+    from runtime.errors import EngineError
+
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=2, budgets=None)
+    try:
+        e = g.engine
+        slot = e.acquire()
+        try:
+
+            def broken(run):
+                raise ArtifactError("simulated: a graph's inputs do not match")
+
+            forward = e._run_forward
+            monkeypatch.setattr(e, "_run_forward", broken)
+            mask = np.tril(np.ones((2, 2), bool))
+            req = rb._Request(slot.index, "forward", ids=np.array([1, 2]), pos=np.arange(2), mask=mask)
+            with pytest.raises(EngineError, match="ArtifactError: simulated"):
+                e._submit(req)
+            monkeypatch.setattr(e, "_run_forward", forward)
+        finally:
+            e.release(slot)
+        opened: list[str] = []
+
+        def cannot_open(ort, path, *a, **k):
+            opened.append(path.name)
+            raise RuntimeError("simulated: out of memory")
+
+        monkeypatch.setattr(runtime.onnxrt, "_session", cannot_open)
+        e._session = None
+        for _ in range(3):
+            with pytest.raises(EngineError, match="cannot be opened .*out of memory"):
+                e.session  # noqa: B018 (the property opens the graph)
+        assert opened == ["batch.onnx"]
+    finally:
+        g.close()
+
+
+def test_a_release_deferred_while_this_thread_holds_the_lock_frees_the_slot_a_wait_wants(tiny):
+    """A finalizer's release inside a section waits for the section's end; a thread that then waits in
+    acquire (no timeout in library use) must still see that slot free, not wait for a wake-up that no
+    other thread will send."""
+    g = runtime.load(tiny["artifact"], threads=1, max_batch=1, budgets=None)
+    try:
+        e = g.engine
+        slot = e.acquire()
+        with e._section():  # as the cycle collector would, inside this thread's section
+            e.release(slot)
+            assert list(e._released) and not e._free  # deferred
+            again = e.acquire(timeout=2)  # before: 'no free slot in 2 s'
+        assert again.index == slot.index
+        e.release(again)
+    finally:
+        g.close()

@@ -784,6 +784,51 @@ def test_closing_the_scheduler_twice_still_lets_every_worker_exit():
         loop.close()
 
 
+def test_metrics_count_steps_with_tokens_and_what_failed_or_left_requests_decoded():
+    """``medusa_step_seconds`` observes the chunks of a step, not a stream's closing chunk that carries
+    only the decoder's held-back text; the token, step and decode-time counters take what a request
+    decoded however it ended (failed, left); the gauges follow the last *finished* request."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from runtime.api import TextChunk
+    from runtime.errors import EngineError
+    from runtime.serve import Job, Metrics, Scheduler
+
+    def stats(tokens, steps):
+        return SimpleNamespace(new_tokens=tokens, steps=steps, total_s=0.5, tokens_per_s=2 * tokens,
+                               mean_accepted=tokens / max(1, steps))  # fmt: skip
+
+    def finished():  # prefill's token, two steps, then the decoder's held-back text alone
+        done = stats(5, 2)
+        yield TextChunk("a", [1], stats(1, 0))
+        yield TextChunk("b", [2, 3], stats(3, 1))
+        yield TextChunk("c", [4, 5], done)
+        yield TextChunk("\u20ac", [], done)
+
+    def failing():
+        yield TextChunk("a", [1], stats(1, 0))
+        yield TextChunk("b", [2, 3], stats(3, 1))
+        raise EngineError("simulated: the call failed")
+
+    loop = asyncio.new_event_loop()
+    m = Metrics()
+    sched = Scheduler(None, 1, 4, m)
+    try:
+        value = m.registry.get_sample_value
+        for stream in (finished(), failing()):
+            sched.submit(Job([1], stream, loop, asyncio.Queue()))
+            _wait(lambda: sched.active == 0 and sched.waiting == 0)
+        assert value("medusa_time_to_first_token_seconds_count") == 2.0
+        assert value("medusa_generated_tokens_total") == 8.0  # 5 + the failed request's 3
+        assert value("medusa_step_seconds_count") == 3.0  # 2 steps + 1 before the failure, no closing chunk
+        assert value("medusa_decode_steps_total") == 3.0 and value("medusa_decode_seconds_total") == 1.0
+        assert value("medusa_tokens_per_second") == 10.0 and value("medusa_mean_accepted") == 2.5  # the finished one
+    finally:
+        sched.close()
+        loop.close()
+
+
 def test_health_and_metrics(gen, served):
     with running(served, max_batch=2, max_queue=3) as url:
         assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "tiny", "running": 0, "waiting": 0,
