@@ -32,7 +32,9 @@ for policy in sys.argv[1:]:
         for k, v in o.stats.times.items():
             times[k] = times.get(k, 0.0) + v
     st = eng.stats
-    print(f"{policy}: {tokens / wall:.1f} tok/s, {tokens / steps:.2f} tokens a step, {1000 * wall / (steps / 2):.1f} ms a step (2 seqs)")
+    print(
+        f"{policy}: {tokens / wall:.1f} tok/s, {tokens / steps:.2f} tokens a step, {1000 * wall / (steps / 2):.1f} ms a step (2 seqs)"
+    )
     print("  engine:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st.items()})
     print("  per-seq phase ms a step:", {k: round(1000 * v / steps, 2) for k, v in times.items()})
     print("  host ms a sequence:", {k: round(1000 * v, 3) for k, v in eng.host.items()})
