@@ -489,15 +489,15 @@ class BatchEngine:
                 yield
             finally:
                 if outer:
-                    while self._released:
-                        self._release(*self._released.popleft())
+                    self._drain()
 
     def _drain(self) -> bool:
-        """Under the lock, where a section waits on the condition (no slot list is being walked): the
-        releases deferred meanwhile. A finalizer that releases a slot while this thread holds the lock
-        (the cycle collector runs at any allocation, the wait's own re-acquiring too) defers its release
-        to the section's end, which a wait for a free slot (or for a request) would never reach if no
-        other thread ever woke it. Returns False: a wait's condition reads the state it left."""
+        """Under the lock, at the end of the outermost section or where a section waits on the condition
+        (no slot list is being walked then): the releases deferred meanwhile. A finalizer that releases a
+        slot while this thread holds the lock (the cycle collector runs at any allocation, the wait's own
+        re-acquiring too) defers its release to the section's end, which a wait for a free slot (or for a
+        request) would never reach if no other thread woke it. Returns False: a wait's condition then
+        reads the state it left."""
         while self._released:
             self._release(*self._released.popleft())
         return False
