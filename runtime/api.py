@@ -13,7 +13,10 @@ while its consumer handles a chunk, so a half-read or slow stream never blocks a
 A call that finds the cache holding another stream's sequence first saves that sequence
 (a copy of the used part of the cache, or on backends that cannot copy it, its tokens to
 re-run) and puts its own back, so every call sees only its own sequence: greedy outputs
-are the tokens it gives when run alone, and a seeded sampled call draws the same tokens.
+are the tokens it gives when run alone, and a seeded sampled call draws the same tokens (with
+one exception: a dynamic tree whose step follows another call's takes a plain step, which draws
+fewer random numbers, so under interleaving its sampled tokens hold to a seed only with the default
+coupled drafts, whose every draw is tied to its position).
 Calls from several threads are therefore safe and serialized step by step (one engine, no
 parallel speed-up: load one generator per thread for that); one stream must be read by one
 consumer at a time. Each switch between interleaved calls costs a copy of the used cache out
@@ -549,6 +552,9 @@ class MedusaGenerator:
         backend = self.backend
         if not isinstance(saved, _Replay):
             backend.restore(saved)
+            # the restored cache's last hidden state is gone (a call between may have reset the cache and
+            # ended before any forward): counted as a call, so a dynamic tree drafts from a new one
+            backend.forwards += 1
             return
         # re-run the tokens as a (chunked) prefill: the cache the decode loop left, up to rounding
         backend.reset()

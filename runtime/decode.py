@@ -811,6 +811,8 @@ def decode_steps(
 
     while True:
         done = _emit(out, emitted, cfg, stats, decode_text)  # an EOS, the length or a stop may trim the step
+        if not done and backend.max_context - backend.cache_len < 1:  # the cache is full: this is the last event
+            stats.finish_reason, done = "context", True
         logprobs = None if rows is None or cfg.logprobs is None else token_logprobs(rows, emitted, cfg.logprobs)
         if pen is not None:
             pen.add(emitted)
@@ -827,10 +829,6 @@ def decode_steps(
         _check_cancel(cfg.cancel)
         if noise is not None:
             noise.release(below=backend.cache_len + 1)  # through the root's position: final
-        room = backend.max_context - backend.cache_len
-        if room < 1:
-            stats.finish_reason = "context"
-            return
         if state is not None and backend.forwards == mine and (budget := backend.max_new_tokens()) > 1:
             # (a budget of one token, a batch engine's plain step under load: no heads, no lookup, no tree)
             emitted, root, index, rows = _dynamic_step(
@@ -1199,9 +1197,10 @@ def _emit(out: list[int], emitted: list[int], cfg: DecodeConfig, stats: DecodeSt
         del emitted[i + 1 :]
         break
     if cfg.stop_strings and decode_text is not None:
-        # A stop string that ends before an EOS (or the length cut) in the same step wins.
+        # A stop string that ends before an EOS in the same step wins, and one the length cut's last token
+        # completes is a stop too (as OpenAI's servers and vLLM report it): the text ends before it.
         cut = _stop_string_cut(out, emitted, cfg.stop_strings, decode_text)
-        if cut is not None and (not stats.finish_reason or cut < len(out)):
+        if cut is not None and (stats.finish_reason != "eos" or cut < len(out)):
             drop = len(out) - cut
             del out[cut:]
             del emitted[len(emitted) - drop :]

@@ -486,6 +486,19 @@ def test_stop_string_inside_a_token(reference):
     assert max(res.stats.accept_hist) > 1, res.stats.accept_hist
 
 
+def test_a_stop_string_the_last_allowed_token_completes_is_a_stop_not_the_length(reference):
+    """The stop string ends at the very token max_new_tokens allows last: OpenAI's servers and vLLM say
+    "stop" there (the text ends before it), not "length"."""
+    model, prompt, ref = reference(0, {})
+    for medusa in (False, True):
+        backend, tree = _oracle(model, prompt, ref)
+        stop = _text(ref[5:7])
+        assert stop not in _text(ref[:6])
+        cfg = DecodeConfig(max_new_tokens=7, stop_strings=[stop], medusa=medusa)
+        res = decode(backend, prompt, cfg, tree, decode_text=_text)
+        assert res.tokens == ref[:7] and res.stats.finish_reason == "stop_string", res.stats.finish_reason
+
+
 def test_stop_string_before_eos_in_the_same_step(reference):
     model, prompt, ref = reference(0, {})
     backend, tree = _oracle(model, prompt, ref, tree="chain_4")  # steps emit ref[1:6], ref[6:11], ...
@@ -597,6 +610,19 @@ def test_prompt_one_short_of_the_context(tiny_llama):
         torch_backend(model, max_context=16), prompt, DecodeConfig(max_new_tokens=10), load_tree("mc_sim_7b_63")
     )
     assert res.tokens == ref and res.stats.finish_reason == "context"
+
+
+def test_the_last_event_at_the_context_end_says_so_as_it_comes(tiny_llama):
+    """The event whose step fills the cache carries finish_reason "context" when it is yielded (as an EOS,
+    a stop or the length does), so a stream's consumer knows the decode ended without asking for one more
+    step (runtime.api would restore a cache another call took, only to find the loop over)."""
+    model = tiny_llama(0)
+    prompt = prompt_for(0, length=12)
+    for tree in (None, load_tree("chain_4")):
+        backend = torch_backend(model, max_context=16)
+        cfg = DecodeConfig(max_new_tokens=10, medusa=tree is not None)
+        seen = [ev.stats.finish_reason for ev in decode_mod.decode_steps(backend, prompt, cfg, tree)]
+        assert seen[-1] == "context" and not any(seen[:-1]), seen
 
 
 # ---------------------------------------------------------------------------- statistics and streaming

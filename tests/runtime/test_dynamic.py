@@ -465,3 +465,29 @@ def test_policy_fields_are_checked():
     with pytest.raises(ConfigError, match="width"):
         DynamicTree(depth=2, width=0)
     assert dataclasses.replace(policy(), max_nodes=3).num_nodes == 4
+
+
+def test_a_dynamic_tree_stream_resumes_after_another_call_is_cancelled_before_its_first_call(tiny):
+    """Streams take turns on one cache (runtime.api saves and restores it). A call that took the cache,
+    reset it and was cancelled before any engine call leaves the backend's forward count as it was,
+    but the restored cache's last hidden state is gone: the dynamic tree's next step must draft from a
+    new call (a plain step), not ask the heads for a hidden state nobody holds."""
+    import threading
+
+    import runtime
+    from runtime.errors import Cancelled
+
+    gen = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    try:
+        prompt = prompt_for(0, vocab=4000)
+        want = gen.generate(prompt, max_new_tokens=24, medusa=False).tokens
+        it = iter(gen.stream(prompt, max_new_tokens=24, tree="dynamic:6"))
+        got = [t for _ in range(2) for t in next(it).tokens]
+        cancel = threading.Event()
+        cancel.set()
+        with pytest.raises(Cancelled):
+            list(gen.stream(prompt_for(1, vocab=4000), max_new_tokens=4, cancel=cancel))
+        got += [t for chunk in it for t in chunk.tokens]
+        assert got == want
+    finally:
+        gen.close()
