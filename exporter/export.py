@@ -453,7 +453,7 @@ def check_options(options: ExportOptions) -> None:
     threshold_mb = checks.real("--external-data-threshold-mb", options.external_data_threshold_mb, 0)
     assert threshold_mb is not None  # not optional: checks.real returns a float or raises
     options.external_data_threshold_mb = threshold_mb
-    checks.integer("--max-context", options.max_context, 1, optional=True, rule=">= 1")
+    checks.integer("--max-context", options.max_context, 2, optional=True, rule=">= 2 (a prompt token and one more)")
     checks.flag("force", options.force)
     checks.flag("validate", options.validate)
     checks.flag("heads_int8", options.heads_int8)
@@ -481,8 +481,8 @@ def check_options(options: ExportOptions) -> None:
         )
     if options.external_data_threshold_mb < 0:
         raise MedusaError("--external-data-threshold-mb must be >= 0")
-    if options.max_context is not None and options.max_context < 1:
-        raise MedusaError(f"--max-context must be at least 1, got {options.max_context}")
+    if options.max_context is not None and options.max_context < 2:  # what runtime.artifact reads (min 2)
+        raise MedusaError(f"--max-context must be at least 2, got {options.max_context}")
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -1023,10 +1023,16 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     try:
         os.replace(out_dir, old / "artifact")
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            os.replace(old / "artifact", out_dir)  # put the previous artifact back
-            raise
-    finally:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        # whatever failed or interrupted (the first rename done or not): the previous artifact goes back
+        # before anything is deleted; if even that fails, it stays in `old` for the user, named in the log
+        if (old / "artifact").exists() and not out_dir.exists():
+            try:
+                os.replace(old / "artifact", out_dir)
+            except OSError:
+                log.error("the previous artifact could not be put back: it is in %s", old / "artifact")
+                raise
         shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -577,3 +577,22 @@ def test_draft_vocab_heads_fp16_export(tmp_path, wordlevel_tokenizer):
     with pytest.raises(ValidationError) as info:
         validate_artifact(out, model, bad, trees=("chain_3",), batches=(1,))
     assert {f.output for f in info.value.failures} == {"medusa_logits[draft]"}
+
+
+def test_an_fp16_pytorch_run_that_overflows_widens_no_tolerance():
+    """float16 validation allows a graph FP16_FACTOR times PyTorch fp16's own distance from the float32 truth;
+    where PyTorch's fp16 run overflowed (NaN: an infinite distance) the plain tolerance holds, so a graph with
+    NaN logits fails instead of passing against an infinite tolerance."""
+    from exporter.validate import FP16_FACTOR, _diff, _tol, fp16_tolerance
+
+    truth = np.linspace(-4, 4, 12, dtype=np.float32).reshape(3, 4)
+    overflowed = truth.astype(np.float16)
+    overflowed[1, 2] = np.nan
+    d_torch = _diff(overflowed, truth)
+    assert d_torch == float("inf")
+    tol = fp16_tolerance(truth, d_torch, "float16")
+    assert tol == _tol(truth, "float16") and np.isfinite(tol)
+    assert _diff(np.full_like(overflowed, np.nan), truth) > tol  # an all-NaN graph output fails
+    close = truth.astype(np.float16)
+    assert fp16_tolerance(truth, _diff(close, truth) + 0.5, "float16") == max(
+        _tol(truth, "float16"), FP16_FACTOR * (_diff(close, truth) + 0.5))  # fmt: skip

@@ -122,6 +122,60 @@ def test_force_keeps_the_files_an_export_did_not_write(tmp_path):
     check_out_dir(old, force=True)  # only what an export wrote: replaced
 
 
+def test_an_interrupt_while_force_replaces_an_artifact_puts_the_previous_one_back(tmp_path, monkeypatch):
+    """--force moves the previous artifact aside, then the new one in. An interrupt (SIGTERM becomes one)
+    that lands just after the first rename, or a failing second one, leaves the previous artifact where it
+    was: it is deleted only after the new one is in place."""
+    import exporter.export as ex
+
+    out = tmp_path / "art"
+    real = os.replace
+    for fail_on in ("aside", "into place"):
+        out.mkdir(exist_ok=True)
+        (out / "model.onnx").write_text("previous")
+        new = tmp_path / "new"
+        new.mkdir()
+        (new / "model.onnx").write_text("new")
+
+        def replace(src, dst, fail_on=fail_on, new=new):
+            if fail_on == "aside" and Path(src) == out:
+                real(src, dst)  # the rename happened; the interrupt comes as it returns
+                raise KeyboardInterrupt
+            if fail_on == "into place" and Path(src) == new:
+                raise OSError("simulated: the disk is full")
+            return real(src, dst)
+
+        monkeypatch.setattr(ex.os, "replace", replace)
+        with pytest.raises((KeyboardInterrupt, OSError)):
+            ex._move_into_place(new, out, force=True)
+        monkeypatch.setattr(ex.os, "replace", real)
+        assert (out / "model.onnx").read_text() == "previous", fail_on
+        assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]  # the aside folder went, after the restore
+        import shutil
+
+        shutil.rmtree(new)
+
+
+def test_a_context_below_two_is_refused_before_any_work_and_a_tiny_one_validates(tmp_path, wordlevel_tokenizer,
+                                                                                tiny_llama):  # fmt: skip
+    """--max-context 1 leaves no room for a token after the prompt's: refused with the options (runtime.artifact
+    reads at least 2), not after the graphs are built; 4 exports, its batch graph validated with calls that fit
+    the rotary tables (before: ONNX Runtime's 'Updating cos_cache ... is not currently supported')."""
+    from exporter.export import ExportOptions, check_options, export_artifact
+    from exporter.heads import fresh_heads
+    from runtime.artifact import read_artifact
+    from runtime.errors import MedusaError
+
+    with pytest.raises(MedusaError, match="--max-context must be an integer >= 2"):
+        check_options(ExportOptions(max_context=1))
+    model = tiny_llama(0)
+    heads = fresh_heads(2, model.config.hidden_size, model.config.vocab_size)
+    out = export_artifact(model, heads, tmp_path / "ctx4", ExportOptions(max_context=4, validation_threads=1),
+                          tokenizer=wordlevel_tokenizer)  # fmt: skip
+    cfg = read_artifact(out)
+    assert cfg.model.max_context == 4 and cfg.provenance["validation"]["passed"]
+
+
 def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
     from exporter.cli import main
 
