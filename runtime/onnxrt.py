@@ -371,11 +371,27 @@ def screen_draws(ids, scores, bound, noise=None, temperature=1.0, allowed=None) 
         scores = np.where(np.take_along_axis(allowed, ids, axis=1), scores, np.float32(-np.inf))
     r = np.arange(len(ids))
     j = np.argmax(scores, axis=1)
-    out = np.where(scores[r, j] > bound, ids[r, j], -1)
+    out = np.where((scores[r, j] > bound) & ~screen_ties(scores), ids[r, j], -1)
     if allowed is not None:
         only = allowed.sum(axis=1) == 1  # a forced token: the masked argmax needs no score
         out[only] = np.argmax(allowed[only], axis=1)
     return out
+
+
+# candidates whose scores lie this close (a logit's units) are a near-tie the screen leaves to the float path:
+# they are scored by another MatMul than the float lm_head's (a gather, then one dot product a candidate), whose
+# roundings may order two nearly equal logits the other way, and the float argmax breaks an exact tie by the
+# lower token id where the screen would take the graph's TopK order (the bound's own slack, exporter.fused.SCREEN_ABS)
+SCREEN_TIE = np.float32(1e-3)
+
+
+def screen_ties(scores: np.ndarray) -> np.ndarray:
+    """Rows (bool) whose best two candidate scores are within :data:`SCREEN_TIE`: the float path draws them."""
+    if scores.shape[1] < 2:
+        return np.zeros(len(scores), dtype=bool)
+    top = np.partition(scores, -2, axis=1)[:, -2:]
+    with np.errstate(invalid="ignore"):  # -inf - -inf (a row with no allowed candidate): no tie, left open anyway
+        return (top[:, 1] - top[:, 0]) <= SCREEN_TIE
 
 
 # what a grammar's disallowed tokens add to the screen's ranking: far below any logit, finite (float32)

@@ -146,6 +146,9 @@ def test_the_engine_draws_greedy_and_coupled_tokens_through_the_screen(gen, tiny
     want_greedy = [gen.generate(p, max_new_tokens=24).tokens for p in PROMPTS[:3]]
     want_sampled = [gen.generate(PROMPTS[1], max_new_tokens=24, **a).tokens for a in asks]
     assert want_sampled[0] == want_sampled[1] != want_sampled[2]
+    # the tiny random model's logits are small and often near-tied: without the tie rule (tested on its own
+    # below) only the rows this test opens fall back
+    monkeypatch.setattr(ro, "SCREEN_TIE", np.float32(0))
     if unsettled != "none":
         real, seen = ro.screen_draws, []
 
@@ -824,3 +827,22 @@ def test_a_release_deferred_while_this_thread_holds_the_lock_frees_the_slot_a_wa
         e.release(again)
     finally:
         g.close()
+
+
+def test_the_screen_leaves_near_ties_between_candidates_to_the_float_path():
+    """Two candidates tied, or within SCREEN_TIE: the float argmax breaks a tie by the lower token id and
+    scores with another MatMul, so the screen leaves such a row open (-1: the call reruns in float) rather
+    than take the graph's TopK order; a clear best candidate above the bound is drawn as before."""
+    from runtime.backend import draw_argmax
+    from runtime.onnxrt import SCREEN_TIE, screen_draws
+
+    ids = np.array([[7, 3, 9], [7, 3, 9], [7, 3, 9], [4, 8, 1]])
+    scores = np.array([[2.0, 2.0, 1.0], [2.0, 2.0 - SCREEN_TIE / 2, 1.0], [2.0, 1.5, 1.0], [5.0, 1.0, 0.5]], np.float32)
+    bound = np.float32(0.5)
+    got = screen_draws(ids, scores, np.full(4, bound, np.float32))
+    assert got.tolist() == [-1, -1, 7, 4]
+    logits = np.full((1, 10), -9.0, np.float32)
+    logits[0, [7, 3]] = 2.0
+    assert draw_argmax(logits)[0] == 3  # what the float path draws on the tie: not the screen's first candidate
+    noise = np.zeros((4, 10), np.float32)
+    assert screen_draws(ids, scores, np.full(4, bound, np.float32), noise, 1.0).tolist() == [-1, -1, 7, 4]
