@@ -85,7 +85,7 @@ class Backend(ABC):
             or (self.screen_max_rows is not None and k > self.screen_max_rows)
         ):
             out = self.forward(input_ids, position_ids, tree_mask, logits=rows)
-            return draw_argmax(out if rows is None else out[len(out) - rows :], noise, temperature, allowed)
+            return draw_argmax(out[len(out) - k :], noise, temperature, allowed)  # (rows may exceed the tokens)
         ids, pos, mask = self._checked(input_ids, position_ids, tree_mask)
         return self._forward_argmax(ids, pos, mask, k, noise, temperature, allowed)
 

@@ -219,6 +219,9 @@ def _options(ort, threads: int | None, spin: bool):
     return opts
 
 
+KEEP_OUTPUT_ROWS = 64  # output rows a backend keeps between sequences (see _Outputs.give_back)
+
+
 class _Outputs:
     """Host buffers for one graph's outputs, grown to the largest step seen (then reused)."""
 
@@ -234,6 +237,12 @@ class _Outputs:
                 for name, shape in shapes.items()
             }
         return {name: buf[:, :n] for name, buf in self.buffers.items()}
+
+    def give_back(self, keep: int = KEEP_OUTPUT_ROWS) -> None:
+        """Between sequences: buffers grown past ``keep`` rows (a long prefill chunk's logits, ~200 KB a row
+        at SmolLM2's vocabulary) go, as the KV cache's do (runtime.backend.gives_back)."""
+        if self.capacity > keep:
+            self.capacity, self.buffers = 0, {}
 
 
 class OnnxRuntimeBackend(GraphBackend):
@@ -293,6 +302,10 @@ class OnnxRuntimeBackend(GraphBackend):
         check_graph_sizes(self.folder, self.config, self.backbone, self.heads, self.heads_file, fused=False)
 
     # -- engine calls ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        super().reset()
+        self._outputs.give_back()
 
     def _run_backbone(self, input_ids, position_ids, tree_mask, past):
         if not self.io_binding:
@@ -589,6 +602,7 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         self.truncate(0)
         if gives_back(self.kv.shape[4], START_CAPACITY):
             self._alloc(START_CAPACITY)
+        self._outputs.give_back()
 
     keeps_prefix = True
 
@@ -688,6 +702,8 @@ class FusedOnnxRuntimeBackend(DeviceCacheBackend):
         a = len(keep)
         if self.length + a > self.capacity:
             raise ContextLengthError(f"{self.length} cached + {a} tokens exceed the cache capacity of {self.capacity}")
+        if a and (keep.min() < 0 or keep.max() >= self._staged):  # a pad row or a stale entry: never commit it
+            raise MedusaError(f"commit(): rows {keep.tolist()} outside the {self._staged} the last forward staged")
         moved = np.flatnonzero(keep != np.arange(a))
         if len(moved):  # accepted tree nodes that are not already in place
             src = self.length + keep[moved]

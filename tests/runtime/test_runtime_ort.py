@@ -429,3 +429,48 @@ def test_exact_sampling_uses_the_recorded_sampling_tree(tiny, tmp_path, monkeypa
     g.generate(ids, max_new_tokens=4, temperature=0.7, seed=0, tree="chain_2")
     assert used == ["chain_1", default, default, "chain_2"]
     assert runtime.load(art, backend="onnxruntime", threads=1, tree="chain_3").sampling_tree is None
+
+
+def test_the_fused_backend_guards_its_calls_edges(tiny):
+    """``forward_argmax`` asked for more rows than the call has draws one token a token (the float path sliced
+    ``rows`` from the end, a negative start that kept too few); ``commit`` refuses rows outside what the last
+    forward staged (a pad row or a stale entry would otherwise enter the cache)."""
+    from runtime.errors import MedusaError
+
+    g = runtime.load(tiny["artifact"], backend="onnxruntime", threads=1)
+    try:
+        b = g.backend
+        b.screens_argmax = b.screens_noise = False  # the float path
+        n = 4
+        ids, pos, mask = np.arange(3, 3 + n), np.arange(n), np.tril(np.ones((n, n), bool))
+        want = b.forward(ids, pos, mask).argmax(1)
+        b.reset()
+        got = b.forward_argmax(ids, pos, mask, rows=n + 2)
+        assert got.tolist() == want.tolist()
+        for bad in ([0, n], [-1]):
+            with pytest.raises(MedusaError, match="outside the 4 the last forward staged"):
+                b.commit(bad)
+        b.commit([0, 1, 2, 3])
+        assert b.cache_len == n
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("graph", ["fused", "portable"])
+def test_output_buffers_grown_by_a_long_prefill_go_back_between_sequences(tiny, tiny_portable, graph):
+    """A prompt longer than KEEP_OUTPUT_ROWS grows the backend's output buffers (the portable graph writes
+    every row's logits: ~200 KB a row at SmolLM2's vocabulary); the next sequence's reset gives them back, as
+    the KV cache's growth is, and decoding goes on alike."""
+    from runtime.onnxrt import KEEP_OUTPUT_ROWS
+
+    art = tiny["artifact"] if graph == "fused" else tiny_portable["artifact"]
+    g = runtime.load(art, backend="onnxruntime", threads=1, prefill_chunk=0)
+    try:
+        long = list(range(5, 5 + min(KEEP_OUTPUT_ROWS + 8, g.backend.max_context - 8)))
+        first = g.generate(long, max_new_tokens=4, medusa=False).tokens
+        assert g.backend._outputs.capacity > KEEP_OUTPUT_ROWS
+        g.backend.reset()
+        assert g.backend._outputs.capacity == 0
+        assert g.generate(long, max_new_tokens=4, medusa=False).tokens == first
+    finally:
+        g.close()
