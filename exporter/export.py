@@ -481,8 +481,6 @@ def check_options(options: ExportOptions) -> None:
         )
     if options.external_data_threshold_mb < 0:
         raise MedusaError("--external-data-threshold-mb must be >= 0")
-    if options.max_context is not None and options.max_context < 2:  # what runtime.artifact reads (min 2)
-        raise MedusaError(f"--max-context must be at least 2, got {options.max_context}")
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:

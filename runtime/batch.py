@@ -709,9 +709,9 @@ class BatchEngine:
                     # (an artifact that cannot load, a broken invariant): the server's 500, not the client's 400
                     if not isinstance(e, (ContextLengthError, EngineError)):
                         log.exception("batch engine: a call failed")
+                        e = EngineError(f"engine call failed: {type(e).__name__}: {e}")
                     for r in run:
-                        r.error = (e if isinstance(e, (ContextLengthError, EngineError))
-                                   else EngineError(f"engine call failed: {type(e).__name__}: {e}"))  # fmt: skip
+                        r.error = e
             for r in run:
                 r.done.set()
 

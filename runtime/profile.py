@@ -56,22 +56,30 @@ def screen_limit(screen_ms: dict[int, float], float_ms: dict[int, float]) -> int
     are within a few percent of each other a single noisy cell would otherwise cut off every size above it
     (session 38: two rows 0.26 ms dearer screened, three to seven 0.5-3.2 ms cheaper; cutting at one row
     made greedy Medusa 1.8-4.7% slower than screening up to seven, interleaved on the first 16 prompts)."""
-    best, best_saved, saved = 0, 0.0, 0.0
-    for n in sorted(screen_ms):
-        saved += float_ms[n] - screen_ms[n]
+    best, best_saved = 0, 0.0
+    for n, saved in _screen_savings(screen_ms, float_ms):
         if saved > best_saved:
             best, best_saved = n, saved
     return best
+
+
+def _screen_savings(screen_ms: dict, float_ms: dict) -> list[tuple[int, float]]:
+    """``(n, milliseconds the screen saves summed over the sizes up to n)`` by size (keys: ints, or a profile
+    file's strings)."""
+    out, saved = [], 0.0
+    for n in sorted(screen_ms, key=int):
+        saved += float_ms[n] - screen_ms[n]
+        out.append((int(n), saved))
+    return out
 
 
 def screen_summary(profile: dict) -> str:
     """One line on a profile that timed the lm_head screen beside the float lm_head: up to how many rows
     calls are screened (``screen_max_rows``) and the milliseconds that saves summed over the sizes."""
     cut = int(profile["screen_max_rows"])
-    screen, flt = profile["screen_ms"], profile["float_ms"]
-    saved = sum(flt[n] - screen[n] for n in screen if int(n) <= cut)
     if cut == 0:
         return "lm_head screen: dearer than the float lm_head at every cut, not used (every call computes float logits)"
+    saved = max(s for n, s in _screen_savings(profile["screen_ms"], profile["float_ms"]) if n <= cut)
     return (
         f"lm_head screen: calls of up to {cut} rows (saves {saved:.1f} ms summed over the sizes up to it; "
         "more rows: the float lm_head)"

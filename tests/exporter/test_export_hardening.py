@@ -126,6 +126,8 @@ def test_an_interrupt_while_force_replaces_an_artifact_puts_the_previous_one_bac
     """--force moves the previous artifact aside, then the new one in. An interrupt (SIGTERM becomes one)
     that lands just after the first rename, or a failing second one, leaves the previous artifact where it
     was: it is deleted only after the new one is in place."""
+    import shutil
+
     import exporter.export as ex
 
     out = tmp_path / "art"
@@ -151,8 +153,6 @@ def test_an_interrupt_while_force_replaces_an_artifact_puts_the_previous_one_bac
         monkeypatch.setattr(ex.os, "replace", real)
         assert (out / "model.onnx").read_text() == "previous", fail_on
         assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]  # the aside folder went, after the restore
-        import shutil
-
         shutil.rmtree(new)
 
 
